@@ -1,0 +1,3 @@
+"""bridge: a durable event router between Segment and MoEngage."""
+
+__version__ = "0.1.0"
