@@ -1,0 +1,213 @@
+"""Read bridge.yaml: ${ENV} substitution, strict keys, precise errors.
+
+Only this module knows the file format; everything else receives typed objects.
+"""
+
+from __future__ import annotations
+
+import builtins
+import difflib
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+
+from bridge.destinations.base import ConfigError
+
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class Reader:
+    """Typed access to one mapping node of the config, with its dotted location."""
+
+    def __init__(self, data: Any, where: str) -> None:
+        if not isinstance(data, dict):
+            _fail(where, f"expected a mapping, got {_type_name(data)}")
+        self.data: dict[builtins.str, Any] = data
+        self.where = where
+        self._seen: set[builtins.str] = set()
+
+    def at(self, key: builtins.str) -> builtins.str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def has(self, key: builtins.str) -> builtins.bool:
+        return key in self.data and self.data[key] is not None
+
+    def raw(self, key: builtins.str, default: Any = None) -> Any:
+        self._seen.add(key)
+        value = self.data.get(key)
+        return default if value is None else value
+
+    def str(self, key: builtins.str, default: builtins.str | None = None, *, required: bool = False) -> builtins.str:
+        value = self.raw(key)
+        if value is None or value == "":
+            if required or default is None:
+                if required:
+                    _fail(self.at(key), "is required" + _empty_env_hint(self.data.get(key)))
+                return ""
+            return default
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            _fail(self.at(key), f"expected a string, got {_type_name(value)}")
+        return str(value)
+
+    def choice(
+        self, key: builtins.str, choices: Iterable[builtins.str], default: builtins.str | None = None
+    ) -> builtins.str:
+        options = list(choices)
+        value = self.str(key, default, required=default is None)
+        if value not in options:
+            _fail(self.at(key), f"must be one of {', '.join(options)}; got {value!r}{_suggest(value, options)}")
+        return value
+
+    def int(self, key: builtins.str, default: builtins.int, *, minimum: builtins.int | None = None) -> builtins.int:
+        value = self.raw(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(self.at(key), f"expected an integer, got {_type_name(value)}")
+        if minimum is not None and value < minimum:
+            _fail(self.at(key), f"must be at least {minimum}, got {value}")
+        return value
+
+    def float(
+        self, key: builtins.str, default: builtins.float, *, minimum: builtins.float | None = None
+    ) -> builtins.float:
+        value = self.raw(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            _fail(self.at(key), f"expected a number, got {_type_name(value)}")
+        if minimum is not None and value < minimum:
+            _fail(self.at(key), f"must be at least {minimum}, got {value}")
+        return float(value)
+
+    def bool(self, key: builtins.str, default: builtins.bool) -> builtins.bool:
+        value = self.raw(key, default)
+        if not isinstance(value, bool):
+            _fail(self.at(key), f"expected true or false, got {_type_name(value)}")
+        return value
+
+    def list(self, key: builtins.str) -> builtins.list[Any]:
+        value = self.raw(key, [])
+        if not isinstance(value, list):
+            _fail(self.at(key), f"expected a list, got {_type_name(value)}")
+        return value
+
+    def str_list(self, key: builtins.str) -> builtins.list[builtins.str]:
+        items = self.list(key)
+        for i, item in enumerate(items):
+            if not isinstance(item, str) or not item:
+                _fail(f"{self.at(key)}[{i}]", f"expected a non-empty string, got {_type_name(item)}")
+        return items
+
+    def sub(self, key: builtins.str) -> Reader:
+        value = self.raw(key, {})
+        return Reader(value, self.at(key))
+
+    def mapping(self, key: builtins.str) -> dict[builtins.str, Any]:
+        value = self.raw(key, {})
+        if not isinstance(value, dict):
+            _fail(self.at(key), f"expected a mapping, got {_type_name(value)}")
+        return value
+
+    def rest(self) -> dict[builtins.str, Any]:
+        """The keys not read so far (passed on to a plugin that validates its own)."""
+        return {k: v for k, v in self.data.items() if k not in self._seen}
+
+    def done(self) -> None:
+        """Fail on any key that was never read: unknown keys are errors."""
+        known = self._seen
+        for key in self.data:
+            if key not in known:
+                _fail(self.at(str(key)), f"unknown key{_suggest(str(key), sorted(known))}")
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _suggest(word: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _empty_env_hint(value: Any) -> str:
+    return "" if value is None else " (it is empty: is its environment variable set?)"
+
+
+def _fail(where: str, message: str) -> NoReturn:
+    raise ConfigError(f"{where}: {message}")
+
+
+def substitute_env(text: str, env: Mapping[str, str]) -> tuple[str, set[str]]:
+    """Replace ${VAR} and ${VAR:-default}; returns the text and the names that were unset.
+
+    A value that lands inside a quoted YAML scalar is escaped for that quoting, so a
+    secret containing a quote or a backslash cannot break (or inject into) the file.
+    """
+    missing: set[str] = set()
+
+    def repl(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            value = env[name]
+        elif default is not None:
+            value = default
+        else:
+            missing.add(name)
+            return ""
+        quote = _quoting_at(match.string, match.start())
+        if quote == '"':
+            return value.replace("\\", "\\\\").replace('"', '\\"')
+        if quote == "'":
+            return value.replace("'", "''")
+        return value
+
+    return _ENV_RE.sub(repl, text), missing
+
+
+def _quoting_at(text: str, pos: int) -> str:
+    """The quote character of the YAML flow scalar open at ``pos`` on its line, or ''."""
+    line = text[text.rfind("\n", 0, pos) + 1 : pos]
+    quote = ""
+    i = 0
+    while i < len(line):
+        c = line[i]
+        if quote == '"' and c == "\\":
+            i += 2
+            continue
+        if quote == "'" and c == "'" and line[i + 1 : i + 2] == "'":
+            i += 2
+            continue
+        if c in "\"'" and (not quote or c == quote):
+            quote = "" if quote else c
+        elif c == "#" and not quote:
+            return ""
+        i += 1
+    return quote
+
+
+def read_yaml(path: str | Path, env: Mapping[str, str] | None = None) -> tuple[dict[str, Any], set[str]]:
+    """Parse a config file after ${ENV} substitution. Returns (data, unset variable names)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config: {exc.strerror or exc}") from None
+    # Values are escaped for the quoting they land in (see substitute_env).
+    text, missing = substitute_env(text, os.environ if env is None else env)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level, got {_type_name(data)}")
+    return data, missing

@@ -1,0 +1,425 @@
+"""The typed configuration, built from bridge.yaml by ``load_config``.
+
+Keys follow the issues' examples (server, store, mappings, admin, sources, destinations);
+every key is documented in the README's configuration reference.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from bridge.config.loader import Reader, read_yaml
+from bridge.destinations.base import ConfigError, Destination, destination_kinds
+from bridge.destinations.moengage.datacenters import REGIONS as DATA_CENTER_REGIONS
+from bridge.destinations.moengage.datacenters import normalise_data_center
+
+SEGMENT_REGIONS = ("us", "eu")
+# Where a Segment client of each region should send: named in 403 answers.
+DEFAULT_REGION_HOSTS = {"us": "https://api.segment.io", "eu": "https://events.eu1.segmentapis.com"}
+DEFAULT_RETRYABLE = frozenset({408, 429, *(s for s in range(500, 600) if s not in (501, 505))})
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8088
+    region: str = "us"
+    region_hosts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_REGION_HOSTS))
+    shutdown_timeout: float = 30.0
+    log_level: str = "info"
+    log_format: str = "auto"
+    max_request_bytes: int = 512_000  # Segment's 500 KB plus headroom for the envelope
+    max_event_bytes: int = 32 * 1024
+    max_batch_events: int = 2500
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    url: str = "sqlite:///var/bridge.db"
+    max_bytes: int | None = None
+    min_free_disk_bytes: int = 256 * 1024 * 1024
+    dedupe_hours: float = 48.0
+    retention_hours: float = 72.0
+
+
+@dataclass(frozen=True, slots=True)
+class MappingsConfig:
+    dir: str = "mappings"
+    watch: bool = False
+    watch_interval: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class StreamsAuth:
+    type: str  # basic | header | none
+    username: str = ""
+    password: str = ""
+    header: str = ""
+    value: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SourceConfig:
+    name: str
+    kind: str  # segment | moengage_streams
+    to: tuple[str, ...]
+    region: str | None
+    allow_cross_region: bool = False
+    # segment
+    write_key: str = ""
+    webhook_secret: str = ""
+    # moengage_streams
+    data_center: str = ""
+    auth: StreamsAuth | None = None
+    allow_ips: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    base_delay: float = 1.0
+    max_delay: float = 300.0
+    max_age: float = 4 * 3600.0
+    min_attempts: int = 3
+    max_retry_after: float = 600.0
+    retryable_statuses: frozenset[int] = DEFAULT_RETRYABLE
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    batch_size: int = 500
+    concurrency: int = 2
+    ordered: bool = True
+    lease_seconds: float = 120.0
+    request_timeout: float = 30.0
+    poll_interval: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class GuardConfig:
+    enabled: bool = True
+    window: int = 200
+    min_events: int = 20
+    threshold: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationConfig:
+    name: str
+    kind: str
+    mapping: str
+    client: Destination
+    region: str | None
+    mapping_options: dict[str, Any] = field(default_factory=dict)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    rate_limits: dict[str, float] = field(default_factory=dict)  # bucket -> tokens/s overrides
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig
+    store: StoreConfig
+    mappings: MappingsConfig
+    admin_token: str
+    sources: tuple[SourceConfig, ...]
+    destinations: tuple[DestinationConfig, ...]
+    path: str = ""
+    unset_env: frozenset[str] = frozenset()
+
+    def secrets(self) -> list[str]:
+        """Every secret value in the config, for log redaction."""
+        out = [self.admin_token, _url_password(self.store.url)]
+        for s in self.sources:
+            out += [s.write_key, s.webhook_secret]
+            if s.auth:
+                out += [s.auth.password, s.auth.value]
+        for d in self.destinations:
+            out += [str(v) for k, v in _secret_fields(d.client)]
+        return [s for s in out if s]
+
+    def source(self, name: str) -> SourceConfig | None:
+        return next((s for s in self.sources if s.name == name), None)
+
+
+def _url_password(url: str) -> str:
+    try:
+        return urlsplit(url).password or ""
+    except ValueError:
+        return ""
+
+
+def _secret_fields(client: Destination) -> list[tuple[str, Any]]:
+    names = getattr(client, "secret_fields", ("api_key", "write_key", "password", "token"))
+    return [(n, getattr(client, n)) for n in names if getattr(client, n, None)]
+
+
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
+_PER = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
+
+
+def parse_rate(text: Any, where: str) -> float:
+    """'10000/min' -> tokens per second."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        return float(text)
+    m = _RATE_RE.match(str(text))
+    if not m:
+        raise ConfigError(f"{where}: expected a rate like '10000/min' or '1000/s', got {text!r}")
+    return float(m.group(1)) / _PER[m.group(2)]
+
+
+def _server(r: Reader) -> ServerConfig:
+    hosts = dict(DEFAULT_REGION_HOSTS)
+    for k, v in r.mapping("region_hosts").items():
+        if k not in SEGMENT_REGIONS:
+            raise ConfigError(f"{r.at('region_hosts')}.{k}: unknown region; expected us or eu")
+        hosts[k] = str(v)
+    cfg = ServerConfig(
+        host=r.str("host", "127.0.0.1"),
+        port=r.int("port", 8088, minimum=0),
+        region=r.choice("region", SEGMENT_REGIONS, "us"),
+        region_hosts=hosts,
+        shutdown_timeout=r.float("shutdown_timeout", 30.0, minimum=0),
+        log_level=r.choice("log_level", ("debug", "info", "warning", "error"), "info"),
+        log_format=r.choice("log_format", ("auto", "json", "console"), "auto"),
+        max_request_bytes=r.int("max_request_bytes", 512_000, minimum=1024),
+        max_event_bytes=r.int("max_event_bytes", 32 * 1024, minimum=256),
+        max_batch_events=r.int("max_batch_events", 2500, minimum=1),
+    )
+    r.done()
+    return cfg
+
+
+def _store(r: Reader) -> StoreConfig:
+    max_bytes = r.raw("max_bytes")
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int)):
+        raise ConfigError(f"{r.at('max_bytes')}: expected an integer number of bytes")
+    cfg = StoreConfig(
+        url=r.str("url", "sqlite:///var/bridge.db"),
+        max_bytes=max_bytes,
+        min_free_disk_bytes=r.int("min_free_disk_bytes", 256 * 1024 * 1024, minimum=0),
+        dedupe_hours=r.float("dedupe_hours", 48.0, minimum=24.0),
+        retention_hours=r.float("retention_hours", 72.0, minimum=0),
+    )
+    r.done()
+    return cfg
+
+
+def _source(r: Reader) -> SourceConfig:
+    name = r.str("name", required=True)
+    kind = r.choice("kind", ("segment", "moengage_streams"))
+    to: tuple[str, ...] = tuple(r.str_list("to"))
+    if not to:
+        raise ConfigError(f"{r.at('to')}: a source needs at least one destination")
+    allow_cross = r.bool("allow_cross_region", False)
+    if kind == "segment":
+        cfg = SourceConfig(
+            name=name,
+            kind=kind,
+            to=to,
+            region=r.choice("region", SEGMENT_REGIONS, "us"),
+            allow_cross_region=allow_cross,
+            write_key=r.str("write_key", required=True),
+            webhook_secret=r.str("webhook_secret", ""),
+        )
+    else:
+        dc = normalise_data_center(r.raw("data_center"), r.at("data_center"))
+        cfg = SourceConfig(
+            name=name,
+            kind=kind,
+            to=to,
+            region=DATA_CENTER_REGIONS[dc],
+            allow_cross_region=allow_cross,
+            data_center=dc,
+            auth=_streams_auth(r.sub("auth")),
+            allow_ips=tuple(_network(ip, f"{r.at('allow_ips')}[{i}]") for i, ip in enumerate(r.list("allow_ips"))),
+        )
+    r.done()
+    return cfg
+
+
+def _network(text: Any, where: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(str(text), strict=False)
+    except ValueError:
+        raise ConfigError(f"{where}: not an IP address or CIDR: {text!r}") from None
+
+
+def _streams_auth(r: Reader) -> StreamsAuth:
+    if not r.data:
+        raise ConfigError(
+            f"{r.where}: is required; use type basic or header, or `type: none` to accept "
+            "unauthenticated requests explicitly"
+        )
+    kind = r.choice("type", ("basic", "header", "none"))
+    if kind == "basic":
+        auth = StreamsAuth(kind, username=r.str("username", required=True), password=r.str("password", required=True))
+    elif kind == "header":
+        auth = StreamsAuth(kind, header=r.str("header", required=True), value=r.str("value", required=True))
+    else:
+        auth = StreamsAuth(kind)
+    r.done()
+    return auth
+
+
+def _retry(r: Reader) -> RetryConfig:
+    statuses = r.raw("retryable_statuses")
+    retryable = DEFAULT_RETRYABLE
+    if statuses is not None:
+        if not isinstance(statuses, list) or not all(isinstance(s, int) and 100 <= s <= 599 for s in statuses):
+            raise ConfigError(f"{r.at('retryable_statuses')}: expected a list of HTTP status codes")
+        retryable = frozenset(statuses)
+    cfg = RetryConfig(
+        base_delay=r.float("base_delay", 1.0, minimum=0),
+        max_delay=r.float("max_delay", 300.0, minimum=0),
+        max_age=r.float("max_age", 4 * 3600.0, minimum=0),
+        min_attempts=r.int("min_attempts", 3, minimum=1),
+        max_retry_after=r.float("max_retry_after", 600.0, minimum=0),
+        retryable_statuses=retryable,
+    )
+    r.done()
+    return cfg
+
+
+def _delivery(r: Reader) -> DeliveryConfig:
+    cfg = DeliveryConfig(
+        batch_size=r.int("batch_size", 500, minimum=1),
+        concurrency=r.int("concurrency", 2, minimum=1),
+        ordered=r.bool("ordered", True),
+        lease_seconds=r.float("lease_seconds", 120.0, minimum=1),
+        request_timeout=r.float("request_timeout", 30.0, minimum=0.1),
+        poll_interval=r.float("poll_interval", 1.0, minimum=0.01),
+    )
+    if cfg.lease_seconds <= 2 * cfg.request_timeout:
+        # A batch stops starting requests at half its lease; a request may take the whole
+        # timeout. Below this, a slow send could outlive its lease and be sent twice.
+        raise ConfigError(
+            f"{r.at('lease_seconds')}: must be more than twice delivery.request_timeout "
+            f"({cfg.lease_seconds:g} <= 2 x {cfg.request_timeout:g})"
+        )
+    r.done()
+    return cfg
+
+
+def _guard(r: Reader) -> GuardConfig:
+    cfg = GuardConfig(
+        enabled=r.bool("enabled", True),
+        window=r.int("window", 200, minimum=1),
+        min_events=r.int("min_events", 20, minimum=1),
+        threshold=r.float("threshold", 0.5, minimum=0),
+    )
+    if cfg.threshold > 1:
+        raise ConfigError(f"{r.at('threshold')}: must be a ratio between 0 and 1")
+    r.done()
+    return cfg
+
+
+def _destination(r: Reader, index: int) -> DestinationConfig:
+    kinds = destination_kinds()
+    name = r.str("name", required=True)
+    kind = r.choice("kind", sorted(kinds))
+    mapping = r.str("mapping", required=True)
+    options = r.mapping("mapping_options")
+    delivery = _delivery(r.sub("delivery"))
+    retry = _retry(r.sub("retry"))
+    guard = _guard(r.sub("guard"))
+    rates = {str(k): parse_rate(v, f"{r.at('rate_limits')}.{k}") for k, v in r.mapping("rate_limits").items()}
+    client_cfg = {"name": name, **r.rest()}
+    client = kinds[kind].from_config(client_cfg, where=r.where, timeout=delivery.request_timeout)
+    unknown_buckets = set(rates) - set(client.rate_limits())
+    if unknown_buckets:
+        raise ConfigError(
+            f"{r.at('rate_limits')}: unknown bucket(s) {', '.join(sorted(unknown_buckets))}; "
+            f"{kind} has {', '.join(sorted(client.rate_limits()))}"
+        )
+    return DestinationConfig(
+        name=name,
+        kind=kind,
+        mapping=mapping,
+        client=client,
+        region=client.region,
+        mapping_options=options,
+        delivery=delivery,
+        retry=retry,
+        guard=guard,
+        rate_limits=rates,
+    )
+
+
+def build_config(data: dict[str, Any], path: str = "", unset_env: frozenset[str] = frozenset()) -> Config:
+    top = Reader(data, "")
+    server = _server(top.sub("server"))
+    store = _store(top.sub("store"))
+    mr = top.sub("mappings")
+    mappings = MappingsConfig(
+        dir=mr.str("dir", "mappings"),
+        watch=mr.bool("watch", False),
+        watch_interval=mr.float("watch_interval", 2.0, minimum=0.1),
+    )
+    mr.done()
+    ar = top.sub("admin")
+    admin_token = ar.str("token", "")
+    ar.done()
+    sources = tuple(_source(Reader(s, f"sources[{i}]")) for i, s in enumerate(top.list("sources")))
+    destinations = tuple(
+        _destination(Reader(d, f"destinations[{i}]"), i) for i, d in enumerate(top.list("destinations"))
+    )
+    top.done()
+    cfg = Config(server, store, mappings, admin_token, sources, destinations, path, unset_env)
+    validate_routes(cfg)
+    return cfg
+
+
+def validate_routes(cfg: Config) -> None:
+    """Names are unique, routes point at real destinations, and no route crosses regions
+    unless the source says so (Segment drops cross-region data silently; we refuse loudly)."""
+    seen: dict[str, str] = {}
+    for kind, names in (
+        ("sources", [s.name for s in cfg.sources]),
+        ("destinations", [d.name for d in cfg.destinations]),
+    ):
+        for i, n in enumerate(names):
+            if n in seen:
+                raise ConfigError(f"{kind}[{i}].name: {n!r} is used twice")
+            seen[n] = kind
+    keys: dict[str, str] = {}
+    for i, s in enumerate(cfg.sources):
+        if s.write_key:
+            if s.write_key in keys:
+                raise ConfigError(f"sources[{i}].write_key: the same write key is used by {keys[s.write_key]!r}")
+            keys[s.write_key] = s.name
+    dests = {d.name: d for d in cfg.destinations}
+    for i, s in enumerate(cfg.sources):
+        for j, target in enumerate(s.to):
+            d = dests.get(target)
+            if d is None:
+                from bridge.config.loader import _suggest
+
+                raise ConfigError(f"sources[{i}].to[{j}]: no destination named {target!r}{_suggest(target, dests)}")
+            if s.allow_cross_region:
+                continue
+            if s.region is None or d.region is None or s.region != d.region:
+                raise ConfigError(
+                    f"sources[{i}].to[{j}]: route {s.name!r} ({_region_name(s.region)}) -> "
+                    f"{d.name!r} ({_region_name(d.region)}) crosses regions; "
+                    + ("Segment silently drops cross-region data. " if "segment" in (s.kind, d.kind) else "")
+                    + f"Set allow_cross_region: true on source {s.name!r} if this is intended."
+                )
+
+
+def _region_name(region: str | None) -> str:
+    return f"region {region}" if region else "region unknown"
+
+
+def load_config(path: str | Path, env: dict[str, str] | None = None) -> Config:
+    data, missing = read_yaml(path, env)
+    return build_config(data, str(path), frozenset(missing))
+
+
+def mappings_dir(cfg: Config) -> Path:
+    return Path(cfg.mappings.dir)

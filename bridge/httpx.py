@@ -1,0 +1,162 @@
+"""HTTP plumbing shared by every inbound route: JSON errors, bounded bodies, auth helpers.
+
+Every rejection is a JSON ``{"code", "message"}`` with a 4xx status; a 5xx is only ever
+the bridge's own fault (or 503 backpressure), never an answer to bad input.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
+
+log = structlog.get_logger("bridge.http")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    """An answer to bad or unacceptable input: rendered as JSON {code, message, ...}."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        extra: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.extra = extra or {}
+        self.headers = headers or {}
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
+
+
+def error_response(err: ApiError) -> web.Response:
+    return json_response({"code": err.code, "message": err.message, **err.extra}, err.status, err.headers)
+
+
+_HTTP_CODES = {
+    404: ("not_found", "no such endpoint"),
+    405: ("method_not_allowed", "method not allowed on this endpoint"),
+    413: ("payload_too_large", "request body too large"),
+}
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as err:
+        _log_rejection(request, err)
+        return error_response(err)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code, message = _HTTP_CODES.get(exc.status, ("http_error", exc.reason))
+        mapped = ApiError(exc.status, code, message, headers=_keep_headers(exc))
+        _log_rejection(request, mapped)
+        return error_response(mapped)
+    except Exception:
+        # A bug of ours: say so without leaking internals; the log has the traceback.
+        log.exception("unhandled_error", route=_route(request))
+        return error_response(ApiError(500, "internal_error", "the bridge failed to handle this request"))
+
+
+def _log_rejection(request: web.Request, err: ApiError) -> None:
+    # One line per rejected request (not per event); messages never carry credentials.
+    log.info(
+        "request_rejected",
+        route=_route(request),
+        status=err.status,
+        code=err.code,
+        reason=err.message,
+        remote=request.remote,
+    )
+
+
+def _keep_headers(exc: web.HTTPException) -> dict[str, str]:
+    allow = exc.headers.get("Allow")
+    return {"Allow": allow} if allow else {}
+
+
+def _route(request: web.Request) -> str:
+    info = request.match_info.route.resource
+    return info.canonical if info is not None else "unmatched"
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """Read the (already gzip-decoded) body, refusing more than ``limit`` bytes.
+
+    aiohttp stops reading at the app's client_max_size, so a decompression bomb is cut
+    off there; the per-route ``limit`` is then checked on what was read.
+    """
+    if request.content_length is not None and request.content_length > limit and not _compressed(request):
+        raise _too_large(limit)
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise _too_large(limit) from None
+    except (ValueError, OSError, RequestPayloadError) as exc:
+        # aiohttp raises while inflating a corrupt gzip stream.
+        raise ApiError(400, "invalid_encoding", f"cannot decode request body: {exc}") from None
+    if len(body) > limit:
+        raise _too_large(limit)
+    return body
+
+
+def _compressed(request: web.Request) -> bool:
+    return request.headers.get("Content-Encoding", "identity").lower() not in ("", "identity")
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, "payload_too_large", f"request body exceeds {limit} bytes")
+
+
+def parse_json(body: bytes) -> Any:
+    if not body:
+        raise ApiError(400, "invalid_json", "request body is empty; expected JSON")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "invalid_json", f"invalid JSON: {exc}") from None
+
+
+def basic_credentials(request: web.Request) -> tuple[str, str] | None:
+    """(username, password) from a Basic Authorization header, or None."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic" or not value:
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        raise ApiError(401, "invalid_authorization", "malformed Basic authorization header") from None
+    user, _, password = decoded.partition(":")
+    return user, password
+
+
+def same_secret(given: str, expected: str) -> bool:
+    """Constant-time comparison (through digests, so lengths do not leak either)."""
+    a = hashlib.sha256(given.encode("utf-8")).digest()
+    b = hashlib.sha256(expected.encode("utf-8")).digest()
+    return hmac.compare_digest(a, b) and bool(expected)
+
+
+def secret_digest(value: str) -> bytes:
+    """Key for looking a secret up in a dict without comparing the secret itself."""
+    return hashlib.sha256(value.encode("utf-8")).digest()

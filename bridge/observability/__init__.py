@@ -1,0 +1,1 @@
+"""Operations building blocks: structured logging with secret redaction, Prometheus metrics."""

@@ -1,0 +1,135 @@
+"""structlog set-up: JSON lines off a TTY, console on a TTY, stdlib logs through the same chain.
+
+Every line, whether it comes from structlog or from stdlib logging (aiohttp, asyncio), passes
+through `redact` after exceptions and stacks have been rendered to text, so a secret inside a
+traceback is caught like one inside a message.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, TextIO
+
+import orjson
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+from bridge.observability.redaction import clear_secrets, fingerprint, redact, redact_text, register_secret
+
+__all__ = [
+    "LEVELS",
+    "clear_secrets",
+    "configure_logging",
+    "fingerprint",
+    "redact",
+    "redact_text",
+    "register_secret",
+    "reset_logging",
+]
+
+LEVELS: dict[str, int] = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+FORMATS = ("auto", "json", "console")
+
+
+class _OurHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Marks the handler we install so reconfiguring replaces it and leaves others alone."""
+
+
+def _json_default(obj: Any) -> str:
+    return str(obj)
+
+
+_HEAD_KEYS = ("timestamp", "level", "logger", "event")
+
+
+def _render_json(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> str:
+    # Fixed leading keys make lines scannable by eye and by `cut`.
+    line = {k: event_dict.pop(k) for k in _HEAD_KEYS if k in event_dict}
+    line.update(event_dict)
+    return orjson.dumps(line, default=_json_default, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+def _level_of(level: str) -> int:
+    try:
+        return LEVELS[level.lower()]
+    except (KeyError, AttributeError):
+        raise ValueError(f"log level must be one of {', '.join(LEVELS)}; got {level!r}") from None
+
+
+def configure_logging(level: str = "info", fmt: str = "auto", *, stream: TextIO | None = None) -> None:
+    """Configure structlog and stdlib logging for the process.
+
+    level: debug | info | warning | error | critical.
+    fmt: json, console, or auto (console when `stream` is a TTY, JSON lines otherwise).
+    stream: where lines go (default: stdout); tests pass a StringIO.
+    May be called again; the previous configuration is replaced."""
+    threshold = _level_of(level)
+    if fmt not in FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    out = stream if stream is not None else sys.stdout
+    console = fmt == "console" or (fmt == "auto" and _isatty(out))
+
+    renderer: Processor
+    if console:
+        renderer = structlog.dev.ConsoleRenderer(colors=_isatty(out), exception_formatter=structlog.dev.plain_traceback)
+    else:
+        renderer = _render_json
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    # Exceptions and stacks become text first so redaction sees them; only then render.
+    tail: list[Processor] = [
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
+        redact,
+    ]
+
+    structlog.configure(
+        processors=[*shared, *tail, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(threshold),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
+        # Not cached: module-level loggers must follow a later reconfiguration (tests, reloads).
+        # A filtered-out call still costs only ~2 µs.
+        cache_logger_on_first_use=False,
+    )
+
+    handler = _OurHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail, renderer],
+        )
+    )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _OurHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(threshold)
+    # aiohttp's access log would be one line per request; the app counts requests in metrics instead.
+    logging.getLogger("aiohttp.access").setLevel(max(threshold, logging.WARNING))
+
+
+def reset_logging() -> None:
+    """Undo `configure_logging`: structlog defaults, our stdlib handler removed (tests)."""
+    structlog.reset_defaults()
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _OurHandler)]:
+        root.removeHandler(old)
+    root.setLevel(logging.WARNING)
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False

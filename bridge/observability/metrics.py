@@ -1,0 +1,246 @@
+"""Prometheus metrics with stable names, in a registry per `Metrics` instance.
+
+A registry per instance (not the process-global default) lets tests run several apps in one
+process. Label children are cached per label tuple because `.labels()` takes a lock and builds
+a key on every call, and the hot path calls these helpers per batch.
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder, generate_latest
+
+from bridge import __version__
+from bridge.store.base import QueueStats
+
+# Delivery requests range from a few ms (loopback stand-ins) to the 30 s request timeout.
+DELIVERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# A reason or code label that is not one of our fixed codes must not explode cardinality.
+MAX_LABEL_VALUES = 200
+MAX_LABEL_LENGTH = 80
+OVERFLOW_LABEL = "other"
+UNMATCHED_ROUTE = "unmatched"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class _Family:
+    """A labelled metric with its children cached and its label values bounded."""
+
+    __slots__ = ("_children", "_lock", "_metric", "_seen")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+        self._seen: dict[int, set[str]] = {}
+        self._lock = threading.Lock()
+
+    def child(self, *values: str) -> Any:
+        found = self._children.get(values)
+        if found is not None:
+            return found
+        with self._lock:
+            bounded = tuple(self._bound(i, v) for i, v in enumerate(values))
+            found = self._metric.labels(*bounded)
+            self._children[values] = found
+            return found
+
+    def _bound(self, index: int, value: str) -> str:
+        value = str(value)[:MAX_LABEL_LENGTH]
+        seen = self._seen.setdefault(index, set())
+        if value in seen:
+            return value
+        if len(seen) >= MAX_LABEL_VALUES:
+            return OVERFLOW_LABEL
+        seen.add(value)
+        return value
+
+
+class Metrics:
+    """Every bridge metric, registered in `self.registry`.
+
+    The helper methods have the same signatures as the ingest and delivery metric seams
+    (bridge/sources/base.py IngestMetrics, bridge/delivery/metrics.py DeliveryMetrics)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, version: str = __version__) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.events_received = Counter(
+            "bridge_events_received", "Events accepted and stored durably, by source.", ["source"], registry=r
+        )
+        self.events_rejected = Counter(
+            "bridge_events_rejected",
+            "Events refused at ingest by validation or auth, by source and error code.",
+            ["source", "code"],
+            registry=r,
+        )
+        self.events_duplicate = Counter(
+            "bridge_events_duplicate",
+            "Events acknowledged but not stored again because their messageId was already seen.",
+            ["source"],
+            registry=r,
+        )
+        self.events_delivered = Counter(
+            "bridge_events_delivered", "Events a destination accepted, by destination.", ["destination"], registry=r
+        )
+        self.events_discarded = Counter(
+            "bridge_events_discarded",
+            "Events deliberately not delivered (mapping or policy), by source, destination and reason. "
+            "An empty label means not applicable.",
+            ["source", "destination", "reason"],
+            registry=r,
+        )
+        self.events_dead_lettered = Counter(
+            "bridge_events_dead_lettered",
+            "Events moved to the dead-letter queue, by destination and reason.",
+            ["destination", "reason"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "bridge_queue_depth", "Events stored and not yet settled, by destination.", ["destination"], registry=r
+        )
+        self.queue_oldest_age = Gauge(
+            "bridge_queue_oldest_age_seconds",
+            "Age of the oldest unsettled event, by destination (0 when the queue is empty).",
+            ["destination"],
+            registry=r,
+        )
+        self.delivery_duration = Histogram(
+            "bridge_delivery_request_duration_seconds",
+            "Duration of outbound delivery requests, by destination and HTTP status (0: no response).",
+            ["destination", "status"],
+            buckets=DELIVERY_BUCKETS,
+            registry=r,
+        )
+        self.http_requests = Counter(
+            "bridge_http_requests",
+            "Inbound HTTP requests, by route template and status.",
+            ["route", "status"],
+            registry=r,
+        )
+        self.destination_paused = Gauge(
+            "bridge_destination_paused", "1 while a destination is paused, else 0.", ["destination"], registry=r
+        )
+        self.mapping_reloads = Counter(
+            "bridge_mapping_reloads", "Mapping reloads, by result (ok or error).", ["result"], registry=r
+        )
+        self.build_info = Gauge(
+            "bridge_build_info", "Always 1; labels carry the build.", ["version", "python"], registry=r
+        )
+        self.build_info.labels(version, platform.python_version()).set(1)
+
+        self._received = _Family(self.events_received)
+        self._rejected = _Family(self.events_rejected)
+        self._duplicate = _Family(self.events_duplicate)
+        self._delivered = _Family(self.events_delivered)
+        self._discarded = _Family(self.events_discarded)
+        self._dead = _Family(self.events_dead_lettered)
+        self._depth = _Family(self.queue_depth)
+        self._age = _Family(self.queue_oldest_age)
+        self._duration = _Family(self.delivery_duration)
+        self._http = _Family(self.http_requests)
+        self._paused = _Family(self.destination_paused)
+        self._reloads = _Family(self.mapping_reloads)
+        self._queued_destinations: set[str] = set()
+
+    # -- ingest -------------------------------------------------------------------------
+    def received(self, source: str, n: int) -> None:
+        if n:
+            self._received.child(source).inc(n)
+
+    def rejected(self, source: str, code: str, n: int = 1) -> None:
+        if n:
+            self._rejected.child(source, code).inc(n)
+
+    def duplicates(self, source: str, n: int) -> None:
+        if n:
+            self._duplicate.child(source).inc(n)
+
+    # -- delivery -----------------------------------------------------------------------
+    def delivered(self, destination: str, n: int) -> None:
+        if n:
+            self._delivered.child(destination).inc(n)
+
+    def discarded(self, source: str, destination: str, reason: str, n: int) -> None:
+        if n:
+            self._discarded.child(source, destination, reason).inc(n)
+
+    def dead_lettered(self, destination: str, reason: str, n: int) -> None:
+        if n:
+            self._dead.child(destination, reason).inc(n)
+
+    def request(self, destination: str, status: int, seconds: float) -> None:
+        self._duration.child(destination, str(status)).observe(max(seconds, 0.0))
+
+    def paused(self, destination: str, paused: bool) -> None:
+        self._paused.child(destination).set(1 if paused else 0)
+
+    # -- queue and reloads --------------------------------------------------------------
+    def queue(self, destination: str, depth: int, oldest_age_seconds: float) -> None:
+        self._depth.child(destination).set(depth)
+        self._age.child(destination).set(max(oldest_age_seconds, 0.0))
+
+    def queue_stats(self, stats: Mapping[str, QueueStats], now: float | None = None) -> None:
+        """Set both queue gauges from `Store.queue_stats()`; destinations gone from it read 0."""
+        now = time.time() if now is None else now
+        for destination, s in stats.items():
+            age = now - s.oldest_created_at if s.oldest_created_at is not None else 0.0
+            self.queue(destination, s.depth, age)
+        for gone in self._queued_destinations - set(stats):
+            self.queue(gone, 0, 0.0)
+        self._queued_destinations |= set(stats)
+
+    def mapping_reload(self, ok: bool) -> None:
+        self._reloads.child("ok" if ok else "error").inc()
+
+    # -- HTTP ---------------------------------------------------------------------------
+    def http_request(self, route: str, status: int) -> None:
+        self._http.child(route, str(status)).inc()
+
+    def render(self, accept: str | None = None) -> tuple[bytes, str]:
+        """The exposition body and its content type for GET /metrics.
+
+        With an Accept header asking for OpenMetrics, that format is served instead."""
+        if accept:
+            encoder, content_type = choose_encoder(accept)
+            return encoder(self.registry), content_type
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def route_label(request: web.Request) -> str:
+    """The matched route's canonical path (e.g. /v1/{kind}), never the raw URL."""
+    match_info = request.match_info
+    route = getattr(match_info, "route", None)
+    resource = getattr(route, "resource", None)
+    if resource is None or getattr(match_info, "http_exception", None) is not None:
+        return UNMATCHED_ROUTE
+    return str(resource.canonical)
+
+
+def http_metrics_middleware(metrics: Metrics) -> Middleware:
+    """aiohttp middleware counting bridge_http_requests_total{route, status}.
+
+    Place it first so it sees the final status, including HTTPExceptions and crashes (500)."""
+
+    @web.middleware
+    async def count_http_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            metrics.http_request(route_label(request), exc.status)
+            raise
+        except Exception:
+            metrics.http_request(route_label(request), 500)
+            raise
+        metrics.http_request(route_label(request), response.status)
+        return response
+
+    return count_http_requests

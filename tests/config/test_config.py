@@ -1,0 +1,158 @@
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.config.loader import substitute_env
+from bridge.config.model import build_config, load_config, parse_rate
+from bridge.destinations.base import ConfigError
+from bridge.destinations.moengage.destination import MoEngageDestination
+from tests.e2e.harness import config_dict
+
+
+@pytest.fixture
+def raw(tmp_path: Path) -> dict[str, Any]:
+    return config_dict(tmp_path, "http://127.0.0.1:1", "http://127.0.0.1:2")
+
+
+def error_of(raw: dict[str, Any]) -> str:
+    with pytest.raises(ConfigError) as exc:
+        build_config(raw)
+    return str(exc.value)
+
+
+def test_a_full_config_builds(raw: dict[str, Any]) -> None:
+    cfg = build_config(raw)
+    assert [s.name for s in cfg.sources] == ["web", "eu-web", "streams-main"]
+    assert cfg.sources[2].region == "us" and cfg.sources[1].region == "eu"
+    assert [d.region for d in cfg.destinations] == ["us", "eu", "us"]
+    assert cfg.destinations[0].delivery.poll_interval == 0.05
+
+
+def test_env_substitution_and_defaults(tmp_path: Path) -> None:
+    text, missing = substitute_env("a: ${A}\nb: ${B:-dflt}\nc: ${C}", {"A": "1"})
+    assert text == "a: 1\nb: dflt\nc: " and missing == {"C"}
+    path = tmp_path / "b.yaml"
+    path.write_text('server: {port: "${PORT}"}\nmappings: {dir: "${DIR:-mappings}"}\n')
+    with pytest.raises(ConfigError, match=r"server.port: expected an integer"):
+        load_config(path, {"PORT": "abc"})
+
+
+def test_unknown_keys_are_errors_with_suggestions(raw: dict[str, Any]) -> None:
+    bad = copy.deepcopy(raw)
+    bad["server"]["regoin"] = "us"
+    assert error_of(bad) == "server.regoin: unknown key (did you mean 'region'?)"
+    bad = copy.deepcopy(raw)
+    bad["destinations"][0]["delivery"]["batchsize"] = 5
+    assert error_of(bad) == "destinations[0].delivery.batchsize: unknown key (did you mean 'batch_size'?)"
+    bad = copy.deepcopy(raw)
+    bad["sources"][0]["webhook_secrt"] = "x"
+    assert "sources[0].webhook_secrt: unknown key" in error_of(bad)
+    bad = copy.deepcopy(raw)
+    bad["colour"] = 1
+    assert error_of(bad).startswith("colour: unknown key")
+
+
+def test_precise_type_and_value_errors(raw: dict[str, Any]) -> None:
+    bad = copy.deepcopy(raw)
+    bad["server"]["region"] = "apac"
+    assert "server.region: must be one of us, eu; got 'apac'" in error_of(bad)
+    bad = copy.deepcopy(raw)
+    bad["sources"][0]["write_key"] = ""
+    assert error_of(bad) == "sources[0].write_key: is required (it is empty: is its environment variable set?)"
+    bad = copy.deepcopy(raw)
+    bad["sources"][0]["to"] = ["moengage-mian"]
+    assert "no destination named 'moengage-mian' (did you mean 'moengage-main'?)" in error_of(bad)
+    bad = copy.deepcopy(raw)
+    bad["destinations"][0]["data_center"] = "07"
+    assert "destinations[0]" in error_of(bad) and "data_center" in error_of(bad)
+    bad = copy.deepcopy(raw)
+    bad["destinations"][0]["rate_limits"] = {"events": "30000/min", "bogus": 1}
+    assert "unknown bucket(s) bogus" in error_of(bad)
+    bad = copy.deepcopy(raw)
+    bad["destinations"][0]["retry"] = {"retryable_statuses": [500, "x"]}
+    assert "retryable_statuses: expected a list of HTTP status codes" in error_of(bad)
+    bad = copy.deepcopy(raw)
+    bad["sources"][2]["allow_ips"] = ["not-an-ip"]
+    assert "sources[2].allow_ips[0]: not an IP address or CIDR" in error_of(bad)
+
+
+def test_names_and_keys_must_be_unique(raw: dict[str, Any]) -> None:
+    bad = copy.deepcopy(raw)
+    bad["sources"][1]["write_key"] = bad["sources"][0]["write_key"]
+    assert "the same write key is used by 'web'" in error_of(bad)
+    bad = copy.deepcopy(raw)
+    bad["destinations"][1]["name"] = "moengage-main"
+    assert "'moengage-main' is used twice" in error_of(bad)
+
+
+def test_invalid_yaml_points_at_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("server:\n  port: [8088\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml:\d+:\d+: invalid YAML"):
+        load_config(path, {})
+
+
+@pytest.mark.parametrize(
+    ("text", "per_second"), [("10000/min", 10000 / 60), ("1000/s", 1000.0), ("36/hour", 0.01), (5, 5.0)]
+)
+def test_rates(text: Any, per_second: float) -> None:
+    assert parse_rate(text, "x") == pytest.approx(per_second)
+
+
+def test_secrets_are_collected_for_redaction(raw: dict[str, Any]) -> None:
+    cfg = build_config(raw)
+    secrets = set(cfg.secrets())
+    for value in (
+        "wk_live_4f9a8b7c6d5e",
+        "whsec_9f8e7d6c5b4a",
+        "moe_api_key_5566778899",
+        "seg_out_key_0011223344",
+        "streams-pass-7788",
+        "admin-token-abcdef123456",
+    ):
+        assert value in secrets
+
+
+def test_env_values_are_escaped_for_their_quoting(tmp_path: Path) -> None:
+    tricky = "pa\"ss\\word#1 'x'"
+    path = tmp_path / "q.yaml"
+    path.write_text(
+        'server: {host: "${HOST}"}\n'
+        "sources:\n"
+        '  - {name: web, kind: segment, write_key: "${KEY}", to: [moe]}\n'
+        "destinations:\n"
+        "  - {name: moe, kind: moengage, workspace_id: 'W${SUFFIX}', api_key: '${KEY}', data_center: \"01\",\n"
+        "     mapping: segment-to-moengage}\n"
+    )
+    cfg = load_config(path, {"HOST": "127.0.0.1", "KEY": tricky, "SUFFIX": "it's"})
+    assert cfg.sources[0].write_key == tricky
+    client = cfg.destinations[0].client
+    assert isinstance(client, MoEngageDestination)
+    assert client.api_key == tricky
+    assert client.workspace_id == "Wit's"
+
+
+def test_store_url_password_is_a_secret(raw: dict[str, Any]) -> None:
+    raw["store"]["url"] = "postgresql://bridge:s3cret-pw@db:5432/bridge"
+    assert "s3cret-pw" in build_config(raw).secrets()
+
+
+def test_mapping_commands_default_to_the_configured_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bridge.cli import main
+
+    broken = tmp_path / "maps"
+    broken.mkdir()
+    (broken / "bad.yaml").write_text("source_format: segment\ndestination_kind: moengage\nrulez: []\n")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"mappings: {{dir: {broken}}}\n")
+    assert main(["mappings", "check", "--config", str(config)]) == 1
+    assert "bad.yaml:3:1" in capsys.readouterr().out
+
+
+def test_lease_must_outlast_two_request_timeouts(raw: dict[str, Any]) -> None:
+    raw["destinations"][0]["delivery"] = {"lease_seconds": 60, "request_timeout": 30}
+    assert "lease_seconds: must be more than twice delivery.request_timeout (60 <= 2 x 30)" in error_of(raw)
