@@ -1,0 +1,60 @@
+"""Durable job stores. ``open_store(url)`` picks one from a URL; see ``base`` for the seam."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from bridge.store.base import Store, StoreError, StoreFull
+
+__all__ = ["Store", "StoreError", "StoreFull", "open_store"]
+
+SQLITE_PREFIX = "sqlite:///"
+POSTGRES_PREFIXES = ("postgresql://", "postgres://")
+
+
+def _split_schema(url: str) -> tuple[str, str | None]:
+    """Take our own ``schema=NAME`` query parameter out of a PostgreSQL URL (asyncpg would
+    send unknown parameters to the server as settings)."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    schemas = [value for key, value in query if key == "schema"]
+    if not schemas:
+        return url, None
+    rest = urlencode([(key, value) for key, value in query if key != "schema"])
+    return urlunsplit(parts._replace(query=rest)), schemas[-1]
+
+
+def open_store(url: str, **opts: Any) -> Store:
+    """Build the store a URL names; the caller awaits ``store.open()`` before use.
+
+    ``sqlite:///relative/path.db`` and ``sqlite:////absolute/path.db`` give a SqliteStore;
+    ``postgresql://user@host:port/db`` (or ``postgres://``) a PostgresStore, whose tables
+    live in schema ``bridge`` unless the URL says ``?schema=NAME``. ``opts`` go
+    to the store's constructor (``max_bytes``, ...).
+    """
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError("the store URL is empty; use e.g. sqlite:///var/bridge.db or postgresql://host/db")
+    url = url.strip()
+    if url.startswith(SQLITE_PREFIX):
+        path = url[len(SQLITE_PREFIX) :]
+        if not path or path.endswith("/"):
+            raise ValueError(
+                f"store URL {url!r} names no file: use sqlite:///relative/path.db or sqlite:////abs/path.db"
+            )
+        from bridge.store.sqlite import SqliteStore
+
+        return SqliteStore(path, **opts)
+    if url.startswith(POSTGRES_PREFIXES):
+        from bridge.store.postgres import PostgresStore
+
+        dsn, schema = _split_schema(url)
+        if schema is not None:
+            opts.setdefault("schema", schema)
+        return PostgresStore(dsn, **opts)
+    if url.startswith("sqlite:"):
+        raise ValueError(f"store URL {url!r} is malformed: SQLite URLs start with sqlite:/// (three slashes)")
+    scheme = url.split(":", 1)[0] if ":" in url else url
+    raise ValueError(
+        f"unknown store URL scheme {scheme!r} in {url!r}: use sqlite:///path.db or postgresql://user@host:port/db"
+    )

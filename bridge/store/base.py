@@ -1,0 +1,287 @@
+"""The job store seam: what every durable store (SQLite, PostgreSQL) must do.
+
+The model is deliberately small, after RudderStack's jobsdb and Segment's Centrifuge:
+
+* ``enqueue`` stores a request's events durably, deduplicated per source on their
+  ``message_id``, as one job per (event, destination). Concurrent callers share one
+  transaction (group commit); the call returns only after that transaction is durable.
+* A delivery worker ``lease``s a batch of jobs for one destination, sends them, and
+  then settles each job exactly once: ``ack`` (delivered), ``retry`` (later),
+  ``dead_letter`` (terminal failure, kept for replay) or ``discard`` (mapped to
+  nothing on purpose, e.g. an anonymous user). A lease that is never settled expires
+  and the job returns to the queue, so a crash loses nothing.
+* Per-user ordering: with ``ordered=True`` a lease never hands out a job while an
+  earlier job with the same ``ordering_key`` for that destination is still unsettled.
+
+All timestamps are UNIX epoch seconds (float). All SQL is kept portable between
+SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class StoreError(Exception):
+    """The store could not do what was asked (I/O error, disk full, closed)."""
+
+
+class StoreFull(StoreError):
+    """The store is over its configured size or the disk is nearly full (backpressure)."""
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityLink:
+    """``from_id`` is known to be the same user as ``to_id`` within ``namespace``.
+
+    The namespace is the destination name: a link learnt for one MoEngage workspace
+    is applied only to deliveries to that workspace.
+    """
+
+    namespace: str
+    from_id: str
+    to_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingEvent:
+    """One validated inbound event, ready to be stored."""
+
+    message_id: str  # dedupe key within the source; kept as the event identity downstream
+    ordering_key: str  # the user the event belongs to ('' when none)
+    payload: bytes  # orjson-encoded normalised event
+    destinations: tuple[str, ...]  # one job is created per destination
+    links: tuple[IdentityLink, ...] = ()  # identity links learnt from this event
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueResult:
+    stored: int  # events that were new and now have jobs
+    duplicates: int  # events whose message_id was already seen for this source
+    duplicate_indexes: tuple[int, ...] = ()  # positions (in the call's list) of the duplicates
+
+
+@dataclass(slots=True)
+class Job:
+    id: int
+    destination: str
+    source: str
+    message_id: str
+    ordering_key: str
+    payload: bytes
+    attempts: int  # including the attempt this lease is for
+    created_at: float
+    first_attempt_at: float  # time of the first lease
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A terminal failure to record for job ``job_id`` (which leaves the queue)."""
+
+    job_id: int
+    reason: str  # short machine-readable reason, e.g. "http_400", "retries_exhausted"
+    status: int | None = None  # last upstream HTTP status, None for connection errors
+    response_body: str = ""  # last upstream response body (truncated by the caller)
+    request_body: bytes = b""  # the request as mapped, exactly as it was sent
+    label: str = ""  # event name or type, so a person can find it in `dlq list`
+    mapping_version: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Discard:
+    """A job that mapped to nothing on purpose (anonymous_user, loop, ...)."""
+
+    job_id: int
+    reason: str
+    label: str = ""
+    detail: str = ""
+
+
+@dataclass(slots=True)
+class DeadLetterRecord:
+    id: int
+    destination: str
+    source: str
+    message_id: str
+    payload: bytes  # the original inbound event
+    reason: str
+    status: int | None
+    response_body: str
+    request_body: bytes
+    label: str
+    attempts: int
+    created_at: float  # when the event was first stored
+    first_attempt_at: float | None
+    failed_at: float  # when it was dead-lettered
+    mapping_version: str
+
+
+# The column order every store selects dead letters in, for ``dead_letter_record``.
+DEAD_LETTER_COLUMNS = (
+    "id, destination, source, message_id, payload, reason, status, response_body, request_body, label,"
+    " attempts, created_at, first_attempt_at, failed_at, mapping_version"
+)
+
+
+def dead_letter_record(row: Sequence[Any]) -> DeadLetterRecord:
+    """A DeadLetterRecord from a row in DEAD_LETTER_COLUMNS order (any driver's row type)."""
+    return DeadLetterRecord(
+        id=row[0],
+        destination=row[1],
+        source=row[2],
+        message_id=row[3],
+        payload=bytes(row[4]),
+        reason=row[5],
+        status=row[6],
+        response_body=row[7],
+        request_body=bytes(row[8]),
+        label=row[9],
+        attempts=row[10],
+        created_at=row[11],
+        first_attempt_at=row[12],
+        failed_at=row[13],
+        mapping_version=row[14],
+    )
+
+
+@dataclass(slots=True)
+class DiscardRecord:
+    id: int
+    destination: str
+    source: str
+    message_id: str
+    payload: bytes
+    reason: str
+    label: str
+    detail: str
+    discarded_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class RecordFilter:
+    """Selects dead letters or discards. Every field is optional (None = any)."""
+
+    destination: str | None = None
+    reason: str | None = None
+    since: float | None = None  # failed_at / discarded_at >= since
+    until: float | None = None  # failed_at / discarded_at < until
+    ids: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    depth: int  # unsettled jobs (queued + leased)
+    oldest_created_at: float | None  # created_at of the oldest unsettled job
+    dead: int = 0  # dead letters held for this destination
+
+
+@dataclass(slots=True)
+class DestinationState:
+    name: str
+    paused: bool = False
+    reason: str = ""
+    changed_at: float = 0.0
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class Store(ABC):
+    """A durable job store. Every method is safe to call concurrently from one event loop."""
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Create the schema if needed and get ready. Idempotent."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Finish pending work and release resources."""
+
+    # -- ingest ---------------------------------------------------------------
+    @abstractmethod
+    async def enqueue(self, source: str, events: Sequence[IncomingEvent]) -> EnqueueResult:
+        """Durably store ``events`` for ``source``; returns once committed (group commit).
+
+        Dedupe: an event whose (source, message_id) was stored before (or earlier in the
+        same list) creates no job and is reported as a duplicate. Identity links of new
+        events are upserted (latest wins). Raises StoreFull when over the size limit.
+        """
+
+    # -- delivery ---------------------------------------------------------------
+    @abstractmethod
+    async def lease(self, destination: str, limit: int, lease_seconds: float, *, ordered: bool = True) -> list[Job]:
+        """Lease up to ``limit`` due jobs for ``destination``, oldest first.
+
+        A job is due when it is queued with available_at <= now, or leased with an
+        expired lease. Leasing increments ``attempts`` and sets ``first_attempt_at``
+        on the first lease. With ``ordered`` a job is skipped while an older unsettled
+        job of the same non-empty ordering_key exists for that destination (whether it
+        is waiting for a retry, leased, or skipped in this same call).
+        """
+
+    @abstractmethod
+    async def ack(self, job_ids: Sequence[int], mapping_version: str = "") -> None:
+        """Mark jobs delivered, recording the mapping version that mapped them."""
+
+    @abstractmethod
+    async def retry(self, job_ids: Sequence[int], available_at: float, error: str) -> None:
+        """Return leased jobs to the queue, due again at ``available_at``."""
+
+    @abstractmethod
+    async def release(self, job_ids: Sequence[int]) -> None:
+        """Return leased jobs to the queue now, without counting the attempt (shutdown, pause)."""
+
+    @abstractmethod
+    async def dead_letter(self, entries: Sequence[DeadLetter]) -> None:
+        """Move jobs to the dead-letter queue with their reason and last response."""
+
+    @abstractmethod
+    async def discard(self, entries: Sequence[Discard]) -> None:
+        """Settle jobs that mapped to nothing on purpose, keeping a record of why."""
+
+    @abstractmethod
+    async def resolve_links(self, namespace: str, ids: Sequence[str]) -> dict[str, str]:
+        """Return {from_id: to_id} for those of ``ids`` that have an identity link."""
+
+    # -- operators ----------------------------------------------------------------
+    @abstractmethod
+    async def list_dead(self, flt: RecordFilter, limit: int = 100) -> list[DeadLetterRecord]:
+        """Dead letters matching ``flt``, newest first."""
+
+    @abstractmethod
+    async def replay_dead(self, flt: RecordFilter) -> int:
+        """Re-queue matching dead letters as fresh jobs (same message_id, attempts reset,
+        original payload, so they are re-mapped with the current mapping). Returns count."""
+
+    @abstractmethod
+    async def purge_dead(self, flt: RecordFilter) -> int:
+        """Delete matching dead letters. Returns count."""
+
+    @abstractmethod
+    async def list_discards(self, flt: RecordFilter, limit: int = 100) -> list[DiscardRecord]:
+        """Discard records matching ``flt``, newest first."""
+
+    @abstractmethod
+    async def queue_stats(self) -> dict[str, QueueStats]:
+        """Per-destination depth, oldest age and dead-letter count."""
+
+    @abstractmethod
+    async def delivered_version(self, destination: str, message_id: str) -> str | None:
+        """The mapping version recorded when this event was delivered, if it was."""
+
+    @abstractmethod
+    async def get_destination_states(self) -> dict[str, DestinationState]:
+        """Persisted pause state per destination (shared with the CLI and other nodes)."""
+
+    @abstractmethod
+    async def set_destination_state(self, state: DestinationState) -> None: ...
+
+    @abstractmethod
+    async def check_writable(self) -> None:
+        """Raise StoreError unless a write can be committed right now (readiness)."""
+
+    @abstractmethod
+    async def prune(self, dedupe_before: float, settled_before: float) -> int:
+        """Forget dedupe keys older than ``dedupe_before`` and delivered jobs / discard
+        records older than ``settled_before``. Returns rows removed."""

@@ -1,0 +1,58 @@
+"""Per-user ordered leasing, the same walk for every store.
+
+The store feeds windows of unsettled jobs in id order; this picks the due ones, skipping
+every ordering key that has an older job not yet due (waiting for a retry, or leased).
+Keys found blocked are handed back to the store to exclude in SQL from later windows, so
+one user with a huge blocked backlog is skipped by the database, not walked row by row
+until the scan budget runs out and starves the users queued behind them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+QUEUED = 0
+LEASED = 1
+MIN_WINDOW = 256
+MIN_SCAN_BUDGET = 5000
+# Keys excluded in SQL per window (bind-parameter limits); more are still skipped here.
+MAX_EXCLUDED_KEYS = 2000
+
+
+class OrderedSelection:
+    def __init__(self, limit: int, now: float) -> None:
+        self.limit = limit
+        self.now = now
+        self.window = max(limit * 4, MIN_WINDOW)
+        self.budget = max(limit * 50, MIN_SCAN_BUDGET)
+        self.chosen: list[int] = []
+        self.blocked: set[str] = set()
+        self._after = 0
+        self._scanned = 0
+        self._done = limit <= 0
+
+    def next_query(self) -> tuple[int, list[str], int] | None:
+        """(jobs after this id, keys to exclude, window size), or None when done."""
+        if self._done or self._scanned >= self.budget:
+            return None
+        return self._after, sorted(self.blocked)[:MAX_EXCLUDED_KEYS], self.window
+
+    def take(self, rows: Sequence[Sequence[Any]]) -> None:
+        """Rows of (id, ordering_key, state, available_at, lease_until), in id order."""
+        for job_id, key, state, available_at, lease_until in rows:
+            if key and key in self.blocked:
+                continue
+            due = available_at <= self.now if state == QUEUED else (lease_until or 0.0) <= self.now
+            if due:
+                self.chosen.append(int(job_id))
+                if len(self.chosen) >= self.limit:
+                    self._done = True
+                    return
+            elif key:
+                self.blocked.add(key)
+        if len(rows) < self.window:
+            self._done = True
+            return
+        self._after = int(rows[-1][0])
+        self._scanned += len(rows)

@@ -1,0 +1,494 @@
+"""The scale-out store: PostgreSQL through asyncpg, shared by several bridge nodes.
+
+Same job model as the SQLite store. What makes it safe with several nodes:
+* dedupe is ``INSERT ... ON CONFLICT DO NOTHING`` (see ``postgres_ingest``);
+* unordered leases pick rows ``FOR UPDATE SKIP LOCKED``;
+* ordered leases take a transaction-scoped advisory lock per destination, so leases
+  for one destination are serialised across nodes and the per-user check sees every
+  other node's leases: two nodes never deliver one user's events out of order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
+from typing import Any, TypeVar
+
+import asyncpg
+import orjson
+
+from bridge.store.base import (
+    DEAD_LETTER_COLUMNS,
+    DeadLetter,
+    DeadLetterRecord,
+    DestinationState,
+    Discard,
+    DiscardRecord,
+    EnqueueResult,
+    IdentityLink,
+    IncomingEvent,
+    Job,
+    QueueStats,
+    RecordFilter,
+    Store,
+    StoreError,
+    StoreFull,
+    dead_letter_record,
+)
+from bridge.store.ordering import OrderedSelection
+from bridge.store.postgres_ingest import GroupCommitter
+from bridge.store.postgres_schema import (
+    DDL,
+    DDL_LOCK,
+    DELIVERED,
+    LEASED,
+    QUEUED,
+    SCHEMA_VERSION,
+    check_schema_name,
+    schema_error,
+)
+from bridge.store.sql_filters import dollar, record_where
+
+Connection = Any  # asyncpg.Connection (asyncpg ships no type hints)
+_Settle = TypeVar("_Settle", DeadLetter, Discard)
+
+
+_JOB_COLUMNS = "id, source, message_id, ordering_key, payload, attempts, created_at, first_attempt_at"
+
+
+def to_store_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError | OSError | asyncio.TimeoutError):
+        return StoreError(f"postgres: {exc}")
+    return exc
+
+
+def _count(status: str) -> int:
+    """Rows affected, from a command tag such as 'INSERT 0 3' or 'DELETE 2'."""
+    try:
+        return int(status.rsplit(" ", 1)[-1])
+    except ValueError:
+        return 0
+
+
+def _first_per_job(entries: Sequence[_Settle]) -> list[_Settle]:
+    """One entry per job, the first, in the caller's order (one statement may not move a row twice)."""
+    seen: dict[int, _Settle] = {}
+    for entry in entries:
+        seen.setdefault(entry.job_id, entry)
+    return list(seen.values())
+
+
+def _text(value: str) -> str:
+    """PostgreSQL text cannot hold U+0000, but event names, ids and upstream bodies can: one
+    such byte must not fail a whole group commit or a settlement (payloads are bytea)."""
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
+
+
+def _has_nul(e: IncomingEvent) -> bool:
+    return (
+        "\x00" in e.message_id
+        or "\x00" in e.ordering_key
+        or any("\x00" in k.namespace or "\x00" in k.from_id or "\x00" in k.to_id for k in e.links)
+    )
+
+
+def _clean_event(e: IncomingEvent) -> IncomingEvent:
+    return replace(
+        e,
+        message_id=_text(e.message_id),
+        ordering_key=_text(e.ordering_key),
+        links=tuple(IdentityLink(_text(k.namespace), _text(k.from_id), _text(k.to_id)) for k in e.links),
+    )
+
+
+class PostgresStore(Store):
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        max_bytes: int | None = None,
+        pool_size: int = 10,
+        schema: str = "bridge",
+        size_check_interval: float = 1.0,
+        min_free_disk_bytes: int | None = None,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        """``min_free_disk_bytes`` is accepted for a uniform configuration and ignored:
+        the database's disk belongs to the database server, which guards it itself."""
+        if max_bytes is not None and max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        if pool_size < 2:
+            raise ValueError(f"pool_size must be at least 2 (group commit holds one), got {pool_size}")
+        self.dsn = dsn
+        self.schema = check_schema_name(schema)
+        self.max_bytes = max_bytes
+        self._pool_size = pool_size
+        self._size_check_interval = size_check_interval
+        self._connect_timeout = connect_timeout
+        self._pool: Any = None
+        self._ingest: GroupCommitter | None = None
+        self._capacity_checked_at = float("-inf")
+        self._full_reason: str | None = None
+        self._capacity_lock = asyncio.Lock()
+
+    @property
+    def commits(self) -> int:
+        """Enqueue transactions committed since open (group commit makes this << calls)."""
+        return 0 if self._ingest is None else self._ingest.commits
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        try:
+            pool = await asyncpg.create_pool(
+                self.dsn,
+                min_size=1,
+                max_size=self._pool_size,
+                timeout=self._connect_timeout,
+                server_settings={"search_path": self.schema, "application_name": "bridge"},
+            )
+        except Exception as exc:
+            raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", DDL_LOCK)
+                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+                for statement in DDL:
+                    await conn.execute(statement)
+                found = await conn.fetchval("SELECT max(version) FROM schema_version")
+                if found is None:
+                    await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", SCHEMA_VERSION)
+                elif found > SCHEMA_VERSION:
+                    raise schema_error(found)
+        except BaseException as exc:
+            await pool.close()
+            raise to_store_error(exc) from exc
+        self._pool = pool
+        self._ingest = GroupCommitter(pool.acquire, to_store_error)
+        self._ingest.start()
+
+    async def close(self) -> None:
+        ingest, self._ingest = self._ingest, None
+        if ingest is not None:
+            await ingest.stop()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    @contextlib.asynccontextmanager
+    async def _conn(self, transaction: bool = False) -> AsyncIterator[Connection]:
+        if self._pool is None:
+            raise StoreError("the PostgreSQL store is not open")
+        try:
+            async with self._pool.acquire() as conn:
+                if transaction:
+                    async with conn.transaction():
+                        yield conn
+                else:
+                    yield conn
+        except BaseException as exc:
+            error = to_store_error(exc)
+            if error is exc:
+                raise
+            raise error from exc
+
+    # -- backpressure ------------------------------------------------------------------
+    async def _check_capacity(self) -> None:
+        if self.max_bytes is None:
+            return
+        if time.monotonic() - self._capacity_checked_at >= self._size_check_interval:
+            async with self._capacity_lock:
+                if time.monotonic() - self._capacity_checked_at >= self._size_check_interval:
+                    self._full_reason = await self._measure(self.max_bytes)
+                    self._capacity_checked_at = time.monotonic()
+        if self._full_reason is not None:
+            raise StoreFull(self._full_reason)
+
+    async def _measure(self, limit: int) -> str | None:
+        async with self._conn() as conn:
+            used = await conn.fetchval(
+                "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0) FROM pg_class c"
+                " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relkind = 'r'",
+                self.schema,
+            )
+        if used > limit:
+            return f"the store holds {used} bytes, over its limit of {limit} bytes"
+        return None
+
+    # -- ingest ------------------------------------------------------------------------
+    async def enqueue(self, source: str, events: Sequence[IncomingEvent]) -> EnqueueResult:
+        if self._ingest is None:
+            raise StoreError("the PostgreSQL store is not open")
+        if not events:
+            return EnqueueResult(0, 0)
+        await self._check_capacity()
+        if any(_has_nul(e) for e in events):
+            events = [_clean_event(e) for e in events]
+        return await self._ingest.enqueue(_text(source), events)
+
+    # -- delivery ----------------------------------------------------------------------
+    async def lease(self, destination: str, limit: int, lease_seconds: float, *, ordered: bool = True) -> list[Job]:
+        if limit <= 0:
+            return []
+        now = time.time()
+        async with self._conn(transaction=True) as conn:
+            if ordered:
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"{self.schema}:{destination}"
+                )
+                ids = await self._due_ids_ordered(conn, destination, limit, now)
+                if not ids:
+                    return []
+                rows = await conn.fetch(
+                    f"UPDATE jobs SET state = {LEASED}, attempts = attempts + 1, lease_until = $1,"
+                    " first_attempt_at = COALESCE(first_attempt_at, $2)"
+                    f" WHERE id = ANY($3::bigint[]) AND state < {DELIVERED} RETURNING {_JOB_COLUMNS}",
+                    now + lease_seconds,
+                    now,
+                    ids,
+                )
+            else:
+                rows = await conn.fetch(
+                    f"UPDATE jobs SET state = {LEASED}, attempts = attempts + 1, lease_until = $1,"
+                    " first_attempt_at = COALESCE(first_attempt_at, $2)"
+                    " WHERE id IN (SELECT id FROM jobs WHERE destination = $3"
+                    f" AND state < {DELIVERED} AND ((state = {QUEUED} AND available_at <= $2)"
+                    f" OR (state = {LEASED} AND lease_until <= $2))"
+                    " ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED)"
+                    f" RETURNING {_JOB_COLUMNS}",
+                    now + lease_seconds,
+                    now,
+                    destination,
+                    limit,
+                )
+        jobs = [
+            Job(r[0], destination, r[1], r[2], r[3], bytes(r[4]), r[5], r[6], r[7])
+            for r in sorted(rows, key=lambda r: int(r[0]))
+        ]
+        return jobs
+
+    @staticmethod
+    async def _due_ids_ordered(conn: Connection, destination: str, limit: int, now: float) -> list[int]:
+        selection = OrderedSelection(limit, now)
+        while (query := selection.next_query()) is not None:
+            after, excluded, window = query
+            selection.take(
+                await conn.fetch(
+                    "SELECT id, ordering_key, state, available_at, lease_until FROM jobs"
+                    f" WHERE destination = $1 AND state < {DELIVERED} AND id > $2"
+                    " AND ordering_key <> ALL($3::text[]) ORDER BY id LIMIT $4",
+                    destination,
+                    after,
+                    excluded,
+                    window,
+                )
+            )
+        return selection.chosen
+
+    async def ack(self, job_ids: Sequence[int], mapping_version: str = "") -> None:
+        if not job_ids:
+            return
+        # The payload of a delivered job is never read again; dropping it keeps the table small.
+        async with self._conn() as conn:
+            await conn.execute(
+                f"UPDATE jobs SET state = {DELIVERED}, settled_at = $1, mapping_version = $2,"
+                f" lease_until = NULL, payload = '' WHERE state < {DELIVERED} AND id = ANY($3::bigint[])",
+                time.time(),
+                mapping_version,
+                list(job_ids),
+            )
+
+    async def retry(self, job_ids: Sequence[int], available_at: float, error: str) -> None:
+        if not job_ids:
+            return
+        async with self._conn() as conn:
+            await conn.execute(
+                f"UPDATE jobs SET state = {QUEUED}, available_at = $1, lease_until = NULL, last_error = $2"
+                f" WHERE state = {LEASED} AND id = ANY($3::bigint[])",
+                available_at,
+                _text(error),
+                list(job_ids),
+            )
+
+    async def release(self, job_ids: Sequence[int]) -> None:
+        if not job_ids:
+            return
+        # A job released before any real attempt forgets its first attempt too, so the
+        # retry budget (measured from it) does not run while it was never tried.
+        async with self._conn() as conn:
+            await conn.execute(
+                f"UPDATE jobs SET state = {QUEUED}, lease_until = NULL, attempts = GREATEST(attempts - 1, 0),"
+                " first_attempt_at = CASE WHEN attempts <= 1 THEN NULL ELSE first_attempt_at END"
+                f" WHERE state = {LEASED} AND id = ANY($1::bigint[])",
+                list(job_ids),
+            )
+
+    async def dead_letter(self, entries: Sequence[DeadLetter]) -> None:
+        unique = _first_per_job(entries)
+        if not unique:
+            return
+        async with self._conn(transaction=True) as conn:
+            await conn.execute(
+                "INSERT INTO dead_letters (destination, source, message_id, ordering_key, payload, reason,"
+                " status, response_body, request_body, label, attempts, created_at, first_attempt_at,"
+                " failed_at, mapping_version)"
+                " SELECT j.destination, j.source, j.message_id, j.ordering_key, j.payload, e.reason, e.status,"
+                " e.response_body, e.request_body, e.label, j.attempts, j.created_at, j.first_attempt_at,"
+                " $8, e.mapping_version"
+                " FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::bytea[], $6::text[],"
+                " $7::text[]) WITH ORDINALITY"
+                " AS e(job_id, reason, status, response_body, request_body, label, mapping_version, n)"
+                f" JOIN jobs j ON j.id = e.job_id WHERE j.state < {DELIVERED} ORDER BY e.n",
+                [e.job_id for e in unique],
+                [_text(e.reason) for e in unique],
+                [e.status for e in unique],
+                [_text(e.response_body) for e in unique],
+                [e.request_body for e in unique],
+                [_text(e.label) for e in unique],
+                [_text(e.mapping_version) for e in unique],
+                time.time(),
+            )
+            await conn.execute(
+                f"DELETE FROM jobs WHERE id = ANY($1::bigint[]) AND state < {DELIVERED}",
+                [e.job_id for e in unique],
+            )
+
+    async def discard(self, entries: Sequence[Discard]) -> None:
+        unique = _first_per_job(entries)
+        if not unique:
+            return
+        async with self._conn(transaction=True) as conn:
+            await conn.execute(
+                "INSERT INTO discards (destination, source, message_id, payload, reason, label, detail,"
+                " discarded_at)"
+                " SELECT j.destination, j.source, j.message_id, j.payload, e.reason, e.label, e.detail, $5"
+                " FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY"
+                f" AS e(job_id, reason, label, detail, n) JOIN jobs j ON j.id = e.job_id"
+                f" WHERE j.state < {DELIVERED} ORDER BY e.n",
+                [e.job_id for e in unique],
+                [_text(e.reason) for e in unique],
+                [_text(e.label) for e in unique],
+                [_text(e.detail) for e in unique],
+                time.time(),
+            )
+            await conn.execute(
+                f"DELETE FROM jobs WHERE id = ANY($1::bigint[]) AND state < {DELIVERED}",
+                [e.job_id for e in unique],
+            )
+
+    async def resolve_links(self, namespace: str, ids: Sequence[str]) -> dict[str, str]:
+        if not ids:
+            return {}
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT from_id, to_id FROM identity_links WHERE namespace = $1 AND from_id = ANY($2::text[])",
+                namespace,
+                list(dict.fromkeys(ids)),
+            )
+        return {r[0]: r[1] for r in rows}
+
+    # -- operators ---------------------------------------------------------------------
+    async def list_dead(self, flt: RecordFilter, limit: int = 100) -> list[DeadLetterRecord]:
+        where, params = record_where(flt, "failed_at", dollar, first=2)
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters{where} ORDER BY failed_at DESC, id DESC LIMIT $1",
+                limit,
+                *params,
+            )
+        return [dead_letter_record(r) for r in rows]
+
+    async def replay_dead(self, flt: RecordFilter) -> int:
+        where, params = record_where(flt, "failed_at", dollar, first=2)
+        async with self._conn(transaction=True) as conn:
+            status = await conn.execute(
+                f"WITH moved AS (DELETE FROM dead_letters{where}"
+                " RETURNING id, destination, source, message_id, ordering_key, payload)"
+                " INSERT INTO jobs (destination, source, message_id, ordering_key, payload, state, attempts,"
+                f" available_at, created_at) SELECT destination, source, message_id, ordering_key, payload,"
+                f" {QUEUED}, 0, $1, $1 FROM moved ORDER BY id",
+                time.time(),
+                *params,
+            )
+        return _count(status)
+
+    async def purge_dead(self, flt: RecordFilter) -> int:
+        where, params = record_where(flt, "failed_at", dollar)
+        async with self._conn() as conn:
+            status = await conn.execute(f"DELETE FROM dead_letters{where}", *params)
+        return _count(status)
+
+    async def list_discards(self, flt: RecordFilter, limit: int = 100) -> list[DiscardRecord]:
+        where, params = record_where(flt, "discarded_at", dollar, first=2)
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT id, destination, source, message_id, payload, reason, label, detail, discarded_at"
+                f" FROM discards{where} ORDER BY discarded_at DESC, id DESC LIMIT $1",
+                limit,
+                *params,
+            )
+        return [DiscardRecord(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], r[6], r[7], r[8]) for r in rows]
+
+    async def queue_stats(self) -> dict[str, QueueStats]:
+        async with self._conn() as conn:
+            queued = await conn.fetch(
+                f"SELECT destination, COUNT(*), MIN(created_at) FROM jobs WHERE state < {DELIVERED}"
+                " GROUP BY destination"
+            )
+            dead = await conn.fetch("SELECT destination, COUNT(*) FROM dead_letters GROUP BY destination")
+        stats = {r[0]: QueueStats(depth=r[1], oldest_created_at=r[2]) for r in queued}
+        for destination, count in dead:
+            current = stats.get(destination, QueueStats(depth=0, oldest_created_at=None))
+            stats[destination] = QueueStats(current.depth, current.oldest_created_at, count)
+        return stats
+
+    async def delivered_version(self, destination: str, message_id: str) -> str | None:
+        async with self._conn() as conn:
+            version = await conn.fetchval(
+                "SELECT mapping_version FROM jobs WHERE destination = $1 AND message_id = $2"
+                f" AND state = {DELIVERED} ORDER BY id DESC LIMIT 1",
+                destination,
+                message_id,
+            )
+        return None if version is None else str(version)
+
+    async def get_destination_states(self) -> dict[str, DestinationState]:
+        async with self._conn() as conn:
+            rows = await conn.fetch("SELECT name, paused, reason, changed_at, extra FROM destination_state")
+        return {r[0]: DestinationState(r[0], r[1], r[2], r[3], orjson.loads(r[4])) for r in rows}
+
+    async def set_destination_state(self, state: DestinationState) -> None:
+        async with self._conn() as conn:
+            await conn.execute(
+                "INSERT INTO destination_state (name, paused, reason, changed_at, extra)"
+                " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO UPDATE SET paused = excluded.paused,"
+                " reason = excluded.reason, changed_at = excluded.changed_at, extra = excluded.extra",
+                state.name,
+                state.paused,
+                state.reason,
+                state.changed_at,
+                orjson.dumps(state.extra).decode(),
+            )
+
+    async def check_writable(self) -> None:
+        async with self._conn() as conn:
+            await conn.execute(
+                "INSERT INTO heartbeat (id, at) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+                time.time(),
+            )
+
+    async def prune(self, dedupe_before: float, settled_before: float) -> int:
+        async with self._conn(transaction=True) as conn:
+            removed = _count(await conn.execute("DELETE FROM dedupe WHERE seen_at < $1", dedupe_before))
+            removed += _count(
+                await conn.execute(f"DELETE FROM jobs WHERE state = {DELIVERED} AND settled_at < $1", settled_before)
+            )
+            removed += _count(await conn.execute("DELETE FROM discards WHERE discarded_at < $1", settled_before))
+        self._capacity_checked_at = float("-inf")
+        return removed

@@ -1,0 +1,111 @@
+"""The PostgreSQL schema. Every table lives in one schema (``bridge`` by default), so
+several bridges (or tests) can share a database without seeing each other."""
+
+from __future__ import annotations
+
+import re
+
+from bridge.store.base import StoreError
+from bridge.store.sqlite_schema import DELIVERED, LEASED, QUEUED, SCHEMA_VERSION
+
+__all__ = ["DDL", "DELIVERED", "LEASED", "QUEUED", "SCHEMA_VERSION", "check_schema_name"]
+
+_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+# Any constant shared by every node: schema creation takes this lock so two nodes
+# starting together do not race on CREATE ... IF NOT EXISTS.
+DDL_LOCK = 0x62726964676501
+
+DDL = (
+    """CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS jobs (
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        destination TEXT NOT NULL,
+        source TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        ordering_key TEXT NOT NULL,
+        payload BYTEA NOT NULL,
+        state SMALLINT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        available_at DOUBLE PRECISION NOT NULL,
+        lease_until DOUBLE PRECISION,
+        created_at DOUBLE PRECISION NOT NULL,
+        first_attempt_at DOUBLE PRECISION,
+        last_error TEXT NOT NULL DEFAULT '',
+        mapping_version TEXT NOT NULL DEFAULT '',
+        settled_at DOUBLE PRECISION
+    )""",
+    f"""CREATE INDEX IF NOT EXISTS jobs_unsettled ON jobs (destination, id) WHERE state < {DELIVERED}""",
+    f"""CREATE INDEX IF NOT EXISTS jobs_delivered ON jobs (destination, message_id)
+        WHERE state = {DELIVERED}""",
+    """CREATE TABLE IF NOT EXISTS dedupe (
+        source TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        seen_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (source, message_id)
+    )""",
+    # seen_at only grows, so this index is appended to; prune reads a range of it.
+    """CREATE INDEX IF NOT EXISTS dedupe_by_time ON dedupe (seen_at)""",
+    """CREATE TABLE IF NOT EXISTS identity_links (
+        namespace TEXT NOT NULL,
+        from_id TEXT NOT NULL,
+        to_id TEXT NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (namespace, from_id)
+    )""",
+    """CREATE TABLE IF NOT EXISTS dead_letters (
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        destination TEXT NOT NULL,
+        source TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        ordering_key TEXT NOT NULL,
+        payload BYTEA NOT NULL,
+        reason TEXT NOT NULL,
+        status INTEGER,
+        response_body TEXT NOT NULL,
+        request_body BYTEA NOT NULL,
+        label TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        first_attempt_at DOUBLE PRECISION,
+        failed_at DOUBLE PRECISION NOT NULL,
+        mapping_version TEXT NOT NULL
+    )""",
+    """CREATE INDEX IF NOT EXISTS dead_letters_by_destination ON dead_letters (destination, failed_at)""",
+    """CREATE TABLE IF NOT EXISTS discards (
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        destination TEXT NOT NULL,
+        source TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        payload BYTEA NOT NULL,
+        reason TEXT NOT NULL,
+        label TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        discarded_at DOUBLE PRECISION NOT NULL
+    )""",
+    """CREATE INDEX IF NOT EXISTS discards_by_time ON discards (discarded_at)""",
+    """CREATE TABLE IF NOT EXISTS destination_state (
+        name TEXT PRIMARY KEY,
+        paused BOOLEAN NOT NULL,
+        reason TEXT NOT NULL,
+        changed_at DOUBLE PRECISION NOT NULL,
+        extra TEXT NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS heartbeat (id INTEGER PRIMARY KEY, at DOUBLE PRECISION NOT NULL)""",
+)
+
+
+def check_schema_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise ValueError(
+            f"invalid PostgreSQL schema name {name!r}: use lower-case letters, digits and '_' "
+            "(not starting with a digit, at most 63 characters)"
+        )
+    return name
+
+
+def schema_error(found: int) -> StoreError:
+    return StoreError(
+        f"the database has schema version {found}, newer than this bridge understands "
+        f"({SCHEMA_VERSION}); upgrade the bridge"
+    )

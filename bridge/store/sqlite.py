@@ -1,0 +1,337 @@
+"""The embedded default store: one SQLite file in WAL mode, synchronous=FULL, group commit.
+
+Every operation, reads included, runs on one writer thread (see ``sqlite_writer``), so
+SQLite never blocks the event loop and concurrent enqueues share one fsync (and, when
+consecutive, one set of statements). Another process (the CLI) may open the same file at
+the same time; SQLite's busy timeout makes the two take turns. Only one process may
+*ingest* into a file at a time: new dedupe keys are indexed in memory until merged
+(see ``sqlite_dedupe``).
+
+Options: ``max_bytes`` / ``min_free_disk_bytes`` make enqueue raise StoreFull (checked
+at most every ``size_check_interval`` seconds); ``commit_interval`` > 0 waits that long
+after the first pending operation to gather more (default 0: commit as soon as the queue
+is drained); ``dedupe_merge_at`` is how many new dedupe keys wait before a merge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from bridge.store import sqlite_ops as ops
+from bridge.store.base import (
+    DeadLetter,
+    DeadLetterRecord,
+    DestinationState,
+    Discard,
+    DiscardRecord,
+    EnqueueResult,
+    IncomingEvent,
+    Job,
+    QueueStats,
+    RecordFilter,
+    Store,
+    StoreError,
+    StoreFull,
+)
+from bridge.store.sqlite_dedupe import MERGE_AT, DedupeKeys
+from bridge.store.sqlite_schema import configure, create_schema
+from bridge.store.sqlite_writer import BatchOperation, GroupCommitWriter
+
+MiB = 1024 * 1024
+
+
+class SqliteStore(Store):
+    def __init__(
+        self,
+        path: str,
+        *,
+        max_bytes: int | None = None,
+        min_free_disk_bytes: int = 256 * MiB,
+        commit_interval: float = 0.0,
+        size_check_interval: float = 1.0,
+        dedupe_merge_at: int = MERGE_AT,
+    ) -> None:
+        if not path or path == ":memory:":
+            raise ValueError("SqliteStore needs a file path (an in-memory database is not durable)")
+        if max_bytes is not None and max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        if commit_interval < 0:
+            raise ValueError(f"commit_interval must be >= 0, got {commit_interval}")
+        self.path = os.path.abspath(path)
+        self.max_bytes = max_bytes
+        self.min_free_disk_bytes = min_free_disk_bytes
+        self._commit_interval = commit_interval
+        self._size_check_interval = size_check_interval
+        self._dedupe_merge_at = dedupe_merge_at
+        self._writer: GroupCommitWriter | None = None
+        # Reads that scan many rows (queue stats for /metrics) use their own connection:
+        # in WAL mode they run beside the writer instead of stalling ingest commits.
+        self._reader: sqlite3.Connection | None = None
+        self._reader_lock = threading.Lock()
+        self._dedupe: DedupeKeys | None = None
+        self._merge_task: asyncio.Task[None] | None = None
+        self._enqueue_many: BatchOperation | None = None
+        # Free pages inside the file are reused before it grows, so they do not count as used.
+        self._free_bytes = 0
+        self._free_checked_at = 0.0
+        self._capacity_checked_at = float("-inf")
+        self._full_reason: str | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+    @property
+    def commits(self) -> int:
+        """Write transactions committed since open (group commit makes this << calls)."""
+        return 0 if self._writer is None else self._writer.commits
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
+        try:
+            configure(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _after_commit(self, conn: sqlite3.Connection) -> None:
+        now = time.monotonic()
+        if now - self._free_checked_at < min(self._size_check_interval, 0.5):
+            return
+        self._measure_free(conn)
+
+    async def open(self) -> None:
+        if self._writer is not None:
+            return
+        directory = os.path.dirname(self.path)
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the directory for {self.path}: {exc}") from exc
+        writer = GroupCommitWriter(
+            self._connect, commit_interval=self._commit_interval, after_commit=self._after_commit
+        )
+        dedupe = DedupeKeys(writer, self._dedupe_merge_at)
+
+        def prepare(conn: sqlite3.Connection) -> None:
+            create_schema(conn)
+            dedupe.load(conn)
+
+        writer.start()
+        try:
+            await writer.submit(prepare)
+        except BaseException:
+            await writer.stop()
+            raise
+        self._writer, self._dedupe = writer, dedupe
+        self._enqueue_many = partial(ops.enqueue_many, dedupe=dedupe)
+
+    async def close(self) -> None:
+        if self._merge_task is not None:
+            await self._merge_task  # a few small slices; what is left is merged at next open
+        writer, self._writer, self._dedupe = self._writer, None, None
+        if writer is not None:
+            await writer.stop()
+        with self._reader_lock:
+            reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
+
+    async def _read(self, op: Any) -> Any:
+        """Run a read-only ``op(conn)`` on the reader connection, in a worker thread."""
+        if self._writer is None:
+            raise StoreError(f"the SQLite store {self.path} is not open")
+
+        def run() -> Any:
+            with self._reader_lock:
+                if self._reader is None:
+                    self._reader = sqlite3.connect(
+                        f"{Path(self.path).resolve().as_uri()}?mode=ro",
+                        uri=True,
+                        isolation_level=None,
+                        check_same_thread=False,
+                        timeout=10.0,
+                    )
+                return op(self._reader)
+
+        try:
+            return await asyncio.to_thread(run)
+        except sqlite3.Error as exc:
+            raise StoreError(f"sqlite: {exc}") from exc
+
+    async def _run(self, op: Any, *, writes: bool = True, outside_transaction: bool = False) -> Any:
+        if self._writer is None:
+            raise StoreError(f"the SQLite store {self.path} is not open")
+        return await self._writer.submit(op, writes=writes, outside_transaction=outside_transaction)
+
+    def _open_dedupe(self) -> DedupeKeys:
+        if self._dedupe is None:
+            raise StoreError(f"the SQLite store {self.path} is not open")
+        return self._dedupe
+
+    # -- backpressure ------------------------------------------------------------------
+    def _file_size(self, path: str) -> int:
+        try:
+            return os.stat(path).st_size
+        except FileNotFoundError:
+            return 0
+
+    def _check_capacity(self) -> None:
+        now = time.monotonic()
+        if now - self._capacity_checked_at >= self._size_check_interval:
+            self._capacity_checked_at = now
+            self._full_reason = self._measure()
+        if self._full_reason is not None:
+            raise StoreFull(self._full_reason)
+
+    def _measure(self) -> str | None:
+        if self.max_bytes is not None:
+            used = self._file_size(self.path) + self._file_size(self.path + "-wal") - self._free_bytes
+            if used > self.max_bytes:
+                return f"the store holds {used} bytes, over its limit of {self.max_bytes} bytes"
+        try:
+            disk = os.statvfs(os.path.dirname(self.path))
+        except OSError as exc:
+            return f"cannot check free disk space for {self.path}: {exc}"
+        free = disk.f_bavail * disk.f_frsize
+        if free < self.min_free_disk_bytes:
+            return f"only {free} bytes free on the store's disk, below the minimum of {self.min_free_disk_bytes}"
+        return None
+
+    # -- ingest ------------------------------------------------------------------------
+    async def enqueue(self, source: str, events: Sequence[IncomingEvent]) -> EnqueueResult:
+        if not events:
+            return EnqueueResult(0, 0)
+        dedupe = self._open_dedupe()
+        self._check_capacity()
+        writer, enqueue_many = self._writer, self._enqueue_many
+        if writer is None or enqueue_many is None:
+            raise StoreError(f"the SQLite store {self.path} is not open")
+        # One callable for every call, so the writer can run concurrent enqueues as one.
+        result: EnqueueResult = await writer.submit_batchable(
+            enqueue_many, ops.EnqueueCall(source, events, time.time())
+        )
+        if dedupe.wants_merge and self._merge_task is None:
+            self._merge_task = asyncio.create_task(self._merge_dedupe(dedupe), name="bridge-dedupe-merge")
+        return result
+
+    async def _merge_dedupe(self, dedupe: DedupeKeys) -> None:
+        dedupe.merging = True
+        try:
+            last, slices = await self._run(dedupe.plan)
+            for lo, hi in slices:
+                await self._run(partial(dedupe.merge_slice, lo=lo, hi=hi))
+            await self._run(partial(dedupe.finish_merge, last=last))
+        except StoreError:
+            pass  # the keys stay in dedupe_recent and memory; the next enqueue tries again
+        finally:
+            dedupe.merging = False
+            self._merge_task = None
+
+    # -- delivery ----------------------------------------------------------------------
+    async def lease(self, destination: str, limit: int, lease_seconds: float, *, ordered: bool = True) -> list[Job]:
+        jobs: list[Job] = await self._run(
+            partial(
+                ops.lease,
+                destination=destination,
+                limit=limit,
+                lease_seconds=lease_seconds,
+                ordered=ordered,
+                now=time.time(),
+            )
+        )
+        return jobs
+
+    async def ack(self, job_ids: Sequence[int], mapping_version: str = "") -> None:
+        if job_ids:
+            await self._run(partial(ops.ack, job_ids=job_ids, mapping_version=mapping_version, now=time.time()))
+
+    async def retry(self, job_ids: Sequence[int], available_at: float, error: str) -> None:
+        if job_ids:
+            await self._run(partial(ops.retry, job_ids=job_ids, available_at=available_at, error=error))
+
+    async def release(self, job_ids: Sequence[int]) -> None:
+        if job_ids:
+            await self._run(partial(ops.release, job_ids=job_ids))
+
+    async def dead_letter(self, entries: Sequence[DeadLetter]) -> None:
+        if entries:
+            await self._run(partial(ops.dead_letter, entries=entries, now=time.time()))
+
+    async def discard(self, entries: Sequence[Discard]) -> None:
+        if entries:
+            await self._run(partial(ops.discard, entries=entries, now=time.time()))
+
+    async def resolve_links(self, namespace: str, ids: Sequence[str]) -> dict[str, str]:
+        if not ids:
+            return {}
+        links: dict[str, str] = await self._run(partial(ops.resolve_links, namespace=namespace, ids=ids), writes=False)
+        return links
+
+    # -- operators ---------------------------------------------------------------------
+    async def list_dead(self, flt: RecordFilter, limit: int = 100) -> list[DeadLetterRecord]:
+        records: list[DeadLetterRecord] = await self._run(partial(ops.list_dead, flt=flt, limit=limit), writes=False)
+        return records
+
+    async def replay_dead(self, flt: RecordFilter) -> int:
+        count: int = await self._run(partial(ops.replay_dead, flt=flt, now=time.time()))
+        return count
+
+    async def purge_dead(self, flt: RecordFilter) -> int:
+        count: int = await self._run(partial(ops.purge_dead, flt=flt))
+        return count
+
+    async def list_discards(self, flt: RecordFilter, limit: int = 100) -> list[DiscardRecord]:
+        records: list[DiscardRecord] = await self._run(partial(ops.list_discards, flt=flt, limit=limit), writes=False)
+        return records
+
+    async def queue_stats(self) -> dict[str, QueueStats]:
+        stats: dict[str, QueueStats] = await self._read(ops.queue_stats)
+        return stats
+
+    async def delivered_version(self, destination: str, message_id: str) -> str | None:
+        version: str | None = await self._run(
+            partial(ops.delivered_version, destination=destination, message_id=message_id), writes=False
+        )
+        return version
+
+    async def get_destination_states(self) -> dict[str, DestinationState]:
+        states: dict[str, DestinationState] = await self._run(ops.get_destination_states, writes=False)
+        return states
+
+    async def set_destination_state(self, state: DestinationState) -> None:
+        await self._run(partial(ops.set_destination_state, state=state))
+
+    async def check_writable(self) -> None:
+        await self._run(partial(ops.heartbeat, now=time.time()))
+
+    async def prune(self, dedupe_before: float, settled_before: float) -> int:
+        dedupe = self._open_dedupe()
+        merging = self._merge_task
+        if merging is None:  # merge in slices first, so the prune's own merge is small
+            merging = self._merge_task = asyncio.create_task(self._merge_dedupe(dedupe))
+        await merging
+        removed: int = await self._run(
+            partial(ops.prune, dedupe=self._open_dedupe(), dedupe_before=dedupe_before, settled_before=settled_before)
+        )
+        # Pruning frees pages that new rows will reuse, and the WAL may have grown in a
+        # burst: shrink it and measure now, so backpressure lifts.
+        await self._run(self._checkpoint_and_measure, outside_transaction=True)
+        self._capacity_checked_at = float("-inf")
+        return removed
+
+    def _checkpoint_and_measure(self, conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        self._measure_free(conn)
+
+    def _measure_free(self, conn: sqlite3.Connection) -> None:
+        self._free_checked_at = time.monotonic()
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        page = conn.execute("PRAGMA page_size").fetchone()[0]
+        self._free_bytes = int(free) * int(page)

@@ -1,0 +1,117 @@
+"""Dedupe keys for the SQLite store, written so that ingest stays sequential on disk.
+
+Message ids are random (UUIDs), so inserting each one into the ``dedupe`` B-tree as it
+arrives dirties one B-tree page per event, and every commit rewrites those pages: that
+alone cut enqueue throughput by more than half. Instead new keys are appended to
+``dedupe_recent`` (no index: sequential, cheap) and kept in memory; once enough have
+gathered they are merged into ``dedupe`` in key order, so each B-tree page is rewritten
+once per merge rather than once per commit. The merge runs in key-range slices between
+other operations, so ingest never waits for one long rewrite.
+
+The in-memory set covers exactly the rows of ``dedupe_recent``, so only one process may
+ingest into a file at a time (the CLI only reads, replays and prunes). A store that
+opens the file loads whatever an earlier process left in ``dedupe_recent``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+
+from bridge.store.sqlite_rows import insert_rows
+from bridge.store.sqlite_writer import GroupCommitWriter
+
+DEDUPE_INSERT = ("INSERT INTO dedupe_recent (seen_at, source, message_id) VALUES ", "(?1, ?, ?)")
+
+# Keys held in memory before a merge starts: about 150 bytes each.
+MERGE_AT = 100_000
+# A merge runs as this many key-range slices, each its own small operation, so ingest
+# interleaves with it instead of waiting for one long rewrite of the B-tree.
+SLICES = 16
+# Far below SQLite's limit on bound parameters (32766 since 3.32).
+CHUNK = 30000
+
+
+class DedupeKeys:
+    def __init__(self, writer: GroupCommitWriter, merge_at: int = MERGE_AT) -> None:
+        self._writer = writer
+        self._merge_at = merge_at
+        self._recent: set[tuple[str, str]] = set()  # keys in dedupe_recent, not yet merged
+        self.merging = False  # set and cleared by the store's merge task
+
+    @property
+    def wants_merge(self) -> bool:
+        return not self.merging and len(self._recent) >= self._merge_at
+
+    def seen(self, conn: sqlite3.Connection, source: str, message_ids: Sequence[str]) -> set[str]:
+        """Which of ``message_ids`` were stored before for ``source``."""
+        found = {m for m in message_ids if (source, m) in self._recent}
+        rest = [m for m in message_ids if m not in found]
+        for start in range(0, len(rest), CHUNK):
+            chunk = rest[start : start + CHUNK]
+            rows = conn.execute(
+                f"SELECT message_id FROM dedupe WHERE source = ? AND message_id IN ({','.join('?' * len(chunk))})",
+                (source, *chunk),
+            )
+            found.update(row[0] for row in rows)
+        return found
+
+    def add(self, conn: sqlite3.Connection, keys: list[tuple[str, str]], now: float) -> None:
+        """Record new (source, message_id) keys (the caller has checked they are new)."""
+        insert_rows(conn, DEDUPE_INSERT, keys, now)
+        fresh = set(keys) - self._recent
+        self._recent |= fresh
+        self._writer.on_rollback(lambda: self._recent.difference_update(fresh))
+        if len(self._recent) >= 4 * self._merge_at:
+            self.merge(conn)  # the sliced merge fell behind: bound the memory now
+
+    def load(self, conn: sqlite3.Connection) -> None:
+        """Read the keys an earlier process left unmerged; reading only, so a CLI opening
+        the file while the server runs does not disturb the server's keys."""
+        self._recent = set(conn.execute("SELECT source, message_id FROM dedupe_recent"))
+
+    def plan(self, conn: sqlite3.Connection) -> tuple[int, list[tuple[int, int]]]:
+        """Snapshot the waiting keys, sorted, into a temporary table; return the last
+        ``dedupe_recent`` id it covers and the row ranges of its slices."""
+        last = conn.execute("SELECT COALESCE(MAX(id), 0) FROM dedupe_recent").fetchone()[0]
+        conn.execute("DROP TABLE IF EXISTS temp.merging")
+        conn.execute(
+            "CREATE TEMP TABLE merging AS SELECT source, message_id, seen_at FROM dedupe_recent"
+            " WHERE id <= ? ORDER BY source, message_id",
+            (last,),
+        )
+        count = conn.execute("SELECT COALESCE(MAX(rowid), 0) FROM temp.merging").fetchone()[0]
+        if count != len(self._recent):
+            # Another process (e.g. a CLI prune) merged keys we still hold: resynchronise.
+            previous = self._recent
+            self._recent = set(conn.execute("SELECT source, message_id FROM temp.merging"))
+            self._writer.on_rollback(lambda: setattr(self, "_recent", previous))
+        step = max(1, -(-count // SLICES))
+        return last, [(lo, min(lo + step, count)) for lo in range(0, count, step)]
+
+    def merge_slice(self, conn: sqlite3.Connection, lo: int, hi: int) -> None:
+        """Merge rows ``lo < rowid <= hi`` of the snapshot: one key range, in key order."""
+        conn.execute(
+            "INSERT OR IGNORE INTO dedupe (source, message_id, seen_at)"
+            " SELECT source, message_id, seen_at FROM temp.merging WHERE rowid > ? AND rowid <= ? ORDER BY rowid",
+            (lo, hi),
+        )
+        merged = conn.execute(
+            "SELECT source, message_id FROM temp.merging WHERE rowid > ? AND rowid <= ?", (lo, hi)
+        ).fetchall()
+        self._writer.on_commit(lambda: self._recent.difference_update(merged))
+
+    def finish_merge(self, conn: sqlite3.Connection, last: int) -> None:
+        # Merged keys stayed in dedupe_recent until now; were we to crash before this,
+        # the next merge moves them again, harmlessly (INSERT OR IGNORE).
+        conn.execute("DELETE FROM dedupe_recent WHERE id <= ?", (last,))
+        conn.execute("DROP TABLE IF EXISTS temp.merging")
+
+    def merge(self, conn: sqlite3.Connection) -> None:
+        """Move all of ``dedupe_recent`` into the ``dedupe`` B-tree at once."""
+        conn.execute(
+            "INSERT OR IGNORE INTO dedupe (source, message_id, seen_at)"
+            " SELECT source, message_id, seen_at FROM dedupe_recent ORDER BY source, message_id"
+        )
+        merged = conn.execute("DELETE FROM dedupe_recent RETURNING source, message_id").fetchall()
+        self._writer.on_commit(lambda: self._recent.difference_update(merged))

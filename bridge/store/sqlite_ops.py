@@ -1,0 +1,336 @@
+"""The SQLite store's operations: plain functions of a connection, run by the writer thread.
+
+Each runs inside the writer's transaction (and its own SAVEPOINT), so it must not commit.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import orjson
+
+from bridge.store.base import (
+    DEAD_LETTER_COLUMNS,
+    DeadLetter,
+    DeadLetterRecord,
+    DestinationState,
+    Discard,
+    DiscardRecord,
+    EnqueueResult,
+    IncomingEvent,
+    Job,
+    QueueStats,
+    RecordFilter,
+    dead_letter_record,
+)
+from bridge.store.ordering import OrderedSelection
+from bridge.store.sql_filters import record_where
+from bridge.store.sqlite_dedupe import DedupeKeys
+from bridge.store.sqlite_rows import insert_rows
+from bridge.store.sqlite_schema import DELIVERED, LEASED, QUEUED
+
+# Far below SQLite's limit on bound parameters (32766 since 3.32), with room for extra ones.
+CHUNK = 30000
+
+
+def _chunks(items: Sequence[object], size: int = CHUNK) -> Iterator[Sequence[object]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+JOBS_INSERT = (
+    "INSERT INTO jobs (available_at, created_at, destination, source, message_id, ordering_key, payload, state)"
+    " VALUES ",
+    f"(?1, ?1, ?, ?, ?, ?, ?, {QUEUED})",
+)
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+# -- ingest -------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class EnqueueCall:
+    source: str
+    events: Sequence[IncomingEvent]
+    now: float
+
+
+def enqueue_many(conn: sqlite3.Connection, calls: list[EnqueueCall], *, dedupe: DedupeKeys) -> list[EnqueueResult]:
+    """Several callers' enqueues as one: one dedupe lookup per source, one insert per table.
+
+    Callers are handled in order, so an id in two calls is stored for the first only, and
+    job ids follow the order of the calls, as if each had run alone.
+    """
+    wanted: dict[str, dict[str, None]] = {}
+    for call in calls:
+        ids = wanted.setdefault(call.source, {})
+        for event in call.events:
+            ids[event.message_id] = None
+    seen = {source: dedupe.seen(conn, source, list(ids)) for source, ids in wanted.items()}
+    results: list[EnqueueResult] = []
+    fresh_keys: list[tuple[str, str]] = []
+    rows: list[tuple[str, str, str, str, bytes]] = []
+    links: dict[tuple[str, str], tuple[str, str, str]] = {}
+    for call in calls:
+        source, taken = call.source, seen[call.source]
+        duplicates: list[int] = []
+        stored = 0
+        for index, event in enumerate(call.events):
+            message_id = event.message_id
+            if message_id in taken:
+                duplicates.append(index)
+                continue
+            taken.add(message_id)
+            stored += 1
+            fresh_keys.append((source, message_id))
+            for destination in event.destinations:
+                rows.append((destination, source, message_id, event.ordering_key, event.payload))
+            for link in event.links:
+                links[(link.namespace, link.from_id)] = (link.namespace, link.from_id, link.to_id)
+        results.append(EnqueueResult(stored, len(duplicates), tuple(duplicates)))
+    if fresh_keys:
+        now = max(call.now for call in calls)
+        dedupe.add(conn, fresh_keys, now)
+        insert_rows(conn, JOBS_INSERT, rows, now)
+        if links:  # latest wins, as if the calls had run one after another
+            conn.executemany(
+                "INSERT INTO identity_links (namespace, from_id, to_id, updated_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (namespace, from_id) DO UPDATE"
+                " SET to_id = excluded.to_id, updated_at = excluded.updated_at",
+                [(*link, now) for link in links.values()],
+            )
+    return results
+
+
+# -- delivery -------------------------------------------------------------------------
+def _due_ids_unordered(conn: sqlite3.Connection, destination: str, limit: int, now: float) -> list[int]:
+    rows = conn.execute(
+        f"SELECT id FROM jobs WHERE destination = ? AND state < {DELIVERED}"
+        f" AND ((state = {QUEUED} AND available_at <= ?) OR (state = {LEASED} AND lease_until <= ?))"
+        " ORDER BY id LIMIT ?",
+        (destination, now, now, limit),
+    )
+    return [row[0] for row in rows]
+
+
+def _due_ids_ordered(conn: sqlite3.Connection, destination: str, limit: int, now: float) -> list[int]:
+    selection = OrderedSelection(limit, now)
+    while (query := selection.next_query()) is not None:
+        after, excluded, window = query
+        not_in = f" AND ordering_key NOT IN ({_marks(len(excluded))})" if excluded else ""
+        selection.take(
+            conn.execute(
+                "SELECT id, ordering_key, state, available_at, lease_until FROM jobs"
+                f" WHERE destination = ? AND state < {DELIVERED} AND id > ?{not_in} ORDER BY id LIMIT ?",
+                (destination, after, *excluded, window),
+            ).fetchall()
+        )
+    return selection.chosen
+
+
+def lease(
+    conn: sqlite3.Connection, destination: str, limit: int, lease_seconds: float, ordered: bool, now: float
+) -> list[Job]:
+    if limit <= 0:
+        return []
+    if ordered:
+        ids = _due_ids_ordered(conn, destination, limit, now)
+    else:
+        ids = _due_ids_unordered(conn, destination, limit, now)
+    if not ids:
+        return []
+    rows = conn.execute(
+        f"UPDATE jobs SET state = {LEASED}, attempts = attempts + 1, lease_until = ?,"
+        " first_attempt_at = COALESCE(first_attempt_at, ?)"
+        f" WHERE id IN ({_marks(len(ids))})"
+        " RETURNING id, source, message_id, ordering_key, payload, attempts, created_at, first_attempt_at",
+        (now + lease_seconds, now, *ids),
+    ).fetchall()
+    rows.sort(key=lambda row: row[0])
+    return [
+        Job(
+            id=row[0],
+            destination=destination,
+            source=row[1],
+            message_id=row[2],
+            ordering_key=row[3],
+            payload=row[4],
+            attempts=row[5],
+            created_at=row[6],
+            first_attempt_at=row[7],
+        )
+        for row in rows
+    ]
+
+
+def ack(conn: sqlite3.Connection, job_ids: Sequence[int], mapping_version: str, now: float) -> None:
+    # The payload of a delivered job is never read again; dropping it keeps the file small.
+    for chunk in _chunks(job_ids):
+        conn.execute(
+            f"UPDATE jobs SET state = {DELIVERED}, settled_at = ?, mapping_version = ?, lease_until = NULL,"
+            f" payload = X'' WHERE state < {DELIVERED} AND id IN ({_marks(len(chunk))})",
+            (now, mapping_version, *chunk),
+        )
+
+
+def retry(conn: sqlite3.Connection, job_ids: Sequence[int], available_at: float, error: str) -> None:
+    for chunk in _chunks(job_ids):
+        conn.execute(
+            f"UPDATE jobs SET state = {QUEUED}, available_at = ?, lease_until = NULL, last_error = ?"
+            f" WHERE state = {LEASED} AND id IN ({_marks(len(chunk))})",
+            (available_at, error, *chunk),
+        )
+
+
+def release(conn: sqlite3.Connection, job_ids: Sequence[int]) -> None:
+    # A job released before any real attempt forgets its first attempt too, so the
+    # retry budget (measured from it) does not run while it was never tried.
+    for chunk in _chunks(job_ids):
+        conn.execute(
+            f"UPDATE jobs SET state = {QUEUED}, lease_until = NULL, attempts = MAX(attempts - 1, 0),"
+            " first_attempt_at = CASE WHEN attempts <= 1 THEN NULL ELSE first_attempt_at END"
+            f" WHERE state = {LEASED} AND id IN ({_marks(len(chunk))})",
+            tuple(chunk),
+        )
+
+
+def dead_letter(conn: sqlite3.Connection, entries: Sequence[DeadLetter], now: float) -> None:
+    conn.executemany(
+        "INSERT INTO dead_letters (destination, source, message_id, ordering_key, payload, reason, status,"
+        " response_body, request_body, label, attempts, created_at, first_attempt_at, failed_at,"
+        " mapping_version)"
+        " SELECT destination, source, message_id, ordering_key, payload, ?, ?, ?, ?, ?, attempts,"
+        f" created_at, first_attempt_at, ?, ? FROM jobs WHERE id = ? AND state < {DELIVERED}",
+        [
+            (
+                e.reason,
+                e.status,
+                e.response_body,
+                e.request_body,
+                e.label,
+                now,
+                e.mapping_version,
+                e.job_id,
+            )
+            for e in entries
+        ],
+    )
+    conn.executemany(f"DELETE FROM jobs WHERE id = ? AND state < {DELIVERED}", [(e.job_id,) for e in entries])
+
+
+def discard(conn: sqlite3.Connection, entries: Sequence[Discard], now: float) -> None:
+    conn.executemany(
+        "INSERT INTO discards (destination, source, message_id, payload, reason, label, detail,"
+        " discarded_at) SELECT destination, source, message_id, payload, ?, ?, ?, ?"
+        f" FROM jobs WHERE id = ? AND state < {DELIVERED}",
+        [(e.reason, e.label, e.detail, now, e.job_id) for e in entries],
+    )
+    conn.executemany(f"DELETE FROM jobs WHERE id = ? AND state < {DELIVERED}", [(e.job_id,) for e in entries])
+
+
+def resolve_links(conn: sqlite3.Connection, namespace: str, ids: Sequence[str]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for chunk in _chunks(list(dict.fromkeys(ids))):
+        rows = conn.execute(
+            f"SELECT from_id, to_id FROM identity_links WHERE namespace = ? AND from_id IN ({_marks(len(chunk))})",
+            (namespace, *chunk),
+        )
+        found.update((row[0], row[1]) for row in rows)
+    return found
+
+
+# -- operators -------------------------------------------------------------------------
+def list_dead(conn: sqlite3.Connection, flt: RecordFilter, limit: int) -> list[DeadLetterRecord]:
+    where, params = record_where(flt, "failed_at")
+    rows = conn.execute(
+        f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters{where} ORDER BY failed_at DESC, id DESC LIMIT ?",
+        (*params, limit),
+    )
+    return [dead_letter_record(r) for r in rows]
+
+
+def replay_dead(conn: sqlite3.Connection, flt: RecordFilter, now: float) -> int:
+    where, params = record_where(flt, "failed_at")
+    inserted = conn.execute(
+        "INSERT INTO jobs (destination, source, message_id, ordering_key, payload, state, attempts,"
+        f" available_at, created_at) SELECT destination, source, message_id, ordering_key, payload,"
+        f" {QUEUED}, 0, ?, ? FROM dead_letters{where} ORDER BY id",
+        (now, now, *params),
+    ).rowcount
+    conn.execute(f"DELETE FROM dead_letters{where}", params)
+    return int(inserted)
+
+
+def purge_dead(conn: sqlite3.Connection, flt: RecordFilter) -> int:
+    where, params = record_where(flt, "failed_at")
+    return int(conn.execute(f"DELETE FROM dead_letters{where}", params).rowcount)
+
+
+def list_discards(conn: sqlite3.Connection, flt: RecordFilter, limit: int) -> list[DiscardRecord]:
+    where, params = record_where(flt, "discarded_at")
+    rows = conn.execute(
+        "SELECT id, destination, source, message_id, payload, reason, label, detail, discarded_at"
+        f" FROM discards{where} ORDER BY discarded_at DESC, id DESC LIMIT ?",
+        (*params, limit),
+    )
+    return [DiscardRecord(*row) for row in rows]
+
+
+def queue_stats(conn: sqlite3.Connection) -> dict[str, QueueStats]:
+    stats: dict[str, QueueStats] = {}
+    for destination, depth, oldest in conn.execute(
+        f"SELECT destination, COUNT(*), MIN(created_at) FROM jobs WHERE state < {DELIVERED} GROUP BY destination"
+    ):
+        stats[destination] = QueueStats(depth=depth, oldest_created_at=oldest)
+    for destination, dead in conn.execute("SELECT destination, COUNT(*) FROM dead_letters GROUP BY destination"):
+        current = stats.get(destination, QueueStats(depth=0, oldest_created_at=None))
+        stats[destination] = QueueStats(current.depth, current.oldest_created_at, dead)
+    return stats
+
+
+def delivered_version(conn: sqlite3.Connection, destination: str, message_id: str) -> str | None:
+    row = conn.execute(
+        "SELECT mapping_version FROM jobs WHERE destination = ? AND message_id = ?"
+        f" AND state = {DELIVERED} ORDER BY id DESC LIMIT 1",
+        (destination, message_id),
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def get_destination_states(conn: sqlite3.Connection) -> dict[str, DestinationState]:
+    states: dict[str, DestinationState] = {}
+    for name, paused, reason, changed_at, extra in conn.execute(
+        "SELECT name, paused, reason, changed_at, extra FROM destination_state"
+    ):
+        states[name] = DestinationState(name, bool(paused), reason, changed_at, orjson.loads(extra))
+    return states
+
+
+def set_destination_state(conn: sqlite3.Connection, state: DestinationState) -> None:
+    conn.execute(
+        "INSERT INTO destination_state (name, paused, reason, changed_at, extra) VALUES (?, ?, ?, ?, ?)"
+        " ON CONFLICT (name) DO UPDATE SET paused = excluded.paused, reason = excluded.reason,"
+        " changed_at = excluded.changed_at, extra = excluded.extra",
+        (state.name, int(state.paused), state.reason, state.changed_at, orjson.dumps(state.extra).decode()),
+    )
+
+
+def heartbeat(conn: sqlite3.Connection, now: float) -> None:
+    conn.execute(
+        "INSERT INTO heartbeat (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+        (now,),
+    )
+
+
+def prune(conn: sqlite3.Connection, dedupe: DedupeKeys, dedupe_before: float, settled_before: float) -> int:
+    dedupe.merge(conn)  # so old keys still waiting in dedupe_recent are pruned too
+    removed = conn.execute("DELETE FROM dedupe WHERE seen_at < ?", (dedupe_before,)).rowcount
+    removed += conn.execute(
+        f"DELETE FROM jobs WHERE state = {DELIVERED} AND settled_at < ?", (settled_before,)
+    ).rowcount
+    removed += conn.execute("DELETE FROM discards WHERE discarded_at < ?", (settled_before,)).rowcount
+    return int(removed)

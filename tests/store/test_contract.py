@@ -1,0 +1,401 @@
+"""The Store contract, run against every implementation (see conftest ``kind``)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+import pytest
+
+from bridge.store.base import (
+    DeadLetter,
+    DestinationState,
+    Discard,
+    IdentityLink,
+    RecordFilter,
+    Store,
+    StoreError,
+    StoreFull,
+)
+from tests.store.conftest import StoreFactory
+from tests.store.helpers import event
+
+EVERYTHING = RecordFilter()
+
+
+# -- ingest -------------------------------------------------------------------------------
+async def test_enqueue_reports_duplicates_across_calls_and_within_a_list(store: Store) -> None:
+    first = await store.enqueue("web", [event("m1", "u1"), event("m2", "u1"), event("m1", "u1")])
+    assert (first.stored, first.duplicates, first.duplicate_indexes) == (2, 1, (2,))
+
+    second = await store.enqueue("web", [event("m3", "u2"), event("m2", "u1")])
+    assert (second.stored, second.duplicates, second.duplicate_indexes) == (1, 1, (1,))
+
+    jobs = await store.lease("moe", 100, 30)
+    assert [j.message_id for j in jobs] == ["m1", "m2", "m3"]
+    assert orjson.loads(jobs[0].payload) == {"messageId": "m1", "userId": "u1"}
+
+
+async def test_dedupe_is_per_source(store: Store) -> None:
+    await store.enqueue("web", [event("same")])
+    other = await store.enqueue("app", [event("same")])
+    assert (other.stored, other.duplicates) == (1, 0)
+    jobs = await store.lease("moe", 10, 30)
+    assert sorted(j.source for j in jobs) == ["app", "web"]
+
+
+async def test_one_job_per_destination(store: Store) -> None:
+    await store.enqueue("web", [event("m1", "u1", destinations=("moe-a", "moe-b")), event("m2", "u1")])
+    a = await store.lease("moe-a", 10, 30)
+    b = await store.lease("moe-b", 10, 30)
+    moe = await store.lease("moe", 10, 30)
+    assert [j.message_id for j in a] == ["m1"]
+    assert [j.message_id for j in b] == ["m1"]
+    assert [j.message_id for j in moe] == ["m2"]
+    assert a[0].id != b[0].id
+    assert {j.destination for j in a + b} == {"moe-a", "moe-b"}
+
+
+async def test_identity_links_latest_wins_per_namespace(store: Store) -> None:
+    await store.enqueue("web", [event("m1", "anon", links=(IdentityLink("moe", "u1", "id-1"),))])
+    await store.enqueue("web", [event("m2", "anon", links=(IdentityLink("moe", "u1", "id-2"),))])
+    await store.enqueue("web", [event("m3", "anon", links=(IdentityLink("other", "u1", "x"),))])
+    # A duplicate's links are ignored: it was already stored once.
+    await store.enqueue("web", [event("m1", "anon", links=(IdentityLink("moe", "u1", "stale"),))])
+
+    assert await store.resolve_links("moe", ["u1", "u9"]) == {"u1": "id-2"}
+    assert await store.resolve_links("other", ["u1"]) == {"u1": "x"}
+    assert await store.resolve_links("nobody", ["u1"]) == {}
+    assert await store.resolve_links("moe", []) == {}
+
+
+# -- lease, ack, retry, release -------------------------------------------------------------
+async def test_lease_ack_retry_release(store: Store) -> None:
+    await store.enqueue("web", [event(f"m{i}", f"u{i}") for i in range(4)])
+    before = time.time()
+    jobs = await store.lease("moe", 3, 30)
+    assert [j.message_id for j in jobs] == ["m0", "m1", "m2"]
+    assert all(j.attempts == 1 and j.first_attempt_at >= before - 1 for j in jobs)
+    # Leased jobs are not handed out twice.
+    assert [j.message_id for j in await store.lease("moe", 10, 30)] == ["m3"]
+
+    m0, m1, m2 = jobs
+    await store.ack([m0.id], "v1")
+    await store.retry([m1.id], time.time() + 3600, "http_500")
+    await store.release([m2.id])
+
+    again = await store.lease("moe", 10, 30)
+    assert [j.message_id for j in again] == ["m2"]  # m1 waits an hour, m0 is done
+    assert again[0].attempts == 1  # release did not count the attempt
+
+    await store.retry([again[0].id], time.time() - 1, "timeout")  # due at once
+    third = await store.lease("moe", 10, 30)
+    assert [(j.message_id, j.attempts) for j in third] == [("m2", 2)]
+    assert third[0].first_attempt_at == pytest.approx(again[0].first_attempt_at)
+    assert (await store.queue_stats())["moe"].depth == 3
+
+
+async def test_an_expired_lease_makes_the_job_due_again(store: Store) -> None:
+    await store.enqueue("web", [event("m1", "u1")])
+    first = await store.lease("moe", 10, 1.0)
+    assert len(first) == 1
+    assert await store.lease("moe", 10, 30) == []
+    await asyncio.sleep(1.2)
+    second = await store.lease("moe", 10, 30)
+    assert [(j.id, j.attempts) for j in second] == [(first[0].id, 2)]
+
+
+async def test_lease_with_zero_limit_or_unknown_destination(store: Store) -> None:
+    await store.enqueue("web", [event("m1")])
+    assert await store.lease("moe", 0, 30) == []
+    assert await store.lease("nowhere", 10, 30) == []
+
+
+# -- ordering ---------------------------------------------------------------------------------
+async def test_a_users_later_event_waits_for_the_earlier_one(store: Store) -> None:
+    await store.enqueue(
+        "web", [event("a1", "alice"), event("a2", "alice"), event("b1", "bob"), event("n1", ""), event("n2", "")]
+    )
+    first = await store.lease("moe", 1, 30)
+    assert [j.message_id for j in first] == ["a1"]
+
+    # a1 is leased: a2 must not be handed out; bob and key-less events are unaffected.
+    second = await store.lease("moe", 10, 30)
+    assert [j.message_id for j in second] == ["b1", "n1", "n2"]
+
+    await store.retry([first[0].id], time.time() + 3600, "http_503")
+    assert await store.lease("moe", 10, 30) == []  # a1 waits for its retry, a2 still blocked
+
+    # Unordered mode trades ordering for throughput.
+    unordered = await store.lease("moe", 10, 30, ordered=False)
+    assert [j.message_id for j in unordered] == ["a2"]
+
+
+async def test_ordering_unblocks_when_the_earlier_event_settles(store: Store) -> None:
+    await store.enqueue("web", [event("a1", "alice"), event("a2", "alice"), event("a3", "alice")])
+    first = await store.lease("moe", 1, 30)
+    assert await store.lease("moe", 10, 30) == []
+    await store.ack([first[0].id])
+    # Jobs of one user leased together come in ingest order in one batch.
+    rest = await store.lease("moe", 10, 30)
+    assert [j.message_id for j in rest] == ["a2", "a3"]
+
+
+async def test_a_blocked_user_does_not_starve_others(store: Store) -> None:
+    await store.enqueue("web", [event("first", "heavy")])
+    blocker = await store.lease("moe", 1, 30)
+    await store.retry([blocker[0].id], time.time() + 3600, "http_500")
+    await store.enqueue("web", [event(f"h{i}", "heavy") for i in range(2000)])
+    await store.enqueue("web", [event("light", "light")])
+    jobs = await store.lease("moe", 5, 30)
+    assert [j.message_id for j in jobs] == ["light"]
+
+
+# -- dead letters and discards ---------------------------------------------------------------
+async def _dead(store: Store, n: int, destination: str = "moe") -> list[int]:
+    await store.enqueue("web", [event(f"{destination}-d{i}", f"u{i}", destinations=(destination,)) for i in range(n)])
+    jobs = await store.lease(destination, 100, 30)
+    return [j.id for j in jobs]
+
+
+async def test_dead_letter_list_and_filters(store: Store) -> None:
+    ids = await _dead(store, 3)
+    other = await _dead(store, 1, "seg")
+    t0 = time.time()
+    await store.dead_letter(
+        [
+            DeadLetter(ids[0], "http_400", 400, '{"error":"bad"}', b'{"req":1}', "Order Completed", "v1"),
+            DeadLetter(ids[1], "retries_exhausted", 503, "busy", b"{}", "identify", "v1"),
+        ]
+    )
+    await asyncio.sleep(0.05)
+    t1 = time.time()
+    await store.dead_letter([DeadLetter(other[0], "http_400", 400, "no", b"", "track")])
+
+    every = await store.list_dead(EVERYTHING)
+    assert every[0].message_id == "seg-d0"  # newest first
+    assert len(every) == 3
+    rec = next(r for r in every if r.message_id == "moe-d0")
+    assert (rec.destination, rec.source, rec.reason, rec.status) == ("moe", "web", "http_400", 400)
+    assert (rec.response_body, rec.request_body, rec.label, rec.mapping_version) == (
+        '{"error":"bad"}',
+        b'{"req":1}',
+        "Order Completed",
+        "v1",
+    )
+    assert orjson.loads(rec.payload)["messageId"] == "moe-d0"
+    assert rec.attempts == 1 and rec.first_attempt_at is not None and rec.failed_at >= t0 - 1
+
+    assert {r.message_id for r in await store.list_dead(RecordFilter(destination="moe"))} == {"moe-d0", "moe-d1"}
+    assert {r.message_id for r in await store.list_dead(RecordFilter(reason="http_400"))} == {"moe-d0", "seg-d0"}
+    assert {r.message_id for r in await store.list_dead(RecordFilter(since=t1))} == {"seg-d0"}
+    assert {r.message_id for r in await store.list_dead(RecordFilter(until=t1))} == {"moe-d0", "moe-d1"}
+    assert [r.message_id for r in await store.list_dead(RecordFilter(ids=(rec.id,)))] == ["moe-d0"]
+    assert await store.list_dead(RecordFilter(ids=())) == []
+    assert len(await store.list_dead(EVERYTHING, limit=1)) == 1
+
+    # Dead jobs left the queue; the third job is still leased.
+    stats = await store.queue_stats()
+    assert (stats["moe"].depth, stats["moe"].dead) == (1, 2)
+    assert (stats["seg"].depth, stats["seg"].dead) == (0, 1)
+
+
+async def test_replay_requeues_fresh_jobs_and_purge_deletes(store: Store) -> None:
+    ids = await _dead(store, 3)
+    await store.dead_letter([DeadLetter(i, "http_400" if i != ids[2] else "http_422") for i in ids])
+
+    replayed = await store.replay_dead(RecordFilter(reason="http_400"))
+    assert replayed == 2
+    assert {r.reason for r in await store.list_dead(EVERYTHING)} == {"http_422"}
+    jobs = await store.lease("moe", 10, 30)
+    assert [(j.message_id, j.ordering_key, j.attempts) for j in jobs] == [("moe-d0", "u0", 1), ("moe-d1", "u1", 1)]
+    assert all(j.id not in ids for j in jobs)
+
+    assert await store.purge_dead(RecordFilter(destination="other")) == 0
+    assert await store.purge_dead(EVERYTHING) == 1
+    assert await store.list_dead(EVERYTHING) == []
+    assert (await store.queue_stats())["moe"].dead == 0
+
+
+async def test_discards_are_recorded_and_leave_the_queue(store: Store) -> None:
+    ids = await _dead(store, 2)
+    await store.discard(
+        [Discard(ids[0], "anonymous_user", "track", "no userId"), Discard(ids[1], "invalid_customer_id")]
+    )
+    records = await store.list_discards(EVERYTHING)
+    assert {(r.message_id, r.reason) for r in records} == {
+        ("moe-d0", "anonymous_user"),
+        ("moe-d1", "invalid_customer_id"),
+    }
+    anon = await store.list_discards(RecordFilter(reason="anonymous_user"))
+    assert [(r.label, r.detail, r.destination, r.source) for r in anon] == [("track", "no userId", "moe", "web")]
+    assert orjson.loads(anon[0].payload)["messageId"] == "moe-d0"
+    assert await store.list_discards(RecordFilter(destination="x")) == []
+    assert await store.lease("moe", 10, 30) == []
+    assert (await store.queue_stats()).get("moe") is None
+
+
+async def test_settling_a_job_twice_has_no_effect(store: Store) -> None:
+    ids = await _dead(store, 1)
+    await store.ack(ids, "v1")
+    await store.dead_letter([DeadLetter(ids[0], "late")])
+    await store.discard([Discard(ids[0], "late")])
+    assert await store.list_dead(EVERYTHING) == []
+    assert await store.list_discards(EVERYTHING) == []
+    assert await store.delivered_version("moe", "moe-d0") == "v1"
+
+
+# -- stats, versions, state ---------------------------------------------------------------------
+async def test_queue_stats(store: Store) -> None:
+    assert await store.queue_stats() == {}
+    before = time.time()
+    await store.enqueue("web", [event("m1", destinations=("a", "b")), event("m2", destinations=("a",))])
+    stats = await store.queue_stats()
+    assert set(stats) == {"a", "b"}
+    assert (stats["a"].depth, stats["b"].depth, stats["a"].dead) == (2, 1, 0)
+    assert stats["a"].oldest_created_at is not None and stats["a"].oldest_created_at >= before - 1
+    jobs = await store.lease("a", 10, 30)
+    assert (await store.queue_stats())["a"].depth == 2  # leased still counts
+    await store.ack([j.id for j in jobs])
+    assert "a" not in await store.queue_stats()
+
+
+async def test_delivered_version(store: Store) -> None:
+    await store.enqueue("web", [event("m1", destinations=("a", "b"))])
+    assert await store.delivered_version("a", "m1") is None
+    jobs = await store.lease("a", 10, 30)
+    await store.ack([jobs[0].id], "sha-1")
+    assert await store.delivered_version("a", "m1") == "sha-1"
+    assert await store.delivered_version("b", "m1") is None
+
+
+async def test_destination_state_round_trip(store: Store) -> None:
+    assert await store.get_destination_states() == {}
+    await store.set_destination_state(DestinationState("moe", True, "dead-letter ratio 0.8", 100.0, {"mapping": "v1"}))
+    await store.set_destination_state(DestinationState("seg"))
+    states = await store.get_destination_states()
+    assert states["moe"] == DestinationState("moe", True, "dead-letter ratio 0.8", 100.0, {"mapping": "v1"})
+    assert states["seg"] == DestinationState("seg")
+    await store.set_destination_state(DestinationState("moe", False, "resumed by CLI", 200.0))
+    assert (await store.get_destination_states())["moe"] == DestinationState("moe", False, "resumed by CLI", 200.0)
+
+
+async def test_prune_forgets_old_dedupe_keys_delivered_jobs_and_discards(store: Store) -> None:
+    ids = await _dead(store, 3)
+    await store.ack([ids[0]], "v1")
+    await store.discard([Discard(ids[1], "anonymous_user")])
+    now = time.time()
+    assert await store.prune(now - 3600, now - 3600) == 0
+    removed = await store.prune(now + 1, now + 1)
+    assert removed == 3 + 1 + 1  # three dedupe keys, one delivered job, one discard
+    assert await store.delivered_version("moe", "moe-d0") is None
+    assert await store.list_discards(EVERYTHING) == []
+    assert (await store.queue_stats())["moe"].depth == 1  # the unsettled job is kept
+    # The dedupe key is gone, so the same message id is accepted again.
+    again = await store.enqueue("web", [event("moe-d0", "u0")])
+    assert again.stored == 1
+
+
+async def test_check_writable_passes_on_a_healthy_store(store: Store) -> None:
+    await store.check_writable()
+
+
+# -- backpressure, group commit, durability ---------------------------------------------------------
+async def test_store_full_when_over_max_bytes(factory: StoreFactory) -> None:
+    store = await factory.new(max_bytes=400_000)
+    stored = 0
+    with pytest.raises(StoreFull, match="limit"):
+        for i in range(1000):
+            result = await store.enqueue("web", [event(f"m{i}-{k}", size=2000) for k in range(20)])
+            stored += result.stored
+    assert 0 < stored < 1000 * 20
+    depth = (await store.queue_stats())["moe"].depth
+    with pytest.raises(StoreFull):
+        await store.enqueue("web", [event("late")])
+    assert (await store.queue_stats())["moe"].depth == depth  # rejected before writing
+    await store.check_writable()  # operators and delivery can still write
+
+
+async def test_concurrent_enqueues_share_commits(store: Store) -> None:
+    before = store.commits  # type: ignore[attr-defined]
+    calls = 200
+    results = await asyncio.gather(*(store.enqueue("web", [event(f"c{i}", f"u{i}")]) for i in range(calls)))
+    commits = store.commits - before  # type: ignore[attr-defined]
+    assert sum(r.stored for r in results) == calls
+    assert 1 <= commits <= calls // 4, f"{calls} concurrent enqueues took {commits} commits"
+    assert (await store.queue_stats())["moe"].depth == calls
+
+
+async def test_a_failing_call_fails_alone_and_leaves_nothing_behind(store: Store) -> None:
+    from bridge.store.base import IncomingEvent
+
+    bad = IncomingEvent("bad", "u1", object(), ("moe",))  # type: ignore[arg-type]
+    outcomes = await asyncio.gather(
+        store.enqueue("web", [event("ok1")]),
+        store.enqueue("web", [event("bad-dedupe"), bad]),
+        store.enqueue("web", [event("ok2")]),
+        return_exceptions=True,
+    )
+    assert not isinstance(outcomes[0], BaseException) and outcomes[0].stored == 1
+    assert isinstance(outcomes[1], StoreError)
+    assert not isinstance(outcomes[2], BaseException) and outcomes[2].stored == 1
+    # The failed call's first event left no dedupe key behind.
+    retried = await store.enqueue("web", [event("bad-dedupe")])
+    assert retried.stored == 1
+    assert sorted(j.message_id for j in await store.lease("moe", 10, 30)) == ["bad-dedupe", "ok1", "ok2"]
+
+
+async def test_everything_survives_close_and_reopen(factory: StoreFactory) -> None:
+    store = await factory.new()
+    await store.enqueue("web", [event("m1", "u1", links=(IdentityLink("moe", "u1", "id-1"),)), event("m2", "u2")])
+    jobs = await store.lease("moe", 1, 30)
+    await store.dead_letter([DeadLetter(jobs[0].id, "http_400", 400)])
+    await store.set_destination_state(DestinationState("moe", True, "guard"))
+    await store.close()
+
+    reopened = await factory.new()
+    assert (await reopened.enqueue("web", [event("m1"), event("m3")])).duplicate_indexes == (0,)
+    assert [j.message_id for j in await reopened.lease("moe", 10, 30)] == ["m2", "m3"]
+    assert [r.message_id for r in await reopened.list_dead(EVERYTHING)] == ["m1"]
+    assert await reopened.resolve_links("moe", ["u1"]) == {"u1": "id-1"}
+    assert (await reopened.get_destination_states())["moe"].paused is True
+
+
+async def test_closed_store_raises_store_error(factory: StoreFactory) -> None:
+    store = await factory.new()
+    await store.close()
+    with pytest.raises(StoreError):
+        await store.enqueue("web", [event("m1")])
+
+
+async def test_a_huge_blocked_backlog_does_not_starve_other_users(factory: StoreFactory) -> None:
+    """One user's 30k queued jobs sit behind their own job that waits for a retry; another
+    user's single job, queued after all of them, must still be leased."""
+    store = await factory.new()
+    await store.enqueue("web", [event("hot-0", user="hot")])
+    (first,) = await store.lease("moe", 10, 30)
+    await store.retry([first.id], time.time() + 3600, "http 503")
+    for chunk in range(30):
+        await store.enqueue("web", [event(f"hot-{chunk}-{i}", user="hot") for i in range(1000)])
+    await store.enqueue("web", [event("cold-0", user="cold")])
+    jobs = await store.lease("moe", 500, 30, ordered=True)
+    assert [j.message_id for j in jobs] == ["cold-0"]
+    await store.close()
+
+
+async def test_nul_characters_do_not_break_writes(factory: StoreFactory) -> None:
+    """A U+0000 in an id, event name or upstream body (PostgreSQL text cannot hold it)
+    must neither fail the commit nor the settlement."""
+    store = await factory.new()
+    result = await store.enqueue("web", [event("m\x00a", user="u\x00"), event("m-ok", user="u")])
+    assert result.stored == 2
+    assert (await store.enqueue("web", [event("m\x00a", user="u\x00")])).duplicates == 1
+    jobs = await store.lease("moe", 10, 30, ordered=False)
+    assert len(jobs) == 2
+    await store.discard([Discard(jobs[0].id, "anonymous_user", "Bad\x00Name", "detail\x00")])
+    await store.dead_letter([DeadLetter(jobs[1].id, "http_400", 400, "body\x00", b"{}", "E\x00")])
+    await store.retry([], time.time(), "x\x00")
+    assert len(await store.list_discards(EVERYTHING)) == 1
+    assert len(await store.list_dead(EVERYTHING)) == 1
+    await store.close()

@@ -1,0 +1,94 @@
+"""What only the PostgreSQL store does: several nodes sharing one database."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from bridge.store.base import StoreError
+from bridge.store.postgres import PostgresStore
+from tests.store.conftest import PG_DSN, pg_problem
+from tests.store.helpers import event
+
+pytestmark = pytest.mark.skipif(pg_problem() is not None, reason=str(pg_problem()))
+
+
+@pytest.fixture
+async def nodes(pg_schema: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
+    """Two bridge nodes sharing one database schema."""
+    a = PostgresStore(PG_DSN, schema=pg_schema, pool_size=4)
+    b = PostgresStore(PG_DSN, schema=pg_schema, pool_size=4)
+    await asyncio.gather(a.open(), b.open())  # schema creation must not race
+    yield a, b
+    await a.close()
+    await b.close()
+
+
+async def test_two_nodes_never_both_store_one_event(nodes: tuple[PostgresStore, PostgresStore]) -> None:
+    a, b = nodes
+    batches = [[event(f"m{i}-{k}", f"u{k}") for k in range(10)] for i in range(30)]
+    results = await asyncio.gather(*(node.enqueue("web", batch) for batch in batches for node in (a, b)))
+    assert sum(r.stored for r in results) == 300
+    assert sum(r.duplicates for r in results) == 300
+    assert (await a.queue_stats())["moe"].depth == 300
+
+
+async def test_ordered_leases_on_two_nodes_keep_each_users_order(
+    nodes: tuple[PostgresStore, PostgresStore],
+) -> None:
+    a, b = nodes
+    users, per_user = 15, 6
+    await a.enqueue("web", [event(f"{u}-{n}", f"user{u}") for n in range(per_user) for u in range(users)])
+    delivered: dict[str, list[int]] = {}
+    rounds = 0
+    while sum(len(v) for v in delivered.values()) < users * per_user:
+        rounds += 1
+        assert rounds < 200, "the queue did not drain"
+        got_a, got_b = await asyncio.gather(a.lease("moe", 7, 30), b.lease("moe", 7, 30))
+        keys_a = {j.ordering_key for j in got_a}
+        keys_b = {j.ordering_key for j in got_b}
+        assert not keys_a & keys_b, f"one user's jobs were leased to two nodes at once: {keys_a & keys_b}"
+        assert not {j.id for j in got_a} & {j.id for j in got_b}
+        for job in sorted(got_a + got_b, key=lambda j: j.id):
+            delivered.setdefault(job.ordering_key, []).append(int(job.message_id.split("-")[1]))
+        await asyncio.gather(a.ack([j.id for j in got_a]), b.ack([j.id for j in got_b]))
+    assert all(seq == list(range(per_user)) for seq in delivered.values()), delivered
+
+
+async def test_unordered_leases_on_two_nodes_skip_each_others_rows(
+    nodes: tuple[PostgresStore, PostgresStore],
+) -> None:
+    a, b = nodes
+    await a.enqueue("web", [event(f"m{i}", "same-user") for i in range(200)])
+    leased = await asyncio.gather(*(node.lease("moe", 25, 30, ordered=False) for node in (a, b) * 5))
+    ids = [j.id for batch in leased for j in batch]
+    assert len(ids) == len(set(ids)) == 200
+
+
+async def test_check_writable_fails_when_the_schema_is_gone(pg_schema: str) -> None:
+    store = PostgresStore(PG_DSN, schema=pg_schema)
+    await store.open()
+    await store.check_writable()
+    conn = await asyncpg.connect(PG_DSN)
+    try:
+        await conn.execute(f'DROP SCHEMA "{pg_schema}" CASCADE')
+    finally:
+        await conn.close()
+    with pytest.raises(StoreError, match="postgres"):
+        await store.check_writable()
+    with pytest.raises(StoreError):
+        await store.enqueue("web", [event("m1")])
+    await store.close()
+
+
+async def test_unreachable_server_and_bad_options() -> None:
+    store = PostgresStore("postgresql://postgres@127.0.0.1:1/test", connect_timeout=2)
+    with pytest.raises(StoreError, match="cannot connect to PostgreSQL"):
+        await store.open()
+    with pytest.raises(ValueError, match="schema name"):
+        PostgresStore(PG_DSN, schema="Robert'); DROP TABLE jobs;--")
+    with pytest.raises(ValueError, match="pool_size"):
+        PostgresStore(PG_DSN, pool_size=1)

@@ -1,0 +1,215 @@
+"""What only the SQLite store does: file settings, disk checks, sharing the file, URLs."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bridge.store import open_store
+from bridge.store.base import DeadLetter, RecordFilter, StoreError, StoreFull
+from bridge.store.sqlite import SqliteStore
+from tests.store.helpers import event
+
+
+async def opened(path: Path, **opts: object) -> SqliteStore:
+    opts.setdefault("min_free_disk_bytes", 0)
+    store = SqliteStore(str(path), **opts)  # type: ignore[arg-type]
+    await store.open()
+    return store
+
+
+async def test_the_file_is_in_wal_mode_with_its_tables(tmp_path: Path) -> None:
+    store = await opened(tmp_path / "sub" / "dir" / "b.db")  # missing directories are created
+    await store.enqueue("web", [event("m1")])
+    await store.close()
+    conn = sqlite3.connect(tmp_path / "sub" / "dir" / "b.db")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"jobs", "dedupe", "identity_links", "dead_letters", "discards", "destination_state"} <= tables
+    assert conn.execute("SELECT version FROM schema_version").fetchone()[0] == 1
+    conn.close()
+
+
+async def test_open_is_idempotent_and_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    store = await opened(tmp_path / "b.db")
+    await store.open()
+    await store.close()
+    conn = sqlite3.connect(tmp_path / "b.db")
+    conn.execute("UPDATE schema_version SET version = 99")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="schema version 99"):
+        await opened(tmp_path / "b.db")
+
+
+async def test_store_full_when_the_disk_is_nearly_full(tmp_path: Path) -> None:
+    store = await opened(tmp_path / "b.db", min_free_disk_bytes=1 << 62)
+    with pytest.raises(StoreFull, match="free"):
+        await store.enqueue("web", [event("m1")])
+    await store.close()
+
+
+async def test_backpressure_lifts_once_pruning_frees_space(tmp_path: Path) -> None:
+    store = await opened(tmp_path / "b.db", max_bytes=600_000, size_check_interval=0.0)
+    with pytest.raises(StoreFull):
+        for i in range(1000):
+            await store.enqueue("web", [event(f"m{i}-{k}", size=2000) for k in range(20)])
+    while jobs := await store.lease("moe", 1000, 30, ordered=False):
+        await store.ack([j.id for j in jobs])
+    now = time.time()
+    assert await store.prune(now + 1, now + 1) > 0
+    await store.enqueue("web", [event("after-prune", size=2000)])
+    await store.close()
+
+
+@pytest.fixture
+def immutable(tmp_path: Path) -> Iterator[list[Path]]:
+    """Files made immutable with chattr: the one way to refuse writes to root."""
+    if shutil.which("chattr") is None:
+        pytest.skip("chattr is not installed")
+    probe = tmp_path / "probe"
+    probe.write_text("x")
+    if subprocess.run(["chattr", "+i", str(probe)], capture_output=True).returncode != 0:
+        pytest.skip(f"this filesystem ({tmp_path}) does not support chattr +i")
+    subprocess.run(["chattr", "-i", str(probe)], check=True)
+    files: list[Path] = []
+    yield files
+    for path in files:
+        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+
+
+async def test_check_writable_fails_when_the_files_become_read_only(tmp_path: Path, immutable: list[Path]) -> None:
+    db = tmp_path / "b.db"
+    store = await opened(db)
+    await store.enqueue("web", [event("m1")])
+    await store.check_writable()
+    # The -shm file stays writable: it is shared memory, and SQLite only maps it.
+    for path in (db, Path(str(db) + "-wal")):
+        subprocess.run(["chattr", "+i", str(path)], check=True)
+        immutable.append(path)
+    with pytest.raises(StoreError, match="sqlite"):
+        await store.check_writable()
+    with pytest.raises(StoreError):
+        await store.enqueue("web", [event("m2")])
+    for path in immutable:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+    await store.check_writable()  # recovers once the disk takes writes again
+    assert (await store.enqueue("web", [event("m2")])).stored == 1
+    await store.close()
+
+
+async def test_two_stores_share_one_file(tmp_path: Path) -> None:
+    """The CLI (``bridge dlq replay``) opens the file while the server is writing to it."""
+    server = await opened(tmp_path / "b.db")
+    cli = await opened(tmp_path / "b.db")
+    await server.enqueue("web", [event(f"d{i}") for i in range(10)])
+    jobs = await server.lease("moe", 10, 30)
+    await server.dead_letter([DeadLetter(j.id, "http_400") for j in jobs])
+
+    async def ingest() -> int:
+        stored = 0
+        for i in range(50):
+            stored += (await server.enqueue("web", [event(f"live{i}-{k}") for k in range(20)])).stored
+        return stored
+
+    stored, replayed = await asyncio.gather(ingest(), cli.replay_dead(RecordFilter()))
+    assert (stored, replayed) == (1000, 10)
+    assert (await server.queue_stats())["moe"].depth == 1010
+    await cli.close()
+    await server.close()
+
+
+def test_open_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    relative = open_store("sqlite:///var/bridge.db")
+    assert isinstance(relative, SqliteStore) and relative.path == str(tmp_path / "var" / "bridge.db")
+    absolute = open_store(f"sqlite:///{tmp_path}/abs.db", max_bytes=10)
+    assert isinstance(absolute, SqliteStore) and absolute.path == f"{tmp_path}/abs.db"
+    assert absolute.max_bytes == 10
+    from bridge.store.postgres import PostgresStore
+
+    for url in ("postgresql://postgres@127.0.0.1:5432/test", "postgres://postgres@127.0.0.1/test"):
+        pg = open_store(url, max_bytes=10, min_free_disk_bytes=5)  # the runtime passes both options
+        assert isinstance(pg, PostgresStore) and pg.dsn == url and pg.schema == "bridge"
+    named = open_store("postgresql://postgres@127.0.0.1/test?schema=node_a&sslmode=disable")
+    assert isinstance(named, PostgresStore) and named.schema == "node_a"
+    assert named.dsn == "postgresql://postgres@127.0.0.1/test?sslmode=disable"
+    with pytest.raises(ValueError, match="schema name"):
+        open_store("postgresql://postgres@127.0.0.1/test?schema=Bad-Name")
+    for bad, message in (
+        ("mysql://x/y", "unknown store URL scheme 'mysql'"),
+        ("", "empty"),
+        ("sqlite://bridge.db", "three slashes"),
+        ("sqlite:///", "names no file"),
+        ("bridge.db", "unknown store URL scheme"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            open_store(bad)
+
+
+async def test_dedupe_keys_survive_merges_and_reopening(tmp_path: Path) -> None:
+    store = await opened(tmp_path / "b.db", dedupe_merge_at=40)
+    for i in range(30):
+        result = await store.enqueue("web", [event(f"m{i}-{k}") for k in range(10)] + [event(f"m{i - 1}-0")])
+        # The last event repeats one from the previous call: a duplicate whether its key
+        # is still waiting in memory, being merged, or already in the B-tree.
+        assert (result.stored, result.duplicate_indexes) == ((10, (10,)) if i else (11, ()))
+    while store._merge_task is not None:
+        await asyncio.sleep(0.01)
+    again = await store.enqueue("web", [event(f"m{i}-{k}") for i in range(30) for k in range(10)])
+    assert again.stored == 0
+    await store.enqueue("web", [event("unmerged")])
+    await store.close()
+
+    conn = sqlite3.connect(tmp_path / "b.db")
+    assert conn.execute("SELECT COUNT(*) FROM dedupe").fetchone()[0] >= 40  # merges happened
+    conn.close()
+    reopened = await opened(tmp_path / "b.db", dedupe_merge_at=40)
+    assert (await reopened.enqueue("web", [event("unmerged"), event("m29-9"), event("new")])).stored == 1
+    await reopened.prune(0, 0)  # merges everything first
+    await reopened.close()
+    conn = sqlite3.connect(tmp_path / "b.db")
+    assert conn.execute("SELECT COUNT(*) FROM dedupe").fetchone()[0] == 303
+    assert conn.execute("SELECT COUNT(*) FROM dedupe_recent").fetchone()[0] == 0
+    conn.close()
+
+
+async def test_a_merge_by_another_process_is_noticed(tmp_path: Path) -> None:
+    server = await opened(tmp_path / "b.db")
+    await server.enqueue("web", [event(f"m{i}") for i in range(50)])
+    cli = await opened(tmp_path / "b.db")  # opening only reads the waiting keys
+    assert len(server._open_dedupe()._recent) == 50
+    await cli.prune(0, 0)  # merges the server's waiting keys into the B-tree
+    await cli.close()
+    await server.prune(0, 0)
+    assert server._open_dedupe()._recent == set()
+    assert (await server.enqueue("web", [event("m7"), event("m50")])).duplicate_indexes == (0,)
+    await server.close()
+
+
+async def test_a_commit_interval_gathers_even_more_calls(tmp_path: Path) -> None:
+    store = await opened(tmp_path / "b.db", commit_interval=0.05)
+    results = await asyncio.gather(*(store.enqueue("web", [event(f"m{i}")]) for i in range(100)))
+    assert sum(r.stored for r in results) == 100
+    assert store.commits <= 5
+    await store.close()
+
+
+def test_bad_options_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="max_bytes"):
+        SqliteStore(str(tmp_path / "b.db"), max_bytes=0)
+    with pytest.raises(ValueError, match="in-memory"):
+        SqliteStore(":memory:")
+
+
+async def test_an_unopenable_path_gives_a_store_error(tmp_path: Path) -> None:
+    (tmp_path / "adir.db").mkdir()
+    with pytest.raises(StoreError, match="cannot open"):
+        await opened(tmp_path / "adir.db")
