@@ -1,0 +1,108 @@
+"""The mapping seam: what the rest of the bridge may ask of a compiled mapping.
+
+A mapping file (mappings/NAME.yaml) is data. It is validated and compiled once at
+load into closures; the delivery path only calls ``apply``. Nothing here knows any
+event or field name: those live in the YAML.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """One destination-shaped item produced by a rule.
+
+    ``kind`` names the destination operation (for MoEngage: ``customer``, ``event``,
+    ``merge``; for Segment: ``track``, ``identify``, ...). ``body`` is the item exactly
+    as the destination client will place it in a request.
+    """
+
+    kind: str
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Discarded:
+    """The event is deliberately not sent (e.g. ``anonymous_user``, ``loop``)."""
+
+    reason: str
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The event could not be mapped and must be dead-lettered (coercion policy)."""
+
+    reason: str
+    detail: str = ""
+
+
+MapResult = list[Output] | Discarded | Failed
+
+
+@dataclass(frozen=True, slots=True)
+class MapContext:
+    """Per-delivery facts a mapping may read besides the event itself.
+
+    ``linked_id`` is the identity link resolved for the event's identity key (see
+    ``CompiledMapping.identity_key``); ``options`` are the destination's
+    ``mapping_options`` from the config; ``source`` is the source name.
+    """
+
+    linked_id: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnostic:
+    """A problem in a mapping file, precise enough to fix without reading Python."""
+
+    file: str
+    line: int  # 1-based
+    column: int  # 1-based
+    yaml_path: str  # e.g. "rules[2].body.actions[0].action"
+    message: str  # what was expected / found, with "did you mean" when it helps
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}: {self.yaml_path}: {self.message}"
+
+
+class MappingError(Exception):
+    """A mapping file (or set of files) failed validation."""
+
+    def __init__(self, diagnostics: list[Diagnostic]) -> None:
+        self.diagnostics = diagnostics
+        super().__init__("\n".join(str(d) for d in diagnostics))
+
+
+class CompiledMapping(ABC):
+    """A validated, compiled mapping. Immutable; hot reload swaps whole objects."""
+
+    name: str  # file stem, e.g. "segment-to-moengage"
+    version: str  # content hash of the file(s) it was compiled from
+    source_format: str  # "segment" | "moengage_streams"
+    destination_kind: str  # "moengage" | "segment"
+    path: str  # file it was loaded from
+
+    @abstractmethod
+    def apply(self, event: dict[str, Any], ctx: MapContext) -> MapResult:
+        """Map one inbound event. Never raises for bad event data: returns Failed."""
+
+    @abstractmethod
+    def identity_key(self, event: dict[str, Any]) -> str | None:
+        """The id whose identity link should be resolved before ``apply`` (or None)."""
+
+    @abstractmethod
+    def identity_link(self, event: dict[str, Any]) -> tuple[str, str] | None:
+        """An identity link (from_id, to_id) this event teaches, recorded at ingest."""
+
+    @abstractmethod
+    def integration_names(self) -> tuple[str, ...]:
+        """Names under which the Segment ``integrations`` object addresses this
+        destination (e.g. "MoEngage"); empty when the source format has none."""

@@ -1,0 +1,166 @@
+"""CLI commands for mappings: ``mappings check``, ``mappings test`` and ``translate``.
+
+The integrator wires them with ``register(subparsers)``; each subparser sets
+``func`` to its handler, which takes the parsed Namespace and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import orjson
+
+from bridge.mapping.api import Diagnostic, MapContext
+from bridge.mapping.fixtures import run_fixtures
+from bridge.mapping.loader import compile_mapping_dir, compile_mapping_file
+from bridge.mapping.translate import InputError, parse_events, translate_events
+
+DEFAULT_DIR = "mappings"
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    mp = subparsers.add_parser("mappings", help="check and test mapping files")
+    msub = mp.add_subparsers(dest="mappings_command", required=True)
+
+    check = msub.add_parser("check", help="validate mapping files; exit 1 on any error")
+    check.add_argument("paths", nargs="*", metavar="PATH", help="mapping files or directories")
+    check.add_argument("--mappings-dir", default=None, help=f"directory to check (default: {DEFAULT_DIR})")
+    _config_option(check)
+    check.set_defaults(func=cmd_check)
+
+    test = msub.add_parser("test", help="run the fixtures under <mappings dir>/tests; exit 1 on failure")
+    test.add_argument("--mappings-dir", default=None, help=f"mappings directory (default: {DEFAULT_DIR})")
+    _config_option(test)
+    test.set_defaults(func=cmd_test)
+
+    tr = subparsers.add_parser("translate", help="map events from stdin and print what would be sent")
+    tr.add_argument("--mapping", required=True, help="mapping name (file stem), e.g. segment-to-moengage")
+    tr.add_argument("--mappings-dir", default=None, help=f"mappings directory (default: {DEFAULT_DIR})")
+    tr.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a mapping option")
+    tr.add_argument("--linked-id", default=None, help="identity link resolved for the event's identity key")
+    tr.add_argument("--source", default="", help="source name seen by the mapping as $source")
+    _config_option(tr)
+    tr.set_defaults(func=cmd_translate)
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="take the mappings directory from this config's mappings.dir")
+
+
+def _dir(args: argparse.Namespace) -> Path:
+    explicit = getattr(args, "mappings_dir", None)
+    if explicit:
+        return Path(explicit)
+    config = getattr(args, "config", None)
+    if config:
+        return Path(_configured_dir(config))
+    return Path(DEFAULT_DIR)
+
+
+def _configured_dir(config_path: str) -> str:
+    """mappings.dir of a config file; only that key is read, so no secrets are needed."""
+    from bridge.config.loader import read_yaml
+
+    data, _ = read_yaml(config_path)
+    mappings = data.get("mappings") or {}
+    value = mappings.get("dir") if isinstance(mappings, dict) else None
+    return str(value) if value else DEFAULT_DIR
+
+
+def cmd_check(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    paths = [Path(p) for p in (getattr(args, "paths", None) or [])] or [_dir(args)]
+    diagnostics: list[Diagnostic] = []
+    loaded: list[tuple[str, str]] = []
+    for p in paths:
+        if p.is_dir():
+            mappings, diags = compile_mapping_dir(p)
+            diagnostics.extend(diags)
+            loaded.extend((m.path, m.version) for m in mappings.values())
+        elif p.exists():
+            mapping, diags = compile_mapping_file(p)
+            diagnostics.extend(diags)
+            if mapping is not None:
+                loaded.append((mapping.path, mapping.version))
+        else:
+            diagnostics.append(Diagnostic(str(p), 1, 1, "<root>", "no such file or directory"))
+    for d in diagnostics:
+        print(d, file=out)
+    for path, version in loaded:
+        print(f"ok {path} (version {version})", file=out)
+    if diagnostics:
+        print(f"{len(diagnostics)} error(s)", file=out)
+        return 1
+    if not loaded:
+        print("no mapping files found", file=out)
+        return 1
+    return 0
+
+
+def cmd_test(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    report = run_fixtures(_dir(args))
+    print(report.render(), file=out)
+    return 0 if report.ok else 1
+
+
+def _option(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise InputError(f"--option {text!r}: expected KEY=VALUE")
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        value = raw
+    return key, value
+
+
+def cmd_translate(
+    args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    directory = _dir(args)
+    mappings, diagnostics = compile_mapping_dir(directory)
+    mapping = mappings.get(args.mapping)
+    if mapping is None:
+        for d in diagnostics:
+            print(d, file=err)
+        known = ", ".join(sorted(mappings)) or "none"
+        print(f"error: no valid mapping {args.mapping!r} in {directory} (loaded: {known})", file=err)
+        return 1
+    try:
+        options = dict(_option(o) for o in getattr(args, "option", None) or [])
+        text = (stdin or sys.stdin).read()
+        events = parse_events(text)
+    except InputError as exc:
+        print(f"error: {exc}", file=err)
+        return 1
+    ctx = MapContext(linked_id=getattr(args, "linked_id", None), options=options, source=getattr(args, "source", ""))
+    results = translate_events(mapping, events, ctx)
+    for i, result in enumerate(results):
+        if len(results) > 1:
+            print(f"# event {i}", file=out)
+        if "outputs" in result:
+            for o in result["outputs"]:
+                print(f"{o['kind']} {orjson.dumps(o['body']).decode()}", file=out)
+        else:
+            status = "discarded" if "discarded" in result else "failed"
+            detail = f" ({result['detail']})" if result.get("detail") else ""
+            print(f"{status}: {result[status]}{detail}", file=out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bridge")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,530 @@
+"""Compile one mapping file (already parsed to YNodes) into a ``CompiledMapping``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bridge.mapping.api import CompiledMapping, Discarded, Failed, MapContext, MapResult, Output
+from bridge.mapping.expressions import Cond, ExprCompiler, Fn, Lookup, Scope, build_object
+from bridge.mapping.paths import PathError, Segment, parse_path
+from bridge.mapping.runtime import MISSING, DropEvent, Env, FailEvent, clone
+from bridge.mapping.shapes import SHAPES, body_checker, check_body_node
+from bridge.mapping.yamlnodes import Diagnostics, YNode, did_you_mean, join
+
+TOP_KEYS = (
+    "source_format",
+    "destination_kind",
+    "description",
+    "integrations",
+    "lookups",
+    "identity",
+    "let",
+    "drop",
+    "rules",
+)
+SOURCE_FORMATS = ("segment", "moengage_streams")
+RULE_KEYS = ("name", "description", "match", "when", "kind", "body", "drop", "detail", "overrides", "continue")
+
+
+@dataclass(slots=True)
+class _Override:
+    drop: str | None
+    sets: list[tuple[tuple[Segment, ...], Fn]]
+
+
+@dataclass(slots=True)
+class _Rule:
+    name: str
+    when: Cond
+    kind: str
+    body: Fn | None
+    drop: str | None
+    detail: Fn | None
+    override_by: Fn | None
+    overrides: dict[str, _Override]
+    keep_going: bool = False
+    check: Callable[[dict[str, Any]], str | None] = lambda body: None
+
+
+class YamlMapping(CompiledMapping):
+    """A mapping compiled from YAML; immutable after construction."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        version: str,
+        path: str,
+        source_format: str,
+        destination_kind: str,
+        integrations: tuple[str, ...],
+        identity_key: Fn | None,
+        identity_link: tuple[Cond, Fn, Fn] | None,
+        drops: list[tuple[Cond, str, Fn | None]],
+        rules: list[_Rule],
+        files: tuple[str, ...],
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.path = path
+        self.source_format = source_format
+        self.destination_kind = destination_kind
+        self.files = files
+        self._integrations = integrations
+        self._identity_key = identity_key
+        self._identity_link = identity_link
+        self._drops = drops
+        self._rules = rules
+
+    def integration_names(self) -> tuple[str, ...]:
+        return self._integrations
+
+    def identity_key(self, event: dict[str, Any]) -> str | None:
+        if self._identity_key is None or type(event) is not dict:
+            return None
+        try:
+            return _as_id(self._identity_key(Env(event, None, {}, "")))
+        except (DropEvent, FailEvent):
+            return None
+
+    def identity_link(self, event: dict[str, Any]) -> tuple[str, str] | None:
+        if self._identity_link is None or type(event) is not dict:
+            return None
+        when, src, dst = self._identity_link
+        env = Env(event, None, {}, "")
+        try:
+            if not when(env):
+                return None
+            a, b = _as_id(src(env)), _as_id(dst(env))
+        except (DropEvent, FailEvent):
+            return None
+        if a is None or b is None or a == b:
+            return None
+        return (a, b)
+
+    def apply(self, event: dict[str, Any], ctx: MapContext) -> MapResult:
+        if type(event) is not dict:
+            return Failed("invalid_event", f"expected a JSON object, got {type(event).__name__}")
+        if self._integrations and type(event.get("integrations")) is dict:
+            blocked = self._integrations_block(event)
+            if blocked is not None:
+                return blocked
+        env = Env(event, ctx.linked_id, ctx.options, ctx.source)
+        try:
+            for cond, reason, detail in self._drops:
+                if cond(env):
+                    return Discarded(reason, _detail(detail, env))
+            outputs: list[Output] = []
+            for rule in self._rules:
+                if not rule.when(env):
+                    continue
+                if rule.drop is not None:
+                    return Discarded(rule.drop, _detail(rule.detail, env))
+                result = self._emit(rule, env)
+                if not isinstance(result, Output):
+                    return result
+                outputs.append(result)
+                if not rule.keep_going:
+                    break
+        except DropEvent as exc:
+            return Discarded(exc.reason, exc.detail)
+        except FailEvent as exc:
+            return Failed(exc.reason, exc.detail)
+        except Exception as exc:  # a mapping must never crash delivery on odd data
+            return Failed("mapping_error", f"{type(exc).__name__}: {exc}")
+        if not outputs:
+            return Discarded("no_matching_rule", f"no rule of {self.name} applies to this event")
+        return outputs
+
+    def _emit(self, rule: _Rule, env: Env) -> Output | Discarded | Failed:
+        assert rule.body is not None
+        body = rule.body(env)
+        if rule.override_by is not None:
+            key = rule.override_by(env)
+            ov = rule.overrides.get(key) if type(key) is str else None
+            if ov is not None:
+                if ov.drop is not None:
+                    return Discarded(ov.drop, f"override for {key!r} in rule {rule.name!r}")
+                for segs, fn in ov.sets:
+                    _set_path(body, segs, fn(env))
+        problem = rule.check(body)
+        if problem is not None:
+            return Failed("invalid_output", f"rule {rule.name!r} ({rule.kind}): {problem}")
+        return Output(rule.kind, body)
+
+    def _integrations_block(self, event: dict[str, Any]) -> Discarded | None:
+        integ = event.get("integrations")
+        if type(integ) is not dict:
+            return None
+        for name in self._integrations:
+            if name in integ:
+                if integ[name] is False:
+                    return Discarded("integrations_disabled", f"integrations[{name!r}] is false")
+                return None
+        if integ.get("All") is False:
+            return Discarded("integrations_disabled", "integrations.All is false")
+        return None
+
+
+def _detail(fn: Fn | None, env: Env) -> str:
+    if fn is None:
+        return ""
+    v = fn(env)
+    return v if isinstance(v, str) else ""
+
+
+def _as_id(v: Any) -> str | None:
+    if type(v) is int:
+        return str(v)
+    if type(v) is str and v:
+        return v
+    return None
+
+
+def _set_path(body: dict[str, Any], segs: tuple[Segment, ...], value: Any) -> None:
+    target: Any = body
+    for s in segs[:-1]:
+        if isinstance(s, str):
+            if type(target) is not dict:
+                return
+            if type(target.get(s)) not in (dict, list):
+                target[s] = {}
+            target = target[s]
+        else:
+            if type(target) is not list or not -len(target) <= s < len(target):
+                return
+            target = target[s]
+    last = segs[-1]
+    if type(last) is str and type(target) is dict:
+        if value is MISSING:
+            target.pop(last, None)
+        else:
+            target[last] = value
+    elif isinstance(last, int) and type(target) is list and -len(target) <= last < len(target) and value is not MISSING:
+        target[last] = value
+
+
+class FileCompiler:
+    """Compiles one parsed mapping file; all problems end up in ``diags``."""
+
+    def __init__(self, diags: Diagnostics, path: Path, load_lookup_file: Callable[[Path, YNode, str], YNode | None]):
+        self.diags = diags
+        self.path = path
+        self.scope = Scope()
+        self.expr = ExprCompiler(diags, self.scope)
+        self.load_lookup_file = load_lookup_file
+        self.lookup_files: list[str] = []
+
+    def compile(self, root: YNode, name: str, version: str) -> YamlMapping | None:
+        d = self.diags
+        if not root.is_map:
+            d.add(root, "", "expected a mapping at the top level (source_format, destination_kind, rules, ...)")
+            return None
+        d.check_keys(root, "", TOP_KEYS, "a mapping file", required=("source_format", "destination_kind", "rules"))
+        top = root.value
+        source_format = self._enum(top.get("source_format"), "source_format", SOURCE_FORMATS)
+        destination = self._enum(top.get("destination_kind"), "destination_kind", tuple(SHAPES))
+        integrations = self._integrations(top.get("integrations"), source_format)
+        if "lookups" in top:
+            self._lookups(top["lookups"])
+        if "let" in top:
+            self._lets(top["let"])
+        identity_key, identity_link = self._identity(top["identity"]) if "identity" in top else (None, None)
+        drops = self._drops(top["drop"], "drop") if "drop" in top else []
+        rules = self._rules(top["rules"], destination) if "rules" in top else []
+        if d.items or source_format is None or destination is None:
+            return None
+        return YamlMapping(
+            name=name,
+            version=version,
+            path=str(self.path),
+            source_format=source_format,
+            destination_kind=destination,
+            integrations=integrations,
+            identity_key=identity_key,
+            identity_link=identity_link,
+            drops=drops,
+            rules=rules,
+            files=tuple(self.lookup_files),
+        )
+
+    def _enum(self, node: YNode | None, key: str, choices: tuple[str, ...]) -> str | None:
+        if node is None:
+            return None
+        if node.value not in choices:
+            self.diags.add(
+                node,
+                key,
+                f"expected one of {', '.join(choices)}, got {node.value!r}{did_you_mean(str(node.value), choices)}",
+            )
+            return None
+        return str(node.value)
+
+    def _integrations(self, node: YNode | None, source_format: str | None) -> tuple[str, ...]:
+        if node is None:
+            return ()
+        if not node.is_list or not all(isinstance(x.value, str) and x.value for x in node.value):
+            self.diags.add(node, "integrations", "expected a list of destination names, e.g. [MoEngage]")
+            return ()
+        if source_format is not None and source_format != "segment":
+            self.diags.add(node, "integrations", "'integrations' only applies to source_format segment")
+        return tuple(x.value for x in node.value)
+
+    def _lookups(self, node: YNode) -> None:
+        if not node.is_map:
+            self.diags.add(node, "lookups", "expected a mapping of lookup name to table")
+            return
+        for lname, ln in node.value.items():
+            lp = join("lookups", lname)
+            if ln.is_map and "file" in ln.value:
+                if not self.diags.check_keys(ln, lp, ("file", "description"), "a lookup from a file"):
+                    continue
+                fn = ln.value["file"]
+                if not isinstance(fn.value, str):
+                    self.diags.add(fn, join(lp, "file"), "expected a path relative to the mapping file")
+                    continue
+                fpath = (self.path.parent / fn.value).resolve()
+                loaded = self.load_lookup_file(fpath, fn, join(lp, "file"))
+                if loaded is None:
+                    continue
+                self.lookup_files.append(str(fpath))
+                file_diags = Diagnostics(str(fpath))
+                lookup = self._lookup_def(loaded, "", file_diags)
+                self.diags.items.extend(file_diags.items)
+            else:
+                lookup = self._lookup_def(ln, lp, self.diags)
+            if lookup is not None:
+                self.scope.lookups[lname] = lookup
+
+    def _lookup_def(self, ln: YNode, lp: str, diags: Diagnostics) -> Lookup | None:
+        if not ln.is_map:
+            diags.add(ln, lp, "expected a lookup: {table: {...}, default: ...} or {values: [...]}")
+            return None
+        if not diags.check_keys(ln, lp, ("table", "values", "default", "ignore_case", "description"), "a lookup"):
+            return None
+        v = ln.value
+        fold = bool(v["ignore_case"].value) if "ignore_case" in v else False
+        if ("table" in v) == ("values" in v):
+            diags.add(ln, lp, "a lookup needs exactly one of 'table' (key -> value) or 'values' (a set)")
+            return None
+        if "values" in v:
+            vn = v["values"]
+            if not vn.is_list:
+                diags.add(vn, join(lp, "values"), "expected a list of values")
+                return None
+            if "default" in v:
+                diags.add(v["default"], join(lp, "default"), "'default' only applies to a table")
+            return Lookup(None, frozenset(_set_item(x.value, fold) for x in vn.value), ignore_case=fold)
+        tn = v["table"]
+        if not tn.is_map:
+            diags.add(tn, join(lp, "table"), "expected a mapping of key to value")
+            return None
+        default = v["default"].plain() if "default" in v else MISSING
+        return Lookup({k: x.plain() for k, x in tn.value.items()}, None, default, fold)
+
+    def _lets(self, node: YNode) -> None:
+        if not node.is_map:
+            self.diags.add(node, "let", "expected a mapping of name to value")
+            return
+        for lname, ln in node.value.items():
+            # compiled in file order, so a let can use only the lets above it: no cycles
+            self.scope.lets[lname] = self.expr.value(ln, join("let", lname))
+
+    def _identity(self, node: YNode) -> tuple[Fn | None, tuple[Cond, Fn, Fn] | None]:
+        if not node.is_map:
+            self.diags.add(node, "identity", "expected {key: ..., link: {when, from, to}}")
+            return None, None
+        self.diags.check_keys(node, "identity", ("key", "link"), "'identity'")
+        key = self.expr.value(node.value["key"], "identity.key") if "key" in node.value else None
+        link = None
+        if "link" in node.value:
+            ln = node.value["link"]
+            if ln.is_map and self.diags.check_keys(
+                ln, "identity.link", ("when", "from", "to"), "'identity.link'", required=("from", "to")
+            ):
+                when = self.expr.condition(ln.value["when"], "identity.link.when") if "when" in ln.value else _true
+                link = (
+                    when,
+                    self.expr.value(ln.value["from"], "identity.link.from"),
+                    self.expr.value(ln.value["to"], "identity.link.to"),
+                )
+            elif not ln.is_map:
+                self.diags.add(ln, "identity.link", "expected {when: ..., from: ..., to: ...}")
+        return key, link
+
+    def _drops(self, node: YNode, ypath: str) -> list[tuple[Cond, str, Fn | None]]:
+        out: list[tuple[Cond, str, Fn | None]] = []
+        if not node.is_list:
+            self.diags.add(node, ypath, "expected a list of {when: <condition>, reason: <text>}")
+            return out
+        for i, item in enumerate(node.value):
+            ip = join(ypath, i)
+            if not item.is_map:
+                self.diags.add(item, ip, "expected {when: <condition>, reason: <text>}")
+                continue
+            if not self.diags.check_keys(
+                item, ip, ("when", "reason", "detail", "description"), "a drop", required=("when", "reason")
+            ):
+                continue
+            reason = item.value["reason"].value
+            if not isinstance(reason, str) or not reason:
+                self.diags.add(item.value["reason"], join(ip, "reason"), "expected a reason string, e.g. loop")
+                continue
+            cond = self.expr.condition(item.value["when"], join(ip, "when"))
+            detail = self.expr.value(item.value["detail"], join(ip, "detail")) if "detail" in item.value else None
+            out.append((cond, reason, detail))
+        return out
+
+    def _rules(self, node: YNode, destination: str | None) -> list[_Rule]:
+        out: list[_Rule] = []
+        if not node.is_list or not node.value:
+            self.diags.add(node, "rules", "expected a non-empty list of rules")
+            return out
+        names: set[str] = set()
+        for i, item in enumerate(node.value):
+            rule = self._rule(item, join("rules", i), destination, names)
+            if rule is not None:
+                out.append(rule)
+        return out
+
+    def _rule(self, item: YNode, ip: str, destination: str | None, names: set[str]) -> _Rule | None:
+        d = self.diags
+        if not item.is_map:
+            d.add(item, ip, "expected a rule mapping with name, match/when, and kind + body (or drop)")
+            return None
+        if not d.check_keys(item, ip, RULE_KEYS, "a rule", required=("name",)):
+            return None
+        v = item.value
+        name = str(v["name"].value)
+        if name in names:
+            d.add(v["name"], join(ip, "name"), f"duplicate rule name {name!r}")
+        names.add(name)
+        conds: list[Cond] = []
+        if "match" in v:
+            conds.append(self.expr.condition(YNode({"match": v["match"]}, item.line, item.column), ip))
+        if "when" in v:
+            conds.append(self.expr.condition(v["when"], join(ip, "when")))
+        when = _all(conds)
+        detail = self.expr.value(v["detail"], join(ip, "detail")) if "detail" in v else None
+        if "drop" in v:
+            for k in ("kind", "body", "overrides", "continue"):
+                if k in v:
+                    d.add_at(item.key_pos[k], join(ip, k), f"a drop rule cannot have '{k}'")
+            reason = v["drop"].value
+            if not isinstance(reason, str) or not reason:
+                d.add(v["drop"], join(ip, "drop"), "expected a reason string")
+                return None
+            return _Rule(name, when, "", None, reason, detail, None, {})
+        if "kind" not in v or "body" not in v:
+            d.add(item, ip, "a rule needs 'kind' and 'body' (or 'drop: <reason>' to discard)")
+            return None
+        kind = v["kind"].value
+        if destination is None:
+            return None
+        kinds = SHAPES[destination]
+        if kind not in kinds:
+            d.add(
+                v["kind"],
+                join(ip, "kind"),
+                f"{destination} has no output kind {kind!r}{did_you_mean(str(kind), kinds)}; "
+                f"expected one of: {', '.join(kinds)}",
+            )
+            return None
+        override_by, overrides, override_keys = (
+            self._overrides(v["overrides"], join(ip, "overrides")) if "overrides" in v else (None, {}, set())
+        )
+        check_body_node(d, destination, kind, v["body"], join(ip, "body"), override_keys)
+        fields = self.expr.fields(v["body"], join(ip, "body"))
+        if SHAPES[destination][kind].typed:
+            fields.insert(0, ("type", _const(kind)))
+        keep_going = False
+        if "continue" in v:
+            keep_going = v["continue"].value is True
+            if not isinstance(v["continue"].value, bool):
+                d.add(v["continue"], join(ip, "continue"), "expected true or false")
+        return _Rule(
+            name,
+            when,
+            kind,
+            build_object(fields, None),
+            None,
+            detail,
+            override_by,
+            overrides,
+            keep_going,
+            body_checker(destination, kind),
+        )
+
+    def _overrides(self, node: YNode, ip: str) -> tuple[Fn | None, dict[str, _Override], set[str]]:
+        d = self.diags
+        out: dict[str, _Override] = {}
+        if not node.is_map or not d.check_keys(node, ip, ("by", "cases"), "'overrides'", required=("by", "cases")):
+            if not node.is_map:
+                d.add(node, ip, "expected {by: <value, e.g. $.event>, cases: {<name>: {set: {...}} or {drop: ...}}}")
+            return None, out, set()
+        by = self.expr.value(node.value["by"], join(ip, "by"))
+        cases = node.value["cases"]
+        if not cases.is_map:
+            d.add(cases, join(ip, "cases"), "expected a mapping of value (e.g. event name) to override")
+            return by, out, set()
+        for key, cn in cases.value.items():
+            cp = join(join(ip, "cases"), key)
+            if not cn.is_map or not d.check_keys(cn, cp, ("set", "drop"), "an override"):
+                if not cn.is_map:
+                    d.add(cn, cp, "expected {set: {<output path>: <value>}} or {drop: <reason>}")
+                continue
+            drop = None
+            if "drop" in cn.value:
+                drop = cn.value["drop"].value
+                if not isinstance(drop, str) or not drop:
+                    d.add(cn.value["drop"], join(cp, "drop"), "expected a reason string")
+                    drop = None
+            sets: list[tuple[tuple[Segment, ...], Fn]] = []
+            if "set" in cn.value:
+                sn = cn.value["set"]
+                if not sn.is_map:
+                    d.add(sn, join(cp, "set"), "expected a mapping of output path (e.g. actions[0].action) to value")
+                    continue
+                for opath, vn in sn.value.items():
+                    try:
+                        parsed = parse_path(opath)
+                    except PathError as exc:
+                        d.add_at(sn.key_pos[opath], join(join(cp, "set"), opath), str(exc))
+                        continue
+                    if parsed.root != "$" or not parsed.segments:
+                        d.add_at(
+                            sn.key_pos[opath],
+                            join(join(cp, "set"), opath),
+                            "expected an output path like actions[0].action",
+                        )
+                        continue
+                    sets.append((parsed.segments, self.expr.value(vn, join(join(cp, "set"), opath))))
+            out[str(key)] = _Override(drop, sets)
+        return by, out, set()
+
+
+def _const(value: Any) -> Fn:
+    return lambda env: value
+
+
+def _true(env: Env) -> bool:
+    return True
+
+
+def _all(conds: list[Cond]) -> Cond:
+    if not conds:
+        return _true
+    if len(conds) == 1:
+        return conds[0]
+    a, b = conds[0], conds[1]
+    return lambda env: a(env) and b(env)
+
+
+def _set_item(v: Any, fold: bool) -> Any:
+    return v.lower() if fold and isinstance(v, str) else v
+
+
+_ = clone

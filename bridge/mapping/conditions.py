@@ -1,0 +1,226 @@
+"""Conditions: exists/empty, comparisons, match shorthand, and all/any/not."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from bridge.mapping.runtime import MISSING, Env, is_empty
+from bridge.mapping.yamlnodes import YNode, did_you_mean, join
+
+if TYPE_CHECKING:
+    from bridge.mapping.expressions import Cond, ExprCompiler, Fn
+
+_ALWAYS_FALSE: Cond = lambda env: False  # noqa: E731
+
+
+def compile_condition(c: ExprCompiler, node: YNode, ypath: str) -> Cond:
+    from bridge.mapping.expressions import COMPARE_OPS, COND_KEYS
+
+    v = node.value
+    if isinstance(v, bool):
+        return (lambda env: True) if v else _ALWAYS_FALSE
+    if not isinstance(v, dict) or not v:
+        c.diags.add(
+            node,
+            ypath,
+            "expected a condition mapping (all, any, not, exists, empty, match, or value with an operator)",
+        )
+        return _ALWAYS_FALSE
+    if not c.diags.check_keys(node, ypath, COND_KEYS, "a condition"):
+        return _ALWAYS_FALSE
+    logical = [k for k in ("all", "any", "not", "exists", "empty", "match") if k in v]
+    ops = [k for k in COMPARE_OPS if k in v]
+    if len(logical) + (1 if "value" in v or ops else 0) != 1:
+        c.diags.add(
+            node,
+            ypath,
+            "a condition needs exactly one of: all, any, not, exists, empty, match, or 'value' with one "
+            "operator; combine several with 'all' or 'any'",
+        )
+        return _ALWAYS_FALSE
+    if logical:
+        key = logical[0]
+        if "ignore_case" in v and key != "match":
+            c.diags.add(node, join(ypath, "ignore_case"), "ignore_case only applies to comparisons and match")
+        sub = v[key]
+        sp = join(ypath, key)
+        if key in ("all", "any"):
+            if not sub.is_list or not sub.value:
+                c.diags.add(sub, sp, f"'{key}' expects a non-empty list of conditions")
+                return _ALWAYS_FALSE
+            conds = tuple(compile_condition(c, item, join(sp, i)) for i, item in enumerate(sub.value))
+            return _all(conds) if key == "all" else _any(conds)
+        if key == "not":
+            inner = compile_condition(c, sub, sp)
+            return lambda env: not inner(env)
+        if key == "match":
+            return _match(c, sub, sp, _ignore_case(c, v, ypath))
+        fn = c.value(sub, sp)
+        if key == "exists":
+            return lambda env: _exists(fn(env))
+        return lambda env: is_empty(fn(env))
+    if "value" not in v:
+        c.diags.add(node, ypath, f"operator {ops[0]!r} needs a 'value' to compare")
+        return _ALWAYS_FALSE
+    if len(ops) != 1:
+        c.diags.add(
+            node,
+            ypath,
+            "'value' needs exactly one operator: "
+            + ", ".join(COMPARE_OPS)
+            + (f" (found {', '.join(ops)})" if ops else ""),
+        )
+        return _ALWAYS_FALSE
+    lhs = c.value(v["value"], join(ypath, "value"))
+    return compare(c, lhs, ops[0], v[ops[0]], join(ypath, ops[0]), _ignore_case(c, v, ypath))
+
+
+def _exists(x: Any) -> bool:
+    return x is not MISSING and x is not None
+
+
+def _ignore_case(c: ExprCompiler, v: dict[str, YNode], ypath: str) -> bool:
+    if "ignore_case" not in v:
+        return False
+    n = v["ignore_case"]
+    if not isinstance(n.value, bool):
+        c.diags.add(n, join(ypath, "ignore_case"), f"expected true or false, got {n.value!r}")
+        return False
+    return n.value
+
+
+def _match(c: ExprCompiler, node: YNode, ypath: str, ignore_case: bool) -> Cond:
+    if not node.is_map or not node.value:
+        c.diags.add(node, ypath, "expected a mapping of path to value (or list of values), e.g. {type: track}")
+        return _ALWAYS_FALSE
+    conds = []
+    for key, want in node.value.items():
+        text = key if key.startswith("$") else "$." + key
+        p = c.parse(text, want, join(ypath, key))
+        if p is None:
+            continue
+        getter = c.path_fn(p)
+        op = "in" if want.is_list else "equals"
+        conds.append(compare(c, getter, op, want, join(ypath, key), ignore_case))
+    return _all(tuple(conds))
+
+
+def _all(conds: tuple[Cond, ...]) -> Cond:
+    if len(conds) == 1:
+        return conds[0]
+
+    # plain loops: a generator in all()/any() costs more than the check on this hot path
+    def all_of(env: Env) -> bool:
+        for f in conds:  # noqa: SIM110
+            if not f(env):
+                return False
+        return True
+
+    return all_of
+
+
+def _any(conds: tuple[Cond, ...]) -> Cond:
+    if len(conds) == 1:
+        return conds[0]
+
+    def any_of(env: Env) -> bool:
+        for f in conds:  # noqa: SIM110
+            if f(env):
+                return True
+        return False
+
+    return any_of
+
+
+def _key(x: Any, fold: bool) -> Any:
+    """A hashable key that keeps True apart from 1 (Python would not)."""
+    t = type(x)
+    if t is str:
+        return ("s", x.lower() if fold else x)
+    if t is bool:
+        return ("b", x)
+    if t is int or t is float:
+        return ("n", x)
+    if x is None:
+        return ("z", None)
+    return None
+
+
+def _is_num(x: Any) -> bool:
+    t = type(x)
+    return t is int or t is float
+
+
+def compare(c: ExprCompiler, lhs: Fn, op: str, rhs: YNode, ypath: str, fold: bool) -> Cond:
+    raw = rhs.value
+    if op in ("in", "not_in"):
+        values: frozenset[Any]
+        if isinstance(raw, str):
+            lk = c.lookup(rhs, ypath)
+            if lk is None:
+                return _ALWAYS_FALSE
+            fold = fold or lk.ignore_case
+            keys = lk.values if lk.values is not None else frozenset(lk.table or ())
+            values = frozenset(_key(k, fold) for k in keys)
+        elif rhs.is_list:
+            values = frozenset(_key(x.plain(), fold) for x in raw)
+        else:
+            c.diags.add(rhs, ypath, f"'{op}' expects a list of values or the name of a lookup")
+            return _ALWAYS_FALSE
+        if op == "in" and all(k is not None and k[0] == "s" for k in values):
+            # all-string sets (the usual case) skip the type-tagging of _key
+            strings = frozenset(k[1] for k in values)
+            if fold:
+                return lambda env: type(x := lhs(env)) is str and x.lower() in strings
+            return lambda env: type(x := lhs(env)) is str and x in strings
+        if op == "in":
+            return lambda env: _key(lhs(env), fold) in values
+        return lambda env: _key(lhs(env), fold) not in values
+    if op in ("equals", "not_equals"):
+        want = _key(rhs.plain(), fold)
+        if want is None:
+            c.diags.add(rhs, ypath, f"'{op}' expects a string, number, boolean or null")
+            return _ALWAYS_FALSE
+        if op == "equals" and type(want[1]) is str and not fold:
+            text = want[1]
+            return lambda env: lhs(env) == text
+        if op == "equals":
+            return lambda env: _key(lhs(env), fold) == want
+        return lambda env: _key(lhs(env), fold) != want
+    if op in ("prefix", "suffix", "contains"):
+        if not isinstance(raw, str):
+            c.diags.add(rhs, ypath, f"'{op}' expects a string, got {raw!r}")
+            return _ALWAYS_FALSE
+        needle = raw.lower() if fold else raw
+        if op == "contains":
+
+            def contains(env: Env) -> bool:
+                x = lhs(env)
+                if type(x) is str:
+                    return needle in (x.lower() if fold else x)
+                if type(x) is list:
+                    return _key(needle, fold) in {_key(i, fold) for i in x}
+                return False
+
+            return contains
+        method = str.startswith if op == "prefix" else str.endswith
+
+        def affix(env: Env) -> bool:
+            x = lhs(env)
+            return type(x) is str and method(x.lower() if fold else x, needle)
+
+        return affix
+    if not _is_num(raw) or isinstance(raw, bool):
+        c.diags.add(rhs, ypath, f"'{op}' expects a number, got {raw!r}")
+        return _ALWAYS_FALSE
+    bound = raw
+    if op == "gt":
+        return lambda env: _is_num(x := lhs(env)) and x > bound
+    if op == "gte":
+        return lambda env: _is_num(x := lhs(env)) and x >= bound
+    if op == "lt":
+        return lambda env: _is_num(x := lhs(env)) and x < bound
+    return lambda env: _is_num(x := lhs(env)) and x <= bound
+
+
+__all__ = ["compile_condition", "did_you_mean"]

@@ -1,0 +1,523 @@
+"""Compile value expressions, conditions and pipe steps from YAML nodes to closures.
+
+Every directive is checked here once; the closures it returns do no parsing and no
+dispatch on directive names, which is what makes ``apply`` fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bridge.mapping import steps
+from bridge.mapping.paths import ParsedPath, PathError, Segment, parse_path
+from bridge.mapping.runtime import MISSING, Env, clone, is_empty
+from bridge.mapping.yamlnodes import Diagnostics, YNode, did_you_mean, join
+
+Fn = Callable[[Env], Any]
+Cond = Callable[[Env], bool]
+
+HEADS = ("path", "first", "template", "literal", "if", "cases", "object", "merge")
+HEAD_EXTRAS = {
+    "path": (),
+    "first": (),
+    "template": (),
+    "literal": (),
+    "if": ("then", "else"),
+    "cases": ("else",),
+    "object": ("rest",),
+    "merge": ("prefer",),
+}
+MODIFIERS = ("pipe", "drop_if", "default")
+COMPARE_OPS = ("equals", "not_equals", "in", "not_in", "prefix", "suffix", "contains", "gt", "gte", "lt", "lte")
+COND_KEYS = ("all", "any", "not", "exists", "empty", "match", "value", *COMPARE_OPS, "ignore_case")
+
+
+@dataclass(slots=True)
+class Lookup:
+    """A lookup table (``table`` with optional ``default``) or a set of ``values``."""
+
+    table: dict[str, Any] | None
+    values: frozenset[Any] | None
+    default: Any = MISSING
+    ignore_case: bool = False
+    files: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class Scope:
+    """Compile-time facts a file's expressions may refer to."""
+
+    lookups: dict[str, Lookup] = field(default_factory=dict)
+    lets: dict[str, Fn] = field(default_factory=dict)
+
+
+_UNSET = object()
+
+
+def literal_const(v: Any) -> Fn:
+    if type(v) in (dict, list):
+        return lambda env: clone(v)
+    return lambda env: v
+
+
+def _const(v: Any) -> Fn:
+    return lambda env: v
+
+
+class ExprCompiler:
+    def __init__(self, diags: Diagnostics, scope: Scope) -> None:
+        self.diags = diags
+        self.scope = scope
+        self.recorders: list[set[tuple[Segment, ...]]] = []
+        self.in_each = 0
+
+    # --- paths ---------------------------------------------------------------
+
+    def parse(self, text: Any, node: YNode, ypath: str) -> ParsedPath | None:
+        try:
+            p = parse_path(text)
+        except PathError as exc:
+            self.diags.add(node, ypath, str(exc))
+            return None
+        if p.root == "$let":
+            name = str(p.segments[0])
+            if name not in self.scope.lets:
+                self.diags.add(
+                    node,
+                    ypath,
+                    f"unknown let name {name!r}{did_you_mean(name, self.scope.lets)}; "
+                    f"a let may only use names defined above it",
+                )
+                return None
+        if p.root == "$item" and not self.in_each:
+            self.diags.add(node, ypath, "$item is only defined inside an 'each' step")
+            return None
+        return p
+
+    def path_fn(self, p: ParsedPath) -> Fn:
+        segs = p.segments
+        if p.root == "$":
+            for rec in self.recorders:
+                rec.add(segs)
+            if len(segs) == 1 and type(segs[0]) is str:
+                k = segs[0]
+
+                def get1(env: Env) -> Any:
+                    e = env.event
+                    return e.get(k, MISSING) if type(e) is dict else MISSING
+
+                return get1
+            if len(segs) == 2 and type(segs[0]) is str and type(segs[1]) is str:
+                k0, k1 = segs
+
+                def get2(env: Env) -> Any:
+                    e = env.event
+                    if type(e) is not dict:
+                        return MISSING
+                    v = e.get(k0, MISSING)
+                    return v.get(k1, MISSING) if type(v) is dict else MISSING
+
+                return get2
+            if len(segs) == 3 and all(type(x) is str for x in segs):
+                a, b, c = segs
+
+                def get3(env: Env) -> Any:
+                    e = env.event
+                    if type(e) is not dict:
+                        return MISSING
+                    v = e.get(a, MISSING)
+                    if type(v) is not dict:
+                        return MISSING
+                    v = v.get(b, MISSING)
+                    return v.get(c, MISSING) if type(v) is dict else MISSING
+
+                return get3
+            return lambda env: walk(env.event, segs)
+        if p.root == "$link":
+            return lambda env: walk(env.link, segs)
+        if p.root == "$options":
+            return lambda env: walk(env.options, segs)
+        if p.root == "$source":
+            return lambda env: walk(env.source, segs)
+        if p.root == "$item":
+            return lambda env: walk(env.item, segs)
+        name = str(segs[0])
+        let_fn = self.scope.lets[name]
+        rest = segs[1:]
+
+        if not rest:
+
+            def get_let_value(env: Env) -> Any:
+                cache = env.lets
+                v = cache.get(name, _UNSET)
+                if v is _UNSET:
+                    v = cache[name] = let_fn(env)
+                return v
+
+            return get_let_value
+
+        def get_let(env: Env) -> Any:
+            cache = env.lets
+            v = cache.get(name, _UNSET)
+            if v is _UNSET:
+                v = cache[name] = let_fn(env)
+            return walk(v, rest)
+
+        return get_let
+
+    # --- values --------------------------------------------------------------
+
+    def value(self, node: YNode, ypath: str) -> Fn:
+        v = node.value
+        if isinstance(v, str):
+            if v.startswith("$"):
+                p = self.parse(v, node, ypath)
+                return self.path_fn(p) if p else _const(MISSING)
+            if "{{" in v:
+                return self.template(v, node, ypath)
+            return _const(v)
+        if isinstance(v, list):
+            items = [self.value(item, join(ypath, i)) for i, item in enumerate(v)]
+
+            def build_list(env: Env) -> Any:
+                out = []
+                for f in items:
+                    x = f(env)
+                    if x is not MISSING:
+                        out.append(x)
+                return out
+
+            return build_list
+        if isinstance(v, dict):
+            return self.directive(node, ypath)
+        return _const(v)
+
+    def directive(self, node: YNode, ypath: str) -> Fn:
+        keys = node.value
+        heads = [k for k in keys if k in HEADS]
+        if not heads:
+            unknown = [k for k in keys if k not in MODIFIERS]
+            found = f"unknown key {unknown[0]!r}{did_you_mean(unknown[0], HEADS)}; " if unknown else ""
+            self.diags.add_at(
+                node.key_pos[unknown[0]] if unknown else (node.line, node.column),
+                join(ypath, unknown[0]) if unknown else ypath,
+                f"{found}an expression needs one of: {', '.join(HEADS)} "
+                f"(to build an object write 'object: {{...}}', for raw data 'literal: ...')",
+            )
+            return _const(MISSING)
+        if len(heads) > 1:
+            self.diags.add(node, ypath, f"one expression may use only one of {', '.join(heads)}")
+            return _const(MISSING)
+        head = heads[0]
+        if not self.diags.check_keys(node, ypath, (head, *HEAD_EXTRAS[head], *MODIFIERS), f"a '{head}' expression"):
+            return _const(MISSING)
+        fn = getattr(self, "_head_" + head)(node, ypath)
+        return self._modifiers(fn, node, ypath)
+
+    def _modifiers(self, fn: Fn, node: YNode, ypath: str) -> Fn:
+        keys = node.value
+        step_fns: list[steps.Step] = []
+        if "pipe" in keys:
+            step_fns = steps.compile_pipe(self, keys["pipe"], join(ypath, "pipe"))
+        drop_if = ""
+        if "drop_if" in keys:
+            dn = keys["drop_if"]
+            if dn.value not in ("null", "empty", None):
+                self.diags.add(dn, join(ypath, "drop_if"), f"expected 'null' or 'empty', got {dn.value!r}")
+            drop_if = "null" if dn.value in ("null", None) else "empty"
+        default = self.value(keys["default"], join(ypath, "default")) if "default" in keys else None
+        if not step_fns and not drop_if and default is None:
+            return fn
+        if not drop_if and default is None:
+            # the common shape "path + a step or two" gets a closure without the general loop
+            if len(step_fns) == 1:
+                st0 = step_fns[0]
+
+                def one_step(env: Env) -> Any:
+                    v = fn(env)
+                    return v if v is MISSING or v is None else st0(v, env)
+
+                return one_step
+            if len(step_fns) == 2:
+                st_a, st_b = step_fns
+
+                def two_steps(env: Env) -> Any:
+                    v = fn(env)
+                    if v is MISSING or v is None:
+                        return v
+                    v = st_a(v, env)
+                    return v if v is MISSING or v is None else st_b(v, env)
+
+                return two_steps
+
+        def modified(env: Env) -> Any:
+            v = fn(env)
+            if v is not MISSING and v is not None:
+                for st in step_fns:
+                    v = st(v, env)
+                    if v is MISSING or v is None:
+                        break
+            if drop_if and (v is None if drop_if == "null" else is_empty(v)):
+                v = MISSING
+            if v is MISSING and default is not None:
+                v = default(env)
+            return v
+
+        return modified
+
+    def _head_path(self, node: YNode, ypath: str) -> Fn:
+        pn = node.value["path"]
+        text = pn.value
+        if isinstance(text, str) and not text.startswith("$"):
+            text = "$." + text if not text.startswith("[") else "$" + text
+        p = self.parse(text, pn, join(ypath, "path"))
+        return self.path_fn(p) if p else _const(MISSING)
+
+    def _head_first(self, node: YNode, ypath: str) -> Fn:
+        ln = node.value["first"]
+        if not ln.is_list or not ln.value:
+            self.diags.add(ln, join(ypath, "first"), "expected a non-empty list of values to try in order")
+            return _const(MISSING)
+        fns = [self.value(item, join(join(ypath, "first"), i)) for i, item in enumerate(ln.value)]
+
+        def first(env: Env) -> Any:
+            for f in fns:
+                v = f(env)
+                if not is_empty(v):
+                    return v
+            return MISSING
+
+        return first
+
+    def _head_template(self, node: YNode, ypath: str) -> Fn:
+        tn = node.value["template"]
+        if not isinstance(tn.value, str):
+            self.diags.add(tn, join(ypath, "template"), "expected a template string like 'Hello {{a.b}}'")
+            return _const(MISSING)
+        return self.template(tn.value, tn, join(ypath, "template"))
+
+    def template(self, text: str, node: YNode, ypath: str) -> Fn:
+        parts: list[Fn] = []
+        pos = 0
+        while pos < len(text):
+            start = text.find("{{", pos)
+            if start < 0:
+                parts.append(_const(text[pos:]))
+                break
+            if start > pos:
+                parts.append(_const(text[pos:start]))
+            end = text.find("}}", start + 2)
+            if end < 0:
+                self.diags.add(node, ypath, f"unclosed '{{{{' at character {start + 1} of the template")
+                return _const(MISSING)
+            inner = text[start + 2 : end].strip()
+            p = self.parse(inner, node, ypath)
+            if p is None:
+                return _const(MISSING)
+            parts.append(self.path_fn(p))
+            pos = end + 2
+        from bridge.mapping.runtime import CoercionError, to_string
+
+        def render(env: Env) -> Any:
+            out = []
+            for f in parts:
+                v = f(env)
+                if v is MISSING or v is None:
+                    continue
+                try:
+                    out.append(to_string(v))
+                except CoercionError:
+                    continue
+            return "".join(out)
+
+        return render
+
+    def _head_literal(self, node: YNode, ypath: str) -> Fn:
+        return literal_const(node.value["literal"].plain())
+
+    def _head_if(self, node: YNode, ypath: str) -> Fn:
+        keys = node.value
+        cond = self.condition(keys["if"], join(ypath, "if"))
+        if "then" not in keys and "else" not in keys:
+            self.diags.add(node, ypath, "an 'if' expression needs 'then' and/or 'else'")
+        then = self.value(keys["then"], join(ypath, "then")) if "then" in keys else _const(MISSING)
+        other = self.value(keys["else"], join(ypath, "else")) if "else" in keys else _const(MISSING)
+        return lambda env: then(env) if cond(env) else other(env)
+
+    def _head_cases(self, node: YNode, ypath: str) -> Fn:
+        keys = node.value
+        cn = keys["cases"]
+        branches: list[tuple[Cond, Fn]] = []
+        if not cn.is_list or not cn.value:
+            self.diags.add(cn, join(ypath, "cases"), "expected a list of {when: ..., then: ...}")
+        else:
+            for i, item in enumerate(cn.value):
+                ip = join(join(ypath, "cases"), i)
+                if not item.is_map:
+                    self.diags.add(item, ip, "expected {when: <condition>, then: <value>}")
+                    continue
+                if not self.diags.check_keys(item, ip, ("when", "then"), "a case", required=("when", "then")):
+                    continue
+                branches.append(
+                    (
+                        self.condition(item.value["when"], join(ip, "when")),
+                        self.value(item.value["then"], join(ip, "then")),
+                    )
+                )
+        other = self.value(keys["else"], join(ypath, "else")) if "else" in keys else _const(MISSING)
+
+        def choose(env: Env) -> Any:
+            for cond, then in branches:
+                if cond(env):
+                    return then(env)
+            return other(env)
+
+        return choose
+
+    def fields(self, node: YNode, ypath: str) -> list[tuple[str, Fn]]:
+        if not node.is_map:
+            self.diags.add(node, ypath, f"expected a mapping of field name to value, got {_kind(node)}")
+            return []
+        return [(k, self.value(v, join(ypath, k))) for k, v in node.value.items()]
+
+    def _head_object(self, node: YNode, ypath: str) -> Fn:
+        keys = node.value
+        reads: set[tuple[Segment, ...]] = set()
+        self.recorders.append(reads)
+        try:
+            fields = self.fields(keys["object"], join(ypath, "object"))
+        finally:
+            self.recorders.pop()
+        rest = self._rest(keys["rest"], join(ypath, "rest"), reads) if "rest" in keys else None
+        return build_object(fields, rest)
+
+    def _rest(self, node: YNode, ypath: str, reads: set[tuple[Segment, ...]]) -> Fn | None:
+        omit: set[str] = set()
+        src = node
+        if node.is_map:
+            if not self.diags.check_keys(node, ypath, ("from", "omit"), "'rest'", required=("from",)):
+                return None
+            src = node.value["from"]
+            if "omit" in node.value:
+                on = node.value["omit"]
+                if not on.is_list or not all(isinstance(x.value, str) for x in on.value):
+                    self.diags.add(on, join(ypath, "omit"), "expected a list of key names")
+                else:
+                    omit = {x.value for x in on.value}
+        if not isinstance(src.value, str) or not src.value.startswith("$"):
+            self.diags.add(src, ypath, "expected a path like $.a.b whose unmapped keys pass through")
+            return None
+        p = self.parse(src.value, src, ypath)
+        if p is None:
+            return None
+        if p.root == "$":
+            n = len(p.segments)
+            omit |= {str(r[n]) for r in reads if len(r) > n and r[:n] == p.segments and isinstance(r[n], str)}
+        getter = self.path_fn(p)
+        frozen = frozenset(omit)
+
+        def rest(env: Env) -> Any:
+            src_v = getter(env)
+            if type(src_v) is not dict:
+                return {}
+            return {k: v for k, v in src_v.items() if k not in frozen}
+
+        return rest
+
+    def _head_merge(self, node: YNode, ypath: str) -> Fn:
+        keys = node.value
+        ln = keys["merge"]
+        if not ln.is_list or not ln.value:
+            self.diags.add(ln, join(ypath, "merge"), "expected a list of objects to merge")
+            return _const(MISSING)
+        fns = [self.value(item, join(join(ypath, "merge"), i)) for i, item in enumerate(ln.value)]
+        prefer = "last"
+        if "prefer" in keys:
+            prefer = keys["prefer"].value
+            if prefer not in ("first", "last"):
+                self.diags.add(keys["prefer"], join(ypath, "prefer"), f"expected 'first' or 'last', got {prefer!r}")
+        order = fns if prefer == "last" else list(reversed(fns))
+
+        def merge(env: Env) -> Any:
+            out: dict[str, Any] = {}
+            for f in order:
+                v = f(env)
+                if type(v) is dict:
+                    out.update(v)
+            return out
+
+        return merge
+
+    # --- conditions ----------------------------------------------------------
+
+    def condition(self, node: YNode, ypath: str) -> Cond:
+        from bridge.mapping import conditions
+
+        return conditions.compile_condition(self, node, ypath)
+
+    def lookup(self, node: YNode, ypath: str) -> Lookup | None:
+        """A lookup by name (from the ``lookups`` section) or an inline table."""
+        if isinstance(node.value, str):
+            found = self.scope.lookups.get(node.value)
+            if found is None:
+                self.diags.add(
+                    node,
+                    ypath,
+                    f"unknown lookup {node.value!r}{did_you_mean(node.value, self.scope.lookups)}; "
+                    f"define it under 'lookups'",
+                )
+            return found
+        if node.is_map:
+            return Lookup({str(k): v.plain() for k, v in node.value.items()}, None)
+        self.diags.add(node, ypath, f"expected a lookup name or an inline table, got {_kind(node)}")
+        return None
+
+
+def build_object(fields: list[tuple[str, Fn]], rest: Fn | None) -> Fn:
+    if rest is None:
+
+        def obj(env: Env) -> Any:
+            out = {}
+            for k, f in fields:
+                v = f(env)
+                if v is not MISSING:
+                    out[k] = v
+            return out
+
+        return obj
+
+    def obj_rest(env: Env) -> Any:
+        out = rest(env)
+        for k, f in fields:
+            v = f(env)
+            if v is not MISSING:
+                out[k] = v
+        return out
+
+    return obj_rest
+
+
+def walk(v: Any, segs: tuple[Segment, ...]) -> Any:
+    for s in segs:
+        if isinstance(s, str):
+            if type(v) is not dict:
+                return MISSING
+            v = v.get(s, MISSING)
+        else:
+            if type(v) is not list or not -len(v) <= s < len(v):
+                return MISSING
+            v = v[s]
+    return v
+
+
+def _kind(node: YNode) -> str:
+    if node.is_map:
+        return "a mapping"
+    if node.is_list:
+        return "a list"
+    return f"{type(node.value).__name__} {node.value!r}"
+
+
+kind_of = _kind

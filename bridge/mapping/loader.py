@@ -1,0 +1,99 @@
+"""Load mapping files from disk: parse, compile, version.
+
+Convention: every ``*.yaml`` directly inside the mappings directory is a mapping named
+after its file stem. Shared lookup tables live in ``lookups/`` and fixtures in
+``tests/<mapping name>/``; neither is a mapping.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from bridge.mapping.api import CompiledMapping, Diagnostic, MappingError
+from bridge.mapping.compiler import FileCompiler
+from bridge.mapping.yamlnodes import Diagnostics, YNode, parse_yaml
+
+MAPPING_SUFFIXES = (".yaml", ".yml")
+
+
+def load_mapping_file(path: str | Path) -> CompiledMapping:
+    """Load and compile one mapping file; raises MappingError with every diagnostic."""
+    mapping, diagnostics = compile_mapping_file(Path(path))
+    if mapping is None:
+        raise MappingError(diagnostics)
+    return mapping
+
+
+def compile_mapping_file(path: Path) -> tuple[CompiledMapping | None, list[Diagnostic]]:
+    diags = Diagnostics(str(path))
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        diags.add(None, "", f"cannot read mapping file: {exc.strerror or exc}")
+        return None, diags.items
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        diags.add(None, "", f"mapping file is not UTF-8: {exc}")
+        return None, diags.items
+    root = parse_yaml(text, diags)
+    if root is None:
+        return None, diags.items
+    hashed: list[bytes] = [raw]
+
+    def load_lookup_file(fpath: Path, at: YNode, ypath: str) -> YNode | None:
+        try:
+            data = fpath.read_bytes()
+        except OSError as exc:
+            diags.add(at, ypath, f"cannot read lookup file {fpath}: {exc.strerror or exc}")
+            return None
+        hashed.append(str(fpath.name).encode() + b"\0" + data)
+        file_diags = Diagnostics(str(fpath))
+        node = parse_yaml(data.decode("utf-8", errors="replace"), file_diags)
+        diags.items.extend(file_diags.items)
+        return node
+
+    compiler = FileCompiler(diags, path, load_lookup_file)
+    mapping = compiler.compile(root, path.stem, "")
+    if mapping is None or diags.items:
+        return None, diags.items
+    # lookup files are read during compile, so the version is fixed only afterwards
+    mapping.version = hashlib.sha256(b"\0".join(hashed)).hexdigest()[:12]
+    return mapping, []
+
+
+def mapping_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in MAPPING_SUFFIXES)
+
+
+def load_mapping_dir(path: str | Path) -> dict[str, CompiledMapping]:
+    """Load every mapping in a directory, keyed by file stem.
+
+    Raises MappingError carrying the diagnostics of all broken files, so one run of
+    ``bridge mappings check`` shows everything there is to fix.
+    """
+    mappings, diagnostics = compile_mapping_dir(Path(path))
+    if diagnostics:
+        raise MappingError(diagnostics)
+    return mappings
+
+
+def compile_mapping_dir(directory: Path) -> tuple[dict[str, CompiledMapping], list[Diagnostic]]:
+    if not directory.is_dir():
+        return {}, [Diagnostic(str(directory), 1, 1, "<root>", "mappings directory does not exist")]
+    mappings: dict[str, CompiledMapping] = {}
+    diagnostics: list[Diagnostic] = []
+    seen: dict[str, Path] = {}
+    for file in mapping_files(directory):
+        if file.stem in seen:
+            diagnostics.append(
+                Diagnostic(str(file), 1, 1, "<root>", f"mapping name {file.stem!r} is also used by {seen[file.stem]}")
+            )
+            continue
+        seen[file.stem] = file
+        mapping, diags = compile_mapping_file(file)
+        diagnostics.extend(diags)
+        if mapping is not None:
+            mappings[file.stem] = mapping
+    return mappings, diagnostics

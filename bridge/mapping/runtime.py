@@ -1,0 +1,207 @@
+"""What compiled closures share at run time: the environment, absence, coercions."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import orjson
+
+
+class _Missing:
+    """Absent value: a field that evaluates to this is left out of the output."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+MISSING: Final = _Missing()
+
+
+class Env:
+    """Everything one evaluation may read; ``lets`` caches named values per event."""
+
+    __slots__ = ("event", "item", "lets", "link", "options", "source")
+
+    def __init__(
+        self, event: Any, link: str | None, options: Mapping[str, Any], source: str, item: Any = MISSING
+    ) -> None:
+        self.event = event
+        self.link = MISSING if link is None else link
+        self.options = options if type(options) is dict else dict(options)
+        self.source = source
+        self.item = item
+        self.lets: dict[str, Any] = {}
+
+
+class DropEvent(Exception):
+    """Raised by a value policy to discard the whole event."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class FailEvent(Exception):
+    """Raised by a value policy to dead-letter the whole event."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class CoercionError(ValueError):
+    pass
+
+
+def is_empty(v: Any) -> bool:
+    if v is MISSING or v is None:
+        return True
+    t = type(v)
+    if t is str or t is list or t is dict:
+        return not v
+    return False
+
+
+def clone(v: Any) -> Any:
+    """Copy literal containers so no event's output aliases another's."""
+    t = type(v)
+    if t is dict:
+        return {k: clone(x) for k, x in v.items()}
+    if t is list:
+        return [clone(x) for x in v]
+    return v
+
+
+def short(v: Any, limit: int = 80) -> str:
+    text = repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --- coercions ---------------------------------------------------------------
+
+
+def to_string(v: Any) -> str:
+    t = type(v)
+    if t is str:
+        return v  # type: ignore[no-any-return]
+    if t is bool:
+        return "true" if v else "false"
+    if t is int:
+        return str(v)
+    if t is float:
+        return str(int(v)) if v.is_integer() and abs(v) < 1e16 else repr(v)
+    if t is dict or t is list:
+        return orjson.dumps(v).decode()
+    raise CoercionError(f"cannot convert {type(v).__name__} to string")
+
+
+def to_number(v: Any) -> int | float:
+    t = type(v)
+    if t is int or t is float:
+        if t is float and not math.isfinite(v):
+            raise CoercionError(f"{short(v)} is not a finite number")
+        return v  # type: ignore[no-any-return]
+    if t is str:
+        s = v.strip()
+        try:
+            return int(s)
+        except ValueError:
+            pass
+        try:
+            f = float(s)
+        except ValueError:
+            raise CoercionError(f"{short(v)} is not a number") from None
+        if not math.isfinite(f):
+            raise CoercionError(f"{short(v)} is not a finite number")
+        return f
+    raise CoercionError(f"cannot convert {type(v).__name__} {short(v)} to a number")
+
+
+def to_integer(v: Any) -> int:
+    n = to_number(v)
+    if type(n) is float:
+        if not n.is_integer():
+            raise CoercionError(f"{short(v)} is not a whole number")
+        return int(n)
+    return int(n)
+
+
+_TRUE = frozenset({"true", "yes", "y", "1", "on"})
+_FALSE = frozenset({"false", "no", "n", "0", "off"})
+
+
+def to_boolean(v: Any) -> bool:
+    t = type(v)
+    if t is bool:
+        return v  # type: ignore[no-any-return]
+    if t is int or t is float:
+        if v in (0, 1):
+            return bool(v)
+        raise CoercionError(f"{short(v)} is not a boolean (only 0 and 1 are)")
+    if t is str:
+        s = v.strip().lower()
+        if s in _TRUE:
+            return True
+        if s in _FALSE:
+            return False
+        raise CoercionError(f"{short(v)} is not a boolean")
+    raise CoercionError(f"cannot convert {type(v).__name__} to a boolean")
+
+
+# Numbers this large cannot be epoch seconds of a plausible date; they are milliseconds.
+_MILLIS_THRESHOLD = 1e11
+
+
+def to_datetime(v: Any) -> datetime:
+    t = type(v)
+    if t is str:
+        s = v.strip()
+        if s and (s.isdigit() or (s[0] == "-" and s[1:].isdigit())):
+            return to_datetime(int(s))
+        try:
+            dt = datetime.fromisoformat(s)
+        except ValueError:
+            raise CoercionError(f"{short(v)} is not an ISO-8601 time") from None
+        return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt
+    if t is int or t is float:
+        secs = v / 1000 if abs(v) >= _MILLIS_THRESHOLD else v
+        try:
+            return datetime.fromtimestamp(secs, UTC)
+        except (OverflowError, OSError, ValueError):
+            raise CoercionError(f"{short(v)} is out of range for a time") from None
+    raise CoercionError(f"cannot convert {type(v).__name__} to a time")
+
+
+def to_iso8601(v: Any) -> str:
+    dt = to_datetime(v).astimezone(UTC)
+    return f"{dt:%Y-%m-%dT%H:%M:%S}.{dt.microsecond // 1000:03d}Z"
+
+
+def to_epoch_seconds(v: Any) -> int:
+    return math.floor(to_datetime(v).timestamp())
+
+
+def to_epoch_millis(v: Any) -> int:
+    dt = to_datetime(v)
+    return math.floor(dt.timestamp()) * 1000 + dt.microsecond // 1000
+
+
+COERCIONS: Final = {
+    "string": to_string,
+    "number": to_number,
+    "integer": to_integer,
+    "boolean": to_boolean,
+    "iso8601": to_iso8601,
+    "epoch_seconds": to_epoch_seconds,
+    "epoch_millis": to_epoch_millis,
+}

@@ -1,0 +1,146 @@
+"""What each destination accepts, per output kind: checked in the YAML at load and on
+every produced body, so a bad mapping fails at ``bridge mappings check``, not at send."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from bridge.mapping.yamlnodes import Diagnostics, YNode, did_you_mean, join
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    fields: tuple[str, ...]
+    required: tuple[str, ...] = ()
+    one_of: tuple[str, ...] = ()  # at least one of these must be set
+    typed: bool = True  # the engine sets body["type"] = kind
+    action_fields: tuple[str, ...] = ()  # for MoEngage events: keys of each actions[] item
+
+
+_ACTION_FIELDS = (
+    "action",
+    "attributes",
+    "platform",
+    "app_version",
+    "current_time",
+    "user_time",
+    "user_timezone_offset",
+)
+_SEGMENT_COMMON = ("userId", "anonymousId", "messageId", "timestamp", "originalTimestamp", "context", "integrations")
+
+SHAPES: dict[str, dict[str, Shape]] = {
+    "moengage": {
+        "customer": Shape(("customer_id", "attributes", "update_existing_only"), required=("customer_id",)),
+        "event": Shape(
+            ("customer_id", "device_id", "actions", "update_existing_only"),
+            required=("customer_id", "actions"),
+            action_fields=_ACTION_FIELDS,
+        ),
+        "merge": Shape(("merged_user", "retained_user"), required=("merged_user", "retained_user"), typed=False),
+    },
+    "segment": {
+        "track": Shape(
+            ("event", "properties", *_SEGMENT_COMMON), required=("event",), one_of=("userId", "anonymousId")
+        ),
+        "identify": Shape(("traits", *_SEGMENT_COMMON), one_of=("userId", "anonymousId")),
+    },
+}
+
+
+def check_body_node(
+    diags: Diagnostics, destination: str, kind: str, body: YNode, ypath: str, override_keys: set[str]
+) -> None:
+    """Static checks of a rule's ``body`` against the destination's shape."""
+    shape = SHAPES[destination][kind]
+    if not body.is_map:
+        diags.add(body, ypath, "expected a mapping of output field to value")
+        return
+    for key in body.value:
+        if key == "type" and shape.typed:
+            diags.add_at(
+                body.key_pos[key], join(ypath, key), f"'type' is set from the rule's kind ({kind!r}); remove it"
+            )
+        elif key not in shape.fields:
+            diags.add_at(
+                body.key_pos[key],
+                join(ypath, key),
+                f"{destination} {kind!r} has no field {key!r}{did_you_mean(key, shape.fields)}; "
+                f"expected one of: {', '.join(shape.fields)}",
+            )
+    for key in shape.required:
+        if key not in body.value and key not in override_keys:
+            diags.add(body, ypath, f"a {destination} {kind!r} rule must set {key!r}")
+    if shape.one_of and not any(k in body.value for k in shape.one_of):
+        diags.add(body, ypath, f"a {destination} {kind!r} rule must set {' or '.join(shape.one_of)}")
+    if shape.action_fields and "actions" in body.value:
+        _check_actions(diags, body.value["actions"], join(ypath, "actions"), shape.action_fields)
+
+
+def _check_actions(diags: Diagnostics, node: YNode, ypath: str, allowed: tuple[str, ...]) -> None:
+    if not node.is_list or not node.value:
+        diags.add(node, ypath, "expected a list of actions, each 'object: {action: ..., attributes: ...}'")
+        return
+    for i, item in enumerate(node.value):
+        ip = join(ypath, i)
+        obj = item.value.get("object") if item.is_map else None
+        if obj is None or not obj.is_map:
+            diags.add(item, ip, "each action must be 'object: {action: ..., ...}' so its fields can be checked")
+            continue
+        op = join(ip, "object")
+        for key in obj.value:
+            if key not in allowed:
+                diags.add_at(
+                    obj.key_pos[key],
+                    join(op, key),
+                    f"a MoEngage action has no field {key!r}{did_you_mean(key, allowed)}; "
+                    f"expected one of: {', '.join(allowed)}",
+                )
+        if "action" not in obj.value:
+            diags.add(obj, op, "a MoEngage event action must set 'action'")
+
+
+def body_checker(destination: str, kind: str) -> Callable[[dict[str, Any]], str | None]:
+    """A run-time check of produced bodies; the MoEngage event path is the hot one."""
+    if destination == "moengage" and kind == "event":
+
+        def check_event(body: dict[str, Any]) -> str | None:
+            cid = body.get("customer_id")
+            actions = body.get("actions")
+            if type(cid) is str and cid and type(actions) is list and actions:
+                for a in actions:
+                    if type(a) is not dict or type(name := a.get("action")) is not str or not name:
+                        break
+                else:
+                    if "device_id" not in body or type(body["device_id"]) is str:
+                        return None
+            return check_body(destination, kind, body)
+
+        return check_event
+    return lambda body: check_body(destination, kind, body)
+
+
+def check_body(destination: str, kind: str, body: dict[str, Any]) -> str | None:
+    """Run-time check of a produced body; returns what is wrong, or None."""
+    shape = SHAPES[destination][kind]
+    for key in shape.required:
+        if is_blank(body.get(key)) and key != "actions":
+            return f"{key!r} is missing or empty"
+    if shape.one_of and all(is_blank(body.get(k)) for k in shape.one_of):
+        return f"none of {', '.join(shape.one_of)} is set"
+    for key in ("customer_id", "device_id", "merged_user", "retained_user", "event", "userId", "anonymousId"):
+        if key in body and not isinstance(body[key], str):
+            return f"{key!r} must be a string, got {type(body[key]).__name__}"
+    if shape.action_fields:
+        actions = body.get("actions")
+        if not isinstance(actions, list) or not actions:
+            return "'actions' is missing or empty"
+        for i, a in enumerate(actions):
+            if not isinstance(a, dict) or not isinstance(a.get("action"), str) or not a["action"]:
+                return f"actions[{i}].action is missing or not a string"
+    return None
+
+
+def is_blank(v: Any) -> bool:
+    return v is None or v == ""

@@ -1,0 +1,155 @@
+"""YAML read with positions: every node keeps the line and column it came from.
+
+Diagnostics must point at ``file:line:column``, which plain ``yaml.safe_load`` loses,
+so the file is composed to PyYAML nodes and converted to a small tree of ``YNode``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from bridge.mapping.api import Diagnostic
+
+
+@dataclass(slots=True)
+class YNode:
+    """A YAML value with its 1-based position. ``value`` holds children as YNodes."""
+
+    value: Any  # dict[str, YNode] | list[YNode] | scalar
+    line: int
+    column: int
+    key_pos: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def is_map(self) -> bool:
+        return isinstance(self.value, dict)
+
+    @property
+    def is_list(self) -> bool:
+        return isinstance(self.value, list)
+
+    def plain(self) -> Any:
+        """The value as plain Python data, positions dropped."""
+        if isinstance(self.value, dict):
+            return {k: v.plain() for k, v in self.value.items()}
+        if isinstance(self.value, list):
+            return [v.plain() for v in self.value]
+        return self.value
+
+
+class Diagnostics:
+    """Collects every problem of one file so the author sees all of them at once."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.items: list[Diagnostic] = []
+
+    def add(self, node: YNode | None, yaml_path: str, message: str) -> None:
+        line, col = (node.line, node.column) if node is not None else (1, 1)
+        self.items.append(Diagnostic(self.file, line, col, yaml_path or "<root>", message))
+
+    def add_at(self, pos: tuple[int, int], yaml_path: str, message: str) -> None:
+        self.items.append(Diagnostic(self.file, pos[0], pos[1], yaml_path or "<root>", message))
+
+    def check_keys(
+        self,
+        node: YNode,
+        yaml_path: str,
+        allowed: Iterable[str],
+        what: str,
+        required: Iterable[str] = (),
+    ) -> bool:
+        """Report unknown and missing keys of a mapping node; True when all is well."""
+        allowed = list(allowed)
+        ok = True
+        for key in node.value:
+            if key not in allowed:
+                ok = False
+                self.add_at(
+                    node.key_pos.get(key, (node.line, node.column)),
+                    join(yaml_path, key),
+                    f"unknown key {key!r} in {what}{did_you_mean(key, allowed)}; expected one of: {', '.join(allowed)}",
+                )
+        for key in required:
+            if key not in node.value:
+                ok = False
+                self.add(node, yaml_path, f"{what} is missing required key {key!r}")
+        return ok
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def join(base: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{base}[{key}]"
+    return f"{base}.{key}" if base else key
+
+
+class MappingLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: only true/false are booleans.
+
+    YAML 1.1 reads yes/no/on/off (and so the country code NO) as booleans, which
+    silently breaks lookup tables and literals in a mapping file.
+    """
+
+
+MappingLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+MappingLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def parse_yaml(text: str, diags: Diagnostics) -> YNode | None:
+    """Parse one YAML document; syntax errors and duplicate keys become diagnostics."""
+    loader = MappingLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            diags.add(None, "", "the file is empty; expected a mapping")
+            return None
+        return _convert(root, loader, diags, "")
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        problem = " ".join(p for p in (exc.context, exc.problem) if p)
+        diags.add_at((line, col), "", f"invalid YAML: {problem}")
+        return None
+    except yaml.YAMLError as exc:
+        diags.add(None, "", f"invalid YAML: {exc}")
+        return None
+    finally:
+        loader.dispose()
+
+
+def _convert(node: yaml.Node, loader: yaml.SafeLoader, diags: Diagnostics, path: str) -> YNode:
+    line, col = node.start_mark.line + 1, node.start_mark.column + 1
+    if isinstance(node, yaml.MappingNode):
+        loader.flatten_mapping(node)
+        out: dict[str, YNode] = {}
+        key_pos: dict[str, tuple[int, int]] = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            kpos = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            if not isinstance(key, str):
+                key = str(key).lower() if isinstance(key, bool) else str(key)
+            if key in out:
+                diags.add_at(kpos, join(path, key), f"duplicate key {key!r}")
+                continue
+            key_pos[key] = kpos
+            out[key] = _convert(value_node, loader, diags, join(path, key))
+        return YNode(out, line, col, key_pos)
+    if isinstance(node, yaml.SequenceNode):
+        return YNode([_convert(v, loader, diags, join(path, i)) for i, v in enumerate(node.value)], line, col)
+    return YNode(loader.construct_object(node, deep=True), line, col)

@@ -1,0 +1,49 @@
+"""Small builders for mapping tests: real files in tmp_path, compiled by the real loader."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from bridge.mapping import CompiledMapping, MapContext, load_mapping_file
+from bridge.mapping.api import Output
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text).lstrip("\n"))
+    return path
+
+
+def indent(text: str, n: int) -> str:
+    return textwrap.indent(textwrap.dedent(text).strip("\n"), " " * n)
+
+
+def value_mapping(tmp_path: Path, expr: str, extra_top: str = "") -> CompiledMapping:
+    """A segment->segment mapping whose track body carries properties.v = <expr>."""
+    text = (
+        "source_format: segment\n"
+        "destination_kind: segment\n" + textwrap.dedent(extra_top) + "let:\n  v:\n" + indent(expr, 4) + "\nrules:\n"
+        "  - name: t\n"
+        "    kind: track\n"
+        "    body:\n"
+        "      event: e\n"
+        "      userId: u\n"
+        "      properties: {object: {v: $let.v}}\n"
+    )
+    return load_mapping_file(write(tmp_path / "m.yaml", text))
+
+
+def evaluate(mapping: CompiledMapping, event: dict[str, Any], ctx: MapContext | None = None) -> Any:
+    """properties.v of the single output, or a sentinel string when it was left out."""
+    result = mapping.apply(event, ctx or MapContext())
+    assert isinstance(result, list), result
+    (out,) = result
+    assert isinstance(out, Output)
+    return out.body["properties"].get("v", "<absent>")
+
+
+def outputs(result: Any) -> list[Output]:
+    assert isinstance(result, list), result
+    return result

@@ -1,0 +1,206 @@
+"""Validation: precise positions, did-you-mean, unknown keys, destination shape checks."""
+
+import pytest
+
+from bridge.mapping import MapContext, MappingError, load_mapping_dir, load_mapping_file
+
+from .helpers import outputs, write
+
+HEADER = "source_format: segment\ndestination_kind: moengage\n"
+
+
+def errors(tmp_path, text, name="m.yaml"):
+    path = write(tmp_path / name, text)
+    with pytest.raises(MappingError) as exc:
+        load_mapping_file(path)
+    return exc.value.diagnostics, str(path)
+
+
+def test_misspelled_directive_has_position_path_and_suggestion(tmp_path):
+    diags, path = errors(
+        tmp_path,
+        HEADER
+        + """\
+rules:
+  - name: identify
+    match: {type: identify}
+    kind: customer
+    body:
+      customer_id: {pth: $.userId}
+""",
+    )
+    (d,) = diags
+    assert (d.file, d.line, d.column) == (path, 8, 21)
+    assert d.yaml_path == "rules[0].body.customer_id.pth"
+    assert d.message.startswith("unknown key 'pth' (did you mean 'path'?)")
+    assert str(d).startswith(f"{path}:8:21: rules[0].body.customer_id.pth: unknown key 'pth'")
+
+
+def test_unknown_top_level_key_and_rule_key(tmp_path):
+    diags, _ = errors(
+        tmp_path,
+        HEADER
+        + """\
+rulez: []
+rules:
+  - name: x
+    kind: customer
+    bdy: {}
+""",
+    )
+    messages = [str(d) for d in diags]
+    assert any(":3:1: rulez: unknown key 'rulez'" in m and "did you mean 'rules'?" in m for m in messages), messages
+    assert any(":7:5: rules[0].bdy: unknown key 'bdy' in a rule (did you mean 'body'?)" in m for m in messages)
+
+
+def test_misspelled_output_field_is_caught_with_suggestion(tmp_path):
+    diags, _ = errors(
+        tmp_path,
+        HEADER
+        + """\
+rules:
+  - name: t
+    match: {type: track}
+    kind: event
+    body:
+      customer_idd: $.userId
+      actions:
+        - object: {action: $.event, atributes: $.properties}
+""",
+    )
+    messages = [str(d) for d in diags]
+    assert any(
+        ":8:7: rules[0].body.customer_idd: moengage 'event' has no field 'customer_idd' (did you mean 'customer_id'?)"
+        in m
+        for m in messages
+    ), messages
+    assert any("a moengage 'event' rule must set 'customer_id'" in m for m in messages)
+    assert any("rules[0].body.actions[0].object.atributes" in m and "did you mean 'attributes'?" in m for m in messages)
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "message"),
+    [
+        ("event", "{customer_id: $.userId, actions: [{object: {attributes: $.properties}}]}", "must set 'action'"),
+        ("event", "{customer_id: $.userId, actions: $.x}", "expected a list of actions"),
+        ("event", "{customer_id: $.userId}", "a moengage 'event' rule must set 'actions'"),
+        ("customer", "{attributes: $.traits}", "a moengage 'customer' rule must set 'customer_id'"),
+        ("merge", "{merged_user: $.previousId}", "a moengage 'merge' rule must set 'retained_user'"),
+        ("customer", "{type: customer, customer_id: $.userId}", "'type' is set from the rule's kind"),
+        ("evnt", "{customer_id: $.userId}", "moengage has no output kind 'evnt' (did you mean 'event'?)"),
+    ],
+)
+def test_moengage_structural_checks(tmp_path, kind, body, message):
+    diags, _ = errors(tmp_path, HEADER + f"rules:\n  - name: r\n    kind: {kind}\n    body: {body}\n")
+    assert any(message in str(d) for d in diags), [str(d) for d in diags]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("{userId: $.uid}", "a segment 'track' rule must set 'event'"),
+        ("{event: x}", "a segment 'track' rule must set userId or anonymousId"),
+        ("{event: x, userid: $.uid}", "did you mean 'userId'?"),
+    ],
+)
+def test_segment_structural_checks(tmp_path, body, message):
+    text = (
+        "source_format: moengage_streams\ndestination_kind: segment\n"
+        f"rules:\n  - name: r\n    kind: track\n    body: {body}\n"
+    )
+    diags, _ = errors(tmp_path, text)
+    assert any(message in str(d) for d in diags), [str(d) for d in diags]
+
+
+@pytest.mark.parametrize(
+    ("snippet", "message"),
+    [
+        ("{path: $.a, pipe: [{to: intger}]}", "unknown type 'intger' (did you mean 'integer'?)"),
+        ("{path: $.a, pipe: [{too: integer}]}", "did you mean 'to'?"),
+        ("{path: $.a, pipe: [{to: integer, on_error: dropevent}]}", "did you mean 'drop_event'?"),
+        ("{path: $.a, pipe: [{lookup: platfroms}]}", "unknown lookup 'platfroms'"),
+        ("{path: $.a, pipe: [trimm]}", "unknown step 'trimm' (did you mean 'trim'?)"),
+        ("{path: $.a, pipe: [{case: lowr}]}", "did you mean 'lower'?"),
+        ("{frist: [$.a]}", "did you mean 'first'?"),
+        ("{if: {exsts: $.a}, then: x}", "unknown key 'exsts' in a condition (did you mean 'exists'?)"),
+        ("{if: {value: $.a, equal: x}, then: x}", "did you mean 'equals'?"),
+        ("{if: {value: $.a, gt: high}, then: x}", "'gt' expects a number"),
+        ("{if: {value: $.a}, then: x}", "'value' needs exactly one operator"),
+        ("{if: {exists: $.a, empty: $.b}, then: x}", "a condition needs exactly one of"),
+        ("$let.custmer_id", "unknown let name 'custmer_id' (did you mean 'customer_id'?)"),
+        ("'$.a['", "unclosed '['"),
+        ("{path: $.a, first: [$.b]}", "one expression may use only one of path, first"),
+        ("{template: 'hi {{name'}", "unclosed '{{'"),
+        ("{object: {a: 1}, rest: $.traits, extra: 1}", "unknown key 'extra' in a 'object' expression"),
+        ("$item.x", "$item is only defined inside an 'each' step"),
+        ("{path: $.a, drop_if: nothing}", "expected 'null' or 'empty'"),
+        ("{merge: [$.a], prefer: middle}", "expected 'first' or 'last'"),
+    ],
+)
+def test_expression_errors(tmp_path, snippet, message):
+    text = (
+        HEADER
+        + "let:\n  customer_id: $.userId\n"
+        + "rules:\n  - name: r\n    kind: customer\n    body:\n      customer_id: $.userId\n"
+        + f"      attributes: {{object: {{v: {snippet}}}}}\n"
+    )
+    diags, _ = errors(tmp_path, text)
+    assert any(message in str(d) for d in diags), [str(d) for d in diags]
+    assert all(d.line >= 1 and d.column >= 1 for d in diags)
+
+
+def test_yaml_syntax_error_and_duplicate_key_positions(tmp_path):
+    diags, path = errors(tmp_path, HEADER + "rules: [\n")
+    assert diags[0].file == path and "invalid YAML" in diags[0].message and diags[0].line >= 3
+    diags, _ = errors(tmp_path, HEADER + "source_format: segment\nrules: []\n")
+    assert any(d.line == 3 and "duplicate key 'source_format'" in d.message for d in diags)
+
+
+def test_missing_required_and_bad_enums(tmp_path):
+    diags, _ = errors(tmp_path, "source_format: segmnt\ndestination_kind: moengage\n")
+    messages = [str(d) for d in diags]
+    assert any("missing required key 'rules'" in m for m in messages)
+    assert any("source_format: expected one of segment, moengage_streams, got 'segmnt'" in m for m in messages)
+    assert any("did you mean 'segment'?" in m for m in messages)
+
+
+def test_missing_lookup_file(tmp_path):
+    diags, _ = errors(
+        tmp_path,
+        HEADER + "lookups:\n  p: {file: lookups/nope.yaml}\nrules:\n  - {name: r, drop: x}\n",
+    )
+    assert any("lookups.p.file" in d.yaml_path and "cannot read lookup file" in d.message for d in diags)
+
+
+def test_broken_lookup_file_is_reported_in_that_file(tmp_path):
+    lookup = write(tmp_path / "lookups" / "p.yaml", "tabel: {a: b}\n")
+    diags, _ = errors(tmp_path, HEADER + "lookups:\n  p: {file: lookups/p.yaml}\nrules:\n  - {name: r, drop: x}\n")
+    assert any(d.file == str(lookup.resolve()) and "did you mean 'table'?" in d.message for d in diags), diags
+
+
+def test_dir_reports_all_files_and_skips_lookups_and_tests(tmp_path):
+    write(tmp_path / "a.yaml", HEADER + "rules:\n  - {name: r, kind: customer, body: {customer_id: {pth: x}}}\n")
+    write(tmp_path / "b.yaml", HEADER + "rulez: []\n")
+    write(tmp_path / "ok.yaml", HEADER + "rules:\n  - {name: r, drop: x}\n")
+    write(tmp_path / "lookups" / "x.yaml", "table: {a: b}\n")
+    write(tmp_path / "tests" / "ok" / "t.yaml", "input: {}\nexpect: {discarded: x}\n")
+    with pytest.raises(MappingError) as exc:
+        load_mapping_dir(tmp_path)
+    files = {d.file.rsplit("/", 1)[1] for d in exc.value.diagnostics}
+    assert files == {"a.yaml", "b.yaml"}
+    (tmp_path / "a.yaml").unlink()
+    (tmp_path / "b.yaml").unlink()
+    assert set(load_mapping_dir(tmp_path)) == {"ok"}
+
+
+def test_yaml_12_booleans(tmp_path):
+    path = write(
+        tmp_path / "m.yaml",
+        HEADER
+        + "lookups:\n  c: {table: {no: Norway, yes: Yes}}\n"
+        + "rules:\n  - name: r\n    kind: customer\n    body:\n      customer_id: $.userId\n"
+        + "      attributes: {object: {country: {path: $.c, pipe: [{lookup: c}]}, on: on}}\n",
+    )
+    m = load_mapping_file(path)
+    (out,) = outputs(m.apply({"type": "identify", "userId": "user-1", "c": "no"}, MapContext()))
+    assert out.body["attributes"] == {"country": "Norway", "on": "on"}

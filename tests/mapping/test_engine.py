@@ -1,0 +1,145 @@
+"""Rule selection, drops, overrides, integrations semantics, identity, run-time output checks."""
+
+from bridge.mapping import Discarded, Failed, MapContext, Output, load_mapping_file
+
+from .helpers import outputs, write
+
+MAPPING = """\
+source_format: segment
+destination_kind: moengage
+integrations: [MoEngage, "MoEngage (Actions)"]
+identity:
+  key: $.userId
+  link:
+    when: {match: {type: identify}}
+    from: $.userId
+    to: $.traits.id
+let:
+  cid: {first: [$link, $.userId]}
+drop:
+  - when: {value: $.context.integration.name, equals: relay}
+    reason: loop
+  - when: {empty: $let.cid}
+    reason: anonymous_user
+rules:
+  - name: internal
+    match: {type: track}
+    when: {value: $.event, prefix: "internal:"}
+    drop: internal_event
+    detail: "internal event {{event}}"
+  - name: track-copy-as-customer
+    match: {type: track}
+    when: {exists: $.properties.plan}
+    kind: customer
+    continue: true
+    body:
+      customer_id: $let.cid
+      attributes: {object: {plan: $.properties.plan}}
+  - name: track
+    match: {type: track}
+    kind: event
+    body:
+      customer_id: $let.cid
+      actions:
+        - object: {action: $.event, attributes: {path: $.properties, default: {literal: {}}}}
+    overrides:
+      by: $.event
+      cases:
+        Order Completed:
+          set:
+            actions[0].action: Purchase
+            actions[0].attributes.revenue: {path: $.properties.total, pipe: [{to: number}]}
+            actions[0].attributes.total: $.nothing
+        Heartbeat:
+          drop: heartbeat
+  - name: fallback
+    drop: unsupported_type
+"""
+
+
+def load(tmp_path):
+    return load_mapping_file(write(tmp_path / "m.yaml", MAPPING))
+
+
+def track(**kw):
+    return {"type": "track", "userId": "u1", "event": "E", **kw}
+
+
+def test_first_matching_rule_decides_and_continue_adds_outputs(tmp_path):
+    m = load(tmp_path)
+    result = m.apply(track(properties={"plan": "pro"}), MapContext())
+    assert result == [
+        Output("customer", {"type": "customer", "customer_id": "u1", "attributes": {"plan": "pro"}}),
+        Output(
+            "event", {"type": "event", "customer_id": "u1", "actions": [{"action": "E", "attributes": {"plan": "pro"}}]}
+        ),
+    ]
+    assert m.apply({"type": "screen", "userId": "u1"}, MapContext()) == Discarded("unsupported_type", "")
+
+
+def test_drop_rules_and_global_drops(tmp_path):
+    m = load(tmp_path)
+    assert m.apply(track(event="internal:ping"), MapContext()) == Discarded(
+        "internal_event", "internal event internal:ping"
+    )
+    assert m.apply(track(context={"integration": {"name": "relay"}}), MapContext()) == Discarded("loop", "")
+    assert m.apply({"type": "track", "event": "E"}, MapContext()) == Discarded("anonymous_user", "")
+
+
+def test_per_event_overrides(tmp_path):
+    m = load(tmp_path)
+    (out,) = outputs(m.apply(track(event="Order Completed", properties={"total": "9.5", "sku": "a"}), MapContext()))
+    assert out.body["actions"] == [{"action": "Purchase", "attributes": {"revenue": 9.5, "sku": "a"}}]
+    assert m.apply(track(event="Heartbeat"), MapContext()) == Discarded(
+        "heartbeat", "override for 'Heartbeat' in rule 'track'"
+    )
+
+
+def test_linked_id_is_used(tmp_path):
+    (out,) = outputs(load(tmp_path).apply(track(), MapContext(linked_id="crm-9")))
+    assert out.body["customer_id"] == "crm-9"
+
+
+def test_integrations_semantics(tmp_path):
+    m = load(tmp_path)
+    off = Discarded("integrations_disabled", "integrations['MoEngage'] is false")
+    assert m.apply(track(integrations={"MoEngage": False}), MapContext()) == off
+    assert m.apply(track(integrations={"All": False}), MapContext()) == Discarded(
+        "integrations_disabled", "integrations.All is false"
+    )
+    # the first listed name present decides, even against All
+    assert isinstance(m.apply(track(integrations={"All": False, "MoEngage": True}), MapContext()), list)
+    assert isinstance(m.apply(track(integrations={"All": False, "MoEngage (Actions)": {"x": 1}}), MapContext()), list)
+    assert m.apply(track(integrations={"MoEngage": False, "MoEngage (Actions)": True}), MapContext()) == off
+    assert isinstance(m.apply(track(integrations={"Other": False}), MapContext()), list)
+    # names are case-sensitive, as in Segment
+    assert isinstance(m.apply(track(integrations={"moengage": False}), MapContext()), list)
+
+
+def test_identity(tmp_path):
+    m = load(tmp_path)
+    assert m.identity_link({"type": "identify", "userId": "u1", "traits": {"id": "t1"}}) == ("u1", "t1")
+    assert m.identity_link({"type": "identify", "userId": "u1"}) is None
+    assert m.identity_link({"type": "track", "userId": "u1", "traits": {"id": "t1"}}) is None
+    assert m.identity_key(track()) == "u1"
+
+
+def test_runtime_output_check_fails_instead_of_sending_garbage(tmp_path):
+    result = load(tmp_path).apply(track(event=None), MapContext())
+    assert isinstance(result, Failed)
+    assert result.reason == "invalid_output"
+    assert "actions[0].action" in result.detail
+
+
+def test_non_object_event_fails_cleanly(tmp_path):
+    result = load(tmp_path).apply(["not", "an", "object"], MapContext())
+    assert isinstance(result, Failed) and result.reason == "invalid_event"
+
+
+def test_outputs_do_not_share_literal_objects(tmp_path):
+    text = MAPPING.replace("default: {literal: {}}", "default: {literal: {k: [1]}}")
+    m = load_mapping_file(write(tmp_path / "n.yaml", text))
+    (a,) = outputs(m.apply(track(), MapContext()))
+    a.body["actions"][0]["attributes"]["k"].append(2)
+    (b,) = outputs(m.apply(track(), MapContext()))
+    assert b.body["actions"][0]["attributes"] == {"k": [1]}

@@ -1,0 +1,178 @@
+"""CLI handlers, fixture runner, translate_events and hot reload."""
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bridge.mapping import MapContext, load_mapping_dir
+from bridge.mapping.cli import main
+from bridge.mapping.fixtures import run_fixtures
+from bridge.mapping.reload import MappingHolder, MappingSet
+from bridge.mapping.translate import InputError, parse_events, translate_events
+
+from .helpers import write
+
+ROOT = Path(__file__).resolve().parents[2]
+GOOD = (
+    "source_format: segment\ndestination_kind: moengage\n"
+    "rules:\n  - name: r\n    kind: customer\n    body: {customer_id: $.userId}\n"
+)
+
+
+@pytest.fixture
+def shipped_copy(tmp_path):
+    target = tmp_path / "mappings"
+    shutil.copytree(ROOT / "mappings", target)
+    return target
+
+
+def test_check_ok_and_errors(tmp_path, capsys, shipped_copy):
+    assert main(["mappings", "check", "--mappings-dir", str(shipped_copy)]) == 0
+    out = capsys.readouterr().out
+    assert "ok " in out and "segment-to-moengage.yaml" in out
+    bad = write(tmp_path / "bad" / "x.yaml", GOOD.replace("kind: customer", "kind: custmer"))
+    write(tmp_path / "bad" / "y.yaml", GOOD.replace("rules:", "ruls:"))
+    assert main(["mappings", "check", str(bad.parent), str(shipped_copy / "segment-to-moengage.yaml")]) == 1
+    out = capsys.readouterr().out
+    assert f"{bad}:5:11: rules[0].kind: moengage has no output kind 'custmer' (did you mean 'customer'?)" in out
+    assert "y.yaml:3:1: ruls: unknown key 'ruls'" in out
+    assert "3 error(s)" in out  # unknown kind; unknown key ruls + missing rules
+    assert main(["mappings", "check", str(tmp_path / "missing.yaml")]) == 1
+    assert "no such file or directory" in capsys.readouterr().out
+
+
+def test_test_command_passes_then_fails_with_a_diff(capsys, shipped_copy):
+    assert main(["mappings", "test", "--mappings-dir", str(shipped_copy)]) == 0
+    assert " 0 failed" in capsys.readouterr().out
+    fixture = shipped_copy / "tests" / "segment-to-moengage" / "group-attributes.yaml"
+    text = fixture.read_text()
+    wrong = 'attributes: {group_id: "4242", id: company-1, industry: banking'
+    fixture.write_text(text.replace('attributes: {group_id: "4242", id: company-1, industry: retail', wrong))
+    assert main(["mappings", "test", "--mappings-dir", str(shipped_copy)]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL {fixture}" in out
+    assert '    -          "industry": "banking"\n' in out
+    assert '    +          "industry": "retail"\n' in out
+    assert "30 passed, 1 failed" in out
+
+
+def test_fixture_runner_reports_bad_fixtures_and_missing_mappings(tmp_path):
+    write(tmp_path / "m.yaml", GOOD)
+    write(tmp_path / "tests" / "m" / "no-expect.yaml", "input: {userId: a}\n")
+    write(tmp_path / "tests" / "m" / "date.yaml", "input: {userId: ab, at: 2024-01-01}\nexpect: {discarded: x}\n")
+    write(tmp_path / "tests" / "m" / "typo.yaml", "input: {}\nexpect: {discard: x}\n")
+    write(tmp_path / "tests" / "gone" / "t.yaml", "input: {}\nexpect: {discarded: x}\n")
+    write(
+        tmp_path / "tests" / "m" / "ok.yaml",
+        "input: {userId: ab}\nexpect: {outputs: [{kind: customer, body: {type: customer, customer_id: ab}}]}\n",
+    )
+    report = run_fixtures(tmp_path)
+    assert not report.ok and report.passed == 1
+    messages = {Path(r.path).name: r.message for r in report.failed}
+    assert messages["no-expect.yaml"] == "fixture is missing 'expect'"
+    assert "quote it" in messages["date.yaml"]
+    assert "unknown expect keys ['discard']" in messages["typo.yaml"]
+    assert messages["t.yaml"] == "no loaded mapping named 'gone'"
+
+
+def test_translate_command(capsys, shipped_copy, monkeypatch):
+    events = [
+        {"type": "track", "userId": "u1", "event": "E", "properties": {"a": 1}},
+        {"type": "track", "anonymousId": "anon", "event": "E"},
+    ]
+    lines = "\n".join(json.dumps(e) for e in events)
+    monkeypatch.setattr("sys.stdin", io.StringIO(lines))
+    assert main(["translate", "--mapping", "segment-to-moengage", "--mappings-dir", str(shipped_copy)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "# event 0"
+    assert out[1] == 'event {"type":"event","customer_id":"u1","actions":[{"action":"E","attributes":{"a":1}}]}'
+    assert out[3].startswith("discarded: anonymous_user")
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(events[1])))
+    argv = [
+        "translate",
+        "--mapping",
+        "segment-to-moengage",
+        "--mappings-dir",
+        str(shipped_copy),
+        "--option",
+        "anonymous_ids=true",
+        "--linked-id",
+        "ignored-without-userId",
+    ]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.startswith('event {"type":"event","customer_id":"ignored-without-userId"')
+    monkeypatch.setattr("sys.stdin", io.StringIO("{broken"))
+    assert main(["translate", "--mapping", "segment-to-moengage", "--mappings-dir", str(shipped_copy)]) == 1
+    assert "line 1: invalid JSON" in capsys.readouterr().err
+    assert main(["translate", "--mapping", "nope", "--mappings-dir", str(shipped_copy)]) == 1
+    assert "no valid mapping 'nope'" in capsys.readouterr().err
+
+
+def test_translate_events_is_json_able():
+    mapping = load_mapping_dir(ROOT / "mappings")["segment-to-moengage"]
+    results = translate_events(
+        mapping,
+        [{"type": "identify", "userId": "u1", "traits": {"id": "crm-1"}}, {"type": "track", "event": "x"}],
+        MapContext(),
+    )
+    assert json.loads(json.dumps(results)) == [
+        {
+            "outputs": [{"kind": "customer", "body": {"type": "customer", "customer_id": "crm-1", "attributes": {}}}],
+            "identity_link": ["u1", "crm-1"],
+        },
+        {"discarded": "anonymous_user", "detail": results[1]["detail"]},
+    ]
+
+
+def test_parse_events_forms():
+    assert parse_events('{"a": 1}') == [{"a": 1}]
+    assert parse_events('[{"a": 1}, {"b": 2}]') == [{"a": 1}, {"b": 2}]
+    assert parse_events('{"a": 1}\n\n{"b": 2}\n') == [{"a": 1}, {"b": 2}]
+    with pytest.raises(InputError, match="no input"):
+        parse_events("  ")
+    with pytest.raises(InputError, match="line 2: invalid JSON"):
+        parse_events('{"a": 1}\n{nope\n')
+
+
+def test_reload_swaps_whole_set_and_keeps_old_on_error(tmp_path):
+    write(tmp_path / "a.yaml", GOOD)
+    holder = MappingHolder(MappingSet.of(load_mapping_dir(tmp_path)))
+    first = holder.current
+    assert set(holder.mappings()) == {"a"}
+    # an unchanged directory gives the same set version
+    assert holder.reload(tmp_path) == [] and holder.current.version == first.version
+    # a broken edit to one file leaves the old set (all files) in force and reports the error
+    write(tmp_path / "b.yaml", GOOD)
+    write(tmp_path / "a.yaml", GOOD.replace("customer_id", "customer_idd"))
+    diags = holder.reload(tmp_path)
+    assert diags and diags[0].file.endswith("a.yaml") and diags[0].line == 6
+    assert holder.current is first and set(holder.mappings()) == {"a"}
+    # fixing it swaps in the new set, with new versions
+    write(tmp_path / "a.yaml", GOOD.replace("$.userId", "$.anonymousId"))
+    assert holder.reload(tmp_path) == []
+    assert set(holder.mappings()) == {"a", "b"}
+    assert holder.current.version != first.version
+    assert holder.current.mappings["a"].version != first.mappings["a"].version
+    with pytest.raises(TypeError):
+        holder.current.mappings["c"] = holder.current.mappings["a"]  # type: ignore[index]
+
+
+def test_directory_fingerprint_tracks_mapping_and_lookup_files_only(tmp_path):
+    import os
+
+    from bridge.mapping.reload import directory_fingerprint
+
+    write(tmp_path / "a.yaml", GOOD)
+    lookup = write(tmp_path / "lookups" / "l.yaml", "table: {a: b}\n")
+    first = directory_fingerprint(tmp_path)
+    write(tmp_path / "tests" / "a" / "t.yaml", "input: {}\nexpect: {discarded: x}\n")
+    assert directory_fingerprint(tmp_path) == first
+    lookup.write_text("table: {a: c}\n")
+    os.utime(lookup, ns=(1, 1))
+    second = directory_fingerprint(tmp_path)
+    assert second != first
+    write(tmp_path / "b.yaml", GOOD)
+    assert directory_fingerprint(tmp_path) not in (first, second)
