@@ -1,0 +1,61 @@
+"""JSON views of dead letters and discards, shared by the CLI and the admin API."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from bridge.store.base import DeadLetterRecord, DiscardRecord
+
+
+def when(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _json_or_text(raw: bytes) -> Any:
+    if not raw:
+        return None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw.decode("utf-8", "replace")
+
+
+def dead_letter_json(r: DeadLetterRecord, *, full: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": r.id,
+        "destination": r.destination,
+        "source": r.source,
+        "message_id": r.message_id,
+        "event": r.label,
+        "reason": r.reason,
+        "status": r.status,
+        "attempts": r.attempts,
+        "created_at": when(r.created_at),
+        "first_attempt_at": when(r.first_attempt_at),
+        "failed_at": when(r.failed_at),
+        "mapping_version": r.mapping_version,
+    }
+    if full:
+        out["response_body"] = r.response_body
+        out["request"] = _json_or_text(r.request_body)
+        out["payload"] = _json_or_text(r.payload)
+    return out
+
+
+def discard_json(r: DiscardRecord) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "destination": r.destination,
+        "source": r.source,
+        "message_id": r.message_id,
+        "event": r.label,
+        "reason": r.reason,
+        "detail": r.detail,
+        "discarded_at": when(r.discarded_at),
+        "payload": _json_or_text(r.payload),
+    }

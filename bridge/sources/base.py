@@ -1,0 +1,150 @@
+"""The source seam: an inbound HTTP component and the ingest step every source shares.
+
+A source kind (bridge/sources/<kind>/) turns requests into validated events and hands
+them to ``Ingestor.store``, which makes them durable (group commit) before the handler
+answers. Sources never map or deliver; they only accept or refuse, precisely.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from bridge.config.model import Config, SourceConfig
+from bridge.httpx import ApiError
+from bridge.mapping.api import CompiledMapping
+from bridge.store.base import EnqueueResult, IdentityLink, IncomingEvent, Store, StoreError, StoreFull
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    index: int
+    code: str
+    message: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"index": self.index, "code": self.code, "message": self.message}
+
+
+@dataclass(slots=True)
+class Accepted:
+    """A validated event about to be stored."""
+
+    event: dict[str, Any]
+    message_id: str
+    ordering_key: str
+    payload: bytes
+
+
+class IngestMetrics(ABC):
+    """What ingest reports; the app plugs Prometheus in, tests may plug nothing."""
+
+    @abstractmethod
+    def received(self, source: str, n: int) -> None: ...
+
+    @abstractmethod
+    def rejected(self, source: str, code: str, n: int = 1) -> None: ...
+
+    @abstractmethod
+    def duplicates(self, source: str, n: int) -> None: ...
+
+
+class NoMetrics(IngestMetrics):
+    def received(self, source: str, n: int) -> None:
+        pass
+
+    def rejected(self, source: str, code: str, n: int = 1) -> None:
+        pass
+
+    def duplicates(self, source: str, n: int) -> None:
+        pass
+
+
+class Ingestor:
+    """Stores accepted events durably, one job per routed destination."""
+
+    def __init__(
+        self,
+        store: Store,
+        config: Config,
+        mappings: Callable[[], Mapping[str, CompiledMapping]],
+        notify: Callable[[Iterable[str]], None],
+        metrics: IngestMetrics | None = None,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self._mappings = mappings
+        self._notify = notify
+        self.metrics = metrics or NoMetrics()
+        self._dest_mapping = {d.name: d.mapping for d in config.destinations}
+
+    async def store_events(self, source: SourceConfig, accepted: Sequence[Accepted]) -> EnqueueResult:
+        if not accepted:
+            return EnqueueResult(0, 0)
+        mappings = self._mappings()
+        linkers = [(dest, m) for dest in source.to if (m := mappings.get(self._dest_mapping[dest])) is not None]
+        incoming: list[IncomingEvent] = []
+        for a in accepted:
+            links: tuple[IdentityLink, ...] = ()
+            for dest, mapping in linkers:
+                link = mapping.identity_link(a.event)
+                if link is not None:
+                    links += (IdentityLink(dest, link[0], link[1]),)
+            incoming.append(IncomingEvent(a.message_id, a.ordering_key, a.payload, source.to, links))
+        try:
+            result = await self.store.enqueue(source.name, incoming)
+        except StoreFull as exc:
+            raise ApiError(
+                503,
+                "store_full",
+                f"the bridge is not accepting events right now: {exc}",
+                headers={"Retry-After": "30"},
+            ) from None
+        except StoreError as exc:
+            raise ApiError(
+                503,
+                "store_unavailable",
+                f"the event store is unavailable: {exc}",
+                headers={"Retry-After": "10"},
+            ) from None
+        self.metrics.received(source.name, result.stored)
+        if result.duplicates:
+            self.metrics.duplicates(source.name, result.duplicates)
+        if result.stored:
+            self._notify(source.to)
+        return result
+
+
+class SourceKind(ABC):
+    """One kind of inbound HTTP source; serves every configured source of that kind."""
+
+    kind: str
+
+    @abstractmethod
+    def add_routes(self, app: web.Application) -> None: ...
+
+
+def batch_answer(accepted: int, duplicates: int, rejected: list[Rejection]) -> dict[str, Any]:
+    body: dict[str, Any] = {"success": True}
+    if rejected:
+        body["accepted"] = accepted
+        body["rejected"] = [r.as_json() for r in rejected]
+    if duplicates:
+        body["duplicates"] = duplicates
+    return body
+
+
+def all_rejected(rejected: list[Rejection]) -> ApiError:
+    """Every item was invalid: a 400 that still lists each reason."""
+    if len(rejected) == 1:
+        r = rejected[0]
+        return ApiError(400, r.code, r.message, {"rejected": [r.as_json()]})
+    codes = {r.code for r in rejected}
+    code = codes.pop() if len(codes) == 1 else "multi_user_error"
+    return ApiError(
+        400, code, f"all {len(rejected)} events were rejected", {"rejected": [r.as_json() for r in rejected]}
+    )

@@ -1,0 +1,1 @@
+"""Segment Tracking API (/v1/*) and Segment Webhooks destination (/segment/webhook)."""

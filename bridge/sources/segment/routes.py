@@ -1,0 +1,218 @@
+"""HTTP handlers for the Segment Tracking API and the Segment Webhooks destination."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from bridge.config.model import Config, SourceConfig
+from bridge.httpx import ApiError, basic_credentials, json_response, parse_json, read_body, secret_digest
+from bridge.sources.base import Accepted, Ingestor, Rejection, SourceKind, all_rejected, batch_answer
+from bridge.sources.segment.spec import CALL_TYPES, Invalid, normalise
+
+BATCH_CALLS = ("batch", "import")
+# Normalisation adds receivedAt/timestamp/originalTimestamp: allow for them on top of 32 KB.
+NORMALISED_OVERHEAD = 512
+
+
+class SegmentSources(SourceKind):
+    kind = "segment"
+
+    def __init__(self, config: Config, ingestor: Ingestor) -> None:
+        self.config = config
+        self.ingestor = ingestor
+        self._by_key = {secret_digest(s.write_key): s for s in config.sources if s.kind == "segment"}
+
+    def add_routes(self, app: web.Application) -> None:
+        for call in (*sorted(CALL_TYPES), *BATCH_CALLS):
+            app.router.add_post(f"/v1/{call}", self.tracking_api)
+        app.router.add_post("/segment/webhook", self.webhook)
+
+    # -- auth -------------------------------------------------------------------
+    def _source_for(self, key: Any) -> SourceConfig:
+        if not isinstance(key, str) or not key:
+            raise ApiError(
+                401,
+                "write_key_required",
+                "send the write key as the Basic auth username or as writeKey in the body",
+            )
+        source = self._by_key.get(secret_digest(key))
+        if source is None:
+            raise ApiError(401, "invalid_write_key", "unknown write key")
+        if source.region != self.config.server.region:
+            host = self.config.server.region_hosts.get(source.region or "", "")
+            raise ApiError(
+                403,
+                "wrong_region",
+                f"this write key belongs to the {(source.region or '').upper()} region but this bridge serves "
+                f"{self.config.server.region.upper()}; Segment would silently drop it. Send it to {host}",
+            )
+        return source
+
+    # -- /v1/* --------------------------------------------------------------------
+    async def tracking_api(self, request: web.Request) -> web.Response:
+        call = request.path.rsplit("/", 1)[-1]
+        creds = basic_credentials(request)
+        # Authenticate before reading the body whenever the header allows it.
+        source = self._source_for(creds[0]) if creds else None
+        data = parse_json(await read_body(request, self.config.server.max_request_bytes))
+        if not isinstance(data, dict):
+            raise ApiError(400, "invalid_json", "expected a JSON object")
+        if source is None:
+            source = self._source_for(data.get("writeKey"))
+        received_at = datetime.now(UTC)
+        if call in BATCH_CALLS:
+            items = data.get("batch")
+            if not isinstance(items, list):
+                raise ApiError(400, "invalid_batch", "batch must be an array of events")
+            return await self._store_many(
+                source,
+                items,
+                received_at,
+                sent_at=data.get("sentAt"),
+                context=data.get("context"),
+                integrations=data.get("integrations"),
+            )
+        try:
+            accepted = self._accept(data, call, received_at)
+        except Invalid as exc:
+            self.ingestor.metrics.rejected(source.name, exc.code)
+            raise ApiError(400, exc.code, exc.message) from None
+        result = await self.ingestor.store_events(source, [accepted])
+        return json_response(batch_answer(result.stored, result.duplicates, []))
+
+    def _accept(
+        self,
+        item: Any,
+        call: str | None,
+        received_at: datetime,
+        *,
+        sent_at: Any = None,
+        context: Any = None,
+        integrations: Any = None,
+        keep_timestamp: bool = False,
+    ) -> Accepted:
+        event, message_id, key = normalise(
+            item,
+            call_type=call,
+            received_at=received_at,
+            sent_at=sent_at,
+            batch_context=context,
+            batch_integrations=integrations,
+            keep_timestamp=keep_timestamp,
+        )
+        payload = orjson.dumps(event)
+        limit = self.config.server.max_event_bytes
+        if len(payload) > limit + NORMALISED_OVERHEAD:
+            raise Invalid("event_too_large", f"event is {len(payload)} bytes; the limit is {limit} bytes")
+        return Accepted(event, message_id, key, payload)
+
+    async def _store_many(
+        self,
+        source: SourceConfig,
+        items: list[Any],
+        received_at: datetime,
+        *,
+        sent_at: Any = None,
+        context: Any = None,
+        integrations: Any = None,
+        keep_timestamp: bool = False,
+    ) -> web.Response:
+        if not items:
+            raise ApiError(400, "empty_batch", "the batch has no events")
+        limit = self.config.server.max_batch_events
+        if len(items) > limit:
+            raise ApiError(400, "too_many_events", f"the batch has {len(items)} events; at most {limit}")
+        accepted: list[Accepted] = []
+        rejected: list[Rejection] = []
+        for i, item in enumerate(items):
+            try:
+                accepted.append(
+                    self._accept(
+                        item,
+                        None,
+                        received_at,
+                        sent_at=sent_at,
+                        context=context,
+                        integrations=integrations,
+                        keep_timestamp=keep_timestamp,
+                    )
+                )
+            except Invalid as exc:
+                rejected.append(Rejection(i, exc.code, exc.message))
+                self.ingestor.metrics.rejected(source.name, exc.code)
+        if not accepted:
+            raise all_rejected(rejected)
+        result = await self.ingestor.store_events(source, accepted)
+        return json_response(batch_answer(len(accepted), result.duplicates, rejected))
+
+    # -- /segment/webhook -----------------------------------------------------------
+    async def webhook(self, request: web.Request) -> web.Response:
+        creds = basic_credentials(request)
+        if creds is None:
+            raise ApiError(401, "write_key_required", "the webhook needs the write key as the Basic auth username")
+        source = self._source_for(creds[0])
+        body = await read_body(request, self.config.server.max_request_bytes)
+        data = parse_json(body)
+        if source.webhook_secret:
+            _verify_signature(request.headers.get("X-Signature", ""), source.webhook_secret, body, data)
+        items = data if isinstance(data, list) else [data]
+        return await self._store_many(source, items, datetime.now(UTC), keep_timestamp=True)
+
+
+def _verify_signature(given: str, secret: str, body: bytes, data: Any) -> None:
+    """Segment signs the JSON body, or for a batch (array) only its first item."""
+    if not given:
+        raise ApiError(401, "signature_required", "X-Signature header is missing")
+    signed = first_array_item(body) if isinstance(data, list) else body
+    if signed is None:
+        raise ApiError(401, "invalid_signature", "X-Signature does not match the body")
+    expected = hmac.new(secret.encode("utf-8"), signed, hashlib.sha1).hexdigest()
+    if not hmac.compare_digest(expected.encode(), given.strip().lower().encode()):
+        raise ApiError(401, "invalid_signature", "X-Signature does not match the body")
+
+
+def first_array_item(body: bytes) -> bytes | None:
+    """The exact bytes of the first element of a top-level JSON array.
+
+    Segment signs JSON.stringify(items[0]); in the posted body that is exactly the text
+    between '[' and the first top-level ',' (or ']'), so we slice rather than re-encode
+    (re-encoding could format numbers differently and break the signature).
+    """
+    text = body.strip()
+    if not text.startswith(b"["):
+        return None
+    depth = 0
+    in_string = False
+    escaped = False
+    start = None
+    for i in range(1, len(text)):
+        c = text[i]
+        if start is None:
+            if c in b" \t\r\n":
+                continue
+            start = i
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == 0x5C:  # backslash
+                escaped = True
+            elif c == 0x22:
+                in_string = False
+            continue
+        if c == 0x22:
+            in_string = True
+        elif c in b"{[":
+            depth += 1
+        elif c in b"}]":
+            if depth == 0:
+                return text[start:i].rstrip() or None
+            depth -= 1
+        elif c == 0x2C and depth == 0:
+            return text[start:i].rstrip()
+    return None

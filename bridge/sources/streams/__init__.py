@@ -1,0 +1,1 @@
+"""MoEngage Streams (/moengage/streams/{source})."""

@@ -1,0 +1,77 @@
+"""HTTP handler for MoEngage Streams: POST /moengage/streams/{source}."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import orjson
+from aiohttp import web
+
+from bridge.config.model import Config, SourceConfig
+from bridge.httpx import ApiError, basic_credentials, json_response, parse_json, read_body, same_secret
+from bridge.sources.base import Accepted, Ingestor, Rejection, SourceKind, all_rejected, batch_answer
+from bridge.sources.segment.spec import Invalid
+from bridge.sources.streams.spec import events_of, normalise
+
+# Streams batches are ~100 events; attribute maps make them larger than Segment's.
+MAX_STREAMS_BODY = 5 * 1024 * 1024
+
+
+class StreamsSources(SourceKind):
+    kind = "moengage_streams"
+
+    def __init__(self, config: Config, ingestor: Ingestor) -> None:
+        self.config = config
+        self.ingestor = ingestor
+        self._by_name = {s.name: s for s in config.sources if s.kind == "moengage_streams"}
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/moengage/streams/{source}", self.receive)
+
+    def _authorise(self, request: web.Request, source: SourceConfig) -> None:
+        if source.allow_ips:
+            try:
+                remote = ipaddress.ip_address(request.remote or "")
+            except ValueError:
+                remote = None
+            if remote is None or not any(remote in net for net in source.allow_ips):
+                raise ApiError(403, "ip_not_allowed", f"requests from {request.remote} are not allowed")
+        auth = source.auth
+        if auth is None or auth.type == "none":
+            return
+        if auth.type == "basic":
+            creds = basic_credentials(request)
+            ok_user = same_secret(creds[0], auth.username) if creds else False
+            ok_pass = same_secret(creds[1], auth.password) if creds else False
+            if not (ok_user and ok_pass):
+                raise ApiError(401, "unauthorized", "missing or wrong Basic credentials")
+        else:
+            given = request.headers.get(auth.header, "")
+            if not same_secret(given, auth.value):
+                raise ApiError(401, "unauthorized", f"missing or wrong {auth.header} header")
+
+    async def receive(self, request: web.Request) -> web.Response:
+        source = self._by_name.get(request.match_info["source"])
+        if source is None:
+            # Same answer as a wrong credential: do not reveal which source names exist.
+            raise ApiError(401, "unauthorized", "unknown source or missing credentials")
+        self._authorise(request, source)
+        data = parse_json(await read_body(request, MAX_STREAMS_BODY))
+        try:
+            items = events_of(data)
+        except Invalid as exc:
+            raise ApiError(400, exc.code, exc.message) from None
+        accepted: list[Accepted] = []
+        rejected: list[Rejection] = []
+        for i, item in enumerate(items):
+            try:
+                event, uuid, key = normalise(item)
+            except Invalid as exc:
+                rejected.append(Rejection(i, exc.code, exc.message))
+                self.ingestor.metrics.rejected(source.name, exc.code)
+                continue
+            accepted.append(Accepted(event, uuid, key, orjson.dumps(event)))
+        if not accepted:
+            raise all_rejected(rejected)
+        result = await self.ingestor.store_events(source, accepted)
+        return json_response(batch_answer(len(accepted), result.duplicates, rejected))

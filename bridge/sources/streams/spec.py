@@ -1,0 +1,80 @@
+"""MoEngage Streams payloads: the envelope variants and what each event needs."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from typing import Any
+
+from bridge.sources.segment.spec import Invalid
+
+# Epoch values above this are milliseconds (year 5138 in seconds; 1973 in ms).
+_MS_THRESHOLD = 100_000_000_000
+
+
+def events_of(data: Any) -> list[Any]:
+    """The events of a Streams request: the documented ``{events: [...]}`` envelope, or
+    the single-event ``{app_name, export_doc_id, event: {...}}`` that receivers also see."""
+    if not isinstance(data, dict):
+        raise Invalid("invalid_payload", "expected a JSON object with `events` (or `event`)")
+    if "events" in data:
+        events = data["events"]
+        if not isinstance(events, list):
+            raise Invalid("invalid_payload", "`events` must be an array")
+        if not events:
+            raise Invalid("empty_batch", "`events` is empty")
+        return events
+    if "event" in data:
+        return [data["event"]]
+    raise Invalid("invalid_payload", "expected `events` (an array) or `event` (an object)")
+
+
+def epoch_seconds(value: Any) -> int | float:
+    """Normalise event_time (epoch s, epoch ms, numeric string or ISO-8601) to epoch seconds."""
+    if isinstance(value, bool):
+        raise Invalid("invalid_event_time", "event_time must be epoch seconds, ms or ISO-8601, got a boolean")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = float(text)
+        except ValueError:
+            try:
+                dt = datetime.fromisoformat(text)
+            except ValueError:
+                raise Invalid("invalid_event_time", f"event_time is not a time: {text[:40]!r}") from None
+            if dt.tzinfo is None:
+                dt = dt.replace(tzinfo=UTC)
+            value = dt.timestamp()
+    if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise Invalid("invalid_event_time", "event_time must be a positive epoch time or ISO-8601 string")
+    if value >= _MS_THRESHOLD:
+        value = value / 1000.0
+    whole = int(value)
+    return whole if value == whole else round(float(value), 3)
+
+
+def normalise(item: Any) -> tuple[dict[str, Any], str, str]:
+    """Validate one Streams event: (event, event_uuid, ordering key)."""
+    if not isinstance(item, dict):
+        raise Invalid("invalid_event", "each event must be a JSON object")
+    event = dict(item)
+    uuid = event.get("event_uuid")
+    if isinstance(uuid, int) and not isinstance(uuid, bool):
+        uuid = str(uuid)
+    if not isinstance(uuid, str) or not uuid.strip():
+        raise Invalid("event_uuid_required", "event_uuid is required (a non-empty string)")
+    event["event_uuid"] = uuid
+    name, code = event.get("event_name"), event.get("event_code")
+    if not (isinstance(name, str) and name) and not (isinstance(code, str) and code):
+        raise Invalid("event_name_required", "event_code or event_name is required (a non-empty string)")
+    if "event_time" not in event or event["event_time"] is None:
+        raise Invalid("event_time_required", "event_time is required")
+    event["event_time"] = epoch_seconds(event["event_time"])
+    for key in ("event_attributes", "user_attributes", "device_attributes"):
+        value = event.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise Invalid(f"{key}_not_object", f"{key} must be an object")
+    uid = event.get("uid")
+    users = event.get("user_attributes") or {}
+    key = uid if isinstance(uid, str) and uid else str(users.get("moengage_user_id") or "")
+    return event, uuid, key

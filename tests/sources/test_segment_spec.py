@@ -1,0 +1,143 @@
+from datetime import UTC, datetime
+
+import pytest
+
+from bridge.sources.segment.routes import first_array_item
+from bridge.sources.segment.spec import Invalid, iso, normalise
+
+NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
+
+
+def norm(item, call=None, **kw):
+    return normalise(item, call_type=call, received_at=NOW, **kw)
+
+
+def code_of(item, call=None, **kw):
+    with pytest.raises(Invalid) as exc:
+        norm(item, call, **kw)
+    return exc.value.code
+
+
+def test_timestamp_is_corrected_for_client_clock_skew():
+    # Segment's documented example: timestamp = receivedAt - (sentAt - originalTimestamp).
+    event, _, _ = normalise(
+        {"userId": "u1", "event": "E", "timestamp": "2026-11-23T06:33:31.593Z"},
+        call_type="track",
+        received_at=datetime(2026, 11, 23, 6, 33, 36, 745000, tzinfo=UTC),
+        sent_at="2026-11-23T06:33:32.900Z",
+    )
+    assert event["timestamp"] == "2026-11-23T06:33:35.438Z"
+    assert event["originalTimestamp"] == "2026-11-23T06:33:31.593Z"
+    assert event["receivedAt"] == "2026-11-23T06:33:36.745Z"
+
+
+def test_missing_timestamp_is_received_at_and_message_id_is_assigned():
+    event, message_id, key = norm({"anonymousId": "a1"}, "page")
+    assert event["timestamp"] == iso(NOW)
+    assert message_id and event["messageId"] == message_id
+    assert key == "a1"
+
+
+def test_write_key_is_never_kept_in_the_event():
+    event, _, _ = norm({"userId": "u", "writeKey": "secret"}, "identify")
+    assert "writeKey" not in event
+
+
+def test_ids_are_required_and_numbers_are_stringified():
+    assert code_of({"event": "E"}, "track") == "id_required"
+    assert code_of({"userId": "  ", "event": "E"}, "track") == "id_required"
+    assert code_of({"userId": {"a": 1}, "event": "E"}, "track") == "id_not_string"
+    event, _, key = norm({"userId": 42, "event": "E"}, "track")
+    assert event["userId"] == "42" and key == "42"
+
+
+def test_alias_needs_user_and_previous_id():
+    assert code_of({"userId": "u"}, "alias") == "id_required"
+    assert code_of({"previousId": "p", "anonymousId": "a"}, "alias") == "id_required"
+    event, _, _ = norm({"userId": "u", "previousId": "p"}, "alias")
+    assert event["previousId"] == "p"
+
+
+def test_track_event_rules():
+    assert code_of({"userId": "u"}, "track") == "event_not_defined"
+    assert code_of({"userId": "u", "event": 5}, "track") == "event_not_string"
+
+
+def test_group_needs_group_id():
+    assert code_of({"userId": "u"}, "group") == "id_required"
+
+
+def test_objects_must_be_objects():
+    assert code_of({"userId": "u", "event": "E", "properties": [1]}, "track") == "properties_not_object"
+    assert code_of({"userId": "u", "traits": "x"}, "identify") == "traits_not_object"
+    assert code_of({"userId": "u", "context": 3}, "identify") == "context_not_object"
+    assert code_of({"userId": "u", "name": 3}, "page") == "name_not_string"
+
+
+def test_message_id_limit_and_type():
+    assert code_of({"userId": "u", "messageId": "x" * 101}, "identify") == "message_id_too_long"
+    assert code_of({"userId": "u", "messageId": ["x"]}, "identify") == "message_id_not_string"
+    norm({"userId": "u", "messageId": "x" * 100}, "identify")
+
+
+def test_batch_items_need_a_known_type():
+    assert code_of({"userId": "u"}) == "invalid_type"
+    assert code_of({"userId": "u", "type": "delete"}) == "invalid_type"
+    assert code_of([1]) == "invalid_event"
+
+
+def test_batch_context_and_integrations_merge_with_item_winning():
+    event, _, _ = norm(
+        {"type": "track", "userId": "u", "event": "E", "context": {"ip": "1.1.1.1"}, "integrations": {"X": True}},
+        batch_context={"ip": "2.2.2.2", "locale": "en"},
+        batch_integrations={"All": False, "X": False},
+    )
+    assert event["context"] == {"ip": "1.1.1.1", "locale": "en"}
+    assert event["integrations"] == {"All": False, "X": True}
+
+
+def test_invalid_timestamps_are_rejected():
+    assert code_of({"userId": "u", "timestamp": "yesterday"}, "identify") == "invalid_timestamp"
+    assert code_of({"userId": "u", "timestamp": 5}, "identify") == "invalid_timestamp"
+
+
+def test_webhook_events_keep_segment_timestamp():
+    event, _, _ = norm(
+        {
+            "type": "track",
+            "userId": "u",
+            "event": "E",
+            "timestamp": "2020-01-01T00:00:00.000Z",
+            "sentAt": "2026-11-23T12:00:00.000Z",
+        },
+        keep_timestamp=True,
+    )
+    assert event["timestamp"] == "2020-01-01T00:00:00.000Z"
+
+
+@pytest.mark.parametrize(
+    ("body", "first"),
+    [
+        (b'[{"a":1},{"b":2}]', b'{"a":1}'),
+        (b' [ {"a":"x,]}"} , 2]', b'{"a":"x,]}"}'),
+        (b'[{"a":"q\\"u,o"},3]', b'{"a":"q\\"u,o"}'),
+        (b"[[1,2],[3]]", b"[1,2]"),
+        (b'[{"n":1.0e3}]', b'{"n":1.0e3}'),
+        (b"[]", None),
+        (b'{"a":1}', None),
+    ],
+)
+def test_first_array_item_slices_the_exact_bytes(body, first):
+    assert first_array_item(body) == first
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "sent_at"),
+    [
+        ("0001-01-01T00:00:00+05:00", None),
+        ("9999-12-31T23:59:59Z", "0001-01-01T00:00:00Z"),
+        ("0001-01-01T00:00:00Z", "9999-12-31T23:59:59Z"),
+    ],
+)
+def test_out_of_range_timestamps_are_invalid_not_crashes(timestamp, sent_at):
+    assert code_of({"userId": "u", "timestamp": timestamp}, "identify", sent_at=sent_at) == "invalid_timestamp"

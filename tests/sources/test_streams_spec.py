@@ -1,0 +1,57 @@
+import pytest
+
+from bridge.sources.segment.spec import Invalid
+from bridge.sources.streams.spec import epoch_seconds, events_of, normalise
+
+
+def test_envelope_variants():
+    assert events_of({"events": [{"a": 1}]}) == [{"a": 1}]
+    assert events_of({"app_name": "x", "export_doc_id": "d", "event": {"a": 1}}) == [{"a": 1}]
+    for bad, code in (
+        ([], "invalid_payload"),
+        ({"events": {}}, "invalid_payload"),
+        ({"events": []}, "empty_batch"),
+        ({"foo": 1}, "invalid_payload"),
+    ):
+        with pytest.raises(Invalid) as exc:
+            events_of(bad)
+        assert exc.value.code == code
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (1580967474, 1580967474),
+        (1580967474123, 1580967474.123),
+        ("1580967474", 1580967474),
+        ("2020-02-06T05:37:54Z", 1580967474),
+        ("2020-02-06T05:37:54+00:00", 1580967474),
+        (1580967474.5, 1580967474.5),
+    ],
+)
+def test_event_time_is_normalised_to_epoch_seconds(raw, expected):
+    assert epoch_seconds(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["soon", True, -5, 0, None, {"t": 1}, "inf", "Infinity", "1e999", "nan", float("inf")])
+def test_bad_event_times_are_rejected(raw):
+    with pytest.raises(Invalid):
+        epoch_seconds(raw)
+
+
+def test_event_requirements_and_ordering_key():
+    good = {"event_uuid": "u1", "event_code": "MOE_X", "event_time": 1580967474, "uid": "c1"}
+    _, uuid, key = normalise(good)
+    assert (uuid, key) == ("u1", "c1")
+    _, _, key = normalise({**good, "uid": None, "user_attributes": {"moengage_user_id": "m1"}})
+    assert key == "m1"
+    for missing, code in (("event_uuid", "event_uuid_required"), ("event_time", "event_time_required")):
+        with pytest.raises(Invalid) as exc:
+            normalise({k: v for k, v in good.items() if k != missing})
+        assert exc.value.code == code
+    with pytest.raises(Invalid) as exc:
+        normalise({"event_uuid": "u", "event_time": 1})
+    assert exc.value.code == "event_name_required"
+    with pytest.raises(Invalid) as exc:
+        normalise({**good, "user_attributes": [1]})
+    assert exc.value.code == "user_attributes_not_object"
