@@ -1,0 +1,1 @@
+"""Delivery: per-destination workers that lease, map, send and settle jobs."""

@@ -1,0 +1,43 @@
+"""Bad-deploy guard: stop a destination instead of dead-lettering all of its traffic.
+
+After a bad mapping or credential deploy nearly every delivery fails terminally.
+Dead-lettering them all turns an incident into a replay chore; pausing keeps them
+queued (after getsentry/arroyo's DlqLimit).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from bridge.config.model import GuardConfig
+
+
+class DeadLetterGuard:
+    def __init__(self, config: GuardConfig) -> None:
+        self.config = config
+        self._window: deque[bool] = deque(maxlen=config.window)  # True = dead-lettered
+        self._dead = 0
+
+    def record(self, delivered: int, dead: int) -> None:
+        for outcome, n in ((False, delivered), (True, dead)):
+            for _ in range(min(n, self.config.window)):
+                if len(self._window) == self._window.maxlen and self._window[0]:
+                    self._dead -= 1
+                self._window.append(outcome)
+                self._dead += outcome
+
+    @property
+    def size(self) -> int:
+        return len(self._window)
+
+    @property
+    def ratio(self) -> float:
+        return self._dead / len(self._window) if self._window else 0.0
+
+    def tripped(self) -> bool:
+        cfg = self.config
+        return cfg.enabled and len(self._window) >= cfg.min_events and self.ratio > cfg.threshold
+
+    def reset(self) -> None:
+        self._window.clear()
+        self._dead = 0

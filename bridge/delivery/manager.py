@@ -1,0 +1,72 @@
+"""All destination workers of one bridge process, isolated from each other."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterable, Mapping
+
+import structlog
+
+from bridge.config.model import Config
+from bridge.delivery.metrics import DeliveryMetrics
+from bridge.delivery.worker import DestinationWorker
+from bridge.mapping.api import CompiledMapping
+from bridge.store.base import DestinationState, Store
+
+log = structlog.get_logger("bridge.delivery")
+
+
+class DeliveryManager:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        mappings: Callable[[], Mapping[str, CompiledMapping]],
+        metrics: DeliveryMetrics | None = None,
+    ) -> None:
+        self.store = store
+        self.workers = {d.name: DestinationWorker(d, store, mappings, metrics) for d in config.destinations}
+        self._poll = min((d.delivery.poll_interval for d in config.destinations), default=1.0)
+        self._state_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.refresh_states()
+        for worker in self.workers.values():
+            await worker.start()
+        self._state_task = asyncio.create_task(self._watch_states(), name="destination-states")
+
+    def notify(self, destinations: Iterable[str]) -> None:
+        for name in destinations:
+            worker = self.workers.get(name)
+            if worker is not None:
+                worker.wake()
+
+    async def refresh_states(self) -> dict[str, DestinationState]:
+        states = await self.store.get_destination_states()
+        for name, worker in self.workers.items():
+            worker.apply_state(states.get(name))
+        return states
+
+    async def _watch_states(self) -> None:
+        # Pause/resume may come from the CLI or another node: the store is the truth.
+        while True:
+            await asyncio.sleep(max(self._poll, 0.2))
+            try:
+                await self.refresh_states()
+            except Exception:
+                log.exception("destination_state_refresh_failed")
+
+    async def set_paused(self, name: str, paused: bool, reason: str) -> None:
+        import time
+
+        state = DestinationState(name, paused, reason, time.time())
+        await self.store.set_destination_state(state)
+        self.workers[name].apply_state(state)
+
+    async def stop(self, timeout: float) -> None:
+        if self._state_task is not None:
+            self._state_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._state_task
+        await asyncio.gather(*(w.stop(timeout) for w in self.workers.values()))

@@ -1,0 +1,89 @@
+"""Token buckets per destination, slowed down adaptively when the upstream says 429."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+
+
+class TokenBucket:
+    """A bucket that may go into debt: a request costing more than the burst still
+    goes through, and later callers wait until the debt is paid back."""
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.base_rate = rate
+        self.rate = rate
+        self.burst = burst if burst is not None else max(rate, 1.0)
+        self.tokens = self.burst
+        self._updated = time.monotonic()
+        self._last_throttle = 0.0
+        self._last_recover = 0.0
+
+    def _refill(self, now: float) -> None:
+        self.tokens = min(self.burst, self.tokens + (now - self._updated) * self.rate)
+        self._updated = now
+
+    def wait_time(self, n: float) -> float:
+        """How long taking ``n`` tokens now would make the caller wait (takes nothing)."""
+        now = time.monotonic()
+        tokens = min(self.burst, self.tokens + (now - self._updated) * self.rate)
+        return 0.0 if tokens >= n else (n - tokens) / self.rate
+
+    def reserve(self, n: float) -> float:
+        """Take ``n`` tokens now; return how long the caller must wait before sending."""
+        now = time.monotonic()
+        self._refill(now)
+        self.tokens -= n
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+    def throttled(self) -> None:
+        """The upstream answered 429: halve the rate (down to 5% of the configured one)."""
+        now = time.monotonic()
+        self._refill(now)
+        self.rate = max(self.base_rate * 0.05, self.rate * 0.5)
+        self._last_throttle = now
+
+    def succeeded(self) -> None:
+        """Recover 10% per second without a 429, back up to the configured rate."""
+        if self.rate >= self.base_rate:
+            return
+        now = time.monotonic()
+        if now - self._last_throttle > 1.0 and now - self._last_recover > 1.0:
+            self._refill(now)
+            self.rate = min(self.base_rate, self.rate * 1.1)
+            self._last_recover = now
+
+
+class RateLimiter:
+    """All buckets of one destination."""
+
+    def __init__(self, rates: Mapping[str, float]) -> None:
+        self.buckets = {name: TokenBucket(rate) for name, rate in rates.items() if rate > 0}
+
+    async def acquire(self, cost: Mapping[str, int]) -> None:
+        wait = 0.0
+        for name, n in cost.items():
+            bucket = self.buckets.get(name)
+            if bucket is not None and n > 0:
+                wait = max(wait, bucket.reserve(n))
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    def wait_time(self, cost: Mapping[str, int]) -> float:
+        return max(
+            (b.wait_time(n) for name, n in cost.items() if n > 0 and (b := self.buckets.get(name)) is not None),
+            default=0.0,
+        )
+
+    def throttled(self, cost: Mapping[str, int]) -> None:
+        for name in cost:
+            if name in self.buckets:
+                self.buckets[name].throttled()
+
+    def succeeded(self, cost: Mapping[str, int]) -> None:
+        for name in cost:
+            if name in self.buckets:
+                self.buckets[name].succeeded()

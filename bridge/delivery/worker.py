@@ -1,0 +1,449 @@
+"""One destination's delivery loop: lease -> map -> pack -> send -> settle.
+
+Every leased job is settled exactly once (ack, retry, dead-letter, discard) or, when
+the worker stops mid-way, released; a crash leaves it leased until the lease expires,
+after which another lease picks it up with the same message_id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import structlog
+
+from bridge.config.model import DestinationConfig
+from bridge.delivery.guard import DeadLetterGuard
+from bridge.delivery.metrics import DeliveryMetrics, NoDeliveryMetrics
+from bridge.delivery.policy import Action, RetryPolicy
+from bridge.delivery.ratelimit import RateLimiter
+from bridge.destinations.base import Item, Request, Response
+from bridge.mapping.api import CompiledMapping, Discarded, Failed, MapContext
+from bridge.store.base import DeadLetter, DestinationState, Discard, Job, Store
+
+log = structlog.get_logger("bridge.delivery")
+
+MAX_KEPT_BODY = 4096
+
+
+def event_label(event: Any) -> str:
+    """A human handle for an event in DLQ listings: its name, else its type."""
+    if not isinstance(event, dict):
+        return ""
+    for key in ("event", "event_name", "event_code", "type"):
+        value = event.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return ""
+
+
+@dataclass(slots=True)
+class Verdict:
+    action: Action
+    response: Response | None = None
+    request_body: bytes = b""
+
+
+@dataclass(slots=True)
+class _Batch:
+    """The jobs of one lease and what became of them."""
+
+    jobs: dict[int, Job]
+    deadline: float  # monotonic time after which no request may start (well inside the lease)
+    labels: dict[int, str] = field(default_factory=dict)
+    verdicts: dict[int, Verdict] = field(default_factory=dict)
+    unsent: set[int] = field(default_factory=set)  # jobs with an item never sent: released, uncounted
+    settled: set[int] = field(default_factory=set)
+
+
+class DestinationWorker:
+    def __init__(
+        self,
+        config: DestinationConfig,
+        store: Store,
+        mappings: Callable[[], Mapping[str, CompiledMapping]],
+        metrics: DeliveryMetrics | None = None,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.client = config.client
+        self.store = store
+        self._mappings = mappings
+        self.metrics = metrics or NoDeliveryMetrics()
+        self.policy = RetryPolicy(config.retry)
+        self.limiter = RateLimiter({**self.client.rate_limits(), **config.rate_limits})
+        self.guard = DeadLetterGuard(config.guard)
+        self.paused = False
+        self.pause_reason = ""
+        self._paused_version = ""
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._inflight = 0
+        # Destination-wide backoff (a circuit breaker): after a Retry-After or a run of
+        # retryable failures, nothing is leased or sent until then.
+        self._hold_until = 0.0
+        self._failure_streak = 0
+
+    # -- lifecycle -----------------------------------------------------------------
+    async def start(self) -> None:
+        await self.client.start()
+        for i in range(self.config.delivery.concurrency):
+            self._tasks.append(asyncio.create_task(self._loop(), name=f"deliver:{self.name}:{i}"))
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def stop(self, timeout: float) -> None:
+        """Finish in-flight deliveries within ``timeout``; then cancel (jobs are released)."""
+        self._stopping = True
+        self._wake.set()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        await self.client.close()
+
+    # -- pause state -----------------------------------------------------------------
+    def apply_state(self, state: DestinationState | None) -> None:
+        paused = bool(state and state.paused)
+        # Only the guard's pauses end by themselves when the mapping changes; an operator's
+        # pause waits for an operator.
+        by_guard = bool(state and state.paused and state.extra.get("by") == "guard")
+        if not by_guard:
+            self._paused_version = ""
+        elif not self._paused_version:
+            self._paused_version = self._mapping_version()
+        if paused == self.paused:
+            return
+        log.warning(
+            "destination_paused" if paused else "destination_resumed",
+            destination=self.name,
+            reason=state.reason if state else "",
+        )
+        self.paused = paused
+        self.pause_reason = state.reason if state else ""
+        self.guard.reset()
+        self.metrics.paused(self.name, paused)
+        if not paused:
+            self._wake.set()
+
+    def _mapping_version(self) -> str:
+        mapping = self._mappings().get(self.config.mapping)
+        return mapping.version if mapping else ""
+
+    async def _check_mapping_changed(self) -> None:
+        """A new mapping version resumes a destination the guard paused."""
+        if self.paused and self._paused_version and self._mapping_version() != self._paused_version:
+            await self.store.set_destination_state(DestinationState(self.name, False, "mapping changed", time.time()))
+            self.apply_state(None)
+
+    async def _pause(self, reason: str) -> None:
+        state = DestinationState(self.name, True, reason, time.time(), {"by": "guard"})
+        await self.store.set_destination_state(state)
+        self.apply_state(state)
+
+    # -- the loop ----------------------------------------------------------------------
+    async def _loop(self) -> None:
+        cfg = self.config.delivery
+        while not self._stopping:
+            held = self._hold_until - time.monotonic()
+            if held > 0:
+                await self._sleep(min(held, cfg.poll_interval * 10))
+                continue
+            try:
+                await self._check_mapping_changed()
+                jobs = (
+                    []
+                    if self.paused
+                    else await self.store.lease(self.name, cfg.batch_size, cfg.lease_seconds, ordered=cfg.ordered)
+                )
+            except Exception:
+                log.exception("lease_failed", destination=self.name)
+                jobs = []
+            if not jobs:
+                await self._sleep(cfg.poll_interval)
+                continue
+            self._inflight += 1
+            try:
+                await self.deliver(jobs)
+            finally:
+                self._inflight -= 1
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, waking early for new work or shutdown."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
+
+    async def deliver(self, jobs: list[Job]) -> None:
+        # No request starts after half the lease, and a request cannot outlive the
+        # timeout (config: lease_seconds > 2 x request_timeout), so every job is settled
+        # while its lease still holds: no other worker or node can lease it meanwhile.
+        deadline = time.monotonic() + self.config.delivery.lease_seconds / 2
+        batch = _Batch({j.id: j for j in jobs}, deadline)
+        try:
+            await self._deliver(batch)
+        except Exception as exc:
+            log.exception("delivery_failed", destination=self.name, jobs=len(jobs))
+            await self._recover(batch, exc)
+        finally:
+            unsettled = [j for j in batch.jobs if j not in batch.settled]
+            if unsettled:
+                # Shutdown mid-way: give the jobs back now rather than at lease expiry.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.store.release(unsettled))
+
+    async def _recover(self, batch: _Batch, exc: Exception) -> None:
+        """A failure of our own (not the upstream's): retry later with backoff, counting
+        the attempt, so a fault that repeats is not a hot loop and ends in the DLQ."""
+        now = time.time()
+        error = f"internal error: {type(exc).__name__}: {exc}"[:MAX_KEPT_BODY]
+        try:
+            dead: list[DeadLetter] = []
+            for job_id, job in batch.jobs.items():
+                if job_id in batch.settled:
+                    continue
+                if self.policy.exhausted(job.attempts, job.first_attempt_at, now):
+                    dead.append(
+                        DeadLetter(job_id, "internal_error", response_body=error, label=batch.labels.get(job_id, ""))
+                    )
+                else:
+                    await self.store.retry([job_id], now + self.policy.delay(job.attempts, None), error)
+                    batch.settled.add(job_id)
+            if dead:
+                await self._dead_letter(batch, dead)
+        except Exception:
+            log.exception("delivery_recovery_failed", destination=self.name)
+
+    async def _deliver(self, batch: _Batch) -> None:
+        mapping = self._mappings().get(self.config.mapping)
+        if mapping is None:
+            await self._pause(f"mapping {self.config.mapping!r} is not loaded")
+            return
+        items, job_items = await self._map(batch, mapping)
+        if self._guard_trips():
+            await self._pause_for_guard()
+            return  # the mapped jobs are released by deliver()
+        requests = self.client.pack(items) if items else []
+        if self.config.delivery.ordered:
+            for i, request in enumerate(requests):
+                if not await self._send(request, batch, ordered=True):
+                    # Later requests may hold the same users' later events: keep their order
+                    # by not sending them before the failed ones.
+                    for later in requests[i + 1 :]:
+                        batch.unsent.update(it.job_id for it in later.items)
+                    break
+        else:
+            await asyncio.gather(*(self._send(r, batch, ordered=False) for r in requests))
+        await self._settle(batch, job_items, mapping.version)
+
+    async def _map(self, batch: _Batch, mapping: CompiledMapping) -> tuple[list[Item], dict[int, list[Item]]]:
+        events: dict[int, Any] = {}
+        dead: list[DeadLetter] = []
+        for job in batch.jobs.values():
+            try:
+                events[job.id] = orjson.loads(job.payload)
+            except orjson.JSONDecodeError:
+                dead.append(DeadLetter(job.id, "corrupt_payload", mapping_version=mapping.version))
+        keys = {job_id: mapping.identity_key(e) for job_id, e in events.items()}
+        wanted = sorted({k for k in keys.values() if k})
+        links = await self.store.resolve_links(self.name, wanted) if wanted else {}
+        options = self.config.mapping_options
+        discards: list[Discard] = []
+        items: list[Item] = []
+        job_items: dict[int, list[Item]] = {}
+        for job_id, event in events.items():
+            job = batch.jobs[job_id]
+            label = batch.labels[job_id] = event_label(event)
+            key = keys[job_id]
+            ctx = MapContext(links.get(key) if key else None, options, job.source)
+            result = mapping.apply(event, ctx)
+            if isinstance(result, Discarded):
+                discards.append(Discard(job_id, result.reason, label, result.detail))
+                continue
+            if isinstance(result, Failed):
+                dead.append(
+                    DeadLetter(
+                        job_id,
+                        f"mapping_{result.reason}",
+                        response_body=result.detail,
+                        label=label,
+                        mapping_version=mapping.version,
+                    )
+                )
+                continue
+            mine = [Item(job_id, out, len(orjson.dumps(out.body))) for out in result]
+            reject = next((r for it in mine if (r := self.client.reject_reason(it))), None)
+            if not mine or reject:
+                discards.append(Discard(job_id, reject or "no_output", label))
+                continue
+            job_items[job_id] = mine
+            items.extend(mine)
+        if discards:
+            await self.store.discard(discards)
+            batch.settled.update(d.job_id for d in discards)
+            for d in discards:
+                self.metrics.discarded(batch.jobs[d.job_id].source, self.name, d.reason, 1)
+        if dead:
+            await self._dead_letter(batch, dead)
+        return items, job_items
+
+    async def _send(self, request: Request, batch: _Batch, *, ordered: bool) -> bool:
+        """Send one request; split or bisect on 413/400 until every item has a verdict.
+
+        Returns False when the request (or, in ordered mode, part of it) was not sent or
+        must be retried, so the caller can hold back what comes after it."""
+        cost = self.client.rate_cost(request).buckets
+        now = time.monotonic()
+        wait = self.limiter.wait_time(cost)
+        if now < self._hold_until or now + wait > batch.deadline:
+            if now >= self._hold_until and len(request.items) > 1:
+                # Too many tokens to wait for within the lease: send it in smaller parts.
+                return await self._send_halves(request, batch, ordered=ordered)
+            if now >= self._hold_until:
+                # One item that cannot get its tokens in time: come back when it can.
+                self._hold_until = now + wait
+            batch.unsent.update(it.job_id for it in request.items)
+            return False
+        await self.limiter.acquire(cost)
+        started = time.monotonic()
+        response = await self.client.send(request)
+        self.metrics.request(self.name, response.status, time.monotonic() - started)
+        action = self.policy.classify(response, len(request.items))
+        if response.status == 429:
+            self.limiter.throttled(cost)
+        elif action is Action.DELIVERED:
+            self.limiter.succeeded(cost)
+        if action in (Action.SPLIT, Action.BISECT):
+            return await self._send_halves(request, batch, ordered=ordered)
+        if action is Action.RETRY:
+            self._back_off(response)
+        else:
+            self._failure_streak = 0
+        if action is not Action.DELIVERED:
+            log.warning(
+                "delivery_attempt_failed",
+                destination=self.name,
+                status=response.status,
+                error=response.error,
+                items=len(request.items),
+                action=action.value,
+                body=response.body[:300],
+            )
+        body = self.client.render_for_record(request) if action is Action.DEAD else b""
+        for it in request.items:
+            previous = batch.verdicts.get(it.job_id)
+            # A job with several items takes its worst verdict.
+            if previous is None or _rank(action) > _rank(previous.action):
+                batch.verdicts[it.job_id] = Verdict(action, response, body)
+        return action is not Action.RETRY
+
+    async def _send_halves(self, request: Request, batch: _Batch, *, ordered: bool) -> bool:
+        first, second = request.split()
+        if not await self._send(first, batch, ordered=ordered) and ordered:
+            batch.unsent.update(it.job_id for it in second.items)
+            return False
+        return await self._send(second, batch, ordered=ordered)
+
+    def _back_off(self, response: Response) -> None:
+        """Hold the whole destination: honour Retry-After, and back off exponentially while
+        failures continue, instead of firing new requests at an upstream that is down."""
+        self._failure_streak += 1
+        delay = self.policy.delay(self._failure_streak, response.retry_after)
+        self._hold_until = max(self._hold_until, time.monotonic() + delay)
+
+    async def _settle(self, batch: _Batch, job_items: dict[int, list[Item]], version: str) -> None:
+        now = time.time()
+        acked: list[int] = []
+        dead: list[DeadLetter] = []
+        retries: dict[float, list[int]] = {}
+        unsent: list[int] = []
+        for job_id in job_items:
+            job = batch.jobs[job_id]
+            verdict = batch.verdicts.get(job_id)
+            if job_id in batch.unsent or verdict is None:
+                unsent.append(job_id)  # some item never went out: released, attempt not counted
+                continue
+            resp = verdict.response
+            if verdict.action is Action.DELIVERED:
+                acked.append(job_id)
+            elif verdict.action is Action.RETRY:
+                if self.policy.exhausted(job.attempts, job.first_attempt_at, now):
+                    dead.append(self._dead(job_id, "retries_exhausted", resp, b"", batch, version))
+                else:
+                    delay = self.policy.delay(job.attempts, resp.retry_after if resp else None)
+                    retries.setdefault(round(now + delay, 3), []).append(job_id)
+            else:
+                reason = "payload_too_large" if resp and resp.status == 413 else f"http_{resp.status if resp else 0}"
+                dead.append(self._dead(job_id, reason, resp, verdict.request_body, batch, version))
+        if acked:
+            await self.store.ack(acked, version)
+            batch.settled.update(acked)
+            self.metrics.delivered(self.name, len(acked))
+        for at, ids in retries.items():
+            error = _describe(batch.verdicts[ids[0]].response)
+            await self.store.retry(ids, at, error)
+            batch.settled.update(ids)
+        if dead:
+            await self._dead_letter(batch, dead)
+        if unsent:
+            await self.store.release(unsent)
+            batch.settled.update(unsent)
+        self.guard.record(len(acked), 0)
+        if self._guard_trips():
+            await self._pause_for_guard()
+
+    def _guard_trips(self) -> bool:
+        return self.guard.tripped() and not self.paused
+
+    async def _pause_for_guard(self) -> None:
+        await self._pause(f"{self.guard.ratio:.0%} of the last {self.guard.size} deliveries were dead-lettered")
+
+    def _dead(
+        self, job_id: int, reason: str, resp: Response | None, body: bytes, batch: _Batch, version: str
+    ) -> DeadLetter:
+        return DeadLetter(
+            job_id,
+            reason,
+            status=resp.status if resp and resp.status else None,
+            response_body=(resp.body or resp.error or "")[:MAX_KEPT_BODY] if resp else "",
+            request_body=body,
+            label=batch.labels.get(job_id, ""),
+            mapping_version=version,
+        )
+
+    async def _dead_letter(self, batch: _Batch, dead: list[DeadLetter]) -> None:
+        await self.store.dead_letter(dead)
+        batch.settled.update(d.job_id for d in dead)
+        self.guard.record(0, len(dead))
+        for d in dead:
+            self.metrics.dead_lettered(self.name, d.reason, 1)
+            log.warning(
+                "dead_lettered",
+                destination=self.name,
+                reason=d.reason,
+                status=d.status,
+                event_name=d.label,
+                message_id=batch.jobs[d.job_id].message_id,
+            )
+
+
+_RANKS = {Action.DELIVERED: 0, Action.RETRY: 1, Action.DEAD: 2, Action.SPLIT: 2, Action.BISECT: 2}
+
+
+def _rank(action: Action) -> int:
+    return _RANKS[action]
+
+
+def _describe(resp: Response | None) -> str:
+    if resp is None:
+        return "not sent"
+    return resp.error or f"http {resp.status}: {resp.body[:200]}"

@@ -1,0 +1,135 @@
+"""The destination seam: an outbound HTTP client for one upstream API.
+
+A destination packs mapped items into requests that respect the upstream's limits,
+sends one request, and reports the raw response. It does not retry, sleep, split or
+dead-letter: the delivery engine (bridge/delivery) owns that policy, the same way for
+every destination. A new destination is a folder under bridge/destinations/ that
+registers a subclass with ``register``, plus a mapping file.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from bridge.mapping.api import Output
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message says where and why."""
+
+
+@dataclass(slots=True)
+class Item:
+    """One mapped item bound to the job it came from."""
+
+    job_id: int
+    output: Output
+    size: int  # bytes of the orjson-encoded body, computed once by the engine
+
+
+@dataclass(slots=True)
+class Request:
+    """One HTTP request's worth of items, for one endpoint of the destination."""
+
+    endpoint: str  # destination-defined label, e.g. "bulk", "merge", "customer", "batch"
+    items: list[Item]
+
+    def split(self) -> tuple[Request, Request]:
+        """Two halves, for 413 splitting and 400 bisection."""
+        mid = len(self.items) // 2
+        return Request(self.endpoint, self.items[:mid]), Request(self.endpoint, self.items[mid:])
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int  # HTTP status; 0 when no response was received
+    body: str = ""  # response body (truncated to a few KB)
+    retry_after: float | None = None  # seconds, parsed from Retry-After when present
+    error: str | None = None  # "timeout", "connection_error: ..." when status == 0
+
+
+@dataclass(frozen=True, slots=True)
+class RateCost:
+    """Tokens a request takes from the destination's rate-limit buckets."""
+
+    buckets: Mapping[str, int] = field(default_factory=dict)
+
+
+class Destination(ABC):
+    kind: ClassVar[str]  # the `kind:` value in the config
+
+    name: str
+    region: str | None  # "us", "eu", "in", "sg", "id", or None when unknown
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, cfg: Mapping[str, Any], *, where: str, timeout: float) -> Destination:
+        """Build from one `destinations:` entry, given only the keys specific to this
+        kind (the engine has already taken the common ones: name, kind, mapping,
+        mapping_options, delivery, retry, rate_limits, guard). ``name`` is passed in
+        ``cfg`` too. Raise ConfigError naming ``where`` (e.g. "destinations[0].api_key")
+        for any problem; unknown keys are errors. ``timeout`` is the request timeout (s)."""
+
+    def reject_reason(self, item: Item) -> str | None:
+        """A discard reason for an item that can never be sent (e.g. over the
+        upstream's per-event size cap), or None. Checked before packing."""
+        return None
+
+    @abstractmethod
+    def pack(self, items: Sequence[Item]) -> list[Request]:
+        """Group items into requests within the upstream's size and count limits,
+        keeping their order within each endpoint. An item that can never fit is
+        returned alone in its own request (the engine will dead-letter it on 413)."""
+
+    @abstractmethod
+    def render(self, request: Request) -> bytes:
+        """The exact request body that ``send`` posts (also kept in the DLQ)."""
+
+    def render_for_record(self, request: Request) -> bytes:
+        """The request body as kept in the dead-letter queue: like ``render`` but with
+        any credential the upstream wants in the body (e.g. Segment's writeKey) removed."""
+        return self.render(request)
+
+    @abstractmethod
+    async def send(self, request: Request) -> Response:
+        """POST one request. Never raises for HTTP or network failures: report them."""
+
+    @abstractmethod
+    def rate_cost(self, request: Request) -> RateCost:
+        """Tokens this request takes, per bucket (see ``rate_limits``)."""
+
+    @abstractmethod
+    def rate_limits(self) -> Mapping[str, float]:
+        """Bucket name -> tokens per second, from the documented caps or the config."""
+
+    def describe(self) -> dict[str, Any]:
+        """Non-secret facts for status pages (never credentials)."""
+        return {"name": self.name, "kind": self.kind, "region": self.region}
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Open HTTP sessions etc."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release HTTP sessions etc."""
+
+
+_REGISTRY: dict[str, type[Destination]] = {}
+
+
+def register(cls: type[Destination]) -> type[Destination]:
+    _REGISTRY[cls.kind] = cls
+    return cls
+
+
+def destination_kinds() -> dict[str, type[Destination]]:
+    """All registered destination classes by kind (importing the built-in ones)."""
+    import bridge.destinations.moengage
+    import bridge.destinations.segment  # noqa: F401
+
+    return dict(_REGISTRY)
+
+
+DestinationFactory = Callable[[Mapping[str, Any], str], Destination]

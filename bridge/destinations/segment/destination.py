@@ -1,0 +1,171 @@
+"""Segment Tracking API client: region-checked write key, POST {host}/v1/batch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+import orjson
+
+from bridge.destinations import http
+from bridge.destinations.base import ConfigError, Destination, Item, RateCost, Request, Response, register
+from bridge.destinations.config import check_keys, optional_base_url, optional_int, required_str
+from bridge.destinations.packing import chunk
+
+HOSTS = {"us": "https://api.segment.io", "eu": "https://events.eu1.segmentapis.com"}
+CALL_TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias"})
+BATCH = "batch"
+
+MAX_EVENT_BYTES = 32 * 1024  # Segment refuses larger events (400) and its clients drop them
+SEGMENT_MAX_BATCH_BYTES = 500_000
+SEGMENT_MAX_BATCH_EVENTS = 2500  # beyond this Segment answers 200 and drops the events
+DEFAULT_BATCH_BYTES = 475_000  # the 500 KB cap less the margin Segment's own clients keep
+DEFAULT_BATCH_EVENTS = 500
+REQUESTS_PER_SECOND = 1000.0  # Segment's documented per-workspace ceiling
+
+_KEYS = frozenset({"name", "kind", "write_key", "region", "base_url", "max_batch_events", "max_batch_bytes"})
+
+
+def sent_at_now() -> str:
+    """ISO-8601 UTC with milliseconds and Z, as Segment's clients send it."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@register
+class SegmentDestination(Destination):
+    kind: ClassVar[str] = "segment"
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        write_key: str,
+        region: str,
+        base_url: str | None = None,
+        max_batch_events: int = DEFAULT_BATCH_EVENTS,
+        max_batch_bytes: int = DEFAULT_BATCH_BYTES,
+        timeout: float = 10.0,
+    ) -> None:
+        if region not in HOSTS:
+            raise ValueError(f"region must be one of {sorted(HOSTS)}, got {region!r}")
+        self.name = name
+        self.region = region
+        self.max_batch_events = max_batch_events
+        self.max_batch_bytes = max_batch_bytes
+        self.timeout = timeout
+        self._write_key = write_key
+        self._host = base_url or HOSTS[region]
+        self._url = f"{self._host}/v1/batch"
+        self._headers = {"Authorization": http.basic_auth(write_key, ""), "Content-Type": "application/json"}
+        self._envelope_bytes = len(orjson.dumps({"batch": [], "sentAt": sent_at_now(), "writeKey": write_key}))
+        self._http = http.LazySession(timeout)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], *, where: str, timeout: float) -> SegmentDestination:
+        check_keys(cfg, _KEYS, where)
+        if cfg.get("region") is None:
+            raise ConfigError(f"{where}.region: required (one of: us, eu)")
+        region = cfg["region"]
+        if region not in HOSTS:
+            raise ConfigError(
+                f'{where}.region: must be "us" or "eu" (Segment ingests only in these regions), got {region!r}'
+            )
+        return cls(
+            name=cfg["name"] if isinstance(cfg.get("name"), str) else cls.kind,
+            write_key=required_str(cfg, "write_key", where),
+            region=region,
+            base_url=optional_base_url(cfg, "base_url", where),
+            max_batch_events=optional_int(
+                cfg,
+                "max_batch_events",
+                where,
+                default=DEFAULT_BATCH_EVENTS,
+                minimum=1,
+                maximum=SEGMENT_MAX_BATCH_EVENTS,
+            ),
+            max_batch_bytes=optional_int(
+                cfg,
+                "max_batch_bytes",
+                where,
+                default=DEFAULT_BATCH_BYTES,
+                minimum=MAX_EVENT_BYTES + 1024,
+                maximum=SEGMENT_MAX_BATCH_BYTES,
+            ),
+            timeout=timeout,
+        )
+
+    @property
+    def host(self) -> str:
+        """The ingestion host chosen by region (or ``base_url``), without a trailing slash."""
+        return self._host
+
+    @property
+    def write_key(self) -> str:
+        """The write key (for wiring a sandbox stand-in; never put it in logs)."""
+        return self._write_key
+
+    def _event(self, item: Item) -> dict[str, Any]:
+        # Segment drops batch items without a type; the output kind names it.
+        body = item.output.body
+        return body if "type" in body else {"type": item.output.kind, **body}
+
+    def _event_bytes(self, item: Item) -> int:
+        if "type" in item.output.body:
+            return item.size
+        return item.size + len(orjson.dumps({"type": item.output.kind})) - 1
+
+    def reject_reason(self, item: Item) -> str | None:
+        if item.output.kind not in CALL_TYPES:
+            return "unsupported_output_kind"
+        if self._event_bytes(item) > MAX_EVENT_BYTES:
+            return "event_too_large"
+        return None
+
+    def pack(self, items: Sequence[Item]) -> list[Request]:
+        runs = chunk(
+            items,
+            envelope_bytes=self._envelope_bytes,
+            max_bytes=self.max_batch_bytes,
+            max_count=self.max_batch_events,
+            item_bytes=self._event_bytes,
+        )
+        return [Request(BATCH, run) for run in runs]
+
+    def render(self, request: Request) -> bytes:
+        batch = [self._event(item) for item in request.items]
+        return orjson.dumps({"batch": batch, "sentAt": sent_at_now(), "writeKey": self._write_key})
+
+    def render_for_record(self, request: Request) -> bytes:
+        # The DLQ is operator-visible: keep the request as sent, minus the write key.
+        batch = [self._event(item) for item in request.items]
+        return orjson.dumps({"batch": batch, "sentAt": sent_at_now()})
+
+    async def send(self, request: Request) -> Response:
+        if request.endpoint != BATCH:
+            return Response(0, error=f"unknown endpoint {request.endpoint!r}")
+        try:
+            body = self.render(request)
+        except TypeError as exc:
+            return Response(0, error=f"render_error: {exc}")
+        return await self._http.post(self._url, body, self._headers)
+
+    def rate_cost(self, request: Request) -> RateCost:
+        return RateCost({"requests": 1})
+
+    def rate_limits(self) -> Mapping[str, float]:
+        return {"requests": REQUESTS_PER_SECOND}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "host": self._host,
+            "max_batch_events": self.max_batch_events,
+            "max_batch_bytes": self.max_batch_bytes,
+        }
+
+    async def start(self) -> None:
+        await self._http.open()
+
+    async def close(self) -> None:
+        await self._http.close()

@@ -1,0 +1,92 @@
+import random
+
+import pytest
+
+from bridge.config.model import GuardConfig, RetryConfig
+from bridge.delivery.guard import DeadLetterGuard
+from bridge.delivery.policy import Action, RetryPolicy
+from bridge.delivery.ratelimit import TokenBucket
+from bridge.destinations.base import Response
+
+
+@pytest.mark.parametrize(
+    ("status", "items", "action"),
+    [
+        (200, 5, Action.DELIVERED),
+        (204, 1, Action.DELIVERED),
+        (0, 3, Action.RETRY),
+        (408, 1, Action.RETRY),
+        (429, 1, Action.RETRY),
+        (500, 1, Action.RETRY),
+        (503, 1, Action.RETRY),
+        (501, 1, Action.DEAD),
+        (505, 1, Action.DEAD),
+        (413, 2, Action.SPLIT),
+        (413, 1, Action.DEAD),
+        (400, 4, Action.BISECT),
+        (400, 1, Action.DEAD),
+        (401, 4, Action.DEAD),
+        (404, 4, Action.DEAD),
+    ],
+)
+def test_classification(status, items, action):
+    assert RetryPolicy(RetryConfig()).classify(Response(status), items) is action
+
+
+def test_retryable_statuses_are_configurable():
+    policy = RetryPolicy(RetryConfig(retryable_statuses=frozenset({503})))
+    assert policy.classify(Response(500), 1) is Action.DEAD
+    assert policy.classify(Response(503), 1) is Action.RETRY
+    assert policy.classify(Response(0, error="timeout"), 1) is Action.RETRY
+
+
+def test_backoff_is_full_jitter_under_an_exponential_cap():
+    policy = RetryPolicy(RetryConfig(base_delay=1, max_delay=300))
+    rng = random.Random(7)
+    for attempts in range(1, 15):
+        cap = min(300, 2 ** (attempts - 1))
+        samples = [policy.delay(attempts, None, rng) for _ in range(200)]
+        assert all(0 <= s <= cap for s in samples)
+        assert max(samples) > cap * 0.8  # jitter spans the range
+
+
+def test_retry_after_is_a_floor_and_is_clamped():
+    policy = RetryPolicy(RetryConfig(base_delay=1, max_delay=300, max_retry_after=600))
+    assert policy.delay(1, 30.0) >= 30.0
+    assert policy.delay(1, 86400.0) <= 600.0
+    assert policy.delay(1, -5.0) <= 1.0
+
+
+def test_budget_needs_both_time_and_attempts():
+    policy = RetryPolicy(RetryConfig(max_age=3600, min_attempts=3))
+    assert not policy.exhausted(10, first_attempt_at=0, now=3599)
+    assert not policy.exhausted(2, first_attempt_at=0, now=10_000)
+    assert policy.exhausted(3, first_attempt_at=0, now=3600)
+
+
+def test_guard_trips_on_ratio_over_window():
+    guard = DeadLetterGuard(GuardConfig(window=10, min_events=5, threshold=0.5))
+    guard.record(delivered=3, dead=1)
+    assert not guard.tripped()  # only 4 outcomes
+    guard.record(delivered=0, dead=3)
+    assert guard.ratio == pytest.approx(4 / 7)
+    assert guard.tripped()
+    guard.record(delivered=10, dead=0)  # the window slides
+    assert guard.ratio == 0 and not guard.tripped()
+
+
+def test_token_bucket_debt_and_adaptive_slowdown():
+    bucket = TokenBucket(rate=10, burst=10)
+    assert bucket.reserve(10) == 0
+    wait = bucket.reserve(5)
+    assert 0.4 <= wait <= 0.55  # 5 tokens of debt at 10/s
+    bucket.throttled()
+    assert bucket.rate == 5
+    for _ in range(20):
+        bucket.throttled()
+    assert bucket.rate == pytest.approx(0.5)  # floor: 5% of the configured rate
+
+
+def test_backoff_survives_very_many_attempts():
+    policy = RetryPolicy(RetryConfig(base_delay=1, max_delay=300))
+    assert 0 <= policy.delay(5000, None) <= 300  # 2**4999 would overflow a float

@@ -1,0 +1,28 @@
+"""Shared builders for destination tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from bridge.destinations.base import Item
+from bridge.mapping.api import Output
+
+
+def make_item(kind: str, body: dict[str, Any], job_id: int = 1) -> Item:
+    """An Item sized exactly as the delivery engine sizes it (orjson bytes)."""
+    return Item(job_id=job_id, output=Output(kind, body), size=len(orjson.dumps(body)))
+
+
+def customer(customer_id: str, job_id: int = 1, **attributes: Any) -> Item:
+    return make_item("customer", {"type": "customer", "customer_id": customer_id, "attributes": attributes}, job_id)
+
+
+def event(customer_id: str, action: str, job_id: int = 1, **attributes: Any) -> Item:
+    body = {"type": "event", "customer_id": customer_id, "actions": [{"action": action, "attributes": attributes}]}
+    return make_item("event", body, job_id)
+
+
+def merge(merged: str, retained: str, job_id: int = 1) -> Item:
+    return make_item("merge", {"merged_user": merged, "retained_user": retained}, job_id)

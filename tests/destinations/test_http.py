@@ -1,0 +1,163 @@
+"""The shared HTTP path: every failure becomes a Response, never an exception."""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import socket
+import time
+
+import pytest
+from aiohttp import web
+
+from bridge.destinations import http
+from bridge.destinations.base import Response
+from bridge.testing.standins import MoEngageStandIn, Planned
+
+
+def test_basic_auth_header_encodes_user_colon_password():
+    value = http.basic_auth("WS1", "k:ey")
+    scheme, token = value.split(" ")
+    assert scheme == "Basic"
+    assert base64.b64decode(token).decode() == "WS1:k:ey"
+    assert http.basic_auth("writekey", "") == "Basic " + base64.b64encode(b"writekey:").decode()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("120", 120.0), (" 7 ", 7.0), ("1.5", 1.5), ("-3", 0.0), ("", None), (None, None), ("soon", None)],
+)
+def test_retry_after_seconds(value, expected):
+    assert http.parse_retry_after(value) == expected
+
+
+def test_retry_after_http_date_is_seconds_from_now():
+    now = 1_800_000_000.0
+    future = email.utils.formatdate(now + 90, usegmt=True)
+    past = email.utils.formatdate(now - 90, usegmt=True)
+    assert http.parse_retry_after(future, now=now) == pytest.approx(90.0)
+    assert http.parse_retry_after(past, now=now) == 0.0
+    assert http.parse_retry_after("Wed, 99 Foo 2026 25:61:00 GMT", now=now) is None
+
+
+@pytest.fixture
+async def upstream(aiohttp_server):
+    standin = MoEngageStandIn("WS1", "key")
+    server = await aiohttp_server(standin.app())
+    return standin, str(server.make_url("/v1/event/WS1"))
+
+
+async def test_post_reports_status_body_and_retry_after_seconds(upstream):
+    standin, url = upstream
+    standin.plan(Planned(429, headers={"Retry-After": "17"}))
+    async with http.create_session(5.0) as session:
+        response = await http.post(session, url, b"{}", {"Content-Type": "application/json"}, 5.0)
+    assert response.status == 429
+    assert response.retry_after == 17.0
+    assert response.error is None
+    assert '"RateLimitError"' in response.body
+
+
+async def test_post_parses_retry_after_http_date(upstream):
+    standin, url = upstream
+    standin.plan(Planned(503, headers={"Retry-After": email.utils.formatdate(time.time() + 60, usegmt=True)}))
+    async with http.create_session(5.0) as session:
+        response = await http.post(session, url, b"{}", {}, 5.0)
+    assert response.status == 503
+    assert response.retry_after is not None
+    assert 50.0 <= response.retry_after <= 61.0
+
+
+async def test_post_timeout_is_reported_not_raised(upstream):
+    standin, url = upstream
+    standin.plan(Planned(200, delay=3.0))
+    async with http.create_session(5.0) as session:
+        started = time.monotonic()
+        response = await http.post(session, url, b"{}", {}, 0.3)
+    assert response == Response(0, error="timeout")
+    assert time.monotonic() - started < 2.5
+
+
+async def test_post_hang_is_a_timeout(upstream):
+    standin, url = upstream
+    standin.plan(Planned(hang=True))
+    async with http.create_session(5.0) as session:
+        response = await http.post(session, url, b"{}", {}, 0.3)
+    assert response.status == 0
+    assert response.error == "timeout"
+    standin.stop()
+
+
+async def test_post_connection_reset_is_a_connection_error(upstream):
+    standin, url = upstream
+    standin.plan(Planned(reset=True))
+    async with http.create_session(5.0) as session:
+        response = await http.post(session, url, b"{}", {}, 5.0)
+    assert response.status == 0
+    assert response.error is not None
+    assert response.error.startswith("connection_error: ")
+    assert standin.received == 1
+
+
+async def test_post_connection_refused_is_a_connection_error():
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    async with http.create_session(5.0) as session:
+        response = await http.post(session, f"http://127.0.0.1:{port}/x", b"{}", {}, 2.0)
+    assert response.status == 0
+    assert response.error is not None
+    assert response.error.startswith("connection_error: ")
+
+
+async def test_post_on_a_closed_session_or_bad_url_does_not_raise():
+    session = http.create_session(1.0)
+    await session.close()
+    closed = await http.post(session, "http://127.0.0.1:9/x", b"{}", {}, 1.0)
+    assert closed.status == 0
+    assert closed.error is not None
+    assert closed.error.startswith("connection_error: ")
+    async with http.create_session(1.0) as fresh:
+        bad = await http.post(fresh, "not a url", b"{}", {}, 1.0)
+    assert bad.status == 0
+    assert bad.error is not None
+    assert bad.error.startswith("connection_error: ")
+
+
+async def test_post_keeps_only_the_first_4_kb_of_a_large_body(aiohttp_server):
+    async def big(_request: web.Request) -> web.Response:
+        return web.Response(status=500, text="x" * 100_000)
+
+    app = web.Application()
+    app.router.add_post("/", big)
+    server = await aiohttp_server(app)
+    async with http.create_session(5.0) as session:
+        response = await http.post(session, str(server.make_url("/")), b"", {}, 5.0)
+    assert response.status == 500
+    assert response.body == "x" * http.BODY_KEEP_BYTES
+
+
+async def test_post_does_not_follow_redirects(aiohttp_server):
+    async def moved(_request: web.Request) -> web.Response:
+        return web.Response(status=307, headers={"Location": "/elsewhere"})
+
+    app = web.Application()
+    app.router.add_post("/", moved)
+    server = await aiohttp_server(app)
+    async with http.create_session(5.0) as session:
+        response = await http.post(session, str(server.make_url("/")), b"{}", {}, 5.0)
+    assert response.status == 307
+
+
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [
+        ("https://api-01.moengage.com", True),
+        ("http://127.0.0.1:8080/proxy", True),
+        ("api.segment.io", False),
+        ("ftp://x", False),
+        ("https://x/?a=1", False),
+    ],
+)
+def test_check_url(url, ok):
+    assert (http.check_url(url) is None) is ok

@@ -1,0 +1,324 @@
+"""MoEngage destination against the MoEngage stand-in on loopback."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+
+import orjson
+import pytest
+
+from bridge.destinations.base import ConfigError, Request, destination_kinds
+from bridge.destinations.moengage import MoEngageDestination
+from bridge.testing.standins import MoEngageStandIn, Planned
+from tests.destinations.helpers import customer, event, make_item, merge
+
+WS = "WS_TEST1"
+KEY = "s3cret-api-key"
+
+
+def config(**overrides):
+    cfg = {"name": "moe", "workspace_id": WS, "api_key": KEY, "data_center": "01"}
+    cfg.update(overrides)
+    return cfg
+
+
+def build(**overrides) -> MoEngageDestination:
+    return MoEngageDestination.from_config(config(**overrides), where="destinations[0]", timeout=5.0)
+
+
+@pytest.fixture
+async def moengage(aiohttp_server):
+    standin = MoEngageStandIn(WS, KEY)
+    server = await aiohttp_server(standin.app())
+    return standin, str(server.make_url("")).rstrip("/")
+
+
+async def send_all(dest: MoEngageDestination, items):
+    try:
+        return [(request, await dest.send(request)) for request in dest.pack(items)]
+    finally:
+        await dest.close()
+
+
+# -- config ---------------------------------------------------------------------------
+
+
+def test_registered_under_kind_moengage():
+    assert destination_kinds()["moengage"] is MoEngageDestination
+
+
+@pytest.mark.parametrize(
+    ("dc", "code", "region"),
+    [("01", "01", "us"), (1, "01", "us"), ("02", "02", "eu"), (3, "03", "in"), ("04", "04", "us"),
+     ("05", "05", "sg"), (6, "06", "id"), (101, "101", None), ("101", "101", None)],
+)  # fmt: skip
+def test_data_center_host_and_region(dc, code, region):
+    dest = build(data_center=dc)
+    assert dest.data_center == code
+    assert dest.region == region
+    assert dest.base_url == f"https://api-{code}.moengage.com"
+    assert dest.url("bulk") == f"https://api-{code}.moengage.com/v1/transition/{WS}"
+    assert dest.url("merge") == f"https://api-{code}.moengage.com/v1/customer/merge?app_id={WS}"
+
+
+@pytest.mark.parametrize("dc", ["07", 7, "00", "eu", "DC-01", True, 1.0, "001", ""])
+def test_unknown_data_center_is_a_config_error_naming_valid_values(dc):
+    with pytest.raises(ConfigError) as err:
+        build(data_center=dc)
+    message = str(err.value)
+    assert message.startswith("destinations[0].data_center: ")
+    assert '"01", "02", "03", "04", "05", "06", "101"' in message
+
+
+@pytest.mark.parametrize("missing", ["workspace_id", "api_key", "data_center"])
+def test_missing_required_key(missing):
+    cfg = config()
+    del cfg[missing]
+    with pytest.raises(ConfigError, match=rf"^destinations\[0\]\.{missing}: required$"):
+        MoEngageDestination.from_config(cfg, where="destinations[0]", timeout=5.0)
+
+
+def test_unknown_key_suggests_the_closest():
+    with pytest.raises(ConfigError) as err:
+        build(api_kee="x")
+    assert str(err.value) == "destinations[0]: unknown key 'api_kee' (did you mean 'api_key'?)"
+    with pytest.raises(ConfigError, match=r"unknown key 'zzz' \(valid keys: "):
+        build(zzz=1)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("api", "batch", 'destinations[0].api: must be "bulk" or "single"'),
+        ("api_key", "", "destinations[0].api_key: must not be empty"),
+        ("workspace_id", 42, "destinations[0].workspace_id: must be a string"),
+        ("base_url", "api-01.moengage.com", "destinations[0].base_url: must start with http"),
+        ("max_request_bytes", "100kb", "destinations[0].max_request_bytes: must be an integer"),
+        ("max_request_bytes", 10, "destinations[0].max_request_bytes: must be between"),
+    ],
+)
+def test_bad_values(key, value, fragment):
+    with pytest.raises(ConfigError) as err:
+        build(**{key: value})
+    assert fragment in str(err.value)
+
+
+def test_describe_never_contains_the_api_key():
+    dest = build()
+    facts = dest.describe()
+    assert facts["name"] == "moe"
+    assert facts["kind"] == "moengage"
+    assert facts["region"] == "us"
+    assert KEY not in repr(facts)
+    assert KEY not in repr(dest)
+
+
+# -- packing --------------------------------------------------------------------------
+
+
+def test_bulk_packs_customers_and_events_together_and_merges_apart_in_order():
+    dest = build()
+    items = [
+        customer("u1", 1),
+        event("u1", "Signed Up", 2),
+        merge("old", "u1", 3),
+        merge("o2", "u2", 4),
+        customer("u2", 5),
+        event("u2", "Later", 6),
+    ]
+    requests = dest.pack(items)
+    # a merge never overtakes earlier events, nor falls behind later ones
+    assert [(r.endpoint, [i.job_id for i in r.items]) for r in requests] == [
+        ("bulk", [1, 2]),
+        ("merge", [3, 4]),
+        ("bulk", [5, 6]),
+    ]
+
+
+def test_bulk_requests_stay_under_100_000_bytes_and_keep_order():
+    dest = build()
+    items = [customer(f"user-{n}", n, blob="x" * 900) for n in range(400)]
+    requests = dest.pack(items)
+    assert len(requests) > 3
+    assert [i.job_id for r in requests for i in r.items] == list(range(400))
+    for request in requests:
+        assert len(dest.render(request)) <= 100_000
+    # greedy: each request but the last is too full to take the next item
+    for current, following in itertools.pairwise(requests):
+        assert len(dest.render(current)) + following.items[0].size + 1 > 100_000
+
+
+def test_configured_max_request_bytes_is_honoured_exactly():
+    dest = build(max_request_bytes=2000)
+    items = [customer(f"u{n}", n, pad="y" * 100) for n in range(60)]
+    for request in dest.pack(items):
+        rendered = dest.render(request)
+        assert len(rendered) <= 2000
+        assert sum(i.size for i in request.items) + len(request.items) - 1 + 35 == len(rendered)
+
+
+def test_an_item_larger_than_the_cap_goes_alone():
+    dest = build()
+    huge = customer("big", 2, blob="z" * 150_000)
+    requests = dest.pack([customer("a", 1), huge, customer("b", 3)])
+    assert [[i.job_id for i in r.items] for r in requests] == [[1], [2], [3]]
+
+
+def test_merge_requests_hold_at_most_50_pairs():
+    dest = build()
+    requests = dest.pack([merge(f"old{n}", f"new{n}", n) for n in range(120)])
+    assert [len(r.items) for r in requests] == [50, 50, 20]
+    assert all(r.endpoint == "merge" for r in requests)
+    assert orjson.loads(dest.render(requests[2]))["merge_data"][0] == {
+        "merged_user": "old100",
+        "retained_user": "new100",
+    }
+
+
+def test_single_api_sends_one_item_per_request_in_order():
+    dest = build(api="single")
+    items = [event("u1", "A", 1), customer("u1", 2), event("u1", "B", 3), merge("x1", "u1", 4)]
+    requests = dest.pack(items)
+    assert [(r.endpoint, [i.job_id for i in r.items]) for r in requests] == [
+        ("event", [1]),
+        ("customer", [2]),
+        ("event", [3]),
+        ("merge", [4]),
+    ]
+    assert orjson.loads(dest.render(requests[1])) == items[1].output.body
+
+
+def test_unsupported_kinds_are_rejected_before_packing():
+    dest = build()
+    odd = make_item("track", {"event": "x"})
+    assert dest.reject_reason(odd) == "unsupported_output_kind"
+    assert dest.reject_reason(customer("u1")) is None
+    with pytest.raises(ValueError, match="cannot send output kind 'track'"):
+        dest.pack([odd])
+
+
+def test_rate_limits_and_costs_follow_the_documented_caps():
+    dest = build()
+    limits = dest.rate_limits()
+    assert limits == pytest.approx(
+        {"users": 10_000 / 60, "events": 500.0, "bulk_users": 1000.0, "bulk_events": 1000.0, "merge": 1000 / 60}
+    )
+    two_actions = make_item(
+        "event", {"type": "event", "customer_id": "u", "actions": [{"action": "a"}, {"action": "b"}]}
+    )
+    bulk = Request("bulk", [customer("u1"), two_actions, event("u2", "c")])
+    assert dict(dest.rate_cost(bulk).buckets) == {"bulk_users": 1, "bulk_events": 3}
+    assert dict(dest.rate_cost(Request("merge", [merge("a1", "b1")] * 7)).buckets) == {"merge": 7}
+    assert dict(dest.rate_cost(Request("customer", [customer("u1")])).buckets) == {"users": 1}
+    assert dict(dest.rate_cost(Request("event", [two_actions])).buckets) == {"events": 2}
+
+
+# -- sending ----------------------------------------------------------------------------
+
+
+async def test_bulk_send_reaches_the_standin_with_exact_headers(moengage):
+    standin, base = moengage
+    dest = build(base_url=base + "/")
+    items = [customer("u1", 1, email="a@example.com"), event("u1", "Order Completed", 2, total=12)]
+    results = await send_all(dest, items)
+    assert [response.status for _, response in results] == [200]
+    assert results[0][1].body == (
+        '{"status":"success","message":"Your request has been accepted and will be processed soon."}'
+    )
+    recorded = standin.requests[0]
+    assert recorded.path == f"/v1/transition/{WS}"
+    assert recorded.headers["Authorization"] == "Basic " + base64.b64encode(f"{WS}:{KEY}".encode()).decode()
+    assert recorded.headers["MOE-APPKEY"] == WS
+    assert recorded.headers["Content-Type"] == "application/json"
+    assert recorded.body == {"type": "transition", "elements": [i.output.body for i in items]}
+    assert standin.customers() == [items[0].output.body]
+    assert standin.events() == [items[1].output.body]
+
+
+async def test_single_endpoints_and_merge_reach_their_paths(moengage):
+    standin, base = moengage
+    dest = build(base_url=base, api="single")
+    items = [customer("u1", 1), event("u1", "Viewed", 2), merge("anon-1", "u1", 3)]
+    results = await send_all(dest, items)
+    assert [response.status for _, response in results] == [200, 200, 200]
+    assert [(r.path, dict(r.query)) for r in standin.requests] == [
+        (f"/v1/customer/{WS}", {}),
+        (f"/v1/event/{WS}", {}),
+        ("/v1/customer/merge", {"app_id": WS}),
+    ]
+    assert standin.merges() == [{"merged_user": "anon-1", "retained_user": "u1"}]
+    assert orjson.loads(results[2][1].body) == {"status": "success", "operation": "created"}
+
+
+async def test_a_full_bulk_pack_is_accepted_by_the_100_kb_standin(moengage):
+    standin, base = moengage
+    dest = build(base_url=base)
+    items = [customer(f"user-{n}", n, note="n" * 700) for n in range(500)]
+    results = await send_all(dest, items)
+    assert len(results) > 3
+    assert all(response.status == 200 for _, response in results)
+    assert [c["customer_id"] for c in standin.customers()] == [f"user-{n}" for n in range(500)]
+
+
+async def test_oversize_single_item_gets_413_from_the_standin(moengage):
+    standin, base = moengage
+    dest = build(base_url=base)
+    results = await send_all(dest, [customer("big", 1, blob="z" * 150_000)])
+    assert results[0][1].status == 413
+    assert "PayloadTooLarge" in results[0][1].body
+    assert standin.customers() == []
+
+
+async def test_wrong_api_key_is_a_401_with_moengage_envelope(moengage):
+    _standin, base = moengage
+    dest = MoEngageDestination.from_config(config(api_key="wrong", base_url=base), where="destinations[0]", timeout=5.0)
+    results = await send_all(dest, [customer("u1")])
+    response = results[0][1]
+    assert response.status == 401
+    body = orjson.loads(response.body)
+    assert body["status"] == "fail"
+    assert body["error"]["message"] == "App Secret key mismatch. Please login to the dashboard to verify key"
+    assert "wrong" not in response.body
+
+
+async def test_429_with_retry_after_and_5xx_are_reported(moengage):
+    standin, base = moengage
+    standin.plan(Planned(429, headers={"Retry-After": "30"}), Planned(502))
+    dest = build(base_url=base)
+    await dest.start()
+    try:
+        first = await dest.send(Request("bulk", [customer("u1")]))
+        second = await dest.send(Request("bulk", [customer("u1")]))
+        third = await dest.send(Request("bulk", [customer("u1")]))
+    finally:
+        await dest.close()
+    assert (first.status, first.retry_after) == (429, 30.0)
+    assert second.status == 502
+    assert third.status == 200
+    assert standin.received == 3
+    assert len(standin.customers()) == 1
+
+
+async def test_timeout_and_reset_are_reported_as_status_0(moengage):
+    standin, base = moengage
+    standin.plan(Planned(hang=True), Planned(reset=True))
+    dest = MoEngageDestination.from_config(config(base_url=base), where="destinations[0]", timeout=0.3)
+    try:
+        timed_out = await dest.send(Request("bulk", [customer("u1")]))
+        reset = await dest.send(Request("bulk", [customer("u1")]))
+    finally:
+        await dest.close()
+        standin.stop()
+    assert timed_out.status == 0
+    assert timed_out.error == "timeout"
+    assert reset.status == 0
+    assert reset.error is not None
+    assert reset.error.startswith("connection_error")
+
+
+async def test_send_to_an_unknown_endpoint_is_reported():
+    dest = build()
+    response = await dest.send(Request("nope", [customer("u1")]))
+    assert response.status == 0
+    assert response.error == "unknown endpoint 'nope'"
