@@ -1,0 +1,321 @@
+"""A stand-in for MoEngage's Data API that answers like the real one, errors included.
+
+Behaviour follows MoEngage's documented contract (shared/reference/moengage-api.md §1):
+Basic auth (workspace id : Data API key), MOE-APPKEY equal to the username, JSON only,
+128 KB per request (100 KB for Bulk Import), MissingAttributeError for incomplete
+items, at most 50 merge pairs, and silent acceptance of customer ids MoEngage
+ignores.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import orjson
+from aiohttp import web
+
+from bridge.testing.upstream import StandIn, clip
+
+MAX_BODY_BYTES = 128_000
+MAX_BULK_BODY_BYTES = 100_000
+MAX_MERGE_PAIRS = 50
+
+# Ids MoEngage accepts with 200 but never turns into users (MoEngage Data API overview).
+BLOCKED_CUSTOMER_IDS = frozenset(
+    {
+        "unknown",
+        "guest",
+        "null",
+        "none",
+        "0",
+        "1",
+        "-1",
+        "-2",
+        "2",
+        "true",
+        "false",
+        "id",
+        "uid",
+        "user_id",
+        "userid",
+        "customer_id",
+        "na",
+        "n/a",
+        "dummy_seller_code",
+        "user_attribute_unique_id",
+    }
+)
+
+_ERROR_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    403: "BlockedClient",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    409: "ConflictError",
+    413: "PayloadTooLarge",
+    415: "MediaTypeError",
+    429: "RateLimitError",
+    500: "ServerError",
+    502: "ServerError",
+    503: "ServiceUnavailable",
+    504: "GatewayTimeout",
+}
+_ERROR_MESSAGES = {
+    400: "Bad Request",
+    401: "Authentication Header Required",
+    403: "Account Suspended",
+    409: "Conflict",
+    413: "Payload size exceeds 128 KB",
+    415: "Unsupported Media Type",
+    429: "Rate limit exceeded",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+_KEY_MISMATCH = "App Secret key mismatch. Please login to the dashboard to verify key"
+
+ACCEPTED = {"status": "success", "message": "Your request has been accepted and will be processed soon."}
+MERGE_ACCEPTED = {"status": "success", "operation": "created"}
+
+
+class Rejected(Exception):
+    """A request MoEngage answers with an error; carries the answer."""
+
+    def __init__(self, status: int, message: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+
+
+@dataclass(frozen=True, slots=True)
+class Ignored:
+    """An item MoEngage acknowledged but silently dropped."""
+
+    reason: str  # "blocked_customer_id"
+    item: dict[str, Any]
+
+
+def is_blocked_customer_id(value: str) -> bool:
+    text = value.strip()
+    return len(text) <= 1 or text.lower() in BLOCKED_CUSTOMER_IDS
+
+
+class MoEngageStandIn(StandIn):
+    name: ClassVar[str] = "moengage"
+
+    def __init__(self, workspace_id: str, api_key: str, data_center: str = "01") -> None:
+        super().__init__()
+        self.workspace_id = workspace_id
+        self.api_key = api_key
+        self.data_center = data_center
+        self.ignored: list[Ignored] = []
+        self._customers: list[dict[str, Any]] = []
+        self._events: list[dict[str, Any]] = []
+        self._devices: list[dict[str, Any]] = []
+        self._merges: list[dict[str, Any]] = []
+
+    # -- views -------------------------------------------------------------------
+
+    def customers(self) -> list[dict[str, Any]]:
+        """Every Track User item accepted (single endpoint and Bulk Import), in order."""
+        return list(self._customers)
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every Create Event item accepted (single endpoint and Bulk Import), in order."""
+        return list(self._events)
+
+    def devices(self) -> list[dict[str, Any]]:
+        return list(self._devices)
+
+    def merges(self) -> list[dict[str, Any]]:
+        """Every merge pair accepted: {"merged_user", "retained_user"}."""
+        return list(self._merges)
+
+    # -- the app -------------------------------------------------------------------
+
+    def routes(self) -> list[web.RouteDef]:
+        # Merge before the customer route: "/v1/customer/merge" would match {workspace}.
+        return [
+            web.post("/v1/customer/merge", self._merge),
+            web.post("/v1/customer/{workspace}", self._customer),
+            web.post("/v1/event/{workspace}", self._event),
+            web.post("/v1/transition/{workspace}", self._transition),
+        ]
+
+    def error_body(self, status: int, message: str | None = None, kind: str | None = None) -> Any:
+        return {
+            "status": "fail",
+            "error": {
+                "message": message or _ERROR_MESSAGES.get(status, "Error"),
+                "type": kind or _ERROR_TYPES.get(status, "Error"),
+                "request_id": self.request_id(),
+            },
+        }
+
+    async def _customer(self, request: web.Request) -> web.Response:
+        return await self._handle(request, self._accept_customer_request, MAX_BODY_BYTES)
+
+    async def _event(self, request: web.Request) -> web.Response:
+        return await self._handle(request, self._accept_event_request, MAX_BODY_BYTES)
+
+    async def _transition(self, request: web.Request) -> web.Response:
+        return await self._handle(request, self._accept_transition, MAX_BULK_BODY_BYTES)
+
+    async def _merge(self, request: web.Request) -> web.Response:
+        return await self._handle(request, self._accept_merge, MAX_BODY_BYTES, merge=True)
+
+    async def _handle(
+        self,
+        request: web.Request,
+        accept: Callable[[dict[str, Any]], str],
+        max_bytes: int,
+        merge: bool = False,
+    ) -> web.Response:
+        try:
+            self._authenticate(request, merge=merge)
+            if request.content_type != "application/json":
+                raise Rejected(415, "Content-Type must be application/json", "MediaTypeError")
+            raw = await request.read()
+            if len(raw) > max_bytes:
+                raise Rejected(413, f"Payload size exceeds {max_bytes // 1000} KB", "PayloadTooLarge")
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                raise Rejected(400, f"Malformed JSON: {exc}", "Malformed JSON") from None
+            if not isinstance(body, dict):
+                raise Rejected(400, "Malformed JSON: the body must be a JSON object", "Malformed JSON")
+            summary: str = accept(body)
+        except Rejected as rejected:
+            self.note(request, error=rejected.message)
+            return self.error(rejected.status, rejected.message, rejected.kind)
+        self.record(request, body, len(raw))
+        self.note(request, summary=summary, body=clip(body))
+        return self.json_response(200, MERGE_ACCEPTED if merge else ACCEPTED)
+
+    def _authenticate(self, request: web.Request, *, merge: bool) -> None:
+        header = request.headers.get("Authorization")
+        if not header:
+            raise Rejected(401, "Authentication Header Required", "AuthenticationError")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "basic":
+            raise Rejected(
+                401,
+                "Invalid authorization used. MoEngage only supports 'Basic Auth' authorization.",
+                "AuthenticationError",
+            )
+        try:
+            username, _, password = base64.b64decode(token.strip(), validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            raise Rejected(401, "Authentication Header Malformed", "AuthenticationError") from None
+        if username != self.workspace_id or password != self.api_key:
+            raise Rejected(
+                401,
+                "App Secret key mismatch. Please login to the dashboard to verify key",
+                "AuthenticationError",
+            )
+        appkey = request.headers.get("MOE-APPKEY")
+        if appkey is None and not merge:  # merge callers may omit it; data calls may not
+            raise Rejected(401, "MOE-APPKEY header is required", "AuthenticationError")
+        if appkey is not None and appkey != username:
+            raise Rejected(
+                401,
+                "MOE_APPKEY doesn't match the Username (APP_KEY) used in Basic Auth authorization.",
+                "AuthenticationError",
+            )
+        target = request.query.get("app_id") if merge else request.match_info.get("workspace")
+        if not target:
+            raise Rejected(400, "app_id is required", "InvalidParams")
+        if target != username:
+            raise Rejected(409, "App key mismatch in params and authentication.", "ConflictError")
+
+    # -- validation and recording ----------------------------------------------------
+
+    def _keep_user_item(self, item: dict[str, Any], into: list[dict[str, Any]]) -> None:
+        if is_blocked_customer_id(item["customer_id"]):
+            self.ignored.append(Ignored("blocked_customer_id", item))
+        else:
+            into.append(item)
+
+    def _accept_customer_request(self, body: dict[str, Any]) -> str:
+        _check_user_item(body, "customer", where="")
+        self._keep_user_item(body, self._customers)
+        return f"customer {body['customer_id']!r}"
+
+    def _accept_event_request(self, body: dict[str, Any]) -> str:
+        _check_user_item(body, "event", where="")
+        self._keep_user_item(body, self._events)
+        return f"event for {body['customer_id']!r}: {_action_names(body)}"
+
+    def _accept_transition(self, body: dict[str, Any]) -> str:
+        if body.get("type") != "transition":
+            raise Rejected(400, "type should be transition", "InvalidParams")
+        elements = body.get("elements")
+        if not isinstance(elements, list) or not elements:
+            raise Rejected(400, "elements can not be empty Array", "MissingAttributeError")
+        for index, element in enumerate(elements):
+            if not isinstance(element, dict) or element.get("type") not in ("customer", "event", "device"):
+                raise Rejected(400, "'type in elements should be customer/event/device", "InvalidParams")
+            _check_user_item(element, element["type"], where=f"elements[{index}].")
+        counts = {"customer": 0, "event": 0, "device": 0}
+        targets = {"customer": self._customers, "event": self._events, "device": self._devices}
+        for element in elements:
+            counts[element["type"]] += 1
+            self._keep_user_item(element, targets[element["type"]])
+        return f"bulk customers={counts['customer']} events={counts['event']} devices={counts['device']}"
+
+    def _accept_merge(self, body: dict[str, Any]) -> str:
+        pairs = body.get("merge_data")
+        if not isinstance(pairs, list) or not pairs:
+            raise Rejected(400, "merge_data can not be empty Array", "MissingAttributeError")
+        if len(pairs) > MAX_MERGE_PAIRS:
+            raise Rejected(
+                400,
+                f"merge_data can have at most {MAX_MERGE_PAIRS} entries, got {len(pairs)}",
+                "InvalidParams",
+            )
+        for index, pair in enumerate(pairs):
+            if not isinstance(pair, dict):
+                raise Rejected(400, f"merge_data[{index}] must be an object", "InvalidParams")
+            for key in ("merged_user", "retained_user"):
+                value = pair.get(key)
+                if not isinstance(value, str) or not value.strip():
+                    raise Rejected(
+                        400, f"merge_data[{index}].{key} is not found in the payload", "MissingAttributeError"
+                    )
+        for pair in pairs:
+            # A failing pair is skipped and the others continue (MoEngage Merge User).
+            if is_blocked_customer_id(pair["merged_user"]) or is_blocked_customer_id(pair["retained_user"]):
+                self.ignored.append(Ignored("blocked_customer_id", pair))
+            else:
+                self._merges.append(pair)
+        return f"merge pairs={len(pairs)}"
+
+
+def _check_user_item(item: dict[str, Any], kind: str, *, where: str) -> None:
+    if kind != "device" and item.get("type") not in (None, kind):
+        raise Rejected(400, f"{where}type should be {kind}", "InvalidParams")
+    customer_id = item.get("customer_id")
+    if not isinstance(customer_id, str) or not customer_id.strip():
+        raise Rejected(400, f"{where}customer_id can not be empty Unicode String", "MissingAttributeError")
+    attributes = item.get("attributes")
+    if attributes is not None and not isinstance(attributes, dict):
+        raise Rejected(400, f"{where}attributes should be an object", "InvalidParams")
+    if kind != "event":
+        return
+    actions = item.get("actions")
+    if not isinstance(actions, list) or not actions:
+        raise Rejected(400, f"{where}actions can not be empty Array", "MissingAttributeError")
+    for index, action in enumerate(actions):
+        name = action.get("action") if isinstance(action, dict) else None
+        if not isinstance(name, str) or not name.strip():
+            raise Rejected(400, f"{where}actions[{index}]: action is not found in the payload", "MissingAttributeError")
+
+
+def _action_names(item: dict[str, Any]) -> str:
+    return ", ".join(str(action.get("action")) for action in item.get("actions", []))

@@ -1,0 +1,169 @@
+"""A stand-in for Segment's Tracking API batch endpoint, answering as Segment does.
+
+Segment answers 200 to almost everything and drops bad data silently: unknown
+write keys, keys of another region's workspace, events that fail its spec checks.
+Only invalid JSON and oversize payloads get a 400 (shared/reference/segment-api.md §1).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import orjson
+from aiohttp import web
+
+from bridge.testing.upstream import StandIn, clip
+
+MAX_REQUEST_BYTES = 500_000
+MAX_EVENT_BYTES = 32 * 1024
+MAX_BATCH_EVENTS = 2500
+CALL_TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias"})
+
+Auth = Literal["basic", "body", "both"]
+
+_CODES = {400: "invalid_request", 401: "unauthorized", 429: "rate_limited"}
+_MESSAGES = {400: "Bad Request", 401: "Unauthorized", 429: "Too Many Requests", 500: "Internal Server Error"}
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentEvent:
+    """One event Segment accepted, with its batch's sentAt and how the key came."""
+
+    event: dict[str, Any]
+    sent_at: Any
+    write_key: str
+    auth: Auth
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """Data Segment answered 200 for but did not keep; ``event`` None for a whole batch."""
+
+    reason: str  # unknown_write_key, wrong_region, empty_batch, too_many_events, or a discard code
+    write_key: str
+    event: Any
+
+
+class SegmentStandIn(StandIn):
+    name: ClassVar[str] = "segment"
+
+    def __init__(self, keys: Mapping[str, str], region: str = "us") -> None:
+        """``keys``: write key -> the region of the workspace it belongs to."""
+        super().__init__()
+        self.keys = dict(keys)
+        self.region = region
+        self.accepted: list[SegmentEvent] = []
+        self.dropped: list[Dropped] = []
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every event accepted, in arrival order."""
+        return [accepted.event for accepted in self.accepted]
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.post("/v1/batch", self._batch)]
+
+    def error_body(self, status: int, message: str | None = None, kind: str | None = None) -> Any:
+        return {
+            "code": kind or _CODES.get(status, "server_error" if status >= 500 else "error"),
+            "message": message or _MESSAGES.get(status, "Error"),
+        }
+
+    async def _batch(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        if len(raw) > MAX_REQUEST_BYTES:
+            return self._invalid(request, "Exceed payload limit")
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return self._invalid(request, "Invalid JSON")
+        if not isinstance(body, dict):
+            return self._invalid(request, "Invalid JSON")
+        batch = body.get("batch")
+        if not isinstance(batch, list):
+            return self._invalid(request, "batch must be an array of events")
+        if any(len(orjson.dumps(event)) > MAX_EVENT_BYTES for event in batch):
+            return self._invalid(request, "Exceed payload limit")
+        basic_key = _basic_username(request.headers.get("Authorization", ""))
+        body_key = body.get("writeKey") if isinstance(body.get("writeKey"), str) else None
+        write_key = basic_key or body_key
+        if not write_key:
+            return self._invalid(request, "Missing write key")
+        auth: Auth = "both" if basic_key and body_key else "basic" if basic_key else "body"
+        self.record(request, body, len(raw))
+        reason = self._batch_problem(write_key, batch)
+        if reason:
+            self.dropped.append(Dropped(reason, write_key, None))
+            self.note(request, summary=f"dropped batch of {len(batch)}: {reason}")
+            return self.json_response(200, {"success": True})
+        kept: Counter[str] = Counter()
+        for event in batch:
+            discard = discard_code(event)
+            if discard:
+                self.dropped.append(Dropped(discard, write_key, event))
+                continue
+            self.accepted.append(SegmentEvent(event, body.get("sentAt"), write_key, auth))
+            kept[event["type"]] += 1
+        dropped = len(batch) - sum(kept.values())
+        summary = f"accepted {dict(kept)} dropped={dropped} auth={auth}"
+        self.note(request, summary=summary, events=clip(batch))
+        return self.json_response(200, {"success": True})
+
+    def _invalid(self, request: web.Request, message: str) -> web.Response:
+        self.note(request, error=message)
+        return self.error(400, message, "invalid_request")
+
+    def _batch_problem(self, write_key: str, batch: list[Any]) -> str | None:
+        if write_key not in self.keys:
+            return "unknown_write_key"
+        if self.keys[write_key] != self.region:
+            return "wrong_region"  # Segment drops cross-region data without an error
+        if not batch:
+            return "empty_batch"
+        if len(batch) > MAX_BATCH_EVENTS:
+            return "too_many_events"
+        return None
+
+
+def _basic_username(header: str) -> str | None:
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "basic" or not token.strip():
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return decoded.partition(":")[0] or None
+
+
+def discard_code(event: Any) -> str | None:
+    """Segment's Delivery Overview discard code for an event, or None if it is valid."""
+    if not isinstance(event, dict):
+        return "invalid_event"
+    kind = event.get("type")
+    if kind not in CALL_TYPES:
+        return "type_invalid"
+    ids = ("userId", "previousId") if kind == "alias" else ("userId", "anonymousId")
+    present = [event.get(key) for key in ids if event.get(key) is not None]
+    if kind == "alias" and len(present) < 2:
+        return "id_required"
+    if not present:
+        return "no_user_anon_id"
+    if any(not isinstance(value, str) or not value for value in present):
+        return "id_not_string"
+    if kind == "track":
+        if "event" not in event:
+            return "event_not_defined"
+        if not isinstance(event["event"], str) or not event["event"]:
+            return "event_not_string"
+    if kind == "group" and not event.get("groupId"):
+        return "id_required"
+    if "properties" in event and not isinstance(event["properties"], dict):
+        return "properties_not_object"
+    if "traits" in event and not isinstance(event["traits"], dict):
+        return "traits_not_object"
+    return None

@@ -1,0 +1,284 @@
+"""The MoEngage stand-in answers like MoEngage's Data API, errors included."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import orjson
+import pytest
+
+from bridge.destinations.http import basic_auth
+from bridge.testing.standins import BLOCKED_CUSTOMER_IDS, MoEngageStandIn, Planned
+
+WS = "WS1"
+KEY = "k3y"
+GOOD = {"Authorization": basic_auth(WS, KEY), "MOE-APPKEY": WS, "Content-Type": "application/json"}
+
+
+@pytest.fixture
+async def moe(aiohttp_server, aiohttp_client):
+    standin = MoEngageStandIn(WS, KEY)
+    client = await aiohttp_client(await aiohttp_server(standin.app()))
+    return standin, client
+
+
+async def call(client, path, body, headers=None):
+    data = body if isinstance(body, bytes) else orjson.dumps(body)
+    resp = await client.post(path, data=data, headers=GOOD if headers is None else headers)
+    return resp.status, await resp.json(content_type=None)
+
+
+def customer(cid="u1"):
+    return {"type": "customer", "customer_id": cid, "attributes": {"plan": "pro"}}
+
+
+def event(cid="u1", actions=None):
+    return {"type": "event", "customer_id": cid, "actions": actions or [{"action": "Bought", "attributes": {}}]}
+
+
+async def test_accepts_a_valid_customer_and_records_it(moe):
+    standin, client = moe
+    status, body = await call(client, f"/v1/customer/{WS}", customer())
+    assert status == 200
+    assert body == {"status": "success", "message": "Your request has been accepted and will be processed soon."}
+    assert standin.customers() == [customer()]
+    assert standin.requests[0].headers["MOE-APPKEY"] == WS
+    assert standin.requests[0].body == customer()
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ({"MOE-APPKEY": WS, "Content-Type": "application/json"}, "Authentication Header Required"),
+        ({**GOOD, "Authorization": "Bearer abc"}, "MoEngage only supports 'Basic Auth'"),
+        ({**GOOD, "Authorization": basic_auth(WS, "nope")}, "App Secret key mismatch"),
+        ({**GOOD, "Authorization": basic_auth("OTHER", KEY)}, "App Secret key mismatch"),
+        ({**GOOD, "Authorization": "Basic !!!"}, "Authentication Header Malformed"),
+        ({**GOOD, "MOE-APPKEY": "OTHER"}, "MOE_APPKEY doesn't match the Username"),
+        ({"Authorization": basic_auth(WS, KEY), "Content-Type": "application/json"}, "MOE-APPKEY header is required"),
+    ],
+)
+async def test_auth_failures_are_401_with_the_error_envelope(moe, headers, message):
+    standin, client = moe
+    status, body = await call(client, f"/v1/customer/{WS}", customer(), headers)
+    assert status == 401
+    assert body["status"] == "fail"
+    assert message in body["error"]["message"]
+    assert len(body["error"]["request_id"]) == 32
+    assert standin.customers() == []
+    assert standin.received == 1
+
+
+async def test_merge_may_omit_moe_appkey_but_not_mismatch_app_id(moe):
+    standin, client = moe
+    headers = {"Authorization": basic_auth(WS, KEY), "Content-Type": "application/json"}
+    pairs = {"merge_data": [{"merged_user": "a1", "retained_user": "b1"}]}
+    assert (await call(client, f"/v1/customer/merge?app_id={WS}", pairs, headers))[0] == 200
+    status, body = await call(client, "/v1/customer/merge?app_id=OTHER", pairs, headers)
+    assert (status, body["error"]["message"]) == (409, "App key mismatch in params and authentication.")
+    status, body = await call(client, "/v1/customer/merge", pairs, headers)
+    assert (status, body["error"]["type"]) == (400, "InvalidParams")
+    assert standin.merges() == pairs["merge_data"]
+
+
+async def test_workspace_in_path_must_match_the_credentials(moe):
+    _standin, client = moe
+    status, _ = await call(client, "/v1/event/SOMEONE_ELSE", event())
+    assert status == 409
+
+
+async def test_content_type_must_be_json(moe):
+    _standin, client = moe
+    status, body = await call(client, f"/v1/event/{WS}", event(), {**GOOD, "Content-Type": "text/plain"})
+    assert (status, body["error"]["type"]) == (415, "MediaTypeError")
+
+
+async def test_payload_caps_128_kb_and_100_kb_for_bulk(moe):
+    standin, client = moe
+    big = customer()
+    big["attributes"]["blob"] = "x" * 110_000  # under 128 KB, over 100 KB
+    assert (await call(client, f"/v1/customer/{WS}", big))[0] == 200
+    status, body = await call(client, f"/v1/transition/{WS}", {"type": "transition", "elements": [big]})
+    assert (status, body["error"]["type"]) == (413, "PayloadTooLarge")
+    bigger = customer()
+    bigger["attributes"]["blob"] = "x" * 130_000
+    status, body = await call(client, f"/v1/customer/{WS}", bigger)
+    assert status == 413
+    assert body["error"]["message"] == "Payload size exceeds 128 KB"
+    # far beyond aiohttp's own default body limit: still MoEngage's answer
+    status, body = await call(client, f"/v1/customer/{WS}", b"{" + b" " * 3_000_000 + b"}")
+    assert (status, body["status"]) == (413, "fail")
+    assert len(standin.customers()) == 1
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b""])
+async def test_malformed_json_is_400(moe, raw):
+    _standin, client = moe
+    status, body = await call(client, f"/v1/event/{WS}", raw)
+    assert (status, body["error"]["type"]) == (400, "Malformed JSON")
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "message"),
+    [
+        (f"/v1/customer/{WS}", {"type": "customer", "attributes": {}}, "customer_id can not be empty"),
+        (f"/v1/customer/{WS}", {"type": "customer", "customer_id": "  "}, "customer_id can not be empty"),
+        (f"/v1/event/{WS}", {"type": "event", "customer_id": "u1", "actions": []}, "actions can not be empty"),
+        (f"/v1/event/{WS}", event(actions=[{"attributes": {}}]), "action is not found in the payload"),
+        (
+            f"/v1/transition/{WS}",
+            {"type": "transition", "elements": [customer(), {"type": "event", "customer_id": "u1"}]},
+            "elements[1].actions can not be empty Array",
+        ),
+        (
+            f"/v1/customer/merge?app_id={WS}",
+            {"merge_data": [{"merged_user": "a1"}]},
+            "merge_data[0].retained_user is not found",
+        ),
+    ],
+)
+async def test_missing_attributes_are_400_missing_attribute_error(moe, path, payload, message):
+    standin, client = moe
+    status, body = await call(client, path, payload)
+    assert status == 400
+    assert body["error"]["type"] == "MissingAttributeError"
+    assert message in body["error"]["message"]
+    assert standin.customers() == standin.events() == standin.merges() == []
+
+
+async def test_bulk_element_types_are_checked(moe):
+    _standin, client = moe
+    status, body = await call(client, f"/v1/transition/{WS}", {"type": "transition", "elements": [{"type": "x"}]})
+    assert status == 400
+    assert body["error"]["message"] == "'type in elements should be customer/event/device"
+
+
+async def test_merge_takes_at_most_50_pairs(moe):
+    standin, client = moe
+    pairs = [{"merged_user": f"old{n}", "retained_user": f"new{n}"} for n in range(51)]
+    status, body = await call(client, f"/v1/customer/merge?app_id={WS}", {"merge_data": pairs})
+    assert status == 400
+    assert "at most 50" in body["error"]["message"]
+    status, body = await call(client, f"/v1/customer/merge?app_id={WS}", {"merge_data": pairs[:50]})
+    assert (status, body) == (200, {"status": "success", "operation": "created"})
+    assert len(standin.merges()) == 50
+
+
+async def test_blocklisted_ids_are_accepted_but_silently_ignored(moe):
+    standin, client = moe
+    elements = [customer("guest"), customer("real-user"), event("NULL"), event("x"), event("real-user")]
+    status, _ = await call(client, f"/v1/transition/{WS}", {"type": "transition", "elements": elements})
+    assert status == 200
+    assert [c["customer_id"] for c in standin.customers()] == ["real-user"]
+    assert [e["customer_id"] for e in standin.events()] == ["real-user"]
+    assert [(i.reason, i.item["customer_id"]) for i in standin.ignored] == [
+        ("blocked_customer_id", "guest"),
+        ("blocked_customer_id", "NULL"),
+        ("blocked_customer_id", "x"),
+    ]
+    assert {"unknown", "0", "-1", "n/a", "user_attribute_unique_id"} <= BLOCKED_CUSTOMER_IDS
+
+
+async def test_unknown_route_is_404_in_moengage_shape(moe):
+    _standin, client = moe
+    status, body = await call(client, f"/v1/device2/{WS}", {})
+    assert (status, body["status"]) == (404, "fail")
+
+
+# -- failure injection -----------------------------------------------------------------
+
+
+async def test_plan_is_consumed_in_order_then_normal_handling_resumes(moe):
+    standin, client = moe
+    standin.plan(
+        Planned(429, headers={"Retry-After": "5"}),
+        Planned(500, body={"custom": True}),
+        Planned(503, body="plain text"),
+    )
+    resp = await client.post(f"/v1/customer/{WS}", data=orjson.dumps(customer()), headers=GOOD)
+    assert resp.status == 429
+    assert resp.headers["Retry-After"] == "5"
+    assert (await resp.json())["error"]["type"] == "RateLimitError"
+    assert await call(client, f"/v1/customer/{WS}", customer()) == (500, {"custom": True})
+    resp = await client.post(f"/v1/customer/{WS}", data=orjson.dumps(customer()), headers=GOOD)
+    assert (resp.status, await resp.text()) == (503, "plain text")
+    assert (await call(client, f"/v1/customer/{WS}", customer()))[0] == 200
+    assert standin.received == 4
+    assert [s.status for s in standin.seen] == [429, 500, 503, 200]
+    assert len(standin.customers()) == 1
+
+
+async def test_refuse_all_until_cleared(moe):
+    standin, client = moe
+    standin.refuse_all(503)
+    for _ in range(3):
+        assert (await call(client, f"/v1/customer/{WS}", customer()))[0] == 503
+    standin.refuse_all(None)
+    assert (await call(client, f"/v1/customer/{WS}", customer()))[0] == 200
+    assert standin.received == 4
+    assert len(standin.requests) == 1
+
+
+async def test_hold_and_release(moe):
+    standin, client = moe
+    standin.hold()
+    pending = asyncio.ensure_future(call(client, f"/v1/customer/{WS}", customer()))
+    await standin.wait_for(lambda: standin.received == 1, timeout=5)
+    await asyncio.sleep(0.1)
+    assert not pending.done()
+    standin.release()
+    assert (await asyncio.wait_for(pending, 5))[0] == 200
+
+
+async def test_delay_then_answer(moe):
+    standin, client = moe
+    standin.plan(Planned(200, body={"ok": 1}, delay=0.2))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await call(client, f"/v1/customer/{WS}", customer()) == (200, {"ok": 1})
+    assert loop.time() - started >= 0.2
+    assert standin.customers() == []  # planned answers bypass normal handling
+
+
+async def test_reset_closes_without_answering(moe):
+    standin, client = moe
+    standin.plan(Planned(reset=True))
+    with pytest.raises(aiohttp.ClientError):
+        await call(client, f"/v1/customer/{WS}", customer())
+    assert [s.status for s in standin.seen] == [0]
+
+
+async def test_wait_for_times_out_with_a_clear_message(moe):
+    standin, _client = moe
+    with pytest.raises(TimeoutError, match=r"moengage stand-in: condition not met within 0.1s \(0 requests"):
+        await standin.wait_for(lambda: len(standin.events()) == 1, timeout=0.1)
+
+
+async def test_wait_for_wakes_on_arrival(moe):
+    standin, client = moe
+
+    async def later():
+        await asyncio.sleep(0.05)
+        for n in range(3):
+            await call(client, f"/v1/event/{WS}", event(f"user{n}"))
+
+    task = asyncio.ensure_future(later())
+    await standin.wait_for(lambda: len(standin.events()) == 3, timeout=5)
+    await task
+    assert [e["customer_id"] for e in standin.events()] == ["user0", "user1", "user2"]
+
+
+async def test_a_standin_can_be_served_again_after_shutdown(aiohttp_server, aiohttp_client):
+    standin = MoEngageStandIn(WS, KEY)
+    first = await aiohttp_server(standin.app())
+    await first.close()
+    client = await aiohttp_client(await aiohttp_server(standin.app()))
+    standin.plan(Planned(hang=True))
+    pending = asyncio.ensure_future(call(client, f"/v1/customer/{WS}", customer()))
+    await standin.wait_for(lambda: standin.received == 1, timeout=5)
+    await asyncio.sleep(0.05)
+    assert not pending.done()  # hangs again: the earlier shutdown does not leak into this run
+    standin.stop()
+    assert (await asyncio.wait_for(pending, 5))[0] == 503
+    assert (await call(client, f"/v1/customer/{WS}", customer()))[0] == 200
