@@ -1,0 +1,214 @@
+"""Admin API (/admin/*): DLQ, discards, translate, destination pause/resume, status.
+
+Off unless admin.token is configured; every call needs ``Authorization: Bearer <token>``.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from bridge.httpx import ApiError, Handler, json_response, parse_json, read_body, same_secret
+from bridge.mapping.api import MapContext
+from bridge.mapping.translate import translate_events
+from bridge.records import dead_letter_json, discard_json
+from bridge.store.base import RecordFilter
+
+if TYPE_CHECKING:
+    from bridge.runtime import Runtime
+
+MAX_ADMIN_BODY = 5 * 1024 * 1024
+
+
+def add_admin_routes(app: web.Application, runtime: Runtime, token: str) -> None:
+    if not token:
+        return  # the admin API is off: its routes do not exist
+
+    def guarded(handler: Handler) -> Handler:
+        async def check(request: web.Request) -> web.StreamResponse:
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not same_secret(given.strip(), token):
+                raise ApiError(401, "unauthorized", "the admin API needs Authorization: Bearer <admin token>")
+            return await handler(request)
+
+        return check
+
+    api = AdminApi(runtime)
+    r = app.router
+    r.add_get("/admin/status", guarded(api.status))
+    r.add_get("/admin/dlq", guarded(api.dlq_list))
+    r.add_get("/admin/dlq/{id}", guarded(api.dlq_show))
+    r.add_post("/admin/dlq/replay", guarded(api.dlq_replay))
+    r.add_post("/admin/dlq/purge", guarded(api.dlq_purge))
+    r.add_get("/admin/discards", guarded(api.discards))
+    r.add_post("/admin/translate", guarded(api.translate))
+    r.add_post("/admin/destinations/{name}/pause", guarded(api.pause))
+    r.add_post("/admin/destinations/{name}/resume", guarded(api.resume))
+    r.add_post("/admin/reload", guarded(api.reload))
+
+
+def filter_from_query(request: web.Request) -> RecordFilter:
+    q = request.query
+    return RecordFilter(
+        destination=q.get("destination") or None,
+        reason=q.get("reason") or None,
+        since=_time(q.get("since"), "since"),
+        until=_time(q.get("until"), "until"),
+    )
+
+
+def _time(value: str | None, name: str) -> float | None:
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        raise ApiError(400, "invalid_parameter", f"{name} must be epoch seconds or ISO-8601") from None
+    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
+
+
+def _limit(request: web.Request) -> int:
+    try:
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        raise ApiError(400, "invalid_parameter", "limit must be an integer") from None
+    if not 1 <= limit <= 10000:
+        raise ApiError(400, "invalid_parameter", "limit must be between 1 and 10000")
+    return limit
+
+
+class AdminApi:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    async def status(self, request: web.Request) -> web.Response:
+        rt = self.runtime
+        stats = await rt.store.queue_stats()
+        now = time.time()
+        destinations = []
+        for d in rt.config.destinations:
+            worker = rt.delivery.workers[d.name]
+            s = stats.get(d.name)
+            mapping = rt.mappings().get(d.mapping)
+            destinations.append(
+                {
+                    **d.client.describe(),
+                    "mapping": d.mapping,
+                    "mapping_version": mapping.version if mapping else None,
+                    "paused": worker.paused,
+                    "pause_reason": worker.pause_reason,
+                    "queue_depth": s.depth if s else 0,
+                    "oldest_age_seconds": round(now - s.oldest_created_at, 3) if s and s.oldest_created_at else 0,
+                    "dead_letters": s.dead if s else 0,
+                }
+            )
+        return json_response(
+            {
+                "region": rt.config.server.region,
+                "uptime_seconds": round(now - rt.started_at, 1),
+                "sources": [
+                    {"name": s.name, "kind": s.kind, "region": s.region, "to": list(s.to)} for s in rt.config.sources
+                ],
+                "destinations": destinations,
+                "mappings": {n: m.version for n, m in rt.mappings().items()},
+            }
+        )
+
+    async def dlq_list(self, request: web.Request) -> web.Response:
+        records = await self.runtime.store.list_dead(filter_from_query(request), _limit(request))
+        return json_response({"dead_letters": [dead_letter_json(r, full=False) for r in records]})
+
+    async def dlq_show(self, request: web.Request) -> web.Response:
+        try:
+            ident = int(request.match_info["id"])
+        except ValueError:
+            raise ApiError(400, "invalid_parameter", "id must be an integer") from None
+        records = await self.runtime.store.list_dead(RecordFilter(ids=(ident,)), 1)
+        if not records:
+            raise ApiError(404, "not_found", f"no dead letter {ident}")
+        return json_response(dead_letter_json(records[0], full=True))
+
+    async def dlq_replay(self, request: web.Request) -> web.Response:
+        n = await self.runtime.store.replay_dead(await self._body_filter(request))
+        self.runtime.delivery.notify(w for w in self.runtime.delivery.workers)
+        return json_response({"replayed": n})
+
+    async def dlq_purge(self, request: web.Request) -> web.Response:
+        return json_response({"purged": await self.runtime.store.purge_dead(await self._body_filter(request))})
+
+    async def _body_filter(self, request: web.Request) -> RecordFilter:
+        raw = await read_body(request, MAX_ADMIN_BODY)
+        data: Any = parse_json(raw) if raw.strip() else {}
+        if not isinstance(data, dict):
+            raise ApiError(400, "invalid_json", "expected a JSON object filter")
+        unknown = set(data) - {"destination", "reason", "since", "until", "ids"}
+        if unknown:
+            raise ApiError(400, "unknown_key", f"unknown filter key(s): {', '.join(sorted(unknown))}")
+        for key in ("destination", "reason"):
+            if data.get(key) is not None and not isinstance(data[key], str):
+                raise ApiError(400, "invalid_parameter", f"{key} must be a string")
+        ids = data.get("ids")
+        if ids is not None and (not isinstance(ids, list) or not all(isinstance(i, int) for i in ids)):
+            raise ApiError(400, "invalid_parameter", "ids must be a list of integers")
+        if not data:
+            raise ApiError(400, "filter_required", "give a filter (destination, reason, since, until or ids)")
+        return RecordFilter(
+            destination=data.get("destination"),
+            reason=data.get("reason"),
+            since=_time(str(data["since"]), "since") if data.get("since") is not None else None,
+            until=_time(str(data["until"]), "until") if data.get("until") is not None else None,
+            ids=tuple(ids) if ids is not None else None,
+        )
+
+    async def discards(self, request: web.Request) -> web.Response:
+        records = await self.runtime.store.list_discards(filter_from_query(request), _limit(request))
+        return json_response({"discards": [discard_json(r) for r in records]})
+
+    async def translate(self, request: web.Request) -> web.Response:
+        name = request.query.get("mapping", "")
+        mapping = self.runtime.mappings().get(name)
+        if mapping is None:
+            known = ", ".join(sorted(self.runtime.mappings()))
+            raise ApiError(400, "unknown_mapping", f"?mapping= must name a loaded mapping ({known})")
+        data = parse_json(await read_body(request, MAX_ADMIN_BODY))
+        events = data if isinstance(data, list) else [data]
+        options: dict[str, Any] = {}
+        for d in self.runtime.config.destinations:
+            if d.mapping == name:
+                options = d.mapping_options
+                break
+        ctx = MapContext(linked_id=request.query.get("linked_id") or None, options=options)
+        return json_response(
+            {"mapping": name, "version": mapping.version, "results": translate_events(mapping, events, ctx)}
+        )
+
+    async def pause(self, request: web.Request) -> web.Response:
+        return await self._set_paused(request, True)
+
+    async def resume(self, request: web.Request) -> web.Response:
+        return await self._set_paused(request, False)
+
+    async def _set_paused(self, request: web.Request, paused: bool) -> web.Response:
+        name = request.match_info["name"]
+        if name not in self.runtime.delivery.workers:
+            raise ApiError(404, "not_found", f"no destination named {name!r}")
+        await self.runtime.delivery.set_paused(name, paused, "paused by admin API" if paused else "")
+        return json_response({"destination": name, "paused": paused})
+
+    async def reload(self, request: web.Request) -> web.Response:
+        problems = self.runtime.reload_mappings()
+        if problems:
+            raise ApiError(
+                400,
+                "invalid_mappings",
+                "the new mappings were rejected; the old ones stay in force",
+                {"problems": problems},
+            )
+        return json_response({"reloaded": True, "mappings": {n: m.version for n, m in self.runtime.mappings().items()}})

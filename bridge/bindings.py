@@ -1,0 +1,42 @@
+"""Plugs Prometheus metrics into the ingest, delivery and HTTP seams of one bridge app."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from bridge.observability.adapters import PrometheusDeliveryMetrics, PrometheusIngestMetrics
+from bridge.observability.metrics import Metrics, http_metrics_middleware
+
+if TYPE_CHECKING:
+    from bridge.runtime import Runtime
+
+log = structlog.get_logger("bridge")
+
+GAUGE_INTERVAL = 5.0
+
+
+class PrometheusBindings:
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics or Metrics()
+        self.ingest = PrometheusIngestMetrics(self.metrics)
+        self.delivery = PrometheusDeliveryMetrics(self.metrics)
+
+    def http_middleware(self) -> Any:
+        return http_metrics_middleware(self.metrics)
+
+    async def refresh_gauges(self, runtime: Runtime) -> None:
+        self.metrics.queue_stats(await runtime.store.queue_stats())
+
+    async def refresh_gauges_forever(self, runtime: Runtime, interval: float = GAUGE_INTERVAL) -> None:
+        # Queue depth and age come from the store (shared with other nodes), not from counters.
+        for worker in runtime.delivery.workers.values():
+            self.metrics.paused(worker.name, worker.paused)
+        while True:
+            try:
+                await self.refresh_gauges(runtime)
+            except Exception:
+                log.exception("queue_gauges_failed")
+            await asyncio.sleep(interval)

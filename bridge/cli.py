@@ -1,0 +1,282 @@
+"""`bridge` command line: serve, check, mappings, translate, dlq, discards, destinations."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import orjson
+
+from bridge.config.loader import Reader, read_yaml
+from bridge.config.model import Config, _store, build_config, load_config
+from bridge.destinations.base import ConfigError
+from bridge.records import dead_letter_json, discard_json, when
+from bridge.store import open_store
+from bridge.store.base import DestinationState, RecordFilter, Store
+
+DEFAULT_CONFIG = os.environ.get("BRIDGE_CONFIG", "bridge.yaml")
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+# -- serve / check -------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from bridge.observability.logging import configure_logging, register_secret
+
+    if args.sandbox:
+        from bridge.sandbox import run_sandbox
+
+        return run_sandbox(args.config)
+    cfg = load_config(args.config)
+    configure_logging(cfg.server.log_level, cfg.server.log_format)
+    for secret in cfg.secrets():
+        register_secret(secret)
+    _warn_unset(cfg)
+    from bridge.app import serve
+
+    _run(serve(cfg))
+    return 0
+
+
+def _run(coro: Awaitable[None]) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:
+        asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def _warn_unset(cfg: Config) -> None:
+    if cfg.unset_env:
+        sys.stderr.write(f"warning: unset environment variables: {', '.join(sorted(cfg.unset_env))}\n")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from bridge.runtime import check_mappings
+
+    cfg = load_config(args.config)
+    from bridge.mapping import load_mapping_dir
+
+    mappings = load_mapping_dir(cfg.mappings.dir)
+    problems = check_mappings(cfg, mappings)
+    if problems:
+        for p in problems:
+            sys.stderr.write(f"{args.config}: {p}\n")
+        return 1
+    _warn_unset(cfg)
+    sys.stdout.write(
+        f"{args.config}: ok ({len(cfg.sources)} sources, {len(cfg.destinations)} destinations, "
+        f"{len(mappings)} mappings)\n"
+    )
+    return 0
+
+
+# -- operator commands on the store ----------------------------------------------------
+def _store_from(config_path: str) -> Store:
+    """Only the store section is needed: operators can run these without the secrets."""
+    data, _ = read_yaml(config_path)
+    store_cfg = _store(Reader(data.get("store") or {}, "store"))
+    try:
+        return open_store(store_cfg.url)
+    except ValueError as exc:
+        raise ConfigError(f"store.url: {exc}") from None
+
+
+def _with_store(args: argparse.Namespace, fn: Callable[[Store], Awaitable[int]]) -> int:
+    async def go() -> int:
+        store = _store_from(args.config)
+        await store.open()
+        try:
+            return await fn(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+def _time_arg(value: str | None) -> float | None:
+    if value is None:
+        return None
+    from bridge.admin.routes import _time
+
+    return _time(value, "time")
+
+
+def _filter(args: argparse.Namespace) -> RecordFilter:
+    ids = tuple(args.ids) if getattr(args, "ids", None) else None
+    return RecordFilter(
+        destination=args.destination,
+        reason=args.reason,
+        since=_time_arg(args.since),
+        until=_time_arg(args.until),
+        ids=ids,
+    )
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    async def go(store: Store) -> int:
+        flt = _filter(args)
+        if args.action == "list":
+            records = await store.list_dead(flt, args.limit)
+            if args.json:
+                _print_json([dead_letter_json(r, full=False) for r in records])
+            else:
+                sys.stdout.write(
+                    f"{'ID':>6}  {'FAILED AT':20}  {'DESTINATION':16}  {'EVENT':28}  {'REASON':22}  ATTEMPTS\n"
+                )
+                for r in records:
+                    sys.stdout.write(
+                        f"{r.id:>6}  {when(r.failed_at) or '':20}  {r.destination[:16]:16}  {r.label[:28]:28}  "
+                        f"{r.reason[:22]:22}  {r.attempts}\n"
+                    )
+                sys.stdout.write(f"{len(records)} dead letter(s)\n")
+            return 0
+        if args.action == "show":
+            if not args.ids:
+                sys.stderr.write("dlq show: give one or more ids\n")
+                return 2
+            records = await store.list_dead(flt, len(args.ids))
+            if not records:
+                sys.stderr.write("dlq show: no such dead letter\n")
+                return 1
+            _print_json([dead_letter_json(r, full=True) for r in records])
+            return 0
+        if not any((flt.destination, flt.reason, flt.since, flt.until, flt.ids)) and not args.all:
+            sys.stderr.write(
+                f"dlq {args.action}: give a filter (--destination, --reason, --since, --until, ids) or --all\n"
+            )
+            return 2
+        if args.action == "replay":
+            n = await store.replay_dead(flt)
+            sys.stdout.write(f"replayed {n} dead letter(s); they will be re-mapped with the current mapping\n")
+        else:
+            n = await store.purge_dead(flt)
+            sys.stdout.write(f"purged {n} dead letter(s)\n")
+        return 0
+
+    return _with_store(args, go)
+
+
+def cmd_discards(args: argparse.Namespace) -> int:
+    async def go(store: Store) -> int:
+        records = await store.list_discards(_filter(args), args.limit)
+        if args.json:
+            _print_json([discard_json(r) for r in records])
+            return 0
+        sys.stdout.write(f"{'ID':>6}  {'DISCARDED AT':20}  {'DESTINATION':16}  {'EVENT':28}  REASON\n")
+        for r in records:
+            sys.stdout.write(
+                f"{r.id:>6}  {when(r.discarded_at) or '':20}  {r.destination[:16]:16}  {r.label[:28]:28}  {r.reason}\n"
+            )
+        sys.stdout.write(f"{len(records)} discard(s)\n")
+        return 0
+
+    return _with_store(args, go)
+
+
+def cmd_destinations(args: argparse.Namespace) -> int:
+    async def go(store: Store) -> int:
+        if args.action == "list":
+            states = await store.get_destination_states()
+            stats = await store.queue_stats()
+            names = sorted(set(states) | set(stats))
+            for n in names:
+                st, qs = states.get(n), stats.get(n)
+                sys.stdout.write(
+                    f"{n}: {'PAUSED (' + st.reason + ')' if st and st.paused else 'active'}, "
+                    f"queued {qs.depth if qs else 0}, dead letters {qs.dead if qs else 0}\n"
+                )
+            return 0
+        paused = args.action == "pause"
+        reason = f"{'paused' if paused else 'resumed'} from the CLI"
+        await store.set_destination_state(DestinationState(args.name, paused, reason if paused else "", time.time()))
+        sys.stdout.write(f"{args.name}: {'paused' if paused else 'resumed'}\n")
+        return 0
+
+    return _with_store(args, go)
+
+
+# -- parser ------------------------------------------------------------------------------
+def _add_filters(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
+    p.add_argument("--destination")
+    p.add_argument("--reason")
+    p.add_argument("--since", help="epoch seconds or ISO-8601")
+    p.add_argument("--until", help="epoch seconds or ISO-8601")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bridge", description="Segment <-> MoEngage event bridge")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the bridge")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument(
+        "--sandbox",
+        action="store_true",
+        help="run local stand-in MoEngage and Segment upstreams and send to them",
+    )
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("check", help="validate the config and its mappings")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("dlq", help="dead-letter queue: list, show, replay, purge")
+    p.add_argument("action", choices=["list", "show", "replay", "purge"])
+    p.add_argument("ids", nargs="*", type=int, help="dead-letter ids")
+    p.add_argument("--all", action="store_true", help="replay/purge without a filter")
+    _add_filters(p)
+    p.set_defaults(func=cmd_dlq)
+
+    p = sub.add_parser("discards", help="events discarded on purpose, with their reason")
+    p.add_argument("action", choices=["list"])
+    _add_filters(p)
+    p.set_defaults(func=cmd_discards)
+
+    p = sub.add_parser("destinations", help="list, pause or resume destinations")
+    p.add_argument("action", choices=["list", "pause", "resume"])
+    p.add_argument("name", nargs="?")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.set_defaults(func=cmd_destinations)
+
+    from bridge.mapping.cli import register
+
+    register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "command", None) == "destinations" and args.action != "list" and not args.name:
+        parser.error(f"destinations {args.action} needs a destination name")
+    from bridge.mapping.api import MappingError
+
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        sys.stderr.write(f"config error: {exc}\n")
+        return 2
+    except MappingError as exc:
+        sys.stderr.write(f"mapping error:\n{exc}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+__all__ = ["build_config", "main"]
+
+if __name__ == "__main__":
+    raise SystemExit(main())

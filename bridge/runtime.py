@@ -1,0 +1,170 @@
+"""The running bridge: config, store, mappings, ingest and delivery, with their lifecycle.
+
+Start order: store -> mappings -> delivery -> HTTP. Stop order is the reverse, so nothing
+is accepted that cannot be stored and nothing leased is left unsettled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import structlog
+
+from bridge.config.model import Config
+from bridge.delivery.manager import DeliveryManager
+from bridge.delivery.metrics import DeliveryMetrics
+from bridge.destinations.base import ConfigError
+from bridge.mapping import load_mapping_dir
+from bridge.mapping.api import CompiledMapping, MappingError
+from bridge.mapping.reload import MappingSet, directory_fingerprint
+from bridge.sources.base import IngestMetrics, Ingestor
+from bridge.store import open_store
+from bridge.store.base import Store
+
+log = structlog.get_logger("bridge")
+
+# The source format each source kind produces, which its destinations' mappings must read.
+SOURCE_FORMATS = {"segment": "segment", "moengage_streams": "moengage_streams"}
+
+
+def check_mappings(config: Config, mappings: Mapping[str, CompiledMapping]) -> list[str]:
+    """Problems binding the config to the loaded mappings (empty when all is well)."""
+    problems: list[str] = []
+    formats: dict[str, set[str]] = {}
+    for s in config.sources:
+        for dest in s.to:
+            formats.setdefault(dest, set()).add(SOURCE_FORMATS[s.kind])
+    for i, d in enumerate(config.destinations):
+        m = mappings.get(d.mapping)
+        if m is None:
+            known = ", ".join(sorted(mappings)) or "none"
+            problems.append(f"destinations[{i}].mapping: no mapping named {d.mapping!r} (loaded: {known})")
+            continue
+        if m.destination_kind != d.kind:
+            problems.append(
+                f"destinations[{i}].mapping: {d.mapping!r} produces {m.destination_kind} requests, "
+                f"but destination {d.name!r} is {d.kind}"
+            )
+        for fmt in sorted(formats.get(d.name, set()) - {m.source_format}):
+            problems.append(
+                f"destinations[{i}].mapping: {d.mapping!r} reads {m.source_format} events, "
+                f"but a {fmt} source routes to {d.name!r}"
+            )
+    return problems
+
+
+def store_for(config: Config) -> Store:
+    """The configured store; a bad URL is a config error, not a crash."""
+    opts: dict[str, object] = {"max_bytes": config.store.max_bytes}
+    if config.store.url.startswith("sqlite:"):
+        opts["min_free_disk_bytes"] = config.store.min_free_disk_bytes
+    try:
+        return open_store(config.store.url, **opts)
+    except ValueError as exc:
+        raise ConfigError(f"store.url: {exc}") from None
+
+
+class Runtime:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        ingest_metrics: IngestMetrics | None = None,
+        delivery_metrics: DeliveryMetrics | None = None,
+        store: Store | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store or open_store(
+            config.store.url,
+            max_bytes=config.store.max_bytes,
+            min_free_disk_bytes=config.store.min_free_disk_bytes,
+        )
+        self._set = MappingSet()
+        self.mappings_error = "not loaded yet"
+        self.delivery = DeliveryManager(config, self.store, self.mappings, delivery_metrics)
+        self.ingestor = Ingestor(self.store, config, self.mappings, self.delivery.notify, ingest_metrics)
+        self._tasks: list[asyncio.Task[None]] = []
+        self.started_at = time.time()
+        self.on_reload: Callable[[bool], None] = lambda ok: None
+
+    def mappings(self) -> Mapping[str, CompiledMapping]:
+        return self._set.mappings
+
+    @property
+    def mappings_dir(self) -> Path:
+        return Path(self.config.mappings.dir)
+
+    def load_mappings(self) -> None:
+        """Initial load: any problem is fatal (raise ConfigError)."""
+        try:
+            loaded = load_mapping_dir(self.mappings_dir)
+        except MappingError as exc:
+            raise ConfigError(f"mappings in {self.mappings_dir} are invalid:\n{exc}") from None
+        problems = check_mappings(self.config, loaded)
+        if problems:
+            raise ConfigError("\n".join(problems))
+        self._set = MappingSet.of(loaded)
+        self.mappings_error = ""
+
+    def reload_mappings(self) -> list[str]:
+        """Re-read, validate and swap atomically; on any problem keep the old set in force."""
+        new, diagnostics = self._set.reload(self.mappings_dir)
+        problems = [str(d) for d in diagnostics] or check_mappings(self.config, new.mappings)
+        if problems:
+            for p in problems:
+                log.error("mapping_reload_rejected", problem=p)
+            self.on_reload(False)
+            return problems
+        before = {n: m.version for n, m in self.mappings().items()}
+        # One assignment: a delivery batch reads the snapshot once, so no event is half-mapped.
+        self._set = new
+        changed = sorted(n for n, m in new.mappings.items() if before.get(n) != m.version)
+        log.info("mappings_reloaded", changed=changed, versions={n: m.version for n, m in new.mappings.items()})
+        self.on_reload(True)
+        return []
+
+    async def start(self) -> None:
+        await self.store.open()
+        if not self.mappings():
+            self.load_mappings()
+        await self.delivery.start()
+        self._tasks.append(asyncio.create_task(self._prune_loop(), name="prune"))
+        if self.config.mappings.watch:
+            self._tasks.append(asyncio.create_task(self._watch_mappings(), name="watch-mappings"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.delivery.stop(self.config.server.shutdown_timeout)
+        await self.store.close()
+
+    async def _prune_loop(self) -> None:
+        cfg = self.config.store
+        while True:
+            try:
+                now = time.time()
+                removed = await self.store.prune(now - cfg.dedupe_hours * 3600, now - cfg.retention_hours * 3600)
+                if removed:
+                    log.info("store_pruned", rows=removed)
+            except Exception:
+                log.exception("store_prune_failed")
+            await asyncio.sleep(600)
+
+    async def _watch_mappings(self) -> None:
+        state = directory_fingerprint(self.mappings_dir)
+        while True:
+            await asyncio.sleep(self.config.mappings.watch_interval)
+            try:
+                current = directory_fingerprint(self.mappings_dir)
+            except OSError:
+                continue
+            if current != state:
+                state = current
+                self.reload_mappings()

@@ -1,0 +1,311 @@
+"""Delivery you can trust: upstream failures, splitting, poison isolation, the guard,
+isolation between destinations and backpressure, against stand-ins on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from aiohttp.test_utils import TestServer
+
+from bridge.cli import main as cli_main
+from bridge.testing.moengage_standin import MoEngageStandIn, Rejected
+from bridge.testing.standins import Planned
+from tests.e2e.harness import ADMIN_TOKEN, API_KEY, WORKSPACE, WRITE_KEY, basic, wait_until
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+H = basic(WRITE_KEY)
+
+
+def tracks(n: int, prefix: str = "e", user: str | None = None, **props: Any) -> dict[str, Any]:
+    return {
+        "batch": [
+            {
+                "type": "track",
+                "userId": user or f"user-{i % 3}",
+                "event": "Delivered",
+                "messageId": f"{prefix}-{i}",
+                "properties": {"seq": f"{prefix}-{i}", **props},
+            }
+            for i in range(n)
+        ]
+    }
+
+
+def seqs(moengage: MoEngageStandIn) -> set[str]:
+    return {e["actions"][0]["attributes"]["seq"] for e in moengage.events()}
+
+
+async def dlq(bridge: Any, query: str = "") -> list[dict[str, Any]]:
+    status, data = await bridge.get(f"/admin/dlq{query}", ADMIN)
+    assert status == 200, data
+    return list(data["dead_letters"])
+
+
+async def test_500s_then_recovery(bridge):
+    bridge.moengage.plan(Planned(500), Planned(502), Planned(503))
+    assert (await bridge.post("/v1/batch", tracks(10), H))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 10, timeout=10)
+    statuses = [s.status for s in bridge.moengage.seen]
+    assert statuses[:3] == [500, 502, 503] and statuses[-1] == 200
+
+
+async def test_429_retry_after_is_waited_out(bridge):
+    bridge.moengage.plan(Planned(429, headers={"Retry-After": "1"}))
+    assert (await bridge.post("/v1/batch", tracks(3), H))[0] == 200
+    await bridge.moengage.wait_for(lambda: bridge.moengage.received >= 1)
+    throttled_at = time.monotonic()
+    await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 3, timeout=10)
+    assert time.monotonic() - throttled_at >= 0.95  # Retry-After: 1 second
+
+
+async def test_429_http_date_retry_after(bridge):
+    from email.utils import formatdate
+
+    bridge.moengage.plan(Planned(429, headers={"Retry-After": formatdate(time.time() + 2, usegmt=True)}))
+    assert (await bridge.post("/v1/batch", tracks(2), H))[0] == 200
+    await bridge.moengage.wait_for(lambda: bridge.moengage.received >= 1)
+    throttled_at = time.monotonic()
+    await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 2, timeout=10)
+    assert time.monotonic() - throttled_at >= 0.9  # HTTP-dates have 1 s resolution
+
+
+async def test_timeouts_and_connection_resets_are_retried(make_bridge):
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["destinations"][0]["delivery"]["request_timeout"] = 0.3
+
+    bridge = await make_bridge(tweak)
+    bridge.moengage.plan(Planned(200, delay=2.0), Planned(reset=True), Planned(reset=True))
+    assert (await bridge.post("/v1/batch", tracks(5), H))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 5, timeout=15)
+    assert await dlq(bridge) == []
+
+
+async def test_413_splits_the_batch(make_bridge):
+    def tweak(raw: dict[str, Any]) -> None:
+        # Let the bridge pack more than MoEngage's 100 KB bulk limit, so MoEngage answers 413.
+        raw["destinations"][0]["max_request_bytes"] = 2_000_000
+        raw["destinations"][0]["delivery"]["batch_size"] = 200
+
+    bridge = await make_bridge(tweak)
+    assert (await bridge.post("/v1/batch", tracks(150, pad="p" * 1500), H))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 150, timeout=15)
+    assert 413 in [s.status for s in bridge.moengage.seen]
+    assert await dlq(bridge) == []
+
+
+class ReservedPrefixMoEngage(MoEngageStandIn):
+    """Rejects a whole bulk request when any element uses the reserved moe_ attribute prefix."""
+
+    def _accept_transition(self, body: dict[str, Any]) -> str:
+        for i, element in enumerate(body.get("elements") or []):
+            for action in element.get("actions") or []:
+                if any(str(k).startswith("moe_") for k in (action.get("attributes") or {})):
+                    raise Rejected(400, f"elements[{i}]: moe_ attributes are reserved", "InvalidParams")
+        return super()._accept_transition(body)
+
+
+async def test_poison_events_are_bisected_out(make_bridge):
+    bridge = await make_bridge(start=False)
+    poisoned = ReservedPrefixMoEngage(WORKSPACE, API_KEY)
+    server = TestServer(poisoned.app(), host="127.0.0.1")
+    await server.start_server()
+    try:
+        bridge.destination("moengage-main")["base_url"] = str(server.make_url("")).rstrip("/")
+        await bridge.start()
+        batch = tracks(40)
+        for i in (7, 31):
+            batch["batch"][i]["properties"]["moe_secret"] = 1
+        assert (await bridge.post("/v1/batch", batch, H))[0] == 200
+        await poisoned.wait_for(lambda: len(seqs(poisoned)) == 38, timeout=15)
+        await wait_until(lambda: _dlq_size(bridge, 2), what="2 dead letters")
+        dead = await dlq(bridge)
+        assert sorted(d["message_id"] for d in dead) == ["e-31", "e-7"]
+        assert {d["reason"] for d in dead} == {"http_400"}
+        status, shown = await bridge.get(f"/admin/dlq/{dead[0]['id']}", ADMIN)
+        assert status == 200
+        assert "reserved" in shown["response_body"]
+        assert shown["request"]["elements"][0]["actions"][0]["attributes"]["moe_secret"] == 1
+        assert shown["event"] == "Delivered" and shown["attempts"] >= 1
+    finally:
+        poisoned.stop()
+        await server.close()
+
+
+async def _dlq_size(bridge: Any, n: int) -> bool:
+    return len(await dlq(bridge)) >= n
+
+
+async def test_guard_pauses_a_destination_and_resume_delivers_the_backlog(make_bridge, tmp_path):
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["destinations"][0]["guard"] = {"window": 20, "min_events": 10, "threshold": 0.5}
+        raw["destinations"][0]["delivery"]["batch_size"] = 5
+
+    bridge = await make_bridge(tweak)
+    bridge.moengage.refuse_all(401)  # a bad credential deploy: every request is refused
+    assert (await bridge.post("/v1/batch", tracks(30, prefix="bad"), H))[0] == 200
+
+    async def paused() -> bool:
+        _, status = await bridge.get("/admin/status", ADMIN)
+        return bool(status["destinations"][0]["paused"])
+
+    await wait_until(paused, what="the guard to pause moengage-main")
+    dead_before = len(await dlq(bridge))
+    assert dead_before < 30  # it stopped instead of dead-lettering everything
+    assert (await bridge.post("/v1/batch", tracks(10, prefix="later"), H))[0] == 200
+    await asyncio.sleep(0.3)
+    assert seqs(bridge.moengage) == set()
+    _, metrics = await bridge.get("/metrics")
+    assert 'bridge_destination_paused{destination="moengage-main"} 1.0' in metrics
+
+    bridge.moengage.refuse_all(None)
+    # Resume from the CLI, as an operator would; the running bridge sees the store's state.
+    config_path = tmp_path / "ops.yaml"
+    config_path.write_text(f'store: {{url: "{bridge.raw["store"]["url"]}"}}\n')
+    assert (
+        await asyncio.to_thread(cli_main, ["destinations", "resume", "moengage-main", "--config", str(config_path)])
+        == 0
+    )
+    await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) >= 10 + 30 - dead_before, timeout=15)
+    assert {f"later-{i}" for i in range(10)} <= seqs(bridge.moengage)
+
+
+async def test_a_hung_destination_does_not_delay_another(make_bridge):
+    second = MoEngageStandIn(WORKSPACE, API_KEY)
+    server = TestServer(second.app(), host="127.0.0.1")
+    await server.start_server()
+
+    def tweak(raw: dict[str, Any]) -> None:
+        other = dict(raw["destinations"][0], name="moengage-hung", base_url=str(server.make_url("")).rstrip("/"))
+        raw["destinations"].append(other)
+        raw["sources"][0]["to"] = ["moengage-main", "moengage-hung"]
+
+    try:
+        bridge = await make_bridge(tweak)
+        second.hold()
+        for i in range(3):
+            assert (await bridge.post("/v1/batch", tracks(10, prefix=f"r{i}"), H))[0] == 200
+        await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 30, timeout=10)
+        assert seqs(second) == set()
+        second.release()
+        await second.wait_for(lambda: len(seqs(second)) == 30, timeout=10)
+    finally:
+        second.stop()
+        await server.close()
+
+
+async def test_backpressure_answers_503_with_retry_after(make_bridge):
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["store"]["max_bytes"] = 300_000
+
+    bridge = await make_bridge(tweak)
+    bridge.moengage.refuse_all(503)
+    statuses: list[int] = []
+    answer: Any = None
+    for i in range(200):
+        status, answer = await bridge.post("/v1/batch", tracks(50, prefix=f"bp{i}", pad="x" * 500), H)
+        statuses.append(status)
+        if status == 503:
+            break
+    assert statuses[-1] == 503, "the store never filled up"
+    assert answer["code"] == "store_full"
+    assert set(statuses[:-1]) == {200}
+    status, _ = await bridge.get("/healthz")
+    assert status == 200
+
+
+async def test_dead_letters_can_be_listed_replayed_and_purged(bridge, tmp_path, capsys):
+    bridge.moengage.refuse_all(404)
+    assert (await bridge.post("/v1/batch", tracks(4, prefix="d"), H))[0] == 200
+    await wait_until(lambda: _dlq_size(bridge, 4), what="4 dead letters")
+    ops = tmp_path / "ops.yaml"
+    ops.write_text(f'store: {{url: "{bridge.raw["store"]["url"]}"}}\n')
+    assert (
+        await asyncio.to_thread(cli_main, ["dlq", "list", "--config", str(ops), "--destination", "moengage-main"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "Delivered" in out and "http_404" in out and "4 dead letter(s)" in out
+    assert await asyncio.to_thread(cli_main, ["dlq", "replay", "--config", str(ops)]) == 2  # refuses without a filter
+    bridge.moengage.refuse_all(None)
+    assert await asyncio.to_thread(cli_main, ["dlq", "replay", "--config", str(ops), "--reason", "http_404"]) == 0
+    assert "replayed 4" in capsys.readouterr().out
+    await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 4, timeout=10)
+    assert await dlq(bridge) == []
+
+
+async def test_a_slow_rate_limit_never_sends_an_event_twice(make_bridge):
+    """Rate-limit waits longer than the lease used to let a second loop lease and resend."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        d = raw["destinations"][0]
+        d["delivery"] = {"poll_interval": 0.05, "lease_seconds": 2, "request_timeout": 0.9, "concurrency": 2}
+        d["rate_limits"] = {"bulk_events": "120/min"}  # 2 events/s: 6 events need ~3 s, longer than the lease
+
+    bridge = await make_bridge(tweak)
+    batch = {
+        "batch": [
+            {"type": "track", "userId": f"user-{i}", "event": "Slow", "properties": {"seq": f"s{i}"}} for i in range(6)
+        ]
+    }
+    assert (await bridge.post("/v1/batch", batch, H))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 6, timeout=20)
+    await asyncio.sleep(2.5)  # past another lease: nothing more may arrive
+    sent = [e["actions"][0]["attributes"]["seq"] for e in bridge.moengage.events()]
+    assert sorted(sent) == [f"s{i}" for i in range(6)], f"sent twice: {sent}"
+
+
+async def test_retry_after_holds_the_whole_destination(make_bridge):
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["destinations"][0]["api"] = "single"
+
+    bridge = await make_bridge(tweak)
+    bridge.moengage.plan(Planned(429, headers={"Retry-After": "2"}))
+    batch = {"batch": [{"type": "track", "userId": f"user-{i}", "event": "Held"} for i in range(20)]}
+    assert (await bridge.post("/v1/batch", batch, H))[0] == 200
+    await bridge.moengage.wait_for(lambda: bridge.moengage.received >= 1)
+    await asyncio.sleep(1.5)
+    assert bridge.moengage.received <= 2, "requests kept flowing during Retry-After"
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 20, timeout=10)
+
+
+async def test_an_internal_fault_backs_off_and_ends_in_the_dlq(make_bridge):
+    """A fault of the bridge's own (here: the store refusing one discard record) must not
+    become a hot loop that starves the rest of the queue."""
+    from bridge.store.base import Discard
+    from bridge.store.sqlite import SqliteStore
+
+    leases = 0
+
+    class FlakyStore(SqliteStore):
+        async def discard(self, entries: Any) -> None:
+            if any(isinstance(e, Discard) and e.label == "Boom" for e in entries):
+                raise RuntimeError("cannot record this discard")
+            await super().discard(entries)
+
+        async def lease(self, *args: Any, **kwargs: Any) -> Any:
+            nonlocal leases
+            jobs = await super().lease(*args, **kwargs)
+            leases += bool(jobs)
+            return jobs
+
+    def tweak(raw: dict[str, Any]) -> None:
+        d = raw["destinations"][0]
+        d["delivery"] = {"poll_interval": 0.05, "concurrency": 1}
+        d["retry"] = {"base_delay": 0.2, "max_delay": 0.4, "max_age": 1.0, "min_attempts": 2}
+
+    bridge = await make_bridge(tweak, start=False)
+    db = bridge.raw["store"]["url"].removeprefix("sqlite:///")
+    bridge.store_factory = lambda: FlakyStore(db)
+    await bridge.start()
+    assert (await bridge.post("/v1/track", {"anonymousId": "anon-1", "event": "Boom"}, H))[0] == 200
+    good = {"batch": [{"type": "track", "userId": f"user-{i}", "event": "Good"} for i in range(5)]}
+    assert (await bridge.post("/v1/batch", good, H))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 5, timeout=10)
+
+    async def dead() -> bool:
+        _, body = await bridge.get("/admin/dlq?reason=internal_error", ADMIN)
+        return len(body["dead_letters"]) == 1
+
+    await wait_until(dead, what="the faulty job to be dead-lettered")
+    assert leases < 30, f"{leases} leases: the fault was retried in a hot loop"

@@ -1,0 +1,442 @@
+"""Operations end to end: metrics, health, the admin API, secrets in logs, mapping reload,
+DLQ replay after a mapping fix, rate limits and per-user ordering."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from bridge.observability.logging import configure_logging, register_secret
+from bridge.testing.standins import Planned
+from tests.e2e.harness import (
+    ADMIN_TOKEN,
+    API_KEY,
+    REPO,
+    SEGMENT_OUT_KEY,
+    STREAMS_PASSWORD,
+    STREAMS_USER,
+    WEBHOOK_SECRET,
+    WRITE_KEY,
+    basic,
+    config_dict,
+    wait_until,
+)
+from tests.e2e.proc import BridgeProcess
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+H = basic(WRITE_KEY)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0
+
+
+async def test_counters_move_with_traffic(bridge):
+    _, before = await bridge.get("/metrics")
+    batch = {
+        "batch": [{"type": "track", "userId": "user-m", "event": "Counted"} for _ in range(3)]
+        + [{"type": "track", "anonymousId": "anon", "event": "Anon"}, {"type": "track", "userId": "user-m"}]
+    }
+    assert (await bridge.post("/v1/batch", batch, H))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 3)
+
+    async def settled() -> bool:
+        # The stand-in sees the request before the worker acks it and counts the delivery,
+        # so wait for the counters themselves rather than for the upstream.
+        _, text = await bridge.get("/metrics")
+        discarded = metric(
+            text,
+            "bridge_events_discarded_total",
+            source="web",
+            destination="moengage-main",
+            reason="anonymous_user",
+        )
+        delivered = metric(text, "bridge_events_delivered_total", destination="moengage-main")
+        return discarded == 1 and delivered == 3
+
+    await wait_until(settled, what="the discard and delivery counters")
+    _, text = await bridge.get("/metrics")
+    assert (
+        metric(text, "bridge_events_received_total", source="web")
+        - metric(before, "bridge_events_received_total", source="web")
+        == 4
+    )
+    assert metric(text, "bridge_events_delivered_total", destination="moengage-main") == 3
+    assert metric(text, "bridge_events_rejected_total", source="web", code="event_not_defined") == 1
+    assert metric(text, "bridge_http_requests_total", route="/v1/batch", status="200") == 1
+    assert metric(text, "bridge_queue_depth", destination="moengage-main") == 0
+    assert (
+        metric(text, "bridge_delivery_request_duration_seconds_count", destination="moengage-main", status="200") >= 1
+    )
+    assert metric(text, "bridge_destination_paused", destination="moengage-main") == 0
+
+
+async def test_readyz_turns_503_when_the_store_is_not_writable(bridge):
+    assert (await bridge.get("/readyz"))[0] == 200
+    db = Path(bridge.raw["store"]["url"].removeprefix("sqlite:///"))
+    frozen = [db, Path(f"{db}-wal")]
+    try:
+        for path in frozen:
+            subprocess.run(["chattr", "+i", str(path)], check=True)
+        status, body = await bridge.get("/readyz")
+        assert status == 503 and "store not writable" in body["message"]
+        assert (await bridge.get("/healthz"))[0] == 200  # alive, just not ready
+    finally:
+        for path in frozen:
+            subprocess.run(["chattr", "-i", str(path)], check=False)
+    assert (await bridge.get("/readyz"))[0] == 200
+
+
+async def test_admin_api_requires_its_token(bridge):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {ADMIN_TOKEN}"}):
+        status, body = await bridge.get("/admin/status", headers)
+        assert (status, body["code"]) == (401, "unauthorized")
+        status, _ = await bridge.post("/admin/dlq/replay", {"destination": "moengage-main"}, headers)
+        assert status == 401
+    status, body = await bridge.get("/admin/status", ADMIN)
+    assert status == 200 and body["destinations"][0]["name"] == "moengage-main"
+    assert API_KEY not in str(body)
+
+
+async def test_admin_api_is_off_without_a_token(make_bridge):
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["admin"] = {}
+
+    bridge = await make_bridge(tweak)
+    status, body = await bridge.get("/admin/status", ADMIN)
+    assert (status, body["code"]) == (404, "not_found")
+
+
+async def test_admin_translate_and_pause(bridge):
+    event = {"type": "identify", "userId": "user-t", "traits": {"email": "t@example.com"}}
+    status, body = await bridge.post("/admin/translate?mapping=segment-to-moengage", [event, {"type": "track"}], ADMIN)
+    assert status == 200
+    first, second = body["results"]
+    assert first["outputs"][0]["body"]["customer_id"] == "user-t"
+    assert second["discarded"] == "anonymous_user" or second.get("reason") == "anonymous_user"
+    status, body = await bridge.post("/admin/translate?mapping=nope", event, ADMIN)
+    assert (status, body["code"]) == (400, "unknown_mapping")
+
+    assert (await bridge.post("/admin/destinations/moengage-main/pause", None, ADMIN))[0] == 200
+    assert (await bridge.post("/v1/track", {"userId": "user-p", "event": "While Paused"}, H))[0] == 200
+    await asyncio.sleep(0.3)
+    assert bridge.moengage.events() == []
+    assert (await bridge.post("/admin/destinations/moengage-main/resume", None, ADMIN))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1)
+
+
+SECRETS = [WRITE_KEY, WEBHOOK_SECRET, API_KEY, SEGMENT_OUT_KEY, STREAMS_PASSWORD, ADMIN_TOKEN]
+
+
+async def test_secrets_never_reach_the_logs(make_bridge):
+    stream = io.StringIO()
+    configure_logging("debug", "json", stream=stream)
+    for s in SECRETS:
+        register_secret(s)
+    try:
+        bridge = await make_bridge()
+        bridge.moengage.refuse_all(401)  # the upstream rejects our API key
+        # every inbound auth failure, with the real secrets (or near misses) in play
+        await bridge.post("/v1/track", {"userId": "user-s", "event": "E", "writeKey": WRITE_KEY + "x"})
+        await bridge.post("/v1/track", {"userId": "user-s", "event": "E"}, basic(WRITE_KEY[:-1]))
+        await bridge.post("/moengage/streams/streams-main", {"events": []}, basic(STREAMS_USER, STREAMS_PASSWORD + "!"))
+        await bridge.post("/segment/webhook", {"type": "track"}, {**H, "X-Signature": "00"})
+        await bridge.get("/admin/status", {"Authorization": f"Bearer {ADMIN_TOKEN}x"})
+        await bridge.post("/v1/track", {"userId": "user-s", "event": "Upstream 401"}, H)
+
+        async def dead() -> bool:
+            _, body = await bridge.get("/admin/dlq", ADMIN)
+            return len(body["dead_letters"]) == 1
+
+        await wait_until(dead, what="the 401 dead letter")
+    finally:
+        configure_logging("warning", "console")
+    logged = stream.getvalue()
+    assert "dead_lettered" in logged and "request_rejected" in logged
+    for secret in SECRETS:
+        for form in (
+            secret,
+            base64.b64encode(f"{secret}:".encode()).decode(),
+            base64.b64encode(f"{STREAMS_USER}:{secret}".encode()).decode(),
+        ):
+            assert form not in logged, f"a secret leaked into the logs: {secret[:4]}…"
+
+
+def copy_mappings(tmp_path: Path) -> Path:
+    target = tmp_path / "mappings"
+    shutil.copytree(REPO / "mappings", target)
+    return target
+
+
+def break_track_action(mappings: Path) -> None:
+    """A plausible bad edit: the track action reads a field that does not exist."""
+    path = mappings / "segment-to-moengage.yaml"
+    text = path.read_text()
+    assert "action: {path: $.event, pipe: [{to: string}]}" in text
+    path.write_text(
+        text.replace(
+            "action: {path: $.event, pipe: [{to: string}]}", "action: {path: $.event_name, pipe: [{to: string}]}"
+        )
+    )
+
+
+async def test_dlq_replay_after_a_mapping_fix(make_bridge, tmp_path):
+    mappings = copy_mappings(tmp_path)
+    good = (mappings / "segment-to-moengage.yaml").read_text()
+    break_track_action(mappings)
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["mappings"]["dir"] = str(mappings)
+        raw["destinations"][0]["guard"] = {"enabled": False}
+
+    bridge = await make_bridge(tweak)
+    batch = {
+        "batch": [
+            {
+                "type": "track",
+                "userId": f"user-{i}",
+                "event": "Purchase",
+                "properties": {"n": i},
+                "messageId": f"fix-{i}",
+            }
+            for i in range(5)
+        ]
+    }
+    assert (await bridge.post("/v1/batch", batch, H))[0] == 200
+
+    async def all_dead() -> bool:
+        _, body = await bridge.get("/admin/dlq", ADMIN)
+        return len(body["dead_letters"]) == 5
+
+    await wait_until(all_dead, what="5 dead letters from the broken mapping")
+    _, body = await bridge.get("/admin/dlq", ADMIN)
+    broken_version = body["dead_letters"][0]["mapping_version"]
+    assert {d["event"] for d in body["dead_letters"]} == {"Purchase"}
+
+    (mappings / "segment-to-moengage.yaml").write_text(good)
+    status, reloaded = await bridge.post("/admin/reload", None, ADMIN)
+    assert status == 200, reloaded
+    fixed_version = reloaded["mappings"]["segment-to-moengage"]
+    assert fixed_version != broken_version
+
+    status, body = await bridge.post("/admin/dlq/replay", {"destination": "moengage-main"}, ADMIN)
+    assert (status, body["replayed"]) == (200, 5)
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 5)
+    assert {e["actions"][0]["action"] for e in bridge.moengage.events()} == {"Purchase"}
+    assert bridge.runtime is not None
+    store = bridge.runtime.store
+
+    # Each delivered job records the mapping version that mapped it: the fixed one. The ack
+    # lands just after the stand-in answers, so wait for it rather than racing it.
+    async def recorded() -> bool:
+        versions = [await store.delivered_version("moengage-main", f"fix-{i}") for i in range(5)]
+        return versions == [fixed_version] * 5
+
+    await wait_until(recorded, what="the fixed mapping version on every delivered job")
+
+
+async def test_reload_keeps_the_old_mapping_when_the_new_one_is_broken(make_bridge, tmp_path):
+    mappings = copy_mappings(tmp_path)
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["mappings"]["dir"] = str(mappings)
+
+    bridge = await make_bridge(tweak)
+    path = mappings / "segment-to-moengage.yaml"
+    good = path.read_text()
+    path.write_text(good.replace("kind: event", "kind: evnt", 1))
+    status, body = await bridge.post("/admin/reload", None, ADMIN)
+    assert (status, body["code"]) == (400, "invalid_mappings")
+    assert any("segment-to-moengage.yaml:" in p for p in body["problems"])
+    # the old mapping is still in force
+    assert (await bridge.post("/v1/track", {"userId": "user-r", "event": "Still Works"}, H))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1)
+    # a good change takes effect
+    path.write_text(good.replace("action: Viewed Web Page", "action: Page Viewed"))
+    assert (await bridge.post("/admin/reload", None, ADMIN))[0] == 200
+    assert (await bridge.post("/v1/page", {"userId": "user-r", "name": "Home"}, H))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 2)
+    assert bridge.moengage.events()[1]["actions"][0]["action"] == "Page Viewed"
+
+
+async def test_sighup_reloads_a_running_process(tmp_path):
+    from aiohttp.test_utils import TestServer
+
+    from bridge.testing.standins import MoEngageStandIn
+    from tests.e2e.harness import WORKSPACE
+
+    moengage = MoEngageStandIn(WORKSPACE, API_KEY)
+    server = TestServer(moengage.app(), host="127.0.0.1")
+    await server.start_server()
+    mappings = copy_mappings(tmp_path)
+    raw = config_dict(tmp_path, str(server.make_url("")).rstrip("/"), "http://127.0.0.1:9")
+    raw["sources"] = raw["sources"][:1]
+    raw["destinations"] = raw["destinations"][:1]
+    raw["mappings"]["dir"] = str(mappings)
+    proc = BridgeProcess(raw, tmp_path)
+    import aiohttp
+
+    try:
+        await proc.start()
+        path = mappings / "segment-to-moengage.yaml"
+        good = path.read_text()
+        path.write_text("rules: [\n")  # broken YAML
+        assert proc.proc is not None
+        proc.proc.send_signal(1)  # SIGHUP
+        await wait_until(lambda: "mapping_reload_rejected" in proc.log_path.read_text(), what="rejection log")
+        log = proc.log_path.read_text()
+        assert "segment-to-moengage.yaml:" in log  # file and line of the problem
+        path.write_text(good.replace("action: Viewed Web Page", "action: Page Seen"))
+        proc.proc.send_signal(1)
+        await wait_until(lambda: "mappings_reloaded" in proc.log_path.read_text(), what="reload log")
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{proc.url}/v1/page", json={"userId": "user-h", "name": "Home"}, headers=H) as r,
+        ):
+            assert r.status == 200
+        await moengage.wait_for(lambda: len(moengage.events()) == 1, timeout=10)
+        assert moengage.events()[0]["actions"][0]["action"] == "Page Seen"
+    finally:
+        await proc.ensure_stopped()
+        moengage.stop()
+        await server.close()
+
+
+async def test_rate_limit_paces_deliveries(make_bridge):
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["destinations"][0]["rate_limits"] = {"bulk_events": "600/min"}  # 10 events/s, burst 10
+        raw["destinations"][0]["delivery"]["batch_size"] = 5
+
+    bridge = await make_bridge(tweak)
+    started = time.monotonic()
+    batch = {"batch": [{"type": "track", "userId": "user-rl", "event": "Paced"} for _ in range(30)]}
+    assert (await bridge.post("/v1/batch", batch, H))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 30, timeout=15)
+    assert time.monotonic() - started >= 1.5  # 30 events at 10/s after a burst of 10
+
+
+async def test_per_user_order_survives_a_retry(make_bridge):
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["destinations"][0]["delivery"]["batch_size"] = 4
+        raw["destinations"][0]["delivery"]["concurrency"] = 3
+
+    bridge = await make_bridge(tweak)
+    bridge.moengage.plan(Planned(500), Planned(503))
+    batch = {
+        "batch": [
+            {"type": "track", "userId": f"user-{i % 3}", "event": "Step", "properties": {"n": i}} for i in range(30)
+        ]
+    }
+    assert (await bridge.post("/v1/batch", batch, H))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 30, timeout=15)
+    for user in ("user-0", "user-1", "user-2"):
+        seen = [e["actions"][0]["attributes"]["n"] for e in bridge.moengage.events() if e["customer_id"] == user]
+        assert seen == sorted(seen), f"{user} got events out of order: {seen}"
+
+
+@pytest.mark.parametrize("missing", ["mappings"])
+def test_bridge_check_reports_mapping_problems(tmp_path, missing, capsys):
+    from bridge.cli import main
+
+    raw = config_dict(tmp_path, "http://127.0.0.1:1", "http://127.0.0.1:2")
+    raw["destinations"][0]["mapping"] = "segment-to-moengag"
+    import yaml
+
+    path = tmp_path / "bridge.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["check", "--config", str(path)]) == 1
+    assert "no mapping named 'segment-to-moengag'" in capsys.readouterr().err
+
+
+async def test_retry_budget_ends_in_the_dlq_with_the_last_response(make_bridge):
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["destinations"][0]["retry"] = {"base_delay": 0.05, "max_delay": 0.1, "max_age": 0.5, "min_attempts": 3}
+
+    bridge = await make_bridge(tweak)
+    bridge.moengage.refuse_all(503)
+    assert (await bridge.post("/v1/track", {"userId": "user-x", "event": "Never Lands"}, H))[0] == 200
+
+    async def exhausted() -> bool:
+        _, body = await bridge.get("/admin/dlq?reason=retries_exhausted", ADMIN)
+        return len(body["dead_letters"]) == 1
+
+    await wait_until(exhausted, what="retries_exhausted")
+    _, body = await bridge.get("/admin/dlq", ADMIN)
+    entry = body["dead_letters"][0]
+    assert entry["status"] == 503 and entry["attempts"] >= 3 and entry["event"] == "Never Lands"
+    assert bridge.moengage.received >= 3
+
+
+async def test_a_paused_destination_resumes_when_its_mapping_changes(make_bridge, tmp_path):
+    mappings = copy_mappings(tmp_path)
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["mappings"]["dir"] = str(mappings)
+        raw["destinations"][0]["guard"] = {"window": 10, "min_events": 5, "threshold": 0.5}
+        raw["destinations"][0]["delivery"]["batch_size"] = 5
+
+    bridge = await make_bridge(tweak)
+    bridge.moengage.refuse_all(400)
+    batch = {"batch": [{"type": "track", "userId": f"user-{i}", "event": "Guarded"} for i in range(20)]}
+    assert (await bridge.post("/v1/batch", batch, H))[0] == 200
+
+    async def paused(expected: bool) -> bool:
+        _, status = await bridge.get("/admin/status", ADMIN)
+        return bool(status["destinations"][0]["paused"]) is expected
+
+    await wait_until(lambda: paused(True), what="the guard to pause")
+    bridge.moengage.refuse_all(None)
+    path = mappings / "segment-to-moengage.yaml"
+    path.write_text(path.read_text() + "\n# fixed\n")
+    assert (await bridge.post("/admin/reload", None, ADMIN))[0] == 200
+    await wait_until(lambda: paused(False), what="the destination to resume after the mapping change")
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) >= 10, timeout=10)
+
+
+async def test_an_operator_pause_survives_a_mapping_change(make_bridge, tmp_path):
+    mappings = copy_mappings(tmp_path)
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["mappings"]["dir"] = str(mappings)
+
+    bridge = await make_bridge(tweak)
+    assert (await bridge.post("/admin/destinations/moengage-main/pause", None, ADMIN))[0] == 200
+    path = mappings / "segment-to-moengage.yaml"
+    path.write_text(path.read_text() + "\n# a change\n")
+    status, body = await bridge.post("/admin/reload", None, ADMIN)
+    assert status == 200 and body["mappings"]["segment-to-moengage"] != ""
+    assert (await bridge.post("/v1/track", {"userId": "user-op", "event": "Waits"}, H))[0] == 200
+    await asyncio.sleep(0.5)  # several delivery loop turns
+    _, status_body = await bridge.get("/admin/status", ADMIN)
+    assert status_body["destinations"][0]["paused"] is True
+    assert bridge.moengage.events() == []
+
+
+async def test_file_watch_reloads_changed_mappings(make_bridge, tmp_path):
+    mappings = copy_mappings(tmp_path)
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["mappings"] = {"dir": str(mappings), "watch": True, "watch_interval": 0.1}
+
+    bridge = await make_bridge(tweak)
+    assert bridge.runtime is not None
+    before = bridge.runtime.mappings()["segment-to-moengage"].version
+    path = mappings / "segment-to-moengage.yaml"
+    path.write_text(path.read_text().replace("action: Viewed Screen", "action: Screen Seen"))
+    await wait_until(lambda: bridge.runtime.mappings()["segment-to-moengage"].version != before, what="the reload")
+    assert (await bridge.post("/v1/screen", {"userId": "user-w", "name": "Cart"}, H))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1)
+    assert bridge.moengage.events()[0]["actions"][0]["action"] == "Screen Seen"

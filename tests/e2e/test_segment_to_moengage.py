@@ -1,0 +1,400 @@
+"""Segment -> MoEngage end to end: the real Segment client, the bridge, a stand-in MoEngage."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import hmac
+import uuid
+from typing import Any
+
+import orjson
+import pytest
+from segment.analytics import Client
+from segment.analytics.request import APIError
+
+from tests.e2e.harness import (
+    ADMIN_TOKEN,
+    API_KEY,
+    EU_WRITE_KEY,
+    WEBHOOK_SECRET,
+    WORKSPACE,
+    WRITE_KEY,
+    basic,
+    wait_until,
+)
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def segment_client(bridge: Any, **kw: Any) -> Client:
+    return Client(WRITE_KEY, host=bridge.url, sync_mode=True, max_retries=0, **kw)
+
+
+async def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    # The Segment client is synchronous (requests); keep the event loop free for the bridge.
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+def track_body(**over: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "userId": "user-1",
+        "event": "Order Completed",
+        "properties": {"total": 5},
+        "messageId": str(uuid.uuid4()),
+    }
+    body.update(over)
+    return body
+
+
+async def discards(bridge: Any) -> list[dict[str, Any]]:
+    status, data = await bridge.get("/admin/discards", ADMIN)
+    assert status == 200, data
+    return list(data["discards"])
+
+
+async def test_real_segment_client_calls_arrive_in_moengage(bridge):
+    client = segment_client(bridge)
+    await call(
+        client.identify,
+        "user-1",
+        {
+            "email": "ann@example.com",
+            "firstName": "Ann",
+            "last_name": "Lee",
+            "phone": "+15550100",
+            "plan": "pro",
+            "address": {"city": "Oslo"},
+        },
+    )
+    await call(
+        client.track,
+        "user-1",
+        "Order Completed",
+        {"total": 42.5, "currency": "EUR"},
+        context={"device": {"type": "ios", "id": "dev-9"}, "app": {"version": "3.1.0"}, "timezone": "Asia/Kolkata"},
+    )
+    await call(
+        client.page,
+        "user-1",
+        "Docs",
+        "Quick start",
+        {"url": "https://ex.com/docs", "path": "/docs", "title": "Docs", "referrer": "https://google.com"},
+    )
+    await call(client.screen, "user-1", "Checkout", "Cart")
+    await call(client.group, "user-1", "grp-7", {"name": "Acme", "employees": 50})
+    await call(client.alias, "old-anon-id", "user-1")
+
+    moe = bridge.moengage
+    await moe.wait_for(lambda: len(moe.customers()) >= 2 and len(moe.events()) >= 3 and len(moe.merges()) >= 1)
+
+    identify, group = moe.customers()
+    assert identify["customer_id"] == "user-1"
+    assert identify["attributes"] == {
+        "email": "ann@example.com",
+        "first_name": "Ann",
+        "last_name": "Lee",
+        "mobile": "+15550100",
+        "plan": "pro",
+        "address": {"city": "Oslo"},
+    }
+    assert group["customer_id"] == "user-1"
+    assert group["attributes"]["group_id"] == "grp-7"
+    assert group["attributes"]["name"] == "Acme" and group["attributes"]["employees"] == 50
+
+    track, page, screen = moe.events()
+    action = track["actions"][0]
+    assert track["customer_id"] == "user-1" and track["device_id"] == "dev-9"
+    assert action["action"] == "Order Completed"
+    assert action["attributes"] == {"total": 42.5, "currency": "EUR"}
+    assert action["platform"] == "iOS" and action["app_version"] == "3.1.0"
+    assert action["user_timezone_offset"] == 19800
+    assert action["current_time"]
+
+    page_action = page["actions"][0]
+    assert page_action["action"] == "Viewed Web Page"
+    for key, value in {
+        "url": "https://ex.com/docs",
+        "path": "/docs",
+        "title": "Docs",
+        "referrer": "https://google.com",
+    }.items():
+        assert page_action["attributes"][key] == value
+    assert screen["actions"][0]["action"] == "Viewed Screen"
+    assert "Cart" in orjson.dumps(screen["actions"][0]["attributes"]).decode()
+
+    assert moe.merges() == [{"merged_user": "old-anon-id", "retained_user": "user-1"}]
+
+    # Every request carried MoEngage's auth: Basic workspace:key and MOE-APPKEY.
+    assert moe.requests
+    for rec in moe.requests:
+        assert rec.headers["Authorization"] == basic(WORKSPACE, API_KEY)["Authorization"]
+    assert any(rec.headers.get("MOE-APPKEY") == WORKSPACE for rec in moe.requests)
+
+
+async def test_write_key_in_header_body_or_both(bridge):
+    header_only = await bridge.post("/v1/track", track_body(), basic(WRITE_KEY))
+    body_only = await bridge.post("/v1/track", track_body(writeKey=WRITE_KEY))
+    both = await bridge.post("/v1/track", track_body(writeKey=WRITE_KEY), basic(WRITE_KEY))
+    assert header_only == body_only == both == (200, {"success": True})
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 3)
+
+
+async def test_auth_and_region_errors(bridge):
+    status, data = await bridge.post("/v1/track", track_body())
+    assert (status, data["code"]) == (401, "write_key_required")
+    status, data = await bridge.post("/v1/track", track_body(writeKey="nope"))
+    assert (status, data["code"]) == (401, "invalid_write_key")
+    status, data = await bridge.post("/v1/track", track_body(), basic("nope"))
+    assert (status, data["code"]) == (401, "invalid_write_key")
+    status, data = await bridge.post("/v1/track", track_body(), basic(EU_WRITE_KEY))
+    assert (status, data["code"]) == (403, "wrong_region")
+    assert "events.eu1.segmentapis.com" in data["message"]
+
+
+async def test_real_client_sees_401_for_unknown_key(bridge):
+    client = Client("not-a-key", host=bridge.url, sync_mode=True, max_retries=0)
+    with pytest.raises(APIError) as exc:
+        await call(client.track, "user-1", "E")
+    assert exc.value.status == 401 and exc.value.code == "invalid_write_key"
+
+
+async def test_gzip_bodies(bridge):
+    client = segment_client(bridge, gzip=True)
+    await call(client.track, "user-gz", "Gzipped")
+    raw = gzip.compress(orjson.dumps(track_body(userId="user-gz2")))
+    status, _ = await bridge.post(
+        "/v1/track", None, {**basic(WRITE_KEY), "Content-Encoding": "gzip", "Content-Type": "application/json"}, raw=raw
+    )
+    assert status == 200
+    await bridge.moengage.wait_for(
+        lambda: {e["customer_id"] for e in bridge.moengage.events()} >= {"user-gz", "user-gz2"}
+    )
+    status, data = await bridge.post(
+        "/v1/track", None, {**basic(WRITE_KEY), "Content-Encoding": "gzip"}, raw=b"\x1f\x8bnot really gzip"
+    )
+    assert status == 400, data
+
+
+async def test_bad_input_gets_precise_4xx(bridge):
+    h = basic(WRITE_KEY)
+    status, data = await bridge.post("/v1/track", None, h, raw=b'{"userId": "u", ')
+    assert (status, data["code"]) == (400, "invalid_json")
+    status, data = await bridge.post("/v1/track", {"userId": "u", "event": 3}, h)
+    assert (status, data["code"]) == (400, "event_not_string")
+    status, data = await bridge.post("/v1/identify", {"traits": {"a": 1}}, h)
+    assert (status, data["code"]) == (400, "id_required")
+    status, data = await bridge.post("/v1/group", {"userId": "u"}, h)
+    assert (status, data["code"]) == (400, "id_required")
+    status, data = await bridge.post("/v1/identify", {"userId": "u", "traits": [1]}, h)
+    assert (status, data["code"]) == (400, "traits_not_object")
+    status, data = await bridge.post("/v1/batch", {"batch": []}, h)
+    assert (status, data["code"]) == (400, "empty_batch")
+    status, data = await bridge.post("/v1/batch", {"batch": [{"type": "track", "userId": "u", "event": "E"}] * 2501}, h)
+    assert status == 400 and data["code"] in ("too_many_events", "payload_too_large")
+    big = track_body(properties={"blob": "x" * 40_000})
+    status, data = await bridge.post("/v1/track", big, h)
+    assert (status, data["code"]) == (400, "event_too_large")
+    status, data = await bridge.post("/v1/batch", {"batch": [track_body(properties={"b": "x" * 30_000})] * 20}, h)
+    assert (status, data["code"]) == (413, "payload_too_large")
+    status, data = await bridge.post("/v1/nope", {}, h)
+    assert (status, data["code"]) == (404, "not_found")
+    # Nothing above was stored or sent.
+    await asyncio.sleep(0.2)
+    assert bridge.moengage.events() == []
+
+
+async def test_partial_batch_stores_the_valid_items(bridge):
+    batch = {
+        "batch": [
+            {"type": "track", "userId": "u1", "event": "Good One"},
+            {"type": "track", "userId": "u1"},
+            {"type": "identify", "traits": {"a": 1}},
+            {"type": "identify", "userId": "u2", "traits": {"plan": "x"}},
+        ],
+        "writeKey": WRITE_KEY,
+    }
+    status, data = await bridge.post("/v1/batch", batch)
+    assert status == 200
+    assert data["success"] is True and data["accepted"] == 2
+    assert [(r["index"], r["code"]) for r in data["rejected"]] == [(1, "event_not_defined"), (2, "id_required")]
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1 and len(bridge.moengage.customers()) == 1)
+
+    status, data = await bridge.post("/v1/import", {"batch": [{"type": "track", "userId": "u"}], "writeKey": WRITE_KEY})
+    assert status == 400 and data["code"] == "event_not_defined" and data["rejected"][0]["index"] == 0
+
+
+async def test_batch_context_and_sent_at_are_applied(bridge):
+    batch = {
+        "writeKey": WRITE_KEY,
+        "context": {"device": {"type": "android"}},
+        "sentAt": "2026-01-01T00:00:10.000Z",
+        "batch": [{"type": "track", "userId": "u1", "event": "E", "timestamp": "2026-01-01T00:00:00.000Z"}],
+    }
+    assert (await bridge.post("/v1/batch", batch))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1)
+    assert bridge.moengage.events()[0]["actions"][0]["platform"] == "ANDROID"
+
+
+async def test_message_id_dedupe(bridge):
+    body = track_body(messageId="dup-1", writeKey=WRITE_KEY)
+    assert (await bridge.post("/v1/track", body))[0] == 200
+    status, data = await bridge.post("/v1/track", body)
+    assert status == 200 and data["success"] is True and data.get("duplicates") == 1
+    batch = {"batch": [dict(body, type="track"), dict(body, type="track")], "writeKey": WRITE_KEY}
+    assert (await bridge.post("/v1/batch", batch))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) >= 1)
+    await asyncio.sleep(0.3)
+    assert len(bridge.moengage.events()) == 1
+
+
+@pytest.mark.parametrize(
+    ("integrations", "delivered"),
+    [
+        ({"All": False}, False),
+        ({"MoEngage": False}, False),
+        ({"MoEngage (Actions)": False}, False),
+        ({"Moengage (Actions)": False}, False),
+        ({"All": False, "MoEngage": True}, True),
+        ({"All": True, "Mixpanel": False}, True),
+    ],
+)
+async def test_integrations_object_is_honoured(bridge, integrations, delivered):
+    body = track_body(integrations=integrations, writeKey=WRITE_KEY, event="Marker")
+    assert (await bridge.post("/v1/track", body))[0] == 200
+    control = track_body(writeKey=WRITE_KEY, event="Control")
+    assert (await bridge.post("/v1/track", control))[0] == 200
+    await bridge.moengage.wait_for(
+        lambda: any(e["actions"][0]["action"] == "Control" for e in bridge.moengage.events())
+    )
+    await asyncio.sleep(0.2)
+    names = [e["actions"][0]["action"] for e in bridge.moengage.events()]
+    assert ("Marker" in names) is delivered
+    if not delivered:
+        await wait_until(lambda: _has_discard(bridge, "integrations_disabled"), what="discard record")
+
+
+async def _has_discard(bridge: Any, reason: str) -> bool:
+    return any(d["reason"] == reason for d in await discards(bridge))
+
+
+async def test_anonymous_and_blocklisted_ids_are_discarded_with_reasons(bridge):
+    h = basic(WRITE_KEY)
+    assert (await bridge.post("/v1/track", {"anonymousId": "anon-1", "event": "Anon"}, h))[0] == 200
+    assert (await bridge.post("/v1/identify", {"userId": "guest", "traits": {"a": 1}}, h))[0] == 200
+    assert (await bridge.post("/v1/identify", {"userId": "x", "traits": {"a": 1}}, h))[0] == 200
+    assert (await bridge.post("/v1/identify", {"userId": "u-ok", "traits": {"id": "N/A"}}, h))[0] == 200
+    assert (await bridge.post("/v1/track", track_body(event="Control")))[0] in (200, 401)
+    assert (await bridge.post("/v1/track", track_body(event="Control"), h))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1)
+    await wait_until(lambda: _count_discards(bridge, 4), what="4 discards")
+    found = await discards(bridge)
+    reasons = sorted(d["reason"] for d in found)
+    assert reasons == ["anonymous_user", "invalid_customer_id", "invalid_customer_id", "invalid_customer_id"]
+    assert bridge.moengage.customers() == []
+    anon = next(d for d in found if d["reason"] == "anonymous_user")
+    assert anon["event"] == "Anon" and anon["destination"] == "moengage-main"
+
+
+async def _count_discards(bridge: Any, n: int) -> bool:
+    return len(await discards(bridge)) >= n
+
+
+async def test_anonymous_ids_option_uses_anonymous_id(make_bridge):
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["destinations"][0]["mapping_options"] = {"anonymous_ids": True}
+
+    bridge = await make_bridge(tweak)
+    assert (await bridge.post("/v1/track", {"anonymousId": "anon-77", "event": "Anon"}, basic(WRITE_KEY)))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1)
+    assert bridge.moengage.events()[0]["customer_id"] == "anon-77"
+
+
+async def test_identity_link_applies_to_later_calls(bridge):
+    h = basic(WRITE_KEY)
+    assert (await bridge.post("/v1/identify", {"userId": "u-42", "traits": {"id": "CUST-42", "email": "a@b.co"}}, h))[
+        0
+    ] == 200
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.customers()) == 1)
+    customer = bridge.moengage.customers()[0]
+    assert customer["customer_id"] == "CUST-42"
+    assert "id" not in customer["attributes"]
+    assert (await bridge.post("/v1/track", {"userId": "u-42", "event": "Later"}, h))[0] == 200
+    assert (await bridge.post("/v1/alias", {"userId": "u-42", "previousId": "anon-x"}, h))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1 and len(bridge.moengage.merges()) == 1)
+    assert bridge.moengage.events()[0]["customer_id"] == "CUST-42"
+    assert bridge.moengage.merges() == [{"merged_user": "anon-x", "retained_user": "CUST-42"}]
+
+
+async def test_nothing_is_lost_across_a_restart(make_bridge):
+    bridge = await make_bridge()
+    bridge.moengage.refuse_all(503)
+    ids = [f"restart-{i}" for i in range(25)]
+    batch = {
+        "batch": [
+            {"type": "track", "userId": f"u{i % 5}", "event": "Persisted", "messageId": m} for i, m in enumerate(ids)
+        ],
+        "writeKey": WRITE_KEY,
+    }
+    assert (await bridge.post("/v1/batch", batch))[0] == 200
+    await bridge.moengage.wait_for(lambda: bridge.moengage.received > 0)
+    await bridge.stop()
+    bridge.moengage.refuse_all(None)
+    await bridge.start()
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 25, timeout=15)
+    assert sorted(e["actions"][0]["action"] for e in bridge.moengage.events()) == ["Persisted"] * 25
+
+
+def _sign(body: bytes) -> str:
+    return hmac.new(WEBHOOK_SECRET.encode(), body, hashlib.sha1).hexdigest()
+
+
+async def test_webhook_signature(bridge):
+    event = {
+        "type": "track",
+        "userId": "wh-1",
+        "event": "Hooked",
+        "messageId": "wh-m1",
+        "timestamp": "2026-11-01T10:00:00.000Z",
+        "receivedAt": "2026-11-01T10:00:01.000Z",
+    }
+    body = orjson.dumps(event)
+    h = {**basic(WRITE_KEY), "Content-Type": "application/json"}
+    status, data = await bridge.post("/segment/webhook", None, {**h, "X-Signature": _sign(body)}, raw=body)
+    assert status == 200, data
+    bad = dict(event, messageId="wh-m2")
+    status, data = await bridge.post("/segment/webhook", None, {**h, "X-Signature": _sign(body)}, raw=orjson.dumps(bad))
+    assert (status, data["code"]) == (401, "invalid_signature")
+    status, data = await bridge.post("/segment/webhook", None, h, raw=orjson.dumps(bad))
+    assert (status, data["code"]) == (401, "signature_required")
+    # A batch (Webhooks Actions): only the first item is signed, as JSON.stringify wrote it.
+    items = [dict(event, messageId="wh-b1", event="Batched"), dict(event, messageId="wh-b2", event="Batched")]
+    first = orjson.dumps(items[0])
+    status, data = await bridge.post(
+        "/segment/webhook", None, {**h, "X-Signature": _sign(first)}, raw=orjson.dumps(items)
+    )
+    assert status == 200, data
+    status, _ = await bridge.post("/segment/webhook", None, {"Content-Type": "application/json"}, raw=body)
+    assert status == 401
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 3)
+    assert {e["actions"][0]["action"] for e in bridge.moengage.events()} == {"Hooked", "Batched"}
+
+
+async def test_a_rejected_traits_id_does_not_hijack_later_calls(bridge):
+    h = basic(WRITE_KEY)
+    assert (await bridge.post("/v1/identify", {"userId": "user-g", "traits": {"id": "guest"}}, h))[0] == 200
+    assert (await bridge.post("/v1/track", {"userId": "user-g", "event": "Still Mine"}, h))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1)
+    assert bridge.moengage.events()[0]["customer_id"] == "user-g"
+    await wait_until(lambda: _has_discard(bridge, "invalid_customer_id"), what="the identify's discard")
+
+
+async def test_a_gzip_bomb_is_refused_by_its_inflated_size(bridge):
+    inflated = b'{"userId": "u", "event": "E", "properties": {"pad": "' + b"0" * 3_000_000 + b'"}}'
+    raw = gzip.compress(inflated)
+    assert len(raw) < 20_000
+    status, data = await bridge.post(
+        "/v1/track", None, {**basic(WRITE_KEY), "Content-Encoding": "gzip", "Content-Type": "application/json"}, raw=raw
+    )
+    assert (status, data["code"]) == (413, "payload_too_large")

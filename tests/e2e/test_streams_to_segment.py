@@ -1,0 +1,380 @@
+"""MoEngage Streams -> Segment end to end, the loop guard, and the cross-region guard."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from bridge.cli import main as cli_main
+from bridge.config.model import build_config
+from bridge.destinations.base import ConfigError
+from tests.e2e.harness import (
+    ADMIN_TOKEN,
+    SEGMENT_OUT_KEY,
+    STREAMS_PASSWORD,
+    STREAMS_USER,
+    WRITE_KEY,
+    basic,
+    config_dict,
+    wait_until,
+)
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+AUTH = basic(STREAMS_USER, STREAMS_PASSWORD)
+PATH = "/moengage/streams/streams-main"
+
+USER_ATTRS = {"moengage_user_id": "moe_internal_user_id", "user_attr_1": "user_attr_val1"}
+DEVICE_ATTRS = {"moengage_device_id": "moe_internal_device_id", "device_attr_1": "device_attr_val1"}
+
+
+def seed_payload() -> dict[str, Any]:
+    """Seed 004's example request, with distinct event_uuids as real traffic has."""
+    base = {
+        "event_time": 1580967474,
+        "event_type": "CAMPAIGN_EVENT",
+        "event_source": "MOENGAGE",
+        "uid": "<MoEngage customer_id>",
+        "user_attributes": dict(USER_ATTRS),
+        "device_attributes": dict(DEVICE_ATTRS),
+    }
+    return {
+        "app_name": "App Name",
+        "source": "MOENGAGE",
+        "moe_request_id": "req-1",
+        "events": [
+            {
+                **base,
+                "event_name": "Notification Received Android",
+                "event_code": "NOTIFICATION_RECEIVED_MOE",
+                "event_uuid": "uuid-push-1",
+                "push_id": "recipient device's push token",
+                "event_attributes": {
+                    "campaign_id": "353df897hkbh67658",
+                    "campaign_name": "Name of the Campaign",
+                    "campaign_type": "Smart Trigger",
+                    "campaign_channel": "Push",
+                },
+            },
+            {
+                **base,
+                "event_name": "Email Sent",
+                "event_code": "MOE_EMAIL_SENT",
+                "event_uuid": "uuid-email-1",
+                "email_id": "recipient email_id",
+                "event_attributes": {
+                    "campaign_id": "353df897hkbh67658",
+                    "campaign_name": "Name of the Campaign",
+                    "campaign_type": "General",
+                    "campaign_channel": "Email",
+                },
+            },
+            {
+                **base,
+                "event_name": "SMS Delivered",
+                "event_code": "SMS_DELIVERED",
+                "event_uuid": "uuid-sms-1",
+                "mobile_number": "recipient mobile number",
+                "event_attributes": {
+                    "campaign_id": "353df897hkbh67658",
+                    "campaign_name": "Name of the Campaign",
+                    "campaign_type": "Smart Trigger",
+                    "campaign_channel": "SMS",
+                },
+            },
+        ],
+    }
+
+
+def without_time(event: dict[str, Any]) -> dict[str, Any]:
+    out = dict(event)
+    out.pop("timestamp", None)
+    return out
+
+
+async def test_seed_payload_end_to_end(bridge):
+    status, data = await bridge.post(PATH, seed_payload(), AUTH)
+    assert (status, data) == (200, {"success": True})
+    seg = bridge.segment
+    await seg.wait_for(lambda: len(seg.events()) == 3)
+
+    assert len(seg.requests) >= 1
+    request = seg.requests[0]
+    assert request.path == "/v1/batch"
+    assert request.headers["Authorization"] == basic(SEGMENT_OUT_KEY)["Authorization"]
+    assert set(request.body) == {"batch", "sentAt", "writeKey"}
+    assert request.body["writeKey"] == SEGMENT_OUT_KEY
+    datetime.fromisoformat(request.body["sentAt"])
+
+    push = next(e for e in seg.events() if e["messageId"] == "uuid-push-1")
+    assert datetime.fromisoformat(push["timestamp"]) == datetime.fromtimestamp(1580967474, UTC)
+    assert without_time(push) == {
+        "type": "track",
+        "event": "Notification Received Android",
+        "userId": "<MoEngage customer_id>",
+        "messageId": "uuid-push-1",
+        "properties": {
+            "campaign_id": "353df897hkbh67658",
+            "campaign_name": "Name of the Campaign",
+            "campaign_type": "Smart Trigger",
+            "campaign_channel": "Push",
+            "event_code": "NOTIFICATION_RECEIVED_MOE",
+            "event_type": "CAMPAIGN_EVENT",
+            "push_id": "recipient device's push token",
+        },
+        "context": {
+            "traits": USER_ATTRS,
+            "device": {"id": "moe_internal_device_id", "device_attr_1": "device_attr_val1"},
+            "integration": {"name": "segment-moengage-bridge", "version": "1"},
+        },
+        "integrations": {"MoEngage": False},
+    }
+    email = next(e for e in seg.events() if e["messageId"] == "uuid-email-1")
+    assert email["event"] == "Email Sent" and email["properties"]["email_id"] == "recipient email_id"
+    sms = next(e for e in seg.events() if e["messageId"] == "uuid-sms-1")
+    assert sms["properties"]["mobile_number"] == "recipient mobile number"
+
+
+async def test_single_event_variant_and_time_formats(bridge):
+    one = seed_payload()["events"][1]
+    for i, t in enumerate((1580967474123, "2020-02-06T05:37:54Z")):
+        body = {
+            "app_name": "App",
+            "export_doc_id": f"doc-{i}",
+            "event": dict(one, event_uuid=f"single-{i}", event_time=t),
+        }
+        assert (await bridge.post(PATH, body, AUTH))[0] == 200
+    await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 2)
+    for e in bridge.segment.events():
+        assert datetime.fromisoformat(e["timestamp"]).replace(microsecond=0) == datetime.fromtimestamp(1580967474, UTC)
+
+
+async def test_event_codes_without_names_are_named(bridge):
+    named = {
+        "MOE_EMAIL_SENT": "Email Sent",
+        "MOE_EMAIL_OPEN": "Email Opened",
+        "n_i_s": "Notification Sent iOS",
+        "NOTIFICATION_CLICKED_WEB_MOE": "Notification Clicked Web",
+        "SMS_DELIVERED": "SMS Delivered",
+        "MOE_CARD_CLICKED": "Card Clicked",
+        "USER_ENTERED_FLOW": "User Entered Flow",
+    }
+    codes = [
+        "MOE_EMAIL_SENT",
+        "MOE_EMAIL_DEFERRED",
+        "MOE_EMAIL_DELIVERED",
+        "MOE_EMAIL_DROP",
+        "MOE_EMAIL_HARD_BOUNCE",
+        "MOE_EMAIL_SOFT_BOUNCE",
+        "MOE_EMAIL_OPEN",
+        "MOE_EMAIL_CLICK",
+        "MOE_EMAIL_UNSUBSCRIBE",
+        "MOE_EMAIL_SPAM",
+        "SMS_SENT",
+        "SMS_DELIVERED",
+        "NOTIFICATION_RECEIVED_MOE",
+        "NOTIFICATION_CLICKED_MOE",
+        "NOTIFICATION_CLEARED_MOE",
+        "n_i_s",
+        "NOTIFICATION_CLICKED_IOS_MOE",
+        "NOTIFICATION_RECEIVED_WEB_MOE",
+        "NOTIFICATION_CLICKED_WEB_MOE",
+        "MOE_CONNECTOR_SENT",
+        "MOE_CARD_SENT",
+        "MOE_CARD_DELIVERED",
+        "MOE_CARD_VIEWED",
+        "MOE_CARD_CLICKED",
+        "MOE_IN_APP_SHOWN",
+        "MOE_IN_APP_CLICKED",
+        "MOE_IN_APP_DISMISSED",
+        "MOE_ONSITE_MESSAGE_SHOWN",
+        "MOE_ONSITE_MESSAGE_CLICKED",
+        "MOE_ONSITE_MESSAGE_DISMISSED",
+        "USER_ENTERED_FLOW",
+        "USER_EXITED_FLOW",
+        "MOE_CAMPAIGN_CONTROL_GROUP",
+    ]
+    events = [
+        {
+            "event_code": c,
+            "event_uuid": f"code-{c}",
+            "event_time": 1580967474,
+            "uid": "cust-1",
+            "event_type": "CAMPAIGN_EVENT",
+        }
+        for c in codes
+    ]
+    events.append(
+        {
+            "event_name": "Added To Cart",
+            "event_code": "Added To Cart",
+            "event_uuid": "ua-1",
+            "event_time": 1580967474,
+            "uid": "cust-1",
+            "event_type": "USER_ACTION_EVENT",
+            "event_attributes": {"sku": "A1"},
+        }
+    )
+    assert (await bridge.post(PATH, {"app_name": "A", "events": events}, AUTH))[0] == 200
+    await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == len(events), timeout=10)
+    by_id = {e["messageId"]: e for e in bridge.segment.events()}
+    for code in codes:
+        name = by_id[f"code-{code}"]["event"]
+        assert name and name != code, f"{code} has no name"
+    for code, name in named.items():
+        assert by_id[f"code-{code}"]["event"] == name
+    user_action = by_id["ua-1"]
+    assert user_action["event"] == "Added To Cart" and user_action["properties"]["sku"] == "A1"
+
+
+async def test_anonymous_id_when_uid_is_absent(bridge):
+    event = dict(seed_payload()["events"][0], event_uuid="anon-uuid")
+    del event["uid"]
+    assert (await bridge.post(PATH, {"events": [event]}, AUTH))[0] == 200
+    await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 1)
+    sent = bridge.segment.events()[0]
+    assert "userId" not in sent and sent["anonymousId"] == "moe_internal_user_id"
+
+
+async def test_same_payload_twice_is_forwarded_once(bridge):
+    payload = seed_payload()
+    assert (await bridge.post(PATH, payload, AUTH))[0] == 200
+    status, data = await bridge.post(PATH, payload, AUTH)
+    assert status == 200 and data["duplicates"] == 3
+    await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 3)
+    await asyncio.sleep(0.3)
+    assert len(bridge.segment.events()) == 3
+
+
+async def test_streams_auth_json_and_validation_errors(bridge):
+    status, data = await bridge.post(PATH, seed_payload())
+    assert (status, data["code"]) == (401, "unauthorized")
+    status, data = await bridge.post(PATH, seed_payload(), basic(STREAMS_USER, "wrong"))
+    assert (status, data["code"]) == (401, "unauthorized")
+    status, data = await bridge.post("/moengage/streams/nope", seed_payload(), AUTH)
+    assert status == 401
+    status, data = await bridge.post(PATH, None, AUTH, raw=b"{not json")
+    assert (status, data["code"]) == (400, "invalid_json")
+    payload = seed_payload()
+    payload["events"][1].pop("event_uuid")
+    payload["events"][2]["event_time"] = "when?"
+    status, data = await bridge.post(PATH, payload, AUTH)
+    assert status == 200 and data["accepted"] == 1
+    assert [(r["index"], r["code"]) for r in data["rejected"]] == [
+        (1, "event_uuid_required"),
+        (2, "invalid_event_time"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("auth", "headers", "status"),
+    [
+        ({"type": "header", "header": "X-Api-Key", "value": "k-123456"}, {"X-Api-Key": "k-123456"}, 200),
+        ({"type": "header", "header": "X-Api-Key", "value": "k-123456"}, {"X-Api-Key": "k-12345"}, 401),
+        (
+            {"type": "header", "header": "Authorization", "value": "Bearer tok-9"},
+            {"Authorization": "Bearer tok-9"},
+            200,
+        ),
+        ({"type": "none"}, {}, 200),
+    ],
+)
+async def test_streams_auth_kinds(make_bridge, auth, headers, status):
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["sources"][2]["auth"] = auth
+
+    bridge = await make_bridge(tweak)
+    got, _ = await bridge.post(PATH, seed_payload(), headers)
+    assert got == status
+
+
+async def test_allow_ips(make_bridge):
+    def outside(raw: dict[str, Any]) -> None:
+        raw["sources"][2]["allow_ips"] = ["10.20.0.0/16"]
+
+    bridge = await make_bridge(outside)
+    status, data = await bridge.post(PATH, seed_payload(), AUTH)
+    assert (status, data["code"]) == (403, "ip_not_allowed")
+    await bridge.stop()
+    bridge.raw["sources"][2]["allow_ips"] = ["127.0.0.0/8", "::1/128"]
+    await bridge.start()
+    assert (await bridge.post(PATH, seed_payload(), AUTH))[0] == 200
+
+
+def test_streams_auth_must_be_explicit(tmp_path: Path):
+    raw = config_dict(tmp_path, "http://127.0.0.1:1", "http://127.0.0.1:2")
+    del raw["sources"][2]["auth"]
+    with pytest.raises(ConfigError, match=r"sources\[2\]\.auth: is required.*type: none"):
+        build_config(raw)
+
+
+def _write(tmp_path: Path, raw: dict[str, Any]) -> str:
+    path = tmp_path / "bridge.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_cross_region_routes_are_refused_by_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    raw = config_dict(tmp_path, "http://127.0.0.1:1", "http://127.0.0.1:2")
+    assert cli_main(["check", "--config", _write(tmp_path, raw)]) == 0
+
+    eu_streams = copy.deepcopy(raw)
+    eu_streams["sources"][2]["data_center"] = "02"
+    assert cli_main(["check", "--config", _write(tmp_path, eu_streams)]) == 2
+    err = capsys.readouterr().err
+    assert "'streams-main' (region eu) -> 'segment-prod' (region us) crosses regions" in err
+    assert "Segment silently drops cross-region data" in err and "allow_cross_region" in err
+
+    eu_streams["sources"][2]["allow_cross_region"] = True
+    assert cli_main(["check", "--config", _write(tmp_path, eu_streams)]) == 0
+
+    to_india = copy.deepcopy(raw)
+    to_india["destinations"][0]["data_center"] = "03"
+    with pytest.raises(ConfigError, match=r"'web' \(region us\) -> 'moengage-main' \(region in\)"):
+        build_config(to_india)
+
+    unknown = copy.deepcopy(raw)
+    unknown["destinations"][2]["region"] = "apac"
+    with pytest.raises(ConfigError, match=r"destinations\[2\]"):
+        build_config(unknown)
+
+
+async def test_relayed_events_do_not_loop_back_to_moengage(bridge):
+    assert (await bridge.post(PATH, seed_payload(), AUTH))[0] == 200
+    await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 3)
+    relayed = copy.deepcopy(bridge.segment.events())
+    # Segment would route these to MoEngage unless told not to; a stripped integrations
+    # object must not matter: the context mark is enough.
+    for e in relayed[1:]:
+        e.pop("integrations", None)
+    control = {"type": "track", "userId": "u-control", "event": "Control", "messageId": "control-1"}
+    status, data = await bridge.post("/v1/batch", {"batch": [*relayed, control], "writeKey": WRITE_KEY})
+    assert status == 200, data
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1)
+    await asyncio.sleep(0.2)
+    assert [e["actions"][0]["action"] for e in bridge.moengage.events()] == ["Control"]
+
+    async def loops() -> bool:
+        _, found = await bridge.get("/admin/discards?reason=loop", ADMIN)
+        return len(found["discards"]) == 2
+
+    await wait_until(loops, what="loop discards")
+
+
+async def test_oversize_event_is_discarded_while_the_batch_is_delivered(bridge):
+    payload = seed_payload()
+    payload["events"][0]["event_attributes"]["blob"] = "x" * 40_000
+    assert (await bridge.post(PATH, payload, AUTH))[0] == 200
+    await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 2)
+
+    async def discarded() -> bool:
+        _, found = await bridge.get("/admin/discards?reason=event_too_large", ADMIN)
+        return len(found["discards"]) == 1
+
+    await wait_until(discarded, what="event_too_large discard")
+    assert {e["messageId"] for e in bridge.segment.events()} == {"uuid-email-1", "uuid-sms-1"}
