@@ -1,0 +1,192 @@
+"""The floor: the least a durable ingest endpoint can do on this machine.
+
+Bare aiohttp + orjson + SQLite (WAL, synchronous=FULL) with group commit on one writer
+thread; one row per raw event; no auth, validation, mapping or dedupe. It answers the
+same paths as the bridge so one load generator drives both.
+
+    python -m bench.floor --db /tmp/floor.db [--port 0] [--cpu 0]
+
+Prints ``READY <port>`` on stdout once listening.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import queue
+import signal
+import sqlite3
+import sys
+import threading
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from bench.loadgen import pin
+
+Rows = list[tuple[float, bytes]]
+_OK = orjson.dumps({"success": True})
+_BAD = orjson.dumps({"success": False, "code": "invalid_json"})
+
+
+class GroupCommitter:
+    """One writer thread: whatever arrived while the last commit was syncing goes in the next.
+
+    No timer: a lone request is committed at once, and under load the group grows to
+    match the fsync time (flush when idle or when the writer is free).
+    """
+
+    def __init__(self, path: str, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: queue.SimpleQueue[tuple[Rows, asyncio.Future[None]] | None] = queue.SimpleQueue()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, received_at REAL, body BLOB)")
+        self.commits = 0
+        self.rows = 0
+        self._thread = threading.Thread(target=self._run, name="floor-writer", daemon=True)
+        self._thread.start()
+
+    def write(self, rows: Rows) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._queue.put((rows, fut))
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            group = [first]
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)
+                    break
+                group.append(item)
+            error: Exception | None = None
+            try:
+                self._db.execute("BEGIN")
+                for rows, _ in group:
+                    self._db.executemany("INSERT INTO events (received_at, body) VALUES (?, ?)", rows)
+                self._db.execute("COMMIT")
+                self.commits += 1
+                self.rows += sum(len(rows) for rows, _ in group)
+            except sqlite3.Error as exc:
+                error = exc
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+            self._loop.call_soon_threadsafe(_settle, [fut for _, fut in group], error)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(10)
+        self._db.close()
+
+
+def _settle(futures: list[asyncio.Future[None]], error: Exception | None) -> None:
+    for fut in futures:
+        if fut.done():
+            continue
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error)
+
+
+def events_in(path: str, data: Any) -> list[Any] | None:
+    """The raw events of a request, by endpoint shape; None when the shape is not there."""
+    if path.startswith("/moengage/streams/"):
+        if isinstance(data, dict):
+            if isinstance(data.get("events"), list):
+                return list(data["events"])
+            if "event" in data:
+                return [data["event"]]
+        return None
+    if path in ("/v1/batch", "/v1/import"):
+        batch = data.get("batch") if isinstance(data, dict) else None
+        return batch if isinstance(batch, list) else None
+    return [data] if isinstance(data, dict) else None
+
+
+COMMITTER = web.AppKey("committer", GroupCommitter)
+
+
+async def ingest(request: web.Request) -> web.Response:
+    try:
+        data = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return web.Response(status=400, body=_BAD, content_type="application/json")
+    events = events_in(request.path, data)
+    if events is None:
+        return web.Response(status=400, body=_BAD, content_type="application/json")
+    now = time.time()
+    dumps = orjson.dumps
+    await request.app[COMMITTER].write([(now, dumps(e)) for e in events])
+    return web.Response(body=_OK, content_type="application/json")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    committer = request.app[COMMITTER]
+    return web.json_response({"status": "ok", "rows": committer.rows, "commits": committer.commits})
+
+
+def build_app(db_path: str) -> web.Application:
+    app = web.Application(client_max_size=8 * 1024 * 1024)
+
+    async def lifecycle(app: web.Application) -> Any:
+        app[COMMITTER] = GroupCommitter(db_path, asyncio.get_running_loop())
+        yield
+        app[COMMITTER].close()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_post("/v1/{call}", ingest)
+    app.router.add_post("/moengage/streams/{source}", ingest)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+async def serve(db_path: str, host: str, port: int) -> None:
+    runner = web.AppRunner(build_app(db_path), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    bound = next(a[1] for a in runner.addresses if isinstance(a, tuple))
+    sys.stdout.write(f"READY {bound}\n")
+    sys.stdout.flush()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__)
+    p.add_argument("--db", required=True, help="SQLite file to write (created)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--cpu", type=int, default=0, help="core to pin to (-1: do not pin)")
+    args = p.parse_args(argv)
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.db))):
+        p.error(f"--db: directory of {args.db} does not exist")
+    pin(None if args.cpu < 0 else args.cpu)
+    from bench.httpload import run
+
+    run(lambda: serve(args.db, args.host, args.port))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
