@@ -36,8 +36,9 @@ pytest: $(STAMP)
 
 test: lint typecheck mappings-test pytest
 
+# ARGS passes options through, e.g. `make bench ARGS="--quick"` or `ARGS=--update-docs`.
 bench: $(STAMP)
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="run the bridge's ingest phases under cProfile")
     p.add_argument("--output", type=Path, default=RESULTS, help="results file (default: %(default)s)")
     p.add_argument(
-        "--update-docs", action="store_true", help="also write the table into docs/benchmarks.md (between its markers)"
+        "--update-docs", action="store_true", help="also write the table into docs/benchmarks.md and README.md"
     )
     p.add_argument("--keep", action="store_true", help="keep the work directory (stores, logs, profiles)")
     args = p.parse_args(argv)
@@ -172,11 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     args.output.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2) + b"\n")
     say(f"\nwrote {args.output}")
     if args.update_docs:
-        docs = ROOT / "docs" / "benchmarks.md"
-        if report.update_docs(docs, results):
-            say(f"updated {docs}")
-        else:
-            say(f"{docs}: no bench-table markers; not updated")
+        # The README shows the same table as docs/benchmarks.md: one run writes both.
+        for docs in (ROOT / "docs" / "benchmarks.md", ROOT / "README.md"):
+            if report.update_docs(docs, results):
+                say(f"updated {docs}")
+            else:
+                say(f"{docs}: no bench-table markers; not updated")
     return 0
 
 
