@@ -36,6 +36,8 @@ class ServerConfig:
     max_request_bytes: int = 512_000  # Segment's 500 KB plus headroom for the envelope
     max_event_bytes: int = 32 * 1024
     max_batch_events: int = 2500
+    # Proxies whose X-Forwarded-For is believed when checking a source's allow_ips.
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +192,7 @@ def _server(r: Reader) -> ServerConfig:
         max_request_bytes=r.int("max_request_bytes", 512_000, minimum=1024),
         max_event_bytes=r.int("max_event_bytes", 32 * 1024, minimum=256),
         max_batch_events=r.int("max_batch_events", 2500, minimum=1),
+        trusted_proxies=_networks(r, "trusted_proxies"),
     )
     r.done()
     return cfg
@@ -237,10 +240,14 @@ def _source(r: Reader) -> SourceConfig:
             allow_cross_region=allow_cross,
             data_center=dc,
             auth=_streams_auth(r.sub("auth")),
-            allow_ips=tuple(_network(ip, f"{r.at('allow_ips')}[{i}]") for i, ip in enumerate(r.list("allow_ips"))),
+            allow_ips=_networks(r, "allow_ips"),
         )
     r.done()
     return cfg
+
+
+def _networks(r: Reader, key: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(_network(ip, f"{r.at(key)}[{i}]") for i, ip in enumerate(r.list(key)))
 
 
 def _network(text: Any, where: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:

@@ -78,6 +78,9 @@ def test_precise_type_and_value_errors(raw: dict[str, Any]) -> None:
     bad = copy.deepcopy(raw)
     bad["sources"][2]["allow_ips"] = ["not-an-ip"]
     assert "sources[2].allow_ips[0]: not an IP address or CIDR" in error_of(bad)
+    bad = copy.deepcopy(raw)
+    bad["server"]["trusted_proxies"] = ["10.0.0.0/8", "lb.internal"]
+    assert "server.trusted_proxies[1]: not an IP address or CIDR" in error_of(bad)
 
 
 def test_names_and_keys_must_be_unique(raw: dict[str, Any]) -> None:

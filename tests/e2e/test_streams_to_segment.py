@@ -306,6 +306,27 @@ async def test_allow_ips(make_bridge):
     assert (await bridge.post(PATH, seed_payload(), AUTH))[0] == 200
 
 
+async def test_allow_ips_behind_a_trusted_proxy(make_bridge):
+    """Behind a load balancer the peer is the proxy; the client is in X-Forwarded-For."""
+
+    def behind_proxy(raw: dict[str, Any]) -> None:
+        raw["sources"][2]["allow_ips"] = ["10.20.0.0/16"]
+
+    bridge = await make_bridge(behind_proxy)
+    # The peer (loopback) is not a trusted proxy yet, so its X-Forwarded-For is not believed.
+    status, data = await bridge.post(PATH, seed_payload(), {**AUTH, "X-Forwarded-For": "10.20.3.4"})
+    assert (status, data["code"]) == (403, "ip_not_allowed")
+    await bridge.stop()
+    bridge.raw["server"]["trusted_proxies"] = ["127.0.0.0/8", "::1/128"]
+    await bridge.start()
+    assert (await bridge.post(PATH, seed_payload(), {**AUTH, "X-Forwarded-For": "10.20.3.4"}))[0] == 200
+    # A forged first hop does not help: the proxy saw 198.51.100.9.
+    status, data = await bridge.post(PATH, seed_payload(), {**AUTH, "X-Forwarded-For": "10.20.3.4, 198.51.100.9"})
+    assert (status, data["code"]) == (403, "ip_not_allowed") and "198.51.100.9" in data["message"]
+    # Without the header the proxy itself is the client, and it is not allowed.
+    assert (await bridge.post(PATH, seed_payload(), AUTH))[0] == 403
+
+
 def test_streams_auth_must_be_explicit(tmp_path: Path):
     raw = config_dict(tmp_path, "http://127.0.0.1:1", "http://127.0.0.1:2")
     del raw["sources"][2]["auth"]

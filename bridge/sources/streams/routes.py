@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
-
 import orjson
 from aiohttp import web
 
 from bridge.config.model import Config, SourceConfig
 from bridge.httpx import ApiError, basic_credentials, json_response, parse_json, read_body, same_secret
 from bridge.sources.base import Accepted, Ingestor, Rejection, SourceKind, all_rejected, batch_answer
+from bridge.sources.client_ip import client_address
 from bridge.sources.segment.spec import Invalid
 from bridge.sources.streams.spec import events_of, normalise
 
@@ -30,12 +29,11 @@ class StreamsSources(SourceKind):
 
     def _authorise(self, request: web.Request, source: SourceConfig) -> None:
         if source.allow_ips:
-            try:
-                remote = ipaddress.ip_address(request.remote or "")
-            except ValueError:
-                remote = None
+            remote = client_address(
+                request.remote, request.headers.getall("X-Forwarded-For", []), self.config.server.trusted_proxies
+            )
             if remote is None or not any(remote in net for net in source.allow_ips):
-                raise ApiError(403, "ip_not_allowed", f"requests from {request.remote} are not allowed")
+                raise ApiError(403, "ip_not_allowed", f"requests from {remote or request.remote} are not allowed")
         auth = source.auth
         if auth is None or auth.type == "none":
             return
