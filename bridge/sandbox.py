@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 from typing import Any
 
 import structlog
 
-from bridge.config.loader import read_yaml
+from bridge.config.loader import env_references, read_yaml
 from bridge.config.model import build_config
 
 log = structlog.get_logger("bridge.sandbox")
 
 MOENGAGE_PORT = int(os.environ.get("BRIDGE_SANDBOX_MOENGAGE_PORT", "8089"))
 SEGMENT_PORT = int(os.environ.get("BRIDGE_SANDBOX_SEGMENT_PORT", "8090"))
-_VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def placeholder(var: str) -> str:
@@ -30,8 +28,10 @@ def placeholder(var: str) -> str:
 
 def sandbox_env(config_text: str) -> dict[str, str]:
     env = dict(os.environ)
-    for var in _VAR_RE.findall(config_text):
-        env.setdefault(var, placeholder(var))
+    # Only references without a default, and not those in comments, need a placeholder.
+    for match, _ in env_references(config_text):
+        if match.group(2) is None:
+            env.setdefault(match.group(1), placeholder(match.group(1)))
     return env
 
 

@@ -9,7 +9,7 @@ import builtins
 import difflib
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -147,10 +147,12 @@ def substitute_env(text: str, env: Mapping[str, str]) -> tuple[str, set[str]]:
 
     A value that lands inside a quoted YAML scalar is escaped for that quoting, so a
     secret containing a quote or a backslash cannot break (or inject into) the file.
+    References inside comments are left alone: a comment that says "${VAR}" needs nothing.
     """
     missing: set[str] = set()
-
-    def repl(match: re.Match[str]) -> str:
+    out: list[str] = []
+    last = 0
+    for match, quote in env_references(text):
         name, default = match.group(1), match.group(2)
         if name in env:
             value = env[name]
@@ -158,19 +160,28 @@ def substitute_env(text: str, env: Mapping[str, str]) -> tuple[str, set[str]]:
             value = default
         else:
             missing.add(name)
-            return ""
-        quote = _quoting_at(match.string, match.start())
+            value = ""
         if quote == '"':
-            return value.replace("\\", "\\\\").replace('"', '\\"')
-        if quote == "'":
-            return value.replace("'", "''")
-        return value
+            value = value.replace("\\", "\\\\").replace('"', '\\"')
+        elif quote == "'":
+            value = value.replace("'", "''")
+        out += [text[last : match.start()], value]
+        last = match.end()
+    out.append(text[last:])
+    return "".join(out), missing
 
-    return _ENV_RE.sub(repl, text), missing
+
+def env_references(text: str) -> Iterator[tuple[re.Match[str], str]]:
+    """Each ${VAR} reference outside comments, with the quote it sits in ('', '"' or "'")."""
+    for match in _ENV_RE.finditer(text):
+        quote = _quoting_at(text, match.start())
+        if quote != "#":
+            yield match, quote
 
 
 def _quoting_at(text: str, pos: int) -> str:
-    """The quote character of the YAML flow scalar open at ``pos`` on its line, or ''."""
+    """The quote character of the YAML flow scalar open at ``pos`` on its line, '' outside
+    quotes, or '#' when ``pos`` is inside a comment."""
     line = text[text.rfind("\n", 0, pos) + 1 : pos]
     quote = ""
     i = 0
@@ -184,8 +195,9 @@ def _quoting_at(text: str, pos: int) -> str:
             continue
         if c in "\"'" and (not quote or c == quote):
             quote = "" if quote else c
-        elif c == "#" and not quote:
-            return ""
+        elif c == "#" and not quote and (i == 0 or line[i - 1] in " \t"):
+            # YAML starts a comment only at a '#' after whitespace: "a#b" is a plain scalar.
+            return "#"
         i += 1
     return quote
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ from bridge.config.loader import substitute_env
 from bridge.config.model import build_config, load_config, parse_rate
 from bridge.destinations.base import ConfigError
 from bridge.destinations.moengage.destination import MoEngageDestination
+from bridge.sandbox import sandbox_env
 from tests.e2e.harness import config_dict
 
 
@@ -39,6 +41,17 @@ def test_env_substitution_and_defaults(tmp_path: Path) -> None:
     path.write_text('server: {port: "${PORT}"}\nmappings: {dir: "${DIR:-mappings}"}\n')
     with pytest.raises(ConfigError, match=r"server.port: expected an integer"):
         load_config(path, {"PORT": "abc"})
+
+
+def test_references_in_comments_are_left_alone() -> None:
+    text = "# set ${SECRET} in the environment\nkey: ${KEY} # or ${OTHER}\nurl: http://h/a#${FRAG}\n"
+    out, missing = substitute_env(text, {"FRAG": "f"})
+    assert out == "# set ${SECRET} in the environment\nkey:  # or ${OTHER}\nurl: http://h/a#f\n"
+    assert missing == {"KEY"}  # only the real one is reported unset
+    assert substitute_env('a: "x # ${Q}"', {"Q": 'q"'})[0] == 'a: "x # q\\""'  # a '#' in quotes is text
+    # The sandbox gives placeholders to the same references: none for comments or defaults.
+    assert set(sandbox_env("a: ${A}\nb: ${B:-x}\n# ${C}\n")) >= {"A"}
+    assert not {"B", "C"} & (set(sandbox_env("a: ${A}\nb: ${B:-x}\n# ${C}\n")) - set(os.environ))
 
 
 def test_unknown_keys_are_errors_with_suggestions(raw: dict[str, Any]) -> None:
