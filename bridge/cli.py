@@ -18,6 +18,7 @@ from bridge.destinations.base import ConfigError
 from bridge.records import dead_letter_json, discard_json, when
 from bridge.store import open_store
 from bridge.store.base import DestinationState, RecordFilter, Store
+from bridge.suggest import did_you_mean
 
 DEFAULT_CONFIG = os.environ.get("BRIDGE_CONFIG", "bridge.yaml")
 
@@ -88,6 +89,16 @@ def _store_from(config_path: str) -> Store:
         return open_store(store_cfg.url)
     except ValueError as exc:
         raise ConfigError(f"store.url: {exc}") from None
+
+
+def _configured_destinations(config_path: str) -> list[str]:
+    """Destination names as the config file spells them, read without building the config
+    (so without its secrets), in file order."""
+    data, _ = read_yaml(config_path)
+    entries = data.get("destinations")
+    if not isinstance(entries, list):
+        return []
+    return [str(d["name"]) for d in entries if isinstance(d, dict) and d.get("name")]
 
 
 def _with_store(args: argparse.Namespace, fn: Callable[[Store], Awaitable[int]]) -> int:
@@ -183,11 +194,15 @@ def cmd_discards(args: argparse.Namespace) -> int:
 
 
 def cmd_destinations(args: argparse.Namespace) -> int:
+    configured = _configured_destinations(args.config)
+
     async def go(store: Store) -> int:
+        states = await store.get_destination_states()
         if args.action == "list":
-            states = await store.get_destination_states()
             stats = await store.queue_stats()
-            names = sorted(set(states) | set(stats))
+            # Configured destinations first, in file order, then any the store still holds
+            # work for (e.g. one removed from the config with events queued).
+            names = configured + sorted((set(states) | set(stats)) - set(configured))
             for n in names:
                 st, qs = states.get(n), stats.get(n)
                 sys.stdout.write(
@@ -195,6 +210,13 @@ def cmd_destinations(args: argparse.Namespace) -> int:
                     f"queued {qs.depth if qs else 0}, dead letters {qs.dead if qs else 0}\n"
                 )
             return 0
+        if args.name not in configured and args.name not in states:
+            hint = did_you_mean(args.name, configured)
+            sys.stderr.write(
+                f"bridge destinations {args.action}: unknown destination {args.name!r}{hint}; "
+                f"configured: {', '.join(configured) or 'none'}\n"
+            )
+            return 2
         paused = args.action == "pause"
         reason = f"{'paused' if paused else 'resumed'} from the CLI"
         await store.set_destination_state(DestinationState(args.name, paused, reason if paused else "", time.time()))

@@ -6,7 +6,6 @@ Only this module knows the file format; everything else receives typed objects.
 from __future__ import annotations
 
 import builtins
-import difflib
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -16,6 +15,7 @@ from typing import Any, NoReturn
 import yaml
 
 from bridge.destinations.base import ConfigError
+from bridge.suggest import did_you_mean
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -59,7 +59,7 @@ class Reader:
         options = list(choices)
         value = self.str(key, default, required=default is None)
         if value not in options:
-            _fail(self.at(key), f"must be one of {', '.join(options)}; got {value!r}{_suggest(value, options)}")
+            _fail(self.at(key), f"must be one of {', '.join(options)}; got {value!r}{did_you_mean(value, options)}")
         return value
 
     def int(self, key: builtins.str, default: builtins.int, *, minimum: builtins.int | None = None) -> builtins.int:
@@ -118,7 +118,7 @@ class Reader:
         known = self._seen
         for key in self.data:
             if key not in known:
-                _fail(self.at(str(key)), f"unknown key{_suggest(str(key), sorted(known))}")
+                _fail(self.at(str(key)), f"unknown key{did_you_mean(str(key), known)}")
 
 
 def _type_name(value: Any) -> str:
@@ -127,11 +127,6 @@ def _type_name(value: Any) -> str:
     return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(
         type(value), type(value).__name__
     )
-
-
-def _suggest(word: str, options: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _empty_env_hint(value: Any) -> str:

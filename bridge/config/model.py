@@ -17,6 +17,7 @@ from bridge.config.loader import Reader, read_yaml
 from bridge.destinations.base import ConfigError, Destination, destination_kinds
 from bridge.destinations.moengage.datacenters import REGIONS as DATA_CENTER_REGIONS
 from bridge.destinations.moengage.datacenters import normalise_data_center
+from bridge.suggest import did_you_mean
 
 SEGMENT_REGIONS = ("us", "eu")
 # Where a Segment client of each region should send: named in 403 answers.
@@ -405,9 +406,7 @@ def validate_routes(cfg: Config) -> None:
         for j, target in enumerate(s.to):
             d = dests.get(target)
             if d is None:
-                from bridge.config.loader import _suggest
-
-                raise ConfigError(f"sources[{i}].to[{j}]: no destination named {target!r}{_suggest(target, dests)}")
+                raise ConfigError(f"sources[{i}].to[{j}]: no destination named {target!r}{did_you_mean(target, dests)}")
             if s.allow_cross_region:
                 continue
             if s.region is None or d.region is None or s.region != d.region:

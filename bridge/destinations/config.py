@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Collection, Mapping
 from typing import Any, overload
 
 from bridge.destinations.base import ConfigError
 from bridge.destinations.http import check_url
+from bridge.suggest import did_you_mean
 
 
 def check_keys(cfg: Mapping[str, Any], allowed: Collection[str], where: str) -> None:
@@ -15,8 +15,7 @@ def check_keys(cfg: Mapping[str, Any], allowed: Collection[str], where: str) -> 
     for key in cfg:
         if key in allowed:
             continue
-        close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(sorted(allowed))})"
+        hint = did_you_mean(str(key), allowed) or f" (valid keys: {', '.join(sorted(allowed))})"
         raise ConfigError(f"{where}: unknown key {key!r}{hint}")
 
 

@@ -6,7 +6,6 @@ so the file is composed to PyYAML nodes and converted to a small tree of ``YNode
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from typing import Any
 import yaml
 
 from bridge.mapping.api import Diagnostic
+from bridge.suggest import did_you_mean as did_you_mean  # re-exported for the mapping modules
 
 
 @dataclass(slots=True)
@@ -81,11 +81,6 @@ class Diagnostics:
                 ok = False
                 self.add(node, yaml_path, f"{what} is missing required key {key!r}")
         return ok
-
-
-def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def join(base: str, key: str | int) -> str:
