@@ -16,6 +16,7 @@ from bridge.mapping.api import MapContext
 from bridge.mapping.translate import translate_events
 from bridge.records import dead_letter_json, discard_json
 from bridge.store.base import RecordFilter
+from bridge.suggest import did_you_mean
 
 if TYPE_CHECKING:
     from bridge.runtime import Runtime
@@ -172,22 +173,45 @@ class AdminApi:
         return json_response({"discards": [discard_json(r) for r in records]})
 
     async def translate(self, request: web.Request) -> web.Response:
-        name = request.query.get("mapping", "")
+        """Dry-run the live mapping. With ``?destination=`` it answers as that destination's
+        worker would: its mapping, its mapping_options and the identity links in the store."""
+        q, config = request.query, self.runtime.config
+        dest = None
+        if q.get("destination"):
+            names = [d.name for d in config.destinations]
+            dest = next((d for d in config.destinations if d.name == q["destination"]), None)
+            if dest is None:
+                raise ApiError(
+                    400,
+                    "unknown_destination",
+                    f"?destination= must name a configured destination{did_you_mean(q['destination'], names)}",
+                )
+        name = q.get("mapping") or (dest.mapping if dest else "")
         mapping = self.runtime.mappings().get(name)
         if mapping is None:
             known = ", ".join(sorted(self.runtime.mappings()))
-            raise ApiError(400, "unknown_mapping", f"?mapping= must name a loaded mapping ({known})")
+            raise ApiError(400, "unknown_mapping", f"?mapping= (or ?destination=) must name a loaded mapping ({known})")
+        source = q.get("source", "")
+        if source and config.source(source) is None:
+            hint = did_you_mean(source, [s.name for s in config.sources])
+            raise ApiError(400, "unknown_source", f"?source= must name a configured source{hint}")
+        if dest is None:
+            dest = next((d for d in config.destinations if d.mapping == name), None)
+        options = dest.mapping_options if dest else {}
         data = parse_json(await read_body(request, MAX_ADMIN_BODY))
         events = data if isinstance(data, list) else [data]
-        options: dict[str, Any] = {}
-        for d in self.runtime.config.destinations:
-            if d.mapping == name:
-                options = d.mapping_options
-                break
-        ctx = MapContext(linked_id=request.query.get("linked_id") or None, options=options)
-        return json_response(
-            {"mapping": name, "version": mapping.version, "results": translate_events(mapping, events, ctx)}
-        )
+        given_link = q.get("linked_id") or None
+        links: dict[str, str] = {}
+        if given_link is None and dest is not None and q.get("destination"):
+            keys = {k for e in events if isinstance(e, dict) and (k := mapping.identity_key(e))}
+            links = await self.runtime.store.resolve_links(dest.name, sorted(keys)) if keys else {}
+
+        def context(event: Any) -> MapContext:
+            key = mapping.identity_key(event) if isinstance(event, dict) and not given_link else None
+            return MapContext(linked_id=given_link or (links.get(key) if key else None), options=options, source=source)
+
+        results = [translate_events(mapping, [event], context(event))[0] for event in events]
+        return json_response({"mapping": name, "version": mapping.version, "results": results})
 
     async def pause(self, request: web.Request) -> web.Response:
         return await self._set_paused(request, True)

@@ -129,6 +129,27 @@ async def test_admin_translate_and_pause(bridge):
     assert second["discarded"] == "anonymous_user" or second.get("reason") == "anonymous_user"
     status, body = await bridge.post("/admin/translate?mapping=nope", event, ADMIN)
     assert (status, body["code"]) == (400, "unknown_mapping")
+    status, body = await bridge.post("/admin/translate?destination=moengage-mian", event, ADMIN)
+    assert (status, body["code"]) == (400, "unknown_destination") and "moengage-main" in body["message"]
+    status, body = await bridge.post("/admin/translate?mapping=segment-to-moengage&source=wbe", event, ADMIN)
+    assert (status, body["code"]) == (400, "unknown_source") and "'web'" in body["message"]
+
+    # Against a destination, translate answers as its worker would: with the store's links.
+    linked = {"type": "identify", "userId": "user-l", "traits": {"id": "crm-l", "email": "l@example.com"}}
+    assert (await bridge.post("/v1/identify", linked, H))[0] == 200
+    later = {"type": "track", "userId": "user-l", "event": "Later"}
+
+    async def customer_of(query: str) -> str:
+        status, body = await bridge.post(f"/admin/translate?{query}", later, ADMIN)
+        assert status == 200, body
+        return str(body["results"][0]["outputs"][0]["body"]["customer_id"])
+
+    async def link_learned() -> bool:
+        return await customer_of("destination=moengage-main") == "crm-l"
+
+    await wait_until(link_learned, what="translate to use the stored identity link")
+    assert await customer_of("mapping=segment-to-moengage") == "user-l"  # no destination: no store links
+    assert await customer_of("destination=moengage-main&linked_id=crm-x") == "crm-x"  # an explicit link wins
 
     assert (await bridge.post("/admin/destinations/moengage-main/pause", None, ADMIN))[0] == 200
     assert (await bridge.post("/v1/track", {"userId": "user-p", "event": "While Paused"}, H))[0] == 200
