@@ -399,3 +399,19 @@ async def test_oversize_event_is_discarded_while_the_batch_is_delivered(bridge):
 
     await wait_until(discarded, what="event_too_large discard")
     assert {e["messageId"] for e in bridge.segment.events()} == {"uuid-email-1", "uuid-sms-1"}
+
+
+async def test_an_event_too_deep_to_store_is_rejected_by_index(bridge):
+    """orjson parses 1024 levels but writes 254: such an event is bad input, not a 500."""
+    deep: dict[str, Any] = {}
+    node = deep
+    for _ in range(300):
+        node["a"] = {}
+        node = node["a"]
+    payload = seed_payload()
+    payload["events"] = payload["events"][:2]
+    payload["events"][0]["event_attributes"] = deep
+    status, data = await bridge.post(PATH, payload, AUTH)
+    assert status == 200, data
+    assert data["accepted"] == 1 and [(r["index"], r["code"]) for r in data["rejected"]] == [(0, "event_too_deep")]
+    await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 1)

@@ -27,13 +27,18 @@ def test_envelope_variants():
         ("2020-02-06T05:37:54Z", 1580967474),
         ("2020-02-06T05:37:54+00:00", 1580967474),
         (1580967474.5, 1580967474.5),
+        # An ISO time is seconds already: no millisecond guess, even far in the future.
+        ("9999-01-01T00:00:00Z", 253370764800),
     ],
 )
 def test_event_time_is_normalised_to_epoch_seconds(raw, expected):
     assert epoch_seconds(raw) == expected
 
 
-@pytest.mark.parametrize("raw", ["soon", True, -5, 0, None, {"t": 1}, "inf", "Infinity", "1e999", "nan", float("inf")])
+@pytest.mark.parametrize(
+    "raw",
+    ["soon", True, -5, 0, None, {"t": 1}, "inf", "Infinity", "1e999", "nan", float("inf"), 1e300, 10**30, "1e20"],
+)
 def test_bad_event_times_are_rejected(raw):
     with pytest.raises(Invalid):
         epoch_seconds(raw)
@@ -55,3 +60,23 @@ def test_event_requirements_and_ordering_key():
     with pytest.raises(Invalid) as exc:
         normalise({**good, "user_attributes": [1]})
     assert exc.value.code == "user_attributes_not_object"
+
+
+def test_a_user_is_required_and_keyed_as_the_mapping_sends_it():
+    good = {"event_uuid": "u1", "event_code": "MOE_X", "event_time": 1580967474}
+    with pytest.raises(Invalid) as exc:
+        normalise(good)  # Segment would refuse a call with neither userId nor anonymousId
+    assert exc.value.code == "id_required"
+    with pytest.raises(Invalid):
+        normalise({**good, "uid": "  ", "user_attributes": {"moengage_user_id": ""}})
+    assert normalise({**good, "uid": 12345})[2] == "12345"  # numeric uids keep their order too
+    assert normalise({**good, "user_attributes": {"moengage_user_id": 77}})[2] == "77"
+
+
+def test_a_non_string_event_name_is_rejected_at_ingest():
+    event = {"event_uuid": "u1", "event_code": "MOE_EMAIL_SENT", "event_time": 1580967474, "uid": "c1"}
+    for name in (42, ["Email Sent"], {"n": 1}):
+        with pytest.raises(Invalid) as exc:
+            normalise({**event, "event_name": name})
+        assert exc.value.code == "event_name_not_string"
+    assert normalise({**event, "event_name": ""})[1] == "u1"  # empty: the code names it

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import orjson
 from aiohttp import web
 
 from bridge.config.model import Config, SourceConfig
 from bridge.httpx import ApiError, basic_credentials, json_response, parse_json, read_body, same_secret
 from bridge.sources.base import Accepted, Ingestor, Rejection, SourceKind, all_rejected, batch_answer
 from bridge.sources.client_ip import client_address
+from bridge.sources.encoding import encode_event
 from bridge.sources.segment.spec import Invalid
 from bridge.sources.streams.spec import events_of, normalise
 
@@ -64,11 +64,10 @@ class StreamsSources(SourceKind):
         for i, item in enumerate(items):
             try:
                 event, uuid, key = normalise(item)
+                accepted.append(Accepted(event, uuid, key, encode_event(event)))
             except Invalid as exc:
                 rejected.append(Rejection(i, exc.code, exc.message))
                 self.ingestor.metrics.rejected(source.name, exc.code)
-                continue
-            accepted.append(Accepted(event, uuid, key, orjson.dumps(event)))
         if not accepted:
             raise all_rejected(rejected)
         result = await self.ingestor.store_events(source, accepted)

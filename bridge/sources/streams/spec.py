@@ -10,6 +10,8 @@ from bridge.sources.segment.spec import Invalid
 
 # Epoch values above this are milliseconds (year 5138 in seconds; 1973 in ms).
 _MS_THRESHOLD = 100_000_000_000
+# 9999-12-31T23:59:59Z: later times cannot be written as ISO-8601 for Segment.
+_MAX_SECONDS = 253_402_300_799
 
 
 def events_of(data: Any) -> list[Any]:
@@ -33,6 +35,7 @@ def epoch_seconds(value: Any) -> int | float:
     """Normalise event_time (epoch s, epoch ms, numeric string or ISO-8601) to epoch seconds."""
     if isinstance(value, bool):
         raise Invalid("invalid_event_time", "event_time must be epoch seconds, ms or ISO-8601, got a boolean")
+    epoch = True
     if isinstance(value, str):
         text = value.strip()
         try:
@@ -44,11 +47,13 @@ def epoch_seconds(value: Any) -> int | float:
                 raise Invalid("invalid_event_time", f"event_time is not a time: {text[:40]!r}") from None
             if dt.tzinfo is None:
                 dt = dt.replace(tzinfo=UTC)
-            value = dt.timestamp()
+            value, epoch = dt.timestamp(), False  # already seconds: no ms guess
     if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
         raise Invalid("invalid_event_time", "event_time must be a positive epoch time or ISO-8601 string")
-    if value >= _MS_THRESHOLD:
+    if epoch and value >= _MS_THRESHOLD:
         value = value / 1000.0
+    if value > _MAX_SECONDS:
+        raise Invalid("invalid_event_time", "event_time is after the year 9999")
     whole = int(value)
     return whole if value == whole else round(float(value), 3)
 
@@ -65,7 +70,9 @@ def normalise(item: Any) -> tuple[dict[str, Any], str, str]:
         raise Invalid("event_uuid_required", "event_uuid is required (a non-empty string)")
     event["event_uuid"] = uuid
     name, code = event.get("event_name"), event.get("event_code")
-    if not (isinstance(name, str) and name) and not (isinstance(code, str) and code):
+    if name is not None and not isinstance(name, str):
+        raise Invalid("event_name_not_string", "event_name must be a string when present")
+    if not name and not (isinstance(code, str) and code):
         raise Invalid("event_name_required", "event_code or event_name is required (a non-empty string)")
     if "event_time" not in event or event["event_time"] is None:
         raise Invalid("event_time_required", "event_time is required")
@@ -74,7 +81,15 @@ def normalise(item: Any) -> tuple[dict[str, Any], str, str]:
         value = event.get(key)
         if value is not None and not isinstance(value, dict):
             raise Invalid(f"{key}_not_object", f"{key} must be an object")
-    uid = event.get("uid")
-    users = event.get("user_attributes") or {}
-    key = uid if isinstance(uid, str) and uid else str(users.get("moengage_user_id") or "")
+    # Segment needs a userId or an anonymousId: uid, else MoEngage's own user id.
+    # The ordering key is the same text the mapping sends, so one user is one key.
+    key = _user_id(event.get("uid")) or _user_id((event.get("user_attributes") or {}).get("moengage_user_id"))
+    if not key:
+        raise Invalid("id_required", "uid or user_attributes.moengage_user_id is required (Segment needs a user)")
     return event, uuid, key
+
+
+def _user_id(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return ""
+    return str(value).strip() if isinstance(value, str) else str(value)
