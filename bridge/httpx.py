@@ -7,7 +7,6 @@ the bridge's own fault (or 503 backpressure), never an answer to bad input.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 from collections.abc import Awaitable, Callable
@@ -144,7 +143,7 @@ def basic_credentials(request: web.Request) -> tuple[str, str] | None:
         return None
     try:
         decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # not base64 (binascii.Error), non-ASCII text, or not UTF-8 inside
         raise ApiError(401, "invalid_authorization", "malformed Basic authorization header") from None
     user, _, password = decoded.partition(":")
     return user, password
@@ -152,7 +151,9 @@ def basic_credentials(request: web.Request) -> tuple[str, str] | None:
 
 def same_secret(given: str, expected: str) -> bool:
     """Constant-time comparison (through digests, so lengths do not leak either)."""
-    a = hashlib.sha256(given.encode("utf-8")).digest()
+    # aiohttp decodes header bytes it cannot read as UTF-8 to lone surrogates: still a
+    # (wrong) credential, never a crash.
+    a = hashlib.sha256(given.encode("utf-8", "surrogatepass")).digest()
     b = hashlib.sha256(expected.encode("utf-8")).digest()
     return hmac.compare_digest(a, b) and bool(expected)
 
