@@ -117,9 +117,15 @@ class PostgresStore(Store):
         size_check_interval: float = 1.0,
         min_free_disk_bytes: int | None = None,
         connect_timeout: float = 10.0,
+        command_timeout: float = 10.0,
     ) -> None:
         """``min_free_disk_bytes`` is accepted for a uniform configuration and ignored:
-        the database's disk belongs to the database server, which guards it itself."""
+        the database's disk belongs to the database server, which guards it itself.
+
+        ``command_timeout`` bounds every statement and every wait for a pooled connection,
+        like SQLite's busy timeout: a database that hangs (a lock held elsewhere, stalled
+        I/O) becomes a StoreError, so ingest answers 503 instead of hanging and a lease
+        is not held past its deadline by a settle that never returns."""
         if max_bytes is not None and max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         if pool_size < 2:
@@ -130,6 +136,9 @@ class PostgresStore(Store):
         self._pool_size = pool_size
         self._size_check_interval = size_check_interval
         self._connect_timeout = connect_timeout
+        if command_timeout <= 0:
+            raise ValueError(f"command_timeout must be positive, got {command_timeout}")
+        self._command_timeout = command_timeout
         self._pool: Any = None
         self._ingest: GroupCommitter | None = None
         self._capacity_checked_at = float("-inf")
@@ -151,6 +160,7 @@ class PostgresStore(Store):
                 min_size=1,
                 max_size=self._pool_size,
                 timeout=self._connect_timeout,
+                command_timeout=self._command_timeout,
                 server_settings={"search_path": self.schema, "application_name": "bridge"},
             )
         except Exception as exc:
@@ -170,7 +180,7 @@ class PostgresStore(Store):
             await pool.close()
             raise to_store_error(exc) from exc
         self._pool = pool
-        self._ingest = GroupCommitter(pool.acquire, to_store_error)
+        self._ingest = GroupCommitter(self._acquire, to_store_error)
         self._ingest.start()
 
     async def close(self) -> None:
@@ -181,12 +191,16 @@ class PostgresStore(Store):
         if pool is not None:
             await pool.close()
 
+    def _acquire(self) -> Any:
+        """A pooled connection, waiting at most ``command_timeout`` for one."""
+        return self._pool.acquire(timeout=self._command_timeout)
+
     @contextlib.asynccontextmanager
     async def _conn(self, transaction: bool = False) -> AsyncIterator[Connection]:
         if self._pool is None:
             raise StoreError("the PostgreSQL store is not open")
         try:
-            async with self._pool.acquire() as conn:
+            async with self._acquire() as conn:
                 if transaction:
                     async with conn.transaction():
                         yield conn

@@ -92,3 +92,23 @@ async def test_unreachable_server_and_bad_options() -> None:
         PostgresStore(PG_DSN, schema="Robert'); DROP TABLE jobs;--")
     with pytest.raises(ValueError, match="pool_size"):
         PostgresStore(PG_DSN, pool_size=1)
+
+
+async def test_a_hung_database_is_a_store_error_not_a_hang(pg_schema: str) -> None:
+    """A lock held elsewhere stalls every statement: ingest must fail fast (503), not wait."""
+    store = PostgresStore(PG_DSN, schema=pg_schema, command_timeout=0.5)
+    await store.open()
+    blocker = await asyncpg.connect(PG_DSN)
+    try:
+        async with blocker.transaction():
+            await blocker.execute(f'LOCK TABLE "{pg_schema}".jobs IN ACCESS EXCLUSIVE MODE')
+            # wait_for's 10 s is only a backstop: a TimeoutError from it is not a StoreError.
+            with pytest.raises(StoreError, match="postgres"):
+                await asyncio.wait_for(store.enqueue("web", [event("hung-1", "u1")]), 10)
+            with pytest.raises(StoreError, match="postgres"):
+                await asyncio.wait_for(store.lease("moe", 10, 30), 10)
+        # Once the lock is gone the same store works again: nothing was left half-done.
+        assert (await store.enqueue("web", [event("hung-1", "u1")])).stored == 1
+    finally:
+        await blocker.close()
+        await store.close()
