@@ -34,6 +34,18 @@ class DeadLetterGuard:
     def ratio(self) -> float:
         return self._dead / len(self._window) if self._window else 0.0
 
+    def would_trip(self, dead: int) -> bool:
+        """Whether ``dead`` more dead letters would trip the guard: asked before
+        dead-lettering a whole request or batch, so a bad deploy pauses the destination
+        instead of filling the DLQ with one batch's worth of events."""
+        cfg = self.config
+        if not cfg.enabled or dead <= 0:
+            return False
+        n = min(dead, cfg.window)
+        kept = list(self._window)[max(0, len(self._window) + n - cfg.window) :]
+        size = len(kept) + n
+        return size >= cfg.min_events and (sum(kept) + n) / size > cfg.threshold
+
     def tripped(self) -> bool:
         cfg = self.config
         return cfg.enabled and len(self._window) >= cfg.min_events and self.ratio > cfg.threshold

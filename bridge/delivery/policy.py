@@ -59,3 +59,22 @@ class RetryPolicy:
     def exhausted(self, attempts: int, first_attempt_at: float, now: float) -> bool:
         """Give up only when BOTH the time budget and the attempt budget are spent."""
         return attempts >= self.config.min_attempts and now - first_attempt_at >= self.config.max_age
+
+
+class RetrySchedule:
+    """Jobs to retry, grouped by due time. Jobs of one batch that failed the same way get
+    one jittered delay per attempt count: they travel together again (one store write, one
+    later lease) instead of scattering into as many writes and leases as there are jobs."""
+
+    def __init__(self, policy: RetryPolicy, now: float) -> None:
+        self.policy = policy
+        self.now = now
+        self.groups: dict[float, list[int]] = {}
+        self._due: dict[tuple[int, float | None], float] = {}
+
+    def add(self, job_id: int, attempts: int, retry_after: float | None) -> None:
+        key = (attempts, retry_after)
+        due = self._due.get(key)
+        if due is None:
+            due = self._due[key] = round(self.now + self.policy.delay(attempts, retry_after), 3)
+        self.groups.setdefault(due, []).append(job_id)

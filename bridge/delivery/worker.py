@@ -20,7 +20,7 @@ import structlog
 from bridge.config.model import DestinationConfig
 from bridge.delivery.guard import DeadLetterGuard
 from bridge.delivery.metrics import DeliveryMetrics, NoDeliveryMetrics
-from bridge.delivery.policy import Action, RetryPolicy
+from bridge.delivery.policy import Action, RetryPolicy, RetrySchedule
 from bridge.delivery.ratelimit import RateLimiter
 from bridge.destinations.base import Item, Request, Response
 from bridge.mapping.api import CompiledMapping, Discarded, Failed, MapContext
@@ -59,6 +59,19 @@ class _Batch:
     verdicts: dict[int, Verdict] = field(default_factory=dict)
     unsent: set[int] = field(default_factory=set)  # jobs with an item never sent: released, uncounted
     settled: set[int] = field(default_factory=set)
+    version: str = ""  # the mapping version that mapped this batch
+    items_left: dict[int, int] = field(default_factory=dict)  # per job: items without a verdict yet
+    dead_pending: int = 0  # jobs given a dead verdict here, not yet known to the guard
+    guard_reason: str = ""  # set when the guard would trip: send nothing more, then pause
+
+    def fully_delivered(self, job_id: int) -> bool:
+        verdict = self.verdicts.get(job_id)
+        return (
+            verdict is not None
+            and verdict.action is Action.DELIVERED
+            and self.items_left.get(job_id) == 0
+            and job_id not in self.unsent
+        )
 
 
 class DestinationWorker:
@@ -197,9 +210,19 @@ class DestinationWorker:
         finally:
             unsettled = [j for j in batch.jobs if j not in batch.settled]
             if unsettled:
-                # Shutdown mid-way: give the jobs back now rather than at lease expiry.
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(self.store.release(unsettled))
+                await asyncio.shield(self._give_back(batch, unsettled))
+
+    async def _give_back(self, batch: _Batch, unsettled: list[int]) -> None:
+        """Stopped mid-way (shutdown): ack what the upstream already accepted, so a restart
+        does not send it again, and give the rest back now rather than at lease expiry."""
+        delivered = [j for j in unsettled if batch.fully_delivered(j)]
+        rest = [j for j in unsettled if j not in set(delivered)]
+        with contextlib.suppress(Exception):
+            if delivered:
+                await self.store.ack(delivered, batch.version)
+                self.metrics.delivered(self.name, len(delivered))
+            if rest:
+                await self.store.release(rest)
 
     async def _recover(self, batch: _Batch, exc: Exception) -> None:
         """A failure of our own (not the upstream's): retry later with backoff, counting
@@ -208,6 +231,7 @@ class DestinationWorker:
         error = f"internal error: {type(exc).__name__}: {exc}"[:MAX_KEPT_BODY]
         try:
             dead: list[DeadLetter] = []
+            retries = RetrySchedule(self.policy, now)
             for job_id, job in batch.jobs.items():
                 if job_id in batch.settled:
                     continue
@@ -216,8 +240,10 @@ class DestinationWorker:
                         DeadLetter(job_id, "internal_error", response_body=error, label=batch.labels.get(job_id, ""))
                     )
                 else:
-                    await self.store.retry([job_id], now + self.policy.delay(job.attempts, None), error)
-                    batch.settled.add(job_id)
+                    retries.add(job_id, job.attempts, None)
+            for at, ids in retries.groups.items():
+                await self.store.retry(ids, at, error)
+                batch.settled.update(ids)
             if dead:
                 await self._dead_letter(batch, dead)
         except Exception:
@@ -228,7 +254,11 @@ class DestinationWorker:
         if mapping is None:
             await self._pause(f"mapping {self.config.mapping!r} is not loaded")
             return
+        batch.version = mapping.version
         items, job_items = await self._map(batch, mapping)
+        if batch.guard_reason:
+            await self._pause(batch.guard_reason)
+            return  # the jobs are released by deliver()
         if self._guard_trips():
             await self._pause_for_guard()
             return  # the mapped jobs are released by deliver()
@@ -286,6 +316,7 @@ class DestinationWorker:
                 discards.append(Discard(job_id, reject or "no_output", label))
                 continue
             job_items[job_id] = mine
+            batch.items_left[job_id] = len(mine)
             items.extend(mine)
         if discards:
             await self.store.discard(discards)
@@ -293,6 +324,14 @@ class DestinationWorker:
             for d in discards:
                 self.metrics.discarded(batch.jobs[d.job_id].source, self.name, d.reason, 1)
         if dead:
+            if self.guard.would_trip(len(dead)):
+                # A bad mapping deploy: pause (it resumes when the mapping changes) rather
+                # than dead-letter every event; the failed jobs stay queued.
+                first = dead[0]
+                batch.guard_reason = (
+                    f"{len(dead)} of {len(events)} events failed to map ({first.reason}: {first.response_body[:200]})"
+                )
+                return [], {}
             await self._dead_letter(batch, dead)
         return items, job_items
 
@@ -301,6 +340,11 @@ class DestinationWorker:
 
         Returns False when the request (or, in ordered mode, part of it) was not sent or
         must be retried, so the caller can hold back what comes after it."""
+        if self._stopping or batch.guard_reason:
+            # Shutting down, or about to pause: start nothing new. Unsent jobs are given
+            # back without counting the attempt.
+            batch.unsent.update(it.job_id for it in request.items)
+            return False
         cost = self.client.rate_cost(request).buckets
         now = time.monotonic()
         wait = self.limiter.wait_time(cost)
@@ -324,6 +368,26 @@ class DestinationWorker:
             self.limiter.succeeded(cost)
         if action in (Action.SPLIT, Action.BISECT):
             return await self._send_halves(request, batch, ordered=ordered)
+        if action is Action.DEAD:
+            jobs = {it.job_id for it in request.items}
+            if self.guard.would_trip(batch.dead_pending + len(jobs)):
+                # A whole request refused for good (a bad credential or mapping deploy):
+                # pause instead of dead-lettering it; these jobs stay queued.
+                batch.guard_reason = (
+                    f"{self.name} refused {len(jobs)} events with HTTP {response.status}: "
+                    f"{(response.body or response.error or '')[:200]}"
+                )
+                batch.unsent.update(jobs)
+                log.warning(
+                    "delivery_attempt_failed",
+                    destination=self.name,
+                    status=response.status,
+                    items=len(request.items),
+                    action="pause",
+                    body=response.body[:300],
+                )
+                return False
+            batch.dead_pending += len(jobs)
         if action is Action.RETRY:
             self._back_off(response)
         else:
@@ -340,6 +404,7 @@ class DestinationWorker:
             )
         body = self.client.render_for_record(request) if action is Action.DEAD else b""
         for it in request.items:
+            batch.items_left[it.job_id] = batch.items_left.get(it.job_id, 1) - 1
             previous = batch.verdicts.get(it.job_id)
             # A job with several items takes its worst verdict.
             if previous is None or _rank(action) > _rank(previous.action):
@@ -364,7 +429,7 @@ class DestinationWorker:
         now = time.time()
         acked: list[int] = []
         dead: list[DeadLetter] = []
-        retries: dict[float, list[int]] = {}
+        retries = RetrySchedule(self.policy, now)
         unsent: list[int] = []
         for job_id in job_items:
             job = batch.jobs[job_id]
@@ -379,8 +444,7 @@ class DestinationWorker:
                 if self.policy.exhausted(job.attempts, job.first_attempt_at, now):
                     dead.append(self._dead(job_id, "retries_exhausted", resp, b"", batch, version))
                 else:
-                    delay = self.policy.delay(job.attempts, resp.retry_after if resp else None)
-                    retries.setdefault(round(now + delay, 3), []).append(job_id)
+                    retries.add(job_id, job.attempts, resp.retry_after if resp else None)
             else:
                 reason = "payload_too_large" if resp and resp.status == 413 else f"http_{resp.status if resp else 0}"
                 dead.append(self._dead(job_id, reason, resp, verdict.request_body, batch, version))
@@ -388,7 +452,7 @@ class DestinationWorker:
             await self.store.ack(acked, version)
             batch.settled.update(acked)
             self.metrics.delivered(self.name, len(acked))
-        for at, ids in retries.items():
+        for at, ids in retries.groups.items():
             error = _describe(batch.verdicts[ids[0]].response)
             await self.store.retry(ids, at, error)
             batch.settled.update(ids)
@@ -398,7 +462,9 @@ class DestinationWorker:
             await self.store.release(unsent)
             batch.settled.update(unsent)
         self.guard.record(len(acked), 0)
-        if self._guard_trips():
+        if batch.guard_reason:
+            await self._pause(batch.guard_reason)
+        elif self._guard_trips():
             await self._pause_for_guard()
 
     def _guard_trips(self) -> bool:

@@ -4,7 +4,7 @@ import pytest
 
 from bridge.config.model import GuardConfig, RetryConfig
 from bridge.delivery.guard import DeadLetterGuard
-from bridge.delivery.policy import Action, RetryPolicy
+from bridge.delivery.policy import Action, RetryPolicy, RetrySchedule
 from bridge.delivery.ratelimit import TokenBucket
 from bridge.destinations.base import Response
 
@@ -75,6 +75,18 @@ def test_guard_trips_on_ratio_over_window():
     assert guard.ratio == 0 and not guard.tripped()
 
 
+def test_guard_would_trip_answers_before_dead_lettering():
+    guard = DeadLetterGuard(GuardConfig(window=10, min_events=5, threshold=0.5))
+    assert not guard.would_trip(4)  # too few outcomes to judge
+    assert guard.would_trip(5) and guard.would_trip(500)  # a whole bad batch
+    guard.record(delivered=10, dead=0)
+    assert not guard.would_trip(1)  # one poison event among good deliveries
+    assert not guard.would_trip(5)  # 5 of the last 10: not over half
+    assert guard.would_trip(6)
+    assert not guard.tripped()  # asking records nothing
+    assert not DeadLetterGuard(GuardConfig(enabled=False, window=10, min_events=1)).would_trip(100)
+
+
 def test_token_bucket_debt_and_adaptive_slowdown():
     bucket = TokenBucket(rate=10, burst=10)
     assert bucket.reserve(10) == 0
@@ -90,3 +102,13 @@ def test_token_bucket_debt_and_adaptive_slowdown():
 def test_backoff_survives_very_many_attempts():
     policy = RetryPolicy(RetryConfig(base_delay=1, max_delay=300))
     assert 0 <= policy.delay(5000, None) <= 300  # 2**4999 would overflow a float
+
+
+def test_a_failed_batch_is_rescheduled_together():
+    """500 jobs refused by one 500: one jittered due time per attempt count, not 500."""
+    schedule = RetrySchedule(RetryPolicy(RetryConfig(base_delay=1, max_delay=300)), now=1000.0)
+    for job_id in range(500):
+        schedule.add(job_id, attempts=1 + job_id % 2, retry_after=None)
+    assert len(schedule.groups) == 2 and sum(map(len, schedule.groups.values())) == 500
+    schedule.add(999, attempts=1, retry_after=30.0)  # told when: its own due time, at least 30 s out
+    assert len(schedule.groups) == 3 and min(at for at, ids in schedule.groups.items() if 999 in ids) >= 1030

@@ -309,3 +309,104 @@ async def test_an_internal_fault_backs_off_and_ends_in_the_dlq(make_bridge):
 
     await wait_until(dead, what="the faulty job to be dead-lettered")
     assert leases < 30, f"{leases} leases: the fault was retried in a hot loop"
+
+
+async def _status_of(bridge: Any, name: str = "moengage-main") -> dict[str, Any]:
+    _, status = await bridge.get("/admin/status", ADMIN)
+    return next(d for d in status["destinations"] if d["name"] == name)
+
+
+async def test_a_credential_deploy_pauses_before_dead_lettering_a_batch(bridge):
+    """Every request refused with 401: the guard pauses instead of dead-lettering the batch."""
+    bridge.moengage.refuse_all(401)
+    assert (await bridge.post("/v1/batch", tracks(60, prefix="cred"), H))[0] == 200
+
+    async def paused() -> bool:
+        return bool((await _status_of(bridge))["paused"])
+
+    await wait_until(paused, what="the guard to pause moengage-main")
+    status = await _status_of(bridge)
+    assert "401" in status["pause_reason"], status
+    assert await dlq(bridge) == [] and status["queue_depth"] == 60  # all still queued, none dead
+
+    bridge.moengage.refuse_all(None)  # the credential is fixed; an operator resumes
+    assert (await bridge.post("/admin/destinations/moengage-main/resume", None, ADMIN))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 60, timeout=10)
+    assert len(bridge.moengage.events()) == 60
+
+
+async def test_a_mapping_deploy_that_fails_every_event_pauses_until_the_mapping_changes(make_bridge, tmp_path):
+    from tests.e2e.test_operations import break_track_action, copy_mappings
+
+    mappings = copy_mappings(tmp_path)
+    good = (mappings / "segment-to-moengage.yaml").read_text()
+    break_track_action(mappings)
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["mappings"]["dir"] = str(mappings)
+
+    bridge = await make_bridge(tweak)
+    assert (await bridge.post("/v1/batch", tracks(30, prefix="map"), H))[0] == 200
+
+    async def paused() -> bool:
+        return bool((await _status_of(bridge))["paused"])
+
+    await wait_until(paused, what="the guard to pause on the broken mapping")
+    assert "failed to map" in (await _status_of(bridge))["pause_reason"]
+    assert await dlq(bridge) == []
+    (mappings / "segment-to-moengage.yaml").write_text(good)
+    assert (await bridge.post("/admin/reload", None, ADMIN))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 30, timeout=10)
+    assert not (await _status_of(bridge))["paused"]
+
+
+async def test_shutdown_starts_no_new_request_and_keeps_what_was_delivered(make_bridge):
+    """A batch that outlasts the shutdown timeout: what the upstream accepted is acked, the
+    rest goes back to the queue, and after a restart nothing is sent twice."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["server"]["shutdown_timeout"] = 1
+        raw["destinations"][0]["max_request_bytes"] = 1024  # one event per request
+
+    bridge = await make_bridge(tweak)
+    bridge.moengage.latency = 0.3
+    pad = "x" * 700  # one event per 1024-byte request
+    assert (await bridge.post("/v1/batch", tracks(20, prefix="sd", user="user-sd", pad=pad), H))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) >= 2, timeout=10)
+    await bridge.stop()
+    sent_before_restart = len(bridge.moengage.events())
+    assert sent_before_restart < 6  # it stopped sending instead of finishing the batch
+
+    bridge.moengage.latency = 0.0
+    await bridge.start()
+    await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 20, timeout=15)
+    await asyncio.sleep(0.2)
+    sent = [e["actions"][0]["attributes"]["seq"] for e in bridge.moengage.events()]
+    assert sorted(sent) == sorted(f"sd-{i}" for i in range(20)), "an event was sent twice after the restart"
+    assert sent == [f"sd-{i}" for i in range(20)]  # and in order
+
+
+async def test_a_shutdown_that_cancels_a_request_keeps_what_was_delivered_before_it(make_bridge):
+    """The request in flight outlasts the shutdown timeout and is cancelled: its outcome is
+    unknown, so it goes back to the queue, but the requests answered 200 before it are acked."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["server"]["shutdown_timeout"] = 0.5
+        raw["destinations"][0]["max_request_bytes"] = 1024
+
+    bridge = await make_bridge(tweak)
+    bridge.moengage.latency = 0.4
+    pad = "x" * 700
+    assert (await bridge.post("/v1/batch", tracks(12, prefix="cx", user="user-cx", pad=pad), H))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) >= 2, timeout=10)
+    bridge.moengage.latency = 3.0  # the next request hangs past the shutdown timeout
+    await bridge.stop()
+    answered = [e["actions"][0]["attributes"]["seq"] for e in bridge.moengage.events()]
+
+    bridge.moengage.latency = 0.0
+    await bridge.start()
+    await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 12, timeout=15)
+    await asyncio.sleep(0.2)
+    sent = [e["actions"][0]["attributes"]["seq"] for e in bridge.moengage.events()]
+    again = [seq for seq in sent[len(answered) :] if seq in answered]
+    assert again == [], f"acknowledged by the upstream before the shutdown, then sent again: {again}"
