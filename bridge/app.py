@@ -128,6 +128,7 @@ async def serve(config: Config, *, ready: Callable[[int], None] | None = None) -
     try:
         await stop.wait()
         log.info("shutting_down", timeout=config.server.shutdown_timeout)
+        runtime.begin_stop()
     finally:
         await runner.cleanup()
         log.info("stopped")

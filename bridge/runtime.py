@@ -88,6 +88,7 @@ class Runtime:
         self.delivery = DeliveryManager(config, self.store, self.mappings, delivery_metrics)
         self.ingestor = Ingestor(self.store, config, self.mappings, self.delivery.notify, ingest_metrics)
         self._tasks: list[asyncio.Task[None]] = []
+        self._stop_deadline: float | None = None  # monotonic; set when shutdown begins
         self.started_at = time.time()
         self.on_reload: Callable[[bool], None] = lambda ok: None
 
@@ -136,13 +137,23 @@ class Runtime:
         if self.config.mappings.watch:
             self._tasks.append(asyncio.create_task(self._watch_mappings(), name="watch-mappings"))
 
+    def begin_stop(self) -> None:
+        """Shutdown has begun: deliveries start nothing new and the clock for in-flight
+        work starts now, so HTTP draining and delivery draining share one timeout."""
+        if self._stop_deadline is None:
+            self._stop_deadline = time.monotonic() + self.config.server.shutdown_timeout
+        self.delivery.begin_stop()
+
     async def stop(self) -> None:
+        self.begin_stop()
+        assert self._stop_deadline is not None
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self.delivery.stop(self.config.server.shutdown_timeout)
+        # At least a moment for in-flight sends to settle, even if HTTP draining used it all.
+        await self.delivery.stop(max(self._stop_deadline - time.monotonic(), 0.5))
         await self.store.close()
 
     async def _prune_loop(self) -> None:

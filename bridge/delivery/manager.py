@@ -64,6 +64,11 @@ class DeliveryManager:
         await self.store.set_destination_state(state)
         self.workers[name].apply_state(state)
 
+    def begin_stop(self) -> None:
+        """On SIGTERM, while HTTP drains: no destination starts anything new."""
+        for worker in self.workers.values():
+            worker.begin_stop()
+
     async def stop(self, timeout: float) -> None:
         if self._state_task is not None:
             self._state_task.cancel()

@@ -112,10 +112,14 @@ class DestinationWorker:
     def wake(self) -> None:
         self._wake.set()
 
-    async def stop(self, timeout: float) -> None:
-        """Finish in-flight deliveries within ``timeout``; then cancel (jobs are released)."""
+    def begin_stop(self) -> None:
+        """Start no new lease or request from now on; what is in flight carries on."""
         self._stopping = True
         self._wake.set()
+
+    async def stop(self, timeout: float) -> None:
+        """Finish in-flight deliveries within ``timeout``; then cancel (jobs are released)."""
+        self.begin_stop()
         if self._tasks:
             _, pending = await asyncio.wait(self._tasks, timeout=timeout)
             for task in pending:
