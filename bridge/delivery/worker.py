@@ -63,6 +63,9 @@ class _Batch:
     items_left: dict[int, int] = field(default_factory=dict)  # per job: items without a verdict yet
     dead_pending: int = 0  # jobs given a dead verdict here, not yet known to the guard
     guard_reason: str = ""  # set when the guard would trip: send nothing more, then pause
+    # Settle only jobs still on this lease (see Store.ack): after a lapsed lease, whoever
+    # leased them since owns them.
+    fence: dict[int, int] = field(default_factory=dict)
 
     def fully_delivered(self, job_id: int) -> bool:
         verdict = self.verdicts.get(job_id)
@@ -205,7 +208,7 @@ class DestinationWorker:
         # timeout (config: lease_seconds > 2 x request_timeout), so every job is settled
         # while its lease still holds: no other worker or node can lease it meanwhile.
         deadline = time.monotonic() + self.config.delivery.lease_seconds / 2
-        batch = _Batch({j.id: j for j in jobs}, deadline)
+        batch = _Batch({j.id: j for j in jobs}, deadline, fence={j.id: j.attempts for j in jobs})
         try:
             await self._deliver(batch)
         except Exception as exc:
@@ -223,10 +226,10 @@ class DestinationWorker:
         rest = [j for j in unsettled if j not in set(delivered)]
         with contextlib.suppress(Exception):
             if delivered:
-                await self.store.ack(delivered, batch.version)
+                await self.store.ack(delivered, batch.version, fence=batch.fence)
                 self.metrics.delivered(self.name, len(delivered))
             if rest:
-                await self.store.release(rest)
+                await self.store.release(rest, fence=batch.fence)
 
     async def _recover(self, batch: _Batch, exc: Exception) -> None:
         """A failure of our own (not the upstream's): retry later with backoff, counting
@@ -246,7 +249,7 @@ class DestinationWorker:
                 else:
                     retries.add(job_id, job.attempts, None)
             for at, ids in retries.groups.items():
-                await self.store.retry(ids, at, error)
+                await self.store.retry(ids, at, error, fence=batch.fence)
                 batch.settled.update(ids)
             if dead:
                 await self._dead_letter(batch, dead)
@@ -323,7 +326,7 @@ class DestinationWorker:
             batch.items_left[job_id] = len(mine)
             items.extend(mine)
         if discards:
-            await self.store.discard(discards)
+            await self.store.discard(discards, fence=batch.fence)
             batch.settled.update(d.job_id for d in discards)
             for d in discards:
                 self.metrics.discarded(batch.jobs[d.job_id].source, self.name, d.reason, 1)
@@ -453,17 +456,17 @@ class DestinationWorker:
                 reason = "payload_too_large" if resp and resp.status == 413 else f"http_{resp.status if resp else 0}"
                 dead.append(self._dead(job_id, reason, resp, verdict.request_body, batch, version))
         if acked:
-            await self.store.ack(acked, version)
+            await self.store.ack(acked, version, fence=batch.fence)
             batch.settled.update(acked)
             self.metrics.delivered(self.name, len(acked))
         for at, ids in retries.groups.items():
             error = _describe(batch.verdicts[ids[0]].response)
-            await self.store.retry(ids, at, error)
+            await self.store.retry(ids, at, error, fence=batch.fence)
             batch.settled.update(ids)
         if dead:
             await self._dead_letter(batch, dead)
         if unsent:
-            await self.store.release(unsent)
+            await self.store.release(unsent, fence=batch.fence)
             batch.settled.update(unsent)
         self.guard.record(len(acked), 0)
         if batch.guard_reason:
@@ -491,7 +494,7 @@ class DestinationWorker:
         )
 
     async def _dead_letter(self, batch: _Batch, dead: list[DeadLetter]) -> None:
-        await self.store.dead_letter(dead)
+        await self.store.dead_letter(dead, fence=batch.fence)
         batch.settled.update(d.job_id for d in dead)
         self.guard.record(0, len(dead))
         for d in dead:

@@ -20,7 +20,7 @@ SQLite and PostgreSQL.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +75,10 @@ class Job:
     attempts: int  # including the attempt this lease is for
     created_at: float
     first_attempt_at: float  # time of the first lease
+
+
+# {job id: attempts as leased}; see Store.ack.
+Fence = Mapping[int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,24 +224,30 @@ class Store(ABC):
         is waiting for a retry, leased, or skipped in this same call).
         """
 
+    # Settling (ack, retry, release, dead_letter, discard) takes an optional ``fence``:
+    # {job id: the ``attempts`` its lease returned}. A job leased again since (its lease
+    # expired and another worker or node took it) has a higher count and is left alone,
+    # so a late holder can never undo, repeat or reorder the new holder's work.
     @abstractmethod
-    async def ack(self, job_ids: Sequence[int], mapping_version: str = "") -> None:
+    async def ack(self, job_ids: Sequence[int], mapping_version: str = "", *, fence: Fence | None = None) -> None:
         """Mark jobs delivered, recording the mapping version that mapped them."""
 
     @abstractmethod
-    async def retry(self, job_ids: Sequence[int], available_at: float, error: str) -> None:
+    async def retry(
+        self, job_ids: Sequence[int], available_at: float, error: str, *, fence: Fence | None = None
+    ) -> None:
         """Return leased jobs to the queue, due again at ``available_at``."""
 
     @abstractmethod
-    async def release(self, job_ids: Sequence[int]) -> None:
+    async def release(self, job_ids: Sequence[int], *, fence: Fence | None = None) -> None:
         """Return leased jobs to the queue now, without counting the attempt (shutdown, pause)."""
 
     @abstractmethod
-    async def dead_letter(self, entries: Sequence[DeadLetter]) -> None:
+    async def dead_letter(self, entries: Sequence[DeadLetter], *, fence: Fence | None = None) -> None:
         """Move jobs to the dead-letter queue with their reason and last response."""
 
     @abstractmethod
-    async def discard(self, entries: Sequence[Discard]) -> None:
+    async def discard(self, entries: Sequence[Discard], *, fence: Fence | None = None) -> None:
         """Settle jobs that mapped to nothing on purpose, keeping a record of why."""
 
     @abstractmethod

@@ -28,6 +28,7 @@ from bridge.store.base import (
     Discard,
     DiscardRecord,
     EnqueueResult,
+    Fence,
     IdentityLink,
     IncomingEvent,
     Job,
@@ -73,6 +74,24 @@ def _count(status: str) -> int:
         return int(status.rsplit(" ", 1)[-1])
     except ValueError:
         return 0
+
+
+# Settles join the jobs with (id, attempts as leased) rows; a NULL count means no fence.
+_FENCE_ROWS = "unnest($1::bigint[], $2::int[]) AS f(id, leased)"
+_FENCED = "j.id = f.id AND (f.leased IS NULL OR j.attempts = f.leased)"
+
+
+def _fence_arrays(job_ids: Sequence[int], fence: Fence | None) -> tuple[list[int], list[int | None]]:
+    ids = list(job_ids)
+    return ids, [fence.get(i) if fence is not None else None for i in ids]
+
+
+async def _delete_settled(conn: Connection, job_ids: Sequence[int], fence: Fence | None) -> None:
+    """Drop the jobs just copied out: the same match, in the same transaction."""
+    await conn.execute(
+        f"DELETE FROM jobs j USING {_FENCE_ROWS} WHERE j.state < {DELIVERED} AND {_FENCED}",
+        *_fence_arrays(job_ids, fence),
+    )
 
 
 def _first_per_job(entries: Sequence[_Settle]) -> list[_Settle]:
@@ -305,45 +324,47 @@ class PostgresStore(Store):
             )
         return selection.chosen
 
-    async def ack(self, job_ids: Sequence[int], mapping_version: str = "") -> None:
+    async def ack(self, job_ids: Sequence[int], mapping_version: str = "", *, fence: Fence | None = None) -> None:
         if not job_ids:
             return
         # The payload of a delivered job is never read again; dropping it keeps the table small.
         async with self._conn() as conn:
             await conn.execute(
-                f"UPDATE jobs SET state = {DELIVERED}, settled_at = $1, mapping_version = $2,"
-                f" lease_until = NULL, payload = '' WHERE state < {DELIVERED} AND id = ANY($3::bigint[])",
+                f"UPDATE jobs j SET state = {DELIVERED}, settled_at = $3, mapping_version = $4,"
+                f" lease_until = NULL, payload = '' FROM {_FENCE_ROWS} WHERE j.state < {DELIVERED} AND {_FENCED}",
+                *_fence_arrays(job_ids, fence),
                 time.time(),
                 mapping_version,
-                list(job_ids),
             )
 
-    async def retry(self, job_ids: Sequence[int], available_at: float, error: str) -> None:
+    async def retry(
+        self, job_ids: Sequence[int], available_at: float, error: str, *, fence: Fence | None = None
+    ) -> None:
         if not job_ids:
             return
         async with self._conn() as conn:
             await conn.execute(
-                f"UPDATE jobs SET state = {QUEUED}, available_at = $1, lease_until = NULL, last_error = $2"
-                f" WHERE state = {LEASED} AND id = ANY($3::bigint[])",
+                f"UPDATE jobs j SET state = {QUEUED}, available_at = $3, lease_until = NULL, last_error = $4"
+                f" FROM {_FENCE_ROWS} WHERE j.state = {LEASED} AND {_FENCED}",
+                *_fence_arrays(job_ids, fence),
                 available_at,
                 _text(error),
-                list(job_ids),
             )
 
-    async def release(self, job_ids: Sequence[int]) -> None:
+    async def release(self, job_ids: Sequence[int], *, fence: Fence | None = None) -> None:
         if not job_ids:
             return
         # A job released before any real attempt forgets its first attempt too, so the
         # retry budget (measured from it) does not run while it was never tried.
         async with self._conn() as conn:
             await conn.execute(
-                f"UPDATE jobs SET state = {QUEUED}, lease_until = NULL, attempts = GREATEST(attempts - 1, 0),"
-                " first_attempt_at = CASE WHEN attempts <= 1 THEN NULL ELSE first_attempt_at END"
-                f" WHERE state = {LEASED} AND id = ANY($1::bigint[])",
-                list(job_ids),
+                f"UPDATE jobs j SET state = {QUEUED}, lease_until = NULL, attempts = GREATEST(j.attempts - 1, 0),"
+                " first_attempt_at = CASE WHEN j.attempts <= 1 THEN NULL ELSE j.first_attempt_at END"
+                f" FROM {_FENCE_ROWS} WHERE j.state = {LEASED} AND {_FENCED}",
+                *_fence_arrays(job_ids, fence),
             )
 
-    async def dead_letter(self, entries: Sequence[DeadLetter]) -> None:
+    async def dead_letter(self, entries: Sequence[DeadLetter], *, fence: Fence | None = None) -> None:
         unique = _first_per_job(entries)
         if not unique:
             return
@@ -356,9 +377,10 @@ class PostgresStore(Store):
                 " e.response_body, e.request_body, e.label, j.attempts, j.created_at, j.first_attempt_at,"
                 " $8, e.mapping_version"
                 " FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::bytea[], $6::text[],"
-                " $7::text[]) WITH ORDINALITY"
-                " AS e(job_id, reason, status, response_body, request_body, label, mapping_version, n)"
-                f" JOIN jobs j ON j.id = e.job_id WHERE j.state < {DELIVERED} ORDER BY e.n",
+                " $7::text[], $9::int[]) WITH ORDINALITY"
+                " AS e(job_id, reason, status, response_body, request_body, label, mapping_version, leased, n)"
+                f" JOIN jobs j ON j.id = e.job_id WHERE j.state < {DELIVERED}"
+                " AND (e.leased IS NULL OR j.attempts = e.leased) ORDER BY e.n",
                 [e.job_id for e in unique],
                 [_text(e.reason) for e in unique],
                 [e.status for e in unique],
@@ -367,13 +389,11 @@ class PostgresStore(Store):
                 [_text(e.label) for e in unique],
                 [_text(e.mapping_version) for e in unique],
                 time.time(),
+                _fence_arrays([e.job_id for e in unique], fence)[1],
             )
-            await conn.execute(
-                f"DELETE FROM jobs WHERE id = ANY($1::bigint[]) AND state < {DELIVERED}",
-                [e.job_id for e in unique],
-            )
+            await _delete_settled(conn, [e.job_id for e in unique], fence)
 
-    async def discard(self, entries: Sequence[Discard]) -> None:
+    async def discard(self, entries: Sequence[Discard], *, fence: Fence | None = None) -> None:
         unique = _first_per_job(entries)
         if not unique:
             return
@@ -382,19 +402,17 @@ class PostgresStore(Store):
                 "INSERT INTO discards (destination, source, message_id, payload, reason, label, detail,"
                 " discarded_at)"
                 " SELECT j.destination, j.source, j.message_id, j.payload, e.reason, e.label, e.detail, $5"
-                " FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY"
-                f" AS e(job_id, reason, label, detail, n) JOIN jobs j ON j.id = e.job_id"
-                f" WHERE j.state < {DELIVERED} ORDER BY e.n",
+                " FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $6::int[]) WITH ORDINALITY"
+                f" AS e(job_id, reason, label, detail, leased, n) JOIN jobs j ON j.id = e.job_id"
+                f" WHERE j.state < {DELIVERED} AND (e.leased IS NULL OR j.attempts = e.leased) ORDER BY e.n",
                 [e.job_id for e in unique],
                 [_text(e.reason) for e in unique],
                 [_text(e.label) for e in unique],
                 [_text(e.detail) for e in unique],
                 time.time(),
+                _fence_arrays([e.job_id for e in unique], fence)[1],
             )
-            await conn.execute(
-                f"DELETE FROM jobs WHERE id = ANY($1::bigint[]) AND state < {DELIVERED}",
-                [e.job_id for e in unique],
-            )
+            await _delete_settled(conn, [e.job_id for e in unique], fence)
 
     async def resolve_links(self, namespace: str, ids: Sequence[str]) -> dict[str, str]:
         if not ids:

@@ -33,6 +33,7 @@ from bridge.store.base import (
     Discard,
     DiscardRecord,
     EnqueueResult,
+    Fence,
     IncomingEvent,
     Job,
     QueueStats,
@@ -248,25 +249,29 @@ class SqliteStore(Store):
         )
         return jobs
 
-    async def ack(self, job_ids: Sequence[int], mapping_version: str = "") -> None:
+    async def ack(self, job_ids: Sequence[int], mapping_version: str = "", *, fence: Fence | None = None) -> None:
         if job_ids:
-            await self._run(partial(ops.ack, job_ids=job_ids, mapping_version=mapping_version, now=time.time()))
+            await self._run(
+                partial(ops.ack, job_ids=job_ids, mapping_version=mapping_version, now=time.time(), fence=fence)
+            )
 
-    async def retry(self, job_ids: Sequence[int], available_at: float, error: str) -> None:
+    async def retry(
+        self, job_ids: Sequence[int], available_at: float, error: str, *, fence: Fence | None = None
+    ) -> None:
         if job_ids:
-            await self._run(partial(ops.retry, job_ids=job_ids, available_at=available_at, error=error))
+            await self._run(partial(ops.retry, job_ids=job_ids, available_at=available_at, error=error, fence=fence))
 
-    async def release(self, job_ids: Sequence[int]) -> None:
+    async def release(self, job_ids: Sequence[int], *, fence: Fence | None = None) -> None:
         if job_ids:
-            await self._run(partial(ops.release, job_ids=job_ids))
+            await self._run(partial(ops.release, job_ids=job_ids, fence=fence))
 
-    async def dead_letter(self, entries: Sequence[DeadLetter]) -> None:
+    async def dead_letter(self, entries: Sequence[DeadLetter], *, fence: Fence | None = None) -> None:
         if entries:
-            await self._run(partial(ops.dead_letter, entries=entries, now=time.time()))
+            await self._run(partial(ops.dead_letter, entries=entries, now=time.time(), fence=fence))
 
-    async def discard(self, entries: Sequence[Discard]) -> None:
+    async def discard(self, entries: Sequence[Discard], *, fence: Fence | None = None) -> None:
         if entries:
-            await self._run(partial(ops.discard, entries=entries, now=time.time()))
+            await self._run(partial(ops.discard, entries=entries, now=time.time(), fence=fence))
 
     async def resolve_links(self, namespace: str, ids: Sequence[str]) -> dict[str, str]:
         if not ids:

@@ -19,6 +19,7 @@ from bridge.store.base import (
     Discard,
     DiscardRecord,
     EnqueueResult,
+    Fence,
     IncomingEvent,
     Job,
     QueueStats,
@@ -167,44 +168,57 @@ def lease(
     ]
 
 
-def ack(conn: sqlite3.Connection, job_ids: Sequence[int], mapping_version: str, now: float) -> None:
+# Every settle matches a job by id and, when fenced, by the attempt count of its lease:
+# "(? IS NULL OR attempts = ?)" with the count twice, or None twice for no fence.
+_FENCED = "id = ? AND (? IS NULL OR attempts = ?)"
+
+
+def _fenced(job_id: int, fence: Fence | None) -> tuple[int, int | None, int | None]:
+    attempts = fence.get(job_id) if fence is not None else None
+    return job_id, attempts, attempts
+
+
+def ack(
+    conn: sqlite3.Connection, job_ids: Sequence[int], mapping_version: str, now: float, fence: Fence | None = None
+) -> None:
     # The payload of a delivered job is never read again; dropping it keeps the file small.
-    for chunk in _chunks(job_ids):
-        conn.execute(
-            f"UPDATE jobs SET state = {DELIVERED}, settled_at = ?, mapping_version = ?, lease_until = NULL,"
-            f" payload = X'' WHERE state < {DELIVERED} AND id IN ({_marks(len(chunk))})",
-            (now, mapping_version, *chunk),
-        )
+    conn.executemany(
+        f"UPDATE jobs SET state = {DELIVERED}, settled_at = ?, mapping_version = ?, lease_until = NULL,"
+        f" payload = X'' WHERE state < {DELIVERED} AND {_FENCED}",
+        [(now, mapping_version, *_fenced(i, fence)) for i in job_ids],
+    )
 
 
-def retry(conn: sqlite3.Connection, job_ids: Sequence[int], available_at: float, error: str) -> None:
-    for chunk in _chunks(job_ids):
-        conn.execute(
-            f"UPDATE jobs SET state = {QUEUED}, available_at = ?, lease_until = NULL, last_error = ?"
-            f" WHERE state = {LEASED} AND id IN ({_marks(len(chunk))})",
-            (available_at, error, *chunk),
-        )
+def retry(
+    conn: sqlite3.Connection, job_ids: Sequence[int], available_at: float, error: str, fence: Fence | None = None
+) -> None:
+    conn.executemany(
+        f"UPDATE jobs SET state = {QUEUED}, available_at = ?, lease_until = NULL, last_error = ?"
+        f" WHERE state = {LEASED} AND {_FENCED}",
+        [(available_at, error, *_fenced(i, fence)) for i in job_ids],
+    )
 
 
-def release(conn: sqlite3.Connection, job_ids: Sequence[int]) -> None:
+def release(conn: sqlite3.Connection, job_ids: Sequence[int], fence: Fence | None = None) -> None:
     # A job released before any real attempt forgets its first attempt too, so the
     # retry budget (measured from it) does not run while it was never tried.
-    for chunk in _chunks(job_ids):
-        conn.execute(
-            f"UPDATE jobs SET state = {QUEUED}, lease_until = NULL, attempts = MAX(attempts - 1, 0),"
-            " first_attempt_at = CASE WHEN attempts <= 1 THEN NULL ELSE first_attempt_at END"
-            f" WHERE state = {LEASED} AND id IN ({_marks(len(chunk))})",
-            tuple(chunk),
-        )
+    conn.executemany(
+        f"UPDATE jobs SET state = {QUEUED}, lease_until = NULL, attempts = MAX(attempts - 1, 0),"
+        " first_attempt_at = CASE WHEN attempts <= 1 THEN NULL ELSE first_attempt_at END"
+        f" WHERE state = {LEASED} AND {_FENCED}",
+        [_fenced(i, fence) for i in job_ids],
+    )
 
 
-def dead_letter(conn: sqlite3.Connection, entries: Sequence[DeadLetter], now: float) -> None:
+def dead_letter(
+    conn: sqlite3.Connection, entries: Sequence[DeadLetter], now: float, fence: Fence | None = None
+) -> None:
     conn.executemany(
         "INSERT INTO dead_letters (destination, source, message_id, ordering_key, payload, reason, status,"
         " response_body, request_body, label, attempts, created_at, first_attempt_at, failed_at,"
         " mapping_version)"
         " SELECT destination, source, message_id, ordering_key, payload, ?, ?, ?, ?, ?, attempts,"
-        f" created_at, first_attempt_at, ?, ? FROM jobs WHERE id = ? AND state < {DELIVERED}",
+        f" created_at, first_attempt_at, ?, ? FROM jobs WHERE {_FENCED} AND state < {DELIVERED}",
         [
             (
                 e.reason,
@@ -214,22 +228,27 @@ def dead_letter(conn: sqlite3.Connection, entries: Sequence[DeadLetter], now: fl
                 e.label,
                 now,
                 e.mapping_version,
-                e.job_id,
+                *_fenced(e.job_id, fence),
             )
             for e in entries
         ],
     )
-    conn.executemany(f"DELETE FROM jobs WHERE id = ? AND state < {DELIVERED}", [(e.job_id,) for e in entries])
+    _delete_settled(conn, [e.job_id for e in entries], fence)
 
 
-def discard(conn: sqlite3.Connection, entries: Sequence[Discard], now: float) -> None:
+def discard(conn: sqlite3.Connection, entries: Sequence[Discard], now: float, fence: Fence | None = None) -> None:
     conn.executemany(
         "INSERT INTO discards (destination, source, message_id, payload, reason, label, detail,"
         " discarded_at) SELECT destination, source, message_id, payload, ?, ?, ?, ?"
-        f" FROM jobs WHERE id = ? AND state < {DELIVERED}",
-        [(e.reason, e.label, e.detail, now, e.job_id) for e in entries],
+        f" FROM jobs WHERE {_FENCED} AND state < {DELIVERED}",
+        [(e.reason, e.label, e.detail, now, *_fenced(e.job_id, fence)) for e in entries],
     )
-    conn.executemany(f"DELETE FROM jobs WHERE id = ? AND state < {DELIVERED}", [(e.job_id,) for e in entries])
+    _delete_settled(conn, [e.job_id for e in entries], fence)
+
+
+def _delete_settled(conn: sqlite3.Connection, job_ids: Sequence[int], fence: Fence | None) -> None:
+    """Drop the jobs just copied out: the same match, in the same transaction."""
+    conn.executemany(f"DELETE FROM jobs WHERE {_FENCED} AND state < {DELIVERED}", [_fenced(i, fence) for i in job_ids])
 
 
 def resolve_links(conn: sqlite3.Connection, namespace: str, ids: Sequence[str]) -> dict[str, str]:

@@ -278,10 +278,10 @@ async def test_an_internal_fault_backs_off_and_ends_in_the_dlq(make_bridge):
     leases = 0
 
     class FlakyStore(SqliteStore):
-        async def discard(self, entries: Any) -> None:
+        async def discard(self, entries: Any, *, fence: Any = None) -> None:
             if any(isinstance(e, Discard) and e.label == "Boom" for e in entries):
                 raise RuntimeError("cannot record this discard")
-            await super().discard(entries)
+            await super().discard(entries, fence=fence)
 
         async def lease(self, *args: Any, **kwargs: Any) -> Any:
             nonlocal leases

@@ -106,6 +106,29 @@ async def test_an_expired_lease_makes_the_job_due_again(store: Store) -> None:
     assert [(j.id, j.attempts) for j in second] == [(first[0].id, 2)]
 
 
+async def test_a_late_holder_cannot_settle_a_job_leased_again(store: Store) -> None:
+    """Worker A's lease lapses and B leases the job: nothing A does afterwards (fenced by
+    the attempt count of its lease) may undo, repeat or reorder B's work."""
+    await store.enqueue("web", [event(f"f{i}", "alice") for i in range(2)])
+    (a_job,) = await store.lease("moe", 1, 0.05)
+    await asyncio.sleep(0.1)
+    (b_job,) = await store.lease("moe", 1, 30)
+    assert b_job.id == a_job.id and b_job.attempts == a_job.attempts + 1
+    stale = {a_job.id: a_job.attempts}
+    await store.release([a_job.id], fence=stale)
+    await store.retry([a_job.id], time.time(), "late", fence=stale)
+    await store.dead_letter([DeadLetter(a_job.id, "http_400")], fence=stale)
+    await store.discard([Discard(a_job.id, "late")], fence=stale)
+    await store.ack([a_job.id], "old", fence=stale)
+    # B still holds it, so alice's next event stays blocked behind it, and nothing moved.
+    assert await store.lease("moe", 10, 30) == []
+    assert await store.list_dead(EVERYTHING) == [] and await store.list_discards(EVERYTHING) == []
+    assert await store.delivered_version("moe", "f0") is None
+    await store.ack([b_job.id], "new", fence={b_job.id: b_job.attempts})
+    assert await store.delivered_version("moe", "f0") == "new"
+    assert [j.message_id for j in await store.lease("moe", 10, 30)] == ["f1"]
+
+
 async def test_lease_with_zero_limit_or_unknown_destination(store: Store) -> None:
     await store.enqueue("web", [event("m1")])
     assert await store.lease("moe", 0, 30) == []
