@@ -141,3 +141,30 @@ def test_first_array_item_slices_the_exact_bytes(body, first):
 )
 def test_out_of_range_timestamps_are_invalid_not_crashes(timestamp, sent_at):
     assert code_of({"userId": "u", "timestamp": timestamp}, "identify", sent_at=sent_at) == "invalid_timestamp"
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"userId": "u1", "event": "E", "timestamp": "2026-11-23T06:33:31.593Z"},
+        {"userId": "u1", "event": "E", "timestamp": "2026-11-23T06:33:31.593Z", "sentAt": "2026-11-23T06:33:30Z"},
+        {"userId": "u1", "event": "E"},
+        {"userId": "u1", "event": "E", "receivedAt": "2020-01-01T00:00:00.000Z"},
+        {"userId": 7, "anonymousId": " ", "event": "E", "messageId": 12, "writeKey": "k"},
+    ],
+)
+def test_batch_level_precomputed_times_give_the_same_event(item):
+    # A batch passes receivedAt's text and its parsed sentAt once for all events.
+    sent_at = "2026-11-23T06:33:32.900Z"
+    item = {"messageId": "m-1", **item}
+    plain = normalise(dict(item), call_type="track", received_at=NOW, sent_at=sent_at)
+    shared = normalise(
+        dict(item),
+        call_type="track",
+        received_at=NOW,
+        sent_at=sent_at,
+        received_iso=iso(NOW),
+        parsed_sent_at=datetime(2026, 11, 23, 6, 33, 32, 900000, tzinfo=UTC),
+    )
+    assert shared == plain
+    assert "writeKey" not in shared[0]

@@ -13,7 +13,7 @@ from aiohttp import web
 from bridge.config.model import Config, SourceConfig
 from bridge.httpx import ApiError, basic_credentials, json_response, parse_json, read_body, secret_digest
 from bridge.sources.base import Accepted, Ingestor, Rejection, SourceKind, all_rejected, batch_answer
-from bridge.sources.segment.spec import CALL_TYPES, Invalid, normalise
+from bridge.sources.segment.spec import CALL_TYPES, Invalid, iso, normalise, parse_time
 
 BATCH_CALLS = ("batch", "import")
 # Normalisation adds receivedAt/timestamp/originalTimestamp: allow for them on top of 32 KB.
@@ -96,6 +96,8 @@ class SegmentSources(SourceKind):
         context: Any = None,
         integrations: Any = None,
         keep_timestamp: bool = False,
+        received_iso: str | None = None,
+        parsed_sent_at: datetime | None = None,
     ) -> Accepted:
         event, message_id, key = normalise(
             item,
@@ -105,6 +107,8 @@ class SegmentSources(SourceKind):
             batch_context=context,
             batch_integrations=integrations,
             keep_timestamp=keep_timestamp,
+            received_iso=received_iso,
+            parsed_sent_at=parsed_sent_at,
         )
         payload = orjson.dumps(event)
         limit = self.config.server.max_event_bytes
@@ -130,6 +134,15 @@ class SegmentSources(SourceKind):
             raise ApiError(400, "too_many_events", f"the batch has {len(items)} events; at most {limit}")
         accepted: list[Accepted] = []
         rejected: list[Rejection] = []
+        # Work shared by every event of the request, done once: receivedAt's text, and
+        # the batch's sentAt parsed (an invalid one is left for each event to report).
+        received_iso = iso(received_at)
+        parsed_sent_at = None
+        if sent_at is not None:
+            try:
+                parsed_sent_at = parse_time(sent_at, "sentAt")
+            except Invalid:
+                pass
         for i, item in enumerate(items):
             try:
                 accepted.append(
@@ -141,6 +154,8 @@ class SegmentSources(SourceKind):
                         context=context,
                         integrations=integrations,
                         keep_timestamp=keep_timestamp,
+                        received_iso=received_iso,
+                        parsed_sent_at=parsed_sent_at,
                     )
                 )
             except Invalid as exc:
