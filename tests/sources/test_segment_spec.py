@@ -1,4 +1,4 @@
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -168,3 +168,30 @@ def test_batch_level_precomputed_times_give_the_same_event(item):
     )
     assert shared == plain
     assert "writeKey" not in shared[0]
+
+
+def _iso_reference(dt):
+    # The earlier implementation, kept as the reference for the faster one.
+    if dt.utcoffset() != timedelta(0):
+        dt = dt.astimezone(UTC)
+    text = dt.isoformat(timespec="milliseconds")
+    return text[:-6] + "Z" if text.endswith("+00:00") else text + "Z"
+
+
+@pytest.mark.parametrize(
+    "dt",
+    [
+        datetime(2026, 11, 23, 6, 33, 35, 438999, tzinfo=UTC),
+        datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+        datetime(2026, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(1, 1, 1, 0, 0, 0, 1000, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC),
+        datetime(2026, 3, 29, 1, 30, 0, 123456, tzinfo=timezone(timedelta(hours=5, minutes=30))),
+        datetime(2026, 3, 29, 1, 30, 0, 123456, tzinfo=timezone(timedelta(hours=-8))),
+        datetime(2026, 3, 29, 1, 30, 0, 500, tzinfo=timezone(timedelta(0))),
+        datetime.fromisoformat("2026-11-23T21:14:07.512Z"),
+        datetime.fromisoformat("2026-11-23T21:14:07.512-03:00"),
+    ],
+)
+def test_iso_matches_the_reference_formatting(dt):
+    assert iso(dt) == _iso_reference(dt)

@@ -24,11 +24,20 @@ class Invalid(Exception):
 
 def iso(dt: datetime) -> str:
     """ISO-8601 UTC with milliseconds and Z, as Segment writes timestamps."""
-    # isoformat is several times faster than strftime, and this runs per event.
-    if dt.utcoffset() != _ZERO:
+    # This runs per event. %-formatting the fields is about twice as fast as
+    # isoformat(timespec="milliseconds") plus its suffix handling, and gives the same
+    # text (4-digit year, milliseconds truncated); strftime is slower still.
+    if dt.tzinfo is not UTC and dt.utcoffset() != _ZERO:
         dt = dt.astimezone(UTC)
-    text = dt.isoformat(timespec="milliseconds")
-    return text[:-6] + "Z" if text.endswith("+00:00") else text + "Z"
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (  # noqa: UP031
+        dt.year,
+        dt.month,
+        dt.day,
+        dt.hour,
+        dt.minute,
+        dt.second,
+        dt.microsecond // 1000,
+    )
 
 
 _ZERO = timedelta(0)
