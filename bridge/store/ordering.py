@@ -9,7 +9,7 @@ until the scan budget runs out and starves the users queued behind them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 QUEUED = 0
@@ -38,21 +38,29 @@ class OrderedSelection:
             return None
         return self._after, sorted(self.blocked)[:MAX_EXCLUDED_KEYS], self.window
 
-    def take(self, rows: Sequence[Sequence[Any]]) -> None:
-        """Rows of (id, ordering_key, state, available_at, lease_until), in id order."""
+    def take(self, rows: Iterable[Sequence[Any]]) -> None:
+        """Rows of (id, ordering_key, state, available_at, lease_until), in id order.
+
+        ``rows`` may be a lazy cursor: iteration stops as soon as ``limit`` jobs are
+        chosen, so the rest of the window is never fetched."""
+        scanned = 0
+        last_id = self._after
+        blocked, chosen, now = self.blocked, self.chosen, self.now
         for job_id, key, state, available_at, lease_until in rows:
-            if key and key in self.blocked:
+            scanned += 1
+            last_id = job_id
+            if key and key in blocked:
                 continue
-            due = available_at <= self.now if state == QUEUED else (lease_until or 0.0) <= self.now
+            due = available_at <= now if state == QUEUED else (lease_until or 0.0) <= now
             if due:
-                self.chosen.append(int(job_id))
-                if len(self.chosen) >= self.limit:
+                chosen.append(int(job_id))
+                if len(chosen) >= self.limit:
                     self._done = True
                     return
             elif key:
-                self.blocked.add(key)
-        if len(rows) < self.window:
+                blocked.add(key)
+        if scanned < self.window:
             self._done = True
             return
-        self._after = int(rows[-1][0])
-        self._scanned += len(rows)
+        self._after = int(last_id)
+        self._scanned += scanned

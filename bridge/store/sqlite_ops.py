@@ -123,13 +123,16 @@ def _due_ids_ordered(conn: sqlite3.Connection, destination: str, limit: int, now
     while (query := selection.next_query()) is not None:
         after, excluded, window = query
         not_in = f" AND ordering_key NOT IN ({_marks(len(excluded))})" if excluded else ""
-        selection.take(
-            conn.execute(
-                "SELECT id, ordering_key, state, available_at, lease_until FROM jobs"
-                f" WHERE destination = ? AND state < {DELIVERED} AND id > ?{not_in} ORDER BY id LIMIT ?",
-                (destination, after, *excluded, window),
-            ).fetchall()
+        cursor = conn.execute(
+            "SELECT id, ordering_key, state, available_at, lease_until FROM jobs"
+            f" WHERE destination = ? AND state < {DELIVERED} AND id > ?{not_in} ORDER BY id LIMIT ?",
+            (destination, after, *excluded, window),
         )
+        try:
+            # Read lazily: the selection usually has its jobs long before the window ends.
+            selection.take(cursor)
+        finally:
+            cursor.close()  # reset the statement before the UPDATE that follows
     return selection.chosen
 
 

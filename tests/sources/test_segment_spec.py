@@ -1,4 +1,4 @@
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -141,3 +141,57 @@ def test_first_array_item_slices_the_exact_bytes(body, first):
 )
 def test_out_of_range_timestamps_are_invalid_not_crashes(timestamp, sent_at):
     assert code_of({"userId": "u", "timestamp": timestamp}, "identify", sent_at=sent_at) == "invalid_timestamp"
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"userId": "u1", "event": "E", "timestamp": "2026-11-23T06:33:31.593Z"},
+        {"userId": "u1", "event": "E", "timestamp": "2026-11-23T06:33:31.593Z", "sentAt": "2026-11-23T06:33:30Z"},
+        {"userId": "u1", "event": "E"},
+        {"userId": "u1", "event": "E", "receivedAt": "2020-01-01T00:00:00.000Z"},
+        {"userId": 7, "anonymousId": " ", "event": "E", "messageId": 12, "writeKey": "k"},
+    ],
+)
+def test_batch_level_precomputed_times_give_the_same_event(item):
+    # A batch passes receivedAt's text and its parsed sentAt once for all events.
+    sent_at = "2026-11-23T06:33:32.900Z"
+    item = {"messageId": "m-1", **item}
+    plain = normalise(dict(item), call_type="track", received_at=NOW, sent_at=sent_at)
+    shared = normalise(
+        dict(item),
+        call_type="track",
+        received_at=NOW,
+        sent_at=sent_at,
+        received_iso=iso(NOW),
+        parsed_sent_at=datetime(2026, 11, 23, 6, 33, 32, 900000, tzinfo=UTC),
+    )
+    assert shared == plain
+    assert "writeKey" not in shared[0]
+
+
+def _iso_reference(dt):
+    # The earlier implementation, kept as the reference for the faster one.
+    if dt.utcoffset() != timedelta(0):
+        dt = dt.astimezone(UTC)
+    text = dt.isoformat(timespec="milliseconds")
+    return text[:-6] + "Z" if text.endswith("+00:00") else text + "Z"
+
+
+@pytest.mark.parametrize(
+    "dt",
+    [
+        datetime(2026, 11, 23, 6, 33, 35, 438999, tzinfo=UTC),
+        datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+        datetime(2026, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(1, 1, 1, 0, 0, 0, 1000, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC),
+        datetime(2026, 3, 29, 1, 30, 0, 123456, tzinfo=timezone(timedelta(hours=5, minutes=30))),
+        datetime(2026, 3, 29, 1, 30, 0, 123456, tzinfo=timezone(timedelta(hours=-8))),
+        datetime(2026, 3, 29, 1, 30, 0, 500, tzinfo=timezone(timedelta(0))),
+        datetime.fromisoformat("2026-11-23T21:14:07.512Z"),
+        datetime.fromisoformat("2026-11-23T21:14:07.512-03:00"),
+    ],
+)
+def test_iso_matches_the_reference_formatting(dt):
+    assert iso(dt) == _iso_reference(dt)

@@ -13,9 +13,11 @@ from aiohttp import web
 from bridge.config.model import Config, SourceConfig
 from bridge.httpx import ApiError, basic_credentials, json_response, parse_json, read_body, secret_digest
 from bridge.sources.base import Accepted, Ingestor, Rejection, SourceKind, all_rejected, batch_answer
-from bridge.sources.segment.spec import CALL_TYPES, Invalid, normalise
+from bridge.sources.segment.spec import CALL_TYPES, Invalid, iso, normalise, parse_time
 
 BATCH_CALLS = ("batch", "import")
+# Authorization headers remembered once authenticated (see SegmentSources._source_for_header).
+AUTH_CACHE_SIZE = 256
 # Normalisation adds receivedAt/timestamp/originalTimestamp: allow for them on top of 32 KB.
 NORMALISED_OVERHEAD = 512
 
@@ -27,6 +29,12 @@ class SegmentSources(SourceKind):
         self.config = config
         self.ingestor = ingestor
         self._by_key = {secret_digest(s.write_key): s for s in config.sources if s.kind == "segment"}
+        # Exact Authorization header -> the source it authenticated as. Filled only after
+        # the full check (decode, digest lookup, region) succeeded, so a hit is a header
+        # already accepted; anything else (a wrong key, a malformed header) takes the full
+        # path every time. Bounded: cleared when full. The sources are fixed for the life
+        # of this object (a config change builds a new app).
+        self._by_header: dict[str, SourceConfig] = {}
 
     def add_routes(self, app: web.Application) -> None:
         for call in (*sorted(CALL_TYPES), *BATCH_CALLS):
@@ -54,12 +62,29 @@ class SegmentSources(SourceKind):
             )
         return source
 
+    def _source_for_header(self, request: web.Request) -> SourceConfig | None:
+        """The source named by the Basic auth username (the write key), or None without
+        Basic credentials; raises ApiError like ``_source_for``."""
+        header = request.headers.get("Authorization")
+        if header is None:
+            return None
+        source = self._by_header.get(header)
+        if source is not None:
+            return source
+        creds = basic_credentials(request)
+        if creds is None:
+            return None
+        source = self._source_for(creds[0])
+        if len(self._by_header) >= AUTH_CACHE_SIZE:
+            self._by_header.clear()
+        self._by_header[header] = source
+        return source
+
     # -- /v1/* --------------------------------------------------------------------
     async def tracking_api(self, request: web.Request) -> web.Response:
         call = request.path.rsplit("/", 1)[-1]
-        creds = basic_credentials(request)
         # Authenticate before reading the body whenever the header allows it.
-        source = self._source_for(creds[0]) if creds else None
+        source = self._source_for_header(request)
         data = parse_json(await read_body(request, self.config.server.max_request_bytes))
         if not isinstance(data, dict):
             raise ApiError(400, "invalid_json", "expected a JSON object")
@@ -96,6 +121,8 @@ class SegmentSources(SourceKind):
         context: Any = None,
         integrations: Any = None,
         keep_timestamp: bool = False,
+        received_iso: str | None = None,
+        parsed_sent_at: datetime | None = None,
     ) -> Accepted:
         event, message_id, key = normalise(
             item,
@@ -105,6 +132,8 @@ class SegmentSources(SourceKind):
             batch_context=context,
             batch_integrations=integrations,
             keep_timestamp=keep_timestamp,
+            received_iso=received_iso,
+            parsed_sent_at=parsed_sent_at,
         )
         payload = orjson.dumps(event)
         limit = self.config.server.max_event_bytes
@@ -130,6 +159,15 @@ class SegmentSources(SourceKind):
             raise ApiError(400, "too_many_events", f"the batch has {len(items)} events; at most {limit}")
         accepted: list[Accepted] = []
         rejected: list[Rejection] = []
+        # Work shared by every event of the request, done once: receivedAt's text, and
+        # the batch's sentAt parsed (an invalid one is left for each event to report).
+        received_iso = iso(received_at)
+        parsed_sent_at = None
+        if sent_at is not None:
+            try:
+                parsed_sent_at = parse_time(sent_at, "sentAt")
+            except Invalid:
+                pass
         for i, item in enumerate(items):
             try:
                 accepted.append(
@@ -141,6 +179,8 @@ class SegmentSources(SourceKind):
                         context=context,
                         integrations=integrations,
                         keep_timestamp=keep_timestamp,
+                        received_iso=received_iso,
+                        parsed_sent_at=parsed_sent_at,
                     )
                 )
             except Invalid as exc:
@@ -153,10 +193,9 @@ class SegmentSources(SourceKind):
 
     # -- /segment/webhook -----------------------------------------------------------
     async def webhook(self, request: web.Request) -> web.Response:
-        creds = basic_credentials(request)
-        if creds is None:
+        source = self._source_for_header(request)
+        if source is None:
             raise ApiError(401, "write_key_required", "the webhook needs the write key as the Basic auth username")
-        source = self._source_for(creds[0])
         body = await read_body(request, self.config.server.max_request_bytes)
         data = parse_json(body)
         if source.webhook_secret:
