@@ -31,7 +31,7 @@ def build_app(runtime: Runtime, bindings: PrometheusBindings) -> web.Application
     cfg = runtime.config
     # Bodies are read by our own bounded reader; this is only the hard ceiling.
     app = web.Application(
-        client_max_size=max(cfg.server.max_request_bytes, 8 * 1024 * 1024),
+        client_max_size=max(cfg.server.max_request_bytes, cfg.server.max_webhook_bytes, 8 * 1024 * 1024),
         middlewares=[bindings.http_middleware(), json_errors],
     )
     app[RUNTIME] = runtime

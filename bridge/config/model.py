@@ -37,6 +37,9 @@ class ServerConfig:
     max_request_bytes: int = 512_000  # Segment's 500 KB plus headroom for the envelope
     max_event_bytes: int = 32 * 1024
     max_batch_events: int = 2500
+    # Segment's Webhooks (Actions) batches 1000 events by default and up to 4000.
+    max_webhook_bytes: int = 16 * 1024 * 1024
+    max_webhook_events: int = 4000
     # Proxies whose X-Forwarded-For is believed when checking a source's allow_ips.
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
@@ -193,6 +196,8 @@ def _server(r: Reader) -> ServerConfig:
         max_request_bytes=r.int("max_request_bytes", 512_000, minimum=1024),
         max_event_bytes=r.int("max_event_bytes", 32 * 1024, minimum=256),
         max_batch_events=r.int("max_batch_events", 2500, minimum=1),
+        max_webhook_bytes=r.int("max_webhook_bytes", 16 * 1024 * 1024, minimum=1024),
+        max_webhook_events=r.int("max_webhook_events", 4000, minimum=1),
         trusted_proxies=_networks(r, "trusted_proxies"),
     )
     r.done()

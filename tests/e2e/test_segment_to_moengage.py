@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import hashlib
 import hmac
@@ -22,6 +23,7 @@ from tests.e2e.harness import (
     WORKSPACE,
     WRITE_KEY,
     basic,
+    raw_post,
     wait_until,
 )
 
@@ -398,3 +400,82 @@ async def test_a_gzip_bomb_is_refused_by_its_inflated_size(bridge):
         "/v1/track", None, {**basic(WRITE_KEY), "Content-Encoding": "gzip", "Content-Type": "application/json"}, raw=raw
     )
     assert (status, data["code"]) == (413, "payload_too_large")
+
+
+async def test_write_key_edge_cases(bridge):
+    # An empty Basic username names no key: the body's writeKey decides.
+    empty_user = {"Authorization": "Basic " + base64.b64encode(b":").decode()}
+    assert (await bridge.post("/v1/track", track_body(writeKey=WRITE_KEY), empty_user))[0] == 200
+    status, data = await bridge.post("/v1/track", track_body(), empty_user)
+    assert (status, data["code"]) == (401, "write_key_required")
+    # Two different keys: refused, not silently routed by one of them (and never the EU one here).
+    status, data = await bridge.post("/v1/track", track_body(writeKey=EU_WRITE_KEY), basic(WRITE_KEY))
+    assert (status, data["code"]) == (401, "write_key_mismatch")
+    assert EU_WRITE_KEY not in data["message"] and WRITE_KEY not in data["message"]
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1)
+
+
+async def test_the_32_kb_limit_is_on_the_event_as_sent(bridge):
+    h = basic(WRITE_KEY)
+    # A single call over 32 KB as sent is refused, even by a byte.
+    body = track_body(properties={"pad": ""})
+    body["properties"]["pad"] = "x" * (32 * 1024 - len(orjson.dumps(body)) + 1)
+    assert len(orjson.dumps(body)) == 32 * 1024 + 1
+    status, data = await bridge.post("/v1/track", None, h, raw=orjson.dumps(body))
+    assert (status, data["code"]) == (400, "event_too_large") and "Exceed payload limit" in data["message"]
+    body["properties"]["pad"] = body["properties"]["pad"][:-1]
+    assert (await bridge.post("/v1/track", None, h, raw=orjson.dumps(body)))[0] == 200
+    # In a batch, the batch's context merged into an item does not count against it.
+    item = {"type": "track", "userId": "user-big", "event": "Big", "properties": {"pad": "y" * 20_000}}
+    batch = {"batch": [item], "context": {"pad": "z" * 20_000}}
+    status, data = await bridge.post("/v1/batch", batch, h)
+    assert (status, data) == (200, {"success": True})
+
+
+async def test_an_event_too_deep_to_store_is_rejected_by_index(bridge):
+    deep: dict[str, Any] = {}
+    node = deep
+    for _ in range(300):
+        node["a"] = {}
+        node = node["a"]
+    too_deep = {"type": "track", "userId": "u-d", "event": "Deep", "properties": deep}
+    batch = {"batch": [too_deep, track_body(type="track")]}
+    status, data = await bridge.post("/v1/batch", batch, basic(WRITE_KEY))
+    assert status == 200 and [(r["index"], r["code"]) for r in data["rejected"]] == [(0, "event_too_deep")]
+    status, data = await bridge.post("/v1/track", {**track_body(), "properties": deep}, basic(WRITE_KEY))
+    assert (status, data["code"]) == (400, "event_too_deep")
+
+
+async def test_webhook_batches_of_segments_default_size_and_deletions(bridge):
+    """Webhooks (Actions) batches 1000 events by default (up to 4000): about 1 MB here."""
+    h = {**basic(WRITE_KEY), "Content-Type": "application/json"}
+    items = [
+        {
+            "type": "track",
+            "userId": f"wh-user-{i % 50}",
+            "event": "Webhook Batched",
+            "messageId": f"whb-{i}",
+            "timestamp": "2026-11-01T10:00:00.000Z",
+            "properties": {"i": i, "text": "w" * 900},
+        }
+        for i in range(1000)
+    ]
+    body = orjson.dumps(items)
+    assert len(body) > 512_000  # more than a Tracking API request may carry
+    signed = {**h, "X-Signature": _sign(orjson.dumps(items[0]))}
+    status, data = await bridge.post("/segment/webhook", None, signed, raw=body)
+    assert (status, data) == (200, {"success": True}), data
+    # Classic Webhooks also send deletion requests: acknowledged, nothing stored.
+    delete = {"type": "delete", "userId": "wh-user-1", "messageId": "del-1"}
+    raw = orjson.dumps(delete)
+    status, data = await bridge.post("/segment/webhook", None, {**h, "X-Signature": _sign(raw)}, raw=raw)
+    assert (status, data) == (200, {"success": True, "accepted": 0, "ignored": 1})
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1000, timeout=20)
+
+
+async def test_a_non_ascii_signature_is_a_401(bridge):
+    auth = basic(WRITE_KEY)["Authorization"].encode()
+    body = orjson.dumps(track_body(type="track"))
+    headers = b"Authorization: " + auth + b"\r\nX-Signature: \xff\xfe"
+    status, data = await raw_post(bridge, "/segment/webhook", headers, body)
+    assert (status, data["code"]) == (401, "invalid_signature")

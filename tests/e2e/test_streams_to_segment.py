@@ -11,7 +11,6 @@ from typing import Any
 import orjson
 import pytest
 import yaml
-from yarl import URL
 
 from bridge.cli import main as cli_main
 from bridge.config.model import build_config
@@ -24,6 +23,7 @@ from tests.e2e.harness import (
     WRITE_KEY,
     basic,
     config_dict,
+    raw_post,
     wait_until,
 )
 
@@ -419,28 +419,6 @@ async def test_an_event_too_deep_to_store_is_rejected_by_index(bridge):
     await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 1)
 
 
-async def _raw_post(bridge: Any, path: str, header: bytes) -> tuple[int, dict[str, Any]]:
-    """POST with a header line written byte for byte (clients refuse non-ASCII headers)."""
-    url = URL(bridge.url)
-    body = orjson.dumps(seed_payload())
-    reader, writer = await asyncio.open_connection(url.host, url.port)
-    writer.write(
-        b"POST "
-        + path.encode()
-        + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        + header
-        + b"\r\nContent-Length: "
-        + str(len(body)).encode()
-        + b"\r\nConnection: close\r\n\r\n"
-        + body
-    )
-    await writer.drain()
-    response = await reader.read()
-    writer.close()
-    head, _, payload = response.partition(b"\r\n\r\n")
-    return int(head.split(b" ")[1]), orjson.loads(payload)
-
-
 @pytest.mark.parametrize("auth", ["basic", "header"])
 async def test_non_ascii_credentials_are_refused_not_crashed_on(make_bridge, auth):
     def tweak(raw: dict[str, Any]) -> None:
@@ -449,5 +427,5 @@ async def test_non_ascii_credentials_are_refused_not_crashed_on(make_bridge, aut
 
     bridge = await make_bridge(tweak)
     header = b"Authorization: Basic \xff\xfe" if auth == "basic" else b"X-Api-Key: k-\xff\xfe"
-    status, data = await _raw_post(bridge, PATH, header)
+    status, data = await raw_post(bridge, PATH, header, orjson.dumps(seed_payload()))
     assert status == 401 and data["code"] in ("invalid_authorization", "unauthorized"), data

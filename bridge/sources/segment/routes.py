@@ -7,19 +7,19 @@ import hmac
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from bridge.config.model import Config, SourceConfig
-from bridge.httpx import ApiError, basic_credentials, json_response, parse_json, read_body, secret_digest
+from bridge.httpx import ApiError, basic_credentials, json_response, parse_json, read_body, same_secret, secret_digest
 from bridge.sources.base import Accepted, Ingestor, Rejection, SourceKind, all_rejected, batch_answer
+from bridge.sources.encoding import encode_event
 from bridge.sources.segment.spec import CALL_TYPES, Invalid, iso, normalise, parse_time
 
 BATCH_CALLS = ("batch", "import")
 # Authorization headers remembered once authenticated (see SegmentSources._source_for_header).
 AUTH_CACHE_SIZE = 256
-# Normalisation adds receivedAt/timestamp/originalTimestamp: allow for them on top of 32 KB.
-NORMALISED_OVERHEAD = 512
+# Classic Webhooks also send deletion requests; they carry no event to route.
+WEBHOOK_IGNORED_TYPES = frozenset({"delete"})
 
 
 class SegmentSources(SourceKind):
@@ -72,8 +72,8 @@ class SegmentSources(SourceKind):
         if source is not None:
             return source
         creds = basic_credentials(request)
-        if creds is None:
-            return None
+        if creds is None or not creds[0]:
+            return None  # no Basic key (e.g. "Basic Og==", an empty username): the body's writeKey decides
         source = self._source_for(creds[0])
         if len(self._by_header) >= AUTH_CACHE_SIZE:
             self._by_header.clear()
@@ -85,11 +85,18 @@ class SegmentSources(SourceKind):
         call = request.path.rsplit("/", 1)[-1]
         # Authenticate before reading the body whenever the header allows it.
         source = self._source_for_header(request)
-        data = parse_json(await read_body(request, self.config.server.max_request_bytes))
+        body = await read_body(request, self.config.server.max_request_bytes)
+        data = parse_json(body)
         if not isinstance(data, dict):
             raise ApiError(400, "invalid_json", "expected a JSON object")
+        body_key = data.get("writeKey")
         if source is None:
-            source = self._source_for(data.get("writeKey"))
+            source = self._source_for(body_key)
+        elif body_key not in (None, "") and not same_secret(str(body_key), source.write_key):
+            # Two different keys: which source (and region) was meant is unknowable.
+            raise ApiError(
+                401, "write_key_mismatch", "the Basic auth write key and writeKey in the body are different keys"
+            )
         received_at = datetime.now(UTC)
         if call in BATCH_CALLS:
             items = data.get("batch")
@@ -104,7 +111,10 @@ class SegmentSources(SourceKind):
                 integrations=data.get("integrations"),
             )
         try:
-            accepted = self._accept(data, call, received_at)
+            if len(body) > self.config.server.max_event_bytes:
+                # A single call is its body: Segment's 32 KB per call, measured as sent.
+                raise _too_large(len(body), self.config.server.max_event_bytes)
+            accepted = self._accept(data, call, received_at, raw_size=len(body))
         except Invalid as exc:
             self.ingestor.metrics.rejected(source.name, exc.code)
             raise ApiError(400, exc.code, exc.message) from None
@@ -123,6 +133,7 @@ class SegmentSources(SourceKind):
         keep_timestamp: bool = False,
         received_iso: str | None = None,
         parsed_sent_at: datetime | None = None,
+        raw_size: int | None = None,
     ) -> Accepted:
         event, message_id, key = normalise(
             item,
@@ -135,10 +146,14 @@ class SegmentSources(SourceKind):
             received_iso=received_iso,
             parsed_sent_at=parsed_sent_at,
         )
-        payload = orjson.dumps(event)
+        payload = encode_event(event)
         limit = self.config.server.max_event_bytes
-        if len(payload) > limit + NORMALISED_OVERHEAD:
-            raise Invalid("event_too_large", f"event is {len(payload)} bytes; the limit is {limit} bytes")
+        if raw_size is None and len(payload) > limit - _NORMALISED_GROWTH:
+            # The limit is on the event as the client sent it, not as normalised (receivedAt,
+            # timestamps, a batch's context merged in): re-measure only near the limit.
+            raw_size = len(encode_event(item))
+        if raw_size is not None and raw_size > limit:
+            raise _too_large(raw_size, limit)
         return Accepted(event, message_id, key, payload)
 
     async def _store_many(
@@ -154,11 +169,12 @@ class SegmentSources(SourceKind):
     ) -> web.Response:
         if not items:
             raise ApiError(400, "empty_batch", "the batch has no events")
-        limit = self.config.server.max_batch_events
+        limit = self.config.server.max_webhook_events if keep_timestamp else self.config.server.max_batch_events
         if len(items) > limit:
             raise ApiError(400, "too_many_events", f"the batch has {len(items)} events; at most {limit}")
         accepted: list[Accepted] = []
         rejected: list[Rejection] = []
+        ignored = 0
         # Work shared by every event of the request, done once: receivedAt's text, and
         # the batch's sentAt parsed (an invalid one is left for each event to report).
         received_iso = iso(received_at)
@@ -169,6 +185,10 @@ class SegmentSources(SourceKind):
             except Invalid:
                 pass
         for i, item in enumerate(items):
+            if keep_timestamp and isinstance(item, dict) and item.get("type") in WEBHOOK_IGNORED_TYPES:
+                # Acknowledged, not stored: answering 400 would show as a failed delivery in Segment.
+                ignored += 1
+                continue
             try:
                 accepted.append(
                     self._accept(
@@ -187,16 +207,21 @@ class SegmentSources(SourceKind):
                 rejected.append(Rejection(i, exc.code, exc.message))
                 self.ingestor.metrics.rejected(source.name, exc.code)
         if not accepted:
+            if ignored and not rejected:
+                return json_response({"success": True, "accepted": 0, "ignored": ignored})
             raise all_rejected(rejected)
         result = await self.ingestor.store_events(source, accepted)
-        return json_response(batch_answer(len(accepted), result.duplicates, rejected))
+        answer = batch_answer(len(accepted), result.duplicates, rejected)
+        if ignored:
+            answer["ignored"] = ignored
+        return json_response(answer)
 
     # -- /segment/webhook -----------------------------------------------------------
     async def webhook(self, request: web.Request) -> web.Response:
         source = self._source_for_header(request)
         if source is None:
             raise ApiError(401, "write_key_required", "the webhook needs the write key as the Basic auth username")
-        body = await read_body(request, self.config.server.max_request_bytes)
+        body = await read_body(request, self.config.server.max_webhook_bytes)
         data = parse_json(body)
         if source.webhook_secret:
             _verify_signature(request.headers.get("X-Signature", ""), source.webhook_secret, body, data)
@@ -212,8 +237,19 @@ def _verify_signature(given: str, secret: str, body: bytes, data: Any) -> None:
     if signed is None:
         raise ApiError(401, "invalid_signature", "X-Signature does not match the body")
     expected = hmac.new(secret.encode("utf-8"), signed, hashlib.sha1).hexdigest()
-    if not hmac.compare_digest(expected.encode(), given.strip().lower().encode()):
+    # surrogatepass: a header aiohttp could not read as UTF-8 is a wrong signature, not a crash.
+    if not hmac.compare_digest(expected.encode(), given.strip().lower().encode("utf-8", "surrogatepass")):
         raise ApiError(401, "invalid_signature", "X-Signature does not match the body")
+
+
+# Normalising adds receivedAt, timestamp, originalTimestamp and maybe messageId (~200 bytes),
+# and merges a batch's context: below limit minus this, the raw event is surely within it.
+_NORMALISED_GROWTH = 1024
+
+
+def _too_large(size: int, limit: int) -> Invalid:
+    # Segment answers "Exceed payload limit" for an event over 32 KB.
+    return Invalid("event_too_large", f"Exceed payload limit: the event is {size} bytes; at most {limit}")
 
 
 def first_array_item(body: bytes) -> bytes | None:

@@ -187,6 +187,10 @@ def normalise(
     except (OverflowError, ValueError):
         # e.g. year 1 or 9999 with a skew that leaves datetime's range
         raise Invalid("invalid_timestamp", "timestamp, sentAt or originalTimestamp is out of range") from None
+    if kind == "alias":
+        # A merge must wait for the merged-away user's earlier events, or they would land
+        # on a user MoEngage has already merged: order it with previousId's events.
+        return event, message_id, event["previousId"]
     return event, message_id, user_id or anon_id or ""
 
 
