@@ -18,7 +18,7 @@ from bridge.httpx import json_errors, json_response
 from bridge.runtime import Runtime
 from bridge.sources.segment.routes import SegmentSources
 from bridge.sources.streams.routes import StreamsSources
-from bridge.store.base import StoreError
+from bridge.store.base import StoreError, StoreFull
 
 log = structlog.get_logger("bridge")
 
@@ -78,8 +78,13 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     problems: list[str] = []
+    if runtime.stopping:
+        # Draining: tell the load balancer first, so it stops sending before the listener closes.
+        problems.append("shutting down")
     try:
         await runtime.store.check_writable()
+    except StoreFull as exc:
+        problems.append(f"store full: {exc}")
     except StoreError as exc:
         problems.append(f"store not writable: {exc}")
     if runtime.mappings_error:
@@ -91,7 +96,11 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     bindings = request.app[BINDINGS]
-    await bindings.refresh_gauges(request.app[RUNTIME])  # scrapes see the queue as it is now
+    try:
+        await bindings.refresh_gauges(request.app[RUNTIME])  # scrapes see the queue as it is now
+    except Exception as exc:
+        # A store outage is when metrics matter most: serve the rest, with the last known queue.
+        log.warning("queue_gauges_stale", error=str(exc))
     body, content_type = bindings.metrics.render(request.headers.get("Accept"))
     resp = web.Response(body=body)
     resp.headers["Content-Type"] = content_type
@@ -127,8 +136,10 @@ async def serve(config: Config, *, ready: Callable[[int], None] | None = None) -
     loop.add_signal_handler(signal.SIGHUP, runtime.reload_mappings)
     try:
         await stop.wait()
-        log.info("shutting_down", timeout=config.server.shutdown_timeout)
+        log.info("shutting_down", timeout=config.server.shutdown_timeout, drain=config.server.drain_seconds)
         runtime.begin_stop()
+        if config.server.drain_seconds:
+            await asyncio.sleep(config.server.drain_seconds)  # /readyz is 503; still serving
     finally:
         await runner.cleanup()
         log.info("stopped")

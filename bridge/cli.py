@@ -284,12 +284,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "command", None) == "destinations" and args.action != "list" and not args.name:
         parser.error(f"destinations {args.action} needs a destination name")
     from bridge.mapping.api import MappingError
+    from bridge.observability.redaction import redact_text
+    from bridge.store.base import StoreError
 
+    # These lines are written before logging (and its redaction) is set up: redact here,
+    # so a password in a store URL or an echoed credential never reaches the terminal.
     try:
         code: int = args.func(args)
     except ConfigError as exc:
-        sys.stderr.write(f"config error: {exc}\n")
+        sys.stderr.write(f"config error: {redact_text(str(exc))}\n")
         return 2
+    except StoreError as exc:
+        sys.stderr.write(f"store error: {redact_text(str(exc))}\n")
+        return 1
     except MappingError as exc:
         sys.stderr.write(f"mapping error:\n{exc}\n")
         return 1

@@ -21,6 +21,7 @@ from bridge.destinations.base import ConfigError
 from bridge.mapping import load_mapping_dir
 from bridge.mapping.api import CompiledMapping, MappingError
 from bridge.mapping.reload import MappingSet, directory_fingerprint
+from bridge.observability.redaction import register_secret
 from bridge.sources.base import IngestMetrics, Ingestor
 from bridge.store import open_store
 from bridge.store.base import Store
@@ -78,11 +79,11 @@ class Runtime:
         store: Store | None = None,
     ) -> None:
         self.config = config
-        self.store = store or open_store(
-            config.store.url,
-            max_bytes=config.store.max_bytes,
-            min_free_disk_bytes=config.store.min_free_disk_bytes,
-        )
+        # Whoever runs the bridge (CLI, sandbox, tests), its secrets are unloggable and are
+        # masked in anything kept from upstream answers (dead letters, retry errors).
+        for secret in config.secrets():
+            register_secret(secret)
+        self.store = store or store_for(config)
         self._set = MappingSet()
         self.mappings_error = "not loaded yet"
         self.delivery = DeliveryManager(config, self.store, self.mappings, delivery_metrics)
@@ -136,6 +137,10 @@ class Runtime:
         self._tasks.append(asyncio.create_task(self._prune_loop(), name="prune"))
         if self.config.mappings.watch:
             self._tasks.append(asyncio.create_task(self._watch_mappings(), name="watch-mappings"))
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_deadline is not None
 
     def begin_stop(self) -> None:
         """Shutdown has begun: deliveries start nothing new and the clock for in-flight

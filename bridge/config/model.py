@@ -17,6 +17,7 @@ from bridge.config.loader import Reader, read_yaml
 from bridge.destinations.base import ConfigError, Destination, destination_kinds
 from bridge.destinations.moengage.datacenters import REGIONS as DATA_CENTER_REGIONS
 from bridge.destinations.moengage.datacenters import normalise_data_center
+from bridge.store import check_store_url
 from bridge.suggest import did_you_mean
 
 SEGMENT_REGIONS = ("us", "eu")
@@ -32,6 +33,9 @@ class ServerConfig:
     region: str = "us"
     region_hosts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_REGION_HOSTS))
     shutdown_timeout: float = 30.0
+    # After SIGTERM, /readyz answers 503 this long before the listener closes, so a load
+    # balancer stops sending first (part of shutdown_timeout).
+    drain_seconds: float = 0.0
     log_level: str = "info"
     log_format: str = "auto"
     max_request_bytes: int = 512_000  # Segment's 500 KB plus headroom for the envelope
@@ -191,6 +195,7 @@ def _server(r: Reader) -> ServerConfig:
         region=r.choice("region", SEGMENT_REGIONS, "us"),
         region_hosts=hosts,
         shutdown_timeout=r.float("shutdown_timeout", 30.0, minimum=0),
+        drain_seconds=r.float("drain_seconds", 0.0, minimum=0),
         log_level=r.choice("log_level", ("debug", "info", "warning", "error"), "info"),
         log_format=r.choice("log_format", ("auto", "json", "console"), "auto"),
         max_request_bytes=r.int("max_request_bytes", 512_000, minimum=1024),
@@ -201,6 +206,11 @@ def _server(r: Reader) -> ServerConfig:
         trusted_proxies=_networks(r, "trusted_proxies"),
     )
     r.done()
+    if cfg.drain_seconds >= cfg.shutdown_timeout > 0:
+        raise ConfigError(
+            f"{r.at('drain_seconds')}: must be less than shutdown_timeout ({cfg.shutdown_timeout:g} s), "
+            "which it is part of"
+        )
     return cfg
 
 
@@ -216,6 +226,10 @@ def _store(r: Reader) -> StoreConfig:
         retention_hours=r.float("retention_hours", 72.0, minimum=0),
     )
     r.done()
+    try:
+        check_store_url(cfg.url)  # a bad URL is a config problem, found by `bridge check` too
+    except ValueError as exc:
+        raise ConfigError(f"{r.at('url')}: {exc}") from None
     return cfg
 
 

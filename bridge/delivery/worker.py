@@ -24,6 +24,7 @@ from bridge.delivery.policy import Action, RetryPolicy, RetrySchedule
 from bridge.delivery.ratelimit import RateLimiter
 from bridge.destinations.base import Item, Request, Response
 from bridge.mapping.api import CompiledMapping, Discarded, Failed, MapContext
+from bridge.observability.redaction import redact_text
 from bridge.store.base import DeadLetter, DestinationState, Discard, Job, Store
 
 log = structlog.get_logger("bridge.delivery")
@@ -487,7 +488,8 @@ class DestinationWorker:
             job_id,
             reason,
             status=resp.status if resp and resp.status else None,
-            response_body=(resp.body or resp.error or "")[:MAX_KEPT_BODY] if resp else "",
+            # An upstream may echo our credentials back (a 401 quoting the header): never keep them.
+            response_body=redact_text((resp.body or resp.error or "")[:MAX_KEPT_BODY]) if resp else "",
             request_body=body,
             label=batch.labels.get(job_id, ""),
             mapping_version=version,
@@ -519,4 +521,4 @@ def _rank(action: Action) -> int:
 def _describe(resp: Response | None) -> str:
     if resp is None:
         return "not sent"
-    return resp.error or f"http {resp.status}: {resp.body[:200]}"
+    return redact_text(resp.error or f"http {resp.status}: {resp.body[:200]}")

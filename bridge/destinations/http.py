@@ -95,6 +95,10 @@ def check_url(value: str) -> str | None:
         return f"must start with http:// or https://, got {value!r}"
     if not parts.netloc:
         return f"has no host: {value!r}"
+    if "@" in parts.netloc:
+        # The destination sends its own Authorization header; credentials in the URL would
+        # clash with it on every request (and be shown wherever the URL is).
+        return "must not contain user:password@ (credentials come from the destination's own keys)"
     if parts.query or parts.fragment:
         return f"must not have a query or fragment: {value!r}"
     return None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import platform
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -188,15 +188,18 @@ class Metrics:
         self._depth.child(destination).set(depth)
         self._age.child(destination).set(max(oldest_age_seconds, 0.0))
 
-    def queue_stats(self, stats: Mapping[str, QueueStats], now: float | None = None) -> None:
-        """Set both queue gauges from `Store.queue_stats()`; destinations gone from it read 0."""
+    def queue_stats(
+        self, stats: Mapping[str, QueueStats], destinations: Iterable[str] = (), now: float | None = None
+    ) -> None:
+        """Set both queue gauges from `Store.queue_stats()`; ``destinations`` (the configured
+        ones) and destinations gone from the stats read 0."""
         now = time.time() if now is None else now
         for destination, s in stats.items():
             age = now - s.oldest_created_at if s.oldest_created_at is not None else 0.0
             self.queue(destination, s.depth, age)
-        for gone in self._queued_destinations - set(stats):
-            self.queue(gone, 0, 0.0)
-        self._queued_destinations |= set(stats)
+        for idle in (self._queued_destinations | set(destinations)) - set(stats):
+            self.queue(idle, 0, 0.0)
+        self._queued_destinations |= set(stats) | set(destinations)
 
     def mapping_reload(self, ok: bool) -> None:
         self._reloads.child("ok" if ok else "error").inc()

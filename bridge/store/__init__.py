@@ -25,14 +25,21 @@ def _split_schema(url: str) -> tuple[str, str | None]:
     return urlunsplit(parts._replace(query=rest)), schemas[-1]
 
 
-def open_store(url: str, **opts: Any) -> Store:
-    """Build the store a URL names; the caller awaits ``store.open()`` before use.
+def shown_url(url: str) -> str:
+    """``url`` as it may appear in a message: a password in it is masked."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "<unparseable URL>"
+    if not password:
+        return url
+    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
-    ``sqlite:///relative/path.db`` and ``sqlite:////absolute/path.db`` give a SqliteStore;
-    ``postgresql://user@host:port/db`` (or ``postgres://``) a PostgresStore, whose tables
-    live in schema ``bridge`` unless the URL says ``?schema=NAME``. ``opts`` go
-    to the store's constructor (``max_bytes``, ...).
-    """
+
+def check_store_url(url: str) -> None:
+    """Raise ValueError (naming the URL without its password) unless ``url`` names a store."""
     if not isinstance(url, str) or not url.strip():
         raise ValueError("the store URL is empty; use e.g. sqlite:///var/bridge.db or postgresql://host/db")
     url = url.strip()
@@ -42,19 +49,35 @@ def open_store(url: str, **opts: Any) -> Store:
             raise ValueError(
                 f"store URL {url!r} names no file: use sqlite:///relative/path.db or sqlite:////abs/path.db"
             )
-        from bridge.store.sqlite import SqliteStore
-
-        return SqliteStore(path, **opts)
+        return
     if url.startswith(POSTGRES_PREFIXES):
-        from bridge.store.postgres import PostgresStore
-
-        dsn, schema = _split_schema(url)
-        if schema is not None:
-            opts.setdefault("schema", schema)
-        return PostgresStore(dsn, **opts)
+        return
     if url.startswith("sqlite:"):
         raise ValueError(f"store URL {url!r} is malformed: SQLite URLs start with sqlite:/// (three slashes)")
     scheme = url.split(":", 1)[0] if ":" in url else url
     raise ValueError(
-        f"unknown store URL scheme {scheme!r} in {url!r}: use sqlite:///path.db or postgresql://user@host:port/db"
+        f"unknown store URL scheme {scheme!r} in {shown_url(url)!r}: "
+        "use sqlite:///path.db or postgresql://user@host:port/db"
     )
+
+
+def open_store(url: str, **opts: Any) -> Store:
+    """Build the store a URL names; the caller awaits ``store.open()`` before use.
+
+    ``sqlite:///relative/path.db`` and ``sqlite:////absolute/path.db`` give a SqliteStore;
+    ``postgresql://user@host:port/db`` (or ``postgres://``) a PostgresStore, whose tables
+    live in schema ``bridge`` unless the URL says ``?schema=NAME``. ``opts`` go
+    to the store's constructor (``max_bytes``, ...).
+    """
+    check_store_url(url)
+    url = url.strip()
+    if url.startswith(SQLITE_PREFIX):
+        from bridge.store.sqlite import SqliteStore
+
+        return SqliteStore(url[len(SQLITE_PREFIX) :], **opts)
+    from bridge.store.postgres import PostgresStore
+
+    dsn, schema = _split_schema(url)
+    if schema is not None:
+        opts.setdefault("schema", schema)
+    return PostgresStore(dsn, **opts)

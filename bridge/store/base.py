@@ -289,7 +289,8 @@ class Store(ABC):
 
     @abstractmethod
     async def check_writable(self) -> None:
-        """Raise StoreError unless a write can be committed right now (readiness)."""
+        """Raise StoreError unless a write can be committed right now, or StoreFull when
+        ingest would be refused for capacity (readiness)."""
 
     @abstractmethod
     async def prune(self, dedupe_before: float, settled_before: float) -> int:

@@ -514,6 +514,7 @@ class PostgresStore(Store):
                 "INSERT INTO heartbeat (id, at) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
                 time.time(),
             )
+        await self._check_capacity()  # ready means ready to accept events: not while ingest says full
 
     async def prune(self, dedupe_before: float, settled_before: float) -> int:
         async with self._conn(transaction=True) as conn:

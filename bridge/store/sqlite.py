@@ -315,6 +315,7 @@ class SqliteStore(Store):
 
     async def check_writable(self) -> None:
         await self._run(partial(ops.heartbeat, now=time.time()))
+        self._check_capacity()  # ready means ready to accept events: not while ingest says full
 
     async def prune(self, dedupe_before: float, settled_before: float) -> int:
         dedupe = self._open_dedupe()

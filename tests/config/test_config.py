@@ -172,3 +172,16 @@ def test_mapping_commands_default_to_the_configured_dir(tmp_path: Path, capsys: 
 def test_lease_must_outlast_two_request_timeouts(raw: dict[str, Any]) -> None:
     raw["destinations"][0]["delivery"] = {"lease_seconds": 60, "request_timeout": 30}
     assert "lease_seconds: must be more than twice delivery.request_timeout (60 <= 2 x 30)" in error_of(raw)
+
+
+def test_destination_urls_and_drain_are_checked(raw: dict[str, Any]) -> None:
+    bad = copy.deepcopy(raw)
+    bad["destinations"][0]["base_url"] = "http://user:pw@proxy.internal"
+    assert "must not contain user:password@" in error_of(bad) and "pw" not in error_of(bad).split("@")[0][-3:]
+    bad = copy.deepcopy(raw)
+    bad["server"]["shutdown_timeout"] = 10
+    bad["server"]["drain_seconds"] = 10
+    assert "server.drain_seconds: must be less than shutdown_timeout" in error_of(bad)
+    bad = copy.deepcopy(raw)
+    bad["store"]["url"] = "mysql://bridge:s3cret@db/bridge"
+    assert error_of(bad).startswith("store.url: unknown store URL scheme 'mysql'") and "s3cret" not in error_of(bad)

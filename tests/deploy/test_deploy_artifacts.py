@@ -356,3 +356,19 @@ def test_example_config_loads_uses_postgres_and_gets_every_secret_from_compose()
     raw = yaml.safe_load(text)
     assert str(raw["admin"]["token"]).startswith("${")
     assert all(str(d.get("api_key", "${")).startswith("${") for d in raw["destinations"])
+
+
+def test_the_chart_refuses_several_replicas_on_sqlite() -> None:
+    """The Deployment template fails the render for replicaCount > 1 with a SQLite store.
+    No helm here: take the guard's pattern from the template and apply it as helm would."""
+    text = (TEMPLATES / "deployment.yaml").read_text()
+    guard = re.search(
+        r'gt \(int \.Values\.replicaCount\) 1\) \(regexMatch "((?:[^"\\]|\\.)*)" \.Values\.config\)', text
+    )
+    assert guard is not None, "the SQLite replica guard is missing from deployment.yaml"
+    assert "fail " in text[guard.end() : guard.end() + 200]
+    pattern = re.compile(json.loads(f'"{guard.group(1)}"'))  # Go and JSON unescape alike here
+    shipped = values()["config"]
+    assert not pattern.search(shipped)  # the chart's own config uses PostgreSQL
+    sqlite = re.sub(r'url: "postgresql://[^"]*"', 'url: "sqlite:////var/lib/bridge/bridge.db"', shipped)
+    assert sqlite != shipped and pattern.search(sqlite)

@@ -8,11 +8,13 @@ import base64
 import io
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.observability.logging import configure_logging, register_secret
@@ -461,3 +463,80 @@ async def test_file_watch_reloads_changed_mappings(make_bridge, tmp_path):
     assert (await bridge.post("/v1/screen", {"userId": "user-w", "name": "Cart"}, H))[0] == 200
     await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1)
     assert bridge.moengage.events()[0]["actions"][0]["action"] == "Screen Seen"
+
+
+async def test_metrics_still_answer_while_the_store_is_down(bridge):
+    from bridge.store.base import StoreError
+
+    assert bridge.runtime is not None
+
+    async def broken() -> Any:
+        raise StoreError("database is locked")
+
+    bridge.runtime.store.queue_stats = broken
+    status, text = await bridge.get("/metrics")
+    assert status == 200 and "bridge_http_requests_total" in text
+
+
+async def test_queue_gauges_exist_for_every_destination_before_any_traffic(bridge):
+    _, text = await bridge.get("/metrics")
+    for name in ("moengage-main", "moengage-eu", "segment-prod"):
+        assert f'bridge_queue_depth{{destination="{name}"}} 0.0' in text
+        assert f'bridge_queue_oldest_age_seconds{{destination="{name}"}} 0.0' in text
+
+
+async def test_readyz_is_503_while_the_store_refuses_events_for_space(make_bridge):
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["store"]["max_bytes"] = 1
+
+    bridge = await make_bridge(tweak)
+    status, body = await bridge.post("/v1/track", {"userId": "u-full", "event": "E"}, H)
+    assert (status, body["code"]) == (503, "store_full")
+    status, body = await bridge.get("/readyz")
+    assert status == 503 and "store full" in body["message"]
+
+
+async def test_readyz_is_503_once_shutdown_begins(bridge):
+    assert (await bridge.get("/readyz"))[0] == 200
+    assert bridge.runtime is not None
+    bridge.runtime.begin_stop()  # what SIGTERM does first; the listener is still open
+    status, body = await bridge.get("/readyz")
+    assert status == 503 and "shutting down" in body["message"]
+
+
+async def test_an_upstream_echoing_our_key_does_not_put_it_in_the_dlq(bridge):
+    bridge.moengage.plan(Planned(401, {"error": f"bad credentials: {API_KEY}", "auth": f"Basic {API_KEY}"}))
+    assert (await bridge.post("/v1/track", {"userId": "u-echo", "event": "Echo"}, H))[0] == 200
+
+    async def dead() -> bool:
+        _, body = await bridge.get("/admin/dlq", ADMIN)
+        return len(body["dead_letters"]) == 1
+
+    await wait_until(dead, what="the 401 to be dead-lettered")
+    _, listed = await bridge.get("/admin/dlq", ADMIN)
+    status, shown = await bridge.get(f"/admin/dlq/{listed['dead_letters'][0]['id']}", ADMIN)
+    assert status == 200 and shown["status"] == 401 and "bad credentials" in shown["response_body"]
+    assert API_KEY not in str(shown)
+
+
+def test_store_url_passwords_never_reach_the_terminal(tmp_path: Path) -> None:
+    """Config and store errors are written before logging is set up: still redacted."""
+    secret = "PGPASS-secret-4242"
+    for url in (f"mysql://bridge:{secret}@127.0.0.1:1/bridge", f"postgresql://bridge:{secret}@127.0.0.1:1/bridge"):
+        raw = config_dict(tmp_path, "http://127.0.0.1:1", "http://127.0.0.1:2")
+        raw["store"]["url"] = url
+        path = tmp_path / "bridge.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        for args in (["check"], ["dlq", "list"], ["serve"]):
+            done = subprocess.run(
+                [str(Path(sys.executable).parent / "bridge"), *args, "--config", str(path)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=REPO,
+            )
+            output = done.stdout + done.stderr
+            # A PostgreSQL URL is valid config (check passes); connecting to it fails.
+            assert done.returncode != 0 or (args == ["check"] and url.startswith("postgresql")), (args, output)
+            assert secret not in output, (args, url, output)
+            assert "Traceback" not in output, (args, url, output)

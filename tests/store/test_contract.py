@@ -337,7 +337,12 @@ async def test_store_full_when_over_max_bytes(factory: StoreFactory) -> None:
     with pytest.raises(StoreFull):
         await store.enqueue("web", [event("late")])
     assert (await store.queue_stats())["moe"].depth == depth  # rejected before writing
-    await store.check_writable()  # operators and delivery can still write
+    with pytest.raises(StoreFull):
+        await store.check_writable()  # not ready: ingest would refuse events
+    # Operators and delivery can still write (settling jobs is what frees the space).
+    await store.set_destination_state(DestinationState("moe", True, "full", time.time()))
+    jobs = await store.lease("moe", 5, 30)
+    await store.ack([j.id for j in jobs])
 
 
 async def test_concurrent_enqueues_share_commits(store: Store) -> None:
