@@ -317,6 +317,10 @@ class FileCompiler:
                 return None
             if "default" in v:
                 diags.add(v["default"], join(lp, "default"), "'default' only applies to a table")
+            bad = [x for x in vn.value if x.is_map or x.is_list]
+            if bad:
+                diags.add(bad[0], join(lp, "values"), "expected a list of strings, numbers, booleans or null")
+                return None
             return Lookup(None, frozenset(_set_item(x.value, fold) for x in vn.value), ignore_case=fold)
         tn = v["table"]
         if not tn.is_map:
@@ -421,11 +425,11 @@ class FileCompiler:
         if "kind" not in v or "body" not in v:
             d.add(item, ip, "a rule needs 'kind' and 'body' (or 'drop: <reason>' to discard)")
             return None
-        kind = v["kind"].value
+        kind = v["kind"].plain()
         if destination is None:
             return None
         kinds = SHAPES[destination]
-        if kind not in kinds:
+        if not isinstance(kind, str) or kind not in kinds:
             d.add(
                 v["kind"],
                 join(ip, "kind"),

@@ -134,9 +134,9 @@ def _policy(c: ExprCompiler, p: dict[str, YNode], ypath: str, what: str) -> Call
 
 
 def _b_case(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
-    mode = p["case"].value
+    mode = p["case"].plain()
     funcs = {"lower": str.lower, "upper": str.upper, "title": str.title}
-    if mode not in funcs:
+    if not isinstance(mode, str) or mode not in funcs:
         c.diags.add(p["case"], ypath, f"expected lower, upper or title, got {mode!r}{did_you_mean(str(mode), funcs)}")
         return None
     f = funcs[mode]
@@ -221,8 +221,8 @@ def _b_lookup(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
 
 
 def _b_to(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
-    target = p["to"].value
-    if target not in COERCIONS:
+    target = p["to"].plain()
+    if not isinstance(target, str) or target not in COERCIONS:
         c.diags.add(
             p["to"],
             ypath,

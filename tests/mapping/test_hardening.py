@@ -67,3 +67,104 @@ def test_deep_nesting_is_a_diagnostic(tmp_path: Path) -> None:
 def test_shipped_mappings_and_lookups_load_with_the_strict_loader() -> None:
     # the shipped files use no anchors and are not nested too deep
     assert set(load_mapping_dir(Path(__file__).resolve().parents[2] / "mappings")) >= {"segment-to-moengage"}
+
+
+# --- 2. wrong-type values are diagnostics; reloads survive surprises ----------
+
+
+@pytest.mark.parametrize(
+    ("snippet", "ypath"),
+    [
+        ("kind: [event]", "rules[0].kind"),
+        ("kind: {a: 1}", "rules[0].kind"),
+        ("body: {customer_id: {path: $.userId, pipe: [{case: [lower]}]}}", "rules[0].body.customer_id.pipe[0].case"),
+        ("body: {customer_id: {path: $.userId, pipe: [{to: {a: 1}}]}}", "rules[0].body.customer_id.pipe[0].to"),
+    ],
+)
+def test_wrong_type_values_are_diagnostics(tmp_path: Path, snippet: str, ypath: str) -> None:
+    rule = {"kind": "kind: customer", "body": "body: {customer_id: $.userId}"}
+    rule[snippet.split(":")[0]] = snippet
+    text = HEADER + "rules:\n  - name: r\n    " + rule["kind"] + "\n    " + rule["body"] + "\n"
+    diags = errors(tmp_path, text)
+    assert [d.yaml_path for d in diags] == [ypath]
+    assert diags[0].line == (5 if ypath.endswith("kind") else 6)
+    assert "YNode" not in diags[0].message
+    assert "expected" in diags[0].message
+
+
+def test_lookup_values_must_be_scalars(tmp_path: Path) -> None:
+    diags = errors(tmp_path, HEADER + "lookups:\n  s: {values: [a, [b]]}\n" + RULES)
+    assert [(d.yaml_path, d.line) for d in diags] == [("lookups.s.values", 4)]
+
+
+def test_unexpected_compiler_error_is_a_diagnostic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bridge.mapping import compiler
+
+    def boom(*args: object) -> None:
+        raise RuntimeError("compiler bug")
+
+    monkeypatch.setattr(compiler.FileCompiler, "compile", boom)
+    diags = errors(tmp_path, HEADER + RULES)
+    assert len(diags) == 1 and "RuntimeError: compiler bug" in diags[0].message
+
+
+def test_mapping_set_reload_keeps_old_set_on_unexpected_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bridge.mapping import reload
+
+    write(tmp_path / "m.yaml", HEADER + RULES)
+    first = reload.MappingSet.of(load_mapping_dir(tmp_path))
+
+    def boom(directory: Path) -> None:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(reload, "compile_mapping_dir", boom)
+    new, diags = first.reload(tmp_path)
+    assert new is first
+    assert len(diags) == 1 and "RecursionError: maximum recursion depth exceeded" in diags[0].message
+
+
+async def test_file_watcher_survives_a_failing_reload(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    import itertools
+    from types import SimpleNamespace
+
+    from bridge import runtime
+
+    counter = itertools.count()
+    monkeypatch.setattr(runtime, "directory_fingerprint", lambda d: str(next(counter)))
+    calls: list[int] = []
+
+    def reload_mappings() -> list[str]:
+        calls.append(1)
+        raise RuntimeError("unexpected")
+
+    fake = SimpleNamespace(
+        config=SimpleNamespace(mappings=SimpleNamespace(watch_interval=0.001)),
+        mappings_dir=Path("."),
+        reload_mappings=reload_mappings,
+    )
+    task = asyncio.create_task(runtime.Runtime._watch_mappings(fake))  # type: ignore[arg-type]
+    for _ in range(200):
+        await asyncio.sleep(0.005)
+        if len(calls) >= 3:
+            break
+    assert len(calls) >= 3 and not task.done()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+def test_runtime_reload_turns_unexpected_errors_into_problems(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from bridge import runtime
+
+    def boom(directory: Path) -> None:
+        raise RuntimeError("surprise")
+
+    old_set = SimpleNamespace(reload=boom)
+    seen: list[bool] = []
+    fake = SimpleNamespace(_set=old_set, mappings_dir=Path("mappings"), on_reload=seen.append)
+    problems = runtime.Runtime.reload_mappings(fake)  # type: ignore[arg-type]
+    assert problems and "RuntimeError: surprise" in problems[0]
+    assert fake._set is old_set and seen == [False]
