@@ -415,7 +415,14 @@ def _compact(v: Any) -> Any:
 def _b_json(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
     mode = p["json"].value
     if mode == "encode":
-        return lambda v, env: orjson.dumps(v).decode()
+
+        def encode(v: Any, env: Env) -> Any:
+            try:
+                return orjson.dumps(v).decode()
+            except TypeError:  # nesting deeper than 255, integers beyond 64 bits: left out
+                return MISSING
+
+        return encode
     if mode == "decode":
 
         def decode(v: Any, env: Env) -> Any:

@@ -168,3 +168,65 @@ def test_runtime_reload_turns_unexpected_errors_into_problems(monkeypatch: pytes
     problems = runtime.Runtime.reload_mappings(fake)  # type: ignore[arg-type]
     assert problems and "RuntimeError: surprise" in problems[0]
     assert fake._set is old_set and seen == [False]
+
+
+# --- 4. every coercion failure follows on_error -------------------------------
+
+DEEP: dict[str, object] = {}
+_d = DEEP
+for _ in range(300):
+    _d["a"] = {}
+    _d = _d["a"]  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize(
+    ("pipe", "value"),
+    [
+        ("[{to: epoch_seconds}]", "²"),
+        ("[{to: iso8601}]", "1" * 5000),
+        ("[{to: epoch_millis}]", 10**400),
+        ("[{to: integer}]", "²"),
+        ("[{to: number}]", "1" * 5000),
+        ("[{to: string}]", 10**5000),
+        ("[{to: string}]", DEEP),
+        ("[{lookup: {a: b}}]", DEEP),
+        ("[{json: encode}]", DEEP),
+    ],
+    ids=[
+        "superscript-time",
+        "5000-digit-time",
+        "huge-int-time",
+        "superscript-int",
+        "5000-digit-number",
+        "huge-int-string",
+        "deep-string",
+        "deep-lookup",
+        "deep-json",
+    ],
+)
+def test_coercion_failures_follow_on_error(tmp_path: Path, pipe: str, value: object) -> None:
+    from bridge.mapping import MapContext
+    from bridge.mapping.api import Discarded
+
+    from .helpers import evaluate, value_mapping
+
+    m = value_mapping(tmp_path, f"{{path: $.x, pipe: {pipe}}}")
+    assert evaluate(m, {"type": "track", "x": value}) == "<absent>"
+    if pipe.startswith("[{to"):
+        step = pipe[2:-2]
+        m = value_mapping(tmp_path, f"{{path: $.x, pipe: [{{{step}, on_error: drop_event, reason: bad}}]}}")
+        result = m.apply({"type": "track", "x": value}, MapContext())
+        assert isinstance(result, Discarded) and result.reason == "bad"
+
+
+def test_template_with_deep_object_renders_without_it(tmp_path: Path) -> None:
+    from .helpers import evaluate, value_mapping
+
+    m = value_mapping(tmp_path, '"id-{{x}}"')
+    assert evaluate(m, {"type": "track", "x": DEEP}) == "id-"
+
+
+@pytest.mark.parametrize("index", ["²", "1" * 5000, "--1"])
+def test_bad_path_index_is_a_diagnostic(tmp_path: Path, index: str) -> None:
+    diags = errors(tmp_path, HEADER + RULES.replace("$.userId", f"'$.a[{index}]'"))
+    assert len(diags) == 1 and "bad index" in diags[0].message and diags[0].line == 8
