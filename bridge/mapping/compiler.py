@@ -87,7 +87,7 @@ class YamlMapping(CompiledMapping):
             return None
         try:
             return _as_id(self._identity_key(Env(event, None, {}, "")))
-        except (DropEvent, FailEvent):
+        except Exception:  # called at ingest and delivery: odd data means no key, never a crash
             return None
 
     def identity_link(self, event: dict[str, Any]) -> tuple[str, str] | None:
@@ -99,7 +99,7 @@ class YamlMapping(CompiledMapping):
             if not when(env):
                 return None
             a, b = _as_id(src(env)), _as_id(dst(env))
-        except (DropEvent, FailEvent):
+        except Exception:  # called at ingest: odd data means no link, never a crash
             return None
         if a is None or b is None or a == b:
             return None

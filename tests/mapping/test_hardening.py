@@ -230,3 +230,22 @@ def test_template_with_deep_object_renders_without_it(tmp_path: Path) -> None:
 def test_bad_path_index_is_a_diagnostic(tmp_path: Path, index: str) -> None:
     diags = errors(tmp_path, HEADER + RULES.replace("$.userId", f"'$.a[{index}]'"))
     assert len(diags) == 1 and "bad index" in diags[0].message and diags[0].line == 8
+
+
+# --- 8. identity_key and identity_link never raise -----------------------------
+
+
+def test_identity_functions_return_none_on_any_error(tmp_path: Path) -> None:
+    text = HEADER + "identity:\n  key: $.userId\n  link: {from: $.userId, to: $.traits.id}\n" + RULES
+    m = load_mapping_file(write(tmp_path / "m.yaml", text))
+    event = {"type": "identify", "userId": "a", "traits": {"id": "b"}}
+    assert m.identity_key(event) == "a" and m.identity_link(event) == ("a", "b")
+
+    def boom(env: object) -> object:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    m._identity_key = boom  # type: ignore[attr-defined]
+    when, _, dst = m._identity_link  # type: ignore[attr-defined]
+    m._identity_link = (when, boom, dst)  # type: ignore[attr-defined]
+    assert m.identity_key(event) is None
+    assert m.identity_link(event) is None
