@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -165,18 +166,14 @@ def _b_replace(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
     fold = bool(p["ignore_case"].value) if "ignore_case" in p else False
     if not fold:
         return lambda v, env: v.replace(old, new) if type(v) is str else v
-    low = old.lower()
+    # the file's text is escaped: a literal, never a pattern; matched in the original string,
+    # so text whose lowercase has another length ("İ") is not cut at the wrong place
+    pattern = re.compile(re.escape(old), re.IGNORECASE)
 
     def replace_folded(v: Any, env: Env) -> Any:
         if type(v) is not str:
             return v
-        out, pos, lv = [], 0, v.lower()
-        while (i := lv.find(low, pos)) >= 0:
-            out.append(v[pos:i])
-            out.append(new)
-            pos = i + len(old)
-        out.append(v[pos:])
-        return "".join(out)
+        return pattern.sub(lambda m: new, v)
 
     return replace_folded
 

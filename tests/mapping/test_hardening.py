@@ -249,3 +249,25 @@ def test_identity_functions_return_none_on_any_error(tmp_path: Path) -> None:
     m._identity_link = (when, boom, dst)  # type: ignore[attr-defined]
     assert m.identity_key(event) is None
     assert m.identity_link(event) is None
+
+
+# --- 9. replace with ignore_case keeps the original text intact ----------------
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "text", "want"),
+    [
+        ("x", "-", "İİxyz", "İİ-yz"),
+        ("X", "-", "İxİx", "İ-İ-"),
+        ("a.b", r"\1", "A.B aXb", r"\1 aXb"),
+        ("ß", "ss", "Straße", "Strasse"),
+    ],
+)
+def test_replace_ignore_case_with_case_length_changes(tmp_path: Path, old: str, new: str, text: str, want: str) -> None:
+    import json
+
+    from .helpers import evaluate, value_mapping
+
+    expr = f"{{path: $.x, pipe: [{{replace: {json.dumps(old)}, with: {json.dumps(new)}, ignore_case: true}}]}}"
+    m = value_mapping(tmp_path, expr)
+    assert evaluate(m, {"type": "track", "x": text}) == want
