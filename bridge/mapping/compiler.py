@@ -306,7 +306,16 @@ class FileCompiler:
         if not diags.check_keys(ln, lp, ("table", "values", "default", "ignore_case", "description"), "a lookup"):
             return None
         v = ln.value
-        fold = bool(v["ignore_case"].value) if "ignore_case" in v else False
+        fold = False
+        if "ignore_case" in v:
+            if not isinstance(v["ignore_case"].value, bool):
+                diags.add(
+                    v["ignore_case"],
+                    join(lp, "ignore_case"),
+                    f"expected true or false, got {v['ignore_case'].plain()!r}",
+                )
+            else:
+                fold = v["ignore_case"].value
         if ("table" in v) == ("values" in v):
             diags.add(ln, lp, "a lookup needs exactly one of 'table' (key -> value) or 'values' (a set)")
             return None

@@ -134,6 +134,17 @@ def _policy(c: ExprCompiler, p: dict[str, YNode], ypath: str, what: str) -> Call
     return on_error
 
 
+def _flag(c: ExprCompiler, p: dict[str, YNode], key: str, base: str) -> bool | None:
+    """A boolean option (false when not given), or None after a diagnostic."""
+    if key not in p:
+        return False
+    n = p[key]
+    if not isinstance(n.value, bool):
+        c.diags.add(n, join(base, key), f"expected true or false, got {short(n.plain())}")
+        return None
+    return n.value
+
+
 def _b_case(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
     mode = p["case"].plain()
     funcs = {"lower": str.lower, "upper": str.upper, "title": str.title}
@@ -163,7 +174,9 @@ def _b_replace(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
     if not isinstance(new, str):
         c.diags.add(p["with"], join(base, "with"), f"expected a string, got {new!r}")
         return None
-    fold = bool(p["ignore_case"].value) if "ignore_case" in p else False
+    fold = _flag(c, p, "ignore_case", base)
+    if fold is None:
+        return None
     if not fold:
         return lambda v, env: v.replace(old, new) if type(v) is str else v
     # the file's text is escaped: a literal, never a pattern; matched in the original string,
@@ -186,9 +199,12 @@ def _b_lookup(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
     if lk.table is None:
         c.diags.add(p["lookup"], ypath, f"lookup {p['lookup'].value!r} is a set of values, not a table")
         return None
-    fold = lk.ignore_case or (bool(p["ignore_case"].value) if "ignore_case" in p else False)
+    step_fold = _flag(c, p, "ignore_case", base)
+    keep = _flag(c, p, "keep_unmatched", base)
+    if step_fold is None or keep is None:
+        return None
+    fold = lk.ignore_case or step_fold
     table = {(k.lower() if fold else k): v for k, v in lk.table.items()}
-    keep = bool(p["keep_unmatched"].value) if "keep_unmatched" in p else False
     default_fn = c.value(p["default"], join(base, "default")) if "default" in p else None
     table_default = lk.default
 

@@ -251,6 +251,41 @@ def test_identity_functions_return_none_on_any_error(tmp_path: Path) -> None:
     assert m.identity_link(event) is None
 
 
+# --- 6. boolean options take only true or false --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("top", "expr", "ypath"),
+    [
+        ("", '{path: $.x, pipe: [{lookup: {a: b}, keep_unmatched: "no"}]}', "let.v.pipe[0].keep_unmatched"),
+        ("", "{path: $.x, pipe: [{lookup: {a: b}, ignore_case: off}]}", "let.v.pipe[0].ignore_case"),
+        ("", '{path: $.x, pipe: [{replace: a, with: b, ignore_case: "false"}]}', "let.v.pipe[0].ignore_case"),
+        (
+            "lookups:\n  t: {table: {a: b}, ignore_case: no}\n",
+            "{path: $.x, pipe: [{lookup: t}]}",
+            "lookups.t.ignore_case",
+        ),
+        ("lookups:\n  t: {values: [a], ignore_case: 1}\n", "{path: $.x, pipe: [trim]}", "lookups.t.ignore_case"),
+    ],
+)
+def test_boolean_options_need_true_or_false(tmp_path: Path, top: str, expr: str, ypath: str) -> None:
+    from .helpers import value_mapping
+
+    with pytest.raises(MappingError) as exc:
+        value_mapping(tmp_path, expr, top)
+    diags = exc.value.diagnostics
+    assert [d.yaml_path for d in diags] == [ypath]
+    assert "expected true or false" in diags[0].message
+
+
+def test_boolean_options_accept_true_and_false(tmp_path: Path) -> None:
+    from .helpers import evaluate, value_mapping
+
+    m = value_mapping(tmp_path, "{path: $.x, pipe: [{lookup: {a: b}, keep_unmatched: false, ignore_case: true}]}")
+    assert evaluate(m, {"type": "track", "x": "A"}) == "b"
+    assert evaluate(m, {"type": "track", "x": "z"}) == "<absent>"
+
+
 # --- 9. replace with ignore_case keeps the original text intact ----------------
 
 
