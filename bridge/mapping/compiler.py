@@ -185,17 +185,29 @@ def _as_id(v: Any) -> str | None:
 
 
 def _set_path(body: dict[str, Any], segs: tuple[Segment, ...], value: Any) -> None:
+    """Write ``value`` at ``segs`` in ``body``, copy-on-write.
+
+    ``body`` itself is fresh, but the containers under it may be the event's own
+    (``attributes: $.properties``) or a cached let's: every container on the way down
+    is replaced by a shallow copy before it is written to, so neither the event nor
+    a later rule ever sees the change.
+    """
     target: Any = body
     for s in segs[:-1]:
         if isinstance(s, str):
             if type(target) is not dict:
                 return
-            if type(target.get(s)) not in (dict, list):
-                target[s] = {}
+            child = target.get(s)
+            target[s] = dict(child) if type(child) is dict else list(child) if type(child) is list else {}
             target = target[s]
         else:
             if type(target) is not list or not -len(target) <= s < len(target):
                 return
+            child = target[s]
+            if type(child) is dict:
+                target[s] = dict(child)
+            elif type(child) is list:
+                target[s] = list(child)
             target = target[s]
     last = segs[-1]
     if type(last) is str and type(target) is dict:

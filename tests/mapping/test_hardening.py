@@ -306,3 +306,67 @@ def test_replace_ignore_case_with_case_length_changes(tmp_path: Path, old: str, 
     expr = f"{{path: $.x, pipe: [{{replace: {json.dumps(old)}, with: {json.dumps(new)}, ignore_case: true}}]}}"
     m = value_mapping(tmp_path, expr)
     assert evaluate(m, {"type": "track", "x": text}) == want
+
+
+# --- 5. overrides never write into the event -----------------------------------
+
+
+def test_override_set_does_not_mutate_the_event_or_later_rules(tmp_path: Path) -> None:
+    import copy
+
+    from bridge.mapping import MapContext
+
+    from .helpers import outputs
+
+    text = (
+        HEADER
+        + """\
+let:
+  props: $.properties
+rules:
+  - name: first
+    match: {type: track}
+    kind: event
+    continue: true
+    body:
+      customer_id: $.userId
+      actions:
+        - object:
+            action: $.event
+            attributes: {path: $.properties}
+    overrides:
+      by: $.event
+      cases:
+        Order Completed:
+          set:
+            actions[0].attributes.revenue: 99
+            actions[0].attributes.nested.deep: 1
+            actions[0].attributes.items[0]: replaced
+            actions[0].attributes.gone: null
+  - name: second
+    match: {type: track}
+    kind: event
+    body:
+      customer_id: $.userId
+      actions:
+        - object: {action: second, attributes: $let.props}
+"""
+    )
+    m = load_mapping_file(write(tmp_path / "m.yaml", text))
+    event = {
+        "type": "track",
+        "userId": "u1",
+        "event": "Order Completed",
+        "properties": {"total": 5, "nested": {"x": 1}, "items": ["a", "b"], "gone": 1},
+    }
+    before = copy.deepcopy(event)
+    first, second = outputs(m.apply(event, MapContext()))
+    assert event == before
+    assert first.body["actions"][0]["attributes"] == {
+        "total": 5,
+        "nested": {"x": 1, "deep": 1},
+        "items": ["replaced", "b"],
+        "gone": None,
+        "revenue": 99,
+    }
+    assert second.body["actions"][0]["attributes"] == before["properties"]
