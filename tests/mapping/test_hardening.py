@@ -370,3 +370,49 @@ rules:
         "revenue": 99,
     }
     assert second.body["actions"][0]["attributes"] == before["properties"]
+
+
+# --- 7. fixtures compare JSON types strictly -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("expected", "ok"),
+    [
+        ("{flag: true, n: 12, f: 1.5}", True),
+        ("{flag: 1, n: 12, f: 1.5}", False),
+        ("{flag: true, n: 12.0, f: 1.5}", False),
+        ("{flag: true, n: 12, f: 1.5, extra: [1]}", False),
+    ],
+)
+def test_fixture_comparison_is_type_strict(tmp_path: Path, expected: str, ok: bool) -> None:
+    from bridge.mapping.fixtures import run_fixtures
+
+    write(
+        tmp_path / "m.yaml",
+        """\
+        source_format: segment
+        destination_kind: segment
+        rules:
+          - name: t
+            kind: track
+            body: {event: e, userId: u, properties: {literal: {flag: true, n: 12, f: 1.5}}}
+        """,
+    )
+    write(
+        tmp_path / "tests" / "m" / "case.yaml",
+        "input: {type: track}\n"
+        "expect:\n  outputs:\n"
+        f"    - {{kind: track, body: {{type: track, event: e, userId: u, properties: {expected}}}}}\n",
+    )
+    report = run_fixtures(tmp_path)
+    assert report.ok is ok, report.render()
+    if not ok:
+        assert "--- expected" in report.render() and "+++ actual" in report.render()
+
+
+def test_fixture_comparison_nested_lists(tmp_path: Path) -> None:
+    from bridge.mapping.fixtures import same
+
+    assert same({"a": [1, {"b": False}]}, {"a": [1, {"b": False}]})
+    assert not same({"a": [1, {"b": False}]}, {"a": [1, {"b": 0}]})
+    assert not same([1], [1.0]) and not same(None, False)
