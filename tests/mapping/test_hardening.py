@@ -416,3 +416,25 @@ def test_fixture_comparison_nested_lists(tmp_path: Path) -> None:
     assert same({"a": [1, {"b": False}]}, {"a": [1, {"b": False}]})
     assert not same({"a": [1, {"b": False}]}, {"a": [1, {"b": 0}]})
     assert not same([1], [1.0]) and not same(None, False)
+
+
+# --- 3. the shipped mapping leaves out optional fields that are null or empty ----
+
+
+@pytest.mark.parametrize("device_id", [None, {}, [], ""])
+def test_shipped_track_omits_null_or_empty_optional_fields(device_id: object) -> None:
+    from bridge.mapping import MapContext
+
+    from .helpers import outputs
+
+    root = Path(__file__).resolve().parents[2] / "mappings"
+    m = load_mapping_dir(root)["segment-to-moengage"]
+    event = {
+        "type": "track",
+        "userId": "u-1",
+        "event": "E",
+        "properties": None,
+        "context": {"device": {"id": device_id}, "app": {"version": None}, "timezone": None},
+    }
+    (out,) = outputs(m.apply(event, MapContext()))
+    assert out.body == {"type": "event", "customer_id": "u-1", "actions": [{"action": "E", "attributes": {}}]}
