@@ -114,8 +114,12 @@ class Runtime:
 
     def reload_mappings(self) -> list[str]:
         """Re-read, validate and swap atomically; on any problem keep the old set in force."""
-        new, diagnostics = self._set.reload(self.mappings_dir)
-        problems = [str(d) for d in diagnostics] or check_mappings(self.config, new.mappings)
+        try:
+            new, diagnostics = self._set.reload(self.mappings_dir)
+            problems = [str(d) for d in diagnostics] or check_mappings(self.config, new.mappings)
+        except Exception as exc:  # keep the old set; the caller (admin API, SIGHUP, watcher) gets the problem
+            log.exception("mapping_reload_error")
+            problems = [f"{self.mappings_dir}: unexpected error while reloading: {type(exc).__name__}: {exc}"]
         if problems:
             for p in problems:
                 log.error("mapping_reload_rejected", problem=p)
@@ -181,6 +185,12 @@ class Runtime:
                 current = directory_fingerprint(self.mappings_dir)
             except OSError:
                 continue
+            except Exception:
+                log.exception("mapping_watch_failed")
+                continue
             if current != state:
                 state = current
-                self.reload_mappings()
+                try:
+                    self.reload_mappings()
+                except Exception:  # the watcher must outlive any one bad reload
+                    log.exception("mapping_watch_failed")

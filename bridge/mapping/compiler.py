@@ -87,7 +87,7 @@ class YamlMapping(CompiledMapping):
             return None
         try:
             return _as_id(self._identity_key(Env(event, None, {}, "")))
-        except (DropEvent, FailEvent):
+        except Exception:  # called at ingest and delivery: odd data means no key, never a crash
             return None
 
     def identity_link(self, event: dict[str, Any]) -> tuple[str, str] | None:
@@ -99,7 +99,7 @@ class YamlMapping(CompiledMapping):
             if not when(env):
                 return None
             a, b = _as_id(src(env)), _as_id(dst(env))
-        except (DropEvent, FailEvent):
+        except Exception:  # called at ingest: odd data means no link, never a crash
             return None
         if a is None or b is None or a == b:
             return None
@@ -185,17 +185,29 @@ def _as_id(v: Any) -> str | None:
 
 
 def _set_path(body: dict[str, Any], segs: tuple[Segment, ...], value: Any) -> None:
+    """Write ``value`` at ``segs`` in ``body``, copy-on-write.
+
+    ``body`` itself is fresh, but the containers under it may be the event's own
+    (``attributes: $.properties``) or a cached let's: every container on the way down
+    is replaced by a shallow copy before it is written to, so neither the event nor
+    a later rule ever sees the change.
+    """
     target: Any = body
     for s in segs[:-1]:
         if isinstance(s, str):
             if type(target) is not dict:
                 return
-            if type(target.get(s)) not in (dict, list):
-                target[s] = {}
+            child = target.get(s)
+            target[s] = dict(child) if type(child) is dict else list(child) if type(child) is list else {}
             target = target[s]
         else:
             if type(target) is not list or not -len(target) <= s < len(target):
                 return
+            child = target[s]
+            if type(child) is dict:
+                target[s] = dict(child)
+            elif type(child) is list:
+                target[s] = list(child)
             target = target[s]
     last = segs[-1]
     if type(last) is str and type(target) is dict:
@@ -306,7 +318,16 @@ class FileCompiler:
         if not diags.check_keys(ln, lp, ("table", "values", "default", "ignore_case", "description"), "a lookup"):
             return None
         v = ln.value
-        fold = bool(v["ignore_case"].value) if "ignore_case" in v else False
+        fold = False
+        if "ignore_case" in v:
+            if not isinstance(v["ignore_case"].value, bool):
+                diags.add(
+                    v["ignore_case"],
+                    join(lp, "ignore_case"),
+                    f"expected true or false, got {v['ignore_case'].plain()!r}",
+                )
+            else:
+                fold = v["ignore_case"].value
         if ("table" in v) == ("values" in v):
             diags.add(ln, lp, "a lookup needs exactly one of 'table' (key -> value) or 'values' (a set)")
             return None
@@ -317,6 +338,10 @@ class FileCompiler:
                 return None
             if "default" in v:
                 diags.add(v["default"], join(lp, "default"), "'default' only applies to a table")
+            bad = [x for x in vn.value if x.is_map or x.is_list]
+            if bad:
+                diags.add(bad[0], join(lp, "values"), "expected a list of strings, numbers, booleans or null")
+                return None
             return Lookup(None, frozenset(_set_item(x.value, fold) for x in vn.value), ignore_case=fold)
         tn = v["table"]
         if not tn.is_map:
@@ -421,11 +446,11 @@ class FileCompiler:
         if "kind" not in v or "body" not in v:
             d.add(item, ip, "a rule needs 'kind' and 'body' (or 'drop: <reason>' to discard)")
             return None
-        kind = v["kind"].value
+        kind = v["kind"].plain()
         if destination is None:
             return None
         kinds = SHAPES[destination]
-        if kind not in kinds:
+        if not isinstance(kind, str) or kind not in kinds:
             d.add(
                 v["kind"],
                 join(ip, "kind"),

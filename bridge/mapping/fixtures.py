@@ -114,15 +114,29 @@ def run_fixture_file(mapping: CompiledMapping, path: Path) -> FixtureResult:
         wanted["identity_key"] = expect["identity_key"]
         got["identity_key"] = mapping.identity_key(event)
     got = json.loads(json.dumps(got))
-    if got == wanted:
+    if same(got, wanted):
         return FixtureResult(str(path), mapping.name, True)
     return FixtureResult(str(path), mapping.name, False, diff(wanted, got))
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal and of the same JSON types all the way down: ``true`` is not ``1``, ``12`` is not ``12.0``."""
+    if type(a) is not type(b):
+        return False
+    if type(a) is dict:
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if type(a) is list:
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
 
 
 def diff(wanted: Any, got: Any) -> str:
     a = json.dumps(wanted, indent=2, sort_keys=True, ensure_ascii=False).splitlines()
     b = json.dumps(got, indent=2, sort_keys=True, ensure_ascii=False).splitlines()
-    return "\n".join(difflib.unified_diff(a, b, "expected", "actual", lineterm=""))
+    lines = list(difflib.unified_diff(a, b, "expected", "actual", lineterm=""))
+    if not lines:  # equal text, different types (a float written as 1e3 and read back, ...)
+        return "expected and actual print alike but differ in JSON types (integer vs number vs boolean)"
+    return "\n".join(lines)
 
 
 def _check_fixture(data: Any) -> str:

@@ -26,6 +26,15 @@ def load_mapping_file(path: str | Path) -> CompiledMapping:
 
 
 def compile_mapping_file(path: Path) -> tuple[CompiledMapping | None, list[Diagnostic]]:
+    """The compiled mapping, or None and every diagnostic; never raises."""
+    try:
+        return _compile_mapping_file(path)
+    except Exception as exc:  # an unforeseen input must give a diagnostic, never a traceback
+        message = f"unexpected error while compiling this file: {type(exc).__name__}: {exc}"
+        return None, [Diagnostic(str(path), 1, 1, "<root>", message)]
+
+
+def _compile_mapping_file(path: Path) -> tuple[CompiledMapping | None, list[Diagnostic]]:
     diags = Diagnostics(str(path))
     try:
         raw = path.read_bytes()

@@ -59,8 +59,11 @@ def parse_path(text: str, default_root: str = "$") -> ParsedPath:
             inner = s[pos + 1 : close].strip()
             if len(inner) >= 2 and inner[0] in "'\"" and inner[-1] == inner[0]:
                 segments.append(inner[1:-1])
-            elif inner.lstrip("-").isdigit():
-                segments.append(int(inner))
+            elif inner.lstrip("-").isascii() and inner.lstrip("-").isdigit() and len(inner) <= 20:
+                try:
+                    segments.append(int(inner))
+                except ValueError:  # "--1"
+                    raise PathError(f"bad index [{inner}] in path {text!r}: expected a number") from None
             else:
                 raise PathError(f"bad index [{inner}] in path {text!r}: expected a number or a quoted key like ['a b']")
             pos = close + 1

@@ -32,7 +32,14 @@ class MappingSet:
 
     def reload(self, directory: str | Path) -> tuple[MappingSet, list[Diagnostic]]:
         """The new set and no diagnostics, or this same set and every diagnostic."""
-        mappings, diagnostics = compile_mapping_dir(Path(directory))
+        try:
+            mappings, diagnostics = compile_mapping_dir(Path(directory))
+        except Exception as exc:  # a bug in the compiler must not take the live set down with it
+            return self, [
+                Diagnostic(
+                    str(directory), 1, 1, "<root>", f"unexpected error while compiling: {type(exc).__name__}: {exc}"
+                )
+            ]
         if diagnostics:
             return self, diagnostics
         new = MappingSet.of(mappings)

@@ -97,11 +97,17 @@ def to_string(v: Any) -> str:
     if t is bool:
         return "true" if v else "false"
     if t is int:
-        return str(v)
+        try:
+            return str(v)
+        except ValueError:  # more digits than int->str allows
+            raise CoercionError(f"the integer is too large ({v.bit_length()} bits)") from None
     if t is float:
         return str(int(v)) if v.is_integer() and abs(v) < 1e16 else repr(v)
     if t is dict or t is list:
-        return orjson.dumps(v).decode()
+        try:
+            return orjson.dumps(v).decode()
+        except TypeError as exc:  # nesting deeper than 255, integers beyond 64 bits, ...
+            raise CoercionError(f"cannot encode the {type(v).__name__} as JSON: {exc}") from None
     raise CoercionError(f"cannot convert {type(v).__name__} to string")
 
 
@@ -167,15 +173,19 @@ def to_datetime(v: Any) -> datetime:
     if t is str:
         s = v.strip()
         if s and (s.isdigit() or (s[0] == "-" and s[1:].isdigit())):
-            return to_datetime(int(s))
+            try:
+                n = int(s)
+            except ValueError:  # a digit int() does not read ("²"), or too many digits
+                raise CoercionError(f"{short(v)} is not a time") from None
+            return to_datetime(n)
         try:
             dt = datetime.fromisoformat(s)
         except ValueError:
             raise CoercionError(f"{short(v)} is not an ISO-8601 time") from None
         return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt
     if t is int or t is float:
-        secs = v / 1000 if abs(v) >= _MILLIS_THRESHOLD else v
         try:
+            secs = v / 1000 if abs(v) >= _MILLIS_THRESHOLD else v
             return datetime.fromtimestamp(secs, UTC)
         except (OverflowError, OSError, ValueError):
             raise CoercionError(f"{short(v)} is out of range for a time") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -133,10 +134,21 @@ def _policy(c: ExprCompiler, p: dict[str, YNode], ypath: str, what: str) -> Call
     return on_error
 
 
+def _flag(c: ExprCompiler, p: dict[str, YNode], key: str, base: str) -> bool | None:
+    """A boolean option (false when not given), or None after a diagnostic."""
+    if key not in p:
+        return False
+    n = p[key]
+    if not isinstance(n.value, bool):
+        c.diags.add(n, join(base, key), f"expected true or false, got {short(n.plain())}")
+        return None
+    return n.value
+
+
 def _b_case(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
-    mode = p["case"].value
+    mode = p["case"].plain()
     funcs = {"lower": str.lower, "upper": str.upper, "title": str.title}
-    if mode not in funcs:
+    if not isinstance(mode, str) or mode not in funcs:
         c.diags.add(p["case"], ypath, f"expected lower, upper or title, got {mode!r}{did_you_mean(str(mode), funcs)}")
         return None
     f = funcs[mode]
@@ -162,21 +174,19 @@ def _b_replace(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
     if not isinstance(new, str):
         c.diags.add(p["with"], join(base, "with"), f"expected a string, got {new!r}")
         return None
-    fold = bool(p["ignore_case"].value) if "ignore_case" in p else False
+    fold = _flag(c, p, "ignore_case", base)
+    if fold is None:
+        return None
     if not fold:
         return lambda v, env: v.replace(old, new) if type(v) is str else v
-    low = old.lower()
+    # the file's text is escaped: a literal, never a pattern; matched in the original string,
+    # so text whose lowercase has another length ("İ") is not cut at the wrong place
+    pattern = re.compile(re.escape(old), re.IGNORECASE)
 
     def replace_folded(v: Any, env: Env) -> Any:
         if type(v) is not str:
             return v
-        out, pos, lv = [], 0, v.lower()
-        while (i := lv.find(low, pos)) >= 0:
-            out.append(v[pos:i])
-            out.append(new)
-            pos = i + len(old)
-        out.append(v[pos:])
-        return "".join(out)
+        return pattern.sub(lambda m: new, v)
 
     return replace_folded
 
@@ -189,9 +199,12 @@ def _b_lookup(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
     if lk.table is None:
         c.diags.add(p["lookup"], ypath, f"lookup {p['lookup'].value!r} is a set of values, not a table")
         return None
-    fold = lk.ignore_case or (bool(p["ignore_case"].value) if "ignore_case" in p else False)
+    step_fold = _flag(c, p, "ignore_case", base)
+    keep = _flag(c, p, "keep_unmatched", base)
+    if step_fold is None or keep is None:
+        return None
+    fold = lk.ignore_case or step_fold
     table = {(k.lower() if fold else k): v for k, v in lk.table.items()}
-    keep = bool(p["keep_unmatched"].value) if "keep_unmatched" in p else False
     default_fn = c.value(p["default"], join(base, "default")) if "default" in p else None
     table_default = lk.default
 
@@ -221,8 +234,8 @@ def _b_lookup(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
 
 
 def _b_to(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
-    target = p["to"].value
-    if target not in COERCIONS:
+    target = p["to"].plain()
+    if not isinstance(target, str) or target not in COERCIONS:
         c.diags.add(
             p["to"],
             ypath,
@@ -415,7 +428,14 @@ def _compact(v: Any) -> Any:
 def _b_json(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
     mode = p["json"].value
     if mode == "encode":
-        return lambda v, env: orjson.dumps(v).decode()
+
+        def encode(v: Any, env: Env) -> Any:
+            try:
+                return orjson.dumps(v).decode()
+            except TypeError:  # nesting deeper than 255, integers beyond 64 bits: left out
+                return MISSING
+
+        return encode
     if mode == "decode":
 
         def decode(v: Any, env: Env) -> Any:

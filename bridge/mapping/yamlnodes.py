@@ -106,15 +106,83 @@ MappingLoader.add_implicit_resolver(
 )
 
 
+# Deeper than any real mapping; keeps composing, converting and evaluating far from
+# Python's recursion limit.
+MAX_DEPTH = 64
+
+
+class YamlRejected(yaml.MarkedYAMLError):
+    """A construct mapping files do not allow, found while composing: it has a YAML path."""
+
+    def __init__(self, mark: Any, yaml_path: str, problem: str) -> None:
+        super().__init__(problem=problem, problem_mark=mark)
+        self.yaml_path = yaml_path
+
+
+class StrictMappingLoader(MappingLoader):
+    """The loader for mapping and lookup files: no anchors or aliases, bounded nesting.
+
+    Aliases let a few hundred bytes expand to gigabytes (and a self-reference to a
+    cycle), and deep nesting exhausts the recursion limit; both are refused while
+    composing, before anything is expanded.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._ypath: list[str] = []
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        here = self._ypath[-1] if self._ypath else ""
+        if parent is None:
+            ypath = ""
+        elif isinstance(index, int):
+            ypath = join(here, index)
+        elif isinstance(index, yaml.ScalarNode):
+            ypath = join(here, str(index.value))
+        else:  # a mapping key: report it at its mapping
+            ypath = here
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, yaml.AliasEvent):
+            raise YamlRejected(
+                event.start_mark,
+                ypath,
+                f"YAML aliases ('*{event.anchor}') are not allowed in mapping files; "
+                "name a shared value under 'let:' and use $let.NAME, or put a shared table under 'lookups:'",
+            )
+        anchor = getattr(event, "anchor", None)
+        if anchor is not None:
+            raise YamlRejected(
+                event.start_mark,
+                ypath,
+                f"YAML anchors ('&{anchor}') are not allowed in mapping files; "
+                "name a shared value under 'let:' and use $let.NAME, or put a shared table under 'lookups:'",
+            )
+        if len(self._ypath) >= MAX_DEPTH:
+            raise YamlRejected(
+                event.start_mark, ypath, f"nested too deep; expected at most {MAX_DEPTH} levels of nesting"
+            )
+        self._ypath.append(ypath)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._ypath.pop()
+        return node
+
+
 def parse_yaml(text: str, diags: Diagnostics) -> YNode | None:
-    """Parse one YAML document; syntax errors and duplicate keys become diagnostics."""
-    loader = MappingLoader(text)
+    """Parse one YAML document; syntax errors, duplicate keys, anchors, aliases and
+    excessive nesting become diagnostics."""
+    loader = StrictMappingLoader(text)
     try:
         root = loader.get_single_node()
         if root is None:
             diags.add(None, "", "the file is empty; expected a mapping")
             return None
         return _convert(root, loader, diags, "")
+    except YamlRejected as exc:
+        mark = exc.problem_mark
+        diags.add_at((mark.line + 1, mark.column + 1) if mark else (1, 1), exc.yaml_path, str(exc.problem))
+        return None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
