@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from bridge.httpx import ApiError, Handler, json_response, parse_json, read_body, same_secret
-from bridge.mapping.api import MapContext
+from bridge.mapping.links import ids_to_resolve, link_context
 from bridge.mapping.translate import translate_events
 from bridge.records import dead_letter_json, discard_json
 from bridge.store.base import RecordFilter
@@ -202,15 +202,13 @@ class AdminApi:
         events = data if isinstance(data, list) else [data]
         given_link = q.get("linked_id") or None
         links: dict[str, str] = {}
-        if given_link is None and dest is not None and q.get("destination"):
-            keys = {k for e in events if isinstance(e, dict) and (k := mapping.identity_key(e))}
-            links = await self.runtime.store.resolve_links(dest.name, sorted(keys)) if keys else {}
-
-        def context(event: Any) -> MapContext:
-            key = mapping.identity_key(event) if isinstance(event, dict) and not given_link else None
-            return MapContext(linked_id=given_link or (links.get(key) if key else None), options=options, source=source)
-
-        results = [translate_events(mapping, [event], context(event))[0] for event in events]
+        if dest is not None and q.get("destination"):
+            wanted = ids_to_resolve(mapping, events)
+            links = await self.runtime.store.resolve_links(dest.name, wanted) if wanted else {}
+        results = []
+        for event in events:
+            ctx = link_context(mapping, event, links, options=options, source=source, linked_id=given_link)
+            results += translate_events(mapping, [event], ctx)
         return json_response({"mapping": name, "version": mapping.version, "results": results})
 
     async def pause(self, request: web.Request) -> web.Response:

@@ -23,7 +23,8 @@ from bridge.delivery.metrics import DeliveryMetrics, NoDeliveryMetrics
 from bridge.delivery.policy import Action, RetryPolicy, RetrySchedule
 from bridge.delivery.ratelimit import RateLimiter
 from bridge.destinations.base import Item, Request, Response
-from bridge.mapping.api import CompiledMapping, Discarded, Failed, MapContext
+from bridge.mapping.api import CompiledMapping, Discarded, Failed
+from bridge.mapping.links import ids_to_resolve, link_context
 from bridge.observability.redaction import redact_text
 from bridge.store.base import DeadLetter, DestinationState, Discard, Job, Store
 
@@ -291,8 +292,7 @@ class DestinationWorker:
                 events[job.id] = orjson.loads(job.payload)
             except orjson.JSONDecodeError:
                 dead.append(DeadLetter(job.id, "corrupt_payload", mapping_version=mapping.version))
-        keys = {job_id: mapping.identity_key(e) for job_id, e in events.items()}
-        wanted = sorted({k for k in keys.values() if k})
+        wanted = ids_to_resolve(mapping, events.values())
         links = await self.store.resolve_links(self.name, wanted) if wanted else {}
         options = self.config.mapping_options
         discards: list[Discard] = []
@@ -301,8 +301,7 @@ class DestinationWorker:
         for job_id, event in events.items():
             job = batch.jobs[job_id]
             label = batch.labels[job_id] = event_label(event)
-            key = keys[job_id]
-            ctx = MapContext(links.get(key) if key else None, options, job.source)
+            ctx = link_context(mapping, event, links, options=options, source=job.source)
             result = mapping.apply(event, ctx)
             if isinstance(result, Discarded):
                 discards.append(Discard(job_id, result.reason, label, result.detail))

@@ -50,13 +50,15 @@ class MapContext:
     """Per-delivery facts a mapping may read besides the event itself.
 
     ``linked_id`` is the identity link resolved for the event's identity key (see
-    ``CompiledMapping.identity_key``); ``options`` are the destination's
-    ``mapping_options`` from the config; ``source`` is the source name.
+    ``CompiledMapping.identity_key``); ``links`` holds every link resolved for the ids
+    of ``CompiledMapping.identity_ids`` (read by the ``linked`` step); ``options`` are
+    the destination's ``mapping_options`` from the config; ``source`` is the source name.
     """
 
     linked_id: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     source: str = ""
+    links: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +99,11 @@ class CompiledMapping(ABC):
     @abstractmethod
     def identity_key(self, event: dict[str, Any]) -> str | None:
         """The id whose identity link should be resolved before ``apply`` (or None)."""
+
+    @abstractmethod
+    def identity_ids(self, event: dict[str, Any]) -> list[str]:
+        """Every id whose link should be resolved before ``apply``: the identity key, then
+        those of ``identity.also`` (e.g. an alias's previousId)."""
 
     @abstractmethod
     def identity_link(self, event: dict[str, Any]) -> tuple[str, str] | None:

@@ -63,6 +63,7 @@ class YamlMapping(CompiledMapping):
         integrations: tuple[str, ...],
         identity_key: Fn | None,
         identity_link: tuple[Cond, Fn, Fn] | None,
+        identity_also: list[Fn],
         drops: list[tuple[Cond, str, Fn | None]],
         rules: list[_Rule],
         files: tuple[str, ...],
@@ -76,6 +77,7 @@ class YamlMapping(CompiledMapping):
         self._integrations = integrations
         self._identity_key = identity_key
         self._identity_link = identity_link
+        self._identity_also = identity_also
         self._drops = drops
         self._rules = rules
 
@@ -89,6 +91,21 @@ class YamlMapping(CompiledMapping):
             return _as_id(self._identity_key(Env(event, None, {}, "")))
         except Exception:  # called at ingest and delivery: odd data means no key, never a crash
             return None
+
+    def identity_ids(self, event: dict[str, Any]) -> list[str]:
+        key = self.identity_key(event)
+        ids = [key] if key is not None else []
+        if not self._identity_also or type(event) is not dict:
+            return ids
+        env = Env(event, None, {}, "")
+        for fn in self._identity_also:
+            try:
+                found = _as_id(fn(env))
+            except Exception:  # odd data means no id, never a crash
+                continue
+            if found is not None and found not in ids:
+                ids.append(found)
+        return ids
 
     def identity_link(self, event: dict[str, Any]) -> tuple[str, str] | None:
         if self._identity_link is None or type(event) is not dict:
@@ -112,7 +129,7 @@ class YamlMapping(CompiledMapping):
             blocked = self._integrations_block(event)
             if blocked is not None:
                 return blocked
-        env = Env(event, ctx.linked_id, ctx.options, ctx.source)
+        env = Env(event, ctx.linked_id, ctx.options, ctx.source, links=ctx.links)
         try:
             for cond, reason, detail in self._drops:
                 if cond(env):
@@ -244,7 +261,9 @@ class FileCompiler:
             self._lookups(top["lookups"])
         if "let" in top:
             self._lets(top["let"])
-        identity_key, identity_link = self._identity(top["identity"]) if "identity" in top else (None, None)
+        identity_key, identity_link, identity_also = (
+            self._identity(top["identity"]) if "identity" in top else (None, None, [])
+        )
         drops = self._drops(top["drop"], "drop") if "drop" in top else []
         rules = self._rules(top["rules"], destination) if "rules" in top else []
         if d.items or source_format is None or destination is None:
@@ -258,6 +277,7 @@ class FileCompiler:
             integrations=integrations,
             identity_key=identity_key,
             identity_link=identity_link,
+            identity_also=identity_also,
             drops=drops,
             rules=rules,
             files=tuple(self.lookup_files),
@@ -358,12 +378,19 @@ class FileCompiler:
             # compiled in file order, so a let can use only the lets above it: no cycles
             self.scope.lets[lname] = self.expr.value(ln, join("let", lname))
 
-    def _identity(self, node: YNode) -> tuple[Fn | None, tuple[Cond, Fn, Fn] | None]:
+    def _identity(self, node: YNode) -> tuple[Fn | None, tuple[Cond, Fn, Fn] | None, list[Fn]]:
         if not node.is_map:
-            self.diags.add(node, "identity", "expected {key: ..., link: {when, from, to}}")
-            return None, None
-        self.diags.check_keys(node, "identity", ("key", "link"), "'identity'")
+            self.diags.add(node, "identity", "expected {key: ..., also: [...], link: {when, from, to}}")
+            return None, None, []
+        self.diags.check_keys(node, "identity", ("key", "also", "link"), "'identity'")
         key = self.expr.value(node.value["key"], "identity.key") if "key" in node.value else None
+        also: list[Fn] = []
+        if "also" in node.value:
+            an = node.value["also"]
+            if an.is_list:
+                also = [self.expr.value(item, join("identity.also", i)) for i, item in enumerate(an.value)]
+            else:
+                self.diags.add(an, "identity.also", "expected a list of ids to resolve too, e.g. [$.previousId]")
         link = None
         if "link" in node.value:
             ln = node.value["link"]
@@ -378,7 +405,7 @@ class FileCompiler:
                 )
             elif not ln.is_map:
                 self.diags.add(ln, "identity.link", "expected {when: ..., from: ..., to: ...}")
-        return key, link
+        return key, link, also
 
     def _drops(self, node: YNode, ypath: str) -> list[tuple[Cond, str, Fn | None]]:
         out: list[tuple[Cond, str, Fn | None]] = []

@@ -23,7 +23,7 @@ from bridge.mapping.yamlnodes import MappingLoader
 
 FIXTURE_KEYS = ("description", "input", "context", "expect")
 EXPECT_KEYS = ("outputs", "discarded", "failed", "detail", "identity_link", "identity_key")
-CONTEXT_KEYS = ("linked_id", "options", "source")
+CONTEXT_KEYS = ("linked_id", "options", "source", "links")
 
 
 @dataclass(slots=True)
@@ -90,7 +90,10 @@ def run_fixture_file(mapping: CompiledMapping, path: Path) -> FixtureResult:
         return FixtureResult(str(path), mapping.name, False, problem)
     ctx_data = data.get("context") or {}
     ctx = MapContext(
-        linked_id=ctx_data.get("linked_id"), options=ctx_data.get("options") or {}, source=ctx_data.get("source", "")
+        linked_id=ctx_data.get("linked_id"),
+        options=ctx_data.get("options") or {},
+        source=ctx_data.get("source", ""),
+        links=ctx_data.get("links") or {},
     )
     event = data["input"]
     expect = data["expect"]

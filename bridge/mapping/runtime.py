@@ -28,13 +28,20 @@ MISSING: Final = _Missing()
 class Env:
     """Everything one evaluation may read; ``lets`` caches named values per event."""
 
-    __slots__ = ("event", "item", "lets", "link", "options", "source")
+    __slots__ = ("event", "item", "lets", "link", "links", "options", "source")
 
     def __init__(
-        self, event: Any, link: str | None, options: Mapping[str, Any], source: str, item: Any = MISSING
+        self,
+        event: Any,
+        link: str | None,
+        options: Mapping[str, Any],
+        source: str,
+        item: Any = MISSING,
+        links: Mapping[str, str] | None = None,
     ) -> None:
         self.event = event
         self.link = MISSING if link is None else link
+        self.links: Mapping[str, str] = links if links is not None else {}
         self.options = options if type(options) is dict else dict(options)
         self.source = source
         self.item = item

@@ -50,8 +50,9 @@ STEP_PARAMS: dict[str, tuple[str, ...]] = {
     "length": (),
     "split": (),
     "join": (),
+    "linked": (),
 }
-BARE_STEPS = ("trim", "compact", "length", "flatten", "tz_offset")
+BARE_STEPS = ("trim", "compact", "length", "flatten", "tz_offset", "linked")
 ON_ERROR = ("drop_field", "drop_event", "fail")
 
 
@@ -508,6 +509,19 @@ def _b_join(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
     return join_items
 
 
+def _b_linked(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
+    if p["linked"].value is not True:
+        c.diags.add(p["linked"], ypath, "write it as the bare step `linked` (or {linked: true})")
+        return None
+
+    def linked(v: Any, env: Env) -> Any:
+        # The id's identity link when the store has one (resolved before mapping, for the
+        # ids of identity.key and identity.also), else the id itself.
+        return env.links.get(v, v) if type(v) is str else v
+
+    return linked
+
+
 _BUILDERS: dict[str, Callable[..., Step | None]] = {
     "case": _b_case,
     "trim": _b_trim,
@@ -525,4 +539,5 @@ _BUILDERS: dict[str, Callable[..., Step | None]] = {
     "length": _b_length,
     "split": _b_split,
     "join": _b_join,
+    "linked": _b_linked,
 }

@@ -479,3 +479,14 @@ async def test_a_non_ascii_signature_is_a_401(bridge):
     headers = b"Authorization: " + auth + b"\r\nX-Signature: \xff\xfe"
     status, data = await raw_post(bridge, "/segment/webhook", headers, body)
     assert (status, data["code"]) == (401, "invalid_signature")
+
+
+async def test_an_alias_merges_the_moengage_user_its_previous_id_became(bridge):
+    """identify(old, traits.id=crm) made 'old' MoEngage user 'crm'; the merge must name it."""
+    h = basic(WRITE_KEY)
+    identify = {"userId": "old-1", "traits": {"id": "crm-old-1", "email": "o@example.com"}}
+    assert (await bridge.post("/v1/identify", identify, h))[0] == 200
+    assert (await bridge.post("/v1/alias", {"previousId": "old-1", "userId": "new-1"}, h))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.merges()) == 1)
+    assert bridge.moengage.merges() == [{"merged_user": "crm-old-1", "retained_user": "new-1"}]
+    assert [c["customer_id"] for c in bridge.moengage.customers()] == ["crm-old-1"]

@@ -1,11 +1,12 @@
 """Every directive, evaluated through a real compiled mapping."""
 
 from datetime import UTC, datetime
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 
-from bridge.mapping import Discarded, Failed, MapContext
+from bridge.mapping import Discarded, Failed, MapContext, MappingError
 
 from .helpers import evaluate, value_mapping, write
 
@@ -257,3 +258,29 @@ def test_version_covers_shared_lookup_files(tmp_path):
     assert v1 == value_mapping(tmp_path, "$.x", top).version
     lookup.write_text("table: {a: Beta}\n")
     assert value_mapping(tmp_path, "$.x", top).version != v1
+
+
+def test_identity_also_and_the_linked_step(tmp_path: Path) -> None:
+    from bridge.mapping.links import ids_to_resolve, link_context
+
+    top = """
+    identity:
+      key: {path: $.userId}
+      also: [{path: $.previousId}, $.groupId]
+    """
+    m = value_mapping(tmp_path, "{path: $.previousId, pipe: [linked]}", extra_top=top)
+    event = {"type": "track", "userId": "u1", "previousId": "p1", "groupId": "u1"}
+    assert m.identity_ids(event) == ["u1", "p1"]  # the key first, no repeats
+    assert ids_to_resolve(m, [event, {"userId": "u2"}, "not an event"]) == ["p1", "u1", "u2"]
+    links = {"p1": "crm-p1", "u1": "crm-u1", "other": "x"}
+    ctx = link_context(m, event, links, options={}, source="web")
+    # Only the event's own ids: a link another event of the batch needed is not visible here.
+    assert ctx.linked_id == "crm-u1" and dict(ctx.links) == {"u1": "crm-u1", "p1": "crm-p1"}
+    assert evaluate(m, event, ctx) == "crm-p1"
+    assert evaluate(m, {**event, "previousId": "p2"}, MapContext(links={"p1": "crm-p1"})) == "p2"  # no link: as is
+
+
+def test_identity_also_must_be_a_list(tmp_path: Path) -> None:
+    with pytest.raises(MappingError) as exc:
+        value_mapping(tmp_path, "$.userId", extra_top="identity:\n  also: $.previousId\n")
+    assert "identity.also: expected a list of ids" in str(exc.value)
