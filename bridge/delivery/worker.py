@@ -225,7 +225,8 @@ class DestinationWorker:
         """Stopped mid-way (shutdown): ack what the upstream already accepted, so a restart
         does not send it again, and give the rest back now rather than at lease expiry."""
         delivered = [j for j in unsettled if batch.fully_delivered(j)]
-        rest = [j for j in unsettled if j not in set(delivered)]
+        done = set(delivered)
+        rest = [j for j in unsettled if j not in done]
         with contextlib.suppress(Exception):
             if delivered:
                 await self.store.ack(delivered, batch.version, fence=batch.fence)
@@ -380,7 +381,8 @@ class DestinationWorker:
             if self.guard.would_trip(batch.dead_pending + len(jobs)):
                 # A whole request refused for good (a bad credential or mapping deploy):
                 # pause instead of dead-lettering it; these jobs stay queued.
-                batch.guard_reason = (
+                # The reason is kept and shown (status, logs): never with an echoed credential.
+                batch.guard_reason = redact_text(
                     f"{self.name} refused {len(jobs)} events with HTTP {response.status}: "
                     f"{(response.body or response.error or '')[:200]}"
                 )
