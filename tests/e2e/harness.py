@@ -214,3 +214,13 @@ async def raw_post(bridge: Bridge, path: str, header: bytes, body: bytes) -> tup
     writer.close()
     head, _, payload = response.partition(b"\r\n\r\n")
     return int(head.split(b" ")[1]), orjson.loads(payload)
+
+
+def nested(levels: int) -> dict[str, Any]:
+    """{"a": {"a": ...}} ``levels`` deep: orjson parses up to 1024 levels but writes 254."""
+    root: dict[str, Any] = {}
+    node = root
+    for _ in range(levels):
+        node["a"] = {}
+        node = node["a"]
+    return root

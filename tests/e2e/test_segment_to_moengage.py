@@ -23,6 +23,7 @@ from tests.e2e.harness import (
     WORKSPACE,
     WRITE_KEY,
     basic,
+    nested,
     raw_post,
     wait_until,
 )
@@ -433,11 +434,7 @@ async def test_the_32_kb_limit_is_on_the_event_as_sent(bridge):
 
 
 async def test_an_event_too_deep_to_store_is_rejected_by_index(bridge):
-    deep: dict[str, Any] = {}
-    node = deep
-    for _ in range(300):
-        node["a"] = {}
-        node = node["a"]
+    deep = nested(300)
     too_deep = {"type": "track", "userId": "u-d", "event": "Deep", "properties": deep}
     batch = {"batch": [too_deep, track_body(type="track")]}
     status, data = await bridge.post("/v1/batch", batch, basic(WRITE_KEY))

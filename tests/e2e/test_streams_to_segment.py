@@ -23,6 +23,7 @@ from tests.e2e.harness import (
     WRITE_KEY,
     basic,
     config_dict,
+    nested,
     raw_post,
     wait_until,
 )
@@ -405,11 +406,7 @@ async def test_oversize_event_is_discarded_while_the_batch_is_delivered(bridge):
 
 async def test_an_event_too_deep_to_store_is_rejected_by_index(bridge):
     """orjson parses 1024 levels but writes 254: such an event is bad input, not a 500."""
-    deep: dict[str, Any] = {}
-    node = deep
-    for _ in range(300):
-        node["a"] = {}
-        node = node["a"]
+    deep = nested(300)
     payload = seed_payload()
     payload["events"] = payload["events"][:2]
     payload["events"][0]["event_attributes"] = deep
