@@ -24,7 +24,7 @@ from bridge.delivery.policy import Action, RetryPolicy, RetrySchedule
 from bridge.delivery.ratelimit import RateLimiter
 from bridge.destinations.base import Item, Request, Response
 from bridge.mapping.api import CompiledMapping, Discarded, Failed
-from bridge.mapping.links import ids_to_resolve, link_context
+from bridge.mapping.links import link_context
 from bridge.observability.redaction import redact_text
 from bridge.store.base import DeadLetter, DestinationState, Discard, Job, Store
 
@@ -293,7 +293,8 @@ class DestinationWorker:
                 events[job.id] = orjson.loads(job.payload)
             except orjson.JSONDecodeError:
                 dead.append(DeadLetter(job.id, "corrupt_payload", mapping_version=mapping.version))
-        wanted = ids_to_resolve(mapping, events.values())
+        ids = {job_id: mapping.identity_ids(e) if type(e) is dict else [] for job_id, e in events.items()}
+        wanted = sorted({i for own in ids.values() for i in own})
         links = await self.store.resolve_links(self.name, wanted) if wanted else {}
         options = self.config.mapping_options
         discards: list[Discard] = []
@@ -302,7 +303,7 @@ class DestinationWorker:
         for job_id, event in events.items():
             job = batch.jobs[job_id]
             label = batch.labels[job_id] = event_label(event)
-            ctx = link_context(mapping, event, links, options=options, source=job.source)
+            ctx = link_context(mapping, event, links, options=options, source=job.source, ids=ids[job_id])
             result = mapping.apply(event, ctx)
             if isinstance(result, Discarded):
                 discards.append(Discard(job_id, result.reason, label, result.detail))

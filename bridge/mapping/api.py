@@ -49,10 +49,11 @@ MapResult = list[Output] | Discarded | Failed
 class MapContext:
     """Per-delivery facts a mapping may read besides the event itself.
 
-    ``linked_id`` is the identity link resolved for the event's identity key (see
-    ``CompiledMapping.identity_key``); ``links`` holds every link resolved for the ids
-    of ``CompiledMapping.identity_ids`` (read by the ``linked`` step); ``options`` are
-    the destination's ``mapping_options`` from the config; ``source`` is the source name.
+    ``links`` holds the identity links resolved for the ids of
+    ``CompiledMapping.identity_ids``: the identity key's link is ``$link``, and the
+    ``linked`` step reads them all. ``linked_id``, when set, is ``$link`` regardless
+    (dry runs and fixtures). ``options`` are the destination's ``mapping_options`` from
+    the config; ``source`` is the source name.
     """
 
     linked_id: str | None = None

@@ -129,7 +129,12 @@ class YamlMapping(CompiledMapping):
             blocked = self._integrations_block(event)
             if blocked is not None:
                 return blocked
-        env = Env(event, ctx.linked_id, ctx.options, ctx.source, links=ctx.links)
+        link = ctx.linked_id
+        if link is None and ctx.links:
+            # $link is the identity key's link, from the links resolved for this event.
+            key = self.identity_key(event)
+            link = ctx.links.get(key) if key is not None else None
+        env = Env(event, link, ctx.options, ctx.source, links=ctx.links)
         try:
             for cond, reason, detail in self._drops:
                 if cond(env):

@@ -21,12 +21,13 @@ def link_context(
     options: Mapping[str, Any],
     source: str,
     linked_id: str | None = None,
+    ids: Iterable[str] | None = None,
 ) -> MapContext:
-    """The context ``event`` is mapped with: ``$link`` is its identity key's link (or
-    ``linked_id`` when given), and the ``linked`` step sees the links of its own ids only,
-    so a result never depends on which other events shared the batch."""
+    """The context ``event`` is mapped with. It carries the links of the event's own ids
+    only (``ids``, when the caller has them already, else ``mapping.identity_ids``), so a
+    result never depends on which other events shared the batch. ``linked_id`` forces
+    ``$link``."""
     if type(event) is not dict or not links:
         return MapContext(linked_id, options, source)
-    key = mapping.identity_key(event)
-    own = {i: links[i] for i in mapping.identity_ids(event) if i in links}
-    return MapContext(linked_id or (links.get(key) if key else None), options, source, own)
+    own = {i: links[i] for i in (mapping.identity_ids(event) if ids is None else ids) if i in links}
+    return MapContext(linked_id, options, source, own)

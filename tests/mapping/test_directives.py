@@ -275,8 +275,10 @@ def test_identity_also_and_the_linked_step(tmp_path: Path) -> None:
     links = {"p1": "crm-p1", "u1": "crm-u1", "other": "x"}
     ctx = link_context(m, event, links, options={}, source="web")
     # Only the event's own ids: a link another event of the batch needed is not visible here.
-    assert ctx.linked_id == "crm-u1" and dict(ctx.links) == {"u1": "crm-u1", "p1": "crm-p1"}
+    assert dict(ctx.links) == {"u1": "crm-u1", "p1": "crm-p1"}
     assert evaluate(m, event, ctx) == "crm-p1"
+    # $link is the identity key's link, from the same context.
+    assert evaluate(value_mapping(tmp_path / "k", "$link", extra_top=top), event, ctx) == "crm-u1"
     assert evaluate(m, {**event, "previousId": "p2"}, MapContext(links={"p1": "crm-p1"})) == "p2"  # no link: as is
 
 
