@@ -269,15 +269,12 @@ class PostgresStore(Store):
     async def lease(self, destination: str, limit: int, lease_seconds: float, *, ordered: bool = True) -> list[Job]:
         if limit <= 0:
             return []
+        now = time.time()
         async with self._conn(transaction=True) as conn:
             if ordered:
                 await conn.execute(
                     "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"{self.schema}:{destination}"
                 )
-            # Leases are set and judged expired by the database's clock, not each node's:
-            # skew between nodes cannot make a lease look expired while it still holds.
-            now = float(await conn.fetchval("SELECT extract(epoch FROM clock_timestamp())::float8"))
-            if ordered:
                 ids = await self._due_ids_ordered(conn, destination, limit, now)
                 if not ids:
                     return []
