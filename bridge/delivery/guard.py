@@ -34,17 +34,18 @@ class DeadLetterGuard:
     def ratio(self) -> float:
         return self._dead / len(self._window) if self._window else 0.0
 
-    def would_trip(self, dead: int) -> bool:
-        """Whether ``dead`` more dead letters would trip the guard: asked before
-        dead-lettering a whole request or batch, so a bad deploy pauses the destination
-        instead of filling the DLQ with one batch's worth of events."""
+    def would_trip(self, dead: int, delivered: int = 0) -> bool:
+        """Whether ``delivered`` more good outcomes and then ``dead`` more dead letters
+        would trip the guard: asked before dead-lettering a whole request or batch (with
+        the batch's own good outcomes so far), so a bad deploy pauses the destination
+        instead of filling the DLQ with one batch's worth of events, while a few bad
+        events among good ones are dead-lettered as usual."""
         cfg = self.config
         if not cfg.enabled or dead <= 0:
             return False
-        n = min(dead, cfg.window)
-        kept = list(self._window)[max(0, len(self._window) + n - cfg.window) :]
-        size = len(kept) + n
-        return size >= cfg.min_events and (sum(kept) + n) / size > cfg.threshold
+        outcomes = [*self._window, *([False] * min(delivered, cfg.window)), *([True] * min(dead, cfg.window))]
+        recent = outcomes[-cfg.window :]
+        return len(recent) >= cfg.min_events and sum(recent) / len(recent) > cfg.threshold
 
     def tripped(self) -> bool:
         cfg = self.config

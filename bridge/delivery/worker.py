@@ -64,6 +64,7 @@ class _Batch:
     version: str = ""  # the mapping version that mapped this batch
     items_left: dict[int, int] = field(default_factory=dict)  # per job: items without a verdict yet
     dead_pending: int = 0  # jobs given a dead verdict here, not yet known to the guard
+    delivered_pending: int = 0  # and jobs delivered here, likewise
     guard_reason: str = ""  # set when the guard would trip: send nothing more, then pause
     # Settle only jobs still on this lease (see Store.ack): after a lapsed lease, whoever
     # leased them since owns them.
@@ -107,6 +108,9 @@ class DestinationWorker:
         # retryable failures, nothing is leased or sent until then.
         self._hold_until = 0.0
         self._failure_streak = 0
+        # After an operator resumes, the first batch is delivered and dead-lettered as usual
+        # (the guard judges it afterwards): a resume always makes progress.
+        self._precheck = True
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
@@ -153,6 +157,7 @@ class DestinationWorker:
         self.paused = paused
         self.pause_reason = state.reason if state else ""
         self.guard.reset()
+        self._precheck = paused  # resumed (by an operator): the next batch runs unchecked
         self.metrics.paused(self.name, paused)
         if not paused:
             self._wake.set()
@@ -166,10 +171,17 @@ class DestinationWorker:
         if self.paused and self._paused_version and self._mapping_version() != self._paused_version:
             await self.store.set_destination_state(DestinationState(self.name, False, "mapping changed", time.time()))
             self.apply_state(None)
+            self._precheck = True  # not an operator's resume: a still-broken mapping pauses again at once
 
-    async def _pause(self, reason: str) -> None:
+    async def _pause(self, reason: str, version: str | None = None) -> None:
+        """The guard's pause. It never replaces an operator's: that one waits for an operator."""
+        if self.paused:
+            return
         state = DestinationState(self.name, True, reason, time.time(), {"by": "guard"})
         await self.store.set_destination_state(state)
+        # A mapping change ends it: changed from the version that failed, not the live one
+        # (which may already be the fix, loaded while this batch was being sent).
+        self._paused_version = version or self._mapping_version()
         self.apply_state(state)
 
     # -- the loop ----------------------------------------------------------------------
@@ -240,6 +252,12 @@ class DestinationWorker:
         now = time.time()
         error = f"internal error: {type(exc).__name__}: {exc}"[:MAX_KEPT_BODY]
         try:
+            # What the upstream already accepted is done: retrying it would send it twice.
+            delivered = [j for j in batch.jobs if j not in batch.settled and batch.fully_delivered(j)]
+            if delivered:
+                await self.store.ack(delivered, batch.version, fence=batch.fence)
+                batch.settled.update(delivered)
+                self.metrics.delivered(self.name, len(delivered))
             dead: list[DeadLetter] = []
             retries = RetrySchedule(self.policy, now)
             for job_id, job in batch.jobs.items():
@@ -267,7 +285,7 @@ class DestinationWorker:
         batch.version = mapping.version
         items, job_items = await self._map(batch, mapping)
         if batch.guard_reason:
-            await self._pause(batch.guard_reason)
+            await self._pause(batch.guard_reason, batch.version)
             return  # the jobs are released by deliver()
         if self._guard_trips():
             await self._pause_for_guard()
@@ -333,7 +351,7 @@ class DestinationWorker:
             for d in discards:
                 self.metrics.discarded(batch.jobs[d.job_id].source, self.name, d.reason, 1)
         if dead:
-            if self.guard.would_trip(len(dead)):
+            if self._precheck and self.guard.would_trip(len(dead), delivered=len(events) - len(dead)):
                 # A bad mapping deploy: pause (it resumes when the mapping changes) rather
                 # than dead-letter every event; the failed jobs stay queued.
                 first = dead[0]
@@ -367,6 +385,10 @@ class DestinationWorker:
             batch.unsent.update(it.job_id for it in request.items)
             return False
         await self.limiter.acquire(cost)
+        if self._stopping:
+            # SIGTERM arrived while waiting for tokens: still nothing new after it.
+            batch.unsent.update(it.job_id for it in request.items)
+            return False
         started = time.monotonic()
         response = await self.client.send(request)
         self.metrics.request(self.name, response.status, time.monotonic() - started)
@@ -379,7 +401,7 @@ class DestinationWorker:
             return await self._send_halves(request, batch, ordered=ordered)
         if action is Action.DEAD:
             jobs = {it.job_id for it in request.items}
-            if self.guard.would_trip(batch.dead_pending + len(jobs)):
+            if self._precheck and self.guard.would_trip(batch.dead_pending + len(jobs), batch.delivered_pending):
                 # A whole request refused for good (a bad credential or mapping deploy):
                 # pause instead of dead-lettering it; these jobs stay queued.
                 # The reason is kept and shown (status, logs): never with an echoed credential.
@@ -398,6 +420,8 @@ class DestinationWorker:
                 )
                 return False
             batch.dead_pending += len(jobs)
+        elif action is Action.DELIVERED:
+            batch.delivered_pending += len({it.job_id for it in request.items})
         if action is Action.RETRY:
             self._back_off(response)
         else:
@@ -472,16 +496,18 @@ class DestinationWorker:
             await self.store.release(unsent, fence=batch.fence)
             batch.settled.update(unsent)
         self.guard.record(len(acked), 0)
+        self._precheck = True
         if batch.guard_reason:
-            await self._pause(batch.guard_reason)
+            await self._pause(batch.guard_reason, batch.version)
         elif self._guard_trips():
-            await self._pause_for_guard()
+            await self._pause_for_guard(batch.version)
 
     def _guard_trips(self) -> bool:
         return self.guard.tripped() and not self.paused
 
-    async def _pause_for_guard(self) -> None:
-        await self._pause(f"{self.guard.ratio:.0%} of the last {self.guard.size} deliveries were dead-lettered")
+    async def _pause_for_guard(self, version: str | None = None) -> None:
+        ratio, size = self.guard.ratio, self.guard.size
+        await self._pause(f"{ratio:.0%} of the last {size} deliveries were dead-lettered", version)
 
     def _dead(
         self, job_id: int, reason: str, resp: Response | None, body: bytes, batch: _Batch, version: str

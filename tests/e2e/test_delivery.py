@@ -410,3 +410,78 @@ async def test_a_shutdown_that_cancels_a_request_keeps_what_was_delivered_before
     sent = [e["actions"][0]["attributes"]["seq"] for e in bridge.moengage.events()]
     again = [seq for seq in sent[len(answered) :] if seq in answered]
     assert again == [], f"acknowledged by the upstream before the shutdown, then sent again: {again}"
+
+
+async def test_a_few_bad_events_in_a_big_batch_are_dead_lettered_not_a_pause(make_bridge):
+    """25 poison events among 300, in one batch after a (re)start: the guard must weigh them
+    against the batch's good deliveries (8%), not pause the destination."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["destinations"][0]["delivery"]["batch_size"] = 500
+
+    bridge = await make_bridge(tweak, start=False)
+    poisoned = ReservedPrefixMoEngage(WORKSPACE, API_KEY)
+    server = TestServer(poisoned.app(), host="127.0.0.1")
+    await server.start_server()
+    try:
+        bridge.destination("moengage-main")["base_url"] = str(server.make_url("")).rstrip("/")
+        await bridge.start()
+        batch = tracks(300, prefix="few")
+        for i in range(0, 300, 12):
+            batch["batch"][i]["properties"]["moe_secret"] = 1
+        assert (await bridge.post("/v1/batch", batch, H))[0] == 200
+        await poisoned.wait_for(lambda: len(seqs(poisoned)) == 275, timeout=20)
+        await wait_until(lambda: _dlq_size(bridge, 25), what="25 dead letters")
+        assert not (await _status_of(bridge))["paused"]
+    finally:
+        poisoned.stop()
+        await server.close()
+
+
+async def test_the_guard_never_replaces_an_operators_pause(bridge):
+    """An operator pauses while a bad batch is in flight: the guard must not turn that pause
+    into its own (which a mapping reload would lift)."""
+    bridge.moengage.refuse_all(401)
+    bridge.moengage.latency = 0.5
+    assert (await bridge.post("/v1/batch", tracks(60, prefix="op"), H))[0] == 200
+    await wait_until(lambda: bridge.moengage.received > 0, what="the batch to be in flight")
+    assert (await bridge.post("/admin/destinations/moengage-main/pause", None, ADMIN))[0] == 200
+    await asyncio.sleep(1.0)  # the in-flight request is answered 401 and the batch settles
+    status = await _status_of(bridge)
+    assert status["paused"] and status["pause_reason"] == "paused by admin API", status
+    assert bridge.runtime is not None
+    state = (await bridge.runtime.store.get_destination_states())["moengage-main"]
+    assert state.extra.get("by") != "guard"
+
+
+async def test_a_fault_after_a_successful_send_does_not_send_it_again(make_bridge):
+    """The store fails to record an ack once: the recovery must ack what the upstream
+    accepted, not schedule it for another send."""
+    from bridge.store.sqlite import SqliteStore
+
+    failures = 1
+
+    class AckOnceFails(SqliteStore):
+        async def ack(self, job_ids: Any, mapping_version: str = "", *, fence: Any = None) -> None:
+            nonlocal failures
+            if failures:
+                failures -= 1
+                raise RuntimeError("the disk hiccuped")
+            await super().ack(job_ids, mapping_version, fence=fence)
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["destinations"][0]["retry"] = {"base_delay": 0.05, "max_delay": 0.1}
+
+    bridge = await make_bridge(tweak, start=False)
+    db = bridge.raw["store"]["url"].removeprefix("sqlite:///")
+    bridge.store_factory = lambda: AckOnceFails(db)
+    await bridge.start()
+    assert (await bridge.post("/v1/batch", tracks(5, prefix="once"), H))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 5, timeout=10)
+
+    async def drained() -> bool:
+        return bool((await _status_of(bridge))["queue_depth"] == 0)
+
+    await wait_until(drained, what="the queue to drain")
+    await asyncio.sleep(0.3)  # a wrongly scheduled retry would have gone out by now
+    assert failures == 0 and len(bridge.moengage.events()) == 5
