@@ -114,7 +114,9 @@ async def serve(config: Config, *, ready: Callable[[int], None] | None = None) -
     runtime = Runtime(config, ingest_metrics=bindings.ingest, delivery_metrics=bindings.delivery)
     runtime.load_mappings()  # fail fast, before binding the port
     app = build_app(runtime, bindings)
-    runner = web.AppRunner(app, shutdown_timeout=config.server.shutdown_timeout, access_log=None)
+    # drain_seconds is part of shutdown_timeout: HTTP draining gets what is left of it.
+    http_drain = max(config.server.shutdown_timeout - config.server.drain_seconds, 0.0)
+    runner = web.AppRunner(app, shutdown_timeout=http_drain, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
     await site.start()

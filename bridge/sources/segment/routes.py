@@ -185,7 +185,7 @@ class SegmentSources(SourceKind):
             except Invalid:
                 pass
         for i, item in enumerate(items):
-            if keep_timestamp and isinstance(item, dict) and item.get("type") in WEBHOOK_IGNORED_TYPES:
+            if keep_timestamp and isinstance(item, dict) and _ignored_type(item.get("type")):
                 # Acknowledged, not stored: answering 400 would show as a failed delivery in Segment.
                 ignored += 1
                 continue
@@ -240,6 +240,11 @@ def _verify_signature(given: str, secret: str, body: bytes, data: Any) -> None:
     # surrogatepass: a header aiohttp could not read as UTF-8 is a wrong signature, not a crash.
     if not hmac.compare_digest(expected.encode(), given.strip().lower().encode("utf-8", "surrogatepass")):
         raise ApiError(401, "invalid_signature", "X-Signature does not match the body")
+
+
+def _ignored_type(value: Any) -> bool:
+    # Only a string can name a type; anything else is left for validation to refuse.
+    return isinstance(value, str) and value in WEBHOOK_IGNORED_TYPES
 
 
 # Normalising adds receivedAt, timestamp, originalTimestamp and maybe messageId (~200 bytes),
