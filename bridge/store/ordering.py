@@ -18,6 +18,14 @@ MIN_WINDOW = 256
 MIN_SCAN_BUDGET = 5000
 # Keys excluded in SQL per window (bind-parameter limits); more are still skipped here.
 MAX_EXCLUDED_KEYS = 2000
+# A job that belongs to two users (an alias merges one into the other) has both ids in its
+# ordering key, joined by this: it waits for the earlier jobs of either, and holds both.
+KEY_SEPARATOR = "\x1f"
+
+
+def ordering_key(*ids: str) -> str:
+    """The ordering key of a job that must keep its place among the jobs of every id."""
+    return KEY_SEPARATOR.join(dict.fromkeys(i for i in ids if i))
 
 
 class OrderedSelection:
@@ -49,16 +57,24 @@ class OrderedSelection:
         for job_id, key, state, available_at, lease_until in rows:
             scanned += 1
             last_id = job_id
-            if key and key in blocked:
+            if key and KEY_SEPARATOR in key:
+                users = key.split(KEY_SEPARATOR)
+                if not blocked.isdisjoint(users):
+                    # Waiting for an earlier job of one user: both users' later jobs wait too.
+                    blocked.update(users)
+                    continue
+            elif key and key in blocked:
                 continue
+            else:
+                users = [key] if key else []
             due = available_at <= now if state == QUEUED else (lease_until or 0.0) <= now
             if due:
                 chosen.append(int(job_id))
                 if len(chosen) >= self.limit:
                     self._done = True
                     return
-            elif key:
-                blocked.add(key)
+            else:
+                blocked.update(users)
         if scanned < self.window:
             self._done = True
             return

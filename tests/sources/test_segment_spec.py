@@ -197,11 +197,11 @@ def test_iso_matches_the_reference_formatting(dt):
     assert iso(dt) == _iso_reference(dt)
 
 
-def test_an_alias_is_ordered_with_the_user_it_merges_away():
-    # The merge must not overtake previousId's earlier events (they would land on a
-    # user MoEngage has already merged), so it shares previousId's ordering key.
+def test_an_alias_is_ordered_with_both_users():
+    # The merge must not overtake previousId's earlier events (they would land on a user
+    # MoEngage has already merged) nor the retained user's (its identify): both ids key it.
     received = datetime(2026, 11, 23, tzinfo=UTC)
     _, _, key = normalise({"previousId": "anon-7", "userId": "user-7"}, call_type="alias", received_at=received)
-    assert key == "anon-7"
+    assert key == "anon-7\x1fuser-7"
     _, _, key = normalise({"userId": "user-7", "event": "E"}, call_type="track", received_at=received)
     assert key == "user-7"

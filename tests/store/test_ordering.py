@@ -54,3 +54,31 @@ def test_a_full_window_moves_the_walk_on_and_a_short_one_ends_it() -> None:
     selection.take(iter(_rows(3, start=11)))
     assert selection.next_query() is None
     assert selection.chosen == [12, 13]  # 11 is u1's, which is blocked
+
+
+def test_a_job_of_two_users_waits_for_either_and_holds_both() -> None:
+    """An alias (anon -> user) is keyed by both: it waits behind anon's leased event and
+    behind user's, and the later jobs of both users wait behind it."""
+    from bridge.store.ordering import ordering_key
+
+    merge = ordering_key("anon", "user")
+    assert merge == "anon\x1fuser" and ordering_key("same", "same") == "same" and ordering_key("a", "") == "a"
+    rows = [
+        (1, "anon", LEASED, NOW - 1, NOW + 60),  # anon's event, being sent
+        (2, merge, QUEUED, NOW - 1, None),  # the alias: must wait for it
+        (3, "user", QUEUED, NOW - 1, None),  # user's later event: must wait for the alias
+        (4, "other", QUEUED, NOW - 1, None),
+    ]
+    selection = OrderedSelection(10, NOW)
+    selection.take(rows)
+    assert selection.chosen == [4]
+    # user's earlier event retrying holds the alias back just the same.
+    rows = [(1, "user", QUEUED, NOW + 30, None), (2, merge, QUEUED, NOW - 1, None), (3, "anon", QUEUED, NOW - 1, None)]
+    selection = OrderedSelection(10, NOW)
+    selection.take(rows)
+    assert selection.chosen == []
+    # Nothing earlier pending: the alias and both users' later events go, in order.
+    rows = [(2, merge, QUEUED, NOW - 1, None), (3, "anon", QUEUED, NOW - 1, None), (5, "user", QUEUED, NOW - 1, None)]
+    selection = OrderedSelection(10, NOW)
+    selection.take(rows)
+    assert selection.chosen == [2, 3, 5]

@@ -11,6 +11,8 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
+from bridge.store.ordering import ordering_key
+
 CALL_TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias"})
 MAX_MESSAGE_ID = 100
 
@@ -189,8 +191,9 @@ def normalise(
         raise Invalid("invalid_timestamp", "timestamp, sentAt or originalTimestamp is out of range") from None
     if kind == "alias":
         # A merge must wait for the merged-away user's earlier events, or they would land
-        # on a user MoEngage has already merged: order it with previousId's events.
-        return event, message_id, event["previousId"]
+        # on a user MoEngage has already merged; and it must not overtake the retained
+        # user's own earlier events (its identify). It is ordered with both users' events.
+        return event, message_id, ordering_key(event["previousId"], user_id or "")
     return event, message_id, user_id or anon_id or ""
 
 
