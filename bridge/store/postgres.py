@@ -57,6 +57,10 @@ Connection = Any  # asyncpg.Connection (asyncpg ships no type hints)
 _Settle = TypeVar("_Settle", DeadLetter, Discard)
 
 
+DDL_TIMEOUT = 600.0
+# Rows deleted per prune statement: small enough to finish well inside command_timeout.
+PRUNE_SLICE = 10_000
+
 _JOB_COLUMNS = "id, source, message_id, ordering_key, payload, attempts, created_at, first_attempt_at"
 
 
@@ -186,10 +190,12 @@ class PostgresStore(Store):
             raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
         try:
             async with pool.acquire() as conn, conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", DDL_LOCK)
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", DDL_LOCK, timeout=DDL_TIMEOUT)
                 await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
                 for statement in DDL:
-                    await conn.execute(statement)
+                    # Schema changes (an index on a big table, waiting for another node's
+                    # migration lock) may take longer than a queue statement should.
+                    await conn.execute(statement, timeout=DDL_TIMEOUT)
                 found = await conn.fetchval("SELECT max(version) FROM schema_version")
                 if found is None:
                     await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", SCHEMA_VERSION)
@@ -517,11 +523,25 @@ class PostgresStore(Store):
         await self._check_capacity()  # ready means ready to accept events: not while ingest says full
 
     async def prune(self, dedupe_before: float, settled_before: float) -> int:
-        async with self._conn(transaction=True) as conn:
-            removed = _count(await conn.execute("DELETE FROM dedupe WHERE seen_at < $1", dedupe_before))
-            removed += _count(
-                await conn.execute(f"DELETE FROM jobs WHERE state = {DELIVERED} AND settled_at < $1", settled_before)
-            )
-            removed += _count(await conn.execute("DELETE FROM discards WHERE discarded_at < $1", settled_before))
+        # In slices, each its own short statement: after a backlog one DELETE of everything
+        # would outlast command_timeout, roll back, and leave more for next time.
+        removed = 0
+        for table, where, cutoff in (
+            ("dedupe", "seen_at < $1", dedupe_before),
+            ("jobs", f"state = {DELIVERED} AND settled_at < $1", settled_before),
+            ("discards", "discarded_at < $1", settled_before),
+        ):
+            while True:
+                async with self._conn() as conn:
+                    n = _count(
+                        await conn.execute(
+                            f"DELETE FROM {table} WHERE ctid = ANY(ARRAY("
+                            f"SELECT ctid FROM {table} WHERE {where} LIMIT {PRUNE_SLICE}))",
+                            cutoff,
+                        )
+                    )
+                removed += n
+                if n < PRUNE_SLICE:
+                    break
         self._capacity_checked_at = float("-inf")
         return removed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -111,4 +112,21 @@ async def test_a_hung_database_is_a_store_error_not_a_hang(pg_schema: str) -> No
         assert (await store.enqueue("web", [event("hung-1", "u1")])).stored == 1
     finally:
         await blocker.close()
+        await store.close()
+
+
+async def test_prune_works_in_slices(pg_schema: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each prune statement deletes a bounded slice, and the prune goes on until all is gone."""
+    monkeypatch.setattr("bridge.store.postgres.PRUNE_SLICE", 4)
+    store = PostgresStore(PG_DSN, schema=pg_schema)
+    await store.open()
+    try:
+        await store.enqueue("web", [event(f"slice-{i}", f"u{i}") for i in range(11)])
+        jobs = await store.lease("moe", 20, 30, ordered=False)
+        await store.ack([j.id for j in jobs], "v1")
+        now = time.time()
+        assert await store.prune(now + 1, now + 1) == 11 + 11  # dedupe keys and delivered jobs
+        assert await store.prune(now + 1, now + 1) == 0
+        assert (await store.enqueue("web", [event("slice-0", "u0")])).stored == 1  # forgotten
+    finally:
         await store.close()
