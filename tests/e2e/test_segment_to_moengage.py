@@ -487,3 +487,13 @@ async def test_an_alias_merges_the_moengage_user_its_previous_id_became(bridge):
     await bridge.moengage.wait_for(lambda: len(bridge.moengage.merges()) == 1)
     assert bridge.moengage.merges() == [{"merged_user": "crm-old-1", "retained_user": "new-1"}]
     assert [c["customer_id"] for c in bridge.moengage.customers()] == ["crm-old-1"]
+
+
+async def test_a_webhook_event_with_a_non_string_type_is_a_400(bridge):
+    h = {**basic(WRITE_KEY), "Content-Type": "application/json"}
+    items = [{"type": ["delete"], "userId": "u-t", "messageId": "t-1"}]
+    raw = orjson.dumps(items)
+    status, data = await bridge.post(
+        "/segment/webhook", None, {**h, "X-Signature": _sign(orjson.dumps(items[0]))}, raw=raw
+    )
+    assert (status, data["code"]) == (400, "invalid_type")
