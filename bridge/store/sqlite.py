@@ -166,10 +166,18 @@ class SqliteStore(Store):
         except sqlite3.Error as exc:
             raise StoreError(f"sqlite: {exc}") from exc
 
-    async def _run(self, op: Any, *, writes: bool = True, outside_transaction: bool = False) -> Any:
+    async def _run(
+        self, op: Any, *, writes: bool = True, outside_transaction: bool = False, durable: bool = True
+    ) -> Any:
         if self._writer is None:
             raise StoreError(f"the SQLite store {self.path} is not open")
-        return await self._writer.submit(op, writes=writes, outside_transaction=outside_transaction)
+        return await self._writer.submit(op, writes=writes, outside_transaction=outside_transaction, durable=durable)
+
+    async def _bookkeep(self, op: Any) -> Any:
+        """Delivery bookkeeping (leases and settles): committed without its own fsync.
+        A power cut may undo it, and then a job is leased and sent again, which is what
+        at-least-once delivery allows; an acknowledged event is never lost by it."""
+        return await self._run(op, durable=False)
 
     def _open_dedupe(self) -> DedupeKeys:
         if self._dedupe is None:
@@ -237,7 +245,7 @@ class SqliteStore(Store):
 
     # -- delivery ----------------------------------------------------------------------
     async def lease(self, destination: str, limit: int, lease_seconds: float, *, ordered: bool = True) -> list[Job]:
-        jobs: list[Job] = await self._run(
+        jobs: list[Job] = await self._bookkeep(
             partial(
                 ops.lease,
                 destination=destination,
@@ -251,7 +259,7 @@ class SqliteStore(Store):
 
     async def ack(self, job_ids: Sequence[int], mapping_version: str = "", *, fence: Fence | None = None) -> None:
         if job_ids:
-            await self._run(
+            await self._bookkeep(
                 partial(ops.ack, job_ids=job_ids, mapping_version=mapping_version, now=time.time(), fence=fence)
             )
 
@@ -259,19 +267,21 @@ class SqliteStore(Store):
         self, job_ids: Sequence[int], available_at: float, error: str, *, fence: Fence | None = None
     ) -> None:
         if job_ids:
-            await self._run(partial(ops.retry, job_ids=job_ids, available_at=available_at, error=error, fence=fence))
+            await self._bookkeep(
+                partial(ops.retry, job_ids=job_ids, available_at=available_at, error=error, fence=fence)
+            )
 
     async def release(self, job_ids: Sequence[int], *, fence: Fence | None = None) -> None:
         if job_ids:
-            await self._run(partial(ops.release, job_ids=job_ids, fence=fence))
+            await self._bookkeep(partial(ops.release, job_ids=job_ids, fence=fence))
 
     async def dead_letter(self, entries: Sequence[DeadLetter], *, fence: Fence | None = None) -> None:
         if entries:
-            await self._run(partial(ops.dead_letter, entries=entries, now=time.time(), fence=fence))
+            await self._bookkeep(partial(ops.dead_letter, entries=entries, now=time.time(), fence=fence))
 
     async def discard(self, entries: Sequence[Discard], *, fence: Fence | None = None) -> None:
         if entries:
-            await self._run(partial(ops.discard, entries=entries, now=time.time(), fence=fence))
+            await self._bookkeep(partial(ops.discard, entries=entries, now=time.time(), fence=fence))
 
     async def resolve_links(self, namespace: str, ids: Sequence[str]) -> dict[str, str]:
         if not ids:

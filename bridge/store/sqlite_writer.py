@@ -5,6 +5,13 @@ it on a queue; the thread takes everything that is waiting, runs it in ONE trans
 (each operation inside its own SAVEPOINT, so a failing operation fails only its own
 caller), commits once, and only then resolves the callers' futures. Concurrent enqueue
 calls therefore share one fsync, and the event loop never blocks on SQLite.
+
+Not every commit needs its own fsync. An operation submitted with ``durable=False``
+(delivery bookkeeping: leases and settles) may be lost by a power cut, never by a crash
+of the process, and losing it only means a job is sent again: at-least-once already
+allows that. A group made only of such operations commits with ``synchronous=NORMAL``,
+which in WAL mode skips the fsync; the next durable commit syncs the WAL, and with it
+every frame written before it, so what is lost is always a suffix, never a hole.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ class _Pending:
     outside_transaction: bool = False
     batch_op: BatchOperation | None = None
     item: Any = None
+    durable: bool = True
 
 
 @dataclass(slots=True)
@@ -91,6 +99,7 @@ class GroupCommitWriter:
         self._op_commit: list[Callable[[], None]] = []
         self._txn_undo: list[Callable[[], None]] = []
         self._txn_commit: list[Callable[[], None]] = []
+        self._synced: bool | None = None  # the connection's synchronous mode: FULL (True) or NORMAL
         self.commits = 0  # write transactions committed (observable for tests and metrics)
         self.operations = 0  # write operations committed
 
@@ -105,16 +114,19 @@ class GroupCommitWriter:
     def start(self) -> None:
         self._thread.start()
 
-    async def submit(self, op: Operation, *, writes: bool = True, outside_transaction: bool = False) -> Any:
+    async def submit(
+        self, op: Operation, *, writes: bool = True, outside_transaction: bool = False, durable: bool = True
+    ) -> Any:
         """Run ``op`` on the writer's connection; ``outside_transaction`` is for maintenance
-        (e.g. a WAL checkpoint) that SQLite refuses inside a transaction."""
+        (e.g. a WAL checkpoint) that SQLite refuses inside a transaction; ``durable=False``
+        lets its commit skip the fsync (see the module docstring)."""
         if self._broken is not None:
             raise self._broken
         if self._stopped:
             raise StoreError("the store is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.put(_Pending(op, future, loop, writes, outside_transaction))
+        self._queue.put(_Pending(op, future, loop, writes, outside_transaction, durable=durable))
         return await future
 
     async def submit_batchable(self, batch_op: BatchOperation, item: Any) -> Any:
@@ -186,10 +198,17 @@ class GroupCommitWriter:
             batch.append(item)
         return False
 
+    def _sync_for(self, conn: sqlite3.Connection, durable: bool) -> None:
+        if self._synced is not durable:
+            conn.execute("PRAGMA synchronous = FULL" if durable else "PRAGMA synchronous = NORMAL")
+            self._synced = durable
+
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Pending]) -> None:
         writes = any(p.writes for p in batch)
         outcomes: list[_Outcome] = []
         try:
+            if writes:
+                self._sync_for(conn, any(p.durable for p in batch if p.writes))
             conn.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
         except sqlite3.Error as exc:
             self._finish([_Outcome(p, error=StoreError(f"sqlite: cannot begin: {exc}")) for p in batch])
@@ -260,6 +279,7 @@ class GroupCommitWriter:
     def _run_alone(self, conn: sqlite3.Connection, pending: _Pending) -> None:
         self._op_undo, self._op_commit = [], []
         try:
+            self._sync_for(conn, True)
             outcome = _Outcome(pending, result=pending.op(conn))
         except BaseException as exc:
             outcome = _Outcome(pending, error=_as_store_error(exc))

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from bridge.store import open_store
+from bridge.store import sqlite_ops as ops
 from bridge.store.base import DeadLetter, RecordFilter, StoreError, StoreFull
 from bridge.store.sqlite import SqliteStore
+from bridge.store.sqlite_writer import GroupCommitWriter
 from tests.store.helpers import event
 
 
@@ -200,6 +202,66 @@ async def test_a_commit_interval_gathers_even_more_calls(tmp_path: Path) -> None
     assert sum(r.stored for r in results) == 100
     assert store.commits <= 5
     await store.close()
+
+
+FULL, NORMAL = 2, 1  # PRAGMA synchronous values
+
+
+def _synchronous(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+
+async def test_ingest_commits_are_fsynced_and_delivery_bookkeeping_is_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[str, int]] = []
+
+    def spy(name: str) -> None:
+        real = getattr(ops, name)
+
+        def op(conn: sqlite3.Connection, *args: object, **kwargs: object) -> object:
+            seen.append((name, _synchronous(conn)))
+            return real(conn, *args, **kwargs)
+
+        monkeypatch.setattr(ops, name, op)
+
+    for name in ("enqueue_many", "lease", "ack", "retry", "release", "discard", "dead_letter"):
+        spy(name)
+    store = await opened(tmp_path / "b.db")
+    await store.enqueue("web", [event(f"m{i}") for i in range(5)])
+    jobs = await store.lease("moe", 5, 60)
+    fence = {j.id: j.attempts for j in jobs}
+    await store.ack([jobs[0].id], "v1", fence=fence)
+    await store.retry([jobs[1].id], time.time(), "boom", fence=fence)
+    await store.release([jobs[2].id], fence=fence)
+    await store.dead_letter([DeadLetter(jobs[3].id, "bad")], fence=fence)
+    await store.enqueue("web", [event("m-late")])
+    assert seen == [
+        ("enqueue_many", FULL),
+        ("lease", NORMAL),
+        ("ack", NORMAL),
+        ("retry", NORMAL),
+        ("release", NORMAL),
+        ("dead_letter", NORMAL),
+        ("enqueue_many", FULL),  # and that fsync makes the bookkeeping before it durable too
+    ]
+    await store.close()
+
+
+async def test_a_group_with_one_durable_operation_is_fsynced(tmp_path: Path) -> None:
+    def connect() -> sqlite3.Connection:
+        conn = sqlite3.connect(tmp_path / "w.db", isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode = WAL")
+        return conn
+
+    writer = GroupCommitWriter(connect, commit_interval=0.05)  # gathers both into one commit
+    writer.start()
+    both = await asyncio.gather(writer.submit(_synchronous, durable=False), writer.submit(_synchronous, durable=True))
+    assert list(both) == [FULL, FULL]
+    assert writer.commits == 1
+    assert await writer.submit(_synchronous, durable=False) == NORMAL
+    assert await writer.submit(_synchronous) == FULL
+    await writer.stop()
 
 
 def test_bad_options_are_refused(tmp_path: Path) -> None:
