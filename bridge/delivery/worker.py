@@ -337,7 +337,7 @@ class DestinationWorker:
                     )
                 )
                 continue
-            mine = [Item(job_id, out, len(orjson.dumps(out.body))) for out in result]
+            mine = [Item(job_id, out, orjson.dumps(out.body)) for out in result]
             reject = next((r for it in mine if (r := self.client.reject_reason(it))), None)
             if not mine or reject:
                 discards.append(Discard(job_id, reject or "no_output", label))

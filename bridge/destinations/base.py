@@ -27,7 +27,13 @@ class Item:
 
     job_id: int
     output: Output
-    size: int  # bytes of the orjson-encoded body, computed once by the engine
+    # The body as JSON, encoded once by the engine: it sizes the item for packing and is
+    # spliced into the request as is (see packing.json_array), never encoded again.
+    encoded: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.encoded)
 
 
 @dataclass(slots=True)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import orjson
 
 from bridge.destinations.base import Item
 
@@ -32,3 +35,15 @@ def chunk(
     if current:
         runs.append(current)
     return runs
+
+
+def json_array(items: Iterable[Item]) -> bytes:
+    """The items' bodies as one JSON array, from their encoded bytes."""
+    return b"[" + b",".join([item.encoded for item in items]) + b"]"
+
+
+def json_object(head: Mapping[str, bytes], tail: Mapping[str, Any] | None = None) -> bytes:
+    """A JSON object from members already encoded (``head``), then plain values (``tail``)."""
+    parts = [orjson.dumps(key) + b":" + value for key, value in head.items()]
+    parts += [orjson.dumps(key) + b":" + orjson.dumps(value) for key, value in (tail or {}).items()]
+    return b"{" + b",".join(parts) + b"}"

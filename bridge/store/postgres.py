@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import replace
 from typing import Any, TypeVar
 
 import asyncpg
@@ -121,8 +120,7 @@ def _has_nul(e: IncomingEvent) -> bool:
 
 
 def _clean_event(e: IncomingEvent) -> IncomingEvent:
-    return replace(
-        e,
+    return e._replace(
         message_id=_text(e.message_id),
         ordering_key=_text(e.ordering_key),
         links=tuple(IdentityLink(_text(k.namespace), _text(k.from_id), _text(k.to_id)) for k in e.links),

@@ -12,7 +12,7 @@ from bridge.mapping.api import Output
 
 def make_item(kind: str, body: dict[str, Any], job_id: int = 1) -> Item:
     """An Item sized exactly as the delivery engine sizes it (orjson bytes)."""
-    return Item(job_id=job_id, output=Output(kind, body), size=len(orjson.dumps(body)))
+    return Item(job_id=job_id, output=Output(kind, body), encoded=orjson.dumps(body))
 
 
 def customer(customer_id: str, job_id: int = 1, **attributes: Any) -> Item:

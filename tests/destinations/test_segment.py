@@ -11,6 +11,7 @@ import pytest
 
 from bridge.destinations.base import ConfigError, Item, Request, destination_kinds
 from bridge.destinations.segment import SegmentDestination
+from bridge.destinations.segment.destination import sent_at_now
 from bridge.testing.standins import Planned, SegmentStandIn
 from tests.destinations.helpers import make_item
 
@@ -140,9 +141,15 @@ def test_missing_type_is_filled_from_the_output_kind_and_counted():
     item = make_item("identify", {"userId": "u1", "traits": {}})
     body = orjson.loads(dest.render(Request("batch", [item])))
     assert body["batch"] == [{"type": "identify", "userId": "u1", "traits": {}}]
-    near = make_item("identify", {"userId": "u1", "traits": {"pad": "q" * (32 * 1024 - 40)}})
-    assert near.size <= 32 * 1024
-    assert dest.reject_reason(near) == "event_too_large"  # 32 KB once "type" is added
+    # An empty body too: the type is spliced into the encoded bytes, not re-encoded.
+    bare = make_item("track", {})
+    typed = make_item("page", {"type": "screen", "name": "Home"})
+    both = orjson.loads(dest.render(Request("batch", [bare, typed])))
+    assert both["batch"] == [{"type": "track"}, {"type": "screen", "name": "Home"}]
+    for one in (bare, item, typed):
+        # the size it is packed by is the size it is sent at
+        envelope = len(b'{"batch":[],"sentAt":""}') + len(sent_at_now())
+        assert len(dest.render_for_record(Request("batch", [one]))) - envelope == dest._event_bytes(one)
 
 
 def test_render_sets_sent_at_per_call():

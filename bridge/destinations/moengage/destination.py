@@ -12,7 +12,7 @@ from bridge.destinations import http
 from bridge.destinations.base import ConfigError, Destination, Item, RateCost, Request, Response, register
 from bridge.destinations.config import check_keys, optional_base_url, optional_int, required_str
 from bridge.destinations.moengage.datacenters import REGIONS, default_base_url, normalise_data_center
-from bridge.destinations.packing import chunk
+from bridge.destinations.packing import chunk, json_array, json_object
 
 Api = Literal["bulk", "single"]
 
@@ -29,6 +29,7 @@ PER_MINUTE = 60.0
 
 # Envelope bytes around the comma-separated items, for exact size accounting.
 _BULK_ENVELOPE = len(orjson.dumps({"type": "transition", "elements": []}))
+_TRANSITION = orjson.dumps("transition")
 _MERGE_ENVELOPE = len(orjson.dumps({"merge_data": []}))
 
 _KEYS = frozenset({"name", "kind", "workspace_id", "api_key", "data_center", "base_url", "api", "max_request_bytes"})
@@ -144,14 +145,14 @@ class MoEngageDestination(Destination):
         return requests
 
     def render(self, request: Request) -> bytes:
-        bodies = [item.output.body for item in request.items]
+        items = request.items
         if request.endpoint == BULK:
-            return orjson.dumps({"type": "transition", "elements": bodies})
+            return json_object({"type": _TRANSITION, "elements": json_array(items)})
         if request.endpoint == MERGE:
-            return orjson.dumps({"merge_data": bodies})
-        if len(bodies) != 1:
-            raise ValueError(f"{self.name}: the {request.endpoint!r} endpoint takes one item, got {len(bodies)}")
-        return orjson.dumps(bodies[0])
+            return json_object({"merge_data": json_array(items)})
+        if len(items) != 1:
+            raise ValueError(f"{self.name}: the {request.endpoint!r} endpoint takes one item, got {len(items)}")
+        return items[0].encoded
 
     async def send(self, request: Request) -> Response:
         if request.endpoint not in self._urls:

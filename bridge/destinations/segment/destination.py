@@ -11,7 +11,7 @@ import orjson
 from bridge.destinations import http
 from bridge.destinations.base import ConfigError, Destination, Item, RateCost, Request, Response, register
 from bridge.destinations.config import check_keys, optional_base_url, optional_int, required_str
-from bridge.destinations.packing import chunk
+from bridge.destinations.packing import chunk, json_object
 
 HOSTS = {"us": "https://api.segment.io", "eu": "https://events.eu1.segmentapis.com"}
 CALL_TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias"})
@@ -105,15 +105,16 @@ class SegmentDestination(Destination):
         """The write key (for wiring a sandbox stand-in; never put it in logs)."""
         return self._write_key
 
-    def _event(self, item: Item) -> dict[str, Any]:
-        # Segment drops batch items without a type; the output kind names it.
-        body = item.output.body
-        return body if "type" in body else {"type": item.output.kind, **body}
+    def _event(self, item: Item) -> bytes:
+        # Segment drops batch items without a type; the output kind names it, as the
+        # object's first member, spliced in front of the body's own encoded members.
+        if "type" in item.output.body:
+            return item.encoded
+        typed = b'{"type":' + orjson.dumps(item.output.kind)
+        return typed + (b"}" if item.encoded == b"{}" else b"," + item.encoded[1:])
 
     def _event_bytes(self, item: Item) -> int:
-        if "type" in item.output.body:
-            return item.size
-        return item.size + len(orjson.dumps({"type": item.output.kind})) - 1
+        return item.size if "type" in item.output.body else len(self._event(item))
 
     def reject_reason(self, item: Item) -> str | None:
         if item.output.kind not in CALL_TYPES:
@@ -132,14 +133,15 @@ class SegmentDestination(Destination):
         )
         return [Request(BATCH, run) for run in runs]
 
+    def _batch(self, request: Request) -> bytes:
+        return b"[" + b",".join([self._event(item) for item in request.items]) + b"]"
+
     def render(self, request: Request) -> bytes:
-        batch = [self._event(item) for item in request.items]
-        return orjson.dumps({"batch": batch, "sentAt": sent_at_now(), "writeKey": self._write_key})
+        return json_object({"batch": self._batch(request)}, {"sentAt": sent_at_now(), "writeKey": self._write_key})
 
     def render_for_record(self, request: Request) -> bytes:
         # The DLQ is operator-visible: keep the request as sent, minus the write key.
-        batch = [self._event(item) for item in request.items]
-        return orjson.dumps({"batch": batch, "sentAt": sent_at_now()})
+        return json_object({"batch": self._batch(request)}, {"sentAt": sent_at_now()})
 
     async def send(self, request: Request) -> Response:
         if request.endpoint != BATCH:
