@@ -119,7 +119,10 @@ class DestinationWorker:
             self._tasks.append(asyncio.create_task(self._loop(), name=f"deliver:{self.name}:{i}"))
 
     def wake(self) -> None:
-        self._wake.set()
+        # Ingest calls this for every request. A paused destination has nothing to lease,
+        # and waking it would only spin its loop once per request; resuming wakes it.
+        if not self.paused:
+            self._wake.set()
 
     def begin_stop(self) -> None:
         """Start no new lease or request from now on; what is in flight carries on."""

@@ -485,3 +485,33 @@ async def test_a_fault_after_a_successful_send_does_not_send_it_again(make_bridg
     await wait_until(drained, what="the queue to drain")
     await asyncio.sleep(0.3)  # a wrongly scheduled retry would have gone out by now
     assert failures == 0 and len(bridge.moengage.events()) == 5
+
+
+async def test_ingest_does_not_spin_a_paused_destinations_loop(bridge):
+    """Each request wakes its destinations' workers; a paused one has nothing to lease, so
+    the wake-ups are ignored until the resume (under load they cost a loop turn per request)."""
+    assert bridge.runtime is not None
+    worker = bridge.runtime.delivery.workers["moengage-main"]
+    assert (await bridge.post("/admin/destinations/moengage-main/pause", None, ADMIN))[0] == 200
+    await wait_until(lambda: worker.paused, what="the worker to see the pause")
+    turns = 0
+    check = worker._check_mapping_changed
+
+    async def counted() -> None:
+        nonlocal turns
+        turns += 1
+        await check()
+
+    worker._check_mapping_changed = counted  # type: ignore[method-assign]
+    started = time.monotonic()
+    for i in range(40):
+        event = {"type": "track", "userId": f"user-w{i}", "event": "While Paused", "messageId": f"w-{i}"}
+        assert (await bridge.post("/v1/track", event, H))[0] == 200
+    await asyncio.sleep(0.2)
+    # It still polls (a guard's pause ends when the mapping changes): about once per
+    # poll_interval (0.05 s here), never once per request.
+    polls = (time.monotonic() - started) / worker.config.delivery.poll_interval
+    assert turns < 20, f"the paused worker's loop turned {turns} times for 40 requests ({polls:.0f} polls)"
+    assert bridge.moengage.events() == []
+    assert (await bridge.post("/admin/destinations/moengage-main/resume", None, ADMIN))[0] == 200
+    await wait_until(lambda: len(bridge.moengage.events()) == 40, what="the backlog to be delivered after the resume")
