@@ -14,7 +14,7 @@ from aiohttp import web
 from bridge.admin.routes import add_admin_routes
 from bridge.bindings import PrometheusBindings
 from bridge.config.model import Config
-from bridge.httpx import json_errors, json_response
+from bridge.httpx import json_response
 from bridge.runtime import Runtime
 from bridge.sources.segment.routes import SegmentSources
 from bridge.sources.streams.routes import StreamsSources
@@ -32,7 +32,7 @@ def build_app(runtime: Runtime, bindings: PrometheusBindings) -> web.Application
     # Bodies are read by our own bounded reader; this is only the hard ceiling.
     app = web.Application(
         client_max_size=max(cfg.server.max_request_bytes, cfg.server.max_webhook_bytes, 8 * 1024 * 1024),
-        middlewares=[bindings.http_middleware(), json_errors],
+        middlewares=[bindings.http_middleware()],
     )
     app[RUNTIME] = runtime
     app[BINDINGS] = bindings

@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from bridge.httpx import json_errors_middleware
 from bridge.observability.adapters import PrometheusDeliveryMetrics, PrometheusIngestMetrics
-from bridge.observability.metrics import Metrics, http_metrics_middleware
+from bridge.observability.metrics import Metrics
 
 if TYPE_CHECKING:
     from bridge.runtime import Runtime
@@ -25,7 +26,8 @@ class PrometheusBindings:
         self.delivery = PrometheusDeliveryMetrics(self.metrics)
 
     def http_middleware(self) -> Any:
-        return http_metrics_middleware(self.metrics)
+        """The app's middleware: JSON errors, and every request counted by its final status."""
+        return json_errors_middleware(self.metrics.observe_http)
 
     async def refresh_gauges(self, runtime: Runtime) -> None:
         # Every configured destination gets both gauges, reading 0 before it ever queued anything.

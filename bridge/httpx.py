@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from aiohttp.web_protocol import RequestPayloadError
 
 log = structlog.get_logger("bridge.http")
@@ -56,24 +57,42 @@ _HTTP_CODES = {
 }
 
 
-@web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except ApiError as err:
-        _log_rejection(request, err)
-        return error_response(err)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code, message = _HTTP_CODES.get(exc.status, ("http_error", exc.reason))
-        mapped = ApiError(exc.status, code, message, headers=_keep_headers(exc))
-        _log_rejection(request, mapped)
-        return error_response(mapped)
-    except Exception:
-        # A bug of ours: say so without leaking internals; the log has the traceback.
-        log.exception("unhandled_error", route=_route(request))
-        return error_response(ApiError(500, "internal_error", "the bridge failed to handle this request"))
+# Called once per request with its final status (e.g. to count it); see json_errors_middleware.
+StatusObserver = Callable[[web.Request, int], None]
+
+
+def json_errors_middleware(observe: StatusObserver | None = None) -> Middleware:
+    """The app's one middleware: renders every error as JSON {code, message} and tells
+    ``observe`` each request's final status.
+
+    One middleware rather than two (errors, then metrics): each layer is another coroutine
+    per request, and single Tracking API calls arrive by the thousand per second."""
+
+    @web.middleware
+    async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except ApiError as err:
+            _log_rejection(request, err)
+            response = error_response(err)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                if observe is not None:
+                    observe(request, exc.status)
+                raise
+            code, message = _HTTP_CODES.get(exc.status, ("http_error", exc.reason))
+            mapped = ApiError(exc.status, code, message, headers=_keep_headers(exc))
+            _log_rejection(request, mapped)
+            response = error_response(mapped)
+        except Exception:
+            # A bug of ours: say so without leaking internals; the log has the traceback.
+            log.exception("unhandled_error", route=_route(request))
+            response = error_response(ApiError(500, "internal_error", "the bridge failed to handle this request"))
+        if observe is not None:
+            observe(request, response.status)
+        return response
+
+    return json_errors
 
 
 def _log_rejection(request: web.Request, err: ApiError) -> None:

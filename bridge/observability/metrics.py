@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder, generate_latest
 
@@ -208,6 +207,10 @@ class Metrics:
     def http_request(self, route: str, status: int) -> None:
         self._http.child(route, str(status)).inc()
 
+    def observe_http(self, request: web.Request, status: int) -> None:
+        """Count a finished request by its route template (httpx.json_errors_middleware)."""
+        self.http_request(route_label(request), status)
+
     def render(self, accept: str | None = None) -> tuple[bytes, str]:
         """The exposition body and its content type for GET /metrics.
 
@@ -226,24 +229,3 @@ def route_label(request: web.Request) -> str:
     if resource is None or getattr(match_info, "http_exception", None) is not None:
         return UNMATCHED_ROUTE
     return str(resource.canonical)
-
-
-def http_metrics_middleware(metrics: Metrics) -> Middleware:
-    """aiohttp middleware counting bridge_http_requests_total{route, status}.
-
-    Place it first so it sees the final status, including HTTPExceptions and crashes (500)."""
-
-    @web.middleware
-    async def count_http_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            response = await handler(request)
-        except web.HTTPException as exc:
-            metrics.http_request(route_label(request), exc.status)
-            raise
-        except Exception:
-            metrics.http_request(route_label(request), 500)
-            raise
-        metrics.http_request(route_label(request), response.status)
-        return response
-
-    return count_http_requests

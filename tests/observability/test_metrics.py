@@ -12,13 +12,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
 
-from bridge.httpx import json_errors
+from bridge.httpx import json_errors_middleware
 from bridge.observability.metrics import (
     MAX_LABEL_VALUES,
     OVERFLOW_LABEL,
     UNMATCHED_ROUTE,
     Metrics,
-    http_metrics_middleware,
 )
 from bridge.store.base import QueueStats
 from bridge.testing.standins import MoEngageStandIn, SegmentStandIn
@@ -151,7 +150,7 @@ async def test_middleware_counts_route_templates_and_error_statuses(
             raise RuntimeError("bug")
         return web.json_response({"id": request.match_info["id"]})
 
-    app = web.Application(middlewares=[http_metrics_middleware(m)])
+    app = web.Application(middlewares=[json_errors_middleware(m.observe_http)])
     app.router.add_get("/items/{id}", item)
     client = await aiohttp_client(app)
     for path in ("/items/1", "/items/2", "/items/missing", "/items/crash", "/nowhere/at/all"):
@@ -172,7 +171,7 @@ async def test_middleware_sees_statuses_after_json_errors(aiohttp_client: Aiohtt
     async def teapot(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest()
 
-    app = web.Application(middlewares=[http_metrics_middleware(m), json_errors])
+    app = web.Application(middlewares=[json_errors_middleware(m.observe_http)])
     app.router.add_post("/v1/{call}", teapot)
     client = await aiohttp_client(app)
     resp = await client.post("/v1/track")
