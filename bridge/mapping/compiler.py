@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.mapping.api import CompiledMapping, Discarded, Failed, MapContext, MapResult, Output
+from bridge.mapping.conditions import Guard, conjunction, guard_of, passes
 from bridge.mapping.expressions import Cond, ExprCompiler, Fn, Lookup, Scope, build_object
 from bridge.mapping.paths import PathError, Segment, parse_path
 from bridge.mapping.runtime import MISSING, DropEvent, Env, FailEvent, clone
@@ -79,7 +80,9 @@ class YamlMapping(CompiledMapping):
         self._identity_link = identity_link
         self._identity_also = identity_also
         self._drops = drops
-        self._rules = rules
+        # Checked before any condition runs (see conditions.Guard).
+        self._link_guard = guard_of(identity_link[0]) if identity_link is not None else None
+        self._rule_guards: list[tuple[_Rule, Guard | None]] = [(r, guard_of(r.when)) for r in rules]
 
     def integration_names(self) -> tuple[str, ...]:
         return self._integrations
@@ -109,6 +112,9 @@ class YamlMapping(CompiledMapping):
 
     def identity_link(self, event: dict[str, Any]) -> tuple[str, str] | None:
         if self._identity_link is None or type(event) is not dict:
+            return None
+        guard = self._link_guard
+        if guard is not None and not passes(guard, event):
             return None
         when, src, dst = self._identity_link
         env = Env(event, None, {}, "")
@@ -140,8 +146,8 @@ class YamlMapping(CompiledMapping):
                 if cond(env):
                     return Discarded(reason, _detail(detail, env))
             outputs: list[Output] = []
-            for rule in self._rules:
-                if not rule.when(env):
+            for rule, guard in self._rule_guards:
+                if (guard is not None and not passes(guard, event)) or not rule.when(env):
                     continue
                 if rule.drop is not None:
                     return Discarded(rule.drop, _detail(rule.detail, env))
@@ -572,12 +578,7 @@ def _true(env: Env) -> bool:
 
 
 def _all(conds: list[Cond]) -> Cond:
-    if not conds:
-        return _true
-    if len(conds) == 1:
-        return conds[0]
-    a, b = conds[0], conds[1]
-    return lambda env: a(env) and b(env)
+    return conjunction(tuple(conds)) if conds else _true
 
 
 def _set_item(v: Any, fold: bool) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from bridge.mapping.runtime import MISSING, Env, is_empty
@@ -11,6 +13,31 @@ if TYPE_CHECKING:
     from bridge.mapping.expressions import Cond, ExprCompiler, Fn
 
 _ALWAYS_FALSE: Cond = lambda env: False  # noqa: E731
+
+# A guard is what a condition requires of one top-level string field of the event:
+# (field, the values it may have). `match: {type: identify}` has the guard
+# ("type", {"identify"}). Callers check it before building an Env: at ingest every event
+# is asked for its identity link, and most events fail on their type alone.
+Guard = tuple[str, frozenset[str]]
+_GUARDS: weakref.WeakKeyDictionary[Cond, Guard] = weakref.WeakKeyDictionary()
+_TOP_LEVEL = re.compile(r"\$\.([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def guard_of(cond: Cond) -> Guard | None:
+    """The guard ``cond`` implies, if it implies one: when the event's field is not a
+    string among the values, ``cond`` is certainly false."""
+    return _GUARDS.get(cond)
+
+
+def passes(guard: Guard, event: dict[str, Any]) -> bool:
+    value = event.get(guard[0])
+    return type(value) is str and value in guard[1]
+
+
+def _guarded(cond: Cond, guard: Guard | None) -> Cond:
+    if guard is not None:
+        _GUARDS[cond] = guard
+    return cond
 
 
 def compile_condition(c: ExprCompiler, node: YNode, ypath: str) -> Cond:
@@ -49,7 +76,7 @@ def compile_condition(c: ExprCompiler, node: YNode, ypath: str) -> Cond:
                 c.diags.add(sub, sp, f"'{key}' expects a non-empty list of conditions")
                 return _ALWAYS_FALSE
             conds = tuple(compile_condition(c, item, join(sp, i)) for i, item in enumerate(sub.value))
-            return _all(conds) if key == "all" else _any(conds)
+            return conjunction(conds) if key == "all" else _any(conds)
         if key == "not":
             inner = compile_condition(c, sub, sp)
             return lambda env: not inner(env)
@@ -101,13 +128,27 @@ def _match(c: ExprCompiler, node: YNode, ypath: str, ignore_case: bool) -> Cond:
             continue
         getter = c.path_fn(p)
         op = "in" if want.is_list else "equals"
-        conds.append(compare(c, getter, op, want, join(ypath, key), ignore_case))
-    return _all(tuple(conds))
+        cond = compare(c, getter, op, want, join(ypath, key), ignore_case)
+        conds.append(_guarded(cond, None if ignore_case else _match_guard(text, want)))
+    return conjunction(tuple(conds))
 
 
-def _all(conds: tuple[Cond, ...]) -> Cond:
+def _match_guard(path: str, want: YNode) -> Guard | None:
+    """`match` on a top-level field with string values (compared exactly) has a guard."""
+    m = _TOP_LEVEL.fullmatch(path)
+    if m is None:
+        return None
+    values = [x.plain() for x in want.value] if want.is_list else [want.plain()]
+    if not values or not all(type(v) is str for v in values):
+        return None
+    return (m.group(1), frozenset(values))
+
+
+def conjunction(conds: tuple[Cond, ...]) -> Cond:
     if len(conds) == 1:
         return conds[0]
+    # All must hold, so any one's guard is the whole condition's.
+    guard = next((g for f in conds if (g := guard_of(f)) is not None), None)
 
     # plain loops: a generator in all()/any() costs more than the check on this hot path
     def all_of(env: Env) -> bool:
@@ -116,12 +157,17 @@ def _all(conds: tuple[Cond, ...]) -> Cond:
                 return False
         return True
 
-    return all_of
+    return _guarded(all_of, guard)
 
 
 def _any(conds: tuple[Cond, ...]) -> Cond:
     if len(conds) == 1:
         return conds[0]
+    # One must hold: guarded only if every branch guards the same field (values add up).
+    guards = [g for f in conds if (g := guard_of(f)) is not None]
+    guard: Guard | None = None
+    if len(guards) == len(conds) and len({g[0] for g in guards}) == 1:
+        guard = (guards[0][0], frozenset[str]().union(*(g[1] for g in guards)))
 
     def any_of(env: Env) -> bool:
         for f in conds:  # noqa: SIM110
@@ -129,7 +175,7 @@ def _any(conds: tuple[Cond, ...]) -> Cond:
                 return True
         return False
 
-    return any_of
+    return _guarded(any_of, guard)
 
 
 def _key(x: Any, fold: bool) -> Any:
