@@ -502,7 +502,7 @@ async def test_ingest_does_not_spin_a_paused_destinations_loop(bridge):
         turns += 1
         await check()
 
-    worker._check_mapping_changed = counted  # type: ignore[method-assign]
+    worker._check_mapping_changed = counted
     started = time.monotonic()
     for i in range(40):
         event = {"type": "track", "userId": f"user-w{i}", "event": "While Paused", "messageId": f"w-{i}"}
