@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("bridge")
 
 GAUGE_INTERVAL = 5.0
+# The background refresh waits at least this many times as long as the last one took (<= 2% of a core).
+GAUGE_COST_FACTOR = 50.0
 
 
 class PrometheusBindings:
@@ -38,8 +41,11 @@ class PrometheusBindings:
         for worker in runtime.delivery.workers.values():
             self.metrics.paused(worker.name, worker.paused)
         while True:
+            started = time.monotonic()
             try:
                 await self.refresh_gauges(runtime)
             except Exception:
                 log.exception("queue_gauges_failed")
-            await asyncio.sleep(interval)
+            # Counting a queue of millions takes a while, on the core that answers ingest:
+            # refresh less often rather than spend more than a small share of it.
+            await asyncio.sleep(max(interval, (time.monotonic() - started) * GAUGE_COST_FACTOR))

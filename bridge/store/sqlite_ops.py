@@ -302,11 +302,35 @@ def list_discards(conn: sqlite3.Connection, flt: RecordFilter, limit: int) -> li
     return [DiscardRecord(*row) for row in rows]
 
 
+# The destinations with unsettled jobs, found by seeking the partial index once per
+# destination (a "loose index scan") rather than reading every queued job.
+_QUEUED_DESTINATIONS = f"""
+WITH RECURSIVE d(name) AS (
+    SELECT (SELECT MIN(destination) FROM jobs WHERE state < {DELIVERED})
+    UNION ALL
+    SELECT (SELECT MIN(destination) FROM jobs WHERE state < {DELIVERED} AND destination > d.name)
+    FROM d WHERE d.name IS NOT NULL
+)
+SELECT name FROM d WHERE name IS NOT NULL"""
+
+
 def queue_stats(conn: sqlite3.Connection) -> dict[str, QueueStats]:
+    """Depth and head-of-queue time per destination, from the jobs_unsettled index alone.
+
+    The gauges refresh every few seconds while the queue may hold millions of jobs. One
+    GROUP BY with MIN(created_at) read every queued row, payload pages included (60 ms of
+    CPU at 200k jobs, on the core that answers ingest). Counting index entries costs a
+    tenth of that, and the oldest job is the first in id order: ids and created_at both
+    follow commit order (a replay re-queues with the time of the replay)."""
     stats: dict[str, QueueStats] = {}
-    for destination, depth, oldest in conn.execute(
-        f"SELECT destination, COUNT(*), MIN(created_at) FROM jobs WHERE state < {DELIVERED} GROUP BY destination"
-    ):
+    for (destination,) in conn.execute(_QUEUED_DESTINATIONS).fetchall():
+        (depth,) = conn.execute(
+            f"SELECT COUNT(*) FROM jobs WHERE destination = ? AND state < {DELIVERED}", (destination,)
+        ).fetchone()
+        (oldest,) = conn.execute(
+            f"SELECT created_at FROM jobs WHERE destination = ? AND state < {DELIVERED} ORDER BY id LIMIT 1",
+            (destination,),
+        ).fetchone()
         stats[destination] = QueueStats(depth=depth, oldest_created_at=oldest)
     for destination, dead in conn.execute("SELECT destination, COUNT(*) FROM dead_letters GROUP BY destination"):
         current = stats.get(destination, QueueStats(depth=0, oldest_created_at=None))

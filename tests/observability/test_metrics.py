@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 from aiohttp import web
@@ -12,6 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
 
+from bridge.bindings import PrometheusBindings
 from bridge.httpx import json_errors_middleware
 from bridge.observability.metrics import (
     MAX_LABEL_VALUES,
@@ -19,6 +24,7 @@ from bridge.observability.metrics import (
     UNMATCHED_ROUTE,
     Metrics,
 )
+from bridge.runtime import Runtime
 from bridge.store.base import QueueStats
 from bridge.testing.standins import MoEngageStandIn, SegmentStandIn
 from tests.observability.harness import API_KEY, SEGMENT_OUT_KEY, WORKSPACE, WRITE_KEY, basic, build_app, config, track
@@ -241,3 +247,26 @@ async def _until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             pytest.fail(f"condition not met within {timeout}s")
         await asyncio.sleep(0.05)
+
+
+async def test_the_gauge_refresh_backs_off_when_counting_the_queue_is_slow() -> None:
+    """Counting a huge queue takes a while on the core that answers ingest: the background
+    refresh then waits GAUGE_COST_FACTOR times as long as the count took, not the interval."""
+    calls: list[float] = []
+
+    class SlowStore:
+        async def queue_stats(self) -> dict[str, QueueStats]:
+            calls.append(time.monotonic())
+            await asyncio.sleep(0.02)
+            return {}
+
+    fake = SimpleNamespace(
+        store=SlowStore(), config=SimpleNamespace(destinations=[]), delivery=SimpleNamespace(workers={})
+    )
+    task = asyncio.create_task(PrometheusBindings().refresh_gauges_forever(cast(Runtime, fake), interval=0.001))
+    await asyncio.sleep(0.5)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    # 0.02 s x 50 = 1 s before the second count; at the 1 ms interval there would be ~25.
+    assert len(calls) == 1

@@ -224,6 +224,32 @@ async def test_dead_letter_list_and_filters(store: Store) -> None:
     assert (stats["seg"].depth, stats["seg"].dead) == (0, 1)
 
 
+async def test_queue_stats_per_destination_depth_and_head(store: Store) -> None:
+    """Depth counts unsettled jobs (leased ones too); the age is the oldest unsettled job's,
+    and moves on when that job settles; a destination with nothing queued is absent."""
+    before = time.time()
+    await store.enqueue("web", [event("q0", "u0", destinations=("a", "b", "c"))])
+    await asyncio.sleep(0.05)
+    middle = time.time()
+    await store.enqueue("web", [event(f"q{i}", f"u{i}", destinations=("a", "c")) for i in range(1, 4)])
+    stats = await store.queue_stats()
+    assert {d: s.depth for d, s in stats.items()} == {"a": 4, "b": 1, "c": 4}
+    for name in ("a", "b", "c"):
+        oldest = stats[name].oldest_created_at
+        assert oldest is not None and before <= oldest < middle
+
+    head = await store.lease("a", 1, 30)
+    assert (await store.queue_stats())["a"].depth == 4  # leased is not settled
+    await store.ack([head[0].id], "v1")
+    await store.ack([j.id for j in await store.lease("b", 10, 30)], "v1")
+    stats = await store.queue_stats()
+    assert "b" not in stats
+    assert stats["a"].depth == 3
+    oldest = stats["a"].oldest_created_at
+    assert oldest is not None and oldest >= middle
+    assert stats["c"].oldest_created_at is not None and stats["c"].oldest_created_at < middle
+
+
 async def test_replay_requeues_fresh_jobs_and_purge_deletes(store: Store) -> None:
     ids = await _dead(store, 3)
     await store.dead_letter([DeadLetter(i, "http_400" if i != ids[2] else "http_422") for i in ids])
