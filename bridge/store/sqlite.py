@@ -234,9 +234,12 @@ class SqliteStore(Store):
         dedupe.merging = True
         try:
             last, slices = await self._run(dedupe.plan)
+            # Bookkeeping commits, without their own fsync: every key stays in dedupe_recent
+            # until finish_merge commits, and a power cut loses a suffix of commits, never a
+            # slice before the finish that follows it.
             for lo, hi in slices:
-                await self._run(partial(dedupe.merge_slice, lo=lo, hi=hi))
-            await self._run(partial(dedupe.finish_merge, last=last))
+                await self._run(partial(dedupe.merge_slice, lo=lo, hi=hi), durable=False)
+            await self._run(partial(dedupe.finish_merge, last=last), durable=False)
         except StoreError:
             pass  # the keys stay in dedupe_recent and memory; the next enqueue tries again
         finally:

@@ -38,6 +38,12 @@ class DedupeKeys:
         self._merge_at = merge_at
         self._recent: set[tuple[str, str]] = set()  # keys in dedupe_recent, not yet merged
         self.merging = False  # set and cleared by the store's merge task
+        self._merging: frozenset[tuple[str, str]] = frozenset()  # the keys of the merge under way
+        # Counts whole merges (``merge``). One can run while a sliced merge is under way
+        # (``add`` falls back to it when memory runs over): it empties dedupe_recent, so
+        # new rows may then reuse ids up to the sliced merge's ``last``.
+        self._whole_merges = 0
+        self._planned_at = 0
 
     @property
     def wants_merge(self) -> bool:
@@ -86,6 +92,10 @@ class DedupeKeys:
             previous = self._recent
             self._recent = set(conn.execute("SELECT source, message_id FROM temp.merging"))
             self._writer.on_rollback(lambda: setattr(self, "_recent", previous))
+        # Exactly the keys of the snapshot (memory holds the rows of dedupe_recent): they
+        # leave memory when finish_merge deletes their rows, with no per-slice read-back.
+        self._merging = frozenset(self._recent)
+        self._planned_at = self._whole_merges
         step = max(1, -(-count // SLICES))
         return last, [(lo, min(lo + step, count)) for lo in range(0, count, step)]
 
@@ -96,19 +106,26 @@ class DedupeKeys:
             " SELECT source, message_id, seen_at FROM temp.merging WHERE rowid > ? AND rowid <= ? ORDER BY rowid",
             (lo, hi),
         )
-        merged = conn.execute(
-            "SELECT source, message_id FROM temp.merging WHERE rowid > ? AND rowid <= ?", (lo, hi)
-        ).fetchall()
-        self._writer.on_commit(lambda: self._recent.difference_update(merged))
+
+    def _undo_whole_merge(self) -> None:
+        self._whole_merges -= 1
 
     def finish_merge(self, conn: sqlite3.Connection, last: int) -> None:
         # Merged keys stayed in dedupe_recent until now; were we to crash before this,
         # the next merge moves them again, harmlessly (INSERT OR IGNORE).
-        conn.execute("DELETE FROM dedupe_recent WHERE id <= ?", (last,))
         conn.execute("DROP TABLE IF EXISTS temp.merging")
+        merged, self._merging = self._merging, frozenset()
+        if self._whole_merges != self._planned_at:
+            # A whole merge already moved every row of this snapshot (and took its keys
+            # out of memory); rows with ids up to ``last`` now are new, unmerged ones.
+            return
+        conn.execute("DELETE FROM dedupe_recent WHERE id <= ?", (last,))
+        self._writer.on_commit(lambda: self._recent.difference_update(merged))
 
     def merge(self, conn: sqlite3.Connection) -> None:
         """Move all of ``dedupe_recent`` into the ``dedupe`` B-tree at once."""
+        self._whole_merges += 1
+        self._writer.on_rollback(self._undo_whole_merge)
         conn.execute(
             "INSERT OR IGNORE INTO dedupe (source, message_id, seen_at)"
             " SELECT source, message_id, seen_at FROM dedupe_recent ORDER BY source, message_id"

@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -181,6 +182,27 @@ async def test_dedupe_keys_survive_merges_and_reopening(tmp_path: Path) -> None:
     assert conn.execute("SELECT COUNT(*) FROM dedupe").fetchone()[0] == 303
     assert conn.execute("SELECT COUNT(*) FROM dedupe_recent").fetchone()[0] == 0
     conn.close()
+
+
+async def test_keys_stay_on_disk_when_a_whole_merge_overtakes_a_sliced_one(tmp_path: Path) -> None:
+    """Memory runs over while a sliced merge is under way, so ``add`` merges everything at
+    once and empties dedupe_recent; new rows then reuse low ids. The sliced merge's finish
+    must not delete those new, unmerged rows: after a restart every key is still known."""
+    store = await opened(tmp_path / "b.db", dedupe_merge_at=10_000)
+    dedupe = store._open_dedupe()
+    await store.enqueue("web", [event(f"old-{i}") for i in range(50)])
+    last, slices = await store._run(dedupe.plan)
+    for lo, hi in slices:
+        await store._run(partial(dedupe.merge_slice, lo=lo, hi=hi))
+    await store._run(dedupe.merge)  # what add() does when memory runs over
+    await store.enqueue("web", [event(f"new-{i}") for i in range(30)])  # ids 1..30 again
+    await store._run(partial(dedupe.finish_merge, last=last))
+    await store.close()
+
+    reopened = await opened(tmp_path / "b.db")
+    keys = [f"old-{i}" for i in range(50)] + [f"new-{i}" for i in range(30)]
+    assert (await reopened.enqueue("web", [event(k) for k in keys])).stored == 0
+    await reopened.close()
 
 
 async def test_a_merge_by_another_process_is_noticed(tmp_path: Path) -> None:
