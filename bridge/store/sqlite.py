@@ -42,7 +42,7 @@ from bridge.store.base import (
     StoreError,
     StoreFull,
 )
-from bridge.store.sqlite_dedupe import MERGE_AT, DedupeKeys
+from bridge.store.sqlite_dedupe import FILL_CHUNK, MERGE_AT, MERGE_SLICE, DedupeKeys
 from bridge.store.sqlite_schema import configure, create_schema
 from bridge.store.sqlite_writer import BatchOperation, GroupCommitWriter
 
@@ -233,12 +233,18 @@ class SqliteStore(Store):
     async def _merge_dedupe(self, dedupe: DedupeKeys) -> None:
         dedupe.merging = True
         try:
-            last, slices = await self._run(dedupe.plan)
             # Bookkeeping commits, without their own fsync: every key stays in dedupe_recent
             # until finish_merge commits, and a power cut loses a suffix of commits, never a
-            # slice before the finish that follows it.
-            for lo, hi in slices:
-                await self._run(partial(dedupe.merge_slice, lo=lo, hi=hi), durable=False)
+            # step before the finish that follows it.
+            first, last = await self._run(dedupe.plan, durable=False)
+            for lo in range(first, last + 1, FILL_CHUNK):
+                await self._run(partial(dedupe.fill, lo=lo, hi=min(lo + FILL_CHUNK - 1, last)), durable=False)
+            if await self._run(dedupe.check, durable=False):
+                after = None
+                while True:
+                    after = await self._run(partial(dedupe.merge_next, after=after, limit=MERGE_SLICE), durable=False)
+                    if after is None:
+                        break
             await self._run(partial(dedupe.finish_merge, last=last), durable=False)
         except StoreError:
             pass  # the keys stay in dedupe_recent and memory; the next enqueue tries again

@@ -23,14 +23,12 @@ from bridge.store.sqlite_writer import GroupCommitWriter
 
 DEDUPE_INSERT = ("INSERT INTO dedupe_recent (seen_at, source, message_id) VALUES ", "(?1, ?, ?)")
 
-# Keys held in memory before a merge starts: about 150 bytes each. A merge costs about
-# 4 µs of CPU per key whatever its size, but its sort holds the writer (and so every
-# acknowledgement) for a time that grows with it: about 30 ms at 25k keys, 130-180 ms
-# at 100k (measured on the bench machine).
+# Keys held in memory before a merge starts: about 150 bytes each.
 MERGE_AT = 25_000
-# A merge runs as this many key-range slices, each its own small operation, so ingest
-# interleaves with it instead of waiting for one long rewrite of the B-tree.
-SLICES = 16
+# A merge copies this many ids into its snapshot, and inserts this many keys into the
+# B-tree, per writer operation (a few ms each): ingest interleaves with it.
+FILL_CHUNK = 2000
+MERGE_SLICE = 2000
 # Far below SQLite's limit on bound parameters (32766 since 3.32).
 CHUNK = 30000
 
@@ -79,36 +77,63 @@ class DedupeKeys:
         the file while the server runs does not disturb the server's keys."""
         self._recent = set(conn.execute("SELECT source, message_id FROM dedupe_recent"))
 
-    def plan(self, conn: sqlite3.Connection) -> tuple[int, list[tuple[int, int]]]:
-        """Snapshot the waiting keys, sorted, into a temporary table; return the last
-        ``dedupe_recent`` id it covers and the row ranges of its slices."""
-        last = conn.execute("SELECT COALESCE(MAX(id), 0) FROM dedupe_recent").fetchone()[0]
+    # A merge, step by step, each step its own short writer operation:
+    #   plan        -> (first, last): the ids to snapshot; memory's keys are the snapshot's
+    #   fill        copies ids lo..hi into temp.merging, a B-tree in key order
+    #   check       -> how many keys the snapshot holds (0: nothing to do)
+    #   merge_next  inserts the next keys in key order into ``dedupe``
+    #   finish_merge deletes the snapshot's rows and takes its keys out of memory
+    # The snapshot is built by inserting into a key-ordered table in chunks rather than
+    # sorted in one statement: one sort of the whole snapshot held the writer (and every
+    # acknowledgement waiting on it) for 30-180 ms.
+
+    def plan(self, conn: sqlite3.Connection) -> tuple[int, int]:
+        first, last = conn.execute("SELECT COALESCE(MIN(id), 1), COALESCE(MAX(id), 0) FROM dedupe_recent").fetchone()
         conn.execute("DROP TABLE IF EXISTS temp.merging")
         conn.execute(
-            "CREATE TEMP TABLE merging AS SELECT source, message_id, seen_at FROM dedupe_recent"
-            " WHERE id <= ? ORDER BY source, message_id",
-            (last,),
+            "CREATE TEMP TABLE merging (source TEXT NOT NULL, message_id TEXT NOT NULL, seen_at REAL NOT NULL,"
+            " PRIMARY KEY (source, message_id)) WITHOUT ROWID"
         )
-        count = conn.execute("SELECT COALESCE(MAX(rowid), 0) FROM temp.merging").fetchone()[0]
-        if count != len(self._recent):
-            # Another process (e.g. a CLI prune) merged keys we still hold: resynchronise.
-            previous = self._recent
-            self._recent = set(conn.execute("SELECT source, message_id FROM temp.merging"))
-            self._writer.on_rollback(lambda: setattr(self, "_recent", previous))
-        # Exactly the keys of the snapshot (memory holds the rows of dedupe_recent): they
-        # leave memory when finish_merge deletes their rows, with no per-slice read-back.
+        # Memory holds exactly the rows of dedupe_recent, all of them up to ``last`` now:
+        # these keys leave memory when finish_merge deletes their rows.
         self._merging = frozenset(self._recent)
         self._planned_at = self._whole_merges
-        step = max(1, -(-count // SLICES))
-        return last, [(lo, min(lo + step, count)) for lo in range(0, count, step)]
+        return int(first), int(last)
 
-    def merge_slice(self, conn: sqlite3.Connection, lo: int, hi: int) -> None:
-        """Merge rows ``lo < rowid <= hi`` of the snapshot: one key range, in key order."""
+    def fill(self, conn: sqlite3.Connection, lo: int, hi: int) -> None:
         conn.execute(
-            "INSERT OR IGNORE INTO dedupe (source, message_id, seen_at)"
-            " SELECT source, message_id, seen_at FROM temp.merging WHERE rowid > ? AND rowid <= ? ORDER BY rowid",
+            "INSERT OR IGNORE INTO temp.merging (source, message_id, seen_at)"
+            " SELECT source, message_id, seen_at FROM dedupe_recent WHERE id >= ? AND id <= ?",
             (lo, hi),
         )
+
+    def check(self, conn: sqlite3.Connection) -> int:
+        if self._whole_merges != self._planned_at:
+            return 0  # a whole merge moved these rows meanwhile; finish_merge leaves them be
+        count = int(conn.execute("SELECT COUNT(*) FROM temp.merging").fetchone()[0])
+        if count != len(self._merging):
+            # Another process (e.g. a CLI prune) merged keys we still hold: resynchronise,
+            # keeping the keys that arrived since the plan (their rows are past ``last``).
+            previous, snapshot = self._recent, self._merging
+            self._merging = frozenset(conn.execute("SELECT source, message_id FROM temp.merging"))
+            self._recent = (self._recent - snapshot) | self._merging
+            self._writer.on_rollback(lambda: setattr(self, "_recent", previous))
+        return count
+
+    def merge_next(self, conn: sqlite3.Connection, after: tuple[str, str] | None, limit: int) -> tuple[str, str] | None:
+        """Insert the next ``limit`` snapshot keys after ``after`` (in key order) into the
+        B-tree; returns the last one, or None when the snapshot is done."""
+        where, params = ("WHERE (source, message_id) > (?, ?)", after) if after is not None else ("", ())
+        conn.execute(
+            "INSERT OR IGNORE INTO dedupe (source, message_id, seen_at) SELECT source, message_id, seen_at"
+            f" FROM temp.merging {where} ORDER BY source, message_id LIMIT ?",
+            (*params, limit),
+        )
+        row = conn.execute(
+            f"SELECT source, message_id FROM temp.merging {where} ORDER BY source, message_id LIMIT 1 OFFSET ?",
+            (*params, limit - 1),
+        ).fetchone()
+        return None if row is None else (row[0], row[1])
 
     def _undo_whole_merge(self) -> None:
         self._whole_merges -= 1

@@ -191,10 +191,12 @@ async def test_keys_stay_on_disk_when_a_whole_merge_overtakes_a_sliced_one(tmp_p
     store = await opened(tmp_path / "b.db", dedupe_merge_at=10_000)
     dedupe = store._open_dedupe()
     await store.enqueue("web", [event(f"old-{i}") for i in range(50)])
-    last, slices = await store._run(dedupe.plan)
-    for lo, hi in slices:
-        await store._run(partial(dedupe.merge_slice, lo=lo, hi=hi))
+    first, last = await store._run(dedupe.plan)
+    await store._run(partial(dedupe.fill, lo=first, hi=last))
+    assert await store._run(dedupe.check) == 50
+    after = await store._run(partial(dedupe.merge_next, after=None, limit=30))
     await store._run(dedupe.merge)  # what add() does when memory runs over
+    await store._run(partial(dedupe.merge_next, after=after, limit=30))
     await store.enqueue("web", [event(f"new-{i}") for i in range(30)])  # ids 1..30 again
     await store._run(partial(dedupe.finish_merge, last=last))
     await store.close()
