@@ -42,7 +42,7 @@ from bridge.store.base import (
     StoreError,
     StoreFull,
 )
-from bridge.store.sqlite_dedupe import FILL_CHUNK, MERGE_AT, MERGE_SLICE, DedupeKeys
+from bridge.store.sqlite_dedupe import MERGE_AT, DedupeKeys
 from bridge.store.sqlite_schema import configure, create_schema
 from bridge.store.sqlite_writer import BatchOperation, GroupCommitWriter
 
@@ -236,14 +236,19 @@ class SqliteStore(Store):
             # Bookkeeping commits, without their own fsync: every key stays in dedupe_recent
             # until finish_merge commits, and a power cut loses a suffix of commits, never a
             # step before the finish that follows it.
+            dedupe.step_size()  # the pace counts from here
             first, last = await self._run(dedupe.plan, durable=False)
-            for lo in range(first, last + 1, FILL_CHUNK):
-                await self._run(partial(dedupe.fill, lo=lo, hi=min(lo + FILL_CHUNK - 1, last)), durable=False)
+            lo = first
+            while lo <= last:
+                hi = min(lo + dedupe.step_size() - 1, last)
+                await self._run(partial(dedupe.fill, lo=lo, hi=hi), durable=False)
+                lo = hi + 1
             if await self._run(dedupe.check, durable=False):
-                after = None
+                start = None
                 while True:
-                    after = await self._run(partial(dedupe.merge_next, after=after, limit=MERGE_SLICE), durable=False)
-                    if after is None:
+                    step = dedupe.step_size()
+                    start = await self._run(partial(dedupe.merge_next, start=start, limit=step), durable=False)
+                    if start is None:
                         break
             await self._run(partial(dedupe.finish_merge, last=last), durable=False)
         except StoreError:

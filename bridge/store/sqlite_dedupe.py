@@ -25,18 +25,26 @@ DEDUPE_INSERT = ("INSERT INTO dedupe_recent (seen_at, source, message_id) VALUES
 
 # Keys held in memory before a merge starts: about 150 bytes each.
 MERGE_AT = 25_000
-# A merge copies this many ids into its snapshot, and inserts this many keys into the
-# B-tree, per writer operation (a few ms each): ingest interleaves with it.
-FILL_CHUNK = 2000
-MERGE_SLICE = 2000
+# A merge copies at least this many ids into its snapshot, and inserts at least this many
+# keys into the B-tree, per writer operation (a few ms each): ingest interleaves with it.
+MERGE_STEP = 2000
+# ...and MERGE_PACE times as many keys as arrived since its previous step. Each step waits
+# for a commit, and under full load a commit brings more new keys than a fixed step
+# merges: the merge fell behind until memory ran over and ``add`` merged everything at
+# once (100k keys, a 300-500 ms stall). A merge of K keys takes 2K/step steps, so at a
+# pace P the keys arriving meanwhile are 2K/P: below K for any P > 2.
+MERGE_PACE = 4
 # Far below SQLite's limit on bound parameters (32766 since 3.32).
 CHUNK = 30000
 
 
 class DedupeKeys:
-    def __init__(self, writer: GroupCommitWriter, merge_at: int = MERGE_AT) -> None:
+    def __init__(self, writer: GroupCommitWriter, merge_at: int = MERGE_AT, min_step: int = MERGE_STEP) -> None:
         self._writer = writer
         self._merge_at = merge_at
+        self.min_step = min_step
+        self.added = 0  # keys ever added (the merge's pace follows it)
+        self._paced_at = 0
         self._recent: set[tuple[str, str]] = set()  # keys in dedupe_recent, not yet merged
         self.merging = False  # set and cleared by the store's merge task
         self._merging: frozenset[tuple[str, str]] = frozenset()  # the keys of the merge under way
@@ -68,9 +76,15 @@ class DedupeKeys:
         insert_rows(conn, DEDUPE_INSERT, keys, now)
         fresh = set(keys) - self._recent
         self._recent |= fresh
+        self.added += len(fresh)
         self._writer.on_rollback(lambda: self._recent.difference_update(fresh))
         if len(self._recent) >= 4 * self._merge_at:
             self.merge(conn)  # the sliced merge fell behind: bound the memory now
+
+    def step_size(self) -> int:
+        """How many ids or keys the merge's next step takes (see MERGE_PACE)."""
+        arrived, self._paced_at = self.added - self._paced_at, self.added
+        return max(self.min_step, MERGE_PACE * arrived)
 
     def load(self, conn: sqlite3.Connection) -> None:
         """Read the keys an earlier process left unmerged; reading only, so a CLI opening
@@ -81,7 +95,7 @@ class DedupeKeys:
     #   plan        -> (first, last): the ids to snapshot; memory's keys are the snapshot's
     #   fill        copies ids lo..hi into temp.merging, a B-tree in key order
     #   check       -> how many keys the snapshot holds (0: nothing to do)
-    #   merge_next  inserts the next keys in key order into ``dedupe``
+    #   merge_next  inserts the next keys in key order into ``dedupe``; -> the next start
     #   finish_merge deletes the snapshot's rows and takes its keys out of memory
     # The snapshot is built by inserting into a key-ordered table in chunks rather than
     # sorted in one statement: one sort of the whole snapshot held the writer (and every
@@ -120,10 +134,10 @@ class DedupeKeys:
             self._writer.on_rollback(lambda: setattr(self, "_recent", previous))
         return count
 
-    def merge_next(self, conn: sqlite3.Connection, after: tuple[str, str] | None, limit: int) -> tuple[str, str] | None:
-        """Insert the next ``limit`` snapshot keys after ``after`` (in key order) into the
-        B-tree; returns the last one, or None when the snapshot is done."""
-        where, params = ("WHERE (source, message_id) > (?, ?)", after) if after is not None else ("", ())
+    def merge_next(self, conn: sqlite3.Connection, start: tuple[str, str] | None, limit: int) -> tuple[str, str] | None:
+        """Insert the next ``limit`` snapshot keys from ``start`` on (in key order) into the
+        B-tree; returns the first key left, or None when the snapshot is done."""
+        where, params = ("WHERE (source, message_id) >= (?, ?)", start) if start is not None else ("", ())
         conn.execute(
             "INSERT OR IGNORE INTO dedupe (source, message_id, seen_at) SELECT source, message_id, seen_at"
             f" FROM temp.merging {where} ORDER BY source, message_id LIMIT ?",
@@ -131,7 +145,7 @@ class DedupeKeys:
         )
         row = conn.execute(
             f"SELECT source, message_id FROM temp.merging {where} ORDER BY source, message_id LIMIT 1 OFFSET ?",
-            (*params, limit - 1),
+            (*params, limit),
         ).fetchone()
         return None if row is None else (row[0], row[1])
 

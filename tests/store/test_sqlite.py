@@ -194,9 +194,9 @@ async def test_keys_stay_on_disk_when_a_whole_merge_overtakes_a_sliced_one(tmp_p
     first, last = await store._run(dedupe.plan)
     await store._run(partial(dedupe.fill, lo=first, hi=last))
     assert await store._run(dedupe.check) == 50
-    after = await store._run(partial(dedupe.merge_next, after=None, limit=30))
+    start = await store._run(partial(dedupe.merge_next, start=None, limit=30))
     await store._run(dedupe.merge)  # what add() does when memory runs over
-    await store._run(partial(dedupe.merge_next, after=after, limit=30))
+    await store._run(partial(dedupe.merge_next, start=start, limit=30))
     await store.enqueue("web", [event(f"new-{i}") for i in range(30)])  # ids 1..30 again
     await store._run(partial(dedupe.finish_merge, last=last))
     await store.close()
@@ -204,6 +204,37 @@ async def test_keys_stay_on_disk_when_a_whole_merge_overtakes_a_sliced_one(tmp_p
     reopened = await opened(tmp_path / "b.db")
     keys = [f"old-{i}" for i in range(50)] + [f"new-{i}" for i in range(30)]
     assert (await reopened.enqueue("web", [event(k) for k in keys])).stored == 0
+    await reopened.close()
+
+
+async def test_a_merge_keeps_pace_with_sustained_ingest(tmp_path: Path) -> None:
+    """Each merge step waits for a commit, and a commit under load brings more new keys
+    than a fixed-size step merges. Steps grow with the keys that arrived since the last
+    one, so the sliced merge keeps up, and memory never runs over into a whole merge that
+    holds the writer for every key at once."""
+    # A commit brings up to a tenth of merge_at, as 32 callers' batches do in production.
+    store = await opened(tmp_path / "b.db", dedupe_merge_at=2000)
+    dedupe = store._open_dedupe()
+    dedupe.min_step = 50  # a quarter of what one commit of 2 callers brings
+
+    async def caller(c: int) -> None:
+        for b in range(40):
+            await store.enqueue("web", [event(f"c{c}-b{b}-{k}") for k in range(100)])
+
+    await asyncio.gather(*(caller(c) for c in range(2)))
+    assert dedupe._whole_merges == 0
+    assert dedupe.added == 2 * 40 * 100
+    while store._merge_task is not None:
+        await asyncio.sleep(0.01)
+    await store.close()
+
+    conn = sqlite3.connect(tmp_path / "b.db")
+    merged = conn.execute("SELECT COUNT(*) FROM dedupe").fetchone()[0]
+    waiting = conn.execute("SELECT COUNT(*) FROM dedupe_recent").fetchone()[0]
+    conn.close()
+    assert merged + waiting == 2 * 40 * 100 and merged >= 2000
+    reopened = await opened(tmp_path / "b.db")
+    assert (await reopened.enqueue("web", [event(f"c{c}-b{b}-7") for c in range(2) for b in range(40)])).stored == 0
     await reopened.close()
 
 
