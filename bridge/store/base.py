@@ -60,8 +60,10 @@ class IncomingEvent(NamedTuple):
     links: tuple[IdentityLink, ...] = ()  # identity links learnt from this event
 
 
-@dataclass(frozen=True, slots=True)
-class EnqueueResult:
+class EnqueueResult(NamedTuple):
+    """What one enqueue call stored; a named tuple for the same reason as IncomingEvent
+    (one per single Tracking API call)."""
+
     stored: int  # events that were new and now have jobs
     duplicates: int  # events whose message_id was already seen for this source
     duplicate_indexes: tuple[int, ...] = ()  # positions (in the call's list) of the duplicates
