@@ -283,7 +283,10 @@ class Store(ABC):
 
     @abstractmethod
     async def delivered_version(self, destination: str, message_id: str) -> str | None:
-        """The mapping version recorded when this event was delivered, if it was."""
+        """The mapping version recorded when this event was delivered, if it was.
+
+        An audit lookup for operators and tests: it reads the delivered jobs without an
+        index, since keeping one by message id would cost every ack."""
 
     @abstractmethod
     async def get_destination_states(self) -> dict[str, DestinationState]:

@@ -36,8 +36,11 @@ DDL = (
         settled_at DOUBLE PRECISION
     )""",
     f"""CREATE INDEX IF NOT EXISTS jobs_unsettled ON jobs (destination, id) WHERE state < {DELIVERED}""",
-    f"""CREATE INDEX IF NOT EXISTS jobs_delivered ON jobs (destination, message_id)
-        WHERE state = {DELIVERED}""",
+    # Earlier versions indexed delivered jobs by message id for ``delivered_version``, an
+    # audit lookup nothing on a hot path makes. Every ack inserted its jobs' random message
+    # ids into that B-tree, which cost more than the rest of the lease and ack together
+    # (docs/benchmarks.md); the lookup now reads the table instead.
+    """DROP INDEX IF EXISTS jobs_delivered""",
     """CREATE TABLE IF NOT EXISTS dedupe (
         source TEXT NOT NULL,
         message_id TEXT NOT NULL,

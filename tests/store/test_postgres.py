@@ -130,3 +130,25 @@ async def test_prune_works_in_slices(pg_schema: str, monkeypatch: pytest.MonkeyP
         assert (await store.enqueue("web", [event("slice-0", "u0")])).stored == 1  # forgotten
     finally:
         await store.close()
+
+
+async def test_opening_drops_the_old_index_of_delivered_jobs_by_message_id(pg_schema: str) -> None:
+    """Earlier versions kept an index that every ack paid for; a store opened on such a
+    schema drops it, and the audit lookup still answers."""
+    store = PostgresStore(PG_DSN, schema=pg_schema)
+    await store.open()
+    await store.close()
+    conn = await asyncpg.connect(PG_DSN, server_settings={"search_path": pg_schema})
+    try:
+        await conn.execute("CREATE INDEX jobs_delivered ON jobs (destination, message_id) WHERE state = 2")
+        store = PostgresStore(PG_DSN, schema=pg_schema)
+        await store.open()
+        indexes = await conn.fetch("SELECT indexname FROM pg_indexes WHERE schemaname = $1", pg_schema)
+        assert "jobs_delivered" not in {r["indexname"] for r in indexes}
+        await store.enqueue("web", [event("m1")])
+        [job] = await store.lease("moe", 10, 30)
+        await store.ack([job.id], "v7")
+        assert await store.delivered_version("moe", "m1") == "v7"
+        await store.close()
+    finally:
+        await conn.close()

@@ -40,6 +40,27 @@ async def test_the_file_is_in_wal_mode_with_its_tables(tmp_path: Path) -> None:
     conn.close()
 
 
+async def test_opening_drops_the_old_index_of_delivered_jobs_by_message_id(tmp_path: Path) -> None:
+    """Earlier versions kept an index that every ack paid for (a random message id into a
+    B-tree per job); a store opened on such a file drops it, and the audit lookup still
+    answers."""
+    store = await opened(tmp_path / "b.db")
+    await store.close()
+    conn = sqlite3.connect(tmp_path / "b.db")
+    conn.execute("CREATE INDEX jobs_delivered ON jobs (destination, message_id) WHERE state = 2")
+    conn.close()
+    store = await opened(tmp_path / "b.db")
+    await store.enqueue("web", [event("m1")])
+    [job] = await store.lease("moe", 10, 30)
+    await store.ack([job.id], "v7")
+    assert await store.delivered_version("moe", "m1") == "v7"
+    await store.close()
+    conn = sqlite3.connect(tmp_path / "b.db")
+    indexes = {row[1] for row in conn.execute("PRAGMA index_list(jobs)")}
+    conn.close()
+    assert "jobs_delivered" not in indexes and "jobs_unsettled" in indexes
+
+
 async def test_open_is_idempotent_and_a_newer_schema_is_refused(tmp_path: Path) -> None:
     store = await opened(tmp_path / "b.db")
     await store.open()
