@@ -47,7 +47,11 @@ DDL = (
         settled_at REAL
     )""",
     # Only unsettled jobs are indexed, so lease and depth cost what is queued, not history.
-    f"""CREATE INDEX IF NOT EXISTS jobs_unsettled ON jobs (destination, id) WHERE state < {DELIVERED}""",
+    # "Unsettled" is read off settled_at, which only the ack sets: SQLite maintains a
+    # partial index on every UPDATE that writes a column its WHERE names, so an index on
+    # ``state < DELIVERED`` (its earlier form, dropped below) was deleted and re-inserted
+    # by every lease, retry and release too (about 1.5-3 us per leased job).
+    """CREATE INDEX IF NOT EXISTS jobs_pending ON jobs (destination, id) WHERE settled_at IS NULL""",
     # Earlier versions indexed delivered jobs by message id for ``delivered_version``, an
     # audit lookup nothing on a hot path makes. Every ack inserted its jobs' random message
     # ids into that B-tree, which cost more than the rest of the lease and ack together
@@ -129,6 +133,7 @@ def create_schema(conn: sqlite3.Connection) -> None:
     """Create missing tables and check the version. Runs inside the writer's transaction."""
     for statement in DDL:
         conn.execute(statement)
+    _retire_state_index(conn)
     row = conn.execute("SELECT version FROM schema_version").fetchone()
     if row is None:
         conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
@@ -137,3 +142,15 @@ def create_schema(conn: sqlite3.Connection) -> None:
             f"the database has schema version {row[0]}, newer than this bridge understands "
             f"({SCHEMA_VERSION}); upgrade the bridge"
         )
+
+
+def _retire_state_index(conn: sqlite3.Connection) -> None:
+    """Drop the index of unsettled jobs keyed on ``state`` (jobs_pending replaces it).
+
+    Every delivered job has its settled_at, since the ack writes both. Any that did not
+    would count as queued under the new index, so the first open fills them in."""
+    found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'jobs_unsettled'").fetchone()
+    if found is None:
+        return
+    conn.execute(f"UPDATE jobs SET settled_at = created_at WHERE state = {DELIVERED} AND settled_at IS NULL")
+    conn.execute("DROP INDEX jobs_unsettled")

@@ -129,6 +129,24 @@ async def test_a_late_holder_cannot_settle_a_job_leased_again(store: Store) -> N
     assert [j.message_id for j in await store.lease("moe", 10, 30)] == ["f1"]
 
 
+async def test_one_ack_settles_only_the_jobs_still_on_its_lease(store: Store) -> None:
+    """An ack names jobs leased at different attempt counts, some of them since leased
+    again by another worker: it settles exactly those whose count still matches, and a
+    job it names without a fence entry is settled unfenced."""
+    await store.enqueue("web", [event("g0", "ann"), event("g1", "bob"), event("g2", "cy"), event("g3", "dee")])
+    first = await store.lease("moe", 2, 0.05)  # g0, g1
+    await asyncio.sleep(0.1)
+    again = await store.lease("moe", 4, 30)  # g0 and g1 again (lapsed), g2 and g3 for the first time
+    assert [(j.message_id, j.attempts) for j in again] == [("g0", 2), ("g1", 2), ("g2", 1), ("g3", 1)]
+    by_id = {j.message_id: j for j in again}
+    fence = {first[0].id: first[0].attempts, by_id["g1"].id: 2, by_id["g2"].id: 1}  # g0 stale; g3 absent
+    await store.ack([j.id for j in again], "v2", fence=fence)
+    assert await store.delivered_version("moe", "g0") is None
+    assert [await store.delivered_version("moe", m) for m in ("g1", "g2", "g3")] == ["v2", "v2", "v2"]
+    (stats,) = (await store.queue_stats()).values()
+    assert stats.depth == 1
+
+
 async def test_lease_with_zero_limit_or_unknown_destination(store: Store) -> None:
     await store.enqueue("web", [event("m1")])
     assert await store.lease("moe", 0, 30) == []

@@ -58,7 +58,57 @@ async def test_opening_drops_the_old_index_of_delivered_jobs_by_message_id(tmp_p
     conn = sqlite3.connect(tmp_path / "b.db")
     indexes = {row[1] for row in conn.execute("PRAGMA index_list(jobs)")}
     conn.close()
-    assert "jobs_delivered" not in indexes and "jobs_unsettled" in indexes
+    assert "jobs_delivered" not in indexes and "jobs_pending" in indexes
+
+
+async def test_opening_replaces_the_index_of_unsettled_jobs_keyed_on_state(tmp_path: Path) -> None:
+    """Earlier versions indexed unsettled jobs ``WHERE state < 2``, which every lease,
+    retry and release rewrote. A store opened on such a file indexes them by settled_at
+    instead, and a delivered job that somehow lacks its settled_at is not queued again."""
+    store = await opened(tmp_path / "b.db")
+    await store.enqueue("web", [event("m1", "u1"), event("m2", "u2"), event("m3", "u3")])
+    await store.close()
+    conn = sqlite3.connect(tmp_path / "b.db")
+    conn.execute("DROP INDEX jobs_pending")
+    conn.execute("CREATE INDEX jobs_unsettled ON jobs (destination, id) WHERE state < 2")
+    conn.execute("UPDATE jobs SET state = 2 WHERE message_id = 'm1'")  # delivered, settled_at never written
+    conn.commit()
+    conn.close()
+    store = await opened(tmp_path / "b.db")
+    assert (await store.queue_stats())["moe"].depth == 2
+    assert [j.message_id for j in await store.lease("moe", 10, 30)] == ["m2", "m3"]
+    await store.close()
+    conn = sqlite3.connect(tmp_path / "b.db")
+    indexes = {row[1] for row in conn.execute("PRAGMA index_list(jobs)")}
+    conn.close()
+    assert "jobs_unsettled" not in indexes and "jobs_pending" in indexes
+
+
+def test_queue_reads_use_the_index_of_pending_jobs(tmp_path: Path) -> None:
+    """Leases and gauges must find queued jobs through the partial index: a query whose
+    WHERE stops implying the index's own reads every job ever delivered instead."""
+    from bridge.store import sqlite_ops
+    from bridge.store.sqlite_schema import configure, create_schema
+
+    conn = sqlite3.connect(tmp_path / "b.db", isolation_level=None)
+    configure(conn)
+    create_schema(conn)
+    conn.execute(
+        "INSERT INTO jobs (destination, source, message_id, ordering_key, payload, state, available_at, created_at)"
+        " VALUES ('moe', 'web', 'm1', 'u1', X'7B7D', 0, 0, 0)"
+    )
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    for ordered in (True, False):
+        sqlite_ops.lease(conn, "moe", 10, 30.0, ordered, time.time())
+    sqlite_ops.queue_stats(conn)
+    conn.set_trace_callback(None)
+    reads = [sql for sql in statements if "FROM jobs" in sql and "destination" in sql]
+    assert len(reads) >= 4  # both leases' walks, the destinations, depth and head per destination
+    for sql in reads:
+        plan = " | ".join(str(row[-1]) for row in conn.execute("EXPLAIN QUERY PLAN " + sql))
+        assert "jobs_pending" in plan, f"{sql}\n  {plan}"
+    conn.close()
 
 
 async def test_open_is_idempotent_and_a_newer_schema_is_refused(tmp_path: Path) -> None:
