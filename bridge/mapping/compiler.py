@@ -9,7 +9,8 @@ from typing import Any
 
 from bridge.mapping.api import CompiledMapping, Discarded, Failed, MapContext, MapResult, Output
 from bridge.mapping.conditions import Guard, conjunction, guard_of, passes
-from bridge.mapping.expressions import Cond, ExprCompiler, Fn, Lookup, Scope, build_object
+from bridge.mapping.expressions import Cond, ExprCompiler, Fn, Lookup, Scope, build_object, literal_const
+from bridge.mapping.fuse import fuse
 from bridge.mapping.paths import PathError, Segment, parse_path
 from bridge.mapping.runtime import MISSING, DropEvent, Env, FailEvent, clone
 from bridge.mapping.shapes import SHAPES, body_checker, check_body_node
@@ -387,19 +388,19 @@ class FileCompiler:
             return
         for lname, ln in node.value.items():
             # compiled in file order, so a let can use only the lets above it: no cycles
-            self.scope.lets[lname] = self.expr.value(ln, join("let", lname))
+            self.scope.lets[lname] = fuse(self.expr.value(ln, join("let", lname)))
 
     def _identity(self, node: YNode) -> tuple[Fn | None, tuple[Cond, Fn, Fn] | None, list[Fn]]:
         if not node.is_map:
             self.diags.add(node, "identity", "expected {key: ..., also: [...], link: {when, from, to}}")
             return None, None, []
         self.diags.check_keys(node, "identity", ("key", "also", "link"), "'identity'")
-        key = self.expr.value(node.value["key"], "identity.key") if "key" in node.value else None
+        key = fuse(self.expr.value(node.value["key"], "identity.key")) if "key" in node.value else None
         also: list[Fn] = []
         if "also" in node.value:
             an = node.value["also"]
             if an.is_list:
-                also = [self.expr.value(item, join("identity.also", i)) for i, item in enumerate(an.value)]
+                also = [fuse(self.expr.value(item, join("identity.also", i))) for i, item in enumerate(an.value)]
             else:
                 self.diags.add(an, "identity.also", "expected a list of ids to resolve too, e.g. [$.previousId]")
         link = None
@@ -411,8 +412,8 @@ class FileCompiler:
                 when = self.expr.condition(ln.value["when"], "identity.link.when") if "when" in ln.value else _true
                 link = (
                     when,
-                    self.expr.value(ln.value["from"], "identity.link.from"),
-                    self.expr.value(ln.value["to"], "identity.link.to"),
+                    fuse(self.expr.value(ln.value["from"], "identity.link.from")),
+                    fuse(self.expr.value(ln.value["to"], "identity.link.to")),
                 )
             elif not ln.is_map:
                 self.diags.add(ln, "identity.link", "expected {when: ..., from: ..., to: ...}")
@@ -502,7 +503,7 @@ class FileCompiler:
         check_body_node(d, destination, kind, v["body"], join(ip, "body"), override_keys)
         fields = self.expr.fields(v["body"], join(ip, "body"))
         if SHAPES[destination][kind].typed:
-            fields.insert(0, ("type", _const(kind)))
+            fields.insert(0, ("type", literal_const(kind)))
         keep_going = False
         if "continue" in v:
             keep_going = v["continue"].value is True
@@ -512,7 +513,7 @@ class FileCompiler:
             name,
             when,
             kind,
-            build_object(fields, None),
+            fuse(build_object(fields, None)),
             None,
             detail,
             override_by,
@@ -567,10 +568,6 @@ class FileCompiler:
                     sets.append((parsed.segments, self.expr.value(vn, join(join(cp, "set"), opath))))
             out[str(key)] = _Override(drop, sets)
         return by, out, set()
-
-
-def _const(value: Any) -> Fn:
-    return lambda env: value
 
 
 def _true(env: Env) -> bool:

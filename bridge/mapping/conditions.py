@@ -6,6 +6,7 @@ import re
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from bridge.mapping.fuse import fuse
 from bridge.mapping.runtime import MISSING, Env, is_empty
 from bridge.mapping.yamlnodes import YNode, did_you_mean, join
 
@@ -82,7 +83,7 @@ def compile_condition(c: ExprCompiler, node: YNode, ypath: str) -> Cond:
             return lambda env: not inner(env)
         if key == "match":
             return _match(c, sub, sp, _ignore_case(c, v, ypath))
-        fn = c.value(sub, sp)
+        fn = fuse(c.value(sub, sp))
         if key == "exists":
             return lambda env: _exists(fn(env))
         return lambda env: is_empty(fn(env))
@@ -98,7 +99,7 @@ def compile_condition(c: ExprCompiler, node: YNode, ypath: str) -> Cond:
             + (f" (found {', '.join(ops)})" if ops else ""),
         )
         return _ALWAYS_FALSE
-    lhs = c.value(v["value"], join(ypath, "value"))
+    lhs = fuse(c.value(v["value"], join(ypath, "value")))
     return compare(c, lhs, ops[0], v[ops[0]], join(ypath, ops[0]), _ignore_case(c, v, ypath))
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.mapping import steps
+from bridge.mapping.fuse import Gen, emits
 from bridge.mapping.paths import ParsedPath, PathError, Segment, parse_path
 from bridge.mapping.runtime import MISSING, Env, clone, is_empty
 from bridge.mapping.yamlnodes import Diagnostics, YNode, did_you_mean, join
@@ -59,11 +60,28 @@ _UNSET = object()
 def literal_const(v: Any) -> Fn:
     if type(v) in (dict, list):
         return lambda env: clone(v)
-    return lambda env: v
+    return _const(v)
 
 
 def _const(v: Any) -> Fn:
-    return lambda env: v
+    return emits(lambda env: v, lambda g: g.bind(v))
+
+
+def _walk_emitter(start: str, segs: tuple[Segment, ...]) -> Callable[[Gen], str]:
+    """``walk(<start>, segs)`` as statements (see fuse.py)."""
+
+    def emit(g: Gen) -> str:
+        out = g.fresh()
+        g.line(f"{out} = {start}")
+        for s in segs:
+            key = g.literal(s)
+            if isinstance(s, str):
+                g.line(f"{out} = {out}.get({key}, M) if type({out}) is dict else M")
+            else:
+                g.line(f"{out} = {out}[{key}] if type({out}) is list and -len({out}) <= {key} < len({out}) else M")
+        return out
+
+    return emit
 
 
 class ExprCompiler:
@@ -108,7 +126,7 @@ class ExprCompiler:
                     e = env.event
                     return e.get(k, MISSING) if type(e) is dict else MISSING
 
-                return get1
+                return emits(get1, _walk_emitter("e", segs))
             if len(segs) == 2 and type(segs[0]) is str and type(segs[1]) is str:
                 k0, k1 = segs
 
@@ -119,7 +137,7 @@ class ExprCompiler:
                     v = e.get(k0, MISSING)
                     return v.get(k1, MISSING) if type(v) is dict else MISSING
 
-                return get2
+                return emits(get2, _walk_emitter("e", segs))
             if len(segs) == 3 and all(type(x) is str for x in segs):
                 a, b, c = segs
 
@@ -133,19 +151,28 @@ class ExprCompiler:
                     v = v.get(b, MISSING)
                     return v.get(c, MISSING) if type(v) is dict else MISSING
 
-                return get3
-            return lambda env: walk(env.event, segs)
+                return emits(get3, _walk_emitter("e", segs))
+            return emits(lambda env: walk(env.event, segs), _walk_emitter("e", segs))
         if p.root == "$link":
-            return lambda env: walk(env.link, segs)
+            return emits(lambda env: walk(env.link, segs), _walk_emitter("env.link", segs))
         if p.root == "$options":
-            return lambda env: walk(env.options, segs)
+            return emits(lambda env: walk(env.options, segs), _walk_emitter("env.options", segs))
         if p.root == "$source":
-            return lambda env: walk(env.source, segs)
+            return emits(lambda env: walk(env.source, segs), _walk_emitter("env.source", segs))
         if p.root == "$item":
-            return lambda env: walk(env.item, segs)
+            return emits(lambda env: walk(env.item, segs), _walk_emitter("env.item", segs))
         name = str(segs[0])
         let_fn = self.scope.lets[name]
         rest = segs[1:]
+
+        def emit_let(g: Gen) -> str:
+            # the let's cached value, computed on first use (get_let_value below)
+            out = g.fresh()
+            key = g.literal(name)
+            g.line(f"{out} = L.get({key}, U)")
+            with g.block(f"if {out} is U:"):
+                g.line(f"{out} = L[{key}] = {g.bind(let_fn)}(env)")
+            return _walk_emitter(out, rest)(g) if rest else out
 
         if not rest:
 
@@ -156,7 +183,7 @@ class ExprCompiler:
                     v = cache[name] = let_fn(env)
                 return v
 
-            return get_let_value
+            return emits(get_let_value, emit_let)
 
         def get_let(env: Env) -> Any:
             cache = env.lets
@@ -165,7 +192,7 @@ class ExprCompiler:
                 v = cache[name] = let_fn(env)
             return walk(v, rest)
 
-        return get_let
+        return emits(get_let, emit_let)
 
     # --- values --------------------------------------------------------------
 
@@ -189,7 +216,15 @@ class ExprCompiler:
                         out.append(x)
                 return out
 
-            return build_list
+            def emit_list(g: Gen) -> str:
+                out = g.fresh()
+                g.line(f"{out} = []")
+                for f in items:
+                    x = g.value(f)
+                    g.line(f"if {x} is not M: {out}.append({x})")
+                return out
+
+            return emits(build_list, emit_list)
         if isinstance(v, dict):
             return self.directive(node, ypath)
         return _const(v)
@@ -239,7 +274,7 @@ class ExprCompiler:
                     v = fn(env)
                     return v if v is MISSING or v is None else st0(v, env)
 
-                return one_step
+                return emits(one_step, lambda g: _emit_steps(g, fn, step_fns, "", None))
             if len(step_fns) == 2:
                 st_a, st_b = step_fns
 
@@ -250,7 +285,7 @@ class ExprCompiler:
                     v = st_a(v, env)
                     return v if v is MISSING or v is None else st_b(v, env)
 
-                return two_steps
+                return emits(two_steps, lambda g: _emit_steps(g, fn, step_fns, "", None))
 
         def modified(env: Env) -> Any:
             v = fn(env)
@@ -265,7 +300,7 @@ class ExprCompiler:
                 v = default(env)
             return v
 
-        return modified
+        return emits(modified, lambda g: _emit_steps(g, fn, step_fns, drop_if, default))
 
     def _head_path(self, node: YNode, ypath: str) -> Fn:
         pn = node.value["path"]
@@ -289,7 +324,13 @@ class ExprCompiler:
                     return v
             return MISSING
 
-        return first
+        def emit_first(g: Gen) -> str:
+            out = g.fresh()
+            g.line(f"{out} = M")
+            _emit_first(g, fns, out)
+            return out
+
+        return emits(first, emit_first)
 
     def _head_template(self, node: YNode, ypath: str) -> Fn:
         tn = node.value["template"]
@@ -344,7 +385,16 @@ class ExprCompiler:
             self.diags.add(node, ypath, "an 'if' expression needs 'then' and/or 'else'")
         then = self.value(keys["then"], join(ypath, "then")) if "then" in keys else _const(MISSING)
         other = self.value(keys["else"], join(ypath, "else")) if "else" in keys else _const(MISSING)
-        return lambda env: then(env) if cond(env) else other(env)
+
+        def emit_if(g: Gen) -> str:
+            out = g.fresh()
+            with g.block(f"if {g.bind(cond)}(env):"):
+                g.line(f"{out} = {g.value(then)}")
+            with g.block("else:"):
+                g.line(f"{out} = {g.value(other)}")
+            return out
+
+        return emits(lambda env: then(env) if cond(env) else other(env), emit_if)
 
     def _head_cases(self, node: YNode, ypath: str) -> Fn:
         keys = node.value
@@ -486,7 +536,7 @@ def build_object(fields: list[tuple[str, Fn]], rest: Fn | None) -> Fn:
                     out[k] = v
             return out
 
-        return obj
+        return emits(obj, lambda g: _emit_fields(g, "{}", fields))
 
     def obj_rest(env: Env) -> Any:
         out = rest(env)
@@ -496,7 +546,47 @@ def build_object(fields: list[tuple[str, Fn]], rest: Fn | None) -> Fn:
                 out[k] = v
         return out
 
-    return obj_rest
+    return emits(obj_rest, lambda g: _emit_fields(g, g.value(rest), fields))
+
+
+# Emitters shared by several nodes (see fuse.py): each restates the closure next to it.
+def _emit_fields(g: Gen, start: str, fields: list[tuple[str, Fn]]) -> str:
+    out = g.fresh()
+    g.line(f"{out} = {start}")
+    for k, f in fields:
+        v = g.value(f)
+        g.line(f"if {v} is not M: {out}[{g.literal(k)}] = {v}")
+    return out
+
+
+def _emit_first(g: Gen, fns: list[Fn], out: str) -> None:
+    if not fns:
+        return
+    v = g.value(fns[0])
+    with g.block(f"if not {g.empty(v)}:"):
+        g.line(f"{out} = {v}")
+    if len(fns) > 1:
+        with g.block("else:"):
+            _emit_first(g, fns[1:], out)
+
+
+def _emit_steps(g: Gen, fn: Fn, step_fns: list[steps.Step], drop_if: str, default: Fn | None) -> str:
+    out = g.assign(fn)
+    depth = g.depth
+    for st in step_fns:
+        # each step runs only while the value is there, as the closures' loop breaks
+        g.line(f"if {out} is not M and {out} is not None:")
+        g.depth += 1
+        g.line(f"{out} = {g.bind(st)}({out}, env)")
+    g.depth = depth
+    if drop_if == "null":
+        g.line(f"if {out} is None: {out} = M")
+    elif drop_if:
+        g.line(f"if {g.empty(out)}: {out} = M")
+    if default is not None:
+        with g.block(f"if {out} is M:"):
+            g.line(f"{out} = {g.value(default)}")
+    return out
 
 
 def walk(v: Any, segs: tuple[Segment, ...]) -> Any:

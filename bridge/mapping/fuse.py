@@ -1,0 +1,137 @@
+"""Fuse a tree of compiled closures into one generated Python function.
+
+The expression compiler builds one small closure per node, and a rule body runs dozens of
+them per event: on CPython each call costs more than the work inside most of them (paths,
+``first``, objects, let lookups). Closures for those nodes also carry an *emitter*, which
+writes the same logic as Python statements. ``fuse`` asks the root for its statements,
+children first, and compiles them into one function. A node without an emitter (steps,
+conditions, templates, ...) is called as the closure it is, from inside the fused code, so
+the closures stay the one definition of what every node means; an emitter only restates
+its own closure, line for line, next to it in expressions.py.
+
+Anything that goes wrong while generating (an unexpected node, Python's limit on nested
+blocks) leaves the closure tree as it was: fusing is an optimisation, never a requirement.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from bridge.mapping.runtime import MISSING, Env
+
+Fn = Callable[[Env], Any]
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Emitters write Python statements for their node and return an expression (a local
+# variable or a bound constant) holding its value. Stored on the closure under this name.
+EMITTER = "_bridge_emit"
+# Python refuses more than 20 statically nested blocks; inner nodes past this depth are
+# called as closures instead of inlined.
+MAX_DEPTH = 12
+# Fused code may be switched off (tests compare both; an operator could too).
+ENABLED = True
+_UNSET = object()
+_EMPTY_TYPES = frozenset({str, list, dict})
+_ids = itertools.count()
+
+
+def emits(fn: F, emitter: Callable[[Gen], str]) -> F:
+    """Attach ``emitter`` (the statements equivalent to ``fn``) to the closure ``fn``."""
+    setattr(fn, EMITTER, emitter)
+    return fn
+
+
+class Gen:
+    """The function being generated: its lines, its locals and its bound constants."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.depth = 1
+        self.names: dict[int, str] = {}
+        self.bound: dict[str, Any] = {"M": MISSING, "U": _UNSET, "EMPTY_TYPES": _EMPTY_TYPES}
+        self._fresh = itertools.count()
+
+    def fresh(self) -> str:
+        return f"v{next(self._fresh)}"
+
+    def bind(self, obj: Any) -> str:
+        """A global name for ``obj`` in the generated module (one per object)."""
+        name = self.names.get(id(obj))
+        if name is None:
+            name = self.names[id(obj)] = f"b{len(self.names)}"
+            self.bound[name] = obj
+        return name
+
+    def literal(self, key: Any) -> str:
+        """``key`` as source: a literal for str and int, else a bound name."""
+        return repr(key) if type(key) in (str, int) else self.bind(key)
+
+    def line(self, text: str) -> None:
+        self.lines.append("    " * self.depth + text)
+
+    @contextmanager
+    def block(self, header: str) -> Iterator[None]:
+        self.line(header)
+        self.depth += 1
+        mark = len(self.lines)
+        try:
+            yield
+        finally:
+            if len(self.lines) == mark:
+                self.line("pass")
+            self.depth -= 1
+
+    def value(self, fn: Fn) -> str:
+        """Emit ``fn``'s statements (or a call to it) and return its value's expression."""
+        emitter = getattr(fn, EMITTER, None)
+        if emitter is None or self.depth > MAX_DEPTH:
+            out = self.fresh()
+            self.line(f"{out} = {self.bind(fn)}(env)")
+            return out
+        result: str = emitter(self)
+        return result
+
+    def assign(self, fn: Fn) -> str:
+        """Like ``value``, but always a fresh local the caller may reassign."""
+        got = self.value(fn)
+        out = self.fresh()
+        self.line(f"{out} = {got}")
+        return out
+
+    @staticmethod
+    def empty(v: str) -> str:
+        """The test ``runtime.is_empty(v)``, inline."""
+        return f"({v} is M or {v} is None or (type({v}) in EMPTY_TYPES and not {v}))"
+
+
+def fuse(fn: Fn) -> Fn:
+    """One generated function equivalent to the closure tree ``fn``, or ``fn`` itself."""
+    if not ENABLED or getattr(fn, EMITTER, None) is None:
+        return fn
+    gen = Gen()
+    try:
+        result = gen.value(fn)
+        source = "\n".join(
+            [
+                "def fused(env):",
+                "    e = env.event",
+                "    L = env.lets",
+                *gen.lines,
+                f"    return {result}",
+            ]
+        )
+        namespace: dict[str, Any] = dict(gen.bound)
+        # Only repr()s of str and int and bound names reach the source (Gen.literal).
+        exec(compile(source, f"<mapping fused {next(_ids)}>", "exec"), namespace)
+    except (SyntaxError, RecursionError, ValueError, TypeError, MemoryError):
+        return fn
+    fused: Fn = namespace["fused"]
+    fused.__doc__ = source  # what runs, for anyone debugging a mapping
+    return fused
+
+
+def is_fused(fn: Any) -> bool:
+    return getattr(fn, "__name__", "") == "fused" and str(getattr(fn, "__doc__", "")).startswith("def fused")

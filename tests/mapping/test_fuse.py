@@ -1,0 +1,230 @@
+"""Fused mappings: rule bodies, lets and condition operands compiled into one generated
+function each must give exactly what the closures give, on every event.
+
+Every test compiles the same file twice, with fusing on and off, and compares.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import bridge.mapping.fuse as fuse
+from bridge.mapping import CompiledMapping, MapContext, load_mapping_file
+from bridge.mapping.compiler import YamlMapping
+from tests.mapping.helpers import write
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = sorted((ROOT / "mappings").glob("*.yaml"))
+
+# Every node kind that has an emitter, with odd shapes around it.
+ALL_NODES = """
+source_format: segment
+destination_kind: segment
+identity:
+  key: {first: [$.userId, $.traits.id], pipe: [{to: string}]}
+  also: [$.previousId, {path: "$.context.ids[1]"}]
+let:
+  who: {first: [$link, $.userId, {if: {value: $options.anon, equals: true}, then: $.anonymousId}]}
+  tags: {path: $.properties.tags, drop_if: empty, default: {literal: [none]}}
+  size: {path: $let.tags, pipe: [length, {to: string}, trim]}
+  first_tag: "$let.tags[0]"
+  last_tag: "$let.tags[-1]"
+  zone: {path: $.context.timezone, pipe: [trim, {to: string}], drop_if: null}
+rules:
+  - name: everything
+    kind: track
+    when: {exists: $let.who}
+    body:
+      userId: $let.who
+      event: {first: [$.event, $.name, {literal: unnamed}]}
+      properties:
+        object:
+          plain: $.properties.plain
+          deep: $.context.device.model
+          indexed: "$.properties.items[0].sku"
+          back: "$.properties.items[-1].sku"
+          source: $source
+          option: $options.region
+          list: [$.properties.a, $.properties.b, fixed, 3, true, null]
+          first_tag: $let.first_tag
+          last_tag: $let.last_tag
+          size: $let.size
+          zone: $let.zone
+          maybe:
+            if: {value: $.properties.flag, equals: true}
+            then: yes
+            else: {path: $.properties.other, default: no}
+          only_then: {if: {exists: $.properties.flag}, then: flagged}
+          literal: {literal: {a: [1, {b: 2}]}}
+          nulls: {path: $.properties.nothing, drop_if: null}
+          empties: {path: $.properties.blank, drop_if: empty, default: filled}
+          7: a key that is not a string
+          nested:
+            object:
+              inner: {first: [$.properties.missing, $.properties.plain]}
+        rest: {from: $.properties, omit: [secret]}
+"""
+
+TEMPLATE_EVENT: dict[str, Any] = {
+    "type": "track",
+    "userId": "u-1",
+    "anonymousId": "anon-1",
+    "previousId": "p-1",
+    "event": "Clicked",
+    "name": "Page",
+    "traits": {"id": "c-1"},
+    "properties": {
+        "plain": "x",
+        "items": [{"sku": "a"}, {"sku": "b"}],
+        "tags": ["red", "blue"],
+        "a": 1,
+        "b": None,
+        "flag": True,
+        "other": "o",
+        "nothing": None,
+        "blank": "",
+        "secret": "s",
+        "extra": {"k": [1, 2]},
+    },
+    "context": {"device": {"model": "m"}, "timezone": " Europe/Lisbon ", "ids": ["i0", "i1"]},
+}
+
+ODD_VALUES: tuple[Any, ...] = (None, "", " ", "0", 0, 1, 1.5, True, False, [], [None], {}, {"x": 1}, ["a", "b"])
+
+
+def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield (*prefix, k)
+            yield from _paths(v, (*prefix, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield (*prefix, i)
+            yield from _paths(v, (*prefix, i))
+
+
+def _replace(event: Any, path: tuple[Any, ...], new: Any) -> Any:
+    out = copy.deepcopy(event)
+    target = out
+    for key in path[:-1]:
+        target = target[key]
+    if new is _DELETE:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = new
+    return out
+
+
+_DELETE = object()
+
+
+def odd_events(base: dict[str, Any], n: int, seed: int) -> list[Any]:
+    """The event, then variants with one or two values replaced by odd ones or removed."""
+    rng = random.Random(seed)
+    events: list[Any] = [base, {}, [], "text", None]
+    for _ in range(n):
+        event: Any = base
+        for _ in range(rng.choice((1, 1, 2))):
+            now = list(_paths(event))
+            if not now:
+                break
+            event = _replace(event, rng.choice(now), rng.choice((*ODD_VALUES, _DELETE)))
+        events.append(event)
+    return events
+
+
+CONTEXTS = (
+    MapContext(),
+    MapContext(linked_id="linked-1", options={"anon": True, "region": "eu"}, source="web"),
+    MapContext(options={"anon": True}, links={"u-1": "c-9", "p-1": "c-8"}),
+)
+
+
+def _both(monkeypatch: pytest.MonkeyPatch, path: Path) -> tuple[CompiledMapping, CompiledMapping]:
+    fused = load_mapping_file(path)
+    with monkeypatch.context() as m:
+        m.setattr(fuse, "ENABLED", False)
+        plain = load_mapping_file(path)
+    return fused, plain
+
+
+def _same_everywhere(fused: CompiledMapping, plain: CompiledMapping, events: list[Any]) -> None:
+    for event in events:
+        for ctx in CONTEXTS:
+            assert fused.apply(event, ctx) == plain.apply(event, ctx), (event, ctx)
+        if isinstance(event, dict):
+            assert fused.identity_ids(event) == plain.identity_ids(event), event
+            assert fused.identity_link(event) == plain.identity_link(event), event
+
+
+def test_every_emitted_node_kind_gives_what_its_closure_gives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fused, plain = _both(monkeypatch, write(tmp_path / "all.yaml", ALL_NODES))
+    assert isinstance(fused, YamlMapping) and isinstance(plain, YamlMapping)
+    [(rule, _)] = fused._rule_guards
+    assert fuse.is_fused(rule.body), "the rule body was not fused"
+    [(plain_rule, _)] = plain._rule_guards
+    assert not fuse.is_fused(plain_rule.body)
+    expected = plain.apply(TEMPLATE_EVENT, CONTEXTS[1])
+    assert isinstance(expected, list) and expected[0].body["properties"]["last_tag"] == "blue"  # the file is live
+    _same_everywhere(fused, plain, odd_events(TEMPLATE_EVENT, 3000, seed=7))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_mappings_give_the_same_results_fused(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fused, plain = _both(monkeypatch, path)
+    assert isinstance(fused, YamlMapping)
+    assert all(fuse.is_fused(rule.body) for rule, _ in fused._rule_guards if rule.body is not None)
+    fixtures = sorted((ROOT / "mappings" / "tests" / path.stem).glob("*.yaml"))
+    assert fixtures
+    events: list[Any] = []
+    for i, fixture in enumerate(fixtures):
+        base = yaml.safe_load(fixture.read_text())["input"]
+        events += odd_events(base, 60, seed=i) if isinstance(base, dict) else [base]
+    _same_everywhere(fused, plain, events)
+
+
+def test_a_step_that_fails_the_event_fails_it_fused_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps stay closures inside fused code: their drop and fail policies still apply."""
+    text = """
+    source_format: segment
+    destination_kind: segment
+    rules:
+      - name: t
+        kind: track
+        body:
+          userId: {path: $.userId, pipe: [{to: integer, on_error: fail}]}
+          event: {path: $.event, pipe: [{to: number, on_error: drop_event}]}
+    """
+    fused, plain = _both(monkeypatch, write(tmp_path / "steps.yaml", text))
+    for event in ({"userId": "12", "event": "3"}, {"userId": "x", "event": "3"}, {"userId": "1", "event": "y"}):
+        assert fused.apply(event, MapContext()) == plain.apply(event, MapContext())
+    assert type(fused.apply({"userId": "x", "event": "3"}, MapContext())).__name__ == "Failed"
+    assert type(fused.apply({"userId": "1", "event": "y"}, MapContext())).__name__ == "Discarded"
+
+
+def test_deep_nesting_falls_back_to_closures_and_still_agrees(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python allows 20 nested blocks: nodes past fuse.MAX_DEPTH are called, not inlined."""
+    expr = "$.v"
+    for i in range(20):
+        expr = f"{{first: [$.a{i}, {expr}]}}"
+    text = f"""
+    source_format: segment
+    destination_kind: segment
+    rules:
+      - name: t
+        kind: track
+        body: {{userId: u, event: {expr}}}
+    """
+    fused, plain = _both(monkeypatch, write(tmp_path / "deep.yaml", text))
+    assert isinstance(fused, YamlMapping)
+    assert fuse.is_fused(fused._rule_guards[0][0].body)
+    for event in ({"v": "deep"}, {"a0": "outer"}, {"a19": "inner", "v": "x"}, {}):
+        assert fused.apply(event, MapContext()) == plain.apply(event, MapContext())
+    assert fused.apply({"v": "deep"}, MapContext()) == plain.apply({"v": "deep"}, MapContext())
