@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.mapping.api import CompiledMapping, Discarded, Failed, MapContext, MapResult, Output
-from bridge.mapping.conditions import Guard, conjunction, guard_of, passes
+from bridge.mapping.conditions import Guard, conjunction, fuse_condition, guard_of, passes
 from bridge.mapping.expressions import Cond, ExprCompiler, Fn, Lookup, Scope, build_object, literal_const
 from bridge.mapping.fuse import fuse
 from bridge.mapping.paths import PathError, Segment, parse_path
@@ -409,7 +409,11 @@ class FileCompiler:
             if ln.is_map and self.diags.check_keys(
                 ln, "identity.link", ("when", "from", "to"), "'identity.link'", required=("from", "to")
             ):
-                when = self.expr.condition(ln.value["when"], "identity.link.when") if "when" in ln.value else _true
+                when = (
+                    fuse_condition(self.expr.condition(ln.value["when"], "identity.link.when"))
+                    if "when" in ln.value
+                    else _true
+                )
                 link = (
                     when,
                     fuse(self.expr.value(ln.value["from"], "identity.link.from")),
@@ -437,7 +441,7 @@ class FileCompiler:
             if not isinstance(reason, str) or not reason:
                 self.diags.add(item.value["reason"], join(ip, "reason"), "expected a reason string, e.g. loop")
                 continue
-            cond = self.expr.condition(item.value["when"], join(ip, "when"))
+            cond = fuse_condition(self.expr.condition(item.value["when"], join(ip, "when")))
             detail = self.expr.value(item.value["detail"], join(ip, "detail")) if "detail" in item.value else None
             out.append((cond, reason, detail))
         return out
@@ -471,7 +475,7 @@ class FileCompiler:
             conds.append(self.expr.condition(YNode({"match": v["match"]}, item.line, item.column), ip))
         if "when" in v:
             conds.append(self.expr.condition(v["when"], join(ip, "when")))
-        when = _all(conds)
+        when = fuse_condition(_all(conds))
         detail = self.expr.value(v["detail"], join(ip, "detail")) if "detail" in v else None
         if "drop" in v:
             for k in ("kind", "body", "overrides", "continue"):

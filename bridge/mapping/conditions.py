@@ -6,14 +6,15 @@ import re
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from bridge.mapping.fuse import fuse
+from bridge.mapping.fuse import Gen, emits, fuse
 from bridge.mapping.runtime import MISSING, Env, is_empty
 from bridge.mapping.yamlnodes import YNode, did_you_mean, join
 
 if TYPE_CHECKING:
     from bridge.mapping.expressions import Cond, ExprCompiler, Fn
 
-_ALWAYS_FALSE: Cond = lambda env: False  # noqa: E731
+_ALWAYS_FALSE: Cond = emits(lambda env: False, lambda g: "False")
+_ALWAYS_TRUE: Cond = emits(lambda env: True, lambda g: "True")
 
 # A guard is what a condition requires of one top-level string field of the event:
 # (field, the values it may have). `match: {type: identify}` has the guard
@@ -41,12 +42,17 @@ def _guarded(cond: Cond, guard: Guard | None) -> Cond:
     return cond
 
 
+def fuse_condition(cond: Cond) -> Cond:
+    """``fuse`` for a condition at the root (a rule's, a drop's): it keeps its guard."""
+    return _guarded(fuse(cond), guard_of(cond))
+
+
 def compile_condition(c: ExprCompiler, node: YNode, ypath: str) -> Cond:
     from bridge.mapping.expressions import COMPARE_OPS, COND_KEYS
 
     v = node.value
     if isinstance(v, bool):
-        return (lambda env: True) if v else _ALWAYS_FALSE
+        return _ALWAYS_TRUE if v else _ALWAYS_FALSE
     if not isinstance(v, dict) or not v:
         c.diags.add(
             node,
@@ -80,13 +86,13 @@ def compile_condition(c: ExprCompiler, node: YNode, ypath: str) -> Cond:
             return conjunction(conds) if key == "all" else _any(conds)
         if key == "not":
             inner = compile_condition(c, sub, sp)
-            return lambda env: not inner(env)
+            return emits(lambda env: not inner(env), lambda g: f"(not {g.cond(inner)})")
         if key == "match":
             return _match(c, sub, sp, _ignore_case(c, v, ypath))
-        fn = fuse(c.value(sub, sp))
+        fn = c.value(sub, sp)
         if key == "exists":
-            return lambda env: _exists(fn(env))
-        return lambda env: is_empty(fn(env))
+            return emits(lambda env: _exists(fn(env)), lambda g: _emit_exists(g.value(fn)))
+        return emits(lambda env: is_empty(fn(env)), lambda g: g.empty(g.value(fn)))
     if "value" not in v:
         c.diags.add(node, ypath, f"operator {ops[0]!r} needs a 'value' to compare")
         return _ALWAYS_FALSE
@@ -99,12 +105,16 @@ def compile_condition(c: ExprCompiler, node: YNode, ypath: str) -> Cond:
             + (f" (found {', '.join(ops)})" if ops else ""),
         )
         return _ALWAYS_FALSE
-    lhs = fuse(c.value(v["value"], join(ypath, "value")))
+    lhs = c.value(v["value"], join(ypath, "value"))
     return compare(c, lhs, ops[0], v[ops[0]], join(ypath, ops[0]), _ignore_case(c, v, ypath))
 
 
 def _exists(x: Any) -> bool:
     return x is not MISSING and x is not None
+
+
+def _emit_exists(x: str) -> str:
+    return f"({x} is not M and {x} is not None)"
 
 
 def _ignore_case(c: ExprCompiler, v: dict[str, YNode], ypath: str) -> bool:
@@ -158,7 +168,7 @@ def conjunction(conds: tuple[Cond, ...]) -> Cond:
                 return False
         return True
 
-    return _guarded(all_of, guard)
+    return _guarded(emits(all_of, lambda g: _emit_chain(g, conds, "and")), guard)
 
 
 def _any(conds: tuple[Cond, ...]) -> Cond:
@@ -176,7 +186,22 @@ def _any(conds: tuple[Cond, ...]) -> Cond:
                 return True
         return False
 
-    return _guarded(any_of, guard)
+    return _guarded(emits(any_of, lambda g: _emit_chain(g, conds, "or")), guard)
+
+
+def _emit_chain(g: Gen, conds: tuple[Cond, ...], op: str) -> str:
+    """all_of / any_of as statements: each condition runs only while the answer is open."""
+    out = g.fresh()
+    g.line(f"{out} = {op == 'and'}")
+    depth = g.depth
+    for f in conds:
+        got = g.cond(f)
+        g.line(f"{out} = bool({got})")
+        g.line(f"if {'' if op == 'and' else 'not '}{out}:")
+        g.depth += 1
+    g.line("pass")
+    g.depth = depth
+    return out
 
 
 def _key(x: Any, fold: bool) -> Any:
@@ -217,9 +242,15 @@ def compare(c: ExprCompiler, lhs: Fn, op: str, rhs: YNode, ypath: str, fold: boo
         if op == "in" and all(k is not None and k[0] == "s" for k in values):
             # all-string sets (the usual case) skip the type-tagging of _key
             strings = frozenset(k[1] for k in values)
+            lower = ".lower()" if fold else ""
+
+            def emit_in(g: Gen) -> str:
+                x = g.value(lhs)
+                return f"(type({x}) is str and {x}{lower} in {g.bind(strings)})"
+
             if fold:
-                return lambda env: type(x := lhs(env)) is str and x.lower() in strings
-            return lambda env: type(x := lhs(env)) is str and x in strings
+                return emits(lambda env: type(x := lhs(env)) is str and x.lower() in strings, emit_in)
+            return emits(lambda env: type(x := lhs(env)) is str and x in strings, emit_in)
         if op == "in":
             return lambda env: _key(lhs(env), fold) in values
         return lambda env: _key(lhs(env), fold) not in values
@@ -230,7 +261,7 @@ def compare(c: ExprCompiler, lhs: Fn, op: str, rhs: YNode, ypath: str, fold: boo
             return _ALWAYS_FALSE
         if op == "equals" and type(want[1]) is str and not fold:
             text = want[1]
-            return lambda env: lhs(env) == text
+            return emits(lambda env: lhs(env) == text, lambda g: f"({g.value(lhs)} == {g.literal(text)})")
         if op == "equals":
             return lambda env: _key(lhs(env), fold) == want
         return lambda env: _key(lhs(env), fold) != want
@@ -261,13 +292,19 @@ def compare(c: ExprCompiler, lhs: Fn, op: str, rhs: YNode, ypath: str, fold: boo
         c.diags.add(rhs, ypath, f"'{op}' expects a number, got {raw!r}")
         return _ALWAYS_FALSE
     bound = raw
+    cmp = {"gt": ">", "gte": ">=", "lt": "<"}.get(op, "<=")
+
+    def emit_number(g: Gen) -> str:
+        x = g.value(lhs)
+        return f"((type({x}) is int or type({x}) is float) and {x} {cmp} {g.bind(bound)})"
+
     if op == "gt":
-        return lambda env: _is_num(x := lhs(env)) and x > bound
+        return emits(lambda env: _is_num(x := lhs(env)) and x > bound, emit_number)
     if op == "gte":
-        return lambda env: _is_num(x := lhs(env)) and x >= bound
+        return emits(lambda env: _is_num(x := lhs(env)) and x >= bound, emit_number)
     if op == "lt":
-        return lambda env: _is_num(x := lhs(env)) and x < bound
-    return lambda env: _is_num(x := lhs(env)) and x <= bound
+        return emits(lambda env: _is_num(x := lhs(env)) and x < bound, emit_number)
+    return emits(lambda env: _is_num(x := lhs(env)) and x <= bound, emit_number)
 
 
 __all__ = ["compile_condition", "did_you_mean"]

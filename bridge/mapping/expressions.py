@@ -388,7 +388,7 @@ class ExprCompiler:
 
         def emit_if(g: Gen) -> str:
             out = g.fresh()
-            with g.block(f"if {g.bind(cond)}(env):"):
+            with g.block(f"if {g.cond(cond)}:"):
                 g.line(f"{out} = {g.value(then)}")
             with g.block("else:"):
                 g.line(f"{out} = {g.value(other)}")
@@ -577,7 +577,7 @@ def _emit_steps(g: Gen, fn: Fn, step_fns: list[steps.Step], drop_if: str, defaul
         # each step runs only while the value is there, as the closures' loop breaks
         g.line(f"if {out} is not M and {out} is not None:")
         g.depth += 1
-        g.line(f"{out} = {g.bind(st)}({out}, env)")
+        g.line(f"{out} = {g.step(st, out)}")
     g.depth = depth
     if drop_if == "null":
         g.line(f"if {out} is None: {out} = M")

@@ -28,6 +28,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 # Emitters write Python statements for their node and return an expression (a local
 # variable or a bound constant) holding its value. Stored on the closure under this name.
 EMITTER = "_bridge_emit"
+# Pipe steps take the value too: their emitters get its expression and return the step's.
+STEP_EMITTER = "_bridge_emit_step"
 # Python refuses more than 20 statically nested blocks; inner nodes past this depth are
 # called as closures instead of inlined.
 MAX_DEPTH = 12
@@ -42,6 +44,12 @@ def emits(fn: F, emitter: Callable[[Gen], str]) -> F:
     """Attach ``emitter`` (the statements equivalent to ``fn``) to the closure ``fn``."""
     setattr(fn, EMITTER, emitter)
     return fn
+
+
+def emits_step(step: F, emitter: Callable[[Gen, str], str]) -> F:
+    """Attach ``emitter`` to the pipe step ``step`` (called with the value's expression)."""
+    setattr(step, STEP_EMITTER, emitter)
+    return step
 
 
 class Gen:
@@ -92,6 +100,18 @@ class Gen:
             self.line(f"{out} = {self.bind(fn)}(env)")
             return out
         result: str = emitter(self)
+        return result
+
+    def cond(self, cond: Callable[[Env], bool]) -> str:
+        """Like ``value``, for a condition: an expression that is True or False."""
+        return self.value(cond)
+
+    def step(self, step: Callable[[Any, Env], Any], value: str) -> str:
+        """The expression for ``step`` applied to the value in ``value``."""
+        emitter = getattr(step, STEP_EMITTER, None)
+        if emitter is None:
+            return f"{self.bind(step)}({value}, env)"
+        result: str = emitter(self, value)
         return result
 
     def assign(self, fn: Fn) -> str:

@@ -12,6 +12,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 
+from bridge.mapping.fuse import Gen, emits_step
 from bridge.mapping.runtime import (
     COERCIONS,
     MISSING,
@@ -157,7 +158,11 @@ def _b_case(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
 
 
 def _b_trim(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
-    return lambda v, env: v.strip() if type(v) is str else v
+    return emits_step(lambda v, env: v.strip() if type(v) is str else v, _emit_trim)
+
+
+def _emit_trim(g: Gen, v: str) -> str:
+    return f"({v}.strip() if type({v}) is str else {v})"
 
 
 def _b_replace(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
@@ -231,7 +236,17 @@ def _b_lookup(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
             return default_fn(env)
         return clone(table_default)
 
-    return lookup
+    if not scalar_values:
+        return lookup
+
+    def emit_lookup(g: Gen, v: str) -> str:
+        # a string found in the table, inline; everything else through the closure
+        hit = g.fresh()
+        key = f"{v}.lower()" if fold else v
+        found = f"({hit} := {g.bind(table)}.get({key}, M)) is not M"
+        return f"({hit} if type({v}) is str and {found} else {g.bind(lookup)}({v}, env))"
+
+    return emits_step(lookup, emit_lookup)
 
 
 def _b_to(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
@@ -255,7 +270,8 @@ def _b_to(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
             except CoercionError as exc:
                 return on_error(v, f"cannot convert to {target}: {exc}")
 
-        return coerce_str
+        # Fused code inlines only the common case, a string already.
+        return emits_step(coerce_str, lambda g, v: f"({v} if type({v}) is str else {g.bind(coerce_str)}({v}, env))")
 
     def coerce(v: Any, env: Env) -> Any:
         try:
@@ -478,7 +494,11 @@ def _b_each(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
 
 
 def _b_length(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
-    return lambda v, env: len(v) if type(v) in (str, list, dict) else MISSING
+    return emits_step(lambda v, env: len(v) if type(v) in (str, list, dict) else MISSING, _emit_length)
+
+
+def _emit_length(g: Gen, v: str) -> str:
+    return f"(len({v}) if type({v}) in EMPTY_TYPES else M)"
 
 
 def _b_split(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:

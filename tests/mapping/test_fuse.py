@@ -37,10 +37,27 @@ let:
   first_tag: "$let.tags[0]"
   last_tag: "$let.tags[-1]"
   zone: {path: $.context.timezone, pipe: [trim, {to: string}], drop_if: null}
+drop:
+  - when:
+      all:
+        - {value: $.properties.plain, equals: drop-me}
+        - not: {empty: $.properties.items}
+    reason: all_of
+  - when:
+      any:
+        - {value: $.event, in: [Ignored, Skipped]}
+        - {value: $.event, in: [LOUD], ignore_case: true}
+        - {value: $.properties.a, gt: 100}
+        - {value: $.properties.a, lte: -100}
+        - {value: {path: $let.who, pipe: [trim, length]}, lt: 2}
+    reason: any_of
 rules:
   - name: everything
     kind: track
-    when: {exists: $let.who}
+    when:
+      all:
+        - {exists: $let.who}
+        - not: {match: {type: [identify, alias]}}
     body:
       userId: $let.who
       event: {first: [$.event, $.name, {literal: unnamed}]}
@@ -57,6 +74,9 @@ rules:
           last_tag: $let.last_tag
           size: $let.size
           zone: $let.zone
+          colour: {path: $.properties.colour, pipe: [{lookup: {red: R, blue: B}}]}
+          folded: {path: $.properties.colour, pipe: [{lookup: {red: R, Blue: B}, ignore_case: true}]}
+          nested_table: {path: $.properties.colour, pipe: [{lookup: {red: {code: 1}}, keep_unmatched: true}]}
           maybe:
             if: {value: $.properties.flag, equals: true}
             then: yes
@@ -87,6 +107,7 @@ TEMPLATE_EVENT: dict[str, Any] = {
         "a": 1,
         "b": None,
         "flag": True,
+        "colour": "Red",
         "other": "o",
         "nothing": None,
         "blank": "",
