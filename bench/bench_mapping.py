@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     rates = measure({"compiled": compiled.apply, "naive": naive.apply}, events, ctx, args.rounds)
     fast, slow = rates["compiled"], rates["naive"]
     print(f"mapping: {MAPPING.name} (track rule), {args.events} events, best of {args.rounds}, one core")
-    print(f"compiled closures : {fast:12,.0f} events/s")
+    print(f"compiled (fused)  : {fast:12,.0f} events/s")
     print(f"naive YAML walker : {slow:12,.0f} events/s")
     print(f"ratio             : {fast / slow:12.1f}x")
     return 0

@@ -439,7 +439,7 @@ def steady_slope(samples: list[dict[str, Any]]) -> float | None:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var
 
 
-_MAPPING_RE = re.compile(r"compiled closures\s*:\s*([\d,.]+)\s*events/s")
+_MAPPING_RE = re.compile(r"compiled (?:\(fused\)|closures)\s*:\s*([\d,.]+)\s*events/s")
 
 
 def mapping_phase(settings: Settings, say: Callable[[str], None]) -> dict[str, Any] | None:
