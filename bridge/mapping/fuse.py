@@ -9,8 +9,8 @@ conditions, templates, ...) is called as the closure it is, from inside the fuse
 the closures stay the one definition of what every node means; an emitter only restates
 its own closure, line for line, next to it in expressions.py.
 
-Anything that goes wrong while generating (an unexpected node, Python's limit on nested
-blocks) leaves the closure tree as it was: fusing is an optimisation, never a requirement.
+Anything that goes wrong while generating (an unexpected node, Python's limit on nesting)
+leaves the closure tree as it was: fusing is an optimisation, never a requirement.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 EMITTER = "_bridge_emit"
 # Pipe steps take the value too: their emitters get its expression and return the step's.
 STEP_EMITTER = "_bridge_emit_step"
-# Python refuses more than 20 statically nested blocks; inner nodes past this depth are
-# called as closures instead of inlined.
+# Python refuses source nested about 100 levels deep. Nodes below this depth are called as
+# closures instead of inlined; a long chain (an `all` of 100 conditions) may still go past
+# the limit, and then the whole root stays a closure tree (see fuse).
 MAX_DEPTH = 12
 # Fused code may be switched off (tests compare both; an operator could too).
 ENABLED = True
@@ -146,7 +147,7 @@ def fuse(fn: Fn) -> Fn:
         namespace: dict[str, Any] = dict(gen.bound)
         # Only repr()s of str and int and bound names reach the source (Gen.literal).
         exec(compile(source, f"<mapping fused {next(_ids)}>", "exec"), namespace)
-    except (SyntaxError, RecursionError, ValueError, TypeError, MemoryError):
+    except Exception:  # fusing is only ever an optimisation: any failure keeps the closures
         return fn
     fused: Fn = namespace["fused"]
     fused.__doc__ = source  # what runs, for anyone debugging a mapping
