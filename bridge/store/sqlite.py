@@ -42,7 +42,7 @@ from bridge.store.base import (
     StoreError,
     StoreFull,
 )
-from bridge.store.sqlite_dedupe import MERGE_AT, DedupeKeys
+from bridge.store.sqlite_dedupe import MERGE_AT, DedupeKeys, register_functions
 from bridge.store.sqlite_schema import configure, create_schema
 from bridge.store.sqlite_writer import BatchOperation, GroupCommitWriter
 
@@ -96,6 +96,7 @@ class SqliteStore(Store):
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
         try:
             configure(conn)
+            register_functions(conn)
         except BaseException:
             conn.close()
             raise

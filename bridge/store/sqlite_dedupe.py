@@ -8,6 +8,12 @@ gathered they are merged into ``dedupe`` in key order, so each B-tree page is re
 once per merge rather than once per commit. The merge runs in key-range slices between
 other operations, so ingest never waits for one long rewrite.
 
+The B-tree holds a 16-byte digest per key (``dedupe_key``), not the strings. A merge
+of random ids touches about one leaf per key once the table is bigger than a merge, and
+a lookup of a fresh id reads a leaf nobody read lately: the size of a row decides how
+many leaves there are to touch and to miss. Files from before keep their string-keyed
+``dedupe`` table, read as well until pruning empties it.
+
 The in-memory set covers exactly the rows of ``dedupe_recent``, so only one process may
 ingest into a file at a time (the CLI only reads, replays and prunes). A store that
 opens the file loads whatever an earlier process left in ``dedupe_recent``.
@@ -15,6 +21,7 @@ opens the file loads whatever an earlier process left in ``dedupe_recent``.
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from collections.abc import Sequence
 
@@ -23,8 +30,10 @@ from bridge.store.sqlite_writer import GroupCommitWriter
 
 DEDUPE_INSERT = ("INSERT INTO dedupe_recent (seen_at, source, message_id) VALUES ", "(?1, ?, ?)")
 
-# Keys held in memory before a merge starts: about 150 bytes each.
-MERGE_AT = 25_000
+# Keys held in memory before a merge starts: about 170 bytes each. Bigger merges touch
+# fewer B-tree leaves per key: with random ids, 100k against 25k kept enqueue at 13 us per
+# event instead of 20 once 3M keys were stored (docs/benchmarks.md).
+MERGE_AT = 100_000
 # A merge copies at least this many ids into its snapshot, and inserts at least this many
 # keys into the B-tree, per writer operation (a few ms each): ingest interleaves with it.
 MERGE_STEP = 2000
@@ -38,6 +47,26 @@ MERGE_PACE = 4
 CHUNK = 30000
 
 
+SQL_KEY_FUNCTION = "bridge_dedupe_key"
+
+
+def dedupe_key(source: str, message_id: str) -> bytes:
+    """The key (source, message_id) is stored under: 16 bytes of BLAKE2b.
+
+    128 bits: two different ids share a key with odds of about n^2 / 2^129 for n stored
+    keys (1e-19 at 10 billion), the same odds a random UUID4 relies on for being unique.
+    A shared key would take a new event for a duplicate, so fewer bits would not do.
+    Source names cannot hold NUL, so the first NUL ends the source: no two pairs join to
+    the same text."""
+    text = f"{source}\x00{message_id}".encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(text, digest_size=16).digest()
+
+
+def register_functions(conn: sqlite3.Connection) -> None:
+    """``bridge_dedupe_key(source, message_id)`` in SQL, for merges that copy rows."""
+    conn.create_function(SQL_KEY_FUNCTION, 2, dedupe_key, deterministic=True)
+
+
 class DedupeKeys:
     def __init__(self, writer: GroupCommitWriter, merge_at: int = MERGE_AT, min_step: int = MERGE_STEP) -> None:
         self._writer = writer
@@ -45,35 +74,52 @@ class DedupeKeys:
         self.min_step = min_step
         self.added = 0  # keys ever added (the merge's pace follows it)
         self._paced_at = 0
-        self._recent: set[tuple[str, str]] = set()  # keys in dedupe_recent, not yet merged
+        # The keys (dedupe_key digests, about 80 bytes each in a set against 200 for the
+        # strings) of dedupe_recent's rows, not yet merged.
+        self._recent: set[bytes] = set()
         self.merging = False  # set and cleared by the store's merge task
-        self._merging: frozenset[tuple[str, str]] = frozenset()  # the keys of the merge under way
+        self._merging: frozenset[bytes] = frozenset()  # the keys of the merge under way
         # Counts whole merges (``merge``). One can run while a sliced merge is under way
         # (``add`` falls back to it when memory runs over): it empties dedupe_recent, so
         # new rows may then reuse ids up to the sliced merge's ``last``.
         self._whole_merges = 0
         self._planned_at = 0
+        # The string-keyed table of a file from before schema version 2 still has keys.
+        self.legacy = False
 
     @property
     def wants_merge(self) -> bool:
         return not self.merging and len(self._recent) >= self._merge_at
 
-    def seen(self, conn: sqlite3.Connection, source: str, message_ids: Sequence[str]) -> set[str]:
-        """Which of ``message_ids`` were stored before for ``source``."""
-        found = {m for m in message_ids if (source, m) in self._recent}
-        rest = [m for m in message_ids if m not in found]
-        for start in range(0, len(rest), CHUNK):
-            chunk = rest[start : start + CHUNK]
-            rows = conn.execute(
-                f"SELECT message_id FROM dedupe WHERE source = ? AND message_id IN ({','.join('?' * len(chunk))})",
-                (source, *chunk),
-            )
-            found.update(row[0] for row in rows)
-        return found
+    def seen(
+        self, conn: sqlite3.Connection, source: str, message_ids: Sequence[str]
+    ) -> tuple[set[str], dict[str, bytes]]:
+        """Which of ``message_ids`` were stored before for ``source``, and every id's key
+        (to hand to ``add``, so no id is hashed twice)."""
+        keys = {m: dedupe_key(source, m) for m in message_ids}
+        recent = self._recent
+        found = {m for m, k in keys.items() if k in recent}
+        by_key = {k: m for m, k in keys.items() if m not in found}
+        unknown = list(by_key)
+        for start in range(0, len(unknown), CHUNK):
+            chunk = unknown[start : start + CHUNK]
+            rows = conn.execute(f"SELECT k FROM dedupe_keys WHERE k IN ({','.join('?' * len(chunk))})", chunk)
+            found.update(by_key[row[0]] for row in rows)
+        if self.legacy:
+            rest = [m for m in by_key.values() if m not in found]
+            for start in range(0, len(rest), CHUNK):
+                ids = rest[start : start + CHUNK]
+                rows = conn.execute(
+                    f"SELECT message_id FROM dedupe WHERE source = ? AND message_id IN ({','.join('?' * len(ids))})",
+                    (source, *ids),
+                )
+                found.update(row[0] for row in rows)
+        return found, keys
 
-    def add(self, conn: sqlite3.Connection, keys: list[tuple[str, str]], now: float) -> None:
-        """Record new (source, message_id) keys (the caller has checked they are new)."""
-        insert_rows(conn, DEDUPE_INSERT, keys, now)
+    def add(self, conn: sqlite3.Connection, rows: list[tuple[str, str]], keys: list[bytes], now: float) -> None:
+        """Record new (source, message_id) ``rows`` whose keys are ``keys`` (the caller has
+        checked they are new)."""
+        insert_rows(conn, DEDUPE_INSERT, rows, now)
         fresh = set(keys) - self._recent
         self._recent |= fresh
         self.added += len(fresh)
@@ -89,7 +135,20 @@ class DedupeKeys:
     def load(self, conn: sqlite3.Connection) -> None:
         """Read the keys an earlier process left unmerged; reading only, so a CLI opening
         the file while the server runs does not disturb the server's keys."""
-        self._recent = set(conn.execute("SELECT source, message_id FROM dedupe_recent"))
+        self._recent = {
+            row[0] for row in conn.execute(f"SELECT {SQL_KEY_FUNCTION}(source, message_id) FROM dedupe_recent")
+        }
+        self.legacy = _legacy_has_keys(conn)
+
+    def prune(self, conn: sqlite3.Connection, before: float) -> int:
+        """Forget keys first seen before ``before``; the caller merges dedupe_recent first."""
+        removed = int(conn.execute("DELETE FROM dedupe_keys WHERE seen_at < ?", (before,)).rowcount)
+        if _legacy_exists(conn):
+            removed += int(conn.execute("DELETE FROM dedupe WHERE seen_at < ?", (before,)).rowcount)
+            # Once its last key has aged out, no lookup needs it. The (empty) table stays:
+            # another process may still be looking in it.
+            self.legacy = _legacy_has_keys(conn)
+        return removed
 
     # A merge, step by step, each step its own short writer operation:
     #   plan        -> (first, last): the ids to snapshot; memory's keys are the snapshot's
@@ -104,10 +163,7 @@ class DedupeKeys:
     def plan(self, conn: sqlite3.Connection) -> tuple[int, int]:
         first, last = conn.execute("SELECT COALESCE(MIN(id), 1), COALESCE(MAX(id), 0) FROM dedupe_recent").fetchone()
         conn.execute("DROP TABLE IF EXISTS temp.merging")
-        conn.execute(
-            "CREATE TEMP TABLE merging (source TEXT NOT NULL, message_id TEXT NOT NULL, seen_at REAL NOT NULL,"
-            " PRIMARY KEY (source, message_id)) WITHOUT ROWID"
-        )
+        conn.execute("CREATE TEMP TABLE merging (k BLOB PRIMARY KEY, seen_at REAL NOT NULL) WITHOUT ROWID")
         # Memory holds exactly the rows of dedupe_recent, all of them up to ``last`` now:
         # these keys leave memory when finish_merge deletes their rows.
         self._merging = frozenset(self._recent)
@@ -116,8 +172,8 @@ class DedupeKeys:
 
     def fill(self, conn: sqlite3.Connection, lo: int, hi: int) -> None:
         conn.execute(
-            "INSERT OR IGNORE INTO temp.merging (source, message_id, seen_at)"
-            " SELECT source, message_id, seen_at FROM dedupe_recent WHERE id >= ? AND id <= ?",
+            f"INSERT OR IGNORE INTO temp.merging (k, seen_at)"
+            f" SELECT {SQL_KEY_FUNCTION}(source, message_id), seen_at FROM dedupe_recent WHERE id >= ? AND id <= ?",
             (lo, hi),
         )
 
@@ -129,25 +185,24 @@ class DedupeKeys:
             # Another process (e.g. a CLI prune) merged keys we still hold: resynchronise,
             # keeping the keys that arrived since the plan (their rows are past ``last``).
             previous, snapshot = self._recent, self._merging
-            self._merging = frozenset(conn.execute("SELECT source, message_id FROM temp.merging"))
+            self._merging = frozenset(row[0] for row in conn.execute("SELECT k FROM temp.merging"))
             self._recent = (self._recent - snapshot) | self._merging
             self._writer.on_rollback(lambda: setattr(self, "_recent", previous))
         return count
 
-    def merge_next(self, conn: sqlite3.Connection, start: tuple[str, str] | None, limit: int) -> tuple[str, str] | None:
+    def merge_next(self, conn: sqlite3.Connection, start: bytes | None, limit: int) -> bytes | None:
         """Insert the next ``limit`` snapshot keys from ``start`` on (in key order) into the
         B-tree; returns the first key left, or None when the snapshot is done."""
-        where, params = ("WHERE (source, message_id) >= (?, ?)", start) if start is not None else ("", ())
+        where, params = ("WHERE k >= ?", (start,)) if start is not None else ("", ())
         conn.execute(
-            "INSERT OR IGNORE INTO dedupe (source, message_id, seen_at) SELECT source, message_id, seen_at"
-            f" FROM temp.merging {where} ORDER BY source, message_id LIMIT ?",
+            f"INSERT OR IGNORE INTO dedupe_keys (k, seen_at) SELECT k, seen_at FROM temp.merging {where}"
+            " ORDER BY k LIMIT ?",
             (*params, limit),
         )
         row = conn.execute(
-            f"SELECT source, message_id FROM temp.merging {where} ORDER BY source, message_id LIMIT 1 OFFSET ?",
-            (*params, limit),
+            f"SELECT k FROM temp.merging {where} ORDER BY k LIMIT 1 OFFSET ?", (*params, limit)
         ).fetchone()
-        return None if row is None else (row[0], row[1])
+        return None if row is None else bytes(row[0])
 
     def _undo_whole_merge(self) -> None:
         self._whole_merges -= 1
@@ -169,8 +224,19 @@ class DedupeKeys:
         self._whole_merges += 1
         self._writer.on_rollback(self._undo_whole_merge)
         conn.execute(
-            "INSERT OR IGNORE INTO dedupe (source, message_id, seen_at)"
-            " SELECT source, message_id, seen_at FROM dedupe_recent ORDER BY source, message_id"
+            f"INSERT OR IGNORE INTO dedupe_keys (k, seen_at)"
+            f" SELECT {SQL_KEY_FUNCTION}(source, message_id) AS k, seen_at FROM dedupe_recent ORDER BY k"
         )
-        merged = conn.execute("DELETE FROM dedupe_recent RETURNING source, message_id").fetchall()
+        merged = {
+            row[0]
+            for row in conn.execute(f"DELETE FROM dedupe_recent RETURNING {SQL_KEY_FUNCTION}(source, message_id)")
+        }
         self._writer.on_commit(lambda: self._recent.difference_update(merged))
+
+
+def _legacy_exists(conn: sqlite3.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'dedupe'").fetchone() is not None
+
+
+def _legacy_has_keys(conn: sqlite3.Connection) -> bool:
+    return _legacy_exists(conn) and conn.execute("SELECT 1 FROM dedupe LIMIT 1").fetchone() is not None

@@ -79,10 +79,11 @@ def enqueue_many(conn: sqlite3.Connection, calls: list[EnqueueCall], *, dedupe: 
     seen = {source: dedupe.seen(conn, source, list(ids)) for source, ids in wanted.items()}
     results: list[EnqueueResult] = []
     fresh_keys: list[tuple[str, str]] = []
+    fresh_digests: list[bytes] = []
     rows: list[tuple[str, str, str, str, bytes]] = []
     links: dict[tuple[str, str], tuple[str, str, str]] = {}
     for call in calls:
-        source, taken = call.source, seen[call.source]
+        source, (taken, digests) = call.source, seen[call.source]
         duplicates: list[int] = []
         stored = 0
         for index, event in enumerate(call.events):
@@ -93,6 +94,7 @@ def enqueue_many(conn: sqlite3.Connection, calls: list[EnqueueCall], *, dedupe: 
             taken.add(message_id)
             stored += 1
             fresh_keys.append((source, message_id))
+            fresh_digests.append(digests[message_id])
             for destination in event.destinations:
                 rows.append((destination, source, message_id, event.ordering_key, event.payload))
             for link in event.links:
@@ -100,7 +102,7 @@ def enqueue_many(conn: sqlite3.Connection, calls: list[EnqueueCall], *, dedupe: 
         results.append(EnqueueResult(stored, len(duplicates), tuple(duplicates)))
     if fresh_keys:
         now = max(call.now for call in calls)
-        dedupe.add(conn, fresh_keys, now)
+        dedupe.add(conn, fresh_keys, fresh_digests, now)
         insert_rows(conn, JOBS_INSERT, rows, now)
         if links:  # latest wins, as if the calls had run one after another
             conn.executemany(
@@ -398,7 +400,7 @@ def heartbeat(conn: sqlite3.Connection, now: float) -> None:
 
 def prune(conn: sqlite3.Connection, dedupe: DedupeKeys, dedupe_before: float, settled_before: float) -> int:
     dedupe.merge(conn)  # so old keys still waiting in dedupe_recent are pruned too
-    removed = conn.execute("DELETE FROM dedupe WHERE seen_at < ?", (dedupe_before,)).rowcount
+    removed = dedupe.prune(conn, dedupe_before)
     removed += conn.execute(
         f"DELETE FROM jobs WHERE state = {DELIVERED} AND settled_at < ?", (settled_before,)
     ).rowcount

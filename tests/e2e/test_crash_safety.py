@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 from aiohttp.test_utils import TestServer
 
+from bridge.store.sqlite_dedupe import dedupe_key
 from bridge.testing.standins import MoEngageStandIn
 from tests.e2e.harness import API_KEY, WORKSPACE, WRITE_KEY, basic, config_dict
 from tests.e2e.proc import BridgeProcess
@@ -90,10 +91,21 @@ def describe_jobs(db: Path, message_ids: list[str]) -> str:
             f"WHERE message_id IN ({','.join('?' * len(message_ids))})",
             message_ids,
         ).fetchall()
-        dedupe = conn.execute(
-            f"SELECT count(*) FROM dedupe WHERE message_id IN ({','.join('?' * len(message_ids))})", message_ids
+        waiting = conn.execute(
+            f"SELECT count(*) FROM dedupe_recent WHERE message_id IN ({','.join('?' * len(message_ids))})", message_ids
         ).fetchone()[0]
-    return f"jobs={rows} dedupe_rows={dedupe} now={time.time()}"
+        sources = [
+            r[0] for r in conn.execute("SELECT DISTINCT source FROM dedupe_recent UNION SELECT source FROM jobs")
+        ]
+        keys = [dedupe_key(s, m) for s in sources for m in message_ids]
+        merged = (
+            conn.execute(f"SELECT count(*) FROM dedupe_keys WHERE k IN ({','.join('?' * len(keys))})", keys).fetchone()[
+                0
+            ]
+            if keys
+            else 0
+        )
+    return f"jobs={rows} dedupe_rows={waiting} waiting + {merged} merged now={time.time()}"
 
 
 async def wait_delivered(moengage: MoEngageStandIn, acked: set[str], timeout: float) -> None:

@@ -17,6 +17,7 @@ from bridge.store import open_store
 from bridge.store import sqlite_ops as ops
 from bridge.store.base import DeadLetter, RecordFilter, StoreError, StoreFull
 from bridge.store.sqlite import SqliteStore
+from bridge.store.sqlite_dedupe import dedupe_key
 from bridge.store.sqlite_writer import GroupCommitWriter
 from tests.store.helpers import event
 
@@ -35,8 +36,9 @@ async def test_the_file_is_in_wal_mode_with_its_tables(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "sub" / "dir" / "b.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert {"jobs", "dedupe", "identity_links", "dead_letters", "discards", "destination_state"} <= tables
-    assert conn.execute("SELECT version FROM schema_version").fetchone()[0] == 1
+    assert {"jobs", "dedupe_keys", "dedupe_recent", "identity_links", "dead_letters", "discards"} <= tables
+    assert "dedupe" not in tables  # the string-keyed table of schema version 1
+    assert conn.execute("SELECT version FROM schema_version").fetchone()[0] == 2
     conn.close()
 
 
@@ -243,16 +245,73 @@ async def test_dedupe_keys_survive_merges_and_reopening(tmp_path: Path) -> None:
     await store.close()
 
     conn = sqlite3.connect(tmp_path / "b.db")
-    assert conn.execute("SELECT COUNT(*) FROM dedupe").fetchone()[0] >= 40  # merges happened
+    assert conn.execute("SELECT COUNT(*) FROM dedupe_keys").fetchone()[0] >= 40  # merges happened
     conn.close()
     reopened = await opened(tmp_path / "b.db", dedupe_merge_at=40)
     assert (await reopened.enqueue("web", [event("unmerged"), event("m29-9"), event("new")])).stored == 1
     await reopened.prune(0, 0)  # merges everything first
     await reopened.close()
     conn = sqlite3.connect(tmp_path / "b.db")
-    assert conn.execute("SELECT COUNT(*) FROM dedupe").fetchone()[0] == 303
+    assert conn.execute("SELECT COUNT(*) FROM dedupe_keys").fetchone()[0] == 303
     assert conn.execute("SELECT COUNT(*) FROM dedupe_recent").fetchone()[0] == 0
     conn.close()
+
+
+def _as_schema_version_1(path: Path, keys: list[tuple[str, str, float]], waiting: list[tuple[str, str, float]]) -> None:
+    """Rewrite a store's file as schema version 1 left it: string-keyed ``dedupe``."""
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        """
+        DROP TABLE dedupe_keys;
+        CREATE TABLE dedupe (source TEXT NOT NULL, message_id TEXT NOT NULL, seen_at REAL NOT NULL,
+            PRIMARY KEY (source, message_id)) WITHOUT ROWID;
+        CREATE INDEX dedupe_by_time ON dedupe (seen_at);
+        UPDATE schema_version SET version = 1;
+        """
+    )
+    conn.executemany("INSERT INTO dedupe VALUES (?, ?, ?)", keys)
+    conn.executemany("INSERT INTO dedupe_recent (source, message_id, seen_at) VALUES (?, ?, ?)", waiting)
+    conn.commit()
+    conn.close()
+
+
+async def test_a_file_of_schema_version_1_keeps_its_string_keys_until_they_age_out(tmp_path: Path) -> None:
+    path = tmp_path / "b.db"
+    store = await opened(path)
+    await store.close()
+    now = time.time()
+    _as_schema_version_1(
+        path,
+        [("web", "old-1", now - 3600), ("web", "old-2", now), ("app", "old-1", now)],
+        [("web", "waiting-1", now)],
+    )
+
+    store = await opened(path, dedupe_merge_at=3)
+    # Every key of the old file is still a duplicate, wherever it was: merged or waiting.
+    result = await store.enqueue("web", [event("old-1"), event("old-2"), event("waiting-1"), event("new-1")])
+    assert (result.stored, result.duplicate_indexes) == (1, (0, 1, 2))
+    assert (await store.enqueue("app", [event("old-2"), event("old-1")])).duplicate_indexes == (1,)
+    await store.prune(now - 60, 0)  # merges the waiting keys (into dedupe_keys), drops old-1
+    assert (await store.enqueue("web", [event("old-1"), event("old-2"), event("waiting-1")])).stored == 1
+    await store.prune(now + 60, 0)  # the last string key ages out: lookups stop reading the table
+    assert not store._open_dedupe().legacy
+    assert (await store.enqueue("web", [event("old-2")])).stored == 1
+    await store.close()
+
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT version FROM schema_version").fetchone()[0] == 2
+    assert conn.execute("SELECT COUNT(*) FROM dedupe").fetchone()[0] == 0
+    conn.close()
+
+
+def test_dedupe_keys_are_16_bytes_per_source_and_id() -> None:
+    key = dedupe_key("web", "3f2b8c1e-0000-4000-8000-000000000001")
+    assert len(key) == 16 and key == dedupe_key("web", "3f2b8c1e-0000-4000-8000-000000000001")
+    # The source is part of the key (dedupe is per source), and the NUL between them means
+    # no other split of the same text gives the same key.
+    assert len({key, dedupe_key("app", "3f2b8c1e-0000-4000-8000-000000000001"), dedupe_key("we", "b")}) == 3
+    assert dedupe_key("ab", "c") != dedupe_key("a", "bc")
+    assert dedupe_key("web", "\ud800") != dedupe_key("web", "")  # lone surrogates hash, never raise
 
 
 async def test_keys_stay_on_disk_when_a_whole_merge_overtakes_a_sliced_one(tmp_path: Path) -> None:
@@ -300,7 +359,7 @@ async def test_a_merge_keeps_pace_with_sustained_ingest(tmp_path: Path) -> None:
     await store.close()
 
     conn = sqlite3.connect(tmp_path / "b.db")
-    merged = conn.execute("SELECT COUNT(*) FROM dedupe").fetchone()[0]
+    merged = conn.execute("SELECT COUNT(*) FROM dedupe_keys").fetchone()[0]
     waiting = conn.execute("SELECT COUNT(*) FROM dedupe_recent").fetchone()[0]
     conn.close()
     assert merged + waiting == 2 * 40 * 100 and merged >= 2000
