@@ -1,16 +1,22 @@
 """Enqueue throughput of the job stores: 100-event batches from 32 concurrent callers.
 
     python -m bench.bench_store [--seconds 5] [--batch 100] [--concurrency 32] [--postgres DSN]
+    python -m bench.bench_store --grow 3000000 [--step 500000] [--counted-ids]
 
 Also runs a bare baseline: the same batches written by a minimal group-commit writer
 (one thread, one table, executemany, WAL + synchronous=FULL) with no dedupe or jobs
 model, so the store's overhead over the floor is visible as a ratio.
+
+``--grow N`` instead enqueues N events into one SQLite store and prints the rate and
+CPU per event for every ``--step`` of them: what dedupe costs as its keys pile up.
+``--counted-ids`` sends ids in counting order, to compare with random ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import queue
 import random
@@ -39,12 +45,18 @@ EVENT = {
 PAYLOAD = orjson.dumps(EVENT)
 
 
-def make_batch(size: int) -> list[IncomingEvent]:
-    """Random message ids (like SDKs' UUIDs: the hard case for a dedupe index), one payload."""
+COUNTER = itertools.count()
+
+
+def make_batch(size: int, counted: bool = False) -> list[IncomingEvent]:
+    """Random message ids (like SDKs' UUIDs: the hard case for a dedupe index), one payload;
+    ``counted`` ids sort in arrival order instead."""
     bits = random.getrandbits
-    return [
-        IncomingEvent(f"{bits(64):016x}{bits(64):016x}", f"user-{i % 50}", PAYLOAD, ("moengage",)) for i in range(size)
-    ]
+    if counted:
+        ids = [f"bench-{next(COUNTER):016d}" for _ in range(size)]
+    else:
+        ids = [f"{bits(64):016x}{bits(64):016x}" for _ in range(size)]
+    return [IncomingEvent(m, f"user-{i % 50}", PAYLOAD, ("moengage",)) for i, m in enumerate(ids)]
 
 
 async def drive(
@@ -129,6 +141,36 @@ async def bench_store(store: Store, args: argparse.Namespace) -> tuple[float, in
         await store.close()
 
 
+async def grow(args: argparse.Namespace) -> None:
+    """Enqueue ``args.grow`` events into one store, reporting each ``args.step``."""
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
+        store = SqliteStore(os.path.join(tmp, "store.db"), min_free_disk_bytes=0)
+        await store.open()
+        done = reported = 0
+        mark, cpu = time.perf_counter(), time.process_time()
+
+        async def worker() -> None:
+            nonlocal done, reported, mark, cpu
+            while done < args.grow:
+                events = make_batch(args.batch, args.counted_ids)
+                await store.enqueue("web", events)
+                done += len(events)
+                if done - reported >= args.step:
+                    now, used = time.perf_counter(), time.process_time()
+                    n = done - reported
+                    print(
+                        f"{done / 1e6:6.2f}M keys: {n / (now - mark):9,.0f} events/s"
+                        f"  {(used - cpu) / n * 1e6:5.1f} us CPU per event",
+                        flush=True,
+                    )
+                    reported, mark, cpu = done, now, used
+
+        try:
+            await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+        finally:
+            await store.close()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -136,7 +178,13 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--postgres", metavar="DSN", help="also measure PostgresStore (uses schema bench_store)")
+    parser.add_argument("--grow", type=int, metavar="N", help="enqueue N events into one store, reporting each step")
+    parser.add_argument("--step", type=int, default=500_000, help="events per report line with --grow")
+    parser.add_argument("--counted-ids", action="store_true", help="ids in counting order instead of random")
     args = parser.parse_args()
+    if args.grow:
+        await grow(args)
+        return
 
     floor = sqlite_rate = 0.0
     commits = 0
