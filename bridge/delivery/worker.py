@@ -23,7 +23,7 @@ from bridge.delivery.metrics import DeliveryMetrics, NoDeliveryMetrics
 from bridge.delivery.policy import Action, RetryPolicy, RetrySchedule
 from bridge.delivery.ratelimit import RateLimiter
 from bridge.destinations.base import Item, Request, Response
-from bridge.mapping.api import CompiledMapping, Discarded, Failed
+from bridge.mapping.api import CompiledMapping, Discarded, Failed, MapContext
 from bridge.mapping.links import link_context
 from bridge.observability.redaction import redact_text
 from bridge.store.base import DeadLetter, DestinationState, Discard, Job, Store
@@ -44,7 +44,7 @@ def event_label(event: Any) -> str:
     return ""
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)  # one is shared by every item of a request
 class Verdict:
     action: Action
     response: Response | None = None
@@ -57,7 +57,7 @@ class _Batch:
 
     jobs: dict[int, Job]
     deadline: float  # monotonic time after which no request may start (well inside the lease)
-    labels: dict[int, str] = field(default_factory=dict)
+    events: dict[int, Any] = field(default_factory=dict)  # the parsed payloads, by job id
     verdicts: dict[int, Verdict] = field(default_factory=dict)
     unsent: set[int] = field(default_factory=set)  # jobs with an item never sent: released, uncounted
     settled: set[int] = field(default_factory=set)
@@ -69,6 +69,10 @@ class _Batch:
     # Settle only jobs still on this lease (see Store.ack): after a lapsed lease, whoever
     # leased them since owns them.
     fence: dict[int, int] = field(default_factory=dict)
+
+    def label(self, job_id: int) -> str:
+        # Only a job that is dead-lettered or discarded needs its label: made on demand.
+        return event_label(self.events.get(job_id))
 
     def fully_delivered(self, job_id: int) -> bool:
         verdict = self.verdicts.get(job_id)
@@ -268,7 +272,7 @@ class DestinationWorker:
                     continue
                 if self.policy.exhausted(job.attempts, job.first_attempt_at, now):
                     dead.append(
-                        DeadLetter(job_id, "internal_error", response_body=error, label=batch.labels.get(job_id, ""))
+                        DeadLetter(job_id, "internal_error", response_body=error, label=batch.label(job_id))
                     )
                 else:
                     retries.add(job_id, job.attempts, None)
@@ -307,7 +311,7 @@ class DestinationWorker:
         await self._settle(batch, job_items, mapping.version)
 
     async def _map(self, batch: _Batch, mapping: CompiledMapping) -> tuple[list[Item], dict[int, list[Item]]]:
-        events: dict[int, Any] = {}
+        events = batch.events
         dead: list[DeadLetter] = []
         for job in batch.jobs.values():
             try:
@@ -321,13 +325,19 @@ class DestinationWorker:
         discards: list[Discard] = []
         items: list[Item] = []
         job_items: dict[int, list[Item]] = {}
+        # With no links in the batch every event of a source is mapped in the same context:
+        # one (frozen, so shareable) object per source instead of one per event.
+        plain: dict[str, MapContext] = {}
+        reject_reason = self.client.reject_reason
         for job_id, event in events.items():
             job = batch.jobs[job_id]
-            label = batch.labels[job_id] = event_label(event)
-            ctx = link_context(mapping, event, links, options=options, source=job.source, ids=ids[job_id])
+            if links:
+                ctx = link_context(mapping, event, links, options=options, source=job.source, ids=ids[job_id])
+            else:
+                ctx = plain.get(job.source) or plain.setdefault(job.source, MapContext(None, options, job.source))
             result = mapping.apply(event, ctx)
             if isinstance(result, Discarded):
-                discards.append(Discard(job_id, result.reason, label, result.detail))
+                discards.append(Discard(job_id, result.reason, batch.label(job_id), result.detail))
                 continue
             if isinstance(result, Failed):
                 dead.append(
@@ -335,15 +345,19 @@ class DestinationWorker:
                         job_id,
                         f"mapping_{result.reason}",
                         response_body=result.detail,
-                        label=label,
+                        label=batch.label(job_id),
                         mapping_version=mapping.version,
                     )
                 )
                 continue
             mine = [Item(job_id, out, orjson.dumps(out.body)) for out in result]
-            reject = next((r for it in mine if (r := self.client.reject_reason(it))), None)
+            reject = None
+            for it in mine:
+                reject = reject_reason(it)
+                if reject:
+                    break
             if not mine or reject:
-                discards.append(Discard(job_id, reject or "no_output", label))
+                discards.append(Discard(job_id, reject or "no_output", batch.label(job_id)))
                 continue
             job_items[job_id] = mine
             batch.items_left[job_id] = len(mine)
@@ -440,12 +454,16 @@ class DestinationWorker:
                 body=response.body[:300],
             )
         body = self.client.render_for_record(request) if action is Action.DEAD else b""
+        verdict = Verdict(action, response, body)  # the same for every item: one object
+        rank = _rank(action)
+        items_left, verdicts = batch.items_left, batch.verdicts
         for it in request.items:
-            batch.items_left[it.job_id] = batch.items_left.get(it.job_id, 1) - 1
-            previous = batch.verdicts.get(it.job_id)
+            job_id = it.job_id
+            items_left[job_id] = items_left.get(job_id, 1) - 1
+            previous = verdicts.get(job_id)
             # A job with several items takes its worst verdict.
-            if previous is None or _rank(action) > _rank(previous.action):
-                batch.verdicts[it.job_id] = Verdict(action, response, body)
+            if previous is None or rank > _rank(previous.action):
+                verdicts[job_id] = verdict
         return action is not Action.RETRY
 
     async def _send_halves(self, request: Request, batch: _Batch, *, ordered: bool) -> bool:
@@ -522,7 +540,7 @@ class DestinationWorker:
             # An upstream may echo our credentials back (a 401 quoting the header): never keep them.
             response_body=redact_text((resp.body or resp.error or "")[:MAX_KEPT_BODY]) if resp else "",
             request_body=body,
-            label=batch.labels.get(job_id, ""),
+            label=batch.label(job_id),
             mapping_version=version,
         )
 
