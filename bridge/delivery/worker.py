@@ -271,9 +271,7 @@ class DestinationWorker:
                 if job_id in batch.settled:
                     continue
                 if self.policy.exhausted(job.attempts, job.first_attempt_at, now):
-                    dead.append(
-                        DeadLetter(job_id, "internal_error", response_body=error, label=batch.label(job_id))
-                    )
+                    dead.append(DeadLetter(job_id, "internal_error", response_body=error, label=batch.label(job_id)))
                 else:
                     retries.add(job_id, job.attempts, None)
             for at, ids in retries.groups.items():
