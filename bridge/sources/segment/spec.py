@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
-from functools import lru_cache
 from typing import Any
 
 from bridge.store.ordering import ordering_key
@@ -183,7 +182,7 @@ def normalise(
             received_at,
             sent_at,
             keep_timestamp,
-            received_iso if received_iso is not None else _received_iso(received_at),
+            received_iso if received_iso is not None else iso(received_at),
             parsed_sent_at,
         )
     except (OverflowError, ValueError):
@@ -204,12 +203,6 @@ _OBJECT_FIELDS = (
     ("context", "context_not_object"),
     ("integrations", "integrations_not_object"),
 )
-
-
-@lru_cache(maxsize=8)
-def _received_iso(received_at: datetime) -> str:
-    # One request's events share one receivedAt: format it once, not per event.
-    return iso(received_at)
 
 
 def _compute_timestamps(
