@@ -43,6 +43,9 @@ MERGE_STEP = 2000
 # once (100k keys, a 300-500 ms stall). A merge of K keys takes 2K/step steps, so at a
 # pace P the keys arriving meanwhile are 2K/P: below K for any P > 2.
 MERGE_PACE = 4
+# A whole merge holds the writer (and every acknowledgement) while it runs, about 3 us a
+# key: it only happens when the sliced merge has fallen this far behind.
+FALLBACK_FACTOR = 2
 # Far below SQLite's limit on bound parameters (32766 since 3.32).
 CHUNK = 30000
 
@@ -56,10 +59,11 @@ def dedupe_key(source: str, message_id: str) -> bytes:
     128 bits: two different ids share a key with odds of about n^2 / 2^129 for n stored
     keys (1e-19 at 10 billion), the same odds a random UUID4 relies on for being unique.
     A shared key would take a new event for a duplicate, so fewer bits would not do.
-    Source names cannot hold NUL, so the first NUL ends the source: no two pairs join to
-    the same text."""
-    text = f"{source}\x00{message_id}".encode("utf-8", "surrogatepass")
-    return hashlib.blake2b(text, digest_size=16).digest()
+    The source goes in behind its length: no separator, which a source name or an id
+    could contain, so no two different pairs hash the same bytes."""
+    head = source.encode("utf-8", "surrogatepass")
+    body = message_id.encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(len(head).to_bytes(4, "big") + head + body, digest_size=16).digest()
 
 
 def register_functions(conn: sqlite3.Connection) -> None:
@@ -124,7 +128,7 @@ class DedupeKeys:
         self._recent |= fresh
         self.added += len(fresh)
         self._writer.on_rollback(lambda: self._recent.difference_update(fresh))
-        if len(self._recent) >= 4 * self._merge_at:
+        if len(self._recent) >= FALLBACK_FACTOR * self._merge_at:
             self.merge(conn)  # the sliced merge fell behind: bound the memory now
 
     def step_size(self) -> int:
@@ -146,8 +150,10 @@ class DedupeKeys:
         if _legacy_exists(conn):
             removed += int(conn.execute("DELETE FROM dedupe WHERE seen_at < ?", (before,)).rowcount)
             # Once its last key has aged out, no lookup needs it. The (empty) table stays:
-            # another process may still be looking in it.
-            self.legacy = _legacy_has_keys(conn)
+            # another process may still be looking in it. Lookups stop reading it only once
+            # that is committed: a rollback brings the rows back.
+            if not _legacy_has_keys(conn):
+                self._writer.on_commit(self._legacy_gone)
         return removed
 
     # A merge, step by step, each step its own short writer operation:
@@ -219,18 +225,21 @@ class DedupeKeys:
         conn.execute("DELETE FROM dedupe_recent WHERE id <= ?", (last,))
         self._writer.on_commit(lambda: self._recent.difference_update(merged))
 
+    def _legacy_gone(self) -> None:
+        self.legacy = False
+
     def merge(self, conn: sqlite3.Connection) -> None:
-        """Move all of ``dedupe_recent`` into the ``dedupe`` B-tree at once."""
+        """Move all of ``dedupe_recent`` into the ``dedupe_keys`` B-tree at once."""
         self._whole_merges += 1
         self._writer.on_rollback(self._undo_whole_merge)
         conn.execute(
             f"INSERT OR IGNORE INTO dedupe_keys (k, seen_at)"
             f" SELECT {SQL_KEY_FUNCTION}(source, message_id) AS k, seen_at FROM dedupe_recent ORDER BY k"
         )
-        merged = {
-            row[0]
-            for row in conn.execute(f"DELETE FROM dedupe_recent RETURNING {SQL_KEY_FUNCTION}(source, message_id)")
-        }
+        # Memory holds the keys of exactly these rows (this writer is the only one adding
+        # any), so they leave memory without hashing every row a second time.
+        merged = frozenset(self._recent)
+        conn.execute("DELETE FROM dedupe_recent")
         self._writer.on_commit(lambda: self._recent.difference_update(merged))
 
 

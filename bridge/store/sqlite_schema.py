@@ -26,6 +26,15 @@ PRAGMAS = (
     "PRAGMA journal_size_limit = 67108864",  # the WAL shrinks back after a burst
 )
 
+# AUTOINCREMENT: a merge deletes the rows up to the last id it snapshotted. Were ids
+# reused (after another writer emptied the table), it would delete new, unmerged keys.
+DEDUPE_RECENT = """CREATE TABLE IF NOT EXISTS dedupe_recent (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        source TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        seen_at REAL NOT NULL
+    )"""
+
 DDL = (
     """CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)""",
     # AUTOINCREMENT: a job id is never reused, so a stale worker can never settle another job.
@@ -71,12 +80,7 @@ DDL = (
     # Files written before schema version 2 keep their (source, message_id) ``dedupe``
     # table: it is still read and pruned until its keys age out (sqlite_dedupe).
     # New keys land here first, unindexed (see sqlite_dedupe for why).
-    """CREATE TABLE IF NOT EXISTS dedupe_recent (
-        id INTEGER PRIMARY KEY,
-        source TEXT NOT NULL,
-        message_id TEXT NOT NULL,
-        seen_at REAL NOT NULL
-    )""",
+    DEDUPE_RECENT,
     """CREATE TABLE IF NOT EXISTS identity_links (
         namespace TEXT NOT NULL,
         from_id TEXT NOT NULL,
@@ -139,6 +143,7 @@ def create_schema(conn: sqlite3.Connection) -> None:
     for statement in DDL:
         conn.execute(statement)
     _retire_state_index(conn)
+    _never_reuse_recent_ids(conn)
     row = conn.execute("SELECT version FROM schema_version").fetchone()
     if row is None:
         conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
@@ -151,6 +156,21 @@ def create_schema(conn: sqlite3.Connection) -> None:
         # Version 2 stores new dedupe keys in dedupe_keys; a bridge of version 1 would not
         # look there and would take those events again, so it must refuse the file.
         conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+
+
+def _never_reuse_recent_ids(conn: sqlite3.Connection) -> None:
+    """Rebuild a ``dedupe_recent`` made without AUTOINCREMENT (before schema version 2),
+    keeping its rows and their ids."""
+    sql = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'dedupe_recent'").fetchone()
+    if sql is None or "AUTOINCREMENT" in str(sql[0]).upper():
+        return
+    conn.execute("ALTER TABLE dedupe_recent RENAME TO dedupe_recent_v1")
+    conn.execute(DEDUPE_RECENT)
+    conn.execute(
+        "INSERT INTO dedupe_recent (id, source, message_id, seen_at)"
+        " SELECT id, source, message_id, seen_at FROM dedupe_recent_v1"
+    )
+    conn.execute("DROP TABLE dedupe_recent_v1")
 
 
 def _retire_state_index(conn: sqlite3.Connection) -> None:

@@ -266,6 +266,9 @@ def _as_schema_version_1(path: Path, keys: list[tuple[str, str, float]], waiting
         CREATE TABLE dedupe (source TEXT NOT NULL, message_id TEXT NOT NULL, seen_at REAL NOT NULL,
             PRIMARY KEY (source, message_id)) WITHOUT ROWID;
         CREATE INDEX dedupe_by_time ON dedupe (seen_at);
+        DROP TABLE dedupe_recent;
+        CREATE TABLE dedupe_recent (id INTEGER PRIMARY KEY, source TEXT NOT NULL, message_id TEXT NOT NULL,
+            seen_at REAL NOT NULL);
         UPDATE schema_version SET version = 1;
         """
     )
@@ -301,7 +304,56 @@ async def test_a_file_of_schema_version_1_keeps_its_string_keys_until_they_age_o
     conn = sqlite3.connect(path)
     assert conn.execute("SELECT version FROM schema_version").fetchone()[0] == 2
     assert conn.execute("SELECT COUNT(*) FROM dedupe").fetchone()[0] == 0
+    recent = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'dedupe_recent'").fetchone()[0]
+    assert "AUTOINCREMENT" in recent  # rebuilt so that its ids are never reused
     conn.close()
+
+
+async def test_a_prune_that_rolls_back_keeps_reading_the_old_keys(tmp_path: Path) -> None:
+    """Lookups stop reading the version-1 table only once its emptying has committed."""
+    path = tmp_path / "b.db"
+    await (await opened(path)).close()
+    now = time.time()
+    _as_schema_version_1(path, [("web", "old-1", now - 3600)], [])
+    store = await opened(path)
+    dedupe = store._open_dedupe()
+
+    def failing_prune(conn: sqlite3.Connection) -> None:
+        ops.prune(conn, dedupe, now, 0)  # empties the old table...
+        raise sqlite3.OperationalError("database or disk is full")  # ...then the transaction fails
+
+    with pytest.raises(StoreError, match="disk is full"):
+        await store._run(failing_prune)
+    assert dedupe.legacy
+    assert (await store.enqueue("web", [event("old-1")])).stored == 0
+    await store.close()
+
+
+async def test_new_keys_survive_a_merge_by_another_process_during_a_sliced_merge(tmp_path: Path) -> None:
+    """Another writer empties dedupe_recent while this one is mid-merge. New rows must not
+    reuse ids up to the merge's last one, or its finish deletes them unmerged and a
+    restart forgets them."""
+    path = tmp_path / "b.db"
+    server = await opened(path, dedupe_merge_at=10**9)
+    dedupe = server._open_dedupe()
+    await server.enqueue("web", [event(f"old-{i}") for i in range(10)])
+    first, last = await server._run(dedupe.plan)
+    await server._run(partial(dedupe.fill, lo=first, hi=last))
+    other = await opened(path)
+    await other.prune(0, 0)  # merges all of dedupe_recent and empties it
+    await other.close()
+    await server.enqueue("web", [event(f"new-{i}") for i in range(5)])
+    if await server._run(dedupe.check):
+        start = None
+        while (start := await server._run(partial(dedupe.merge_next, start=start, limit=1000))) is not None:
+            pass
+    await server._run(partial(dedupe.finish_merge, last=last))
+    await server.close()
+
+    reopened = await opened(path)
+    keys = [f"old-{i}" for i in range(10)] + [f"new-{i}" for i in range(5)]
+    assert (await reopened.enqueue("web", [event(k) for k in keys])).stored == 0
+    await reopened.close()
 
 
 def test_dedupe_keys_are_16_bytes_per_source_and_id() -> None:
@@ -311,6 +363,7 @@ def test_dedupe_keys_are_16_bytes_per_source_and_id() -> None:
     # no other split of the same text gives the same key.
     assert len({key, dedupe_key("app", "3f2b8c1e-0000-4000-8000-000000000001"), dedupe_key("we", "b")}) == 3
     assert dedupe_key("ab", "c") != dedupe_key("a", "bc")
+    assert dedupe_key("a\x00b", "c") != dedupe_key("a", "b\x00c")  # no separator to forge
     assert dedupe_key("web", "\ud800") != dedupe_key("web", "")  # lone surrogates hash, never raise
 
 
