@@ -5,6 +5,7 @@ Only this module knows the file format; everything else receives typed objects.
 
 from __future__ import annotations
 
+import bisect
 import builtins
 import os
 import re
@@ -168,10 +169,38 @@ def substitute_env(text: str, env: Mapping[str, str]) -> tuple[str, set[str]]:
 
 def env_references(text: str) -> Iterator[tuple[re.Match[str], str]]:
     """Each ${VAR} reference outside comments, with the quote it sits in ('', '"' or "'")."""
+    spans = _scalar_spans(text)
     for match in _ENV_RE.finditer(text):
-        quote = _quoting_at(text, match.start())
+        quote = _quoting_at(text, match.start()) if spans is None else _quoting_in(spans, match.start())
         if quote != "#":
             yield match, quote
+
+
+def _scalar_spans(text: str) -> tuple[list[int], list[tuple[int, str]]] | None:
+    """Where YAML's own scanner finds each scalar: (starts, [(end, quote)]), with quote '"'
+    or "'" for quoted scalars and '' for plain and block ones, whose text is taken as is.
+    In a block scalar ``#`` and quotes are text, which a line-by-line reading gets wrong.
+    None when the text does not scan as it stands (``${`` inside a flow collection, say):
+    then the line-by-line reading decides."""
+    starts: list[int] = []
+    ends: list[tuple[int, str]] = []
+    try:
+        for token in yaml.scan(text, Loader=yaml.SafeLoader):
+            if isinstance(token, yaml.ScalarToken):
+                starts.append(token.start_mark.index)
+                ends.append((token.end_mark.index, token.style if token.style in ('"', "'") else ""))
+    except yaml.YAMLError:
+        return None
+    return starts, ends
+
+
+def _quoting_in(spans: tuple[list[int], list[tuple[int, str]]], pos: int) -> str:
+    """The quoting of the scalar holding ``pos``, or '#' outside every scalar (a comment)."""
+    starts, ends = spans
+    i = bisect.bisect_right(starts, pos) - 1
+    if i >= 0 and pos < ends[i][0]:
+        return ends[i][1]
+    return "#"
 
 
 def _quoting_at(text: str, pos: int) -> str:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from bridge.config.loader import substitute_env
 from bridge.config.model import build_config, load_config, parse_rate
@@ -52,6 +53,18 @@ def test_references_in_comments_are_left_alone() -> None:
     # The sandbox gives placeholders to the same references: none for comments or defaults.
     assert set(sandbox_env("a: ${A}\nb: ${B:-x}\n# ${C}\n")) >= {"A"}
     assert not {"B", "C"} & (set(sandbox_env("a: ${A}\nb: ${B:-x}\n# ${C}\n")) - set(os.environ))
+
+
+def test_references_in_block_scalars_are_text_whatever_precedes_them() -> None:
+    """In a block scalar '#' and quotes are text: the reference is substituted, as is."""
+    text = 'a: |\n  it\'s # ${X}\n  "q" ${Y}\nb: \'${X}\'\nc: "${Y}" # ${Z}\n'
+    out, missing = substitute_env(text, {"X": "v'q", "Y": 'w"'})
+    assert out == "a: |\n  it's # v'q\n  \"q\" w\"\nb: 'v''q'\nc: \"w\\\"\" # ${Z}\n"
+    assert missing == set()  # the commented ${Z} is not asked for
+    assert yaml.safe_load(out) == {"a": 'it\'s # v\'q\n"q" w"\n', "b": "v'q", "c": 'w"'}
+    # Text that YAML cannot scan before substitution (a reference in a flow sequence) is
+    # read line by line, as before.
+    assert substitute_env("a: [${A}, b]", {"A": "1"}) == ("a: [1, b]", set())
 
 
 def test_unknown_keys_are_errors_with_suggestions(raw: dict[str, Any]) -> None:
