@@ -49,6 +49,18 @@ def add_admin_routes(app: web.Application, runtime: Runtime, token: str) -> None
     r.add_post("/admin/destinations/{name}/pause", guarded(api.pause))
     r.add_post("/admin/destinations/{name}/resume", guarded(api.resume))
     r.add_post("/admin/reload", guarded(api.reload))
+    admin = list(r.resources())
+
+    async def elsewhere(request: web.Request) -> web.StreamResponse:
+        # Every other method or path under /admin lands here, after the token check: the
+        # answer (404, or 405 and which methods exist) tells only the operator what is there.
+        for resource in admin:
+            match, allowed = await resource.resolve(request)
+            if match is None and allowed:
+                raise web.HTTPMethodNotAllowed(request.method, sorted(allowed))
+        raise web.HTTPNotFound()
+
+    r.add_route("*", "/admin/{rest:.*}", guarded(elsewhere))
 
 
 def filter_from_query(request: web.Request) -> RecordFilter:

@@ -111,6 +111,20 @@ async def test_admin_api_requires_its_token(bridge):
     status, body = await bridge.get("/admin/status", ADMIN)
     assert status == 200 and body["destinations"][0]["name"] == "moengage-main"
     assert API_KEY not in str(body)
+    # Without the token nothing under /admin says what is there: not a 405 for a wrong
+    # method, nor a 404 for a path that does not exist.
+    for path in ("/admin/reload", "/admin/dlq/replay", "/admin/nothing-here"):
+        status, body = await bridge.get(path)
+        assert (status, body["code"]) == (401, "unauthorized"), path
+    status, body = await bridge.post("/admin/status", {})
+    assert (status, body["code"]) == (401, "unauthorized")
+    # With it, the operator gets the real answer.
+    assert bridge.client is not None
+    resp = await bridge.client.get("/admin/reload", headers=ADMIN)
+    assert (resp.status, resp.headers["Allow"]) == (405, "POST")
+    assert (await resp.json())["code"] == "method_not_allowed"
+    status, body = await bridge.get("/admin/nothing-here", ADMIN)
+    assert (status, body["code"]) == (404, "not_found")
 
 
 async def test_admin_api_is_off_without_a_token(make_bridge):
