@@ -1,10 +1,10 @@
 """Dedupe keys for the SQLite store, written so that ingest stays sequential on disk.
 
-Message ids are random (UUIDs), so inserting each one into the ``dedupe`` B-tree as it
+Message ids are random (UUIDs), so inserting each one into the ``dedupe_keys`` B-tree as it
 arrives dirties one B-tree page per event, and every commit rewrites those pages: that
 alone cut enqueue throughput by more than half. Instead new keys are appended to
 ``dedupe_recent`` (no index: sequential, cheap) and kept in memory; once enough have
-gathered they are merged into ``dedupe`` in key order, so each B-tree page is rewritten
+gathered they are merged into ``dedupe_keys`` in key order, so each B-tree page is rewritten
 once per merge rather than once per commit. The merge runs in key-range slices between
 other operations, so ingest never waits for one long rewrite.
 
@@ -30,7 +30,7 @@ from bridge.store.sqlite_writer import GroupCommitWriter
 
 DEDUPE_INSERT = ("INSERT INTO dedupe_recent (seen_at, source, message_id) VALUES ", "(?1, ?, ?)")
 
-# Keys held in memory before a merge starts: about 170 bytes each. Bigger merges touch
+# Keys held in memory before a merge starts: about 80 bytes each. Bigger merges touch
 # fewer B-tree leaves per key: with random ids, 100k against 25k kept enqueue at 13 us per
 # event instead of 20 once 3M keys were stored (docs/benchmarks.md).
 MERGE_AT = 100_000
@@ -84,8 +84,8 @@ class DedupeKeys:
         self.merging = False  # set and cleared by the store's merge task
         self._merging: frozenset[bytes] = frozenset()  # the keys of the merge under way
         # Counts whole merges (``merge``). One can run while a sliced merge is under way
-        # (``add`` falls back to it when memory runs over): it empties dedupe_recent, so
-        # new rows may then reuse ids up to the sliced merge's ``last``.
+        # (``add`` falls back to it when memory runs over): it empties dedupe_recent and
+        # takes those keys out of memory itself, which the sliced merge must then not redo.
         self._whole_merges = 0
         self._planned_at = 0
         # The string-keyed table of a file from before schema version 2 still has keys.
@@ -219,8 +219,8 @@ class DedupeKeys:
         conn.execute("DROP TABLE IF EXISTS temp.merging")
         merged, self._merging = self._merging, frozenset()
         if self._whole_merges != self._planned_at:
-            # A whole merge already moved every row of this snapshot (and took its keys
-            # out of memory); rows with ids up to ``last`` now are new, unmerged ones.
+            # A whole merge already moved every row of this snapshot and took its keys out
+            # of memory. (Rows added since have ids above ``last``: ids are never reused.)
             return
         conn.execute("DELETE FROM dedupe_recent WHERE id <= ?", (last,))
         self._writer.on_commit(lambda: self._recent.difference_update(merged))

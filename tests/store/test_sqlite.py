@@ -369,8 +369,8 @@ def test_dedupe_keys_are_16_bytes_per_source_and_id() -> None:
 
 async def test_keys_stay_on_disk_when_a_whole_merge_overtakes_a_sliced_one(tmp_path: Path) -> None:
     """Memory runs over while a sliced merge is under way, so ``add`` merges everything at
-    once and empties dedupe_recent; new rows then reuse low ids. The sliced merge's finish
-    must not delete those new, unmerged rows: after a restart every key is still known."""
+    once and empties dedupe_recent, then new rows arrive. The sliced merge's finish must
+    not delete those new, unmerged rows: after a restart every key is still known."""
     store = await opened(tmp_path / "b.db", dedupe_merge_at=10_000)
     dedupe = store._open_dedupe()
     await store.enqueue("web", [event(f"old-{i}") for i in range(50)])
@@ -380,7 +380,7 @@ async def test_keys_stay_on_disk_when_a_whole_merge_overtakes_a_sliced_one(tmp_p
     start = await store._run(partial(dedupe.merge_next, start=None, limit=30))
     await store._run(dedupe.merge)  # what add() does when memory runs over
     await store._run(partial(dedupe.merge_next, start=start, limit=30))
-    await store.enqueue("web", [event(f"new-{i}") for i in range(30)])  # ids 1..30 again
+    await store.enqueue("web", [event(f"new-{i}") for i in range(30)])
     await store._run(partial(dedupe.finish_merge, last=last))
     await store.close()
 
