@@ -6,7 +6,11 @@ from __future__ import annotations
 import re
 
 from bridge.store.base import StoreError
-from bridge.store.sqlite_schema import DELIVERED, LEASED, QUEUED, SCHEMA_VERSION
+from bridge.store.sqlite_schema import DELIVERED, LEASED, QUEUED
+
+# PostgreSQL's own version: SQLite's moved to 3 for a change of its dedupe tables alone,
+# and a database written by this bridge is still readable by one that says 2.
+SCHEMA_VERSION = 2
 
 __all__ = ["DDL", "DELIVERED", "LEASED", "QUEUED", "SCHEMA_VERSION", "check_schema_name"]
 

@@ -8,6 +8,12 @@ gathered they are merged into ``dedupe_keys`` in key order, so each B-tree page 
 once per merge rather than once per commit. The merge runs in key-range slices between
 other operations, so ingest never waits for one long rewrite.
 
+Every key of a merge is stored with the merge's time as its ``seen_at``, not its arrival
+time, so the time index grows in order too: arrival times scattered a merge's entries
+over the index's newest pages, and every slice rewrote all of them (about 1 us a key).
+A key is therefore kept at least ``dedupe_hours`` after it arrived, and at most the wait
+for its merge longer: a merge starts every MERGE_AT keys and before every prune.
+
 The B-tree holds a 16-byte digest per key (``dedupe_key``), not the strings. A merge
 of random ids touches about one leaf per key once the table is bigger than a merge, and
 a lookup of a fresh id reads a leaf nobody read lately: the size of a row decides how
@@ -23,12 +29,13 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Sequence
 
-from bridge.store.sqlite_rows import insert_rows
+from bridge.store.sqlite_rows import ROWS_PER_STATEMENT, multi_row_sql
 from bridge.store.sqlite_writer import GroupCommitWriter
 
-DEDUPE_INSERT = ("INSERT INTO dedupe_recent (seen_at, source, message_id) VALUES ", "(?1, ?, ?)")
+DEDUPE_INSERT = ("INSERT INTO dedupe_recent (k) VALUES ", "(?)")
 
 # Keys held in memory before a merge starts: about 80 bytes each. Bigger merges touch
 # fewer B-tree leaves per key: with random ids, 100k against 25k kept enqueue at 13 us per
@@ -53,8 +60,8 @@ CHUNK = 30000
 SQL_KEY_FUNCTION = "bridge_dedupe_key"
 
 
-def dedupe_key(source: str, message_id: str) -> bytes:
-    """The key (source, message_id) is stored under: 16 bytes of BLAKE2b.
+def dedupe_keys_of(source: str, message_ids: Iterable[str]) -> list[bytes]:
+    """The keys (source, message_id) pairs are stored under: 16 bytes of BLAKE2b each.
 
     128 bits: two different ids share a key with odds of about n^2 / 2^129 for n stored
     keys (1e-19 at 10 billion), the same odds a random UUID4 relies on for being unique.
@@ -62,8 +69,19 @@ def dedupe_key(source: str, message_id: str) -> bytes:
     The source goes in behind its length: no separator, which a source name or an id
     could contain, so no two different pairs hash the same bytes."""
     head = source.encode("utf-8", "surrogatepass")
-    body = message_id.encode("utf-8", "surrogatepass")
-    return hashlib.blake2b(len(head).to_bytes(4, "big") + head + body, digest_size=16).digest()
+    # The source's part of the hash is done once: copying that state is about half the
+    # cost of hashing the whole input again for every id.
+    prefix = hashlib.blake2b(len(head).to_bytes(4, "big") + head, digest_size=16)
+    keys: list[bytes] = []
+    for message_id in message_ids:
+        h = prefix.copy()
+        h.update(message_id.encode("utf-8", "surrogatepass"))
+        keys.append(h.digest())
+    return keys
+
+
+def dedupe_key(source: str, message_id: str) -> bytes:
+    return dedupe_keys_of(source, (message_id,))[0]
 
 
 def register_functions(conn: sqlite3.Connection) -> None:
@@ -88,6 +106,7 @@ class DedupeKeys:
         # takes those keys out of memory itself, which the sliced merge must then not redo.
         self._whole_merges = 0
         self._planned_at = 0
+        self._merge_time = 0.0  # the seen_at of the keys of the merge under way
         # The string-keyed table of a file from before schema version 2 still has keys.
         self.legacy = False
 
@@ -95,39 +114,39 @@ class DedupeKeys:
     def wants_merge(self) -> bool:
         return not self.merging and len(self._recent) >= self._merge_at
 
-    def seen(
-        self, conn: sqlite3.Connection, source: str, message_ids: Sequence[str]
-    ) -> tuple[set[str], dict[str, bytes]]:
-        """Which of ``message_ids`` were stored before for ``source``, and every id's key
-        (to hand to ``add``, so no id is hashed twice)."""
-        keys = {m: dedupe_key(source, m) for m in message_ids}
+    def stored(self, conn: sqlite3.Connection, keys: Sequence[bytes]) -> set[bytes]:
+        """Which of ``keys`` (``dedupe_keys_of``) were stored before: in memory or on disk.
+        With ``legacy`` set, the caller also asks ``stored_as_strings``."""
         recent = self._recent
-        found = {m for m, k in keys.items() if k in recent}
-        by_key = {k: m for m, k in keys.items() if m not in found}
-        unknown = list(by_key)
+        unknown = [k for k in keys if k not in recent]
+        found = set(keys).difference(unknown) if len(unknown) < len(keys) else set()
         for start in range(0, len(unknown), CHUNK):
             chunk = unknown[start : start + CHUNK]
             rows = conn.execute(f"SELECT k FROM dedupe_keys WHERE k IN ({','.join('?' * len(chunk))})", chunk)
-            found.update(by_key[row[0]] for row in rows)
-        if self.legacy:
-            rest = [m for m in by_key.values() if m not in found]
-            for start in range(0, len(rest), CHUNK):
-                ids = rest[start : start + CHUNK]
-                rows = conn.execute(
-                    f"SELECT message_id FROM dedupe WHERE source = ? AND message_id IN ({','.join('?' * len(ids))})",
-                    (source, *ids),
-                )
-                found.update(row[0] for row in rows)
-        return found, keys
+            found.update(row[0] for row in rows)
+        return found
 
-    def add(self, conn: sqlite3.Connection, rows: list[tuple[str, str]], keys: list[bytes], now: float) -> None:
-        """Record new (source, message_id) ``rows`` whose keys are ``keys`` (the caller has
-        checked they are new)."""
-        insert_rows(conn, DEDUPE_INSERT, rows, now)
-        fresh = set(keys) - self._recent
-        self._recent |= fresh
-        self.added += len(fresh)
-        self._writer.on_rollback(lambda: self._recent.difference_update(fresh))
+    def stored_as_strings(self, conn: sqlite3.Connection, source: str, message_ids: Sequence[str]) -> set[str]:
+        """Which of ``message_ids`` the string-keyed table of schema version 1 holds."""
+        found: set[str] = set()
+        for start in range(0, len(message_ids), CHUNK):
+            ids = message_ids[start : start + CHUNK]
+            rows = conn.execute(
+                f"SELECT message_id FROM dedupe WHERE source = ? AND message_id IN ({','.join('?' * len(ids))})",
+                (source, *ids),
+            )
+            found.update(row[0] for row in rows)
+        return found
+
+    def add(self, conn: sqlite3.Connection, keys: list[bytes]) -> None:
+        """Record new ``keys``: the caller has checked with ``stored`` that none was stored,
+        and that none repeats."""
+        for start in range(0, len(keys), ROWS_PER_STATEMENT):
+            chunk = keys[start : start + ROWS_PER_STATEMENT]
+            conn.execute(multi_row_sql(*DEDUPE_INSERT, len(chunk)), chunk)
+        self._recent.update(keys)
+        self.added += len(keys)
+        self._writer.on_rollback(lambda: self._recent.difference_update(keys))
         if len(self._recent) >= FALLBACK_FACTOR * self._merge_at:
             self.merge(conn)  # the sliced merge fell behind: bound the memory now
 
@@ -139,9 +158,7 @@ class DedupeKeys:
     def load(self, conn: sqlite3.Connection) -> None:
         """Read the keys an earlier process left unmerged; reading only, so a CLI opening
         the file while the server runs does not disturb the server's keys."""
-        self._recent = {
-            row[0] for row in conn.execute(f"SELECT {SQL_KEY_FUNCTION}(source, message_id) FROM dedupe_recent")
-        }
+        self._recent = {row[0] for row in conn.execute("SELECT k FROM dedupe_recent")}
         self.legacy = _legacy_has_keys(conn)
 
     def prune(self, conn: sqlite3.Connection, before: float) -> int:
@@ -157,10 +174,11 @@ class DedupeKeys:
         return removed
 
     # A merge, step by step, each step its own short writer operation:
-    #   plan        -> (first, last): the ids to snapshot; memory's keys are the snapshot's
+    #   plan        -> (first, last): the ids to snapshot; memory's keys are the snapshot's;
+    #               the merge's time, every key's seen_at
     #   fill        copies ids lo..hi into temp.merging, a B-tree in key order
     #   check       -> how many keys the snapshot holds (0: nothing to do)
-    #   merge_next  inserts the next keys in key order into ``dedupe``; -> the next start
+    #   merge_next  inserts the next keys in key order into dedupe_keys; -> the next start
     #   finish_merge deletes the snapshot's rows and takes its keys out of memory
     # The snapshot is built by inserting into a key-ordered table in chunks rather than
     # sorted in one statement: one sort of the whole snapshot held the writer (and every
@@ -169,7 +187,8 @@ class DedupeKeys:
     def plan(self, conn: sqlite3.Connection) -> tuple[int, int]:
         first, last = conn.execute("SELECT COALESCE(MIN(id), 1), COALESCE(MAX(id), 0) FROM dedupe_recent").fetchone()
         conn.execute("DROP TABLE IF EXISTS temp.merging")
-        conn.execute("CREATE TEMP TABLE merging (k BLOB PRIMARY KEY, seen_at REAL NOT NULL) WITHOUT ROWID")
+        conn.execute("CREATE TEMP TABLE merging (k BLOB PRIMARY KEY) WITHOUT ROWID")
+        self._merge_time = time.time()
         # Memory holds exactly the rows of dedupe_recent, all of them up to ``last`` now:
         # these keys leave memory when finish_merge deletes their rows.
         self._merging = frozenset(self._recent)
@@ -178,9 +197,7 @@ class DedupeKeys:
 
     def fill(self, conn: sqlite3.Connection, lo: int, hi: int) -> None:
         conn.execute(
-            f"INSERT OR IGNORE INTO temp.merging (k, seen_at)"
-            f" SELECT {SQL_KEY_FUNCTION}(source, message_id), seen_at FROM dedupe_recent WHERE id >= ? AND id <= ?",
-            (lo, hi),
+            "INSERT OR IGNORE INTO temp.merging (k) SELECT k FROM dedupe_recent WHERE id >= ? AND id <= ?", (lo, hi)
         )
 
     def check(self, conn: sqlite3.Connection) -> int:
@@ -201,9 +218,8 @@ class DedupeKeys:
         B-tree; returns the first key left, or None when the snapshot is done."""
         where, params = ("WHERE k >= ?", (start,)) if start is not None else ("", ())
         conn.execute(
-            f"INSERT OR IGNORE INTO dedupe_keys (k, seen_at) SELECT k, seen_at FROM temp.merging {where}"
-            " ORDER BY k LIMIT ?",
-            (*params, limit),
+            f"INSERT OR IGNORE INTO dedupe_keys (k, seen_at) SELECT k, ? FROM temp.merging {where} ORDER BY k LIMIT ?",
+            (self._merge_time, *params, limit),
         )
         row = conn.execute(
             f"SELECT k FROM temp.merging {where} ORDER BY k LIMIT 1 OFFSET ?", (*params, limit)
@@ -233,8 +249,7 @@ class DedupeKeys:
         self._whole_merges += 1
         self._writer.on_rollback(self._undo_whole_merge)
         conn.execute(
-            f"INSERT OR IGNORE INTO dedupe_keys (k, seen_at)"
-            f" SELECT {SQL_KEY_FUNCTION}(source, message_id) AS k, seen_at FROM dedupe_recent ORDER BY k"
+            "INSERT OR IGNORE INTO dedupe_keys (k, seen_at) SELECT k, ? FROM dedupe_recent ORDER BY k", (time.time(),)
         )
         # Memory holds the keys of exactly these rows (this writer is the only one adding
         # any), so they leave memory without hashing every row a second time.

@@ -28,7 +28,7 @@ from bridge.store.base import (
 )
 from bridge.store.ordering import OrderedSelection
 from bridge.store.sql_filters import record_where
-from bridge.store.sqlite_dedupe import DedupeKeys
+from bridge.store.sqlite_dedupe import DedupeKeys, dedupe_keys_of
 from bridge.store.sqlite_rows import insert_rows
 from bridge.store.sqlite_schema import DELIVERED, LEASED, QUEUED
 
@@ -66,43 +66,37 @@ class EnqueueCall(NamedTuple):  # one per enqueue call: cheaper to build than a 
 
 
 def enqueue_many(conn: sqlite3.Connection, calls: list[EnqueueCall], *, dedupe: DedupeKeys) -> list[EnqueueResult]:
-    """Several callers' enqueues as one: one dedupe lookup per source, one insert per table.
+    """Several callers' enqueues as one: one dedupe lookup, one insert per table.
 
     Callers are handled in order, so an id in two calls is stored for the first only, and
     job ids follow the order of the calls, as if each had run alone.
     """
-    wanted: dict[str, dict[str, None]] = {}
-    for call in calls:
-        ids = wanted.setdefault(call.source, {})
-        for event in call.events:
-            ids[event.message_id] = None
-    seen = {source: dedupe.seen(conn, source, list(ids)) for source, ids in wanted.items()}
+    # A key covers its source too, so one set of keys serves every source of the group.
+    keyed = [dedupe_keys_of(call.source, [event.message_id for event in call.events]) for call in calls]
+    taken = dedupe.stored(conn, [key for keys in keyed for key in keys])
+    if dedupe.legacy:
+        _add_legacy_duplicates(conn, dedupe, calls, keyed, taken)
     results: list[EnqueueResult] = []
-    fresh_keys: list[tuple[str, str]] = []
-    fresh_digests: list[bytes] = []
+    fresh: list[bytes] = []
     rows: list[tuple[str, str, str, str, bytes]] = []
     links: dict[tuple[str, str], tuple[str, str, str]] = {}
-    for call in calls:
-        source, (taken, digests) = call.source, seen[call.source]
+    for call, keys in zip(calls, keyed, strict=True):
+        source = call.source
         duplicates: list[int] = []
-        stored = 0
-        for index, event in enumerate(call.events):
-            message_id = event.message_id
-            if message_id in taken:
+        for index, (event, key) in enumerate(zip(call.events, keys, strict=True)):
+            if key in taken:
                 duplicates.append(index)
                 continue
-            taken.add(message_id)
-            stored += 1
-            fresh_keys.append((source, message_id))
-            fresh_digests.append(digests[message_id])
+            taken.add(key)
+            fresh.append(key)
             for destination in event.destinations:
-                rows.append((destination, source, message_id, event.ordering_key, event.payload))
+                rows.append((destination, source, event.message_id, event.ordering_key, event.payload))
             for link in event.links:
                 links[(link.namespace, link.from_id)] = (link.namespace, link.from_id, link.to_id)
-        results.append(EnqueueResult(stored, len(duplicates), tuple(duplicates)))
-    if fresh_keys:
+        results.append(EnqueueResult(len(keys) - len(duplicates), len(duplicates), tuple(duplicates)))
+    if fresh:
         now = max(call.now for call in calls)
-        dedupe.add(conn, fresh_keys, fresh_digests, now)
+        dedupe.add(conn, fresh)
         insert_rows(conn, JOBS_INSERT, rows, now)
         if links:  # latest wins, as if the calls had run one after another
             conn.executemany(
@@ -112,6 +106,21 @@ def enqueue_many(conn: sqlite3.Connection, calls: list[EnqueueCall], *, dedupe: 
                 [(*link, now) for link in links.values()],
             )
     return results
+
+
+def _add_legacy_duplicates(
+    conn: sqlite3.Connection, dedupe: DedupeKeys, calls: list[EnqueueCall], keyed: list[list[bytes]], taken: set[bytes]
+) -> None:
+    """Add to ``taken`` the keys of ids that only the string-keyed table of a file from
+    schema version 1 still holds."""
+    by_source: dict[str, dict[str, bytes]] = {}
+    for call, keys in zip(calls, keyed, strict=True):
+        ids = by_source.setdefault(call.source, {})
+        for event, key in zip(call.events, keys, strict=True):
+            if key not in taken:
+                ids[event.message_id] = key
+    for source, ids in by_source.items():
+        taken.update(ids[m] for m in dedupe.stored_as_strings(conn, source, list(ids)))
 
 
 # -- delivery -------------------------------------------------------------------------

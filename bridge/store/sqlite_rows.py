@@ -10,7 +10,7 @@ ROWS_PER_STATEMENT = 500
 
 
 @functools.lru_cache(maxsize=64)
-def _multi_row_sql(head: str, row: str, n: int) -> str:
+def multi_row_sql(head: str, row: str, n: int) -> str:
     return head + ",".join([row] * n)
 
 
@@ -28,4 +28,4 @@ def insert_rows(
         params: list[object] = [shared]
         for row in chunk:
             params.extend(row)
-        conn.execute(_multi_row_sql(head, template, len(chunk)), params)
+        conn.execute(multi_row_sql(head, template, len(chunk)), params)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import sqlite3
 
 from bridge.store.base import StoreError
+from bridge.store.sqlite_dedupe import SQL_KEY_FUNCTION
 
-SCHEMA_VERSION = 2
+# 2: dedupe keys are digests (dedupe_keys). 3: dedupe_recent holds digests too.
+SCHEMA_VERSION = 3
 
 # Job states. Dead-lettered and discarded jobs leave the jobs table for their own tables.
 QUEUED = 0
@@ -26,13 +28,14 @@ PRAGMAS = (
     "PRAGMA journal_size_limit = 67108864",  # the WAL shrinks back after a burst
 )
 
+# A new dedupe key's digest (sqlite_dedupe.dedupe_key), waiting to be merged into
+# dedupe_keys. The digest and not the (source, messageId) strings: a merge copies the
+# digest as it is, where from the strings it called back into Python to hash every row.
 # AUTOINCREMENT: a merge deletes the rows up to the last id it snapshotted. Were ids
 # reused (after another writer emptied the table), it would delete new, unmerged keys.
 DEDUPE_RECENT = """CREATE TABLE IF NOT EXISTS dedupe_recent (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
-        source TEXT NOT NULL,
-        message_id TEXT NOT NULL,
-        seen_at REAL NOT NULL
+        k BLOB NOT NULL
     )"""
 
 DDL = (
@@ -75,7 +78,9 @@ DDL = (
         k BLOB PRIMARY KEY,
         seen_at REAL NOT NULL
     ) WITHOUT ROWID""",
-    # Keys arrive here only in merges, with recent times: the index grows at its end.
+    # Keys arrive here only in merges, every key of a merge with the merge's time (see
+    # sqlite_dedupe): the index grows at its end, and a merge, which goes in key order,
+    # appends its entries in order too.
     """CREATE INDEX IF NOT EXISTS dedupe_keys_by_time ON dedupe_keys (seen_at)""",
     # Files written before schema version 2 keep their (source, message_id) ``dedupe``
     # table: it is still read and pruned until its keys age out (sqlite_dedupe).
@@ -143,7 +148,7 @@ def create_schema(conn: sqlite3.Connection) -> None:
     for statement in DDL:
         conn.execute(statement)
     _retire_state_index(conn)
-    _never_reuse_recent_ids(conn)
+    _upgrade_dedupe_recent(conn)
     row = conn.execute("SELECT version FROM schema_version").fetchone()
     if row is None:
         conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
@@ -153,24 +158,25 @@ def create_schema(conn: sqlite3.Connection) -> None:
             f"({SCHEMA_VERSION}); upgrade the bridge"
         )
     elif int(row[0]) < SCHEMA_VERSION:
-        # Version 2 stores new dedupe keys in dedupe_keys; a bridge of version 1 would not
-        # look there and would take those events again, so it must refuse the file.
+        # Version 2 stores new dedupe keys in dedupe_keys, and version 3 its waiting keys
+        # as digests; a bridge of an older version would not find them and would take
+        # those events again, so it must refuse the file.
         conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
 
 
-def _never_reuse_recent_ids(conn: sqlite3.Connection) -> None:
-    """Rebuild a ``dedupe_recent`` made without AUTOINCREMENT (before schema version 2),
-    keeping its rows and their ids."""
-    sql = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'dedupe_recent'").fetchone()
-    if sql is None or "AUTOINCREMENT" in str(sql[0]).upper():
+def _upgrade_dedupe_recent(conn: sqlite3.Connection) -> None:
+    """Rebuild a ``dedupe_recent`` of schema version 1 or 2, which held (source, message_id)
+    and, before 2, reused ids: same rows, same ids, the digest in place of the strings.
+    Needs the connection's SQL_KEY_FUNCTION (sqlite_dedupe.register_functions)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(dedupe_recent)")}
+    if "message_id" not in columns:
         return
-    conn.execute("ALTER TABLE dedupe_recent RENAME TO dedupe_recent_v1")
+    conn.execute("ALTER TABLE dedupe_recent RENAME TO dedupe_recent_v2")
     conn.execute(DEDUPE_RECENT)
     conn.execute(
-        "INSERT INTO dedupe_recent (id, source, message_id, seen_at)"
-        " SELECT id, source, message_id, seen_at FROM dedupe_recent_v1"
+        f"INSERT INTO dedupe_recent (id, k) SELECT id, {SQL_KEY_FUNCTION}(source, message_id) FROM dedupe_recent_v2"
     )
-    conn.execute("DROP TABLE dedupe_recent_v1")
+    conn.execute("DROP TABLE dedupe_recent_v2")
 
 
 def _retire_state_index(conn: sqlite3.Connection) -> None:

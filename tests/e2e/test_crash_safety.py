@@ -83,7 +83,7 @@ def proc_config(tmp_path: Path, moengage_url: str) -> dict[str, Any]:
     return raw
 
 
-def describe_jobs(db: Path, message_ids: list[str]) -> str:
+def describe_jobs(db: Path, source: str, message_ids: list[str]) -> str:
     """Where the store has the given events, to tell a loss from a slow queue."""
     with sqlite3.connect(db) as conn:
         rows = conn.execute(
@@ -91,20 +91,10 @@ def describe_jobs(db: Path, message_ids: list[str]) -> str:
             f"WHERE message_id IN ({','.join('?' * len(message_ids))})",
             message_ids,
         ).fetchall()
-        waiting = conn.execute(
-            f"SELECT count(*) FROM dedupe_recent WHERE message_id IN ({','.join('?' * len(message_ids))})", message_ids
-        ).fetchone()[0]
-        sources = [
-            r[0] for r in conn.execute("SELECT DISTINCT source FROM dedupe_recent UNION SELECT source FROM jobs")
-        ]
-        keys = [dedupe_key(s, m) for s in sources for m in message_ids]
-        merged = (
-            conn.execute(f"SELECT count(*) FROM dedupe_keys WHERE k IN ({','.join('?' * len(keys))})", keys).fetchone()[
-                0
-            ]
-            if keys
-            else 0
-        )
+        keys = [dedupe_key(source, m) for m in message_ids]
+        marks = ",".join("?" * len(keys))
+        waiting = conn.execute(f"SELECT count(*) FROM dedupe_recent WHERE k IN ({marks})", keys).fetchone()[0]
+        merged = conn.execute(f"SELECT count(*) FROM dedupe_keys WHERE k IN ({marks})", keys).fetchone()[0]
     return f"jobs={rows} dedupe_rows={waiting} waiting + {merged} merged now={time.time()}"
 
 
@@ -135,7 +125,7 @@ async def test_kill_9_under_load_loses_no_acknowledged_event(tmp_path: Path):
         await wait_delivered(moengage, load.acked, timeout=120)
         missing = load.acked - delivered_seqs(moengage)
         assert not missing, f"{len(missing)} of {len(load.acked)} acknowledged events were not delivered: " + (
-            describe_jobs(tmp_path / "bridge.db", sorted(missing)[:5])
+            describe_jobs(tmp_path / "bridge.db", proc_config(tmp_path, "")["sources"][0]["name"], sorted(missing)[:5])
         )
     finally:
         await proc.ensure_stopped()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import shutil
 import sqlite3
 import subprocess
@@ -17,7 +18,7 @@ from bridge.store import open_store
 from bridge.store import sqlite_ops as ops
 from bridge.store.base import DeadLetter, RecordFilter, StoreError, StoreFull
 from bridge.store.sqlite import SqliteStore
-from bridge.store.sqlite_dedupe import dedupe_key
+from bridge.store.sqlite_dedupe import dedupe_key, dedupe_keys_of
 from bridge.store.sqlite_writer import GroupCommitWriter
 from tests.store.helpers import event
 
@@ -38,7 +39,7 @@ async def test_the_file_is_in_wal_mode_with_its_tables(tmp_path: Path) -> None:
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"jobs", "dedupe_keys", "dedupe_recent", "identity_links", "dead_letters", "discards"} <= tables
     assert "dedupe" not in tables  # the string-keyed table of schema version 1
-    assert conn.execute("SELECT version FROM schema_version").fetchone()[0] == 2
+    assert conn.execute("SELECT version FROM schema_version").fetchone()[0] == 3
     conn.close()
 
 
@@ -302,10 +303,11 @@ async def test_a_file_of_schema_version_1_keeps_its_string_keys_until_they_age_o
     await store.close()
 
     conn = sqlite3.connect(path)
-    assert conn.execute("SELECT version FROM schema_version").fetchone()[0] == 2
+    assert conn.execute("SELECT version FROM schema_version").fetchone()[0] == 3
     assert conn.execute("SELECT COUNT(*) FROM dedupe").fetchone()[0] == 0
     recent = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'dedupe_recent'").fetchone()[0]
     assert "AUTOINCREMENT" in recent  # rebuilt so that its ids are never reused
+    assert "message_id" not in recent  # ...and to hold digests
     conn.close()
 
 
@@ -356,7 +358,83 @@ async def test_new_keys_survive_a_merge_by_another_process_during_a_sliced_merge
     await reopened.close()
 
 
+async def test_a_file_of_schema_version_2_has_its_waiting_keys_turned_into_digests(tmp_path: Path) -> None:
+    """Version 2 kept (source, message_id) in dedupe_recent. Opening the file rewrites
+    them as digests under the same ids; they stay duplicates, before and after a merge."""
+    path = tmp_path / "b.db"
+    await (await opened(path)).close()
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        """
+        DROP TABLE dedupe_recent;
+        CREATE TABLE dedupe_recent (id INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL,
+            message_id TEXT NOT NULL, seen_at REAL NOT NULL);
+        UPDATE schema_version SET version = 2;
+        """
+    )
+    waiting = [(7, "web", "w-1", 1.0), (8, "app", "w-1", 1.0), (12, "web", "w-2", 1.0)]
+    conn.executemany("INSERT INTO dedupe_recent (id, source, message_id, seen_at) VALUES (?, ?, ?, ?)", waiting)
+    conn.commit()
+    conn.close()
+
+    store = await opened(path)
+    conn = sqlite3.connect(path)
+    rows = conn.execute("SELECT id, k FROM dedupe_recent ORDER BY id").fetchall()
+    assert rows == [(i, dedupe_key(source, m)) for i, source, m, _ in waiting]
+    assert conn.execute("SELECT version FROM schema_version").fetchone()[0] == 3
+    conn.close()
+    result = await store.enqueue("web", [event("w-1"), event("w-2"), event("w-3")])
+    assert (result.stored, result.duplicate_indexes) == (1, (0, 1))
+    await store.prune(0, 0)  # merges them into dedupe_keys
+    assert (await store.enqueue("app", [event("w-1"), event("w-2")])).duplicate_indexes == (0,)
+    # The next id follows the highest one kept, never reusing one.
+    await store.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'dedupe_recent'").fetchone()[0] > 12
+    conn.close()
+
+
+async def test_a_merge_gives_all_its_keys_the_merge_time(tmp_path: Path) -> None:
+    """Keys that arrived at different times are kept from their merge on, so the time
+    index of a merge's keys is written in order and no key is forgotten early."""
+    store = await opened(tmp_path / "b.db", dedupe_merge_at=10**9)
+    dedupe = store._open_dedupe()
+    await store.enqueue("web", [event(f"early-{i}") for i in range(20)])
+    await asyncio.sleep(0.05)
+    await store.enqueue("web", [event(f"late-{i}") for i in range(20)])
+    before_merge = time.time()
+    # The sliced merge, step by step...
+    first, last = await store._run(dedupe.plan)
+    await store._run(partial(dedupe.fill, lo=first, hi=last))
+    assert await store._run(dedupe.check) == 40
+    start = await store._run(partial(dedupe.merge_next, start=None, limit=15))
+    while start is not None:
+        start = await store._run(partial(dedupe.merge_next, start=start, limit=15))
+    await store._run(partial(dedupe.finish_merge, last=last))
+    # ...and a whole one.
+    await store.enqueue("web", [event(f"later-{i}") for i in range(20)])
+    await asyncio.sleep(0.05)
+    before_whole = time.time()
+    await store._run(dedupe.merge)
+    await store.close()
+
+    conn = sqlite3.connect(tmp_path / "b.db")
+    times = conn.execute("SELECT seen_at, COUNT(*) FROM dedupe_keys GROUP BY seen_at ORDER BY seen_at").fetchall()
+    conn.close()
+    assert [count for _, count in times] == [40, 20]
+    assert before_merge <= times[0][0] < before_whole <= times[1][0]
+
+
 def test_dedupe_keys_are_16_bytes_per_source_and_id() -> None:
+    # Stored files hold these digests: the function may never change.
+    head, body = b"web", b"3f2b8c1e-0000-4000-8000-000000000001"
+    expected = hashlib.blake2b(len(head).to_bytes(4, "big") + head + body, digest_size=16).digest()
+    assert dedupe_key("web", body.decode()) == expected
+    assert dedupe_keys_of("web", ["a", body.decode(), "a"]) == [
+        dedupe_key("web", "a"),
+        expected,
+        dedupe_key("web", "a"),
+    ]
     key = dedupe_key("web", "3f2b8c1e-0000-4000-8000-000000000001")
     assert len(key) == 16 and key == dedupe_key("web", "3f2b8c1e-0000-4000-8000-000000000001")
     # The source is part of the key (dedupe is per source), and the NUL between them means
