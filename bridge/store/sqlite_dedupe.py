@@ -27,6 +27,7 @@ opens the file loads whatever an earlier process left in ``dedupe_recent``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sqlite3
 import time
@@ -68,16 +69,21 @@ def dedupe_keys_of(source: str, message_ids: Iterable[str]) -> list[bytes]:
     A shared key would take a new event for a duplicate, so fewer bits would not do.
     The source goes in behind its length: no separator, which a source name or an id
     could contain, so no two different pairs hash the same bytes."""
-    head = source.encode("utf-8", "surrogatepass")
-    # The source's part of the hash is done once: copying that state is about half the
-    # cost of hashing the whole input again for every id.
-    prefix = hashlib.blake2b(len(head).to_bytes(4, "big") + head, digest_size=16)
+    prefix = _hashed_source(source)
     keys: list[bytes] = []
     for message_id in message_ids:
         h = prefix.copy()
         h.update(message_id.encode("utf-8", "surrogatepass"))
         keys.append(h.digest())
     return keys
+
+
+@functools.lru_cache(maxsize=256)
+def _hashed_source(source: str) -> hashlib.blake2b:
+    """The hash state after the source's part: copying it is about half the cost of
+    hashing the whole input again for every id (and a single call's id gets it cached)."""
+    head = source.encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(len(head).to_bytes(4, "big") + head, digest_size=16)
 
 
 def dedupe_key(source: str, message_id: str) -> bytes:
