@@ -86,7 +86,8 @@ def _store_from(config_path: str) -> Store:
     data, _ = read_yaml(config_path)
     store_cfg = _store(Reader(data.get("store") or {}, "store"))
     try:
-        return open_store(store_cfg.url)
+        # Never upgrade a file from here: a server of the older version may be running on it.
+        return open_store(store_cfg.url, upgrade=False)
     except ValueError as exc:
         raise ConfigError(f"store.url: {exc}") from None
 

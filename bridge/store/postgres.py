@@ -139,6 +139,7 @@ class PostgresStore(Store):
         min_free_disk_bytes: int | None = None,
         connect_timeout: float = 10.0,
         command_timeout: float = 10.0,
+        upgrade: bool = True,
     ) -> None:
         """``min_free_disk_bytes`` is accepted for a uniform configuration and ignored:
         the database's disk belongs to the database server, which guards it itself.
@@ -146,7 +147,10 @@ class PostgresStore(Store):
         ``command_timeout`` bounds every statement and every wait for a pooled connection,
         like SQLite's busy timeout: a database that hangs (a lock held elsewhere, stalled
         I/O) becomes a StoreError, so ingest answers 503 instead of hanging and a lease
-        is not held past its deadline by a settle that never returns."""
+        is not held past its deadline by a settle that never returns.
+
+        ``upgrade`` is accepted for a uniform interface: PostgreSQL's schema changes so far
+        only add tables and indexes, which older nodes sharing the database do not notice."""
         if max_bytes is not None and max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         if pool_size < 2:

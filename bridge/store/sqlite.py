@@ -59,7 +59,10 @@ class SqliteStore(Store):
         commit_interval: float = 0.0,
         size_check_interval: float = 1.0,
         dedupe_merge_at: int = MERGE_AT,
+        upgrade: bool = True,
     ) -> None:
+        """``upgrade=False`` (the CLI) refuses a file of an older schema version instead of
+        upgrading it under a server of that version that may still be running on it."""
         if not path or path == ":memory:":
             raise ValueError("SqliteStore needs a file path (an in-memory database is not durable)")
         if max_bytes is not None and max_bytes <= 0:
@@ -72,6 +75,7 @@ class SqliteStore(Store):
         self._commit_interval = commit_interval
         self._size_check_interval = size_check_interval
         self._dedupe_merge_at = dedupe_merge_at
+        self._upgrade = upgrade
         self._writer: GroupCommitWriter | None = None
         # Reads that scan many rows (queue stats for /metrics) use their own connection:
         # in WAL mode they run beside the writer instead of stalling ingest commits.
@@ -122,7 +126,7 @@ class SqliteStore(Store):
         dedupe = DedupeKeys(writer, self._dedupe_merge_at)
 
         def prepare(conn: sqlite3.Connection) -> None:
-            create_schema(conn)
+            create_schema(conn, upgrade=self._upgrade)
             dedupe.load(conn)
 
         writer.start()

@@ -91,7 +91,8 @@ def dedupe_key(source: str, message_id: str) -> bytes:
 
 
 def register_functions(conn: sqlite3.Connection) -> None:
-    """``bridge_dedupe_key(source, message_id)`` in SQL, for merges that copy rows."""
+    """``bridge_dedupe_key(source, message_id)`` in SQL: opening a file of schema version 1 or
+    2 turns its waiting (source, message_id) rows into keys with it."""
     conn.create_function(SQL_KEY_FUNCTION, 2, dedupe_key, deterministic=True)
 
 
@@ -168,7 +169,8 @@ class DedupeKeys:
         self.legacy = _legacy_has_keys(conn)
 
     def prune(self, conn: sqlite3.Connection, before: float) -> int:
-        """Forget keys first seen before ``before``; the caller merges dedupe_recent first."""
+        """Forget keys merged before ``before`` (see the module docstring: a key's time is
+        its merge's); the caller merges dedupe_recent first."""
         removed = int(conn.execute("DELETE FROM dedupe_keys WHERE seen_at < ?", (before,)).rowcount)
         if _legacy_exists(conn):
             removed += int(conn.execute("DELETE FROM dedupe WHERE seen_at < ?", (before,)).rowcount)

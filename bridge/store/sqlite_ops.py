@@ -408,7 +408,7 @@ def heartbeat(conn: sqlite3.Connection, now: float) -> None:
 
 
 def prune(conn: sqlite3.Connection, dedupe: DedupeKeys, dedupe_before: float, settled_before: float) -> int:
-    dedupe.merge(conn)  # so old keys still waiting in dedupe_recent are pruned too
+    dedupe.merge(conn)  # the waiting keys, so the B-tree has them all (a merge's keys get its time)
     removed = dedupe.prune(conn, dedupe_before)
     removed += conn.execute(
         f"DELETE FROM jobs WHERE state = {DELIVERED} AND settled_at < ?", (settled_before,)

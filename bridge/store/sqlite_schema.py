@@ -143,8 +143,18 @@ def configure(conn: sqlite3.Connection) -> None:
         raise StoreError(f"could not switch the SQLite database to WAL mode (it is {mode!r})")
 
 
-def create_schema(conn: sqlite3.Connection) -> None:
-    """Create missing tables and check the version. Runs inside the writer's transaction."""
+def create_schema(conn: sqlite3.Connection, *, upgrade: bool = True) -> None:
+    """Create missing tables and check the version. Runs inside the writer's transaction.
+
+    Without ``upgrade`` (the CLI) a file of an older version is refused, untouched: an
+    upgrade rewrites tables that an older server, still running on the file, writes to."""
+    if not upgrade:
+        found = _version(conn)
+        if found is not None and found < SCHEMA_VERSION:
+            raise StoreError(
+                f"the database has schema version {found}, older than this bridge's ({SCHEMA_VERSION}); "
+                "start `bridge serve` of this version on it first (it upgrades the file), then run this again"
+            )
     for statement in DDL:
         conn.execute(statement)
     _retire_state_index(conn)
@@ -164,6 +174,13 @@ def create_schema(conn: sqlite3.Connection) -> None:
         conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
 
 
+def _version(conn: sqlite3.Connection) -> int | None:
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'").fetchone() is None:
+        return None
+    row = conn.execute("SELECT version FROM schema_version").fetchone()
+    return None if row is None else int(row[0])
+
+
 def _upgrade_dedupe_recent(conn: sqlite3.Connection) -> None:
     """Rebuild a ``dedupe_recent`` of schema version 1 or 2, which held (source, message_id)
     and, before 2, reused ids: same rows, same ids, the digest in place of the strings.
@@ -171,12 +188,19 @@ def _upgrade_dedupe_recent(conn: sqlite3.Connection) -> None:
     columns = {row[1] for row in conn.execute("PRAGMA table_info(dedupe_recent)")}
     if "message_id" not in columns:
         return
+    # Ids are never reused: the new table continues from the old one's highest id ever
+    # given (AUTOINCREMENT's counter, or the highest row of a version-1 table).
+    counter = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'dedupe_recent'").fetchone()
+    highest = conn.execute("SELECT MAX(id) FROM dedupe_recent").fetchone()[0]
+    last_id = max(int(counter[0]) if counter else 0, int(highest or 0))
     conn.execute("ALTER TABLE dedupe_recent RENAME TO dedupe_recent_v2")
     conn.execute(DEDUPE_RECENT)
     conn.execute(
         f"INSERT INTO dedupe_recent (id, k) SELECT id, {SQL_KEY_FUNCTION}(source, message_id) FROM dedupe_recent_v2"
     )
     conn.execute("DROP TABLE dedupe_recent_v2")
+    conn.execute("DELETE FROM sqlite_sequence WHERE name = 'dedupe_recent'")
+    conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('dedupe_recent', ?)", (last_id,))
 
 
 def _retire_state_index(conn: sqlite3.Connection) -> None:

@@ -364,14 +364,7 @@ async def test_a_file_of_schema_version_2_has_its_waiting_keys_turned_into_diges
     path = tmp_path / "b.db"
     await (await opened(path)).close()
     conn = sqlite3.connect(path)
-    conn.executescript(
-        """
-        DROP TABLE dedupe_recent;
-        CREATE TABLE dedupe_recent (id INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL,
-            message_id TEXT NOT NULL, seen_at REAL NOT NULL);
-        UPDATE schema_version SET version = 2;
-        """
-    )
+    conn.executescript(V2_RECENT)
     waiting = [(7, "web", "w-1", 1.0), (8, "app", "w-1", 1.0), (12, "web", "w-2", 1.0)]
     conn.executemany("INSERT INTO dedupe_recent (id, source, message_id, seen_at) VALUES (?, ?, ?, ?)", waiting)
     conn.commit()
@@ -391,6 +384,58 @@ async def test_a_file_of_schema_version_2_has_its_waiting_keys_turned_into_diges
     await store.close()
     conn = sqlite3.connect(path)
     assert conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'dedupe_recent'").fetchone()[0] > 12
+    conn.close()
+
+
+V2_RECENT = """
+    DROP TABLE dedupe_recent;
+    CREATE TABLE dedupe_recent (id INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL,
+        message_id TEXT NOT NULL, seen_at REAL NOT NULL);
+    UPDATE schema_version SET version = 2;
+"""
+
+
+async def test_the_cli_refuses_an_older_file_and_leaves_it_to_the_server_running_on_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Upgrading rewrites dedupe_recent: done by a CLI beside a running version-2 server,
+    every enqueue of that server would fail. Only ``bridge serve`` upgrades."""
+    path = tmp_path / "b.db"
+    await (await opened(path)).close()
+    server = sqlite3.connect(path, isolation_level=None)  # the version-2 bridge, still running
+    server.executescript(V2_RECENT)
+    config = tmp_path / "bridge.yaml"
+    config.write_text(f"store:\n  url: sqlite:///{path}\n")
+
+    from bridge.cli import main
+
+    assert await asyncio.to_thread(main, ["dlq", "list", "--config", str(config)]) != 0
+    assert "start `bridge serve` of this version on it first" in capsys.readouterr().err
+    server.execute("INSERT INTO dedupe_recent (seen_at, source, message_id) VALUES (1.0, 'web', 'x')")
+    assert server.execute("SELECT version FROM schema_version").fetchone()[0] == 2
+    server.close()
+
+    store = await opened(path)  # the new server upgrades
+    assert (await store.enqueue("web", [event("x"), event("y")])).duplicate_indexes == (0,)
+    await store.close()
+
+
+async def test_an_upgrade_keeps_dedupe_recent_ids_from_being_reused(tmp_path: Path) -> None:
+    """An empty version-2 dedupe_recent that gave out ids up to 500: the rebuilt table
+    goes on from there, as a sliced merge's finish (delete ids up to its last) needs."""
+    path = tmp_path / "b.db"
+    await (await opened(path)).close()
+    conn = sqlite3.connect(path)
+    conn.executescript(V2_RECENT)
+    conn.execute("INSERT INTO dedupe_recent (id, source, message_id, seen_at) VALUES (500, 'web', 'gone', 1.0)")
+    conn.execute("DELETE FROM dedupe_recent")
+    conn.commit()
+    conn.close()
+    store = await opened(path)
+    await store.enqueue("web", [event("new")])
+    await store.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT id FROM dedupe_recent").fetchall() == [(501,)]
     conn.close()
 
 
