@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import cast
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
 
@@ -23,6 +25,7 @@ from bridge.observability.metrics import (
     OVERFLOW_LABEL,
     UNMATCHED_ROUTE,
     Metrics,
+    TalliedCounter,
 )
 from bridge.runtime import Runtime
 from bridge.store.base import QueueStats
@@ -141,6 +144,68 @@ def test_free_text_labels_cannot_explode_cardinality() -> None:
     reasons = {s.labels["reason"] for f in families if f.name == "bridge_events_dead_lettered" for s in f.samples}
     assert len(reasons) == MAX_LABEL_VALUES + 1
     assert max(len(r) for r in reasons) <= 80
+
+
+def _exposed(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the exposition but the creation times, which differ by instance."""
+    text = generate_latest(registry).decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if not s.name.endswith("_created")
+    }
+
+
+def test_a_tallied_counter_exposes_what_a_prometheus_counter_does() -> None:
+    plain, tallied = CollectorRegistry(), CollectorRegistry()
+    counter = Counter("bridge_things", "Things, by kind and status.", ["kind", "status"], registry=plain)
+    tally = TalliedCounter("bridge_things", "Things, by kind and status.", ["kind", "status"], registry=tallied)
+    for kind, status, n in (("a", "200", 1), ("a", "200", 2), ("b", "404", 1), ("a", "500", 0.5)):
+        counter.labels(kind, status).inc(n)
+        tally.inc((kind, status), n)
+    assert _exposed(tallied) == _exposed(plain)
+    assert _exposed(tallied)[("bridge_things_total", (("kind", "a"), ("status", "200")))] == 3
+    created = [s for f in tallied.collect() for s in f.samples if s.name == "bridge_things_created"]
+    assert len(created) == 3 and all(abs(s.value - time.time()) < 60 for s in created)
+
+
+def test_a_tallied_counter_bounds_its_labels_like_the_others() -> None:
+    m = Metrics()
+    for i in range(MAX_LABEL_VALUES + 30):
+        m.http_request(f"/route-{i}", 200)
+    m.http_request("/" + "x" * 1000, 200)
+    assert value(m, "bridge_http_requests_total", route=OVERFLOW_LABEL, status="200") == 31
+    families = text_string_to_metric_families(m.render()[0].decode())
+    routes = {s.labels["route"] for f in families if f.name == "bridge_http_requests" for s in f.samples}
+    assert len(routes) == MAX_LABEL_VALUES + 1
+    assert max(len(r) for r in routes) <= 80
+
+
+def test_a_tallied_counter_loses_no_count_to_a_scrape_on_another_thread() -> None:
+    m = Metrics()
+    stop = threading.Event()
+    scrapes = 0
+
+    def scrape() -> None:
+        nonlocal scrapes
+        while not stop.is_set():
+            m.render()
+            scrapes += 1
+
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    try:
+        for i in range(200_000):
+            m.received("web", 1)
+            m.http_request("/v1/{call}", 200 if i % 10 else 400)
+    finally:
+        stop.set()
+        scraper.join()
+    assert scrapes > 0
+    assert value(m, "bridge_events_received_total", source="web") == 200_000
+    assert value(m, "bridge_http_requests_total", route="/v1/{call}", status="200") == 180_000
+    assert value(m, "bridge_http_requests_total", route="/v1/{call}", status="400") == 20_000
 
 
 # -- middleware ----------------------------------------------------------------------------
