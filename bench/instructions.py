@@ -1,0 +1,124 @@
+"""Instructions per event, counted by callgrind: a ratio this noisy machine repeats.
+
+    python -m bench.instructions [--mode single|batch|streams] [--events 3000] [--connections 32]
+
+The wall-clock figures of ``make bench`` move by 10-20% between runs of the same code on
+this 2-core machine, so a change worth 2-3% cannot be seen there. callgrind counts the
+instructions a process executes in user space, and the count repeats within about half a
+percent, whatever else the host is doing. Each server (the floor, then the bridge) runs
+under ``valgrind --tool=callgrind`` on the server core with counting off; after a warm-up
+of a fifth of ``--events``, counting is switched on for exactly ``--events`` events from
+the load generator, then off again.
+
+What it does not count: the kernel's work (socket I/O, fsync, copying WAL pages). A
+change that moves work into the kernel (smaller SQLite pages, say) can look cheaper here
+and be slower on the clock, so this complements the wall-clock table and never replaces
+it. Under valgrind the threads take turns, so commit groups are smaller than in a real
+run and per-commit costs weigh more. Count against the floor, or against the code before
+a change, in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+from bench.procs import PYTHON, SERVER_CPU, BenchError, Child, free_port, run_loadgen, wait_http
+from bench.servers import MOENGAGE_DEST, SEGMENT_DEST, bridge_config
+from bench.suite import INGEST_PHASES, Settings, _loadgen_args
+
+VALGRIND_STARTUP = 300.0  # seconds: the bridge imports everything at 50x slower under valgrind
+
+
+def _valgrind(out: Path) -> list[str]:
+    return ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+
+
+def _control(*args: str) -> None:
+    done = subprocess.run(["callgrind_control", *args], capture_output=True, timeout=120)
+    if done.returncode != 0:
+        raise BenchError(f"callgrind_control {' '.join(args)} failed: {done.stderr.decode(errors='replace')}")
+
+
+def _counted(out: Path) -> int:
+    """The instructions of every dump callgrind wrote (one per ``callgrind_control -d``)."""
+    total = 0
+    for path in out.parent.glob(out.name + "*"):
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("totals:"):
+                total += int(line.split()[1])
+    return total
+
+
+def _bridge_argv(work: Path, port: int) -> list[str]:
+    config = work / "bridge.yaml"
+    config.write_bytes(orjson.dumps(bridge_config(work, "instructions", port, None, "paused")))  # JSON is YAML
+    for name in (MOENGAGE_DEST, SEGMENT_DEST):  # nothing is delivered: ingest alone is counted
+        subprocess.run(
+            [PYTHON, "-m", "bridge.cli", "destinations", "pause", name, "--config", str(config)],
+            check=True,
+            capture_output=True,
+        )
+    return [PYTHON, "-m", "bridge.cli", "serve", "--config", str(config)]
+
+
+def count(server: str, mode: str, events: int, connections: int, work: Path) -> int:
+    """Instructions the ``server`` ("floor" or "bridge") spends on ``events`` events."""
+    work.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    out = work / f"callgrind-{server}.out"
+    if server == "bridge":
+        argv = _bridge_argv(work, port)
+    else:
+        argv = [PYTHON, "-m", "bench.floor", "--db", str(work / "floor.db"), "--port", str(port), "--cpu", "-1"]
+    child = Child(f"{server}-callgrind", [*_valgrind(out), *argv], work, SERVER_CPU, announces=False)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", timeout=VALGRIND_STARTUP, child=child)
+        load = _loadgen_args(mode, Settings(duration=3600.0, warmup=0.0), connections=connections)
+        run_loadgen(port, *load, "--events", str(max(events // 5, 1)), timeout=3600.0)
+        _control("-i", "on", str(child.pid))
+        tally = run_loadgen(port, *load, "--events", str(events), timeout=3600.0)
+        _control("-i", "off", str(child.pid))
+        _control("-d", str(child.pid))
+    finally:
+        child.stop(timeout=120)
+    sent = int(tally.get("all_events", 0))
+    if sent < events:
+        raise BenchError(f"{server}: the load generator sent {sent} of {events} events: {tally}")
+    return _counted(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__.split("\n\n")[0])
+    p.add_argument("--mode", choices=[mode for _, mode, _ in INGEST_PHASES], default="single")
+    p.add_argument("--events", type=int, default=3000, help="events counted (after a warm-up of a fifth as many)")
+    p.add_argument("--connections", type=int, default=32)
+    p.add_argument("--only", choices=("floor", "bridge"), help="count one server only")
+    args = p.parse_args(argv)
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        p.error("needs valgrind (with callgrind_control) on PATH")
+    work = Path(tempfile.mkdtemp(prefix="bridge-instructions-"))
+    per_event: dict[str, float] = {}
+    for server in ("floor", "bridge") if args.only is None else (args.only,):
+        started = time.monotonic()
+        total = count(server, args.mode, args.events, args.connections, work)
+        per_event[server] = total / args.events
+        print(
+            f"{server:6} {args.mode}: {total / 1e6:,.1f} M instructions for {args.events:,} events"
+            f" = {per_event[server]:,.0f} per event ({time.monotonic() - started:.0f} s)",
+            flush=True,
+        )
+    if len(per_event) == 2:
+        print(f"floor / bridge instructions per event: {per_event['floor'] / per_event['bridge']:.3f}")
+    print(f"callgrind files and logs: {work}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
