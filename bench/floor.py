@@ -5,6 +5,11 @@ thread; one row per raw event; no auth, validation, mapping or dedupe. It answer
 same paths as the bridge so one load generator drives both.
 
     python -m bench.floor --db /tmp/floor.db [--port 0] [--cpu 0]
+        [--deliver-to URL --workspace WS --api-key KEY]
+
+With ``--deliver-to`` it is also the delivery floor (``bench/floor_delivery.py``): a
+``POST /_floor/deliver`` starts delivering what it stored to that MoEngage-like upstream,
+and ``/healthz`` counts what was delivered.
 
 Prints ``READY <port>`` on stdout once listening.
 """
@@ -25,6 +30,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from bench.floor_delivery import FloorDelivery
 from bench.loadgen import pin
 
 Rows = list[tuple[float, bytes]]
@@ -117,6 +123,7 @@ def events_in(path: str, data: Any) -> list[Any] | None:
 
 
 COMMITTER = web.AppKey("committer", GroupCommitter)
+DELIVERY = web.AppKey("delivery", FloorDelivery)
 
 
 async def ingest(request: web.Request) -> web.Response:
@@ -135,26 +142,42 @@ async def ingest(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     committer = request.app[COMMITTER]
-    return web.json_response({"status": "ok", "rows": committer.rows, "commits": committer.commits})
+    health: dict[str, Any] = {"status": "ok", "rows": committer.rows, "commits": committer.commits}
+    delivery = request.app.get(DELIVERY)
+    if delivery is not None:
+        health["delivered"], health["delivery_error"] = delivery.delivered, delivery.error
+    return web.json_response(health)
 
 
-def build_app(db_path: str) -> web.Application:
+async def deliver(request: web.Request) -> web.Response:
+    request.app[DELIVERY].start()
+    return web.json_response({"started": True})
+
+
+def build_app(db_path: str, upstream: tuple[str, str, str] | None = None) -> web.Application:
+    """``upstream``: (base URL, workspace, API key) of a MoEngage-like upstream to deliver to."""
     app = web.Application(client_max_size=8 * 1024 * 1024)
 
     async def lifecycle(app: web.Application) -> Any:
         app[COMMITTER] = GroupCommitter(db_path, asyncio.get_running_loop())
+        if upstream is not None:
+            app[DELIVERY] = FloorDelivery(db_path, *upstream)
         yield
+        if upstream is not None:
+            await app[DELIVERY].close()
         app[COMMITTER].close()
 
     app.cleanup_ctx.append(lifecycle)
     app.router.add_post("/v1/{call}", ingest)
     app.router.add_post("/moengage/streams/{source}", ingest)
     app.router.add_get("/healthz", healthz)
+    if upstream is not None:
+        app.router.add_post("/_floor/deliver", deliver)
     return app
 
 
-async def serve(db_path: str, host: str, port: int) -> None:
-    runner = web.AppRunner(build_app(db_path), access_log=None)
+async def serve(db_path: str, host: str, port: int, upstream: tuple[str, str, str] | None = None) -> None:
+    runner = web.AppRunner(build_app(db_path, upstream), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
@@ -178,13 +201,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--cpu", type=int, default=0, help="core to pin to (-1: do not pin)")
+    p.add_argument("--deliver-to", metavar="URL", help="a MoEngage-like upstream: be the delivery floor too")
+    p.add_argument("--workspace", default="", help="with --deliver-to: the MoEngage workspace id")
+    p.add_argument("--api-key", default="", help="with --deliver-to: the Data API key")
     args = p.parse_args(argv)
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.db))):
         p.error(f"--db: directory of {args.db} does not exist")
+    if args.deliver_to and not (args.workspace and args.api_key):
+        p.error("--deliver-to needs --workspace and --api-key")
+    upstream = (args.deliver_to, args.workspace, args.api_key) if args.deliver_to else None
     pin(None if args.cpu < 0 else args.cpu)
     from bench.httpload import run
 
-    run(lambda: serve(args.db, args.host, args.port))
+    run(lambda: serve(args.db, args.host, args.port, upstream))
     return 0
 
 

@@ -27,11 +27,12 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def ratios(results: dict[str, Any]) -> dict[str, float | None]:
-    b, f = results["bridge"], results["floor"]
+    b, f, d = results["bridge"], results["floor"], results.get("delivery")
     return {
         "batch_events": ratio(_get(b, "batch", "events_per_s"), _get(f, "batch", "events_per_s")),
         "single_requests": ratio(_get(b, "single", "req_per_s"), _get(f, "single", "req_per_s")),
         "streams_events": ratio(_get(b, "streams", "events_per_s"), _get(f, "streams", "events_per_s")),
+        "delivery_events": ratio(_get(d, "events_per_s"), _get(d, "floor", "events_per_s")),
     }
 
 
@@ -157,11 +158,17 @@ def table(results: dict[str, Any]) -> str:
         (
             f"Delivery into stand-in MoEngage (events/s; {_n(_get(d, 'events_queued'))} events)",
             _n(_get(d, "events_per_s")),
-            "",
-            "",
+            _n(_get(d, "floor", "events_per_s")),
+            _n(r.get("delivery_events"), ".2f"),
             "≥ 50,000",
         ),
-        ("CPU per delivered event (µs)", _n(_get(d, "cpu_us_per_event"), ".1f"), "", "", ""),
+        (
+            "CPU per delivered event (µs)",
+            _n(_get(d, "cpu_us_per_event"), ".1f"),
+            _n(_get(d, "floor", "cpu_us_per_event"), ".1f"),
+            "",
+            "",
+        ),
         (
             f"RSS growth, destination down, {_n(_get(m, 'events_queued'))} events queued: "
             "after the first chunk / from idle (MB)",

@@ -78,16 +78,23 @@ class StandIns:
 class Floor:
     name = "floor"
 
-    def __init__(self, work: Path, log_dir: Path, tag: str) -> None:
+    def __init__(self, work: Path, log_dir: Path, tag: str, standins: StandIns | None = None) -> None:
+        """With ``standins`` it is the delivery floor too, delivering to their MoEngage."""
         db = work / f"floor-{tag}.db"
-        self.child = Child(
-            f"floor-{tag}",
-            [PYTHON, "-m", "bench.floor", "--db", str(db), "--cpu", "-1"],
-            log_dir,
-            SERVER_CPU,
-        )
+        argv = [PYTHON, "-m", "bench.floor", "--db", str(db), "--cpu", "-1"]
+        if standins is not None:
+            moengage = f"http://127.0.0.1:{standins.moengage_port}"
+            argv += ["--deliver-to", moengage, "--workspace", WORKSPACE, "--api-key", MOENGAGE_KEY]
+        self.child = Child(f"floor-{tag}", argv, log_dir, SERVER_CPU)
         self.port = int(self.child.ready_line()[0])
         wait_http(f"http://127.0.0.1:{self.port}/healthz", child=self.child)
+
+    def health(self) -> dict[str, Any]:
+        health: dict[str, Any] = http_json(f"http://127.0.0.1:{self.port}/healthz")
+        return health
+
+    def deliver(self) -> None:
+        http_json(f"http://127.0.0.1:{self.port}/_floor/deliver", "POST")
 
     @property
     def pid(self) -> int:

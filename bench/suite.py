@@ -268,10 +268,105 @@ def _delivered(counts: dict[str, int]) -> int:
     return counts["customers"] + counts["events"] + counts["devices"] + counts["ignored"]
 
 
+def _timed_delivery(
+    server: Server,
+    standins: StandIns,
+    expected: int,
+    start: Callable[[], None],
+    finished: Callable[[], bool],
+) -> dict[str, Any]:
+    """Start a delivery of ``expected`` items and time it until the stand-in has them all
+    and ``finished()`` agrees (the sender's own view: queue empty, mark moved)."""
+    base = standins.moengage_counts()
+    standin_before = standins.sample()
+    cores_before = core_busy()
+    before = server.sample()
+    began = time.monotonic()
+    start()
+    deadline = began + max(120.0, expected / 2_000)
+    last_progress, last_count = began, 0
+    while True:
+        now = time.monotonic()
+        got = _delivered(standins.moengage_counts()) - _delivered(base)
+        if got != last_count:
+            last_progress, last_count = now, got
+        if (got >= expected or now - last_progress > 3.0) and finished():
+            break
+        if now > deadline:
+            waited = deadline - began
+            raise BenchError(f"{server.name} delivery did not finish in {waited:.0f}s: {got:,} of {expected:,}")
+        time.sleep(0.02)
+    elapsed = time.monotonic() - began
+    after = server.sample()
+    cores_after = core_busy()
+    standin_after = standins.sample()
+    final = standins.moengage_counts()
+    cpu = after.cpu_seconds - before.cpu_seconds
+    utilisation = cpu / (after.at - before.at)
+    busy = busy_between(cores_before, cores_after)
+    return {
+        "events_queued": expected,
+        "items_received": _delivered(final) - _delivered(base),
+        "requests": final["requests"] - base["requests"],
+        "upstream_errors": final["errors"] - base["errors"],
+        "seconds": round(elapsed, 3),
+        "events_per_s": round(expected / elapsed, 1),
+        "cpu_seconds": round(cpu, 3),
+        "cpu_us_per_event": round(cpu / expected * 1e6, 2) if expected else None,
+        "cpu_utilisation": round(utilisation, 3),
+        "main_thread_share": _main_share(before, after),
+        "standin_cpu_utilisation": round(
+            (standin_after.cpu_seconds - standin_before.cpu_seconds) / (standin_after.at - standin_before.at), 3
+        ),
+        "rss_mb": round(after.rss_bytes / MB, 1),
+        "peak_rss_mb": round(after.hwm_bytes / MB, 1),
+        "machine_busy": busy,
+        "foreign_on_server_core": round(max(0.0, busy.get("cpu0", 0.0) - utilisation), 3),
+        "load_average": load_average(),
+    }
+
+
+def _delivery_line(name: str, r: dict[str, Any]) -> str:
+    return (
+        f"  {name:6} delivery: {r['events_queued']:,} events in {r['seconds']:.2f} s = {r['events_per_s']:,.0f} ev/s "
+        f"({r['requests']} requests, {r['items_received']:,} items, {r['upstream_errors']} errors; "
+        f"server cpu {r['cpu_utilisation']:.2f}, stand-in cpu {r['standin_cpu_utilisation']:.2f}, "
+        f"others on server core {r['foreign_on_server_core']:.2f})"
+    )
+
+
+def floor_delivery(work: Path, log_dir: Path, standins: StandIns, settings: Settings) -> dict[str, Any]:
+    """The delivery floor (bench/floor_delivery.py) on the same load: preload, then time."""
+    floor = Floor(work, log_dir, "delivery", standins)
+    try:
+        preload = run_loadgen(
+            floor.port,
+            *_loadgen_args("batch", settings, connections=settings.batch_connections),
+            "--events",
+            str(settings.delivery_events),
+        )
+        stored = int(floor.health()["rows"])
+
+        def finished() -> bool:
+            health = floor.health()
+            if health["delivery_error"]:
+                raise BenchError(f"the delivery floor stopped: {health['delivery_error']}")
+            return int(health["delivered"]) >= stored
+
+        result = _timed_delivery(floor, standins, stored, floor.deliver, finished)
+    finally:
+        floor.stop()
+    result["preload"] = preload
+    return result
+
+
 def delivery_phase(
     work: Path, log_dir: Path, standins: StandIns, settings: Settings, say: Callable[[str], None]
 ) -> dict[str, Any]:
-    """Pre-load N events with MoEngage paused, resume, time until the stand-in has them all."""
+    """The delivery floor, then the bridge: pre-load N events with MoEngage paused, resume,
+    time until the stand-in has them all."""
+    floor_result = floor_delivery(work, log_dir, standins, settings)
+    say(_delivery_line("floor", floor_result))
     n = settings.delivery_events
     profile = work / "profile-delivery.prof"
     tuned = dict(settings.delivery_config) or None
@@ -294,69 +389,25 @@ def delivery_phase(
                 variant=settings.bridge_variant,
             )
         queued = bridge.destination_status(MOENGAGE_DEST)["queue_depth"]
-        say(f"  delivery: {preload['all_events']:,} events pre-loaded, queue depth {queued:,}; resuming")
-        base = standins.moengage_counts()
-        standin_before = standins.sample()
-        cores_before = core_busy()
-        before = bridge.sample()
-        start = time.monotonic()
-        bridge.resume(MOENGAGE_DEST)
-        deadline = start + max(120.0, n / 2_000)
-        last_progress, last_count = start, 0
-        while True:
-            now = time.monotonic()
-            got = _delivered(standins.moengage_counts()) - _delivered(base)
-            if got != last_count:
-                last_progress, last_count = now, got
-            if got >= queued or now - last_progress > 3.0:
-                depth = bridge.destination_status(MOENGAGE_DEST)["queue_depth"]
-                if depth == 0:
-                    break
-            if now > deadline:
-                raise BenchError(f"delivery did not finish in {deadline - start:.0f}s: {got:,} of {queued:,} items")
-            time.sleep(0.02)
-        elapsed = time.monotonic() - start
-        after = bridge.sample()
-        cores_after = core_busy()
-        standin_after = standins.sample()
-        final = standins.moengage_counts()
+        say(f"  bridge delivery: {preload['all_events']:,} events pre-loaded, queue depth {queued:,}; resuming")
+
+        def finished() -> bool:
+            return int(bridge.destination_status(MOENGAGE_DEST)["queue_depth"]) == 0
+
+        result = _timed_delivery(bridge, standins, queued, lambda: bridge.resume(MOENGAGE_DEST), finished)
         status = bridge.destination_status(MOENGAGE_DEST)
     finally:
         bridge.stop()
-    cpu = after.cpu_seconds - before.cpu_seconds
-    utilisation = cpu / (after.at - before.at)
-    busy = busy_between(cores_before, cores_after)
-    result: dict[str, Any] = {
+    result = {
         "delivery_config": tuned or "defaults",
-        "events_queued": queued,
-        "items_received": _delivered(final) - _delivered(base),
-        "requests": final["requests"] - base["requests"],
-        "upstream_errors": final["errors"] - base["errors"],
+        **result,
         "dead_letters": status.get("dead_letters", 0),
-        "seconds": round(elapsed, 3),
-        "events_per_s": round(queued / elapsed, 1),
-        "cpu_seconds": round(cpu, 3),
-        "cpu_us_per_event": round(cpu / queued * 1e6, 2) if queued else None,
-        "cpu_utilisation": round(utilisation, 3),
-        "main_thread_share": _main_share(before, after),
-        "standin_cpu_utilisation": round(
-            (standin_after.cpu_seconds - standin_before.cpu_seconds) / (standin_after.at - standin_before.at), 3
-        ),
-        "rss_mb": round(after.rss_bytes / MB, 1),
-        "peak_rss_mb": round(after.hwm_bytes / MB, 1),
-        "machine_busy": busy,
-        "foreign_on_server_core": round(max(0.0, busy.get("cpu0", 0.0) - utilisation), 3),
-        "load_average": load_average(),
         "preload": preload,
+        "floor": floor_result,
     }
     if settings.profile:
         result["profile_top"] = profile_summary(profile, say)
-    say(
-        f"  delivery: {queued:,} events in {elapsed:.2f} s = {result['events_per_s']:,.0f} ev/s "
-        f"({result['requests']} requests, {result['items_received']:,} items, {result['upstream_errors']} errors; "
-        f"bridge cpu {result['cpu_utilisation']:.2f}, stand-in cpu {result['standin_cpu_utilisation']:.2f}, "
-        f"others on server core {result['foreign_on_server_core']:.2f})"
-    )
+    say(_delivery_line("bridge", result))
     return result
 
 
