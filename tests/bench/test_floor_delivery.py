@@ -164,7 +164,7 @@ async def test_counting_standins_validate_and_count_without_keeping(aiohttp_serv
             assert response.status == 401
         batch = {"batch": [{"type": "track", "event": "x", "userId": "u", "messageId": "m-1"}]}
         async with session.post(
-            apps[1].make_url("/v1/batch"), json=batch, auth=None, headers={"Authorization": _basic("seg-key", "")}
+            apps[1].make_url("/v1/batch"), json=batch, headers={"Authorization": _basic("seg-key", "")}
         ) as response:
             assert response.status == 200
     assert moengage.counts() == {
