@@ -32,17 +32,18 @@ def build_app(runtime: Runtime, bindings: PrometheusBindings) -> web.Application
     # Bodies are read by our own bounded reader; this is only the hard ceiling.
     app = web.Application(
         client_max_size=max(cfg.server.max_request_bytes, cfg.server.max_webhook_bytes, 8 * 1024 * 1024),
-        middlewares=[bindings.http_middleware()],
     )
     app[RUNTIME] = runtime
     app[BINDINGS] = bindings
     runtime.on_reload = bindings.metrics.mapping_reload
+    routes = bindings.routes(app)
     for source_kind in (SegmentSources(cfg, runtime.ingestor), StreamsSources(cfg, runtime.ingestor)):
-        source_kind.add_routes(app)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    add_admin_routes(app, runtime, cfg.admin_token)
+        source_kind.add_routes(routes)
+    routes.add_get("/healthz", healthz)
+    routes.add_get("/readyz", readyz)
+    routes.add_get("/metrics", metrics)
+    add_admin_routes(routes, runtime, cfg.admin_token)
+    routes.finish()
     app.cleanup_ctx.append(_lifecycle)
     return app
 

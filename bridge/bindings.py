@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
+from aiohttp import web
 
-from bridge.httpx import json_errors_middleware
 from bridge.observability.adapters import PrometheusDeliveryMetrics, PrometheusIngestMetrics
 from bridge.observability.metrics import Metrics
+from bridge.routing import Routes
 
 if TYPE_CHECKING:
     from bridge.runtime import Runtime
@@ -28,9 +29,10 @@ class PrometheusBindings:
         self.ingest = PrometheusIngestMetrics(self.metrics)
         self.delivery = PrometheusDeliveryMetrics(self.metrics)
 
-    def http_middleware(self) -> Any:
-        """The app's middleware: JSON errors, and every request counted by its final status."""
-        return json_errors_middleware(self.metrics.observe_http)
+    def routes(self, app: web.Application) -> Routes:
+        """The app's route registrar: JSON errors, and every request counted by its route
+        and final status."""
+        return Routes(app.router, self.metrics.http_request)
 
     async def refresh_gauges(self, runtime: Runtime) -> None:
         # Every configured destination gets both gauges, reading 0 before it ever queued anything.

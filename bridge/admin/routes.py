@@ -15,6 +15,7 @@ from bridge.httpx import ApiError, Handler, json_response, parse_json, read_body
 from bridge.mapping.links import ids_to_resolve, link_context
 from bridge.mapping.translate import translate_events
 from bridge.records import dead_letter_json, discard_json
+from bridge.routing import Routes, unmatched
 from bridge.store.base import RecordFilter
 from bridge.suggest import did_you_mean
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 MAX_ADMIN_BODY = 5 * 1024 * 1024
 
 
-def add_admin_routes(app: web.Application, runtime: Runtime, token: str) -> None:
+def add_admin_routes(routes: Routes, runtime: Runtime, token: str) -> None:
     if not token:
         return  # the admin API is off: its routes do not exist
 
@@ -38,7 +39,7 @@ def add_admin_routes(app: web.Application, runtime: Runtime, token: str) -> None
         return check
 
     api = AdminApi(runtime)
-    r = app.router
+    r = routes
     r.add_get("/admin/status", guarded(api.status))
     r.add_get("/admin/dlq", guarded(api.dlq_list))
     r.add_get("/admin/dlq/{id}", guarded(api.dlq_show))
@@ -49,18 +50,9 @@ def add_admin_routes(app: web.Application, runtime: Runtime, token: str) -> None
     r.add_post("/admin/destinations/{name}/pause", guarded(api.pause))
     r.add_post("/admin/destinations/{name}/resume", guarded(api.resume))
     r.add_post("/admin/reload", guarded(api.reload))
-    admin = list(r.resources())
-
-    async def elsewhere(request: web.Request) -> web.StreamResponse:
-        # Every other method or path under /admin lands here, after the token check: the
-        # answer (404, or 405 and which methods exist) tells only the operator what is there.
-        for resource in admin:
-            match, allowed = await resource.resolve(request)
-            if match is None and allowed:
-                raise web.HTTPMethodNotAllowed(request.method, sorted(allowed))
-        raise web.HTTPNotFound()
-
-    r.add_route("*", "/admin/{rest:.*}", guarded(elsewhere))
+    # Every other method or path under /admin lands here, after the token check: the
+    # answer (404, or 405 and which methods exist) tells only the operator what is there.
+    r.add("*", "/admin/{rest:.*}", guarded(unmatched(r.resources())))
 
 
 def filter_from_query(request: web.Request) -> RecordFilter:

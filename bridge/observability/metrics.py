@@ -10,10 +10,9 @@ from __future__ import annotations
 import platform
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder, generate_latest
@@ -28,9 +27,6 @@ DELIVERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 MAX_LABEL_VALUES = 200
 MAX_LABEL_LENGTH = 80
 OVERFLOW_LABEL = "other"
-UNMATCHED_ROUTE = "unmatched"
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class _LabelBounds:
@@ -268,10 +264,6 @@ class Metrics:
     def http_request(self, route: str, status: int) -> None:
         self.http_requests.inc((route, str(status)))
 
-    def observe_http(self, request: web.Request, status: int) -> None:
-        """Count a finished request by its route template (httpx.json_errors_middleware)."""
-        self.http_request(route_label(request), status)
-
     def render(self, accept: str | None = None) -> tuple[bytes, str]:
         """The exposition body and its content type for GET /metrics.
 
@@ -280,16 +272,3 @@ class Metrics:
             encoder, content_type = choose_encoder(accept)
             return encoder(self.registry), content_type
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
-
-
-def route_label(request: web.Request) -> str:
-    """The matched route's canonical path (e.g. /v1/{kind}), never the raw URL."""
-    match_info = request.match_info
-    route = getattr(match_info, "route", None)
-    # A request no route matched (404, 405) carries aiohttp's system route, which has no
-    # resource. Asking the match for ``http_exception`` instead raised and caught an
-    # AttributeError on every matched request.
-    resource = getattr(route, "resource", None)
-    if resource is None:
-        return UNMATCHED_ROUTE
-    return str(resource.canonical)

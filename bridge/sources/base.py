@@ -12,11 +12,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
-
 from bridge.config.model import Config, SourceConfig
 from bridge.httpx import ApiError
 from bridge.mapping.api import CompiledMapping
+from bridge.routing import Routes
 from bridge.store.base import EnqueueResult, IdentityLink, IncomingEvent, Store, StoreError, StoreFull
 
 
@@ -125,7 +124,7 @@ class SourceKind(ABC):
     kind: str
 
     @abstractmethod
-    def add_routes(self, app: web.Application) -> None: ...
+    def add_routes(self, routes: Routes) -> None: ...
 
 
 def batch_answer(accepted: int, duplicates: int, rejected: list[Rejection]) -> dict[str, Any]:

@@ -19,14 +19,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
 
 from bridge.bindings import PrometheusBindings
-from bridge.httpx import json_errors_middleware
 from bridge.observability.metrics import (
     MAX_LABEL_VALUES,
     OVERFLOW_LABEL,
-    UNMATCHED_ROUTE,
     Metrics,
     TalliedCounter,
 )
+from bridge.routing import UNMATCHED_ROUTE, Routes
 from bridge.runtime import Runtime
 from bridge.store.base import QueueStats
 from bridge.testing.standins import MoEngageStandIn, SegmentStandIn
@@ -208,8 +207,8 @@ def test_a_tallied_counter_loses_no_count_to_a_scrape_on_another_thread() -> Non
     assert value(m, "bridge_http_requests_total", route="/v1/{call}", status="400") == 20_000
 
 
-# -- middleware ----------------------------------------------------------------------------
-async def test_middleware_counts_route_templates_and_error_statuses(
+# -- routes ------------------------------------------------------------------------------
+async def test_routes_count_route_templates_and_error_statuses(
     aiohttp_client: AiohttpClient,
 ) -> None:
     m = Metrics()
@@ -221,8 +220,10 @@ async def test_middleware_counts_route_templates_and_error_statuses(
             raise RuntimeError("bug")
         return web.json_response({"id": request.match_info["id"]})
 
-    app = web.Application(middlewares=[json_errors_middleware(m.observe_http)])
-    app.router.add_get("/items/{id}", item)
+    app = web.Application()
+    routes = Routes(app.router, m.http_request)
+    routes.add_get("/items/{id}", item)
+    routes.finish()
     client = await aiohttp_client(app)
     for path in ("/items/1", "/items/2", "/items/missing", "/items/crash", "/nowhere/at/all"):
         await client.get(path)
@@ -236,14 +237,38 @@ async def test_middleware_counts_route_templates_and_error_statuses(
     assert "/items/1" not in text and "/nowhere" not in text
 
 
-async def test_middleware_sees_statuses_after_json_errors(aiohttp_client: AiohttpClient) -> None:
+async def test_unmatched_requests_get_json_404_and_405_with_allow(aiohttp_client: AiohttpClient) -> None:
+    async def item(request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    app = web.Application()
+    routes = Routes(app.router)
+    routes.add_get("/items/{id}", item)
+    routes.add_post("/items/{id}/done", item)
+    routes.finish()
+    client = await aiohttp_client(app)
+    resp = await client.delete("/items/1")
+    assert (resp.status, resp.headers["Allow"]) == (405, "GET,HEAD")
+    assert await resp.json() == {"code": "method_not_allowed", "message": "method not allowed on this endpoint"}
+    resp = await client.get("/items/1/done")
+    assert (resp.status, resp.headers["Allow"]) == (405, "POST")
+    for method, path in (("GET", "/"), ("POST", "/items"), ("PUT", "/nowhere/at/all")):
+        resp = await client.request(method, path)
+        assert resp.status == 404
+        assert await resp.json() == {"code": "not_found", "message": "no such endpoint"}
+    assert (await client.head("/items/1")).status == 200
+
+
+async def test_routes_count_statuses_after_json_errors(aiohttp_client: AiohttpClient) -> None:
     m = Metrics()
 
     async def teapot(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest()
 
-    app = web.Application(middlewares=[json_errors_middleware(m.observe_http)])
-    app.router.add_post("/v1/{call}", teapot)
+    app = web.Application()
+    routes = Routes(app.router, m.http_request)
+    routes.add_post("/v1/{call}", teapot)
+    routes.finish()
     client = await aiohttp_client(app)
     resp = await client.post("/v1/track")
     assert resp.status == 400

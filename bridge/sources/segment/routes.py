@@ -11,6 +11,7 @@ from aiohttp import web
 
 from bridge.config.model import Config, SourceConfig
 from bridge.httpx import ApiError, basic_credentials, json_response, parse_json, read_body, same_secret, secret_digest
+from bridge.routing import Routes
 from bridge.sources.base import Accepted, Ingestor, Rejection, SourceKind, all_rejected, batch_answer
 from bridge.sources.encoding import encode_event
 from bridge.sources.segment.spec import CALL_TYPES, Invalid, iso, normalise, parse_time
@@ -36,10 +37,10 @@ class SegmentSources(SourceKind):
         # of this object (a config change builds a new app).
         self._by_header: dict[str, SourceConfig] = {}
 
-    def add_routes(self, app: web.Application) -> None:
+    def add_routes(self, routes: Routes) -> None:
         for call in (*sorted(CALL_TYPES), *BATCH_CALLS):
-            app.router.add_post(f"/v1/{call}", self.tracking_api)
-        app.router.add_post("/segment/webhook", self.webhook)
+            routes.add_post(f"/v1/{call}", self.tracking_api)
+        routes.add_post("/segment/webhook", self.webhook)
 
     # -- auth -------------------------------------------------------------------
     def _source_for(self, key: Any) -> SourceConfig:

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from bridge.config.model import Config, SourceConfig
 from bridge.httpx import ApiError, basic_credentials, json_response, parse_json, read_body, same_secret
+from bridge.routing import Routes
 from bridge.sources.base import Accepted, Ingestor, Rejection, SourceKind, all_rejected, batch_answer
 from bridge.sources.client_ip import client_address
 from bridge.sources.encoding import encode_event
@@ -24,8 +25,8 @@ class StreamsSources(SourceKind):
         self.ingestor = ingestor
         self._by_name = {s.name: s for s in config.sources if s.kind == "moengage_streams"}
 
-    def add_routes(self, app: web.Application) -> None:
-        app.router.add_post("/moengage/streams/{source}", self.receive)
+    def add_routes(self, routes: Routes) -> None:
+        routes.add_post("/moengage/streams/{source}", self.receive)
 
     def _authorise(self, request: web.Request, source: SourceConfig) -> None:
         if source.allow_ips:

@@ -1,0 +1,68 @@
+"""The app's routes: each handler wrapped once in ``httpx.json_errors``, and a catch-all
+that answers what no route takes (404, or 405 with the methods the path has) the same way.
+
+Not an aiohttp middleware: with any middleware, aiohttp runs every request through the
+middleware's coroutine and through one of its own (the wrapper that switches the current
+app). A wrapper per route is one coroutine, and it knows its route's label (the path
+template, e.g. ``/v1/track``) from registration instead of asking each request for it.
+Counted with bench/instructions.py, a single Tracking API call went from 492.7k to 479.1k
+instructions (-2.8%).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from aiohttp import hdrs, web
+
+from bridge.httpx import Handler, StatusObserver, json_errors
+
+# The label of requests no route took (404 and 405): raw paths would make a metric's
+# label set unbounded.
+UNMATCHED_ROUTE = "unmatched"
+
+
+class Routes:
+    """Registers routes on ``router``; ``finish`` once every route is in."""
+
+    def __init__(self, router: web.UrlDispatcher, observe: StatusObserver | None = None) -> None:
+        self._router = router
+        self._observe = observe
+
+    def add(self, method: str, path: str, handler: Handler) -> None:
+        resource = self._router.add_resource(path)
+        wrapped = json_errors(handler, resource.canonical, self._observe)
+        if method == hdrs.METH_GET:
+            resource.add_route(hdrs.METH_HEAD, wrapped)  # as aiohttp's add_get does
+        resource.add_route(method, wrapped)
+
+    def add_get(self, path: str, handler: Handler) -> None:
+        self.add(hdrs.METH_GET, path, handler)
+
+    def add_post(self, path: str, handler: Handler) -> None:
+        self.add(hdrs.METH_POST, path, handler)
+
+    def resources(self) -> list[web.AbstractResource]:
+        return list(self._router.resources())
+
+    def finish(self) -> None:
+        """Add the catch-all for requests no route takes. Routes added later never match."""
+        catch_all = json_errors(unmatched(self.resources()), UNMATCHED_ROUTE, self._observe)
+        self._router.add_route(hdrs.METH_ANY, "/{path:.*}", catch_all)
+
+
+def unmatched(resources: Sequence[web.AbstractResource]) -> Handler:
+    """A handler for requests that none of ``resources`` took: 405 and the methods that
+    exist when one of them has the path, else 404 (rendered by ``json_errors``)."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        allowed: set[str] = set()
+        for resource in resources:
+            match, methods = await resource.resolve(request)
+            if match is None:
+                allowed |= methods
+        if allowed:
+            raise web.HTTPMethodNotAllowed(request.method, sorted(allowed))
+        raise web.HTTPNotFound()
+
+    return answer
