@@ -388,7 +388,9 @@ class FileCompiler:
             return
         for lname, ln in node.value.items():
             # compiled in file order, so a let can use only the lets above it: no cycles
-            self.scope.lets[lname] = fuse(self.expr.value(ln, join("let", lname)))
+            tree = self.expr.value(ln, join("let", lname))
+            self.scope.let_trees[lname] = tree
+            self.scope.lets[lname] = fuse(tree)
 
     def _identity(self, node: YNode) -> tuple[Fn | None, tuple[Cond, Fn, Fn] | None, list[Fn]]:
         if not node.is_map:

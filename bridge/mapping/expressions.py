@@ -51,7 +51,9 @@ class Scope:
     """Compile-time facts a file's expressions may refer to."""
 
     lookups: dict[str, Lookup] = field(default_factory=dict)
-    lets: dict[str, Fn] = field(default_factory=dict)
+    lets: dict[str, Fn] = field(default_factory=dict)  # each let as one fused function
+    # ...and as the closure tree it was fused from, for fused code to inline (emit_let)
+    let_trees: dict[str, Fn] = field(default_factory=dict)
 
 
 _UNSET = object()
@@ -163,6 +165,7 @@ class ExprCompiler:
             return emits(lambda env: walk(env.item, segs), _walk_emitter("env.item", segs))
         name = str(segs[0])
         let_fn = self.scope.lets[name]
+        let_tree = self.scope.let_trees.get(name)
         rest = segs[1:]
 
         def emit_let(g: Gen) -> str:
@@ -171,7 +174,13 @@ class ExprCompiler:
             key = g.literal(name)
             g.line(f"{out} = L.get({key}, U)")
             with g.block(f"if {out} is U:"):
-                g.line(f"{out} = L[{key}] = {g.bind(let_fn)}(env)")
+                if let_tree is not None and g.inline_once(name):
+                    # The let's own statements, here: a call per let per event was about
+                    # a tenth of a rule's cost. Once per generated function; later uses
+                    # (which run only if this branch did not) call the fused let.
+                    g.line(f"{out} = L[{key}] = {g.value(let_tree)}")
+                else:
+                    g.line(f"{out} = L[{key}] = {g.bind(let_fn)}(env)")
             return _walk_emitter(out, rest)(g) if rest else out
 
         if not rest:

@@ -34,6 +34,9 @@ STEP_EMITTER = "_bridge_emit_step"
 # closures instead of inlined; a long chain (an `all` of 100 conditions) may still go past
 # the limit, and then the whole root stays a closure tree (see fuse).
 MAX_DEPTH = 12
+# Depth a let's inlined statements may take; deeper down, the fused let is called instead
+# (inlining it past MAX_DEPTH would turn its nodes back into closure calls, slower still).
+LET_DEPTH = 6
 # Fused code may be switched off (tests compare both; an operator could too).
 ENABLED = True
 _UNSET = object()
@@ -62,6 +65,15 @@ class Gen:
         self.names: dict[int, str] = {}
         self.bound: dict[str, Any] = {"M": MISSING, "U": _UNSET, "EMPTY_TYPES": _EMPTY_TYPES}
         self._fresh = itertools.count()
+        self._inlined: set[str] = set()
+
+    def inline_once(self, name: str) -> bool:
+        """True the first time ``name`` (a let) asks to be inlined into this function, if
+        there is depth left for its statements; then False: one copy of each let's code."""
+        if name in self._inlined or self.depth > MAX_DEPTH - LET_DEPTH:
+            return False
+        self._inlined.add(name)
+        return True
 
     def fresh(self) -> str:
         return f"v{next(self._fresh)}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -256,3 +257,34 @@ def test_deep_nesting_falls_back_to_closures_and_still_agrees(tmp_path: Path, mo
     assert deepest <= cap + 2, source  # the inner firsts are calls, not inlined
     for event in ({"v": "deep"}, {"a0": "outer"}, {"a19": "inner", "v": "x"}, {}):
         assert repr(fused.apply(event, MapContext())) == repr(plain.apply(event, MapContext()))
+
+
+def test_lets_are_inlined_once_per_function_and_still_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A let's statements are written into the first fused function that reads it, once;
+    later reads there call the fused let (they run only when the first did not)."""
+    text = """
+    source_format: segment
+    destination_kind: segment
+    let:
+      uid: {path: $.userId, pipe: [{to: integer, on_error: fail}]}
+      label: {path: $let.uid, pipe: [{to: string}]}
+    rules:
+      - name: t
+        kind: track
+        body:
+          userId: $let.label
+          event: $let.label
+          properties: {object: {again: $let.uid}}
+    """
+    fused, plain = _both(monkeypatch, write(tmp_path / "lets.yaml", text))
+    assert isinstance(fused, YamlMapping)
+    source = str(fused._rule_guards[0][0].body.__doc__)
+    for name in ("uid", "label"):
+        inline = re.findall(rf"L\['{name}'\] = v\d+$", source, re.MULTILINE)
+        called = re.findall(rf"L\['{name}'\] = b\d+\(env\)$", source, re.MULTILINE)
+        assert (len(inline), len(called)) == (1, 1), source
+    for event in ({"userId": "12"}, {"userId": 7}, {"userId": "x"}, {}):
+        assert repr(fused.apply(event, MapContext())) == repr(plain.apply(event, MapContext()))
+    assert type(fused.apply({"userId": "x"}, MapContext())).__name__ == "Failed"
+    [out] = fused.apply({"userId": "12"}, MapContext())  # type: ignore[misc]
+    assert out.body == {"type": "track", "userId": "12", "event": "12", "properties": {"again": 12}}
