@@ -20,6 +20,9 @@ from bridge.httpx import Handler, StatusObserver, json_errors
 # The label of requests no route took (404 and 405): raw paths would make a metric's
 # label set unbounded.
 UNMATCHED_ROUTE = "unmatched"
+# The rest of a path, whatever it holds: aiohttp matches the decoded path, so ".*" would
+# stop at a newline sent as %0A, and such a request would miss a catch-all.
+ANY_PATH = r"[\s\S]*"
 
 
 class Routes:
@@ -28,8 +31,12 @@ class Routes:
     def __init__(self, router: web.UrlDispatcher, observe: StatusObserver | None = None) -> None:
         self._router = router
         self._observe = observe
+        self._finished = False
 
     def add(self, method: str, path: str, handler: Handler) -> None:
+        if self._finished:
+            # The catch-all answers 405 only for the routes it knew of when it was added.
+            raise RuntimeError(f"route {method} {path} added after Routes.finish()")
         resource = self._router.add_resource(path)
         wrapped = json_errors(handler, resource.canonical, self._observe)
         if method == hdrs.METH_GET:
@@ -46,9 +53,10 @@ class Routes:
         return list(self._router.resources())
 
     def finish(self) -> None:
-        """Add the catch-all for requests no route takes. Routes added later never match."""
+        """Add the catch-all for requests no route takes; no route may be added after it."""
         catch_all = json_errors(unmatched(self.resources()), UNMATCHED_ROUTE, self._observe)
-        self._router.add_route(hdrs.METH_ANY, "/{path:.*}", catch_all)
+        self._router.add_route(hdrs.METH_ANY, "/{path:" + ANY_PATH + "}", catch_all)
+        self._finished = True
 
 
 def unmatched(resources: Sequence[web.AbstractResource]) -> Handler:

@@ -15,7 +15,7 @@ from bridge.httpx import ApiError, Handler, json_response, parse_json, read_body
 from bridge.mapping.links import ids_to_resolve, link_context
 from bridge.mapping.translate import translate_events
 from bridge.records import dead_letter_json, discard_json
-from bridge.routing import Routes, unmatched
+from bridge.routing import ANY_PATH, Routes, unmatched
 from bridge.store.base import RecordFilter
 from bridge.suggest import did_you_mean
 
@@ -52,7 +52,7 @@ def add_admin_routes(routes: Routes, runtime: Runtime, token: str) -> None:
     r.add_post("/admin/reload", guarded(api.reload))
     # Every other method or path under /admin lands here, after the token check: the
     # answer (404, or 405 and which methods exist) tells only the operator what is there.
-    r.add("*", "/admin/{rest:.*}", guarded(unmatched(r.resources())))
+    r.add("*", "/admin/{rest:" + ANY_PATH + "}", guarded(unmatched(r.resources())))
 
 
 def filter_from_query(request: web.Request) -> RecordFilter:

@@ -252,11 +252,17 @@ async def test_unmatched_requests_get_json_404_and_405_with_allow(aiohttp_client
     assert await resp.json() == {"code": "method_not_allowed", "message": "method not allowed on this endpoint"}
     resp = await client.get("/items/1/done")
     assert (resp.status, resp.headers["Allow"]) == (405, "POST")
-    for method, path in (("GET", "/"), ("POST", "/items"), ("PUT", "/nowhere/at/all")):
+    # aiohttp matches the decoded path: a newline sent as %0A must not slip past the catch-all
+    resp = await client.delete("/items/a%0Ab")
+    assert (resp.status, resp.headers["Allow"]) == (405, "GET,HEAD")
+    assert (await resp.json())["code"] == "method_not_allowed"
+    for method, path in (("GET", "/"), ("POST", "/items"), ("PUT", "/nowhere/at/all"), ("GET", "/no%0Awhere")):
         resp = await client.request(method, path)
         assert resp.status == 404
         assert await resp.json() == {"code": "not_found", "message": "no such endpoint"}
     assert (await client.head("/items/1")).status == 200
+    with pytest.raises(RuntimeError, match=r"after Routes\.finish"):
+        routes.add_get("/late", item)
 
 
 async def test_routes_count_statuses_after_json_errors(aiohttp_client: AiohttpClient) -> None:
