@@ -175,9 +175,10 @@ class ExprCompiler:
             g.line(f"{out} = L.get({key}, U)")
             with g.block(f"if {out} is U:"):
                 if let_tree is not None and g.inline_once(name):
-                    # The let's own statements, here: a call per let per event was about
-                    # a tenth of a rule's cost. Once per generated function; later uses
-                    # (which run only if this branch did not) call the fused let.
+                    # The let's own statements, here: a call per let per event was a few
+                    # percent of a rule's cost. Only the first read in the generated source
+                    # is inlined (one copy of the let's code); reads elsewhere, say in the
+                    # other branch of an `if`, call the fused let.
                     g.line(f"{out} = L[{key}] = {g.value(let_tree)}")
                 else:
                     g.line(f"{out} = L[{key}] = {g.bind(let_fn)}(env)")

@@ -59,7 +59,8 @@ def emits_step(step: F, emitter: Callable[[Gen, str], str]) -> F:
 class Gen:
     """The function being generated: its lines, its locals and its bound constants."""
 
-    def __init__(self) -> None:
+    def __init__(self, inline_lets: bool = True) -> None:
+        self.inline_lets = inline_lets
         self.lines: list[str] = []
         self.depth = 1
         self.names: dict[int, str] = {}
@@ -70,7 +71,7 @@ class Gen:
     def inline_once(self, name: str) -> bool:
         """True the first time ``name`` (a let) asks to be inlined into this function, if
         there is depth left for its statements; then False: one copy of each let's code."""
-        if name in self._inlined or self.depth > MAX_DEPTH - LET_DEPTH:
+        if not self.inline_lets or name in self._inlined or self.depth > MAX_DEPTH - LET_DEPTH:
             return False
         self._inlined.add(name)
         return True
@@ -144,7 +145,16 @@ def fuse(fn: Fn) -> Fn:
     """One generated function equivalent to the closure tree ``fn``, or ``fn`` itself."""
     if not ENABLED or getattr(fn, EMITTER, None) is None:
         return fn
-    gen = Gen()
+    # Inlined lets nest their statements deeper: past Python's limit on nesting, the
+    # function is generated again with every let called instead.
+    for inline_lets in (True, False):
+        fused = _generate(fn, Gen(inline_lets))
+        if fused is not None:
+            return fused
+    return fn
+
+
+def _generate(fn: Fn, gen: Gen) -> Fn | None:
     try:
         result = gen.value(fn)
         source = "\n".join(
@@ -160,7 +170,7 @@ def fuse(fn: Fn) -> Fn:
         # Only repr()s of str and int and bound names reach the source (Gen.literal).
         exec(compile(source, f"<mapping fused {next(_ids)}>", "exec"), namespace)
     except Exception:  # fusing is only ever an optimisation: any failure keeps the closures
-        return fn
+        return None
     fused: Fn = namespace["fused"]
     fused.__doc__ = source  # what runs, for anyone debugging a mapping
     return fused

@@ -288,3 +288,32 @@ def test_lets_are_inlined_once_per_function_and_still_agree(tmp_path: Path, monk
     assert type(fused.apply({"userId": "x"}, MapContext())).__name__ == "Failed"
     [out] = fused.apply({"userId": "12"}, MapContext())  # type: ignore[misc]
     assert out.body == {"type": "track", "userId": "12", "event": "12", "properties": {"again": 12}}
+
+
+def test_a_let_too_deep_to_inline_is_called_and_the_body_still_fuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inlined, this let's `first` of 96 paths would nest past Python's limit on nesting
+    where the body reads it: the body is generated again with the let called."""
+    paths = ", ".join(f"$.a{i}" for i in range(96))
+    text = f"""
+    source_format: segment
+    destination_kind: segment
+    let:
+      x: {{first: [{paths}]}}
+    rules:
+      - name: t
+        kind: track
+        body:
+          userId: u
+          event:
+            if: {{exists: $.go}}
+            then: {{if: {{exists: $.go}}, then: {{object: {{a: {{object: {{b: $let.x}}}}}}}}}}
+    """
+    fused, plain = _both(monkeypatch, write(tmp_path / "deep-let.yaml", text))
+    assert isinstance(fused, YamlMapping)
+    body = fused._rule_guards[0][0].body
+    assert fuse.is_fused(body)
+    assert re.search(r"L\['x'\] = b\d+\(env\)$", str(body.__doc__), re.MULTILINE), "the let is called"
+    for event in ({"go": 1, "a95": "last"}, {"go": 1, "a0": "first"}, {"go": 1}, {"a3": "no go"}):
+        assert repr(fused.apply(event, MapContext())) == repr(plain.apply(event, MapContext()))
