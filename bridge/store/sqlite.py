@@ -242,12 +242,9 @@ class SqliteStore(Store):
             # until finish_merge commits, and a power cut loses a suffix of commits, never a
             # step before the finish that follows it.
             dedupe.step_size()  # the pace counts from here
-            first, last = await self._run(dedupe.plan, durable=False)
-            lo = first
-            while lo <= last:
-                hi = min(lo + dedupe.step_size() - 1, last)
-                await self._run(partial(dedupe.fill, lo=lo, hi=hi), durable=False)
-                lo = hi + 1
+            _, last = await self._run(dedupe.plan, durable=False)
+            while (span := dedupe.next_span(dedupe.step_size())) is not None:
+                await self._run(partial(dedupe.fill, lo=span[0], hi=span[1]), durable=False)
             if await self._run(dedupe.check, durable=False):
                 start = None
                 while True:

@@ -2,11 +2,14 @@
 
 Message ids are random (UUIDs), so inserting each one into the ``dedupe_keys`` B-tree as it
 arrives dirties one B-tree page per event, and every commit rewrites those pages: that
-alone cut enqueue throughput by more than half. Instead new keys are appended to
-``dedupe_recent`` (no index: sequential, cheap) and kept in memory; once enough have
-gathered they are merged into ``dedupe_keys`` in key order, so each B-tree page is rewritten
-once per merge rather than once per commit. The merge runs in key-range slices between
-other operations, so ingest never waits for one long rewrite.
+alone cut enqueue throughput by more than half. Instead the new keys of each commit group
+are appended to ``dedupe_recent`` as one row (no index: sequential, cheap) and kept in
+memory; once enough have gathered they are merged into ``dedupe_keys`` in key order, so
+each B-tree page is rewritten once per merge rather than once per commit. The merge runs
+in key-range slices between other operations, so ingest never waits for one long rewrite.
+
+A row holds many keys, end to end (schema version 4): a row per key cost about 1.3 us a
+key in SQLite alone, most of a batch event's dedupe (docs/benchmarks.md, session 12).
 
 Every key of a merge is stored with the merge's time as its ``seen_at``, not its arrival
 time, so the time index grows in order too: arrival times scattered a merge's entries
@@ -20,8 +23,8 @@ a lookup of a fresh id reads a leaf nobody read lately: the size of a row decide
 many leaves there are to touch and to miss. Files from before keep their string-keyed
 ``dedupe`` table, read as well until pruning empties it.
 
-The in-memory set covers exactly the rows of ``dedupe_recent``, so only one process may
-ingest into a file at a time (the CLI only reads, replays and prunes). A store that
+The in-memory set covers exactly the keys of ``dedupe_recent``'s rows, so only one process
+may ingest into a file at a time (the CLI only reads, replays and prunes). A store that
 opens the file loads whatever an earlier process left in ``dedupe_recent``.
 """
 
@@ -33,10 +36,19 @@ import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 
-from bridge.store.sqlite_rows import ROWS_PER_STATEMENT, multi_row_sql
+from bridge.store.base import StoreError
 from bridge.store.sqlite_writer import GroupCommitWriter
 
-DEDUPE_INSERT = ("INSERT INTO dedupe_recent (k) VALUES ", "(?)")
+KEY_BYTES = 16
+# Keys per dedupe_recent row: a commit group's keys in one row, up to 16 KB of them.
+KEYS_PER_ROW = 1024
+# The keys of dedupe_recent's rows, one per result row, split in SQL: a merge copies them
+# without calling back into Python for each (splitting 100k keys there took 30 ms of GIL).
+# temp.key_slots holds 0..KEYS_PER_ROW-1 (``_slots``).
+ROW_KEYS = (
+    "SELECT substr(r.k, 1 + 16 * s.n, 16) AS k FROM dedupe_recent AS r"
+    " JOIN temp.key_slots AS s ON s.n < length(r.k) / 16"
+)
 
 # Keys held in memory before a merge starts: about 80 bytes each. Bigger merges touch
 # fewer B-tree leaves per key: with random ids, 100k against 25k kept enqueue at 13 us per
@@ -114,6 +126,8 @@ class DedupeKeys:
         self._whole_merges = 0
         self._planned_at = 0
         self._merge_time = 0.0  # the seen_at of the keys of the merge under way
+        self._rows: list[tuple[int, int]] = []  # (id, keys) of the planned rows
+        self._row_at = 0  # the next of them to fill
         # The string-keyed table of a file from before schema version 2 still has keys.
         self.legacy = False
 
@@ -148,9 +162,8 @@ class DedupeKeys:
     def add(self, conn: sqlite3.Connection, keys: list[bytes]) -> None:
         """Record new ``keys``: the caller has checked with ``stored`` that none was stored,
         and that none repeats."""
-        for start in range(0, len(keys), ROWS_PER_STATEMENT):
-            chunk = keys[start : start + ROWS_PER_STATEMENT]
-            conn.execute(multi_row_sql(*DEDUPE_INSERT, len(chunk)), chunk)
+        for start in range(0, len(keys), KEYS_PER_ROW):
+            conn.execute("INSERT INTO dedupe_recent (k) VALUES (?)", (b"".join(keys[start : start + KEYS_PER_ROW]),))
         self._recent.update(keys)
         self.added += len(keys)
         self._writer.on_rollback(lambda: self._recent.difference_update(keys))
@@ -165,7 +178,7 @@ class DedupeKeys:
     def load(self, conn: sqlite3.Connection) -> None:
         """Read the keys an earlier process left unmerged; reading only, so a CLI opening
         the file while the server runs does not disturb the server's keys."""
-        self._recent = {row[0] for row in conn.execute("SELECT k FROM dedupe_recent")}
+        self._recent = {key for (row,) in conn.execute("SELECT k FROM dedupe_recent") for key in split_row(row)}
         self.legacy = _legacy_has_keys(conn)
 
     def prune(self, conn: sqlite3.Connection, before: float) -> int:
@@ -183,8 +196,9 @@ class DedupeKeys:
 
     # A merge, step by step, each step its own short writer operation:
     #   plan        -> (first, last): the ids to snapshot; memory's keys are the snapshot's;
-    #               the merge's time, every key's seen_at
-    #   fill        copies ids lo..hi into temp.merging, a B-tree in key order
+    #               the merge's time, every key's seen_at; and how many keys each row holds
+    #   next_span   -> (lo, hi): the next rows to fill, about as many keys as asked for
+    #   fill        copies the keys of ids lo..hi into temp.merging, a B-tree in key order
     #   check       -> how many keys the snapshot holds (0: nothing to do)
     #   merge_next  inserts the next keys in key order into dedupe_keys; -> the next start
     #   finish_merge deletes the snapshot's rows and takes its keys out of memory
@@ -196,17 +210,35 @@ class DedupeKeys:
         first, last = conn.execute("SELECT COALESCE(MIN(id), 1), COALESCE(MAX(id), 0) FROM dedupe_recent").fetchone()
         conn.execute("DROP TABLE IF EXISTS temp.merging")
         conn.execute("CREATE TEMP TABLE merging (k BLOB PRIMARY KEY) WITHOUT ROWID")
+        _slots(conn)
         self._merge_time = time.time()
         # Memory holds exactly the rows of dedupe_recent, all of them up to ``last`` now:
         # these keys leave memory when finish_merge deletes their rows.
         self._merging = frozenset(self._recent)
         self._planned_at = self._whole_merges
+        # (id, keys) per row: length() of a blob reads no overflow page.
+        self._rows = conn.execute(
+            "SELECT id, length(k) / 16 FROM dedupe_recent WHERE id <= ? ORDER BY id", (last,)
+        ).fetchall()
+        self._row_at = 0
         return int(first), int(last)
 
+    def next_span(self, keys: int) -> tuple[int, int] | None:
+        """The ids of the next planned rows to fill, holding at least ``keys`` keys (or the
+        rest); None once every planned row has been filled. Rows hold 1-1024 keys each, so
+        a fill step counts keys, not rows, to stay a short writer operation."""
+        rows, start = self._rows, self._row_at
+        if start >= len(rows):
+            return None
+        end, taken = start, 0
+        while end < len(rows) and taken < keys:
+            taken += rows[end][1]
+            end += 1
+        self._row_at = end
+        return int(rows[start][0]), int(rows[end - 1][0])
+
     def fill(self, conn: sqlite3.Connection, lo: int, hi: int) -> None:
-        conn.execute(
-            "INSERT OR IGNORE INTO temp.merging (k) SELECT k FROM dedupe_recent WHERE id >= ? AND id <= ?", (lo, hi)
-        )
+        conn.execute(f"INSERT OR IGNORE INTO temp.merging (k) {ROW_KEYS} WHERE r.id >= ? AND r.id <= ?", (lo, hi))
 
     def check(self, conn: sqlite3.Connection) -> int:
         if self._whole_merges != self._planned_at:
@@ -256,14 +288,31 @@ class DedupeKeys:
         """Move all of ``dedupe_recent`` into the ``dedupe_keys`` B-tree at once."""
         self._whole_merges += 1
         self._writer.on_rollback(self._undo_whole_merge)
+        _slots(conn)
         conn.execute(
-            "INSERT OR IGNORE INTO dedupe_keys (k, seen_at) SELECT k, ? FROM dedupe_recent ORDER BY k", (time.time(),)
+            f"INSERT OR IGNORE INTO dedupe_keys (k, seen_at) SELECT k, ? FROM ({ROW_KEYS}) ORDER BY k", (time.time(),)
         )
         # Memory holds the keys of exactly these rows (this writer is the only one adding
         # any), so they leave memory without hashing every row a second time.
         merged = frozenset(self._recent)
         conn.execute("DELETE FROM dedupe_recent")
         self._writer.on_commit(lambda: self._recent.difference_update(merged))
+
+
+def split_row(row: bytes) -> list[bytes]:
+    """The keys of one ``dedupe_recent`` row: 16-byte digests, end to end."""
+    if len(row) % KEY_BYTES:
+        raise StoreError(f"a dedupe_recent row of {len(row)} bytes is not a whole number of {KEY_BYTES}-byte keys")
+    return [row[i : i + KEY_BYTES] for i in range(0, len(row), KEY_BYTES)]
+
+
+def _slots(conn: sqlite3.Connection) -> None:
+    """``temp.key_slots``: the offsets 0..KEYS_PER_ROW-1 that ROW_KEYS splits rows by
+    (temporary, so per connection: a CLI's and the server's each have their own)."""
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS key_slots (n INTEGER PRIMARY KEY)")
+    if conn.execute("SELECT COUNT(*) FROM temp.key_slots").fetchone()[0] != KEYS_PER_ROW:
+        conn.execute("DELETE FROM temp.key_slots")
+        conn.executemany("INSERT INTO temp.key_slots (n) VALUES (?)", ((n,) for n in range(KEYS_PER_ROW)))
 
 
 def _legacy_exists(conn: sqlite3.Connection) -> bool:

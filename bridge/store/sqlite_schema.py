@@ -8,7 +8,9 @@ from bridge.store.base import StoreError
 from bridge.store.sqlite_dedupe import SQL_KEY_FUNCTION
 
 # 2: dedupe keys are digests (dedupe_keys). 3: dedupe_recent holds digests too.
-SCHEMA_VERSION = 3
+# 4: a dedupe_recent row holds many digests end to end (a version-3 row, one digest, reads
+# the same, so the upgrade rewrites nothing; an older bridge would misread the new rows).
+SCHEMA_VERSION = 4
 
 # Job states. Dead-lettered and discarded jobs leave the jobs table for their own tables.
 QUEUED = 0
@@ -168,9 +170,9 @@ def create_schema(conn: sqlite3.Connection, *, upgrade: bool = True) -> None:
             f"({SCHEMA_VERSION}); upgrade the bridge"
         )
     elif int(row[0]) < SCHEMA_VERSION:
-        # Version 2 stores new dedupe keys in dedupe_keys, and version 3 its waiting keys
-        # as digests; a bridge of an older version would not find them and would take
-        # those events again, so it must refuse the file.
+        # Version 2 stores new dedupe keys in dedupe_keys, version 3 its waiting keys as
+        # digests, and version 4 many of them per row; a bridge of an older version would
+        # not find them and would take those events again, so it must refuse the file.
         conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
 
 

@@ -19,6 +19,7 @@ from bridge.store import sqlite_ops as ops
 from bridge.store.base import DeadLetter, RecordFilter, StoreError, StoreFull
 from bridge.store.sqlite import SqliteStore
 from bridge.store.sqlite_dedupe import dedupe_key, dedupe_keys_of
+from bridge.store.sqlite_schema import SCHEMA_VERSION
 from bridge.store.sqlite_writer import GroupCommitWriter
 from tests.store.helpers import event
 
@@ -39,7 +40,7 @@ async def test_the_file_is_in_wal_mode_with_its_tables(tmp_path: Path) -> None:
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"jobs", "dedupe_keys", "dedupe_recent", "identity_links", "dead_letters", "discards"} <= tables
     assert "dedupe" not in tables  # the string-keyed table of schema version 1
-    assert conn.execute("SELECT version FROM schema_version").fetchone()[0] == 3
+    assert conn.execute("SELECT version FROM schema_version").fetchone()[0] == SCHEMA_VERSION
     conn.close()
 
 
@@ -303,7 +304,7 @@ async def test_a_file_of_schema_version_1_keeps_its_string_keys_until_they_age_o
     await store.close()
 
     conn = sqlite3.connect(path)
-    assert conn.execute("SELECT version FROM schema_version").fetchone()[0] == 3
+    assert conn.execute("SELECT version FROM schema_version").fetchone()[0] == SCHEMA_VERSION
     assert conn.execute("SELECT COUNT(*) FROM dedupe").fetchone()[0] == 0
     recent = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'dedupe_recent'").fetchone()[0]
     assert "AUTOINCREMENT" in recent  # rebuilt so that its ids are never reused
@@ -374,7 +375,7 @@ async def test_a_file_of_schema_version_2_has_its_waiting_keys_turned_into_diges
     conn = sqlite3.connect(path)
     rows = conn.execute("SELECT id, k FROM dedupe_recent ORDER BY id").fetchall()
     assert rows == [(i, dedupe_key(source, m)) for i, source, m, _ in waiting]
-    assert conn.execute("SELECT version FROM schema_version").fetchone()[0] == 3
+    assert conn.execute("SELECT version FROM schema_version").fetchone()[0] == SCHEMA_VERSION
     conn.close()
     result = await store.enqueue("web", [event("w-1"), event("w-2"), event("w-3")])
     assert (result.stored, result.duplicate_indexes) == (1, (0, 1))
@@ -536,7 +537,7 @@ async def test_a_merge_keeps_pace_with_sustained_ingest(tmp_path: Path) -> None:
 
     conn = sqlite3.connect(tmp_path / "b.db")
     merged = conn.execute("SELECT COUNT(*) FROM dedupe_keys").fetchone()[0]
-    waiting = conn.execute("SELECT COUNT(*) FROM dedupe_recent").fetchone()[0]
+    waiting = conn.execute("SELECT COALESCE(SUM(LENGTH(k)), 0) / 16 FROM dedupe_recent").fetchone()[0]
     conn.close()
     assert merged + waiting == 2 * 40 * 100 and merged >= 2000
     reopened = await opened(tmp_path / "b.db")
@@ -555,6 +556,88 @@ async def test_a_merge_by_another_process_is_noticed(tmp_path: Path) -> None:
     assert server._open_dedupe()._recent == set()
     assert (await server.enqueue("web", [event("m7"), event("m50")])).duplicate_indexes == (0,)
     await server.close()
+
+
+async def test_a_commit_groups_new_keys_into_rows_of_up_to_1024(tmp_path: Path) -> None:
+    """One dedupe_recent row per 1024 new keys of a commit group, not one per key; every
+    key in them is still known after reopening, and after a merge empties the rows."""
+    path = tmp_path / "b.db"
+    store = await opened(path, dedupe_merge_at=10**9)
+    ids = [f"m{i}" for i in range(2500)]
+    assert (await store.enqueue("web", [event(m) for m in ids])).stored == 2500
+    await store.close()
+    conn = sqlite3.connect(path)
+    sizes = [n for (n,) in conn.execute("SELECT LENGTH(k) / 16 FROM dedupe_recent ORDER BY id")]
+    keys = b"".join(row for (row,) in conn.execute("SELECT k FROM dedupe_recent ORDER BY id"))
+    conn.close()
+    assert sizes == [1024, 1024, 452]
+    assert keys == b"".join(dedupe_keys_of("web", ids))  # end to end, in arrival order
+
+    reopened = await opened(path, dedupe_merge_at=10**9)
+    assert (await reopened.enqueue("web", [event(ids[0]), event(ids[-1]), event("new")])).duplicate_indexes == (0, 1)
+    await reopened.prune(0, 0)
+    assert (await reopened.enqueue("web", [event(ids[1500]), event("newer")])).duplicate_indexes == (0,)
+    await reopened.close()
+
+
+async def test_a_sliced_merge_fills_by_keys_not_rows(tmp_path: Path) -> None:
+    """Rows hold a commit group's keys each, so a fill step takes rows until it holds the
+    keys asked for: a step stays short however big the rows, and every key is merged."""
+    store = await opened(tmp_path / "b.db", dedupe_merge_at=10**9)
+    dedupe = store._open_dedupe()
+    for b in range(5):
+        await store.enqueue("web", [event(f"b{b}-{k}") for k in range(100)])
+    first, last = await store._run(dedupe.plan)
+    spans = []
+    while (span := dedupe.next_span(150)) is not None:
+        spans.append(span)
+        await store._run(partial(dedupe.fill, lo=span[0], hi=span[1]))
+    assert spans == [(first, first + 1), (first + 2, first + 3), (first + 4, last)] and last == first + 4
+    assert await store._run(dedupe.check) == 500
+    start = await store._run(partial(dedupe.merge_next, start=None, limit=10**6))
+    assert start is None
+    await store._run(partial(dedupe.finish_merge, last=last))
+    await store.close()
+    conn = sqlite3.connect(tmp_path / "b.db")
+    assert conn.execute("SELECT COUNT(*) FROM dedupe_recent").fetchone()[0] == 0
+    merged = {k for (k,) in conn.execute("SELECT k FROM dedupe_keys")}
+    conn.close()
+    assert merged == set(dedupe_keys_of("web", [f"b{b}-{k}" for b in range(5) for k in range(100)]))
+
+
+async def test_a_cli_prune_merges_rows_the_server_added_after_the_cli_opened(tmp_path: Path) -> None:
+    """The CLI's memory holds only the keys waiting when it opened; its merge must take
+    every row it deletes from the rows themselves, or a server crash forgets the rest."""
+    path = tmp_path / "b.db"
+    server = await opened(path)
+    await server.enqueue("web", [event(f"early-{i}") for i in range(50)])
+    cli = await opened(path)
+    await server.enqueue("web", [event(f"late-{i}") for i in range(30)])
+    await cli.prune(0, 0)
+    await cli.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT COUNT(*) FROM dedupe_recent").fetchone()[0] == 0
+    assert conn.execute("SELECT COUNT(*) FROM dedupe_keys").fetchone()[0] == 80
+    conn.close()
+    # The server stops without merging (as if it crashed): a new one still knows them all.
+    await server.close()
+    reopened = await opened(path)
+    keys = [f"early-{i}" for i in range(50)] + [f"late-{i}" for i in range(30)]
+    assert (await reopened.enqueue("web", [event(k) for k in keys])).stored == 0
+    await reopened.close()
+
+
+async def test_a_damaged_dedupe_row_is_refused_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "b.db"
+    store = await opened(path)
+    await store.enqueue("web", [event("m1")])
+    await store.close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE dedupe_recent SET k = CAST(k || x'00' AS BLOB)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="dedupe_recent row of 17 bytes is not a whole number of 16-byte keys"):
+        await opened(path)
 
 
 async def test_a_commit_interval_gathers_even_more_calls(tmp_path: Path) -> None:
