@@ -31,6 +31,13 @@ async def opened(path: Path, **opts: object) -> SqliteStore:
     return store
 
 
+async def assert_known_after_reopening(path: Path, message_ids: list[str]) -> None:
+    """A store opened anew on ``path`` takes every one of ``message_ids`` for a duplicate."""
+    reopened = await opened(path)
+    assert (await reopened.enqueue("web", [event(m) for m in message_ids])).stored == 0
+    await reopened.close()
+
+
 async def test_the_file_is_in_wal_mode_with_its_tables(tmp_path: Path) -> None:
     store = await opened(tmp_path / "sub" / "dir" / "b.db")  # missing directories are created
     await store.enqueue("web", [event("m1")])
@@ -353,10 +360,7 @@ async def test_new_keys_survive_a_merge_by_another_process_during_a_sliced_merge
     await server._run(partial(dedupe.finish_merge, last=last))
     await server.close()
 
-    reopened = await opened(path)
-    keys = [f"old-{i}" for i in range(10)] + [f"new-{i}" for i in range(5)]
-    assert (await reopened.enqueue("web", [event(k) for k in keys])).stored == 0
-    await reopened.close()
+    await assert_known_after_reopening(path, [f"old-{i}" for i in range(10)] + [f"new-{i}" for i in range(5)])
 
 
 async def test_a_file_of_schema_version_2_has_its_waiting_keys_turned_into_digests(tmp_path: Path) -> None:
@@ -508,10 +512,9 @@ async def test_keys_stay_on_disk_when_a_whole_merge_overtakes_a_sliced_one(tmp_p
     await store._run(partial(dedupe.finish_merge, last=last))
     await store.close()
 
-    reopened = await opened(tmp_path / "b.db")
-    keys = [f"old-{i}" for i in range(50)] + [f"new-{i}" for i in range(30)]
-    assert (await reopened.enqueue("web", [event(k) for k in keys])).stored == 0
-    await reopened.close()
+    await assert_known_after_reopening(
+        tmp_path / "b.db", [f"old-{i}" for i in range(50)] + [f"new-{i}" for i in range(30)]
+    )
 
 
 async def test_a_merge_keeps_pace_with_sustained_ingest(tmp_path: Path) -> None:
@@ -621,10 +624,7 @@ async def test_a_cli_prune_merges_rows_the_server_added_after_the_cli_opened(tmp
     conn.close()
     # The server stops without merging (as if it crashed): a new one still knows them all.
     await server.close()
-    reopened = await opened(path)
-    keys = [f"early-{i}" for i in range(50)] + [f"late-{i}" for i in range(30)]
-    assert (await reopened.enqueue("web", [event(k) for k in keys])).stored == 0
-    await reopened.close()
+    await assert_known_after_reopening(path, [f"early-{i}" for i in range(50)] + [f"late-{i}" for i in range(30)])
 
 
 async def test_a_damaged_dedupe_row_is_refused_at_open(tmp_path: Path) -> None:
