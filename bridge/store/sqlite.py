@@ -10,12 +10,14 @@ the same time; SQLite's busy timeout makes the two take turns. Only one process 
 Options: ``max_bytes`` / ``min_free_disk_bytes`` make enqueue raise StoreFull (checked
 at most every ``size_check_interval`` seconds); ``commit_interval`` > 0 waits that long
 after the first pending operation to gather more (default 0: commit as soon as the queue
-is drained); ``dedupe_merge_at`` is how many new dedupe keys wait before a merge.
+is drained); ``dedupe_merge_at`` is how many new dedupe keys wait before a merge;
+``dedupe_filter_bits_log2`` sizes the dedupe lookup's Bloom filter (2^27 bits, 16 MiB).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import threading
@@ -42,6 +44,7 @@ from bridge.store.base import (
     StoreError,
     StoreFull,
 )
+from bridge.store.key_filter import DEFAULT_BITS_LOG2
 from bridge.store.sqlite_dedupe import MERGE_AT, DedupeKeys, register_functions
 from bridge.store.sqlite_schema import configure, create_schema
 from bridge.store.sqlite_writer import BatchOperation, GroupCommitWriter
@@ -59,6 +62,7 @@ class SqliteStore(Store):
         commit_interval: float = 0.0,
         size_check_interval: float = 1.0,
         dedupe_merge_at: int = MERGE_AT,
+        dedupe_filter_bits_log2: int = DEFAULT_BITS_LOG2,
         upgrade: bool = True,
     ) -> None:
         """``upgrade=False`` (the CLI) refuses a file of an older schema version instead of
@@ -75,6 +79,7 @@ class SqliteStore(Store):
         self._commit_interval = commit_interval
         self._size_check_interval = size_check_interval
         self._dedupe_merge_at = dedupe_merge_at
+        self._dedupe_filter_bits_log2 = dedupe_filter_bits_log2
         self._upgrade = upgrade
         self._writer: GroupCommitWriter | None = None
         # Reads that scan many rows (queue stats for /metrics) use their own connection:
@@ -83,6 +88,9 @@ class SqliteStore(Store):
         self._reader_lock = threading.Lock()
         self._dedupe: DedupeKeys | None = None
         self._merge_task: asyncio.Task[None] | None = None
+        # Built once the store ingests, not at open: the CLI opens the file without
+        # ingesting, and has no use for 16 MiB of filter nor for walking every key.
+        self._filter_task: asyncio.Task[None] | None = None
         self._enqueue_many: BatchOperation | None = None
         # Free pages inside the file are reused before it grows, so they do not count as used.
         self._free_bytes = 0
@@ -123,7 +131,7 @@ class SqliteStore(Store):
         writer = GroupCommitWriter(
             self._connect, commit_interval=self._commit_interval, after_commit=self._after_commit
         )
-        dedupe = DedupeKeys(writer, self._dedupe_merge_at)
+        dedupe = DedupeKeys(writer, self._dedupe_merge_at, filter_bits_log2=self._dedupe_filter_bits_log2)
 
         def prepare(conn: sqlite3.Connection) -> None:
             create_schema(conn, upgrade=self._upgrade)
@@ -139,6 +147,10 @@ class SqliteStore(Store):
         self._enqueue_many = partial(ops.enqueue_many, dedupe=dedupe)
 
     async def close(self) -> None:
+        if self._filter_task is not None:  # only the next process's lookups would use it
+            self._filter_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._filter_task
         if self._merge_task is not None:
             await self._merge_task  # a few small slices; what is left is merged at next open
         writer, self._writer, self._dedupe = self._writer, None, None
@@ -233,7 +245,20 @@ class SqliteStore(Store):
         )
         if dedupe.wants_merge and self._merge_task is None:
             self._merge_task = asyncio.create_task(self._merge_dedupe(dedupe), name="bridge-dedupe-merge")
+        if dedupe.wants_filter and self._filter_task is None:
+            self._filter_task = asyncio.create_task(self._build_filter(dedupe), name="bridge-dedupe-filter")
         return result
+
+    async def _build_filter(self, dedupe: DedupeKeys) -> None:
+        try:
+            await self._run(dedupe.begin_filter, writes=False)
+            while not await self._run(dedupe.fill_filter, writes=False):
+                pass
+        except (StoreError, asyncio.CancelledError):
+            dedupe.abandon_filter()  # lookups keep using the filter in use, or SQLite
+            raise
+        finally:
+            self._filter_task = None
 
     async def _merge_dedupe(self, dedupe: DedupeKeys) -> None:
         dedupe.merging = True

@@ -26,6 +26,12 @@ many leaves there are to touch and to miss. Files from before keep their string-
 The in-memory set covers exactly the keys of ``dedupe_recent``'s rows, so only one process
 may ingest into a file at a time (the CLI only reads, replays and prunes). A store that
 opens the file loads whatever an earlier process left in ``dedupe_recent``.
+
+A lookup asks SQLite only about the keys a Bloom filter (``key_filter``) cannot rule out.
+The filter holds every key of ``dedupe_keys``: it is built once the store ingests, by
+walking the B-tree in writer steps (lookups go to SQLite until it is complete), and every
+new key goes into it as it arrives. Pruning cannot take keys out of it, so once half of
+its keys have been pruned it is built again, the old one serving meanwhile.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import time
 from collections.abc import Iterable, Sequence
 
 from bridge.store.base import StoreError
+from bridge.store.key_filter import DEFAULT_BITS_LOG2, KeyFilter
 from bridge.store.sqlite_writer import GroupCommitWriter
 
 KEY_BYTES = 16
@@ -68,6 +75,8 @@ MERGE_PACE = 4
 FALLBACK_FACTOR = 2
 # Far below SQLite's limit on bound parameters (32766 since 3.32).
 CHUNK = 30000
+# Keys a filter build reads (or copies from memory) per writer operation: a few ms.
+FILTER_STEP = 20000
 
 
 SQL_KEY_FUNCTION = "bridge_dedupe_key"
@@ -109,7 +118,13 @@ def register_functions(conn: sqlite3.Connection) -> None:
 
 
 class DedupeKeys:
-    def __init__(self, writer: GroupCommitWriter, merge_at: int = MERGE_AT, min_step: int = MERGE_STEP) -> None:
+    def __init__(
+        self,
+        writer: GroupCommitWriter,
+        merge_at: int = MERGE_AT,
+        min_step: int = MERGE_STEP,
+        filter_bits_log2: int = DEFAULT_BITS_LOG2,
+    ) -> None:
         self._writer = writer
         self._merge_at = merge_at
         self.min_step = min_step
@@ -130,10 +145,26 @@ class DedupeKeys:
         self._row_at = 0  # the next of them to fill
         # The string-keyed table of a file from before schema version 2 still has keys.
         self.legacy = False
+        self._filter_bits = filter_bits_log2
+        # Holds every key of dedupe_keys (and more): lookups trust it once it is set.
+        self.filter: KeyFilter | None = None
+        # The filter being built: new keys go into it too; _unfiltered are the keys that
+        # were in memory when it began, still to copy in; then dedupe_keys from _walked_to.
+        self._next_filter: KeyFilter | None = None
+        self._unfiltered: list[bytes] = []
+        self._walked_to = b""
+        self.pruned_since_filter = 0  # keys pruned since the filter in use began
 
     @property
     def wants_merge(self) -> bool:
         return not self.merging and len(self._recent) >= self._merge_at
+
+    @property
+    def wants_filter(self) -> bool:
+        """No filter yet, or half the keys in the one in use have been pruned since."""
+        if self._next_filter is not None:
+            return False
+        return self.filter is None or 0 < self.filter.count <= 2 * self.pruned_since_filter
 
     def stored(self, conn: sqlite3.Connection, keys: Sequence[bytes]) -> set[bytes]:
         """Which of ``keys`` (``dedupe_keys_of``) were stored before: in memory or on disk.
@@ -141,6 +172,8 @@ class DedupeKeys:
         recent = self._recent
         unknown = [k for k in keys if k not in recent]
         found = set(keys).difference(unknown) if len(unknown) < len(keys) else set()
+        if self.filter is not None:
+            unknown = self.filter.might_hold(unknown)
         for start in range(0, len(unknown), CHUNK):
             chunk = unknown[start : start + CHUNK]
             rows = conn.execute(f"SELECT k FROM dedupe_keys WHERE k IN ({','.join('?' * len(chunk))})", chunk)
@@ -166,6 +199,12 @@ class DedupeKeys:
             conn.execute("INSERT INTO dedupe_recent (k) VALUES (?)", (b"".join(keys[start : start + KEYS_PER_ROW]),))
         self._recent.update(keys)
         self.added += len(keys)
+        # Into the filters now rather than at the merge that moves them to dedupe_keys:
+        # a key is in the filter before it is on disk. (A rollback leaves its bits set:
+        # harmless, the filter may err on the side of "maybe".)
+        for key_filter in (self.filter, self._next_filter):
+            if key_filter is not None:
+                key_filter.add(keys)
         self._writer.on_rollback(lambda: self._recent.difference_update(keys))
         if len(self._recent) >= FALLBACK_FACTOR * self._merge_at:
             self.merge(conn)  # the sliced merge fell behind: bound the memory now
@@ -185,6 +224,7 @@ class DedupeKeys:
         """Forget keys merged before ``before`` (see the module docstring: a key's time is
         its merge's); the caller merges dedupe_recent first."""
         removed = int(conn.execute("DELETE FROM dedupe_keys WHERE seen_at < ?", (before,)).rowcount)
+        self.pruned_since_filter += removed  # a rollback overcounts: a rebuild comes early
         if _legacy_exists(conn):
             removed += int(conn.execute("DELETE FROM dedupe WHERE seen_at < ?", (before,)).rowcount)
             # Once its last key has aged out, no lookup needs it. The (empty) table stays:
@@ -283,6 +323,45 @@ class DedupeKeys:
 
     def _legacy_gone(self) -> None:
         self.legacy = False
+
+    # Building the filter, step by step, each step its own short writer operation:
+    #   begin_filter  a new, empty filter; the keys in memory are noted to copy in
+    #   fill_filter   copies the next FILTER_STEP keys, from memory and then from
+    #                 dedupe_keys in key order; -> True once the filter is complete and in use
+    # Every key of dedupe_keys is in the new filter when it goes into use: it was there
+    # when the walk passed its place; or it was in memory when the build began; or it
+    # arrived later and ``add`` put it in. Keys merged meanwhile came from memory.
+
+    def begin_filter(self, conn: sqlite3.Connection) -> None:
+        self._next_filter = KeyFilter(self._filter_bits)
+        self._unfiltered = list(self._recent)
+        self._walked_to = b""  # below every 16-byte key
+        self.pruned_since_filter = 0
+
+    def fill_filter(self, conn: sqlite3.Connection) -> bool:
+        building = self._next_filter
+        if building is None:
+            raise StoreError("no dedupe filter is being built")
+        if self._unfiltered:
+            building.add(self._unfiltered[-FILTER_STEP:])
+            del self._unfiltered[-FILTER_STEP:]
+            return False
+        keys = [
+            row[0]
+            for row in conn.execute(
+                "SELECT k FROM dedupe_keys WHERE k > ? ORDER BY k LIMIT ?", (self._walked_to, FILTER_STEP)
+            )
+        ]
+        building.add(keys)
+        if len(keys) == FILTER_STEP:
+            self._walked_to = keys[-1]
+            return False
+        self.filter, self._next_filter = building, None
+        return True
+
+    def abandon_filter(self) -> None:
+        """A build that failed: the next enqueue starts another."""
+        self._next_filter, self._unfiltered = None, []
 
     def merge(self, conn: sqlite3.Connection) -> None:
         """Move all of ``dedupe_recent`` into the ``dedupe_keys`` B-tree at once."""
