@@ -147,7 +147,7 @@ class SqliteStore(Store):
         self._enqueue_many = partial(ops.enqueue_many, dedupe=dedupe)
 
     async def close(self) -> None:
-        if self._filter_task is not None:  # only the next process's lookups would use it
+        if self._filter_task is not None:  # a filter lives in this process only: no use finishing it
             self._filter_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._filter_task
@@ -254,8 +254,10 @@ class SqliteStore(Store):
             await self._run(dedupe.begin_filter, writes=False)
             while not await self._run(dedupe.fill_filter, writes=False):
                 pass
-        except (StoreError, asyncio.CancelledError):
-            dedupe.abandon_filter()  # lookups keep using the filter in use, or SQLite
+        except StoreError:
+            dedupe.abandon_filter()  # lookups keep using the filter in use, or SQLite; the next enqueue retries
+        except asyncio.CancelledError:  # the store is closing
+            dedupe.abandon_filter()
             raise
         finally:
             self._filter_task = None

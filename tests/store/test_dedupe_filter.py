@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from bridge.store import sqlite_dedupe
+from bridge.store.base import StoreError
 from bridge.store.key_filter import KeyFilter
 from bridge.store.sqlite import SqliteStore
 from bridge.store.sqlite_dedupe import dedupe_keys_of
@@ -153,4 +154,28 @@ async def test_keys_that_arrive_after_the_filter_is_built_stay_known_once_merged
     await store.prune(0, 0)  # out of memory, into dedupe_keys: only the filter says "ask SQLite"
     assert store._open_dedupe()._recent == set()
     assert (await store.enqueue("web", [event(m) for m in late])).stored == 0
+    await store.close()
+
+
+async def test_a_failed_build_leaves_lookups_to_sqlite_and_the_next_enqueue_builds_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await opened(tmp_path / "b.db")
+    dedupe = store._open_dedupe()
+    real_fill = dedupe.fill_filter
+
+    def failing_fill(conn: sqlite3.Connection) -> bool:
+        raise StoreError("sqlite: disk I/O error")
+
+    monkeypatch.setattr(dedupe, "fill_filter", failing_fill)
+    await store.enqueue("web", [event("m1")])
+    if store._filter_task is not None:
+        await store._filter_task  # fails quietly: nothing is lost, only speed
+    assert dedupe.filter is None and dedupe.wants_filter
+    assert (await store.enqueue("web", [event("m1"), event("m2")])).duplicate_indexes == (0,)
+
+    monkeypatch.setattr(dedupe, "fill_filter", real_fill)
+    await store.enqueue("web", [event("m3")])
+    built = await filter_built(store)
+    assert built.might_hold(dedupe_keys_of("web", ["m1", "m2", "m3"])) == dedupe_keys_of("web", ["m1", "m2", "m3"])
     await store.close()
