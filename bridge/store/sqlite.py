@@ -162,7 +162,10 @@ class SqliteStore(Store):
             reader.close()
 
     async def _read(self, op: Any) -> Any:
-        """Run a read-only ``op(conn)`` on the reader connection, in a worker thread."""
+        """Run a read-only ``op(conn)`` on the reader connection, in a worker thread, in
+        one read transaction: its statements see one snapshot. Each in its own, queue_stats
+        listed a destination and then, the writer having settled its last job meanwhile,
+        found no oldest job for it and failed."""
         if self._writer is None:
             raise StoreError(f"the SQLite store {self.path} is not open")
 
@@ -176,7 +179,13 @@ class SqliteStore(Store):
                         check_same_thread=False,
                         timeout=10.0,
                     )
-                return op(self._reader)
+                reader = self._reader
+                reader.execute("BEGIN")
+                try:
+                    return op(reader)
+                finally:
+                    if reader.in_transaction:
+                        reader.execute("COMMIT")  # read only: this just ends the snapshot
 
         try:
             return await asyncio.to_thread(run)

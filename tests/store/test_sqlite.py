@@ -16,7 +16,7 @@ import pytest
 
 from bridge.store import open_store
 from bridge.store import sqlite_ops as ops
-from bridge.store.base import DeadLetter, RecordFilter, StoreError, StoreFull
+from bridge.store.base import DeadLetter, QueueStats, RecordFilter, StoreError, StoreFull
 from bridge.store.sqlite import SqliteStore
 from bridge.store.sqlite_dedupe import dedupe_key, dedupe_keys_of
 from bridge.store.sqlite_schema import SCHEMA_VERSION
@@ -719,3 +719,26 @@ async def test_an_unopenable_path_gives_a_store_error(tmp_path: Path) -> None:
     (tmp_path / "adir.db").mkdir()
     with pytest.raises(StoreError, match="cannot open"):
         await opened(tmp_path / "adir.db")
+
+
+async def test_a_read_sees_one_snapshot_while_the_writer_commits(tmp_path: Path) -> None:
+    """queue_stats lists the destinations with queued jobs, then counts each and finds its
+    oldest job: with each statement in its own transaction, a commit in between left a
+    listed destination with no oldest job, and the read failed (seen in the delivery
+    bench). A read runs in one transaction."""
+    store = await opened(tmp_path / "b.db")
+    await store.enqueue("web", [event("m1"), event("m2")])
+
+    def read_around_a_commit(conn: sqlite3.Connection) -> tuple[int, int, dict[str, QueueStats]]:
+        before = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+        other = sqlite3.connect(store.path, isolation_level=None)
+        other.execute("DELETE FROM jobs")  # as if every job had been settled and pruned
+        other.close()
+        after = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+        return before, after, ops.queue_stats(conn)
+
+    before, after, stats = await store._read(read_around_a_commit)
+    assert before == after == 2
+    assert stats["moe"].depth == 2
+    assert await store.queue_stats() == {}  # the next read sees the commit
+    await store.close()
