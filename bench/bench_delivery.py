@@ -150,7 +150,10 @@ async def deliver_run(events: int, delivery: dict[str, Any] | None = None, timeo
             cpu, writer, started = time.process_time(), _writer_cpu(), time.perf_counter()
             await worker.start()
             try:
-                while await _depth(runtime) > 0:
+                # The in-process upstream's count first: counting the queue in SQLite every
+                # 20 ms (up to 100k index entries each time) took a fifth of the core this
+                # measures. The queue is counted once the upstream has every item.
+                while tally[1] < events or await _depth(runtime) > 0:
                     if time.perf_counter() - started > timeout:
                         raise RuntimeError(f"delivery did not finish within {timeout} s")
                     await asyncio.sleep(0.02)
