@@ -152,9 +152,16 @@ async def deliver_run(events: int, delivery: dict[str, Any] | None = None, timeo
             try:
                 # The in-process upstream's count first: counting the queue in SQLite every
                 # 20 ms (up to 100k index entries each time) took a fifth of the core this
-                # measures. The queue is counted once the upstream has every item.
-                while tally[1] < events or await _depth(runtime) > 0:
-                    if time.perf_counter() - started > timeout:
+                # measures. The queue is counted once the upstream has every item, and once
+                # a second meanwhile, in case some event never reaches it.
+                counted_at = started
+                while True:
+                    now = time.perf_counter()
+                    if tally[1] >= events or now - counted_at >= 1.0:
+                        counted_at = now
+                        if await _depth(runtime) == 0:
+                            break
+                    if now - started > timeout:
                         raise RuntimeError(f"delivery did not finish within {timeout} s")
                     await asyncio.sleep(0.02)
                 seconds = time.perf_counter() - started

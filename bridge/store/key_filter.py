@@ -38,10 +38,14 @@ _BIT = bytes(1 << (b & 7) for b in range(256))
 _WORDS_PER_KEY = KEY_BYTES // 4
 
 
+def check_bits(bits_log2: int) -> None:
+    if not 3 < bits_log2 <= 32:
+        raise ValueError(f"a key filter has 2^4 to 2^32 bits, got 2^{bits_log2}")
+
+
 class KeyFilter:
     def __init__(self, bits_log2: int = DEFAULT_BITS_LOG2) -> None:
-        if not 3 < bits_log2 <= 32:
-            raise ValueError(f"a key filter has 2^4 to 2^32 bits, got 2^{bits_log2}")
+        check_bits(bits_log2)
         self._bytes = bytearray(1 << (bits_log2 - 3))
         self._shift = 32 - (bits_log2 - 3)  # the word's top bits index the bytes
         self.count = 0  # keys added, repeats included (a rebuild starts it again)

@@ -27,6 +27,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from bridge.store import sqlite_ops as ops
 from bridge.store.base import (
     DeadLetter,
@@ -44,12 +46,13 @@ from bridge.store.base import (
     StoreError,
     StoreFull,
 )
-from bridge.store.key_filter import DEFAULT_BITS_LOG2
+from bridge.store.key_filter import DEFAULT_BITS_LOG2, check_bits
 from bridge.store.sqlite_dedupe import MERGE_AT, DedupeKeys, register_functions
 from bridge.store.sqlite_schema import configure, create_schema
 from bridge.store.sqlite_writer import BatchOperation, GroupCommitWriter
 
 MiB = 1024 * 1024
+log = structlog.get_logger("bridge.store")
 
 
 class SqliteStore(Store):
@@ -73,6 +76,7 @@ class SqliteStore(Store):
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         if commit_interval < 0:
             raise ValueError(f"commit_interval must be >= 0, got {commit_interval}")
+        check_bits(dedupe_filter_bits_log2)
         self.path = os.path.abspath(path)
         self.max_bytes = max_bytes
         self.min_free_disk_bytes = min_free_disk_bytes
@@ -151,6 +155,7 @@ class SqliteStore(Store):
             self._filter_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._filter_task
+            self._filter_task = None  # a task cancelled before it started never ran its finally
         if self._merge_task is not None:
             await self._merge_task  # a few small slices; what is left is merged at next open
         writer, self._writer, self._dedupe = self._writer, None, None
@@ -185,7 +190,8 @@ class SqliteStore(Store):
                     return op(reader)
                 finally:
                     if reader.in_transaction:
-                        reader.execute("COMMIT")  # read only: this just ends the snapshot
+                        with contextlib.suppress(sqlite3.Error):  # never hide the op's own error
+                            reader.execute("ROLLBACK")  # read only: this just ends the snapshot
 
         try:
             return await asyncio.to_thread(run)
@@ -259,15 +265,17 @@ class SqliteStore(Store):
         return result
 
     async def _build_filter(self, dedupe: DedupeKeys) -> None:
+        build = None
         try:
-            await self._run(dedupe.begin_filter, writes=False)
-            while not await self._run(dedupe.fill_filter, writes=False):
+            build = await self._run(dedupe.begin_filter, writes=False)
+            while not await self._run(partial(dedupe.fill_filter, build=build), writes=False):
                 pass
-        except StoreError:
-            dedupe.abandon_filter()  # lookups keep using the filter in use, or SQLite; the next enqueue retries
-        except asyncio.CancelledError:  # the store is closing
-            dedupe.abandon_filter()
-            raise
+        except Exception:  # not CancelledError: at close, the writer may still run a step
+            # Only speed is lost: lookups keep to the filter in use, or SQLite. The step
+            # that failed has finished, so the build is no longer the writer's to touch.
+            log.warning("dedupe_filter_build_failed", path=self.path, exc_info=True)
+            if build is not None:
+                dedupe.drop_build(build)
         finally:
             self._filter_task = None
 

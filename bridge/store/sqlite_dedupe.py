@@ -41,6 +41,7 @@ import hashlib
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 from bridge.store.base import StoreError
 from bridge.store.key_filter import DEFAULT_BITS_LOG2, KeyFilter
@@ -148,12 +149,8 @@ class DedupeKeys:
         self._filter_bits = filter_bits_log2
         # Holds every key of dedupe_keys (and more): lookups trust it once it is set.
         self.filter: KeyFilter | None = None
-        # The filter being built: new keys go into it too; _unfiltered are the keys that
-        # were in memory when it began, still to copy in; then dedupe_keys from _walked_to.
-        self._next_filter: KeyFilter | None = None
-        self._unfiltered: list[bytes] = []
-        self._walked_to = b""
-        self.pruned_since_filter = 0  # keys pruned since the filter in use began
+        self._building: FilterBuild | None = None  # a filter under construction
+        self.pruned_since_filter = 0  # keys pruned since the filter in use went into use
 
     @property
     def wants_merge(self) -> bool:
@@ -162,7 +159,7 @@ class DedupeKeys:
     @property
     def wants_filter(self) -> bool:
         """No filter yet, or half the keys in the one in use have been pruned since."""
-        if self._next_filter is not None:
+        if self._building is not None:
             return False
         return self.filter is None or 0 < self.filter.count <= 2 * self.pruned_since_filter
 
@@ -202,9 +199,10 @@ class DedupeKeys:
         # Into the filters now rather than at the merge that moves them to dedupe_keys:
         # a key is in the filter before it is on disk. (A rollback leaves its bits set:
         # harmless, the filter may err on the side of "maybe".)
-        for key_filter in (self.filter, self._next_filter):
-            if key_filter is not None:
-                key_filter.add(keys)
+        if self.filter is not None:
+            self.filter.add(keys)
+        if self._building is not None:
+            self._building.filter.add(keys)
         self._writer.on_rollback(lambda: self._recent.difference_update(keys))
         if len(self._recent) >= FALLBACK_FACTOR * self._merge_at:
             self.merge(conn)  # the sliced merge fell behind: bound the memory now
@@ -325,43 +323,51 @@ class DedupeKeys:
         self.legacy = False
 
     # Building the filter, step by step, each step its own short writer operation:
-    #   begin_filter  a new, empty filter; the keys in memory are noted to copy in
-    #   fill_filter   copies the next FILTER_STEP keys, from memory and then from
-    #                 dedupe_keys in key order; -> True once the filter is complete and in use
+    #   begin_filter  -> a FilterBuild: a new, empty filter, and the keys in memory to copy in
+    #   fill_filter   copies the build's next FILTER_STEP keys, from memory and then from
+    #                 dedupe_keys in key order; -> True once it has read them all
     # Every key of dedupe_keys is in the new filter when it goes into use: it was there
     # when the walk passed its place; or it was in memory when the build began; or it
-    # arrived later and ``add`` put it in. Keys merged meanwhile came from memory.
+    # arrived later and ``add`` put it in. Keys merged meanwhile came from memory. The new
+    # filter goes into use when the last step's transaction commits: were it rolled back
+    # (an I/O error), a prune grouped with it would be undone, and its keys, which the
+    # walk no longer saw, would be back on disk.
 
-    def begin_filter(self, conn: sqlite3.Connection) -> None:
-        self._next_filter = KeyFilter(self._filter_bits)
-        self._unfiltered = list(self._recent)
-        self._walked_to = b""  # below every 16-byte key
-        self.pruned_since_filter = 0
+    def begin_filter(self, conn: sqlite3.Connection) -> FilterBuild:
+        self._building = FilterBuild(KeyFilter(self._filter_bits), list(self._recent))
+        return self._building
 
-    def fill_filter(self, conn: sqlite3.Connection) -> bool:
-        building = self._next_filter
-        if building is None:
-            raise StoreError("no dedupe filter is being built")
-        if self._unfiltered:
-            building.add(self._unfiltered[-FILTER_STEP:])
-            del self._unfiltered[-FILTER_STEP:]
+    def fill_filter(self, conn: sqlite3.Connection, build: FilterBuild) -> bool:
+        if self._building is not build:
+            return True  # dropped (a failed step): nothing more to do for it
+        if build.unfiltered:
+            build.filter.add(build.unfiltered[-FILTER_STEP:])
+            del build.unfiltered[-FILTER_STEP:]
             return False
         keys = [
             row[0]
             for row in conn.execute(
-                "SELECT k FROM dedupe_keys WHERE k > ? ORDER BY k LIMIT ?", (self._walked_to, FILTER_STEP)
+                "SELECT k FROM dedupe_keys WHERE k > ? ORDER BY k LIMIT ?", (build.walked_to, FILTER_STEP)
             )
         ]
-        building.add(keys)
+        build.filter.add(keys)
         if len(keys) == FILTER_STEP:
-            self._walked_to = keys[-1]
+            build.walked_to = keys[-1]
             return False
-        self.filter, self._next_filter = building, None
+        self._writer.on_commit(functools.partial(self._use, build))
+        self._writer.on_rollback(functools.partial(self.drop_build, build))
         return True
 
-    def abandon_filter(self) -> None:
-        """A build that failed: the next enqueue starts another."""
-        self._next_filter, self._unfiltered = None, []
+    def _use(self, build: FilterBuild) -> None:
+        if self._building is build:
+            self.filter, self._building = build.filter, None
+            self.pruned_since_filter = 0
+
+    def drop_build(self, build: FilterBuild) -> None:
+        """Give up ``build`` (a step failed): the filter in use, if any, stays in use, and
+        the next enqueue begins another."""
+        if self._building is build:
+            self._building = None
 
     def merge(self, conn: sqlite3.Connection) -> None:
         """Move all of ``dedupe_recent`` into the ``dedupe_keys`` B-tree at once."""
@@ -376,6 +382,16 @@ class DedupeKeys:
         merged = frozenset(self._recent)
         conn.execute("DELETE FROM dedupe_recent")
         self._writer.on_commit(lambda: self._recent.difference_update(merged))
+
+
+@dataclass(eq=False)
+class FilterBuild:
+    """A filter under construction: ``unfiltered`` are the keys that were in memory when it
+    began, still to copy in; then ``dedupe_keys`` is walked from ``walked_to`` on."""
+
+    filter: KeyFilter
+    unfiltered: list[bytes] = field(default_factory=list)
+    walked_to: bytes = b""  # below every 16-byte key
 
 
 def split_row(row: bytes) -> list[bytes]:

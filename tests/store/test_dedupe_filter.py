@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from bridge.store import sqlite_dedupe
+from bridge.store import sqlite_ops as ops
 from bridge.store.base import StoreError
 from bridge.store.key_filter import KeyFilter
 from bridge.store.sqlite import SqliteStore
-from bridge.store.sqlite_dedupe import dedupe_keys_of
+from bridge.store.sqlite_dedupe import FilterBuild, dedupe_keys_of
 from tests.store.helpers import event
 
 
@@ -93,9 +98,21 @@ async def test_a_filter_built_on_reopening_walks_every_stored_key(
     await reopened.close()
 
 
-async def test_a_key_merged_while_a_filter_is_built_is_in_it(tmp_path: Path) -> None:
-    """A key in memory when a build begins can be merged into dedupe_keys after the walk
-    has passed its place: the build copies memory's keys, or the filter would miss it."""
+async def build_by_hand(store: SqliteStore, between_steps: Callable[[int], Awaitable[None]] | None = None) -> None:
+    """What the store's build task does, step by step, calling ``between_steps(n)`` after step n."""
+    dedupe = store._open_dedupe()
+    build = await store._run(dedupe.begin_filter, writes=False)
+    step = 0
+    while not await store._run(partial(dedupe.fill_filter, build=build), writes=False):
+        step += 1
+        if between_steps is not None:
+            await between_steps(step)
+
+
+async def test_keys_waiting_in_memory_when_a_build_begins_are_copied_into_it(tmp_path: Path) -> None:
+    """A key in memory when a build begins is merged into dedupe_keys after the walk has
+    passed its place (here: after the whole build): the build copies memory's keys, or
+    the new filter would miss it."""
     store = await opened(tmp_path / "b.db", dedupe_merge_at=10**9)
     dedupe = store._open_dedupe()
     await store.enqueue("web", [event("seed")])
@@ -103,13 +120,78 @@ async def test_a_key_merged_while_a_filter_is_built_is_in_it(tmp_path: Path) -> 
     waiting = [f"waiting-{i}" for i in range(40)]
     await store.enqueue("web", [event(m) for m in waiting])
 
-    await store._run(dedupe.begin_filter, writes=False)
-    while not await store._run(dedupe.fill_filter, writes=False):
-        pass
+    await build_by_hand(store)
     assert dedupe.filter is not first
     await store._run(dedupe.merge)  # moves the waiting keys to dedupe_keys, out of memory
     assert dedupe._recent == set()
     assert (await store.enqueue("web", [event(m) for m in waiting])).stored == 0
+    await store.close()
+
+
+async def test_keys_that_arrive_and_merge_between_build_steps_are_in_the_new_filter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a build walks dedupe_keys step by step, new keys arrive (``add`` puts them in
+    the filter being built) and merges move keys behind the walk: all of them are in the
+    new filter once it is in use."""
+    monkeypatch.setattr(sqlite_dedupe, "FILTER_STEP", 32)
+    store = await opened(tmp_path / "b.db", dedupe_merge_at=10**9)
+    dedupe = store._open_dedupe()
+    stored = [f"stored-{i}" for i in range(300)]
+    await store.enqueue("web", [event(m) for m in stored])
+    await store.prune(0, 0)
+    await filter_built(store)
+    waiting = [f"waiting-{i}" for i in range(40)]
+    await store.enqueue("web", [event(m) for m in waiting])
+    arrived: list[str] = []
+
+    async def meanwhile(step: int) -> None:
+        batch = [f"step{step}-{i}" for i in range(10)]
+        await store.enqueue("web", [event(m) for m in batch])
+        arrived.extend(batch)
+        if step in (2, 6):
+            await store._run(dedupe.merge)  # whatever is in memory now goes behind the walk
+
+    await build_by_hand(store, meanwhile)
+    assert len(arrived) >= 8 * 10  # a copy step, then a walk of 300 keys 32 at a time
+    await store._run(dedupe.merge)
+    everything = stored + waiting + arrived
+    assert dedupe.filter is not None
+    assert dedupe.filter.might_hold(dedupe_keys_of("web", everything)) == dedupe_keys_of("web", everything)
+    assert (await store.enqueue("web", [event(m) for m in everything])).stored == 0
+    await store.close()
+
+
+async def test_a_filter_goes_into_use_only_when_its_last_step_commits(tmp_path: Path) -> None:
+    """The last step shares a writer transaction with a prune, and the transaction is
+    rolled back (as an I/O error would): the prune's keys are back on disk, and the walk,
+    which ran after the prune, never saw them. The new filter must not go into use."""
+    path = tmp_path / "b.db"
+    setup = await opened(path)
+    old = [f"old-{i}" for i in range(200)]
+    await setup.enqueue("web", [event(m) for m in old])
+    await setup.prune(0, 0)  # into dedupe_keys
+    await setup.close()
+
+    store = await opened(path, commit_interval=0.2)  # the three operations below share a commit
+    dedupe = store._open_dedupe()
+    build = await store._run(dedupe.begin_filter, writes=False)
+
+    def abort(conn: sqlite3.Connection) -> None:
+        conn.execute("ROLLBACK")  # what SQLite does to the transaction on an I/O error
+
+    outcomes = await asyncio.gather(
+        store._run(partial(ops.prune, dedupe=dedupe, dedupe_before=time.time() + 60, settled_before=0)),
+        store._run(partial(dedupe.fill_filter, build=build), writes=False),
+        store._run(abort),
+        return_exceptions=True,
+    )
+    assert all(isinstance(o, StoreError) for o in outcomes)
+    assert dedupe.filter is None and dedupe.wants_filter
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT COUNT(*) FROM dedupe_keys").fetchone()[0] == 200
+    conn.close()
+    assert (await store.enqueue("web", [event(m) for m in old])).stored == 0
     await store.close()
 
 
@@ -164,18 +246,47 @@ async def test_a_failed_build_leaves_lookups_to_sqlite_and_the_next_enqueue_buil
     dedupe = store._open_dedupe()
     real_fill = dedupe.fill_filter
 
-    def failing_fill(conn: sqlite3.Connection) -> bool:
+    def failing_fill(conn: sqlite3.Connection, build: FilterBuild) -> bool:
         raise StoreError("sqlite: disk I/O error")
 
-    monkeypatch.setattr(dedupe, "fill_filter", failing_fill)
-    await store.enqueue("web", [event("m1")])
-    if store._filter_task is not None:
-        await store._filter_task  # fails quietly: nothing is lost, only speed
-    assert dedupe.filter is None and dedupe.wants_filter
-    assert (await store.enqueue("web", [event("m1"), event("m2")])).duplicate_indexes == (0,)
+    async def enqueue_and_settle(ids: list[str]) -> tuple[int, ...]:
+        result = await store.enqueue("web", [event(m) for m in ids])
+        if store._filter_task is not None:
+            await store._filter_task  # a failure is logged, not raised: only speed is lost
+        return result.duplicate_indexes
 
+    monkeypatch.setattr(dedupe, "fill_filter", failing_fill)
+    assert await enqueue_and_settle(["m1"]) == ()
+    assert dedupe.filter is None and dedupe.wants_filter
+    assert await enqueue_and_settle(["m1", "m2"]) == (0,)  # SQLite and memory still answer
     monkeypatch.setattr(dedupe, "fill_filter", real_fill)
-    await store.enqueue("web", [event("m3")])
-    built = await filter_built(store)
-    assert built.might_hold(dedupe_keys_of("web", ["m1", "m2", "m3"])) == dedupe_keys_of("web", ["m1", "m2", "m3"])
+    assert await enqueue_and_settle(["m3"]) == ()
+    first = dedupe.filter
+    assert first is not None
+
+    # A rebuild (half the keys pruned) that fails keeps the filter in use, and is retried.
+    await store.prune(dedupe_before=2**40, settled_before=0)
+    assert dedupe.wants_filter
+    monkeypatch.setattr(dedupe, "fill_filter", failing_fill)
+    assert await enqueue_and_settle(["m4"]) == ()
+    assert dedupe.filter is first and dedupe.wants_filter
+    monkeypatch.setattr(dedupe, "fill_filter", real_fill)
+    assert await enqueue_and_settle(["m4", "m5"]) == (0,)
+    assert dedupe.filter is not first and not dedupe.wants_filter
     await store.close()
+
+
+async def test_closing_right_after_the_first_enqueue_lets_a_reopened_store_build(tmp_path: Path) -> None:
+    store = await opened(tmp_path / "b.db")
+    await store.enqueue("web", [event("a")])
+    await store.close()  # the build task has not started yet: cancelled before it runs
+    await store.open()
+    await store.enqueue("web", [event("b")])
+    built = await filter_built(store)
+    assert built.might_hold(dedupe_keys_of("web", ["a", "b"])) == dedupe_keys_of("web", ["a", "b"])
+    await store.close()
+
+
+def test_a_bad_filter_size_is_refused_when_the_store_is_made(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="2\\^4 to 2\\^32"):
+        SqliteStore(str(tmp_path / "b.db"), dedupe_filter_bits_log2=40)
