@@ -523,9 +523,7 @@ async def test_a_merge_keeps_pace_with_sustained_ingest(tmp_path: Path) -> None:
     one, so the sliced merge keeps up, and memory never runs over into a whole merge that
     holds the writer for every key at once."""
     # A commit brings up to a tenth of merge_at, as 32 callers' batches do in production.
-    # A small dedupe filter: building the full 16 MiB one takes writer turns from the
-    # merge, and after other tests have grown the heap it made this race flaky.
-    store = await opened(tmp_path / "b.db", dedupe_merge_at=2000, dedupe_filter_bits_log2=16)
+    store = await opened(tmp_path / "b.db", dedupe_merge_at=2000)
     dedupe = store._open_dedupe()
     dedupe.min_step = 50  # a quarter of what one commit of 2 callers brings
 
