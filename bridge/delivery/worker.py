@@ -27,6 +27,7 @@ from bridge.mapping.api import CompiledMapping, Discarded, Failed, MapContext
 from bridge.mapping.links import link_context
 from bridge.observability.redaction import redact_text
 from bridge.store.base import DeadLetter, DestinationState, Discard, Job, Store
+from bridge.store.ordering import KEY_SEPARATOR
 
 log = structlog.get_logger("bridge.delivery")
 
@@ -69,6 +70,33 @@ class _Batch:
     # Settle only jobs still on this lease (see Store.ack): after a lapsed lease, whoever
     # leased them since owns them.
     fence: dict[int, int] = field(default_factory=dict)
+    # Pipelining (DestinationWorker._loop): the batch this one may not send before, the
+    # task delivering this one, set once it is mapped, and its jobs that no longer hold
+    # back their users (delivered, dead-lettered or discarded).
+    after: _Batch | None = None
+    task: asyncio.Task[None] | None = None
+    mapped: asyncio.Event = field(default_factory=asyncio.Event)
+    passed: set[int] = field(default_factory=set)
+
+    @property
+    def finished(self) -> bool:
+        return self.task is None or self.task.done()
+
+    async def done(self) -> None:
+        """Wait until this batch is settled (never raises: its task handles its own errors)."""
+        if self.task is not None and not self.task.done():
+            await asyncio.wait({self.task})
+
+    def holds(self) -> dict[str, int]:
+        """{user: the oldest job id here that was neither delivered nor removed}: that
+        user's later jobs must wait for it (it was retried or given back)."""
+        held: dict[str, int] = {}
+        for job_id, job in self.jobs.items():
+            if job_id not in self.passed and job.ordering_key:
+                for user in job.ordering_key.split(KEY_SEPARATOR):
+                    if job_id < held.get(user, job_id + 1):
+                        held[user] = job_id
+        return held
 
     def label(self, job_id: int) -> str:
         # Only a job that is dead-lettered or discarded needs its label: made on demand.
@@ -107,7 +135,6 @@ class DestinationWorker:
         self._wake = asyncio.Event()
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
-        self._inflight = 0
         # Destination-wide backoff (a circuit breaker): after a Retry-After or a run of
         # retryable failures, nothing is leased or sent until then.
         self._hold_until = 0.0
@@ -192,31 +219,79 @@ class DestinationWorker:
         self.apply_state(state)
 
     # -- the loop ----------------------------------------------------------------------
+    # Pipelining: a loop sends one batch at a time, but leases and maps the next one while
+    # the previous is on the wire, so the core is not idle during the upstream's round
+    # trips. The next lease passes the previous batch's jobs as ``ahead`` (Store.lease):
+    # they are not leased again and do not hold back their users' later jobs. In exchange
+    # the new batch sends nothing before the previous one has settled, and then gives
+    # back, unsent, every job of a user with an older job in the previous batch that was
+    # not delivered (retried or given back): per-user order holds as if the two batches
+    # had been leased one after the other. At most two batches are alive per loop.
+    # Only a destination's single loop pipelines (``concurrency: 1``): with several, each
+    # loop's next lease also skips every user of the other loops' two batches, and the
+    # leases fragment (bench: CPU per delivered event 32-38 us with two pipelined loops,
+    # against 21-22 with two plain ones and 19-20 with one pipelined loop).
     async def _loop(self) -> None:
         cfg = self.config.delivery
-        while not self._stopping:
-            held = self._hold_until - time.monotonic()
-            if held > 0:
-                await self._sleep(min(held, cfg.poll_interval * 10))
-                continue
-            try:
-                await self._check_mapping_changed()
-                jobs = (
-                    []
-                    if self.paused
-                    else await self.store.lease(self.name, cfg.batch_size, cfg.lease_seconds, ordered=cfg.ordered)
-                )
-            except Exception:
-                log.exception("lease_failed", destination=self.name)
-                jobs = []
-            if not jobs:
-                await self._sleep(cfg.poll_interval)
-                continue
-            self._inflight += 1
-            try:
-                await self.deliver(jobs)
-            finally:
-                self._inflight -= 1
+        pipelined = cfg.concurrency == 1
+        previous: _Batch | None = None
+        alive: set[asyncio.Task[None]] = set()
+        try:
+            while not self._stopping:
+                held = self._hold_until - time.monotonic()
+                if held > 0:
+                    await self._sleep(min(held, cfg.poll_interval * 10))
+                    continue
+                flying = previous if previous is not None and not previous.finished else None
+                try:
+                    await self._check_mapping_changed()
+                    jobs = (
+                        []
+                        if self.paused
+                        else await self.store.lease(
+                            self.name,
+                            cfg.batch_size,
+                            cfg.lease_seconds,
+                            ordered=cfg.ordered,
+                            ahead=flying.jobs.keys() if flying is not None else (),
+                        )
+                    )
+                except Exception:
+                    log.exception("lease_failed", destination=self.name)
+                    jobs = []
+                if not jobs:
+                    if flying is not None:
+                        # Its users may have more jobs waiting: lease again once it settles.
+                        await flying.done()
+                        continue
+                    await self._sleep(cfg.poll_interval)
+                    continue
+                batch = self._batch(jobs, after=flying)
+                batch.task = asyncio.create_task(self.deliver(batch), name=f"batch:{self.name}")
+                alive.add(batch.task)
+                batch.task.add_done_callback(alive.discard)
+                if not pipelined:
+                    await batch.done()
+                # The next lease waits until this batch is mapped (its successor would
+                # compete with it for the core) and the one before it has settled.
+                await batch.mapped.wait()
+                if flying is not None:
+                    await flying.done()
+                previous = batch
+        except asyncio.CancelledError:
+            for task in alive:
+                task.cancel()  # cancelled with the loop (stop's timeout): their jobs are given back
+            raise
+        finally:
+            if alive:
+                await asyncio.wait(set(alive))
+
+    def _batch(self, jobs: list[Job], after: _Batch | None) -> _Batch:
+        # No request starts after half the lease, and a request cannot outlive the
+        # timeout (config: lease_seconds > 2 x request_timeout), so every job is settled
+        # while its lease still holds: no other worker or node can lease it meanwhile.
+        deadline = time.monotonic() + self.config.delivery.lease_seconds / 2
+        return _Batch({j.id: j for j in jobs}, deadline, fence={j.id: j.attempts for j in jobs}, after=after)
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, waking early for new work or shutdown."""
@@ -224,18 +299,15 @@ class DestinationWorker:
             await asyncio.wait_for(self._wake.wait(), seconds)
         self._wake.clear()
 
-    async def deliver(self, jobs: list[Job]) -> None:
-        # No request starts after half the lease, and a request cannot outlive the
-        # timeout (config: lease_seconds > 2 x request_timeout), so every job is settled
-        # while its lease still holds: no other worker or node can lease it meanwhile.
-        deadline = time.monotonic() + self.config.delivery.lease_seconds / 2
-        batch = _Batch({j.id: j for j in jobs}, deadline, fence={j.id: j.attempts for j in jobs})
+    async def deliver(self, batch: _Batch) -> None:
         try:
             await self._deliver(batch)
         except Exception as exc:
-            log.exception("delivery_failed", destination=self.name, jobs=len(jobs))
+            log.exception("delivery_failed", destination=self.name, jobs=len(batch.jobs))
             await self._recover(batch, exc)
         finally:
+            batch.mapped.set()
+            batch.after = None  # a settled batch need not keep its predecessor alive
             unsettled = [j for j in batch.jobs if j not in batch.settled]
             if unsettled:
                 await asyncio.shield(self._give_back(batch, unsettled))
@@ -249,6 +321,7 @@ class DestinationWorker:
         with contextlib.suppress(Exception):
             if delivered:
                 await self.store.ack(delivered, batch.version, fence=batch.fence)
+                batch.passed.update(delivered)
                 self.metrics.delivered(self.name, len(delivered))
             if rest:
                 await self.store.release(rest, fence=batch.fence)
@@ -264,6 +337,7 @@ class DestinationWorker:
             if delivered:
                 await self.store.ack(delivered, batch.version, fence=batch.fence)
                 batch.settled.update(delivered)
+                batch.passed.update(delivered)
                 self.metrics.delivered(self.name, len(delivered))
             dead: list[DeadLetter] = []
             retries = RetrySchedule(self.policy, now)
@@ -289,6 +363,10 @@ class DestinationWorker:
             return
         batch.version = mapping.version
         items, job_items = await self._map(batch, mapping)
+        batch.mapped.set()
+        if batch.after is not None:
+            await batch.after.done()
+            items = self._hold_back(batch, items, job_items)
         if batch.guard_reason:
             await self._pause(batch.guard_reason, batch.version)
             return  # the jobs are released by deliver()
@@ -307,6 +385,35 @@ class DestinationWorker:
         else:
             await asyncio.gather(*(self._send(r, batch, ordered=False) for r in requests))
         await self._settle(batch, job_items, mapping.version)
+
+    def _hold_back(self, batch: _Batch, items: list[Item], job_items: dict[int, list[Item]]) -> list[Item]:
+        """After the previous batch settled: mark unsent (given back, the attempt not
+        counted) what may not go out now, and return the items that may."""
+        previous, batch.after = batch.after, None
+        if previous is None or not job_items:
+            return items
+        if self.paused:
+            # The previous batch paused the destination: nothing more goes out.
+            batch.unsent.update(job_items)
+            return []
+        if not self.config.delivery.ordered:
+            return items
+        held = previous.holds()
+        if not held:
+            return items
+        for job_id in sorted(batch.jobs):  # in id order, so a held job passes its hold on
+            key = batch.jobs[job_id].ordering_key
+            if not key:
+                continue
+            users = key.split(KEY_SEPARATOR)
+            # Only an OLDER job held back there delays this one: a newer one given back
+            # unsent comes after it anyway.
+            if any(held.get(user, job_id) < job_id for user in users):
+                for user in users:
+                    held[user] = min(held.get(user, job_id), job_id)
+                if job_id in job_items:
+                    batch.unsent.add(job_id)
+        return [it for it in items if it.job_id not in batch.unsent] if batch.unsent else items
 
     async def _map(self, batch: _Batch, mapping: CompiledMapping) -> tuple[list[Item], dict[int, list[Item]]]:
         events = batch.events
@@ -363,6 +470,7 @@ class DestinationWorker:
         if discards:
             await self.store.discard(discards, fence=batch.fence)
             batch.settled.update(d.job_id for d in discards)
+            batch.passed.update(d.job_id for d in discards)
             for d in discards:
                 self.metrics.discarded(batch.jobs[d.job_id].source, self.name, d.reason, 1)
         if dead:
@@ -504,6 +612,7 @@ class DestinationWorker:
         if acked:
             await self.store.ack(acked, version, fence=batch.fence)
             batch.settled.update(acked)
+            batch.passed.update(acked)
             self.metrics.delivered(self.name, len(acked))
         for at, ids in retries.groups.items():
             error = _describe(batch.verdicts[ids[0]].response)
@@ -545,6 +654,7 @@ class DestinationWorker:
     async def _dead_letter(self, batch: _Batch, dead: list[DeadLetter]) -> None:
         await self.store.dead_letter(dead, fence=batch.fence)
         batch.settled.update(d.job_id for d in dead)
+        batch.passed.update(d.job_id for d in dead)
         self.guard.record(0, len(dead))
         for d in dead:
             self.metrics.dead_lettered(self.name, d.reason, 1)

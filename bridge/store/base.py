@@ -20,7 +20,7 @@ SQLite and PostgreSQL.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -219,7 +219,15 @@ class Store(ABC):
 
     # -- delivery ---------------------------------------------------------------
     @abstractmethod
-    async def lease(self, destination: str, limit: int, lease_seconds: float, *, ordered: bool = True) -> list[Job]:
+    async def lease(
+        self,
+        destination: str,
+        limit: int,
+        lease_seconds: float,
+        *,
+        ordered: bool = True,
+        ahead: Collection[int] = (),
+    ) -> list[Job]:
         """Lease up to ``limit`` due jobs for ``destination``, oldest first.
 
         A job is due when it is queued with available_at <= now, or leased with an
@@ -227,6 +235,13 @@ class Store(ABC):
         on the first lease. With ``ordered`` a job is skipped while an older unsettled
         job of the same non-empty ordering_key exists for that destination (whether it
         is waiting for a retry, leased, or skipped in this same call).
+
+        ``ahead``: the jobs of the caller's batch still in flight. They are never leased
+        again here, and they hold back no later job of their users: the caller promises
+        to settle them before it sends anything of this lease, and to give back, unsent,
+        the jobs of any user whose job in ``ahead`` was not delivered (see
+        bridge/delivery/worker.py, "pipelining"). This lets one delivery loop lease and
+        map its next batch while the previous one is on the wire.
         """
 
     # Settling (ack, retry, release, dead_letter, discard) takes an optional ``fence``:

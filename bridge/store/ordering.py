@@ -9,7 +9,7 @@ until the scan budget runs out and starves the users queued behind them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 QUEUED = 0
@@ -29,8 +29,11 @@ def ordering_key(*ids: str) -> str:
 
 
 class OrderedSelection:
-    def __init__(self, limit: int, now: float) -> None:
+    def __init__(self, limit: int, now: float, ahead: Collection[int] = ()) -> None:
+        """``ahead``: jobs of the caller's batch in flight (Store.lease): skipped, and
+        holding back nothing, since the caller settles them before sending this lease."""
         self.limit = limit
+        self.ahead = ahead
         self.now = now
         self.window = max(limit * 4, MIN_WINDOW)
         self.budget = max(limit * 50, MIN_SCAN_BUDGET)
@@ -53,10 +56,12 @@ class OrderedSelection:
         chosen, so the rest of the window is never fetched."""
         scanned = 0
         last_id = self._after
-        blocked, chosen, now = self.blocked, self.chosen, self.now
+        blocked, chosen, now, ahead = self.blocked, self.chosen, self.now, self.ahead
         for job_id, key, state, available_at, lease_until in rows:
             scanned += 1
             last_id = job_id
+            if job_id in ahead:
+                continue
             if key and KEY_SEPARATOR in key:
                 users = key.split(KEY_SEPARATOR)
                 if not blocked.isdisjoint(users):

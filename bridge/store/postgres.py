@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
@@ -274,16 +274,25 @@ class PostgresStore(Store):
         return await self._ingest.enqueue(_text(source), events)
 
     # -- delivery ----------------------------------------------------------------------
-    async def lease(self, destination: str, limit: int, lease_seconds: float, *, ordered: bool = True) -> list[Job]:
+    async def lease(
+        self,
+        destination: str,
+        limit: int,
+        lease_seconds: float,
+        *,
+        ordered: bool = True,
+        ahead: Collection[int] = (),
+    ) -> list[Job]:
         if limit <= 0:
             return []
+        ahead = frozenset(ahead)
         now = time.time()
         async with self._conn(transaction=True) as conn:
             if ordered:
                 await conn.execute(
                     "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"{self.schema}:{destination}"
                 )
-                ids = await self._due_ids_ordered(conn, destination, limit, now)
+                ids = await self._due_ids_ordered(conn, destination, limit, now, ahead)
                 if not ids:
                     return []
                 rows = await conn.fetch(
@@ -300,13 +309,14 @@ class PostgresStore(Store):
                     " first_attempt_at = COALESCE(first_attempt_at, $2)"
                     " WHERE id IN (SELECT id FROM jobs WHERE destination = $3"
                     f" AND state < {DELIVERED} AND ((state = {QUEUED} AND available_at <= $2)"
-                    f" OR (state = {LEASED} AND lease_until <= $2))"
+                    f" OR (state = {LEASED} AND lease_until <= $2)) AND id <> ALL($5::bigint[])"
                     " ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED)"
                     f" RETURNING {_JOB_COLUMNS}",
                     now + lease_seconds,
                     now,
                     destination,
                     limit,
+                    list(ahead),
                 )
         jobs = [
             Job(r[0], destination, r[1], r[2], r[3], bytes(r[4]), r[5], r[6], r[7])
@@ -315,8 +325,10 @@ class PostgresStore(Store):
         return jobs
 
     @staticmethod
-    async def _due_ids_ordered(conn: Connection, destination: str, limit: int, now: float) -> list[int]:
-        selection = OrderedSelection(limit, now)
+    async def _due_ids_ordered(
+        conn: Connection, destination: str, limit: int, now: float, ahead: Collection[int]
+    ) -> list[int]:
+        selection = OrderedSelection(limit, now, ahead)
         while (query := selection.next_query()) is not None:
             after, excluded, window = query
             selection.take(

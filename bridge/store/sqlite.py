@@ -22,7 +22,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -304,7 +304,15 @@ class SqliteStore(Store):
             self._merge_task = None
 
     # -- delivery ----------------------------------------------------------------------
-    async def lease(self, destination: str, limit: int, lease_seconds: float, *, ordered: bool = True) -> list[Job]:
+    async def lease(
+        self,
+        destination: str,
+        limit: int,
+        lease_seconds: float,
+        *,
+        ordered: bool = True,
+        ahead: Collection[int] = (),
+    ) -> list[Job]:
         jobs: list[Job] = await self._bookkeep(
             partial(
                 ops.lease,
@@ -313,6 +321,7 @@ class SqliteStore(Store):
                 lease_seconds=lease_seconds,
                 ordered=ordered,
                 now=time.time(),
+                ahead=frozenset(ahead),  # read on the writer thread: a copy the caller cannot change
             )
         )
         return jobs

@@ -6,7 +6,7 @@ Each runs inside the writer's transaction (and its own SAVEPOINT), so it must no
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import NamedTuple, TypeVar
 
 import orjson
@@ -134,8 +134,10 @@ def _due_ids_unordered(conn: sqlite3.Connection, destination: str, limit: int, n
     return [row[0] for row in rows]
 
 
-def _due_ids_ordered(conn: sqlite3.Connection, destination: str, limit: int, now: float) -> list[int]:
-    selection = OrderedSelection(limit, now)
+def _due_ids_ordered(
+    conn: sqlite3.Connection, destination: str, limit: int, now: float, ahead: Collection[int]
+) -> list[int]:
+    selection = OrderedSelection(limit, now, ahead)
     while (query := selection.next_query()) is not None:
         after, excluded, window = query
         not_in = f" AND ordering_key NOT IN ({_marks(len(excluded))})" if excluded else ""
@@ -153,14 +155,22 @@ def _due_ids_ordered(conn: sqlite3.Connection, destination: str, limit: int, now
 
 
 def lease(
-    conn: sqlite3.Connection, destination: str, limit: int, lease_seconds: float, ordered: bool, now: float
+    conn: sqlite3.Connection,
+    destination: str,
+    limit: int,
+    lease_seconds: float,
+    ordered: bool,
+    now: float,
+    ahead: Collection[int] = (),
 ) -> list[Job]:
     if limit <= 0:
         return []
     if ordered:
-        ids = _due_ids_ordered(conn, destination, limit, now)
+        ids = _due_ids_ordered(conn, destination, limit, now, ahead)
     else:
-        ids = _due_ids_unordered(conn, destination, limit, now)
+        # A job of ``ahead`` is due here only once its lease has lapsed; its holder still
+        # settles it (fenced), so it must not be sent twice by the same loop meanwhile.
+        ids = [i for i in _due_ids_unordered(conn, destination, limit, now) if i not in ahead]
     if not ids:
         return []
     marks = _marks(len(ids))

@@ -7,9 +7,11 @@ import asyncio
 import time
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestServer
 
 from bridge.cli import main as cli_main
+from bridge.store.sqlite import SqliteStore
 from bridge.testing.moengage_standin import MoEngageStandIn, Rejected
 from bridge.testing.standins import Planned
 from tests.e2e.harness import ADMIN_TOKEN, API_KEY, WORKSPACE, WRITE_KEY, basic, wait_until
@@ -360,13 +362,15 @@ async def test_a_mapping_deploy_that_fails_every_event_pauses_until_the_mapping_
     assert not (await _status_of(bridge))["paused"]
 
 
-async def test_shutdown_starts_no_new_request_and_keeps_what_was_delivered(make_bridge):
+@pytest.mark.parametrize("concurrency", [1, 2])  # 1: the loop pipelines (see worker._loop)
+async def test_shutdown_starts_no_new_request_and_keeps_what_was_delivered(make_bridge, concurrency):
     """A batch that outlasts the shutdown timeout: what the upstream accepted is acked, the
     rest goes back to the queue, and after a restart nothing is sent twice."""
 
     def tweak(raw: dict[str, Any]) -> None:
         raw["server"]["shutdown_timeout"] = 1
         raw["destinations"][0]["max_request_bytes"] = 1024  # one event per request
+        raw["destinations"][0]["delivery"]["concurrency"] = concurrency
 
     bridge = await make_bridge(tweak)
     bridge.moengage.latency = 0.3
@@ -386,13 +390,15 @@ async def test_shutdown_starts_no_new_request_and_keeps_what_was_delivered(make_
     assert sent == [f"sd-{i}" for i in range(20)]  # and in order
 
 
-async def test_a_shutdown_that_cancels_a_request_keeps_what_was_delivered_before_it(make_bridge):
+@pytest.mark.parametrize("concurrency", [1, 2])  # 1: the loop pipelines (see worker._loop)
+async def test_a_shutdown_that_cancels_a_request_keeps_what_was_delivered_before_it(make_bridge, concurrency):
     """The request in flight outlasts the shutdown timeout and is cancelled: its outcome is
     unknown, so it goes back to the queue, but the requests answered 200 before it are acked."""
 
     def tweak(raw: dict[str, Any]) -> None:
         raw["server"]["shutdown_timeout"] = 0.5
         raw["destinations"][0]["max_request_bytes"] = 1024
+        raw["destinations"][0]["delivery"]["concurrency"] = concurrency
 
     bridge = await make_bridge(tweak)
     bridge.moengage.latency = 0.4
@@ -515,3 +521,43 @@ async def test_ingest_does_not_spin_a_paused_destinations_loop(bridge):
     assert bridge.moengage.events() == []
     assert (await bridge.post("/admin/destinations/moengage-main/resume", None, ADMIN))[0] == 200
     await wait_until(lambda: len(bridge.moengage.events()) == 40, what="the backlog to be delivered after the resume")
+
+
+async def test_one_loop_maps_its_next_batch_while_one_is_on_the_wire_and_keeps_each_users_order(make_bridge):
+    """``concurrency: 1`` pipelines: the next batch is leased (its predecessor ``ahead``)
+    while a request is in flight. When that request fails, the next batch's events of the
+    same users must wait for the retry, not overtake it: with no backoff at all here,
+    only the hold-back keeps them in order."""
+    leased_ahead: list[int] = []
+
+    class Watched(SqliteStore):
+        async def lease(self, *args: Any, **kwargs: Any) -> Any:
+            jobs = await super().lease(*args, **kwargs)
+            if jobs and kwargs.get("ahead"):
+                leased_ahead.append(len(jobs))
+            return jobs
+
+    def tweak(raw: dict[str, Any]) -> None:
+        d = raw["destinations"][0]
+        d["delivery"] = {"poll_interval": 0.05, "batch_size": 4, "concurrency": 1}
+        d["retry"] = {"base_delay": 0, "max_delay": 0}
+
+    bridge = await make_bridge(tweak, start=False)
+    db = bridge.raw["store"]["url"].removeprefix("sqlite:///")
+    bridge.store_factory = lambda: Watched(db)
+    await bridge.start()
+    bridge.moengage.plan(Planned(500, delay=0.3))
+    batch = {
+        "batch": [
+            {"type": "track", "userId": f"user-{i % 3}", "event": "Step", "properties": {"n": i}} for i in range(24)
+        ]
+    }
+    assert (await bridge.post("/v1/batch", batch, H))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) >= 24, timeout=15)
+    await asyncio.sleep(0.2)
+    assert leased_ahead, "the loop never leased a batch while another was on the wire"
+    events = bridge.moengage.events()
+    assert sorted(e["actions"][0]["attributes"]["n"] for e in events) == list(range(24))  # each once
+    for user in ("user-0", "user-1", "user-2"):
+        seen = [e["actions"][0]["attributes"]["n"] for e in events if e["customer_id"] == user]
+        assert seen == sorted(seen), f"{user} got events out of order: {seen}"

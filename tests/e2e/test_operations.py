@@ -366,10 +366,11 @@ async def test_rate_limit_paces_deliveries(make_bridge):
     assert time.monotonic() - started >= 1.5  # 30 events at 10/s after a burst of 10
 
 
-async def test_per_user_order_survives_a_retry(make_bridge):
+@pytest.mark.parametrize("concurrency", [1, 3])  # 1: one loop that pipelines its batches
+async def test_per_user_order_survives_a_retry(make_bridge, concurrency):
     def tweak(raw: dict[str, Any]) -> None:
         raw["destinations"][0]["delivery"]["batch_size"] = 4
-        raw["destinations"][0]["delivery"]["concurrency"] = 3
+        raw["destinations"][0]["delivery"]["concurrency"] = concurrency
 
     bridge = await make_bridge(tweak)
     bridge.moengage.plan(Planned(500), Planned(503))

@@ -183,6 +183,33 @@ async def test_ordering_unblocks_when_the_earlier_event_settles(store: Store) ->
     assert [j.message_id for j in rest] == ["a2", "a3"]
 
 
+async def test_jobs_ahead_are_not_leased_again_and_hold_back_nothing(store: Store) -> None:
+    """A loop's next lease while its previous batch is on the wire (``ahead``): that
+    batch's users' later jobs come, its own jobs do not, other holders still block."""
+    await store.enqueue(
+        "web",
+        [event("a1", "alice"), event("b1", "bob"), event("a2", "alice"), event("c1", "carol"), event("b2", "bob")],
+    )
+    mine = await store.lease("moe", 2, 30)
+    assert [j.message_id for j in mine] == ["a1", "b1"]
+    others = await store.lease("moe", 1, 30, ahead=[j.id for j in mine])
+    assert [j.message_id for j in others] == ["a2"]  # alice's next, behind a1 which is ahead
+    nxt = await store.lease("moe", 10, 30, ahead=[j.id for j in mine])
+    # a2 is leased by someone else (not ahead): alice stays blocked; bob's and carol's come.
+    assert [j.message_id for j in nxt] == ["c1", "b2"]
+    assert await store.lease("moe", 10, 30, ahead=[j.id for j in mine]) == []
+
+
+async def test_an_expired_job_ahead_is_not_leased_again_by_its_holder(store: Store) -> None:
+    await store.enqueue("web", [event("x1", "xavier"), event("y1", "")])
+    held = await store.lease("moe", 10, 0.01)
+    await asyncio.sleep(0.05)  # both leases lapse; their holder is still sending them
+    for ordered in (True, False):
+        again = await store.lease("moe", 10, 30, ordered=ordered, ahead=[held[0].id])
+        assert [j.message_id for j in again] == ["y1"]
+        await store.release([again[0].id])
+
+
 async def test_a_blocked_user_does_not_starve_others(store: Store) -> None:
     await store.enqueue("web", [event("first", "heavy")])
     blocker = await store.lease("moe", 1, 30)
