@@ -84,7 +84,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         if not sep or not key:
             raise SystemExit(f"--delivery-set: expected KEY=VALUE, got {item!r}")
         pairs.append((key, orjson.loads(value) if value[:1].isdigit() or value in ("true", "false") else value))
-    overrides["delivery_config"] = tuple(pairs)
+    if pairs:  # on top of the bench's own delivery settings (Settings.delivery_config)
+        overrides["delivery_config"] = tuple({**dict(Settings().delivery_config), **dict(pairs)}.items())
     if args.bridge_variant:
         from bench.variant import VariantError, apply
 

@@ -156,7 +156,7 @@ def table(results: dict[str, Any]) -> str:
             "",
         ),
         (
-            f"Delivery into stand-in MoEngage (events/s; {_n(_get(d, 'events_queued'))} events)",
+            f"Delivery into stand-in MoEngage (events/s; {_n(_get(d, 'events_queued'))} events{_settings(d)})",
             _n(_get(d, "events_per_s")),
             _n(_get(d, "floor", "events_per_s")),
             _n(r.get("delivery_events"), ".2f"),
@@ -233,3 +233,11 @@ def update_docs(path: Any, results: dict[str, Any]) -> bool:
     new = text[: start + len(DOCS_START)] + "\n" + docs_section(results) + text[end:]
     path.write_text(new)
     return True
+
+
+def _settings(delivery: dict[str, Any] | None) -> str:
+    """The delivery settings the phase ran with, when not the shipped ones."""
+    tuned = (delivery or {}).get("delivery_config")
+    if not isinstance(tuned, dict) or not tuned:
+        return ""
+    return "; " + ", ".join(f"{key} {value}" for key, value in tuned.items())
