@@ -530,6 +530,9 @@ async def test_a_merge_keeps_pace_with_sustained_ingest(tmp_path: Path) -> None:
     async def caller(c: int) -> None:
         for b in range(40):
             await store.enqueue("web", [event(f"c{c}-b{b}-{k}") for k in range(100)])
+            # Sustained, not instantaneous: a real caller awaits its HTTP round trip. With
+            # none, on a busy host the callers could take every writer turn in a row.
+            await asyncio.sleep(0.002)
 
     await asyncio.gather(*(caller(c) for c in range(2)))
     assert dedupe._whole_merges == 0
