@@ -525,14 +525,29 @@ async def test_a_merge_keeps_pace_with_sustained_ingest(tmp_path: Path) -> None:
     # A commit brings up to a tenth of merge_at, as 32 callers' batches do in production.
     store = await opened(tmp_path / "b.db", dedupe_merge_at=2000)
     dedupe = store._open_dedupe()
-    dedupe.min_step = 50  # a quarter of what one commit of 2 callers brings
+    dedupe.min_step = 50  # half of what one commit brings
+    # The worst case the pacing is for, made deterministic: the merge gets exactly its
+    # turn at the writer between two commits, never more (on a busy host, the callers
+    # could otherwise take several turns in a row, or the merge several).
+    stepped = asyncio.Event()
+    step_size = dedupe.step_size
+
+    def counted_step() -> int:
+        stepped.set()
+        return step_size()
+
+    dedupe.step_size = counted_step  # type: ignore[method-assign]
+    turn = asyncio.Lock()
 
     async def caller(c: int) -> None:
         for b in range(40):
-            await store.enqueue("web", [event(f"c{c}-b{b}-{k}") for k in range(100)])
-            # Sustained, not instantaneous: a real caller awaits its HTTP round trip. With
-            # none, on a busy host the callers could take every writer turn in a row.
-            await asyncio.sleep(0.002)
+            async with turn:
+                stepped.clear()
+                await store.enqueue("web", [event(f"c{c}-b{b}-{k}") for k in range(100)])
+                # One merge step per commit: wait until the merge under way (if any) has
+                # taken its next step, or has finished.
+                while store._merge_task is not None and not stepped.is_set():
+                    await asyncio.sleep(0.001)
 
     await asyncio.gather(*(caller(c) for c in range(2)))
     assert dedupe._whole_merges == 0
