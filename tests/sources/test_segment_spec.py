@@ -1,9 +1,10 @@
+import random
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
 from bridge.sources.segment.routes import first_array_item
-from bridge.sources.segment.spec import Invalid, iso, normalise
+from bridge.sources.segment.spec import Invalid, ReceivedClock, iso, normalise
 
 NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
 
@@ -205,3 +206,42 @@ def test_an_alias_is_ordered_with_both_users():
     assert key == "anon-7\x1fuser-7"
     _, _, key = normalise({"userId": "user-7", "event": "E"}, call_type="track", received_at=received)
     assert key == "user-7"
+
+
+@pytest.mark.parametrize(
+    ("sent", "stored"),
+    [
+        ("2026-11-23T06:33:31.593Z", "2026-11-23T06:33:31.593Z"),  # toISOString(): kept as sent
+        ("2026-11-23T06:33:31.593+00:00", "2026-11-23T06:33:31.593Z"),
+        ("2026-11-23T06:33:31.593999+00:00", "2026-11-23T06:33:31.593Z"),
+        ("2026-11-23T07:33:31.593+01:00", "2026-11-23T06:33:31.593Z"),
+        ("2026-11-23T06:33:31,593Z", "2026-11-23T06:33:31.593Z"),  # a comma: 24 characters, not ours
+        ("2026-W48-1T06:33:31.593Z", "2026-11-23T06:33:31.593Z"),  # an ISO week date
+        ("2026-11-23T06:33:31", "2026-11-23T06:33:31.000Z"),
+    ],
+)
+def test_a_timestamp_without_sent_at_is_stored_in_segments_form(sent, stored):
+    event, _, _ = norm({"userId": "u1", "event": "E", "timestamp": sent}, "track")
+    assert event["timestamp"] == stored
+    assert event["originalTimestamp"] == sent
+
+
+def test_any_text_kept_as_sent_is_what_iso_would_write():
+    """The shortcut keeps a text only when formatting its time again gives it back."""
+    rng = random.Random(5)
+    for _ in range(2000):
+        dt = datetime(1, 1, 1, tzinfo=UTC) + timedelta(microseconds=rng.randrange(0, 315537897599999999))
+        text = iso(dt)
+        event, _, _ = norm({"userId": "u1", "event": "E", "timestamp": text}, "track")
+        assert event["timestamp"] == text == iso(datetime.fromisoformat(text))
+
+
+def test_the_received_clock_gives_the_millisecond_and_its_text():
+    clock = ReceivedClock()
+    before = datetime.now(UTC)
+    at, text = clock.now()
+    after = datetime.now(UTC)
+    assert before - timedelta(milliseconds=1) < at <= after
+    assert at.microsecond % 1000 == 0 and text == iso(at)
+    again_at, again_text = clock.now()
+    assert again_at >= at and again_text == iso(again_at)

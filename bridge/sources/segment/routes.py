@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -14,7 +14,7 @@ from bridge.httpx import ApiError, basic_credentials, json_response, parse_json,
 from bridge.routing import Routes
 from bridge.sources.base import Accepted, Ingestor, Rejection, SourceKind, all_rejected, batch_answer
 from bridge.sources.encoding import encode_event
-from bridge.sources.segment.spec import CALL_TYPES, Invalid, iso, normalise, parse_time
+from bridge.sources.segment.spec import CALL_TYPES, Invalid, ReceivedClock, normalise, parse_time
 
 BATCH_CALLS = ("batch", "import")
 # Authorization headers remembered once authenticated (see SegmentSources._source_for_header).
@@ -36,6 +36,7 @@ class SegmentSources(SourceKind):
         # path every time. Bounded: cleared when full. The sources are fixed for the life
         # of this object (a config change builds a new app).
         self._by_header: dict[str, SourceConfig] = {}
+        self._clock = ReceivedClock()
 
     def add_routes(self, routes: Routes) -> None:
         for call in (*sorted(CALL_TYPES), *BATCH_CALLS):
@@ -98,7 +99,7 @@ class SegmentSources(SourceKind):
             raise ApiError(
                 401, "write_key_mismatch", "the Basic auth write key and writeKey in the body are different keys"
             )
-        received_at = datetime.now(UTC)
+        received_at, received_iso = self._clock.now()
         if call in BATCH_CALLS:
             items = data.get("batch")
             if not isinstance(items, list):
@@ -107,6 +108,7 @@ class SegmentSources(SourceKind):
                 source,
                 items,
                 received_at,
+                received_iso,
                 sent_at=data.get("sentAt"),
                 context=data.get("context"),
                 integrations=data.get("integrations"),
@@ -115,7 +117,7 @@ class SegmentSources(SourceKind):
             if len(body) > self.config.server.max_event_bytes:
                 # A single call is its body: Segment's 32 KB per call, measured as sent.
                 raise _too_large(len(body), self.config.server.max_event_bytes)
-            accepted = self._accept(data, call, received_at, raw_size=len(body))
+            accepted = self._accept(data, call, received_at, received_iso=received_iso, raw_size=len(body))
         except Invalid as exc:
             self.ingestor.metrics.rejected(source.name, exc.code)
             raise ApiError(400, exc.code, exc.message) from None
@@ -162,6 +164,7 @@ class SegmentSources(SourceKind):
         source: SourceConfig,
         items: list[Any],
         received_at: datetime,
+        received_iso: str,
         *,
         sent_at: Any = None,
         context: Any = None,
@@ -176,9 +179,8 @@ class SegmentSources(SourceKind):
         accepted: list[Accepted] = []
         rejected: list[Rejection] = []
         ignored = 0
-        # Work shared by every event of the request, done once: receivedAt's text, and
-        # the batch's sentAt parsed (an invalid one is left for each event to report).
-        received_iso = iso(received_at)
+        # Work shared by every event of the request, done once: the batch's sentAt parsed
+        # (an invalid one is left for each event to report).
         parsed_sent_at = None
         if sent_at is not None:
             try:
@@ -227,7 +229,7 @@ class SegmentSources(SourceKind):
         if source.webhook_secret:
             _verify_signature(request.headers.get("X-Signature", ""), source.webhook_secret, body, data)
         items = data if isinstance(data, list) else [data]
-        return await self._store_many(source, items, datetime.now(UTC), keep_timestamp=True)
+        return await self._store_many(source, items, *self._clock.now(), keep_timestamp=True)
 
 
 def _verify_signature(given: str, secret: str, body: bytes, data: Any) -> None:
