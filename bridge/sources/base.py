@@ -80,12 +80,26 @@ class Ingestor:
         self._notify = notify
         self.metrics = metrics or NoMetrics()
         self._dest_mapping = {d.name: d.mapping for d in config.destinations}
+        # Per source: its destinations and their mappings, for the mapping set in force
+        # (``_linkers_for``); worked out once per set rather than once per request.
+        self._linkers_set: Mapping[str, CompiledMapping] | None = None
+        self._linkers: dict[str, list[tuple[str, CompiledMapping]]] = {}
+
+    def _linkers_for(self, source: SourceConfig) -> list[tuple[str, CompiledMapping]]:
+        mappings = self._mappings()
+        if mappings is not self._linkers_set:  # a reload swaps in a new set
+            self._linkers_set, self._linkers = mappings, {}
+        linkers = self._linkers.get(source.name)
+        if linkers is None:
+            linkers = [(dest, m) for dest in source.to if (m := mappings.get(self._dest_mapping[dest])) is not None]
+            self._linkers[source.name] = linkers
+        return linkers
 
     async def store_events(self, source: SourceConfig, accepted: Sequence[Accepted]) -> EnqueueResult:
         if not accepted:
             return EnqueueResult(0, 0)
-        mappings = self._mappings()
-        linkers = [(dest, m) for dest in source.to if (m := mappings.get(self._dest_mapping[dest])) is not None]
+        linkers = self._linkers_for(source)
+        to = source.to
         incoming: list[IncomingEvent] = []
         for a in accepted:
             links: tuple[IdentityLink, ...] = ()
@@ -93,7 +107,7 @@ class Ingestor:
                 link = mapping.identity_link(a.event)
                 if link is not None:
                     links += (IdentityLink(dest, link[0], link[1]),)
-            incoming.append(IncomingEvent(a.message_id, a.ordering_key, a.payload, source.to, links))
+            incoming.append(IncomingEvent(a.message_id, a.ordering_key, a.payload, to, links))
         try:
             result = await self.store.enqueue(source.name, incoming)
         except StoreFull as exc:
