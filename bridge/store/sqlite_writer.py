@@ -36,7 +36,7 @@ MAX_OPS_PER_COMMIT = 2000
 
 @dataclass(slots=True)
 class _Pending:
-    op: Operation
+    op: Operation | None  # None for a batchable call: batch_op runs its item
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
     writes: bool
@@ -44,6 +44,13 @@ class _Pending:
     batch_op: BatchOperation | None = None
     item: Any = None
     durable: bool = True
+
+    def run(self, conn: sqlite3.Connection) -> Any:
+        """Run this operation alone (a batchable call too: its item as a batch of one)."""
+        if self.op is not None:
+            return self.op(conn)
+        assert self.batch_op is not None
+        return self.batch_op(conn, [self.item])[0]
 
 
 @dataclass(slots=True)
@@ -129,22 +136,21 @@ class GroupCommitWriter:
         self._queue.put(_Pending(op, future, loop, writes, outside_transaction, durable=durable))
         return await future
 
-    async def submit_batchable(self, batch_op: BatchOperation, item: Any) -> Any:
+    def submit_batchable(self, batch_op: BatchOperation, item: Any) -> asyncio.Future[Any]:
         """Like ``submit``, but consecutive calls with the same ``batch_op`` that land in one
         transaction run as ONE ``batch_op(conn, items)`` call (set-based SQL instead of a few
-        statements per call); if that fails, each item runs alone so only its caller fails."""
+        statements per call); if that fails, each item runs alone so only its caller fails.
+
+        Returns the future to await rather than being a coroutine itself: one coroutine
+        less for every single-event Tracking API call."""
         if self._broken is not None:
             raise self._broken
         if self._stopped:
             raise StoreError("the store is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-
-        def alone(conn: sqlite3.Connection) -> Any:
-            return batch_op(conn, [item])[0]
-
-        self._queue.put(_Pending(alone, future, loop, True, False, batch_op, item))
-        return await future
+        self._queue.put(_Pending(None, future, loop, True, False, batch_op, item))
+        return future
 
     async def stop(self) -> None:
         """Finish what is queued, then close the connection and end the thread."""
@@ -280,7 +286,7 @@ class GroupCommitWriter:
         self._op_undo, self._op_commit = [], []
         try:
             self._sync_for(conn, True)
-            outcome = _Outcome(pending, result=pending.op(conn))
+            outcome = _Outcome(pending, result=pending.run(conn))
         except BaseException as exc:
             outcome = _Outcome(pending, error=_as_store_error(exc))
         self._txn_undo.extend(self._op_undo)
@@ -295,7 +301,7 @@ class GroupCommitWriter:
             return _Outcome(pending, error=_as_store_error(exc))
         self._op_undo, self._op_commit = [], []
         try:
-            result = pending.op(conn)
+            result = pending.run(conn)
         except BaseException as exc:
             try:
                 conn.execute("ROLLBACK TO op")
@@ -337,6 +343,15 @@ class GroupCommitWriter:
             pass
 
     def _finish(self, outcomes: list[_Outcome]) -> None:
+        if not outcomes:
+            return
+        loop = outcomes[0].pending.loop
+        if all(o.pending.loop is loop for o in outcomes):  # the usual case: one event loop
+            try:
+                loop.call_soon_threadsafe(_settle, outcomes)
+            except RuntimeError:
+                pass  # that loop is closed: nobody is waiting any more
+            return
         by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
         for outcome in outcomes:
             by_loop.setdefault(outcome.pending.loop, []).append(outcome)
