@@ -38,7 +38,6 @@ class OrderedSelection:
         self.window = max(limit * 4, MIN_WINDOW)
         self.budget = max(limit * 50, MIN_SCAN_BUDGET)
         self.chosen: list[int] = []
-        self.chosen_rows: list[Sequence[Any]] = []  # the rows of ``chosen``, as the store read them
         self.blocked: set[str] = set()
         self._after = 0
         self._scanned = 0
@@ -51,17 +50,14 @@ class OrderedSelection:
         return self._after, sorted(self.blocked)[:MAX_EXCLUDED_KEYS], self.window
 
     def take(self, rows: Iterable[Sequence[Any]]) -> None:
-        """Rows that start with (id, ordering_key, state, available_at, lease_until), in id
-        order; a store may read more columns after those, to build the jobs chosen from
-        ``chosen_rows`` without reading them again.
+        """Rows of (id, ordering_key, state, available_at, lease_until), in id order.
 
         ``rows`` may be a lazy cursor: iteration stops as soon as ``limit`` jobs are
         chosen, so the rest of the window is never fetched."""
         scanned = 0
         last_id = self._after
-        blocked, chosen, chosen_rows, now, ahead = self.blocked, self.chosen, self.chosen_rows, self.now, self.ahead
-        for row in rows:
-            job_id, key, state, available_at, lease_until = row[0], row[1], row[2], row[3], row[4]
+        blocked, chosen, now, ahead = self.blocked, self.chosen, self.now, self.ahead
+        for job_id, key, state, available_at, lease_until in rows:
             scanned += 1
             last_id = job_id
             if job_id in ahead:
@@ -79,7 +75,6 @@ class OrderedSelection:
             due = available_at <= now if state == QUEUED else (lease_until or 0.0) <= now
             if due:
                 chosen.append(int(job_id))
-                chosen_rows.append(row)
                 if len(chosen) >= self.limit:
                     self._done = True
                     return
