@@ -203,6 +203,8 @@ class DedupeKeys:
         self.added += len(keys)
         # Into the filters now rather than at the merge that moves them to dedupe_keys: a
         # key is in the filter before it is on disk (the one in use since ``stored``).
+        if self.filter is not None:
+            self.filter.count_added(len(keys))
         if self._building is not None:
             self._building.filter.add(keys)
         self._writer.on_rollback(lambda: self._recent.difference_update(keys))

@@ -245,3 +245,12 @@ def test_the_received_clock_gives_the_millisecond_and_its_text():
     assert at.microsecond % 1000 == 0 and text == iso(at)
     again_at, again_text = clock.now()
     assert again_at >= at and again_text == iso(again_at)
+
+
+def test_midnight_written_as_24_is_never_kept_as_sent():
+    # Python 3.11 refuses it; newer versions read it as the next day's 00:00, which iso
+    # writes differently, so it must never take the shortcut.
+    from bridge.sources.segment.spec import _is_iso
+
+    assert _is_iso("2026-11-23T23:59:59.999Z")
+    assert not _is_iso("2026-11-23T24:00:00.000Z")

@@ -58,6 +58,7 @@ def _is_iso(text: str) -> bool:
         and text[7] == "-"
         and text[13] == ":"
         and text[16] == ":"
+        and text[11:13] != "24"  # Python 3.14 reads 24:00 as the next day's 00:00
         and text.isascii()  # with the separators in place, the rest are ASCII digits
     )
 
