@@ -18,10 +18,17 @@ The per-key work runs in C (``map`` over bound methods, ``memoryview.cast``): 0.
 a key to add or to check, where a Python loop checking the same keys took 0.75. Adding
 keys reads and sets each byte in turn, lazily, so two keys of one call that share a byte
 both keep their bit.
+
+The bits live in an anonymous memory map, not a bytearray: ``bytearray(16 MiB)`` writes
+every byte before it returns (9 ms here, more on a busy core), holding the GIL, so the
+event loop stalled each time a store began its filter. The kernel hands out a map's
+zeroed pages as they are first touched, and indexing a memoryview of it is also a little
+faster than indexing a bytearray (0.33 against 0.38 us a key, measured).
 """
 
 from __future__ import annotations
 
+import mmap
 import operator
 from collections.abc import Sequence
 from itertools import compress, repeat
@@ -46,7 +53,7 @@ def check_bits(bits_log2: int) -> None:
 class KeyFilter:
     def __init__(self, bits_log2: int = DEFAULT_BITS_LOG2) -> None:
         check_bits(bits_log2)
-        self._bytes = bytearray(1 << (bits_log2 - 3))
+        self._bytes = memoryview(mmap.mmap(-1, 1 << (bits_log2 - 3)))
         self._shift = 32 - (bits_log2 - 3)  # the word's top bits index the bytes
         self.count = 0  # keys added, repeats included (a rebuild starts it again)
 

@@ -73,6 +73,24 @@ def test_check_and_add_answers_as_before_the_call_and_then_holds_every_key() -> 
     assert key_filter.check_and_add([]) == []
 
 
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads resident memory from /proc")
+def test_a_new_filter_takes_its_memory_as_keys_arrive_not_all_at_once() -> None:
+    # A bytearray of the default 16 MiB wrote every byte up front, holding the GIL, and
+    # was resident at once; the filter's pages now come as keys first touch them.
+    before = _resident_bytes()
+    key_filter = KeyFilter()
+    assert _resident_bytes() - before < 2 << 20
+    keys = [os.urandom(16) for _ in range(1000)]
+    assert key_filter.check_and_add(keys) == []
+    assert key_filter.might_hold(keys) == keys
+    assert _resident_bytes() - before < 8 << 20  # 1000 keys touch at most 1000 pages
+
+
 async def test_lookups_ask_sqlite_only_about_keys_the_filter_cannot_rule_out(tmp_path: Path) -> None:
     store = await opened(tmp_path / "b.db")
     old = [f"old-{i}" for i in range(300)]
