@@ -23,6 +23,12 @@ if TYPE_CHECKING:
     from bridge.runtime import Runtime
 
 MAX_ADMIN_BODY = 5 * 1024 * 1024
+# Record ids are signed 64-bit in both stores; a bigger number can name no record, and
+# would overflow the driver rather than match nothing.
+MAX_RECORD_ID = 2**63 - 1
+# One replay or purge names at most this many ids: the same bound as a listing's limit,
+# and well under SQLite's 32766 host parameters in one statement.
+MAX_IDS = 10000
 
 
 def add_admin_routes(routes: Routes, runtime: Runtime, token: str) -> None:
@@ -79,6 +85,13 @@ def _time(value: str | None, name: str) -> float | None:
     return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
 
 
+def _record_id(value: object) -> int:
+    """An id as the stores number records: a positive integer (not a JSON true) in range."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RECORD_ID:
+        raise ApiError(400, "invalid_parameter", f"ids are integers from 1 to {MAX_RECORD_ID}, not {value!r:.40}")
+    return value
+
+
 def _limit(request: web.Request) -> int:
     try:
         limit = int(request.query.get("limit", "100"))
@@ -132,7 +145,7 @@ class AdminApi:
 
     async def dlq_show(self, request: web.Request) -> web.Response:
         try:
-            ident = int(request.match_info["id"])
+            ident = _record_id(int(request.match_info["id"]))
         except ValueError:
             raise ApiError(400, "invalid_parameter", "id must be an integer") from None
         records = await self.runtime.store.list_dead(RecordFilter(ids=(ident,)), 1)
@@ -160,8 +173,12 @@ class AdminApi:
             if data.get(key) is not None and not isinstance(data[key], str):
                 raise ApiError(400, "invalid_parameter", f"{key} must be a string")
         ids = data.get("ids")
-        if ids is not None and (not isinstance(ids, list) or not all(isinstance(i, int) for i in ids)):
-            raise ApiError(400, "invalid_parameter", "ids must be a list of integers")
+        if ids is not None:
+            if not isinstance(ids, list):
+                raise ApiError(400, "invalid_parameter", "ids must be a list of integers")
+            if len(ids) > MAX_IDS:
+                raise ApiError(400, "too_many_ids", f"ids names {len(ids)} records; at most {MAX_IDS} at a time")
+            ids = [_record_id(i) for i in ids]
         if not data:
             raise ApiError(400, "filter_required", "give a filter (destination, reason, since, until or ids)")
         return RecordFilter(

@@ -128,6 +128,27 @@ async def test_admin_api_requires_its_token(bridge):
     assert (status, body["code"]) == (404, "not_found")
 
 
+async def test_admin_ids_out_of_range_are_a_400_not_a_crash(bridge):
+    # Record ids are signed 64-bit: a bigger one, a JSON true, or more ids than one
+    # statement can carry are the operator's mistake, answered as such.
+    too_big = 2**63
+    status, body = await bridge.get(f"/admin/dlq/{too_big}", ADMIN)
+    assert (status, body["code"]) == (400, "invalid_parameter"), body
+    status, body = await bridge.get("/admin/dlq/0", ADMIN)
+    assert (status, body["code"]) == (400, "invalid_parameter"), body
+    for path in ("/admin/dlq/replay", "/admin/dlq/purge"):
+        for ids in ([too_big], [True], [-1], ["7"]):
+            status, body = await bridge.post(path, {"ids": ids}, ADMIN)
+            assert (status, body["code"]) == (400, "invalid_parameter"), (path, ids, body)
+        status, body = await bridge.post(path, {"ids": list(range(1, 300_001))}, ADMIN)
+        assert (status, body["code"]) == (400, "too_many_ids"), body
+        # The largest id that can exist is a fair question with an empty answer.
+        status, body = await bridge.post(path, {"ids": [2**63 - 1, *range(1, 10_000)]}, ADMIN)
+        assert status == 200, body
+    status, body = await bridge.get(f"/admin/dlq/{2**63 - 1}", ADMIN)
+    assert (status, body["code"]) == (404, "not_found")
+
+
 async def test_admin_api_is_off_without_a_token(make_bridge):
     def tweak(raw: dict[str, Any]) -> None:
         raw["admin"] = {}
