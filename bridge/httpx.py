@@ -46,7 +46,10 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
 
 
 def error_response(err: ApiError) -> web.Response:
-    return json_response({"code": err.code, "message": err.message, **err.extra}, err.status, err.headers)
+    response = json_response({"code": err.code, "message": err.message, **err.extra}, err.status, err.headers)
+    if err.headers.get("Connection") == "close":
+        response.force_close()  # the header alone does not stop aiohttp keeping the connection
+    return response
 
 
 _HTTP_CODES = {
@@ -122,8 +125,14 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(limit) from None
     except (ValueError, OSError, RequestPayloadError) as exc:
-        # aiohttp raises while inflating a corrupt gzip stream.
-        raise ApiError(400, "invalid_encoding", f"cannot decode request body: {exc}") from None
+        # aiohttp raises while inflating a corrupt gzip stream. The rest of the body cannot
+        # be read either: mark it ended, so aiohttp does not try to drain it after we answer
+        # (and log the same error again as unhandled), and close the connection, whose
+        # framing is lost.
+        request.content.feed_eof()
+        raise ApiError(
+            400, "invalid_encoding", f"cannot decode request body: {exc}", headers={"Connection": "close"}
+        ) from None
     if len(body) > limit:
         raise _too_large(limit)
     return body
