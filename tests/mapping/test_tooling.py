@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -42,6 +43,23 @@ def test_check_ok_and_errors(tmp_path, capsys, shipped_copy):
     assert "3 error(s)" in out  # unknown kind; unknown key ruls + missing rules
     assert main(["mappings", "check", str(tmp_path / "missing.yaml")]) == 1
     assert "no such file or directory" in capsys.readouterr().out
+
+
+def test_the_walkthrough_quotes_the_error_mappings_check_prints(capsys, shipped_copy):
+    # docs/mappings.md walks through adding company_name after created_time, and shows the
+    # error a typo gets. Make that typo here: the docs must quote what the tool prints.
+    docs = (ROOT / "docs" / "mappings.md").read_text()
+    quoted = re.search(r"A typo such as `company_name: \{pth: \.\.\.\}` prints\s+`([^`]+)`", docs)
+    assert quoted, "docs/mappings.md no longer shows the typo's error"
+    target = shipped_copy / "segment-to-moengage.yaml"
+    lines = target.read_text().splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if line.strip().startswith("created_time:"))
+    indent = lines[at][: len(lines[at]) - len(lines[at].lstrip())]
+    lines.insert(at + 1, indent + "company_name: {pth: $.traits.company.name}\n")
+    target.write_text("".join(lines))
+    assert main(["mappings", "check", str(target)]) == 1
+    printed = capsys.readouterr().out.replace(str(shipped_copy) + "/", "mappings/")
+    assert quoted.group(1).removesuffix("...") in printed, (quoted.group(1), printed)
 
 
 def test_test_command_passes_then_fails_with_a_diff(capsys, shipped_copy):
