@@ -139,7 +139,8 @@ def _match(c: ExprCompiler, node: YNode, ypath: str, ignore_case: bool) -> Cond:
             continue
         getter = c.path_fn(p)
         op = "in" if want.is_list else "equals"
-        cond = compare(c, getter, op, want, join(ypath, key), ignore_case)
+        # match compares with the values as written (its guard relies on that)
+        cond = compare(c, getter, op, want, join(ypath, key), ignore_case, literal_only=True)
         conds.append(_guarded(cond, None if ignore_case else _match_guard(text, want)))
     return conjunction(tuple(conds))
 
@@ -218,13 +219,34 @@ def _key(x: Any, fold: bool) -> Any:
     return None
 
 
+def _is_reference(raw: Any) -> bool:
+    # As everywhere a value is read: "$..." is a path ($.x, $let.x, $link, $options.x);
+    # a literal string that starts with "$" is written {literal: "$..."}.
+    return isinstance(raw, str) and raw.startswith("$")
+
+
+def _compare_values(lhs: Fn, rhs: Fn, equal: bool, fold: bool) -> Cond:
+    """``equals`` another value of the same event: same type and value. Two absent values,
+    or two objects, are never equal, so a missing field cannot match a missing field."""
+
+    def same(env: Env) -> bool:
+        a = _key(lhs(env), fold)
+        return a is not None and a[1] is not None and a == _key(rhs(env), fold)
+
+    if equal:
+        return same
+    return lambda env: not same(env)
+
+
 def _is_num(x: Any) -> bool:
     t = type(x)
     return t is int or t is float
 
 
-def compare(c: ExprCompiler, lhs: Fn, op: str, rhs: YNode, ypath: str, fold: bool) -> Cond:
+def compare(c: ExprCompiler, lhs: Fn, op: str, rhs: YNode, ypath: str, fold: bool, literal_only: bool = False) -> Cond:
     raw = rhs.value
+    if op in ("equals", "not_equals") and not literal_only and (rhs.is_map or _is_reference(raw)):
+        return _compare_values(lhs, c.value(rhs, ypath), op == "equals", fold)
     if op in ("in", "not_in"):
         values: frozenset[Any]
         if isinstance(raw, str):

@@ -88,6 +88,20 @@ def test_values(tmp_path, expr, expected):
         ("{match: {type: track, event: [X, Order Completed]}}", True),
         ("{match: {type: page}}", False),
         ("{value: true, equals: 1}", False),  # booleans are not numbers
+        # equals another value of the event: a $ path or an expression
+        ("{value: $.userId, equals: $.userId}", True),
+        ("{value: $.userId, equals: $.anonymousId}", False),
+        ("{value: $.userId, not_equals: $.anonymousId}", True),
+        ("{value: $.traits.first_name, equals: {path: $.properties.name, pipe: [trim]}}", True),
+        ("{value: ADA, equals: $.traits.first_name, ignore_case: true}", True),
+        ("{value: 3, equals: $.properties.count}", False),  # types never mix: "3" is not 3
+        ("{value: {path: $.properties.count, pipe: [{to: integer}]}, equals: 3}", True),
+        ("{value: $.nope, equals: $.also_nope}", False),  # absent never equals absent
+        ("{value: $.nope, not_equals: $.also_nope}", True),
+        ("{value: $.properties.nothing, equals: $.properties.nothing}", False),  # nor null null
+        ("{value: $.properties.tags, equals: $.properties.tags}", False),  # lists are not compared
+        ("{value: $.event, equals: {literal: $.event}}", False),  # a literal "$..." string
+        ("{match: {event: $.event}}", False),  # match compares with the values as written
         ("true", True),
     ],
 )
