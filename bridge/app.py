@@ -14,7 +14,7 @@ from aiohttp import web
 from bridge.admin.routes import add_admin_routes
 from bridge.bindings import PrometheusBindings
 from bridge.config.model import Config
-from bridge.httpx import json_response
+from bridge.httpx import BODY_TIMEOUT, json_response
 from bridge.runtime import Runtime
 from bridge.sources.segment.routes import SegmentSources
 from bridge.sources.streams.routes import StreamsSources
@@ -34,6 +34,7 @@ def build_app(runtime: Runtime, bindings: PrometheusBindings) -> web.Application
         client_max_size=max(cfg.server.max_request_bytes, cfg.server.max_webhook_bytes, 8 * 1024 * 1024),
     )
     app[RUNTIME] = runtime
+    app[BODY_TIMEOUT] = cfg.server.body_timeout
     app[BINDINGS] = bindings
     runtime.on_reload = bindings.metrics.mapping_reload
     routes = bindings.routes(app)

@@ -6,6 +6,7 @@ the bridge's own fault (or 503 backpressure), never an answer to bad input.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -20,6 +21,10 @@ from aiohttp.web_protocol import RequestPayloadError
 log = structlog.get_logger("bridge.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# How long one request body may take to arrive (server.body_timeout); set on the app.
+BODY_TIMEOUT = web.AppKey("body_timeout", float)
+DEFAULT_BODY_TIMEOUT = 60.0
 
 
 class ApiError(Exception):
@@ -113,29 +118,40 @@ def _keep_headers(exc: web.HTTPException) -> dict[str, str]:
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
-    """Read the (already gzip-decoded) body, refusing more than ``limit`` bytes.
+    """Read the (already gzip-decoded) body, refusing more than ``limit`` bytes, or a body
+    that takes longer than the app's BODY_TIMEOUT to arrive (a client trickling bytes would
+    otherwise hold its connection and our buffer for ever).
 
     aiohttp stops reading at the app's client_max_size, so a decompression bomb is cut
     off there; the per-route ``limit`` is then checked on what was read.
     """
     if request.content_length is not None and request.content_length > limit and not _compressed(request):
         raise _too_large(limit)
+    timeout = request.app.get(BODY_TIMEOUT, DEFAULT_BODY_TIMEOUT)
     try:
-        body = await request.read()
+        async with asyncio.timeout(timeout):
+            body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(limit) from None
-    except (ValueError, OSError, RequestPayloadError) as exc:
-        # aiohttp raises while inflating a corrupt gzip stream. The rest of the body cannot
-        # be read either: mark it ended, so aiohttp does not try to drain it after we answer
-        # (and log the same error again as unhandled), and close the connection, whose
-        # framing is lost.
-        request.content.feed_eof()
-        raise ApiError(
-            400, "invalid_encoding", f"cannot decode request body: {exc}", headers={"Connection": "close"}
+    except TimeoutError:
+        raise _abandon_body(
+            request, ApiError(408, "request_timeout", f"the request body did not arrive within {timeout:g} s")
         ) from None
+    except (ValueError, OSError, RequestPayloadError) as exc:
+        # aiohttp raises while inflating a corrupt gzip stream.
+        raise _abandon_body(request, ApiError(400, "invalid_encoding", f"cannot decode request body: {exc}")) from None
     if len(body) > limit:
         raise _too_large(limit)
     return body
+
+
+def _abandon_body(request: web.Request, err: ApiError) -> ApiError:
+    """The rest of the body will not be read: mark it ended, so aiohttp does not try to
+    drain it after we answer (and log the same error again as unhandled, or wait on the
+    same slow client), and close the connection, whose framing is lost."""
+    request.content.feed_eof()
+    err.headers["Connection"] = "close"
+    return err
 
 
 def _compressed(request: web.Request) -> bool:

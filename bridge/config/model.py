@@ -46,6 +46,8 @@ class ServerConfig:
     max_webhook_events: int = 4000
     # Proxies whose X-Forwarded-For is believed when checking a source's allow_ips.
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    # How long one request body may take to arrive, from the end of its headers.
+    body_timeout: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +206,7 @@ def _server(r: Reader) -> ServerConfig:
         max_webhook_bytes=r.int("max_webhook_bytes", 16 * 1024 * 1024, minimum=1024),
         max_webhook_events=r.int("max_webhook_events", 4000, minimum=1),
         trusted_proxies=_networks(r, "trusted_proxies"),
+        body_timeout=r.float("body_timeout", 60.0, minimum=0.1),
     )
     r.done()
     if cfg.drain_seconds >= cfg.shutdown_timeout > 0:

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +11,17 @@ import pytest
 import yaml
 
 from bridge.config.loader import substitute_env
-from bridge.config.model import build_config, load_config, parse_rate
+from bridge.config.model import (
+    DeliveryConfig,
+    GuardConfig,
+    MappingsConfig,
+    RetryConfig,
+    ServerConfig,
+    StoreConfig,
+    build_config,
+    load_config,
+    parse_rate,
+)
 from bridge.destinations.base import ConfigError
 from bridge.destinations.moengage.destination import MoEngageDestination
 from bridge.sandbox import sandbox_env
@@ -198,3 +210,21 @@ def test_destination_urls_and_drain_are_checked(raw: dict[str, Any]) -> None:
     bad = copy.deepcopy(raw)
     bad["store"]["url"] = "mysql://bridge:s3cret@db/bridge"
     assert error_of(bad).startswith("store.url: unknown store URL scheme 'mysql'") and "s3cret" not in error_of(bad)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "section"),
+    [
+        ("server.", ServerConfig),
+        ("store.", StoreConfig),
+        ("mappings.", MappingsConfig),
+        ("destinations[].delivery.", DeliveryConfig),
+        ("destinations[].retry.", RetryConfig),
+        ("destinations[].guard.", GuardConfig),
+    ],
+)
+def test_the_readme_documents_every_config_key(prefix: str, section: type) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    documented = set(re.findall(r"^\| `([^`]+)` \|", readme, re.MULTILINE))
+    missing = [f.name for f in dataclasses.fields(section) if prefix + f.name not in documented]
+    assert not missing, f"README's configuration table lacks {', '.join(prefix + m for m in missing)}"

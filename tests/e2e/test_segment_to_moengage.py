@@ -197,6 +197,31 @@ async def test_a_corrupt_gzip_body_is_a_400_that_closes_the_connection_quietly(b
     assert (await bridge.post("/v1/track", track_body(userId="user-after"), basic(WRITE_KEY)))[0] == 200
 
 
+async def test_a_body_that_trickles_in_too_slowly_gets_a_408_and_the_connection_closes(make_bridge, caplog):
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["server"]["body_timeout"] = 0.3
+
+    bridge = await make_bridge(tweak)
+    assert bridge.client is not None
+    host, port = bridge.client.host, bridge.client.port
+    reader, writer = await asyncio.open_connection(host, port)
+    auth = basic(WRITE_KEY)["Authorization"]
+    head = f"POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nContent-Length: 500\r\n\r\n"
+    writer.write(head.encode() + b'{"userId": "slow", ')  # and then nothing more
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), timeout=5)  # read() returns at EOF: closed
+    writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 408"), answer
+    assert orjson.loads(rest.partition(b"\r\n\r\n")[2])["code"] == "request_timeout"
+    assert b"Connection: close" in rest
+    assert not [r for r in caplog.records if "Unhandled exception" in r.getMessage()]
+    # Others are served as usual, and nothing of the slow request was stored.
+    assert (await bridge.post("/v1/track", track_body(userId="user-fast"), basic(WRITE_KEY)))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1)
+    assert [e["customer_id"] for e in bridge.moengage.events()] == ["user-fast"]
+
+
 async def test_bad_input_gets_precise_4xx(bridge):
     h = basic(WRITE_KEY)
     status, data = await bridge.post("/v1/track", None, h, raw=b'{"userId": "u", ')
