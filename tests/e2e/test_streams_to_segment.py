@@ -274,6 +274,21 @@ async def test_streams_auth_json_and_validation_errors(bridge):
     ]
 
 
+async def test_a_streams_request_has_at_most_max_batch_events(make_bridge):
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["server"]["max_batch_events"] = 3
+
+    bridge = await make_bridge(tweak)
+    payload = seed_payload()
+    assert len(payload["events"]) == 3
+    assert (await bridge.post(PATH, payload, AUTH))[0] == 200
+    payload = seed_payload()
+    payload["events"].append({**payload["events"][0], "event_uuid": "one-too-many"})
+    status, data = await bridge.post(PATH, payload, AUTH)
+    assert (status, data["code"]) == (400, "too_many_events"), data
+    assert "4 events; at most 3" in data["message"]
+
+
 @pytest.mark.parametrize(
     ("auth", "headers", "status"),
     [

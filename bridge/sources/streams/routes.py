@@ -60,6 +60,11 @@ class StreamsSources(SourceKind):
             items = events_of(data)
         except Invalid as exc:
             raise ApiError(400, exc.code, exc.message) from None
+        limit = self.config.server.max_batch_events
+        if len(items) > limit:
+            # MoEngage sends ~100 a request; thousands of tiny events in one body would make
+            # one store write (and one answer) as large as the body allows.
+            raise ApiError(400, "too_many_events", f"the request has {len(items)} events; at most {limit}")
         accepted: list[Accepted] = []
         rejected: list[Rejection] = []
         for i, item in enumerate(items):
