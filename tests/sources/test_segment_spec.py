@@ -254,3 +254,15 @@ def test_midnight_written_as_24_is_never_kept_as_sent():
 
     assert _is_iso("2026-11-23T23:59:59.999Z")
     assert not _is_iso("2026-11-23T24:00:00.000Z")
+
+
+def test_received_at_is_the_bridge_s_own_unless_segment_set_it():
+    sent = {"userId": "u1", "event": "E", "receivedAt": "2020-01-01T00:00:00.000Z"}
+    tracked, _, _ = normalise(dict(sent), call_type="track", received_at=NOW)
+    assert tracked["receivedAt"] == iso(NOW)
+    # A client's garbage is not kept either.
+    tracked, _, _ = normalise(dict(sent, receivedAt={"x": 1}), call_type="track", received_at=NOW)
+    assert tracked["receivedAt"] == iso(NOW)
+    # Through Segment's Webhooks destination, receivedAt is Segment's: kept.
+    hooked, _, _ = normalise(dict(sent), call_type="track", received_at=NOW, keep_timestamp=True)
+    assert hooked["receivedAt"] == "2020-01-01T00:00:00.000Z"

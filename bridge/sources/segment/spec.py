@@ -255,7 +255,9 @@ def _compute_timestamps(
     parsed_sent_at: datetime | None,
 ) -> None:
     get = event.get
-    if "receivedAt" not in event:
+    # receivedAt is when the server got the call, as Segment's API sets it whatever the
+    # client sent; only a webhook (kept) carries the one Segment itself set.
+    if not keep or "receivedAt" not in event:
         event["receivedAt"] = received
     if keep and get("timestamp") is not None:
         parse_time(event["timestamp"], "timestamp")
