@@ -266,3 +266,17 @@ def test_received_at_is_the_bridge_s_own_unless_segment_set_it():
     # Through Segment's Webhooks destination, receivedAt is Segment's: kept.
     hooked, _, _ = normalise(dict(sent), call_type="track", received_at=NOW, keep_timestamp=True)
     assert hooked["receivedAt"] == "2020-01-01T00:00:00.000Z"
+
+
+@pytest.mark.parametrize("timestamp", [0, False, {}, [], 1700000000])
+def test_a_timestamp_that_is_not_a_string_is_invalid_whatever_its_truthiness(timestamp):
+    assert code_of({"userId": "u", "timestamp": timestamp}, "identify") == "invalid_timestamp"
+    assert code_of({"userId": "u", "originalTimestamp": timestamp}, "identify") == "invalid_timestamp"
+
+
+@pytest.mark.parametrize("absent", [None, ""])
+def test_a_null_or_empty_timestamp_is_the_receive_time(absent):
+    event, _, _ = normalise(
+        {"userId": "u", "timestamp": absent, "originalTimestamp": absent}, call_type="identify", received_at=NOW
+    )
+    assert event["timestamp"] == iso(NOW)

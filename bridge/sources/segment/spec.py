@@ -263,7 +263,13 @@ def _compute_timestamps(
         parse_time(event["timestamp"], "timestamp")
         return
     # A client-supplied timestamp is the device time: Segment keeps it as originalTimestamp.
-    original_raw = get("timestamp") or get("originalTimestamp")
+    # Only null and "" mean "not given"; any other non-string (0, false, {}) is reported
+    # as an invalid timestamp rather than quietly replaced by the receive time.
+    original_raw = get("timestamp")
+    if original_raw is None or original_raw == "":
+        original_raw = get("originalTimestamp")
+        if original_raw == "":
+            original_raw = None
     own_sent = get("sentAt")
     sent_raw = own_sent if own_sent is not None else sent_at
     if original_raw is None:
