@@ -236,6 +236,11 @@ async def test_bad_input_gets_precise_4xx(bridge):
     assert (status, data["code"]) == (400, "traits_not_object")
     status, data = await bridge.post("/v1/batch", {"batch": []}, h)
     assert (status, data["code"]) == (400, "empty_batch")
+    one = [{"type": "track", "userId": "u", "event": "E"}]
+    status, data = await bridge.post("/v1/batch", {"batch": one, "context": "web"}, h)
+    assert (status, data["code"]) == (400, "context_not_object"), data
+    status, data = await bridge.post("/v1/batch", {"batch": one, "integrations": [1]}, h)
+    assert (status, data["code"]) == (400, "integrations_not_object"), data
     status, data = await bridge.post("/v1/batch", {"batch": [{"type": "track", "userId": "u", "event": "E"}] * 2501}, h)
     assert status == 400 and data["code"] in ("too_many_events", "payload_too_large")
     big = track_body(properties={"blob": "x" * 40_000})

@@ -104,6 +104,10 @@ class SegmentSources(SourceKind):
             items = data.get("batch")
             if not isinstance(items, list):
                 raise ApiError(400, "invalid_batch", "batch must be an array of events")
+            for key in ("context", "integrations"):
+                # Merged into every event: a wrong type would otherwise be dropped unseen.
+                if data.get(key) is not None and not isinstance(data[key], dict):
+                    raise ApiError(400, f"{key}_not_object", f"the batch's {key} must be an object")
             return await self._store_many(
                 source,
                 items,
