@@ -125,7 +125,16 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     aiohttp stops reading at the app's client_max_size, so a decompression bomb is cut
     off there; the per-route ``limit`` is then checked on what was read.
     """
-    if request.content_length is not None and request.content_length > limit and not _compressed(request):
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in _ENCODINGS:
+        # aiohttp inflates gzip and deflate, refuses br and zstd itself, and passes any
+        # other value through as if it were identity: refuse it rather than guess.
+        raise ApiError(
+            415,
+            "unsupported_encoding",
+            f"Content-Encoding {encoding[:40]!r} is not supported; send gzip, deflate or identity",
+        )
+    if request.content_length is not None and request.content_length > limit and encoding in _IDENTITY:
         raise _too_large(limit)
     timeout = request.app.get(BODY_TIMEOUT, DEFAULT_BODY_TIMEOUT)
     try:
@@ -149,6 +158,10 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return body
 
 
+_IDENTITY = ("", "identity")
+_ENCODINGS = frozenset({*_IDENTITY, "gzip", "deflate"})
+
+
 def _abandon_body(request: web.Request, err: ApiError) -> ApiError:
     """The rest of the body will not be read: mark it ended, so aiohttp does not try to
     drain it after we answer (and log the same error again as unhandled, or wait on the
@@ -156,10 +169,6 @@ def _abandon_body(request: web.Request, err: ApiError) -> ApiError:
     request.content.feed_eof()
     err.headers["Connection"] = "close"
     return err
-
-
-def _compressed(request: web.Request) -> bool:
-    return request.headers.get("Content-Encoding", "identity").lower() not in ("", "identity")
 
 
 def _too_large(limit: int) -> ApiError:

@@ -13,6 +13,7 @@ from typing import Any, TextIO
 
 import orjson
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from bridge.observability.redaction import clear_secrets, fingerprint, redact, redact_text, register_secret
@@ -117,6 +118,30 @@ def configure_logging(level: str = "info", fmt: str = "auto", *, stream: TextIO 
     root.setLevel(threshold)
     # aiohttp's access log would be one line per request; the app counts requests in metrics instead.
     logging.getLogger("aiohttp.access").setLevel(max(threshold, logging.WARNING))
+    server = logging.getLogger("aiohttp.server")
+    for old_filter in [f for f in server.filters if isinstance(f, _ClientFaultFilter)]:
+        server.removeFilter(old_filter)
+    server.addFilter(_ClientFaultFilter(threshold))
+
+
+class _ClientFaultFilter(logging.Filter):
+    """aiohttp logs a request it cannot parse (malformed HTTP, oversized headers, a
+    Content-Encoding it cannot decode) as an ERROR with a traceback. That is the client's
+    fault, not ours: one info line like any other rejected request, so anyone on the
+    network cannot fill the error log or page an operator."""
+
+    def __init__(self, threshold: int) -> None:
+        super().__init__()
+        self.threshold = threshold
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.msg, record.args = "bad_http_request: %s %s", (exc.code, str(exc.message).splitlines()[0][:200])
+        record.exc_info = record.exc_text = None
+        return self.threshold <= logging.INFO
 
 
 def reset_logging() -> None:

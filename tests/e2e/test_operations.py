@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -232,6 +233,57 @@ async def test_secrets_never_reach_the_logs(make_bridge):
             base64.b64encode(f"{STREAMS_USER}:{secret}".encode()).decode(),
         ):
             assert form not in logged, f"a secret leaked into the logs: {secret[:4]}…"
+
+
+async def raw_exchange(bridge: Any, request: bytes) -> bytes:
+    assert bridge.client is not None
+    reader, writer = await asyncio.open_connection(bridge.client.host, bridge.client.port)
+    writer.write(request)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), timeout=5)
+    writer.close()
+    return answer
+
+
+async def test_malformed_http_is_an_info_line_not_an_error_traceback(bridge):
+    # aiohttp rejects these before the bridge sees them; left alone it logs each as an
+    # ERROR with a traceback, which any client could use to flood the error log.
+    stream = io.StringIO()
+    configure_logging("info", "json", stream=stream)
+    register_secret(WRITE_KEY)
+    auth = basic(WRITE_KEY)["Authorization"].encode()
+    try:
+        for request in (
+            b"POST /v1/track HTTP/1.1\r\nHost: x\r\nContent-Encoding: br\r\nContent-Length: 2\r\n\r\n{}",
+            b"POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: "
+            + auth
+            + b"\r\nX-Pad: "
+            + b"a" * 9000
+            + b"\r\n\r\n",
+            b"GARBAGE\r\n\r\n",
+        ):
+            answer = await raw_exchange(bridge, request)
+            assert answer.startswith(b"HTTP/1.0 400") or answer.startswith(b"HTTP/1.1 400"), answer[:60]
+        await asyncio.sleep(0.05)
+    finally:
+        configure_logging("warning", "console")
+    lines = [orjson.loads(line) for line in stream.getvalue().splitlines()]
+    server = [line for line in lines if line.get("logger") == "aiohttp.server"]
+    assert len(server) == 2, lines  # (a request line aiohttp cannot read at all it does not log)
+    assert {line["level"] for line in server} == {"info"}
+    assert all(line["event"].startswith("bad_http_request: 400") for line in server), server
+    assert "Traceback" not in stream.getvalue() and WRITE_KEY not in stream.getvalue()
+    # At level warning these lines are not written at all.
+    quiet = io.StringIO()
+    configure_logging("warning", "json", stream=quiet)
+    try:
+        await raw_exchange(
+            bridge, b"POST /v1/track HTTP/1.1\r\nHost: x\r\nContent-Encoding: br\r\nContent-Length: 2\r\n\r\n{}"
+        )
+        await asyncio.sleep(0.05)
+    finally:
+        configure_logging("warning", "console")
+    assert quiet.getvalue() == ""
 
 
 def copy_mappings(tmp_path: Path) -> Path:

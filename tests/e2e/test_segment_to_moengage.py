@@ -178,6 +178,15 @@ async def test_gzip_bodies(bridge):
         "/v1/track", None, {**basic(WRITE_KEY), "Content-Encoding": "gzip"}, raw=b"\x1f\x8bnot really gzip"
     )
     assert status == 400, data
+    # An encoding aiohttp does not know it passes through as is: refused, not parsed as JSON.
+    plain = orjson.dumps(track_body(userId="user-gz3"))
+    for encoding in ("compress", "gzip, br", "x-custom"):
+        status, data = await bridge.post(
+            "/v1/track", None, {**basic(WRITE_KEY), "Content-Encoding": encoding}, raw=plain
+        )
+        assert (status, data["code"]) == (415, "unsupported_encoding"), (encoding, data)
+    status, _ = await bridge.post("/v1/track", None, {**basic(WRITE_KEY), "Content-Encoding": "Identity"}, raw=plain)
+    assert status == 200
 
 
 async def test_a_corrupt_gzip_body_is_a_400_that_closes_the_connection_quietly(bridge, caplog):
