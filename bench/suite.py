@@ -19,6 +19,7 @@ from bench.procs import (
     core_busy,
     load_average,
     pinnable,
+    quiet_disk,
     run_loadgen,
 )
 from bench.servers import (
@@ -177,6 +178,7 @@ def ingest_phases(
         for key, args in shapes:
             for name in ("floor", "bridge"):
                 tag = f"{key}-{name}-{round_no}"
+                quiet_disk(work)
                 server: Server
                 if name == "floor":
                     server = Floor(work, log_dir, tag)
