@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestServer
 from bench import floor
 from bench.httpload import LoadGenerator, latency_summary, percentile
 from bench.payloads import batch_workload, single_workload, streams_workload
+from bench.procs import quiet_disk
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -171,8 +172,6 @@ async def test_loadgen_process_prints_its_tally(floor_server: tuple[int, Path]) 
 
 
 def test_quiet_disk_removes_stopped_servers_stores_and_nothing_else(tmp_path: Path) -> None:
-    from bench.procs import quiet_disk
-
     stores = [tmp_path / n for n in ("floor-batch-0.db", "bridge-batch-0.db-wal", "bridge-batch-0.db-shm")]
     kept = [tmp_path / n for n in ("bridge-batch-0.yaml", "logs.txt")]
     for path in stores + kept:
