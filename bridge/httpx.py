@@ -125,23 +125,27 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     aiohttp stops reading at the app's client_max_size, so a decompression bomb is cut
     off there; the per-route ``limit`` is then checked on what was read.
     """
-    encoding = request.headers.get("Content-Encoding", "").strip().lower()
-    if encoding not in _ENCODINGS:
-        # aiohttp inflates gzip and deflate, refuses br and zstd itself, and passes any
-        # other value through as if it were identity: refuse it rather than guess.
-        raise ApiError(
-            415,
-            "unsupported_encoding",
-            f"Content-Encoding {encoding[:40]!r} is not supported; send gzip, deflate or identity",
-        )
-    if request.content_length is not None and request.content_length > limit and encoding in _IDENTITY:
+    encoding = request.headers.get("Content-Encoding")
+    if encoding is not None:  # (most requests have none: the checks cost only those that do)
+        encoding = encoding.strip().lower()
+        if encoding not in _ENCODINGS:
+            # aiohttp inflates gzip and deflate, refuses br and zstd itself, and passes any
+            # other value through as if it were identity: refuse it rather than guess.
+            raise ApiError(
+                415,
+                "unsupported_encoding",
+                f"Content-Encoding {encoding[:40]!r} is not supported; send gzip, deflate or identity",
+            )
+    length = request.content_length
+    if length is not None and length > limit and encoding in _IDENTITY:
         raise _too_large(limit)
-    timeout = request.app.get(BODY_TIMEOUT, DEFAULT_BODY_TIMEOUT)
+    timeout = 0.0
     try:
         if request.content.is_eof():
             # Usually the whole body came with the headers: no timer (one costs ~5 µs).
             body = await request.read()
         else:
+            timeout = request.app.get(BODY_TIMEOUT, DEFAULT_BODY_TIMEOUT)
             async with asyncio.timeout(timeout):
                 body = await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -158,8 +162,8 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return body
 
 
-_IDENTITY = ("", "identity")
-_ENCODINGS = frozenset({*_IDENTITY, "gzip", "deflate"})
+_IDENTITY = (None, "", "identity")
+_ENCODINGS = frozenset({"", "identity", "gzip", "deflate"})
 
 
 def _abandon_body(request: web.Request, err: ApiError) -> ApiError:
