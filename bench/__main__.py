@@ -63,7 +63,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--update-docs", action="store_true", help="also write the table into docs/benchmarks.md and README.md"
     )
-    p.add_argument("--keep", action="store_true", help="keep the work directory (stores, logs, profiles)")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the work directory (logs, profiles, and the stores of the phases after ingest; "
+        "each ingest run's store is deleted before the next run starts)",
+    )
     args = p.parse_args(argv)
     for name in ("duration", "repeat", "delivery_events", "memory_events", "memory_seconds"):
         value = getattr(args, name)

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.compression_utils import HAS_BROTLI, HAS_ZSTD
 from aiohttp.web_protocol import RequestPayloadError
 
 log = structlog.get_logger("bridge.http")
@@ -127,14 +128,16 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     """
     encoding = request.headers.get("Content-Encoding")
     if encoding is not None:  # (most requests have none: the checks cost only those that do)
-        encoding = encoding.strip().lower()
+        # Every header of the name: aiohttp decodes by the last, so "gzip" then "x-custom"
+        # must not pass as gzip. Two or more are refused, as one list of codings is.
+        encoding = ", ".join(request.headers.getall("Content-Encoding")).strip().lower()
         if encoding not in _ENCODINGS:
-            # aiohttp inflates gzip and deflate, refuses br and zstd itself, and passes any
-            # other value through as if it were identity: refuse it rather than guess.
+            # aiohttp inflates what it knows and passes any other value through as if it
+            # were identity: refuse it rather than guess.
             raise ApiError(
                 415,
                 "unsupported_encoding",
-                f"Content-Encoding {encoding[:40]!r} is not supported; send gzip, deflate or identity",
+                f"Content-Encoding {encoding[:40]!r} is not supported; send one of: {_ACCEPTED}",
             )
     length = request.content_length
     if length is not None and length > limit and encoding in _IDENTITY:
@@ -149,10 +152,20 @@ async def read_body(request: web.Request, limit: int) -> bytes:
             async with asyncio.timeout(timeout):
                 body = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise _too_large(limit) from None
+        # A compressed body past the ceiling may be a bomb: do not let aiohttp go on
+        # inflating the rest after we answer. A plain one is drained, cheaply, so the client
+        # reads the 413 rather than a reset.
+        err = _too_large(limit)
+        raise (err if encoding in _IDENTITY else _abandon_body(request, err)) from None
     except TimeoutError:
         raise _abandon_body(
             request, ApiError(408, "request_timeout", f"the request body did not arrive within {timeout:g} s")
+        ) from None
+    except ConnectionError:
+        # The client went away mid-body: nobody reads this answer, but the log should say
+        # what happened rather than blame the encoding.
+        raise _abandon_body(
+            request, ApiError(400, "incomplete_body", "the connection closed before the body arrived")
         ) from None
     except (ValueError, OSError, RequestPayloadError) as exc:
         # aiohttp raises while inflating a corrupt gzip stream.
@@ -163,7 +176,11 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 
 
 _IDENTITY = (None, "", "identity")
-_ENCODINGS = frozenset({"", "identity", "gzip", "deflate"})
+# What aiohttp inflates here: br and zstd only when their libraries are installed.
+_ENCODINGS = frozenset(
+    {"", "identity", "gzip", "deflate", *(["br"] if HAS_BROTLI else []), *(["zstd"] if HAS_ZSTD else [])}
+)
+_ACCEPTED = ", ".join(sorted(_ENCODINGS - {""}))
 
 
 def _abandon_body(request: web.Request, err: ApiError) -> ApiError:

@@ -179,7 +179,8 @@ class AdminApi:
             if len(ids) > MAX_IDS:
                 raise ApiError(400, "too_many_ids", f"ids names {len(ids)} records; at most {MAX_IDS} at a time")
             ids = [_record_id(i) for i in ids]
-        if not data:
+        if all(v is None for v in data.values()):
+            # {} and {"ids": null} alike: a filter of nothing must not select everything.
             raise ApiError(400, "filter_required", "give a filter (destination, reason, since, until or ids)")
         return RecordFilter(
             destination=data.get("destination"),

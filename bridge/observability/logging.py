@@ -14,6 +14,7 @@ from typing import Any, TextIO
 import orjson
 import structlog
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from bridge.observability.redaction import clear_secrets, fingerprint, redact, redact_text, register_secret
@@ -118,15 +119,20 @@ def configure_logging(level: str = "info", fmt: str = "auto", *, stream: TextIO 
     root.setLevel(threshold)
     # aiohttp's access log would be one line per request; the app counts requests in metrics instead.
     logging.getLogger("aiohttp.access").setLevel(max(threshold, logging.WARNING))
+    _remove_client_fault_filter()
+    logging.getLogger("aiohttp.server").addFilter(_ClientFaultFilter(threshold))
+
+
+def _remove_client_fault_filter() -> None:
     server = logging.getLogger("aiohttp.server")
-    for old_filter in [f for f in server.filters if isinstance(f, _ClientFaultFilter)]:
-        server.removeFilter(old_filter)
-    server.addFilter(_ClientFaultFilter(threshold))
+    for old in [f for f in server.filters if isinstance(f, _ClientFaultFilter)]:
+        server.removeFilter(old)
 
 
 class _ClientFaultFilter(logging.Filter):
     """aiohttp logs a request it cannot parse (malformed HTTP, oversized headers, a
-    Content-Encoding it cannot decode) as an ERROR with a traceback. That is the client's
+    Content-Encoding it cannot decode) as an ERROR with a traceback, and so a body that
+    fails to inflate while it drains a request we already answered. That is the client's
     fault, not ours: one info line like any other rejected request, so anyone on the
     network cannot fill the error log or page an operator."""
 
@@ -136,10 +142,12 @@ class _ClientFaultFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if not isinstance(exc, HttpProcessingError):
+        if record.levelno < logging.WARNING or not isinstance(exc, HttpProcessingError | RequestPayloadError):
             return True
+        text = str(exc.message if isinstance(exc, HttpProcessingError) else exc)
         record.levelno, record.levelname = logging.INFO, "INFO"
-        record.msg, record.args = "bad_http_request: %s %s", (exc.code, str(exc.message).splitlines()[0][:200])
+        record.msg = "bad_http_request: %s %s"
+        record.args = (getattr(exc, "code", 400), (text.strip().splitlines() or [""])[0][:200])
         record.exc_info = record.exc_text = None
         return self.threshold <= logging.INFO
 
@@ -147,6 +155,7 @@ class _ClientFaultFilter(logging.Filter):
 def reset_logging() -> None:
     """Undo `configure_logging`: structlog defaults, our stdlib handler removed (tests)."""
     structlog.reset_defaults()
+    _remove_client_fault_filter()
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _OurHandler)]:
         root.removeHandler(old)

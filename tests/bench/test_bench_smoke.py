@@ -171,7 +171,9 @@ async def test_loadgen_process_prints_its_tally(floor_server: tuple[int, Path]) 
     assert result["statuses"] == {"200": 3}
 
 
-def test_quiet_disk_removes_stopped_servers_stores_and_nothing_else(tmp_path: Path) -> None:
+def test_quiet_disk_removes_stopped_servers_stores_and_nothing_else(tmp_path: Path, monkeypatch) -> None:
+    synced = []
+    monkeypatch.setattr("bench.procs.os.sync", lambda: synced.append(True))
     stores = [tmp_path / n for n in ("floor-batch-0.db", "bridge-batch-0.db-wal", "bridge-batch-0.db-shm")]
     kept = [tmp_path / n for n in ("bridge-batch-0.yaml", "logs.txt")]
     for path in stores + kept:
@@ -179,3 +181,4 @@ def test_quiet_disk_removes_stopped_servers_stores_and_nothing_else(tmp_path: Pa
     quiet_disk(tmp_path)
     assert [p.name for p in stores if p.exists()] == []
     assert all(p.exists() for p in kept)
+    assert synced == [True]

@@ -231,6 +231,48 @@ async def test_a_body_that_trickles_in_too_slowly_gets_a_408_and_the_connection_
     assert [e["customer_id"] for e in bridge.moengage.events()] == ["user-fast"]
 
 
+async def raw_exchange(bridge: Any, request: bytes, timeout: float = 5) -> bytes:
+    """Send raw bytes; the whole answer, read until the bridge closes the connection."""
+    assert bridge.client is not None
+    reader, writer = await asyncio.open_connection(bridge.client.host, bridge.client.port)
+    writer.write(request)
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.read(), timeout=timeout)
+    finally:
+        writer.close()
+
+
+async def test_two_content_encodings_are_refused_not_decoded_by_the_last(bridge):
+    # aiohttp decodes by the last Content-Encoding header: "gzip" then "x-custom" would
+    # pass a check of the first and then be parsed as plain JSON.
+    plain = orjson.dumps(track_body(userId="user-two-enc"))
+    auth = basic(WRITE_KEY)["Authorization"].encode()
+    head = b"POST /v1/track HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: " + auth + b"\r\n"
+    for codings in ((b"gzip", b"x-custom"), (b"gzip", b"identity")):
+        extra = b"".join(b"Content-Encoding: " + c + b"\r\n" for c in codings)
+        answer = await raw_exchange(bridge, head + extra + b"Content-Length: %d\r\n\r\n" % len(plain) + plain)
+        assert answer.startswith(b"HTTP/1.1 415"), answer[:200]
+        assert orjson.loads(answer.partition(b"\r\n\r\n")[2])["code"] == "unsupported_encoding"
+    await asyncio.sleep(0.1)
+    assert bridge.moengage.events() == []
+
+
+async def test_a_gzip_bomb_past_the_ceiling_ends_its_connection_with_the_413(bridge):
+    # Past the app's client_max_size aiohttp stops reading; left alone it would go on
+    # inflating the rest while it drains the request, then keep the connection.
+    bomb = gzip.compress(b"\0" * 64 * 1024 * 1024)
+    auth = basic(WRITE_KEY)["Authorization"].encode()
+    answer = await raw_exchange(
+        bridge,
+        b"POST /segment/webhook HTTP/1.1\r\nHost: x\r\nAuthorization: " + auth + b"\r\n"
+        b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(bomb) + bomb,
+    )
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413") and b"Connection: close" in head, head
+    assert orjson.loads(body)["code"] == "payload_too_large"
+
+
 async def test_bad_input_gets_precise_4xx(bridge):
     h = basic(WRITE_KEY)
     status, data = await bridge.post("/v1/track", None, h, raw=b'{"userId": "u", ')

@@ -280,3 +280,21 @@ def test_a_null_or_empty_timestamp_is_the_receive_time(absent):
         {"userId": "u", "timestamp": absent, "originalTimestamp": absent}, call_type="identify", received_at=NOW
     )
     assert event["timestamp"] == iso(NOW)
+
+
+def test_an_empty_sent_at_is_absent_as_an_empty_timestamp_is():
+    ts = "2026-11-23T06:33:31.593Z"
+    for sent in ("", None):
+        event, _, _ = normalise(
+            {"userId": "u", "event": "E", "timestamp": ts, "sentAt": sent}, call_type="track", received_at=NOW
+        )
+        assert event["timestamp"] == ts  # no sentAt: the device time stands
+        event, _, _ = normalise(
+            {"userId": "u", "event": "E", "timestamp": ts}, call_type="track", received_at=NOW, sent_at=sent
+        )
+        assert event["timestamp"] == ts
+    # Through a webhook an empty timestamp is the receive time too, not an error.
+    event, _, _ = normalise(
+        {"userId": "u", "event": "E", "timestamp": ""}, call_type="track", received_at=NOW, keep_timestamp=True
+    )
+    assert event["timestamp"] == iso(NOW)

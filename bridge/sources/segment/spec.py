@@ -246,6 +246,9 @@ _OBJECT_FIELDS = (
 )
 
 
+_ABSENT = (None, "")
+
+
 def _compute_timestamps(
     event: dict[str, Any],
     received_at: datetime,
@@ -259,19 +262,21 @@ def _compute_timestamps(
     # client sent; only a webhook (kept) carries the one Segment itself set.
     if not keep or "receivedAt" not in event:
         event["receivedAt"] = received
-    if keep and get("timestamp") is not None:
+    # Only null and "" mean "not given", for every time field; any other non-string
+    # (0, false, {}) is reported as an invalid timestamp rather than quietly replaced.
+    if keep and get("timestamp") not in _ABSENT:
         parse_time(event["timestamp"], "timestamp")
         return
     # A client-supplied timestamp is the device time: Segment keeps it as originalTimestamp.
-    # Only null and "" mean "not given"; any other non-string (0, false, {}) is reported
-    # as an invalid timestamp rather than quietly replaced by the receive time.
     original_raw = get("timestamp")
     if original_raw is None or original_raw == "":
         original_raw = get("originalTimestamp")
         if original_raw == "":
             original_raw = None
     own_sent = get("sentAt")
-    sent_raw = own_sent if own_sent is not None else sent_at
+    if own_sent == "":
+        own_sent = None
+    sent_raw = own_sent if own_sent is not None else (None if sent_at == "" else sent_at)
     if original_raw is None:
         event["timestamp"] = received
         return
