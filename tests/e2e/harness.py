@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.web_runner import BaseRunner
 from yarl import URL
 
 from bridge.app import build_app
@@ -103,6 +104,15 @@ def config_dict(tmp_path: Path, moengage_url: str, segment_url: str) -> dict[str
     }
 
 
+class ServedAsInProduction(TestServer):
+    """aiohttp's TestServer cancels a handler whose client disconnects; `bridge serve`
+    (aiohttp's default) lets it finish. Serve the bridge the way production does."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        kwargs["handler_cancellation"] = False
+        return await super()._make_runner(**kwargs)
+
+
 @dataclass
 class Bridge:
     """A running bridge plus its upstream stand-ins."""
@@ -138,7 +148,7 @@ class Bridge:
             store=self.store_factory() if self.store_factory else None,
         )
         app: web.Application = build_app(self.runtime, self.bindings)
-        self.client = TestClient(TestServer(app, host="127.0.0.1"))
+        self.client = TestClient(ServedAsInProduction(app, host="127.0.0.1"))
         await self.client.start_server()
         self._clients.append(self.client)
         return self

@@ -301,6 +301,33 @@ async def test_malformed_http_is_an_info_line_not_an_error_traceback(bridge):
     assert quiet.getvalue() == ""
 
 
+async def test_a_client_gone_mid_body_is_logged_as_such_not_as_a_bad_encoding(bridge):
+    stream = io.StringIO()
+    configure_logging("info", "json", stream=stream)
+    try:
+        assert bridge.client is not None
+        _, writer = await asyncio.open_connection(bridge.client.host, bridge.client.port)
+        auth = basic(WRITE_KEY)["Authorization"].encode()
+        writer.write(
+            b"POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: " + auth + b"\r\nContent-Length: 900\r\n\r\n{"
+        )
+        await writer.drain()
+        await asyncio.sleep(0.1)  # the handler is waiting for the rest
+        writer.close()
+
+        def rejected() -> list[dict[str, Any]]:
+            lines = [orjson.loads(line) for line in stream.getvalue().splitlines()]
+            return [line for line in lines if line.get("event") == "request_rejected"]
+
+        async def logged() -> bool:
+            return bool(rejected())
+
+        await wait_until(logged, what="the rejection's log line")
+    finally:
+        configure_logging("warning", "console")
+    assert [line["code"] for line in rejected()] == ["incomplete_body"], stream.getvalue()
+
+
 def copy_mappings(tmp_path: Path) -> Path:
     target = tmp_path / "mappings"
     shutil.copytree(REPO / "mappings", target)
