@@ -133,10 +133,18 @@ async def post(
             timeout=aiohttp.ClientTimeout(total=timeout),
             allow_redirects=False,
         ) as resp:
-            raw = await _read_prefix(resp, BODY_KEEP_BYTES)
+            # From here the upstream has answered: its status decides (a 2xx was
+            # processed, a 413 must split), even when the body then fails to arrive.
+            try:
+                text = (await _read_prefix(resp, BODY_KEEP_BYTES)).decode("utf-8", errors="replace")
+            except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+                text = f"(the response body could not be read: {type(exc).__name__}: {exc})"
+            location = resp.headers.get("Location")
+            if location and 300 <= resp.status < 400:
+                text = f"Location: {location}\n{text}"  # where a redirect pointed, for the DLQ
             return Response(
                 status=resp.status,
-                body=raw.decode("utf-8", errors="replace"),
+                body=text,
                 retry_after=parse_retry_after(resp.headers.get("Retry-After")),
             )
     except TimeoutError:

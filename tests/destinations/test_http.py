@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import email.utils
 import socket
@@ -161,3 +162,57 @@ async def test_post_does_not_follow_redirects(aiohttp_server):
 )
 def test_check_url(url, ok):
     assert (http.check_url(url) is None) is ok
+
+
+class RawAnswer:
+    """A TCP server that reads one request and answers with ``raw``, then resets the
+    connection (``then="reset"``) or leaves it hanging (``then="hang"``): an answer whose
+    status line arrives but whose body does not, as a proxy or a dying upstream sends."""
+
+    def __init__(self, raw: bytes, then: str) -> None:
+        self.raw, self.then = raw, then
+        self.requests = 0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/v1/x"
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self.server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._tasks.append(asyncio.current_task())  # type: ignore[arg-type]
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))
+        await reader.readexactly(length)
+        self.requests += 1
+        writer.write(self.raw)
+        await writer.drain()
+        if self.then == "reset":
+            writer.transport.abort()
+        else:
+            await asyncio.sleep(3600)
+
+
+@pytest.mark.parametrize("then", ["reset", "hang"])
+@pytest.mark.parametrize("status", [200, 413, 400])
+async def test_a_status_that_arrived_decides_even_when_its_body_does_not(status, then):
+    # The upstream answered: a 200 was processed (retrying would send it twice), a 413
+    # must split, a 400 bisect. Losing the status to the body's failure did all three wrong.
+    raw = b'HTTP/1.1 %d X\r\nContent-Length: 1000\r\n\r\n{"status":' % status
+    async with RawAnswer(raw, then) as url, http.create_session(5.0) as session:
+        response = await http.post(session, url, b"{}", {}, 0.5)
+    assert response.status == status, response
+    assert response.error is None
+    assert response.body.startswith("(the response body could not be read: "), response.body
+
+
+async def test_a_redirect_says_where_it_pointed():
+    raw = b"HTTP/1.1 308 Permanent Redirect\r\nLocation: https://elsewhere.example/v1/x\r\nContent-Length: 0\r\n\r\n"
+    async with RawAnswer(raw, "reset") as url, http.create_session(5.0) as session:
+        response = await http.post(session, url, b"{}", {}, 2.0)
+    assert response.status == 308
+    assert response.body.startswith("Location: https://elsewhere.example/v1/x"), response.body
