@@ -383,7 +383,15 @@ class DestinationWorker:
                         batch.unsent.update(it.job_id for it in later.items)
                     break
         else:
-            await asyncio.gather(*(self._send(r, batch, ordered=False) for r in requests))
+            # Every request finishes before anything is settled or recovered: were one to
+            # fail and the rest be recovered while still in flight, their 200s would land
+            # on jobs already scheduled again, and those events would be sent twice.
+            outcomes = await asyncio.gather(
+                *(self._send(r, batch, ordered=False) for r in requests), return_exceptions=True
+            )
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
         await self._settle(batch, job_items, mapping.version)
 
     def _hold_back(self, batch: _Batch, items: list[Item], job_items: dict[int, list[Item]]) -> list[Item]:
@@ -490,9 +498,9 @@ class DestinationWorker:
 
         Returns False when the request (or, in ordered mode, part of it) was not sent or
         must be retried, so the caller can hold back what comes after it."""
-        if self._stopping or batch.guard_reason:
-            # Shutting down, or about to pause: start nothing new. Unsent jobs are given
-            # back without counting the attempt.
+        if self._stopping or batch.guard_reason or self.paused:
+            # Shutting down, about to pause, or paused (by an operator, mid-batch): start
+            # nothing new. Unsent jobs are given back without counting the attempt.
             batch.unsent.update(it.job_id for it in request.items)
             return False
         cost = self.client.rate_cost(request).buckets
@@ -508,8 +516,8 @@ class DestinationWorker:
             batch.unsent.update(it.job_id for it in request.items)
             return False
         await self.limiter.acquire(cost)
-        if self._stopping:
-            # SIGTERM arrived while waiting for tokens: still nothing new after it.
+        if self._stopping or self.paused:
+            # SIGTERM or a pause arrived while waiting for tokens: still nothing new after it.
             batch.unsent.update(it.job_id for it in request.items)
             return False
         started = time.monotonic()
