@@ -204,12 +204,24 @@ async def wait_until(
         await asyncio.sleep(0.02)
 
 
+async def raw_exchange(bridge: Bridge, request: bytes, timeout: float = 5) -> bytes:
+    """Send ``request`` byte for byte; the whole answer, read until the bridge closes the
+    connection (malformed HTTP that no client library would send, say)."""
+    url = URL(bridge.url)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    writer.write(request)
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.read(), timeout=timeout)
+    finally:
+        writer.close()
+
+
 async def raw_post(bridge: Bridge, path: str, header: bytes, body: bytes) -> tuple[int, dict[str, Any]]:
     """POST with header lines written byte for byte: HTTP clients refuse non-ASCII headers,
     but a server must still answer them with a 4xx."""
-    url = URL(bridge.url)
-    reader, writer = await asyncio.open_connection(url.host, url.port)
-    writer.write(
+    response = await raw_exchange(
+        bridge,
         b"POST "
         + path.encode()
         + b" HTTP/1.1\r\nHost: bridge\r\nContent-Type: application/json\r\n"
@@ -217,11 +229,8 @@ async def raw_post(bridge: Bridge, path: str, header: bytes, body: bytes) -> tup
         + b"\r\nContent-Length: "
         + str(len(body)).encode()
         + b"\r\nConnection: close\r\n\r\n"
-        + body
+        + body,
     )
-    await writer.drain()
-    response = await reader.read()
-    writer.close()
     head, _, payload = response.partition(b"\r\n\r\n")
     return int(head.split(b" ")[1]), orjson.loads(payload)
 

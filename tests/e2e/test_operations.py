@@ -33,6 +33,7 @@ from tests.e2e.harness import (
     WRITE_KEY,
     basic,
     config_dict,
+    raw_exchange,
     wait_until,
 )
 from tests.e2e.proc import BridgeProcess
@@ -240,16 +241,6 @@ async def test_secrets_never_reach_the_logs(make_bridge):
             base64.b64encode(f"{STREAMS_USER}:{secret}".encode()).decode(),
         ):
             assert form not in logged, f"a secret leaked into the logs: {secret[:4]}…"
-
-
-async def raw_exchange(bridge: Any, request: bytes) -> bytes:
-    assert bridge.client is not None
-    reader, writer = await asyncio.open_connection(bridge.client.host, bridge.client.port)
-    writer.write(request)
-    await writer.drain()
-    answer = await asyncio.wait_for(reader.read(), timeout=5)
-    writer.close()
-    return answer
 
 
 async def test_malformed_http_is_an_info_line_not_an_error_traceback(bridge):

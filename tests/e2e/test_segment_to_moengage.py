@@ -24,6 +24,7 @@ from tests.e2e.harness import (
     WRITE_KEY,
     basic,
     nested,
+    raw_exchange,
     raw_post,
     wait_until,
 )
@@ -211,15 +212,10 @@ async def test_a_body_that_trickles_in_too_slowly_gets_a_408_and_the_connection_
         raw["server"]["body_timeout"] = 0.3
 
     bridge = await make_bridge(tweak)
-    assert bridge.client is not None
-    host, port = bridge.client.host, bridge.client.port
-    reader, writer = await asyncio.open_connection(host, port)
     auth = basic(WRITE_KEY)["Authorization"]
     head = f"POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nContent-Length: 500\r\n\r\n"
-    writer.write(head.encode() + b'{"userId": "slow", ')  # and then nothing more
-    await writer.drain()
-    answer = await asyncio.wait_for(reader.read(), timeout=5)  # read() returns at EOF: closed
-    writer.close()
+    # ... and then nothing more; the answer is read until the bridge closes the connection
+    answer = await raw_exchange(bridge, head.encode() + b'{"userId": "slow", ')
     status_line, _, rest = answer.partition(b"\r\n")
     assert status_line.startswith(b"HTTP/1.1 408"), answer
     assert orjson.loads(rest.partition(b"\r\n\r\n")[2])["code"] == "request_timeout"
@@ -229,18 +225,6 @@ async def test_a_body_that_trickles_in_too_slowly_gets_a_408_and_the_connection_
     assert (await bridge.post("/v1/track", track_body(userId="user-fast"), basic(WRITE_KEY)))[0] == 200
     await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1)
     assert [e["customer_id"] for e in bridge.moengage.events()] == ["user-fast"]
-
-
-async def raw_exchange(bridge: Any, request: bytes, timeout: float = 5) -> bytes:
-    """Send raw bytes; the whole answer, read until the bridge closes the connection."""
-    assert bridge.client is not None
-    reader, writer = await asyncio.open_connection(bridge.client.host, bridge.client.port)
-    writer.write(request)
-    await writer.drain()
-    try:
-        return await asyncio.wait_for(reader.read(), timeout=timeout)
-    finally:
-        writer.close()
 
 
 async def test_two_content_encodings_are_refused_not_decoded_by_the_last(bridge):
