@@ -37,6 +37,8 @@ class RetryPolicy:
         status = response.status
         if 200 <= status < 300:
             return Action.DELIVERED
+        if response.failure is not None:
+            return Action.BISECT if items > 1 else Action.DEAD
         if status == 0 or status in self.config.retryable_statuses:
             return Action.RETRY
         if status == 413:

@@ -567,7 +567,11 @@ class DestinationWorker:
                 action=action.value,
                 body=response.body[:300],
             )
-        body = self.client.render_for_record(request) if action is Action.DEAD else b""
+        body = b""
+        if action is Action.DEAD:
+            # A request that could not be built is kept as its items: rendering it again
+            # would fail again.
+            body = _items_json(request) if response.failure else self.client.render_for_record(request)
         verdict = Verdict(action, response, body)  # the same for every item: one object
         rank = _rank(action)
         items_left, verdicts = batch.items_left, batch.verdicts
@@ -615,8 +619,7 @@ class DestinationWorker:
                 else:
                     retries.add(job_id, job.attempts, resp.retry_after if resp else None)
             else:
-                reason = "payload_too_large" if resp and resp.status == 413 else f"http_{resp.status if resp else 0}"
-                dead.append(self._dead(job_id, reason, resp, verdict.request_body, batch, version))
+                dead.append(self._dead(job_id, _dead_reason(resp), resp, verdict.request_body, batch, version))
         if acked:
             await self.store.ack(acked, version, fence=batch.fence)
             batch.settled.update(acked)
@@ -681,6 +684,19 @@ _RANKS = {Action.DELIVERED: 0, Action.RETRY: 1, Action.DEAD: 2, Action.SPLIT: 2,
 
 def _rank(action: Action) -> int:
     return _RANKS[action]
+
+
+def _items_json(request: Request) -> bytes:
+    return b"[" + b",".join(it.encoded for it in request.items) + b"]"
+
+
+def _dead_reason(resp: Response | None) -> str:
+    """The DLQ reason of a request refused for good: what failed, or the HTTP status."""
+    if resp is not None and resp.failure:
+        return resp.failure  # never sent: render_error, unknown_endpoint
+    if resp is not None and resp.status == 413:
+        return "payload_too_large"
+    return f"http_{resp.status if resp else 0}"
 
 
 def _describe(resp: Response | None) -> str:

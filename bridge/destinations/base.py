@@ -55,6 +55,10 @@ class Response:
     body: str = ""  # response body (truncated to a few KB)
     retry_after: float | None = None  # seconds, parsed from Retry-After when present
     error: str | None = None  # "timeout", "connection_error: ..." when status == 0
+    # Set when the request could not even be built ("render_error", "unknown_endpoint"):
+    # nothing was sent and no retry can change that, so it is dead-lettered (bisected
+    # first, to find the items at fault), never retried for the whole retry budget.
+    failure: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

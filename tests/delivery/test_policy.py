@@ -112,3 +112,11 @@ def test_a_failed_batch_is_rescheduled_together():
     assert len(schedule.groups) == 2 and sum(map(len, schedule.groups.values())) == 500
     schedule.add(999, attempts=1, retry_after=30.0)  # told when: its own due time, at least 30 s out
     assert len(schedule.groups) == 3 and min(at for at, ids in schedule.groups.items() if 999 in ids) >= 1030
+
+
+def test_a_request_that_could_not_be_built_is_bisected_then_dead_not_retried():
+    policy = RetryPolicy(RetryConfig())
+    broken = Response(0, error="render_error: bad item", failure="render_error")
+    assert policy.classify(broken, 8) is Action.BISECT  # find the items at fault
+    assert policy.classify(broken, 1) is Action.DEAD
+    assert policy.classify(Response(0, error="timeout"), 1) is Action.RETRY  # unlike a network failure

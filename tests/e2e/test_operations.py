@@ -733,3 +733,36 @@ async def test_an_operator_pause_stops_the_batch_already_being_sent(make_bridge)
     assert (await bridge.post("/admin/destinations/moengage-main/resume", None, ADMIN))[0] == 200
     await bridge.moengage.wait_for(lambda: len(set(sent_seqs(bridge))) == 50, timeout=30)
     assert [seq for seq, n in collections.Counter(sent_seqs(bridge)).items() if n > 1] == []
+
+
+async def test_an_item_that_cannot_be_rendered_is_dead_lettered_alone_not_retried(make_bridge):
+    # A request the destination cannot even build (a bug, or a value it cannot encode)
+    # was retried as a network failure for the whole retry budget, its good items too.
+    bridge = await make_bridge()
+    assert bridge.runtime is not None
+    client = bridge.runtime.delivery.workers["moengage-main"].client
+    real_render = client.render
+
+    def render(request: Any) -> bytes:
+        if any(b"poison" in item.encoded for item in request.items):
+            raise TypeError("cannot encode this value")
+        rendered: bytes = real_render(request)
+        return rendered
+
+    client.render = render
+    batch = seq_batch(4, "r")
+    batch["batch"][2]["properties"]["seq"] = "poison"
+    assert (await bridge.post("/v1/batch", batch, H))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(sent_seqs(bridge)) == 3, timeout=10)
+    assert sorted(sent_seqs(bridge)) == ["r-0", "r-1", "r-3"]
+
+    async def dead() -> bool:
+        _, body = await bridge.get("/admin/dlq", ADMIN)
+        return len(body["dead_letters"]) == 1
+
+    await wait_until(dead, what="the one dead letter")
+    _, body = await bridge.get("/admin/dlq", ADMIN)
+    (letter,) = body["dead_letters"]
+    assert (letter["message_id"], letter["reason"]) == ("r-2", "render_error")
+    _, shown = await bridge.get(f"/admin/dlq/{letter['id']}", ADMIN)
+    assert "poison" in str(shown["request"]) and "cannot encode" in shown["response_body"], shown

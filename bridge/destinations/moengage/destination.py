@@ -156,11 +156,11 @@ class MoEngageDestination(Destination):
 
     async def send(self, request: Request) -> Response:
         if request.endpoint not in self._urls:
-            return Response(0, error=f"unknown endpoint {request.endpoint!r}")
+            return Response(0, error=f"unknown endpoint {request.endpoint!r}", failure="unknown_endpoint")
         try:
             body = self.render(request)
         except (ValueError, TypeError) as exc:
-            return Response(0, error=f"render_error: {exc}")
+            return Response(0, error=f"render_error: {exc}", failure="render_error")
         return await self._http.post(self._urls[request.endpoint], body, self._headers)
 
     def rate_cost(self, request: Request) -> RateCost:

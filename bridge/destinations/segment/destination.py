@@ -145,11 +145,11 @@ class SegmentDestination(Destination):
 
     async def send(self, request: Request) -> Response:
         if request.endpoint != BATCH:
-            return Response(0, error=f"unknown endpoint {request.endpoint!r}")
+            return Response(0, error=f"unknown endpoint {request.endpoint!r}", failure="unknown_endpoint")
         try:
             body = self.render(request)
         except TypeError as exc:
-            return Response(0, error=f"render_error: {exc}")
+            return Response(0, error=f"render_error: {exc}", failure="render_error")
         return await self._http.post(self._url, body, self._headers)
 
     def rate_cost(self, request: Request) -> RateCost:
