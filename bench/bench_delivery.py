@@ -41,7 +41,6 @@ from bridge.config.model import load_config
 from bridge.destinations.base import Request, Response
 from bridge.mapping.api import MapContext
 from bridge.runtime import Runtime
-from bridge.sources.base import Accepted
 from bridge.sources.encoding import encode_event
 from bridge.sources.segment.spec import normalise
 
@@ -108,11 +107,11 @@ async def _preload(runtime: Runtime, events: Sequence[dict[str, Any]]) -> None:
     source = next(s for s in runtime.config.sources if MOENGAGE_DEST in s.to)
     received = datetime.now(UTC)
     for start in range(0, len(events), STORE_CHUNK):
-        accepted = []
+        collected = runtime.ingestor.collector(source)
         for item in events[start : start + STORE_CHUNK]:
             event, message_id, key = normalise(item, call_type=None, received_at=received)
-            accepted.append(Accepted(event, message_id, key, encode_event(event)))
-        await runtime.ingestor.store_events(source, accepted)
+            collected.accept(event, message_id, key, encode_event(event))
+        await runtime.ingestor.store_events(source, collected.incoming)
 
 
 def _answer_in_process(runtime: Runtime, tally: list[int]) -> None:

@@ -11,7 +11,7 @@ import orjson
 from bench.servers import MOENGAGE_DEST, bridge_config
 from bridge.config.model import load_config
 from bridge.mapping.api import CompiledMapping
-from bridge.sources.base import Accepted, Ingestor
+from bridge.sources.base import Ingestor
 from bridge.store.base import EnqueueResult, IdentityLink, IncomingEvent, Store
 
 
@@ -44,15 +44,17 @@ async def test_a_reloaded_mapping_set_is_used_for_the_next_requests_links(tmp_pa
     store = Recording()
     ingestor = Ingestor(cast(Store, store), config, lambda: in_force[0], lambda names: None)
 
-    def accepted(message_id: str) -> list[Accepted]:
-        return [Accepted({"userId": "u1"}, message_id, "u1", b"{}")]
+    async def request(message_id: str) -> None:
+        collected = ingestor.collector(source)
+        collected.accept({"userId": "u1"}, message_id, "u1", b"{}")
+        await ingestor.store_events(source, collected.incoming)
 
-    await ingestor.store_events(source, accepted("m1"))
-    await ingestor.store_events(source, accepted("m2"))
+    await request("m1")
+    await request("m2")
     in_force[0] = {mapping_name: cast(CompiledMapping, Linking("second"))}  # a reload
-    await ingestor.store_events(source, accepted("m3"))
+    await request("m3")
     in_force[0] = {}  # the destination's mapping is gone: no link for it
-    await ingestor.store_events(source, accepted("m4"))
+    await request("m4")
 
     links = [call[0].links for call in store.calls]
     assert links == [

@@ -10,9 +10,9 @@ from typing import Any
 from aiohttp import web
 
 from bridge.config.model import Config, SourceConfig
-from bridge.httpx import ApiError, basic_credentials, json_response, parse_json, read_body, same_secret, secret_digest
+from bridge.httpx import ApiError, basic_credentials, parse_json, read_body, same_secret, secret_digest
 from bridge.routing import Routes
-from bridge.sources.base import Accepted, Ingestor, Rejection, SourceKind, all_rejected, batch_answer
+from bridge.sources.base import Collected, Ingestor, SourceKind, store_collected
 from bridge.sources.encoding import encode_event
 from bridge.sources.segment.spec import CALL_TYPES, Invalid, ReceivedClock, normalise, parse_time
 
@@ -84,10 +84,15 @@ class SegmentSources(SourceKind):
 
     # -- /v1/* --------------------------------------------------------------------
     async def tracking_api(self, request: web.Request) -> web.Response:
-        call = request.path.rsplit("/", 1)[-1]
         # Authenticate before reading the body whenever the header allows it.
         source = self._source_for_header(request)
         body = await read_body(request, self.config.server.max_request_bytes)
+        # Parsed and validated in a plain function, so the parsed body is freed before
+        # the wait for the commit (see ``Collected``).
+        collected = self._collect_call(request.path.rsplit("/", 1)[-1], source, body)
+        return await store_collected(self.ingestor, collected)
+
+    def _collect_call(self, call: str, source: SourceConfig | None, body: bytes) -> Collected:
         data = parse_json(body)
         if not isinstance(data, dict):
             raise ApiError(400, "invalid_json", "expected a JSON object")
@@ -100,6 +105,7 @@ class SegmentSources(SourceKind):
                 401, "write_key_mismatch", "the Basic auth write key and writeKey in the body are different keys"
             )
         received_at, received_iso = self._clock.now()
+        collected = self.ingestor.collector(source)
         if call in BATCH_CALLS:
             items = data.get("batch")
             if not isinstance(items, list):
@@ -108,8 +114,8 @@ class SegmentSources(SourceKind):
                 # Merged into every event: a wrong type would otherwise be dropped unseen.
                 if data.get(key) is not None and not isinstance(data[key], dict):
                     raise ApiError(400, f"{key}_not_object", f"the batch's {key} must be an object")
-            return await self._store_many(
-                source,
+            self._collect_many(
+                collected,
                 items,
                 received_at,
                 received_iso,
@@ -117,19 +123,20 @@ class SegmentSources(SourceKind):
                 context=data.get("context"),
                 integrations=data.get("integrations"),
             )
+            return collected
         try:
             if len(body) > self.config.server.max_event_bytes:
                 # A single call is its body: Segment's 32 KB per call, measured as sent.
                 raise _too_large(len(body), self.config.server.max_event_bytes)
-            accepted = self._accept(data, call, received_at, received_iso=received_iso, raw_size=len(body))
+            self._accept(collected, data, call, received_at, received_iso=received_iso, raw_size=len(body))
         except Invalid as exc:
             self.ingestor.metrics.rejected(source.name, exc.code)
             raise ApiError(400, exc.code, exc.message) from None
-        result = await self.ingestor.store_events(source, [accepted])
-        return json_response(batch_answer(result.stored, result.duplicates, []))
+        return collected
 
     def _accept(
         self,
+        collected: Collected,
         item: Any,
         call: str | None,
         received_at: datetime,
@@ -141,7 +148,7 @@ class SegmentSources(SourceKind):
         received_iso: str | None = None,
         parsed_sent_at: datetime | None = None,
         raw_size: int | None = None,
-    ) -> Accepted:
+    ) -> None:
         event, message_id, key = normalise(
             item,
             call_type=call,
@@ -161,11 +168,11 @@ class SegmentSources(SourceKind):
             raw_size = len(encode_event(item))
         if raw_size is not None and raw_size > limit:
             raise _too_large(raw_size, limit)
-        return Accepted(event, message_id, key, payload)
+        collected.accept(event, message_id, key, payload)
 
-    async def _store_many(
+    def _collect_many(
         self,
-        source: SourceConfig,
+        collected: Collected,
         items: list[Any],
         received_at: datetime,
         received_iso: str,
@@ -174,15 +181,12 @@ class SegmentSources(SourceKind):
         context: Any = None,
         integrations: Any = None,
         keep_timestamp: bool = False,
-    ) -> web.Response:
+    ) -> None:
         if not items:
             raise ApiError(400, "empty_batch", "the batch has no events")
         limit = self.config.server.max_webhook_events if keep_timestamp else self.config.server.max_batch_events
         if len(items) > limit:
             raise ApiError(400, "too_many_events", f"the batch has {len(items)} events; at most {limit}")
-        accepted: list[Accepted] = []
-        rejected: list[Rejection] = []
-        ignored = 0
         # Work shared by every event of the request, done once: the batch's sentAt parsed
         # (an invalid one is left for each event to report).
         parsed_sent_at = None
@@ -194,34 +198,23 @@ class SegmentSources(SourceKind):
         for i, item in enumerate(items):
             if keep_timestamp and isinstance(item, dict) and _ignored_type(item.get("type")):
                 # Acknowledged, not stored: answering 400 would show as a failed delivery in Segment.
-                ignored += 1
+                collected.ignored += 1
                 continue
             try:
-                accepted.append(
-                    self._accept(
-                        item,
-                        None,
-                        received_at,
-                        sent_at=sent_at,
-                        context=context,
-                        integrations=integrations,
-                        keep_timestamp=keep_timestamp,
-                        received_iso=received_iso,
-                        parsed_sent_at=parsed_sent_at,
-                    )
+                self._accept(
+                    collected,
+                    item,
+                    None,
+                    received_at,
+                    sent_at=sent_at,
+                    context=context,
+                    integrations=integrations,
+                    keep_timestamp=keep_timestamp,
+                    received_iso=received_iso,
+                    parsed_sent_at=parsed_sent_at,
                 )
             except Invalid as exc:
-                rejected.append(Rejection(i, exc.code, exc.message))
-                self.ingestor.metrics.rejected(source.name, exc.code)
-        if not accepted:
-            if ignored and not rejected:
-                return json_response({"success": True, "accepted": 0, "ignored": ignored})
-            raise all_rejected(rejected)
-        result = await self.ingestor.store_events(source, accepted)
-        answer = batch_answer(len(accepted), result.duplicates, rejected)
-        if ignored:
-            answer["ignored"] = ignored
-        return json_response(answer)
+                collected.reject(i, exc.code, exc.message)
 
     # -- /segment/webhook -----------------------------------------------------------
     async def webhook(self, request: web.Request) -> web.Response:
@@ -229,11 +222,17 @@ class SegmentSources(SourceKind):
         if source is None:
             raise ApiError(401, "write_key_required", "the webhook needs the write key as the Basic auth username")
         body = await read_body(request, self.config.server.max_webhook_bytes)
+        collected = self._collect_webhook(source, body, request.headers.get("X-Signature", ""))
+        return await store_collected(self.ingestor, collected)
+
+    def _collect_webhook(self, source: SourceConfig, body: bytes, signature: str) -> Collected:
         data = parse_json(body)
         if source.webhook_secret:
-            _verify_signature(request.headers.get("X-Signature", ""), source.webhook_secret, body, data)
+            _verify_signature(signature, source.webhook_secret, body, data)
         items = data if isinstance(data, list) else [data]
-        return await self._store_many(source, items, *self._clock.now(), keep_timestamp=True)
+        collected = self.ingestor.collector(source)
+        self._collect_many(collected, items, *self._clock.now(), keep_timestamp=True)
+        return collected
 
 
 def _verify_signature(given: str, secret: str, body: bytes, data: Any) -> None:

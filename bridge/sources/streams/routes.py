@@ -5,9 +5,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from bridge.config.model import Config, SourceConfig
-from bridge.httpx import ApiError, basic_credentials, json_response, parse_json, read_body, same_secret
+from bridge.httpx import ApiError, basic_credentials, parse_json, read_body, same_secret
 from bridge.routing import Routes
-from bridge.sources.base import Accepted, Ingestor, Rejection, SourceKind, all_rejected, batch_answer
+from bridge.sources.base import Collected, Ingestor, SourceKind, store_collected
 from bridge.sources.client_ip import client_address
 from bridge.sources.encoding import encode_event
 from bridge.sources.segment.spec import Invalid
@@ -55,7 +55,13 @@ class StreamsSources(SourceKind):
             # Same answer as a wrong credential: do not reveal which source names exist.
             raise ApiError(401, "unauthorized", "unknown source or missing credentials")
         self._authorise(request, source)
-        data = parse_json(await read_body(request, MAX_STREAMS_BODY))
+        body = await read_body(request, MAX_STREAMS_BODY)
+        # Parsed and validated in a plain function, so the parsed body is freed before
+        # the wait for the commit (see ``Collected``).
+        return await store_collected(self.ingestor, self._collect(source, body))
+
+    def _collect(self, source: SourceConfig, body: bytes) -> Collected:
+        data = parse_json(body)
         try:
             items = events_of(data)
         except Invalid as exc:
@@ -65,16 +71,11 @@ class StreamsSources(SourceKind):
             # MoEngage sends ~100 a request; thousands of tiny events in one body would make
             # one store write (and one answer) as large as the body allows.
             raise ApiError(400, "too_many_events", f"the request has {len(items)} events; at most {limit}")
-        accepted: list[Accepted] = []
-        rejected: list[Rejection] = []
+        collected = self.ingestor.collector(source)
         for i, item in enumerate(items):
             try:
                 event, uuid, key = normalise(item)
-                accepted.append(Accepted(event, uuid, key, encode_event(event)))
+                collected.accept(event, uuid, key, encode_event(event))
             except Invalid as exc:
-                rejected.append(Rejection(i, exc.code, exc.message))
-                self.ingestor.metrics.rejected(source.name, exc.code)
-        if not accepted:
-            raise all_rejected(rejected)
-        result = await self.ingestor.store_events(source, accepted)
-        return json_response(batch_answer(len(accepted), result.duplicates, rejected))
+                collected.reject(i, exc.code, exc.message)
+        return collected
