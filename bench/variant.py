@@ -10,12 +10,18 @@ SPEC is a comma-separated list (``-`` for none):
                    server core with the event loop.
 - ``gc=A/B/C``     ``gc.set_threshold(A, B, C)``: fewer, larger young collections.
 - ``gc_freeze``    ``gc.freeze()`` after imports, so the collector skips start-up objects.
+- ``gc_stats``     at exit, print to stderr each generation's collections, the objects they
+                   collected, and their total and longest pause.
 """
 
 from __future__ import annotations
 
+import atexit
 import gc
 import sys
+import time
+
+import bridge.app
 
 
 class VariantError(ValueError):
@@ -38,18 +44,57 @@ def apply(spec: str, *, dry_run: bool = False) -> list[str]:
                 a, b, c = (int(x) for x in value.split("/"))
                 if not dry_run:
                     gc.set_threshold(a, b, c)
+                    # The bridge sets its own thresholds once it has started: make it set these.
+                    bridge.app.GC_THRESHOLDS = (a, b, c)
+            elif name == "gc_stats" and not value:
+                if not dry_run:
+                    GcStats().install()
             elif name == "gc_freeze" and not value:
                 if not dry_run:
                     gc.collect()
                     gc.freeze()
             else:
-                raise VariantError(f"unknown variant item {item!r}; expected switch=S, gc=A/B/C or gc_freeze")
+                raise VariantError(f"unknown variant item {item!r}; expected switch=S, gc=A/B/C, gc_freeze or gc_stats")
         except ValueError as exc:
             if isinstance(exc, VariantError):
                 raise
             raise VariantError(f"bad value in variant item {item!r}: {exc}") from None
         applied.append(item.strip())
     return applied
+
+
+class GcStats:
+    """Collections per generation, what they collected, and their pauses, printed at exit."""
+
+    def __init__(self) -> None:
+        self.runs = [0, 0, 0]
+        self.collected = [0, 0, 0]
+        self.seconds = [0.0, 0.0, 0.0]
+        self.longest = [0.0, 0.0, 0.0]
+        self._started = 0.0
+
+    def install(self) -> None:
+        gc.callbacks.append(self._callback)
+        atexit.register(self.report)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        took = time.perf_counter() - self._started
+        generation = info["generation"]
+        self.runs[generation] += 1
+        self.collected[generation] += info["collected"]
+        self.seconds[generation] += took
+        self.longest[generation] = max(self.longest[generation], took)
+
+    def report(self) -> None:
+        for generation in range(3):
+            sys.stderr.write(
+                f"bench.variant gc_stats: generation {generation}: {self.runs[generation]} collections, "
+                f"{self.collected[generation]} objects collected, {self.seconds[generation] * 1e3:.1f} ms in all, "
+                f"longest {self.longest[generation] * 1e3:.2f} ms\n"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
