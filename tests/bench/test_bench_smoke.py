@@ -135,6 +135,13 @@ def test_floor_reads_events_by_endpoint_shape() -> None:
     assert floor.events_in("/v1/track", [1, 2]) is None
 
 
+def test_floor_rows_are_the_raw_events_and_bad_bodies_get_none() -> None:
+    rows = floor.rows_of("/v1/batch", b'{"batch": [{"a": 1}, {"b": [2]}]}')
+    assert rows is not None and [body for _, body in rows] == [b'{"a":1}', b'{"b":[2]}']
+    assert floor.rows_of("/v1/batch", b"{not json") is None
+    assert floor.rows_of("/v1/batch", b'{"batch": 1}') is None
+
+
 def test_percentiles_are_nearest_rank() -> None:
     values = [i / 1000 for i in range(1, 101)]
     assert percentile(values, 50) == 0.05
