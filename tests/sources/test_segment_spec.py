@@ -3,8 +3,9 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
+from bridge.sources.segment.millis import micros
 from bridge.sources.segment.routes import first_array_item
-from bridge.sources.segment.spec import Invalid, ReceivedClock, iso, normalise
+from bridge.sources.segment.spec import Envelope, Invalid, ReceivedClock, iso, normalise
 
 NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
 
@@ -159,14 +160,7 @@ def test_batch_level_precomputed_times_give_the_same_event(item):
     sent_at = "2026-11-23T06:33:32.900Z"
     item = {"messageId": "m-1", **item}
     plain = normalise(dict(item), call_type="track", received_at=NOW, sent_at=sent_at)
-    shared = normalise(
-        dict(item),
-        call_type="track",
-        received_at=NOW,
-        sent_at=sent_at,
-        received_iso=iso(NOW),
-        parsed_sent_at=datetime(2026, 11, 23, 6, 33, 32, 900000, tzinfo=UTC),
-    )
+    shared = normalise(dict(item), call_type="track", envelope=Envelope(NOW, iso(NOW), sent_at=sent_at))
     assert shared == plain
     assert "writeKey" not in shared[0]
 
@@ -239,12 +233,12 @@ def test_any_text_kept_as_sent_is_what_iso_would_write():
 def test_the_received_clock_gives_the_millisecond_and_its_text():
     clock = ReceivedClock()
     before = datetime.now(UTC)
-    at, text = clock.now()
+    at, text, us = clock.now()
     after = datetime.now(UTC)
     assert before - timedelta(milliseconds=1) < at <= after
-    assert at.microsecond % 1000 == 0 and text == iso(at)
-    again_at, again_text = clock.now()
-    assert again_at >= at and again_text == iso(again_at)
+    assert at.microsecond % 1000 == 0 and text == iso(at) and us == micros(at)
+    again_at, again_text, again_us = clock.now()
+    assert again_at >= at and again_text == iso(again_at) and again_us == micros(again_at)
 
 
 def test_midnight_written_as_24_is_never_kept_as_sent():
@@ -298,3 +292,43 @@ def test_an_empty_sent_at_is_absent_as_an_empty_timestamp_is():
         {"userId": "u", "event": "E", "timestamp": ""}, call_type="track", received_at=NOW, keep_timestamp=True
     )
     assert event["timestamp"] == iso(NOW)
+
+
+def _reference_timestamp(received: datetime, sent: str, original: str) -> str | None:
+    """Segment's skew correction through datetime, as normalise computed it before it had
+    an integer path; None when the result leaves datetime's range."""
+    try:
+        return iso(received - (datetime.fromisoformat(sent) - datetime.fromisoformat(original)))
+    except OverflowError:
+        return None
+
+
+def test_a_batch_s_skew_correction_matches_the_datetime_arithmetic():
+    """The integer path (toISOString device times against the batch's sentAt) gives the
+    characters the datetime path gives, or the same out-of-range refusal."""
+    rng = random.Random(11)
+    span = 315537897599999999  # microseconds from year 1 to the end of 9999
+
+    def instant(near: datetime | None = None) -> datetime:
+        if near is not None and rng.random() < 0.8:
+            return near + timedelta(microseconds=rng.randrange(-(10**11), 10**11))
+        return datetime(1, 1, 1, tzinfo=UTC) + timedelta(microseconds=rng.randrange(0, span))
+
+    for n in range(3000):
+        received = instant()
+        if n % 2:
+            received = received.replace(microsecond=received.microsecond // 1000 * 1000)  # as the clock gives
+        sent_dt, original_dt = instant(received), instant(received)
+        # sentAt in any ISO form; the device time in toISOString form (the integer path)
+        sent = sent_dt.isoformat() if n % 3 else iso(sent_dt)
+        original = iso(original_dt)
+        expected = _reference_timestamp(received, sent, original)
+        item = {"userId": "u", "event": "E", "timestamp": original}
+        envelope = Envelope(received, sent_at=sent)
+        if expected is None:
+            with pytest.raises(Invalid) as exc:
+                normalise(dict(item), call_type="track", envelope=envelope)
+            assert exc.value.code == "invalid_timestamp"
+            continue
+        event, _, _ = normalise(dict(item), call_type="track", envelope=envelope)
+        assert (event["timestamp"], event["originalTimestamp"], event["sentAt"]) == (expected, original, sent)

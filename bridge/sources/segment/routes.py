@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -14,7 +13,7 @@ from bridge.httpx import ApiError, basic_credentials, parse_json, read_body, sam
 from bridge.routing import Routes
 from bridge.sources.base import Collected, Ingestor, SourceKind, store_collected
 from bridge.sources.encoding import encode_event
-from bridge.sources.segment.spec import CALL_TYPES, Invalid, ReceivedClock, normalise, parse_time
+from bridge.sources.segment.spec import CALL_TYPES, Envelope, Invalid, ReceivedClock, normalise
 
 BATCH_CALLS = ("batch", "import")
 # Authorization headers remembered once authenticated (see SegmentSources._source_for_header).
@@ -104,7 +103,6 @@ class SegmentSources(SourceKind):
             raise ApiError(
                 401, "write_key_mismatch", "the Basic auth write key and writeKey in the body are different keys"
             )
-        received_at, received_iso = self._clock.now()
         collected = self.ingestor.collector(source)
         if call in BATCH_CALLS:
             items = data.get("batch")
@@ -114,52 +112,28 @@ class SegmentSources(SourceKind):
                 # Merged into every event: a wrong type would otherwise be dropped unseen.
                 if data.get(key) is not None and not isinstance(data[key], dict):
                     raise ApiError(400, f"{key}_not_object", f"the batch's {key} must be an object")
-            self._collect_many(
-                collected,
-                items,
-                received_at,
-                received_iso,
+            envelope = Envelope(
+                *self._clock.now(),
                 sent_at=data.get("sentAt"),
                 context=data.get("context"),
                 integrations=data.get("integrations"),
             )
+            self._collect_many(collected, items, envelope)
             return collected
         try:
             if len(body) > self.config.server.max_event_bytes:
                 # A single call is its body: Segment's 32 KB per call, measured as sent.
                 raise _too_large(len(body), self.config.server.max_event_bytes)
-            self._accept(collected, data, call, received_at, received_iso=received_iso, raw_size=len(body))
+            self._accept(collected, data, call, Envelope(*self._clock.now()), len(body))
         except Invalid as exc:
             self.ingestor.metrics.rejected(source.name, exc.code)
             raise ApiError(400, exc.code, exc.message) from None
         return collected
 
     def _accept(
-        self,
-        collected: Collected,
-        item: Any,
-        call: str | None,
-        received_at: datetime,
-        *,
-        sent_at: Any = None,
-        context: Any = None,
-        integrations: Any = None,
-        keep_timestamp: bool = False,
-        received_iso: str | None = None,
-        parsed_sent_at: datetime | None = None,
-        raw_size: int | None = None,
+        self, collected: Collected, item: Any, call: str | None, envelope: Envelope, raw_size: int | None = None
     ) -> None:
-        event, message_id, key = normalise(
-            item,
-            call_type=call,
-            received_at=received_at,
-            sent_at=sent_at,
-            batch_context=context,
-            batch_integrations=integrations,
-            keep_timestamp=keep_timestamp,
-            received_iso=received_iso,
-            parsed_sent_at=parsed_sent_at,
-        )
+        event, message_id, key = normalise(item, call_type=call, envelope=envelope)
         payload = encode_event(event)
         limit = self.config.server.max_event_bytes
         if raw_size is None and len(payload) > limit - _NORMALISED_GROWTH:
@@ -170,49 +144,21 @@ class SegmentSources(SourceKind):
             raise _too_large(raw_size, limit)
         collected.accept(event, message_id, key, payload)
 
-    def _collect_many(
-        self,
-        collected: Collected,
-        items: list[Any],
-        received_at: datetime,
-        received_iso: str,
-        *,
-        sent_at: Any = None,
-        context: Any = None,
-        integrations: Any = None,
-        keep_timestamp: bool = False,
-    ) -> None:
+    def _collect_many(self, collected: Collected, items: list[Any], envelope: Envelope) -> None:
         if not items:
             raise ApiError(400, "empty_batch", "the batch has no events")
-        limit = self.config.server.max_webhook_events if keep_timestamp else self.config.server.max_batch_events
+        keep = envelope.keep_timestamp
+        limit = self.config.server.max_webhook_events if keep else self.config.server.max_batch_events
         if len(items) > limit:
             raise ApiError(400, "too_many_events", f"the batch has {len(items)} events; at most {limit}")
-        # Work shared by every event of the request, done once: the batch's sentAt parsed
-        # (an invalid one is left for each event to report).
-        parsed_sent_at = None
-        if sent_at is not None:
-            try:
-                parsed_sent_at = parse_time(sent_at, "sentAt")
-            except Invalid:
-                pass
+        accept = self._accept
         for i, item in enumerate(items):
-            if keep_timestamp and isinstance(item, dict) and _ignored_type(item.get("type")):
+            if keep and isinstance(item, dict) and _ignored_type(item.get("type")):
                 # Acknowledged, not stored: answering 400 would show as a failed delivery in Segment.
                 collected.ignored += 1
                 continue
             try:
-                self._accept(
-                    collected,
-                    item,
-                    None,
-                    received_at,
-                    sent_at=sent_at,
-                    context=context,
-                    integrations=integrations,
-                    keep_timestamp=keep_timestamp,
-                    received_iso=received_iso,
-                    parsed_sent_at=parsed_sent_at,
-                )
+                accept(collected, item, None, envelope)
             except Invalid as exc:
                 collected.reject(i, exc.code, exc.message)
 
@@ -231,7 +177,7 @@ class SegmentSources(SourceKind):
             _verify_signature(signature, source.webhook_secret, body, data)
         items = data if isinstance(data, list) else [data]
         collected = self.ingestor.collector(source)
-        self._collect_many(collected, items, *self._clock.now(), keep_timestamp=True)
+        self._collect_many(collected, items, Envelope(*self._clock.now(), keep_timestamp=True))
         return collected
 
 

@@ -11,6 +11,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from bridge.sources.segment.millis import MillisText, micros
 from bridge.store.ordering import ordering_key
 
 CALL_TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias"})
@@ -64,10 +65,10 @@ def _is_iso(text: str) -> bool:
 
 
 class ReceivedClock:
-    """The time a request was received, and its ``iso`` text, to the millisecond that
-    receivedAt keeps. Requests handled within one millisecond share both: at thousands of
-    requests a second most reuse the last, where each formatting its own cost about a
-    microsecond. Used on the event loop's thread only."""
+    """The time a request was received, its ``iso`` text and its epoch microseconds, to the
+    millisecond that receivedAt keeps. Requests handled within one millisecond share them:
+    at thousands of requests a second most reuse the last, where each formatting its own
+    cost about a microsecond. Used on the event loop's thread only."""
 
     __slots__ = ("_at", "_ms", "_text")
 
@@ -76,13 +77,58 @@ class ReceivedClock:
         self._at = datetime.fromtimestamp(0, UTC)
         self._text = ""
 
-    def now(self) -> tuple[datetime, str]:
+    def now(self) -> tuple[datetime, str, int]:
         ms = time.time_ns() // 1_000_000
         if ms != self._ms:
             seconds, millis = divmod(ms, 1000)
             at = datetime.fromtimestamp(seconds, UTC).replace(microsecond=millis * 1000)
             self._ms, self._at, self._text = ms, at, iso(at)
-        return self._at, self._text
+        return self._at, self._text, self._ms * 1000
+
+
+class Envelope:
+    """What every event of one request shares, worked out once for all of them: when the
+    request was received, the batch's sentAt (parsed, when it parses), the batch's context
+    and integrations, and whether its events come already normalised (a webhook's)."""
+
+    __slots__ = (
+        "context",
+        "integrations",
+        "keep_timestamp",
+        "received_at",
+        "received_iso",
+        "received_us",
+        "sent_at",
+        "sent_parsed",
+        "sent_us",
+    )
+
+    def __init__(
+        self,
+        received_at: datetime,
+        received_iso: str | None = None,
+        received_us: int | None = None,
+        *,
+        sent_at: Any = None,
+        context: Any = None,
+        integrations: Any = None,
+        keep_timestamp: bool = False,
+    ) -> None:
+        self.received_at = received_at
+        self.received_iso = received_iso if received_iso is not None else iso(received_at)
+        self.received_us = received_us if received_us is not None else micros(received_at)
+        self.sent_at = sent_at
+        self.sent_parsed: datetime | None = None
+        self.sent_us: int | None = None
+        if sent_at is not None:
+            try:
+                self.sent_parsed = parse_time(sent_at, "sentAt")
+                self.sent_us = micros(self.sent_parsed)
+            except Invalid:
+                pass  # left for each event to report, as its own sentAt would be
+        self.context = context
+        self.integrations = integrations
+        self.keep_timestamp = keep_timestamp
 
 
 def parse_time(value: Any, field: str) -> datetime:
@@ -131,22 +177,31 @@ def normalise(
     item: Any,
     *,
     call_type: str | None,
-    received_at: datetime,
+    received_at: datetime | None = None,
     sent_at: Any = None,
     batch_context: Any = None,
     batch_integrations: Any = None,
     keep_timestamp: bool = False,
-    received_iso: str | None = None,
-    parsed_sent_at: datetime | None = None,
+    envelope: Envelope | None = None,
 ) -> tuple[dict[str, Any], str, str]:
     """Validate one call and return (event, message_id, ordering_key).
 
     ``call_type`` forces the type (single-call endpoints); batches carry it per item.
     ``keep_timestamp`` is for events Segment already normalised (webhooks).
-    ``received_iso`` (``iso(received_at)``) and ``parsed_sent_at`` (``sent_at`` parsed)
-    let a batch do that work once for all its events; they must agree with
-    ``received_at`` and ``sent_at``.
+    A handler passes its request's ``envelope`` (built once for all its events) instead
+    of ``received_at``, ``sent_at``, ``batch_context``, ``batch_integrations`` and
+    ``keep_timestamp``.
     """
+    if envelope is None:
+        if received_at is None:
+            raise TypeError("normalise needs received_at or an envelope")
+        envelope = Envelope(
+            received_at,
+            sent_at=sent_at,
+            context=batch_context,
+            integrations=batch_integrations,
+            keep_timestamp=keep_timestamp,
+        )
     if not isinstance(item, dict):
         raise Invalid("invalid_event", f"each event must be a JSON object, got {_kind(item)}")
     event = dict(item)
@@ -161,8 +216,8 @@ def normalise(
             else "type is required for each event in a batch",
         )
     event["type"] = kind
-    if batch_context or batch_integrations:
-        _merge_context(event, batch_context, batch_integrations)
+    if envelope.context or envelope.integrations:
+        _merge_context(event, envelope.context, envelope.integrations)
 
     user_id = get("userId")
     if type(user_id) is not str or not user_id.strip():
@@ -218,14 +273,7 @@ def normalise(
     event["messageId"] = message_id
 
     try:
-        _compute_timestamps(
-            event,
-            received_at,
-            sent_at,
-            keep_timestamp,
-            received_iso if received_iso is not None else iso(received_at),
-            parsed_sent_at,
-        )
+        _compute_timestamps(event, envelope)
     except (OverflowError, ValueError):
         # e.g. year 1 or 9999 with a skew that leaves datetime's range
         raise Invalid("invalid_timestamp", "timestamp, sentAt or originalTimestamp is out of range") from None
@@ -249,15 +297,10 @@ _OBJECT_FIELDS = (
 _ABSENT = (None, "")
 
 
-def _compute_timestamps(
-    event: dict[str, Any],
-    received_at: datetime,
-    sent_at: Any,
-    keep: bool,
-    received: str,
-    parsed_sent_at: datetime | None,
-) -> None:
+def _compute_timestamps(event: dict[str, Any], envelope: Envelope) -> None:
     get = event.get
+    keep = envelope.keep_timestamp
+    received = envelope.received_iso
     # receivedAt is when the server got the call, as Segment's API sets it whatever the
     # client sent; only a webhook (kept) carries the one Segment itself set.
     if not keep or "receivedAt" not in event:
@@ -276,19 +319,30 @@ def _compute_timestamps(
     own_sent = get("sentAt")
     if own_sent == "":
         own_sent = None
+    sent_at = envelope.sent_at
     sent_raw = own_sent if own_sent is not None else (None if sent_at == "" else sent_at)
     if original_raw is None:
         event["timestamp"] = received
         return
     original = parse_time(original_raw, "timestamp")
+    if own_sent is None and envelope.sent_us is not None:
+        # The batch's sentAt, parsed once: the skew in integers, and the text from them.
+        event["originalTimestamp"] = original_raw
+        event["sentAt"] = sent_raw
+        event["timestamp"] = _MILLIS_TEXT.format(envelope.received_us - envelope.sent_us + micros(original))
+        return
     event["originalTimestamp"] = original_raw
     if sent_raw is None:
         event["timestamp"] = original_raw if _is_iso(original_raw) else iso(original)
         return
     # The batch's sentAt is parsed once for all its events.
-    sent = parsed_sent_at if own_sent is None else None
+    sent = envelope.sent_parsed if own_sent is None else None
     if sent is None:
         sent = parse_time(sent_raw, "sentAt")
     event["sentAt"] = sent_raw
     skew: timedelta = sent - original
-    event["timestamp"] = iso(received_at - skew)
+    event["timestamp"] = iso(envelope.received_at - skew)
+
+
+# Shared by every request: its caches hold minutes, a few for any batch.
+_MILLIS_TEXT = MillisText()
