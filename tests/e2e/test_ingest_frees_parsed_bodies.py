@@ -42,9 +42,7 @@ def dicts_holding(ids: set[str]) -> list[dict[str, Any]]:
     """Every live dict whose messageId (Segment) or event_uuid (Streams) is one of ``ids``."""
     gc.collect()
     return [
-        o
-        for o in gc.get_objects()
-        if type(o) is dict and (o.get("messageId") in ids or o.get("event_uuid") in ids)
+        o for o in gc.get_objects() if type(o) is dict and (o.get("messageId") in ids or o.get("event_uuid") in ids)
     ]
 
 
