@@ -287,15 +287,10 @@ class SqliteStore(Store):
             # step before the finish that follows it.
             dedupe.step_size()  # the pace counts from here
             _, last = await self._run(dedupe.plan, durable=False)
-            while (span := dedupe.next_span(dedupe.step_size())) is not None:
-                await self._run(partial(dedupe.fill, lo=span[0], hi=span[1]), durable=False)
-            if await self._run(dedupe.check, durable=False):
-                start = None
-                while True:
-                    step = dedupe.step_size()
-                    start = await self._run(partial(dedupe.merge_next, start=start, limit=step), durable=False)
-                    if start is None:
-                        break
+            while not await self._run(partial(dedupe.file_next, limit=dedupe.step_size()), writes=False):
+                pass
+            while not await self._run(partial(dedupe.merge_next, limit=dedupe.step_size()), durable=False):
+                pass
             await self._run(partial(dedupe.finish_merge, last=last), durable=False)
         except StoreError:
             pass  # the keys stay in dedupe_recent and memory; the next enqueue tries again

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 from bridge.store.base import StoreError
 from bridge.store.key_filter import DEFAULT_BITS_LOG2, KeyFilter
+from bridge.store.sqlite_rows import ROWS_PER_STATEMENT, multi_row_sql
 from bridge.store.sqlite_writer import GroupCommitWriter
 
 KEY_BYTES = 16
@@ -62,7 +63,7 @@ ROW_KEYS = (
 # fewer B-tree leaves per key: with random ids, 100k against 25k kept enqueue at 13 us per
 # event instead of 20 once 3M keys were stored (docs/benchmarks.md).
 MERGE_AT = 100_000
-# A merge copies at least this many ids into its snapshot, and inserts at least this many
+# A merge files at least this many keys of its snapshot, and inserts at least this many
 # keys into the B-tree, per writer operation (a few ms each): ingest interleaves with it.
 MERGE_STEP = 2000
 # ...and MERGE_PACE times as many keys as arrived since its previous step. Each step waits
@@ -81,6 +82,8 @@ FILTER_STEP = 20000
 
 
 SQL_KEY_FUNCTION = "bridge_dedupe_key"
+# A merge step's keys, with the merge's time as their seen_at (?1).
+MERGED_KEYS_INSERT = ("INSERT OR IGNORE INTO dedupe_keys (seen_at, k) VALUES ", "(?1, ?)")
 
 
 def dedupe_keys_of(source: str, message_ids: Iterable[str]) -> list[bytes]:
@@ -142,8 +145,12 @@ class DedupeKeys:
         self._whole_merges = 0
         self._planned_at = 0
         self._merge_time = 0.0  # the seen_at of the keys of the merge under way
-        self._rows: list[tuple[int, int]] = []  # (id, keys) of the planned rows
-        self._row_at = 0  # the next of them to fill
+        # The last dedupe_recent row whose keys are in memory: loaded at open or added since.
+        # A CLI opened while the server ingests knows only the rows there were then.
+        self._known_to = 0
+        self._unfiled: list[bytes] = []  # the merge's keys not yet filed by first byte
+        self._buckets: list[list[bytes]] = []  # the merge's keys by first byte
+        self._bucket_at = 0  # the next bucket to merge
         # The string-keyed table of a file from before schema version 2 still has keys.
         self.legacy = False
         self._filter_bits = filter_bits_log2
@@ -197,8 +204,14 @@ class DedupeKeys:
     def add(self, conn: sqlite3.Connection, keys: list[bytes]) -> None:
         """Record new ``keys``: the caller has checked with ``stored``, in this operation,
         that none was stored (which put them in the filter in use), and that none repeats."""
+        known_to = self._known_to
         for start in range(0, len(keys), KEYS_PER_ROW):
-            conn.execute("INSERT INTO dedupe_recent (k) VALUES (?)", (b"".join(keys[start : start + KEYS_PER_ROW]),))
+            row = conn.execute(
+                "INSERT INTO dedupe_recent (k) VALUES (?)", (b"".join(keys[start : start + KEYS_PER_ROW]),)
+            )
+            self._known_to = row.lastrowid or self._known_to
+        if self._known_to != known_to:
+            self._writer.on_rollback(lambda: setattr(self, "_known_to", known_to))
         self._recent.update(keys)
         self.added += len(keys)
         # Into the filters now rather than at the merge that moves them to dedupe_keys: a
@@ -219,7 +232,12 @@ class DedupeKeys:
     def load(self, conn: sqlite3.Connection) -> None:
         """Read the keys an earlier process left unmerged; reading only, so a CLI opening
         the file while the server runs does not disturb the server's keys."""
-        self._recent = {key for (row,) in conn.execute("SELECT k FROM dedupe_recent") for key in split_row(row)}
+        recent: set[bytes] = set()
+        known_to = 0
+        for row_id, row in conn.execute("SELECT id, k FROM dedupe_recent"):
+            recent.update(split_row(row))
+            known_to = max(known_to, row_id)
+        self._recent, self._known_to = recent, known_to
         self.legacy = _legacy_has_keys(conn)
 
     def prune(self, conn: sqlite3.Connection, before: float) -> int:
@@ -237,76 +255,58 @@ class DedupeKeys:
         return removed
 
     # A merge, step by step, each step its own short writer operation:
-    #   plan        -> (first, last): the ids to snapshot; memory's keys are the snapshot's;
-    #               the merge's time, every key's seen_at; and how many keys each row holds
-    #   next_span   -> (lo, hi): the next rows to fill, about as many keys as asked for
-    #   fill        copies the keys of ids lo..hi into temp.merging, a B-tree in key order
-    #   check       -> how many keys the snapshot holds (0: nothing to do)
-    #   merge_next  inserts the next keys in key order into dedupe_keys; -> the next start
+    #   plan        -> (first, last): the ids of the rows to merge; memory's keys are
+    #               exactly theirs, the snapshot; the merge's time, every key's seen_at
+    #   file_next   files the snapshot's next keys by their first byte; -> True when all are
+    #   merge_next  inserts the next buckets' keys, sorted, into dedupe_keys, so the merge
+    #               goes through the B-tree in key order; -> True when all are in
     #   finish_merge deletes the snapshot's rows and takes its keys out of memory
-    # The snapshot is built by inserting into a key-ordered table in chunks rather than
-    # sorted in one statement: one sort of the whole snapshot held the writer (and every
-    # acknowledgement waiting on it) for 30-180 ms.
+    # The snapshot is ordered a bucket at a time rather than sorted in one go: one sort of
+    # 100k keys held the writer (and every acknowledgement waiting on it) for 30-180 ms in
+    # SQL. Its keys come from memory, not from the rows: copying the rows' keys into a
+    # key-ordered temporary table first cost about 1 us a key, half of what a merge cost
+    # (docs/benchmarks.md, session 18). Were another process (a CLI prune) to merge some of
+    # those rows meanwhile, their keys are inserted again, which INSERT OR IGNORE allows.
 
     def plan(self, conn: sqlite3.Connection) -> tuple[int, int]:
-        first, last = conn.execute("SELECT COALESCE(MIN(id), 1), COALESCE(MAX(id), 0) FROM dedupe_recent").fetchone()
-        conn.execute("DROP TABLE IF EXISTS temp.merging")
-        conn.execute("CREATE TEMP TABLE merging (k BLOB PRIMARY KEY) WITHOUT ROWID")
-        _slots(conn)
+        first = conn.execute("SELECT COALESCE(MIN(id), 1) FROM dedupe_recent").fetchone()[0]
+        last = self._known_to
         self._merge_time = time.time()
-        # Memory holds exactly the rows of dedupe_recent, all of them up to ``last`` now:
-        # these keys leave memory when finish_merge deletes their rows.
+        # Memory holds the keys of every dedupe_recent row up to ``last`` (and maybe keys
+        # another process has merged since): these leave memory, and their rows the table,
+        # when finish_merge commits. Rows past ``last`` (the server's, when a CLI merges)
+        # wait for a merge that reads them.
         self._merging = frozenset(self._recent)
         self._planned_at = self._whole_merges
-        # (id, keys) per row: length() of a blob reads no overflow page.
-        self._rows = conn.execute(
-            "SELECT id, length(k) / 16 FROM dedupe_recent WHERE id <= ? ORDER BY id", (last,)
-        ).fetchall()
-        self._row_at = 0
+        self._unfiled = list(self._merging)
+        self._buckets = [[] for _ in range(256)]
+        self._bucket_at = 0
         return int(first), int(last)
 
-    def next_span(self, keys: int) -> tuple[int, int] | None:
-        """The ids of the next planned rows to fill, holding at least ``keys`` keys (or the
-        rest); None once every planned row has been filled. Rows hold 1-1024 keys each, so
-        a fill step counts keys, not rows, to stay a short writer operation."""
-        rows, start = self._rows, self._row_at
-        if start >= len(rows):
-            return None
-        end, taken = start, 0
-        while end < len(rows) and taken < keys:
-            taken += rows[end][1]
-            end += 1
-        self._row_at = end
-        return int(rows[start][0]), int(rows[end - 1][0])
+    def file_next(self, conn: sqlite3.Connection, limit: int) -> bool:
+        """File the snapshot's next ``limit`` keys by their first byte (keys are uniform
+        digests: about 1/256 of them each); True once every key is filed."""
+        chunk = self._unfiled[-limit:]
+        del self._unfiled[-limit:]
+        buckets = self._buckets
+        for key in chunk:
+            buckets[key[0]].append(key)
+        return not self._unfiled
 
-    def fill(self, conn: sqlite3.Connection, lo: int, hi: int) -> None:
-        conn.execute(f"INSERT OR IGNORE INTO temp.merging (k) {ROW_KEYS} WHERE r.id >= ? AND r.id <= ?", (lo, hi))
-
-    def check(self, conn: sqlite3.Connection) -> int:
-        if self._whole_merges != self._planned_at:
-            return 0  # a whole merge moved these rows meanwhile; finish_merge leaves them be
-        count = int(conn.execute("SELECT COUNT(*) FROM temp.merging").fetchone()[0])
-        if count != len(self._merging):
-            # Another process (e.g. a CLI prune) merged keys we still hold: resynchronise,
-            # keeping the keys that arrived since the plan (their rows are past ``last``).
-            previous, snapshot = self._recent, self._merging
-            self._merging = frozenset(row[0] for row in conn.execute("SELECT k FROM temp.merging"))
-            self._recent = (self._recent - snapshot) | self._merging
-            self._writer.on_rollback(lambda: setattr(self, "_recent", previous))
-        return count
-
-    def merge_next(self, conn: sqlite3.Connection, start: bytes | None, limit: int) -> bytes | None:
-        """Insert the next ``limit`` snapshot keys from ``start`` on (in key order) into the
-        B-tree; returns the first key left, or None when the snapshot is done."""
-        where, params = ("WHERE k >= ?", (start,)) if start is not None else ("", ())
-        conn.execute(
-            f"INSERT OR IGNORE INTO dedupe_keys (k, seen_at) SELECT k, ? FROM temp.merging {where} ORDER BY k LIMIT ?",
-            (self._merge_time, *params, limit),
-        )
-        row = conn.execute(
-            f"SELECT k FROM temp.merging {where} ORDER BY k LIMIT 1 OFFSET ?", (*params, limit)
-        ).fetchone()
-        return None if row is None else bytes(row[0])
+    def merge_next(self, conn: sqlite3.Connection, limit: int) -> bool:
+        """Insert the next buckets, at least ``limit`` keys unless fewer are left, in key
+        order into dedupe_keys; True once every bucket is in."""
+        keys: list[bytes] = []
+        while self._bucket_at < len(self._buckets) and len(keys) < limit:
+            bucket = self._buckets[self._bucket_at]
+            self._buckets[self._bucket_at] = []
+            self._bucket_at += 1
+            bucket.sort()
+            keys += bucket
+        for start in range(0, len(keys), ROWS_PER_STATEMENT):
+            chunk = keys[start : start + ROWS_PER_STATEMENT]
+            conn.execute(multi_row_sql(*MERGED_KEYS_INSERT, len(chunk)), [self._merge_time, *chunk])
+        return self._bucket_at >= len(self._buckets)
 
     def _undo_whole_merge(self) -> None:
         self._whole_merges -= 1
@@ -314,8 +314,8 @@ class DedupeKeys:
     def finish_merge(self, conn: sqlite3.Connection, last: int) -> None:
         # Merged keys stayed in dedupe_recent until now; were we to crash before this,
         # the next merge moves them again, harmlessly (INSERT OR IGNORE).
-        conn.execute("DROP TABLE IF EXISTS temp.merging")
         merged, self._merging = self._merging, frozenset()
+        self._unfiled, self._buckets = [], []
         if self._whole_merges != self._planned_at:
             # A whole merge already moved every row of this snapshot and took its keys out
             # of memory. (Rows added since have ids above ``last``: ids are never reused.)

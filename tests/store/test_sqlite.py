@@ -347,16 +347,14 @@ async def test_new_keys_survive_a_merge_by_another_process_during_a_sliced_merge
     server = await opened(path, dedupe_merge_at=10**9)
     dedupe = server._open_dedupe()
     await server.enqueue("web", [event(f"old-{i}") for i in range(10)])
-    first, last = await server._run(dedupe.plan)
-    await server._run(partial(dedupe.fill, lo=first, hi=last))
+    _, last = await server._run(dedupe.plan)
+    await server._run(partial(dedupe.file_next, limit=1000))
     other = await opened(path)
     await other.prune(0, 0)  # merges all of dedupe_recent and empties it
     await other.close()
     await server.enqueue("web", [event(f"new-{i}") for i in range(5)])
-    if await server._run(dedupe.check):
-        start = None
-        while (start := await server._run(partial(dedupe.merge_next, start=start, limit=1000))) is not None:
-            pass
+    while not await server._run(partial(dedupe.merge_next, limit=1000)):
+        pass  # the snapshot's keys again: already merged by the other process, ignored
     await server._run(partial(dedupe.finish_merge, last=last))
     await server.close()
 
@@ -454,12 +452,11 @@ async def test_a_merge_gives_all_its_keys_the_merge_time(tmp_path: Path) -> None
     await store.enqueue("web", [event(f"late-{i}") for i in range(20)])
     before_merge = time.time()
     # The sliced merge, step by step...
-    first, last = await store._run(dedupe.plan)
-    await store._run(partial(dedupe.fill, lo=first, hi=last))
-    assert await store._run(dedupe.check) == 40
-    start = await store._run(partial(dedupe.merge_next, start=None, limit=15))
-    while start is not None:
-        start = await store._run(partial(dedupe.merge_next, start=start, limit=15))
+    _, last = await store._run(dedupe.plan)
+    while not await store._run(partial(dedupe.file_next, limit=15)):
+        pass
+    while not await store._run(partial(dedupe.merge_next, limit=15)):
+        pass
     await store._run(partial(dedupe.finish_merge, last=last))
     # ...and a whole one.
     await store.enqueue("web", [event(f"later-{i}") for i in range(20)])
@@ -502,12 +499,11 @@ async def test_keys_stay_on_disk_when_a_whole_merge_overtakes_a_sliced_one(tmp_p
     store = await opened(tmp_path / "b.db", dedupe_merge_at=10_000)
     dedupe = store._open_dedupe()
     await store.enqueue("web", [event(f"old-{i}") for i in range(50)])
-    first, last = await store._run(dedupe.plan)
-    await store._run(partial(dedupe.fill, lo=first, hi=last))
-    assert await store._run(dedupe.check) == 50
-    start = await store._run(partial(dedupe.merge_next, start=None, limit=30))
+    _, last = await store._run(dedupe.plan)
+    assert await store._run(partial(dedupe.file_next, limit=50))
+    assert not await store._run(partial(dedupe.merge_next, limit=30))
     await store._run(dedupe.merge)  # what add() does when memory runs over
-    await store._run(partial(dedupe.merge_next, start=start, limit=30))
+    assert await store._run(partial(dedupe.merge_next, limit=30))
     await store.enqueue("web", [event(f"new-{i}") for i in range(30)])
     await store._run(partial(dedupe.finish_merge, last=last))
     await store.close()
@@ -601,24 +597,36 @@ async def test_a_commit_groups_new_keys_into_rows_of_up_to_1024(tmp_path: Path) 
     await reopened.close()
 
 
-async def test_a_sliced_merge_fills_by_keys_not_rows(tmp_path: Path) -> None:
-    """Rows hold a commit group's keys each, so a fill step takes rows until it holds the
-    keys asked for: a step stays short however big the rows, and every key is merged."""
+async def test_a_sliced_merge_goes_in_steps_of_keys_and_in_key_order(tmp_path: Path) -> None:
+    """Each step files or inserts about as many keys as it is asked for, so a step stays
+    short however many keys wait; the inserts go through the B-tree in key order, and
+    every key is merged."""
     store = await opened(tmp_path / "b.db", dedupe_merge_at=10**9)
     dedupe = store._open_dedupe()
     for b in range(5):
         await store.enqueue("web", [event(f"b{b}-{k}") for k in range(100)])
-    first, last = await store._run(dedupe.plan)
-    spans = []
-    while (span := dedupe.next_span(150)) is not None:
-        spans.append(span)
-        await store._run(partial(dedupe.fill, lo=span[0], hi=span[1]))
-    assert spans == [(first, first + 1), (first + 2, first + 3), (first + 4, last)] and last == first + 4
-    assert await store._run(dedupe.check) == 500
-    start = await store._run(partial(dedupe.merge_next, start=None, limit=10**6))
-    assert start is None
+    _, last = await store._run(dedupe.plan)
+    filing_steps = 1
+    while not await store._run(partial(dedupe.file_next, limit=150)):
+        filing_steps += 1
+    assert filing_steps == 4  # 500 keys, 150 a step
+    inserted: list[list[bytes]] = []
+    merge_next = dedupe.merge_next
+
+    def recording(conn: sqlite3.Connection, limit: int) -> bool:
+        before = {k for (k,) in conn.execute("SELECT k FROM dedupe_keys")}
+        done = merge_next(conn, limit)
+        inserted.append(sorted({k for (k,) in conn.execute("SELECT k FROM dedupe_keys")} - before))
+        return done
+
+    while not await store._run(partial(recording, limit=150)):
+        pass
     await store._run(partial(dedupe.finish_merge, last=last))
     await store.close()
+    # Whole buckets (keys sharing a first byte) per step: at least the 150 asked for, and
+    # at most that plus the few keys of the last bucket taken.
+    assert all(150 <= len(step) < 200 for step in inserted[:-1]) and inserted[-1]
+    assert [k for step in inserted for k in step] == sorted(k for step in inserted for k in step)
     conn = sqlite3.connect(tmp_path / "b.db")
     assert conn.execute("SELECT COUNT(*) FROM dedupe_recent").fetchone()[0] == 0
     merged = {k for (k,) in conn.execute("SELECT k FROM dedupe_keys")}
