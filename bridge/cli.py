@@ -221,7 +221,13 @@ def cmd_destinations(args: argparse.Namespace) -> int:
         paused = args.action == "pause"
         reason = f"{'paused' if paused else 'resumed'} from the CLI"
         await store.set_destination_state(DestinationState(args.name, paused, reason if paused else "", time.time()))
-        sys.stdout.write(f"{args.name}: {'paused' if paused else 'resumed'}\n")
+        if paused:
+            sys.stdout.write(f"{args.name}: paused\n")
+            return 0
+        # As the admin API's resume: waiting retries are due now (a running server drops
+        # its backoff when it sees the resume).
+        made = await store.make_due(args.name)
+        sys.stdout.write(f"{args.name}: resumed; {made} waiting job{'' if made == 1 else 's'} made due now\n")
         return 0
 
     return _with_store(args, go)

@@ -243,8 +243,11 @@ class AdminApi:
         name = request.match_info["name"]
         if name not in self.runtime.delivery.workers:
             raise ApiError(404, "not_found", f"no destination named {name!r}")
-        await self.runtime.delivery.set_paused(name, paused, "paused by admin API" if paused else "")
-        return json_response({"destination": name, "paused": paused})
+        made_due = await self.runtime.delivery.set_paused(name, paused, "paused by admin API" if paused else "")
+        answer: dict[str, Any] = {"destination": name, "paused": paused}
+        if not paused:
+            answer["made_due"] = made_due  # waiting retries brought forward
+        return json_response(answer)
 
     async def reload(self, request: web.Request) -> web.Response:
         problems = self.runtime.reload_mappings()

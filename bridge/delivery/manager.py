@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Iterable, Mapping
 
 import structlog
@@ -57,12 +58,19 @@ class DeliveryManager:
             except Exception:
                 log.exception("destination_state_refresh_failed")
 
-    async def set_paused(self, name: str, paused: bool, reason: str) -> None:
-        import time
-
+    async def set_paused(self, name: str, paused: bool, reason: str) -> int:
+        """Pause or resume ``name``. A resume also makes its waiting retries due and drops
+        its backoff: an operator who resumes means "deliver now". Returns how many waiting
+        jobs a resume made due (0 for a pause)."""
         state = DestinationState(name, paused, reason, time.time())
         await self.store.set_destination_state(state)
-        self.workers[name].apply_state(state)
+        worker = self.workers[name]
+        worker.apply_state(state)
+        if paused:
+            return 0
+        made = await self.store.make_due(name)
+        worker.retry_now()
+        return made
 
     def begin_stop(self) -> None:
         """On SIGTERM, while HTTP drains: no destination starts anything new."""

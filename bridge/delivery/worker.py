@@ -194,7 +194,15 @@ class DestinationWorker:
         self._precheck = paused  # resumed (by an operator): the next batch runs unchecked
         self.metrics.paused(self.name, paused)
         if not paused:
-            self._wake.set()
+            self.retry_now()
+
+    def retry_now(self) -> None:
+        """Drop the destination-wide backoff (a Retry-After, or a run of failures) and
+        look for work at once: what an operator's resume asks for. Resumed from the CLI,
+        the server sees it at its next look at the store's states."""
+        self._hold_until = 0.0
+        self._failure_streak = 0
+        self._wake.set()
 
     def _mapping_version(self) -> str:
         mapping = self._mappings().get(self.config.mapping)

@@ -24,6 +24,9 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+# Jobs looked at per step of ``Store.make_due``: a few milliseconds of the store each.
+MAKE_DUE_STEP = 5000
+
 
 class StoreError(Exception):
     """The store could not do what was asked (I/O error, disk full, closed)."""
@@ -309,6 +312,14 @@ class Store(ABC):
 
     @abstractmethod
     async def set_destination_state(self, state: DestinationState) -> None: ...
+
+    @abstractmethod
+    async def make_due(self, destination: str) -> int:
+        """Make every queued job of ``destination`` that waits for a retry time due now;
+        returns how many. An operator's resume: the retries set while the destination
+        failed (up to ``max_delay``, or a Retry-After of up to ``max_retry_after``) would
+        otherwise hold back what was just resumed. Works through the queue in short steps,
+        so ingest is never held up for a long backlog."""
 
     @abstractmethod
     async def check_writable(self) -> None:

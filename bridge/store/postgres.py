@@ -21,6 +21,7 @@ import orjson
 
 from bridge.store.base import (
     DEAD_LETTER_COLUMNS,
+    MAKE_DUE_STEP,
     DeadLetter,
     DeadLetterRecord,
     DestinationState,
@@ -527,6 +528,27 @@ class PostgresStore(Store):
                 state.changed_at,
                 orjson.dumps(state.extra).decode(),
             )
+
+    async def make_due(self, destination: str) -> int:
+        now, after, made = time.time(), 0, 0
+        while True:
+            async with self._conn() as conn:
+                row = await conn.fetchrow(
+                    "WITH step AS (SELECT id FROM jobs WHERE destination = $1"
+                    f" AND state < {DELIVERED} AND id > $2 ORDER BY id LIMIT $3),"
+                    f" made AS (UPDATE jobs j SET available_at = $4 FROM step WHERE j.id = step.id"
+                    f" AND j.state = {QUEUED} AND j.available_at > $4 RETURNING 1)"
+                    " SELECT (SELECT count(*) FROM step) AS seen, (SELECT max(id) FROM step) AS last,"
+                    " (SELECT count(*) FROM made) AS made",
+                    destination,
+                    after,
+                    MAKE_DUE_STEP,
+                    now,
+                )
+            made += int(row["made"])
+            if row["seen"] < MAKE_DUE_STEP:
+                return made
+            after = int(row["last"])
 
     async def check_writable(self) -> None:
         async with self._conn() as conn:

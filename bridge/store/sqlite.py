@@ -31,6 +31,7 @@ import structlog
 
 from bridge.store import sqlite_ops as ops
 from bridge.store.base import (
+    MAKE_DUE_STEP,
     DeadLetter,
     DeadLetterRecord,
     DestinationState,
@@ -386,6 +387,14 @@ class SqliteStore(Store):
 
     async def set_destination_state(self, state: DestinationState) -> None:
         await self._run(partial(ops.set_destination_state, state=state))
+
+    async def make_due(self, destination: str) -> int:
+        now, after, made = time.time(), 0, 0
+        while after is not None:
+            step = partial(ops.make_due_step, destination=destination, after=after, limit=MAKE_DUE_STEP, now=now)
+            changed, after = await self._bookkeep(step)
+            made += changed
+        return made
 
     async def check_writable(self) -> None:
         await self._run(partial(ops.heartbeat, now=time.time()))

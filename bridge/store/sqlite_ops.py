@@ -430,6 +430,28 @@ def set_destination_state(conn: sqlite3.Connection, state: DestinationState) -> 
     )
 
 
+def make_due_step(
+    conn: sqlite3.Connection, destination: str, after: int, limit: int, now: float
+) -> tuple[int, int | None]:
+    """One step of ``Store.make_due``: the next ``limit`` unsettled jobs of ``destination``
+    after id ``after``, by the pending index. Returns (jobs made due, where the next step
+    starts, or None when this was the last)."""
+    ids = [
+        row[0]
+        for row in conn.execute(
+            f"SELECT id FROM jobs WHERE destination = ? AND {PENDING} AND id > ? ORDER BY id LIMIT ?",
+            (destination, after, limit),
+        )
+    ]
+    if not ids:
+        return 0, None
+    changed = conn.execute(
+        f"UPDATE jobs SET available_at = ? WHERE id IN ({_marks(len(ids))}) AND state = {QUEUED} AND available_at > ?",
+        (now, *ids, now),
+    ).rowcount
+    return int(changed), ids[-1] if len(ids) == limit else None
+
+
 def heartbeat(conn: sqlite3.Connection, now: float) -> None:
     conn.execute(
         "INSERT INTO heartbeat (id, at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET at = excluded.at",

@@ -271,6 +271,27 @@ async def test_retry_after_holds_the_whole_destination(make_bridge):
     await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 20, timeout=10)
 
 
+@pytest.mark.parametrize("resume_by", ["admin API", "CLI"])
+async def test_a_resume_delivers_now_what_a_long_retry_after_held_back(bridge, resume_by):
+    """A 429 asked for 10 minutes; the operator pauses, fixes what was wrong, and resumes.
+    The resume means "now": the destination's backoff and its jobs' retry times give way."""
+    bridge.moengage.plan(Planned(429, headers={"Retry-After": "600"}))
+    assert (await bridge.post("/v1/batch", tracks(5), H))[0] == 200
+    await bridge.moengage.wait_for(lambda: bridge.moengage.received >= 1)
+    await asyncio.sleep(0.3)  # the 429 is settled: every job waits for its retry time
+    assert seqs(bridge.moengage) == set()
+    assert (await bridge.post("/admin/destinations/moengage-main/pause", None, ADMIN))[0] == 200
+    if resume_by == "admin API":
+        status, data = await bridge.post("/admin/destinations/moengage-main/resume", None, ADMIN)
+        assert (status, data["made_due"]) == (200, 5), data
+    else:
+        config_path = bridge.tmp_path / "ops.yaml"
+        config_path.write_text(f'store: {{url: "{bridge.raw["store"]["url"]}"}}\n')
+        resume = ["destinations", "resume", "moengage-main", "--config", str(config_path)]
+        assert await asyncio.to_thread(cli_main, resume) == 0
+    await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 5, timeout=10)
+
+
 async def test_an_internal_fault_backs_off_and_ends_in_the_dlq(make_bridge):
     """A fault of the bridge's own (here: the store refusing one discard record) must not
     become a hot loop that starves the rest of the queue."""

@@ -96,6 +96,31 @@ async def test_lease_ack_retry_release(store: Store) -> None:
     assert (await store.queue_stats())["moe"].depth == 3
 
 
+@pytest.mark.parametrize("step", [5000, 2])
+async def test_make_due_brings_waiting_retries_forward_and_touches_nothing_else(
+    store: Store, step: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A step of 2 jobs makes the store walk its queue in several steps.
+    monkeypatch.setattr("bridge.store.sqlite.MAKE_DUE_STEP", step)
+    monkeypatch.setattr("bridge.store.postgres.MAKE_DUE_STEP", step)
+    await store.enqueue("web", [event(f"m{i}", f"u{i}") for i in range(6)])
+    await store.enqueue("web", [event("other", "u9", destinations=("elsewhere",))])
+    m0, m1, m2, _still_leased = await store.lease("moe", 4, 30)
+    (other,) = await store.lease("elsewhere", 1, 30)
+    later = time.time() + 3600
+    await store.retry([m0.id, m1.id], later, "http_429")  # waiting an hour
+    await store.retry([other.id], later, "http_429")  # another destination's: left alone
+    await store.ack([m2.id])  # settled: left alone
+    # m3 is still leased: left alone. m4 and m5 were due all along.
+
+    assert await store.make_due("moe") == 2
+    assert await store.make_due("moe") == 0  # nothing left waiting
+    due = await store.lease("moe", 10, 30)
+    assert [(j.message_id, j.attempts) for j in due] == [("m0", 2), ("m1", 2), ("m4", 1), ("m5", 1)]
+    assert await store.lease("elsewhere", 10, 30) == []
+    assert await store.make_due("nowhere") == 0
+
+
 async def test_an_expired_lease_makes_the_job_due_again(store: Store) -> None:
     await store.enqueue("web", [event("m1", "u1")])
     first = await store.lease("moe", 10, 1.0)
