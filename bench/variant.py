@@ -12,6 +12,8 @@ SPEC is a comma-separated list (``-`` for none):
 - ``gc_freeze``    ``gc.freeze()`` after imports, so the collector skips start-up objects.
 - ``gc_stats``     at exit, print to stderr each generation's collections, the objects they
                    collected, and their total and longest pause.
+- ``store_stats``  when the SQLite store's writer stops, print to stderr how many write
+                   transactions it committed and the operations in them (group commit).
 """
 
 from __future__ import annotations
@@ -49,18 +51,40 @@ def apply(spec: str, *, dry_run: bool = False) -> list[str]:
             elif name == "gc_stats" and not value:
                 if not dry_run:
                     GcStats().install()
+            elif name == "store_stats" and not value:
+                if not dry_run:
+                    _report_writer_stats()
             elif name == "gc_freeze" and not value:
                 if not dry_run:
                     gc.collect()
                     gc.freeze()
             else:
-                raise VariantError(f"unknown variant item {item!r}; expected switch=S, gc=A/B/C, gc_freeze or gc_stats")
+                raise VariantError(
+                    f"unknown variant item {item!r}; expected switch=S, gc=A/B/C, gc_freeze, gc_stats or store_stats"
+                )
         except ValueError as exc:
             if isinstance(exc, VariantError):
                 raise
             raise VariantError(f"bad value in variant item {item!r}: {exc}") from None
         applied.append(item.strip())
     return applied
+
+
+def _report_writer_stats() -> None:
+    """Wrap the SQLite writer's stop to print its commit counts first."""
+    from bridge.store.sqlite_writer import GroupCommitWriter
+
+    stop = GroupCommitWriter.stop
+
+    async def reporting_stop(self: GroupCommitWriter) -> None:
+        await stop(self)
+        ops_per_commit = self.operations / self.commits if self.commits else 0.0
+        sys.stderr.write(
+            f"bench.variant store_stats: {self.commits} commits, {self.operations} operations "
+            f"({ops_per_commit:.1f} per commit)\n"
+        )
+
+    GroupCommitWriter.stop = reporting_stop  # type: ignore[method-assign]
 
 
 class GcStats:
