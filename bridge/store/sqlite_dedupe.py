@@ -40,8 +40,9 @@ import functools
 import hashlib
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 
 from bridge.store.base import StoreError
 from bridge.store.key_filter import DEFAULT_BITS_LOG2, KeyFilter
@@ -84,6 +85,7 @@ FILTER_STEP = 20000
 SQL_KEY_FUNCTION = "bridge_dedupe_key"
 # A merge step's keys, with the merge's time as their seen_at (?1).
 MERGED_KEYS_INSERT = ("INSERT OR IGNORE INTO dedupe_keys (seen_at, k) VALUES ", "(?1, ?)")
+MERGED_KEY_INSERT = "INSERT OR IGNORE INTO dedupe_keys (seen_at, k) VALUES (?, ?)"
 
 
 def dedupe_keys_of(source: str, message_ids: Iterable[str]) -> list[bytes]:
@@ -148,7 +150,7 @@ class DedupeKeys:
         # The last dedupe_recent row whose keys are in memory: loaded at open or added since.
         # A CLI opened while the server ingests knows only the rows there were then.
         self._known_to = 0
-        self._unfiled: list[bytes] = []  # the merge's keys not yet filed by first byte
+        self._unfiled: Iterator[bytes] = iter(())  # the merge's keys not yet filed by first byte
         self._buckets: list[list[bytes]] = []  # the merge's keys by first byte
         self._bucket_at = 0  # the next bucket to merge
         # The string-keyed table of a file from before schema version 2 still has keys.
@@ -278,20 +280,21 @@ class DedupeKeys:
         # wait for a merge that reads them.
         self._merging = frozenset(self._recent)
         self._planned_at = self._whole_merges
-        self._unfiled = list(self._merging)
+        self._unfiled = iter(self._merging)  # no copy: a list of 100k keys is 800 KB more
         self._buckets = [[] for _ in range(256)]
         self._bucket_at = 0
         return int(first), int(last)
 
     def file_next(self, conn: sqlite3.Connection, limit: int) -> bool:
         """File the snapshot's next ``limit`` keys by their first byte (keys are uniform
-        digests: about 1/256 of them each); True once every key is filed."""
-        chunk = self._unfiled[-limit:]
-        del self._unfiled[-limit:]
+        digests: about 1/256 of them each); True once a step finds fewer than ``limit``
+        left, so every key is filed."""
         buckets = self._buckets
-        for key in chunk:
+        filed = 0
+        for key in islice(self._unfiled, limit):
             buckets[key[0]].append(key)
-        return not self._unfiled
+            filed += 1
+        return filed < limit
 
     def merge_next(self, conn: sqlite3.Connection, limit: int) -> bool:
         """Insert the next buckets, at least ``limit`` keys unless fewer are left, in key
@@ -303,9 +306,15 @@ class DedupeKeys:
             self._bucket_at += 1
             bucket.sort()
             keys += bucket
-        for start in range(0, len(keys), ROWS_PER_STATEMENT):
-            chunk = keys[start : start + ROWS_PER_STATEMENT]
-            conn.execute(multi_row_sql(*MERGED_KEYS_INSERT, len(chunk)), [self._merge_time, *chunk])
+        # Whole statements of ROWS_PER_STATEMENT keys, then the rest one row at a time: two
+        # statements in all. A statement per length (every step's rest differs) filled the
+        # connection's statement cache with large ones, and RSS grew with every merge.
+        whole = len(keys) - len(keys) % ROWS_PER_STATEMENT
+        statement = multi_row_sql(*MERGED_KEYS_INSERT, ROWS_PER_STATEMENT)
+        for start in range(0, whole, ROWS_PER_STATEMENT):
+            conn.execute(statement, [self._merge_time, *keys[start : start + ROWS_PER_STATEMENT]])
+        if whole < len(keys):
+            conn.executemany(MERGED_KEY_INSERT, ((self._merge_time, k) for k in keys[whole:]))
         return self._bucket_at >= len(self._buckets)
 
     def _undo_whole_merge(self) -> None:
@@ -315,7 +324,7 @@ class DedupeKeys:
         # Merged keys stayed in dedupe_recent until now; were we to crash before this,
         # the next merge moves them again, harmlessly (INSERT OR IGNORE).
         merged, self._merging = self._merging, frozenset()
-        self._unfiled, self._buckets = [], []
+        self._unfiled, self._buckets = iter(()), []
         if self._whole_merges != self._planned_at:
             # A whole merge already moved every row of this snapshot and took its keys out
             # of memory. (Rows added since have ids above ``last``: ids are never reused.)

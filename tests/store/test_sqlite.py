@@ -500,7 +500,7 @@ async def test_keys_stay_on_disk_when_a_whole_merge_overtakes_a_sliced_one(tmp_p
     dedupe = store._open_dedupe()
     await store.enqueue("web", [event(f"old-{i}") for i in range(50)])
     _, last = await store._run(dedupe.plan)
-    assert await store._run(partial(dedupe.file_next, limit=50))
+    assert await store._run(partial(dedupe.file_next, limit=100))
     assert not await store._run(partial(dedupe.merge_next, limit=30))
     await store._run(dedupe.merge)  # what add() does when memory runs over
     assert await store._run(partial(dedupe.merge_next, limit=30))
