@@ -139,6 +139,8 @@ class DestinationWorker:
         # retryable failures, nothing is leased or sent until then.
         self._hold_until = 0.0
         self._failure_streak = 0
+        # changed_at of the latest resume seen in the store (None: no state read yet)
+        self._resume_seen: float | None = None
         # After an operator resumes, the first batch is delivered and dead-lettered as usual
         # (the guard judges it afterwards): a resume always makes progress.
         self._precheck = True
@@ -181,6 +183,15 @@ class DestinationWorker:
             self._paused_version = ""
         elif not self._paused_version:
             self._paused_version = self._mapping_version()
+        resumed_at = state.changed_at if state is not None and not paused else 0.0
+        if self._resume_seen is None:
+            self._resume_seen = resumed_at  # what the store held at start: history
+        elif resumed_at > self._resume_seen:
+            # A resume recorded since, maybe from the CLI for a destination that was not
+            # paused here: it still means "deliver now". (From paused, see below.)
+            self._resume_seen = resumed_at
+            if not self.paused:
+                self.retry_now()
         if paused == self.paused:
             return
         log.warning(

@@ -7,6 +7,7 @@ import asyncio
 import time
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
@@ -290,6 +291,21 @@ async def test_a_resume_delivers_now_what_a_long_retry_after_held_back(bridge, r
         resume = ["destinations", "resume", "moengage-main", "--config", str(config_path)]
         assert await asyncio.to_thread(cli_main, resume) == 0
     await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 5, timeout=10)
+
+
+async def test_a_cli_resume_of_a_destination_that_was_not_paused_still_ends_its_backoff(bridge):
+    """No pause first: the operator just resumes from the CLI to say "deliver now". The
+    running bridge sees the new resume in the store and drops its backoff too."""
+    bridge.moengage.plan(Planned(429, headers={"Retry-After": "600"}))
+    assert (await bridge.post("/v1/batch", tracks(4), H))[0] == 200
+    await bridge.moengage.wait_for(lambda: bridge.moengage.received >= 1)
+    await asyncio.sleep(0.3)
+    assert seqs(bridge.moengage) == set()
+    config_path = bridge.tmp_path / "bridge.yaml"  # the bridge's own config (JSON is YAML)
+    config_path.write_bytes(orjson.dumps(bridge.raw))
+    resume = ["destinations", "resume", "moengage-main", "--config", str(config_path)]
+    assert await asyncio.to_thread(cli_main, resume) == 0
+    await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 4, timeout=10)
 
 
 async def test_an_internal_fault_backs_off_and_ends_in_the_dlq(make_bridge):
