@@ -68,9 +68,8 @@ class DeliveryManager:
         worker.apply_state(state)
         if paused:
             return 0
-        made = await self.store.make_due(name)
-        worker.retry_now()
-        return made
+        worker.retry_now()  # first: a store error in make_due still leaves the backoff dropped
+        return await self.store.make_due(name)
 
     def begin_stop(self) -> None:
         """On SIGTERM, while HTTP drains: no destination starts anything new."""

@@ -183,7 +183,8 @@ class DestinationWorker:
             self._paused_version = ""
         elif not self._paused_version:
             self._paused_version = self._mapping_version()
-        resumed_at = state.changed_at if state is not None and not paused else 0.0
+        operator_resume = state is not None and not paused and state.extra.get("by") != "guard"
+        resumed_at = state.changed_at if state is not None and operator_resume else 0.0
         if self._resume_seen is None:
             self._resume_seen = resumed_at  # what the store held at start: history
         elif resumed_at > self._resume_seen:
@@ -222,7 +223,10 @@ class DestinationWorker:
     async def _check_mapping_changed(self) -> None:
         """A new mapping version resumes a destination the guard paused."""
         if self.paused and self._paused_version and self._mapping_version() != self._paused_version:
-            await self.store.set_destination_state(DestinationState(self.name, False, "mapping changed", time.time()))
+            # Tagged as the guard's: not an operator's "deliver now", so it keeps the backoff
+            # (a Retry-After the upstream asked for), here and on every other node.
+            state = DestinationState(self.name, False, "mapping changed", time.time(), {"by": "guard"})
+            await self.store.set_destination_state(state)
             self.apply_state(None)
             self._precheck = True  # not an operator's resume: a still-broken mapping pauses again at once
 

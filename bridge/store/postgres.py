@@ -531,11 +531,15 @@ class PostgresStore(Store):
 
     async def make_due(self, destination: str) -> int:
         now, after, made = time.time(), 0, 0
+        # Only the jobs there were at the resume: later ones are due anyway, and a retry
+        # set after it (a new Retry-After) stands.
+        async with self._conn() as conn:
+            upto = int(await conn.fetchval("SELECT COALESCE(max(id), 0) FROM jobs"))
         while True:
             async with self._conn() as conn:
                 row = await conn.fetchrow(
                     "WITH step AS (SELECT id FROM jobs WHERE destination = $1"
-                    f" AND state < {DELIVERED} AND id > $2 ORDER BY id LIMIT $3),"
+                    f" AND state < {DELIVERED} AND id > $2 AND id <= $5 ORDER BY id LIMIT $3),"
                     f" made AS (UPDATE jobs j SET available_at = $4 FROM step WHERE j.id = step.id"
                     f" AND j.state = {QUEUED} AND j.available_at > $4 RETURNING 1)"
                     " SELECT (SELECT count(*) FROM step) AS seen, (SELECT max(id) FROM step) AS last,"
@@ -544,6 +548,7 @@ class PostgresStore(Store):
                     after,
                     MAKE_DUE_STEP,
                     now,
+                    upto,
                 )
             made += int(row["made"])
             if row["seen"] < MAKE_DUE_STEP:

@@ -390,8 +390,13 @@ class SqliteStore(Store):
 
     async def make_due(self, destination: str) -> int:
         now, after, made = time.time(), 0, 0
+        # Only the jobs there were at the resume: later ones are due anyway, and a retry
+        # set after it (a new Retry-After) stands.
+        upto = await self._run(ops.last_job_id, writes=False)
         while after is not None:
-            step = partial(ops.make_due_step, destination=destination, after=after, limit=MAKE_DUE_STEP, now=now)
+            step = partial(
+                ops.make_due_step, destination=destination, after=after, upto=upto, limit=MAKE_DUE_STEP, now=now
+            )
             changed, after = await self._bookkeep(step)
             made += changed
         return made

@@ -299,6 +299,8 @@ class DedupeKeys:
     def merge_next(self, conn: sqlite3.Connection, limit: int) -> bool:
         """Insert the next buckets, at least ``limit`` keys unless fewer are left, in key
         order into dedupe_keys; True once every bucket is in."""
+        if self._whole_merges != self._planned_at:
+            return True  # a whole merge has moved every key of this snapshot already
         keys: list[bytes] = []
         while self._bucket_at < len(self._buckets) and len(keys) < limit:
             bucket = self._buckets[self._bucket_at]

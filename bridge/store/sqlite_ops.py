@@ -430,17 +430,21 @@ def set_destination_state(conn: sqlite3.Connection, state: DestinationState) -> 
     )
 
 
+def last_job_id(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM jobs").fetchone()[0])
+
+
 def make_due_step(
-    conn: sqlite3.Connection, destination: str, after: int, limit: int, now: float
+    conn: sqlite3.Connection, destination: str, after: int, upto: int, limit: int, now: float
 ) -> tuple[int, int | None]:
     """One step of ``Store.make_due``: the next ``limit`` unsettled jobs of ``destination``
-    after id ``after``, by the pending index. Returns (jobs made due, where the next step
-    starts, or None when this was the last)."""
+    after id ``after`` and up to ``upto``, by the pending index. Returns (jobs made due,
+    where the next step starts, or None when this was the last)."""
     ids = [
         row[0]
         for row in conn.execute(
-            f"SELECT id FROM jobs WHERE destination = ? AND {PENDING} AND id > ? ORDER BY id LIMIT ?",
-            (destination, after, limit),
+            f"SELECT id FROM jobs WHERE destination = ? AND {PENDING} AND id > ? AND id <= ? ORDER BY id LIMIT ?",
+            (destination, after, upto, limit),
         )
     ]
     if not ids:

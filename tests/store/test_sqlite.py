@@ -768,3 +768,19 @@ async def test_a_read_sees_one_snapshot_while_the_writer_commits(tmp_path: Path)
     assert stats["moe"].depth == 2
     assert await store.queue_stats() == {}  # the next read sees the commit
     await store.close()
+
+
+async def test_make_due_stops_at_the_last_job_there_was_when_it_began(tmp_path: Path) -> None:
+    """A job that arrives, or is retried again, while a resume walks the queue keeps its
+    own retry time: a step goes no further than the last id read at the start."""
+    store = await opened(tmp_path / "b.db")
+    await store.enqueue("web", [event("m0", "u0"), event("m1", "u1")])
+    first, second = await store.lease("moe", 2, 30)
+    later = time.time() + 3600
+    await store.retry([first.id, second.id], later, "http_429")
+    upto = await store._run(ops.last_job_id, writes=False)
+    assert upto == second.id
+    step = partial(ops.make_due_step, destination="moe", after=0, upto=first.id, limit=100, now=time.time())
+    assert await store._run(step) == (1, None)
+    assert [j.message_id for j in await store.lease("moe", 10, 30)] == ["m0"]  # m1 still waits
+    await store.close()
