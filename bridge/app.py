@@ -14,6 +14,7 @@ from aiohttp import web
 from bridge.admin.routes import add_admin_routes
 from bridge.bindings import PrometheusBindings
 from bridge.config.model import Config
+from bridge.http_server import BridgeRunner
 from bridge.httpx import BODY_TIMEOUT, json_response
 from bridge.runtime import Runtime
 from bridge.sources.segment.routes import SegmentSources
@@ -122,7 +123,7 @@ async def serve(config: Config, *, ready: Callable[[int], None] | None = None) -
     app = build_app(runtime, bindings)
     # drain_seconds is part of shutdown_timeout: HTTP draining gets what is left of it.
     http_drain = max(config.server.shutdown_timeout - config.server.drain_seconds, 0.0)
-    runner = web.AppRunner(app, shutdown_timeout=http_drain, access_log=None)
+    runner = BridgeRunner(app, shutdown_timeout=http_drain, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
     await site.start()
@@ -153,7 +154,7 @@ async def serve(config: Config, *, ready: Callable[[int], None] | None = None) -
         log.info("stopped")
 
 
-def _bound_port(runner: web.AppRunner) -> int:
+def _bound_port(runner: web.BaseRunner) -> int:
     for addr in runner.addresses:
         if isinstance(addr, tuple) and len(addr) >= 2:
             return int(addr[1])

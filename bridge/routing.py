@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from aiohttp import hdrs, web
 
+from bridge.http_server import expect_handler
 from bridge.httpx import Handler, StatusObserver, json_errors
 
 # The label of requests no route took (404 and 405): raw paths would make a metric's
@@ -40,8 +41,8 @@ class Routes:
         resource = self._router.add_resource(path)
         wrapped = json_errors(handler, resource.canonical, self._observe)
         if method == hdrs.METH_GET:
-            resource.add_route(hdrs.METH_HEAD, wrapped)  # as aiohttp's add_get does
-        resource.add_route(method, wrapped)
+            resource.add_route(hdrs.METH_HEAD, wrapped, expect_handler=expect_handler)  # as aiohttp's add_get does
+        resource.add_route(method, wrapped, expect_handler=expect_handler)
 
     def add_get(self, path: str, handler: Handler) -> None:
         self.add(hdrs.METH_GET, path, handler)
@@ -55,7 +56,7 @@ class Routes:
     def finish(self) -> None:
         """Add the catch-all for requests no route takes; no route may be added after it."""
         catch_all = json_errors(unmatched(self.resources()), UNMATCHED_ROUTE, self._observe)
-        self._router.add_route(hdrs.METH_ANY, "/{path:" + ANY_PATH + "}", catch_all)
+        self._router.add_route(hdrs.METH_ANY, "/{path:" + ANY_PATH + "}", catch_all, expect_handler=expect_handler)
         self._finished = True
 
 

@@ -8,7 +8,7 @@ import copy
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -19,6 +19,7 @@ from yarl import URL
 from bridge.app import build_app
 from bridge.bindings import PrometheusBindings
 from bridge.config.model import Config, build_config
+from bridge.http_server import BridgeRunner
 from bridge.runtime import Runtime
 from bridge.store.base import Store
 from bridge.testing.standins import MoEngageStandIn, SegmentStandIn
@@ -106,11 +107,12 @@ def config_dict(tmp_path: Path, moengage_url: str, segment_url: str) -> dict[str
 
 class ServedAsInProduction(TestServer):
     """aiohttp's TestServer cancels a handler whose client disconnects; `bridge serve`
-    (aiohttp's default) lets it finish. Serve the bridge the way production does."""
+    (aiohttp's default) lets it finish. Serve the bridge the way production does: that,
+    and the runner `bridge serve` uses (JSON for aiohttp's own rejections)."""
 
     async def _make_runner(self, **kwargs: Any) -> BaseRunner:
         kwargs["handler_cancellation"] = False
-        return await super()._make_runner(**kwargs)
+        return BridgeRunner(self.app, **kwargs)
 
 
 @dataclass
@@ -204,7 +206,14 @@ async def wait_until(
         await asyncio.sleep(0.02)
 
 
-async def raw_exchange(bridge: Bridge, request: bytes, timeout: float = 5) -> bytes:
+class Served(Protocol):
+    """A bridge being served: in this process (``Bridge``) or as `bridge serve` (``BridgeProcess``)."""
+
+    @property
+    def url(self) -> str: ...
+
+
+async def raw_exchange(bridge: Served, request: bytes, timeout: float = 5) -> bytes:
     """Send ``request`` byte for byte; the whole answer, read until the bridge closes the
     connection (malformed HTTP that no client library would send, say)."""
     url = URL(bridge.url)

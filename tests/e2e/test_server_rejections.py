@@ -1,0 +1,137 @@
+"""Requests aiohttp refuses before any route sees them get the bridge's JSON errors too."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import importlib.util
+from pathlib import Path
+
+import orjson
+import pytest
+from yarl import URL
+
+from tests.e2e.harness import WRITE_KEY, Bridge, basic, config_dict, raw_exchange
+from tests.e2e.proc import BridgeProcess
+
+TRACK = orjson.dumps({"userId": "u-1", "event": "Signed Up", "messageId": "m-expect"})
+
+
+def answer_of(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers (lower-case names) and body of one raw HTTP/1.1 answer."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split(" ")[1]), headers, body[: int(headers.get("content-length", len(body)))]
+
+
+def json_error(raw: bytes) -> tuple[int, str, str]:
+    status, headers, body = answer_of(raw)
+    assert headers["content-type"].startswith("application/json"), (status, headers, body)
+    error = orjson.loads(body)
+    assert set(error) == {"code", "message"}, error
+    assert error["message"], error
+    return status, error["code"], error["message"]
+
+
+def track_request(extra_headers: bytes, body: bytes = TRACK) -> bytes:
+    auth = basic(WRITE_KEY)["Authorization"].encode()
+    return (
+        b"POST /v1/track HTTP/1.1\r\nHost: bridge\r\nContent-Type: application/json\r\nAuthorization: "
+        + auth
+        + b"\r\n"
+        + extra_headers
+        + b"Content-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "code"),
+    [
+        (b"POST /v1/track HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}", 400, "malformed_request"),
+        (b"GARBAGE\r\n\r\n", 400, "malformed_request"),
+        (b"POST /v1/track HTTP/1.1\r\nHost: x\r\nBad Header: v\r\n\r\n", 400, "malformed_request"),
+        (b"POST /v1/track HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 9000 + b"\r\n\r\n", 400, "header_too_large"),
+        (b"POST /v1/" + b"t" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 400, "header_too_large"),
+    ],
+    ids=["content-length-not-a-number", "not-http", "space-in-header-name", "long-header", "long-request-line"],
+)
+async def test_requests_aiohttp_cannot_parse_get_json_errors(
+    bridge: Bridge, request_bytes: bytes, status: int, code: str
+) -> None:
+    got_status, got_code, message = json_error(await raw_exchange(bridge, request_bytes))
+    assert (got_status, got_code) == (status, code), message
+
+
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(m) for m in ("brotli", "brotlicffi")),
+    reason="with a Brotli library installed aiohttp decodes br",
+)
+async def test_an_encoding_aiohttp_cannot_decode_is_415_like_any_other_unsupported_one(bridge: Bridge) -> None:
+    status, code, _ = json_error(await raw_exchange(bridge, track_request(b"Content-Encoding: br\r\n")))
+    assert (status, code) == (415, "unsupported_encoding")
+    # The same answer as for an encoding the bridge itself refuses.
+    status, code, _ = json_error(
+        await raw_exchange(bridge, track_request(b"Content-Encoding: compress\r\nConnection: close\r\n"))
+    )
+    assert (status, code) == (415, "unsupported_encoding")
+
+
+async def test_an_unknown_expectation_is_a_json_417_and_stores_nothing(bridge: Bridge) -> None:
+    for path in (b"/v1/track", b"/no-such-path"):
+        request = track_request(b"Expect: 200-ok\r\nConnection: close\r\n").replace(b"/v1/track", path, 1)
+        status, code, message = json_error(await raw_exchange(bridge, request))
+        assert (status, code) == (417, "expectation_failed")
+        assert "200-ok" in message
+    # Then a normal call: it is the only event that reaches MoEngage.
+    status, _, body = answer_of(await raw_exchange(bridge, track_request(b"Connection: close\r\n")))
+    assert status == 200, body
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) >= 1)
+    assert [e["customer_id"] for e in bridge.moengage.events()] == ["u-1"]
+
+
+async def test_expect_100_continue_still_gets_its_interim_answer_and_the_call_is_stored(bridge: Bridge) -> None:
+    url = URL(bridge.url)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        request = track_request(b"Expect: 100-continue\r\nConnection: close\r\n")
+        head, _, body = request.partition(b"\r\n\r\n")
+        writer.write(head + b"\r\n\r\n")  # headers only: the body waits for the 100
+        await writer.drain()
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert interim.startswith(b"HTTP/1.1 100 Continue"), interim
+        writer.write(body)
+        await writer.drain()
+        status, _, answer = answer_of(await asyncio.wait_for(reader.read(), 5))
+    finally:
+        writer.close()
+    assert status == 200, answer
+    assert orjson.loads(answer) == {"success": True}
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1)
+    assert bridge.moengage.events()[0]["customer_id"] == "u-1"
+
+
+async def test_a_gzip_body_that_is_not_gzip_is_still_the_bridges_own_400(bridge: Bridge) -> None:
+    # Decoded while the route reads the body, so the route's own error, not the server's.
+    corrupt = gzip.compress(TRACK)[:10] + b"\x00" * 20
+    raw = await raw_exchange(bridge, track_request(b"Content-Encoding: gzip\r\nConnection: close\r\n", corrupt))
+    status, code, _ = json_error(raw)
+    assert status == 400, code
+
+
+async def test_bridge_serve_answers_them_as_json_too(tmp_path: Path) -> None:
+    # `bridge serve` builds its own runner: the same JSON there as in the tests' server.
+    raw = config_dict(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9")
+    proc = BridgeProcess(raw, tmp_path)
+    try:
+        await proc.start()
+        bad = b"POST /v1/track HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}"
+        assert json_error(await raw_exchange(proc, bad))[:2] == (400, "malformed_request")
+        odd = track_request(b"Expect: 200-ok\r\nConnection: close\r\n")
+        assert json_error(await raw_exchange(proc, odd))[:2] == (417, "expectation_failed")
+    finally:
+        await proc.ensure_stopped()
