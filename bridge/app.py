@@ -33,6 +33,8 @@ def build_app(runtime: Runtime, bindings: PrometheusBindings) -> web.Application
     # Bodies are read by our own bounded reader; this is only the hard ceiling.
     app = web.Application(
         client_max_size=max(cfg.server.max_request_bytes, cfg.server.max_webhook_bytes, 8 * 1024 * 1024),
+        # Also the time limit on receiving a request's headers (server.idle_timeout).
+        handler_args={"keepalive_timeout": cfg.server.idle_timeout},
     )
     app[RUNTIME] = runtime
     app[BODY_TIMEOUT] = cfg.server.body_timeout

@@ -228,3 +228,14 @@ def test_the_readme_documents_every_config_key(prefix: str, section: type) -> No
     documented = set(re.findall(r"^\| `([^`]+)` \|", readme, re.MULTILINE))
     missing = [f.name for f in dataclasses.fields(section) if prefix + f.name not in documented]
     assert not missing, f"README's configuration table lacks {', '.join(prefix + m for m in missing)}"
+
+
+def test_idle_timeout_defaults_to_aiohttps_and_must_be_positive(raw: dict[str, Any]) -> None:
+    assert build_config(copy.deepcopy(raw)).server.idle_timeout == 75.0
+    good = copy.deepcopy(raw)
+    good["server"]["idle_timeout"] = 12.5
+    assert build_config(good).server.idle_timeout == 12.5
+    for value in (0, -1, "soon"):
+        bad = copy.deepcopy(raw)
+        bad["server"]["idle_timeout"] = value
+        assert error_of(bad).startswith("server.idle_timeout:"), error_of(bad)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -135,3 +137,43 @@ async def test_bridge_serve_answers_them_as_json_too(tmp_path: Path) -> None:
         assert json_error(await raw_exchange(proc, odd))[:2] == (417, "expectation_failed")
     finally:
         await proc.ensure_stopped()
+
+
+async def test_a_client_sending_its_headers_too_slowly_is_cut_off_after_the_idle_timeout(make_bridge: Any) -> None:
+    def quick(raw: dict[str, Any]) -> None:
+        raw["server"]["idle_timeout"] = 0.5
+
+    bridge: Bridge = await make_bridge(quick)
+    url = URL(bridge.url)
+    # A keep-alive client that sends a request and then nothing: closed once idle.
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    writer.write(track_request(b""))
+    status, _, _ = answer_of(await asyncio.wait_for(reader.readuntil(b'{"success":true}'), 5))
+    assert status == 200
+    began = asyncio.get_running_loop().time()
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    assert asyncio.get_running_loop().time() - began >= 0.4
+    writer.close()
+    # A client trickling its headers a byte at a time, each well inside the timeout.
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    began = asyncio.get_running_loop().time()
+    closed_after = None
+    for byte in track_request(b"X-Slow: " + b"s" * 200 + b"\r\n"):
+        if reader.at_eof() or writer.is_closing():
+            break
+        try:
+            writer.write(bytes([byte]))
+            await writer.drain()
+        except ConnectionError:
+            break
+        with contextlib.suppress(TimeoutError):
+            if await asyncio.wait_for(reader.read(1), 0.05) == b"":
+                closed_after = asyncio.get_running_loop().time() - began
+                break
+    writer.close()
+    assert closed_after is not None, "the connection stayed open for the whole trickle"
+    assert 0.4 <= closed_after < 3, closed_after
+    # Nothing of it was taken: only the first call reaches MoEngage.
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) >= 1)
+    await asyncio.sleep(0.2)
+    assert [e["customer_id"] for e in bridge.moengage.events()] == ["u-1"]
