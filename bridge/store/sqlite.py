@@ -48,6 +48,7 @@ from bridge.store.base import (
     StoreFull,
 )
 from bridge.store.key_filter import DEFAULT_BITS_LOG2, check_bits
+from bridge.store.server_lock import ServerLock
 from bridge.store.sqlite_dedupe import MERGE_AT, DedupeKeys, register_functions
 from bridge.store.sqlite_schema import configure, create_schema
 from bridge.store.sqlite_writer import BatchOperation, GroupCommitWriter
@@ -70,7 +71,9 @@ class SqliteStore(Store):
         upgrade: bool = True,
     ) -> None:
         """``upgrade=False`` (the CLI) refuses a file of an older schema version instead of
-        upgrading it under a server of that version that may still be running on it."""
+        upgrading it under a server of that version that may still be running on it. With
+        ``upgrade`` (the server) the store also holds the file's server lock while open:
+        a second server on the same file fails to open it (see server_lock)."""
         if not path or path == ":memory:":
             raise ValueError("SqliteStore needs a file path (an in-memory database is not durable)")
         if max_bytes is not None and max_bytes <= 0:
@@ -86,6 +89,7 @@ class SqliteStore(Store):
         self._dedupe_merge_at = dedupe_merge_at
         self._dedupe_filter_bits_log2 = dedupe_filter_bits_log2
         self._upgrade = upgrade
+        self._server_lock = ServerLock(self.path) if upgrade else None
         self._writer: GroupCommitWriter | None = None
         # Reads that scan many rows (queue stats for /metrics) use their own connection:
         # in WAL mode they run beside the writer instead of stalling ingest commits.
@@ -133,6 +137,16 @@ class SqliteStore(Store):
             os.makedirs(directory, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create the directory for {self.path}: {exc}") from exc
+        if self._server_lock is not None:
+            self._server_lock.acquire()  # before anything touches the file
+        try:
+            await self._open_writer()
+        except BaseException:
+            if self._server_lock is not None:
+                self._server_lock.release()
+            raise
+
+    async def _open_writer(self) -> None:
         writer = GroupCommitWriter(
             self._connect, commit_interval=self._commit_interval, after_commit=self._after_commit
         )
@@ -166,6 +180,8 @@ class SqliteStore(Store):
             reader, self._reader = self._reader, None
         if reader is not None:
             reader.close()
+        if self._server_lock is not None:
+            self._server_lock.release()
 
     async def _read(self, op: Any) -> Any:
         """Run a read-only ``op(conn)`` on the reader connection, in a worker thread, in

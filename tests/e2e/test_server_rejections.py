@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import gzip
 import importlib.util
 from pathlib import Path
@@ -177,3 +178,21 @@ async def test_a_client_sending_its_headers_too_slowly_is_cut_off_after_the_idle
     await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) >= 1)
     await asyncio.sleep(0.2)
     assert [e["customer_id"] for e in bridge.moengage.events()] == ["u-1"]
+
+
+async def test_a_second_bridge_serve_on_the_same_sqlite_file_exits_saying_why(tmp_path: Path) -> None:
+    raw = config_dict(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9")
+    first = BridgeProcess(copy.deepcopy(raw), tmp_path)
+    (tmp_path / "second").mkdir()
+    second = BridgeProcess(copy.deepcopy(raw), tmp_path / "second")  # same store URL, own port
+    try:
+        await first.start()
+        with pytest.raises(AssertionError, match="exited early"):
+            await second.start()
+        assert "another bridge server is using" in second.log_path.read_text()
+        # The first one is unharmed: it still takes calls.
+        status, _, body = answer_of(await raw_exchange(first, track_request(b"Connection: close\r\n")))
+        assert status == 200, body
+    finally:
+        await second.ensure_stopped()
+        await first.ensure_stopped()

@@ -7,6 +7,7 @@ import hashlib
 import shutil
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -193,7 +194,7 @@ async def test_check_writable_fails_when_the_files_become_read_only(tmp_path: Pa
 async def test_two_stores_share_one_file(tmp_path: Path) -> None:
     """The CLI (``bridge dlq replay``) opens the file while the server is writing to it."""
     server = await opened(tmp_path / "b.db")
-    cli = await opened(tmp_path / "b.db")
+    cli = await opened(tmp_path / "b.db", upgrade=False)
     await server.enqueue("web", [event(f"d{i}") for i in range(10)])
     jobs = await server.lease("moe", 10, 30)
     await server.dead_letter([DeadLetter(j.id, "http_400") for j in jobs])
@@ -209,6 +210,53 @@ async def test_two_stores_share_one_file(tmp_path: Path) -> None:
     assert (await server.queue_stats())["moe"].depth == 1010
     await cli.close()
     await server.close()
+
+
+async def test_a_second_server_on_one_file_is_refused_until_the_first_closes(tmp_path: Path) -> None:
+    """Two servers would both lease and deliver the file's jobs, and each merge the other's
+    waiting dedupe keys away: the second is refused at open, with the reason."""
+    path = tmp_path / "b.db"
+    first = await opened(path)
+    await first.enqueue("web", [event("m1")])
+    second = SqliteStore(str(path), min_free_disk_bytes=0)
+    with pytest.raises(StoreError, match=r"another bridge server is using .*b\.db.*PostgreSQL"):
+        await second.open()
+    cli = await opened(path, upgrade=False)  # the CLI works beside the server
+    assert (await cli.queue_stats())["moe"].depth == 1
+    await cli.close()
+    assert (await first.enqueue("web", [event("m2")])).stored == 1  # the refusal disturbed nothing
+    await first.close()
+    await second.open()  # the lock went with the first
+    assert (await second.queue_stats())["moe"].depth == 2
+    await second.close()
+
+
+def test_a_crashed_server_leaves_no_lock_behind(tmp_path: Path) -> None:
+    path = tmp_path / "b.db"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import asyncio, sys, time\n"
+            "from bridge.store.sqlite import SqliteStore\n"
+            f"s = SqliteStore({str(path)!r}, min_free_disk_bytes=0)\n"
+            "asyncio.run(s.open())\n"
+            "print('open', flush=True)\n"
+            "time.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"open\n"
+        with pytest.raises(StoreError, match="another bridge server"):
+            asyncio.run(opened(path))
+        holder.kill()  # no close, no cleanup: as a crash
+        holder.wait(10)
+        store = asyncio.run(opened(path))
+        asyncio.run(store.close())
+    finally:
+        if holder.poll() is None:
+            holder.kill()
 
 
 def test_open_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -349,7 +397,7 @@ async def test_new_keys_survive_a_merge_by_another_process_during_a_sliced_merge
     await server.enqueue("web", [event(f"old-{i}") for i in range(10)])
     _, last = await server._run(dedupe.plan)
     await server._run(partial(dedupe.file_next, limit=1000))
-    other = await opened(path)
+    other = await opened(path, upgrade=False)  # the CLI
     await other.prune(0, 0)  # merges all of dedupe_recent and empties it
     await other.close()
     await server.enqueue("web", [event(f"new-{i}") for i in range(5)])
@@ -565,7 +613,7 @@ async def test_a_merge_keeps_pace_with_sustained_ingest(tmp_path: Path) -> None:
 async def test_a_merge_by_another_process_is_noticed(tmp_path: Path) -> None:
     server = await opened(tmp_path / "b.db")
     await server.enqueue("web", [event(f"m{i}") for i in range(50)])
-    cli = await opened(tmp_path / "b.db")  # opening only reads the waiting keys
+    cli = await opened(tmp_path / "b.db", upgrade=False)  # opening only reads the waiting keys
     assert len(server._open_dedupe()._recent) == 50
     await cli.prune(0, 0)  # merges the server's waiting keys into the B-tree
     await cli.close()
@@ -640,7 +688,7 @@ async def test_a_cli_prune_merges_rows_the_server_added_after_the_cli_opened(tmp
     path = tmp_path / "b.db"
     server = await opened(path)
     await server.enqueue("web", [event(f"early-{i}") for i in range(50)])
-    cli = await opened(path)
+    cli = await opened(path, upgrade=False)
     await server.enqueue("web", [event(f"late-{i}") for i in range(30)])
     await cli.prune(0, 0)
     await cli.close()
