@@ -15,8 +15,9 @@ from typing import Any
 
 import orjson
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.compression_utils import HAS_BROTLI, HAS_ZSTD
+from aiohttp.http import HttpVersion11
 from aiohttp.web_protocol import RequestPayloadError
 
 log = structlog.get_logger("bridge.http")
@@ -99,6 +100,33 @@ def json_errors(handler: Handler, route: str, observe: StatusObserver | None = N
         return response
 
     return answer
+
+
+ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
+
+
+def expect_handler(route: str, observe: StatusObserver | None = None) -> ExpectHandler:
+    """A route's handling of ``Expect``, which aiohttp runs before the route's handler:
+    as aiohttp's own (100-continue goes ahead), but any other expectation gets a JSON
+    417, logged and counted under ``route`` like every other rejection, where aiohttp
+    answered text/plain that nothing logged or counted."""
+
+    async def check(request: web.Request) -> web.StreamResponse | None:
+        if request.version != HttpVersion11:
+            return None  # HTTP/1.0 has no 100 Continue: aiohttp ignores Expect there too
+        expect = request.headers.get(hdrs.EXPECT, "")
+        if expect.lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            # The interim answer is not part of the response: aiohttp's handler resets this too.
+            request.writer.output_size = 0
+            return None
+        err = ApiError(417, "expectation_failed", f"only Expect: 100-continue is supported, got {expect[:100]!r}")
+        _log_rejection(route, request, err)
+        if observe is not None:
+            observe(route, err.status)
+        return error_response(err)
+
+    return check
 
 
 def _log_rejection(route: str, request: web.Request, err: ApiError) -> None:

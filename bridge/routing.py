@@ -15,8 +15,7 @@ from collections.abc import Sequence
 
 from aiohttp import hdrs, web
 
-from bridge.http_server import expect_handler
-from bridge.httpx import Handler, StatusObserver, json_errors
+from bridge.httpx import Handler, StatusObserver, expect_handler, json_errors
 
 # The label of requests no route took (404 and 405): raw paths would make a metric's
 # label set unbounded.
@@ -40,9 +39,10 @@ class Routes:
             raise RuntimeError(f"route {method} {path} added after Routes.finish()")
         resource = self._router.add_resource(path)
         wrapped = json_errors(handler, resource.canonical, self._observe)
+        expect = expect_handler(resource.canonical, self._observe)
         if method == hdrs.METH_GET:
-            resource.add_route(hdrs.METH_HEAD, wrapped, expect_handler=expect_handler)  # as aiohttp's add_get does
-        resource.add_route(method, wrapped, expect_handler=expect_handler)
+            resource.add_route(hdrs.METH_HEAD, wrapped, expect_handler=expect)  # as aiohttp's add_get does
+        resource.add_route(method, wrapped, expect_handler=expect)
 
     def add_get(self, path: str, handler: Handler) -> None:
         self.add(hdrs.METH_GET, path, handler)
@@ -56,7 +56,8 @@ class Routes:
     def finish(self) -> None:
         """Add the catch-all for requests no route takes; no route may be added after it."""
         catch_all = json_errors(unmatched(self.resources()), UNMATCHED_ROUTE, self._observe)
-        self._router.add_route(hdrs.METH_ANY, "/{path:" + ANY_PATH + "}", catch_all, expect_handler=expect_handler)
+        expect = expect_handler(UNMATCHED_ROUTE, self._observe)
+        self._router.add_route(hdrs.METH_ANY, "/{path:" + ANY_PATH + "}", catch_all, expect_handler=expect)
         self._finished = True
 
 

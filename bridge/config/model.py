@@ -49,9 +49,12 @@ class ServerConfig:
     # How long one request body may take to arrive, from the end of its headers.
     body_timeout: float = 60.0
     # How long a connection may stay open without a whole request's headers: from when it
-    # opens or its last answer went out. Closes idle keep-alive connections, and clients
-    # sending their headers a byte at a time (aiohttp's keepalive_timeout, its default).
-    idle_timeout: float = 75.0
+    # opens or its last answer went out (aiohttp's keepalive_timeout). Closes idle
+    # keep-alive connections, and clients sending their headers a byte at a time. Longer
+    # than the 600 s idle timeout of the load balancers that keep the longest (GCP's): a
+    # proxy must close an idle upstream connection before the bridge does, or the request
+    # it sends down one as the bridge closes it fails.
+    idle_timeout: float = 620.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +214,7 @@ def _server(r: Reader) -> ServerConfig:
         max_webhook_events=r.int("max_webhook_events", 4000, minimum=1),
         trusted_proxies=_networks(r, "trusted_proxies"),
         body_timeout=r.float("body_timeout", 60.0, minimum=0.1),
-        idle_timeout=r.float("idle_timeout", 75.0, minimum=0.1),
+        idle_timeout=r.float("idle_timeout", 620.0, minimum=0.1),
     )
     r.done()
     if cfg.drain_seconds >= cfg.shutdown_timeout > 0:

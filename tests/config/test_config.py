@@ -230,8 +230,8 @@ def test_the_readme_documents_every_config_key(prefix: str, section: type) -> No
     assert not missing, f"README's configuration table lacks {', '.join(prefix + m for m in missing)}"
 
 
-def test_idle_timeout_defaults_to_aiohttps_and_must_be_positive(raw: dict[str, Any]) -> None:
-    assert build_config(copy.deepcopy(raw)).server.idle_timeout == 75.0
+def test_idle_timeout_outlasts_load_balancers_and_must_be_positive(raw: dict[str, Any]) -> None:
+    assert build_config(copy.deepcopy(raw)).server.idle_timeout == 620.0
     good = copy.deepcopy(raw)
     good["server"]["idle_timeout"] = 12.5
     assert build_config(good).server.idle_timeout == 12.5

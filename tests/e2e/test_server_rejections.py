@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import copy
 import gzip
 import importlib.util
+import io
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +16,14 @@ import orjson
 import pytest
 from yarl import URL
 
+from bridge.observability.logging import configure_logging
 from tests.e2e.harness import WRITE_KEY, Bridge, basic, config_dict, raw_exchange
 from tests.e2e.proc import BridgeProcess
 
-TRACK = orjson.dumps({"userId": "u-1", "event": "Signed Up", "messageId": "m-expect"})
+
+def track(user: str) -> bytes:
+    """A track call of its own: ``user`` is also its messageId, so no two are duplicates."""
+    return orjson.dumps({"userId": user, "event": "Signed Up", "messageId": f"m-{user}"})
 
 
 def answer_of(raw: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -40,7 +46,8 @@ def json_error(raw: bytes) -> tuple[int, str, str]:
     return status, error["code"], error["message"]
 
 
-def track_request(extra_headers: bytes, body: bytes = TRACK) -> bytes:
+def track_request(extra_headers: bytes, body: bytes | None = None, user: str = "u-1") -> bytes:
+    body = track(user) if body is None else body
     auth = basic(WRITE_KEY)["Authorization"].encode()
     return (
         b"POST /v1/track HTTP/1.1\r\nHost: bridge\r\nContent-Type: application/json\r\nAuthorization: "
@@ -84,17 +91,32 @@ async def test_an_encoding_aiohttp_cannot_decode_is_415_like_any_other_unsupport
     assert (status, code) == (415, "unsupported_encoding")
 
 
-async def test_an_unknown_expectation_is_a_json_417_and_stores_nothing(bridge: Bridge) -> None:
-    for path in (b"/v1/track", b"/no-such-path"):
-        request = track_request(b"Expect: 200-ok\r\nConnection: close\r\n").replace(b"/v1/track", path, 1)
-        status, code, message = json_error(await raw_exchange(bridge, request))
-        assert (status, code) == (417, "expectation_failed")
-        assert "200-ok" in message
+async def test_an_unknown_expectation_is_a_json_417_logged_counted_and_stores_nothing(bridge: Bridge) -> None:
+    stream = io.StringIO()
+    configure_logging("info", "json", stream=stream)
+    try:
+        for path, user in ((b"/v1/track", "u-417"), (b"/no-such-path", "u-417-elsewhere")):
+            request = track_request(b"Expect: 200-ok\r\nConnection: close\r\n", user=user)
+            status, code, message = json_error(await raw_exchange(bridge, request.replace(b"/v1/track", path, 1)))
+            assert (status, code) == (417, "expectation_failed")
+            assert "200-ok" in message
+    finally:
+        configure_logging("warning", "console")
+    rejected = [
+        line for line in map(orjson.loads, stream.getvalue().splitlines()) if line["event"] == "request_rejected"
+    ]
+    assert [(r["route"], r["status"], r["code"]) for r in rejected] == [
+        ("/v1/track", 417, "expectation_failed"),
+        ("unmatched", 417, "expectation_failed"),
+    ]
+    _, text = await bridge.get("/metrics")
+    assert 'route="/v1/track",status="417"' in text, text
     # Then a normal call: it is the only event that reaches MoEngage.
-    status, _, body = answer_of(await raw_exchange(bridge, track_request(b"Connection: close\r\n")))
+    status, _, body = answer_of(await raw_exchange(bridge, track_request(b"Connection: close\r\n", user="u-ok")))
     assert status == 200, body
     await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) >= 1)
-    assert [e["customer_id"] for e in bridge.moengage.events()] == ["u-1"]
+    await asyncio.sleep(0.2)
+    assert [e["customer_id"] for e in bridge.moengage.events()] == ["u-ok"]
 
 
 async def test_expect_100_continue_still_gets_its_interim_answer_and_the_call_is_stored(bridge: Bridge) -> None:
@@ -120,7 +142,7 @@ async def test_expect_100_continue_still_gets_its_interim_answer_and_the_call_is
 
 async def test_a_gzip_body_that_is_not_gzip_is_still_the_bridges_own_400(bridge: Bridge) -> None:
     # Decoded while the route reads the body, so the route's own error, not the server's.
-    corrupt = gzip.compress(TRACK)[:10] + b"\x00" * 20
+    corrupt = gzip.compress(track("u-gz"))[:10] + b"\x00" * 20
     raw = await raw_exchange(bridge, track_request(b"Content-Encoding: gzip\r\nConnection: close\r\n", corrupt))
     status, code, _ = json_error(raw)
     assert status == 400, code
@@ -146,38 +168,78 @@ async def test_a_client_sending_its_headers_too_slowly_is_cut_off_after_the_idle
 
     bridge: Bridge = await make_bridge(quick)
     url = URL(bridge.url)
+    loop = asyncio.get_running_loop()
     # A keep-alive client that sends a request and then nothing: closed once idle.
     reader, writer = await asyncio.open_connection(url.host, url.port)
-    writer.write(track_request(b""))
+    writer.write(track_request(b"", user="u-idle"))
     status, _, _ = answer_of(await asyncio.wait_for(reader.readuntil(b'{"success":true}'), 5))
     assert status == 200
-    began = asyncio.get_running_loop().time()
+    began = loop.time()
     assert await asyncio.wait_for(reader.read(), 5) == b""
-    assert asyncio.get_running_loop().time() - began >= 0.4
+    assert loop.time() - began >= 0.4
     writer.close()
     # A client trickling its headers a byte at a time, each well inside the timeout.
     reader, writer = await asyncio.open_connection(url.host, url.port)
-    began = asyncio.get_running_loop().time()
+    began = loop.time()
     closed_after = None
-    for byte in track_request(b"X-Slow: " + b"s" * 200 + b"\r\n"):
-        if reader.at_eof() or writer.is_closing():
-            break
+    for byte in track_request(b"X-Slow: " + b"s" * 200 + b"\r\n", user="u-slow"):
         try:
+            if reader.at_eof() or writer.is_closing():
+                raise ConnectionResetError
             writer.write(bytes([byte]))
             await writer.drain()
+            with contextlib.suppress(TimeoutError):
+                if await asyncio.wait_for(reader.read(1), 0.05) == b"":
+                    raise ConnectionResetError
         except ConnectionError:
+            closed_after = loop.time() - began
             break
-        with contextlib.suppress(TimeoutError):
-            if await asyncio.wait_for(reader.read(1), 0.05) == b"":
-                closed_after = asyncio.get_running_loop().time() - began
-                break
     writer.close()
     assert closed_after is not None, "the connection stayed open for the whole trickle"
     assert 0.4 <= closed_after < 3, closed_after
     # Nothing of it was taken: only the first call reaches MoEngage.
     await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) >= 1)
     await asyncio.sleep(0.2)
-    assert [e["customer_id"] for e in bridge.moengage.events()] == ["u-1"]
+    assert [e["customer_id"] for e in bridge.moengage.events()] == ["u-idle"]
+
+
+async def test_a_slow_body_past_the_idle_timeout_is_still_taken(make_bridge: Any) -> None:
+    # idle_timeout bounds the wait for headers only: a body has body_timeout.
+    def quick(raw: dict[str, Any]) -> None:
+        raw["server"]["idle_timeout"] = 0.3
+
+    bridge: Bridge = await make_bridge(quick)
+    url = URL(bridge.url)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        head, _, body = track_request(b"Connection: close\r\n", user="u-slow-body").partition(b"\r\n\r\n")
+        writer.write(head + b"\r\n\r\n")
+        for start in range(0, len(body), 8):  # about 1 s in all, three times the idle timeout
+            writer.write(body[start : start + 8])
+            await writer.drain()
+            await asyncio.sleep(1.0 / (len(body) / 8))
+        status, _, answer = answer_of(await asyncio.wait_for(reader.read(), 5))
+    finally:
+        writer.close()
+    assert status == 200, answer
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1)
+    assert bridge.moengage.events()[0]["customer_id"] == "u-slow-body"
+
+
+async def test_no_rejection_echoes_a_header_it_choked_on(bridge: Bridge) -> None:
+    # An oversized or mistyped credential must not come back in the answer (SDKs log it).
+    secret = "wk_live_NOT_REGISTERED_" + "q" * 9000
+    token = base64.b64encode(f"{secret}:".encode())
+    for request in (
+        b"POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: Basic " + token + b"\r\n\r\n",
+        b"POST /v1/track HTTP/1.1\r\nHost: x\r\nX-Write-Key: wk_live_RAW\x01SECRET\r\n\r\n",
+        b"POST /v1/track?writeKey=wk_live_URLSECRET HTTP/1.1 trailing\r\nHost: x\r\n\r\n",
+    ):
+        raw = await raw_exchange(bridge, request)
+        status, _, message = json_error(raw)
+        assert status == 400, message
+        for leaked in (b"wk_live", token[:40], b"SECRET"):
+            assert leaked not in raw, raw[:300]
 
 
 async def test_a_second_bridge_serve_on_the_same_sqlite_file_exits_saying_why(tmp_path: Path) -> None:
