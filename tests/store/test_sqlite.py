@@ -19,7 +19,7 @@ from bridge.store import open_store
 from bridge.store import sqlite_ops as ops
 from bridge.store.base import DeadLetter, QueueStats, RecordFilter, StoreError, StoreFull
 from bridge.store.sqlite import SqliteStore
-from bridge.store.sqlite_dedupe import dedupe_key, dedupe_keys_of
+from bridge.store.sqlite_dedupe import KEYS_PER_ROW, dedupe_key, dedupe_keys_of
 from bridge.store.sqlite_schema import SCHEMA_VERSION
 from bridge.store.sqlite_writer import GroupCommitWriter
 from tests.store.helpers import event
@@ -680,6 +680,29 @@ async def test_a_sliced_merge_goes_in_steps_of_keys_and_in_key_order(tmp_path: P
     merged = {k for (k,) in conn.execute("SELECT k FROM dedupe_keys")}
     conn.close()
     assert merged == set(dedupe_keys_of("web", [f"b{b}-{k}" for b in range(5) for k in range(100)]))
+
+
+async def test_a_merge_step_of_several_blobs_merges_every_key_once(tmp_path: Path) -> None:
+    """A step's keys go to SQL as blobs of up to KEYS_PER_ROW keys, split there: a step
+    of several blobs and a short last one loses no key, and a key merged twice (another
+    process got there first) stays one row."""
+    store = await opened(tmp_path / "b.db", dedupe_merge_at=10**9)
+    dedupe = store._open_dedupe()
+    ids = [f"k{i}" for i in range(2 * KEYS_PER_ROW + 77)]
+    for start in range(0, len(ids), 500):
+        await store.enqueue("web", [event(m) for m in ids[start : start + 500]])
+    _, last = await store._run(dedupe.plan)
+    while not await store._run(partial(dedupe.file_next, limit=10_000)):
+        pass
+    conn = sqlite3.connect(tmp_path / "b.db")
+    conn.execute("INSERT INTO dedupe_keys (k, seen_at) VALUES (?, 1.0)", (dedupe_key("web", "k5"),))
+    conn.commit()
+    assert await store._run(partial(dedupe.merge_next, limit=10_000))  # all of it in one step
+    await store._run(partial(dedupe.finish_merge, last=last))
+    await store.close()
+    rows = [k for (k,) in conn.execute("SELECT k FROM dedupe_keys")]
+    conn.close()
+    assert len(rows) == len(ids) and set(rows) == set(dedupe_keys_of("web", ids))
 
 
 async def test_a_cli_prune_merges_rows_the_server_added_after_the_cli_opened(tmp_path: Path) -> None:
