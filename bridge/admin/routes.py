@@ -9,6 +9,7 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from aiohttp import web
 
 from bridge.httpx import ApiError, Handler, json_response, parse_json, read_body, same_secret
@@ -228,9 +229,17 @@ class AdminApi:
             wanted = ids_to_resolve(mapping, events)
             links = await self.runtime.store.resolve_links(dest.name, wanted) if wanted else {}
         results = []
-        for event in events:
+        for index, event in enumerate(events):
             ctx = link_context(mapping, event, links, options=options, source=source, linked_id=given_link)
-            results += translate_events(mapping, [event], ctx)
+            translated = translate_events(mapping, [event], ctx)
+            try:
+                orjson.dumps(translated)
+            except orjson.JSONEncodeError as exc:
+                # Read (1024 levels) but not writable (254): the answer could not be sent.
+                raise ApiError(
+                    400, "event_too_deep", f"event {index}: its translation cannot be written as JSON: {exc}"
+                ) from None
+            results += translated
         return json_response({"mapping": name, "version": mapping.version, "results": results})
 
     async def pause(self, request: web.Request) -> web.Response:

@@ -486,7 +486,22 @@ class DestinationWorker:
                     )
                 )
                 continue
-            mine = [Item(job_id, out, orjson.dumps(out.body)) for out in result]
+            try:
+                mine = [Item(job_id, out, orjson.dumps(out.body)) for out in result]
+            except orjson.JSONEncodeError as exc:
+                # Mapped, but not writable as JSON (nested past orjson's 254 levels): this
+                # event can never be sent. Dead-lettered alone, as a request that cannot be
+                # built is; raised, it failed its whole batch again and again.
+                dead.append(
+                    DeadLetter(
+                        job_id,
+                        "render_error",
+                        response_body=f"the mapped event cannot be written as JSON: {exc}",
+                        label=batch.label(job_id),
+                        mapping_version=mapping.version,
+                    )
+                )
+                continue
             reject = None
             for it in mine:
                 reject = reject_reason(it)

@@ -242,5 +242,8 @@ class StandIn:
 
 def clip(value: Any, limit: int = LOG_BODY_CHARS) -> str:
     """A compact JSON rendering, cut to ``limit`` characters, for log lines."""
-    text = orjson.dumps(value, default=str).decode()
+    try:
+        text = orjson.dumps(value, default=str).decode()
+    except orjson.JSONEncodeError:  # nested past orjson's 254 levels: the log line shows its start
+        text = repr(value)[: limit + 1]
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"

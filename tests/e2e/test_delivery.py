@@ -598,3 +598,42 @@ async def test_one_loop_maps_its_next_batch_while_one_is_on_the_wire_and_keeps_e
     for user in ("user-0", "user-1", "user-2"):
         seen = [e["actions"][0]["attributes"]["n"] for e in events if e["customer_id"] == user]
         assert seen == sorted(seen), f"{user} got events out of order: {seen}"
+
+
+def nested(levels: int) -> Any:
+    value: Any = 1
+    for _ in range(levels):
+        value = {"a": value}
+    return value
+
+
+async def test_an_event_too_deep_to_send_is_dead_lettered_alone_and_its_batch_goes_on(bridge):
+    """orjson reads 1024 levels but writes 254: an event stored at 253 levels nests past
+    that once mapped. It is dead-lettered as a request that cannot be built, at once; the
+    rest of its lease is delivered, not retried with it until the retry budget runs out."""
+    deep = {"type": "track", "userId": "user-deep", "event": "Deep", "messageId": "deep-1", "properties": nested(252)}
+    orjson.dumps(deep)  # storable as it is: ingest takes it
+    batch = tracks(6, prefix="ok")
+    batch["batch"].insert(2, deep)
+    assert (await bridge.post("/v1/batch", batch, H))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 6)
+    assert seqs(bridge.moengage) == {f"ok-{i}" for i in range(6)}
+
+    async def dead_lettered() -> bool:
+        return len(await dlq(bridge, "?reason=render_error")) == 1
+
+    await wait_until(dead_lettered, what="the deep event in the DLQ")
+    (entry,) = await dlq(bridge, "?reason=render_error")
+    assert entry["message_id"] == "deep-1", entry
+    status, full = await bridge.get(f"/admin/dlq/{entry['id']}", ADMIN)
+    assert status == 200 and "cannot be written as JSON" in full["response_body"], full
+    assert await dlq(bridge, "?reason=internal_error") == []
+
+
+async def test_translate_answers_400_for_an_event_whose_translation_is_too_deep(bridge):
+    deep = {"type": "identify", "userId": "x1", "traits": {"id": "x1", "z": nested(251)}}
+    status, body = await bridge.post("/admin/translate?mapping=segment-to-moengage", deep, ADMIN)
+    assert status == 400 and body["code"] == "event_too_deep", body
+    fine = {"type": "identify", "userId": "x1", "traits": {"id": "x1", "z": nested(20)}}
+    status, body = await bridge.post("/admin/translate?mapping=segment-to-moengage", fine, ADMIN)
+    assert status == 200, body
