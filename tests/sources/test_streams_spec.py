@@ -27,8 +27,10 @@ def test_envelope_variants():
         ("2020-02-06T05:37:54Z", 1580967474),
         ("2020-02-06T05:37:54+00:00", 1580967474),
         (1580967474.5, 1580967474.5),
-        # An ISO time is seconds already: no millisecond guess, even far in the future.
-        ("9999-01-01T00:00:00Z", 253370764800),
+        # An ISO time is seconds already: no millisecond guess, up to the last second that
+        # every reader still takes for seconds (see the next test).
+        ("5138-11-16T09:46:39Z", 99_999_999_999),
+        (" 1580967474.25 ", 1580967474.25),
     ],
 )
 def test_event_time_is_normalised_to_epoch_seconds(raw, expected):
@@ -42,6 +44,40 @@ def test_event_time_is_normalised_to_epoch_seconds(raw, expected):
 def test_bad_event_times_are_rejected(raw):
     with pytest.raises(Invalid):
         epoch_seconds(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # Stored as seconds past 1e11, which the mapping's iso8601 step reads as ms: 1973.
+        "5138-11-16T09:46:40Z",
+        "9999-12-31T23:59:59Z",
+        # float() reads these; no sender means them as times.
+        "1_580_967_474",
+        "\u0661\u0665\u0668\u0660\u0669\u0666\u0667\u0664\u0667\u0664",
+        # Positive, but stored to the millisecond as 0: 1970.
+        1e-300,
+        0.0004,
+        "0.0004",
+    ],
+)
+def test_event_times_that_would_be_stored_or_read_wrong_are_rejected(raw):
+    with pytest.raises(Invalid) as exc:
+        epoch_seconds(raw)
+    assert exc.value.code == "invalid_event_time"
+
+
+def test_a_uid_is_a_string_or_a_number_and_a_blank_one_is_absent():
+    good = {"event_uuid": "u1", "event_code": "MOE_X", "event_time": 1580967474}
+    mine = {"moengage_user_id": "m1"}
+    for odd in (True, {"a": 1}, [1], {}):
+        with pytest.raises(Invalid) as exc:
+            normalise({**good, "uid": odd, "user_attributes": mine})
+        assert exc.value.code == "uid_not_string"
+    event, _, key = normalise({**good, "uid": "   ", "user_attributes": mine})
+    assert "uid" not in event and key == "m1"  # the mapping sends anonymousId m1, not userId "   "
+    event, _, key = normalise({**good, "uid": " c1 "})
+    assert event["uid"] == "c1" == key
 
 
 def test_event_requirements_and_ordering_key():

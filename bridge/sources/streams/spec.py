@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -10,8 +11,13 @@ from bridge.sources.segment.spec import Invalid
 
 # Epoch values above this are milliseconds (year 5138 in seconds; 1973 in ms).
 _MS_THRESHOLD = 100_000_000_000
-# 9999-12-31T23:59:59Z: later times cannot be written as ISO-8601 for Segment.
-_MAX_SECONDS = 253_402_300_799
+# The stored event_time is epoch seconds, and every later reader (the mapping's iso8601
+# step too) takes a number this large for milliseconds: a time from the year 5138 on,
+# given as ISO-8601, would come out in 1973. Such times are refused instead.
+_MAX_SECONDS = _MS_THRESHOLD - 1
+# An epoch time written as text: ASCII digits only. float() also reads "1_767_225_600"
+# and other scripts' digits, which no sender means as a time.
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 def events_of(data: Any) -> list[Any]:
@@ -38,9 +44,9 @@ def epoch_seconds(value: Any) -> int | float:
     epoch = True
     if isinstance(value, str):
         text = value.strip()
-        try:
+        if _NUMBER.fullmatch(text):
             value = float(text)
-        except ValueError:
+        else:
             try:
                 dt = datetime.fromisoformat(text)
             except ValueError:
@@ -53,7 +59,10 @@ def epoch_seconds(value: Any) -> int | float:
     if epoch and value >= _MS_THRESHOLD:
         value = value / 1000.0
     if value > _MAX_SECONDS:
-        raise Invalid("invalid_event_time", "event_time is after the year 9999")
+        raise Invalid("invalid_event_time", "event_time is after the year 5138 (read as epoch seconds, later is ms)")
+    if value < 0.001:
+        # Stored to the millisecond: a smaller positive time would be stored as 0, 1970.
+        raise Invalid("invalid_event_time", "event_time must be a positive epoch time or ISO-8601 string")
     whole = int(value)
     return whole if value == whole else round(float(value), 3)
 
@@ -83,6 +92,16 @@ def normalise(item: Any) -> tuple[dict[str, Any], str, str]:
             raise Invalid(f"{key}_not_object", f"{key} must be an object")
     # Segment needs a userId or an anonymousId: uid, else MoEngage's own user id.
     # The ordering key is the same text the mapping sends, so one user is one key.
+    uid = event.get("uid")
+    if uid is not None:
+        if isinstance(uid, bool) or not isinstance(uid, str | int | float):
+            raise Invalid("uid_not_string", "uid must be a string or a number when present")
+        if isinstance(uid, str):
+            uid = uid.strip()
+            if uid:
+                event["uid"] = uid  # as the key has it: the mapping sends this text
+            else:
+                del event["uid"]  # blank: absent, so MoEngage's own user id stands in
     key = _user_id(event.get("uid")) or _user_id((event.get("user_attributes") or {}).get("moengage_user_id"))
     if not key:
         raise Invalid("id_required", "uid or user_attributes.moengage_user_id is required (Segment needs a user)")
