@@ -63,6 +63,22 @@ def test_alias_needs_user_and_previous_id():
 def test_track_event_rules():
     assert code_of({"userId": "u"}, "track") == "event_not_defined"
     assert code_of({"userId": "u", "event": 5}, "track") == "event_not_string"
+    for blank in (" ", "\t\n", "\u00a0", "  \u2003 "):  # MoEngage would refuse the action: 400 here
+        assert code_of({"userId": "u", "event": blank}, "track") == "event_not_defined", repr(blank)
+    assert norm({"userId": "u", "event": " Padded "}, "track")[0]["event"] == " Padded "  # kept as sent
+
+
+def test_a_batch_item_whose_own_context_is_not_an_object_is_refused_not_replaced():
+    received = datetime(2026, 1, 1, tzinfo=UTC)
+    for key in ("context", "integrations"):
+        envelope = Envelope(received, **{key: {"from": "batch"}})
+        with pytest.raises(Invalid) as exc:
+            normalise({"type": "track", "userId": "u", "event": "E", key: "str"}, call_type=None, envelope=envelope)
+        assert exc.value.code == f"{key}_not_object"
+        event, _, _ = normalise({"type": "track", "userId": "u", "event": "E"}, call_type=None, envelope=envelope)
+        assert event[key] == {"from": "batch"}
+        mine = {"type": "track", "userId": "u", "event": "E", key: {"own": 1}}
+        assert normalise(mine, call_type=None, envelope=envelope)[0][key] == {"from": "batch", "own": 1}
 
 
 def test_group_needs_group_id():

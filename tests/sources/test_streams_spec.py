@@ -80,6 +80,12 @@ def test_a_uid_is_a_string_or_a_number_and_a_blank_one_is_absent():
     assert event["uid"] == "c1" == key
 
 
+def test_a_request_with_both_events_and_event_is_refused_not_half_read():
+    with pytest.raises(Invalid) as exc:
+        events_of({"events": [{"event_uuid": "a"}], "event": {"event_uuid": "b"}})
+    assert exc.value.code == "invalid_payload" and "not both" in exc.value.message
+
+
 def test_event_requirements_and_ordering_key():
     good = {"event_uuid": "u1", "event_code": "MOE_X", "event_time": 1580967474, "uid": "c1"}
     _, uuid, key = normalise(good)

@@ -164,13 +164,16 @@ def _id(value: Any) -> str | None:
 
 
 def _merge_context(item: dict[str, Any], batch_context: Any, batch_integrations: Any) -> None:
-    # The item's own keys win: they are more specific than the batch's defaults.
+    # The item's own keys win: they are more specific than the batch's defaults. An item's
+    # own value that is not an object is left for normalise to refuse, not replaced.
     if isinstance(batch_context, dict) and batch_context:
         own = item.get("context")
-        item["context"] = {**batch_context, **own} if isinstance(own, dict) else dict(batch_context)
+        if own is None or isinstance(own, dict):
+            item["context"] = {**batch_context, **own} if own else dict(batch_context)
     if isinstance(batch_integrations, dict) and batch_integrations:
         own = item.get("integrations")
-        item["integrations"] = {**batch_integrations, **own} if isinstance(own, dict) else dict(batch_integrations)
+        if own is None or isinstance(own, dict):
+            item["integrations"] = {**batch_integrations, **own} if own else dict(batch_integrations)
 
 
 def normalise(
@@ -243,6 +246,9 @@ def normalise(
             raise Invalid("event_not_defined", "track requires an event name")
         if not isinstance(name, str):
             raise Invalid("event_not_string", f"event must be a string, got {_kind(name)}")
+        if name[0].isspace() and not name.strip():
+            # MoEngage refuses a blank action name (400), so it would only be dead-lettered.
+            raise Invalid("event_not_defined", "track requires an event name, and this one is blank")
     elif kind == "group":
         group_id = _id(get("groupId"))
         if group_id is None:

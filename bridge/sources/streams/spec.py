@@ -26,6 +26,8 @@ def events_of(data: Any) -> list[Any]:
     if not isinstance(data, dict):
         raise Invalid("invalid_payload", "expected a JSON object with `events` (or `event`)")
     if "events" in data:
+        if "event" in data:
+            raise Invalid("invalid_payload", "send `events` (an array) or `event` (an object), not both")
         events = data["events"]
         if not isinstance(events, list):
             raise Invalid("invalid_payload", "`events` must be an array")
