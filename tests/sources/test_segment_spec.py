@@ -71,7 +71,8 @@ def test_track_event_rules():
 def test_a_batch_item_whose_own_context_is_not_an_object_is_refused_not_replaced():
     received = datetime(2026, 1, 1, tzinfo=UTC)
     for key in ("context", "integrations"):
-        envelope = Envelope(received, **{key: {"from": "batch"}})
+        batch = {"from": "batch"}
+        envelope = Envelope(received, context=batch) if key == "context" else Envelope(received, integrations=batch)
         with pytest.raises(Invalid) as exc:
             normalise({"type": "track", "userId": "u", "event": "E", key: "str"}, call_type=None, envelope=envelope)
         assert exc.value.code == f"{key}_not_object"
