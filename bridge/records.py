@@ -17,12 +17,19 @@ def when(ts: float | None) -> str | None:
 
 
 def _json_or_text(raw: bytes) -> Any:
+    """The stored JSON as a value to nest in an answer, or as text when it is not JSON, or
+    when nested one level down it could not be written again (orjson writes 254 levels:
+    a render_error dead letter can be that deep)."""
     if not raw:
         return None
     try:
-        return orjson.loads(raw)
+        value = orjson.loads(raw)
+        orjson.dumps([value])
     except orjson.JSONDecodeError:
         return raw.decode("utf-8", "replace")
+    except orjson.JSONEncodeError:
+        return raw.decode("utf-8", "replace")
+    return value
 
 
 def dead_letter_json(r: DeadLetterRecord, *, full: bool) -> dict[str, Any]:

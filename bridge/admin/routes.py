@@ -233,7 +233,7 @@ class AdminApi:
             ctx = link_context(mapping, event, links, options=options, source=source, linked_id=given_link)
             translated = translate_events(mapping, [event], ctx)
             try:
-                orjson.dumps(translated)
+                orjson.dumps({"results": translated})  # nested as the answer nests it
             except orjson.JSONEncodeError as exc:
                 # Read (1024 levels) but not writable (254): the answer could not be sent.
                 raise ApiError(

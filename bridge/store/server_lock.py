@@ -35,7 +35,8 @@ class ServerLock:
         if fcntl is None or self._fd is not None:
             return
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            # Read-only is enough for flock: a server restarted as another user can still lock it.
+            fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o644)
         except OSError as exc:
             raise StoreError(f"cannot open the server lock {self.path}: {exc}") from exc
         try:

@@ -89,7 +89,8 @@ class SqliteStore(Store):
         self._dedupe_merge_at = dedupe_merge_at
         self._dedupe_filter_bits_log2 = dedupe_filter_bits_log2
         self._upgrade = upgrade
-        self._server_lock = ServerLock(self.path) if upgrade else None
+        # The real path: SQLite follows a symlink to the file, so the lock must too.
+        self._server_lock = ServerLock(os.path.realpath(self.path)) if upgrade else None
         self._writer: GroupCommitWriter | None = None
         # Reads that scan many rows (queue stats for /metrics) use their own connection:
         # in WAL mode they run beside the writer instead of stalling ingest commits.

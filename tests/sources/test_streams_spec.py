@@ -67,23 +67,26 @@ def test_event_times_that_would_be_stored_or_read_wrong_are_rejected(raw):
     assert exc.value.code == "invalid_event_time"
 
 
-def test_a_uid_is_a_string_or_a_number_and_a_blank_one_is_absent():
+def test_a_uid_that_is_no_usable_id_counts_as_absent():
     good = {"event_uuid": "u1", "event_code": "MOE_X", "event_time": 1580967474}
     mine = {"moengage_user_id": "m1"}
-    for odd in (True, {"a": 1}, [1], {}):
-        with pytest.raises(Invalid) as exc:
-            normalise({**good, "uid": odd, "user_attributes": mine})
-        assert exc.value.code == "uid_not_string"
-    event, _, key = normalise({**good, "uid": "   ", "user_attributes": mine})
-    assert "uid" not in event and key == "m1"  # the mapping sends anonymousId m1, not userId "   "
+    for odd in (True, False, {"a": 1}, {}, [1], [], "   "):
+        event, _, key = normalise({**good, "uid": odd, "user_attributes": mine})
+        # The mapping then sends anonymousId m1, not userId "true" or '{"a":1}'.
+        assert "uid" not in event and key == "m1", odd
     event, _, key = normalise({**good, "uid": " c1 "})
-    assert event["uid"] == "c1" == key
+    assert event["uid"] == " c1 " and key == "c1"  # sent as MoEngage sent it, keyed trimmed
+    event, _, key = normalise({**good, "uid": 12345})
+    assert event["uid"] == 12345 and key == "12345"
 
 
-def test_a_request_with_both_events_and_event_is_refused_not_half_read():
+def test_a_request_with_both_events_and_event_takes_them_all():
+    both = {"events": [{"event_uuid": "a"}], "event": {"event_uuid": "b"}}
+    assert events_of(both) == [{"event_uuid": "a"}, {"event_uuid": "b"}]
+    assert events_of({"events": [{"event_uuid": "a"}], "event": None}) == [{"event_uuid": "a"}]
     with pytest.raises(Invalid) as exc:
-        events_of({"events": [{"event_uuid": "a"}], "event": {"event_uuid": "b"}})
-    assert exc.value.code == "invalid_payload" and "not both" in exc.value.message
+        events_of({"events": [], "event": None})
+    assert exc.value.code == "empty_batch"
 
 
 def test_event_requirements_and_ordering_key():

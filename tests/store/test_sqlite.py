@@ -231,6 +231,15 @@ async def test_a_second_server_on_one_file_is_refused_until_the_first_closes(tmp
     await second.close()
 
 
+async def test_a_symlink_to_the_file_is_the_same_file_to_the_lock(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    first = await opened(tmp_path / "real" / "b.db")
+    (tmp_path / "alias.db").symlink_to(tmp_path / "real" / "b.db")
+    with pytest.raises(StoreError, match="another bridge server"):
+        await opened(tmp_path / "alias.db")  # SQLite would open real/b.db through it
+    await first.close()
+
+
 def test_a_crashed_server_leaves_no_lock_behind(tmp_path: Path) -> None:
     path = tmp_path / "b.db"
     holder = subprocess.Popen(

@@ -26,11 +26,13 @@ def events_of(data: Any) -> list[Any]:
     if not isinstance(data, dict):
         raise Invalid("invalid_payload", "expected a JSON object with `events` (or `event`)")
     if "events" in data:
-        if "event" in data:
-            raise Invalid("invalid_payload", "send `events` (an array) or `event` (an object), not both")
         events = data["events"]
         if not isinstance(events, list):
             raise Invalid("invalid_payload", "`events` must be an array")
+        if data.get("event") is not None:
+            # Both envelopes at once: take every event rather than refuse the request, which
+            # MoEngage would retry and then drop. A repeat of one is a duplicate (event_uuid).
+            events = [*events, data["event"]]
         if not events:
             raise Invalid("empty_batch", "`events` is empty")
         return events
@@ -95,15 +97,11 @@ def normalise(item: Any) -> tuple[dict[str, Any], str, str]:
     # Segment needs a userId or an anonymousId: uid, else MoEngage's own user id.
     # The ordering key is the same text the mapping sends, so one user is one key.
     uid = event.get("uid")
-    if uid is not None:
-        if isinstance(uid, bool) or not isinstance(uid, str | int | float):
-            raise Invalid("uid_not_string", "uid must be a string or a number when present")
-        if isinstance(uid, str):
-            uid = uid.strip()
-            if uid:
-                event["uid"] = uid  # as the key has it: the mapping sends this text
-            else:
-                del event["uid"]  # blank: absent, so MoEngage's own user id stands in
+    if uid is not None and not _user_id(uid):
+        # Not a usable id (blank, an object, a list, a boolean): absent, so MoEngage's own
+        # user id stands in, as the mapping would otherwise send "true" or '{"a":1}' as the
+        # Segment userId. Refused, the event would be lost: MoEngage does not retry a 200.
+        del event["uid"]
     key = _user_id(event.get("uid")) or _user_id((event.get("user_attributes") or {}).get("moengage_user_id"))
     if not key:
         raise Invalid("id_required", "uid or user_attributes.moengage_user_id is required (Segment needs a user)")
