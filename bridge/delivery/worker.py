@@ -656,6 +656,11 @@ class DestinationWorker:
                     dead.append(self._dead(job_id, "retries_exhausted", resp, b"", batch, version))
                 else:
                     retries.add(job_id, job.attempts, resp.retry_after if resp else None)
+            elif batch.guard_reason:
+                # The guard tripped in this batch: the upstream refuses everything (a bad
+                # deploy), and the events a bisect judged one by one before it tripped were
+                # refused for the same reason. They wait with the rest for the resume.
+                unsent.append(job_id)
             else:
                 dead.append(self._dead(job_id, _dead_reason(resp), resp, verdict.request_body, batch, version))
         if acked:

@@ -644,3 +644,26 @@ async def test_translate_answers_400_for_an_event_whose_translation_is_too_deep(
     fine = {"type": "identify", "userId": "x1", "traits": {"id": "x1", "z": nested(20)}}
     status, body = await bridge.post("/admin/translate?mapping=segment-to-moengage", fine, ADMIN)
     assert status == 200, body
+
+
+async def test_a_destination_refusing_everything_with_400_pauses_without_dead_letters(bridge):
+    """A 400 to every request (a bad deploy on either side) is bisected like a poison
+    event, down to single events; the guard then pauses the destination. The events the
+    bisect already judged belong to the same refusal: they stay queued with the rest,
+    not in the DLQ, and a resume once it is fixed delivers every one of them."""
+    bridge.moengage.refuse_all(400)
+    assert (await bridge.post("/v1/batch", tracks(60, prefix="all400"), H))[0] == 200
+
+    async def paused() -> bool:
+        return bool((await _status_of(bridge))["paused"])
+
+    await wait_until(paused, what="the guard to pause moengage-main")
+    await asyncio.sleep(0.2)
+    status = await _status_of(bridge)
+    assert "400" in status["pause_reason"], status
+    assert await dlq(bridge) == [] and status["queue_depth"] == 60, status
+
+    bridge.moengage.refuse_all(None)
+    assert (await bridge.post("/admin/destinations/moengage-main/resume", None, ADMIN))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 60, timeout=10)
+    assert await dlq(bridge) == []
