@@ -1,8 +1,9 @@
 """One destination's delivery loop: lease -> map -> pack -> send -> settle.
 
 Every leased job is settled exactly once (ack, retry, dead-letter, discard) or, when
-the worker stops mid-way, released; a crash leaves it leased until the lease expires,
-after which another lease picks it up with the same message_id.
+the worker stops mid-way, released. After a crash it is due again with the same
+message_id: on SQLite as soon as the next server starts (the dead one's leases were held
+in its memory, see store/sqlite_leases.py), on PostgreSQL once its lease expires.
 """
 
 from __future__ import annotations

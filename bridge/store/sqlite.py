@@ -50,6 +50,7 @@ from bridge.store.base import (
 from bridge.store.key_filter import DEFAULT_BITS_LOG2, check_bits
 from bridge.store.server_lock import ServerLock
 from bridge.store.sqlite_dedupe import MERGE_AT, DedupeKeys, register_functions
+from bridge.store.sqlite_leases import Leases
 from bridge.store.sqlite_schema import configure, create_schema
 from bridge.store.sqlite_writer import BatchOperation, GroupCommitWriter
 
@@ -97,6 +98,7 @@ class SqliteStore(Store):
         self._reader: sqlite3.Connection | None = None
         self._reader_lock = threading.Lock()
         self._dedupe: DedupeKeys | None = None
+        self._leases: Leases | None = None  # this server's leases (sqlite_leases)
         self._merge_task: asyncio.Task[None] | None = None
         # Built once the store ingests, not at open: the CLI opens the file without
         # ingesting, and has no use for 16 MiB of filter nor for walking every key.
@@ -164,6 +166,7 @@ class SqliteStore(Store):
             await writer.stop()
             raise
         self._writer, self._dedupe = writer, dedupe
+        self._leases = Leases(writer.on_rollback)
         self._enqueue_many = partial(ops.enqueue_many, dedupe=dedupe)
 
     async def close(self) -> None:
@@ -174,7 +177,7 @@ class SqliteStore(Store):
             self._filter_task = None  # a task cancelled before it started never ran its finally
         if self._merge_task is not None:
             await self._merge_task  # a few small slices; what is left is merged at next open
-        writer, self._writer, self._dedupe = self._writer, None, None
+        writer, self._writer, self._dedupe, self._leases = self._writer, None, None, None
         if writer is not None:
             await writer.stop()
         with self._reader_lock:
@@ -228,6 +231,15 @@ class SqliteStore(Store):
         A power cut may undo it, and then a job is leased and sent again, which is what
         at-least-once delivery allows; an acknowledged event is never lost by it."""
         return await self._run(op, durable=False)
+
+    def _held(self) -> Leases:
+        if self._leases is None:
+            raise StoreError(f"the SQLite store {self.path} is not open")
+        if self._server_lock is None:
+            # Leases are held in the server's memory: one held here, in another process
+            # (the CLI), would be invisible to the server, and its jobs sent twice.
+            raise StoreError("only the server leases and settles jobs of a SQLite store (open it with upgrade)")
+        return self._leases
 
     def _open_dedupe(self) -> DedupeKeys:
         if self._dedupe is None:
@@ -326,7 +338,8 @@ class SqliteStore(Store):
         ordered: bool = True,
         ahead: Collection[int] = (),
     ) -> list[Job]:
-        jobs: list[Job] = await self._bookkeep(
+        # Reads only: the lease is held in memory (sqlite_leases).
+        jobs: list[Job] = await self._run(
             partial(
                 ops.lease,
                 destination=destination,
@@ -334,15 +347,24 @@ class SqliteStore(Store):
                 lease_seconds=lease_seconds,
                 ordered=ordered,
                 now=time.time(),
+                leases=self._held(),
                 ahead=frozenset(ahead),  # read on the writer thread: a copy the caller cannot change
-            )
+            ),
+            writes=False,
         )
         return jobs
 
     async def ack(self, job_ids: Sequence[int], mapping_version: str = "", *, fence: Fence | None = None) -> None:
         if job_ids:
             await self._bookkeep(
-                partial(ops.ack, job_ids=job_ids, mapping_version=mapping_version, now=time.time(), fence=fence)
+                partial(
+                    ops.ack,
+                    job_ids=job_ids,
+                    mapping_version=mapping_version,
+                    now=time.time(),
+                    leases=self._held(),
+                    fence=fence,
+                )
             )
 
     async def retry(
@@ -350,20 +372,26 @@ class SqliteStore(Store):
     ) -> None:
         if job_ids:
             await self._bookkeep(
-                partial(ops.retry, job_ids=job_ids, available_at=available_at, error=error, fence=fence)
+                partial(
+                    ops.retry, job_ids=job_ids, available_at=available_at, error=error, leases=self._held(), fence=fence
+                )
             )
 
     async def release(self, job_ids: Sequence[int], *, fence: Fence | None = None) -> None:
         if job_ids:
-            await self._bookkeep(partial(ops.release, job_ids=job_ids, fence=fence))
+            await self._bookkeep(partial(ops.release, job_ids=job_ids, leases=self._held(), fence=fence))
 
     async def dead_letter(self, entries: Sequence[DeadLetter], *, fence: Fence | None = None) -> None:
         if entries:
-            await self._bookkeep(partial(ops.dead_letter, entries=entries, now=time.time(), fence=fence))
+            await self._bookkeep(
+                partial(ops.dead_letter, entries=entries, now=time.time(), leases=self._held(), fence=fence)
+            )
 
     async def discard(self, entries: Sequence[Discard], *, fence: Fence | None = None) -> None:
         if entries:
-            await self._bookkeep(partial(ops.discard, entries=entries, now=time.time(), fence=fence))
+            await self._bookkeep(
+                partial(ops.discard, entries=entries, now=time.time(), leases=self._held(), fence=fence)
+            )
 
     async def resolve_links(self, namespace: str, ids: Sequence[str]) -> dict[str, str]:
         if not ids:

@@ -6,7 +6,7 @@ Each runs inside the writer's transaction (and its own SAVEPOINT), so it must no
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import NamedTuple, TypeVar
 
 import orjson
@@ -29,6 +29,7 @@ from bridge.store.base import (
 from bridge.store.ordering import OrderedSelection
 from bridge.store.sql_filters import record_where
 from bridge.store.sqlite_dedupe import DedupeKeys, dedupe_keys_of
+from bridge.store.sqlite_leases import Held, Leases, Settling, new_tuple
 from bridge.store.sqlite_rows import insert_rows
 from bridge.store.sqlite_schema import DELIVERED, LEASED, QUEUED
 
@@ -144,18 +145,33 @@ def _add_legacy_duplicates(
 
 
 # -- delivery -------------------------------------------------------------------------
-def _due_ids_unordered(conn: sqlite3.Connection, destination: str, limit: int, now: float) -> list[int]:
+# Leases live in the server's memory (sqlite_leases): a lease reads the table and writes
+# nothing; each settle writes the job's row once, with the attempt count of its lease.
+def _due_ids_unordered(
+    conn: sqlite3.Connection, destination: str, limit: int, now: float, ahead: Collection[int], leases: Leases
+) -> list[int]:
+    # Held jobs are the oldest, so they come first: asking for as many more rows as there
+    # are leases still finds ``limit`` others when there are that many.
     rows = conn.execute(
         f"SELECT id FROM jobs WHERE destination = ? AND {PENDING}"
         f" AND ((state = {QUEUED} AND available_at <= ?) OR (state = {LEASED} AND lease_until <= ?))"
         " ORDER BY id LIMIT ?",
-        (destination, now, now, limit),
+        (destination, now, now, limit + len(leases) + len(ahead)),
     )
-    return [row[0] for row in rows]
+    ids: list[int] = []
+    for (job_id,) in rows:
+        # A job of ``ahead`` is due here only once its lease has lapsed; its holder still
+        # settles it (fenced), so it must not be sent twice by the same loop meanwhile.
+        if job_id in ahead or leases.held_now(job_id, now):
+            continue
+        ids.append(job_id)
+        if len(ids) >= limit:
+            break
+    return ids
 
 
 def _due_ids_ordered(
-    conn: sqlite3.Connection, destination: str, limit: int, now: float, ahead: Collection[int]
+    conn: sqlite3.Connection, destination: str, limit: int, now: float, ahead: Collection[int], leases: Leases
 ) -> list[int]:
     selection = OrderedSelection(limit, now, ahead)
     while (query := selection.next_query()) is not None:
@@ -168,9 +184,9 @@ def _due_ids_ordered(
         )
         try:
             # Read lazily: the selection usually has its jobs long before the window ends.
-            selection.take(cursor)
+            selection.take(leases.as_leased(cursor))
         finally:
-            cursor.close()  # reset the statement before the UPDATE that follows
+            cursor.close()  # reset the statement before the SELECT that follows
     return selection.chosen
 
 
@@ -181,112 +197,132 @@ def lease(
     lease_seconds: float,
     ordered: bool,
     now: float,
+    leases: Leases,
     ahead: Collection[int] = (),
 ) -> list[Job]:
     if limit <= 0:
         return []
-    if ordered:
-        ids = _due_ids_ordered(conn, destination, limit, now, ahead)
-    else:
-        # A job of ``ahead`` is due here only once its lease has lapsed; its holder still
-        # settles it (fenced), so it must not be sent twice by the same loop meanwhile.
-        ids = [i for i in _due_ids_unordered(conn, destination, limit, now) if i not in ahead]
+    due = _due_ids_ordered if ordered else _due_ids_unordered
+    ids = due(conn, destination, limit, now, ahead, leases)
     if not ids:
         return []
-    marks = _marks(len(ids))
-    conn.execute(
-        f"UPDATE jobs SET state = {LEASED}, attempts = attempts + 1, lease_until = ?,"
-        f" first_attempt_at = COALESCE(first_attempt_at, ?) WHERE id IN ({marks})",
-        (now + lease_seconds, now, *ids),
-    )
-    # Read back with a SELECT, not with RETURNING: SQLite buffers RETURNING rows, payloads
-    # and all, in a temporary table first, which cost about 3 us more per job.
     rows = conn.execute(
         "SELECT id, source, message_id, ordering_key, payload, attempts, created_at, first_attempt_at"
-        f" FROM jobs WHERE id IN ({marks})",
+        f" FROM jobs WHERE id IN ({_marks(len(ids))})",
         ids,
     ).fetchall()
     rows.sort(key=lambda row: row[0])
-    return [
-        Job(
-            id=row[0],
-            destination=destination,
-            source=row[1],
-            message_id=row[2],
-            ordering_key=row[3],
-            payload=row[4],
-            attempts=row[5],
-            created_at=row[6],
-            first_attempt_at=row[7],
+    jobs: list[Job] = []
+    leased: list[tuple[int, Held]] = []
+    until = now + lease_seconds
+    for job_id, source, message_id, key, payload, attempts, created_at, first_attempt_at in rows:
+        # A lapsed lease of this server's counts: the row does not know of it yet.
+        before = leases.get(job_id)
+        if before is not None:
+            attempts, first_attempt_at = before.attempts, before.first_attempt_at
+        held = new_tuple(Held, (attempts + 1, until, first_attempt_at if first_attempt_at is not None else now))
+        leased.append((job_id, held))
+        jobs.append(
+            Job(
+                id=job_id,
+                destination=destination,
+                source=source,
+                message_id=message_id,
+                ordering_key=key,
+                payload=payload,
+                attempts=held.attempts,
+                created_at=created_at,
+                first_attempt_at=held.first_attempt_at,
+            )
         )
-        for row in rows
-    ]
+    leases.hold(leased)
+    return jobs
 
 
-# Every settle matches a job by id and, when fenced, by the attempt count of its lease:
-# "(? IS NULL OR attempts = ?)" with the count twice, or None twice for no fence.
+# Every settle matches a job by id and, when fenced in SQL, by its row's attempt count:
+# "(? IS NULL OR attempts = ?)" with the count twice, or None twice. A job this server
+# holds was checked against its lease already (Leases.settling) and is matched by id.
 _FENCED = "id = ? AND (? IS NULL OR attempts = ?)"
 
 
-def _fenced(job_id: int, fence: Fence | None) -> tuple[int, int | None, int | None]:
-    attempts = fence.get(job_id) if fence is not None else None
-    return job_id, attempts, attempts
-
-
-def _by_lease(job_ids: Sequence[int], fence: Fence | None) -> Iterator[tuple[int | None, Sequence[int]]]:
-    """The jobs grouped by the attempt count they were leased at (None: not fenced), in
-    chunks: one statement per group settles what one step per job did. A lease's jobs
-    nearly always share one count."""
-    groups: dict[int | None, list[int]] = {}
-    for job_id in job_ids:
-        groups.setdefault(fence.get(job_id) if fence is not None else None, []).append(job_id)
-    for attempts, ids in groups.items():
+def _by_fence(settling: Sequence[Settling]) -> Iterator[tuple[int | None, int | None, Sequence[int]]]:
+    """(SQL fence, attempts to record, job ids), in chunks: one statement per group settles
+    what one step per job did. A lease's jobs nearly always share one group."""
+    groups: dict[tuple[int | None, int | None], list[int]] = {}
+    for s in settling:
+        groups.setdefault((s.fence, s.attempts), []).append(s.job_id)
+    for (fence, attempts), ids in groups.items():
         for chunk in _chunks(ids):
-            yield attempts, chunk
+            yield fence, attempts, chunk
 
 
 def ack(
-    conn: sqlite3.Connection, job_ids: Sequence[int], mapping_version: str, now: float, fence: Fence | None = None
+    conn: sqlite3.Connection,
+    job_ids: Sequence[int],
+    mapping_version: str,
+    now: float,
+    leases: Leases,
+    fence: Fence | None = None,
 ) -> None:
     # The payload of a delivered job is never read again; dropping it keeps the file small.
-    for attempts, ids in _by_lease(job_ids, fence):
+    for fenced, attempts, ids in _by_fence(leases.settling(job_ids, fence)):
         conn.execute(
             f"UPDATE jobs SET state = {DELIVERED}, settled_at = ?, mapping_version = ?, lease_until = NULL,"
-            f" payload = X'' WHERE id IN ({_marks(len(ids))}) AND state < {DELIVERED} AND (? IS NULL OR attempts = ?)",
-            (now, mapping_version, *ids, attempts, attempts),
+            " attempts = COALESCE(?, attempts), payload = X''"
+            f" WHERE id IN ({_marks(len(ids))}) AND state < {DELIVERED} AND (? IS NULL OR attempts = ?)",
+            (now, mapping_version, attempts, *ids, fenced, fenced),
         )
 
 
 def retry(
-    conn: sqlite3.Connection, job_ids: Sequence[int], available_at: float, error: str, fence: Fence | None = None
+    conn: sqlite3.Connection,
+    job_ids: Sequence[int],
+    available_at: float,
+    error: str,
+    leases: Leases,
+    fence: Fence | None = None,
 ) -> None:
+    # Only a leased job goes back to wait: this server's, or one an earlier version left
+    # LEASED in the table.
     conn.executemany(
-        f"UPDATE jobs SET state = {QUEUED}, available_at = ?, lease_until = NULL, last_error = ?"
-        f" WHERE state = {LEASED} AND {_FENCED}",
-        [(available_at, error, *_fenced(i, fence)) for i in job_ids],
+        f"UPDATE jobs SET state = {QUEUED}, available_at = ?, lease_until = NULL, last_error = ?,"
+        " attempts = COALESCE(?, attempts), first_attempt_at = COALESCE(?, first_attempt_at)"
+        f" WHERE state < {DELIVERED} AND (? IS NOT NULL OR state = {LEASED}) AND {_FENCED}",
+        [
+            (available_at, error, s.attempts, s.first_attempt_at, s.attempts, s.job_id, s.fence, s.fence)
+            for s in leases.settling(job_ids, fence)
+        ],
     )
 
 
-def release(conn: sqlite3.Connection, job_ids: Sequence[int], fence: Fence | None = None) -> None:
-    # A job released before any real attempt forgets its first attempt too, so the
-    # retry budget (measured from it) does not run while it was never tried.
+def release(conn: sqlite3.Connection, job_ids: Sequence[int], leases: Leases, fence: Fence | None = None) -> None:
+    # A held job's row never counted its lease: dropping the lease gives it back as it was.
+    # A row an earlier version left LEASED is given back the way that version did: the
+    # attempt uncounted, and a first attempt forgotten, so the retry budget (measured from
+    # it) does not run while it was never tried.
+    unheld = [s for s in leases.settling(job_ids, fence) if s.attempts is None]
     conn.executemany(
         f"UPDATE jobs SET state = {QUEUED}, lease_until = NULL, attempts = MAX(attempts - 1, 0),"
         " first_attempt_at = CASE WHEN attempts <= 1 THEN NULL ELSE first_attempt_at END"
         f" WHERE state = {LEASED} AND {_FENCED}",
-        [_fenced(i, fence) for i in job_ids],
+        [(s.job_id, s.fence, s.fence) for s in unheld],
     )
 
 
 def dead_letter(
-    conn: sqlite3.Connection, entries: Sequence[DeadLetter], now: float, fence: Fence | None = None
+    conn: sqlite3.Connection,
+    entries: Sequence[DeadLetter],
+    now: float,
+    leases: Leases,
+    fence: Fence | None = None,
 ) -> None:
+    settling = {s.job_id: s for s in leases.settling([e.job_id for e in entries], fence)}
     conn.executemany(
         "INSERT INTO dead_letters (destination, source, message_id, ordering_key, payload, reason, status,"
         " response_body, request_body, label, attempts, created_at, first_attempt_at, failed_at,"
         " mapping_version)"
-        " SELECT destination, source, message_id, ordering_key, payload, ?, ?, ?, ?, ?, attempts,"
-        f" created_at, first_attempt_at, ?, ? FROM jobs WHERE {_FENCED} AND state < {DELIVERED}",
+        " SELECT destination, source, message_id, ordering_key, payload, ?, ?, ?, ?, ?, COALESCE(?, attempts),"
+        f" created_at, COALESCE(?, first_attempt_at), ?, ? FROM jobs WHERE {_FENCED} AND state < {DELIVERED}",
         [
             (
                 e.reason,
@@ -294,29 +330,43 @@ def dead_letter(
                 e.response_body,
                 e.request_body,
                 e.label,
+                s.attempts,
+                s.first_attempt_at,
                 now,
                 e.mapping_version,
-                *_fenced(e.job_id, fence),
+                s.job_id,
+                s.fence,
+                s.fence,
             )
             for e in entries
+            if (s := settling.get(e.job_id)) is not None
         ],
     )
-    _delete_settled(conn, [e.job_id for e in entries], fence)
+    _delete_settled(conn, settling.values())
 
 
-def discard(conn: sqlite3.Connection, entries: Sequence[Discard], now: float, fence: Fence | None = None) -> None:
+def discard(
+    conn: sqlite3.Connection, entries: Sequence[Discard], now: float, leases: Leases, fence: Fence | None = None
+) -> None:
+    settling = {s.job_id: s for s in leases.settling([e.job_id for e in entries], fence)}
     conn.executemany(
         "INSERT INTO discards (destination, source, message_id, payload, reason, label, detail,"
         " discarded_at) SELECT destination, source, message_id, payload, ?, ?, ?, ?"
         f" FROM jobs WHERE {_FENCED} AND state < {DELIVERED}",
-        [(e.reason, e.label, e.detail, now, *_fenced(e.job_id, fence)) for e in entries],
+        [
+            (e.reason, e.label, e.detail, now, s.job_id, s.fence, s.fence)
+            for e in entries
+            if (s := settling.get(e.job_id)) is not None
+        ],
     )
-    _delete_settled(conn, [e.job_id for e in entries], fence)
+    _delete_settled(conn, settling.values())
 
 
-def _delete_settled(conn: sqlite3.Connection, job_ids: Sequence[int], fence: Fence | None) -> None:
+def _delete_settled(conn: sqlite3.Connection, settling: Iterable[Settling]) -> None:
     """Drop the jobs just copied out: the same match, in the same transaction."""
-    conn.executemany(f"DELETE FROM jobs WHERE {_FENCED} AND state < {DELIVERED}", [_fenced(i, fence) for i in job_ids])
+    conn.executemany(
+        f"DELETE FROM jobs WHERE {_FENCED} AND state < {DELIVERED}", [(s.job_id, s.fence, s.fence) for s in settling]
+    )
 
 
 def resolve_links(conn: sqlite3.Connection, namespace: str, ids: Sequence[str]) -> dict[str, str]:

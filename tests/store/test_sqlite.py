@@ -100,6 +100,7 @@ def test_queue_reads_use_the_index_of_pending_jobs(tmp_path: Path) -> None:
     """Leases and gauges must find queued jobs through the partial index: a query whose
     WHERE stops implying the index's own reads every job ever delivered instead."""
     from bridge.store import sqlite_ops
+    from bridge.store.sqlite_leases import Leases
     from bridge.store.sqlite_schema import configure, create_schema
 
     conn = sqlite3.connect(tmp_path / "b.db", isolation_level=None)
@@ -112,7 +113,7 @@ def test_queue_reads_use_the_index_of_pending_jobs(tmp_path: Path) -> None:
     statements: list[str] = []
     conn.set_trace_callback(statements.append)
     for ordered in (True, False):
-        sqlite_ops.lease(conn, "moe", 10, 30.0, ordered, time.time())
+        sqlite_ops.lease(conn, "moe", 10, 30.0, ordered, time.time(), Leases(lambda undo: None))
     sqlite_ops.queue_stats(conn)
     conn.set_trace_callback(None)
     reads = [sql for sql in statements if "FROM jobs" in sql and "destination" in sql]
@@ -775,7 +776,8 @@ async def test_ingest_commits_are_fsynced_and_delivery_bookkeeping_is_not(
 
         monkeypatch.setattr(ops, name, op)
 
-    for name in ("enqueue_many", "lease", "ack", "retry", "release", "discard", "dead_letter"):
+    # Not the lease: it writes nothing (sqlite_leases), so it commits nothing to sync.
+    for name in ("enqueue_many", "ack", "retry", "release", "discard", "dead_letter"):
         spy(name)
     store = await opened(tmp_path / "b.db")
     await store.enqueue("web", [event(f"m{i}") for i in range(5)])
@@ -788,7 +790,6 @@ async def test_ingest_commits_are_fsynced_and_delivery_bookkeeping_is_not(
     await store.enqueue("web", [event("m-late")])
     assert seen == [
         ("enqueue_many", FULL),
-        ("lease", NORMAL),
         ("ack", NORMAL),
         ("retry", NORMAL),
         ("release", NORMAL),
@@ -864,3 +865,90 @@ async def test_make_due_stops_at_the_last_job_there_was_when_it_began(tmp_path: 
     assert await store._run(step) == (1, None)
     assert [j.message_id for j in await store.lease("moe", 10, 30)] == ["m0"]  # m1 still waits
     await store.close()
+
+
+def job_rows(path: Path) -> dict[str, tuple[int, int, float | None]]:
+    """{message_id: (state, attempts, first_attempt_at)} as the file has them."""
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute("SELECT message_id, state, attempts, first_attempt_at FROM jobs").fetchall()
+    return {m: (state, attempts, first) for m, state, attempts, first in rows}
+
+
+async def test_a_lease_writes_nothing_and_each_settle_records_its_attempt(tmp_path: Path) -> None:
+    """Leases are the server's (sqlite_leases): the row of a leased job is not rewritten
+    until it is settled, and the settle writes the attempt count the lease had."""
+    db = tmp_path / "b.db"
+    store = await opened(db)
+    await store.enqueue("web", [event(f"m{i}", f"u{i}") for i in range(4)])
+    writes = store.commits
+    m0, m1, m2, m3 = await store.lease("moe", 4, 30)
+    assert job_rows(db) == {f"m{i}": (0, 0, None) for i in range(4)}
+    await store.ack([m0.id], "v1")
+    await store.retry([m1.id], time.time() + 3600, "http_500")
+    await store.release([m2.id])
+    await store.dead_letter([DeadLetter(m3.id, "http_400")])
+    rows = job_rows(db)
+    assert rows["m0"][:2] == (2, 1)  # delivered, at the first attempt
+    assert rows["m1"] == (0, 1, m1.first_attempt_at)  # waits, one attempt counted
+    assert rows["m2"] == (0, 0, None)  # given back as it was
+    assert "m3" not in rows
+    (dead,) = await store.list_dead(RecordFilter())
+    assert (dead.attempts, dead.first_attempt_at) == (1, m3.first_attempt_at)
+    assert store.commits - writes == 4  # the settles: the lease committed nothing
+    await store.close()
+
+
+async def test_a_restarted_server_sends_what_its_predecessor_had_leased_at_once(tmp_path: Path) -> None:
+    """A server that stops (or dies) with jobs leased leaves nothing behind that makes
+    the next one wait for those leases to run out."""
+    db = tmp_path / "b.db"
+    first = await opened(db)
+    await first.enqueue("web", [event("m1", "u1"), event("m2", "u1")])
+    assert len(await first.lease("moe", 10, 3600)) == 2
+    await first.close()
+    second = await opened(db)
+    again = await second.lease("moe", 10, 30)
+    assert [(j.message_id, j.attempts) for j in again] == [("m1", 1), ("m2", 1)]
+    await second.close()
+
+
+async def test_a_row_an_earlier_version_left_leased_waits_for_its_lease(tmp_path: Path) -> None:
+    db = tmp_path / "b.db"
+    store = await opened(db)
+    await store.enqueue("web", [event("old", "u1"), event("lapsed", "u2"), event("next", "u1")])
+    with sqlite3.connect(db) as conn:  # as a bridge that wrote leases to the table left them
+        conn.execute(
+            "UPDATE jobs SET state = 1, attempts = 1, first_attempt_at = 5, lease_until = ? WHERE message_id = 'old'",
+            (time.time() + 3600,),
+        )
+        conn.execute(
+            "UPDATE jobs SET state = 1, attempts = 2, first_attempt_at = 5, lease_until = 1 WHERE message_id = 'lapsed'"
+        )
+    (lapsed,) = await store.lease("moe", 10, 30)  # u1's "next" waits behind "old"
+    assert (lapsed.message_id, lapsed.attempts, lapsed.first_attempt_at) == ("lapsed", 3, 5)
+    await store.retry([lapsed.id], time.time() + 3600, "http_500")
+    assert job_rows(db)["lapsed"] == (0, 3, 5)
+    assert [j.message_id for j in await store.lease("moe", 10, 30, ordered=False)] == ["next"]
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE jobs SET lease_until = 1 WHERE message_id = 'old'")
+    (old,) = await store.lease("moe", 10, 30)
+    assert (old.message_id, old.attempts) == ("old", 2)
+    await store.release([old.id])  # the attempt does not count: the row stays as it was
+    assert [(j.message_id, j.attempts) for j in await store.lease("moe", 10, 30)] == [("old", 2)]
+    await store.close()
+
+
+async def test_the_cli_cannot_lease(tmp_path: Path) -> None:
+    """A lease lives in the memory of the process that took it: one taken by the CLI
+    would be invisible to the server, which would send the same jobs again."""
+    db = tmp_path / "b.db"
+    server = await opened(db)
+    await server.enqueue("web", [event("m1", "u1")])
+    cli = await opened(db, upgrade=False)
+    with pytest.raises(StoreError, match="only the server"):
+        await cli.lease("moe", 10, 30)
+    with pytest.raises(StoreError, match="only the server"):
+        await cli.ack([1])
+    assert [j.message_id for j in await server.lease("moe", 10, 30)] == ["m1"]
+    await cli.close()
+    await server.close()
