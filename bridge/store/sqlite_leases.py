@@ -12,7 +12,8 @@ What the table no longer has while a job is leased:
   treats a held job as leased (blocking its user's later jobs while the lease lasts);
 - its attempt count and first attempt: ``Held`` has them, and ``retry``, ``ack``,
   ``dead_letter`` and ``discard`` write them with the settle. ``release`` writes nothing:
-  the attempt does not count, so the row already says what it should.
+  the attempt does not count, so the row already says what it should. Unless a lease of
+  ours lapsed before this one: that attempt counts, and the release writes it.
 
 A server that dies loses its leases, and its jobs are due again as soon as the next one
 starts, instead of once their leases would have run out: at-least-once, as before, and
@@ -40,6 +41,10 @@ class Held(NamedTuple):
     attempts: int  # counting this lease
     until: float  # the lease's end (epoch seconds)
     first_attempt_at: float
+    # The row's own count when this server first held the job. Above it, by more than
+    # this lease, are leases of ours that lapsed: those attempts happened, and a release
+    # (which uncounts only its own) must write them to the row.
+    counted: int
 
 
 class Settling(NamedTuple):
@@ -51,6 +56,7 @@ class Settling(NamedTuple):
     fence: int | None
     attempts: int | None
     first_attempt_at: float | None
+    counted: int | None
 
 
 # A NamedTuple's own constructor is a Python function; this is the C one, for the per-job
@@ -87,11 +93,11 @@ class Leases:
             held = held_map.get(job_id)
             wanted = fence.get(job_id) if fence is not None else None
             if held is None:
-                out.append(new_tuple(Settling, (job_id, wanted, None, None)))  # the row's own count decides
+                out.append(new_tuple(Settling, (job_id, wanted, None, None, None)))  # the row's own count decides
             elif wanted is None or wanted == held[0]:
                 del held_map[job_id]
                 dropped.append((job_id, held))
-                out.append(new_tuple(Settling, (job_id, None, held[0], held[2])))
+                out.append(new_tuple(Settling, (job_id, None, held[0], held[2], held[3])))
         if dropped:
             self._on_rollback(partial(self._restore, dropped))
         return out

@@ -217,10 +217,12 @@ def lease(
     until = now + lease_seconds
     for job_id, source, message_id, key, payload, attempts, created_at, first_attempt_at in rows:
         # A lapsed lease of this server's counts: the row does not know of it yet.
+        counted = attempts
         before = leases.get(job_id)
         if before is not None:
-            attempts, first_attempt_at = before.attempts, before.first_attempt_at
-        held = new_tuple(Held, (attempts + 1, until, first_attempt_at if first_attempt_at is not None else now))
+            attempts, first_attempt_at, counted = before.attempts, before.first_attempt_at, before.counted
+        first = first_attempt_at if first_attempt_at is not None else now
+        held = new_tuple(Held, (attempts + 1, until, first, counted))
         leased.append((job_id, held))
         jobs.append(
             Job(
@@ -296,11 +298,23 @@ def retry(
 
 
 def release(conn: sqlite3.Connection, job_ids: Sequence[int], leases: Leases, fence: Fence | None = None) -> None:
-    # A held job's row never counted its lease: dropping the lease gives it back as it was.
+    # A held job's row never counted its lease: dropping the lease gives it back as it was,
+    # but for the attempts of leases of ours that lapsed before it.
     # A row an earlier version left LEASED is given back the way that version did: the
     # attempt uncounted, and a first attempt forgotten, so the retry budget (measured from
     # it) does not run while it was never tried.
-    unheld = [s for s in leases.settling(job_ids, fence) if s.attempts is None]
+    settling = leases.settling(job_ids, fence)
+    # Attempts of lapsed leases of ours that came before: they happened, and count.
+    lapsed = [
+        (s.attempts - 1, s.first_attempt_at, s.job_id)
+        for s in settling
+        if s.attempts is not None and s.counted is not None and s.attempts - 1 > s.counted
+    ]
+    conn.executemany(
+        f"UPDATE jobs SET attempts = ?, first_attempt_at = COALESCE(first_attempt_at, ?) WHERE id = ? AND {PENDING}",
+        lapsed,
+    )
+    unheld = [s for s in settling if s.attempts is None]
     conn.executemany(
         f"UPDATE jobs SET state = {QUEUED}, lease_until = NULL, attempts = MAX(attempts - 1, 0),"
         " first_attempt_at = CASE WHEN attempts <= 1 THEN NULL ELSE first_attempt_at END"

@@ -154,6 +154,22 @@ async def test_a_late_holder_cannot_settle_a_job_leased_again(store: Store) -> N
     assert [j.message_id for j in await store.lease("moe", 10, 30)] == ["f1"]
 
 
+async def test_a_late_holder_cannot_settle_a_job_released_and_leased_again(store: Store) -> None:
+    """A's lease lapses, B leases the job and gives it back (release), C leases it: A's
+    stale fence must not match C's lease (the lapsed attempt still counts)."""
+    await store.enqueue("web", [event(f"r{i}", "alice") for i in range(2)])
+    (a_job,) = await store.lease("moe", 1, 0.05)
+    await asyncio.sleep(0.1)
+    (b_job,) = await store.lease("moe", 1, 30)
+    await store.release([b_job.id], fence={b_job.id: b_job.attempts})
+    (c_job,) = await store.lease("moe", 1, 30)
+    assert (c_job.id, c_job.attempts) == (a_job.id, 2)
+    assert c_job.first_attempt_at == pytest.approx(a_job.first_attempt_at)
+    await store.ack([a_job.id], "old", fence={a_job.id: a_job.attempts})
+    # C still holds r0: alice's r1 stays blocked behind it.
+    assert await store.lease("moe", 10, 30) == []
+
+
 async def test_one_ack_settles_only_the_jobs_still_on_its_lease(store: Store) -> None:
     """An ack names jobs leased at different attempt counts, some of them since leased
     again by another worker: it settles exactly those whose count still matches, and a
