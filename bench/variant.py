@@ -14,6 +14,9 @@ SPEC is a comma-separated list (``-`` for none):
                    collected, and their total and longest pause.
 - ``store_stats``  when the SQLite store's writer stops, print to stderr how many write
                    transactions it committed and the operations in them (group commit).
+- ``linger=S``     the SQLite writer waits S seconds after a group's first operation for
+                   more to join it (``SqliteStore(commit_interval=S)``): fewer, larger
+                   commits, each request waiting up to S longer.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import atexit
 import gc
 import sys
 import time
+from typing import Any
 
 import bridge.app
 
@@ -54,13 +58,20 @@ def apply(spec: str, *, dry_run: bool = False) -> list[str]:
             elif name == "store_stats" and not value:
                 if not dry_run:
                     _report_writer_stats()
+            elif name == "linger":
+                seconds = float(value)
+                if seconds < 0:
+                    raise ValueError("must be >= 0")
+                if not dry_run:
+                    _linger(seconds)
             elif name == "gc_freeze" and not value:
                 if not dry_run:
                     gc.collect()
                     gc.freeze()
             else:
                 raise VariantError(
-                    f"unknown variant item {item!r}; expected switch=S, gc=A/B/C, gc_freeze, gc_stats or store_stats"
+                    f"unknown variant item {item!r};"
+                    " expected switch=S, gc=A/B/C, linger=S, gc_freeze, gc_stats or store_stats"
                 )
         except ValueError as exc:
             if isinstance(exc, VariantError):
@@ -68,6 +79,19 @@ def apply(spec: str, *, dry_run: bool = False) -> list[str]:
             raise VariantError(f"bad value in variant item {item!r}: {exc}") from None
         applied.append(item.strip())
     return applied
+
+
+def _linger(seconds: float) -> None:
+    """Make every SQLite store the bridge opens wait ``seconds`` to gather a commit group."""
+    from bridge.store.sqlite import SqliteStore
+
+    init = SqliteStore.__init__
+
+    def lingering_init(self: SqliteStore, path: str, **options: Any) -> None:
+        options["commit_interval"] = seconds
+        init(self, path, **options)
+
+    SqliteStore.__init__ = lingering_init  # type: ignore[method-assign]
 
 
 def _report_writer_stats() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +41,13 @@ def test_gc_stats_counts_collections_and_reports_them(restore_gc: None, capsys: 
 def test_unknown_items_are_refused() -> None:
     with pytest.raises(variant.VariantError, match="gc_stats"):
         variant.apply("gc_stat", dry_run=True)
+
+
+def test_linger_makes_every_sqlite_store_gather_its_commits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bridge.store.sqlite import SqliteStore
+
+    monkeypatch.setattr(SqliteStore, "__init__", SqliteStore.__init__)  # undone after the test
+    assert variant.apply("linger=0.02") == ["linger=0.02"]
+    assert SqliteStore(str(tmp_path / "b.db"))._commit_interval == 0.02
+    with pytest.raises(variant.VariantError, match="linger"):
+        variant.apply("linger=-1", dry_run=True)
