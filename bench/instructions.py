@@ -8,7 +8,9 @@ instructions a process executes in user space, and the count repeats within abou
 percent, whatever else the host is doing. Each server (the floor, then the bridge) runs
 under ``valgrind --tool=callgrind`` on the server core with counting off; after a warm-up
 of a fifth of ``--events``, counting is switched on for exactly ``--events`` events from
-the load generator, then off again.
+the load generator, then off again. Each server's count is also split by the code that ran it (the
+interpreter, orjson, SQLite, libc, the rest), which shows whether a gap is Python work
+or store work.
 
 What it does not count: the kernel's work (socket I/O, fsync, copying WAL pages). A
 change that moves work into the kernel (smaller SQLite pages, say) can look cheaper here
@@ -54,6 +56,52 @@ def _counted(out: Path) -> int:
             if line.startswith("totals:"):
                 total += int(line.split()[1])
     return total
+
+
+# Where a server's instructions go, by the object file that executed them: the
+# interpreter (Python code and the objects it builds), orjson, SQLite, libc (memcpy and
+# memset, mostly for SQLite pages and JSON bytes) and the rest.
+_PARTS = (("libpython", "interpreter"), ("orjson", "orjson"), ("libsqlite3", "sqlite"), ("libc.so", "libc"))
+
+
+def _part(obj: str) -> str:
+    name = obj.rsplit("/", 1)[-1]
+    return next((part for prefix, part in _PARTS if name.startswith(prefix)), "other")
+
+
+def by_part(out: Path) -> dict[str, int]:
+    """Each dump's self cost summed by ``_PARTS`` (callgrind's ``ob=`` object of the code).
+
+    In callgrind's format the line after ``calls=`` is the call's inclusive cost, which
+    belongs to the callee's own lines too: it is skipped, so nothing is counted twice."""
+    parts: dict[str, int] = {}
+    for path in sorted(out.parent.glob(out.name + "*")):
+        names: dict[str, str] = {}  # "(3)" -> object path: callgrind names each object once
+        current = "other"
+        after_call = False
+        for line in path.read_text(errors="replace").splitlines():
+            if not line:
+                continue
+            head = line[0]
+            if head.isdigit() or head in "+-*":
+                if after_call:
+                    after_call = False
+                    continue
+                fields = line.split()
+                if len(fields) >= 2:
+                    parts[current] = parts.get(current, 0) + int(fields[1])
+            elif line.startswith(("ob=", "cob=")):
+                # Both name objects from one table: an object first named as a callee
+                # (cob=) is later referred to by its number alone.
+                is_ob = line[0] == "o"
+                ref, _, obj = line[3 if is_ob else 4 :].partition(" ")
+                if obj:
+                    names[ref] = obj
+                if is_ob:
+                    current = _part(names.get(ref, ref))
+            elif line.startswith("calls="):
+                after_call = True
+    return parts
 
 
 def _bridge_argv(work: Path, port: int) -> list[str]:
@@ -114,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
             f" = {per_event[server]:,.0f} per event ({time.monotonic() - started:.0f} s)",
             flush=True,
         )
+        parts = by_part(work / f"callgrind-{server}.out")
+        shares = ", ".join(f"{name} {n / args.events:,.0f}" for name, n in sorted(parts.items(), key=lambda kv: -kv[1]))
+        print(f"       per event by part: {shares}", flush=True)
     if len(per_event) == 2:
         print(f"floor / bridge instructions per event: {per_event['floor'] / per_event['bridge']:.3f}")
     print(f"callgrind files and logs: {work}")
