@@ -47,6 +47,7 @@ BLOCKED_CUSTOMER_IDS = frozenset(
         "n/a",
         "dummy_seller_code",
         "user_attribute_unique_id",
+        "(empty)",
     }
 )
 

@@ -100,6 +100,8 @@ def test_identity_link_and_key(shipped):
         "N/A",
         "dummy_seller_code",
         "user_attribute_unique_id",
+        "(empty)",  # the literal text: MoEngage lists it quoted, beside "" (reference §1.6)
+        "(EMPTY)",
         "x",
         " ",
         "  a  ",

@@ -177,7 +177,7 @@ async def test_blocklisted_ids_are_accepted_but_silently_ignored(moe):
         ("blocked_customer_id", "NULL"),
         ("blocked_customer_id", "x"),
     ]
-    assert {"unknown", "0", "-1", "n/a", "user_attribute_unique_id"} <= BLOCKED_CUSTOMER_IDS
+    assert {"unknown", "0", "-1", "n/a", "user_attribute_unique_id", "(empty)"} <= BLOCKED_CUSTOMER_IDS
 
 
 async def test_unknown_route_is_404_in_moengage_shape(moe):
