@@ -274,6 +274,8 @@ async def test_streams_auth_json_and_validation_errors(bridge):
     assert (status, data["code"]) == (401, "unauthorized")
     status, data = await bridge.post("/moengage/streams/nope", seed_payload(), AUTH)
     assert status == 401
+    # A wrong credential and an unknown source name get one answer: no name can be probed.
+    assert await bridge.post(PATH, seed_payload()) == await bridge.post("/moengage/streams/nope", seed_payload())
     status, data = await bridge.post(PATH, None, AUTH, raw=b"{not json")
     assert (status, data["code"]) == (400, "invalid_json")
     payload = seed_payload()

@@ -15,6 +15,8 @@ from bridge.sources.streams.spec import events_of, normalise
 
 # Streams batches are ~100 events; attribute maps make them larger than Segment's.
 MAX_STREAMS_BODY = 5 * 1024 * 1024
+# One answer for an unknown source and a wrong credential, so no answer tells which names exist.
+_UNAUTHORIZED = "unknown source or missing credentials"
 
 
 class StreamsSources(SourceKind):
@@ -43,17 +45,17 @@ class StreamsSources(SourceKind):
             ok_user = same_secret(creds[0], auth.username) if creds else False
             ok_pass = same_secret(creds[1], auth.password) if creds else False
             if not (ok_user and ok_pass):
-                raise ApiError(401, "unauthorized", "missing or wrong Basic credentials")
+                raise ApiError(401, "unauthorized", _UNAUTHORIZED)
         else:
             given = request.headers.get(auth.header, "")
             if not same_secret(given, auth.value):
-                raise ApiError(401, "unauthorized", f"missing or wrong {auth.header} header")
+                raise ApiError(401, "unauthorized", _UNAUTHORIZED)
 
     async def receive(self, request: web.Request) -> web.Response:
         source = self._by_name.get(request.match_info["source"])
         if source is None:
             # Same answer as a wrong credential: do not reveal which source names exist.
-            raise ApiError(401, "unauthorized", "unknown source or missing credentials")
+            raise ApiError(401, "unauthorized", _UNAUTHORIZED)
         self._authorise(request, source)
         body = await read_body(request, MAX_STREAMS_BODY)
         # Parsed and validated in a plain function, so the parsed body is freed before
