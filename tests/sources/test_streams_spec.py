@@ -102,6 +102,12 @@ def test_event_requirements_and_ordering_key():
     with pytest.raises(Invalid) as exc:
         normalise({"event_uuid": "u", "event_time": 1})
     assert exc.value.code == "event_name_required"
+    # event_uuid becomes the relayed track's messageId, which Segment takes up to 100
+    # characters; unbounded, a long one failed PostgreSQL's dedupe index for the whole request.
+    assert normalise({**good, "event_uuid": "u" * 100})[1] == "u" * 100
+    with pytest.raises(Invalid) as exc:
+        normalise({**good, "event_uuid": "u" * 101})
+    assert exc.value.code == "event_uuid_too_long"
     with pytest.raises(Invalid) as exc:
         normalise({**good, "user_attributes": [1]})
     assert exc.value.code == "user_attributes_not_object"

@@ -7,7 +7,7 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-from bridge.sources.segment.spec import Invalid
+from bridge.sources.segment.spec import MAX_MESSAGE_ID, Invalid
 
 # Epoch values above this are milliseconds (year 5138 in seconds; 1973 in ms).
 _MS_THRESHOLD = 100_000_000_000
@@ -15,6 +15,11 @@ _MS_THRESHOLD = 100_000_000_000
 # step too) takes a number this large for milliseconds: a time from the year 5138 on,
 # given as ISO-8601, would come out in 1973. Such times are refused instead.
 _MAX_SECONDS = _MS_THRESHOLD - 1
+# event_uuid is MoEngage's event id (a UUID), and the relayed track's messageId, which
+# Segment takes up to 100 characters. A longer one is refused by index, as the Tracking
+# API refuses such a messageId, rather than fail later: in PostgreSQL's dedupe index a key
+# past about 2.7 KB failed the whole request's enqueue with a 503.
+MAX_EVENT_UUID = MAX_MESSAGE_ID
 # An epoch time written as text: ASCII digits only. float() also reads "1_767_225_600"
 # and other scripts' digits, which no sender means as a time.
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
@@ -81,6 +86,8 @@ def normalise(item: Any) -> tuple[dict[str, Any], str, str]:
         uuid = str(uuid)
     if not isinstance(uuid, str) or not uuid.strip():
         raise Invalid("event_uuid_required", "event_uuid is required (a non-empty string)")
+    if len(uuid) > MAX_EVENT_UUID:
+        raise Invalid("event_uuid_too_long", f"event_uuid is {len(uuid)} characters; at most {MAX_EVENT_UUID}")
     event["event_uuid"] = uuid
     name, code = event.get("event_name"), event.get("event_code")
     if name is not None and not isinstance(name, str):
