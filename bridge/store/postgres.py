@@ -49,6 +49,7 @@ from bridge.store.postgres_schema import (
     QUEUED,
     SCHEMA_VERSION,
     check_schema_name,
+    link_key,
     schema_error,
 )
 from bridge.store.sql_filters import dollar, record_where
@@ -438,13 +439,14 @@ class PostgresStore(Store):
     async def resolve_links(self, namespace: str, ids: Sequence[str]) -> dict[str, str]:
         if not ids:
             return {}
+        by_key = {link_key(i): i for i in ids}  # a long id is stored under its digest
         async with self._conn() as conn:
             rows = await conn.fetch(
                 "SELECT from_id, to_id FROM identity_links WHERE namespace = $1 AND from_id = ANY($2::text[])",
                 namespace,
-                list(dict.fromkeys(ids)),
+                list(by_key),
             )
-        return {r[0]: r[1] for r in rows}
+        return {by_key[r[0]]: r[1] for r in rows}
 
     # -- operators ---------------------------------------------------------------------
     async def list_dead(self, flt: RecordFilter, limit: int = 100) -> list[DeadLetterRecord]:

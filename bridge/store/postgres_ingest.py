@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.store.base import EnqueueResult, IncomingEvent, StoreError
+from bridge.store.postgres_schema import link_key
 
 Connection = Any  # asyncpg.Connection (asyncpg ships no type hints)
 
@@ -70,7 +71,7 @@ async def _write_group(conn: Connection, calls: list[_Call], now: float) -> None
     # One statement may not upsert a key twice; the latest link wins, as in separate calls.
     links = {(link.namespace, link.from_id): link.to_id for c in calls for e in c.fresh for link in e.links}
     if links:
-        await conn.execute(LINKS_SQL, [k[0] for k in links], [k[1] for k in links], list(links.values()), now)
+        await conn.execute(LINKS_SQL, [k[0] for k in links], [link_key(k[1]) for k in links], list(links.values()), now)
 
 
 class GroupCommitter:

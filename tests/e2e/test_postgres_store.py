@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -58,3 +59,30 @@ async def test_segment_to_moengage_on_postgres_survives_a_restart(make_bridge: A
     bridge.moengage.refuse_all(None)
     await bridge.start()
     await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 11, timeout=15)
+
+
+async def test_a_user_id_too_long_for_a_postgres_index_still_learns_and_uses_its_link(
+    make_bridge: Any, schema: str
+) -> None:
+    """A userId of 3 KB is within Segment's 32 KB an event, but past what PostgreSQL can put
+    in a B-tree key: its identity link failed the whole batch's enqueue with a 503, the good
+    events with it. The link is stored under a digest and found again for the next call."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["store"]["url"] = DSN
+
+    bridge = await make_bridge(tweak, start=False)
+    bridge.store_factory = lambda: PostgresStore(DSN, schema=schema)
+    await bridge.start()
+    long_user = secrets.token_hex(1600)  # random, so PostgreSQL cannot compress it to fit
+    good = [{"type": "track", "userId": f"user-{i}", "event": "Fine", "messageId": f"ok-{i}"} for i in range(5)]
+    identify = {"type": "identify", "userId": long_user, "traits": {"id": "cust-long"}, "messageId": "long-1"}
+    status, data = await bridge.post("/v1/batch", {"batch": [*good, identify]}, basic(WRITE_KEY))
+    assert (status, data) == (200, {"success": True})
+    later = {"type": "track", "userId": long_user, "event": "After", "messageId": "long-2"}
+    status, data = await bridge.post("/v1/batch", {"batch": [later]}, basic(WRITE_KEY))
+    assert status == 200, data
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 6, timeout=15)
+    after = [e for e in bridge.moengage.events() if e["actions"][0]["action"] == "After"]
+    assert [e["customer_id"] for e in after] == ["cust-long"]
+    assert [c["customer_id"] for c in bridge.moengage.customers()] == ["cust-long"]

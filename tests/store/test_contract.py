@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 
 import orjson
@@ -68,6 +69,26 @@ async def test_identity_links_latest_wins_per_namespace(store: Store) -> None:
     assert await store.resolve_links("other", ["u1"]) == {"u1": "x"}
     assert await store.resolve_links("nobody", ["u1"]) == {}
     assert await store.resolve_links("moe", []) == {}
+
+
+async def test_identity_links_of_ids_too_long_to_index_are_kept_and_found(store: Store) -> None:
+    """A userId is bounded only by its event's 32 KB. PostgreSQL cannot index a key past
+    about 2.7 KB: such a link failed the whole enqueue (a 503 for the request's good events)."""
+    long_id = secrets.token_hex(1500)  # random: PostgreSQL compresses a repetitive key to fit
+    other_long = long_id[:-1] + ("0" if long_id[-1] != "0" else "1")
+    wide = "".join(chr(0x100 + secrets.randbelow(0x700)) for _ in range(600))  # 1,200 bytes in UTF-8
+    marked = "bridge-sha256:" + "0" * 64  # looks like a stored digest: must stay its own id
+    links = (
+        IdentityLink("moe", long_id, "id-long"),
+        IdentityLink("moe", other_long, "id-other"),
+        IdentityLink("moe", wide, "id-wide"),
+        IdentityLink("moe", marked, "id-marked"),
+    )
+    assert (await store.enqueue("web", [event("m1", "anon", links=links)])).stored == 1
+    await store.enqueue("web", [event("m2", "anon", links=(IdentityLink("moe", long_id, "id-long-2"),))])
+
+    found = await store.resolve_links("moe", [long_id, other_long, wide, marked, long_id + "0"])
+    assert found == {long_id: "id-long-2", other_long: "id-other", wide: "id-wide", marked: "id-marked"}
 
 
 # -- lease, ack, retry, release -------------------------------------------------------------
