@@ -517,6 +517,45 @@ async def test_the_32_kb_limit_is_on_the_event_as_sent(bridge):
     assert (status, data) == (200, {"success": True})
 
 
+async def test_a_webhook_event_is_not_refused_for_the_fields_segment_added(bridge):
+    """Segment measures a call against 32 KB as the client sent it, then adds its own fields
+    (receivedAt, sentAt, originalTimestamp, version, channel, projectId...) before its
+    Webhooks destination forwards it. A 400 for those would lose the event: Segment does
+    not retry a 400. Past the allowance for them, the limit still holds."""
+    h = basic(WRITE_KEY)
+    sent: dict[str, Any] = {
+        "type": "track",
+        "userId": "user-big",
+        "event": "Big",
+        "properties": {"pad": ""},
+        "context": {"library": {"name": "analytics-python", "version": "2.4.0"}},
+        "messageId": "wh-big-1",
+        "timestamp": "2026-11-23T12:00:00.123000+00:00",
+    }
+    sent["properties"]["pad"] = "x" * (32_600 - len(orjson.dumps(sent)))
+    assert len(orjson.dumps(sent)) == 32_600  # within the 32 KB a client may send
+    forwarded = {
+        **sent,
+        "originalTimestamp": "2026-11-23T12:00:00.123Z",
+        "sentAt": "2026-11-23T12:00:00.200Z",
+        "receivedAt": "2026-11-23T12:00:00.300Z",
+        "timestamp": "2026-11-23T12:00:00.223Z",
+        "version": 2,
+        "channel": "server",
+        "projectId": "AbCdEf1234",
+    }
+    body = orjson.dumps(forwarded)
+    assert len(body) > 32 * 1024
+    status, data = await bridge.post("/segment/webhook", None, {**h, "X-Signature": _sign(body)}, raw=body)
+    assert (status, data) == (200, {"success": True})
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1)
+    # Far past what Segment adds, it is still too large.
+    forwarded["messageId"], forwarded["properties"] = "wh-big-2", {"pad": "x" * (36 * 1024)}
+    body = orjson.dumps(forwarded)
+    status, data = await bridge.post("/segment/webhook", None, {**h, "X-Signature": _sign(body)}, raw=body)
+    assert (status, data["code"]) == (400, "event_too_large"), data
+
+
 async def test_an_event_too_deep_to_store_is_rejected_by_index(bridge):
     deep = nested(300)
     too_deep = {"type": "track", "userId": "u-d", "event": "Deep", "properties": deep}

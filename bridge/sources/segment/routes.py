@@ -136,6 +136,10 @@ class SegmentSources(SourceKind):
         event, message_id, key = normalise(item, call_type=call, envelope=envelope)
         payload = encode_event(event)
         limit = self.config.server.max_event_bytes
+        if envelope.keep_timestamp:
+            # A webhook's event is Segment's, not the client's: Segment measured the call
+            # against its 32 KB before adding its own fields, so those do not count here.
+            limit += _SEGMENT_ADDED
         if raw_size is None and len(payload) > limit - _NORMALISED_GROWTH:
             # The limit is on the event as the client sent it, not as normalised (receivedAt,
             # timestamps, a batch's context merged in): re-measure only near the limit.
@@ -202,6 +206,10 @@ def _ignored_type(value: Any) -> bool:
 # Normalising adds receivedAt, timestamp, originalTimestamp and maybe messageId (~200 bytes),
 # and merges a batch's context: below limit minus this, the raw event is surely within it.
 _NORMALISED_GROWTH = 1024
+# What Segment's servers add to a call before its Webhooks destination forwards it
+# (receivedAt, sentAt, originalTimestamp, version, channel, projectId, a messageId, the
+# client's IP in context): a few hundred bytes, allowed twice over and then some.
+_SEGMENT_ADDED = 2048
 
 
 def _too_large(size: int, limit: int) -> Invalid:
