@@ -310,6 +310,43 @@ async def test_partial_batch_stores_the_valid_items(bridge):
     assert status == 400 and data["code"] == "event_not_defined" and data["rejected"][0]["index"] == 0
 
 
+async def test_a_mobile_sdk_batch_to_v1_b_is_taken_as_a_batch(bridge):
+    """Segment's mobile SDKs post {apiHost}/b with the writeKey in the body; with apiHost
+    "<bridge>/v1" that is /v1/b. As analytics-flutter sends it: a JSON batch, no auth header."""
+    body = {
+        "batch": [
+            {
+                "type": "identify",
+                "userId": "mobile-1",
+                "traits": {"email": "m@example.com"},
+                "messageId": "mob-1",
+                "timestamp": "2026-11-23T12:00:00.000Z",
+                "context": {"device": {"type": "ios"}, "library": {"name": "analytics-flutter"}},
+            },
+            {
+                "type": "screen",
+                "userId": "mobile-1",
+                "name": "Home",
+                "messageId": "mob-2",
+                "timestamp": "2026-11-23T12:00:01.000Z",
+                "context": {"device": {"type": "ios"}},
+            },
+        ],
+        "sentAt": "2026-11-23T12:00:02.000Z",
+        "writeKey": WRITE_KEY,
+    }
+    status, data = await bridge.post("/v1/b", body, {"Content-Type": "application/json; charset=utf-8"})
+    assert (status, data) == (200, {"success": True})
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.customers()) == 1 and len(bridge.moengage.events()) == 1)
+    assert bridge.moengage.customers()[0]["customer_id"] == "mobile-1"
+    assert bridge.moengage.events()[0]["actions"][0]["action"] == "Viewed Screen"
+    # The same checks as /v1/batch: no key, no batch.
+    status, data = await bridge.post("/v1/b", {"batch": body["batch"]})
+    assert (status, data["code"]) == (401, "write_key_required")
+    status, data = await bridge.post("/v1/b", {"writeKey": WRITE_KEY, "batch": {}})
+    assert (status, data["code"]) == (400, "invalid_batch")
+
+
 async def test_batch_context_and_sent_at_are_applied(bridge):
     batch = {
         "writeKey": WRITE_KEY,

@@ -15,7 +15,10 @@ from bridge.sources.base import Collected, Ingestor, SourceKind, store_collected
 from bridge.sources.encoding import encode_event
 from bridge.sources.segment.spec import CALL_TYPES, Envelope, Invalid, ReceivedClock, normalise
 
-BATCH_CALLS = ("batch", "import")
+# /v1/import is the legacy batch path; /v1/b is where Segment's mobile SDKs (Swift, Kotlin,
+# Flutter, React Native) post their batches, {apiHost}/b, with the writeKey in the body:
+# pointed at the bridge with apiHost "<bridge>/v1", they post to /v1/b.
+BATCH_CALLS = ("batch", "import", "b")
 # Authorization headers remembered once authenticated (see SegmentSources._source_for_header).
 AUTH_CACHE_SIZE = 256
 # Classic Webhooks also send deletion requests; they carry no event to route.
