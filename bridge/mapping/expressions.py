@@ -455,9 +455,10 @@ class ExprCompiler:
 
     def _rest(self, node: YNode, ypath: str, reads: set[tuple[Segment, ...]]) -> Fn | None:
         omit: set[str] = set()
+        prefix = ""
         src = node
         if node.is_map:
-            if not self.diags.check_keys(node, ypath, ("from", "omit"), "'rest'", required=("from",)):
+            if not self.diags.check_keys(node, ypath, ("from", "omit", "prefix"), "'rest'", required=("from",)):
                 return None
             src = node.value["from"]
             if "omit" in node.value:
@@ -466,6 +467,12 @@ class ExprCompiler:
                     self.diags.add(on, join(ypath, "omit"), "expected a list of key names")
                 else:
                     omit = {x.value for x in on.value}
+            if "prefix" in node.value:
+                pn = node.value["prefix"]
+                if not isinstance(pn.value, str) or not pn.value:
+                    self.diags.add(pn, join(ypath, "prefix"), f"expected a non-empty string, got {_kind(pn)}")
+                else:
+                    prefix = pn.value
         if not isinstance(src.value, str) or not src.value.startswith("$"):
             self.diags.add(src, ypath, "expected a path like $.a.b whose unmapped keys pass through")
             return None
@@ -484,7 +491,16 @@ class ExprCompiler:
                 return {}
             return {k: v for k, v in src_v.items() if k not in frozen}
 
-        return rest
+        if not prefix:
+            return rest
+
+        def rest_prefixed(env: Env) -> Any:
+            src_v = getter(env)
+            if type(src_v) is not dict:
+                return {}
+            return {prefix + k: v for k, v in src_v.items() if k not in frozen}
+
+        return rest_prefixed
 
     def _head_merge(self, node: YNode, ypath: str) -> Fn:
         keys = node.value

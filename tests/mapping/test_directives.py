@@ -225,6 +225,21 @@ def test_object_rest_passes_unmapped_keys(tmp_path):
     assert evaluate(m, EVENT) == {"first_name": "Ada"}
 
 
+def test_object_rest_prefix_names_the_passed_keys_after_omit(tmp_path):
+    """A group's traits pass through as group_<trait>: the company's name never lands on
+    the user's own name. ``omit`` names the source's keys, before the prefix."""
+    m = value_mapping(tmp_path, "{object: {given: $.traits.first_name}, rest: {from: $.traits, prefix: t_}}")
+    assert evaluate(m, EVENT) == {"given": "Ada", "t_last_name": "Lovelace"}  # first_name was read: not passed
+    m = value_mapping(tmp_path / "o", "{object: {}, rest: {from: $.traits, omit: [last_name], prefix: t_}}")
+    assert evaluate(m, EVENT) == {"t_first_name": "Ada"}
+    m = value_mapping(tmp_path / "n", "{object: {}, rest: {from: $.nothing, prefix: t_}}")
+    assert evaluate(m, EVENT) == {}
+    for bad in ("3", "''", "[a]"):
+        with pytest.raises(MappingError) as exc:
+            value_mapping(tmp_path / "bad", f"{{object: {{}}, rest: {{from: $.traits, prefix: {bad}}}}}")
+        assert "rest.prefix: expected a non-empty string" in str(exc.value), str(exc.value)
+
+
 def test_merge_prefers_last_or_first(tmp_path):
     m = value_mapping(tmp_path, "{merge: [{literal: {a: 1, b: 1}}, $.traits, {object: {a: 2}}]}")
     assert evaluate(m, EVENT) == {"a": 2, "b": 1, "first_name": "Ada", "last_name": "Lovelace"}
