@@ -105,7 +105,9 @@ async def test_real_segment_client_calls_arrive_in_moengage(bridge):
     }
     assert group["customer_id"] == "user-1"
     assert group["attributes"]["group_id"] == "grp-7"
-    assert group["attributes"]["name"] == "Acme" and group["attributes"]["employees"] == 50
+    # The group's traits are the company's: named group_<trait>, never over the user's own.
+    assert group["attributes"]["group_name"] == "Acme" and group["attributes"]["group_employees"] == 50
+    assert "name" not in group["attributes"] and "employees" not in group["attributes"]
 
     track, page, screen = moe.events()
     action = track["actions"][0]

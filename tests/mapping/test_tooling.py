@@ -67,13 +67,13 @@ def test_test_command_passes_then_fails_with_a_diff(capsys, shipped_copy):
     assert " 0 failed" in capsys.readouterr().out
     fixture = shipped_copy / "tests" / "segment-to-moengage" / "group-attributes.yaml"
     text = fixture.read_text()
-    wrong = 'attributes: {group_id: "4242", id: company-1, industry: banking'
-    fixture.write_text(text.replace('attributes: {group_id: "4242", id: company-1, industry: retail', wrong))
+    wrong = 'attributes: {group_id: "4242", group_industry: banking'
+    fixture.write_text(text.replace('attributes: {group_id: "4242", group_industry: retail', wrong))
     assert main(["mappings", "test", "--mappings-dir", str(shipped_copy)]) == 1
     out = capsys.readouterr().out
     assert f"FAIL {fixture}" in out
-    assert '    -          "industry": "banking"\n' in out
-    assert '    +          "industry": "retail"\n' in out
+    assert '    -          "group_industry": "banking"\n' in out
+    assert '    +          "group_industry": "retail"\n' in out
     total = len(list((shipped_copy / "tests").glob("*/*.yaml")))
     assert f"{total - 1} passed, 1 failed" in out
 
