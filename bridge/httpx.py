@@ -151,8 +151,10 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     that takes longer than the app's BODY_TIMEOUT to arrive (a client trickling bytes would
     otherwise hold its connection and our buffer for ever).
 
-    aiohttp stops reading at the app's client_max_size, so a decompression bomb is cut
-    off there; the per-route ``limit`` is then checked on what was read.
+    A body still arriving is read only up to ``limit`` (decoded bytes, so a decompression
+    bomb stops there too) and then refused, closing the connection. One that arrived with
+    the headers is read whole by aiohttp, which stops at the app's client_max_size, and
+    then checked against ``limit``.
     """
     encoding = request.headers.get("Content-Encoding")
     if encoding is not None:  # (most requests have none: the checks cost only those that do)
@@ -178,7 +180,10 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         else:
             timeout = request.app.get(BODY_TIMEOUT, DEFAULT_BODY_TIMEOUT)
             async with asyncio.timeout(timeout):
-                body = await request.read()
+                body = await _read_within(request, limit)
+    except _PastLimit:
+        # The rest of the body is not read: the connection ends with the answer.
+        raise _abandon_body(request, _too_large(limit)) from None
     except web.HTTPRequestEntityTooLarge:
         # A compressed body past the ceiling may be a bomb: do not let aiohttp go on
         # inflating the rest after we answer. A plain one is drained, cheaply, so the client
@@ -201,6 +206,26 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     if len(body) > limit:
         raise _too_large(limit)
     return body
+
+
+class _PastLimit(Exception):
+    pass
+
+
+async def _read_within(request: web.Request, limit: int) -> bytes:
+    """The body as it arrives, given up as soon as it passes ``limit``: a chunked or
+    compressed body has no length to check first, and read whole (as ``request.read``
+    does) it would be held up to the app's client_max_size, and waited for to its end,
+    only to be refused."""
+    content = request.content
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise _PastLimit
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 _IDENTITY = (None, "", "identity")

@@ -14,6 +14,7 @@ import orjson
 import pytest
 from segment.analytics import Client
 from segment.analytics.request import APIError
+from yarl import URL
 
 from tests.e2e.harness import (
     ADMIN_TOKEN,
@@ -257,6 +258,29 @@ async def test_a_gzip_bomb_past_the_ceiling_ends_its_connection_with_the_413(bri
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413") and b"Connection: close" in head, head
     assert orjson.loads(body)["code"] == "payload_too_large"
+
+
+async def test_a_chunked_body_past_the_route_limit_is_refused_before_the_rest_arrives(bridge):
+    """A chunked (or compressed) body has no length to check up front. Past the route's
+    limit (512 KB for /v1/*) the 413 comes at once: the bridge does not go on reading, and
+    holding, up to the app's 16 MiB ceiling, nor wait for a body it will refuse anyway."""
+    auth = basic(WRITE_KEY)["Authorization"].encode()
+    url = URL(bridge.url)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(
+            b"POST /v1/batch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: "
+            + auth
+            + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        piece = b"x" * 65536
+        for _ in range(10):  # 640 KB, past the limit; the body's end is never sent
+            writer.write(b"%x\r\n" % len(piece) + piece + b"\r\n")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=3)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 413"), head
 
 
 async def test_bad_input_gets_precise_4xx(bridge):
