@@ -63,12 +63,21 @@ class Reader:
             _fail(self.at(key), f"must be one of {', '.join(options)}; got {value!r}{did_you_mean(value, options)}")
         return value
 
-    def int(self, key: builtins.str, default: builtins.int, *, minimum: builtins.int | None = None) -> builtins.int:
+    def int(
+        self,
+        key: builtins.str,
+        default: builtins.int,
+        *,
+        minimum: builtins.int | None = None,
+        maximum: builtins.int | None = None,
+    ) -> builtins.int:
         value = self.raw(key, default)
         if isinstance(value, bool) or not isinstance(value, int):
             _fail(self.at(key), f"expected an integer, got {_type_name(value)}")
         if minimum is not None and value < minimum:
             _fail(self.at(key), f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            _fail(self.at(key), f"must be at most {maximum}, got {value}")
         return value
 
     def float(
@@ -233,14 +242,23 @@ def read_yaml(path: str | Path, env: Mapping[str, str] | None = None) -> tuple[d
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read config: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: config file is not UTF-8 (byte {exc.start})") from None
+    environ = os.environ if env is None else env
     # Values are escaped for the quoting they land in (see substitute_env).
-    text, missing = substitute_env(text, os.environ if env is None else env)
+    substituted = {environ[m.group(1)] for m, _ in env_references(text) if environ.get(m.group(1))}
+    text, missing = substitute_env(text, environ)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
         problem = getattr(exc, "problem", None) or str(exc)
+        # An unquoted ${VAR} whose value YAML misreads (`*x` is an alias) must not be echoed.
+        for value in sorted(substituted, key=len, reverse=True):
+            for text_of in (value, value[1:]):  # YAML quotes an alias or tag without its * or !
+                if len(text_of) >= 4:
+                    problem = problem.replace(text_of, "<${VAR} value>")
         raise ConfigError(f"{where}: invalid YAML: {problem}") from None
     if data is None:
         data = {}

@@ -200,7 +200,7 @@ def _server(r: Reader) -> ServerConfig:
         hosts[k] = str(v)
     cfg = ServerConfig(
         host=r.str("host", "127.0.0.1"),
-        port=r.int("port", 8088, minimum=0),
+        port=r.int("port", 8088, minimum=0, maximum=65535),
         region=r.choice("region", SEGMENT_REGIONS, "us"),
         region_hosts=hosts,
         shutdown_timeout=r.float("shutdown_timeout", 30.0, minimum=0),
