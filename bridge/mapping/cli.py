@@ -134,7 +134,9 @@ def cmd_translate(
         return 1
     try:
         options = dict(_option(o) for o in getattr(args, "option", None) or [])
-        text = (stdin or sys.stdin).read()
+        # bytes from the real stdin: input that is not UTF-8 is then invalid JSON, not a crash
+        source: Any = stdin if stdin is not None else getattr(sys.stdin, "buffer", sys.stdin)
+        text = source.read()
         events = parse_events(text)
     except InputError as exc:
         print(f"error: {exc}", file=err)
@@ -145,8 +147,13 @@ def cmd_translate(
         if len(results) > 1:
             print(f"# event {i}", file=out)
         if "outputs" in result:
-            for o in result["outputs"]:
-                print(f"{o['kind']} {orjson.dumps(o['body']).decode()}", file=out)
+            try:
+                lines = [f"{o['kind']} {orjson.dumps(o['body']).decode()}" for o in result["outputs"]]
+            except orjson.JSONEncodeError as exc:
+                # as the worker does (render_error): mapped, but not writable as JSON
+                lines = [f"failed: render_error (the mapped event cannot be written as JSON: {exc})"]
+            for line in lines:
+                print(line, file=out)
         else:
             status = "discarded" if "discarded" in result else "failed"
             detail = f" ({result['detail']})" if result.get("detail") else ""

@@ -13,7 +13,7 @@ from bridge.mapping.expressions import Cond, ExprCompiler, Fn, Lookup, Scope, bu
 from bridge.mapping.fuse import fuse
 from bridge.mapping.paths import PathError, Segment, parse_path
 from bridge.mapping.runtime import MISSING, DropEvent, Env, FailEvent, clone
-from bridge.mapping.shapes import SHAPES, body_checker, check_body_node
+from bridge.mapping.shapes import SHAPES, Shape, body_checker, check_body_node
 from bridge.mapping.yamlnodes import Diagnostics, YNode, did_you_mean, join
 
 TOP_KEYS = (
@@ -504,7 +504,9 @@ class FileCompiler:
             )
             return None
         override_by, overrides, override_keys = (
-            self._overrides(v["overrides"], join(ip, "overrides")) if "overrides" in v else (None, {}, set())
+            self._overrides(v["overrides"], join(ip, "overrides"), SHAPES[destination][kind])
+            if "overrides" in v
+            else (None, {}, set())
         )
         check_body_node(d, destination, kind, v["body"], join(ip, "body"), override_keys)
         fields = self.expr.fields(v["body"], join(ip, "body"))
@@ -528,7 +530,7 @@ class FileCompiler:
             body_checker(destination, kind),
         )
 
-    def _overrides(self, node: YNode, ip: str) -> tuple[Fn | None, dict[str, _Override], set[str]]:
+    def _overrides(self, node: YNode, ip: str, shape: Shape) -> tuple[Fn | None, dict[str, _Override], set[str]]:
         d = self.diags
         out: dict[str, _Override] = {}
         if not node.is_map or not d.check_keys(node, ip, ("by", "cases"), "'overrides'", required=("by", "cases")):
@@ -571,9 +573,33 @@ class FileCompiler:
                             "expected an output path like actions[0].action",
                         )
                         continue
+                    problem = _override_target_problem(parsed.segments, shape)
+                    if problem:
+                        d.add_at(sn.key_pos[opath], join(join(cp, "set"), opath), problem)
+                        continue
                     sets.append((parsed.segments, self.expr.value(vn, join(join(cp, "set"), opath))))
             out[str(key)] = _Override(drop, sets)
         return by, out, set()
+
+
+def _override_target_problem(segs: tuple[Segment, ...], shape: Shape) -> str:
+    """What is wrong with an override's output path for this destination shape, or ''.
+    The body is checked against the shape at load; so is what an override writes into it."""
+    head = segs[0]
+    if head == "type" and shape.typed:
+        return "'type' is set from the rule's kind; an override cannot change it"
+    if not isinstance(head, str) or head not in shape.fields:
+        return f"the output has no field {head!r}{did_you_mean(str(head), shape.fields)}; expected one of: " + (
+            ", ".join(shape.fields)
+        )
+    if head == "actions" and shape.action_fields and len(segs) >= 3 and isinstance(segs[1], int):
+        field = segs[2]
+        if not isinstance(field, str) or field not in shape.action_fields:
+            return (
+                f"a MoEngage action has no field {field!r}{did_you_mean(str(field), shape.action_fields)}; "
+                f"expected one of: {', '.join(shape.action_fields)}"
+            )
+    return ""
 
 
 def _true(env: Env) -> bool:

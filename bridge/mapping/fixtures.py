@@ -83,7 +83,7 @@ def run_fixtures(mappings_dir: str | Path) -> FixtureReport:
 def run_fixture_file(mapping: CompiledMapping, path: Path) -> FixtureResult:
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=MappingLoader)  # MappingLoader is a SafeLoader
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         return FixtureResult(str(path), mapping.name, False, f"cannot read fixture: {exc}")
     problem = _check_fixture(data)
     if problem:
@@ -162,6 +162,12 @@ def _check_fixture(data: Any) -> str:
     ctx = data.get("context") or {}
     if not isinstance(ctx, dict) or any(k not in CONTEXT_KEYS for k in ctx):
         return f"'context' may only have: {', '.join(CONTEXT_KEYS)}"
+    for key in ("options", "links"):
+        if ctx.get(key) is not None and not isinstance(ctx[key], dict):
+            return f"'context.{key}' must be a mapping"
+    for key in ("linked_id", "source"):
+        if ctx.get(key) is not None and not isinstance(ctx[key], str):
+            return f"'context.{key}' must be a string"
     bad = _non_json(data)
     if bad:
         return f"{bad} is a YAML date/time; quote it so it stays a JSON string"

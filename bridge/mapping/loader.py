@@ -59,7 +59,12 @@ def _compile_mapping_file(path: Path) -> tuple[CompiledMapping | None, list[Diag
             return None
         hashed.append(str(fpath.name).encode() + b"\0" + data)
         file_diags = Diagnostics(str(fpath))
-        node = parse_yaml(data.decode("utf-8", errors="replace"), file_diags)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            diags.add(at, ypath, f"lookup file {fpath} is not UTF-8: {exc}")
+            return None
+        node = parse_yaml(text, file_diags)
         diags.items.extend(file_diags.items)
         return node
 

@@ -118,18 +118,32 @@ def to_string(v: Any) -> str:
     raise CoercionError(f"cannot convert {type(v).__name__} to string")
 
 
+# orjson writes integers of 64 bits, and MoEngage and Segment read no larger ones.
+_INT64 = 2**63
+
+
 def to_number(v: Any) -> int | float:
     t = type(v)
     if t is int or t is float:
         if t is float and not math.isfinite(v):
             raise CoercionError(f"{short(v)} is not a finite number")
+        if t is int and not -_INT64 <= v < _INT64:
+            # Past 64 bits no JSON writer here takes it as an integer: a number it is.
+            try:
+                return float(v)
+            except OverflowError:
+                raise CoercionError(f"{short(v)} is not a finite number") from None
         return v  # type: ignore[no-any-return]
     if t is str:
         s = v.strip()
         try:
-            return int(s)
+            n = int(s)
         except ValueError:
             pass
+        else:
+            if -_INT64 <= n < _INT64:
+                return n
+            # Past 64 bits no JSON writer here takes it as an integer: a number it is.
         try:
             f = float(s)
         except ValueError:
@@ -145,7 +159,10 @@ def to_integer(v: Any) -> int:
     if type(n) is float:
         if not n.is_integer():
             raise CoercionError(f"{short(v)} is not a whole number")
-        return int(n)
+        n = int(n)
+    if not -_INT64 <= n < _INT64:
+        # An error like any other (on_error decides), not an output no request can carry.
+        raise CoercionError(f"{short(v)} is beyond the 64-bit integer range")
     return int(n)
 
 

@@ -55,6 +55,8 @@ STEP_PARAMS: dict[str, tuple[str, ...]] = {
 }
 BARE_STEPS = ("trim", "compact", "length", "flatten", "tz_offset", "linked")
 ON_ERROR = ("drop_field", "drop_event", "fail")
+# bare steps whose only value is `true` (tz_offset's value is the instant; linked checks its own)
+_SWITCH_STEPS = ("trim", "compact", "length", "flatten")
 
 
 def compile_pipe(c: ExprCompiler, node: YNode, ypath: str) -> list[Step]:
@@ -100,6 +102,10 @@ def compile_step(c: ExprCompiler, node: YNode, ypath: str) -> Step | None:
         return None
     name = names[0]
     if not c.diags.check_keys(node, ypath, (name, *STEP_PARAMS[name]), f"the '{name}' step"):
+        return None
+    if name in _SWITCH_STEPS and node.value[name].value is not True:
+        # {flatten: false} must not flatten: these steps take no value but `true`
+        c.diags.add(node.value[name], join(ypath, name), f"write it as the bare step `{name}` (or {{{name}: true}})")
         return None
     return _BUILDERS[name](c, node.value, join(ypath, name))
 
@@ -291,7 +297,8 @@ def _b_tz_offset(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | Non
         if type(v) is not str:
             return on_error(v, f"expected an IANA time zone name, got {short(v)}")
         when = at(env) if at is not None else MISSING
-        if type(when) is not int:
+        # an int that large is epoch milliseconds (runtime._MILLIS_THRESHOLD), read as to_datetime reads it
+        if type(when) is not int or not -100_000_000_000 < when < 100_000_000_000:
             try:
                 when = (
                     math.floor(to_datetime(when).timestamp())

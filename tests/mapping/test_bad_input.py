@@ -1,0 +1,185 @@
+"""Bad input to the mapping tools and steps: a precise error or the documented result,
+never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+
+import pytest
+
+from bridge.mapping import MapContext
+from bridge.mapping.api import Discarded
+from bridge.mapping.loader import compile_mapping_file
+from tests.mapping.helpers import evaluate, value_mapping, write
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SEG_TRACK = (
+    "source_format: segment\n"
+    "destination_kind: segment\n"
+    "rules:\n"
+    "  - name: t\n"
+    "    kind: track\n"
+    "    body:\n"
+    "      event: e\n"
+    "      userId: u\n"
+    "      properties: {object: {n: {path: $.n, pipe: [{to: integer}]}}}\n"
+)
+
+
+# -- `bridge translate` crashes on what it cannot print ---------------------------
+
+
+def test_translate_of_a_body_too_deep_for_json_does_not_crash(tmp_path: Path) -> None:
+    from bridge.mapping.cli import cmd_translate
+
+    deep = '{"a":' * 300 + "1" + "}" * 300
+    event = '{"type":"track","userId":"u1","event":"x","properties":' + deep + "}"
+    out, err = io.StringIO(), io.StringIO()
+    args = _translate_args(ROOT / "mappings", "segment-to-moengage")
+    code = cmd_translate(args, stdin=io.StringIO(event), out=out, err=err)  # raised TypeError
+    assert code == 1 or "failed" in out.getvalue()
+
+
+def test_translate_of_an_integer_beyond_64_bits_does_not_crash(tmp_path: Path) -> None:
+    from bridge.mapping.cli import cmd_translate
+
+    write(tmp_path / "m" / "t.yaml", SEG_TRACK)
+    out, err = io.StringIO(), io.StringIO()
+    args = _translate_args(tmp_path / "m", "t")
+    code = cmd_translate(args, stdin=io.StringIO('{"type":"track","n":"1e30"}'), out=out, err=err)  # raised TypeError
+    # Past 64 bits `to: integer` fails like any bad value: on_error's default drops the field.
+    assert code == 0 and out.getvalue() == 'track {"type":"track","event":"e","userId":"u","properties":{}}\n'
+
+
+def test_translate_of_non_utf8_stdin_is_an_input_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bridge.mapping.cli import cmd_translate
+
+    raw = io.BytesIO(b'{"type":"track","userId":"u\xff","event":"x"}')
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape"))
+    out, err = io.StringIO(), io.StringIO()
+    code = cmd_translate(_translate_args(ROOT / "mappings", "segment-to-moengage"), out=out, err=err)
+    assert code == 1 and "error:" in err.getvalue()  # raised UnicodeEncodeError
+
+
+def _translate_args(directory: Path, mapping: str) -> argparse.Namespace:
+    return argparse.Namespace(
+        mapping=mapping, mappings_dir=str(directory), option=[], linked_id=None, source="", config=None
+    )
+
+
+# -- overrides.set writes fields the destination does not have, unchecked ----------
+
+
+def test_override_set_paths_are_checked_against_the_destination(tmp_path: Path) -> None:
+    text = (
+        "source_format: segment\n"
+        "destination_kind: moengage\n"
+        "rules:\n"
+        "  - name: t\n"
+        "    match: {type: track}\n"
+        "    kind: event\n"
+        "    body:\n"
+        "      customer_id: $.userId\n"
+        "      actions: [{object: {action: $.event}}]\n"
+        "    overrides:\n"
+        "      by: $.event\n"
+        "      cases:\n"
+        "        Order Completed:\n"
+        "          set:\n"
+        "            custmer_id: x\n"
+    )
+    mapping, diags = compile_mapping_file(write(tmp_path / "m.yaml", text))
+    assert mapping is None, "an override setting the unknown field 'custmer_id' was accepted"
+    assert any("custmer_id" in d.yaml_path and d.line == 15 for d in diags)
+
+
+# -- tz_offset at an instant given in integer epoch milliseconds ----------------------
+
+
+def test_tz_offset_reads_integer_epoch_millis_as_milliseconds(tmp_path: Path) -> None:
+    m = value_mapping(tmp_path, "{path: $.tz, pipe: [{tz_offset: $.ts}]}")
+    # 2024-07-04T12:00:00Z: New York is on EDT, -4 h. As a float the same instant works.
+    assert evaluate(m, {"type": "track", "tz": "America/New_York", "ts": 1720094400000.0}) == -14400
+    assert evaluate(m, {"type": "track", "tz": "America/New_York", "ts": 1720094400000}) == -14400  # got 0
+
+
+# -- `bridge mappings test` crashes on a malformed fixture -----------------------------
+
+
+def _fixture_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "fx"
+    write(d / "t.yaml", SEG_TRACK)
+    return d
+
+
+def test_fixture_with_options_not_a_mapping_is_a_failure_not_a_crash(tmp_path: Path) -> None:
+    from bridge.mapping.fixtures import run_fixtures
+
+    d = _fixture_dir(tmp_path)
+    write(
+        d / "tests" / "t" / "a.yaml",
+        "input: {type: track}\ncontext: {options: anonymous_ids}\nexpect: {discarded: x}\n",
+    )
+    report = run_fixtures(d)  # raised ValueError from dict("anonymous_ids")
+    assert not report.ok and "options" in report.failed[0].message
+
+
+def test_non_utf8_fixture_is_a_failure_not_a_crash(tmp_path: Path) -> None:
+    from bridge.mapping.fixtures import run_fixtures
+
+    d = _fixture_dir(tmp_path)
+    (d / "tests" / "t").mkdir(parents=True)
+    (d / "tests" / "t" / "a.yaml").write_bytes(b'input: {type: track, n: "caf\xe9"}\nexpect: {discarded: x}\n')
+    report = run_fixtures(d)  # raised UnicodeDecodeError
+    assert not report.ok and "cannot read fixture" in report.failed[0].message
+
+
+# -- a lookup file that is not UTF-8 is silently accepted ------------------------------
+
+
+def test_non_utf8_lookup_file_is_a_diagnostic(tmp_path: Path) -> None:
+    (tmp_path / "lookups").mkdir()
+    (tmp_path / "lookups" / "l.yaml").write_bytes(b"table: {caf\xe9: x}\n")
+    text = (
+        "source_format: segment\n"
+        "destination_kind: segment\n"
+        "lookups:\n"
+        "  l: {file: lookups/l.yaml}\n"
+        "rules:\n"
+        "  - name: t\n"
+        "    kind: track\n"
+        "    body: {event: {path: $.e, pipe: [{lookup: l}]}, userId: u}\n"
+    )
+    mapping, diags = compile_mapping_file(write(tmp_path / "m.yaml", text))
+    assert mapping is None and any("UTF-8" in d.message for d in diags)
+
+
+# -- `to: integer` gives an integer no JSON writer takes, whatever on_error says -------
+
+
+def test_to_integer_beyond_64_bits_follows_on_error(tmp_path: Path) -> None:
+    m = value_mapping(tmp_path, "{path: $.n, pipe: [{to: integer}]}")
+    assert evaluate(m, {"type": "track", "n": 1e30}) == "<absent>"  # got 10**30 (+ noise), unsendable
+    m = value_mapping(tmp_path, "{path: $.n, pipe: [{to: integer, on_error: drop_event, reason: bad}]}")
+    result = m.apply({"type": "track", "n": "1e30"}, MapContext())
+    assert isinstance(result, Discarded) and result.reason == "bad"
+
+
+# -- `{flatten: false}` (and {trim: false}, ...) still run the step --------------------
+
+
+def test_flatten_false_is_not_silently_a_flatten(tmp_path: Path) -> None:
+    mapping, _ = compile_mapping_file(
+        write(
+            tmp_path / "m.yaml",
+            "source_format: segment\ndestination_kind: segment\nlet:\n  v: {path: $.o, pipe: [{flatten: false}]}\n"
+            "rules:\n  - name: t\n    kind: track\n    body: {event: e, userId: u, properties: $let.v}\n",
+        )
+    )
+    if mapping is not None:  # accepted: then it must not flatten (a diagnostic is the fix)
+        out = mapping.apply({"type": "track", "o": {"a": {"b": 1}}}, MapContext())
+        assert isinstance(out, list) and out[0].body["properties"] == {"a": {"b": 1}}  # got {'a.b': 1}
