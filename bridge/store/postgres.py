@@ -45,6 +45,7 @@ from bridge.store.postgres_schema import (
     DDL,
     DDL_LOCK,
     DELIVERED,
+    DIGEST_MARK,
     LEASED,
     QUEUED,
     SCHEMA_VERSION,
@@ -71,6 +72,21 @@ def to_store_error(exc: BaseException) -> BaseException:
     if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError | OSError | asyncio.TimeoutError):
         return StoreError(f"postgres: {exc}")
     return exc
+
+
+def unavailable(exc: BaseException) -> bool:
+    """The database did not answer in time or the connection failed, as opposed to one
+    statement's data being refused: retrying each call of a group alone would make the
+    last caller wait a ``command_timeout`` per call before its 503."""
+    return isinstance(
+        exc,
+        asyncio.TimeoutError
+        | OSError
+        | asyncpg.InterfaceError
+        | asyncpg.exceptions.OperatorInterventionError  # query_canceled (statement_timeout), shutdown
+        | asyncpg.exceptions.PostgresConnectionError
+        | asyncpg.exceptions.InsufficientResourcesError,  # disk full, out of memory, too many connections
+    )
 
 
 def _count(status: str) -> int:
@@ -209,7 +225,7 @@ class PostgresStore(Store):
             await pool.close()
             raise to_store_error(exc) from exc
         self._pool = pool
-        self._ingest = GroupCommitter(self._acquire, to_store_error)
+        self._ingest = GroupCommitter(self._acquire, to_store_error, unavailable)
         self._ingest.start()
 
     async def close(self) -> None:
@@ -439,14 +455,30 @@ class PostgresStore(Store):
     async def resolve_links(self, namespace: str, ids: Sequence[str]) -> dict[str, str]:
         if not ids:
             return {}
-        by_key = {link_key(i): i for i in ids}  # a long id is stored under its digest
+        # Looked up as ingest stored them: a long id under its digest, a U+0000 as U+FFFD
+        # (PostgreSQL text cannot hold it, and sent as it is, it fails the whole lookup).
+        by_key: dict[str, list[str]] = {}
+        for i in ids:
+            clean = _text(i)
+            key = link_key(clean)
+            by_key.setdefault(key, []).append(i)
+            if key != clean and not clean.startswith(DIGEST_MARK):
+                # Bridges before digests stored every id as it was (up to the ~2.7 KB the
+                # index takes): their rows are read too, the latest link winning.
+                by_key.setdefault(clean, []).append(i)
         async with self._conn() as conn:
             rows = await conn.fetch(
-                "SELECT from_id, to_id FROM identity_links WHERE namespace = $1 AND from_id = ANY($2::text[])",
-                namespace,
+                "SELECT from_id, to_id, updated_at FROM identity_links"
+                " WHERE namespace = $1 AND from_id = ANY($2::text[])",
+                _text(namespace),
                 list(by_key),
             )
-        return {by_key[r[0]]: r[1] for r in rows}
+        found: dict[str, tuple[float, str]] = {}
+        for from_id, to_id, updated_at in rows:
+            for i in by_key[from_id]:
+                if i not in found or updated_at > found[i][0]:
+                    found[i] = (updated_at, to_id)
+        return {i: to_id for i, (_, to_id) in found.items()}
 
     # -- operators ---------------------------------------------------------------------
     async def list_dead(self, flt: RecordFilter, limit: int = 100) -> list[DeadLetterRecord]:

@@ -81,9 +81,13 @@ class GroupCommitter:
         self,
         acquire: Callable[[], Any],
         to_store_error: Callable[[BaseException], BaseException],
+        unavailable: Callable[[BaseException], bool] = lambda exc: False,
     ) -> None:
         self._acquire = acquire  # () -> async context manager yielding a connection
         self._to_store_error = to_store_error
+        # True for a failure of the database itself (it timed out, the connection was lost),
+        # not of one call's data: every call alone would only wait as long again.
+        self._unavailable = unavailable
         self._pending: list[_Call] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -127,8 +131,10 @@ class GroupCommitter:
                 for call in group:
                     _fail(call, StoreError("the store was closed during enqueue"))
                 raise
-            if len(group) == 1:
-                _fail(group[0], self._to_store_error(exc))
+            if len(group) == 1 or self._unavailable(exc):
+                error = self._to_store_error(exc)
+                for call in group:
+                    _fail(call, error)
                 return
             # Something in the group is bad: commit each call alone so only it fails.
             for call in group:

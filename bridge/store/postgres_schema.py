@@ -13,7 +13,7 @@ from bridge.store.sqlite_schema import DELIVERED, LEASED, QUEUED
 # and a database written by this bridge is still readable by one that says 2.
 SCHEMA_VERSION = 2
 
-__all__ = ["DDL", "DELIVERED", "LEASED", "QUEUED", "SCHEMA_VERSION", "check_schema_name", "link_key"]
+__all__ = ["DDL", "DELIVERED", "DIGEST_MARK", "LEASED", "QUEUED", "SCHEMA_VERSION", "check_schema_name", "link_key"]
 
 _NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -110,16 +110,16 @@ DDL = (
 # bridges on the same database keep working. Any id that starts with the marker is
 # digested too, so no id can pass for another's digest.
 LINK_KEY_BYTES = 1024
-_DIGEST_MARK = "bridge-sha256:"
+DIGEST_MARK = "bridge-sha256:"
 
 
 def link_key(from_id: str) -> str:
     """What identity_links stores as ``from_id`` for the id ``from_id``."""
     if (len(from_id) <= LINK_KEY_BYTES // 4 or len(from_id.encode()) <= LINK_KEY_BYTES) and not from_id.startswith(
-        _DIGEST_MARK
+        DIGEST_MARK
     ):
         return from_id
-    return _DIGEST_MARK + hashlib.sha256(from_id.encode("utf-8", "surrogatepass")).hexdigest()
+    return DIGEST_MARK + hashlib.sha256(from_id.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def check_schema_name(name: str) -> str:

@@ -330,6 +330,7 @@ def dead_letter(
     leases: Leases,
     fence: Fence | None = None,
 ) -> None:
+    entries = _first_per_job(entries)
     settling = {s.job_id: s for s in leases.settling([e.job_id for e in entries], fence)}
     conn.executemany(
         "INSERT INTO dead_letters (destination, source, message_id, ordering_key, payload, reason, status,"
@@ -362,6 +363,7 @@ def dead_letter(
 def discard(
     conn: sqlite3.Connection, entries: Sequence[Discard], now: float, leases: Leases, fence: Fence | None = None
 ) -> None:
+    entries = _first_per_job(entries)
     settling = {s.job_id: s for s in leases.settling([e.job_id for e in entries], fence)}
     conn.executemany(
         "INSERT INTO discards (destination, source, message_id, payload, reason, label, detail,"
@@ -374,6 +376,19 @@ def discard(
         ],
     )
     _delete_settled(conn, settling.values())
+
+
+_Entry = TypeVar("_Entry", DeadLetter, Discard)
+
+
+def _first_per_job(entries: Sequence[_Entry]) -> list[_Entry]:
+    """One entry per job, the first (as PostgreSQL's store): a job named twice would
+    otherwise drop its lease with the first and, matched by the row's stale count with
+    the second, be neither moved nor left held."""
+    seen: dict[int, _Entry] = {}
+    for entry in entries:
+        seen.setdefault(entry.job_id, entry)
+    return list(seen.values())
 
 
 def _delete_settled(conn: sqlite3.Connection, settling: Iterable[Settling]) -> None:

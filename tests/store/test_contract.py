@@ -91,6 +91,31 @@ async def test_identity_links_of_ids_too_long_to_index_are_kept_and_found(store:
     assert found == {long_id: "id-long-2", other_long: "id-other", wide: "id-wide", marked: "id-marked"}
 
 
+async def test_links_of_an_id_with_nul_are_resolved(store: Store) -> None:
+    """Ingest stores such an id (U+0000 as U+FFFD on PostgreSQL); the lookup sent it raw
+    and PostgreSQL refused the whole statement: StoreError on every batch holding it."""
+    link = IdentityLink("moe", "u\x00x", "t1")
+    await store.enqueue("web", [event("m1", "u\x00x", links=(link,))])
+    assert await store.resolve_links("moe", ["u\x00x", "plain"]) == {"u\x00x": "t1"}
+
+
+async def test_dead_letter_naming_a_job_twice_moves_it_once(store: Store) -> None:
+    await store.enqueue("web", [event("m1", "u1")])
+    [job] = await store.lease("moe", 10, 30)
+    fence = {job.id: job.attempts}
+    await store.dead_letter([DeadLetter(job.id, "http_400"), DeadLetter(job.id, "http_422")], fence=fence)
+    assert [(d.reason, d.attempts) for d in await store.list_dead(RecordFilter())] == [("http_400", 1)]
+    assert await store.lease("moe", 10, 30) == []
+
+
+async def test_discard_naming_a_job_twice_records_it_once(store: Store) -> None:
+    await store.enqueue("web", [event("m1", "u1")])
+    [job] = await store.lease("moe", 10, 30)
+    await store.discard([Discard(job.id, "a"), Discard(job.id, "b")], fence={job.id: job.attempts})
+    assert [d.reason for d in await store.list_discards(RecordFilter())] == ["a"]
+    assert await store.lease("moe", 10, 30) == []
+
+
 # -- lease, ack, retry, release -------------------------------------------------------------
 async def test_lease_ack_retry_release(store: Store) -> None:
     await store.enqueue("web", [event(f"m{i}", f"u{i}") for i in range(4)])

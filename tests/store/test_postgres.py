@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from bridge.store.base import StoreError
+from bridge.store.base import IdentityLink, StoreError
 from bridge.store.postgres import PostgresStore
 from tests.store.conftest import PG_DSN, pg_problem
 from tests.store.helpers import event
@@ -152,3 +152,58 @@ async def test_opening_drops_the_old_index_of_delivered_jobs_by_message_id(pg_sc
         await store.close()
     finally:
         await conn.close()
+
+
+async def test_a_hung_database_fails_a_whole_group_within_one_timeout(pg_schema: str) -> None:
+    """README: "on PostgreSQL every statement and every wait for a pooled connection is
+    bounded by 10 s" (then ingest answers 503). A group that times out was committed
+    again call by call, each waiting its own timeout: the n-th caller waited n+1."""
+    store = PostgresStore(PG_DSN, schema=pg_schema, command_timeout=0.5)
+    await store.open()
+    await store.enqueue("web", [event("warm")])
+    locker = await asyncpg.connect(PG_DSN)
+    tr = locker.transaction()
+    await tr.start()
+    await locker.execute(f'LOCK TABLE "{pg_schema}".dedupe IN ACCESS EXCLUSIVE MODE')
+    t0 = time.monotonic()
+    waited: list[float] = []
+
+    async def one(i: int) -> None:
+        with pytest.raises(StoreError):
+            await store.enqueue("web", [event(f"m{i}")])
+        waited.append(time.monotonic() - t0)
+
+    try:
+        await asyncio.gather(*(one(i) for i in range(8)))
+    finally:
+        await tr.rollback()
+        await locker.close()
+    try:
+        assert max(waited) < 3.0, sorted(waited)  # one by one, 8 calls took 4.5 s
+        # and the store works again once the database answers
+        assert (await store.enqueue("web", [event("after")])).stored == 1
+    finally:
+        await store.close()
+
+
+async def test_a_link_an_older_bridge_stored_under_a_long_raw_id_is_still_found(pg_schema: str) -> None:
+    store = PostgresStore(PG_DSN, schema=pg_schema)
+    await store.open()
+    long_id = "u" * 1500  # indexable (< 2.7 KB), so a bridge before 6a5e24b stored it as it was
+    conn = await asyncpg.connect(PG_DSN)
+    try:
+        await conn.execute(
+            f'INSERT INTO "{pg_schema}".identity_links (namespace, from_id, to_id, updated_at)'
+            " VALUES ('moe', $1, 't1', $2)",
+            long_id,
+            time.time(),
+        )
+    finally:
+        await conn.close()
+    try:
+        assert await store.resolve_links("moe", [long_id]) == {long_id: "t1"}
+        # a newer link learnt by this version wins over the old raw row
+        await store.enqueue("web", [event("m1", long_id, links=(IdentityLink("moe", long_id, "t2"),))])
+        assert await store.resolve_links("moe", [long_id]) == {long_id: "t2"}
+    finally:
+        await store.close()
