@@ -575,9 +575,11 @@ class DestinationWorker:
                 # A whole request refused for good (a bad credential or mapping deploy):
                 # pause instead of dead-lettering it; these jobs stay queued.
                 # The reason is kept and shown (status, logs): never with an echoed credential.
-                batch.guard_reason = redact_text(
+                # Redacted before it is cut: a credential straddling the cut would
+                # otherwise be kept in part.
+                batch.guard_reason = (
                     f"{self.name} refused {len(jobs)} events with HTTP {response.status}: "
-                    f"{(response.body or response.error or '')[:200]}"
+                    f"{redact_text(response.body or response.error or '')[:200]}"
                 )
                 batch.unsent.update(jobs)
                 log.warning(
@@ -586,7 +588,7 @@ class DestinationWorker:
                     status=response.status,
                     items=len(request.items),
                     action="pause",
-                    body=response.body[:300],
+                    body=redact_text(response.body)[:300],
                 )
                 return False
             batch.dead_pending += len(jobs)
@@ -604,7 +606,7 @@ class DestinationWorker:
                 error=response.error,
                 items=len(request.items),
                 action=action.value,
-                body=response.body[:300],
+                body=redact_text(response.body)[:300],
             )
         body = b""
         if action is Action.DEAD:
@@ -700,7 +702,7 @@ class DestinationWorker:
             reason,
             status=resp.status if resp and resp.status else None,
             # An upstream may echo our credentials back (a 401 quoting the header): never keep them.
-            response_body=redact_text((resp.body or resp.error or "")[:MAX_KEPT_BODY]) if resp else "",
+            response_body=redact_text(resp.body or resp.error or "")[:MAX_KEPT_BODY] if resp else "",
             request_body=body,
             label=batch.label(job_id),
             mapping_version=version,
@@ -746,4 +748,6 @@ def _dead_reason(resp: Response | None) -> str:
 def _describe(resp: Response | None) -> str:
     if resp is None:
         return "not sent"
-    return redact_text(resp.error or f"http {resp.status}: {resp.body[:200]}")
+    if resp.error:
+        return redact_text(resp.error)
+    return f"http {resp.status}: {redact_text(resp.body)[:200]}"  # redacted before it is cut
