@@ -5,6 +5,7 @@ Off unless admin.token is configured; every call needs ``Authorization: Bearer <
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -76,14 +77,17 @@ def _time(value: str | None, name: str) -> float | None:
     if not value:
         return None
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        dt = datetime.fromisoformat(value)
-    except ValueError:
-        raise ApiError(400, "invalid_parameter", f"{name} must be epoch seconds or ISO-8601") from None
-    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
+        try:
+            dt = datetime.fromisoformat(value)
+        except ValueError:
+            raise ApiError(400, "invalid_parameter", f"{name} must be epoch seconds or ISO-8601") from None
+        return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
+    if not math.isfinite(seconds):
+        # "nan" compares as NULL on SQLite but above every number on PostgreSQL.
+        raise ApiError(400, "invalid_parameter", f"{name} must be a finite number of epoch seconds or ISO-8601")
+    return seconds
 
 
 def _record_id(value: object) -> int:
@@ -180,16 +184,17 @@ class AdminApi:
             if len(ids) > MAX_IDS:
                 raise ApiError(400, "too_many_ids", f"ids names {len(ids)} records; at most {MAX_IDS} at a time")
             ids = [_record_id(i) for i in ids]
-        if all(v is None for v in data.values()):
-            # {} and {"ids": null} alike: a filter of nothing must not select everything.
-            raise ApiError(400, "filter_required", "give a filter (destination, reason, since, until or ids)")
-        return RecordFilter(
+        flt = RecordFilter(
             destination=data.get("destination"),
             reason=data.get("reason"),
             since=_time(str(data["since"]), "since") if data.get("since") is not None else None,
             until=_time(str(data["until"]), "until") if data.get("until") is not None else None,
             ids=tuple(ids) if ids is not None else None,
         )
+        if all(getattr(flt, f) is None for f in ("destination", "reason", "since", "until", "ids")):
+            # {}, {"ids": null} and {"since": ""} alike: a filter of nothing must not select everything.
+            raise ApiError(400, "filter_required", "give a filter (destination, reason, since, until or ids)")
+        return flt
 
     async def discards(self, request: web.Request) -> web.Response:
         records = await self.runtime.store.list_discards(filter_from_query(request), _limit(request))

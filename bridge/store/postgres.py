@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Collection, Sequence
 from typing import Any, TypeVar
@@ -127,6 +128,18 @@ def _text(value: str) -> str:
     """PostgreSQL text cannot hold U+0000, but event names, ids and upstream bodies can: one
     such byte must not fail a whole group commit or a settlement (payloads are bytea)."""
     return value.replace("\x00", "\ufffd") if "\x00" in value else value
+
+
+def _clean_filter(flt: RecordFilter) -> RecordFilter:
+    """An operator's filter as the rows were written (U+0000 stored as U+FFFD): sent as it
+    is, PostgreSQL refuses the statement, a 500 for an admin request."""
+    if "\x00" not in (flt.destination or "") + (flt.reason or ""):
+        return flt
+    return dataclasses.replace(
+        flt,
+        destination=_text(flt.destination) if flt.destination is not None else None,
+        reason=_text(flt.reason) if flt.reason is not None else None,
+    )
 
 
 def _has_nul(e: IncomingEvent) -> bool:
@@ -482,7 +495,7 @@ class PostgresStore(Store):
 
     # -- operators ---------------------------------------------------------------------
     async def list_dead(self, flt: RecordFilter, limit: int = 100) -> list[DeadLetterRecord]:
-        where, params = record_where(flt, "failed_at", dollar, first=2)
+        where, params = record_where(_clean_filter(flt), "failed_at", dollar, first=2)
         async with self._conn() as conn:
             rows = await conn.fetch(
                 f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters{where} ORDER BY failed_at DESC, id DESC LIMIT $1",
@@ -492,7 +505,7 @@ class PostgresStore(Store):
         return [dead_letter_record(r) for r in rows]
 
     async def replay_dead(self, flt: RecordFilter) -> int:
-        where, params = record_where(flt, "failed_at", dollar, first=2)
+        where, params = record_where(_clean_filter(flt), "failed_at", dollar, first=2)
         async with self._conn(transaction=True) as conn:
             status = await conn.execute(
                 f"WITH moved AS (DELETE FROM dead_letters{where}"
@@ -506,13 +519,13 @@ class PostgresStore(Store):
         return _count(status)
 
     async def purge_dead(self, flt: RecordFilter) -> int:
-        where, params = record_where(flt, "failed_at", dollar)
+        where, params = record_where(_clean_filter(flt), "failed_at", dollar)
         async with self._conn() as conn:
             status = await conn.execute(f"DELETE FROM dead_letters{where}", *params)
         return _count(status)
 
     async def list_discards(self, flt: RecordFilter, limit: int = 100) -> list[DiscardRecord]:
-        where, params = record_where(flt, "discarded_at", dollar, first=2)
+        where, params = record_where(_clean_filter(flt), "discarded_at", dollar, first=2)
         async with self._conn() as conn:
             rows = await conn.fetch(
                 "SELECT id, destination, source, message_id, payload, reason, label, detail, discarded_at"
