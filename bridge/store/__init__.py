@@ -51,6 +51,15 @@ def check_store_url(url: str) -> None:
             )
         return
     if url.startswith(POSTGRES_PREFIXES):
+        authority = url.split("://", 1)[1]
+        if "@" in authority and "@" not in urlsplit(url).netloc:
+            # A '/', '?' or '#' in the user:password part ends the host early: the password
+            # would then be read as a port, path or query, and quoted in the driver's errors.
+            # Never echo the URL here: it holds the password.
+            raise ValueError(
+                "the user:password part of the PostgreSQL URL holds '/', '?' or '#': percent-encode "
+                "them (%2F, %3F, %23)"
+            )
         return
     if url.startswith("sqlite:"):
         raise ValueError(f"store URL {url!r} is malformed: SQLite URLs start with sqlite:/// (three slashes)")

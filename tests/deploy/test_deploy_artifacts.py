@@ -105,7 +105,10 @@ def docs_of_kind(kind: str) -> list[dict[str, Any]]:
 
 def fake_env(text: str) -> dict[str, str]:
     # Secrets full of YAML-significant characters: quoting in the configs must hold them.
-    return {name: f"x-{name.lower()}-#: ,'v" for name in required_env(text)}
+    # The store password sits in a URL, where '#' must be percent-encoded (docs/operations.md).
+    return {
+        name: f"x-{name.lower()}-{'%23' if name == 'POSTGRES_PASSWORD' else '#'}: ,'v" for name in required_env(text)
+    }
 
 
 def required_env(text: str) -> set[str]:
