@@ -235,6 +235,29 @@ def _quoting_at(text: str, pos: int) -> str:
     return quote
 
 
+class _UniqueKeysLoader(yaml.SafeLoader):
+    """SafeLoader refusing a key given twice in one mapping. YAML's "last one wins" would
+    drop the first silently: two ``store:`` sections, or a secret set twice. (Mapping
+    files refuse duplicates too.)"""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                continue  # an unhashable key: SafeLoader's own error says so
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path, env: Mapping[str, str] | None = None) -> tuple[dict[str, Any], set[str]]:
     """Parse a config file after ${ENV} substitution. Returns (data, unset variable names)."""
     p = Path(path)
@@ -249,7 +272,7 @@ def read_yaml(path: str | Path, env: Mapping[str, str] | None = None) -> tuple[d
     substituted = {environ[m.group(1)] for m, _ in env_references(text) if environ.get(m.group(1))}
     text, missing = substitute_env(text, environ)
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeysLoader)  # a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)

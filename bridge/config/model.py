@@ -7,6 +7,7 @@ every key is documented in the README's configuration reference.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,11 +186,16 @@ _PER = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 36
 def parse_rate(text: Any, where: str) -> float:
     """'10000/min' -> tokens per second."""
     if isinstance(text, int | float) and not isinstance(text, bool):
-        return float(text)
-    m = _RATE_RE.match(str(text))
-    if not m:
-        raise ConfigError(f"{where}: expected a rate like '10000/min' or '1000/s', got {text!r}")
-    return float(m.group(1)) / _PER[m.group(2)]
+        rate = float(text)
+    else:
+        m = _RATE_RE.match(str(text))
+        if not m:
+            raise ConfigError(f"{where}: expected a rate like '10000/min' or '1000/s', got {text!r}")
+        rate = float(m.group(1)) / _PER[m.group(2)]
+    if not rate > 0 or not math.isfinite(rate):
+        # A limiter without a bucket does not limit: 0 must not quietly mean "unlimited".
+        raise ConfigError(f"{where}: a rate must be above 0, got {text!r}")
+    return rate
 
 
 def _server(r: Reader) -> ServerConfig:

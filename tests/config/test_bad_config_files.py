@@ -46,3 +46,32 @@ def test_server_port_above_65535_is_a_config_error(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError):
         build_config({"server": {"port": 70000}})
+
+
+def test_a_key_given_twice_is_an_error_with_its_line(tmp_path: Path) -> None:
+    """YAML's last-wins would drop the first section silently (mapping files refuse it too)."""
+    from bridge.config.loader import read_yaml
+    from bridge.destinations.base import ConfigError
+
+    cfg = tmp_path / "bridge.yaml"
+    for text, line, key in (
+        ("store:\n  url: sqlite:///a.db\nserver: {}\nstore:\n  url: sqlite:///b.db\n", 4, "store"),
+        ("store:\n  url: sqlite:///a.db\nserver: {port: 1, port: 2}\n", 3, "port"),
+    ):
+        cfg.write_text(text)
+        with pytest.raises(ConfigError) as exc:
+            read_yaml(cfg, {})
+        assert f"{cfg}:{line}:" in str(exc.value) and f"duplicate key {key!r}" in str(exc.value), str(exc.value)
+    cfg.write_text("base: &b {a: 1}\nmore:\n  <<: *b\n  c: 2\n")  # a merge key is not a duplicate
+    assert read_yaml(cfg, {})[0]["more"] == {"a": 1, "c": 2}
+
+
+@pytest.mark.parametrize("rate", [0, -5, "0/min", 0.0])
+def test_a_rate_limit_of_zero_or_less_is_an_error_not_unlimited(rate: object) -> None:
+    """A limiter keeps only rates above 0: 0 quietly meant no limit at all."""
+    from bridge.config.model import parse_rate
+    from bridge.destinations.base import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        parse_rate(rate, "destinations[0].rate_limits.events")
+    assert "above 0" in str(exc.value)
