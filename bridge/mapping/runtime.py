@@ -136,6 +136,9 @@ def to_number(v: Any) -> int | float:
         return v  # type: ignore[no-any-return]
     if t is str:
         s = v.strip()
+        if not s.isascii() or "_" in s:
+            # Python reads other scripts' digits and 1_000; JSON and every sender mean neither.
+            raise CoercionError(f"{short(v)} is not a number")
         try:
             n = int(s)
         except ValueError:
@@ -196,6 +199,9 @@ def to_datetime(v: Any) -> datetime:
     t = type(v)
     if t is str:
         s = v.strip()
+        if not s.isascii():
+            # fromisoformat and int() read other scripts' digits too; no sender means them.
+            raise CoercionError(f"{short(v)} is not a time")
         if s and (s.isdigit() or (s[0] == "-" and s[1:].isdigit())):
             try:
                 n = int(s)

@@ -183,3 +183,21 @@ def test_flatten_false_is_not_silently_a_flatten(tmp_path: Path) -> None:
     if mapping is not None:  # accepted: then it must not flatten (a diagnostic is the fix)
         out = mapping.apply({"type": "track", "o": {"a": {"b": 1}}}, MapContext())
         assert isinstance(out, list) and out[0].body["properties"] == {"a": {"b": 1}}  # got {'a.b': 1}
+
+
+@pytest.mark.parametrize("text", ["\u0661\u0662", "1_000", "\uff11\uff12"])
+def test_numbers_are_read_in_ascii_digits_only(tmp_path: Path, text: str) -> None:
+    """docs/mappings.md: a non-ASCII digit is a conversion error (Python's int() reads
+    Arabic-Indic and full-width digits, and 1_000; no sender means them)."""
+    for to in ("integer", "number"):
+        m = value_mapping(tmp_path / to, f"{{path: $.n, pipe: [{{to: {to}}}]}}")
+        assert evaluate(m, {"type": "track", "n": text}) == "<absent>", (to, text)
+        assert evaluate(m, {"type": "track", "n": " 12 "}) == 12
+
+
+def test_times_are_read_in_ascii_digits_only(tmp_path: Path) -> None:
+    m = value_mapping(tmp_path, "{path: $.t, pipe: [{to: epoch_seconds}]}")
+    assert evaluate(m, {"type": "track", "t": "2024-01-01T00:00:00Z"}) == 1704067200
+    arabic = "".join(chr(0x660 + int(c)) if c.isdigit() else c for c in "2024-01-01T00:00:00")
+    assert evaluate(m, {"type": "track", "t": arabic}) == "<absent>"
+    assert evaluate(m, {"type": "track", "t": "\u0661\u0667\u0660\u0664"}) == "<absent>"
