@@ -18,8 +18,12 @@ import aiohttp
 
 from bridge import __version__
 from bridge.destinations.base import Response
+from bridge.observability.redaction import redact_text
 
 BODY_KEEP_BYTES = 4096
+# Read past the kept part by this much and redact before cutting: a credential the
+# upstream echoes across the cut would otherwise be kept in part, unrecognised.
+SECRET_MARGIN = 1024
 USER_AGENT = f"bridge/{__version__}"
 
 
@@ -136,7 +140,8 @@ async def post(
             # From here the upstream has answered: its status decides (a 2xx was
             # processed, a 413 must split), even when the body then fails to arrive.
             try:
-                text = (await _read_prefix(resp, BODY_KEEP_BYTES)).decode("utf-8", errors="replace")
+                raw = await _read_prefix(resp, BODY_KEEP_BYTES + SECRET_MARGIN)
+                text = redact_text(raw.decode("utf-8", errors="replace"))[:BODY_KEEP_BYTES]
             except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
                 text = f"(the response body could not be read: {type(exc).__name__}: {exc})"
             location = resp.headers.get("Location")

@@ -176,3 +176,21 @@ def test_a_store_password_with_a_hash_or_question_mark_is_not_printed(tmp_path, 
         err = capsys.readouterr().err
         assert code != 0
         assert fragment not in err, f"part of the store password was printed: {err!r}"
+
+
+async def test_an_echoed_api_key_across_the_kept_body_limit_is_not_kept_in_part(bridge):
+    """Only the first 4 KB of an upstream's refusal are kept for the dead letter. A key
+    echoed across that cut was cut before it could be recognised, and kept in part."""
+    bridge.moengage.plan(Planned(400, "x" * 4090 + " " + API_KEY + " refused"))
+    assert (await bridge.post("/v1/track", {"userId": "user-cut", "event": "E"}, H))[0] == 200
+
+    async def dead() -> bool:
+        _, body = await bridge.get("/admin/dlq", ADMIN)
+        return len(body["dead_letters"]) == 1
+
+    await wait_until(dead, what="the 400 dead letter")
+    _, listed = await bridge.get("/admin/dlq", ADMIN)
+    _, letter = await bridge.get(f"/admin/dlq/{listed['dead_letters'][0]['id']}", ADMIN)
+    kept = letter["response_body"]
+    assert kept.startswith("x" * 100) and len(kept) <= 4096, len(kept)
+    assert API_KEY[:5] not in kept, kept[-40:]
