@@ -224,6 +224,11 @@ class DestinationWorker:
     async def _check_mapping_changed(self) -> None:
         """A new mapping version resumes a destination the guard paused."""
         if self.paused and self._paused_version and self._mapping_version() != self._paused_version:
+            # Only the guard's own pause ends here: not one an operator has made since.
+            current = (await self.store.get_destination_states()).get(self.name)
+            if current is not None and current.paused and current.extra.get("by") != "guard":
+                self.apply_state(current)
+                return
             # Tagged as the guard's: not an operator's "deliver now", so it keeps the backoff
             # (a Retry-After the upstream asked for), here and on every other node.
             state = DestinationState(self.name, False, "mapping changed", time.time(), {"by": "guard"})
@@ -234,6 +239,12 @@ class DestinationWorker:
     async def _pause(self, reason: str, version: str | None = None) -> None:
         """The guard's pause. It never replaces an operator's: that one waits for an operator."""
         if self.paused:
+            return
+        # An operator may have paused from the CLI or another node since this server last
+        # read the states: the store is the truth, and an operator's pause stands.
+        current = (await self.store.get_destination_states()).get(self.name)
+        if current is not None and current.paused:
+            self.apply_state(current)
             return
         state = DestinationState(self.name, True, reason, time.time(), {"by": "guard"})
         await self.store.set_destination_state(state)

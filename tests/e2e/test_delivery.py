@@ -12,6 +12,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from bridge.cli import main as cli_main
+from bridge.store.base import DestinationState
 from bridge.store.sqlite import SqliteStore
 from bridge.testing.moengage_standin import MoEngageStandIn, Rejected
 from bridge.testing.standins import Planned
@@ -667,3 +668,37 @@ async def test_a_destination_refusing_everything_with_400_pauses_without_dead_le
     assert (await bridge.post("/admin/destinations/moengage-main/resume", None, ADMIN))[0] == 200
     await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 60, timeout=10)
     assert await dlq(bridge) == []
+
+
+async def test_the_guard_never_replaces_an_operators_pause_made_from_the_cli(make_bridge, tmp_path):
+    """README: "The guard never replaces an operator's pause" and `bridge destinations
+    pause NAME` works while the bridge runs. An operator pauses from the CLI (or on another
+    node of a PostgreSQL store) while a batch the upstream refuses with 401 is on the wire.
+    The server has not polled the states yet when the guard trips, and its unconditional
+    upsert overwrites the operator's pause with the guard's, which a mapping change lifts."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        for d in raw["destinations"]:
+            d["delivery"]["poll_interval"] = 3  # the server reads the states every 3 s
+
+    bridge = await make_bridge(tweak)
+    bridge.moengage.refuse_all(401)
+    bridge.moengage.latency = 0.5
+    batch = {
+        "batch": [
+            {"type": "track", "userId": f"user-{i % 3}", "event": "X", "messageId": f"op-{i}", "properties": {}}
+            for i in range(60)
+        ]
+    }
+    assert (await bridge.post("/v1/batch", batch, H))[0] == 200
+    await bridge.moengage.wait_for(lambda: bridge.moengage.received > 0, timeout=10)
+    cli = SqliteStore(str(tmp_path / "bridge.db"), upgrade=False)  # what `bridge destinations pause` opens
+    await cli.open()
+    try:
+        await cli.set_destination_state(DestinationState("moengage-main", True, "paused from the CLI", time.time()))
+    finally:
+        await cli.close()
+    await asyncio.sleep(1.0)  # the 401 is answered, the guard trips; the server has not polled yet
+    assert bridge.runtime is not None
+    state = (await bridge.runtime.store.get_destination_states())["moengage-main"]
+    assert state.extra.get("by") != "guard" and state.reason == "paused from the CLI", state
