@@ -135,7 +135,7 @@ async def test_seed_payload_end_to_end(bridge):
             "device": {"id": "moe_internal_device_id", "device_attr_1": "device_attr_val1"},
             "integration": {"name": "segment-moengage-bridge", "version": "1"},
         },
-        "integrations": {"MoEngage": False},
+        "integrations": {"MoEngage": False, "MoEngage (Actions)": False, "Moengage (Actions)": False},
     }
     email = next(e for e in seg.events() if e["messageId"] == "uuid-email-1")
     assert email["event"] == "Email Sent" and email["properties"]["email_id"] == "recipient email_id"

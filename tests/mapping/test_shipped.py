@@ -7,6 +7,7 @@ import pytest
 
 from bridge.mapping import Discarded, MapContext, load_mapping_dir
 from bridge.mapping.fixtures import run_fixtures
+from bridge.sources.streams.spec import normalise as normalise_streams
 
 from .helpers import outputs
 
@@ -147,3 +148,53 @@ def test_bad_event_data_never_raises(shipped):
     for event in weird:
         result = s2m.apply(event, MapContext())
         assert result is not None
+
+
+def relay(m2s, item):
+    event, _, _ = normalise_streams(item)
+    (out,) = m2s.apply(event, MapContext())
+    return out.body
+
+
+SEED_PUSH = {
+    "event_name": "Notification Received Android",
+    "event_code": "NOTIFICATION_RECEIVED_MOE",
+    "event_uuid": "uuid-push-1",
+    "event_time": 1580967474,
+    "event_type": "CAMPAIGN_EVENT",
+    "event_source": "MOENGAGE",
+    "uid": "cust-1",
+}
+
+
+def test_relayed_event_is_kept_out_of_every_moengage_destination_in_segment(shipped):
+    """The relay's `integrations` must switch off each name under which Segment addresses a
+    MoEngage destination -- the same names the bridge itself honours on the way in
+    (segment-to-moengage.yaml `integrations:`). With only {"MoEngage": false}, Segment still
+    sends the relayed Streams event to a "MoEngage (Actions)" destination, i.e. back into
+    MoEngage (segment-api.md §1: integrations names are case-sensitive and must match;
+    the Actions destination is "Moengage (Actions)" / "MoEngage (Actions)")."""
+    m2s, s2m = shipped["moengage-to-segment"], shipped["segment-to-moengage"]
+    body = relay(m2s, SEED_PUSH)
+    missing = [n for n in s2m.integration_names() if body["integrations"].get(n) is not False]
+    assert missing == [], f"relayed integrations {body['integrations']} leave on: {missing}"
+
+
+@pytest.mark.parametrize(
+    ("code", "streams_name", "segment_source_name"),
+    [
+        ("MOE_EMAIL_SPAM", "Email Spam Complained", "Email Complained"),
+        ("MOE_CAMPAIGN_CONTROL_GROUP", "User Added to Control Group", "User added to control group"),
+    ],
+)
+def test_campaign_event_named_as_segment_source_even_with_event_name(shipped, code, streams_name, segment_source_name):
+    """README: every Streams event is "named as in MoEngage's own Segment source"; the lookup
+    says the Segment source's spelling wins for these two codes. Real Streams events always
+    carry event_name (seed 004 example and glossary), with the Streams table's spelling, so
+    the same MoEngage event gets a different name than without event_name (fixture
+    code-email-spam-002-spelling.yaml) and than MoEngage's own Segment source."""
+    m2s = shipped["moengage-to-segment"]
+    item = {**SEED_PUSH, "event_code": code, "event_name": streams_name, "event_uuid": f"uuid-{code}"}
+    without_name = {k: v for k, v in item.items() if k != "event_name"}
+    assert relay(m2s, without_name)["event"] == segment_source_name  # holds today
+    assert relay(m2s, item)["event"] == segment_source_name
