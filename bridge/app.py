@@ -122,6 +122,10 @@ async def serve(config: Config, *, ready: Callable[[int], None] | None = None) -
     bindings = PrometheusBindings()
     runtime = Runtime(config, ingest_metrics=bindings.ingest, delivery_metrics=bindings.delivery)
     runtime.load_mappings()  # fail fast, before binding the port
+    loop = asyncio.get_running_loop()
+    # Before the store opens (on PostgreSQL it may wait minutes for another node's schema
+    # lock): SIGHUP's default action would end the process mid-start.
+    loop.add_signal_handler(signal.SIGHUP, runtime.reload_mappings)
     app = build_app(runtime, bindings)
     # drain_seconds is part of shutdown_timeout: HTTP draining gets what is left of it.
     http_drain = max(config.server.shutdown_timeout - config.server.drain_seconds, 0.0)
@@ -141,10 +145,8 @@ async def serve(config: Config, *, ready: Callable[[int], None] | None = None) -
     if ready is not None:
         ready(port)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, runtime.reload_mappings)
     try:
         await stop.wait()
         log.info("shutting_down", timeout=config.server.shutdown_timeout, drain=config.server.drain_seconds)

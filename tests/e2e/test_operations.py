@@ -766,3 +766,42 @@ async def test_an_item_that_cannot_be_rendered_is_dead_lettered_alone_not_retrie
     assert (letter["message_id"], letter["reason"]) == ("r-2", "render_error")
     _, shown = await bridge.get(f"/admin/dlq/{letter['id']}", ADMIN)
     assert "poison" in str(shown["request"]) and "cannot encode" in shown["response_body"], shown
+
+
+async def test_a_sighup_while_the_store_opens_does_not_kill_the_process(tmp_path):
+    """A deploy tool may send SIGHUP (reload the mappings) while a bridge is still starting:
+    on PostgreSQL it can wait minutes for another node's schema lock. SIGHUP's default
+    action ends the process, so its handler must be in place before the store opens."""
+    import asyncpg
+
+    from bridge.store.postgres_schema import DDL_LOCK
+
+    dsn = "postgresql://postgres@127.0.0.1:5432/test"
+    try:
+        holder = await asyncpg.connect(dsn, timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is not reachable: {exc}")
+    schema = f"bridge_e2e_{time.time_ns() % 10**10}"
+    raw = config_dict(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9")
+    raw["store"]["url"] = f"{dsn}?schema={schema}"
+    proc = BridgeProcess(raw, tmp_path)
+    await holder.execute("SELECT pg_advisory_lock($1)", DDL_LOCK)  # another node migrating
+    try:
+        starting = asyncio.create_task(proc.start(timeout=60))
+
+        async def waiting_for_the_lock() -> bool:
+            waiting = await holder.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+            return bool(waiting)
+
+        await wait_until(waiting_for_the_lock, timeout=30, what="the bridge to wait for the schema lock")
+        assert proc.proc is not None
+        proc.proc.send_signal(1)  # SIGHUP
+        await asyncio.sleep(0.5)
+        await holder.execute("SELECT pg_advisory_unlock($1)", DDL_LOCK)
+        await starting  # raised "bridge exited early (-1)" when SIGHUP killed it
+        proc.terminate()
+        assert await proc.wait() == 0
+    finally:
+        await proc.ensure_stopped()
+        await holder.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await holder.close()
