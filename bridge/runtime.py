@@ -20,7 +20,7 @@ from bridge.delivery.metrics import DeliveryMetrics
 from bridge.destinations.base import ConfigError
 from bridge.mapping import load_mapping_dir
 from bridge.mapping.api import CompiledMapping, MappingError
-from bridge.mapping.reload import MappingSet, directory_fingerprint
+from bridge.mapping.reload import MappingSet, SettledChange, directory_fingerprint
 from bridge.observability.redaction import register_secret
 from bridge.sources.base import IngestMetrics, Ingestor
 from bridge.store import open_store
@@ -178,7 +178,7 @@ class Runtime:
             await asyncio.sleep(600)
 
     async def _watch_mappings(self) -> None:
-        state = directory_fingerprint(self.mappings_dir)
+        change = SettledChange(directory_fingerprint(self.mappings_dir))
         while True:
             await asyncio.sleep(self.config.mappings.watch_interval)
             try:
@@ -188,8 +188,7 @@ class Runtime:
             except Exception:
                 log.exception("mapping_watch_failed")
                 continue
-            if current != state:
-                state = current
+            if change.due(current):
                 try:
                     self.reload_mappings()
                 except Exception:  # the watcher must outlive any one bad reload

@@ -78,3 +78,26 @@ def directory_fingerprint(directory: str | Path) -> str:
                 st = p.stat()
                 parts.append(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+class SettledChange:
+    """When a polled fingerprint has changed *and then held still for one more poll*.
+
+    A file caught mid-write can still be valid YAML with its later rules cut off: reloaded
+    then, the events it no longer matched would be discarded as ``no_matching_rule``.
+    Waiting one poll for the writes to settle costs one interval of delay."""
+
+    def __init__(self, first: str) -> None:
+        self._loaded = first
+        self._pending: str | None = None
+
+    def due(self, current: str) -> bool:
+        """Whether to reload now, given the fingerprint just polled."""
+        if current == self._loaded:
+            self._pending = None  # changed and changed back: nothing to do
+            return False
+        if current != self._pending:
+            self._pending = current  # still changing: look again next poll
+            return False
+        self._loaded, self._pending = current, None
+        return True

@@ -131,7 +131,8 @@ async def test_file_watcher_survives_a_failing_reload(monkeypatch: pytest.Monkey
     from bridge import runtime
 
     counter = itertools.count()
-    monkeypatch.setattr(runtime, "directory_fingerprint", lambda d: str(next(counter)))
+    # every fingerprint holds for two polls: a change that settled, each time
+    monkeypatch.setattr(runtime, "directory_fingerprint", lambda d: str(next(counter) // 2))
     calls: list[int] = []
 
     def reload_mappings() -> list[str]:
@@ -152,6 +153,17 @@ async def test_file_watcher_survives_a_failing_reload(monkeypatch: pytest.Monkey
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+def test_the_watcher_reloads_a_change_only_once_it_has_settled() -> None:
+    """A file caught mid-write may parse with its later rules cut off: a change is loaded
+    once the fingerprint held still for one more poll."""
+    from bridge.mapping.reload import SettledChange
+
+    change = SettledChange("a")
+    polled = ["a", "b", "c", "c", "c", "d", "c", "e", "e"]
+    # b was still changing; c settled; d changed back to the loaded c before settling
+    assert [p for p in polled if change.due(p)] == ["c", "e"]
 
 
 def test_runtime_reload_turns_unexpected_errors_into_problems(monkeypatch: pytest.MonkeyPatch) -> None:
