@@ -10,6 +10,8 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import json
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -255,7 +257,35 @@ def parse_json(body: bytes) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        if "surrogate" in str(exc):
+            # A lone \uD83D escape (an emoji cut in half, a client's bad decoding): JSON as
+            # the grammar goes, which orjson refuses. Refusing it refused the request's
+            # other events too, for one character: read it, and make the half U+FFFD.
+            try:
+                cleaned = _without_lone_surrogates(json.loads(body, parse_constant=_no_constant))
+                # Through orjson once more, so nothing else gets in that orjson would refuse
+                # (integers past 64 bits, say).
+                return orjson.loads(orjson.dumps(cleaned))
+            except (ValueError, TypeError, RecursionError):
+                pass
         raise ApiError(400, "invalid_json", f"invalid JSON: {exc}") from None
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins the valid pairs
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # json.loads reads NaN and Infinity; orjson does not
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    if type(value) is str:
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if type(value) is dict:
+        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
+    if type(value) is list:
+        return [_without_lone_surrogates(v) for v in value]
+    return value
 
 
 def basic_credentials(request: web.Request) -> tuple[str, str] | None:

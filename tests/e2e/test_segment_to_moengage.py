@@ -283,6 +283,29 @@ async def test_a_chunked_body_past_the_route_limit_is_refused_before_the_rest_ar
     assert head.startswith(b"HTTP/1.1 413"), head
 
 
+async def test_one_half_emoji_does_not_cost_the_batch_its_other_events(bridge):
+    """A lone \\uD83D escape (an emoji cut in half, a client's bad decoding) is JSON by the
+    grammar, but orjson refuses it: the whole batch got 400, which SDKs drop, good events
+    and all. The half becomes U+FFFD; every event is stored and delivered."""
+    body = (
+        b'{"batch": ['
+        b'{"type": "track", "userId": "user-s1", "event": "Half \\ud83d emoji", "messageId": "sur-1"},'
+        b'{"type": "track", "userId": "user-s2", "event": "Whole \\ud83d\\ude00", "messageId": "sur-2"}'
+        b"]}"
+    )
+    status, data = await bridge.post(
+        "/v1/batch", None, {**basic(WRITE_KEY), "Content-Type": "application/json"}, raw=body
+    )
+    assert (status, data) == (200, {"success": True})
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 2)
+    names = sorted(e["actions"][0]["action"] for e in bridge.moengage.events())
+    assert names == ["Half \ufffd emoji", "Whole \U0001f600"]
+    # Still JSON only: a NaN (which the fallback reader would take) or a truncated body is a 400.
+    for bad in (body[:-1], body.replace(b'"sur-2"', b"NaN")):
+        status, data = await bridge.post("/v1/batch", None, basic(WRITE_KEY), raw=bad)
+        assert (status, data["code"]) == (400, "invalid_json"), data
+
+
 async def test_bad_input_gets_precise_4xx(bridge):
     h = basic(WRITE_KEY)
     status, data = await bridge.post("/v1/track", None, h, raw=b'{"userId": "u", ')

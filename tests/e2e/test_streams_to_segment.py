@@ -289,6 +289,19 @@ async def test_streams_auth_json_and_validation_errors(bridge):
     ]
 
 
+async def test_one_half_emoji_does_not_cost_a_streams_batch_its_other_events(bridge):
+    """A 400 for a whole Streams request is retried three times by MoEngage, then dropped:
+    one lone surrogate escape lost every event of the batch. It becomes U+FFFD instead."""
+    payload = seed_payload()
+    raw = orjson.dumps(payload).replace(b"recipient device's push token", b"cut \\ud83d here")
+    assert b"\\ud83d" in raw
+    status, data = await bridge.post(PATH, None, {**AUTH, "Content-Type": "application/json"}, raw=raw)
+    assert status == 200 and data.get("accepted", len(payload["events"])) == len(payload["events"]), data
+    await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == len(payload["events"]), timeout=10)
+    pushes = [e for e in bridge.segment.events() if e["messageId"] == "uuid-push-1"]
+    assert [e["properties"]["push_id"] for e in pushes] == ["cut \ufffd here"]
+
+
 async def test_a_streams_request_has_at_most_max_batch_events(make_bridge):
     def tweak(raw: dict[str, Any]) -> None:
         raw["server"]["max_batch_events"] = 3
