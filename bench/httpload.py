@@ -108,6 +108,8 @@ class Tally:
     """What a run produced."""
 
     requests: int = 0  # answered 2xx inside the measured window
+    answered_in_window: int = 0  # open loop: 2xx answers that arrived inside the window
+    answered_events_in_window: int = 0
     events: int = 0
     statuses: Counter[int] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
@@ -119,6 +121,12 @@ class Tally:
 
     def as_json(self, mode: str, loop_kind: str, connections: int, offered: float | None) -> dict[str, Any]:
         lat = sorted(self.latencies)
+        # Closed loop: answers inside the window. Open loop: the requests due in the window
+        # are all waited for, so their count is the offered rate whatever the server did;
+        # the rate it sustained is the answers that arrived inside the window.
+        open_loop = loop_kind == "open"
+        answered = self.answered_in_window if open_loop else self.requests
+        answered_events = self.answered_events_in_window if open_loop else self.events
         return {
             "mode": mode,
             "loop": loop_kind,
@@ -130,8 +138,8 @@ class Tally:
             "sent": self.sent,
             "all_events": self.all_events,
             "wall_seconds": round(self.wall_seconds, 3),
-            "req_per_s": round(self.requests / self.seconds, 1) if self.seconds else 0.0,
-            "events_per_s": round(self.events / self.seconds, 1) if self.seconds else 0.0,
+            "req_per_s": round(answered / self.seconds, 1) if self.seconds else 0.0,
+            "events_per_s": round(answered_events / self.seconds, 1) if self.seconds else 0.0,
             "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
             "errors": dict(self.errors),
             "latency_ms": latency_summary(lat),
@@ -243,7 +251,10 @@ class LoadGenerator:
                     tally.errors[type(exc).__name__] += 1
                     return
                 done = clock()
-                self._record(tally, status, done - sent_at, measure_from <= sent_at and done <= stop_at)
+                # Answers that arrive inside the window count, whenever they were sent: counting
+                # only requests sent *and* answered inside it loses the ones in flight at its
+                # start, and reads the rate low by latency / duration (more for a slower server).
+                self._record(tally, status, done - sent_at, measure_from <= done <= stop_at)
 
         await asyncio.gather(*(drive(c) for c in self._conns))
         end = clock() if max_requests is not None else min(clock(), stop_at)
@@ -285,7 +296,11 @@ class LoadGenerator:
                 if outstanding[0] == 0 and clock() >= stop_at and not finished.done():
                     finished.set_result(None)
                 return
-            self._record(tally, fut.result(), now - due, measure_from <= due < stop_at)
+            status = fut.result()
+            self._record(tally, status, now - due, measure_from <= due < stop_at)
+            if 200 <= status < 300 and measure_from <= now < stop_at:
+                tally.answered_in_window += 1
+                tally.answered_events_in_window += self.workload.events_per_request
             if backlog:
                 launch(conn, backlog.popleft())
             elif conn.transport is not None and not conn.transport.is_closing():
@@ -302,6 +317,8 @@ class LoadGenerator:
             while start + index * interval <= now:
                 due = start + index * interval
                 index += 1
+                while idle and (idle[0].transport is None or idle[0].transport.is_closing()):
+                    idle.popleft()  # closed by the server while idle: a write would go nowhere
                 if idle:
                     launch(idle.popleft(), due)
                 else:
@@ -315,6 +332,10 @@ class LoadGenerator:
                 await asyncio.wait_for(finished, 30)
             except TimeoutError:
                 tally.errors["unanswered_at_end"] += outstanding[0]
+        if backlog:
+            # Due, but every connection was lost before one was free to send them.
+            tally.errors["never_sent"] += len(backlog)
+            backlog.clear()
         tally.seconds = duration
         tally.wall_seconds = clock() - start
         return tally

@@ -22,22 +22,39 @@ def _get(d: dict[str, Any] | None, *keys: str) -> Any:
     return cur
 
 
-def ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 3) if a is not None and b else None
+def ratio(a: float | None, b: float | None, digits: int | None = 3) -> float | None:
+    if a is None or not b:
+        return None
+    return a / b if digits is None else round(a / b, digits)
 
 
-def ratios(results: dict[str, Any]) -> dict[str, float | None]:
+def ratios(results: dict[str, Any], digits: int | None = 3) -> dict[str, float | None]:
+    """``digits=None``: unrounded, for judging targets (0.6996 is not >= 0.7)."""
     b, f, d = results["bridge"], results["floor"], results.get("delivery")
     return {
-        "batch_events": ratio(_get(b, "batch", "events_per_s"), _get(f, "batch", "events_per_s")),
-        "single_requests": ratio(_get(b, "single", "req_per_s"), _get(f, "single", "req_per_s")),
-        "streams_events": ratio(_get(b, "streams", "events_per_s"), _get(f, "streams", "events_per_s")),
-        "delivery_events": ratio(_get(d, "events_per_s"), _get(d, "floor", "events_per_s")),
+        "batch_events": ratio(_get(b, "batch", "events_per_s"), _get(f, "batch", "events_per_s"), digits),
+        "single_requests": ratio(_get(b, "single", "req_per_s"), _get(f, "single", "req_per_s"), digits),
+        "streams_events": ratio(_get(b, "streams", "events_per_s"), _get(f, "streams", "events_per_s"), digits),
+        "delivery_events": ratio(_get(d, "events_per_s"), _get(d, "floor", "events_per_s"), digits),
     }
 
 
+def _served(run: dict[str, Any] | None) -> bool:
+    """An open-loop run whose p99 stands for the load offered: it kept up with the offered
+    rate, and at most 1% of its requests failed (a failure counts as an infinite latency,
+    so past 1% the p99 over the 2xx answers alone is not the p99 of the load)."""
+    offered, achieved = _get(run, "offered_rps"), _get(run, "req_per_s")
+    if offered and (achieved is None or achieved < 0.97 * offered):
+        return False
+    ok = int(_get(run, "latency_ms", "count") or 0)
+    statuses = _get(run, "statuses") or {}
+    failed = sum(int(n) for code, n in statuses.items() if not str(code).startswith("2"))
+    failed += sum(int(n) for n in (_get(run, "errors") or {}).values())
+    return failed <= 0.01 * (ok + failed)
+
+
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    r = results["ratios"]
+    r, exact = results["ratios"], ratios(results, digits=None)
     rows: list[dict[str, Any]] = []
 
     def add(name: str, target: str, measured: float | None, met: bool | None) -> None:
@@ -47,20 +64,22 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         "batch ingest bridge/floor",
         f">= {BATCH_RATIO_TARGET}",
         r["batch_events"],
-        _ge(r["batch_events"], BATCH_RATIO_TARGET),
+        _ge(exact["batch_events"], BATCH_RATIO_TARGET),
     )
     add(
         "single calls bridge/floor",
         f">= {SINGLE_RATIO_TARGET}",
         r["single_requests"],
-        _ge(r["single_requests"], SINGLE_RATIO_TARGET),
+        _ge(exact["single_requests"], SINGLE_RATIO_TARGET),
     )
-    p99 = _get(results, "bridge", "open_5000", "latency_ms", "p99")
+    open_5k = _get(results, "bridge", "open_5000")
+    p99 = _get(open_5k, "latency_ms", "p99")
     add(
         "bridge p99 ack at 5k req/s (ms)",
         f"<= {P99_AT_5K_TARGET_MS}",
         p99,
-        None if p99 is None else p99 <= P99_AT_5K_TARGET_MS,
+        # p99 is over the 2xx answers only: fast answers to a fraction of the load are no pass.
+        None if p99 is None else p99 <= P99_AT_5K_TARGET_MS and _served(open_5k),
     )
     d = _get(results, "delivery", "events_per_s")
     add("delivery events/s", f">= {DELIVERY_TARGET:,.0f}", d, _ge(d, DELIVERY_TARGET))
@@ -216,10 +235,14 @@ DOCS_END = "<!-- /bench-table -->"
 def docs_section(results: dict[str, Any]) -> str:
     """The table with its date, machine and run kind, as it goes into docs and the README."""
     m = results["machine"]
+    server_core, load_core = _get(results, "pinning", "server_core"), _get(results, "pinning", "load_core")
+    if isinstance(server_core, int) and server_core >= 0 and isinstance(load_core, int) and load_core >= 0:
+        pinning = f"bridge and floor pinned to core {server_core}, load generator and stand-ins to core {load_core}."
+    else:
+        pinning = "NOT pinned (fewer than 2 usable cores): the load generator shared the servers' cores."
     head = (
         f"Measured {results['date']} on {m['nproc']} x {m['cpu_model']}, Python {m['python']}, "
-        f"{results['run']} run (`python -m bench`) of commit {str(_get(results, 'source', 'commit'))[:10]}; "
-        "bridge and floor pinned to core 0, load generator and stand-ins to core 1."
+        f"{results['run']} run (`python -m bench`) of commit {str(_get(results, 'source', 'commit'))[:10]}; " + pinning
     )
     return f"{head}\n\n{results['table']}\n"
 

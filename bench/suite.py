@@ -213,7 +213,9 @@ def median_run(key: str, results: list[dict[str, Any]]) -> dict[str, Any]:
     On a shared machine one round can be hit by someone else's work; the median of an
     odd number of rounds ignores one bad round either way.
     """
-    ranked = sorted(results, key=lambda r: _figure(key, r))
+    # Worst first for both kinds of figure (low throughput, high p99), so that with an even
+    # number of rounds the lower middle is the worse of the two middle runs either way.
+    ranked = sorted(results, key=lambda r: _figure(key, r), reverse=key.startswith("open_"))
     chosen = dict(ranked[(len(ranked) - 1) // 2])
     chosen["rounds"] = [
         {
