@@ -129,6 +129,8 @@ def test_base64_forms_are_caught_at_every_alignment(captured: io.StringIO, user:
     out = captured.getvalue()
     assert not leaks(out, [SECRET]), out
     assert b64(f"{user}:{SECRET}")[:-4] not in out
+    # The whole base64 word goes, not only the secret's core: no bits of it are left around it.
+    assert f"Authorization: Basic b64({fingerprint(SECRET)})" in out, out
 
 
 def test_stdlib_loggers_go_through_the_same_redaction(captured: io.StringIO) -> None:
@@ -160,7 +162,11 @@ def test_credential_keys_are_masked_even_when_unregistered(captured: io.StringIO
         "auth_failed",
         authorization=f"Bearer {unknown}",
         headers={"X-API-Key": unknown, "Proxy-Authorization": "Basic " + b64(f"me:{unknown}")},
-        header_pairs=[("authorization", f"Basic {b64(unknown + ':')}"), ("accept", "*/*")],
+        header_pairs=[
+            ("authorization", f"Basic {b64(unknown + ':')}"),
+            ("X-API-Key", unknown),  # no scheme: only the pair's key says it is a credential
+            ("accept", "*/*"),
+        ],
         password=unknown,
         writeKey=unknown,
         webhook_secret=unknown,
@@ -172,7 +178,11 @@ def test_credential_keys_are_masked_even_when_unregistered(captured: io.StringIO
     entry = lines(captured)[0]
     assert entry["authorization"] == "Bearer " + fingerprint(unknown)
     assert entry["password"] == fingerprint(unknown)
-    assert entry["header_pairs"] == [["authorization", "Basic " + fingerprint(b64(unknown + ":"))], ["accept", "*/*"]]
+    assert entry["header_pairs"] == [
+        ["authorization", "Basic " + fingerprint(b64(unknown + ":"))],
+        ["X-API-Key", fingerprint(unknown)],
+        ["accept", "*/*"],
+    ]
     assert entry["query"] == f"api_key={fingerprint(unknown)}&page=2"
 
 

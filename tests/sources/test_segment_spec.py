@@ -84,6 +84,7 @@ def test_a_batch_item_whose_own_context_is_not_an_object_is_refused_not_replaced
 
 def test_group_needs_group_id():
     assert code_of({"userId": "u"}, "group") == "id_required"
+    assert norm({"userId": "u", "groupId": 42}, "group")[0]["groupId"] == "42"  # stringified, as ids are
 
 
 def test_objects_must_be_objects():
@@ -91,12 +92,15 @@ def test_objects_must_be_objects():
     assert code_of({"userId": "u", "traits": "x"}, "identify") == "traits_not_object"
     assert code_of({"userId": "u", "context": 3}, "identify") == "context_not_object"
     assert code_of({"userId": "u", "name": 3}, "page") == "name_not_string"
+    assert code_of({"userId": "u", "category": 3}, "page") == "category_not_string"
 
 
 def test_message_id_limit_and_type():
     assert code_of({"userId": "u", "messageId": "x" * 101}, "identify") == "message_id_too_long"
     assert code_of({"userId": "u", "messageId": ["x"]}, "identify") == "message_id_not_string"
     norm({"userId": "u", "messageId": "x" * 100}, "identify")
+    event, message_id, _ = norm({"userId": "u", "messageId": 12}, "identify")
+    assert event["messageId"] == message_id == "12"
 
 
 def test_batch_items_need_a_known_type():
