@@ -154,7 +154,8 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     otherwise hold its connection and our buffer for ever).
 
     A body still arriving is read only up to ``limit`` (decoded bytes, so a decompression
-    bomb stops there too) and then refused, closing the connection. One that arrived with
+    bomb stops there too) and then refused: a compressed one closing the connection, a
+    plain one left for aiohttp to discard, so the client reads the 413. One that arrived with
     the headers is read whole by aiohttp, which stops at the app's client_max_size, and
     then checked against ``limit``.
     """
@@ -184,8 +185,11 @@ async def read_body(request: web.Request, limit: int) -> bytes:
             async with asyncio.timeout(timeout):
                 body = await _read_within(request, limit)
     except _PastLimit:
-        # The rest of the body is not read: the connection ends with the answer.
-        raise _abandon_body(request, _too_large(limit)) from None
+        # A compressed body's rest is not read (it may be a bomb): the connection ends with
+        # the answer. A plain one is left to aiohttp, which discards the rest (for at most
+        # its lingering time) so the client reads the 413 rather than a reset.
+        err = _too_large(limit)
+        raise (err if encoding in _IDENTITY else _abandon_body(request, err)) from None
     except web.HTTPRequestEntityTooLarge:
         # A compressed body past the ceiling may be a bomb: do not let aiohttp go on
         # inflating the rest after we answer. A plain one is drained, cheaply, so the client
@@ -262,7 +266,11 @@ def parse_json(body: bytes) -> Any:
             # the grammar goes, which orjson refuses. Refusing it refused the request's
             # other events too, for one character: read it, and make the half U+FFFD.
             try:
-                cleaned = _without_lone_surrogates(json.loads(body, parse_constant=_no_constant))
+                # Decoded as UTF-8 first: orjson names "surrogates" for every body that is not
+                # UTF-8, and json.loads(bytes) would read UTF-16 and UTF-32 (and encoded
+                # surrogates) where JSON on the wire is UTF-8 only.
+                text = body.decode("utf-8")
+                cleaned = _without_lone_surrogates(json.loads(text, parse_constant=_no_constant))
                 # Through orjson once more, so nothing else gets in that orjson would refuse
                 # (integers past 64 bits, say).
                 return orjson.loads(orjson.dumps(cleaned))
