@@ -240,7 +240,17 @@ class _UniqueKeysLoader(yaml.SafeLoader):
     drop the first silently: two ``store:`` sections, or a secret set twice. (Mapping
     files refuse duplicates too.)"""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Checked here, before the first flatten: flattening rewrites the node in place
+        # (merged keys put before its own), and a mapping merged into another (`<<: *x`)
+        # may be flattened before it is constructed itself. A key it overrides is no duplicate.
+        checked = self.__dict__.setdefault("_unique_checked", set())
+        if id(node) not in checked:
+            checked.add(id(node))
+            self._check_unique(node)
+        super().flatten_mapping(node)
+
+    def _check_unique(self, node: yaml.MappingNode) -> None:
         seen: set[Any] = set()
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
@@ -255,7 +265,6 @@ class _UniqueKeysLoader(yaml.SafeLoader):
                     "while reading a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark
                 )
             seen.add(key)
-        return super().construct_mapping(node, deep)
 
 
 def read_yaml(path: str | Path, env: Mapping[str, str] | None = None) -> tuple[dict[str, Any], set[str]]:

@@ -38,6 +38,24 @@ def shown_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def _password_cut_short(url: str) -> bool:
+    """Whether a '/', '?' or '#' in the user:password part ended the host early. An '@'
+    after the host is not that in itself: a query's value may hold one (user=admin@server,
+    application_name=bridge@node1)."""
+    parts = urlsplit(url)
+    if "@" in parts.netloc:
+        return False
+    if "@" in parts.path or "@" in parts.fragment:
+        return True
+    if "@" not in parts.query:
+        return False
+    if any("@" in param.partition("=")[0] for param in parts.query.split("&")):
+        return True  # "u:pa?ss@host/db": the '@' is in no value
+    # "u:pa?x=y@host/db": what was read as host:port is user:password
+    port = parts.netloc.rpartition("]")[2].rpartition(",")[2]
+    return ":" in port and not port.rpartition(":")[2].isdigit()
+
+
 def check_store_url(url: str) -> None:
     """Raise ValueError (naming the URL without its password) unless ``url`` names a store."""
     if not isinstance(url, str) or not url.strip():
@@ -51,8 +69,7 @@ def check_store_url(url: str) -> None:
             )
         return
     if url.startswith(POSTGRES_PREFIXES):
-        authority = url.split("://", 1)[1]
-        if "@" in authority and "@" not in urlsplit(url).netloc:
+        if _password_cut_short(url):
             # A '/', '?' or '#' in the user:password part ends the host early: the password
             # would then be read as a port, path or query, and quoted in the driver's errors.
             # Never echo the URL here: it holds the password.

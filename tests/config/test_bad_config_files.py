@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from bridge.config.loader import read_yaml
+
 # -- a config file that is not UTF-8 crashes every command reading it ------------
 
 
@@ -75,3 +77,61 @@ def test_a_rate_limit_of_zero_or_less_is_an_error_not_unlimited(rate: object) ->
     with pytest.raises(ConfigError) as exc:
         parse_rate(rate, "destinations[0].rate_limits.events")
     assert "above 0" in str(exc.value)
+
+
+def test_config_merge_key_override_in_an_anchored_mapping_is_not_a_duplicate(tmp_path: Path) -> None:
+    """A mapping that merges (<<) and overrides one merged key is valid YAML, and loaded
+    before c0e2a43. When a shallower mapping merges it (`<<: *tuned`), PyYAML's
+    flatten_mapping rewrites the anchored node in place (merged keys prepended) before the
+    anchored mapping itself is constructed, and _UniqueKeysLoader then counts the merged
+    key and the override as one key given twice."""
+    path = tmp_path / "bridge.yaml"
+    path.write_text(
+        "destinations:\n"
+        "  - name: moe\n"
+        "    delivery: &tuned\n"
+        "      <<: {batch_size: 100, concurrency: 2}\n"
+        "      concurrency: 4\n"
+        "tuned_again:\n"
+        "  <<: *tuned\n"
+    )
+    data, _ = read_yaml(path, env={})
+    assert data["destinations"][0]["delivery"] == {"batch_size": 100, "concurrency": 4}
+
+
+def test_config_a_real_duplicate_key_is_still_refused(tmp_path: Path) -> None:
+    from bridge.destinations.base import ConfigError
+
+    path = tmp_path / "bridge.yaml"
+    path.write_text("server: {port: 1}\nserver: {port: 2}\n")
+    with pytest.raises(ConfigError, match="duplicate key"):
+        read_yaml(path, env={})
+
+
+# -- the store URL: a password cut short by / ? # is refused, an @ in a query value is not
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://127.0.0.1:5432/test?application_name=bridge@node1",
+        "postgresql://db.example.com/bridge?user=bridge@myserver",  # Azure single-server style user
+        "postgresql:///test?host=/var/run/postgresql&application_name=a@b",
+    ],
+)
+def test_a_postgres_url_with_an_at_sign_in_its_query_is_not_refused(url: str) -> None:
+    """33f0465 refuses any PostgreSQL URL with an '@' after '://' and none in the netloc,
+    so an '@' in a query value (asyncpg takes user, password, host, application_name there)
+    makes `bridge check`/`serve` refuse a URL that connects (checked: asyncpg connects with
+    the first one and reports application_name bridge@node1)."""
+    from bridge.store import check_store_url
+
+    check_store_url(url)
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://u:p/x@localhost/db", "postgresql://u:pa?ss@localhost/db", "postgresql://u:pa#s@localhost/db"]
+)
+def test_a_password_holding_slash_query_or_hash_is_still_refused(url: str) -> None:
+    from bridge.store import check_store_url
+
+    with pytest.raises(ValueError, match="percent-encode"):
+        check_store_url(url)
