@@ -84,6 +84,10 @@ class MappingError(Exception):
         super().__init__("\n".join(str(d) for d in diagnostics))
 
 
+# See CompiledMapping.link_filter.
+LinkFilter = bool | tuple[str, frozenset[str]]
+
+
 class CompiledMapping(ABC):
     """A validated, compiled mapping. Immutable; hot reload swaps whole objects."""
 
@@ -109,6 +113,13 @@ class CompiledMapping(ABC):
     @abstractmethod
     def identity_link(self, event: dict[str, Any]) -> tuple[str, str] | None:
         """An identity link (from_id, to_id) this event teaches, recorded at ingest."""
+
+    def link_filter(self) -> LinkFilter:
+        """What an event needs for ``identity_link`` to find anything, checked by ingest
+        before it calls it: False when this mapping learns no links; (field, values) when
+        only an event whose top-level ``field`` is one of the strings ``values`` can teach
+        one; True when any event might."""
+        return True
 
     @abstractmethod
     def integration_names(self) -> tuple[str, ...]:

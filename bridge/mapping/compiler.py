@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bridge.mapping.api import CompiledMapping, Discarded, Failed, MapContext, MapResult, Output
+from bridge.mapping.api import CompiledMapping, Discarded, Failed, LinkFilter, MapContext, MapResult, Output
 from bridge.mapping.conditions import Guard, conjunction, fuse_condition, guard_of, passes
 from bridge.mapping.expressions import Cond, ExprCompiler, Fn, Lookup, Scope, build_object, literal_const
 from bridge.mapping.fuse import fuse
@@ -87,6 +87,11 @@ class YamlMapping(CompiledMapping):
 
     def integration_names(self) -> tuple[str, ...]:
         return self._integrations
+
+    def link_filter(self) -> LinkFilter:
+        if self._identity_link is None:
+            return False
+        return self._link_guard if self._link_guard is not None else True
 
     def identity_key(self, event: dict[str, Any]) -> str | None:
         if self._identity_key is None or type(event) is not dict:

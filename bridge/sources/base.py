@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import web
 
@@ -75,15 +75,21 @@ class Ingestor:
         # Per source: its destinations and their mappings, for the mapping set in force
         # (``_linkers_for``); worked out once per set rather than once per request.
         self._linkers_set: Mapping[str, CompiledMapping] | None = None
-        self._linkers: dict[str, list[tuple[str, CompiledMapping]]] = {}
+        self._linkers: dict[str, list[Linker]] = {}
 
-    def _linkers_for(self, source: SourceConfig) -> list[tuple[str, CompiledMapping]]:
+    def _linkers_for(self, source: SourceConfig) -> list[Linker]:
         mappings = self._mappings()
         if mappings is not self._linkers_set:  # a reload swaps in a new set
             self._linkers_set, self._linkers = mappings, {}
         linkers = self._linkers.get(source.name)
         if linkers is None:
-            linkers = [(dest, m) for dest in source.to if (m := mappings.get(self._dest_mapping[dest])) is not None]
+            linkers = []
+            for dest in source.to:
+                mapping = mappings.get(self._dest_mapping[dest])
+                found = mapping.link_filter() if mapping is not None else False
+                if mapping is not None and found is not False:
+                    field, values = found if isinstance(found, tuple) else (None, frozenset[str]())
+                    linkers.append(Linker(dest, mapping, field, values))
             self._linkers[source.name] = linkers
         return linkers
 
@@ -118,6 +124,19 @@ class Ingestor:
         return result
 
 
+class Linker(NamedTuple):
+    """A destination whose mapping learns identity links, and what an event needs to teach
+    one (``CompiledMapping.link_filter``): ``field`` None means any event may."""
+
+    destination: str
+    mapping: CompiledMapping
+    field: str | None
+    values: frozenset[str]
+
+
+_new_tuple = tuple.__new__
+
+
 class Collected:
     """A request's events, each turned into what the store keeps as soon as it is accepted.
 
@@ -130,10 +149,11 @@ class Collected:
     session 18).
     """
 
-    __slots__ = ("_linkers", "_metrics", "ignored", "incoming", "rejected", "source")
+    __slots__ = ("_destinations", "_linkers", "_metrics", "ignored", "incoming", "rejected", "source")
 
-    def __init__(self, source: SourceConfig, linkers: list[tuple[str, CompiledMapping]], metrics: IngestMetrics):
+    def __init__(self, source: SourceConfig, linkers: list[Linker], metrics: IngestMetrics):
         self.source = source
+        self._destinations = source.to
         self._linkers = linkers
         self._metrics = metrics
         self.incoming: list[IncomingEvent] = []
@@ -144,11 +164,18 @@ class Collected:
         """Keep a validated event (``payload`` is its stored JSON) with the identity links
         the destinations' mappings learn from it."""
         links: tuple[IdentityLink, ...] = ()
-        for dest, mapping in self._linkers:
+        for dest, mapping, field, values in self._linkers:
+            if field is not None:
+                # Most events cannot teach a link (only identify calls do, in the shipped
+                # mappings): the mapping's own first check, made without calling it.
+                value = event.get(field)
+                if type(value) is not str or value not in values:
+                    continue
             link = mapping.identity_link(event)
             if link is not None:
                 links += (IdentityLink(dest, link[0], link[1]),)
-        self.incoming.append(IncomingEvent(message_id, ordering_key, payload, self.source.to, links))
+        # tuple.__new__ is what IncomingEvent(...) runs, without its generated __new__'s frame.
+        self.incoming.append(_new_tuple(IncomingEvent, (message_id, ordering_key, payload, self._destinations, links)))
 
     def reject(self, index: int, code: str, message: str) -> None:
         self.rejected.append(Rejection(index, code, message))

@@ -17,7 +17,7 @@ from bridge.sources.segment.routes import SegmentSources
 def _config() -> Any:
     us = SimpleNamespace(kind="segment", name="web", write_key="key-us", region="us")
     eu = SimpleNamespace(kind="segment", name="eu", write_key="key-eu", region="eu")
-    server = SimpleNamespace(region="us", region_hosts={"eu": "events.eu1.segmentapis.com"})
+    server = SimpleNamespace(region="us", region_hosts={"eu": "events.eu1.segmentapis.com"}, max_event_bytes=32768)
     return SimpleNamespace(sources=[us, eu], server=server)
 
 

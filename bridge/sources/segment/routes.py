@@ -13,7 +13,7 @@ from bridge.httpx import ApiError, basic_credentials, parse_json, read_body, sam
 from bridge.routing import Routes
 from bridge.sources.base import Collected, Ingestor, SourceKind, store_collected
 from bridge.sources.encoding import encode_event
-from bridge.sources.segment.spec import CALL_TYPES, Envelope, Invalid, ReceivedClock, normalise
+from bridge.sources.segment.spec import CALL_TYPES, Envelope, Invalid, ReceivedClock, normalise_in
 
 # /v1/import is the legacy batch path; /v1/b is where Segment's mobile SDKs (Swift, Kotlin,
 # Flutter, React Native) post their batches, {apiHost}/b, with the writeKey in the body:
@@ -39,6 +39,11 @@ class SegmentSources(SourceKind):
         # of this object (a config change builds a new app).
         self._by_header: dict[str, SourceConfig] = {}
         self._clock = ReceivedClock()
+        # An event's size limit: Segment's 32 KB per call, measured as sent. A webhook's
+        # event is Segment's, not the client's: Segment measured the call against its
+        # 32 KB before adding its own fields, so those do not count here.
+        self._event_limit = config.server.max_event_bytes
+        self._webhook_event_limit = config.server.max_event_bytes + _SEGMENT_ADDED
 
     def add_routes(self, routes: Routes) -> None:
         for call in (*sorted(CALL_TYPES), *BATCH_CALLS):
@@ -124,25 +129,26 @@ class SegmentSources(SourceKind):
             self._collect_many(collected, items, envelope)
             return collected
         try:
-            if len(body) > self.config.server.max_event_bytes:
+            if len(body) > self._event_limit:
                 # A single call is its body: Segment's 32 KB per call, measured as sent.
-                raise _too_large(len(body), self.config.server.max_event_bytes)
-            self._accept(collected, data, call, Envelope(*self._clock.now()), len(body))
+                raise _too_large(len(body), self._event_limit)
+            self._accept(collected, data, call, Envelope(*self._clock.now()), self._event_limit, len(body))
         except Invalid as exc:
             self.ingestor.metrics.rejected(source.name, exc.code)
             raise ApiError(400, exc.code, exc.message) from None
         return collected
 
     def _accept(
-        self, collected: Collected, item: Any, call: str | None, envelope: Envelope, raw_size: int | None = None
+        self,
+        collected: Collected,
+        item: Any,
+        call: str | None,
+        envelope: Envelope,
+        limit: int,
+        raw_size: int | None = None,
     ) -> None:
-        event, message_id, key = normalise(item, call_type=call, envelope=envelope)
+        event, message_id, key = normalise_in(item, call, envelope)
         payload = encode_event(event)
-        limit = self.config.server.max_event_bytes
-        if envelope.keep_timestamp:
-            # A webhook's event is Segment's, not the client's: Segment measured the call
-            # against its 32 KB before adding its own fields, so those do not count here.
-            limit += _SEGMENT_ADDED
         if raw_size is None and len(payload) > limit - _NORMALISED_GROWTH:
             # The limit is on the event as the client sent it, not as normalised (receivedAt,
             # timestamps, a batch's context merged in): re-measure only near the limit.
@@ -159,13 +165,14 @@ class SegmentSources(SourceKind):
         if len(items) > limit:
             raise ApiError(400, "too_many_events", f"the batch has {len(items)} events; at most {limit}")
         accept = self._accept
+        event_limit = self._webhook_event_limit if keep else self._event_limit
         for i, item in enumerate(items):
             if keep and isinstance(item, dict) and _ignored_type(item.get("type")):
                 # Acknowledged, not stored: answering 400 would show as a failed delivery in Segment.
                 collected.ignored += 1
                 continue
             try:
-                accept(collected, item, None, envelope)
+                accept(collected, item, None, envelope, event_limit)
             except Invalid as exc:
                 collected.reject(i, exc.code, exc.message)
 

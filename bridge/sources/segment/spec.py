@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -95,12 +96,13 @@ class Envelope:
         "context",
         "integrations",
         "keep_timestamp",
+        "merges",
         "received_at",
         "received_iso",
         "received_us",
         "sent_at",
         "sent_parsed",
-        "sent_us",
+        "skew_us",
     )
 
     def __init__(
@@ -119,15 +121,18 @@ class Envelope:
         self.received_us = received_us if received_us is not None else micros(received_at)
         self.sent_at = sent_at
         self.sent_parsed: datetime | None = None
-        self.sent_us: int | None = None
+        # receivedAt - sentAt in whole microseconds, when the batch's sentAt parses: an
+        # event without its own sentAt has its timestamp this far from its device time.
+        self.skew_us: int | None = None
         if sent_at is not None:
             try:
                 self.sent_parsed = parse_time(sent_at, "sentAt")
-                self.sent_us = micros(self.sent_parsed)
+                self.skew_us = self.received_us - micros(self.sent_parsed)
             except Invalid:
                 pass  # left for each event to report, as its own sentAt would be
         self.context = context
         self.integrations = integrations
+        self.merges = bool(context or integrations)  # a batch's context or integrations to merge
         self.keep_timestamp = keep_timestamp
 
 
@@ -193,7 +198,7 @@ def normalise(
     ``keep_timestamp`` is for events Segment already normalised (webhooks).
     A handler passes its request's ``envelope`` (built once for all its events) instead
     of ``received_at``, ``sent_at``, ``batch_context``, ``batch_integrations`` and
-    ``keep_timestamp``.
+    ``keep_timestamp``; its hot loop calls ``normalise_in`` directly.
     """
     if envelope is None:
         if received_at is None:
@@ -205,12 +210,25 @@ def normalise(
             integrations=batch_integrations,
             keep_timestamp=keep_timestamp,
         )
+    return normalise_in(item, call_type, envelope)
+
+
+def normalise_in(item: Any, call_type: str | None, envelope: Envelope) -> tuple[dict[str, Any], str, str]:
+    """``normalise`` with its arguments positional: it runs once per event, so it is written
+    for the common call, a valid one. Where a field is already what the stored event must
+    hold (a string id, a batch item's own type), it is not written back: only checks and
+    conversions cost anything (docs/benchmarks.md, session 22)."""
     if not isinstance(item, dict):
         raise Invalid("invalid_event", f"each event must be a JSON object, got {_kind(item)}")
     event = dict(item)
     get = event.get
     event.pop("writeKey", None)  # a secret: never stored with the event
-    kind = call_type or get("type")
+    kind: Any
+    if call_type:
+        kind = call_type
+        event["type"] = kind
+    else:
+        kind = get("type")
     if not isinstance(kind, str) or kind not in CALL_TYPES:
         raise Invalid(
             "invalid_type",
@@ -218,20 +236,19 @@ def normalise(
             if kind is not None
             else "type is required for each event in a batch",
         )
-    event["type"] = kind
-    if envelope.context or envelope.integrations:
+    if envelope.merges:
         _merge_context(event, envelope.context, envelope.integrations)
 
     user_id = get("userId")
     if type(user_id) is not str or not user_id.strip():
         user_id = _id(user_id)
+        if user_id is not None:
+            event["userId"] = user_id
     anon_id = get("anonymousId")
     if type(anon_id) is not str or not anon_id.strip():
         anon_id = _id(anon_id)
-    if user_id is not None:
-        event["userId"] = user_id
-    if anon_id is not None:
-        event["anonymousId"] = anon_id
+        if anon_id is not None:
+            event["anonymousId"] = anon_id
     if kind == "alias":
         previous = _id(get("previousId"))
         if user_id is None or previous is None:
@@ -249,34 +266,37 @@ def normalise(
         if name[0].isspace() and not name.strip():
             # MoEngage refuses a blank action name (400), so it would only be dead-lettered.
             raise Invalid("event_not_defined", "track requires an event name, and this one is blank")
+    elif kind == "page" or kind == "screen":
+        name = get("name")
+        if name is not None and (not name or not isinstance(name, str)):
+            raise _not_string("name", name)
+        category = get("category")
+        if category is not None and (not category or not isinstance(category, str)):
+            raise _not_string("category", category)
     elif kind == "group":
         group_id = _id(get("groupId"))
         if group_id is None:
             raise Invalid("id_required", "group requires groupId")
         event["groupId"] = group_id
-    elif kind in ("page", "screen"):
-        for key, code in (("name", "name_not_string"), ("category", "category_not_string")):
-            value = get(key)
-            if value is not None and (not isinstance(value, str) or not value):
-                raise Invalid(code, f"{key} must be a non-empty string when present, got {_kind(value)}")
 
-    for key, code in _OBJECT_FIELDS:
-        value = get(key)
-        if value is not None and type(value) is not dict and not isinstance(value, dict):
-            raise Invalid(code, f"{key} must be an object, got {_kind(value)}")
+    properties = get("properties")
+    traits = get("traits")
+    context = get("context")
+    integrations = get("integrations")
+    if not (
+        (properties is None or type(properties) is dict)
+        and (traits is None or type(traits) is dict)
+        and (context is None or type(context) is dict)
+        and (integrations is None or type(integrations) is dict)
+    ):
+        _check_objects(get)
 
     message_id = get("messageId")
-    if type(message_id) is str and message_id:
-        pass
-    elif message_id is None or message_id == "":
-        message_id = str(uuid.uuid4())
-    elif isinstance(message_id, int) and not isinstance(message_id, bool):
-        message_id = str(message_id)
-    elif not isinstance(message_id, str):
-        raise Invalid("message_id_not_string", f"messageId must be a string, got {_kind(message_id)}")
+    if type(message_id) is not str or not message_id:
+        message_id = _message_id(message_id)
+        event["messageId"] = message_id
     if len(message_id) > MAX_MESSAGE_ID:
         raise Invalid("message_id_too_long", f"messageId is {len(message_id)} characters; at most 100")
-    event["messageId"] = message_id
 
     try:
         _compute_timestamps(event, envelope)
@@ -291,6 +311,10 @@ def normalise(
     return event, message_id, user_id or anon_id or ""
 
 
+def _not_string(key: str, value: Any) -> Invalid:
+    return Invalid(f"{key}_not_string", f"{key} must be a non-empty string when present, got {_kind(value)}")
+
+
 # Checked in this order, so the first problem reported is the same as always.
 _OBJECT_FIELDS = (
     ("properties", "properties_not_object"),
@@ -300,43 +324,65 @@ _OBJECT_FIELDS = (
 )
 
 
-_ABSENT = (None, "")
+def _check_objects(get: Callable[[str], Any]) -> None:
+    """Raise for the first of ``_OBJECT_FIELDS`` that is neither absent, null nor an object."""
+    for key, code in _OBJECT_FIELDS:
+        value = get(key)
+        if value is not None and not isinstance(value, dict):
+            raise Invalid(code, f"{key} must be an object, got {_kind(value)}")
+
+
+def _message_id(value: Any) -> str:
+    """The messageId of a call that sent none (a new one), an empty one (a new one) or a
+    number (as text, as Segment's API does)."""
+    if value is None or value == "":
+        return str(uuid.uuid4())
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str):  # a str subclass
+        return value
+    raise Invalid("message_id_not_string", f"messageId must be a string, got {_kind(value)}")
 
 
 def _compute_timestamps(event: dict[str, Any], envelope: Envelope) -> None:
     get = event.get
-    keep = envelope.keep_timestamp
     received = envelope.received_iso
-    # receivedAt is when the server got the call, as Segment's API sets it whatever the
-    # client sent; only a webhook (kept) carries the one Segment itself set.
-    if not keep or "receivedAt" not in event:
+    if envelope.keep_timestamp:
+        # Only a webhook (kept) carries the receivedAt Segment itself set.
+        if "receivedAt" not in event:
+            event["receivedAt"] = received
+        # Only null and "" mean "not given", for every time field; any other non-string
+        # (0, false, {}) is reported as an invalid timestamp rather than quietly replaced.
+        kept = get("timestamp")
+        if kept is not None and kept != "":
+            parse_time(kept, "timestamp")
+            return
+    else:
+        # receivedAt is when the server got the call, as Segment's API sets it whatever
+        # the client sent.
         event["receivedAt"] = received
-    # Only null and "" mean "not given", for every time field; any other non-string
-    # (0, false, {}) is reported as an invalid timestamp rather than quietly replaced.
-    if keep and get("timestamp") not in _ABSENT:
-        parse_time(event["timestamp"], "timestamp")
-        return
     # A client-supplied timestamp is the device time: Segment keeps it as originalTimestamp.
     original_raw = get("timestamp")
     if original_raw is None or original_raw == "":
         original_raw = get("originalTimestamp")
-        if original_raw == "":
-            original_raw = None
+        if original_raw is None or original_raw == "":
+            event["timestamp"] = received
+            return
     own_sent = get("sentAt")
-    if own_sent == "":
+    if own_sent is None or own_sent == "":
+        skew_us = envelope.skew_us
+        if skew_us is not None:
+            # The batch's sentAt, parsed once: the skew in integers, and the text from them.
+            original_us = micros(parse_time(original_raw, "timestamp"))
+            event["originalTimestamp"] = original_raw
+            event["sentAt"] = envelope.sent_at
+            event["timestamp"] = _MILLIS_TEXT.format(skew_us + original_us)
+            return
         own_sent = None
-    sent_at = envelope.sent_at
-    sent_raw = own_sent if own_sent is not None else (None if sent_at == "" else sent_at)
-    if original_raw is None:
-        event["timestamp"] = received
-        return
+        sent_raw = None if envelope.sent_at == "" else envelope.sent_at
+    else:
+        sent_raw = own_sent
     original = parse_time(original_raw, "timestamp")
-    if own_sent is None and envelope.sent_us is not None:
-        # The batch's sentAt, parsed once: the skew in integers, and the text from them.
-        event["originalTimestamp"] = original_raw
-        event["sentAt"] = sent_raw
-        event["timestamp"] = _MILLIS_TEXT.format(envelope.received_us - envelope.sent_us + micros(original))
-        return
     event["originalTimestamp"] = original_raw
     if sent_raw is None:
         event["timestamp"] = original_raw if _is_iso(original_raw) else iso(original)
