@@ -185,8 +185,12 @@ class DedupeKeys:
         not recorded after all (a duplicate, a rollback) only leaves a bit set, which the
         filter allows: it may say "maybe" for a key it does not hold."""
         recent = self._recent
-        unknown = [k for k in keys if k not in recent]
-        found = set(keys).difference(unknown) if len(unknown) < len(keys) else set()
+        if recent.isdisjoint(keys):  # the usual case, checked without a per-key step
+            unknown = list(keys)
+            found: set[bytes] = set()
+        else:
+            unknown = [k for k in keys if k not in recent]
+            found = set(keys).difference(unknown)
         if self.filter is not None:
             unknown = self.filter.check_and_add(unknown)
         for start in range(0, len(unknown), CHUNK):

@@ -84,20 +84,23 @@ def enqueue_many(conn: sqlite3.Connection, calls: list[EnqueueCall], *, dedupe: 
     at = 0  # where the call's keys start in ``keys``
     for call in calls:
         source = call.source
-        duplicates: list[int] = []
-        for index, event in enumerate(call.events):
-            key = keys[at + index]
-            if key in taken:
-                duplicates.append(index)
-                continue
-            taken.add(key)
-            fresh.append(key)
-            for destination in event.destinations:
-                rows.append((destination, source, event.message_id, event.ordering_key, event.payload))
-            for link in event.links:
-                links[(link.namespace, link.from_id)] = (link.namespace, link.from_id, link.to_id)
-        count = len(call.events)
+        events = call.events
+        count = len(events)
+        call_keys = keys[at : at + count]
         at += count
+        if taken.isdisjoint(call_keys) and len(distinct := set(call_keys)) == count:
+            # The usual call, every event new: no per-event dedupe bookkeeping.
+            taken |= distinct
+            fresh += call_keys
+            accepted: Iterable[IncomingEvent] = events
+            duplicates: list[int] = []
+        else:
+            accepted, duplicates = _split_duplicates(events, call_keys, taken, fresh)
+        for message_id, ordering_key, payload, destinations, event_links in accepted:
+            for destination in destinations:
+                rows.append((destination, source, message_id, ordering_key, payload))
+            for link in event_links:
+                links[(link.namespace, link.from_id)] = (link.namespace, link.from_id, link.to_id)
         results.append(EnqueueResult(count - len(duplicates), len(duplicates), tuple(duplicates)))
     if fresh:
         now = max(call.now for call in calls)
@@ -111,6 +114,23 @@ def enqueue_many(conn: sqlite3.Connection, calls: list[EnqueueCall], *, dedupe: 
                 [(*link, now) for link in links.values()],
             )
     return results
+
+
+def _split_duplicates(
+    events: Sequence[IncomingEvent], keys: Sequence[bytes], taken: set[bytes], fresh: list[bytes]
+) -> tuple[list[IncomingEvent], list[int]]:
+    """The events whose keys are not in ``taken``, the first of each key only, and the
+    indexes of the others; the new keys go into ``taken`` and ``fresh``."""
+    accepted: list[IncomingEvent] = []
+    duplicates: list[int] = []
+    for index, (key, event) in enumerate(zip(keys, events, strict=True)):
+        if key in taken:
+            duplicates.append(index)
+            continue
+        taken.add(key)
+        fresh.append(key)
+        accepted.append(event)
+    return accepted, duplicates
 
 
 def _keys_of(calls: list[EnqueueCall]) -> list[bytes]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import sqlite3
 from collections.abc import Sequence
+from itertools import chain
 
 ROWS_PER_STATEMENT = 500
 
@@ -26,6 +27,5 @@ def insert_rows(
     for start in range(0, len(rows), ROWS_PER_STATEMENT):
         chunk = rows[start : start + ROWS_PER_STATEMENT]
         params: list[object] = [shared]
-        for row in chunk:
-            params.extend(row)
+        params.extend(chain.from_iterable(chunk))
         conn.execute(multi_row_sql(head, template, len(chunk)), params)
