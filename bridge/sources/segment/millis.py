@@ -13,7 +13,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
+MICROSECOND = timedelta(microseconds=1)
 _US_PER_MINUTE = 60_000_000
 _SECONDS_TEXT = tuple(f"{s:02d}." for s in range(60))  # "SS."
 _MILLIS_TEXT = tuple(f"{m:03d}Z" for m in range(1000))  # "mmmZ"
@@ -23,7 +23,7 @@ _CACHE_SIZE = 4096
 
 def micros(dt: datetime) -> int:
     """``dt`` (aware) as whole microseconds since the epoch."""
-    return (dt - EPOCH) // _MICROSECOND
+    return (dt - EPOCH) // MICROSECOND
 
 
 class MillisText:

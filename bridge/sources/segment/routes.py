@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
@@ -132,30 +133,11 @@ class SegmentSources(SourceKind):
             if len(body) > self._event_limit:
                 # A single call is its body: Segment's 32 KB per call, measured as sent.
                 raise _too_large(len(body), self._event_limit)
-            self._accept(collected, data, call, Envelope(*self._clock.now()), self._event_limit, len(body))
+            self._accept_each(collected, (data,), call, Envelope(*self._clock.now()), self._event_limit, len(body))
         except Invalid as exc:
             self.ingestor.metrics.rejected(source.name, exc.code)
             raise ApiError(400, exc.code, exc.message) from None
         return collected
-
-    def _accept(
-        self,
-        collected: Collected,
-        item: Any,
-        call: str | None,
-        envelope: Envelope,
-        limit: int,
-        raw_size: int | None = None,
-    ) -> None:
-        event, message_id, key = normalise_in(item, call, envelope)
-        payload = encode_event(event)
-        if raw_size is None and len(payload) > limit - _NORMALISED_GROWTH:
-            # The limit is on the event as the client sent it, not as normalised (receivedAt,
-            # timestamps, a batch's context merged in): re-measure only near the limit.
-            raw_size = len(encode_event(item))
-        if raw_size is not None and raw_size > limit:
-            raise _too_large(raw_size, limit)
-        collected.accept(event, message_id, key, payload)
 
     def _collect_many(self, collected: Collected, items: list[Any], envelope: Envelope) -> None:
         if not items:
@@ -164,16 +146,43 @@ class SegmentSources(SourceKind):
         limit = self.config.server.max_webhook_events if keep else self.config.server.max_batch_events
         if len(items) > limit:
             raise ApiError(400, "too_many_events", f"the batch has {len(items)} events; at most {limit}")
-        accept = self._accept
-        event_limit = self._webhook_event_limit if keep else self._event_limit
+        self._accept_each(collected, items, None, envelope, self._webhook_event_limit if keep else self._event_limit)
+
+    def _accept_each(
+        self,
+        collected: Collected,
+        items: Sequence[Any],
+        call: str | None,
+        envelope: Envelope,
+        limit: int,
+        raw_size: int | None = None,
+    ) -> None:
+        """Normalise and keep each of ``items``, each at most ``limit`` bytes as sent. A
+        batch's invalid event is rejected by its index; a single call's (``raw_size``, its
+        body's length, given) raises Invalid. One loop for both: it runs per event."""
+        near_limit = limit - _NORMALISED_GROWTH
+        keep = envelope.keep_timestamp
+        accept = collected.accept
         for i, item in enumerate(items):
             if keep and isinstance(item, dict) and _ignored_type(item.get("type")):
                 # Acknowledged, not stored: answering 400 would show as a failed delivery in Segment.
                 collected.ignored += 1
                 continue
             try:
-                accept(collected, item, None, envelope, event_limit)
+                event, message_id, key = normalise_in(item, call, envelope)
+                payload = encode_event(event)
+                size = raw_size
+                if size is None and len(payload) > near_limit:
+                    # The limit is on the event as the client sent it, not as normalised
+                    # (receivedAt, timestamps, a batch's context merged in): re-measure
+                    # only near the limit.
+                    size = len(encode_event(item))
+                if size is not None and size > limit:
+                    raise _too_large(size, limit)
+                accept(event, message_id, key, payload)
             except Invalid as exc:
+                if raw_size is not None:
+                    raise
                 collected.reject(i, exc.code, exc.message)
 
     # -- /segment/webhook -----------------------------------------------------------
