@@ -167,9 +167,12 @@ class Collected:
         for dest, mapping, field, values in self._linkers:
             if field is not None:
                 # Most events cannot teach a link (only identify calls do, in the shipped
-                # mappings): the mapping's own first check, made without calling it.
-                value = event.get(field)
-                if type(value) is not str or value not in values:
+                # mappings): the mapping's own first check, made without calling it. Only
+                # a string can equal one of the values; an unhashable value cannot be looked up.
+                try:
+                    if event.get(field) not in values:
+                        continue
+                except TypeError:
                     continue
             link = mapping.identity_link(event)
             if link is not None:

@@ -133,7 +133,7 @@ class SegmentSources(SourceKind):
             if len(body) > self._event_limit:
                 # A single call is its body: Segment's 32 KB per call, measured as sent.
                 raise _too_large(len(body), self._event_limit)
-            self._accept_each(collected, (data,), call, Envelope(*self._clock.now()), self._event_limit, len(body))
+            self._accept_each(collected, (data,), call, Envelope(*self._clock.now()), self._event_limit, single=True)
         except Invalid as exc:
             self.ingestor.metrics.rejected(source.name, exc.code)
             raise ApiError(400, exc.code, exc.message) from None
@@ -155,11 +155,13 @@ class SegmentSources(SourceKind):
         call: str | None,
         envelope: Envelope,
         limit: int,
-        raw_size: int | None = None,
+        *,
+        single: bool = False,
     ) -> None:
         """Normalise and keep each of ``items``, each at most ``limit`` bytes as sent. A
-        batch's invalid event is rejected by its index; a single call's (``raw_size``, its
-        body's length, given) raises Invalid. One loop for both: it runs per event."""
+        batch's invalid event is rejected by its index; a ``single`` call (one item, whose
+        body the caller has measured against ``limit``) raises Invalid. One loop for both:
+        it runs per event."""
         near_limit = limit - _NORMALISED_GROWTH
         keep = envelope.keep_timestamp
         accept = collected.accept
@@ -171,17 +173,16 @@ class SegmentSources(SourceKind):
             try:
                 event, message_id, key = normalise_in(item, call, envelope)
                 payload = encode_event(event)
-                size = raw_size
-                if size is None and len(payload) > near_limit:
+                if len(payload) > near_limit and not single:
                     # The limit is on the event as the client sent it, not as normalised
-                    # (receivedAt, timestamps, a batch's context merged in): re-measure
+                    # (receivedAt, timestamps, a batch's context merged in): re-measured
                     # only near the limit.
                     size = len(encode_event(item))
-                if size is not None and size > limit:
-                    raise _too_large(size, limit)
+                    if size > limit:
+                        raise _too_large(size, limit)
                 accept(event, message_id, key, payload)
             except Invalid as exc:
-                if raw_size is not None:
+                if single:
                     raise
                 collected.reject(i, exc.code, exc.message)
 
