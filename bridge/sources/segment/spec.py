@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -221,14 +220,13 @@ def normalise_in(item: Any, call_type: str | None, envelope: Envelope) -> tuple[
     if not isinstance(item, dict):
         raise Invalid("invalid_event", f"each event must be a JSON object, got {_kind(item)}")
     event = dict(item)
-    get = event.get
     event.pop("writeKey", None)  # a secret: never stored with the event
     kind: Any
     if call_type:
         kind = call_type
         event["type"] = kind
     else:
-        kind = get("type")
+        kind = event.get("type")
     if not isinstance(kind, str) or kind not in CALL_TYPES:
         raise Invalid(
             "invalid_type",
@@ -239,18 +237,18 @@ def normalise_in(item: Any, call_type: str | None, envelope: Envelope) -> tuple[
     if envelope.merges:
         _merge_context(event, envelope.context, envelope.integrations)
 
-    user_id = get("userId")
+    user_id = event.get("userId")
     if type(user_id) is not str or not user_id.strip():
         user_id = _id(user_id)
         if user_id is not None:
             event["userId"] = user_id
-    anon_id = get("anonymousId")
+    anon_id = event.get("anonymousId")
     if type(anon_id) is not str or not anon_id.strip():
         anon_id = _id(anon_id)
         if anon_id is not None:
             event["anonymousId"] = anon_id
     if kind == "alias":
-        previous = _id(get("previousId"))
+        previous = _id(event.get("previousId"))
         if user_id is None or previous is None:
             raise Invalid("id_required", "alias requires userId and previousId")
         event["previousId"] = previous
@@ -258,7 +256,7 @@ def normalise_in(item: Any, call_type: str | None, envelope: Envelope) -> tuple[
         raise Invalid("id_required", f"{kind} requires userId or anonymousId")
 
     if kind == "track":
-        name = get("event")
+        name = event.get("event")
         if name is None or name == "":
             raise Invalid("event_not_defined", "track requires an event name")
         if not isinstance(name, str):
@@ -267,31 +265,31 @@ def normalise_in(item: Any, call_type: str | None, envelope: Envelope) -> tuple[
             # MoEngage refuses a blank action name (400), so it would only be dead-lettered.
             raise Invalid("event_not_defined", "track requires an event name, and this one is blank")
     elif kind == "page" or kind == "screen":
-        name = get("name")
+        name = event.get("name")
         if name is not None and (not name or not isinstance(name, str)):
             raise _not_string("name", name)
-        category = get("category")
+        category = event.get("category")
         if category is not None and (not category or not isinstance(category, str)):
             raise _not_string("category", category)
     elif kind == "group":
-        group_id = _id(get("groupId"))
+        group_id = _id(event.get("groupId"))
         if group_id is None:
             raise Invalid("id_required", "group requires groupId")
         event["groupId"] = group_id
 
-    properties = get("properties")
-    traits = get("traits")
-    context = get("context")
-    integrations = get("integrations")
+    properties = event.get("properties")
+    traits = event.get("traits")
+    context = event.get("context")
+    integrations = event.get("integrations")
     if not (
         (properties is None or type(properties) is dict)
         and (traits is None or type(traits) is dict)
         and (context is None or type(context) is dict)
         and (integrations is None or type(integrations) is dict)
     ):
-        _check_objects(get)
+        _check_objects(event)
 
-    message_id = get("messageId")
+    message_id = event.get("messageId")
     if type(message_id) is not str or not message_id:
         message_id = _message_id(message_id)
         event["messageId"] = message_id
@@ -324,10 +322,10 @@ _OBJECT_FIELDS = (
 )
 
 
-def _check_objects(get: Callable[[str], Any]) -> None:
+def _check_objects(event: dict[str, Any]) -> None:
     """Raise for the first of ``_OBJECT_FIELDS`` that is neither absent, null nor an object."""
     for key, code in _OBJECT_FIELDS:
-        value = get(key)
+        value = event.get(key)
         if value is not None and not isinstance(value, dict):
             raise Invalid(code, f"{key} must be an object, got {_kind(value)}")
 
@@ -345,7 +343,6 @@ def _message_id(value: Any) -> str:
 
 
 def _compute_timestamps(event: dict[str, Any], envelope: Envelope) -> None:
-    get = event.get
     received = envelope.received_iso
     if envelope.keep_timestamp:
         # Only a webhook (kept) carries the receivedAt Segment itself set.
@@ -353,7 +350,7 @@ def _compute_timestamps(event: dict[str, Any], envelope: Envelope) -> None:
             event["receivedAt"] = received
         # Only null and "" mean "not given", for every time field; any other non-string
         # (0, false, {}) is reported as an invalid timestamp rather than quietly replaced.
-        kept = get("timestamp")
+        kept = event.get("timestamp")
         if kept is not None and kept != "":
             parse_time(kept, "timestamp")
             return
@@ -362,13 +359,13 @@ def _compute_timestamps(event: dict[str, Any], envelope: Envelope) -> None:
         # the client sent.
         event["receivedAt"] = received
     # A client-supplied timestamp is the device time: Segment keeps it as originalTimestamp.
-    original_raw = get("timestamp")
+    original_raw = event.get("timestamp")
     if original_raw is None or original_raw == "":
-        original_raw = get("originalTimestamp")
+        original_raw = event.get("originalTimestamp")
         if original_raw is None or original_raw == "":
             event["timestamp"] = received
             return
-    own_sent = get("sentAt")
+    own_sent = event.get("sentAt")
     if own_sent is None or own_sent == "":
         skew_us = envelope.skew_us
         if skew_us is not None:
