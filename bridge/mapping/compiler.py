@@ -96,17 +96,23 @@ class YamlMapping(CompiledMapping):
     def identity_key(self, event: dict[str, Any]) -> str | None:
         if self._identity_key is None or type(event) is not dict:
             return None
+        return self._key_in(Env(event, None, {}, ""))
+
+    def _key_in(self, env: Env) -> str | None:
+        assert self._identity_key is not None
         try:
-            return _as_id(self._identity_key(Env(event, None, {}, "")))
+            return _as_id(self._identity_key(env))
         except Exception:  # called at ingest and delivery: odd data means no key, never a crash
             return None
 
     def identity_ids(self, event: dict[str, Any]) -> list[str]:
-        key = self.identity_key(event)
+        if type(event) is not dict:
+            return []
+        env = Env(event, None, {}, "")  # one for the key and the others: it runs per delivered event
+        key = self._key_in(env) if self._identity_key is not None else None
         ids = [key] if key is not None else []
-        if not self._identity_also or type(event) is not dict:
+        if not self._identity_also:
             return ids
-        env = Env(event, None, {}, "")
         for fn in self._identity_also:
             try:
                 found = _as_id(fn(env))

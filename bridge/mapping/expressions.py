@@ -74,8 +74,16 @@ def _walk_emitter(start: str, segs: tuple[Segment, ...]) -> Callable[[Gen], str]
 
     def emit(g: Gen) -> str:
         out = g.fresh()
-        g.line(f"{out} = {start}")
-        for s in segs:
+        rest = segs
+        if start == "e" and segs and isinstance(segs[0], str):
+            # The event is a dict in fused code (Gen.event_is_dict): its first key is read
+            # without the check every deeper step makes.
+            g.event_is_dict = True
+            g.line(f"{out} = e.get({g.literal(segs[0])}, M)")
+            rest = segs[1:]
+        else:
+            g.line(f"{out} = {start}")
+        for s in rest:
             key = g.literal(s)
             if isinstance(s, str):
                 g.line(f"{out} = {out}.get({key}, M) if type({out}) is dict else M")

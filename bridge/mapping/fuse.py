@@ -67,6 +67,9 @@ class Gen:
         self.bound: dict[str, Any] = {"M": MISSING, "U": _UNSET, "EMPTY_TYPES": _EMPTY_TYPES}
         self._fresh = itertools.count()
         self._inlined: set[str] = set()
+        # Set by an emitter whose code reads the event as a dict without checking: the
+        # function then starts by handing any other event to the closures (see _generate).
+        self.event_is_dict = False
 
     def inline_once(self, name: str) -> bool:
         """True the first time ``name`` (a let) asks to be inlined into this function, if
@@ -157,10 +160,14 @@ def fuse(fn: Fn) -> Fn:
 def _generate(fn: Fn, gen: Gen) -> Fn | None:
     try:
         result = gen.value(fn)
+        # Every caller maps a JSON object, so emitters may read it as a dict without a
+        # check per path; anything else (never seen) runs the closures, which check.
+        guard = [f"    if type(e) is not dict: return {gen.bind(fn)}(env)"] if gen.event_is_dict else []
         source = "\n".join(
             [
                 "def fused(env):",
                 "    e = env.event",
+                *guard,
                 "    L = env.lets",
                 *gen.lines,
                 f"    return {result}",

@@ -87,9 +87,10 @@ class Ingestor:
             for dest in source.to:
                 mapping = mappings.get(self._dest_mapping[dest])
                 found = mapping.link_filter() if mapping is not None else False
-                if mapping is not None and found is not False:
-                    field, values = found if isinstance(found, tuple) else (None, frozenset[str]())
-                    linkers.append(Linker(dest, mapping, field, values))
+                if mapping is None or found is False:
+                    continue  # no mapping in force, or one that learns no links
+                field, values = found if isinstance(found, tuple) else (None, frozenset[str]())
+                linkers.append(Linker(dest, mapping, field, values))
             self._linkers[source.name] = linkers
         return linkers
 

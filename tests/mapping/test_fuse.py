@@ -19,6 +19,7 @@ import yaml
 import bridge.mapping.fuse as fuse
 from bridge.mapping import CompiledMapping, MapContext, load_mapping_file
 from bridge.mapping.compiler import YamlMapping
+from bridge.mapping.runtime import Env
 from tests.mapping.helpers import write
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -317,3 +318,27 @@ def test_a_let_too_deep_to_inline_is_called_and_the_body_still_fuses(
     assert re.search(r"L\['x'\] = b\d+\(env\)$", str(body.__doc__), re.MULTILINE), "the let is called"
     for event in ({"go": 1, "a95": "last"}, {"go": 1, "a0": "first"}, {"go": 1}, {"a3": "no go"}):
         assert repr(fused.apply(event, MapContext())) == repr(plain.apply(event, MapContext()))
+
+
+def _outcome(fn: Any, env: Env) -> str:
+    try:
+        return repr(fn(env))
+    except Exception as exc:  # the closures' own verdict, whatever it is
+        return f"raised {type(exc).__name__}"
+
+
+def test_a_fused_function_given_an_event_that_is_no_object_runs_the_closures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fused code reads the event's first key without checking its type (every caller maps
+    # a JSON object); anything else must still get exactly what the closures give.
+    fused, plain = _both(monkeypatch, write(tmp_path / "all.yaml", ALL_NODES))
+    assert isinstance(fused, YamlMapping) and isinstance(plain, YamlMapping)
+    [(rule, _)] = fused._rule_guards
+    [(plain_rule, _)] = plain._rule_guards
+    assert rule.body is not None and plain_rule.body is not None
+    assert "if type(e) is not dict: return" in str(rule.body.__doc__)
+    for event in ([], ["userId"], "text", None, 5, TEMPLATE_EVENT):
+        assert _outcome(rule.body, Env(event, "linked-1", {}, "web")) == _outcome(
+            plain_rule.body, Env(event, "linked-1", {}, "web")
+        ), event
