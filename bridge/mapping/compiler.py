@@ -159,7 +159,12 @@ class YamlMapping(CompiledMapping):
                     return Discarded(reason, _detail(detail, env))
             outputs: list[Output] = []
             for rule, guard in self._rule_guards:
-                if (guard is not None and not passes(guard, event)) or not rule.when(env):
+                if guard is not None:
+                    # conditions.passes, written out: every rule of every event asks it.
+                    value = event.get(guard[0])
+                    if type(value) is not str or value not in guard[1]:
+                        continue
+                if not rule.when(env):
                     continue
                 if rule.drop is not None:
                     return Discarded(rule.drop, _detail(rule.detail, env))

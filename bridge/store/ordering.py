@@ -56,30 +56,29 @@ class OrderedSelection:
         chosen, so the rest of the window is never fetched."""
         scanned = 0
         last_id = self._after
-        blocked, chosen, now, ahead = self.blocked, self.chosen, self.now, self.ahead
+        blocked, chosen, now, ahead, limit = self.blocked, self.chosen, self.now, self.ahead, self.limit
+        # Per row: it runs for every job a lease walks past, so nothing is built for a due one.
         for job_id, key, state, available_at, lease_until in rows:
             scanned += 1
             last_id = job_id
             if job_id in ahead:
                 continue
-            if key and KEY_SEPARATOR in key:
-                users = key.split(KEY_SEPARATOR)
-                if not blocked.isdisjoint(users):
-                    # Waiting for an earlier job of one user: both users' later jobs wait too.
-                    blocked.update(users)
+            if key:
+                if KEY_SEPARATOR in key:
+                    users = key.split(KEY_SEPARATOR)
+                    if not blocked.isdisjoint(users):
+                        # Waiting for an earlier job of one user: both users' later jobs wait too.
+                        blocked.update(users)
+                        continue
+                elif key in blocked:
                     continue
-            elif key and key in blocked:
-                continue
-            else:
-                users = [key] if key else []
-            due = available_at <= now if state == QUEUED else (lease_until or 0.0) <= now
-            if due:
+            if (available_at <= now) if state == QUEUED else ((lease_until or 0.0) <= now):
                 chosen.append(int(job_id))
-                if len(chosen) >= self.limit:
+                if len(chosen) >= limit:
                     self._done = True
                     return
-            else:
-                blocked.update(users)
+            elif key:
+                blocked.update(key.split(KEY_SEPARATOR))  # one user, or each of an alias's two
         if scanned < self.window:
             self._done = True
             return
