@@ -50,7 +50,9 @@ def add_admin_routes(routes: Routes, runtime: Runtime, token: str) -> None:
     r = routes
     r.add_get("/admin/status", guarded(api.status))
     r.add_get("/admin/dlq", guarded(api.dlq_list))
-    r.add_get("/admin/dlq/{id}", guarded(api.dlq_show))
+    # Not the names of its POST-only siblings: GET /admin/dlq/replay is a wrong method
+    # (405, Allow: POST), not a dead letter whose id is "replay" (400).
+    r.add_get("/admin/dlq/{id:(?!(?:replay|purge)$)[^/]+}", guarded(api.dlq_show))
     r.add_post("/admin/dlq/replay", guarded(api.dlq_replay))
     r.add_post("/admin/dlq/purge", guarded(api.dlq_purge))
     r.add_get("/admin/discards", guarded(api.discards))

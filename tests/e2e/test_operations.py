@@ -125,9 +125,12 @@ async def test_admin_api_requires_its_token(bridge):
     assert (status, body["code"]) == (401, "unauthorized")
     # With it, the operator gets the real answer.
     assert bridge.client is not None
-    resp = await bridge.client.get("/admin/reload", headers=ADMIN)
-    assert (resp.status, resp.headers["Allow"]) == (405, "POST")
-    assert (await resp.json())["code"] == "method_not_allowed"
+    for path in ("/admin/reload", "/admin/dlq/replay", "/admin/dlq/purge"):
+        resp = await bridge.client.get(path, headers=ADMIN)
+        assert (resp.status, resp.headers["Allow"]) == (405, "POST"), path
+        assert (await resp.json())["code"] == "method_not_allowed"
+    status, body = await bridge.get("/admin/dlq/replays", ADMIN)  # a look-alike is still an id
+    assert (status, body["code"]) == (400, "invalid_parameter")
     status, body = await bridge.get("/admin/nothing-here", ADMIN)
     assert (status, body["code"]) == (404, "not_found")
 
