@@ -107,20 +107,25 @@ def json_errors(handler: Handler, route: str, observe: StatusObserver | None = N
 ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
 
 
+# Set on a request whose client waits for "100 Continue" before it sends the body.
+_CONTINUE_PENDING = web.RequestKey("continue_pending", bool)
+
+
 def expect_handler(route: str, observe: StatusObserver | None = None) -> ExpectHandler:
-    """A route's handling of ``Expect``, which aiohttp runs before the route's handler:
-    as aiohttp's own (100-continue goes ahead), but any other expectation gets a JSON
-    417, logged and counted under ``route`` like every other rejection, where aiohttp
-    answered text/plain that nothing logged or counted."""
+    """A route's handling of ``Expect``, which aiohttp runs before the route's handler.
+
+    100-continue is answered when the handler first reads the body (``read_body``), not
+    here as aiohttp does: a request refused on its headers alone (a wrong key, a body
+    declared too large) then gets its answer at once, and its body is never sent. Any
+    other expectation gets a JSON 417, logged and counted under ``route`` like every other
+    rejection, where aiohttp answered text/plain that nothing logged or counted."""
 
     async def check(request: web.Request) -> web.StreamResponse | None:
         if request.version != HttpVersion11:
             return None  # HTTP/1.0 has no 100 Continue: aiohttp ignores Expect there too
         expect = request.headers.get(hdrs.EXPECT, "")
         if expect.lower() == "100-continue":
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            # The interim answer is not part of the response: aiohttp's handler resets this too.
-            request.writer.output_size = 0
+            request[_CONTINUE_PENDING] = True
             return None
         err = ApiError(417, "expectation_failed", f"only Expect: 100-continue is supported, got {expect[:100]!r}")
         _log_rejection(route, request, err)
@@ -175,6 +180,12 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     length = request.content_length
     if length is not None and length > limit and encoding in _IDENTITY:
         raise _too_large(limit)
+    if request.get(_CONTINUE_PENDING):
+        # The client waits for this before it sends the body (see expect_handler).
+        request[_CONTINUE_PENDING] = False
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        # The interim answer is not part of the response: aiohttp's handler resets this too.
+        request.writer.output_size = 0
     timeout = 0.0
     try:
         if request.content.is_eof():

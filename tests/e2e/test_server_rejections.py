@@ -140,6 +140,34 @@ async def test_expect_100_continue_still_gets_its_interim_answer_and_the_call_is
     assert bridge.moengage.events()[0]["customer_id"] == "u-1"
 
 
+async def test_expect_100_continue_refused_on_its_headers_gets_the_answer_without_sending_the_body(
+    bridge: Bridge,
+) -> None:
+    # A wrong write key, and a body declared past the limit: the final answer comes at
+    # once, with no 100 Continue before it, while the client still holds its body back.
+    wrong_key = track_request(b"Expect: 100-continue\r\nConnection: close\r\n").replace(
+        basic(WRITE_KEY)["Authorization"].encode(), basic("not-a-key")["Authorization"].encode()
+    )
+    oversize = b"Expect: 100-continue\r\nConnection: close\r\nContent-Length: 999999999\r\n"
+    too_large = track_request(oversize).replace(b"Content-Length: %d\r\n" % len(track("u-1")), b"", 1)
+    for request, status, code in ((wrong_key, 401, "invalid_write_key"), (too_large, 413, "payload_too_large")):
+        url = URL(bridge.url)
+        reader, writer = await asyncio.open_connection(url.host, url.port)
+        try:
+            head, _, _ = request.partition(b"\r\n\r\n")
+            writer.write(head + b"\r\n\r\n")  # headers only: the body waits for a 100
+            await writer.drain()
+            # The answer, read by its length: the server may keep the connection open a
+            # while for the body it did not ask for.
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            _, headers, _ = answer_of(head)
+            raw = head + await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 5)
+        finally:
+            writer.close()
+        assert not raw.startswith(b"HTTP/1.1 100"), raw
+        assert json_error(raw)[:2] == (status, code), raw
+
+
 async def test_a_gzip_body_that_is_not_gzip_is_still_the_bridges_own_400(bridge: Bridge) -> None:
     # Decoded while the route reads the body, so the route's own error, not the server's.
     corrupt = gzip.compress(track("u-gz"))[:10] + b"\x00" * 20
