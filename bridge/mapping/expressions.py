@@ -75,23 +75,43 @@ def _walk_emitter(start: str, segs: tuple[Segment, ...]) -> Callable[[Gen], str]
     def emit(g: Gen) -> str:
         out = g.fresh()
         rest = segs
+        src = start
         if start == "e" and segs and isinstance(segs[0], str):
             # The event is a dict in fused code (Gen.event_is_dict): its first key is read
             # without the check every deeper step makes.
             g.event_is_dict = True
-            g.line(f"{out} = e.get({g.literal(segs[0])}, M)")
-            rest = segs[1:]
-        else:
-            g.line(f"{out} = {start}")
+            keys = _key_prefix(segs[:-1])
+            for n in range(1, len(keys) + 1):
+                g.prefix_uses[keys[:n]] += 1
+            held = next((n for n in range(len(keys), 0, -1) if keys[:n] in g.hoist), 0)
+            if held:
+                # Read once at the function's start (Gen.hoisted); the path goes on from there.
+                src, rest = g.hoisted(keys[:held]), segs[held:]
+            else:
+                g.line(f"{out} = e.get({g.literal(segs[0])}, M)")
+                src, rest = out, segs[1:]
         for s in rest:
             key = g.literal(s)
             if isinstance(s, str):
-                g.line(f"{out} = {out}.get({key}, M) if type({out}) is dict else M")
+                g.line(f"{out} = {src}.get({key}, M) if type({src}) is dict else M")
             else:
-                g.line(f"{out} = {out}[{key}] if type({out}) is list and -len({out}) <= {key} < len({out}) else M")
+                g.line(f"{out} = {src}[{key}] if type({src}) is list and -len({src}) <= {key} < len({src}) else M")
+            src = out
+        if src != out:
+            g.line(f"{out} = {src}")  # no step left: the path is its start
         return out
 
     return emit
+
+
+def _key_prefix(segs: tuple[Segment, ...]) -> tuple[str, ...]:
+    """The leading key names of ``segs``, up to its first index."""
+    keys: list[str] = []
+    for s in segs:
+        if not isinstance(s, str):
+            break
+        keys.append(s)
+    return tuple(keys)
 
 
 class ExprCompiler:

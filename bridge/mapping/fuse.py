@@ -16,6 +16,7 @@ leaves the closure tree as it was: fusing is an optimisation, never a requiremen
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -41,6 +42,12 @@ LET_DEPTH = 6
 ENABLED = True
 _UNSET = object()
 _EMPTY_TYPES = frozenset({str, list, dict})
+# The types whose falsy values are empty (with MISSING): ``not v`` is false for every other
+# value, so the common case, a value that is there, is decided by ``v is M or not v``.
+_EMPTY_WHEN_FALSY = frozenset({str, list, dict, type(None)})
+# A path prefix of the event read this many times in one function is read once, at its
+# start (Gen.hoisted).
+HOIST_USES = 2
 _ids = itertools.count()
 
 
@@ -59,12 +66,23 @@ def emits_step(step: F, emitter: Callable[[Gen, str], str]) -> F:
 class Gen:
     """The function being generated: its lines, its locals and its bound constants."""
 
-    def __init__(self, inline_lets: bool = True) -> None:
+    def __init__(self, inline_lets: bool = True, hoist: frozenset[tuple[str, ...]] = frozenset()) -> None:
         self.inline_lets = inline_lets
         self.lines: list[str] = []
         self.depth = 1
         self.names: dict[int, str] = {}
-        self.bound: dict[str, Any] = {"M": MISSING, "U": _UNSET, "EMPTY_TYPES": _EMPTY_TYPES}
+        self.bound: dict[str, Any] = {
+            "M": MISSING,
+            "U": _UNSET,
+            "EMPTY_TYPES": _EMPTY_TYPES,
+            "EMPTY_WHEN_FALSY": _EMPTY_WHEN_FALSY,
+        }
+        # Event path prefixes (key names from the root) read by this function's paths, as
+        # often as its source reads them; a second generation hoists those in ``hoist``.
+        self.prefix_uses: Counter[tuple[str, ...]] = Counter()
+        self.hoist = hoist
+        self.prelude: list[str] = []
+        self._hoisted: dict[tuple[str, ...], str] = {}
         self._fresh = itertools.count()
         self._inlined: set[str] = set()
         # Set by an emitter whose code reads the event as a dict without checking: the
@@ -93,6 +111,23 @@ class Gen:
     def literal(self, key: Any) -> str:
         """``key`` as source: a literal for str and int, else a bound name."""
         return repr(key) if type(key) in (str, int) else self.bind(key)
+
+    def hoisted(self, prefix: tuple[str, ...]) -> str:
+        """A local holding the event's value at ``prefix`` (or M), read once at the start
+        of the function. Only the event's own keys are hoisted: mapping never changes the
+        event (a change goes to a copy, see compiler._set_path), and a read cannot raise,
+        so reading it first gives what reading it where it is used would."""
+        name = self._hoisted.get(prefix)
+        if name is None:
+            key = self.literal(prefix[-1])
+            if len(prefix) == 1:
+                expr = f"e.get({key}, M)"
+            else:
+                parent = self.hoisted(prefix[:-1])
+                expr = f"{parent}.get({key}, M) if type({parent}) is dict else M"
+            name = self._hoisted[prefix] = f"h{len(self._hoisted)}"
+            self.prelude.append(f"    {name} = {expr}")
+        return name
 
     def line(self, text: str) -> None:
         self.lines.append("    " * self.depth + text)
@@ -140,8 +175,9 @@ class Gen:
 
     @staticmethod
     def empty(v: str) -> str:
-        """The test ``runtime.is_empty(v)``, inline."""
-        return f"({v} is M or {v} is None or (type({v}) in EMPTY_TYPES and not {v}))"
+        """The test ``runtime.is_empty(v)``, inline. ``not M`` would call MISSING's
+        ``__bool__``, a Python frame, so M is tested first, by identity."""
+        return f"({v} is M or (not {v} and type({v}) in EMPTY_WHEN_FALSY))"
 
 
 def fuse(fn: Fn) -> Fn:
@@ -151,9 +187,18 @@ def fuse(fn: Fn) -> Fn:
     # Inlined lets nest their statements deeper: past Python's limit on nesting, the
     # function is generated again with every let called instead.
     for inline_lets in (True, False):
-        fused = _generate(fn, Gen(inline_lets))
-        if fused is not None:
-            return fused
+        first = Gen(inline_lets)
+        fused = _generate(fn, first)
+        if fused is None:
+            continue
+        # Generated again, reading once what the first generation's paths read often:
+        # a rule reads `context` five or six times, each a dict lookup and its checks.
+        hoist = frozenset(p for p, n in first.prefix_uses.items() if n >= HOIST_USES)
+        if hoist:
+            again = _generate(fn, Gen(inline_lets, hoist))
+            if again is not None:
+                return again
+        return fused
     return fn
 
 
@@ -169,6 +214,7 @@ def _generate(fn: Fn, gen: Gen) -> Fn | None:
                 "    e = env.event",
                 *guard,
                 "    L = env.lets",
+                *gen.prelude,
                 *gen.lines,
                 f"    return {result}",
             ]

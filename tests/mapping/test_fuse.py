@@ -19,7 +19,7 @@ import yaml
 import bridge.mapping.fuse as fuse
 from bridge.mapping import CompiledMapping, MapContext, load_mapping_file
 from bridge.mapping.compiler import YamlMapping
-from bridge.mapping.runtime import Env
+from bridge.mapping.runtime import MISSING, Env, is_empty
 from tests.mapping.helpers import write
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -342,3 +342,59 @@ def test_a_fused_function_given_an_event_that_is_no_object_runs_the_closures(
         assert _outcome(rule.body, Env(event, "linked-1", {}, "web")) == _outcome(
             plain_rule.body, Env(event, "linked-1", {}, "web")
         ), event
+
+
+PREFIXES = """
+source_format: segment
+destination_kind: segment
+rules:
+  - name: t
+    kind: track
+    body:
+      userId: {first: [$.context.device.id, $.context.device.advertisingId, $.userId]}
+      event: {first: [$.context.page.title, $.event]}
+      properties:
+        object:
+          model: $.context.device.model
+          zone: {path: $.context.timezone, drop_if: empty}
+          first_item: "$.context.items[0].sku"
+          plan: $.traits.plan
+"""
+
+
+def test_event_prefixes_read_more_than_once_are_read_once_and_still_agree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fused, plain = _both(monkeypatch, write(tmp_path / "prefixes.yaml", PREFIXES))
+    assert isinstance(fused, YamlMapping)
+    [(rule, _)] = fused._rule_guards
+    source = str(rule.body.__doc__)
+    # `context` (six paths) and `context.device` (three) are read once each, at the start;
+    # `context.page` and `traits` (one path each) where they are used.
+    assert source.count("'context'") == 1 and source.count("'device'") == 1, source
+    assert "h0 = e.get('context', M)" in source and "h1 = h0.get('device', M)" in source, source
+    assert source.count("'page'") == 1 and "h2" not in source, source
+    base = {
+        "type": "track",
+        "userId": "u-1",
+        "event": "Clicked",
+        "traits": {"plan": "pro"},
+        "context": {
+            "device": {"id": "", "advertisingId": "ad-1", "model": "m"},
+            "page": {"title": "Home"},
+            "timezone": "UTC",
+            "items": [{"sku": "a"}],
+        },
+    }
+    expected = plain.apply(base, MapContext())
+    assert isinstance(expected, list) and expected[0].body["userId"] == "ad-1"  # "" is empty
+    _same_everywhere(fused, plain, odd_events(base, 2000, seed=11))
+
+
+@pytest.mark.parametrize("value", (*ODD_VALUES, MISSING))
+def test_the_inline_empty_test_is_is_empty(value: Any) -> None:
+    gen = fuse.Gen()
+    code = f"def check(v):\n    return {gen.empty('v')}\n"
+    namespace = dict(gen.bound)
+    exec(code, namespace)
+    assert namespace["check"](value) is is_empty(value)
