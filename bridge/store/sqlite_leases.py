@@ -26,7 +26,7 @@ operation's transaction rolls back, so memory never says more than the file.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -112,6 +112,11 @@ class Leases:
         for row in rows:
             held = held_map.get(row[0])
             yield row if held is None else (row[0], row[1], LEASED, row[3], held.until)
+
+    def holds_outside(self, ahead: Collection[int]) -> bool:
+        """Whether a job not in ``ahead`` is held."""
+        held = self._held
+        return bool(held) and (len(held) > len(ahead) or bool(held.keys() - ahead))
 
     def held_now(self, job_id: int, now: float) -> bool:
         held = self._held.get(job_id)

@@ -31,13 +31,16 @@ from bridge.store.sql_filters import record_where
 from bridge.store.sqlite_dedupe import DedupeKeys, dedupe_keys_of
 from bridge.store.sqlite_leases import Held, Leases, Settling, new_tuple
 from bridge.store.sqlite_rows import insert_rows
-from bridge.store.sqlite_schema import DELIVERED, LEASED, QUEUED
+from bridge.store.sqlite_schema import DELIVERED, LEASED, QUEUED, WAITING
 
 # Jobs not yet delivered, dead-lettered or discarded: the WHERE of the jobs_pending index,
 # which a query must repeat for SQLite to use it.
 PENDING = "settled_at IS NULL"
 
 T = TypeVar("T")
+
+# SQLite's largest rowid: "below any job".
+MAX_JOB_ID = 2**63 - 1
 
 # Far below SQLite's limit on bound parameters (32766 since 3.32), with room for extra ones.
 CHUNK = 30000
@@ -210,6 +213,32 @@ def _due_ids_ordered(
     return selection.chosen
 
 
+def _due_ids_in_order(
+    conn: sqlite3.Connection, destination: str, limit: int, ahead: Collection[int], leases: Leases
+) -> list[int] | None:
+    """The first ``limit`` unsettled jobs outside ``ahead``, if they all come before any
+    job that may not be due (jobs_waiting, or held by this server): then no ordering key
+    is blocked, and the ordered walk would choose exactly these. None otherwise.
+
+    Each chosen job is still checked to be QUEUED, due and not held (``_lease_ids``), which
+    alone would choose right; the checks here spare the lease a wasted read of payloads
+    when a job before them is held or waits for a retry."""
+    if leases.holds_outside(ahead):
+        # Another loop's batch (delivery.concurrency > 1): its users' later jobs wait for
+        # it, and only the walk reads which jobs those are.
+        return None
+    first = conn.execute(f"SELECT MIN(id) FROM jobs WHERE destination = ? AND {WAITING}", (destination,)).fetchone()[0]
+    # The index alone answers this (its rows hold the id): no table page is read.
+    cursor = conn.execute(
+        f"SELECT id FROM jobs WHERE destination = ? AND {PENDING} AND id < ? ORDER BY id LIMIT ?",
+        (destination, MAX_JOB_ID if first is None else first, limit + len(ahead)),
+    )
+    ids = [job_id for (job_id,) in cursor if job_id not in ahead] if ahead else [job_id for (job_id,) in cursor]
+    if len(ids) >= limit:
+        return ids[:limit]
+    return ids if first is None else None  # every unsettled job, or the walk's turn
+
+
 def lease(
     conn: sqlite3.Connection,
     destination: str,
@@ -222,24 +251,46 @@ def lease(
 ) -> list[Job]:
     if limit <= 0:
         return []
+    if ordered and (ids := _due_ids_in_order(conn, destination, limit, ahead, leases)) is not None:
+        jobs = _lease_ids(conn, destination, ids, lease_seconds, now, leases, checked=False)
+        if jobs is not None:
+            return jobs
     due = _due_ids_ordered if ordered else _due_ids_unordered
-    ids = due(conn, destination, limit, now, ahead, leases)
+    jobs = _lease_ids(conn, destination, due(conn, destination, limit, now, ahead, leases), lease_seconds, now, leases)
+    assert jobs is not None
+    return jobs
+
+
+def _lease_ids(
+    conn: sqlite3.Connection,
+    destination: str,
+    ids: list[int],
+    lease_seconds: float,
+    now: float,
+    leases: Leases,
+    checked: bool = True,
+) -> list[Job] | None:
+    """Lease the jobs ``ids``; if not ``checked`` (due), None when one is not QUEUED and due."""
     if not ids:
         return []
     rows = conn.execute(
-        "SELECT id, source, message_id, ordering_key, payload, attempts, created_at, first_attempt_at"
-        f" FROM jobs WHERE id IN ({_marks(len(ids))})",
-        ids,
+        "SELECT id, source, message_id, ordering_key, payload, attempts, created_at, first_attempt_at,"
+        f" state = {QUEUED} AND available_at <= ? FROM jobs WHERE id IN ({_marks(len(ids))})",
+        (now, *ids),
     ).fetchall()
     rows.sort(key=lambda row: row[0])
     jobs: list[Job] = []
     leased: list[tuple[int, Held]] = []
     until = now + lease_seconds
-    for job_id, source, message_id, key, payload, attempts, created_at, first_attempt_at in rows:
+    for job_id, source, message_id, key, payload, attempts, created_at, first_attempt_at, due in rows:
+        if not (checked or due):
+            return None  # the ordered walk decides
         # A lapsed lease of this server's counts: the row does not know of it yet.
         counted = attempts
         before = leases.get(job_id)
         if before is not None:
+            if not checked:
+                return None  # held (_due_ids_in_order bounds its choice below these)
             attempts, first_attempt_at, counted = before.attempts, before.first_attempt_at, before.counted
         first = first_attempt_at if first_attempt_at is not None else now
         held = new_tuple(Held, (attempts + 1, until, first, counted))

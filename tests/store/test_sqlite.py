@@ -101,7 +101,7 @@ def test_queue_reads_use_the_index_of_pending_jobs(tmp_path: Path) -> None:
     WHERE stops implying the index's own reads every job ever delivered instead."""
     from bridge.store import sqlite_ops
     from bridge.store.sqlite_leases import Leases
-    from bridge.store.sqlite_schema import configure, create_schema
+    from bridge.store.sqlite_schema import WAITING, configure, create_schema
 
     conn = sqlite3.connect(tmp_path / "b.db", isolation_level=None)
     configure(conn)
@@ -118,9 +118,11 @@ def test_queue_reads_use_the_index_of_pending_jobs(tmp_path: Path) -> None:
     conn.set_trace_callback(None)
     reads = [sql for sql in statements if "FROM jobs" in sql and "destination" in sql]
     assert len(reads) >= 4  # both leases' walks, the destinations, depth and head per destination
+    assert any(WAITING in sql for sql in reads)  # the ordered lease's first look
     for sql in reads:
         plan = " | ".join(str(row[-1]) for row in conn.execute("EXPLAIN QUERY PLAN " + sql))
-        assert "jobs_pending" in plan, f"{sql}\n  {plan}"
+        index = "jobs_waiting" if WAITING in sql else "jobs_pending"
+        assert index in plan, f"{sql}\n  {plan}"
     conn.close()
 
 
