@@ -36,7 +36,8 @@ class PrometheusBindings:
 
     async def refresh_gauges(self, runtime: Runtime) -> None:
         # Every configured destination gets both gauges, reading 0 before it ever queued anything.
-        self.metrics.queue_stats(await runtime.store.queue_stats(), [d.name for d in runtime.config.destinations])
+        stats = await runtime.store.queue_stats()
+        self.metrics.queue_stats(stats, [d.name for d in runtime.config.destinations], runtime.store.now())
 
     async def refresh_gauges_forever(self, runtime: Runtime, interval: float = GAUGE_INTERVAL) -> None:
         # Queue depth and age come from the store (shared with other nodes), not from counters.

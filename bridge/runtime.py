@@ -169,7 +169,7 @@ class Runtime:
         cfg = self.config.store
         while True:
             try:
-                now = time.time()
+                now = self.store.now()
                 removed = await self.store.prune(now - cfg.dedupe_hours * 3600, now - cfg.retention_hours * 3600)
                 if removed:
                     log.info("store_pruned", rows=removed)

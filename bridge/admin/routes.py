@@ -6,7 +6,6 @@ Off unless admin.token is configured; every call needs ``Authorization: Bearer <
 from __future__ import annotations
 
 import math
-import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -116,7 +115,7 @@ class AdminApi:
     async def status(self, request: web.Request) -> web.Response:
         rt = self.runtime
         stats = await rt.store.queue_stats()
-        now = time.time()
+        now = rt.store.now()
         destinations = []
         for d in rt.config.destinations:
             worker = rt.delivery.workers[d.name]

@@ -364,7 +364,7 @@ class DestinationWorker:
     async def _recover(self, batch: _Batch, exc: Exception) -> None:
         """A failure of our own (not the upstream's): retry later with backoff, counting
         the attempt, so a fault that repeats is not a hot loop and ends in the DLQ."""
-        now = time.time()
+        now = self.store.now()
         error = f"internal error: {type(exc).__name__}: {exc}"[:MAX_KEPT_BODY]
         try:
             # What the upstream already accepted is done: retrying it would send it twice.
@@ -651,7 +651,7 @@ class DestinationWorker:
         self._hold_until = max(self._hold_until, time.monotonic() + delay)
 
     async def _settle(self, batch: _Batch, job_items: dict[int, list[Item]], version: str) -> None:
-        now = time.time()
+        now = self.store.now()
         acked: list[int] = []
         dead: list[DeadLetter] = []
         retries = RetrySchedule(self.policy, now)

@@ -13,12 +13,14 @@ The model is deliberately small, after RudderStack's jobsdb and Segment's Centri
 * Per-user ordering: with ``ordered=True`` a lease never hands out a job while an
   earlier job with the same ``ordering_key`` for that destination is still unsettled.
 
-All timestamps are UNIX epoch seconds (float). All SQL is kept portable between
-SQLite and PostgreSQL.
+All timestamps are UNIX epoch seconds (float), read from ``Store.now()``: the store's
+own clock, which every node sharing one database must agree on. All SQL is kept portable
+between SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -209,6 +211,15 @@ class Store(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Finish pending work and release resources."""
+
+    def now(self) -> float:
+        """The store's clock (UNIX seconds): the time its own writes and lease checks use.
+
+        A time the store will compare with its own (a retry's ``available_at``, the
+        retry budget's age, a prune cutoff) must start from this, not from ``time.time()``:
+        with a shared database, a node whose clock is off would otherwise take another
+        node's lease early or hold a retry for too long."""
+        return time.time()
 
     # -- ingest ---------------------------------------------------------------
     @abstractmethod

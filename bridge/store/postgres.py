@@ -5,7 +5,10 @@ Same job model as the SQLite store. What makes it safe with several nodes:
 * unordered leases pick rows ``FOR UPDATE SKIP LOCKED``;
 * ordered leases take a transaction-scoped advisory lock per destination, so leases
   for one destination are serialised across nodes and the per-user check sees every
-  other node's leases: two nodes never deliver one user's events out of order.
+  other node's leases: two nodes never deliver one user's events out of order;
+* every time the store writes or compares (leases, retries, settles) is on the
+  database's clock, not the node's (``now``): a node whose clock runs ahead would take
+  leases that have not expired, one behind would hand out leases that expire at once.
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
 import orjson
+import structlog
 
 from bridge.store.base import (
     DEAD_LETTER_COLUMNS,
@@ -60,7 +64,12 @@ Connection = Any  # asyncpg.Connection (asyncpg ships no type hints)
 _Settle = TypeVar("_Settle", DeadLetter, Discard)
 
 
+log = structlog.get_logger(__name__)
+
 DDL_TIMEOUT = 600.0
+# How often a node measures its clock against the database's, and the gap worth a warning.
+CLOCK_CHECK_SECONDS = 60.0
+CLOCK_WARN_SECONDS = 1.0
 # Rows deleted per prune statement: small enough to finish well inside command_timeout.
 PRUNE_SLICE = 10_000
 
@@ -171,6 +180,7 @@ class PostgresStore(Store):
         connect_timeout: float = 10.0,
         command_timeout: float = 10.0,
         upgrade: bool = True,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         """``min_free_disk_bytes`` is accepted for a uniform configuration and ignored:
         the database's disk belongs to the database server, which guards it itself.
@@ -181,7 +191,10 @@ class PostgresStore(Store):
         is not held past its deadline by a settle that never returns.
 
         ``upgrade`` is accepted for a uniform interface: PostgreSQL's schema changes so far
-        only add tables and indexes, which older nodes sharing the database do not notice."""
+        only add tables and indexes, which older nodes sharing the database do not notice.
+
+        ``wall_clock`` is this node's clock; ``now()`` corrects it by its offset from the
+        database's, measured at open and every CLOCK_CHECK_SECONDS after."""
         if max_bytes is not None and max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         if pool_size < 2:
@@ -200,6 +213,9 @@ class PostgresStore(Store):
         self._capacity_checked_at = float("-inf")
         self._full_reason: str | None = None
         self._capacity_lock = asyncio.Lock()
+        self._wall_clock = wall_clock
+        self._clock_offset = 0.0
+        self._clock_checked_at = float("-inf")
 
     @property
     def commits(self) -> int:
@@ -234,11 +250,13 @@ class PostgresStore(Store):
                     await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", SCHEMA_VERSION)
                 elif found > SCHEMA_VERSION:
                     raise schema_error(found)
+            async with pool.acquire() as conn:
+                await self._measure_clock(conn)
         except BaseException as exc:
             await pool.close()
             raise to_store_error(exc) from exc
         self._pool = pool
-        self._ingest = GroupCommitter(self._acquire, to_store_error, unavailable)
+        self._ingest = GroupCommitter(self._acquire, to_store_error, unavailable, self.now)
         self._ingest.start()
 
     async def close(self) -> None:
@@ -252,6 +270,26 @@ class PostgresStore(Store):
     def _acquire(self) -> Any:
         """A pooled connection, waiting at most ``command_timeout`` for one."""
         return self._pool.acquire(timeout=self._command_timeout)
+
+    # -- the database's clock ----------------------------------------------------------
+    def now(self) -> float:
+        return self._wall_clock() + self._clock_offset
+
+    async def _measure_clock(self, conn: Connection) -> None:
+        """Take the database's clock less this node's as the offset ``now`` adds, read
+        between two readings of ours so the round trip splits evenly."""
+        before = self._wall_clock()
+        database = float(await conn.fetchval("SELECT extract(epoch FROM clock_timestamp())::float8"))
+        after = self._wall_clock()
+        offset = database - (before + after) / 2
+        if abs(offset) >= CLOCK_WARN_SECONDS and abs(offset - self._clock_offset) >= CLOCK_WARN_SECONDS:
+            log.warning("clock_offset_from_database", offset_seconds=round(offset, 3), using="database clock")
+        self._clock_offset = offset
+        self._clock_checked_at = time.monotonic()
+
+    async def _check_clock(self, conn: Connection) -> None:
+        if time.monotonic() - self._clock_checked_at >= CLOCK_CHECK_SECONDS:
+            await self._measure_clock(conn)
 
     @contextlib.asynccontextmanager
     async def _conn(self, transaction: bool = False) -> AsyncIterator[Connection]:
@@ -317,8 +355,9 @@ class PostgresStore(Store):
         if limit <= 0:
             return []
         ahead = frozenset(ahead)
-        now = time.time()
         async with self._conn(transaction=True) as conn:
+            await self._check_clock(conn)
+            now = self.now()
             if ordered:
                 await conn.execute(
                     "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"{self.schema}:{destination}"
@@ -384,7 +423,7 @@ class PostgresStore(Store):
                 f"UPDATE jobs j SET state = {DELIVERED}, settled_at = $3, mapping_version = $4,"
                 f" lease_until = NULL, payload = '' FROM {_FENCE_ROWS} WHERE j.state < {DELIVERED} AND {_FENCED}",
                 *_fence_arrays(job_ids, fence),
-                time.time(),
+                self.now(),
                 mapping_version,
             )
 
@@ -439,7 +478,7 @@ class PostgresStore(Store):
                 [e.request_body for e in unique],
                 [_text(e.label) for e in unique],
                 [_text(e.mapping_version) for e in unique],
-                time.time(),
+                self.now(),
                 _fence_arrays([e.job_id for e in unique], fence)[1],
             )
             await _delete_settled(conn, [e.job_id for e in unique], fence)
@@ -460,7 +499,7 @@ class PostgresStore(Store):
                 [_text(e.reason) for e in unique],
                 [_text(e.label) for e in unique],
                 [_text(e.detail) for e in unique],
-                time.time(),
+                self.now(),
                 _fence_arrays([e.job_id for e in unique], fence)[1],
             )
             await _delete_settled(conn, [e.job_id for e in unique], fence)
@@ -513,7 +552,7 @@ class PostgresStore(Store):
                 " INSERT INTO jobs (destination, source, message_id, ordering_key, payload, state, attempts,"
                 f" available_at, created_at) SELECT destination, source, message_id, ordering_key, payload,"
                 f" {QUEUED}, 0, $1, $1 FROM moved ORDER BY id",
-                time.time(),
+                self.now(),
                 *params,
             )
         return _count(status)
@@ -577,7 +616,7 @@ class PostgresStore(Store):
             )
 
     async def make_due(self, destination: str) -> int:
-        now, after, made = time.time(), 0, 0
+        now, after, made = self.now(), 0, 0
         # Only the jobs there were at the resume: later ones are due anyway, and a retry
         # set after it (a new Retry-After) stands.
         async with self._conn() as conn:
@@ -604,9 +643,10 @@ class PostgresStore(Store):
 
     async def check_writable(self) -> None:
         async with self._conn() as conn:
+            await self._check_clock(conn)
             await conn.execute(
                 "INSERT INTO heartbeat (id, at) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET at = excluded.at",
-                time.time(),
+                self.now(),
             )
         await self._check_capacity()  # ready means ready to accept events: not while ingest says full
 

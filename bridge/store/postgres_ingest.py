@@ -82,8 +82,10 @@ class GroupCommitter:
         acquire: Callable[[], Any],
         to_store_error: Callable[[BaseException], BaseException],
         unavailable: Callable[[BaseException], bool] = lambda exc: False,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._acquire = acquire  # () -> async context manager yielding a connection
+        self._clock = clock  # the store's (the database's) clock: rows are dated by it
         self._to_store_error = to_store_error
         # True for a failure of the database itself (it timed out, the connection was lost),
         # not of one call's data: every call alone would only wait as long again.
@@ -125,7 +127,7 @@ class GroupCommitter:
 
     async def _commit(self, group: list[_Call]) -> None:
         try:
-            await self._transaction(lambda conn: _write_group(conn, group, time.time()))
+            await self._transaction(lambda conn: _write_group(conn, group, self._clock()))
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 for call in group:

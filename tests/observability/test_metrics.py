@@ -356,6 +356,9 @@ async def test_the_gauge_refresh_backs_off_when_counting_the_queue_is_slow() -> 
             await asyncio.sleep(0.02)
             return {}
 
+        def now(self) -> float:
+            return time.time()
+
     fake = SimpleNamespace(
         store=SlowStore(), config=SimpleNamespace(destinations=[]), delivery=SimpleNamespace(workers={})
     )
