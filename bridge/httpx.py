@@ -72,9 +72,13 @@ _HTTP_CODES = {
 StatusObserver = Callable[[str, int], None]
 
 
-def json_errors(handler: Handler, route: str, observe: StatusObserver | None = None) -> Handler:
+def json_errors(
+    handler: Handler, route: str, observe: StatusObserver | None = None, *, cors: bool = False
+) -> Handler:
     """``handler`` with every error rendered as JSON {code, message}, and ``observe`` told
     each request's final status under ``route`` (the route's template, never the raw URL).
+    With ``cors``, a browser's request (one with an Origin) may read every answer, errors
+    included (see ``allow_browsers``).
 
     A wrapper per route rather than an aiohttp middleware: see bridge/routing.py."""
 
@@ -97,11 +101,50 @@ def json_errors(handler: Handler, route: str, observe: StatusObserver | None = N
             # A bug of ours: say so without leaking internals; the log has the traceback.
             log.exception("unhandled_error", route=route)
             response = error_response(ApiError(500, "internal_error", "the bridge failed to handle this request"))
+        if cors and hdrs.ORIGIN in request.headers:
+            allow_browsers(response)
         if observe is not None:
             observe(route, response.status)
         return response
 
     return answer
+
+
+# Browsers (analytics.js) post to the Tracking API from any site. The write key is in the
+# body, never in a cookie, so any origin may call, and "*" (no credentials) is enough.
+# An answer the page cannot read is, to analytics.js, a network error: it would resend
+# the same events, a 400 included, until its retries ran out.
+CORS_EXPOSED = "Retry-After"
+# How long a browser may reuse a preflight's answer (Chromium caps it at 2 hours).
+CORS_MAX_AGE = "7200"
+CORS_DEFAULT_HEADERS = "Content-Type, Authorization"
+_HEADER_NAMES = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
+_MAX_REQUESTED_HEADERS = 1024
+
+
+def allow_browsers(response: web.StreamResponse) -> None:
+    response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = "*"
+    response.headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = CORS_EXPOSED
+
+
+async def cors_preflight(request: web.Request) -> web.StreamResponse:
+    """The answer to a browser's preflight (OPTIONS) for a POST route: any origin may post,
+    with the headers it asks for (e.g. analytics.js's custom batch headers). It carries
+    no credentials and stores nothing, so, alone of the routes, it is not authenticated."""
+    requested = request.headers.get(hdrs.ACCESS_CONTROL_REQUEST_HEADERS, "").strip()
+    if not (len(requested) <= _MAX_REQUESTED_HEADERS and _HEADER_NAMES.fullmatch(requested)):
+        requested = CORS_DEFAULT_HEADERS
+    response = web.Response(
+        status=204,
+        headers={
+            hdrs.ALLOW: "POST, OPTIONS",
+            hdrs.ACCESS_CONTROL_ALLOW_METHODS: "POST, OPTIONS",
+            hdrs.ACCESS_CONTROL_ALLOW_HEADERS: requested,
+            hdrs.ACCESS_CONTROL_MAX_AGE: CORS_MAX_AGE,
+        },
+    )
+    allow_browsers(response)
+    return response
 
 
 ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]

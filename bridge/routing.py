@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from aiohttp import hdrs, web
 
-from bridge.httpx import Handler, StatusObserver, expect_handler, json_errors
+from bridge.httpx import Handler, StatusObserver, cors_preflight, expect_handler, json_errors
 
 # The label of requests no route took (404 and 405): raw paths would make a metric's
 # label set unbounded.
@@ -33,22 +33,26 @@ class Routes:
         self._observe = observe
         self._finished = False
 
-    def add(self, method: str, path: str, handler: Handler) -> None:
+    def add(self, method: str, path: str, handler: Handler, *, cors: bool = False) -> None:
+        """``cors``: browsers on any site may call the route (its OPTIONS preflight too)."""
         if self._finished:
             # The catch-all answers 405 only for the routes it knew of when it was added.
             raise RuntimeError(f"route {method} {path} added after Routes.finish()")
         resource = self._router.add_resource(path)
-        wrapped = json_errors(handler, resource.canonical, self._observe)
-        expect = expect_handler(resource.canonical, self._observe)
+        route = resource.canonical
+        wrapped = json_errors(handler, route, self._observe, cors=cors)
+        expect = expect_handler(route, self._observe)
         if method == hdrs.METH_GET:
             resource.add_route(hdrs.METH_HEAD, wrapped, expect_handler=expect)  # as aiohttp's add_get does
         resource.add_route(method, wrapped, expect_handler=expect)
+        if cors:
+            resource.add_route(hdrs.METH_OPTIONS, json_errors(cors_preflight, route, self._observe))
 
     def add_get(self, path: str, handler: Handler) -> None:
         self.add(hdrs.METH_GET, path, handler)
 
-    def add_post(self, path: str, handler: Handler) -> None:
-        self.add(hdrs.METH_POST, path, handler)
+    def add_post(self, path: str, handler: Handler, *, cors: bool = False) -> None:
+        self.add(hdrs.METH_POST, path, handler, cors=cors)
 
     def resources(self) -> list[web.AbstractResource]:
         return list(self._router.resources())

@@ -20,6 +20,10 @@ from bridge.sources.segment.spec import CALL_TYPES, Envelope, Invalid, ReceivedC
 # Flutter, React Native) post their batches, {apiHost}/b, with the writeKey in the body:
 # pointed at the bridge with apiHost "<bridge>/v1", they post to /v1/b.
 BATCH_CALLS = ("batch", "import", "b")
+# analytics.js (the browser SDK) posts each call to /v1/<its type's first letter>, as
+# text/plain with the writeKey in the body; pointed at the bridge with the Segment.io
+# integration's apiHost "<bridge>/v1". Its batching mode posts to /v1/b.
+BROWSER_CALLS = {"t": "track", "i": "identify", "p": "page", "s": "screen", "g": "group", "a": "alias"}
 # Authorization headers remembered once authenticated (see SegmentSources._source_for_header).
 AUTH_CACHE_SIZE = 256
 # Classic Webhooks also send deletion requests; they carry no event to route.
@@ -47,8 +51,8 @@ class SegmentSources(SourceKind):
         self._webhook_event_limit = config.server.max_event_bytes + _SEGMENT_ADDED
 
     def add_routes(self, routes: Routes) -> None:
-        for call in (*sorted(CALL_TYPES), *BATCH_CALLS):
-            routes.add_post(f"/v1/{call}", self.tracking_api)
+        for call in (*sorted(CALL_TYPES), *BATCH_CALLS, *BROWSER_CALLS):
+            routes.add_post(f"/v1/{call}", self.tracking_api, cors=True)
         routes.add_post("/segment/webhook", self.webhook)
 
     # -- auth -------------------------------------------------------------------
@@ -97,7 +101,8 @@ class SegmentSources(SourceKind):
         body = await read_body(request, self.config.server.max_request_bytes)
         # Parsed and validated in a plain function, so the parsed body is freed before
         # the wait for the commit (see ``Collected``).
-        collected = self._collect_call(request.path.rsplit("/", 1)[-1], source, body)
+        call = request.path.rsplit("/", 1)[-1]
+        collected = self._collect_call(BROWSER_CALLS.get(call, call), source, body)
         return await store_collected(self.ingestor, collected)
 
     def _collect_call(self, call: str, source: SourceConfig | None, body: bytes) -> Collected:
