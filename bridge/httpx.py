@@ -72,9 +72,7 @@ _HTTP_CODES = {
 StatusObserver = Callable[[str, int], None]
 
 
-def json_errors(
-    handler: Handler, route: str, observe: StatusObserver | None = None, *, cors: bool = False
-) -> Handler:
+def json_errors(handler: Handler, route: str, observe: StatusObserver | None = None, *, cors: bool = False) -> Handler:
     """``handler`` with every error rendered as JSON {code, message}, and ``observe`` told
     each request's final status under ``route`` (the route's template, never the raw URL).
     With ``cors``, a browser's request (one with an Origin) may read every answer, errors
