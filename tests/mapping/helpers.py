@@ -20,18 +20,22 @@ def indent(text: str, n: int) -> str:
     return textwrap.indent(textwrap.dedent(text).strip("\n"), " " * n)
 
 
-def value_mapping(tmp_path: Path, expr: str, extra_top: str = "") -> CompiledMapping:
-    """A segment->segment mapping whose track body carries properties.v = <expr>."""
-    text = (
+def track_rule(body: str, top: str = "") -> str:
+    """A segment->segment mapping file's text: ``top`` (lets, identity), then one track
+    rule ``t`` whose body is ``body`` (YAML, any indentation)."""
+    return (
         "source_format: segment\n"
-        "destination_kind: segment\n" + textwrap.dedent(extra_top) + "let:\n  v:\n" + indent(expr, 4) + "\nrules:\n"
+        "destination_kind: segment\n" + textwrap.dedent(top).lstrip("\n") + "rules:\n"
         "  - name: t\n"
         "    kind: track\n"
-        "    body:\n"
-        "      event: e\n"
-        "      userId: u\n"
-        "      properties: {object: {v: $let.v}}\n"
+        "    body:\n" + indent(body, 6) + "\n"
     )
+
+
+def value_mapping(tmp_path: Path, expr: str, extra_top: str = "") -> CompiledMapping:
+    """A segment->segment mapping whose track body carries properties.v = <expr>."""
+    top = textwrap.dedent(extra_top) + "let:\n  v:\n" + indent(expr, 4) + "\n"
+    text = track_rule("event: e\nuserId: u\nproperties: {object: {v: $let.v}}", top)
     return load_mapping_file(write(tmp_path / "m.yaml", text))
 
 

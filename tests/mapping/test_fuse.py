@@ -20,7 +20,7 @@ import bridge.mapping.fuse as fuse
 from bridge.mapping import CompiledMapping, MapContext, load_mapping_file
 from bridge.mapping.compiler import YamlMapping
 from bridge.mapping.runtime import MISSING, Env, is_empty
-from tests.mapping.helpers import write
+from tests.mapping.helpers import track_rule, write
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "mappings").glob("*.yaml"))
@@ -216,16 +216,10 @@ def test_shipped_mappings_give_the_same_results_fused(path: Path, monkeypatch: p
 
 def test_a_step_that_fails_the_event_fails_it_fused_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Steps stay closures inside fused code: their drop and fail policies still apply."""
-    text = """
-    source_format: segment
-    destination_kind: segment
-    rules:
-      - name: t
-        kind: track
-        body:
-          userId: {path: $.userId, pipe: [{to: integer, on_error: fail}]}
-          event: {path: $.event, pipe: [{to: number, on_error: drop_event}]}
-    """
+    text = track_rule("""
+        userId: {path: $.userId, pipe: [{to: integer, on_error: fail}]}
+        event: {path: $.event, pipe: [{to: number, on_error: drop_event}]}
+    """)
     fused, plain = _both(monkeypatch, write(tmp_path / "steps.yaml", text))
     for event in ({"userId": "12", "event": "3"}, {"userId": "x", "event": "3"}, {"userId": "1", "event": "y"}):
         assert fused.apply(event, MapContext()) == plain.apply(event, MapContext())
@@ -344,22 +338,16 @@ def test_a_fused_function_given_an_event_that_is_no_object_runs_the_closures(
         ), event
 
 
-PREFIXES = """
-source_format: segment
-destination_kind: segment
-rules:
-  - name: t
-    kind: track
-    body:
-      userId: {first: [$.context.device.id, $.context.device.advertisingId, $.userId]}
-      event: {first: [$.context.page.title, $.event]}
-      properties:
-        object:
-          model: $.context.device.model
-          zone: {path: $.context.timezone, drop_if: empty}
-          first_item: "$.context.items[0].sku"
-          plan: $.traits.plan
-"""
+PREFIXES = track_rule("""
+    userId: {first: [$.context.device.id, $.context.device.advertisingId, $.userId]}
+    event: {first: [$.context.page.title, $.event]}
+    properties:
+      object:
+        model: $.context.device.model
+        zone: {path: $.context.timezone, drop_if: empty}
+        first_item: "$.context.items[0].sku"
+        plan: $.traits.plan
+""")
 
 
 def test_event_prefixes_read_more_than_once_are_read_once_and_still_agree(
