@@ -25,6 +25,10 @@ SEGMENT_REGIONS = ("us", "eu")
 # Where a Segment client of each region should send: named in 403 answers.
 DEFAULT_REGION_HOSTS = {"us": "https://api.segment.io", "eu": "https://events.eu1.segmentapis.com"}
 DEFAULT_RETRYABLE = frozenset({408, 429, *(s for s in range(500, 600) if s not in (501, 505))})
+# Answers about the account, not the events: MoEngage's 401 (bad credentials), 403 (client
+# blocked, account suspended), 409 (app key mismatch, secret not set) and 415 (wrong
+# content type). Every event would get the same answer: pause, do not dead-letter.
+DEFAULT_PAUSE = frozenset({401, 403, 409, 415})
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +111,7 @@ class RetryConfig:
     min_attempts: int = 3
     max_retry_after: float = 600.0
     retryable_statuses: frozenset[int] = DEFAULT_RETRYABLE
+    pause_statuses: frozenset[int] = DEFAULT_PAUSE
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,13 +316,23 @@ def _streams_auth(r: Reader) -> StreamsAuth:
     return auth
 
 
+def _statuses(r: Reader, key: str, default: frozenset[int]) -> frozenset[int]:
+    statuses = r.raw(key)
+    if statuses is None:
+        return default
+    if not isinstance(statuses, list) or not all(isinstance(s, int) and 100 <= s <= 599 for s in statuses):
+        raise ConfigError(f"{r.at(key)}: expected a list of HTTP status codes")
+    return frozenset(statuses)
+
+
 def _retry(r: Reader) -> RetryConfig:
-    statuses = r.raw("retryable_statuses")
-    retryable = DEFAULT_RETRYABLE
-    if statuses is not None:
-        if not isinstance(statuses, list) or not all(isinstance(s, int) and 100 <= s <= 599 for s in statuses):
-            raise ConfigError(f"{r.at('retryable_statuses')}: expected a list of HTTP status codes")
-        retryable = frozenset(statuses)
+    retryable = _statuses(r, "retryable_statuses", DEFAULT_RETRYABLE)
+    pause = _statuses(r, "pause_statuses", DEFAULT_PAUSE - retryable)
+    if both := sorted(retryable & pause):
+        raise ConfigError(
+            f"{r.at('pause_statuses')}: {', '.join(map(str, both))} also in retryable_statuses;"
+            " a status is one or the other"
+        )
     cfg = RetryConfig(
         base_delay=r.float("base_delay", 1.0, minimum=0),
         max_delay=r.float("max_delay", 300.0, minimum=0),
@@ -325,6 +340,7 @@ def _retry(r: Reader) -> RetryConfig:
         min_attempts=r.int("min_attempts", 3, minimum=1),
         max_retry_after=r.float("max_retry_after", 600.0, minimum=0),
         retryable_statuses=retryable,
+        pause_statuses=pause,
     )
     r.done()
     return cfg

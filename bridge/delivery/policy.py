@@ -21,6 +21,7 @@ class Action(Enum):
     RETRY = "retry"
     SPLIT = "split"  # payload too large: halve and resend
     BISECT = "bisect"  # rejected as bad: find the poison item(s)
+    PAUSE = "pause"  # the account or credentials refused: every event would be, so hold them all
     DEAD = "dead"
 
 
@@ -41,6 +42,8 @@ class RetryPolicy:
             return Action.BISECT if items > 1 else Action.DEAD
         if status == 0 or status in self.config.retryable_statuses:
             return Action.RETRY
+        if status in self.config.pause_statuses:
+            return Action.PAUSE
         if status == 413:
             return Action.SPLIT if items > 1 else Action.DEAD
         if status in BISECT_STATUSES and items > 1:

@@ -580,28 +580,17 @@ class DestinationWorker:
             self.limiter.succeeded(cost)
         if action in (Action.SPLIT, Action.BISECT):
             return await self._send_halves(request, batch, ordered=ordered)
+        if action is Action.PAUSE:
+            # The account refused (retry.pause_statuses): its answer is about the
+            # credentials, not these events, so the next ones would get it too. Pause at
+            # once, whatever the guard has counted, and even right after a resume.
+            return self._hold_for_pause(request, batch, response)
         if action is Action.DEAD:
             jobs = {it.job_id for it in request.items}
             if self._precheck and self.guard.would_trip(batch.dead_pending + len(jobs), batch.delivered_pending):
                 # A whole request refused for good (a bad credential or mapping deploy):
                 # pause instead of dead-lettering it; these jobs stay queued.
-                # The reason is kept and shown (status, logs): never with an echoed credential.
-                # Redacted before it is cut: a credential straddling the cut would
-                # otherwise be kept in part.
-                batch.guard_reason = (
-                    f"{self.name} refused {len(jobs)} events with HTTP {response.status}: "
-                    f"{redact_text(response.body or response.error or '')[:200]}"
-                )
-                batch.unsent.update(jobs)
-                log.warning(
-                    "delivery_attempt_failed",
-                    destination=self.name,
-                    status=response.status,
-                    items=len(request.items),
-                    action="pause",
-                    body=redact_text(response.body)[:300],
-                )
-                return False
+                return self._hold_for_pause(request, batch, response)
             batch.dead_pending += len(jobs)
         elif action is Action.DELIVERED:
             batch.delivered_pending += len({it.job_id for it in request.items})
@@ -635,6 +624,28 @@ class DestinationWorker:
             if previous is None or rank > _rank(previous.action):
                 verdicts[job_id] = verdict
         return action is not Action.RETRY
+
+    def _hold_for_pause(self, request: Request, batch: _Batch, response: Response) -> bool:
+        """Send nothing more of ``batch``; its jobs stay queued and the destination pauses
+        once it settles. Returns False, as for a request not delivered."""
+        jobs = {it.job_id for it in request.items}
+        # The reason is kept and shown (status, logs): never with an echoed credential.
+        # Redacted before it is cut: a credential straddling the cut would otherwise be
+        # kept in part.
+        batch.guard_reason = (
+            f"{self.name} refused {len(jobs)} events with HTTP {response.status}: "
+            f"{redact_text(response.body or response.error or '')[:200]}"
+        )
+        batch.unsent.update(jobs)
+        log.warning(
+            "delivery_attempt_failed",
+            destination=self.name,
+            status=response.status,
+            items=len(request.items),
+            action="pause",
+            body=redact_text(response.body)[:300],
+        )
+        return False
 
     async def _send_halves(self, request: Request, batch: _Batch, *, ordered: bool) -> bool:
         first, second = request.split()
@@ -736,7 +747,7 @@ class DestinationWorker:
             )
 
 
-_RANKS = {Action.DELIVERED: 0, Action.RETRY: 1, Action.DEAD: 2, Action.SPLIT: 2, Action.BISECT: 2}
+_RANKS = {Action.DELIVERED: 0, Action.RETRY: 1, Action.DEAD: 2, Action.SPLIT: 2, Action.BISECT: 2, Action.PAUSE: 2}
 
 
 def _rank(action: Action) -> int:

@@ -114,6 +114,12 @@ def test_precise_type_and_value_errors(raw: dict[str, Any]) -> None:
     bad["destinations"][0]["retry"] = {"retryable_statuses": [500, "x"]}
     assert "retryable_statuses: expected a list of HTTP status codes" in error_of(bad)
     bad = copy.deepcopy(raw)
+    bad["destinations"][0]["retry"] = {"pause_statuses": "401"}
+    assert "pause_statuses: expected a list of HTTP status codes" in error_of(bad)
+    bad = copy.deepcopy(raw)
+    bad["destinations"][0]["retry"] = {"retryable_statuses": [401, 503], "pause_statuses": [401, 403]}
+    assert "pause_statuses: 401 also in retryable_statuses" in error_of(bad)
+    bad = copy.deepcopy(raw)
     bad["sources"][2]["allow_ips"] = ["not-an-ip"]
     assert "sources[2].allow_ips[0]: not an IP address or CIDR" in error_of(bad)
     bad = copy.deepcopy(raw)
@@ -239,3 +245,10 @@ def test_idle_timeout_outlasts_load_balancers_and_must_be_positive(raw: dict[str
         bad = copy.deepcopy(raw)
         bad["server"]["idle_timeout"] = value
         assert error_of(bad).startswith("server.idle_timeout:"), error_of(bad)
+
+
+def test_a_status_made_retryable_leaves_the_default_pause_list(tmp_path: Path) -> None:
+    raw = config_dict(tmp_path, "http://127.0.0.1:1", "http://127.0.0.1:2")
+    raw["destinations"][0]["retry"] = {"retryable_statuses": [401, 503]}
+    retry = build_config(raw).destinations[0].retry
+    assert 401 in retry.retryable_statuses and retry.pause_statuses == frozenset({403, 409, 415})

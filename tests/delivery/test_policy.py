@@ -25,8 +25,13 @@ from bridge.destinations.base import Response
         (413, 1, Action.DEAD),
         (400, 4, Action.BISECT),
         (400, 1, Action.DEAD),
-        (401, 4, Action.DEAD),
+        (401, 4, Action.PAUSE),
+        (401, 1, Action.PAUSE),
+        (403, 1, Action.PAUSE),
+        (409, 2, Action.PAUSE),
+        (415, 1, Action.PAUSE),
         (404, 4, Action.DEAD),
+        (422, 1, Action.DEAD),
     ],
 )
 def test_classification(status, items, action):
@@ -38,6 +43,14 @@ def test_retryable_statuses_are_configurable():
     assert policy.classify(Response(500), 1) is Action.DEAD
     assert policy.classify(Response(503), 1) is Action.RETRY
     assert policy.classify(Response(0, error="timeout"), 1) is Action.RETRY
+
+
+def test_pause_statuses_are_configurable():
+    policy = RetryPolicy(RetryConfig(pause_statuses=frozenset({404})))
+    assert policy.classify(Response(404), 3) is Action.PAUSE
+    assert policy.classify(Response(401), 1) is Action.DEAD
+    # A retryable status is retried, whatever else lists it.
+    assert RetryPolicy(RetryConfig(pause_statuses=frozenset({503}))).classify(Response(503), 1) is Action.RETRY
 
 
 def test_backoff_is_full_jitter_under_an_exponential_cap():

@@ -482,6 +482,44 @@ async def test_a_few_bad_events_in_a_big_batch_are_dead_lettered_not_a_pause(mak
         await server.close()
 
 
+@pytest.mark.parametrize("status", [401, 403, 409, 415])
+async def test_an_account_refusal_pauses_at_once_even_for_a_few_events_after_good_traffic(bridge, status):
+    """A rotated key (401), a suspended account (403), an app key mismatch (409): MoEngage
+    says it of the account, not of the events, so every event would get it. A few calls
+    after a day of good traffic are far below what the guard needs to trip: they must
+    still wait, queued, not fill the DLQ one by one until it does."""
+    assert (await bridge.post("/v1/batch", tracks(30, prefix="good"), H))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 30, timeout=10)
+    bridge.moengage.refuse_all(status)
+    for i in range(5):
+        assert (
+            await bridge.post(
+                "/v1/track", {"userId": f"after-{i}", "event": "E", "properties": {"seq": f"after-{i}"}}, H
+            )
+        )[0] == 200
+
+    async def paused() -> bool:
+        return bool((await _status_of(bridge))["paused"])
+
+    await wait_until(paused, what=f"the pause for HTTP {status}")
+    await asyncio.sleep(0.3)  # any later batch would be dead-lettered by now, were it sent
+    state = await _status_of(bridge)
+    assert str(status) in state["pause_reason"], state
+    assert await dlq(bridge) == [] and state["queue_depth"] == 5, state
+
+    # An operator resumes before the fix: the first batch is refused again, and it pauses
+    # again rather than dead-letter (the guard's "resume forces progress" is for events
+    # judged bad, and these are not).
+    assert (await bridge.post("/admin/destinations/moengage-main/resume", None, ADMIN))[0] == 200
+    await wait_until(paused, what="the pause after a resume that fixed nothing")
+    assert await dlq(bridge) == []
+
+    bridge.moengage.refuse_all(None)
+    assert (await bridge.post("/admin/destinations/moengage-main/resume", None, ADMIN))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 35, timeout=10)
+    assert await dlq(bridge) == []
+
+
 async def test_the_guard_never_replaces_an_operators_pause(bridge):
     """An operator pauses while a bad batch is in flight: the guard must not turn that pause
     into its own (which a mapping reload would lift)."""

@@ -228,15 +228,15 @@ async def test_secrets_never_reach_the_logs(make_bridge):
         await bridge.get("/admin/status", {"Authorization": f"Bearer {ADMIN_TOKEN}x"})
         await bridge.post("/v1/track", {"userId": "user-s", "event": "Upstream 401"}, H)
 
-        async def dead() -> bool:
-            _, body = await bridge.get("/admin/dlq", ADMIN)
-            return len(body["dead_letters"]) == 1
+        async def paused() -> bool:
+            _, body = await bridge.get("/admin/status", ADMIN)
+            return bool(body["destinations"][0]["paused"])
 
-        await wait_until(dead, what="the 401 dead letter")
+        await wait_until(paused, what="the pause for the upstream's 401")
     finally:
         configure_logging("warning", "console")
     logged = stream.getvalue()
-    assert "dead_lettered" in logged and "request_rejected" in logged
+    assert "delivery_attempt_failed" in logged and "request_rejected" in logged
     for secret in SECRETS:
         for form in (
             secret,
@@ -631,17 +631,18 @@ async def test_readyz_is_503_once_shutdown_begins(bridge):
 
 
 async def test_an_upstream_echoing_our_key_does_not_put_it_in_the_dlq(bridge):
-    bridge.moengage.plan(Planned(401, {"error": f"bad credentials: {API_KEY}", "auth": f"Basic {API_KEY}"}))
+    # A refusal of the event (422, dead-lettered), quoting the request's credentials back.
+    bridge.moengage.plan(Planned(422, {"error": f"bad attribute for key {API_KEY}", "auth": f"Basic {API_KEY}"}))
     assert (await bridge.post("/v1/track", {"userId": "u-echo", "event": "Echo"}, H))[0] == 200
 
     async def dead() -> bool:
         _, body = await bridge.get("/admin/dlq", ADMIN)
         return len(body["dead_letters"]) == 1
 
-    await wait_until(dead, what="the 401 to be dead-lettered")
+    await wait_until(dead, what="the 422 to be dead-lettered")
     _, listed = await bridge.get("/admin/dlq", ADMIN)
     status, shown = await bridge.get(f"/admin/dlq/{listed['dead_letters'][0]['id']}", ADMIN)
-    assert status == 200 and shown["status"] == 401 and "bad credentials" in shown["response_body"]
+    assert status == 200 and shown["status"] == 422 and "bad attribute" in shown["response_body"]
     assert API_KEY not in str(shown)
 
 
