@@ -514,13 +514,25 @@ class DestinationWorker:
                     )
                 )
                 continue
-            reject = None
-            for it in mine:
-                reject = reject_reason(it)
-                if reject:
-                    break
-            if not mine or reject:
-                discards.append(Discard(job_id, reject or "no_output", batch.label(job_id)))
+            if not mine:
+                discards.append(Discard(job_id, "no_output", batch.label(job_id)))
+                continue
+            refused = next(((it, reason) for it in mine if (reason := reject_reason(it))), None)
+            if refused is not None:
+                # Mapped to something the destination cannot take (over its size limit, a
+                # kind it has no endpoint for): dead-lettered, not discarded, so it is seen
+                # and replayed once a mapping change makes it fit.
+                item, reason = refused
+                dead.append(
+                    DeadLetter(
+                        job_id,
+                        reason,
+                        response_body=f"{self.name} cannot take this mapped item: {reason}",
+                        request_body=item.encoded,
+                        label=batch.label(job_id),
+                        mapping_version=mapping.version,
+                    )
+                )
                 continue
             job_items[job_id] = mine
             batch.items_left[job_id] = len(mine)

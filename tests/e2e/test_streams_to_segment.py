@@ -433,18 +433,40 @@ async def test_relayed_events_do_not_loop_back_to_moengage(bridge):
     await wait_until(loops, what="loop discards")
 
 
-async def test_oversize_event_is_discarded_while_the_batch_is_delivered(bridge):
+async def test_an_oversize_event_is_dead_lettered_for_replay_while_the_batch_is_delivered(bridge):
+    """Over Segment's 32 KB once mapped: never sent (Segment would refuse it), but kept
+    where an operator sees it and can replay it, not discarded as if meant to be dropped."""
     payload = seed_payload()
     payload["events"][0]["event_attributes"]["blob"] = "x" * 40_000
     assert (await bridge.post(PATH, payload, AUTH))[0] == 200
     await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 2)
 
-    async def discarded() -> bool:
-        _, found = await bridge.get("/admin/discards?reason=event_too_large", ADMIN)
-        return len(found["discards"]) == 1
+    async def dead_lettered() -> list[dict[str, Any]]:
+        _, found = await bridge.get("/admin/dlq?reason=event_too_large", ADMIN)
+        return list(found["dead_letters"])
 
-    await wait_until(discarded, what="event_too_large discard")
+    await wait_until(lambda: _nonempty(dead_lettered()), what="the event_too_large dead letter")
+    [entry] = await dead_lettered()
+    assert entry["message_id"] == payload["events"][0]["event_uuid"], entry
+    _, full = await bridge.get(f"/admin/dlq/{entry['id']}", ADMIN)
+    assert "x" * 1000 in orjson.dumps(full["request"]).decode(), "the refused item is shown"
+    assert "event_too_large" in full["response_body"], full["response_body"]
     assert {e["messageId"] for e in bridge.segment.events()} == {"uuid-email-1", "uuid-sms-1"}
+    _, discards = await bridge.get("/admin/discards", ADMIN)
+    assert discards["discards"] == []
+    # Replayed as it is, it is refused again: the same dead letter comes back, not a loss.
+    status, replayed = await bridge.post("/admin/dlq/replay", {"reason": "event_too_large"}, ADMIN)
+    assert status == 200 and replayed["replayed"] == 1, replayed
+
+    async def back_again() -> bool:
+        return [e["id"] for e in await dead_lettered()] not in ([], [entry["id"]])
+
+    await wait_until(back_again, what="the replayed event back in the DLQ")
+    assert len(bridge.segment.events()) == 2
+
+
+async def _nonempty(entries: Any) -> bool:
+    return bool(await entries)
 
 
 async def test_an_event_too_deep_to_store_is_rejected_by_index(bridge):
