@@ -128,6 +128,9 @@ class YamlMapping(CompiledMapping):
         guard = self._link_guard
         if guard is not None and not passes(guard, event):
             return None
+        if self._integrations and self._integrations_block(event) is not None:
+            # Kept away from this destination: the event must not change how it names the user.
+            return None
         when, src, dst = self._identity_link
         env = Env(event, None, {}, "")
         try:

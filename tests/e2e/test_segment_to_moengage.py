@@ -552,6 +552,26 @@ async def test_webhook_signature(bridge):
     assert {e["actions"][0]["action"] for e in bridge.moengage.events()} == {"Hooked", "Batched"}
 
 
+@pytest.mark.parametrize("integrations", [{"MoEngage": False}, {"All": False}, {"All": False, "Mixpanel": True}])
+async def test_an_identify_kept_away_from_moengage_does_not_rename_the_user_there(bridge, integrations):
+    """Its userId -> traits.id link is about MoEngage's user: learnt from an identify that
+    MoEngage never gets, it would send every later call of the user to another id."""
+    h = basic(WRITE_KEY)
+    ident = {"userId": "u-77", "traits": {"id": "test-account-77"}, "integrations": integrations}
+    assert (await bridge.post("/v1/identify", ident, h))[0] == 200
+    assert (await bridge.post("/v1/track", {"userId": "u-77", "event": "Bought"}, h))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1)
+    assert bridge.moengage.events()[0]["customer_id"] == "u-77"
+    assert bridge.moengage.customers() == []
+    # The same identify sent to MoEngage does link.
+    ident["integrations"] = {"MoEngage": True}
+    ident["messageId"] = "ident-2"
+    assert (await bridge.post("/v1/identify", ident, h))[0] == 200
+    assert (await bridge.post("/v1/track", {"userId": "u-77", "event": "Bought Again"}, h))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 2)
+    assert bridge.moengage.events()[1]["customer_id"] == "test-account-77"
+
+
 @pytest.mark.parametrize("traits_id", ["guest", "null ", "GUEST\u00a0"], ids=["plain", "padded", "nbsp"])
 async def test_a_rejected_traits_id_does_not_hijack_later_calls(bridge, traits_id):
     # MoEngage trims an id before it checks it, so " null " is as much a placeholder as "null".
