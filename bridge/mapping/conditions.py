@@ -243,8 +243,36 @@ def _is_num(x: Any) -> bool:
     return t is int or t is float
 
 
+# `is`: JSON types by name. A boolean is not a number (Python says True == 1).
+JSON_TYPES: dict[str, frozenset[type]] = {
+    "string": frozenset({str}),
+    "number": frozenset({int, float}),
+    "integer": frozenset({int}),
+    "boolean": frozenset({bool}),
+    "object": frozenset({dict}),
+    "array": frozenset({list}),
+    "null": frozenset({type(None)}),
+}
+
+
+def _is_type(c: ExprCompiler, lhs: Fn, rhs: YNode, ypath: str) -> Cond:
+    """``{value: X, is: string}`` or ``is: [string, number]``: X is one of these JSON types
+    (absent is none of them)."""
+    names = [x.value for x in rhs.value] if rhs.is_list else [rhs.value]
+    wanted: set[type] = set()
+    for name in ("null" if n is None else n for n in names):  # YAML reads a bare null as None
+        if not isinstance(name, str) or name not in JSON_TYPES:
+            c.diags.add(rhs, ypath, f"'is' expects JSON type names ({', '.join(JSON_TYPES)}), got {name!r}")
+            return _ALWAYS_FALSE
+        wanted |= JSON_TYPES[name]
+    types = frozenset(wanted)
+    return emits(lambda env: type(lhs(env)) in types, lambda g: f"(type({g.value(lhs)}) in {g.bind(types)})")
+
+
 def compare(c: ExprCompiler, lhs: Fn, op: str, rhs: YNode, ypath: str, fold: bool, literal_only: bool = False) -> Cond:
     raw = rhs.value
+    if op == "is":
+        return _is_type(c, lhs, rhs, ypath)
     if op in ("equals", "not_equals") and not literal_only and (rhs.is_map or _is_reference(raw)):
         return _compare_values(lhs, c.value(rhs, ypath), op == "equals", fold)
     if op in ("in", "not_in"):

@@ -31,7 +31,20 @@ HEAD_EXTRAS = {
     "merge": ("prefer",),
 }
 MODIFIERS = ("pipe", "drop_if", "default")
-COMPARE_OPS = ("equals", "not_equals", "in", "not_in", "prefix", "suffix", "contains", "gt", "gte", "lt", "lte")
+COMPARE_OPS = (
+    "equals",
+    "not_equals",
+    "in",
+    "not_in",
+    "prefix",
+    "suffix",
+    "contains",
+    "gt",
+    "gte",
+    "lt",
+    "lte",
+    "is",
+)
 COND_KEYS = ("all", "any", "not", "exists", "empty", "match", "value", *COMPARE_OPS, "ignore_case")
 
 

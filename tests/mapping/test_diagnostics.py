@@ -126,6 +126,8 @@ def test_segment_structural_checks(tmp_path, body, message):
         ("{if: {value: $.a, equal: x}, then: x}", "did you mean 'equals'?"),
         ("{if: {value: $.a, gt: high}, then: x}", "'gt' expects a number"),
         ("{if: {value: $.a}, then: x}", "'value' needs exactly one operator"),
+        ("{if: {value: $.a, is: text}, then: x}", "'is' expects JSON type names (string, number"),
+        ("{if: {value: $.a, is: [string, 3]}, then: x}", "got 3"),
         ("{if: {exists: $.a, empty: $.b}, then: x}", "a condition needs exactly one of"),
         ("$let.custmer_id", "unknown let name 'custmer_id' (did you mean 'customer_id'?)"),
         ("'$.a['", "unclosed '['"),

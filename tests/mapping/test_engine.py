@@ -1,8 +1,10 @@
 """Rule selection, drops, overrides, integrations semantics, identity, run-time output checks."""
 
+import pytest
+
 from bridge.mapping import Discarded, Failed, MapContext, Output, load_mapping_file
 
-from .helpers import outputs, write
+from .helpers import evaluate, outputs, value_mapping, write
 
 MAPPING = """\
 source_format: segment
@@ -143,3 +145,23 @@ def test_outputs_do_not_share_literal_objects(tmp_path):
     a.body["actions"][0]["attributes"]["k"].append(2)
     (b,) = outputs(m.apply(track(), MapContext()))
     assert b.body["actions"][0]["attributes"] == {"k": [1]}
+
+
+@pytest.mark.parametrize(
+    ("types", "truths"),
+    [
+        # values:  "a"    7      7.5    True   None   [1]    {}     absent
+        ("string", [True, False, False, False, False, False, False, False]),
+        ("number", [False, True, True, False, False, False, False, False]),
+        ("integer", [False, True, False, False, False, False, False, False]),
+        ("boolean", [False, False, False, True, False, False, False, False]),
+        ("null", [False, False, False, False, True, False, False, False]),
+        ("[array, object]", [False, False, False, False, False, True, True, False]),
+    ],
+)
+def test_is_tests_the_json_type(tmp_path, types, truths):
+    mapping = value_mapping(tmp_path, f"{{if: {{value: $.x, is: {types}}}, then: yes, else: no}}")
+    values: list[object] = ["a", 7, 7.5, True, None, [1], {}]
+    got = [evaluate(mapping, {"type": "track", "x": x}) == "yes" for x in values]
+    got.append(evaluate(mapping, {"type": "track"}) == "yes")
+    assert got == truths

@@ -84,6 +84,8 @@ rules:
             then: yes
             else: {path: $.properties.other, default: no}
           only_then: {if: {exists: $.properties.flag}, then: flagged}
+          typed: {if: {value: $.properties.a, is: [string, integer]}, then: id-like, else: other}
+          untyped: {if: {value: $.properties.flag, is: boolean}, then: flag}
           literal: {literal: {a: [1, {b: 2}]}}
           nulls: {path: $.properties.nothing, drop_if: null}
           empties: {path: $.properties.blank, drop_if: empty, default: filled}
