@@ -17,6 +17,7 @@ from bridge.mapping.links import ids_to_resolve, link_context
 from bridge.mapping.translate import translate_events
 from bridge.records import dead_letter_json, discard_json
 from bridge.routing import ANY_PATH, Routes, unmatched
+from bridge.sources.dry_run import Refused, as_ingested_each, refused_json
 from bridge.store.base import RecordFilter
 from bridge.suggest import did_you_mean
 
@@ -228,14 +229,19 @@ class AdminApi:
             dest = next((d for d in config.destinations if d.mapping == name), None)
         options = dest.mapping_options if dest else {}
         data = parse_json(await read_body(request, MAX_ADMIN_BODY))
-        events = data if isinstance(data, list) else [data]
+        # As the worker sees them: what ingest stores of each, or its refusal.
+        ingested = as_ingested_each(mapping.source_format, data if isinstance(data, list) else [data])
+        events = [e for e in ingested if not isinstance(e, Refused)]
         given_link = q.get("linked_id") or None
         links: dict[str, str] = {}
         if dest is not None and q.get("destination"):
             wanted = ids_to_resolve(mapping, events)
             links = await self.runtime.store.resolve_links(dest.name, wanted) if wanted else {}
         results = []
-        for index, event in enumerate(events):
+        for index, event in enumerate(ingested):
+            if isinstance(event, Refused):
+                results.append(refused_json(event))
+                continue
             ctx = link_context(mapping, event, links, options=options, source=source, linked_id=given_link)
             translated = translate_events(mapping, [event], ctx)
             try:

@@ -17,6 +17,7 @@ from bridge.mapping.api import Diagnostic, MapContext
 from bridge.mapping.fixtures import run_fixtures
 from bridge.mapping.loader import compile_mapping_dir, compile_mapping_file
 from bridge.mapping.translate import InputError, parse_events, translate_events
+from bridge.sources.dry_run import Refused, as_ingested_each, refused_json
 
 DEFAULT_DIR = "mappings"
 
@@ -142,7 +143,11 @@ def cmd_translate(
         print(f"error: {exc}", file=err)
         return 1
     ctx = MapContext(linked_id=getattr(args, "linked_id", None), options=options, source=getattr(args, "source", ""))
-    results = translate_events(mapping, events, ctx)
+    # As the worker sees them: what ingest stores of each, or its refusal.
+    results = [
+        refused_json(e) if isinstance(e, Refused) else translate_events(mapping, [e], ctx)[0]
+        for e in as_ingested_each(mapping.source_format, events)
+    ]
     for i, result in enumerate(results):
         if len(results) > 1:
             print(f"# event {i}", file=out)
@@ -155,7 +160,7 @@ def cmd_translate(
             for line in lines:
                 print(line, file=out)
         else:
-            status = "discarded" if "discarded" in result else "failed"
+            status = next(k for k in ("discarded", "failed", "rejected") if k in result)
             detail = f" ({result['detail']})" if result.get("detail") else ""
             print(f"{status}: {result[status]}{detail}", file=out)
     return 0

@@ -491,3 +491,26 @@ async def test_non_ascii_credentials_are_refused_not_crashed_on(make_bridge, aut
     header = b"Authorization: Basic \xff\xfe" if auth == "basic" else b"X-Api-Key: k-\xff\xfe"
     status, data = await raw_post(bridge, PATH, header, orjson.dumps(seed_payload()))
     assert status == 401 and data["code"] in ("invalid_authorization", "unauthorized"), data
+
+
+async def test_admin_translate_answers_for_a_streams_event_as_delivery_would(bridge):
+    """A uid of `true` is dropped at ingest (MoEngage's own id stands in): the dry run
+    must not answer with userId "true", which the bridge never sends."""
+    event = {
+        "event_uuid": "dry-1",
+        "event_name": "Email Sent",
+        "event_time": 1_700_000_000,
+        "uid": True,
+        "user_attributes": {"moengage_user_id": "moe-1"},
+    }
+    status, body = await bridge.post("/admin/translate?destination=segment-prod", [event, {"event_name": "E"}], ADMIN)
+    assert status == 200, body
+    sent, refused = body["results"]
+    track = sent["outputs"][0]["body"]
+    assert "userId" not in track and track["anonymousId"] == "moe-1", track
+    assert refused["rejected"] == "event_uuid_required", refused
+    # What the real path sends, for the same event.
+    assert (await bridge.post(PATH, {"events": [event]}, AUTH))[0] == 200
+    await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 1)
+    delivered = bridge.segment.events()[0]
+    assert "userId" not in delivered and delivered["anonymousId"] == "moe-1"

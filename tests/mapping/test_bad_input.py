@@ -50,7 +50,9 @@ def test_translate_of_an_integer_beyond_64_bits_does_not_crash(tmp_path: Path) -
     write(tmp_path / "m" / "t.yaml", SEG_TRACK)
     out, err = io.StringIO(), io.StringIO()
     args = _translate_args(tmp_path / "m", "t")
-    code = cmd_translate(args, stdin=io.StringIO('{"type":"track","n":"1e30"}'), out=out, err=err)  # raised TypeError
+    code = cmd_translate(
+        args, stdin=io.StringIO('{"type":"track","userId":"x","event":"e","n":"1e30"}'), out=out, err=err
+    )  # raised TypeError
     # Past 64 bits `to: integer` fails like any bad value: on_error's default drops the field.
     assert code == 0 and out.getvalue() == 'track {"type":"track","event":"e","userId":"u","properties":{}}\n'
 

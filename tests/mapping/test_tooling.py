@@ -99,16 +99,21 @@ def test_fixture_runner_reports_bad_fixtures_and_missing_mappings(tmp_path):
 
 def test_translate_command(capsys, shipped_copy, monkeypatch):
     events = [
-        {"type": "track", "userId": "u1", "event": "E", "properties": {"a": 1}},
+        {"type": "track", "userId": "u1", "event": "E", "properties": {"a": 1}, "timestamp": "2026-01-01T00:00:00Z"},
         {"type": "track", "anonymousId": "anon", "event": "E"},
+        {"type": "track", "event": "E"},  # no user at all: refused at ingest
     ]
     lines = "\n".join(json.dumps(e) for e in events)
     monkeypatch.setattr("sys.stdin", io.StringIO(lines))
     assert main(["translate", "--mapping", "segment-to-moengage", "--mappings-dir", str(shipped_copy)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "# event 0"
-    assert out[1] == 'event {"type":"event","customer_id":"u1","actions":[{"action":"E","attributes":{"a":1}}]}'
+    assert out[1] == (
+        'event {"type":"event","customer_id":"u1","actions":[{"action":"E","attributes":{"a":1},'
+        '"current_time":1767225600}]}'
+    )
     assert out[3].startswith("discarded: anonymous_user")
+    assert out[5] == "rejected: id_required (track requires userId or anonymousId)"
     monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(events[1])))
     argv = [
         "translate",

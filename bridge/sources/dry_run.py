@@ -1,0 +1,54 @@
+"""An event as ingest would have stored it, for dry runs (`bridge translate`, /admin/translate).
+
+The worker maps stored events: what the source's validation left of a call, not the call
+as sent. A dry run that skipped it would answer for an event the bridge never delivers
+(a Streams `uid` of `true` is dropped at ingest; a Segment call without a timestamp gets
+one there), or translate one ingest would refuse.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from bridge.sources.segment.spec import Invalid
+from bridge.sources.segment.spec import normalise as normalise_segment
+from bridge.sources.streams.spec import normalise as normalise_streams
+
+
+class Refused(ValueError):
+    """Ingest would have refused the event: ``code`` as in its answer's ``rejected`` list."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def as_ingested(source_format: str, item: Any, received_at: datetime | None = None) -> dict[str, Any]:
+    """``item`` as a source of ``source_format`` stores it; raises Refused as ingest would."""
+    try:
+        if source_format == "moengage_streams":
+            event, _, _ = normalise_streams(item)
+        else:  # segment: a batch item, which names its own type
+            event, _, _ = normalise_segment(item, call_type=None, received_at=received_at or datetime.now(UTC))
+    except Invalid as exc:
+        raise Refused(exc.code, exc.message) from None
+    return event
+
+
+def as_ingested_each(source_format: str, items: list[Any]) -> list[dict[str, Any] | Refused]:
+    """Each of ``items`` as stored, or the Refused ingest would have answered for it."""
+    received_at = datetime.now(UTC)
+    out: list[dict[str, Any] | Refused] = []
+    for item in items:
+        try:
+            out.append(as_ingested(source_format, item, received_at))
+        except Refused as exc:
+            out.append(exc)
+    return out
+
+
+def refused_json(refused: Refused) -> dict[str, Any]:
+    """A dry run's result for an event ingest refuses, beside {"outputs"}, {"discarded"}, {"failed"}."""
+    return {"rejected": refused.code, "detail": refused.message}
