@@ -1,7 +1,7 @@
 """The key -> region registry: a Segment write key belongs to one Segment source in one
 region, and Segment silently drops what is sent with it anywhere else, so the config
-refuses, loudly, what Segment would drop: one key in two regions, sources and destinations
-alike."""
+refuses, loudly, what Segment would drop: one key in two regions (sources and destinations
+alike), and a destination pointed at the other region's ingestion host."""
 
 from __future__ import annotations
 
@@ -125,3 +125,40 @@ def test_keys_are_compared_exactly(raw: dict[str, Any]) -> None:
     raw["destinations"][SEGMENT_PROD]["region"] = "eu"
     raw["sources"][STREAMS]["data_center"] = "02"
     assert build_config(raw).destinations[SEGMENT_PROD].region == "eu"
+
+
+# -- defect 2: a destination's base_url on the other region's Segment host ----------------
+
+
+@pytest.mark.parametrize(
+    ("region", "base_url", "named"),
+    [
+        ("eu", "https://api.segment.io", "api.segment.io is Segment's US ingestion host, but region is eu"),
+        ("eu", "https://API.Segment.io./", "is Segment's US ingestion host, but region is eu"),
+        ("eu", "http://api.segment.io:443/v1", "api.segment.io is Segment's US ingestion host"),
+        ("us", "https://events.eu1.segmentapis.com", "is Segment's EU ingestion host, but region is us"),
+    ],
+)
+def test_a_base_url_on_the_other_regions_host_is_refused(
+    raw: dict[str, Any], region: str, base_url: str, named: str
+) -> None:
+    raw["destinations"][SEGMENT_PROD].update(region=region, base_url=base_url)
+    raw["sources"][STREAMS]["allow_cross_region"] = True  # only the host is under test
+    message = error_of(raw)
+    assert message.startswith("destinations[2].base_url:") and named in message, message
+    assert "Segment silently drops" in message and not keys_in(message)
+
+
+@pytest.mark.parametrize(
+    ("region", "base_url"),
+    [
+        ("us", "https://api.segment.io"),  # the region's own host, spelt out
+        ("eu", "https://events.eu1.segmentapis.com/"),
+        ("eu", "http://127.0.0.1:8090"),  # a stand-in
+        ("eu", "https://segment-proxy.internal/eu"),  # a proxy
+    ],
+)
+def test_the_regions_own_host_and_custom_hosts_are_allowed(raw: dict[str, Any], region: str, base_url: str) -> None:
+    raw["destinations"][SEGMENT_PROD].update(region=region, base_url=base_url)
+    raw["sources"][STREAMS]["allow_cross_region"] = True
+    assert build_config(raw).destinations[SEGMENT_PROD].region == region
