@@ -439,8 +439,9 @@ def build_config(data: dict[str, Any], path: str = "", unset_env: frozenset[str]
 
 def validate_routes(cfg: Config) -> None:
     """Names are unique, each Segment write key has one region (``_check_write_keys``),
-    routes point at real destinations, and no route crosses regions unless the source says
-    so (Segment drops cross-region data silently; we refuse loudly)."""
+    routes point at real destinations, once each and at most one Segment destination per
+    source (Segment dedupes on messageId everywhere), and no route crosses regions unless
+    the source says so (Segment drops cross-region data silently; we refuse loudly)."""
     seen: dict[str, str] = {}
     for kind, names in (
         ("sources", [s.name for s in cfg.sources]),
@@ -453,10 +454,25 @@ def validate_routes(cfg: Config) -> None:
     _check_write_keys(cfg)
     dests = {d.name: d for d in cfg.destinations}
     for i, s in enumerate(cfg.sources):
+        to_segment: str | None = None
         for j, target in enumerate(s.to):
             d = dests.get(target)
             if d is None:
                 raise ConfigError(f"sources[{i}].to[{j}]: no destination named {target!r}{did_you_mean(target, dests)}")
+            if target in s.to[:j]:
+                raise ConfigError(
+                    f"sources[{i}].to[{j}]: {target!r} is listed twice; every event would be delivered to it twice"
+                )
+            if d.kind == "segment":
+                if to_segment is not None:
+                    raise ConfigError(
+                        f"sources[{i}].to[{j}]: source {s.name!r} is routed to two Segment destinations, "
+                        f"{to_segment!r} and {target!r}. Segment deduplicates on messageId across all its "
+                        "sources and workspaces, and both copies of an event carry the same messageId "
+                        "(the event's own id: a Streams event's event_uuid), so Segment would drop one of them. "
+                        "Route a source to one Segment destination."
+                    )
+                to_segment = target
             if s.allow_cross_region:
                 continue
             if s.region is None or d.region is None or s.region != d.region:

@@ -1,7 +1,8 @@
 """The key -> region registry: a Segment write key belongs to one Segment source in one
 region, and Segment silently drops what is sent with it anywhere else, so the config
 refuses, loudly, what Segment would drop: one key in two regions (sources and destinations
-alike), and a destination pointed at the other region's ingestion host."""
+alike), a destination pointed at the other region's ingestion host, and one event sent
+twice under one messageId."""
 
 from __future__ import annotations
 
@@ -162,3 +163,38 @@ def test_the_regions_own_host_and_custom_hosts_are_allowed(raw: dict[str, Any], 
     raw["destinations"][SEGMENT_PROD].update(region=region, base_url=base_url)
     raw["sources"][STREAMS]["allow_cross_region"] = True
     assert build_config(raw).destinations[SEGMENT_PROD].region == region
+
+
+# -- defect 3: one event to two Segment destinations, under one messageId ------------------
+
+
+def test_a_source_routed_to_two_segment_destinations_is_refused(
+    raw: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Segment dedupes on messageId across sources and workspaces, and the mapping gives
+    every copy of a Streams event its event_uuid: the second copy would be dropped."""
+    segment_destination(raw, "segment-b", write_key="seg_other_key_5566")
+    raw["sources"][STREAMS]["to"] = ["segment-prod", "segment-b"]
+    message = error_of(raw)
+    assert message.startswith(
+        "sources[2].to[1]: source 'streams-main' is routed to two Segment destinations, 'segment-prod' and 'segment-b'"
+    ), message
+    assert "deduplicates on messageId across all its sources and workspaces" in message
+    path = tmp_path / "bridge.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert cli_main(["check", "--config", str(path)]) == 2
+    assert "routed to two Segment destinations" in capsys.readouterr().err
+
+
+def test_two_sources_may_each_feed_their_own_segment_destination(raw: dict[str, Any]) -> None:
+    segment_destination(raw, "segment-b", write_key="seg_other_key_5566")
+    raw["sources"].append({**copy.deepcopy(raw["sources"][STREAMS]), "name": "streams-other", "to": ["segment-b"]})
+    cfg = build_config(raw)
+    assert [s.to for s in cfg.sources[STREAMS:]] == [("segment-prod",), ("segment-b",)]
+
+
+def test_a_destination_listed_twice_in_one_route_is_refused(raw: dict[str, Any]) -> None:
+    """Each entry makes a job: every event would go out twice."""
+    raw["sources"][0]["to"] = ["moengage-main", "moengage-main"]
+    message = error_of(raw)
+    assert message == "sources[0].to[1]: 'moengage-main' is listed twice; every event would be delivered to it twice"
