@@ -6,6 +6,7 @@ every key is documented in the README's configuration reference.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import math
 import re
@@ -18,6 +19,7 @@ from bridge.config.loader import Reader, read_yaml
 from bridge.destinations.base import ConfigError, Destination, destination_kinds
 from bridge.destinations.moengage.datacenters import REGIONS as DATA_CENTER_REGIONS
 from bridge.destinations.moengage.datacenters import normalise_data_center
+from bridge.destinations.segment import SegmentDestination
 from bridge.store import check_store_url
 from bridge.suggest import did_you_mean
 
@@ -436,8 +438,10 @@ def build_config(data: dict[str, Any], path: str = "", unset_env: frozenset[str]
 
 
 def validate_routes(cfg: Config) -> None:
-    """Names are unique, routes point at real destinations, and no route crosses regions
-    unless the source says so (Segment drops cross-region data silently; we refuse loudly)."""
+    """Names are unique, each Segment write key has one region (``_check_write_keys``),
+    routes point at real destinations, once each and at most one Segment destination per
+    source (Segment dedupes on messageId everywhere), and no route crosses regions unless
+    the source says so (Segment drops cross-region data silently; we refuse loudly)."""
     seen: dict[str, str] = {}
     for kind, names in (
         ("sources", [s.name for s in cfg.sources]),
@@ -447,18 +451,28 @@ def validate_routes(cfg: Config) -> None:
             if n in seen:
                 raise ConfigError(f"{kind}[{i}].name: {n!r} is used twice")
             seen[n] = kind
-    keys: dict[str, str] = {}
-    for i, s in enumerate(cfg.sources):
-        if s.write_key:
-            if s.write_key in keys:
-                raise ConfigError(f"sources[{i}].write_key: the same write key is used by {keys[s.write_key]!r}")
-            keys[s.write_key] = s.name
+    _check_write_keys(cfg)
     dests = {d.name: d for d in cfg.destinations}
     for i, s in enumerate(cfg.sources):
+        to_segment: str | None = None
         for j, target in enumerate(s.to):
             d = dests.get(target)
             if d is None:
                 raise ConfigError(f"sources[{i}].to[{j}]: no destination named {target!r}{did_you_mean(target, dests)}")
+            if target in s.to[:j]:
+                raise ConfigError(
+                    f"sources[{i}].to[{j}]: {target!r} is listed twice; every event would be delivered to it twice"
+                )
+            if d.kind == "segment":
+                if to_segment is not None:
+                    raise ConfigError(
+                        f"sources[{i}].to[{j}]: source {s.name!r} is routed to two Segment destinations, "
+                        f"{to_segment!r} and {target!r}. Segment deduplicates on messageId across all its "
+                        "sources and workspaces, and both copies of an event carry the same messageId "
+                        "(the event's own id: a Streams event's event_uuid), so Segment would drop one of them. "
+                        "Route a source to one Segment destination."
+                    )
+                to_segment = target
             if s.allow_cross_region:
                 continue
             if s.region is None or d.region is None or s.region != d.region:
@@ -468,6 +482,71 @@ def validate_routes(cfg: Config) -> None:
                     + ("Segment silently drops cross-region data. " if "segment" in (s.kind, d.kind) else "")
                     + f"Set allow_cross_region: true on source {s.name!r} if this is intended."
                 )
+
+
+@dataclass(frozen=True, slots=True)
+class _KeyUse:
+    """Where a Segment write key is configured: "sources[0]" or "destinations[2]"."""
+
+    where: str
+    name: str
+    region: str
+    is_source: bool
+
+
+def _key_digest(key: str) -> bytes:
+    # Keys are secrets: the registry holds digests, and errors name places, never keys.
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+
+
+def _segment_key_uses(cfg: Config) -> list[tuple[str, _KeyUse]]:
+    uses = [
+        (s.write_key, _KeyUse(f"sources[{i}]", s.name, s.region or "", is_source=True))
+        for i, s in enumerate(cfg.sources)
+        if s.kind == "segment" and s.write_key
+    ]
+    uses += [
+        (d.client.write_key, _KeyUse(f"destinations[{i}]", d.name, d.region or "", is_source=False))
+        for i, d in enumerate(cfg.destinations)
+        if isinstance(d.client, SegmentDestination)
+    ]
+    return uses
+
+
+def _check_write_keys(cfg: Config) -> None:
+    """One registry over every Segment write key in the config, the sources' (keys the
+    bridge accepts) and the Segment destinations' (keys it sends with). A write key belongs
+    to one Segment source, in one region: Segment drops what is sent with it to the other
+    region's host without an error, so the same key in two regions is refused here.
+
+    In one region, a key may be both a source's and a destination's (Streams relayed into
+    the Segment source whose Webhooks destination feeds the bridge), but not two sources'
+    (a request's key must name one source) nor two destinations' (both would send to one
+    Segment source, which drops the second copy of each event as a duplicate messageId)."""
+    seen: dict[bytes, list[_KeyUse]] = {}
+    for key, use in _segment_key_uses(cfg):
+        earlier = seen.setdefault(_key_digest(key), [])
+        here = f"{use.where}.write_key"
+        for first in earlier:  # in one region, or the first of them would have been refused
+            if first.region != use.region:
+                raise ConfigError(
+                    f"{here}: this write key is also {first.where}'s ({first.name!r}), in region {first.region}; "
+                    f"a write key belongs to one region, and Segment silently drops data sent with it to "
+                    f"another region's host (this one is in region {use.region})"
+                )
+            if use.is_source and first.is_source:
+                raise ConfigError(
+                    f"{here}: the same write key is used by {first.name!r} ({first.where}); "
+                    "each source needs its own, or a request's key would name two sources"
+                )
+            if not use.is_source and not first.is_source:
+                raise ConfigError(
+                    f"{here}: this write key is also {first.where}'s ({first.name!r}); two destinations "
+                    "would send to one Segment source, and Segment drops the second copy of each event as "
+                    "a duplicate (same messageId). Route every source that should reach it to one "
+                    "destination (its mapping can tell sources apart by $source)"
+                )
+        earlier.append(use)
 
 
 def _region_name(region: str | None) -> str:

@@ -130,7 +130,8 @@ def test_precise_type_and_value_errors(raw: dict[str, Any]) -> None:
 def test_names_and_keys_must_be_unique(raw: dict[str, Any]) -> None:
     bad = copy.deepcopy(raw)
     bad["sources"][1]["write_key"] = bad["sources"][0]["write_key"]
-    assert "the same write key is used by 'web'" in error_of(bad)
+    bad["sources"][1]["region"] = "us"  # in another region it is the region error (test_segment_keys)
+    assert "the same write key is used by 'web' (sources[0])" in error_of(bad)
     bad = copy.deepcopy(raw)
     bad["destinations"][1]["name"] = "moengage-main"
     assert "'moengage-main' is used twice" in error_of(bad)

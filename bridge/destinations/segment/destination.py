@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -25,6 +26,18 @@ DEFAULT_BATCH_EVENTS = 500
 REQUESTS_PER_SECOND = 1000.0  # Segment's documented per-workspace ceiling
 
 _KEYS = frozenset({"name", "kind", "write_key", "region", "base_url", "max_batch_events", "max_batch_bytes"})
+
+
+_HOST_REGIONS = {urlsplit(url).hostname: region for region, url in HOSTS.items()}
+
+
+def host_region(url: str) -> str | None:
+    """The region whose Segment ingestion host ``url`` names, or None for any other host."""
+    try:
+        host = urlsplit(url).hostname
+    except ValueError:
+        return None
+    return _HOST_REGIONS.get((host or "").rstrip("."))
 
 
 def sent_at_now() -> str:
@@ -71,11 +84,20 @@ class SegmentDestination(Destination):
             raise ConfigError(
                 f'{where}.region: must be "us" or "eu" (Segment ingests only in these regions), got {region!r}'
             )
+        base_url = optional_base_url(cfg, "base_url", where)
+        if base_url is not None and (other := host_region(base_url)) not in (None, region):
+            # Segment answers 200 and drops every event sent with a key to the other
+            # region's host. Custom hosts (a proxy, a stand-in) are the operator's call.
+            raise ConfigError(
+                f"{where}.base_url: {urlsplit(base_url).hostname} is Segment's {other.upper()} ingestion host, "
+                f"but region is {region}; Segment silently drops data sent with a key of one region to "
+                f"the other's host. Use {HOSTS[region]} (the default for region {region}), or leave base_url out"
+            )
         return cls(
             name=cfg["name"] if isinstance(cfg.get("name"), str) else cls.kind,
             write_key=required_str(cfg, "write_key", where),
             region=region,
-            base_url=optional_base_url(cfg, "base_url", where),
+            base_url=base_url,
             max_batch_events=optional_int(
                 cfg,
                 "max_batch_events",
