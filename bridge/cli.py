@@ -87,7 +87,10 @@ def _store_from(config_path: str) -> Store:
     store_cfg = _store(Reader(data.get("store") or {}, "store"))
     try:
         # Never upgrade a file from here: a server of the older version may be running on it.
-        return open_store(store_cfg.url, upgrade=False)
+        # Never create one either: a relative SQLite path read from another directory than
+        # the server's would otherwise become a new, empty store, and a pause or a replay
+        # would "succeed" on it.
+        return open_store(store_cfg.url, upgrade=False, create=False)
     except ValueError as exc:
         raise ConfigError(f"store.url: {exc}") from None
 
