@@ -87,7 +87,10 @@ def _store_from(config_path: str) -> Store:
     store_cfg = _store(Reader(data.get("store") or {}, "store"))
     try:
         # Never upgrade a file from here: a server of the older version may be running on it.
-        return open_store(store_cfg.url, upgrade=False)
+        # Never create one either: a relative SQLite path read from another directory than
+        # the server's would otherwise become a new, empty store, and a pause or a replay
+        # would "succeed" on it.
+        return open_store(store_cfg.url, upgrade=False, create=False)
     except ValueError as exc:
         raise ConfigError(f"store.url: {exc}") from None
 
@@ -114,12 +117,16 @@ def _with_store(args: argparse.Namespace, fn: Callable[[Store], Awaitable[int]])
     return asyncio.run(go())
 
 
-def _time_arg(value: str | None) -> float | None:
-    if value is None:
-        return None
+def _time_arg(value: str) -> float | None:
+    """``--since``/``--until``, read as the admin API reads them. Checked while argparse
+    parses, so a bad value is a usage error (exit 2) before the store is opened."""
     from bridge.admin.routes import _time
+    from bridge.httpx import ApiError
 
-    return _time(value, "time")
+    try:
+        return _time(value, f"{value!r:.60}")
+    except ApiError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
 
 
 def _filter(args: argparse.Namespace) -> RecordFilter:
@@ -127,8 +134,8 @@ def _filter(args: argparse.Namespace) -> RecordFilter:
     return RecordFilter(
         destination=args.destination,
         reason=args.reason,
-        since=_time_arg(args.since),
-        until=_time_arg(args.until),
+        since=args.since,
+        until=args.until,
         ids=ids,
     )
 
@@ -238,8 +245,8 @@ def _add_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
     p.add_argument("--destination")
     p.add_argument("--reason")
-    p.add_argument("--since", help="epoch seconds or ISO-8601")
-    p.add_argument("--until", help="epoch seconds or ISO-8601")
+    p.add_argument("--since", type=_time_arg, help="epoch seconds or ISO-8601")
+    p.add_argument("--until", type=_time_arg, help="epoch seconds or ISO-8601")
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--json", action="store_true", help="print JSON")
 

@@ -93,7 +93,9 @@ def open_store(url: str, **opts: Any) -> Store:
     ``sqlite:///relative/path.db`` and ``sqlite:////absolute/path.db`` give a SqliteStore;
     ``postgresql://user@host:port/db`` (or ``postgres://``) a PostgresStore, whose tables
     live in schema ``bridge`` unless the URL says ``?schema=NAME``. ``opts`` go
-    to the store's constructor (``max_bytes``, ...).
+    to the store's constructor (``max_bytes``, ...). With ``create=False`` ``open()``
+    refuses a store that does not exist yet instead of creating it (the CLI: a relative
+    SQLite path taken from another working directory must not become a new, empty file).
     """
     check_store_url(url)
     url = url.strip()

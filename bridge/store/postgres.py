@@ -180,6 +180,7 @@ class PostgresStore(Store):
         connect_timeout: float = 10.0,
         command_timeout: float = 10.0,
         upgrade: bool = True,
+        create: bool = True,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         """``min_free_disk_bytes`` is accepted for a uniform configuration and ignored:
@@ -192,6 +193,10 @@ class PostgresStore(Store):
 
         ``upgrade`` is accepted for a uniform interface: PostgreSQL's schema changes so far
         only add tables and indexes, which older nodes sharing the database do not notice.
+
+        ``create=False`` (the CLI) opens only an existing store: a schema without the
+        bridge's tables (a typo in ``?schema=``, another database) is a StoreError, and
+        nothing is created in it.
 
         ``wall_clock`` is this node's clock; ``now()`` corrects it by its offset from the
         database's, measured at open and every CLOCK_CHECK_SECONDS after."""
@@ -213,6 +218,7 @@ class PostgresStore(Store):
         self._capacity_checked_at = float("-inf")
         self._full_reason: str | None = None
         self._capacity_lock = asyncio.Lock()
+        self._create = create
         self._wall_clock = wall_clock
         self._clock_offset = 0.0
         self._clock_checked_at = float("-inf")
@@ -240,6 +246,13 @@ class PostgresStore(Store):
         try:
             async with pool.acquire() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", DDL_LOCK, timeout=DDL_TIMEOUT)
+                if not self._create and not await conn.fetchval(
+                    "SELECT to_regclass(format('%I.schema_version', $1::text)) IS NOT NULL", self.schema
+                ):
+                    raise StoreError(
+                        f"no bridge store in schema {self.schema!r} of this PostgreSQL database: "
+                        "`bridge serve` creates it when it starts; check store.url (its database and ?schema=)"
+                    )
                 await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
                 for statement in DDL:
                     # Schema changes (an index on a big table, waiting for another node's

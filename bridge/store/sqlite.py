@@ -51,7 +51,7 @@ from bridge.store.key_filter import DEFAULT_BITS_LOG2, check_bits
 from bridge.store.server_lock import ServerLock
 from bridge.store.sqlite_dedupe import MERGE_AT, DedupeKeys, register_functions
 from bridge.store.sqlite_leases import Leases
-from bridge.store.sqlite_schema import configure, create_schema
+from bridge.store.sqlite_schema import configure, create_schema, stored_version
 from bridge.store.sqlite_writer import BatchOperation, GroupCommitWriter
 
 MiB = 1024 * 1024
@@ -70,11 +70,17 @@ class SqliteStore(Store):
         dedupe_merge_at: int = MERGE_AT,
         dedupe_filter_bits_log2: int = DEFAULT_BITS_LOG2,
         upgrade: bool = True,
+        create: bool = True,
     ) -> None:
         """``upgrade=False`` (the CLI) refuses a file of an older schema version instead of
         upgrading it under a server of that version that may still be running on it. With
         ``upgrade`` (the server) the store also holds the file's server lock while open:
-        a second server on the same file fails to open it (see server_lock)."""
+        a second server on the same file fails to open it (see server_lock).
+
+        ``create=False`` (the CLI) opens only an existing store: a missing file (or
+        directory), or a file without the bridge's tables, is a StoreError naming the
+        absolute path, and nothing is created. Either way a relative ``path`` is taken
+        from the working directory when the store is built."""
         if not path or path == ":memory:":
             raise ValueError("SqliteStore needs a file path (an in-memory database is not durable)")
         if max_bytes is not None and max_bytes <= 0:
@@ -83,6 +89,10 @@ class SqliteStore(Store):
             raise ValueError(f"commit_interval must be >= 0, got {commit_interval}")
         check_bits(dedupe_filter_bits_log2)
         self.path = os.path.abspath(path)
+        # Said when the file is missing: a relative path is the usual reason.
+        self._relative_to = None if os.path.isabs(path) else os.getcwd()
+        self._given_path = path
+        self._create = create
         self.max_bytes = max_bytes
         self.min_free_disk_bytes = min_free_disk_bytes
         self._commit_interval = commit_interval
@@ -117,8 +127,21 @@ class SqliteStore(Store):
         return 0 if self._writer is None else self._writer.commits
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
+        if self._create:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
+        else:
+            # mode=rw: SQLite never creates the file, even if it went away since open() looked.
+            conn = sqlite3.connect(
+                f"{Path(self.path).as_uri()}?mode=rw",
+                uri=True,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=10.0,
+            )
         try:
+            if not self._create and stored_version(conn) is None:
+                # Before configure(), which would switch another program's database to WAL.
+                raise StoreError(f"{self.path} holds no bridge store (no schema_version table); check store.url")
             configure(conn)
             register_functions(conn)
         except BaseException:
@@ -135,11 +158,15 @@ class SqliteStore(Store):
     async def open(self) -> None:
         if self._writer is not None:
             return
-        directory = os.path.dirname(self.path)
-        try:
-            os.makedirs(directory, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"cannot create the directory for {self.path}: {exc}") from exc
+        if not self._create:
+            if not os.path.exists(self.path):
+                raise StoreError(self._missing())
+        else:
+            directory = os.path.dirname(self.path)
+            try:
+                os.makedirs(directory, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create the directory for {self.path}: {exc}") from exc
         if self._server_lock is not None:
             self._server_lock.acquire()  # before anything touches the file
         try:
@@ -148,6 +175,15 @@ class SqliteStore(Store):
             if self._server_lock is not None:
                 self._server_lock.release()
             raise
+
+    def _missing(self) -> str:
+        if self._relative_to is None:
+            return f"no store at {self.path}: `bridge serve` creates it when it starts; check store.url"
+        return (
+            f"no store at {self.path} (store.url sqlite:///{self._given_path}, relative to the working "
+            f"directory {self._relative_to}): run from the directory `bridge serve` runs in, or use an "
+            "absolute path (sqlite:////abs/path.db)"
+        )
 
     async def _open_writer(self) -> None:
         writer = GroupCommitWriter(

@@ -161,7 +161,7 @@ def create_schema(conn: sqlite3.Connection, *, upgrade: bool = True) -> None:
     Without ``upgrade`` (the CLI) a file of an older version is refused, untouched: an
     upgrade rewrites tables that an older server, still running on the file, writes to."""
     if not upgrade:
-        found = _version(conn)
+        found = stored_version(conn)
         if found is not None and found < SCHEMA_VERSION:
             raise StoreError(
                 f"the database has schema version {found}, older than this bridge's ({SCHEMA_VERSION}); "
@@ -186,7 +186,8 @@ def create_schema(conn: sqlite3.Connection, *, upgrade: bool = True) -> None:
         conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
 
 
-def _version(conn: sqlite3.Connection) -> int | None:
+def stored_version(conn: sqlite3.Connection) -> int | None:
+    """The file's schema version; None when it holds no bridge store (yet)."""
     if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'").fetchone() is None:
         return None
     row = conn.execute("SELECT version FROM schema_version").fetchone()

@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 
 from bridge.cli import main as cli_main
+from tests.cli.helpers import serve_store
 
 
 @pytest.fixture
 def ops_config(tmp_path: Path) -> str:
     # Only what the operations commands read: the store and the destination names.
+    serve_store(tmp_path / "bridge.db")  # the commands work on the store `bridge serve` made
     path = tmp_path / "bridge.yaml"
     path.write_text(
         f'store: {{url: "sqlite:///{tmp_path / "bridge.db"}"}}\n'

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import time
 
@@ -480,6 +481,37 @@ async def test_prune_forgets_old_dedupe_keys_delivered_jobs_and_discards(store: 
 
 async def test_check_writable_passes_on_a_healthy_store(store: Store) -> None:
     await store.check_writable()
+
+
+async def _exists(factory: StoreFactory) -> bool:
+    if factory.kind == "sqlite":
+        return os.path.exists(factory.location)
+    import asyncpg
+
+    from tests.store.conftest import PG_DSN
+
+    conn = await asyncpg.connect(PG_DSN)
+    try:
+        return bool(await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", factory.location))
+    finally:
+        await conn.close()
+
+
+async def test_without_create_only_an_existing_store_opens(factory: StoreFactory) -> None:
+    """What the CLI opens (``create=False``): a store that is not there is an error, not
+    a new, empty one on which a pause or a replay would then "succeed" unseen."""
+    from bridge.store import open_store
+
+    missing = open_store(factory.url, **factory.options(upgrade=False, create=False))
+    with pytest.raises(StoreError, match=r"no (bridge )?store"):
+        await missing.open()
+    assert not await _exists(factory)  # nothing was created
+    server = await factory.new()
+    await server.enqueue("web", [event("m1", "u1")])
+    cli = await factory.new(upgrade=False, create=False)
+    assert (await cli.queue_stats())["moe"].depth == 1
+    await cli.set_destination_state(DestinationState("moe", True, "paused from the CLI", 1.0))
+    assert (await server.get_destination_states())["moe"].paused
 
 
 # -- backpressure, group commit, durability ---------------------------------------------------------

@@ -299,6 +299,44 @@ def test_open_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
             open_store(bad)
 
 
+async def test_without_create_a_missing_file_is_named_and_nothing_is_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``sqlite:///var/bridge.db`` is relative to the working directory: the CLI run from
+    another one made var/bridge.db there, and paused or replayed on that empty file."""
+    monkeypatch.chdir(tmp_path)
+    store = open_store("sqlite:///var/lib/bridge.db", upgrade=False, create=False)
+    with pytest.raises(StoreError) as refused:
+        await store.open()
+    message = str(refused.value)
+    assert message.startswith(f"no store at {tmp_path}/var/lib/bridge.db (")
+    assert f"relative to the working directory {tmp_path})" in message and "\n" not in message
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its directory
+    absolute = open_store(f"sqlite:///{tmp_path}/abs.db", upgrade=False, create=False)
+    with pytest.raises(StoreError, match=f"^no store at {tmp_path}/abs.db: "):
+        await absolute.open()
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_without_create_a_file_that_holds_no_store_is_refused_untouched(tmp_path: Path) -> None:
+    """An empty file, or another program's database, is not made into a bridge store."""
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    other = tmp_path / "other.db"
+    conn = sqlite3.connect(other)
+    conn.execute("CREATE TABLE t (x)")
+    conn.commit()
+    conn.close()
+    before = other.read_bytes()
+    for path in (empty, other):
+        store = SqliteStore(str(path), upgrade=False, create=False)
+        with pytest.raises(StoreError, match=f"{path} holds no bridge store"):
+            await store.open()
+    assert empty.stat().st_size == 0
+    assert other.read_bytes() == before  # not even switched to WAL
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.db", "other.db"]
+
+
 async def test_dedupe_keys_survive_merges_and_reopening(tmp_path: Path) -> None:
     store = await opened(tmp_path / "b.db", dedupe_merge_at=40)
     for i in range(30):

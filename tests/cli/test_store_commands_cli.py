@@ -1,0 +1,76 @@
+"""`bridge dlq|discards|destinations` on real SQLite store files: they open the store
+`bridge serve` made, and never make one of their own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bridge.cli import main as cli_main
+from tests.cli.helpers import assert_served_store_untouched, run_bridge
+
+STORE_COMMANDS = [
+    ["dlq", "list"],
+    ["dlq", "show", "1"],
+    ["dlq", "replay", "--all"],
+    ["dlq", "purge", "--all"],
+    ["discards", "list"],
+    ["destinations", "list"],
+    ["destinations", "pause", "d"],
+    ["destinations", "resume", "d"],
+]
+
+
+@pytest.mark.parametrize("command", STORE_COMMANDS, ids=" ".join)
+def test_from_another_directory_a_relative_store_is_not_created(
+    served: Path, command: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Run from ctr2, the commands made ctr2/var/lib/bridge/bridge.db and reported on it:
+    "0 dead letter(s)", or "d: paused" (exit 0) with the real store's d still active."""
+    ctr2 = served.parent / "ctr2"
+    monkeypatch.chdir(ctr2)
+    assert cli_main([*command, "--config", "../ctr/c.yaml"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1
+    assert err.startswith(f"store error: no store at {ctr2}/var/lib/bridge/bridge.db (store.url ")
+    assert f"relative to the working directory {ctr2})" in err
+    assert list(ctr2.iterdir()) == []  # neither the file nor its directories
+    assert_served_store_untouched(served, monkeypatch, capsys)
+
+
+def test_from_the_servers_directory_the_same_url_finds_the_store(
+    served: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(served)
+    assert cli_main(["destinations", "pause", "d", "--config", "c.yaml"]) == 0
+    assert cli_main(["dlq", "replay", "--all", "--config", "c.yaml"]) == 0
+    assert cli_main(["destinations", "list", "--config", "c.yaml"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "d: paused",
+        "replayed 2 dead letter(s); they will be re-mapped with the current mapping",
+        "d: PAUSED (paused from the CLI), queued 2, dead letters 0",
+    ]
+
+
+def test_an_absolute_store_url_that_names_no_file_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(f'store: {{url: "sqlite:///{tmp_path}/nowhere/bridge.db"}}\n')
+    assert cli_main(["dlq", "list", "--config", str(config)]) == 1
+    assert capsys.readouterr().err.startswith(f"store error: no store at {tmp_path}/nowhere/bridge.db: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+
+
+def test_the_bridge_script_from_another_directory(served: Path) -> None:
+    """The reviewer's report, as an operator types it."""
+    ctr2 = served.parent / "ctr2"
+    paused = run_bridge("destinations", "pause", "d", "--config", "../ctr/c.yaml", cwd=ctr2)
+    assert paused.returncode == 1
+    assert paused.stdout == ""
+    assert paused.stderr.startswith(f"store error: no store at {ctr2}/var/lib/bridge/bridge.db")
+    assert list(ctr2.iterdir()) == []
+    listed = run_bridge("destinations", "list", "--config", "c.yaml", cwd=served)
+    assert (listed.returncode, listed.stdout) == (0, "d: active, queued 0, dead letters 2\n")
