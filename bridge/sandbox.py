@@ -9,17 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 
 from bridge.config.loader import env_references, read_yaml
-from bridge.config.model import build_config
+from bridge.config.model import Config, build_config
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from bridge.testing.standins import MoEngageStandIn, SegmentStandIn
 
 log = structlog.get_logger("bridge.sandbox")
 
 MOENGAGE_PORT = int(os.environ.get("BRIDGE_SANDBOX_MOENGAGE_PORT", "8089"))
-SEGMENT_PORT = int(os.environ.get("BRIDGE_SANDBOX_SEGMENT_PORT", "8090"))
+# One stand-in Segment per region, as Segment has one ingestion host per region.
+SEGMENT_PORTS = {
+    "us": int(os.environ.get("BRIDGE_SANDBOX_SEGMENT_PORT", "8090")),
+    "eu": int(os.environ.get("BRIDGE_SANDBOX_SEGMENT_EU_PORT", "8091")),
+}
 
 
 def placeholder(var: str) -> str:
@@ -38,44 +49,79 @@ def sandbox_env(config_text: str) -> dict[str, str]:
 def run_sandbox(config_path: str) -> int:
     from bridge.observability.logging import configure_logging, register_secret
 
-    with open(config_path, encoding="utf-8") as f:
-        env = sandbox_env(f.read())
-    data, _ = read_yaml(config_path, env)
     host = "127.0.0.1"
-    for dest in data.get("destinations") or []:
-        if isinstance(dest, dict):
-            port = MOENGAGE_PORT if dest.get("kind") == "moengage" else SEGMENT_PORT
-            dest["base_url"] = f"http://{host}:{port}"
-    cfg = build_config(data, config_path)
+    cfg = sandbox_config(config_path, host, MOENGAGE_PORT, SEGMENT_PORTS)
     configure_logging(cfg.server.log_level, cfg.server.log_format)
     for secret in cfg.secrets():
         register_secret(secret)
-    asyncio.run(_serve_with_standins(cfg, data, host))
+    asyncio.run(_serve_with_standins(cfg, host))
     return 0
 
 
-async def _serve_with_standins(cfg: Any, data: dict[str, Any], host: str) -> None:
-    from bridge.app import serve
-    from bridge.testing.standins import MoEngageStandIn, SegmentStandIn, start_sandbox_upstreams
+def sandbox_config(config_path: str, host: str, moengage_port: int, segment_ports: Mapping[str, int]) -> Config:
+    """The config with placeholders for unset ${VARS}, every MoEngage destination sent to
+    the stand-in MoEngage and every Segment destination to the stand-in of its region."""
+    with open(config_path, encoding="utf-8") as f:
+        env = sandbox_env(f.read())
+    data, _ = read_yaml(config_path, env)
+    for dest in data.get("destinations") or []:
+        if isinstance(dest, dict):
+            if dest.get("kind") == "moengage":
+                port = moengage_port
+            else:  # a missing or unknown region fails in build_config, which names it
+                port = segment_ports.get(str(dest.get("region")), segment_ports["us"])
+            dest["base_url"] = f"http://{host}:{port}"
+    return build_config(data, config_path)
 
-    moe = [d for d in cfg.destinations if d.kind == "moengage"]
-    seg = [d for d in cfg.destinations if d.kind == "segment"]
-    moengage = MoEngageStandIn(
-        workspace_id=getattr(moe[0].client, "workspace_id", "sandbox") if moe else "sandbox",
-        api_key=getattr(moe[0].client, "api_key", "sandbox") if moe else "sandbox",
-    )
-    segment = SegmentStandIn(
-        keys={getattr(d.client, "write_key", ""): d.region or "us" for d in seg}, region=cfg.server.region
-    )
-    runners = await start_sandbox_upstreams(host, MOENGAGE_PORT, SEGMENT_PORT, moengage, segment)
+
+@dataclass
+class SandboxUpstreams:
+    """The stand-ins a sandbox config's destinations are sent to, and their servers."""
+
+    moengage: MoEngageStandIn
+    segment: dict[str, SegmentStandIn]  # by region
+    runners: list[web.AppRunner]
+
+    async def stop(self) -> None:
+        for runner in self.runners:
+            await runner.cleanup()
+
+
+async def start_standins(
+    cfg: Config, host: str, moengage_port: int, segment_ports: Mapping[str, int]
+) -> SandboxUpstreams:
+    """Serve stand-ins that accept what the real upstreams would for every destination:
+    one MoEngage knowing each destination's workspace and key, and one Segment per region
+    of a Segment destination, each judging a write key by its destination's region."""
+    from bridge.destinations.moengage.destination import MoEngageDestination
+    from bridge.destinations.segment.destination import SegmentDestination
+    from bridge.testing.standins import MoEngageStandIn, SegmentStandIn, serve_standins
+
+    moe = [d.client for d in cfg.destinations if isinstance(d.client, MoEngageDestination)]
+    seg = [d.client for d in cfg.destinations if isinstance(d.client, SegmentDestination)]
+    # A workspace or write key configured twice has one real key or region: the first
+    # destination's wins, and the other's requests are refused or dropped as they would be.
+    workspaces = {d.workspace_id: d.api_key for d in reversed(moe)}
+    workspace_id, api_key = (moe[0].workspace_id, moe[0].api_key) if moe else ("sandbox", "sandbox")
+    moengage = MoEngageStandIn(workspace_id, api_key, workspaces=workspaces)
+    keys = {d.write_key: d.region or "us" for d in reversed(seg)}  # never None for Segment
+    regions = sorted({d.region or "us" for d in seg} or {"us"})
+    segment = {region: SegmentStandIn(keys, region=region) for region in regions}
+    ports = [(moengage, moengage_port), *((standin, segment_ports[r]) for r, standin in segment.items())]
+    return SandboxUpstreams(moengage, segment, await serve_standins(host, ports))
+
+
+async def _serve_with_standins(cfg: Config, host: str) -> None:
+    from bridge.app import serve
+
+    upstreams = await start_standins(cfg, host, MOENGAGE_PORT, SEGMENT_PORTS)
     log.warning(
         "sandbox_mode",
         message="no credentials: sending to local stand-in upstreams",
         moengage=f"http://{host}:{MOENGAGE_PORT}",
-        segment=f"http://{host}:{SEGMENT_PORT}",
+        segment={region: f"http://{host}:{SEGMENT_PORTS[region]}" for region in upstreams.segment},
     )
     try:
         await serve(cfg)
     finally:
-        for runner in runners:
-            await runner.cleanup()
+        await upstreams.stop()

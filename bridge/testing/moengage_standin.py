@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -110,10 +110,20 @@ def is_blocked_customer_id(value: str) -> bool:
 class MoEngageStandIn(StandIn):
     name: ClassVar[str] = "moengage"
 
-    def __init__(self, workspace_id: str, api_key: str, data_center: str = "01") -> None:
+    def __init__(
+        self,
+        workspace_id: str,
+        api_key: str,
+        data_center: str = "01",
+        *,
+        workspaces: Mapping[str, str] | None = None,
+    ) -> None:
+        """``workspaces``: further workspace id -> Data API key pairs to accept, as one
+        MoEngage data center serves many workspaces (``workspace_id``'s own key wins)."""
         super().__init__()
         self.workspace_id = workspace_id
         self.api_key = api_key
+        self.workspaces = {**(workspaces or {}), workspace_id: api_key}
         self.data_center = data_center
         self.ignored: list[Ignored] = []
         self._customers: list[dict[str, Any]] = []
@@ -214,7 +224,7 @@ class MoEngageStandIn(StandIn):
             username, _, password = base64.b64decode(token.strip(), validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             raise Rejected(401, "Authentication Header Malformed", "AuthenticationError") from None
-        if username != self.workspace_id or password != self.api_key:
+        if username not in self.workspaces or password != self.workspaces[username]:
             raise Rejected(
                 401,
                 "App Secret key mismatch. Please login to the dashboard to verify key",

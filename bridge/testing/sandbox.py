@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from aiohttp import web
 
 from bridge.testing.moengage_standin import MoEngageStandIn
@@ -21,6 +23,22 @@ async def _serve(standin: StandIn, host: str, port: int) -> web.AppRunner:
     return runner
 
 
+async def serve_standins(host: str, standins: Sequence[tuple[StandIn, int]]) -> list[web.AppRunner]:
+    """Serve each stand-in on ``host`` at its port (0 picks a free port; see
+    ``runner.addresses``), logging a compact summary of every request it receives.
+    Call ``cleanup()`` on each returned runner, in order, to stop them."""
+    runners: list[web.AppRunner] = []
+    try:
+        for standin, port in standins:
+            standin.log_requests = True
+            runners.append(await _serve(standin, host, port))
+    except BaseException:
+        for runner in runners:
+            await runner.cleanup()
+        raise
+    return runners
+
+
 async def start_sandbox_upstreams(
     host: str,
     moengage_port: int,
@@ -28,15 +46,5 @@ async def start_sandbox_upstreams(
     moengage: MoEngageStandIn,
     segment: SegmentStandIn,
 ) -> list[web.AppRunner]:
-    """Serve both stand-ins on ``host`` (port 0 picks a free port; see
-    ``runner.addresses``), logging a compact summary of every request they receive.
-    Call ``cleanup()`` on each returned runner to stop them."""
-    moengage.log_requests = True
-    segment.log_requests = True
-    first = await _serve(moengage, host, moengage_port)
-    try:
-        second = await _serve(segment, host, segment_port)
-    except BaseException:
-        await first.cleanup()
-        raise
-    return [first, second]
+    """Serve both stand-ins (see ``serve_standins``): the MoEngage runner first."""
+    return await serve_standins(host, [(moengage, moengage_port), (segment, segment_port)])

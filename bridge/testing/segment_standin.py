@@ -53,7 +53,8 @@ class SegmentStandIn(StandIn):
     name: ClassVar[str] = "segment"
 
     def __init__(self, keys: Mapping[str, str], region: str = "us") -> None:
-        """``keys``: write key -> the region of the workspace it belongs to."""
+        """``keys``: write key -> the region of the workspace it belongs to; ``region``:
+        the region whose ingestion host this stand-in is (keys of the other are dropped)."""
         super().__init__()
         self.keys = dict(keys)
         self.region = region
@@ -66,6 +67,9 @@ class SegmentStandIn(StandIn):
 
     def routes(self) -> list[web.RouteDef]:
         return [web.post("/v1/batch", self._batch)]
+
+    def log_fields(self) -> dict[str, Any]:
+        return {"region": self.region}  # the sandbox runs one stand-in per region
 
     def error_body(self, status: int, message: str | None = None, kind: str | None = None) -> Any:
         return {

@@ -7,7 +7,7 @@ await moengage.wait_for(lambda: len(moengage.events()) == 3)
 """
 
 from bridge.testing.moengage_standin import BLOCKED_CUSTOMER_IDS, Ignored, MoEngageStandIn
-from bridge.testing.sandbox import start_sandbox_upstreams
+from bridge.testing.sandbox import serve_standins, start_sandbox_upstreams
 from bridge.testing.segment_standin import Dropped, SegmentEvent, SegmentStandIn
 from bridge.testing.upstream import Planned, Recorded, Seen, StandIn
 
@@ -22,5 +22,6 @@ __all__ = [
     "SegmentEvent",
     "SegmentStandIn",
     "StandIn",
+    "serve_standins",
     "start_sandbox_upstreams",
 ]

@@ -92,6 +92,10 @@ class StandIn:
         """The JSON body this upstream answers an error ``status`` with."""
         raise NotImplementedError
 
+    def log_fields(self) -> dict[str, Any]:
+        """Fields naming this stand-in on each sandbox log line, beside ``upstream``."""
+        return {}
+
     # -- building and running ----------------------------------------------------
 
     def app(self) -> web.Application:
@@ -233,6 +237,7 @@ class StandIn:
             _log.info(
                 "upstream_request",
                 upstream=self.name,
+                **self.log_fields(),
                 method=request.method,
                 path=request.path_qs,
                 status=status,

@@ -88,6 +88,22 @@ async def test_workspace_in_path_must_match_the_credentials(moe):
     assert status == 409
 
 
+async def test_several_workspaces_each_with_its_own_key(aiohttp_server, aiohttp_client):
+    standin = MoEngageStandIn(WS, KEY, workspaces={"WS2": "k2", WS: "ignored"})
+    client = await aiohttp_client(await aiohttp_server(standin.app()))
+    second = {"Authorization": basic_auth("WS2", "k2"), "MOE-APPKEY": "WS2", "Content-Type": "application/json"}
+    assert (await call(client, f"/v1/customer/{WS}", customer("a1")))[0] == 200
+    assert (await call(client, "/v1/customer/WS2", customer("b1"), second))[0] == 200
+    # Each key opens only its own workspace; a workspace's own key wins over a duplicate.
+    for user, key in (("WS2", KEY), (WS, "k2"), (WS, "ignored")):
+        headers = {**second, "Authorization": basic_auth(user, key), "MOE-APPKEY": user}
+        status, body = await call(client, f"/v1/customer/{user}", customer(), headers)
+        assert status == 401
+        assert "App Secret key mismatch" in body["error"]["message"]
+    assert (await call(client, f"/v1/customer/{WS}", customer(), second))[0] == 409
+    assert standin.customers() == [customer("a1"), customer("b1")]
+
+
 async def test_content_type_must_be_json(moe):
     _standin, client = moe
     status, body = await call(client, f"/v1/event/{WS}", event(), {**GOOD, "Content-Type": "text/plain"})
