@@ -32,7 +32,7 @@ from pathlib import Path
 import orjson
 
 from bench.procs import PYTHON, SERVER_CPU, BenchError, Child, free_port, run_loadgen, wait_http
-from bench.servers import MOENGAGE_DEST, SEGMENT_DEST, bridge_config
+from bench.servers import bridge_config, pause_before_serve
 from bench.suite import INGEST_PHASES, Settings, _loadgen_args
 
 VALGRIND_STARTUP = 300.0  # seconds: the bridge imports everything at 50x slower under valgrind
@@ -107,12 +107,7 @@ def by_part(out: Path) -> dict[str, int]:
 def _bridge_argv(work: Path, port: int) -> list[str]:
     config = work / "bridge.yaml"
     config.write_bytes(orjson.dumps(bridge_config(work, "instructions", port, None, "paused")))  # JSON is YAML
-    for name in (MOENGAGE_DEST, SEGMENT_DEST):  # nothing is delivered: ingest alone is counted
-        subprocess.run(
-            [PYTHON, "-m", "bridge.cli", "destinations", "pause", name, "--config", str(config)],
-            check=True,
-            capture_output=True,
-        )
+    pause_before_serve(config)  # nothing is delivered: ingest alone is counted
     return [PYTHON, "-m", "bridge.cli", "serve", "--config", str(config)]
 
 

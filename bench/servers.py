@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from bench.procs import (
     sample,
     wait_http,
 )
+from bridge.store import open_store
 
 WRITE_KEY = "bench-write-key-7f3a9c"
 STREAMS_SOURCE = "streams-bench"
@@ -107,6 +109,29 @@ class Floor:
         self.child.stop()
 
 
+def pause_before_serve(config_path: Path, names: tuple[str, ...] = (MOENGAGE_DEST, SEGMENT_DEST)) -> None:
+    """Pause ``names`` in the store of a bridge not started yet, as an operator would from
+    the CLI. The CLI never creates a store (from the wrong directory it would pause a new,
+    empty one), so the store is created first, as ``bridge serve`` would create it."""
+    url = orjson.loads(config_path.read_bytes())["store"]["url"]
+
+    async def create() -> None:
+        store = open_store(url)
+        await store.open()
+        await store.close()
+
+    asyncio.run(create())
+    for name in names:
+        done = subprocess.run(
+            [PYTHON, "-m", "bridge.cli", "destinations", "pause", name, "--config", str(config_path)],
+            cwd=ROOT,
+            capture_output=True,
+            timeout=120,
+        )
+        if done.returncode != 0:
+            raise BenchError(f"bridge destinations pause {name} failed: {done.stderr.decode(errors='replace')[-600:]}")
+
+
 def bridge_config(
     work: Path,
     tag: str,
@@ -189,8 +214,7 @@ class Bridge:
             )
         )
         if mode == "paused":
-            for name in (MOENGAGE_DEST, SEGMENT_DEST):
-                self.cli("destinations", "pause", name)
+            pause_before_serve(self.config_path)
         argv = [PYTHON, "-m", "bridge.cli", "serve", "--config", str(self.config_path)]
         if variant:
             argv = [PYTHON, "-m", "bench.variant", variant, *argv[3:]]

@@ -306,7 +306,8 @@ async def test_auth_failures_end_to_end_leak_no_secret(captured: io.StringIO, tm
             "/moengage/streams/streams-main", json={"events": [event]}, headers=basic("moe", STREAMS_PASSWORD)
         )
         assert resp.status == 200
-        await _wait_for_dead_letters(runtime, {"moengage-main", "segment-prod"})
+        # A 401 refuses the account: each destination pauses, its pause reason redacted too.
+        await _wait_for_pauses(runtime, {"moengage-main", "segment-prod"})
     finally:
         await client.close()
         await upstream.close()
@@ -319,15 +320,15 @@ async def test_auth_failures_end_to_end_leak_no_secret(captured: io.StringIO, tm
     assert fingerprint(SEGMENT_OUT_KEY) in out or f"b64({fingerprint(SEGMENT_OUT_KEY)})" in out
 
 
-async def _wait_for_dead_letters(runtime: object, destinations: set[str], timeout: float = 20.0) -> None:
-    from bridge.store.base import RecordFilter
-
+async def _wait_for_pauses(runtime: object, destinations: set[str], timeout: float = 20.0) -> None:
     store = runtime.store  # type: ignore[attr-defined]
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        dead = await store.list_dead(RecordFilter())
-        if {d.destination for d in dead} >= destinations:
+        states = await store.get_destination_states()
+        paused = {name: s.reason for name, s in states.items() if s.paused}
+        if set(paused) >= destinations:
+            assert not leaks(str(paused), list(SECRETS)), paused
             return
         if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"no dead letters for {destinations} within {timeout}s: {dead}")
+            raise AssertionError(f"{destinations} not paused within {timeout}s: {states}")
         await asyncio.sleep(0.05)
