@@ -15,7 +15,7 @@ import orjson
 from bridge.config.loader import Reader, read_yaml
 from bridge.config.model import Config, _store, build_config, load_config
 from bridge.destinations.base import ConfigError
-from bridge.records import dead_letter_json, discard_json, when
+from bridge.records import MAX_LIST_LIMIT, dead_letter_json, discard_json, when
 from bridge.store import open_store
 from bridge.store.base import DestinationState, RecordFilter, Store
 from bridge.suggest import did_you_mean
@@ -127,6 +127,18 @@ def _time_arg(value: str) -> float | None:
         return _time(value, f"{value!r:.60}")
     except ApiError as exc:
         raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def _limit_arg(value: str) -> int:
+    """``--limit``, within the admin API's bounds: SQLite reads a negative LIMIT as none at
+    all and PostgreSQL refuses it, so neither reaches the store."""
+    try:
+        limit = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r:.60} is not a whole number") from None
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_LIST_LIMIT}, got {limit}")
+    return limit
 
 
 def _filter(args: argparse.Namespace) -> RecordFilter:
@@ -247,7 +259,7 @@ def _add_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reason")
     p.add_argument("--since", type=_time_arg, help="epoch seconds or ISO-8601")
     p.add_argument("--until", type=_time_arg, help="epoch seconds or ISO-8601")
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--limit", type=_limit_arg, default=100, help=f"at most this many (1-{MAX_LIST_LIMIT})")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 

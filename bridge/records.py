@@ -9,6 +9,9 @@ import orjson
 
 from bridge.store.base import DeadLetterRecord, DiscardRecord
 
+# Most records one list answers (admin API and CLI).
+MAX_LIST_LIMIT = 10000
+
 
 def when(ts: float | None) -> str | None:
     if ts is None:

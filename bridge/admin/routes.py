@@ -15,7 +15,7 @@ from aiohttp import web
 from bridge.httpx import ApiError, Handler, json_response, parse_json, read_body, same_secret
 from bridge.mapping.links import ids_to_resolve, link_context
 from bridge.mapping.translate import translate_events
-from bridge.records import dead_letter_json, discard_json
+from bridge.records import MAX_LIST_LIMIT, dead_letter_json, discard_json
 from bridge.routing import ANY_PATH, Routes, unmatched
 from bridge.sources.dry_run import Refused, as_ingested_each, refused_json
 from bridge.store.base import RecordFilter
@@ -104,8 +104,8 @@ def _limit(request: web.Request) -> int:
         limit = int(request.query.get("limit", "100"))
     except ValueError:
         raise ApiError(400, "invalid_parameter", "limit must be an integer") from None
-    if not 1 <= limit <= 10000:
-        raise ApiError(400, "invalid_parameter", "limit must be between 1 and 10000")
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        raise ApiError(400, "invalid_parameter", f"limit must be between 1 and {MAX_LIST_LIMIT}")
     return limit
 
 

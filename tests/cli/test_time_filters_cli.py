@@ -20,6 +20,10 @@ from tests.cli.helpers import assert_served_store_untouched, run_bridge
         (["dlq", "replay", "--until=-inf"], "argument --until: '-inf' must be a finite number of epoch seconds"),
         (["dlq", "purge", "--since", "1e400"], "argument --since: '1e400' must be a finite number"),
         (["discards", "list", "--until", "2020-13-01"], "argument --until: '2020-13-01' must be epoch seconds"),
+        # SQLite reads LIMIT -1 as no limit at all; PostgreSQL refuses it.
+        (["dlq", "list", "--limit=-1"], "argument --limit: must be between 1 and 10000, got -1"),
+        (["discards", "list", "--limit", "0"], "argument --limit: must be between 1 and 10000, got 0"),
+        (["dlq", "list", "--limit", "ten"], "argument --limit: 'ten' is not a whole number"),
     ],
 )
 def test_a_bad_time_is_a_usage_error_not_a_traceback(
