@@ -225,11 +225,7 @@ class MoEngageStandIn(StandIn):
         except (binascii.Error, UnicodeDecodeError):
             raise Rejected(401, "Authentication Header Malformed", "AuthenticationError") from None
         if username not in self.workspaces or password != self.workspaces[username]:
-            raise Rejected(
-                401,
-                "App Secret key mismatch. Please login to the dashboard to verify key",
-                "AuthenticationError",
-            )
+            raise Rejected(401, _KEY_MISMATCH, "AuthenticationError")
         appkey = request.headers.get("MOE-APPKEY")
         if appkey is None and not merge:  # merge callers may omit it; data calls may not
             raise Rejected(401, "MOE-APPKEY header is required", "AuthenticationError")
