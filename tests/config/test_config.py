@@ -25,18 +25,8 @@ from bridge.config.model import (
 from bridge.destinations.base import ConfigError
 from bridge.destinations.moengage.destination import MoEngageDestination
 from bridge.sandbox import sandbox_env
+from tests.config.conftest import error_of
 from tests.e2e.harness import config_dict
-
-
-@pytest.fixture
-def raw(tmp_path: Path) -> dict[str, Any]:
-    return config_dict(tmp_path, "http://127.0.0.1:1", "http://127.0.0.1:2")
-
-
-def error_of(raw: dict[str, Any]) -> str:
-    with pytest.raises(ConfigError) as exc:
-        build_config(raw)
-    return str(exc.value)
 
 
 def test_a_full_config_builds(raw: dict[str, Any]) -> None:

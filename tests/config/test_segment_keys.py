@@ -15,23 +15,12 @@ import yaml
 
 from bridge.cli import main as cli_main
 from bridge.config.model import build_config
-from bridge.destinations.base import ConfigError
-from tests.e2e.harness import EU_WRITE_KEY, SEGMENT_OUT_KEY, WRITE_KEY, config_dict
+from tests.config.conftest import error_of
+from tests.e2e.harness import EU_WRITE_KEY, SEGMENT_OUT_KEY, WRITE_KEY
 
 SEGMENT_PROD = 2  # destinations[2] in config_dict: segment-prod, region us
 EU_WEB = 1  # sources[1] in config_dict: eu-web, region eu
 STREAMS = 2  # sources[2] in config_dict: streams-main, data center 01 (us)
-
-
-@pytest.fixture
-def raw(tmp_path: Path) -> dict[str, Any]:
-    return config_dict(tmp_path, "http://127.0.0.1:1", "http://127.0.0.1:2")
-
-
-def error_of(raw: dict[str, Any]) -> str:
-    with pytest.raises(ConfigError) as exc:
-        build_config(raw)
-    return str(exc.value)
 
 
 def segment_destination(raw: dict[str, Any], name: str, **overrides: Any) -> dict[str, Any]:
