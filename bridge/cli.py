@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import os
 import sys
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -239,7 +238,7 @@ def cmd_destinations(args: argparse.Namespace) -> int:
             return 2
         paused = args.action == "pause"
         reason = f"{'paused' if paused else 'resumed'} from the CLI"
-        await store.set_destination_state(DestinationState(args.name, paused, reason if paused else "", time.time()))
+        await store.set_destination_state(DestinationState(args.name, paused, reason if paused else "", store.now()))
         if paused:
             sys.stdout.write(f"{args.name}: paused\n")
             return 0

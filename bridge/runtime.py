@@ -90,7 +90,7 @@ class Runtime:
         self.ingestor = Ingestor(self.store, config, self.mappings, self.delivery.notify, ingest_metrics)
         self._tasks: list[asyncio.Task[None]] = []
         self._stop_deadline: float | None = None  # monotonic; set when shutdown begins
-        self.started_at = time.time()
+        self.started_at = time.monotonic()  # for uptime: immune to clock steps and to the store's clock
         self.on_reload: Callable[[bool], None] = lambda ok: None
 
     def mappings(self) -> Mapping[str, CompiledMapping]:

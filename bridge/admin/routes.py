@@ -6,6 +6,7 @@ Off unless admin.token is configured; every call needs ``Authorization: Bearer <
 from __future__ import annotations
 
 import math
+import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -137,7 +138,7 @@ class AdminApi:
         return json_response(
             {
                 "region": rt.config.server.region,
-                "uptime_seconds": round(now - rt.started_at, 1),
+                "uptime_seconds": round(time.monotonic() - rt.started_at, 1),
                 "sources": [
                     {"name": s.name, "kind": s.kind, "region": s.region, "to": list(s.to)} for s in rt.config.sources
                 ],

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Callable, Iterable, Mapping
 
 import structlog
@@ -62,7 +61,7 @@ class DeliveryManager:
         """Pause or resume ``name``. A resume also makes its waiting retries due and drops
         its backoff: an operator who resumes means "deliver now". Returns how many waiting
         jobs a resume made due (0 for a pause)."""
-        state = DestinationState(name, paused, reason, time.time())
+        state = DestinationState(name, paused, reason, self.store.now())
         await self.store.set_destination_state(state)
         worker = self.workers[name]
         worker.apply_state(state)

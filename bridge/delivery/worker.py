@@ -231,7 +231,7 @@ class DestinationWorker:
                 return
             # Tagged as the guard's: not an operator's "deliver now", so it keeps the backoff
             # (a Retry-After the upstream asked for), here and on every other node.
-            state = DestinationState(self.name, False, "mapping changed", time.time(), {"by": "guard"})
+            state = DestinationState(self.name, False, "mapping changed", self.store.now(), {"by": "guard"})
             await self.store.set_destination_state(state)
             self.apply_state(None)
             self._precheck = True  # not an operator's resume: a still-broken mapping pauses again at once
@@ -246,7 +246,7 @@ class DestinationWorker:
         if current is not None and current.paused:
             self.apply_state(current)
             return
-        state = DestinationState(self.name, True, reason, time.time(), {"by": "guard"})
+        state = DestinationState(self.name, True, reason, self.store.now(), {"by": "guard"})
         await self.store.set_destination_state(state)
         # A mapping change ends it: changed from the version that failed, not the live one
         # (which may already be the fix, loaded while this batch was being sent).

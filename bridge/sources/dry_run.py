@@ -31,7 +31,15 @@ def as_ingested(source_format: str, item: Any, received_at: datetime | None = No
         if source_format == "moengage_streams":
             event, _, _ = normalise_streams(item)
         else:  # segment: a batch item, which names its own type
-            event, _, _ = normalise_segment(item, call_type=None, received_at=received_at or datetime.now(UTC))
+            # One with a receivedAt was timed already (a webhook's event as Segment sent it,
+            # a payload shown by `bridge dlq show`): its timestamp stands, as webhook ingest
+            # and replay keep it, instead of being recomputed from the time of this run.
+            event, _, _ = normalise_segment(
+                item,
+                call_type=None,
+                received_at=received_at or datetime.now(UTC),
+                keep_timestamp=isinstance(item, dict) and item.get("receivedAt") is not None,
+            )
     except Invalid as exc:
         raise Refused(exc.code, exc.message) from None
     return event

@@ -222,6 +222,7 @@ class PostgresStore(Store):
         self._wall_clock = wall_clock
         self._clock_offset = 0.0
         self._clock_checked_at = float("-inf")
+        self._clock_task: asyncio.Task[None] | None = None
 
     @property
     def commits(self) -> int:
@@ -271,8 +272,16 @@ class PostgresStore(Store):
         self._pool = pool
         self._ingest = GroupCommitter(self._acquire, to_store_error, unavailable, self.now)
         self._ingest.start()
+        # Leases measure the clock too, but a node whose destinations are all paused takes
+        # none, and its ingest still dates rows: this keeps the offset fresh regardless.
+        self._clock_task = asyncio.create_task(self._keep_clock(), name="bridge-postgres-clock")
 
     async def close(self) -> None:
+        clock, self._clock_task = self._clock_task, None
+        if clock is not None:
+            clock.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await clock
         ingest, self._ingest = self._ingest, None
         if ingest is not None:
             await ingest.stop()
@@ -299,6 +308,15 @@ class PostgresStore(Store):
             log.warning("clock_offset_from_database", offset_seconds=round(offset, 3), using="database clock")
         self._clock_offset = offset
         self._clock_checked_at = time.monotonic()
+
+    async def _keep_clock(self) -> None:
+        while True:
+            await asyncio.sleep(max(CLOCK_CHECK_SECONDS, 1.0))
+            try:
+                async with self._conn() as conn:
+                    await self._check_clock(conn)
+            except StoreError as exc:  # the database is away: the last offset stands
+                log.warning("clock_check_failed", error=str(exc))
 
     async def _check_clock(self, conn: Connection) -> None:
         if time.monotonic() - self._clock_checked_at >= CLOCK_CHECK_SECONDS:

@@ -28,6 +28,26 @@ def test_a_segment_call_gets_its_timestamp_as_at_ingest() -> None:
     assert event["timestamp"].startswith("2026-01-01T00:00:00") and event["messageId"]
 
 
+def test_an_event_timed_already_keeps_its_timestamp() -> None:
+    """A webhook's event, or a stored payload from `bridge dlq show`: Segment (or ingest)
+    computed its timestamp; a dry run later must not recompute it from its own time."""
+    stored = {
+        "type": "track",
+        "userId": "u",
+        "event": "E",
+        "timestamp": "2024-01-01T10:00:00.000Z",
+        "originalTimestamp": "2024-01-01T10:00:03.000Z",
+        "sentAt": "2024-01-01T10:00:05.000Z",
+        "receivedAt": "2024-01-01T10:00:02.000Z",
+    }
+    event = as_ingested("segment", dict(stored), datetime(2026, 1, 1, tzinfo=UTC))
+    assert {k: event[k] for k in ("timestamp", "originalTimestamp", "receivedAt")} == {
+        k: stored[k] for k in ("timestamp", "originalTimestamp", "receivedAt")
+    }
+    kept = as_ingested("segment", {**stored, "sentAt": "n/a"})  # as webhook ingest takes it
+    assert kept["timestamp"] == stored["timestamp"]
+
+
 @pytest.mark.parametrize(
     ("fmt", "item", "code"),
     [

@@ -5,6 +5,7 @@ failed would be. Leases, retries and row dates must come out as if it were right
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -90,3 +91,18 @@ async def test_a_clock_that_jumps_after_open_is_measured_again(open_node, monkey
     assert abs(jumpy.now() - time.time()) < 0.5
     warned = [e for e in logs if e["event"] == "clock_offset_from_database"]
     assert warned and abs(warned[0]["offset_seconds"] + SKEW) < 1, logs
+
+
+async def test_an_idle_node_measures_its_clock_again_without_leasing(open_node, monkeypatch) -> None:
+    """All its destinations paused, a node takes no leases, but its ingest still dates rows."""
+    monkeypatch.setattr("bridge.store.postgres.CLOCK_CHECK_SECONDS", 0.5)
+    node = await open_node(0.0)
+    clock = node._wall_clock
+    assert isinstance(clock, Clock)
+    clock.skew = SKEW
+    deadline = time.monotonic() + 5
+    while abs(node.now() - time.time()) > 0.5:
+        assert time.monotonic() < deadline, "the offset was not measured again"
+        await asyncio.sleep(0.1)
+    await node.enqueue("web", [event("idle-1", "u1")])
+    assert abs((await node.queue_stats())["moe"].oldest_created_at - time.time()) < 5
