@@ -388,11 +388,13 @@ class PostgresStore(Store):
         ahead = frozenset(ahead)
         async with self._conn(transaction=True) as conn:
             await self._check_clock(conn)
-            now = self.now()
             if ordered:
                 await conn.execute(
                     "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"{self.schema}:{destination}"
                 )
+                # After the lock, which may wait for another node's lease: the lease's time
+                # starts when it is taken, or the worker would get less than it counts on.
+                now = self.now()
                 ids = await self._due_ids_ordered(conn, destination, limit, now, ahead)
                 if not ids:
                     return []
@@ -405,6 +407,7 @@ class PostgresStore(Store):
                     ids,
                 )
             else:
+                now = self.now()
                 rows = await conn.fetch(
                     f"UPDATE jobs SET state = {LEASED}, attempts = attempts + 1, lease_until = $1,"
                     " first_attempt_at = COALESCE(first_attempt_at, $2)"

@@ -382,7 +382,10 @@ class SqliteStore(Store):
                 limit=limit,
                 lease_seconds=lease_seconds,
                 ordered=ordered,
-                now=time.time(),
+                # None: the lease's clock starts on the writer thread, when it is taken, not
+                # before a wait behind other writes (a prune, a dedupe merge) that would
+                # leave the worker less than the lease it counts on.
+                now=None,
                 leases=self._held(),
                 ahead=frozenset(ahead),  # read on the writer thread: a copy the caller cannot change
             ),

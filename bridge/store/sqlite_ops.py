@@ -6,6 +6,7 @@ Each runs inside the writer's transaction (and its own SAVEPOINT), so it must no
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import NamedTuple, TypeVar
 
@@ -245,12 +246,15 @@ def lease(
     limit: int,
     lease_seconds: float,
     ordered: bool,
-    now: float,
+    now: float | None,
     leases: Leases,
     ahead: Collection[int] = (),
 ) -> list[Job]:
+    """``now``: the time of the lease (tests); None: the clock as the lease is taken."""
     if limit <= 0:
         return []
+    if now is None:
+        now = time.time()
     if ordered and (ids := _due_ids_in_order(conn, destination, limit, ahead, leases)) is not None:
         jobs = _lease_ids(conn, destination, ids, lease_seconds, now, leases, checked=False)
         if jobs is not None:
