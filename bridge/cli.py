@@ -140,6 +140,11 @@ def _limit_arg(value: str) -> int:
     return limit
 
 
+def _names_records(flt: RecordFilter) -> bool:
+    """Whether a replay or purge is limited: without a filter, only --all may touch every record."""
+    return any((flt.destination, flt.reason, flt.since, flt.until, flt.ids))
+
+
 def _filter(args: argparse.Namespace) -> RecordFilter:
     ids = tuple(args.ids) if getattr(args, "ids", None) else None
     return RecordFilter(
@@ -179,7 +184,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
                 return 1
             _print_json([dead_letter_json(r, full=True) for r in records])
             return 0
-        if not any((flt.destination, flt.reason, flt.since, flt.until, flt.ids)) and not args.all:
+        if not _names_records(flt) and not args.all:
             sys.stderr.write(
                 f"dlq {args.action}: give a filter (--destination, --reason, --since, --until, ids) or --all\n"
             )
@@ -197,6 +202,15 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 
 def cmd_discards(args: argparse.Namespace) -> int:
     async def go(store: Store) -> int:
+        if args.action == "replay":
+            flt = _filter(args)
+            if not _names_records(flt) and not args.all:
+                sys.stderr.write("discards replay: give a filter (--destination, --reason, --since, --until)")
+                sys.stderr.write(" or --all\n")
+                return 2
+            n = await store.replay_discards(flt)
+            sys.stdout.write(f"replayed {n} discard(s); they will be re-mapped with the current mapping\n")
+            return 0
         records = await store.list_discards(_filter(args), args.limit)
         if args.json:
             _print_json([discard_json(r) for r in records])
@@ -286,8 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_filters(p)
     p.set_defaults(func=cmd_dlq)
 
-    p = sub.add_parser("discards", help="events discarded on purpose, with their reason")
-    p.add_argument("action", choices=["list"])
+    p = sub.add_parser("discards", help="events discarded on purpose, with their reason: list, replay")
+    p.add_argument("action", choices=["list", "replay"])
+    p.add_argument("--all", action="store_true", help="replay without a filter")
     _add_filters(p)
     p.set_defaults(func=cmd_discards)
 

@@ -57,6 +57,7 @@ def add_admin_routes(routes: Routes, runtime: Runtime, token: str) -> None:
     r.add_post("/admin/dlq/replay", guarded(api.dlq_replay))
     r.add_post("/admin/dlq/purge", guarded(api.dlq_purge))
     r.add_get("/admin/discards", guarded(api.discards))
+    r.add_post("/admin/discards/replay", guarded(api.discards_replay))
     r.add_post("/admin/translate", guarded(api.translate))
     r.add_post("/admin/destinations/{name}/pause", guarded(api.pause))
     r.add_post("/admin/destinations/{name}/resume", guarded(api.resume))
@@ -162,7 +163,12 @@ class AdminApi:
         return json_response(dead_letter_json(records[0], full=True))
 
     async def dlq_replay(self, request: web.Request) -> web.Response:
-        n = await self.runtime.store.replay_dead(await self._body_filter(request))
+        return await self._replayed(await self.runtime.store.replay_dead(await self._body_filter(request)))
+
+    async def discards_replay(self, request: web.Request) -> web.Response:
+        return await self._replayed(await self.runtime.store.replay_discards(await self._body_filter(request)))
+
+    async def _replayed(self, n: int) -> web.Response:
         self.runtime.delivery.notify(w for w in self.runtime.delivery.workers)
         return json_response({"replayed": n})
 

@@ -299,6 +299,11 @@ class Store(ABC):
         original payload, so they are re-mapped with the current mapping). Returns count."""
 
     @abstractmethod
+    async def replay_discards(self, flt: RecordFilter) -> int:
+        """Re-queue matching discards as replay_dead does dead letters: an event a mapping
+        discarded by mistake (a bad deploy) is delivered once the mapping is fixed."""
+
+    @abstractmethod
     async def purge_dead(self, flt: RecordFilter) -> int:
         """Delete matching dead letters. Returns count."""
 

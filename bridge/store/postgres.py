@@ -524,8 +524,9 @@ class PostgresStore(Store):
         async with self._conn(transaction=True) as conn:
             await conn.execute(
                 "INSERT INTO discards (destination, source, message_id, payload, reason, label, detail,"
-                " discarded_at)"
-                " SELECT j.destination, j.source, j.message_id, j.payload, e.reason, e.label, e.detail, $5"
+                " discarded_at, ordering_key)"
+                " SELECT j.destination, j.source, j.message_id, j.payload, e.reason, e.label, e.detail, $5,"
+                " j.ordering_key"
                 " FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $6::int[]) WITH ORDINALITY"
                 f" AS e(job_id, reason, label, detail, leased, n) JOIN jobs j ON j.id = e.job_id"
                 f" WHERE j.state < {DELIVERED} AND (e.leased IS NULL OR j.attempts = e.leased) ORDER BY e.n",
@@ -578,10 +579,16 @@ class PostgresStore(Store):
         return [dead_letter_record(r) for r in rows]
 
     async def replay_dead(self, flt: RecordFilter) -> int:
-        where, params = record_where(_clean_filter(flt), "failed_at", dollar, first=2)
+        return await self._replay("dead_letters", "failed_at", flt)
+
+    async def replay_discards(self, flt: RecordFilter) -> int:
+        return await self._replay("discards", "discarded_at", flt)
+
+    async def _replay(self, table: str, time_column: str, flt: RecordFilter) -> int:
+        where, params = record_where(_clean_filter(flt), time_column, dollar, first=2)
         async with self._conn(transaction=True) as conn:
             status = await conn.execute(
-                f"WITH moved AS (DELETE FROM dead_letters{where}"
+                f"WITH moved AS (DELETE FROM {table}{where}"
                 " RETURNING id, destination, source, message_id, ordering_key, payload)"
                 " INSERT INTO jobs (destination, source, message_id, ordering_key, payload, state, attempts,"
                 f" available_at, created_at) SELECT destination, source, message_id, ordering_key, payload,"

@@ -91,6 +91,8 @@ DDL = (
         detail TEXT NOT NULL,
         discarded_at DOUBLE PRECISION NOT NULL
     )""",
+    # A replayed discard keeps its place among its user's events (added after the table).
+    """ALTER TABLE discards ADD COLUMN IF NOT EXISTS ordering_key TEXT NOT NULL DEFAULT ''""",
     """CREATE INDEX IF NOT EXISTS discards_by_time ON discards (discarded_at)""",
     """CREATE TABLE IF NOT EXISTS destination_state (
         name TEXT PRIMARY KEY,

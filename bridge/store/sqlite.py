@@ -447,6 +447,10 @@ class SqliteStore(Store):
         count: int = await self._run(partial(ops.replay_dead, flt=flt, now=time.time()))
         return count
 
+    async def replay_discards(self, flt: RecordFilter) -> int:
+        count: int = await self._run(partial(ops.replay_discards, flt=flt, now=time.time()))
+        return count
+
     async def purge_dead(self, flt: RecordFilter) -> int:
         count: int = await self._run(partial(ops.purge_dead, flt=flt))
         return count

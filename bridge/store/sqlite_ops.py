@@ -442,7 +442,7 @@ def discard(
     settling = {s.job_id: s for s in leases.settling([e.job_id for e in entries], fence)}
     conn.executemany(
         "INSERT INTO discards (destination, source, message_id, payload, reason, label, detail,"
-        " discarded_at) SELECT destination, source, message_id, payload, ?, ?, ?, ?"
+        " discarded_at, ordering_key) SELECT destination, source, message_id, payload, ?, ?, ?, ?, ordering_key"
         f" FROM jobs WHERE {_FENCED} AND state < {DELIVERED}",
         [
             (e.reason, e.label, e.detail, now, s.job_id, s.fence, s.fence)
@@ -495,14 +495,24 @@ def list_dead(conn: sqlite3.Connection, flt: RecordFilter, limit: int) -> list[D
 
 
 def replay_dead(conn: sqlite3.Connection, flt: RecordFilter, now: float) -> int:
-    where, params = record_where(flt, "failed_at")
+    return _replay(conn, "dead_letters", "failed_at", flt, now)
+
+
+def replay_discards(conn: sqlite3.Connection, flt: RecordFilter, now: float) -> int:
+    return _replay(conn, "discards", "discarded_at", flt, now)
+
+
+def _replay(conn: sqlite3.Connection, table: str, time_column: str, flt: RecordFilter, now: float) -> int:
+    """Move the matching records of ``table`` back into the queue as fresh jobs, in their
+    order, with their payloads (re-mapped by the current mapping when leased)."""
+    where, params = record_where(flt, time_column)
     inserted = conn.execute(
         "INSERT INTO jobs (destination, source, message_id, ordering_key, payload, state, attempts,"
         f" available_at, created_at) SELECT destination, source, message_id, ordering_key, payload,"
-        f" {QUEUED}, 0, ?, ? FROM dead_letters{where} ORDER BY id",
+        f" {QUEUED}, 0, ?, ? FROM {table}{where} ORDER BY id",
         (now, now, *params),
     ).rowcount
-    conn.execute(f"DELETE FROM dead_letters{where}", params)
+    conn.execute(f"DELETE FROM {table}{where}", params)
     return int(inserted)
 
 

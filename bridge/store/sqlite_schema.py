@@ -133,7 +133,8 @@ DDL = (
         reason TEXT NOT NULL,
         label TEXT NOT NULL,
         detail TEXT NOT NULL,
-        discarded_at REAL NOT NULL
+        discarded_at REAL NOT NULL,
+        ordering_key TEXT NOT NULL DEFAULT ''
     )""",
     """CREATE INDEX IF NOT EXISTS discards_by_time ON discards (discarded_at)""",
     """CREATE TABLE IF NOT EXISTS destination_state (
@@ -171,6 +172,7 @@ def create_schema(conn: sqlite3.Connection, *, upgrade: bool = True) -> None:
         conn.execute(statement)
     _retire_state_index(conn)
     _upgrade_dedupe_recent(conn)
+    _add_discard_ordering_key(conn)
     row = conn.execute("SELECT version FROM schema_version").fetchone()
     if row is None:
         conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
@@ -184,6 +186,15 @@ def create_schema(conn: sqlite3.Connection, *, upgrade: bool = True) -> None:
         # digests, and version 4 many of them per row; a bridge of an older version would
         # not find them and would take those events again, so it must refuse the file.
         conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+
+
+def _add_discard_ordering_key(conn: sqlite3.Connection) -> None:
+    """Discards keep their job's ordering key, so a replayed one keeps its place among its
+    user's events. Added to files made before: a column with a default, which a bridge
+    of the same schema version that does not know of it writes around."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(discards)")}
+    if "ordering_key" not in columns:
+        conn.execute("ALTER TABLE discards ADD COLUMN ordering_key TEXT NOT NULL DEFAULT ''")
 
 
 def stored_version(conn: sqlite3.Connection) -> int | None:

@@ -400,6 +400,59 @@ async def test_a_mapping_deploy_that_fails_every_event_pauses_until_the_mapping_
     assert not (await _status_of(bridge))["paused"]
 
 
+async def test_events_a_bad_mapping_discarded_are_delivered_once_it_is_fixed_and_they_are_replayed(
+    make_bridge, tmp_path
+):
+    """A one-letter typo in the customer_id let: every event now maps to "no user" and is
+    discarded, not failed, so the guard has nothing to count. The discards keep the
+    events; after the fix, a replay (admin API, then the CLI) delivers them in order."""
+    from tests.e2e.test_operations import copy_mappings
+
+    mappings = copy_mappings(tmp_path)
+    path = mappings / "segment-to-moengage.yaml"
+    good = path.read_text()
+    assert "      - $.userId\n" in good
+    path.write_text(good.replace("      - $.userId\n", "      - $.userid\n", 1))
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["mappings"]["dir"] = str(mappings)
+
+    bridge = await make_bridge(tweak)
+    assert (await bridge.post("/v1/batch", tracks(12, prefix="typo", user="user-t"), H))[0] == 200
+    assert (await bridge.post("/v1/batch", tracks(6, prefix="other"), H))[0] == 200
+
+    async def all_discarded() -> bool:
+        _, body = await bridge.get("/admin/discards?reason=anonymous_user", ADMIN)
+        return len(body["discards"]) == 18
+
+    await wait_until(all_discarded, what="every event discarded by the broken mapping")
+    assert bridge.moengage.events() == []
+    path.write_text(good)
+    assert (await bridge.post("/admin/reload", None, ADMIN))[0] == 200
+    status, body = await bridge.post("/admin/discards/replay", {}, ADMIN)
+    assert (status, body["code"]) == (400, "filter_required")  # never everything by accident
+    status, body = await bridge.post(
+        "/admin/discards/replay", {"reason": "anonymous_user", "destination": "moengage-main"}, ADMIN
+    )
+    assert status == 200 and body["replayed"] == 18, body
+    await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 18, timeout=10)
+    mine = [e["actions"][0]["attributes"]["seq"] for e in bridge.moengage.events() if e["customer_id"] == "user-t"]
+    assert mine == [f"typo-{i}" for i in range(12)], mine
+    _, body = await bridge.get("/admin/discards", ADMIN)
+    assert body["discards"] == []
+
+    # The CLI replays discards too, and refuses to replay everything without --all.
+    config_path = tmp_path / "ops.yaml"
+    config_path.write_text(f'store: {{url: "{bridge.raw["store"]["url"]}"}}\n')
+    assert await asyncio.to_thread(cli_main, ["discards", "replay", "--config", str(config_path)]) == 2
+    assert (
+        await asyncio.to_thread(
+            cli_main, ["discards", "replay", "--reason", "anonymous_user", "--config", str(config_path)]
+        )
+        == 0
+    )
+
+
 @pytest.mark.parametrize("concurrency", [1, 2])  # 1: the loop pipelines (see worker._loop)
 async def test_shutdown_starts_no_new_request_and_keeps_what_was_delivered(make_bridge, concurrency):
     """A batch that outlasts the shutdown timeout: what the upstream accepted is acked, the

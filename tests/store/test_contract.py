@@ -418,6 +418,23 @@ async def test_discards_are_recorded_and_leave_the_queue(store: Store) -> None:
     assert (await store.queue_stats()).get("moe") is None
 
 
+async def test_replayed_discards_are_queued_again_in_their_users_order(store: Store) -> None:
+    """A mapping deployed with a mistake discards what it should send: once it is fixed,
+    the discards go back to the queue, as dead letters do, each with its ordering key."""
+    await store.enqueue("web", [event("r1", "alice"), event("r2", "bob"), event("r3", "alice")])
+    jobs = await store.lease("moe", 10, 30)
+    assert [j.message_id for j in jobs] == ["r1", "r2", "r3"]
+    await store.discard([Discard(j.id, "anonymous_user") for j in jobs[:2]], fence={j.id: j.attempts for j in jobs})
+    await store.discard([Discard(jobs[2].id, "loop")], fence={jobs[2].id: jobs[2].attempts})
+    assert await store.replay_discards(RecordFilter(destination="other")) == 0
+    assert await store.replay_discards(RecordFilter(reason="anonymous_user")) == 2
+    assert [r.reason for r in await store.list_discards(EVERYTHING)] == ["loop"]  # the rest stay
+    again = await store.lease("moe", 10, 30)
+    assert [(j.message_id, j.ordering_key, j.attempts) for j in again] == [("r1", "alice", 1), ("r2", "bob", 1)]
+    assert orjson.loads(again[0].payload)["messageId"] == "r1"
+    assert (await store.queue_stats())["moe"].depth == 2
+
+
 async def test_settling_a_job_twice_has_no_effect(store: Store) -> None:
     ids = await _dead(store, 1)
     await store.ack(ids, "v1")

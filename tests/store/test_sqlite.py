@@ -17,7 +17,7 @@ import pytest
 
 from bridge.store import open_store
 from bridge.store import sqlite_ops as ops
-from bridge.store.base import DeadLetter, QueueStats, RecordFilter, StoreError, StoreFull
+from bridge.store.base import DeadLetter, Discard, QueueStats, RecordFilter, StoreError, StoreFull
 from bridge.store.sqlite import SqliteStore
 from bridge.store.sqlite_dedupe import KEYS_PER_ROW, dedupe_key, dedupe_keys_of
 from bridge.store.sqlite_schema import SCHEMA_VERSION
@@ -992,3 +992,31 @@ async def test_the_cli_cannot_lease(tmp_path: Path) -> None:
     assert [j.message_id for j in await server.lease("moe", 10, 30)] == ["m1"]
     await cli.close()
     await server.close()
+
+
+async def test_a_file_whose_discards_keep_no_ordering_key_gains_the_column(tmp_path: Path) -> None:
+    """Files made before discards kept their job's ordering key: opened (by the server or
+    the CLI), they gain it, and their discards replay with none, as unordered jobs."""
+    path = tmp_path / "old.db"
+    store = SqliteStore(str(path), min_free_disk_bytes=0)
+    await store.open()
+    await store.enqueue("web", [event("d1", "alice")])
+    [job] = await store.lease("moe", 10, 30)
+    await store.discard([Discard(job.id, "anonymous_user")])
+    await store.close()
+    conn = sqlite3.connect(path)
+    with conn:  # the table as it was: no ordering_key
+        conn.execute("ALTER TABLE discards DROP COLUMN ordering_key")
+    conn.close()
+    for upgrade in (False, True):
+        reopened = SqliteStore(str(path), min_free_disk_bytes=0, upgrade=upgrade)
+        await reopened.open()
+        await reopened.close()
+    store = SqliteStore(str(path), min_free_disk_bytes=0)
+    await store.open()
+    try:
+        assert await store.replay_discards(RecordFilter(reason="anonymous_user")) == 1
+        [again] = await store.lease("moe", 10, 30)
+        assert (again.message_id, again.ordering_key) == ("d1", "")
+    finally:
+        await store.close()
