@@ -139,6 +139,8 @@ class Runtime:
             self.load_mappings()
         await self.delivery.start()
         self._tasks.append(asyncio.create_task(self._prune_loop(), name="prune"))
+        # In the background: counting a long queue takes a while, and serving need not wait.
+        self._tasks.append(asyncio.create_task(self._warn_of_unconfigured_work(), name="unconfigured-work"))
         if self.config.mappings.watch:
             self._tasks.append(asyncio.create_task(self._watch_mappings(), name="watch-mappings"))
 
@@ -164,6 +166,25 @@ class Runtime:
         # At least a moment for in-flight sends to settle, even if HTTP draining used it all.
         await self.delivery.stop(max(self._stop_deadline - time.monotonic(), 0.5))
         await self.store.close()
+
+    async def _warn_of_unconfigured_work(self) -> None:
+        """Jobs or dead letters of a destination no longer configured (removed, renamed):
+        no worker leases them, so they wait for good. Said once, loudly, at start."""
+        try:
+            stats = await self.store.queue_stats()
+        except Exception:
+            log.exception("queue_stats_failed")
+            return
+        configured = {d.name for d in self.config.destinations}
+        for name, s in sorted(stats.items()):
+            if name not in configured and (s.depth or s.dead):
+                log.warning(
+                    "unconfigured_destination_has_work",
+                    destination=name,
+                    queued=s.depth,
+                    dead_letters=s.dead,
+                    hint="no worker delivers them: configure the destination again (the same name), or purge them",
+                )
 
     async def _prune_loop(self) -> None:
         cfg = self.config.store

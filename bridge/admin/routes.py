@@ -163,10 +163,24 @@ class AdminApi:
         return json_response(dead_letter_json(records[0], full=True))
 
     async def dlq_replay(self, request: web.Request) -> web.Response:
-        return await self._replayed(await self.runtime.store.replay_dead(await self._body_filter(request)))
+        flt = self._deliverable(await self._body_filter(request))
+        return await self._replayed(await self.runtime.store.replay_dead(flt))
 
     async def discards_replay(self, request: web.Request) -> web.Response:
-        return await self._replayed(await self.runtime.store.replay_discards(await self._body_filter(request)))
+        flt = self._deliverable(await self._body_filter(request))
+        return await self._replayed(await self.runtime.store.replay_discards(flt))
+
+    def _deliverable(self, flt: RecordFilter) -> RecordFilter:
+        """A replay for a destination no worker serves would queue its events for good."""
+        names = [d.name for d in self.runtime.config.destinations]
+        if flt.destination is not None and flt.destination not in names:
+            raise ApiError(
+                400,
+                "unknown_destination",
+                f"no destination {flt.destination!r} is configured, so nothing would deliver what a replay"
+                f" queues for it{did_you_mean(flt.destination, names)}",
+            )
+        return flt
 
     async def _replayed(self, n: int) -> web.Response:
         self.runtime.delivery.notify(w for w in self.runtime.delivery.workers)

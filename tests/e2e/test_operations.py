@@ -19,6 +19,7 @@ import orjson
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
 from bridge.observability.logging import configure_logging, register_secret
 from bridge.testing.standins import Planned
@@ -814,3 +815,27 @@ async def test_a_sighup_while_the_store_opens_does_not_kill_the_process(tmp_path
         await proc.ensure_stopped()
         await holder.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         await holder.close()
+
+
+async def test_a_destination_removed_with_work_left_is_named_at_start_and_replays_for_it_are_refused(make_bridge):
+    """Renamed in the config, a destination's queue and DLQ are served by no worker: the
+    bridge says so when it starts, and will not queue more for it by a replay."""
+    bridge = await make_bridge()
+    assert (await bridge.post("/admin/destinations/moengage-main/pause", None, ADMIN))[0] == 200
+    track = {"type": "track", "userId": "u-gone", "event": "Left Behind"}
+    assert (await bridge.post("/v1/track", track, H))[0] == 200
+    await bridge.stop()
+    bridge.destination("moengage-main")["name"] = "moengage-renamed"
+    for source in bridge.raw["sources"]:
+        source["to"] = ["moengage-renamed" if t == "moengage-main" else t for t in source.get("to", [])]
+    with capture_logs() as logs:
+        await bridge.start()
+        await wait_until(
+            lambda: any(e["event"] == "unconfigured_destination_has_work" for e in logs), what="the warning"
+        )
+    [warned] = [e for e in logs if e["event"] == "unconfigured_destination_has_work"]
+    assert (warned["destination"], warned["queued"], warned["dead_letters"]) == ("moengage-main", 1, 0)
+    status, body = await bridge.post("/admin/dlq/replay", {"destination": "moengage-main"}, ADMIN)
+    assert (status, body["code"]) == (400, "unknown_destination") and "'moengage-main' is" in body["message"]
+    status, body = await bridge.post("/admin/discards/replay", {"destination": "moengage-renamed"}, ADMIN)
+    assert (status, body["replayed"]) == (200, 0)
