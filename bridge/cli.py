@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -140,6 +141,24 @@ def _limit_arg(value: str) -> int:
     return limit
 
 
+class _NotDeliverable(Exception):
+    pass
+
+
+def _deliverable(flt: RecordFilter, config_path: str) -> RecordFilter:
+    """A replay keeps to the destinations the config lists (when it lists any: a config of
+    the store alone says nothing of them): what it queued for another would wait for good."""
+    names = _configured_destinations(config_path)
+    if not names:
+        return flt
+    if flt.destination is not None and flt.destination not in names:
+        raise _NotDeliverable(
+            f"no destination {flt.destination!r} is configured, so nothing would deliver what a replay"
+            f" queues for it{did_you_mean(flt.destination, names)}"
+        )
+    return dataclasses.replace(flt, destinations=tuple(names))
+
+
 def _names_records(flt: RecordFilter) -> bool:
     """Whether a replay or purge is limited: without a filter, only --all may touch every record."""
     return any((flt.destination, flt.reason, flt.since, flt.until, flt.ids))
@@ -190,6 +209,11 @@ def cmd_dlq(args: argparse.Namespace) -> int:
             )
             return 2
         if args.action == "replay":
+            try:
+                flt = _deliverable(flt, args.config)
+            except _NotDeliverable as exc:
+                sys.stderr.write(f"dlq replay: {exc}\n")
+                return 2
             n = await store.replay_dead(flt)
             sys.stdout.write(f"replayed {n} dead letter(s); they will be re-mapped with the current mapping\n")
         else:
@@ -207,6 +231,11 @@ def cmd_discards(args: argparse.Namespace) -> int:
             if not _names_records(flt) and not args.all:
                 sys.stderr.write("discards replay: give a filter (--destination, --reason, --since, --until)")
                 sys.stderr.write(" or --all\n")
+                return 2
+            try:
+                flt = _deliverable(flt, args.config)
+            except _NotDeliverable as exc:
+                sys.stderr.write(f"discards replay: {exc}\n")
                 return 2
             n = await store.replay_discards(flt)
             sys.stdout.write(f"replayed {n} discard(s); they will be re-mapped with the current mapping\n")

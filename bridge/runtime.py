@@ -183,7 +183,8 @@ class Runtime:
                     destination=name,
                     queued=s.depth,
                     dead_letters=s.dead,
-                    hint="no worker delivers them: configure the destination again (the same name), or purge them",
+                    hint="no worker delivers them: configure the destination again under this name; its dead"
+                    " letters can also be purged (bridge dlq purge --destination NAME)",
                 )
 
     async def _prune_loop(self) -> None:

@@ -5,6 +5,7 @@ Off unless admin.token is configured; every call needs ``Authorization: Bearer <
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from datetime import UTC, datetime
@@ -171,7 +172,8 @@ class AdminApi:
         return await self._replayed(await self.runtime.store.replay_discards(flt))
 
     def _deliverable(self, flt: RecordFilter) -> RecordFilter:
-        """A replay for a destination no worker serves would queue its events for good."""
+        """A replay for a destination no worker serves would queue its events for good:
+        refused when named, and left out of a replay by reason, time or ids."""
         names = [d.name for d in self.runtime.config.destinations]
         if flt.destination is not None and flt.destination not in names:
             raise ApiError(
@@ -180,7 +182,7 @@ class AdminApi:
                 f"no destination {flt.destination!r} is configured, so nothing would deliver what a replay"
                 f" queues for it{did_you_mean(flt.destination, names)}",
             )
-        return flt
+        return dataclasses.replace(flt, destinations=tuple(names))
 
     async def _replayed(self, n: int) -> web.Response:
         self.runtime.delivery.notify(w for w in self.runtime.delivery.workers)

@@ -183,6 +183,9 @@ class RecordFilter:
     since: float | None = None  # failed_at / discarded_at >= since
     until: float | None = None  # failed_at / discarded_at < until
     ids: tuple[int, ...] | None = None
+    # Any of these (None = any): a replay keeps to the configured destinations, since what
+    # it queued for another would wait for a worker that never comes.
+    destinations: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,6 +47,7 @@ from bridge.store.base import (
 from bridge.store.ordering import OrderedSelection
 from bridge.store.postgres_ingest import GroupCommitter
 from bridge.store.postgres_schema import (
+    ADDED_COLUMNS,
     DDL,
     DDL_LOCK,
     DELIVERED,
@@ -259,6 +260,16 @@ class PostgresStore(Store):
                     # Schema changes (an index on a big table, waiting for another node's
                     # migration lock) may take longer than a queue statement should.
                     await conn.execute(statement, timeout=DDL_TIMEOUT)
+                for table, column, kind in ADDED_COLUMNS:
+                    if not await conn.fetchval(
+                        "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE"
+                        " attrelid = to_regclass(format('%I.%I', $1::text, $2::text))"
+                        " AND attname = $3 AND NOT attisdropped)",
+                        self.schema,
+                        table,
+                        column,
+                    ):
+                        await conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}", timeout=DDL_TIMEOUT)
                 found = await conn.fetchval("SELECT max(version) FROM schema_version")
                 if found is None:
                     await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", SCHEMA_VERSION)

@@ -91,8 +91,6 @@ DDL = (
         detail TEXT NOT NULL,
         discarded_at DOUBLE PRECISION NOT NULL
     )""",
-    # A replayed discard keeps its place among its user's events (added after the table).
-    """ALTER TABLE discards ADD COLUMN IF NOT EXISTS ordering_key TEXT NOT NULL DEFAULT ''""",
     """CREATE INDEX IF NOT EXISTS discards_by_time ON discards (discarded_at)""",
     """CREATE TABLE IF NOT EXISTS destination_state (
         name TEXT PRIMARY KEY,
@@ -138,3 +136,12 @@ def schema_error(found: int) -> StoreError:
         f"the database has schema version {found}, newer than this bridge understands "
         f"({SCHEMA_VERSION}); upgrade the bridge"
     )
+
+
+# Columns added to a table after it was first created: (table, column, type and default).
+# Added only where missing: even a no-op ALTER TABLE takes the table's exclusive lock, and
+# every open (each node's start, each CLI command) would wait behind any reader of it.
+ADDED_COLUMNS = (
+    # A replayed discard keeps its place among its user's events.
+    ("discards", "ordering_key", "TEXT NOT NULL DEFAULT ''"),
+)

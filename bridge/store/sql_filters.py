@@ -39,6 +39,15 @@ def record_where(
         add(time_column + " >= {}", flt.since)
     if flt.until is not None:
         add(time_column + " < {}", flt.until)
+    if flt.destinations is not None:
+        if not flt.destinations:
+            clauses.append("1 = 0")
+        else:
+            marks = []
+            for name in flt.destinations:
+                params.append(name)
+                marks.append(placeholder(first + len(params) - 1))
+            clauses.append(f"destination IN ({', '.join(marks)})")
     if flt.ids is not None:
         if not flt.ids:
             clauses.append("1 = 0")  # an explicit empty id list selects nothing, never everything

@@ -21,6 +21,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
+from bridge.cli import main as cli_main
 from bridge.observability.logging import configure_logging, register_secret
 from bridge.testing.standins import Planned
 from tests.e2e.harness import (
@@ -821,6 +822,14 @@ async def test_a_destination_removed_with_work_left_is_named_at_start_and_replay
     """Renamed in the config, a destination's queue and DLQ are served by no worker: the
     bridge says so when it starts, and will not queue more for it by a replay."""
     bridge = await make_bridge()
+    anonymous = {"type": "track", "anonymousId": "a-gone", "event": "Anonymous"}
+    assert (await bridge.post("/v1/track", anonymous, H))[0] == 200
+
+    async def discarded() -> bool:
+        _, body = await bridge.get("/admin/discards?destination=moengage-main", ADMIN)
+        return len(body["discards"]) == 1
+
+    await wait_until(discarded, what="the anonymous call's discard")
     assert (await bridge.post("/admin/destinations/moengage-main/pause", None, ADMIN))[0] == 200
     track = {"type": "track", "userId": "u-gone", "event": "Left Behind"}
     assert (await bridge.post("/v1/track", track, H))[0] == 200
@@ -839,3 +848,18 @@ async def test_a_destination_removed_with_work_left_is_named_at_start_and_replay
     assert (status, body["code"]) == (400, "unknown_destination") and "'moengage-main' is" in body["message"]
     status, body = await bridge.post("/admin/discards/replay", {"destination": "moengage-renamed"}, ADMIN)
     assert (status, body["replayed"]) == (200, 0)
+    # Nor by reason: the removed destination's discard stays a discard, which ages out,
+    # rather than becoming a job nothing leases or purges.
+    status, body = await bridge.post("/admin/discards/replay", {"reason": "anonymous_user"}, ADMIN)
+    assert (status, body["replayed"]) == (200, 0)
+    _, listed = await bridge.get("/admin/discards?destination=moengage-main", ADMIN)
+    assert len(listed["discards"]) == 1
+    # The CLI, reading the same config, refuses and filters alike.
+    config_path = bridge.tmp_path / "renamed.yaml"
+    config_path.write_text(yaml.safe_dump(bridge.raw))
+    args = ["discards", "replay", "--config", str(config_path)]
+    assert await asyncio.to_thread(cli_main, [*args, "--destination", "moengage-main"]) == 2
+    assert await asyncio.to_thread(cli_main, [*args, "--reason", "anonymous_user"]) == 0
+    assert (await bridge.runtime.store.queue_stats())["moengage-main"].depth == 1  # only the queued track
+    _, listed = await bridge.get("/admin/discards?destination=moengage-main", ADMIN)
+    assert len(listed["discards"]) == 1

@@ -207,3 +207,38 @@ async def test_a_link_an_older_bridge_stored_under_a_long_raw_id_is_still_found(
         assert await store.resolve_links("moe", [long_id]) == {long_id: "t2"}
     finally:
         await store.close()
+
+
+async def test_a_schema_from_before_gains_the_discards_ordering_key_and_later_opens_take_no_lock(
+    pg_schema: str,
+) -> None:
+    """The column is added where missing; where it is there, opening (a node's start, each
+    CLI command) must not wait for readers of discards, as even a no-op ALTER would."""
+    first = PostgresStore(PG_DSN, schema=pg_schema)
+    await first.open()
+    await first.close()
+    conn = await asyncpg.connect(PG_DSN)
+    try:
+        await conn.execute(f'ALTER TABLE "{pg_schema}".discards DROP COLUMN ordering_key')
+        upgraded = PostgresStore(PG_DSN, schema=pg_schema)
+        await upgraded.open()
+        await upgraded.close()
+        assert await conn.fetchval(
+            "SELECT count(*) FROM information_schema.columns"
+            " WHERE table_schema = $1 AND table_name = 'discards' AND column_name = 'ordering_key'",
+            pg_schema,
+        )
+        reader = conn.transaction()
+        await reader.start()
+        await conn.execute(f'SELECT * FROM "{pg_schema}".discards LIMIT 1')  # holds its share lock
+        try:
+            node = PostgresStore(PG_DSN, schema=pg_schema, command_timeout=2)
+            await asyncio.wait_for(node.open(), 10)
+            try:
+                assert (await node.enqueue("web", [event("locked-1", "u1")])).stored == 1
+            finally:
+                await node.close()
+        finally:
+            await reader.rollback()
+    finally:
+        await conn.close()
