@@ -346,7 +346,7 @@ class FileCompiler:
                 if not self.diags.check_keys(ln, lp, ("file", "description"), "a lookup from a file"):
                     continue
                 fn = ln.value["file"]
-                if not isinstance(fn.value, str):
+                if not isinstance(fn.value, str) or "\x00" in fn.value:
                     self.diags.add(fn, join(lp, "file"), "expected a path relative to the mapping file")
                     continue
                 fpath = (self.path.parent / fn.value).resolve()
@@ -393,7 +393,9 @@ class FileCompiler:
             if bad:
                 diags.add(bad[0], join(lp, "values"), "expected a list of strings, numbers, booleans or null")
                 return None
-            return Lookup(None, frozenset(_set_item(x.value, fold) for x in vn.value), ignore_case=fold)
+            # A tuple: a set would keep one of true and 1 (equal to Python), which the
+            # conditions tell apart.
+            return Lookup(None, tuple(_set_item(x.value, fold) for x in vn.value), ignore_case=fold)
         tn = v["table"]
         if not tn.is_map:
             diags.add(tn, join(lp, "table"), "expected a mapping of key to value")

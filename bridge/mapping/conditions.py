@@ -258,7 +258,7 @@ JSON_TYPES: dict[str, frozenset[type]] = {
 def _is_type(c: ExprCompiler, lhs: Fn, rhs: YNode, ypath: str) -> Cond:
     """``{value: X, is: string}`` or ``is: [string, number]``: X is one of these JSON types
     (absent is none of them)."""
-    names = [x.value for x in rhs.value] if rhs.is_list else [rhs.value]
+    names = [x.plain() for x in rhs.value] if rhs.is_list else [rhs.plain()]
     wanted: set[type] = set()
     for name in ("null" if n is None else n for n in names):  # YAML reads a bare null as None
         if not isinstance(name, str) or name not in JSON_TYPES:
@@ -282,9 +282,14 @@ def compare(c: ExprCompiler, lhs: Fn, op: str, rhs: YNode, ypath: str, fold: boo
             if lk is None:
                 return _ALWAYS_FALSE
             fold = fold or lk.ignore_case
-            keys = lk.values if lk.values is not None else frozenset(lk.table or ())
+            keys = lk.values if lk.values is not None else tuple(lk.table or ())
             values = frozenset(_key(k, fold) for k in keys)
         elif rhs.is_list:
+            if any(x.is_map or x.is_list for x in raw):
+                # Objects and lists equal nothing (see ``_key``): listed, they would match
+                # every object or list the event holds.
+                c.diags.add(rhs, ypath, f"'{op}' expects a list of strings, numbers, booleans or null")
+                return _ALWAYS_FALSE
             values = frozenset(_key(x.plain(), fold) for x in raw)
         else:
             c.diags.add(rhs, ypath, f"'{op}' expects a list of values or the name of a lookup")

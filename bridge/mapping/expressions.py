@@ -53,7 +53,7 @@ class Lookup:
     """A lookup table (``table`` with optional ``default``) or a set of ``values``."""
 
     table: dict[str, Any] | None
-    values: frozenset[Any] | None
+    values: tuple[Any, ...] | None
     default: Any = MISSING
     ignore_case: bool = False
     files: tuple[str, ...] = ()

@@ -212,7 +212,14 @@ def to_datetime(v: Any) -> datetime:
             dt = datetime.fromisoformat(s)
         except ValueError:
             raise CoercionError(f"{short(v)} is not an ISO-8601 time") from None
-        return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt
+        if dt.tzinfo is None:
+            return dt.replace(tzinfo=UTC)
+        try:
+            # In UTC here, where a time at the edge of the calendar ("0001-01-01T00:00+01:00")
+            # fails as a conversion error, which `on_error` governs, not in a caller.
+            return dt.astimezone(UTC)
+        except OverflowError:
+            raise CoercionError(f"{short(v)} is out of range for a time") from None
     if t is int or t is float:
         try:
             secs = v / 1000 if abs(v) >= _MILLIS_THRESHOLD else v
@@ -223,7 +230,7 @@ def to_datetime(v: Any) -> datetime:
 
 
 def to_iso8601(v: Any) -> str:
-    dt = to_datetime(v).astimezone(UTC)
+    dt = to_datetime(v)  # in UTC
     return f"{dt:%Y-%m-%dT%H:%M:%S}.{dt.microsecond // 1000:03d}Z"
 
 

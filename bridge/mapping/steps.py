@@ -471,7 +471,7 @@ def _b_json(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
                 return v
 
         return decode
-    c.diags.add(p["json"], ypath, f"expected encode or decode, got {mode!r}")
+    c.diags.add(p["json"], ypath, f"expected encode or decode, got {p['json'].plain()!r}")
     return None
 
 

@@ -34,6 +34,11 @@ class YNode:
     def is_list(self) -> bool:
         return isinstance(self.value, list)
 
+    def __repr__(self) -> str:
+        # As the author wrote it: diagnostics quote values ("got [string]"), and a value
+        # that holds nodes would otherwise print as YNode(value=..., line=...).
+        return repr(self.plain())
+
     def plain(self) -> Any:
         """The value as plain Python data, positions dropped."""
         if isinstance(self.value, dict):
@@ -203,7 +208,10 @@ def _convert(node: yaml.Node, loader: yaml.SafeLoader, diags: Diagnostics, path:
         out: dict[str, YNode] = {}
         key_pos: dict[str, tuple[int, int]] = {}
         for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
+            if isinstance(key_node, yaml.ScalarNode):
+                key = _scalar(key_node, loader, diags, path)
+            else:
+                key = loader.construct_object(key_node, deep=True)
             kpos = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
             if not isinstance(key, str):
                 key = str(key).lower() if isinstance(key, bool) else str(key)
@@ -215,4 +223,14 @@ def _convert(node: yaml.Node, loader: yaml.SafeLoader, diags: Diagnostics, path:
         return YNode(out, line, col, key_pos)
     if isinstance(node, yaml.SequenceNode):
         return YNode([_convert(v, loader, diags, join(path, i)) for i, v in enumerate(node.value)], line, col)
-    return YNode(loader.construct_object(node, deep=True), line, col)
+    return YNode(_scalar(node, loader, diags, path), line, col)
+
+
+def _scalar(node: yaml.Node, loader: yaml.SafeLoader, diags: Diagnostics, path: str) -> Any:
+    """A scalar's value; one YAML reads but Python cannot hold (an integer of more than 4,300
+    digits) is a diagnostic at its position, and its text stands in for it."""
+    try:
+        return loader.construct_object(node, deep=True)
+    except ValueError as exc:
+        diags.add_at((node.start_mark.line + 1, node.start_mark.column + 1), path, f"cannot read this value: {exc}")
+        return str(node.value)

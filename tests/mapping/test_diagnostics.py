@@ -128,6 +128,12 @@ def test_segment_structural_checks(tmp_path, body, message):
         ("{if: {value: $.a}, then: x}", "'value' needs exactly one operator"),
         ("{if: {value: $.a, is: text}, then: x}", "'is' expects JSON type names (string, number"),
         ("{if: {value: $.a, is: [string, 3]}, then: x}", "got 3"),
+        # A nested value is quoted as written, not as the parser's node.
+        ("{if: {value: $.a, is: [[string]]}, then: x}", "got ['string']"),
+        ("{path: $.a, pipe: [{json: [1]}]}", "expected encode or decode, got [1]"),
+        # Objects and lists equal nothing: listed, they would match every object or list.
+        ("{if: {value: $.a, in: [a, {k: 1}]}, then: x}", "'in' expects a list of strings, numbers, booleans or null"),
+        ("{if: {value: $.a, not_in: [[1]]}, then: x}", "'not_in' expects a list of strings, numbers"),
         ("{if: {exists: $.a, empty: $.b}, then: x}", "a condition needs exactly one of"),
         ("$let.custmer_id", "unknown let name 'custmer_id' (did you mean 'customer_id'?)"),
         ("'$.a['", "unclosed '['"),
@@ -206,3 +212,21 @@ def test_yaml_12_booleans(tmp_path):
     m = load_mapping_file(path)
     (out,) = outputs(m.apply({"type": "identify", "userId": "user-1", "c": "no"}, MapContext()))
     assert out.body["attributes"] == {"country": "Norway", "on": "on"}
+
+
+def test_values_python_cannot_hold_are_diagnosed_where_they_are(tmp_path):
+    """An integer of more than 4,300 digits, a lookup file path with a NUL byte: each a
+    diagnostic at its own line, not an "unexpected error" at the top of the file."""
+    huge = "9" * 5000
+    text = (
+        HEADER
+        + 'lookups:\n  t: {file: "a\\0b.yaml"}\n'
+        + "let:\n  customer_id: $.userId\n"
+        + "rules:\n  - name: r\n    kind: customer\n    body:\n      customer_id: $.userId\n"
+        + f"      attributes: {{object: {{v: {{if: {{value: $.a, gt: {huge}}}, then: x}}}}}}\n"
+    )
+    diags, _ = errors(tmp_path, text)
+    found = [(d.line, str(d)) for d in diags]
+    assert not any("unexpected error" in text for _, text in found), found
+    assert any(line == 4 and "lookups.t.file: expected a path relative to the mapping file" in t for line, t in found)
+    assert any(line == 12 and "if.gt: cannot read this value" in t and "4300" in t for line, t in found), found

@@ -165,3 +165,24 @@ def test_is_tests_the_json_type(tmp_path, types, truths):
     got = [evaluate(mapping, {"type": "track", "x": x}) == "yes" for x in values]
     got.append(evaluate(mapping, {"type": "track"}) == "yes")
     assert got == truths
+
+
+@pytest.mark.parametrize("to", ["iso8601", "epoch_seconds", "epoch_millis"])
+@pytest.mark.parametrize("when", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
+def test_a_time_past_the_calendar_is_a_conversion_error_that_on_error_governs(tmp_path, to, when):
+    dropped = value_mapping(tmp_path / "drop", f"{{path: $.x, pipe: [{{to: {to}}}]}}")
+    assert evaluate(dropped, {"type": "track", "x": when}) == "<absent>"
+    failing = value_mapping(tmp_path / "fail", f"{{path: $.x, pipe: [{{to: {to}, on_error: fail, reason: bad_time}}]}}")
+    result = failing.apply({"type": "track", "x": when}, MapContext())
+    assert isinstance(result, Failed) and result.reason == "bad_time", result
+
+
+def test_a_lookup_of_values_keeps_true_apart_from_1(tmp_path):
+    for values in ("[1, true]", "[true, 1]"):
+        mapping = value_mapping(
+            tmp_path / values.strip("[]").replace(", ", "-"),
+            "{if: {value: $.x, in: flags}, then: yes, else: no}",
+            extra_top=f"lookups:\n  flags: {{values: {values}}}\n",
+        )
+        got = {repr(x): evaluate(mapping, {"type": "track", "x": x}) for x in (1, True, "1", 1.0, False, 0)}
+        assert got == {"1": "yes", "True": "yes", "'1'": "no", "1.0": "yes", "False": "no", "0": "no"}, (values, got)
