@@ -41,12 +41,13 @@ class Routes:
         resource = self._router.add_resource(path)
         route = resource.canonical
         wrapped = json_errors(handler, route, self._observe, cors=cors)
-        expect = expect_handler(route, self._observe)
+        expect = expect_handler(route, self._observe, cors=cors)
         if method == hdrs.METH_GET:
             resource.add_route(hdrs.METH_HEAD, wrapped, expect_handler=expect)  # as aiohttp's add_get does
         resource.add_route(method, wrapped, expect_handler=expect)
         if cors:
-            resource.add_route(hdrs.METH_OPTIONS, json_errors(cors_preflight, route, self._observe))
+            preflight = json_errors(cors_preflight, route, self._observe)
+            resource.add_route(hdrs.METH_OPTIONS, preflight, expect_handler=expect)
 
     def add_get(self, path: str, handler: Handler) -> None:
         self.add(hdrs.METH_GET, path, handler)

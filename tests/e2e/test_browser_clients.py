@@ -145,3 +145,23 @@ async def test_server_clients_get_no_cors_headers(bridge: Bridge) -> None:
     # Other routes take no browser calls at all.
     resp = await bridge.client.options("/segment/webhook", headers={"Origin": ORIGIN})
     assert resp.status == 405 and "Access-Control-Allow-Origin" not in resp.headers
+
+
+@pytest.mark.parametrize("method", [b"OPTIONS", b"POST"])
+async def test_an_expectation_the_bridge_does_not_meet_gets_its_json_417_with_cors(
+    bridge: Bridge, method: bytes
+) -> None:
+    """Answered on the headers alone, as every route's are: JSON, counted, and readable by
+    the page that sent it (the preflight got aiohttp's text/plain 417 before)."""
+    from tests.e2e.test_parse_bounds import head_and_json
+
+    request = (
+        method
+        + b" /v1/t HTTP/1.1\r\nHost: b\r\nOrigin: "
+        + ORIGIN.encode()
+        + b"\r\nAccess-Control-Request-Method: POST\r\nExpect: x\r\nContent-Length: 2\r\n\r\n{}"
+    )
+    status, headers, body = await head_and_json(bridge, request)
+    assert (status, body["code"]) == (417, "expectation_failed"), body
+    assert headers["content-type"].startswith("application/json")
+    assert headers["access-control-allow-origin"] == "*"

@@ -252,7 +252,7 @@ async def test_a_gzip_bomb_past_the_ceiling_ends_its_connection_with_the_413(bri
     auth = basic(WRITE_KEY)["Authorization"].encode()
     answer = await raw_exchange(
         bridge,
-        b"POST /segment/webhook HTTP/1.1\r\nHost: x\r\nAuthorization: " + auth + b"\r\n"
+        b"POST /segment/webhook HTTP/1.1\r\nHost: x\r\nAuthorization: " + auth + b"\r\nX-Signature: 00\r\n"
         b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(bomb) + bomb,
     )
     head, _, body = answer.partition(b"\r\n\r\n")

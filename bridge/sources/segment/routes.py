@@ -10,7 +10,15 @@ from typing import Any
 from aiohttp import web
 
 from bridge.config.model import Config, SourceConfig
-from bridge.httpx import ApiError, basic_credentials, parse_json, read_body, same_secret, secret_digest
+from bridge.httpx import (
+    ApiError,
+    basic_credentials,
+    check_containers,
+    parse_json,
+    read_body,
+    same_secret,
+    secret_digest,
+)
 from bridge.routing import Routes
 from bridge.sources.base import Collected, Ingestor, SourceKind, store_collected
 from bridge.sources.encoding import encode_event
@@ -196,25 +204,32 @@ class SegmentSources(SourceKind):
         source = self._source_for_header(request)
         if source is None:
             raise ApiError(401, "write_key_required", "the webhook needs the write key as the Basic auth username")
+        signature = request.headers.get("X-Signature", "")
+        if source.webhook_secret and not signature:
+            # Refused on its headers: the body, up to max_webhook_bytes, is never read, and
+            # the connection closes rather than drain it.
+            raise ApiError(401, "signature_required", "X-Signature header is missing", headers={"Connection": "close"})
         body = await read_body(request, self.config.server.max_webhook_bytes)
-        collected = self._collect_webhook(source, body, request.headers.get("X-Signature", ""))
+        collected = self._collect_webhook(source, body, signature)
         return await store_collected(self.ingestor, collected)
 
     def _collect_webhook(self, source: SourceConfig, body: bytes, signature: str) -> Collected:
-        data = parse_json(body)
         if source.webhook_secret:
-            _verify_signature(signature, source.webhook_secret, body, data)
+            # On the bytes, before they are parsed: an unsigned body costs no more than its read.
+            _verify_signature(signature, source.webhook_secret, body)
+        check_containers(body, self.config.server.max_batch_events)
+        data = parse_json(body)
         items = data if isinstance(data, list) else [data]
         collected = self.ingestor.collector(source)
         self._collect_many(collected, items, Envelope(*self._clock.now(), keep_timestamp=True))
         return collected
 
 
-def _verify_signature(given: str, secret: str, body: bytes, data: Any) -> None:
+def _verify_signature(given: str, secret: str, body: bytes) -> None:
     """Segment signs the JSON body, or for a batch (array) only its first item."""
     if not given:
         raise ApiError(401, "signature_required", "X-Signature header is missing")
-    signed = first_array_item(body) if isinstance(data, list) else body
+    signed = first_array_item(body) if body.lstrip()[:1] == b"[" else body
     if signed is None:
         raise ApiError(401, "invalid_signature", "X-Signature does not match the body")
     expected = hmac.new(secret.encode("utf-8"), signed, hashlib.sha1).hexdigest()

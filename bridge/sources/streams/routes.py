@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from bridge.config.model import Config, SourceConfig
-from bridge.httpx import ApiError, basic_credentials, parse_json, read_body, same_secret
+from bridge.httpx import ApiError, basic_credentials, check_containers, parse_json, read_body, same_secret
 from bridge.routing import Routes
 from bridge.sources.base import Collected, Ingestor, SourceKind, store_collected
 from bridge.sources.client_ip import client_address
@@ -63,6 +63,7 @@ class StreamsSources(SourceKind):
         return await store_collected(self.ingestor, self._collect(source, body))
 
     def _collect(self, source: SourceConfig, body: bytes) -> Collected:
+        check_containers(body, self.config.server.max_batch_events)
         data = parse_json(body)
         try:
             items = events_of(data)

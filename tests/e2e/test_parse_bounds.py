@@ -1,0 +1,79 @@
+"""What a body costs before it is trusted: a webhook whose signature is missing or wrong is
+refused before it is read or parsed, and a batch body with more JSON objects and arrays
+than its events could hold is refused before it is parsed (a small body of nested empty
+containers parses into some 35 times its size)."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import hmac
+import tracemalloc
+
+import orjson
+from yarl import URL
+
+from tests.e2e.harness import STREAMS_PASSWORD, STREAMS_USER, WEBHOOK_SECRET, WRITE_KEY, Bridge, basic
+
+STREAMS = "/moengage/streams/streams-main"
+
+
+async def head_and_json(bridge: Bridge, request: bytes) -> tuple[int, dict[str, str], dict[str, object]]:
+    """The answer to ``request``, read by its Content-Length: the bridge may keep the
+    connection open to drain a body it refused unread."""
+    url = URL(bridge.url)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+        body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 5)
+        return int(lines[0].split(" ")[1]), headers, orjson.loads(body)
+    finally:
+        writer.close()
+
+
+async def test_an_unsigned_webhook_is_refused_before_its_body_is_read(bridge: Bridge) -> None:
+    auth = basic(WRITE_KEY)["Authorization"].encode()
+    # 16 MB declared, 10 bytes sent: were the body awaited, this would time out.
+    request = (
+        b"POST /segment/webhook HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\nAuthorization: "
+        + auth
+        + b"\r\nContent-Length: 16000000\r\n\r\n[[],[],[],"
+    )
+    status, headers, body = await head_and_json(bridge, request)
+    assert (status, body["code"]) == (401, "signature_required")
+    assert headers["connection"].lower() == "close"  # not kept open to drain 16 MB
+
+
+async def test_a_webhook_with_a_wrong_signature_is_refused_before_it_is_parsed(bridge: Bridge) -> None:
+    bomb = gzip.compress(b"[" + b"[]," * 2_000_000 + b"[]]")  # 6 MB inflated, 6 KB sent
+    headers = {**basic(WRITE_KEY), "Content-Encoding": "gzip", "X-Signature": "00" * 20}
+    tracemalloc.start()
+    try:
+        status, body = await bridge.post("/segment/webhook", None, headers, raw=bomb)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (status, body["code"]) == (401, "invalid_signature")
+    # The inflated bytes and their copies, but not the 2M lists parsing would build (~130 MB).
+    assert peak < 48 * 2**20, f"{peak / 2**20:.0f} MiB allocated for a refused body"
+
+
+async def test_a_signed_webhook_of_nested_empty_containers_is_refused_before_it_is_parsed(bridge: Bridge) -> None:
+    inflated = b"[" + b"[]," * 2_000_000 + b"[]]"
+    signature = hmac.new(WEBHOOK_SECRET.encode(), b"[]", hashlib.sha1).hexdigest()  # the first item, as Segment signs
+    headers = {**basic(WRITE_KEY), "Content-Encoding": "gzip", "X-Signature": signature}
+    status, body = await bridge.post("/segment/webhook", None, headers, raw=gzip.compress(inflated))
+    assert (status, body["code"]) == (400, "too_many_values"), body
+    assert "at most 500000" in str(body["message"])
+
+
+async def test_a_streams_body_of_nested_empty_containers_is_refused_before_it_is_parsed(bridge: Bridge) -> None:
+    raw = b'{"events": [' + b"[]," * 600_000 + b"[]]}"
+    status, body = await bridge.post(STREAMS, None, basic(STREAMS_USER, STREAMS_PASSWORD), raw=raw)
+    # Parsed first, it would have been refused for its 600,001 events instead.
+    assert (status, body["code"]) == (400, "too_many_values"), body
