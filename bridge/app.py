@@ -15,7 +15,7 @@ from bridge.admin.routes import add_admin_routes
 from bridge.bindings import PrometheusBindings
 from bridge.config.model import Config
 from bridge.http_server import BridgeRunner
-from bridge.httpx import BODY_TIMEOUT, json_response
+from bridge.httpx import BODY_TIMEOUT, bearer_only, json_response
 from bridge.runtime import Runtime
 from bridge.sources.segment.routes import SegmentSources
 from bridge.sources.streams.routes import StreamsSources
@@ -45,7 +45,12 @@ def build_app(runtime: Runtime, bindings: PrometheusBindings) -> web.Application
         source_kind.add_routes(routes)
     routes.add_get("/healthz", healthz)
     routes.add_get("/readyz", readyz)
-    routes.add_get("/metrics", metrics)
+    # Open by default, for scrapers; with admin.metrics_token it is not, since the metrics
+    # name every source and destination.
+    routes.add_get(
+        "/metrics",
+        bearer_only(metrics, cfg.metrics_token, "/metrics (admin.metrics_token)") if cfg.metrics_token else metrics,
+    )
     add_admin_routes(routes, runtime, cfg.admin_token)
     routes.finish()
     app.cleanup_ctx.append(_lifecycle)

@@ -72,6 +72,19 @@ _HTTP_CODES = {
 StatusObserver = Callable[[str, int], None]
 
 
+def bearer_only(handler: Handler, token: str, what: str) -> Handler:
+    """``handler`` for requests with ``Authorization: Bearer <token>`` (compared in constant
+    time); others get 401 naming ``what`` needs it."""
+
+    async def check(request: web.Request) -> web.StreamResponse:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not same_secret(given.strip(), token):
+            raise ApiError(401, "unauthorized", f"{what} needs Authorization: Bearer <token>")
+        return await handler(request)
+
+    return check
+
+
 def json_errors(handler: Handler, route: str, observe: StatusObserver | None = None, *, cors: bool = False) -> Handler:
     """``handler`` with every error rendered as JSON {code, message}, and ``observe`` told
     each request's final status under ``route`` (the route's template, never the raw URL).

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from bridge.httpx import ApiError, Handler, json_response, parse_json, read_body, same_secret
+from bridge.httpx import ApiError, Handler, bearer_only, json_response, parse_json, read_body
 from bridge.mapping.links import ids_to_resolve, link_context
 from bridge.mapping.translate import translate_events
 from bridge.records import MAX_LIST_LIMIT, dead_letter_json, discard_json
@@ -40,13 +40,7 @@ def add_admin_routes(routes: Routes, runtime: Runtime, token: str) -> None:
         return  # the admin API is off: its routes do not exist
 
     def guarded(handler: Handler) -> Handler:
-        async def check(request: web.Request) -> web.StreamResponse:
-            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not same_secret(given.strip(), token):
-                raise ApiError(401, "unauthorized", "the admin API needs Authorization: Bearer <admin token>")
-            return await handler(request)
-
-        return check
+        return bearer_only(handler, token, "the admin API (admin.token)")
 
     api = AdminApi(runtime)
     r = routes

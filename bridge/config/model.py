@@ -158,10 +158,11 @@ class Config:
     destinations: tuple[DestinationConfig, ...]
     path: str = ""
     unset_env: frozenset[str] = frozenset()
+    metrics_token: str = ""  # admin.metrics_token: /metrics then needs it as a bearer token
 
     def secrets(self) -> list[str]:
         """Every secret value in the config, for log redaction."""
-        out = [self.admin_token, _url_password(self.store.url)]
+        out = [self.admin_token, self.metrics_token, _url_password(self.store.url)]
         for s in self.sources:
             out += [s.write_key, s.webhook_secret]
             if s.auth:
@@ -426,13 +427,14 @@ def build_config(data: dict[str, Any], path: str = "", unset_env: frozenset[str]
     mr.done()
     ar = top.sub("admin")
     admin_token = ar.str("token", "")
+    metrics_token = ar.str("metrics_token", "")
     ar.done()
     sources = tuple(_source(Reader(s, f"sources[{i}]")) for i, s in enumerate(top.list("sources")))
     destinations = tuple(
         _destination(Reader(d, f"destinations[{i}]"), i) for i, d in enumerate(top.list("destinations"))
     )
     top.done()
-    cfg = Config(server, store, mappings, admin_token, sources, destinations, path, unset_env)
+    cfg = Config(server, store, mappings, admin_token, sources, destinations, path, unset_env, metrics_token)
     validate_routes(cfg)
     return cfg
 

@@ -863,3 +863,26 @@ async def test_a_destination_removed_with_work_left_is_named_at_start_and_replay
     assert (await bridge.runtime.store.queue_stats())["moengage-main"].depth == 1  # only the queued track
     _, listed = await bridge.get("/admin/discards?destination=moengage-main", ADMIN)
     assert len(listed["discards"]) == 1
+
+
+async def test_metrics_can_require_a_token(make_bridge):
+    """They name every source and destination: with admin.metrics_token they are not
+    public, while the probes stay open."""
+    token = "metrics-token-0123456789"
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["admin"]["metrics_token"] = token
+
+    bridge = await make_bridge(tweak)
+    status, body = await bridge.get("/metrics")
+    assert (status, body["code"]) == (401, "unauthorized") and token not in str(body)
+    status, _ = await bridge.get("/metrics", {"Authorization": f"Bearer {token}x"})
+    assert status == 401
+    status, text = await bridge.get("/metrics", {"Authorization": f"Bearer {token}"})
+    assert status == 200 and "bridge_http_requests_total" in text
+    assert (await bridge.get("/healthz"))[0] == 200
+    # Without the key, as by default, a scraper needs nothing.
+    await bridge.stop()
+    del bridge.raw["admin"]["metrics_token"]
+    await bridge.start()
+    assert (await bridge.get("/metrics"))[0] == 200
