@@ -159,6 +159,19 @@ def _deliverable(flt: RecordFilter, config_path: str) -> RecordFilter:
     return dataclasses.replace(flt, destinations=tuple(names))
 
 
+async def _replay(
+    replay: Callable[[RecordFilter], Awaitable[int]], flt: RecordFilter, config_path: str, command: str, noun: str
+) -> int:
+    try:
+        flt = _deliverable(flt, config_path)
+    except _NotDeliverable as exc:
+        sys.stderr.write(f"{command}: {exc}\n")
+        return 2
+    n = await replay(flt)
+    sys.stdout.write(f"replayed {n} {noun}(s); they will be re-mapped with the current mapping\n")
+    return 0
+
+
 def _names_records(flt: RecordFilter) -> bool:
     """Whether a replay or purge is limited: without a filter, only --all may touch every record."""
     return any((flt.destination, flt.reason, flt.since, flt.until, flt.ids))
@@ -209,13 +222,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
             )
             return 2
         if args.action == "replay":
-            try:
-                flt = _deliverable(flt, args.config)
-            except _NotDeliverable as exc:
-                sys.stderr.write(f"dlq replay: {exc}\n")
-                return 2
-            n = await store.replay_dead(flt)
-            sys.stdout.write(f"replayed {n} dead letter(s); they will be re-mapped with the current mapping\n")
+            return await _replay(store.replay_dead, flt, args.config, "dlq replay", "dead letter")
         else:
             n = await store.purge_dead(flt)
             sys.stdout.write(f"purged {n} dead letter(s)\n")
@@ -232,14 +239,7 @@ def cmd_discards(args: argparse.Namespace) -> int:
                 sys.stderr.write("discards replay: give a filter (--destination, --reason, --since, --until)")
                 sys.stderr.write(" or --all\n")
                 return 2
-            try:
-                flt = _deliverable(flt, args.config)
-            except _NotDeliverable as exc:
-                sys.stderr.write(f"discards replay: {exc}\n")
-                return 2
-            n = await store.replay_discards(flt)
-            sys.stdout.write(f"replayed {n} discard(s); they will be re-mapped with the current mapping\n")
-            return 0
+            return await _replay(store.replay_discards, flt, args.config, "discards replay", "discard")
         records = await store.list_discards(_filter(args), args.limit)
         if args.json:
             _print_json([discard_json(r) for r in records])
