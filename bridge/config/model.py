@@ -328,8 +328,9 @@ def _statuses(r: Reader, key: str, default: frozenset[int]) -> frozenset[int]:
     return frozenset(statuses)
 
 
-def _retry(r: Reader) -> RetryConfig:
-    retryable = _statuses(r, "retryable_statuses", DEFAULT_RETRYABLE)
+def _retry(r: Reader, also_retryable: frozenset[int] = frozenset()) -> RetryConfig:
+    """``also_retryable``: what the destination kind retries besides the usual statuses."""
+    retryable = _statuses(r, "retryable_statuses", DEFAULT_RETRYABLE | also_retryable)
     pause = _statuses(r, "pause_statuses", DEFAULT_PAUSE - retryable)
     if both := sorted(retryable & pause):
         raise ConfigError(
@@ -389,7 +390,7 @@ def _destination(r: Reader, index: int) -> DestinationConfig:
     mapping = r.str("mapping", required=True)
     options = r.mapping("mapping_options")
     delivery = _delivery(r.sub("delivery"))
-    retry = _retry(r.sub("retry"))
+    retry = _retry(r.sub("retry"), kinds[kind].ALSO_RETRYABLE)
     guard = _guard(r.sub("guard"))
     rates = {str(k): parse_rate(v, f"{r.at('rate_limits')}.{k}") for k, v in r.mapping("rate_limits").items()}
     client_cfg = {"name": name, **r.rest()}

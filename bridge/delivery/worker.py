@@ -460,12 +460,13 @@ class DestinationWorker:
 
     async def _map(self, batch: _Batch, mapping: CompiledMapping) -> tuple[list[Item], dict[int, list[Item]]]:
         events = batch.events
-        dead: list[DeadLetter] = []
+        dead: list[DeadLetter] = []  # the mapping's failures: the bad-deploy guard counts these
+        data_dead: list[DeadLetter] = []  # the events' own faults: dead-lettered one by one
         for job in batch.jobs.values():
             try:
                 events[job.id] = orjson.loads(job.payload)
             except orjson.JSONDecodeError:
-                dead.append(DeadLetter(job.id, "corrupt_payload", mapping_version=mapping.version))
+                data_dead.append(DeadLetter(job.id, "corrupt_payload", mapping_version=mapping.version))
         ids = {job_id: mapping.identity_ids(e) if type(e) is dict else [] for job_id, e in events.items()}
         wanted = sorted({i for own in ids.values() for i in own})
         links = await self.store.resolve_links(self.name, wanted) if wanted else {}
@@ -504,7 +505,7 @@ class DestinationWorker:
                 # Mapped, but not writable as JSON (nested past orjson's 254 levels): this
                 # event can never be sent. Dead-lettered alone, as a request that cannot be
                 # built is; raised, it failed its whole batch again and again.
-                dead.append(
+                data_dead.append(
                     DeadLetter(
                         job_id,
                         "render_error",
@@ -523,7 +524,7 @@ class DestinationWorker:
                 # kind it has no endpoint for): dead-lettered, not discarded, so it is seen
                 # and replayed once a mapping change makes it fit.
                 item, reason = refused
-                dead.append(
+                (data_dead if reason in self.client.DATA_REJECTIONS else dead).append(
                     DeadLetter(
                         job_id,
                         reason,
@@ -544,7 +545,8 @@ class DestinationWorker:
             for d in discards:
                 self.metrics.discarded(batch.jobs[d.job_id].source, self.name, d.reason, 1)
         if dead:
-            if self._precheck and self.guard.would_trip(len(dead), delivered=len(events) - len(dead)):
+            mapped = len(events) - len(dead) - sum(1 for d in data_dead if d.job_id in events)
+            if self._precheck and self.guard.would_trip(len(dead), delivered=mapped):
                 # A bad mapping deploy: pause (it resumes when the mapping changes) rather
                 # than dead-letter every event; the failed jobs stay queued.
                 first = dead[0]
@@ -552,7 +554,8 @@ class DestinationWorker:
                     f"{len(dead)} of {len(events)} events failed to map ({first.reason}: {first.response_body[:200]})"
                 )
                 return [], {}
-            await self._dead_letter(batch, dead)
+        if dead or data_dead:
+            await self._dead_letter(batch, dead + data_dead, counted=len(dead))
         return items, job_items
 
     async def _send(self, request: Request, batch: _Batch, *, ordered: bool) -> bool:
@@ -742,11 +745,13 @@ class DestinationWorker:
             mapping_version=version,
         )
 
-    async def _dead_letter(self, batch: _Batch, dead: list[DeadLetter]) -> None:
+    async def _dead_letter(self, batch: _Batch, dead: list[DeadLetter], *, counted: int | None = None) -> None:
+        """``counted``: how many of ``dead`` the bad-deploy guard sees (default all); the
+        events' own faults are not a deploy's."""
         await self.store.dead_letter(dead, fence=batch.fence)
         batch.settled.update(d.job_id for d in dead)
         batch.passed.update(d.job_id for d in dead)
-        self.guard.record(0, len(dead))
+        self.guard.record(0, len(dead) if counted is None else counted)
         for d in dead:
             self.metrics.dead_lettered(self.name, d.reason, 1)
             log.warning(

@@ -83,8 +83,16 @@ class Destination(ABC):
         ``cfg`` too. Raise ConfigError naming ``where`` (e.g. "destinations[0].api_key")
         for any problem; unknown keys are errors. ``timeout`` is the request timeout (s)."""
 
+    # reject_reason codes about the event's data (an event too large), not the mapping:
+    # dead-lettered one by one, they never count towards the bad-deploy guard, which would
+    # otherwise pause the destination for a burst of large events until an operator resumes.
+    DATA_REJECTIONS: frozenset[str] = frozenset()
+    # Statuses this upstream answers in passing, retried besides retry.retryable_statuses'
+    # default (408, 429, 5xx).
+    ALSO_RETRYABLE: frozenset[int] = frozenset()
+
     def reject_reason(self, item: Item) -> str | None:
-        """A discard reason for an item that can never be sent (e.g. over the
+        """The dead-letter reason for an item that can never be sent (e.g. over the
         upstream's per-event size cap), or None. Checked before packing."""
         return None
 

@@ -92,6 +92,26 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     return max(0.0, when.timestamp() - current)
 
 
+def parse_rate_limit_reset(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from an ``X-RateLimit-Reset`` value, which Segment's 429 carries
+    (with or instead of Retry-After): an epoch time, in milliseconds or seconds, or else a
+    number of seconds to wait. None when absent or unreadable."""
+    if value is None:
+        return None
+    try:
+        number = float(value.strip())
+    except ValueError:
+        return None
+    if math.isnan(number) or math.isinf(number) or number < 0:
+        return None
+    current = time.time() if now is None else now
+    if number >= 1e12:  # epoch milliseconds
+        return max(0.0, number / 1000 - current)
+    if number >= 1e9:  # epoch seconds
+        return max(0.0, number - current)
+    return number
+
+
 def check_url(value: str) -> str | None:
     """Why ``value`` is not a usable http(s) base URL, or None when it is."""
     parts = urlsplit(value)
@@ -150,7 +170,7 @@ async def post(
             return Response(
                 status=resp.status,
                 body=text,
-                retry_after=parse_retry_after(resp.headers.get("Retry-After")),
+                retry_after=_retry_after(resp.headers),
             )
     except TimeoutError:
         return Response(0, error="timeout")
@@ -158,3 +178,9 @@ async def post(
         # ValueError covers invalid URLs; RuntimeError a session closed under us.
         detail = str(exc) or type(exc).__name__
         return Response(0, error=f"connection_error: {type(exc).__name__}: {detail}")
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """How long the upstream asked us to wait: Retry-After, else X-RateLimit-Reset."""
+    wait = parse_retry_after(headers.get("Retry-After"))
+    return wait if wait is not None else parse_rate_limit_reset(headers.get("X-RateLimit-Reset"))

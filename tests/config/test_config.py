@@ -243,3 +243,10 @@ def test_a_status_made_retryable_leaves_the_default_pause_list(tmp_path: Path) -
     raw["destinations"][0]["retry"] = {"retryable_statuses": [401, 503]}
     retry = build_config(raw).destinations[0].retry
     assert 401 in retry.retryable_statuses and retry.pause_statuses == frozenset({403, 409, 415})
+
+
+def test_segment_destinations_also_retry_410_and_460_as_segments_clients_do(tmp_path: Path) -> None:
+    cfg = build_config(config_dict(tmp_path, "http://127.0.0.1:1", "http://127.0.0.1:2"))
+    by_kind = {d.kind: d.retry.retryable_statuses for d in cfg.destinations}
+    assert {410, 460} <= by_kind["segment"] and not {410, 460} & by_kind["moengage"]
+    assert {408, 429, 500, 503} <= by_kind["segment"] & by_kind["moengage"]

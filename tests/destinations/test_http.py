@@ -216,3 +216,22 @@ async def test_a_redirect_says_where_it_pointed():
         response = await http.post(session, url, b"{}", {}, 2.0)
     assert response.status == 308
     assert response.body.startswith("Location: https://elsewhere.example/v1/x"), response.body
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("30", 30.0),  # seconds to wait
+        ("1700000090", 90.0),  # epoch seconds
+        ("1700000090000", 90.0),  # epoch milliseconds
+        ("1699999990", 0.0),  # already past
+        (None, None),
+        ("soon", None),
+        ("-5", None),
+        ("nan", None),
+    ],
+)
+def test_x_ratelimit_reset_is_read_as_a_wait_an_epoch_or_epoch_millis(value, expected):
+    assert http.parse_rate_limit_reset(value, now=1_700_000_000.0) == (
+        pytest.approx(expected) if expected is not None else None
+    )

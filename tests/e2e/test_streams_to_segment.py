@@ -15,6 +15,7 @@ import yaml
 from bridge.cli import main as cli_main
 from bridge.config.model import build_config
 from bridge.destinations.base import ConfigError
+from bridge.testing.standins import Planned
 from tests.e2e.harness import (
     ADMIN_TOKEN,
     SEGMENT_OUT_KEY,
@@ -514,3 +515,62 @@ async def test_admin_translate_answers_for_a_streams_event_as_delivery_would(bri
     await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 1)
     delivered = bridge.segment.events()[0]
     assert "userId" not in delivered and delivered["anonymousId"] == "moe-1"
+
+
+def streams_events(n: int, prefix: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "events": [
+            {
+                "event_uuid": f"{prefix}-{i}",
+                "event_name": "Email Sent",
+                "event_code": "MOE_EMAIL_SENT",
+                "event_time": 1580967474,
+                "uid": f"user-{prefix}-{i}",
+                **extra,
+            }
+            for i in range(n)
+        ]
+    }
+
+
+@pytest.mark.parametrize("status", [410, 460])
+async def test_a_410_or_460_from_segment_is_retried_as_segments_own_clients_retry_it(bridge, status):
+    """Answered in passing by Segment's load balancers: retried, not dead-lettered, and
+    no pause, however many events the request carried."""
+    bridge.segment.plan(Planned(status))
+    assert (await bridge.post(PATH, streams_events(30, f"lb{status}"), AUTH))[0] == 200
+    await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 30, timeout=10)
+    _, body = await bridge.get("/admin/dlq", ADMIN)
+    assert body["dead_letters"] == []
+    _, status_body = await bridge.get("/admin/status", ADMIN)
+    assert not next(d for d in status_body["destinations"] if d["name"] == "segment-prod")["paused"]
+
+
+async def test_a_429_that_names_its_reset_only_in_x_ratelimit_reset_is_waited_out(make_bridge):
+    def tweak(raw: dict[str, Any]) -> None:
+        for d in raw["destinations"]:
+            d["retry"] = {"base_delay": 0.05, "max_delay": 0.3, "max_retry_after": 600}
+
+    bridge = await make_bridge(tweak)
+    bridge.segment.plan(Planned(429, headers={"X-RateLimit-Reset": "2"}))
+    assert (await bridge.post(PATH, streams_events(3, "rl"), AUTH))[0] == 200
+    await asyncio.sleep(1.2)  # the jittered backoff alone (at most 0.3 s) would have retried by now
+    assert bridge.segment.received == 1 and bridge.segment.events() == []
+    await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 3, timeout=10)
+
+
+async def test_a_burst_of_oversize_events_is_dead_lettered_without_pausing_the_rest(bridge):
+    """Too large is the events' fault, not a bad deploy: the guard must not pause the
+    destination (until an operator resumes it) and hold the good events with them."""
+    big = streams_events(25, "big", user_attributes={"blob": "x" * 40_000})
+    small = streams_events(10, "small")
+    assert (await bridge.post(PATH, {"events": big["events"] + small["events"]}, AUTH))[0] == 200
+    await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 10, timeout=10)
+
+    async def all_dead() -> bool:
+        _, body = await bridge.get("/admin/dlq?reason=event_too_large&limit=100", ADMIN)
+        return len(body["dead_letters"]) == 25
+
+    await wait_until(all_dead, what="the oversize events in the DLQ")
+    _, status_body = await bridge.get("/admin/status", ADMIN)
+    assert not next(d for d in status_body["destinations"] if d["name"] == "segment-prod")["paused"]

@@ -138,6 +138,10 @@ class SegmentDestination(Destination):
     def _event_bytes(self, item: Item) -> int:
         return item.size if "type" in item.output.body else len(self._event(item))
 
+    DATA_REJECTIONS = frozenset({"event_too_large"})
+    # Segment's own clients retry these too: its load balancers answer them in passing.
+    ALSO_RETRYABLE = frozenset({410, 460})
+
     def reject_reason(self, item: Item) -> str | None:
         if item.output.kind not in CALL_TYPES:
             return "unsupported_output_kind"
