@@ -130,7 +130,7 @@ async def serve(config: Config, *, ready: Callable[[int], None] | None = None) -
     loop = asyncio.get_running_loop()
     # Before the store opens (on PostgreSQL it may wait minutes for another node's schema
     # lock): SIGHUP's default action would end the process mid-start.
-    loop.add_signal_handler(signal.SIGHUP, runtime.reload_mappings)
+    loop.add_signal_handler(signal.SIGHUP, _reload_on_hangup(runtime, loop))
     app = build_app(runtime, bindings)
     # drain_seconds is part of shutdown_timeout: HTTP draining gets what is left of it.
     http_drain = max(config.server.shutdown_timeout - config.server.drain_seconds, 0.0)
@@ -159,8 +159,29 @@ async def serve(config: Config, *, ready: Callable[[int], None] | None = None) -
         if config.server.drain_seconds:
             await asyncio.sleep(config.server.drain_seconds)  # /readyz is 503; still serving
     finally:
+        loop.remove_signal_handler(signal.SIGHUP)  # no reloads while the process winds down
         await runner.cleanup()
         log.info("stopped")
+
+
+def _reload_on_hangup(runtime: Runtime, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+    """SIGHUP's handler: one reload for any number of signals that arrive before it runs
+    (a compile takes tens of milliseconds on the event loop), and none once shutdown began."""
+    pending = False
+
+    def reload() -> None:
+        nonlocal pending
+        pending = False
+        if not runtime.stopping:
+            runtime.reload_mappings()
+
+    def on_hangup() -> None:
+        nonlocal pending
+        if not pending:
+            pending = True
+            loop.call_soon(reload)
+
+    return on_hangup
 
 
 def _bound_port(runner: web.BaseRunner) -> int:

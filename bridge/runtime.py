@@ -199,12 +199,16 @@ class Runtime:
                 log.exception("store_prune_failed")
             await asyncio.sleep(600)
 
+    def _watched_fingerprint(self) -> str:
+        lookups = [f for m in self.mappings().values() for f in getattr(m, "files", ())]
+        return directory_fingerprint(self.mappings_dir, lookups)
+
     async def _watch_mappings(self) -> None:
-        change = SettledChange(directory_fingerprint(self.mappings_dir))
+        change = SettledChange(self._watched_fingerprint())
         while True:
             await asyncio.sleep(self.config.mappings.watch_interval)
             try:
-                current = directory_fingerprint(self.mappings_dir)
+                current = self._watched_fingerprint()
             except OSError:
                 continue
             except Exception:
@@ -212,6 +216,8 @@ class Runtime:
                 continue
             if change.due(current):
                 try:
-                    self.reload_mappings()
+                    if not self.reload_mappings():
+                        # The new set may read other lookup files: watch from what it reads.
+                        change = SettledChange(self._watched_fingerprint())
                 except Exception:  # the watcher must outlive any one bad reload
                     log.exception("mapping_watch_failed")

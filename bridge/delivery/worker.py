@@ -183,7 +183,10 @@ class DestinationWorker:
         if not by_guard:
             self._paused_version = ""
         elif not self._paused_version:
-            self._paused_version = self._mapping_version()
+            # The version that failed, as the pause recorded it: after a restart (the usual
+            # way a fixed mapping arrives) the live version is the fix, not the failure.
+            assert state is not None
+            self._paused_version = str(state.extra.get("version") or "") or self._mapping_version()
         operator_resume = state is not None and not paused and state.extra.get("by") != "guard"
         resumed_at = state.changed_at if state is not None and operator_resume else 0.0
         if self._resume_seen is None:
@@ -246,11 +249,13 @@ class DestinationWorker:
         if current is not None and current.paused:
             self.apply_state(current)
             return
-        state = DestinationState(self.name, True, reason, self.store.now(), {"by": "guard"})
-        await self.store.set_destination_state(state)
         # A mapping change ends it: changed from the version that failed, not the live one
-        # (which may already be the fix, loaded while this batch was being sent).
-        self._paused_version = version or self._mapping_version()
+        # (which may already be the fix, loaded while this batch was being sent). Stored
+        # with the pause, so a restart or another node knows it too.
+        failed = version or self._mapping_version()
+        state = DestinationState(self.name, True, reason, self.store.now(), {"by": "guard", "version": failed})
+        await self.store.set_destination_state(state)
+        self._paused_version = failed
         self.apply_state(state)
 
     # -- the loop ----------------------------------------------------------------------

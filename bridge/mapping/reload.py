@@ -8,7 +8,7 @@ event is always mapped by one consistent set.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -62,11 +62,13 @@ class MappingHolder:
         return diagnostics
 
 
-def directory_fingerprint(directory: str | Path) -> str:
+def directory_fingerprint(directory: str | Path, also: Iterable[str] = ()) -> str:
     """A cheap fingerprint (names, sizes, mtimes) of the mapping and lookup files.
 
     Poll it to reload on file changes: when it differs from the last value, call
     ``reload``. Fixtures under tests/ are not part of it: they never affect traffic.
+    ``also``: more files to watch, e.g. the lookup files the loaded mappings read, which
+    may lie anywhere relative to their mapping (a subdirectory, a .json file).
     """
     root = Path(directory)
     parts: list[str] = []
@@ -77,6 +79,13 @@ def directory_fingerprint(directory: str | Path) -> str:
             if p.is_file() and p.suffix in (".yaml", ".yml"):
                 st = p.stat()
                 parts.append(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}")
+    for name in sorted(set(also)):
+        try:
+            st = Path(name).stat()
+        except OSError:
+            parts.append(f"{name}:missing")
+            continue
+        parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 

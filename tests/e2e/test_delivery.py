@@ -453,6 +453,32 @@ async def test_events_a_bad_mapping_discarded_are_delivered_once_it_is_fixed_and
     )
 
 
+async def test_a_guard_pause_lifts_when_the_fixed_mapping_arrives_with_a_restart(make_bridge, tmp_path):
+    """The usual container deploy: new mapping files, new process. The pause recorded the
+    version that failed; the restarted bridge runs another, and resumes."""
+    from tests.e2e.test_operations import break_track_action, copy_mappings
+
+    mappings = copy_mappings(tmp_path)
+    good = (mappings / "segment-to-moengage.yaml").read_text()
+    break_track_action(mappings)
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["mappings"]["dir"] = str(mappings)
+
+    bridge = await make_bridge(tweak)
+    assert (await bridge.post("/v1/batch", tracks(30, prefix="restart"), H))[0] == 200
+
+    async def paused() -> bool:
+        return bool((await _status_of(bridge))["paused"])
+
+    await wait_until(paused, what="the guard to pause on the broken mapping")
+    await bridge.stop()
+    (mappings / "segment-to-moengage.yaml").write_text(good)
+    await bridge.start()
+    await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 30, timeout=10)
+    assert not (await _status_of(bridge))["paused"]
+
+
 @pytest.mark.parametrize("concurrency", [1, 2])  # 1: the loop pipelines (see worker._loop)
 async def test_shutdown_starts_no_new_request_and_keeps_what_was_delivered(make_bridge, concurrency):
     """A batch that outlasts the shutdown timeout: what the upstream accepted is acked, the

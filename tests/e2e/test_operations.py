@@ -598,6 +598,32 @@ async def test_file_watch_reloads_changed_mappings(make_bridge, tmp_path):
     assert bridge.moengage.events()[0]["actions"][0]["action"] == "Screen Seen"
 
 
+async def test_file_watch_reloads_a_lookup_file_kept_anywhere(make_bridge, tmp_path):
+    """A lookup file in a subdirectory of lookups/, and as .json: it is part of the
+    mapping's version, so the watcher must see it change too."""
+    mappings = copy_mappings(tmp_path)
+    (mappings / "lookups" / "moengage").mkdir()
+    moved = mappings / "lookups" / "moengage" / "platforms.json"
+    table = yaml.safe_load((mappings / "lookups" / "moengage-platforms.yaml").read_text())
+    moved.write_text(orjson.dumps(table).decode())
+    path = mappings / "segment-to-moengage.yaml"
+    path.write_text(
+        path.read_text().replace("{file: lookups/moengage-platforms.yaml}", "{file: lookups/moengage/platforms.json}")
+    )
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["mappings"] = {"dir": str(mappings), "watch": True, "watch_interval": 0.1}
+
+    bridge = await make_bridge(tweak)
+    assert bridge.runtime is not None
+    before = bridge.runtime.mappings()["segment-to-moengage"].version
+    table["table"]["web"] = "web-changed"
+    moved.write_text(orjson.dumps(table).decode())
+    await wait_until(
+        lambda: bridge.runtime.mappings()["segment-to-moengage"].version != before, what="the lookup's reload"
+    )
+
+
 async def test_metrics_still_answer_while_the_store_is_down(bridge):
     from bridge.store.base import StoreError
 

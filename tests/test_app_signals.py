@@ -1,0 +1,36 @@
+"""SIGHUP reloads the mappings: once for a burst of signals, and never after shutdown began."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+from bridge.app import _reload_on_hangup
+from bridge.runtime import Runtime
+
+
+class Counting:
+    def __init__(self) -> None:
+        self.reloads = 0
+        self.stopping = False
+
+    def reload_mappings(self) -> list[str]:
+        self.reloads += 1
+        return []
+
+
+async def test_a_burst_of_hangups_is_one_reload_and_none_after_shutdown_began() -> None:
+    runtime = Counting()
+    on_hangup = _reload_on_hangup(cast(Runtime, cast(Any, runtime)), asyncio.get_running_loop())
+    for _ in range(100):
+        on_hangup()
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert runtime.reloads == 1
+    on_hangup()
+    await asyncio.sleep(0)
+    assert runtime.reloads == 2  # a later signal is a later reload
+    runtime.stopping = True
+    on_hangup()
+    await asyncio.sleep(0)
+    assert runtime.reloads == 2
