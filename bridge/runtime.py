@@ -86,6 +86,7 @@ class Runtime:
         self.store = store or store_for(config)
         self._set = MappingSet()
         self.mappings_error = "not loaded yet"
+        self._loaded_fingerprint = ""
         self.delivery = DeliveryManager(config, self.store, self.mappings, delivery_metrics)
         self.ingestor = Ingestor(self.store, config, self.mappings, self.delivery.notify, ingest_metrics)
         self._tasks: list[asyncio.Task[None]] = []
@@ -111,6 +112,9 @@ class Runtime:
             raise ConfigError("\n".join(problems))
         self._set = MappingSet.of(loaded)
         self.mappings_error = ""
+        # The watcher starts from the files as loaded, not as they are when it starts: the
+        # store opens in between (minutes, on PostgreSQL behind another node's schema lock).
+        self._loaded_fingerprint = self._watched_fingerprint() if self.config.mappings.watch else ""
 
     def reload_mappings(self) -> list[str]:
         """Re-read, validate and swap atomically; on any problem keep the old set in force."""
@@ -204,7 +208,7 @@ class Runtime:
         return directory_fingerprint(self.mappings_dir, lookups)
 
     async def _watch_mappings(self) -> None:
-        change = SettledChange(self._watched_fingerprint())
+        change = SettledChange(self._loaded_fingerprint or self._watched_fingerprint())
         while True:
             await asyncio.sleep(self.config.mappings.watch_interval)
             try:

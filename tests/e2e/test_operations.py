@@ -912,3 +912,26 @@ async def test_metrics_can_require_a_token(make_bridge):
     del bridge.raw["admin"]["metrics_token"]
     await bridge.start()
     assert (await bridge.get("/metrics"))[0] == 200
+
+
+async def test_an_edit_made_while_the_store_opens_is_loaded_by_the_watcher(tmp_path):
+    """`bridge serve` loads the mappings, then opens the store (minutes on PostgreSQL behind
+    another node's schema lock), then starts watching: an edit in between is a change."""
+    from bridge.config.model import build_config
+    from bridge.runtime import Runtime
+
+    mappings = copy_mappings(tmp_path)
+    raw = config_dict(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9")
+    raw["mappings"] = {"dir": str(mappings), "watch": True, "watch_interval": 0.1}
+    runtime = Runtime(build_config(raw))
+    runtime.load_mappings()
+    before = runtime.mappings()["segment-to-moengage"].version
+    path = mappings / "segment-to-moengage.yaml"
+    path.write_text(path.read_text().replace("action: Viewed Screen", "action: Screen Seen"))
+    await runtime.start()
+    try:
+        await wait_until(
+            lambda: runtime.mappings()["segment-to-moengage"].version != before, what="the edit to be loaded"
+        )
+    finally:
+        await runtime.stop()
