@@ -375,7 +375,10 @@ async def test_a_credential_deploy_pauses_before_dead_lettering_a_batch(bridge):
     assert len(bridge.moengage.events()) == 60
 
 
-async def test_a_mapping_deploy_that_fails_every_event_pauses_until_the_mapping_changes(make_bridge, tmp_path):
+@pytest.mark.parametrize("deploy", ["reload", "restart"])
+async def test_a_mapping_deploy_that_fails_every_event_pauses_until_the_mapping_changes(make_bridge, tmp_path, deploy):
+    """The fix arrives by a reload, or as a container deploy brings it: new files, new
+    process. The pause recorded the version that failed, so either way it lifts."""
     from tests.e2e.test_operations import break_track_action, copy_mappings
 
     mappings = copy_mappings(tmp_path)
@@ -394,8 +397,13 @@ async def test_a_mapping_deploy_that_fails_every_event_pauses_until_the_mapping_
     await wait_until(paused, what="the guard to pause on the broken mapping")
     assert "failed to map" in (await _status_of(bridge))["pause_reason"]
     assert await dlq(bridge) == []
-    (mappings / "segment-to-moengage.yaml").write_text(good)
-    assert (await bridge.post("/admin/reload", None, ADMIN))[0] == 200
+    if deploy == "restart":
+        await bridge.stop()
+        (mappings / "segment-to-moengage.yaml").write_text(good)
+        await bridge.start()
+    else:
+        (mappings / "segment-to-moengage.yaml").write_text(good)
+        assert (await bridge.post("/admin/reload", None, ADMIN))[0] == 200
     await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 30, timeout=10)
     assert not (await _status_of(bridge))["paused"]
 
@@ -451,32 +459,6 @@ async def test_events_a_bad_mapping_discarded_are_delivered_once_it_is_fixed_and
         )
         == 0
     )
-
-
-async def test_a_guard_pause_lifts_when_the_fixed_mapping_arrives_with_a_restart(make_bridge, tmp_path):
-    """The usual container deploy: new mapping files, new process. The pause recorded the
-    version that failed; the restarted bridge runs another, and resumes."""
-    from tests.e2e.test_operations import break_track_action, copy_mappings
-
-    mappings = copy_mappings(tmp_path)
-    good = (mappings / "segment-to-moengage.yaml").read_text()
-    break_track_action(mappings)
-
-    def tweak(raw: dict[str, Any]) -> None:
-        raw["mappings"]["dir"] = str(mappings)
-
-    bridge = await make_bridge(tweak)
-    assert (await bridge.post("/v1/batch", tracks(30, prefix="restart"), H))[0] == 200
-
-    async def paused() -> bool:
-        return bool((await _status_of(bridge))["paused"])
-
-    await wait_until(paused, what="the guard to pause on the broken mapping")
-    await bridge.stop()
-    (mappings / "segment-to-moengage.yaml").write_text(good)
-    await bridge.start()
-    await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 30, timeout=10)
-    assert not (await _status_of(bridge))["paused"]
 
 
 @pytest.mark.parametrize("concurrency", [1, 2])  # 1: the loop pipelines (see worker._loop)

@@ -131,8 +131,6 @@ async def test_file_watcher_survives_a_failing_reload(monkeypatch: pytest.Monkey
     from bridge import runtime
 
     counter = itertools.count()
-    # every fingerprint holds for two polls: a change that settled, each time
-    monkeypatch.setattr(runtime, "directory_fingerprint", lambda d: str(next(counter) // 2))
     calls: list[int] = []
 
     def reload_mappings() -> list[str]:
@@ -143,6 +141,9 @@ async def test_file_watcher_survives_a_failing_reload(monkeypatch: pytest.Monkey
         config=SimpleNamespace(mappings=SimpleNamespace(watch_interval=0.001)),
         mappings_dir=Path("."),
         reload_mappings=reload_mappings,
+        _loaded_fingerprint="",
+        # every fingerprint holds for two polls: a change that settled, each time
+        _watched_fingerprint=lambda: str(next(counter) // 2),
     )
     task = asyncio.create_task(runtime.Runtime._watch_mappings(fake))  # type: ignore[arg-type]
     for _ in range(200):
