@@ -14,7 +14,7 @@ from aiohttp import web
 from bridge.admin.routes import add_admin_routes
 from bridge.bindings import PrometheusBindings
 from bridge.config.model import Config
-from bridge.http_server import BridgeRunner
+from bridge.http_server import BridgeRunner, start_site
 from bridge.httpx import BODY_TIMEOUT, bearer_only, json_response
 from bridge.runtime import Runtime
 from bridge.sources.segment.routes import SegmentSources
@@ -137,7 +137,11 @@ async def serve(config: Config, *, ready: Callable[[int], None] | None = None) -
     runner = BridgeRunner(app, shutdown_timeout=http_drain, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
-    await site.start()
+    try:
+        await start_site(site, "server.host/server.port")
+    except BaseException:
+        await runner.cleanup()  # the store is open and delivery started: close them as a stop would
+        raise
     settle_garbage_collector()  # after start-up: everything built so far lives for the process
     port = _bound_port(runner)
     log.info(

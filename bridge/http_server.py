@@ -32,6 +32,7 @@ from aiohttp.http_exceptions import (
 )
 from aiohttp.web_protocol import RequestHandler
 
+from bridge.destinations.base import ConfigError
 from bridge.httpx import ApiError, error_response
 
 
@@ -92,3 +93,12 @@ class BridgeRunner(web.AppRunner):
         # only with the connections' protocol class changed: JsonErrorServer adds no state.
         server.__class__ = JsonErrorServer
         return server
+
+
+async def start_site(site: web.TCPSite, where: str) -> None:
+    """Start listening. An address in use or not this machine's is the operator's to fix
+    (``where`` names the setting): a one-line config error, not a traceback."""
+    try:
+        await site.start()
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot listen on {site.name}: {exc.strerror or exc}") from exc

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
+from bridge.http_server import start_site
 from bridge.testing.moengage_standin import MoEngageStandIn
 from bridge.testing.segment_standin import SegmentStandIn
 from bridge.testing.upstream import StandIn
@@ -16,7 +17,8 @@ async def _serve(standin: StandIn, host: str, port: int) -> web.AppRunner:
     runner = web.AppRunner(standin.app(), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        # The sandbox's ports come from BRIDGE_SANDBOX_*_PORT (README): a port in use names them.
+        await start_site(web.TCPSite(runner, host, port), f"sandbox {standin.name} stand-in (BRIDGE_SANDBOX_*_PORT)")
     except BaseException:
         await runner.cleanup()
         raise

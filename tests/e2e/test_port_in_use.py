@@ -1,0 +1,93 @@
+"""A port already taken (another bridge, a stale `make run`) is a one-line config error
+naming the setting, exit code 2, not a traceback; and the store it opened is closed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.e2e.harness import config_dict
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        yield int(held.getsockname()[1])
+
+
+async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bridge.cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+async def test_serve_on_a_taken_port_is_a_config_error(tmp_path: Path, taken_port: int) -> None:
+    raw = config_dict(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9")
+    raw["server"]["port"] = taken_port
+    path = tmp_path / "bridge.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    code, out = await run_cli("serve", "--config", str(path))
+    assert code == 2, out
+    assert f"config error: server.host/server.port: cannot listen on http://127.0.0.1:{taken_port}:" in out
+    assert "address already in use" in out.lower()
+    assert "Traceback" not in out
+
+
+def open_files(name: str) -> list[str]:
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if name in (target := os.readlink(f"/proc/self/fd/{fd}")):
+                found.append(target)
+    return found
+
+
+async def test_a_failed_listen_stops_what_start_up_opened(tmp_path: Path, taken_port: int) -> None:
+    from bridge.app import serve
+    from bridge.config.model import load_config
+    from bridge.destinations.base import ConfigError
+
+    raw = config_dict(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9")
+    raw["server"]["port"] = taken_port
+    path = tmp_path / "bridge.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="cannot listen on"):
+        await serve(load_config(path))
+    # The store was opened by start-up, then closed (its writer thread stopped) as a
+    # SIGTERM would: nothing of it is left open in this process.
+    assert (tmp_path / "bridge.db").exists()
+    assert open_files(str(tmp_path / "bridge.db")) == []
+    assert not [t for t in threading.enumerate() if t.name == "bridge-sqlite-writer"]
+
+
+async def test_sandbox_on_a_taken_standin_port_names_its_variable(tmp_path: Path, taken_port: int) -> None:
+    raw = config_dict(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9")
+    path = tmp_path / "bridge.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    code, out = await run_cli(
+        "serve", "--config", str(path), "--sandbox", env={"BRIDGE_SANDBOX_MOENGAGE_PORT": str(taken_port)}
+    )
+    assert code == 2, out
+    assert "config error: sandbox moengage stand-in (BRIDGE_SANDBOX_*_PORT): cannot listen on" in out
+    assert f"127.0.0.1:{taken_port}" in out
+    assert "Traceback" not in out
