@@ -118,8 +118,16 @@ def _fence_arrays(job_ids: Sequence[int], fence: Fence | None) -> tuple[list[int
     return ids, [fence.get(i) if fence is not None else None for i in ids]
 
 
+# Dead-lettering and discarding copy the jobs out, then delete them (``_delete_settled``).
+# The copy locks the rows it reads: otherwise a lease that lapsed meanwhile could be taken
+# by another node between the two statements, and the delete's fence then misses a job
+# that was already copied, which is then both recorded and delivered. Locked, that node
+# waits, and finds the job gone (or, if it leased first, the copy finds the fence moved on).
+_HOLD_SETTLED = "FOR UPDATE OF j"
+
+
 async def _delete_settled(conn: Connection, job_ids: Sequence[int], fence: Fence | None) -> None:
-    """Drop the jobs just copied out: the same match, in the same transaction."""
+    """Drop the jobs just copied (and locked) out: the same match, in the same transaction."""
     await conn.execute(
         f"DELETE FROM jobs j USING {_FENCE_ROWS} WHERE j.state < {DELIVERED} AND {_FENCED}",
         *_fence_arrays(job_ids, fence),
@@ -515,7 +523,7 @@ class PostgresStore(Store):
                 " $7::text[], $9::int[]) WITH ORDINALITY"
                 " AS e(job_id, reason, status, response_body, request_body, label, mapping_version, leased, n)"
                 f" JOIN jobs j ON j.id = e.job_id WHERE j.state < {DELIVERED}"
-                " AND (e.leased IS NULL OR j.attempts = e.leased) ORDER BY e.n",
+                f" AND (e.leased IS NULL OR j.attempts = e.leased) ORDER BY e.n {_HOLD_SETTLED}",
                 [e.job_id for e in unique],
                 [_text(e.reason) for e in unique],
                 [e.status for e in unique],
@@ -540,7 +548,8 @@ class PostgresStore(Store):
                 " j.ordering_key"
                 " FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $6::int[]) WITH ORDINALITY"
                 f" AS e(job_id, reason, label, detail, leased, n) JOIN jobs j ON j.id = e.job_id"
-                f" WHERE j.state < {DELIVERED} AND (e.leased IS NULL OR j.attempts = e.leased) ORDER BY e.n",
+                f" WHERE j.state < {DELIVERED} AND (e.leased IS NULL OR j.attempts = e.leased) ORDER BY e.n"
+                f" {_HOLD_SETTLED}",
                 [e.job_id for e in unique],
                 [_text(e.reason) for e in unique],
                 [_text(e.label) for e in unique],

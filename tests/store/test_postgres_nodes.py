@@ -1,0 +1,82 @@
+"""Several nodes on one PostgreSQL database when timing goes wrong: a lease that lapses while
+its holder settles, a node that stops answering mid-transaction, two nodes storing the same
+events in different orders."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+import bridge.store.postgres as postgres
+from bridge.store.base import DeadLetter, Discard, Job, RecordFilter
+from bridge.store.postgres import PostgresStore
+from tests.store.conftest import PG_DSN, pg_problem
+from tests.store.helpers import event
+
+pytestmark = pytest.mark.skipif(pg_problem() is not None, reason=str(pg_problem()))
+
+
+@pytest.fixture
+async def nodes(pg_schema: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
+    """Two bridge nodes sharing one schema, with a short command timeout."""
+    a = PostgresStore(PG_DSN, schema=pg_schema, pool_size=4, command_timeout=1.0)
+    b = PostgresStore(PG_DSN, schema=pg_schema, pool_size=4, command_timeout=1.0)
+    await a.open()
+    await b.open()
+    yield a, b
+    await a.close()
+    await b.close()
+
+
+async def _lapsed_lease(a: PostgresStore) -> Job:
+    """One job leased by ``a`` whose lease has already run out."""
+    await a.enqueue("web", [event("lapsed-1", "u1")])
+    (job,) = await a.lease("moe", 10, 0.05)
+    await asyncio.sleep(0.1)
+    return job
+
+
+@pytest.mark.parametrize("settle", ["dead_letter", "discard"])
+async def test_a_lease_lapsing_while_its_holder_settles_leaves_the_job_in_one_place(
+    nodes: tuple[PostgresStore, PostgresStore], monkeypatch: pytest.MonkeyPatch, settle: str
+) -> None:
+    """Dead-lettering (or discarding) copies the job out, then deletes it, fenced. Another
+    node that leases the lapsed job between the two statements made the fence miss the
+    delete only: the job was then both a dead letter and leased for delivery (a replay
+    would send it twice), or a discard that was delivered anyway."""
+    a, b = nodes
+    job = await _lapsed_lease(a)
+    leased_meanwhile: list[Job] = []
+    delete_settled = postgres._delete_settled
+
+    async def other_node_leases_first(conn: Any, job_ids: Any, fence: Any) -> None:
+        # Node B leases between the copy and the delete. If the copy holds the row, B
+        # waits for this transaction instead (bounded here, so the test cannot hang).
+        lease = asyncio.ensure_future(b.lease("moe", 10, 30))
+        done, _ = await asyncio.wait({lease}, timeout=0.5)
+        if done:
+            leased_meanwhile.extend(lease.result())
+        else:
+            pending.append(lease)
+        await delete_settled(conn, job_ids, fence)
+
+    pending: list[asyncio.Future[list[Job]]] = []
+    monkeypatch.setattr(postgres, "_delete_settled", other_node_leases_first)
+    fence = {job.id: job.attempts}
+    if settle == "dead_letter":
+        await a.dead_letter([DeadLetter(job.id, "http_400")], fence=fence)
+        recorded = len(await a.list_dead(RecordFilter()))
+    else:
+        await a.discard([Discard(job.id, "anonymous_user")], fence=fence)
+        recorded = len(await a.list_discards(RecordFilter()))
+    for lease in pending:
+        leased_meanwhile.extend(await lease)
+
+    queued = (await a.queue_stats()).get("moe")
+    in_queue = queued.depth if queued is not None else 0
+    # Either the settle won (recorded, gone from the queue, not leased again) or the
+    # other node did (leased, nothing recorded): never both.
+    assert (recorded, in_queue, len(leased_meanwhile)) in ((1, 0, 0), (0, 1, 1)), (recorded, in_queue)
