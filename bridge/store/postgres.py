@@ -249,7 +249,16 @@ class PostgresStore(Store):
                 max_size=self._pool_size,
                 timeout=self._connect_timeout,
                 command_timeout=self._command_timeout,
-                server_settings={"search_path": self.schema, "application_name": "bridge"},
+                server_settings={
+                    "search_path": self.schema,
+                    "application_name": "bridge",
+                    # command_timeout is the client's: a node that stops mid-transaction (a
+                    # partition, a paused process) sends no cancel, and the database would
+                    # keep its locks (a destination's lease lock, a dedupe key being stored)
+                    # until TCP gives up, hours later, with every other node waiting on them.
+                    # Our transactions never pause between statements for longer than this.
+                    "idle_in_transaction_session_timeout": str(max(1, round(self._command_timeout * 1000))),
+                },
             )
         except Exception as exc:
             raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc

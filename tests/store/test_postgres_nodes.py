@@ -5,13 +5,14 @@ events in different orders."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 import bridge.store.postgres as postgres
-from bridge.store.base import DeadLetter, Discard, Job, RecordFilter
+from bridge.store.base import DeadLetter, Discard, Job, RecordFilter, StoreError
 from bridge.store.postgres import PostgresStore
 from tests.store.conftest import PG_DSN, pg_problem
 from tests.store.helpers import event
@@ -80,3 +81,38 @@ async def test_a_lease_lapsing_while_its_holder_settles_leaves_the_job_in_one_pl
     # Either the settle won (recorded, gone from the queue, not leased again) or the
     # other node did (leased, nothing recorded): never both.
     assert (recorded, in_queue, len(leased_meanwhile)) in ((1, 0, 0), (0, 1, 1)), (recorded, in_queue)
+
+
+async def test_a_node_stalled_mid_lease_does_not_stop_the_others_leasing(
+    nodes: tuple[PostgresStore, PostgresStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ordered lease holds its destination's advisory lock until its transaction ends.
+    A node that stops mid-transaction (a partition, a paused VM or process) kept it for as
+    long as the database kept the session: hours, until TCP keepalive gave up; meanwhile
+    no node could lease for that destination. The database now ends such a transaction
+    once it has been idle for the command timeout."""
+    a, b = nodes
+    await a.enqueue("web", [event("stalled-1", "u1")])
+    stalled = asyncio.Event()
+
+    async def stall(*args: Any) -> list[int]:
+        stalled.set()
+        await asyncio.Event().wait()  # never: this node stops answering, lock held
+        return []
+
+    monkeypatch.setattr(a, "_due_ids_ordered", stall)
+    stuck = asyncio.create_task(a.lease("moe", 10, 30))
+    try:
+        await stalled.wait()
+        leased: list[Job] = []
+        deadline = asyncio.get_running_loop().time() + 6
+        while not leased and asyncio.get_running_loop().time() < deadline:
+            try:
+                leased = await b.lease("moe", 10, 30)
+            except StoreError:  # waited a command timeout for the lock
+                continue
+        assert [j.message_id for j in leased] == ["stalled-1"]
+    finally:
+        stuck.cancel()
+        with contextlib.suppress(asyncio.CancelledError, StoreError):
+            await stuck
