@@ -9,10 +9,11 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import pytest
 
 import bridge.store.postgres as postgres
-from bridge.store.base import DeadLetter, Discard, Job, RecordFilter, StoreError
+from bridge.store.base import DeadLetter, Discard, IdentityLink, Job, RecordFilter, StoreError
 from bridge.store.postgres import PostgresStore
 from tests.store.conftest import PG_DSN, pg_problem
 from tests.store.helpers import event
@@ -22,9 +23,10 @@ pytestmark = pytest.mark.skipif(pg_problem() is not None, reason=str(pg_problem(
 
 @pytest.fixture
 async def nodes(pg_schema: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
-    """Two bridge nodes sharing one schema, with a short command timeout."""
-    a = PostgresStore(PG_DSN, schema=pg_schema, pool_size=4, command_timeout=1.0)
-    b = PostgresStore(PG_DSN, schema=pg_schema, pool_size=4, command_timeout=1.0)
+    """Two bridge nodes sharing one schema, with a short command timeout (still longer than
+    PostgreSQL's deadlock_timeout, 1 s, so a deadlock shows as one)."""
+    a = PostgresStore(PG_DSN, schema=pg_schema, pool_size=4, command_timeout=2.0)
+    b = PostgresStore(PG_DSN, schema=pg_schema, pool_size=4, command_timeout=2.0)
     await a.open()
     await b.open()
     yield a, b
@@ -116,3 +118,38 @@ async def test_a_node_stalled_mid_lease_does_not_stop_the_others_leasing(
         stuck.cancel()
         with contextlib.suppress(asyncio.CancelledError, StoreError):
             await stuck
+
+
+@pytest.mark.parametrize("held", ["dedupe", "identity_links"])
+async def test_two_nodes_storing_keys_in_different_orders_do_not_deadlock(
+    nodes: tuple[PostgresStore, PostgresStore], pg_schema: str, held: str
+) -> None:
+    """Clients that batch again on retry (analytics.js, the mobile SDKs), or two nodes' group
+    commits joining the same retried requests in other orders, insert one set of dedupe keys
+    in two orders; two users' events learn one alias pair in two orders. Each node then held
+    a key the other waited for, and PostgreSQL broke the deadlock by failing one: a 503 for
+    events nothing was wrong with. A third session holding one key lines both nodes up
+    behind it, so each round gives the deadlock its chance."""
+    a, b = nodes
+    blocker = await asyncpg.connect(PG_DSN, server_settings={"search_path": pg_schema})
+    try:
+        for i in range(10):
+            x, y = IdentityLink("moe", f"x-{i}", f"user-{i}"), IdentityLink("moe", f"y-{i}", f"user-{i}")
+            if held == "dedupe":  # the same two events
+                on_a, on_b = [event(f"x-{i}"), event(f"y-{i}")], [event(f"y-{i}"), event(f"x-{i}")]
+                hold = "INSERT INTO dedupe (source, message_id, seen_at) VALUES ('web', $1, 0)"
+            else:  # two events, each learning the same two links
+                on_a, on_b = [event(f"a-{i}", links=(x, y))], [event(f"b-{i}", links=(y, x))]
+                hold = "INSERT INTO identity_links (namespace, from_id, to_id, updated_at) VALUES ('moe', $1, '', 0)"
+            holding = blocker.transaction()
+            await holding.start()
+            await blocker.execute(hold, f"x-{i}")
+            first = asyncio.create_task(a.enqueue("web", on_a))
+            await asyncio.sleep(0.05)
+            second = asyncio.create_task(b.enqueue("web", on_b))
+            await asyncio.sleep(0.05)
+            await holding.rollback()
+            results = await asyncio.gather(first, second)
+            assert sum(r.stored for r in results) == 2
+    finally:
+        await blocker.close()
