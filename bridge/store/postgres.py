@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from typing import Any, TypeVar
@@ -73,6 +74,8 @@ CLOCK_CHECK_SECONDS = 60.0
 CLOCK_WARN_SECONDS = 1.0
 # Rows deleted per prune statement: small enough to finish well inside command_timeout.
 PRUNE_SLICE = 10_000
+
+_CREATE_INDEX = re.compile(r"\s*CREATE (?:UNIQUE )?INDEX IF NOT EXISTS (\w+) ")
 
 _JOB_COLUMNS = "id, source, message_id, ordering_key, payload, attempts, created_at, first_attempt_at"
 
@@ -273,7 +276,22 @@ class PostgresStore(Store):
                         "`bridge serve` creates it when it starts; check store.url (its database and ?schema=)"
                     )
                 await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+                present = {
+                    str(r[0])
+                    for r in await conn.fetch(
+                        "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                        " WHERE n.nspname = $1",
+                        self.schema,
+                    )
+                }
                 for statement in DDL:
+                    index = _CREATE_INDEX.match(statement)
+                    if index is not None and index.group(1) in present:
+                        # Even when the index is there, CREATE INDEX IF NOT EXISTS takes its
+                        # table's SHARE lock (held to the end of this transaction): it would wait
+                        # for any long write (a replay, a purge), and every node's ingest and
+                        # delivery would queue behind it.
+                        continue
                     # Schema changes (an index on a big table, waiting for another node's
                     # migration lock) may take longer than a queue statement should.
                     await conn.execute(statement, timeout=DDL_TIMEOUT)

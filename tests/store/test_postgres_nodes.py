@@ -153,3 +153,31 @@ async def test_two_nodes_storing_keys_in_different_orders_do_not_deadlock(
             assert sum(r.stored for r in results) == 2
     finally:
         await blocker.close()
+
+
+@pytest.mark.parametrize("table", ["jobs", "dedupe", "dead_letters", "discards"])
+async def test_opening_a_store_does_not_queue_behind_a_long_write(pg_schema: str, table: str) -> None:
+    """Every open (a node's start, each CLI command) ran CREATE INDEX IF NOT EXISTS, which
+    takes its table's SHARE lock even when the index is there: it waited for any long write
+    (`bridge dlq replay` of a large DLQ, a big purge), and every other node's ingest, leases
+    and settles queued behind it, answering 503 until the write ended."""
+    node = PostgresStore(PG_DSN, schema=pg_schema, command_timeout=2.0)
+    await node.open()
+    writer = await asyncpg.connect(PG_DSN, server_settings={"search_path": pg_schema})
+    try:
+        async with writer.transaction():
+            await writer.execute(f"DELETE FROM {table} WHERE false")  # holds ROW EXCLUSIVE to the end
+            cli = PostgresStore(PG_DSN, schema=pg_schema, create=False, command_timeout=2.0)
+            opening = asyncio.create_task(cli.open())
+            try:
+                await asyncio.sleep(0.2)
+                assert (await node.enqueue("web", [event("during-open", "u1")])).stored == 1
+                await asyncio.wait_for(opening, 5)
+            finally:
+                opening.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StoreError):
+                    await opening
+                await cli.close()
+    finally:
+        await writer.close()
+        await node.close()
