@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from typing import Any, TypeVar
@@ -74,6 +75,8 @@ CLOCK_WARN_SECONDS = 1.0
 # Rows deleted per prune statement: small enough to finish well inside command_timeout.
 PRUNE_SLICE = 10_000
 
+_CREATE_INDEX = re.compile(r"\s*CREATE (?:UNIQUE )?INDEX IF NOT EXISTS (\w+) ")
+
 _JOB_COLUMNS = "id, source, message_id, ordering_key, payload, attempts, created_at, first_attempt_at"
 
 
@@ -118,8 +121,16 @@ def _fence_arrays(job_ids: Sequence[int], fence: Fence | None) -> tuple[list[int
     return ids, [fence.get(i) if fence is not None else None for i in ids]
 
 
+# Dead-lettering and discarding copy the jobs out, then delete them (``_delete_settled``).
+# The copy locks the rows it reads: otherwise a lease that lapsed meanwhile could be taken
+# by another node between the two statements, and the delete's fence then misses a job
+# that was already copied, which is then both recorded and delivered. Locked, that node
+# waits, and finds the job gone (or, if it leased first, the copy finds the fence moved on).
+_HOLD_SETTLED = "FOR UPDATE OF j"
+
+
 async def _delete_settled(conn: Connection, job_ids: Sequence[int], fence: Fence | None) -> None:
-    """Drop the jobs just copied out: the same match, in the same transaction."""
+    """Drop the jobs just copied (and locked) out: the same match, in the same transaction."""
     await conn.execute(
         f"DELETE FROM jobs j USING {_FENCE_ROWS} WHERE j.state < {DELIVERED} AND {_FENCED}",
         *_fence_arrays(job_ids, fence),
@@ -241,7 +252,16 @@ class PostgresStore(Store):
                 max_size=self._pool_size,
                 timeout=self._connect_timeout,
                 command_timeout=self._command_timeout,
-                server_settings={"search_path": self.schema, "application_name": "bridge"},
+                server_settings={
+                    "search_path": self.schema,
+                    "application_name": "bridge",
+                    # command_timeout is the client's: a node that stops mid-transaction (a
+                    # partition, a paused process) sends no cancel, and the database would
+                    # keep its locks (a destination's lease lock, a dedupe key being stored)
+                    # until TCP gives up, hours later, with every other node waiting on them.
+                    # Our transactions never pause between statements for longer than this.
+                    "idle_in_transaction_session_timeout": str(max(1, round(self._command_timeout * 1000))),
+                },
             )
         except Exception as exc:
             raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
@@ -256,7 +276,22 @@ class PostgresStore(Store):
                         "`bridge serve` creates it when it starts; check store.url (its database and ?schema=)"
                     )
                 await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+                present = {
+                    str(r[0])
+                    for r in await conn.fetch(
+                        "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                        " WHERE n.nspname = $1",
+                        self.schema,
+                    )
+                }
                 for statement in DDL:
+                    index = _CREATE_INDEX.match(statement)
+                    if index is not None and index.group(1) in present:
+                        # Even when the index is there, CREATE INDEX IF NOT EXISTS takes its
+                        # table's SHARE lock (held to the end of this transaction): it would wait
+                        # for any long write (a replay, a purge), and every node's ingest and
+                        # delivery would queue behind it.
+                        continue
                     # Schema changes (an index on a big table, waiting for another node's
                     # migration lock) may take longer than a queue statement should.
                     await conn.execute(statement, timeout=DDL_TIMEOUT)
@@ -515,7 +550,7 @@ class PostgresStore(Store):
                 " $7::text[], $9::int[]) WITH ORDINALITY"
                 " AS e(job_id, reason, status, response_body, request_body, label, mapping_version, leased, n)"
                 f" JOIN jobs j ON j.id = e.job_id WHERE j.state < {DELIVERED}"
-                " AND (e.leased IS NULL OR j.attempts = e.leased) ORDER BY e.n",
+                f" AND (e.leased IS NULL OR j.attempts = e.leased) ORDER BY e.n {_HOLD_SETTLED}",
                 [e.job_id for e in unique],
                 [_text(e.reason) for e in unique],
                 [e.status for e in unique],
@@ -540,7 +575,8 @@ class PostgresStore(Store):
                 " j.ordering_key"
                 " FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $6::int[]) WITH ORDINALITY"
                 f" AS e(job_id, reason, label, detail, leased, n) JOIN jobs j ON j.id = e.job_id"
-                f" WHERE j.state < {DELIVERED} AND (e.leased IS NULL OR j.attempts = e.leased) ORDER BY e.n",
+                f" WHERE j.state < {DELIVERED} AND (e.leased IS NULL OR j.attempts = e.leased) ORDER BY e.n"
+                f" {_HOLD_SETTLED}",
                 [e.job_id for e in unique],
                 [_text(e.reason) for e in unique],
                 [_text(e.label) for e in unique],

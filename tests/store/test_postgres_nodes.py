@@ -1,0 +1,183 @@
+"""Several nodes on one PostgreSQL database when timing goes wrong: a lease that lapses while
+its holder settles, a node that stops answering mid-transaction, two nodes storing the same
+events in different orders."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+import bridge.store.postgres as postgres
+from bridge.store.base import DeadLetter, Discard, IdentityLink, Job, RecordFilter, StoreError
+from bridge.store.postgres import PostgresStore
+from tests.store.conftest import PG_DSN, pg_problem
+from tests.store.helpers import event
+
+pytestmark = pytest.mark.skipif(pg_problem() is not None, reason=str(pg_problem()))
+
+
+@pytest.fixture
+async def nodes(pg_schema: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
+    """Two bridge nodes sharing one schema, with a short command timeout (still longer than
+    PostgreSQL's deadlock_timeout, 1 s, so a deadlock shows as one)."""
+    a = PostgresStore(PG_DSN, schema=pg_schema, pool_size=4, command_timeout=2.0)
+    b = PostgresStore(PG_DSN, schema=pg_schema, pool_size=4, command_timeout=2.0)
+    await a.open()
+    await b.open()
+    yield a, b
+    await a.close()
+    await b.close()
+
+
+async def _lapsed_lease(a: PostgresStore) -> Job:
+    """One job leased by ``a`` whose lease has already run out."""
+    await a.enqueue("web", [event("lapsed-1", "u1")])
+    (job,) = await a.lease("moe", 10, 0.05)
+    await asyncio.sleep(0.1)
+    return job
+
+
+@pytest.mark.parametrize("settle", ["dead_letter", "discard"])
+async def test_a_lease_lapsing_while_its_holder_settles_leaves_the_job_in_one_place(
+    nodes: tuple[PostgresStore, PostgresStore], monkeypatch: pytest.MonkeyPatch, settle: str
+) -> None:
+    """Dead-lettering (or discarding) copies the job out, then deletes it, fenced. Another
+    node that leases the lapsed job between the two statements made the fence miss the
+    delete only: the job was then both a dead letter and leased for delivery (a replay
+    would send it twice), or a discard that was delivered anyway."""
+    a, b = nodes
+    job = await _lapsed_lease(a)
+    leased_meanwhile: list[Job] = []
+    delete_settled = postgres._delete_settled
+
+    async def other_node_leases_first(conn: Any, job_ids: Any, fence: Any) -> None:
+        # Node B leases between the copy and the delete. If the copy holds the row, B
+        # waits for this transaction instead (bounded here, so the test cannot hang).
+        lease = asyncio.ensure_future(b.lease("moe", 10, 30))
+        done, _ = await asyncio.wait({lease}, timeout=0.5)
+        if done:
+            leased_meanwhile.extend(lease.result())
+        else:
+            pending.append(lease)
+        await delete_settled(conn, job_ids, fence)
+
+    pending: list[asyncio.Future[list[Job]]] = []
+    monkeypatch.setattr(postgres, "_delete_settled", other_node_leases_first)
+    fence = {job.id: job.attempts}
+    if settle == "dead_letter":
+        await a.dead_letter([DeadLetter(job.id, "http_400")], fence=fence)
+        recorded = len(await a.list_dead(RecordFilter()))
+    else:
+        await a.discard([Discard(job.id, "anonymous_user")], fence=fence)
+        recorded = len(await a.list_discards(RecordFilter()))
+    for lease in pending:
+        leased_meanwhile.extend(await lease)
+
+    queued = (await a.queue_stats()).get("moe")
+    in_queue = queued.depth if queued is not None else 0
+    # Either the settle won (recorded, gone from the queue, not leased again) or the
+    # other node did (leased, nothing recorded): never both.
+    assert (recorded, in_queue, len(leased_meanwhile)) in ((1, 0, 0), (0, 1, 1)), (recorded, in_queue)
+
+
+async def test_a_node_stalled_mid_lease_does_not_stop_the_others_leasing(
+    nodes: tuple[PostgresStore, PostgresStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ordered lease holds its destination's advisory lock until its transaction ends.
+    A node that stops mid-transaction (a partition, a paused VM or process) kept it for as
+    long as the database kept the session: hours, until TCP keepalive gave up; meanwhile
+    no node could lease for that destination. The database now ends such a transaction
+    once it has been idle for the command timeout."""
+    a, b = nodes
+    await a.enqueue("web", [event("stalled-1", "u1")])
+    stalled = asyncio.Event()
+
+    async def stall(*args: Any) -> list[int]:
+        stalled.set()
+        await asyncio.Event().wait()  # never: this node stops answering, lock held
+        return []
+
+    monkeypatch.setattr(a, "_due_ids_ordered", stall)
+    stuck = asyncio.create_task(a.lease("moe", 10, 30))
+    try:
+        await stalled.wait()
+        leased: list[Job] = []
+        deadline = asyncio.get_running_loop().time() + 6
+        while not leased and asyncio.get_running_loop().time() < deadline:
+            try:
+                leased = await b.lease("moe", 10, 30)
+            except StoreError:  # waited a command timeout for the lock
+                continue
+        assert [j.message_id for j in leased] == ["stalled-1"]
+    finally:
+        stuck.cancel()
+        with contextlib.suppress(asyncio.CancelledError, StoreError):
+            await stuck
+
+
+@pytest.mark.parametrize("held", ["dedupe", "identity_links"])
+async def test_two_nodes_storing_keys_in_different_orders_do_not_deadlock(
+    nodes: tuple[PostgresStore, PostgresStore], pg_schema: str, held: str
+) -> None:
+    """Clients that batch again on retry (analytics.js, the mobile SDKs), or two nodes' group
+    commits joining the same retried requests in other orders, insert one set of dedupe keys
+    in two orders; two users' events learn one alias pair in two orders. Each node then held
+    a key the other waited for, and PostgreSQL broke the deadlock by failing one: a 503 for
+    events nothing was wrong with. A third session holding one key lines both nodes up
+    behind it, so each round gives the deadlock its chance."""
+    a, b = nodes
+    blocker = await asyncpg.connect(PG_DSN, server_settings={"search_path": pg_schema})
+    try:
+        for i in range(10):
+            x, y = IdentityLink("moe", f"x-{i}", f"user-{i}"), IdentityLink("moe", f"y-{i}", f"user-{i}")
+            if held == "dedupe":  # the same two events
+                on_a, on_b = [event(f"x-{i}"), event(f"y-{i}")], [event(f"y-{i}"), event(f"x-{i}")]
+                hold = "INSERT INTO dedupe (source, message_id, seen_at) VALUES ('web', $1, 0)"
+            else:  # two events, each learning the same two links
+                on_a, on_b = [event(f"a-{i}", links=(x, y))], [event(f"b-{i}", links=(y, x))]
+                hold = "INSERT INTO identity_links (namespace, from_id, to_id, updated_at) VALUES ('moe', $1, '', 0)"
+            holding = blocker.transaction()
+            await holding.start()
+            await blocker.execute(hold, f"x-{i}")
+            first = asyncio.create_task(a.enqueue("web", on_a))
+            await asyncio.sleep(0.05)
+            second = asyncio.create_task(b.enqueue("web", on_b))
+            await asyncio.sleep(0.05)
+            await holding.rollback()
+            results = await asyncio.gather(first, second)
+            assert sum(r.stored for r in results) == 2
+    finally:
+        await blocker.close()
+
+
+@pytest.mark.parametrize("table", ["jobs", "dedupe", "dead_letters", "discards"])
+async def test_opening_a_store_does_not_queue_behind_a_long_write(pg_schema: str, table: str) -> None:
+    """Every open (a node's start, each CLI command) ran CREATE INDEX IF NOT EXISTS, which
+    takes its table's SHARE lock even when the index is there: it waited for any long write
+    (`bridge dlq replay` of a large DLQ, a big purge), and every other node's ingest, leases
+    and settles queued behind it, answering 503 until the write ended."""
+    node = PostgresStore(PG_DSN, schema=pg_schema, command_timeout=2.0)
+    await node.open()
+    writer = await asyncpg.connect(PG_DSN, server_settings={"search_path": pg_schema})
+    try:
+        async with writer.transaction():
+            await writer.execute(f"DELETE FROM {table} WHERE false")  # holds ROW EXCLUSIVE to the end
+            cli = PostgresStore(PG_DSN, schema=pg_schema, create=False, command_timeout=2.0)
+            opening = asyncio.create_task(cli.open())
+            try:
+                await asyncio.sleep(0.2)
+                assert (await node.enqueue("web", [event("during-open", "u1")])).stored == 1
+                await asyncio.wait_for(opening, 5)
+            finally:
+                opening.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StoreError):
+                    await opening
+                await cli.close()
+    finally:
+        await writer.close()
+        await node.close()
