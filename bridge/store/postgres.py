@@ -84,7 +84,8 @@ def to_store_error(exc: BaseException) -> BaseException:
     if isinstance(exc, StoreError):
         return exc
     if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError | OSError | asyncio.TimeoutError):
-        return StoreError(f"postgres: {exc}")
+        # A timeout's text is empty ("postgres: " in a log says nothing): name it.
+        return StoreError(f"postgres: {str(exc) or type(exc).__name__}")
     return exc
 
 
