@@ -145,11 +145,24 @@ class _NotDeliverable(Exception):
     pass
 
 
-def _deliverable(flt: RecordFilter, config_path: str) -> RecordFilter:
-    """A replay keeps to the destinations the config lists (when it lists any: a config of
-    the store alone says nothing of them): what it queued for another would wait for good."""
+def _deliverable(flt: RecordFilter, config_path: str, all_destinations: bool) -> RecordFilter:
+    """A replay keeps to the destinations the config lists: what it queued for another
+    would wait for good. A config of the store alone lists none, so it cannot say which a
+    server delivers: the operator names one (--destination) or owns the choice of all of
+    them (--all-destinations)."""
     names = _configured_destinations(config_path)
+    if names and all_destinations:
+        raise _NotDeliverable(
+            f"--all-destinations is for a config that lists no destinations; {config_path} lists "
+            f"{', '.join(names)}, and a replay keeps to them"
+        )
     if not names:
+        if flt.destination is None and not all_destinations:
+            raise _NotDeliverable(
+                f"{config_path} lists no destinations, so which ones a server delivers is unknown: name one "
+                "with --destination NAME, or give --all-destinations to replay into every destination the "
+                "records name (what is queued for one no server delivers waits for good)"
+            )
         return flt
     if flt.destination is not None and flt.destination not in names:
         raise _NotDeliverable(
@@ -160,10 +173,14 @@ def _deliverable(flt: RecordFilter, config_path: str) -> RecordFilter:
 
 
 async def _replay(
-    replay: Callable[[RecordFilter], Awaitable[int]], flt: RecordFilter, config_path: str, command: str, noun: str
+    replay: Callable[[RecordFilter], Awaitable[int]],
+    flt: RecordFilter,
+    args: argparse.Namespace,
+    command: str,
+    noun: str,
 ) -> int:
     try:
-        flt = _deliverable(flt, config_path)
+        flt = _deliverable(flt, args.config, args.all_destinations)
     except _NotDeliverable as exc:
         sys.stderr.write(f"{command}: {exc}\n")
         return 2
@@ -222,7 +239,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
             )
             return 2
         if args.action == "replay":
-            return await _replay(store.replay_dead, flt, args.config, "dlq replay", "dead letter")
+            return await _replay(store.replay_dead, flt, args, "dlq replay", "dead letter")
         else:
             n = await store.purge_dead(flt)
             sys.stdout.write(f"purged {n} dead letter(s)\n")
@@ -239,7 +256,7 @@ def cmd_discards(args: argparse.Namespace) -> int:
                 sys.stderr.write("discards replay: give a filter (--destination, --reason, --since, --until)")
                 sys.stderr.write(" or --all\n")
                 return 2
-            return await _replay(store.replay_discards, flt, args.config, "discards replay", "discard")
+            return await _replay(store.replay_discards, flt, args, "discards replay", "discard")
         records = await store.list_discards(_filter(args), args.limit)
         if args.json:
             _print_json([discard_json(r) for r in records])
@@ -305,6 +322,15 @@ def _add_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
+def _add_replay_scope(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--all-destinations",
+        action="store_true",
+        help="replay only: with a config that lists no destinations, replay into every destination "
+        "the records name (otherwise --destination is required)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bridge", description="Segment <-> MoEngage event bridge")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -326,12 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["list", "show", "replay", "purge"])
     p.add_argument("ids", nargs="*", type=int, help="dead-letter ids")
     p.add_argument("--all", action="store_true", help="replay/purge without a filter")
+    _add_replay_scope(p)
     _add_filters(p)
     p.set_defaults(func=cmd_dlq)
 
     p = sub.add_parser("discards", help="events discarded on purpose, with their reason: list, replay")
     p.add_argument("action", choices=["list", "replay"])
     p.add_argument("--all", action="store_true", help="replay without a filter")
+    _add_replay_scope(p)
     _add_filters(p)
     p.set_defaults(func=cmd_discards)
 
@@ -352,6 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "command", None) == "destinations" and args.action != "list" and not args.name:
         parser.error(f"destinations {args.action} needs a destination name")
+    if getattr(args, "all_destinations", False) and args.action != "replay":
+        parser.error(f"--all-destinations applies to replay only, not {args.command} {args.action}")
     from bridge.mapping.api import MappingError
     from bridge.observability.redaction import redact_text
     from bridge.store.base import StoreError

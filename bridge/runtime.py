@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -56,6 +57,21 @@ def check_mappings(config: Config, mappings: Mapping[str, CompiledMapping]) -> l
                 f"but a {fmt} source routes to {d.name!r}"
             )
     return problems
+
+
+@dataclass(frozen=True, slots=True)
+class MappingReload:
+    """What a reload did: the problems that kept the old set in force, or else the names of
+    the mappings it changed (empty when the files held nothing new: a no-op)."""
+
+    problems: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+
+
+def changed_mappings(before: Mapping[str, CompiledMapping], after: Mapping[str, CompiledMapping]) -> list[str]:
+    """Names of the mappings added, removed or changed (a new version), sorted."""
+    versions = {n: m.version for n, m in before.items()}
+    return sorted(n for n in versions.keys() | after.keys() if n not in after or versions.get(n) != after[n].version)
 
 
 def store_for(config: Config) -> Store:
@@ -116,7 +132,7 @@ class Runtime:
         # store opens in between (minutes, on PostgreSQL behind another node's schema lock).
         self._loaded_fingerprint = self._watched_fingerprint() if self.config.mappings.watch else ""
 
-    def reload_mappings(self) -> list[str]:
+    def reload_mappings(self) -> MappingReload:
         """Re-read, validate and swap atomically; on any problem keep the old set in force."""
         try:
             new, diagnostics = self._set.reload(self.mappings_dir)
@@ -128,14 +144,13 @@ class Runtime:
             for p in problems:
                 log.error("mapping_reload_rejected", problem=p)
             self.on_reload(False)
-            return problems
-        before = {n: m.version for n, m in self.mappings().items()}
+            return MappingReload(problems=problems)
+        changed = changed_mappings(self.mappings(), new.mappings)
         # One assignment: a delivery batch reads the snapshot once, so no event is half-mapped.
         self._set = new
-        changed = sorted(n for n, m in new.mappings.items() if before.get(n) != m.version)
         log.info("mappings_reloaded", changed=changed, versions={n: m.version for n, m in new.mappings.items()})
         self.on_reload(True)
-        return []
+        return MappingReload(changed=changed)
 
     async def start(self) -> None:
         await self.store.open()
@@ -220,7 +235,7 @@ class Runtime:
                 continue
             if change.due(current):
                 try:
-                    if not self.reload_mappings():
+                    if not self.reload_mappings().problems:
                         # The new set may read other lookup files: watch from what it reads.
                         change = SettledChange(self._watched_fingerprint())
                 except Exception:  # the watcher must outlive any one bad reload

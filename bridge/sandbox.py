@@ -17,6 +17,8 @@ import structlog
 
 from bridge.config.loader import env_references, read_yaml
 from bridge.config.model import Config, build_config
+from bridge.destinations.base import ConfigError
+from bridge.destinations.moengage.datacenters import normalise_data_center
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -65,13 +67,23 @@ def sandbox_config(config_path: str, host: str, moengage_port: int, segment_port
         env = sandbox_env(f.read())
     data, _ = read_yaml(config_path, env)
     for dest in data.get("destinations") or []:
-        if isinstance(dest, dict):
-            if dest.get("kind") == "moengage":
-                port = moengage_port
-            else:  # a missing or unknown region fails in build_config, which names it
-                port = segment_ports.get(str(dest.get("region")), segment_ports["us"])
-            dest["base_url"] = f"http://{host}:{port}"
+        if not isinstance(dest, dict):
+            continue
+        if dest.get("kind") == "moengage":
+            # One stand-in for every data center: the path names the host it stands for.
+            dest["base_url"] = f"http://{host}:{moengage_port}{_data_center_path(dest.get('data_center'))}"
+        else:  # a missing or unknown region fails in build_config, which names it
+            dest["base_url"] = f"http://{host}:{segment_ports.get(str(dest.get('region')), segment_ports['us'])}"
     return build_config(data, config_path)
+
+
+def _data_center_path(value: object) -> str:
+    """The stand-in's path for a data center's host: data center 02 (api-02.moengage.com)
+    is /api-02. Empty for a value that names none: build_config refuses it, naming the key."""
+    try:
+        return f"/api-{normalise_data_center(value, 'data_center')}"
+    except ConfigError:
+        return ""
 
 
 @dataclass
@@ -91,8 +103,8 @@ async def start_standins(
     cfg: Config, host: str, moengage_port: int, segment_ports: Mapping[str, int]
 ) -> SandboxUpstreams:
     """Serve stand-ins that accept what the real upstreams would for every destination:
-    one MoEngage knowing each destination's workspace and key, and one Segment per region
-    of a Segment destination, each judging a write key by its destination's region."""
+    one MoEngage knowing each destination's workspace, key and data center, and one Segment
+    per region of a Segment destination, each judging a write key by its destination's region."""
     from bridge.destinations.moengage.destination import MoEngageDestination
     from bridge.destinations.segment.destination import SegmentDestination
     from bridge.testing.standins import MoEngageStandIn, SegmentStandIn, serve_standins
@@ -102,8 +114,12 @@ async def start_standins(
     # A workspace or write key configured twice has one real key or region: the first
     # destination's wins, and the other's requests are refused or dropped as they would be.
     workspaces = {d.workspace_id: d.api_key for d in reversed(moe)}
+    # A workspace lives in one data center: the first destination's. Another's requests for
+    # it reach the stand-in under another data center's path and are refused, as MoEngage would.
+    data_centers = {d.workspace_id: d.data_center for d in reversed(moe)}
     workspace_id, api_key = (moe[0].workspace_id, moe[0].api_key) if moe else ("sandbox", "sandbox")
-    moengage = MoEngageStandIn(workspace_id, api_key, workspaces=workspaces)
+    data_center = moe[0].data_center if moe else "01"
+    moengage = MoEngageStandIn(workspace_id, api_key, data_center, workspaces=workspaces, data_centers=data_centers)
     keys = {d.write_key: d.region or "us" for d in reversed(seg)}  # never None for Segment
     regions = sorted({d.region or "us" for d in seg} or {"us"})
     segment = {region: SegmentStandIn(keys, region=region) for region in regions}

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any, cast
 
 from bridge.app import _reload_on_hangup
-from bridge.runtime import Runtime
+from bridge.runtime import MappingReload, Runtime
 
 
 class Counting:
@@ -14,9 +14,9 @@ class Counting:
         self.reloads = 0
         self.stopping = False
 
-    def reload_mappings(self) -> list[str]:
+    def reload_mappings(self) -> MappingReload:
         self.reloads += 1
-        return []
+        return MappingReload()
 
 
 async def test_a_burst_of_hangups_is_one_reload_and_none_after_shutdown_began() -> None:

@@ -288,12 +288,20 @@ class AdminApi:
         return json_response(answer)
 
     async def reload(self, request: web.Request) -> web.Response:
-        problems = self.runtime.reload_mappings()
-        if problems:
+        result = self.runtime.reload_mappings()
+        if result.problems:
             raise ApiError(
                 400,
                 "invalid_mappings",
                 "the new mappings were rejected; the old ones stay in force",
-                {"problems": problems},
+                {"problems": result.problems},
             )
-        return json_response({"reloaded": True, "mappings": {n: m.version for n, m in self.runtime.mappings().items()}})
+        # "reloaded" stays true on success, for callers that only check it; "changed" tells
+        # a reload that deployed something from one that found nothing new (empty).
+        return json_response(
+            {
+                "reloaded": True,
+                "changed": result.changed,
+                "mappings": {n: m.version for n, m in self.runtime.mappings().items()},
+            }
+        )

@@ -17,15 +17,18 @@ from urllib.parse import urlsplit
 
 from bridge.config.loader import Reader, read_yaml
 from bridge.destinations.base import ConfigError, Destination, destination_kinds
+from bridge.destinations.http import check_url
 from bridge.destinations.moengage.datacenters import REGIONS as DATA_CENTER_REGIONS
 from bridge.destinations.moengage.datacenters import normalise_data_center
 from bridge.destinations.segment import SegmentDestination
+from bridge.destinations.segment.destination import HOSTS as SEGMENT_HOSTS
+from bridge.destinations.segment.destination import check_region_host
 from bridge.store import check_store_url
 from bridge.suggest import did_you_mean
 
 SEGMENT_REGIONS = ("us", "eu")
 # Where a Segment client of each region should send: named in 403 answers.
-DEFAULT_REGION_HOSTS = {"us": "https://api.segment.io", "eu": "https://events.eu1.segmentapis.com"}
+DEFAULT_REGION_HOSTS = dict(SEGMENT_HOSTS)
 DEFAULT_RETRYABLE = frozenset({408, 429, *(s for s in range(500, 600) if s not in (501, 505))})
 # Answers about the account, not the events: MoEngage's 401 (bad credentials), 403 (client
 # blocked, account suspended), 409 (app key mismatch, secret not set) and 415 (wrong
@@ -206,12 +209,63 @@ def parse_rate(text: Any, where: str) -> float:
     return rate
 
 
-def _server(r: Reader) -> ServerConfig:
+def _region_hosts(r: Reader) -> dict[str, str]:
+    """``server.region_hosts``: where the bridge's wrong-region 403 sends a client whose write
+    key is in that region. Each must be a usable URL or host of its own region: pointing a
+    client at the other region's Segment host would have Segment drop its data silently."""
+    where = r.at("region_hosts")
     hosts = dict(DEFAULT_REGION_HOSTS)
-    for k, v in r.mapping("region_hosts").items():
-        if k not in SEGMENT_REGIONS:
-            raise ConfigError(f"{r.at('region_hosts')}.{k}: unknown region; expected us or eu")
-        hosts[k] = str(v)
+    for region, value in r.mapping("region_hosts").items():
+        if region not in SEGMENT_REGIONS:
+            raise ConfigError(f"{where}.{region}: unknown region; expected us or eu")
+        hosts[region] = _region_host(value, f"{where}.{region}")
+        check_region_host(
+            hosts[region],
+            region,
+            f"{where}.{region}",
+            f"the bridge names region_hosts.{region} to clients whose write key is in region {region}",
+        )
+    if _place(hosts["us"]) == _place(hosts["eu"]):
+        raise ConfigError(
+            f"{where}: us and eu both name {hosts['eu']!r}; a client refused for a write key of one "
+            "region would be sent to a host of the other. Give each region its own host"
+        )
+    return hosts
+
+
+def _region_host(value: Any, where: str) -> str:
+    """A URL (https://host[:port][/path]) or a bare host[:port][/path], as written."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(
+            f"{where}: expected the URL or host a Segment client of this region should send to, got {value!r}"
+        )
+    text = value.strip()
+    # A bare host is checked as the URL a client would make of it.
+    problem = check_url(_as_url(text))
+    if problem is None and any(c.isspace() for c in text):
+        problem = "contains whitespace"
+    if problem is None:
+        try:
+            _place(text)
+        except ValueError as exc:  # a port that is not a number, or out of range
+            problem = str(exc)
+    if problem:
+        raise ConfigError(f"{where}: {text!r} is not a usable URL or host: {problem}")
+    return text
+
+
+def _as_url(host_or_url: str) -> str:
+    return host_or_url if "://" in host_or_url else f"https://{host_or_url}"
+
+
+def _place(host_or_url: str) -> tuple[str, int | None, str]:
+    """Host, port and path of a region host: two values with the same place are one host."""
+    parts = urlsplit(_as_url(host_or_url))
+    return (parts.hostname or "").rstrip("."), parts.port, parts.path.rstrip("/")
+
+
+def _server(r: Reader) -> ServerConfig:
+    hosts = _region_hosts(r)
     cfg = ServerConfig(
         host=r.str("host", "127.0.0.1"),
         port=r.int("port", 8088, minimum=0, maximum=65535),

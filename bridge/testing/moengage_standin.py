@@ -79,6 +79,8 @@ _ERROR_MESSAGES = {
 }
 
 _KEY_MISMATCH = "App Secret key mismatch. Please login to the dashboard to verify key"
+# MoEngage's answer for an app id it does not serve: a workspace sent to another data center.
+_INVALID_APP_ID = "given app_id is invalid/blocked"
 
 ACCEPTED = {"status": "success", "message": "Your request has been accepted and will be processed soon."}
 MERGE_ACCEPTED = {"status": "success", "operation": "created"}
@@ -117,14 +119,20 @@ class MoEngageStandIn(StandIn):
         data_center: str = "01",
         *,
         workspaces: Mapping[str, str] | None = None,
+        data_centers: Mapping[str, str] | None = None,
     ) -> None:
         """``workspaces``: further workspace id -> Data API key pairs to accept, as one
-        MoEngage data center serves many workspaces (``workspace_id``'s own key wins)."""
+        MoEngage data center serves many workspaces (``workspace_id``'s own key wins).
+        ``data_centers``: workspace id -> the data center it lives in (``data_center`` for
+        any other). A request under ``/api-{dc}/`` is one sent to data center dc's host
+        (api-{dc}.moengage.com), and a workspace of another data center is refused there;
+        one without that prefix is sent to ``data_center``'s."""
         super().__init__()
         self.workspace_id = workspace_id
         self.api_key = api_key
         self.workspaces = {**(workspaces or {}), workspace_id: api_key}
         self.data_center = data_center
+        self.data_centers = dict(data_centers or {})
         self.ignored: list[Ignored] = []
         self._customers: list[dict[str, Any]] = []
         self._events: list[dict[str, Any]] = []
@@ -152,11 +160,16 @@ class MoEngageStandIn(StandIn):
 
     def routes(self) -> list[web.RouteDef]:
         # Merge before the customer route: "/v1/customer/merge" would match {workspace}.
+        # Each under "/api-{dc}" too: one stand-in serves every data center's host.
         return [
-            web.post("/v1/customer/merge", self._merge),
-            web.post("/v1/customer/{workspace}", self._customer),
-            web.post("/v1/event/{workspace}", self._event),
-            web.post("/v1/transition/{workspace}", self._transition),
+            route
+            for prefix in ("", "/api-{dc}")
+            for route in (
+                web.post(f"{prefix}/v1/customer/merge", self._merge),
+                web.post(f"{prefix}/v1/customer/{{workspace}}", self._customer),
+                web.post(f"{prefix}/v1/event/{{workspace}}", self._event),
+                web.post(f"{prefix}/v1/transition/{{workspace}}", self._transition),
+            )
         ]
 
     def error_body(self, status: int, message: str | None = None, kind: str | None = None) -> Any:
@@ -224,6 +237,7 @@ class MoEngageStandIn(StandIn):
             username, _, password = base64.b64decode(token.strip(), validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             raise Rejected(401, "Authentication Header Malformed", "AuthenticationError") from None
+        self._check_data_center(request, username)
         if username not in self.workspaces or password != self.workspaces[username]:
             raise Rejected(401, _KEY_MISMATCH, "AuthenticationError")
         appkey = request.headers.get("MOE-APPKEY")
@@ -240,6 +254,14 @@ class MoEngageStandIn(StandIn):
             raise Rejected(400, "app_id is required", "InvalidParams")
         if target != username:
             raise Rejected(409, "App key mismatch in params and authentication.", "ConflictError")
+
+    def _check_data_center(self, request: web.Request, workspace: str) -> None:
+        """A workspace lives in one data center; another's host does not know its app id."""
+        if workspace not in self.workspaces:
+            return  # unknown everywhere: the key check refuses it
+        sent_to = request.match_info.get("dc", self.data_center)
+        if self.data_centers.get(workspace, self.data_center) != sent_to:
+            raise Rejected(400, _INVALID_APP_ID, "InvalidParams")
 
     # -- validation and recording ----------------------------------------------------
 

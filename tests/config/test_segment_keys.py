@@ -1,8 +1,8 @@
 """The key -> region registry: a Segment write key belongs to one Segment source in one
 region, and Segment silently drops what is sent with it anywhere else, so the config
 refuses, loudly, what Segment would drop: one key in two regions (sources and destinations
-alike), a destination pointed at the other region's ingestion host, and one event sent
-twice under one messageId."""
+alike), a destination pointed at the other region's ingestion host, a wrong-region 403 that
+would point a client there, and one event sent twice under one messageId."""
 
 from __future__ import annotations
 
@@ -152,6 +152,93 @@ def test_the_regions_own_host_and_custom_hosts_are_allowed(raw: dict[str, Any], 
     raw["destinations"][SEGMENT_PROD].update(region=region, base_url=base_url)
     raw["sources"][STREAMS]["allow_cross_region"] = True
     assert build_config(raw).destinations[SEGMENT_PROD].region == region
+
+
+# -- defect 2b: server.region_hosts naming the other region's Segment host -----------------
+# The bridge's wrong-region 403 tells a client where its key's region is served: a host of
+# the other region there would have Segment drop the client's data, silently.
+
+
+@pytest.mark.parametrize(
+    ("hosts", "where", "named"),
+    [
+        ({"eu": "https://api.segment.io"}, "server.region_hosts.eu", "api.segment.io is Segment's US ingestion host"),
+        ({"eu": "api.segment.io"}, "server.region_hosts.eu", "api.segment.io is Segment's US ingestion host"),
+        ({"eu": "https://API.Segment.io./v1"}, "server.region_hosts.eu", "is Segment's US ingestion host"),
+        (
+            {"us": "events.eu1.segmentapis.com"},
+            "server.region_hosts.us",
+            "events.eu1.segmentapis.com is Segment's EU ingestion host",
+        ),
+    ],
+)
+def test_a_region_host_on_the_other_regions_segment_host_is_refused(
+    raw: dict[str, Any], hosts: dict[str, str], where: str, named: str
+) -> None:
+    raw["server"]["region_hosts"] = hosts
+    message = error_of(raw)
+    region = where.rsplit(".", 1)[1]
+    assert message.startswith(f"{where}: ") and named in message, message
+    assert f"clients whose write key is in region {region}" in message
+    assert "Segment silently drops" in message
+
+
+def test_region_hosts_and_segment_base_urls_are_judged_by_one_rule(raw: dict[str, Any]) -> None:
+    """The same wrong host gets the same verdict, in the same words, in either place."""
+    raw["destinations"][SEGMENT_PROD].update(region="eu", base_url="https://api.segment.io")
+    raw["sources"][STREAMS]["allow_cross_region"] = True
+    for_destination = error_of(raw).split(": ", 1)[1]
+    raw["destinations"][SEGMENT_PROD].pop("base_url")
+    raw["server"]["region_hosts"] = {"eu": "https://api.segment.io"}
+    for_region_host = error_of(raw).split(": ", 1)[1]
+    assert for_destination.split(", but ")[0] == for_region_host.split(", but ")[0]
+    assert for_destination.split("; ", 1)[1] == for_region_host.split("; ", 1)[1]
+
+
+def test_both_regions_naming_one_host_is_refused(raw: dict[str, Any]) -> None:
+    """A bridge's own host given for both regions: the 403 would send a client back to it."""
+    raw["server"]["region_hosts"] = {"us": "https://bridge.example.com", "eu": "bridge.example.com/"}
+    message = error_of(raw)
+    assert message.startswith("server.region_hosts: us and eu both name 'bridge.example.com/'"), message
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("", "expected the URL or host a Segment client of this region should send to, got ''"),
+        ("  ", "expected the URL or host a Segment client of this region should send to, got '  '"),
+        (None, "expected the URL or host a Segment client of this region should send to, got None"),
+        (443, "expected the URL or host a Segment client of this region should send to, got 443"),
+        ("ftp://bridge-eu.example.com", "'ftp://bridge-eu.example.com' is not a usable URL or host: must start with"),
+        ("https://", "'https://' is not a usable URL or host: has no host"),
+        ("bridge eu.example.com", "'bridge eu.example.com' is not a usable URL or host: contains whitespace"),
+        ("bridge-eu.example.com:port", "'bridge-eu.example.com:port' is not a usable URL or host: "),
+    ],
+)
+def test_a_region_host_must_be_a_usable_url_or_host(raw: dict[str, Any], value: Any, problem: str) -> None:
+    raw["server"]["region_hosts"] = {"eu": value}
+    message = error_of(raw)
+    assert message.startswith(f"server.region_hosts.eu: {problem}"), message
+
+
+@pytest.mark.parametrize(
+    "hosts",
+    [
+        {"eu": "https://events.eu1.segmentapis.com"},  # the region's own host, spelt out
+        {"eu": "events.eu1.segmentapis.com"},  # as a client's host setting, without a scheme
+        {"eu": "https://bridge-eu.example.com"},  # the EU bridge
+        {"us": "bridge-us.example.com:8443", "eu": "bridge-eu.example.com:8443"},
+        {"us": "https://proxy.example.com/us", "eu": "https://proxy.example.com/eu"},
+    ],
+)
+def test_the_regions_own_host_and_other_bridges_are_allowed_as_region_hosts(
+    raw: dict[str, Any], hosts: dict[str, str]
+) -> None:
+    assert build_config(raw | {"server": {**raw["server"], "region_hosts": hosts}}).server.region_hosts == {
+        "us": "https://api.segment.io",
+        "eu": "https://events.eu1.segmentapis.com",
+        **hosts,
+    }
 
 
 # -- defect 3: one event to two Segment destinations, under one messageId ------------------

@@ -87,8 +87,8 @@ def template_files() -> list[Path]:
     return sorted(p for p in TEMPLATES.iterdir() if p.suffix in (".yaml", ".yml"))
 
 
-def rendered_docs() -> dict[str, list[dict[str, Any]]]:
-    vals = values()
+def rendered_docs(vals: dict[str, Any] | None = None) -> dict[str, list[dict[str, Any]]]:
+    vals = values() if vals is None else vals
     docs: dict[str, list[dict[str, Any]]] = {}
     for path in template_files():
         try:
@@ -99,8 +99,8 @@ def rendered_docs() -> dict[str, list[dict[str, Any]]]:
     return docs
 
 
-def docs_of_kind(kind: str) -> list[dict[str, Any]]:
-    return [d for ds in rendered_docs().values() for d in ds if d.get("kind") == kind]
+def docs_of_kind(kind: str, vals: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    return [d for ds in rendered_docs(vals).values() for d in ds if d.get("kind") == kind]
 
 
 def fake_env(text: str) -> dict[str, str]:
@@ -144,7 +144,7 @@ def test_every_helm_template_parses_into_kubernetes_objects() -> None:
             assert {"apiVersion", "kind", "metadata"} <= set(obj), f"{name}: {obj}"
             assert obj["metadata"].get("name"), f"{name}: metadata.name missing"
             kinds.add(obj["kind"])
-    assert kinds == {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget"}
+    assert kinds == {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "ServiceMonitor"}
 
 
 def test_template_actions_are_balanced_and_helpers_exist() -> None:
@@ -375,3 +375,68 @@ def test_the_chart_refuses_several_replicas_on_sqlite() -> None:
     assert not pattern.search(shipped)  # the chart's own config uses PostgreSQL
     sqlite = re.sub(r'url: "postgresql://[^"]*"', 'url: "sqlite:////var/lib/bridge/bridge.db"', shipped)
     assert sqlite != shipped and pattern.search(sqlite)
+
+
+# -- admin.metrics_token from a Secret -------------------------------------------------------
+def with_metrics_token(key: str = "metrics-token") -> dict[str, Any]:
+    vals = values()
+    vals["metrics"]["token"]["key"] = key
+    vals["metrics"]["serviceMonitor"]["enabled"] = True
+    return vals
+
+
+def test_the_metrics_token_is_off_by_default_and_never_inline() -> None:
+    token = values()["metrics"]["token"]
+    # Only where to find it: a Secret's name and key, no value a chart user could fill in.
+    assert token == {"existingSecret": "", "key": ""}
+    assert values()["metrics"]["serviceMonitor"]["enabled"] is False
+    helpers = (TEMPLATES / "_helpers.tpl").read_text()
+    assert ".Values.metrics.token.existingSecret | default .Values.secrets.existingSecret" in helpers
+
+
+def test_the_metrics_token_goes_from_its_secret_key_into_the_pod_and_the_config() -> None:
+    (dep,) = docs_of_kind("Deployment", with_metrics_token())
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    [env] = [e for e in container["env"] if e["name"] == "BRIDGE_METRICS_TOKEN"]
+    ref = env["valueFrom"]["secretKeyRef"]
+    assert ref["key"] == "metrics-token" and "optional" not in ref  # a missing key stops the pod, loudly
+    assert "value" not in env
+    deployment_text = (TEMPLATES / "deployment.yaml").read_text()
+    assert 'name: {{ include "bridge.metricsTokenSecret" . }}' in deployment_text
+    # The chart's config reads it: with the variable set /metrics needs it, without it is open.
+    text = values()["config"]
+    assert "BRIDGE_METRICS_TOKEN" not in required_env(text)  # optional: the chart sets it only with a key
+    for env_value, expected in (("s3cret-metrics", "s3cret-metrics"), (None, "")):
+        env_vars = fake_env(text) | ({"BRIDGE_METRICS_TOKEN": env_value} if env_value else {})
+        substituted, missing = substitute_env(text, env_vars)
+        assert not missing
+        assert build_config(yaml.safe_load(substituted), "values.yaml:config").metrics_token == expected
+
+
+def test_the_servicemonitor_scrapes_metrics_with_the_token() -> None:
+    (monitor,) = docs_of_kind("ServiceMonitor", with_metrics_token())
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    (endpoint,) = monitor["spec"]["endpoints"]
+    (service,) = docs_of_kind("Service")
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert endpoint["path"] == values()["metrics"]["path"]
+    auth = endpoint["authorization"]
+    assert auth["type"] == "Bearer" and auth["credentials"]["key"] == "metrics-token"
+    text = (TEMPLATES / "servicemonitor.yaml").read_text()
+    assert 'name: {{ include "bridge.metricsTokenSecret" . }}' in text  # the pod's Secret
+    assert text.index("{{- if .Values.metrics.token.key }}") < text.index("authorization:")
+    assert text.startswith("{{- if .Values.metrics.serviceMonitor.enabled }}")
+    # The Service and the ServiceMonitor select by the same labels.
+    assert 'include "bridge.selectorLabels"' in text
+
+
+def test_the_chart_refuses_a_metrics_token_the_config_does_not_read() -> None:
+    """Without helm: take the guard's condition from the template and apply it as helm would."""
+    text = (TEMPLATES / "deployment.yaml").read_text()
+    guard = re.search(r'if and \.Values\.metrics\.token\.key \(not \(contains "([^"]+)" \.Values\.config\)\)', text)
+    assert guard is not None, "the metrics token guard is missing from deployment.yaml"
+    assert "fail " in text[guard.end() : guard.end() + 200]
+    needle = guard.group(1)
+    shipped = values()["config"]
+    assert needle in shipped  # the chart's own config reads the token
+    assert needle not in re.sub(r"\n\s*metrics_token:[^\n]*", "", shipped)

@@ -231,8 +231,14 @@ async def test_dead_letters_can_be_listed_replayed_and_purged(bridge, tmp_path, 
     out = capsys.readouterr().out
     assert "Delivered" in out and "http_404" in out and "4 dead letter(s)" in out
     assert await asyncio.to_thread(cli_main, ["dlq", "replay", "--config", str(ops)]) == 2  # refuses without a filter
+    # A config of the store alone cannot say which destinations the server delivers: the
+    # operator names the one to replay into.
+    replay = ["dlq", "replay", "--config", str(ops), "--reason", "http_404"]
+    assert await asyncio.to_thread(cli_main, replay) == 2
+    assert "lists no destinations" in capsys.readouterr().err
+    assert len(await dlq(bridge)) == 4
     bridge.moengage.refuse_all(None)
-    assert await asyncio.to_thread(cli_main, ["dlq", "replay", "--config", str(ops), "--reason", "http_404"]) == 0
+    assert await asyncio.to_thread(cli_main, [*replay, "--destination", "moengage-main"]) == 0
     assert "replayed 4" in capsys.readouterr().out
     await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 4, timeout=10)
     assert await dlq(bridge) == []
@@ -449,16 +455,14 @@ async def test_events_a_bad_mapping_discarded_are_delivered_once_it_is_fixed_and
     _, body = await bridge.get("/admin/discards", ADMIN)
     assert body["discards"] == []
 
-    # The CLI replays discards too, and refuses to replay everything without --all.
+    # The CLI replays discards too, and refuses to replay everything without --all, or (with a
+    # config of the store alone) into destinations it was not told the server delivers.
     config_path = tmp_path / "ops.yaml"
     config_path.write_text(f'store: {{url: "{bridge.raw["store"]["url"]}"}}\n')
-    assert await asyncio.to_thread(cli_main, ["discards", "replay", "--config", str(config_path)]) == 2
-    assert (
-        await asyncio.to_thread(
-            cli_main, ["discards", "replay", "--reason", "anonymous_user", "--config", str(config_path)]
-        )
-        == 0
-    )
+    replay = ["discards", "replay", "--config", str(config_path)]
+    assert await asyncio.to_thread(cli_main, replay) == 2
+    assert await asyncio.to_thread(cli_main, [*replay, "--reason", "anonymous_user"]) == 2
+    assert await asyncio.to_thread(cli_main, [*replay, "--reason", "anonymous_user", "--all-destinations"]) == 0
 
 
 @pytest.mark.parametrize("concurrency", [1, 2])  # 1: the loop pipelines (see worker._loop)

@@ -427,6 +427,32 @@ async def test_reload_keeps_the_old_mapping_when_the_new_one_is_broken(make_brid
     assert bridge.moengage.events()[1]["actions"][0]["action"] == "Page Viewed"
 
 
+async def test_a_reload_answers_which_mappings_it_changed(make_bridge, tmp_path):
+    """An operator tells a reload that deployed a fix from one that found nothing new: the
+    answer names the changed mappings (none for a no-op), as the log line does."""
+    mappings = copy_mappings(tmp_path)
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["mappings"]["dir"] = str(mappings)
+
+    bridge = await make_bridge(tweak)
+    with capture_logs() as logs:
+        status, nothing = await bridge.post("/admin/reload", None, ADMIN)
+        assert status == 200, nothing
+        assert (nothing["reloaded"], nothing["changed"]) == (True, [])
+        path = mappings / "segment-to-moengage.yaml"
+        path.write_text(path.read_text().replace("action: Viewed Web Page", "action: Page Viewed"))
+        status, edited = await bridge.post("/admin/reload", None, ADMIN)
+        assert status == 200, edited
+        assert (edited["reloaded"], edited["changed"]) == (True, ["segment-to-moengage"])
+        assert edited["mappings"]["segment-to-moengage"] != nothing["mappings"]["segment-to-moengage"]
+        assert edited["mappings"]["moengage-to-segment"] == nothing["mappings"]["moengage-to-segment"]
+        status, again = await bridge.post("/admin/reload", None, ADMIN)
+        assert (status, again["changed"], again["mappings"]) == (200, [], edited["mappings"])
+    logged = [e["changed"] for e in logs if e["event"] == "mappings_reloaded"]
+    assert logged == [[], ["segment-to-moengage"], []]
+
+
 async def test_sighup_reloads_a_running_process(tmp_path):
     from aiohttp.test_utils import TestServer
 
@@ -457,6 +483,10 @@ async def test_sighup_reloads_a_running_process(tmp_path):
         path.write_text(good.replace("action: Viewed Web Page", "action: Page Seen"))
         proc.proc.send_signal(1)
         await wait_until(lambda: "mappings_reloaded" in proc.log_path.read_text(), what="reload log")
+        # SIGHUP's reload logs what it changed, as the admin API answers it.
+        lines = [orjson.loads(line) for line in proc.log_path.read_text().splitlines() if line.startswith("{")]
+        [reloaded] = [e for e in lines if e.get("event") == "mappings_reloaded"]
+        assert reloaded["changed"] == ["segment-to-moengage"]
         async with (
             aiohttp.ClientSession() as session,
             session.post(f"{proc.url}/v1/page", json={"userId": "user-h", "name": "Home"}, headers=H) as r,

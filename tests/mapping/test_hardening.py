@@ -133,7 +133,7 @@ async def test_file_watcher_survives_a_failing_reload(monkeypatch: pytest.Monkey
     counter = itertools.count()
     calls: list[int] = []
 
-    def reload_mappings() -> list[str]:
+    def reload_mappings() -> runtime.MappingReload:
         calls.append(1)
         raise RuntimeError("unexpected")
 
@@ -178,9 +178,24 @@ def test_runtime_reload_turns_unexpected_errors_into_problems(monkeypatch: pytes
     old_set = SimpleNamespace(reload=boom)
     seen: list[bool] = []
     fake = SimpleNamespace(_set=old_set, mappings_dir=Path("mappings"), on_reload=seen.append)
-    problems = runtime.Runtime.reload_mappings(fake)  # type: ignore[arg-type]
+    problems = runtime.Runtime.reload_mappings(fake).problems  # type: ignore[arg-type]
     assert problems and "RuntimeError: surprise" in problems[0]
     assert fake._set is old_set and seen == [False]
+
+
+def test_a_reload_counts_added_removed_and_new_versions_as_changed() -> None:
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from bridge.runtime import changed_mappings
+
+    def at(**versions: str) -> Any:
+        return {name: SimpleNamespace(version=v) for name, v in versions.items()}
+
+    before = cast(Any, at(kept="1", edited="1", removed="1"))
+    after = cast(Any, at(kept="1", edited="2", added="1"))
+    assert changed_mappings(before, after) == ["added", "edited", "removed"]
+    assert changed_mappings(before, before) == []
 
 
 # --- 4. every coercion failure follows on_error -------------------------------

@@ -298,3 +298,48 @@ async def test_a_standin_can_be_served_again_after_shutdown(aiohttp_server, aioh
     standin.stop()
     assert (await asyncio.wait_for(pending, 5))[0] == 503
     assert (await call(client, f"/v1/customer/{WS}", customer()))[0] == 200
+
+
+# -- data centers: a workspace lives in one, and another's host does not serve it ---------
+
+
+@pytest.mark.parametrize(
+    ("data_centers", "path", "status"),
+    [
+        ({}, f"/v1/customer/{WS}", 200),  # no data center in the path: the stand-in's own (01)
+        ({}, f"/api-01/v1/customer/{WS}", 200),
+        ({}, f"/api-02/v1/customer/{WS}", 400),
+        ({WS: "02"}, f"/api-02/v1/customer/{WS}", 200),
+        ({WS: "02"}, f"/v1/customer/{WS}", 400),
+        ({WS: "02"}, f"/api-101/v1/customer/{WS}", 400),
+    ],
+)
+async def test_a_workspace_is_served_only_by_its_own_data_center(
+    aiohttp_server, aiohttp_client, data_centers, path, status
+):
+    standin = MoEngageStandIn(WS, KEY, data_centers=data_centers)
+    client = await aiohttp_client(await aiohttp_server(standin.app()))
+    got, body = await call(client, path, customer())
+    assert got == status, body
+    if status == 400:
+        assert body["status"] == "fail"
+        assert (body["error"]["type"], body["error"]["message"]) == ("InvalidParams", "given app_id is invalid/blocked")
+        assert standin.customers() == []
+    else:
+        assert standin.customers() == [customer()]
+
+
+async def test_every_endpoint_checks_the_data_center(moe):
+    standin, client = moe
+    merge = {"merge_data": [{"merged_user": "u-old", "retained_user": "u-new"}]}
+    bulk = {"type": "transition", "elements": [customer()]}
+    for path, body in (
+        (f"/api-02/v1/event/{WS}", event()),
+        (f"/api-02/v1/transition/{WS}", bulk),
+        (f"/api-02/v1/customer/merge?app_id={WS}", merge),
+    ):
+        status, answer = await call(client, path, body)
+        assert (status, answer["error"]["type"]) == (400, "InvalidParams"), path
+    for path, body in ((f"/api-01/v1/event/{WS}", event()), (f"/api-01/v1/customer/merge?app_id={WS}", merge)):
+        assert (await call(client, path, body))[0] == 200, path
+    assert standin.merges() == merge["merge_data"]

@@ -232,13 +232,53 @@ async def test_sandbox_accepts_every_moengage_destinations_workspace_and_key(tmp
                 url = f"{upstream_url(cfg, 'moe-eu')}/v1/customer/{eu_ws}"
                 async with session.post(url, data=orjson.dumps(body), headers=wrong) as resp:
                     assert resp.status == 401
+    # Each request reached the stand-in under its data center's path (api-0N.moengage.com).
     assert sorted((seen.path, seen.status) for seen in moengage.seen) == [
-        (f"/v1/customer/{eu_ws}", 401),
-        (f"/v1/transition/{eu_ws}", 200),
-        (f"/v1/transition/{ws}", 200),
+        (f"/api-01/v1/transition/{ws}", 200),
+        (f"/api-02/v1/customer/{eu_ws}", 401),
+        (f"/api-02/v1/transition/{eu_ws}", 200),
     ]
     assert [c["customer_id"] for c in moengage.customers()] == ["user-1", "user-1"]
     # What would be sent is shown for both destinations, each line naming its workspace.
     lines = [e for e in logs if e["event"] == "upstream_request" and e["status"] == 200]
-    assert sorted(e["path"] for e in lines) == sorted([f"/v1/transition/{ws}", f"/v1/transition/{eu_ws}"])
+    assert sorted(e["path"] for e in lines) == [f"/api-01/v1/transition/{ws}", f"/api-02/v1/transition/{eu_ws}"]
     assert all("user-1" in e["body"] for e in lines)
+
+
+async def test_sandbox_refuses_a_workspace_sent_to_another_data_center(tmp_path, monkeypatch):
+    """A workspace lives in one data center. Configured twice, in two data centers, the
+    first destination's is where it lives: the other's requests are refused as MoEngage's
+    host of a data center that does not serve the workspace refuses them."""
+    path = sandbox_yaml(
+        tmp_path,
+        "  - {name: web, kind: segment, write_key: '${SANDBOX_TEST_WRITE_KEY}', region: us,"
+        " allow_cross_region: true, to: [moe-home, moe-elsewhere]}\n",
+        "  - {name: moe-home, kind: moengage, workspace_id: '${SANDBOX_TEST_WS}', api_key: '${SANDBOX_TEST_KEY}',"
+        " data_center: 1, mapping: segment-to-moengage, delivery: {poll_interval: 0.05}}\n"
+        "  - {name: moe-elsewhere, kind: moengage, workspace_id: '${SANDBOX_TEST_WS}', api_key: '${SANDBOX_TEST_KEY}',"
+        " data_center: '02', mapping: segment-to-moengage, delivery: {poll_interval: 0.05},"
+        " guard: {enabled: false}, retry: {max_age: 0}}\n",
+        monkeypatch,
+    )
+    ws = placeholder("SANDBOX_TEST_WS")
+    auth = {"Authorization": basic_auth(placeholder("SANDBOX_TEST_WRITE_KEY"), "")}
+    async with sandbox(path) as (bridge, upstreams, cfg):
+        moengage = upstreams.moengage
+        resp = await bridge.post("/v1/identify", json={"userId": "user-1", "traits": {"plan": "pro"}}, headers=auth)
+        assert resp.status == 200
+        await moengage.wait_for(lambda: len(moengage.seen) >= 2)
+        seen = sorted((s.path, s.status) for s in moengage.seen)
+        async with aiohttp.ClientSession() as session:
+            url = f"{upstream_url(cfg, 'moe-elsewhere')}/v1/customer/{ws}"
+            headers = {
+                "Authorization": basic_auth(ws, placeholder("SANDBOX_TEST_KEY")),
+                "MOE-APPKEY": ws,
+                "Content-Type": "application/json",
+            }
+            async with session.post(url, json={"type": "customer", "customer_id": "user-2"}, headers=headers) as resp:
+                status, answer = resp.status, await resp.json()
+    assert seen == [(f"/api-01/v1/transition/{ws}", 200), (f"/api-02/v1/transition/{ws}", 400)]
+    assert [c["customer_id"] for c in moengage.customers()] == ["user-1"]
+    assert status == 400
+    assert answer["status"] == "fail"
+    assert (answer["error"]["type"], answer["error"]["message"]) == ("InvalidParams", "given app_id is invalid/blocked")

@@ -31,13 +31,34 @@ _KEYS = frozenset({"name", "kind", "write_key", "region", "base_url", "max_batch
 _HOST_REGIONS = {urlsplit(url).hostname: region for region, url in HOSTS.items()}
 
 
+def _hostname(url: str) -> str:
+    """The host ``url`` names, lower-cased and without a trailing dot ("" if none). A value
+    without a scheme is read as a bare host, as a Segment client's host setting is written."""
+    try:
+        host = urlsplit(url if "://" in url else f"//{url}").hostname
+    except ValueError:
+        return ""
+    return (host or "").rstrip(".")
+
+
 def host_region(url: str) -> str | None:
     """The region whose Segment ingestion host ``url`` names, or None for any other host."""
-    try:
-        host = urlsplit(url).hostname
-    except ValueError:
-        return None
-    return _HOST_REGIONS.get((host or "").rstrip("."))
+    return _HOST_REGIONS.get(_hostname(url))
+
+
+def check_region_host(url: str, region: str, where: str, role: str) -> None:
+    """Refuse ``url`` (a URL or a bare host) when it is the other region's Segment ingestion
+    host: Segment answers 200 there and drops every event sent with a key of ``region``.
+    ``role`` says why ``url`` must be ``region``'s, e.g. "region is eu". Custom hosts (a
+    proxy, a stand-in, another bridge) are the operator's call and pass."""
+    other = host_region(url)
+    if other is None or other == region:
+        return
+    raise ConfigError(
+        f"{where}: {_hostname(url)} is Segment's {other.upper()} ingestion host, but {role}; Segment silently "
+        f"drops data sent with a key of one region to the other's host. Use {HOSTS[region]} (the default for "
+        f"region {region}), or leave it out"
+    )
 
 
 def sent_at_now() -> str:
@@ -85,14 +106,8 @@ class SegmentDestination(Destination):
                 f'{where}.region: must be "us" or "eu" (Segment ingests only in these regions), got {region!r}'
             )
         base_url = optional_base_url(cfg, "base_url", where)
-        if base_url is not None and (other := host_region(base_url)) not in (None, region):
-            # Segment answers 200 and drops every event sent with a key to the other
-            # region's host. Custom hosts (a proxy, a stand-in) are the operator's call.
-            raise ConfigError(
-                f"{where}.base_url: {urlsplit(base_url).hostname} is Segment's {other.upper()} ingestion host, "
-                f"but region is {region}; Segment silently drops data sent with a key of one region to "
-                f"the other's host. Use {HOSTS[region]} (the default for region {region}), or leave base_url out"
-            )
+        if base_url is not None:
+            check_region_host(base_url, region, f"{where}.base_url", f"region is {region}")
         return cls(
             name=cfg["name"] if isinstance(cfg.get("name"), str) else cls.kind,
             write_key=required_str(cfg, "write_key", where),

@@ -52,3 +52,8 @@ overridden by .Values.mappings.files. Rendered as YAML; read back with fromYaml.
 {{- define "bridge.mappingKey" -}}
 {{- replace "/" "__" . }}
 {{- end }}
+
+{{/* The Secret holding admin.metrics_token: metrics.token.existingSecret, else the chart's. */}}
+{{- define "bridge.metricsTokenSecret" -}}
+{{- .Values.metrics.token.existingSecret | default .Values.secrets.existingSecret }}
+{{- end }}
