@@ -602,7 +602,8 @@ class DestinationWorker:
         """The items of ``job`` no earlier attempt delivered (see bridge/delivery/outputs.py)."""
         left = not_yet_delivered(items, job.delivered_outputs)
         if len(left) < len(items):
-            log.info(
+            # Debug: a replay of many such dead letters must not log a line an event at info.
+            log.debug(
                 "outputs_already_delivered",
                 destination=self.name,
                 message_id=job.message_id,
