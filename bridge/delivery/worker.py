@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -21,6 +21,7 @@ import structlog
 from bridge.config.model import DestinationConfig
 from bridge.delivery.guard import DeadLetterGuard
 from bridge.delivery.metrics import DeliveryMetrics, NoDeliveryMetrics
+from bridge.delivery.outputs import digests_of, not_yet_delivered
 from bridge.delivery.policy import Action, RetryPolicy, RetrySchedule
 from bridge.delivery.ratelimit import RateLimiter
 from bridge.destinations.base import Item, Request, Response
@@ -78,6 +79,9 @@ class _Batch:
     task: asyncio.Task[None] | None = None
     mapped: asyncio.Event = field(default_factory=asyncio.Event)
     passed: set[int] = field(default_factory=set)
+    # The requests the upstream accepted: one append a request, read only for the jobs
+    # left partly delivered (delivered_outputs), so a fully delivered batch pays nothing.
+    accepted: list[Request] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -102,6 +106,22 @@ class _Batch:
     def label(self, job_id: int) -> str:
         # Only a job that is dead-lettered or discarded needs its label: made on demand.
         return event_label(self.events.get(job_id))
+
+    def delivered_outputs(self, job_ids: Collection[int]) -> dict[int, bytes]:
+        """{job: the digests of every output it has delivered so far}, for those of
+        ``job_ids`` that had an output accepted in this attempt: what they keep when they
+        stay queued (or go to the DLQ), so that no later attempt or replay sends those
+        again. The others have nothing new to record."""
+        if not self.accepted or not job_ids:
+            return {}
+        wanted = set(job_ids)
+        sent: dict[int, list[Item]] = {}
+        for request in self.accepted:
+            for item in request.items:
+                if item.job_id in wanted:
+                    sent.setdefault(item.job_id, []).append(item)
+        # The earlier attempts' outputs were not sent in this one: the two never overlap.
+        return {job_id: self.jobs[job_id].delivered_outputs + digests_of(items) for job_id, items in sent.items()}
 
     def fully_delivered(self, job_id: int) -> bool:
         verdict = self.verdicts.get(job_id)
@@ -364,7 +384,7 @@ class DestinationWorker:
                 batch.passed.update(delivered)
                 self.metrics.delivered(self.name, len(delivered))
             if rest:
-                await self.store.release(rest, fence=batch.fence)
+                await self.store.release(rest, fence=batch.fence, delivered=batch.delivered_outputs(rest))
 
     async def _recover(self, batch: _Batch, exc: Exception) -> None:
         """A failure of our own (not the upstream's): retry later with backoff, counting
@@ -388,8 +408,10 @@ class DestinationWorker:
                     dead.append(DeadLetter(job_id, "internal_error", response_body=error, label=batch.label(job_id)))
                 else:
                     retries.add(job_id, job.attempts, None)
+            # What went out of a job before the fault is not sent again by its retry.
+            sent = batch.delivered_outputs([j for ids in retries.groups.values() for j in ids])
             for at, ids in retries.groups.items():
-                await self.store.retry(ids, at, error, fence=batch.fence)
+                await self.store.retry(ids, at, error, fence=batch.fence, delivered=sent)
                 batch.settled.update(ids)
             if dead:
                 await self._dead_letter(batch, dead)
@@ -477,6 +499,7 @@ class DestinationWorker:
         links = await self.store.resolve_links(self.name, wanted) if wanted else {}
         options = self.config.mapping_options
         discards: list[Discard] = []
+        done: list[int] = []  # jobs whose every output an earlier attempt delivered
         items: list[Item] = []
         job_items: dict[int, list[Item]] = {}
         # With no links in the batch every event of a source is mapped in the same context:
@@ -523,6 +546,11 @@ class DestinationWorker:
             if not mine:
                 discards.append(Discard(job_id, "no_output", batch.label(job_id)))
                 continue
+            if job.delivered_outputs:
+                mine = self._not_yet_delivered(job, mine)
+                if not mine:
+                    done.append(job_id)
+                    continue
             refused = next(((it, reason) for it in mine if (reason := reject_reason(it))), None)
             if refused is not None:
                 # Mapped to something the destination cannot take (over its size limit, a
@@ -549,6 +577,13 @@ class DestinationWorker:
             batch.passed.update(d.job_id for d in discards)
             for d in discards:
                 self.metrics.discarded(batch.jobs[d.job_id].source, self.name, d.reason, 1)
+        if done:
+            # Nothing left to send: delivered, and counted as delivered now, once (the
+            # attempts that sent its outputs did not count it, since it stayed queued).
+            await self.store.ack(done, mapping.version, fence=batch.fence)
+            batch.settled.update(done)
+            batch.passed.update(done)
+            self.metrics.delivered(self.name, len(done))
         if dead:
             mapped = len(events) - len(dead) - sum(1 for d in data_dead if d.job_id in events)
             if self._precheck and self.guard.would_trip(len(dead), delivered=mapped):
@@ -562,6 +597,20 @@ class DestinationWorker:
         if dead or data_dead:
             await self._dead_letter(batch, dead + data_dead, counted=len(dead))
         return items, job_items
+
+    def _not_yet_delivered(self, job: Job, items: list[Item]) -> list[Item]:
+        """The items of ``job`` no earlier attempt delivered (see bridge/delivery/outputs.py)."""
+        left = not_yet_delivered(items, job.delivered_outputs)
+        if len(left) < len(items):
+            # Debug: a replay of many such dead letters must not log a line an event at info.
+            log.debug(
+                "outputs_already_delivered",
+                destination=self.name,
+                message_id=job.message_id,
+                skipped=len(items) - len(left),
+                left=len(left),
+            )
+        return left
 
     async def _send(self, request: Request, batch: _Batch, *, ordered: bool) -> bool:
         """Send one request; split or bisect on 413/400 until every item has a verdict.
@@ -614,6 +663,7 @@ class DestinationWorker:
             batch.dead_pending += len(jobs)
         elif action is Action.DELIVERED:
             batch.delivered_pending += len({it.job_id for it in request.items})
+            batch.accepted.append(request)
         if action is Action.RETRY:
             self._back_off(response)
         else:
@@ -713,14 +763,16 @@ class DestinationWorker:
             batch.settled.update(acked)
             batch.passed.update(acked)
             self.metrics.delivered(self.name, len(acked))
+        # A job that stays queued keeps what of it went out, so its next attempt sends the rest only.
+        delivered = batch.delivered_outputs([*unsent, *(j for ids in retries.groups.values() for j in ids)])
         for at, ids in retries.groups.items():
             error = _describe(batch.verdicts[ids[0]].response)
-            await self.store.retry(ids, at, error, fence=batch.fence)
+            await self.store.retry(ids, at, error, fence=batch.fence, delivered=delivered)
             batch.settled.update(ids)
         if dead:
             await self._dead_letter(batch, dead)
         if unsent:
-            await self.store.release(unsent, fence=batch.fence)
+            await self.store.release(unsent, fence=batch.fence, delivered=delivered)
             batch.settled.update(unsent)
         self.guard.record(len(acked), 0)
         self._precheck = True
@@ -753,6 +805,11 @@ class DestinationWorker:
     async def _dead_letter(self, batch: _Batch, dead: list[DeadLetter], *, counted: int | None = None) -> None:
         """``counted``: how many of ``dead`` the bad-deploy guard sees (default all); the
         events' own faults are not a deploy's."""
+        # A job dead-lettered after some of its outputs went out keeps them, so a replay
+        # sends the rest only. (One with none new keeps what the job recorded before.)
+        delivered = batch.delivered_outputs([d.job_id for d in dead])
+        if delivered:
+            dead = [replace(d, delivered_outputs=delivered[d.job_id]) if d.job_id in delivered else d for d in dead]
         await self.store.dead_letter(dead, fence=batch.fence)
         batch.settled.update(d.job_id for d in dead)
         batch.passed.update(d.job_id for d in dead)

@@ -85,10 +85,17 @@ class Job:
     attempts: int  # including the attempt this lease is for
     created_at: float
     first_attempt_at: float  # time of the first lease
+    # Digests of the outputs an earlier attempt delivered (bridge/delivery/outputs.py):
+    # empty unless the job was retried, released or dead-lettered with some of its outputs
+    # accepted, and then not sent again.
+    delivered_outputs: bytes = b""
 
 
 # {job id: attempts as leased}; see Store.ack.
 Fence = Mapping[int, int]
+
+# {job id: the digests of every output of it delivered so far}; see Store.retry.
+Delivered = Mapping[int, bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +109,9 @@ class DeadLetter:
     request_body: bytes = b""  # the request as mapped, exactly as it was sent
     label: str = ""  # event name or type, so a person can find it in `dlq list`
     mapping_version: str = ""
+    # The outputs delivered so far (as Job.delivered_outputs), kept for a replay. Empty:
+    # whatever the job recorded before.
+    delivered_outputs: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,23 +279,37 @@ class Store(ABC):
     async def ack(self, job_ids: Sequence[int], mapping_version: str = "", *, fence: Fence | None = None) -> None:
         """Mark jobs delivered, recording the mapping version that mapped them."""
 
+    # ``delivered`` (retry, release): for the jobs some of whose outputs the upstream
+    # accepted, the digests of every output delivered so far, which the job keeps and its
+    # next lease returns (Job.delivered_outputs) so that they are not sent again. Other jobs
+    # keep what they recorded before. Only such a partly delivered job pays for the write.
     @abstractmethod
     async def retry(
-        self, job_ids: Sequence[int], available_at: float, error: str, *, fence: Fence | None = None
+        self,
+        job_ids: Sequence[int],
+        available_at: float,
+        error: str,
+        *,
+        fence: Fence | None = None,
+        delivered: Delivered | None = None,
     ) -> None:
         """Return leased jobs to the queue, due again at ``available_at``."""
 
     @abstractmethod
-    async def release(self, job_ids: Sequence[int], *, fence: Fence | None = None) -> None:
+    async def release(
+        self, job_ids: Sequence[int], *, fence: Fence | None = None, delivered: Delivered | None = None
+    ) -> None:
         """Return leased jobs to the queue now, without counting the attempt (shutdown, pause)."""
 
     @abstractmethod
     async def dead_letter(self, entries: Sequence[DeadLetter], *, fence: Fence | None = None) -> None:
-        """Move jobs to the dead-letter queue with their reason and last response."""
+        """Move jobs to the dead-letter queue with their reason and last response, and the
+        outputs delivered so far (the entry's, else the job's), which a replay keeps."""
 
     @abstractmethod
     async def discard(self, entries: Sequence[Discard], *, fence: Fence | None = None) -> None:
-        """Settle jobs that mapped to nothing on purpose, keeping a record of why."""
+        """Settle jobs that mapped to nothing on purpose, keeping a record of why (and,
+        as dead_letter does, the outputs an earlier attempt delivered)."""
 
     @abstractmethod
     async def resolve_links(self, namespace: str, ids: Sequence[str]) -> dict[str, str]:
@@ -299,7 +323,8 @@ class Store(ABC):
     @abstractmethod
     async def replay_dead(self, flt: RecordFilter) -> int:
         """Re-queue matching dead letters as fresh jobs (same message_id, attempts reset,
-        original payload, so they are re-mapped with the current mapping). Returns count."""
+        original payload, so they are re-mapped with the current mapping, and the outputs
+        delivered before, so those are not sent again). Returns count."""
 
     @abstractmethod
     async def replay_discards(self, flt: RecordFilter) -> int:

@@ -30,6 +30,7 @@ from bridge.store.base import (
     MAKE_DUE_STEP,
     DeadLetter,
     DeadLetterRecord,
+    Delivered,
     DestinationState,
     Discard,
     DiscardRecord,
@@ -77,7 +78,9 @@ PRUNE_SLICE = 10_000
 
 _CREATE_INDEX = re.compile(r"\s*CREATE (?:UNIQUE )?INDEX IF NOT EXISTS (\w+) ")
 
-_JOB_COLUMNS = "id, source, message_id, ordering_key, payload, attempts, created_at, first_attempt_at"
+_JOB_COLUMNS = (
+    "id, source, message_id, ordering_key, payload, attempts, created_at, first_attempt_at, delivered_outputs"
+)
 
 
 def to_store_error(exc: BaseException) -> BaseException:
@@ -120,6 +123,26 @@ _FENCED = "j.id = f.id AND (f.leased IS NULL OR j.attempts = f.leased)"
 def _fence_arrays(job_ids: Sequence[int], fence: Fence | None) -> tuple[list[int], list[int | None]]:
     ids = list(job_ids)
     return ids, [fence.get(i) if fence is not None else None for i in ids]
+
+
+async def _record_delivered(
+    conn: Connection, job_ids: Sequence[int], fence: Fence | None, delivered: Delivered | None
+) -> None:
+    """Keep with each partly delivered job of ``job_ids`` the outputs it has delivered so
+    far. Run before the settle's own statement (in its transaction), which may change the
+    count a fence checks."""
+    if not delivered:
+        return
+    ids = [i for i in job_ids if delivered.get(i)]
+    if not ids:
+        return
+    await conn.execute(
+        "UPDATE jobs j SET delivered_outputs = f.digests"
+        " FROM unnest($1::bigint[], $2::int[], $3::bytea[]) AS f(id, leased, digests)"
+        f" WHERE j.state = {LEASED} AND {_FENCED}",
+        *_fence_arrays(ids, fence),
+        [delivered[i] for i in ids],
+    )
 
 
 # Dead-lettering and discarding copy the jobs out, then delete them (``_delete_settled``).
@@ -470,7 +493,7 @@ class PostgresStore(Store):
                     list(ahead),
                 )
         jobs = [
-            Job(r[0], destination, r[1], r[2], r[3], bytes(r[4]), r[5], r[6], r[7])
+            Job(r[0], destination, r[1], r[2], r[3], bytes(r[4]), r[5], r[6], r[7], bytes(r[8] or b""))
             for r in sorted(rows, key=lambda r: int(r[0]))
         ]
         return jobs
@@ -509,11 +532,18 @@ class PostgresStore(Store):
             )
 
     async def retry(
-        self, job_ids: Sequence[int], available_at: float, error: str, *, fence: Fence | None = None
+        self,
+        job_ids: Sequence[int],
+        available_at: float,
+        error: str,
+        *,
+        fence: Fence | None = None,
+        delivered: Delivered | None = None,
     ) -> None:
         if not job_ids:
             return
-        async with self._conn() as conn:
+        async with self._conn(transaction=bool(delivered)) as conn:
+            await _record_delivered(conn, job_ids, fence, delivered)
             await conn.execute(
                 f"UPDATE jobs j SET state = {QUEUED}, available_at = $3, lease_until = NULL, last_error = $4"
                 f" FROM {_FENCE_ROWS} WHERE j.state = {LEASED} AND {_FENCED}",
@@ -522,12 +552,15 @@ class PostgresStore(Store):
                 _text(error),
             )
 
-    async def release(self, job_ids: Sequence[int], *, fence: Fence | None = None) -> None:
+    async def release(
+        self, job_ids: Sequence[int], *, fence: Fence | None = None, delivered: Delivered | None = None
+    ) -> None:
         if not job_ids:
             return
         # A job released before any real attempt forgets its first attempt too, so the
         # retry budget (measured from it) does not run while it was never tried.
-        async with self._conn() as conn:
+        async with self._conn(transaction=bool(delivered)) as conn:
+            await _record_delivered(conn, job_ids, fence, delivered)
             await conn.execute(
                 f"UPDATE jobs j SET state = {QUEUED}, lease_until = NULL, attempts = GREATEST(j.attempts - 1, 0),"
                 " first_attempt_at = CASE WHEN j.attempts <= 1 THEN NULL ELSE j.first_attempt_at END"
@@ -543,13 +576,14 @@ class PostgresStore(Store):
             await conn.execute(
                 "INSERT INTO dead_letters (destination, source, message_id, ordering_key, payload, reason,"
                 " status, response_body, request_body, label, attempts, created_at, first_attempt_at,"
-                " failed_at, mapping_version)"
+                " failed_at, mapping_version, delivered_outputs)"
                 " SELECT j.destination, j.source, j.message_id, j.ordering_key, j.payload, e.reason, e.status,"
                 " e.response_body, e.request_body, e.label, j.attempts, j.created_at, j.first_attempt_at,"
-                " $8, e.mapping_version"
+                " $8, e.mapping_version, COALESCE(e.delivered, j.delivered_outputs)"
                 " FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::bytea[], $6::text[],"
-                " $7::text[], $9::int[]) WITH ORDINALITY"
-                " AS e(job_id, reason, status, response_body, request_body, label, mapping_version, leased, n)"
+                " $7::text[], $9::int[], $10::bytea[]) WITH ORDINALITY"
+                " AS e(job_id, reason, status, response_body, request_body, label, mapping_version, leased,"
+                " delivered, n)"
                 f" JOIN jobs j ON j.id = e.job_id WHERE j.state < {DELIVERED}"
                 f" AND (e.leased IS NULL OR j.attempts = e.leased) ORDER BY e.n {_HOLD_SETTLED}",
                 [e.job_id for e in unique],
@@ -561,6 +595,7 @@ class PostgresStore(Store):
                 [_text(e.mapping_version) for e in unique],
                 self.now(),
                 _fence_arrays([e.job_id for e in unique], fence)[1],
+                [e.delivered_outputs or None for e in unique],
             )
             await _delete_settled(conn, [e.job_id for e in unique], fence)
 
@@ -571,9 +606,9 @@ class PostgresStore(Store):
         async with self._conn(transaction=True) as conn:
             await conn.execute(
                 "INSERT INTO discards (destination, source, message_id, payload, reason, label, detail,"
-                " discarded_at, ordering_key)"
+                " discarded_at, ordering_key, delivered_outputs)"
                 " SELECT j.destination, j.source, j.message_id, j.payload, e.reason, e.label, e.detail, $5,"
-                " j.ordering_key"
+                " j.ordering_key, j.delivered_outputs"
                 " FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $6::int[]) WITH ORDINALITY"
                 f" AS e(job_id, reason, label, detail, leased, n) JOIN jobs j ON j.id = e.job_id"
                 f" WHERE j.state < {DELIVERED} AND (e.leased IS NULL OR j.attempts = e.leased) ORDER BY e.n"
@@ -637,10 +672,10 @@ class PostgresStore(Store):
         async with self._conn(transaction=True) as conn:
             status = await conn.execute(
                 f"WITH moved AS (DELETE FROM {table}{where}"
-                " RETURNING id, destination, source, message_id, ordering_key, payload)"
+                " RETURNING id, destination, source, message_id, ordering_key, payload, delivered_outputs)"
                 " INSERT INTO jobs (destination, source, message_id, ordering_key, payload, state, attempts,"
-                f" available_at, created_at) SELECT destination, source, message_id, ordering_key, payload,"
-                f" {QUEUED}, 0, $1, $1 FROM moved ORDER BY id",
+                " available_at, created_at, delivered_outputs) SELECT destination, source, message_id,"
+                f" ordering_key, payload, {QUEUED}, 0, $1, $1, delivered_outputs FROM moved ORDER BY id",
                 self.now(),
                 *params,
             )

@@ -144,4 +144,11 @@ def schema_error(found: int) -> StoreError:
 ADDED_COLUMNS = (
     # A replayed discard keeps its place among its user's events.
     ("discards", "ordering_key", "TEXT NOT NULL DEFAULT ''"),
+    # The digests of a job's outputs already delivered (bridge/delivery/outputs.py), kept
+    # through retries, releases, dead letters, discards and their replays. NULL for all but
+    # a job some of whose outputs went out while another did not. Nullable, with no
+    # default: adding it rewrites no row, and older nodes on the database write around it.
+    ("jobs", "delivered_outputs", "BYTEA"),
+    ("dead_letters", "delivered_outputs", "BYTEA"),
+    ("discards", "delivered_outputs", "BYTEA"),
 )

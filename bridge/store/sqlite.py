@@ -34,6 +34,7 @@ from bridge.store.base import (
     MAKE_DUE_STEP,
     DeadLetter,
     DeadLetterRecord,
+    Delivered,
     DestinationState,
     Discard,
     DiscardRecord,
@@ -407,18 +408,34 @@ class SqliteStore(Store):
             )
 
     async def retry(
-        self, job_ids: Sequence[int], available_at: float, error: str, *, fence: Fence | None = None
+        self,
+        job_ids: Sequence[int],
+        available_at: float,
+        error: str,
+        *,
+        fence: Fence | None = None,
+        delivered: Delivered | None = None,
     ) -> None:
         if job_ids:
             await self._bookkeep(
                 partial(
-                    ops.retry, job_ids=job_ids, available_at=available_at, error=error, leases=self._held(), fence=fence
+                    ops.retry,
+                    job_ids=job_ids,
+                    available_at=available_at,
+                    error=error,
+                    leases=self._held(),
+                    fence=fence,
+                    delivered=delivered,
                 )
             )
 
-    async def release(self, job_ids: Sequence[int], *, fence: Fence | None = None) -> None:
+    async def release(
+        self, job_ids: Sequence[int], *, fence: Fence | None = None, delivered: Delivered | None = None
+    ) -> None:
         if job_ids:
-            await self._bookkeep(partial(ops.release, job_ids=job_ids, leases=self._held(), fence=fence))
+            await self._bookkeep(
+                partial(ops.release, job_ids=job_ids, leases=self._held(), fence=fence, delivered=delivered)
+            )
 
     async def dead_letter(self, entries: Sequence[DeadLetter], *, fence: Fence | None = None) -> None:
         if entries:

@@ -16,6 +16,7 @@ from bridge.store.base import (
     DEAD_LETTER_COLUMNS,
     DeadLetter,
     DeadLetterRecord,
+    Delivered,
     DestinationState,
     Discard,
     DiscardRecord,
@@ -279,14 +280,14 @@ def _lease_ids(
         return []
     rows = conn.execute(
         "SELECT id, source, message_id, ordering_key, payload, attempts, created_at, first_attempt_at,"
-        f" state = {QUEUED} AND available_at <= ? FROM jobs WHERE id IN ({_marks(len(ids))})",
+        f" state = {QUEUED} AND available_at <= ?, delivered_outputs FROM jobs WHERE id IN ({_marks(len(ids))})",
         (now, *ids),
     ).fetchall()
     rows.sort(key=lambda row: row[0])
     jobs: list[Job] = []
     leased: list[tuple[int, Held]] = []
     until = now + lease_seconds
-    for job_id, source, message_id, key, payload, attempts, created_at, first_attempt_at, due in rows:
+    for job_id, source, message_id, key, payload, attempts, created_at, first_attempt_at, due, delivered in rows:
         if not (checked or due):
             return None  # the ordered walk decides
         # A lapsed lease of this server's counts: the row does not know of it yet.
@@ -310,6 +311,7 @@ def _lease_ids(
                 attempts=held.attempts,
                 created_at=created_at,
                 first_attempt_at=held.first_attempt_at,
+                delivered_outputs=delivered or b"",
             )
         )
     leases.hold(leased)
@@ -351,6 +353,17 @@ def ack(
         )
 
 
+def _record_delivered(conn: sqlite3.Connection, settling: Sequence[Settling], delivered: Delivered | None) -> None:
+    """Keep with each partly delivered job of ``settling`` the outputs it has delivered so
+    far. Run before the settle's own statement, which may change the count a fence checks."""
+    if not delivered:
+        return
+    conn.executemany(
+        f"UPDATE jobs SET delivered_outputs = ? WHERE {_FENCED} AND {PENDING}",
+        [(digests, s.job_id, s.fence, s.fence) for s in settling if (digests := delivered.get(s.job_id))],
+    )
+
+
 def retry(
     conn: sqlite3.Connection,
     job_ids: Sequence[int],
@@ -358,7 +371,10 @@ def retry(
     error: str,
     leases: Leases,
     fence: Fence | None = None,
+    delivered: Delivered | None = None,
 ) -> None:
+    settling = leases.settling(job_ids, fence)
+    _record_delivered(conn, settling, delivered)
     # Only a leased job goes back to wait: this server's, or one an earlier version left
     # LEASED in the table.
     conn.executemany(
@@ -367,18 +383,25 @@ def retry(
         f" WHERE state < {DELIVERED} AND (? IS NOT NULL OR state = {LEASED}) AND {_FENCED}",
         [
             (available_at, error, s.attempts, s.first_attempt_at, s.attempts, s.job_id, s.fence, s.fence)
-            for s in leases.settling(job_ids, fence)
+            for s in settling
         ],
     )
 
 
-def release(conn: sqlite3.Connection, job_ids: Sequence[int], leases: Leases, fence: Fence | None = None) -> None:
+def release(
+    conn: sqlite3.Connection,
+    job_ids: Sequence[int],
+    leases: Leases,
+    fence: Fence | None = None,
+    delivered: Delivered | None = None,
+) -> None:
     # A held job's row never counted its lease: dropping the lease gives it back as it was,
     # but for the attempts of leases of ours that lapsed before it.
     # A row an earlier version left LEASED is given back the way that version did: the
     # attempt uncounted, and a first attempt forgotten, so the retry budget (measured from
     # it) does not run while it was never tried.
     settling = leases.settling(job_ids, fence)
+    _record_delivered(conn, settling, delivered)
     # Attempts of lapsed leases of ours that came before: they happened, and count.
     lapsed = [
         (s.attempts - 1, s.first_attempt_at, s.job_id)
@@ -410,9 +433,10 @@ def dead_letter(
     conn.executemany(
         "INSERT INTO dead_letters (destination, source, message_id, ordering_key, payload, reason, status,"
         " response_body, request_body, label, attempts, created_at, first_attempt_at, failed_at,"
-        " mapping_version)"
+        " mapping_version, delivered_outputs)"
         " SELECT destination, source, message_id, ordering_key, payload, ?, ?, ?, ?, ?, COALESCE(?, attempts),"
-        f" created_at, COALESCE(?, first_attempt_at), ?, ? FROM jobs WHERE {_FENCED} AND state < {DELIVERED}",
+        " created_at, COALESCE(?, first_attempt_at), ?, ?, COALESCE(?, delivered_outputs)"
+        f" FROM jobs WHERE {_FENCED} AND state < {DELIVERED}",
         [
             (
                 e.reason,
@@ -424,6 +448,7 @@ def dead_letter(
                 s.first_attempt_at,
                 now,
                 e.mapping_version,
+                e.delivered_outputs or None,
                 s.job_id,
                 s.fence,
                 s.fence,
@@ -442,8 +467,8 @@ def discard(
     settling = {s.job_id: s for s in leases.settling([e.job_id for e in entries], fence)}
     conn.executemany(
         "INSERT INTO discards (destination, source, message_id, payload, reason, label, detail,"
-        " discarded_at, ordering_key) SELECT destination, source, message_id, payload, ?, ?, ?, ?, ordering_key"
-        f" FROM jobs WHERE {_FENCED} AND state < {DELIVERED}",
+        " discarded_at, ordering_key, delivered_outputs) SELECT destination, source, message_id, payload,"
+        f" ?, ?, ?, ?, ordering_key, delivered_outputs FROM jobs WHERE {_FENCED} AND state < {DELIVERED}",
         [
             (e.reason, e.label, e.detail, now, s.job_id, s.fence, s.fence)
             for e in entries
@@ -504,12 +529,13 @@ def replay_discards(conn: sqlite3.Connection, flt: RecordFilter, now: float) -> 
 
 def _replay(conn: sqlite3.Connection, table: str, time_column: str, flt: RecordFilter, now: float) -> int:
     """Move the matching records of ``table`` back into the queue as fresh jobs, in their
-    order, with their payloads (re-mapped by the current mapping when leased)."""
+    order, with their payloads (re-mapped by the current mapping when leased) and the
+    outputs they had delivered (not sent again)."""
     where, params = record_where(flt, time_column)
     inserted = conn.execute(
         "INSERT INTO jobs (destination, source, message_id, ordering_key, payload, state, attempts,"
-        f" available_at, created_at) SELECT destination, source, message_id, ordering_key, payload,"
-        f" {QUEUED}, 0, ?, ? FROM {table}{where} ORDER BY id",
+        " available_at, created_at, delivered_outputs) SELECT destination, source, message_id, ordering_key,"
+        f" payload, {QUEUED}, 0, ?, ?, delivered_outputs FROM {table}{where} ORDER BY id",
         (now, now, *params),
     ).rowcount
     conn.execute(f"DELETE FROM {table}{where}", params)

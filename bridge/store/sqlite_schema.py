@@ -62,7 +62,8 @@ DDL = (
         first_attempt_at REAL,
         last_error TEXT NOT NULL DEFAULT '',
         mapping_version TEXT NOT NULL DEFAULT '',
-        settled_at REAL
+        settled_at REAL,
+        delivered_outputs BLOB
     )""",
     # Only unsettled jobs are indexed, so lease and depth cost what is queued, not history.
     # "Unsettled" is read off settled_at, which only the ack sets: SQLite maintains a
@@ -121,7 +122,8 @@ DDL = (
         created_at REAL NOT NULL,
         first_attempt_at REAL,
         failed_at REAL NOT NULL,
-        mapping_version TEXT NOT NULL
+        mapping_version TEXT NOT NULL,
+        delivered_outputs BLOB
     )""",
     """CREATE INDEX IF NOT EXISTS dead_letters_by_destination ON dead_letters (destination, failed_at)""",
     """CREATE TABLE IF NOT EXISTS discards (
@@ -134,7 +136,8 @@ DDL = (
         label TEXT NOT NULL,
         detail TEXT NOT NULL,
         discarded_at REAL NOT NULL,
-        ordering_key TEXT NOT NULL DEFAULT ''
+        ordering_key TEXT NOT NULL DEFAULT '',
+        delivered_outputs BLOB
     )""",
     """CREATE INDEX IF NOT EXISTS discards_by_time ON discards (discarded_at)""",
     """CREATE TABLE IF NOT EXISTS destination_state (
@@ -172,7 +175,7 @@ def create_schema(conn: sqlite3.Connection, *, upgrade: bool = True) -> None:
         conn.execute(statement)
     _retire_state_index(conn)
     _upgrade_dedupe_recent(conn)
-    _add_discard_ordering_key(conn)
+    _add_columns(conn)
     row = conn.execute("SELECT version FROM schema_version").fetchone()
     if row is None:
         conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
@@ -188,13 +191,28 @@ def create_schema(conn: sqlite3.Connection, *, upgrade: bool = True) -> None:
         conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
 
 
-def _add_discard_ordering_key(conn: sqlite3.Connection) -> None:
-    """Discards keep their job's ordering key, so a replayed one keeps its place among its
-    user's events. Added to files made before: a column with a default, which a bridge
-    of the same schema version that does not know of it writes around."""
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(discards)")}
-    if "ordering_key" not in columns:
-        conn.execute("ALTER TABLE discards ADD COLUMN ordering_key TEXT NOT NULL DEFAULT ''")
+# Columns added to a table after it was first created: (table, column, type and default).
+# Each has a default (NULL for the nullable ones), so a bridge of the same schema version
+# that does not know of it writes around it, and adding it rewrites no row.
+ADDED_COLUMNS = (
+    # Discards keep their job's ordering key, so a replayed one keeps its place among its
+    # user's events.
+    ("discards", "ordering_key", "TEXT NOT NULL DEFAULT ''"),
+    # The digests of a job's outputs already delivered (bridge/delivery/outputs.py), kept
+    # through retries, releases, dead letters, discards and their replays. NULL for all but
+    # a job some of whose outputs went out while another did not.
+    ("jobs", "delivered_outputs", "BLOB"),
+    ("dead_letters", "delivered_outputs", "BLOB"),
+    ("discards", "delivered_outputs", "BLOB"),
+)
+
+
+def _add_columns(conn: sqlite3.Connection) -> None:
+    """Add to a file made before them the columns of ADDED_COLUMNS it does not have."""
+    for table, column, kind in ADDED_COLUMNS:
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in columns:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
 def stored_version(conn: sqlite3.Connection) -> int | None:

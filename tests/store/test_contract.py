@@ -435,6 +435,87 @@ async def test_replayed_discards_are_queued_again_in_their_users_order(store: St
     assert (await store.queue_stats())["moe"].depth == 2
 
 
+# -- outputs already delivered (bridge/delivery/outputs.py) ---------------------------------
+# Two digests' worth of bytes each: the store keeps them as they are, whatever they hold.
+SENT_A, SENT_B = b"A" * 8, b"B" * 8
+
+
+async def _delivered_by_id(store: Store) -> dict[str, bytes]:
+    return {j.message_id: j.delivered_outputs for j in await store.lease("moe", 10, 30)}
+
+
+async def test_a_retried_or_released_job_keeps_the_outputs_it_delivered(store: Store) -> None:
+    await store.enqueue("web", [event(f"p{i}", f"u{i}") for i in range(4)])
+    p0, p1, p2, p3 = await store.lease("moe", 10, 30)
+    assert {j.delivered_outputs for j in (p0, p1, p2, p3)} == {b""}  # nothing recorded for a new job
+    fence = {j.id: j.attempts for j in (p0, p1, p2, p3)}
+    now = time.time()
+    delivered = {p0.id: SENT_A, p1.id: SENT_B, p3.id: SENT_A}  # p3 is not settled with it below
+    await store.retry([p0.id, p2.id], now - 1, "http_500", fence=fence, delivered=delivered)
+    await store.release([p1.id], fence=fence, delivered=delivered)
+    await store.release([p3.id], fence=fence)
+    assert await _delivered_by_id(store) == {"p0": SENT_A, "p1": SENT_B, "p2": b"", "p3": b""}
+
+
+async def test_what_a_job_delivered_survives_later_settles_that_name_nothing(store: Store) -> None:
+    await store.enqueue("web", [event("k1", "u1")])
+    [job] = await store.lease("moe", 10, 30)
+    await store.retry([job.id], time.time() - 1, "http_500", fence={job.id: job.attempts}, delivered={job.id: SENT_A})
+    [job] = await store.lease("moe", 10, 30)
+    await store.retry([job.id], time.time() - 1, "http_503", fence={job.id: job.attempts})
+    [job] = await store.lease("moe", 10, 30)
+    await store.release([job.id], fence={job.id: job.attempts})
+    [job] = await store.lease("moe", 10, 30)
+    assert job.delivered_outputs == SENT_A
+    # More delivered since: the worker names them all.
+    await store.retry(
+        [job.id], time.time() - 1, "http_500", fence={job.id: job.attempts}, delivered={job.id: SENT_A + SENT_B}
+    )
+    assert await _delivered_by_id(store) == {"k1": SENT_A + SENT_B}
+
+
+async def test_a_late_holder_records_no_delivered_outputs(store: Store) -> None:
+    await store.enqueue("web", [event("late", "u1")])
+    [first] = await store.lease("moe", 10, 0)  # lapses at once
+    [second] = await store.lease("moe", 10, 30)
+    stale = {first.id: first.attempts}
+    await store.retry([first.id], time.time() - 1, "http_500", fence=stale, delivered={first.id: SENT_A})
+    await store.release([first.id], fence=stale, delivered={first.id: SENT_B})
+    await store.release([second.id], fence={second.id: second.attempts})
+    assert await _delivered_by_id(store) == {"late": b""}
+
+
+async def test_dead_letters_and_discards_keep_delivered_outputs_for_their_replay(store: Store) -> None:
+    await store.enqueue("web", [event(f"r{i}", f"u{i}") for i in range(4)])
+    jobs = await store.lease("moe", 10, 30)
+    fence = {j.id: j.attempts for j in jobs}
+    # r0 and r2 recorded outputs delivered on an earlier attempt; r3 none.
+    await store.retry(
+        [j.id for j in jobs],
+        time.time() - 1,
+        "http_500",
+        fence=fence,
+        delivered={
+            jobs[0].id: SENT_A,
+            jobs[2].id: SENT_A,
+        },
+    )
+    r0, r1, r2, r3 = await store.lease("moe", 10, 30)
+    fence = {j.id: j.attempts for j in (r0, r1, r2, r3)}
+    await store.dead_letter(
+        [
+            DeadLetter(r0.id, "http_400"),  # names none: the job's own record is kept
+            DeadLetter(r1.id, "http_400", delivered_outputs=SENT_B),  # delivered in this attempt
+            DeadLetter(r3.id, "http_400"),
+        ],
+        fence=fence,
+    )
+    await store.discard([Discard(r2.id, "anonymous_user")], fence=fence)
+    assert await store.replay_dead(RecordFilter(reason="http_400")) == 3
+    assert await store.replay_discards(RecordFilter(reason="anonymous_user")) == 1
+    assert await _delivered_by_id(store) == {"r0": SENT_A, "r1": SENT_B, "r2": SENT_A, "r3": b""}
+
+
 async def test_settling_a_job_twice_has_no_effect(store: Store) -> None:
     ids = await _dead(store, 1)
     await store.ack(ids, "v1")

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from bridge.store.base import IdentityLink, StoreError
+from bridge.store.base import DeadLetter, IdentityLink, RecordFilter, StoreError
 from bridge.store.postgres import PostgresStore
 from tests.store.conftest import PG_DSN, pg_problem
 from tests.store.helpers import event
@@ -241,5 +241,47 @@ async def test_a_schema_from_before_gains_the_discards_ordering_key_and_later_op
                 await node.close()
         finally:
             await reader.rollback()
+    finally:
+        await conn.close()
+
+
+async def test_a_schema_from_before_gains_the_delivered_outputs_columns(pg_schema: str) -> None:
+    """A database made before jobs remembered their delivered outputs: its jobs lease as
+    having delivered nothing, and a partly delivered one's record then survives a retry, a
+    dead letter and its replay."""
+    first = PostgresStore(PG_DSN, schema=pg_schema)
+    await first.open()
+    await first.enqueue("web", [event("o1", "alice"), event("o2", "bob")])
+    await first.close()
+    conn = await asyncpg.connect(PG_DSN)
+    try:
+        for table in ("jobs", "dead_letters", "discards"):
+            await conn.execute(f'ALTER TABLE "{pg_schema}".{table} DROP COLUMN delivered_outputs')
+        store = PostgresStore(PG_DSN, schema=pg_schema)
+        await store.open()
+        try:
+            assert (
+                await conn.fetchval(
+                    "SELECT count(*) FROM information_schema.columns"
+                    " WHERE table_schema = $1 AND column_name = 'delivered_outputs'",
+                    pg_schema,
+                )
+                == 3
+            )
+            o1, o2 = await store.lease("moe", 10, 30)
+            assert (o1.delivered_outputs, o2.delivered_outputs) == (b"", b"")
+            fence = {o1.id: o1.attempts, o2.id: o2.attempts}
+            await store.retry([o1.id, o2.id], store.now() - 1, "http_500", fence=fence, delivered={o1.id: b"D" * 8})
+            o1, o2 = await store.lease("moe", 10, 30)
+            assert (o1.delivered_outputs, o2.delivered_outputs) == (b"D" * 8, b"")
+            await store.dead_letter([DeadLetter(o1.id, "http_400")], fence={o1.id: o1.attempts})
+            assert await store.replay_dead(RecordFilter(reason="http_400")) == 1
+            await store.release([o2.id], fence={o2.id: o2.attempts})
+            assert {j.message_id: j.delivered_outputs for j in await store.lease("moe", 10, 30)} == {
+                "o1": b"D" * 8,
+                "o2": b"",
+            }
+        finally:
+            await store.close()
     finally:
         await conn.close()

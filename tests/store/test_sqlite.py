@@ -1020,3 +1020,45 @@ async def test_a_file_whose_discards_keep_no_ordering_key_gains_the_column(tmp_p
         assert (again.message_id, again.ordering_key) == ("d1", "")
     finally:
         await store.close()
+
+
+async def test_a_file_from_before_delivered_outputs_gains_the_columns_and_keeps_its_jobs(tmp_path: Path) -> None:
+    """Files made before jobs remembered their delivered outputs: opened (by the CLI or the
+    server), they gain the columns, their jobs lease as having delivered nothing, and a
+    partly delivered job's record then goes through retry, dead letter and replay."""
+    path = tmp_path / "old.db"
+    store = SqliteStore(str(path), min_free_disk_bytes=0)
+    await store.open()
+    await store.enqueue("web", [event("o1", "alice"), event("o2", "bob")])
+    await store.close()
+    conn = sqlite3.connect(path)
+    with conn:  # the tables as they were
+        for table in ("jobs", "dead_letters", "discards"):
+            conn.execute(f"ALTER TABLE {table} DROP COLUMN delivered_outputs")
+    conn.close()
+    for upgrade in (False, True):
+        reopened = SqliteStore(str(path), min_free_disk_bytes=0, upgrade=upgrade)
+        await reopened.open()
+        await reopened.close()
+    conn = sqlite3.connect(path)
+    for table in ("jobs", "dead_letters", "discards"):
+        assert "delivered_outputs" in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}, table
+    conn.close()
+    store = SqliteStore(str(path), min_free_disk_bytes=0)
+    await store.open()
+    try:
+        o1, o2 = await store.lease("moe", 10, 30)
+        assert (o1.delivered_outputs, o2.delivered_outputs) == (b"", b"")
+        fence = {o1.id: o1.attempts, o2.id: o2.attempts}
+        await store.retry([o1.id, o2.id], time.time() - 1, "http_500", fence=fence, delivered={o1.id: b"D" * 8})
+        o1, o2 = await store.lease("moe", 10, 30)
+        assert (o1.delivered_outputs, o2.delivered_outputs) == (b"D" * 8, b"")
+        await store.dead_letter([DeadLetter(o1.id, "http_400")], fence={o1.id: o1.attempts})
+        assert await store.replay_dead(RecordFilter(reason="http_400")) == 1
+        await store.release([o2.id], fence={o2.id: o2.attempts})
+        assert {j.message_id: j.delivered_outputs for j in await store.lease("moe", 10, 30)} == {
+            "o1": b"D" * 8,
+            "o2": b"",
+        }
+    finally:
+        await store.close()

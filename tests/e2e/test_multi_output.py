@@ -1,0 +1,303 @@
+"""An event a mapping gives several outputs: what one attempt delivered, no later one sends again.
+
+The mapping here gives every track a MoEngage Track User and a Create Event (``continue:
+true``), and the destination sends each alone (``api: single``), so they go out in two
+requests to two endpoints. The stand-in fails only the Create Event endpoint; the Track
+User it accepted must not reach it a second time, whether the job is retried, given back
+at a shutdown, or dead-lettered and then replayed (MoEngage does not dedupe either call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from bridge.cli import main as cli_main
+from bridge.store.base import Store
+from bridge.store.sqlite import SqliteStore
+from bridge.testing.moengage_standin import MoEngageStandIn, Rejected
+from tests.e2e.harness import ADMIN_TOKEN, API_KEY, WORKSPACE, WRITE_KEY, Bridge, basic, wait_until
+from tests.e2e.test_operations import copy_mappings
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+H = basic(WRITE_KEY)
+PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+
+TWO_OUTPUTS = """\
+source_format: segment
+destination_kind: moengage
+description: every track as a Track User (its last event) and a Create Event
+rules:
+  - name: user
+    match: {type: track}
+    kind: customer
+    continue: true
+    body:
+      customer_id: {path: $.userId, pipe: [{to: string}]}
+      attributes: {object: {last_event: $.event}}
+  - name: event
+    match: {type: track}
+    kind: event
+    body:
+      customer_id: {path: $.userId, pipe: [{to: string}]}
+      actions:
+        - object: {action: $.event, attributes: {path: $.properties, default: {literal: {}}}}
+  - name: other
+    drop: unsupported_type
+"""
+
+HANG = -1  # an answer of EventsFail: hold the request past the bridge's shutdown, then 503
+
+
+class EventsFail(MoEngageStandIn):
+    """MoEngage whose Create Event endpoint gives its first answers from a script (a status,
+    or HANG), then answers as MoEngage does. Every other endpoint answers as MoEngage does."""
+
+    def __init__(self, *answers: int) -> None:
+        super().__init__(WORKSPACE, API_KEY)
+        self.answers = deque(answers)
+        self.event_requests = 0
+
+    async def _event(self, request: web.Request) -> web.Response:
+        self.event_requests += 1
+        if not self.answers:
+            return await super()._event(request)
+        answer = self.answers.popleft()
+        if answer == HANG:
+            await asyncio.sleep(3)  # the bridge gave up on it long before: nothing is recorded
+            return self.error(503)
+        return await self._handle(request, _refuse(answer), 128_000)
+
+
+def _refuse(status: int) -> Callable[[dict[str, Any]], str]:
+    def refuse(body: dict[str, Any]) -> str:
+        raise Rejected(status, f"scripted {status} for {body.get('customer_id')}")
+
+    return refuse
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """The store the bridge runs on: its SQLite file, or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/bridge.db"
+        return
+    schema = f"bridge_multi_{uuid.uuid4().hex[:10]}"
+    try:
+        conn = await asyncpg.connect(PG_DSN, timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is not reachable: {exc}")
+    await conn.close()
+    yield f"{PG_DSN}?schema={schema}"
+    conn = await asyncpg.connect(PG_DSN)
+    await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def _bridge(
+    make_bridge: Any,
+    tmp_path: Path,
+    upstream: EventsFail,
+    store_url: str,
+    store: Callable[[], Store] | None = None,
+    **delivery: Any,
+) -> AsyncIterator[Bridge]:
+    """A bridge whose moengage-main maps with TWO_OUTPUTS and sends to ``upstream`` (on
+    ``store`` when given); stopped on the way out, before the store (a PostgreSQL schema)
+    is dropped."""
+    mappings = copy_mappings(tmp_path)
+    (mappings / "two-outputs.yaml").write_text(TWO_OUTPUTS)
+    server = TestServer(upstream.app(), host="127.0.0.1")
+    await server.start_server()
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["store"]["url"] = store_url
+        raw["mappings"]["dir"] = str(mappings)
+        raw["server"]["shutdown_timeout"] = 1
+        main = raw["destinations"][0]
+        main.update(mapping="two-outputs", api="single", base_url=str(server.make_url("")).rstrip("/"))
+        main["delivery"].update(delivery)
+
+    try:
+        bridge = await make_bridge(tweak, start=False)
+        bridge.store_factory = store
+        await bridge.start()
+        try:
+            yield bridge
+        finally:
+            await bridge.stop()
+    finally:
+        upstream.stop()
+        await server.close()
+
+
+def _tracks(*users: str) -> dict[str, Any]:
+    return {
+        "batch": [
+            {"type": "track", "userId": user, "event": "Ordered", "messageId": f"m-{user}", "properties": {"n": i}}
+            for i, user in enumerate(users)
+        ]
+    }
+
+
+def _customers(upstream: MoEngageStandIn) -> list[str]:
+    return sorted(c["customer_id"] for c in upstream.customers())
+
+
+def _events(upstream: MoEngageStandIn) -> list[str]:
+    return sorted(e["customer_id"] for e in upstream.events())
+
+
+async def _drained(bridge: Bridge) -> bool:
+    _, status = await bridge.get("/admin/status", ADMIN)
+    main = next(d for d in status["destinations"] if d["name"] == "moengage-main")
+    return bool(main["queue_depth"] == 0)
+
+
+async def _delivered_total(bridge: Bridge) -> float:
+    _, metrics = await bridge.get("/metrics")
+    for line in metrics.splitlines():
+        if line.startswith('bridge_events_delivered_total{destination="moengage-main"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+async def test_a_retry_sends_only_the_output_that_failed(make_bridge, tmp_path, store_url, ordered):
+    upstream = EventsFail(500)
+    async with _bridge(make_bridge, tmp_path, upstream, store_url, ordered=ordered) as bridge:
+        assert (await bridge.post("/v1/batch", _tracks("alice", "bob"), H))[0] == 200
+        await upstream.wait_for(lambda: len(upstream.events()) == 2, timeout=10)
+        await wait_until(lambda: _drained(bridge), what="the queue to drain")
+        await asyncio.sleep(0.3)  # a second Track User would have gone out by now
+        assert upstream.event_requests == 3  # the failed Create Event, once more, and bob's
+        assert _events(upstream) == ["alice", "bob"]
+        assert _customers(upstream) == ["alice", "bob"], "a Track User the upstream accepted was sent again"
+        assert await _delivered_total(bridge) == 2  # each event counted once, when it was done
+
+
+@pytest.mark.parametrize("replay_by", ["admin API", "CLI"])
+async def test_a_replayed_dead_letter_sends_only_the_output_that_failed(make_bridge, tmp_path, store_url, replay_by):
+    upstream = EventsFail(400)  # a bad Create Event: dead-lettered, its Track User delivered
+    async with _bridge(make_bridge, tmp_path, upstream, store_url) as bridge:
+        assert (await bridge.post("/v1/batch", _tracks("carol"), H))[0] == 200
+
+        async def dead_lettered() -> bool:
+            _, body = await bridge.get("/admin/dlq?reason=http_400", ADMIN)
+            return len(body["dead_letters"]) == 1
+
+        await wait_until(dead_lettered, what="the event in the DLQ")
+        assert _customers(upstream) == ["carol"] and _events(upstream) == []
+        if replay_by == "admin API":
+            status, body = await bridge.post("/admin/dlq/replay", {"reason": "http_400"}, ADMIN)
+            assert (status, body["replayed"]) == (200, 1), body
+        else:
+            config_path = tmp_path / "ops.yaml"
+            config_path.write_text(f'store: {{url: "{bridge.raw["store"]["url"]}"}}\n')
+            replay = ["dlq", "replay", "--reason", "http_400", "--config", str(config_path)]
+            assert await asyncio.to_thread(cli_main, replay) == 0
+        await upstream.wait_for(lambda: len(upstream.events()) == 1, timeout=10)
+        await wait_until(lambda: _drained(bridge), what="the queue to drain")
+        await asyncio.sleep(0.3)
+        assert _events(upstream) == ["carol"]
+        assert _customers(upstream) == ["carol"], "the replay sent the Track User delivered before"
+
+
+async def test_a_shutdown_gives_back_only_the_output_that_did_not_go_out(make_bridge, tmp_path):
+    """The Create Event is still in flight when the shutdown's time runs out: cancelled, its
+    outcome unknown, the job goes back to the queue. The Track User answered 200 before it
+    is not sent again after the restart."""
+    upstream = EventsFail(HANG)
+    async with _bridge(make_bridge, tmp_path, upstream, f"sqlite:///{tmp_path}/bridge.db") as bridge:
+        assert (await bridge.post("/v1/batch", _tracks("dave"), H))[0] == 200
+        await upstream.wait_for(lambda: upstream.event_requests == 1, timeout=10)
+        assert _customers(upstream) == ["dave"]
+        await bridge.stop()
+        await bridge.start()
+        await upstream.wait_for(lambda: len(upstream.events()) == 1, timeout=10)
+        await wait_until(lambda: _drained(bridge), what="the queue to drain")
+        await asyncio.sleep(0.3)
+        assert _customers(upstream) == ["dave"], "the Track User delivered before the shutdown was sent again"
+
+
+async def test_an_event_whose_outputs_all_went_out_is_acked_without_a_request(make_bridge, tmp_path):
+    """Dead-lettered with its Track User delivered; the mapping then stops making the Create
+    Event (the fix was to drop it). Replayed, the event has nothing left to send: it is
+    delivered, with no request at all."""
+    upstream = EventsFail(400)
+    async with _bridge(make_bridge, tmp_path, upstream, f"sqlite:///{tmp_path}/bridge.db") as bridge:
+        assert (await bridge.post("/v1/batch", _tracks("erin"), H))[0] == 200
+
+        async def dead_lettered() -> bool:
+            _, body = await bridge.get("/admin/dlq?reason=http_400", ADMIN)
+            return len(body["dead_letters"]) == 1
+
+        await wait_until(dead_lettered, what="the event in the DLQ")
+        mapping = tmp_path / "mappings" / "two-outputs.yaml"
+        mapping.write_text(TWO_OUTPUTS.replace("    continue: true\n", ""))  # the first rule alone decides
+        assert (await bridge.post("/admin/reload", None, ADMIN))[0] == 200
+        requests = upstream.received
+        status, body = await bridge.post("/admin/dlq/replay", {"reason": "http_400"}, ADMIN)
+        assert (status, body["replayed"]) == (200, 1), body
+        await wait_until(lambda: _drained(bridge), what="the replayed job to settle")
+        assert upstream.received == requests
+        assert _customers(upstream) == ["erin"] and _events(upstream) == []
+        assert await _delivered_total(bridge) == 1
+        assert bridge.runtime is not None
+        assert await bridge.runtime.store.delivered_version("moengage-main", "m-erin")
+
+
+async def test_a_pause_between_the_outputs_gives_back_only_the_one_not_sent(make_bridge, tmp_path):
+    """An operator pauses while the Track User is on the wire: it is answered 200, and the
+    Create Event after it is not sent (nothing new starts once paused). The job goes back to
+    the queue unsent; after the resume only the Create Event goes out."""
+    upstream = EventsFail()
+    async with _bridge(make_bridge, tmp_path, upstream, f"sqlite:///{tmp_path}/bridge.db") as bridge:
+        upstream.latency = 0.5
+        assert (await bridge.post("/v1/batch", _tracks("frank"), H))[0] == 200
+        await upstream.wait_for(lambda: upstream.received == 1, timeout=10)
+        assert (await bridge.post("/admin/destinations/moengage-main/pause", None, ADMIN))[0] == 200
+        await upstream.wait_for(lambda: len(upstream.customers()) == 1, timeout=10)
+        await asyncio.sleep(0.3)  # the batch settles: its job given back, unsent
+        assert upstream.event_requests == 0
+        upstream.latency = 0.0
+        assert (await bridge.post("/admin/destinations/moengage-main/resume", None, ADMIN))[0] == 200
+        await upstream.wait_for(lambda: len(upstream.events()) == 1, timeout=10)
+        await wait_until(lambda: _drained(bridge), what="the queue to drain")
+        await asyncio.sleep(0.3)
+        assert _customers(upstream) == ["frank"], "the Track User sent before the pause was sent again"
+
+
+async def test_the_retry_after_an_internal_fault_sends_only_the_output_that_failed(make_bridge, tmp_path):
+    """The store fails to record the retry once (a fault of the bridge's own): the recovery
+    retries the job instead, and that retry too keeps the Track User that went out."""
+    faults = 1
+
+    class RetryFailsOnce(SqliteStore):
+        async def retry(self, *args: Any, **kwargs: Any) -> None:
+            nonlocal faults
+            if faults:
+                faults -= 1
+                raise RuntimeError("the disk hiccuped")
+            await super().retry(*args, **kwargs)
+
+    db = f"{tmp_path}/bridge.db"
+    upstream = EventsFail(500)
+    async with _bridge(make_bridge, tmp_path, upstream, f"sqlite:///{db}", store=lambda: RetryFailsOnce(db)) as bridge:
+        assert (await bridge.post("/v1/batch", _tracks("gina"), H))[0] == 200
+        await upstream.wait_for(lambda: len(upstream.events()) == 1, timeout=10)
+        await wait_until(lambda: _drained(bridge), what="the queue to drain")
+        await asyncio.sleep(0.3)
+        assert faults == 0 and upstream.event_requests == 2
+        assert _customers(upstream) == ["gina"], "the retry after the fault sent the Track User again"
