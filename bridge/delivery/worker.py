@@ -390,7 +390,9 @@ class DestinationWorker:
         """A failure of our own (not the upstream's): retry later with backoff, counting
         the attempt, so a fault that repeats is not a hot loop and ends in the DLQ."""
         now = self.store.now()
-        error = f"internal error: {type(exc).__name__}: {exc}"[:MAX_KEPT_BODY]
+        # Kept and shown (DLQ, status): a fault's text may quote a credential (a DSN, a
+        # header). Redacted before it is cut, so none is kept in part.
+        error = redact_text(f"internal error: {type(exc).__name__}: {exc}")[:MAX_KEPT_BODY]
         try:
             # What the upstream already accepted is done: retrying it would send it twice.
             delivered = [j for j in batch.jobs if j not in batch.settled and batch.fully_delivered(j)]

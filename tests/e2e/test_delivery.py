@@ -326,7 +326,8 @@ async def test_an_internal_fault_backs_off_and_ends_in_the_dlq(make_bridge):
     class FlakyStore(SqliteStore):
         async def discard(self, entries: Any, *, fence: Any = None) -> None:
             if any(isinstance(e, Discard) and e.label == "Boom" for e in entries):
-                raise RuntimeError("cannot record this discard")
+                # An internal fault's text may quote a credential (a driver echoing a DSN).
+                raise RuntimeError("cannot record this discard at postgresql://bridge:hunter2-secret@db/x")
             await super().discard(entries, fence=fence)
 
         async def lease(self, *args: Any, **kwargs: Any) -> Any:
@@ -355,6 +356,12 @@ async def test_an_internal_fault_backs_off_and_ends_in_the_dlq(make_bridge):
 
     await wait_until(dead, what="the faulty job to be dead-lettered")
     assert leases < 30, f"{leases} leases: the fault was retried in a hot loop"
+    _, body = await bridge.get("/admin/dlq?reason=internal_error", ADMIN)
+    (letter,) = body["dead_letters"]
+    _, shown = await bridge.get(f"/admin/dlq/{letter['id']}", ADMIN)
+    kept = orjson.dumps(shown).decode()
+    assert "cannot record this discard" in kept  # the fault is kept, its credential is not
+    assert "hunter2-secret" not in kept
 
 
 async def _status_of(bridge: Any, name: str = "moengage-main") -> dict[str, Any]:
