@@ -205,7 +205,16 @@ async def test_a_replayed_dead_letter_sends_only_the_output_that_failed(make_bri
         else:
             config_path = tmp_path / "ops.yaml"
             config_path.write_text(f'store: {{url: "{bridge.raw["store"]["url"]}"}}\n')
-            replay = ["dlq", "replay", "--reason", "http_400", "--config", str(config_path)]
+            replay = [
+                "dlq",
+                "replay",
+                "--reason",
+                "http_400",
+                "--destination",
+                "moengage-main",
+                "--config",
+                str(config_path),
+            ]
             assert await asyncio.to_thread(cli_main, replay) == 0
         await upstream.wait_for(lambda: len(upstream.events()) == 1, timeout=10)
         await wait_until(lambda: _drained(bridge), what="the queue to drain")
