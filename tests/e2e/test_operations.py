@@ -872,8 +872,8 @@ async def test_a_sighup_while_the_store_opens_does_not_kill_the_process(tmp_path
     raw["store"]["url"] = f"{dsn}?schema={schema}"
     proc = BridgeProcess(raw, tmp_path)
     await holder.execute("SELECT pg_advisory_lock($1)", DDL_LOCK)  # another node migrating
+    starting = asyncio.create_task(proc.start(timeout=60))
     try:
-        starting = asyncio.create_task(proc.start(timeout=60))
 
         async def waiting_for_the_lock() -> bool:
             # This bridge's own wait: other bridges on the same database (other test runs
@@ -896,6 +896,10 @@ async def test_a_sighup_while_the_store_opens_does_not_kill_the_process(tmp_path
         proc.terminate()
         assert await proc.wait() == 0
     finally:
+        if not starting.done():
+            starting.cancel()  # it may not have spawned the bridge yet: it must not after this
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await starting
         await proc.ensure_stopped()
         await holder.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         await holder.close()
