@@ -49,6 +49,8 @@ def dead_letter_json(r: DeadLetterRecord, *, full: bool) -> dict[str, Any]:
         "first_attempt_at": when(r.first_attempt_at),
         "failed_at": when(r.failed_at),
         "mapping_version": r.mapping_version,
+        # Accepted before the failure: a replay sends the event's other outputs only.
+        "outputs_delivered": r.outputs_delivered,
     }
     if full:
         out["response_body"] = r.response_body

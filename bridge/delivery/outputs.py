@@ -26,8 +26,9 @@ from collections.abc import Iterable
 from hashlib import blake2b
 
 from bridge.destinations.base import Item
+from bridge.store.base import OUTPUT_DIGEST_BYTES
 
-DIGEST_BYTES = 8
+DIGEST_BYTES = OUTPUT_DIGEST_BYTES  # the store keeps them end to end and counts them by it
 
 
 def output_digest(item: Item) -> bytes:

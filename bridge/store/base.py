@@ -97,6 +97,10 @@ Fence = Mapping[int, int]
 # {job id: the digests of every output of it delivered so far}; see Store.retry.
 Delivered = Mapping[int, bytes]
 
+# A delivered_outputs value is its digests end to end, each this long: the store counts
+# them by length (DeadLetterRecord.outputs_delivered) without knowing how they are made.
+OUTPUT_DIGEST_BYTES = 8
+
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
@@ -141,12 +145,16 @@ class DeadLetterRecord:
     first_attempt_at: float | None
     failed_at: float  # when it was dead-lettered
     mapping_version: str
+    # Outputs of the event the destination accepted before it was dead-lettered: a replay
+    # sends only the others (bridge/delivery/outputs.py).
+    outputs_delivered: int = 0
 
 
 # The column order every store selects dead letters in, for ``dead_letter_record``.
+# (length() of a NULL is NULL; of a blob or bytea, its bytes, in SQLite and PostgreSQL alike.)
 DEAD_LETTER_COLUMNS = (
     "id, destination, source, message_id, payload, reason, status, response_body, request_body, label,"
-    " attempts, created_at, first_attempt_at, failed_at, mapping_version"
+    " attempts, created_at, first_attempt_at, failed_at, mapping_version, COALESCE(length(delivered_outputs), 0)"
 )
 
 
@@ -168,6 +176,7 @@ def dead_letter_record(row: Sequence[Any]) -> DeadLetterRecord:
         first_attempt_at=row[12],
         failed_at=row[13],
         mapping_version=row[14],
+        outputs_delivered=int(row[15]) // OUTPUT_DIGEST_BYTES,
     )
 
 

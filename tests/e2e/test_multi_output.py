@@ -199,6 +199,9 @@ async def test_a_replayed_dead_letter_sends_only_the_output_that_failed(make_bri
 
         await wait_until(dead_lettered, what="the event in the DLQ")
         assert _customers(upstream) == ["carol"] and _events(upstream) == []
+        # The operator sees that part of it went out, and so that a replay sends the rest.
+        _, listed = await bridge.get("/admin/dlq?reason=http_400", ADMIN)
+        assert listed["dead_letters"][0]["outputs_delivered"] == 1
         if replay_by == "admin API":
             status, body = await bridge.post("/admin/dlq/replay", {"reason": "http_400"}, ADMIN)
             assert (status, body["replayed"]) == (200, 1), body

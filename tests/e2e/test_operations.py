@@ -382,6 +382,7 @@ async def test_dlq_replay_after_a_mapping_fix(make_bridge, tmp_path):
     _, body = await bridge.get("/admin/dlq", ADMIN)
     broken_version = body["dead_letters"][0]["mapping_version"]
     assert {d["event"] for d in body["dead_letters"]} == {"Purchase"}
+    assert {d["outputs_delivered"] for d in body["dead_letters"]} == {0}  # none of them went out
 
     (mappings / "segment-to-moengage.yaml").write_text(good)
     status, reloaded = await bridge.post("/admin/reload", None, ADMIN)
