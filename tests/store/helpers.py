@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 
-from bridge.store.base import IdentityLink, IncomingEvent
+from bridge.store.base import DeadLetter, IdentityLink, IncomingEvent, RecordFilter, Store
 
 
 def event(
@@ -18,3 +18,18 @@ def event(
     if size:
         body["pad"] = "x" * size
     return IncomingEvent(message_id, user, orjson.dumps(body), destinations, links)
+
+
+async def check_outputs_survive(store: Store) -> None:
+    """Jobs "o1" and "o2", queued for "moe" in a store just upgraded: the delivered outputs
+    one is given survive its retry, its dead letter and the replay; the other has none."""
+    o1, o2 = await store.lease("moe", 10, 30)
+    assert (o1.delivered_outputs, o2.delivered_outputs) == (b"", b"")
+    fence = {o1.id: o1.attempts, o2.id: o2.attempts}
+    await store.retry([o1.id, o2.id], store.now() - 1, "http_500", fence=fence, delivered={o1.id: b"D" * 8})
+    o1, o2 = await store.lease("moe", 10, 30)
+    assert (o1.delivered_outputs, o2.delivered_outputs) == (b"D" * 8, b"")
+    await store.dead_letter([DeadLetter(o1.id, "http_400")], fence={o1.id: o1.attempts})
+    assert await store.replay_dead(RecordFilter(reason="http_400")) == 1
+    await store.release([o2.id], fence={o2.id: o2.attempts})
+    assert {j.message_id: j.delivered_outputs for j in await store.lease("moe", 10, 30)} == {"o1": b"D" * 8, "o2": b""}

@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from bridge.store.base import DeadLetter, IdentityLink, RecordFilter, StoreError
+from bridge.store.base import IdentityLink, StoreError
 from bridge.store.postgres import PostgresStore
 from tests.store.conftest import PG_DSN, pg_problem
-from tests.store.helpers import event
+from tests.store.helpers import check_outputs_survive, event
 
 pytestmark = pytest.mark.skipif(pg_problem() is not None, reason=str(pg_problem()))
 
@@ -268,19 +268,7 @@ async def test_a_schema_from_before_gains_the_delivered_outputs_columns(pg_schem
                 )
                 == 3
             )
-            o1, o2 = await store.lease("moe", 10, 30)
-            assert (o1.delivered_outputs, o2.delivered_outputs) == (b"", b"")
-            fence = {o1.id: o1.attempts, o2.id: o2.attempts}
-            await store.retry([o1.id, o2.id], store.now() - 1, "http_500", fence=fence, delivered={o1.id: b"D" * 8})
-            o1, o2 = await store.lease("moe", 10, 30)
-            assert (o1.delivered_outputs, o2.delivered_outputs) == (b"D" * 8, b"")
-            await store.dead_letter([DeadLetter(o1.id, "http_400")], fence={o1.id: o1.attempts})
-            assert await store.replay_dead(RecordFilter(reason="http_400")) == 1
-            await store.release([o2.id], fence={o2.id: o2.attempts})
-            assert {j.message_id: j.delivered_outputs for j in await store.lease("moe", 10, 30)} == {
-                "o1": b"D" * 8,
-                "o2": b"",
-            }
+            await check_outputs_survive(store)
         finally:
             await store.close()
     finally:

@@ -22,7 +22,7 @@ from bridge.store.sqlite import SqliteStore
 from bridge.store.sqlite_dedupe import KEYS_PER_ROW, dedupe_key, dedupe_keys_of
 from bridge.store.sqlite_schema import SCHEMA_VERSION
 from bridge.store.sqlite_writer import GroupCommitWriter
-from tests.store.helpers import event
+from tests.store.helpers import check_outputs_survive, event
 
 
 async def opened(path: Path, **opts: object) -> SqliteStore:
@@ -1047,18 +1047,6 @@ async def test_a_file_from_before_delivered_outputs_gains_the_columns_and_keeps_
     store = SqliteStore(str(path), min_free_disk_bytes=0)
     await store.open()
     try:
-        o1, o2 = await store.lease("moe", 10, 30)
-        assert (o1.delivered_outputs, o2.delivered_outputs) == (b"", b"")
-        fence = {o1.id: o1.attempts, o2.id: o2.attempts}
-        await store.retry([o1.id, o2.id], time.time() - 1, "http_500", fence=fence, delivered={o1.id: b"D" * 8})
-        o1, o2 = await store.lease("moe", 10, 30)
-        assert (o1.delivered_outputs, o2.delivered_outputs) == (b"D" * 8, b"")
-        await store.dead_letter([DeadLetter(o1.id, "http_400")], fence={o1.id: o1.attempts})
-        assert await store.replay_dead(RecordFilter(reason="http_400")) == 1
-        await store.release([o2.id], fence={o2.id: o2.attempts})
-        assert {j.message_id: j.delivered_outputs for j in await store.lease("moe", 10, 30)} == {
-            "o1": b"D" * 8,
-            "o2": b"",
-        }
+        await check_outputs_survive(store)
     finally:
         await store.close()
