@@ -172,9 +172,14 @@ class SqliteStore(Store):
             self._server_lock.acquire()  # before anything touches the file
         try:
             await self._open_writer()
-        except BaseException:
+        except BaseException as exc:
             if self._server_lock is not None:
                 self._server_lock.release()
+            if isinstance(exc, StoreError) and self.path not in str(exc):
+                # SQLite's reasons ("file is not a database", "attempt to write a readonly
+                # database", a newer schema) do not say which file: name the one store.url
+                # led to, as `bridge serve` prints only this line before it exits.
+                raise StoreError(f"{self.path}: {exc}") from exc
             raise
 
     def _missing(self) -> str:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -866,6 +867,45 @@ async def test_an_unopenable_path_gives_a_store_error(tmp_path: Path) -> None:
     (tmp_path / "adir.db").mkdir()
     with pytest.raises(StoreError, match="cannot open"):
         await opened(tmp_path / "adir.db")
+
+
+def _not_sqlite(db: Path) -> None:
+    db.write_bytes(b"not a database, someone else's file " * 200)
+
+
+def _damaged(db: Path) -> None:
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE t (x)")
+    conn.executemany("INSERT INTO t VALUES (?)", [("x" * 1000,)] * 50)
+    conn.commit()
+    conn.close()
+    data = db.read_bytes()
+    db.write_bytes(data[:100] + b"\xff" * 4000 + data[4100:])  # header kept, schema page overwritten
+
+
+def _newer(db: Path) -> None:
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA journal_mode = WAL")  # as a newer bridge leaves its file
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION + 1,))
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    "make", [_not_sqlite, _damaged, _newer, Path.mkdir], ids=["not_sqlite", "damaged", "newer_schema", "a_directory"]
+)
+async def test_a_file_that_cannot_be_the_store_is_named_when_refused(tmp_path: Path, make: Any) -> None:
+    db = tmp_path / "store" / "b.db"
+    db.parent.mkdir()
+    make(db)
+    before = db.read_bytes() if db.is_file() else None
+    with pytest.raises(StoreError) as refused:
+        await opened(db)
+    # `bridge serve` prints this one line and exits: it must say which file it means.
+    assert str(db) in str(refused.value), refused.value
+    if make in (_not_sqlite, _damaged):  # what is there may be someone's data: never written over
+        assert db.read_bytes() == before
 
 
 async def test_a_read_sees_one_snapshot_while_the_writer_commits(tmp_path: Path) -> None:
