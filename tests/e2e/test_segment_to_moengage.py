@@ -726,3 +726,40 @@ async def test_a_webhook_event_with_a_non_string_type_is_a_400(bridge):
         "/segment/webhook", None, {**h, "X-Signature": _sign(orjson.dumps(items[0]))}, raw=raw
     )
     assert (status, data["code"]) == (400, "invalid_type")
+
+
+async def test_events_too_large_for_bulk_import_go_alone_and_those_too_large_for_moengage_wait_in_the_dlq(make_bridge):
+    """With server.max_event_bytes raised past MoEngage's caps: an event over Bulk Import's
+    100 KB goes alone to Create Event (128 KB), where Bulk Import would refuse it (413)
+    every time; one over 128 KB is dead-lettered as too large, without a request, and a
+    burst of those is the events' fault, not a bad deploy: the guard does not pause."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["server"]["max_event_bytes"] = 400_000
+        raw["server"]["max_request_bytes"] = 4_000_000
+
+    bridge = await make_bridge(tweak)
+    h = basic(WRITE_KEY)
+    large = track_body(type="track", userId="u-large", event="Large", properties={"blob": "x" * 110_000})
+    too_large = [
+        track_body(type="track", userId=f"u-huge-{i}", event="Huge", properties={"blob": "x" * 140_000})
+        for i in range(20)
+    ]
+    small = [track_body(type="track", userId=f"u-small-{i}", event="Small") for i in range(5)]
+    status, data = await bridge.post("/v1/batch", {"batch": [large, *too_large, *small]}, h)
+    assert status == 200, data
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 6, timeout=10)
+    assert sorted(e["actions"][0]["action"] for e in bridge.moengage.events()) == ["Large"] + ["Small"] * 5
+    alone = [r for r in bridge.moengage.requests if "/v1/event/" in r.path]
+    assert len(alone) == 1 and alone[0].body["customer_id"] == "u-large"
+
+    async def all_dead() -> bool:
+        _, body = await bridge.get("/admin/dlq?reason=event_too_large&limit=100", ADMIN)
+        return len(body["dead_letters"]) == 20
+
+    await wait_until(all_dead, what="the events too large for MoEngage in the DLQ")
+    _, body = await bridge.get("/admin/dlq?limit=100", ADMIN)
+    assert {d["reason"] for d in body["dead_letters"]} == {"event_too_large"}
+    assert [s for s in bridge.moengage.seen if s.status != 200] == []  # no 413, nothing refused
+    _, status_body = await bridge.get("/admin/status", ADMIN)
+    assert not next(d for d in status_body["destinations"] if d["name"] == "moengage-main")["paused"]

@@ -104,9 +104,20 @@ class MoEngageDestination(Destination):
     def url(self, endpoint: str) -> str:
         return self._urls[endpoint]
 
+    # An item too large for any request MoEngage takes is the event's fault, not a deploy's:
+    # dead-lettered alone, never counted by the bad-deploy guard (worker._map).
+    DATA_REJECTIONS = frozenset({"event_too_large"})
+
     def reject_reason(self, item: Item) -> str | None:
-        if item.output.kind not in OUTPUT_KINDS:
+        kind = item.output.kind
+        if kind not in OUTPUT_KINDS:
             return "unsupported_output_kind"
+        # Alone in its request, over the endpoint's cap it would get a 413 every time. A
+        # Track User or Create Event item too large for Bulk Import goes alone to its own
+        # endpoint instead (pack), so only the single endpoints' 128 KB refuses it.
+        alone = item.size + _MERGE_ENVELOPE if kind == MERGE else item.size
+        if alone > SINGLE_MAX_BYTES:
+            return "event_too_large"
         return None
 
     def _endpoint(self, item: Item) -> str:
@@ -124,6 +135,10 @@ class MoEngageDestination(Destination):
         groups: list[tuple[str, list[Item]]] = []
         for item in items:
             endpoint = self._endpoint(item)
+            if endpoint == BULK and item.size + _BULK_ENVELOPE > BULK_MAX_BYTES:
+                # Bulk Import would refuse it (413) even alone: its own endpoint takes up to
+                # 128 KB, in its place among the user's other items.
+                endpoint = item.output.kind
             if endpoint in (BULK, MERGE) and groups and groups[-1][0] == endpoint:
                 groups[-1][1].append(item)
             else:
