@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from bridge.config.loader import Reader, read_yaml
 from bridge.destinations.base import ConfigError, Destination, destination_kinds
-from bridge.destinations.http import check_url
+from bridge.destinations.http import as_url, check_url
 from bridge.destinations.moengage.datacenters import REGIONS as DATA_CENTER_REGIONS
 from bridge.destinations.moengage.datacenters import normalise_data_center
 from bridge.destinations.segment import SegmentDestination
@@ -241,7 +241,7 @@ def _region_host(value: Any, where: str) -> str:
         )
     text = value.strip()
     # A bare host is checked as the URL a client would make of it.
-    problem = check_url(_as_url(text))
+    problem = check_url(as_url(text))
     if problem is None and any(c.isspace() for c in text):
         problem = "contains whitespace"
     if problem is None:
@@ -254,13 +254,9 @@ def _region_host(value: Any, where: str) -> str:
     return text
 
 
-def _as_url(host_or_url: str) -> str:
-    return host_or_url if "://" in host_or_url else f"https://{host_or_url}"
-
-
 def _place(host_or_url: str) -> tuple[str, int | None, str]:
     """Host, port and path of a region host: two values with the same place are one host."""
-    parts = urlsplit(_as_url(host_or_url))
+    parts = urlsplit(as_url(host_or_url))
     return (parts.hostname or "").rstrip("."), parts.port, parts.path.rstrip("/")
 
 

@@ -112,6 +112,12 @@ def parse_rate_limit_reset(value: str | None, *, now: float | None = None) -> fl
     return number
 
 
+def as_url(host_or_url: str) -> str:
+    """``host_or_url`` as a URL: a bare host[:port][/path], as a Segment client's host
+    setting is written, is read as https://host[:port][/path]."""
+    return host_or_url if "://" in host_or_url else f"https://{host_or_url}"
+
+
 def check_url(value: str) -> str | None:
     """Why ``value`` is not a usable http(s) base URL, or None when it is."""
     parts = urlsplit(value)

@@ -35,7 +35,7 @@ def _hostname(url: str) -> str:
     """The host ``url`` names, lower-cased and without a trailing dot ("" if none). A value
     without a scheme is read as a bare host, as a Segment client's host setting is written."""
     try:
-        host = urlsplit(url if "://" in url else f"//{url}").hostname
+        host = urlsplit(http.as_url(url)).hostname
     except ValueError:
         return ""
     return (host or "").rstrip(".")
