@@ -267,8 +267,14 @@ class Metrics:
     def render(self, accept: str | None = None) -> tuple[bytes, str]:
         """The exposition body and its content type for GET /metrics.
 
-        With an Accept header asking for OpenMetrics, that format is served instead."""
+        With an Accept header asking for OpenMetrics, that format is served instead. An
+        Accept whose version is not a number (``version=abc``) gets the default format:
+        prometheus_client's parser raises TypeError on it, a 500 for a header anyone may send."""
         if accept:
-            encoder, content_type = choose_encoder(accept)
-            return encoder(self.registry), content_type
+            try:
+                encoder, content_type = choose_encoder(accept)
+            except (TypeError, ValueError):
+                pass
+            else:
+                return encoder(self.registry), content_type
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -997,3 +997,21 @@ async def test_an_edit_made_while_the_store_opens_is_loaded_by_the_watcher(tmp_p
         )
     finally:
         await runtime.stop()
+
+
+@pytest.mark.parametrize(
+    "accept",
+    [
+        "application/openmetrics-text; version=abc",
+        "application/openmetrics-text;version=1.a.0",
+        "text/plain; version=x",
+    ],
+)
+async def test_metrics_with_an_accept_version_that_is_not_a_number_get_the_default_format(bridge, accept):
+    """Anyone may send the header (the endpoint is open to scrapers by default): content
+    negotiation falls back to the default format rather than failing with a 500."""
+    resp = await bridge.client.get("/metrics", headers={"Accept": accept})
+    text = await resp.text()
+    assert resp.status == 200, text
+    assert resp.headers["Content-Type"].startswith("text/plain; version=")
+    assert "bridge_http_requests_total" in text
