@@ -85,6 +85,9 @@ def run_fixture_file(mapping: CompiledMapping, path: Path) -> FixtureResult:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=MappingLoader)  # MappingLoader is a SafeLoader
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         return FixtureResult(str(path), mapping.name, False, f"cannot read fixture: {exc}")
+    except RecursionError:
+        # PyYAML composes nested collections recursively: thousands of levels overflow it.
+        return FixtureResult(str(path), mapping.name, False, "cannot read fixture: its YAML is nested too deeply")
     problem = _check_fixture(data)
     if problem:
         return FixtureResult(str(path), mapping.name, False, problem)
@@ -168,23 +171,26 @@ def _check_fixture(data: Any) -> str:
     for key in ("linked_id", "source"):
         if ctx.get(key) is not None and not isinstance(ctx[key], str):
             return f"'context.{key}' must be a string"
-    bad = _non_json(data)
-    if bad:
-        return f"{bad} is a YAML date/time; quote it so it stays a JSON string"
-    return ""
+    return _non_json(data)
 
 
-def _non_json(v: Any, path: str = "") -> str:
+def _non_json(v: Any, path: str = "", ancestors: frozenset[int] = frozenset()) -> str:
+    """What in a fixture is not JSON data, where: events and expectations are JSON, and
+    the runner would otherwise fail on it with a traceback (json.dumps of a !!binary, or
+    a recursion without end through an alias to an enclosing anchor)."""
+    where = path or "<root>"
     if isinstance(v, datetime | date):
-        return path or "<root>"
-    if isinstance(v, dict):
-        for k, x in v.items():
-            found = _non_json(x, f"{path}.{k}" if path else str(k))
+        return f"{where} is a YAML date/time; quote it so it stays a JSON string"
+    if isinstance(v, dict | list):
+        if id(v) in ancestors:
+            return f"{where} is an alias of a collection that contains it; JSON data cannot contain itself"
+        inner = ancestors | {id(v)}
+        items = v.items() if isinstance(v, dict) else enumerate(v)
+        for k, x in items:
+            found = _non_json(x, f"{path}[{k}]" if isinstance(v, list) else f"{path}.{k}" if path else str(k), inner)
             if found:
                 return found
-    if isinstance(v, list):
-        for i, x in enumerate(v):
-            found = _non_json(x, f"{path}[{i}]")
-            if found:
-                return found
-    return ""
+        return ""
+    if v is None or isinstance(v, str | int | float):  # bool is an int
+        return ""
+    return f"{where} is a YAML {type(v).__name__} (a tag such as !!binary, !!set or !!omap), not JSON data"

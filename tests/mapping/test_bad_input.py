@@ -140,6 +140,45 @@ def test_non_utf8_fixture_is_a_failure_not_a_crash(tmp_path: Path) -> None:
     assert not report.ok and "cannot read fixture" in report.failed[0].message
 
 
+@pytest.mark.parametrize(
+    ("fixture", "message"),
+    [
+        # An alias to an enclosing anchor: the JSON check recursed without end.
+        (
+            "input: &e {type: track, properties: {again: *e}}\nexpect: {discarded: x}\n",
+            "input.properties.again is an alias of a collection that contains it",
+        ),
+        (
+            "input: {type: track}\nexpect: &x {discarded: x, identity_link: [*x]}\n",
+            "expect.identity_link[0] is an alias of a collection that contains it",
+        ),
+        # YAML types JSON has no counterpart for: json.dumps raised TypeError on bytes.
+        (
+            "input: {type: track, properties: {b: !!binary aGVsbG8=}}\nexpect: {discarded: x}\n",
+            "input.properties.b is a YAML bytes",
+        ),
+        ("input: {type: track, properties: !!set {a}}\nexpect: {discarded: x}\n", "input.properties is a YAML set"),
+        # Thousands of levels: PyYAML's composer overflowed the stack.
+        (
+            "input: {type: track, n: " + "[" * 3000 + "]" * 3000 + "}\nexpect: {discarded: x}\n",
+            "cannot read fixture: its YAML is nested too deeply",
+        ),
+    ],
+    ids=["input-alias-cycle", "expect-alias-cycle", "binary", "set", "deep"],
+)
+def test_a_fixture_that_is_not_json_data_is_a_failure_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fixture: str, message: str
+) -> None:
+    from bridge.cli import main
+
+    d = _fixture_dir(tmp_path)
+    write(d / "tests" / "t" / "a.yaml", fixture)
+    assert main(["mappings", "test", "--mappings-dir", str(d)]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL {d / 'tests' / 't' / 'a.yaml'}" in out and message in out, out
+    assert "0 passed, 1 failed" in out
+
+
 # -- a lookup file that is not UTF-8 is silently accepted ------------------------------
 
 
