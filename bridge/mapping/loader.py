@@ -95,7 +95,9 @@ def load_mapping_dir(path: str | Path) -> dict[str, CompiledMapping]:
 
 def compile_mapping_dir(directory: Path) -> tuple[dict[str, CompiledMapping], list[Diagnostic]]:
     if not directory.is_dir():
-        return {}, [Diagnostic(str(directory), 1, 1, "<root>", "mappings directory does not exist")]
+        # A mapping file given where its directory belongs exists: say what is wrong with it.
+        problem = "is not a directory" if directory.exists() else "does not exist"
+        return {}, [Diagnostic(str(directory), 1, 1, "<root>", f"mappings directory {problem}")]
     mappings: dict[str, CompiledMapping] = {}
     diagnostics: list[Diagnostic] = []
     seen: dict[str, Path] = {}

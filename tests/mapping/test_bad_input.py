@@ -179,6 +179,22 @@ def test_a_fixture_that_is_not_json_data_is_a_failure_not_a_traceback(
     assert "0 passed, 1 failed" in out
 
 
+@pytest.mark.parametrize("command", [["mappings", "test"], ["translate", "--mapping", "t"]])
+def test_a_mappings_dir_that_is_a_file_is_named_as_such_not_as_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    from bridge.cli import main
+
+    file = write(tmp_path / "fx" / "t.yaml", SEG_TRACK)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("{}"))
+    assert main([*command, "--mappings-dir", str(file)]) == 1
+    printed = capsys.readouterr()
+    assert f"{file}:1:1: <root>: mappings directory is not a directory" in printed.out + printed.err
+    assert main([*command, "--mappings-dir", str(tmp_path / "gone")]) == 1
+    printed = capsys.readouterr()
+    assert f"{tmp_path / 'gone'}:1:1: <root>: mappings directory does not exist" in printed.out + printed.err
+
+
 # -- a lookup file that is not UTF-8 is silently accepted ------------------------------
 
 
