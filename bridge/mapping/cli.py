@@ -137,7 +137,8 @@ def cmd_translate(
         options = dict(_option(o) for o in getattr(args, "option", None) or [])
         # bytes from the real stdin: input that is not UTF-8 is then invalid JSON, not a crash
         source: Any = stdin if stdin is not None else getattr(sys.stdin, "buffer", sys.stdin)
-        text = source.read()
+        # Python sets sys.stdin to None when the process starts with it closed (<&-).
+        text = source.read() if source is not None else ""
         events = parse_events(text)
     except InputError as exc:
         print(f"error: {exc}", file=err)

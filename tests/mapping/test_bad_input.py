@@ -195,6 +195,17 @@ def test_a_mappings_dir_that_is_a_file_is_named_as_such_not_as_missing(
     assert f"{tmp_path / 'gone'}:1:1: <root>: mappings directory does not exist" in printed.out + printed.err
 
 
+def test_translate_with_stdin_closed_says_there_is_no_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bridge.cli import main
+
+    d = _fixture_dir(tmp_path)
+    monkeypatch.setattr(sys, "stdin", None)  # as Python starts with fd 0 closed (`bridge translate <&-`)
+    assert main(["translate", "--mapping", "t", "--mappings-dir", str(d)]) == 1
+    assert capsys.readouterr().err.startswith("error: no input: expected a JSON event")
+
+
 # -- a lookup file that is not UTF-8 is silently accepted ------------------------------
 
 
