@@ -1015,3 +1015,25 @@ async def test_metrics_with_an_accept_version_that_is_not_a_number_get_the_defau
     assert resp.status == 200, text
     assert resp.headers["Content-Type"].startswith("text/plain; version=")
     assert "bridge_http_requests_total" in text
+
+
+async def test_requests_no_route_takes_are_counted_under_the_labels_the_readme_names(bridge):
+    """Bounded labels, and documented ones: alerts are written against these values."""
+    for method, path, headers in [
+        ("GET", "/no/such/path", {}),
+        ("PUT", "/v1/track", {}),
+        ("GET", "/admin/no-such-path", {}),  # refused for the token first: a 401
+        ("DELETE", "/admin/dlq", ADMIN),
+    ]:
+        async with bridge.client.request(method, path, headers=headers) as resp:
+            assert 400 <= resp.status < 500
+    _, text = await bridge.get("/metrics")
+    assert metric(text, "bridge_http_requests_total", route="unmatched", status="404") == 1
+    assert metric(text, "bridge_http_requests_total", route="unmatched", status="405") == 1
+    assert metric(text, "bridge_http_requests_total", route="/admin/{rest}", status="401") == 1
+    assert metric(text, "bridge_http_requests_total", route="/admin/{rest}", status="405") == 1
+    for doc in ("README.md", "docs/operations.md"):
+        row = next(
+            line for line in (REPO / doc).read_text().splitlines() if line.startswith("| `bridge_http_requests_total`")
+        )
+        assert "`unmatched`" in row and "`/admin/{rest}`" in row, (doc, row)
