@@ -136,7 +136,7 @@ class Metrics:
         )
         self.events_rejected = Counter(
             "bridge_events_rejected",
-            "Events refused at ingest by validation or auth, by source and error code.",
+            "Events refused at ingest by validation, by source and error code (not requests refused whole).",
             ["source", "code"],
             registry=r,
         )

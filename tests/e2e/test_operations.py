@@ -1037,3 +1037,14 @@ async def test_requests_no_route_takes_are_counted_under_the_labels_the_readme_n
             line for line in (REPO / doc).read_text().splitlines() if line.startswith("| `bridge_http_requests_total`")
         )
         assert "`unmatched`" in row and "`/admin/{rest}`" in row, (doc, row)
+
+
+async def test_a_request_refused_for_its_key_is_not_an_event_rejected_as_the_metric_says(bridge):
+    """README: requests refused as a whole (a bad key among them) are not counted in
+    bridge_events_rejected_total; the metric's own HELP line said "validation or auth"."""
+    status, _ = await bridge.post("/v1/track", {"type": "track", "userId": "u-1", "event": "E"}, basic("wrong-key"))
+    assert status == 401
+    _, text = await bridge.get("/metrics")
+    family = next(f for f in text_string_to_metric_families(text) if f.name == "bridge_events_rejected")
+    assert not family.samples
+    assert "auth" not in family.documentation, family.documentation
