@@ -62,13 +62,13 @@ def _dir(args: argparse.Namespace) -> Path:
 
 
 def _configured_dir(config_path: str) -> str:
-    """mappings.dir of a config file; only that key is read, so no secrets are needed."""
-    from bridge.config.loader import read_yaml
+    """mappings.dir of a config file; only that key is read, so no secrets are needed.
+    Read as `bridge serve` and `bridge check` read it: a list there is the same config
+    error, not a directory named "[...]"."""
+    from bridge.config.loader import Reader, read_yaml
 
     data, _ = read_yaml(config_path)
-    mappings = data.get("mappings") or {}
-    value = mappings.get("dir") if isinstance(mappings, dict) else None
-    return str(value) if value else DEFAULT_DIR
+    return Reader(data, "").sub("mappings").str("dir", DEFAULT_DIR)
 
 
 def cmd_check(args: argparse.Namespace, out: TextIO | None = None) -> int:

@@ -206,6 +206,31 @@ def test_translate_with_stdin_closed_says_there_is_no_input(
     assert capsys.readouterr().err.startswith("error: no input: expected a JSON event")
 
 
+@pytest.mark.parametrize(
+    ("mappings", "error"),
+    [
+        ("{dir: [a, b]}", "config error: mappings.dir: expected a string, got a list"),
+        ("[a]", "config error: mappings: expected a mapping, got a list"),  # was: ./mappings, silently
+    ],
+)
+@pytest.mark.parametrize("command", [["mappings", "test"], ["mappings", "check"], ["translate", "--mapping", "t"]])
+def test_a_config_mappings_dir_that_is_not_a_string_is_the_config_error_bridge_check_gives(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: list[str],
+    mappings: str,
+    error: str,
+) -> None:
+    from bridge.cli import main
+
+    config = write(tmp_path / "c.yaml", f"mappings: {mappings}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("{}"))
+    assert main([*command, "--config", str(config)]) == 2
+    assert capsys.readouterr().err == error + "\n"
+
+
 # -- a lookup file that is not UTF-8 is silently accepted ------------------------------
 
 
