@@ -293,6 +293,9 @@ def _store(r: Reader) -> StoreConfig:
     max_bytes = r.raw("max_bytes")
     if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int)):
         raise ConfigError(f"{r.at('max_bytes')}: expected an integer number of bytes")
+    if max_bytes is not None and max_bytes < 1:
+        # The store refuses it when the server opens it: say so here, so `bridge check` does too.
+        raise ConfigError(f"{r.at('max_bytes')}: must be at least 1 (leave it out for no limit), got {max_bytes}")
     cfg = StoreConfig(
         url=r.str("url", "sqlite:///var/bridge.db"),
         max_bytes=max_bytes,
@@ -429,6 +432,12 @@ def _guard(r: Reader) -> GuardConfig:
     )
     if cfg.threshold > 1:
         raise ConfigError(f"{r.at('threshold')}: must be a ratio between 0 and 1")
+    if cfg.min_events > cfg.window:
+        # The guard looks at the last `window` outcomes only: it could never see min_events.
+        raise ConfigError(
+            f"{r.at('min_events')}: must be at most guard.window ({cfg.min_events} > {cfg.window}); "
+            "the guard judges the last `window` deliveries, so it would never trip"
+        )
     r.done()
     return cfg
 

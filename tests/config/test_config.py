@@ -250,3 +250,21 @@ def test_segment_destinations_also_retry_410_and_460_as_segments_clients_do(tmp_
     by_kind = {d.kind: d.retry.retryable_statuses for d in cfg.destinations}
     assert {410, 460} <= by_kind["segment"] and not {410, 460} & by_kind["moengage"]
     assert {408, 429, 500, 503} <= by_kind["segment"] & by_kind["moengage"]
+
+
+@pytest.mark.parametrize("value", [0, -5])
+def test_a_store_size_limit_below_one_byte_is_refused_by_check(raw: dict[str, Any], value: int) -> None:
+    # The store refused it only when `bridge serve` opened it, naming store.url; `bridge check`
+    # said ok.
+    raw["store"]["max_bytes"] = value
+    assert error_of(raw) == f"store.max_bytes: must be at least 1 (leave it out for no limit), got {value}"
+    raw["store"]["max_bytes"] = 1
+    assert build_config(raw).store.max_bytes == 1
+
+
+def test_a_guard_needing_more_outcomes_than_its_window_is_refused(raw: dict[str, Any]) -> None:
+    # The window holds at most `window` outcomes: with min_events above it the guard never trips.
+    raw["destinations"][0]["guard"] = {"window": 200, "min_events": 300}
+    assert error_of(raw).startswith("destinations[0].guard.min_events: must be at most guard.window (300 > 200)")
+    raw["destinations"][0]["guard"] = {"window": 50, "min_events": 50}
+    assert build_config(raw).destinations[0].guard.min_events == 50
