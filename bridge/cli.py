@@ -277,11 +277,12 @@ def cmd_destinations(args: argparse.Namespace) -> int:
 
     async def go(store: Store) -> int:
         states = await store.get_destination_states()
+        stats = await store.queue_stats()
+        # Configured destinations first, in file order, then any the store still holds
+        # work for (e.g. one removed from the config with events queued, or every one when
+        # the config names the store alone).
+        names = configured + sorted((set(states) | set(stats)) - set(configured))
         if args.action == "list":
-            stats = await store.queue_stats()
-            # Configured destinations first, in file order, then any the store still holds
-            # work for (e.g. one removed from the config with events queued).
-            names = configured + sorted((set(states) | set(stats)) - set(configured))
             for n in names:
                 st, qs = states.get(n), stats.get(n)
                 sys.stdout.write(
@@ -289,11 +290,13 @@ def cmd_destinations(args: argparse.Namespace) -> int:
                     f"queued {qs.depth if qs else 0}, dead letters {qs.dead if qs else 0}\n"
                 )
             return 0
-        if args.name not in configured and args.name not in states:
-            hint = did_you_mean(args.name, configured)
+        if args.name not in names:  # a name `list` shows may be paused and resumed
+            hint = did_you_mean(args.name, names)
             sys.stderr.write(
                 f"bridge destinations {args.action}: unknown destination {args.name!r}{hint}; "
-                f"configured: {', '.join(configured) or 'none'}\n"
+                f"configured: {', '.join(configured) or 'none'}"
+                + (f"; in the store: {', '.join(names[len(configured) :])}" if names != configured else "")
+                + "\n"
             )
             return 2
         paused = args.action == "pause"

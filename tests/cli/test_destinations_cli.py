@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
 from bridge.cli import main as cli_main
+from bridge.store.sqlite import SqliteStore
 from tests.cli.helpers import serve_store
+from tests.store.helpers import event
 
 
 @pytest.fixture
@@ -49,3 +52,29 @@ def test_pause_and_resume(ops_config: str, capsys) -> None:
     assert cli_main(["destinations", "resume", "segment-prod", "--config", ops_config]) == 0
     assert cli_main(["destinations", "list", "--config", ops_config]) == 0
     assert "PAUSED" not in capsys.readouterr().out
+
+
+def test_a_config_of_the_store_alone_pauses_what_list_shows(tmp_path: Path, capsys) -> None:
+    # The store commands need only the store section: an operator without the secrets
+    # must be able to pause a destination the store holds work for, not only one paused before.
+    async def queue_two() -> None:
+        store = SqliteStore(str(tmp_path / "bridge.db"), min_free_disk_bytes=0)
+        await store.open()
+        try:
+            await store.enqueue("web", [event(f"m{i}", f"u{i}", ("moengage-main",)) for i in range(2)])
+        finally:
+            await store.close()
+
+    asyncio.run(queue_two())
+    ops = tmp_path / "ops.yaml"
+    ops.write_text(f'store: {{url: "sqlite:///{tmp_path / "bridge.db"}"}}\n')
+    assert cli_main(["destinations", "list", "--config", str(ops)]) == 0
+    assert capsys.readouterr().out == "moengage-main: active, queued 2, dead letters 0\n"
+    assert cli_main(["destinations", "pause", "moengage-main", "--config", str(ops)]) == 0
+    assert cli_main(["destinations", "list", "--config", str(ops)]) == 0
+    assert "moengage-main: PAUSED (paused from the CLI), queued 2" in capsys.readouterr().out
+    assert cli_main(["destinations", "resume", "moengage-main", "--config", str(ops)]) == 0
+    assert cli_main(["destinations", "pause", "moengage-mian", "--config", str(ops)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown destination 'moengage-mian' (did you mean 'moengage-main'?)" in err
+    assert err.endswith("configured: none; in the store: moengage-main\n")
