@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bisect
 import builtins
+import datetime
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -51,7 +52,8 @@ class Reader:
                 return ""
             return default
         if isinstance(value, bool) or not isinstance(value, str | int | float):
-            _fail(self.at(key), f"expected a string, got {_type_name(value)}")
+            hint = " (quote it to make it a string)" if isinstance(value, datetime.date) else ""
+            _fail(self.at(key), f"expected a string, got {_type_name(value)}{hint}")
         return str(value)
 
     def choice(
@@ -134,9 +136,10 @@ class Reader:
 def _type_name(value: Any) -> str:
     if value is None:
         return "nothing"
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(
-        type(value), type(value).__name__
-    )
+    if isinstance(value, datetime.date):  # an unquoted 2024-01-01 is a YAML date
+        return "a date"
+    names = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer"}
+    return names.get(type(value), "a fractional number" if isinstance(value, float) else type(value).__name__)
 
 
 def _empty_env_hint(value: Any) -> str:

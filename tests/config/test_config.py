@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import os
 import re
 from pathlib import Path
@@ -268,3 +269,30 @@ def test_a_guard_needing_more_outcomes_than_its_window_is_refused(raw: dict[str,
     assert error_of(raw).startswith("destinations[0].guard.min_events: must be at most guard.window (300 > 200)")
     raw["destinations"][0]["guard"] = {"window": 50, "min_events": 50}
     assert build_config(raw).destinations[0].guard.min_events == 50
+
+
+@pytest.mark.parametrize(
+    ("place", "value", "message"),
+    [
+        (("server", "port"), 80.5, "server.port: expected an integer, got a fractional number"),
+        (
+            ("sources", 0, "allow_cross_region"),
+            1,
+            "sources[0].allow_cross_region: expected true or false, got an integer",
+        ),
+        (
+            ("sources", 0, "write_key"),
+            datetime.date(2024, 1, 1),  # what YAML makes of an unquoted 2024-01-01
+            "sources[0].write_key: expected a string, got a date (quote it to make it a string)",
+        ),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_named_in_words(
+    raw: dict[str, Any], place: tuple[str | int, ...], value: object, message: str
+) -> None:
+    # Was Python's type name: "expected an integer, got float", "expected true or false, got int".
+    parent: Any = raw
+    for key in place[:-1]:
+        parent = parent[key]
+    parent[place[-1]] = value
+    assert error_of(raw) == message
