@@ -26,7 +26,8 @@ def required_str(cfg: Mapping[str, Any], key: str, where: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"{where}.{key}: must be a string, got {type(value).__name__}")
     if not value.strip():
-        raise ConfigError(f"{where}.{key}: must not be empty")
+        # Most often a secret whose ${VAR} is unset: say so, as the sources' keys do.
+        raise ConfigError(f"{where}.{key}: must not be empty (is its environment variable set?)")
     return value
 
 

@@ -296,3 +296,16 @@ def test_a_value_of_the_wrong_type_is_named_in_words(
         parent = parent[key]
     parent[place[-1]] = value
     assert error_of(raw) == message
+
+
+def test_a_destination_secret_left_empty_by_an_unset_variable_says_so(tmp_path: Path) -> None:
+    # As a source's write_key does: the usual cause is a variable missing from the environment.
+    path = tmp_path / "b.yaml"
+    path.write_text(
+        "destinations:\n"
+        "  - {name: moe, kind: moengage, workspace_id: '${MOENGAGE_WORKSPACE_ID}', api_key: k,\n"
+        '     data_center: "01", mapping: segment-to-moengage}\n'
+    )
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, {})
+    assert str(exc.value) == "destinations[0].workspace_id: must not be empty (is its environment variable set?)"
