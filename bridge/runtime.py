@@ -26,6 +26,7 @@ from bridge.observability.redaction import register_secret
 from bridge.sources.base import IngestMetrics, Ingestor
 from bridge.store import open_store
 from bridge.store.base import Store
+from bridge.suggest import did_you_mean
 
 log = structlog.get_logger("bridge")
 
@@ -51,12 +52,24 @@ def check_mappings(config: Config, mappings: Mapping[str, CompiledMapping]) -> l
                 f"destinations[{i}].mapping: {d.mapping!r} produces {m.destination_kind} requests, "
                 f"but destination {d.name!r} is {d.kind}"
             )
+        problems += _unread_options(i, d.mapping, d.mapping_options, m.option_names())
         for fmt in sorted(formats.get(d.name, set()) - {m.source_format}):
             problems.append(
                 f"destinations[{i}].mapping: {d.mapping!r} reads {m.source_format} events, "
                 f"but a {fmt} source routes to {d.name!r}"
             )
     return problems
+
+
+def _unread_options(i: int, mapping: str, options: Mapping[str, object], read: frozenset[str] | None) -> list[str]:
+    """Unknown keys are errors: a misspelt mapping option would silently not apply."""
+    if read is None:  # the mapping reads $options whole: any key may be used
+        return []
+    return [
+        f"destinations[{i}].mapping_options.{key}: mapping {mapping!r} never reads $options.{key}"
+        + (did_you_mean(key, read) or f" (it reads: {', '.join(sorted(read)) or 'no options'})")
+        for key in sorted({str(k) for k in options} - read)
+    ]
 
 
 @dataclass(frozen=True, slots=True)

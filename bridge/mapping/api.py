@@ -121,6 +121,11 @@ class CompiledMapping(ABC):
         one; True when any event might."""
         return True
 
+    def option_names(self) -> frozenset[str] | None:
+        """The names this mapping reads as ``$options.NAME`` (a destination's
+        ``mapping_options`` key it never reads is a typo), or None when it may read any."""
+        return None
+
     @abstractmethod
     def integration_names(self) -> tuple[str, ...]:
         """Names under which the Segment ``integrations`` object addresses this

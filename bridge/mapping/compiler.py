@@ -69,6 +69,7 @@ class YamlMapping(CompiledMapping):
         drops: list[tuple[Cond, str, Fn | None]],
         rules: list[_Rule],
         files: tuple[str, ...],
+        option_names: frozenset[str] | None = None,
     ) -> None:
         self.name = name
         self.version = version
@@ -76,6 +77,7 @@ class YamlMapping(CompiledMapping):
         self.source_format = source_format
         self.destination_kind = destination_kind
         self.files = files
+        self._option_names = option_names
         self._integrations = integrations
         self._identity_key = identity_key
         self._identity_link = identity_link
@@ -87,6 +89,9 @@ class YamlMapping(CompiledMapping):
 
     def integration_names(self) -> tuple[str, ...]:
         return self._integrations
+
+    def option_names(self) -> frozenset[str] | None:
+        return self._option_names
 
     def link_filter(self) -> LinkFilter:
         if self._identity_link is None:
@@ -312,6 +317,7 @@ class FileCompiler:
             drops=drops,
             rules=rules,
             files=tuple(self.lookup_files),
+            option_names=None if self.expr.options_read is None else frozenset(self.expr.options_read),
         )
 
     def _enum(self, node: YNode | None, key: str, choices: tuple[str, ...]) -> str | None:

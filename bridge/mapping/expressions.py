@@ -133,6 +133,8 @@ class ExprCompiler:
         self.scope = scope
         self.recorders: list[set[tuple[Segment, ...]]] = []
         self.in_each = 0
+        # The NAMEs read as $options.NAME; None once the whole $options object is read.
+        self.options_read: set[str] | None = set()
 
     # --- paths ---------------------------------------------------------------
 
@@ -199,6 +201,11 @@ class ExprCompiler:
         if p.root == "$link":
             return emits(lambda env: walk(env.link, segs), _walk_emitter("env.link", segs))
         if p.root == "$options":
+            if segs and isinstance(segs[0], str):
+                if self.options_read is not None:
+                    self.options_read.add(segs[0])
+            else:
+                self.options_read = None
             return emits(lambda env: walk(env.options, segs), _walk_emitter("env.options", segs))
         if p.root == "$source":
             return emits(lambda env: walk(env.source, segs), _walk_emitter("env.source", segs))

@@ -309,3 +309,28 @@ def test_a_destination_secret_left_empty_by_an_unset_variable_says_so(tmp_path: 
     with pytest.raises(ConfigError) as exc:
         load_config(path, {})
     assert str(exc.value) == "destinations[0].workspace_id: must not be empty (is its environment variable set?)"
+
+
+def test_a_mapping_option_the_mapping_never_reads_is_refused(raw: dict[str, Any], tmp_path: Path) -> None:
+    # `anonymus_ids: true` was accepted and did nothing: anonymous calls went on being discarded.
+    from bridge.mapping import load_mapping_dir
+    from bridge.runtime import check_mappings
+
+    shipped = load_mapping_dir(raw["mappings"]["dir"])
+    raw["destinations"][0]["mapping_options"] = {"anonymous_ids": True}
+    assert check_mappings(build_config(raw), shipped) == []
+    raw["destinations"][0]["mapping_options"] = {"anonymus_ids": True}
+    assert check_mappings(build_config(raw), shipped) == [
+        "destinations[0].mapping_options.anonymus_ids: mapping 'segment-to-moengage' never reads "
+        "$options.anonymus_ids (did you mean 'anonymous_ids'?)"
+    ]
+    # A mapping that reads $options whole may use any key.
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    (maps / "segment-to-moengage.yaml").write_text(
+        "source_format: segment\ndestination_kind: moengage\n"
+        "rules:\n  - {name: all, kind: customer, body: {customer_id: $.userId, attributes: $options}}\n"
+    )
+    mapping = load_mapping_dir(maps)["segment-to-moengage"]
+    assert mapping.option_names() is None
+    assert check_mappings(build_config(raw), {**shipped, "segment-to-moengage": mapping}) == []
