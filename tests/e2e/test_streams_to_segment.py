@@ -158,6 +158,20 @@ async def test_single_event_variant_and_time_formats(bridge):
         assert datetime.fromisoformat(e["timestamp"]).replace(microsecond=0) == datetime.fromtimestamp(1580967474, UTC)
 
 
+async def test_a_single_event_beside_a_null_events_array_is_taken(bridge):
+    """A sender that writes every field of its payload class sends one event as
+    {"events": null, "event": {...}}: a 400 there (MoEngage retries it, then drops it)
+    lost the event, while {"events": [...], "event": null} was read."""
+    one = dict(seed_payload()["events"][1], event_uuid="beside-null-events")
+    body = {"app_name": "App", "export_doc_id": "doc-n", "events": None, "event": one}
+    status, data = await bridge.post(PATH, body, AUTH)
+    assert (status, data) == (200, {"success": True}), data
+    await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 1)
+    assert bridge.segment.events()[0]["messageId"] == "beside-null-events"
+    status, data = await bridge.post(PATH, {"app_name": "App", "events": None}, AUTH)
+    assert (status, data["code"]) == (400, "invalid_payload"), data
+
+
 async def test_event_codes_without_names_are_named(bridge):
     named = {
         "MOE_EMAIL_SENT": "Email Sent",
