@@ -426,6 +426,27 @@ def test_cross_region_routes_are_refused_by_check(tmp_path: Path, capsys: pytest
         build_config(unknown)
 
 
+@pytest.mark.parametrize("value", [SEGMENT_OUT_KEY + "\n", SEGMENT_OUT_KEY + " ", " " + SEGMENT_OUT_KEY])
+def test_a_destination_write_key_with_whitespace_is_refused_by_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, value: str
+):
+    """A secret file's line break, inside the quoted "${SEGMENT_WRITE_KEY}", became a
+    trailing space in the key: Segment answers 200 to a key it does not know and drops
+    every event, so nothing anywhere said that no Streams event was arriving."""
+    raw = config_dict(tmp_path, "http://127.0.0.1:1", "http://127.0.0.1:2")
+    raw["destinations"][2]["write_key"] = "${SEGMENT_WRITE_KEY}"
+    path = tmp_path / "bridge.yaml"
+    path.write_text(yaml.safe_dump(raw).replace("${SEGMENT_WRITE_KEY}", '"${SEGMENT_WRITE_KEY}"'))
+    monkeypatch.setenv("SEGMENT_WRITE_KEY", SEGMENT_OUT_KEY)
+    assert cli_main(["check", "--config", str(path)]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("SEGMENT_WRITE_KEY", value)
+    assert cli_main(["check", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "destinations[2].write_key: starts or ends with whitespace" in err, err
+    assert SEGMENT_OUT_KEY not in err
+
+
 async def test_relayed_events_do_not_loop_back_to_moengage(bridge):
     assert (await bridge.post(PATH, seed_payload(), AUTH))[0] == 200
     await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 3)
