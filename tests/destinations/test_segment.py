@@ -69,6 +69,19 @@ def test_base_url_overrides_the_host():
     assert build(base_url="http://127.0.0.1:9000/").host == "http://127.0.0.1:9000"
 
 
+@pytest.mark.parametrize(
+    ("region", "base_url"),
+    [("eu", "https://events.eu1.segmentapis.com/v1"), ("us", "https://api.segment.io/v1/batch")],
+)
+def test_a_path_on_segments_own_host_is_refused(region, base_url):
+    """Segment's docs give the HTTP API's host with /v1: as a base_url, every batch went
+    to /v1/v1/batch. A proxy's path is the operator's own."""
+    with pytest.raises(ConfigError, match=r"^destinations\[1\]\.base_url: .* without a path"):
+        build(region=region, base_url=base_url)
+    assert build(region=region, base_url=base_url.split("/v1")[0] + "/").host == base_url.split("/v1")[0]
+    assert build(region=region, base_url="http://127.0.0.1:9000/segment").host == "http://127.0.0.1:9000/segment"
+
+
 @pytest.mark.parametrize("region", ["ap", "US", "eu1", "", 1])
 def test_other_regions_are_config_errors(region):
     with pytest.raises(ConfigError, match=r'^destinations\[1\]\.region: must be "us" or "eu"'):

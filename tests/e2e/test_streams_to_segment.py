@@ -158,6 +158,20 @@ async def test_single_event_variant_and_time_formats(bridge):
         assert datetime.fromisoformat(e["timestamp"]).replace(microsecond=0) == datetime.fromtimestamp(1580967474, UTC)
 
 
+async def test_a_single_event_beside_a_null_events_array_is_taken(bridge):
+    """A sender that writes every field of its payload class sends one event as
+    {"events": null, "event": {...}}: a 400 there (MoEngage retries it, then drops it)
+    lost the event, while {"events": [...], "event": null} was read."""
+    one = dict(seed_payload()["events"][1], event_uuid="beside-null-events")
+    body = {"app_name": "App", "export_doc_id": "doc-n", "events": None, "event": one}
+    status, data = await bridge.post(PATH, body, AUTH)
+    assert (status, data) == (200, {"success": True}), data
+    await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 1)
+    assert bridge.segment.events()[0]["messageId"] == "beside-null-events"
+    status, data = await bridge.post(PATH, {"app_name": "App", "events": None}, AUTH)
+    assert (status, data["code"]) == (400, "invalid_payload"), data
+
+
 async def test_event_codes_without_names_are_named(bridge):
     named = {
         "MOE_EMAIL_SENT": "Email Sent",
@@ -410,6 +424,27 @@ def test_cross_region_routes_are_refused_by_check(tmp_path: Path, capsys: pytest
     unknown["destinations"][2]["region"] = "apac"
     with pytest.raises(ConfigError, match=r"destinations\[2\]"):
         build_config(unknown)
+
+
+@pytest.mark.parametrize("value", [SEGMENT_OUT_KEY + "\n", SEGMENT_OUT_KEY + " ", " " + SEGMENT_OUT_KEY])
+def test_a_destination_write_key_with_whitespace_is_refused_by_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, value: str
+):
+    """A secret file's line break, inside the quoted "${SEGMENT_WRITE_KEY}", became a
+    trailing space in the key: Segment answers 200 to a key it does not know and drops
+    every event, so nothing anywhere said that no Streams event was arriving."""
+    raw = config_dict(tmp_path, "http://127.0.0.1:1", "http://127.0.0.1:2")
+    raw["destinations"][2]["write_key"] = "${SEGMENT_WRITE_KEY}"
+    path = tmp_path / "bridge.yaml"
+    path.write_text(yaml.safe_dump(raw).replace("${SEGMENT_WRITE_KEY}", '"${SEGMENT_WRITE_KEY}"'))
+    monkeypatch.setenv("SEGMENT_WRITE_KEY", SEGMENT_OUT_KEY)
+    assert cli_main(["check", "--config", str(path)]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("SEGMENT_WRITE_KEY", value)
+    assert cli_main(["check", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "destinations[2].write_key: starts or ends with whitespace" in err, err
+    assert SEGMENT_OUT_KEY not in err
 
 
 async def test_relayed_events_do_not_loop_back_to_moengage(bridge):

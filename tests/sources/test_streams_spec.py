@@ -7,6 +7,7 @@ from bridge.sources.streams.spec import epoch_seconds, events_of, normalise
 def test_envelope_variants():
     assert events_of({"events": [{"a": 1}]}) == [{"a": 1}]
     assert events_of({"app_name": "x", "export_doc_id": "d", "event": {"a": 1}}) == [{"a": 1}]
+    assert events_of({"events": None, "event": {"a": 1}}) == [{"a": 1}]
     for bad, code in (
         ([], "invalid_payload"),
         ({"events": {}}, "invalid_payload"),

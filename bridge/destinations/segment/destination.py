@@ -108,9 +108,27 @@ class SegmentDestination(Destination):
         base_url = optional_base_url(cfg, "base_url", where)
         if base_url is not None:
             check_region_host(base_url, region, f"{where}.base_url", f"region is {region}")
+            if host_region(base_url) is not None and urlsplit(base_url).path:
+                # Segment's docs give the HTTP API's host as ".../v1": copied here, every
+                # batch went to /v1/v1/batch.
+                raise ConfigError(
+                    f"{where}.base_url: {_hostname(base_url)} is Segment's ingestion host, to which the bridge "
+                    f"posts {{host}}/v1/batch itself; give it without a path ({HOSTS[region]}), or leave "
+                    f"base_url out: region {region} chooses it"
+                )
+        write_key = required_str(cfg, "write_key", where)
+        if write_key != write_key.strip() or not write_key.isprintable():
+            # Never quoted here: it is a secret. A line break from a secret file turns into
+            # a trailing space inside a quoted "${VAR}", and Segment answers 200 to a key it
+            # does not know and drops every event sent with it.
+            raise ConfigError(
+                f"{where}.write_key: starts or ends with whitespace, or holds a control character (a line "
+                "break from a secret file, say); no Segment write key does, and Segment answers 200 to an "
+                "unknown key and silently drops every event sent with it"
+            )
         return cls(
             name=cfg["name"] if isinstance(cfg.get("name"), str) else cls.kind,
-            write_key=required_str(cfg, "write_key", where),
+            write_key=write_key,
             region=region,
             base_url=base_url,
             max_batch_events=optional_int(

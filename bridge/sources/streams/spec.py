@@ -30,8 +30,10 @@ def events_of(data: Any) -> list[Any]:
     the single-event ``{app_name, export_doc_id, event: {...}}`` that receivers also see."""
     if not isinstance(data, dict):
         raise Invalid("invalid_payload", "expected a JSON object with `events` (or `event`)")
-    if "events" in data:
-        events = data["events"]
+    # A null envelope member is an absent one, both ways: a sender that writes every field
+    # of its payload class sends one event as {"events": null, "event": {...}}.
+    events = data.get("events")
+    if events is not None:
         if not isinstance(events, list):
             raise Invalid("invalid_payload", "`events` must be an array")
         if data.get("event") is not None:
