@@ -271,6 +271,20 @@ def test_a_guard_needing_more_outcomes_than_its_window_is_refused(raw: dict[str,
     assert build_config(raw).destinations[0].guard.min_events == 50
 
 
+def test_a_base_delay_above_max_delay_is_refused(raw: dict[str, Any]) -> None:
+    # Each backoff is capped at max_delay: a larger base_delay would be silently ignored.
+    raw["destinations"][0]["retry"] = {"base_delay": 400, "max_delay": 300}
+    assert error_of(raw).startswith("destinations[0].retry.base_delay: must be at most retry.max_delay (400 > 300)")
+    # max_delay alone, below base_delay's default: the key set is the one named.
+    raw["destinations"][1]["retry"] = {"max_delay": 0.5}
+    del raw["destinations"][0]["retry"]
+    assert error_of(raw).startswith(
+        "destinations[1].retry.max_delay: must be at least retry.base_delay (0.5 < 1, its default)"
+    )
+    raw["destinations"][1]["retry"] = {"base_delay": 2.5, "max_delay": 2.5}
+    assert build_config(raw).destinations[1].retry.base_delay == 2.5
+
+
 @pytest.mark.parametrize(
     ("place", "value", "message"),
     [
