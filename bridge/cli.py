@@ -227,11 +227,12 @@ def cmd_dlq(args: argparse.Namespace) -> int:
             if not args.ids:
                 sys.stderr.write("dlq show: give one or more ids\n")
                 return 2
-            records = await store.list_dead(flt, len(args.ids))
-            if not records:
+            found = {r.id: r for r in await store.list_dead(flt, len(args.ids))}
+            if not found:
                 sys.stderr.write("dlq show: no such dead letter\n")
                 return 1
-            _print_json([dead_letter_json(r, full=True) for r in records])
+            # In the order asked, each once: the store lists the newest first.
+            _print_json([dead_letter_json(found[i], full=True) for i in dict.fromkeys(args.ids) if i in found])
             return 0
         if not _names_records(flt) and not args.all:
             sys.stderr.write(

@@ -25,7 +25,7 @@ from bridge.mapping.reload import MappingSet, SettledChange, directory_fingerpri
 from bridge.observability.redaction import register_secret
 from bridge.sources.base import IngestMetrics, Ingestor
 from bridge.store import open_store
-from bridge.store.base import Store
+from bridge.store.base import Store, StoreInUse
 from bridge.suggest import did_you_mean
 
 log = structlog.get_logger("bridge")
@@ -166,7 +166,11 @@ class Runtime:
         return MappingReload(changed=changed)
 
     async def start(self) -> None:
-        await self.store.open()
+        try:
+            await self.store.open()
+        except StoreInUse as exc:
+            # Like a port in use: the operator's to fix before serving, a one-line config error.
+            raise ConfigError(f"store.url: {exc}") from exc
         if not self.mappings():
             self.load_mappings()
         await self.delivery.start()

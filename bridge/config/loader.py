@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import bisect
 import builtins
-import datetime
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -16,6 +15,7 @@ from typing import Any, NoReturn
 
 import yaml
 
+from bridge.config_values import as_text, type_name
 from bridge.destinations.base import ConfigError
 from bridge.suggest import did_you_mean
 
@@ -27,7 +27,7 @@ class Reader:
 
     def __init__(self, data: Any, where: str) -> None:
         if not isinstance(data, dict):
-            _fail(where, f"expected a mapping, got {_type_name(data)}")
+            _fail(where, f"expected a mapping, got {type_name(data)}")
         self.data: dict[builtins.str, Any] = data
         self.where = where
         self._seen: set[builtins.str] = set()
@@ -51,10 +51,7 @@ class Reader:
                     _fail(self.at(key), "is required" + _empty_env_hint(self.data.get(key)))
                 return ""
             return default
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
-            hint = " (quote it to make it a string)" if isinstance(value, datetime.date) else ""
-            _fail(self.at(key), f"expected a string, got {_type_name(value)}{hint}")
-        return str(value)
+        return as_text(value, self.at(key))
 
     def choice(
         self, key: builtins.str, choices: Iterable[builtins.str], default: builtins.str | None = None
@@ -75,7 +72,7 @@ class Reader:
     ) -> builtins.int:
         value = self.raw(key, default)
         if isinstance(value, bool) or not isinstance(value, int):
-            _fail(self.at(key), f"expected an integer, got {_type_name(value)}")
+            _fail(self.at(key), f"expected an integer, got {type_name(value)}")
         if minimum is not None and value < minimum:
             _fail(self.at(key), f"must be at least {minimum}, got {value}")
         if maximum is not None and value > maximum:
@@ -87,7 +84,7 @@ class Reader:
     ) -> builtins.float:
         value = self.raw(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float):
-            _fail(self.at(key), f"expected a number, got {_type_name(value)}")
+            _fail(self.at(key), f"expected a number, got {type_name(value)}")
         if minimum is not None and value < minimum:
             _fail(self.at(key), f"must be at least {minimum}, got {value}")
         return float(value)
@@ -95,20 +92,20 @@ class Reader:
     def bool(self, key: builtins.str, default: builtins.bool) -> builtins.bool:
         value = self.raw(key, default)
         if not isinstance(value, bool):
-            _fail(self.at(key), f"expected true or false, got {_type_name(value)}")
+            _fail(self.at(key), f"expected true or false, got {type_name(value)}")
         return value
 
     def list(self, key: builtins.str) -> builtins.list[Any]:
         value = self.raw(key, [])
         if not isinstance(value, list):
-            _fail(self.at(key), f"expected a list, got {_type_name(value)}")
+            _fail(self.at(key), f"expected a list, got {type_name(value)}")
         return value
 
     def str_list(self, key: builtins.str) -> builtins.list[builtins.str]:
         items = self.list(key)
         for i, item in enumerate(items):
             if not isinstance(item, str) or not item:
-                _fail(f"{self.at(key)}[{i}]", f"expected a non-empty string, got {_type_name(item)}")
+                _fail(f"{self.at(key)}[{i}]", f"expected a non-empty string, got {type_name(item)}")
         return items
 
     def sub(self, key: builtins.str) -> Reader:
@@ -118,7 +115,7 @@ class Reader:
     def mapping(self, key: builtins.str) -> dict[builtins.str, Any]:
         value = self.raw(key, {})
         if not isinstance(value, dict):
-            _fail(self.at(key), f"expected a mapping, got {_type_name(value)}")
+            _fail(self.at(key), f"expected a mapping, got {type_name(value)}")
         return value
 
     def rest(self) -> dict[builtins.str, Any]:
@@ -131,15 +128,6 @@ class Reader:
         for key in self.data:
             if key not in known:
                 _fail(self.at(str(key)), f"unknown key{did_you_mean(str(key), known)}")
-
-
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "nothing"
-    if isinstance(value, datetime.date):  # an unquoted 2024-01-01 is a YAML date
-        return "a date"
-    names = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer"}
-    return names.get(type(value), "a fractional number" if isinstance(value, float) else type(value).__name__)
 
 
 def _empty_env_hint(value: Any) -> str:
@@ -298,5 +286,5 @@ def read_yaml(path: str | Path, env: Mapping[str, str] | None = None) -> tuple[d
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping at the top level, got {_type_name(data)}")
+        raise ConfigError(f"{p}: expected a mapping at the top level, got {type_name(data)}")
     return data, missing

@@ -399,6 +399,19 @@ def _retry(r: Reader, also_retryable: frozenset[int] = frozenset()) -> RetryConf
         retryable_statuses=retryable,
         pause_statuses=pause,
     )
+    if cfg.base_delay > cfg.max_delay:
+        # Each backoff is at most min(max_delay, base_delay x 2^n): base_delay would not count.
+        # Named: the key set in the file (max_delay alone, below the default base_delay).
+        if r.has("base_delay"):
+            where, rule = r.at("base_delay"), f"at most retry.max_delay ({cfg.base_delay:g} > {cfg.max_delay:g})"
+        else:
+            where, rule = (
+                r.at("max_delay"),
+                f"at least retry.base_delay ({cfg.max_delay:g} < {cfg.base_delay:g}, its default)",
+            )
+        raise ConfigError(
+            f"{where}: must be {rule}; every backoff is capped at max_delay, so base_delay would not count"
+        )
     r.done()
     return cfg
 

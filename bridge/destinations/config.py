@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any, overload
 
+from bridge.config_values import as_text
 from bridge.destinations.base import ConfigError
 from bridge.destinations.http import check_url
 from bridge.suggest import did_you_mean
@@ -22,9 +23,8 @@ def check_keys(cfg: Mapping[str, Any], allowed: Collection[str], where: str) -> 
 def required_str(cfg: Mapping[str, Any], key: str, where: str) -> str:
     if key not in cfg or cfg[key] is None:
         raise ConfigError(f"{where}.{key}: required")
-    value = cfg[key]
-    if not isinstance(value, str):
-        raise ConfigError(f"{where}.{key}: must be a string, got {type(value).__name__}")
+    # As the sources' string settings: a YAML number (``workspace_id: 12345``) is its text.
+    value = as_text(cfg[key], f"{where}.{key}")
     if not value.strip():
         # Most often a secret whose ${VAR} is unset: say so, as the sources' keys do.
         raise ConfigError(f"{where}.{key}: must not be empty (is its environment variable set?)")

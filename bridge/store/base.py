@@ -38,6 +38,11 @@ class StoreFull(StoreError):
     """The store is over its configured size or the disk is nearly full (backpressure)."""
 
 
+class StoreInUse(StoreError):
+    """Another server holds the store, which takes one (a SQLite file): an operator's mistake
+    known before serving, which `bridge serve` reports as a config error, as a port in use."""
+
+
 @dataclass(frozen=True, slots=True)
 class IdentityLink:
     """``from_id`` is known to be the same user as ``to_id`` within ``namespace``.

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from bridge.store.base import StoreError
+from bridge.store.base import StoreError, StoreInUse
 
 try:
     import fcntl
@@ -43,7 +43,7 @@ class ServerLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise StoreError(
+            raise StoreInUse(
                 f"another bridge server is using {self.path.removesuffix(SUFFIX)} (it holds {self.path}): "
                 "two servers on one SQLite file would both deliver its events; stop the other one, "
                 "or use a PostgreSQL store to run several"

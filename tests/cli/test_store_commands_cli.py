@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import orjson
 import pytest
 
 from bridge.cli import main as cli_main
@@ -74,3 +75,16 @@ def test_the_bridge_script_from_another_directory(served: Path) -> None:
     assert list(ctr2.iterdir()) == []
     listed = run_bridge("destinations", "list", "--config", "c.yaml", cwd=served)
     assert (listed.returncode, listed.stdout) == (0, "d: active, queued 0, dead letters 2\n")
+
+
+def test_dlq_show_prints_the_records_in_the_order_asked(
+    served: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The store lists dead letters newest first: `dlq show 1 2` printed 2, then 1.
+    monkeypatch.chdir(served)
+    capsys.readouterr()
+    for ids in (["1", "2"], ["2", "1"], ["1", "2", "1"]):
+        assert cli_main(["dlq", "show", *ids, "--config", "c.yaml"]) == 0
+        shown = orjson.loads(capsys.readouterr().out)
+        assert [r["id"] for r in shown] == list(dict.fromkeys(map(int, ids)))
+        assert all("payload" in r for r in shown)  # in full

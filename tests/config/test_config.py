@@ -25,6 +25,7 @@ from bridge.config.model import (
 )
 from bridge.destinations.base import ConfigError
 from bridge.destinations.moengage.destination import MoEngageDestination
+from bridge.destinations.segment.destination import SegmentDestination
 from bridge.sandbox import sandbox_env
 from tests.config.conftest import error_of
 from tests.e2e.harness import config_dict
@@ -271,6 +272,20 @@ def test_a_guard_needing_more_outcomes_than_its_window_is_refused(raw: dict[str,
     assert build_config(raw).destinations[0].guard.min_events == 50
 
 
+def test_a_base_delay_above_max_delay_is_refused(raw: dict[str, Any]) -> None:
+    # Each backoff is capped at max_delay: a larger base_delay would be silently ignored.
+    raw["destinations"][0]["retry"] = {"base_delay": 400, "max_delay": 300}
+    assert error_of(raw).startswith("destinations[0].retry.base_delay: must be at most retry.max_delay (400 > 300)")
+    # max_delay alone, below base_delay's default: the key set is the one named.
+    raw["destinations"][1]["retry"] = {"max_delay": 0.5}
+    del raw["destinations"][0]["retry"]
+    assert error_of(raw).startswith(
+        "destinations[1].retry.max_delay: must be at least retry.base_delay (0.5 < 1, its default)"
+    )
+    raw["destinations"][1]["retry"] = {"base_delay": 2.5, "max_delay": 2.5}
+    assert build_config(raw).destinations[1].retry.base_delay == 2.5
+
+
 @pytest.mark.parametrize(
     ("place", "value", "message"),
     [
@@ -296,6 +311,43 @@ def test_a_value_of_the_wrong_type_is_named_in_words(
         parent = parent[key]
     parent[place[-1]] = value
     assert error_of(raw) == message
+
+
+def test_a_destination_string_setting_reads_a_number_as_its_text_as_a_source_does(tmp_path: Path) -> None:
+    # Was "must be a string, got int" for a destination, while a source's write_key took it.
+    path = tmp_path / "b.yaml"
+    path.write_text(
+        "sources:\n"
+        "  - {name: web, kind: segment, write_key: 4242, region: us, to: [moe, seg]}\n"
+        "destinations:\n"
+        "  - {name: moe, kind: moengage, workspace_id: 12345, api_key: 678, data_center: 1,\n"
+        "     mapping: segment-to-moengage}\n"
+        "  - {name: seg, kind: segment, write_key: 9876, region: us, mapping: moengage-to-segment}\n"
+    )
+    cfg = load_config(path, {})
+    moe, seg = (d.client for d in cfg.destinations)
+    assert isinstance(moe, MoEngageDestination) and isinstance(seg, SegmentDestination)
+    assert (moe.workspace_id, moe.api_key, moe.data_center) == ("12345", "678", "01")
+    assert (seg.write_key, cfg.sources[0].write_key) == ("9876", "4242")
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        (True, "a boolean"),
+        ([1, 2], "a list"),
+        ({"id": 1}, "a mapping"),
+        (datetime.date(2024, 1, 1), "a date (quote it to make it a string)"),
+    ],
+)
+def test_a_destination_string_setting_of_another_type_is_named_in_words(
+    raw: dict[str, Any], value: object, words: str
+) -> None:
+    # The same words as a source's string setting gets for the same value.
+    raw["destinations"][0]["workspace_id"] = value
+    assert error_of(raw) == f"destinations[0].workspace_id: expected a string, got {words}"
+    raw["sources"][0]["write_key"] = value
+    assert error_of(raw) == f"sources[0].write_key: expected a string, got {words}"
 
 
 def test_a_destination_secret_left_empty_by_an_unset_variable_says_so(tmp_path: Path) -> None:

@@ -92,7 +92,7 @@ def test_unknown_key_suggests_the_closest():
     [
         ("api", "batch", 'destinations[0].api: must be "bulk" or "single"'),
         ("api_key", "", "destinations[0].api_key: must not be empty (is its environment variable set?)"),
-        ("workspace_id", 42, "destinations[0].workspace_id: must be a string"),
+        ("workspace_id", True, "destinations[0].workspace_id: expected a string, got a boolean"),
         ("base_url", "api-01.moengage.com", "destinations[0].base_url: must start with http"),
         ("max_request_bytes", "100kb", "destinations[0].max_request_bytes: must be an integer"),
         ("max_request_bytes", 10, "destinations[0].max_request_bytes: must be between"),

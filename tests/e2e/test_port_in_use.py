@@ -1,5 +1,6 @@
-"""A port already taken (another bridge, a stale `make run`) is a one-line config error
-naming the setting, exit code 2, not a traceback; and the store it opened is closed."""
+"""A port already taken (another bridge, a stale `make run`), or a SQLite file another server
+holds, is a one-line config error naming the setting, exit code 2, not a traceback; and the
+store it opened is closed."""
 
 from __future__ import annotations
 
@@ -51,6 +52,27 @@ async def test_serve_on_a_taken_port_is_a_config_error(tmp_path: Path, taken_por
     assert f"config error: server.host/server.port: cannot listen on http://127.0.0.1:{taken_port}:" in out
     assert "address already in use" in out.lower()
     assert "Traceback" not in out
+
+
+async def test_serve_on_a_sqlite_file_another_server_holds_is_a_config_error(tmp_path: Path) -> None:
+    # Was "store error:", exit 1: like a port in use, the operator's mistake, known before serving.
+    from bridge.store.server_lock import ServerLock
+
+    raw = config_dict(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9")
+    path = tmp_path / "bridge.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    db = os.path.realpath(tmp_path / "bridge.db")
+    held = ServerLock(db)  # as the first server holds it
+    held.acquire()
+    try:
+        code, out = await run_cli("serve", "--config", str(path))
+    finally:
+        held.release()
+    assert code == 2, out
+    assert out.startswith(
+        f"config error: store.url: another bridge server is using {db} (it holds {db}.server-lock): "
+    ), out
+    assert out.count("\n") == 1 and "Traceback" not in out
 
 
 def open_files(name: str) -> list[str]:
