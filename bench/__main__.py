@@ -1,6 +1,6 @@
 """``python -m bench``: the bridge against the floor, in the same run, on this machine.
 
-    python -m bench            # full run (about 6-9 minutes on 2 cores)
+    python -m bench            # full run (about 15-20 minutes on 2 cores, 15 GB of disk)
     python -m bench --quick    # small counts, about a minute: a smoke test of the suite
 
 Prints a table and writes bench/results.json. Servers (floor, bridge) are pinned to core

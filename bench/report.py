@@ -84,8 +84,10 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     d = _get(results, "delivery", "events_per_s")
     add("delivery events/s", f">= {DELIVERY_TARGET:,.0f}", d, _ge(d, DELIVERY_TARGET))
     m = _get(results, "memory", "projected_growth_10m_mb")
+    queued = _get(results, "memory", "events_queued")
     add(
-        "RSS growth at 10M queued (MB, projected)",
+        # At 10M the "projection" is the growth measured; short of it, say it is projected.
+        "RSS growth at 10M queued (MB" + (")" if (queued or 0) >= 10_000_000 else ", projected)"),
         f"<= {MEMORY_TARGET_MB_PER_10M:.0f}",
         m,
         None if m is None else m <= MEMORY_TARGET_MB_PER_10M,
