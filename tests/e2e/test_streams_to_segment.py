@@ -133,7 +133,11 @@ async def test_seed_payload_end_to_end(bridge):
         },
         "context": {
             "traits": USER_ATTRS,
-            "device": {"id": "moe_internal_device_id", "device_attr_1": "device_attr_val1"},
+            "device": {
+                "id": "moe_internal_device_id",
+                "device_attr_1": "device_attr_val1",
+                "token": "recipient device's push token",
+            },
             "integration": {"name": "segment-moengage-bridge", "version": "1"},
         },
         "integrations": {"MoEngage": False, "MoEngage (Actions)": False, "Moengage (Actions)": False},
