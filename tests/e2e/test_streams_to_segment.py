@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 import pytest
 import yaml
+from structlog.testing import capture_logs
 
 from bridge.cli import main as cli_main
 from bridge.config.model import build_config
@@ -360,7 +361,7 @@ async def test_allow_ips(make_bridge):
 
     bridge = await make_bridge(outside)
     status, data = await bridge.post(PATH, seed_payload(), AUTH)
-    assert (status, data["code"]) == (403, "ip_not_allowed")
+    assert (status, data["code"]) == (401, "unauthorized")
     await bridge.stop()
     bridge.raw["sources"][2]["allow_ips"] = ["127.0.0.0/8", "::1/128"]
     await bridge.start()
@@ -376,16 +377,67 @@ async def test_allow_ips_behind_a_trusted_proxy(make_bridge):
     bridge = await make_bridge(behind_proxy)
     # The peer (loopback) is not a trusted proxy yet, so its X-Forwarded-For is not believed.
     status, data = await bridge.post(PATH, seed_payload(), {**AUTH, "X-Forwarded-For": "10.20.3.4"})
-    assert (status, data["code"]) == (403, "ip_not_allowed")
+    assert (status, data["code"]) == (401, "unauthorized")
     await bridge.stop()
     bridge.raw["server"]["trusted_proxies"] = ["127.0.0.0/8", "::1/128"]
     await bridge.start()
     assert (await bridge.post(PATH, seed_payload(), {**AUTH, "X-Forwarded-For": "10.20.3.4"}))[0] == 200
-    # A forged first hop does not help: the proxy saw 198.51.100.9.
-    status, data = await bridge.post(PATH, seed_payload(), {**AUTH, "X-Forwarded-For": "10.20.3.4, 198.51.100.9"})
-    assert (status, data["code"]) == (403, "ip_not_allowed") and "198.51.100.9" in data["message"]
+    # A forged first hop does not help: the proxy saw 198.51.100.9 (which only the log names).
+    with capture_logs() as logs:
+        status, data = await bridge.post(PATH, seed_payload(), {**AUTH, "X-Forwarded-For": "10.20.3.4, 198.51.100.9"})
+    assert (status, data["code"]) == (401, "unauthorized") and "198.51.100.9" not in data["message"]
+    [refused] = [e for e in logs if e["event"] == "streams_request_refused"]
+    assert (refused["reason"], refused["client"]) == ("ip_not_allowed", "198.51.100.9")
     # Without the header the proxy itself is the client, and it is not allowed.
-    assert (await bridge.post(PATH, seed_payload(), AUTH))[0] == 403
+    assert (await bridge.post(PATH, seed_payload(), AUTH))[0] == 401
+
+
+async def test_an_outsider_cannot_tell_a_source_name_from_an_unknown_one(make_bridge):
+    """From an address outside allow_ips, with a malformed Basic header, or for a name that
+    does not exist, the answer is the wrong-credentials answer, byte for byte: a 403 for
+    allow_ips (and a 401 with another code for a malformed header) told an outsider which
+    source names exist. The real reason is in the log, without the credentials."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["sources"][2]["allow_ips"] = ["10.20.0.0/16"]
+        open_source = {**raw["sources"][2], "name": "streams-open"}
+        del open_source["allow_ips"]
+        raw["sources"].append(open_source)
+
+    bridge = await make_bridge(tweak)
+    assert bridge.client is not None
+
+    async def answer(path: str, headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
+        assert bridge.client is not None
+        resp = await bridge.client.post(path, data=orjson.dumps(seed_payload()), headers=headers)
+        kept = {k: v for k, v in resp.headers.items() if k != "Date"}
+        return resp.status, await resp.read(), kept
+
+    malformed = {"Authorization": "Basic !!not-base64!!"}
+    with capture_logs() as logs:
+        wrong = await answer("/moengage/streams/streams-open", basic(STREAMS_USER, "wrong"))
+        assert wrong[0] == 401 and orjson.loads(wrong[1])["code"] == "unauthorized", wrong
+        assert (await answer("/moengage/streams/streams-open", AUTH))[0] == 200
+        refused = [
+            await answer(PATH, AUTH),  # the right credentials, from outside allow_ips
+            await answer(PATH, basic(STREAMS_USER, "wrong")),
+            await answer("/moengage/streams/nope", AUTH),
+            await answer("/moengage/streams/nope", {}),
+            await answer("/moengage/streams/streams-open", malformed),
+            await answer("/moengage/streams/nope", malformed),
+        ]
+    assert refused == [wrong] * len(refused)
+    reasons = [(e["source"], e["reason"]) for e in logs if e["event"] == "streams_request_refused"]
+    assert reasons == [
+        ("streams-open", "wrong_credentials"),
+        ("streams-main", "ip_not_allowed"),
+        ("streams-main", "ip_not_allowed"),
+        ("nope", "unknown_source"),
+        ("nope", "unknown_source"),
+        ("streams-open", "malformed_authorization"),
+        ("nope", "unknown_source"),
+    ]
+    assert STREAMS_PASSWORD not in repr(logs)
 
 
 def test_streams_auth_must_be_explicit(tmp_path: Path):
