@@ -661,3 +661,55 @@ async def test_a_burst_of_oversize_events_is_dead_lettered_without_pausing_the_r
     await wait_until(all_dead, what="the oversize events in the DLQ")
     _, status_body = await bridge.get("/admin/status", ADMIN)
     assert not next(d for d in status_body["destinations"] if d["name"] == "segment-prod")["paused"]
+
+
+async def test_a_body_starting_with_a_utf8_bom_is_read(bridge):
+    """Many HTTP stacks start a UTF-8 body with a byte order mark, which orjson refuses: the
+    whole request was a 400, which MoEngage retries and then drops. The Tracking API reads
+    the body through the same parser, so a BOM is skipped there too."""
+    raw = b"\xef\xbb\xbf" + orjson.dumps(seed_payload())
+    status, data = await bridge.post(PATH, None, {**AUTH, "Content-Type": "application/json"}, raw=raw)
+    assert (status, data) == (200, {"success": True})
+    await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 3)
+    batch = {"batch": [{"type": "track", "userId": "u-bom", "event": "With BOM", "messageId": "bom-1"}]}
+    status, data = await bridge.post("/v1/batch", None, basic(WRITE_KEY), raw=b"\xef\xbb\xbf" + orjson.dumps(batch))
+    assert (status, data) == (200, {"success": True})
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1)
+    # Only a leading one: a BOM anywhere else is not JSON.
+    status, data = await bridge.post(PATH, None, AUTH, raw=b" \xef\xbb\xbf" + orjson.dumps(seed_payload()))
+    assert (status, data["code"]) == (400, "invalid_json"), data
+
+
+async def test_a_number_no_double_holds_costs_only_the_events_holding_one(bridge):
+    """orjson refuses 1e400 (infinite as a double), which cost the whole batch a 400:
+    MoEngage retries it and then drops every event in it. Only the events holding such a
+    number are rejected now, each by index; the rest are stored and delivered."""
+    payload = seed_payload()
+    payload["events"][0]["event_attributes"]["campaign_id"] = "@BIG@"
+    payload["events"][2]["uid"] = "@HUGE@"
+    raw = orjson.dumps(payload).replace(b'"@BIG@"', b"1e400").replace(b'"@HUGE@"', b"-" + b"9" * 5000)
+    status, data = await bridge.post(PATH, None, {**AUTH, "Content-Type": "application/json"}, raw=raw)
+    assert status == 200 and data["accepted"] == 1, data
+    codes = [(r["index"], r["code"]) for r in data["rejected"]]
+    assert codes == [(0, "number_out_of_range"), (2, "number_out_of_range")]
+    await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 1)
+    assert [e["messageId"] for e in bridge.segment.events()] == ["uuid-email-1"]
+    # Integers past 64 bits are read as orjson reads them (a float), as before.
+    payload = seed_payload()
+    payload["events"] = payload["events"][:1]
+    payload["events"][0]["event_uuid"] = "uuid-big-int"
+    payload["events"][0]["event_attributes"]["campaign_id"] = "@BIG@"
+    raw = orjson.dumps(payload).replace(b'"@BIG@"', b"18446744073709551616")
+    assert await bridge.post(PATH, None, AUTH, raw=raw) == (200, {"success": True})
+    await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 2)
+    [big] = [e for e in bridge.segment.events() if e["messageId"] == "uuid-big-int"]
+    assert big["properties"]["campaign_id"] == 18446744073709551616.0
+    # A body that is not JSON is still a 400, whatever numbers it holds.
+    raw = orjson.dumps(seed_payload()).replace(b"1580967474", b"1e400")
+    for bad in (raw[:-1], raw.replace(b'"req-1"', b"NaN"), raw + b"x", raw.replace(b"1e400", b"1e400.", 1)):
+        status, data = await bridge.post(PATH, None, AUTH, raw=bad)
+        assert (status, data["code"]) == (400, "invalid_json"), data
+    # Every event holding one: a 400 that lists each, as for any other reason.
+    status, data = await bridge.post(PATH, None, AUTH, raw=raw)
+    assert (status, data["code"]) == (400, "number_out_of_range"), data
+    assert [r["index"] for r in data["rejected"]] == [0, 1, 2]
