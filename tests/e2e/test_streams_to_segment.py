@@ -713,3 +713,36 @@ async def test_a_number_no_double_holds_costs_only_the_events_holding_one(bridge
     status, data = await bridge.post(PATH, None, AUTH, raw=raw)
     assert (status, data["code"]) == (400, "number_out_of_range"), data
     assert [r["index"] for r in data["rejected"]] == [0, 1, 2]
+
+
+async def test_a_batch_with_rejected_events_logs_one_warning_naming_them(bridge):
+    """A 200 answer lists the rejected events, but MoEngage never reads it: only a counter
+    moved. One warning a request names the first ten (index, event_uuid, code) and the
+    count, never the events' contents (which the answer's messages may quote)."""
+    payload = seed_payload()
+    good = payload["events"][0]
+    bad = [{**good, "event_uuid": f"bad-{i}", "event_time": "private-note-9931"} for i in range(11)]
+    payload["events"] = [good, *bad, {**good, "event_uuid": None}]
+    with capture_logs() as logs:
+        status, data = await bridge.post(PATH, payload, AUTH)
+        assert status == 200 and data["accepted"] == 1 and len(data["rejected"]) == 12, data
+        assert "private-note-9931" in repr(data["rejected"])
+        assert (await bridge.post(PATH, seed_payload(), AUTH))[0] == 200  # nothing rejected: no line
+        batch = {
+            "batch": [
+                {"type": "track", "userId": "u-1", "event": "Fine", "messageId": "m-ok"},
+                {"type": "track", "userId": "u-1", "messageId": "m-no-event", "properties": {"n": "private-note-9931"}},
+            ]
+        }
+        status, data = await bridge.post("/v1/batch", batch, basic(WRITE_KEY))
+        assert status == 200 and data["accepted"] == 1, data
+    lines = [e for e in logs if e["event"] == "events_rejected"]
+    assert [(e["log_level"], e["source"], e["rejected"], e["accepted"]) for e in lines] == [
+        ("warning", "streams-main", 12, 1),
+        ("warning", "web", 1, 1),
+    ]
+    assert lines[0]["first"] == [
+        {"index": i + 1, "event_id": f"bad-{i}", "code": "invalid_event_time"} for i in range(10)
+    ]
+    assert lines[1]["first"] == [{"index": 1, "event_id": "m-no-event", "code": "event_not_defined"}]
+    assert "private-note-9931" not in repr(lines)

@@ -17,7 +17,7 @@ from bridge.httpx import (
     same_secret,
 )
 from bridge.routing import Routes
-from bridge.sources.base import Collected, Ingestor, SourceKind, store_collected
+from bridge.sources.base import Collected, Ingestor, SourceKind, given_id, store_collected
 from bridge.sources.client_ip import client_address
 from bridge.sources.encoding import encode_event
 from bridge.sources.segment.spec import Invalid
@@ -122,5 +122,5 @@ class StreamsSources(SourceKind):
                 event, uuid, key = normalise(item)
                 collected.accept(event, uuid, key, encode_event(event))
             except Invalid as exc:
-                collected.reject(i, exc.code, exc.message)
+                collected.reject(i, exc.code, exc.message, given_id(item, "event_uuid"))
         return collected
