@@ -11,6 +11,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -343,28 +344,80 @@ def check_containers(body: bytes, max_events: int) -> None:
         )
 
 
-def parse_json(body: bytes) -> Any:
+# Many HTTP stacks (.NET's, PowerShell's, Java's with some writers) start a UTF-8 body with
+# a byte order mark, which orjson refuses.
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+class OutOfRange:
+    """A number JSON allows but a double cannot hold (``1e400``), in place of the value when
+    ``parse_json`` is given an ``out_of_range`` list: the caller refuses only what holds one."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return f"OutOfRange({self.text[:40]!r})"
+
+
+def parse_json(body: bytes, *, out_of_range: list[OutOfRange] | None = None) -> Any:
+    """The body as JSON, or a 400 ``invalid_json``. A leading UTF-8 BOM is skipped.
+
+    With ``out_of_range`` (a list the caller checks afterwards), a number orjson refuses
+    as infinite is read as an ``OutOfRange`` appended there, so one odd value need not cost
+    the request's other events; the whole body is still parsed strictly, so a body that is
+    not JSON is a 400 as before. Without it such a body is a 400, as orjson answers."""
+    if body[:3] == UTF8_BOM:
+        body = body[3:]
     if not body:
         raise ApiError(400, "invalid_json", "request body is empty; expected JSON")
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        if "surrogate" in str(exc):
-            # A lone \uD83D escape (an emoji cut in half, a client's bad decoding): JSON as
-            # the grammar goes, which orjson refuses. Refusing it refused the request's
-            # other events too, for one character: read it, and make the half U+FFFD.
-            try:
-                # Decoded as UTF-8 first: orjson names "surrogates" for every body that is not
-                # UTF-8, and json.loads(bytes) would read UTF-16 and UTF-32 (and encoded
-                # surrogates) where JSON on the wire is UTF-8 only.
-                text = body.decode("utf-8")
-                cleaned = _without_lone_surrogates(json.loads(text, parse_constant=_no_constant))
-                # Through orjson once more, so nothing else gets in that orjson would refuse
-                # (integers past 64 bits, say).
-                return orjson.loads(orjson.dumps(cleaned))
-            except (ValueError, TypeError, RecursionError):
-                pass
-        raise ApiError(400, "invalid_json", f"invalid JSON: {exc}") from None
+        error = str(exc)
+    if "surrogate" in error or (out_of_range is not None and "infinity" in error):
+        # A lone \uD83D escape (an emoji cut in half, a client's bad decoding): JSON as the
+        # grammar goes, which orjson refuses. Refusing it refused the request's other events
+        # too, for one character: read it, and make the half U+FFFD. Or a number too large.
+        try:
+            return _parse_leniently(body, out_of_range)
+        except (ValueError, RecursionError):
+            pass
+    raise ApiError(400, "invalid_json", f"invalid JSON: {error}")
+
+
+# orjson reads an integer in this range as an int, and a larger one as a float.
+_INT_RANGE = range(-(2**63), 2**64)
+
+
+def _parse_leniently(body: bytes, out_of_range: list[OutOfRange] | None) -> Any:
+    """What orjson reads, read by json.loads: with lone surrogate escapes as U+FFFD and,
+    into ``out_of_range`` when given, the numbers a double cannot hold."""
+
+    def number(text: str) -> Any:
+        value = float(text)
+        if math.isfinite(value):
+            return value
+        if out_of_range is None:
+            raise ValueError(f"number out of range: {text[:40]}")
+        marked = OutOfRange(text)
+        out_of_range.append(marked)
+        return marked
+
+    def integer(text: str) -> Any:
+        # int() refuses more than 4300 digits; such a number is past a double too.
+        if len(text) <= 21 and (value := int(text)) in _INT_RANGE:
+            return value
+        return number(text)
+
+    # Decoded as UTF-8 first: orjson names "surrogates" for every body that is not UTF-8,
+    # and json.loads(bytes) would read UTF-16 and UTF-32 (and encoded surrogates) where
+    # JSON on the wire is UTF-8 only.
+    text = body.decode("utf-8")
+    value = json.loads(text, parse_constant=_no_constant, parse_float=number, parse_int=integer)
+    return _without_lone_surrogates(value)
 
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins the valid pairs
@@ -372,6 +425,21 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins the valid pa
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")  # json.loads reads NaN and Infinity; orjson does not
+
+
+def holds_out_of_range(value: Any) -> OutOfRange | None:
+    """The first ``OutOfRange`` in ``value``, walked without recursion (a parsed value
+    may be nested as deep as json.loads goes)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is dict:
+            stack.extend(item.values())
+        elif type(item) is list:
+            stack.extend(item)
+        elif type(item) is OutOfRange:
+            return item
+    return None
 
 
 def _without_lone_surrogates(value: Any) -> Any:

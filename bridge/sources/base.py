@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import structlog
 from aiohttp import web
 
 from bridge.config.model import Config, SourceConfig
@@ -20,15 +21,34 @@ from bridge.mapping.api import CompiledMapping
 from bridge.routing import Routes
 from bridge.store.base import EnqueueResult, IdentityLink, IncomingEvent, Store, StoreError, StoreFull
 
+log = structlog.get_logger("bridge.ingest")
+
+# How many of a request's rejected events its log line names, and how much of each id.
+LOGGED_REJECTIONS = 10
+LOGGED_ID = 100
+
 
 @dataclass(frozen=True, slots=True)
 class Rejection:
     index: int
     code: str
     message: str
+    # The id the event gave itself (event_uuid, messageId), for the log only.
+    event_id: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {"index": self.index, "code": self.code, "message": self.message}
+
+
+def given_id(item: Any, key: str) -> str | None:
+    """The id a rejected ``item`` gave itself under ``key``, as the log names it: a string
+    or an integer, cut to LOGGED_ID characters; None for anything else."""
+    value = item.get(key) if isinstance(item, dict) else None
+    if isinstance(value, str):
+        return value[:LOGGED_ID]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)[:LOGGED_ID]
+    return None
 
 
 class IngestMetrics(ABC):
@@ -181,8 +201,8 @@ class Collected:
         # tuple.__new__ is what IncomingEvent(...) runs, without its generated __new__'s frame.
         self.incoming.append(_new_tuple(IncomingEvent, (message_id, ordering_key, payload, self._destinations, links)))
 
-    def reject(self, index: int, code: str, message: str) -> None:
-        self.rejected.append(Rejection(index, code, message))
+    def reject(self, index: int, code: str, message: str, event_id: str | None = None) -> None:
+        self.rejected.append(Rejection(index, code, message, event_id))
         self._metrics.rejected(self.source.name, code)
 
 
@@ -190,6 +210,8 @@ async def store_collected(ingestor: Ingestor, collected: Collected) -> web.Respo
     """Store what a request's events became and answer it: the acknowledgement, with the
     duplicates and each rejected event listed; a 400 when nothing was accepted."""
     incoming = collected.incoming
+    if collected.rejected:
+        log_rejections(collected)
     if not incoming:
         if collected.ignored and not collected.rejected:
             return json_response({"success": True, "accepted": 0, "ignored": collected.ignored})
@@ -199,6 +221,20 @@ async def store_collected(ingestor: Ingestor, collected: Collected) -> web.Respo
     if collected.ignored:
         answer["ignored"] = collected.ignored
     return json_response(answer)
+
+
+def log_rejections(collected: Collected) -> None:
+    """One line for a request some of whose events were rejected: a 200 answer lists them,
+    but MoEngage (and most SDKs) never read it. Which events (index, their own id) and
+    why (the code), for the first few; never their contents, which the messages may quote."""
+    rejected = collected.rejected
+    log.warning(
+        "events_rejected",
+        source=collected.source.name,
+        rejected=len(rejected),
+        accepted=len(collected.incoming),
+        first=[{"index": r.index, "event_id": r.event_id, "code": r.code} for r in rejected[:LOGGED_REJECTIONS]],
+    )
 
 
 class SourceKind(ABC):

@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 import pytest
 import yaml
+from structlog.testing import capture_logs
 
 from bridge.cli import main as cli_main
 from bridge.config.model import build_config
@@ -364,7 +365,7 @@ async def test_allow_ips(make_bridge):
 
     bridge = await make_bridge(outside)
     status, data = await bridge.post(PATH, seed_payload(), AUTH)
-    assert (status, data["code"]) == (403, "ip_not_allowed")
+    assert (status, data["code"]) == (401, "unauthorized")
     await bridge.stop()
     bridge.raw["sources"][2]["allow_ips"] = ["127.0.0.0/8", "::1/128"]
     await bridge.start()
@@ -380,16 +381,67 @@ async def test_allow_ips_behind_a_trusted_proxy(make_bridge):
     bridge = await make_bridge(behind_proxy)
     # The peer (loopback) is not a trusted proxy yet, so its X-Forwarded-For is not believed.
     status, data = await bridge.post(PATH, seed_payload(), {**AUTH, "X-Forwarded-For": "10.20.3.4"})
-    assert (status, data["code"]) == (403, "ip_not_allowed")
+    assert (status, data["code"]) == (401, "unauthorized")
     await bridge.stop()
     bridge.raw["server"]["trusted_proxies"] = ["127.0.0.0/8", "::1/128"]
     await bridge.start()
     assert (await bridge.post(PATH, seed_payload(), {**AUTH, "X-Forwarded-For": "10.20.3.4"}))[0] == 200
-    # A forged first hop does not help: the proxy saw 198.51.100.9.
-    status, data = await bridge.post(PATH, seed_payload(), {**AUTH, "X-Forwarded-For": "10.20.3.4, 198.51.100.9"})
-    assert (status, data["code"]) == (403, "ip_not_allowed") and "198.51.100.9" in data["message"]
+    # A forged first hop does not help: the proxy saw 198.51.100.9 (which only the log names).
+    with capture_logs() as logs:
+        status, data = await bridge.post(PATH, seed_payload(), {**AUTH, "X-Forwarded-For": "10.20.3.4, 198.51.100.9"})
+    assert (status, data["code"]) == (401, "unauthorized") and "198.51.100.9" not in data["message"]
+    [refused] = [e for e in logs if e["event"] == "streams_request_refused"]
+    assert (refused["reason"], refused["client"]) == ("ip_not_allowed", "198.51.100.9")
     # Without the header the proxy itself is the client, and it is not allowed.
-    assert (await bridge.post(PATH, seed_payload(), AUTH))[0] == 403
+    assert (await bridge.post(PATH, seed_payload(), AUTH))[0] == 401
+
+
+async def test_an_outsider_cannot_tell_a_source_name_from_an_unknown_one(make_bridge):
+    """From an address outside allow_ips, with a malformed Basic header, or for a name that
+    does not exist, the answer is the wrong-credentials answer, byte for byte: a 403 for
+    allow_ips (and a 401 with another code for a malformed header) told an outsider which
+    source names exist. The real reason is in the log, without the credentials."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["sources"][2]["allow_ips"] = ["10.20.0.0/16"]
+        open_source = {**raw["sources"][2], "name": "streams-open"}
+        del open_source["allow_ips"]
+        raw["sources"].append(open_source)
+
+    bridge = await make_bridge(tweak)
+    assert bridge.client is not None
+
+    async def answer(path: str, headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
+        assert bridge.client is not None
+        resp = await bridge.client.post(path, data=orjson.dumps(seed_payload()), headers=headers)
+        kept = {k: v for k, v in resp.headers.items() if k != "Date"}
+        return resp.status, await resp.read(), kept
+
+    malformed = {"Authorization": "Basic !!not-base64!!"}
+    with capture_logs() as logs:
+        wrong = await answer("/moengage/streams/streams-open", basic(STREAMS_USER, "wrong"))
+        assert wrong[0] == 401 and orjson.loads(wrong[1])["code"] == "unauthorized", wrong
+        assert (await answer("/moengage/streams/streams-open", AUTH))[0] == 200
+        refused = [
+            await answer(PATH, AUTH),  # the right credentials, from outside allow_ips
+            await answer(PATH, basic(STREAMS_USER, "wrong")),
+            await answer("/moengage/streams/nope", AUTH),
+            await answer("/moengage/streams/nope", {}),
+            await answer("/moengage/streams/streams-open", malformed),
+            await answer("/moengage/streams/nope", malformed),
+        ]
+    assert refused == [wrong] * len(refused)
+    reasons = [(e["source"], e["reason"]) for e in logs if e["event"] == "streams_request_refused"]
+    assert reasons == [
+        ("streams-open", "wrong_credentials"),
+        ("streams-main", "ip_not_allowed"),
+        ("streams-main", "ip_not_allowed"),
+        ("nope", "unknown_source"),
+        ("nope", "unknown_source"),
+        ("streams-open", "malformed_authorization"),
+        ("nope", "unknown_source"),
+    ]
+    assert STREAMS_PASSWORD not in repr(logs)
 
 
 def test_streams_auth_must_be_explicit(tmp_path: Path):
@@ -613,3 +665,88 @@ async def test_a_burst_of_oversize_events_is_dead_lettered_without_pausing_the_r
     await wait_until(all_dead, what="the oversize events in the DLQ")
     _, status_body = await bridge.get("/admin/status", ADMIN)
     assert not next(d for d in status_body["destinations"] if d["name"] == "segment-prod")["paused"]
+
+
+async def test_a_body_starting_with_a_utf8_bom_is_read(bridge):
+    """Many HTTP stacks start a UTF-8 body with a byte order mark, which orjson refuses: the
+    whole request was a 400, which MoEngage retries and then drops. The Tracking API reads
+    the body through the same parser, so a BOM is skipped there too."""
+    raw = b"\xef\xbb\xbf" + orjson.dumps(seed_payload())
+    status, data = await bridge.post(PATH, None, {**AUTH, "Content-Type": "application/json"}, raw=raw)
+    assert (status, data) == (200, {"success": True})
+    await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 3)
+    batch = {"batch": [{"type": "track", "userId": "u-bom", "event": "With BOM", "messageId": "bom-1"}]}
+    status, data = await bridge.post("/v1/batch", None, basic(WRITE_KEY), raw=b"\xef\xbb\xbf" + orjson.dumps(batch))
+    assert (status, data) == (200, {"success": True})
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1)
+    # Only a leading one: a BOM anywhere else is not JSON.
+    status, data = await bridge.post(PATH, None, AUTH, raw=b" \xef\xbb\xbf" + orjson.dumps(seed_payload()))
+    assert (status, data["code"]) == (400, "invalid_json"), data
+
+
+async def test_a_number_no_double_holds_costs_only_the_events_holding_one(bridge):
+    """orjson refuses 1e400 (infinite as a double), which cost the whole batch a 400:
+    MoEngage retries it and then drops every event in it. Only the events holding such a
+    number are rejected now, each by index; the rest are stored and delivered."""
+    payload = seed_payload()
+    payload["events"][0]["event_attributes"]["campaign_id"] = "@BIG@"
+    payload["events"][2]["uid"] = "@HUGE@"
+    raw = orjson.dumps(payload).replace(b'"@BIG@"', b"1e400").replace(b'"@HUGE@"', b"-" + b"9" * 5000)
+    status, data = await bridge.post(PATH, None, {**AUTH, "Content-Type": "application/json"}, raw=raw)
+    assert status == 200 and data["accepted"] == 1, data
+    codes = [(r["index"], r["code"]) for r in data["rejected"]]
+    assert codes == [(0, "number_out_of_range"), (2, "number_out_of_range")]
+    await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 1)
+    assert [e["messageId"] for e in bridge.segment.events()] == ["uuid-email-1"]
+    # Integers past 64 bits are read as orjson reads them (a float), as before.
+    payload = seed_payload()
+    payload["events"] = payload["events"][:1]
+    payload["events"][0]["event_uuid"] = "uuid-big-int"
+    payload["events"][0]["event_attributes"]["campaign_id"] = "@BIG@"
+    raw = orjson.dumps(payload).replace(b'"@BIG@"', b"18446744073709551616")
+    assert await bridge.post(PATH, None, AUTH, raw=raw) == (200, {"success": True})
+    await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 2)
+    [big] = [e for e in bridge.segment.events() if e["messageId"] == "uuid-big-int"]
+    assert big["properties"]["campaign_id"] == 18446744073709551616.0
+    # A body that is not JSON is still a 400, whatever numbers it holds.
+    raw = orjson.dumps(seed_payload()).replace(b"1580967474", b"1e400")
+    for bad in (raw[:-1], raw.replace(b'"req-1"', b"NaN"), raw + b"x", raw.replace(b"1e400", b"1e400.", 1)):
+        status, data = await bridge.post(PATH, None, AUTH, raw=bad)
+        assert (status, data["code"]) == (400, "invalid_json"), data
+    # Every event holding one: a 400 that lists each, as for any other reason.
+    status, data = await bridge.post(PATH, None, AUTH, raw=raw)
+    assert (status, data["code"]) == (400, "number_out_of_range"), data
+    assert [r["index"] for r in data["rejected"]] == [0, 1, 2]
+
+
+async def test_a_batch_with_rejected_events_logs_one_warning_naming_them(bridge):
+    """A 200 answer lists the rejected events, but MoEngage never reads it: only a counter
+    moved. One warning a request names the first ten (index, event_uuid, code) and the
+    count, never the events' contents (which the answer's messages may quote)."""
+    payload = seed_payload()
+    good = payload["events"][0]
+    bad = [{**good, "event_uuid": f"bad-{i}", "event_time": "private-note-9931"} for i in range(11)]
+    payload["events"] = [good, *bad, {**good, "event_uuid": None}]
+    with capture_logs() as logs:
+        status, data = await bridge.post(PATH, payload, AUTH)
+        assert status == 200 and data["accepted"] == 1 and len(data["rejected"]) == 12, data
+        assert "private-note-9931" in repr(data["rejected"])
+        assert (await bridge.post(PATH, seed_payload(), AUTH))[0] == 200  # nothing rejected: no line
+        batch = {
+            "batch": [
+                {"type": "track", "userId": "u-1", "event": "Fine", "messageId": "m-ok"},
+                {"type": "track", "userId": "u-1", "messageId": "m-no-event", "properties": {"n": "private-note-9931"}},
+            ]
+        }
+        status, data = await bridge.post("/v1/batch", batch, basic(WRITE_KEY))
+        assert status == 200 and data["accepted"] == 1, data
+    lines = [e for e in logs if e["event"] == "events_rejected"]
+    assert [(e["log_level"], e["source"], e["rejected"], e["accepted"]) for e in lines] == [
+        ("warning", "streams-main", 12, 1),
+        ("warning", "web", 1, 1),
+    ]
+    assert lines[0]["first"] == [
+        {"index": i + 1, "event_id": f"bad-{i}", "code": "invalid_event_time"} for i in range(10)
+    ]
+    assert lines[1]["first"] == [{"index": 1, "event_id": "m-no-event", "code": "event_not_defined"}]
+    assert "private-note-9931" not in repr(lines)

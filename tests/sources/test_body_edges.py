@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
 import pytest
 
-from bridge.httpx import ApiError, parse_json
+from bridge.httpx import ApiError, OutOfRange, holds_out_of_range, parse_json
 
 
 # -- 12b1c73 httpx: the lone-surrogate fallback -------------------------------------------
@@ -90,3 +91,32 @@ async def test_a_plain_chunked_body_past_the_limit_gets_a_413_the_client_can_rea
     except ConnectionResetError as exc:  # what HEAD gives
         pytest.fail(f"the client got no answer: {exc!r}")
     assert answer.startswith(b"HTTP/1.1 413"), answer[:80]
+
+
+def test_parse_json_skips_a_leading_utf8_bom() -> None:
+    assert parse_json(b'\xef\xbb\xbf{"a": 1}') == {"a": 1}
+    assert parse_json(b'\xef\xbb\xbf{"a": "cut \\ud83d"}') == {"a": "cut \ufffd"}
+    for bad in (b"\xef\xbb\xbf", b"\xef\xbb\xbf\xef\xbb\xbf{}"):
+        with pytest.raises(ApiError) as info:
+            parse_json(bad)
+        assert info.value.code == "invalid_json"
+
+
+def test_parse_json_marks_numbers_past_a_double_only_when_asked() -> None:
+    body = b'{"a": [1, 1e400], "b": -1e999, "c": 18446744073709551616, "d": 2.5}'
+    with pytest.raises(ApiError) as info:
+        parse_json(body)  # the default: orjson's 400
+    assert info.value.code == "invalid_json"
+    marked: list[OutOfRange] = []
+    data = parse_json(body, out_of_range=marked)
+    assert [m.text for m in marked] == ["1e400", "-1e999"]
+    assert data["a"][1] is marked[0] and data["b"] is marked[1]
+    assert (data["c"], data["d"]) == (orjson.loads(b"18446744073709551616"), 2.5)
+    assert holds_out_of_range(data["a"]) is marked[0] and holds_out_of_range({"c": data["c"]}) is None
+    # A lone surrogate beside a number past a double: orjson's 400 without the list (the
+    # lenient reader made it null before), both read with it.
+    body = b'{"a": "cut \\ud83d", "b": 1e400}'
+    with pytest.raises(ApiError):
+        parse_json(body)
+    marked = []
+    assert parse_json(body, out_of_range=marked) == {"a": "cut \ufffd", "b": marked[0]}

@@ -20,7 +20,7 @@ from bridge.httpx import (
     secret_digest,
 )
 from bridge.routing import Routes
-from bridge.sources.base import Collected, Ingestor, SourceKind, store_collected
+from bridge.sources.base import Collected, Ingestor, SourceKind, given_id, store_collected
 from bridge.sources.encoding import encode_event
 from bridge.sources.segment.spec import CALL_TYPES, Envelope, Invalid, ReceivedClock, normalise_in
 
@@ -197,7 +197,7 @@ class SegmentSources(SourceKind):
             except Invalid as exc:
                 if single:
                     raise
-                collected.reject(i, exc.code, exc.message)
+                collected.reject(i, exc.code, exc.message, given_id(item, "messageId"))
 
     # -- /segment/webhook -----------------------------------------------------------
     async def webhook(self, request: web.Request) -> web.Response:

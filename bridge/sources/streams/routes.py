@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import structlog
 from aiohttp import web
 
 from bridge.config.model import Config, SourceConfig
-from bridge.httpx import ApiError, basic_credentials, check_containers, parse_json, read_body, same_secret
+from bridge.httpx import (
+    ApiError,
+    OutOfRange,
+    basic_credentials,
+    check_containers,
+    holds_out_of_range,
+    parse_json,
+    read_body,
+    same_secret,
+)
 from bridge.routing import Routes
-from bridge.sources.base import Collected, Ingestor, SourceKind, store_collected
+from bridge.sources.base import Collected, Ingestor, SourceKind, given_id, store_collected
 from bridge.sources.client_ip import client_address
 from bridge.sources.encoding import encode_event
 from bridge.sources.segment.spec import Invalid
@@ -15,8 +25,27 @@ from bridge.sources.streams.spec import events_of, normalise
 
 # Streams batches are ~100 events; attribute maps make them larger than Segment's.
 MAX_STREAMS_BODY = 5 * 1024 * 1024
-# One answer for an unknown source and a wrong credential, so no answer tells which names exist.
-_UNAUTHORIZED = "unknown source or missing credentials"
+# One answer for an unknown source, a wrong or missing credential and an address outside
+# allow_ips, so no answer tells which names exist, nor (from outside) whether a password is
+# right. The real reason is logged (``streams_request_refused``).
+_UNAUTHORIZED = "unknown source, or the request's credentials or address are not accepted"
+# How much of a refused request's source name (the URL path, anyone's to write) is logged.
+_LOGGED_NAME = 100
+
+log = structlog.get_logger("bridge.sources.streams")
+
+
+def _refused(request: web.Request, source: str, reason: str, client: str | None = None) -> ApiError:
+    """The one answer every refused request gets, with the real ``reason`` logged (never a
+    credential: only which check failed)."""
+    log.info(
+        "streams_request_refused",
+        source=source[:_LOGGED_NAME],
+        reason=reason,
+        client=client,
+        remote=request.remote,
+    )
+    return ApiError(401, "unauthorized", _UNAUTHORIZED)
 
 
 class StreamsSources(SourceKind):
@@ -36,26 +65,33 @@ class StreamsSources(SourceKind):
                 request.remote, request.headers.getall("X-Forwarded-For", []), self.config.server.trusted_proxies
             )
             if remote is None or not any(remote in net for net in source.allow_ips):
-                raise ApiError(403, "ip_not_allowed", f"requests from {remote or request.remote} are not allowed")
+                # Checked before the credentials: from outside, a password is never tried.
+                raise _refused(request, source.name, "ip_not_allowed", str(remote) if remote else None)
         auth = source.auth
         if auth is None or auth.type == "none":
             return
         if auth.type == "basic":
-            creds = basic_credentials(request)
+            try:
+                creds = basic_credentials(request)
+            except ApiError:
+                # A malformed header: its own answer would tell a Basic source from a name
+                # that does not exist.
+                raise _refused(request, source.name, "malformed_authorization") from None
             ok_user = same_secret(creds[0], auth.username) if creds else False
             ok_pass = same_secret(creds[1], auth.password) if creds else False
             if not (ok_user and ok_pass):
-                raise ApiError(401, "unauthorized", _UNAUTHORIZED)
+                raise _refused(request, source.name, "wrong_credentials" if creds else "missing_credentials")
         else:
             given = request.headers.get(auth.header, "")
             if not same_secret(given, auth.value):
-                raise ApiError(401, "unauthorized", _UNAUTHORIZED)
+                raise _refused(request, source.name, "wrong_credentials" if given else "missing_credentials")
 
     async def receive(self, request: web.Request) -> web.Response:
-        source = self._by_name.get(request.match_info["source"])
+        name = request.match_info["source"]
+        source = self._by_name.get(name)
         if source is None:
             # Same answer as a wrong credential: do not reveal which source names exist.
-            raise ApiError(401, "unauthorized", _UNAUTHORIZED)
+            raise _refused(request, name, "unknown_source")
         self._authorise(request, source)
         body = await read_body(request, MAX_STREAMS_BODY)
         # Parsed and validated in a plain function, so the parsed body is freed before
@@ -64,7 +100,11 @@ class StreamsSources(SourceKind):
 
     def _collect(self, source: SourceConfig, body: bytes) -> Collected:
         check_containers(body, self.config.server.max_batch_events)
-        data = parse_json(body)
+        # A number no double holds (1e400) costs only the events that hold one, each
+        # rejected by index: a 400 would cost every event of the batch (MoEngage retries it,
+        # then drops it). Almost every body has none, and is never walked for them.
+        out_of_range: list[OutOfRange] = []
+        data = parse_json(body, out_of_range=out_of_range)
         try:
             items = events_of(data)
         except Invalid as exc:
@@ -77,8 +117,10 @@ class StreamsSources(SourceKind):
         collected = self.ingestor.collector(source)
         for i, item in enumerate(items):
             try:
+                if out_of_range and (found := holds_out_of_range(item)) is not None:
+                    raise Invalid("number_out_of_range", f"a number is past the range of a double: {found.text[:40]}")
                 event, uuid, key = normalise(item)
                 collected.accept(event, uuid, key, encode_event(event))
             except Invalid as exc:
-                collected.reject(i, exc.code, exc.message)
+                collected.reject(i, exc.code, exc.message, given_id(item, "event_uuid"))
         return collected
