@@ -9,6 +9,7 @@ import dataclasses
 import math
 import re
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,9 @@ MAX_RECORD_ID = 2**63 - 1
 # One replay or purge names at most this many ids: the same bound as a listing's limit,
 # and well under SQLite's 32766 host parameters in one statement.
 MAX_IDS = 10000
+# The query parameters each route reads (every other route reads none): known_query.
+LISTING_QUERY = ("destination", "reason", "since", "until", "limit")
+TRANSLATE_QUERY = ("mapping", "destination", "source", "linked_id")
 # The numbers the admin API reads are ASCII decimals: int() and float() would also take
 # "1_0" (as 10), "+5", " 5", "nan" and other scripts' digits (U+0665, an Arabic-Indic 5),
 # none of which a caller means.
@@ -46,27 +50,48 @@ def add_admin_routes(routes: Routes, runtime: Runtime, token: str) -> None:
     if not token:
         return  # the admin API is off: its routes do not exist
 
-    def guarded(handler: Handler) -> Handler:
-        return bearer_only(handler, token, "the admin API (admin.token)")
+    def guarded(handler: Handler, query: Sequence[str] = ()) -> Handler:
+        # The token first: without it, nothing says what a route takes.
+        return bearer_only(known_query(handler, query), token, "the admin API (admin.token)")
 
     api = AdminApi(runtime)
     r = routes
     r.add_get("/admin/status", guarded(api.status))
-    r.add_get("/admin/dlq", guarded(api.dlq_list))
+    r.add_get("/admin/dlq", guarded(api.dlq_list, LISTING_QUERY))
     # Not the names of its POST-only siblings: GET /admin/dlq/replay is a wrong method
     # (405, Allow: POST), not a dead letter whose id is "replay" (400).
     r.add_get("/admin/dlq/{id:(?!(?:replay|purge)$)[^/]+}", guarded(api.dlq_show))
     r.add_post("/admin/dlq/replay", guarded(api.dlq_replay))
     r.add_post("/admin/dlq/purge", guarded(api.dlq_purge))
-    r.add_get("/admin/discards", guarded(api.discards))
+    r.add_get("/admin/discards", guarded(api.discards, LISTING_QUERY))
     r.add_post("/admin/discards/replay", guarded(api.discards_replay))
-    r.add_post("/admin/translate", guarded(api.translate))
+    r.add_post("/admin/translate", guarded(api.translate, TRANSLATE_QUERY))
     r.add_post("/admin/destinations/{name}/pause", guarded(api.pause))
     r.add_post("/admin/destinations/{name}/resume", guarded(api.resume))
     r.add_post("/admin/reload", guarded(api.reload))
     # Every other method or path under /admin lands here, after the token check: the
     # answer (404, or 405 and which methods exist) tells only the operator what is there.
     r.add("*", "/admin/{rest:" + ANY_PATH + "}", guarded(unmatched(r.resources())))
+
+
+def known_query(handler: Handler, names: Sequence[str]) -> Handler:
+    """``handler`` for requests whose query holds only ``names``: any other parameter (a
+    typo of one, say) is a 400 naming it, rather than ignored, which answered a question
+    the caller did not ask (?destinaton=x listed every destination's records)."""
+    allowed = frozenset(names)
+    takes = f"it takes {', '.join(names)}" if names else "it takes none"
+
+    async def check(request: web.Request) -> web.StreamResponse:
+        for key in request.query:
+            if key not in allowed:
+                raise ApiError(
+                    400,
+                    "unknown_parameter",
+                    f"unknown query parameter {key!r:.60}{did_you_mean(key, names)}; {takes}",
+                )
+        return await handler(request)
+
+    return check
 
 
 def filter_from_query(request: web.Request) -> RecordFilter:

@@ -3,6 +3,7 @@ does not know, so that a typo is an answer rather than a different question."""
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -80,3 +81,84 @@ async def test_plain_time_bounds_are_taken(bridge: Bridge, bound: str) -> None:
         assert (status, body) == (200, {"purged": 0}), (number, body)
     status, body = await bridge.post("/admin/dlq/purge", {bound: True}, ADMIN)
     assert (status, body["code"]) == (400, "invalid_parameter"), body
+
+
+# Every admin route, with a request it answers 200 (or 404 for an id no record has).
+ROUTES = [
+    ("GET", "/admin/status", None),
+    ("GET", "/admin/dlq", None),
+    ("GET", "/admin/dlq/7", None),
+    ("POST", "/admin/dlq/replay", {"destination": "moengage-main"}),
+    ("POST", "/admin/dlq/purge", {"reason": "nothing"}),
+    ("GET", "/admin/discards", None),
+    ("POST", "/admin/discards/replay", {"destination": "moengage-main"}),
+    ("POST", "/admin/translate?mapping=segment-to-moengage", {"type": "track", "userId": "u1", "event": "E"}),
+    ("POST", "/admin/destinations/moengage-main/pause", None),
+    ("POST", "/admin/destinations/moengage-main/resume", None),
+    ("POST", "/admin/reload", None),
+]
+
+
+async def _call(bridge: Bridge, method: str, path: str, body: object, headers: dict[str, str]) -> tuple[int, Any]:
+    if method == "GET":
+        return await bridge.get(path, headers)
+    return await bridge.post(path, body, headers)
+
+
+@pytest.mark.parametrize(("method", "path", "body"), ROUTES, ids=[f"{m} {p.split('?')[0]}" for m, p, _ in ROUTES])
+async def test_an_unknown_query_parameter_is_refused_on_every_route(
+    bridge: Bridge, method: str, path: str, body: object
+) -> None:
+    status, answer = await _call(bridge, method, path, body, ADMIN)
+    assert status in (200, 404), answer  # as it is, the request is fine
+    joined = "&" if "?" in path else "?"
+    status, answer = await _call(bridge, method, f"{path}{joined}bogus=1", body, ADMIN)
+    assert (status, answer["code"]) == (400, "unknown_parameter"), answer
+    assert "unknown query parameter 'bogus'" in answer["message"], answer
+    # Only the operator learns that: without the token it is the same 401 as ever.
+    status, answer = await _call(bridge, method, f"{path}{joined}bogus=1", body, {})
+    assert (status, answer["code"]) == (401, "unauthorized"), answer
+
+
+async def test_an_unknown_parameter_does_not_act(bridge: Bridge) -> None:
+    status, answer = await bridge.post("/admin/destinations/moengage-main/pause?why=x", None, ADMIN)
+    assert status == 400, answer
+    _, state = await bridge.get("/admin/status", ADMIN)
+    assert not state["destinations"][0]["paused"]
+
+
+@pytest.mark.parametrize("listing", ["dlq", "discards"])
+async def test_a_misspelt_listing_parameter_is_refused_with_the_right_one(bridge: Bridge, listing: str) -> None:
+    """?destinaton= listed every destination's records, as if no filter were given."""
+    for typo, meant in (("destinaton", "destination"), ("reasons", "reason"), ("sinc", "since"), ("limt", "limit")):
+        status, answer = await bridge.get(f"/admin/{listing}?{typo}=x", ADMIN)
+        assert (status, answer["code"]) == (400, "unknown_parameter"), answer
+        assert f"unknown query parameter {typo!r} (did you mean {meant!r}?)" in answer["message"], answer
+        assert "it takes destination, reason, since, until, limit" in answer["message"], answer
+    status, answer = await bridge.get(f"/admin/{listing}?page=2", ADMIN)
+    assert (status, answer["code"]) == (400, "unknown_parameter"), answer
+    assert "(did you mean" not in answer["message"], answer
+    status, answer = await bridge.get("/admin/status?verbose=1", ADMIN)
+    assert answer["message"] == "unknown query parameter 'verbose'; it takes none", answer
+
+
+@pytest.mark.parametrize("listing", ["dlq", "discards"])
+async def test_every_documented_listing_parameter_is_taken(bridge: Bridge, listing: str) -> None:
+    """README: GET /admin/dlq and /admin/discards take destination, reason, since, until, limit."""
+    query = "destination=moengage-main&reason=http_400&since=1700000000&until=2099-01-01&limit=5"
+    status, answer = await bridge.get(f"/admin/{listing}?{query}", ADMIN)
+    assert status == 200, answer
+
+
+async def test_every_documented_translate_parameter_is_taken(bridge: Bridge) -> None:
+    """README: translate takes ?mapping= or ?destination=, &source= and &linked_id=."""
+    event = {"type": "track", "userId": "u1", "event": "E"}
+    for query in (
+        "mapping=segment-to-moengage&source=web&linked_id=L1",
+        "destination=moengage-main&source=web&linked_id=L1",
+    ):
+        status, answer = await bridge.post(f"/admin/translate?{query}", event, ADMIN)
+        assert status == 200, (query, answer)
+    status, answer = await bridge.post("/admin/translate?mapping=segment-to-moengage&linkedid=L1", event, ADMIN)
+    assert (status, answer["code"]) == (400, "unknown_parameter"), answer
+    assert "(did you mean 'linked_id'?)" in answer["message"], answer
