@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -33,33 +35,63 @@ MAX_RECORD_ID = 2**63 - 1
 # One replay or purge names at most this many ids: the same bound as a listing's limit,
 # and well under SQLite's 32766 host parameters in one statement.
 MAX_IDS = 10000
+# The query parameters each route reads (every other route reads none): known_query.
+LISTING_QUERY = ("destination", "reason", "since", "until", "limit")
+TRANSLATE_QUERY = ("mapping", "destination", "source", "linked_id")
+# The numbers the admin API reads are ASCII decimals: int() and float() would also take
+# "1_0" (as 10), "+5", " 5", "nan" and other scripts' digits (U+0665, an Arabic-Indic 5),
+# none of which a caller means.
+_DIGITS = re.compile(r"[0-9]+")
+# A time bound in epoch seconds may be before 1970 or fractional.
+_EPOCH_SECONDS = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
 
 
 def add_admin_routes(routes: Routes, runtime: Runtime, token: str) -> None:
     if not token:
         return  # the admin API is off: its routes do not exist
 
-    def guarded(handler: Handler) -> Handler:
-        return bearer_only(handler, token, "the admin API (admin.token)")
+    def guarded(handler: Handler, query: Sequence[str] = ()) -> Handler:
+        # The token first: without it, nothing says what a route takes.
+        return bearer_only(known_query(handler, query), token, "the admin API (admin.token)")
 
     api = AdminApi(runtime)
     r = routes
     r.add_get("/admin/status", guarded(api.status))
-    r.add_get("/admin/dlq", guarded(api.dlq_list))
+    r.add_get("/admin/dlq", guarded(api.dlq_list, LISTING_QUERY))
     # Not the names of its POST-only siblings: GET /admin/dlq/replay is a wrong method
     # (405, Allow: POST), not a dead letter whose id is "replay" (400).
     r.add_get("/admin/dlq/{id:(?!(?:replay|purge)$)[^/]+}", guarded(api.dlq_show))
     r.add_post("/admin/dlq/replay", guarded(api.dlq_replay))
     r.add_post("/admin/dlq/purge", guarded(api.dlq_purge))
-    r.add_get("/admin/discards", guarded(api.discards))
+    r.add_get("/admin/discards", guarded(api.discards, LISTING_QUERY))
     r.add_post("/admin/discards/replay", guarded(api.discards_replay))
-    r.add_post("/admin/translate", guarded(api.translate))
+    r.add_post("/admin/translate", guarded(api.translate, TRANSLATE_QUERY))
     r.add_post("/admin/destinations/{name}/pause", guarded(api.pause))
     r.add_post("/admin/destinations/{name}/resume", guarded(api.resume))
     r.add_post("/admin/reload", guarded(api.reload))
     # Every other method or path under /admin lands here, after the token check: the
     # answer (404, or 405 and which methods exist) tells only the operator what is there.
     r.add("*", "/admin/{rest:" + ANY_PATH + "}", guarded(unmatched(r.resources())))
+
+
+def known_query(handler: Handler, names: Sequence[str]) -> Handler:
+    """``handler`` for requests whose query holds only ``names``: any other parameter (a
+    typo of one, say) is a 400 naming it, rather than ignored, which answered a question
+    the caller did not ask (?destinaton=x listed every destination's records)."""
+    allowed = frozenset(names)
+    takes = f"it takes {', '.join(names)}" if names else "it takes none"
+
+    async def check(request: web.Request) -> web.StreamResponse:
+        for key in request.query:
+            if key not in allowed:
+                raise ApiError(
+                    400,
+                    "unknown_parameter",
+                    f"unknown query parameter {key!r:.60}{did_you_mean(key, names)}; {takes}",
+                )
+        return await handler(request)
+
+    return check
 
 
 def filter_from_query(request: web.Request) -> RecordFilter:
@@ -72,16 +104,22 @@ def filter_from_query(request: web.Request) -> RecordFilter:
     )
 
 
-def _time(value: str | None, name: str) -> float | None:
-    if not value:
+def _time(value: object, name: str) -> float | None:
+    """A time bound: epoch seconds (a JSON number, or text in ASCII digits) or ISO-8601."""
+    if value is None or value == "":
         return None
-    try:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ApiError(400, "invalid_parameter", f"{name} must be epoch seconds or ISO-8601")
+    if isinstance(value, int | float) or _EPOCH_SECONDS.fullmatch(value):
         seconds = float(value)
-    except ValueError:
+    else:
         try:
-            dt = datetime.fromisoformat(value)
+            # ASCII only: fromisoformat is strict today, and a time bound is never other text.
+            dt = datetime.fromisoformat(value) if value.isascii() else None
         except ValueError:
-            raise ApiError(400, "invalid_parameter", f"{name} must be epoch seconds or ISO-8601") from None
+            dt = None
+        if dt is None:
+            raise ApiError(400, "invalid_parameter", f"{name} must be epoch seconds or ISO-8601")
         return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
     if not math.isfinite(seconds):
         # "nan" compares as NULL on SQLite but above every number on PostgreSQL.
@@ -96,14 +134,20 @@ def _record_id(value: object) -> int:
     return value
 
 
+def parse_int(text: str, name: str, low: int, high: int) -> int:
+    """Every integer the admin API reads as text (a path's id, ?limit=): ASCII digits only,
+    no sign (none of them is negative), from ``low`` to ``high``; else a 400 naming ``name``."""
+    digits = text.lstrip("0") or "0"
+    # The length first: int() refuses a text of more than 4300 digits (ValueError).
+    if not (_DIGITS.fullmatch(text) and len(digits) <= len(str(high)) and low <= int(digits) <= high):
+        raise ApiError(
+            400, "invalid_parameter", f"{name} must be an integer from {low} to {high} in digits 0-9, not {text!r:.40}"
+        )
+    return int(digits)
+
+
 def _limit(request: web.Request) -> int:
-    try:
-        limit = int(request.query.get("limit", "100"))
-    except ValueError:
-        raise ApiError(400, "invalid_parameter", "limit must be an integer") from None
-    if not 1 <= limit <= MAX_LIST_LIMIT:
-        raise ApiError(400, "invalid_parameter", f"limit must be between 1 and {MAX_LIST_LIMIT}")
-    return limit
+    return parse_int(request.query.get("limit", "100"), "limit", 1, MAX_LIST_LIMIT)
 
 
 class AdminApi:
@@ -148,10 +192,7 @@ class AdminApi:
         return json_response({"dead_letters": [dead_letter_json(r, full=False) for r in records]})
 
     async def dlq_show(self, request: web.Request) -> web.Response:
-        try:
-            ident = _record_id(int(request.match_info["id"]))
-        except ValueError:
-            raise ApiError(400, "invalid_parameter", "id must be an integer") from None
+        ident = parse_int(request.match_info["id"], "id", 1, MAX_RECORD_ID)
         records = await self.runtime.store.list_dead(RecordFilter(ids=(ident,)), 1)
         if not records:
             raise ApiError(404, "not_found", f"no dead letter {ident}")
@@ -206,8 +247,8 @@ class AdminApi:
         flt = RecordFilter(
             destination=data.get("destination"),
             reason=data.get("reason"),
-            since=_time(str(data["since"]), "since") if data.get("since") is not None else None,
-            until=_time(str(data["until"]), "until") if data.get("until") is not None else None,
+            since=_time(data.get("since"), "since"),
+            until=_time(data.get("until"), "until"),
             ids=tuple(ids) if ids is not None else None,
         )
         if all(getattr(flt, f) is None for f in ("destination", "reason", "since", "until", "ids")):

@@ -581,13 +581,16 @@ class DestinationWorker:
                 self.metrics.discarded(batch.jobs[d.job_id].source, self.name, d.reason, 1)
         if done:
             # Nothing left to send: delivered, and counted as delivered now, once (the
-            # attempts that sent its outputs did not count it, since it stayed queued).
+            # attempts that sent its outputs did not count it, since it stayed queued),
+            # by the metrics and by the bad-deploy guard alike, as _settle counts an ack.
             await self.store.ack(done, mapping.version, fence=batch.fence)
             batch.settled.update(done)
             batch.passed.update(done)
             self.metrics.delivered(self.name, len(done))
+            self.guard.record(len(done), 0)
         if dead:
-            mapped = len(events) - len(dead) - sum(1 for d in data_dead if d.job_id in events)
+            # The batch's good outcomes still to come (those acked above are counted already).
+            mapped = len(events) - len(dead) - sum(1 for d in data_dead if d.job_id in events) - len(done)
             if self._precheck and self.guard.would_trip(len(dead), delivered=mapped):
                 # A bad mapping deploy: pause (it resumes when the mapping changes) rather
                 # than dead-letter every event; the failed jobs stay queued.

@@ -244,6 +244,15 @@ async def raw_post(bridge: Bridge, path: str, header: bytes, body: bytes) -> tup
     return int(head.split(b" ")[1]), orjson.loads(payload)
 
 
+def depth(value: Any) -> int:
+    """Levels of objects and arrays in ``value``, itself included."""
+    if isinstance(value, dict):
+        return 1 + max(map(depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(depth, value), default=0)
+    return 0
+
+
 def nested(levels: int) -> dict[str, Any]:
     """{"a": {"a": ...}} ``levels`` deep: orjson parses up to 1024 levels but writes 254."""
     root: dict[str, Any] = {}

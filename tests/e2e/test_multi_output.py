@@ -111,6 +111,7 @@ async def _bridge(
     upstream: EventsFail,
     store_url: str,
     store: Callable[[], Store] | None = None,
+    guard: dict[str, Any] | None = None,
     **delivery: Any,
 ) -> AsyncIterator[Bridge]:
     """A bridge whose moengage-main maps with TWO_OUTPUTS and sends to ``upstream`` (on
@@ -128,6 +129,8 @@ async def _bridge(
         main = raw["destinations"][0]
         main.update(mapping="two-outputs", api="single", base_url=str(server.make_url("")).rstrip("/"))
         main["delivery"].update(delivery)
+        if guard is not None:
+            main["guard"] = guard
 
     try:
         bridge = await make_bridge(tweak, start=False)
@@ -268,6 +271,48 @@ async def test_an_event_whose_outputs_all_went_out_is_acked_without_a_request(ma
         assert await _delivered_total(bridge) == 1
         assert bridge.runtime is not None
         assert await bridge.runtime.store.delivered_version("moengage-main", "m-erin")
+
+
+async def test_an_event_whose_outputs_all_went_out_counts_as_delivered_for_the_guard(make_bridge, tmp_path):
+    """Acked without a request, such an event is as good an outcome as one acked after its
+    request: the bad-deploy guard weighs it against the dead letters. Uncounted, the guard
+    saw only the dead letters that came before it, and the next single refusal paused the
+    destination as a bad deploy: 4 dead of the 5 outcomes it knew of (80%), where 4 of 8 (50%)
+    is under the threshold."""
+    upstream = EventsFail(400, 400, 400, 400)
+    guard = {"window": 20, "min_events": 4, "threshold": 0.6}
+    db = f"sqlite:///{tmp_path}/bridge.db"
+    async with _bridge(make_bridge, tmp_path, upstream, db, guard=guard, ordered=True) as bridge:
+        # One lease: each Track User delivered, each Create Event refused for good (3 of 6).
+        assert (await bridge.post("/v1/batch", _tracks("ann", "ben", "cat"), H))[0] == 200
+
+        async def dead_letters(n: int) -> bool:
+            _, body = await bridge.get("/admin/dlq?reason=http_400", ADMIN)
+            return len(body["dead_letters"]) == n
+
+        await wait_until(lambda: dead_letters(3), what="three dead letters")
+        # The fix drops the Create Event: replayed, the three have nothing left to send.
+        mapping = tmp_path / "mappings" / "two-outputs.yaml"
+        mapping.write_text(TWO_OUTPUTS.replace("    continue: true\n", ""))
+        assert (await bridge.post("/admin/reload", None, ADMIN))[0] == 200
+        requests = upstream.received
+        status, body = await bridge.post("/admin/dlq/replay", {"reason": "http_400"}, ADMIN)
+        assert (status, body["replayed"]) == (200, 3), body
+        await wait_until(lambda: _drained(bridge), what="the replayed jobs to settle")
+        assert upstream.received == requests and await _delivered_total(bridge) == 3
+        assert bridge.runtime is not None
+        guarded = bridge.runtime.delivery.workers["moengage-main"].guard
+        assert (guarded.size, guarded.ratio) == (6, 0.5)
+
+        # The Create Event is back, and one more is refused for good: a bad event among
+        # good ones, dead-lettered, not a bad deploy to pause for.
+        mapping.write_text(TWO_OUTPUTS)
+        assert (await bridge.post("/admin/reload", None, ADMIN))[0] == 200
+        assert (await bridge.post("/v1/batch", _tracks("dan"), H))[0] == 200
+        await wait_until(lambda: dead_letters(1), what="dan's dead letter")
+        _, state = await bridge.get("/admin/status", ADMIN)
+        main = next(d for d in state["destinations"] if d["name"] == "moengage-main")
+        assert not main["paused"], main
 
 
 async def test_a_pause_between_the_outputs_gives_back_only_the_one_not_sent(make_bridge, tmp_path):

@@ -24,6 +24,7 @@ from tests.e2e.harness import (
     WORKSPACE,
     WRITE_KEY,
     basic,
+    depth,
     nested,
     raw_exchange,
     raw_post,
@@ -670,6 +671,32 @@ async def test_an_event_too_deep_to_store_is_rejected_by_index(bridge):
     assert status == 200 and [(r["index"], r["code"]) for r in data["rejected"]] == [(0, "event_too_deep")]
     status, data = await bridge.post("/v1/track", {**track_body(), "properties": deep}, basic(WRITE_KEY))
     assert (status, data["code"]) == (400, "event_too_deep")
+
+
+async def test_the_deepest_event_ingest_takes_is_delivered_and_one_deeper_is_refused(bridge):
+    """orjson writes 254 levels, and a Create Event nests a track's properties two levels
+    deeper than the track has them (actions[0].attributes): a track 252 levels deep is
+    delivered; one 253 or 254 deep was stored, then dead-lettered as render_error, as it
+    always would be. It is refused at ingest now, as one the store cannot hold is."""
+    deepest = {**track_body(messageId="deepest"), "properties": nested(250)}
+    assert depth(deepest) == 252
+    status, data = await bridge.post("/v1/track", deepest, basic(WRITE_KEY))
+    assert (status, data) == (200, {"success": True}), data
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1)
+    attributes = bridge.moengage.events()[0]["actions"][0]["attributes"]
+    assert attributes == nested(250)
+    for levels in (251, 252):  # the store took these; no destination can be sent them
+        deeper = {**track_body(), "properties": nested(levels)}
+        assert depth(deeper) == levels + 2
+        status, data = await bridge.post("/v1/track", deeper, basic(WRITE_KEY))
+        assert (status, data["code"]) == (400, "event_too_deep"), data
+        assert "nested more than 252 levels deep" in data["message"], data
+        batch = {"batch": [{**deeper, "type": "track"}, track_body(type="track", messageId=f"fine-{levels}")]}
+        status, data = await bridge.post("/v1/batch", batch, basic(WRITE_KEY))
+        assert status == 200 and [(r["index"], r["code"]) for r in data["rejected"]] == [(0, "event_too_deep")]
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 3)
+    status, data = await bridge.get("/admin/dlq", ADMIN)
+    assert (status, data["dead_letters"]) == (200, []), data
 
 
 async def test_webhook_batches_of_segments_default_size_and_deletions(bridge):

@@ -25,6 +25,7 @@ from tests.e2e.harness import (
     WRITE_KEY,
     basic,
     config_dict,
+    depth,
     nested,
     raw_post,
     wait_until,
@@ -571,6 +572,26 @@ async def test_an_event_too_deep_to_store_is_rejected_by_index(bridge):
     assert status == 200, data
     assert data["accepted"] == 1 and [(r["index"], r["code"]) for r in data["rejected"]] == [(0, "event_too_deep")]
     await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 1)
+
+
+async def test_the_deepest_streams_event_ingest_takes_is_delivered_and_one_deeper_is_refused(bridge):
+    """An event 252 levels deep (orjson writes 254, and a destination may nest what it maps
+    two levels deeper) is delivered, its user attributes as the call's context.traits; one
+    253 deep is refused by index at ingest rather than stored for a destination that
+    nests deeper."""
+    payload = seed_payload()
+    payload["events"] = payload["events"][:2]
+    deepest, deeper = payload["events"]
+    deepest["user_attributes"] = nested(250)
+    deeper["user_attributes"] = nested(251)
+    assert (depth(deepest), depth(deeper)) == (252, 253)
+    status, data = await bridge.post(PATH, payload, AUTH)
+    assert status == 200, data
+    assert data["accepted"] == 1 and [(r["index"], r["code"]) for r in data["rejected"]] == [(1, "event_too_deep")]
+    assert "nested more than 252 levels deep" in data["rejected"][0]["message"], data
+    await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 1)
+    sent = bridge.segment.events()[0]
+    assert sent["messageId"] == deepest["event_uuid"] and sent["context"]["traits"] == nested(250)
 
 
 @pytest.mark.parametrize("auth", ["basic", "header"])
