@@ -34,6 +34,12 @@ DEFAULT_RETRYABLE = frozenset({408, 429, *(s for s in range(500, 600) if s not i
 # blocked, account suspended), 409 (app key mismatch, secret not set) and 415 (wrong
 # content type). Every event would get the same answer: pause, do not dead-letter.
 DEFAULT_PAUSE = frozenset({401, 403, 409, 415})
+# Lifetime of a Streams OAuth2 access token, in seconds. At least a minute, so a client is
+# not fetching a token for every batch; at most a day, since a leaked token cannot be
+# revoked on its own (only by changing the client secret, which revokes them all).
+DEFAULT_TOKEN_TTL = 3600
+MIN_TOKEN_TTL = 60
+MAX_TOKEN_TTL = 86400
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,11 +91,16 @@ class MappingsConfig:
 
 @dataclass(frozen=True, slots=True)
 class StreamsAuth:
-    type: str  # basic | header | none
+    type: str  # basic | header | oauth2 | none
     username: str = ""
     password: str = ""
     header: str = ""
     value: str = ""
+    # oauth2: MoEngage gets a token at /moengage/streams/<name>/oauth/token (client
+    # credentials grant) and sends it as a Bearer token.
+    client_id: str = ""
+    client_secret: str = ""
+    token_ttl: int = DEFAULT_TOKEN_TTL
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +180,7 @@ class Config:
         for s in self.sources:
             out += [s.write_key, s.webhook_secret]
             if s.auth:
-                out += [s.auth.password, s.auth.value]
+                out += [s.auth.password, s.auth.value, s.auth.client_secret]
         for d in self.destinations:
             out += [str(v) for k, v in _secret_fields(d.client)]
         return [s for s in out if s]
@@ -358,14 +369,21 @@ def _network(text: Any, where: str) -> ipaddress.IPv4Network | ipaddress.IPv6Net
 def _streams_auth(r: Reader) -> StreamsAuth:
     if not r.data:
         raise ConfigError(
-            f"{r.where}: is required; use type basic or header, or `type: none` to accept "
+            f"{r.where}: is required; use type basic, header or oauth2, or `type: none` to accept "
             "unauthenticated requests explicitly"
         )
-    kind = r.choice("type", ("basic", "header", "none"))
+    kind = r.choice("type", ("basic", "header", "oauth2", "none"))
     if kind == "basic":
         auth = StreamsAuth(kind, username=r.str("username", required=True), password=r.str("password", required=True))
     elif kind == "header":
         auth = StreamsAuth(kind, header=r.str("header", required=True), value=r.str("value", required=True))
+    elif kind == "oauth2":
+        auth = StreamsAuth(
+            kind,
+            client_id=r.str("client_id", required=True),
+            client_secret=r.str("client_secret", required=True),
+            token_ttl=r.int("token_ttl", DEFAULT_TOKEN_TTL, minimum=MIN_TOKEN_TTL, maximum=MAX_TOKEN_TTL),
+        )
     else:
         auth = StreamsAuth(kind)
     r.done()

@@ -386,3 +386,51 @@ def test_a_mapping_option_the_mapping_never_reads_is_refused(raw: dict[str, Any]
     mapping = load_mapping_dir(maps)["segment-to-moengage"]
     assert mapping.option_names() is None
     assert check_mappings(build_config(raw), {**shipped, "segment-to-moengage": mapping}) == []
+
+
+def _oauth2(raw: dict[str, Any], **auth: Any) -> dict[str, Any]:
+    raw["sources"][2]["auth"] = {"type": "oauth2", "client_id": "moengage", "client_secret": "cs-123456", **auth}
+    return raw
+
+
+def test_streams_oauth2_auth(raw: dict[str, Any]) -> None:
+    auth = build_config(_oauth2(raw)).sources[2].auth
+    assert auth is not None
+    assert (auth.type, auth.client_id, auth.client_secret, auth.token_ttl) == ("oauth2", "moengage", "cs-123456", 3600)
+    assert "cs-123456" in build_config(raw).secrets()
+    for ttl in (60, 86400):
+        auth = build_config(_oauth2(raw, token_ttl=ttl)).sources[2].auth
+        assert auth is not None and auth.token_ttl == ttl
+
+
+@pytest.mark.parametrize(
+    ("auth", "message"),
+    [
+        ({"client_id": None}, r"sources[2].auth.client_id: is required"),
+        ({"client_secret": None}, r"sources[2].auth.client_secret: is required"),
+        ({"client_id": ""}, r"sources[2].auth.client_id: is required (it is empty: is its environment variable set?)"),
+        ({"token_ttl": 59}, "sources[2].auth.token_ttl: must be at least 60, got 59"),
+        ({"token_ttl": 86401}, "sources[2].auth.token_ttl: must be at most 86400, got 86401"),
+        ({"token_ttl": "1h"}, "sources[2].auth.token_ttl: expected an integer, got"),
+        ({"token_ttl": 600.5}, "sources[2].auth.token_ttl: expected an integer, got"),
+        ({"client_secrt": "x"}, "sources[2].auth.client_secrt: unknown key (did you mean 'client_secret'?)"),
+        ({"password": "x"}, "sources[2].auth.password: unknown key"),
+        ({"type": "oauth"}, "sources[2].auth.type: must be one of basic, header, oauth2, none; got 'oauth'"),
+    ],
+)
+def test_streams_oauth2_auth_errors(raw: dict[str, Any], auth: dict[str, Any], message: str) -> None:
+    _oauth2(raw, **auth)
+    for key, value in auth.items():
+        if value is None:
+            del raw["sources"][2]["auth"][key]
+    assert message in error_of(raw)
+
+
+def test_streams_oauth2_secret_from_the_environment(tmp_path: Path, raw: dict[str, Any]) -> None:
+    _oauth2(raw, client_secret="${STREAMS_CLIENT_SECRET}")
+    path = tmp_path / "bridge.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    auth = load_config(path, env={"STREAMS_CLIENT_SECRET": "from-env-42"}).sources[2].auth
+    assert auth is not None and auth.client_secret == "from-env-42"
+    with pytest.raises(ConfigError, match=r"sources\[2\]\.auth\.client_secret: is required"):
+        load_config(path, env={})

@@ -1,4 +1,5 @@
-"""HTTP handler for MoEngage Streams: POST /moengage/streams/{source}."""
+"""HTTP handlers for MoEngage Streams: POST /moengage/streams/{source}, and the token
+endpoint of its oauth2 sources (``oauth``)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ from bridge.httpx import (
 )
 from bridge.routing import Routes
 from bridge.sources.base import Collected, Ingestor, SourceKind, given_id, store_collected
-from bridge.sources.client_ip import client_address
 from bridge.sources.encoding import encode_event
 from bridge.sources.segment.spec import Invalid
+from bridge.sources.streams.access import client_allowed
+from bridge.sources.streams.oauth import TOKEN_PATH, TokenEndpoint
+from bridge.sources.streams.oauth_tokens import token_key, token_problem
 from bridge.sources.streams.spec import events_of, normalise
 
 # Streams batches are ~100 events; attribute maps make them larger than Segment's.
@@ -55,18 +58,23 @@ class StreamsSources(SourceKind):
         self.config = config
         self.ingestor = ingestor
         self._by_name = {s.name: s for s in config.sources if s.kind == "moengage_streams"}
+        # Derived once, not per request: each oauth2 source's token signing key.
+        self._token_keys = {
+            s.name: token_key(s.auth.client_secret)
+            for s in self._by_name.values()
+            if s.auth is not None and s.auth.type == "oauth2"
+        }
 
     def add_routes(self, routes: Routes) -> None:
         routes.add_post("/moengage/streams/{source}", self.receive)
+        token_endpoint = TokenEndpoint(self._by_name, self._token_keys, self.config.server.trusted_proxies)
+        routes.add_post(TOKEN_PATH, token_endpoint)
 
     def _authorise(self, request: web.Request, source: SourceConfig) -> None:
-        if source.allow_ips:
-            remote = client_address(
-                request.remote, request.headers.getall("X-Forwarded-For", []), self.config.server.trusted_proxies
-            )
-            if remote is None or not any(remote in net for net in source.allow_ips):
-                # Checked before the credentials: from outside, a password is never tried.
-                raise _refused(request, source.name, "ip_not_allowed", str(remote) if remote else None)
+        allowed, client = client_allowed(request, source, self.config.server.trusted_proxies)
+        if not allowed:
+            # Checked before the credentials: from outside, a password is never tried.
+            raise _refused(request, source.name, "ip_not_allowed", client)
         auth = source.auth
         if auth is None or auth.type == "none":
             return
@@ -81,10 +89,25 @@ class StreamsSources(SourceKind):
             ok_pass = same_secret(creds[1], auth.password) if creds else False
             if not (ok_user and ok_pass):
                 raise _refused(request, source.name, "wrong_credentials" if creds else "missing_credentials")
+        elif auth.type == "oauth2":
+            self._check_bearer(request, source)
         else:
             given = request.headers.get(auth.header, "")
             if not same_secret(given, auth.value):
                 raise _refused(request, source.name, "wrong_credentials" if given else "missing_credentials")
+
+    def _check_bearer(self, request: web.Request, source: SourceConfig) -> None:
+        """A token from the source's token endpoint, unexpired, and for this source."""
+        header = request.headers.get("Authorization", "")
+        if not header:
+            raise _refused(request, source.name, "missing_credentials")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer":
+            raise _refused(request, source.name, "malformed_authorization")
+        problem = token_problem(token.strip(), source.name, self._token_keys[source.name])
+        if problem is not None:
+            # Expired, tampered with, another source's, or signed under an older secret.
+            raise _refused(request, source.name, problem)
 
     async def receive(self, request: web.Request) -> web.Response:
         name = request.match_info["source"]
