@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 import yaml
 
-from bridge.config_values import as_text, type_name
+from bridge.config_values import as_text, spelt_int, type_name
 from bridge.destinations.base import ConfigError
 from bridge.suggest import did_you_mean
 
@@ -77,7 +77,7 @@ class Reader:
             _fail(self.at(key), f"must be at least {minimum}, got {value}")
         if maximum is not None and value > maximum:
             _fail(self.at(key), f"must be at most {maximum}, got {value}")
-        return value
+        return builtins.int(value)
 
     def float(
         self, key: builtins.str, default: builtins.float, *, minimum: builtins.float | None = None
@@ -256,6 +256,13 @@ class _UniqueKeysLoader(yaml.SafeLoader):
                     "while reading a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark
                 )
             seen.add(key)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        # What was written is kept with a number not spelt as its digits: see SpeltInt.
+        return spelt_int(super().construct_yaml_int(node), node.value)
+
+
+_UniqueKeysLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeysLoader.construct_yaml_int)
 
 
 def read_yaml(path: str | Path, env: Mapping[str, str] | None = None) -> tuple[dict[str, Any], set[str]]:

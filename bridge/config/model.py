@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bridge.config.loader import Reader, read_yaml
+from bridge.config_values import plain
 from bridge.destinations.base import ConfigError, Destination, destination_kinds
 from bridge.destinations.http import as_url, check_url
 from bridge.destinations.moengage.datacenters import REGIONS as DATA_CENTER_REGIONS
@@ -309,7 +310,7 @@ def _store(r: Reader) -> StoreConfig:
         raise ConfigError(f"{r.at('max_bytes')}: must be at least 1 (leave it out for no limit), got {max_bytes}")
     cfg = StoreConfig(
         url=r.str("url", "sqlite:///var/bridge.db"),
-        max_bytes=max_bytes,
+        max_bytes=None if max_bytes is None else int(max_bytes),
         min_free_disk_bytes=r.int("min_free_disk_bytes", 256 * 1024 * 1024, minimum=0),
         dedupe_hours=r.float("dedupe_hours", 48.0, minimum=24.0),
         retention_hours=r.float("retention_hours", 72.0, minimum=0),
@@ -396,7 +397,7 @@ def _statuses(r: Reader, key: str, default: frozenset[int]) -> frozenset[int]:
         return default
     if not isinstance(statuses, list) or not all(isinstance(s, int) and 100 <= s <= 599 for s in statuses):
         raise ConfigError(f"{r.at(key)}: expected a list of HTTP status codes")
-    return frozenset(statuses)
+    return frozenset(int(s) for s in statuses)
 
 
 def _retry(r: Reader, also_retryable: frozenset[int] = frozenset()) -> RetryConfig:
@@ -478,7 +479,7 @@ def _destination(r: Reader, index: int) -> DestinationConfig:
     name = r.str("name", required=True)
     kind = r.choice("kind", sorted(kinds))
     mapping = r.str("mapping", required=True)
-    options = r.mapping("mapping_options")
+    options = plain(r.mapping("mapping_options"))  # read by exact type, as an event's values
     delivery = _delivery(r.sub("delivery"))
     retry = _retry(r.sub("retry"), kinds[kind].ALSO_RETRYABLE)
     guard = _guard(r.sub("guard"))

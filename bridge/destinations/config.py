@@ -57,7 +57,7 @@ def optional_int(
         raise ConfigError(f"{where}.{key}: must be an integer, got {value!r}")
     if not minimum <= value <= maximum:
         raise ConfigError(f"{where}.{key}: must be between {minimum} and {maximum}, got {value}")
-    return value
+    return int(value)
 
 
 def optional_base_url(cfg: Mapping[str, Any], key: str, where: str) -> str | None:

@@ -331,6 +331,33 @@ def test_a_destination_string_setting_reads_a_number_as_its_text_as_a_source_doe
     assert (seg.write_key, cfg.sources[0].write_key) == ("9876", "4242")
 
 
+def test_a_string_setting_spelt_as_a_yaml_number_other_than_its_digits_is_the_text_written(tmp_path: Path) -> None:
+    # YAML 1.1 reads an unquoted 00123456 as octal (42798), 1_234 as 1234 and 1:30 as 90:
+    # str() of that number sent every delivery with another workspace id or key (Segment
+    # answers 200 to a key it does not know and drops the events). An unquoted ${VAR} too.
+    path = tmp_path / "b.yaml"
+    path.write_text(
+        "store: {url: 'sqlite:///b.db', max_bytes: 1_000_000}\n"
+        "sources:\n"
+        "  - {name: web, kind: segment, write_key: 1:30, region: us, to: [moe, seg]}\n"
+        "destinations:\n"
+        "  - {name: moe, kind: moengage, workspace_id: 00123456, api_key: ${MOE_KEY}, data_center: 01,\n"
+        "     mapping: segment-to-moengage, mapping_options: {anonymous_ids: 0_1}}\n"
+        "  - {name: seg, kind: segment, write_key: 1_234, region: us, mapping: moengage-to-segment,\n"
+        "     max_batch_events: 0x10}\n"
+    )
+    cfg = load_config(path, {"MOE_KEY": "0777"})
+    moe, seg = (d.client for d in cfg.destinations)
+    assert isinstance(moe, MoEngageDestination) and isinstance(seg, SegmentDestination)
+    assert (moe.workspace_id, moe.api_key, moe.data_center) == ("00123456", "0777", "01")
+    assert (seg.write_key, cfg.sources[0].write_key) == ("1_234", "1:30")
+    # Numbers stay numbers, of plain int type where they leave the config.
+    assert type(cfg.store.max_bytes) is int and cfg.store.max_bytes == 1_000_000
+    assert type(seg.max_batch_events) is int and seg.max_batch_events == 16
+    [value] = cfg.destinations[0].mapping_options.values()
+    assert type(value) is int and value == 1
+
+
 @pytest.mark.parametrize(
     ("value", "words"),
     [
