@@ -464,8 +464,15 @@ def _guard(r: Reader) -> GuardConfig:
     )
     if cfg.threshold > 1:
         raise ConfigError(f"{r.at('threshold')}: must be a ratio between 0 and 1")
-    if cfg.min_events > cfg.window:
+    if cfg.enabled and cfg.min_events > cfg.window:
         # The guard looks at the last `window` outcomes only: it could never see min_events.
+        # Named by the key the config set: `window: 10` alone is too small for the default.
+        if r.raw("min_events") is None:
+            raise ConfigError(
+                f"{r.at('window')}: must be at least guard.min_events ({cfg.window} < {cfg.min_events}, its "
+                "default); the guard judges the last `window` deliveries, so it would never trip. "
+                "Set min_events too"
+            )
         raise ConfigError(
             f"{r.at('min_events')}: must be at most guard.window ({cfg.min_events} > {cfg.window}); "
             "the guard judges the last `window` deliveries, so it would never trip"

@@ -272,6 +272,17 @@ def test_a_guard_needing_more_outcomes_than_its_window_is_refused(raw: dict[str,
     assert build_config(raw).destinations[0].guard.min_events == 50
 
 
+def test_a_guard_window_below_the_default_min_events_names_the_window(raw: dict[str, Any]) -> None:
+    # `window: 10` alone: the error named min_events, a key the config never set.
+    raw["destinations"][0]["guard"] = {"window": 10}
+    assert error_of(raw).startswith(
+        "destinations[0].guard.window: must be at least guard.min_events (10 < 20, its default)"
+    )
+    # A disabled guard judges nothing: its window and min_events cannot contradict each other.
+    raw["destinations"][0]["guard"] = {"enabled": False, "window": 10}
+    assert build_config(raw).destinations[0].guard.window == 10
+
+
 def test_a_base_delay_above_max_delay_is_refused(raw: dict[str, Any]) -> None:
     # Each backoff is capped at max_delay: a larger base_delay would be silently ignored.
     raw["destinations"][0]["retry"] = {"base_delay": 400, "max_delay": 300}
