@@ -78,3 +78,20 @@ def test_a_config_of_the_store_alone_pauses_what_list_shows(tmp_path: Path, caps
     err = capsys.readouterr().err
     assert "unknown destination 'moengage-mian' (did you mean 'moengage-main'?)" in err
     assert err.endswith("configured: none; in the store: moengage-main\n")
+
+
+def test_pausing_a_known_destination_does_not_count_the_queue(
+    ops_config: str, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Counting reads every queued job's index entry: on a queue of millions, the moment an
+    # operator most wants a pause, it took minutes. A configured (or stored) name needs none.
+    async def no_counting(self: SqliteStore) -> None:
+        raise AssertionError("queue_stats was called")
+
+    monkeypatch.setattr(SqliteStore, "queue_stats", no_counting)
+    assert cli_main(["destinations", "pause", "segment-prod", "--config", ops_config]) == 0
+    assert cli_main(["destinations", "resume", "segment-prod", "--config", ops_config]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "segment-prod: paused",
+        "segment-prod: resumed; 0 waiting jobs made due now",
+    ]
