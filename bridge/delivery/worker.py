@@ -401,6 +401,7 @@ class DestinationWorker:
                 batch.settled.update(delivered)
                 batch.passed.update(delivered)
                 self.metrics.delivered(self.name, len(delivered))
+                self.guard.record(len(delivered), 0)  # good outcomes, as any ack's
             dead: list[DeadLetter] = []
             retries = RetrySchedule(self.policy, now)
             for job_id, job in batch.jobs.items():

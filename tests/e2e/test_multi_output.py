@@ -358,3 +358,29 @@ async def test_the_retry_after_an_internal_fault_sends_only_the_output_that_fail
         await asyncio.sleep(0.3)
         assert faults == 0 and upstream.event_requests == 2
         assert _customers(upstream) == ["gina"], "the retry after the fault sent the Track User again"
+
+
+async def test_events_acked_by_the_recovery_from_an_internal_fault_count_for_the_guard(make_bridge, tmp_path):
+    """Every output of the three events went out, then the store failed to record the ack
+    (a fault of the bridge's own): the recovery acks them, as delivered. They are good
+    outcomes for the bad-deploy guard too; uncounted, the guard's window missed them."""
+    faults = 1
+
+    class AckFailsOnce(SqliteStore):
+        async def ack(self, *args: Any, **kwargs: Any) -> None:
+            nonlocal faults
+            if faults:
+                faults -= 1
+                raise RuntimeError("the disk hiccuped")
+            await super().ack(*args, **kwargs)
+
+    db = f"{tmp_path}/bridge.db"
+    upstream = EventsFail()
+    async with _bridge(make_bridge, tmp_path, upstream, f"sqlite:///{db}", store=lambda: AckFailsOnce(db)) as bridge:
+        assert (await bridge.post("/v1/batch", _tracks("hal", "ida", "joe"), H))[0] == 200
+        await wait_until(lambda: _drained(bridge), what="the queue to drain")
+        assert faults == 0 and await _delivered_total(bridge) == 3
+        assert _customers(upstream) == ["hal", "ida", "joe"] and len(_events(upstream)) == 3
+        assert bridge.runtime is not None
+        guarded = bridge.runtime.delivery.workers["moengage-main"].guard
+        assert (guarded.size, guarded.ratio) == (3, 0.0)
