@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -60,6 +61,9 @@ class SegmentStandIn(StandIn):
         self.region = region
         self.accepted: list[SegmentEvent] = []
         self.dropped: list[Dropped] = []
+        # What a 429 asks the client to wait: Segment's carries Retry-After and
+        # X-RateLimit-Reset, both in seconds (segment-api.md, "Rate limits").
+        self.retry_after = 1
 
     def events(self) -> list[dict[str, Any]]:
         """Every event accepted, in arrival order."""
@@ -76,6 +80,11 @@ class SegmentStandIn(StandIn):
             "code": kind or _CODES.get(status, "server_error" if status >= 500 else "error"),
             "message": message or _MESSAGES.get(status, "Error"),
         }
+
+    def error_headers(self, status: int) -> Mapping[str, str] | None:
+        if status != 429:
+            return None
+        return {"Retry-After": str(self.retry_after), "X-RateLimit-Reset": str(int(time.time()) + self.retry_after)}
 
     async def _batch(self, request: web.Request) -> web.Response:
         raw = await request.read()

@@ -96,6 +96,10 @@ class StandIn:
         """Fields naming this stand-in on each sandbox log line, beside ``upstream``."""
         return {}
 
+    def error_headers(self, status: int) -> Mapping[str, str] | None:
+        """The headers this upstream answers an error ``status`` with (none by default)."""
+        return None
+
     # -- building and running ----------------------------------------------------
 
     def app(self) -> web.Application:
@@ -179,7 +183,7 @@ class StandIn:
         return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
 
     def error(self, status: int, message: str | None = None, kind: str | None = None) -> web.Response:
-        return self.json_response(status, self.error_body(status, message, kind))
+        return self.json_response(status, self.error_body(status, message, kind), self.error_headers(status))
 
     @staticmethod
     def request_id() -> str:
@@ -195,14 +199,16 @@ class StandIn:
             if request.transport is not None:
                 request.transport.abort()
             return web.Response(status=499)
-        body = planned.body
+        body, headers = planned.body, planned.headers
         if body is None and planned.status != 200:
             body = self.error_body(planned.status)
+            # The upstream's own headers for it (a 429's Retry-After), unless the plan names its own.
+            headers = headers or self.error_headers(planned.status) or {}
         if isinstance(body, bytes | str):
-            return web.Response(status=planned.status, body=body, headers=planned.headers)
+            return web.Response(status=planned.status, body=body, headers=headers)
         if body is None:
-            return web.Response(status=planned.status, headers=planned.headers)
-        return self.json_response(planned.status, body, planned.headers)
+            return web.Response(status=planned.status, headers=headers)
+        return self.json_response(planned.status, body, headers)
 
     @web.middleware
     async def _front(self, request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import time
 
 import orjson
 import pytest
@@ -148,6 +149,22 @@ async def test_failure_injection_uses_segment_error_shape(seg):
     assert (await post(client, {"batch": [track()], "writeKey": US_KEY}))[0] == 200
     assert standin.received == 3
     assert len(standin.events()) == 1
+
+
+async def test_a_429_asks_the_client_to_wait_as_segment_does(seg):
+    """Segment's 429 carries Retry-After and X-RateLimit-Reset (seconds): the bridge waits
+    what they ask, so a stand-in without them tested only its own backoff."""
+    standin, client, _ = seg
+    standin.retry_after = 7
+    for inject in (lambda: standin.refuse_all(429), lambda: standin.plan(Planned(429))):
+        inject()
+        resp = await client.post("/v1/batch", data=orjson.dumps({"batch": [track()], "writeKey": US_KEY}))
+        assert resp.status == 429 and resp.headers["Retry-After"] == "7"
+        assert 0 <= int(resp.headers["X-RateLimit-Reset"]) - int(time.time()) <= 7
+        assert await resp.json() == {"code": "rate_limited", "message": "Too Many Requests"}
+        standin.refuse_all(None)
+    resp = await client.post("/v1/batch", data=orjson.dumps({"batch": [track()], "writeKey": US_KEY}))
+    assert resp.status == 200 and "Retry-After" not in resp.headers
 
 
 async def test_real_segment_python_client_is_accepted(seg):
