@@ -629,6 +629,20 @@ async def test_admin_translate_answers_for_a_streams_event_as_delivery_would(bri
     assert "userId" not in delivered and delivered["anonymousId"] == "moe-1"
 
 
+async def test_admin_translate_takes_a_captured_streams_request_body(bridge):
+    """An operator pastes the request MoEngage sent (the envelope, not an event): each of
+    its events is answered for, as the route takes them. Before, the envelope was read as
+    one event and refused as event_uuid_required."""
+    payload = seed_payload()
+    status, body = await bridge.post("/admin/translate?destination=segment-prod", payload, ADMIN)
+    assert status == 200, body
+    names = [r["outputs"][0]["body"]["event"] for r in body["results"]]
+    assert len(names) == len(payload["events"]) and "Notification Received Android" in names, body
+    # The route's refusal of a whole body is one refused result, with its code.
+    status, body = await bridge.post("/admin/translate?destination=segment-prod", {"events": []}, ADMIN)
+    assert (status, body["results"]) == (200, [{"rejected": "empty_batch", "detail": "`events` is empty"}])
+
+
 def streams_events(n: int, prefix: str, **extra: Any) -> dict[str, Any]:
     return {
         "events": [

@@ -135,6 +135,28 @@ def test_translate_command(capsys, shipped_copy, monkeypatch):
     assert "no valid mapping 'nope'" in capsys.readouterr().err
 
 
+def test_translate_takes_a_captured_v1_batch_body(capsys, shipped_copy, monkeypatch):
+    """A /v1/batch body as an SDK sent it: its calls are translated as the route takes
+    them, with the batch's context merged into each (here the device id)."""
+    body = {
+        "batch": [
+            {"type": "track", "userId": "u1", "event": "A", "timestamp": "2026-01-01T00:00:00Z"},
+            {"type": "track", "userId": "u2", "event": "B", "timestamp": "2026-01-01T00:00:00Z"},
+        ],
+        "context": {"device": {"id": "dev-1"}},
+        "sentAt": "2026-01-01T00:00:00Z",
+    }
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(body)))
+    assert main(["translate", "--mapping", "segment-to-moengage", "--mappings-dir", str(shipped_copy)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "# event 0" and out[2] == "# event 1", out
+    assert out[1].startswith('event {"type":"event","customer_id":"u1","device_id":"dev-1"'), out[1]
+    assert out[3].startswith('event {"type":"event","customer_id":"u2","device_id":"dev-1"'), out[3]
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps({"batch": [], "context": "x"})))
+    assert main(["translate", "--mapping", "segment-to-moengage", "--mappings-dir", str(shipped_copy)]) == 0
+    assert capsys.readouterr().out == "rejected: context_not_object (the batch's context must be an object)\n"
+
+
 def test_translate_events_is_json_able():
     mapping = load_mapping_dir(ROOT / "mappings")["segment-to-moengage"]
     results = translate_events(

@@ -22,7 +22,7 @@ from bridge.httpx import (
 from bridge.routing import Routes
 from bridge.sources.base import Collected, Ingestor, SourceKind, given_id, store_collected
 from bridge.sources.encoding import encode_event
-from bridge.sources.segment.spec import CALL_TYPES, Envelope, Invalid, ReceivedClock, normalise_in
+from bridge.sources.segment.spec import CALL_TYPES, Envelope, Invalid, ReceivedClock, batch_of, normalise_in
 
 # /v1/import is the legacy batch path; /v1/b is where Segment's mobile SDKs (Swift, Kotlin,
 # Flutter, React Native) post their batches, {apiHost}/b, with the writeKey in the body:
@@ -127,13 +127,10 @@ class SegmentSources(SourceKind):
             )
         collected = self.ingestor.collector(source)
         if call in BATCH_CALLS:
-            items = data.get("batch")
-            if not isinstance(items, list):
-                raise ApiError(400, "invalid_batch", "batch must be an array of events")
-            for key in ("context", "integrations"):
-                # Merged into every event: a wrong type would otherwise be dropped unseen.
-                if data.get(key) is not None and not isinstance(data[key], dict):
-                    raise ApiError(400, f"{key}_not_object", f"the batch's {key} must be an object")
+            try:
+                items = batch_of(data)
+            except Invalid as exc:
+                raise ApiError(400, exc.code, exc.message) from None
             envelope = Envelope(
                 *self._clock.now(),
                 sent_at=data.get("sentAt"),

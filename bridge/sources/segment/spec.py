@@ -64,6 +64,19 @@ def _is_iso(text: str) -> bool:
     )
 
 
+def batch_of(data: dict[str, Any]) -> list[Any]:
+    """The calls of a /v1/batch (or /v1/import) body, or Invalid for an envelope the route
+    refuses whole: its batch, context and integrations are merged into every call."""
+    items = data.get("batch")
+    if not isinstance(items, list):
+        raise Invalid("invalid_batch", "batch must be an array of events")
+    for key in ("context", "integrations"):
+        # Merged into every event: a wrong type would otherwise be dropped unseen.
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise Invalid(f"{key}_not_object", f"the batch's {key} must be an object")
+    return items
+
+
 class ReceivedClock:
     """The time a request was received, its ``iso`` text and its epoch microseconds, to the
     millisecond that receivedAt keeps. Requests handled within one millisecond share them:
