@@ -790,3 +790,34 @@ async def test_events_too_large_for_bulk_import_go_alone_and_those_too_large_for
     assert [s for s in bridge.moengage.seen if s.status != 200] == []  # no 413, nothing refused
     _, status_body = await bridge.get("/admin/status", ADMIN)
     assert not next(d for d in status_body["destinations"] if d["name"] == "moengage-main")["paused"]
+
+
+async def test_a_webhook_batch_is_bounded_by_the_webhook_limits_not_the_tracking_apis(make_bridge):
+    """server.max_batch_events bounds /v1/batch; a Webhooks (Actions) batch is bounded by
+    max_webhook_events, before it is parsed too. Lowering the Tracking API's limit must not
+    refuse Segment's own batches: a 400 is a failed delivery Segment never retries."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["server"]["max_batch_events"] = 100
+
+    bridge = await make_bridge(tweak)
+    h = {**basic(WRITE_KEY), "Content-Type": "application/json"}
+    items = [
+        {
+            "type": "track",
+            "userId": f"wh-user-{i % 20}",
+            "event": "Order Completed",
+            "messageId": f"whc-{i}",
+            "timestamp": "2026-11-01T10:00:00.000Z",
+            "context": {"library": {"name": "analytics.js", "version": "2.11.1"}, "page": {"path": "/"}},
+            "properties": {"products": [{"sku": f"s-{j}", "tags": ["a"]} for j in range(20)]},
+        }
+        for i in range(500)
+    ]
+    body = orjson.dumps(items)
+    assert body.count(b"{") + body.count(b"[") > 100 * 200  # past the Tracking API's budget
+    status, data = await bridge.post(
+        "/segment/webhook", None, {**h, "X-Signature": _sign(orjson.dumps(items[0]))}, raw=body
+    )
+    assert (status, data) == (200, {"success": True}), data
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 500, timeout=20)

@@ -214,7 +214,8 @@ class SegmentSources(SourceKind):
         if source.webhook_secret:
             # On the bytes, before they are parsed: an unsigned body costs no more than its read.
             _verify_signature(signature, source.webhook_secret, body)
-        check_containers(body, self.config.server.max_batch_events)
+        # Bounded by the events a webhook may carry (Segment's batches), not /v1/batch's.
+        check_containers(body, self.config.server.max_webhook_events)
         data = parse_json(body)
         items = data if isinstance(data, list) else [data]
         collected = self.ingestor.collector(source)
