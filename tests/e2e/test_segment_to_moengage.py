@@ -821,3 +821,16 @@ async def test_a_webhook_batch_is_bounded_by_the_webhook_limits_not_the_tracking
     )
     assert (status, data) == (200, {"success": True}), data
     await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 500, timeout=20)
+
+
+@pytest.mark.parametrize("method", ["PUT", "PATCH"])
+async def test_a_webhooks_actions_mapping_may_send_with_put_or_patch(bridge, method):
+    """Webhooks (Actions) sends with the method its mapping names: POST, PUT or PATCH."""
+    event = track_body(type="track", userId=f"wh-{method}", event=f"Hooked by {method}")
+    body = orjson.dumps(event)
+    h = {**basic(WRITE_KEY), "Content-Type": "application/json", "X-Signature": _sign(body)}
+    assert bridge.client is not None
+    resp = await bridge.client.request(method, "/segment/webhook", data=body, headers=h)
+    assert resp.status == 200, await resp.text()
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1)
+    assert bridge.moengage.events()[0]["actions"][0]["action"] == f"Hooked by {method}"

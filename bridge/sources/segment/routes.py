@@ -34,6 +34,7 @@ BATCH_CALLS = ("batch", "import", "b")
 BROWSER_CALLS = {"t": "track", "i": "identify", "p": "page", "s": "screen", "g": "group", "a": "alias"}
 # Authorization headers remembered once authenticated (see SegmentSources._source_for_header).
 AUTH_CACHE_SIZE = 256
+WEBHOOK_METHODS = ("POST", "PUT", "PATCH")
 # Classic Webhooks also send deletion requests; they carry no event to route.
 WEBHOOK_IGNORED_TYPES = frozenset({"delete"})
 
@@ -61,7 +62,10 @@ class SegmentSources(SourceKind):
     def add_routes(self, routes: Routes) -> None:
         for call in (*sorted(CALL_TYPES), *BATCH_CALLS, *BROWSER_CALLS):
             routes.add_post(f"/v1/{call}", self.tracking_api, cors=True)
-        routes.add_post("/segment/webhook", self.webhook)
+        # Webhooks (Actions) sends with the method its mapping names: POST (the default),
+        # PUT or PATCH. A 405 would be a failed delivery Segment never retries.
+        for method in WEBHOOK_METHODS:
+            routes.add(method, "/segment/webhook", self.webhook)
 
     # -- auth -------------------------------------------------------------------
     def _source_for(self, key: Any) -> SourceConfig:
