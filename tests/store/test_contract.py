@@ -318,7 +318,10 @@ async def _dead(store: Store, n: int, destination: str = "moe") -> list[int]:
 async def test_dead_letter_list_and_filters(store: Store) -> None:
     ids = await _dead(store, 3)
     other = await _dead(store, 1, "seg")
-    t0 = time.time()
+    # The store's clock, which stamps failed_at: PostgreSQL's is the database's, which
+    # time.time() differs from by the measured offset's error (up to half a round trip,
+    # more than the sleep below on a loaded machine).
+    t0 = store.now()
     await store.dead_letter(
         [
             DeadLetter(ids[0], "http_400", 400, '{"error":"bad"}', b'{"req":1}', "Order Completed", "v1"),
@@ -326,7 +329,7 @@ async def test_dead_letter_list_and_filters(store: Store) -> None:
         ]
     )
     await asyncio.sleep(0.05)
-    t1 = time.time()
+    t1 = store.now()
     await store.dead_letter([DeadLetter(other[0], "http_400", 400, "no", b"", "track")])
 
     every = await store.list_dead(EVERYTHING)
@@ -360,10 +363,10 @@ async def test_dead_letter_list_and_filters(store: Store) -> None:
 async def test_queue_stats_per_destination_depth_and_head(store: Store) -> None:
     """Depth counts unsettled jobs (leased ones too); the age is the oldest unsettled job's,
     and moves on when that job settles; a destination with nothing queued is absent."""
-    before = time.time()
+    before = store.now()  # the clock created_at is stamped by (see the dead letter test)
     await store.enqueue("web", [event("q0", "u0", destinations=("a", "b", "c"))])
     await asyncio.sleep(0.05)
-    middle = time.time()
+    middle = store.now()
     await store.enqueue("web", [event(f"q{i}", f"u{i}", destinations=("a", "c")) for i in range(1, 4)])
     stats = await store.queue_stats()
     assert {d: s.depth for d, s in stats.items()} == {"a": 4, "b": 1, "c": 4}
