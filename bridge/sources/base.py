@@ -170,7 +170,7 @@ class Collected:
     session 18).
     """
 
-    __slots__ = ("_destinations", "_linkers", "_metrics", "ignored", "incoming", "rejected", "source")
+    __slots__ = ("_destinations", "_linkers", "_metrics", "incoming", "rejected", "source")
 
     def __init__(self, source: SourceConfig, linkers: list[Linker], metrics: IngestMetrics):
         self.source = source
@@ -179,7 +179,6 @@ class Collected:
         self._metrics = metrics
         self.incoming: list[IncomingEvent] = []
         self.rejected: list[Rejection] = []
-        self.ignored = 0  # acknowledged without being stored (a webhook's deletion requests)
 
     def accept(self, event: dict[str, Any], message_id: str, ordering_key: str, payload: bytes) -> None:
         """Keep a validated event (``payload`` is its stored JSON) with the identity links
@@ -213,14 +212,9 @@ async def store_collected(ingestor: Ingestor, collected: Collected) -> web.Respo
     if collected.rejected:
         log_rejections(collected)
     if not incoming:
-        if collected.ignored and not collected.rejected:
-            return json_response({"success": True, "accepted": 0, "ignored": collected.ignored})
         raise all_rejected(collected.rejected)
     result = await ingestor.store_events(collected.source, incoming)
-    answer = batch_answer(len(incoming), result.duplicates, collected.rejected)
-    if collected.ignored:
-        answer["ignored"] = collected.ignored
-    return json_response(answer)
+    return json_response(batch_answer(len(incoming), result.duplicates, collected.rejected))
 
 
 def log_rejections(collected: Collected) -> None:

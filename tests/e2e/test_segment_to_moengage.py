@@ -699,7 +699,7 @@ async def test_the_deepest_event_ingest_takes_is_delivered_and_one_deeper_is_ref
     assert (status, data["dead_letters"]) == (200, []), data
 
 
-async def test_webhook_batches_of_segments_default_size_and_deletions(bridge):
+async def test_webhook_batches_of_segments_default_size(bridge):
     """Webhooks (Actions) batches 1000 events by default (up to 4000): about 1 MB here."""
     h = {**basic(WRITE_KEY), "Content-Type": "application/json"}
     items = [
@@ -718,11 +718,6 @@ async def test_webhook_batches_of_segments_default_size_and_deletions(bridge):
     signed = {**h, "X-Signature": _sign(orjson.dumps(items[0]))}
     status, data = await bridge.post("/segment/webhook", None, signed, raw=body)
     assert (status, data) == (200, {"success": True}), data
-    # Classic Webhooks also send deletion requests: acknowledged, nothing stored.
-    delete = {"type": "delete", "userId": "wh-user-1", "messageId": "del-1"}
-    raw = orjson.dumps(delete)
-    status, data = await bridge.post("/segment/webhook", None, {**h, "X-Signature": _sign(raw)}, raw=raw)
-    assert (status, data) == (200, {"success": True, "accepted": 0, "ignored": 1})
     await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1000, timeout=20)
 
 

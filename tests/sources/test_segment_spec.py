@@ -5,7 +5,7 @@ import pytest
 
 from bridge.sources.segment.millis import micros
 from bridge.sources.segment.routes import first_array_item
-from bridge.sources.segment.spec import Envelope, Invalid, ReceivedClock, iso, normalise
+from bridge.sources.segment.spec import WEBHOOK_ONLY_TYPES, Envelope, Invalid, ReceivedClock, iso, normalise
 
 NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
 
@@ -107,6 +107,25 @@ def test_batch_items_need_a_known_type():
     assert code_of({"userId": "u"}) == "invalid_type"
     assert code_of({"userId": "u", "type": "delete"}) == "invalid_type"
     assert code_of([1]) == "invalid_event"
+
+
+def webhook_envelope() -> Envelope:
+    return Envelope(NOW, keep_timestamp=True, more_types=WEBHOOK_ONLY_TYPES)
+
+
+def test_a_webhook_deletion_is_ordered_with_its_user_and_must_name_one():
+    event, message_id, key = normalise(
+        {"type": "delete", "userId": 42, "messageId": "d-1"}, call_type=None, envelope=webhook_envelope()
+    )
+    assert (event["type"], event["userId"], message_id, key) == ("delete", "42", "d-1", "42")
+    for nameless in ({"type": "delete"}, {"type": "delete", "userId": " ", "anonymousId": "a-1"}):
+        with pytest.raises(Invalid) as exc:
+            normalise(nameless, call_type=None, envelope=webhook_envelope())
+        assert (exc.value.code, exc.value.message) == ("id_required", "delete requires userId, the user to delete")
+    # The webhook's own list of types is the one an unknown type is told about.
+    with pytest.raises(Invalid) as exc:
+        normalise({"type": "erase", "userId": "u"}, call_type=None, envelope=webhook_envelope())
+    assert exc.value.message == "type must be one of alias, delete, group, identify, page, screen, track; got 'erase'"
 
 
 def test_batch_context_and_integrations_merge_with_item_winning():

@@ -22,7 +22,15 @@ from bridge.httpx import (
 from bridge.routing import Routes
 from bridge.sources.base import Collected, Ingestor, SourceKind, given_id, store_collected
 from bridge.sources.encoding import encode_event
-from bridge.sources.segment.spec import CALL_TYPES, Envelope, Invalid, ReceivedClock, batch_of, normalise_in
+from bridge.sources.segment.spec import (
+    CALL_TYPES,
+    WEBHOOK_ONLY_TYPES,
+    Envelope,
+    Invalid,
+    ReceivedClock,
+    batch_of,
+    normalise_in,
+)
 
 # /v1/import is the legacy batch path; /v1/b is where Segment's mobile SDKs (Swift, Kotlin,
 # Flutter, React Native) post their batches, {apiHost}/b, with the writeKey in the body:
@@ -35,8 +43,6 @@ BROWSER_CALLS = {"t": "track", "i": "identify", "p": "page", "s": "screen", "g":
 # Authorization headers remembered once authenticated (see SegmentSources._source_for_header).
 AUTH_CACHE_SIZE = 256
 WEBHOOK_METHODS = ("POST", "PUT", "PATCH")
-# Classic Webhooks also send deletion requests; they carry no event to route.
-WEBHOOK_IGNORED_TYPES = frozenset({"delete"})
 
 
 class SegmentSources(SourceKind):
@@ -180,10 +186,6 @@ class SegmentSources(SourceKind):
         keep = envelope.keep_timestamp
         accept = collected.accept
         for i, item in enumerate(items):
-            if keep and isinstance(item, dict) and _ignored_type(item.get("type")):
-                # Acknowledged, not stored: answering 400 would show as a failed delivery in Segment.
-                collected.ignored += 1
-                continue
             try:
                 event, message_id, key = normalise_in(item, call, envelope)
                 payload = encode_event(event)
@@ -223,7 +225,11 @@ class SegmentSources(SourceKind):
         data = parse_json(body)
         items = data if isinstance(data, list) else [data]
         collected = self.ingestor.collector(source)
-        self._collect_many(collected, items, Envelope(*self._clock.now(), keep_timestamp=True))
+        # Classic Webhooks also send deletion requests (type delete): stored like any call,
+        # ordered with the user's other events, so the user's earlier events reach the
+        # destination before the deletion does.
+        envelope = Envelope(*self._clock.now(), keep_timestamp=True, more_types=WEBHOOK_ONLY_TYPES)
+        self._collect_many(collected, items, envelope)
         return collected
 
 
@@ -238,11 +244,6 @@ def _verify_signature(given: str, secret: str, body: bytes) -> None:
     # surrogatepass: a header aiohttp could not read as UTF-8 is a wrong signature, not a crash.
     if not hmac.compare_digest(expected.encode(), given.strip().lower().encode("utf-8", "surrogatepass")):
         raise ApiError(401, "invalid_signature", "X-Signature does not match the body")
-
-
-def _ignored_type(value: Any) -> bool:
-    # Only a string can name a type; anything else is left for validation to refuse.
-    return isinstance(value, str) and value in WEBHOOK_IGNORED_TYPES
 
 
 # Normalising adds receivedAt, timestamp, originalTimestamp and maybe messageId (~200 bytes),

@@ -15,6 +15,10 @@ from bridge.sources.segment.millis import EPOCH, MICROSECOND, MillisText, micros
 from bridge.store.ordering import ordering_key
 
 CALL_TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias"})
+# Types only Segment's Webhooks destination sends, never a client: a deletion request
+# (a GDPR delete, regulation "Suppress and delete"). The Tracking API has no such route
+# and its calls keep refusing the type (an SDK cannot ask for a deletion through it).
+WEBHOOK_ONLY_TYPES = frozenset({"delete"})
 MAX_MESSAGE_ID = 100
 
 
@@ -108,6 +112,7 @@ class Envelope:
         "context",
         "integrations",
         "keep_timestamp",
+        "more_types",
         "merges",
         "received_at",
         "received_iso",
@@ -127,6 +132,7 @@ class Envelope:
         context: Any = None,
         integrations: Any = None,
         keep_timestamp: bool = False,
+        more_types: frozenset[str] = frozenset(),
     ) -> None:
         self.received_at = received_at
         self.received_iso = received_iso if received_iso is not None else iso(received_at)
@@ -146,6 +152,8 @@ class Envelope:
         self.integrations = integrations
         self.merges = bool(context or integrations)  # a batch's context or integrations to merge
         self.keep_timestamp = keep_timestamp
+        # Call types taken besides CALL_TYPES: a webhook's WEBHOOK_ONLY_TYPES.
+        self.more_types = more_types
 
 
 def parse_time(value: Any, field: str) -> datetime:
@@ -240,10 +248,11 @@ def normalise_in(item: Any, call_type: str | None, envelope: Envelope) -> tuple[
         event["type"] = kind
     else:
         kind = event.get("type")
-    if not isinstance(kind, str) or kind not in CALL_TYPES:
+    # more_types is looked at only for a type outside CALL_TYPES: the common call pays nothing.
+    if not isinstance(kind, str) or (kind not in CALL_TYPES and kind not in envelope.more_types):
         raise Invalid(
             "invalid_type",
-            f"type must be one of {', '.join(sorted(CALL_TYPES))}; got {kind!r}"
+            f"type must be one of {', '.join(sorted(CALL_TYPES | envelope.more_types))}; got {kind!r}"
             if kind is not None
             else "type is required for each event in a batch",
         )
@@ -265,6 +274,11 @@ def normalise_in(item: Any, call_type: str | None, envelope: Envelope) -> tuple[
         if user_id is None or previous is None:
             raise Invalid("id_required", "alias requires userId and previousId")
         event["previousId"] = previous
+    elif kind == "delete":
+        # A deletion names the user to delete: an anonymousId names no MoEngage user, and
+        # "delete whoever this is" must never be guessed at.
+        if user_id is None:
+            raise Invalid("id_required", "delete requires userId, the user to delete")
     elif user_id is None and anon_id is None:
         raise Invalid("id_required", f"{kind} requires userId or anonymousId")
 
