@@ -39,6 +39,8 @@ SHAPES: dict[str, dict[str, Shape]] = {
             action_fields=_ACTION_FIELDS,
         ),
         "merge": Shape(("merged_user", "retained_user"), required=("merged_user", "retained_user"), typed=False),
+        # Delete User: one user a request, named as MoEngage's body names it (no `type`).
+        "delete": Shape(("identity_type", "identity_value"), required=("identity_type", "identity_value"), typed=False),
     },
     "segment": {
         "track": Shape(
@@ -121,6 +123,20 @@ def body_checker(destination: str, kind: str) -> Callable[[dict[str, Any]], str 
     return lambda body: check_body(destination, kind, body)
 
 
+# Ids, each a string wherever a body has it: a number or an object would name no user.
+_STRING_FIELDS = (
+    "customer_id",
+    "device_id",
+    "merged_user",
+    "retained_user",
+    "identity_type",
+    "identity_value",
+    "event",
+    "userId",
+    "anonymousId",
+)
+
+
 def check_body(destination: str, kind: str, body: dict[str, Any]) -> str | None:
     """Run-time check of a produced body; returns what is wrong, or None."""
     shape = SHAPES[destination][kind]
@@ -129,7 +145,7 @@ def check_body(destination: str, kind: str, body: dict[str, Any]) -> str | None:
             return f"{key!r} is missing or empty"
     if shape.one_of and all(is_blank(body.get(k)) for k in shape.one_of):
         return f"none of {', '.join(shape.one_of)} is set"
-    for key in ("customer_id", "device_id", "merged_user", "retained_user", "event", "userId", "anonymousId"):
+    for key in _STRING_FIELDS:
         if key in body and not isinstance(body[key], str):
             return f"{key!r} must be a string, got {type(body[key]).__name__}"
     if shape.action_fields:
