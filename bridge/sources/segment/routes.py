@@ -183,7 +183,6 @@ class SegmentSources(SourceKind):
         body the caller has measured against ``limit``) raises Invalid. One loop for both:
         it runs per event."""
         near_limit = limit - _NORMALISED_GROWTH
-        keep = envelope.keep_timestamp
         accept = collected.accept
         for i, item in enumerate(items):
             try:
