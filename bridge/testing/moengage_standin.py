@@ -3,8 +3,8 @@
 Behaviour follows MoEngage's documented contract (shared/reference/moengage-api.md §1):
 Basic auth (workspace id : Data API key), MOE-APPKEY equal to the username, JSON only,
 128 KB per request (100 KB for Bulk Import), MissingAttributeError for incomplete
-items, at most 50 merge pairs, and silent acceptance of customer ids MoEngage
-ignores.
+items, at most 50 merge pairs, silent acceptance of customer ids MoEngage
+ignores, and Delete User's 400 for a user it does not have.
 """
 
 from __future__ import annotations
@@ -84,6 +84,8 @@ _INVALID_APP_ID = "given app_id is invalid/blocked"
 
 ACCEPTED = {"status": "success", "message": "Your request has been accepted and will be processed soon."}
 MERGE_ACCEPTED = {"status": "success", "operation": "created"}
+# Delete User's answer for a customer id without a user, MoEngage's wording (sic).
+USER_ABSENT = "User doesn't exists with customer id {}"
 
 
 class Rejected(Exception):
@@ -138,6 +140,11 @@ class MoEngageStandIn(StandIn):
         self._events: list[dict[str, Any]] = []
         self._devices: list[dict[str, Any]] = []
         self._merges: list[dict[str, Any]] = []
+        self._deletions: list[dict[str, Any]] = []
+        # The customer ids MoEngage has a user for: made by a Track User or Create Event
+        # item, moved by a merge, removed by a deletion (at once: MoEngage keeps a deleted
+        # user for a 24 h buffer, which no test waits out).
+        self._users: set[str] = set()
 
     # -- views -------------------------------------------------------------------
 
@@ -156,16 +163,25 @@ class MoEngageStandIn(StandIn):
         """Every merge pair accepted: {"merged_user", "retained_user"}."""
         return list(self._merges)
 
+    def deletions(self) -> list[dict[str, Any]]:
+        """Every Delete User body accepted (a user that existed), in order."""
+        return list(self._deletions)
+
+    def users(self) -> set[str]:
+        """The customer ids of the users MoEngage has now."""
+        return set(self._users)
+
     # -- the app -------------------------------------------------------------------
 
     def routes(self) -> list[web.RouteDef]:
-        # Merge before the customer route: "/v1/customer/merge" would match {workspace}.
+        # Merge and delete before the customer route: "/v1/customer/merge" would match {workspace}.
         # Each under "/api-{dc}" too: one stand-in serves every data center's host.
         return [
             route
             for prefix in ("", "/api-{dc}")
             for route in (
                 web.post(f"{prefix}/v1/customer/merge", self._merge),
+                web.post(f"{prefix}/v1/customer/delete", self._delete),
                 web.post(f"{prefix}/v1/customer/{{workspace}}", self._customer),
                 web.post(f"{prefix}/v1/event/{{workspace}}", self._event),
                 web.post(f"{prefix}/v1/transition/{{workspace}}", self._transition),
@@ -194,15 +210,19 @@ class MoEngageStandIn(StandIn):
     async def _merge(self, request: web.Request) -> web.Response:
         return await self._handle(request, self._accept_merge, MAX_BODY_BYTES, merge=True)
 
+    async def _delete(self, request: web.Request) -> web.Response:
+        return await self._handle(request, self._accept_delete, MAX_BODY_BYTES, app_id_in_query=True)
+
     async def _handle(
         self,
         request: web.Request,
         accept: Callable[[dict[str, Any]], str],
         max_bytes: int,
         merge: bool = False,
+        app_id_in_query: bool = False,
     ) -> web.Response:
         try:
-            self._authenticate(request, merge=merge)
+            self._authenticate(request, merge=merge, app_id_in_query=app_id_in_query or merge)
             if request.content_type != "application/json":
                 raise Rejected(415, "Content-Type must be application/json", "MediaTypeError")
             raw = await request.read()
@@ -222,7 +242,7 @@ class MoEngageStandIn(StandIn):
         self.note(request, summary=summary, body=clip(body))
         return self.json_response(200, MERGE_ACCEPTED if merge else ACCEPTED)
 
-    def _authenticate(self, request: web.Request, *, merge: bool) -> None:
+    def _authenticate(self, request: web.Request, *, merge: bool, app_id_in_query: bool) -> None:
         header = request.headers.get("Authorization")
         if not header:
             raise Rejected(401, "Authentication Header Required", "AuthenticationError")
@@ -249,7 +269,7 @@ class MoEngageStandIn(StandIn):
                 "MOE_APPKEY doesn't match the Username (APP_KEY) used in Basic Auth authorization.",
                 "AuthenticationError",
             )
-        target = request.query.get("app_id") if merge else request.match_info.get("workspace")
+        target = request.query.get("app_id") if app_id_in_query else request.match_info.get("workspace")
         if not target:
             raise Rejected(400, "app_id is required", "InvalidParams")
         if target != username:
@@ -270,6 +290,8 @@ class MoEngageStandIn(StandIn):
             self.ignored.append(Ignored("blocked_customer_id", item))
         else:
             into.append(item)
+            if into is not self._devices:  # a device is only ever added to an existing user
+                self._users.add(item["customer_id"])
 
     def _accept_customer_request(self, body: dict[str, Any]) -> str:
         _check_user_item(body, "customer", where="")
@@ -323,7 +345,26 @@ class MoEngageStandIn(StandIn):
                 self.ignored.append(Ignored("blocked_customer_id", pair))
             else:
                 self._merges.append(pair)
+                # The merged user's data moves into the retained user; the merged one is gone.
+                self._users.discard(pair["merged_user"])
+                self._users.add(pair["retained_user"])
         return f"merge pairs={len(pairs)}"
+
+    def _accept_delete(self, body: dict[str, Any]) -> str:
+        identity_type = body.get("identity_type")
+        value = body.get("identity_value")
+        if not isinstance(identity_type, str) or not identity_type:
+            raise Rejected(400, "identity_type is not found in the payload", "MissingAttributeError")
+        if identity_type != "customer_id":
+            # MoEngage also takes its own moengage_id, which no bridge call ever learns.
+            raise Rejected(400, f"identity_type {identity_type!r} is not supported", "InvalidParams")
+        if not isinstance(value, str) or not value.strip():
+            raise Rejected(400, "identity_value can not be empty Unicode String", "MissingAttributeError")
+        if value not in self._users:
+            raise Rejected(400, USER_ABSENT.format(value), "BadRequestError")
+        self._users.discard(value)
+        self._deletions.append(body)
+        return f"delete {value!r}"
 
 
 def _check_user_item(item: dict[str, Any], kind: str, *, where: str) -> None:

@@ -31,6 +31,11 @@ from tests.config.conftest import error_of
 from tests.e2e.harness import config_dict
 
 
+def test_the_delete_user_bucket_is_configurable_like_the_others(raw: dict[str, Any]) -> None:
+    raw["destinations"][0]["rate_limits"] = {"delete": "3000/min"}
+    assert build_config(raw).destinations[0].rate_limits == {"delete": 50.0}
+
+
 def test_a_full_config_builds(raw: dict[str, Any]) -> None:
     cfg = build_config(raw)
     assert [s.name for s in cfg.sources] == ["web", "eu-web", "streams-main"]

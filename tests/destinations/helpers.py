@@ -26,3 +26,7 @@ def event(customer_id: str, action: str, job_id: int = 1, **attributes: Any) -> 
 
 def merge(merged: str, retained: str, job_id: int = 1) -> Item:
     return make_item("merge", {"merged_user": merged, "retained_user": retained}, job_id)
+
+
+def delete(customer_id: str, job_id: int = 1) -> Item:
+    return make_item("delete", {"identity_type": "customer_id", "identity_value": customer_id}, job_id)

@@ -11,7 +11,7 @@ import pytest
 from bridge.destinations.base import ConfigError, Request, destination_kinds
 from bridge.destinations.moengage import MoEngageDestination
 from bridge.testing.standins import MoEngageStandIn, Planned
-from tests.destinations.helpers import customer, event, make_item, merge
+from tests.destinations.helpers import customer, delete, event, make_item, merge
 
 WS = "WS_TEST1"
 KEY = "s3cret-api-key"
@@ -202,7 +202,14 @@ def test_rate_limits_and_costs_follow_the_documented_caps():
     dest = build()
     limits = dest.rate_limits()
     assert limits == pytest.approx(
-        {"users": 10_000 / 60, "events": 500.0, "bulk_users": 1000.0, "bulk_events": 1000.0, "merge": 1000 / 60}
+        {
+            "users": 10_000 / 60,
+            "events": 500.0,
+            "bulk_users": 1000.0,
+            "bulk_events": 1000.0,
+            "merge": 1000 / 60,
+            "delete": 5000 / 60,
+        }
     )
     two_actions = make_item(
         "event", {"type": "event", "customer_id": "u", "actions": [{"action": "a"}, {"action": "b"}]}
@@ -212,6 +219,20 @@ def test_rate_limits_and_costs_follow_the_documented_caps():
     assert dict(dest.rate_cost(Request("merge", [merge("a1", "b1")] * 7)).buckets) == {"merge": 7}
     assert dict(dest.rate_cost(Request("customer", [customer("u1")])).buckets) == {"users": 1}
     assert dict(dest.rate_cost(Request("event", [two_actions])).buckets) == {"events": 2}
+    assert dict(dest.rate_cost(Request("delete", [delete("u1")])).buckets) == {"delete": 1}
+
+
+@pytest.mark.parametrize("api", ["bulk", "single"])
+def test_a_deletion_goes_alone_to_delete_user_in_its_place_among_the_users_items(api):
+    dest = build(api=api)
+    items = [customer("u1", 1), event("u1", "a", 2), delete("u1", 3), delete("u2", 4), customer("u1", 5)]
+    assert dest.reject_reason(items[2]) is None
+    requests = dest.pack(items)
+    endpoints = [(r.endpoint, [i.job_id for i in r.items]) for r in requests]
+    before = [("bulk", [1, 2])] if api == "bulk" else [("customer", [1]), ("event", [2])]
+    after = [("bulk", [5])] if api == "bulk" else [("customer", [5])]
+    assert endpoints == [*before, ("delete", [3]), ("delete", [4]), *after]
+    assert orjson.loads(dest.render(requests[len(before)])) == {"identity_type": "customer_id", "identity_value": "u1"}
 
 
 # -- sending ----------------------------------------------------------------------------
@@ -249,6 +270,43 @@ async def test_single_endpoints_and_merge_reach_their_paths(moengage):
     ]
     assert standin.merges() == [{"merged_user": "anon-1", "retained_user": "u1"}]
     assert orjson.loads(results[2][1].body) == {"status": "success", "operation": "created"}
+
+
+async def test_a_deletion_reaches_delete_user_and_one_for_an_absent_user_counts_as_delivered(moengage):
+    standin, base = moengage
+    dest = build(base_url=base)
+    results = await send_all(dest, [customer("u1", 1), delete("u1", 2), delete("never-seen", 3)])
+    assert [(request.endpoint, response.status) for request, response in results] == [
+        ("bulk", 200),
+        ("delete", 200),
+        ("delete", 200),
+    ]
+    assert [(r.path, dict(r.query)) for r in standin.requests] == [
+        (f"/v1/transition/{WS}", {}),
+        ("/v1/customer/delete", {"app_id": WS}),
+    ]
+    assert standin.requests[1].headers["MOE-APPKEY"] == WS
+    assert standin.deletions() == [{"identity_type": "customer_id", "identity_value": "u1"}]
+    # MoEngage's own 400, kept in the body for whoever looks.
+    assert "User doesn't exists with customer id never-seen" in results[2][1].body
+    assert [s.status for s in standin.seen] == [200, 200, 400]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"status": "fail", "error": {"message": "identity_value can not be empty", "type": "MissingAttributeError"}},
+        # The absent user's words only in the echoed id, not as the message: still a failure.
+        {"status": "fail", "error": {"message": "Invalid id: User doesn't exists with customer id", "type": "X"}},
+        "User doesn't exists with customer id u1",
+    ],
+    ids=["other-400", "words-elsewhere", "not-json"],
+)
+async def test_any_other_400_from_delete_user_stays_a_failure(moengage, answer):
+    standin, base = moengage
+    standin.plan(Planned(400, answer))
+    results = await send_all(build(base_url=base), [delete("u1")])
+    assert [response.status for _, response in results] == [400]
 
 
 async def test_a_full_bulk_pack_is_accepted_by_the_100_kb_standin(moengage):

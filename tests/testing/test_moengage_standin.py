@@ -343,3 +343,52 @@ async def test_every_endpoint_checks_the_data_center(moe):
     for path, body in ((f"/api-01/v1/event/{WS}", event()), (f"/api-01/v1/customer/merge?app_id={WS}", merge)):
         assert (await call(client, path, body))[0] == 200, path
     assert standin.merges() == merge["merge_data"]
+
+
+def deletion(cid="u1"):
+    return {"identity_type": "customer_id", "identity_value": cid}
+
+
+async def test_delete_user_removes_a_user_it_has_and_is_a_400_for_one_it_never_saw(moe):
+    standin, client = moe
+    assert (await call(client, f"/v1/customer/{WS}", customer("u1")))[0] == 200
+    assert (await call(client, f"/v1/event/{WS}", event("u2")))[0] == 200
+    assert standin.users() == {"u1", "u2"}
+    status, body = await call(client, f"/v1/customer/delete?app_id={WS}", deletion("u1"))
+    assert (status, body) == (
+        200,
+        {"status": "success", "message": "Your request has been accepted and will be processed soon."},
+    )
+    assert standin.deletions() == [deletion("u1")]
+    assert standin.users() == {"u2"}
+    for absent in ("u1", "never-seen"):
+        status, body = await call(client, f"/v1/customer/delete?app_id={WS}", deletion(absent))
+        assert (status, body["error"]["message"]) == (400, f"User doesn't exists with customer id {absent}")
+    assert standin.deletions() == [deletion("u1")]
+
+
+async def test_a_merged_away_user_is_gone_and_the_retained_one_exists(moe):
+    standin, client = moe
+    assert (await call(client, f"/v1/customer/{WS}", customer("old")))[0] == 200
+    merge = {"merge_data": [{"merged_user": "old", "retained_user": "new"}]}
+    assert (await call(client, f"/v1/customer/merge?app_id={WS}", merge))[0] == 200
+    assert standin.users() == {"new"}
+
+
+async def test_delete_user_checks_auth_app_id_and_body_like_the_other_calls(moe):
+    standin, client = moe
+    path = f"/v1/customer/delete?app_id={WS}"
+    assert (await call(client, path, deletion(), {**GOOD, "Authorization": basic_auth(WS, "nope")}))[0] == 401
+    no_appkey = {"Authorization": basic_auth(WS, KEY), "Content-Type": "application/json"}
+    assert (await call(client, path, deletion(), no_appkey))[0] == 401
+    status, body = await call(client, "/v1/customer/delete?app_id=OTHER", deletion())
+    assert (status, body["error"]["type"]) == (409, "ConflictError")
+    status, body = await call(client, "/v1/customer/delete", deletion())
+    assert (status, body["error"]["type"]) == (400, "InvalidParams")
+    status, body = await call(client, f"/api-02{path}", deletion())
+    assert (status, body["error"]["message"]) == (400, "given app_id is invalid/blocked")
+    status, body = await call(client, path, {"identity_type": "customer_id"})
+    assert (status, body["error"]["type"]) == (400, "MissingAttributeError")
+    status, body = await call(client, path, {"identity_type": "email", "identity_value": "a@b.co"})
+    assert (status, body["error"]["type"]) == (400, "InvalidParams")
+    assert standin.deletions() == []
