@@ -1,0 +1,125 @@
+"""Segment deletion requests (a webhook's type delete) reach MoEngage's Delete User."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Any
+
+import orjson
+
+from tests.e2e.harness import ADMIN_TOKEN, WEBHOOK_SECRET, WORKSPACE, WRITE_KEY, Bridge, basic, wait_until
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+DELETE_PATH = "/v1/customer/delete"
+
+
+async def webhook(bridge: Bridge, body: Any) -> tuple[int, Any]:
+    """POST ``body`` to /segment/webhook as Segment does: Basic write key, signed (a batch
+    by its first item only)."""
+    raw = orjson.dumps(body)
+    signed = orjson.dumps(body[0]) if isinstance(body, list) else raw
+    signature = hmac.new(WEBHOOK_SECRET.encode(), signed, hashlib.sha1).hexdigest()
+    headers = {**basic(WRITE_KEY), "Content-Type": "application/json", "X-Signature": signature}
+    return await bridge.post("/segment/webhook", None, headers, raw=raw)
+
+
+def deletion(user_id: str, message_id: str) -> dict[str, Any]:
+    # What Segment's Webhooks destination posts for a deletion request.
+    return {
+        "type": "delete",
+        "userId": user_id,
+        "messageId": message_id,
+        "timestamp": "2026-11-01T10:00:00.000Z",
+        "receivedAt": "2026-11-01T10:00:00.500Z",
+        "context": {},
+    }
+
+
+async def settled(bridge: Bridge) -> bool:
+    """Nothing left queued for moengage-main."""
+    _, status = await bridge.get("/admin/status", ADMIN)
+    return bool(status["destinations"][0]["queue_depth"] == 0)
+
+
+async def dead_letters(bridge: Bridge) -> list[Any]:
+    status, data = await bridge.get("/admin/dlq", ADMIN)
+    assert status == 200, data
+    return list(data["dead_letters"])
+
+
+async def test_a_deletion_reaches_moengage_after_the_users_earlier_events(bridge: Bridge) -> None:
+    moengage = bridge.moengage
+    moengage.hold()  # the user's events stay queued (in flight) while the deletion arrives
+    batch = {
+        "batch": [
+            {"type": "identify", "userId": "del-u1", "traits": {"email": "d@example.com"}, "messageId": "d-i"},
+            *({"type": "track", "userId": "del-u1", "event": f"Step {n}", "messageId": f"d-t{n}"} for n in range(3)),
+        ]
+    }
+    assert (await bridge.post("/v1/batch", batch, basic(WRITE_KEY)))[0] == 200
+    await moengage.wait_for(lambda: moengage.received >= 1)
+    status, data = await webhook(bridge, deletion("del-u1", "del-1"))
+    assert (status, data) == (200, {"success": True}), data
+    moengage.release()
+    await moengage.wait_for(lambda: len(moengage.deletions()) == 1)
+
+    assert moengage.deletions() == [{"identity_type": "customer_id", "identity_value": "del-u1"}]
+    paths = [seen.path for seen in moengage.seen]
+    assert paths[-1] == DELETE_PATH and paths.count(DELETE_PATH) == 1, paths
+    # Every event of the user was delivered before the deletion: none is left to recreate it.
+    assert [e["actions"][0]["action"] for e in moengage.events()] == ["Step 0", "Step 1", "Step 2"]
+    assert [c["customer_id"] for c in moengage.customers()] == ["del-u1"]
+    (request,) = [r for r in moengage.requests if r.path == DELETE_PATH]
+    assert dict(request.query) == {"app_id": WORKSPACE}
+    assert request.body == {"identity_type": "customer_id", "identity_value": "del-u1"}
+    assert "del-u1" not in moengage.users()
+    await wait_until(lambda: settled(bridge), what="the queue to empty")
+    assert await dead_letters(bridge) == []
+
+
+async def test_a_deletion_of_a_user_moengage_never_had_is_delivered_not_dead_lettered(bridge: Bridge) -> None:
+    moengage = bridge.moengage
+    status, data = await webhook(bridge, deletion("never-seen-9", "del-2"))
+    assert (status, data) == (200, {"success": True}), data
+    await moengage.wait_for(lambda: any(s.path == DELETE_PATH for s in moengage.seen))
+    assert [(s.path, s.status) for s in moengage.seen] == [(DELETE_PATH, 400)]
+    await wait_until(lambda: settled(bridge), what="the deletion to be settled")
+    assert await dead_letters(bridge) == []
+    assert moengage.deletions() == []
+    assert [(s.path, s.status) for s in moengage.seen] == [(DELETE_PATH, 400)]  # answered once, not retried
+
+
+async def test_a_deletion_is_sent_under_the_users_linked_id(bridge: Bridge) -> None:
+    moengage = bridge.moengage
+    identify = {"userId": "u-link-1", "traits": {"id": "crm-link-1", "email": "l@example.com"}}
+    assert (await bridge.post("/v1/identify", identify, basic(WRITE_KEY)))[0] == 200
+    await moengage.wait_for(lambda: moengage.users() == {"crm-link-1"})
+    status, data = await webhook(bridge, deletion("u-link-1", "del-3"))
+    assert (status, data) == (200, {"success": True}), data
+    await moengage.wait_for(lambda: len(moengage.deletions()) == 1)
+    assert moengage.deletions() == [{"identity_type": "customer_id", "identity_value": "crm-link-1"}]
+    assert moengage.users() == set()
+
+
+async def test_a_deletion_without_a_user_id_is_refused_at_ingest(bridge: Bridge) -> None:
+    status, data = await webhook(bridge, {"type": "delete", "anonymousId": "anon-1", "messageId": "del-4"})
+    assert status == 400
+    assert (data["code"], data["message"]) == ("id_required", "delete requires userId, the user to delete")
+    # In a batch, the nameless deletion is rejected by its index and the rest is kept.
+    status, data = await webhook(bridge, [deletion("u-batch-1", "del-5"), {"type": "delete", "messageId": "del-6"}])
+    assert status == 200, data
+    assert data["accepted"] == 1
+    assert [(r["index"], r["code"]) for r in data["rejected"]] == [(1, "id_required")]
+
+
+async def test_the_tracking_api_still_refuses_a_deletion(bridge: Bridge) -> None:
+    h = basic(WRITE_KEY)
+    call = {"type": "delete", "userId": "u-api-1", "messageId": "del-7"}
+    status, data = await bridge.post("/v1/batch", {"batch": [call]}, h)
+    assert (status, data["code"]) == (400, "invalid_type")
+    assert data["message"] == "type must be one of alias, group, identify, page, screen, track; got 'delete'"
+    status, _ = await bridge.post("/v1/delete", call, h)
+    assert status == 404  # no such route: a client cannot ask for a deletion
+    await wait_until(lambda: settled(bridge), what="an empty queue")
+    assert bridge.moengage.seen == []
