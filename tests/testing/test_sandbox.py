@@ -282,3 +282,38 @@ async def test_sandbox_refuses_a_workspace_sent_to_another_data_center(tmp_path,
     assert status == 400
     assert answer["status"] == "fail"
     assert (answer["error"]["type"], answer["error"]["message"]) == ("InvalidParams", "given app_id is invalid/blocked")
+
+
+async def test_the_sandbox_moengage_serves_delete_user_and_logs_it():
+    moengage = MoEngageStandIn("SANDBOX_WS", "moe-secret")
+    runners = await start_sandbox_upstreams("127.0.0.1", 0, 0, moengage, SegmentStandIn({"seg-secret": "us"}))
+    headers = {
+        "Authorization": basic_auth("SANDBOX_WS", "moe-secret"),
+        "MOE-APPKEY": "SANDBOX_WS",
+        "Content-Type": "application/json",
+    }
+    try:
+        base = f"http://127.0.0.1:{runners[0].addresses[0][1]}"
+        user = {"type": "customer", "customer_id": "user-42", "attributes": {}}
+        deletion = {"identity_type": "customer_id", "identity_value": "user-42"}
+        with capture_logs() as logs:
+            async with aiohttp.ClientSession() as session:
+                async with session.post(
+                    f"{base}/v1/customer/SANDBOX_WS", data=orjson.dumps(user), headers=headers
+                ) as r:
+                    assert r.status == 200
+                for expected in (200, 400):  # the second finds no such user
+                    url = f"{base}/v1/customer/delete?app_id=SANDBOX_WS"
+                    async with session.post(url, data=orjson.dumps(deletion), headers=headers) as resp:
+                        assert resp.status == expected
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+    lines = [entry for entry in logs if entry["event"] == "upstream_request"]
+    assert [(e["path"], e["status"]) for e in lines][1:] == [
+        ("/v1/customer/delete?app_id=SANDBOX_WS", 200),
+        ("/v1/customer/delete?app_id=SANDBOX_WS", 400),
+    ]
+    assert lines[1]["summary"] == "delete 'user-42'"
+    assert lines[2]["error"] == "User doesn't exists with customer id user-42"
+    assert moengage.deletions() == [deletion]
