@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from bridge.sources.segment.spec import Invalid, batch_of
+from bridge.sources.segment.spec import WEBHOOK_ONLY_TYPES, Envelope, Invalid, batch_of
 from bridge.sources.segment.spec import normalise as normalise_segment
 from bridge.sources.streams.spec import events_of as streams_events_of
 from bridge.sources.streams.spec import normalise as normalise_streams
@@ -38,16 +38,18 @@ def as_ingested(
             # One with a receivedAt was timed already (a webhook's event as Segment sent it,
             # a payload shown by `bridge dlq show`): its timestamp stands, as webhook ingest
             # and replay keep it, instead of being recomputed from the time of this run.
-            envelope = batch or {}
-            event, _, _ = normalise_segment(
-                item,
-                call_type=None,
-                received_at=received_at or datetime.now(UTC),
-                sent_at=envelope.get("sentAt"),
-                batch_context=envelope.get("context"),
-                batch_integrations=envelope.get("integrations"),
+            body = batch or {}
+            envelope = Envelope(
+                received_at or datetime.now(UTC),
+                sent_at=body.get("sentAt"),
+                context=body.get("context"),
+                integrations=body.get("integrations"),
                 keep_timestamp=isinstance(item, dict) and item.get("receivedAt") is not None,
+                # A deletion request, which only the webhook route takes, is translated too:
+                # a dry run cannot know which route the call would come by.
+                more_types=WEBHOOK_ONLY_TYPES,
             )
+            event, _, _ = normalise_segment(item, call_type=None, envelope=envelope)
     except Invalid as exc:
         raise Refused(exc.code, exc.message) from None
     return event

@@ -157,6 +157,14 @@ def test_translate_takes_a_captured_v1_batch_body(capsys, shipped_copy, monkeypa
     assert capsys.readouterr().out == "rejected: context_not_object (the batch's context must be an object)\n"
 
 
+def test_translate_takes_a_deletion_request(capsys, shipped_copy, monkeypatch):
+    """Only the webhook route takes type delete, but a dry run cannot know the route: an
+    operator checking the delete rule must see what Delete User would be sent."""
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps({"type": "delete", "userId": "u9", "messageId": "d-1"})))
+    assert main(["translate", "--mapping", "segment-to-moengage", "--mappings-dir", str(shipped_copy)]) == 0
+    assert capsys.readouterr().out.splitlines() == ['delete {"identity_type":"customer_id","identity_value":"u9"}']
+
+
 def test_translate_events_is_json_able():
     mapping = load_mapping_dir(ROOT / "mappings")["segment-to-moengage"]
     results = translate_events(
