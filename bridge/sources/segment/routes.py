@@ -164,9 +164,19 @@ class SegmentSources(SourceKind):
             raise ApiError(400, "empty_batch", "the batch has no events")
         keep = envelope.keep_timestamp
         limit = self.config.server.max_webhook_events if keep else self.config.server.max_batch_events
-        if len(items) > limit:
+        if len(items) <= limit:
+            event_limit = self._webhook_event_limit if keep else self._event_limit
+            self._accept_each(collected, items, None, envelope, event_limit)
+            return
+        if keep:
+            # Segment's own batch: a 400 shows as a failed delivery in its UI.
             raise ApiError(400, "too_many_events", f"the batch has {len(items)} events; at most {limit}")
-        self._accept_each(collected, items, None, envelope, self._webhook_event_limit if keep else self._event_limit)
+        # As Segment's Tracking API does: 200, the first `limit` events taken and each one
+        # past them rejected. A 400 cost the client every event of the batch.
+        self._accept_each(collected, items[:limit], None, envelope, self._event_limit)
+        message = f"the batch has {len(items)} events; at most {limit} are taken"
+        for i in range(limit, len(items)):
+            collected.reject(i, "too_many_events", message, given_id(items[i], "messageId"))
 
     def _accept_each(
         self,
