@@ -1,6 +1,7 @@
 import random
 from datetime import UTC, datetime, timedelta, timezone
 
+import orjson
 import pytest
 
 from bridge.sources.segment.millis import micros
@@ -51,6 +52,18 @@ def test_ids_are_required_and_numbers_are_stringified():
     assert code_of({"userId": {"a": 1}, "event": "E"}, "track") == "id_not_string"
     event, _, key = norm({"userId": 42, "event": "E"}, "track")
     assert event["userId"] == "42" and key == "42"
+
+
+def test_a_float_id_is_written_as_segment_writes_numbers_and_one_that_lost_digits_is_refused():
+    # JavaScript (and so Segment) writes 12.0 as "12"; Python's str() wrote "12.0", another user.
+    event, _, key = norm({"userId": 12.0, "event": "E"}, "track")
+    assert event["userId"] == "12" and key == "12"
+    assert norm({"userId": 1.5, "event": "E"}, "track")[0]["userId"] == "1.5"
+    # orjson reads an integer past 64 bits as a float: its digits are gone, and
+    # "1.2345678901234568e+29" would name some other user.
+    big = orjson.loads(b'{"userId": 123456789012345678901234567890, "event": "E"}')
+    assert code_of(big, "track") == "id_not_string"
+    assert code_of({"anonymousId": 2.0**60, "event": "E"}, "track") == "id_not_string"
 
 
 def test_alias_needs_user_and_previous_id():

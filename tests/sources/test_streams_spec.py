@@ -71,7 +71,8 @@ def test_event_times_that_would_be_stored_or_read_wrong_are_rejected(raw):
 def test_a_uid_that_is_no_usable_id_counts_as_absent():
     good = {"event_uuid": "u1", "event_code": "MOE_X", "event_time": 1580967474}
     mine = {"moengage_user_id": "m1"}
-    for odd in (True, False, {"a": 1}, {}, [1], [], "   "):
+    # 2.0**60: a float past 2^53 (as orjson reads a uid beyond 64 bits) has lost its digits.
+    for odd in (True, False, {"a": 1}, {}, [1], [], "   ", 2.0**60, float("inf")):
         event, _, key = normalise({**good, "uid": odd, "user_attributes": mine})
         # The mapping then sends anonymousId m1, not userId "true" or '{"a":1}'.
         assert "uid" not in event and key == "m1", odd
@@ -79,6 +80,8 @@ def test_a_uid_that_is_no_usable_id_counts_as_absent():
     assert event["uid"] == " c1 " and key == "c1"  # sent as MoEngage sent it, keyed trimmed
     event, _, key = normalise({**good, "uid": 12345})
     assert event["uid"] == 12345 and key == "12345"
+    event, _, key = normalise({**good, "uid": 12345.0})
+    assert key == "12345"  # as the mapping's `to: string` writes it, so one user is one key
 
 
 def test_a_request_with_both_events_and_event_takes_them_all():

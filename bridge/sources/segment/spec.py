@@ -6,6 +6,7 @@ timestamp arithmetic is Segment's: ``timestamp = receivedAt - (sentAt - original
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -175,6 +176,21 @@ def _kind(value: Any) -> str:
     )
 
 
+_EXACT_FLOAT = 2**53  # every integer below it is exact as a double
+
+
+def number_id(value: int | float) -> str | None:
+    """A numeric id as text, written as JavaScript (and so Segment) writes the number: 12.0
+    is "12", not Python's "12.0". None for a float past 2^53, whose digits are lost (orjson
+    reads an integer beyond 64 bits as one): "1.2345678901234568e+29" would be another
+    user's id."""
+    if isinstance(value, int):
+        return str(value)
+    if not math.isfinite(value) or abs(value) >= _EXACT_FLOAT:
+        return None
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
 def _id(value: Any) -> str | None:
     """Segment ids are strings; clients also send numbers, which Segment stringifies."""
     if value is None:
@@ -182,7 +198,10 @@ def _id(value: Any) -> str | None:
     if isinstance(value, bool):
         raise Invalid("id_not_string", f"ids must be strings, got {_kind(value)}")
     if isinstance(value, int | float):
-        return str(value)
+        text = number_id(value)
+        if text is None:
+            raise Invalid("id_not_string", "a numeric id this large has lost digits in JSON: send ids as strings")
+        return text
     if not isinstance(value, str):
         raise Invalid("id_not_string", f"ids must be strings, got {_kind(value)}")
     return value if value.strip() else None

@@ -7,7 +7,7 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-from bridge.sources.segment.spec import MAX_MESSAGE_ID, Invalid
+from bridge.sources.segment.spec import MAX_MESSAGE_ID, Invalid, number_id
 
 # Epoch values above this are milliseconds (year 5138 in seconds; 1973 in ms).
 _MS_THRESHOLD = 100_000_000_000
@@ -118,6 +118,8 @@ def normalise(item: Any) -> tuple[dict[str, Any], str, str]:
 
 
 def _user_id(value: Any) -> str:
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return ""
-    return str(value).strip() if isinstance(value, str) else str(value)
+    return number_id(value) or ""  # a number that lost its digits is no usable id
