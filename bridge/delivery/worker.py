@@ -63,6 +63,9 @@ class _Batch:
     events: dict[int, Any] = field(default_factory=dict)  # the parsed payloads, by job id
     verdicts: dict[int, Verdict] = field(default_factory=dict)
     unsent: set[int] = field(default_factory=set)  # jobs with an item never sent: released, uncounted
+    # Unordered delivery: jobs held back behind an earlier job of their users, not sent
+    # (see DestinationWorker._send_barriers): due again later, never judged.
+    deferred: set[int] = field(default_factory=set)
     settled: set[int] = field(default_factory=set)
     version: str = ""  # the mapping version that mapped this batch
     items_left: dict[int, int] = field(default_factory=dict)  # per job: items without a verdict yet
@@ -448,6 +451,12 @@ class DestinationWorker:
                         batch.unsent.update(it.job_id for it in later.items)
                     break
         else:
+            barriers = self.client.ORDER_BARRIER_KINDS
+            last: list[Request] = []
+            if barriers:
+                last = [r for r in requests if any(it.output.kind in barriers for it in r.items)]
+                if last:
+                    requests = [r for r in requests if r not in last]
             # Every request finishes before anything is settled or recovered: were one to
             # fail and the rest be recovered while still in flight, their 200s would land
             # on jobs already scheduled again, and those events would be sent twice.
@@ -457,7 +466,44 @@ class DestinationWorker:
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):
                     raise outcome
+            if last:
+                await self._send_barriers(last, batch)
         await self._settle(batch, job_items, mapping.version)
+
+    async def _send_barriers(self, requests: list[Request], batch: _Batch) -> None:
+        """Unordered delivery: send, one after the other, the requests of jobs that may not
+        overtake their users' earlier jobs (Destination.ORDER_BARRIER_KINDS), once the rest
+        of the batch is settled. A job whose user has an earlier job not delivered, in this
+        batch or still in the store (waiting for a retry, or leased by another loop or
+        node), is deferred: due again after retry.base_delay, its wait not taken for a
+        failed attempt."""
+        for request in requests:
+            job_ids = sorted({it.job_id for it in request.items})
+            blocked = False
+            for job_id in job_ids:
+                users = [u for u in batch.jobs[job_id].ordering_key.split(KEY_SEPARATOR) if u]
+                if not users:
+                    continue
+                for other_id, other in batch.jobs.items():
+                    if (
+                        other_id < job_id
+                        and other_id not in batch.passed
+                        and not batch.fully_delivered(other_id)
+                        and any(u in other.ordering_key.split(KEY_SEPARATOR) for u in users)
+                    ):
+                        blocked = True
+                        break
+                if blocked:
+                    break
+                # Earlier jobs outside this batch (this batch's own are settled or judged above).
+                if await self.store.users_waiting(self.name, job_id, users, ignore=batch.jobs.keys()):
+                    blocked = True
+                    break
+            if blocked:
+                batch.deferred.update(job_ids)
+                log.info("delivery_deferred", destination=self.name, jobs=len(job_ids), reason="user_has_earlier_jobs")
+                continue
+            await self._send(request, batch, ordered=False)
 
     def _hold_back(self, batch: _Batch, items: list[Item], job_items: dict[int, list[Item]]) -> list[Item]:
         """After the previous batch settled: mark unsent (given back, the attempt not
@@ -743,9 +789,13 @@ class DestinationWorker:
         dead: list[DeadLetter] = []
         retries = RetrySchedule(self.policy, now)
         unsent: list[int] = []
+        deferred: list[int] = []
         for job_id in job_items:
             job = batch.jobs[job_id]
             verdict = batch.verdicts.get(job_id)
+            if job_id in batch.deferred:
+                deferred.append(job_id)
+                continue
             if job_id in batch.unsent or verdict is None:
                 unsent.append(job_id)  # some item never went out: released, attempt not counted
                 continue
@@ -780,6 +830,12 @@ class DestinationWorker:
         if unsent:
             await self.store.release(unsent, fence=batch.fence, delivered=delivered)
             batch.settled.update(unsent)
+        if deferred:
+            # Not released (due at once, an unordered lease would take it straight back and
+            # spin): due again after the base delay, waiting for the user's earlier jobs.
+            wait = "waiting for the user's earlier events to be delivered"
+            await self.store.retry(deferred, now + self.config.retry.base_delay, wait, fence=batch.fence)
+            batch.settled.update(deferred)
         self.guard.record(len(acked), 0)
         self._precheck = True
         if batch.guard_reason:

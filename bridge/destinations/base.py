@@ -87,6 +87,11 @@ class Destination(ABC):
     # dead-lettered one by one, they never count towards the bad-deploy guard, which would
     # otherwise pause the destination for a burst of large events until an operator resumes.
     DATA_REJECTIONS: frozenset[str] = frozenset()
+    # Output kinds that may never overtake their users' earlier jobs, even with
+    # ``delivery.ordered: false`` (a deletion: an earlier event sent after it recreates the
+    # user). An unordered destination sends them last in a batch, and only once every
+    # earlier job of their users is settled (DestinationWorker._send_barriers).
+    ORDER_BARRIER_KINDS: frozenset[str] = frozenset()
     # Statuses this upstream answers in passing, retried besides retry.retryable_statuses'
     # default (408, 429, 5xx).
     ALSO_RETRYABLE: frozenset[int] = frozenset()

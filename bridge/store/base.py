@@ -310,6 +310,16 @@ class Store(ABC):
         """Return leased jobs to the queue, due again at ``available_at``."""
 
     @abstractmethod
+    async def users_waiting(
+        self, destination: str, before: int, users: Sequence[str], ignore: Collection[int] = ()
+    ) -> set[str]:
+        """Those of ``users`` with an unsettled job for ``destination`` older than job
+        ``before`` (queued, waiting for a retry, or leased), not counting the jobs of
+        ``ignore`` (the caller's own batch): what an unordered destination
+        asks before sending a job that must not overtake its users' earlier ones (a
+        deletion). Read without an index on the key: such jobs are rare."""
+
+    @abstractmethod
     async def release(
         self, job_ids: Sequence[int], *, fence: Fence | None = None, delivered: Delivered | None = None
     ) -> None:

@@ -46,7 +46,7 @@ from bridge.store.base import (
     StoreFull,
     dead_letter_record,
 )
-from bridge.store.ordering import OrderedSelection
+from bridge.store.ordering import KEY_SEPARATOR, OrderedSelection
 from bridge.store.postgres_ingest import GroupCommitter
 from bridge.store.postgres_schema import (
     ADDED_COLUMNS,
@@ -710,6 +710,26 @@ class PostgresStore(Store):
             current = stats.get(destination, QueueStats(depth=0, oldest_created_at=None))
             stats[destination] = QueueStats(current.depth, current.oldest_created_at, count)
         return stats
+
+    async def users_waiting(
+        self, destination: str, before: int, users: Sequence[str], ignore: Collection[int] = ()
+    ) -> set[str]:
+        waiting: set[str] = set()
+        async with self._conn() as conn:
+            for user in dict.fromkeys(users):
+                # A key holds one user, or several joined by KEY_SEPARATOR (an alias): matched whole.
+                found = await conn.fetchval(
+                    f"SELECT 1 FROM jobs WHERE destination = $1 AND state < {DELIVERED} AND id < $2"
+                    " AND strpos(chr(31) || ordering_key || chr(31), $3) > 0"
+                    " AND id <> ALL($4::bigint[]) LIMIT 1",
+                    destination,
+                    before,
+                    f"{KEY_SEPARATOR}{user}{KEY_SEPARATOR}",
+                    list(ignore),
+                )
+                if found is not None:
+                    waiting.add(user)
+        return waiting
 
     async def delivered_version(self, destination: str, message_id: str) -> str | None:
         async with self._conn() as conn:

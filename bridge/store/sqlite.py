@@ -485,6 +485,15 @@ class SqliteStore(Store):
         stats: dict[str, QueueStats] = await self._read(ops.queue_stats)
         return stats
 
+    async def users_waiting(
+        self, destination: str, before: int, users: Sequence[str], ignore: Collection[int] = ()
+    ) -> set[str]:
+        waiting: set[str] = await self._run(
+            partial(ops.users_waiting, destination=destination, before=before, users=users, ignore=frozenset(ignore)),
+            writes=False,
+        )
+        return waiting
+
     async def delivered_version(self, destination: str, message_id: str) -> str | None:
         version: str | None = await self._run(
             partial(ops.delivered_version, destination=destination, message_id=message_id), writes=False

@@ -28,7 +28,7 @@ from bridge.store.base import (
     RecordFilter,
     dead_letter_record,
 )
-from bridge.store.ordering import OrderedSelection
+from bridge.store.ordering import KEY_SEPARATOR, OrderedSelection
 from bridge.store.sql_filters import record_where
 from bridge.store.sqlite_dedupe import DedupeKeys, dedupe_keys_of
 from bridge.store.sqlite_leases import Held, Leases, Settling, new_tuple
@@ -591,6 +591,23 @@ def queue_stats(conn: sqlite3.Connection) -> dict[str, QueueStats]:
         current = stats.get(destination, QueueStats(depth=0, oldest_created_at=None))
         stats[destination] = QueueStats(current.depth, current.oldest_created_at, dead)
     return stats
+
+
+def users_waiting(
+    conn: sqlite3.Connection, destination: str, before: int, users: Sequence[str], ignore: Collection[int]
+) -> set[str]:
+    waiting: set[str] = set()
+    for user in dict.fromkeys(users):
+        # A key holds one user, or several joined by KEY_SEPARATOR (an alias): matched whole.
+        # One row more than ``ignore`` has: if any is not ignored, one of those is not.
+        rows = conn.execute(
+            f"SELECT id FROM jobs WHERE destination = ? AND {PENDING} AND id < ?"
+            " AND instr(char(31) || ordering_key || char(31), ?) > 0 LIMIT ?",
+            (destination, before, f"{KEY_SEPARATOR}{user}{KEY_SEPARATOR}", len(ignore) + 1),
+        ).fetchall()
+        if any(job_id not in ignore for (job_id,) in rows):
+            waiting.add(user)
+    return waiting
 
 
 def delivered_version(conn: sqlite3.Connection, destination: str, message_id: str) -> str | None:

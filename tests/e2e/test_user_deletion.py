@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
 from typing import Any
 
 import orjson
+from structlog.testing import capture_logs
 
+from bridge.testing.upstream import Planned
 from tests.e2e.harness import ADMIN_TOKEN, WEBHOOK_SECRET, WORKSPACE, WRITE_KEY, Bridge, basic, wait_until
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -123,3 +126,40 @@ async def test_the_tracking_api_still_refuses_a_deletion(bridge: Bridge) -> None
     assert status == 404  # no such route: a client cannot ask for a deletion
     await wait_until(lambda: settled(bridge), what="an empty queue")
     assert bridge.moengage.seen == []
+
+
+def unordered(raw: dict[str, Any]) -> None:
+    destination = raw["destinations"][0]
+    destination["delivery"] = {**destination["delivery"], "ordered": False, "concurrency": 2}
+
+
+async def test_an_unordered_destination_still_sends_a_deletion_after_the_users_earlier_events(
+    make_bridge: Callable[..., Any],
+) -> None:
+    # delivery.ordered: false lets events overtake each other, but a deletion that overtook
+    # the user's earlier events would be undone by them: MoEngage creates the user again.
+    bridge = await make_bridge(unordered)
+    moengage = bridge.moengage
+    moengage.hold()  # the user's events stay in flight (leased by one loop)
+    batch = {
+        "batch": [
+            {"type": "identify", "userId": "del-u9", "traits": {"email": "u9@example.com"}, "messageId": "u9-i"},
+            {"type": "track", "userId": "del-u9", "event": "Step", "messageId": "u9-t"},
+        ]
+    }
+    with capture_logs() as logs:
+        assert (await bridge.post("/v1/batch", batch, basic(WRITE_KEY)))[0] == 200
+        await moengage.wait_for(lambda: moengage.received == 1)
+        assert (await webhook(bridge, deletion("del-u9", "del-9")))[0] == 200
+        # The other loop takes the deletion: it goes out at once, or waits.
+        await wait_until(
+            lambda: moengage.received == 2 or any(e["event"] == "delivery_deferred" for e in logs),
+            what="the deletion to be sent or deferred",
+        )
+        moengage.plan(Planned(500))  # the user's events fail once: retried
+        moengage.release()
+        await wait_until(lambda: settled(bridge), what="the queue to empty")
+    assert [s.path for s in moengage.seen if s.status == 200][-1] == DELETE_PATH
+    assert moengage.deletions() == [{"identity_type": "customer_id", "identity_value": "del-u9"}]
+    assert "del-u9" not in moengage.users()
+    assert await dead_letters(bridge) == []

@@ -15,11 +15,13 @@ from bridge.store.base import (
     DestinationState,
     Discard,
     IdentityLink,
+    IncomingEvent,
     RecordFilter,
     Store,
     StoreError,
     StoreFull,
 )
+from bridge.store.ordering import ordering_key
 from tests.store.conftest import StoreFactory
 from tests.store.helpers import event
 
@@ -718,3 +720,31 @@ async def test_nul_characters_do_not_break_writes(factory: StoreFactory) -> None
     assert len(await store.list_discards(EVERYTHING)) == 1
     assert len(await store.list_dead(EVERYTHING)) == 1
     await store.close()
+
+
+async def test_users_waiting_names_the_users_with_an_older_unsettled_job(store: Store) -> None:
+    # What an unordered destination asks before sending a deletion (Store.users_waiting).
+    merged = ordering_key("anon-9", "alice")
+    await store.enqueue(
+        "web",
+        [
+            event("w1", "alicex"),  # a key that only contains the name is another user
+            event("w2", "bob", destinations=("other",)),  # another destination's job
+            IncomingEvent("w3", merged, b"{}", ("moe",), ()),  # an alias: both users' job
+            event("w4", "bob"),
+            event("w5", "alice"),
+        ],
+    )
+    jobs = {j.message_id: j for j in await store.lease("moe", 10, 30, ordered=False)}
+    last = jobs["w5"].id
+    assert await store.users_waiting("moe", last, ["alice", "bob", "carol"]) == {"alice", "bob"}
+    assert await store.users_waiting("moe", last, ["alice"], ignore=[jobs["w3"].id]) == set()
+    assert await store.users_waiting("moe", jobs["w3"].id, ["alice", "bob"]) == set()
+    assert await store.users_waiting("moe", last, ["anon-9"]) == {"anon-9"}
+    # Waiting for a retry counts; settled (delivered or dead-lettered) does not.
+    fence = {j.id: j.attempts for j in jobs.values()}
+    await store.retry([jobs["w4"].id], store.now() + 60, "http_500", fence=fence)
+    assert await store.users_waiting("moe", last, ["bob"]) == {"bob"}
+    await store.ack([jobs["w3"].id], fence=fence)
+    await store.dead_letter([DeadLetter(jobs["w4"].id, "http_400")], fence=fence)
+    assert await store.users_waiting("moe", last, ["alice", "bob", "anon-9"]) == set()

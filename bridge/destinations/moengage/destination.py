@@ -115,6 +115,9 @@ class MoEngageDestination(Destination):
     # An item too large for any request MoEngage takes is the event's fault, not a deploy's:
     # dead-lettered alone, never counted by the bad-deploy guard (worker._map).
     DATA_REJECTIONS = frozenset({"event_too_large"})
+    # A user's earlier Track User or Create Event item sent after their deletion would
+    # create the user again: a deletion waits for them even when delivery is unordered.
+    ORDER_BARRIER_KINDS = frozenset({DELETE})
 
     def reject_reason(self, item: Item) -> str | None:
         kind = item.output.kind
