@@ -488,9 +488,10 @@ class SqliteStore(Store):
     async def users_waiting(
         self, destination: str, before: int, users: Sequence[str], ignore: Collection[int] = ()
     ) -> set[str]:
-        waiting: set[str] = await self._run(
-            partial(ops.users_waiting, destination=destination, before=before, users=users, ignore=frozenset(ignore)),
-            writes=False,
+        # On the reader: it walks the destination's pending jobs before ``before``, which on
+        # a deep queue would hold the writer, and every ingest commit behind it.
+        waiting: set[str] = await self._read(
+            partial(ops.users_waiting, destination=destination, before=before, users=users, ignore=frozenset(ignore))
         )
         return waiting
 
