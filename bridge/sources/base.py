@@ -204,6 +204,12 @@ class Collected:
         self.rejected.append(Rejection(index, code, message, event_id))
         self._metrics.rejected(self.source.name, code)
 
+    def reject_from(self, index: int, count: int, code: str, message: str) -> None:
+        """Reject ``count`` events from ``index`` on with one entry: a list of one per event
+        grew with the body (a 480 KB batch of zeros, 25 MB of answer)."""
+        self.rejected.append(Rejection(index, code, message))
+        self._metrics.rejected(self.source.name, code, count)
+
 
 async def store_collected(ingestor: Ingestor, collected: Collected) -> web.Response:
     """Store what a request's events became and answer it: the acknowledgement, with the

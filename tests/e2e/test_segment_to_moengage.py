@@ -708,9 +708,19 @@ async def test_a_batch_past_max_batch_events_keeps_its_first_events_as_segment_d
     items = [track_body(type="track", userId=f"many-{i}", messageId=f"many-{i}") for i in range(7)]
     status, data = await bridge.post("/v1/batch", {"batch": items}, basic(WRITE_KEY))
     assert status == 200, data
-    assert [(r["index"], r["code"]) for r in data["rejected"]] == [(5, "too_many_events"), (6, "too_many_events")]
+    # One entry for all the events past the limit: one each grew the answer with the body.
+    assert data["rejected"] == [
+        {
+            "index": 5,
+            "code": "too_many_events",
+            "message": "the batch has 7 events; the first 5 are taken, and the 2 from index 5 on are rejected",
+        }
+    ]
     await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 5)
     assert sorted(e["customer_id"] for e in bridge.moengage.events()) == [f"many-{i}" for i in range(5)]
+    # A body of 20,000 bad items: the answer names the 5 taken (each refused) and one range.
+    status, data = await bridge.post("/v1/batch", {"batch": [0] * 20_000}, basic(WRITE_KEY))
+    assert status == 400 and [r["index"] for r in data["rejected"]] == [0, 1, 2, 3, 4, 5], data
 
 
 async def test_webhook_batches_of_segments_default_size(bridge):

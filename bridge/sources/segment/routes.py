@@ -174,9 +174,12 @@ class SegmentSources(SourceKind):
         # As Segment's Tracking API does: 200, the first `limit` events taken and each one
         # past them rejected. A 400 cost the client every event of the batch.
         self._accept_each(collected, items[:limit], None, envelope, self._event_limit)
-        message = f"the batch has {len(items)} events; at most {limit} are taken"
-        for i in range(limit, len(items)):
-            collected.reject(i, "too_many_events", message, given_id(items[i], "messageId"))
+        excess = len(items) - limit
+        message = (
+            f"the batch has {len(items)} events; the first {limit} are taken, and the {excess}"
+            f" from index {limit} on are rejected"
+        )
+        collected.reject_from(limit, excess, "too_many_events", message)
 
     def _accept_each(
         self,
