@@ -336,27 +336,34 @@ async def test_a_pause_between_the_outputs_gives_back_only_the_one_not_sent(make
         assert _customers(upstream) == ["frank"], "the Track User sent before the pause was sent again"
 
 
+def _failing_once(method: str, db: str) -> tuple[SqliteStore, list[int]]:
+    """A SQLite store on ``db`` whose ``method`` raises once (a fault of the bridge's own),
+    and the count of faults still to come."""
+    faults = [1]
+    real = getattr(SqliteStore, method)
+
+    async def once(self: SqliteStore, *args: Any, **kwargs: Any) -> Any:
+        if faults[0]:
+            faults[0] -= 1
+            raise RuntimeError("the disk hiccuped")
+        return await real(self, *args, **kwargs)
+
+    failing = type(f"{method.title()}FailsOnce", (SqliteStore,), {method: once})
+    return failing(db), faults
+
+
 async def test_the_retry_after_an_internal_fault_sends_only_the_output_that_failed(make_bridge, tmp_path):
     """The store fails to record the retry once (a fault of the bridge's own): the recovery
     retries the job instead, and that retry too keeps the Track User that went out."""
-    faults = 1
-
-    class RetryFailsOnce(SqliteStore):
-        async def retry(self, *args: Any, **kwargs: Any) -> None:
-            nonlocal faults
-            if faults:
-                faults -= 1
-                raise RuntimeError("the disk hiccuped")
-            await super().retry(*args, **kwargs)
-
     db = f"{tmp_path}/bridge.db"
+    store, faults = _failing_once("retry", db)
     upstream = EventsFail(500)
-    async with _bridge(make_bridge, tmp_path, upstream, f"sqlite:///{db}", store=lambda: RetryFailsOnce(db)) as bridge:
+    async with _bridge(make_bridge, tmp_path, upstream, f"sqlite:///{db}", store=lambda: store) as bridge:
         assert (await bridge.post("/v1/batch", _tracks("gina"), H))[0] == 200
         await upstream.wait_for(lambda: len(upstream.events()) == 1, timeout=10)
         await wait_until(lambda: _drained(bridge), what="the queue to drain")
         await asyncio.sleep(0.3)
-        assert faults == 0 and upstream.event_requests == 2
+        assert faults == [0] and upstream.event_requests == 2
         assert _customers(upstream) == ["gina"], "the retry after the fault sent the Track User again"
 
 
@@ -364,22 +371,13 @@ async def test_events_acked_by_the_recovery_from_an_internal_fault_count_for_the
     """Every output of the three events went out, then the store failed to record the ack
     (a fault of the bridge's own): the recovery acks them, as delivered. They are good
     outcomes for the bad-deploy guard too; uncounted, the guard's window missed them."""
-    faults = 1
-
-    class AckFailsOnce(SqliteStore):
-        async def ack(self, *args: Any, **kwargs: Any) -> None:
-            nonlocal faults
-            if faults:
-                faults -= 1
-                raise RuntimeError("the disk hiccuped")
-            await super().ack(*args, **kwargs)
-
     db = f"{tmp_path}/bridge.db"
+    store, faults = _failing_once("ack", db)
     upstream = EventsFail()
-    async with _bridge(make_bridge, tmp_path, upstream, f"sqlite:///{db}", store=lambda: AckFailsOnce(db)) as bridge:
+    async with _bridge(make_bridge, tmp_path, upstream, f"sqlite:///{db}", store=lambda: store) as bridge:
         assert (await bridge.post("/v1/batch", _tracks("hal", "ida", "joe"), H))[0] == 200
         await wait_until(lambda: _drained(bridge), what="the queue to drain")
-        assert faults == 0 and await _delivered_total(bridge) == 3
+        assert faults == [0] and await _delivered_total(bridge) == 3
         assert _customers(upstream) == ["hal", "ida", "joe"] and len(_events(upstream)) == 3
         assert bridge.runtime is not None
         guarded = bridge.runtime.delivery.workers["moengage-main"].guard
