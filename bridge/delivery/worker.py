@@ -833,8 +833,11 @@ class DestinationWorker:
         if deferred:
             # Not released (due at once, an unordered lease would take it straight back and
             # spin): due again after the base delay, waiting for the user's earlier jobs.
+            # Deferred, not retried: nothing was tried, so the wait counts no attempt. Counted,
+            # a deletion waiting out a long retry of its user's events spent its own retry
+            # budget, and its first failure once sent went straight to the DLQ.
             wait = "waiting for the user's earlier events to be delivered"
-            await self.store.retry(deferred, now + self.config.retry.base_delay, wait, fence=batch.fence)
+            await self.store.defer(deferred, now + self.config.retry.base_delay, wait, fence=batch.fence)
             batch.settled.update(deferred)
         self.guard.record(len(acked), 0)
         self._precheck = True

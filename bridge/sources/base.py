@@ -35,6 +35,7 @@ class Rejection:
     message: str
     # The id the event gave itself (event_uuid, messageId), for the log only.
     event_id: str | None = None
+    count: int = 1  # the events this entry stands for (Collected.reject_from: a range of them)
 
     def as_json(self) -> dict[str, Any]:
         return {"index": self.index, "code": self.code, "message": self.message}
@@ -207,7 +208,7 @@ class Collected:
     def reject_from(self, index: int, count: int, code: str, message: str) -> None:
         """Reject ``count`` events from ``index`` on with one entry: a list of one per event
         grew with the body (a 480 KB batch of zeros, 25 MB of answer)."""
-        self.rejected.append(Rejection(index, code, message))
+        self.rejected.append(Rejection(index, code, message, None, count))
         self._metrics.rejected(self.source.name, code, count)
 
 
@@ -231,7 +232,7 @@ def log_rejections(collected: Collected) -> None:
     log.warning(
         "events_rejected",
         source=collected.source.name,
-        rejected=len(rejected),
+        rejected=rejected_events(rejected),
         accepted=len(collected.incoming),
         first=[{"index": r.index, "event_id": r.event_id, "code": r.code} for r in rejected[:LOGGED_REJECTIONS]],
     )
@@ -256,6 +257,11 @@ def batch_answer(accepted: int, duplicates: int, rejected: list[Rejection]) -> d
     return body
 
 
+def rejected_events(rejected: list[Rejection]) -> int:
+    """The events ``rejected`` stands for: an entry of reject_from is a range of them."""
+    return sum(r.count for r in rejected)
+
+
 def all_rejected(rejected: list[Rejection]) -> ApiError:
     """Every item was invalid: a 400 that still lists each reason."""
     if len(rejected) == 1:
@@ -264,5 +270,8 @@ def all_rejected(rejected: list[Rejection]) -> ApiError:
     codes = {r.code for r in rejected}
     code = codes.pop() if len(codes) == 1 else "multi_user_error"
     return ApiError(
-        400, code, f"all {len(rejected)} events were rejected", {"rejected": [r.as_json() for r in rejected]}
+        400,
+        code,
+        f"all {rejected_events(rejected)} events were rejected",
+        {"rejected": [r.as_json() for r in rejected]},
     )

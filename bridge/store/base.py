@@ -310,6 +310,15 @@ class Store(ABC):
         """Return leased jobs to the queue, due again at ``available_at``."""
 
     @abstractmethod
+    async def defer(
+        self, job_ids: Sequence[int], available_at: float, reason: str, *, fence: Fence | None = None
+    ) -> None:
+        """Return leased jobs to the queue as ``release`` does, their attempt not counted
+        (nor their first attempt, if this was it), but due again only at ``available_at``:
+        jobs that were not tried, held back behind others (an unordered deletion waiting
+        for its user's earlier jobs), whose wait must not spend their retry budget."""
+
+    @abstractmethod
     async def users_waiting(
         self, destination: str, before: int, users: Sequence[str], ignore: Collection[int] = ()
     ) -> set[str]:

@@ -568,6 +568,22 @@ class PostgresStore(Store):
                 *_fence_arrays(job_ids, fence),
             )
 
+    async def defer(
+        self, job_ids: Sequence[int], available_at: float, reason: str, *, fence: Fence | None = None
+    ) -> None:
+        if not job_ids:
+            return
+        async with self._conn() as conn:
+            await conn.execute(
+                f"UPDATE jobs j SET state = {QUEUED}, lease_until = NULL, available_at = $3, last_error = $4,"
+                " attempts = GREATEST(j.attempts - 1, 0),"
+                " first_attempt_at = CASE WHEN j.attempts <= 1 THEN NULL ELSE j.first_attempt_at END"
+                f" FROM {_FENCE_ROWS} WHERE j.state = {LEASED} AND {_FENCED}",
+                *_fence_arrays(job_ids, fence),
+                available_at,
+                _text(reason),
+            )
+
     async def dead_letter(self, entries: Sequence[DeadLetter], *, fence: Fence | None = None) -> None:
         unique = _first_per_job(entries)
         if not unique:

@@ -442,6 +442,21 @@ class SqliteStore(Store):
                 partial(ops.release, job_ids=job_ids, leases=self._held(), fence=fence, delivered=delivered)
             )
 
+    async def defer(
+        self, job_ids: Sequence[int], available_at: float, reason: str, *, fence: Fence | None = None
+    ) -> None:
+        if job_ids:
+            await self._bookkeep(
+                partial(
+                    ops.defer,
+                    job_ids=job_ids,
+                    available_at=available_at,
+                    reason=reason,
+                    leases=self._held(),
+                    fence=fence,
+                )
+            )
+
     async def dead_letter(self, entries: Sequence[DeadLetter], *, fence: Fence | None = None) -> None:
         if entries:
             await self._bookkeep(

@@ -402,6 +402,28 @@ def release(
     # it) does not run while it was never tried.
     settling = leases.settling(job_ids, fence)
     _record_delivered(conn, settling, delivered)
+    _release(conn, settling)
+
+
+def defer(
+    conn: sqlite3.Connection,
+    job_ids: Sequence[int],
+    available_at: float,
+    reason: str,
+    leases: Leases,
+    fence: Fence | None = None,
+) -> None:
+    """Release, due again at ``available_at``: the attempt is not counted."""
+    settling = leases.settling(job_ids, fence)
+    # Before the release, while a row an earlier version left LEASED still has its fence.
+    conn.executemany(
+        f"UPDATE jobs SET available_at = ?, last_error = ? WHERE {_FENCED} AND {PENDING}",
+        [(available_at, reason, s.job_id, s.fence, s.fence) for s in settling],
+    )
+    _release(conn, settling)
+
+
+def _release(conn: sqlite3.Connection, settling: Sequence[Settling]) -> None:
     # Attempts of lapsed leases of ours that came before: they happened, and count.
     lapsed = [
         (s.attempts - 1, s.first_attempt_at, s.job_id)

@@ -14,6 +14,7 @@ import orjson
 import pytest
 from segment.analytics import Client
 from segment.analytics.request import APIError
+from structlog.testing import capture_logs
 from yarl import URL
 
 from tests.e2e.harness import (
@@ -719,8 +720,18 @@ async def test_a_batch_past_max_batch_events_keeps_its_first_events_as_segment_d
     await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 5)
     assert sorted(e["customer_id"] for e in bridge.moengage.events()) == [f"many-{i}" for i in range(5)]
     # A body of 20,000 bad items: the answer names the 5 taken (each refused) and one range.
-    status, data = await bridge.post("/v1/batch", {"batch": [0] * 20_000}, basic(WRITE_KEY))
+    with capture_logs() as logs:
+        status, data = await bridge.post("/v1/batch", {"batch": [0] * 20_000}, basic(WRITE_KEY))
     assert status == 400 and [r["index"] for r in data["rejected"]] == [0, 1, 2, 3, 4, 5], data
+    # Counted as events, not as entries of the answer (one stands for 19,995 of them).
+    assert data["message"] == "all 20000 events were rejected", data
+    (line,) = [e for e in logs if e["event"] == "events_rejected"]
+    assert (line["rejected"], line["accepted"]) == (20_000, 0)
+    with capture_logs() as logs:
+        status, data = await bridge.post("/v1/batch", {"batch": [*items[:4], 0, *items]}, basic(WRITE_KEY))
+    assert status == 200, data
+    (line,) = [e for e in logs if e["event"] == "events_rejected"]
+    assert (line["rejected"], line["accepted"]) == (8, 4)
 
 
 async def test_webhook_batches_of_segments_default_size(bridge):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import sqlite3
 from collections.abc import Callable
 from typing import Any
 
@@ -162,4 +163,29 @@ async def test_an_unordered_destination_still_sends_a_deletion_after_the_users_e
     assert [s.path for s in moengage.seen if s.status == 200][-1] == DELETE_PATH
     assert moengage.deletions() == [{"identity_type": "customer_id", "identity_value": "del-u9"}]
     assert "del-u9" not in moengage.users()
+    assert await dead_letters(bridge) == []
+
+
+async def test_a_deferred_deletion_spends_no_attempt_while_it_waits(make_bridge: Callable[..., Any]) -> None:
+    # Each wait behind the user's earlier events was settled as a failed attempt: a deletion
+    # that waited out a long retry of them had spent its own retry budget (attempts and age),
+    # and its first failure once sent went straight to the DLQ.
+    bridge = await make_bridge(unordered)
+    moengage = bridge.moengage
+    moengage.hold()  # the user's event stays in flight (leased by one loop)
+    event = {"type": "track", "userId": "del-u10", "event": "Step", "messageId": "u10-t"}
+    with capture_logs() as logs:
+        assert (await bridge.post("/v1/batch", {"batch": [event]}, basic(WRITE_KEY)))[0] == 200
+        await moengage.wait_for(lambda: moengage.received == 1)
+        assert (await webhook(bridge, deletion("del-u10", "del-10")))[0] == 200
+        # Deferred twice: the first deferral's settle is written before the second lease.
+        await wait_until(
+            lambda: sum(e["event"] == "delivery_deferred" for e in logs) >= 2, what="the deletion to wait twice"
+        )
+        with sqlite3.connect(bridge.tmp_path / "bridge.db") as conn:
+            row = conn.execute("SELECT attempts, first_attempt_at FROM jobs WHERE message_id = 'del-10'").fetchone()
+        assert row == (0, None)  # never tried: no attempt, and its retry budget not running
+        moengage.release()
+        await wait_until(lambda: settled(bridge), what="the queue to empty")
+    assert moengage.deletions() == [{"identity_type": "customer_id", "identity_value": "del-u10"}]
     assert await dead_letters(bridge) == []

@@ -748,3 +748,20 @@ async def test_users_waiting_names_the_users_with_an_older_unsettled_job(store: 
     await store.ack([jobs["w3"].id], fence=fence)
     await store.dead_letter([DeadLetter(jobs["w4"].id, "http_400")], fence=fence)
     assert await store.users_waiting("moe", last, ["alice", "bob", "anon-9"]) == set()
+
+
+async def test_a_deferred_job_waits_without_spending_an_attempt(store: Store) -> None:
+    # A job held back untried (an unordered deletion waiting for its user's earlier jobs):
+    # due again later, as a retry is, but its wait is not an attempt (Store.defer).
+    await store.enqueue("web", [event("m1", "u1"), event("m2", "u2")])
+    m1, m2 = await store.lease("moe", 10, 30, ordered=False)
+    await store.retry([m2.id], time.time() + 3600, "http_500")  # m2 had a try: it counts
+    for _ in range(3):
+        await store.defer([m1.id], time.time() + 3600, "waiting", fence={m1.id: m1.attempts})
+        assert await store.lease("moe", 10, 30, ordered=False) == []  # not due before its time
+        assert await store.make_due("moe") >= 1
+        (m1,) = [j for j in await store.lease("moe", 10, 30, ordered=False) if j.message_id == "m1"]
+        assert m1.attempts == 1  # never more than this lease's own
+    await store.defer([m1.id], time.time() - 1, "waiting", fence={m1.id: m1.attempts})
+    (again,) = [j for j in await store.lease("moe", 10, 30, ordered=False) if j.message_id == "m1"]
+    assert again.attempts == 1
