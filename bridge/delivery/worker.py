@@ -36,6 +36,10 @@ log = structlog.get_logger("bridge.delivery")
 MAX_KEPT_BODY = 4096
 
 
+# The least a job held back behind its user's earlier jobs waits before it is looked at again.
+DEFER_SECONDS = 0.5
+
+
 def event_label(event: Any) -> str:
     """A human handle for an event in DLQ listings: its name, else its type."""
     if not isinstance(event, dict):
@@ -836,8 +840,11 @@ class DestinationWorker:
             # Deferred, not retried: nothing was tried, so the wait counts no attempt. Counted,
             # a deletion waiting out a long retry of its user's events spent its own retry
             # budget, and its first failure once sent went straight to the DLQ.
+            # At least DEFER_SECONDS: with `retry.base_delay: 0` (allowed) it was due again at
+            # once, leased and checked in a tight loop while the user's earlier jobs waited.
             wait = "waiting for the user's earlier events to be delivered"
-            await self.store.defer(deferred, now + self.config.retry.base_delay, wait, fence=batch.fence)
+            due = now + max(self.config.retry.base_delay, DEFER_SECONDS)
+            await self.store.defer(deferred, due, wait, fence=batch.fence)
             batch.settled.update(deferred)
         self.guard.record(len(acked), 0)
         self._precheck = True

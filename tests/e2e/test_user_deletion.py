@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 from structlog.testing import capture_logs
 
+from bridge.delivery.worker import DEFER_SECONDS
 from bridge.testing.upstream import Planned
 from tests.e2e.harness import ADMIN_TOKEN, WEBHOOK_SECRET, WORKSPACE, WRITE_KEY, Bridge, basic, wait_until
 
@@ -189,3 +190,29 @@ async def test_a_deferred_deletion_spends_no_attempt_while_it_waits(make_bridge:
         await wait_until(lambda: settled(bridge), what="the queue to empty")
     assert moengage.deletions() == [{"identity_type": "customer_id", "identity_value": "del-u10"}]
     assert await dead_letters(bridge) == []
+
+
+async def test_a_deferred_deletion_waits_even_with_no_base_delay(make_bridge: Callable[..., Any]) -> None:
+    # With `retry.base_delay: 0` (allowed) a deferred deletion was due again at once: leased,
+    # checked and deferred again in a tight loop for as long as the user's events waited.
+    def no_base_delay(raw: dict[str, Any]) -> None:
+        unordered(raw)
+        raw["destinations"][0]["retry"] = {**raw["destinations"][0].get("retry", {}), "base_delay": 0}
+
+    bridge = await make_bridge(no_base_delay)
+    moengage = bridge.moengage
+    moengage.hold()  # the user's event stays in flight (leased by one loop)
+    event = {"type": "track", "userId": "del-u11", "event": "Step", "messageId": "u11-t"}
+    with capture_logs() as logs:
+        assert (await bridge.post("/v1/batch", {"batch": [event]}, basic(WRITE_KEY)))[0] == 200
+        await moengage.wait_for(lambda: moengage.received == 1)
+        assert bridge.runtime is not None
+        sent_at = bridge.runtime.store.now()
+        assert (await webhook(bridge, deletion("del-u11", "del-11")))[0] == 200
+        await wait_until(lambda: any(e["event"] == "delivery_deferred" for e in logs), what="the deletion to wait")
+        with sqlite3.connect(bridge.tmp_path / "bridge.db") as conn:
+            (available_at,) = conn.execute("SELECT available_at FROM jobs WHERE message_id = 'del-11'").fetchone()
+        assert available_at >= sent_at + DEFER_SECONDS
+        moengage.release()
+        await wait_until(lambda: settled(bridge), what="the queue to empty")
+    assert moengage.deletions() == [{"identity_type": "customer_id", "identity_value": "del-u11"}]
