@@ -811,10 +811,13 @@ class DestinationWorker:
                     dead.append(self._dead(job_id, "retries_exhausted", resp, b"", batch, version))
                 else:
                     retries.add(job_id, job.attempts, resp.retry_after if resp else None)
-            elif batch.guard_reason:
+            elif batch.guard_reason or self.paused:
                 # The guard tripped in this batch: the upstream refuses everything (a bad
                 # deploy), and the events a bisect judged one by one before it tripped were
-                # refused for the same reason. They wait with the rest for the resume.
+                # refused for the same reason. They wait with the rest for the resume. So do
+                # those of a batch on the wire while the destination paused (the guard
+                # tripped on another loop's batch, or an operator paused it): dead-lettered,
+                # a few of a bad deploy's events reached the DLQ after the pause.
                 unsent.append(job_id)
             else:
                 dead.append(self._dead(job_id, _dead_reason(resp), resp, verdict.request_body, batch, version))

@@ -787,6 +787,27 @@ async def test_a_destination_refusing_everything_with_400_pauses_without_dead_le
     assert await dlq(bridge) == []
 
 
+async def test_a_refusal_answered_after_the_destination_paused_stays_queued(bridge):
+    """A batch on the wire while the destination pauses (here an operator's pause; in CI the
+    guard, tripped by another loop's batch of the same bad deploy): its 400 is not judged
+    now. Dead-lettered, a bad deploy's events reached the DLQ after the pause that was meant
+    to keep them queued; held, the attempt after the resume judges them."""
+    moengage = bridge.moengage
+    moengage.hold()
+    assert (await bridge.post("/v1/batch", tracks(1, prefix="onwire"), H))[0] == 200
+    await moengage.wait_for(lambda: moengage.received == 1)
+    assert (await bridge.post("/admin/destinations/moengage-main/pause", None, ADMIN))[0] == 200
+    moengage.refuse_all(400)
+    moengage.release()
+    await moengage.wait_for(lambda: len(moengage.seen) == 1)
+    await asyncio.sleep(0.3)  # the batch settles
+    status = await _status_of(bridge)
+    assert await dlq(bridge) == [] and status["queue_depth"] == 1, status
+    moengage.refuse_all(None)
+    assert (await bridge.post("/admin/destinations/moengage-main/resume", None, ADMIN))[0] == 200
+    await moengage.wait_for(lambda: seqs(moengage) == {"onwire-0"}, timeout=10)
+
+
 async def test_the_guard_never_replaces_an_operators_pause_made_from_the_cli(make_bridge, tmp_path):
     """README: "The guard never replaces an operator's pause" and `bridge destinations
     pause NAME` works while the bridge runs. An operator pauses from the CLI (or on another
