@@ -4,7 +4,8 @@ Behaviour follows MoEngage's documented contract (shared/reference/moengage-api.
 Basic auth (workspace id : Data API key), MOE-APPKEY equal to the username, JSON only,
 128 KB per request (100 KB for Bulk Import), MissingAttributeError for incomplete
 items, at most 50 merge pairs, silent acceptance of customer ids MoEngage
-ignores, and Delete User's 400 for a user it does not have.
+ignores, Delete User's 400 for a user it does not have, and (``suspended``) each
+endpoint's answer for a suspended account: a 400 from Merge User, a 403 from the others.
 """
 
 from __future__ import annotations
@@ -82,6 +83,12 @@ _KEY_MISMATCH = "App Secret key mismatch. Please login to the dashboard to verif
 # MoEngage's answer for an app id it does not serve: a workspace sent to another data center.
 _INVALID_APP_ID = "given app_id is invalid/blocked"
 
+# A suspended account, as each endpoint answers it (MoE-spec): Merge User with a 400, Delete
+# User with its 403 for a blocked app id, every other Data API endpoint with a 403.
+_SUSPENDED = (403, "Your account is suspended. Please contact MoEngage team.", "Account Suspended")
+_MERGE_SUSPENDED = (400, "Account Suspended.", "Account Suspended")
+_DELETE_SUSPENDED = (403, _INVALID_APP_ID, "InvalidParams")
+
 ACCEPTED = {"status": "success", "message": "Your request has been accepted and will be processed soon."}
 MERGE_ACCEPTED = {"status": "success", "operation": "created"}
 # Delete User's answer for a customer id without a user, MoEngage's wording (sic).
@@ -135,6 +142,8 @@ class MoEngageStandIn(StandIn):
         self.workspaces = {**(workspaces or {}), workspace_id: api_key}
         self.data_center = data_center
         self.data_centers = dict(data_centers or {})
+        # Set it to answer every authenticated request as MoEngage answers a suspended account.
+        self.suspended = False
         self.ignored: list[Ignored] = []
         self._customers: list[dict[str, Any]] = []
         self._events: list[dict[str, Any]] = []
@@ -208,10 +217,12 @@ class MoEngageStandIn(StandIn):
         return await self._handle(request, self._accept_transition, MAX_BULK_BODY_BYTES)
 
     async def _merge(self, request: web.Request) -> web.Response:
-        return await self._handle(request, self._accept_merge, MAX_BODY_BYTES, merge=True)
+        return await self._handle(request, self._accept_merge, MAX_BODY_BYTES, merge=True, suspended=_MERGE_SUSPENDED)
 
     async def _delete(self, request: web.Request) -> web.Response:
-        return await self._handle(request, self._accept_delete, MAX_BODY_BYTES, app_id_in_query=True)
+        return await self._handle(
+            request, self._accept_delete, MAX_BODY_BYTES, app_id_in_query=True, suspended=_DELETE_SUSPENDED
+        )
 
     async def _handle(
         self,
@@ -220,9 +231,12 @@ class MoEngageStandIn(StandIn):
         max_bytes: int,
         merge: bool = False,
         app_id_in_query: bool = False,
+        suspended: tuple[int, str, str] = _SUSPENDED,
     ) -> web.Response:
         try:
             self._authenticate(request, merge=merge, app_id_in_query=app_id_in_query or merge)
+            if self.suspended:
+                raise Rejected(*suspended)
             if request.content_type != "application/json":
                 raise Rejected(415, "Content-Type must be application/json", "MediaTypeError")
             raw = await request.read()
