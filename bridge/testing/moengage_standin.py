@@ -221,7 +221,12 @@ class MoEngageStandIn(StandIn):
 
     async def _delete(self, request: web.Request) -> web.Response:
         return await self._handle(
-            request, self._accept_delete, MAX_BODY_BYTES, app_id_in_query=True, suspended=_DELETE_SUSPENDED
+            request,
+            self._accept_delete,
+            MAX_BODY_BYTES,
+            app_id_in_query=True,
+            suspended=_DELETE_SUSPENDED,
+            invalid_app_id_status=_DELETE_SUSPENDED[0],
         )
 
     async def _handle(
@@ -232,9 +237,15 @@ class MoEngageStandIn(StandIn):
         merge: bool = False,
         app_id_in_query: bool = False,
         suspended: tuple[int, str, str] = _SUSPENDED,
+        invalid_app_id_status: int = 400,
     ) -> web.Response:
         try:
-            self._authenticate(request, merge=merge, app_id_in_query=app_id_in_query or merge)
+            self._authenticate(
+                request,
+                merge=merge,
+                app_id_in_query=app_id_in_query or merge,
+                invalid_app_id_status=invalid_app_id_status,
+            )
             if self.suspended:
                 raise Rejected(*suspended)
             if request.content_type != "application/json":
@@ -256,7 +267,9 @@ class MoEngageStandIn(StandIn):
         self.note(request, summary=summary, body=clip(body))
         return self.json_response(200, MERGE_ACCEPTED if merge else ACCEPTED)
 
-    def _authenticate(self, request: web.Request, *, merge: bool, app_id_in_query: bool) -> None:
+    def _authenticate(
+        self, request: web.Request, *, merge: bool, app_id_in_query: bool, invalid_app_id_status: int
+    ) -> None:
         header = request.headers.get("Authorization")
         if not header:
             raise Rejected(401, "Authentication Header Required", "AuthenticationError")
@@ -271,7 +284,7 @@ class MoEngageStandIn(StandIn):
             username, _, password = base64.b64decode(token.strip(), validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             raise Rejected(401, "Authentication Header Malformed", "AuthenticationError") from None
-        self._check_data_center(request, username)
+        self._check_data_center(request, username, invalid_app_id_status)
         if username not in self.workspaces or password != self.workspaces[username]:
             raise Rejected(401, _KEY_MISMATCH, "AuthenticationError")
         appkey = request.headers.get("MOE-APPKEY")
@@ -289,13 +302,15 @@ class MoEngageStandIn(StandIn):
         if target != username:
             raise Rejected(409, "App key mismatch in params and authentication.", "ConflictError")
 
-    def _check_data_center(self, request: web.Request, workspace: str) -> None:
-        """A workspace lives in one data center; another's host does not know its app id."""
+    def _check_data_center(self, request: web.Request, workspace: str, status: int) -> None:
+        """A workspace lives in one data center; another's host does not know its app id.
+        ``status``: the endpoint's status for an invalid app id, a 400 but for Delete User's
+        403 (MoEngage's Delete User documents "given app_id is invalid/blocked" as a 403)."""
         if workspace not in self.workspaces:
             return  # unknown everywhere: the key check refuses it
         sent_to = request.match_info.get("dc", self.data_center)
         if self.data_centers.get(workspace, self.data_center) != sent_to:
-            raise Rejected(400, _INVALID_APP_ID, "InvalidParams")
+            raise Rejected(status, _INVALID_APP_ID, "InvalidParams")
 
     # -- validation and recording ----------------------------------------------------
 
