@@ -42,7 +42,7 @@ class RetryPolicy:
             return Action.BISECT if items > 1 else Action.DEAD
         if status == 0 or status in self.config.retryable_statuses:
             return Action.RETRY
-        if status in self.config.pause_statuses:
+        if response.refuses_account or status in self.config.pause_statuses:
             return Action.PAUSE
         if status == 413:
             return Action.SPLIT if items > 1 else Action.DEAD

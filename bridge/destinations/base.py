@@ -59,6 +59,12 @@ class Response:
     # nothing was sent and no retry can change that, so it is dead-lettered (bisected
     # first, to find the items at fault), never retried for the whole retry budget.
     failure: str | None = None
+    # Set by a destination when the answer refuses the account, not these events, under a
+    # status that usually means bad events (MoEngage's Merge User answers a suspended or
+    # blacklisted account with a 400): every request would get it, so the destination
+    # pauses with its events queued, as for retry.pause_statuses, rather than bisecting
+    # them into the dead-letter queue one by one.
+    refuses_account: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,8 @@ Behaviour follows MoEngage's documented contract (shared/reference/moengage-api.
 Basic auth (workspace id : Data API key), MOE-APPKEY equal to the username, JSON only,
 128 KB per request (100 KB for Bulk Import), MissingAttributeError for incomplete
 items, at most 50 merge pairs, silent acceptance of customer ids MoEngage
-ignores, and Delete User's 400 for a user it does not have.
+ignores, Delete User's 400 for a user it does not have, and (``suspended``) each
+endpoint's answer for a suspended account: a 400 from Merge User, a 403 from the others.
 """
 
 from __future__ import annotations
@@ -82,6 +83,12 @@ _KEY_MISMATCH = "App Secret key mismatch. Please login to the dashboard to verif
 # MoEngage's answer for an app id it does not serve: a workspace sent to another data center.
 _INVALID_APP_ID = "given app_id is invalid/blocked"
 
+# A suspended account, as each endpoint answers it (MoE-spec): Merge User with a 400, Delete
+# User with its 403 for a blocked app id, every other Data API endpoint with a 403.
+_SUSPENDED = (403, "Your account is suspended. Please contact MoEngage team.", "Account Suspended")
+_MERGE_SUSPENDED = (400, "Account Suspended.", "Account Suspended")
+_DELETE_SUSPENDED = (403, _INVALID_APP_ID, "InvalidParams")
+
 ACCEPTED = {"status": "success", "message": "Your request has been accepted and will be processed soon."}
 MERGE_ACCEPTED = {"status": "success", "operation": "created"}
 # Delete User's answer for a customer id without a user, MoEngage's wording (sic).
@@ -135,6 +142,8 @@ class MoEngageStandIn(StandIn):
         self.workspaces = {**(workspaces or {}), workspace_id: api_key}
         self.data_center = data_center
         self.data_centers = dict(data_centers or {})
+        # Set it to answer every authenticated request as MoEngage answers a suspended account.
+        self.suspended = False
         self.ignored: list[Ignored] = []
         self._customers: list[dict[str, Any]] = []
         self._events: list[dict[str, Any]] = []
@@ -208,10 +217,17 @@ class MoEngageStandIn(StandIn):
         return await self._handle(request, self._accept_transition, MAX_BULK_BODY_BYTES)
 
     async def _merge(self, request: web.Request) -> web.Response:
-        return await self._handle(request, self._accept_merge, MAX_BODY_BYTES, merge=True)
+        return await self._handle(request, self._accept_merge, MAX_BODY_BYTES, merge=True, suspended=_MERGE_SUSPENDED)
 
     async def _delete(self, request: web.Request) -> web.Response:
-        return await self._handle(request, self._accept_delete, MAX_BODY_BYTES, app_id_in_query=True)
+        return await self._handle(
+            request,
+            self._accept_delete,
+            MAX_BODY_BYTES,
+            app_id_in_query=True,
+            suspended=_DELETE_SUSPENDED,
+            invalid_app_id_status=_DELETE_SUSPENDED[0],
+        )
 
     async def _handle(
         self,
@@ -220,9 +236,18 @@ class MoEngageStandIn(StandIn):
         max_bytes: int,
         merge: bool = False,
         app_id_in_query: bool = False,
+        suspended: tuple[int, str, str] = _SUSPENDED,
+        invalid_app_id_status: int = 400,
     ) -> web.Response:
         try:
-            self._authenticate(request, merge=merge, app_id_in_query=app_id_in_query or merge)
+            self._authenticate(
+                request,
+                merge=merge,
+                app_id_in_query=app_id_in_query or merge,
+                invalid_app_id_status=invalid_app_id_status,
+            )
+            if self.suspended:
+                raise Rejected(*suspended)
             if request.content_type != "application/json":
                 raise Rejected(415, "Content-Type must be application/json", "MediaTypeError")
             raw = await request.read()
@@ -242,7 +267,9 @@ class MoEngageStandIn(StandIn):
         self.note(request, summary=summary, body=clip(body))
         return self.json_response(200, MERGE_ACCEPTED if merge else ACCEPTED)
 
-    def _authenticate(self, request: web.Request, *, merge: bool, app_id_in_query: bool) -> None:
+    def _authenticate(
+        self, request: web.Request, *, merge: bool, app_id_in_query: bool, invalid_app_id_status: int
+    ) -> None:
         header = request.headers.get("Authorization")
         if not header:
             raise Rejected(401, "Authentication Header Required", "AuthenticationError")
@@ -257,7 +284,7 @@ class MoEngageStandIn(StandIn):
             username, _, password = base64.b64decode(token.strip(), validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
             raise Rejected(401, "Authentication Header Malformed", "AuthenticationError") from None
-        self._check_data_center(request, username)
+        self._check_data_center(request, username, invalid_app_id_status)
         if username not in self.workspaces or password != self.workspaces[username]:
             raise Rejected(401, _KEY_MISMATCH, "AuthenticationError")
         appkey = request.headers.get("MOE-APPKEY")
@@ -275,13 +302,15 @@ class MoEngageStandIn(StandIn):
         if target != username:
             raise Rejected(409, "App key mismatch in params and authentication.", "ConflictError")
 
-    def _check_data_center(self, request: web.Request, workspace: str) -> None:
-        """A workspace lives in one data center; another's host does not know its app id."""
+    def _check_data_center(self, request: web.Request, workspace: str, status: int) -> None:
+        """A workspace lives in one data center; another's host does not know its app id.
+        ``status``: the endpoint's status for an invalid app id, a 400 but for Delete User's
+        403 (MoEngage's Delete User documents "given app_id is invalid/blocked" as a 403)."""
         if workspace not in self.workspaces:
             return  # unknown everywhere: the key check refuses it
         sent_to = request.match_info.get("dc", self.data_center)
         if self.data_centers.get(workspace, self.data_center) != sent_to:
-            raise Rejected(400, _INVALID_APP_ID, "InvalidParams")
+            raise Rejected(status, _INVALID_APP_ID, "InvalidParams")
 
     # -- validation and recording ----------------------------------------------------
 

@@ -53,6 +53,16 @@ def test_pause_statuses_are_configurable():
     assert RetryPolicy(RetryConfig(pause_statuses=frozenset({503}))).classify(Response(503), 1) is Action.RETRY
 
 
+@pytest.mark.parametrize("items", [1, 4])
+def test_an_answer_refusing_the_account_pauses_whatever_its_status(items):
+    # MoEngage's Merge User answers a suspended account with a 400: bisected and dead-lettered,
+    # every alias sent while it lasts would end in the DLQ.
+    policy = RetryPolicy(RetryConfig())
+    assert policy.classify(Response(400, refuses_account=True), items) is Action.PAUSE
+    # A retryable answer is still retried.
+    assert policy.classify(Response(503, refuses_account=True), items) is Action.RETRY
+
+
 def test_backoff_is_full_jitter_under_an_exponential_cap():
     policy = RetryPolicy(RetryConfig(base_delay=1, max_delay=300))
     rng = random.Random(7)

@@ -309,6 +309,55 @@ async def test_any_other_400_from_delete_user_stays_a_failure(moengage, answer):
     assert [response.status for _, response in results] == [400]
 
 
+async def test_a_suspended_account_is_refused_on_every_endpoint_and_reported_as_the_accounts(moengage):
+    standin, base = moengage
+    standin.suspended = True
+    results = await send_all(build(base_url=base), [customer("u1", 1), merge("anon-1", "u1", 2), delete("u1", 3)])
+    # Merge User answers with a 400, which alone would read as bad events.
+    assert [(request.endpoint, response.status) for request, response in results] == [
+        ("bulk", 403),
+        ("merge", 400),
+        ("delete", 403),
+    ]
+    assert orjson.loads(results[1][1].body)["error"]["type"] == "Account Suspended"
+    assert results[1][1].refuses_account
+    assert standin.customers() == [] and standin.merges() == [] and standin.deletions() == []
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        {"message": "Your account is blacklisted, Please contact MoEngage.", "type": "Blacklisted"},
+        {"message": "Account Suspended.", "type": "Account Suspended"},
+        {"message": "Account Temporarily Suspended.", "type": "Account Temporarily Suspended."},
+        {"message": "given app_id is invalid/blocked", "type": "InvalidParams"},
+    ],
+    ids=["blacklisted", "suspended", "temporarily-suspended", "invalid-app-id"],
+)
+async def test_moengages_400s_about_the_account_are_reported_as_refusing_it(moengage, error):
+    standin, base = moengage
+    standin.plan(Planned(400, {"status": "fail", "error": {**error, "request_id": "pIvbWnGT"}}))
+    results = await send_all(build(base_url=base), [merge("anon-1", "u1")])
+    assert [(response.status, response.refuses_account) for _, response in results] == [(400, True)]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        {"message": "merged_user is expected to be String or Unicode String.", "type": "MissingAttributeError"},
+        {"message": "merge_data can have at most 50 entries", "type": "InvalidParams"},
+        # The account's words only in an echoed value, not as the error: about the events.
+        {"message": "customer_id Account Suspended is invalid", "type": "InvalidParams"},
+    ],
+    ids=["missing-attribute", "other-invalid-params", "words-elsewhere"],
+)
+async def test_other_400s_stay_about_the_events(moengage, error):
+    standin, base = moengage
+    standin.plan(Planned(400, {"status": "fail", "error": error}))
+    results = await send_all(build(base_url=base), [merge("anon-1", "u1")])
+    assert [(response.status, response.refuses_account) for _, response in results] == [(400, False)]
+
+
 async def test_a_full_bulk_pack_is_accepted_by_the_100_kb_standin(moengage):
     standin, base = moengage
     dest = build(base_url=base)

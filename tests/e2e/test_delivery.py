@@ -388,6 +388,27 @@ async def test_a_credential_deploy_pauses_before_dead_lettering_a_batch(bridge):
     assert len(bridge.moengage.events()) == 60
 
 
+async def test_an_alias_refused_for_a_suspended_account_pauses_and_waits_in_the_queue(bridge):
+    """Merge User answers a suspended account with a 400, not the other endpoints' 403: the
+    merge waits, queued, with the destination paused, instead of being dead-lettered."""
+    bridge.moengage.suspended = True
+    alias = {"previousId": "anon-7", "userId": "user-7", "messageId": "alias-7"}
+    assert (await bridge.post("/v1/alias", alias, H))[0] == 200
+
+    async def paused() -> bool:
+        return bool((await _status_of(bridge))["paused"])
+
+    await wait_until(paused, what="moengage-main to pause on the suspended account")
+    status = await _status_of(bridge)
+    assert "HTTP 400" in status["pause_reason"] and "Account Suspended" in status["pause_reason"], status
+    assert await dlq(bridge) == [] and status["queue_depth"] == 1
+
+    bridge.moengage.suspended = False  # MoEngage lifts the suspension; an operator resumes
+    assert (await bridge.post("/admin/destinations/moengage-main/resume", None, ADMIN))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.merges()) == 1, timeout=10)
+    assert bridge.moengage.merges() == [{"merged_user": "anon-7", "retained_user": "user-7"}]
+
+
 @pytest.mark.parametrize("deploy", ["reload", "restart"])
 async def test_a_mapping_deploy_that_fails_every_event_pauses_until_the_mapping_changes(make_bridge, tmp_path, deploy):
     """The fix arrives by a reload, or as a container deploy brings it: new files, new

@@ -385,10 +385,35 @@ async def test_delete_user_checks_auth_app_id_and_body_like_the_other_calls(moe)
     assert (status, body["error"]["type"]) == (409, "ConflictError")
     status, body = await call(client, "/v1/customer/delete", deletion())
     assert (status, body["error"]["type"]) == (400, "InvalidParams")
+    # Delete User answers an app id it does not serve with a 403, where the others answer 400.
     status, body = await call(client, f"/api-02{path}", deletion())
-    assert (status, body["error"]["message"]) == (400, "given app_id is invalid/blocked")
+    assert (status, body["error"]["message"]) == (403, "given app_id is invalid/blocked")
     status, body = await call(client, path, {"identity_type": "customer_id"})
     assert (status, body["error"]["type"]) == (400, "MissingAttributeError")
     status, body = await call(client, path, {"identity_type": "email", "identity_value": "a@b.co"})
     assert (status, body["error"]["type"]) == (400, "InvalidParams")
     assert standin.deletions() == []
+
+
+async def test_a_suspended_account_is_refused_as_each_endpoint_documents(moe):
+    standin, client = moe
+    standin.suspended = True
+    merge = {"merge_data": [{"merged_user": "old", "retained_user": "new"}]}
+    answers = {
+        f"/v1/customer/{WS}": (customer(), 403, "Account Suspended"),
+        f"/v1/event/{WS}": (event(), 403, "Account Suspended"),
+        f"/v1/transition/{WS}": ({"type": "transition", "elements": [customer()]}, 403, "Account Suspended"),
+        # Merge User's suspended account is a 400; Delete User's blocked app id a 403.
+        f"/v1/customer/merge?app_id={WS}": (merge, 400, "Account Suspended"),
+        f"/v1/customer/delete?app_id={WS}": (deletion(), 403, "InvalidParams"),
+    }
+    for path, (body, status, kind) in answers.items():
+        got, answer = await call(client, path, body)
+        assert (got, answer["status"], answer["error"]["type"]) == (status, "fail", kind), path
+    # Credentials are checked first: a wrong key is still a 401.
+    assert (await call(client, f"/v1/customer/{WS}", customer(), {**GOOD, "Authorization": basic_auth(WS, "x")}))[
+        0
+    ] == 401
+    assert standin.customers() == [] and standin.merges() == [] and standin.deletions() == []
+    standin.suspended = False
+    assert (await call(client, f"/v1/customer/merge?app_id={WS}", merge))[0] == 200

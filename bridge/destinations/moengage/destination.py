@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, ClassVar, Literal
 from urllib.parse import quote
 
@@ -198,6 +199,8 @@ class MoEngageDestination(Destination):
             return Response(
                 200, body=f"MoEngage answered {response.status}, the user is already absent: {response.body}"
             )
+        if _refuses_account(response):
+            return replace(response, refuses_account=True)
         return response
 
     def rate_cost(self, request: Request) -> RateCost:
@@ -245,23 +248,52 @@ def _action_count(item: Item) -> int:
 
 
 # MoEngage's Delete User answer for a customer id it has no user for (400): "User doesn't
-# exists with customer id <id>". Only that message: any other 400 (a malformed body, an
-# invalid app_id) is a failure and stays a dead letter.
+# exists with customer id <id>". Only that message: any other 400 (a malformed body, say)
+# is a failure and stays a dead letter.
 _ABSENT_USER = "user doesn't exist"
 
+# The 400s MoEngage answers about the account, not the events (Merge User's documented 400s:
+# "Your account is blacklisted, …" type Blacklisted, "Account Suspended." type Account
+# Suspended, and "given app_id is invalid/blocked" type InvalidParams, which the Data API
+# overview lists for every endpoint). The other endpoints answer a suspended account with a
+# 403, already a pause status. Error types are compared without case or a final full stop,
+# as MoEngage writes both ways ("Account Temporarily Suspended."); InvalidParams is read by
+# its message, since MoEngage also names bad parameters of the events so.
+_ACCOUNT_ERROR_TYPES = frozenset({"blacklisted", "blockedclient", "account suspended", "account temporarily suspended"})
+_INVALID_APP_ID = "given app_id is invalid/blocked"
 
-def _user_already_absent(response: Response) -> bool:
-    """Whether ``response`` is Delete User's 400 for a user MoEngage does not have. The
-    message is read from the error envelope, not searched for in the whole body: the body
-    also echoes the customer id, which could contain any words."""
-    if response.status != 400:
-        return False
+
+def _error_of(response: Response) -> tuple[str, str]:
+    """The (type, message) of MoEngage's error envelope in ``response``, lower case and
+    stripped; empty strings for what is absent or not text. Read from the envelope, never
+    searched for in the whole body: the body may echo a customer id, which could hold any
+    words."""
     try:
         body = orjson.loads(response.body)
     except orjson.JSONDecodeError:
-        return False
+        return "", ""
     if not isinstance(body, dict):
-        return False
+        return "", ""
     error = body.get("error")
-    message = error.get("message") if isinstance(error, dict) else body.get("message")
-    return isinstance(message, str) and message.strip().lower().startswith(_ABSENT_USER)
+    fields = error if isinstance(error, dict) else body
+    kind, message = fields.get("type"), fields.get("message")
+    return (
+        kind.strip().lower() if isinstance(kind, str) else "",
+        message.strip().lower() if isinstance(message, str) else "",
+    )
+
+
+def _user_already_absent(response: Response) -> bool:
+    """Whether ``response`` is Delete User's 400 for a user MoEngage does not have."""
+    if response.status != 400:
+        return False
+    return _error_of(response)[1].startswith(_ABSENT_USER)
+
+
+def _refuses_account(response: Response) -> bool:
+    """Whether ``response`` is a 400 that refuses the account (suspended, blacklisted, an
+    app id MoEngage does not serve here) rather than the events it carried."""
+    if response.status != 400:
+        return False
+    kind, message = _error_of(response)
+    return kind.rstrip(".").strip() in _ACCOUNT_ERROR_TYPES or message.startswith(_INVALID_APP_ID)
