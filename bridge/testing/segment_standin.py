@@ -175,6 +175,13 @@ def discard_code(event: Any) -> str | None:
             return "event_not_string"
     if kind == "group" and not event.get("groupId"):
         return "id_required"
+    if kind in ("page", "screen"):
+        # Optional, but a non-empty string when present (null is absent: segment-analytics-
+        # python sends an unset name as null).
+        for key in ("name", "category"):
+            value = event.get(key)
+            if value is not None and (not isinstance(value, str) or not value):
+                return f"{key}_not_string"
     if "properties" in event and not isinstance(event["properties"], dict):
         return "properties_not_object"
     if "traits" in event and not isinstance(event["traits"], dict):

@@ -323,19 +323,28 @@ async def test_one_half_emoji_does_not_cost_a_streams_batch_its_other_events(bri
     assert [e["properties"]["push_id"] for e in pushes] == ["cut \ufffd here"]
 
 
-async def test_a_streams_request_has_at_most_max_batch_events(make_bridge):
+async def test_a_streams_request_past_max_batch_events_keeps_its_first_events(make_bridge):
+    """MoEngage resends a refused request as it is, a few times, then drops it: a 400 for
+    one event too many cost every event of the batch. As the Tracking API does: 200, the
+    first max_batch_events taken, those past them rejected in one entry at the first's index."""
+
     def tweak(raw: dict[str, Any]) -> None:
         raw["server"]["max_batch_events"] = 3
 
     bridge = await make_bridge(tweak)
     payload = seed_payload()
-    assert len(payload["events"]) == 3
-    assert (await bridge.post(PATH, payload, AUTH))[0] == 200
-    payload = seed_payload()
-    payload["events"].append({**payload["events"][0], "event_uuid": "one-too-many"})
+    first = [e["event_uuid"] for e in payload["events"]]
+    assert len(first) == 3
+    payload["events"] += [{**payload["events"][0], "event_uuid": f"too-many-{i}"} for i in range(2)]
     status, data = await bridge.post(PATH, payload, AUTH)
-    assert (status, data["code"]) == (400, "too_many_events"), data
-    assert "4 events; at most 3" in data["message"]
+    assert status == 200 and data["accepted"] == 3, data
+    [entry] = data["rejected"]
+    assert (entry["index"], entry["code"]) == (3, "too_many_events"), entry
+    assert "5 events; the first 3 are taken" in entry["message"]
+    await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 3)
+    assert sorted(e["messageId"] for e in bridge.segment.events()) == sorted(first)
+    _, metrics = await bridge.get("/metrics", ADMIN)
+    assert 'bridge_events_rejected_total{code="too_many_events",source="streams-main"} 2.0' in metrics
 
 
 @pytest.mark.parametrize(

@@ -177,3 +177,27 @@ async def test_real_segment_python_client_is_accepted(seg):
     assert {(e.auth, e.write_key) for e in standin.accepted} == {("both", US_KEY)}
     assert standin.events()[1]["properties"] == {"total": 12.5}
     assert standin.dropped == []
+
+
+async def test_a_page_or_screen_name_or_category_that_is_no_string_is_dropped(seg):
+    """Segment's discard codes name_not_string and category_not_string: a page or screen
+    whose name or category is present but not a non-empty string is answered 200 and
+    dropped. Kept, the sandbox showed a mapping's page as delivered that Segment drops."""
+    standin, client, _ = seg
+    batch = [
+        {"type": "page", "userId": "u1", "name": "Home", "category": "Docs"},
+        {"type": "page", "userId": "u2"},
+        {"type": "page", "userId": "u3", "name": 7},
+        {"type": "screen", "userId": "u4", "name": ""},
+        {"type": "page", "userId": "u5", "name": "Home", "category": ["Docs"]},
+        {"type": "screen", "userId": "u6", "category": ""},
+        {"type": "page", "userId": "u7", "name": None, "category": None},
+    ]
+    assert await post(client, {"batch": batch, "writeKey": US_KEY}) == (200, {"success": True})
+    assert standin.events() == [batch[0], batch[1], batch[-1]]
+    assert [d.reason for d in standin.dropped] == [
+        "name_not_string",
+        "name_not_string",
+        "category_not_string",
+        "category_not_string",
+    ]

@@ -133,10 +133,13 @@ class StreamsSources(SourceKind):
         except Invalid as exc:
             raise ApiError(400, exc.code, exc.message) from None
         limit = self.config.server.max_batch_events
-        if len(items) > limit:
-            # MoEngage sends ~100 a request; thousands of tiny events in one body would make
-            # one store write (and one answer) as large as the body allows.
-            raise ApiError(400, "too_many_events", f"the request has {len(items)} events; at most {limit}")
+        # MoEngage sends ~100 a request; thousands of tiny events in one body would make
+        # one store write (and one answer) as large as the body allows. Past the limit the
+        # first events are still taken: MoEngage resends a refused request unchanged, then
+        # drops it, so a 400 cost every event of the batch (the Tracking API does the same).
+        excess = len(items) - limit
+        if excess > 0:
+            items = items[:limit]
         collected = self.ingestor.collector(source)
         for i, item in enumerate(items):
             try:
@@ -146,4 +149,10 @@ class StreamsSources(SourceKind):
                 collected.accept(event, uuid, key, encode_event(event))
             except Invalid as exc:
                 collected.reject(i, exc.code, exc.message, given_id(item, "event_uuid"))
+        if excess > 0:
+            message = (
+                f"the request has {limit + excess} events; the first {limit} are taken, and the {excess}"
+                f" from index {limit} on are rejected"
+            )
+            collected.reject_from(limit, excess, "too_many_events", message)
         return collected
