@@ -542,7 +542,8 @@ def validate_routes(cfg: Config) -> None:
     """Names are unique, each Segment write key has one region (``_check_write_keys``),
     routes point at real destinations, once each and at most one Segment destination per
     source (Segment dedupes on messageId everywhere), and no route crosses regions unless
-    the source says so (Segment drops cross-region data silently; we refuse loudly)."""
+    the source says so (a data-residency guard: the write keys' own regions, which Segment
+    enforces by dropping data silently, are checked by ``_check_write_keys``)."""
     seen: dict[str, str] = {}
     for kind, names in (
         ("sources", [s.name for s in cfg.sources]),
@@ -579,9 +580,9 @@ def validate_routes(cfg: Config) -> None:
             if s.region is None or d.region is None or s.region != d.region:
                 raise ConfigError(
                     f"sources[{i}].to[{j}]: route {s.name!r} ({_region_name(s.region)}) -> "
-                    f"{d.name!r} ({_region_name(d.region)}) crosses regions; "
-                    + ("Segment silently drops cross-region data. " if "segment" in (s.kind, d.kind) else "")
-                    + f"Set allow_cross_region: true on source {s.name!r} if this is intended."
+                    f"{d.name!r} ({_region_name(d.region)}) crosses regions: its users' data would leave "
+                    f"{_region_name(s.region)} for {_region_name(d.region)}. Set allow_cross_region: true on "
+                    f"source {s.name!r} if this is intended."
                 )
 
 
