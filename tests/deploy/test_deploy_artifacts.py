@@ -10,7 +10,7 @@ import os
 import re
 import shlex
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -318,6 +318,21 @@ def test_dockerignore_keeps_what_the_dockerfile_copies() -> None:
         if word == "COPY" and "--from" not in rest:
             for src in [a for a in shlex.split(rest) if not a.startswith("--")][:-1]:
                 assert f"!{src}" in ignore, f"{src} is excluded from the build context"
+
+
+def test_every_sqlite_url_the_deploy_docs_suggest_puts_the_store_in_the_image_volume() -> None:
+    """`sqlite:///x` is x relative to the working directory (README, store.url): a suggested
+    sqlite:///var/lib/bridge/bridge.db landed in /var/lib/bridge/var/lib/bridge/, not where
+    the comments said."""
+    last_stage = dockerfile()[max(i for i, (w, _) in enumerate(dockerfile()) if w == "FROM") :]
+    workdir = PurePosixPath(next(rest for word, rest in reversed(last_stage) if word == "WORKDIR"))
+    (volume,) = json.loads(next(rest for word, rest in last_stage if word == "VOLUME"))
+    texts = [p.read_text() for p in DEPLOY.rglob("*") if p.is_file()] + [(REPO / "docs" / "operations.md").read_text()]
+    urls = {url for text in texts for url in re.findall(r"sqlite:///[^\s`'\"]+?\.db", text)}
+    assert urls
+    for url in urls:
+        path = workdir / url[len("sqlite:///") :]  # an absolute path stays as it is
+        assert path.parent == PurePosixPath(volume), f"{url} is {path}, outside the volume {volume}"
 
 
 # -- docker compose ------------------------------------------------------------------------
