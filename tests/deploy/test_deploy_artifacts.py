@@ -21,6 +21,7 @@ from aiohttp.test_utils import TestServer
 from bridge.config.loader import substitute_env
 from bridge.config.model import build_config
 from bridge.mapping import load_mapping_dir
+from bridge.mapping.loader import compile_mapping_dir
 from bridge.runtime import check_mappings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -333,6 +334,25 @@ def test_every_sqlite_url_the_deploy_docs_suggest_puts_the_store_in_the_image_vo
     for url in urls:
         path = workdir / url[len("sqlite:///") :]  # an absolute path stays as it is
         assert path.parent == PurePosixPath(volume), f"{url} is {path}, outside the volume {volume}"
+
+
+def test_the_documented_helm_mappings_example_is_a_set_the_chart_config_runs_on(tmp_path: Path) -> None:
+    """The chart mounts mappings.files over the image's mappings directory as a whole: the
+    files docs/operations.md passes must alone load and cover the chart's config (two of
+    them, a mapping and a lookup, left the pod failing at start)."""
+    text = (REPO / "docs" / "operations.md").read_text()
+    files = re.findall(r"--set-file '?mappings\.files\.((?:[^=\\']|\\.)+)=([^'\s]+)'?", text)
+    assert files
+    for key, source in files:
+        target = tmp_path / key.replace("\\.", ".")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((REPO / source).read_bytes())
+    config = values()["config"]
+    substituted, _ = substitute_env(config, fake_env(config))
+    cfg = build_config(yaml.safe_load(substituted), "values.yaml")
+    mappings, diagnostics = compile_mapping_dir(tmp_path)
+    assert not diagnostics, [str(d) for d in diagnostics]
+    assert not check_mappings(cfg, mappings)
 
 
 # -- docker compose ------------------------------------------------------------------------
