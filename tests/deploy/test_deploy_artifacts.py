@@ -336,6 +336,24 @@ def test_every_sqlite_url_the_deploy_docs_suggest_puts_the_store_in_the_image_vo
         assert path.parent == PurePosixPath(volume), f"{url} is {path}, outside the volume {volume}"
 
 
+def test_the_documented_docker_run_keeps_the_store_and_lets_the_bridge_drain() -> None:
+    """docs/operations.md's `docker run --rm`: Docker deletes a container's anonymous volumes
+    with it, so the image's VOLUME (the SQLite store) must be a named one; and `docker stop`
+    waits 10 s unless told otherwise, less than server.shutdown_timeout."""
+    last_stage = dockerfile()[max(i for i, (w, _) in enumerate(dockerfile()) if w == "FROM") :]
+    (volume,) = json.loads(next(rest for word, rest in last_stage if word == "VOLUME"))
+    text = (REPO / "docs" / "operations.md").read_text().replace("\\\n", " ")
+    runs = [shlex.split(line.strip()) for line in text.splitlines() if line.strip().startswith("docker run ")]
+    assert runs
+    example = yaml.safe_load((DEPLOY / "example" / "bridge.yaml").read_text())
+    for argv in runs:
+        mounts = [argv[i + 1] for i, a in enumerate(argv) if a == "-v"]
+        data = [m.split(":")[0] for m in mounts if m.split(":")[1] == volume]
+        assert data and not data[0].startswith("/"), f"{volume} is not a named volume in {argv}"
+        stop = argv[argv.index("--stop-timeout") + 1] if "--stop-timeout" in argv else "10"
+        assert int(stop) > example["server"]["shutdown_timeout"]
+
+
 def test_the_documented_helm_mappings_example_is_a_set_the_chart_config_runs_on(tmp_path: Path) -> None:
     """The chart mounts mappings.files over the image's mappings directory as a whole: the
     files docs/operations.md passes must alone load and cover the chart's config (two of
