@@ -10,7 +10,7 @@ import os
 import re
 import shlex
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -21,6 +21,7 @@ from aiohttp.test_utils import TestServer
 from bridge.config.loader import substitute_env
 from bridge.config.model import build_config
 from bridge.mapping import load_mapping_dir
+from bridge.mapping.loader import compile_mapping_dir
 from bridge.runtime import check_mappings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -318,6 +319,58 @@ def test_dockerignore_keeps_what_the_dockerfile_copies() -> None:
         if word == "COPY" and "--from" not in rest:
             for src in [a for a in shlex.split(rest) if not a.startswith("--")][:-1]:
                 assert f"!{src}" in ignore, f"{src} is excluded from the build context"
+
+
+def test_every_sqlite_url_the_deploy_docs_suggest_puts_the_store_in_the_image_volume() -> None:
+    """`sqlite:///x` is x relative to the working directory (README, store.url): a suggested
+    sqlite:///var/lib/bridge/bridge.db landed in /var/lib/bridge/var/lib/bridge/, not where
+    the comments said."""
+    last_stage = dockerfile()[max(i for i, (w, _) in enumerate(dockerfile()) if w == "FROM") :]
+    workdir = PurePosixPath(next(rest for word, rest in reversed(last_stage) if word == "WORKDIR"))
+    (volume,) = json.loads(next(rest for word, rest in last_stage if word == "VOLUME"))
+    texts = [p.read_text() for p in DEPLOY.rglob("*") if p.is_file()] + [(REPO / "docs" / "operations.md").read_text()]
+    urls = {url for text in texts for url in re.findall(r"sqlite:///[^\s`'\"]+?\.db", text)}
+    assert urls
+    for url in urls:
+        path = workdir / url[len("sqlite:///") :]  # an absolute path stays as it is
+        assert path.parent == PurePosixPath(volume), f"{url} is {path}, outside the volume {volume}"
+
+
+def test_the_documented_docker_run_keeps_the_store_and_lets_the_bridge_drain() -> None:
+    """docs/operations.md's `docker run --rm`: Docker deletes a container's anonymous volumes
+    with it, so the image's VOLUME (the SQLite store) must be a named one; and `docker stop`
+    waits 10 s unless told otherwise, less than server.shutdown_timeout."""
+    last_stage = dockerfile()[max(i for i, (w, _) in enumerate(dockerfile()) if w == "FROM") :]
+    (volume,) = json.loads(next(rest for word, rest in last_stage if word == "VOLUME"))
+    text = (REPO / "docs" / "operations.md").read_text().replace("\\\n", " ")
+    runs = [shlex.split(line.strip()) for line in text.splitlines() if line.strip().startswith("docker run ")]
+    assert runs
+    example = yaml.safe_load((DEPLOY / "example" / "bridge.yaml").read_text())
+    for argv in runs:
+        mounts = [argv[i + 1] for i, a in enumerate(argv) if a == "-v"]
+        data = [m.split(":")[0] for m in mounts if m.split(":")[1] == volume]
+        assert data and not data[0].startswith("/"), f"{volume} is not a named volume in {argv}"
+        stop = argv[argv.index("--stop-timeout") + 1] if "--stop-timeout" in argv else "10"
+        assert int(stop) > example["server"]["shutdown_timeout"]
+
+
+def test_the_documented_helm_mappings_example_is_a_set_the_chart_config_runs_on(tmp_path: Path) -> None:
+    """The chart mounts mappings.files over the image's mappings directory as a whole: the
+    files docs/operations.md passes must alone load and cover the chart's config (two of
+    them, a mapping and a lookup, left the pod failing at start)."""
+    text = (REPO / "docs" / "operations.md").read_text()
+    files = re.findall(r"--set-file '?mappings\.files\.((?:[^=\\']|\\.)+)=([^'\s]+)'?", text)
+    assert files
+    for key, source in files:
+        target = tmp_path / key.replace("\\.", ".")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((REPO / source).read_bytes())
+    config = values()["config"]
+    substituted, _ = substitute_env(config, fake_env(config))
+    cfg = build_config(yaml.safe_load(substituted), "values.yaml")
+    mappings, diagnostics = compile_mapping_dir(tmp_path)
+    assert not diagnostics, [str(d) for d in diagnostics]
+    assert not check_mappings(cfg, mappings)
 
 
 # -- docker compose ------------------------------------------------------------------------
