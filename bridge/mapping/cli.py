@@ -7,6 +7,7 @@ The integrator wires them with ``register(subparsers)``; each subparser sets
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -48,14 +49,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _config_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="take the mappings directory from this config's mappings.dir")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="take the mappings directory from this config's mappings.dir (default: $BRIDGE_CONFIG's, when set)",
+    )
 
 
 def _dir(args: argparse.Namespace) -> Path:
     explicit = getattr(args, "mappings_dir", None)
     if explicit:
         return Path(explicit)
-    config = getattr(args, "config", None)
+    # $BRIDGE_CONFIG is `bridge serve`'s default config, so the mappings checked by default
+    # are the ones the server loads: in the image, /etc/bridge/mappings, not ./mappings.
+    config = getattr(args, "config", None) or os.environ.get("BRIDGE_CONFIG")
     if config:
         return Path(_configured_dir(config))
     return Path(DEFAULT_DIR)

@@ -230,3 +230,21 @@ def test_directory_fingerprint_tracks_mapping_and_lookup_files_only(tmp_path):
     assert second != first
     write(tmp_path / "b.yaml", GOOD)
     assert directory_fingerprint(tmp_path) not in (first, second)
+
+
+def test_the_mapping_commands_default_to_the_servers_config_in_bridge_config(tmp_path, capsys, monkeypatch):
+    # In the image, $BRIDGE_CONFIG names the config `bridge serve` loads, and its mappings
+    # live in /etc/bridge/mappings: a bare `bridge mappings check` must check those, not
+    # look for ./mappings in the working directory.
+    served = write(tmp_path / "served" / "x.yaml", GOOD.replace("kind: customer", "kind: custmer"))
+    config = write(tmp_path / "bridge.yaml", f"mappings: {{dir: {served.parent}}}\n")
+    monkeypatch.chdir(tmp_path)  # holds no ./mappings
+    monkeypatch.setenv("BRIDGE_CONFIG", str(config))
+    assert main(["mappings", "check"]) == 1
+    assert f"{served}:5:11: rules[0].kind: moengage has no output kind 'custmer'" in capsys.readouterr().out
+    # An explicit directory still wins over the environment.
+    write(tmp_path / "other" / "y.yaml", GOOD)
+    assert main(["mappings", "check", "--mappings-dir", str(tmp_path / "other")]) == 0
+    monkeypatch.delenv("BRIDGE_CONFIG")
+    assert main(["mappings", "check"]) == 1
+    assert "mappings:1:1: <root>: no such file or directory" in capsys.readouterr().out
