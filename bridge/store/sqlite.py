@@ -58,6 +58,12 @@ from bridge.store.sqlite_writer import BatchOperation, GroupCommitWriter
 MiB = 1024 * 1024
 log = structlog.get_logger("bridge.store")
 
+# Delivered-job records deleted per step when a full store makes room (see ``_reclaim``).
+RECLAIM_STEP = 5000
+# The least time between two such reclaims while the store stays full: each walks the
+# whole jobs table, and only jobs acked since the last one can free anything more.
+RECLAIM_INTERVAL = 60.0
+
 
 class SqliteStore(Store):
     def __init__(
@@ -120,6 +126,11 @@ class SqliteStore(Store):
         self._free_checked_at = 0.0
         self._capacity_checked_at = float("-inf")
         self._full_reason: str | None = None
+        # Making room in a full store (``_reclaim``): the task, when the last one began, and
+        # the jobs acked since, whose records it would delete.
+        self._reclaim_task: asyncio.Task[None] | None = None
+        self._reclaimed_at = float("-inf")
+        self._acked_since_reclaim = 0
 
     # -- lifecycle ---------------------------------------------------------------------
     @property
@@ -212,6 +223,11 @@ class SqliteStore(Store):
         self._enqueue_many = partial(ops.enqueue_many, dedupe=dedupe)
 
     async def close(self) -> None:
+        if self._reclaim_task is not None:  # what it deleted so far is committed; the rest can wait
+            self._reclaim_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reclaim_task
+            self._reclaim_task = None
         if self._filter_task is not None:  # a filter lives in this process only: no use finishing it
             self._filter_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -300,8 +316,52 @@ class SqliteStore(Store):
         if now - self._capacity_checked_at >= self._size_check_interval:
             self._capacity_checked_at = now
             self._full_reason = self._measure()
+            if self._full_reason is not None:
+                self._reclaim_soon(now)
         if self._full_reason is not None:
             raise StoreFull(self._full_reason)
+
+    def _reclaim_soon(self, now: float) -> None:
+        """The store is full: make room from the records of delivered jobs, if any were
+        acked since the last time, in the background (the caller gets its StoreFull now)."""
+        if self._reclaim_task is not None or not self._acked_since_reclaim or self._writer is None:
+            return
+        if now - self._reclaimed_at < RECLAIM_INTERVAL:
+            return
+        self._reclaimed_at, self._acked_since_reclaim = now, 0
+        self._reclaim_task = asyncio.create_task(self._reclaim(), name="bridge-store-reclaim")
+
+    async def _reclaim(self) -> None:
+        """Delete every delivered-job record, before ``store.retention_hours`` is up.
+
+        An ack empties the job's payload, but its row keeps the page it was written to:
+        SQLite merges pages only when rows are deleted. A queue that filled the store
+        while a destination was down therefore kept it full once delivered, and ingest
+        answered 503 until those records aged out of retention, three days later. They
+        are only an audit trail (``delivered_version``); accepting events comes first.
+        Dead letters and discards hold events still to be replayed: they are kept."""
+        removed, after = 0, 0
+        try:
+            while after is not None:
+                step = partial(ops.prune_delivered_step, after=after, limit=RECLAIM_STEP)
+                deleted, after = await self._bookkeep(step)
+                removed += deleted
+            # The pages freed are reused before the file grows; a burst's WAL shrinks too.
+            await self._run(self._checkpoint_and_measure, outside_transaction=True)
+        except StoreError as exc:
+            log.warning("store_reclaim_failed", path=self.path, error=str(exc))
+        else:
+            log.warning(
+                "store_full_delivered_records_pruned",
+                path=self.path,
+                rows=removed,
+                reason=self._full_reason,
+                hint="the store was full (store.max_bytes or store.min_free_disk_bytes): delivered-job"
+                " records were pruned before store.retention_hours to make room",
+            )
+        finally:
+            self._reclaim_task = None
+            self._capacity_checked_at = float("-inf")  # measured again by the next call
 
     def _measure(self) -> str | None:
         if self.max_bytes is not None:
@@ -312,7 +372,8 @@ class SqliteStore(Store):
             disk = os.statvfs(os.path.dirname(self.path))
         except OSError as exc:
             return f"cannot check free disk space for {self.path}: {exc}"
-        free = disk.f_bavail * disk.f_frsize
+        # Pages free inside the file (a reclaim's, a prune's) take new rows before the disk does.
+        free = disk.f_bavail * disk.f_frsize + self._free_bytes
         if free < self.min_free_disk_bytes:
             return f"only {free} bytes free on the store's disk, below the minimum of {self.min_free_disk_bytes}"
         return None
@@ -401,6 +462,7 @@ class SqliteStore(Store):
 
     async def ack(self, job_ids: Sequence[int], mapping_version: str = "", *, fence: Fence | None = None) -> None:
         if job_ids:
+            self._acked_since_reclaim += len(job_ids)
             await self._bookkeep(
                 partial(
                     ops.ack,

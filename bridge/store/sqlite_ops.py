@@ -692,6 +692,24 @@ def heartbeat(conn: sqlite3.Connection, now: float) -> None:
     )
 
 
+def prune_delivered_step(conn: sqlite3.Connection, after: int, limit: int) -> tuple[int, int | None]:
+    """One step of reclaiming a full store: delete the next ``limit`` delivered-job records
+    after id ``after``, in id order (a walk of the table by rowid, which only an ack's
+    record matches). Returns (rows removed, where the next step starts, or None at the end)."""
+    ids = [
+        row[0]
+        for row in conn.execute(
+            f"SELECT id FROM jobs WHERE id > ? AND state = {DELIVERED} ORDER BY id LIMIT ?", (after, limit)
+        )
+    ]
+    if not ids:
+        return 0, None
+    removed = conn.execute(
+        f"DELETE FROM jobs WHERE id >= ? AND id <= ? AND state = {DELIVERED}", (ids[0], ids[-1])
+    ).rowcount
+    return int(removed), ids[-1] if len(ids) == limit else None
+
+
 def prune(conn: sqlite3.Connection, dedupe: DedupeKeys, dedupe_before: float, settled_before: float) -> int:
     dedupe.merge(conn)  # the waiting keys, so the B-tree has them all (a merge's keys get its time)
     removed = dedupe.prune(conn, dedupe_before)
