@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from bridge.mapping.api import CompiledMapping, Discarded, Failed, LinkFilter, MapContext, MapResult, Output
 from bridge.mapping.conditions import Guard, conjunction, fuse_condition, guard_of, passes
@@ -481,11 +481,42 @@ class FileCompiler:
             self.diags.add(node, "rules", "expected a non-empty list of rules")
             return out
         names: set[str] = set()
+        # The rules above that decide every event they match, with what they match (_covers).
+        deciders: list[tuple[int, _Rule, Guard | None]] = []
         for i, item in enumerate(node.value):
             rule = self._rule(item, join("rules", i), destination, names)
-            if rule is not None:
-                out.append(rule)
+            if rule is None:
+                continue
+            out.append(rule)
+            self._check_reachable(item, join("rules", i), rule, deciders)
+            covers = _covers(item, rule)
+            if covers is not False:
+                deciders.append((i, rule, covers))
         return out
+
+    def _check_reachable(
+        self, item: YNode, ip: str, rule: _Rule, deciders: list[tuple[int, _Rule, Guard | None]]
+    ) -> None:
+        """The first matching rule decides, so a rule every one of whose events an earlier
+        rule already decides never runs: a rule for one event name added below the rule
+        for its whole type, or any rule below a catch-all. Said at load, not found later
+        in the discards."""
+        mine = guard_of(rule.when)
+        for i, earlier, covers in deciders:
+            if covers is not None and (mine is None or mine[0] != covers[0] or not mine[1] <= covers[1]):
+                continue
+            name = earlier.name
+            what = "every event" if covers is None else "every event this one would"
+            fixes = f"move this rule above {name!r} or narrow {name!r} with 'match' or 'when'"
+            if earlier.drop is None:
+                fixes += f", or give {name!r} 'continue: true'"
+            self.diags.add(
+                item.value["name"],
+                join(ip, "name"),
+                f"rule {rule.name!r} can never match: rule {name!r} (rules[{i}]) above it matches {what}, "
+                f"and the first rule that matches decides; {fixes}",
+            )
+            return
 
     def _rule(self, item: YNode, ip: str, destination: str | None, names: set[str]) -> _Rule | None:
         d = self.diags
@@ -607,6 +638,23 @@ class FileCompiler:
                     sets.append((parsed.segments, self.expr.value(vn, join(join(cp, "set"), opath))))
             out[str(key)] = _Override(drop, sets)
         return by, out, set()
+
+
+def _covers(item: YNode, rule: _Rule) -> Guard | Literal[False] | None:
+    """What a rule decides for certain: None when every event that reaches it (a
+    catch-all), a guard when exactly the events with that top-level field among those
+    values (a lone ``match`` such as ``{type: track}``, whose condition is its guard), or
+    False when that cannot be said (a ``when``, ``continue: true``, a match on several fields)."""
+    v = item.value
+    if rule.keep_going or "when" in v:
+        return False
+    if "match" not in v:
+        return None
+    match = v["match"]
+    if not match.is_map or len(match.value) != 1:
+        return False
+    guard = guard_of(rule.when)
+    return guard if guard is not None else False
 
 
 def _override_target_problem(segs: tuple[Segment, ...], shape: Shape) -> str:

@@ -230,3 +230,65 @@ def test_values_python_cannot_hold_are_diagnosed_where_they_are(tmp_path):
     assert not any("unexpected error" in text for _, text in found), found
     assert any(line == 4 and "lookups.t.file: expected a path relative to the mapping file" in t for line, t in found)
     assert any(line == 12 and "if.gt: cannot read this value" in t and "4300" in t for line, t in found), found
+
+
+def test_a_rule_below_the_rule_for_its_whole_type_is_reported_as_never_matching(tmp_path):
+    # The first matching rule decides: a rule for one event added below the rule for every
+    # track would silently never run.
+    diags, _ = errors(
+        tmp_path,
+        HEADER
+        + """\
+rules:
+  - name: track
+    match: {type: track}
+    kind: customer
+    body: {customer_id: $.userId}
+  - name: order-completed
+    match: {type: track, event: Order Completed}
+    kind: customer
+    body: {customer_id: $.userId}
+""",
+    )
+    (d,) = diags
+    assert (d.line, d.column, d.yaml_path) == (8, 11, "rules[1].name")
+    assert d.message.startswith(
+        "rule 'order-completed' can never match: rule 'track' (rules[0]) above it matches every event this one would"
+    )
+    assert "give 'track' 'continue: true'" in d.message
+
+
+def test_every_rule_below_a_catch_all_is_reported_as_never_matching(tmp_path):
+    diags, _ = errors(
+        tmp_path,
+        HEADER
+        + """\
+rules:
+  - {name: other-calls, drop: unsupported_type}
+  - {name: identify, match: {type: identify}, kind: customer, body: {customer_id: $.userId}}
+  - {name: any-track, when: {exists: $.event}, drop: x}
+""",
+    )
+    assert [d.yaml_path for d in diags] == ["rules[1].name", "rules[2].name"]
+    assert "rule 'other-calls' (rules[0]) above it matches every event," in diags[0].message
+    assert "continue" not in diags[0].message  # a drop rule cannot go on
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        "{name: a, match: {type: track}, kind: customer, continue: true, body: {customer_id: $.userId}}",
+        "{name: a, match: {type: track}, when: {exists: $.userId}, drop: x}",
+        "{name: a, match: {type: track, event: A}, drop: x}",
+        "{name: a, match: {type: [track, screen]}, drop: x}",  # not the later rule's page events
+        "{name: a, match: {type: identify}, drop: x}",
+    ],
+)
+def test_rules_an_earlier_rule_does_not_always_decide_are_accepted(tmp_path, first):
+    path = write(
+        tmp_path / "m.yaml",
+        HEADER
+        + f"rules:\n  - {first}\n"
+        + "  - {name: b, match: {type: [track, page]}, drop: y}\n  - {name: c, drop: z}\n",
+    )
+    assert load_mapping_file(path).name == "m"
