@@ -164,6 +164,30 @@ def test_yaml_syntax_error_and_duplicate_key_positions(tmp_path):
     assert any(d.line == 3 and "duplicate key 'source_format'" in d.message for d in diags)
 
 
+@pytest.mark.parametrize(
+    ("text", "where", "message"),
+    [
+        # A `{` never closed: the parser gives up on the next line; the brace is named.
+        (
+            "rules:\n  - name: t\n    match: {type: track\n    kind: event\n",
+            (6, 9),
+            "expected ',' or '}', but got ':' (while parsing a flow mapping that starts at line 5, column 12)",
+        ),
+        # A quote never closed: the parser gives up at the end of the file.
+        (
+            "rules:\n  - name: t\n    drop: x\n    detail: 'no rule\n\n",
+            (8, 1),
+            "found unexpected end of stream (while scanning a quoted scalar that starts at line 6, column 13)",
+        ),
+        ("rules:\n  - name: t\n\tdrop: x\n", (5, 1), "indent with spaces"),
+    ],
+)
+def test_yaml_syntax_errors_say_where_the_unfinished_construct_starts(tmp_path, text, where, message):
+    (d,), _ = errors(tmp_path, HEADER + text)
+    assert (d.line, d.column) == where
+    assert d.message.startswith("invalid YAML: ") and message in d.message, d.message
+
+
 def test_missing_required_and_bad_enums(tmp_path):
     diags, _ = errors(tmp_path, "source_format: segmnt\ndestination_kind: moengage\n")
     messages = [str(d) for d in diags]
