@@ -348,6 +348,7 @@ class FileCompiler:
             return
         for lname, ln in node.value.items():
             lp = join("lookups", lname)
+            self.scope.broken_lookups.add(lname)  # until it loads: its problem is said here, not at each use
             if ln.is_map and "file" in ln.value:
                 if not self.diags.check_keys(ln, lp, ("file", "description"), "a lookup from a file"):
                     continue
@@ -367,6 +368,7 @@ class FileCompiler:
                 lookup = self._lookup_def(ln, lp, self.diags)
             if lookup is not None:
                 self.scope.lookups[lname] = lookup
+                self.scope.broken_lookups.discard(lname)
 
     def _lookup_def(self, ln: YNode, lp: str, diags: Diagnostics) -> Lookup | None:
         if not ln.is_map:

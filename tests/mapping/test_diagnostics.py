@@ -204,6 +204,23 @@ def test_missing_lookup_file(tmp_path):
     assert any("lookups.p.file" in d.yaml_path and "cannot read lookup file" in d.message for d in diags)
 
 
+@pytest.mark.parametrize("lookup", ["{file: lookups/nope.yaml}", "{file: lookups/broken.yaml}", "{tabel: {a: b}}"])
+def test_a_lookup_that_did_not_load_is_reported_once_not_as_unknown_at_each_use(tmp_path, lookup):
+    # "unknown lookup 'p'; define it under 'lookups'" at every use sent the author to add a
+    # lookup that is there: only its own problem is said.
+    write(tmp_path / "lookups" / "broken.yaml", "table: [a, b]\n")
+    diags, _ = errors(
+        tmp_path,
+        HEADER
+        + f"lookups:\n  p: {lookup}\n"
+        + "rules:\n  - name: r\n    kind: customer\n    when: {value: $.x, in: p}\n    body:\n"
+        + "      customer_id: {path: $.userId, pipe: [{lookup: p}]}\n"
+        + "      attributes: {object: {a: {path: $.a, pipe: [{lookup: p}]}}}\n",
+    )
+    assert len(diags) == 1, [str(d) for d in diags]
+    assert "unknown lookup" not in diags[0].message
+
+
 def test_broken_lookup_file_is_reported_in_that_file(tmp_path):
     lookup = write(tmp_path / "lookups" / "p.yaml", "tabel: {a: b}\n")
     diags, _ = errors(tmp_path, HEADER + "lookups:\n  p: {file: lookups/p.yaml}\nrules:\n  - {name: r, drop: x}\n")
