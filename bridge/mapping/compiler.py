@@ -528,7 +528,12 @@ class FileCompiler:
         if not d.check_keys(item, ip, RULE_KEYS, "a rule", required=("name",)):
             return None
         v = item.value
-        name = str(v["name"].value)
+        raw_name = v["name"].value
+        if type(raw_name) not in (str, int) or raw_name == "":
+            # it names the rule in every discard, dead letter and diagnostic: "None" or "{'a': 1}" would not do
+            d.add(v["name"], join(ip, "name"), f"expected a rule name such as track, got {v['name'].plain()!r}")
+            return None
+        name = str(raw_name)
         if name in names:
             d.add(v["name"], join(ip, "name"), f"duplicate rule name {name!r}")
         names.add(name)

@@ -333,3 +333,12 @@ def test_rules_an_earlier_rule_does_not_always_decide_are_accepted(tmp_path, fir
         + "  - {name: b, match: {type: [track, page]}, drop: y}\n  - {name: c, drop: z}\n",
     )
     assert load_mapping_file(path).name == "m"
+
+
+@pytest.mark.parametrize("name", ["", "{a: 1}", "[track]", "true", "''"])
+def test_a_rule_name_that_is_no_name_is_an_error(tmp_path, name):
+    # It names the rule in discards, dead letters and diagnostics: it was written as "None".
+    diags, _ = errors(tmp_path, HEADER + f"rules:\n  - name: {name}\n    drop: x\n")
+    (d,) = diags
+    assert (d.line, d.yaml_path) == (4, "rules[0].name")
+    assert d.message.startswith("expected a rule name such as track, got ")
