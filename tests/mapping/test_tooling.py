@@ -162,6 +162,8 @@ def test_translate_command(capsys, shipped_copy, monkeypatch):
     assert "line 1: invalid JSON" in capsys.readouterr().err
     assert main(["translate", "--mapping", "nope", "--mappings-dir", str(shipped_copy)]) == 1
     assert "no valid mapping 'nope'" in capsys.readouterr().err
+    assert main(["translate", "--mapping", "segment-to-moengag", "--mappings-dir", str(shipped_copy)]) == 1
+    assert "no valid mapping 'segment-to-moengag' (did you mean 'segment-to-moengage'?)" in capsys.readouterr().err
 
 
 def test_translate_takes_a_captured_v1_batch_body(capsys, shipped_copy, monkeypatch):
