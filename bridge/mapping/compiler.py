@@ -15,6 +15,7 @@ from bridge.mapping.paths import PathError, Segment, parse_path
 from bridge.mapping.runtime import MISSING, DropEvent, Env, FailEvent, clone
 from bridge.mapping.shapes import SHAPES, Shape, body_checker, check_body_node
 from bridge.mapping.yamlnodes import Diagnostics, YNode, did_you_mean, join
+from bridge.sources.segment.spec import CALL_TYPES, WEBHOOK_ONLY_TYPES
 
 TOP_KEYS = (
     "source_format",
@@ -28,6 +29,8 @@ TOP_KEYS = (
     "rules",
 )
 SOURCE_FORMATS = ("segment", "moengage_streams")
+# Every `type` a Segment source stores (it refuses any other at ingest).
+SEGMENT_TYPES = CALL_TYPES | WEBHOOK_ONLY_TYPES
 RULE_KEYS = ("name", "description", "match", "when", "kind", "body", "drop", "detail", "overrides", "continue")
 
 
@@ -301,7 +304,7 @@ class FileCompiler:
             self._identity(top["identity"]) if "identity" in top else (None, None, [])
         )
         drops = self._drops(top["drop"], "drop") if "drop" in top else []
-        rules = self._rules(top["rules"], destination) if "rules" in top else []
+        rules = self._rules(top["rules"], destination, source_format) if "rules" in top else []
         if d.items or source_format is None or destination is None:
             return None
         return YamlMapping(
@@ -477,7 +480,7 @@ class FileCompiler:
             out.append((cond, reason, detail))
         return out
 
-    def _rules(self, node: YNode, destination: str | None) -> list[_Rule]:
+    def _rules(self, node: YNode, destination: str | None, source_format: str | None) -> list[_Rule]:
         out: list[_Rule] = []
         if not node.is_list or not node.value:
             self.diags.add(node, "rules", "expected a non-empty list of rules")
@@ -490,11 +493,29 @@ class FileCompiler:
             if rule is None:
                 continue
             out.append(rule)
+            if source_format == "segment":
+                self._check_segment_types(item, join("rules", i), rule)
             self._check_reachable(item, join("rules", i), rule, deciders)
             covers = _covers(item, rule)
             if covers is not False:
                 deciders.append((i, rule, covers))
         return out
+
+    def _check_segment_types(self, item: YNode, ip: str, rule: _Rule) -> None:
+        """A rule for a Segment call type that ingest never stores (it refuses the event:
+        `type: Track`, `type: identity`) never matches anything: said at load."""
+        guard = guard_of(rule.when)
+        if guard is None or guard[0] != "type":
+            return
+        for kind in sorted(guard[1] - SEGMENT_TYPES):
+            match = item.value.get("match")
+            at = match.value["type"] if match is not None and match.is_map and "type" in match.value else item
+            self.diags.add(
+                at,
+                join(ip, "match.type") if at is not item else ip,
+                f"rule {rule.name!r} can never match: a Segment source stores no event of type {kind!r}"
+                f"{did_you_mean(kind, SEGMENT_TYPES)}; its types are {', '.join(sorted(SEGMENT_TYPES))}",
+            )
 
     def _check_reachable(
         self, item: YNode, ip: str, rule: _Rule, deciders: list[tuple[int, _Rule, Guard | None]]

@@ -342,3 +342,26 @@ def test_a_rule_name_that_is_no_name_is_an_error(tmp_path, name):
     (d,) = diags
     assert (d.line, d.yaml_path) == (4, "rules[0].name")
     assert d.message.startswith("expected a rule name such as track, got ")
+
+
+@pytest.mark.parametrize(
+    ("match", "at", "message"),
+    [
+        ("match: {type: Track}", (5, 19), "of type 'Track' (did you mean 'track'?)"),
+        ("match: {type: [page, Screen]}", (5, 19), "of type 'Screen' (did you mean 'screen'?)"),
+        ("when: {match: {type: identity}}", (4, 5), "of type 'identity' (did you mean 'identify'?)"),
+    ],
+)
+def test_a_rule_for_a_type_no_segment_source_stores_is_an_error(tmp_path, match, at, message):
+    # Ingest refuses any other type, so the rule could never match an event.
+    diags, _ = errors(tmp_path, HEADER + f"rules:\n  - name: r\n    {match}\n    drop: x\n  - {{name: z, drop: y}}\n")
+    (d,) = diags
+    assert (d.line, d.column) == at
+    assert d.message.startswith("rule 'r' can never match: a Segment source stores no event " + message)
+    assert d.message.endswith("its types are alias, delete, group, identify, page, screen, track")
+
+
+def test_a_streams_mapping_may_match_any_type(tmp_path):
+    text = "source_format: moengage_streams\ndestination_kind: segment\n"
+    text += "rules:\n  - {name: r, match: {type: Track}, drop: x}\n"
+    assert load_mapping_file(write(tmp_path / "m.yaml", text)).name == "m"
