@@ -45,7 +45,10 @@ def check_mappings(config: Config, mappings: Mapping[str, CompiledMapping]) -> l
         m = mappings.get(d.mapping)
         if m is None:
             known = ", ".join(sorted(mappings)) or "none"
-            problems.append(f"destinations[{i}].mapping: no mapping named {d.mapping!r} (loaded: {known})")
+            problems.append(
+                f"destinations[{i}].mapping: no mapping named {d.mapping!r}{did_you_mean(d.mapping, mappings)} "
+                f"(loaded: {known})"
+            )
             continue
         if m.destination_kind != d.kind:
             problems.append(

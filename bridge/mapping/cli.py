@@ -18,6 +18,7 @@ from bridge.mapping.api import Diagnostic, MapContext
 from bridge.mapping.fixtures import run_fixtures
 from bridge.mapping.loader import compile_mapping_dir, compile_mapping_file
 from bridge.mapping.translate import InputError, parse_events, translate_events
+from bridge.mapping.yamlnodes import did_you_mean
 from bridge.sources.dry_run import Refused, as_ingested_each, refused_json
 
 DEFAULT_DIR = "mappings"
@@ -138,7 +139,8 @@ def cmd_translate(
         for d in diagnostics:
             print(d, file=err)
         known = ", ".join(sorted(mappings)) or "none"
-        print(f"error: no valid mapping {args.mapping!r} in {directory} (loaded: {known})", file=err)
+        hint = did_you_mean(args.mapping, mappings)
+        print(f"error: no valid mapping {args.mapping!r}{hint} in {directory} (loaded: {known})", file=err)
         return 1
     try:
         options = dict(_option(o) for o in getattr(args, "option", None) or [])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from bridge.mapping.api import CompiledMapping, Discarded, Failed, LinkFilter, MapContext, MapResult, Output
 from bridge.mapping.conditions import Guard, conjunction, fuse_condition, guard_of, passes
@@ -15,6 +15,7 @@ from bridge.mapping.paths import PathError, Segment, parse_path
 from bridge.mapping.runtime import MISSING, DropEvent, Env, FailEvent, clone
 from bridge.mapping.shapes import SHAPES, Shape, body_checker, check_body_node
 from bridge.mapping.yamlnodes import Diagnostics, YNode, did_you_mean, join
+from bridge.sources.segment.spec import CALL_TYPES, WEBHOOK_ONLY_TYPES
 
 TOP_KEYS = (
     "source_format",
@@ -28,6 +29,8 @@ TOP_KEYS = (
     "rules",
 )
 SOURCE_FORMATS = ("segment", "moengage_streams")
+# Every `type` a Segment source stores (it refuses any other at ingest).
+SEGMENT_TYPES = CALL_TYPES | WEBHOOK_ONLY_TYPES
 RULE_KEYS = ("name", "description", "match", "when", "kind", "body", "drop", "detail", "overrides", "continue")
 
 
@@ -301,7 +304,7 @@ class FileCompiler:
             self._identity(top["identity"]) if "identity" in top else (None, None, [])
         )
         drops = self._drops(top["drop"], "drop") if "drop" in top else []
-        rules = self._rules(top["rules"], destination) if "rules" in top else []
+        rules = self._rules(top["rules"], destination, source_format) if "rules" in top else []
         if d.items or source_format is None or destination is None:
             return None
         return YamlMapping(
@@ -348,6 +351,7 @@ class FileCompiler:
             return
         for lname, ln in node.value.items():
             lp = join("lookups", lname)
+            self.scope.broken_lookups.add(lname)  # until it loads: its problem is said here, not at each use
             if ln.is_map and "file" in ln.value:
                 if not self.diags.check_keys(ln, lp, ("file", "description"), "a lookup from a file"):
                     continue
@@ -367,6 +371,7 @@ class FileCompiler:
                 lookup = self._lookup_def(ln, lp, self.diags)
             if lookup is not None:
                 self.scope.lookups[lname] = lookup
+                self.scope.broken_lookups.discard(lname)
 
     def _lookup_def(self, ln: YNode, lp: str, diags: Diagnostics) -> Lookup | None:
         if not ln.is_map:
@@ -475,17 +480,66 @@ class FileCompiler:
             out.append((cond, reason, detail))
         return out
 
-    def _rules(self, node: YNode, destination: str | None) -> list[_Rule]:
+    def _rules(self, node: YNode, destination: str | None, source_format: str | None) -> list[_Rule]:
         out: list[_Rule] = []
         if not node.is_list or not node.value:
             self.diags.add(node, "rules", "expected a non-empty list of rules")
             return out
         names: set[str] = set()
+        # The rules above that decide every event they match, with what they match (_covers).
+        deciders: list[tuple[int, _Rule, Guard | None]] = []
         for i, item in enumerate(node.value):
             rule = self._rule(item, join("rules", i), destination, names)
-            if rule is not None:
-                out.append(rule)
+            if rule is None:
+                continue
+            out.append(rule)
+            if source_format == "segment":
+                self._check_segment_types(item, join("rules", i), rule)
+            self._check_reachable(item, join("rules", i), rule, deciders)
+            covers = _covers(item, rule)
+            if covers is not False:
+                deciders.append((i, rule, covers))
         return out
+
+    def _check_segment_types(self, item: YNode, ip: str, rule: _Rule) -> None:
+        """A rule for a Segment call type that ingest never stores (it refuses the event:
+        `type: Track`, `type: identity`) never matches anything: said at load."""
+        guard = guard_of(rule.when)
+        if guard is None or guard[0] != "type":
+            return
+        for kind in sorted(guard[1] - SEGMENT_TYPES):
+            match = item.value.get("match")
+            at = match.value["type"] if match is not None and match.is_map and "type" in match.value else item
+            self.diags.add(
+                at,
+                join(ip, "match.type") if at is not item else ip,
+                f"rule {rule.name!r} can never match: a Segment source stores no event of type {kind!r}"
+                f"{did_you_mean(kind, SEGMENT_TYPES)}; its types are {', '.join(sorted(SEGMENT_TYPES))}",
+            )
+
+    def _check_reachable(
+        self, item: YNode, ip: str, rule: _Rule, deciders: list[tuple[int, _Rule, Guard | None]]
+    ) -> None:
+        """The first matching rule decides, so a rule every one of whose events an earlier
+        rule already decides never runs: a rule for one event name added below the rule
+        for its whole type, or any rule below a catch-all. Said at load, not found later
+        in the discards."""
+        mine = guard_of(rule.when)
+        for i, earlier, covers in deciders:
+            if covers is not None and (mine is None or mine[0] != covers[0] or not mine[1] <= covers[1]):
+                continue
+            name = earlier.name
+            what = "every event" if covers is None else "every event this one would"
+            fixes = f"move this rule above {name!r} or narrow {name!r} with 'match' or 'when'"
+            if earlier.drop is None:
+                fixes += f", or give {name!r} 'continue: true'"
+            self.diags.add(
+                item.value["name"],
+                join(ip, "name"),
+                f"rule {rule.name!r} can never match: rule {name!r} (rules[{i}]) above it matches {what}, "
+                f"and the first rule that matches decides; {fixes}",
+            )
+            return
 
     def _rule(self, item: YNode, ip: str, destination: str | None, names: set[str]) -> _Rule | None:
         d = self.diags
@@ -495,7 +549,12 @@ class FileCompiler:
         if not d.check_keys(item, ip, RULE_KEYS, "a rule", required=("name",)):
             return None
         v = item.value
-        name = str(v["name"].value)
+        raw_name = v["name"].value
+        if type(raw_name) not in (str, int) or raw_name == "":
+            # it names the rule in every discard, dead letter and diagnostic: "None" or "{'a': 1}" would not do
+            d.add(v["name"], join(ip, "name"), f"expected a rule name such as track, got {v['name'].plain()!r}")
+            return None
+        name = str(raw_name)
         if name in names:
             d.add(v["name"], join(ip, "name"), f"duplicate rule name {name!r}")
         names.add(name)
@@ -607,6 +666,23 @@ class FileCompiler:
                     sets.append((parsed.segments, self.expr.value(vn, join(join(cp, "set"), opath))))
             out[str(key)] = _Override(drop, sets)
         return by, out, set()
+
+
+def _covers(item: YNode, rule: _Rule) -> Guard | Literal[False] | None:
+    """What a rule decides for certain: None when every event that reaches it (a
+    catch-all), a guard when exactly the events with that top-level field among those
+    values (a lone ``match`` such as ``{type: track}``, whose condition is its guard), or
+    False when that cannot be said (a ``when``, ``continue: true``, a match on several fields)."""
+    v = item.value
+    if rule.keep_going or "when" in v:
+        return False
+    if "match" not in v:
+        return None
+    match = v["match"]
+    if not match.is_map or len(match.value) != 1:
+        return False
+    guard = guard_of(rule.when)
+    return guard if guard is not None else False
 
 
 def _override_target_problem(segs: tuple[Segment, ...], shape: Shape) -> str:

@@ -64,6 +64,9 @@ class Scope:
     """Compile-time facts a file's expressions may refer to."""
 
     lookups: dict[str, Lookup] = field(default_factory=dict)
+    # Lookups defined under `lookups` that did not load (a missing or broken file): already
+    # reported there, so a use of one is not also an "unknown lookup"
+    broken_lookups: set[str] = field(default_factory=set)
     lets: dict[str, Fn] = field(default_factory=dict)  # each let as one fused function
     # ...and as the closure tree it was fused from, for fused code to inline (emit_let)
     let_trees: dict[str, Fn] = field(default_factory=dict)
@@ -585,7 +588,7 @@ class ExprCompiler:
         """A lookup by name (from the ``lookups`` section) or an inline table."""
         if isinstance(node.value, str):
             found = self.scope.lookups.get(node.value)
-            if found is None:
+            if found is None and node.value not in self.scope.broken_lookups:
                 self.diags.add(
                     node,
                     ypath,

@@ -80,9 +80,51 @@ def run_fixtures(mappings_dir: str | Path) -> FixtureReport:
     return report
 
 
+class FixtureLoader(MappingLoader):
+    """MappingLoader (a SafeLoader) refusing a key given twice in one mapping, as mapping
+    files do: with YAML's "last one wins" a fixture would silently test less than it says
+    (the first of two ``discarded:`` expectations, or of two ``properties:`` of its event,
+    never looked at)."""
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Checked once per node, before its first flatten: flattening rewrites the node in
+        # place (merged keys put before its own), and a mapping merged into another (`<<: *x`)
+        # is flattened before it is constructed itself. A key it overrides is no duplicate.
+        checked = self.__dict__.setdefault("_unique_checked", set())
+        if id(node) not in checked:
+            checked.add(id(node))
+            self._check_unique(node)
+        super().flatten_mapping(node)
+
+    def _check_unique(self, node: yaml.MappingNode) -> None:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                continue  # an unhashable key: SafeLoader's own error says so
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+
+
+def _read_fixture(path: Path) -> Any:
+    loader = FixtureLoader(path.read_text(encoding="utf-8"))
+    loader.name = str(path)  # positions in its errors name the fixture, not "<unicode string>"
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def run_fixture_file(mapping: CompiledMapping, path: Path) -> FixtureResult:
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=MappingLoader)  # MappingLoader is a SafeLoader
+        data = _read_fixture(path)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         return FixtureResult(str(path), mapping.name, False, f"cannot read fixture: {exc}")
     except RecursionError:

@@ -191,14 +191,27 @@ def parse_yaml(text: str, diags: Diagnostics) -> YNode | None:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        problem = " ".join(p for p in (exc.context, exc.problem) if p)
-        diags.add_at((line, col), "", f"invalid YAML: {problem}")
+        diags.add_at((line, col), "", f"invalid YAML: {_syntax_problem(exc)}")
         return None
     except yaml.YAMLError as exc:
         diags.add(None, "", f"invalid YAML: {exc}")
         return None
     finally:
         loader.dispose()
+
+
+def _syntax_problem(exc: yaml.MarkedYAMLError) -> str:
+    """PyYAML's problem, with where the construct it was reading began: the mistake is
+    often there, lines above where the parser gave up (a `{` or a quote never closed)."""
+    problem = exc.problem or ""
+    context, start, end = exc.context, exc.context_mark, exc.problem_mark
+    if context and start is not None and (end is None or (start.line, start.column) != (end.line, end.column)):
+        problem += f" ({context} that starts at line {start.line + 1}, column {start.column + 1})"
+    elif context:
+        problem = f"{context} {problem}"
+    if "'\\t'" in problem:
+        problem += "; indent with spaces: YAML does not allow tabs there"
+    return problem
 
 
 def _convert(node: yaml.Node, loader: yaml.SafeLoader, diags: Diagnostics, path: str) -> YNode:

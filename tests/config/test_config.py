@@ -477,3 +477,15 @@ def test_streams_oauth2_secret_from_the_environment(tmp_path: Path, raw: dict[st
     assert auth is not None and auth.client_secret == "from-env-42"
     with pytest.raises(ConfigError, match=r"sources\[2\]\.auth\.client_secret: is required"):
         load_config(path, env={})
+
+
+def test_a_misspelt_mapping_name_gets_a_suggestion(raw: dict[str, Any]) -> None:
+    from bridge.mapping import load_mapping_dir
+    from bridge.runtime import check_mappings
+
+    shipped = load_mapping_dir(raw["mappings"]["dir"])
+    raw["destinations"][0]["mapping"] = "segment-to-moengag"
+    assert check_mappings(build_config(raw), shipped)[0] == (
+        "destinations[0].mapping: no mapping named 'segment-to-moengag' (did you mean 'segment-to-moengage'?) "
+        "(loaded: moengage-to-segment, segment-to-moengage)"
+    )

@@ -56,6 +56,12 @@ rules:
     drop: unsupported_type
 """
 
+# The fix that stops making the Create Event: the first rule alone decides. (The `event` rule
+# left below it would never match, which a load refuses.)
+TRACK_USER_ONLY = TWO_OUTPUTS.replace("    continue: true\n", "").replace(
+    TWO_OUTPUTS[TWO_OUTPUTS.index("  - name: event\n") : TWO_OUTPUTS.index("  - name: other\n")], ""
+)
+
 HANG = -1  # an answer of EventsFail: hold the request past the bridge's shutdown, then 503
 
 
@@ -260,7 +266,7 @@ async def test_an_event_whose_outputs_all_went_out_is_acked_without_a_request(ma
 
         await wait_until(dead_lettered, what="the event in the DLQ")
         mapping = tmp_path / "mappings" / "two-outputs.yaml"
-        mapping.write_text(TWO_OUTPUTS.replace("    continue: true\n", ""))  # the first rule alone decides
+        mapping.write_text(TRACK_USER_ONLY)
         assert (await bridge.post("/admin/reload", None, ADMIN))[0] == 200
         requests = upstream.received
         status, body = await bridge.post("/admin/dlq/replay", {"reason": "http_400"}, ADMIN)
@@ -293,7 +299,7 @@ async def test_an_event_whose_outputs_all_went_out_counts_as_delivered_for_the_g
         await wait_until(lambda: dead_letters(3), what="three dead letters")
         # The fix drops the Create Event: replayed, the three have nothing left to send.
         mapping = tmp_path / "mappings" / "two-outputs.yaml"
-        mapping.write_text(TWO_OUTPUTS.replace("    continue: true\n", ""))
+        mapping.write_text(TRACK_USER_ONLY)
         assert (await bridge.post("/admin/reload", None, ADMIN))[0] == 200
         requests = upstream.received
         status, body = await bridge.post("/admin/dlq/replay", {"reason": "http_400"}, ADMIN)

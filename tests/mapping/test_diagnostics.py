@@ -164,6 +164,30 @@ def test_yaml_syntax_error_and_duplicate_key_positions(tmp_path):
     assert any(d.line == 3 and "duplicate key 'source_format'" in d.message for d in diags)
 
 
+@pytest.mark.parametrize(
+    ("text", "where", "message"),
+    [
+        # A `{` never closed: the parser gives up on the next line; the brace is named.
+        (
+            "rules:\n  - name: t\n    match: {type: track\n    kind: event\n",
+            (6, 9),
+            "expected ',' or '}', but got ':' (while parsing a flow mapping that starts at line 5, column 12)",
+        ),
+        # A quote never closed: the parser gives up at the end of the file.
+        (
+            "rules:\n  - name: t\n    drop: x\n    detail: 'no rule\n\n",
+            (8, 1),
+            "found unexpected end of stream (while scanning a quoted scalar that starts at line 6, column 13)",
+        ),
+        ("rules:\n  - name: t\n\tdrop: x\n", (5, 1), "indent with spaces"),
+    ],
+)
+def test_yaml_syntax_errors_say_where_the_unfinished_construct_starts(tmp_path, text, where, message):
+    (d,), _ = errors(tmp_path, HEADER + text)
+    assert (d.line, d.column) == where
+    assert d.message.startswith("invalid YAML: ") and message in d.message, d.message
+
+
 def test_missing_required_and_bad_enums(tmp_path):
     diags, _ = errors(tmp_path, "source_format: segmnt\ndestination_kind: moengage\n")
     messages = [str(d) for d in diags]
@@ -178,6 +202,23 @@ def test_missing_lookup_file(tmp_path):
         HEADER + "lookups:\n  p: {file: lookups/nope.yaml}\nrules:\n  - {name: r, drop: x}\n",
     )
     assert any("lookups.p.file" in d.yaml_path and "cannot read lookup file" in d.message for d in diags)
+
+
+@pytest.mark.parametrize("lookup", ["{file: lookups/nope.yaml}", "{file: lookups/broken.yaml}", "{tabel: {a: b}}"])
+def test_a_lookup_that_did_not_load_is_reported_once_not_as_unknown_at_each_use(tmp_path, lookup):
+    # "unknown lookup 'p'; define it under 'lookups'" at every use sent the author to add a
+    # lookup that is there: only its own problem is said.
+    write(tmp_path / "lookups" / "broken.yaml", "table: [a, b]\n")
+    diags, _ = errors(
+        tmp_path,
+        HEADER
+        + f"lookups:\n  p: {lookup}\n"
+        + "rules:\n  - name: r\n    kind: customer\n    when: {value: $.x, in: p}\n    body:\n"
+        + "      customer_id: {path: $.userId, pipe: [{lookup: p}]}\n"
+        + "      attributes: {object: {a: {path: $.a, pipe: [{lookup: p}]}}}\n",
+    )
+    assert len(diags) == 1, [str(d) for d in diags]
+    assert "unknown lookup" not in diags[0].message
 
 
 def test_broken_lookup_file_is_reported_in_that_file(tmp_path):
@@ -230,3 +271,97 @@ def test_values_python_cannot_hold_are_diagnosed_where_they_are(tmp_path):
     assert not any("unexpected error" in text for _, text in found), found
     assert any(line == 4 and "lookups.t.file: expected a path relative to the mapping file" in t for line, t in found)
     assert any(line == 12 and "if.gt: cannot read this value" in t and "4300" in t for line, t in found), found
+
+
+def test_a_rule_below_the_rule_for_its_whole_type_is_reported_as_never_matching(tmp_path):
+    # The first matching rule decides: a rule for one event added below the rule for every
+    # track would silently never run.
+    diags, _ = errors(
+        tmp_path,
+        HEADER
+        + """\
+rules:
+  - name: track
+    match: {type: track}
+    kind: customer
+    body: {customer_id: $.userId}
+  - name: order-completed
+    match: {type: track, event: Order Completed}
+    kind: customer
+    body: {customer_id: $.userId}
+""",
+    )
+    (d,) = diags
+    assert (d.line, d.column, d.yaml_path) == (8, 11, "rules[1].name")
+    assert d.message.startswith(
+        "rule 'order-completed' can never match: rule 'track' (rules[0]) above it matches every event this one would"
+    )
+    assert "give 'track' 'continue: true'" in d.message
+
+
+def test_every_rule_below_a_catch_all_is_reported_as_never_matching(tmp_path):
+    diags, _ = errors(
+        tmp_path,
+        HEADER
+        + """\
+rules:
+  - {name: other-calls, drop: unsupported_type}
+  - {name: identify, match: {type: identify}, kind: customer, body: {customer_id: $.userId}}
+  - {name: any-track, when: {exists: $.event}, drop: x}
+""",
+    )
+    assert [d.yaml_path for d in diags] == ["rules[1].name", "rules[2].name"]
+    assert "rule 'other-calls' (rules[0]) above it matches every event," in diags[0].message
+    assert "continue" not in diags[0].message  # a drop rule cannot go on
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        "{name: a, match: {type: track}, kind: customer, continue: true, body: {customer_id: $.userId}}",
+        "{name: a, match: {type: track}, when: {exists: $.userId}, drop: x}",
+        "{name: a, match: {type: track, event: A}, drop: x}",
+        "{name: a, match: {type: [track, screen]}, drop: x}",  # not the later rule's page events
+        "{name: a, match: {type: identify}, drop: x}",
+    ],
+)
+def test_rules_an_earlier_rule_does_not_always_decide_are_accepted(tmp_path, first):
+    path = write(
+        tmp_path / "m.yaml",
+        HEADER
+        + f"rules:\n  - {first}\n"
+        + "  - {name: b, match: {type: [track, page]}, drop: y}\n  - {name: c, drop: z}\n",
+    )
+    assert load_mapping_file(path).name == "m"
+
+
+@pytest.mark.parametrize("name", ["", "{a: 1}", "[track]", "true", "''"])
+def test_a_rule_name_that_is_no_name_is_an_error(tmp_path, name):
+    # It names the rule in discards, dead letters and diagnostics: it was written as "None".
+    diags, _ = errors(tmp_path, HEADER + f"rules:\n  - name: {name}\n    drop: x\n")
+    (d,) = diags
+    assert (d.line, d.yaml_path) == (4, "rules[0].name")
+    assert d.message.startswith("expected a rule name such as track, got ")
+
+
+@pytest.mark.parametrize(
+    ("match", "at", "message"),
+    [
+        ("match: {type: Track}", (5, 19), "of type 'Track' (did you mean 'track'?)"),
+        ("match: {type: [page, Screen]}", (5, 19), "of type 'Screen' (did you mean 'screen'?)"),
+        ("when: {match: {type: identity}}", (4, 5), "of type 'identity' (did you mean 'identify'?)"),
+    ],
+)
+def test_a_rule_for_a_type_no_segment_source_stores_is_an_error(tmp_path, match, at, message):
+    # Ingest refuses any other type, so the rule could never match an event.
+    diags, _ = errors(tmp_path, HEADER + f"rules:\n  - name: r\n    {match}\n    drop: x\n  - {{name: z, drop: y}}\n")
+    (d,) = diags
+    assert (d.line, d.column) == at
+    assert d.message.startswith("rule 'r' can never match: a Segment source stores no event " + message)
+    assert d.message.endswith("its types are alias, delete, group, identify, page, screen, track")
+
+
+def test_a_streams_mapping_may_match_any_type(tmp_path):
+    text = "source_format: moengage_streams\ndestination_kind: segment\n"
+    text += "rules:\n  - {name: r, match: {type: Track}, drop: x}\n"
+    assert load_mapping_file(write(tmp_path / "m.yaml", text)).name == "m"

@@ -17,8 +17,9 @@ from bridge.mapping import CompiledMapping, MapContext, load_mapping_file
 from bridge.mapping.compiler import YamlMapping
 from tests.mapping.helpers import write
 
+# Not a Segment source's mapping: one refuses a rule for a type Segment has not (PAGE).
 MAPPING = """
-source_format: segment
+source_format: moengage_streams
 destination_kind: segment
 identity:
   key: $.userId

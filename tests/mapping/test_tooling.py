@@ -97,6 +97,35 @@ def test_fixture_runner_reports_bad_fixtures_and_missing_mappings(tmp_path):
     assert messages["t.yaml"] == "no loaded mapping named 'gone'"
 
 
+def test_a_fixture_with_a_key_given_twice_fails_where_the_second_one_is(tmp_path):
+    # With "last one wins" this fixture passed: its first expectation was never looked at.
+    write(tmp_path / "m.yaml", GOOD)
+    fixture = write(
+        tmp_path / "tests" / "m" / "twice.yaml",
+        """\
+        input: {userId: ab}
+        expect:
+          discarded: anonymous_user
+          outputs: [{kind: customer, body: {type: customer, customer_id: ab}}]
+          discarded: no_matching_rule
+        """,
+    )
+    write(tmp_path / "tests" / "m" / "twice-in-event.yaml", "input: {userId: x, userId: ab}\nexpect: {discarded: x}\n")
+    # A key a merge overrides is no duplicate.
+    write(
+        tmp_path / "tests" / "m" / "merged.yaml",
+        "base: &b {userId: ab}\ninput: {<<: *b, userId: cd}\n"
+        "expect: {outputs: [{kind: customer, body: {type: customer, customer_id: cd}}]}\n",
+    )
+    report = run_fixtures(tmp_path)
+    messages = {Path(r.path).name: r.message for r in report.failed}
+    assert set(messages) == {"twice.yaml", "twice-in-event.yaml", "merged.yaml"}
+    assert "duplicate key 'discarded'" in messages["twice.yaml"]
+    assert f'in "{fixture}", line 5, column 3' in messages["twice.yaml"]
+    assert "duplicate key 'userId'" in messages["twice-in-event.yaml"]
+    assert "unknown fixture keys ['base']" in messages["merged.yaml"]
+
+
 def test_translate_command(capsys, shipped_copy, monkeypatch):
     events = [
         {"type": "track", "userId": "u1", "event": "E", "properties": {"a": 1}, "timestamp": "2026-01-01T00:00:00Z"},
@@ -133,6 +162,8 @@ def test_translate_command(capsys, shipped_copy, monkeypatch):
     assert "line 1: invalid JSON" in capsys.readouterr().err
     assert main(["translate", "--mapping", "nope", "--mappings-dir", str(shipped_copy)]) == 1
     assert "no valid mapping 'nope'" in capsys.readouterr().err
+    assert main(["translate", "--mapping", "segment-to-moengag", "--mappings-dir", str(shipped_copy)]) == 1
+    assert "no valid mapping 'segment-to-moengag' (did you mean 'segment-to-moengage'?)" in capsys.readouterr().err
 
 
 def test_translate_takes_a_captured_v1_batch_body(capsys, shipped_copy, monkeypatch):
