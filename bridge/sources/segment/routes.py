@@ -258,8 +258,11 @@ class SegmentSources(SourceKind):
         collected = self.ingestor.collector(source)
         # Classic Webhooks also send deletion requests (type delete): stored like any call,
         # ordered with the user's other events, so the user's earlier events reach the
-        # destination before the deletion does.
-        envelope = Envelope(*self._clock.now(), keep_timestamp=True, more_types=WEBHOOK_ONLY_TYPES)
+        # destination before the deletion does. Only from a source whose requests Segment
+        # signs: the write key alone would let anyone who reads it off a web page or out of
+        # an app delete any user (which is why the Tracking API refuses the type).
+        deletions = WEBHOOK_ONLY_TYPES if source.webhook_secret else frozenset[str]()
+        envelope = Envelope(*self._clock.now(), keep_timestamp=True, more_types=deletions)
         self._collect_many(collected, items, envelope)
         return collected
 
