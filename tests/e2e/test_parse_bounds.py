@@ -77,3 +77,22 @@ async def test_a_streams_body_of_nested_empty_containers_is_refused_before_it_is
     status, body = await bridge.post(STREAMS, None, basic(STREAMS_USER, STREAMS_PASSWORD), raw=raw)
     # Parsed first, it would have been refused for its 600,001 events instead.
     assert (status, body["code"]) == (400, "too_many_values"), body
+
+
+async def test_a_batch_context_merged_into_every_event_is_bounded(bridge: Bridge) -> None:
+    """A batch's top-level context is stored again in each of its events, and does not count
+    against an event's 32 KB: one request of small events sharing a large context stored
+    hundreds of times its size (2500 events and a 300 KB context: 750 MB, held in memory
+    until the commit). Past 16 request bodies' worth of copies the batch is refused whole,
+    before anything is stored; a batch sharing an ordinary context is taken as before."""
+    assert bridge.runtime is not None
+    events = [{"type": "track", "userId": f"u-{i}", "event": "Viewed", "messageId": f"ctx-{i}"} for i in range(100)]
+    # 100 copies of a 100 KB context: 10 MB from a 100 KB body, past 16 x 512000 bytes.
+    big = {"batch": events, "context": {"pad": "z" * 100_000}}
+    status, body = await bridge.post("/v1/batch", big, basic(WRITE_KEY))
+    assert (status, body["code"]) == (400, "batch_context_too_large"), body
+    assert (await bridge.runtime.store.queue_stats()) == {}  # nothing was stored
+    # 2500 events sharing a 3 KB context (7.5 MB of copies) are within the bound.
+    many = [{"type": "track", "userId": f"u-{i}", "event": "Viewed", "messageId": f"ok-{i}"} for i in range(2500)]
+    ordinary = {"batch": many, "context": {"library": {"name": "custom"}, "pad": "c" * 3000}}
+    assert await bridge.post("/v1/batch", ordinary, basic(WRITE_KEY)) == (200, {"success": True})

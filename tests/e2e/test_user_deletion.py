@@ -130,6 +130,30 @@ async def test_the_tracking_api_still_refuses_a_deletion(bridge: Bridge) -> None
     assert bridge.moengage.seen == []
 
 
+def unsigned(raw: dict[str, Any]) -> None:
+    raw["sources"][0]["webhook_secret"] = ""  # the "web" source: webhooks vouched for by the write key alone
+
+
+async def test_a_source_without_a_webhook_secret_takes_no_deletion(make_bridge: Callable[..., Any]) -> None:
+    """A write key is no proof that Segment sent a request: browser and mobile apps carry it
+    for anyone to read. Taken with it alone, anyone could delete any MoEngage user; the
+    Tracking API refuses the type for that reason, and so does a webhook Segment did not sign."""
+    bridge = await make_bridge(unsigned)
+    headers = {**basic(WRITE_KEY), "Content-Type": "application/json"}
+    track = {"type": "track", "userId": "del-u10", "event": "Step", "messageId": "u10-t"}
+    track["timestamp"] = "2026-11-01T09:00:00Z"
+    status, data = await bridge.post("/segment/webhook", deletion("del-u10", "del-10"), headers)
+    assert (status, data["code"]) == (400, "unsigned_deletion"), data
+    assert "webhook_secret" in data["message"]
+    # In a batch, only the deletion is refused.
+    status, data = await bridge.post("/segment/webhook", [track, deletion("del-u10", "del-11")], headers)
+    assert status == 200, data
+    assert [(r["index"], r["code"]) for r in data["rejected"]] == [(1, "unsigned_deletion")]
+    await wait_until(lambda: settled(bridge), what="an empty queue")
+    assert [s.path for s in bridge.moengage.seen if s.path == DELETE_PATH] == []
+    assert "del-u10" in bridge.moengage.users()
+
+
 def unordered(raw: dict[str, Any]) -> None:
     destination = raw["destinations"][0]
     destination["delivery"] = {**destination["delivery"], "ordered": False, "concurrency": 2}

@@ -7,6 +7,7 @@ import hmac
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from bridge.config.model import Config, SourceConfig
@@ -147,6 +148,8 @@ class SegmentSources(SourceKind):
                 context=data.get("context"),
                 integrations=data.get("integrations"),
             )
+            if envelope.merges:
+                self._check_shared(envelope, len(items))
             self._collect_many(collected, items, envelope)
             return collected
         try:
@@ -158,6 +161,22 @@ class SegmentSources(SourceKind):
             self.ingestor.metrics.rejected(source.name, exc.code)
             raise ApiError(400, exc.code, exc.message) from None
         return collected
+
+    def _check_shared(self, envelope: Envelope, events: int) -> None:
+        """Refuse a batch whose top-level context and integrations, stored again in each of
+        its events, would add more than MAX_SHARED_COPIES request bodies' worth of data.
+        They do not count against an event's own limit, so without this one request of 2500
+        events sharing a 300 KB context stored (and held in memory) some 750 MB."""
+        shared = _json_size(envelope.context) + _json_size(envelope.integrations)
+        copies = min(events, self.config.server.max_batch_events)
+        budget = MAX_SHARED_COPIES * self.config.server.max_request_bytes
+        if shared * copies > budget:
+            raise ApiError(
+                400,
+                "batch_context_too_large",
+                f"the batch's context and integrations ({shared} bytes) are merged into each of its {copies}"
+                f" events, {shared * copies} bytes in all; at most {budget}",
+            )
 
     def _collect_many(self, collected: Collected, items: list[Any], envelope: Envelope) -> None:
         if not items:
@@ -239,8 +258,11 @@ class SegmentSources(SourceKind):
         collected = self.ingestor.collector(source)
         # Classic Webhooks also send deletion requests (type delete): stored like any call,
         # ordered with the user's other events, so the user's earlier events reach the
-        # destination before the deletion does.
-        envelope = Envelope(*self._clock.now(), keep_timestamp=True, more_types=WEBHOOK_ONLY_TYPES)
+        # destination before the deletion does. Only from a source whose requests Segment
+        # signs: the write key alone would let anyone who reads it off a web page or out of
+        # an app delete any user (which is why the Tracking API refuses the type).
+        deletions = WEBHOOK_ONLY_TYPES if source.webhook_secret else frozenset[str]()
+        envelope = Envelope(*self._clock.now(), keep_timestamp=True, more_types=deletions)
         self._collect_many(collected, items, envelope)
         return collected
 
@@ -265,6 +287,22 @@ _NORMALISED_GROWTH = 1024
 # (receivedAt, sentAt, originalTimestamp, version, channel, projectId, a messageId, the
 # client's IP in context): a few hundred bytes, allowed twice over and then some.
 _SEGMENT_ADDED = 2048
+
+
+# How many request bodies' worth (server.max_request_bytes) a batch's top-level context and
+# integrations may add, merged into each of its events: 8 MB at the default, room for 2500
+# events sharing a 3 KB context, where a real batch's shared context is a few hundred bytes.
+MAX_SHARED_COPIES = 16
+
+
+def _json_size(value: Any) -> int:
+    """The bytes ``value`` (a batch's context or integrations) takes in each stored event."""
+    if not value:
+        return 0
+    try:
+        return len(orjson.dumps(value))
+    except orjson.JSONEncodeError:
+        return 0  # nested too deep to store: each event holding it is refused (event_too_deep)
 
 
 def _too_large(size: int, limit: int) -> Invalid:

@@ -269,12 +269,7 @@ def normalise_in(item: Any, call_type: str | None, envelope: Envelope) -> tuple[
         kind = event.get("type")
     # more_types is looked at only for a type outside CALL_TYPES: the common call pays nothing.
     if not isinstance(kind, str) or (kind not in CALL_TYPES and kind not in envelope.more_types):
-        raise Invalid(
-            "invalid_type",
-            f"type must be one of {', '.join(sorted(CALL_TYPES | envelope.more_types))}; got {kind!r}"
-            if kind is not None
-            else "type is required for each event in a batch",
-        )
+        raise _invalid_type(kind, envelope)
     if envelope.merges:
         _merge_context(event, envelope.context, envelope.integrations)
 
@@ -353,6 +348,22 @@ def normalise_in(item: Any, call_type: str | None, envelope: Envelope) -> tuple[
         # user's own earlier events (its identify). It is ordered with both users' events.
         return event, message_id, ordering_key(event["previousId"], user_id or "")
     return event, message_id, user_id or anon_id or ""
+
+
+def _invalid_type(kind: Any, envelope: Envelope) -> Invalid:
+    if envelope.keep_timestamp and isinstance(kind, str) and kind in WEBHOOK_ONLY_TYPES:
+        # A webhook that does not take deletions: its source has no webhook_secret.
+        return Invalid(
+            "unsigned_deletion",
+            f"a {kind} is taken only from a source with a webhook_secret, which Segment signs its"
+            " requests with: the write key alone does not vouch for one (apps carry it for anyone to read)",
+        )
+    return Invalid(
+        "invalid_type",
+        f"type must be one of {', '.join(sorted(CALL_TYPES | envelope.more_types))}; got {kind!r}"
+        if kind is not None
+        else "type is required for each event in a batch",
+    )
 
 
 def _not_string(key: str, value: Any) -> Invalid:
