@@ -8,6 +8,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
+from bridge.testing.standins import Planned
 from tests.e2e.harness import ADMIN_TOKEN, WRITE_KEY, basic, wait_until
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -55,3 +56,26 @@ def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
         for s in family.samples
         if s.name == name
     }
+
+
+async def test_the_dead_letter_queue_size_is_a_gauge_an_alert_sees_from_its_first_letter(bridge):
+    """A dead-letter counter series appears with its first value, which Prometheus'
+    increase() never counts: the bad deploy's burst before the guard pauses, or the first
+    dead letter of a new reason or after a restart, did not fire the documented alert."""
+    _, text = await bridge.get("/metrics")
+    held = samples(text, "bridge_dead_letters")
+    assert held[(("destination", "moengage-main"),)] == 0  # there before any dead letter
+    assert held[(("destination", "segment-prod"),)] == 0
+    assert not samples(text, "bridge_events_dead_lettered_total")  # the counter is not
+
+    bridge.moengage.plan(Planned(422))
+    assert (await bridge.post("/v1/track", {"userId": "u-dead", "event": "Refused"}, H))[0] == 200
+
+    async def gauge(expected: float) -> bool:
+        _, text = await bridge.get("/metrics")
+        return samples(text, "bridge_dead_letters").get((("destination", "moengage-main"),)) == expected
+
+    await wait_until(lambda: gauge(1), what="the dead letter in the gauge")
+    status, body = await bridge.post("/admin/dlq/purge", {"destination": "moengage-main"}, ADMIN)
+    assert (status, body["purged"]) == (200, 1)
+    await wait_until(lambda: gauge(0), what="the purge in the gauge")
