@@ -171,6 +171,15 @@ class Metrics:
             ["destination"],
             registry=r,
         )
+        # The DLQ's size, not only its inflow: a counter series first seen with a value (the
+        # burst of dead letters before the guard pauses, the first of a new reason, the first
+        # after a restart) never shows in increase(), so an alert on the counter missed it.
+        self.dead_letters = Gauge(
+            "bridge_dead_letters",
+            "Dead letters held in the dead-letter queue, by destination (until replayed or purged).",
+            ["destination"],
+            registry=r,
+        )
         self.delivery_duration = Histogram(
             "bridge_delivery_request_duration_seconds",
             "Duration of outbound delivery requests, by destination and HTTP status (0: no response).",
@@ -202,6 +211,7 @@ class Metrics:
         self._dead = _Family(self.events_dead_lettered)
         self._depth = _Family(self.queue_depth)
         self._age = _Family(self.queue_oldest_age)
+        self._dead_held = _Family(self.dead_letters)
         self._duration = _Family(self.delivery_duration)
         self._paused = _Family(self.destination_paused)
         self._reloads = _Family(self.mapping_reloads)
@@ -240,19 +250,20 @@ class Metrics:
         self._paused.child(destination).set(1 if paused else 0)
 
     # -- queue and reloads --------------------------------------------------------------
-    def queue(self, destination: str, depth: int, oldest_age_seconds: float) -> None:
+    def queue(self, destination: str, depth: int, oldest_age_seconds: float, dead: int = 0) -> None:
         self._depth.child(destination).set(depth)
         self._age.child(destination).set(max(oldest_age_seconds, 0.0))
+        self._dead_held.child(destination).set(dead)
 
     def queue_stats(
         self, stats: Mapping[str, QueueStats], destinations: Iterable[str] = (), now: float | None = None
     ) -> None:
-        """Set both queue gauges from `Store.queue_stats()`; ``destinations`` (the configured
-        ones) and destinations gone from the stats read 0."""
+        """Set the queue and dead-letter gauges from `Store.queue_stats()`; ``destinations``
+        (the configured ones) and destinations gone from the stats read 0."""
         now = time.time() if now is None else now
         for destination, s in stats.items():
             age = now - s.oldest_created_at if s.oldest_created_at is not None else 0.0
-            self.queue(destination, s.depth, age)
+            self.queue(destination, s.depth, age, s.dead)
         for idle in (self._queued_destinations | set(destinations)) - set(stats):
             self.queue(idle, 0, 0.0)
         self._queued_destinations |= set(stats) | set(destinations)

@@ -7,6 +7,7 @@ answers. Sources never map or deliver; they only accept or refuse, precisely.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -97,6 +98,9 @@ class Ingestor:
         # (``_linkers_for``); worked out once per set rather than once per request.
         self._linkers_set: Mapping[str, CompiledMapping] | None = None
         self._linkers: dict[str, list[Linker]] = {}
+        # While the store refuses events: the code of the refusal (store_full or
+        # store_unavailable), and since when and how many requests it refused.
+        self._refusing: Refusal | None = None
 
     def _linkers_for(self, source: SourceConfig) -> list[Linker]:
         mappings = self._mappings()
@@ -125,6 +129,7 @@ class Ingestor:
         try:
             result = await self.store.enqueue(source.name, incoming)
         except StoreFull as exc:
+            self._refused("store_full", exc)
             raise ApiError(
                 503,
                 "store_full",
@@ -132,18 +137,57 @@ class Ingestor:
                 headers={"Retry-After": "30"},
             ) from None
         except StoreError as exc:
+            self._refused("store_unavailable", exc)
             raise ApiError(
                 503,
                 "store_unavailable",
                 f"the event store is unavailable: {exc}",
                 headers={"Retry-After": "10"},
             ) from None
+        if self._refusing is not None:
+            self._accepting_again()
         self.metrics.received(source.name, result.stored)
         if result.duplicates:
             self.metrics.duplicates(source.name, result.duplicates)
         if result.stored:
             self._notify(source.to)
         return result
+
+    def _refused(self, code: str, exc: StoreError) -> None:
+        """One warning when the store starts refusing events (or refuses them for another
+        reason), not one per request: each request's own line is at info (request_rejected),
+        so at log_level warning an outage of all ingest was otherwise silent."""
+        refusing = self._refusing
+        if refusing is not None and refusing.code == code:
+            refusing.requests += 1
+            return
+        self._refusing = Refusal(code, time.monotonic())
+        log.warning("ingest_refused", code=code, reason=str(exc), hint=REFUSAL_HINTS[code])
+
+    def _accepting_again(self) -> None:
+        refusing, self._refusing = self._refusing, None
+        assert refusing is not None
+        log.warning(
+            "ingest_resumed",
+            after=refusing.code,
+            refused_requests=refusing.requests,
+            seconds=round(time.monotonic() - refusing.since, 1),
+        )
+
+
+# What an operator can do about each refusal, on its log line.
+REFUSAL_HINTS = {
+    "store_full": "free disk space or raise store.max_bytes; what delivered jobs take is freed only when"
+    " they are pruned, store.retention_hours after delivery (docs/operations.md, Runbook)",
+    "store_unavailable": "the store cannot commit a write: check its disk, file or database",
+}
+
+
+@dataclass(slots=True)
+class Refusal:
+    code: str
+    since: float  # monotonic
+    requests: int = 1
 
 
 class Linker(NamedTuple):

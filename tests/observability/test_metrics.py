@@ -38,6 +38,7 @@ STABLE_NAMES = (
     "bridge_events_dead_lettered_total",
     "bridge_queue_depth",
     "bridge_queue_oldest_age_seconds",
+    "bridge_dead_letters",
     "bridge_delivery_request_duration_seconds_bucket",
     "bridge_delivery_request_duration_seconds_count",
     "bridge_delivery_request_duration_seconds_sum",
