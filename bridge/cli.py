@@ -8,7 +8,7 @@ import dataclasses
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -205,11 +205,26 @@ def _filter(args: argparse.Namespace) -> RecordFilter:
     )
 
 
+R = TypeVar("R")
+
+
+def _first(records: list[R], limit: int) -> tuple[list[R], bool]:
+    """The first ``limit`` of ``records`` (listed with one more), and whether more matched."""
+    return records[:limit], len(records) > limit
+
+
+def _listed(shown: int, more: bool, noun: str) -> str:
+    """The count line under a listing: one cut at --limit must not read as the total."""
+    if more:
+        return f"{shown} {noun} shown, the newest; more match (raise --limit, up to {MAX_LIST_LIMIT})\n"
+    return f"{shown} {noun}\n"
+
+
 def cmd_dlq(args: argparse.Namespace) -> int:
     async def go(store: Store) -> int:
         flt = _filter(args)
         if args.action == "list":
-            records = await store.list_dead(flt, args.limit)
+            records, more = _first(await store.list_dead(flt, args.limit + 1), args.limit)
             if args.json:
                 _print_json([dead_letter_json(r, full=False) for r in records])
             else:
@@ -221,7 +236,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
                         f"{r.id:>6}  {when(r.failed_at) or '':20}  {r.destination[:16]:16}  {r.label[:28]:28}  "
                         f"{r.reason[:22]:22}  {r.attempts}\n"
                     )
-                sys.stdout.write(f"{len(records)} dead letter(s)\n")
+                sys.stdout.write(_listed(len(records), more, "dead letter(s)"))
             return 0
         if args.action == "show":
             if not args.ids:
@@ -258,7 +273,7 @@ def cmd_discards(args: argparse.Namespace) -> int:
                 sys.stderr.write(" or --all\n")
                 return 2
             return await _replay(store.replay_discards, flt, args, "discards replay", "discard")
-        records = await store.list_discards(_filter(args), args.limit)
+        records, more = _first(await store.list_discards(_filter(args), args.limit + 1), args.limit)
         if args.json:
             _print_json([discard_json(r) for r in records])
             return 0
@@ -267,7 +282,7 @@ def cmd_discards(args: argparse.Namespace) -> int:
             sys.stdout.write(
                 f"{r.id:>6}  {when(r.discarded_at) or '':20}  {r.destination[:16]:16}  {r.label[:28]:28}  {r.reason}\n"
             )
-        sys.stdout.write(f"{len(records)} discard(s)\n")
+        sys.stdout.write(_listed(len(records), more, "discard(s)"))
         return 0
 
     return _with_store(args, go)

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from bridge.cli import main as cli_main
-from tests.cli.helpers import assert_served_store_untouched, run_bridge
+from tests.cli.helpers import assert_served_store_untouched, run_bridge, serve_store
 
 STORE_COMMANDS = [
     ["dlq", "list"],
@@ -88,3 +88,23 @@ def test_dlq_show_prints_the_records_in_the_order_asked(
         shown = orjson.loads(capsys.readouterr().out)
         assert [r["id"] for r in shown] == list(dict.fromkeys(map(int, ids)))
         assert all("payload" in r for r in shown)  # in full
+
+
+def test_a_listing_cut_at_limit_says_more_match(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "3 dead letter(s)" under a listing cut at --limit 3 of 5 read as the total.
+    serve_store(tmp_path / "b.db", dead=5)
+    (tmp_path / "c.yaml").write_text(f"store: {{url: 'sqlite:///{tmp_path / 'b.db'}'}}\n")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert cli_main(["dlq", "list", "--limit", "3", "--config", "c.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("http_400") == 3
+    assert out.endswith("3 dead letter(s) shown, the newest; more match (raise --limit, up to 10000)\n")
+    assert cli_main(["dlq", "list", "--limit", "5", "--config", "c.yaml"]) == 0
+    assert capsys.readouterr().out.endswith("\n5 dead letter(s)\n")
+    assert cli_main(["dlq", "list", "--json", "--limit", "3", "--config", "c.yaml"]) == 0
+    assert len(orjson.loads(capsys.readouterr().out)) == 3
+    assert cli_main(["discards", "list", "--config", "c.yaml"]) == 0
+    assert capsys.readouterr().out.endswith("\n0 discard(s)\n")
