@@ -264,7 +264,7 @@ async def test_a_gzip_bomb_past_the_ceiling_ends_its_connection_with_the_413(bri
 
 async def test_a_chunked_body_past_the_route_limit_is_refused_before_the_rest_arrives(bridge):
     """A chunked (or compressed) body has no length to check up front. Past the route's
-    limit (512 KB for /v1/*) the 413 comes at once: the bridge does not go on reading, and
+    limit (512 KB for /v1/*) the refusal comes at once: the bridge does not go on reading, and
     holding, up to the app's 16 MiB ceiling, nor wait for a body it will refuse anyway."""
     auth = basic(WRITE_KEY)["Authorization"].encode()
     url = URL(bridge.url)
@@ -282,7 +282,7 @@ async def test_a_chunked_body_past_the_route_limit_is_refused_before_the_rest_ar
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=3)
     finally:
         writer.close()
-    assert head.startswith(b"HTTP/1.1 413"), head
+    assert head.startswith(b"HTTP/1.1 400"), head
 
 
 async def test_one_half_emoji_does_not_cost_the_batch_its_other_events(bridge):
@@ -331,7 +331,7 @@ async def test_bad_input_gets_precise_4xx(bridge):
     status, data = await bridge.post("/v1/track", big, h)
     assert (status, data["code"]) == (400, "event_too_large")
     status, data = await bridge.post("/v1/batch", {"batch": [track_body(properties={"b": "x" * 30_000})] * 20}, h)
-    assert (status, data["code"]) == (413, "payload_too_large")
+    assert (status, data["code"]) == (400, "payload_too_large")
     status, data = await bridge.post("/v1/nope", {}, h)
     assert (status, data["code"]) == (404, "not_found")
     # Nothing above was stored or sent.
@@ -394,6 +394,49 @@ async def test_a_mobile_sdk_batch_to_v1_b_is_taken_as_a_batch(bridge):
     assert (status, data["code"]) == (401, "write_key_required")
     status, data = await bridge.post("/v1/b", {"writeKey": WRITE_KEY, "batch": {}})
     assert (status, data["code"]) == (400, "invalid_batch")
+
+
+async def test_a_body_past_500_kb_gets_segments_400_so_a_mobile_sdk_drops_it_rather_than_resend_it(bridge):
+    """analytics-swift closes a batch file once it holds 475,000 bytes, whatever the size
+    of the event that crosses that mark (it has no per-event limit), and deletes a file
+    only on a 2xx or a 400; on any other status it keeps the file and posts it again at
+    every flush. Segment answers a body past its 500 KB with 400; a 413 had the app send
+    the same half a megabyte for ever, the good events in it never delivered."""
+    events = [
+        {
+            "type": "track",
+            "userId": "mobile-big",
+            "event": "Viewed",
+            "messageId": f"swift-{i}",
+            "timestamp": "2026-11-23T12:00:00.000Z",
+            "properties": {"pad": "p" * 4_000},
+            "context": {"library": {"name": "analytics-swift", "version": "1.5.0"}},
+        }
+        for i in range(112)
+    ]
+    events.append({**events[0], "messageId": "swift-large", "properties": {"blob": "b" * 60_000}})
+    # The file as analytics-swift writes it: one event a line, the ending added at flush.
+    body = (
+        b'{ "batch": [\n'
+        + b"\n,".join(orjson.dumps(e) for e in events)
+        + b'\n],"sentAt":"2026-11-23T12:00:05.000Z","writeKey":"'
+        + WRITE_KEY.encode()
+        + b'"}\n'
+    )
+    # Under 475,000 bytes before the last event, so analytics-swift appends it to this file.
+    assert len(body) > 512_000 and len(body) - len(orjson.dumps(events[-1])) < 475_000
+    # Its length declared (refused before the body is read), then chunked (refused as it
+    # arrives): the same answer.
+    status, data = await bridge.post("/v1/b", None, {"Content-Type": "application/json"}, raw=body)
+    assert (status, data["code"]) == (400, "payload_too_large"), data
+
+    async def chunks() -> Any:
+        for start in range(0, len(body), 65_536):
+            yield body[start : start + 65_536]
+
+    assert bridge.client is not None
+    resp = await bridge.client.post("/v1/b", data=chunks(), headers={"Content-Type": "application/json"})
+    assert (resp.status, (await resp.json())["code"]) == (400, "payload_too_large")
 
 
 async def test_batch_context_and_sent_at_are_applied(bridge):
@@ -590,7 +633,7 @@ async def test_a_gzip_bomb_is_refused_by_its_inflated_size(bridge):
     status, data = await bridge.post(
         "/v1/track", None, {**basic(WRITE_KEY), "Content-Encoding": "gzip", "Content-Type": "application/json"}, raw=raw
     )
-    assert (status, data["code"]) == (413, "payload_too_large")
+    assert (status, data["code"]) == (400, "payload_too_large")
 
 
 async def test_write_key_edge_cases(bridge):
