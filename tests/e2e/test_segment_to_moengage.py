@@ -451,6 +451,68 @@ async def test_batch_context_and_sent_at_are_applied(bridge):
     assert bridge.moengage.events()[0]["actions"][0]["platform"] == "ANDROID"
 
 
+class LosesFirstAnswer:
+    """A loopback hop in front of the bridge that passes each request on and loses the
+    first answer: the bridge stored the batch, the client saw its connection drop (as
+    after a timeout) and sends the batch again."""
+
+    def __init__(self, target: str) -> None:
+        self.target = URL(target)
+        self.answers: list[bytes] = []
+        self.url = ""
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> LosesFirstAnswer:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request, body = await _read_message(reader)
+        up_reader, up_writer = await asyncio.open_connection(self.target.host, self.target.port)
+        up_writer.write(request + body)
+        head, answer = await _read_message(up_reader)
+        up_writer.close()
+        self.answers.append(answer)
+        if len(self.answers) == 1:
+            writer.transport.abort()  # the answer never reaches the client
+            return
+        writer.write(head.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1) + answer)
+        await writer.drain()
+        writer.close()
+
+
+async def _read_message(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+    )
+    return head, await reader.readexactly(length)
+
+
+async def test_the_real_clients_resend_of_a_batch_whose_answer_was_lost_is_deduplicated_whole(bridge):
+    """analytics-python (async, its defaults) resends a batch at once when its connection
+    fails; the bridge had stored it. Every event of the resend is a duplicate, acknowledged
+    and not delivered again."""
+    errors: list[Any] = []
+    async with LosesFirstAnswer(bridge.url) as hop:
+        client = Client(WRITE_KEY, host=hop.url, upload_interval=0.05, on_error=lambda e, b: errors.append(e))
+        for i in range(10):
+            await call(client.track, f"lost-{i}", "Lost Answer", {"i": i})
+        await call(client.flush)
+        await call(client.join)
+    assert errors == []
+    assert [orjson.loads(a) for a in hop.answers] == [{"success": True}, {"success": True, "duplicates": 10}]
+    moe = bridge.moengage
+    await moe.wait_for(lambda: len(moe.events()) == 10)
+    await asyncio.sleep(0.3)
+    assert sorted(e["customer_id"] for e in moe.events()) == sorted(f"lost-{i}" for i in range(10))
+
+
 async def test_message_id_dedupe(bridge):
     body = track_body(messageId="dup-1", writeKey=WRITE_KEY)
     assert (await bridge.post("/v1/track", body))[0] == 200
