@@ -264,7 +264,7 @@ async def test_a_gzip_bomb_past_the_ceiling_ends_its_connection_with_the_413(bri
 
 async def test_a_chunked_body_past_the_route_limit_is_refused_before_the_rest_arrives(bridge):
     """A chunked (or compressed) body has no length to check up front. Past the route's
-    limit (512 KB for /v1/*) the 413 comes at once: the bridge does not go on reading, and
+    limit (512 KB for /v1/*) the refusal comes at once: the bridge does not go on reading, and
     holding, up to the app's 16 MiB ceiling, nor wait for a body it will refuse anyway."""
     auth = basic(WRITE_KEY)["Authorization"].encode()
     url = URL(bridge.url)
@@ -282,7 +282,7 @@ async def test_a_chunked_body_past_the_route_limit_is_refused_before_the_rest_ar
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=3)
     finally:
         writer.close()
-    assert head.startswith(b"HTTP/1.1 413"), head
+    assert head.startswith(b"HTTP/1.1 400"), head
 
 
 async def test_one_half_emoji_does_not_cost_the_batch_its_other_events(bridge):
@@ -331,7 +331,7 @@ async def test_bad_input_gets_precise_4xx(bridge):
     status, data = await bridge.post("/v1/track", big, h)
     assert (status, data["code"]) == (400, "event_too_large")
     status, data = await bridge.post("/v1/batch", {"batch": [track_body(properties={"b": "x" * 30_000})] * 20}, h)
-    assert (status, data["code"]) == (413, "payload_too_large")
+    assert (status, data["code"]) == (400, "payload_too_large")
     status, data = await bridge.post("/v1/nope", {}, h)
     assert (status, data["code"]) == (404, "not_found")
     # Nothing above was stored or sent.
@@ -396,6 +396,49 @@ async def test_a_mobile_sdk_batch_to_v1_b_is_taken_as_a_batch(bridge):
     assert (status, data["code"]) == (400, "invalid_batch")
 
 
+async def test_a_body_past_500_kb_gets_segments_400_so_a_mobile_sdk_drops_it_rather_than_resend_it(bridge):
+    """analytics-swift closes a batch file once it holds 475,000 bytes, whatever the size
+    of the event that crosses that mark (it has no per-event limit), and deletes a file
+    only on a 2xx or a 400; on any other status it keeps the file and posts it again at
+    every flush. Segment answers a body past its 500 KB with 400; a 413 had the app send
+    the same half a megabyte for ever, the good events in it never delivered."""
+    events = [
+        {
+            "type": "track",
+            "userId": "mobile-big",
+            "event": "Viewed",
+            "messageId": f"swift-{i}",
+            "timestamp": "2026-11-23T12:00:00.000Z",
+            "properties": {"pad": "p" * 4_000},
+            "context": {"library": {"name": "analytics-swift", "version": "1.5.0"}},
+        }
+        for i in range(112)
+    ]
+    events.append({**events[0], "messageId": "swift-large", "properties": {"blob": "b" * 60_000}})
+    # The file as analytics-swift writes it: one event a line, the ending added at flush.
+    body = (
+        b'{ "batch": [\n'
+        + b"\n,".join(orjson.dumps(e) for e in events)
+        + b'\n],"sentAt":"2026-11-23T12:00:05.000Z","writeKey":"'
+        + WRITE_KEY.encode()
+        + b'"}\n'
+    )
+    # Under 475,000 bytes before the last event, so analytics-swift appends it to this file.
+    assert len(body) > 512_000 and len(body) - len(orjson.dumps(events[-1])) < 475_000
+    # Its length declared (refused before the body is read), then chunked (refused as it
+    # arrives): the same answer.
+    status, data = await bridge.post("/v1/b", None, {"Content-Type": "application/json"}, raw=body)
+    assert (status, data["code"]) == (400, "payload_too_large"), data
+
+    async def chunks() -> Any:
+        for start in range(0, len(body), 65_536):
+            yield body[start : start + 65_536]
+
+    assert bridge.client is not None
+    resp = await bridge.client.post("/v1/b", data=chunks(), headers={"Content-Type": "application/json"})
+    assert (resp.status, (await resp.json())["code"]) == (400, "payload_too_large")
+
+
 async def test_batch_context_and_sent_at_are_applied(bridge):
     batch = {
         "writeKey": WRITE_KEY,
@@ -406,6 +449,68 @@ async def test_batch_context_and_sent_at_are_applied(bridge):
     assert (await bridge.post("/v1/batch", batch))[0] == 200
     await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1)
     assert bridge.moengage.events()[0]["actions"][0]["platform"] == "ANDROID"
+
+
+class LosesFirstAnswer:
+    """A loopback hop in front of the bridge that passes each request on and loses the
+    first answer: the bridge stored the batch, the client saw its connection drop (as
+    after a timeout) and sends the batch again."""
+
+    def __init__(self, target: str) -> None:
+        self.target = URL(target)
+        self.answers: list[bytes] = []
+        self.url = ""
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> LosesFirstAnswer:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request, body = await _read_message(reader)
+        up_reader, up_writer = await asyncio.open_connection(self.target.host, self.target.port)
+        up_writer.write(request + body)
+        head, answer = await _read_message(up_reader)
+        up_writer.close()
+        self.answers.append(answer)
+        if len(self.answers) == 1:
+            writer.transport.abort()  # the answer never reaches the client
+            return
+        writer.write(head.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1) + answer)
+        await writer.drain()
+        writer.close()
+
+
+async def _read_message(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+    )
+    return head, await reader.readexactly(length)
+
+
+async def test_the_real_clients_resend_of_a_batch_whose_answer_was_lost_is_deduplicated_whole(bridge):
+    """analytics-python (async, its defaults) resends a batch at once when its connection
+    fails; the bridge had stored it. Every event of the resend is a duplicate, acknowledged
+    and not delivered again."""
+    errors: list[Any] = []
+    async with LosesFirstAnswer(bridge.url) as hop:
+        client = Client(WRITE_KEY, host=hop.url, upload_interval=0.05, on_error=lambda e, b: errors.append(e))
+        for i in range(10):
+            await call(client.track, f"lost-{i}", "Lost Answer", {"i": i})
+        await call(client.flush)
+        await call(client.join)
+    assert errors == []
+    assert [orjson.loads(a) for a in hop.answers] == [{"success": True}, {"success": True, "duplicates": 10}]
+    moe = bridge.moengage
+    await moe.wait_for(lambda: len(moe.events()) == 10)
+    await asyncio.sleep(0.3)
+    assert sorted(e["customer_id"] for e in moe.events()) == sorted(f"lost-{i}" for i in range(10))
 
 
 async def test_message_id_dedupe(bridge):
@@ -590,7 +695,7 @@ async def test_a_gzip_bomb_is_refused_by_its_inflated_size(bridge):
     status, data = await bridge.post(
         "/v1/track", None, {**basic(WRITE_KEY), "Content-Encoding": "gzip", "Content-Type": "application/json"}, raw=raw
     )
-    assert (status, data["code"]) == (413, "payload_too_large")
+    assert (status, data["code"]) == (400, "payload_too_large")
 
 
 async def test_write_key_edge_cases(bridge):

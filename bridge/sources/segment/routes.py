@@ -117,12 +117,27 @@ class SegmentSources(SourceKind):
     async def tracking_api(self, request: web.Request) -> web.Response:
         # Authenticate before reading the body whenever the header allows it.
         source = self._source_for_header(request)
-        body = await read_body(request, self.config.server.max_request_bytes)
+        body = await self._read_call(request)
         # Parsed and validated in a plain function, so the parsed body is freed before
         # the wait for the commit (see ``Collected``).
         call = request.path.rsplit("/", 1)[-1]
         collected = self._collect_call(BROWSER_CALLS.get(call, call), source, body)
         return await store_collected(self.ingestor, collected)
+
+    async def _read_call(self, request: web.Request) -> bytes:
+        """The body of a Tracking API call, at most server.max_request_bytes.
+
+        A body past the limit gets 400, as Segment's API answers one past its 500 KB (and
+        as the SDKs expect: analytics-node drops a 400 but retries anything else). A 413
+        is a failure most SDKs do not treat as final: analytics-swift deletes a stored
+        batch only on a 2xx or a 400, so it re-sent the same oversized batch at every
+        flush for ever, and the good events in it with it."""
+        try:
+            return await read_body(request, self.config.server.max_request_bytes)
+        except ApiError as err:
+            if err.status == 413:
+                err.status = 400
+            raise
 
     def _collect_call(self, call: str, source: SourceConfig | None, body: bytes) -> Collected:
         data = parse_json(body)
