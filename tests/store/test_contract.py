@@ -405,6 +405,50 @@ async def test_replay_requeues_fresh_jobs_and_purge_deletes(store: Store) -> Non
     assert (await store.queue_stats())["moe"].dead == 0
 
 
+async def test_a_filter_may_name_more_ids_and_destinations_than_a_statement_takes_parameters(store: Store) -> None:
+    """`bridge dlq replay` takes any number of ids: past PostgreSQL's 32767 parameters a
+    statement was refused (a store error) where SQLite replayed them."""
+    *ids, _leased = await _dead(store, 5)
+    await store.dead_letter([DeadLetter(i, "http_400") for i in ids[:3]])
+    await store.discard([Discard(ids[3], "anonymous_user")])  # the fifth stays leased
+    known = [r.id for r in await store.list_dead(EVERYTHING)]
+    many = (*range(known[0] + 1, known[0] + 40_001), *known)  # 40,000 that name nothing
+    names = (*(f"gone-{i}" for i in range(40_000)), "moe")
+    assert len(await store.list_dead(RecordFilter(ids=many, destinations=names))) == 3
+    assert await store.purge_dead(RecordFilter(ids=many[:-1], destinations=names)) == 2
+    assert await store.replay_dead(RecordFilter(ids=many, destinations=names)) == 1
+    assert await store.list_dead(EVERYTHING) == []
+    (discarded,) = await store.list_discards(EVERYTHING)
+    assert await store.replay_discards(RecordFilter(ids=(*many, discarded.id), destinations=names)) == 1
+    assert (await store.queue_stats())["moe"].depth == 3  # two replayed, one never settled
+
+
+async def test_ids_and_texts_no_record_can_have_select_nothing(store: Store) -> None:
+    """An id past 64 bits (`bridge dlq show 99999999999999999999`) or a reason that is
+    not UTF-8 (a command line's bytes) names no record: SQLite raised OverflowError and
+    UnicodeEncodeError (a traceback from the CLI), PostgreSQL a store error."""
+    ids = await _dead(store, 2)
+    await store.dead_letter([DeadLetter(i, "http_400") for i in ids])
+    first, second = sorted(r.id for r in await store.list_dead(EVERYTHING))
+    nothing = [
+        RecordFilter(ids=(2**63, 2**64, -1, 0)),  # never "no id filter", which would be everything
+        RecordFilter(reason="http_400\udcff"),
+        RecordFilter(destination="moe\udcff"),
+        RecordFilter(destinations=("moe\udcff",)),
+    ]
+    for flt in nothing:
+        assert await store.list_dead(flt) == []
+        assert await store.list_discards(flt) == []
+        assert await store.replay_dead(flt) == 0
+        assert await store.replay_discards(flt) == 0
+        assert await store.purge_dead(flt) == 0
+    # Beside ids and names that can be stored, they are left out and the rest still match.
+    mixed = RecordFilter(ids=(2**64, first, first), destinations=("moe\udcff", "moe"))
+    assert [r.id for r in await store.list_dead(mixed)] == [first]
+    assert await store.purge_dead(mixed) == 1
+    assert [r.id for r in await store.list_dead(EVERYTHING)] == [second]
+
+
 async def test_discards_are_recorded_and_leave_the_queue(store: Store) -> None:
     ids = await _dead(store, 2)
     await store.discard(
