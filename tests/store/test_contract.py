@@ -534,6 +534,23 @@ async def test_a_late_holder_records_no_delivered_outputs(store: Store) -> None:
     assert await _delivered_by_id(store) == {"late": b""}
 
 
+async def test_a_late_holder_neither_delays_nor_rewrites_a_job_given_back_since(store: Store) -> None:
+    """A's lease lapses, B leases the job and gives it back with the outputs it delivered:
+    the row's count is then A's again (the lapsed attempt counts). A's late defer and retry
+    must not hold the job back (SQLite's defer did, until A's time) nor put A's outputs in
+    place of B's (SQLite's did: B's were then sent again)."""
+    await store.enqueue("web", [event("given", "u1")])
+    [a_job] = await store.lease("moe", 10, 0)  # lapses at once
+    [b_job] = await store.lease("moe", 10, 30)
+    await store.release([b_job.id], fence={b_job.id: b_job.attempts}, delivered={b_job.id: SENT_B})
+    stale = {a_job.id: a_job.attempts}
+    await store.defer([a_job.id], time.time() + 3600, "waiting", fence=stale)
+    await store.retry([a_job.id], time.time() + 3600, "http_500", fence=stale, delivered={a_job.id: SENT_A})
+    await store.release([a_job.id], fence=stale, delivered={a_job.id: SENT_A})
+    [again] = await store.lease("moe", 10, 30)
+    assert (again.id, again.attempts, again.delivered_outputs) == (a_job.id, 2, SENT_B)
+
+
 async def test_dead_letters_and_discards_keep_delivered_outputs_for_their_replay(store: Store) -> None:
     await store.enqueue("web", [event(f"r{i}", f"u{i}") for i in range(4)])
     jobs = await store.lease("moe", 10, 30)
