@@ -449,6 +449,24 @@ async def test_ids_and_texts_no_record_can_have_select_nothing(store: Store) -> 
     assert [r.id for r in await store.list_dead(EVERYTHING)] == [second]
 
 
+async def test_replays_and_a_purge_at_once_move_each_dead_letter_once(factory: StoreFactory) -> None:
+    """The admin API (the server's store) and the CLI (its own, on the same database)
+    replay the same dead letters while the CLI purges them: each ends in exactly one
+    place, a job or gone, never both and never two jobs."""
+    server = await factory.new()
+    cli = await factory.new(upgrade=False, create=False)
+    ids = await _dead(server, 50)
+    await server.dead_letter([DeadLetter(i, "http_400") for i in ids])
+    named = RecordFilter(ids=tuple(r.id for r in await server.list_dead(EVERYTHING, 100)), destinations=("moe",))
+    by_admin, by_cli, purged = await asyncio.gather(
+        server.replay_dead(named), cli.replay_dead(named), cli.purge_dead(RecordFilter(reason="http_400"))
+    )
+    assert by_admin + by_cli + purged == 50
+    assert await server.list_dead(EVERYTHING) == []
+    queued = [j.message_id for j in await server.lease("moe", 100, 30)]
+    assert len(queued) == len(set(queued)) == by_admin + by_cli
+
+
 async def test_discards_are_recorded_and_leave_the_queue(store: Store) -> None:
     ids = await _dead(store, 2)
     await store.discard(
