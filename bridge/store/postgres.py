@@ -668,7 +668,7 @@ class PostgresStore(Store):
 
     # -- operators ---------------------------------------------------------------------
     async def list_dead(self, flt: RecordFilter, limit: int = 100) -> list[DeadLetterRecord]:
-        where, params = record_where(_clean_filter(flt), "failed_at", dollar, first=2)
+        where, params = record_where(_clean_filter(flt), "failed_at", dollar, first=2, arrays=True)
         async with self._conn() as conn:
             rows = await conn.fetch(
                 f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters{where} ORDER BY failed_at DESC, id DESC LIMIT $1",
@@ -684,7 +684,7 @@ class PostgresStore(Store):
         return await self._replay("discards", "discarded_at", flt)
 
     async def _replay(self, table: str, time_column: str, flt: RecordFilter) -> int:
-        where, params = record_where(_clean_filter(flt), time_column, dollar, first=2)
+        where, params = record_where(_clean_filter(flt), time_column, dollar, first=2, arrays=True)
         async with self._conn(transaction=True) as conn:
             status = await conn.execute(
                 f"WITH moved AS (DELETE FROM {table}{where}"
@@ -698,13 +698,13 @@ class PostgresStore(Store):
         return _count(status)
 
     async def purge_dead(self, flt: RecordFilter) -> int:
-        where, params = record_where(_clean_filter(flt), "failed_at", dollar)
+        where, params = record_where(_clean_filter(flt), "failed_at", dollar, arrays=True)
         async with self._conn() as conn:
             status = await conn.execute(f"DELETE FROM dead_letters{where}", *params)
         return _count(status)
 
     async def list_discards(self, flt: RecordFilter, limit: int = 100) -> list[DiscardRecord]:
-        where, params = record_where(_clean_filter(flt), "discarded_at", dollar, first=2)
+        where, params = record_where(_clean_filter(flt), "discarded_at", dollar, first=2, arrays=True)
         async with self._conn() as conn:
             rows = await conn.fetch(
                 "SELECT id, destination, source, message_id, payload, reason, label, detail, discarded_at"

@@ -322,6 +322,11 @@ def _lease_ids(
 # "(? IS NULL OR attempts = ?)" with the count twice, or None twice. A job this server
 # holds was checked against its lease already (Leases.settling) and is matched by id.
 _FENCED = "id = ? AND (? IS NULL OR attempts = ?)"
+# A job a settle that gives it back (retry, release, defer) may still change: held by this
+# server (its lease's count given: not NULL), or a row an earlier version left LEASED. Any
+# other unsettled row is QUEUED and held by nobody: given back since, its row's count may be
+# the late holder's again (a lapsed attempt counts), which the fence alone would match.
+_STILL_LEASED = f"{PENDING} AND (? IS NOT NULL OR state = {LEASED})"
 
 
 def _by_fence(settling: Sequence[Settling]) -> Iterator[tuple[int | None, int | None, Sequence[int]]]:
@@ -359,8 +364,8 @@ def _record_delivered(conn: sqlite3.Connection, settling: Sequence[Settling], de
     if not delivered:
         return
     conn.executemany(
-        f"UPDATE jobs SET delivered_outputs = ? WHERE {_FENCED} AND {PENDING}",
-        [(digests, s.job_id, s.fence, s.fence) for s in settling if (digests := delivered.get(s.job_id))],
+        f"UPDATE jobs SET delivered_outputs = ? WHERE {_FENCED} AND {_STILL_LEASED}",
+        [(digests, s.job_id, s.fence, s.fence, s.attempts) for s in settling if (digests := delivered.get(s.job_id))],
     )
 
 
@@ -417,8 +422,8 @@ def defer(
     settling = leases.settling(job_ids, fence)
     # Before the release, while a row an earlier version left LEASED still has its fence.
     conn.executemany(
-        f"UPDATE jobs SET available_at = ?, last_error = ? WHERE {_FENCED} AND {PENDING}",
-        [(available_at, reason, s.job_id, s.fence, s.fence) for s in settling],
+        f"UPDATE jobs SET available_at = ?, last_error = ? WHERE {_FENCED} AND {_STILL_LEASED}",
+        [(available_at, reason, s.job_id, s.fence, s.fence, s.attempts) for s in settling],
     )
     _release(conn, settling)
 

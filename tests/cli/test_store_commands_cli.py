@@ -108,3 +108,19 @@ def test_a_listing_cut_at_limit_says_more_match(
     assert len(orjson.loads(capsys.readouterr().out)) == 3
     assert cli_main(["discards", "list", "--config", "c.yaml"]) == 0
     assert capsys.readouterr().out.endswith("\n0 discard(s)\n")
+
+
+def test_ids_and_reasons_no_record_can_have_match_nothing_without_a_traceback(
+    served: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`dlq show 99999999999999999999` and a --reason that is not UTF-8 (bytes from the
+    shell) ended in a Python traceback (OverflowError, UnicodeEncodeError) on SQLite."""
+    monkeypatch.chdir(served)
+    capsys.readouterr()
+    assert cli_main(["dlq", "show", str(2**64), "--config", "c.yaml"]) == 1
+    assert capsys.readouterr().err == "dlq show: no such dead letter\n"
+    assert cli_main(["dlq", "replay", str(2**64), "-1", "--config", "c.yaml"]) == 0
+    assert capsys.readouterr().out.startswith("replayed 0 dead letter(s)")
+    assert cli_main(["dlq", "purge", "--reason", "http_400\udcff", "--config", "c.yaml"]) == 0
+    assert capsys.readouterr().out == "purged 0 dead letter(s)\n"
+    assert_served_store_untouched(served, monkeypatch, capsys)

@@ -405,6 +405,68 @@ async def test_replay_requeues_fresh_jobs_and_purge_deletes(store: Store) -> Non
     assert (await store.queue_stats())["moe"].dead == 0
 
 
+async def test_a_filter_may_name_more_ids_and_destinations_than_a_statement_takes_parameters(store: Store) -> None:
+    """`bridge dlq replay` takes any number of ids: past PostgreSQL's 32767 parameters a
+    statement was refused (a store error) where SQLite replayed them."""
+    *ids, _leased = await _dead(store, 5)
+    await store.dead_letter([DeadLetter(i, "http_400") for i in ids[:3]])
+    await store.discard([Discard(ids[3], "anonymous_user")])  # the fifth stays leased
+    known = [r.id for r in await store.list_dead(EVERYTHING)]
+    many = (*range(known[0] + 1, known[0] + 40_001), *known)  # 40,000 that name nothing
+    names = (*(f"gone-{i}" for i in range(40_000)), "moe")
+    assert len(await store.list_dead(RecordFilter(ids=many, destinations=names))) == 3
+    assert await store.purge_dead(RecordFilter(ids=many[:-1], destinations=names)) == 2
+    assert await store.replay_dead(RecordFilter(ids=many, destinations=names)) == 1
+    assert await store.list_dead(EVERYTHING) == []
+    (discarded,) = await store.list_discards(EVERYTHING)
+    assert await store.replay_discards(RecordFilter(ids=(*many, discarded.id), destinations=names)) == 1
+    assert (await store.queue_stats())["moe"].depth == 3  # two replayed, one never settled
+
+
+async def test_ids_and_texts_no_record_can_have_select_nothing(store: Store) -> None:
+    """An id past 64 bits (`bridge dlq show 99999999999999999999`) or a reason that is
+    not UTF-8 (a command line's bytes) names no record: SQLite raised OverflowError and
+    UnicodeEncodeError (a traceback from the CLI), PostgreSQL a store error."""
+    ids = await _dead(store, 2)
+    await store.dead_letter([DeadLetter(i, "http_400") for i in ids])
+    first, second = sorted(r.id for r in await store.list_dead(EVERYTHING))
+    nothing = [
+        RecordFilter(ids=(2**63, 2**64, -1, 0)),  # never "no id filter", which would be everything
+        RecordFilter(reason="http_400\udcff"),
+        RecordFilter(destination="moe\udcff"),
+        RecordFilter(destinations=("moe\udcff",)),
+    ]
+    for flt in nothing:
+        assert await store.list_dead(flt) == []
+        assert await store.list_discards(flt) == []
+        assert await store.replay_dead(flt) == 0
+        assert await store.replay_discards(flt) == 0
+        assert await store.purge_dead(flt) == 0
+    # Beside ids and names that can be stored, they are left out and the rest still match.
+    mixed = RecordFilter(ids=(2**64, first, first), destinations=("moe\udcff", "moe"))
+    assert [r.id for r in await store.list_dead(mixed)] == [first]
+    assert await store.purge_dead(mixed) == 1
+    assert [r.id for r in await store.list_dead(EVERYTHING)] == [second]
+
+
+async def test_replays_and_a_purge_at_once_move_each_dead_letter_once(factory: StoreFactory) -> None:
+    """The admin API (the server's store) and the CLI (its own, on the same database)
+    replay the same dead letters while the CLI purges them: each ends in exactly one
+    place, a job or gone, never both and never two jobs."""
+    server = await factory.new()
+    cli = await factory.new(upgrade=False, create=False)
+    ids = await _dead(server, 50)
+    await server.dead_letter([DeadLetter(i, "http_400") for i in ids])
+    named = RecordFilter(ids=tuple(r.id for r in await server.list_dead(EVERYTHING, 100)), destinations=("moe",))
+    by_admin, by_cli, purged = await asyncio.gather(
+        server.replay_dead(named), cli.replay_dead(named), cli.purge_dead(RecordFilter(reason="http_400"))
+    )
+    assert by_admin + by_cli + purged == 50
+    assert await server.list_dead(EVERYTHING) == []
+    queued = [j.message_id for j in await server.lease("moe", 100, 30)]
+    assert len(queued) == len(set(queued)) == by_admin + by_cli
+
+
 async def test_discards_are_recorded_and_leave_the_queue(store: Store) -> None:
     ids = await _dead(store, 2)
     await store.discard(
@@ -488,6 +550,23 @@ async def test_a_late_holder_records_no_delivered_outputs(store: Store) -> None:
     await store.release([first.id], fence=stale, delivered={first.id: SENT_B})
     await store.release([second.id], fence={second.id: second.attempts})
     assert await _delivered_by_id(store) == {"late": b""}
+
+
+async def test_a_late_holder_neither_delays_nor_rewrites_a_job_given_back_since(store: Store) -> None:
+    """A's lease lapses, B leases the job and gives it back with the outputs it delivered:
+    the row's count is then A's again (the lapsed attempt counts). A's late defer and retry
+    must not hold the job back (SQLite's defer did, until A's time) nor put A's outputs in
+    place of B's (SQLite's did: B's were then sent again)."""
+    await store.enqueue("web", [event("given", "u1")])
+    [a_job] = await store.lease("moe", 10, 0)  # lapses at once
+    [b_job] = await store.lease("moe", 10, 30)
+    await store.release([b_job.id], fence={b_job.id: b_job.attempts}, delivered={b_job.id: SENT_B})
+    stale = {a_job.id: a_job.attempts}
+    await store.defer([a_job.id], time.time() + 3600, "waiting", fence=stale)
+    await store.retry([a_job.id], time.time() + 3600, "http_500", fence=stale, delivered={a_job.id: SENT_A})
+    await store.release([a_job.id], fence=stale, delivered={a_job.id: SENT_A})
+    [again] = await store.lease("moe", 10, 30)
+    assert (again.id, again.attempts, again.delivered_outputs) == (a_job.id, 2, SENT_B)
 
 
 async def test_dead_letters_and_discards_keep_delivered_outputs_for_their_replay(store: Store) -> None:
