@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from bridge.testing.standins import Planned
-from tests.e2e.harness import ADMIN_TOKEN, WRITE_KEY, basic
+from tests.e2e.harness import ADMIN_TOKEN, WRITE_KEY, basic, wait_until
 from tests.e2e.test_delivery import dlq, seqs, tracks
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -37,4 +39,30 @@ async def test_a_blip_that_fails_many_requests_in_flight_backs_off_once_not_once
     assert (await bridge.post("/v1/batch", tracks(20), H))[0] == 200
     await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 20, timeout=15)
     assert [s.status for s in bridge.moengage.seen].count(503) == 20
+    assert await dlq(bridge) == []
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_a_redirect_pauses_the_destination_and_dead_letters_nothing(bridge, status):
+    """A redirect is never followed (a POST would lose its body on a 301/302, and the
+    credentials would go to another host), and it says the destination's URL is wrong or
+    has moved, not that the events are bad. It used to dead-letter each batch as
+    `http_3xx` until the guard had seen 20 of them; now it pauses at once, naming where
+    the upstream pointed, and the events wait for the fix."""
+    moved = {"Location": "https://api-02.moengage.com/v1/transition/WSPACE1"}
+    bridge.moengage.plan(Planned(status, body="", headers=moved))  # the batch's one request
+    assert (await bridge.post("/v1/batch", tracks(3, prefix="moved"), H))[0] == 200
+
+    async def paused() -> bool:
+        return bool((await _status_of(bridge))["paused"])
+
+    await wait_until(paused, what=f"the pause for HTTP {status}")
+    state = await _status_of(bridge)
+    assert f"HTTP {status}" in state["pause_reason"], state
+    assert "https://api-02.moengage.com/v1/transition/WSPACE1" in state["pause_reason"], state
+    assert await dlq(bridge) == [] and state["queue_depth"] == 3, state
+
+    # The operator fixes the URL (here: the upstream stops redirecting) and resumes.
+    assert (await bridge.post("/admin/destinations/moengage-main/resume", None, ADMIN))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 3, timeout=10)
     assert await dlq(bridge) == []
