@@ -7,10 +7,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from bridge.testing.standins import Planned
 from tests.e2e.harness import ADMIN_TOKEN, WRITE_KEY, basic, wait_until
 from tests.e2e.test_delivery import dlq, seqs, tracks
+from tests.e2e.test_user_deletion import settled, unordered
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 H = basic(WRITE_KEY)
@@ -65,4 +67,31 @@ async def test_a_redirect_pauses_the_destination_and_dead_letters_nothing(bridge
     # The operator fixes the URL (here: the upstream stops redirecting) and resumes.
     assert (await bridge.post("/admin/destinations/moengage-main/resume", None, ADMIN))[0] == 200
     await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 3, timeout=10)
+    assert await dlq(bridge) == []
+
+
+async def test_an_unordered_destination_sends_a_merge_after_the_merged_users_earlier_events(make_bridge):
+    """README: an alias is delivered after the earlier events of its previousId, with
+    `delivery.ordered: false` too. The merge went out at once, on the other loop, while the
+    merged user's event was still on the wire (and then failed once, so it arrived after
+    the merge): MoEngage kept that event on a new profile of the merged-away user."""
+    bridge = await make_bridge(unordered)
+    moengage = bridge.moengage
+    moengage.hold()  # the anonymous user's event stays in flight (leased by one loop)
+    event = {"type": "track", "userId": "anon-42", "event": "Step", "messageId": "a42-t", "properties": {"seq": "t"}}
+    alias = {"type": "alias", "previousId": "anon-42", "userId": "user-42", "messageId": "a42-alias"}
+    with capture_logs() as logs:
+        assert (await bridge.post("/v1/batch", {"batch": [event]}, H))[0] == 200
+        await moengage.wait_for(lambda: moengage.received == 1)
+        assert (await bridge.post("/v1/alias", alias, H))[0] == 200
+        # The other loop takes the alias: it waits for the event in flight.
+        await wait_until(lambda: any(e["event"] == "delivery_deferred" for e in logs), what="the merge to wait")
+        assert moengage.received == 1
+        moengage.plan(Planned(500))  # the event fails once: retried, and the merge waits for it
+        moengage.release()
+        await wait_until(lambda: settled(bridge), what="the queue to empty")
+    accepted = [s.path for s in moengage.seen if s.status == 200]
+    assert accepted[-1] == "/v1/customer/merge", moengage.seen
+    assert moengage.merges() == [{"merged_user": "anon-42", "retained_user": "user-42"}]
+    assert seqs(moengage) == {"t"}
     assert await dlq(bridge) == []
