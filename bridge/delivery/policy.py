@@ -42,7 +42,10 @@ class RetryPolicy:
             return Action.BISECT if items > 1 else Action.DEAD
         if status == 0 or status in self.config.retryable_statuses:
             return Action.RETRY
-        if response.refuses_account or status in self.config.pause_statuses:
+        if response.refuses_account or status in self.config.pause_statuses or 300 <= status < 400:
+            # A redirect (never followed: it would carry the credentials to another host)
+            # says the destination's URL is wrong or moved, never that these events are:
+            # every request would get it, so hold them all rather than dead-letter them.
             return Action.PAUSE
         if status == 413:
             return Action.SPLIT if items > 1 else Action.DEAD

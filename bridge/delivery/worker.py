@@ -783,9 +783,18 @@ class DestinationWorker:
     def _back_off(self, response: Response) -> None:
         """Hold the whole destination: honour Retry-After, and back off exponentially while
         failures continue, instead of firing new requests at an upstream that is down."""
+        now = time.monotonic()
+        if now < self._hold_until:
+            # Already holding: no request starts during a hold, so this one was on the wire
+            # with the failure that began it, one failure of the upstream, not the next. Counted
+            # each, a blip that failed an unordered batch's 20 requests held the destination
+            # for base_delay x 2^19, i.e. max_delay (5 min), instead of base_delay.
+            if response.retry_after is not None:
+                self._hold_until = max(self._hold_until, now + self.policy.delay(0, response.retry_after))
+            return
         self._failure_streak += 1
         delay = self.policy.delay(self._failure_streak, response.retry_after)
-        self._hold_until = max(self._hold_until, time.monotonic() + delay)
+        self._hold_until = max(self._hold_until, now + delay)
 
     async def _settle(self, batch: _Batch, job_items: dict[int, list[Item]], version: str) -> None:
         now = self.store.now()

@@ -32,6 +32,11 @@ from bridge.destinations.base import Response
         (415, 1, Action.PAUSE),
         (404, 4, Action.DEAD),
         (422, 1, Action.DEAD),
+        # A redirect is about the destination's URL, never the events: hold them all.
+        (301, 4, Action.PAUSE),
+        (302, 1, Action.PAUSE),
+        (307, 2, Action.PAUSE),
+        (308, 1, Action.PAUSE),
     ],
 )
 def test_classification(status, items, action):

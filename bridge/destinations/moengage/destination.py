@@ -117,8 +117,10 @@ class MoEngageDestination(Destination):
     # dead-lettered alone, never counted by the bad-deploy guard (worker._map).
     DATA_REJECTIONS = frozenset({"event_too_large"})
     # A user's earlier Track User or Create Event item sent after their deletion would
-    # create the user again: a deletion waits for them even when delivery is unordered.
-    ORDER_BARRIER_KINDS = frozenset({DELETE})
+    # create the user again: a deletion waits for them even when delivery is unordered. So
+    # does a merge: the merged user's earlier events sent after it would land on a new
+    # profile of that user, not on the retained one (MoEngage merges are not transitive).
+    ORDER_BARRIER_KINDS = frozenset({DELETE, MERGE})
 
     def reject_reason(self, item: Item) -> str | None:
         kind = item.output.kind

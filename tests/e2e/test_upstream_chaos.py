@@ -1,0 +1,97 @@
+"""A misbehaving upstream on loopback against a real worker: a blip of failures across many
+requests in flight, a redirect, and the like. What test_delivery.py covers (5xx, 429 with
+Retry-After, timeouts, resets, 413, bisection, the guard) is not repeated here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from bridge.testing.standins import Planned
+from tests.e2e.harness import ADMIN_TOKEN, WRITE_KEY, basic, wait_until
+from tests.e2e.test_delivery import dlq, seqs, tracks
+from tests.e2e.test_user_deletion import settled, unordered
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+H = basic(WRITE_KEY)
+
+
+async def _status_of(bridge: Any, name: str = "moengage-main") -> dict[str, Any]:
+    _, status = await bridge.get("/admin/status", ADMIN)
+    return next(d for d in status["destinations"] if d["name"] == name)
+
+
+async def test_a_blip_that_fails_many_requests_in_flight_backs_off_once_not_once_each(make_bridge):
+    """Unordered, one event a request (`api: single`): a batch's 20 requests are on the wire
+    together, and a blip answers each 503. That is one failure of the upstream, so the
+    destination waits a first backoff (at most base_delay), as the README's retry policy
+    says. Counted once per request, the 20th doubled the backoff 19 times, up to max_delay:
+    the destination stood still for minutes after a blip that lasted a few milliseconds."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        moengage = raw["destinations"][0]
+        moengage["api"] = "single"
+        moengage["delivery"]["ordered"] = False
+        moengage["retry"] = {"base_delay": 0.05, "max_delay": 300}
+
+    bridge = await make_bridge(tweak)
+    bridge.moengage.plan(*[Planned(503)] * 20)
+    assert (await bridge.post("/v1/batch", tracks(20), H))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 20, timeout=15)
+    assert [s.status for s in bridge.moengage.seen].count(503) == 20
+    assert await dlq(bridge) == []
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_a_redirect_pauses_the_destination_and_dead_letters_nothing(bridge, status):
+    """A redirect is never followed (a POST would lose its body on a 301/302, and the
+    credentials would go to another host), and it says the destination's URL is wrong or
+    has moved, not that the events are bad. It used to dead-letter each batch as
+    `http_3xx` until the guard had seen 20 of them; now it pauses at once, naming where
+    the upstream pointed, and the events wait for the fix."""
+    moved = {"Location": "https://api-02.moengage.com/v1/transition/WSPACE1"}
+    bridge.moengage.plan(Planned(status, body="", headers=moved))  # the batch's one request
+    assert (await bridge.post("/v1/batch", tracks(3, prefix="moved"), H))[0] == 200
+
+    async def paused() -> bool:
+        return bool((await _status_of(bridge))["paused"])
+
+    await wait_until(paused, what=f"the pause for HTTP {status}")
+    state = await _status_of(bridge)
+    assert f"HTTP {status}" in state["pause_reason"], state
+    assert "https://api-02.moengage.com/v1/transition/WSPACE1" in state["pause_reason"], state
+    assert await dlq(bridge) == [] and state["queue_depth"] == 3, state
+
+    # The operator fixes the URL (here: the upstream stops redirecting) and resumes.
+    assert (await bridge.post("/admin/destinations/moengage-main/resume", None, ADMIN))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 3, timeout=10)
+    assert await dlq(bridge) == []
+
+
+async def test_an_unordered_destination_sends_a_merge_after_the_merged_users_earlier_events(make_bridge):
+    """README: an alias is delivered after the earlier events of its previousId, with
+    `delivery.ordered: false` too. The merge went out at once, on the other loop, while the
+    merged user's event was still on the wire (and then failed once, so it arrived after
+    the merge): MoEngage kept that event on a new profile of the merged-away user."""
+    bridge = await make_bridge(unordered)
+    moengage = bridge.moengage
+    moengage.hold()  # the anonymous user's event stays in flight (leased by one loop)
+    event = {"type": "track", "userId": "anon-42", "event": "Step", "messageId": "a42-t", "properties": {"seq": "t"}}
+    alias = {"type": "alias", "previousId": "anon-42", "userId": "user-42", "messageId": "a42-alias"}
+    with capture_logs() as logs:
+        assert (await bridge.post("/v1/batch", {"batch": [event]}, H))[0] == 200
+        await moengage.wait_for(lambda: moengage.received == 1)
+        assert (await bridge.post("/v1/alias", alias, H))[0] == 200
+        # The other loop takes the alias: it waits for the event in flight.
+        await wait_until(lambda: any(e["event"] == "delivery_deferred" for e in logs), what="the merge to wait")
+        assert moengage.received == 1
+        moengage.plan(Planned(500))  # the event fails once: retried, and the merge waits for it
+        moengage.release()
+        await wait_until(lambda: settled(bridge), what="the queue to empty")
+    accepted = [s.path for s in moengage.seen if s.status == 200]
+    assert accepted[-1] == "/v1/customer/merge", moengage.seen
+    assert moengage.merges() == [{"merged_user": "anon-42", "retained_user": "user-42"}]
+    assert seqs(moengage) == {"t"}
+    assert await dlq(bridge) == []
