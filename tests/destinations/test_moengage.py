@@ -8,7 +8,7 @@ import itertools
 import orjson
 import pytest
 
-from bridge.destinations.base import ConfigError, Request, destination_kinds
+from bridge.destinations.base import ConfigError, Item, Request, destination_kinds
 from bridge.destinations.moengage import MoEngageDestination
 from bridge.destinations.packing import chunk
 from bridge.testing.standins import MoEngageStandIn, Planned
@@ -261,7 +261,7 @@ def test_bulk_import_never_parts_a_device_from_its_users_customer_item_where_a_r
     it, the customer starts the next request with its device: MoEngage adds devices to
     existing users only. Order is kept, and every request stays under the cap."""
     dest = build()
-    items: list = []
+    items: list[Item] = []
     for n in range(1000):
         items += [customer(f"user-{n}", n, blob="x" * (250 + n % 97)), device(f"user-{n}", n)]
     # Packed greedily item by item, some requests would end with a customer item.
