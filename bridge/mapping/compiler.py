@@ -52,6 +52,9 @@ class _Rule:
     overrides: dict[str, _Override]
     keep_going: bool = False
     check: Callable[[dict[str, Any]], str | None] = lambda body: None
+    # For a rule that goes on (continue: true): the rules below it, with their guards, that
+    # an event it matched may also match (see YamlMapping.__init__).
+    after: list[tuple[_Rule, Guard | None]] | None = None
 
 
 class YamlMapping(CompiledMapping):
@@ -89,6 +92,12 @@ class YamlMapping(CompiledMapping):
         # Checked before any condition runs (see conditions.Guard).
         self._link_guard = guard_of(identity_link[0]) if identity_link is not None else None
         self._rule_guards: list[tuple[_Rule, Guard | None]] = [(r, guard_of(r.when)) for r in rules]
+        for i, (rule, guard) in enumerate(self._rule_guards):
+            if rule.keep_going:
+                # Once it emits, only the rules below it whose guard its events can pass are
+                # tried: an identify's customer rule goes on to the identify rules below it,
+                # not through every other type's rules.
+                rule.after = [(r, g) for r, g in self._rule_guards[i + 1 :] if _may_both_pass(guard, g)]
 
     def integration_names(self) -> tuple[str, ...]:
         return self._integrations
@@ -185,6 +194,10 @@ class YamlMapping(CompiledMapping):
                 outputs.append(result)
                 if not rule.keep_going:
                     break
+                stop = self._go_on(rule, event, env, outputs)
+                if stop is not None:
+                    return stop
+                break
         except DropEvent as exc:
             return Discarded(exc.reason, exc.detail)
         except FailEvent as exc:
@@ -194,6 +207,31 @@ class YamlMapping(CompiledMapping):
         if not outputs:
             return Discarded("no_matching_rule", f"no rule of {self.name} applies to this event")
         return outputs
+
+    def _go_on(self, rule: _Rule, event: dict[str, Any], env: Env, outputs: list[Output]) -> Discarded | Failed | None:
+        """After ``rule`` (continue: true) emitted: the rules its ``after`` names, each tried
+        as ``apply`` tries every rule. The event's end, when a drop rule or a failed output
+        ends it, else None."""
+        candidates = rule.after
+        while candidates:
+            for nxt, guard in candidates:
+                if guard is not None:
+                    value = event.get(guard[0])
+                    if type(value) is not str or value not in guard[1]:
+                        continue
+                if not nxt.when(env):
+                    continue
+                if nxt.drop is not None:
+                    return Discarded(nxt.drop, _detail(nxt.detail, env))
+                result = self._emit(nxt, env)
+                if not isinstance(result, Output):
+                    return result
+                outputs.append(result)
+                candidates = nxt.after if nxt.keep_going else None
+                break
+            else:
+                return None
+        return None
 
     def _emit(self, rule: _Rule, env: Env) -> Output | Discarded | Failed:
         assert rule.body is not None
@@ -223,6 +261,14 @@ class YamlMapping(CompiledMapping):
         if integ.get("All") is False:
             return Discarded("integrations_disabled", "integrations.All is false")
         return None
+
+
+def _may_both_pass(first: Guard | None, second: Guard | None) -> bool:
+    """Whether an event may pass both guards: not when both ask the same field for values
+    that have none in common."""
+    if first is None or second is None or first[0] != second[0]:
+        return True
+    return not first[1].isdisjoint(second[1])
 
 
 def _detail(fn: Fn | None, env: Env) -> str:

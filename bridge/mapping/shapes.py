@@ -17,6 +17,7 @@ class Shape:
     one_of: tuple[str, ...] = ()  # at least one of these must be set
     typed: bool = True  # the engine sets body["type"] = kind
     action_fields: tuple[str, ...] = ()  # for MoEngage events: keys of each actions[] item
+    required_attributes: tuple[str, ...] = ()  # for MoEngage devices: keys `attributes` must set
 
 
 _ACTION_FIELDS = (
@@ -39,6 +40,12 @@ SHAPES: dict[str, dict[str, Shape]] = {
             action_fields=_ACTION_FIELDS,
         ),
         "merge": Shape(("merged_user", "retained_user"), required=("merged_user", "retained_user"), typed=False),
+        # Track Device: MoEngage requires the device's platform and push_id (its push token).
+        "device": Shape(
+            ("customer_id", "device_id", "attributes"),
+            required=("customer_id", "attributes"),
+            required_attributes=("platform", "push_id"),
+        ),
         # Delete User: one user a request, named as MoEngage's body names it (no `type`).
         "delete": Shape(("identity_type", "identity_value"), required=("identity_type", "identity_value"), typed=False),
     },
@@ -78,6 +85,19 @@ def check_body_node(
         diags.add(body, ypath, f"a {destination} {kind!r} rule must set {' or '.join(shape.one_of)}")
     if shape.action_fields and "actions" in body.value:
         _check_actions(diags, body.value["actions"], join(ypath, "actions"), shape.action_fields)
+    if shape.required_attributes and "attributes" in body.value:
+        _check_attributes(diags, body.value["attributes"], join(ypath, "attributes"), destination, kind, shape)
+
+
+def _check_attributes(diags: Diagnostics, node: YNode, ypath: str, destination: str, kind: str, shape: Shape) -> None:
+    """An ``object:`` of attributes must name each required attribute; any other value (a
+    path, ``rest``) can only be checked on the body it produces, at run time."""
+    obj = node.value.get("object") if node.is_map else None
+    if obj is None or not obj.is_map or "rest" in node.value:
+        return
+    for key in shape.required_attributes:
+        if key not in obj.value:
+            diags.add(obj, join(ypath, "object"), f"a {destination} {kind!r} rule's attributes must set {key!r}")
 
 
 def _check_actions(diags: Diagnostics, node: YNode, ypath: str, allowed: tuple[str, ...]) -> None:
@@ -148,6 +168,14 @@ def check_body(destination: str, kind: str, body: dict[str, Any]) -> str | None:
     for key in _STRING_FIELDS:
         if key in body and not isinstance(body[key], str):
             return f"{key!r} must be a string, got {type(body[key]).__name__}"
+    if shape.required_attributes:
+        attributes = body.get("attributes")
+        if type(attributes) is not dict:
+            return "'attributes' must be an object"
+        for key in shape.required_attributes:
+            value = attributes.get(key)
+            if type(value) is not str or not value:
+                return f"attributes.{key} is missing or not a string"
     if shape.action_fields:
         actions = body.get("actions")
         if not isinstance(actions, list) or not actions:

@@ -3,9 +3,11 @@
 Behaviour follows MoEngage's documented contract (shared/reference/moengage-api.md §1):
 Basic auth (workspace id : Data API key), MOE-APPKEY equal to the username, JSON only,
 128 KB per request (100 KB for Bulk Import), MissingAttributeError for incomplete
-items, at most 50 merge pairs, silent acceptance of customer ids MoEngage
-ignores, Delete User's 400 for a user it does not have, and (``suspended``) each
-endpoint's answer for a suspended account: a 400 from Merge User, a 403 from the others.
+items (a device without its platform or push_id among them), at most 50 merge pairs,
+silent acceptance of customer ids MoEngage ignores and of devices of users it does not
+have (it creates devices for existing users only), Delete User's 400 for a user it does
+not have, and (``suspended``) each endpoint's answer for a suspended account: a 400 from
+Merge User, a 403 from the others.
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ class Rejected(Exception):
 class Ignored:
     """An item MoEngage acknowledged but silently dropped."""
 
-    reason: str  # "blocked_customer_id"
+    reason: str  # "blocked_customer_id", "no_such_user" (a device of a user MoEngage does not have)
     item: dict[str, Any]
 
 
@@ -166,6 +168,8 @@ class MoEngageStandIn(StandIn):
         return list(self._events)
 
     def devices(self) -> list[dict[str, Any]]:
+        """Every Track Device item accepted for an existing user (single endpoint and Bulk
+        Import), in order."""
         return list(self._devices)
 
     def merges(self) -> list[dict[str, Any]]:
@@ -193,6 +197,7 @@ class MoEngageStandIn(StandIn):
                 web.post(f"{prefix}/v1/customer/delete", self._delete),
                 web.post(f"{prefix}/v1/customer/{{workspace}}", self._customer),
                 web.post(f"{prefix}/v1/event/{{workspace}}", self._event),
+                web.post(f"{prefix}/v1/device/{{workspace}}", self._device),
                 web.post(f"{prefix}/v1/transition/{{workspace}}", self._transition),
             )
         ]
@@ -212,6 +217,9 @@ class MoEngageStandIn(StandIn):
 
     async def _event(self, request: web.Request) -> web.Response:
         return await self._handle(request, self._accept_event_request, MAX_BODY_BYTES)
+
+    async def _device(self, request: web.Request) -> web.Response:
+        return await self._handle(request, self._accept_device_request, MAX_BODY_BYTES)
 
     async def _transition(self, request: web.Request) -> web.Response:
         return await self._handle(request, self._accept_transition, MAX_BULK_BODY_BYTES)
@@ -317,6 +325,10 @@ class MoEngageStandIn(StandIn):
     def _keep_user_item(self, item: dict[str, Any], into: list[dict[str, Any]]) -> None:
         if is_blocked_customer_id(item["customer_id"]):
             self.ignored.append(Ignored("blocked_customer_id", item))
+        elif into is self._devices and item["customer_id"] not in self._users:
+            # "Devices can be created for existing users only": the call is accepted (MoEngage
+            # processes it later) and no device is made.
+            self.ignored.append(Ignored("no_such_user", item))
         else:
             into.append(item)
             if into is not self._devices:  # a device is only ever added to an existing user
@@ -331,6 +343,11 @@ class MoEngageStandIn(StandIn):
         _check_user_item(body, "event", where="")
         self._keep_user_item(body, self._events)
         return f"event for {body['customer_id']!r}: {_action_names(body)}"
+
+    def _accept_device_request(self, body: dict[str, Any]) -> str:
+        _check_user_item(body, "device", where="")
+        self._keep_user_item(body, self._devices)
+        return f"device for {body['customer_id']!r}: {body['attributes']['platform']}"
 
     def _accept_transition(self, body: dict[str, Any]) -> str:
         if body.get("type") != "transition":
@@ -397,7 +414,7 @@ class MoEngageStandIn(StandIn):
 
 
 def _check_user_item(item: dict[str, Any], kind: str, *, where: str) -> None:
-    if kind != "device" and item.get("type") not in (None, kind):
+    if item.get("type") not in (None, kind):
         raise Rejected(400, f"{where}type should be {kind}", "InvalidParams")
     customer_id = item.get("customer_id")
     if not isinstance(customer_id, str) or not customer_id.strip():
@@ -405,6 +422,13 @@ def _check_user_item(item: dict[str, Any], kind: str, *, where: str) -> None:
     attributes = item.get("attributes")
     if attributes is not None and not isinstance(attributes, dict):
         raise Rejected(400, f"{where}attributes should be an object", "InvalidParams")
+    if kind == "device":
+        # Track Device requires attributes.platform and attributes.push_id (MoE-spec).
+        for key in ("platform", "push_id"):
+            value = attributes.get(key) if attributes is not None else None
+            if not isinstance(value, str) or not value.strip():
+                raise Rejected(400, f"{where}attributes.{key} is not found in the payload", "MissingAttributeError")
+        return
     if kind != "event":
         return
     actions = item.get("actions")

@@ -36,6 +36,11 @@ def test_the_delete_user_bucket_is_configurable_like_the_others(raw: dict[str, A
     assert build_config(raw).destinations[0].rate_limits == {"delete": 50.0}
 
 
+def test_the_track_device_bucket_is_configurable_like_the_others(raw: dict[str, Any]) -> None:
+    raw["destinations"][0]["rate_limits"] = {"devices": "6000/min"}
+    assert build_config(raw).destinations[0].rate_limits == {"devices": 100.0}
+
+
 def test_a_full_config_builds(raw: dict[str, Any]) -> None:
     cfg = build_config(raw)
     assert [s.name for s in cfg.sources] == ["web", "eu-web", "streams-main"]

@@ -30,3 +30,13 @@ def merge(merged: str, retained: str, job_id: int = 1) -> Item:
 
 def delete(customer_id: str, job_id: int = 1) -> Item:
     return make_item("delete", {"identity_type": "customer_id", "identity_value": customer_id}, job_id)
+
+
+def device(customer_id: str, job_id: int = 1, push_id: str = "push-token", **attributes: Any) -> Item:
+    body = {
+        "type": "device",
+        "customer_id": customer_id,
+        "device_id": f"device-of-{customer_id}",
+        "attributes": {"platform": "ANDROID", "push_id": push_id, **attributes},
+    }
+    return make_item("device", body, job_id)

@@ -8,10 +8,11 @@ import itertools
 import orjson
 import pytest
 
-from bridge.destinations.base import ConfigError, Request, destination_kinds
+from bridge.destinations.base import ConfigError, Item, Request, destination_kinds
 from bridge.destinations.moengage import MoEngageDestination
+from bridge.destinations.packing import chunk
 from bridge.testing.standins import MoEngageStandIn, Planned
-from tests.destinations.helpers import customer, delete, event, make_item, merge
+from tests.destinations.helpers import customer, delete, device, event, make_item, merge
 
 WS = "WS_TEST1"
 KEY = "s3cret-api-key"
@@ -209,6 +210,7 @@ def test_rate_limits_and_costs_follow_the_documented_caps():
             "bulk_events": 1000.0,
             "merge": 1000 / 60,
             "delete": 5000 / 60,
+            "devices": 10_000 / 60,
         }
     )
     two_actions = make_item(
@@ -220,6 +222,69 @@ def test_rate_limits_and_costs_follow_the_documented_caps():
     assert dict(dest.rate_cost(Request("customer", [customer("u1")])).buckets) == {"users": 1}
     assert dict(dest.rate_cost(Request("event", [two_actions])).buckets) == {"events": 2}
     assert dict(dest.rate_cost(Request("delete", [delete("u1")])).buckets) == {"delete": 1}
+
+
+def test_devices_take_from_their_own_bucket_alone_and_in_bulk_import():
+    """Track Device's documented cap is 10,000 devices a minute; Bulk Import's caps name
+    users and events only, so its devices are kept to the same bucket. A request without a
+    device takes nothing from it."""
+    dest = build()
+    assert dest.rate_limits()["devices"] == pytest.approx(10_000 / 60)
+    assert dict(dest.rate_cost(Request("device", [device("u1")])).buckets) == {"devices": 1}
+    bulk = Request("bulk", [customer("u1"), device("u1"), event("u1", "a"), customer("u2"), device("u2")])
+    assert dict(dest.rate_cost(bulk).buckets) == {"bulk_users": 2, "bulk_events": 1, "devices": 2}
+    plain = Request("bulk", [customer("u1"), event("u1", "a")])
+    assert dict(dest.rate_cost(plain).buckets) == {"bulk_users": 1, "bulk_events": 1}
+
+
+def test_a_device_follows_its_user_in_bulk_import_or_goes_alone_to_track_device():
+    bulk, single = build(), build(api="single")
+    items = [customer("u1", 1), device("u1", 1), event("u1", "a", 2), customer("u2", 3), device("u2", 3)]
+    assert bulk.reject_reason(items[1]) is None
+    assert [(r.endpoint, [(i.job_id, i.output.kind) for i in r.items]) for r in bulk.pack(items)] == [
+        ("bulk", [(1, "customer"), (1, "device"), (2, "event"), (3, "customer"), (3, "device")])
+    ]
+    requests = single.pack(items)
+    assert [(r.endpoint, [i.job_id for i in r.items]) for r in requests] == [
+        ("customer", [1]),
+        ("device", [1]),
+        ("event", [2]),
+        ("customer", [3]),
+        ("device", [3]),
+    ]
+    assert orjson.loads(single.render(requests[1])) == items[1].output.body
+    assert single.url("device") == f"https://api-01.moengage.com/v1/device/{WS}"
+
+
+def test_bulk_import_never_parts_a_device_from_its_users_customer_item_where_a_request_ends():
+    """Where a Bulk Import fills up between a user's customer item and the device after
+    it, the customer starts the next request with its device: MoEngage adds devices to
+    existing users only. Order is kept, and every request stays under the cap."""
+    dest = build()
+    items: list[Item] = []
+    for n in range(1000):
+        items += [customer(f"user-{n}", n, blob="x" * (250 + n % 97)), device(f"user-{n}", n)]
+    # Packed greedily item by item, some requests would end with a customer item.
+    runs = chunk(items, envelope_bytes=35, max_bytes=100_000, max_count=len(items))
+    assert len([run for run in runs[:-1] if run[-1].output.kind == "customer"]) >= 2
+    requests = dest.pack(items)
+    assert len(requests) > 1
+    assert [i for r in requests for i in r.items] == items
+    for request in requests:
+        assert len(dest.render(request)) <= 100_000
+        assert request.items[0].output.kind == "customer", "a request opens with a device of the request before"
+        assert request.items[-1].output.kind == "device", "a customer's device went to the next request"
+
+
+def test_only_a_device_of_the_customer_before_it_is_kept_with_it():
+    """Another user's device, or a device after an event, starts the next request as any
+    item would; so does a pair too large for one request."""
+    dest = build(max_request_bytes=2000)
+    filler = customer("u0", 1, pad="p" * 1700)
+    other = [filler, customer("u1", 2, pad="q" * 50), device("u9", 3)]
+    assert [[i.job_id for i in r.items] for r in dest.pack(other)] == [[1, 2], [3]]
+    big = [customer("u1", 1, pad="p" * 1200), device("u1", 1, push_id="t" * 900)]
+    assert [[i.output.kind for i in r.items] for r in dest.pack(big)] == [["customer"], ["device"]]
 
 
 @pytest.mark.parametrize("api", ["bulk", "single"])
@@ -429,3 +494,16 @@ async def test_send_to_an_unknown_endpoint_is_reported():
     response = await dest.send(Request("nope", [customer("u1")]))
     assert response.status == 0
     assert response.error == "unknown endpoint 'nope'"
+
+
+@pytest.mark.parametrize(
+    ("api", "paths"), [("bulk", [f"/v1/transition/{WS}"]), ("single", [f"/v1/customer/{WS}", f"/v1/device/{WS}"])]
+)
+async def test_a_device_reaches_moengage_after_its_user_in_bulk_import_or_track_device(moengage, api, paths):
+    standin, base = moengage
+    items = [customer("u1", 1), device("u1", 1)]
+    results = await send_all(build(base_url=base, api=api), items)
+    assert [response.status for _, response in results] == [200] * len(paths)
+    assert [r.path for r in standin.requests] == paths
+    assert standin.devices() == [items[1].output.body]
+    assert standin.ignored == []

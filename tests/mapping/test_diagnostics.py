@@ -86,6 +86,13 @@ rules:
         ("event", "{customer_id: $.userId}", "a moengage 'event' rule must set 'actions'"),
         ("customer", "{attributes: $.traits}", "a moengage 'customer' rule must set 'customer_id'"),
         ("merge", "{merged_user: $.previousId}", "a moengage 'merge' rule must set 'retained_user'"),
+        ("device", "{customer_id: $.userId}", "a moengage 'device' rule must set 'attributes'"),
+        (
+            "device",
+            "{customer_id: $.userId, attributes: {object: {platform: ANDROID}}}",
+            "a moengage 'device' rule's attributes must set 'push_id'",
+        ),
+        ("device", "{customer_id: $.userId, attributes: {}, platform: x}", "moengage 'device' has no field 'platform'"),
         ("customer", "{type: customer, customer_id: $.userId}", "'type' is set from the rule's kind"),
         ("evnt", "{customer_id: $.userId}", "moengage has no output kind 'evnt' (did you mean 'event'?)"),
     ],

@@ -186,3 +186,73 @@ def test_a_lookup_of_values_keeps_true_apart_from_1(tmp_path):
         )
         got = {repr(x): evaluate(mapping, {"type": "track", "x": x}) for x in (1, True, "1", 1.0, False, 0)}
         assert got == {"1": "yes", "True": "yes", "'1'": "no", "1.0": "yes", "False": "no", "0": "no"}, (values, got)
+
+
+GOES_ON = """\
+source_format: segment
+destination_kind: moengage
+rules:
+  - name: identify
+    match: {type: identify}
+    kind: customer
+    continue: true
+    body: {customer_id: $.userId}
+  - name: track
+    match: {type: track}
+    kind: event
+    body: {customer_id: $.userId, actions: [{object: {action: $.event}}]}
+  - name: identify-vip
+    match: {type: identify}
+    when: {value: $.traits.plan, equals: vip}
+    kind: customer
+    continue: true
+    body: {customer_id: $.userId, attributes: {object: {vip: true}}}
+  - name: track-or-identify-test
+    match: {type: [track, identify]}
+    when: {value: $.traits.plan, equals: test}
+    drop: test_user
+  - name: anything-else
+    when: {not: {match: {type: identify}}}
+    drop: unsupported_type
+"""
+
+
+def test_after_a_rule_that_goes_on_every_later_rule_its_event_may_match_is_tried_in_order(tmp_path):
+    """A rule with continue: true goes on to the rules below it that its events can match
+    (the other types' rules are passed over without asking them): a later output, a later
+    drop and a later rule that goes on again all count, in file order."""
+    m = load_mapping_file(write(tmp_path / "m.yaml", GOES_ON))
+    user = Output("customer", {"type": "customer", "customer_id": "u1"})
+    vip = Output("customer", {"type": "customer", "customer_id": "u1", "attributes": {"vip": True}})
+    assert m.apply({"type": "identify", "userId": "u1"}, MapContext()) == [user]
+    assert m.apply({"type": "identify", "userId": "u1", "traits": {"plan": "vip"}}, MapContext()) == [user, vip]
+    assert m.apply({"type": "identify", "userId": "u1", "traits": {"plan": "test"}}, MapContext()) == Discarded(
+        "test_user", ""
+    )
+    assert m.apply({"type": "page", "userId": "u1"}, MapContext()) == Discarded("unsupported_type", "")
+
+
+def test_a_device_without_its_platform_or_push_id_fails_instead_of_being_sent(tmp_path):
+    """Track Device requires attributes.platform and attributes.push_id: an output without
+    either (here read from paths the event lacks) is a mapping failure, never sent."""
+    text = """\
+source_format: segment
+destination_kind: moengage
+rules:
+  - name: device
+    kind: device
+    body:
+      customer_id: $.userId
+      attributes: {object: {platform: $.context.device.type, push_id: $.context.device.token}}
+"""
+    m = load_mapping_file(write(tmp_path / "m.yaml", text))
+    ok = {"type": "identify", "userId": "u1", "context": {"device": {"type": "ANDROID", "token": "t-1"}}}
+    assert m.apply(ok, MapContext()) == [
+        Output(
+            "device", {"type": "device", "customer_id": "u1", "attributes": {"platform": "ANDROID", "push_id": "t-1"}}
+        )
+    ]
+    no_token = {"type": "identify", "userId": "u1", "context": {"device": {"type": "ANDROID", "token": 7}}}
+    result = m.apply(no_token, MapContext())
+    assert isinstance(result, Failed) and result.reason == "invalid_output", result
+    assert "attributes.push_id is missing or not a string" in result.detail

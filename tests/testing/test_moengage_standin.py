@@ -37,6 +37,11 @@ def event(cid="u1", actions=None):
     return {"type": "event", "customer_id": cid, "actions": actions or [{"action": "Bought", "attributes": {}}]}
 
 
+def device_item(cid="u1", **attributes):
+    attrs = {"platform": "ANDROID", "push_id": "fcm-token-1", **attributes}
+    return {"type": "device", "customer_id": cid, "device_id": "d1", "attributes": attrs}
+
+
 async def test_accepts_a_valid_customer_and_records_it(moe):
     standin, client = moe
     status, body = await call(client, f"/v1/customer/{WS}", customer())
@@ -402,6 +407,7 @@ async def test_a_suspended_account_is_refused_as_each_endpoint_documents(moe):
     answers = {
         f"/v1/customer/{WS}": (customer(), 403, "Account Suspended"),
         f"/v1/event/{WS}": (event(), 403, "Account Suspended"),
+        f"/v1/device/{WS}": (device_item(), 403, "Account Suspended"),
         f"/v1/transition/{WS}": ({"type": "transition", "elements": [customer()]}, 403, "Account Suspended"),
         # Merge User's suspended account is a 400; Delete User's blocked app id a 403.
         f"/v1/customer/merge?app_id={WS}": (merge, 400, "Account Suspended"),
@@ -417,3 +423,56 @@ async def test_a_suspended_account_is_refused_as_each_endpoint_documents(moe):
     assert standin.customers() == [] and standin.merges() == [] and standin.deletions() == []
     standin.suspended = False
     assert (await call(client, f"/v1/customer/merge?app_id={WS}", merge))[0] == 200
+
+
+async def test_track_device_adds_a_device_to_a_user_it_has_and_records_it(moe):
+    standin, client = moe
+    assert (await call(client, f"/v1/customer/{WS}", customer()))[0] == 200
+    status, body = await call(client, f"/v1/device/{WS}", device_item())
+    assert (status, body["status"]) == (200, "success")
+    assert standin.devices() == [device_item()]
+    assert standin.requests[-1].path == f"/v1/device/{WS}"
+    # Another data center's host does not know the workspace, as for every endpoint.
+    status, answer = await call(client, f"/api-02/v1/device/{WS}", device_item())
+    assert (status, answer["error"]["type"]) == (400, "InvalidParams")
+
+
+async def test_a_device_of_a_user_moengage_does_not_have_is_accepted_and_never_made(moe):
+    """MoEngage creates devices for existing users only: the call is accepted (it is
+    processed later) and no device is made, alone or in a Bulk Import before its user."""
+    standin, client = moe
+    assert (await call(client, f"/v1/device/{WS}", device_item("u1")))[0] == 200
+    elements = [device_item("u2"), customer("u2"), customer("u3"), device_item("u3")]
+    assert (await call(client, f"/v1/transition/{WS}", {"type": "transition", "elements": elements}))[0] == 200
+    assert standin.devices() == [device_item("u3")]
+    assert [(i.reason, i.item["customer_id"]) for i in standin.ignored] == [
+        ("no_such_user", "u1"),
+        ("no_such_user", "u2"),
+    ]
+    assert standin.requests[-1].body["elements"] == elements
+
+
+@pytest.mark.parametrize(
+    "path",
+    [f"/v1/device/{WS}", f"/v1/transition/{WS}"],
+)
+@pytest.mark.parametrize(
+    ("attributes", "message"),
+    [
+        ({"push_id": "t"}, "attributes.platform is not found in the payload"),
+        ({"platform": "iOS"}, "attributes.push_id is not found in the payload"),
+        ({"platform": "iOS", "push_id": ""}, "attributes.push_id is not found in the payload"),
+        (None, "attributes.platform is not found in the payload"),
+    ],
+)
+async def test_a_device_without_platform_or_push_id_is_400_missing_attribute_error(moe, path, attributes, message):
+    standin, client = moe
+    await call(client, f"/v1/customer/{WS}", customer())
+    item = (
+        {"type": "device", "customer_id": "u1"} if attributes is None else {**device_item(), "attributes": attributes}
+    )
+    body = item if "device" in path else {"type": "transition", "elements": [customer(), item]}
+    status, answer = await call(client, path, body)
+    assert (status, answer["error"]["type"]) == (400, "MissingAttributeError")
+    assert answer["error"]["message"].endswith(message)
+    assert standin.devices() == [] and len(standin.customers()) == 1

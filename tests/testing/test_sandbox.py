@@ -317,3 +317,37 @@ async def test_the_sandbox_moengage_serves_delete_user_and_logs_it():
     assert lines[1]["summary"] == "delete 'user-42'"
     assert lines[2]["error"] == "User doesn't exists with customer id user-42"
     assert moengage.deletions() == [deletion]
+
+
+async def test_the_sandbox_moengage_serves_track_device_and_logs_it():
+    moengage = MoEngageStandIn("SANDBOX_WS", "moe-secret")
+    runners = await start_sandbox_upstreams("127.0.0.1", 0, 0, moengage, SegmentStandIn({"seg-secret": "us"}))
+    headers = {
+        "Authorization": basic_auth("SANDBOX_WS", "moe-secret"),
+        "MOE-APPKEY": "SANDBOX_WS",
+        "Content-Type": "application/json",
+    }
+    user = {"type": "customer", "customer_id": "user-42", "attributes": {}}
+    device = {"type": "device", "customer_id": "user-42", "attributes": {"platform": "iOS", "push_id": "apns-1"}}
+    try:
+        base = f"http://127.0.0.1:{runners[0].addresses[0][1]}"
+        with capture_logs() as logs:
+            async with aiohttp.ClientSession() as session:
+                bulk = {"type": "transition", "elements": [user, device]}
+                async with session.post(
+                    f"{base}/v1/transition/SANDBOX_WS", data=orjson.dumps(bulk), headers=headers
+                ) as resp:
+                    assert resp.status == 200
+                async with session.post(
+                    f"{base}/v1/device/SANDBOX_WS", data=orjson.dumps(device), headers=headers
+                ) as resp:
+                    assert resp.status == 200
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+    lines = [entry for entry in logs if entry["event"] == "upstream_request"]
+    assert [(e["path"], e["status"], e["summary"]) for e in lines] == [
+        ("/v1/transition/SANDBOX_WS", 200, "bulk customers=1 events=0 devices=1"),
+        ("/v1/device/SANDBOX_WS", 200, "device for 'user-42': iOS"),
+    ]
+    assert moengage.devices() == [device, device]
