@@ -19,7 +19,7 @@ from aiohttp import web
 from bridge.httpx import ApiError, Handler, bearer_only, json_response, parse_json, read_body
 from bridge.mapping.links import ids_to_resolve, link_context
 from bridge.mapping.translate import translate_events
-from bridge.records import MAX_LIST_LIMIT, dead_letter_json, discard_json
+from bridge.records import MAX_LIST_LIMIT, dead_letter_json, discard_json, when
 from bridge.routing import ANY_PATH, Routes, unmatched
 from bridge.sources.dry_run import Refused, as_ingested_each, refused_json
 from bridge.store.base import RecordFilter
@@ -150,6 +150,10 @@ def _limit(request: web.Request) -> int:
     return parse_int(request.query.get("limit", "100"), "limit", 1, MAX_LIST_LIMIT)
 
 
+def _failure_json(failure: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if failure is None else {**failure, "at": when(failure["at"])}
+
+
 class AdminApi:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -173,6 +177,11 @@ class AdminApi:
                     "queue_depth": s.depth if s else 0,
                     "oldest_age_seconds": round(now - s.oldest_created_at, 3) if s and s.oldest_created_at else 0,
                     "dead_letters": s.dead if s else 0,
+                    # Why a queue grows while the upstream fails: what it last answered, when
+                    # a request was last delivered, and how long the backoff still holds.
+                    "last_delivered_at": when(worker.last_delivered_at),
+                    "last_failure": _failure_json(worker.last_failure),
+                    "backing_off_seconds": round(worker.backing_off_seconds(), 3),
                 }
             )
         return json_response(

@@ -167,6 +167,10 @@ class DestinationWorker:
         # retryable failures, nothing is leased or sent until then.
         self._hold_until = 0.0
         self._failure_streak = 0
+        # What on-call reads in /admin/status while a queue grows: the last answer that
+        # was not a delivery, and when a request last got one (store clock, epoch seconds).
+        self.last_failure: dict[str, Any] | None = None
+        self.last_delivered_at: float | None = None
         # changed_at of the latest resume seen in the store (None: no state read yet)
         self._resume_seen: float | None = None
         # After an operator resumes, the first batch is delivered and dead-lettered as usual
@@ -720,20 +724,13 @@ class DestinationWorker:
         elif action is Action.DELIVERED:
             batch.delivered_pending += len({it.job_id for it in request.items})
             batch.accepted.append(request)
+            self.last_delivered_at = self.store.now()
         if action is Action.RETRY:
             self._back_off(response)
         else:
             self._failure_streak = 0
         if action is not Action.DELIVERED:
-            log.warning(
-                "delivery_attempt_failed",
-                destination=self.name,
-                status=response.status,
-                error=response.error,
-                items=len(request.items),
-                action=action.value,
-                body=redact_text(response.body)[:300],
-            )
+            self._attempt_failed(request, response, action.value)
         body = b""
         if action is Action.DEAD:
             # A request that could not be built is kept as its items: rendering it again
@@ -763,15 +760,35 @@ class DestinationWorker:
             f"{redact_text(response.body or response.error or '')[:200]}"
         )
         batch.unsent.update(jobs)
+        self._attempt_failed(request, response, "pause")
+        return False
+
+    def _attempt_failed(self, request: Request, response: Response, action: str) -> None:
+        """One warning per request not delivered, and the same facts kept for /admin/status.
+        The body is redacted before it is cut, so no credential it echoes is kept in part."""
+        body = redact_text(response.body)[:300]
         log.warning(
             "delivery_attempt_failed",
             destination=self.name,
             status=response.status,
+            error=response.error,
             items=len(request.items),
-            action="pause",
-            body=redact_text(response.body)[:300],
+            action=action,
+            body=body,
         )
-        return False
+        self.last_failure = {
+            "at": self.store.now(),
+            "status": response.status,
+            "error": redact_text(response.error or "")[:300] or None,
+            "action": action,
+            "items": len(request.items),
+            "body": body,
+        }
+
+    def backing_off_seconds(self) -> float:
+        """How long the destination-wide backoff (Retry-After, or a run of failures) still
+        holds every new request back; 0 when it does not."""
+        return max(0.0, self._hold_until - time.monotonic())
 
     async def _send_halves(self, request: Request, batch: _Batch, *, ordered: bool) -> bool:
         first, second = request.split()

@@ -861,3 +861,32 @@ async def test_the_guard_never_replaces_an_operators_pause_made_from_the_cli(mak
     assert bridge.runtime is not None
     state = (await bridge.runtime.store.get_destination_states())["moengage-main"]
     assert state.extra.get("by") != "guard" and state.reason == "paused from the CLI", state
+
+
+async def test_status_says_what_the_upstream_last_answered_and_how_long_the_backoff_holds(bridge):
+    # While MoEngage fails, the queue grows; /admin/status said only that, and on-call had
+    # to read the logs for why. It now carries the last failed answer and the backoff.
+    before = await _status_of(bridge)
+    assert before["last_failure"] is None and before["last_delivered_at"] is None
+    assert before["backing_off_seconds"] == 0
+    bridge.moengage.plan(Planned(429, headers={"Retry-After": "3"}))
+    assert (await bridge.post("/v1/batch", tracks(3, prefix="st"), H))[0] == 200
+
+    async def failed() -> bool:
+        return (await _status_of(bridge))["last_failure"] is not None
+
+    await wait_until(failed, what="a failed attempt in /admin/status")
+    status = await _status_of(bridge)
+    failure = status["last_failure"]
+    assert failure["status"] == 429 and failure["action"] == "retry" and failure["items"] == 3
+    assert failure["at"].endswith("Z") and "accepted" not in failure["body"]
+    assert 0 < status["backing_off_seconds"] <= 3  # the Retry-After holds the destination
+    assert status["queue_depth"] == 3 and status["last_delivered_at"] is None
+    await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 3, timeout=10)
+
+    async def delivered() -> bool:
+        return (await _status_of(bridge))["last_delivered_at"] is not None
+
+    await wait_until(delivered, what="a delivery in /admin/status")
+    after = await _status_of(bridge)
+    assert after["backing_off_seconds"] == 0 and after["last_failure"]["status"] == 429  # kept: when it was
