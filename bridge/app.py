@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import signal
+import sys
 from collections.abc import AsyncIterator, Callable
 
 import structlog
@@ -165,6 +167,7 @@ async def serve(
     try:
         await stop.wait()
         log.info("shutting_down", timeout=config.server.shutdown_timeout, drain=config.server.drain_seconds)
+        _exit_when_overdue(config.server.shutdown_timeout)
         runtime.begin_stop()
         if config.server.drain_seconds:
             await asyncio.sleep(config.server.drain_seconds)  # /readyz is 503; still serving
@@ -190,6 +193,7 @@ async def _start_unless_stopped(runner: web.AppRunner, config: Config, stop: asy
         starting.result()  # serving, or a start-up error (a port in use, a bad store) for the caller
         return True
     log.info("shutting_down", during="start-up", timeout=config.server.shutdown_timeout)
+    _exit_when_overdue(config.server.shutdown_timeout)
     await asyncio.wait({starting}, timeout=config.server.shutdown_timeout)
     return False
 
@@ -198,6 +202,31 @@ async def _start(runner: web.AppRunner, config: Config) -> None:
     await runner.setup()  # the store opens and delivery starts (_lifecycle)
     site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
     await start_site(site, "server.host/server.port")
+
+
+# After server.shutdown_timeout, what cancelled work does on its way out (leases given
+# back, the store closed) gets this long before the process exits regardless.
+STOP_GRACE = 5.0
+
+
+def _exit_when_overdue(timeout: float) -> None:
+    """The last resort of a stop, armed when it begins, until the process ends: exit 1 once
+    ``timeout`` + STOP_GRACE have passed. A PostgreSQL that stopped answering (a partition,
+    a hung proxy) hung the stop for good: awaiting a cancelled query, giving leases back or
+    closing the pool has no end of its own, and SIGTERM never ended the process. Acked events
+    are committed before their 2xx, so none is lost; jobs still leased wait out their lease."""
+
+    def give_up() -> None:
+        log.error(
+            "shutdown_timed_out",
+            after=timeout + STOP_GRACE,
+            hint="the store did not answer in time; jobs still leased are delivered once their lease lapses",
+        )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+    asyncio.get_running_loop().call_later(timeout + STOP_GRACE, give_up)
 
 
 def _reload_on_hangup(runtime: Runtime, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
