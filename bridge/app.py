@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import signal
+import sys
 from collections.abc import AsyncIterator, Callable
 
 import structlog
@@ -19,6 +21,7 @@ from bridge.httpx import BODY_TIMEOUT, bearer_only, json_response
 from bridge.runtime import Runtime
 from bridge.sources.segment.routes import SegmentSources
 from bridge.sources.streams.routes import StreamsSources
+from bridge.stop_signals import stop_event
 from bridge.store.base import StoreError, StoreFull
 
 log = structlog.get_logger("bridge")
@@ -121,13 +124,19 @@ async def metrics(request: web.Request) -> web.Response:
     return resp
 
 
-async def serve(config: Config, *, ready: Callable[[int], None] | None = None) -> None:
+async def serve(
+    config: Config, *, ready: Callable[[int], None] | None = None, stop: asyncio.Event | None = None
+) -> None:
     """Run until SIGTERM/SIGINT; then stop accepting, drain in-flight requests and
-    deliveries within server.shutdown_timeout, and exit with nothing lost."""
+    deliveries within server.shutdown_timeout, and exit with nothing lost. A signal during
+    start-up abandons it, within the same timeout. ``stop`` is the signals' event when the
+    caller took them over already (the sandbox, before its stand-ins start)."""
+    loop = asyncio.get_running_loop()
+    if stop is None:
+        stop = stop_event(loop)
     bindings = PrometheusBindings()
     runtime = Runtime(config, ingest_metrics=bindings.ingest, delivery_metrics=bindings.delivery)
     runtime.load_mappings()  # fail fast, before binding the port
-    loop = asyncio.get_running_loop()
     # Before the store opens (on PostgreSQL it may wait minutes for another node's schema
     # lock): SIGHUP's default action would end the process mid-start.
     loop.add_signal_handler(signal.SIGHUP, _reload_on_hangup(runtime, loop))
@@ -135,13 +144,15 @@ async def serve(config: Config, *, ready: Callable[[int], None] | None = None) -
     # drain_seconds is part of shutdown_timeout: HTTP draining gets what is left of it.
     http_drain = max(config.server.shutdown_timeout - config.server.drain_seconds, 0.0)
     runner = BridgeRunner(app, shutdown_timeout=http_drain, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
     try:
-        await start_site(site, "server.host/server.port")
+        started = await _start_unless_stopped(runner, config, stop)
     except BaseException:
         await runner.cleanup()  # the store is open and delivery started: close them as a stop would
         raise
+    if not started:
+        await runner.cleanup()
+        log.info("stopped")
+        return
     settle_garbage_collector()  # after start-up: everything built so far lives for the process
     port = _bound_port(runner)
     log.info(
@@ -153,12 +164,10 @@ async def serve(config: Config, *, ready: Callable[[int], None] | None = None) -
     )
     if ready is not None:
         ready(port)
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
     try:
         await stop.wait()
         log.info("shutting_down", timeout=config.server.shutdown_timeout, drain=config.server.drain_seconds)
+        _exit_when_overdue(config.server.shutdown_timeout)
         runtime.begin_stop()
         if config.server.drain_seconds:
             await asyncio.sleep(config.server.drain_seconds)  # /readyz is 503; still serving
@@ -166,6 +175,58 @@ async def serve(config: Config, *, ready: Callable[[int], None] | None = None) -
         loop.remove_signal_handler(signal.SIGHUP)  # no reloads while the process winds down
         await runner.cleanup()
         log.info("stopped")
+
+
+async def _start_unless_stopped(runner: web.AppRunner, config: Config, stop: asyncio.Event) -> bool:
+    """Start the runtime (store, delivery) and the listener: True once serving, False if a
+    stop signal came first. Then start-up is cancelled, and given server.shutdown_timeout
+    to close what it opened: a store that hangs must not keep the process from exiting."""
+    starting = asyncio.create_task(_start(runner, config), name="start-up")
+    signalled = asyncio.create_task(stop.wait(), name="stop-signal")
+    try:
+        await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        signalled.cancel()
+        if not starting.done():
+            starting.cancel()  # a stop signal, or serve itself cancelled
+    if starting.done() and not starting.cancelled():
+        starting.result()  # serving, or a start-up error (a port in use, a bad store) for the caller
+        return True
+    log.info("shutting_down", during="start-up", timeout=config.server.shutdown_timeout)
+    _exit_when_overdue(config.server.shutdown_timeout)
+    await asyncio.wait({starting}, timeout=config.server.shutdown_timeout)
+    return False
+
+
+async def _start(runner: web.AppRunner, config: Config) -> None:
+    await runner.setup()  # the store opens and delivery starts (_lifecycle)
+    site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
+    await start_site(site, "server.host/server.port")
+
+
+# After server.shutdown_timeout, what cancelled work does on its way out (leases given
+# back, the store closed) gets this long before the process exits regardless.
+STOP_GRACE = 5.0
+
+
+def _exit_when_overdue(timeout: float) -> None:
+    """The last resort of a stop, armed when it begins, until the process ends: exit 1 once
+    ``timeout`` + STOP_GRACE have passed. A PostgreSQL that stopped answering (a partition,
+    a hung proxy) hung the stop for good: awaiting a cancelled query, giving leases back or
+    closing the pool has no end of its own, and SIGTERM never ended the process. Acked events
+    are committed before their 2xx, so none is lost; jobs still leased wait out their lease."""
+
+    def give_up() -> None:
+        log.error(
+            "shutdown_timed_out",
+            after=timeout + STOP_GRACE,
+            hint="the store did not answer in time; jobs still leased are delivered once their lease lapses",
+        )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+    asyncio.get_running_loop().call_later(timeout + STOP_GRACE, give_up)
 
 
 def _reload_on_hangup(runtime: Runtime, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:

@@ -29,6 +29,9 @@ def _print_json(data: Any) -> None:
 
 # -- serve / check -------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
+    from bridge.stop_signals import catch_early
+
+    catch_early()  # first: a SIGTERM while the bridge starts must not be lost (bridge.stop_signals)
     from bridge.observability.logging import configure_logging, register_secret
 
     if args.sandbox:

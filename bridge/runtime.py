@@ -174,9 +174,15 @@ class Runtime:
         except StoreInUse as exc:
             # Like a port in use: the operator's to fix before serving, a one-line config error.
             raise ConfigError(f"store.url: {exc}") from exc
-        if not self.mappings():
-            self.load_mappings()
-        await self.delivery.start()
+        try:
+            if not self.mappings():
+                self.load_mappings()
+            await self.delivery.start()
+        except BaseException:
+            # A SIGTERM during start-up cancels it, and nothing stops a runtime that never
+            # finished starting: close the store (and what delivery started) here.
+            await self.stop()
+            raise
         self._tasks.append(asyncio.create_task(self._prune_loop(), name="prune"))
         # In the background: counting a long queue takes a while, and serving need not wait.
         self._tasks.append(asyncio.create_task(self._warn_of_unconfigured_work(), name="unconfigured-work"))

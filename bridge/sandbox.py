@@ -129,7 +129,10 @@ async def start_standins(
 
 async def _serve_with_standins(cfg: Config, host: str) -> None:
     from bridge.app import serve
+    from bridge.stop_signals import stop_event
 
+    # Before the stand-ins start: a SIGTERM meanwhile reaches serve, which then does not start.
+    stop = stop_event(asyncio.get_running_loop())
     upstreams = await start_standins(cfg, host, MOENGAGE_PORT, SEGMENT_PORTS)
     log.warning(
         "sandbox_mode",
@@ -138,6 +141,6 @@ async def _serve_with_standins(cfg: Config, host: str) -> None:
         segment={region: f"http://{host}:{SEGMENT_PORTS[region]}" for region in upstreams.segment},
     )
     try:
-        await serve(cfg)
+        await serve(cfg, stop=stop)
     finally:
         await upstreams.stop()

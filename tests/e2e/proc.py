@@ -35,6 +35,11 @@ class BridgeProcess:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self, timeout: float = 20.0) -> None:
+        await self.spawn()
+        await self.wait_serving(timeout)
+
+    async def spawn(self) -> None:
+        """Start the process, without waiting for it to serve."""
         log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -48,6 +53,9 @@ class BridgeProcess:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         log.close()
+
+    async def wait_serving(self, timeout: float = 20.0) -> None:
+        assert self.proc is not None
         deadline = asyncio.get_running_loop().time() + timeout
         async with aiohttp.ClientSession() as session:
             while True:
