@@ -352,6 +352,10 @@ def test_the_documented_docker_run_keeps_the_store_and_lets_the_bridge_drain() -
         assert data and not data[0].startswith("/"), f"{volume} is not a named volume in {argv}"
         stop = argv[argv.index("--stop-timeout") + 1] if "--stop-timeout" in argv else "10"
         assert int(stop) > example["server"]["shutdown_timeout"]
+        # Not PID 1 itself: the kernel drops a SIGTERM sent while Python still imports.
+        assert "--init" in argv, argv
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    assert compose["services"]["bridge"].get("init") is True
 
 
 def test_the_documented_helm_mappings_example_is_a_set_the_chart_config_runs_on(tmp_path: Path) -> None:
