@@ -13,16 +13,37 @@ SQLITE_PREFIX = "sqlite:///"
 POSTGRES_PREFIXES = ("postgresql://", "postgres://")
 
 
-def _split_schema(url: str) -> tuple[str, str | None]:
-    """Take our own ``schema=NAME`` query parameter out of a PostgreSQL URL (asyncpg would
-    send unknown parameters to the server as settings)."""
+# Query parameters of a PostgreSQL URL that are the bridge's own, not the driver's: asyncpg
+# sends unknown parameters to the server as settings, and the server refuses those.
+# ``statement_cache_size`` is asyncpg's connection option, 0 behind PgBouncer in transaction
+# mode (before 1.21, or without max_prepared_statements): its server connections do not
+# keep a client's named prepared statements, which asyncpg's cache relies on.
+OWN_PARAMETERS = ("schema", "statement_cache_size")
+
+
+def _split_own(url: str) -> tuple[str, dict[str, str]]:
+    """Take our own query parameters (``OWN_PARAMETERS``) out of a PostgreSQL URL; the
+    last of each wins."""
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
-    schemas = [value for key, value in query if key == "schema"]
-    if not schemas:
-        return url, None
-    rest = urlencode([(key, value) for key, value in query if key != "schema"])
-    return urlunsplit(parts._replace(query=rest)), schemas[-1]
+    own = {key: value for key, value in query if key in OWN_PARAMETERS}
+    if not own:
+        return url, {}
+    rest = urlencode([(key, value) for key, value in query if key not in OWN_PARAMETERS])
+    return urlunsplit(parts._replace(query=rest)), own
+
+
+def _cache_size(value: str) -> int:
+    try:
+        size = int(value)
+    except ValueError:
+        size = -1
+    if size < 0:
+        raise ValueError(
+            f"statement_cache_size in the store URL must be a whole number, 0 or more, got {value!r} "
+            "(0 behind PgBouncer in transaction mode)"
+        )
+    return size
 
 
 def shown_url(url: str) -> str:
@@ -77,6 +98,9 @@ def check_store_url(url: str) -> None:
                 "the user:password part of the PostgreSQL URL holds '/', '?' or '#': percent-encode "
                 "them (%2F, %3F, %23)"
             )
+        size = _split_own(url)[1].get("statement_cache_size")
+        if size is not None:
+            _cache_size(size)
         return
     if url.startswith("sqlite:"):
         raise ValueError(f"store URL {url!r} is malformed: SQLite URLs start with sqlite:/// (three slashes)")
@@ -92,7 +116,8 @@ def open_store(url: str, **opts: Any) -> Store:
 
     ``sqlite:///relative/path.db`` and ``sqlite:////absolute/path.db`` give a SqliteStore;
     ``postgresql://user@host:port/db`` (or ``postgres://``) a PostgresStore, whose tables
-    live in schema ``bridge`` unless the URL says ``?schema=NAME``. ``opts`` go
+    live in schema ``bridge`` unless the URL says ``?schema=NAME``, and whose connections
+    cache prepared statements unless it says ``statement_cache_size=0``. ``opts`` go
     to the store's constructor (``max_bytes``, ...). With ``create=False`` ``open()``
     refuses a store that does not exist yet instead of creating it (the CLI: a relative
     SQLite path taken from another working directory must not become a new, empty file).
@@ -105,7 +130,9 @@ def open_store(url: str, **opts: Any) -> Store:
         return SqliteStore(url[len(SQLITE_PREFIX) :], **opts)
     from bridge.store.postgres import PostgresStore
 
-    dsn, schema = _split_schema(url)
-    if schema is not None:
-        opts.setdefault("schema", schema)
+    dsn, own = _split_own(url)
+    if "schema" in own:
+        opts.setdefault("schema", own["schema"])
+    if "statement_cache_size" in own:
+        opts.setdefault("statement_cache_size", _cache_size(own["statement_cache_size"]))
     return PostgresStore(dsn, **opts)

@@ -217,6 +217,7 @@ class PostgresStore(Store):
         command_timeout: float = 10.0,
         upgrade: bool = True,
         create: bool = True,
+        statement_cache_size: int = 100,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         """``min_free_disk_bytes`` is accepted for a uniform configuration and ignored:
@@ -249,6 +250,7 @@ class PostgresStore(Store):
         if command_timeout <= 0:
             raise ValueError(f"command_timeout must be positive, got {command_timeout}")
         self._command_timeout = command_timeout
+        self._statement_cache_size = statement_cache_size
         self._pool: Any = None
         self._ingest: GroupCommitter | None = None
         self._capacity_checked_at = float("-inf")
@@ -276,6 +278,7 @@ class PostgresStore(Store):
                 max_size=self._pool_size,
                 timeout=self._connect_timeout,
                 command_timeout=self._command_timeout,
+                statement_cache_size=self._statement_cache_size,
                 server_settings={
                     "search_path": self.schema,
                     "application_name": "bridge",
@@ -300,6 +303,7 @@ class PostgresStore(Store):
                         "`bridge serve` creates it when it starts; check store.url (its database and ?schema=)"
                     )
                 await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+                await self._check_session(conn)
                 present = {
                     str(r[0])
                     for r in await conn.fetch(
@@ -345,6 +349,30 @@ class PostgresStore(Store):
         # Leases measure the clock too, but a node whose destinations are all paused takes
         # none, and its ingest still dates rows: this keeps the offset fresh regardless.
         self._clock_task = asyncio.create_task(self._keep_clock(), name="bridge-postgres-clock")
+
+    async def _check_session(self, conn: Connection) -> None:
+        """Check that the settings ``open`` sends when it connects are in force. A pooler may
+        drop them: PgBouncer refuses startup parameters it does not know, and its usual
+        cure, ``ignore_startup_parameters``, leaves the server's defaults. Every statement
+        names its tables unqualified, so the store would then be made and used in whatever
+        schema the server's search_path names (``public``): beside the one ``?schema=``
+        names, or shared with another deployment's queue."""
+        current = await conn.fetchval("SELECT current_schema()")
+        if current != self.schema:
+            raise StoreError(
+                f"the PostgreSQL connections use schema {current!r}, not {self.schema!r} (store.url ?schema=): "
+                "something between the bridge and PostgreSQL (PgBouncer's ignore_startup_parameters) dropped "
+                f"the search_path the bridge asks for; set it for the bridge's role: ALTER ROLE <user> SET "
+                f"search_path = {self.schema} (see docs/operations.md, PgBouncer)"
+            )
+        if await conn.fetchval("SELECT current_setting('idle_in_transaction_session_timeout')") == "0":
+            # Dropped the same way; not fatal, but a node that stops mid-transaction keeps its
+            # locks (a destination's lease lock) until TCP gives up.
+            log.warning(
+                "postgres_idle_in_transaction_timeout_off",
+                wanted_seconds=self._command_timeout,
+                fix="ALTER ROLE <user> SET idle_in_transaction_session_timeout = ...",
+            )
 
     async def close(self) -> None:
         clock, self._clock_task = self._clock_task, None

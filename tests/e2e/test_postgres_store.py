@@ -6,14 +6,19 @@ import asyncio
 import secrets
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 from segment.analytics import Client
 
 from bridge.store.postgres import PostgresStore
 from tests.e2e.harness import WRITE_KEY, basic
+from tests.e2e.pgproxy import PgProxy
+from tests.e2e.proc import BridgeProcess
+from tests.e2e.test_crash_safety import delivered_seqs, moengage_standin, proc_config
 
 DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -86,3 +91,43 @@ async def test_a_user_id_too_long_for_a_postgres_index_still_learns_and_uses_its
     after = [e for e in bridge.moengage.events() if e["actions"][0]["action"] == "After"]
     assert [e["customer_id"] for e in after] == ["cust-long"]
     assert [c["customer_id"] for c in bridge.moengage.customers()] == ["cust-long"]
+
+
+async def test_bridge_serve_delivers_through_a_tcp_proxy_with_latency_to_postgres(tmp_path: Path, schema: str) -> None:
+    """Deployments put a proxy between the bridge and PostgreSQL (a cloud SQL proxy, HAProxy,
+    a mesh sidecar): a real `bridge serve` whose store is reached through one, 10 ms each
+    way, delivers every acknowledged event (identities first, then each user's events)."""
+    moengage, server = await moengage_standin()
+    proxy = PgProxy(delay=0.01)
+    await proxy.start()
+    raw = proc_config(tmp_path, str(server.make_url("")).rstrip("/"))
+    raw["store"]["url"] = proxy.url(f"?schema={schema}")
+    proc = BridgeProcess(raw, tmp_path)
+    try:
+        await proc.start()
+        async with aiohttp.ClientSession() as session:
+            for n in range(3):
+                batch: list[dict[str, Any]] = [
+                    {"type": "identify", "userId": f"proxied-{u}", "traits": {"round": n}, "messageId": f"i{n}-{u}"}
+                    for u in range(5)
+                ]
+                batch += [
+                    {
+                        "type": "track",
+                        "userId": f"proxied-{i % 5}",
+                        "event": "Through A Proxy",
+                        "messageId": f"t{n}-{i}",
+                        "properties": {"seq": f"t{n}-{i}"},
+                    }
+                    for i in range(20)
+                ]
+                async with session.post(f"{proc.url}/v1/batch", json={"batch": batch}, headers=basic(WRITE_KEY)) as r:
+                    assert r.status == 200, await r.text()
+        sent = {f"t{n}-{i}" for n in range(3) for i in range(20)}
+        await moengage.wait_for(lambda: delivered_seqs(moengage) == sent and len(moengage.customers()) == 15, 30)
+        assert proxy.connections  # the store's connections went through the proxy
+    finally:
+        await proc.ensure_stopped()
+        await proxy.close()
+        moengage.stop()
+        await server.close()
