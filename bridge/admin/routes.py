@@ -182,6 +182,7 @@ class AdminApi:
                     "last_delivered_at": when(worker.last_delivered_at),
                     "last_failure": _failure_json(worker.last_failure),
                     "backing_off_seconds": round(worker.backing_off_seconds(), 3),
+                    "discarded": dict(worker.discarded),
                 }
             )
         return json_response(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -171,6 +172,10 @@ class DestinationWorker:
         # was not a delivery, and when a request last got one (store clock, epoch seconds).
         self.last_failure: dict[str, Any] | None = None
         self.last_delivered_at: float | None = None
+        # Events the mapping chose not to send, by reason, since this server started: an
+        # ack with nothing delivered and nothing logged (one-character user ids, say) is
+        # otherwise only in the discards table and a metric.
+        self.discarded: Counter[str] = Counter()
         # changed_at of the latest resume seen in the store (None: no state read yet)
         self._resume_seen: float | None = None
         # After an operator resumes, the first batch is delivered and dead-lettered as usual
@@ -634,6 +639,7 @@ class DestinationWorker:
             batch.passed.update(d.job_id for d in discards)
             for d in discards:
                 self.metrics.discarded(batch.jobs[d.job_id].source, self.name, d.reason, 1)
+                self.discarded[d.reason] += 1
         if done:
             # Nothing left to send: delivered, and counted as delivered now, once (the
             # attempts that sent its outputs did not count it, since it stayed queued),

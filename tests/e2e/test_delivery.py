@@ -890,3 +890,19 @@ async def test_status_says_what_the_upstream_last_answered_and_how_long_the_back
     await wait_until(delivered, what="a delivery in /admin/status")
     after = await _status_of(bridge)
     assert after["backing_off_seconds"] == 0 and after["last_failure"]["status"] == 429  # kept: when it was
+
+
+async def test_status_counts_the_events_a_mapping_discarded_by_reason(bridge):
+    # A one-character user id is no MoEngage id: the event is acknowledged, discarded by
+    # the mapping and never sent. Status showed nothing of it, so "accepted, nothing
+    # delivered, nothing logged" looked like a stuck queue.
+    assert (await _status_of(bridge))["discarded"] == {}
+    batch = tracks(2, prefix="dc", user="u")
+    batch["batch"].append({"type": "track", "anonymousId": "a-1", "event": "X", "messageId": "dc-anon"})
+    assert (await bridge.post("/v1/batch", batch, H))[0] == 200
+
+    async def counted() -> bool:
+        return bool(sum((await _status_of(bridge))["discarded"].values()) == 3)
+
+    await wait_until(counted, what="three discards in /admin/status")
+    assert (await _status_of(bridge))["discarded"] == {"invalid_customer_id": 2, "anonymous_user": 1}
