@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from bridge.mapping.api import CompiledMapping, Discarded, Failed, LinkFilter, MapContext, MapResult, Output
-from bridge.mapping.conditions import Guard, conjunction, fuse_condition, guard_of, passes
+from bridge.mapping.conditions import Guard, conjunction, fuse_condition, guard_of, is_exact, passes
 from bridge.mapping.expressions import Cond, ExprCompiler, Fn, Lookup, Scope, build_object, literal_const
 from bridge.mapping.fuse import fuse
 from bridge.mapping.paths import PathError, Segment, parse_path
@@ -98,6 +99,7 @@ class YamlMapping(CompiledMapping):
                 # tried: an identify's customer rule goes on to the identify rules below it,
                 # not through every other type's rules.
                 rule.after = [(r, g) for r, g in self._rule_guards[i + 1 :] if _may_both_pass(guard, g)]
+        self._dispatch_field, self._dispatch, self._dispatch_default = _dispatch(self._rule_guards)
 
     def integration_names(self) -> tuple[str, ...]:
         return self._integrations
@@ -178,13 +180,12 @@ class YamlMapping(CompiledMapping):
                 if cond(env):
                     return Discarded(reason, _detail(detail, env))
             outputs: list[Output] = []
-            for rule, guard in self._rule_guards:
-                if guard is not None:
-                    # conditions.passes, written out: every rule of every event asks it.
-                    value = event.get(guard[0])
-                    if type(value) is not str or value not in guard[1]:
-                        continue
-                if not rule.when(env):
+            # The rules this event's value of the dispatch field (`type`) lets it match
+            # (see _dispatch), each with the condition still to ask, or None.
+            value = event.get(self._dispatch_field)
+            rules = self._dispatch.get(value, self._dispatch_default) if type(value) is str else self._dispatch_default
+            for rule, when in rules:
+                if when is not None and not when(env):
                     continue
                 if rule.drop is not None:
                     return Discarded(rule.drop, _detail(rule.detail, env))
@@ -261,6 +262,36 @@ class YamlMapping(CompiledMapping):
         if integ.get("All") is False:
             return Discarded("integrations_disabled", "integrations.All is false")
         return None
+
+
+# A rule to try, with the condition to ask of the event first (None: none is needed).
+_Candidate = tuple[_Rule, Cond | None]
+
+
+def _dispatch(
+    rule_guards: list[tuple[_Rule, Guard | None]],
+) -> tuple[str, dict[str, list[_Candidate]], list[_Candidate]]:
+    """The rules an event may match, listed once per value of the field most guards ask
+    (``type`` in a Segment mapping), in order: (that field, {value: its candidates}, the
+    candidates of any other value). Every rule asked each event's guard in turn; now
+    ``apply`` reads the field once, and a rule whose condition is its guard (a lone
+    ``match: {type: track}``) is not asked at all. A rule guarded by another field, or by
+    none, is in every list, with its whole condition (which implies its guard)."""
+    fields = Counter(g[0] for _, g in rule_guards if g is not None)
+    # No guard at all: "" keys no list, so every event gets the default, every rule in it.
+    field = fields.most_common(1)[0][0] if fields else ""
+
+    def candidates(value: str | None) -> list[_Candidate]:
+        out: list[_Candidate] = []
+        for rule, guard in rule_guards:
+            if guard is None or guard[0] != field:
+                out.append((rule, rule.when))
+            elif value is not None and value in guard[1]:
+                out.append((rule, None if is_exact(rule.when) else rule.when))
+        return out
+
+    values = {v for _, g in rule_guards if g is not None and g[0] == field for v in g[1]}
+    return field, {v: candidates(v) for v in values}, candidates(None)
 
 
 def _may_both_pass(first: Guard | None, second: Guard | None) -> bool:
