@@ -87,9 +87,11 @@ class YamlMapping(CompiledMapping):
         self.files = files
         self._option_names = option_names
         self._integrations = integrations
-        self._identity_key = identity_key
+        self._identity_key = fuse(identity_key) if identity_key is not None else None
         self._identity_link = identity_link
-        self._identity_also = identity_also
+        self._identity_also = [fuse(fn) for fn in identity_also]
+        # identity_ids, as one generated function (see _identity_ids).
+        self._ids = _identity_ids(identity_key, identity_also, self._identity_key, self._identity_also)
         self._drops = drops
         # One generated function asks every drop's condition in turn (see _first_drop).
         self._first_drop = _first_drop([cond for cond, _, _ in drops]) if drops else None
@@ -130,19 +132,7 @@ class YamlMapping(CompiledMapping):
     def identity_ids(self, event: dict[str, Any]) -> list[str]:
         if type(event) is not dict:
             return []
-        env = Env(event, None, {}, "")  # one for the key and the others: it runs per delivered event
-        key = self._key_in(env) if self._identity_key is not None else None
-        ids = [key] if key is not None else []
-        if not self._identity_also:
-            return ids
-        for fn in self._identity_also:
-            try:
-                found = _as_id(fn(env))
-            except Exception:  # odd data means no id, never a crash
-                continue
-            if found is not None and found not in ids:
-                ids.append(found)
-        return ids
+        return self._ids(Env(event, None, {}, ""))  # one for the key and the others
 
     def identity_link(self, event: dict[str, Any]) -> tuple[str, str] | None:
         if self._identity_link is None or type(event) is not dict:
@@ -267,6 +257,48 @@ class YamlMapping(CompiledMapping):
         if integ.get("All") is False:
             return Discarded("integrations_disabled", "integrations.All is false")
         return None
+
+
+def _identity_ids(
+    key: Fn | None, also: list[Fn], fused_key: Fn | None, fused_also: list[Fn]
+) -> Callable[[Env], list[str]]:
+    """``identity_ids`` on an Env: the key's id, then each of ``also`` not already there,
+    each read as ``_as_id`` reads it, and one that fails is no id (never a crash). Run per
+    delivered event, so generated as one function from ``key`` and ``also`` (their trees):
+    calling each one's fused function, then ``_as_id``, cost four calls an event. If it
+    cannot be generated, the fused functions run in turn, as ``ids`` below."""
+    fns = [key] if key is not None else []
+    fns += also
+    fused = [fused_key] if fused_key is not None else []
+    fused += fused_also
+
+    def ids(env: Env) -> list[str]:
+        out: list[str] = []
+        for fn in fused:
+            try:
+                found = _as_id(fn(env))
+            except Exception:  # odd data means no id, never a crash
+                continue
+            if found is not None and found not in out:
+                out.append(found)
+        return out
+
+    def emit(g: Gen) -> str:
+        out = g.fresh()
+        g.line(f"{out} = []")
+        for fn in fns:
+            with g.block("try:"):
+                found = g.assign(fn)
+                # _as_id, inline: an int as its digits, a non-empty string as it is.
+                with g.block(f"if type({found}) is int:"):
+                    g.line(f"{found} = str({found})")
+                with g.block(f"if type({found}) is str and {found} and {found} not in {out}:"):
+                    g.line(f"{out}.append({found})")
+            with g.block("except Exception:"):  # odd data means no id, never a crash
+                g.line("pass")
+        return out
+
+    return fuse(emits(ids, emit))
 
 
 def _first_drop(conds: list[Cond]) -> Callable[[Env], int]:
@@ -536,12 +568,13 @@ class FileCompiler:
             self.diags.add(node, "identity", "expected {key: ..., also: [...], link: {when, from, to}}")
             return None, None, []
         self.diags.check_keys(node, "identity", ("key", "also", "link"), "'identity'")
-        key = fuse(self.expr.value(node.value["key"], "identity.key")) if "key" in node.value else None
+        # Fused by YamlMapping, which also generates identity_ids from these trees.
+        key = self.expr.value(node.value["key"], "identity.key") if "key" in node.value else None
         also: list[Fn] = []
         if "also" in node.value:
             an = node.value["also"]
             if an.is_list:
-                also = [fuse(self.expr.value(item, join("identity.also", i))) for i, item in enumerate(an.value)]
+                also = [self.expr.value(item, join("identity.also", i)) for i, item in enumerate(an.value)]
             else:
                 self.diags.add(an, "identity.also", "expected a list of ids to resolve too, e.g. [$.previousId]")
         link = None

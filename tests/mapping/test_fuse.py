@@ -209,6 +209,7 @@ def test_shipped_mappings_give_the_same_results_fused(path: Path, monkeypatch: p
     assert all(fuse.is_fused(rule.body) for rule, _ in fused._rule_guards if rule.body is not None)
     # The top-level drops are asked in one generated function, not one each.
     assert fused._first_drop is None or fuse.is_fused(fused._first_drop)
+    assert fused._identity_key is None or fuse.is_fused(fused._ids)  # identity_ids, likewise
     fixtures = sorted((ROOT / "mappings" / "tests" / path.stem).glob("*.yaml"))
     assert fixtures
     events: list[Any] = []
