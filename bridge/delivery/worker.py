@@ -613,12 +613,15 @@ class DestinationWorker:
                 if not mine:
                     done.append(job_id)
                     continue
-            refused = next(((it, reason) for it in mine if (reason := reject_reason(it))), None)
-            if refused is not None:
+            # A plain loop, not next() over a generator: it runs for every mapped event.
+            for item in mine:
+                reason = reject_reason(item)
+                if reason:
+                    break
+            if reason:
                 # Mapped to something the destination cannot take (over its size limit, a
                 # kind it has no endpoint for): dead-lettered, not discarded, so it is seen
                 # and replayed once a mapping change makes it fit.
-                item, reason = refused
                 (data_dead if reason in self.client.DATA_REJECTIONS else dead).append(
                     DeadLetter(
                         job_id,

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from bridge.mapping.api import CompiledMapping, Discarded, Failed, LinkFilter, MapContext, MapResult, Output
-from bridge.mapping.conditions import Guard, conjunction, fuse_condition, guard_of, passes
+from bridge.mapping.conditions import Guard, conjunction, fuse_condition, guard_of, is_exact, passes
 from bridge.mapping.expressions import Cond, ExprCompiler, Fn, Lookup, Scope, build_object, literal_const
-from bridge.mapping.fuse import fuse
+from bridge.mapping.fuse import Gen, emits, fuse
 from bridge.mapping.paths import PathError, Segment, parse_path
 from bridge.mapping.runtime import MISSING, DropEvent, Env, FailEvent, clone
 from bridge.mapping.shapes import SHAPES, Shape, body_checker, check_body_node
@@ -85,10 +87,14 @@ class YamlMapping(CompiledMapping):
         self.files = files
         self._option_names = option_names
         self._integrations = integrations
-        self._identity_key = identity_key
+        self._identity_key = fuse(identity_key) if identity_key is not None else None
         self._identity_link = identity_link
-        self._identity_also = identity_also
+        self._identity_also = [fuse(fn) for fn in identity_also]
+        # identity_ids, as one generated function (see _identity_ids).
+        self._ids = _identity_ids(identity_key, identity_also, self._identity_key, self._identity_also)
         self._drops = drops
+        # One generated function asks every drop's condition in turn (see _first_drop).
+        self._first_drop = _first_drop([cond for cond, _, _ in drops]) if drops else None
         # Checked before any condition runs (see conditions.Guard).
         self._link_guard = guard_of(identity_link[0]) if identity_link is not None else None
         self._rule_guards: list[tuple[_Rule, Guard | None]] = [(r, guard_of(r.when)) for r in rules]
@@ -98,6 +104,7 @@ class YamlMapping(CompiledMapping):
                 # tried: an identify's customer rule goes on to the identify rules below it,
                 # not through every other type's rules.
                 rule.after = [(r, g) for r, g in self._rule_guards[i + 1 :] if _may_both_pass(guard, g)]
+        self._dispatch_field, self._dispatch, self._dispatch_default = _dispatch(self._rule_guards)
 
     def integration_names(self) -> tuple[str, ...]:
         return self._integrations
@@ -125,19 +132,7 @@ class YamlMapping(CompiledMapping):
     def identity_ids(self, event: dict[str, Any]) -> list[str]:
         if type(event) is not dict:
             return []
-        env = Env(event, None, {}, "")  # one for the key and the others: it runs per delivered event
-        key = self._key_in(env) if self._identity_key is not None else None
-        ids = [key] if key is not None else []
-        if not self._identity_also:
-            return ids
-        for fn in self._identity_also:
-            try:
-                found = _as_id(fn(env))
-            except Exception:  # odd data means no id, never a crash
-                continue
-            if found is not None and found not in ids:
-                ids.append(found)
-        return ids
+        return self._ids(Env(event, None, {}, ""))  # one for the key and the others
 
     def identity_link(self, event: dict[str, Any]) -> tuple[str, str] | None:
         if self._identity_link is None or type(event) is not dict:
@@ -174,17 +169,18 @@ class YamlMapping(CompiledMapping):
             link = ctx.links.get(key) if key is not None else None
         env = Env(event, link, ctx.options, ctx.source, links=ctx.links)
         try:
-            for cond, reason, detail in self._drops:
-                if cond(env):
+            if self._first_drop is not None:
+                dropped = self._first_drop(env)
+                if dropped >= 0:
+                    _, reason, detail = self._drops[dropped]
                     return Discarded(reason, _detail(detail, env))
             outputs: list[Output] = []
-            for rule, guard in self._rule_guards:
-                if guard is not None:
-                    # conditions.passes, written out: every rule of every event asks it.
-                    value = event.get(guard[0])
-                    if type(value) is not str or value not in guard[1]:
-                        continue
-                if not rule.when(env):
+            # The rules this event's value of the dispatch field (`type`) lets it match
+            # (see _dispatch), each with the condition still to ask, or None.
+            value = event.get(self._dispatch_field)
+            rules = self._dispatch.get(value, self._dispatch_default) if type(value) is str else self._dispatch_default
+            for rule, when in rules:
+                if when is not None and not when(env):
                     continue
                 if rule.drop is not None:
                     return Discarded(rule.drop, _detail(rule.detail, env))
@@ -261,6 +257,103 @@ class YamlMapping(CompiledMapping):
         if integ.get("All") is False:
             return Discarded("integrations_disabled", "integrations.All is false")
         return None
+
+
+def _identity_ids(
+    key: Fn | None, also: list[Fn], fused_key: Fn | None, fused_also: list[Fn]
+) -> Callable[[Env], list[str]]:
+    """``identity_ids`` on an Env: the key's id, then each of ``also`` not already there,
+    each read as ``_as_id`` reads it, and one that fails is no id (never a crash). Run per
+    delivered event, so generated as one function from ``key`` and ``also`` (their trees):
+    calling each one's fused function, then ``_as_id``, cost four calls an event. If it
+    cannot be generated, the fused functions run in turn, as ``ids`` below."""
+    fns = [key] if key is not None else []
+    fns += also
+    fused = [fused_key] if fused_key is not None else []
+    fused += fused_also
+
+    def ids(env: Env) -> list[str]:
+        out: list[str] = []
+        for fn in fused:
+            try:
+                found = _as_id(fn(env))
+            except Exception:  # odd data means no id, never a crash
+                continue
+            if found is not None and found not in out:
+                out.append(found)
+        return out
+
+    def emit(g: Gen) -> str:
+        out = g.fresh()
+        g.line(f"{out} = []")
+        for fn in fns:
+            with g.block("try:"):
+                found = g.assign(fn)
+                # _as_id, inline: an int as its digits, a non-empty string as it is.
+                with g.block(f"if type({found}) is int:"):
+                    g.line(f"{found} = str({found})")
+                with g.block(f"if type({found}) is str and {found} and {found} not in {out}:"):
+                    g.line(f"{out}.append({found})")
+            with g.block("except Exception:"):  # odd data means no id, never a crash
+                g.line("pass")
+        return out
+
+    return fuse(emits(ids, emit))
+
+
+def _first_drop(conds: list[Cond]) -> Callable[[Env], int]:
+    """The index of the first of ``conds`` (the top-level drops) that holds, else -1, as
+    one generated function. Asked of every event, each drop's own function cost a call,
+    a prologue (the event, its lets, a type check) and a path read its neighbours had
+    just made (``$.traits``, ``$let.customer_id``); one function pays those once."""
+    fused = [fuse(cond) for cond in conds]  # what runs if the whole cannot be generated
+
+    def first(env: Env) -> int:
+        for i, cond in enumerate(fused):
+            if cond(env):
+                return i
+        return -1
+
+    def emit(g: Gen) -> str:
+        out = g.fresh()
+        g.line(f"{out} = -1")
+        for i, cond in enumerate(conds):
+            # Flat, not nested: each later drop is asked under one `if`, however many there are.
+            with g.block(f"if {out} < 0:") if i else contextlib.nullcontext():
+                g.line(f"if {g.cond(cond)}: {out} = {i}")
+        return out
+
+    return fuse(emits(first, emit))
+
+
+# A rule to try, with the condition to ask of the event first (None: none is needed).
+_Candidate = tuple[_Rule, Cond | None]
+
+
+def _dispatch(
+    rule_guards: list[tuple[_Rule, Guard | None]],
+) -> tuple[str, dict[str, list[_Candidate]], list[_Candidate]]:
+    """The rules an event may match, listed once per value of the field most guards ask
+    (``type`` in a Segment mapping), in order: (that field, {value: its candidates}, the
+    candidates of any other value). Every rule asked each event's guard in turn; now
+    ``apply`` reads the field once, and a rule whose condition is its guard (a lone
+    ``match: {type: track}``) is not asked at all. A rule guarded by another field, or by
+    none, is in every list, with its whole condition (which implies its guard)."""
+    fields = Counter(g[0] for _, g in rule_guards if g is not None)
+    # No guard at all: "" keys no list, so every event gets the default, every rule in it.
+    field = fields.most_common(1)[0][0] if fields else ""
+
+    def candidates(value: str | None) -> list[_Candidate]:
+        out: list[_Candidate] = []
+        for rule, guard in rule_guards:
+            if guard is None or guard[0] != field:
+                out.append((rule, rule.when))
+            elif value is not None and value in guard[1]:
+                out.append((rule, None if is_exact(rule.when) else rule.when))
+        return out
+
+    values = {v for _, g in rule_guards if g is not None and g[0] == field for v in g[1]}
+    return field, {v: candidates(v) for v in values}, candidates(None)
 
 
 def _may_both_pass(first: Guard | None, second: Guard | None) -> bool:
@@ -475,12 +568,13 @@ class FileCompiler:
             self.diags.add(node, "identity", "expected {key: ..., also: [...], link: {when, from, to}}")
             return None, None, []
         self.diags.check_keys(node, "identity", ("key", "also", "link"), "'identity'")
-        key = fuse(self.expr.value(node.value["key"], "identity.key")) if "key" in node.value else None
+        # Fused by YamlMapping, which also generates identity_ids from these trees.
+        key = self.expr.value(node.value["key"], "identity.key") if "key" in node.value else None
         also: list[Fn] = []
         if "also" in node.value:
             an = node.value["also"]
             if an.is_list:
-                also = [fuse(self.expr.value(item, join("identity.also", i))) for i, item in enumerate(an.value)]
+                also = [self.expr.value(item, join("identity.also", i)) for i, item in enumerate(an.value)]
             else:
                 self.diags.add(an, "identity.also", "expected a list of ids to resolve too, e.g. [$.previousId]")
         link = None
@@ -521,7 +615,8 @@ class FileCompiler:
             if not isinstance(reason, str) or not reason:
                 self.diags.add(item.value["reason"], join(ip, "reason"), "expected a reason string, e.g. loop")
                 continue
-            cond = fuse_condition(self.expr.condition(item.value["when"], join(ip, "when")))
+            # Fused with the other drops' (YamlMapping._first_drop), not alone.
+            cond = self.expr.condition(item.value["when"], join(ip, "when"))
             detail = self.expr.value(item.value["detail"], join(ip, "detail")) if "detail" in item.value else None
             out.append((cond, reason, detail))
         return out

@@ -22,6 +22,10 @@ _ALWAYS_TRUE: Cond = emits(lambda env: True, lambda g: "True")
 # is asked for its identity link, and most events fail on their type alone.
 Guard = tuple[str, frozenset[str]]
 _GUARDS: weakref.WeakKeyDictionary[Cond, Guard] = weakref.WeakKeyDictionary()
+# Conditions that are their guard, no more: true exactly when the guard passes (a lone
+# `match` of string values, compared as written). Where a caller has checked the guard,
+# such a condition need not run (YamlMapping.apply).
+_EXACT: weakref.WeakSet[Cond] = weakref.WeakSet()
 _TOP_LEVEL = re.compile(r"\$\.([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -31,20 +35,27 @@ def guard_of(cond: Cond) -> Guard | None:
     return _GUARDS.get(cond)
 
 
+def is_exact(cond: Cond) -> bool:
+    """Whether ``cond`` holds exactly when its guard passes (see _EXACT)."""
+    return cond in _EXACT
+
+
 def passes(guard: Guard, event: dict[str, Any]) -> bool:
     value = event.get(guard[0])
     return type(value) is str and value in guard[1]
 
 
-def _guarded(cond: Cond, guard: Guard | None) -> Cond:
+def _guarded(cond: Cond, guard: Guard | None, exact: bool = False) -> Cond:
     if guard is not None:
         _GUARDS[cond] = guard
+        if exact:
+            _EXACT.add(cond)
     return cond
 
 
 def fuse_condition(cond: Cond) -> Cond:
     """``fuse`` for a condition at the root (a rule's, a drop's): it keeps its guard."""
-    return _guarded(fuse(cond), guard_of(cond))
+    return _guarded(fuse(cond), guard_of(cond), is_exact(cond))
 
 
 def compile_condition(c: ExprCompiler, node: YNode, ypath: str) -> Cond:
@@ -141,7 +152,10 @@ def _match(c: ExprCompiler, node: YNode, ypath: str, ignore_case: bool) -> Cond:
         op = "in" if want.is_list else "equals"
         # match compares with the values as written (its guard relies on that)
         cond = compare(c, getter, op, want, join(ypath, key), ignore_case, literal_only=True)
-        conds.append(_guarded(cond, None if ignore_case else _match_guard(text, want)))
+        # Its guard is the whole condition: a string compared as written equals one of the
+        # values exactly when it is among them (compare's `equals` and all-string `in`).
+        guard = None if ignore_case else _match_guard(text, want)
+        conds.append(_guarded(cond, guard, exact=True))
     return conjunction(tuple(conds))
 
 

@@ -82,7 +82,13 @@ def literal_const(v: Any) -> Fn:
 
 
 def _const(v: Any) -> Fn:
-    return emits(lambda env: v, lambda g: g.bind(v))
+    def emit(g: Gen) -> str:
+        name = g.bind(v)
+        if v is not MISSING:
+            g.present.add(name)
+        return name
+
+    return emits(lambda env: v, emit)
 
 
 def _walk_emitter(start: str, segs: tuple[Segment, ...]) -> Callable[[Gen], str]:
@@ -280,9 +286,10 @@ class ExprCompiler:
             def emit_list(g: Gen) -> str:
                 out = g.fresh()
                 g.line(f"{out} = []")
+                g.present.add(out)
                 for f in items:
                     x = g.value(f)
-                    g.line(f"if {x} is not M: {out}.append({x})")
+                    g.line(f"{out}.append({x})" if x in g.present else f"if {x} is not M: {out}.append({x})")
                 return out
 
             return emits(build_list, emit_list)
@@ -630,9 +637,12 @@ def build_object(fields: list[tuple[str, Fn]], rest: Fn | None) -> Fn:
 def _emit_fields(g: Gen, start: str, fields: list[tuple[str, Fn]]) -> str:
     out = g.fresh()
     g.line(f"{out} = {start}")
+    if start == "{}":
+        g.present.add(out)
     for k, f in fields:
         v = g.value(f)
-        g.line(f"if {v} is not M: {out}[{g.literal(k)}] = {v}")
+        store = f"{out}[{g.literal(k)}] = {v}"
+        g.line(store if v in g.present else f"if {v} is not M: {store}")
     return out
 
 

@@ -88,6 +88,9 @@ class Gen:
         # Set by an emitter whose code reads the event as a dict without checking: the
         # function then starts by handing any other event to the closures (see _generate).
         self.event_is_dict = False
+        # Expressions that are never M (a fresh container, a bound constant): an object or
+        # a list that stores one needs no test for it (see expressions._emit_fields).
+        self.present: set[str] = set()
 
     def inline_once(self, name: str) -> bool:
         """True the first time ``name`` (a let) asks to be inlined into this function, if

@@ -62,6 +62,14 @@ rules:
     match: {version: [1, 2]}
     kind: track
     body: {event: numbers, userId: u}
+  - name: two-fields
+    match: {type: alias, event: Anything}
+    kind: track
+    body: {event: two-fields, userId: u}
+  - name: by-event
+    match: {event: Other}
+    kind: track
+    body: {event: by-event, userId: u}
   - name: rest
     drop: unmatched
 """
@@ -72,9 +80,10 @@ FOLDED = MAPPING.replace(
 
 TYPES: tuple[Any, ...] = ("identify", "Identify", "page", "PAGE", "track", "screen", "group", "alias", 7, None, [], {})
 EVENTS: list[dict[str, Any]] = [
-    {"type": t, "userId": "u1", "traits": {"id": "c1"}, "name": "Home", "event": e, "version": v, "context": c}
+    {"type": t, "userId": "u1", "traits": {"id": "c1"}, "event": e, "version": v, "context": c, **named}
     for t in TYPES
     for e, v, c in (("Anything", 1, {"kind": "alias"}), ("Other", "1", {}), (None, 2, {"kind": ["alias"]}))
+    for named in ({"name": "Home"}, {})
 ]
 
 
@@ -106,6 +115,8 @@ def test_guards_inferred_from_match_all_and_any(tmp_path: Path, monkeypatch: pyt
         "either-or-anything": None,  # one branch needs no type
         "nested": None,  # not a top-level field
         "numbers": None,  # not strings
+        "two-fields": ("type", frozenset({"alias"})),
+        "by-event": ("event", frozenset({"Other"})),
         "rest": None,
     }
     folded = _compile(tmp_path, FOLDED, guards=True, monkeypatch=monkeypatch)
@@ -119,3 +130,21 @@ def test_shipped_identity_link_is_guarded_by_type() -> None:
     assert m._link_guard is not None and m._link_guard[0] == "type"
     assert m.identity_link({"type": "track", "userId": "a", "traits": {"id": "cust-b"}}) is None
     assert m.identity_link({"type": "identify", "userId": "a", "traits": {"id": "cust-b"}}) == ("a", "cust-b")
+
+
+def test_rules_listed_by_type_ask_only_what_their_guard_does_not_decide(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """apply tries the rules listed for the event's `type` (most guards ask it), in order;
+    a lone match of strings is its guard, so its condition is not asked again. A rule
+    guarded by another field, or by none, is in every list with its whole condition."""
+    m = _compile(tmp_path, MAPPING, guards=True, monkeypatch=monkeypatch)
+    assert isinstance(m, YamlMapping)
+    assert m._dispatch_field == "type"
+    asked = {value: [(r.name, when is not None) for r, when in rules] for value, rules in m._dispatch.items()}
+    anywhere = [("either-or-anything", True), ("nested", True), ("numbers", True), ("by-event", True), ("rest", True)]
+    assert asked["identify"] == [("exact", False), *anywhere]
+    assert asked["PAGE"] == [("folded", True), *anywhere]  # match and when: the when still runs
+    assert asked["track"] == [("either", True), *anywhere]  # an any of matches: not known to be exact
+    assert asked["alias"] == [*anywhere[:3], ("two-fields", True), *anywhere[3:]]  # in the file's order
+    assert [(r.name, when is not None) for r, when in m._dispatch_default] == anywhere
