@@ -120,3 +120,55 @@ def test_parse_json_marks_numbers_past_a_double_only_when_asked() -> None:
         parse_json(body)
     marked = []
     assert parse_json(body, out_of_range=marked) == {"a": "cut \ufffd", "b": marked[0]}
+
+
+# -- httpx: a body that arrived whole is taken from aiohttp's buffer ----------------------
+async def _post_whole(body: bytes, headers: bytes, *, ceiling: int, limit: int) -> bytes:
+    """``body`` sent with its headers in one write (so it has arrived whole when the handler
+    reads it) to a route of ``limit`` bytes on an app whose client_max_size is ``ceiling``;
+    the raw answer. The handler answers the body's length and the number of chunks left."""
+    from aiohttp import web
+
+    from bridge.httpx import error_response, read_body
+
+    async def handler(request: web.Request) -> web.Response:
+        try:
+            got = await read_body(request, limit)
+        except ApiError as exc:
+            return error_response(exc)
+        return web.Response(text=f"{len(got)} {got[:4]!r} eof={request.content.is_eof()}")
+
+    app = web.Application(client_max_size=ceiling)
+    app.router.add_post("/", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        head = b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + headers
+        writer.write(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(65536), 5)
+    finally:
+        writer.close()
+        await runner.cleanup()
+
+
+async def test_a_body_that_arrived_whole_is_read_whole() -> None:
+    answer = await _post_whole(b"abcd" + b"x" * 5000, b"", ceiling=8 * 1024 * 1024, limit=10_000)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert answer.endswith(b"5004 b'abcd' eof=True"), answer[-80:]
+
+
+async def test_a_compressed_body_that_arrived_whole_past_the_ceiling_gets_a_413_and_closes() -> None:
+    """As ``request.read()`` refused it: past the app's client_max_size the body may be a
+    bomb, so the answer ends the connection (the route's own limit is not reached here)."""
+    import gzip
+
+    bomb = gzip.compress(b"\0" * 50_000)
+    answer = await _post_whole(bomb, b"Content-Encoding: gzip\r\n", ceiling=10_000, limit=100_000)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413") and b"Connection: close" in head, head
+    assert orjson.loads(body)["code"] == "payload_too_large"

@@ -294,6 +294,31 @@ def test_the_received_clock_gives_the_millisecond_and_its_text():
     assert again_at >= at and again_text == iso(again_at) and again_us == micros(again_at)
 
 
+def test_the_received_clock_writes_each_millisecond_as_iso_does():
+    # A millisecond of a second already seen reuses that second's text: across seconds,
+    # minutes, days and years, in and out of order, the text is iso's and the time exact.
+    clock = ReceivedClock()
+    start = 1_798_761_599_998  # 2026-12-31T23:59:59.998Z
+    for ms in (*range(start, start + 1_005), start + 61_000, start - 1, 0, 999, 1_000):
+        clock._tick(ms)
+        at = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)
+        assert (clock._at, clock._text, clock._us) == (at, iso(at), ms * 1000)
+
+
+def test_a_single_calls_envelope_holds_the_millisecond_it_was_received_in():
+    clock = ReceivedClock()
+    before = datetime.now(UTC)
+    envelope = clock.envelope()
+    after = datetime.now(UTC)
+    assert before - timedelta(milliseconds=1) < envelope.received_at <= after
+    assert envelope.received_iso == iso(envelope.received_at)
+    assert envelope.received_us == micros(envelope.received_at)
+    assert (envelope.sent_at, envelope.context, envelope.integrations, envelope.merges) == (None, None, None, False)
+    assert not envelope.keep_timestamp and envelope.more_types == frozenset()
+    again = clock.envelope()  # the same object within one millisecond, a new one after it
+    assert again is envelope or again.received_at > envelope.received_at
+
+
 def test_midnight_written_as_24_is_never_kept_as_sent():
     # Python 3.11 refuses it; newer versions read it as the next day's 00:00, which iso
     # writes differently, so it must never take the shortcut.

@@ -171,7 +171,7 @@ class SegmentSources(SourceKind):
             if len(body) > self._event_limit:
                 # A single call is its body: Segment's 32 KB per call, measured as sent.
                 raise _too_large(len(body), self._event_limit)
-            self._accept_each(collected, (data,), call, Envelope(*self._clock.now()), self._event_limit, single=True)
+            self._accept_each(collected, (data,), call, self._clock.envelope(), self._event_limit, single=True)
         except Invalid as exc:
             self.ingestor.metrics.rejected(source.name, exc.code)
             raise ApiError(400, exc.code, exc.message) from None
