@@ -18,6 +18,7 @@ import yaml
 from bridge.config_values import as_text, spelt_int, type_name
 from bridge.destinations.base import ConfigError
 from bridge.suggest import did_you_mean
+from bridge.yaml_unique import UniqueKeysLoader
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -226,36 +227,9 @@ def _quoting_at(text: str, pos: int) -> str:
     return quote
 
 
-class _UniqueKeysLoader(yaml.SafeLoader):
-    """SafeLoader refusing a key given twice in one mapping. YAML's "last one wins" would
-    drop the first silently: two ``store:`` sections, or a secret set twice. (Mapping
-    files refuse duplicates too.)"""
-
-    def flatten_mapping(self, node: yaml.MappingNode) -> None:
-        # Checked here, before the first flatten: flattening rewrites the node in place
-        # (merged keys put before its own), and a mapping merged into another (`<<: *x`)
-        # may be flattened before it is constructed itself. A key it overrides is no duplicate.
-        checked = self.__dict__.setdefault("_unique_checked", set())
-        if id(node) not in checked:
-            checked.add(id(node))
-            self._check_unique(node)
-        super().flatten_mapping(node)
-
-    def _check_unique(self, node: yaml.MappingNode) -> None:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                duplicate = key in seen
-            except TypeError:
-                continue  # an unhashable key: SafeLoader's own error says so
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    "while reading a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
+class _UniqueKeysLoader(UniqueKeysLoader):
+    """SafeLoader refusing a key given twice in one mapping (bridge.yaml_unique): two
+    ``store:`` sections, or a secret set twice. (Mapping files refuse duplicates too.)"""
 
     def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
         # What was written is kept with a number not spelt as its digits: see SpeltInt.

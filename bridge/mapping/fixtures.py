@@ -20,6 +20,7 @@ from bridge.mapping.api import CompiledMapping, Diagnostic, MapContext
 from bridge.mapping.loader import compile_mapping_dir
 from bridge.mapping.translate import result_to_json
 from bridge.mapping.yamlnodes import MappingLoader
+from bridge.yaml_unique import UniqueKeysLoader
 
 FIXTURE_KEYS = ("description", "input", "context", "expect")
 EXPECT_KEYS = ("outputs", "discarded", "failed", "detail", "identity_link", "identity_key")
@@ -80,37 +81,11 @@ def run_fixtures(mappings_dir: str | Path) -> FixtureReport:
     return report
 
 
-class FixtureLoader(MappingLoader):
-    """MappingLoader (a SafeLoader) refusing a key given twice in one mapping, as mapping
-    files do: with YAML's "last one wins" a fixture would silently test less than it says
-    (the first of two ``discarded:`` expectations, or of two ``properties:`` of its event,
-    never looked at)."""
-
-    def flatten_mapping(self, node: yaml.MappingNode) -> None:
-        # Checked once per node, before its first flatten: flattening rewrites the node in
-        # place (merged keys put before its own), and a mapping merged into another (`<<: *x`)
-        # is flattened before it is constructed itself. A key it overrides is no duplicate.
-        checked = self.__dict__.setdefault("_unique_checked", set())
-        if id(node) not in checked:
-            checked.add(id(node))
-            self._check_unique(node)
-        super().flatten_mapping(node)
-
-    def _check_unique(self, node: yaml.MappingNode) -> None:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                duplicate = key in seen
-            except TypeError:
-                continue  # an unhashable key: SafeLoader's own error says so
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    "while reading a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
+class FixtureLoader(UniqueKeysLoader, MappingLoader):
+    """MappingLoader (a SafeLoader with YAML 1.2 booleans) refusing a key given twice in one
+    mapping, as mapping files do: with YAML's "last one wins" a fixture would silently test
+    less than it says (the first of two ``discarded:`` expectations, or of two
+    ``properties:`` of its event, never looked at)."""
 
 
 def _read_fixture(path: Path) -> Any:
