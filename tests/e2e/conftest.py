@@ -1,14 +1,16 @@
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from aiohttp.test_utils import TestServer
 
 from bridge.testing.standins import MoEngageStandIn, SegmentStandIn
-from tests.e2e.harness import API_KEY, SEGMENT_OUT_KEY, WORKSPACE, Bridge, config_dict
+from tests.e2e.harness import API_KEY, DSN, SEGMENT_OUT_KEY, WORKSPACE, Bridge, config_dict
 
 
 @pytest.fixture
@@ -44,3 +46,18 @@ async def make_bridge(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
 async def bridge(make_bridge: Callable[..., Any]) -> Bridge:
     b: Bridge = await make_bridge()
     return b
+
+
+@pytest.fixture
+async def pg_schema() -> AsyncIterator[str]:
+    """A schema of its own on the test PostgreSQL (harness.DSN), dropped afterwards."""
+    name = f"bridge_e2e_{uuid.uuid4().hex[:10]}"
+    try:
+        conn = await asyncpg.connect(DSN, timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is not reachable: {exc}")
+    await conn.close()
+    yield name
+    conn = await asyncpg.connect(DSN)
+    await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+    await conn.close()

@@ -37,6 +37,8 @@ ADMIN_TOKEN = "admin-token-abcdef123456"
 
 FAST_DELIVERY = {"poll_interval": 0.05, "batch_size": 100}
 FAST_RETRY = {"base_delay": 0.05, "max_delay": 0.3}
+# The PostgreSQL every store test uses (on this machine and in CI); each test its own schema.
+DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 def basic(user: str, password: str = "") -> dict[str, str]:

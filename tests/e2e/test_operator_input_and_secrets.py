@@ -4,36 +4,16 @@ no secret kept in part where a text is cut to a length."""
 from __future__ import annotations
 
 import io
-import uuid
-from collections.abc import AsyncIterator
 from typing import Any
-
-import asyncpg
-import pytest
 
 from bridge.cli import main as cli_main
 from bridge.observability.logging import configure_logging, register_secret
 from bridge.store.postgres import PostgresStore
 from bridge.testing.standins import Planned
-from tests.e2e.harness import ADMIN_TOKEN, API_KEY, WRITE_KEY, basic, wait_until
+from tests.e2e.harness import ADMIN_TOKEN, API_KEY, DSN, WRITE_KEY, basic, wait_until
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 H = basic(WRITE_KEY)
-DSN = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-@pytest.fixture
-async def pg_schema() -> AsyncIterator[str]:
-    name = f"bridge_e2e_{uuid.uuid4().hex[:10]}"
-    try:
-        conn = await asyncpg.connect(DSN, timeout=5)
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is not reachable: {exc}")
-    await conn.close()
-    yield name
-    conn = await asyncpg.connect(DSN)
-    await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
-    await conn.close()
 
 
 async def _on_postgres(make_bridge: Any, schema: str) -> Any:

@@ -4,45 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
-import pytest
 from segment.analytics import Client
 
 from bridge.store.postgres import PostgresStore
-from tests.e2e.harness import WRITE_KEY, basic
+from tests.e2e.harness import DSN, WRITE_KEY, basic
 from tests.e2e.pgproxy import PgProxy
 from tests.e2e.proc import BridgeProcess
 from tests.e2e.test_crash_safety import delivered_seqs, moengage_standin, proc_config
 
-DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
-
-@pytest.fixture
-async def schema() -> AsyncIterator[str]:
-    name = f"bridge_e2e_{uuid.uuid4().hex[:10]}"
-    try:
-        conn = await asyncpg.connect(DSN, timeout=5)
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is not reachable: {exc}")
-    await conn.close()
-    yield name
-    conn = await asyncpg.connect(DSN)
-    await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
-    await conn.close()
-
-
-async def test_segment_to_moengage_on_postgres_survives_a_restart(make_bridge: Any, schema: str) -> None:
+async def test_segment_to_moengage_on_postgres_survives_a_restart(make_bridge: Any, pg_schema: str) -> None:
     def tweak(raw: dict[str, Any]) -> None:
         raw["store"]["url"] = DSN
 
     bridge = await make_bridge(tweak, start=False)
-    bridge.store_factory = lambda: PostgresStore(DSN, schema=schema)
+    bridge.store_factory = lambda: PostgresStore(DSN, schema=pg_schema)
     await bridge.start()
     client = Client(WRITE_KEY, host=bridge.url, sync_mode=True, max_retries=0)
     await asyncio.to_thread(client.identify, "pg-user-1", {"email": "pg@example.com"})
@@ -67,7 +47,7 @@ async def test_segment_to_moengage_on_postgres_survives_a_restart(make_bridge: A
 
 
 async def test_a_user_id_too_long_for_a_postgres_index_still_learns_and_uses_its_link(
-    make_bridge: Any, schema: str
+    make_bridge: Any, pg_schema: str
 ) -> None:
     """A userId of 3 KB is within Segment's 32 KB an event, but past what PostgreSQL can put
     in a B-tree key: its identity link failed the whole batch's enqueue with a 503, the good
@@ -77,7 +57,7 @@ async def test_a_user_id_too_long_for_a_postgres_index_still_learns_and_uses_its
         raw["store"]["url"] = DSN
 
     bridge = await make_bridge(tweak, start=False)
-    bridge.store_factory = lambda: PostgresStore(DSN, schema=schema)
+    bridge.store_factory = lambda: PostgresStore(DSN, schema=pg_schema)
     await bridge.start()
     long_user = secrets.token_hex(1600)  # random, so PostgreSQL cannot compress it to fit
     good = [{"type": "track", "userId": f"user-{i}", "event": "Fine", "messageId": f"ok-{i}"} for i in range(5)]
@@ -93,7 +73,9 @@ async def test_a_user_id_too_long_for_a_postgres_index_still_learns_and_uses_its
     assert [c["customer_id"] for c in bridge.moengage.customers()] == ["cust-long"]
 
 
-async def test_bridge_serve_delivers_through_a_tcp_proxy_with_latency_to_postgres(tmp_path: Path, schema: str) -> None:
+async def test_bridge_serve_delivers_through_a_tcp_proxy_with_latency_to_postgres(
+    tmp_path: Path, pg_schema: str
+) -> None:
     """Deployments put a proxy between the bridge and PostgreSQL (a cloud SQL proxy, HAProxy,
     a mesh sidecar): a real `bridge serve` whose store is reached through one, 10 ms each
     way, delivers every acknowledged event (identities first, then each user's events)."""
@@ -101,7 +83,7 @@ async def test_bridge_serve_delivers_through_a_tcp_proxy_with_latency_to_postgre
     proxy = PgProxy(delay=0.01)
     await proxy.start()
     raw = proc_config(tmp_path, str(server.make_url("")).rstrip("/"))
-    raw["store"]["url"] = proxy.url(f"?schema={schema}")
+    raw["store"]["url"] = proxy.url(f"?schema={pg_schema}")
     proc = BridgeProcess(raw, tmp_path)
     try:
         await proc.start()

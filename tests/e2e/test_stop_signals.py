@@ -5,34 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import asyncpg
-import pytest
 
 from bridge.store.postgres_schema import DDL_LOCK
-from tests.e2e.harness import WRITE_KEY, basic, config_dict
+from tests.e2e.harness import DSN, WRITE_KEY, basic, config_dict
 from tests.e2e.proc import BridgeProcess, free_port
 from tests.e2e.test_crash_safety import moengage_standin, proc_config
-
-DSN = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-@pytest.fixture
-async def schema() -> AsyncIterator[str]:
-    name = f"bridge_sig_{uuid.uuid4().hex[:10]}"
-    try:
-        conn = await asyncpg.connect(DSN, timeout=5)
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is not reachable: {exc}")
-    await conn.close()
-    yield name
-    conn = await asyncpg.connect(DSN)
-    await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
-    await conn.close()
 
 
 def log_events(proc: BridgeProcess) -> list[str]:
@@ -53,12 +34,12 @@ async def waiting_on_the_schema_lock(conn: asyncpg.Connection) -> bool:
     )
 
 
-async def test_a_sigterm_while_the_store_opens_stops_the_process(tmp_path: Path, schema: str) -> None:
+async def test_a_sigterm_while_the_store_opens_stops_the_process(tmp_path: Path, pg_schema: str) -> None:
     """The store may wait minutes at start for another node's schema lock. A SIGTERM then
     killed the process outright (no drain, exit -15) or, as PID 1 in the image, was dropped by
     the kernel, and the bridge went on to serve once the lock came: it must stop, cleanly."""
     raw = config_dict(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9")
-    raw["store"]["url"] = f"{DSN}?schema={schema}"
+    raw["store"]["url"] = f"{DSN}?schema={pg_schema}"
     raw["server"]["shutdown_timeout"] = 2
     proc = BridgeProcess(raw, tmp_path)
     holder = await asyncpg.connect(DSN)
@@ -112,7 +93,7 @@ class FreezingProxy:
         dst.close()  # one side closed: so does the other
 
 
-async def test_a_sigterm_while_postgres_does_not_answer_still_ends_the_process(tmp_path: Path, schema: str) -> None:
+async def test_a_sigterm_while_postgres_does_not_answer_still_ends_the_process(tmp_path: Path, pg_schema: str) -> None:
     """Cancelled queries, leases given back and the pool's close wait for a database that
     never answers: the stop hung past server.shutdown_timeout for good, and only a SIGKILL
     ended it. It must exit (status 1, saying why)."""
@@ -120,7 +101,7 @@ async def test_a_sigterm_while_postgres_does_not_answer_still_ends_the_process(t
     proxy = FreezingProxy()
     await proxy.start()
     raw = proc_config(tmp_path, str(server.make_url("")).rstrip("/"))
-    raw["store"]["url"] = f"postgresql://postgres@127.0.0.1:{proxy.port}/test?schema={schema}"
+    raw["store"]["url"] = f"postgresql://postgres@127.0.0.1:{proxy.port}/test?schema={pg_schema}"
     raw["server"]["shutdown_timeout"] = 2
     proc = BridgeProcess(raw, tmp_path)
     try:
