@@ -39,7 +39,7 @@ def test_the_caches_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     for minute in range(100):
         at = start + timedelta(minutes=minute, seconds=7)
         assert text.format(micros(at)) == iso(at)
-    assert len(text._minutes) <= 8
+    assert len(text._minutes) <= 8 and len(text.seconds) <= 8
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from bridge.sources.segment.millis import EPOCH, MICROSECOND, MillisText, micros
+from bridge.sources.segment.millis import EPOCH, MICROSECOND, MILLIS_Z, MillisText, micros
 from bridge.store.ordering import ordering_key
 
 CALL_TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias"})
@@ -455,7 +455,13 @@ def _compute_timestamps(event: dict[str, Any], envelope: Envelope) -> None:
             original_us = (original - EPOCH) // MICROSECOND
             event["originalTimestamp"] = original_raw
             event["sentAt"] = envelope.sent_at
-            event["timestamp"] = _MILLIS_TEXT.format(skew_us + original_us)
+            # _MILLIS_TEXT.format written out (a call and a frame an event): the
+            # second's head, cached, and the milliseconds' text.
+            us = skew_us + original_us
+            head = _SECOND_HEADS.get(us // 1_000_000)
+            if head is None:
+                head = _MILLIS_TEXT.head(us // 1_000_000)  # OverflowError out of range
+            event["timestamp"] = head + MILLIS_Z[us // 1000 % 1000]
             return
         own_sent = None
         sent_raw = None if envelope.sent_at == "" else envelope.sent_at
@@ -475,6 +481,7 @@ def _compute_timestamps(event: dict[str, Any], envelope: Envelope) -> None:
     event["timestamp"] = iso(envelope.received_at - skew)
 
 
-# Shared by every request: its caches hold minutes, a few for any batch.
+# Shared by every request: its caches hold seconds and minutes, a few for any batch.
 _MILLIS_TEXT = MillisText()
+_SECOND_HEADS = _MILLIS_TEXT.seconds
 _fromisoformat = datetime.fromisoformat
