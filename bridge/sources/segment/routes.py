@@ -22,7 +22,7 @@ from bridge.httpx import (
 )
 from bridge.routing import Routes
 from bridge.sources.base import Collected, Ingestor, SourceKind, given_id, store_collected
-from bridge.sources.encoding import encode_event
+from bridge.sources.encoding import encode_event, too_deep
 from bridge.sources.segment.spec import (
     CALL_TYPES,
     WEBHOOK_ONLY_TYPES,
@@ -37,6 +37,7 @@ from bridge.sources.segment.spec import (
 # Flutter, React Native) post their batches, {apiHost}/b, with the writeKey in the body:
 # pointed at the bridge with apiHost "<bridge>/v1", they post to /v1/b.
 BATCH_CALLS = ("batch", "import", "b")
+_dumps = orjson.dumps
 # analytics.js (the browser SDK) posts each call to /v1/<its type's first letter>, as
 # text/plain with the writeKey in the body; pointed at the bridge with the Segment.io
 # integration's apiHost "<bridge>/v1". Its batching mode posts to /v1/b.
@@ -234,7 +235,10 @@ class SegmentSources(SourceKind):
         for i, item in enumerate(items):
             try:
                 event, message_id, key = normalise_in(item, call, envelope)
-                payload = encode_event(event)
+                try:
+                    payload = _dumps([[event]])[2:-2]  # encode_event, written out: it runs per event
+                except orjson.JSONEncodeError:
+                    raise too_deep() from None
                 if len(payload) > near_limit and not single:
                     # The limit is on the event as the client sent it, not as normalised
                     # (receivedAt, timestamps, a batch's context merged in): re-measured
