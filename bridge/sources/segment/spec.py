@@ -363,14 +363,16 @@ def normalise_in(item: Any, call_type: str | None, envelope: Envelope) -> tuple[
     try:
         skew_us = envelope.batch_skew_us
         original_raw = event.get("timestamp")
-        if skew_us is not None and type(original_raw) is str and original_raw and "sentAt" not in event:
+        if skew_us is not None and original_raw and "sentAt" not in event:
             # The usual batch event (a timestamp, no sentAt of its own, the batch's
             # sentAt parsed): _compute_timestamps' skew correction written out, a call and
-            # a frame less an event. It sets the same fields in the same order.
+            # a frame less an event. It sets the same fields in the same order. A falsy
+            # timestamp ("", null, 0, false) is left to it; any other one that is no
+            # string fails fromisoformat here (TypeError) and parse_time reports it.
             event["receivedAt"] = envelope.received_iso
             try:
                 original = _fromisoformat(original_raw)
-            except ValueError:
+            except (TypeError, ValueError):
                 original = parse_time(original_raw, "timestamp")  # raises what was wrong
             if original.tzinfo is None:
                 original = original.replace(tzinfo=UTC)
