@@ -237,16 +237,18 @@ class Collected:
     session 18).
 
     The Tracking API's per-event loop (``SegmentSources._accept_each``) writes ``accept``
-    out, with ``incoming``, ``destinations``, ``linkers`` and ``links_of``: a call and a
-    frame less an event. Keep the two in step.
+    out, with ``incoming``, ``destinations``, ``gate_field``, ``gate_values`` and ``links_of``:
+    a call and a frame less an event. Keep the two in step.
     """
 
-    __slots__ = ("_metrics", "destinations", "incoming", "linkers", "rejected", "source")
+    __slots__ = ("_linkers", "_metrics", "destinations", "gate_field", "gate_values", "incoming", "rejected", "source")
 
     def __init__(self, source: SourceConfig, linkers: Linkers, metrics: IngestMetrics):
         self.source = source
         self.destinations = source.to
-        self.linkers = linkers
+        # Slots, not the Linkers' fields: a NamedTuple's field is a slower attribute to read.
+        self._linkers = linkers.each
+        self.gate_field, self.gate_values = linkers.gate_field, linkers.gate_values
         self._metrics = metrics
         self.incoming: list[IncomingEvent] = []
         self.rejected: list[Rejection] = []
@@ -254,20 +256,23 @@ class Collected:
     def accept(self, event: dict[str, Any], message_id: str, ordering_key: str, payload: bytes) -> None:
         """Keep a validated event (``payload`` is its stored JSON) with the identity links
         the destinations' mappings learn from it."""
-        field = self.linkers.gate_field
-        try:
-            # Only a string can equal one of the values; an unhashable value cannot be looked up.
-            learns = field is None or event.get(field) in self.linkers.gate_values
-        except TypeError:
-            learns = False
-        links = self.links_of(event) if learns else ()
+        links: tuple[IdentityLink, ...] = ()
+        if self._linkers:  # none for a source whose destinations learn no links (Streams')
+            field = self.gate_field
+            try:
+                # Only a string can equal one of the values; an unhashable value cannot be looked up.
+                learns = field is None or event.get(field) in self.gate_values
+            except TypeError:
+                learns = False
+            if learns:
+                links = self.links_of(event)
         # tuple.__new__ is what IncomingEvent(...) runs, without its generated __new__'s frame.
         self.incoming.append(_new_tuple(IncomingEvent, (message_id, ordering_key, payload, self.destinations, links)))
 
     def links_of(self, event: dict[str, Any]) -> tuple[IdentityLink, ...]:
         """The identity links the destinations' mappings learn from ``event``."""
         links: tuple[IdentityLink, ...] = ()
-        for dest, mapping, field, values in self.linkers.each:
+        for dest, mapping, field, values in self._linkers:
             if field is not None:
                 # Most events cannot teach a link (only identify calls do, in the shipped
                 # mappings): the mapping's own first check, made without calling it.

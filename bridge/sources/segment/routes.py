@@ -236,7 +236,7 @@ class SegmentSources(SourceKind):
         # What collected.accept(event, message_id, key, payload) uses, for the loop to do
         # what it does written out: a call and a frame less an event.
         incoming, destinations, links_of = collected.incoming, collected.destinations, collected.links_of
-        gate_field, gate_values = collected.linkers.gate_field, collected.linkers.gate_values
+        gate_field, gate_values = collected.gate_field, collected.gate_values
         for i, item in enumerate(items):
             try:
                 event, message_id, key = normalise_in(item, call, envelope)
