@@ -97,27 +97,29 @@ class Ingestor:
         # Per source: its destinations and their mappings, for the mapping set in force
         # (``_linkers_for``); worked out once per set rather than once per request.
         self._linkers_set: Mapping[str, CompiledMapping] | None = None
-        self._linkers: dict[str, list[Linker]] = {}
+        self._linkers: dict[str, Linkers] = {}
         # While the store refuses events: the code of the refusal (store_full or
         # store_unavailable), and since when and how many requests it refused.
         self._refusing: Refusal | None = None
 
-    def _linkers_for(self, source: SourceConfig) -> list[Linker]:
+    def _linkers_for(self, source: SourceConfig) -> Linkers:
         mappings = self._mappings()
         if mappings is not self._linkers_set:  # a reload swaps in a new set
             self._linkers_set, self._linkers = mappings, {}
-        linkers = self._linkers.get(source.name)
-        if linkers is None:
-            linkers = []
-            for dest in source.to:
-                mapping = mappings.get(self._dest_mapping[dest])
-                found = mapping.link_filter() if mapping is not None else False
-                if mapping is None or found is False:
-                    continue  # no mapping in force, or one that learns no links
-                field, values = found if isinstance(found, tuple) else (None, frozenset[str]())
-                linkers.append(Linker(dest, mapping, field, values))
-            self._linkers[source.name] = linkers
-        return linkers
+        known = self._linkers.get(source.name)
+        if known is not None:
+            return known
+        linkers: list[Linker] = []
+        for dest in source.to:
+            mapping = mappings.get(self._dest_mapping[dest])
+            found = mapping.link_filter() if mapping is not None else False
+            if mapping is None or found is False:
+                continue  # no mapping in force, or one that learns no links
+            field, values = found if isinstance(found, tuple) else (None, frozenset[str]())
+            linkers.append(Linker(dest, mapping, field, values))
+        known = Linkers(linkers, *_gate(linkers))
+        self._linkers[source.name] = known
+        return known
 
     def collector(self, source: SourceConfig) -> Collected:
         """Where a request's events go as they pass validation (see ``Collected``)."""
@@ -200,6 +202,26 @@ class Linker(NamedTuple):
     values: frozenset[str]
 
 
+class Linkers(NamedTuple):
+    """A source's linkers, and one look-up that says whether an event can teach any of
+    them a link: only if its ``gate_field`` is one of ``gate_values`` (a ``gate_field`` of
+    None: any event may; no ``gate_values``: none may). For the shipped mappings that is
+    ``type`` in {identify}, so five events in six skip ``Collected.links_of``."""
+
+    each: list[Linker]
+    gate_field: str | None
+    gate_values: frozenset[str]
+
+
+def _gate(linkers: list[Linker]) -> tuple[str | None, frozenset[str]]:
+    if not linkers:
+        return "type", frozenset()  # no event teaches a link
+    fields = {linker.field for linker in linkers}
+    if len(fields) > 1 or None in fields:
+        return None, frozenset()  # each linker asked about every event, as it tells
+    return linkers[0].field, frozenset[str]().union(*(linker.values for linker in linkers))
+
+
 _new_tuple = tuple.__new__
 
 
@@ -213,14 +235,20 @@ class Collected:
     which the garbage collector walked again and again and which kept the allocator's
     memory cold: 4 us more CPU a batch event on the event loop (docs/benchmarks.md,
     session 18).
+
+    The Tracking API's per-event loop (``SegmentSources._accept_each``) writes ``accept``
+    out, with ``incoming``, ``destinations``, ``gate_field``, ``gate_values`` and ``links_of``:
+    a call and a frame less an event. Keep the two in step.
     """
 
-    __slots__ = ("_destinations", "_linkers", "_metrics", "incoming", "rejected", "source")
+    __slots__ = ("_linkers", "_metrics", "destinations", "gate_field", "gate_values", "incoming", "rejected", "source")
 
-    def __init__(self, source: SourceConfig, linkers: list[Linker], metrics: IngestMetrics):
+    def __init__(self, source: SourceConfig, linkers: Linkers, metrics: IngestMetrics):
         self.source = source
-        self._destinations = source.to
-        self._linkers = linkers
+        self.destinations = source.to
+        # Slots, not the Linkers' fields: a NamedTuple's field is a slower attribute to read.
+        self._linkers = linkers.each
+        self.gate_field, self.gate_values = linkers.gate_field, linkers.gate_values
         self._metrics = metrics
         self.incoming: list[IncomingEvent] = []
         self.rejected: list[Rejection] = []
@@ -229,11 +257,25 @@ class Collected:
         """Keep a validated event (``payload`` is its stored JSON) with the identity links
         the destinations' mappings learn from it."""
         links: tuple[IdentityLink, ...] = ()
+        if self._linkers:  # none for a source whose destinations learn no links (Streams')
+            field = self.gate_field
+            try:
+                # Only a string can equal one of the values; an unhashable value cannot be looked up.
+                learns = field is None or event.get(field) in self.gate_values
+            except TypeError:
+                learns = False
+            if learns:
+                links = self.links_of(event)
+        # tuple.__new__ is what IncomingEvent(...) runs, without its generated __new__'s frame.
+        self.incoming.append(_new_tuple(IncomingEvent, (message_id, ordering_key, payload, self.destinations, links)))
+
+    def links_of(self, event: dict[str, Any]) -> tuple[IdentityLink, ...]:
+        """The identity links the destinations' mappings learn from ``event``."""
+        links: tuple[IdentityLink, ...] = ()
         for dest, mapping, field, values in self._linkers:
             if field is not None:
                 # Most events cannot teach a link (only identify calls do, in the shipped
-                # mappings): the mapping's own first check, made without calling it. Only
-                # a string can equal one of the values; an unhashable value cannot be looked up.
+                # mappings): the mapping's own first check, made without calling it.
                 try:
                     if event.get(field) not in values:
                         continue
@@ -242,8 +284,7 @@ class Collected:
             link = mapping.identity_link(event)
             if link is not None:
                 links += (IdentityLink(dest, link[0], link[1]),)
-        # tuple.__new__ is what IncomingEvent(...) runs, without its generated __new__'s frame.
-        self.incoming.append(_new_tuple(IncomingEvent, (message_id, ordering_key, payload, self._destinations, links)))
+        return links
 
     def reject(self, index: int, code: str, message: str, event_id: str | None = None) -> None:
         self.rejected.append(Rejection(index, code, message, event_id))

@@ -49,14 +49,23 @@ def encode_event(event: dict[str, Any]) -> bytes:
     later). Checked by orjson itself: the event is written inside DESTINATION_NESTING
     arrays, which are then cut off the bytes. The two arrays are written out (a loop
     building them took 31 interpreter steps an event, 6% of a batch event's).
+
+    The routes' per-event loops write this function out (``dumps([[event]])[2:-2]``,
+    ``too_deep()`` for orjson's error), which spares a call and a frame an event: keep
+    them in step with it.
     """
     try:
         payload = _dumps([[event]])
     except orjson.JSONEncodeError:
-        raise Invalid(
-            "event_too_deep",
-            f"the event is nested more than {MAX_EVENT_DEPTH} levels deep (objects and arrays, the event"
-            f" included): a destination nests its values up to {DESTINATION_NESTING} levels deeper, and JSON"
-            f" is written at most {WRITE_DEPTH} levels deep, so it could never be delivered",
-        ) from None
+        raise too_deep() from None
     return payload[2:-2]
+
+
+def too_deep() -> Invalid:
+    """What ``encode_event`` raises for an event orjson could not write nested."""
+    return Invalid(
+        "event_too_deep",
+        f"the event is nested more than {MAX_EVENT_DEPTH} levels deep (objects and arrays, the event"
+        f" included): a destination nests its values up to {DESTINATION_NESTING} levels deeper, and JSON"
+        f" is written at most {WRITE_DEPTH} levels deep, so it could never be delivered",
+    )

@@ -39,7 +39,7 @@ def test_the_caches_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     for minute in range(100):
         at = start + timedelta(minutes=minute, seconds=7)
         assert text.format(micros(at)) == iso(at)
-    assert len(text._minutes) <= 8
+    assert len(text._minutes) <= 8 and len(text.seconds) <= 8
 
 
 @pytest.mark.parametrize(
@@ -74,3 +74,39 @@ def test_a_skew_past_year_9999_is_an_invalid_timestamp() -> None:
             {"userId": "u", "event": "E", "timestamp": "2026-01-02T00:00:00.000Z"}, call_type="track", envelope=envelope
         )
     assert exc.value.code == "invalid_timestamp"
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    [
+        True,
+        5,
+        1.5,
+        {"a": 1},
+        [1],
+        0,
+        False,
+        [],
+        {},
+        "x",
+        "2026-11-23T21:14:07",
+        "2026-11-23T21:14:07+02:00",
+        "0001-01-01T00:00:00Z",
+        "9999-12-31T23:59:59.999Z",
+        "1969-12-31T23:59:59.9995Z",
+        "2026-11-23T21:14:07.512Z",
+    ],
+)
+def test_the_inline_skew_correction_agrees_with_compute_timestamps(timestamp: object) -> None:
+    """normalise_in corrects the usual batch event (own timestamp, no sentAt) inline; an
+    event sent with originalTimestamp instead takes _compute_timestamps: same results."""
+    envelope = Envelope(datetime(2026, 11, 23, 21, 14, 9, 37000, tzinfo=UTC), sent_at="2026-11-23T21:14:07.512Z")
+    results = []
+    for fields in ({"timestamp": timestamp}, {"originalTimestamp": timestamp}):
+        try:
+            item = {"type": "track", "event": "e", "userId": "u", "messageId": "m", **fields}
+            event, _id, _key = normalise(item, call_type=None, envelope=envelope)
+            results.append((event["timestamp"], event["originalTimestamp"], event["sentAt"], event["receivedAt"]))
+        except Invalid as exc:
+            results.append((exc.code, exc.message, None, None))
+    assert results[0] == results[1]

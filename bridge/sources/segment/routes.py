@@ -22,7 +22,7 @@ from bridge.httpx import (
 )
 from bridge.routing import Routes
 from bridge.sources.base import Collected, Ingestor, SourceKind, given_id, store_collected
-from bridge.sources.encoding import encode_event
+from bridge.sources.encoding import encode_event, too_deep
 from bridge.sources.segment.spec import (
     CALL_TYPES,
     WEBHOOK_ONLY_TYPES,
@@ -32,11 +32,14 @@ from bridge.sources.segment.spec import (
     batch_of,
     normalise_in,
 )
+from bridge.store.base import IncomingEvent
 
 # /v1/import is the legacy batch path; /v1/b is where Segment's mobile SDKs (Swift, Kotlin,
 # Flutter, React Native) post their batches, {apiHost}/b, with the writeKey in the body:
 # pointed at the bridge with apiHost "<bridge>/v1", they post to /v1/b.
 BATCH_CALLS = ("batch", "import", "b")
+_dumps = orjson.dumps
+_new_tuple = tuple.__new__  # IncomingEvent(...) without its generated __new__'s frame, as Collected.accept
 # analytics.js (the browser SDK) posts each call to /v1/<its type's first letter>, as
 # text/plain with the writeKey in the body; pointed at the bridge with the Segment.io
 # integration's apiHost "<bridge>/v1". Its batching mode posts to /v1/b.
@@ -230,11 +233,17 @@ class SegmentSources(SourceKind):
         body the caller has measured against ``limit``) raises Invalid. One loop for both:
         it runs per event."""
         near_limit = limit - _NORMALISED_GROWTH
-        accept = collected.accept
+        # What collected.accept(event, message_id, key, payload) uses, for the loop to do
+        # what it does written out: a call and a frame less an event.
+        incoming, destinations, links_of = collected.incoming, collected.destinations, collected.links_of
+        gate_field, gate_values = collected.gate_field, collected.gate_values
         for i, item in enumerate(items):
             try:
                 event, message_id, key = normalise_in(item, call, envelope)
-                payload = encode_event(event)
+                try:
+                    payload = _dumps([[event]])[2:-2]  # encode_event, written out: it runs per event
+                except orjson.JSONEncodeError:
+                    raise too_deep() from None
                 if len(payload) > near_limit and not single:
                     # The limit is on the event as the client sent it, not as normalised
                     # (receivedAt, timestamps, a batch's context merged in): re-measured
@@ -242,7 +251,12 @@ class SegmentSources(SourceKind):
                     size = len(encode_event(item))
                     if size > limit:
                         raise _too_large(size, limit)
-                accept(event, message_id, key, payload)
+                try:
+                    learns = gate_field is None or event.get(gate_field) in gate_values
+                except TypeError:  # an unhashable value: none of the values
+                    learns = False
+                links = links_of(event) if learns else ()
+                incoming.append(_new_tuple(IncomingEvent, (message_id, key, payload, destinations, links)))
             except Invalid as exc:
                 if single:
                     raise

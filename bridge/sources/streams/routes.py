@@ -3,6 +3,7 @@ endpoint of its oauth2 sources (``oauth``)."""
 
 from __future__ import annotations
 
+import orjson
 import structlog
 from aiohttp import web
 
@@ -19,7 +20,7 @@ from bridge.httpx import (
 )
 from bridge.routing import Routes
 from bridge.sources.base import Collected, Ingestor, SourceKind, given_id, store_collected
-from bridge.sources.encoding import encode_event
+from bridge.sources.encoding import too_deep
 from bridge.sources.segment.spec import Invalid
 from bridge.sources.streams.access import client_allowed
 from bridge.sources.streams.oauth import TOKEN_PATH, TokenEndpoint
@@ -34,6 +35,7 @@ MAX_STREAMS_BODY = 5 * 1024 * 1024
 _UNAUTHORIZED = "unknown source, or the request's credentials or address are not accepted"
 # How much of a refused request's source name (the URL path, anyone's to write) is logged.
 _LOGGED_NAME = 100
+_dumps = orjson.dumps
 
 log = structlog.get_logger("bridge.sources.streams")
 
@@ -146,7 +148,11 @@ class StreamsSources(SourceKind):
                 if out_of_range and (found := holds_out_of_range(item)) is not None:
                     raise Invalid("number_out_of_range", f"a number is past the range of a double: {found.text[:40]}")
                 event, uuid, key = normalise(item)
-                collected.accept(event, uuid, key, encode_event(event))
+                try:
+                    payload = _dumps([[event]])[2:-2]  # encode_event, written out: it runs per event
+                except orjson.JSONEncodeError:
+                    raise too_deep() from None
+                collected.accept(event, uuid, key, payload)
             except Invalid as exc:
                 collected.reject(i, exc.code, exc.message, given_id(item, "event_uuid"))
         if excess > 0:
