@@ -16,7 +16,7 @@ def chunk(
     envelope_bytes: int,
     max_bytes: int,
     max_count: int,
-    item_bytes: Callable[[Item], int] = lambda item: item.size,
+    item_bytes: Callable[[Item], int] = lambda item: len(item.encoded),  # Item.size, without its call
     keep_together: Callable[[Item, Item], bool] | None = None,
 ) -> list[list[Item]]:
     """Consecutive runs of ``items`` whose JSON array (one comma between items) plus

@@ -108,7 +108,8 @@ class CompiledMapping(ABC):
     @abstractmethod
     def identity_ids(self, event: dict[str, Any]) -> list[str]:
         """Every id whose link should be resolved before ``apply``: the identity key, then
-        those of ``identity.also`` (e.g. an alias's previousId)."""
+        those of ``identity.also`` (e.g. an alias's previousId). None for an ``event`` that
+        is not a JSON object (a stored payload may be any JSON): an empty list."""
 
     @abstractmethod
     def identity_link(self, event: dict[str, Any]) -> tuple[str, str] | None:

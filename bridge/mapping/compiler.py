@@ -158,7 +158,9 @@ class YamlMapping(CompiledMapping):
     def apply(self, event: dict[str, Any], ctx: MapContext) -> MapResult:
         if type(event) is not dict:
             return Failed("invalid_event", f"expected a JSON object, got {type(event).__name__}")
-        if self._integrations and type(event.get("integrations")) is dict:
+        # `in`, not a read and a type test: most events have no integrations, and
+        # _integrations_block tests the type itself.
+        if self._integrations and "integrations" in event:
             blocked = self._integrations_block(event)
             if blocked is not None:
                 return blocked

@@ -106,8 +106,13 @@ def _walk_emitter(start: str, segs: tuple[Segment, ...]) -> Callable[[Gen], str]
             for n in range(1, len(keys) + 1):
                 g.prefix_uses[keys[:n]] += 1
             held = next((n for n in range(len(keys), 0, -1) if keys[:n] in g.hoist), 0)
-            if held:
-                # Read once at the function's start (Gen.hoisted); the path goes on from there.
+            if held and isinstance(segs[held], str):
+                # Read once at the function's start (Gen.hoisted); the path goes on from
+                # there, its next key read from the value's keys (Gen.hoisted_keys).
+                g.line(f"{out} = {g.hoisted_keys(keys[:held])}.get({g.literal(segs[held])}, M)")
+                src, rest = out, segs[held + 1 :]
+            elif held:
+                # Read once at the function's start (Gen.hoisted); an index goes on from there.
                 src, rest = g.hoisted(keys[:held]), segs[held:]
             else:
                 g.line(f"{out} = e.get({g.literal(segs[0])}, M)")

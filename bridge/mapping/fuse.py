@@ -19,6 +19,7 @@ import itertools
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 from bridge.mapping.runtime import MISSING, Env
@@ -45,6 +46,9 @@ _EMPTY_TYPES = frozenset({str, list, dict})
 # The types whose falsy values are empty (with MISSING): ``not v`` is false for every other
 # value, so the common case, a value that is there, is decided by ``v is M or not v``.
 _EMPTY_WHEN_FALSY = frozenset({str, list, dict, type(None)})
+# What a hoisted value that is not a dict is read as (Gen.hoisted_keys): no keys, and
+# read-only, since every generated function shares it.
+_NO_KEYS: MappingProxyType[str, Any] = MappingProxyType({})
 # A path prefix of the event read this many times in one function is read once, at its
 # start (Gen.hoisted).
 HOIST_USES = 2
@@ -76,6 +80,7 @@ class Gen:
             "U": _UNSET,
             "EMPTY_TYPES": _EMPTY_TYPES,
             "EMPTY_WHEN_FALSY": _EMPTY_WHEN_FALSY,
+            "NO_KEYS": _NO_KEYS,
         }
         # Event path prefixes (key names from the root) read by this function's paths, as
         # often as its source reads them; a second generation hoists those in ``hoist``.
@@ -83,6 +88,7 @@ class Gen:
         self.hoist = hoist
         self.prelude: list[str] = []
         self._hoisted: dict[tuple[str, ...], str] = {}
+        self._hoisted_keys: dict[tuple[str, ...], str] = {}
         self._fresh = itertools.count()
         self._inlined: set[str] = set()
         # Set by an emitter whose code reads the event as a dict without checking: the
@@ -123,13 +129,22 @@ class Gen:
         name = self._hoisted.get(prefix)
         if name is None:
             key = self.literal(prefix[-1])
-            if len(prefix) == 1:
-                expr = f"e.get({key}, M)"
-            else:
-                parent = self.hoisted(prefix[:-1])
-                expr = f"{parent}.get({key}, M) if type({parent}) is dict else M"
+            parent = "e" if len(prefix) == 1 else self.hoisted_keys(prefix[:-1])
+            expr = f"{parent}.get({key}, M)"
             name = self._hoisted[prefix] = f"h{len(self._hoisted)}"
             self.prelude.append(f"    {name} = {expr}")
+        return name
+
+    def hoisted_keys(self, prefix: tuple[str, ...]) -> str:
+        """A local to read the keys of the hoisted value at ``prefix`` from: the value when
+        it is a dict, else NO_KEYS. ``d.get(k, M)`` then gives what ``h.get(k, M) if
+        type(h) is dict else M`` gives, without testing the type at every read (a page
+        rule reads seven keys of `properties`, each test seven interpreter steps)."""
+        name = self._hoisted_keys.get(prefix)
+        if name is None:
+            value = self.hoisted(prefix)
+            name = self._hoisted_keys[prefix] = f"d{len(self._hoisted_keys)}"
+            self.prelude.append(f"    {name} = {value} if type({value}) is dict else NO_KEYS")
         return name
 
     def line(self, text: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Collection, Iterable, Iterator, Sequence
+from operator import itemgetter
 from typing import NamedTuple, TypeVar
 
 import orjson
@@ -329,12 +330,22 @@ _FENCED = "id = ? AND (? IS NULL OR attempts = ?)"
 _STILL_LEASED = f"{PENDING} AND (? IS NOT NULL OR state = {LEASED})"
 
 
+# A Settling's (fence, attempts), and its job id, read in C (see _by_fence).
+_FENCE_AND_ATTEMPTS = itemgetter(1, 2)
+_JOB_ID = itemgetter(0)
+
+
 def _by_fence(settling: Sequence[Settling]) -> Iterator[tuple[int | None, int | None, Sequence[int]]]:
     """(SQL fence, attempts to record, job ids), in chunks: one statement per group settles
     what one step per job did. A lease's jobs nearly always share one group."""
     groups: dict[tuple[int | None, int | None], list[int]] = {}
-    for s in settling:
-        groups.setdefault((s.fence, s.attempts), []).append(s.job_id)
+    keys = set(map(_FENCE_AND_ATTEMPTS, settling))
+    if len(keys) == 1:
+        # The usual case, one group: made in C, not a Python step per job.
+        groups[keys.pop()] = list(map(_JOB_ID, settling))
+    else:
+        for s in settling:
+            groups.setdefault((s.fence, s.attempts), []).append(s.job_id)
     for (fence, attempts), ids in groups.items():
         for chunk in _chunks(ids):
             yield fence, attempts, chunk

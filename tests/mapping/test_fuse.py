@@ -365,7 +365,10 @@ def test_event_prefixes_read_more_than_once_are_read_once_and_still_agree(
     # `context` (six paths) and `context.device` (three) are read once each, at the start;
     # `context.page` and `traits` (one path each) where they are used.
     assert source.count("'context'") == 1 and source.count("'device'") == 1, source
-    assert "h0 = e.get('context', M)" in source and "h1 = h0.get('device', M)" in source, source
+    assert "h0 = e.get('context', M)" in source and "h1 = d0.get('device', M)" in source, source
+    # Their keys are read from a view tested once for being a dict (Gen.hoisted_keys).
+    assert "d0 = h0 if type(h0) is dict else NO_KEYS" in source and "d1.get('id', M)" in source, source
+    assert "type(h0) is dict else M" not in source and "type(h1) is dict else M" not in source, source
     assert source.count("'page'") == 1 and "h2" not in source, source
     base = {
         "type": "track",

@@ -132,7 +132,10 @@ class MoEngageDestination(Destination):
         # Alone in its request, over the endpoint's cap it would get a 413 every time. A
         # Track User, Create Event or Track Device item too large for Bulk Import goes alone
         # to its own endpoint instead (pack), so only the single endpoints' 128 KB refuses it.
-        alone = item.size + _MERGE_ENVELOPE if kind == MERGE else item.size
+        # len(item.encoded), not item.size: a property is a Python call, and this runs
+        # for every mapped item (as does pack's).
+        size = len(item.encoded)
+        alone = size + _MERGE_ENVELOPE if kind == MERGE else size
         if alone > SINGLE_MAX_BYTES:
             return "event_too_large"
         return None
@@ -153,12 +156,17 @@ class MoEngageDestination(Destination):
         # user's customer item (MoEngage adds devices to existing users only): in place, so
         # never in an earlier request, and in the same Bulk Import where the two fit in one.
         groups: list[tuple[str, list[Item]]] = []
+        # Each kind's endpoint, asked of _endpoint once a call rather than once an item.
+        endpoints: dict[str, str] = {}
         for item in items:
-            endpoint = self._endpoint(item)
-            if endpoint == BULK and item.size + _BULK_ENVELOPE > BULK_MAX_BYTES:
+            kind = item.output.kind
+            endpoint = endpoints.get(kind)
+            if endpoint is None:
+                endpoint = endpoints[kind] = self._endpoint(item)
+            if endpoint == BULK and len(item.encoded) + _BULK_ENVELOPE > BULK_MAX_BYTES:
                 # Bulk Import would refuse it (413) even alone: its own endpoint takes up to
                 # 128 KB, in its place among the user's other items.
-                endpoint = item.output.kind
+                endpoint = kind
             if endpoint in (BULK, MERGE) and groups and groups[-1][0] == endpoint:
                 groups[-1][1].append(item)
             else:
