@@ -650,13 +650,17 @@ class FileCompiler:
         guard = guard_of(rule.when)
         if guard is None or guard[0] != "type":
             return
-        for kind in sorted(guard[1] - SEGMENT_TYPES):
+        impossible = guard[1] - SEGMENT_TYPES
+        # With some of its types stored, the rule does match: only the others are dead, and
+        # "can never match" would send the author to delete a rule that runs.
+        what = "can never match" if impossible == guard[1] else "lists a type that never matches"
+        for kind in sorted(impossible):
             match = item.value.get("match")
             at = match.value["type"] if match is not None and match.is_map and "type" in match.value else item
             self.diags.add(
                 at,
                 join(ip, "match.type") if at is not item else ip,
-                f"rule {rule.name!r} can never match: a Segment source stores no event of type {kind!r}"
+                f"rule {rule.name!r} {what}: a Segment source stores no event of type {kind!r}"
                 f"{did_you_mean(kind, SEGMENT_TYPES)}; its types are {', '.join(sorted(SEGMENT_TYPES))}",
             )
 
