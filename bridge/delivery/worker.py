@@ -499,6 +499,9 @@ class DestinationWorker:
         failed attempt."""
         for request in requests:
             job_ids = sorted({it.job_id for it in request.items})
+            # Jobs of this very request go out together, in their order (a Merge User call
+            # takes many merges): one never waits for another, or both waited for good.
+            together = set(job_ids)
             blocked = False
             for job_id in job_ids:
                 users = [u for u in batch.jobs[job_id].ordering_key.split(KEY_SEPARATOR) if u]
@@ -507,6 +510,7 @@ class DestinationWorker:
                 for other_id, other in batch.jobs.items():
                     if (
                         other_id < job_id
+                        and other_id not in together
                         and other_id not in batch.passed
                         and not batch.fully_delivered(other_id)
                         and any(u in other.ordering_key.split(KEY_SEPARATOR) for u in users)

@@ -130,7 +130,9 @@ class SqliteStore(Store):
         # the jobs acked since, whose records it would delete.
         self._reclaim_task: asyncio.Task[None] | None = None
         self._reclaimed_at = float("-inf")
-        self._acked_since_reclaim = 0
+        # 1, not 0: records delivered before this process started (before a restart, or an
+        # upgrade to a version that reclaims) are worth one reclaim too.
+        self._acked_since_reclaim = 1
 
     # -- lifecycle ---------------------------------------------------------------------
     @property
@@ -346,6 +348,12 @@ class SqliteStore(Store):
                 step = partial(ops.prune_delivered_step, after=after, limit=RECLAIM_STEP)
                 deleted, after = await self._bookkeep(step)
                 removed += deleted
+            if not removed:
+                # Nothing delivered (a store full of its queue; this process's first reclaim
+                # looks in case an earlier one delivered it): nothing freed to checkpoint, and
+                # the next reclaim, which only an ack asks for, need not wait RECLAIM_INTERVAL.
+                self._reclaimed_at = float("-inf")
+                return
             # The pages freed are reused before the file grows; a burst's WAL shrinks too.
             await self._run(self._checkpoint_and_measure, outside_transaction=True)
         except StoreError as exc:

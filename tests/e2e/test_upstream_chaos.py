@@ -95,3 +95,24 @@ async def test_an_unordered_destination_sends_a_merge_after_the_merged_users_ear
     assert moengage.merges() == [{"merged_user": "anon-42", "retained_user": "user-42"}]
     assert seqs(moengage) == {"t"}
     assert await dlq(bridge) == []
+
+
+async def test_an_unordered_destination_sends_two_merges_of_one_user_that_share_a_request(make_bridge):
+    """Two aliases naming one user in one batch are packed into one Merge User request.
+    Each merge waits for its users' earlier jobs, and the second found the first among them:
+    not yet sent, since it was in the very request being checked. The whole request was
+    deferred, leased again with the same two jobs and deferred again, for good: neither
+    merge ever reached MoEngage. Jobs in one request go out together, in their order, as
+    with `delivery.ordered: true`."""
+    bridge = await make_bridge(lambda raw: raw["destinations"][0]["delivery"].update(ordered=False, concurrency=1))
+    aliases = [
+        {"type": "alias", "previousId": "anon-1", "userId": "user-9", "messageId": "m-alias-1"},
+        {"type": "alias", "previousId": "anon-2", "userId": "user-9", "messageId": "m-alias-2"},
+    ]
+    assert (await bridge.post("/v1/batch", {"batch": aliases}, H))[0] == 200
+    await wait_until(lambda: settled(bridge), what="both merges to be delivered")
+    assert bridge.moengage.merges() == [
+        {"merged_user": "anon-1", "retained_user": "user-9"},
+        {"merged_user": "anon-2", "retained_user": "user-9"},
+    ]
+    assert await dlq(bridge) == []

@@ -205,6 +205,26 @@ async def test_a_store_filled_by_a_queue_takes_as_much_again_once_it_is_delivere
     await store.close()
 
 
+async def test_a_store_left_full_of_delivered_records_makes_room_after_a_restart(tmp_path: Path) -> None:
+    """The queue was delivered, then the bridge restarted (an upgrade to a version that
+    makes room, or an operator restarting a bridge that answers 503): the new process has
+    acked nothing, and only jobs acked since it started made a reclaim worth running, so
+    the store stayed full, every event refused, until the records left retention (72 h)."""
+    store = await opened(tmp_path / "b.db", max_bytes=60_000_000, size_check_interval=0.0)
+    await fill(store, "outage-")
+    while jobs := await store.lease("moe", 1000, 30, ordered=False):
+        await store.ack([j.id for j in jobs])
+    await store.close()
+    # Closing checkpoints the WAL into the file: full now is the file itself.
+    full = (tmp_path / "b.db").stat().st_size - 1_000_000
+    store = await opened(tmp_path / "b.db", max_bytes=full, size_check_interval=0.0)
+    with pytest.raises(StoreFull):  # still full: the delivered records hold their pages
+        await store.enqueue("web", [event("at-restart")])
+    await accepts_again(store, "after-restart")
+    assert (await store.queue_stats())["moe"].depth == 1
+    await store.close()
+
+
 async def test_store_full_when_the_disk_is_nearly_full(tmp_path: Path) -> None:
     store = await opened(tmp_path / "b.db", min_free_disk_bytes=1 << 62)
     with pytest.raises(StoreFull, match="free"):
