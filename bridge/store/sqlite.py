@@ -357,6 +357,9 @@ class SqliteStore(Store):
             # The pages freed are reused before the file grows; a burst's WAL shrinks too.
             await self._run(self._checkpoint_and_measure, outside_transaction=True)
         except StoreError as exc:
+            # Tried again after RECLAIM_INTERVAL, whether or not anything is acked meanwhile:
+            # once the queue is delivered, no ack may ever come to ask for it.
+            self._acked_since_reclaim = max(self._acked_since_reclaim, 1)
             log.warning("store_reclaim_failed", path=self.path, error=str(exc))
         else:
             log.warning(

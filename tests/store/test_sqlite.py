@@ -225,6 +225,38 @@ async def test_a_store_left_full_of_delivered_records_makes_room_after_a_restart
     await store.close()
 
 
+class _ReclaimFailsOnce(SqliteStore):
+    """A store whose next reclaim step fails once armed, as a disk error would fail it."""
+
+    failed = True  # armed by setting it False
+
+    async def _bookkeep(self, op: Any) -> Any:
+        if getattr(op, "func", None) is ops.prune_delivered_step and not self.failed:
+            self.failed = True
+            raise StoreError("disk I/O error")
+        return await super()._bookkeep(op)
+
+
+async def test_a_failed_reclaim_is_tried_again_with_no_ack_to_ask_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queue is delivered, so no ack will ever come; the reclaim that would make room
+    fails once. It was never tried again: the acks that ask for one had been counted off
+    before it ran, and the store answered 503 until the records left retention."""
+    monkeypatch.setattr("bridge.store.sqlite.RECLAIM_INTERVAL", 0.5)
+    store = _ReclaimFailsOnce(
+        str(tmp_path / "b.db"), max_bytes=60_000_000, size_check_interval=0.0, min_free_disk_bytes=0
+    )
+    await store.open()
+    await fill(store, "outage-")
+    while jobs := await store.lease("moe", 1000, 30, ordered=False):
+        await store.ack([j.id for j in jobs])
+    store.failed = False  # the reclaim the next refusal starts fails
+    await accepts_again(store, "after-a-failed-reclaim")
+    assert store.failed
+    await store.close()
+
+
 async def test_store_full_when_the_disk_is_nearly_full(tmp_path: Path) -> None:
     store = await opened(tmp_path / "b.db", min_free_disk_bytes=1 << 62)
     with pytest.raises(StoreFull, match="free"):
