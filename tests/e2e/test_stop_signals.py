@@ -4,7 +4,9 @@ server.shutdown_timeout (real processes, real PostgreSQL)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 from pathlib import Path
 
 import aiohttp
@@ -24,14 +26,36 @@ def log_events(proc: BridgeProcess) -> list[str]:
     ]
 
 
-async def waiting_on_the_schema_lock(conn: asyncpg.Connection) -> bool:
-    """Whether a bridge process's connection waits for the schema (DDL) advisory lock."""
-    return bool(
-        await conn.fetchval(
-            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
-            " WHERE l.locktype = 'advisory' AND NOT l.granted AND a.application_name = 'bridge'"
-        )
+def local_ports(pid: int) -> set[int]:
+    """The local TCP ports of process ``pid``'s sockets (its database connections' client
+    ports), read from /proc: its socket inodes, looked up in the kernel's TCP tables."""
+    inodes: set[str] = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[len("socket:[") : -1])
+    ports: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[9] in inodes:
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+async def waiting_on_the_schema_lock(conn: asyncpg.Connection, proc: BridgeProcess) -> bool:
+    """Whether ``proc`` has a connection waiting for the schema (DDL) advisory lock. Its own:
+    another bridge's (a store of an earlier test still opening) would let the test signal a
+    process that has not started yet, which Python's default action then kills."""
+    if proc.proc is None or proc.proc.returncode is not None:
+        return False
+    waiting = await conn.fetch(
+        "SELECT a.client_port FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+        " WHERE l.locktype = 'advisory' AND NOT l.granted AND a.application_name = 'bridge'"
     )
+    return bool({row[0] for row in waiting} & local_ports(proc.proc.pid))
 
 
 async def test_a_sigterm_while_the_store_opens_stops_the_process(tmp_path: Path, pg_schema: str) -> None:
@@ -47,10 +71,10 @@ async def test_a_sigterm_while_the_store_opens_stops_the_process(tmp_path: Path,
         await holder.execute("SELECT pg_advisory_lock($1)", DDL_LOCK)  # as a node migrating the schema
         await proc.spawn()
         for _ in range(400):
-            if await waiting_on_the_schema_lock(holder) or proc.proc is None or proc.proc.returncode is not None:
+            if await waiting_on_the_schema_lock(holder, proc) or proc.proc is None or proc.proc.returncode is not None:
                 break
             await asyncio.sleep(0.05)
-        assert await waiting_on_the_schema_lock(holder), proc.log_tail()
+        assert await waiting_on_the_schema_lock(holder, proc), proc.log_tail()
         proc.terminate()
         code = await proc.wait(timeout=30)  # the lock is still held: start-up is abandoned
         assert code == 0, f"exit {code}:\n{proc.log_tail()}"
