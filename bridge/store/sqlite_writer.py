@@ -21,10 +21,9 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from itertools import groupby
+from itertools import groupby, repeat
 from operator import attrgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 from bridge.store.base import StoreError
 
@@ -36,8 +35,11 @@ BatchOperation = Callable[[sqlite3.Connection, list[Any]], list[Any]]
 MAX_OPS_PER_COMMIT = 2000
 
 
-@dataclass(slots=True)
-class _Pending:
+class _Pending(NamedTuple):
+    """One submitted operation. A named tuple rather than a slotted dataclass: a single
+    Tracking API call makes one, and ``submit_batchable`` builds it with ``tuple.__new__``
+    in C, where a dataclass runs its generated ``__init__`` (a Python frame) every time."""
+
     op: Operation | None  # None for a batchable call: batch_op runs its item
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
@@ -55,12 +57,16 @@ class _Pending:
         return self.batch_op(conn, [self.item])[0]
 
 
-@dataclass(slots=True)
-class _Outcome:
+class _Outcome(NamedTuple):
+    """What one operation came to; a named tuple for the same reason as ``_Pending`` (a
+    group's successes are built in C, see ``_run_together``)."""
+
     pending: _Pending
     result: Any = None
     error: BaseException | None = None
 
+
+_new_tuple = tuple.__new__
 
 # The writer's per-commit scans read one field of every operation: map() with these runs
 # in C, where a generator expression resumes a Python frame per item (a commit holds 2-3
@@ -75,14 +81,14 @@ _batch_op_of = attrgetter("batch_op")
 
 
 def _settle(outcomes: list[_Outcome]) -> None:
-    for outcome in outcomes:
-        future = outcome.pending.future
+    for pending, result, error in outcomes:
+        future = pending.future
         if future.done():  # the caller was cancelled; the work is committed all the same
             continue
-        if outcome.error is not None:
-            future.set_exception(outcome.error)
+        if error is not None:
+            future.set_exception(error)
         else:
-            future.set_result(outcome.result)
+            future.set_result(result)
 
 
 def _zip_all(batch: list[_Pending], outcomes: list[_Outcome]) -> list[tuple[_Pending, _Outcome]]:
@@ -163,7 +169,8 @@ class GroupCommitWriter:
             raise StoreError("the store is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.put(_Pending(None, future, loop, True, False, batch_op, item))
+        # _Pending(None, future, loop, True, False, batch_op, item, True), without a frame.
+        self._queue.put(_new_tuple(_Pending, (None, future, loop, True, False, batch_op, item, True)))
         return future
 
     async def stop(self) -> None:
@@ -306,7 +313,8 @@ class GroupCommitWriter:
         self._txn_commit.extend(self._op_commit)
         if len(results) != len(run):
             raise ValueError(f"a batch operation returned {len(results)} results for {len(run)} items")
-        return list(map(_Outcome, run, results))
+        # _Outcome(p, r, None) for each, built in C (see _Outcome).
+        return list(map(_new_tuple, repeat(_Outcome), zip(run, results, repeat(None))))
 
     def _run_alone(self, conn: sqlite3.Connection, pending: _Pending) -> None:
         self._op_undo, self._op_commit = [], []
