@@ -391,10 +391,11 @@ class SqliteStore(Store):
         result: EnqueueResult = await writer.submit_batchable(
             enqueue_many, ops.EnqueueCall(source, events, time.time())
         )
-        if dedupe.wants_merge and self._merge_task is None:
-            self._merge_task = asyncio.create_task(self._merge_dedupe(dedupe), name="bridge-dedupe-merge")
-        if dedupe.wants_filter and self._filter_task is None:
-            self._filter_task = asyncio.create_task(self._build_filter(dedupe), name="bridge-dedupe-filter")
+        if dedupe.may_want_work:  # rarely set: the two properties are not asked per call
+            if dedupe.wants_merge and self._merge_task is None:
+                self._merge_task = asyncio.create_task(self._merge_dedupe(dedupe), name="bridge-dedupe-merge")
+            if dedupe.wants_filter and self._filter_task is None:
+                self._filter_task = asyncio.create_task(self._build_filter(dedupe), name="bridge-dedupe-filter")
         return result
 
     async def _build_filter(self, dedupe: DedupeKeys) -> None:
