@@ -51,7 +51,7 @@ from bridge.store.base import (
 from bridge.store.key_filter import DEFAULT_BITS_LOG2, check_bits
 from bridge.store.server_lock import ServerLock
 from bridge.store.sqlite_dedupe import MERGE_AT, DedupeKeys, register_functions
-from bridge.store.sqlite_leases import Leases
+from bridge.store.sqlite_leases import Leases, new_tuple
 from bridge.store.sqlite_schema import configure, create_schema, stored_version
 from bridge.store.sqlite_writer import BatchOperation, GroupCommitWriter
 
@@ -393,19 +393,25 @@ class SqliteStore(Store):
     async def enqueue(self, source: str, events: Sequence[IncomingEvent]) -> EnqueueResult:
         if not events:
             return EnqueueResult(0, 0)
-        dedupe = self._open_dedupe()
-        self._check_capacity()
+        # _open_dedupe() and _check_capacity() written out for their usual outcome: two
+        # calls less for every single Tracking API call.
+        dedupe = self._dedupe
+        if dedupe is None:
+            raise StoreError(f"the SQLite store {self.path} is not open")
+        if self._full_reason is not None or time.monotonic() - self._capacity_checked_at >= self._size_check_interval:
+            self._check_capacity()  # due for a measure, or refusing: it decides and raises
         writer, enqueue_many = self._writer, self._enqueue_many
         if writer is None or enqueue_many is None:
             raise StoreError(f"the SQLite store {self.path} is not open")
         # One callable for every call, so the writer can run concurrent enqueues as one.
-        result: EnqueueResult = await writer.submit_batchable(
-            enqueue_many, ops.EnqueueCall(source, events, time.time())
-        )
-        if dedupe.wants_merge and self._merge_task is None:
-            self._merge_task = asyncio.create_task(self._merge_dedupe(dedupe), name="bridge-dedupe-merge")
-        if dedupe.wants_filter and self._filter_task is None:
-            self._filter_task = asyncio.create_task(self._build_filter(dedupe), name="bridge-dedupe-filter")
+        # ops.EnqueueCall(source, events, now), built without its generated __new__'s frame.
+        call = new_tuple(ops.EnqueueCall, (source, events, time.time()))
+        result: EnqueueResult = await writer.submit_batchable(enqueue_many, call)
+        if dedupe.may_want_work:  # rarely set: the two properties are not asked per call
+            if dedupe.wants_merge and self._merge_task is None:
+                self._merge_task = asyncio.create_task(self._merge_dedupe(dedupe), name="bridge-dedupe-merge")
+            if dedupe.wants_filter and self._filter_task is None:
+                self._filter_task = asyncio.create_task(self._build_filter(dedupe), name="bridge-dedupe-filter")
         return result
 
     async def _build_filter(self, dedupe: DedupeKeys) -> None:

@@ -164,6 +164,11 @@ class DedupeKeys:
         self.filter: KeyFilter | None = None
         self._building: FilterBuild | None = None  # a filter under construction
         self.pruned_since_filter = 0  # keys pruned since the filter in use went into use
+        # ``wants_merge or wants_filter`` as ``add`` last saw them (True until then): the
+        # store reads this one attribute after every enqueue instead of two properties,
+        # and asks them only when it is set. ``add`` runs in the enqueue it answers, so it
+        # has seen every prune, merge and filter change that came before that enqueue.
+        self.may_want_work = True
 
     @property
     def wants_merge(self) -> bool:
@@ -233,6 +238,9 @@ class DedupeKeys:
         self._writer.on_rollback(lambda: self._recent.difference_update(keys))
         if len(self._recent) >= FALLBACK_FACTOR * self._merge_at:
             self.merge(conn)  # the sliced merge fell behind: bound the memory now
+        # Once per commit group, not per call; a rollback only leaves it stale, and a
+        # stale True costs just the two properties' look.
+        self.may_want_work = self.wants_merge or self.wants_filter
 
     def step_size(self) -> int:
         """How many ids or keys the merge's next step takes (see MERGE_PACE)."""
