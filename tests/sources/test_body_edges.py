@@ -7,6 +7,7 @@ import asyncio
 
 import orjson
 import pytest
+from aiohttp import web
 
 from bridge.httpx import ApiError, OutOfRange, holds_out_of_range, parse_json
 
@@ -43,7 +44,6 @@ def test_parse_json_lone_surrogate_escape_still_becomes_ufffd() -> None:
 async def _post_chunked_past_limit(total: int) -> bytes:
     """A plain (not compressed) chunked body of ``total`` bytes still arriving when the
     handler reads it, against a route limit of 1000 bytes; the client's view of the answer."""
-    from aiohttp import web
 
     from bridge.httpx import error_response, read_body
 
@@ -56,11 +56,7 @@ async def _post_chunked_past_limit(total: int) -> bytes:
 
     app = web.Application(client_max_size=8 * 1024 * 1024)  # as bridge.app sets it (at least 8 MB)
     app.router.add_post("/", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    runner, port = await _serve(app)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -78,6 +74,14 @@ async def _post_chunked_past_limit(total: int) -> bytes:
     finally:
         writer.close()
         await runner.cleanup()
+
+
+async def _serve(app: web.Application) -> tuple[web.AppRunner, int]:
+    """``app`` served on a free loopback port: its runner (to clean up) and the port."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, runner.addresses[0][1]
 
 
 async def test_a_plain_chunked_body_past_the_limit_gets_a_413_the_client_can_read() -> None:
@@ -127,7 +131,6 @@ async def _post_whole(body: bytes, headers: bytes, *, ceiling: int, limit: int) 
     """``body`` sent with its headers in one write (so it has arrived whole when the handler
     reads it) to a route of ``limit`` bytes on an app whose client_max_size is ``ceiling``;
     the raw answer. The handler answers the body's length and the number of chunks left."""
-    from aiohttp import web
 
     from bridge.httpx import error_response, read_body
 
@@ -140,11 +143,7 @@ async def _post_whole(body: bytes, headers: bytes, *, ceiling: int, limit: int) 
 
     app = web.Application(client_max_size=ceiling)
     app.router.add_post("/", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    runner, port = await _serve(app)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         head = b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + headers
