@@ -284,14 +284,18 @@ async def test_sandbox_refuses_a_workspace_sent_to_another_data_center(tmp_path,
     assert (answer["error"]["type"], answer["error"]["message"]) == ("InvalidParams", "given app_id is invalid/blocked")
 
 
+# What the bridge sends the sandbox's MoEngage (workspace SANDBOX_WS, key moe-secret).
+SANDBOX_MOE_HEADERS = {
+    "Authorization": basic_auth("SANDBOX_WS", "moe-secret"),
+    "MOE-APPKEY": "SANDBOX_WS",
+    "Content-Type": "application/json",
+}
+
+
 async def test_the_sandbox_moengage_serves_delete_user_and_logs_it():
     moengage = MoEngageStandIn("SANDBOX_WS", "moe-secret")
     runners = await start_sandbox_upstreams("127.0.0.1", 0, 0, moengage, SegmentStandIn({"seg-secret": "us"}))
-    headers = {
-        "Authorization": basic_auth("SANDBOX_WS", "moe-secret"),
-        "MOE-APPKEY": "SANDBOX_WS",
-        "Content-Type": "application/json",
-    }
+    headers = SANDBOX_MOE_HEADERS
     try:
         base = f"http://127.0.0.1:{runners[0].addresses[0][1]}"
         user = {"type": "customer", "customer_id": "user-42", "attributes": {}}
@@ -322,11 +326,7 @@ async def test_the_sandbox_moengage_serves_delete_user_and_logs_it():
 async def test_the_sandbox_moengage_serves_track_device_and_logs_it():
     moengage = MoEngageStandIn("SANDBOX_WS", "moe-secret")
     runners = await start_sandbox_upstreams("127.0.0.1", 0, 0, moengage, SegmentStandIn({"seg-secret": "us"}))
-    headers = {
-        "Authorization": basic_auth("SANDBOX_WS", "moe-secret"),
-        "MOE-APPKEY": "SANDBOX_WS",
-        "Content-Type": "application/json",
-    }
+    headers = SANDBOX_MOE_HEADERS
     user = {"type": "customer", "customer_id": "user-42", "attributes": {}}
     device = {"type": "device", "customer_id": "user-42", "attributes": {"platform": "iOS", "push_id": "apns-1"}}
     try:
