@@ -730,7 +730,8 @@ class DestinationWorker:
         self.metrics.request(self.name, response.status, time.monotonic() - started)
         action = self.policy.classify(response, len(request.items))
         if response.status == 429:
-            self.limiter.throttled(cost)
+            # Paced when it took its tokens (``now``): one outage's 429s halve the rate once.
+            self.limiter.throttled(cost, sent_at=now)
         elif action is Action.DELIVERED:
             self.limiter.succeeded(cost)
         if action in (Action.SPLIT, Action.BISECT):
