@@ -19,7 +19,8 @@ class TokenBucket:
         self.burst = burst if burst is not None else max(rate, 1.0)
         self.tokens = self.burst
         self._updated = time.monotonic()
-        self._last_throttle = 0.0
+        self._last_throttle = 0.0  # the last 429 (recovery waits a second after it)
+        self._halved_at = 0.0  # when the rate was last halved
         self._last_recover = 0.0
 
     def _refill(self, now: float) -> None:
@@ -39,12 +40,20 @@ class TokenBucket:
         self.tokens -= n
         return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
 
-    def throttled(self) -> None:
-        """The upstream answered 429: halve the rate (down to 5% of the configured one)."""
+    def throttled(self, sent_at: float | None = None) -> None:
+        """The upstream answered 429: halve the rate (down to 5% of the configured one).
+
+        ``sent_at`` (monotonic): when the refused request took its tokens. One taken before
+        the last halving was paced at the old rate, on the wire with the 429 that halved it:
+        the same signal of the upstream, so it halves nothing more. Counted each, an
+        unordered batch's 20 requests refused together took the rate to its floor at once."""
         now = time.monotonic()
+        self._last_throttle = now
+        if sent_at is not None and sent_at < self._halved_at:
+            return
         self._refill(now)
         self.rate = max(self.base_rate * 0.05, self.rate * 0.5)
-        self._last_throttle = now
+        self._halved_at = now
 
     def succeeded(self) -> None:
         """Recover 10% per second without a 429, back up to the configured rate."""
@@ -78,10 +87,11 @@ class RateLimiter:
             default=0.0,
         )
 
-    def throttled(self, cost: Mapping[str, int]) -> None:
+    def throttled(self, cost: Mapping[str, int], sent_at: float | None = None) -> None:
+        """A request of ``cost`` got a 429; ``sent_at``: see TokenBucket.throttled."""
         for name in cost:
             if name in self.buckets:
-                self.buckets[name].throttled()
+                self.buckets[name].throttled(sent_at)
 
     def succeeded(self, cost: Mapping[str, int]) -> None:
         for name in cost:

@@ -61,6 +61,9 @@ class Verdict:
     action: Action
     response: Response | None = None
     request_body: bytes = b""
+    # The request judged: a retried one is rendered for the DLQ only if its jobs' retry
+    # budget ran out (see DestinationWorker._settle), not on every retry.
+    request: Request | None = None
 
 
 @dataclass(slots=True)
@@ -727,7 +730,8 @@ class DestinationWorker:
         self.metrics.request(self.name, response.status, time.monotonic() - started)
         action = self.policy.classify(response, len(request.items))
         if response.status == 429:
-            self.limiter.throttled(cost)
+            # Paced when it took its tokens (``now``): one outage's 429s halve the rate once.
+            self.limiter.throttled(cost, sent_at=now)
         elif action is Action.DELIVERED:
             self.limiter.succeeded(cost)
         if action in (Action.SPLIT, Action.BISECT):
@@ -759,7 +763,7 @@ class DestinationWorker:
             # A request that could not be built is kept as its items: rendering it again
             # would fail again.
             body = _items_json(request) if response.failure else self.client.render_for_record(request)
-        verdict = Verdict(action, response, body)  # the same for every item: one object
+        verdict = Verdict(action, response, body, request)  # the same for every item: one object
         rank = _rank(action)
         items_left, verdicts = batch.items_left, batch.verdicts
         for it in request.items:
@@ -843,6 +847,7 @@ class DestinationWorker:
         retries = RetrySchedule(self.policy, now)
         unsent: list[int] = []
         deferred: list[int] = []
+        kept: dict[int, bytes] = {}  # id(verdict) -> its request as kept in the DLQ, rendered once
         for job_id in job_items:
             job = batch.jobs[job_id]
             verdict = batch.verdicts.get(job_id)
@@ -857,7 +862,8 @@ class DestinationWorker:
                 acked.append(job_id)
             elif verdict.action is Action.RETRY:
                 if self.policy.exhausted(job.attempts, job.first_attempt_at, now):
-                    dead.append(self._dead(job_id, "retries_exhausted", resp, b"", batch, version))
+                    body = self._last_request(verdict, kept)
+                    dead.append(self._dead(job_id, "retries_exhausted", resp, body, batch, version))
                 else:
                     retries.add(job_id, job.attempts, resp.retry_after if resp else None)
             elif batch.guard_reason or self.paused:
@@ -904,6 +910,15 @@ class DestinationWorker:
             await self._pause(batch.guard_reason, batch.version)
         elif self._guard_trips():
             await self._pause_for_guard(batch.version)
+
+    def _last_request(self, verdict: Verdict, kept: dict[int, bytes]) -> bytes:
+        """The request of a retried verdict as the DLQ keeps it (credentials removed, as
+        for a refused one): what the upstream last received for a job out of retries.
+        One request's jobs share their verdict: rendered once for them all."""
+        body = kept.get(id(verdict))
+        if body is None and verdict.request is not None:
+            body = kept[id(verdict)] = self.client.render_for_record(verdict.request)
+        return body or b""
 
     def _guard_trips(self) -> bool:
         return self.guard.tripped() and not self.paused

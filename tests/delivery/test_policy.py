@@ -1,4 +1,5 @@
 import random
+import time
 
 import pytest
 
@@ -125,6 +126,16 @@ def test_token_bucket_debt_and_adaptive_slowdown():
     for _ in range(20):
         bucket.throttled()
     assert bucket.rate == pytest.approx(0.5)  # floor: 5% of the configured rate
+
+
+def test_token_bucket_halves_once_for_429s_of_requests_sent_before_the_halving():
+    bucket = TokenBucket(rate=10, burst=10)
+    sent = time.monotonic()  # several requests take their tokens together ...
+    for _ in range(20):
+        bucket.throttled(sent_at=sent)  # ... and all get a 429: one signal
+    assert bucket.rate == 5
+    bucket.throttled(sent_at=time.monotonic())  # sent at the halved rate, refused again
+    assert bucket.rate == 2.5
 
 
 def test_backoff_survives_very_many_attempts():

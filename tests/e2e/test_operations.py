@@ -567,6 +567,13 @@ async def test_retry_budget_ends_in_the_dlq_with_the_last_response(make_bridge):
     entry = body["dead_letters"][0]
     assert entry["status"] == 503 and entry["attempts"] >= 3 and entry["event"] == "Never Lands"
     assert bridge.moengage.received >= 3
+    # README: a dead letter shows the request as mapped, as for a refused one; a retried
+    # one out of budget kept none, so an operator could not see what MoEngage was sent.
+    status, shown = await bridge.get(f"/admin/dlq/{entry['id']}", ADMIN)
+    assert status == 200 and shown["reason"] == "retries_exhausted", shown
+    element = shown["request"]["elements"][0]
+    assert element["customer_id"] == "user-x" and element["actions"][0]["action"] == "Never Lands", shown
+    assert API_KEY not in orjson.dumps(shown).decode()
 
 
 async def test_a_paused_destination_resumes_when_its_mapping_changes(make_bridge, tmp_path):

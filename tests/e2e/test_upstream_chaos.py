@@ -44,6 +44,30 @@ async def test_a_blip_that_fails_many_requests_in_flight_backs_off_once_not_once
     assert await dlq(bridge) == []
 
 
+async def test_429s_to_many_requests_in_flight_halve_the_rate_once_not_once_each(make_bridge):
+    """Unordered, one event a request: a batch's 20 requests are on the wire together and
+    MoEngage answers each 429. That is one signal of the upstream, paced at one rate, so the
+    refused bucket's rate is halved once (operations.md), as the backoff holds once. Each
+    429 halved it again: the 20 took it straight to its floor (5%), and then recovered 10%
+    a second, 30 seconds of crawling after one burst of 429s."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        moengage = raw["destinations"][0]
+        moengage["api"] = "single"
+        moengage["delivery"]["ordered"] = False
+        moengage["retry"] = {"base_delay": 0.05, "max_delay": 300}
+
+    bridge = await make_bridge(tweak)
+    bucket = bridge.runtime.delivery.workers["moengage-main"].limiter.buckets["events"]
+    bridge.moengage.plan(*[Planned(429, headers={"Retry-After": "0"})] * 20)
+    assert (await bridge.post("/v1/batch", tracks(20), H))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 20, timeout=15)
+    assert [s.status for s in bridge.moengage.seen].count(429) == 20
+    # Halved once; the recovery since (10% a second) may have given some of it back.
+    assert bucket.base_rate / 2 <= bucket.rate < bucket.base_rate, bucket.rate
+    assert await dlq(bridge) == []
+
+
 @pytest.mark.parametrize("status", [301, 302, 307, 308])
 async def test_a_redirect_pauses_the_destination_and_dead_letters_nothing(bridge, status):
     """A redirect is never followed (a POST would lose its body on a 301/302, and the
