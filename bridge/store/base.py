@@ -79,8 +79,10 @@ class EnqueueResult(NamedTuple):
     duplicate_indexes: tuple[int, ...] = ()  # positions (in the call's list) of the duplicates
 
 
-@dataclass(slots=True)
-class Job:
+class Job(NamedTuple):
+    """One leased job. A named tuple for the reason IncomingEvent is one: a lease makes one
+    per job delivered, and the SQLite store builds them from its rows in C (sqlite_ops)."""
+
     id: int
     destination: str
     source: str

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Collection, Iterable, Iterator, Sequence
-from itertools import chain
+from itertools import chain, filterfalse, repeat
 from operator import attrgetter, itemgetter
 from typing import NamedTuple, TypeVar
 
@@ -249,7 +249,8 @@ def _due_ids_in_order(
         f"SELECT id FROM jobs WHERE destination = ? AND {PENDING} AND id < ? ORDER BY id LIMIT ?",
         (destination, MAX_JOB_ID if first is None else first, limit + len(ahead)),
     )
-    ids = [job_id for (job_id,) in cursor if job_id not in ahead] if ahead else [job_id for (job_id,) in cursor]
+    # In C: a lease reads one id a job delivered.
+    ids = list(filterfalse(ahead.__contains__, map(_ROW_ID, cursor)) if ahead else map(_ROW_ID, cursor))
     if len(ids) >= limit:
         return ids[:limit]
     return ids if first is None else None  # every unsettled job, or the walk's turn
@@ -280,6 +281,22 @@ def lease(
     return jobs
 
 
+# A lease's row: Job's fields in order (the row's attempt count and first attempt as this
+# lease makes them, for a job this server does not hold), then whether the job is due and
+# the row's own count. See _lease_ids.
+_LEASE_COLUMNS = (
+    "id, ?, source, message_id, ordering_key, payload, attempts + 1, created_at,"
+    f" COALESCE(first_attempt_at, ?), COALESCE(delivered_outputs, X''), state = {QUEUED} AND available_at <= ?,"
+    " attempts"
+)
+_JOB_FIELDS = itemgetter(*range(len(Job._fields)))
+_ROW_ID = itemgetter(0)
+_ROW_ATTEMPTS = itemgetter(6)  # counting this lease
+_ROW_FIRST = itemgetter(8)
+_ROW_DUE = itemgetter(10)
+_ROW_COUNTED = itemgetter(11)
+
+
 def _lease_ids(
     conn: sqlite3.Connection,
     destination: str,
@@ -293,39 +310,50 @@ def _lease_ids(
     if not ids:
         return []
     rows = conn.execute(
-        "SELECT id, source, message_id, ordering_key, payload, attempts, created_at, first_attempt_at,"
-        f" state = {QUEUED} AND available_at <= ?, delivered_outputs FROM jobs WHERE id IN ({_marks(len(ids))})",
-        (now, *ids),
+        f"SELECT {_LEASE_COLUMNS} FROM jobs WHERE id IN ({_marks(len(ids))})", (destination, now, now, *ids)
     ).fetchall()
-    rows.sort(key=lambda row: row[0])
-    jobs: list[Job] = []
-    leased: list[tuple[int, Held]] = []
+    rows.sort(key=_ROW_ID)
     until = now + lease_seconds
-    for job_id, source, message_id, key, payload, attempts, created_at, first_attempt_at, due, delivered in rows:
+    if leases.holds_none(map(_ROW_ID, rows)):
+        # The usual lease: no job of it held here already, so each row says all its job
+        # needs. The jobs and their leases are built in C, not by a Python step per job
+        # (a lease makes one of each for every job delivered).
+        if not (checked or all(map(_ROW_DUE, rows))):
+            return None  # the ordered walk decides
+        jobs = list(map(new_tuple, repeat(Job), map(_JOB_FIELDS, rows)))
+        # strict=False: repeat() never ends; every other part is one item a row.
+        held_tuples = zip(
+            map(_ROW_ATTEMPTS, rows), repeat(until), map(_ROW_FIRST, rows), map(_ROW_COUNTED, rows), strict=False
+        )
+        leases.hold(list(zip(map(_ROW_ID, rows), map(new_tuple, repeat(Held), held_tuples), strict=True)))
+        return jobs
+    jobs = []
+    leased: list[tuple[int, Held]] = []
+    for row in rows:
+        job_id, due = row[0], row[10]
         if not (checked or due):
             return None  # the ordered walk decides
         # A lapsed lease of this server's counts: the row does not know of it yet.
-        counted = attempts
         before = leases.get(job_id)
-        if before is not None:
-            if not checked:
-                return None  # held (_due_ids_in_order bounds its choice below these)
-            attempts, first_attempt_at, counted = before.attempts, before.first_attempt_at, before.counted
-        first = first_attempt_at if first_attempt_at is not None else now
-        held = new_tuple(Held, (attempts + 1, until, first, counted))
+        if before is None:
+            held = new_tuple(Held, (row[6], until, row[8], row[11]))
+        elif not checked:
+            return None  # held (_due_ids_in_order bounds its choice below these)
+        else:
+            held = new_tuple(Held, (before.attempts + 1, until, before.first_attempt_at, before.counted))
         leased.append((job_id, held))
         jobs.append(
             Job(
-                id=job_id,
-                destination=destination,
-                source=source,
-                message_id=message_id,
-                ordering_key=key,
-                payload=payload,
-                attempts=held.attempts,
-                created_at=created_at,
-                first_attempt_at=held.first_attempt_at,
-                delivered_outputs=delivered or b"",
+                job_id,
+                destination,
+                row[2],
+                row[3],
+                row[4],
+                row[5],
+                held.attempts,
+                row[7],
+                held.first_attempt_at,
+                row[9],
             )
         )
     leases.hold(leased)
