@@ -27,6 +27,7 @@ from bridge.delivery.outputs import digests_of, not_yet_delivered
 from bridge.delivery.policy import Action, RetryPolicy, RetrySchedule
 from bridge.delivery.ratelimit import RateLimiter
 from bridge.destinations.base import Item, Request, Response
+from bridge.destinations.packing import json_array
 from bridge.mapping.api import CompiledMapping, Discarded, Failed, MapContext
 from bridge.mapping.links import link_context
 from bridge.observability.redaction import redact_text
@@ -60,9 +61,8 @@ def event_label(event: Any) -> str:
 class Verdict:
     action: Action
     response: Response | None = None
-    request_body: bytes = b""
-    # The request judged: a retried one is rendered for the DLQ only if its jobs' retry
-    # budget ran out (see DestinationWorker._settle), not on every retry.
+    # The request judged. Rendered for the DLQ only for a job that is dead-lettered (see
+    # DestinationWorker._request_for_record), not on every retry or refusal.
     request: Request | None = None
 
 
@@ -758,12 +758,7 @@ class DestinationWorker:
             self._failure_streak = 0
         if action is not Action.DELIVERED:
             self._attempt_failed(request, response, action.value)
-        body = b""
-        if action is Action.DEAD:
-            # A request that could not be built is kept as its items: rendering it again
-            # would fail again.
-            body = _items_json(request) if response.failure else self.client.render_for_record(request)
-        verdict = Verdict(action, response, body, request)  # the same for every item: one object
+        verdict = Verdict(action, response, request)  # the same for every item: one object
         rank = _rank(action)
         items_left, verdicts = batch.items_left, batch.verdicts
         for it in request.items:
@@ -847,7 +842,7 @@ class DestinationWorker:
         retries = RetrySchedule(self.policy, now)
         unsent: list[int] = []
         deferred: list[int] = []
-        kept: dict[int, bytes] = {}  # id(verdict) -> its request as kept in the DLQ, rendered once
+        shared: dict[int, dict[int, list[Item]]] = {}  # see _request_for_record
         for job_id in job_items:
             job = batch.jobs[job_id]
             verdict = batch.verdicts.get(job_id)
@@ -862,7 +857,7 @@ class DestinationWorker:
                 acked.append(job_id)
             elif verdict.action is Action.RETRY:
                 if self.policy.exhausted(job.attempts, job.first_attempt_at, now):
-                    body = self._last_request(verdict, kept)
+                    body = self._request_for_record(job_id, verdict, shared)
                     dead.append(self._dead(job_id, "retries_exhausted", resp, body, batch, version))
                 else:
                     retries.add(job_id, job.attempts, resp.retry_after if resp else None)
@@ -875,7 +870,8 @@ class DestinationWorker:
                 # a few of a bad deploy's events reached the DLQ after the pause.
                 unsent.append(job_id)
             else:
-                dead.append(self._dead(job_id, _dead_reason(resp), resp, verdict.request_body, batch, version))
+                body = self._request_for_record(job_id, verdict, shared)
+                dead.append(self._dead(job_id, _dead_reason(resp), resp, body, batch, version))
         if acked:
             await self.store.ack(acked, version, fence=batch.fence)
             batch.settled.update(acked)
@@ -911,14 +907,30 @@ class DestinationWorker:
         elif self._guard_trips():
             await self._pause_for_guard(batch.version)
 
-    def _last_request(self, verdict: Verdict, kept: dict[int, bytes]) -> bytes:
-        """The request of a retried verdict as the DLQ keeps it (credentials removed, as
-        for a refused one): what the upstream last received for a job out of retries.
-        One request's jobs share their verdict: rendered once for them all."""
-        body = kept.get(id(verdict))
-        if body is None and verdict.request is not None:
-            body = kept[id(verdict)] = self.client.render_for_record(verdict.request)
-        return body or b""
+    def _request_for_record(self, job_id: int, verdict: Verdict, shared: dict[int, dict[int, list[Item]]]) -> bytes:
+        """The request of ``job_id``'s verdict as its dead letter keeps it: the one its own
+        items alone make, credentials removed, i.e. what re-sending this event would post.
+        A request carries many jobs' items (a Bulk Import of hundreds of users' events):
+        kept whole under each of its jobs, one failed request wrote its size times its job
+        count to the DLQ, and each entry showed the other users' events. ``shared``: each
+        shared request's items by job (id(verdict) -> job -> items), grouped once for all
+        its jobs."""
+        request = verdict.request
+        if request is None:
+            return b""
+        if len(request.items) > 1:
+            by_job = shared.get(id(verdict))
+            if by_job is None:
+                by_job = shared[id(verdict)] = {}
+                for it in request.items:
+                    by_job.setdefault(it.job_id, []).append(it)
+            if len(by_job) > 1:
+                request = Request(request.endpoint, by_job[job_id])
+        if verdict.response is not None and verdict.response.failure:
+            # A request that could not be built is kept as its items: rendering it again
+            # would fail again.
+            return json_array(request.items)
+        return self.client.render_for_record(request)
 
     def _guard_trips(self) -> bool:
         return self.guard.tripped() and not self.paused
@@ -970,10 +982,6 @@ _RANKS = {Action.DELIVERED: 0, Action.RETRY: 1, Action.DEAD: 2, Action.SPLIT: 2,
 
 def _rank(action: Action) -> int:
     return _RANKS[action]
-
-
-def _items_json(request: Request) -> bytes:
-    return b"[" + b",".join(it.encoded for it in request.items) + b"]"
 
 
 def _dead_reason(resp: Response | None) -> str:

@@ -115,11 +115,13 @@ class Destination(ABC):
 
     @abstractmethod
     def render(self, request: Request) -> bytes:
-        """The exact request body that ``send`` posts (also kept in the DLQ)."""
+        """The exact request body that ``send`` posts."""
 
     def render_for_record(self, request: Request) -> bytes:
         """The request body as kept in the dead-letter queue: like ``render`` but with
-        any credential the upstream wants in the body (e.g. Segment's writeKey) removed."""
+        any credential the upstream wants in the body (e.g. Segment's writeKey) removed.
+        The engine passes a request of one job's items (a part of one that was sent with
+        other jobs' items), so each dead letter keeps only its own event's request."""
         return self.render(request)
 
     @abstractmethod

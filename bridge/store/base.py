@@ -117,7 +117,10 @@ class DeadLetter:
     reason: str  # short machine-readable reason, e.g. "http_400", "retries_exhausted"
     status: int | None = None  # last upstream HTTP status, None for connection errors
     response_body: str = ""  # last upstream response body (truncated by the caller)
-    request_body: bytes = b""  # the request as mapped, exactly as it was sent
+    # The request as mapped, as sent but with this job's items alone (a request shared
+    # with other jobs is not kept whole under each): what re-sending the event would post.
+    # An item refused before sending, or a request that could not be built: its items' JSON.
+    request_body: bytes = b""
     label: str = ""  # event name or type, so a person can find it in `dlq list`
     mapping_version: str = ""
     # The outputs delivered so far (as Job.delivered_outputs), kept for a replay. Empty:

@@ -141,6 +141,40 @@ async def _dlq_size(bridge: Any, n: int) -> bool:
     return len(await dlq(bridge)) >= n
 
 
+@pytest.mark.parametrize(("status", "reason"), [(503, "retries_exhausted"), (404, "http_404")])
+async def test_a_dead_letter_of_a_shared_request_keeps_its_own_event_only(make_bridge, status, reason):
+    """One Bulk Import carrying six users' events fails for good: each dead letter keeps
+    the request its own event alone would make, not the whole request (the other users'
+    events, and its size times the number of jobs)."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        d = raw["destinations"][0]
+        d["retry"] = {"base_delay": 0.05, "max_delay": 0.1, "max_age": 0, "min_attempts": 1}
+        d["guard"] = {"enabled": False}
+
+    bridge = await make_bridge(tweak)
+    bridge.moengage.refuse_all(status)
+    batch = {
+        "batch": [
+            {"type": "track", "userId": f"user-{i}", "event": "Shared", "messageId": f"m-{i}", "properties": {"i": i}}
+            for i in range(6)
+        ]
+    }
+    assert (await bridge.post("/v1/batch", batch, H))[0] == 200
+    await wait_until(lambda: _dlq_size(bridge, 6), what="6 dead letters")
+    assert bridge.moengage.received == 1, "the six events went out in one request"
+    for entry in await dlq(bridge):
+        assert entry["reason"] == reason, entry
+        shown_status, shown = await bridge.get(f"/admin/dlq/{entry['id']}", ADMIN)
+        assert shown_status == 200
+        i = int(entry["message_id"].removeprefix("m-"))
+        request = shown["request"]  # parsed: valid JSON, in Bulk Import's shape
+        assert isinstance(request, dict) and request["type"] == "transition", shown
+        (element,) = request["elements"]
+        assert element["customer_id"] == f"user-{i}", shown
+        assert element["actions"][0]["attributes"]["i"] == i, shown
+
+
 async def test_guard_pauses_a_destination_and_resume_delivers_the_backlog(make_bridge, tmp_path):
     def tweak(raw: dict[str, Any]) -> None:
         raw["destinations"][0]["guard"] = {"window": 20, "min_events": 10, "threshold": 0.5}

@@ -574,6 +574,35 @@ async def _nonempty(entries: Any) -> bool:
     return bool(await entries)
 
 
+async def test_a_refused_batch_leaves_each_event_its_own_request_in_the_dlq(make_bridge):
+    """Segment refuses a batch of three events for good: each dead letter keeps the batch
+    its own event alone makes (without the write key), not the other two events."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        next(d for d in raw["destinations"] if d["name"] == "segment-prod")["guard"] = {"enabled": False}
+
+    bridge = await make_bridge(tweak)
+    bridge.segment.refuse_all(404)
+    payload = seed_payload()
+    assert (await bridge.post(PATH, payload, AUTH))[0] == 200
+
+    async def dead_lettered() -> list[dict[str, Any]]:
+        _, found = await bridge.get("/admin/dlq?destination=segment-prod", ADMIN)
+        return list(found["dead_letters"])
+
+    async def all_three() -> bool:
+        return len(await dead_lettered()) == 3
+
+    await wait_until(all_three, what="3 dead letters")
+    assert bridge.segment.received == 1, "the three events went out in one batch"
+    for entry in await dead_lettered():
+        assert entry["reason"] == "http_404", entry
+        _, full = await bridge.get(f"/admin/dlq/{entry['id']}", ADMIN)
+        request = full["request"]  # parsed: valid JSON, in the batch call's shape
+        assert isinstance(request, dict) and set(request) == {"batch", "sentAt"}, full
+        assert [e["messageId"] for e in request["batch"]] == [entry["message_id"]], full
+
+
 async def test_an_event_too_deep_to_store_is_rejected_by_index(bridge):
     """orjson parses 1024 levels but writes 254: such an event is bad input, not a 500."""
     deep = nested(300)
