@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from operator import attrgetter
 from typing import Any
@@ -97,6 +97,9 @@ class _Batch:
     # The requests the upstream accepted: one append a request, read only for the jobs
     # left partly delivered (delivered_outputs), so a fully delivered batch pays nothing.
     accepted: list[Request] = field(default_factory=list)
+    # The jobs that delete their user (Destination.ERASE_KINDS): {job: the ids whose
+    # identity links their ack erases}. See _erased_ids.
+    erases: dict[int, frozenset[str]] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -117,6 +120,12 @@ class _Batch:
                     if job_id < held.get(user, job_id + 1):
                         held[user] = job_id
         return held
+
+    def erasing(self, job_ids: Collection[int]) -> dict[int, frozenset[str]] | None:
+        """Store.ack's ``erase_links`` for acking ``job_ids``: None for a batch with no deletion."""
+        if not self.erases:
+            return None
+        return {j: self.erases[j] for j in job_ids if j in self.erases} or None
 
     def label(self, job_id: int) -> str:
         # Only a job that is dead-lettered or discarded needs its label: made on demand.
@@ -406,7 +415,7 @@ class DestinationWorker:
         rest = [j for j in unsettled if j not in done]
         with contextlib.suppress(Exception):
             if delivered:
-                await self.store.ack(delivered, batch.version, fence=batch.fence)
+                await self.store.ack(delivered, batch.version, fence=batch.fence, erase_links=batch.erasing(delivered))
                 batch.passed.update(delivered)
                 self.metrics.delivered(self.name, len(delivered))
             if rest:
@@ -423,7 +432,7 @@ class DestinationWorker:
             # What the upstream already accepted is done: retrying it would send it twice.
             delivered = [j for j in batch.jobs if j not in batch.settled and batch.fully_delivered(j)]
             if delivered:
-                await self.store.ack(delivered, batch.version, fence=batch.fence)
+                await self.store.ack(delivered, batch.version, fence=batch.fence, erase_links=batch.erasing(delivered))
                 batch.settled.update(delivered)
                 batch.passed.update(delivered)
                 self.metrics.delivered(self.name, len(delivered))
@@ -585,6 +594,10 @@ class DestinationWorker:
         # one (frozen, so shareable) object per source instead of one per event.
         plain: dict[str, MapContext] = {}
         reject_reason = self.client.reject_reason
+        erase_kinds = self.client.ERASE_KINDS
+        # The deletions this batch's jobs come after: the previous batch's, in flight, and
+        # those of this one met so far (see _erased_ids).
+        erasures = dict(batch.after.erases) if batch.after is not None and batch.after.erases else {}
         for job_id, event in events.items():
             job = batch.jobs[job_id]
             if links:
@@ -625,6 +638,8 @@ class DestinationWorker:
             if not mine:
                 discards.append(Discard(job_id, "no_output", batch.label(job_id)))
                 continue
+            if erase_kinds and any(out.kind in erase_kinds for out in result):
+                batch.erases[job_id] = erasures[job_id] = _erased_ids(ids[job_id], links)
             if job.delivered_outputs:
                 mine = self._not_yet_delivered(job, mine)
                 if not mine:
@@ -652,6 +667,11 @@ class DestinationWorker:
                 continue
             job_items[job_id] = mine
             batch.items_left[job_id] = len(mine)
+            if erasures and _uses_erased(job_id, ids[job_id], links, erasures):
+                # Mapped with a link a deletion before it erases once delivered: given back
+                # unsent (its attempt not counted), and mapped again after that deletion.
+                batch.unsent.add(job_id)
+                continue
             items.extend(mine)
         if discards:
             await self.store.discard(discards, fence=batch.fence)
@@ -664,7 +684,7 @@ class DestinationWorker:
             # Nothing left to send: delivered, and counted as delivered now, once (the
             # attempts that sent its outputs did not count it, since it stayed queued),
             # by the metrics and by the bad-deploy guard alike, as _settle counts an ack.
-            await self.store.ack(done, mapping.version, fence=batch.fence)
+            await self.store.ack(done, mapping.version, fence=batch.fence, erase_links=batch.erasing(done))
             batch.settled.update(done)
             batch.passed.update(done)
             self.metrics.delivered(self.name, len(done))
@@ -873,7 +893,7 @@ class DestinationWorker:
                 body = self._request_for_record(job_id, verdict, shared)
                 dead.append(self._dead(job_id, _dead_reason(resp), resp, body, batch, version))
         if acked:
-            await self.store.ack(acked, version, fence=batch.fence)
+            await self.store.ack(acked, version, fence=batch.fence, erase_links=batch.erasing(acked))
             batch.settled.update(acked)
             batch.passed.update(acked)
             self.metrics.delivered(self.name, len(acked))
@@ -978,6 +998,29 @@ class DestinationWorker:
 
 
 _RANKS = {Action.DELIVERED: 0, Action.RETRY: 1, Action.DEAD: 2, Action.SPLIT: 2, Action.BISECT: 2, Action.PAUSE: 2}
+
+
+def _erased_ids(own: Sequence[str], links: Mapping[str, str]) -> frozenset[str]:
+    """The ids whose identity links a deletion erases once it is delivered (Store.ack's
+    erase_links): its event's own ids and the ids they are linked to (the user it deletes).
+
+    Erased when the deletion is delivered, not when it is ingested: the user's events
+    queued before it, and the deletion itself, resolve their links when they are mapped
+    for delivery; erased at ingest, they would go out under another id (the deletion
+    deleting someone other than the user MoEngage holds). Erased in the ack's own
+    transaction, so no job leased after the ack is mapped with them; the user's later
+    jobs already mapped with them (further on in the deletion's batch, or in the next one,
+    mapped while it was on the wire) are given back unsent and mapped again (_uses_erased)."""
+    return frozenset([*own, *(links[i] for i in own if i in links)])
+
+
+def _uses_erased(
+    job_id: int, own: Sequence[str], links: Mapping[str, str], erasures: Mapping[int, frozenset[str]]
+) -> bool:
+    """Whether job ``job_id`` was mapped with a link that an earlier deletion of
+    ``erasures`` ({job: ids}) erases: one from or to one of that deletion's ids."""
+    used = {x for i in own if i in links for x in (i, links[i])}
+    return bool(used) and any(e < job_id and not used.isdisjoint(ids) for e, ids in erasures.items())
 
 
 def _rank(action: Action) -> int:

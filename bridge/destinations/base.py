@@ -98,6 +98,10 @@ class Destination(ABC):
     # user). An unordered destination sends them last in a batch, and only once every
     # earlier job of their users is settled (DestinationWorker._send_barriers).
     ORDER_BARRIER_KINDS: frozenset[str] = frozenset()
+    # Output kinds that delete their user upstream. Once such a job is delivered, the
+    # identity links of its event's ids go with it (Store.ack's erase_links), so the
+    # deleted user's later events are not attributed to them again.
+    ERASE_KINDS: frozenset[str] = frozenset()
     # Statuses this upstream answers in passing, retried besides retry.retryable_statuses'
     # default (408, 429, 5xx).
     ALSO_RETRYABLE: frozenset[int] = frozenset()

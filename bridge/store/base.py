@@ -104,6 +104,9 @@ Fence = Mapping[int, int]
 # {job id: the digests of every output of it delivered so far}; see Store.retry.
 Delivered = Mapping[int, bytes]
 
+# {job id: the ids whose identity links go with it}; see Store.ack.
+ErasedLinks = Mapping[int, Collection[str]]
+
 # A delivered_outputs value is its digests end to end, each this long: the store counts
 # them by length (DeadLetterRecord.outputs_delivered) without knowing how they are made.
 OUTPUT_DIGEST_BYTES = 8
@@ -295,8 +298,22 @@ class Store(ABC):
     # expired and another worker or node took it) has a higher count and is left alone,
     # so a late holder can never undo, repeat or reorder the new holder's work.
     @abstractmethod
-    async def ack(self, job_ids: Sequence[int], mapping_version: str = "", *, fence: Fence | None = None) -> None:
-        """Mark jobs delivered, recording the mapping version that mapped them."""
+    async def ack(
+        self,
+        job_ids: Sequence[int],
+        mapping_version: str = "",
+        *,
+        fence: Fence | None = None,
+        erase_links: ErasedLinks | None = None,
+    ) -> None:
+        """Mark jobs delivered, recording the mapping version that mapped them.
+
+        ``erase_links``: {job id: ids} for the jobs that deleted a user (a MoEngage Delete
+        User). In the same transaction, for each such job that is delivered, every identity
+        link of its destination's namespace from or to any of its ids is removed, if it
+        was learnt no later than the job was stored: the deleted user's later events are
+        no longer attributed to them, and the store keeps nothing of who they were. A link
+        learnt after the deletion arrived is new data and stays."""
 
     # ``delivered`` (retry, release): for the jobs some of whose outputs the upstream
     # accepted, the digests of every output delivered so far, which the job keeps and its

@@ -35,6 +35,7 @@ from bridge.store.base import (
     Discard,
     DiscardRecord,
     EnqueueResult,
+    ErasedLinks,
     Fence,
     IdentityLink,
     IncomingEvent,
@@ -167,6 +168,28 @@ def _first_per_job(entries: Sequence[_Settle]) -> list[_Settle]:
     for entry in entries:
         seen.setdefault(entry.job_id, entry)
     return list(seen.values())
+
+
+async def _erase_links(conn: Connection, erase_links: ErasedLinks) -> None:
+    """Store.ack's ``erase_links``, in the ack's transaction: only for a job now delivered
+    (one whose fence failed is another holder's to ack, and to erase with)."""
+    rows = await conn.fetch(
+        f"SELECT id, destination, created_at FROM jobs WHERE id = ANY($1::bigint[]) AND state = {DELIVERED}",
+        list(erase_links),
+    )
+    for job_id, namespace, created_at in rows:
+        ids = [_text(i) for i in erase_links[job_id]]
+        # As resolve_links looks them up: a long id under its digest, or as an older bridge
+        # stored it. A to_id is stored as it is.
+        keys = {*ids, *map(link_key, ids)}
+        await conn.execute(
+            "DELETE FROM identity_links WHERE namespace = $1 AND updated_at <= $2"
+            " AND (from_id = ANY($3::text[]) OR to_id = ANY($4::text[]))",
+            namespace,
+            created_at,
+            list(keys),
+            ids,
+        )
 
 
 def _text(value: str) -> str:
@@ -546,11 +569,18 @@ class PostgresStore(Store):
             )
         return selection.chosen
 
-    async def ack(self, job_ids: Sequence[int], mapping_version: str = "", *, fence: Fence | None = None) -> None:
+    async def ack(
+        self,
+        job_ids: Sequence[int],
+        mapping_version: str = "",
+        *,
+        fence: Fence | None = None,
+        erase_links: ErasedLinks | None = None,
+    ) -> None:
         if not job_ids:
             return
         # The payload of a delivered job is never read again; dropping it keeps the table small.
-        async with self._conn() as conn:
+        async with self._conn(transaction=bool(erase_links)) as conn:
             await conn.execute(
                 f"UPDATE jobs j SET state = {DELIVERED}, settled_at = $3, mapping_version = $4,"
                 f" lease_until = NULL, payload = '' FROM {_FENCE_ROWS} WHERE j.state < {DELIVERED} AND {_FENCED}",
@@ -558,6 +588,8 @@ class PostgresStore(Store):
                 self.now(),
                 mapping_version,
             )
+            if erase_links:
+                await _erase_links(conn, erase_links)
 
     async def retry(
         self,

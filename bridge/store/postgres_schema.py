@@ -61,6 +61,9 @@ DDL = (
         updated_at DOUBLE PRECISION NOT NULL,
         PRIMARY KEY (namespace, from_id)
     )""",
+    # The links to a user, which a delivered deletion removes (Store.ack's erase_links).
+    # A hash index: a to_id is as long as its event lets it be, past what a B-tree takes.
+    """CREATE INDEX IF NOT EXISTS identity_links_by_target ON identity_links USING hash (to_id)""",
     """CREATE TABLE IF NOT EXISTS dead_letters (
         id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         destination TEXT NOT NULL,

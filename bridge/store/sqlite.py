@@ -39,6 +39,7 @@ from bridge.store.base import (
     Discard,
     DiscardRecord,
     EnqueueResult,
+    ErasedLinks,
     Fence,
     IncomingEvent,
     Job,
@@ -477,19 +478,28 @@ class SqliteStore(Store):
         )
         return jobs
 
-    async def ack(self, job_ids: Sequence[int], mapping_version: str = "", *, fence: Fence | None = None) -> None:
+    async def ack(
+        self,
+        job_ids: Sequence[int],
+        mapping_version: str = "",
+        *,
+        fence: Fence | None = None,
+        erase_links: ErasedLinks | None = None,
+    ) -> None:
         if job_ids:
             self._acked_since_reclaim += len(job_ids)
-            await self._bookkeep(
-                partial(
-                    ops.ack,
-                    job_ids=job_ids,
-                    mapping_version=mapping_version,
-                    now=time.time(),
-                    leases=self._held(),
-                    fence=fence,
-                )
+            op = partial(
+                ops.ack,
+                job_ids=job_ids,
+                mapping_version=mapping_version,
+                now=time.time(),
+                leases=self._held(),
+                fence=fence,
+                erase_links=erase_links,
             )
+            # A deletion's erasure is made durable (fsync) as ingest is: undone by a power
+            # cut, the deleted user's links would stay if the deletion was never sent again.
+            await (self._run(op) if erase_links else self._bookkeep(op))
 
     async def retry(
         self,

@@ -23,6 +23,7 @@ from bridge.store.base import (
     Discard,
     DiscardRecord,
     EnqueueResult,
+    ErasedLinks,
     Fence,
     IncomingEvent,
     Job,
@@ -399,6 +400,7 @@ def ack(
     now: float,
     leases: Leases,
     fence: Fence | None = None,
+    erase_links: ErasedLinks | None = None,
 ) -> None:
     # The payload of a delivered job is never read again; dropping it keeps the file small.
     for fenced, attempts, ids in _by_fence(leases.settling(job_ids, fence)):
@@ -408,6 +410,32 @@ def ack(
             f" WHERE id IN ({_marks(len(ids))}) AND state < {DELIVERED} AND (? IS NULL OR attempts = ?)",
             (now, mapping_version, attempts, *ids, fenced, fenced),
         )
+    if erase_links:
+        _erase_links(conn, erase_links)
+
+
+def _erase_links(conn: sqlite3.Connection, erase_links: ErasedLinks) -> None:
+    """Store.ack's ``erase_links``, in the ack's transaction: only for a job now delivered
+    (one whose fence failed is another holder's to ack, and to erase with)."""
+    for job_id, ids in erase_links.items():
+        row = conn.execute(f"SELECT destination, created_at FROM jobs WHERE id = ? AND state = {DELIVERED}", (job_id,))
+        found = row.fetchone()
+        if found is None or not ids:
+            continue
+        for chunk in _chunks(list(ids)):
+            marks = _marks(len(chunk))
+            params = (found[0], *chunk, found[1])
+            # Two statements, one by each index: an OR of the two read every link of the
+            # namespace, on the writer every ingest waits for. So did the second without
+            # INDEXED BY: with no statistics, SQLite prefers the key's namespace prefix.
+            conn.execute(
+                f"DELETE FROM identity_links WHERE namespace = ? AND from_id IN ({marks}) AND updated_at <= ?", params
+            )
+            conn.execute(
+                "DELETE FROM identity_links INDEXED BY identity_links_by_target"
+                f" WHERE namespace = ? AND to_id IN ({marks}) AND updated_at <= ?",
+                params,
+            )
 
 
 def _record_delivered(conn: sqlite3.Connection, settling: Sequence[Settling], delivered: Delivered | None) -> None:

@@ -106,6 +106,9 @@ DDL = (
         updated_at REAL NOT NULL,
         PRIMARY KEY (namespace, from_id)
     ) WITHOUT ROWID""",
+    # The links to a user, which a delivered deletion removes (Store.ack's erase_links):
+    # without it each deletion read every link, on the writer that ingest waits for.
+    """CREATE INDEX IF NOT EXISTS identity_links_by_target ON identity_links (namespace, to_id)""",
     """CREATE TABLE IF NOT EXISTS dead_letters (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         destination TEXT NOT NULL,

@@ -671,12 +671,12 @@ async def test_a_fault_after_a_successful_send_does_not_send_it_again(make_bridg
     failures = 1
 
     class AckOnceFails(SqliteStore):
-        async def ack(self, job_ids: Any, mapping_version: str = "", *, fence: Any = None) -> None:
+        async def ack(self, job_ids: Any, mapping_version: str = "", **kw: Any) -> None:
             nonlocal failures
             if failures:
                 failures -= 1
                 raise RuntimeError("the disk hiccuped")
-            await super().ack(job_ids, mapping_version, fence=fence)
+            await super().ack(job_ids, mapping_version, **kw)
 
     def tweak(raw: dict[str, Any]) -> None:
         raw["destinations"][0]["retry"] = {"base_delay": 0.05, "max_delay": 0.1}

@@ -12,8 +12,9 @@ import orjson
 from structlog.testing import capture_logs
 
 from bridge.delivery.worker import DEFER_SECONDS
+from bridge.store.postgres import PostgresStore
 from bridge.testing.upstream import Planned
-from tests.e2e.harness import ADMIN_TOKEN, WEBHOOK_SECRET, WORKSPACE, WRITE_KEY, Bridge, basic, wait_until
+from tests.e2e.harness import ADMIN_TOKEN, DSN, WEBHOOK_SECRET, WORKSPACE, WRITE_KEY, Bridge, basic, wait_until
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 DELETE_PATH = "/v1/customer/delete"
@@ -105,6 +106,52 @@ async def test_a_deletion_is_sent_under_the_users_linked_id(bridge: Bridge) -> N
     await moengage.wait_for(lambda: len(moengage.deletions()) == 1)
     assert moengage.deletions() == [{"identity_type": "customer_id", "identity_value": "crm-link-1"}]
     assert moengage.users() == set()
+
+
+async def test_a_delivered_deletion_erases_the_users_identity_links(bridge: Bridge) -> None:
+    await deletion_erases_links(bridge)
+
+
+async def test_a_delivered_deletion_erases_the_users_identity_links_on_postgres(
+    make_bridge: Callable[..., Any], pg_schema: str
+) -> None:
+    def on_postgres(raw: dict[str, Any]) -> None:
+        raw["store"]["url"] = DSN
+
+    bridge = await make_bridge(on_postgres, start=False)
+    bridge.store_factory = lambda: PostgresStore(DSN, schema=pg_schema)
+    await bridge.start()
+    await deletion_erases_links(bridge)
+
+
+async def deletion_erases_links(bridge: Bridge) -> None:
+    """Deleted, a user's identity link (userId -> traits.id) went on being applied: their
+    later calls were sent under the deleted customer_id, and MoEngage made that user again
+    (a GDPR erasure undone). The link is erased once the deletion is delivered, not
+    before: the user's events queued ahead of the deletion, and the deletion itself,
+    still go out under the linked id."""
+    moengage = bridge.moengage
+    identify = {"userId": "u-erase-1", "traits": {"id": "crm-erase-1", "email": "e@example.com"}}
+    assert (await bridge.post("/v1/identify", identify, basic(WRITE_KEY)))[0] == 200
+    await moengage.wait_for(lambda: moengage.users() == {"crm-erase-1"})
+
+    def track(event: str) -> dict[str, Any]:
+        return {"type": "track", "userId": "u-erase-1", "event": event, "messageId": f"erase-{event}"}
+
+    moengage.hold()  # "Before" stays in flight while the deletion and "After" queue behind it
+    assert (await bridge.post("/v1/batch", {"batch": [track("Before")]}, basic(WRITE_KEY)))[0] == 200
+    await moengage.wait_for(lambda: moengage.received >= 1)
+    assert (await webhook(bridge, deletion("u-erase-1", "del-erase-1")))[0] == 200
+    assert (await bridge.post("/v1/batch", {"batch": [track("After")]}, basic(WRITE_KEY)))[0] == 200
+    moengage.release()
+    await moengage.wait_for(lambda: len(moengage.events()) == 2)
+    await wait_until(lambda: settled(bridge), what="the queue to empty")
+
+    sent = {e["actions"][0]["action"]: e["customer_id"] for e in moengage.events()}
+    assert sent == {"Before": "crm-erase-1", "After": "u-erase-1"}
+    assert moengage.deletions() == [{"identity_type": "customer_id", "identity_value": "crm-erase-1"}]
+    assert moengage.users() == {"u-erase-1"}  # the deleted user was not made again
+    assert await dead_letters(bridge) == []
 
 
 async def test_a_deletion_without_a_user_id_is_refused_at_ingest(bridge: Bridge) -> None:

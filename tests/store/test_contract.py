@@ -94,6 +94,37 @@ async def test_identity_links_of_ids_too_long_to_index_are_kept_and_found(store:
     assert found == {long_id: "id-long-2", other_long: "id-other", wide: "id-wide", marked: "id-marked"}
 
 
+async def test_a_delivered_deletion_erases_the_links_from_and_to_its_ids(store: Store) -> None:
+    """A user's deletion, once delivered, removes every link of its namespace from or to
+    the ids it names (GDPR erasure): their later events are no longer attributed to the
+    deleted user. Only links learnt before the deletion was stored, only for a deletion
+    actually acked, and only in its own destination's namespace."""
+    long_id = "u" * 3000  # kept under its digest by PostgreSQL
+    learnt = (
+        IdentityLink("moe", "u1", "crm-1"),
+        IdentityLink("moe", "u2", "crm-1"),  # another id of the deleted user
+        IdentityLink("moe", "crm-1", "crm-0"),  # the deleted id as a from_id
+        IdentityLink("moe", long_id, "crm-long"),
+        IdentityLink("moe", "u3", "crm-3"),  # another user's
+        IdentityLink("other", "u1", "crm-1"),  # another destination's
+    )
+    await store.enqueue("web", [event("m1", "u1", links=learnt)])
+    await store.enqueue("web", [event("del", "u1")])
+    # Learnt after the deletion was stored: new data, kept.
+    await store.enqueue("web", [event("m2", "u4", links=(IdentityLink("moe", "u4", "crm-1"),))])
+    first, deletion, later = await store.lease("moe", 10, 30)
+    erase = {deletion.id: ["u1", "crm-1", long_id]}
+    everyone = ["u1", "u2", "u3", "u4", "crm-1", long_id]
+
+    # Not acked by this holder (its lease was taken again since): nothing erased.
+    await store.ack([deletion.id], fence={deletion.id: deletion.attempts + 1}, erase_links=erase)
+    assert len(await store.resolve_links("moe", everyone)) == 6
+    # Acked along with other jobs; a job that deleted nobody erases nothing.
+    await store.ack([first.id, deletion.id, later.id], fence={deletion.id: deletion.attempts}, erase_links=erase)
+    assert await store.resolve_links("moe", everyone) == {"u3": "crm-3", "u4": "crm-1"}
+    assert await store.resolve_links("other", ["u1"]) == {"u1": "crm-1"}
+
+
 async def test_links_of_an_id_with_nul_are_resolved(store: Store) -> None:
     """Ingest stores such an id (U+0000 as U+FFFD on PostgreSQL); the lookup sent it raw
     and PostgreSQL refused the whole statement: StoreError on every batch holding it."""

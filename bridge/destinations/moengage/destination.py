@@ -124,6 +124,7 @@ class MoEngageDestination(Destination):
     # does a merge: the merged user's earlier events sent after it would land on a new
     # profile of that user, not on the retained one (MoEngage merges are not transitive).
     ORDER_BARRIER_KINDS = frozenset({DELETE, MERGE})
+    ERASE_KINDS = frozenset({DELETE})
 
     def reject_reason(self, item: Item) -> str | None:
         kind = item.output.kind
