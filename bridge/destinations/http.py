@@ -6,15 +6,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import email.utils
+import functools
 import math
 import time
 from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import UTC
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import aiohttp
+from aiohttp.client_proto import ResponseHandler
 
 from bridge import __version__
 from bridge.destinations.base import Response
@@ -27,10 +33,68 @@ SECRET_MARGIN = 1024
 USER_AGENT = f"bridge/{__version__}"
 
 
-def create_session(timeout: float, *, connections: int = 64) -> aiohttp.ClientSession:
-    """A session for one destination: pooled keep-alive connections, no env proxies."""
+class _TrackedConnection(ResponseHandler):
+    """aiohttp's protocol for one connection, also noting how many requests it has carried
+    and whether any byte came back for the current one: what tells a stale pooled
+    connection apart from an upstream that failed while answering."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.requests = 0
+        self.answered = False
+
+    def set_response_params(self, **kwargs: Any) -> None:
+        # aiohttp calls this once per request, in the task sending it, before writing it.
+        self.requests += 1
+        self.answered = False
+        attempt = _ATTEMPT.get()
+        if attempt is not None:
+            attempt.connection = self
+        super().set_response_params(**kwargs)
+
+    def data_received(self, data: bytes) -> None:
+        if data:
+            self.answered = True
+        super().data_received(data)
+
+
+class _Connector(aiohttp.TCPConnector):
+    def __init__(self, *, limit: int, force_close: bool) -> None:
+        super().__init__(limit=limit, force_close=force_close)
+        # aiohttp builds every connection's protocol with this factory (not a public
+        # hook: the stale-connection tests in tests/destinations/test_http.py fail if a
+        # new aiohttp stops using it, and without it no request is ever retried).
+        # (partial is invariant to mypy, though a _TrackedConnection is a ResponseHandler)
+        self._factory = cast(
+            "functools.partial[ResponseHandler]", functools.partial(_TrackedConnection, loop=self._loop)
+        )
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """The connection one ``post`` attempt was written to, as its protocol noted it."""
+
+    connection: _TrackedConnection | None = None
+
+    @property
+    def on_stale_connection(self) -> bool:
+        """Sent on a reused keep-alive connection, and nothing at all came back on it."""
+        conn = self.connection
+        return conn is not None and conn.requests > 1 and not conn.answered
+
+
+# Set by ``post`` around each attempt; read by the connection's protocol in the same task.
+_ATTEMPT: ContextVar[_Attempt | None] = ContextVar("bridge_http_attempt", default=None)
+# Failures of a request that can be those of a connection the upstream closed while idle in
+# the pool (no timeout: ServerTimeoutError is a TimeoutError, caught before these).
+_DROPPED = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientConnectionResetError)
+
+
+def create_session(timeout: float, *, connections: int = 64, fresh: bool = False) -> aiohttp.ClientSession:
+    """A session for one destination: pooled keep-alive connections, no env proxies.
+    ``fresh``: a new connection for every request, none kept."""
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=connections),
+        connector=_Connector(limit=connections, force_close=fresh),
         timeout=aiohttp.ClientTimeout(total=timeout),
         headers={"User-Agent": USER_AGENT},
         trust_env=False,
@@ -154,7 +218,44 @@ async def post(
     headers: Mapping[str, str],
     timeout: float,
 ) -> Response:
-    """POST ``body`` and report what happened; never raises for network/HTTP failures."""
+    """POST ``body`` and report what happened; never raises for network/HTTP failures.
+
+    A request that meets a stale pooled connection is sent once more, at once, on a new
+    connection, within the same ``timeout``."""
+    deadline = time.monotonic() + timeout
+    attempt = _Attempt()
+    response, dropped = await _attempt_post(session, url, body, headers, timeout, attempt)
+    remaining = deadline - time.monotonic()
+    if not (dropped and attempt.on_stale_connection and remaining > 0):
+        return response
+    # The upstream (or a load balancer) closed a kept-alive connection while it sat idle
+    # in the pool, and our request met the closed socket: dropped or reset while being
+    # written or before a single byte of an answer. Resend it once, at once, on a new
+    # connection; an upstream that fails that too fails the attempt as before.
+    # Why a POST may be resent (RFC 9112 9.3.1 allows it only where a resend is known to
+    # be harmless): from here we cannot tell a connection closed before the request was
+    # read from an upstream that read it, processed it and died before answering. Either
+    # way there was no answer, and a request with no answer is a connection error that
+    # the delivery engine retries later with the same body, so resending now risks no
+    # duplicate that delivery at least once does not already accept; it only spares the
+    # attempt, the backoff and the guard. What is never resent here: a timeout (the
+    # upstream may still be working on it), a connection that carried any byte of an
+    # answer (the request was being answered), and a failure on a new connection.
+    async with create_session(remaining, connections=1, fresh=True) as new:
+        resent, _ = await _attempt_post(new, url, body, headers, remaining, _Attempt())
+    return resent
+
+
+async def _attempt_post(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    timeout: float,
+    attempt: _Attempt,
+) -> tuple[Response, bool]:
+    """One POST as a Response, and whether it failed as on a dropped connection."""
+    token = _ATTEMPT.set(attempt)
     try:
         async with session.post(
             url,
@@ -173,17 +274,15 @@ async def post(
             location = resp.headers.get("Location")
             if location and 300 <= resp.status < 400:
                 text = f"Location: {location}\n{text}"  # where a redirect pointed, for the DLQ
-            return Response(
-                status=resp.status,
-                body=text,
-                retry_after=_retry_after(resp.headers),
-            )
+            return Response(status=resp.status, body=text, retry_after=_retry_after(resp.headers)), False
     except TimeoutError:
-        return Response(0, error="timeout")
+        return Response(0, error="timeout"), False
     except (aiohttp.ClientError, OSError, ValueError, RuntimeError) as exc:
         # ValueError covers invalid URLs; RuntimeError a session closed under us.
         detail = str(exc) or type(exc).__name__
-        return Response(0, error=f"connection_error: {type(exc).__name__}: {detail}")
+        return Response(0, error=f"connection_error: {type(exc).__name__}: {detail}"), isinstance(exc, _DROPPED)
+    finally:
+        _ATTEMPT.reset(token)
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:

@@ -14,6 +14,7 @@ from aiohttp import web
 from bridge.destinations import http
 from bridge.destinations.base import Response
 from bridge.testing.standins import MoEngageStandIn, Planned
+from tests.destinations.keepalive import StaleKeepAliveProxy
 
 
 def test_basic_auth_header_encodes_user_colon_password():
@@ -235,3 +236,79 @@ def test_x_ratelimit_reset_is_read_as_a_wait_an_epoch_or_epoch_millis(value, exp
     assert http.parse_rate_limit_reset(value, now=1_700_000_000.0) == (
         pytest.approx(expected) if expected is not None else None
     )
+
+
+AUTH = {"Authorization": http.basic_auth("WS1", "key"), "MOE-APPKEY": "WS1", "Content-Type": "application/json"}
+EVENT = b'{"type":"event","customer_id":"u1","actions":[{"action":"Opened","attributes":{}}]}'
+
+
+@pytest.fixture
+async def standin_port(aiohttp_server):
+    standin = MoEngageStandIn("WS1", "key")
+    server = await aiohttp_server(standin.app())
+    return standin, server.port
+
+
+@pytest.mark.parametrize("drop", ["close", "reset"])
+async def test_a_request_on_a_stale_pooled_connection_is_sent_again_at_once(standin_port, drop):
+    # The upstream closed the kept-alive connection as the second request was written:
+    # nothing reached it, so the request goes again on a new connection, in this one call.
+    standin, port = standin_port
+    proxy = StaleKeepAliveProxy(port, drop=drop)
+    url = await proxy.start() + "/v1/event/WS1"
+    try:
+        async with http.create_session(5.0) as session:
+            first = await http.post(session, url, EVENT, AUTH, 5.0)
+            second = await http.post(session, url, EVENT, AUTH, 5.0)
+    finally:
+        await proxy.close()
+    assert first.status == 200
+    assert second.status == 200, second.error
+    assert proxy.dropped == 1 and proxy.connections == 2
+    assert standin.received == 2
+
+
+async def test_a_stale_connection_is_retried_once_only(standin_port):
+    standin, port = standin_port
+    proxy = StaleKeepAliveProxy(port)
+    url = await proxy.start() + "/v1/event/WS1"
+    try:
+        async with http.create_session(5.0) as session:
+            assert (await http.post(session, url, EVENT, AUTH, 5.0)).status == 200
+            standin.plan(Planned(reset=True))  # the resend, on its new connection, fails too
+            second = await http.post(session, url, EVENT, AUTH, 5.0)
+    finally:
+        await proxy.close()
+    assert second.status == 0
+    assert second.error is not None and second.error.startswith("connection_error: ")
+    assert proxy.dropped == 1 and proxy.connections == 2
+    assert standin.received == 2  # the first request and the one resend, nothing more
+
+
+async def test_a_connection_closed_mid_answer_is_not_sent_again(standin_port):
+    # Part of a status line came back: the upstream was processing the request, so a
+    # resend could deliver it twice. It is a failed attempt, as before.
+    standin, port = standin_port
+    proxy = StaleKeepAliveProxy(port, drop="partial")
+    url = await proxy.start() + "/v1/event/WS1"
+    try:
+        async with http.create_session(5.0) as session:
+            assert (await http.post(session, url, EVENT, AUTH, 5.0)).status == 200
+            second = await http.post(session, url, EVENT, AUTH, 5.0)
+    finally:
+        await proxy.close()
+    assert second.status == 0
+    assert second.error is not None and second.error.startswith("connection_error: ")
+    assert proxy.dropped == 1 and proxy.connections == 1
+    assert standin.received == 2
+
+
+async def test_a_timeout_on_a_reused_connection_is_not_sent_again(upstream):
+    standin, url = upstream
+    async with http.create_session(5.0) as session:
+        assert (await http.post(session, url, EVENT, AUTH, 5.0)).status == 200
+        standin.plan(Planned(hang=True))
+        second = await http.post(session, url, EVENT, AUTH, 0.3)
+    standin.stop()
+    assert second == Response(0, error="timeout")
+    assert standin.received == 2

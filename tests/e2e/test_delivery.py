@@ -16,6 +16,7 @@ from bridge.store.base import DestinationState
 from bridge.store.sqlite import SqliteStore
 from bridge.testing.moengage_standin import MoEngageStandIn, Rejected
 from bridge.testing.standins import Planned
+from tests.destinations.keepalive import StaleKeepAliveProxy
 from tests.e2e.harness import ADMIN_TOKEN, API_KEY, WORKSPACE, WRITE_KEY, basic, nested, wait_until
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -84,6 +85,29 @@ async def test_timeouts_and_connection_resets_are_retried(make_bridge):
     assert (await bridge.post("/v1/batch", tracks(5), H))[0] == 200
     await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 5, timeout=15)
     assert await dlq(bridge) == []
+
+
+async def test_a_stale_keep_alive_connection_costs_no_attempt(make_bridge):
+    # MoEngage (or its load balancer) closes every pooled connection just as the bridge
+    # reuses it. Nothing reached MoEngage, so each such request is sent again at once on a
+    # new connection: delivered in its first attempt, with no failure and no backoff.
+    bridge = await make_bridge(start=False)
+    proxy = StaleKeepAliveProxy(bridge.moengage_server.port)
+    bridge.destination("moengage-main")["base_url"] = await proxy.start()
+    try:
+        await bridge.start()
+        for prefix in ("ka", "kb", "kc"):  # one after another, each on a pooled connection
+            assert (await bridge.post("/v1/batch", tracks(3, prefix=prefix), H))[0] == 200
+            await bridge.moengage.wait_for(lambda p=prefix: f"{p}-2" in seqs(bridge.moengage), timeout=10)
+        status = await _status_of(bridge)
+        assert proxy.dropped >= 1, proxy.dropped
+        assert status["last_failure"] is None, status["last_failure"]
+        assert status["backing_off_seconds"] == 0 and status["queue_depth"] == 0
+        assert all(s.status == 200 for s in bridge.moengage.seen)
+        assert await dlq(bridge) == []
+    finally:
+        await bridge.stop()
+        await proxy.close()
 
 
 async def test_413_splits_the_batch(make_bridge):
