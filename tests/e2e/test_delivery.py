@@ -259,7 +259,7 @@ async def test_a_hung_destination_does_not_delay_another(make_bridge):
 
 async def test_backpressure_answers_503_with_retry_after(make_bridge):
     def tweak(raw: dict[str, Any]) -> None:
-        raw["store"]["max_bytes"] = 300_000
+        raw["store"]["max_bytes"] = 400_000  # an empty store is about 300 KB (16 KiB pages, a page per table and index)
 
     bridge = await make_bridge(tweak)
     bridge.moengage.refuse_all(503)
