@@ -205,13 +205,16 @@ def _any(conds: tuple[Cond, ...]) -> Cond:
 
 
 def _emit_chain(g: Gen, conds: tuple[Cond, ...], op: str) -> str:
-    """all_of / any_of as statements: each condition runs only while the answer is open."""
+    """all_of / any_of as statements: each condition runs only while the answer is open.
+
+    ``out`` holds the last condition's value as it is, not bool() of it: every reader of
+    a condition's expression tests its truth (``if``, ``not``, the rules' ``when``), and a
+    call to bool() per condition was a tenth of a drop rule's steps."""
     out = g.fresh()
-    g.line(f"{out} = {op == 'and'}")
     depth = g.depth
     for f in conds:
         got = g.cond(f)
-        g.line(f"{out} = bool({got})")
+        g.line(f"{out} = {got}")
         g.line(f"if {'' if op == 'and' else 'not '}{out}:")
         g.depth += 1
     g.line("pass")

@@ -232,6 +232,9 @@ class ExprCompiler:
 
         def emit_let(g: Gen) -> str:
             # the let's cached value, computed on first use (get_let_value below)
+            out = g.let_read(name)
+            if out is not None:  # read earlier on every path to here: that local holds it
+                return _walk_emitter(out, rest)(g) if rest else out
             out = g.fresh()
             key = g.literal(name)
             g.line(f"{out} = L.get({key}, U)")
@@ -244,6 +247,7 @@ class ExprCompiler:
                     g.line(f"{out} = L[{key}] = {g.value(let_tree)}")
                 else:
                     g.line(f"{out} = L[{key}] = {g.bind(let_fn)}(env)")
+            g.let_was_read(name, out)
             return _walk_emitter(out, rest)(g) if rest else out
 
         if not rest:

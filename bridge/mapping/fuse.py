@@ -97,6 +97,11 @@ class Gen:
         # Expressions that are never M (a fresh container, a bound constant): an object or
         # a list that stores one needs no test for it (see expressions._emit_fields).
         self.present: set[str] = set()
+        # {let name: (the local holding its value, the depth it was read at)}: a later read
+        # at that depth or deeper, before the source leaves that block, is on a path that
+        # went through the first read, so it uses the local instead of reading the let
+        # cache again (a drop rule read customer_id three times, 8 steps each).
+        self._lets_read: dict[str, tuple[str, int]] = {}
 
     def inline_once(self, name: str) -> bool:
         """True the first time ``name`` (a let) asks to be inlined into this function, if
@@ -148,7 +153,26 @@ class Gen:
         return name
 
     def line(self, text: str) -> None:
+        if self._lets_read:
+            self._forget_lets_deeper_than(self.depth)
         self.lines.append("    " * self.depth + text)
+
+    def let_read(self, name: str) -> str | None:
+        """The local holding let ``name``, if every path to here read it already."""
+        self._forget_lets_deeper_than(self.depth)
+        known = self._lets_read.get(name)
+        return known[0] if known is not None else None
+
+    def let_was_read(self, name: str, local: str) -> None:
+        """``local`` holds let ``name`` from here on, in this block and the ones in it."""
+        self._lets_read[name] = (local, self.depth)
+
+    def _forget_lets_deeper_than(self, depth: int) -> None:
+        # A line at a shallower depth closes the block a let was read in (or starts its
+        # `else`, `except`, ...): past it, the read may not have happened.
+        stale = [name for name, (_, at) in self._lets_read.items() if at > depth]
+        for name in stale:
+            del self._lets_read[name]
 
     @contextmanager
     def block(self, header: str) -> Iterator[None]:

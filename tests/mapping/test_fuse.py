@@ -261,7 +261,7 @@ def test_deep_nesting_falls_back_to_closures_and_still_agrees(tmp_path: Path, mo
 
 def test_lets_are_inlined_once_per_function_and_still_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A let's statements are written into the first fused function that reads it, once;
-    later reads there call the fused let (they run only when the first did not)."""
+    later reads on the same path take the local the first read left (no second look-up)."""
     text = """
     source_format: segment
     destination_kind: segment
@@ -279,15 +279,45 @@ def test_lets_are_inlined_once_per_function_and_still_agree(tmp_path: Path, monk
     fused, plain = _both(monkeypatch, write(tmp_path / "lets.yaml", text))
     assert isinstance(fused, YamlMapping)
     source = str(fused._rule_guards[0][0].body.__doc__)
-    for name in ("uid", "label"):
+    # label: read once, its second read takes the local. uid: first read inside label's
+    # block, so the read after it looks it up again, and calls the fused let.
+    for name, calls in (("label", 0), ("uid", 1)):
         inline = re.findall(rf"L\['{name}'\] = v\d+$", source, re.MULTILINE)
         called = re.findall(rf"L\['{name}'\] = b\d+\(env\)$", source, re.MULTILINE)
-        assert (len(inline), len(called)) == (1, 1), source
+        assert (len(inline), len(called)) == (1, calls), source
+        assert len(re.findall(rf"L\.get\('{name}'", source)) == 1 + calls, source
     for event in ({"userId": "12"}, {"userId": 7}, {"userId": "x"}, {}):
         assert repr(fused.apply(event, MapContext())) == repr(plain.apply(event, MapContext()))
     assert type(fused.apply({"userId": "x"}, MapContext())).__name__ == "Failed"
     [out] = fused.apply({"userId": "12"}, MapContext())  # type: ignore[misc]
     assert out.body == {"type": "track", "userId": "12", "event": "12", "properties": {"again": 12}}
+
+
+def test_a_let_read_in_a_branch_is_read_again_after_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A let first read inside an `if` branch was read only on that path: a read after the
+    `if` (or in its `else`) looks it up again, and a read inside the same branch does not."""
+    text = """
+    source_format: segment
+    destination_kind: segment
+    let:
+      uid: {path: $.userId, pipe: [{to: string}]}
+    rules:
+      - name: t
+        kind: track
+        body:
+          event: {if: {exists: $.flag}, then: $let.uid, else: {first: [$let.uid, none]}}
+          properties: {object: {same: {if: {exists: $.flag}, then: {first: [$let.uid, $let.uid]}}}}
+          userId: $let.uid
+    """
+    fused, plain = _both(monkeypatch, write(tmp_path / "branch.yaml", text))
+    assert isinstance(fused, YamlMapping)
+    source = str(fused._rule_guards[0][0].body.__doc__)
+    # The `then` and the `else` of the first `if`, the second `if`'s branch, the last read.
+    assert len(re.findall(r"L\.get\('uid'", source)) == 4, source
+    for event in ({"userId": "u1"}, {"userId": "u1", "flag": 1}, {"userId": 5, "flag": True}, {}):
+        assert repr(fused.apply(event, MapContext())) == repr(plain.apply(event, MapContext())), event
+    [out] = fused.apply({"userId": "u1"}, MapContext())  # type: ignore[misc]
+    assert out.body == {"type": "track", "event": "u1", "properties": {}, "userId": "u1"}
 
 
 def test_a_let_too_deep_to_inline_is_called_and_the_body_still_fuses(
