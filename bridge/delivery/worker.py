@@ -100,6 +100,11 @@ class _Batch:
     # The jobs that delete their user (Destination.ERASE_KINDS): {job: the ids whose
     # identity links their ack erases}. See _erased_ids.
     erases: dict[int, frozenset[str]] = field(default_factory=dict)
+    # The items that wait for an earlier item of their own job (Destination.FOLLOWERS):
+    # {id(follower): its leader}, and, only while there are some, the ids of the items
+    # accepted so far (see _without_unready_followers). Empty for a batch of one-output events.
+    leaders: dict[int, Item] = field(default_factory=dict)
+    accepted_ids: set[int] = field(default_factory=set)
 
     @property
     def finished(self) -> bool:
@@ -489,18 +494,30 @@ class DestinationWorker:
                 last = [r for r in requests if any(it.output.kind in barriers for it in r.items)]
                 if last:
                     requests = [r for r in requests if r not in last]
-            # Every request finishes before anything is settled or recovered: were one to
-            # fail and the rest be recovered while still in flight, their 200s would land
-            # on jobs already scheduled again, and those events would be sent twice.
-            outcomes = await asyncio.gather(
-                *(self._send(r, batch, ordered=False) for r in requests), return_exceptions=True
-            )
-            for outcome in outcomes:
-                if isinstance(outcome, BaseException):
-                    raise outcome
+            # Sent at once, a follower in another request than its leader (a Track Device
+            # beside its user's Track User) could reach the upstream first: it goes in a
+            # second round, once its leader's request is judged (sent only if accepted).
+            followers: list[Item] = []
+            if batch.leaders:
+                requests, followers = _part_followers(requests, batch.leaders)
+            await self._send_together(requests, batch)
+            if followers:
+                await self._send_together(self.client.pack(followers), batch)
             if last:
                 await self._send_barriers(last, batch)
         await self._settle(batch, job_items, mapping.version)
+
+    async def _send_together(self, requests: list[Request], batch: _Batch) -> None:
+        """Unordered delivery: send ``requests`` at once. Every request finishes before
+        anything is settled or recovered: were one to fail and the rest be recovered while
+        still in flight, their 200s would land on jobs already scheduled again, and those
+        events would be sent twice."""
+        outcomes = await asyncio.gather(
+            *(self._send(r, batch, ordered=False) for r in requests), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def _send_barriers(self, requests: list[Request], batch: _Batch) -> None:
         """Unordered delivery: send, one after the other, the requests of jobs that may not
@@ -595,6 +612,7 @@ class DestinationWorker:
         plain: dict[str, MapContext] = {}
         reject_reason = self.client.reject_reason
         erase_kinds = self.client.ERASE_KINDS
+        followers = self.client.FOLLOWERS
         # The deletions this batch's jobs come after: the previous batch's, in flight, and
         # those of this one met so far (see _erased_ids).
         erasures = dict(batch.after.erases) if batch.after is not None and batch.after.erases else {}
@@ -667,6 +685,8 @@ class DestinationWorker:
                 continue
             job_items[job_id] = mine
             batch.items_left[job_id] = len(mine)
+            if len(mine) > 1 and followers:
+                _find_leaders(mine, followers, batch.leaders)
             if erasures and _uses_erased(job_id, ids[job_id], links, erasures):
                 # Mapped with a link a deletion before it erases once delivered: given back
                 # unsent (its attempt not counted), and mapped again after that deletion.
@@ -723,6 +743,10 @@ class DestinationWorker:
 
         Returns False when the request (or, in ordered mode, part of it) was not sent or
         must be retried, so the caller can hold back what comes after it."""
+        if batch.leaders:
+            request = self._without_unready_followers(request, batch)
+            if not request.items:
+                return True  # nothing left to send: the leaders' verdicts stand for their jobs
         if self._stopping or batch.guard_reason or self.paused:
             # Shutting down, about to pause, or paused (by an operator, mid-batch): start
             # nothing new. Unsent jobs are given back without counting the attempt.
@@ -771,6 +795,8 @@ class DestinationWorker:
         elif action is Action.DELIVERED:
             batch.delivered_pending += len({it.job_id for it in request.items})
             batch.accepted.append(request)
+            if batch.leaders:
+                batch.accepted_ids.update(map(id, request.items))
             self.last_delivered_at = self.store.now()
         if action is Action.RETRY:
             self._back_off(response)
@@ -789,6 +815,32 @@ class DestinationWorker:
             if previous is None or rank > _rank(previous.action):
                 verdicts[job_id] = verdict
         return action is not Action.RETRY
+
+    def _without_unready_followers(self, request: Request, batch: _Batch) -> Request:
+        """``request`` without its followers whose leader was not accepted (retried,
+        dead-lettered, not sent) and is not in ``request`` before them. Such a follower is
+        not sent in this attempt: its job keeps its leader's verdict, and its next attempt
+        or replay sends both (the upstream has nothing of it to skip)."""
+        leaders, accepted = batch.leaders, batch.accepted_ids
+        here: set[int] | None = None
+        kept: list[Item] = []
+        for it in request.items:
+            leader = leaders.get(id(it))
+            if leader is not None and id(leader) not in accepted:
+                if here is None:
+                    here = set(map(id, request.items))
+                if id(leader) not in here:
+                    verdict = batch.verdicts.get(it.job_id)
+                    if verdict is None or verdict.action is Action.DELIVERED:
+                        # Its leader has no verdict to stand for the job (never the case in the
+                        # order the engine sends): given back, not acked without this item.
+                        batch.unsent.add(it.job_id)
+                    continue
+            kept.append(it)
+        if len(kept) == len(request.items):
+            return request
+        log.debug("followers_held", destination=self.name, held=len(request.items) - len(kept))
+        return Request(request.endpoint, kept)
 
     def _hold_for_pause(self, request: Request, batch: _Batch, response: Response) -> bool:
         """Send nothing more of ``batch``; its jobs stay queued and the destination pauses
@@ -1021,6 +1073,47 @@ def _uses_erased(
     ``erasures`` ({job: ids}) erases: one from or to one of that deletion's ids."""
     used = {x for i in own if i in links for x in (i, links[i])}
     return bool(used) and any(e < job_id and not used.isdisjoint(ids) for e, ids in erasures.items())
+
+
+def _find_leaders(items: list[Item], followers: Mapping[str, str], leaders: dict[int, Item]) -> None:
+    """Record in ``leaders`` ({id(follower): leader}) each of one job's ``items`` that waits
+    for an earlier one of them (Destination.FOLLOWERS): the nearest before it of its kind."""
+    for n, item in enumerate(items):
+        kind = followers.get(item.output.kind)
+        if kind is None:
+            continue
+        for earlier in reversed(items[:n]):
+            if earlier.output.kind == kind:
+                leaders[id(item)] = earlier
+                break
+
+
+def _part_followers(requests: list[Request], leaders: Mapping[int, Item]) -> tuple[list[Request], list[Item]]:
+    """Unordered delivery: ``requests`` without the followers whose leader is in another
+    request, and those followers, in their order, for a second round. A follower after its
+    leader in one request (a device in its user's Bulk Import) stays: it goes in place."""
+    kept: list[Request] = []
+    held: list[Item] = []
+    for request in requests:
+        items = request.items
+        moved: list[Item] = []
+        here: set[int] | None = None
+        for it in items:
+            leader = leaders.get(id(it))
+            if leader is not None:
+                if here is None:
+                    here = set(map(id, items))
+                if id(leader) not in here:
+                    moved.append(it)
+        if moved:
+            held.extend(moved)
+            gone = set(map(id, moved))
+            items = [it for it in items if id(it) not in gone]
+            if not items:
+                continue
+            request = Request(request.endpoint, items)
+        kept.append(request)
+    return kept, held
 
 
 def _rank(action: Action) -> int:

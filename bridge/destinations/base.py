@@ -12,6 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 from bridge.mapping.api import Output
@@ -98,6 +99,13 @@ class Destination(ABC):
     # user). An unordered destination sends them last in a batch, and only once every
     # earlier job of their users is settled (DestinationWorker._send_barriers).
     ORDER_BARRIER_KINDS: frozenset[str] = frozenset()
+    # {output kind: the kind of its own job's output it waits for}: an item of such a kind
+    # goes out only once the earlier item of that kind of its job was accepted, or in the
+    # same request after it (MoEngage adds a device to an existing user only). Otherwise
+    # it is not sent in that attempt and the job takes its leader's verdict: retried, or
+    # dead-lettered, with it. Unordered delivery sends such items in a second round, after
+    # the rest of their batch (DestinationWorker._deliver).
+    FOLLOWERS: Mapping[str, str] = MappingProxyType({})
     # Output kinds that delete their user upstream. Once such a job is delivered, the
     # identity links of its event's ids go with it (Store.ack's erase_links), so the
     # deleted user's later events are not attributed to them again.

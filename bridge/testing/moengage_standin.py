@@ -12,6 +12,7 @@ Merge User, a 403 from the others.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from collections.abc import Callable, Mapping
@@ -146,6 +147,10 @@ class MoEngageStandIn(StandIn):
         self.data_centers = dict(data_centers or {})
         # Set it to answer every authenticated request as MoEngage answers a suspended account.
         self.suspended = False
+        # Seconds a request to an endpoint ("customer", "event", "device", "transition",
+        # "merge", "delete") waits before MoEngage takes it in: with a slow Track User, a
+        # device sent beside its user, not after the user's answer, finds no user.
+        self.delays: dict[str, float] = {}
         self.ignored: list[Ignored] = []
         self._customers: list[dict[str, Any]] = []
         self._events: list[dict[str, Any]] = []
@@ -213,21 +218,27 @@ class MoEngageStandIn(StandIn):
         }
 
     async def _customer(self, request: web.Request) -> web.Response:
+        await self._delay("customer")
         return await self._handle(request, self._accept_customer_request, MAX_BODY_BYTES)
 
     async def _event(self, request: web.Request) -> web.Response:
+        await self._delay("event")
         return await self._handle(request, self._accept_event_request, MAX_BODY_BYTES)
 
     async def _device(self, request: web.Request) -> web.Response:
+        await self._delay("device")
         return await self._handle(request, self._accept_device_request, MAX_BODY_BYTES)
 
     async def _transition(self, request: web.Request) -> web.Response:
+        await self._delay("transition")
         return await self._handle(request, self._accept_transition, MAX_BULK_BODY_BYTES)
 
     async def _merge(self, request: web.Request) -> web.Response:
+        await self._delay("merge")
         return await self._handle(request, self._accept_merge, MAX_BODY_BYTES, merge=True, suspended=_MERGE_SUSPENDED)
 
     async def _delete(self, request: web.Request) -> web.Response:
+        await self._delay("delete")
         return await self._handle(
             request,
             self._accept_delete,
@@ -236,6 +247,11 @@ class MoEngageStandIn(StandIn):
             suspended=_DELETE_SUSPENDED,
             invalid_app_id_status=_DELETE_SUSPENDED[0],
         )
+
+    async def _delay(self, endpoint: str) -> None:
+        delay = self.delays.get(endpoint, 0.0)
+        if delay > 0:
+            await asyncio.sleep(delay)
 
     async def _handle(
         self,
@@ -327,7 +343,9 @@ class MoEngageStandIn(StandIn):
             self.ignored.append(Ignored("blocked_customer_id", item))
         elif into is self._devices and item["customer_id"] not in self._users:
             # "Devices can be created for existing users only": the call is accepted (MoEngage
-            # processes it later) and no device is made.
+            # processes it later) and no device is made (shared/reference/moengage-api.md §1.4
+            # Track Device, and §1.5: 200 "will be processed soon"). A device that reaches it
+            # before, or beside, its new user's Track User is lost so.
             self.ignored.append(Ignored("no_such_user", item))
         else:
             into.append(item)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from types import MappingProxyType
 from typing import Any, ClassVar, Literal
 from urllib.parse import quote
 
@@ -125,6 +126,11 @@ class MoEngageDestination(Destination):
     # profile of that user, not on the retained one (MoEngage merges are not transitive).
     ORDER_BARRIER_KINDS = frozenset({DELETE, MERGE})
     ERASE_KINDS = frozenset({DELETE})
+    # MoEngage adds a device to an existing user only: a job's device goes out once its
+    # customer item was accepted, or after it in the same Bulk Import. Sent before it, or
+    # beside it (unordered delivery sends a batch's requests at once; with `api: single`
+    # the two are two requests), a new user's device is accepted and never made.
+    FOLLOWERS = MappingProxyType({DEVICE: CUSTOMER})
 
     def reject_reason(self, item: Item) -> str | None:
         kind = item.output.kind
@@ -156,6 +162,7 @@ class MoEngageDestination(Destination):
         # them: one user a request) send each item alone, in place. A device follows its
         # user's customer item (MoEngage adds devices to existing users only): in place, so
         # never in an earlier request, and in the same Bulk Import where the two fit in one.
+        # In another request, it goes once the customer's is accepted (FOLLOWERS).
         groups: list[tuple[str, list[Item]]] = []
         # Each kind's endpoint, asked of _endpoint once a call rather than once an item.
         endpoints: dict[str, str] = {}
