@@ -574,18 +574,7 @@ class DestinationWorker:
         held = previous.holds()
         if not held:
             return items
-        for job_id in sorted(batch.jobs):  # in id order, so a held job passes its hold on
-            key = batch.jobs[job_id].ordering_key
-            if not key:
-                continue
-            users = key.split(KEY_SEPARATOR)
-            # Only an OLDER job held back there delays this one: a newer one given back
-            # unsent comes after it anyway.
-            if any(held.get(user, job_id) < job_id for user in users):
-                for user in users:
-                    held[user] = min(held.get(user, job_id), job_id)
-                if job_id in job_items:
-                    batch.unsent.add(job_id)
+        _hold_users(batch, held, job_items)
         return [it for it in items if it.job_id not in batch.unsent] if batch.unsent else items
 
     async def _map(self, batch: _Batch, mapping: CompiledMapping) -> tuple[list[Item], dict[int, list[Item]]]:
@@ -695,6 +684,15 @@ class DestinationWorker:
                 batch.unsent.add(job_id)
                 continue
             items.extend(mine)
+        if batch.unsent and self.config.delivery.ordered:
+            # Its users' later jobs here wait with it (sent, an event of an alias's retained
+            # user overtook the alias), as the next batch's wait for this one (_hold_back).
+            held: dict[str, int] = {}
+            for job_id in sorted(batch.unsent):
+                for user in filter(None, batch.jobs[job_id].ordering_key.split(KEY_SEPARATOR)):
+                    held.setdefault(user, job_id)
+            _hold_users(batch, held, job_items)
+            items = [it for it in items if it.job_id not in batch.unsent]
         if discards:
             await self.store.discard(discards, fence=batch.fence)
             batch.settled.update(d.job_id for d in discards)
@@ -1049,6 +1047,23 @@ class DestinationWorker:
                 event_name=d.label,
                 message_id=batch.jobs[d.job_id].message_id,
             )
+
+
+def _hold_users(batch: _Batch, held: dict[str, int], job_items: Mapping[int, list[Item]]) -> None:
+    """Mark unsent (given back, the attempt not counted) every job of ``job_items`` with an
+    older job of one of its users held back: ``held`` is {user: the oldest such job id}."""
+    for job_id in sorted(batch.jobs):  # in id order, so a held job passes its hold on
+        key = batch.jobs[job_id].ordering_key
+        if not key:
+            continue
+        users = key.split(KEY_SEPARATOR)
+        # Only an OLDER job held back delays this one: a newer one given back unsent comes
+        # after it anyway.
+        if any(held.get(user, job_id) < job_id for user in users):
+            for user in users:
+                held[user] = min(held.get(user, job_id), job_id)
+            if job_id in job_items:
+                batch.unsent.add(job_id)
 
 
 _RANKS = {Action.DELIVERED: 0, Action.RETRY: 1, Action.DEAD: 2, Action.SPLIT: 2, Action.BISECT: 2, Action.PAUSE: 2}

@@ -154,6 +154,37 @@ async def deletion_erases_links(bridge: Bridge) -> None:
     assert await dead_letters(bridge) == []
 
 
+async def test_a_job_given_back_for_an_erased_link_holds_back_its_users_later_jobs(bridge: Bridge) -> None:
+    """An alias mapped, in the deletion's batch, with the deleted user's link goes back to
+    the queue unsent (mapped again once the link is erased). Its retained user's later
+    event in that batch did not wait for it: sent first, it overtook the merge, though
+    delivery is ordered per user."""
+    moengage = bridge.moengage
+    identify = {"userId": "u-held-1", "traits": {"id": "crm-held-1"}, "messageId": "held-id"}
+    assert (await bridge.post("/v1/identify", identify, basic(WRITE_KEY)))[0] == 200
+    await moengage.wait_for(lambda: moengage.users() == {"crm-held-1"})
+
+    def track(user_id: str, event: str) -> dict[str, Any]:
+        return {"type": "track", "userId": user_id, "event": event, "messageId": f"held-{event}"}
+
+    moengage.hold()  # "Before" stays in flight while the next batch queues behind it
+    assert (await bridge.post("/v1/batch", {"batch": [track("u-held-1", "Before")]}, basic(WRITE_KEY)))[0] == 200
+    await moengage.wait_for(lambda: moengage.received >= 2)
+    assert (await webhook(bridge, deletion("u-held-1", "del-held-1")))[0] == 200
+    alias = {"type": "alias", "previousId": "u-held-1", "userId": "n-held-1", "messageId": "held-alias"}
+    later = track("n-held-1", "After")
+    assert (await bridge.post("/v1/batch", {"batch": [alias, later]}, basic(WRITE_KEY)))[0] == 200
+    moengage.release()
+    await moengage.wait_for(lambda: any(s.path.endswith("/merge") for s in moengage.seen))
+    await wait_until(lambda: settled(bridge), what="the queue to empty")
+
+    paths = [s.path for s in moengage.seen]
+    # The identify, "Before", the deletion, then the merge before "After" (a Bulk Import).
+    assert paths[2:] == [DELETE_PATH, "/v1/customer/merge", f"/v1/transition/{WORKSPACE}"], paths
+    assert moengage.merges() == [{"merged_user": "u-held-1", "retained_user": "n-held-1"}]
+    assert {e["actions"][0]["action"]: e["customer_id"] for e in moengage.events()}["After"] == "n-held-1"
+
+
 async def test_a_deletion_without_a_user_id_is_refused_at_ingest(bridge: Bridge) -> None:
     status, data = await webhook(bridge, {"type": "delete", "anonymousId": "anon-1", "messageId": "del-4"})
     assert status == 400
