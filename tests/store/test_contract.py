@@ -110,8 +110,10 @@ async def test_a_delivered_deletion_erases_the_links_from_and_to_its_ids(store: 
     )
     await store.enqueue("web", [event("m1", "u1", links=learnt)])
     await store.enqueue("web", [event("del", "u1")])
-    # Learnt after the deletion was stored: new data, kept.
-    await store.enqueue("web", [event("m2", "u4", links=(IdentityLink("moe", "u4", "crm-1"),))])
+    # Learnt after the deletion was stored: new data, kept. So is a link taught again as
+    # it was (its time moves), and one another user's id moved to.
+    again = (IdentityLink("moe", "u4", "crm-1"), IdentityLink("moe", "u2", "crm-1"), IdentityLink("moe", "u3", "crm-9"))
+    await store.enqueue("web", [event("m2", "u4", links=again)])
     first, deletion, later = await store.lease("moe", 10, 30)
     erase = {deletion.id: ["u1", "crm-1", long_id]}
     everyone = ["u1", "u2", "u3", "u4", "crm-1", long_id]
@@ -121,7 +123,7 @@ async def test_a_delivered_deletion_erases_the_links_from_and_to_its_ids(store: 
     assert len(await store.resolve_links("moe", everyone)) == 6
     # Acked along with other jobs; a job that deleted nobody erases nothing.
     await store.ack([first.id, deletion.id, later.id], fence={deletion.id: deletion.attempts}, erase_links=erase)
-    assert await store.resolve_links("moe", everyone) == {"u3": "crm-3", "u4": "crm-1"}
+    assert await store.resolve_links("moe", everyone) == {"u2": "crm-1", "u3": "crm-9", "u4": "crm-1"}
     assert await store.resolve_links("other", ["u1"]) == {"u1": "crm-1"}
 
 
