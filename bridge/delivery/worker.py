@@ -75,7 +75,9 @@ class _Batch:
     deadline: float  # monotonic time after which no request may start (well inside the lease)
     events: dict[int, Any] = field(default_factory=dict)  # the parsed payloads, by job id
     verdicts: dict[int, Verdict] = field(default_factory=dict)
-    unsent: set[int] = field(default_factory=set)  # jobs with an item never sent: released, uncounted
+    # Jobs with an item never sent: released, uncounted, unless one of their items was
+    # refused for now (a RETRY verdict): that attempt is counted (see _settle).
+    unsent: set[int] = field(default_factory=set)
     # Unordered delivery: jobs held back behind an earlier job of their users, not sent
     # (see DestinationWorker._send_barriers): due again later, never judged.
     deferred: set[int] = field(default_factory=set)
@@ -921,9 +923,14 @@ class DestinationWorker:
             if job_id in batch.deferred:
                 deferred.append(job_id)
                 continue
-            if job_id in batch.unsent or verdict is None:
+            if verdict is None or (job_id in batch.unsent and verdict.action is not Action.RETRY):
                 unsent.append(job_id)  # some item never went out: released, attempt not counted
                 continue
+            # A job refused for now is retried, its attempt counted, even with items not sent
+            # (held back behind the failed one, in order): given back uncounted, a job whose
+            # first request always failed never spent its retry budget, and was tried for as
+            # long as the upstream failed, never dead-lettered. Its retry sends what was not
+            # accepted (delivered_outputs, below).
             resp = verdict.response
             if verdict.action is Action.DELIVERED:
                 acked.append(job_id)

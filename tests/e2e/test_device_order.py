@@ -47,9 +47,15 @@ class MoEngage(MoEngageStandIn):
 
 @contextlib.asynccontextmanager
 async def _bridge(
-    make_bridge: Any, upstream: MoEngage, api: str, max_event_bytes: int | None = None, **delivery: Any
+    make_bridge: Any,
+    upstream: MoEngage,
+    api: str,
+    max_event_bytes: int | None = None,
+    retry: dict[str, Any] | None = None,
+    **delivery: Any,
 ) -> AsyncIterator[Bridge]:
-    """A bridge whose moengage-main (the shipped mapping) sends to ``upstream`` through ``api``."""
+    """A bridge whose moengage-main (the shipped mapping) sends to ``upstream`` through ``api``
+    (``retry``: settings to change in its retry policy)."""
     server = TestServer(upstream.app(), host="127.0.0.1")
     await server.start_server()
 
@@ -57,6 +63,7 @@ async def _bridge(
         main = raw["destinations"][0]
         main.update(api=api, base_url=str(server.make_url("")).rstrip("/"))
         main["delivery"].update(delivery)
+        main["retry"].update(retry or {})
         if max_event_bytes is not None:
             raw["server"]["max_event_bytes"] = raw["server"]["max_request_bytes"] = max_event_bytes
 
@@ -177,3 +184,29 @@ async def test_a_device_of_a_dead_lettered_track_user_goes_with_its_replay(make_
         await upstream.wait_for(lambda: len(upstream.devices()) == 1, timeout=10)
         assert _arrivals(upstream) == [("customer", "eve"), ("device", "eve")]
         assert upstream.ignored == []
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+async def test_a_device_whose_track_user_keeps_failing_ends_in_the_dlq(make_bridge, ordered):
+    """The Track User keeps failing (503): each attempt is counted, though the device never
+    went out in it, and once the retry budget is spent the job is dead-lettered. Given back
+    uncounted instead (the device "unsent"), it was retried for as long as the upstream
+    failed, and never reached the DLQ."""
+    attempts = 3
+    upstream = MoEngage(*[503] * 50)
+    retry = {"min_attempts": attempts, "max_age": 0}
+    async with _bridge(make_bridge, upstream, "single", retry=retry, ordered=ordered) as bridge:
+        assert (await bridge.post("/v1/batch", _identifies("gus"), H))[0] == 200
+
+        dead_letters: list[dict[str, Any]] = []
+
+        async def dead_lettered() -> bool:
+            _, body = await bridge.get("/admin/dlq?reason=retries_exhausted", ADMIN)
+            dead_letters[:] = body["dead_letters"]
+            return len(dead_letters) == 1
+
+        await wait_until(dead_lettered, what="the event in the DLQ")
+        [dead] = dead_letters
+        assert (dead["attempts"], dead["status"], dead["outputs_delivered"]) == (attempts, 503, 0), dead
+        assert [(s.path.split("/")[2], s.status) for s in upstream.seen] == [("customer", 503)] * attempts
+        assert upstream.devices() == [] and upstream.ignored == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -85,6 +86,23 @@ class EventsFail(MoEngageStandIn):
         return await self._handle(request, _refuse(answer), 128_000)
 
 
+class TrackUserFails(EventsFail):
+    """MoEngage whose Track User endpoint answers 503 for ``user`` every time (an outage of
+    that user's shard, say), and as MoEngage does for everyone else."""
+
+    def __init__(self, user: str) -> None:
+        super().__init__()
+        self.user = user
+
+    async def _customer(self, request: web.Request) -> web.Response:
+        def accept(body: dict[str, Any]) -> str:
+            if body.get("customer_id") == self.user:
+                raise Rejected(503, f"scripted 503 for {self.user}")
+            return self._accept_customer_request(body)
+
+        return await self._handle(request, accept, 128_000)
+
+
 def _refuse(status: int) -> Callable[[dict[str, Any]], str]:
     def refuse(body: dict[str, Any]) -> str:
         raise Rejected(status, f"scripted {status} for {body.get('customer_id')}")
@@ -118,6 +136,7 @@ async def _bridge(
     store_url: str,
     store: Callable[[], Store] | None = None,
     guard: dict[str, Any] | None = None,
+    retry: dict[str, Any] | None = None,
     **delivery: Any,
 ) -> AsyncIterator[Bridge]:
     """A bridge whose moengage-main maps with TWO_OUTPUTS and sends to ``upstream`` (on
@@ -135,6 +154,7 @@ async def _bridge(
         main = raw["destinations"][0]
         main.update(mapping="two-outputs", api="single", base_url=str(server.make_url("")).rstrip("/"))
         main["delivery"].update(delivery)
+        main["retry"].update(retry or {})
         if guard is not None:
             main["guard"] = guard
 
@@ -388,3 +408,38 @@ async def test_events_acked_by_the_recovery_from_an_internal_fault_count_for_the
         assert bridge.runtime is not None
         guarded = bridge.runtime.delivery.workers["moengage-main"].guard
         assert (guarded.size, guarded.ratio) == (3, 0.0)
+
+
+async def test_an_event_whose_first_output_keeps_failing_ends_in_the_dlq(make_bridge, tmp_path):
+    """Ordered: alice's Track User keeps failing (503), so her Create Event, in the request
+    after it, is never sent, nor is anything after it in that batch (bob's). Her attempts
+    are counted all the same, and once the retry budget is spent she is dead-lettered.
+    Given back uncounted (her Create Event "unsent"), she was retried for as long as the
+    upstream failed, and never reached the DLQ. Bob, held back only behind her, is
+    delivered, each output once."""
+    attempts = 3
+    upstream = TrackUserFails("alice")
+    retry = {"min_attempts": attempts, "max_age": 0}
+    db = f"sqlite:///{tmp_path}/bridge.db"
+    async with _bridge(make_bridge, tmp_path, upstream, db, retry=retry, ordered=True) as bridge:
+        assert (await bridge.post("/v1/batch", _tracks("alice", "bob"), H))[0] == 200
+        dead_letters: list[dict[str, Any]] = []
+
+        async def dead_lettered() -> bool:
+            _, body = await bridge.get("/admin/dlq?reason=retries_exhausted", ADMIN)
+            dead_letters[:] = body["dead_letters"]
+            return len(dead_letters) == 1
+
+        await wait_until(dead_lettered, what="alice's event in the DLQ")
+        await wait_until(lambda: _drained(bridge), what="the queue to drain")
+        [dead] = dead_letters
+        assert (dead["message_id"], dead["attempts"], dead["status"]) == ("m-alice", attempts, 503), dead
+        assert dead["outputs_delivered"] == 0
+        refused = [s for s in upstream.seen if s.status == 503]
+        assert len(refused) == attempts and all("/v1/customer/" in s.path for s in refused)
+        assert upstream.event_requests == 1  # bob's: alice's Create Event never went out
+        assert _customers(upstream) == ["bob"] and _events(upstream) == ["bob"]
+    # Bob was given back once, untried: only the attempt that delivered him counts.
+    with contextlib.closing(sqlite3.connect(tmp_path / "bridge.db")) as conn:
+        row = conn.execute("SELECT attempts FROM jobs WHERE message_id = 'm-bob'").fetchone()
+    assert row == (1,)
