@@ -148,9 +148,12 @@ def test_a_failed_batch_is_rescheduled_together():
     schedule = RetrySchedule(RetryPolicy(RetryConfig(base_delay=1, max_delay=300)), now=1000.0)
     for job_id in range(500):
         schedule.add(job_id, attempts=1 + job_id % 2, retry_after=None)
-    assert len(schedule.groups) == 2 and sum(map(len, schedule.groups.values())) == 500
+    # One due time per attempt count: two, or one when the two jittered delays happen to
+    # round to the same millisecond (about one run in a thousand).
+    assert len(schedule.groups) in (1, 2) and sum(map(len, schedule.groups.values())) == 500
     schedule.add(999, attempts=1, retry_after=30.0)  # told when: its own due time, at least 30 s out
-    assert len(schedule.groups) == 3 and min(at for at, ids in schedule.groups.items() if 999 in ids) >= 1030
+    [late] = [at for at, ids in schedule.groups.items() if 999 in ids]
+    assert late >= 1030 and schedule.groups[late] == [999]
 
 
 def test_a_request_that_could_not_be_built_is_bisected_then_dead_not_retried():
