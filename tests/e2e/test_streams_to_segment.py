@@ -887,3 +887,67 @@ async def test_a_mapped_event_segment_would_answer_200_and_drop_is_dead_lettered
     assert {entry["reason"] for entry in by_id.values()} == {"mapping_invalid_output"}
     _, full = await bridge.get(f"/admin/dlq/{by_id['text-properties']['id']}", ADMIN)
     assert "'properties' must be an object" in orjson.dumps(full).decode(), full
+
+
+_TWO_CALLS_MAPPING = """\
+source_format: moengage_streams
+destination_kind: segment
+description: each Streams event as a track, then an identify of its user
+rules:
+  - name: track
+    kind: track
+    continue: true
+    body:
+      event: $.event_name
+      userId: $.uid
+      messageId: $.event_uuid
+  - name: identify
+    kind: identify
+    body:
+      userId: $.uid
+      traits: $.user_attributes
+      messageId: MESSAGE_ID
+"""
+
+
+@pytest.mark.parametrize(
+    ("message_id", "kept"),
+    [("$.event_uuid", None), ('"{{event_uuid}}-identify"', ["two-1", "two-1-identify"])],
+)
+async def test_two_segment_calls_of_one_event_under_one_message_id_are_dead_lettered(
+    make_bridge, tmp_path, message_id, kept
+):
+    """Segment keeps one event per messageId and answers 200 to the other: an identify
+    sent under its track's messageId was lost without a trace. Such an event is
+    dead-lettered, naming both outputs; calls with their own messageIds go out."""
+    from tests.e2e.test_operations import copy_mappings
+
+    mappings = copy_mappings(tmp_path)
+    (mappings / "two-calls.yaml").write_text(_TWO_CALLS_MAPPING.replace("MESSAGE_ID", message_id))
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["mappings"]["dir"] = str(mappings)
+        segment = next(d for d in raw["destinations"] if d["name"] == "segment-prod")
+        segment["mapping"] = "two-calls"
+        segment["guard"] = {"enabled": False}
+
+    bridge = await make_bridge(tweak)
+    event = {"event_name": "Email Sent", "event_time": 1580967474, "uid": "u-1", "event_uuid": "two-1"}
+    event["user_attributes"] = {"moengage_user_id": "m-1"}
+    assert (await bridge.post(PATH, {"events": [event]}, AUTH))[0] == 200
+    if kept is not None:
+        await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 2)
+        assert [e["messageId"] for e in bridge.segment.events()] == kept
+        assert bridge.segment.dropped == []
+        return
+
+    async def dead_lettered() -> list[dict[str, Any]]:
+        _, found = await bridge.get("/admin/dlq?destination=segment-prod", ADMIN)
+        return list(found["dead_letters"])
+
+    await wait_until(lambda: _nonempty(dead_lettered()), what="the dead letter")
+    [entry] = await dead_lettered()
+    assert (entry["message_id"], entry["reason"]) == ("two-1", "mapping_invalid_output"), entry
+    _, full = await bridge.get(f"/admin/dlq/{entry['id']}", ADMIN)
+    assert "the track and the identify outputs share messageId 'two-1'" in orjson.dumps(full).decode(), full
+    assert bridge.segment.received == 0 and bridge.segment.dropped == []
