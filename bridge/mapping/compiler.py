@@ -204,6 +204,10 @@ class YamlMapping(CompiledMapping):
             return Failed("mapping_error", f"{type(exc).__name__}: {exc}")
         if not outputs:
             return Discarded("no_matching_rule", f"no rule of {self.name} applies to this event")
+        if len(outputs) > 1 and self.destination_kind == "segment":
+            shared = _shared_message_id(outputs)
+            if shared is not None:
+                return Failed("invalid_output", shared)
         return outputs
 
     def _go_on(self, rule: _Rule, event: dict[str, Any], env: Env, outputs: list[Output]) -> Discarded | Failed | None:
@@ -364,6 +368,24 @@ def _may_both_pass(first: Guard | None, second: Guard | None) -> bool:
     if first is None or second is None or first[0] != second[0]:
         return True
     return not first[1].isdisjoint(second[1])
+
+
+def _shared_message_id(outputs: list[Output]) -> str | None:
+    """What is wrong when two of one event's Segment outputs carry the same messageId:
+    Segment keeps one event per messageId and answers 200 to the other, which is then lost
+    without a trace. None when every messageId set is distinct."""
+    seen: dict[str, str] = {}
+    for output in outputs:
+        message_id = output.body.get("messageId")
+        if type(message_id) is not str:
+            continue  # none: Segment assigns each its own
+        if message_id in seen:
+            return (
+                f"the {seen[message_id]} and the {output.kind} outputs share messageId {message_id[:100]!r}; "
+                "Segment keeps only the first of them: give each its own (e.g. a template with a suffix)"
+            )
+        seen[message_id] = output.kind
+    return None
 
 
 def _detail(fn: Fn | None, env: Env) -> str:

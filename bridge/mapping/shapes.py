@@ -18,6 +18,9 @@ class Shape:
     typed: bool = True  # the engine sets body["type"] = kind
     action_fields: tuple[str, ...] = ()  # for MoEngage events: keys of each actions[] item
     required_attributes: tuple[str, ...] = ()  # for MoEngage devices: keys `attributes` must set
+    # Fields that must be JSON objects when set: Segment answers 200 to an event whose
+    # properties or traits is not one and drops it (properties_not_object, traits_not_object).
+    objects: tuple[str, ...] = ()
 
 
 _ACTION_FIELDS = (
@@ -51,9 +54,12 @@ SHAPES: dict[str, dict[str, Shape]] = {
     },
     "segment": {
         "track": Shape(
-            ("event", "properties", *_SEGMENT_COMMON), required=("event",), one_of=("userId", "anonymousId")
+            ("event", "properties", *_SEGMENT_COMMON),
+            required=("event",),
+            one_of=("userId", "anonymousId"),
+            objects=("properties",),
         ),
-        "identify": Shape(("traits", *_SEGMENT_COMMON), one_of=("userId", "anonymousId")),
+        "identify": Shape(("traits", *_SEGMENT_COMMON), one_of=("userId", "anonymousId"), objects=("traits",)),
     },
 }
 
@@ -163,8 +169,17 @@ def check_body(destination: str, kind: str, body: dict[str, Any]) -> str | None:
     for key in shape.required:
         if is_blank(body.get(key)) and key != "actions":
             return f"{key!r} is missing or empty"
-    if shape.one_of and all(is_blank(body.get(k)) for k in shape.one_of):
-        return f"none of {', '.join(shape.one_of)} is set"
+    if shape.one_of:
+        if all(is_blank(body.get(k)) for k in shape.one_of):
+            return f"none of {', '.join(shape.one_of)} is set"
+        for key in shape.one_of:
+            # Segment drops an event with an empty id even beside a good one (id_not_string),
+            # answering 200: such an event would be lost without a trace.
+            if body.get(key) == "":
+                return f"{key!r} is empty (leave it out instead: drop_if: empty)"
+    for key in shape.objects:
+        if key in body and type(body[key]) is not dict:
+            return f"{key!r} must be an object, got {type(body[key]).__name__}"
     for key in _STRING_FIELDS:
         if key in body and not isinstance(body[key], str):
             return f"{key!r} must be a string, got {type(body[key]).__name__}"

@@ -3,6 +3,8 @@
 Segment answers 200 to almost everything and drops bad data silently: unknown
 write keys, keys of another region's workspace, events that fail its spec checks.
 Only invalid JSON and oversize payloads get a 400 (shared/reference/segment-api.md §1).
+An event whose messageId Segment already took is dropped as a duplicate, whichever source
+or workspace took it (Segment deduplicates on messageId alone, for at least a day).
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ class SegmentEvent:
 class Dropped:
     """Data Segment answered 200 for but did not keep; ``event`` None for a whole batch."""
 
-    reason: str  # unknown_write_key, wrong_region, empty_batch, too_many_events, or a discard code
+    # unknown_write_key, wrong_region, empty_batch, too_many_events, duplicate_message_id,
+    # or a discard code
+    reason: str
     write_key: str
     event: Any
 
@@ -61,6 +65,7 @@ class SegmentStandIn(StandIn):
         self.region = region
         self.accepted: list[SegmentEvent] = []
         self.dropped: list[Dropped] = []
+        self._message_ids: set[str] = set()  # of the events accepted: Segment keeps one per id
         # What a 429 asks the client to wait: Segment's carries Retry-After and
         # X-RateLimit-Reset, both in seconds (segment-api.md, "Rate limits").
         self.retry_after = 1
@@ -119,6 +124,13 @@ class SegmentStandIn(StandIn):
             if discard:
                 self.dropped.append(Dropped(discard, write_key, event))
                 continue
+            message_id = event.get("messageId")
+            if isinstance(message_id, str) and message_id:
+                # Without one, Segment assigns a new id: never a duplicate.
+                if message_id in self._message_ids:
+                    self.dropped.append(Dropped("duplicate_message_id", write_key, event))
+                    continue
+                self._message_ids.add(message_id)
             self.accepted.append(SegmentEvent(event, body.get("sentAt"), write_key, auth))
             kept[event["type"]] += 1
         dropped = len(batch) - sum(kept.values())

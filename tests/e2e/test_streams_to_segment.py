@@ -826,3 +826,128 @@ async def test_a_batch_with_rejected_events_logs_one_warning_naming_them(bridge)
     ]
     assert lines[1]["first"] == [{"index": 1, "event_id": "m-no-event", "code": "event_not_defined"}]
     assert "private-note-9931" not in repr(lines)
+
+
+# A custom Streams -> Segment mapping a little off: properties from a field that may be
+# text, anonymousId set beside userId even when the MoEngage user id is empty.
+_LOOSE_MAPPING = """\
+source_format: moengage_streams
+destination_kind: segment
+description: properties and anonymousId read as they come
+rules:
+  - name: track
+    kind: track
+    body:
+      event: $.event_name
+      userId: $.uid
+      anonymousId: {path: $.user_attributes.moengage_user_id, pipe: [{to: string}]}
+      messageId: $.event_uuid
+      properties: $.campaign
+"""
+
+
+async def test_a_mapped_event_segment_would_answer_200_and_drop_is_dead_lettered(make_bridge, tmp_path):
+    """Segment answers 200 to an event whose properties is no object, or whose id is empty
+    beside a good one, and drops it (properties_not_object, id_not_string): counted as
+    delivered, it was lost without a trace. It is dead-lettered instead, naming the field."""
+    from tests.e2e.test_operations import copy_mappings
+
+    mappings = copy_mappings(tmp_path)
+    (mappings / "loose-to-segment.yaml").write_text(_LOOSE_MAPPING)
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["mappings"]["dir"] = str(mappings)
+        segment = next(d for d in raw["destinations"] if d["name"] == "segment-prod")
+        segment["mapping"] = "loose-to-segment"
+        segment["guard"] = {"enabled": False}
+
+    bridge = await make_bridge(tweak)
+    base = {"event_name": "Email Sent", "event_time": 1580967474, "uid": "u-1"}
+    events = [
+        {**base, "event_uuid": "ok-1", "campaign": {"id": "c1"}, "user_attributes": {"moengage_user_id": "m-1"}},
+        {**base, "event_uuid": "text-properties", "campaign": "c1", "user_attributes": {"moengage_user_id": "m-1"}},
+        {**base, "event_uuid": "empty-anonymous-id", "campaign": {}, "user_attributes": {"moengage_user_id": ""}},
+    ]
+    assert (await bridge.post(PATH, {"events": events}, AUTH))[0] == 200
+
+    async def dead_lettered() -> list[dict[str, Any]]:
+        _, found = await bridge.get("/admin/dlq?destination=segment-prod", ADMIN)
+        return list(found["dead_letters"])
+
+    async def both() -> bool:
+        return len(await dead_lettered()) == 2
+
+    await bridge.segment.wait_for(lambda: len(bridge.segment.requests) >= 1)
+    await wait_until(both, what="two dead letters")
+    assert bridge.segment.events() == [bridge.segment.events()[0]]
+    assert bridge.segment.events()[0]["messageId"] == "ok-1"
+    assert bridge.segment.dropped == [], "nothing sent that Segment drops"
+    by_id = {entry["message_id"]: entry for entry in await dead_lettered()}
+    assert set(by_id) == {"text-properties", "empty-anonymous-id"}
+    assert {entry["reason"] for entry in by_id.values()} == {"mapping_invalid_output"}
+    _, full = await bridge.get(f"/admin/dlq/{by_id['text-properties']['id']}", ADMIN)
+    assert "'properties' must be an object" in orjson.dumps(full).decode(), full
+
+
+_TWO_CALLS_MAPPING = """\
+source_format: moengage_streams
+destination_kind: segment
+description: each Streams event as a track, then an identify of its user
+rules:
+  - name: track
+    kind: track
+    continue: true
+    body:
+      event: $.event_name
+      userId: $.uid
+      messageId: $.event_uuid
+  - name: identify
+    kind: identify
+    body:
+      userId: $.uid
+      traits: $.user_attributes
+      messageId: MESSAGE_ID
+"""
+
+
+@pytest.mark.parametrize(
+    ("message_id", "kept"),
+    [("$.event_uuid", None), ('"{{event_uuid}}-identify"', ["two-1", "two-1-identify"])],
+)
+async def test_two_segment_calls_of_one_event_under_one_message_id_are_dead_lettered(
+    make_bridge, tmp_path, message_id, kept
+):
+    """Segment keeps one event per messageId and answers 200 to the other: an identify
+    sent under its track's messageId was lost without a trace. Such an event is
+    dead-lettered, naming both outputs; calls with their own messageIds go out."""
+    from tests.e2e.test_operations import copy_mappings
+
+    mappings = copy_mappings(tmp_path)
+    (mappings / "two-calls.yaml").write_text(_TWO_CALLS_MAPPING.replace("MESSAGE_ID", message_id))
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["mappings"]["dir"] = str(mappings)
+        segment = next(d for d in raw["destinations"] if d["name"] == "segment-prod")
+        segment["mapping"] = "two-calls"
+        segment["guard"] = {"enabled": False}
+
+    bridge = await make_bridge(tweak)
+    event = {"event_name": "Email Sent", "event_time": 1580967474, "uid": "u-1", "event_uuid": "two-1"}
+    event["user_attributes"] = {"moengage_user_id": "m-1"}
+    assert (await bridge.post(PATH, {"events": [event]}, AUTH))[0] == 200
+    if kept is not None:
+        await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 2)
+        assert [e["messageId"] for e in bridge.segment.events()] == kept
+        assert bridge.segment.dropped == []
+        return
+
+    async def dead_lettered() -> list[dict[str, Any]]:
+        _, found = await bridge.get("/admin/dlq?destination=segment-prod", ADMIN)
+        return list(found["dead_letters"])
+
+    await wait_until(lambda: _nonempty(dead_lettered()), what="the dead letter")
+    [entry] = await dead_lettered()
+    assert (entry["message_id"], entry["reason"]) == ("two-1", "mapping_invalid_output"), entry
+    _, full = await bridge.get(f"/admin/dlq/{entry['id']}", ADMIN)
+    assert "the track and the identify outputs share messageId 'two-1'" in orjson.dumps(full).decode(), full
+    assert bridge.segment.received == 0 and bridge.segment.dropped == []

@@ -256,3 +256,23 @@ rules:
     result = m.apply(no_token, MapContext())
     assert isinstance(result, Failed) and result.reason == "invalid_output", result
     assert "attributes.push_id is missing or not a string" in result.detail
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "problem"),
+    [
+        ("track", {"event": "E", "userId": "u", "properties": "text"}, "'properties' must be an object, got str"),
+        ("track", {"event": "E", "userId": "u", "properties": None}, "'properties' must be an object"),
+        ("identify", {"userId": "u", "traits": ["a"]}, "'traits' must be an object, got list"),
+        ("identify", {"userId": "u", "anonymousId": "", "traits": {}}, "'anonymousId' is empty"),
+        ("track", {"event": "E", "userId": "", "anonymousId": "a"}, "'userId' is empty"),
+    ],
+)
+def test_a_segment_body_segment_would_drop_with_a_200_is_refused(kind, body, problem):
+    """Segment answers 200 to these and drops them (its discard codes properties_not_object,
+    traits_not_object, id_not_string): refused here, they are dead-lettered, not lost."""
+    from bridge.mapping.shapes import check_body
+
+    assert problem in (check_body("segment", kind, body) or "")
+    fixed = {**body, "userId": "u", "anonymousId": "a", "properties": {}, "traits": {}}
+    assert check_body("segment", kind, fixed) is None

@@ -201,3 +201,16 @@ async def test_a_page_or_screen_name_or_category_that_is_no_string_is_dropped(se
         "category_not_string",
         "category_not_string",
     ]
+
+
+async def test_an_event_whose_message_id_was_taken_is_dropped_as_segment_deduplicates(seg):
+    """Segment keeps one event per messageId (across sources and workspaces), answering
+    200 to the copies: a redelivery after a lost answer is not counted twice."""
+    standin, client, _ = seg
+    assert await post(client, {"batch": [track(1), track(2)], "writeKey": US_KEY}) == (200, {"success": True})
+    again = {"batch": [track(1, event="Changed"), track(3)], "writeKey": US_KEY}
+    assert await post(client, again, {"Authorization": basic_auth(US_KEY, "")}) == (200, {"success": True})
+    no_ids = {"type": "track", "event": "e", "userId": "u"}  # Segment assigns each its own
+    assert (await post(client, {"batch": [no_ids, no_ids], "writeKey": US_KEY}))[0] == 200
+    assert standin.events() == [track(1), track(2), track(3), no_ids, no_ids]
+    assert [(d.reason, d.event["messageId"]) for d in standin.dropped] == [("duplicate_message_id", "m1")]
