@@ -246,11 +246,14 @@ def cmd_dlq(args: argparse.Namespace) -> int:
                 sys.stderr.write("dlq show: give one or more ids\n")
                 return 2
             found = {r.id: r for r in await store.list_dead(flt, len(args.ids))}
-            if not found:
-                sys.stderr.write("dlq show: no such dead letter\n")
+            asked = list(dict.fromkeys(args.ids))  # in the order asked, each once: the store lists the newest first
+            if found:
+                _print_json([dead_letter_json(found[i], full=True) for i in asked if i in found])
+            missing = [str(i) for i in asked if i not in found]
+            if missing:
+                # Named, so a listing of fewer records than were asked for is not taken as all of them.
+                sys.stderr.write(f"dlq show: no such dead letter: {', '.join(missing)}\n")
                 return 1
-            # In the order asked, each once: the store lists the newest first.
-            _print_json([dead_letter_json(found[i], full=True) for i in dict.fromkeys(args.ids) if i in found])
             return 0
         if not _names_records(flt) and not args.all:
             sys.stderr.write(
