@@ -340,8 +340,12 @@ def cmd_destinations(args: argparse.Namespace) -> int:
 
 
 # -- parser ------------------------------------------------------------------------------
+# Said in words, not as the value read at import: `bridge.yaml` alone hid $BRIDGE_CONFIG.
+CONFIG_HELP = "config file (default: $BRIDGE_CONFIG, else bridge.yaml)"
+
+
 def _add_filters(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
     p.add_argument("--destination")
     p.add_argument("--reason")
     p.add_argument("--since", type=_time_arg, help="epoch seconds or ISO-8601")
@@ -364,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the bridge")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
     p.add_argument(
         "--sandbox",
         action="store_true",
@@ -373,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("check", help="validate the config and its mappings")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("dlq", help="dead-letter queue: list, show, replay, purge")
@@ -394,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("destinations", help="list, pause or resume destinations")
     p.add_argument("action", choices=["list", "pause", "resume"])
     p.add_argument("name", nargs="?")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
     p.set_defaults(func=cmd_destinations)
 
     from bridge.mapping.cli import register

@@ -8,6 +8,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from bridge.cli import build_parser
 from bridge.cli import main as cli_main
 from tests.cli.helpers import assert_served_store_untouched, run_bridge, serve_store
 
@@ -136,3 +137,14 @@ def test_ids_and_reasons_no_record_can_have_match_nothing_without_a_traceback(
     assert cli_main(["dlq", "purge", "--reason", "http_400\udcff", "--config", "c.yaml"]) == 0
     assert capsys.readouterr().out == "purged 0 dead letter(s)\n"
     assert_served_store_untouched(served, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("command", ["serve", "check", "dlq", "discards", "destinations"])
+def test_every_commands_help_says_where_the_config_comes_from(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`bridge dlq --help` said "(default: bridge.yaml)", hiding $BRIDGE_CONFIG; the others said nothing."""
+    monkeypatch.setenv("COLUMNS", "200")  # one line per option, so the text is matched whole
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    assert "config file (default: $BRIDGE_CONFIG, else bridge.yaml)" in capsys.readouterr().out
