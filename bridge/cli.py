@@ -246,11 +246,14 @@ def cmd_dlq(args: argparse.Namespace) -> int:
                 sys.stderr.write("dlq show: give one or more ids\n")
                 return 2
             found = {r.id: r for r in await store.list_dead(flt, len(args.ids))}
-            if not found:
-                sys.stderr.write("dlq show: no such dead letter\n")
+            asked = list(dict.fromkeys(args.ids))  # in the order asked, each once: the store lists the newest first
+            if found:
+                _print_json([dead_letter_json(found[i], full=True) for i in asked if i in found])
+            missing = [str(i) for i in asked if i not in found]
+            if missing:
+                # Named, so a listing of fewer records than were asked for is not taken as all of them.
+                sys.stderr.write(f"dlq show: no such dead letter: {', '.join(missing)}\n")
                 return 1
-            # In the order asked, each once: the store lists the newest first.
-            _print_json([dead_letter_json(found[i], full=True) for i in dict.fromkeys(args.ids) if i in found])
             return 0
         if not _names_records(flt) and not args.all:
             sys.stderr.write(
@@ -337,8 +340,12 @@ def cmd_destinations(args: argparse.Namespace) -> int:
 
 
 # -- parser ------------------------------------------------------------------------------
+# Said in words, not as the value read at import: `bridge.yaml` alone hid $BRIDGE_CONFIG.
+CONFIG_HELP = "config file (default: $BRIDGE_CONFIG, else bridge.yaml)"
+
+
 def _add_filters(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
     p.add_argument("--destination")
     p.add_argument("--reason")
     p.add_argument("--since", type=_time_arg, help="epoch seconds or ISO-8601")
@@ -361,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the bridge")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
     p.add_argument(
         "--sandbox",
         action="store_true",
@@ -370,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("check", help="validate the config and its mappings")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("dlq", help="dead-letter queue: list, show, replay, purge")
@@ -391,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("destinations", help="list, pause or resume destinations")
     p.add_argument("action", choices=["list", "pause", "resume"])
     p.add_argument("name", nargs="?")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
     p.set_defaults(func=cmd_destinations)
 
     from bridge.mapping.cli import register

@@ -27,11 +27,13 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("bridge.sandbox")
 
-MOENGAGE_PORT = int(os.environ.get("BRIDGE_SANDBOX_MOENGAGE_PORT", "8089"))
+MOENGAGE_PORT_VARIABLE = "BRIDGE_SANDBOX_MOENGAGE_PORT"
+MOENGAGE_PORT = int(os.environ.get(MOENGAGE_PORT_VARIABLE, "8089"))
 # One stand-in Segment per region, as Segment has one ingestion host per region.
+SEGMENT_PORT_VARIABLES = {"us": "BRIDGE_SANDBOX_SEGMENT_PORT", "eu": "BRIDGE_SANDBOX_SEGMENT_EU_PORT"}
 SEGMENT_PORTS = {
-    "us": int(os.environ.get("BRIDGE_SANDBOX_SEGMENT_PORT", "8090")),
-    "eu": int(os.environ.get("BRIDGE_SANDBOX_SEGMENT_EU_PORT", "8091")),
+    "us": int(os.environ.get(SEGMENT_PORT_VARIABLES["us"], "8090")),
+    "eu": int(os.environ.get(SEGMENT_PORT_VARIABLES["eu"], "8091")),
 }
 
 
@@ -123,7 +125,10 @@ async def start_standins(
     keys = {d.write_key: d.region or "us" for d in reversed(seg)}  # never None for Segment
     regions = sorted({d.region or "us" for d in seg} or {"us"})
     segment = {region: SegmentStandIn(keys, region=region) for region in regions}
-    ports = [(moengage, moengage_port), *((standin, segment_ports[r]) for r, standin in segment.items())]
+    ports = [
+        (moengage, moengage_port, MOENGAGE_PORT_VARIABLE),
+        *((standin, segment_ports[r], SEGMENT_PORT_VARIABLES[r]) for r, standin in segment.items()),
+    ]
     return SandboxUpstreams(moengage, segment, await serve_standins(host, ports))
 
 

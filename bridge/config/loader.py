@@ -9,7 +9,7 @@ import bisect
 import builtins
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -123,12 +123,17 @@ class Reader:
         """The keys not read so far (passed on to a plugin that validates its own)."""
         return {k: v for k, v in self.data.items() if k not in self._seen}
 
-    def done(self) -> None:
-        """Fail on any key that was never read: unknown keys are errors."""
-        known = self._seen
+    def done(self, also: Collection[builtins.str] = (), *, takes: builtins.str = "") -> None:
+        """Fail on any key that was never read, nor is in ``also`` (keys a plugin reads from
+        ``rest()`` itself): unknown keys are errors. With ``takes`` (say "a moengage
+        destination"), a key like none of them is answered with every key that node takes."""
+        known = self._seen | set(also)
         for key in self.data:
             if key not in known:
-                _fail(self.at(str(key)), f"unknown key{did_you_mean(str(key), known)}")
+                hint = did_you_mean(str(key), known)
+                if not hint and takes:
+                    hint = f" ({takes} takes {', '.join(sorted(known))})"
+                _fail(self.at(str(key)), f"unknown key{hint}")
 
 
 def _empty_env_hint(value: Any) -> str:

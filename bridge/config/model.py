@@ -491,6 +491,9 @@ def _destination(r: Reader, index: int) -> DestinationConfig:
     retry = _retry(r.sub("retry"), kinds[kind].ALSO_RETRYABLE)
     guard = _guard(r.sub("guard"))
     rates = {str(k): parse_rate(v, f"{r.at('rate_limits')}.{k}") for k, v in r.mapping("rate_limits").items()}
+    # Every key a destination takes is known only here: the kind's own check knows its keys
+    # alone, so it would offer a `delivry` no 'delivery' and list the valid keys without it.
+    r.done(also=kinds[kind].config_keys, takes=f"a {kind} destination")
     client_cfg = {"name": name, **r.rest()}
     client = kinds[kind].from_config(client_cfg, where=r.where, timeout=delivery.request_timeout)
     unknown_buckets = set(rates) - set(client.rate_limits())

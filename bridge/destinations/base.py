@@ -77,6 +77,8 @@ class RateCost:
 
 class Destination(ABC):
     kind: ClassVar[str]  # the `kind:` value in the config
+    # The keys of a `destinations:` entry this kind reads itself (from_config's ``cfg``).
+    config_keys: ClassVar[frozenset[str]]
 
     name: str
     region: str | None  # "us", "eu", "in", "sg", "id", or None when unknown

@@ -8,6 +8,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from bridge.cli import build_parser
 from bridge.cli import main as cli_main
 from tests.cli.helpers import assert_served_store_untouched, run_bridge, serve_store
 
@@ -90,6 +91,18 @@ def test_dlq_show_prints_the_records_in_the_order_asked(
         assert all("payload" in r for r in shown)  # in full
 
 
+def test_dlq_show_names_the_ids_it_did_not_find(
+    served: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`dlq show 1 99` printed dead letter 1 alone and exited 0, as if 99 had been shown too."""
+    monkeypatch.chdir(served)
+    capsys.readouterr()
+    assert cli_main(["dlq", "show", "99", "1", "98", "--config", "c.yaml"]) == 1
+    out, err = capsys.readouterr()
+    assert [r["id"] for r in orjson.loads(out)] == [1]
+    assert err == "dlq show: no such dead letter: 99, 98\n"
+
+
 def test_a_listing_cut_at_limit_says_more_match(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -118,9 +131,20 @@ def test_ids_and_reasons_no_record_can_have_match_nothing_without_a_traceback(
     monkeypatch.chdir(served)
     capsys.readouterr()
     assert cli_main(["dlq", "show", str(2**64), "--config", "c.yaml"]) == 1
-    assert capsys.readouterr().err == "dlq show: no such dead letter\n"
+    assert capsys.readouterr().err == f"dlq show: no such dead letter: {2**64}\n"
     assert cli_main(["dlq", "replay", str(2**64), "-1", "--config", "c.yaml"]) == 0
     assert capsys.readouterr().out.startswith("replayed 0 dead letter(s)")
     assert cli_main(["dlq", "purge", "--reason", "http_400\udcff", "--config", "c.yaml"]) == 0
     assert capsys.readouterr().out == "purged 0 dead letter(s)\n"
     assert_served_store_untouched(served, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("command", ["serve", "check", "dlq", "discards", "destinations"])
+def test_every_commands_help_says_where_the_config_comes_from(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`bridge dlq --help` said "(default: bridge.yaml)", hiding $BRIDGE_CONFIG; the others said nothing."""
+    monkeypatch.setenv("COLUMNS", "200")  # one line per option, so the text is matched whole
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    assert "config file (default: $BRIDGE_CONFIG, else bridge.yaml)" in capsys.readouterr().out

@@ -96,6 +96,26 @@ def test_unknown_keys_are_errors_with_suggestions(raw: dict[str, Any]) -> None:
     assert error_of(bad).startswith("colour: unknown key")
 
 
+def test_an_unknown_destination_key_is_judged_against_every_key_a_destination_takes(raw: dict[str, Any]) -> None:
+    """A typo of a key every destination takes (read by the engine, not by the kind) is
+    suggested, and a key like none lists the common keys too, not the kind's alone."""
+    bad = copy.deepcopy(raw)
+    bad["destinations"][0]["delivry"] = {}
+    assert error_of(bad) == "destinations[0].delivry: unknown key (did you mean 'delivery'?)"
+    bad = copy.deepcopy(raw)
+    bad["destinations"][1]["mapping_option"] = {}
+    assert error_of(bad) == "destinations[1].mapping_option: unknown key (did you mean 'mapping_options'?)"
+    bad = copy.deepcopy(raw)
+    bad["destinations"][0]["api_kee"] = "x"  # the kind's own keys are suggested as before
+    assert error_of(bad) == "destinations[0].api_kee: unknown key (did you mean 'api_key'?)"
+    bad = copy.deepcopy(raw)
+    bad["destinations"][0]["zzz"] = 1
+    message = error_of(bad)
+    assert message.startswith("destinations[0].zzz: unknown key (a moengage destination takes "), message
+    for key in ("mapping", "mapping_options", "delivery", "retry", "guard", "rate_limits", "workspace_id", "api"):
+        assert f" {key}," in message or f" {key})" in message, (key, message)
+
+
 def test_precise_type_and_value_errors(raw: dict[str, Any]) -> None:
     bad = copy.deepcopy(raw)
     bad["server"]["region"] = "apac"

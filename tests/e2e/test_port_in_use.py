@@ -102,14 +102,21 @@ async def test_a_failed_listen_stops_what_start_up_opened(tmp_path: Path, taken_
     assert not [t for t in threading.enumerate() if t.name == "bridge-sqlite-writer"]
 
 
-async def test_sandbox_on_a_taken_standin_port_names_its_variable(tmp_path: Path, taken_port: int) -> None:
+@pytest.mark.parametrize(
+    ("variable", "standin"),
+    [("BRIDGE_SANDBOX_MOENGAGE_PORT", "moengage"), ("BRIDGE_SANDBOX_SEGMENT_PORT", "segment")],
+)
+async def test_sandbox_on_a_taken_standin_port_names_its_variable(
+    tmp_path: Path, taken_port: int, variable: str, standin: str
+) -> None:
+    """The error names the one variable that moves the taken port, not a pattern of three."""
     raw = config_dict(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9")
     path = tmp_path / "bridge.yaml"
     path.write_text(yaml.safe_dump(raw))
-    code, out = await run_cli(
-        "serve", "--config", str(path), "--sandbox", env={"BRIDGE_SANDBOX_MOENGAGE_PORT": str(taken_port)}
-    )
+    # The stand-ins not under test take free ports (0), whatever else runs on this machine.
+    ports = {"BRIDGE_SANDBOX_MOENGAGE_PORT": "0", "BRIDGE_SANDBOX_SEGMENT_PORT": "0", variable: str(taken_port)}
+    code, out = await run_cli("serve", "--config", str(path), "--sandbox", env=ports)
     assert code == 2, out
-    assert "config error: sandbox moengage stand-in (BRIDGE_SANDBOX_*_PORT): cannot listen on" in out
+    assert f"config error: sandbox {standin} stand-in ({variable}): cannot listen on" in out
     assert f"127.0.0.1:{taken_port}" in out
     assert "Traceback" not in out

@@ -49,6 +49,7 @@ _KEYS = frozenset({"name", "kind", "workspace_id", "api_key", "data_center", "ba
 @register
 class MoEngageDestination(Destination):
     kind: ClassVar[str] = "moengage"
+    config_keys: ClassVar[frozenset[str]] = _KEYS
 
     def __init__(
         self,
@@ -90,7 +91,7 @@ class MoEngageDestination(Destination):
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], *, where: str, timeout: float) -> MoEngageDestination:
-        check_keys(cfg, _KEYS, where)
+        check_keys(cfg, cls.config_keys, where)
         api = cfg.get("api", "bulk")
         if api not in ("bulk", "single"):
             raise ConfigError(f'{where}.api: must be "bulk" or "single", got {api!r}')

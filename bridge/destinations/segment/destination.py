@@ -69,6 +69,7 @@ def sent_at_now() -> str:
 @register
 class SegmentDestination(Destination):
     kind: ClassVar[str] = "segment"
+    config_keys: ClassVar[frozenset[str]] = _KEYS
 
     def __init__(
         self,
@@ -97,7 +98,7 @@ class SegmentDestination(Destination):
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], *, where: str, timeout: float) -> SegmentDestination:
-        check_keys(cfg, _KEYS, where)
+        check_keys(cfg, cls.config_keys, where)
         if cfg.get("region") is None:
             raise ConfigError(f"{where}.region: required (one of: us, eu)")
         region = cfg["region"]
