@@ -397,6 +397,13 @@ def _statuses(r: Reader, key: str, default: frozenset[int]) -> frozenset[int]:
         return default
     if not isinstance(statuses, list) or not all(isinstance(s, int) and 100 <= s <= 599 for s in statuses):
         raise ConfigError(f"{r.at(key)}: expected a list of HTTP status codes")
+    # A 1xx is never an answer aiohttp returns, and a 2xx is always a delivery (the policy
+    # asks first): listed, they would be ignored while the config claims otherwise.
+    if kept := sorted({s for s in statuses if s < 300}):
+        raise ConfigError(
+            f"{r.at(key)}: {', '.join(map(str, kept))} cannot be listed: a 2xx answer is a delivery"
+            " and a 1xx is no final answer; list statuses from 300 to 599"
+        )
     return frozenset(int(s) for s in statuses)
 
 

@@ -141,6 +141,13 @@ def test_precise_type_and_value_errors(raw: dict[str, Any]) -> None:
     bad = copy.deepcopy(raw)
     bad["destinations"][0]["retry"] = {"retryable_statuses": [401, 503], "pause_statuses": [401, 403]}
     assert "pause_statuses: 401 also in retryable_statuses" in error_of(bad)
+    # A 2xx is always a delivery: listed, it would be ignored while the config said otherwise.
+    bad = copy.deepcopy(raw)
+    bad["destinations"][0]["retry"] = {"retryable_statuses": [503, 200, 204]}
+    assert "retryable_statuses: 200, 204 cannot be listed: a 2xx answer is a delivery" in error_of(bad)
+    bad = copy.deepcopy(raw)
+    bad["destinations"][0]["retry"] = {"pause_statuses": [101]}
+    assert "pause_statuses: 101 cannot be listed" in error_of(bad)
     bad = copy.deepcopy(raw)
     bad["sources"][2]["allow_ips"] = ["not-an-ip"]
     assert "sources[2].allow_ips[0]: not an IP address or CIDR" in error_of(bad)
