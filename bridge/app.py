@@ -159,6 +159,7 @@ async def serve(
         "listening",
         host=config.server.host,
         port=port,
+        pid=os.getpid(),  # what `kill -HUP <pid>` (reload the mappings) takes
         region=config.server.region,
         store=config.store.url.split("://", 1)[0],
     )

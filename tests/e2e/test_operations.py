@@ -11,6 +11,7 @@ import gzip
 import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -475,11 +476,19 @@ async def test_sighup_reloads_a_running_process(tmp_path):
 
     try:
         await proc.start()
+        assert proc.proc is not None
+        # The pid `kill -HUP <pid>` takes, as the README says, from the `listening` line.
+        [listening] = [
+            e
+            for line in proc.log_path.read_text().splitlines()
+            if line.startswith("{")
+            if (e := orjson.loads(line)).get("event") == "listening"
+        ]
+        assert listening["pid"] == proc.proc.pid
         path = mappings / "segment-to-moengage.yaml"
         good = path.read_text()
         path.write_text("rules: [\n")  # broken YAML
-        assert proc.proc is not None
-        proc.proc.send_signal(1)  # SIGHUP
+        os.kill(listening["pid"], signal.SIGHUP)
         await wait_until(lambda: "mapping_reload_rejected" in proc.log_path.read_text(), what="rejection log")
         log = proc.log_path.read_text()
         assert "segment-to-moengage.yaml:" in log  # file and line of the problem
