@@ -182,9 +182,14 @@ async def _erase_links(conn: Connection, erase_links: ErasedLinks) -> None:
         # As resolve_links looks them up: a long id under its digest, or as an older bridge
         # stored it. A to_id is stored as it is.
         keys = {*ids, *map(link_key, ids)}
+        # Rows locked in the order ingest's link upsert takes them (LINKS_SQL: byte order of
+        # namespace and from_id), so the two cannot deadlock; the DELETE alone locked them in
+        # whatever order its plan read them.
         await conn.execute(
-            "DELETE FROM identity_links WHERE namespace = $1 AND updated_at <= $2"
-            " AND (from_id = ANY($3::text[]) OR to_id = ANY($4::text[]))",
+            "DELETE FROM identity_links WHERE (namespace, from_id) IN ("
+            "SELECT namespace, from_id FROM identity_links WHERE namespace = $1 AND updated_at <= $2"
+            " AND (from_id = ANY($3::text[]) OR to_id = ANY($4::text[]))"
+            ' ORDER BY namespace COLLATE "C", from_id COLLATE "C" FOR UPDATE)',
             namespace,
             created_at,
             list(keys),
