@@ -28,6 +28,8 @@ log = structlog.get_logger("bridge")
 
 RUNTIME = web.AppKey("runtime", Runtime)
 BINDINGS = web.AppKey("bindings", PrometheusBindings)
+# /readyz's last answer, "" when ready: its problems are logged when it changes.
+READINESS = web.AppKey("readiness", list[str])
 
 
 def build_app(runtime: Runtime, bindings: PrometheusBindings) -> web.Application:
@@ -42,6 +44,7 @@ def build_app(runtime: Runtime, bindings: PrometheusBindings) -> web.Application
     app[RUNTIME] = runtime
     app[BODY_TIMEOUT] = cfg.server.body_timeout
     app[BINDINGS] = bindings
+    app[READINESS] = [""]
     runtime.on_reload = bindings.metrics.mapping_reload
     routes = bindings.routes(app)
     for source_kind in (SegmentSources(cfg, runtime.ingestor), StreamsSources(cfg, runtime.ingestor)):
@@ -94,20 +97,30 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
-    problems: list[str] = []
+    # (what the answer says, what the log adds): the probe is as open as the ingest routes,
+    # so its answer names the problem but not its detail (file paths, database hosts, a
+    # mapping file's text), which goes to the log, once per change, and to /admin/status.
+    problems: list[tuple[str, str]] = []
     if runtime.stopping:
         # Draining: tell the load balancer first, so it stops sending before the listener closes.
-        problems.append("shutting down")
+        problems.append(("shutting down", ""))
     try:
         await runtime.store.check_writable()
     except StoreFull as exc:
-        problems.append(f"store full: {exc}")
+        problems.append(("store full", str(exc)))
     except StoreError as exc:
-        problems.append(f"store not writable: {exc}")
+        problems.append(("store not writable", str(exc)))
     if runtime.mappings_error:
-        problems.append(f"mappings not loaded: {runtime.mappings_error}")
+        problems.append(("mappings not loaded", runtime.mappings_error))
+    said = "; ".join(problem for problem, _ in problems)
+    if said != request.app[READINESS][0]:
+        request.app[READINESS][0] = said
+        if problems:
+            log.warning("not_ready", problems={problem: detail for problem, detail in problems})
+        else:
+            log.info("ready")
     if problems:
-        return json_response({"status": "not_ready", "code": "not_ready", "message": "; ".join(problems)}, 503)
+        return json_response({"status": "not_ready", "code": "not_ready", "message": said}, 503)
     return json_response({"status": "ready"})
 
 

@@ -102,13 +102,22 @@ async def test_readyz_turns_503_when_the_store_is_not_writable(bridge):
     try:
         for path in frozen:
             subprocess.run(["chattr", "+i", str(path)], check=True)
-        status, body = await bridge.get("/readyz")
-        assert status == 503 and "store not writable" in body["message"]
+        with capture_logs() as logs:
+            status, body = await bridge.get("/readyz")
+            assert (await bridge.get("/readyz"))[0] == 503
+        # The probe is open to anyone who can reach the port: it names the problem, and the
+        # store's own words (the file's path) go to the log, once for the two answers.
+        assert status == 503 and body["message"] == "store not writable", body
+        assert str(db.parent) not in orjson.dumps(body).decode()
+        [logged] = [e for e in logs if e["event"] == "not_ready"]
+        assert logged["problems"]["store not writable"]
         assert (await bridge.get("/healthz"))[0] == 200  # alive, just not ready
     finally:
         for path in frozen:
             subprocess.run(["chattr", "-i", str(path)], check=False)
-    assert (await bridge.get("/readyz"))[0] == 200
+    with capture_logs() as logs:
+        assert (await bridge.get("/readyz"))[0] == 200
+    assert [e["event"] for e in logs] == ["ready"]
 
 
 async def test_admin_api_requires_its_token(bridge):
