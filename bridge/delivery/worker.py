@@ -76,7 +76,7 @@ class _Batch:
     events: dict[int, Any] = field(default_factory=dict)  # the parsed payloads, by job id
     verdicts: dict[int, Verdict] = field(default_factory=dict)
     # Jobs with an item never sent: released, uncounted, unless one of their items was
-    # refused for now (a RETRY verdict): that attempt is counted (see _settle).
+    # refused, for now or for good (a RETRY or DEAD verdict): that attempt is judged (see _settle).
     unsent: set[int] = field(default_factory=set)
     # Unordered delivery: jobs held back behind an earlier job of their users, not sent
     # (see DestinationWorker._send_barriers): due again later, never judged.
@@ -923,14 +923,15 @@ class DestinationWorker:
             if job_id in batch.deferred:
                 deferred.append(job_id)
                 continue
-            if verdict is None or (job_id in batch.unsent and verdict.action is not Action.RETRY):
+            if verdict is None or (job_id in batch.unsent and verdict.action is Action.DELIVERED):
                 unsent.append(job_id)  # some item never went out: released, attempt not counted
                 continue
-            # A job refused for now is retried, its attempt counted, even with items not sent
-            # (held back behind the failed one, in order): given back uncounted, a job whose
-            # first request always failed never spent its retry budget, and was tried for as
-            # long as the upstream failed, never dead-lettered. Its retry sends what was not
-            # accepted (delivered_outputs, below).
+            # A job refused, for now or for good, is judged, its attempt counted, even with items
+            # not sent (held back behind the failed one, in order): given back uncounted, a job
+            # whose first request always failed never spent its retry budget, and was tried for
+            # as long as the upstream failed, never dead-lettered. So was one refused for good
+            # that a later output's failure for now outranked. Its retry, or its replay, sends
+            # what was not accepted (delivered_outputs, below).
             resp = verdict.response
             if verdict.action is Action.DELIVERED:
                 acked.append(job_id)

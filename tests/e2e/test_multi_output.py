@@ -137,13 +137,14 @@ async def _bridge(
     store: Callable[[], Store] | None = None,
     guard: dict[str, Any] | None = None,
     retry: dict[str, Any] | None = None,
+    mapping: str = TWO_OUTPUTS,
     **delivery: Any,
 ) -> AsyncIterator[Bridge]:
-    """A bridge whose moengage-main maps with TWO_OUTPUTS and sends to ``upstream`` (on
-    ``store`` when given); stopped on the way out, before the store (a PostgreSQL schema)
-    is dropped."""
+    """A bridge whose moengage-main maps with ``mapping`` (TWO_OUTPUTS) and sends to
+    ``upstream`` (on ``store`` when given); stopped on the way out, before the store (a
+    PostgreSQL schema) is dropped."""
     mappings = copy_mappings(tmp_path)
-    (mappings / "two-outputs.yaml").write_text(TWO_OUTPUTS)
+    (mappings / "two-outputs.yaml").write_text(mapping)
     server = TestServer(upstream.app(), host="127.0.0.1")
     await server.start_server()
 
@@ -443,3 +444,74 @@ async def test_an_event_whose_first_output_keeps_failing_ends_in_the_dlq(make_br
     with contextlib.closing(sqlite3.connect(tmp_path / "bridge.db")) as conn:
         row = conn.execute("SELECT attempts FROM jobs WHERE message_id = 'm-bob'").fetchone()
     assert row == (1,)
+
+
+# Every track as a Create Event ("Opened"), a Track User and a Create Event of its own name.
+THREE_OUTPUTS = """\
+source_format: segment
+destination_kind: moengage
+description: every track as an Opened event, a Track User and its own event
+rules:
+  - name: opened
+    match: {type: track}
+    kind: event
+    continue: true
+    body:
+      customer_id: {path: $.userId, pipe: [{to: string}]}
+      actions: [{object: {action: {literal: Opened}}}]
+  - name: user
+    match: {type: track}
+    kind: customer
+    continue: true
+    body:
+      customer_id: {path: $.userId, pipe: [{to: string}]}
+      attributes: {object: {last_event: $.event}}
+  - name: event
+    match: {type: track}
+    kind: event
+    body:
+      customer_id: {path: $.userId, pipe: [{to: string}]}
+      actions: [{object: {action: $.event}}]
+  - name: other
+    drop: unsupported_type
+"""
+
+
+class OpenedRefusedTrackUserFails(EventsFail):
+    """MoEngage that refuses every "Opened" Create Event for good (400) and whose Track User
+    answers 503 every time; other Create Events are taken as MoEngage takes them."""
+
+    async def _event(self, request: web.Request) -> web.Response:
+        def accept(body: dict[str, Any]) -> str:
+            if any(a.get("action") == "Opened" for a in body.get("actions") or []):
+                raise Rejected(400, "scripted 400 for Opened")
+            return self._accept_event_request(body)
+
+        return await self._handle(request, accept, 128_000)
+
+    async def _customer(self, request: web.Request) -> web.Response:
+        return await self._handle(request, _refuse(503), 128_000)
+
+
+async def test_an_event_refused_for_good_and_for_now_with_an_output_held_back_is_judged(make_bridge, tmp_path):
+    """Ordered: alice's first output is refused for good (400), her second for now (503), and
+    her third, behind it, is not sent. Her attempt is judged (dead-lettered, as any event with
+    an output refused for good): given back uncounted for the unsent one, she went round for
+    as long as the Track User failed, never counted, never dead-lettered."""
+    upstream = OpenedRefusedTrackUserFails()
+    db = f"sqlite:///{tmp_path}/bridge.db"
+    async with _bridge(make_bridge, tmp_path, upstream, db, mapping=THREE_OUTPUTS, ordered=True) as bridge:
+        assert (await bridge.post("/v1/batch", _tracks("alice"), H))[0] == 200
+        dead_letters: list[dict[str, Any]] = []
+
+        async def dead_lettered() -> bool:
+            _, body = await bridge.get("/admin/dlq?reason=http_400", ADMIN)
+            dead_letters[:] = body["dead_letters"]
+            return len(dead_letters) == 1
+
+        await wait_until(dead_lettered, what="alice's event in the DLQ")
+        await wait_until(lambda: _drained(bridge), what="the queue to drain")
+        [dead] = dead_letters
+        assert (dead["message_id"], dead["attempts"], dead["outputs_delivered"]) == ("m-alice", 1, 0), dead
+        assert [(s.path.split("/")[2], s.status) for s in upstream.seen] == [("event", 400), ("customer", 503)]
+        assert upstream.events() == [] and upstream.customers() == []
