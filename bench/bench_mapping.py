@@ -193,6 +193,9 @@ class NaiveInterpreter:
             dt = datetime.fromtimestamp(at, UTC) if isinstance(at, int) else datetime.now(UTC)
             off = dt.astimezone(zone).utcoffset()
             return int(off.total_seconds()) if off is not None else 0
+        if step == {"not_after": "now"}:
+            # the shipped mapping caps epoch seconds only
+            return min(v, int(time.time())) if isinstance(v, int) and not isinstance(v, bool) else v
         raise ValueError(f"naive interpreter: unsupported step {step}")
 
     def cond(self, c: Any, env: dict[str, Any]) -> bool:

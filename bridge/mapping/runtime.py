@@ -192,7 +192,7 @@ def to_boolean(v: Any) -> bool:
 
 
 # Numbers this large cannot be epoch seconds of a plausible date; they are milliseconds.
-_MILLIS_THRESHOLD = 1e11
+MILLIS_THRESHOLD = 1e11
 
 
 def to_datetime(v: Any) -> datetime:
@@ -222,7 +222,7 @@ def to_datetime(v: Any) -> datetime:
             raise CoercionError(f"{short(v)} is out of range for a time") from None
     if t is int or t is float:
         try:
-            secs = v / 1000 if abs(v) >= _MILLIS_THRESHOLD else v
+            secs = v / 1000 if abs(v) >= MILLIS_THRESHOLD else v
             return datetime.fromtimestamp(secs, UTC)
         except (OverflowError, OSError, ValueError):
             raise CoercionError(f"{short(v)} is out of range for a time") from None

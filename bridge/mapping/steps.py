@@ -15,6 +15,7 @@ import orjson
 from bridge.mapping.fuse import Gen, emits_step
 from bridge.mapping.runtime import (
     COERCIONS,
+    MILLIS_THRESHOLD,
     MISSING,
     CoercionError,
     DropEvent,
@@ -41,6 +42,7 @@ STEP_PARAMS: dict[str, tuple[str, ...]] = {
     "lookup": ("default", "keep_unmatched", "ignore_case"),
     "to": ("on_error", "reason"),
     "tz_offset": ("on_error", "reason"),
+    "not_after": (),
     "flatten": ("separator", "arrays"),
     "pick": (),
     "omit": (),
@@ -297,7 +299,7 @@ def _b_tz_offset(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | Non
         if type(v) is not str:
             return on_error(v, f"expected an IANA time zone name, got {short(v)}")
         when = at(env) if at is not None else MISSING
-        # an int that large is epoch milliseconds (runtime._MILLIS_THRESHOLD), read as to_datetime reads it
+        # an int that large is epoch milliseconds (runtime.MILLIS_THRESHOLD), read as to_datetime reads it
         if type(when) is not int or not -100_000_000_000 < when < 100_000_000_000:
             try:
                 when = (
@@ -313,6 +315,30 @@ def _b_tz_offset(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | Non
         return off
 
     return tz_offset
+
+
+def _b_not_after(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
+    # Only "now" for now: a later bound (another time of the event) would need its units
+    # reconciled with the value's, and no mapping has asked for one.
+    bound = p["not_after"].plain()
+    if bound != "now":
+        c.diags.add(p["not_after"], ypath, f"expected now (the moment of mapping), got {short(bound)}")
+        return None
+
+    def not_after(v: Any, env: Env) -> Any:
+        # An epoch time later than now becomes now, in the value's unit and type; a number
+        # that large is epoch milliseconds, as every time step reads it (runtime.to_datetime).
+        t = type(v)
+        if t is not int and t is not float:
+            return v  # bool, strings (ISO 8601 too: convert first) and the rest pass unchanged
+        now = time.time()
+        if abs(v) >= MILLIS_THRESHOLD:
+            now *= 1000
+        if not v > now:  # NaN too: no time, left as it is
+            return v
+        return math.floor(now) if t is int else now
+
+    return not_after
 
 
 _ZONES: dict[str, ZoneInfo | None] = {}
@@ -556,6 +582,7 @@ _BUILDERS: dict[str, Callable[..., Step | None]] = {
     "lookup": _b_lookup,
     "to": _b_to,
     "tz_offset": _b_tz_offset,
+    "not_after": _b_not_after,
     "flatten": _b_flatten,
     "pick": _b_pick,
     "omit": _b_omit,

@@ -4,8 +4,9 @@ Behaviour follows MoEngage's documented contract (shared/reference/moengage-api.
 Basic auth (workspace id : Data API key), MOE-APPKEY equal to the username, JSON only,
 128 KB per request (100 KB for Bulk Import), MissingAttributeError for incomplete
 items (a device without its platform or push_id among them), at most 50 merge pairs,
-silent acceptance of customer ids MoEngage ignores and of devices of users it does not
-have (it creates devices for existing users only), Delete User's 400 for a user it does
+silent acceptance of customer ids MoEngage ignores, of devices of users it does not
+have (it creates devices for existing users only) and of future-dated event actions,
+Delete User's 400 for a user it does
 not have, and (``suspended``) each endpoint's answer for a suspended account: a 400 from
 Merge User, a 403 from the others.
 """
@@ -15,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import orjson
@@ -112,7 +115,9 @@ class Rejected(Exception):
 class Ignored:
     """An item MoEngage acknowledged but silently dropped."""
 
-    reason: str  # "blocked_customer_id", "no_such_user" (a device of a user MoEngage does not have)
+    # "blocked_customer_id", "no_such_user" (a device of a user MoEngage does not have),
+    # "future_dated" (an event item holding only its action whose current_time is ahead)
+    reason: str
     item: dict[str, Any]
 
 
@@ -348,9 +353,34 @@ class MoEngageStandIn(StandIn):
             # before, or beside, its new user's Track User is lost so.
             self.ignored.append(Ignored("no_such_user", item))
         else:
+            if into is self._events:
+                kept = self._drop_future_actions(item)
+                if kept is None:
+                    return
+                item = kept
             into.append(item)
             if into is not self._devices:  # a device is only ever added to an existing user
                 self._users.add(item["customer_id"])
+
+    def _drop_future_actions(self, item: dict[str, Any]) -> dict[str, Any] | None:
+        """The event item without its future-dated actions (None when none is left).
+
+        "MoEngage does not accept any future dated events" (shared/reference/moengage-api.md
+        §1.4, MoE-spec Track Event note). The reference documents no error for them, and a
+        Create Event call is answered 200 "will be processed soon" before MoEngage processes
+        it (§1.5): like the other data it refuses after that answer, such an action is
+        acknowledged and lost, so it is recorded in ``ignored``, not answered with an error.
+        """
+        now = time.time()
+        kept: list[dict[str, Any]] = []
+        for action in item["actions"]:
+            if _is_future(action.get("current_time"), now):
+                self.ignored.append(Ignored("future_dated", {**item, "actions": [action]}))
+            else:
+                kept.append(action)
+        if len(kept) == len(item["actions"]):
+            return item
+        return {**item, "actions": kept} if kept else None
 
     def _accept_customer_request(self, body: dict[str, Any]) -> str:
         _check_user_item(body, "customer", where="")
@@ -456,6 +486,27 @@ def _check_user_item(item: dict[str, Any], kind: str, *, where: str) -> None:
         name = action.get("action") if isinstance(action, dict) else None
         if not isinstance(name, str) or not name.strip():
             raise Rejected(400, f"{where}actions[{index}]: action is not found in the payload", "MissingAttributeError")
+
+
+def _is_future(current_time: Any, now: float) -> bool:
+    """Whether an action's current_time is later than ``now`` (epoch seconds). MoEngage
+    documents epoch seconds or ISO 8601 (UTC when no zone is given); its own sample sends
+    a 13-digit millisecond string, so a number that large is read as milliseconds, the
+    lenient reading. A value neither reads as is not judged here."""
+    if isinstance(current_time, str) and current_time.strip().isdigit():
+        current_time = int(current_time)
+    if type(current_time) in (int, float):
+        seconds = current_time / 1000 if current_time >= 1e11 else current_time
+        return bool(seconds > now)
+    if not isinstance(current_time, str):
+        return False
+    try:
+        when = datetime.fromisoformat(current_time.strip())
+    except ValueError:
+        return False
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp() > now
 
 
 def _action_names(item: dict[str, Any]) -> str:

@@ -7,7 +7,9 @@ import base64
 import gzip
 import hashlib
 import hmac
+import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -449,6 +451,21 @@ async def test_batch_context_and_sent_at_are_applied(bridge):
     assert (await bridge.post("/v1/batch", batch))[0] == 200
     await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1)
     assert bridge.moengage.events()[0]["actions"][0]["platform"] == "ANDROID"
+
+
+async def test_a_future_dated_track_is_recorded_by_moengage_at_the_latest_now(bridge):
+    """MoEngage silently drops a future-dated event: a server library's track (no sentAt,
+    so no clock-skew correction at ingest) a day ahead reaches it capped at the mapping's
+    now, and is recorded, not lost."""
+    before = int(time.time())
+    ahead = datetime.fromtimestamp(before + 86_400, UTC).isoformat()
+    assert (await bridge.post("/v1/track", track_body(timestamp=ahead), basic(WRITE_KEY)))[0] == 200
+    moe = bridge.moengage
+    await moe.wait_for(lambda: len(moe.events()) + len(moe.ignored) >= 1)
+    assert moe.ignored == []
+    [action] = moe.events()[0]["actions"]
+    assert action["action"] == "Order Completed"
+    assert before <= action["current_time"] <= time.time()
 
 
 class LosesFirstAnswer:

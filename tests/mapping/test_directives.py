@@ -1,5 +1,6 @@
 """Every directive, evaluated through a real compiled mapping."""
 
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -197,6 +198,26 @@ def test_tz_offset_true_means_now(tmp_path):
     offset = datetime.now(UTC).astimezone(ZoneInfo("Europe/Berlin")).utcoffset()
     assert offset is not None
     assert evaluate(m, EVENT) == int(offset.total_seconds())
+
+
+def test_not_after_now_caps_a_later_time_at_now_and_leaves_the_rest(tmp_path):
+    m = value_mapping(tmp_path, "{path: $.properties.t, pipe: [{not_after: now}]}")
+
+    def capped(t: object) -> object:
+        return evaluate(m, {**EVENT, "properties": {"t": t}})
+
+    # A later time becomes now, in its own unit and type (a number >= 1e11 is milliseconds).
+    before = time.time()
+    seconds, fraction, millis = capped(int(before) + 3600), capped(before + 3600.5), capped(int(before + 3600) * 1000)
+    after = time.time()
+    assert type(seconds) is int and int(before) <= seconds <= after
+    assert type(fraction) is float and before <= fraction <= after
+    assert type(millis) is int and int(before * 1000) <= millis <= after * 1000
+    # Now and earlier are unchanged, as is every value that is no epoch number.
+    for t in (1720094400, 1720094400.25, 1720094400250, -5, 0, "2999-01-01T00:00:00Z", True, {"t": 1}, [1]):
+        assert capped(t) == t and type(capped(t)) is type(t)
+    assert capped(None) is None
+    assert evaluate(m, EVENT) == "<absent>"
 
 
 def test_on_error_drop_event_and_fail(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import aiohttp
 import orjson
@@ -199,6 +200,27 @@ async def test_blocklisted_ids_are_accepted_but_silently_ignored(moe):
         ("blocked_customer_id", "x"),
     ]
     assert {"unknown", "0", "-1", "n/a", "user_attribute_unique_id", "(empty)"} <= BLOCKED_CUSTOMER_IDS
+
+
+async def test_future_dated_actions_are_accepted_but_silently_ignored(moe):
+    """MoEngage "does not accept any future dated events": answered 200, never recorded."""
+    standin, client = moe
+    now = int(time.time())
+    past, ahead = {"action": "Past", "current_time": now - 60}, {"action": "Ahead", "current_time": now + 3600}
+    iso_ahead = {"action": "IsoAhead", "current_time": "2999-01-01T00:00:00Z"}
+    millis_past = {"action": "MillisPast", "current_time": str((now - 60) * 1000)}
+    status, _ = await call(client, f"/v1/event/{WS}", event("u1", [past, ahead, iso_ahead, millis_past]))
+    assert status == 200
+    status, _ = await call(client, f"/v1/transition/{WS}", {"type": "transition", "elements": [event("u2", [ahead])]})
+    assert status == 200
+    # Only the past actions are kept; a user none of whose actions were kept is not made.
+    assert standin.events() == [event("u1", [past, millis_past])]
+    assert standin.users() == {"u1"}
+    assert [(i.reason, i.item["customer_id"], i.item["actions"]) for i in standin.ignored] == [
+        ("future_dated", "u1", [ahead]),
+        ("future_dated", "u1", [iso_ahead]),
+        ("future_dated", "u2", [ahead]),
+    ]
 
 
 async def test_unknown_route_is_404_in_moengage_shape(moe):
