@@ -338,7 +338,13 @@ def _b_not_after(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | Non
             return v
         return math.floor(now) if t is int else now
 
-    return not_after
+    # Fused code inlines the usual case, whole epoch seconds not ahead of the clock; the
+    # rest (milliseconds, floats, a future time, anything else) calls the step.
+    clock = time.time
+    return emits_step(
+        not_after,
+        lambda g, v: f"({v} if type({v}) is int and {v} <= {g.bind(clock)}() else {g.bind(not_after)}({v}, env))",
+    )
 
 
 _ZONES: dict[str, ZoneInfo | None] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import random
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -318,6 +319,34 @@ def test_a_let_read_in_a_branch_is_read_again_after_it(tmp_path: Path, monkeypat
         assert repr(fused.apply(event, MapContext())) == repr(plain.apply(event, MapContext())), event
     [out] = fused.apply({"userId": "u1"}, MapContext())  # type: ignore[misc]
     assert out.body == {"type": "track", "event": "u1", "properties": {}, "userId": "u1"}
+
+
+def test_not_after_inlined_gives_what_the_step_gives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fused code inlines `not_after: now` for whole seconds not ahead of the clock and calls
+    the step for the rest: both give the same for every kind of value."""
+    text = """
+    source_format: segment
+    destination_kind: segment
+    rules:
+      - name: t
+        kind: track
+        body:
+          event: E
+          userId: $.userId
+          properties: {object: {at: {path: $.t, pipe: [{not_after: now}]}}}
+    """
+    fused, plain = _both(monkeypatch, write(tmp_path / "cap.yaml", text))
+    assert isinstance(fused, YamlMapping)
+    source = str(fused._rule_guards[0][0].body.__doc__)
+    assert "type(" in source and "() else b" in source, source  # the inline test, then the call
+    now = time.time()
+    for t in (1_700_000_000, 1_700_000_000.5, 1_700_000_000_000, -5, "2099-01-01T00:00:00Z", True, None):
+        event = {"type": "track", "userId": "u", "t": t}
+        assert repr(fused.apply(event, MapContext())) == repr(plain.apply(event, MapContext())), t
+    for ahead, unit in ((int(now) + 86_400, 1), (int(now * 1000) + 86_400_000, 1000)):
+        [out] = fused.apply({"type": "track", "userId": "u", "t": ahead}, MapContext())  # type: ignore[misc]
+        capped = out.body["properties"]["at"]
+        assert type(capped) is int and now * unit - unit <= capped <= time.time() * unit, (ahead, capped)
 
 
 def test_a_let_too_deep_to_inline_is_called_and_the_body_still_fuses(
