@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -452,6 +453,35 @@ async def test_an_outsider_cannot_tell_a_source_name_from_an_unknown_one(make_br
         ("nope", "unknown_source"),
     ]
     assert STREAMS_PASSWORD not in repr(logs)
+
+
+async def test_a_client_that_sends_basic_credentials_only_when_challenged_gets_in(bridge):
+    """RFC 7235 §3.1: a 401 carries a WWW-Authenticate challenge. A client that sends its
+    credentials only in answer to one (urllib's HTTPBasicAuthHandler here; Apache HttpClient
+    by default) got a bare 401 and never sent them: every batch refused."""
+    url = bridge.url + PATH
+
+    def post() -> int:
+        passwords = urllib.request.HTTPPasswordMgrWithDefaultRealm()
+        passwords.add_password(None, url, STREAMS_USER, STREAMS_PASSWORD)
+        opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPBasicAuthHandler(passwords)
+        )
+        request = urllib.request.Request(
+            url, data=orjson.dumps(seed_payload()), headers={"Content-Type": "application/json"}, method="POST"
+        )
+        with opener.open(request, timeout=10) as resp:
+            status: int = resp.status
+            return status
+
+    assert await asyncio.to_thread(post) == 200
+    await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 3)
+    # The challenge names both schemes, for an unknown name too: it tells no source from another.
+    assert bridge.client is not None
+    for path in (PATH, "/moengage/streams/nope"):
+        resp = await bridge.client.post(path, data=b"{}")
+        assert resp.status == 401
+        assert resp.headers["WWW-Authenticate"] == 'Basic realm="moengage-streams", Bearer realm="moengage-streams"'
 
 
 def test_streams_auth_must_be_explicit(tmp_path: Path):

@@ -35,6 +35,12 @@ MAX_STREAMS_BODY = 5 * 1024 * 1024
 _UNAUTHORIZED = "unknown source, or the request's credentials or address are not accepted"
 # How much of a refused request's source name (the URL path, anyone's to write) is logged.
 _LOGGED_NAME = 100
+# RFC 7235 §3.1: a 401 names the schemes the resource takes. A client that sends its Basic
+# credentials only when challenged (urllib's handler, Apache HttpClient by default) got a
+# 401 without one, and never sent them: every batch refused, then dropped by MoEngage.
+# Both schemes a source may take, on every refusal, so the header does not tell one source
+# (or an unknown name) from another either.
+_CHALLENGE = {"WWW-Authenticate": 'Basic realm="moengage-streams", Bearer realm="moengage-streams"'}
 _dumps = orjson.dumps
 
 log = structlog.get_logger("bridge.sources.streams")
@@ -50,7 +56,7 @@ def _refused(request: web.Request, source: str, reason: str, client: str | None 
         client=client,
         remote=request.remote,
     )
-    return ApiError(401, "unauthorized", _UNAUTHORIZED)
+    return ApiError(401, "unauthorized", _UNAUTHORIZED, headers=dict(_CHALLENGE))
 
 
 class StreamsSources(SourceKind):
