@@ -128,6 +128,9 @@ class Ingestor:
     async def store_events(self, source: SourceConfig, incoming: Sequence[IncomingEvent]) -> EnqueueResult:
         if not incoming:
             return EnqueueResult(0, 0)
+        # The answer names the refusal, not the store's own words (a file's path, a database
+        # host): a write key is no secret (Analytics.js ships it to browsers), so a caller is
+        # anyone. The words go to the log's ingest_refused line, as /readyz's to not_ready.
         try:
             result = await self.store.enqueue(source.name, incoming)
         except StoreFull as exc:
@@ -135,7 +138,7 @@ class Ingestor:
             raise ApiError(
                 503,
                 "store_full",
-                f"the bridge is not accepting events right now: {exc}",
+                "the bridge is not accepting events right now: its event store is full",
                 headers={"Retry-After": "30"},
             ) from None
         except StoreError as exc:
@@ -143,7 +146,7 @@ class Ingestor:
             raise ApiError(
                 503,
                 "store_unavailable",
-                f"the event store is unavailable: {exc}",
+                "the event store is unavailable",
                 headers={"Retry-After": "10"},
             ) from None
         if self._refusing is not None:

@@ -177,11 +177,27 @@ async def _erase_links(conn: Connection, erase_links: ErasedLinks) -> None:
         f"SELECT id, destination, created_at FROM jobs WHERE id = ANY($1::bigint[]) AND state = {DELIVERED}",
         list(erase_links),
     )
+    erasing = []
     for job_id, namespace, created_at in rows:
         ids = [_text(i) for i in erase_links[job_id]]
         # As resolve_links looks them up: a long id under its digest, or as an older bridge
         # stored it. A to_id is stored as it is.
-        keys = {*ids, *map(link_key, ids)}
+        erasing.append((namespace, created_at, {*ids, *map(link_key, ids)}, ids))
+    if len(erasing) > 1:
+        # Each DELETE below locks its own rows in order, but one job's after the other's: an
+        # ack of two deletions held the second's rows while waiting for the first's, which
+        # ingest could hold while waiting for the second's (a deadlock). Every job's rows are
+        # locked first, at once, in ingest's order (a few that are kept may be locked too).
+        await conn.execute(
+            "SELECT 1 FROM identity_links WHERE namespace = ANY($1::text[]) AND updated_at <= $2"
+            " AND (from_id = ANY($3::text[]) OR to_id = ANY($4::text[]))"
+            ' ORDER BY namespace COLLATE "C", from_id COLLATE "C" FOR UPDATE',
+            list({e[0] for e in erasing}),
+            max(e[1] for e in erasing),
+            list(set().union(*(e[2] for e in erasing))),
+            list({i for e in erasing for i in e[3]}),
+        )
+    for namespace, created_at, keys, ids in erasing:
         # Rows locked in the order ingest's link upsert takes them (LINKS_SQL: byte order of
         # namespace and from_id), so the two cannot deadlock; the DELETE alone locked them in
         # whatever order its plan read them.

@@ -155,6 +155,43 @@ async def test_two_nodes_storing_keys_in_different_orders_do_not_deadlock(
         await blocker.close()
 
 
+async def test_an_ack_erasing_several_users_links_does_not_deadlock_with_ingest(
+    nodes: tuple[PostgresStore, PostgresStore], pg_schema: str
+) -> None:
+    """An ack with two deletions erased their links one deletion after the other: each
+    deletion's rows in order, but the second's before the first's. Ingest learning both
+    links takes them in byte order (LINKS_SQL): the ack held b-id and waited for a-id, ingest
+    held a-id and waited for b-id, and PostgreSQL failed one of them. Here a session holds
+    a-id as ingest would, then takes b-id once the ack waits for it."""
+    a, _ = nodes
+    learnt = (IdentityLink("moe", "a-id", "crm-a"), IdentityLink("moe", "b-id", "crm-b"))
+    await a.enqueue("web", [event("learn", "a-id", links=learnt)])
+    await a.enqueue("web", [event("del-b", "b-id"), event("del-a", "a-id")])
+    jobs = {j.message_id: j for j in await a.lease("moe", 10, 30)}
+    erase = {jobs["del-b"].id: ["b-id"], jobs["del-a"].id: ["a-id"]}
+    ingest = await asyncpg.connect(PG_DSN, server_settings={"search_path": pg_schema})
+    try:
+        learning = ingest.transaction()
+        await learning.start()
+        await ingest.execute("SELECT 1 FROM identity_links WHERE namespace = 'moe' AND from_id = 'a-id' FOR UPDATE")
+        ack = asyncio.create_task(a.ack(list(erase), erase_links=erase))
+        me = await ingest.fetchval("SELECT pg_backend_pid()")
+        blocked = "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))"
+        while not await ingest.fetchval(blocked, me):
+            assert not ack.done(), ack
+            await asyncio.sleep(0.01)
+        # Re-learnt now, after the deletions were stored: kept.
+        await ingest.execute(
+            "INSERT INTO identity_links (namespace, from_id, to_id, updated_at) VALUES ('moe', 'b-id', 'crm-b2', 1e12)"
+            " ON CONFLICT (namespace, from_id) DO UPDATE SET to_id = excluded.to_id, updated_at = excluded.updated_at"
+        )
+        await learning.commit()
+        await ack
+    finally:
+        await ingest.close()
+    assert await a.resolve_links("moe", ["a-id", "b-id"]) == {"b-id": "crm-b2"}
+
+
 @pytest.mark.parametrize("table", ["jobs", "dedupe", "dead_letters", "discards"])
 async def test_opening_a_store_does_not_queue_behind_a_long_write(pg_schema: str, table: str) -> None:
     """Every open (a node's start, each CLI command) ran CREATE INDEX IF NOT EXISTS, which
