@@ -333,12 +333,20 @@ class Store(ABC):
 
     @abstractmethod
     async def defer(
-        self, job_ids: Sequence[int], available_at: float, reason: str, *, fence: Fence | None = None
+        self,
+        job_ids: Sequence[int],
+        available_at: float,
+        reason: str,
+        *,
+        fence: Fence | None = None,
+        delivered: Delivered | None = None,
     ) -> None:
         """Return leased jobs to the queue as ``release`` does, their attempt not counted
         (nor their first attempt, if this was it), but due again only at ``available_at``:
         jobs that were not tried, held back behind others (an unordered deletion waiting
-        for its user's earlier jobs), whose wait must not spend their retry budget."""
+        for its user's earlier jobs), whose wait must not spend their retry budget. Their
+        other outputs may have gone out before they were held back: ``delivered``, as for
+        ``retry``."""
 
     @abstractmethod
     async def users_waiting(

@@ -650,11 +650,18 @@ class PostgresStore(Store):
             )
 
     async def defer(
-        self, job_ids: Sequence[int], available_at: float, reason: str, *, fence: Fence | None = None
+        self,
+        job_ids: Sequence[int],
+        available_at: float,
+        reason: str,
+        *,
+        fence: Fence | None = None,
+        delivered: Delivered | None = None,
     ) -> None:
         if not job_ids:
             return
-        async with self._conn() as conn:
+        async with self._conn(transaction=bool(delivered)) as conn:
+            await _record_delivered(conn, job_ids, fence, delivered)
             await conn.execute(
                 f"UPDATE jobs j SET state = {QUEUED}, lease_until = NULL, available_at = $3, last_error = $4,"
                 " attempts = GREATEST(j.attempts - 1, 0),"

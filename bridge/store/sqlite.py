@@ -532,7 +532,13 @@ class SqliteStore(Store):
             )
 
     async def defer(
-        self, job_ids: Sequence[int], available_at: float, reason: str, *, fence: Fence | None = None
+        self,
+        job_ids: Sequence[int],
+        available_at: float,
+        reason: str,
+        *,
+        fence: Fence | None = None,
+        delivered: Delivered | None = None,
     ) -> None:
         if job_ids:
             await self._bookkeep(
@@ -543,6 +549,7 @@ class SqliteStore(Store):
                     reason=reason,
                     leases=self._held(),
                     fence=fence,
+                    delivered=delivered,
                 )
             )
 

@@ -513,9 +513,11 @@ def defer(
     reason: str,
     leases: Leases,
     fence: Fence | None = None,
+    delivered: Delivered | None = None,
 ) -> None:
     """Release, due again at ``available_at``: the attempt is not counted."""
     settling = leases.settling(job_ids, fence)
+    _record_delivered(conn, settling, delivered)
     # Before the release, while a row an earlier version left LEASED still has its fence.
     conn.executemany(
         f"UPDATE jobs SET available_at = ?, last_error = ? WHERE {_FENCED} AND {_STILL_LEASED}",

@@ -574,6 +574,21 @@ async def test_what_a_job_delivered_survives_later_settles_that_name_nothing(sto
     assert await _delivered_by_id(store) == {"k1": SENT_A + SENT_B}
 
 
+async def test_a_deferred_job_keeps_the_outputs_it_delivered(store: Store) -> None:
+    """An unordered job whose merge waits for its user's earlier jobs (Store.defer) may have
+    had its other outputs accepted first: its next lease must name them, or they go out again."""
+    await store.enqueue("web", [event("d1", "u1"), event("d2", "u2")])
+    d1, d2 = await store.lease("moe", 10, 30, ordered=False)
+    fence = {j.id: j.attempts for j in (d1, d2)}
+    await store.defer([d1.id, d2.id], time.time() - 1, "waiting", fence=fence, delivered={d1.id: SENT_A})
+    again = {j.message_id: j for j in await store.lease("moe", 10, 30, ordered=False)}
+    assert {m: j.delivered_outputs for m, j in again.items()} == {"d1": SENT_A, "d2": b""}
+    assert again["d1"].attempts == 1  # still a deferral: the wait is no attempt
+    # A later deferral that names nothing new keeps what was recorded.
+    await store.defer([again["d1"].id], time.time() - 1, "waiting", fence={again["d1"].id: again["d1"].attempts})
+    assert (await _delivered_by_id(store))["d1"] == SENT_A
+
+
 async def test_a_late_holder_records_no_delivered_outputs(store: Store) -> None:
     await store.enqueue("web", [event("late", "u1")])
     [first] = await store.lease("moe", 10, 0)  # lapses at once
@@ -595,7 +610,7 @@ async def test_a_late_holder_neither_delays_nor_rewrites_a_job_given_back_since(
     [b_job] = await store.lease("moe", 10, 30)
     await store.release([b_job.id], fence={b_job.id: b_job.attempts}, delivered={b_job.id: SENT_B})
     stale = {a_job.id: a_job.attempts}
-    await store.defer([a_job.id], time.time() + 3600, "waiting", fence=stale)
+    await store.defer([a_job.id], time.time() + 3600, "waiting", fence=stale, delivered={a_job.id: SENT_A})
     await store.retry([a_job.id], time.time() + 3600, "http_500", fence=stale, delivered={a_job.id: SENT_A})
     await store.release([a_job.id], fence=stale, delivered={a_job.id: SENT_A})
     [again] = await store.lease("moe", 10, 30)
