@@ -78,8 +78,9 @@ class _Batch:
     # Jobs with an item never sent: released, uncounted, unless one of their items was
     # refused, for now or for good (a RETRY or DEAD verdict): that attempt is judged (see _settle).
     unsent: set[int] = field(default_factory=set)
-    # Unordered delivery: jobs held back behind an earlier job of their users, not sent
-    # (see DestinationWorker._send_barriers): due again later, never judged.
+    # Unordered delivery: jobs whose barrier was held back behind an earlier job of their
+    # users, not sent (see DestinationWorker._send_barriers): due again later, not judged,
+    # unless another of their outputs was refused (judged as an unsent one is, see _settle).
     deferred: set[int] = field(default_factory=set)
     settled: set[int] = field(default_factory=set)
     version: str = ""  # the mapping version that mapped this batch
@@ -920,7 +921,10 @@ class DestinationWorker:
         for job_id in job_items:
             job = batch.jobs[job_id]
             verdict = batch.verdicts.get(job_id)
-            if job_id in batch.deferred:
+            if job_id in batch.deferred and (verdict is None or verdict.action is Action.DELIVERED):
+                # Only a job with nothing refused waits uncounted: one with an output refused
+                # for good was deferred, not dead-lettered, and sent that output again each
+                # time (its attempt never counted), for as long as its user's earlier job waited.
                 deferred.append(job_id)
                 continue
             if verdict is None or (job_id in batch.unsent and verdict.action is Action.DELIVERED):
@@ -957,8 +961,10 @@ class DestinationWorker:
             batch.settled.update(acked)
             batch.passed.update(acked)
             self.metrics.delivered(self.name, len(acked))
-        # A job that stays queued keeps what of it went out, so its next attempt sends the rest only.
-        delivered = batch.delivered_outputs([*unsent, *(j for ids in retries.groups.values() for j in ids)])
+        # A job that stays queued keeps what of it went out, so its next attempt sends the rest
+        # only. A deferred one too: its Track User accepted before its merge was held back was
+        # otherwise sent again once the merge could go.
+        delivered = batch.delivered_outputs([*unsent, *deferred, *(j for ids in retries.groups.values() for j in ids)])
         for at, ids in retries.groups.items():
             error = _describe(batch.verdicts[ids[0]].response)
             await self.store.retry(ids, at, error, fence=batch.fence, delivered=delivered)
@@ -978,7 +984,7 @@ class DestinationWorker:
             # once, leased and checked in a tight loop while the user's earlier jobs waited.
             wait = "waiting for the user's earlier events to be delivered"
             due = now + max(self.config.retry.base_delay, DEFER_SECONDS)
-            await self.store.defer(deferred, due, wait, fence=batch.fence)
+            await self.store.defer(deferred, due, wait, fence=batch.fence, delivered=delivered)
             batch.settled.update(deferred)
         self.guard.record(len(acked), 0)
         self._precheck = True

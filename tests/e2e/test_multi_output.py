@@ -515,3 +515,110 @@ async def test_an_event_refused_for_good_and_for_now_with_an_output_held_back_is
         assert (dead["message_id"], dead["attempts"], dead["outputs_delivered"]) == ("m-alice", 1, 0), dead
         assert [(s.path.split("/")[2], s.status) for s in upstream.seen] == [("event", 400), ("customer", 503)]
         assert upstream.events() == [] and upstream.customers() == []
+
+
+# Every alias as a Track User of the user it merges away and then a merge of that user into
+# its userId; every track as a Track User. The merge is a delivery-order barrier
+# (Destination.ORDER_BARRIER_KINDS); the Track User before it is not.
+TRACK_USER_THEN_MERGE = """\
+source_format: segment
+destination_kind: moengage
+description: every alias as a Track User of the merged user and a merge; every track as a Track User
+rules:
+  - name: merged-user
+    match: {type: alias}
+    kind: customer
+    continue: true
+    body:
+      customer_id: {path: $.previousId, pipe: [{to: string}]}
+      attributes: {object: {merged_into: $.userId}}
+  - name: merge
+    match: {type: alias}
+    kind: merge
+    body:
+      merged_user: {path: $.previousId, pipe: [{to: string}]}
+      retained_user: {path: $.userId, pipe: [{to: string}]}
+  - name: track
+    match: {type: track}
+    kind: customer
+    body:
+      customer_id: {path: $.userId, pipe: [{to: string}]}
+      attributes: {object: {last_event: $.event}}
+  - name: other
+    drop: unsupported_type
+"""
+
+
+class TrackUserFailsFirst(EventsFail):
+    """MoEngage whose Track User answers 503 for ``user`` the first ``times`` times, 400 for
+    ``refused`` every time, and as MoEngage does for everyone else (and for ``user`` after that)."""
+
+    def __init__(self, user: str, times: int, refused: str = "") -> None:
+        super().__init__()
+        self.user = user
+        self.times = times
+        self.refused = refused
+
+    async def _customer(self, request: web.Request) -> web.Response:
+        def accept(body: dict[str, Any]) -> str:
+            if body.get("customer_id") == self.user and self.times > 0:
+                self.times -= 1
+                raise Rejected(503, f"scripted 503 for {self.user}")
+            if self.refused and body.get("customer_id") == self.refused:
+                raise Rejected(400, f"scripted 400 for {self.refused}")
+            return self._accept_customer_request(body)
+
+        return await self._handle(request, accept, 128_000)
+
+
+def _track_then_alias(previous_id: str) -> dict[str, Any]:
+    return {
+        "batch": [
+            {"type": "track", "userId": "alice", "event": "Ordered", "messageId": "m-track"},
+            {"type": "alias", "userId": "alice", "previousId": previous_id, "messageId": "m-alias"},
+        ]
+    }
+
+
+async def test_a_deferred_merge_does_not_send_its_events_accepted_track_user_again(make_bridge, tmp_path, store_url):
+    """Unordered: alice's track fails for now (503); her alias, after it, has its Track User
+    of anon-1 accepted, and its merge held back behind the track (deferred). Its next attempt
+    sends the merge only: deferred without the Track User's digest (Store.defer took none),
+    it sent that Track User again, a second one at MoEngage."""
+    upstream = TrackUserFailsFirst("alice", times=2)
+    async with _bridge(
+        make_bridge, tmp_path, upstream, store_url, mapping=TRACK_USER_THEN_MERGE, ordered=False
+    ) as bridge:
+        assert (await bridge.post("/v1/batch", _track_then_alias("anon-1"), H))[0] == 200
+        await upstream.wait_for(lambda: len(upstream.merges()) == 1, timeout=10)
+        await wait_until(lambda: _drained(bridge), what="the queue to drain")
+        assert upstream.merges() == [{"merged_user": "anon-1", "retained_user": "alice"}]
+        assert [s.status for s in upstream.seen if s.status != 200] == [503, 503]  # alice's track, twice
+        assert _customers(upstream) == ["alice", "anon-1"], "a Track User the upstream accepted was sent again"
+        assert await _delivered_total(bridge) == 2
+
+
+async def test_an_event_refused_for_good_with_its_merge_held_back_is_dead_lettered(make_bridge, tmp_path, store_url):
+    """Unordered: alice's track fails for now (503); her alias's Track User of anon-bad is
+    refused for good (400), and its merge held back behind the track. The alias is judged:
+    dead-lettered at once, its merge kept for the replay. Deferred instead (never judged), it
+    sent the refused Track User again each time it came back, uncounted, then the merge, and
+    reached the DLQ only once its user's earlier event was delivered."""
+    upstream = TrackUserFailsFirst("alice", times=2, refused="anon-bad")
+    async with _bridge(
+        make_bridge, tmp_path, upstream, store_url, mapping=TRACK_USER_THEN_MERGE, ordered=False
+    ) as bridge:
+        assert (await bridge.post("/v1/batch", _track_then_alias("anon-bad"), H))[0] == 200
+        dead_letters: list[dict[str, Any]] = []
+
+        async def dead_lettered() -> bool:
+            _, body = await bridge.get("/admin/dlq?reason=http_400", ADMIN)
+            dead_letters[:] = body["dead_letters"]
+            return len(dead_letters) == 1
+
+        await wait_until(dead_lettered, what="the alias in the DLQ")
+        await wait_until(lambda: _drained(bridge), what="the queue to drain")
+        [dead] = dead_letters
+        assert (dead["message_id"], dead["attempts"], dead["outputs_delivered"]) == ("m-alias", 1, 0), dead
+        assert sorted(s.status for s in upstream.seen) == [200, 400, 503, 503]  # the Track User of anon-bad once
+        assert _customers(upstream) == ["alice"] and upstream.merges() == []
