@@ -189,11 +189,13 @@ async def test_a_deletion_without_a_user_id_is_refused_at_ingest(bridge: Bridge)
     status, data = await webhook(bridge, {"type": "delete", "anonymousId": "anon-1", "messageId": "del-4"})
     assert status == 400
     assert (data["code"], data["message"]) == ("id_required", "delete requires userId, the user to delete")
-    # In a batch, the nameless deletion is rejected by its index and the rest is kept.
-    status, data = await webhook(bridge, [deletion("u-batch-1", "del-5"), {"type": "delete", "messageId": "del-6"}])
+    # In a batch, the nameless deletion (first: the item Segment signs) is rejected by its
+    # index and the rest is kept.
+    track = {"type": "track", "userId": "u-batch-1", "event": "Step", "messageId": "del-5"}
+    status, data = await webhook(bridge, [{"type": "delete", "messageId": "del-6"}, track])
     assert status == 200, data
     assert data["accepted"] == 1
-    assert [(r["index"], r["code"]) for r in data["rejected"]] == [(1, "id_required")]
+    assert [(r["index"], r["code"]) for r in data["rejected"]] == [(0, "id_required")]
 
 
 async def test_the_tracking_api_still_refuses_a_deletion(bridge: Bridge) -> None:
@@ -230,6 +232,26 @@ async def test_a_source_without_a_webhook_secret_takes_no_deletion(make_bridge: 
     await wait_until(lambda: settled(bridge), what="an empty queue")
     assert [s.path for s in bridge.moengage.seen if s.path == DELETE_PATH] == []
     assert "del-u10" in bridge.moengage.users()
+
+
+async def test_a_signed_batch_takes_a_deletion_from_its_first_item_only(bridge: Bridge) -> None:
+    """Segment signs only a webhook batch's first item: the others are vouched for by the
+    write key alone, so a deletion further on is refused by its index, like an unsigned one,
+    and the batch's other events are kept. A deletion as the first item goes through."""
+    track = {"type": "track", "userId": "del-u20", "event": "Step", "messageId": "u20-t"}
+    track["timestamp"] = "2026-11-01T09:00:00Z"
+    other = {**track, "userId": "del-u21", "messageId": "u21-t"}
+    status, data = await webhook(bridge, [track, deletion("del-u20", "del-20"), other, {"type": 7}])
+    assert status == 200, data
+    got = [(r["index"], r["code"]) for r in data["rejected"]]
+    assert got == [(1, "unsigned_deletion"), (3, "invalid_type")], data
+    assert "first item" in data["rejected"][0]["message"]
+    status, data = await webhook(bridge, [deletion("del-u21", "del-21"), track])
+    assert status == 200 and not data.get("rejected"), data
+    await wait_until(lambda: settled(bridge), what="an empty queue")
+    deleted = [r.body["identity_value"] for r in bridge.moengage.requests if r.path == DELETE_PATH]
+    assert deleted == ["del-u21"], deleted
+    assert "del-u20" in bridge.moengage.users()
 
 
 def unordered(raw: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -291,9 +292,31 @@ class SegmentSources(SourceKind):
         # signs: the write key alone would let anyone who reads it off a web page or out of
         # an app delete any user (which is why the Tracking API refuses the type).
         deletions = WEBHOOK_ONLY_TYPES if source.webhook_secret else frozenset[str]()
-        envelope = Envelope(*self._clock.now(), keep_timestamp=True, more_types=deletions)
-        self._collect_many(collected, items, envelope)
+        received = self._clock.now()
+        envelope = Envelope(*received, keep_timestamp=True, more_types=deletions)
+        if not deletions or len(items) < 2 or len(items) > self.config.server.max_webhook_events:
+            self._collect_many(collected, items, envelope)  # (too many: refused whole, there)
+            return collected
+        # Segment signs only a batch's first item (_verify_signature): the others are vouched
+        # for by the write key alone, which is no reason to delete anyone. Deletions are taken
+        # from the first item only; one further on is refused as unsigned, by its index.
+        self._collect_many(collected, items[:1], envelope)
+        signed = len(collected.rejected)
+        self._collect_many(collected, items[1:], Envelope(*received, keep_timestamp=True))
+        rest = collected.rejected[signed:]
+        collected.rejected[signed:] = [
+            replace(r, index=r.index + 1, message=_UNSIGNED_IN_BATCH)
+            if r.code == "unsigned_deletion"
+            else replace(r, index=r.index + 1)
+            for r in rest
+        ]
         return collected
+
+
+_UNSIGNED_IN_BATCH = (
+    "a delete is taken from the first item of a webhook batch only: Segment signs that item"
+    " alone, and the write key does not vouch for a deletion (apps carry it for anyone to read)"
+)
 
 
 def _verify_signature(given: str, secret: str, body: bytes) -> None:
