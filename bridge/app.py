@@ -99,7 +99,7 @@ async def readyz(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     # (what the answer says, what the log adds): the probe is as open as the ingest routes,
     # so its answer names the problem but not its detail (file paths, database hosts, a
-    # mapping file's text), which goes to the log, once per change, and to /admin/status.
+    # mapping file's text), which goes to the log, once per change.
     problems: list[tuple[str, str]] = []
     if runtime.stopping:
         # Draining: tell the load balancer first, so it stops sending before the listener closes.
