@@ -186,8 +186,12 @@ async def serve(
         if config.server.drain_seconds:
             await asyncio.sleep(config.server.drain_seconds)  # /readyz is 503; still serving
     finally:
-        loop.remove_signal_handler(signal.SIGHUP)  # no reloads while the process winds down
-        await runner.cleanup()
+        # SIGHUP stays handled (and ignored: the runtime is stopping) until the drain is over:
+        # its default action ended the process mid-drain, with the deliveries in flight unacked.
+        try:
+            await runner.cleanup()
+        finally:
+            loop.remove_signal_handler(signal.SIGHUP)
         log.info("stopped")
 
 

@@ -1,0 +1,54 @@
+"""Mapping reload around the edges of a running bridge: signals during shutdown, and the
+file watcher racing an edit."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import aiohttp
+from aiohttp.test_utils import TestServer
+
+from bridge.testing.standins import MoEngageStandIn
+from tests.e2e.harness import API_KEY, WORKSPACE, WRITE_KEY, basic, config_dict, wait_until
+from tests.e2e.proc import BridgeProcess
+
+
+async def test_a_sighup_during_shutdown_does_not_kill_the_process(tmp_path: Path) -> None:
+    """A deploy tool may send SIGHUP (reload) while a bridge is draining. Shutdown waits for
+    the requests in flight, and SIGHUP's default action ended the process there: their jobs
+    were never acked, so the next start sent those events again."""
+    moengage = MoEngageStandIn(WORKSPACE, API_KEY)
+    server = TestServer(moengage.app(), host="127.0.0.1")
+    await server.start_server()
+    raw = config_dict(tmp_path, str(server.make_url("")).rstrip("/"), "http://127.0.0.1:9")
+    raw["sources"] = raw["sources"][:1]
+    raw["destinations"] = raw["destinations"][:1]
+    raw["server"]["shutdown_timeout"] = 20
+    proc = BridgeProcess(raw, tmp_path)
+    try:
+        await proc.start()
+        assert proc.proc is not None
+        moengage.hold()  # the delivery stays in flight: shutdown waits for it
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{proc.url}/v1/track", json={"userId": "user-d", "event": "Drained"}, headers=basic(WRITE_KEY)
+            ) as r,
+        ):
+            assert r.status == 200
+        await moengage.wait_for(lambda: moengage.received >= 1, timeout=10)
+        proc.terminate()
+        await wait_until(lambda: "shutting_down" in proc.log_path.read_text(), what="shutdown to begin")
+        proc.proc.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.3)  # for the signal to land before the upstream answers (not an assertion)
+        moengage.release()
+        assert await proc.wait() == 0, proc.log_tail()  # -1: killed by SIGHUP
+        assert len(moengage.events()) == 1
+        assert '"event":"stopped"' in proc.log_path.read_text()
+    finally:
+        moengage.release()
+        await proc.ensure_stopped()
+        moengage.stop()
+        await server.close()
