@@ -262,7 +262,10 @@ class Runtime:
             if change.due(current):
                 try:
                     if not self.reload_mappings().problems:
-                        # The new set may read other lookup files: watch from what it reads.
-                        change = SettledChange(self._watched_fingerprint())
+                        # From the fingerprint this reload was due to, not one taken after it:
+                        # a save landing while it compiled was counted as loaded, and never
+                        # was. A new set that reads other lookup files changes the fingerprint
+                        # too: that costs one more reload, which finds nothing new.
+                        change = SettledChange(current)
                 except Exception:  # the watcher must outlive any one bad reload
                     log.exception("mapping_watch_failed")

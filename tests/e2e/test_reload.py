@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp.test_utils import TestServer
 
+from bridge.mapping.loader import load_mapping_file
+from bridge.runtime import MappingReload
 from bridge.testing.standins import MoEngageStandIn
-from tests.e2e.harness import API_KEY, WORKSPACE, WRITE_KEY, basic, config_dict, wait_until
+from tests.e2e.harness import API_KEY, WORKSPACE, WRITE_KEY, Bridge, basic, config_dict, wait_until
 from tests.e2e.proc import BridgeProcess
+from tests.e2e.test_operations import copy_mappings
 
 
 async def test_a_sighup_during_shutdown_does_not_kill_the_process(tmp_path: Path) -> None:
@@ -52,3 +58,37 @@ async def test_a_sighup_during_shutdown_does_not_kill_the_process(tmp_path: Path
         await proc.ensure_stopped()
         moengage.stop()
         await server.close()
+
+
+async def test_an_edit_landing_while_the_watcher_reloads_is_loaded_too(
+    make_bridge: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second save that lands while the watcher's reload compiles the first: the watcher
+    took the files' fingerprint after the reload, so counted the second save as loaded, and
+    the bridge went on mapping with the first until the files changed again."""
+    mappings = copy_mappings(tmp_path)
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["mappings"] = {"dir": str(mappings), "watch": True, "watch_interval": 0.1}
+
+    bridge: Bridge = await make_bridge(tweak)
+    runtime = bridge.runtime
+    assert runtime is not None
+    path = mappings / "segment-to-moengage.yaml"
+    text = path.read_text()
+    reload = runtime.reload_mappings
+    saves = [text.replace("action: Viewed Screen", "action: Screen Seen Again")]
+
+    def reload_while_saved_again() -> MappingReload:
+        result = reload()
+        if saves:
+            path.write_text(saves.pop())  # the editor's second save, during the compile
+        return result
+
+    monkeypatch.setattr(runtime, "reload_mappings", reload_while_saved_again)
+    path.write_text(text.replace("action: Viewed Screen", "action: Screen Seen"))
+    await wait_until(lambda: not saves, what="the first save's reload")
+    final = load_mapping_file(path).version
+    await wait_until(
+        lambda: runtime.mappings()["segment-to-moengage"].version == final, what="the second save's reload"
+    )
