@@ -270,7 +270,11 @@ class DestinationWorker:
         self.guard.reset()
         self._precheck = paused  # resumed (by an operator): the next batch runs unchecked
         self.metrics.paused(self.name, paused)
-        if not paused:
+        if not paused and state is not None and state.extra.get("by") == "guard":
+            # The guard's resume after a mapping change, maybe another node's: look for work,
+            # but keep the backoff the upstream asked for. Only an operator's means "now".
+            self._wake.set()
+        elif not paused:
             self.retry_now()
 
     def retry_now(self) -> None:
@@ -297,7 +301,7 @@ class DestinationWorker:
             # (a Retry-After the upstream asked for), here and on every other node.
             state = DestinationState(self.name, False, "mapping changed", self.store.now(), {"by": "guard"})
             await self.store.set_destination_state(state)
-            self.apply_state(None)
+            self.apply_state(state)
             self._precheck = True  # not an operator's resume: a still-broken mapping pauses again at once
 
     async def _pause(self, reason: str, version: str | None = None) -> None:

@@ -15,10 +15,14 @@ from aiohttp.test_utils import TestServer
 
 from bridge.mapping.loader import load_mapping_file
 from bridge.runtime import MappingReload
+from bridge.store.base import DestinationState
 from bridge.testing.standins import MoEngageStandIn
-from tests.e2e.harness import API_KEY, WORKSPACE, WRITE_KEY, Bridge, basic, config_dict, wait_until
+from bridge.testing.upstream import Planned
+from tests.e2e.harness import ADMIN_TOKEN, API_KEY, WORKSPACE, WRITE_KEY, Bridge, basic, config_dict, wait_until
 from tests.e2e.proc import BridgeProcess
 from tests.e2e.test_operations import copy_mappings
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 async def test_a_sighup_during_shutdown_does_not_kill_the_process(tmp_path: Path) -> None:
@@ -92,3 +96,43 @@ async def test_an_edit_landing_while_the_watcher_reloads_is_loaded_too(
     await wait_until(
         lambda: runtime.mappings()["segment-to-moengage"].version == final, what="the second save's reload"
     )
+
+
+async def test_the_guards_resume_after_a_mapping_change_keeps_the_upstreams_backoff(
+    make_bridge: Callable[..., Any],
+) -> None:
+    """A node that reloaded the fix resumes the guard's pause for every node. The others
+    see that resume in the store, and took it for an operator's "deliver now": they dropped
+    the Retry-After the upstream had asked of them (README: the guard's own resume keeps it)."""
+    bridge: Bridge = await make_bridge()
+    runtime = bridge.runtime
+    assert runtime is not None
+    store = runtime.store
+    bridge.moengage.plan(Planned(429, headers={"Retry-After": "120"}))
+    assert (await bridge.post("/v1/track", {"userId": "user-b", "event": "Held"}, basic(WRITE_KEY)))[0] == 200
+
+    async def status() -> dict[str, Any]:
+        _, body = await bridge.get("/admin/status", ADMIN)
+        dest: dict[str, Any] = next(d for d in body["destinations"] if d["name"] == "moengage-main")
+        return dest
+
+    async def backing_off() -> bool:
+        return float((await status())["backing_off_seconds"]) > 0
+
+    await wait_until(backing_off, what="the Retry-After to hold the destination")
+    version = runtime.mappings()["segment-to-moengage"].version
+    # Another node's guard pauses the destination, and then, the fix reloaded there, resumes it.
+    paused = DestinationState(
+        "moengage-main", True, "events failed to map", store.now(), {"by": "guard", "version": version}
+    )
+    await store.set_destination_state(paused)
+
+    async def is_paused(expected: bool) -> bool:
+        return bool((await status())["paused"]) is expected
+
+    await wait_until(lambda: is_paused(True), what="the pause to reach this node")
+    await store.set_destination_state(
+        DestinationState("moengage-main", False, "mapping changed", store.now(), {"by": "guard"})
+    )
+    await wait_until(lambda: is_paused(False), what="the resume to reach this node")
+    assert (await status())["backing_off_seconds"] > 60  # still the upstream's 120 s
