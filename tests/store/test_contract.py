@@ -482,6 +482,24 @@ async def test_ids_and_texts_no_record_can_have_select_nothing(store: Store) -> 
     assert [r.id for r in await store.list_dead(EVERYTHING)] == [second]
 
 
+async def test_since_is_inclusive_and_until_exclusive_for_replay_and_purge(store: Store) -> None:
+    """README: a record failed (or discarded) at T is in ``--since T`` and not in
+    ``--until T``, for a replay and a purge as for a listing."""
+    replayed, purged, discarded = await _dead(store, 3)
+    await store.dead_letter([DeadLetter(replayed, "http_400"), DeadLetter(purged, "http_422")])
+    await store.discard([Discard(discarded, "anonymous_user")])
+    at = {r.reason: r.failed_at for r in await store.list_dead(EVERYTHING)}
+    (discard,) = await store.list_discards(EVERYTHING)
+    assert await store.replay_dead(RecordFilter(reason="http_400", until=at["http_400"])) == 0
+    assert await store.replay_dead(RecordFilter(reason="http_400", since=at["http_400"])) == 1
+    assert await store.purge_dead(RecordFilter(until=at["http_422"])) == 0
+    assert await store.purge_dead(RecordFilter(since=at["http_422"], until=at["http_422"])) == 0
+    assert await store.purge_dead(RecordFilter(since=at["http_422"])) == 1
+    assert await store.replay_discards(RecordFilter(until=discard.discarded_at)) == 0
+    assert await store.replay_discards(RecordFilter(since=discard.discarded_at)) == 1
+    assert (await store.queue_stats())["moe"].depth == 2
+
+
 async def test_replays_and_a_purge_at_once_move_each_dead_letter_once(factory: StoreFactory) -> None:
     """The admin API (the server's store) and the CLI (its own, on the same database)
     replay the same dead letters while the CLI purges them: each ends in exactly one
