@@ -127,6 +127,27 @@ async def test_a_delivered_deletion_erases_the_links_from_and_to_its_ids(store: 
     assert await store.resolve_links("other", ["u1"]) == {"u1": "crm-1"}
 
 
+async def test_a_replayed_deletion_erases_the_links_learnt_before_its_replay(store: Store) -> None:
+    """A replay queues a deletion anew, after its user's events of the meantime, so those
+    are deleted with the user, and the links they taught are erased with them (README);
+    a link learnt after the replay is new data, kept."""
+    await store.enqueue("web", [event("m1", "u1", links=(IdentityLink("moe", "u1", "crm-1"),))])
+    await store.enqueue("web", [event("del", "u1")])
+    first, deletion = await store.lease("moe", 10, 30)
+    await store.ack([first.id])
+    await store.dead_letter([DeadLetter(deletion.id, "http_500")], fence={deletion.id: deletion.attempts})
+    meantime = (IdentityLink("moe", "u1", "crm-2"), IdentityLink("moe", "u2", "crm-1"))
+    await store.enqueue("web", [event("m2", "u1", links=meantime)])
+    assert await store.replay_dead(RecordFilter(reason="http_500")) == 1
+    await asyncio.sleep(0.01)  # after the replay on the store's clock, which dates both
+    await store.enqueue("web", [event("m3", "u3", links=(IdentityLink("moe", "u3", "crm-2"),))])
+    meanwhile, replayed, later = await store.lease("moe", 10, 30)
+    assert [j.message_id for j in (meanwhile, replayed, later)] == ["m2", "del", "m3"]
+    await store.ack([meanwhile.id, later.id])
+    await store.ack([replayed.id], erase_links={replayed.id: ["u1", "crm-1", "crm-2"]})
+    assert await store.resolve_links("moe", ["u1", "u2", "u3"]) == {"u3": "crm-2"}
+
+
 async def test_links_of_an_id_with_nul_are_resolved(store: Store) -> None:
     """Ingest stores such an id (U+0000 as U+FFFD on PostgreSQL); the lookup sent it raw
     and PostgreSQL refused the whole statement: StoreError on every batch holding it."""
