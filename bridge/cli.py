@@ -193,8 +193,9 @@ async def _replay(
 
 
 def _names_records(flt: RecordFilter) -> bool:
-    """Whether a replay or purge is limited: without a filter, only --all may touch every record."""
-    return any((flt.destination, flt.reason, flt.since, flt.until, flt.ids))
+    """Whether a replay or purge is limited: without a filter, only --all may touch every record.
+    A bound at the epoch (``--until 0``) is a filter too, as the admin API takes it."""
+    return any(v is not None for v in (flt.destination, flt.reason, flt.since, flt.until, flt.ids))
 
 
 def _filter(args: argparse.Namespace) -> RecordFilter:

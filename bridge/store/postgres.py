@@ -76,6 +76,12 @@ CLOCK_CHECK_SECONDS = 60.0
 CLOCK_WARN_SECONDS = 1.0
 # Rows deleted per prune statement: small enough to finish well inside command_timeout.
 PRUNE_SLICE = 10_000
+# Dead letters or discards moved (a replay) or deleted (a purge) per statement, for the same
+# reason: a DLQ of a million records (an outage past the retry budget) took one statement
+# longer than command_timeout, which cancelled it, so `bridge dlq replay --all` could never
+# finish. Each slice commits alone: an interrupted replay has moved some records, and
+# running it again moves the rest; two replays at once still move each record once.
+RECORD_SLICE = 10_000
 
 _CREATE_INDEX = re.compile(r"\s*CREATE (?:UNIQUE )?INDEX IF NOT EXISTS (\w+) ")
 
@@ -772,24 +778,47 @@ class PostgresStore(Store):
         return await self._replay("discards", "discarded_at", flt)
 
     async def _replay(self, table: str, time_column: str, flt: RecordFilter) -> int:
-        where, params = record_where(_clean_filter(flt), time_column, dollar, first=2, arrays=True)
-        async with self._conn(transaction=True) as conn:
-            status = await conn.execute(
-                f"WITH moved AS (DELETE FROM {table}{where}"
-                " RETURNING id, destination, source, message_id, ordering_key, payload, delivered_outputs)"
-                " INSERT INTO jobs (destination, source, message_id, ordering_key, payload, state, attempts,"
-                " available_at, created_at, delivered_outputs) SELECT destination, source, message_id,"
-                f" ordering_key, payload, {QUEUED}, 0, $1, $1, delivered_outputs FROM moved ORDER BY id",
-                self.now(),
-                *params,
-            )
-        return _count(status)
+        return await self._in_slices(
+            table,
+            time_column,
+            flt,
+            f"moved AS (DELETE FROM {table} r USING picked WHERE r.id = picked.id RETURNING r.id, r.destination,"
+            " r.source, r.message_id, r.ordering_key, r.payload, r.delivered_outputs),"
+            " done AS (INSERT INTO jobs (destination, source, message_id, ordering_key, payload, state, attempts,"
+            " available_at, created_at, delivered_outputs) SELECT destination, source, message_id,"
+            f" ordering_key, payload, {QUEUED}, 0, $2, $2, delivered_outputs FROM moved ORDER BY id RETURNING 1)",
+            self.now(),
+        )
 
     async def purge_dead(self, flt: RecordFilter) -> int:
-        where, params = record_where(_clean_filter(flt), "failed_at", dollar, arrays=True)
-        async with self._conn() as conn:
-            status = await conn.execute(f"DELETE FROM dead_letters{where}", *params)
-        return _count(status)
+        return await self._in_slices(
+            "dead_letters",
+            "failed_at",
+            flt,
+            "done AS (DELETE FROM dead_letters r USING picked WHERE r.id = picked.id RETURNING 1)",
+        )
+
+    async def _in_slices(self, table: str, time_column: str, flt: RecordFilter, action: str, *args: object) -> int:
+        """Apply ``action`` to the records of ``table`` that ``flt`` selects, RECORD_SLICE
+        at a time in id order (see RECORD_SLICE), and count them. ``action`` is a CTE named
+        ``done`` (after any of its own) over ``picked``, the slice's ids; its parameters
+        ``args`` are $2 on. A record another replay or purge took meanwhile is skipped."""
+        where, params = record_where(_clean_filter(flt), time_column, dollar, first=2 + len(args), arrays=True)
+        where += " AND id > $1" if where else " WHERE id > $1"
+        total, after = 0, 0
+        while True:
+            async with self._conn() as conn:
+                last, picked, done = await conn.fetchrow(
+                    f"WITH picked AS (SELECT id FROM {table}{where} ORDER BY id LIMIT {RECORD_SLICE}), {action}"
+                    " SELECT max(id), count(*), (SELECT count(*) FROM done) FROM picked",
+                    after,
+                    *args,
+                    *params,
+                )
+            total += int(done)
+            if picked < RECORD_SLICE:
+                return total
+            after = last
 
     async def list_discards(self, flt: RecordFilter, limit: int = 100) -> list[DiscardRecord]:
         where, params = record_where(_clean_filter(flt), "discarded_at", dollar, first=2, arrays=True)

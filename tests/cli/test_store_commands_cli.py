@@ -139,6 +139,22 @@ def test_ids_and_reasons_no_record_can_have_match_nothing_without_a_traceback(
     assert_served_store_untouched(served, monkeypatch, capsys)
 
 
+def test_a_time_bound_at_the_epoch_is_a_filter(
+    served: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--until 0` and `--since 1970-01-01` were read as no filter at all (0 is falsy), so
+    a purge or replay with them was refused with "give a filter ... or --all", where the
+    admin API takes the same bound."""
+    monkeypatch.chdir(served)
+    capsys.readouterr()
+    assert cli_main(["dlq", "purge", "--until", "0", "--config", "c.yaml"]) == 0
+    assert capsys.readouterr().out == "purged 0 dead letter(s)\n"  # nothing failed before 1970
+    assert cli_main(["discards", "replay", "--until", "1970-01-01T00:00:00Z", "--config", "c.yaml"]) == 0
+    assert capsys.readouterr().out.startswith("replayed 0 discard(s)")
+    assert cli_main(["dlq", "replay", "--since", "1970-01-01T00:00:00Z", "--config", "c.yaml"]) == 0
+    assert capsys.readouterr().out.startswith("replayed 2 dead letter(s)")
+
+
 @pytest.mark.parametrize("command", ["serve", "check", "dlq", "discards", "destinations"])
 def test_every_commands_help_says_where_the_config_comes_from(
     command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

@@ -127,6 +127,27 @@ async def test_a_delivered_deletion_erases_the_links_from_and_to_its_ids(store: 
     assert await store.resolve_links("other", ["u1"]) == {"u1": "crm-1"}
 
 
+async def test_a_replayed_deletion_erases_the_links_learnt_before_its_replay(store: Store) -> None:
+    """A replay queues a deletion anew, after its user's events of the meantime, so those
+    are deleted with the user, and the links they taught are erased with them (README);
+    a link learnt after the replay is new data, kept."""
+    await store.enqueue("web", [event("m1", "u1", links=(IdentityLink("moe", "u1", "crm-1"),))])
+    await store.enqueue("web", [event("del", "u1")])
+    first, deletion = await store.lease("moe", 10, 30)
+    await store.ack([first.id])
+    await store.dead_letter([DeadLetter(deletion.id, "http_500")], fence={deletion.id: deletion.attempts})
+    meantime = (IdentityLink("moe", "u1", "crm-2"), IdentityLink("moe", "u2", "crm-1"))
+    await store.enqueue("web", [event("m2", "u1", links=meantime)])
+    assert await store.replay_dead(RecordFilter(reason="http_500")) == 1
+    await asyncio.sleep(0.01)  # after the replay on the store's clock, which dates both
+    await store.enqueue("web", [event("m3", "u3", links=(IdentityLink("moe", "u3", "crm-2"),))])
+    meanwhile, replayed, later = await store.lease("moe", 10, 30)
+    assert [j.message_id for j in (meanwhile, replayed, later)] == ["m2", "del", "m3"]
+    await store.ack([meanwhile.id, later.id])
+    await store.ack([replayed.id], erase_links={replayed.id: ["u1", "crm-1", "crm-2"]})
+    assert await store.resolve_links("moe", ["u1", "u2", "u3"]) == {"u3": "crm-2"}
+
+
 async def test_links_of_an_id_with_nul_are_resolved(store: Store) -> None:
     """Ingest stores such an id (U+0000 as U+FFFD on PostgreSQL); the lookup sent it raw
     and PostgreSQL refused the whole statement: StoreError on every batch holding it."""
@@ -480,6 +501,24 @@ async def test_ids_and_texts_no_record_can_have_select_nothing(store: Store) -> 
     assert [r.id for r in await store.list_dead(mixed)] == [first]
     assert await store.purge_dead(mixed) == 1
     assert [r.id for r in await store.list_dead(EVERYTHING)] == [second]
+
+
+async def test_since_is_inclusive_and_until_exclusive_for_replay_and_purge(store: Store) -> None:
+    """README: a record failed (or discarded) at T is in ``--since T`` and not in
+    ``--until T``, for a replay and a purge as for a listing."""
+    replayed, purged, discarded = await _dead(store, 3)
+    await store.dead_letter([DeadLetter(replayed, "http_400"), DeadLetter(purged, "http_422")])
+    await store.discard([Discard(discarded, "anonymous_user")])
+    at = {r.reason: r.failed_at for r in await store.list_dead(EVERYTHING)}
+    (discard,) = await store.list_discards(EVERYTHING)
+    assert await store.replay_dead(RecordFilter(reason="http_400", until=at["http_400"])) == 0
+    assert await store.replay_dead(RecordFilter(reason="http_400", since=at["http_400"])) == 1
+    assert await store.purge_dead(RecordFilter(until=at["http_422"])) == 0
+    assert await store.purge_dead(RecordFilter(since=at["http_422"], until=at["http_422"])) == 0
+    assert await store.purge_dead(RecordFilter(since=at["http_422"])) == 1
+    assert await store.replay_discards(RecordFilter(until=discard.discarded_at)) == 0
+    assert await store.replay_discards(RecordFilter(since=discard.discarded_at)) == 1
+    assert (await store.queue_stats())["moe"].depth == 2
 
 
 async def test_replays_and_a_purge_at_once_move_each_dead_letter_once(factory: StoreFactory) -> None:

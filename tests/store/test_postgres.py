@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from bridge.store.base import IdentityLink, StoreError
+from bridge.store.base import DeadLetter, IdentityLink, RecordFilter, StoreError
 from bridge.store.postgres import PostgresStore
 from tests.store.conftest import PG_DSN, pg_problem
 from tests.store.helpers import check_outputs_survive, event
@@ -131,6 +131,43 @@ async def test_prune_works_in_slices(pg_schema: str, monkeypatch: pytest.MonkeyP
         assert (await store.enqueue("web", [event("slice-0", "u0")])).stored == 1  # forgotten
     finally:
         await store.close()
+
+
+async def test_replay_and_purge_work_in_slices(pg_schema: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replay or purge of a whole DLQ was one statement: past about a million records it
+    outlasted command_timeout and was cancelled, every time. Each slice now commits alone:
+    here the first slices are queued while a later record is held by another session."""
+    monkeypatch.setattr("bridge.store.postgres.RECORD_SLICE", 2)
+    a = PostgresStore(PG_DSN, schema=pg_schema)
+    b = PostgresStore(PG_DSN, schema=pg_schema)
+    await a.open()
+    await b.open()
+    blocker = await asyncpg.connect(PG_DSN)
+    try:
+        await a.enqueue("web", [event(f"s{i}", f"u{i}") for i in range(25)])
+        jobs = await a.lease("moe", 30, 30)
+        await a.dead_letter([DeadLetter(j.id, "http_400") for j in jobs])
+        ids = sorted(r.id for r in await a.list_dead(RecordFilter(), 100))
+        async with blocker.transaction():
+            await blocker.execute(f'SELECT 1 FROM "{pg_schema}".dead_letters WHERE id = $1 FOR UPDATE', ids[4])
+            replay = asyncio.create_task(a.replay_dead(RecordFilter(ids=tuple(ids[:5]))))
+            held_by = await blocker.fetchval("SELECT pg_backend_pid()")
+            waiting = "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid)))"
+            while not await blocker.fetchval(waiting, held_by):  # the replay waits for the held record
+                await asyncio.sleep(0.01)
+            assert [j.message_id for j in await b.lease("moe", 10, 30)] == ["s0", "s1", "s2", "s3"]
+        assert await replay == 5
+        # Two replays and a purge at once, slice by slice: each record moved or purged once.
+        rest = RecordFilter(ids=tuple(ids[5:]))
+        moved = await asyncio.gather(a.replay_dead(rest), b.replay_dead(rest), b.purge_dead(RecordFilter()))
+        assert sum(moved) == 20
+        assert await a.list_dead(RecordFilter()) == []
+        queued = [j.message_id for j in await a.lease("moe", 30, 30)]
+        assert len(queued) == len(set(queued)) == 1 + moved[0] + moved[1]  # s4, and the replayed
+    finally:
+        await blocker.close()
+        await a.close()
+        await b.close()
 
 
 async def test_opening_drops_the_old_index_of_delivered_jobs_by_message_id(pg_schema: str) -> None:
