@@ -88,6 +88,9 @@ class _Batch:
     dead_pending: int = 0  # jobs given a dead verdict here, not yet known to the guard
     delivered_pending: int = 0  # and jobs delivered here, likewise
     guard_reason: str = ""  # set when the guard would trip: send nothing more, then pause
+    # Who that pause is by: the guard (a bad deploy: a mapping change ends it) or the
+    # upstream (an answer about the account, or a redirect: it waits for an operator).
+    pause_by: str = "guard"
     # Settle only jobs still on this lease (see Store.ack): after a lapsed lease, whoever
     # leased them since owns them.
     fence: dict[int, int] = field(default_factory=dict)
@@ -304,8 +307,10 @@ class DestinationWorker:
             self.apply_state(state)
             self._precheck = True  # not an operator's resume: a still-broken mapping pauses again at once
 
-    async def _pause(self, reason: str, version: str | None = None) -> None:
-        """The guard's pause. It never replaces an operator's: that one waits for an operator."""
+    async def _pause(self, reason: str, version: str | None = None, by: str = "guard") -> None:
+        """The guard's pause, or with ``by="upstream"`` one for an answer about the account (or
+        a redirect), which no mapping change ends: the credentials or the URL need fixing, and
+        an operator resumes. Neither replaces an operator's pause."""
         if self.paused:
             return
         # An operator may have paused from the CLI or another node since this server last
@@ -317,6 +322,11 @@ class DestinationWorker:
         # A mapping change ends it: changed from the version that failed, not the live one
         # (which may already be the fix, loaded while this batch was being sent). Stored
         # with the pause, so a restart or another node knows it too.
+        if by != "guard":
+            state = DestinationState(self.name, True, reason, self.store.now(), {"by": by})
+            await self.store.set_destination_state(state)
+            self.apply_state(state)
+            return
         failed = version or self._mapping_version()
         state = DestinationState(self.name, True, reason, self.store.now(), {"by": "guard", "version": failed})
         await self.store.set_destination_state(state)
@@ -481,7 +491,7 @@ class DestinationWorker:
             await batch.after.done()
             items = self._hold_back(batch, items, job_items)
         if batch.guard_reason:
-            await self._pause(batch.guard_reason, batch.version)
+            await self._pause(batch.guard_reason, batch.version, by=batch.pause_by)
             return  # the jobs are released by deliver()
         if self._guard_trips():
             await self._pause_for_guard()
@@ -860,6 +870,7 @@ class DestinationWorker:
             f"{self.name} refused {len(jobs)} events with HTTP {response.status}: "
             f"{redact_text(response.body or response.error or '')[:200]}"
         )
+        batch.pause_by = "upstream"
         batch.unsent.update(jobs)
         self._attempt_failed(request, response, "pause")
         return False
@@ -993,7 +1004,7 @@ class DestinationWorker:
         self.guard.record(len(acked), 0)
         self._precheck = True
         if batch.guard_reason:
-            await self._pause(batch.guard_reason, batch.version)
+            await self._pause(batch.guard_reason, batch.version, by=batch.pause_by)
         elif self._guard_trips():
             await self._pause_for_guard(batch.version)
 

@@ -136,3 +136,36 @@ async def test_the_guards_resume_after_a_mapping_change_keeps_the_upstreams_back
     )
     await wait_until(lambda: is_paused(False), what="the resume to reach this node")
     assert (await status())["backing_off_seconds"] > 60  # still the upstream's 120 s
+
+
+async def test_an_account_pause_outlasts_a_mapping_change(make_bridge: Callable[..., Any], tmp_path: Path) -> None:
+    """A 401 says the credentials are wrong, not the mapping: the pause waits for an operator
+    (docs/operations.md). Stored as the guard's, any reload that changed the mapping ended it,
+    and the next request paused the destination again, until the next reload."""
+    mappings = copy_mappings(tmp_path)
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["mappings"]["dir"] = str(mappings)
+
+    bridge: Bridge = await make_bridge(tweak)
+    runtime = bridge.runtime
+    assert runtime is not None
+    bridge.moengage.refuse_all(401)
+    assert (await bridge.post("/v1/track", {"userId": "user-k", "event": "Held"}, basic(WRITE_KEY)))[0] == 200
+
+    async def paused() -> bool:
+        _, body = await bridge.get("/admin/status", ADMIN)
+        return bool(next(d for d in body["destinations"] if d["name"] == "moengage-main")["paused"])
+
+    await wait_until(paused, what="the 401 to pause moengage-main")
+    path = mappings / "segment-to-moengage.yaml"
+    path.write_text(path.read_text().replace("action: Viewed Web Page", "action: Page Seen"))
+    status, body = await bridge.post("/admin/reload", None, ADMIN)
+    assert status == 200 and body["changed"] == ["segment-to-moengage"], body
+    worker = runtime.delivery.workers["moengage-main"]
+    await worker._check_mapping_changed()  # what the loop asks on its next turn
+    assert worker.paused and await paused()
+    # An operator's resume, once the credentials are fixed, delivers.
+    bridge.moengage.refuse_all(None)
+    assert (await bridge.post("/admin/destinations/moengage-main/resume", None, ADMIN))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1, timeout=10)
