@@ -800,8 +800,9 @@ class DestinationWorker:
         if action is Action.PAUSE:
             # The account refused (retry.pause_statuses): its answer is about the
             # credentials, not these events, so the next ones would get it too. Pause at
-            # once, whatever the guard has counted, and even right after a resume.
-            return self._hold_for_pause(request, batch, response)
+            # once, whatever the guard has counted, and even right after a resume. No
+            # mapping change ends it: the credentials or the URL need fixing.
+            return self._hold_for_pause(request, batch, response, by="upstream")
         if action is Action.DEAD:
             jobs = {it.job_id for it in request.items}
             if self._precheck and self.guard.would_trip(batch.dead_pending + len(jobs), batch.delivered_pending):
@@ -859,7 +860,7 @@ class DestinationWorker:
         log.debug("followers_held", destination=self.name, held=len(request.items) - len(kept))
         return Request(request.endpoint, kept)
 
-    def _hold_for_pause(self, request: Request, batch: _Batch, response: Response) -> bool:
+    def _hold_for_pause(self, request: Request, batch: _Batch, response: Response, by: str = "guard") -> bool:
         """Send nothing more of ``batch``; its jobs stay queued and the destination pauses
         once it settles. Returns False, as for a request not delivered."""
         jobs = {it.job_id for it in request.items}
@@ -870,7 +871,7 @@ class DestinationWorker:
             f"{self.name} refused {len(jobs)} events with HTTP {response.status}: "
             f"{redact_text(response.body or response.error or '')[:200]}"
         )
-        batch.pause_by = "upstream"
+        batch.pause_by = by
         batch.unsent.update(jobs)
         self._attempt_failed(request, response, "pause")
         return False
