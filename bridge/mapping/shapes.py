@@ -32,6 +32,9 @@ _ACTION_FIELDS = (
     "user_time",
     "user_timezone_offset",
 )
+# Segment's limit on a messageId (reference/segment-api.md): the sources refuse a longer
+# one inbound, and a mapping's own template must not produce one outbound.
+MAX_SEGMENT_MESSAGE_ID = 100
 _SEGMENT_COMMON = ("userId", "anonymousId", "messageId", "timestamp", "originalTimestamp", "context", "integrations")
 
 SHAPES: dict[str, dict[str, Shape]] = {
@@ -181,8 +184,20 @@ def check_body(destination: str, kind: str, body: dict[str, Any]) -> str | None:
         if key in body and type(body[key]) is not dict:
             return f"{key!r} must be an object, got {type(body[key]).__name__}"
     for key in _STRING_FIELDS:
-        if key in body and not isinstance(body[key], str):
-            return f"{key!r} must be a string, got {type(body[key]).__name__}"
+        if key in body and not isinstance(value := body[key], str):
+            if value is None and key in shape.one_of:
+                # A null id beside a set one: what Segment's own libraries send for a user
+                # not yet identified (userId: null), and Segment takes it as absent.
+                continue
+            return f"{key!r} must be a string, got {type(value).__name__}"
+    message_id = body.get("messageId")
+    if destination == "segment" and message_id is not None:
+        if type(message_id) is not str:
+            return f"'messageId' must be a string, got {type(message_id).__name__}"
+        if len(message_id) > MAX_SEGMENT_MESSAGE_ID:
+            # Segment documents at most 100 characters: past that the event would be
+            # refused or cut after the bridge counted it delivered. Dead-lettered instead.
+            return f"'messageId' is {len(message_id)} characters; Segment takes at most {MAX_SEGMENT_MESSAGE_ID}"
     if shape.required_attributes:
         attributes = body.get("attributes")
         if type(attributes) is not dict:

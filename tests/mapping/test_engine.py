@@ -266,6 +266,8 @@ rules:
         ("identify", {"userId": "u", "traits": ["a"]}, "'traits' must be an object, got list"),
         ("identify", {"userId": "u", "anonymousId": "", "traits": {}}, "'anonymousId' is empty"),
         ("track", {"event": "E", "userId": "", "anonymousId": "a"}, "'userId' is empty"),
+        ("track", {"event": "E", "userId": "u", "messageId": "m" * 101}, "'messageId' is 101 characters"),
+        ("identify", {"userId": "u", "messageId": 7}, "'messageId' must be a string, got int"),
     ],
 )
 def test_a_segment_body_segment_would_drop_with_a_200_is_refused(kind, body, problem):
@@ -274,5 +276,34 @@ def test_a_segment_body_segment_would_drop_with_a_200_is_refused(kind, body, pro
     from bridge.mapping.shapes import check_body
 
     assert problem in (check_body("segment", kind, body) or "")
-    fixed = {**body, "userId": "u", "anonymousId": "a", "properties": {}, "traits": {}}
+    fixed = {**body, "userId": "u", "anonymousId": "a", "properties": {}, "traits": {}, "messageId": "m" * 100}
     assert check_body("segment", kind, fixed) is None
+
+
+def test_a_null_segment_id_beside_a_set_one_is_sent(tmp_path):
+    """A mapping that copies a null uid writes userId: null, as Segment's own libraries do
+    for a user not yet identified; with an anonymousId beside it the event is good. Only
+    when no id is set at all is it refused."""
+    text = """
+source_format: moengage_streams
+destination_kind: segment
+rules:
+  - name: t
+    kind: track
+    body:
+      event: $.event_name
+      userId: $.uid
+      anonymousId: $.aid
+      messageId: "relay-{{event_uuid}}"
+"""
+    m = load_mapping_file(write(tmp_path / "m.yaml", text))
+    out = m.apply({"event_name": "E", "uid": None, "aid": "a", "event_uuid": "x"}, MapContext())
+    assert out == [
+        Output("track", {"type": "track", "event": "E", "userId": None, "anonymousId": "a", "messageId": "relay-x"})
+    ]
+    no_id = m.apply({"event_name": "E", "uid": None, "event_uuid": "x"}, MapContext())
+    assert isinstance(no_id, Failed) and "none of userId, anonymousId is set" in no_id.detail
+    # A template that makes the messageId longer than Segment takes: dead-lettered, not sent.
+    too_long = m.apply({"event_name": "E", "aid": "a", "event_uuid": "x" * 95}, MapContext())
+    assert isinstance(too_long, Failed) and too_long.reason == "invalid_output", too_long
+    assert "'messageId' is 101 characters" in too_long.detail

@@ -12,6 +12,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from bridge.mapping.shapes import MAX_SEGMENT_MESSAGE_ID
 from bridge.sources.segment.millis import EPOCH, MICROSECOND, MILLIS_Z, MillisText, micros
 from bridge.store.ordering import ordering_key
 
@@ -20,7 +21,8 @@ CALL_TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias"}
 # (a GDPR delete, regulation "Suppress and delete"). The Tracking API has no such route
 # and its calls keep refusing the type (an SDK cannot ask for a deletion through it).
 WEBHOOK_ONLY_TYPES = frozenset({"delete"})
-MAX_MESSAGE_ID = 100
+# Segment's own limit, one constant for what comes in and what the mappings send out.
+MAX_MESSAGE_ID = MAX_SEGMENT_MESSAGE_ID
 
 
 class Invalid(Exception):
