@@ -466,7 +466,17 @@ class DestinationWorker:
                 if job_id in batch.settled:
                     continue
                 if self.policy.exhausted(job.attempts, job.first_attempt_at, now):
-                    dead.append(DeadLetter(job_id, "internal_error", response_body=error, label=batch.label(job_id)))
+                    # The version that mapped it, as any dead letter carries: which version
+                    # met the fault is what an operator replaying after a fix looks for.
+                    dead.append(
+                        DeadLetter(
+                            job_id,
+                            "internal_error",
+                            response_body=error,
+                            label=batch.label(job_id),
+                            mapping_version=batch.version,
+                        )
+                    )
                 else:
                     retries.add(job_id, job.attempts, None)
             # What went out of a job before the fault is not sent again by its retry.

@@ -425,6 +425,8 @@ async def test_an_internal_fault_backs_off_and_ends_in_the_dlq(make_bridge):
     kept = orjson.dumps(shown).decode()
     assert "cannot record this discard" in kept  # the fault is kept, its credential is not
     assert "hunter2-secret" not in kept
+    # Which mapping version met the fault, as every other dead letter says.
+    assert shown["mapping_version"] and shown["mapping_version"] == (await _status_of(bridge))["mapping_version"]
 
 
 async def _status_of(bridge: Any, name: str = "moengage-main") -> dict[str, Any]:
