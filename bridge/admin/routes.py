@@ -110,6 +110,15 @@ def _time(value: object, name: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ApiError(400, "invalid_parameter", f"{name} must be epoch seconds or ISO-8601")
+    if isinstance(value, str) and _looks_like_a_date(value):
+        # 20260101 is epoch seconds of August 1970 but an operator means a day: which one
+        # would be a guess, and a wrong guess replays or purges the wrong records.
+        raise ApiError(
+            400,
+            "invalid_parameter",
+            f"{name} reads as a date and as epoch seconds; write the date as "
+            f"{value[:4]}-{value[4:6]}-{value[6:]} (ISO-8601), or epoch seconds as {value}.0",
+        )
     if isinstance(value, int | float) or _EPOCH_SECONDS.fullmatch(value):
         seconds = float(value)
     else:
@@ -125,6 +134,17 @@ def _time(value: object, name: str) -> float | None:
         # "nan" compares as NULL on SQLite but above every number on PostgreSQL.
         raise ApiError(400, "invalid_parameter", f"{name} must be a finite number of epoch seconds or ISO-8601")
     return seconds
+
+
+def _looks_like_a_date(text: str) -> bool:
+    """Eight digits that are a calendar day (YYYYMMDD) from the year 1900 on."""
+    if len(text) != 8 or not _DIGITS.fullmatch(text) or text < "19000101":
+        return False
+    try:
+        datetime.strptime(text, "%Y%m%d")
+    except ValueError:
+        return False
+    return True
 
 
 def _record_id(value: object) -> int:

@@ -24,6 +24,11 @@ from tests.cli.helpers import assert_served_store_untouched, run_bridge
         (["dlq", "purge", "--since", "1_700_000_000"], "argument --since: '1_700_000_000' must be epoch seconds"),
         (["dlq", "purge", "--since", "9" * 400], "must be a finite number of epoch seconds"),
         (["discards", "list", "--until", "2020-13-01"], "argument --until: '2020-13-01' must be epoch seconds"),
+        # A day written YYYYMMDD is also epoch seconds in 1970: which was meant is not guessed.
+        (
+            ["dlq", "replay", "--since", "20260101"],
+            "argument --since: '20260101' reads as a date and as epoch seconds; write the date as 2026-01-01",
+        ),
         # SQLite reads LIMIT -1 as no limit at all; PostgreSQL refuses it.
         (["dlq", "list", "--limit=-1"], "argument --limit: must be between 1 and 10000, got -1"),
         (["discards", "list", "--limit", "0"], "argument --limit: must be between 1 and 10000, got 0"),
@@ -66,7 +71,9 @@ def test_good_times_still_filter(
         ["--until", "2000-01-01T00:00:00Z"],
         ["--since", "2000-01-01T00:00:00+02:00", "--until", "32503680000"],
         ["--since", ""],  # empty: no bound, as in the admin API
+        ["--since", "20260101.0"],  # epoch seconds, in 1970, as the refusal of 20260101 says to write them
+        ["--until", "10000000"],  # eight digits but no day: epoch seconds
     ):
         assert cli_main(["dlq", "list", "--json", *since_until, "--config", "c.yaml"]) == 0
         counts.append(len(orjson.loads(capsys.readouterr().out)))
-    assert counts == [2, 0, 0, 2, 2]
+    assert counts == [2, 0, 0, 2, 2, 2, 0]

@@ -69,6 +69,22 @@ async def test_a_time_bound_is_plain_digits_or_iso(bridge: Bridge, bound: str, t
         assert (status, body["code"]) == (400, "invalid_parameter"), (path, text, body)
 
 
+async def test_a_day_written_yyyymmdd_is_not_guessed(bridge: Bridge) -> None:
+    """20260101 was read as epoch seconds (August 1970): a replay "since the new year" then
+    replayed every dead letter. A day in eight digits is refused with the two ways to say it."""
+    status, body = await bridge.get("/admin/dlq?since=20260101", ADMIN)
+    assert (status, body["code"]) == (400, "invalid_parameter"), body
+    assert "write the date as 2026-01-01 (ISO-8601), or epoch seconds as 20260101.0" in body["message"], body
+    status, body = await bridge.post("/admin/dlq/replay", {"until": "20261231"}, ADMIN)
+    assert (status, body["code"]) == (400, "invalid_parameter"), body
+    for text in ("20260101.0", "20261399", "18991231"):  # epoch seconds: a fraction, or no such day
+        status, body = await bridge.post("/admin/dlq/purge", {"since": text}, ADMIN)
+        assert (status, body) == (200, {"purged": 0}), (text, body)
+    # A JSON number is a number: the caller wrote epoch seconds.
+    status, body = await bridge.post("/admin/dlq/purge", {"since": 20260101}, ADMIN)
+    assert (status, body) == (200, {"purged": 0}), body
+
+
 @pytest.mark.parametrize("bound", ["since", "until"])
 async def test_plain_time_bounds_are_taken(bridge: Bridge, bound: str) -> None:
     for text in ("1700000000", "1700000000.25", "-5", "2026-01-01", "2026-01-01T00:00:00+02:00"):
