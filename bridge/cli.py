@@ -198,6 +198,14 @@ def _names_records(flt: RecordFilter) -> bool:
     return any(v is not None for v in (flt.destination, flt.reason, flt.since, flt.until, flt.ids))
 
 
+def _unfiltered(flt: RecordFilter, args: argparse.Namespace, command: str) -> bool:
+    """Refuse (say why, return True) a replay or purge that names no records without --all."""
+    if _names_records(flt) or args.all:
+        return False
+    sys.stderr.write(f"{command}: give a filter (--destination, --reason, --since, --until, ids) or --all\n")
+    return True
+
+
 def _filter(args: argparse.Namespace) -> RecordFilter:
     ids = tuple(args.ids) if getattr(args, "ids", None) else None
     return RecordFilter(
@@ -256,10 +264,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
                 sys.stderr.write(f"dlq show: no such dead letter: {', '.join(missing)}\n")
                 return 1
             return 0
-        if not _names_records(flt) and not args.all:
-            sys.stderr.write(
-                f"dlq {args.action}: give a filter (--destination, --reason, --since, --until, ids) or --all\n"
-            )
+        if _unfiltered(flt, args, f"dlq {args.action}"):
             return 2
         if args.action == "replay":
             return await _replay(store.replay_dead, flt, args, "dlq replay", "dead letter")
@@ -275,9 +280,7 @@ def cmd_discards(args: argparse.Namespace) -> int:
     async def go(store: Store) -> int:
         if args.action == "replay":
             flt = _filter(args)
-            if not _names_records(flt) and not args.all:
-                sys.stderr.write("discards replay: give a filter (--destination, --reason, --since, --until)")
-                sys.stderr.write(" or --all\n")
+            if _unfiltered(flt, args, "discards replay"):
                 return 2
             return await _replay(store.replay_discards, flt, args, "discards replay", "discard")
         records, more = _first(await store.list_discards(_filter(args), args.limit + 1), args.limit)
@@ -355,6 +358,11 @@ def _add_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
+def _add_ids(p: argparse.ArgumentParser, noun: str) -> None:
+    """The records to act on by id, as the admin API's ``ids`` (``_filter`` reads them)."""
+    p.add_argument("ids", nargs="*", type=int, help=f"{noun} ids")
+
+
 def _add_replay_scope(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--all-destinations",
@@ -383,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dlq", help="dead-letter queue: list, show, replay, purge")
     p.add_argument("action", choices=["list", "show", "replay", "purge"])
-    p.add_argument("ids", nargs="*", type=int, help="dead-letter ids")
+    _add_ids(p, "dead-letter")
     p.add_argument("--all", action="store_true", help="replay/purge without a filter")
     _add_replay_scope(p)
     _add_filters(p)
@@ -391,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("discards", help="events discarded on purpose, with their reason: list, replay")
     p.add_argument("action", choices=["list", "replay"])
+    _add_ids(p, "discard")
     p.add_argument("--all", action="store_true", help="replay without a filter")
     _add_replay_scope(p)
     _add_filters(p)

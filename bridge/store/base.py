@@ -28,6 +28,13 @@ from typing import Any, NamedTuple
 
 # Jobs looked at per step of ``Store.make_due``: a few milliseconds of the store each.
 MAKE_DUE_STEP = 5000
+# Dead letters or discards moved (a replay) or deleted (a purge) per slice, in id order,
+# each slice committed alone, by every store. In one transaction, a DLQ of a million records
+# (an outage past the retry budget) outlasted PostgreSQL's command_timeout, which cancelled
+# it, and held SQLite's single writer, and so every ingest acknowledgement, until it was
+# done. An interrupted replay has moved some records, and running it again moves the rest;
+# two replays at once still move each record once.
+RECORD_SLICE = 10_000
 
 
 class StoreError(Exception):

@@ -28,6 +28,7 @@ import structlog
 from bridge.store.base import (
     DEAD_LETTER_COLUMNS,
     MAKE_DUE_STEP,
+    RECORD_SLICE,
     DeadLetter,
     DeadLetterRecord,
     Delivered,
@@ -76,12 +77,6 @@ CLOCK_CHECK_SECONDS = 60.0
 CLOCK_WARN_SECONDS = 1.0
 # Rows deleted per prune statement: small enough to finish well inside command_timeout.
 PRUNE_SLICE = 10_000
-# Dead letters or discards moved (a replay) or deleted (a purge) per statement, for the same
-# reason: a DLQ of a million records (an outage past the retry budget) took one statement
-# longer than command_timeout, which cancelled it, so `bridge dlq replay --all` could never
-# finish. Each slice commits alone: an interrupted replay has moved some records, and
-# running it again moves the rest; two replays at once still move each record once.
-RECORD_SLICE = 10_000
 
 _CREATE_INDEX = re.compile(r"\s*CREATE (?:UNIQUE )?INDEX IF NOT EXISTS (\w+) ")
 

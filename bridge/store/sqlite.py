@@ -22,7 +22,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ import structlog
 from bridge.store import sqlite_ops as ops
 from bridge.store.base import (
     MAKE_DUE_STEP,
+    RECORD_SLICE,
     DeadLetter,
     DeadLetterRecord,
     Delivered,
@@ -577,16 +578,26 @@ class SqliteStore(Store):
         return records
 
     async def replay_dead(self, flt: RecordFilter) -> int:
-        count: int = await self._run(partial(ops.replay_dead, flt=flt, now=time.time()))
-        return count
+        return await self._in_slices("dead_letters", lambda: partial(ops.replay_dead_slice, flt=flt, now=time.time()))
 
     async def replay_discards(self, flt: RecordFilter) -> int:
-        count: int = await self._run(partial(ops.replay_discards, flt=flt, now=time.time()))
-        return count
+        return await self._in_slices("discards", lambda: partial(ops.replay_discards_slice, flt=flt, now=time.time()))
 
     async def purge_dead(self, flt: RecordFilter) -> int:
-        count: int = await self._run(partial(ops.purge_dead, flt=flt))
-        return count
+        return await self._in_slices("dead_letters", lambda: partial(ops.purge_dead_slice, flt=flt))
+
+    async def _in_slices(self, table: str, step: Callable[[], Callable[..., ops.Slice]]) -> int:
+        """Run ``step()`` (an op taking ``after``, ``upto`` and ``limit``) over the records
+        of ``table`` there are now, RECORD_SLICE at a time in id order, each slice in its
+        own transaction (see RECORD_SLICE): ingest commits between them. ``step()`` is
+        made anew per slice, so a slice's jobs are dated when it is submitted, as ingest
+        dates its events: created_at keeps following id order, as ops.queue_stats assumes."""
+        upto: int = await self._run(partial(ops.last_record_id, table=table), writes=False)
+        total, after = 0, 0
+        while after is not None:
+            done, after = await self._run(partial(step(), after=after, upto=upto, limit=RECORD_SLICE))
+            total += done
+        return total
 
     async def list_discards(self, flt: RecordFilter, limit: int = 100) -> list[DiscardRecord]:
         records: list[DiscardRecord] = await self._run(partial(ops.list_discards, flt=flt, limit=limit), writes=False)

@@ -644,32 +644,81 @@ def list_dead(conn: sqlite3.Connection, flt: RecordFilter, limit: int) -> list[D
     return [dead_letter_record(r) for r in rows]
 
 
-def replay_dead(conn: sqlite3.Connection, flt: RecordFilter, now: float) -> int:
-    return _replay(conn, "dead_letters", "failed_at", flt, now)
+# A replay or purge runs as slices (Store.replay_dead and RECORD_SLICE), each one of these
+# in its own transaction: (records done, the id the next slice starts after, or None when
+# this was the last).
+Slice = tuple[int, int | None]
 
 
-def replay_discards(conn: sqlite3.Connection, flt: RecordFilter, now: float) -> int:
-    return _replay(conn, "discards", "discarded_at", flt, now)
+def last_record_id(conn: sqlite3.Connection, table: str) -> int:
+    """The highest id in ``table`` (dead_letters or discards): where a replay or purge
+    stops. A record added while it runs has a higher id, so it is left for the next one, as
+    a single transaction would have left it: a replayed job dead-lettered again meanwhile
+    (a destination still refusing) is not moved over and over by the same replay."""
+    return int(conn.execute(f"SELECT COALESCE(MAX(id), 0) FROM {table}").fetchone()[0])
 
 
-def _replay(conn: sqlite3.Connection, table: str, time_column: str, flt: RecordFilter, now: float) -> int:
-    """Move the matching records of ``table`` back into the queue as fresh jobs, in their
-    order, with their payloads (re-mapped by the current mapping when leased) and the
-    outputs they had delivered (not sent again)."""
+def _slice_ids(
+    conn: sqlite3.Connection, table: str, time_column: str, flt: RecordFilter, after: int, upto: int, limit: int
+) -> list[int]:
+    """The first ``limit`` ids of matching records of ``table`` after ``after`` and up to
+    ``upto``, in order. Every record a slice takes leaves the table or is passed by
+    ``after``, so slices neither skip a record nor take one twice."""
     where, params = record_where(flt, time_column)
-    inserted = conn.execute(
-        "INSERT INTO jobs (destination, source, message_id, ordering_key, payload, state, attempts,"
-        " available_at, created_at, delivered_outputs) SELECT destination, source, message_id, ordering_key,"
-        f" payload, {QUEUED}, 0, ?, ?, delivered_outputs FROM {table}{where} ORDER BY id",
-        (now, now, *params),
-    ).rowcount
-    conn.execute(f"DELETE FROM {table}{where}", params)
-    return int(inserted)
+    where += " AND id > ? AND id <= ?" if where else " WHERE id > ? AND id <= ?"
+    rows = conn.execute(f"SELECT id FROM {table}{where} ORDER BY id LIMIT ?", (*params, after, upto, limit))
+    return [row[0] for row in rows]
 
 
-def purge_dead(conn: sqlite3.Connection, flt: RecordFilter) -> int:
-    where, params = record_where(flt, "failed_at")
-    return int(conn.execute(f"DELETE FROM dead_letters{where}", params).rowcount)
+def _sliced(ids: list[int], done: int, limit: int) -> Slice:
+    return done, ids[-1] if len(ids) == limit else None
+
+
+def replay_dead_slice(
+    conn: sqlite3.Connection, flt: RecordFilter, now: float, after: int, upto: int, limit: int
+) -> Slice:
+    return _replay_slice(conn, "dead_letters", "failed_at", flt, now, after, upto, limit)
+
+
+def replay_discards_slice(
+    conn: sqlite3.Connection, flt: RecordFilter, now: float, after: int, upto: int, limit: int
+) -> Slice:
+    return _replay_slice(conn, "discards", "discarded_at", flt, now, after, upto, limit)
+
+
+def _replay_slice(
+    conn: sqlite3.Connection,
+    table: str,
+    time_column: str,
+    flt: RecordFilter,
+    now: float,
+    after: int,
+    upto: int,
+    limit: int,
+) -> Slice:
+    """Move the next slice of matching records of ``table`` back into the queue as fresh
+    jobs, in their order, with their payloads (re-mapped by the current mapping when
+    leased) and the outputs they had delivered (not sent again)."""
+    ids = _slice_ids(conn, table, time_column, flt, after, upto, limit)
+    inserted = 0
+    for chunk in _chunks(ids):
+        marks = _marks(len(chunk))
+        inserted += conn.execute(
+            "INSERT INTO jobs (destination, source, message_id, ordering_key, payload, state, attempts,"
+            " available_at, created_at, delivered_outputs) SELECT destination, source, message_id, ordering_key,"
+            f" payload, {QUEUED}, 0, ?, ?, delivered_outputs FROM {table} WHERE id IN ({marks}) ORDER BY id",
+            (now, now, *chunk),
+        ).rowcount
+        conn.execute(f"DELETE FROM {table} WHERE id IN ({marks})", chunk)
+    return _sliced(ids, inserted, limit)
+
+
+def purge_dead_slice(conn: sqlite3.Connection, flt: RecordFilter, after: int, upto: int, limit: int) -> Slice:
+    ids = _slice_ids(conn, "dead_letters", "failed_at", flt, after, upto, limit)
+    deleted = 0
+    for chunk in _chunks(ids):
+        deleted += conn.execute(f"DELETE FROM dead_letters WHERE id IN ({_marks(len(chunk))})", chunk).rowcount
+    return _sliced(ids, deleted, limit)
 
 
 def list_discards(conn: sqlite3.Connection, flt: RecordFilter, limit: int) -> list[DiscardRecord]:

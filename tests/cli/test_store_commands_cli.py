@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import orjson
@@ -10,7 +11,10 @@ import pytest
 
 from bridge.cli import build_parser
 from bridge.cli import main as cli_main
+from bridge.store.base import Discard, RecordFilter
+from bridge.store.sqlite import SqliteStore
 from tests.cli.helpers import assert_served_store_untouched, run_bridge, serve_store
+from tests.store.helpers import event
 
 STORE_COMMANDS = [
     ["dlq", "list"],
@@ -164,3 +168,40 @@ def test_every_commands_help_says_where_the_config_comes_from(
     with pytest.raises(SystemExit):
         build_parser().parse_args([command, "--help"])
     assert "config file (default: $BRIDGE_CONFIG, else bridge.yaml)" in capsys.readouterr().out
+
+
+def _discard_three(path: Path) -> list[int]:
+    """Three events for d discarded (anonymous users), as a server records them; their ids."""
+
+    async def go() -> list[int]:
+        store = SqliteStore(str(path), min_free_disk_bytes=0)
+        await store.open()
+        try:
+            await store.enqueue("web", [event(f"anon{i}", f"a{i}", ("d",)) for i in range(3)])
+            await store.discard([Discard(j.id, "anonymous_user") for j in await store.lease("d", 3, 30)])
+            return sorted(r.id for r in await store.list_discards(RecordFilter()))
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+def test_discards_replay_takes_ids_as_dlq_replay_does(
+    served: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`bridge discards replay` took a filter or --all, never ids, where `dlq replay` and
+    the admin API's POST /admin/discards/replay take them: one wrongly discarded event
+    could not be replayed alone."""
+    first, second, third = _discard_three(served / "var" / "lib" / "bridge" / "bridge.db")
+    monkeypatch.chdir(served)
+    capsys.readouterr()
+    assert cli_main(["discards", "replay", str(first), str(third), "--config", "c.yaml"]) == 0
+    assert capsys.readouterr().out.startswith("replayed 2 discard(s)")
+    assert cli_main(["discards", "list", "--json", "--config", "c.yaml"]) == 0
+    assert [r["id"] for r in orjson.loads(capsys.readouterr().out)] == [second]
+    assert cli_main(["discards", "replay", "--config", "c.yaml"]) == 2  # no ids, no filter: not all
+    assert capsys.readouterr().err == (
+        "discards replay: give a filter (--destination, --reason, --since, --until, ids) or --all\n"
+    )
+    assert cli_main(["destinations", "list", "--config", "c.yaml"]) == 0
+    assert capsys.readouterr().out == "d: active, queued 2, dead letters 2\n"

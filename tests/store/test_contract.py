@@ -539,6 +539,36 @@ async def test_replays_and_a_purge_at_once_move_each_dead_letter_once(factory: S
     assert len(queued) == len(set(queued)) == by_admin + by_cli
 
 
+async def test_replays_and_purges_in_slices_take_every_matching_record_once(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replay or purge goes RECORD_SLICE records at a time: with slices of 3, ten dead
+    letters among others that do not match (one slice over), and nine discards (slices
+    that end just at the last record), are each moved or deleted once, in id order, and
+    counted as a single statement counted them."""
+    monkeypatch.setattr("bridge.store.sqlite.RECORD_SLICE", 3)
+    monkeypatch.setattr("bridge.store.postgres.RECORD_SLICE", 3)
+    await store.enqueue("web", [event(f"m{i}", f"u{i}", destinations=("moe", "seg")) for i in range(10)])
+    await store.enqueue("web", [event(f"x{i}", f"v{i}") for i in range(9)])
+    moe = await store.lease("moe", 100, 30)
+    seg = await store.lease("seg", 100, 30)
+    dead = [j for j in moe if j.message_id.startswith("m")]
+    await store.dead_letter([DeadLetter(j.id, "http_400") for pair in zip(dead, seg, strict=True) for j in pair])
+    await store.discard([Discard(j.id, "anonymous_user") for j in moe if j.message_id.startswith("x")])
+
+    assert await store.replay_dead(RecordFilter(destination="moe", reason="http_400")) == 10
+    assert await store.replay_discards(RecordFilter(reason="anonymous_user")) == 9
+    queued = [j.message_id for j in await store.lease("moe", 100, 30)]
+    assert queued == [f"m{i}" for i in range(10)] + [f"x{i}" for i in range(9)]
+    assert [r.destination for r in await store.list_dead(EVERYTHING, 100)] == ["seg"] * 10
+    assert await store.replay_dead(RecordFilter(destination="moe")) == 0
+    assert await store.list_discards(EVERYTHING) == []
+
+    assert await store.purge_dead(RecordFilter(destination="seg", since=0.0)) == 10
+    assert await store.purge_dead(EVERYTHING) == 0
+    assert await store.list_dead(EVERYTHING) == []
+
+
 async def test_discards_are_recorded_and_leave_the_queue(store: Store) -> None:
     ids = await _dead(store, 2)
     await store.discard(

@@ -9,6 +9,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -332,6 +333,70 @@ async def test_two_stores_share_one_file(tmp_path: Path) -> None:
     assert (await server.queue_stats())["moe"].depth == 1010
     await cli.close()
     await server.close()
+
+
+async def _ten_dead_letters(store: SqliteStore) -> None:
+    await store.enqueue("web", [event(f"d{i}", f"u{i}") for i in range(10)])
+    jobs = await store.lease("moe", 10, 30)
+    await store.dead_letter([DeadLetter(j.id, "http_400") for j in jobs])
+
+
+async def test_a_replay_commits_slice_by_slice_and_ingest_commits_between(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replay of a whole DLQ was one transaction on the one writer thread: a million dead
+    letters held every ingest acknowledgement until the last was moved. An event ingested
+    while the first slice runs is now queued after that slice and before the next. A job
+    dead-lettered meanwhile is left for the next replay, as the one transaction left it:
+    a replay never moves a record again that it re-queued (a destination still refusing)."""
+    monkeypatch.setattr("bridge.store.sqlite.RECORD_SLICE", 3)
+    store = await opened(tmp_path / "b.db")
+    await store.enqueue("web", [event("late", "u98", destinations=("seg",))])
+    (late,) = await store.lease("seg", 1, 30)
+    await _ten_dead_letters(store)
+    in_replay, go_on = threading.Event(), threading.Event()
+    where = ops.record_where
+
+    def first_waits(*args: Any, **kwargs: Any) -> Any:
+        # Called on the writer thread as the replay selects its records.
+        if not in_replay.is_set():
+            in_replay.set()
+            go_on.wait(30)
+        return where(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "record_where", first_waits)
+    try:
+        replay = asyncio.create_task(store.replay_dead(RecordFilter(reason="http_400")))
+        assert await asyncio.to_thread(in_replay.wait, 30)
+        ingest = asyncio.create_task(store.enqueue("web", [event("live", "u99")]))
+        failed = asyncio.create_task(store.dead_letter([DeadLetter(late.id, "http_400")]))
+        await asyncio.sleep(0)  # both are on the writer's queue now
+    finally:
+        go_on.set()
+    assert await replay == 10
+    assert (await ingest).stored == 1
+    await failed
+    assert [r.message_id for r in await store.list_dead(RecordFilter())] == ["late"]
+    queued = [j.message_id for j in await store.lease("moe", 20, 30)]
+    assert queued == ["d0", "d1", "d2", "live", "d3", "d4", "d5", "d6", "d7", "d8", "d9"]
+    await store.close()
+
+
+async def test_replays_and_purges_commit_once_per_slice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slices of 3 over 10 records: four transactions each (3, 3, 3 and 1), not one."""
+    monkeypatch.setattr("bridge.store.sqlite.RECORD_SLICE", 3)
+    store = await opened(tmp_path / "b.db")
+    await _ten_dead_letters(store)
+    before = store.commits
+    assert await store.purge_dead(RecordFilter(destination="moe")) == 10
+    assert store.commits - before == 4
+    await store.enqueue("web", [event(f"x{i}", f"v{i}") for i in range(10)])
+    await store.discard([Discard(j.id, "anonymous_user") for j in await store.lease("moe", 10, 30)])
+    before = store.commits
+    assert await store.replay_discards(RecordFilter(reason="anonymous_user")) == 10
+    assert store.commits - before == 4
+    assert len(await store.lease("moe", 20, 30)) == 10
+    await store.close()
 
 
 async def test_a_second_server_on_one_file_is_refused_until_the_first_closes(tmp_path: Path) -> None:
