@@ -27,6 +27,7 @@ from bridge.sources.streams.oauth import TOKEN_PATH, TokenEndpoint
 from bridge.sources.streams.oauth_tokens import token_key, token_problem
 from bridge.sources.streams.spec import events_of, normalise
 
+EVENTS_PATH = "/moengage/streams/{source}"
 # Streams batches are ~100 events; attribute maps make them larger than Segment's.
 MAX_STREAMS_BODY = 5 * 1024 * 1024
 # One answer for an unknown source, a wrong or missing credential and an address outside
@@ -74,9 +75,13 @@ class StreamsSources(SourceKind):
         }
 
     def add_routes(self, routes: Routes) -> None:
-        routes.add_post("/moengage/streams/{source}", self.receive)
         token_endpoint = TokenEndpoint(self._by_name, self._token_keys, self.config.server.trusted_proxies)
-        routes.add_post(TOKEN_PATH, token_endpoint)
+        for path, handler in ((EVENTS_PATH, self.receive), (TOKEN_PATH, token_endpoint)):
+            routes.add_post(path, handler)
+            # The same route with a trailing slash, as a URL pasted into MoEngage's dashboard
+            # may end: a redirect would not do, as many senders do not follow one on a POST.
+            # Counted under the one route template in the metrics.
+            routes.add_post(path + "/", handler, label=path)
 
     def _authorise(self, request: web.Request, source: SourceConfig) -> None:
         allowed, client = client_allowed(request, source, self.config.server.trusted_proxies)
