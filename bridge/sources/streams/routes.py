@@ -14,12 +14,13 @@ from bridge.httpx import (
     basic_credentials,
     check_containers,
     holds_out_of_range,
+    json_response,
     parse_json,
     read_body,
     same_secret,
 )
 from bridge.routing import Routes
-from bridge.sources.base import Collected, Ingestor, SourceKind, given_id, store_collected
+from bridge.sources.base import Collected, Ingestor, SourceKind, batch_answer, given_id, store_collected
 from bridge.sources.encoding import too_deep
 from bridge.sources.segment.spec import Invalid
 from bridge.sources.streams.access import client_allowed
@@ -132,7 +133,11 @@ class StreamsSources(SourceKind):
         body = await read_body(request, MAX_STREAMS_BODY)
         # Parsed and validated in a plain function, so the parsed body is freed before
         # the wait for the commit (see ``Collected``).
-        return await store_collected(self.ingestor, self._collect(source, body))
+        collected = self._collect(source, body)
+        if not collected.incoming and not collected.rejected:
+            # {"events": []}, as a connectivity check sends: an accepted batch of nothing.
+            return json_response(batch_answer(0, 0, []))
+        return await store_collected(self.ingestor, collected)
 
     def _collect(self, source: SourceConfig, body: bytes) -> Collected:
         check_containers(body, self.config.server.max_batch_events)
