@@ -33,13 +33,15 @@ class Routes:
         self._observe = observe
         self._finished = False
 
-    def add(self, method: str, path: str, handler: Handler, *, cors: bool = False) -> None:
-        """``cors``: browsers on any site may call the route (its OPTIONS preflight too)."""
+    def add(self, method: str, path: str, handler: Handler, *, cors: bool = False, label: str | None = None) -> None:
+        """``cors``: browsers on any site may call the route (its OPTIONS preflight too).
+        ``label``: the route's name in logs and metrics, when not its own path template (a
+        second path for one route, such as the same with a trailing slash)."""
         if self._finished:
             # The catch-all answers 405 only for the routes it knew of when it was added.
             raise RuntimeError(f"route {method} {path} added after Routes.finish()")
         resource = self._router.add_resource(path)
-        route = resource.canonical
+        route = label or resource.canonical
         wrapped = json_errors(handler, route, self._observe, cors=cors)
         expect = expect_handler(route, self._observe, cors=cors)
         if method == hdrs.METH_GET:
@@ -52,8 +54,8 @@ class Routes:
     def add_get(self, path: str, handler: Handler) -> None:
         self.add(hdrs.METH_GET, path, handler)
 
-    def add_post(self, path: str, handler: Handler, *, cors: bool = False) -> None:
-        self.add(hdrs.METH_POST, path, handler, cors=cors)
+    def add_post(self, path: str, handler: Handler, *, cors: bool = False, label: str | None = None) -> None:
+        self.add(hdrs.METH_POST, path, handler, cors=cors, label=label)
 
     def resources(self) -> list[web.AbstractResource]:
         return list(self._router.resources())

@@ -130,6 +130,48 @@ async def test_a_token_by_client_credentials_in_the_body_works_too(oauth_bridge:
     await oauth_bridge.segment.wait_for(lambda: len(oauth_bridge.segment.events()) == 3)
 
 
+async def test_basic_with_the_same_client_id_repeated_in_the_body_works(oauth_bridge: Bridge) -> None:
+    """Many client libraries send HTTP Basic and repeat client_id in the body: refused as two
+    methods at once (400), such a client never got a token. The secret stays in Basic only."""
+    form = {**GRANT, "client_id": CLIENT_ID}
+    status, body, _ = await ask_token(oauth_bridge, form, client_basic(CLIENT_ID, CLIENT_SECRET))
+    assert status == 200, body
+    assert (await post_events(oauth_bridge, bearer(orjson.loads(body)["access_token"])))[0] == 200
+    # The Basic secret is still checked, and the answer is the one every refused client gets.
+    wrong = await ask_token(oauth_bridge, form, client_basic(CLIENT_ID, "wrong-secret"))
+    assert wrong == await ask_token(oauth_bridge, headers=client_basic(CLIENT_ID, "wrong-secret"))
+    assert (wrong[0], refusal(wrong)["code"]) == (401, "invalid_client")
+    mismatch = await ask_token(
+        oauth_bridge, {**GRANT, "client_id": "someone-else"}, client_basic(CLIENT_ID, CLIENT_SECRET)
+    )
+    assert (mismatch[0], refusal(mismatch)["error"]) == (400, "invalid_request")
+    assert "not the HTTP Basic client id" in refusal(mismatch)["error_description"]
+
+
+async def test_the_token_path_with_a_trailing_slash_is_the_same_endpoint(oauth_bridge: Bridge) -> None:
+    """A token URL pasted with a slash at its end got a 404 and MoEngage no token; a redirect
+    would not do (many clients do not follow one on a POST)."""
+    slash = TOKEN_PATH + "/"
+    status, body, _ = await ask_token(oauth_bridge, headers=client_basic(CLIENT_ID, CLIENT_SECRET), path=slash)
+    assert status == 200, body
+    token = orjson.loads(body)["access_token"]
+    assert (await post_events(oauth_bridge, bearer(token), path=EVENTS_PATH + "/"))[0] == 200
+    for form, headers in (
+        (None, client_basic(CLIENT_ID, "wrong-secret")),
+        ({"scope": "x"}, client_basic(CLIENT_ID, CLIENT_SECRET)),
+        ({**GRANT, "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}, client_basic(CLIENT_ID, CLIENT_SECRET)),
+    ):
+        refused = await ask_token(oauth_bridge, form, headers, path=slash)
+        assert refused[0] in (400, 401) and refused == await ask_token(oauth_bridge, form, headers), refused
+    unknown = token_path("nope")
+    right = client_basic(CLIENT_ID, CLIENT_SECRET)
+    assert await ask_token(oauth_bridge, headers=right, path=unknown + "/") == await ask_token(
+        oauth_bridge, headers=right, path=unknown
+    )
+    status, data = await oauth_bridge.get(slash)
+    assert (status, data["code"]) == (405, "method_not_allowed")
+
+
 async def test_the_default_token_lifetime_is_an_hour(oauth_bridge: Bridge) -> None:
     status, body, _ = await ask_token(
         oauth_bridge, headers=client_basic(CLIENT_ID, CLIENT_SECRET), path=token_path("streams-twin")
@@ -207,7 +249,10 @@ async def test_every_client_not_let_in_gets_one_invalid_client_answer(make_bridg
         pytest.param(
             {**GRANT, "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}, 400, "invalid_request", id="both-methods"
         ),
-        pytest.param({**GRANT, "client_id": CLIENT_ID}, 400, "invalid_request", id="basic-and-a-body-client-id"),
+        pytest.param({**GRANT, "client_secret": CLIENT_SECRET}, 400, "invalid_request", id="basic-and-a-body-secret"),
+        # A body that names another client than the Basic header does.
+        pytest.param({**GRANT, "client_id": "someone-else"}, 400, "invalid_request", id="basic-and-another-client-id"),
+        pytest.param({**GRANT, "client_id": CLIENT_ID + " "}, 400, "invalid_request", id="basic-and-a-near-client-id"),
     ],
 )
 async def test_malformed_token_requests(oauth_bridge: Bridge, form: dict[str, str], status: int, code: str) -> None:

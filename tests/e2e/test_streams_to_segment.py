@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
 import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +32,7 @@ from tests.e2e.harness import (
     raw_post,
     wait_until,
 )
+from tests.e2e.test_operations import metric
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 AUTH = basic(STREAMS_USER, STREAMS_PASSWORD)
@@ -289,6 +291,74 @@ async def test_same_payload_twice_is_forwarded_once(bridge):
     assert len(bridge.segment.events()) == 3
 
 
+async def test_an_empty_streams_batch_is_accepted_and_stores_nothing(bridge):
+    """{"events": []}, as a connectivity check sends: refused (400 empty_batch), MoEngage
+    retried it and reported the endpoint as failing. It is an accepted batch of nothing."""
+    _, before = await bridge.get("/metrics")
+    for payload in ({"events": []}, {"events": [], "event": None}):
+        assert await bridge.post(PATH, payload, AUTH) == (200, {"success": True})
+        assert await bridge.post(PATH + "/", payload, AUTH) == (200, {"success": True})
+        # Still only for a caller the source lets in.
+        assert (await bridge.post(PATH, payload))[0] == 401
+    for payload in ({"events": "x"}, {"events": {}}, {"events": 1}):
+        status, data = await bridge.post(PATH, payload, AUTH)
+        assert (status, data["code"]) == (400, "invalid_payload"), data
+    _, after = await bridge.get("/metrics")
+    received = {"source": "streams-main"}
+    assert metric(after, "bridge_events_received_total", **received) == metric(
+        before, "bridge_events_received_total", **received
+    )
+    _, status_body = await bridge.get("/admin/status", ADMIN)
+    assert [d["queue_depth"] for d in status_body["destinations"]] == [0] * len(status_body["destinations"])
+    await asyncio.sleep(0.2)
+    assert bridge.segment.requests == []
+
+
+async def test_a_trailing_slash_is_the_same_route(bridge):
+    """A URL pasted into the dashboard with a slash at its end got a 404, so every batch was
+    lost after MoEngage's retries; a redirect would not do, as many senders do not follow one
+    on a POST. Same credentials, same answers, same metrics label."""
+    slash = PATH + "/"
+    assert await bridge.post(slash, seed_payload(), AUTH) == (200, {"success": True})
+    await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 3)
+    status, data = await bridge.post(slash, seed_payload(), AUTH)
+    assert status == 200 and data["duplicates"] == 3  # one route, one source: deduplicated across both
+    assert await bridge.post(slash, seed_payload()) == await bridge.post(PATH, seed_payload())
+    assert (await bridge.post(slash, seed_payload()))[0] == 401
+    wrong = basic(STREAMS_USER, "wrong")
+    assert await bridge.post(slash, seed_payload(), wrong) == await bridge.post(PATH, seed_payload(), wrong)
+    nope = "/moengage/streams/nope"
+    assert await bridge.post(nope + "/", seed_payload(), AUTH) == await bridge.post(nope, seed_payload(), AUTH)
+    _, metrics = await bridge.get("/metrics")
+    assert 'bridge_http_requests_total{route="/moengage/streams/{source}",status="200"} 2.0' in metrics, metrics
+    assert 'route="/moengage/streams/{source}/"' not in metrics
+
+
+async def test_an_event_without_event_uuid_is_relayed_with_an_id_from_its_content(bridge):
+    """Refused (event_uuid_required), such an event was lost. It gets a deterministic id, so
+    MoEngage's retry of the same request is deduplicated, not delivered twice."""
+    payload = seed_payload()
+    payload["events"][1].pop("event_uuid")
+    payload["events"][2]["event_uuid"] = None
+    sent = [copy.deepcopy(payload["events"][i]) for i in (1, 2)]
+    status, data = await bridge.post(PATH, payload, AUTH)
+    assert (status, data) == (200, {"success": True})
+    await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 3)
+    expected = ["moe-h-" + hashlib.sha256(orjson.dumps(e, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32] for e in sent]
+    by_name = {e["event"]: e["messageId"] for e in bridge.segment.events()}
+    assert [by_name["Email Sent"], by_name["SMS Delivered"]] == expected
+    assert by_name["Notification Received Android"] == "uuid-push-1"
+    # MoEngage's retry, its members in another order: the same ids, so nothing new is sent.
+    retried = seed_payload()
+    retried["events"][1].pop("event_uuid")
+    retried["events"][2]["event_uuid"] = None
+    retried["events"] = [{k: e[k] for k in reversed(list(e))} for e in retried["events"]]
+    status, data = await bridge.post(PATH, retried, AUTH)
+    assert status == 200 and data["duplicates"] == 3, data
+    await asyncio.sleep(0.3)
+    assert len(bridge.segment.events()) == 3
+
+
 async def test_streams_auth_json_and_validation_errors(bridge):
     status, data = await bridge.post(PATH, seed_payload())
     assert (status, data["code"]) == (401, "unauthorized")
@@ -301,7 +371,7 @@ async def test_streams_auth_json_and_validation_errors(bridge):
     status, data = await bridge.post(PATH, None, AUTH, raw=b"{not json")
     assert (status, data["code"]) == (400, "invalid_json")
     payload = seed_payload()
-    payload["events"][1].pop("event_uuid")
+    payload["events"][1]["event_uuid"] = " "
     payload["events"][2]["event_time"] = "when?"
     status, data = await bridge.post(PATH, payload, AUTH)
     assert status == 200 and data["accepted"] == 1
@@ -692,7 +762,7 @@ async def test_admin_translate_answers_for_a_streams_event_as_delivery_would(bri
     sent, refused = body["results"]
     track = sent["outputs"][0]["body"]
     assert "userId" not in track and track["anonymousId"] == "moe-1", track
-    assert refused["rejected"] == "event_uuid_required", refused
+    assert refused["rejected"] == "event_time_required", refused
     # What the real path sends, for the same event.
     assert (await bridge.post(PATH, {"events": [event]}, AUTH))[0] == 200
     await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 1)
@@ -710,8 +780,11 @@ async def test_admin_translate_takes_a_captured_streams_request_body(bridge):
     names = [r["outputs"][0]["body"]["event"] for r in body["results"]]
     assert len(names) == len(payload["events"]) and "Notification Received Android" in names, body
     # The route's refusal of a whole body is one refused result, with its code.
+    status, body = await bridge.post("/admin/translate?destination=segment-prod", {"events": "x"}, ADMIN)
+    assert (status, body["results"]) == (200, [{"rejected": "invalid_payload", "detail": "`events` must be an array"}])
+    # An empty batch, which the route accepts, has no events to answer for.
     status, body = await bridge.post("/admin/translate?destination=segment-prod", {"events": []}, ADMIN)
-    assert (status, body["results"]) == (200, [{"rejected": "empty_batch", "detail": "`events` is empty"}])
+    assert (status, body["results"]) == (200, [])
 
 
 def streams_events(n: int, prefix: str, **extra: Any) -> dict[str, Any]:
@@ -832,7 +905,7 @@ async def test_a_batch_with_rejected_events_logs_one_warning_naming_them(bridge)
     payload = seed_payload()
     good = payload["events"][0]
     bad = [{**good, "event_uuid": f"bad-{i}", "event_time": "private-note-9931"} for i in range(11)]
-    payload["events"] = [good, *bad, {**good, "event_uuid": None}]
+    payload["events"] = [good, *bad, {**good, "event_uuid": ""}]
     with capture_logs() as logs:
         status, data = await bridge.post(PATH, payload, AUTH)
         assert status == 200 and data["accepted"] == 1 and len(data["rejected"]) == 12, data

@@ -53,7 +53,11 @@ def test_an_event_timed_already_keeps_its_timestamp() -> None:
     [
         ("segment", {"type": "track", "event": "E"}, "id_required"),
         ("segment", ["not", "an", "event"], "invalid_event"),
-        ("moengage_streams", {"event_name": "E", "event_time": 1, "uid": "u"}, "event_uuid_required"),
+        (
+            "moengage_streams",
+            {"event_uuid": " ", "event_name": "E", "event_time": 1, "uid": "u"},
+            "event_uuid_required",
+        ),
     ],
 )
 def test_what_ingest_refuses_is_refused_with_its_code(fmt: str, item: object, code: str) -> None:

@@ -1,3 +1,7 @@
+import copy
+import hashlib
+
+import orjson
 import pytest
 
 from bridge.sources.segment.spec import Invalid
@@ -8,10 +12,13 @@ def test_envelope_variants():
     assert events_of({"events": [{"a": 1}]}) == [{"a": 1}]
     assert events_of({"app_name": "x", "export_doc_id": "d", "event": {"a": 1}}) == [{"a": 1}]
     assert events_of({"events": None, "event": {"a": 1}}) == [{"a": 1}]
+    # An empty batch (a connectivity check) is no error: the route answers it as accepted.
+    assert events_of({"events": []}) == []
     for bad, code in (
         ([], "invalid_payload"),
         ({"events": {}}, "invalid_payload"),
-        ({"events": []}, "empty_batch"),
+        ({"events": "x"}, "invalid_payload"),
+        ({"events": 0}, "invalid_payload"),
         ({"foo": 1}, "invalid_payload"),
     ):
         with pytest.raises(Invalid) as exc:
@@ -88,9 +95,7 @@ def test_a_request_with_both_events_and_event_takes_them_all():
     both = {"events": [{"event_uuid": "a"}], "event": {"event_uuid": "b"}}
     assert events_of(both) == [{"event_uuid": "a"}, {"event_uuid": "b"}]
     assert events_of({"events": [{"event_uuid": "a"}], "event": None}) == [{"event_uuid": "a"}]
-    with pytest.raises(Invalid) as exc:
-        events_of({"events": [], "event": None})
-    assert exc.value.code == "empty_batch"
+    assert events_of({"events": [], "event": None}) == []
 
 
 def test_event_requirements_and_ordering_key():
@@ -99,10 +104,9 @@ def test_event_requirements_and_ordering_key():
     assert (uuid, key) == ("u1", "c1")
     _, _, key = normalise({**good, "uid": None, "user_attributes": {"moengage_user_id": "m1"}})
     assert key == "m1"
-    for missing, code in (("event_uuid", "event_uuid_required"), ("event_time", "event_time_required")):
-        with pytest.raises(Invalid) as exc:
-            normalise({k: v for k, v in good.items() if k != missing})
-        assert exc.value.code == code
+    with pytest.raises(Invalid) as exc:
+        normalise({k: v for k, v in good.items() if k != "event_time"})
+    assert exc.value.code == "event_time_required"
     with pytest.raises(Invalid) as exc:
         normalise({"event_uuid": "u", "event_time": 1})
     assert exc.value.code == "event_name_required"
@@ -135,3 +139,48 @@ def test_a_non_string_event_name_is_rejected_at_ingest():
             normalise({**event, "event_name": name})
         assert exc.value.code == "event_name_not_string"
     assert normalise({**event, "event_name": ""})[1] == "u1"  # empty: the code names it
+
+
+def test_an_event_without_event_uuid_gets_one_from_its_content():
+    """Refused, such an event was lost (MoEngage drops what it cannot deliver); given a
+    random id, a retried request would be delivered twice."""
+    sent = {
+        "event_code": "MOE_X",
+        "event_time": 1580967474123,
+        "uid": True,
+        "user_attributes": {"moengage_user_id": "m"},
+    }
+    event, uuid, _ = normalise(sent)
+    # Of the event as received: before event_time is read as ms and the unusable uid dropped.
+    content = orjson.dumps(sent, option=orjson.OPT_SORT_KEYS)
+    assert uuid == "moe-h-" + hashlib.sha256(content).hexdigest()[:32]
+    assert event["event_uuid"] == uuid  # the relayed messageId
+    assert normalise(copy.deepcopy(sent))[1] == uuid  # the same on a retry
+    assert normalise({**sent, "event_time": 1580967474124})[1] != uuid
+    # The order the sender writes members in, at any level, does not change it.
+    reordered = {k: sent[k] for k in reversed(list(sent))}
+    assert list(reordered) != list(sent)
+    assert normalise(reordered)[1] == uuid
+    nested = {**sent, "event_attributes": {"a": 1, "b": {"c": 2, "d": 3}}}
+    flipped = {**sent, "event_attributes": {"b": {"d": 3, "c": 2}, "a": 1}}
+    assert normalise(nested)[1] == normalise(flipped)[1] != uuid
+    # A null one is absent too.
+    assert normalise({**sent, "event_uuid": None})[1].startswith("moe-h-")
+
+
+@pytest.mark.parametrize("given", ["", "   ", {"id": "x"}, ["x"], [], True, False, 1.5])
+def test_an_event_uuid_that_is_blank_or_not_a_string_is_still_refused(given):
+    event = {"event_uuid": given, "event_code": "MOE_X", "event_time": 1580967474, "uid": "c1"}
+    with pytest.raises(Invalid) as exc:
+        normalise(event)
+    assert exc.value.code == "event_uuid_required"
+
+
+def test_an_event_too_deep_to_hash_is_refused_as_too_deep_to_store():
+    deep: dict = {}
+    for _ in range(300):  # orjson reads 1024 levels, writes 254
+        deep = {"d": deep}
+    event = {"event_code": "MOE_X", "event_time": 1580967474, "uid": "c1", "event_attributes": deep}
+    with pytest.raises(Invalid) as exc:
+        normalise(event)
+    assert exc.value.code == "event_too_deep"

@@ -94,18 +94,25 @@ class TokenEndpoint:
         return json_response(body, headers=dict(_NO_STORE))
 
     def _client_credentials(self, request: web.Request, name: str, form: Mapping[str, str]) -> tuple[str, str]:
-        """(client_id, client_secret) from HTTP Basic or from the body (RFC 6749 §2.3.1)."""
+        """(client_id, client_secret) from HTTP Basic or from the body (RFC 6749 §2.3.1).
+        With HTTP Basic the body may repeat the client_id, not give a client_secret."""
         scheme = request.headers.get("Authorization", "").partition(" ")[0]
-        in_body = "client_id" in form or "client_secret" in form
         if scheme.lower() == "basic":
-            if in_body:
+            if "client_secret" in form:
                 # RFC 6749 §2.3: a client uses one authentication method per request.
                 raise oauth_error(
                     400,
                     "invalid_request",
                     "authenticate the client by HTTP Basic or by client_id and client_secret in the body, not both",
                 )
-            return _basic_client(request, name)
+            creds = _basic_client(request, name)
+            # Many clients repeat their id in the body beside HTTP Basic (RFC 6749 §4.4.2's
+            # example does not, but §3.2.1 lets a client name itself): taken when it is the
+            # same id, so no request names two clients. Compared in constant time, as the
+            # Basic id is compared with the configured one later.
+            if "client_id" in form and not same_secret(form["client_id"], creds[0]):
+                raise oauth_error(400, "invalid_request", "the client_id in the body is not the HTTP Basic client id")
+            return creds
         if "client_id" not in form or "client_secret" not in form:
             raise _invalid_client(request, name, "missing_credentials")
         return form["client_id"], form["client_secret"]

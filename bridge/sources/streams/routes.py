@@ -14,12 +14,13 @@ from bridge.httpx import (
     basic_credentials,
     check_containers,
     holds_out_of_range,
+    json_response,
     parse_json,
     read_body,
     same_secret,
 )
 from bridge.routing import Routes
-from bridge.sources.base import Collected, Ingestor, SourceKind, given_id, store_collected
+from bridge.sources.base import Collected, Ingestor, SourceKind, batch_answer, given_id, store_collected
 from bridge.sources.encoding import too_deep
 from bridge.sources.segment.spec import Invalid
 from bridge.sources.streams.access import client_allowed
@@ -27,6 +28,7 @@ from bridge.sources.streams.oauth import TOKEN_PATH, TokenEndpoint
 from bridge.sources.streams.oauth_tokens import token_key, token_problem
 from bridge.sources.streams.spec import events_of, normalise
 
+EVENTS_PATH = "/moengage/streams/{source}"
 # Streams batches are ~100 events; attribute maps make them larger than Segment's.
 MAX_STREAMS_BODY = 5 * 1024 * 1024
 # One answer for an unknown source, a wrong or missing credential and an address outside
@@ -74,9 +76,13 @@ class StreamsSources(SourceKind):
         }
 
     def add_routes(self, routes: Routes) -> None:
-        routes.add_post("/moengage/streams/{source}", self.receive)
         token_endpoint = TokenEndpoint(self._by_name, self._token_keys, self.config.server.trusted_proxies)
-        routes.add_post(TOKEN_PATH, token_endpoint)
+        for path, handler in ((EVENTS_PATH, self.receive), (TOKEN_PATH, token_endpoint)):
+            routes.add_post(path, handler)
+            # The same route with a trailing slash, as a URL pasted into MoEngage's dashboard
+            # may end: a redirect would not do, as many senders do not follow one on a POST.
+            # Counted under the one route template in the metrics.
+            routes.add_post(path + "/", handler, label=path)
 
     def _authorise(self, request: web.Request, source: SourceConfig) -> None:
         allowed, client = client_allowed(request, source, self.config.server.trusted_proxies)
@@ -127,7 +133,11 @@ class StreamsSources(SourceKind):
         body = await read_body(request, MAX_STREAMS_BODY)
         # Parsed and validated in a plain function, so the parsed body is freed before
         # the wait for the commit (see ``Collected``).
-        return await store_collected(self.ingestor, self._collect(source, body))
+        collected = self._collect(source, body)
+        if not collected.incoming and not collected.rejected:
+            # {"events": []}, as a connectivity check sends: an accepted batch of nothing.
+            return json_response(batch_answer(0, 0, []))
+        return await store_collected(self.ingestor, collected)
 
     def _collect(self, source: SourceConfig, body: bytes) -> Collected:
         check_containers(body, self.config.server.max_batch_events)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
+from bridge.sources.encoding import too_deep
 from bridge.sources.segment.spec import MAX_MESSAGE_ID, Invalid, number_id
 
 # Epoch values above this are milliseconds (year 5138 in seconds; 1973 in ms).
@@ -23,6 +27,10 @@ MAX_EVENT_UUID = MAX_MESSAGE_ID
 # An epoch time written as text: ASCII digits only. float() also reads "1_767_225_600"
 # and other scripts' digits, which no sender means as a time.
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+# The id given to an event that came without an event_uuid: this prefix, then the first
+# DERIVED_HEX hex digits of a SHA-256 of its content (see ``derived_uuid``).
+DERIVED_PREFIX = "moe-h-"
+DERIVED_HEX = 32
 
 
 def events_of(data: Any) -> list[Any]:
@@ -40,8 +48,8 @@ def events_of(data: Any) -> list[Any]:
             # Both envelopes at once: take every event rather than refuse the request, which
             # MoEngage would retry and then drop. A repeat of one is a duplicate (event_uuid).
             events = [*events, data["event"]]
-        if not events:
-            raise Invalid("empty_batch", "`events` is empty")
+        # An empty batch (a connectivity check) is no error: it is answered as an accepted
+        # batch with nothing in it. Refused, MoEngage would retry it and report failures.
         return events
     if "event" in data:
         return [data["event"]]
@@ -84,10 +92,16 @@ def normalise(item: Any) -> tuple[dict[str, Any], str, str]:
         raise Invalid("invalid_event", "each event must be a JSON object")
     event = dict(item)
     uuid = event.get("event_uuid")
-    if isinstance(uuid, int) and not isinstance(uuid, bool):
+    if uuid is None:
+        # Absent or null: an id made from the content, so a retried request (MoEngage resends
+        # it unchanged) is deduplicated rather than delivered again. Refused, the event was lost.
+        uuid = derived_uuid(item)
+    elif isinstance(uuid, int) and not isinstance(uuid, bool):
         uuid = str(uuid)
     if not isinstance(uuid, str) or not uuid.strip():
-        raise Invalid("event_uuid_required", "event_uuid is required (a non-empty string)")
+        raise Invalid(
+            "event_uuid_required", "event_uuid must be a non-empty string (or absent, for an id from the content)"
+        )
     if len(uuid) > MAX_EVENT_UUID:
         raise Invalid("event_uuid_too_long", f"event_uuid is {len(uuid)} characters; at most {MAX_EVENT_UUID}")
     event["event_uuid"] = uuid
@@ -115,6 +129,18 @@ def normalise(item: Any) -> tuple[dict[str, Any], str, str]:
     if not key:
         raise Invalid("id_required", "uid or user_attributes.moengage_user_id is required (Segment needs a user)")
     return event, uuid, key
+
+
+def derived_uuid(item: dict[str, Any]) -> str:
+    """The event_uuid of an event that has none: a hash of the event as received (before
+    ``normalise`` rewrites event_time or drops a uid), its keys sorted at every level so that
+    the order a sender writes them in does not matter."""
+    try:
+        content = orjson.dumps(item, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:
+        # Nested past what orjson writes: the stored event could not be written either.
+        raise too_deep() from None
+    return DERIVED_PREFIX + hashlib.sha256(content).hexdigest()[:DERIVED_HEX]
 
 
 def _user_id(value: Any) -> str:
