@@ -398,6 +398,48 @@ async def test_a_mobile_sdk_batch_to_v1_b_is_taken_as_a_batch(bridge):
     assert (status, data["code"]) == (400, "invalid_batch")
 
 
+async def test_analytics_javas_batch_to_v1_import_with_its_trailing_slash_is_taken(bridge):
+    """analytics-java posts every batch to "<endpoint>/v1/import/" (its default path ends in
+    a slash), with the batch's context (library, instanceId) and a sequence at the top level.
+    A 404 there is an answer it does not retry: every event was lost."""
+    body = {
+        "batch": [
+            {
+                "type": "track",
+                "userId": "java-1",
+                "event": "Java Order",
+                "properties": {"total": 3},
+                "messageId": str(uuid.uuid4()),
+                "timestamp": "2026-11-23T12:00:00.000Z",
+            },
+            {
+                "type": "identify",
+                "userId": "java-1",
+                "traits": {"plan": "pro"},
+                "messageId": str(uuid.uuid4()),
+                "timestamp": "2026-11-23T12:00:00.500Z",
+            },
+        ],
+        "context": {"library": {"name": "analytics-java", "version": "3.5.1"}, "instanceId": "i-1"},
+        "sentAt": "2026-11-23T12:00:01.000Z",
+        "sequence": 1,
+        "writeKey": WRITE_KEY,
+    }
+    status, data = await bridge.post("/v1/import/", body, basic(WRITE_KEY))
+    assert (status, data) == (200, {"success": True})
+    moe = bridge.moengage
+    await moe.wait_for(lambda: len(moe.events()) == 1 and len(moe.customers()) == 1)
+    assert moe.events()[0]["actions"][0]["action"] == "Java Order"
+    assert moe.customers()[0]["attributes"]["plan"] == "pro"
+    # A single call with the slash is that call, checked as without it.
+    single = track_body(userId="java-2", writeKey=WRITE_KEY, type="identify")
+    assert (await bridge.post("/v1/track/", single))[0] == 200
+    await moe.wait_for(lambda: len(moe.events()) == 2)
+    assert moe.events()[1]["customer_id"] == "java-2"
+    status, data = await bridge.post("/v1/batch/", {"writeKey": WRITE_KEY, "batch": {}})
+    assert (status, data["code"]) == (400, "invalid_batch")
+
+
 async def test_a_body_past_500_kb_gets_segments_400_so_a_mobile_sdk_drops_it_rather_than_resend_it(bridge):
     """analytics-swift closes a batch file once it holds 475,000 bytes, whatever the size
     of the event that crosses that mark (it has no per-event limit), and deletes a file

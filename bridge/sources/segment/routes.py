@@ -73,6 +73,10 @@ class SegmentSources(SourceKind):
     def add_routes(self, routes: Routes) -> None:
         for call in (*sorted(CALL_TYPES), *BATCH_CALLS, *BROWSER_CALLS):
             routes.add_post(f"/v1/{call}", self.tracking_api, cors=True)
+        # analytics-java posts to "<endpoint>/v1/import/", with the slash: pointed at the
+        # bridge, every batch got a 404, which it does not retry. The server calls take one.
+        for call in (*sorted(CALL_TYPES), *BATCH_CALLS):
+            routes.add_post(f"/v1/{call}/", self.tracking_api, cors=True)
         # Webhooks (Actions) sends with the method its mapping names: POST (the default),
         # PUT or PATCH. A 405 would be a failed delivery Segment never retries.
         for method in WEBHOOK_METHODS:
@@ -124,7 +128,8 @@ class SegmentSources(SourceKind):
         body = await self._read_call(request)
         # Parsed and validated in a plain function, so the parsed body is freed before
         # the wait for the commit (see ``Collected``).
-        call = request.path.rsplit("/", 1)[-1]
+        # (the "or" only for a path ending in "/", e.g. analytics-java's /v1/import/)
+        call = request.path.rsplit("/", 1)[-1] or request.path[:-1].rsplit("/", 1)[-1]
         collected = self._collect_call(BROWSER_CALLS.get(call, call), source, body)
         return await store_collected(self.ingestor, collected)
 
