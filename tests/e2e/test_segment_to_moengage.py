@@ -438,6 +438,10 @@ async def test_analytics_javas_batch_to_v1_import_with_its_trailing_slash_is_tak
     assert moe.events()[1]["customer_id"] == "java-2"
     status, data = await bridge.post("/v1/batch/", {"writeKey": WRITE_KEY, "batch": {}})
     assert (status, data["code"]) == (400, "invalid_batch")
+    # Counted in the metrics under the route without the slash.
+    _, metrics = await bridge.get("/metrics")
+    assert 'bridge_http_requests_total{route="/v1/import",status="200"} 1.0' in metrics, metrics
+    assert 'route="/v1/import/"' not in metrics
 
 
 async def test_a_body_past_500_kb_gets_segments_400_so_a_mobile_sdk_drops_it_rather_than_resend_it(bridge):

@@ -75,8 +75,9 @@ class SegmentSources(SourceKind):
             routes.add_post(f"/v1/{call}", self.tracking_api, cors=True)
         # analytics-java posts to "<endpoint>/v1/import/", with the slash: pointed at the
         # bridge, every batch got a 404, which it does not retry. The server calls take one.
+        # Counted under the route without the slash in the metrics, as Streams' are.
         for call in (*sorted(CALL_TYPES), *BATCH_CALLS):
-            routes.add_post(f"/v1/{call}/", self.tracking_api, cors=True)
+            routes.add_post(f"/v1/{call}/", self.tracking_api, cors=True, label=f"/v1/{call}")
         # Webhooks (Actions) sends with the method its mapping names: POST (the default),
         # PUT or PATCH. A 405 would be a failed delivery Segment never retries.
         for method in WEBHOOK_METHODS:
