@@ -320,7 +320,10 @@ class Store(ABC):
         link of its destination's namespace from or to any of its ids is removed, if it
         was learnt no later than the job was stored: the deleted user's later events are
         no longer attributed to them, and the store keeps nothing of who they were. A link
-        learnt after the deletion arrived is new data and stays."""
+        learnt after the deletion arrived is new data and stays. So, with the links, go the
+        destination's dead letters stored no later than the deletion, and its discards,
+        whose ordering key is one of those ids: replayed after the deletion, such an event
+        would create the deleted user again."""
 
     # ``delivered`` (retry, release): for the jobs some of whose outputs the upstream
     # accepted, the digests of every output delivered so far, which the job keeps and its

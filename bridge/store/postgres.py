@@ -56,6 +56,7 @@ from bridge.store.postgres_schema import (
     DDL_LOCK,
     DELIVERED,
     DIGEST_MARK,
+    LATE_DDL,
     LEASED,
     QUEUED,
     SCHEMA_VERSION,
@@ -171,6 +172,22 @@ def _first_per_job(entries: Sequence[_Settle]) -> list[_Settle]:
     return list(seen.values())
 
 
+async def _run_ddl(conn: Connection, statements: Sequence[str], present: Collection[str]) -> None:
+    """Run the schema ``statements``, but not an index's that ``present`` (the schema's
+    relations) already holds."""
+    for statement in statements:
+        index = _CREATE_INDEX.match(statement)
+        if index is not None and index.group(1) in present:
+            # Even when the index is there, CREATE INDEX IF NOT EXISTS takes its table's
+            # SHARE lock (held to the end of this transaction): it would wait for any long
+            # write (a replay, a purge), and every node's ingest and delivery would queue
+            # behind it.
+            continue
+        # Schema changes (an index on a big table, waiting for another node's migration
+        # lock) may take longer than a queue statement should.
+        await conn.execute(statement, timeout=DDL_TIMEOUT)
+
+
 async def _erase_links(conn: Connection, erase_links: ErasedLinks) -> None:
     """Store.ack's ``erase_links``, in the ack's transaction: only for a job now delivered
     (one whose fence failed is another holder's to ack, and to erase with)."""
@@ -212,6 +229,26 @@ async def _erase_links(conn: Connection, erase_links: ErasedLinks) -> None:
             list(keys),
             ids,
         )
+        await _erase_records(conn, namespace, created_at, ids)
+
+
+async def _erase_records(conn: Connection, destination: str, created_at: float, ids: list[str]) -> None:
+    """The deleted user's dead letters (stored before the deletion) and discards of the
+    deletion's destination (Store.ack's erase_links). Rows locked in id order, as a replay
+    or purge takes them."""
+    await conn.execute(
+        "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters WHERE ordering_key = ANY($1::text[])"
+        " AND destination = $2 AND created_at <= $3 ORDER BY id FOR UPDATE)",
+        ids,
+        destination,
+        created_at,
+    )
+    await conn.execute(
+        "DELETE FROM discards WHERE id IN (SELECT id FROM discards WHERE ordering_key = ANY($1::text[])"
+        " AND destination = $2 ORDER BY id FOR UPDATE)",
+        ids,
+        destination,
+    )
 
 
 def _text(value: str) -> str:
@@ -357,17 +394,7 @@ class PostgresStore(Store):
                         self.schema,
                     )
                 }
-                for statement in DDL:
-                    index = _CREATE_INDEX.match(statement)
-                    if index is not None and index.group(1) in present:
-                        # Even when the index is there, CREATE INDEX IF NOT EXISTS takes its
-                        # table's SHARE lock (held to the end of this transaction): it would wait
-                        # for any long write (a replay, a purge), and every node's ingest and
-                        # delivery would queue behind it.
-                        continue
-                    # Schema changes (an index on a big table, waiting for another node's
-                    # migration lock) may take longer than a queue statement should.
-                    await conn.execute(statement, timeout=DDL_TIMEOUT)
+                await _run_ddl(conn, DDL, present)
                 for table, column, kind in ADDED_COLUMNS:
                     if not await conn.fetchval(
                         "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE"
@@ -378,6 +405,7 @@ class PostgresStore(Store):
                         column,
                     ):
                         await conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}", timeout=DDL_TIMEOUT)
+                await _run_ddl(conn, LATE_DDL, present)
                 found = await conn.fetchval("SELECT max(version) FROM schema_version")
                 if found is None:
                     await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", SCHEMA_VERSION)
@@ -797,9 +825,15 @@ class PostgresStore(Store):
         """Apply ``action`` to the records of ``table`` that ``flt`` selects, RECORD_SLICE
         at a time in id order (see RECORD_SLICE), and count them. ``action`` is a CTE named
         ``done`` (after any of its own) over ``picked``, the slice's ids; its parameters
-        ``args`` are $2 on. A record another replay or purge took meanwhile is skipped."""
+        ``args`` are $2 on. A record another replay or purge took meanwhile is skipped, and
+        so is one added meanwhile (its id is past the highest there was at the start): a
+        replayed job dead-lettered again while the replay runs waits for the next one, as
+        it would have after a single statement, instead of going round again."""
         where, params = record_where(_clean_filter(flt), time_column, dollar, first=2 + len(args), arrays=True)
-        where += " AND id > $1" if where else " WHERE id > $1"
+        upto = f"${2 + len(args) + len(params)}"
+        where += f" AND id > $1 AND id <= {upto}" if where else f" WHERE id > $1 AND id <= {upto}"
+        async with self._conn() as conn:
+            highest = await conn.fetchval(f"SELECT COALESCE(max(id), 0) FROM {table}")
         total, after = 0, 0
         while True:
             async with self._conn() as conn:
@@ -809,6 +843,7 @@ class PostgresStore(Store):
                     after,
                     *args,
                     *params,
+                    highest,
                 )
             total += int(done)
             if picked < RECORD_SLICE:

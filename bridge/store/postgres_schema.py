@@ -83,6 +83,9 @@ DDL = (
         mapping_version TEXT NOT NULL
     )""",
     """CREATE INDEX IF NOT EXISTS dead_letters_by_destination ON dead_letters (destination, failed_at)""",
+    # A user's dead letters, which a delivered deletion removes (Store.ack's erase_links).
+    # A hash index, as identity_links_by_target: an ordering key is as long as its id.
+    """CREATE INDEX IF NOT EXISTS dead_letters_by_user ON dead_letters USING hash (ordering_key)""",
     """CREATE TABLE IF NOT EXISTS discards (
         id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         destination TEXT NOT NULL,
@@ -155,3 +158,6 @@ ADDED_COLUMNS = (
     ("dead_letters", "delivered_outputs", "BYTEA"),
     ("discards", "delivered_outputs", "BYTEA"),
 )
+# Indexes on columns of ADDED_COLUMNS: made once the columns are there. A user's discards,
+# which a delivered deletion removes (Store.ack's erase_links).
+LATE_DDL = ("""CREATE INDEX IF NOT EXISTS discards_by_user ON discards USING hash (ordering_key)""",)

@@ -452,6 +452,14 @@ def _erase_links(conn: sqlite3.Connection, erase_links: ErasedLinks) -> None:
                 f" WHERE namespace = ? AND to_id IN ({marks}) AND updated_at <= ?",
                 params,
             )
+            # The user's dead letters stored before the deletion, and its discards: replayed
+            # later, one would create the deleted user again (MoEngage makes a user of any
+            # identifiers it is sent), and the store would keep who they were.
+            conn.execute(
+                f"DELETE FROM dead_letters WHERE destination = ? AND ordering_key IN ({marks}) AND created_at <= ?",
+                params,
+            )
+            conn.execute(f"DELETE FROM discards WHERE destination = ? AND ordering_key IN ({marks})", params[:-1])
 
 
 def _record_delivered(conn: sqlite3.Connection, settling: Sequence[Settling], delivered: Delivered | None) -> None:

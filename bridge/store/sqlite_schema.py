@@ -129,6 +129,8 @@ DDL = (
         delivered_outputs BLOB
     )""",
     """CREATE INDEX IF NOT EXISTS dead_letters_by_destination ON dead_letters (destination, failed_at)""",
+    # A user's dead letters, which a delivered deletion removes (Store.ack's erase_links).
+    """CREATE INDEX IF NOT EXISTS dead_letters_by_user ON dead_letters (destination, ordering_key)""",
     """CREATE TABLE IF NOT EXISTS discards (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         destination TEXT NOT NULL,
@@ -179,6 +181,8 @@ def create_schema(conn: sqlite3.Connection, *, upgrade: bool = True) -> None:
     _retire_state_index(conn)
     _upgrade_dedupe_recent(conn)
     _add_columns(conn)
+    for statement in LATE_DDL:
+        conn.execute(statement)
     row = conn.execute("SELECT version FROM schema_version").fetchone()
     if row is None:
         conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
@@ -208,6 +212,11 @@ ADDED_COLUMNS = (
     ("dead_letters", "delivered_outputs", "BLOB"),
     ("discards", "delivered_outputs", "BLOB"),
 )
+
+
+# Indexes on columns of ADDED_COLUMNS: made once the columns are there. A user's discards,
+# which a delivered deletion removes (Store.ack's erase_links).
+LATE_DDL = ("""CREATE INDEX IF NOT EXISTS discards_by_user ON discards (destination, ordering_key)""",)
 
 
 def _add_columns(conn: sqlite3.Connection) -> None:

@@ -127,6 +127,48 @@ async def test_a_delivered_deletion_erases_the_links_from_and_to_its_ids(store: 
     assert await store.resolve_links("other", ["u1"]) == {"u1": "crm-1"}
 
 
+async def test_a_delivered_deletion_removes_its_users_dead_letters_and_discards(store: Store) -> None:
+    """Replayed after the deletion, a dead letter or discard of the deleted user created the
+    user again in MoEngage (it makes a user of any identifiers it is sent). The deletion
+    removes those of its destination stored before it, in the ack's transaction; another
+    user's, another destination's and an event of the user stored after it stay."""
+    await store.enqueue(
+        "web",
+        [
+            event("old-1", "u1"),
+            event("old-2", "crm-1"),  # the user's other id, which the deletion erases too
+            event("old-3", "u1"),
+            event("other-user", "u2"),
+            event("other-dest", "u1", destinations=("other",)),
+        ],
+    )
+    await store.enqueue("web", [event("del", "u1")])
+    await store.enqueue("web", [event("after", "u1")])
+    old1, old2, old3, other_user, deletion, after = await store.lease("moe", 10, 30)
+    (other_dest,) = await store.lease("other", 10, 30)
+    await store.dead_letter(
+        [DeadLetter(j.id, "http_400") for j in (old1, old2, other_user)],
+        fence={j.id: j.attempts for j in (old1, old2, other_user)},
+    )
+    await store.dead_letter([DeadLetter(other_dest.id, "http_400")], fence={other_dest.id: other_dest.attempts})
+    await store.discard([Discard(old3.id, "no_output")], fence={old3.id: old3.attempts})
+    # The user's event stored after the deletion is new data: dead-lettered, it stays.
+    await store.dead_letter([DeadLetter(after.id, "http_400")], fence={after.id: after.attempts})
+    erase = {deletion.id: ["u1", "crm-1"]}
+
+    # Not acked by this holder (its lease was taken again since): nothing removed.
+    await store.ack([deletion.id], fence={deletion.id: deletion.attempts + 1}, erase_links=erase)
+    assert len(await store.list_dead(EVERYTHING)) == 5
+    assert len(await store.list_discards(EVERYTHING)) == 1
+
+    await store.ack([deletion.id], fence={deletion.id: deletion.attempts}, erase_links=erase)
+    assert sorted(d.message_id for d in await store.list_dead(EVERYTHING)) == ["after", "other-dest", "other-user"]
+    assert await store.list_discards(EVERYTHING) == []
+    # A replay now sends nothing of the deleted user's from before the deletion.
+    assert await store.replay_dead(RecordFilter(destination="moe")) == 2
+    assert sorted(j.message_id for j in await store.lease("moe", 10, 30)) == ["after", "other-user"]
+
+
 async def test_a_replayed_deletion_erases_the_links_learnt_before_its_replay(store: Store) -> None:
     """A replay queues a deletion anew, after its user's events of the meantime, so those
     are deleted with the user, and the links they taught are erased with them (README);

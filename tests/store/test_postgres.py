@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 import pytest
@@ -310,3 +311,45 @@ async def test_a_schema_from_before_gains_the_delivered_outputs_columns(pg_schem
             await store.close()
     finally:
         await conn.close()
+
+
+async def test_a_replay_leaves_what_is_dead_lettered_while_it_runs(
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replay goes in slices, each its own statement: a record added while it runs (a
+    replayed job dead-lettered again by a destination still refusing) was picked up by a
+    later slice, so one replay could send the same refused events round and round. It
+    stops at the highest id there was when it started, as one statement would have."""
+    monkeypatch.setattr("bridge.store.postgres.RECORD_SLICE", 3)
+
+    class Replaying(PostgresStore):
+        hook: Callable[[], Awaitable[None]] | None = None
+
+        @contextlib.asynccontextmanager
+        async def _conn(self, transaction: bool = False) -> AsyncIterator[asyncpg.Connection]:
+            async with super()._conn(transaction) as conn:
+                yield conn
+            hook, self.hook = self.hook, None
+            if hook is not None:
+                await hook()  # once, after the replay's first statement
+
+    a = Replaying(PG_DSN, schema=pg_schema, pool_size=4)
+    b = PostgresStore(PG_DSN, schema=pg_schema, pool_size=4)
+    await a.open()
+    await b.open()
+    try:
+        await a.enqueue("web", [event(f"d{i}", f"u{i}") for i in range(7)])
+        jobs = await a.lease("moe", 10, 30)
+        *refused, late = jobs
+        await a.dead_letter([DeadLetter(j.id, "http_400") for j in refused])
+
+        async def dead_letter_late() -> None:
+            await b.dead_letter([DeadLetter(late.id, "http_400")])
+
+        a.hook = dead_letter_late
+        assert await a.replay_dead(RecordFilter(reason="http_400")) == 6
+        assert [r.message_id for r in await a.list_dead(RecordFilter())] == ["d6"]
+        assert sorted(j.message_id for j in await a.lease("moe", 10, 30)) == [f"d{i}" for i in range(6)]
+    finally:
+        await a.close()
+        await b.close()

@@ -130,6 +130,32 @@ def test_queue_reads_use_the_index_of_pending_jobs(tmp_path: Path) -> None:
     conn.close()
 
 
+def test_a_deletion_finds_its_users_links_and_records_by_index(tmp_path: Path) -> None:
+    """A delivered deletion's statements run on the writer every ingest waits for: each must
+    find its rows through an index, not read every link, dead letter or discard."""
+    from bridge.store import sqlite_ops
+    from bridge.store.sqlite_schema import DELIVERED, configure, create_schema
+
+    conn = sqlite3.connect(tmp_path / "b.db", isolation_level=None)
+    configure(conn)
+    create_schema(conn)
+    conn.execute(
+        "INSERT INTO jobs (destination, source, message_id, ordering_key, payload, state, available_at, created_at)"
+        f" VALUES ('moe', 'web', 'del', 'u1', X'7B7D', {DELIVERED}, 0, 0)"
+    )
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    sqlite_ops._erase_links(conn, {1: frozenset({"u1", "crm-1"})})
+    conn.set_trace_callback(None)
+    deletes = {sql.split()[2]: sql for sql in statements if sql.startswith("DELETE FROM")}
+    assert set(deletes) == {"identity_links", "dead_letters", "discards"}
+    wanted = {"dead_letters": "dead_letters_by_user", "discards": "discards_by_user"}
+    for table, index in wanted.items():
+        plan = " | ".join(str(row[-1]) for row in conn.execute("EXPLAIN QUERY PLAN " + deletes[table]))
+        assert index in plan, f"{deletes[table]}\n  {plan}"
+    conn.close()
+
+
 async def test_open_is_idempotent_and_a_newer_schema_is_refused(tmp_path: Path) -> None:
     store = await opened(tmp_path / "b.db")
     await store.open()
@@ -1228,7 +1254,8 @@ async def test_a_file_whose_discards_keep_no_ordering_key_gains_the_column(tmp_p
     await store.discard([Discard(job.id, "anonymous_user")])
     await store.close()
     conn = sqlite3.connect(path)
-    with conn:  # the table as it was: no ordering_key
+    with conn:  # the table as it was: no ordering_key (nor the index on it)
+        conn.execute("DROP INDEX discards_by_user")
         conn.execute("ALTER TABLE discards DROP COLUMN ordering_key")
     conn.close()
     for upgrade in (False, True):
