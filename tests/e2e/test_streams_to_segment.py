@@ -295,12 +295,14 @@ async def test_an_empty_streams_batch_is_accepted_and_stores_nothing(bridge):
     """{"events": []}, as a connectivity check sends: refused (400 empty_batch), MoEngage
     retried it and reported the endpoint as failing. It is an accepted batch of nothing."""
     _, before = await bridge.get("/metrics")
-    for payload in ({"events": []}, {"events": [], "event": None}):
+    empty: list[dict[str, Any]] = [{"events": []}, {"events": [], "event": None}]
+    for payload in empty:
         assert await bridge.post(PATH, payload, AUTH) == (200, {"success": True})
         assert await bridge.post(PATH + "/", payload, AUTH) == (200, {"success": True})
         # Still only for a caller the source lets in.
         assert (await bridge.post(PATH, payload))[0] == 401
-    for payload in ({"events": "x"}, {"events": {}}, {"events": 1}):
+    wrong: list[dict[str, Any]] = [{"events": "x"}, {"events": {}}, {"events": 1}]
+    for payload in wrong:
         status, data = await bridge.post(PATH, payload, AUTH)
         assert (status, data["code"]) == (400, "invalid_payload"), data
     _, after = await bridge.get("/metrics")

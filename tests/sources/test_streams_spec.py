@@ -1,5 +1,6 @@
 import copy
 import hashlib
+from typing import Any
 
 import orjson
 import pytest
@@ -177,7 +178,7 @@ def test_an_event_uuid_that_is_blank_or_not_a_string_is_still_refused(given):
 
 
 def test_an_event_too_deep_to_hash_is_refused_as_too_deep_to_store():
-    deep: dict = {}
+    deep: dict[str, Any] = {}
     for _ in range(300):  # orjson reads 1024 levels, writes 254
         deep = {"d": deep}
     event = {"event_code": "MOE_X", "event_time": 1580967474, "uid": "c1", "event_attributes": deep}

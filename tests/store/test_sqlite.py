@@ -22,6 +22,7 @@ import pytest
 from bridge.store import open_store
 from bridge.store import sqlite_ops as ops
 from bridge.store.base import DeadLetter, Discard, QueueStats, RecordFilter, StoreError, StoreFull
+from bridge.store.sql_filters import record_where
 from bridge.store.sqlite import SqliteStore
 from bridge.store.sqlite_dedupe import KEYS_PER_ROW, dedupe_key, dedupe_keys_of
 from bridge.store.sqlite_schema import SCHEMA_VERSION
@@ -381,7 +382,7 @@ async def test_a_replay_commits_slice_by_slice_and_ingest_commits_between(
     (late,) = await store.lease("seg", 1, 30)
     await _ten_dead_letters(store)
     in_replay, go_on = threading.Event(), threading.Event()
-    where = ops.record_where
+    where = record_where  # the function sqlite_ops calls, wrapped below
 
     def first_waits(*args: Any, **kwargs: Any) -> Any:
         # Called on the writer thread as the replay selects its records.
