@@ -837,9 +837,15 @@ class PostgresStore(Store):
         total, after = 0, 0
         while True:
             async with self._conn() as conn:
+                # The slice's rows locked in id order before ``action`` takes them, as a
+                # deletion's ack locks its user's (_erase_records): the action alone locked
+                # them in its plan's order (a hash join reads the table as it lies on disk),
+                # and a replay by ids deadlocked with such an ack. Counted from ``sliced``, which
+                # does not lock: a row deleted meanwhile must not end the replay early.
                 last, picked, done = await conn.fetchrow(
-                    f"WITH picked AS (SELECT id FROM {table}{where} ORDER BY id LIMIT {RECORD_SLICE}), {action}"
-                    " SELECT max(id), count(*), (SELECT count(*) FROM done) FROM picked",
+                    f"WITH sliced AS (SELECT id FROM {table}{where} ORDER BY id LIMIT {RECORD_SLICE}),"
+                    f" picked AS (SELECT id FROM {table} WHERE id IN (SELECT id FROM sliced) ORDER BY id FOR UPDATE),"
+                    f" {action} SELECT max(id), count(*), (SELECT count(*) FROM done) FROM sliced",
                     after,
                     *args,
                     *params,
