@@ -215,6 +215,10 @@ async def _erase_links(conn: Connection, erase_links: ErasedLinks) -> None:
             list(set().union(*(e[2] for e in erasing))),
             list({i for e in erasing for i in e[3]}),
         )
+        # Their dead letters and discards too, each table's in id order at once: one job's
+        # after the other's, the ack held the first user's and waited for the second's lower
+        # ids, which a replay or purge (taking them in id order) held while waiting for the first's.
+        await _lock_records(conn, erasing)
     for namespace, created_at, keys, ids in erasing:
         # Rows locked in the order ingest's link upsert takes them (LINKS_SQL: byte order of
         # namespace and from_id), so the two cannot deadlock; the DELETE alone locked them in
@@ -230,6 +234,26 @@ async def _erase_links(conn: Connection, erase_links: ErasedLinks) -> None:
             ids,
         )
         await _erase_records(conn, namespace, created_at, ids)
+
+
+async def _lock_records(conn: Connection, erasing: list[tuple[str, float, set[str], list[str]]]) -> None:
+    """Lock, in id order, every dead letter and discard that _erase_records will delete for
+    the deletions of ``erasing`` (a few that are kept may be locked too)."""
+    destinations = list({e[0] for e in erasing})
+    ids = list({i for e in erasing for i in e[3]})
+    await conn.execute(
+        "SELECT 1 FROM dead_letters WHERE ordering_key = ANY($1::text[]) AND destination = ANY($2::text[])"
+        " AND created_at <= $3 ORDER BY id FOR UPDATE",
+        ids,
+        destinations,
+        max(e[1] for e in erasing),
+    )
+    await conn.execute(
+        "SELECT 1 FROM discards WHERE ordering_key = ANY($1::text[]) AND destination = ANY($2::text[])"
+        " ORDER BY id FOR UPDATE",
+        ids,
+        destinations,
+    )
 
 
 async def _erase_records(conn: Connection, destination: str, created_at: float, ids: list[str]) -> None:
@@ -837,9 +861,15 @@ class PostgresStore(Store):
         total, after = 0, 0
         while True:
             async with self._conn() as conn:
+                # The slice's rows locked in id order before ``action`` takes them, as a
+                # deletion's ack locks its user's (_erase_records): the action alone locked
+                # them in its plan's order (a hash join reads the table as it lies on disk),
+                # and a replay by ids deadlocked with such an ack. Counted from ``sliced``, which
+                # does not lock: a row deleted meanwhile must not end the replay early.
                 last, picked, done = await conn.fetchrow(
-                    f"WITH picked AS (SELECT id FROM {table}{where} ORDER BY id LIMIT {RECORD_SLICE}), {action}"
-                    " SELECT max(id), count(*), (SELECT count(*) FROM done) FROM picked",
+                    f"WITH sliced AS (SELECT id FROM {table}{where} ORDER BY id LIMIT {RECORD_SLICE}),"
+                    f" picked AS (SELECT id FROM {table} WHERE id IN (SELECT id FROM sliced) ORDER BY id FOR UPDATE),"
+                    f" {action} SELECT max(id), count(*), (SELECT count(*) FROM done) FROM sliced",
                     after,
                     *args,
                     *params,

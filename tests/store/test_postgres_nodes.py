@@ -192,6 +192,98 @@ async def test_an_ack_erasing_several_users_links_does_not_deadlock_with_ingest(
     assert await a.resolve_links("moe", ["a-id", "b-id"]) == {"b-id": "crm-b2"}
 
 
+async def _dead_letters(store: PostgresStore, prefix: str, user: str, count: int) -> None:
+    await store.enqueue("web", [event(f"{prefix}-{i}", user) for i in range(count)])
+    jobs = await store.lease("moe", count, 30)
+    await store.dead_letter([DeadLetter(j.id, "http_400") for j in jobs], fence={j.id: j.attempts for j in jobs})
+
+
+async def test_a_replay_by_ids_does_not_deadlock_with_a_deletion_erasing_the_same_user(
+    nodes: tuple[PostgresStore, PostgresStore], pg_schema: str
+) -> None:
+    """A delivered deletion erases its user's dead letters locking them in id order; a replay
+    (or purge) locked its slice in its plan's order, which for a replay by ids read the table
+    as it lies on disk, where a newer dead letter can sit in the space an older purge freed.
+    The replay held u's newer rows and waited for the older ones the ack held, the ack waited
+    for the newer ones, and PostgreSQL failed the replay. Here a session holds one of u's
+    older rows so that the ack waits part-way, and the replay starts then."""
+    a, b = nodes
+    await _dead_letters(a, "filler", "f", 300)
+    await _dead_letters(a, "u-old", "u", 20)
+    await _dead_letters(a, "o", "o", 3000)
+    session = await asyncpg.connect(PG_DSN, server_settings={"search_path": pg_schema})
+    try:
+        assert await a.purge_dead(RecordFilter(ids=tuple(range(1, 301)))) == 300
+        await session.execute("VACUUM dead_letters")
+        await _dead_letters(a, "u-new", "u", 20)  # into the space the purge freed
+        await session.execute("ANALYZE dead_letters")
+        users = [r[0] for r in await session.fetch("SELECT id FROM dead_letters WHERE ordering_key = 'u' ORDER BY id")]
+        others = [r[0] for r in await session.fetch("SELECT id FROM dead_letters WHERE ordering_key = 'o' LIMIT 10")]
+        await a.enqueue("web", [event("del-u", "u")])
+        (deletion,) = await a.lease("moe", 10, 30)
+        holding = session.transaction()
+        await holding.start()
+        await session.execute("SELECT 1 FROM dead_letters WHERE id = $1 FOR UPDATE", users[5])
+        me = await session.fetchval("SELECT pg_backend_pid()")
+        blocked_by = "SELECT pid FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))"
+        ack = asyncio.create_task(a.ack([deletion.id], erase_links={deletion.id: ["u"]}))
+        while (acking := await session.fetchval(blocked_by, me)) is None:
+            assert not ack.done(), ack
+            await asyncio.sleep(0.01)
+        replay = asyncio.create_task(b.replay_dead(RecordFilter(ids=tuple(users + others))))
+        while await session.fetchval(blocked_by, acking) is None:
+            assert not replay.done(), replay
+            await asyncio.sleep(0.01)
+        await holding.rollback()
+        await ack
+        assert await replay == len(others)  # u's were erased first; none of the others lost
+        assert await session.fetchval("SELECT count(*) FROM dead_letters WHERE ordering_key = 'u'") == 0
+        assert await session.fetchval("SELECT count(*) FROM jobs WHERE ordering_key = 'o' AND state = 0") == 10
+    finally:
+        await session.close()
+
+
+async def test_an_ack_erasing_several_users_records_does_not_deadlock_with_a_replay(
+    nodes: tuple[PostgresStore, PostgresStore], pg_schema: str
+) -> None:
+    """An ack with two deletions erased one user's dead letters, then the other's: each in
+    id order, but the second's lower ids after the first's higher ones. A replay takes them
+    all in id order: it held the second user's first dead letter and waited for the first
+    user's, which the ack held while it waited for the second's. Here a session holds the
+    first user's discard, so that the ack waits between the two users, and the replay starts then."""
+    a, b = nodes
+    for i, user in enumerate(("u2", "u1", "u2", "u1")):
+        await _dead_letters(a, f"dead-{i}", user, 1)
+    await a.enqueue("web", [event("discarded-u1", "u1")])
+    (discarded,) = await a.lease("moe", 10, 30)
+    await a.discard([Discard(discarded.id, "anonymous_user")])
+    await a.enqueue("web", [event("del-u1", "u1"), event("del-u2", "u2")])
+    jobs = {j.message_id: j for j in await a.lease("moe", 10, 30)}
+    erase = {jobs["del-u1"].id: ["u1"], jobs["del-u2"].id: ["u2"]}
+    session = await asyncpg.connect(PG_DSN, server_settings={"search_path": pg_schema})
+    try:
+        holding = session.transaction()
+        await holding.start()
+        await session.execute("SELECT 1 FROM discards FOR UPDATE")
+        me = await session.fetchval("SELECT pg_backend_pid()")
+        blocked_by = "SELECT pid FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))"
+        ack = asyncio.create_task(a.ack(list(erase), erase_links=erase))
+        while (acking := await session.fetchval(blocked_by, me)) is None:
+            assert not ack.done(), ack
+            await asyncio.sleep(0.01)
+        replay = asyncio.create_task(b.replay_dead(RecordFilter(destination="moe")))
+        while await session.fetchval(blocked_by, acking) is None:
+            assert not replay.done(), replay
+            await asyncio.sleep(0.01)
+        await holding.rollback()
+        await ack
+        assert await replay == 0  # every one of them was the deleted users'
+        assert await session.fetchval("SELECT count(*) FROM dead_letters") == 0
+        assert await session.fetchval("SELECT count(*) FROM discards") == 0
+    finally:
+        await session.close()
+
+
 @pytest.mark.parametrize("table", ["jobs", "dedupe", "dead_letters", "discards"])
 async def test_opening_a_store_does_not_queue_behind_a_long_write(pg_schema: str, table: str) -> None:
     """Every open (a node's start, each CLI command) ran CREATE INDEX IF NOT EXISTS, which
