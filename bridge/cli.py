@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import os
+import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -358,9 +359,20 @@ def _add_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
+# A record id as listings show it: digits 0-9 alone, as the admin API takes an id (int()
+# would also read "+5", " 5" and other scripts' digits).
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def _id_arg(value: str) -> int:
+    if not _DIGITS.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"{value!r:.40} is not a record id (the digits 0-9)")
+    return int(value)
+
+
 def _add_ids(p: argparse.ArgumentParser, noun: str) -> None:
     """The records to act on by id, as the admin API's ``ids`` (``_filter`` reads them)."""
-    p.add_argument("ids", nargs="*", type=int, help=f"{noun} ids")
+    p.add_argument("ids", nargs="*", type=_id_arg, help=f"{noun} ids")
 
 
 def _add_replay_scope(p: argparse.ArgumentParser) -> None:
@@ -419,7 +431,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "ids", None), list) and all(_DIGITS.fullmatch(x) for x in extra):
+        # Ids after an option (`dlq purge --reason http_400 12 13`): argparse gives the
+        # optional positional its (empty) list at the first option and calls the rest
+        # unrecognized. They are the record ids, as they are before the options.
+        args.ids += [int(x) for x in extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "command", None) == "destinations" and args.action != "list" and not args.name:
         parser.error(f"destinations {args.action} needs a destination name")
     if getattr(args, "all_destinations", False) and args.action != "replay":

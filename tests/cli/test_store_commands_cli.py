@@ -136,7 +136,7 @@ def test_ids_and_reasons_no_record_can_have_match_nothing_without_a_traceback(
     capsys.readouterr()
     assert cli_main(["dlq", "show", str(2**64), "--config", "c.yaml"]) == 1
     assert capsys.readouterr().err == f"dlq show: no such dead letter: {2**64}\n"
-    assert cli_main(["dlq", "replay", str(2**64), "-1", "--config", "c.yaml"]) == 0
+    assert cli_main(["dlq", "replay", str(2**64), "--config", "c.yaml"]) == 0
     assert capsys.readouterr().out.startswith("replayed 0 dead letter(s)")
     assert cli_main(["dlq", "purge", "--reason", "http_400\udcff", "--config", "c.yaml"]) == 0
     assert capsys.readouterr().out == "purged 0 dead letter(s)\n"
@@ -205,3 +205,37 @@ def test_discards_replay_takes_ids_as_dlq_replay_does(
     )
     assert cli_main(["destinations", "list", "--config", "c.yaml"]) == 0
     assert capsys.readouterr().out == "d: active, queued 2, dead letters 2\n"
+
+
+def test_ids_after_an_option_are_ids_too(
+    served: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`bridge discards replay --config c.yaml 3`: argparse gave the ids their empty list at
+    the first option and refused the rest as unrecognized arguments (exit 2)."""
+    first, second, third = _discard_three(served / "var" / "lib" / "bridge" / "bridge.db")
+    monkeypatch.chdir(served)
+    capsys.readouterr()
+    assert cli_main(["discards", "replay", "--config", "c.yaml", str(first), str(third)]) == 0
+    assert capsys.readouterr().out.startswith("replayed 2 discard(s)")
+    assert cli_main(["discards", "list", "--json", "--config", "c.yaml", str(second)]) == 0
+    assert [r["id"] for r in orjson.loads(capsys.readouterr().out)] == [second]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["dlq", "purge", "--config", "c.yaml", "3", "x"], "unrecognized arguments: 3 x"),
+        (["dlq", "purge", "+3"], "argument ids: '+3' is not a record id (the digits 0-9)"),
+        (["dlq", "replay", "-1"], "argument ids: '-1' is not a record id (the digits 0-9)"),
+        (["dlq", "purge", "\uff13"], "is not a record id (the digits 0-9)"),  # a fullwidth 3
+        (["destinations", "list", "--config", "c.yaml", "7"], "unrecognized arguments: 7"),
+    ],
+)
+def test_what_is_no_record_id_is_a_usage_error(
+    served: Path, args: list[str], message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(served)
+    with pytest.raises(SystemExit) as exited:
+        cli_main(args)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
