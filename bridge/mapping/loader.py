@@ -8,6 +8,8 @@ after its file stem. Shared lookup tables live in ``lookups/`` and fixtures in
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from pathlib import Path
 
 from bridge.mapping.api import CompiledMapping, Diagnostic, MappingError
@@ -15,6 +17,38 @@ from bridge.mapping.compiler import FileCompiler
 from bridge.mapping.yamlnodes import Diagnostics, YNode, parse_yaml
 
 MAPPING_SUFFIXES = (".yaml", ".yml")
+
+# Far above any real mapping or lookup file (the shipped ones are a few kB). A reload compiles
+# on the server's event loop, at roughly 10 s a megabyte of rules: a larger file is a mistake
+# (a log or a dump saved under the wrong name) that would stall every request meanwhile.
+MAX_FILE_BYTES = 1024 * 1024
+
+
+class FileRefused(Exception):
+    """A mapping or lookup file that is not read; the message says why."""
+
+
+def read_bounded(path: Path) -> bytes:
+    """A regular file's bytes, at most MAX_FILE_BYTES. A FIFO or a device (a lookup path may
+    name anything, /dev/zero included) would block or never end: refused before reading."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise FileRefused(exc.strerror or str(exc)) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise FileRefused("it is a directory" if stat.S_ISDIR(mode) else "it is not a regular file")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise FileRefused(exc.strerror or str(exc)) from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_FILE_BYTES:
+        raise FileRefused(f"it is larger than {MAX_FILE_BYTES} bytes (1 MiB), the most a mapping or lookup file may be")
+    return data
 
 
 def load_mapping_file(path: str | Path) -> CompiledMapping:
@@ -37,9 +71,9 @@ def compile_mapping_file(path: Path) -> tuple[CompiledMapping | None, list[Diagn
 def _compile_mapping_file(path: Path) -> tuple[CompiledMapping | None, list[Diagnostic]]:
     diags = Diagnostics(str(path))
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        diags.add(None, "", f"cannot read mapping file: {exc.strerror or exc}")
+        raw = read_bounded(path)
+    except FileRefused as exc:
+        diags.add(None, "", f"cannot read mapping file: {exc}")
         return None, diags.items
     try:
         text = raw.decode("utf-8")
@@ -53,9 +87,9 @@ def _compile_mapping_file(path: Path) -> tuple[CompiledMapping | None, list[Diag
 
     def load_lookup_file(fpath: Path, at: YNode, ypath: str) -> YNode | None:
         try:
-            data = fpath.read_bytes()
-        except OSError as exc:
-            diags.add(at, ypath, f"cannot read lookup file {fpath}: {exc.strerror or exc}")
+            data = read_bounded(fpath)
+        except FileRefused as exc:
+            diags.add(at, ypath, f"cannot read lookup file {fpath}: {exc}")
             return None
         hashed.append(str(fpath.name).encode() + b"\0" + data)
         file_diags = Diagnostics(str(fpath))

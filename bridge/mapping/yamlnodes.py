@@ -124,8 +124,15 @@ class YamlRejected(yaml.MarkedYAMLError):
         self.yaml_path = yaml_path
 
 
+YAML_TAG_PREFIX = "tag:yaml.org,2002:"
+# The tags an author may write out (`!!str 5`); every other one is refused rather than
+# ignored (`!!python/object` on a mapping) or made into a value no event holds (`!!binary`).
+PLAIN_TAGS = frozenset(YAML_TAG_PREFIX + name for name in ("str", "int", "float", "bool", "null", "map", "seq"))
+
+
 class StrictMappingLoader(MappingLoader):
-    """The loader for mapping and lookup files: no anchors or aliases, bounded nesting.
+    """The loader for mapping and lookup files: no anchors or aliases, no tags beyond the
+    plain ones, bounded nesting.
 
     Aliases let a few hundred bytes expand to gigabytes (and a self-reference to a
     cycle), and deep nesting exhausts the recursion limit; both are refused while
@@ -162,6 +169,15 @@ class StrictMappingLoader(MappingLoader):
                 f"YAML anchors ('&{anchor}') are not allowed in mapping files; "
                 "name a shared value under 'let:' and use $let.NAME, or put a shared table under 'lookups:'",
             )
+        tag = getattr(event, "tag", None)
+        if tag not in (None, "!") and tag not in PLAIN_TAGS:
+            shown = tag.replace(YAML_TAG_PREFIX, "!!", 1)
+            raise YamlRejected(
+                event.start_mark,
+                ypath,
+                f"YAML tag '{shown}' is not allowed in mapping files; expected plain data: a string,"
+                " number, true/false, null, list or mapping (quote a value that starts with '!')",
+            )
         if len(self._ypath) >= MAX_DEPTH:
             raise YamlRejected(
                 event.start_mark, ypath, f"nested too deep; expected at most {MAX_DEPTH} levels of nesting"
@@ -177,7 +193,13 @@ class StrictMappingLoader(MappingLoader):
 def parse_yaml(text: str, diags: Diagnostics) -> YNode | None:
     """Parse one YAML document; syntax errors, duplicate keys, anchors, aliases and
     excessive nesting become diagnostics."""
-    loader = StrictMappingLoader(text)
+    try:
+        # PyYAML checks every character of a str here, before parsing: a NUL or another
+        # control character stops it with a position in characters, not a line.
+        loader = StrictMappingLoader(text)
+    except yaml.reader.ReaderError as exc:
+        diags.add_at(_text_position(text, exc.position), "", f"invalid YAML: {_unreadable(exc)}")
+        return None
     try:
         root = loader.get_single_node()
         if root is None:
@@ -198,6 +220,22 @@ def parse_yaml(text: str, diags: Diagnostics) -> YNode | None:
         return None
     finally:
         loader.dispose()
+
+
+def _text_position(text: str, index: int) -> tuple[int, int]:
+    """The 1-based line and column of a character index."""
+    line_start = text.rfind("\n", 0, index) + 1
+    return text.count("\n", 0, index) + 1, index - line_start + 1
+
+
+def _unreadable(exc: yaml.reader.ReaderError) -> str:
+    char = exc.character if isinstance(exc.character, str) else chr(exc.character)
+    return (
+        f"character U+{ord(char):04X} is not allowed in a YAML file; remove it, or write it as an"
+        f" escape (\\x{ord(char):02x}) inside a double-quoted string"
+        if ord(char) < 0x100
+        else f"character U+{ord(char):04X} is not allowed in a YAML file; remove it"
+    )
 
 
 def _syntax_problem(exc: yaml.MarkedYAMLError) -> str:
@@ -221,11 +259,17 @@ def _convert(node: yaml.Node, loader: yaml.SafeLoader, diags: Diagnostics, path:
         out: dict[str, YNode] = {}
         key_pos: dict[str, tuple[int, int]] = {}
         for key_node, value_node in node.value:
-            if isinstance(key_node, yaml.ScalarNode):
-                key = _scalar(key_node, loader, diags, path)
-            else:
-                key = loader.construct_object(key_node, deep=True)
             kpos = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            # Read as text, a list or mapping key, or a null one, became a name nobody wrote
+            # ("None", "['a', 'b']"): a lookup or field nothing could ever use.
+            if not isinstance(key_node, yaml.ScalarNode):
+                what = "a list" if isinstance(key_node, yaml.SequenceNode) else "a mapping"
+                diags.add_at(kpos, path, f"expected a key that is a name, got {what}")
+                continue
+            key = _scalar(key_node, loader, diags, path)
+            if key is None:
+                diags.add_at(kpos, path, "expected a key that is a name, got null (quote it to mean the text 'null')")
+                continue
             if not isinstance(key, str):
                 key = str(key).lower() if isinstance(key, bool) else str(key)
             if key in out:

@@ -169,3 +169,32 @@ async def test_an_account_pause_outlasts_a_mapping_change(make_bridge: Callable[
     bridge.moengage.refuse_all(None)
     assert (await bridge.post("/admin/destinations/moengage-main/resume", None, ADMIN))[0] == 200
     await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1, timeout=10)
+
+
+async def test_a_reload_refuses_a_lookup_path_that_names_a_device_and_keeps_serving(
+    make_bridge: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A lookup `file:` that names a device or a FIFO (/dev/zero never ends) was read on the
+    event loop: the reload hung the server. It is refused, with the message `bridge mappings
+    check` prints, and the old set keeps mapping."""
+    mappings = copy_mappings(tmp_path)
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["mappings"]["dir"] = str(mappings)
+
+    bridge: Bridge = await make_bridge(tweak)
+    runtime = bridge.runtime
+    assert runtime is not None
+    before = runtime.mappings()["segment-to-moengage"].version
+    path = mappings / "segment-to-moengage.yaml"
+    path.write_text(path.read_text().replace("{file: lookups/moengage-platforms.yaml}", "{file: /dev/null}"))
+    status, body = await bridge.post("/admin/reload", None, ADMIN)
+    assert (status, body["code"]) == (400, "invalid_mappings"), body
+    assert body["problems"] == [
+        f"{path}:12:21: lookups.platforms.file: cannot read lookup file /dev/null: it is not a regular file"
+    ]
+    assert runtime.mappings()["segment-to-moengage"].version == before
+    sent = await bridge.post("/v1/track", {"userId": "user-z", "event": "Kept"}, basic(WRITE_KEY))
+    assert sent[0] == 200
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1, timeout=10)
+    assert bridge.moengage.events()[0]["actions"][0]["action"] == "Kept"

@@ -1,0 +1,104 @@
+"""Mapping files broken in ways a careless edit (or a wrong path) produces: each is a
+diagnostic at file:line:column saying what is wrong, never a hang, a traceback, or a file
+read as something its author did not write."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from bridge.mapping import MappingError, load_mapping_file
+from bridge.mapping.api import Diagnostic
+from bridge.mapping.cli import cmd_check
+
+from .helpers import write
+
+MAX_FILE_BYTES = 1024 * 1024  # the documented limit
+HEADER = "source_format: segment\ndestination_kind: moengage\n"
+RULES = """\
+rules:
+  - name: identify
+    match: {type: identify}
+    kind: customer
+    body:
+      customer_id: $.userId
+"""
+
+
+def errors(tmp_path: Path, text: str) -> list[Diagnostic]:
+    path = write(tmp_path / "m.yaml", text)
+    with pytest.raises(MappingError) as exc:
+        load_mapping_file(path)
+    return exc.value.diagnostics
+
+
+def test_a_lookup_file_that_is_a_device_is_refused_not_read(tmp_path: Path) -> None:
+    """A lookup path may name anything: /dev/zero (or a FIFO) never ends, and the reload
+    reading it held the server's event loop for good."""
+    text = HEADER + "lookups:\n  p: {file: /dev/null}\n" + RULES
+    [d] = errors(tmp_path, text)
+    assert (d.line, d.column, d.yaml_path) == (4, 13, "lookups.p.file")
+    assert d.message == "cannot read lookup file /dev/null: it is not a regular file"
+
+
+def test_a_file_larger_than_the_limit_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
+    """A log or a dump saved as a mapping compiled for minutes on the event loop."""
+    text = HEADER + RULES + "#" + "x" * MAX_FILE_BYTES + "\n"
+    [d] = errors(tmp_path, text)
+    assert (d.line, d.column, d.yaml_path) == (1, 1, "<root>")
+    assert "larger than 1048576 bytes (1 MiB)" in d.message and d.message.startswith("cannot read mapping file")
+    lookups = tmp_path / "lookups"
+    write(lookups / "big.yaml", "table: {a: b}\n#" + "x" * MAX_FILE_BYTES + "\n")
+    [d] = errors(tmp_path, HEADER + "lookups:\n  p: {file: lookups/big.yaml}\n" + RULES)
+    assert d.yaml_path == "lookups.p.file" and "larger than 1048576 bytes" in d.message
+
+
+def test_a_control_character_is_placed_at_its_line_and_column(tmp_path: Path) -> None:
+    """PyYAML refuses it before parsing, with a character offset: that came out as an
+    'unexpected error ... ReaderError' at 1:1 spread over two lines."""
+    [d] = errors(tmp_path, HEADER + "description: a\x00b\n" + RULES)
+    assert (d.line, d.column) == (3, 15)
+    assert d.message.startswith("invalid YAML: character U+0000 is not allowed") and "\n" not in d.message
+
+
+@pytest.mark.parametrize(
+    ("snippet", "at", "tag"),
+    [
+        ('description: !!python/object/apply:os.system ["true"]\n', (3, 14), "!!python/object/apply:os.system"),
+        ("lookups:\n  p: !!python/object:x.Y {table: {a: b}}\n", (4, 6), "!!python/object:x.Y"),
+        ("description: !!binary aGVsbG8=\n", (3, 14), "!!binary"),
+        ("description: !env TEXT\n", (3, 14), "!env"),
+    ],
+)
+def test_a_yaml_tag_is_refused_where_it_is_written(tmp_path: Path, snippet: str, at: tuple[int, int], tag: str) -> None:
+    """A tag on a list or mapping was silently dropped (the file loaded as if unwritten), and
+    !!binary made bytes no output can carry."""
+    [d] = errors(tmp_path, HEADER + snippet + RULES)
+    assert (d.line, d.column) == at
+    assert d.message.startswith(f"YAML tag '{tag}' is not allowed")
+
+
+def test_the_plain_tags_still_read(tmp_path: Path) -> None:
+    path = write(tmp_path / "m.yaml", HEADER + "description: !!str 5\n" + RULES)
+    assert load_mapping_file(path).version
+
+
+@pytest.mark.parametrize(("key", "got"), [("[a, b]", "a list"), ("{a: 1}", "a mapping"), ("~", "null")])
+def test_a_key_that_is_no_name_is_refused_not_made_a_name(tmp_path: Path, key: str, got: str) -> None:
+    """Such keys became the lookups "['a', 'b']", "{'a': 1}" and "None"."""
+    text = HEADER + f"lookups:\n  {key}: {{table: {{a: b}}}}\n" + RULES
+    [d] = errors(tmp_path, text)
+    assert (d.line, d.column, d.yaml_path) == (4, 3, "lookups")
+    assert d.message.startswith(f"expected a key that is a name, got {got}")
+
+
+def test_check_prints_the_refusal_and_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write(tmp_path / "m.yaml", HEADER + "lookups:\n  p: {file: /dev/null}\n" + RULES)
+    assert cmd_check(argparse.Namespace(paths=[], mappings_dir=str(tmp_path), config=None)) == 1
+    out = capsys.readouterr().out
+    assert (
+        f"{tmp_path / 'm.yaml'}:4:13: lookups.p.file: cannot read lookup file /dev/null: it is not a regular file"
+        in out
+    )
