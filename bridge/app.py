@@ -248,21 +248,28 @@ def _exit_when_overdue(timeout: float) -> None:
 
 
 def _reload_on_hangup(runtime: Runtime, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
-    """SIGHUP's handler: one reload for any number of signals that arrive before it runs
-    (a compile takes tens of milliseconds on the event loop), and none once shutdown began."""
+    """SIGHUP's handler: one reload for any number of signals that arrive before it starts,
+    and none once shutdown began. A signal during a reload's compile (in a thread) asks for
+    one more after it: the files may have changed again since they were read."""
     pending = False
+    running: set[asyncio.Task[None]] = set()  # held, so a reload is not collected mid-way
 
-    def reload() -> None:
+    async def reload() -> None:
         nonlocal pending
         pending = False
         if not runtime.stopping:
-            runtime.reload_mappings()
+            try:
+                await runtime.reload_mappings()
+            except Exception:  # nobody awaits this task: said here, or never
+                log.exception("mapping_reload_error")
 
     def on_hangup() -> None:
         nonlocal pending
         if not pending:
             pending = True
-            loop.call_soon(reload)
+            task = loop.create_task(reload(), name="reload-on-hangup")
+            running.add(task)
+            task.add_done_callback(running.discard)
 
     return on_hangup
 

@@ -117,6 +117,9 @@ class Runtime:
             register_secret(secret)
         self.store = store or store_for(config)
         self._set = MappingSet()
+        # One reload at a time, each applied in the order it started: two compiling at once
+        # in threads could otherwise swap in the older files last.
+        self._reload_lock = asyncio.Lock()
         self.mappings_error = "not loaded yet"
         self._loaded_fingerprint = ""
         self.delivery = DeliveryManager(config, self.store, self.mappings, delivery_metrics)
@@ -148,14 +151,25 @@ class Runtime:
         # store opens in between (minutes, on PostgreSQL behind another node's schema lock).
         self._loaded_fingerprint = self._watched_fingerprint() if self.config.mappings.watch else ""
 
-    def reload_mappings(self) -> MappingReload:
-        """Re-read, validate and swap atomically; on any problem keep the old set in force."""
+    async def reload_mappings(self) -> MappingReload:
+        """Re-read, validate and swap atomically; on any problem keep the old set in force.
+
+        The files are read and compiled in a thread: a large mapping file (up to 1 MiB) takes
+        seconds to compile, and on the event loop every request and delivery waited for it."""
+        async with self._reload_lock:
+            return self._apply_reload(await asyncio.to_thread(self._compile_reload))
+
+    def _compile_reload(self) -> tuple[MappingSet, list[str]]:
+        """The new set and no problems, or this one and what is wrong (in a worker thread)."""
         try:
             new, diagnostics = self._set.reload(self.mappings_dir)
-            problems = [str(d) for d in diagnostics] or check_mappings(self.config, new.mappings)
+            return new, [str(d) for d in diagnostics] or check_mappings(self.config, new.mappings)
         except Exception as exc:  # keep the old set; the caller (admin API, SIGHUP, watcher) gets the problem
             log.exception("mapping_reload_error")
-            problems = [f"{self.mappings_dir}: unexpected error while reloading: {type(exc).__name__}: {exc}"]
+            return self._set, [f"{self.mappings_dir}: unexpected error while reloading: {type(exc).__name__}: {exc}"]
+
+    def _apply_reload(self, compiled: tuple[MappingSet, list[str]]) -> MappingReload:
+        new, problems = compiled
         if problems:
             for p in problems:
                 log.error("mapping_reload_rejected", problem=p)
@@ -261,7 +275,7 @@ class Runtime:
                 continue
             if change.due(current):
                 try:
-                    if not self.reload_mappings().problems:
+                    if not (await self.reload_mappings()).problems:
                         # From the fingerprint this reload was due to, not one taken after it:
                         # a save landing while it compiled was counted as loaded, and never
                         # was. A new set that reads other lookup files changes the fingerprint

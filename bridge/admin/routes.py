@@ -359,7 +359,7 @@ class AdminApi:
         return json_response(answer)
 
     async def reload(self, request: web.Request) -> web.Response:
-        result = self.runtime.reload_mappings()
+        result = await self.runtime.reload_mappings()
         if result.problems:
             raise ApiError(
                 400,

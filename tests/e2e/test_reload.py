@@ -83,8 +83,8 @@ async def test_an_edit_landing_while_the_watcher_reloads_is_loaded_too(
     reload = runtime.reload_mappings
     saves = [text.replace("action: Viewed Screen", "action: Screen Seen Again")]
 
-    def reload_while_saved_again() -> MappingReload:
-        result = reload()
+    async def reload_while_saved_again() -> MappingReload:
+        result = await reload()
         if saves:
             path.write_text(saves.pop())  # the editor's second save, during the compile
         return result
@@ -198,3 +198,35 @@ async def test_a_reload_refuses_a_lookup_path_that_names_a_device_and_keeps_serv
     assert sent[0] == 200
     await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1, timeout=10)
     assert bridge.moengage.events()[0]["actions"][0]["action"] == "Kept"
+
+
+async def test_the_server_answers_while_a_reload_compiles(make_bridge: Callable[..., Any], monkeypatch: Any) -> None:
+    """A reload compiled on the event loop: a large mapping file (up to 1 MiB, seconds to
+    compile) held every request and delivery until it was done. The compile runs in a
+    thread; here it waits until a call sent meanwhile has been answered."""
+    import threading
+
+    from bridge.mapping import reload as reload_module
+
+    bridge: Bridge = await make_bridge()
+    started, answered = threading.Event(), threading.Event()
+    waited_out: list[bool] = []
+    real = reload_module.compile_mapping_dir
+
+    def slow_compile(directory: Path) -> Any:
+        started.set()
+        waited_out.append(not answered.wait(3))  # on the event loop, nothing could answer
+        return real(directory)
+
+    monkeypatch.setattr(reload_module, "compile_mapping_dir", slow_compile)
+    reloading = asyncio.create_task(bridge.post("/admin/reload", None, ADMIN))
+    assert await asyncio.to_thread(started.wait, 10)
+    call = {"userId": "during-reload", "event": "Reload Seen", "messageId": "during-reload-1"}
+    try:
+        assert (await bridge.post("/v1/track", call, basic(WRITE_KEY)))[0] == 200
+    finally:
+        answered.set()
+    status, body = await reloading
+    assert status == 200, body
+    assert waited_out == [False], "the call was answered only once the compile was over"
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1)

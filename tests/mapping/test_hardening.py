@@ -133,7 +133,7 @@ async def test_file_watcher_survives_a_failing_reload(monkeypatch: pytest.Monkey
     counter = itertools.count()
     calls: list[int] = []
 
-    def reload_mappings() -> runtime.MappingReload:
+    async def reload_mappings() -> runtime.MappingReload:
         calls.append(1)
         raise RuntimeError("unexpected")
 
@@ -178,7 +178,8 @@ def test_runtime_reload_turns_unexpected_errors_into_problems(monkeypatch: pytes
     old_set = SimpleNamespace(reload=boom)
     seen: list[bool] = []
     fake = SimpleNamespace(_set=old_set, mappings_dir=Path("mappings"), on_reload=seen.append)
-    problems = runtime.Runtime.reload_mappings(fake).problems  # type: ignore[arg-type]
+    compiled = runtime.Runtime._compile_reload(fake)  # type: ignore[arg-type]
+    problems = runtime.Runtime._apply_reload(fake, compiled).problems  # type: ignore[arg-type]
     assert problems and "RuntimeError: surprise" in problems[0]
     assert fake._set is old_set and seen == [False]
 
