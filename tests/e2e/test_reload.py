@@ -206,19 +206,18 @@ async def test_the_server_answers_while_a_reload_compiles(make_bridge: Callable[
     thread; here it waits until a call sent meanwhile has been answered."""
     import threading
 
-    from bridge.mapping import reload as reload_module
+    from bridge.mapping.loader import compile_mapping_dir as real
 
     bridge: Bridge = await make_bridge()
     started, answered = threading.Event(), threading.Event()
     waited_out: list[bool] = []
-    real = reload_module.compile_mapping_dir
 
     def slow_compile(directory: Path) -> Any:
         started.set()
         waited_out.append(not answered.wait(3))  # on the event loop, nothing could answer
         return real(directory)
 
-    monkeypatch.setattr(reload_module, "compile_mapping_dir", slow_compile)
+    monkeypatch.setattr("bridge.mapping.reload.compile_mapping_dir", slow_compile)
     reloading = asyncio.create_task(bridge.post("/admin/reload", None, ADMIN))
     assert await asyncio.to_thread(started.wait, 10)
     call = {"userId": "during-reload", "event": "Reload Seen", "messageId": "during-reload-1"}
