@@ -105,7 +105,7 @@ def test_the_readme_lists_every_admin_route_and_no_other() -> None:
 
 
 # How the README names a log line, wherever it does: "(`x` in the log)", "the `x` log line",
-# "the log line `x`", "logs `x`", "the log (`x`)", "(`x` lines)", "one info line (`x`)".
+# "the log line `x`", "logs `x`", "the log (`x`)", "(`x` lines)", "one info line (`x`, ...)".
 LOG_NAME_PATTERNS = (
     r"`([a-z_]+)` in the log",
     r"`([a-z_]+)` log line",
@@ -114,7 +114,7 @@ LOG_NAME_PATTERNS = (
     r"log instead: `([a-z_]+)`",
     r"[Tt]he log \(`([a-z_]+)`\)",
     r"\(`([a-z_]+)` lines\)",
-    r"info line \(`([a-z_]+)`\)",
+    r"info line \(`([a-z_]+)`",
 )
 
 
@@ -134,7 +134,7 @@ def emitted_log_events() -> set[str]:
     names = set(re.findall(calls + r'"([a-z_]+)"', source))
     names |= {n for pair in re.findall(calls + r'"([a-z_]+)" if .+? else "([a-z_]+)"', source) for n in pair}
     # aiohttp's own records, renamed on their way through (observability/logging.py).
-    names |= set(re.findall(r'record\.msg = "([a-z_]+)', source))
+    names |= set(re.findall(r'record\.msg(?:, record\.args)? = "([a-z_]+)', source))
     return names
 
 
