@@ -108,7 +108,8 @@ def configure_logging(level: str = "info", fmt: str = "auto", *, stream: TextIO 
     handler = _OurHandler(out)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            # The fields _ClientFaultFilter sets, so its line's event is a name to filter on.
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name, structlog.stdlib.ExtraAdder(_FAULT_FIELDS)],
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail, renderer],
         )
     )
@@ -129,6 +130,10 @@ def _remove_client_fault_filter() -> None:
         server.removeFilter(old)
 
 
+# The fields of a `bad_http_request` line, beside its event name.
+_FAULT_FIELDS = ("status", "reason")
+
+
 class _ClientFaultFilter(logging.Filter):
     """aiohttp logs a request it cannot parse (malformed HTTP, oversized headers, a
     Content-Encoding it cannot decode) as an ERROR with a traceback, and so a body that
@@ -146,8 +151,9 @@ class _ClientFaultFilter(logging.Filter):
             return True
         text = str(exc.message if isinstance(exc, HttpProcessingError) else exc)
         record.levelno, record.levelname = logging.INFO, "INFO"
-        record.msg = "bad_http_request: %s %s"
-        record.args = (getattr(exc, "code", 400), (text.strip().splitlines() or [""])[0][:200])
+        record.msg, record.args = "bad_http_request", ()
+        record.status = getattr(exc, "code", 400)
+        record.reason = (text.strip().splitlines() or [""])[0][:200]
         record.exc_info = record.exc_text = None
         return self.threshold <= logging.INFO
 
