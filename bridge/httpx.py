@@ -493,3 +493,9 @@ def same_secret(given: str, expected: str) -> bool:
 def secret_digest(value: str) -> bytes:
     """Key for looking a secret up in a dict without comparing the secret itself."""
     return hashlib.sha256(value.encode("utf-8")).digest()
+
+
+def header_digest(value: str) -> bytes:
+    """``secret_digest`` of a header as received: aiohttp decodes bytes it cannot read as
+    UTF-8 to lone surrogates, which are still a (wrong) credential, never a crash."""
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).digest()

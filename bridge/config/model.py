@@ -262,7 +262,9 @@ def _region_host(value: Any, where: str) -> str:
         except ValueError as exc:  # a port that is not a number, or out of range
             problem = str(exc)
     if problem:
-        raise ConfigError(f"{where}: {text!r} is not a usable URL or host: {problem}")
+        # A value with an '@' may hold a password (check_url refuses it): not quoted.
+        shown = "the value" if "@" in text else repr(text)
+        raise ConfigError(f"{where}: {shown} is not a usable URL or host: {problem}")
     return text
 
 

@@ -183,16 +183,20 @@ def as_url(host_or_url: str) -> str:
 
 
 def check_url(value: str) -> str | None:
-    """Why ``value`` is not a usable http(s) base URL, or None when it is."""
+    """Why ``value`` is not a usable http(s) base URL, or None when it is. The answer
+    quotes ``value`` only when it holds no '@'."""
+    if "@" in value:
+        # The destination sends its own Authorization header; credentials in the URL would
+        # clash with it on every request (and be shown wherever the URL is). Checked first,
+        # on the text as written and without quoting it: in a mistyped URL ("htp://u:p@h",
+        # "u:p@h", a password with a '/') urlsplit finds no user:password, and the message
+        # quoting the value printed the password.
+        return "must not contain user:password@ (credentials come from the destination's own keys)"
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https"):
         return f"must start with http:// or https://, got {value!r}"
     if not parts.netloc:
         return f"has no host: {value!r}"
-    if "@" in parts.netloc:
-        # The destination sends its own Authorization header; credentials in the URL would
-        # clash with it on every request (and be shown wherever the URL is).
-        return "must not contain user:password@ (credentials come from the destination's own keys)"
     if parts.query or parts.fragment:
         return f"must not have a query or fragment: {value!r}"
     return None

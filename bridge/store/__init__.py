@@ -54,6 +54,13 @@ def shown_url(url: str) -> str:
     except ValueError:
         return "<unparseable URL>"
     if not password:
+        if "@" in url and "@" not in parts.netloc:
+            # An '@' urlsplit did not read as user:password@: a mistyped scheme ("bridge:pw@db",
+            # no "//"), or a '/' in the password that ended the host early. What precedes it
+            # may be a password: shown as "…" (the scheme kept, to say which one is unknown).
+            head, _, tail = url.rpartition("@")
+            scheme = head.partition("://")[0] + "://" if "://" in head else ""
+            return f"{scheme}…@{tail}"
         return url
     netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
@@ -86,7 +93,7 @@ def check_store_url(url: str) -> None:
         path = url[len(SQLITE_PREFIX) :]
         if not path or path.endswith("/"):
             raise ValueError(
-                f"store URL {url!r} names no file: use sqlite:///relative/path.db or sqlite:////abs/path.db"
+                f"store URL {shown_url(url)!r} names no file: use sqlite:///relative/path.db or sqlite:////abs/path.db"
             )
         return
     if url.startswith(POSTGRES_PREFIXES):
@@ -103,7 +110,9 @@ def check_store_url(url: str) -> None:
             _cache_size(size)
         return
     if url.startswith("sqlite:"):
-        raise ValueError(f"store URL {url!r} is malformed: SQLite URLs start with sqlite:/// (three slashes)")
+        raise ValueError(
+            f"store URL {shown_url(url)!r} is malformed: SQLite URLs start with sqlite:/// (three slashes)"
+        )
     scheme = url.split(":", 1)[0] if ":" in url else url
     raise ValueError(
         f"unknown store URL scheme {scheme!r} in {shown_url(url)!r}: "

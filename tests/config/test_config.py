@@ -230,6 +230,30 @@ def test_mapping_commands_default_to_the_configured_dir(tmp_path: Path, capsys: 
     assert "bad.yaml:3:1" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "htp://proxy:Sup3rS3cretPw@proxy.internal",  # a scheme typo: urlsplit finds no user:password
+        "http//proxy:Sup3rS3cretPw@proxy.internal",
+        "proxy:Sup3rS3cretPw@proxy.internal",  # no scheme at all
+        "https://proxy:pa/Sup3rS3cretPw@proxy.internal",  # a '/' in the password ends the host early
+    ],
+)
+def test_a_mistyped_base_url_with_a_password_is_refused_without_quoting_it(raw: dict[str, Any], url: str) -> None:
+    """The message quoted the value whenever urlsplit did not see user:password@ in it,
+    and printed the password (the CLI's redaction only knows a URL's userinfo as
+    scheme://user:password@, and a password without '/')."""
+    raw["destinations"][0]["base_url"] = url
+    message = error_of(raw)
+    assert "must not contain user:password@" in message, message
+    assert "S3cret" not in message, message
+    raw["destinations"][0]["base_url"] = "https://api-01.moengage.com"
+    raw["server"]["region_hosts"] = {"eu": url}
+    message = error_of(raw)
+    assert message.startswith("server.region_hosts.eu: the value is not a usable URL or host"), message
+    assert "S3cret" not in message, message
+
+
 def test_lease_must_outlast_two_request_timeouts(raw: dict[str, Any]) -> None:
     raw["destinations"][0]["delivery"] = {"lease_seconds": 60, "request_timeout": 30}
     assert "lease_seconds: must be more than twice delivery.request_timeout (60 <= 2 x 30)" in error_of(raw)

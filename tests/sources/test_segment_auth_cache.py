@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from bridge.httpx import ApiError
+from bridge.httpx import ApiError, header_digest
 from bridge.sources.base import NoMetrics
 from bridge.sources.segment import routes
 from bridge.sources.segment.routes import SegmentSources
@@ -43,7 +43,7 @@ def test_a_good_header_is_cached_and_gives_the_same_source() -> None:
     sources = _sources()
     first = sources._source_for_header(_request(_basic("key-us")))
     assert first is not None and first.name == "web"
-    assert sources._by_header == {_basic("key-us"): first}
+    assert sources._by_header == {header_digest(_basic("key-us")): first}
     assert sources._source_for_header(_request(_basic("key-us"))) is first
 
 
@@ -57,7 +57,7 @@ def test_wrong_keys_wrong_regions_and_bad_headers_are_refused_every_time() -> No
         assert _code(sources, "Basic !!!") == "invalid_authorization"
         # An empty username names no key: the body's writeKey decides (and is checked then).
         assert sources._source_for_header(_request(_basic(""))) is None
-    assert list(sources._by_header) == [_basic("key-us")]
+    assert list(sources._by_header) == [header_digest(_basic("key-us"))]
 
 
 def test_no_basic_header_means_no_source() -> None:
@@ -84,3 +84,20 @@ def test_the_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         # Same key, different (ignored) passwords: distinct headers.
         assert sources._source_for_header(_request(_basic("key-us", f"p{i}"))) is not None
         assert len(sources._by_header) <= 3
+
+
+def test_the_cache_is_looked_up_by_digest_never_by_the_header_as_sent() -> None:
+    """A dict looked up by the raw header compares the caller's text with a cached header,
+    which holds a write key: the lookup must not be a comparison of secrets (the README's
+    constant-time rule), as the write-key lookup itself goes by digest."""
+    sources = _sources()
+    sources._source_for_header(_request(_basic("key-us")))
+    keys: list[object] = list(sources._by_header)
+    assert keys == [header_digest(_basic("key-us"))]
+    assert _basic("key-us") not in keys
+
+
+def test_a_header_aiohttp_could_not_decode_is_refused_not_a_crash() -> None:
+    # aiohttp gives bytes that are not UTF-8 as lone surrogates (surrogateescape).
+    header = "Basic " + base64.b64encode(b"key-us:").decode() + "\udcff"
+    assert _code(_sources(), header) == "invalid_authorization"

@@ -510,6 +510,25 @@ def test_open_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
             open_store(bad)
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("mysql://bridge:pa/Sup3rS3cretPw@db/bridge", "'mysql://…@db/bridge'"),  # a '/' in the password
+        ("bridge:Sup3rS3cretPw@db/bridge", "'…@db/bridge'"),  # no scheme: "bridge" read as one
+        ("sqlite://bridge:pa/Sup3rS3cretPw@/tmp/x.db", "'sqlite://…@/tmp/x.db'"),
+        ("sqlite:///bridge:Sup3rS3cretPw@db/", "'sqlite://…@db/'"),
+    ],
+)
+def test_a_malformed_store_url_is_named_without_what_may_be_its_password(url: str, shown: str) -> None:
+    """Where urlsplit found no user:password (a '/' in the password, no "//" after the
+    scheme) the error quoted the URL whole, and the CLI's redaction, which knows a URL's
+    password only as scheme://user:password@ without a '/', printed it."""
+    with pytest.raises(ValueError) as refused:
+        open_store(url)
+    assert shown in str(refused.value)
+    assert "S3cret" not in str(refused.value)
+
+
 async def test_without_create_a_missing_file_is_named_and_nothing_is_made(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -16,6 +16,7 @@ from bridge.httpx import (
     ApiError,
     basic_credentials,
     check_containers,
+    header_digest,
     parse_json,
     read_body,
     same_secret,
@@ -57,12 +58,14 @@ class SegmentSources(SourceKind):
         self.config = config
         self.ingestor = ingestor
         self._by_key = {secret_digest(s.write_key): s for s in config.sources if s.kind == "segment"}
-        # Exact Authorization header -> the source it authenticated as. Filled only after
-        # the full check (decode, digest lookup, region) succeeded, so a hit is a header
-        # already accepted; anything else (a wrong key, a malformed header) takes the full
-        # path every time. Bounded: cleared when full. The sources are fixed for the life
-        # of this object (a config change builds a new app).
-        self._by_header: dict[str, SourceConfig] = {}
+        # Digest of an exact Authorization header -> the source it authenticated as. Filled
+        # only after the full check (decode, digest lookup, region) succeeded, so a hit is a
+        # header already accepted; anything else (a wrong key, a malformed header) takes the
+        # full path every time. Keyed by digest, as ``_by_key`` is: a dict looked up by the
+        # raw header compares the caller's text with a stored write key's. Bounded: cleared
+        # when full. The sources are fixed for the life of this object (a config change
+        # builds a new app).
+        self._by_header: dict[bytes, SourceConfig] = {}
         self._clock = ReceivedClock()
         # An event's size limit: Segment's 32 KB per call, measured as sent. A webhook's
         # event is Segment's, not the client's: Segment measured the call against its
@@ -110,7 +113,8 @@ class SegmentSources(SourceKind):
         header = request.headers.get("Authorization")
         if header is None:
             return None
-        source = self._by_header.get(header)
+        digest = header_digest(header)
+        source = self._by_header.get(digest)
         if source is not None:
             return source
         creds = basic_credentials(request)
@@ -119,7 +123,7 @@ class SegmentSources(SourceKind):
         source = self._source_for(creds[0])
         if len(self._by_header) >= AUTH_CACHE_SIZE:
             self._by_header.clear()
-        self._by_header[header] = source
+        self._by_header[digest] = source
         return source
 
     # -- /v1/* --------------------------------------------------------------------
