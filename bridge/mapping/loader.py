@@ -112,7 +112,10 @@ def _compile_mapping_file(path: Path) -> tuple[CompiledMapping | None, list[Diag
 
 
 def mapping_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in MAPPING_SUFFIXES)
+    """Every entry named as a mapping file. Not only the regular files: a directory or a
+    dangling link with such a name is most likely a mapping that was meant to be there, and
+    reading it reports what is wrong, where skipping it dropped the mapping unsaid."""
+    return sorted(p for p in directory.iterdir() if p.suffix in MAPPING_SUFFIXES)
 
 
 def load_mapping_dir(path: str | Path) -> dict[str, CompiledMapping]:

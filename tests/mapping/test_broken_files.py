@@ -102,3 +102,22 @@ def test_check_prints_the_refusal_and_fails(tmp_path: Path, capsys: pytest.Captu
         f"{tmp_path / 'm.yaml'}:4:13: lookups.p.file: cannot read lookup file /dev/null: it is not a regular file"
         in out
     )
+
+
+def test_a_directory_or_dangling_link_named_as_a_mapping_is_reported_not_skipped(tmp_path: Path) -> None:
+    """A mapping file replaced by a directory, or a link to a file since moved, was skipped
+    without a word: the reload went through without that mapping's rules (and a destination
+    naming it was refused only by the config check, if at all)."""
+    from bridge.mapping.loader import compile_mapping_dir
+
+    directory = tmp_path / "mappings"
+    write(directory / "good.yaml", HEADER + RULES)
+    (directory / "folder.yaml").mkdir()
+    (directory / "moved.yml").symlink_to(tmp_path / "gone.yaml")
+    (directory / "notes.txt").write_text("not a mapping")
+    mappings, diags = compile_mapping_dir(directory)
+    assert list(mappings) == ["good"]
+    assert sorted((Path(d.file).name, d.message) for d in diags) == [
+        ("folder.yaml", "cannot read mapping file: it is a directory"),
+        ("moved.yml", "cannot read mapping file: No such file or directory"),
+    ]
