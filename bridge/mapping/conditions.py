@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -362,6 +363,10 @@ def compare(c: ExprCompiler, lhs: Fn, op: str, rhs: YNode, ypath: str, fold: boo
         return affix
     if not _is_num(raw) or isinstance(raw, bool):
         c.diags.add(rhs, ypath, f"'{op}' expects a number, got {raw!r}")
+        return _ALWAYS_FALSE
+    if not math.isfinite(raw):
+        # YAML's .nan makes every comparison false, and .inf every one the same: never meant.
+        c.diags.add(rhs, ypath, f"'{op}' expects a finite number, got {raw!r}")
         return _ALWAYS_FALSE
     bound = raw
     cmp = {"gt": ">", "gte": ">=", "lt": "<"}.get(op, "<=")

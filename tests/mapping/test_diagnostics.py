@@ -136,6 +136,9 @@ def test_segment_structural_checks(tmp_path, body, message):
         ("{if: {exsts: $.a}, then: x}", "unknown key 'exsts' in a condition (did you mean 'exists'?)"),
         ("{if: {value: $.a, equal: x}, then: x}", "did you mean 'equals'?"),
         ("{if: {value: $.a, gt: high}, then: x}", "'gt' expects a number"),
+        # .nan fails every comparison and .inf passes or fails them all: never what was meant.
+        ("{if: {value: $.a, lt: .nan}, then: x}", "'lt' expects a finite number, got nan"),
+        ("{if: {value: $.a, gte: -.inf}, then: x}", "'gte' expects a finite number, got -inf"),
         ("{if: {value: $.a}, then: x}", "'value' needs exactly one operator"),
         ("{if: {value: $.a, is: text}, then: x}", "'is' expects JSON type names (string, number"),
         ("{if: {value: $.a, is: [string, 3]}, then: x}", "got 3"),
