@@ -16,8 +16,8 @@ from aiohttp import hdrs, web
 
 from bridge.admin.routes import add_admin_routes
 from bridge.cli import build_parser
-from bridge.observability.metrics import Metrics
 from bridge.routing import Routes
+from tests.observability.test_metrics import exercised
 
 if TYPE_CHECKING:
     from bridge.runtime import Runtime
@@ -34,20 +34,9 @@ def flat(path: Path) -> str:
 
 
 def exported_metrics() -> dict[str, tuple[str, frozenset[str]]]:
-    """name -> (type, label names) of every family a running bridge exports, each helper
-    called once so that every labelled family has a series to show its labels."""
-    m = Metrics()
-    m.received("web", 1)
-    m.rejected("web", "id_required")
-    m.duplicates("web", 1)
-    m.delivered("moengage-main", 1)
-    m.discarded("web", "moengage-main", "anonymous_user", 1)
-    m.dead_lettered("moengage-main", "http_400", 1)
-    m.request("moengage-main", 200, 0.01)
-    m.paused("moengage-main", True)
-    m.queue("moengage-main", 1, 1.0, 1)
-    m.mapping_reload(True)
-    m.http_request("/v1/track", 200)
+    """name -> (type, label names) of every family a running bridge exports: each helper is
+    called once by ``exercised``, so every labelled family has a series to show its labels."""
+    m = exercised()
     found: dict[str, tuple[str, frozenset[str]]] = {}
     for family in m.registry.collect():
         assert family.samples, f"{family.name} has no series here: call its helper above"

@@ -14,7 +14,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from bridge.mapping.loader import load_mapping_file
-from bridge.runtime import MappingReload
+from bridge.runtime import MappingReload, Runtime
 from bridge.store.base import DestinationState
 from bridge.testing.standins import MoEngageStandIn
 from bridge.testing.upstream import Planned
@@ -23,6 +23,19 @@ from tests.e2e.proc import BridgeProcess
 from tests.e2e.test_operations import copy_mappings
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+async def on_copied_mappings(make_bridge: Callable[..., Any], tmp_path: Path) -> tuple[Bridge, Runtime, Path]:
+    """A bridge mapping from a copy of the shipped mappings, which the test may edit: the
+    bridge, its runtime and the copy's directory."""
+    mappings = copy_mappings(tmp_path)
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["mappings"]["dir"] = str(mappings)
+
+    bridge: Bridge = await make_bridge(tweak)
+    assert bridge.runtime is not None
+    return bridge, bridge.runtime, mappings
 
 
 async def test_a_sighup_during_shutdown_does_not_kill_the_process(tmp_path: Path) -> None:
@@ -142,14 +155,7 @@ async def test_an_account_pause_outlasts_a_mapping_change(make_bridge: Callable[
     """A 401 says the credentials are wrong, not the mapping: the pause waits for an operator
     (docs/operations.md). Stored as the guard's, any reload that changed the mapping ended it,
     and the next request paused the destination again, until the next reload."""
-    mappings = copy_mappings(tmp_path)
-
-    def tweak(raw: dict[str, Any]) -> None:
-        raw["mappings"]["dir"] = str(mappings)
-
-    bridge: Bridge = await make_bridge(tweak)
-    runtime = bridge.runtime
-    assert runtime is not None
+    bridge, runtime, mappings = await on_copied_mappings(make_bridge, tmp_path)
     bridge.moengage.refuse_all(401)
     assert (await bridge.post("/v1/track", {"userId": "user-k", "event": "Held"}, basic(WRITE_KEY)))[0] == 200
 
@@ -177,14 +183,7 @@ async def test_a_reload_refuses_a_lookup_path_that_names_a_device_and_keeps_serv
     """A lookup `file:` that names a device or a FIFO (/dev/zero never ends) was read on the
     event loop: the reload hung the server. It is refused, with the message `bridge mappings
     check` prints, and the old set keeps mapping."""
-    mappings = copy_mappings(tmp_path)
-
-    def tweak(raw: dict[str, Any]) -> None:
-        raw["mappings"]["dir"] = str(mappings)
-
-    bridge: Bridge = await make_bridge(tweak)
-    runtime = bridge.runtime
-    assert runtime is not None
+    bridge, runtime, mappings = await on_copied_mappings(make_bridge, tmp_path)
     before = runtime.mappings()["segment-to-moengage"].version
     path = mappings / "segment-to-moengage.yaml"
     path.write_text(path.read_text().replace("{file: lookups/moengage-platforms.yaml}", "{file: /dev/null}"))

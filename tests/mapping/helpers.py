@@ -6,8 +6,10 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from bridge.mapping import CompiledMapping, MapContext, load_mapping_file
-from bridge.mapping.api import Output
+import pytest
+
+from bridge.mapping import CompiledMapping, MapContext, MappingError, load_mapping_file
+from bridge.mapping.api import Diagnostic, Output
 
 
 def write(path: Path, text: str) -> Path:
@@ -51,3 +53,23 @@ def evaluate(mapping: CompiledMapping, event: dict[str, Any], ctx: MapContext | 
 def outputs(result: Any) -> list[Output]:
     assert isinstance(result, list), result
     return result
+
+
+# A minimal valid Segment -> MoEngage mapping, split so a test can put what it checks between.
+HEADER = "source_format: segment\ndestination_kind: moengage\n"
+RULES = """\
+rules:
+  - name: identify
+    match: {type: identify}
+    kind: customer
+    body:
+      customer_id: $.userId
+"""
+
+
+def errors(tmp_path: Path, text: str) -> list[Diagnostic]:
+    """The diagnostics loading ``text`` as a mapping file fails with."""
+    path = write(tmp_path / "m.yaml", text)
+    with pytest.raises(MappingError) as exc:
+        load_mapping_file(path)
+    return exc.value.diagnostics

@@ -9,29 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from bridge.mapping import MappingError, load_mapping_file
-from bridge.mapping.api import Diagnostic
+from bridge.mapping import load_mapping_file
 from bridge.mapping.cli import cmd_check
 
-from .helpers import write
+from .helpers import HEADER, RULES, errors, write
 
 MAX_FILE_BYTES = 1024 * 1024  # the documented limit
-HEADER = "source_format: segment\ndestination_kind: moengage\n"
-RULES = """\
-rules:
-  - name: identify
-    match: {type: identify}
-    kind: customer
-    body:
-      customer_id: $.userId
-"""
-
-
-def errors(tmp_path: Path, text: str) -> list[Diagnostic]:
-    path = write(tmp_path / "m.yaml", text)
-    with pytest.raises(MappingError) as exc:
-        load_mapping_file(path)
-    return exc.value.diagnostics
 
 
 def test_a_lookup_file_that_is_a_device_is_refused_not_read(tmp_path: Path) -> None:

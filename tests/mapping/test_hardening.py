@@ -7,27 +7,8 @@ from pathlib import Path
 import pytest
 
 from bridge.mapping import MappingError, load_mapping_dir, load_mapping_file
-from bridge.mapping.api import Diagnostic
 
-from .helpers import write
-
-HEADER = "source_format: segment\ndestination_kind: moengage\n"
-RULES = """\
-rules:
-  - name: identify
-    match: {type: identify}
-    kind: customer
-    body:
-      customer_id: $.userId
-"""
-
-
-def errors(tmp_path: Path, text: str) -> list[Diagnostic]:
-    path = write(tmp_path / "m.yaml", text)
-    with pytest.raises(MappingError) as exc:
-        load_mapping_file(path)
-    return exc.value.diagnostics
-
+from .helpers import HEADER, RULES, errors, write
 
 # --- 1. anchors, aliases and nesting depth -----------------------------------
 
