@@ -1032,3 +1032,32 @@ async def test_a_webhooks_actions_mapping_may_send_with_put_or_patch(bridge, met
     assert resp.status == 200, await resp.text()
     await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1)
     assert bridge.moengage.events()[0]["actions"][0]["action"] == f"Hooked by {method}"
+
+
+async def test_a_webhook_event_segment_routed_by_all_false_is_not_discarded_for_it(bridge):
+    """{"All": false, "Webhooks": true} is how a Segment call picks its destinations: Segment
+    applied it when it sent the event to the Webhooks destination (the bridge). Discarding
+    it again for "All" lost every event routed to the bridge that way; a name set to false
+    (MoEngage here) still keeps an event from MoEngage."""
+    h = {**basic(WRITE_KEY), "Content-Type": "application/json"}
+    routed = {"All": False, "Webhooks": True}
+    items = [
+        track_body(type="track", event="Routed", messageId="wh-routed-1", integrations=routed),
+        track_body(
+            type="track",
+            event="Actions",
+            messageId="wh-routed-2",
+            integrations={"All": False, "Webhooks (Actions)": {}},
+        ),
+        track_body(
+            type="track", event="Kept Away", messageId="wh-routed-3", integrations={**routed, "MoEngage": False}
+        ),
+    ]
+    status, data = await bridge.post(
+        "/segment/webhook", None, {**h, "X-Signature": _sign(orjson.dumps(items[0]))}, raw=orjson.dumps(items)
+    )
+    assert (status, data) == (200, {"success": True}), data
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 2)
+    assert sorted(e["actions"][0]["action"] for e in bridge.moengage.events()) == ["Actions", "Routed"]
+    await wait_until(lambda: _has_discard(bridge, "integrations_disabled"), what="discard record")
+    assert [d["message_id"] for d in await discards(bridge)] == ["wh-routed-3"]

@@ -363,3 +363,19 @@ async def test_a_deferred_deletion_waits_even_with_no_base_delay(make_bridge: Ca
         moengage.release()
         await wait_until(lambda: settled(bridge), what="the queue to empty")
     assert moengage.deletions() == [{"identity_type": "customer_id", "identity_value": "del-u11"}]
+
+
+async def test_a_deletion_segment_routed_to_the_webhook_alone_reaches_moengage(bridge: Bridge) -> None:
+    """A deletion whose integrations select the Webhooks destination alone ({"All": false,
+    "Webhooks": true}, Segment's way to pick destinations) was discarded as
+    integrations_disabled: the user was never deleted from MoEngage, and nothing failed."""
+    track = {"type": "track", "userId": "del-u30", "event": "Step", "messageId": "u30-t"}
+    track["timestamp"] = "2026-11-01T09:00:00Z"
+    status, data = await webhook(bridge, track)
+    assert status == 200, data
+    request = {**deletion("del-u30", "del-30"), "integrations": {"All": False, "Webhooks": True}}
+    status, data = await webhook(bridge, request)
+    assert (status, data) == (200, {"success": True}), data
+    await wait_until(lambda: settled(bridge), what="an empty queue")
+    deleted = [r.body["identity_value"] for r in bridge.moengage.requests if r.path == DELETE_PATH]
+    assert deleted == ["del-u30"]

@@ -295,6 +295,7 @@ class SegmentSources(SourceKind):
         check_containers(body, self.config.server.max_webhook_events)
         data = parse_json(body)
         items = data if isinstance(data, list) else [data]
+        _drop_applied_all(items)
         collected = self.ingestor.collector(source)
         # Classic Webhooks also send deletion requests (type delete): stored like any call,
         # ordered with the user's other events, so the user's earlier events reach the
@@ -321,6 +322,21 @@ class SegmentSources(SourceKind):
             for r in rest
         ]
         return collected
+
+
+def _drop_applied_all(items: list[Any]) -> None:
+    """Take "All": false out of each event's integrations (in place: the parsed body is ours).
+
+    {"All": false, "Webhooks": true} is how a call picks Segment's destinations, and Segment
+    has applied it: the event reached its Webhooks destination, the bridge, because it was
+    picked. Left in, the mappings read it as a call keeping the event from MoEngage, and
+    discarded every event (a deletion request too) routed to the bridge that way. A name
+    set to false ("MoEngage": false) is kept, and still keeps the event from that destination."""
+    for item in items:
+        if type(item) is dict:
+            integrations = item.get("integrations")
+            if type(integrations) is dict and integrations.get("All") is False:
+                del integrations["All"]
 
 
 _UNSIGNED_IN_BATCH = (
