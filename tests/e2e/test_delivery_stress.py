@@ -1,6 +1,6 @@
 """Seeded stress: a few hundred Segment calls of ~30 users through the real Tracking API,
-and a MoEngage that answers at random (200, 429, 5xx, a reset, a timeout before or after it
-took the request in, and a 400 for one poison event). Whatever it answers, the README's
+and a MoEngage that answers at random (200, 429, 5xx, a reset or a timeout before or after
+it took the request in, and a 400 for one poison event). Whatever it answers, the README's
 delivery promises hold: every event but the poison one reaches MoEngage at least once, the
 poison one alone is dead-lettered, each user's events are first seen in the order they
 were sent (identify before its track, a merge after the merged user's events, a deletion
@@ -56,9 +56,13 @@ class ChaoticMoEngage(MoEngageStandIn):
         if roll < 0.55:
             return await super()._front(request, handler)
         if roll < 0.65:
-            # Taken in, but the answer comes too late: sent again, at least once.
+            # Taken in, but the answer is lost (too late, or the connection drops): sent
+            # again, at least once.
             response = await super()._front(request, handler)
-            await asyncio.sleep(REQUEST_TIMEOUT * 2)
+            if self.rng.random() < 0.5 and request.transport is not None:
+                request.transport.abort()
+            else:
+                await asyncio.sleep(REQUEST_TIMEOUT * 2)
             return response
         self.plan(
             self.rng.choice(
@@ -101,6 +105,10 @@ class Plan:
     # or ("delete", customer_id).
     order: dict[str, list[Any]] = field(default_factory=dict)
     deleted: dict[str, str] = field(default_factory=dict)  # userId -> its customer_id
+    # seq -> the customer_ids it may reach MoEngage under: the traits.id of an identify of
+    # the user sent before it (or by it); else its userId, or the traits.id of a later
+    # identify (links are applied when an event is sent, and may be learnt by then).
+    customer_of: dict[str, set[str]] = field(default_factory=dict)
     poison: str = ""
 
 
@@ -115,6 +123,8 @@ def make_plan(rng: random.Random, n_events: int) -> Plan:
     def add(user: str, key: Any, call: dict[str, Any]) -> None:
         plan.calls.append(call)
         plan.order.setdefault(user, []).append(key)
+        if isinstance(key, str):
+            plan.customer_of[key] = {customer.get(user, user)}
 
     for anon in anonymous.values():  # the anonymous users' events first, merged later
         for j in range(3):
@@ -137,6 +147,10 @@ def make_plan(rng: random.Random, n_events: int) -> Plan:
             if customer[user] == user and rng.random() < 0.5:
                 customer[user] = traits["id"] = f"c-{user}"
             add(user, seq, {"type": "identify", "userId": user, "traits": traits, "messageId": seq})
+            if "id" in traits:  # the user's earlier events may be sent after the link is learnt
+                for earlier in plan.order[user][:-1]:
+                    if isinstance(earlier, str):
+                        plan.customer_of[earlier].add(traits["id"])
         else:
             add(user, seq, _track(user, seq))
     # One poison event, somewhere in the middle, of a user that lives on.
@@ -196,6 +210,8 @@ def check(moengage: ChaoticMoEngage, plan: Plan, dead: list[dict[str, Any]], ord
     missing = sorted(map(str, every - set(first)))
     assert not missing, f"never reached MoEngage: {missing}"
     assert plan.poison not in first
+    wrong = [e for e in taken if e[0] == "item" and e[2] not in plan.customer_of[e[1]]]
+    assert not wrong, f"under another customer_id than expected: {wrong[:5]}"
     assert [d["message_id"] for d in dead] == [plan.poison], dead
     for user, keys in plan.order.items():
         if ordered:
