@@ -3,7 +3,8 @@
 Behaviour follows MoEngage's documented contract (shared/reference/moengage-api.md §1):
 Basic auth (workspace id : Data API key), MOE-APPKEY equal to the username, JSON only,
 128 KB per request (100 KB for Bulk Import), MissingAttributeError for incomplete
-items (a device without its platform or push_id among them), at most 50 merge pairs,
+items (a device without its platform or push_id among them) sent alone, a 200 for a Bulk
+Import it can read that drops each such element unseen, at most 50 merge pairs,
 silent acceptance of customer ids MoEngage ignores, of devices of users it does not
 have (it creates devices for existing users only) and of future-dated event actions,
 Delete User's 400 for a user it does
@@ -116,9 +117,12 @@ class Ignored:
     """An item MoEngage acknowledged but silently dropped."""
 
     # "blocked_customer_id", "no_such_user" (a device of a user MoEngage does not have),
-    # "future_dated" (an event item holding only its action whose current_time is ahead)
+    # "future_dated" (an event item holding only its action whose current_time is ahead),
+    # "malformed" (a Bulk Import element the single endpoint would answer with a 400)
     reason: str
     item: dict[str, Any]
+    # For "malformed": the 400's message the single endpoint would give.
+    detail: str = ""
 
 
 def is_blocked_customer_id(value: str) -> bool:
@@ -288,12 +292,22 @@ class MoEngageStandIn(StandIn):
                 raise Rejected(400, f"Malformed JSON: {exc}", "Malformed JSON") from None
             if not isinstance(body, dict):
                 raise Rejected(400, "Malformed JSON: the body must be a JSON object", "Malformed JSON")
+            already_ignored = len(self.ignored)
             summary: str = accept(body)
         except Rejected as rejected:
             self.note(request, error=rejected.message)
             return self.error(rejected.status, rejected.message, rejected.kind)
         self.record(request, body, len(raw))
-        self.note(request, summary=summary, body=clip(body))
+        # What real MoEngage would accept and then drop without a word, shown (with why) on
+        # the sandbox's log line, which is the only place a sandbox user can see it.
+        ignored = self.ignored[already_ignored:]
+        if ignored:
+            shown = [
+                {"reason": i.reason, **({"detail": i.detail} if i.detail else {}), "item": i.item} for i in ignored
+            ]
+            self.note(request, summary=f"{summary} ignored={len(ignored)}", body=clip(body), ignored=clip(shown))
+        else:
+            self.note(request, summary=summary, body=clip(body))
         return self.json_response(200, MERGE_ACCEPTED if merge else ACCEPTED)
 
     def _authenticate(
@@ -403,14 +417,23 @@ class MoEngageStandIn(StandIn):
         elements = body.get("elements")
         if not isinstance(elements, list) or not elements:
             raise Rejected(400, "elements can not be empty Array", "MissingAttributeError")
-        for index, element in enumerate(elements):
+        for element in elements:
+            # The one element error MoEngage documents answering a Bulk Import with
+            # (shared/reference/moengage-api.md §1.5): the request itself is refused.
             if not isinstance(element, dict) or element.get("type") not in ("customer", "event", "device"):
                 raise Rejected(400, "'type in elements should be customer/event/device", "InvalidParams")
-            _check_user_item(element, element["type"], where=f"elements[{index}].")
         counts = {"customer": 0, "event": 0, "device": 0}
         targets = {"customer": self._customers, "event": self._events, "device": self._devices}
-        for element in elements:
+        for index, element in enumerate(elements):
             counts[element["type"]] += 1
+            try:
+                _check_user_item(element, element["type"], where=f"elements[{index}].")
+            except Rejected as refused:
+                # "All bulk API requests return a 200 response code. Debugging should be done
+                # on the user profile on the dashboard" (§1.3): an element the single endpoint
+                # would answer with a 400 is acknowledged with the others and lost.
+                self.ignored.append(Ignored("malformed", element, refused.message))
+                continue
             self._keep_user_item(element, targets[element["type"]])
         return f"bulk customers={counts['customer']} events={counts['event']} devices={counts['device']}"
 

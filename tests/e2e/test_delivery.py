@@ -129,7 +129,10 @@ async def test_413_splits_the_batch(make_bridge):
 
 
 class ReservedPrefixMoEngage(MoEngageStandIn):
-    """Rejects a whole bulk request when any element uses the reserved moe_ attribute prefix."""
+    """Rejects a whole bulk request when any element uses the reserved moe_ attribute prefix.
+
+    Fault injection: MoEngage drops an element it refuses and answers 200, but it does refuse
+    a whole Bulk Import for one element of a type it does not know, which bisection finds."""
 
     def _accept_transition(self, body: dict[str, Any]) -> str:
         for i, element in enumerate(body.get("elements") or []):
@@ -168,6 +171,43 @@ async def test_poison_events_are_bisected_out(make_bridge):
 
 async def _dlq_size(bridge: Any, n: int) -> bool:
     return len(await dlq(bridge)) >= n
+
+
+async def test_an_element_moengage_drops_from_a_bulk_import_is_counted_delivered(make_bridge, tmp_path):
+    """MoEngage answers a Bulk Import it can read with 200 and drops an element it refuses
+    without a word (README, "What the bridge does"): the bridge, told nothing else, counts
+    that element delivered, with no dead letter and no pause."""
+    from tests.e2e.test_operations import copy_mappings, metric
+
+    # A plausible mapping edit: the action name taken from a property, blank in one event.
+    mappings = copy_mappings(tmp_path)
+    path = mappings / "segment-to-moengage.yaml"
+    text = path.read_text()
+    assert "action: {path: $.event, pipe: [{to: string}]}" in text
+    path.write_text(text.replace("action: {path: $.event, pipe: [{to: string}]}", "action: {path: $.properties.label}"))
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["mappings"]["dir"] = str(mappings)
+
+    bridge = await make_bridge(tweak)
+    batch = tracks(3, prefix="drop", user="user-d", label="Delivered")
+    batch["batch"][1]["properties"]["label"] = " "
+    assert (await bridge.post("/v1/batch", batch, H))[0] == 200
+
+    async def delivered() -> bool:
+        _, text = await bridge.get("/metrics")
+        return metric(text, "bridge_events_delivered_total", destination="moengage-main") == 3
+
+    await wait_until(delivered, what="three events counted delivered")
+    moengage = bridge.moengage
+    assert {s.status for s in moengage.seen} == {200}
+    assert sorted(seqs(moengage)) == ["drop-0", "drop-2"]
+    assert [(i.reason, i.item["actions"][0]["attributes"]["seq"]) for i in moengage.ignored] == [
+        ("malformed", "drop-1")
+    ]
+    assert moengage.ignored[0].detail.endswith("actions[0]: action is not found in the payload")
+    assert await dlq(bridge) == []
+    assert not (await _status_of(bridge))["paused"]
 
 
 @pytest.mark.parametrize(("status", "reason"), [(503, "retries_exhausted"), (404, "http_404")])

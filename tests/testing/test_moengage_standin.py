@@ -8,6 +8,7 @@ import time
 import aiohttp
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
 from bridge.destinations.http import basic_auth
 from bridge.testing.standins import BLOCKED_CUSTOMER_IDS, MoEngageStandIn, Planned
@@ -148,11 +149,8 @@ async def test_malformed_json_is_400(moe, raw):
         (f"/v1/customer/{WS}", {"type": "customer", "customer_id": "  "}, "customer_id can not be empty"),
         (f"/v1/event/{WS}", {"type": "event", "customer_id": "u1", "actions": []}, "actions can not be empty"),
         (f"/v1/event/{WS}", event(actions=[{"attributes": {}}]), "action is not found in the payload"),
-        (
-            f"/v1/transition/{WS}",
-            {"type": "transition", "elements": [customer(), {"type": "event", "customer_id": "u1"}]},
-            "elements[1].actions can not be empty Array",
-        ),
+        (f"/v1/transition/{WS}", {"type": "transition", "elements": []}, "elements can not be empty Array"),
+        (f"/v1/transition/{WS}", {"type": "transition"}, "elements can not be empty Array"),
         (
             f"/v1/customer/merge?app_id={WS}",
             {"merge_data": [{"merged_user": "a1"}]},
@@ -174,6 +172,47 @@ async def test_bulk_element_types_are_checked(moe):
     status, body = await call(client, f"/v1/transition/{WS}", {"type": "transition", "elements": [{"type": "x"}]})
     assert status == 400
     assert body["error"]["message"] == "'type in elements should be customer/event/device"
+    status, body = await call(client, f"/v1/transition/{WS}", {"type": "customer", "elements": [customer()]})
+    assert (status, body["error"]["message"]) == (400, "type should be transition")
+
+
+async def test_a_bulk_import_drops_a_malformed_element_and_keeps_the_others(moe):
+    """ "All bulk API requests return a 200 response code" (MoEngage): an element the single
+    endpoint would refuse with a 400 is acknowledged with its request and silently dropped."""
+    standin, client = moe
+    bad_event = {"type": "event", "customer_id": "u1", "actions": []}
+    nameless = {"type": "customer", "attributes": {"plan": "free"}}
+    elements = [customer("u1"), bad_event, event("u1"), nameless]
+    status, body = await call(client, f"/v1/transition/{WS}", {"type": "transition", "elements": elements})
+    assert (status, body) == (
+        200,
+        {"status": "success", "message": "Your request has been accepted and will be processed soon."},
+    )
+    assert standin.customers() == [customer("u1")]
+    assert standin.events() == [event("u1")]
+    assert [(i.reason, i.item, i.detail) for i in standin.ignored] == [
+        ("malformed", bad_event, "elements[1].actions can not be empty Array"),
+        ("malformed", nameless, "elements[3].customer_id can not be empty Unicode String"),
+    ]
+    assert standin.requests[-1].body["elements"] == elements
+
+
+async def test_the_log_line_of_a_request_shows_what_moengage_dropped_and_why(moe):
+    """Real MoEngage says nothing of what it drops: the sandbox's log line is where a
+    sandbox user sees it."""
+    standin, client = moe
+    standin.log_requests = True
+    elements = [customer("u1"), {"type": "event", "customer_id": "u1", "actions": []}, customer("guest")]
+    with capture_logs() as logs:
+        assert (await call(client, f"/v1/transition/{WS}", {"type": "transition", "elements": elements}))[0] == 200
+        assert (await call(client, f"/v1/customer/{WS}", customer("u2")))[0] == 200
+    dropped, clean = [entry for entry in logs if entry["event"] == "upstream_request"]
+    assert dropped["summary"] == "bulk customers=2 events=1 devices=0 ignored=2"
+    assert orjson.loads(dropped["ignored"]) == [
+        {"reason": "malformed", "detail": "elements[1].actions can not be empty Array", "item": elements[1]},
+        {"reason": "blocked_customer_id", "item": elements[2]},
+    ]
+    assert (clean["summary"], "ignored" in clean) == ("customer 'u2'", False)
 
 
 async def test_merge_takes_at_most_50_pairs(moe):
@@ -474,11 +513,7 @@ async def test_a_device_of_a_user_moengage_does_not_have_is_accepted_and_never_m
     assert standin.requests[-1].body["elements"] == elements
 
 
-@pytest.mark.parametrize(
-    "path",
-    [f"/v1/device/{WS}", f"/v1/transition/{WS}"],
-)
-@pytest.mark.parametrize(
+INCOMPLETE_DEVICES = pytest.mark.parametrize(
     ("attributes", "message"),
     [
         ({"push_id": "t"}, "attributes.platform is not found in the payload"),
@@ -487,14 +522,29 @@ async def test_a_device_of_a_user_moengage_does_not_have_is_accepted_and_never_m
         (None, "attributes.platform is not found in the payload"),
     ],
 )
-async def test_a_device_without_platform_or_push_id_is_400_missing_attribute_error(moe, path, attributes, message):
-    standin, client = moe
-    await call(client, f"/v1/customer/{WS}", customer())
-    item = (
+
+
+def incomplete_device(attributes):
+    return (
         {"type": "device", "customer_id": "u1"} if attributes is None else {**device_item(), "attributes": attributes}
     )
-    body = item if "device" in path else {"type": "transition", "elements": [customer(), item]}
-    status, answer = await call(client, path, body)
+
+
+@INCOMPLETE_DEVICES
+async def test_a_device_without_platform_or_push_id_is_400_missing_attribute_error(moe, attributes, message):
+    standin, client = moe
+    await call(client, f"/v1/customer/{WS}", customer())
+    status, answer = await call(client, f"/v1/device/{WS}", incomplete_device(attributes))
     assert (status, answer["error"]["type"]) == (400, "MissingAttributeError")
-    assert answer["error"]["message"].endswith(message)
+    assert answer["error"]["message"] == message
     assert standin.devices() == [] and len(standin.customers()) == 1
+
+
+@INCOMPLETE_DEVICES
+async def test_a_device_element_without_platform_or_push_id_is_dropped_from_its_bulk_import(moe, attributes, message):
+    standin, client = moe
+    item = incomplete_device(attributes)
+    body = {"type": "transition", "elements": [customer(), item]}
+    assert (await call(client, f"/v1/transition/{WS}", body))[0] == 200
+    assert standin.devices() == [] and standin.customers() == [customer()]
+    assert [(i.reason, i.item, i.detail) for i in standin.ignored] == [("malformed", item, f"elements[1].{message}")]
