@@ -7,7 +7,8 @@ Out of the box those answers are text/plain, so a client that reads ``{code, mes
 from every 4xx (as the Segment SDKs log it) got a body it could not read. Here they are
 the bridge's JSON errors, with the status aiohttp chose, except an encoding aiohttp cannot
 decode: 415 ``unsupported_encoding``, as the bridge answers every other encoding it does
-not take. (An ``Expect`` other than 100-continue is the routes' own: httpx.expect_handler.)
+not take. (An ``Expect`` other than 100-continue is the routes' own: httpx.expect_handler;
+but for a request no route takes, one aiohttp cannot quote back: ``JsonErrorHandler``.)
 
 The messages are fixed texts, never aiohttp's: its reasons quote the bytes it choked on,
 and those may be a header's value, such as an oversized or mistyped Authorization.
@@ -20,7 +21,7 @@ into one info line by bridge.observability.logging).
 
 from __future__ import annotations
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import (
     BadStatusLine,
     ContentEncodingError,
@@ -31,6 +32,7 @@ from aiohttp.http_exceptions import (
     TransferEncodingError,
 )
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_urldispatcher import MatchInfoError
 
 from bridge.destinations.base import ConfigError
 from bridge.httpx import ApiError, error_response
@@ -42,6 +44,8 @@ def server_error(status: int, exc: BaseException | None) -> ApiError:
         return ApiError(
             415, "unsupported_encoding", "Content-Encoding must be gzip, deflate or identity; this one is not supported"
         )
+    if isinstance(exc, UnreadableExpectation):
+        return ApiError(417, "expectation_failed", "only Expect: 100-continue is supported")
     if isinstance(exc, LineTooLong):
         return ApiError(status, "header_too_large", "the request line or a header is longer than the server accepts")
     if isinstance(exc, InvalidHeader):
@@ -57,6 +61,19 @@ def server_error(status: int, exc: BaseException | None) -> ApiError:
     return ApiError(status, "internal_error", "the bridge failed to handle this request")
 
 
+class UnreadableExpectation(HttpProcessingError):
+    """An ``Expect`` that aiohttp's own handler failed on (see ``JsonErrorHandler``)."""
+
+    def __init__(self) -> None:
+        super().__init__(code=417, message="the Expect header is not UTF-8")
+
+
+def _unroutable(request: web.BaseRequest) -> bool:
+    """Whether ``request`` matched no route, not even the catch-all: ``CONNECT`` (its target
+    a host and port) and ``OPTIONS *`` name no path for one to match."""
+    return isinstance(getattr(request, "_match_info", None), MatchInfoError)
+
+
 class JsonErrorHandler(RequestHandler):
     """aiohttp's protocol object, answering its own rejections as JSON {code, message}."""
 
@@ -69,6 +86,12 @@ class JsonErrorHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
+        if status == 500 and hdrs.EXPECT in request.headers and _unroutable(request):
+            # No handler of ours runs for such a request, its Expect handler neither:
+            # aiohttp's quotes the value in its 417 and fails (UnicodeEncodeError) on bytes
+            # that are not UTF-8. A client's bad header: the 417 every route answers, and
+            # an info line (bad_http_request) rather than a traceback in the error log.
+            status, exc = 417, UnreadableExpectation()
         # aiohttp's own first: it logs the error, and refuses (ConnectionError) when part
         # of a response has already gone out. Its text/plain answer is then replaced.
         super().handle_error(request, status, exc, message)

@@ -21,13 +21,16 @@ def when(ts: float | None) -> str | None:
 
 def _json_or_text(raw: bytes) -> Any:
     """The stored JSON as a value to nest in an answer, or as text when it is not JSON, or
-    when nested one level down it could not be written again (orjson writes 254 levels:
-    a render_error dead letter can be that deep)."""
+    when it could not be written again as deep as an answer nests it (orjson writes 254
+    levels: a render_error dead letter can be that deep, and an event ingest takes may be
+    252 levels, which a listing nests three levels down)."""
     if not raw:
         return None
     try:
         value = orjson.loads(raw)
-        orjson.dumps([value])
+        # As deep as the deepest answer holds it: {"discards": [{"payload": ...}]}, and the
+        # CLI's [{"payload": ...}] (its `dlq show --json` too); GET /admin/dlq/{id} is shallower.
+        orjson.dumps([[[value]]])
     except orjson.JSONDecodeError:
         return raw.decode("utf-8", "replace")
     except orjson.JSONEncodeError:

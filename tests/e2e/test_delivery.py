@@ -880,6 +880,35 @@ async def test_an_event_too_deep_to_send_is_dead_lettered_alone_and_its_batch_go
     assert await dlq(bridge, "?reason=internal_error") == []
 
 
+async def test_a_discarded_event_as_deep_as_ingest_takes_can_still_be_listed(bridge, tmp_path, capsys):
+    """A listing nests each record's payload three levels down ({"discards": [{"payload":
+    ...}]}, and the CLI's [{"payload": ...}] as deep): an event as deep as ingest takes (252
+    levels) was 255 there, past what orjson writes. One such event discarded (a one-letter
+    userId) made every GET /admin/discards a 500, and `bridge discards list --json` crash,
+    until it was pruned. It is shown as text, as a dead letter too deep to nest is."""
+    deep = {"type": "track", "userId": "u", "event": "Deep", "messageId": "deep-discard", "properties": nested(250)}
+    status, answer = await bridge.post("/v1/track", deep, H)
+    assert status == 200, answer
+
+    async def discarded() -> bool:
+        return bool((await _status_of(bridge))["discarded"].get("invalid_customer_id"))
+
+    await wait_until(discarded, what="the deep event discarded")
+    status, body = await bridge.get("/admin/discards", ADMIN)
+    assert status == 200, body
+    [record] = body["discards"]
+    assert record["message_id"] == "deep-discard" and isinstance(record["payload"], str), record
+    assert orjson.loads(record["payload"])["properties"] == nested(250)
+
+    config_path = tmp_path / "ops.yaml"
+    config_path.write_text(f'store: {{url: "{bridge.raw["store"]["url"]}"}}\n')
+    capsys.readouterr()
+    listed = ["discards", "list", "--json", "--config", str(config_path)]
+    assert await asyncio.to_thread(cli_main, listed) == 0
+    [record] = orjson.loads(capsys.readouterr().out)
+    assert record["message_id"] == "deep-discard" and isinstance(record["payload"], str), record
+
+
 @pytest.mark.parametrize("levels", [247, 250])  # 248 and 251 objects under traits.z
 async def test_translate_answers_400_for_an_event_whose_translation_is_too_deep(bridge, levels):
     deep = {"type": "identify", "userId": "x1", "traits": {"id": "x1", "z": nested(levels)}}

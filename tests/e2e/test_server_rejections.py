@@ -119,6 +119,29 @@ async def test_an_unknown_expectation_is_a_json_417_logged_counted_and_stores_no
     assert [e["customer_id"] for e in bridge.moengage.events()] == ["u-ok"]
 
 
+@pytest.mark.parametrize("request_line", [b"CONNECT example.com:443", b"CONNECT /v1/track", b"OPTIONS *"])
+async def test_an_unreadable_expectation_on_a_request_no_route_takes_is_a_417_not_a_500(
+    bridge: Bridge, request_line: bytes
+) -> None:
+    """CONNECT and OPTIONS * name no path, so not even the catch-all takes them, and their
+    Expect went to aiohttp's own handler, which fails on a value it cannot write back as
+    UTF-8: a 500, and a traceback in the error log, for a probe's bad header."""
+    stream = io.StringIO()
+    configure_logging("info", "json", stream=stream)
+    try:
+        request = request_line + b" HTTP/1.1\r\nHost: x\r\nExpect: \xff100-continue\r\nConnection: close\r\n\r\n"
+        status, code, _ = json_error(await raw_exchange(bridge, request))
+    finally:
+        configure_logging("warning", "console")
+    assert (status, code) == (417, "expectation_failed")
+    lines = [orjson.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line for line in lines if line["level"] not in ("info", "debug")] == []
+    assert [(line["status"], line["reason"]) for line in lines if line["event"] == "bad_http_request"] == [
+        (417, "the Expect header is not UTF-8")
+    ]
+    assert (await bridge.get("/healthz"))[0] == 200
+
+
 async def test_expect_100_continue_still_gets_its_interim_answer_and_the_call_is_stored(bridge: Bridge) -> None:
     url = URL(bridge.url)
     reader, writer = await asyncio.open_connection(url.host, url.port)
