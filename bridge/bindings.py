@@ -6,17 +6,16 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
-import structlog
 from aiohttp import web
 
 from bridge.observability.adapters import PrometheusDeliveryMetrics, PrometheusIngestMetrics
+from bridge.observability.failure_runs import FailureRun
 from bridge.observability.metrics import Metrics
 from bridge.routing import Routes
 
 if TYPE_CHECKING:
     from bridge.runtime import Runtime
 
-log = structlog.get_logger("bridge")
 
 GAUGE_INTERVAL = 5.0
 # The background refresh waits at least this many times as long as the last one took (<= 2% of a core).
@@ -43,12 +42,15 @@ class PrometheusBindings:
         # Queue depth and age come from the store (shared with other nodes), not from counters.
         for worker in runtime.delivery.workers.values():
             self.metrics.paused(worker.name, worker.paused)
+        failures = FailureRun("queue_gauges_failed", "queue_gauges_recovered")
         while True:
             started = time.monotonic()
             try:
                 await self.refresh_gauges(runtime)
-            except Exception:
-                log.exception("queue_gauges_failed")
+            except Exception as exc:
+                failures.failed(exc)
+            else:
+                failures.succeeded()
             # Counting a queue of millions takes a while, on the core that answers ingest:
             # refresh less often rather than spend more than a small share of it.
             await asyncio.sleep(max(interval, (time.monotonic() - started) * GAUGE_COST_FACTOR))

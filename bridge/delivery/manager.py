@@ -6,15 +6,12 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Iterable, Mapping
 
-import structlog
-
 from bridge.config.model import Config
 from bridge.delivery.metrics import DeliveryMetrics
 from bridge.delivery.worker import DestinationWorker
 from bridge.mapping.api import CompiledMapping
+from bridge.observability.failure_runs import FailureRun
 from bridge.store.base import DestinationState, Store
-
-log = structlog.get_logger("bridge.delivery")
 
 
 class DeliveryManager:
@@ -50,12 +47,15 @@ class DeliveryManager:
 
     async def _watch_states(self) -> None:
         # Pause/resume may come from the CLI or another node: the store is the truth.
+        failures = FailureRun("destination_state_refresh_failed", "destination_state_refresh_recovered")
         while True:
             await asyncio.sleep(max(self._poll, 0.2))
             try:
                 await self.refresh_states()
-            except Exception:
-                log.exception("destination_state_refresh_failed")
+            except Exception as exc:
+                failures.failed(exc)
+            else:
+                failures.succeeded()
 
     async def set_paused(self, name: str, paused: bool, reason: str) -> int:
         """Pause or resume ``name``. A resume also makes its waiting retries due and drops

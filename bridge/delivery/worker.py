@@ -30,6 +30,7 @@ from bridge.destinations.base import Item, Request, Response
 from bridge.destinations.packing import json_array
 from bridge.mapping.api import CompiledMapping, Discarded, Failed, MapContext
 from bridge.mapping.links import link_context
+from bridge.observability.failure_runs import FailureRun
 from bridge.observability.redaction import redact_text
 from bridge.store.base import DeadLetter, DestinationState, Discard, Job, Store
 from bridge.store.ordering import KEY_SEPARATOR
@@ -37,6 +38,9 @@ from bridge.store.ordering import KEY_SEPARATOR
 log = structlog.get_logger("bridge.delivery")
 
 MAX_KEPT_BODY = 4096
+# While leasing fails (the store is away), the loops ask again after poll_interval, then
+# twice as long each failure, up to this (or poll_interval, if longer).
+LEASE_RETRY_CAP = 5.0
 
 
 # The least a job held back behind its user's earlier jobs waits before it is looked at again.
@@ -196,6 +200,9 @@ class DestinationWorker:
         # retryable failures, nothing is leased or sent until then.
         self._hold_until = 0.0
         self._failure_streak = 0
+        # Failing leases (a store outage): logged once with the traceback, then once a
+        # minute, and lease_recovered at the end; every loop of this worker shares it.
+        self._lease_failures = FailureRun("lease_failed", "lease_recovered", destination=self.name)
         # What on-call reads in /admin/status while a queue grows: the last answer that
         # was not a delivery, and when a request last got one (store clock, epoch seconds).
         self.last_failure: dict[str, Any] | None = None
@@ -371,15 +378,17 @@ class DestinationWorker:
                             ahead=flying.jobs.keys() if flying is not None else (),
                         )
                     )
-                except Exception:
-                    log.exception("lease_failed", destination=self.name)
+                except Exception as exc:
+                    self._lease_failures.failed(exc)
                     jobs = []
+                else:
+                    self._lease_failures.succeeded()
                 if not jobs:
                     if flying is not None:
                         # Its users may have more jobs waiting: lease again once it settles.
                         await flying.done()
                         continue
-                    await self._sleep(cfg.poll_interval)
+                    await self._sleep(self._lease_failures.backoff(cfg.poll_interval, LEASE_RETRY_CAP))
                     continue
                 batch = self._batch(jobs, after=flying)
                 batch.task = asyncio.create_task(self.deliver(batch), name=f"batch:{self.name}")

@@ -122,6 +122,8 @@ def emitted_log_events() -> set[str]:
     calls = r"\.(?:debug|info|warning|error|exception|critical)\(\s*"
     names = set(re.findall(calls + r'"([a-z_]+)"', source))
     names |= {n for pair in re.findall(calls + r'"([a-z_]+)" if .+? else "([a-z_]+)"', source) for n in pair}
+    # A periodic task's failure and recovery lines, named where its FailureRun is made.
+    names |= {n for pair in re.findall(r'FailureRun\(\s*"([a-z_]+)",\s*"([a-z_]+)"', source) for n in pair}
     # aiohttp's own records, renamed on their way through (observability/logging.py).
     names |= set(re.findall(r'record\.msg(?:, record\.args)? = "([a-z_]+)', source))
     return names

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 from segment.analytics import Client
 
 from bridge.store.postgres import PostgresStore
@@ -113,3 +115,47 @@ async def test_bridge_serve_delivers_through_a_tcp_proxy_with_latency_to_postgre
         await proxy.close()
         moengage.stop()
         await server.close()
+
+
+async def test_a_store_outage_is_logged_once_per_task_not_once_per_poll(tmp_path: Path, pg_schema: str) -> None:
+    """PostgreSQL away for a few seconds under a bridge polling every 50 ms: each periodic
+    task logs its first failure with the traceback and one line when it works again, not a
+    traceback per poll (336 lease_failed lines in 10 s, before), and delivery resumes."""
+    moengage, server = await moengage_standin()
+    proxy = PgProxy()
+    await proxy.start()
+    raw = proc_config(tmp_path, str(server.make_url("")).rstrip("/"))
+    raw["store"]["url"] = proxy.url(f"?schema={pg_schema}")
+    proc = BridgeProcess(raw, tmp_path)
+    returned = PgProxy()
+    returned.port = proxy.port  # the database comes back where it was
+    try:
+        await proc.start()
+        await proxy.close()
+        async with aiohttp.ClientSession() as session:
+            track = {"userId": "outage-user", "event": "After The Outage", "properties": {"seq": "after"}}
+            async with session.post(f"{proc.url}/v1/track", json=track, headers=basic(WRITE_KEY)) as r:
+                assert r.status == 503  # refused while the store is away, never lost
+            await asyncio.sleep(5)
+            await returned.start()
+            for _ in range(100):  # the pool reconnects within a few of its attempts
+                async with session.post(f"{proc.url}/v1/track", json=track, headers=basic(WRITE_KEY)) as r:
+                    if r.status == 200:
+                        break
+                await asyncio.sleep(0.2)
+            assert r.status == 200
+        await moengage.wait_for(lambda: delivered_seqs(moengage) == {"after"}, 30)
+        await asyncio.sleep(1)  # the state refresh and the gauges run again too
+    finally:
+        await proc.ensure_stopped()
+        await proxy.close()
+        await returned.close()
+        moengage.stop()
+        await server.close()
+    lines = [orjson.loads(line) for line in proc.log_path.read_text().splitlines() if line.startswith("{")]
+    events = Counter(line["event"] for line in lines)
+    # One worker (its loops share the run), one state refresh: one traceback each.
+    assert events["lease_failed"] == 1 and events["destination_state_refresh_failed"] == 1, events
+    assert events["lease_recovered"] == 1 and events["destination_state_refresh_recovered"] == 1, events
+    recovered = next(line for line in lines if line["event"] == "lease_recovered")
+    assert recovered["destination"] == raw["destinations"][0]["name"] and recovered["failures"] > 1
