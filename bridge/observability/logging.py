@@ -8,12 +8,13 @@ traceback is caught like one inside a message.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any, TextIO
 
 import orjson
 import structlog
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import HttpProcessingError, InvalidHeader, LineTooLong
 from aiohttp.web_protocol import RequestPayloadError
 from structlog.typing import EventDict, Processor, WrappedLogger
 
@@ -153,9 +154,33 @@ class _ClientFaultFilter(logging.Filter):
         record.levelno, record.levelname = logging.INFO, "INFO"
         record.msg, record.args = "bad_http_request", ()
         record.status = getattr(exc, "code", 400)
-        record.reason = (text.strip().splitlines() or [""])[0][:200]
+        record.reason = client_fault_reason(exc, text)
         record.exc_info = record.exc_text = None
         return self.threshold <= logging.INFO
+
+
+# A Python repr of text or bytes (b'...', '...', "...", bytearray(b'...')), as aiohttp quotes
+# what it choked on.
+_QUOTED = re.compile(r"(bytearray\()?(?:b?'(?:[^'\\]|\\.)*'|b?\"(?:[^\"\\]|\\.)*\")(?(1)\))")
+# A header's name: an HTTP token, short enough to be one.
+_HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
+
+
+def client_fault_reason(exc: BaseException, text: str) -> str:
+    """What a ``bad_http_request`` line says: the first line of aiohttp's reason without the
+    bytes it quotes, and for an oversized or invalid header, the header's name. aiohttp
+    quotes up to 100 bytes of the line it refused, which may be a credential (a write key
+    the bridge does not know, so redaction cannot find it) or a query string's secret."""
+    reason = (text.strip().splitlines() or [""])[0]
+    quoted = exc.args[0] if isinstance(exc, LineTooLong | InvalidHeader) and exc.args else None
+    if isinstance(exc, LineTooLong) and isinstance(quoted, str):
+        return reason[:200]  # aiohttp's own words ("Status line is too long"), no data
+    reason = _QUOTED.sub("…", reason)[:200]
+    if isinstance(quoted, bytes):
+        name, colon, _ = quoted.partition(b":")
+        if colon and _HEADER_NAME.fullmatch(name):
+            reason += f" (header {name.decode('ascii')})"
+    return reason
 
 
 def reset_logging() -> None:

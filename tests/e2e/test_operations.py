@@ -10,6 +10,7 @@ import contextlib
 import gzip
 import io
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -335,6 +336,34 @@ async def test_malformed_http_is_an_info_line_not_an_error_traceback(bridge):
     finally:
         configure_logging("warning", "console")
     assert quiet.getvalue() == ""
+
+
+async def test_a_refused_request_line_or_header_is_logged_without_the_bytes_aiohttp_quotes(bridge):
+    """aiohttp's reasons quote up to 100 bytes of the line they refuse. A write key the
+    bridge does not know, or a query string's secret, is not a registered secret, so
+    redaction cannot find it there: the bad_http_request line says what was wrong, and
+    which header, without the bytes."""
+    stream = io.StringIO()
+    configure_logging("info", "json", stream=stream)
+    unknown_key = "wk-unknown-" + secrets.token_hex(4200)  # not the bridge's: never registered
+    encoded = base64.b64encode(f"{unknown_key}:".encode())
+    try:
+        for request in (
+            b"POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: Basic " + encoded + b"\r\n\r\n",
+            b"GET /v1/track?writeKey=" + unknown_key.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"POST /v1/track HTTP/1.1\r\nHost: x\r\nX-Write" + unknown_key[:40].encode() + b"\x01: 1\r\n\r\n",
+        ):
+            answer = await raw_exchange(bridge, request)
+            assert answer.split(b" ", 2)[1] == b"400", answer[:60]
+        await asyncio.sleep(0.05)
+    finally:
+        configure_logging("warning", "console")
+    logged = stream.getvalue()
+    lines = [orjson.loads(line) for line in logged.splitlines()]
+    reasons = [line["reason"] for line in lines if line["event"] == "bad_http_request"]
+    assert len(reasons) == 3 and all(reasons), lines
+    assert unknown_key[:20] not in logged and encoded[:20].decode() not in logged, reasons
+    assert any(reason.startswith("Got more than") for reason in reasons), reasons
 
 
 async def test_a_client_gone_mid_body_is_logged_as_such_not_as_a_bad_encoding(bridge):
