@@ -280,6 +280,57 @@ def test_a_segment_body_segment_would_drop_with_a_200_is_refused(kind, body, pro
     assert check_body("segment", kind, fixed) is None
 
 
+BLANK = " \t\n"
+DEVICE_ATTRIBUTES = {"platform": "ANDROID", "push_id": "t-1"}
+
+
+@pytest.mark.parametrize(
+    ("kind", "body"),
+    [
+        ("customer", {"type": "customer", "customer_id": BLANK}),
+        ("event", {"type": "event", "customer_id": BLANK, "actions": [{"action": "E"}]}),
+        ("event", {"type": "event", "customer_id": "u1", "actions": [{"action": BLANK}]}),
+        ("device", {"type": "device", "customer_id": "u1", "attributes": {**DEVICE_ATTRIBUTES, "platform": BLANK}}),
+        ("device", {"type": "device", "customer_id": "u1", "attributes": {**DEVICE_ATTRIBUTES, "push_id": BLANK}}),
+        ("merge", {"merged_user": BLANK, "retained_user": "u1"}),
+        ("delete", {"identity_type": "customer_id", "identity_value": BLANK}),
+    ],
+)
+def test_a_moengage_body_with_a_field_of_whitespace_alone_is_refused(kind, body):
+    """MoEngage trims: an id or a name of whitespace alone is empty to it, and the stand-in
+    refuses it as MoEngage does (a 400 alone, an element dropped unseen from a Bulk Import
+    answered 200). Refused before sending, it is dead-lettered instead of lost."""
+    from bridge.mapping.shapes import body_checker, check_body
+    from bridge.testing.moengage_standin import MoEngageStandIn, Rejected, _check_user_item
+
+    with pytest.raises(Rejected):  # the stand-in's verdict on it
+        if kind == "merge":
+            MoEngageStandIn("w", "k")._accept_merge({"merge_data": [body]})
+        elif kind == "delete":
+            MoEngageStandIn("w", "k")._accept_delete(body)
+        else:
+            _check_user_item(body, kind, where="")
+    assert check_body("moengage", kind, body) is not None
+    assert body_checker("moengage", kind)(body) is not None  # the hot path's own test too
+
+
+def test_an_alias_whose_previous_id_is_linked_to_whitespace_is_not_sent():
+    """The shipped mapping checks an alias's previousId, not the id a stored link turns it
+    into: a link to whitespace alone (learnt by an earlier mapping) made a merge MoEngage
+    refuses, sent as good."""
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parents[2] / "mappings" / "segment-to-moengage.yaml"
+    m = load_mapping_file(shipped)
+    alias = {"type": "alias", "userId": "u-new", "previousId": "u-old"}
+    assert m.apply(alias, MapContext(links={"u-old": "c-old"})) == [
+        Output("merge", {"merged_user": "c-old", "retained_user": "u-new"})
+    ]
+    result = m.apply(alias, MapContext(links={"u-old": " "}))
+    assert isinstance(result, Failed) and result.reason == "invalid_output", result
+    assert "'merged_user' is only whitespace" in result.detail
+
+
 def test_a_null_segment_id_beside_a_set_one_is_sent(tmp_path):
     """A mapping that copies a null uid writes userId: null, as Segment's own libraries do
     for a user not yet identified; with an anonymousId beside it the event is good. Only
