@@ -177,6 +177,43 @@ def test_a_time_past_the_calendar_is_a_conversion_error_that_on_error_governs(tm
     assert isinstance(result, Failed) and result.reason == "bad_time", result
 
 
+@pytest.mark.parametrize("when", ["5138-11-16T09:46:40Z", "9999-12-31T23:59:59Z"])
+def test_epoch_seconds_of_a_time_read_back_as_milliseconds_is_a_conversion_error(tmp_path, when):
+    """From the year 5138 on, epoch seconds are 1e11 or more: a number every reader of epoch
+    times (the time steps, MoEngage) takes for milliseconds, a time in the 1970s."""
+    dropped = value_mapping(tmp_path / "drop", "{path: $.x, pipe: [{to: epoch_seconds}]}")
+    assert evaluate(dropped, {"type": "track", "x": when}) == "<absent>"
+    assert evaluate(dropped, {"type": "track", "x": "5138-11-16T09:46:39Z"}) == 99_999_999_999
+    failing = value_mapping(tmp_path / "fail", "{path: $.x, pipe: [{to: epoch_seconds, on_error: fail}]}")
+    result = failing.apply({"type": "track", "x": when}, MapContext())
+    assert isinstance(result, Failed) and result.reason == "coercion_failed", result
+
+
+def test_a_track_timed_after_the_year_5138_is_sent_without_a_time_not_in_the_1970s():
+    """The shipped mapping sends a time ahead of the bridge's clock as now (MoEngage drops
+    future-dated events). Epoch seconds of a time from the year 5138 on were read as
+    milliseconds, a time in the past, so one went out as a date in the 1970s. Now the time
+    is left out, and MoEngage takes the time it receives the event."""
+    import time
+    from pathlib import Path
+
+    from bridge.testing.moengage_standin import _is_future
+
+    shipped = Path(__file__).resolve().parents[2] / "mappings" / "segment-to-moengage.yaml"
+    m = load_mapping_file(shipped)
+    event = {"type": "track", "userId": "u1", "event": "E", "context": {"timezone": "Europe/Lisbon"}}
+    for when in ("2099-01-01T00:00:00Z", "9999-12-31T23:59:59Z"):
+        [out] = outputs(m.apply({**event, "timestamp": when}, MapContext()))
+        [action] = out.body["actions"]
+        # Absent, MoEngage takes the time it receives the event; a number, as it reads one.
+        sent = action.get("current_time", time.time())
+        read = sent / 1000 if sent >= 1e11 else sent
+        assert read > 1_700_000_000 and not _is_future(sent, time.time()), (when, action)
+        assert action["user_timezone_offset"] in (0, 3600), (when, action)  # Lisbon, now
+    [out] = outputs(m.apply({**event, "timestamp": "9999-12-31T23:59:59Z"}, MapContext()))
+    assert "current_time" not in out.body["actions"][0], out
+
+
 def test_a_lookup_of_values_keeps_true_apart_from_1(tmp_path):
     for values in ("[1, true]", "[true, 1]"):
         mapping = value_mapping(
