@@ -189,6 +189,14 @@ def check_body(destination: str, kind: str, body: dict[str, Any]) -> str | None:
     for key in shape.objects:
         if key in body and type(body[key]) is not dict:
             return f"{key!r} must be an object, got {type(body[key]).__name__}"
+    if (
+        destination == "moengage"
+        and (attributes := body.get("attributes")) is not None
+        and type(attributes) is not dict
+    ):
+        # MoEngage refuses a user or device whose attributes are not an object (a 400 alone,
+        # the element dropped unseen from a Bulk Import it answers 200).
+        return f"'attributes' must be an object, got {type(attributes).__name__}"
     for key in _STRING_FIELDS:
         if key in body and not isinstance(value := body[key], str):
             if value is None and key in shape.one_of:

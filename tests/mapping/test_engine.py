@@ -329,14 +329,18 @@ DEVICE_ATTRIBUTES = {"platform": "ANDROID", "push_id": "t-1"}
         ("event", {"type": "event", "customer_id": "u1", "actions": [{"action": BLANK}]}),
         ("device", {"type": "device", "customer_id": "u1", "attributes": {**DEVICE_ATTRIBUTES, "platform": BLANK}}),
         ("device", {"type": "device", "customer_id": "u1", "attributes": {**DEVICE_ATTRIBUTES, "push_id": BLANK}}),
+        ("customer", {"type": "customer", "customer_id": "u1", "attributes": "plan=pro"}),
+        ("customer", {"type": "customer", "customer_id": "u1", "attributes": ["plan"]}),
+        ("device", {"type": "device", "customer_id": "u1", "attributes": "ANDROID"}),
         ("merge", {"merged_user": BLANK, "retained_user": "u1"}),
         ("delete", {"identity_type": "customer_id", "identity_value": BLANK}),
     ],
 )
-def test_a_moengage_body_with_a_field_of_whitespace_alone_is_refused(kind, body):
-    """MoEngage trims: an id or a name of whitespace alone is empty to it, and the stand-in
-    refuses it as MoEngage does (a 400 alone, an element dropped unseen from a Bulk Import
-    answered 200). Refused before sending, it is dead-lettered instead of lost."""
+def test_a_moengage_body_moengage_would_refuse_is_refused(kind, body):
+    """MoEngage trims: an id or a name of whitespace alone is empty to it. That, and
+    attributes that are not an object, the stand-in refuses as MoEngage does (a 400 alone,
+    an element dropped unseen from a Bulk Import answered 200). Refused before sending, it
+    is dead-lettered instead of lost."""
     from bridge.mapping.shapes import body_checker, check_body
     from bridge.testing.moengage_standin import MoEngageStandIn, Rejected, _check_user_item
 
