@@ -51,6 +51,16 @@ def read_bounded(path: Path) -> bytes:
     return data
 
 
+def not_utf8(raw: bytes, exc: UnicodeDecodeError) -> tuple[tuple[int, int], str]:
+    """Where in ``raw`` the byte that is not UTF-8 is (1-based line and column, counted in
+    characters as an editor counts them), and what to do: a file saved in another encoding
+    (Latin-1, Windows-1252) is wrong at its first accented letter, maybe lines down."""
+    line_start = raw.rfind(b"\n", 0, exc.start) + 1
+    line = raw.count(b"\n", 0, exc.start) + 1
+    column = len(raw[line_start : exc.start].decode("utf-8", errors="replace")) + 1
+    return (line, column), f"byte 0x{raw[exc.start]:02x} ({exc.reason}); save the file as UTF-8"
+
+
 def load_mapping_file(path: str | Path) -> CompiledMapping:
     """Load and compile one mapping file; raises MappingError with every diagnostic."""
     mapping, diagnostics = compile_mapping_file(Path(path))
@@ -78,7 +88,8 @@ def _compile_mapping_file(path: Path) -> tuple[CompiledMapping | None, list[Diag
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        diags.add(None, "", f"mapping file is not UTF-8: {exc}")
+        at, problem = not_utf8(raw, exc)
+        diags.add_at(at, "", f"mapping file is not UTF-8: {problem}")
         return None, diags.items
     root = parse_yaml(text, diags)
     if root is None:
@@ -96,7 +107,10 @@ def _compile_mapping_file(path: Path) -> tuple[CompiledMapping | None, list[Diag
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
-            diags.add(at, ypath, f"lookup file {fpath} is not UTF-8: {exc}")
+            # Where the byte is, in the lookup file: as its YAML errors are reported.
+            where, problem = not_utf8(data, exc)
+            file_diags.add_at(where, "", f"lookup file is not UTF-8: {problem}")
+            diags.items.extend(file_diags.items)
             return None
         node = parse_yaml(text, file_diags)
         diags.items.extend(file_diags.items)

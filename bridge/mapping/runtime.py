@@ -235,7 +235,13 @@ def to_iso8601(v: Any) -> str:
 
 
 def to_epoch_seconds(v: Any) -> int:
-    return math.floor(to_datetime(v).timestamp())
+    seconds = math.floor(to_datetime(v).timestamp())
+    if seconds >= MILLIS_THRESHOLD:
+        # From the year 5138 on, the number is one every reader of epoch times takes for
+        # milliseconds (to_datetime, not_after, tz_offset, MoEngage): written, it names a
+        # time in the 1970s, and `not_after: now` would not cap it. A conversion error.
+        raise CoercionError(f"{short(v)} is after the year 5138, too late for epoch seconds")
+    return seconds
 
 
 def to_epoch_millis(v: Any) -> int:

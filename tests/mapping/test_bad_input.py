@@ -249,6 +249,35 @@ def test_non_utf8_lookup_file_is_a_diagnostic(tmp_path: Path) -> None:
     )
     mapping, diags = compile_mapping_file(write(tmp_path / "m.yaml", text))
     assert mapping is None and any("UTF-8" in d.message for d in diags)
+    # Reported where the byte is, in the lookup file, as its YAML errors are.
+    [diag] = [d for d in diags if "UTF-8" in d.message]
+    assert (diag.file, diag.line, diag.column) == (str(tmp_path / "lookups" / "l.yaml"), 1, 12), diag
+    assert "byte 0xe9" in diag.message and "save the file as UTF-8" in diag.message, diag
+
+
+def test_a_mapping_file_that_is_not_utf8_is_reported_where_the_byte_is(tmp_path: Path) -> None:
+    """A mapping saved as Latin-1 (say, by an editor) is wrong at its first accented letter,
+    maybe far down the file: the diagnostic names that line and column, not 1:1 and a
+    byte offset."""
+    text = (
+        "source_format: segment\n"
+        "destination_kind: segment\n"
+        "rules:\n"
+        "  - name: t\n"
+        "    kind: track\n"
+        "    body: {event: \u00abS\u00e3o Paulo\u00bb, userId: u}\n"
+    )
+    path = tmp_path / "m.yaml"
+    path.write_bytes(text.encode("latin-1"))
+    mapping, diags = compile_mapping_file(path)
+    assert mapping is None
+    [diag] = diags
+    assert (diag.line, diag.column) == (6, 19), diag
+    assert "not UTF-8: byte 0xab" in diag.message and "save the file as UTF-8" in diag.message, diag
+    # A character before it on its line counts as one column, however many bytes it takes.
+    path.write_bytes(text.replace("body", "b\u00f6dy").encode("utf-8").replace(b"\xc2\xab", b"\xab"))
+    [diag] = compile_mapping_file(path)[1]
+    assert (diag.line, diag.column) == (6, 19), diag
 
 
 # -- `to: integer` gives an integer no JSON writer takes, whatever on_error says -------

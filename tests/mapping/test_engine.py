@@ -177,6 +177,43 @@ def test_a_time_past_the_calendar_is_a_conversion_error_that_on_error_governs(tm
     assert isinstance(result, Failed) and result.reason == "bad_time", result
 
 
+@pytest.mark.parametrize("when", ["5138-11-16T09:46:40Z", "9999-12-31T23:59:59Z"])
+def test_epoch_seconds_of_a_time_read_back_as_milliseconds_is_a_conversion_error(tmp_path, when):
+    """From the year 5138 on, epoch seconds are 1e11 or more: a number every reader of epoch
+    times (the time steps, MoEngage) takes for milliseconds, a time in the 1970s."""
+    dropped = value_mapping(tmp_path / "drop", "{path: $.x, pipe: [{to: epoch_seconds}]}")
+    assert evaluate(dropped, {"type": "track", "x": when}) == "<absent>"
+    assert evaluate(dropped, {"type": "track", "x": "5138-11-16T09:46:39Z"}) == 99_999_999_999
+    failing = value_mapping(tmp_path / "fail", "{path: $.x, pipe: [{to: epoch_seconds, on_error: fail}]}")
+    result = failing.apply({"type": "track", "x": when}, MapContext())
+    assert isinstance(result, Failed) and result.reason == "coercion_failed", result
+
+
+def test_a_track_timed_after_the_year_5138_is_sent_without_a_time_not_in_the_1970s():
+    """The shipped mapping sends a time ahead of the bridge's clock as now (MoEngage drops
+    future-dated events). Epoch seconds of a time from the year 5138 on were read as
+    milliseconds, a time in the past, so one went out as a date in the 1970s. Now the time
+    is left out, and MoEngage takes the time it receives the event."""
+    import time
+    from pathlib import Path
+
+    from bridge.testing.moengage_standin import _is_future
+
+    shipped = Path(__file__).resolve().parents[2] / "mappings" / "segment-to-moengage.yaml"
+    m = load_mapping_file(shipped)
+    event = {"type": "track", "userId": "u1", "event": "E", "context": {"timezone": "Europe/Lisbon"}}
+    for when in ("2099-01-01T00:00:00Z", "9999-12-31T23:59:59Z"):
+        [out] = outputs(m.apply({**event, "timestamp": when}, MapContext()))
+        [action] = out.body["actions"]
+        # Absent, MoEngage takes the time it receives the event; a number, as it reads one.
+        sent = action.get("current_time", time.time())
+        read = sent / 1000 if sent >= 1e11 else sent
+        assert read > 1_700_000_000 and not _is_future(sent, time.time()), (when, action)
+        assert action["user_timezone_offset"] in (0, 3600), (when, action)  # Lisbon, now
+    [out] = outputs(m.apply({**event, "timestamp": "9999-12-31T23:59:59Z"}, MapContext()))
+    assert "current_time" not in out.body["actions"][0], out
+
+
 def test_a_lookup_of_values_keeps_true_apart_from_1(tmp_path):
     for values in ("[1, true]", "[true, 1]"):
         mapping = value_mapping(
@@ -278,6 +315,61 @@ def test_a_segment_body_segment_would_drop_with_a_200_is_refused(kind, body, pro
     assert problem in (check_body("segment", kind, body) or "")
     fixed = {**body, "userId": "u", "anonymousId": "a", "properties": {}, "traits": {}, "messageId": "m" * 100}
     assert check_body("segment", kind, fixed) is None
+
+
+BLANK = " \t\n"
+DEVICE_ATTRIBUTES = {"platform": "ANDROID", "push_id": "t-1"}
+
+
+@pytest.mark.parametrize(
+    ("kind", "body"),
+    [
+        ("customer", {"type": "customer", "customer_id": BLANK}),
+        ("event", {"type": "event", "customer_id": BLANK, "actions": [{"action": "E"}]}),
+        ("event", {"type": "event", "customer_id": "u1", "actions": [{"action": BLANK}]}),
+        ("device", {"type": "device", "customer_id": "u1", "attributes": {**DEVICE_ATTRIBUTES, "platform": BLANK}}),
+        ("device", {"type": "device", "customer_id": "u1", "attributes": {**DEVICE_ATTRIBUTES, "push_id": BLANK}}),
+        ("customer", {"type": "customer", "customer_id": "u1", "attributes": "plan=pro"}),
+        ("customer", {"type": "customer", "customer_id": "u1", "attributes": ["plan"]}),
+        ("device", {"type": "device", "customer_id": "u1", "attributes": "ANDROID"}),
+        ("merge", {"merged_user": BLANK, "retained_user": "u1"}),
+        ("delete", {"identity_type": "customer_id", "identity_value": BLANK}),
+    ],
+)
+def test_a_moengage_body_moengage_would_refuse_is_refused(kind, body):
+    """MoEngage trims: an id or a name of whitespace alone is empty to it. That, and
+    attributes that are not an object, the stand-in refuses as MoEngage does (a 400 alone,
+    an element dropped unseen from a Bulk Import answered 200). Refused before sending, it
+    is dead-lettered instead of lost."""
+    from bridge.mapping.shapes import body_checker, check_body
+    from bridge.testing.moengage_standin import MoEngageStandIn, Rejected, _check_user_item
+
+    with pytest.raises(Rejected):  # the stand-in's verdict on it
+        if kind == "merge":
+            MoEngageStandIn("w", "k")._accept_merge({"merge_data": [body]})
+        elif kind == "delete":
+            MoEngageStandIn("w", "k")._accept_delete(body)
+        else:
+            _check_user_item(body, kind, where="")
+    assert check_body("moengage", kind, body) is not None
+    assert body_checker("moengage", kind)(body) is not None  # the hot path's own test too
+
+
+def test_an_alias_whose_previous_id_is_linked_to_whitespace_is_not_sent():
+    """The shipped mapping checks an alias's previousId, not the id a stored link turns it
+    into: a link to whitespace alone (learnt by an earlier mapping) made a merge MoEngage
+    refuses, sent as good."""
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parents[2] / "mappings" / "segment-to-moengage.yaml"
+    m = load_mapping_file(shipped)
+    alias = {"type": "alias", "userId": "u-new", "previousId": "u-old"}
+    assert m.apply(alias, MapContext(links={"u-old": "c-old"})) == [
+        Output("merge", {"merged_user": "c-old", "retained_user": "u-new"})
+    ]
+    result = m.apply(alias, MapContext(links={"u-old": " "}))
+    assert isinstance(result, Failed) and result.reason == "invalid_output", result
+    assert "'merged_user' is only whitespace" in result.detail
 
 
 def test_a_null_segment_id_beside_a_set_one_is_sent(tmp_path):
