@@ -58,6 +58,10 @@ class DeliveryRun:
     writer_us_per_event: float  # the store's writer thread alone
     requests: int
     items: int
+    # The worker's delivery.concurrency: the config's default (2) unless --delivery-set
+    # changes it; `make bench` delivers with 1. Two loops walk the queue by ordering key,
+    # which one pipelined loop does not, so the two figures differ.
+    concurrency: int
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,7 @@ async def deliver_run(events: int, delivery: dict[str, Any] | None = None, timeo
                 round(writer / events * 1e6, 2),
                 tally[0],
                 tally[1],
+                worker.config.delivery.concurrency,
             )
         finally:
             await runtime.store.close()
@@ -251,7 +256,7 @@ async def main(argv: list[str] | None = None) -> int:
             print(
                 f"delivered {run.events:,} events in {run.seconds:.2f} s = {run.events_per_s:,} ev/s;"
                 f" CPU {run.cpu_us_per_event:.1f} µs/event (writer thread {run.writer_us_per_event:.1f});"
-                f" {run.requests:,} requests",
+                f" {run.requests:,} requests; concurrency {run.concurrency}",
                 flush=True,
             )
     steps = await step_costs(min(args.events, 20_000))
