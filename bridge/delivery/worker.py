@@ -515,7 +515,7 @@ class DestinationWorker:
         if self._guard_trips():
             await self._pause_for_guard()
             return  # the mapped jobs are released by deliver()
-        requests = self.client.pack(items) if items else []
+        requests = self._pack(items, batch) if items else []
         if self.config.delivery.ordered:
             for i, request in enumerate(requests):
                 if not await self._send(request, batch, ordered=True):
@@ -543,6 +543,44 @@ class DestinationWorker:
             if last:
                 await self._send_barriers(last, batch)
         await self._settle(batch, job_items, mapping.version)
+
+    def _pack(self, items: list[Item], batch: _Batch) -> list[Request]:
+        """The batch's requests, in its items' order. A job past its retry budget goes in a
+        request of its own (see _alone): the others of a request refused for now, again and
+        again, because of one event (a 5xx or a time-out its content causes) are delivered,
+        and only that event is dead-lettered."""
+        # In C, one look at the batch's counts: a job is past the budget only once its
+        # attempts are past min_attempts, which nearly no batch's are.
+        if max(batch.fence.values(), default=0) <= self.policy.config.min_attempts:
+            return self.client.pack(items)
+        now = self.store.now()
+        exhausted = self.policy.exhausted
+        # Its attempt before this one was past the budget already (this one counted too).
+        last = {job_id for job_id, job in batch.jobs.items() if exhausted(job.attempts - 1, job.first_attempt_at, now)}
+        if not last:
+            return self.client.pack(items)
+        # Cut where such a job's items are, in order: each user's requests still go in the
+        # order of its jobs (ordered delivery sends them one after the other).
+        requests: list[Request] = []
+        run: list[Item] = []
+        i = 0
+        while i < len(items):
+            job_id = items[i].job_id
+            if job_id not in last:
+                run.append(items[i])
+                i += 1
+                continue
+            if run:
+                requests += self.client.pack(run)
+                run = []
+            j = i
+            while j < len(items) and items[j].job_id == job_id:
+                j += 1
+            requests += self.client.pack(items[i:j])
+            i = j
+        if run:
+            requests += self.client.pack(run)
+        return requests
 
     async def _send_together(self, requests: list[Request], batch: _Batch) -> None:
         """Unordered delivery: send ``requests`` at once. Every request finishes before
@@ -975,7 +1013,7 @@ class DestinationWorker:
             if verdict.action is Action.DELIVERED:
                 acked.append(job_id)
             elif verdict.action is Action.RETRY:
-                if self.policy.exhausted(job.attempts, job.first_attempt_at, now):
+                if self.policy.exhausted(job.attempts, job.first_attempt_at, now) and _alone(job_id, verdict):
                     body = self._request_for_record(job_id, verdict, shared)
                     dead.append(self._dead(job_id, "retries_exhausted", resp, body, batch, version))
                 else:
@@ -1180,6 +1218,15 @@ def _part_followers(requests: list[Request], leaders: Mapping[int, Item]) -> tup
             request = Request(request.endpoint, items)
         kept.append(request)
     return kept, held
+
+
+def _alone(job_id: int, verdict: Verdict) -> bool:
+    """Whether the request judged ``verdict`` held ``job_id``'s items only. A job past its
+    retry budget refused for now in a request shared with other jobs gets one attempt more,
+    on its own (DestinationWorker._pack), rather than follow the event that failed them all
+    into the dead-letter queue; refused alone, it is dead-lettered as retries_exhausted."""
+    request = verdict.request
+    return request is None or all(it.job_id == job_id for it in request.items)
 
 
 def _rank(action: Action) -> int:

@@ -169,6 +169,93 @@ async def test_poison_events_are_bisected_out(make_bridge):
         await server.close()
 
 
+class FailsOnOneEventMoEngage(MoEngageStandIn):
+    """Answers 500 to any Bulk Import holding a "Poison" event: an upstream that fails on one
+    event's content (redpanda-data/connect#414, shared/reference/peers.md), for now every time."""
+
+    def _accept_transition(self, body: dict[str, Any]) -> str:
+        for element in body.get("elements") or []:
+            if any(a.get("action") == "Poison" for a in element.get("actions") or []):
+                raise Rejected(500, "Internal Server Error", "InternalError")
+        return super()._accept_transition(body)
+
+
+QUICK_RETRIES = {"base_delay": 0.05, "max_delay": 0.1, "max_age": 0.5, "min_attempts": 3}
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+async def test_an_event_refused_for_now_every_time_runs_out_of_retries_alone(make_bridge, ordered):
+    """A 5xx is retried, not bisected: an event the upstream always fails on took its
+    request's other events with it, and when their retries ran out all of them were
+    dead-lettered as retries_exhausted, which paused the destination as a bad deploy. Past
+    its budget a job gets one attempt on its own, so only the poison is dead-lettered."""
+    bridge = await make_bridge(start=False)
+    poisoned = FailsOnOneEventMoEngage(WORKSPACE, API_KEY)
+    server = TestServer(poisoned.app(), host="127.0.0.1")
+    await server.start_server()
+    try:
+        destination = bridge.destination("moengage-main")
+        destination["base_url"] = str(server.make_url("")).rstrip("/")
+        destination["retry"] = QUICK_RETRIES
+        destination["delivery"]["ordered"] = ordered
+        await bridge.start()
+        batch = tracks(40)
+        batch["batch"][5]["event"] = "Poison"
+        assert (await bridge.post("/v1/batch", batch, H))[0] == 200
+        await wait_until(lambda: _dlq_size(bridge, 1), what="the poison's dead letter", timeout=20)
+        await poisoned.wait_for(lambda: len(seqs(poisoned)) == 39, timeout=20)
+        (dead,) = await dlq(bridge)
+        assert (dead["message_id"], dead["reason"], dead["status"]) == ("e-5", "retries_exhausted", 500)
+        _, status = await bridge.get("/admin/status", ADMIN)
+        (main,) = [d for d in status["destinations"] if d["name"] == "moengage-main"]
+        assert not main["paused"], main
+        # Later events go out as usual.
+        assert (await bridge.post("/v1/batch", tracks(6, prefix="later"), H))[0] == 200
+        await poisoned.wait_for(lambda: len(seqs(poisoned)) == 45, timeout=15)
+        assert len(await dlq(bridge)) == 1
+    finally:
+        poisoned.stop()
+        await server.close()
+
+
+class DownMoEngage(MoEngageStandIn):
+    """Refuses every Bulk Import with a 503, counting the events each held."""
+
+    def __init__(self, workspace: str, api_key: str) -> None:
+        super().__init__(workspace, api_key)
+        self.sizes: list[int] = []
+
+    def _accept_transition(self, body: dict[str, Any]) -> str:
+        self.sizes.append(len(body.get("elements") or []))
+        raise Rejected(503, "Service Unavailable", "ServiceUnavailable")
+
+
+async def test_an_outage_past_the_retry_budget_sends_each_event_alone_once(make_bridge):
+    """While the upstream refuses everything, requests stay shared until the budget runs
+    out; then each event has one request of its own, and is dead-lettered after it: one
+    request an event, once, not a request an event on every attempt."""
+    bridge = await make_bridge(start=False)
+    down = DownMoEngage(WORKSPACE, API_KEY)
+    server = TestServer(down.app(), host="127.0.0.1")
+    await server.start_server()
+    try:
+        destination = bridge.destination("moengage-main")
+        destination["base_url"] = str(server.make_url("")).rstrip("/")
+        destination["retry"] = QUICK_RETRIES
+        destination["delivery"]["ordered"] = False
+        await bridge.start()
+        assert (await bridge.post("/v1/batch", tracks(30, prefix="down"), H))[0] == 200
+        await wait_until(lambda: _dlq_size(bridge, 30), what="events out of retries", timeout=20)
+        dead = await dlq(bridge, "?limit=1000")
+        assert {d["reason"] for d in dead} == {"retries_exhausted"} and len(dead) == 30
+        # Shared while the budget lasted (three attempts at least), then one each.
+        assert down.sizes.count(1) == 30 and down.sizes.count(30) >= 3, down.sizes
+        assert len(down.sizes) == 30 + down.sizes.count(30), down.sizes
+    finally:
+        down.stop()
+        await server.close()
+
+
 async def _dlq_size(bridge: Any, n: int) -> bool:
     return len(await dlq(bridge)) >= n
 
@@ -232,7 +319,9 @@ async def test_a_dead_letter_of_a_shared_request_keeps_its_own_event_only(make_b
     }
     assert (await bridge.post("/v1/batch", batch, H))[0] == 200
     await wait_until(lambda: _dlq_size(bridge, 6), what="6 dead letters")
-    assert bridge.moengage.received == 1, "the six events went out in one request"
+    # The six went out in one request; refused for now past their budget, each then had
+    # one attempt alone before it was dead-lettered (see the poison tests above).
+    assert bridge.moengage.received == (7 if status == 503 else 1), bridge.moengage.seen
     for entry in await dlq(bridge):
         assert entry["reason"] == reason, entry
         shown_status, shown = await bridge.get(f"/admin/dlq/{entry['id']}", ADMIN)
