@@ -150,10 +150,15 @@ class _ClientFaultFilter(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if record.levelno < logging.WARNING or not isinstance(exc, HttpProcessingError | RequestPayloadError):
             return True
+        status = getattr(exc, "code", 400)
+        if isinstance(exc, RequestPayloadError) and isinstance(exc.__cause__, HttpProcessingError):
+            # aiohttp wraps a body's fault as the str() of its error, "400, message:" on a
+            # line of its own: the reason is the error's message.
+            exc = exc.__cause__
         text = str(exc.message if isinstance(exc, HttpProcessingError) else exc)
         record.levelno, record.levelname = logging.INFO, "INFO"
         record.msg, record.args = "bad_http_request", ()
-        record.status = getattr(exc, "code", 400)
+        record.status = status
         record.reason = client_fault_reason(exc, text)
         record.exc_info = record.exc_text = None
         return self.threshold <= logging.INFO

@@ -326,6 +326,8 @@ async def test_malformed_http_is_an_info_line_not_an_error_traceback(bridge):
     # One event name to filter on, as for every other line; what aiohttp said is a field.
     assert all(line["event"] == "bad_http_request" and line["status"] == 400 for line in server), server
     assert all(line["reason"] for line in server), server
+    # What was wrong with the body, not the "400, message:" heading aiohttp wraps it under.
+    assert [line["reason"] for line in server[2:]] == ["Can not decode content-encoding: gzip"] * 2, server
     assert "Traceback" not in stream.getvalue() and WRITE_KEY not in stream.getvalue()
     # At level warning these lines are not written at all.
     quiet = io.StringIO()
