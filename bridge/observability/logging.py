@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 import orjson
 import structlog
-from aiohttp.http_exceptions import HttpProcessingError, InvalidHeader, LineTooLong
+from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError, LineTooLong
 from aiohttp.web_protocol import RequestPayloadError
 from structlog.typing import EventDict, Processor, WrappedLogger
 
@@ -150,10 +150,15 @@ class _ClientFaultFilter(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if record.levelno < logging.WARNING or not isinstance(exc, HttpProcessingError | RequestPayloadError):
             return True
+        status = getattr(exc, "code", 400)
+        if isinstance(exc, RequestPayloadError) and isinstance(exc.__cause__, HttpProcessingError):
+            # aiohttp wraps a body's fault as the str() of its error, "400, message:" on a
+            # line of its own: the reason is the error's message.
+            exc = exc.__cause__
         text = str(exc.message if isinstance(exc, HttpProcessingError) else exc)
         record.levelno, record.levelname = logging.INFO, "INFO"
         record.msg, record.args = "bad_http_request", ()
-        record.status = getattr(exc, "code", 400)
+        record.status = status
         record.reason = client_fault_reason(exc, text)
         record.exc_info = record.exc_text = None
         return self.threshold <= logging.INFO
@@ -162,25 +167,24 @@ class _ClientFaultFilter(logging.Filter):
 # A Python repr of text or bytes (b'...', '...', "...", bytearray(b'...')), as aiohttp quotes
 # what it choked on.
 _QUOTED = re.compile(r"(bytearray\()?(?:b?'(?:[^'\\]|\\.)*'|b?\"(?:[^\"\\]|\\.)*\")(?(1)\))")
-# A header's name: an HTTP token, short enough to be one.
-_HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
 
 
 def client_fault_reason(exc: BaseException, text: str) -> str:
     """What a ``bad_http_request`` line says: the first line of aiohttp's reason without the
-    bytes it quotes, and for an oversized or invalid header, the header's name. aiohttp
-    quotes up to 100 bytes of the line it refused, which may be a credential (a write key
-    the bridge does not know, so redaction cannot find it) or a query string's secret."""
+    bytes it quotes. aiohttp quotes up to 100 bytes of the line it refused, which may be a
+    credential (a write key the bridge does not know, so redaction cannot find it) or a
+    query string's secret. It names no header: with aiohttp's C parser (the one its wheels
+    run) the bytes of an oversized or invalid header are its value alone, whose text before
+    a colon (``https`` of a URL, the id of an ``id:secret`` key) is no header's name."""
     reason = (text.strip().splitlines() or [""])[0]
-    quoted = exc.args[0] if isinstance(exc, LineTooLong | InvalidHeader) and exc.args else None
-    if isinstance(exc, LineTooLong) and isinstance(quoted, str):
+    if isinstance(exc, InvalidURLError) and "\n" not in text.strip():
+        # A request target yarl refused (a port past 65535, an empty host) is the whole of
+        # the message, unquoted: its query string too.
+        return "Invalid URL"
+    quoted = exc.args[0] if isinstance(exc, LineTooLong) and exc.args else None
+    if isinstance(quoted, str):
         return reason[:200]  # aiohttp's own words ("Status line is too long"), no data
-    reason = _QUOTED.sub("…", reason)[:200]
-    if isinstance(quoted, bytes):
-        name, colon, _ = quoted.partition(b":")
-        if colon and _HEADER_NAME.fullmatch(name):
-            reason += f" (header {name.decode('ascii')})"
-    return reason
+    return _QUOTED.sub("…", reason)[:200]
 
 
 def reset_logging() -> None:

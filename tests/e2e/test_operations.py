@@ -326,6 +326,8 @@ async def test_malformed_http_is_an_info_line_not_an_error_traceback(bridge):
     # One event name to filter on, as for every other line; what aiohttp said is a field.
     assert all(line["event"] == "bad_http_request" and line["status"] == 400 for line in server), server
     assert all(line["reason"] for line in server), server
+    # What was wrong with the body, not the "400, message:" heading aiohttp wraps it under.
+    assert [line["reason"] for line in server[2:]] == ["Can not decode content-encoding: gzip"] * 2, server
     assert "Traceback" not in stream.getvalue() and WRITE_KEY not in stream.getvalue()
     # At level warning these lines are not written at all.
     quiet = io.StringIO()
@@ -364,6 +366,34 @@ async def test_a_refused_request_line_or_header_is_logged_without_the_bytes_aioh
     assert len(reasons) == 3 and all(reasons), lines
     assert unknown_key[:20] not in logged and encoded[:20].decode() not in logged, reasons
     assert any(reason.startswith("Got more than") for reason in reasons), reasons
+
+
+async def test_a_refused_url_or_header_value_is_logged_without_any_of_it(bridge):
+    """A request target yarl refuses is aiohttp's whole reason, unquoted; and what aiohttp
+    quotes of an oversized or invalid header is its value alone, whose text before a colon
+    is the id of an ``id:secret`` key, not the header's name. Neither reaches the log."""
+    stream = io.StringIO()
+    configure_logging("info", "json", stream=stream)
+    query_secret = "qs-" + secrets.token_hex(8)  # `key=` is no name redaction knows
+    key_id = "kid_" + secrets.token_hex(8)
+    try:
+        for request in (
+            b"GET http://bridge:99999/v1/track?key=" + query_secret.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET https://:8080/v1/track?key=" + query_secret.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"POST /v1/track HTTP/1.1\r\nHost: x\r\nX-Api-Key: " + key_id.encode() + b":" + b"s" * 9000 + b"\r\n\r\n",
+            b"POST /v1/track HTTP/1.1\r\nHost: x\r\nX-Api-Key: " + key_id.encode() + b":s\x00\r\n\r\n",
+        ):
+            answer = await raw_exchange(bridge, request)
+            assert answer.split(b" ", 2)[1] == b"400", answer[:60]
+        await asyncio.sleep(0.05)
+    finally:
+        configure_logging("warning", "console")
+    logged = stream.getvalue()
+    lines = [orjson.loads(line) for line in logged.splitlines()]
+    reasons = [line["reason"] for line in lines if line["event"] == "bad_http_request"]
+    assert len(reasons) == 4 and all(reasons), lines
+    assert query_secret not in logged and key_id not in logged, reasons
+    assert reasons[:2] == ["Invalid URL", "Invalid URL"], reasons
 
 
 async def test_a_client_gone_mid_body_is_logged_as_such_not_as_a_bad_encoding(bridge):
