@@ -365,24 +365,21 @@ class DestinationWorker:
                     await self._sleep(min(held, cfg.poll_interval * 10))
                     continue
                 flying = previous if previous is not None and not previous.finished else None
+                jobs = []
                 try:
                     await self._check_mapping_changed()
-                    jobs = (
-                        []
-                        if self.paused
-                        else await self.store.lease(
+                    if not self.paused:
+                        jobs = await self.store.lease(
                             self.name,
                             cfg.batch_size,
                             cfg.lease_seconds,
                             ordered=cfg.ordered,
                             ahead=flying.jobs.keys() if flying is not None else (),
                         )
-                    )
+                        # Only a lease says the store answers again: a paused loop asks nothing.
+                        self._lease_failures.succeeded()
                 except Exception as exc:
                     self._lease_failures.failed(exc)
-                    jobs = []
-                else:
-                    self._lease_failures.succeeded()
                 if not jobs:
                     if flying is not None:
                         # Its users may have more jobs waiting: lease again once it settles.

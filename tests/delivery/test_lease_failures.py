@@ -53,3 +53,18 @@ async def test_a_loop_whose_leases_fail_backs_off_and_polls_again_once_they_work
         await asyncio.gather(task, return_exceptions=True)
     events = [entry["event"] for entry in logs]
     assert events.count("lease_failed") == 1 and events.count("lease_recovered") == 1, events
+
+
+async def test_a_loop_paused_while_its_leases_fail_does_not_say_they_work_again(tmp_path: Path) -> None:
+    store = AwayStore()
+    worker = _worker(tmp_path, store, poll_interval=0.01)
+    with capture_logs() as logs:
+        task = asyncio.create_task(worker._loop())
+        await asyncio.sleep(0.2)
+        assert store.leases >= 2
+        worker.paused = True  # a paused loop leases nothing: it learns nothing of the store
+        await asyncio.sleep(LEASE_RETRY_CAP / 2)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    events = [entry["event"] for entry in logs]
+    assert events.count("lease_failed") == 1 and "lease_recovered" not in events, events
