@@ -27,6 +27,7 @@ from bridge.delivery.outputs import digests_of, not_yet_delivered
 from bridge.delivery.policy import Action, RetryPolicy, RetrySchedule
 from bridge.delivery.ratelimit import RateLimiter
 from bridge.destinations.base import Item, Request, Response
+from bridge.destinations.http import CONNECTIONS
 from bridge.destinations.packing import json_array
 from bridge.mapping.api import CompiledMapping, Discarded, Failed, MapContext
 from bridge.mapping.links import link_context
@@ -200,6 +201,11 @@ class DestinationWorker:
         # retryable failures, nothing is leased or sent until then.
         self._hold_until = 0.0
         self._failure_streak = 0
+        # Requests on the wire, every loop's: no more than the destination has connections.
+        # Past them, a request waited in aiohttp's pool with its timeout running: an unordered
+        # batch past its retry budget (a request an event, see _pack) timed out its last
+        # requests unsent against an upstream that answered each in time, and dead-lettered them.
+        self._slots = asyncio.Semaphore(CONNECTIONS)
         # Failing leases (a store outage): logged once with the traceback, then once a
         # minute, and lease_recovered at the end; every loop of this worker shares it.
         self._lease_failures = FailureRun("lease_failed", "lease_recovered", destination=self.name)
@@ -835,13 +841,19 @@ class DestinationWorker:
                 self._hold_until = now + wait
             batch.unsent.update(it.job_id for it in request.items)
             return False
-        await self.limiter.acquire(cost)
-        if self._stopping or self.paused:
-            # SIGTERM or a pause arrived while waiting for tokens: still nothing new after it.
-            batch.unsent.update(it.job_id for it in request.items)
-            return False
-        started = time.monotonic()
-        response = await self.client.send(request)
+        async with self._slots:
+            if time.monotonic() < self._hold_until or time.monotonic() > batch.deadline:
+                # Waited for a connection: a backoff begun meanwhile (another request failed),
+                # or the lease's deadline, holds it back as it holds back any new request.
+                batch.unsent.update(it.job_id for it in request.items)
+                return False
+            await self.limiter.acquire(cost)
+            if self._stopping or self.paused:
+                # SIGTERM or a pause arrived while waiting for tokens: still nothing new after it.
+                batch.unsent.update(it.job_id for it in request.items)
+                return False
+            started = time.monotonic()
+            response = await self.client.send(request)
         self.metrics.request(self.name, response.status, time.monotonic() - started)
         action = self.policy.classify(response, len(request.items))
         if response.status == 429:

@@ -90,7 +90,12 @@ _ATTEMPT: ContextVar[_Attempt | None] = ContextVar("bridge_http_attempt", defaul
 _DROPPED = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientConnectionResetError)
 
 
-def create_session(timeout: float, *, connections: int = 64, fresh: bool = False) -> aiohttp.ClientSession:
+# A destination's pooled connections. A request waiting in aiohttp's pool for one spends its
+# timeout there: the delivery engine starts no more requests at once (DestinationWorker).
+CONNECTIONS = 64
+
+
+def create_session(timeout: float, *, connections: int = CONNECTIONS, fresh: bool = False) -> aiohttp.ClientSession:
     """A session for one destination: pooled keep-alive connections, no env proxies.
     ``fresh``: a new connection for every request, none kept."""
     return aiohttp.ClientSession(

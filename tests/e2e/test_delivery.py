@@ -256,6 +256,56 @@ async def test_an_outage_past_the_retry_budget_sends_each_event_alone_once(make_
         await server.close()
 
 
+class RecoveringMoEngage(MoEngageStandIn):
+    """Refuses every Bulk Import with a 503 until the first that holds one event (the
+    bridge's attempt of an event alone, past its budget); from then on takes each one.
+    Every Bulk Import takes ``delays["transition"]`` to answer: an upstream just back from
+    an outage, slow but within the request timeout."""
+
+    def __init__(self, workspace: str, api_key: str) -> None:
+        super().__init__(workspace, api_key)
+        self.up = False
+
+    def _accept_transition(self, body: dict[str, Any]) -> str:
+        if len(body.get("elements") or []) == 1:
+            self.up = True
+        if not self.up:
+            raise Rejected(503, "Service Unavailable", "ServiceUnavailable")
+        return super()._accept_transition(body)
+
+
+async def test_the_end_of_an_outage_past_the_budget_times_out_no_event_waiting_for_a_connection(make_bridge):
+    """Past the budget, unordered delivery sends a batch's events in a request each, at once:
+    hundreds of requests, more than a destination's pool of connections. One waiting in
+    aiohttp's pool for a connection spent its request timeout there: against an upstream
+    that answered every request well within it, the last ones timed out unsent and, alone
+    and past their budget, were dead-lettered as retries_exhausted."""
+    bridge = await make_bridge(start=False)
+    upstream = RecoveringMoEngage(WORKSPACE, API_KEY)
+    upstream.delays["transition"] = 0.4
+    server = TestServer(upstream.app(), host="127.0.0.1")
+    await server.start_server()
+    try:
+        destination = bridge.destination("moengage-main")
+        destination["base_url"] = str(server.make_url("")).rstrip("/")
+        destination["retry"] = QUICK_RETRIES
+        destination["delivery"]["ordered"] = False
+        destination["delivery"]["request_timeout"] = 1.0
+        await bridge.start()
+        assert (await bridge.post("/v1/batch", tracks(300, prefix="slow"), H))[0] == 200
+
+        async def settled() -> bool:
+            return len(seqs(upstream)) + len(await dlq(bridge, "?limit=1000")) >= 300
+
+        await wait_until(settled, what="every event delivered or dead-lettered", timeout=60)
+        assert upstream.up
+        assert await dlq(bridge, "?limit=1000") == []
+        assert len(seqs(upstream)) == 300
+    finally:
+        upstream.stop()
+        await server.close()
+
+
 async def _dlq_size(bridge: Any, n: int) -> bool:
     return len(await dlq(bridge)) >= n
 
