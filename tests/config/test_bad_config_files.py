@@ -135,3 +135,41 @@ def test_a_password_holding_slash_query_or_hash_is_still_refused(url: str) -> No
 
     with pytest.raises(ValueError, match="percent-encode"):
         check_store_url(url)
+
+
+# -- config paths and files that are no config: one line, never a traceback ------------
+
+
+def test_a_config_path_naming_an_endless_device_is_a_config_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--config /dev/zero` read until memory ran out, then ended in a MemoryError traceback."""
+    from bridge.cli import main
+
+    assert main(["check", "--config", "/dev/zero"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("config error: /dev/zero: cannot read config: larger than"), err
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "problem"),
+    [
+        ("server:\n  port: " + "9" * 5000 + "\n", ":2:9:", "an integer of 5000 characters is too large"),
+        ("a: " + "[" * 5000 + "]" * 5000 + "\n", ":", "nested too deeply"),
+        ("admin:\n  token: 'a\x07b'\n", ":2:12:", "unacceptable character #x0007"),
+        ("server: {}\n\x00", ":2:1:", "unacceptable character #x0000"),
+    ],
+)
+def test_yaml_a_parser_cannot_take_is_a_one_line_config_error(
+    tmp_path: Path, text: str, where: str, problem: str
+) -> None:
+    """An integer of more than 4300 digits (ValueError) and thousands of nested brackets
+    (RecursionError) were tracebacks; a control character's error spanned two lines and
+    gave a character count, not a line."""
+    from bridge.destinations.base import ConfigError
+
+    path = tmp_path / "bridge.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        read_yaml(path, {})
+    message = str(exc.value)
+    assert message.startswith(f"{path}{where}") and problem in message, message
+    assert "\n" not in message
