@@ -173,3 +173,53 @@ def test_yaml_a_parser_cannot_take_is_a_one_line_config_error(
     message = str(exc.value)
     assert message.startswith(f"{path}{where}") and problem in message, message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("kind", ["directory", "not UTF-8"])
+def test_the_sandbox_reads_a_bad_config_path_as_serve_does(tmp_path: Path, kind: str) -> None:
+    """`bridge serve --sandbox` opened the file itself: IsADirectoryError or UnicodeDecodeError
+    tracebacks where `bridge serve` says `config error:`."""
+    from bridge.destinations.base import ConfigError
+    from bridge.sandbox import sandbox_config
+
+    path = tmp_path / "bridge.yaml"
+    if kind == "directory":
+        path.mkdir()
+    else:
+        path.write_bytes(b'server: {host: "caf\xe9"}\n')
+    with pytest.raises(ConfigError, match=r"cannot read config|not UTF-8"):
+        sandbox_config(str(path), "127.0.0.1", 0, {"us": 0, "eu": 0})
+
+
+def test_the_sandbox_refuses_destinations_that_are_no_list_by_name(tmp_path: Path) -> None:
+    """`destinations: 5` raised TypeError in the sandbox's rewriting of base URLs."""
+    from bridge.destinations.base import ConfigError
+    from bridge.sandbox import sandbox_config
+
+    path = tmp_path / "bridge.yaml"
+    path.write_text("destinations: 5\n")
+    with pytest.raises(ConfigError, match=r"^destinations: expected a list, got an integer$"):
+        sandbox_config(str(path), "127.0.0.1", 0, {"us": 0, "eu": 0})
+
+
+@pytest.mark.parametrize("value", ["abc", "99999", "-1"])
+def test_a_sandbox_port_variable_that_is_no_port_is_a_config_error(tmp_path: Path, value: str) -> None:
+    """BRIDGE_SANDBOX_*_PORT was read with int() when bridge.sandbox was imported: a
+    ValueError (or, past 65535, an OverflowError from bind) traceback, exit 1."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "bridge.yaml"
+    path.write_text("destinations: 5\n")  # never served: the port is checked first
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root), BRIDGE_SANDBOX_MOENGAGE_PORT=value)
+    done = subprocess.run(
+        [sys.executable, "-m", "bridge.cli", "serve", "--sandbox", "--config", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"config error: BRIDGE_SANDBOX_MOENGAGE_PORT: expected a port, 0 to 65535, got {value!r}\n"
