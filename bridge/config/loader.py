@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bisect
 import builtins
+import math
 import os
 import re
 from collections.abc import Collection, Iterable, Iterator, Mapping
@@ -19,6 +20,9 @@ from bridge.config_values import as_text, spelt_int, type_name
 from bridge.destinations.base import ConfigError
 from bridge.suggest import did_you_mean
 from bridge.yaml_unique import UniqueKeysLoader
+
+# The largest integer setting: SQLite's and PostgreSQL's integers are 64-bit.
+MAX_INT = 2**63 - 1
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -76,7 +80,10 @@ class Reader:
             _fail(self.at(key), f"expected an integer, got {type_name(value)}")
         if minimum is not None and value < minimum:
             _fail(self.at(key), f"must be at least {minimum}, got {value}")
-        if maximum is not None and value > maximum:
+        # Past 64 bits, a count is no setting but a typo, and it failed only once serving: a
+        # batch size SQLite cannot bind (every lease failing), a guard window no deque takes.
+        maximum = MAX_INT if maximum is None else maximum
+        if value > maximum:
             _fail(self.at(key), f"must be at most {maximum}, got {value}")
         return builtins.int(value)
 
@@ -86,9 +93,19 @@ class Reader:
         value = self.raw(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float):
             _fail(self.at(key), f"expected a number, got {type_name(value)}")
-        if minimum is not None and value < minimum:
+        try:
+            number = float(value)
+        except OverflowError:  # an integer past the largest float
+            number = math.inf
+        if not math.isfinite(number):
+            # YAML's .nan passes every comparison below, and crashed the server when it slept
+            # for that long. An infinite one is no setting either: a lease that never ends
+            # leaves a crashed node's jobs unsent for good.
+            shown = value if isinstance(value, float) else "an integer past the largest number"
+            _fail(self.at(key), f"expected a finite number, got {shown}")
+        if minimum is not None and number < minimum:
             _fail(self.at(key), f"must be at least {minimum}, got {value}")
-        return float(value)
+        return number
 
     def bool(self, key: builtins.str, default: builtins.bool) -> builtins.bool:
         value = self.raw(key, default)

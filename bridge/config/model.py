@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from bridge.config.loader import Reader, read_yaml
+from bridge.config.loader import MAX_INT, Reader, read_yaml
 from bridge.config_values import plain
 from bridge.destinations.base import ConfigError, Destination, destination_kinds
 from bridge.destinations.http import as_url, check_url
@@ -310,6 +310,10 @@ def _store(r: Reader) -> StoreConfig:
     if max_bytes is not None and max_bytes < 1:
         # The store refuses it when the server opens it: say so here, so `bridge check` does too.
         raise ConfigError(f"{r.at('max_bytes')}: must be at least 1 (leave it out for no limit), got {max_bytes}")
+    if max_bytes is not None and max_bytes > MAX_INT:
+        raise ConfigError(
+            f"{r.at('max_bytes')}: must be at most {MAX_INT} (leave it out for no limit), got {max_bytes}"
+        )
     cfg = StoreConfig(
         url=r.str("url", "sqlite:///var/bridge.db"),
         max_bytes=None if max_bytes is None else int(max_bytes),

@@ -4,6 +4,7 @@ never echo a secret."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -223,3 +224,61 @@ def test_a_sandbox_port_variable_that_is_no_port_is_a_config_error(tmp_path: Pat
     )
     assert done.returncode == 2, done.stderr
     assert done.stderr == f"config error: BRIDGE_SANDBOX_MOENGAGE_PORT: expected a port, 0 to 65535, got {value!r}\n"
+
+
+# -- numbers no setting can be ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value", [float("nan"), float("inf"), float("-inf"), 10**400], ids=["nan", "inf", "-inf", "1e400"]
+)
+@pytest.mark.parametrize(
+    "path",
+    [
+        ("server", "shutdown_timeout"),
+        ("server", "idle_timeout"),
+        ("store", "retention_hours"),
+        ("mappings", "watch_interval"),
+        ("destinations", 0, "delivery", "poll_interval"),
+        ("destinations", 0, "delivery", "lease_seconds"),
+        ("destinations", 0, "retry", "max_age"),
+        ("destinations", 0, "guard", "threshold"),
+    ],
+)
+def test_a_number_setting_must_be_finite(raw: dict[str, Any], path: tuple[str | int, ...], value: float) -> None:
+    """YAML's .nan passed every range check (`nan < minimum` is false) and crashed the server
+    when it slept that long ("cannot convert float NaN to integer"); .inf passed as well."""
+    from tests.config.conftest import error_of
+
+    node: Any = raw
+    for key in path[:-1]:
+        node = node.setdefault(key, {}) if isinstance(key, str) else node[key]
+    node[path[-1]] = value
+    where = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in path).lstrip(".")
+    message = error_of(raw)
+    assert message.startswith(f"{where}: expected a finite number, got "), message
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        ("destinations", 0, "delivery", "batch_size"),
+        ("destinations", 0, "guard", "window"),
+        ("store", "max_bytes"),
+        ("store", "min_free_disk_bytes"),
+    ],
+)
+def test_an_integer_setting_past_64_bits_is_refused(raw: dict[str, Any], path: tuple[str | int, ...]) -> None:
+    """`bridge check` passed them; serving, a batch size SQLite cannot bind failed every lease,
+    and a guard window no deque takes stopped the start with an OverflowError traceback."""
+    from tests.config.conftest import error_of
+
+    node: Any = raw
+    for key in path[:-1]:
+        node = node.setdefault(key, {}) if isinstance(key, str) else node[key]
+    node[path[-1]] = 2**63
+    if path[-1] == "window":
+        node["min_events"] = 20
+    where = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in path).lstrip(".")
+    message = error_of(raw)
+    assert message.startswith(f"{where}: must be at most {2**63 - 1}"), message
