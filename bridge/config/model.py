@@ -274,10 +274,26 @@ def _place(host_or_url: str) -> tuple[str, int | None, str]:
     return (parts.hostname or "").rstrip("."), parts.port, parts.path.rstrip("/")
 
 
+def _listen_host(r: Reader) -> str:
+    """``server.host``: an IP address or a host name. A character no host holds is refused
+    here: serving, aiohttp's URL for it raised, a traceback where a config error belongs."""
+    host = r.str("host", "127.0.0.1")
+    try:
+        ipaddress.IPv6Address(host)  # holds ':' (and '%' before a zone)
+        return host
+    except ValueError:
+        pass
+    bad = next((c for c in host if c.isspace() or not c.isprintable() or c in ":/?#@[]\\%"), None)
+    if bad is not None:
+        hint = "; an IPv6 address goes without brackets, e.g. ::1" if bad in ":[]" else ""
+        raise ConfigError(f"{r.at('host')}: {host!r} is no IP address or host name (it holds {bad!r}){hint}")
+    return host
+
+
 def _server(r: Reader) -> ServerConfig:
     hosts = _region_hosts(r)
     cfg = ServerConfig(
-        host=r.str("host", "127.0.0.1"),
+        host=_listen_host(r),
         port=r.int("port", 8088, minimum=0, maximum=65535),
         region=r.choice("region", SEGMENT_REGIONS, "us"),
         region_hosts=hosts,

@@ -282,3 +282,63 @@ def test_an_integer_setting_past_64_bits_is_refused(raw: dict[str, Any], path: t
     where = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in path).lstrip(".")
     message = error_of(raw)
     assert message.startswith(f"{where}: must be at most {2**63 - 1}"), message
+
+
+# -- values of the wrong shape -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("region", [["us"], [], {"us": 1}, {}])
+def test_a_segment_destination_region_that_is_a_list_or_a_mapping_is_a_config_error(
+    raw: dict[str, Any], region: object
+) -> None:
+    """`region not in HOSTS` raised TypeError (unhashable) for a list or a mapping."""
+    from tests.config.conftest import error_of
+
+    raw["destinations"][2]["region"] = region
+    assert error_of(raw).startswith('destinations[2].region: must be "us" or "eu"')
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("http://[::1", "is not a usable URL: Invalid IPv6 URL"),
+        ("http://127.0.0.1:abc", "is not a usable URL: Port could not be cast"),
+        ("http://127.0.0.1:99999", "is not a usable URL: Port out of range"),
+        ("http://moengage proxy.internal", "contains whitespace or a control character"),
+    ],
+)
+def test_a_base_url_no_request_can_go_to_is_a_config_error(raw: dict[str, Any], value: str, problem: str) -> None:
+    """An unclosed IPv6 bracket raised ValueError out of urlsplit (a traceback); a port that
+    is no port, or a space in the host, passed `bridge check` and failed every delivery."""
+    from tests.config.conftest import error_of
+
+    raw["destinations"][0]["base_url"] = value
+    message = error_of(raw)
+    assert message.startswith(f"destinations[0].base_url: {problem}"), message
+
+
+def test_a_region_host_with_an_unclosed_ipv6_bracket_is_a_config_error(raw: dict[str, Any]) -> None:
+    from tests.config.conftest import error_of
+
+    raw["server"]["region_hosts"] = {"eu": "https://[::1"}
+    message = error_of(raw)
+    assert message.startswith("server.region_hosts.eu: 'https://[::1' is not a usable URL or host"), message
+
+
+@pytest.mark.parametrize("host", ["[::1]", "bridge host", "0.0.0.0/0", "host:8088"])
+def test_a_listen_host_that_is_no_host_is_a_config_error(raw: dict[str, Any], host: str) -> None:
+    """`bridge check` passed them; `bridge serve` then failed to listen, and building the
+    error's URL raised ValueError: a traceback, exit 1, where a config error belongs."""
+    from tests.config.conftest import error_of
+
+    raw["server"]["host"] = host
+    message = error_of(raw)
+    assert message.startswith(f"server.host: {host!r} is no IP address or host name"), message
+
+
+@pytest.mark.parametrize("host", ["::1", "fe80::1%eth0", "0.0.0.0", "localhost", "bridge-1.internal"])
+def test_a_listen_host_that_is_an_address_or_a_name_is_taken(raw: dict[str, Any], host: str) -> None:
+    from bridge.config.model import build_config
+
+    raw["server"]["host"] = host
+    assert build_config(raw).server.host == host
