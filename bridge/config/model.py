@@ -389,6 +389,10 @@ def _network(text: Any, where: str) -> ipaddress.IPv4Network | ipaddress.IPv6Net
         raise ConfigError(f"{where}: not an IP address or CIDR: {text!r}") from None
 
 
+# An HTTP header name is a token (RFC 9110 5.1, 5.6.2).
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
 def _streams_auth(r: Reader) -> StreamsAuth:
     if not r.data:
         raise ConfigError(
@@ -398,8 +402,18 @@ def _streams_auth(r: Reader) -> StreamsAuth:
     kind = r.choice("type", ("basic", "header", "oauth2", "none"))
     if kind == "basic":
         auth = StreamsAuth(kind, username=r.str("username", required=True), password=r.str("password", required=True))
+        if ":" in auth.username:
+            # Basic credentials are "username:password", split at the first colon: no request
+            # could name this user, and every one was refused.
+            raise ConfigError(
+                f"{r.at('username')}: must not contain ':' (HTTP Basic splits user and password at the first "
+                "colon, so no request could match it; a colon may go in the password)"
+            )
     elif kind == "header":
         auth = StreamsAuth(kind, header=r.str("header", required=True), value=r.str("value", required=True))
+        if not _HEADER_NAME_RE.fullmatch(auth.header):
+            # No request carries a header of that name: every one was refused.
+            raise ConfigError(f"{r.at('header')}: {auth.header!r} is no HTTP header name (letters, digits, '-')")
     elif kind == "oauth2":
         auth = StreamsAuth(
             kind,
@@ -525,11 +539,12 @@ def _destination(r: Reader, index: int) -> DestinationConfig:
     r.done(also=kinds[kind].config_keys, takes=f"a {kind} destination")
     client_cfg = {"name": name, **r.rest()}
     client = kinds[kind].from_config(client_cfg, where=r.where, timeout=delivery.request_timeout)
-    unknown_buckets = set(rates) - set(client.rate_limits())
-    if unknown_buckets:
+    buckets = client.rate_limits()
+    # The first one in the file, named by its own key as every other error is, with a hint.
+    if unknown := next((b for b in rates if b not in buckets), None):
         raise ConfigError(
-            f"{r.at('rate_limits')}: unknown bucket(s) {', '.join(sorted(unknown_buckets))}; "
-            f"{kind} has {', '.join(sorted(client.rate_limits()))}"
+            f"{r.at('rate_limits')}.{unknown}: unknown bucket{did_you_mean(unknown, buckets)}; "
+            f"{kind} has {', '.join(sorted(buckets))}"
         )
     return DestinationConfig(
         name=name,

@@ -342,3 +342,35 @@ def test_a_listen_host_that_is_an_address_or_a_name_is_taken(raw: dict[str, Any]
 
     raw["server"]["host"] = host
     assert build_config(raw).server.host == host
+
+
+def test_an_unknown_rate_limit_bucket_is_named_by_its_key_with_a_hint(raw: dict[str, Any]) -> None:
+    """The error named `destinations[0].rate_limits` alone, and offered no near bucket."""
+    from tests.config.conftest import error_of
+
+    raw["destinations"][0]["rate_limits"] = {"events": "100/s", "bulk_event": "100/s"}
+    message = error_of(raw)
+    assert message.startswith(
+        "destinations[0].rate_limits.bulk_event: unknown bucket (did you mean 'bulk_events'?); moengage has "
+    ), message
+
+
+def test_a_streams_basic_username_with_a_colon_is_refused(raw: dict[str, Any]) -> None:
+    """Basic credentials split at the first colon: no request could name user "moe:streams",
+    so `bridge check` passed a source that refused every request (401)."""
+    from tests.config.conftest import error_of
+
+    raw["sources"][2]["auth"]["username"] = "moe:streams"
+    assert error_of(raw).startswith("sources[2].auth.username: must not contain ':'")
+    raw["sources"][2]["auth"].update(username="moe", password="pass:word")  # a colon in the password is fine
+    from bridge.config.model import build_config
+
+    assert build_config(raw).sources[2].auth is not None
+
+
+@pytest.mark.parametrize("header", ["X Streams Key", "X-Streams-Key:", "X-Key\r\n"])
+def test_a_streams_header_auth_whose_name_no_request_carries_is_refused(raw: dict[str, Any], header: str) -> None:
+    from tests.config.conftest import error_of
+
+    raw["sources"][2]["auth"] = {"type": "header", "header": header, "value": "streams-header-secret"}
+    assert error_of(raw).startswith(f"sources[2].auth.header: {header!r} is no HTTP header name")
