@@ -374,3 +374,37 @@ def test_a_streams_header_auth_whose_name_no_request_carries_is_refused(raw: dic
 
     raw["sources"][2]["auth"] = {"type": "header", "header": header, "value": "streams-header-secret"}
     assert error_of(raw).startswith(f"sources[2].auth.header: {header!r} is no HTTP header name")
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql://bridge@db:abc/bridge", "postgres://bridge@db:99999/bridge", "postgresql://a:5432,b:0/bridge"],
+)
+def test_a_postgres_url_whose_port_is_no_port_is_refused_by_check(url: str) -> None:
+    """`bridge check` passed it; `bridge serve` then stopped with the driver's
+    "invalid literal for int()" (a store error, exit 1)."""
+    from bridge.store import check_store_url
+
+    with pytest.raises(ValueError, match=r"^a port in the PostgreSQL URL is not a number from 1 to 65535"):
+        check_store_url(url)
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://db:5432/bridge", "postgresql://a:5432,b:5433/bridge", "postgresql://[::1]:5432/bridge"]
+)
+def test_a_postgres_url_with_ports_or_several_hosts_is_taken(url: str) -> None:
+    from bridge.store import check_store_url
+
+    check_store_url(url)
+
+
+def test_a_postgres_url_missing_its_host_does_not_echo_the_password_as_a_port() -> None:
+    """Without "@host" the password is read as a port: `bridge check` passed the URL, and
+    `bridge serve` printed it in the driver's error ("invalid literal for int() with base
+    10: 'Secret-Pass-123'"). Now refused by check, without quoting it."""
+    from bridge.config.model import build_config
+    from bridge.destinations.base import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        build_config({"store": {"url": "postgresql://bridge:Secret-Pass-123"}})
+    assert "Secret-Pass-123" not in str(exc.value)
