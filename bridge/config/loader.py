@@ -313,9 +313,11 @@ def read_yaml(path: str | Path, env: Mapping[str, str] | None = None) -> tuple[d
             before = text[: exc.position]
             where = f"{p}:{before.count(chr(10)) + 1}:{exc.position - before.rfind(chr(10))}"
             problem = f"unacceptable character #x{exc.character:04x}: {exc.reason}"
-        # An unquoted ${VAR} whose value YAML misreads (`*x` is an alias) must not be echoed.
-        for value in sorted(substituted, key=len, reverse=True):
-            for text_of in (value, value[1:]):  # YAML quotes an alias or tag without its * or !
+        # An unquoted ${VAR} whose value YAML misreads (`*x` is an alias) must not be echoed,
+        # nor a word of it: YAML quotes a tag up to the first space (`!abc def` names `!abc`).
+        parts = {p for value in substituted for p in (value, *value.split())}
+        for part in sorted(parts, key=len, reverse=True):
+            for text_of in (part, part[1:]):  # YAML quotes an alias or tag without its * or !
                 if len(text_of) >= 4:
                     problem = problem.replace(text_of, "<${VAR} value>")
         raise ConfigError(f"{where}: invalid YAML: {problem}") from None

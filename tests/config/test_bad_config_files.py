@@ -40,6 +40,18 @@ def test_config_yaml_error_does_not_echo_a_substituted_secret(tmp_path: Path) ->
     assert "SuperSecretToken123" not in str(exc.value)
 
 
+def test_config_yaml_error_does_not_echo_the_first_word_of_a_substituted_secret(tmp_path: Path) -> None:
+    """YAML names a tag up to its first space: "could not determine a constructor for the
+    tag '!First-Word-Of-Secret'" printed the secret's first word."""
+    from bridge.destinations.base import ConfigError
+
+    cfg = tmp_path / "bridge.yaml"
+    cfg.write_text("admin: {token: ${ADMIN_TOKEN}}\n")
+    with pytest.raises(ConfigError) as exc:
+        read_yaml(cfg, {"ADMIN_TOKEN": "!First-Word-Of-Secret and-the-rest"})
+    assert "First-Word" not in str(exc.value) and "the tag" in str(exc.value), str(exc.value)
+
+
 # -- a server port no socket takes passes `bridge check` -------------------------------
 
 
