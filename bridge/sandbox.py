@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from bridge.config.loader import env_references, read_yaml
+from bridge.config.loader import env_references, read_config_text, read_yaml
 from bridge.config.model import Config, build_config
 from bridge.destinations.base import ConfigError
 from bridge.destinations.moengage.datacenters import normalise_data_center
@@ -28,13 +28,31 @@ if TYPE_CHECKING:
 log = structlog.get_logger("bridge.sandbox")
 
 MOENGAGE_PORT_VARIABLE = "BRIDGE_SANDBOX_MOENGAGE_PORT"
-MOENGAGE_PORT = int(os.environ.get(MOENGAGE_PORT_VARIABLE, "8089"))
+MOENGAGE_PORT = 8089
 # One stand-in Segment per region, as Segment has one ingestion host per region.
 SEGMENT_PORT_VARIABLES = {"us": "BRIDGE_SANDBOX_SEGMENT_PORT", "eu": "BRIDGE_SANDBOX_SEGMENT_EU_PORT"}
-SEGMENT_PORTS = {
-    "us": int(os.environ.get(SEGMENT_PORT_VARIABLES["us"], "8090")),
-    "eu": int(os.environ.get(SEGMENT_PORT_VARIABLES["eu"], "8091")),
-}
+SEGMENT_PORTS = {"us": 8090, "eu": 8091}
+
+
+def _port_from_env(variable: str, default: int) -> int:
+    """The stand-in port ``variable`` moves it to: a config error, naming the variable,
+    when it is no port (a traceback at start-up before)."""
+    text = os.environ.get(variable)
+    if text is None:
+        return default
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{variable}: expected a port, 0 to 65535, got {text!r}")
+    return port
+
+
+def sandbox_ports() -> tuple[int, dict[str, int]]:
+    """The stand-ins' ports: the MoEngage one, and the Segment one of each region."""
+    segment = {region: _port_from_env(var, SEGMENT_PORTS[region]) for region, var in SEGMENT_PORT_VARIABLES.items()}
+    return _port_from_env(MOENGAGE_PORT_VARIABLE, MOENGAGE_PORT), segment
 
 
 def placeholder(var: str) -> str:
@@ -54,21 +72,24 @@ def run_sandbox(config_path: str) -> int:
     from bridge.observability.logging import configure_logging, register_secret
 
     host = "127.0.0.1"
-    cfg = sandbox_config(config_path, host, MOENGAGE_PORT, SEGMENT_PORTS)
+    moengage_port, segment_ports = sandbox_ports()
+    cfg = sandbox_config(config_path, host, moengage_port, segment_ports)
     configure_logging(cfg.server.log_level, cfg.server.log_format)
     for secret in cfg.secrets():
         register_secret(secret)
-    asyncio.run(_serve_with_standins(cfg, host))
+    asyncio.run(_serve_with_standins(cfg, host, moengage_port, segment_ports))
     return 0
 
 
 def sandbox_config(config_path: str, host: str, moengage_port: int, segment_ports: Mapping[str, int]) -> Config:
     """The config with placeholders for unset ${VARS}, every MoEngage destination sent to
     the stand-in MoEngage and every Segment destination to the stand-in of its region."""
-    with open(config_path, encoding="utf-8") as f:
-        env = sandbox_env(f.read())
+    # Read as `bridge serve` reads it: a directory or a file that is not UTF-8 is a config error.
+    env = sandbox_env(read_config_text(config_path))
     data, _ = read_yaml(config_path, env)
-    for dest in data.get("destinations") or []:
+    destinations = data.get("destinations")
+    # Anything but a list is build_config's to refuse, naming the key.
+    for dest in destinations if isinstance(destinations, list) else []:
         if not isinstance(dest, dict):
             continue
         if dest.get("kind") == "moengage":
@@ -132,18 +153,18 @@ async def start_standins(
     return SandboxUpstreams(moengage, segment, await serve_standins(host, ports))
 
 
-async def _serve_with_standins(cfg: Config, host: str) -> None:
+async def _serve_with_standins(cfg: Config, host: str, moengage_port: int, segment_ports: dict[str, int]) -> None:
     from bridge.app import serve
     from bridge.stop_signals import stop_event
 
     # Before the stand-ins start: a SIGTERM meanwhile reaches serve, which then does not start.
     stop = stop_event(asyncio.get_running_loop())
-    upstreams = await start_standins(cfg, host, MOENGAGE_PORT, SEGMENT_PORTS)
+    upstreams = await start_standins(cfg, host, moengage_port, segment_ports)
     log.warning(
         "sandbox_mode",
         message="no credentials: sending to local stand-in upstreams",
-        moengage=f"http://{host}:{MOENGAGE_PORT}",
-        segment={region: f"http://{host}:{SEGMENT_PORTS[region]}" for region in upstreams.segment},
+        moengage=f"http://{host}:{moengage_port}",
+        segment={region: f"http://{host}:{segment_ports[region]}" for region in upstreams.segment},
     )
     try:
         await serve(cfg, stop=stop)

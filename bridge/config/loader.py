@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bisect
 import builtins
+import math
 import os
 import re
 from collections.abc import Collection, Iterable, Iterator, Mapping
@@ -19,6 +20,9 @@ from bridge.config_values import as_text, spelt_int, type_name
 from bridge.destinations.base import ConfigError
 from bridge.suggest import did_you_mean
 from bridge.yaml_unique import UniqueKeysLoader
+
+# The largest integer setting: SQLite's and PostgreSQL's integers are 64-bit.
+MAX_INT = 2**63 - 1
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -76,7 +80,10 @@ class Reader:
             _fail(self.at(key), f"expected an integer, got {type_name(value)}")
         if minimum is not None and value < minimum:
             _fail(self.at(key), f"must be at least {minimum}, got {value}")
-        if maximum is not None and value > maximum:
+        # Past 64 bits, a count is no setting but a typo, and it failed only once serving: a
+        # batch size SQLite cannot bind (every lease failing), a guard window no deque takes.
+        maximum = MAX_INT if maximum is None else maximum
+        if value > maximum:
             _fail(self.at(key), f"must be at most {maximum}, got {value}")
         return builtins.int(value)
 
@@ -86,9 +93,19 @@ class Reader:
         value = self.raw(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float):
             _fail(self.at(key), f"expected a number, got {type_name(value)}")
-        if minimum is not None and value < minimum:
+        try:
+            number = float(value)
+        except OverflowError:  # an integer past the largest float
+            number = math.inf
+        if not math.isfinite(number):
+            # YAML's .nan passes every comparison below, and crashed the server when it slept
+            # for that long. An infinite one is no setting either: a lease that never ends
+            # leaves a crashed node's jobs unsent for good.
+            shown = value if isinstance(value, float) else "an integer past the largest number"
+            _fail(self.at(key), f"expected a finite number, got {shown}")
+        if minimum is not None and number < minimum:
             _fail(self.at(key), f"must be at least {minimum}, got {value}")
-        return float(value)
+        return number
 
     def bool(self, key: builtins.str, default: builtins.bool) -> builtins.bool:
         value = self.raw(key, default)
@@ -237,35 +254,70 @@ class _UniqueKeysLoader(UniqueKeysLoader):
     ``store:`` sections, or a secret set twice. (Mapping files refuse duplicates too.)"""
 
     def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        try:
+            value = super().construct_yaml_int(node)
+        except ValueError:
+            # Python refuses to read an integer of more than 4300 digits (a denial-of-service
+            # guard): a YAML error at its line, not a traceback.
+            raise yaml.constructor.ConstructorError(
+                None, None, f"an integer of {len(node.value)} characters is too large", node.start_mark
+            ) from None
         # What was written is kept with a number not spelt as its digits: see SpeltInt.
-        return spelt_int(super().construct_yaml_int(node), node.value)
+        return spelt_int(value, node.value)
 
 
 _UniqueKeysLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeysLoader.construct_yaml_int)
 
 
+# Far more than any config needs. Read no further: a path naming a device that never ends
+# (``--config /dev/zero``) would otherwise take all the memory there is.
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+
+
+def read_config_text(path: str | Path) -> str:
+    """The config file's text, or a ConfigError naming the file and what is wrong with it."""
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p}: cannot read config: larger than {MAX_CONFIG_BYTES // (1024 * 1024)} MiB")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: config file is not UTF-8 (byte {exc.start})") from None
+
+
 def read_yaml(path: str | Path, env: Mapping[str, str] | None = None) -> tuple[dict[str, Any], set[str]]:
     """Parse a config file after ${ENV} substitution. Returns (data, unset variable names)."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read config: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{p}: config file is not UTF-8 (byte {exc.start})") from None
+    text = read_config_text(p)
     environ = os.environ if env is None else env
     # Values are escaped for the quoting they land in (see substitute_env).
     substituted = {environ[m.group(1)] for m, _ in env_references(text) if environ.get(m.group(1))}
     text, missing = substitute_env(text, environ)
     try:
         data = yaml.load(text, Loader=_UniqueKeysLoader)  # a SafeLoader
+    except RecursionError:
+        # PyYAML builds nested collections recursively: thousands of nested `[` exhaust it.
+        raise ConfigError(f"{p}: invalid YAML: collections nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
         problem = getattr(exc, "problem", None) or str(exc)
-        # An unquoted ${VAR} whose value YAML misreads (`*x` is an alias) must not be echoed.
-        for value in sorted(substituted, key=len, reverse=True):
-            for text_of in (value, value[1:]):  # YAML quotes an alias or tag without its * or !
+        if isinstance(exc, yaml.reader.ReaderError):
+            # Its text spans two lines and counts characters from the start of the text:
+            # say where, as the other YAML errors do, on the one line of a config error.
+            before = text[: exc.position]
+            where = f"{p}:{before.count(chr(10)) + 1}:{exc.position - before.rfind(chr(10))}"
+            problem = f"unacceptable character #x{exc.character:04x}: {exc.reason}"
+        # An unquoted ${VAR} whose value YAML misreads (`*x` is an alias) must not be echoed,
+        # nor a word of it: YAML quotes a tag up to the first space (`!abc def` names `!abc`).
+        parts = {p for value in substituted for p in (value, *value.split())}
+        for part in sorted(parts, key=len, reverse=True):
+            for text_of in (part, part[1:]):  # YAML quotes an alias or tag without its * or !
                 if len(text_of) >= 4:
                     problem = problem.replace(text_of, "<${VAR} value>")
         raise ConfigError(f"{where}: invalid YAML: {problem}") from None

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from bridge.config.loader import Reader, read_yaml
+from bridge.config.loader import MAX_INT, Reader, read_yaml
 from bridge.config_values import plain
 from bridge.destinations.base import ConfigError, Destination, destination_kinds
 from bridge.destinations.http import as_url, check_url
@@ -274,10 +274,26 @@ def _place(host_or_url: str) -> tuple[str, int | None, str]:
     return (parts.hostname or "").rstrip("."), parts.port, parts.path.rstrip("/")
 
 
+def _listen_host(r: Reader) -> str:
+    """``server.host``: an IP address or a host name. A character no host holds is refused
+    here: serving, aiohttp's URL for it raised, a traceback where a config error belongs."""
+    host = r.str("host", "127.0.0.1")
+    try:
+        ipaddress.IPv6Address(host)  # holds ':' (and '%' before a zone)
+        return host
+    except ValueError:
+        pass
+    bad = next((c for c in host if c.isspace() or not c.isprintable() or c in ":/?#@[]\\%"), None)
+    if bad is not None:
+        hint = "; an IPv6 address goes without brackets, e.g. ::1" if bad in ":[]" else ""
+        raise ConfigError(f"{r.at('host')}: {host!r} is no IP address or host name (it holds {bad!r}){hint}")
+    return host
+
+
 def _server(r: Reader) -> ServerConfig:
     hosts = _region_hosts(r)
     cfg = ServerConfig(
-        host=r.str("host", "127.0.0.1"),
+        host=_listen_host(r),
         port=r.int("port", 8088, minimum=0, maximum=65535),
         region=r.choice("region", SEGMENT_REGIONS, "us"),
         region_hosts=hosts,
@@ -310,6 +326,10 @@ def _store(r: Reader) -> StoreConfig:
     if max_bytes is not None and max_bytes < 1:
         # The store refuses it when the server opens it: say so here, so `bridge check` does too.
         raise ConfigError(f"{r.at('max_bytes')}: must be at least 1 (leave it out for no limit), got {max_bytes}")
+    if max_bytes is not None and max_bytes > MAX_INT:
+        raise ConfigError(
+            f"{r.at('max_bytes')}: must be at most {MAX_INT} (leave it out for no limit), got {max_bytes}"
+        )
     cfg = StoreConfig(
         url=r.str("url", "sqlite:///var/bridge.db"),
         max_bytes=None if max_bytes is None else int(max_bytes),
@@ -369,6 +389,10 @@ def _network(text: Any, where: str) -> ipaddress.IPv4Network | ipaddress.IPv6Net
         raise ConfigError(f"{where}: not an IP address or CIDR: {text!r}") from None
 
 
+# An HTTP header name is a token (RFC 9110 5.1, 5.6.2).
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
 def _streams_auth(r: Reader) -> StreamsAuth:
     if not r.data:
         raise ConfigError(
@@ -378,8 +402,18 @@ def _streams_auth(r: Reader) -> StreamsAuth:
     kind = r.choice("type", ("basic", "header", "oauth2", "none"))
     if kind == "basic":
         auth = StreamsAuth(kind, username=r.str("username", required=True), password=r.str("password", required=True))
+        if ":" in auth.username:
+            # Basic credentials are "username:password", split at the first colon: no request
+            # could name this user, and every one was refused.
+            raise ConfigError(
+                f"{r.at('username')}: must not contain ':' (HTTP Basic splits user and password at the first "
+                "colon, so no request could match it; a colon may go in the password)"
+            )
     elif kind == "header":
         auth = StreamsAuth(kind, header=r.str("header", required=True), value=r.str("value", required=True))
+        if not _HEADER_NAME_RE.fullmatch(auth.header):
+            # No request carries a header of that name: every one was refused.
+            raise ConfigError(f"{r.at('header')}: {auth.header!r} is no HTTP header name (letters, digits, '-')")
     elif kind == "oauth2":
         auth = StreamsAuth(
             kind,
@@ -505,11 +539,12 @@ def _destination(r: Reader, index: int) -> DestinationConfig:
     r.done(also=kinds[kind].config_keys, takes=f"a {kind} destination")
     client_cfg = {"name": name, **r.rest()}
     client = kinds[kind].from_config(client_cfg, where=r.where, timeout=delivery.request_timeout)
-    unknown_buckets = set(rates) - set(client.rate_limits())
-    if unknown_buckets:
+    buckets = client.rate_limits()
+    # The first one in the file, named by its own key as every other error is, with a hint.
+    if unknown := next((b for b in rates if b not in buckets), None):
         raise ConfigError(
-            f"{r.at('rate_limits')}: unknown bucket(s) {', '.join(sorted(unknown_buckets))}; "
-            f"{kind} has {', '.join(sorted(client.rate_limits()))}"
+            f"{r.at('rate_limits')}.{unknown}: unknown bucket{did_you_mean(unknown, buckets)}; "
+            f"{kind} has {', '.join(sorted(buckets))}"
         )
     return DestinationConfig(
         name=name,

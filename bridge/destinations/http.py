@@ -197,7 +197,14 @@ def check_url(value: str) -> str | None:
         # "u:p@h", a password with a '/') urlsplit finds no user:password, and the message
         # quoting the value printed the password.
         return "must not contain user:password@ (credentials come from the destination's own keys)"
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 -- raises for a port that is no number, or past 65535
+    except ValueError as exc:  # an unclosed "[" of an IPv6 host, a port that is no number
+        return f"is not a usable URL: {exc}: {value!r}"
+    if any(c.isspace() or not c.isprintable() for c in value):
+        # No request could be made to it: every delivery failed, where `bridge check` passed.
+        return f"contains whitespace or a control character: {value!r}"
     if parts.scheme not in ("http", "https"):
         return f"must start with http:// or https://, got {value!r}"
     if not parts.netloc:

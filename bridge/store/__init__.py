@@ -66,6 +66,19 @@ def shown_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def _bad_port(url: str) -> bool:
+    """Whether a host of the URL (asyncpg takes several: h1:5432,h2:5433) has a port that is
+    no port. The driver's own error came only when the server started ("invalid literal
+    for int()"), after `bridge check` had passed the URL."""
+    for host in urlsplit(url).netloc.rpartition("@")[2].split(","):
+        tail = host.rpartition("]")[2] if host.startswith("[") else host
+        if ":" in tail:
+            port = tail.rpartition(":")[2]
+            if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+                return True
+    return False
+
+
 def _password_cut_short(url: str) -> bool:
     """Whether a '/', '?' or '#' in the user:password part ended the host early. An '@'
     after the host is not that in itself: a query's value may hold one (user=admin@server,
@@ -104,6 +117,13 @@ def check_store_url(url: str) -> None:
             raise ValueError(
                 "the user:password part of the PostgreSQL URL holds '/', '?' or '#': percent-encode "
                 "them (%2F, %3F, %23)"
+            )
+        if _bad_port(url):
+            # Never echo the URL or the port: "postgresql://user:password" without its "@host"
+            # reads the password as a port.
+            raise ValueError(
+                "a port in the PostgreSQL URL is not a number from 1 to 65535 "
+                "(postgresql://user@host:port/db, or host1:port1,host2:port2 for several hosts)"
             )
         size = _split_own(url)[1].get("statement_cache_size")
         if size is not None:

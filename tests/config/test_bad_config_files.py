@@ -4,6 +4,7 @@ never echo a secret."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,6 +38,18 @@ def test_config_yaml_error_does_not_echo_a_substituted_secret(tmp_path: Path) ->
     with pytest.raises(ConfigError) as exc:
         read_yaml(cfg, {"ADMIN_TOKEN": "*SuperSecretToken123"})
     assert "SuperSecretToken123" not in str(exc.value)
+
+
+def test_config_yaml_error_does_not_echo_the_first_word_of_a_substituted_secret(tmp_path: Path) -> None:
+    """YAML names a tag up to its first space: "could not determine a constructor for the
+    tag '!First-Word-Of-Secret'" printed the secret's first word."""
+    from bridge.destinations.base import ConfigError
+
+    cfg = tmp_path / "bridge.yaml"
+    cfg.write_text("admin: {token: ${ADMIN_TOKEN}}\n")
+    with pytest.raises(ConfigError) as exc:
+        read_yaml(cfg, {"ADMIN_TOKEN": "!First-Word-Of-Secret and-the-rest"})
+    assert "First-Word" not in str(exc.value) and "the tag" in str(exc.value), str(exc.value)
 
 
 # -- a server port no socket takes passes `bridge check` -------------------------------
@@ -135,3 +148,275 @@ def test_a_password_holding_slash_query_or_hash_is_still_refused(url: str) -> No
 
     with pytest.raises(ValueError, match="percent-encode"):
         check_store_url(url)
+
+
+# -- config paths and files that are no config: one line, never a traceback ------------
+
+
+def test_a_config_path_naming_an_endless_device_is_a_config_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--config /dev/zero` read until memory ran out, then ended in a MemoryError traceback."""
+    from bridge.cli import main
+
+    assert main(["check", "--config", "/dev/zero"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("config error: /dev/zero: cannot read config: larger than"), err
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "problem"),
+    [
+        ("server:\n  port: " + "9" * 5000 + "\n", ":2:9:", "an integer of 5000 characters is too large"),
+        ("a: " + "[" * 5000 + "]" * 5000 + "\n", ":", "nested too deeply"),
+        ("admin:\n  token: 'a\x07b'\n", ":2:12:", "unacceptable character #x0007"),
+        ("server: {}\n\x00", ":2:1:", "unacceptable character #x0000"),
+    ],
+)
+def test_yaml_a_parser_cannot_take_is_a_one_line_config_error(
+    tmp_path: Path, text: str, where: str, problem: str
+) -> None:
+    """An integer of more than 4300 digits (ValueError) and thousands of nested brackets
+    (RecursionError) were tracebacks; a control character's error spanned two lines and
+    gave a character count, not a line."""
+    from bridge.destinations.base import ConfigError
+
+    path = tmp_path / "bridge.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        read_yaml(path, {})
+    message = str(exc.value)
+    assert message.startswith(f"{path}{where}") and problem in message, message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("kind", ["directory", "not UTF-8"])
+def test_the_sandbox_reads_a_bad_config_path_as_serve_does(tmp_path: Path, kind: str) -> None:
+    """`bridge serve --sandbox` opened the file itself: IsADirectoryError or UnicodeDecodeError
+    tracebacks where `bridge serve` says `config error:`."""
+    from bridge.destinations.base import ConfigError
+    from bridge.sandbox import sandbox_config
+
+    path = tmp_path / "bridge.yaml"
+    if kind == "directory":
+        path.mkdir()
+    else:
+        path.write_bytes(b'server: {host: "caf\xe9"}\n')
+    with pytest.raises(ConfigError, match=r"cannot read config|not UTF-8"):
+        sandbox_config(str(path), "127.0.0.1", 0, {"us": 0, "eu": 0})
+
+
+def test_the_sandbox_refuses_destinations_that_are_no_list_by_name(tmp_path: Path) -> None:
+    """`destinations: 5` raised TypeError in the sandbox's rewriting of base URLs."""
+    from bridge.destinations.base import ConfigError
+    from bridge.sandbox import sandbox_config
+
+    path = tmp_path / "bridge.yaml"
+    path.write_text("destinations: 5\n")
+    with pytest.raises(ConfigError, match=r"^destinations: expected a list, got an integer$"):
+        sandbox_config(str(path), "127.0.0.1", 0, {"us": 0, "eu": 0})
+
+
+@pytest.mark.parametrize("value", ["abc", "99999", "-1"])
+def test_a_sandbox_port_variable_that_is_no_port_is_a_config_error(tmp_path: Path, value: str) -> None:
+    """BRIDGE_SANDBOX_*_PORT was read with int() when bridge.sandbox was imported: a
+    ValueError (or, past 65535, an OverflowError from bind) traceback, exit 1."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "bridge.yaml"
+    path.write_text("destinations: 5\n")  # never served: the port is checked first
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root), BRIDGE_SANDBOX_MOENGAGE_PORT=value)
+    done = subprocess.run(
+        [sys.executable, "-m", "bridge.cli", "serve", "--sandbox", "--config", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"config error: BRIDGE_SANDBOX_MOENGAGE_PORT: expected a port, 0 to 65535, got {value!r}\n"
+
+
+# -- numbers no setting can be ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value", [float("nan"), float("inf"), float("-inf"), 10**400], ids=["nan", "inf", "-inf", "1e400"]
+)
+@pytest.mark.parametrize(
+    "path",
+    [
+        ("server", "shutdown_timeout"),
+        ("server", "idle_timeout"),
+        ("store", "retention_hours"),
+        ("mappings", "watch_interval"),
+        ("destinations", 0, "delivery", "poll_interval"),
+        ("destinations", 0, "delivery", "lease_seconds"),
+        ("destinations", 0, "retry", "max_age"),
+        ("destinations", 0, "guard", "threshold"),
+    ],
+)
+def test_a_number_setting_must_be_finite(raw: dict[str, Any], path: tuple[str | int, ...], value: float) -> None:
+    """YAML's .nan passed every range check (`nan < minimum` is false) and crashed the server
+    when it slept that long ("cannot convert float NaN to integer"); .inf passed as well."""
+    from tests.config.conftest import error_of
+
+    node: Any = raw
+    for key in path[:-1]:
+        node = node.setdefault(key, {}) if isinstance(key, str) else node[key]
+    node[path[-1]] = value
+    where = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in path).lstrip(".")
+    message = error_of(raw)
+    assert message.startswith(f"{where}: expected a finite number, got "), message
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        ("destinations", 0, "delivery", "batch_size"),
+        ("destinations", 0, "guard", "window"),
+        ("store", "max_bytes"),
+        ("store", "min_free_disk_bytes"),
+    ],
+)
+def test_an_integer_setting_past_64_bits_is_refused(raw: dict[str, Any], path: tuple[str | int, ...]) -> None:
+    """`bridge check` passed them; serving, a batch size SQLite cannot bind failed every lease,
+    and a guard window no deque takes stopped the start with an OverflowError traceback."""
+    from tests.config.conftest import error_of
+
+    node: Any = raw
+    for key in path[:-1]:
+        node = node.setdefault(key, {}) if isinstance(key, str) else node[key]
+    node[path[-1]] = 2**63
+    if path[-1] == "window":
+        node["min_events"] = 20
+    where = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in path).lstrip(".")
+    message = error_of(raw)
+    assert message.startswith(f"{where}: must be at most {2**63 - 1}"), message
+
+
+# -- values of the wrong shape -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("region", [["us"], [], {"us": 1}, {}])
+def test_a_segment_destination_region_that_is_a_list_or_a_mapping_is_a_config_error(
+    raw: dict[str, Any], region: object
+) -> None:
+    """`region not in HOSTS` raised TypeError (unhashable) for a list or a mapping."""
+    from tests.config.conftest import error_of
+
+    raw["destinations"][2]["region"] = region
+    assert error_of(raw).startswith('destinations[2].region: must be "us" or "eu"')
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("http://[::1", "is not a usable URL: Invalid IPv6 URL"),
+        ("http://127.0.0.1:abc", "is not a usable URL: Port could not be cast"),
+        ("http://127.0.0.1:99999", "is not a usable URL: Port out of range"),
+        ("http://moengage proxy.internal", "contains whitespace or a control character"),
+    ],
+)
+def test_a_base_url_no_request_can_go_to_is_a_config_error(raw: dict[str, Any], value: str, problem: str) -> None:
+    """An unclosed IPv6 bracket raised ValueError out of urlsplit (a traceback); a port that
+    is no port, or a space in the host, passed `bridge check` and failed every delivery."""
+    from tests.config.conftest import error_of
+
+    raw["destinations"][0]["base_url"] = value
+    message = error_of(raw)
+    assert message.startswith(f"destinations[0].base_url: {problem}"), message
+
+
+def test_a_region_host_with_an_unclosed_ipv6_bracket_is_a_config_error(raw: dict[str, Any]) -> None:
+    from tests.config.conftest import error_of
+
+    raw["server"]["region_hosts"] = {"eu": "https://[::1"}
+    message = error_of(raw)
+    assert message.startswith("server.region_hosts.eu: 'https://[::1' is not a usable URL or host"), message
+
+
+@pytest.mark.parametrize("host", ["[::1]", "bridge host", "0.0.0.0/0", "host:8088"])
+def test_a_listen_host_that_is_no_host_is_a_config_error(raw: dict[str, Any], host: str) -> None:
+    """`bridge check` passed them; `bridge serve` then failed to listen, and building the
+    error's URL raised ValueError: a traceback, exit 1, where a config error belongs."""
+    from tests.config.conftest import error_of
+
+    raw["server"]["host"] = host
+    message = error_of(raw)
+    assert message.startswith(f"server.host: {host!r} is no IP address or host name"), message
+
+
+@pytest.mark.parametrize("host", ["::1", "fe80::1%eth0", "0.0.0.0", "localhost", "bridge-1.internal"])
+def test_a_listen_host_that_is_an_address_or_a_name_is_taken(raw: dict[str, Any], host: str) -> None:
+    from bridge.config.model import build_config
+
+    raw["server"]["host"] = host
+    assert build_config(raw).server.host == host
+
+
+def test_an_unknown_rate_limit_bucket_is_named_by_its_key_with_a_hint(raw: dict[str, Any]) -> None:
+    """The error named `destinations[0].rate_limits` alone, and offered no near bucket."""
+    from tests.config.conftest import error_of
+
+    raw["destinations"][0]["rate_limits"] = {"events": "100/s", "bulk_event": "100/s"}
+    message = error_of(raw)
+    assert message.startswith(
+        "destinations[0].rate_limits.bulk_event: unknown bucket (did you mean 'bulk_events'?); moengage has "
+    ), message
+
+
+def test_a_streams_basic_username_with_a_colon_is_refused(raw: dict[str, Any]) -> None:
+    """Basic credentials split at the first colon: no request could name user "moe:streams",
+    so `bridge check` passed a source that refused every request (401)."""
+    from tests.config.conftest import error_of
+
+    raw["sources"][2]["auth"]["username"] = "moe:streams"
+    assert error_of(raw).startswith("sources[2].auth.username: must not contain ':'")
+    raw["sources"][2]["auth"].update(username="moe", password="pass:word")  # a colon in the password is fine
+    from bridge.config.model import build_config
+
+    assert build_config(raw).sources[2].auth is not None
+
+
+@pytest.mark.parametrize("header", ["X Streams Key", "X-Streams-Key:", "X-Key\r\n"])
+def test_a_streams_header_auth_whose_name_no_request_carries_is_refused(raw: dict[str, Any], header: str) -> None:
+    from tests.config.conftest import error_of
+
+    raw["sources"][2]["auth"] = {"type": "header", "header": header, "value": "streams-header-secret"}
+    assert error_of(raw).startswith(f"sources[2].auth.header: {header!r} is no HTTP header name")
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql://bridge@db:abc/bridge", "postgres://bridge@db:99999/bridge", "postgresql://a:5432,b:0/bridge"],
+)
+def test_a_postgres_url_whose_port_is_no_port_is_refused_by_check(url: str) -> None:
+    """`bridge check` passed it; `bridge serve` then stopped with the driver's
+    "invalid literal for int()" (a store error, exit 1)."""
+    from bridge.store import check_store_url
+
+    with pytest.raises(ValueError, match=r"^a port in the PostgreSQL URL is not a number from 1 to 65535"):
+        check_store_url(url)
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://db:5432/bridge", "postgresql://a:5432,b:5433/bridge", "postgresql://[::1]:5432/bridge"]
+)
+def test_a_postgres_url_with_ports_or_several_hosts_is_taken(url: str) -> None:
+    from bridge.store import check_store_url
+
+    check_store_url(url)
+
+
+def test_a_postgres_url_missing_its_host_does_not_echo_the_password_as_a_port() -> None:
+    """Without "@host" the password is read as a port: `bridge check` passed the URL, and
+    `bridge serve` printed it in the driver's error ("invalid literal for int() with base
+    10: 'Secret-Pass-123'"). Now refused by check, without quoting it."""
+    from bridge.config.model import build_config
+    from bridge.destinations.base import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        build_config({"store": {"url": "postgresql://bridge:Secret-Pass-123"}})
+    assert "Secret-Pass-123" not in str(exc.value)

@@ -102,7 +102,7 @@ class SegmentDestination(Destination):
         if cfg.get("region") is None:
             raise ConfigError(f"{where}.region: required (one of: us, eu)")
         region = cfg["region"]
-        if region not in HOSTS:
+        if not isinstance(region, str) or region not in HOSTS:  # a list or a mapping is unhashable
             raise ConfigError(
                 f'{where}.region: must be "us" or "eu" (Segment ingests only in these regions), got {region!r}'
             )
