@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bridge.mapping.yamlnodes import Diagnostics, YNode, did_you_mean, join
+from bridge.sources.segment.spec import MAX_MESSAGE_ID
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +35,7 @@ _ACTION_FIELDS = (
 )
 # Segment's limit on a messageId (reference/segment-api.md): the sources refuse a longer
 # one inbound, and a mapping's own template must not produce one outbound.
-MAX_SEGMENT_MESSAGE_ID = 100
+MAX_SEGMENT_MESSAGE_ID = MAX_MESSAGE_ID
 _SEGMENT_COMMON = ("userId", "anonymousId", "messageId", "timestamp", "originalTimestamp", "context", "integrations")
 
 SHAPES: dict[str, dict[str, Shape]] = {

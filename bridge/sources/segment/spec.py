@@ -12,7 +12,6 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from bridge.mapping.shapes import MAX_SEGMENT_MESSAGE_ID
 from bridge.sources.segment.millis import EPOCH, MICROSECOND, MILLIS_Z, MillisText, micros
 from bridge.store.ordering import ordering_key
 
@@ -21,8 +20,10 @@ CALL_TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias"}
 # (a GDPR delete, regulation "Suppress and delete"). The Tracking API has no such route
 # and its calls keep refusing the type (an SDK cannot ask for a deletion through it).
 WEBHOOK_ONLY_TYPES = frozenset({"delete"})
-# Segment's own limit, one constant for what comes in and what the mappings send out.
-MAX_MESSAGE_ID = MAX_SEGMENT_MESSAGE_ID
+# Segment's own limit on a messageId, one constant for what comes in and what the mappings
+# send out (bridge.mapping.shapes reads it from here: this module imports nothing of the
+# mapping package, which imports it).
+MAX_MESSAGE_ID = 100
 
 
 class Invalid(Exception):
