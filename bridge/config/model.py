@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from bridge.config.loader import MAX_INT, Reader, read_yaml
 from bridge.config_values import plain
 from bridge.destinations.base import ConfigError, Destination, destination_kinds
-from bridge.destinations.http import as_url, check_url
+from bridge.destinations.http import CONNECTIONS, as_url, check_url
 from bridge.destinations.moengage.datacenters import REGIONS as DATA_CENTER_REGIONS
 from bridge.destinations.moengage.datacenters import normalise_data_center
 from bridge.destinations.segment import SegmentDestination
@@ -481,7 +481,9 @@ def _retry(r: Reader, also_retryable: frozenset[int] = frozenset()) -> RetryConf
 def _delivery(r: Reader) -> DeliveryConfig:
     cfg = DeliveryConfig(
         batch_size=r.int("batch_size", 500, minimum=1),
-        concurrency=r.int("concurrency", 2, minimum=1),
+        # No more loops than the destination has connections: they would only wait for one
+        # (DestinationWorker sends no more at once), and 10^20 of them hung the start.
+        concurrency=r.int("concurrency", 2, minimum=1, maximum=CONNECTIONS),
         ordered=r.bool("ordered", True),
         lease_seconds=r.float("lease_seconds", 120.0, minimum=1),
         request_timeout=r.float("request_timeout", 30.0, minimum=0.1),

@@ -296,6 +296,22 @@ def test_an_integer_setting_past_64_bits_is_refused(raw: dict[str, Any], path: t
     assert message.startswith(f"{where}: must be at most {2**63 - 1}"), message
 
 
+@pytest.mark.parametrize("concurrency", [65, 10**20])
+def test_more_delivery_loops_than_a_destination_has_connections_are_refused(
+    raw: dict[str, Any], concurrency: int
+) -> None:
+    """10^20 loops hung the start (and SIGTERM with it); past 64 they only wait for one of
+    the destination's pooled connections."""
+    from bridge.config.model import build_config
+    from tests.config.conftest import error_of
+
+    raw["destinations"][0].setdefault("delivery", {})["concurrency"] = concurrency
+    message = error_of(raw)
+    assert message.startswith(f"destinations[0].delivery.concurrency: must be at most 64, got {concurrency}"), message
+    raw["destinations"][0]["delivery"]["concurrency"] = 64
+    assert build_config(raw).destinations[0].delivery.concurrency == 64
+
+
 # -- values of the wrong shape -------------------------------------------------------------
 
 
