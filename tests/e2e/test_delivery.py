@@ -4,7 +4,9 @@ isolation between destinations and backpressure, against stand-ins on loopback."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -183,22 +185,32 @@ class FailsOnOneEventMoEngage(MoEngageStandIn):
 QUICK_RETRIES = {"base_delay": 0.05, "max_delay": 0.1, "max_age": 0.5, "min_attempts": 3}
 
 
+@contextlib.asynccontextmanager
+async def quick_retries_against(make_bridge: Any, upstream: MoEngageStandIn, **delivery: Any) -> AsyncIterator[Any]:
+    """A bridge delivering to ``upstream`` with QUICK_RETRIES and ``delivery`` settings."""
+    bridge = await make_bridge(start=False)
+    server = TestServer(upstream.app(), host="127.0.0.1")
+    await server.start_server()
+    try:
+        destination = bridge.destination("moengage-main")
+        destination["base_url"] = str(server.make_url("")).rstrip("/")
+        destination["retry"] = QUICK_RETRIES
+        destination["delivery"].update(delivery)
+        await bridge.start()
+        yield bridge
+    finally:
+        upstream.stop()
+        await server.close()
+
+
 @pytest.mark.parametrize("ordered", [True, False])
 async def test_an_event_refused_for_now_every_time_runs_out_of_retries_alone(make_bridge, ordered):
     """A 5xx is retried, not bisected: an event the upstream always fails on took its
     request's other events with it, and when their retries ran out all of them were
     dead-lettered as retries_exhausted, which paused the destination as a bad deploy. Past
     its budget a job gets one attempt on its own, so only the poison is dead-lettered."""
-    bridge = await make_bridge(start=False)
     poisoned = FailsOnOneEventMoEngage(WORKSPACE, API_KEY)
-    server = TestServer(poisoned.app(), host="127.0.0.1")
-    await server.start_server()
-    try:
-        destination = bridge.destination("moengage-main")
-        destination["base_url"] = str(server.make_url("")).rstrip("/")
-        destination["retry"] = QUICK_RETRIES
-        destination["delivery"]["ordered"] = ordered
-        await bridge.start()
+    async with quick_retries_against(make_bridge, poisoned, ordered=ordered) as bridge:
         batch = tracks(40)
         batch["batch"][5]["event"] = "Poison"
         assert (await bridge.post("/v1/batch", batch, H))[0] == 200
@@ -213,9 +225,6 @@ async def test_an_event_refused_for_now_every_time_runs_out_of_retries_alone(mak
         assert (await bridge.post("/v1/batch", tracks(6, prefix="later"), H))[0] == 200
         await poisoned.wait_for(lambda: len(seqs(poisoned)) == 45, timeout=15)
         assert len(await dlq(bridge)) == 1
-    finally:
-        poisoned.stop()
-        await server.close()
 
 
 class DownMoEngage(MoEngageStandIn):
@@ -234,16 +243,8 @@ async def test_an_outage_past_the_retry_budget_sends_each_event_alone_once(make_
     """While the upstream refuses everything, requests stay shared until the budget runs
     out; then each event has one request of its own, and is dead-lettered after it: one
     request an event, once, not a request an event on every attempt."""
-    bridge = await make_bridge(start=False)
     down = DownMoEngage(WORKSPACE, API_KEY)
-    server = TestServer(down.app(), host="127.0.0.1")
-    await server.start_server()
-    try:
-        destination = bridge.destination("moengage-main")
-        destination["base_url"] = str(server.make_url("")).rstrip("/")
-        destination["retry"] = QUICK_RETRIES
-        destination["delivery"]["ordered"] = False
-        await bridge.start()
+    async with quick_retries_against(make_bridge, down, ordered=False) as bridge:
         assert (await bridge.post("/v1/batch", tracks(30, prefix="down"), H))[0] == 200
         await wait_until(lambda: _dlq_size(bridge, 30), what="events out of retries", timeout=20)
         dead = await dlq(bridge, "?limit=1000")
@@ -251,9 +252,6 @@ async def test_an_outage_past_the_retry_budget_sends_each_event_alone_once(make_
         # Shared while the budget lasted (three attempts at least), then one each.
         assert down.sizes.count(1) == 30 and down.sizes.count(30) >= 3, down.sizes
         assert len(down.sizes) == 30 + down.sizes.count(30), down.sizes
-    finally:
-        down.stop()
-        await server.close()
 
 
 class RecoveringMoEngage(MoEngageStandIn):
@@ -280,18 +278,9 @@ async def test_the_end_of_an_outage_past_the_budget_times_out_no_event_waiting_f
     aiohttp's pool for a connection spent its request timeout there: against an upstream
     that answered every request well within it, the last ones timed out unsent and, alone
     and past their budget, were dead-lettered as retries_exhausted."""
-    bridge = await make_bridge(start=False)
     upstream = RecoveringMoEngage(WORKSPACE, API_KEY)
     upstream.delays["transition"] = 0.4
-    server = TestServer(upstream.app(), host="127.0.0.1")
-    await server.start_server()
-    try:
-        destination = bridge.destination("moengage-main")
-        destination["base_url"] = str(server.make_url("")).rstrip("/")
-        destination["retry"] = QUICK_RETRIES
-        destination["delivery"]["ordered"] = False
-        destination["delivery"]["request_timeout"] = 1.0
-        await bridge.start()
+    async with quick_retries_against(make_bridge, upstream, ordered=False, request_timeout=1.0) as bridge:
         assert (await bridge.post("/v1/batch", tracks(300, prefix="slow"), H))[0] == 200
 
         async def settled() -> bool:
@@ -301,9 +290,6 @@ async def test_the_end_of_an_outage_past_the_budget_times_out_no_event_waiting_f
         assert upstream.up
         assert await dlq(bridge, "?limit=1000") == []
         assert len(seqs(upstream)) == 300
-    finally:
-        upstream.stop()
-        await server.close()
 
 
 async def _dlq_size(bridge: Any, n: int) -> bool:
