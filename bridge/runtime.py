@@ -22,6 +22,7 @@ from bridge.destinations.base import ConfigError
 from bridge.mapping import load_mapping_dir
 from bridge.mapping.api import CompiledMapping, MappingError
 from bridge.mapping.reload import MappingSet, SettledChange, directory_fingerprint
+from bridge.observability.failure_runs import FailureRun
 from bridge.observability.redaction import register_secret
 from bridge.sources.base import IngestMetrics, Ingestor
 from bridge.store import open_store
@@ -29,6 +30,9 @@ from bridge.store.base import Store, StoreInUse
 from bridge.suggest import did_you_mean
 
 log = structlog.get_logger("bridge")
+
+# Seconds between two prunes of the store (dedupe keys, delivered records, discards).
+PRUNE_INTERVAL = 600.0
 
 # The source format each source kind produces, which its destinations' mappings must read.
 SOURCE_FORMATS = {"segment": "segment", "moengage_streams": "moengage_streams"}
@@ -248,15 +252,19 @@ class Runtime:
 
     async def _prune_loop(self) -> None:
         cfg = self.config.store
+        # Through a store outage: the first failure with its traceback, then a line without.
+        failures = FailureRun("store_prune_failed", "store_prune_recovered")
         while True:
             try:
                 now = self.store.now()
                 removed = await self.store.prune(now - cfg.dedupe_hours * 3600, now - cfg.retention_hours * 3600)
+            except Exception as exc:
+                failures.failed(exc)
+            else:
+                failures.succeeded()
                 if removed:
                     log.info("store_pruned", rows=removed)
-            except Exception:
-                log.exception("store_prune_failed")
-            await asyncio.sleep(600)
+            await asyncio.sleep(PRUNE_INTERVAL)
 
     def _watched_fingerprint(self) -> str:
         lookups = [f for m in self.mappings().values() for f in getattr(m, "files", ())]

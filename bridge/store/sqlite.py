@@ -62,6 +62,8 @@ log = structlog.get_logger("bridge.store")
 
 # Delivered-job records deleted per step when a full store makes room (see ``_reclaim``).
 RECLAIM_STEP = 5000
+# Rows a step of the periodic prune deletes (or jobs it walks): one writer operation each.
+PRUNE_STEP = 5000
 # The least time between two such reclaims while the store stays full: each walks the
 # whole jobs table, and only jobs acked since the last one can free anything more.
 RECLAIM_INTERVAL = 60.0
@@ -653,12 +655,32 @@ class SqliteStore(Store):
         if merging is None:  # merge in slices first, so the prune's own merge is small
             merging = self._merge_task = asyncio.create_task(self._merge_dedupe(dedupe))
         await merging
-        removed: int = await self._run(
-            partial(ops.prune, dedupe=self._open_dedupe(), dedupe_before=dedupe_before, settled_before=settled_before)
-        )
-        # Pruning frees pages that new rows will reuse, and the WAL may have grown in a
-        # burst: shrink it and measure now, so backpressure lifts.
-        await self._run(self._checkpoint_and_measure, outside_transaction=True)
+        # The keys still waiting (few, after the sliced merge) go into the B-tree, with the
+        # merge's time: keys that only ever waited would otherwise never age out.
+        await self._run(dedupe.merge)
+        # Then the rest in steps, each its own writer operation (committed without a sync
+        # of its own: a power cut may only bring back rows the next prune deletes), so that
+        # acknowledgements are written between them: one operation held the writer for
+        # the whole prune, seconds on a store of some days' records (docs/operations.md).
+        removed: int = 0
+        done = False
+        while not done:
+            keys, done = await self._bookkeep(partial(dedupe.prune, before=dedupe_before, limit=PRUNE_STEP))
+            removed += keys
+        after: int | None = 0
+        while after is not None:
+            step = partial(ops.prune_settled_step, after=after, before=settled_before, limit=PRUNE_STEP)
+            jobs, after = await self._bookkeep(step)
+            removed += jobs
+        while True:
+            discards = await self._bookkeep(partial(ops.prune_discards_step, before=settled_before, limit=PRUNE_STEP))
+            removed += discards
+            if discards < PRUNE_STEP:
+                break
+        if removed:
+            # Pruning frees pages that new rows will reuse, and the WAL may have grown in a
+            # burst: shrink it and measure now, so backpressure lifts.
+            await self._run(self._checkpoint_and_measure, outside_transaction=True)
         self._capacity_checked_at = float("-inf")
         return removed
 

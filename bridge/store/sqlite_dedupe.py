@@ -258,19 +258,33 @@ class DedupeKeys:
         self._recent, self._known_to = recent, known_to
         self.legacy = _legacy_has_keys(conn)
 
-    def prune(self, conn: sqlite3.Connection, before: float) -> int:
-        """Forget keys merged before ``before`` (see the module docstring: a key's time is
-        its merge's); the caller merges dedupe_recent first."""
-        removed = int(conn.execute("DELETE FROM dedupe_keys WHERE seen_at < ?", (before,)).rowcount)
+    def prune(self, conn: sqlite3.Connection, before: float, limit: int) -> tuple[int, bool]:
+        """Forget up to ``limit`` of the keys merged before ``before`` (see the module
+        docstring: a key's time is its merge's), oldest first; the caller merges
+        dedupe_recent first. Returns (keys removed, whether none is left to remove).
+
+        In steps, each its own writer operation: a day's keys deleted in one statement
+        held the writer (and every acknowledgement) for seconds."""
+        removed = int(
+            conn.execute(
+                "DELETE FROM dedupe_keys WHERE k IN"
+                " (SELECT k FROM dedupe_keys WHERE seen_at < ? ORDER BY seen_at LIMIT ?)",
+                (before, limit),
+            ).rowcount
+        )
         self.pruned_since_filter += removed  # a rollback overcounts: a rebuild comes early
+        if removed == limit:
+            return removed, False
         if _legacy_exists(conn):
+            # The table of files from before schema version 2, whole: its newest key is
+            # older than any of dedupe_keys, so by now it has few, if any, left.
             removed += int(conn.execute("DELETE FROM dedupe WHERE seen_at < ?", (before,)).rowcount)
             # Once its last key has aged out, no lookup needs it. The (empty) table stays:
             # another process may still be looking in it. Lookups stop reading it only once
             # that is committed: a rollback brings the rows back.
             if not _legacy_has_keys(conn):
                 self._writer.on_commit(self._legacy_gone)
-        return removed
+        return removed, True
 
     # A merge, step by step, each step its own short writer operation:
     #   plan        -> (first, last): the ids of the rows to merge; memory's keys are

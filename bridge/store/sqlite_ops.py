@@ -870,11 +870,40 @@ def prune_delivered_step(conn: sqlite3.Connection, after: int, limit: int) -> tu
     return int(removed), ids[-1] if len(ids) == limit else None
 
 
-def prune(conn: sqlite3.Connection, dedupe: DedupeKeys, dedupe_before: float, settled_before: float) -> int:
-    dedupe.merge(conn)  # the waiting keys, so the B-tree has them all (a merge's keys get its time)
-    removed = dedupe.prune(conn, dedupe_before)
-    removed += conn.execute(
-        f"DELETE FROM jobs WHERE state = {DELIVERED} AND settled_at < ?", (settled_before,)
+def prune_settled_step(conn: sqlite3.Connection, after: int, before: float, limit: int) -> tuple[int, int | None]:
+    """One step of the periodic prune: walk the next ``limit`` jobs after id ``after``, in
+    id order, and delete the delivered ones settled before ``before``. Returns (rows
+    removed, where the next step starts, or None once the walk is done).
+
+    No index has settled_at (an ack would pay to keep one), so a single DELETE by it
+    scanned the whole table, every delivered record of ``retention_hours``, in one writer
+    operation that every acknowledgement waited behind. A job is settled after it was
+    created, and ids are handed out in creation order, so the walk ends at the first job
+    created at or after ``before``: it reads what is old enough to go (and the old jobs
+    still waiting), not the rest of the table. (A clock set back may leave a few records
+    a prune longer; the next one, with a later ``before``, takes them.)"""
+    rows = conn.execute("SELECT id, created_at FROM jobs WHERE id > ? ORDER BY id LIMIT ?", (after, limit)).fetchall()
+    upto, next_after = after, (rows[-1][0] if len(rows) == limit else None)
+    for job_id, created_at in rows:
+        if created_at >= before:
+            next_after = None
+            break
+        upto = job_id
+    if upto == after:
+        return 0, next_after
+    removed = conn.execute(
+        f"DELETE FROM jobs WHERE id > ? AND id <= ? AND state = {DELIVERED} AND settled_at < ?", (after, upto, before)
     ).rowcount
-    removed += conn.execute("DELETE FROM discards WHERE discarded_at < ?", (settled_before,)).rowcount
-    return int(removed)
+    return int(removed), next_after
+
+
+def prune_discards_step(conn: sqlite3.Connection, before: float, limit: int) -> int:
+    """Delete up to ``limit`` of the oldest discards from before ``before`` (their time's
+    index gives them in order); fewer than ``limit`` means none is left."""
+    return int(
+        conn.execute(
+            "DELETE FROM discards WHERE id IN (SELECT id FROM discards WHERE discarded_at < ? ORDER BY discarded_at"
+            " LIMIT ?)",
+            (before, limit),
+        ).rowcount
+    )

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from bridge.store import sqlite_dedupe
-from bridge.store import sqlite_ops as ops
 from bridge.store.base import StoreError
 from bridge.store.key_filter import KeyFilter
 from bridge.store.sqlite import SqliteStore
@@ -216,7 +215,7 @@ async def test_a_filter_goes_into_use_only_when_its_last_step_commits(tmp_path: 
         conn.execute("ROLLBACK")  # what SQLite does to the transaction on an I/O error
 
     outcomes = await asyncio.gather(
-        store._run(partial(ops.prune, dedupe=dedupe, dedupe_before=time.time() + 60, settled_before=0)),
+        store._run(partial(dedupe.prune, before=time.time() + 60, limit=1000)),
         store._run(partial(dedupe.fill_filter, build=build), writes=False),
         store._run(abort),
         return_exceptions=True,

@@ -657,7 +657,8 @@ async def test_a_prune_that_rolls_back_keeps_reading_the_old_keys(tmp_path: Path
     dedupe = store._open_dedupe()
 
     def failing_prune(conn: sqlite3.Connection) -> None:
-        ops.prune(conn, dedupe, now, 0)  # empties the old table...
+        dedupe.merge(conn)
+        dedupe.prune(conn, now, 1000)  # empties the old table...
         raise sqlite3.OperationalError("database or disk is full")  # ...then the transaction fails
 
     with pytest.raises(StoreError, match="disk is full"):
