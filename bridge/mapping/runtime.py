@@ -246,7 +246,17 @@ def to_epoch_seconds(v: Any) -> int:
 
 def to_epoch_millis(v: Any) -> int:
     dt = to_datetime(v)
-    return math.floor(dt.timestamp()) * 1000 + dt.microsecond // 1000
+    millis = math.floor(dt.timestamp()) * 1000 + dt.microsecond // 1000
+    if millis < MILLIS_THRESHOLD:
+        # Before 1973-03-03T09:46:40Z the number is below 1e11, which readers that take a
+        # number for seconds or milliseconds by its size (to_datetime, not_after, tz_offset)
+        # read as seconds: a time thousands of years on. MoEngage documents its numeric
+        # times as epoch seconds while its own samples send 13-digit milliseconds
+        # (shared/reference/moengage-api.md, `current_time`), so a receiver has to tell the
+        # units apart by size. A conversion error, as epoch_seconds past the year 5138 is.
+        # (Negative ones too: not every reader sizes a number by its absolute value.)
+        raise CoercionError(f"{short(v)} is before 1973-03-03T09:46:40Z, too early for epoch milliseconds")
+    return millis
 
 
 COERCIONS: Final = {

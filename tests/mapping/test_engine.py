@@ -189,6 +189,20 @@ def test_epoch_seconds_of_a_time_read_back_as_milliseconds_is_a_conversion_error
     assert isinstance(result, Failed) and result.reason == "coercion_failed", result
 
 
+@pytest.mark.parametrize("when", ["1973-03-03T09:46:39.999Z", "1970-01-01T00:00:00Z", "1960-01-01T00:00:00Z", 86400])
+def test_epoch_millis_of_a_time_read_back_as_seconds_is_a_conversion_error(tmp_path, when):
+    """Before 1973-03-03T09:46:40Z, epoch milliseconds are below 1e11: a number every reader
+    that tells the units apart by size (the time steps, a MoEngage receiver) takes for
+    seconds, a time thousands of years on."""
+    dropped = value_mapping(tmp_path / "drop", "{path: $.x, pipe: [{to: epoch_millis}]}")
+    assert evaluate(dropped, {"type": "track", "x": when}) == "<absent>"
+    assert evaluate(dropped, {"type": "track", "x": "1973-03-03T09:46:40Z"}) == 100_000_000_000
+    failing = value_mapping(tmp_path / "fail", "{path: $.x, pipe: [{to: epoch_millis, on_error: fail}]}")
+    result = failing.apply({"type": "track", "x": when}, MapContext())
+    assert isinstance(result, Failed) and result.reason == "coercion_failed", result
+    assert "too early for epoch milliseconds" in result.detail, result
+
+
 def test_a_track_timed_after_the_year_5138_is_sent_without_a_time_not_in_the_1970s():
     """The shipped mapping sends a time ahead of the bridge's clock as now (MoEngage drops
     future-dated events). Epoch seconds of a time from the year 5138 on were read as

@@ -3,6 +3,7 @@ route and the OAuth2 token endpoint."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 
 from aiohttp import web
@@ -22,3 +23,11 @@ def client_allowed(
     if remote is None:
         return False, None  # cannot be known: nothing is allowed
     return any(remote in net for net in source.allow_ips), str(remote)
+
+
+# A secret no source has (random in each process, so never a configured one), compared with
+# a request's credentials when the request is refused before its source's own could be: an
+# unknown name, an address outside allow_ips, a token asked of a source that is not oauth2.
+# The refusal then costs the comparisons a known source's does, so the time an answer takes
+# tells which source names exist no more than its text does.
+DECOY_SECRET = secrets.token_urlsafe(32)

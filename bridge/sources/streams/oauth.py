@@ -8,8 +8,9 @@ Every answer carries RFC 6749 §5.2's ``error`` and ``error_description`` beside
 bridge's own ``code`` and ``message``. The checks that do not depend on the source (the
 body, the grant type, how the client authenticates) come first, alike for every name; after
 them an unknown name, a source that is not oauth2, an address outside ``allow_ips`` and a
-wrong id or secret all get one ``invalid_client`` answer, so no answer tells which source
-names exist or whether a secret was nearly right. The real reason is logged.
+wrong id or secret all get one ``invalid_client`` answer, after the same two comparisons
+(the first four with a decoy secret), so neither an answer nor the time it takes tells which
+source names exist or whether a secret was nearly right. The real reason is logged.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from aiohttp import web
 from bridge.config.model import SourceConfig
 from bridge.httpx import ApiError, basic_credentials, json_response, read_body, same_secret
 from bridge.sources.client_ip import IPNetwork
-from bridge.sources.streams.access import client_allowed
+from bridge.sources.streams.access import DECOY_SECRET, client_allowed
 from bridge.sources.streams.oauth_tokens import issue_token
 
 TOKEN_PATH = "/moengage/streams/{source}/oauth/token"
@@ -80,12 +81,18 @@ class TokenEndpoint:
         if grant != GRANT_TYPE:
             raise oauth_error(400, "unsupported_grant_type", f"grant_type must be {GRANT_TYPE}")
         client_id, client_secret = self._client_credentials(request, name, form)
-        source = self._source(request, name)
-        auth = source.auth
-        assert auth is not None  # an oauth2 source (checked by _source)
-        # Both compared, always: which one was wrong must not show in the time taken either.
-        right_id = same_secret(client_id, auth.client_id)
-        right_secret = same_secret(client_secret, auth.client_secret)
+        source = self._sources.get(name)
+        refused = self._refusal(request, source)
+        auth = source.auth if source is not None and refused is None else None
+        # Both compared, always, and for every name: which one was wrong must not show in
+        # the time taken, nor whether the name exists (or is an oauth2 source, or takes this
+        # address): a name refused before its own secrets may be tried is compared with a
+        # secret no source has.
+        right_id = same_secret(client_id, auth.client_id if auth else DECOY_SECRET)
+        right_secret = same_secret(client_secret, auth.client_secret if auth else DECOY_SECRET)
+        if refused is not None:
+            raise _invalid_client(request, name, *refused)
+        assert auth is not None  # an oauth2 source (checked by _refusal)
         if not (right_id and right_secret):
             raise _invalid_client(request, name, "wrong_credentials")
         token = issue_token(name, self._keys[name], auth.token_ttl)
@@ -117,18 +124,19 @@ class TokenEndpoint:
             raise _invalid_client(request, name, "missing_credentials")
         return form["client_id"], form["client_secret"]
 
-    def _source(self, request: web.Request, name: str) -> SourceConfig:
-        """The oauth2 source named ``name``, if the client may ask it for a token."""
-        source = self._sources.get(name)
+    def _refusal(self, request: web.Request, source: SourceConfig | None) -> tuple[str, str | None] | None:
+        """Why the client may not ask ``source`` for a token whatever its credentials, and
+        the client's address to log (see ``client_allowed``); None when it may."""
         if source is None:
-            raise _invalid_client(request, name, "unknown_source")
+            return "unknown_source", None
         allowed, client = client_allowed(request, source, self._trusted_proxies)
         if not allowed:
-            # Before the type and the credentials: from outside, nothing is learnt or tried.
-            raise _invalid_client(request, name, "ip_not_allowed", client)
-        if source.auth is None or source.auth.type != "oauth2" or name not in self._keys:
-            raise _invalid_client(request, name, "not_an_oauth2_source")
-        return source
+            # Before the type and the credentials: from outside, nothing is learnt or tried
+            # (the client's credentials are compared with the decoy, not the source's).
+            return "ip_not_allowed", client
+        if source.auth is None or source.auth.type != "oauth2" or source.name not in self._keys:
+            return "not_an_oauth2_source", None
+        return None
 
 
 async def _form(request: web.Request) -> dict[str, str]:

@@ -7,7 +7,7 @@ import orjson
 import structlog
 from aiohttp import web
 
-from bridge.config.model import Config, SourceConfig
+from bridge.config.model import Config, SourceConfig, StreamsAuth
 from bridge.httpx import (
     ApiError,
     OutOfRange,
@@ -23,7 +23,7 @@ from bridge.routing import Routes
 from bridge.sources.base import Collected, Ingestor, SourceKind, batch_answer, given_id, store_collected
 from bridge.sources.encoding import too_deep
 from bridge.sources.segment.spec import Invalid
-from bridge.sources.streams.access import client_allowed
+from bridge.sources.streams.access import DECOY_SECRET, client_allowed
 from bridge.sources.streams.oauth import TOKEN_PATH, TokenEndpoint
 from bridge.sources.streams.oauth_tokens import token_key, token_problem
 from bridge.sources.streams.spec import events_of, normalise
@@ -33,7 +33,8 @@ EVENTS_PATH = "/moengage/streams/{source}"
 MAX_STREAMS_BODY = 5 * 1024 * 1024
 # One answer for an unknown source, a wrong or missing credential and an address outside
 # allow_ips, so no answer tells which names exist, nor (from outside) whether a password is
-# right. The real reason is logged (``streams_request_refused``).
+# right; the first and the last are refused after comparisons with a decoy secret, so the
+# time taken does not tell either. The real reason is logged (``streams_request_refused``).
 _UNAUTHORIZED = "unknown source, or the request's credentials or address are not accepted"
 # How much of a refused request's source name (the URL path, anyone's to write) is logged.
 _LOGGED_NAME = 100
@@ -44,8 +45,28 @@ _LOGGED_NAME = 100
 # (or an unknown name) from another either.
 _CHALLENGE = {"WWW-Authenticate": 'Basic realm="moengage-streams", Bearer realm="moengage-streams"'}
 _dumps = orjson.dumps
+# What ``_compare_with_decoy`` checks Basic credentials and Bearer tokens against.
+_DECOY_BASIC = StreamsAuth("basic", username=DECOY_SECRET, password=DECOY_SECRET)
+_DECOY_OAUTH2 = StreamsAuth("oauth2", client_secret=DECOY_SECRET)
+_DECOY_KEY = token_key(DECOY_SECRET)
+# With no header-type source, a request with neither Basic nor Bearer credentials is refused
+# by every source (but an open one) without a comparison: so is it for an unknown name.
+_DECOY_NONE = StreamsAuth("none")
 
 log = structlog.get_logger("bridge.sources.streams")
+
+
+def _bearer_problem(request: web.Request, name: str, key: bytes) -> str | None:
+    """Why the request's Bearer token does not let it into source ``name`` (whose token
+    signing key is ``key``), or None when it does."""
+    header = request.headers.get("Authorization", "")
+    if not header:
+        return "missing_credentials"
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return "malformed_authorization"
+    # Expired, tampered with, another source's, or signed under an older secret.
+    return token_problem(token.strip(), name, key)
 
 
 def _refused(request: web.Request, source: str, reason: str, client: str | None = None) -> ApiError:
@@ -74,6 +95,9 @@ class StreamsSources(SourceKind):
             for s in self._by_name.values()
             if s.auth is not None and s.auth.type == "oauth2"
         }
+        # A decoy of each header a header-type source names (see ``_compare_with_decoy``).
+        headers = dict.fromkeys(s.auth.header for s in self._by_name.values() if s.auth and s.auth.type == "header")
+        self._decoy_headers = [StreamsAuth("header", header=h, value=DECOY_SECRET) for h in headers] or [_DECOY_NONE]
 
     def add_routes(self, routes: Routes) -> None:
         token_endpoint = TokenEndpoint(self._by_name, self._token_keys, self.config.server.trusted_proxies)
@@ -87,47 +111,65 @@ class StreamsSources(SourceKind):
     def _authorise(self, request: web.Request, source: SourceConfig) -> None:
         allowed, client = client_allowed(request, source, self.config.server.trusted_proxies)
         if not allowed:
-            # Checked before the credentials: from outside, a password is never tried.
+            # Checked before the credentials: from outside, a password is never tried, but
+            # the decoy's comparisons are made, as for a name that does not exist.
+            self._compare_with_decoy(request, source.name)
             raise _refused(request, source.name, "ip_not_allowed", client)
         auth = source.auth
         if auth is None or auth.type == "none":
             return
+        problem = self._credential_problem(request, source.name, auth, self._token_keys.get(source.name))
+        if problem is not None:
+            raise _refused(request, source.name, problem)
+
+    def _compare_with_decoy(self, request: web.Request, name: str) -> None:
+        """For a request refused before its credentials are compared (an unknown name, an
+        address outside allow_ips): the comparisons a source of the kind its credentials are
+        shaped for would make (Basic, a Bearer token, else a header a header-type source
+        names), with ``DECOY_SECRET``, the outcome ignored. Without them such a refusal was
+        the quickest answer, and the time taken told which names exist."""
+        self._credential_problem(request, name, self._decoy_for(request), _DECOY_KEY)
+
+    def _decoy_for(self, request: web.Request) -> StreamsAuth:
+        scheme = request.headers.get("Authorization", "").partition(" ")[0].lower()
+        if scheme == "basic":
+            return _DECOY_BASIC
+        if scheme == "bearer":
+            return _DECOY_OAUTH2
+        # The header a header-type source names that the request has (the first one named
+        # when it has none: such a source still compares its value, "").
+        return next((d for d in self._decoy_headers if d.header in request.headers), self._decoy_headers[0])
+
+    @staticmethod
+    def _credential_problem(request: web.Request, name: str, auth: StreamsAuth, key: bytes | None) -> str | None:
+        """Why the request's credentials do not match ``auth`` (basic, header or oauth2,
+        whose token ``key`` is given), or None when they do. Never says which part of a
+        credential was wrong: that is for no log either."""
         if auth.type == "basic":
             try:
                 creds = basic_credentials(request)
             except ApiError:
                 # A malformed header: its own answer would tell a Basic source from a name
                 # that does not exist.
-                raise _refused(request, source.name, "malformed_authorization") from None
+                return "malformed_authorization"
             ok_user = same_secret(creds[0], auth.username) if creds else False
             ok_pass = same_secret(creds[1], auth.password) if creds else False
-            if not (ok_user and ok_pass):
-                raise _refused(request, source.name, "wrong_credentials" if creds else "missing_credentials")
-        elif auth.type == "oauth2":
-            self._check_bearer(request, source)
-        else:
-            given = request.headers.get(auth.header, "")
-            if not same_secret(given, auth.value):
-                raise _refused(request, source.name, "wrong_credentials" if given else "missing_credentials")
-
-    def _check_bearer(self, request: web.Request, source: SourceConfig) -> None:
-        """A token from the source's token endpoint, unexpired, and for this source."""
-        header = request.headers.get("Authorization", "")
-        if not header:
-            raise _refused(request, source.name, "missing_credentials")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer":
-            raise _refused(request, source.name, "malformed_authorization")
-        problem = token_problem(token.strip(), source.name, self._token_keys[source.name])
-        if problem is not None:
-            # Expired, tampered with, another source's, or signed under an older secret.
-            raise _refused(request, source.name, problem)
+            return None if ok_user and ok_pass else "wrong_credentials" if creds else "missing_credentials"
+        if auth.type == "oauth2":
+            assert key is not None  # every oauth2 source's key is derived at the start
+            return _bearer_problem(request, name, key)
+        if auth.type == "none":
+            return None  # only the decoy has no credentials to compare (_DECOY_NONE)
+        given = request.headers.get(auth.header, "")
+        return None if same_secret(given, auth.value) else "wrong_credentials" if given else "missing_credentials"
 
     async def receive(self, request: web.Request) -> web.Response:
         name = request.match_info["source"]
         source = self._by_name.get(name)
         if source is None:
-            # Same answer as a wrong credential: do not reveal which source names exist.
+            # Same answer as a wrong credential, after the same comparisons: do not reveal
+            # which source names exist.
+            self._compare_with_decoy(request, name)
             raise _refused(request, name, "unknown_source")
         self._authorise(request, source)
         body = await read_body(request, MAX_STREAMS_BODY)
