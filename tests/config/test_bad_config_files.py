@@ -554,3 +554,32 @@ def test_a_postgres_url_missing_its_host_does_not_echo_the_password_as_a_port() 
         build_config({"store": {"url": "postgresql://bridge:Secret-Pass-123"}})
     assert "Secret-Pass-123" not in str(exc.value)
 
+
+# -- `bridge check` with mappings.dir naming no directory printed a two-line mapping error ----
+
+
+@pytest.mark.parametrize(("name", "problem"), [("nowhere", "does not exist"), ("bridge.yaml", "is not a directory")])
+def test_a_mappings_dir_naming_no_directory_is_a_one_line_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, name: str, problem: str
+) -> None:
+    """As every other config error: exit 2, "config error: <key>: ...", one line."""
+    from bridge.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bridge.yaml").write_text(f'store: {{url: "sqlite:///x.db"}}\nmappings: {{dir: {name}}}\n')
+    assert main(["check", "--config", "bridge.yaml"]) == 2
+    assert capsys.readouterr().err == (
+        f"config error: mappings.dir: {name!r} {problem} (relative to the working directory {tmp_path})\n"
+    )
+
+
+def test_serve_says_the_same_of_a_mappings_dir_naming_no_directory(raw: dict[str, Any], tmp_path: Path) -> None:
+    from bridge.config.model import build_config
+    from bridge.destinations.base import ConfigError
+    from bridge.runtime import Runtime
+
+    raw["mappings"] = {"dir": str(tmp_path / "nowhere")}
+    with pytest.raises(ConfigError) as exc:
+        Runtime(build_config(raw)).load_mappings()
+    assert str(exc.value) == f"mappings.dir: {str(tmp_path / 'nowhere')!r} does not exist"
+
