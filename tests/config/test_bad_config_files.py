@@ -583,3 +583,20 @@ def test_serve_says_the_same_of_a_mappings_dir_naming_no_directory(raw: dict[str
         Runtime(build_config(raw)).load_mappings()
     assert str(exc.value) == f"mappings.dir: {str(tmp_path / 'nowhere')!r} does not exist"
 
+
+# -- a SQLite store path holding a NUL passed `bridge check`, and failed once served -------------
+
+
+def test_a_sqlite_path_holding_a_nul_is_refused_by_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bridge.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mappings").mkdir()
+    (tmp_path / "bridge.yaml").write_text('store: {url: "sqlite:///var/a\\0b.db"}\n')  # YAML's \0 escape
+    assert main(["check", "--config", "bridge.yaml"]) == 2
+    assert capsys.readouterr().err == (
+        "config error: store.url: store URL 'sqlite:///var/a\\x00b.db': the SQLite path holds a NUL character "
+        "(character 6 of the path), which no file name can\n"
+    )
