@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import orjson
 
 from bridge.config.loader import Reader, read_yaml
-from bridge.config.model import Config, _store, build_config, load_config
+from bridge.config.model import Config, _store, build_config, existing_mappings_dir, load_config
 from bridge.destinations.base import ConfigError
 from bridge.records import MAX_LIST_LIMIT, dead_letter_json, discard_json, when
 from bridge.store import open_store
@@ -70,7 +70,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     from bridge.mapping import load_mapping_dir
 
-    mappings = load_mapping_dir(cfg.mappings.dir)
+    mappings = load_mapping_dir(existing_mappings_dir(cfg))
     problems = check_mappings(cfg, mappings)
     if problems:
         for p in problems:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from bridge.config.model import Config
+from bridge.config.model import Config, existing_mappings_dir
 from bridge.delivery.manager import DeliveryManager
 from bridge.delivery.metrics import DeliveryMetrics
 from bridge.destinations.base import ConfigError
@@ -143,7 +143,7 @@ class Runtime:
     def load_mappings(self) -> None:
         """Initial load: any problem is fatal (raise ConfigError)."""
         try:
-            loaded = load_mapping_dir(self.mappings_dir)
+            loaded = load_mapping_dir(existing_mappings_dir(self.config))
         except MappingError as exc:
             raise ConfigError(f"mappings in {self.mappings_dir} are invalid:\n{exc}") from None
         problems = check_mappings(self.config, loaded)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bisect
 import builtins
+import dataclasses
 import math
 import os
 import re
@@ -161,69 +162,256 @@ def _fail(where: str, message: str) -> NoReturn:
     raise ConfigError(f"{where}: {message}")
 
 
-def substitute_env(text: str, env: Mapping[str, str]) -> tuple[str, set[str]]:
+def substitute_env(text: str, env: Mapping[str, str], where: str = "<config>") -> tuple[str, set[str]]:
     """Replace ${VAR} and ${VAR:-default}; returns the text and the names that were unset.
 
     A value that lands inside a quoted YAML scalar is escaped for that quoting, so a
     secret containing a quote or a backslash cannot break (or inject into) the file.
     References inside comments are left alone: a comment that says "${VAR}" needs nothing.
+    An unquoted reference that is a whole plain scalar goes in as it is when YAML reads it
+    back as itself (``port: ${PORT}`` stays a number), else double-quoted: ``abc #def``
+    would lose ``#def`` to a comment, ``&x`` would be an anchor. One that is part of a
+    larger plain scalar, whose value YAML would misread there, is a ConfigError at ``where``
+    and its line, naming the variable (never its value): only quoting the scalar fixes it.
     """
     missing: set[str] = set()
-    out: list[str] = []
-    last = 0
-    for match, quote in env_references(text):
-        name, default = match.group(1), match.group(2)
+    refs = _references(text)
+    values: list[str] = []
+    for ref in refs:
+        name, default = ref.match.group(1), ref.match.group(2)
         if name in env:
-            value = env[name]
+            values.append(env[name])
         elif default is not None:
-            value = default
+            values.append(default)
         else:
             missing.add(name)
-            value = ""
-        if quote == '"':
-            value = value.replace("\\", "\\\\").replace('"', '\\"')
-        elif quote == "'":
-            value = value.replace("'", "''")
-        out += [text[last : match.start()], value]
-        last = match.end()
+            values.append("")
+    texts = _texts_for(text, refs, values, where)
+    out: list[str] = []
+    last = 0
+    for ref, value in zip(refs, texts, strict=True):
+        out += [text[last : ref.match.start()], value]
+        last = ref.match.end()
     out.append(text[last:])
     return "".join(out), missing
 
 
 def env_references(text: str) -> Iterator[tuple[re.Match[str], str]]:
     """Each ${VAR} reference outside comments, with the quote it sits in ('', '"' or "'")."""
-    spans = _scalar_spans(text)
-    for match in _ENV_RE.finditer(text):
-        quote = _quoting_at(text, match.start()) if spans is None else _quoting_in(spans, match.start())
+    for ref in _references(text):
+        yield ref.match, ref.quote
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plain:
+    """A plain scalar holding references: its span in the text, and whether it sits in a
+    flow collection (where ``,[]{}`` end it too)."""
+
+    start: int
+    end: int
+    flow: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ref:
+    """A ${VAR} reference outside comments: the quote of the scalar holding it ('"', "'",
+    or '' for plain and block text) and, in a plain scalar, that scalar."""
+
+    match: re.Match[str]
+    quote: str
+    plain: _Plain | None
+
+
+def _references(text: str) -> list[_Ref]:
+    """Each ${VAR} reference outside comments, in order, with where it stands."""
+    matches = list(_ENV_RE.finditer(text))
+    if not matches:
+        return []
+    # Scanned with each reference as letters of its length, so positions stay and a
+    # reference reads as the plain text it is meant to be: `${` in a flow collection
+    # would otherwise open a mapping.
+    masked = "".join(_masked_pieces(text, matches))
+    tokens = _scan(masked)
+    refs: list[_Ref] = []
+    for match in matches:
+        if tokens is None:
+            quote, plain = _quoting_at(text, match.start()), None
+        else:
+            quote, plain = _quoting_in(tokens, text, match.start())
         if quote != "#":
-            yield match, quote
+            refs.append(_Ref(match, quote, plain))
+    return refs
 
 
-def _scalar_spans(text: str) -> tuple[list[int], list[tuple[int, str]]] | None:
-    """Where YAML's own scanner finds each scalar: (starts, [(end, quote)]), with quote '"'
-    or "'" for quoted scalars and '' for plain and block ones, whose text is taken as is.
-    In a block scalar ``#`` and quotes are text, which a line-by-line reading gets wrong.
-    None when the text does not scan as it stands (``${`` inside a flow collection, say):
-    then the line-by-line reading decides."""
-    starts: list[int] = []
-    ends: list[tuple[int, str]] = []
+def _masked_pieces(text: str, matches: list[re.Match[str]]) -> Iterator[str]:
+    last = 0
+    for match in matches:
+        yield text[last : match.start()]
+        yield "x" * (match.end() - match.start())
+        last = match.end()
+    yield text[last:]
+
+
+# A scanned token: (start, end, style, flow), style None for a plain scalar, the quote or
+# block indicator for the others, and "" for a token that is no scalar (an anchor, a tag).
+_Token = tuple[int, int, str | None, bool]
+
+
+def _scan(text: str) -> tuple[list[int], list[_Token]] | None:
+    """The tokens YAML's own scanner finds that hold text, sorted (their starts, and
+    them). In a block scalar ``#`` and quotes are text, which a line-by-line reading gets
+    wrong. None when the text does not scan: then the line-by-line reading decides."""
+    tokens: list[_Token] = []
+    flow = 0
     try:
         for token in yaml.scan(text, Loader=yaml.SafeLoader):
-            if isinstance(token, yaml.ScalarToken):
-                starts.append(token.start_mark.index)
-                ends.append((token.end_mark.index, token.style if token.style in ('"', "'") else ""))
+            if isinstance(token, yaml.FlowSequenceStartToken | yaml.FlowMappingStartToken):
+                flow += 1
+            elif isinstance(token, yaml.FlowSequenceEndToken | yaml.FlowMappingEndToken):
+                flow -= 1
+            elif isinstance(token, yaml.ScalarToken):
+                style = None if token.plain else token.style
+                tokens.append((token.start_mark.index, token.end_mark.index, style, flow > 0))
+            elif isinstance(token, yaml.AnchorToken | yaml.AliasToken | yaml.TagToken):
+                tokens.append((token.start_mark.index, token.end_mark.index, "", flow > 0))
     except yaml.YAMLError:
         return None
-    return starts, ends
+    return [t[0] for t in tokens], tokens
 
 
-def _quoting_in(spans: tuple[list[int], list[tuple[int, str]]], pos: int) -> str:
-    """The quoting of the scalar holding ``pos``, or '#' outside every scalar (a comment)."""
-    starts, ends = spans
+def _quoting_in(tokens: tuple[list[int], list[_Token]], text: str, pos: int) -> tuple[str, _Plain | None]:
+    """The quoting of the scalar holding ``pos`` (with the scalar when it is plain), or
+    '#' outside every token (a comment)."""
+    starts, spans = tokens
     i = bisect.bisect_right(starts, pos) - 1
-    if i >= 0 and pos < ends[i][0]:
-        return ends[i][1]
-    return "#"
+    if i < 0 or pos >= spans[i][1]:
+        return "#", None
+    start, end, style, flow = spans[i]
+    if style is None:
+        return "", _Plain(start, end, flow)
+    if style == "":  # in an anchor or a tag: taken as it is, as before
+        return _quoting_at(text, pos), None
+    return (style if style in ('"', "'") else ""), None
+
+
+def _texts_for(text: str, refs: list[_Ref], values: list[str], where: str) -> list[str]:
+    """The text each reference is replaced by: its value, escaped for its quoting."""
+    texts = list(values)
+    in_plain: dict[_Plain, list[int]] = {}
+    for i, (ref, value) in enumerate(zip(refs, values, strict=True)):
+        if ref.quote == '"':
+            texts[i] = value.replace("\\", "\\\\").replace('"', '\\"')
+        elif ref.quote == "'":
+            texts[i] = value.replace("'", "''")
+        elif ref.plain is not None:
+            in_plain.setdefault(ref.plain, []).append(i)
+    for plain, indices in in_plain.items():
+        whole = len(indices) == 1 and refs[indices[0]].match.span() == (plain.start, plain.end)
+        if whole:
+            i = indices[0]
+            if not _reads_as_itself(text, plain, values[i]):
+                texts[i] = _double_quoted(values[i])
+        else:
+            _refuse_misread(text, plain, [(refs[i].match, values[i]) for i in indices], where)
+    return texts
+
+
+def _column(text: str, pos: int) -> int:
+    return pos - (text.rfind("\n", 0, pos) + 1)
+
+
+def _reads_as_itself(text: str, plain: _Plain, value: str) -> bool:
+    """Whether YAML reads ``value``, in place of the whole plain scalar, as its very text
+    (a number then keeps its type). An empty one is read as nothing, as before."""
+    return value == "" or _read_plain(value, _column(text, plain.start), plain.flow) == value
+
+
+def _refuse_misread(text: str, plain: _Plain, parts: list[tuple[re.Match[str], str]], where: str) -> None:
+    """Raise a ConfigError when the values of references in part of a plain scalar would
+    change how YAML reads it (a ' #' starting a comment, a ': ' a mapping, a line break),
+    naming the first such variable; one by one, then all together."""
+    misread = [match for i, (match, _) in enumerate(parts) if not _reads_as_written(text, plain, parts, {i})]
+    if not misread and not _reads_as_written(text, plain, parts, set(range(len(parts)))):
+        misread = [match for match, _ in parts]
+    if not misread:
+        return
+    pos = misread[0].start()
+    line = text.count("\n", 0, pos) + 1
+    names = ", ".join(dict.fromkeys(f"${{{m.group(1)}}}" for m in misread))
+    raise ConfigError(
+        f"{where}:{line}:{_column(text, pos) + 1}: the value of {names} would change how YAML reads this "
+        "unquoted scalar: put the whole scalar in double quotes"
+    )
+
+
+def _reads_as_written(text: str, plain: _Plain, parts: list[tuple[re.Match[str], str]], chosen: set[int]) -> bool:
+    """Whether the plain scalar, with the values of the ``chosen`` references in place (and
+    a marker word for each other one), reads as it does with markers only, each chosen
+    marker then replaced by its value. An empty value adds nothing to misread."""
+    marker = "bridgeref"
+    while marker in text or any(marker in v for _, v in parts):
+        marker += "x"
+    markers = [f"{marker}{i}x" for i in range(len(parts))]
+
+    def scalar(with_values: set[int]) -> str:
+        pieces: list[str] = []
+        last = plain.start
+        for i, (match, value) in enumerate(parts):
+            shown = value if i in with_values or not value else markers[i]
+            pieces += [text[last : match.start()], shown]
+            last = match.end()
+        pieces.append(text[last : plain.end])
+        return "".join(pieces)
+
+    column = _column(text, plain.start)
+    expected = _read_plain(scalar(set()), column, plain.flow)
+    if expected is None:  # cannot be judged: as before, the values go in as they are
+        return True
+    for i in chosen:
+        expected = expected.replace(markers[i], parts[i][1])
+    return _read_plain(scalar(chosen), column, plain.flow) == expected
+
+
+def _read_plain(scalar: str, column: int, flow: bool) -> str | None:
+    """What YAML reads ``scalar`` as, at ``column`` (or in a flow collection), when it reads
+    it all as one plain scalar; else None."""
+    prefix, suffix = ("[", "]") if flow else (" " * column, "")
+    try:
+        tokens = list(yaml.scan(prefix + scalar + suffix, Loader=yaml.SafeLoader))[1:-1]
+    except yaml.YAMLError:
+        return None
+    if flow:
+        if len(tokens) < 2 or not isinstance(tokens[0], yaml.FlowSequenceStartToken):
+            return None
+        if not isinstance(tokens[-1], yaml.FlowSequenceEndToken):
+            return None
+        tokens = tokens[1:-1]
+    if len(tokens) != 1 or not isinstance(tokens[0], yaml.ScalarToken) or not tokens[0].plain:
+        return None
+    token = tokens[0]
+    if (token.start_mark.index, token.end_mark.index) != (len(prefix), len(prefix) + len(scalar)):
+        return None
+    return str(token.value)
+
+
+# Escaped in a double-quoted scalar: YAML folds a line break there into a space, and its
+# reader refuses a control character outright.
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t", "\0": "\\0"}
+_LINE_BREAKS = "\x85\u2028\u2029"
+
+
+def _double_quoted(value: str) -> str:
+    """``value`` as a YAML double-quoted scalar that reads back as exactly ``value``."""
+    out: list[str] = []
+    for c in value:
+        if c in _ESCAPES:
+            out.append(_ESCAPES[c])
+        elif c in _LINE_BREAKS or yaml.reader.Reader.NON_PRINTABLE.match(c):
+            code = ord(c)
+            out.append(f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
 
 
 def _quoting_at(text: str, pos: int) -> str:
@@ -297,7 +485,7 @@ def read_yaml(path: str | Path, env: Mapping[str, str] | None = None) -> tuple[d
     environ = os.environ if env is None else env
     # Values are escaped for the quoting they land in (see substitute_env).
     substituted = {environ[m.group(1)] for m, _ in env_references(text) if environ.get(m.group(1))}
-    text, missing = substitute_env(text, environ)
+    text, missing = substitute_env(text, environ, str(p))
     try:
         data = yaml.load(text, Loader=_UniqueKeysLoader)  # a SafeLoader
     except RecursionError:
@@ -313,8 +501,9 @@ def read_yaml(path: str | Path, env: Mapping[str, str] | None = None) -> tuple[d
             before = text[: exc.position]
             where = f"{p}:{before.count(chr(10)) + 1}:{exc.position - before.rfind(chr(10))}"
             problem = f"unacceptable character #x{exc.character:04x}: {exc.reason}"
-        # An unquoted ${VAR} whose value YAML misreads (`*x` is an alias) must not be echoed,
-        # nor a word of it: YAML quotes a tag up to the first space (`!abc def` names `!abc`).
+        # A value must not be echoed, nor a word of it: in a file that does not scan as YAML
+        # otherwise, an unquoted ${VAR} goes in as it is and may be misread (`*x` is an alias),
+        # and YAML quotes a tag up to the first space (`!abc def` names `!abc`).
         parts = {p for value in substituted for p in (value, *value.split())}
         for part in sorted(parts, key=len, reverse=True):
             for text_of in (part, part[1:]):  # YAML quotes an alias or tag without its * or !

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -709,5 +710,22 @@ def load_config(path: str | Path, env: dict[str, str] | None = None) -> Config:
     return build_config(data, str(path), frozenset(missing))
 
 
-def mappings_dir(cfg: Config) -> Path:
-    return Path(cfg.mappings.dir)
+def existing_mappings_dir(cfg: Config) -> Path:
+    """mappings.dir, or a one-line ConfigError when it names no directory (the mapping
+    loader's diagnostic for it took two lines, as a mapping error of `bridge check`)."""
+    path = Path(cfg.mappings.dir)
+    if path.is_dir():
+        return path
+    problem = "is not a directory" if path.exists() else "does not exist"
+    raise ConfigError(f"mappings.dir: {cfg.mappings.dir!r} {problem}{_relative_to_cwd(path)}")
+
+
+def _relative_to_cwd(path: Path) -> str:
+    """Where a relative path was looked for: `bridge check` run from another directory
+    than the server's finds none."""
+    if path.is_absolute():
+        return ""
+    try:
+        return f" (relative to the working directory {os.getcwd()})"
+    except OSError:  # the working directory was removed
+        return ""

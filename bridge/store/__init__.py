@@ -108,6 +108,12 @@ def check_store_url(url: str) -> None:
             raise ValueError(
                 f"store URL {shown_url(url)!r} names no file: use sqlite:///relative/path.db or sqlite:////abs/path.db"
             )
+        if "\0" in path:
+            # No file name holds one: the store failed only when the server opened it.
+            raise ValueError(
+                f"store URL {shown_url(url)!r}: the SQLite path holds a NUL character (character "
+                f"{path.index(chr(0)) + 1} of the path), which no file name can"
+            )
         return
     if url.startswith(POSTGRES_PREFIXES):
         if _password_cut_short(url):

@@ -30,26 +30,143 @@ def test_non_utf8_config_is_a_config_error_not_a_traceback(
 
 
 def test_config_yaml_error_does_not_echo_a_substituted_secret(tmp_path: Path) -> None:
+    """A file that does not scan as YAML (the backtick) takes its values as they are: the
+    alias the secret then makes is named without it."""
     from bridge.config.loader import read_yaml
     from bridge.destinations.base import ConfigError
 
     cfg = tmp_path / "bridge.yaml"
-    cfg.write_text("admin: {token: ${ADMIN_TOKEN}}\n")
+    cfg.write_text("admin: {token: ${ADMIN_TOKEN}}\nother: `x\n")
     with pytest.raises(ConfigError) as exc:
         read_yaml(cfg, {"ADMIN_TOKEN": "*SuperSecretToken123"})
-    assert "SuperSecretToken123" not in str(exc.value)
+    assert "undefined alias" in str(exc.value) and "SuperSecretToken123" not in str(exc.value), str(exc.value)
 
 
-def test_config_yaml_error_does_not_echo_the_first_word_of_a_substituted_secret(tmp_path: Path) -> None:
-    """YAML names a tag up to its first space: "could not determine a constructor for the
-    tag '!First-Word-Of-Secret'" printed the secret's first word."""
+# -- an unquoted ${VAR} whose value YAML reads otherwise is silently changed ---------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "abc #def",  # a comment: it was "abc"
+        "&anchor",
+        "*alias",
+        "!First-Word-Of-Secret and-the-rest",  # a tag
+        "|block",
+        ">folded",
+        "%directive",
+        "@at",
+        "`tick",
+        "[flow",
+        "{flow",
+        "'single",
+        '"double',
+        "? key",
+        "- item",
+        "key: value",
+        "a, b]",  # ends a flow collection early
+        " padded ",
+        "two\nlines",
+        'back\\slash "and" quotes',
+        "nul\x00tab\tline\u2028end",
+    ],
+)
+def test_an_unquoted_reference_that_is_a_whole_scalar_reads_as_its_value(tmp_path: Path, value: str) -> None:
+    """`password: ${PW}` with PW="abc #def" was "abc"; "&x" was an anchor, "*x" an alias."""
+    cfg = tmp_path / "bridge.yaml"
+    cfg.write_text("password: ${PW} # a comment ${NOT_ASKED}\nadmin: {token: ${PW}, list: [${PW}, x]}\n")
+    data, missing = read_yaml(cfg, {"PW": value})
+    assert data == {"password": value, "admin": {"token": value, "list": [value, "x"]}}
+    assert missing == set()
+
+
+@pytest.mark.parametrize(
+    ("value", "read"),
+    [("8080", 8080), ("true", True), ("1.5", 1.5), ("~", None), ("", None), ("abc def", "abc def"), ("a:b", "a:b")],
+)
+def test_an_unquoted_reference_whose_value_yaml_reads_as_itself_keeps_its_type(
+    tmp_path: Path, value: str, read: object
+) -> None:
+    cfg = tmp_path / "bridge.yaml"
+    cfg.write_text("server: {port: ${V}}\nother: ${V}\n")
+    data, _ = read_yaml(cfg, {"V": value})
+    assert data == {"server": {"port": read}, "other": read}
+
+
+def test_unset_unquoted_references_stay_empty(tmp_path: Path) -> None:
+    cfg = tmp_path / "bridge.yaml"
+    cfg.write_text("a: ${UNSET}\nb: x${UNSET}y\nc: abc ${UNSET}\n")
+    assert read_yaml(cfg, {}) == ({"a": None, "b": "xy", "c": "abc"}, {"UNSET"})
+
+
+@pytest.mark.parametrize(
+    ("text", "value", "column"),
+    [
+        ("dsn: postgres://u:${PW}@h/db", "abc #def", 19),  # '#def@h/db' became a comment
+        ("dsn: postgres://u:${PW}@h/db", "p: q", 19),  # a mapping
+        ("dsn: postgres://u:${PW}@h/db", "two\nlines", 19),  # folded into a space
+        ("dsn: ${PW}@h/db", "&anchor", 6),
+        ("dsn: ${PW}@h/db", " lead", 6),  # lost
+        ("dsn: x${PW}", "trail ", 7),  # lost
+        ("flow: [x${PW}, b]", "y, z", 9),  # a third item
+        ("dsn: ${OK} ${PW}", "#def", 12),  # only the one misread is named
+    ],
+)
+def test_an_unquoted_reference_in_part_of_a_scalar_whose_value_yaml_misreads_is_refused(
+    tmp_path: Path, text: str, value: str, column: int
+) -> None:
     from bridge.destinations.base import ConfigError
 
     cfg = tmp_path / "bridge.yaml"
-    cfg.write_text("admin: {token: ${ADMIN_TOKEN}}\n")
+    cfg.write_text(f"server: {{}}\n{text}\n")
     with pytest.raises(ConfigError) as exc:
-        read_yaml(cfg, {"ADMIN_TOKEN": "!First-Word-Of-Secret and-the-rest"})
-    assert "First-Word" not in str(exc.value) and "the tag" in str(exc.value), str(exc.value)
+        read_yaml(cfg, {"PW": value, "OK": "ok"})
+    assert str(exc.value) == (
+        f"{cfg}:2:{column}: the value of ${{PW}} would change how YAML reads this unquoted scalar: "
+        "put the whole scalar in double quotes"
+    )
+
+
+def test_values_together_misreading_a_scalar_are_named_together(tmp_path: Path) -> None:
+    from bridge.destinations.base import ConfigError
+
+    cfg = tmp_path / "bridge.yaml"
+    cfg.write_text("dsn: a${A}${B}\n")
+    with pytest.raises(ConfigError, match=r":1:7: the value of \$\{A\}, \$\{B\} would change"):
+        read_yaml(cfg, {"A": "x ", "B": "#y"})  # "ax #y", though each alone reads as written
+    assert read_yaml(cfg, {"A": "x", "B": "#y"})[0] == {"dsn": "ax#y"}
+
+
+def test_a_value_in_part_of_a_scalar_that_reads_as_written_goes_in_as_it_is(tmp_path: Path) -> None:
+    cfg = tmp_path / "bridge.yaml"
+    cfg.write_text(
+        "dsn: postgres://u:${PW}@h:${PORT}/db\n"
+        "list: [a${X}, b]\n"
+        'quoted: "postgres://u:${BAD}@h/db"\n'  # the fix the refusal asks for
+        "block: |\n  ${BAD} ${X}\n"
+    )
+    data, _ = read_yaml(cfg, {"PW": "s3cr#t:x", "PORT": "5432", "X": "&*!", "BAD": 'a #b: "c'})
+    assert data == {
+        "dsn": "postgres://u:s3cr#t:x@h:5432/db",
+        "list": ["a&*!", "b"],
+        "quoted": 'postgres://u:a #b: "c@h/db',
+        "block": 'a #b: "c &*!\n',
+    }
+
+
+def test_a_misread_reference_fails_bridge_check_on_one_line_without_its_value(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bridge.cli import main
+
+    cfg = tmp_path / "bridge.yaml"
+    cfg.write_text('store: {url: "sqlite:///x.db"}\nother:\n  dsn: postgres://u:${PW}@h/db\n')
+    monkeypatch.setenv("PW", "Secret-Value #tail")
+    assert main(["check", "--config", str(cfg)]) == 2
+    assert capsys.readouterr().err == (
+        f"config error: {cfg}:3:21: the value of ${{PW}} would change how YAML reads this unquoted scalar: "
+        "put the whole scalar in double quotes\n"
+    )
 
 
 # -- a server port no socket takes passes `bridge check` -------------------------------
@@ -436,3 +553,50 @@ def test_a_postgres_url_missing_its_host_does_not_echo_the_password_as_a_port() 
     with pytest.raises(ConfigError) as exc:
         build_config({"store": {"url": "postgresql://bridge:Secret-Pass-123"}})
     assert "Secret-Pass-123" not in str(exc.value)
+
+
+# -- `bridge check` with mappings.dir naming no directory printed a two-line mapping error ----
+
+
+@pytest.mark.parametrize(("name", "problem"), [("nowhere", "does not exist"), ("bridge.yaml", "is not a directory")])
+def test_a_mappings_dir_naming_no_directory_is_a_one_line_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, name: str, problem: str
+) -> None:
+    """As every other config error: exit 2, "config error: <key>: ...", one line."""
+    from bridge.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bridge.yaml").write_text(f'store: {{url: "sqlite:///x.db"}}\nmappings: {{dir: {name}}}\n')
+    assert main(["check", "--config", "bridge.yaml"]) == 2
+    assert capsys.readouterr().err == (
+        f"config error: mappings.dir: {name!r} {problem} (relative to the working directory {tmp_path})\n"
+    )
+
+
+def test_serve_says_the_same_of_a_mappings_dir_naming_no_directory(raw: dict[str, Any], tmp_path: Path) -> None:
+    from bridge.config.model import build_config
+    from bridge.destinations.base import ConfigError
+    from bridge.runtime import Runtime
+
+    raw["mappings"] = {"dir": str(tmp_path / "nowhere")}
+    with pytest.raises(ConfigError) as exc:
+        Runtime(build_config(raw)).load_mappings()
+    assert str(exc.value) == f"mappings.dir: {str(tmp_path / 'nowhere')!r} does not exist"
+
+
+# -- a SQLite store path holding a NUL passed `bridge check`, and failed once served -------------
+
+
+def test_a_sqlite_path_holding_a_nul_is_refused_by_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bridge.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mappings").mkdir()
+    (tmp_path / "bridge.yaml").write_text('store: {url: "sqlite:///var/a\\0b.db"}\n')  # YAML's \0 escape
+    assert main(["check", "--config", "bridge.yaml"]) == 2
+    assert capsys.readouterr().err == (
+        "config error: store.url: store URL 'sqlite:///var/a\\x00b.db': the SQLite path holds a NUL character "
+        "(character 6 of the path), which no file name can\n"
+    )

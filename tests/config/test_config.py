@@ -76,8 +76,8 @@ def test_references_in_block_scalars_are_text_whatever_precedes_them() -> None:
     assert out == "a: |\n  it's # v'q\n  \"q\" w\"\nb: 'v''q'\nc: \"w\\\"\" # ${Z}\n"
     assert missing == set()  # the commented ${Z} is not asked for
     assert yaml.safe_load(out) == {"a": 'it\'s # v\'q\n"q" w"\n', "b": "v'q", "c": 'w"'}
-    # Text that YAML cannot scan before substitution (a reference in a flow sequence) is
-    # read line by line, as before.
+    # A reference in a flow sequence is scanned as the plain text it stands for (`${`
+    # alone would open a mapping there).
     assert substitute_env("a: [${A}, b]", {"A": "1"}) == ("a: [1, b]", set())
 
 
