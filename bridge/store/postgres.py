@@ -990,23 +990,70 @@ class PostgresStore(Store):
     async def prune(self, dedupe_before: float, settled_before: float) -> int:
         # In slices, each its own short statement: after a backlog one DELETE of everything
         # would outlast command_timeout, roll back, and leave more for next time.
-        removed = 0
-        for table, where, cutoff in (
-            ("dedupe", "seen_at < $1", dedupe_before),
-            ("jobs", f"state = {DELIVERED} AND settled_at < $1", settled_before),
-            ("discards", "discarded_at < $1", settled_before),
-        ):
-            while True:
-                async with self._conn() as conn:
-                    n = _count(
-                        await conn.execute(
-                            f"DELETE FROM {table} WHERE ctid = ANY(ARRAY("
-                            f"SELECT ctid FROM {table} WHERE {where} LIMIT {PRUNE_SLICE}))",
-                            cutoff,
-                        )
-                    )
-                removed += n
-                if n < PRUNE_SLICE:
-                    break
+        removed = await self._prune_by_time("dedupe", "seen_at", dedupe_before)
+        removed += await self._prune_delivered(settled_before)
+        removed += await self._prune_by_time("discards", "discarded_at", settled_before)
         self._capacity_checked_at = float("-inf")
         return removed
+
+    async def _prune_by_time(self, table: str, time_column: str, before: float) -> int:
+        """Delete the rows of ``table`` from before ``before``, PRUNE_SLICE a statement; the
+        time's index (dedupe_by_time, discards_by_time) finds them."""
+        removed = 0
+        while True:
+            async with self._conn() as conn:
+                n = _count(
+                    await conn.execute(
+                        f"DELETE FROM {table} WHERE ctid = ANY(ARRAY("
+                        f"SELECT ctid FROM {table} WHERE {time_column} < $1 LIMIT {PRUNE_SLICE}))",
+                        before,
+                    )
+                )
+            removed += n
+            if n < PRUNE_SLICE:
+                return removed
+
+    async def _prune_delivered(self, before: float) -> int:
+        """Delete the delivered jobs settled before ``before``: walk the jobs in id order
+        (the primary key), PRUNE_SLICE ids a statement, and stop at the first job created
+        at or after ``before``.
+
+        No index has settled_at (every ack would pay to keep one), so a DELETE by it read
+        the whole table: every slice a sequential scan from the start of the heap (past
+        the dead rows of the slices before it), and the last one, which finds too few to
+        go on, all of it: every record of retention_hours, every prune. A job is settled
+        after it was created, and ids come in creation order, so the walk reads what is
+        old enough to go (and the old jobs still waiting), not the rest of the table.
+
+        Only roughly in creation order: ids come from the table's sequence when a row is
+        inserted, created_at from the clock of the node that enqueued it (its group's time,
+        corrected to the database's clock as closely as a round trip measures it), taken
+        before the insert; two nodes enqueueing at once, or one whose clock has drifted
+        since it was last measured, may give a higher id an earlier created_at. The stop
+        is still safe: every row deleted is checked for itself (delivered, settled before
+        ``before``), as by the DELETE this replaces, so the stop only decides how far the
+        walk looks. A job past it that was created and settled before the cutoff is left
+        for a later prune, whose later cutoff takes the walk past the job it stopped at
+        here. No record goes that the old DELETE would have kept; at worst some stay a
+        prune or so longer."""
+        removed, after = 0, 0
+        while True:
+            async with self._conn() as conn:
+                # One statement, one snapshot: the DELETE's id range is exactly the walked
+                # ids (a row inserted meanwhile is not yet visible to it, and is not
+                # delivered), read by the primary key in id order. ``stop`` is the first
+                # walked job created at or after the cutoff: the walk ends before it.
+                row = await conn.fetchrow(
+                    f"WITH walked AS (SELECT id, created_at FROM jobs WHERE id > $1 ORDER BY id LIMIT {PRUNE_SLICE}),"
+                    " bounds AS (SELECT count(*) AS seen, max(id) AS last,"
+                    " min(id) FILTER (WHERE created_at >= $2) AS stop FROM walked),"
+                    " gone AS (DELETE FROM jobs WHERE id > $1 AND id < (SELECT COALESCE(stop, last + 1) FROM bounds)"
+                    f" AND state = {DELIVERED} AND settled_at < $2 RETURNING 1)"
+                    " SELECT seen, last, stop, (SELECT count(*) FROM gone) AS removed FROM bounds",
+                    after,
+                    before,
+                )
+            removed += int(row["removed"])
+            if row["stop"] is not None or row["seen"] < PRUNE_SLICE:
+                return removed
+            after = int(row["last"])

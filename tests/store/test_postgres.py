@@ -12,6 +12,7 @@ import pytest
 
 from bridge.store.base import DeadLetter, IdentityLink, RecordFilter, StoreError
 from bridge.store.postgres import PostgresStore
+from bridge.store.postgres_schema import DELIVERED
 from tests.store.conftest import PG_DSN, pg_problem
 from tests.store.helpers import check_outputs_survive, event
 
@@ -131,6 +132,139 @@ async def test_prune_works_in_slices(pg_schema: str, monkeypatch: pytest.MonkeyP
         assert await store.prune(now + 1, now + 1) == 0
         assert (await store.enqueue("web", [event("slice-0", "u0")])).stored == 1  # forgotten
     finally:
+        await store.close()
+
+
+DAY = 86400.0
+
+
+class Logged(PostgresStore):
+    """A store that keeps every statement it runs, with its arguments."""
+
+    statements: list[tuple[str, tuple[object, ...]]]
+
+    @contextlib.asynccontextmanager
+    async def _conn(self, transaction: bool = False) -> AsyncIterator[asyncpg.Connection]:
+        def keep(record: asyncpg.connection.LoggedQuery) -> None:
+            self.statements.append((record.query, tuple(record.args)))
+
+        async with super()._conn(transaction) as conn:
+            conn.add_query_logger(keep)
+            try:
+                yield conn
+            finally:
+                conn.remove_query_logger(keep)
+
+
+async def _plans(conn: asyncpg.Connection, query: str, args: tuple[object, ...]) -> list[str]:
+    """``query``'s plan with these arguments (as a first run plans it), then its generic
+    plan (as a prepared statement's plan may become after a few runs, which asyncpg's
+    statement cache makes of every prune statement on a pooled connection)."""
+    custom = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + query, *args))
+    await conn.execute("SET plan_cache_mode = force_generic_plan")
+    await conn.execute(f"PREPARE pruning AS {query}")
+    try:
+        # EXECUTE takes no bound arguments: these are numbers, written as literals.
+        literals = ", ".join(repr(a) for a in args)
+        generic = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN EXECUTE pruning({literals})"))
+    finally:
+        await conn.execute("DEALLOCATE pruning")
+        await conn.execute("RESET plan_cache_mode")
+    return [custom, generic]
+
+
+async def test_a_prune_reads_jobs_by_their_primary_key_not_the_whole_table(
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No index has settled_at, so pruning delivered records by it was a sequential scan of
+    jobs in every slice, and the last one read all of it: every record of retention_hours,
+    every 10 minutes. Each statement a prune runs, explained on 50,000 delivered records
+    with fresh statistics (so the planner's choice is the one it makes on a real table),
+    reads jobs by an index."""
+    monkeypatch.setattr("bridge.store.postgres.PRUNE_SLICE", 1000)  # the walk crosses slices
+    store = Logged(PG_DSN, schema=pg_schema)
+    await store.open()
+    conn = await asyncpg.connect(PG_DSN, server_settings={"search_path": pg_schema})
+    try:
+        now = store.now()
+        # One record every 5.76 s over 80 h, in id order, each settled a second after it was
+        # created: the 8 h before the 72 h kept are 5,000 of them.
+        await conn.execute(
+            "INSERT INTO jobs (destination, source, message_id, ordering_key, payload, state, available_at,"
+            f" created_at, settled_at) SELECT 'moe', 'web', 'm' || g, 'u' || g, '', {DELIVERED}, t, t, t + 1"
+            " FROM generate_series(1, 50000) AS g, LATERAL (SELECT $1::float8 - 80 * 3600 + g * 5.76 AS t) AS x",
+            now,
+        )
+        await conn.execute("ANALYZE")
+        store.statements = []
+        assert await store.prune(now - DAY, now - 3 * DAY) == 5000 - 1  # the 5,000th is created at the cutoff
+        on_jobs = [s for s in store.statements if " jobs " in s[0]]
+        assert len(on_jobs) >= 5
+        for query, args in store.statements:
+            for plan in await _plans(conn, query, args):
+                assert "Seq Scan on jobs" not in plan, f"{query}\n{plan}"
+        assert await conn.fetchval("SELECT count(*) FROM jobs") == 45001
+    finally:
+        await conn.close()
+        await store.close()
+
+
+async def _delivered(store: PostgresStore, prefix: str, count: int) -> list[int]:
+    """``count`` jobs, enqueued, leased and acked: delivered records."""
+    await store.enqueue("web", [event(f"{prefix}-{i}", f"u{i}") for i in range(count)])
+    jobs = await store.lease("moe", count, 30, ordered=False)
+    await store.ack([j.id for j in jobs], "v1")
+    return sorted(j.id for j in jobs)
+
+
+async def test_a_prune_deletes_old_delivered_records_past_the_jobs_it_keeps_and_stops_at_a_newer_job(
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The walk in id order deletes every delivered record settled before the cutoff, steps
+    over the old jobs it keeps (still queued, or settled lately), and stops at the first
+    job created after the cutoff: a record past it, dated earlier by another node's clock,
+    waits for a later prune."""
+    monkeypatch.setattr("bridge.store.postgres.PRUNE_SLICE", 3)  # the walk crosses slices
+    store = PostgresStore(PG_DSN, schema=pg_schema)
+    await store.open()
+    conn = await asyncpg.connect(PG_DSN, server_settings={"search_path": pg_schema})
+
+    async def age(ids: list[int], created: float, settled: float | None) -> None:
+        await conn.execute(
+            "UPDATE jobs SET created_at = $2, settled_at = COALESCE($3, settled_at) WHERE id = ANY($1::bigint[])",
+            ids,
+            created,
+            settled,
+        )
+
+    async def job_ids() -> list[int]:
+        return [r[0] for r in await conn.fetch("SELECT id FROM jobs ORDER BY id")]
+
+    try:
+        now = store.now()
+        old = await _delivered(store, "old", 4)
+        # Old and still queued (for a destination delivering nothing): kept.
+        await store.enqueue("web", [event("waiting-0", "w0", destinations=("paused",))])
+        waiting = [i for i in await job_ids() if i not in old]
+        settled_lately = await _delivered(store, "late", 2)  # created long ago, settled today: kept
+        older_still = await _delivered(store, "old2", 3)  # after kept jobs: still deleted
+        young = await _delivered(store, "young", 2)  # created after the cutoff: where the walk stops
+        beyond = await _delivered(store, "beyond", 2)  # dated old by a node's clock, past the stop
+        await age(old + older_still + beyond, now - 5 * DAY, now - 4 * DAY)
+        await age(waiting, now - 5 * DAY, None)
+        await age(settled_lately, now - 5 * DAY, now - 1)
+        await age(young, now - 2.5 * DAY, now - 4 * DAY)  # an odd clock: never reached by the walk
+        removed = await store.prune(now - 2 * DAY, now - 3 * DAY)
+        # 15 dedupe keys were stored just now, so none is old enough to go.
+        assert removed == len(old) + len(older_still)
+        assert await job_ids() == sorted(waiting + settled_lately + young + beyond)
+        assert (await store.queue_stats())["paused"].depth == 1
+        assert await store.prune(now - 2 * DAY, now - 3 * DAY) == 0
+        # A later cutoff takes the walk past the young jobs, to what it left.
+        assert await store.prune(now - 2 * DAY, now - 2 * DAY) == len(young) + len(beyond)
+        assert await job_ids() == sorted(waiting + settled_lately)
+    finally:
+        await conn.close()
         await store.close()
 
 
