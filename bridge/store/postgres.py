@@ -998,14 +998,17 @@ class PostgresStore(Store):
 
     async def _prune_by_time(self, table: str, time_column: str, before: float) -> int:
         """Delete the rows of ``table`` from before ``before``, PRUNE_SLICE a statement; the
-        time's index (dedupe_by_time, discards_by_time) finds them."""
+        time's index (dedupe_by_time, discards_by_time) finds them. Oldest first: without
+        the order, once most rows were old enough the planner scanned the heap instead, and
+        each slice read again the dead rows of the slices before it."""
         removed = 0
         while True:
             async with self._conn() as conn:
                 n = _count(
                     await conn.execute(
                         f"DELETE FROM {table} WHERE ctid = ANY(ARRAY("
-                        f"SELECT ctid FROM {table} WHERE {time_column} < $1 LIMIT {PRUNE_SLICE}))",
+                        f"SELECT ctid FROM {table} WHERE {time_column} < $1"
+                        f" ORDER BY {time_column} LIMIT {PRUNE_SLICE}))",
                         before,
                     )
                 )
