@@ -7,9 +7,10 @@ items (a device without its platform or push_id among them) sent alone, a 200 fo
 Import it can read that drops each such element unseen, at most 50 merge pairs,
 silent acceptance of customer ids MoEngage ignores, of devices of users it does not
 have (it creates devices for existing users only) and of future-dated event actions,
-Delete User's 400 for a user it does
-not have, and (``suspended``) each endpoint's answer for a suspended account: a 400 from
-Merge User, a 403 from the others.
+Delete User's 400 for a user it does not have and its own 429 body (a title and a
+description, when ``plan`` or ``refuse_all`` refuses a deletion with a 429), and
+(``suspended``) each endpoint's answer for a suspended account: a 400 from Merge User, a
+403 from the others.
 """
 
 from __future__ import annotations
@@ -100,6 +101,13 @@ ACCEPTED = {"status": "success", "message": "Your request has been accepted and 
 MERGE_ACCEPTED = {"status": "success", "operation": "created"}
 # Delete User's answer for a customer id without a user, MoEngage's wording (sic).
 USER_ABSENT = "User doesn't exists with customer id {}"
+# Delete User's 429, the one error MoEngage documents outside its {"error": {...}} envelope
+# (shared/reference/moengage-api.md §1.5): a title and a description, no message or type.
+DELETE_RATE_LIMITED = {
+    "status": "fail",
+    "title": "Rate limit exceeded",
+    "description": "Exceeded rate limit for this url",
+}
 
 
 class Rejected(Exception):
@@ -225,6 +233,11 @@ class MoEngageStandIn(StandIn):
                 "request_id": self.request_id(),
             },
         }
+
+    def injected_error_body(self, request: web.Request, status: int) -> Any:
+        if status == 429 and request.match_info.handler == self._delete:
+            return dict(DELETE_RATE_LIMITED)
+        return super().injected_error_body(request, status)
 
     async def _customer(self, request: web.Request) -> web.Response:
         await self._delay("customer")

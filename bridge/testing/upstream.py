@@ -92,6 +92,12 @@ class StandIn:
         """The JSON body this upstream answers an error ``status`` with."""
         raise NotImplementedError
 
+    def injected_error_body(self, request: web.Request, status: int) -> Any:
+        """The body an injected refusal (``plan`` without a body, ``refuse_all``) of
+        ``request`` carries: ``error_body``'s, unless the endpoint it reached answers
+        ``status`` in a shape of its own."""
+        return self.error_body(status)
+
     def log_fields(self) -> dict[str, Any]:
         """Fields naming this stand-in on each sandbox log line, beside ``upstream``."""
         return {}
@@ -201,7 +207,7 @@ class StandIn:
             return web.Response(status=499)
         body, headers = planned.body, planned.headers
         if body is None and planned.status != 200:
-            body = self.error_body(planned.status)
+            body = self.injected_error_body(request, planned.status)
             # The upstream's own headers for it (a 429's Retry-After), unless the plan names its own.
             headers = headers or self.error_headers(planned.status) or {}
         if isinstance(body, bytes | str):
@@ -226,7 +232,8 @@ class StandIn:
                 self._seen(request, 0)
                 return response
         elif self._refuse is not None:
-            response = self.error(self._refuse)
+            status = self._refuse
+            response = self.json_response(status, self.injected_error_body(request, status), self.error_headers(status))
         else:
             try:
                 response = await handler(request)

@@ -96,6 +96,35 @@ async def test_a_deletion_of_a_user_moengage_never_had_is_delivered_not_dead_let
     assert [(s.path, s.status) for s in moengage.seen] == [(DELETE_PATH, 400)]  # answered once, not retried
 
 
+async def test_a_deletion_moengage_rate_limits_is_retried_after_its_retry_after(bridge: Bridge) -> None:
+    """Delete User's 429 is the one MoEngage error without the {"error": {...}} envelope
+    (a title and a description instead): still a rate limit, retried once the Retry-After
+    has passed, and its body shown whole where the failure is reported."""
+    moengage = bridge.moengage
+    identify = {"userId": "del-u40", "traits": {"email": "u40@example.com"}, "messageId": "u40-i"}
+    assert (await bridge.post("/v1/identify", identify, basic(WRITE_KEY)))[0] == 200
+    await moengage.wait_for(lambda: "del-u40" in moengage.users())
+    moengage.plan(Planned(429, headers={"Retry-After": "3"}))
+    with capture_logs() as logs:
+        assert (await webhook(bridge, deletion("del-u40", "del-40")))[0] == 200
+        await moengage.wait_for(lambda: any(s.path == DELETE_PATH for s in moengage.seen))
+        _, status = await bridge.get("/admin/status", ADMIN)
+        destination = status["destinations"][0]
+        failure = destination["last_failure"]
+        assert (failure["status"], failure["action"], failure["items"]) == (429, "retry", 1), failure
+        assert "Exceeded rate limit for this url" in failure["body"], failure
+        # The Retry-After holds the destination, beyond the harness's backoff (max_delay 0.3 s).
+        assert 0.3 < destination["backing_off_seconds"] <= 3, destination
+        await moengage.wait_for(lambda: len(moengage.deletions()) == 1, timeout=10)
+    assert [s.status for s in moengage.seen if s.path == DELETE_PATH] == [429, 200]
+    assert moengage.deletions() == [{"identity_type": "customer_id", "identity_value": "del-u40"}]
+    (logged,) = [e for e in logs if e["event"] == "delivery_attempt_failed"]
+    assert (logged["status"], logged["action"]) == (429, "retry")
+    assert "Rate limit exceeded" in logged["body"] and "Exceeded rate limit for this url" in logged["body"]
+    await wait_until(lambda: settled(bridge), what="the deletion to settle")
+    assert await dead_letters(bridge) == []
+
+
 async def test_a_replayed_dead_letter_does_not_recreate_a_deleted_user(bridge: Bridge) -> None:
     """MoEngage makes a user of any identifiers it is sent: the user's identify, refused and
     dead-lettered before the deletion, recreated them (and their email) when a replay sent

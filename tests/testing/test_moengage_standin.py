@@ -433,6 +433,30 @@ async def test_delete_user_removes_a_user_it_has_and_is_a_400_for_one_it_never_s
     assert standin.deletions() == [deletion("u1")]
 
 
+async def test_delete_users_429_has_its_own_body_and_the_others_keep_the_envelope(moe):
+    # MoEngage documents Delete User's 429 outside the {"error": {...}} envelope every other
+    # refusal uses: a title and a description (shared/reference/moengage-api.md §1.5).
+    standin, client = moe
+    assert (await call(client, f"/v1/customer/{WS}", customer("u1")))[0] == 200
+    delete_429 = {"status": "fail", "title": "Rate limit exceeded", "description": "Exceeded rate limit for this url"}
+    standin.plan(Planned(429, headers={"Retry-After": "7"}), Planned(429), Planned(429))
+    resp = await client.post(f"/v1/customer/delete?app_id={WS}", data=orjson.dumps(deletion("u1")), headers=GOOD)
+    assert (resp.status, await resp.json()) == (429, delete_429)
+    assert resp.headers["Retry-After"] == "7"  # the plan's headers, as for any endpoint
+    # Every data center's host, and refuse_all as well as plan.
+    assert await call(client, f"/api-01/v1/customer/delete?app_id={WS}", deletion("u1")) == (429, delete_429)
+    status, body = await call(client, f"/v1/customer/{WS}", customer("u2"))
+    assert (status, body["error"]["type"], body["error"]["message"]) == (429, "RateLimitError", "Rate limit exceeded")
+    standin.refuse_all(429)
+    assert await call(client, f"/v1/customer/delete?app_id={WS}", deletion("u1")) == (429, delete_429)
+    status, body = await call(client, f"/v1/customer/merge?app_id={WS}", {"merge_data": []})
+    assert (status, body["error"]["type"]) == (429, "RateLimitError")
+    standin.refuse_all(None)
+    assert standin.deletions() == []
+    assert (await call(client, f"/v1/customer/delete?app_id={WS}", deletion("u1")))[0] == 200
+    assert standin.deletions() == [deletion("u1")]
+
+
 async def test_a_merged_away_user_is_gone_and_the_retained_one_exists(moe):
     standin, client = moe
     assert (await call(client, f"/v1/customer/{WS}", customer("old")))[0] == 200
