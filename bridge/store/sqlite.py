@@ -665,7 +665,7 @@ class SqliteStore(Store):
         removed: int = 0
         done = False
         while not done:
-            keys, done = await self._bookkeep(partial(dedupe.prune, before=dedupe_before, limit=PRUNE_STEP))
+            keys, done = await self._bookkeep(partial(dedupe.prune, before=dedupe_before))
             removed += keys
         after: int | None = 0
         while after is not None:

@@ -1,21 +1,25 @@
 """Dedupe keys for the SQLite store, written so that ingest stays sequential on disk.
 
-Message ids are random (UUIDs), so inserting each one into the ``dedupe_keys`` B-tree as it
-arrives dirties one B-tree page per event, and every commit rewrites those pages: that
-alone cut enqueue throughput by more than half. Instead the new keys of each commit group
-are appended to ``dedupe_recent`` as one row (no index: sequential, cheap) and kept in
-memory; once enough have gathered they are merged into ``dedupe_keys`` in key order, so
-each B-tree page is rewritten once per merge rather than once per commit. The merge runs
-in key-range slices between other operations, so ingest never waits for one long rewrite.
+Message ids are random (UUIDs), so inserting each one into a key B-tree as it arrives
+dirties one B-tree page per event, and every commit rewrites those pages: that alone cut
+enqueue throughput by more than half. Instead the new keys of each commit group are
+appended to ``dedupe_recent`` as one row (no index: sequential, cheap) and kept in
+memory; once enough have gathered they are merged into the B-tree in key order, so each
+page is rewritten once per merge rather than once per commit. The merge runs in
+key-range slices between other operations, so ingest never waits for one long rewrite.
 
 A row holds many keys, end to end (schema version 4): a row per key cost about 1.3 us a
 key in SQLite alone, most of a batch event's dedupe (docs/benchmarks.md, session 12).
 
-Every key of a merge is stored with the merge's time as its ``seen_at``, not its arrival
-time, so the time index grows in order too: arrival times scattered a merge's entries
-over the index's newest pages, and every slice rewrote all of them (about 1 us a key).
-A key is therefore kept at least ``dedupe_hours`` after it arrived, and at most the wait
-for its merge longer: a merge starts every MERGE_AT keys and before every prune.
+Generations (schema version 5): the merges of GENERATION_SECONDS go into one table
+(``dedupe_generations`` lists them, oldest first), and a prune drops a whole table once
+its newest merge is older than ``dedupe_hours``. In one table for all, keys expired in
+merge order but sat in key order, a few of each merge to a leaf across the whole tree,
+so deleting them rewrote most of its leaves at every prune (docs/benchmarks.md, session
+31). A key counts from its merge's time, not its arrival: it is kept at least
+``dedupe_hours`` after it arrived, and at most the wait for its merge (a merge starts
+every MERGE_AT keys and before every prune) plus GENERATION_SECONDS longer. A lookup
+asks every generation's table; a version-4 file's ``dedupe_keys`` is its oldest.
 
 The B-tree holds a 16-byte digest per key (``dedupe_key``), not the strings. A merge
 of random ids touches about one leaf per key once the table is bigger than a merge, and
@@ -28,10 +32,10 @@ may ingest into a file at a time (the CLI only reads, replays and prunes). A sto
 opens the file loads whatever an earlier process left in ``dedupe_recent``.
 
 A lookup asks SQLite only about the keys a Bloom filter (``key_filter``) cannot rule out.
-The filter holds every key of ``dedupe_keys``: it is built once the store ingests, by
-walking the B-tree in writer steps (lookups go to SQLite until it is complete), and every
-new key goes into it as it arrives. Pruning cannot take keys out of it, so once half of
-its keys have been pruned it is built again, the old one serving meanwhile.
+The filter holds every key of the generations: it is built once the store ingests, by
+walking their B-trees in writer steps (lookups go to SQLite until it is complete), and
+every new key goes into it as it arrives. Pruning cannot take keys out of it, so once half
+of its keys have been pruned it is built again, the old one serving meanwhile.
 """
 
 from __future__ import annotations
@@ -82,14 +86,22 @@ FILTER_STEP = 20000
 
 
 SQL_KEY_FUNCTION = "bridge_dedupe_key"
-# Up to KEYS_PER_ROW of a merge step's keys, sorted and end to end in one blob (?1), with
-# the merge's time as their seen_at (?2), split in SQL in their order: one parameter to
-# bind instead of one per key. Against 500-row VALUES statements, 1.04-1.19 us a key
-# instead of 1.34-1.45 into a B-tree of 300k keys (docs/benchmarks.md, session 19).
+# Up to KEYS_PER_ROW of a merge step's keys, sorted and end to end in one blob (?1), split
+# in SQL in their order: one parameter to bind instead of one per key. Against 500-row
+# VALUES statements, 1.04-1.19 us a key instead of 1.34-1.45 into a B-tree of 300k keys
+# (docs/benchmarks.md, session 19). ``{table}`` is a generation's table (``generations``).
 MERGED_KEYS_INSERT = (
-    "INSERT OR IGNORE INTO dedupe_keys (k, seen_at)"
-    " SELECT substr(?1, 1 + 16 * n, 16), ?2 FROM temp.key_slots WHERE n < length(?1) / 16 ORDER BY n"
+    "INSERT OR IGNORE INTO {table} (k)"
+    " SELECT substr(?1, 1 + 16 * n, 16) FROM temp.key_slots WHERE n < length(?1) / 16 ORDER BY n"
 )
+# The merges of this many seconds go into one generation's table (see the module
+# docstring): a key is kept at most this much longer than dedupe_hours, and a window of
+# 48 h is read from 13 tables.
+GENERATION_SECONDS = 4 * 3600.0
+# Generation tables are named by their catalog id; an upgraded file's version-4 key table
+# keeps its own name (and its seen_at column, which nothing reads any more).
+GENERATION_PREFIX = "dedupe_keys_"
+V4_KEYS = "dedupe_keys"
 
 
 def dedupe_keys_of(source: str, message_ids: Iterable[str]) -> list[bytes]:
@@ -150,7 +162,8 @@ class DedupeKeys:
         # takes those keys out of memory itself, which the sliced merge must then not redo.
         self._whole_merges = 0
         self._planned_at = 0
-        self._merge_time = 0.0  # the seen_at of the keys of the merge under way
+        self._merge_time = 0.0  # the time of the merge under way: its keys count from it
+        self._target: tuple[int, str] = (0, "")  # the generation (id, table) it goes into
         # The last dedupe_recent row whose keys are in memory: loaded at open or added since.
         # A CLI opened while the server ingests knows only the rows there were then.
         self._known_to = 0
@@ -160,7 +173,7 @@ class DedupeKeys:
         # The string-keyed table of a file from before schema version 2 still has keys.
         self.legacy = False
         self._filter_bits = filter_bits_log2
-        # Holds every key of dedupe_keys (and more): lookups trust it once it is set.
+        # Holds every key of the generations (and more): lookups trust it once it is set.
         self.filter: KeyFilter | None = None
         self._building: FilterBuild | None = None  # a filter under construction
         self.pruned_since_filter = 0  # keys pruned since the filter in use went into use
@@ -198,10 +211,16 @@ class DedupeKeys:
             found = set(keys).difference(unknown)
         if self.filter is not None:
             unknown = self.filter.check_and_add(unknown)
-        for start in range(0, len(unknown), CHUNK):
-            chunk = unknown[start : start + CHUNK]
-            rows = conn.execute(f"SELECT k FROM dedupe_keys WHERE k IN ({','.join('?' * len(chunk))})", chunk)
-            found.update(row[0] for row in rows)
+        if not unknown:
+            return found
+        # Each generation's table, asked in one statement for up to KEYS_PER_ROW keys given
+        # end to end in one blob: one statement text a table, whatever the count.
+        tables = [name for _, name in generations(conn)]
+        _slots(conn)
+        for start in range(0, len(unknown), KEYS_PER_ROW):
+            blob = b"".join(unknown[start : start + KEYS_PER_ROW])
+            for table in tables:
+                found.update(row[0] for row in conn.execute(KEYS_LOOKUP.format(table=table), (blob,)))
         return found
 
     def stored_as_strings(self, conn: sqlite3.Connection, source: str, message_ids: Sequence[str]) -> set[str]:
@@ -229,7 +248,7 @@ class DedupeKeys:
             self._writer.on_rollback(lambda: setattr(self, "_known_to", known_to))
         self._recent.update(keys)
         self.added += len(keys)
-        # Into the filters now rather than at the merge that moves them to dedupe_keys: a
+        # Into the filters now rather than at the merge that moves them to a generation: a
         # key is in the filter before it is on disk (the one in use since ``stored``).
         if self.filter is not None:
             self.filter.count_added(len(keys))
@@ -258,26 +277,28 @@ class DedupeKeys:
         self._recent, self._known_to = recent, known_to
         self.legacy = _legacy_has_keys(conn)
 
-    def prune(self, conn: sqlite3.Connection, before: float, limit: int) -> tuple[int, bool]:
-        """Forget up to ``limit`` of the keys merged before ``before`` (see the module
-        docstring: a key's time is its merge's), oldest first; the caller merges
-        dedupe_recent first. Returns (keys removed, whether none is left to remove).
+    def prune(self, conn: sqlite3.Connection, before: float) -> tuple[int, bool]:
+        """Forget the oldest generation whose newest merge was before ``before`` (see the
+        module docstring: a key's time is its merge's), dropping its table; the caller
+        merges dedupe_recent first. Returns (keys removed, whether none is left to remove).
 
-        In steps, each its own writer operation: a day's keys deleted in one statement
-        held the writer (and every acknowledgement) for seconds."""
-        removed = int(
-            conn.execute(
-                "DELETE FROM dedupe_keys WHERE k IN"
-                " (SELECT k FROM dedupe_keys WHERE seen_at < ? ORDER BY seen_at LIMIT ?)",
-                (before, limit),
-            ).rowcount
-        )
-        self.pruned_since_filter += removed  # a rollback overcounts: a rebuild comes early
-        if removed == limit:
-            return removed, False
+        A table at a time, each its own writer operation. Keys expire in merge order but
+        were kept in key order, one table for all: the keys of one merge sat a few to a
+        leaf across the whole B-tree, and deleting them rewrote most of its leaves
+        (docs/benchmarks.md, session 31). A generation goes with its table, whole."""
+        row = conn.execute(
+            "SELECT id, name, keys FROM dedupe_generations WHERE newest < ? ORDER BY id LIMIT 1", (before,)
+        ).fetchone()
+        if row is not None:
+            generation, table, keys = row
+            conn.execute(f"DROP TABLE IF EXISTS {table}")  # a version-4 table's index goes with it
+            conn.execute("DELETE FROM dedupe_generations WHERE id = ?", (generation,))
+            self.pruned_since_filter += int(keys)  # a rollback overcounts: a rebuild comes early
+            return int(keys), False
+        removed = 0
         if _legacy_exists(conn):
             # The table of files from before schema version 2, whole: its newest key is
-            # older than any of dedupe_keys, so by now it has few, if any, left.
+            # older than any generation's, so by now it has few, if any, left.
             removed += int(conn.execute("DELETE FROM dedupe WHERE seen_at < ?", (before,)).rowcount)
             # Once its last key has aged out, no lookup needs it. The (empty) table stays:
             # another process may still be looking in it. Lookups stop reading it only once
@@ -290,7 +311,7 @@ class DedupeKeys:
     #   plan        -> (first, last): the ids of the rows to merge; memory's keys are
     #               exactly theirs, the snapshot; the merge's time, every key's seen_at
     #   file_next   files the snapshot's next keys by their first byte; -> True when all are
-    #   merge_next  inserts the next buckets' keys, sorted, into dedupe_keys, so the merge
+    #   merge_next  inserts the next buckets' keys, sorted, into a generation, so the merge
     #               goes through the B-tree in key order; -> True when all are in
     #   finish_merge deletes the snapshot's rows and takes its keys out of memory
     # The snapshot is ordered a bucket at a time rather than sorted in one go: one sort of
@@ -304,6 +325,7 @@ class DedupeKeys:
         first = conn.execute("SELECT COALESCE(MIN(id), 1) FROM dedupe_recent").fetchone()[0]
         last = self._known_to
         self._merge_time = time.time()
+        self._target = (0, "")  # chosen by the first step with keys to insert
         # Memory holds the keys of every dedupe_recent row up to ``last`` (and maybe keys
         # another process has merged since): these leave memory, and their rows the table,
         # when finish_merge commits. Rows past ``last`` (the server's, when a CLI merges)
@@ -328,7 +350,7 @@ class DedupeKeys:
 
     def merge_next(self, conn: sqlite3.Connection, limit: int) -> bool:
         """Insert the next buckets, at least ``limit`` keys unless fewer are left, in key
-        order into dedupe_keys; True once every bucket is in."""
+        order into the merge's generation; True once every bucket is in."""
         if self._whole_merges != self._planned_at:
             return True  # a whole merge has moved every key of this snapshot already
         keys: list[bytes] = []
@@ -340,9 +362,19 @@ class DedupeKeys:
             keys += bucket
         # One statement text whatever the step's size: a statement per length filled the
         # connection's statement cache with large ones, and RSS grew with every merge.
+        if not keys:
+            return self._bucket_at >= len(self._buckets)
         _slots(conn)
+        if not _generation_exists(conn, self._target[0]):
+            # Not chosen yet, or dropped by another process's prune with a cutoff ahead of
+            # this merge's time (the server's own prune waits for its merge).
+            self._target = target_generation(conn, self._merge_time)
+        generation, table = self._target
+        insert = MERGED_KEYS_INSERT.format(table=table)
+        inserted = 0
         for start in range(0, len(keys), KEYS_PER_ROW):
-            conn.execute(MERGED_KEYS_INSERT, (b"".join(keys[start : start + KEYS_PER_ROW]), self._merge_time))
+            inserted += conn.execute(insert, (b"".join(keys[start : start + KEYS_PER_ROW]),)).rowcount
+        _count_keys(conn, generation, inserted)
         return self._bucket_at >= len(self._buckets)
 
     def _undo_whole_merge(self) -> None:
@@ -366,8 +398,8 @@ class DedupeKeys:
     # Building the filter, step by step, each step its own short writer operation:
     #   begin_filter  -> a FilterBuild: a new, empty filter, and the keys in memory to copy in
     #   fill_filter   copies the build's next FILTER_STEP keys, from memory and then from
-    #                 dedupe_keys in key order; -> True once it has read them all
-    # Every key of dedupe_keys is in the new filter when it goes into use: it was there
+    #                 each generation in key order; -> True once it has read them all
+    # Every key of the generations is in the new filter when it goes into use: it was there
     # when the walk passed its place; or it was in memory when the build began; or it
     # arrived later and ``add`` put it in. Keys merged meanwhile came from memory. The new
     # filter goes into use when the last step's transaction commits: were it rolled back
@@ -375,7 +407,9 @@ class DedupeKeys:
     # walk no longer saw, would be back on disk.
 
     def begin_filter(self, conn: sqlite3.Connection) -> FilterBuild:
-        self._building = FilterBuild(KeyFilter(self._filter_bits), list(self._recent))
+        # The generations there are now: one made later holds only keys merged later, from
+        # memory, which were in ``unfiltered`` or went into the new filter as they arrived.
+        self._building = FilterBuild(KeyFilter(self._filter_bits), list(self._recent), generations(conn))
         return self._building
 
     def fill_filter(self, conn: sqlite3.Connection, build: FilterBuild) -> bool:
@@ -385,16 +419,24 @@ class DedupeKeys:
             build.filter.add(build.unfiltered[-FILTER_STEP:])
             del build.unfiltered[-FILTER_STEP:]
             return False
-        keys = [
-            row[0]
-            for row in conn.execute(
-                "SELECT k FROM dedupe_keys WHERE k > ? ORDER BY k LIMIT ?", (build.walked_to, FILTER_STEP)
-            )
-        ]
-        build.filter.add(keys)
-        if len(keys) == FILTER_STEP:
-            build.walked_to = keys[-1]
-            return False
+        budget = FILTER_STEP  # keys read by this step, from as many tables as it takes
+        while build.tables:
+            generation, table = build.tables[0]
+            keys: list[bytes] = []
+            if _generation_exists(conn, generation):  # else pruned since: nothing to read
+                keys = [
+                    row[0]
+                    for row in conn.execute(
+                        f"SELECT k FROM {table} WHERE k > ? ORDER BY k LIMIT ?", (build.walked_to, budget)
+                    )
+                ]
+            build.filter.add(keys)
+            if len(keys) == budget:
+                build.walked_to = keys[-1]
+                return False
+            budget -= len(keys)
+            del build.tables[0]
+            build.walked_to = b""
         self._writer.on_commit(functools.partial(self._use, build))
         self._writer.on_rollback(functools.partial(self.drop_build, build))
         return True
@@ -411,13 +453,14 @@ class DedupeKeys:
             self._building = None
 
     def merge(self, conn: sqlite3.Connection) -> None:
-        """Move all of ``dedupe_recent`` into the ``dedupe_keys`` B-tree at once."""
+        """Move all of ``dedupe_recent`` into the current generation's B-tree at once."""
         self._whole_merges += 1
         self._writer.on_rollback(self._undo_whole_merge)
-        _slots(conn)
-        conn.execute(
-            f"INSERT OR IGNORE INTO dedupe_keys (k, seen_at) SELECT k, ? FROM ({ROW_KEYS}) ORDER BY k", (time.time(),)
-        )
+        if conn.execute("SELECT 1 FROM dedupe_recent LIMIT 1").fetchone() is not None:  # no empty generation
+            _slots(conn)
+            generation, table = target_generation(conn, time.time())
+            inserted = conn.execute(f"INSERT OR IGNORE INTO {table} (k) SELECT k FROM ({ROW_KEYS}) ORDER BY k").rowcount
+            _count_keys(conn, generation, inserted)
         # Memory holds the keys of exactly these rows (this writer is the only one adding
         # any), so they leave memory without hashing every row a second time.
         merged = frozenset(self._recent)
@@ -428,11 +471,53 @@ class DedupeKeys:
 @dataclass(eq=False)
 class FilterBuild:
     """A filter under construction: ``unfiltered`` are the keys that were in memory when it
-    began, still to copy in; then ``dedupe_keys`` is walked from ``walked_to`` on."""
+    began, still to copy in; then each of ``tables`` (the generations then, oldest first)
+    is walked in key order, the first from ``walked_to`` on."""
 
     filter: KeyFilter
     unfiltered: list[bytes] = field(default_factory=list)
+    tables: list[tuple[int, str]] = field(default_factory=list)
     walked_to: bytes = b""  # below every 16-byte key
+
+
+# Up to KEYS_PER_ROW keys end to end in one blob (?1), looked up in a generation's table.
+KEYS_LOOKUP = (
+    "SELECT k FROM {table} WHERE k IN (SELECT substr(?1, 1 + 16 * n, 16) FROM temp.key_slots WHERE n < length(?1) / 16)"
+)
+
+
+def generations(conn: sqlite3.Connection) -> list[tuple[int, str]]:
+    """The generations' (id, table), oldest first."""
+    return [(int(i), str(name)) for i, name in conn.execute("SELECT id, name FROM dedupe_generations ORDER BY id")]
+
+
+def target_generation(conn: sqlite3.Connection, now: float) -> tuple[int, str]:
+    """The generation a merge at ``now`` goes into: the newest, unless it opened
+    GENERATION_SECONDS or more before (or is an upgraded file's version-4 table); else a
+    new one, with its table. Its newest merge time becomes ``now`` before any key goes in,
+    so a prune never drops a generation a merge is still filling."""
+    row = conn.execute("SELECT id, name, opened_at FROM dedupe_generations ORDER BY id DESC LIMIT 1").fetchone()
+    if row is not None and row[1] != V4_KEYS and now - row[2] < GENERATION_SECONDS:
+        conn.execute("UPDATE dedupe_generations SET newest = MAX(newest, ?) WHERE id = ?", (now, row[0]))
+        return int(row[0]), str(row[1])
+    generation = conn.execute(
+        "INSERT INTO dedupe_generations (name, opened_at, newest, keys) VALUES ('', ?, ?, 0)", (now, now)
+    ).lastrowid
+    assert generation is not None
+    table = f"{GENERATION_PREFIX}{generation}"
+    conn.execute(f"CREATE TABLE {table} (k BLOB PRIMARY KEY) WITHOUT ROWID")
+    conn.execute("UPDATE dedupe_generations SET name = ? WHERE id = ?", (table, generation))
+    return generation, table
+
+
+def _generation_exists(conn: sqlite3.Connection, generation: int) -> bool:
+    return conn.execute("SELECT 1 FROM dedupe_generations WHERE id = ?", (generation,)).fetchone() is not None
+
+
+def _count_keys(conn: sqlite3.Connection, generation: int, inserted: int) -> None:
+    """A generation counts its keys, so that dropping it tells the filter how many went."""
+    if inserted > 0:
+        conn.execute("UPDATE dedupe_generations SET keys = keys + ? WHERE id = ?", (inserted, generation))
 
 
 def split_row(row: bytes) -> list[bytes]:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import sqlite3
 
 from bridge.store.base import StoreError
-from bridge.store.sqlite_dedupe import SQL_KEY_FUNCTION
+from bridge.store.sqlite_dedupe import SQL_KEY_FUNCTION, V4_KEYS
 
 # 2: dedupe keys are digests (dedupe_keys). 3: dedupe_recent holds digests too.
 # 4: a dedupe_recent row holds many digests end to end (a version-3 row, one digest, reads
 # the same, so the upgrade rewrites nothing; an older bridge would misread the new rows).
-SCHEMA_VERSION = 4
+# 5: dedupe keys in one table per generation of merges (dedupe_generations); a version-4
+# file's dedupe_keys becomes its first generation, read until it ages out whole.
+SCHEMA_VERSION = 5
 
 # Job states. Dead-lettered and discarded jobs leave the jobs table for their own tables.
 QUEUED = 0
@@ -84,17 +86,19 @@ DDL = (
     """DROP INDEX IF EXISTS jobs_delivered""",
     # A dedupe key is a 16-byte digest of (source, messageId) (sqlite_dedupe.dedupe_key),
     # not the two strings: SDK message ids are random UUIDs, so every merge inserts its
-    # keys at random places in this B-tree and touches about one leaf per key once the
-    # table outgrows a merge. Rows half the size mean half the leaves to touch, and half
-    # the pages a lookup misses in the cache (docs/benchmarks.md, "Random message ids").
-    """CREATE TABLE IF NOT EXISTS dedupe_keys (
-        k BLOB PRIMARY KEY,
-        seen_at REAL NOT NULL
-    ) WITHOUT ROWID""",
-    # Keys arrive here only in merges, every key of a merge with the merge's time (see
-    # sqlite_dedupe): the index grows at its end, and a merge, which goes in key order,
-    # appends its entries in order too.
-    """CREATE INDEX IF NOT EXISTS dedupe_keys_by_time ON dedupe_keys (seen_at)""",
+    # keys at random places in a B-tree and touches about one leaf per key once the table
+    # outgrows a merge. Rows half the size mean half the leaves to touch, and half the
+    # pages a lookup misses in the cache (docs/benchmarks.md, "Random message ids").
+    # The keys of GENERATION_SECONDS of merges share a table (``name``, WITHOUT ROWID, the
+    # key its primary key), dropped whole once its ``newest`` merge is older than
+    # dedupe_hours; ``keys`` counts them. AUTOINCREMENT: a table's name is never reused.
+    """CREATE TABLE IF NOT EXISTS dedupe_generations (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL,
+        opened_at REAL NOT NULL,
+        newest REAL NOT NULL,
+        keys INTEGER NOT NULL
+    )""",
     # Files written before schema version 2 keep their (source, message_id) ``dedupe``
     # table: it is still read and pruned until its keys age out (sqlite_dedupe).
     # New keys land here first, unindexed (see sqlite_dedupe for why).
@@ -180,6 +184,7 @@ def create_schema(conn: sqlite3.Connection, *, upgrade: bool = True) -> None:
         conn.execute(statement)
     _retire_state_index(conn)
     _upgrade_dedupe_recent(conn)
+    _keys_of_version_4_as_a_generation(conn)
     _add_columns(conn)
     for statement in LATE_DDL:
         conn.execute(statement)
@@ -255,6 +260,29 @@ def _upgrade_dedupe_recent(conn: sqlite3.Connection) -> None:
     conn.execute("DROP TABLE dedupe_recent_v2")
     conn.execute("DELETE FROM sqlite_sequence WHERE name = 'dedupe_recent'")
     conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('dedupe_recent', ?)", (last_id,))
+
+
+def _keys_of_version_4_as_a_generation(conn: sqlite3.Connection) -> None:
+    """A version-4 file kept every dedupe key in one ``dedupe_keys`` table, each with its
+    merge's ``seen_at``: it becomes the oldest generation as it is, renamed nothing and
+    copied nothing (a large file opens as fast as before), read until its newest key ages
+    out and it is dropped whole. Its keys are kept until then: longer, never less. Empty,
+    it is dropped now."""
+    found = conn.execute(f"SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '{V4_KEYS}'").fetchone()
+    if found is None:
+        return
+    if conn.execute("SELECT 1 FROM dedupe_generations WHERE name = ?", (V4_KEYS,)).fetchone() is not None:
+        return
+    oldest, newest, keys = conn.execute(f"SELECT MIN(seen_at), MAX(seen_at), COUNT(*) FROM {V4_KEYS}").fetchone()
+    if not keys:
+        conn.execute(f"DROP TABLE {V4_KEYS}")
+        return
+    # Below every other id: generations are read and pruned oldest (lowest id) first.
+    first = conn.execute("SELECT MIN(id) FROM dedupe_generations").fetchone()[0]
+    conn.execute(
+        "INSERT INTO dedupe_generations (id, name, opened_at, newest, keys) VALUES (?, ?, ?, ?, ?)",
+        (0 if first is None else int(first) - 1, V4_KEYS, oldest, newest, keys),
+    )
 
 
 def _retire_state_index(conn: sqlite3.Connection) -> None:

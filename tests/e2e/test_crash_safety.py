@@ -17,6 +17,7 @@ from bridge.store.sqlite_dedupe import dedupe_key
 from bridge.testing.standins import MoEngageStandIn
 from tests.e2e.harness import API_KEY, WORKSPACE, WRITE_KEY, basic, config_dict
 from tests.e2e.proc import BridgeProcess
+from tests.store.helpers import stored_dedupe_keys
 
 
 class Load:
@@ -94,7 +95,7 @@ def describe_jobs(db: Path, source: str, message_ids: list[str]) -> str:
         keys = [dedupe_key(source, m) for m in message_ids]
         marks = ",".join("?" * len(keys))
         waiting = conn.execute(f"SELECT count(*) FROM dedupe_recent WHERE k IN ({marks})", keys).fetchone()[0]
-        merged = conn.execute(f"SELECT count(*) FROM dedupe_keys WHERE k IN ({marks})", keys).fetchone()[0]
+        merged = len(set(stored_dedupe_keys(conn)).intersection(keys))
     return f"jobs={rows} dedupe_rows={waiting} waiting + {merged} merged now={time.time()}"
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import orjson
 
 from bridge.store.base import DeadLetter, IdentityLink, IncomingEvent, RecordFilter, Store
@@ -33,3 +35,14 @@ async def check_outputs_survive(store: Store) -> None:
     assert await store.replay_dead(RecordFilter(reason="http_400")) == 1
     await store.release([o2.id], fence={o2.id: o2.attempts})
     assert {j.message_id: j.delivered_outputs for j in await store.lease("moe", 10, 30)} == {"o1": b"D" * 8, "o2": b""}
+
+
+def stored_dedupe_keys(conn: sqlite3.Connection) -> list[bytes]:
+    """Every dedupe key of a SQLite store's generations (schema version 5), oldest first."""
+    tables = [name for (name,) in conn.execute("SELECT name FROM dedupe_generations ORDER BY id")]
+    return [k for table in tables for (k,) in conn.execute(f"SELECT k FROM {table}")]
+
+
+def newest_generation(conn: sqlite3.Connection) -> str:
+    """The table of a SQLite store's newest dedupe generation."""
+    return str(conn.execute("SELECT name FROM dedupe_generations ORDER BY id DESC LIMIT 1").fetchone()[0])

@@ -24,10 +24,10 @@ from bridge.store import sqlite_ops as ops
 from bridge.store.base import DeadLetter, Discard, QueueStats, RecordFilter, StoreError, StoreFull
 from bridge.store.sql_filters import record_where
 from bridge.store.sqlite import SqliteStore
-from bridge.store.sqlite_dedupe import KEYS_PER_ROW, dedupe_key, dedupe_keys_of
+from bridge.store.sqlite_dedupe import KEYS_PER_ROW, dedupe_key, dedupe_keys_of, target_generation
 from bridge.store.sqlite_schema import SCHEMA_VERSION
 from bridge.store.sqlite_writer import GroupCommitWriter
-from tests.store.helpers import check_outputs_survive, event
+from tests.store.helpers import check_outputs_survive, event, newest_generation, stored_dedupe_keys
 
 
 async def opened(path: Path, **opts: object) -> SqliteStore:
@@ -51,7 +51,7 @@ async def test_the_file_is_in_wal_mode_with_its_tables(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "sub" / "dir" / "b.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert {"jobs", "dedupe_keys", "dedupe_recent", "identity_links", "dead_letters", "discards"} <= tables
+    assert {"jobs", "dedupe_generations", "dedupe_recent", "identity_links", "dead_letters", "discards"} <= tables
     assert "dedupe" not in tables  # the string-keyed table of schema version 1
     assert conn.execute("SELECT version FROM schema_version").fetchone()[0] == SCHEMA_VERSION
     conn.close()
@@ -582,14 +582,14 @@ async def test_dedupe_keys_survive_merges_and_reopening(tmp_path: Path) -> None:
     await store.close()
 
     conn = sqlite3.connect(tmp_path / "b.db")
-    assert conn.execute("SELECT COUNT(*) FROM dedupe_keys").fetchone()[0] >= 40  # merges happened
+    assert len(stored_dedupe_keys(conn)) >= 40  # merges happened
     conn.close()
     reopened = await opened(tmp_path / "b.db", dedupe_merge_at=40)
     assert (await reopened.enqueue("web", [event("unmerged"), event("m29-9"), event("new")])).stored == 1
     await reopened.prune(0, 0)  # merges everything first
     await reopened.close()
     conn = sqlite3.connect(tmp_path / "b.db")
-    assert conn.execute("SELECT COUNT(*) FROM dedupe_keys").fetchone()[0] == 303
+    assert len(stored_dedupe_keys(conn)) == 303
     assert conn.execute("SELECT COUNT(*) FROM dedupe_recent").fetchone()[0] == 0
     conn.close()
 
@@ -599,7 +599,7 @@ def _as_schema_version_1(path: Path, keys: list[tuple[str, str, float]], waiting
     conn = sqlite3.connect(path)
     conn.executescript(
         """
-        DROP TABLE dedupe_keys;
+        DROP TABLE IF EXISTS dedupe_keys;
         CREATE TABLE dedupe (source TEXT NOT NULL, message_id TEXT NOT NULL, seen_at REAL NOT NULL,
             PRIMARY KEY (source, message_id)) WITHOUT ROWID;
         CREATE INDEX dedupe_by_time ON dedupe (seen_at);
@@ -658,7 +658,7 @@ async def test_a_prune_that_rolls_back_keeps_reading_the_old_keys(tmp_path: Path
 
     def failing_prune(conn: sqlite3.Connection) -> None:
         dedupe.merge(conn)
-        dedupe.prune(conn, now, 1000)  # empties the old table...
+        dedupe.prune(conn, now)  # empties the old table...
         raise sqlite3.OperationalError("database or disk is full")  # ...then the transaction fails
 
     with pytest.raises(StoreError, match="disk is full"):
@@ -771,9 +771,10 @@ async def test_an_upgrade_keeps_dedupe_recent_ids_from_being_reused(tmp_path: Pa
     conn.close()
 
 
-async def test_a_merge_gives_all_its_keys_the_merge_time(tmp_path: Path) -> None:
-    """Keys that arrived at different times are kept from their merge on, so the time
-    index of a merge's keys is written in order and no key is forgotten early."""
+async def test_a_merge_gives_its_generation_its_time(tmp_path: Path) -> None:
+    """Keys that arrived at different times are kept from their merge on: the generation
+    they go into is kept until its newest merge is older than dedupe_hours, so no key is
+    forgotten early, and it counts the keys a prune of it removes."""
     store = await opened(tmp_path / "b.db", dedupe_merge_at=10**9)
     dedupe = store._open_dedupe()
     await store.enqueue("web", [event(f"early-{i}") for i in range(20)])
@@ -795,10 +796,12 @@ async def test_a_merge_gives_all_its_keys_the_merge_time(tmp_path: Path) -> None
     await store.close()
 
     conn = sqlite3.connect(tmp_path / "b.db")
-    times = conn.execute("SELECT seen_at, COUNT(*) FROM dedupe_keys GROUP BY seen_at ORDER BY seen_at").fetchall()
+    rows = conn.execute("SELECT opened_at, newest, keys FROM dedupe_generations").fetchall()
     conn.close()
-    assert [count for _, count in times] == [40, 20]
-    assert before_merge <= times[0][0] < before_whole <= times[1][0]
+    assert len(rows) == 1  # within GENERATION_SECONDS: one generation
+    opened_at, newest, keys = rows[0]
+    assert keys == 60
+    assert before_merge <= opened_at < before_whole <= newest
 
 
 def test_dedupe_keys_are_16_bytes_per_source_and_id() -> None:
@@ -882,7 +885,7 @@ async def test_a_merge_keeps_pace_with_sustained_ingest(tmp_path: Path) -> None:
     await store.close()
 
     conn = sqlite3.connect(tmp_path / "b.db")
-    merged = conn.execute("SELECT COUNT(*) FROM dedupe_keys").fetchone()[0]
+    merged = len(stored_dedupe_keys(conn))
     waiting = conn.execute("SELECT COALESCE(SUM(LENGTH(k)), 0) / 16 FROM dedupe_recent").fetchone()[0]
     conn.close()
     assert merged + waiting == 2 * 40 * 100 and merged >= 2000
@@ -943,9 +946,9 @@ async def test_a_sliced_merge_goes_in_steps_of_keys_and_in_key_order(tmp_path: P
     merge_next = dedupe.merge_next
 
     def recording(conn: sqlite3.Connection, limit: int) -> bool:
-        before = {k for (k,) in conn.execute("SELECT k FROM dedupe_keys")}
+        before = set(stored_dedupe_keys(conn))
         done = merge_next(conn, limit)
-        inserted.append(sorted({k for (k,) in conn.execute("SELECT k FROM dedupe_keys")} - before))
+        inserted.append(sorted(set(stored_dedupe_keys(conn)) - before))
         return done
 
     while not await store._run(partial(recording, limit=150)):
@@ -958,7 +961,7 @@ async def test_a_sliced_merge_goes_in_steps_of_keys_and_in_key_order(tmp_path: P
     assert [k for step in inserted for k in step] == sorted(k for step in inserted for k in step)
     conn = sqlite3.connect(tmp_path / "b.db")
     assert conn.execute("SELECT COUNT(*) FROM dedupe_recent").fetchone()[0] == 0
-    merged = {k for (k,) in conn.execute("SELECT k FROM dedupe_keys")}
+    merged = set(stored_dedupe_keys(conn))
     conn.close()
     assert merged == set(dedupe_keys_of("web", [f"b{b}-{k}" for b in range(5) for k in range(100)]))
 
@@ -975,13 +978,14 @@ async def test_a_merge_step_of_several_blobs_merges_every_key_once(tmp_path: Pat
     _, last = await store._run(dedupe.plan)
     while not await store._run(partial(dedupe.file_next, limit=10_000)):
         pass
+    await store._run(partial(target_generation, now=time.time()))  # the generation the merge goes into
     conn = sqlite3.connect(tmp_path / "b.db")
-    conn.execute("INSERT INTO dedupe_keys (k, seen_at) VALUES (?, 1.0)", (dedupe_key("web", "k5"),))
+    conn.execute(f"INSERT INTO {newest_generation(conn)} (k) VALUES (?)", (dedupe_key("web", "k5"),))
     conn.commit()
     assert await store._run(partial(dedupe.merge_next, limit=10_000))  # all of it in one step
     await store._run(partial(dedupe.finish_merge, last=last))
     await store.close()
-    rows = [k for (k,) in conn.execute("SELECT k FROM dedupe_keys")]
+    rows = stored_dedupe_keys(conn)
     conn.close()
     assert len(rows) == len(ids) and set(rows) == set(dedupe_keys_of("web", ids))
 
@@ -998,7 +1002,7 @@ async def test_a_cli_prune_merges_rows_the_server_added_after_the_cli_opened(tmp
     await cli.close()
     conn = sqlite3.connect(path)
     assert conn.execute("SELECT COUNT(*) FROM dedupe_recent").fetchone()[0] == 0
-    assert conn.execute("SELECT COUNT(*) FROM dedupe_keys").fetchone()[0] == 80
+    assert len(stored_dedupe_keys(conn)) == 80
     conn.close()
     # The server stops without merging (as if it crashed): a new one still knows them all.
     await server.close()

@@ -135,26 +135,18 @@ async def test_acknowledgements_are_written_between_the_steps_of_a_prune(
     await store.close()
 
 
-async def test_old_dedupe_keys_and_discards_go_in_steps_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_discards_go_in_steps_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("bridge.store.sqlite.PRUNE_STEP", 2)
     store = await opened(tmp_path / "b.db")
     await store.enqueue("web", [event(f"k-{i}", f"u{i}") for i in range(5)])
     jobs = await store.lease("moe", 5, 30, ordered=False)
     await store.discard([Discard(j.id, "anonymous_user") for j in jobs])
     steps: list[str] = []
-    dedupe = store._open_dedupe()
-    real_prune = dedupe.prune
-
-    def counted(conn: sqlite3.Connection, before: float, limit: int) -> tuple[int, bool]:
-        steps.append("keys")
-        return real_prune(conn, before, limit)
-
-    monkeypatch.setattr(dedupe, "prune", counted)
     real_discards = ops.prune_discards_step
     monkeypatch.setattr(ops, "prune_discards_step", partial(_counting, steps, real_discards))
     now = time.time()
-    assert await store.prune(now + 1, now + 1) == 5 + 5
-    assert steps.count("keys") == 3 and steps.count("discards") == 3  # 2 + 2 + 1 each
+    assert await store.prune(now + 1, now + 1) == 5 + 5  # the keys' generation, and the discards
+    assert steps.count("discards") == 3  # 2 + 2 + 1
     assert (await store.enqueue("web", [event("k-0", "u0")])).stored == 1  # forgotten
     await store.close()
 
