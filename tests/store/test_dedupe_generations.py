@@ -156,3 +156,27 @@ async def test_a_version_4_file_keeps_its_keys_as_its_oldest_generation_until_th
     assert version == SCHEMA_VERSION
     assert (await store.enqueue("web", [event(old[0]), event("new")])).duplicate_indexes == (1,)
     await store.close()
+
+
+@pytest.mark.usefixtures("generation_per_merge")
+async def test_a_lookup_seeks_each_generation_by_its_key(tmp_path: Path) -> None:
+    """Every lookup the filter lets through asks every generation: each must be a seek
+    by the primary key, never a scan of a table that may hold hours of keys."""
+    path = tmp_path / "b.db"
+    store = await opened(path)
+    await store.enqueue("web", [event(f"m{i}") for i in range(10)])
+    await store.prune(0, 0)
+    statements: list[str] = []
+    await store._run(lambda conn: conn.set_trace_callback(statements.append))
+    assert (await store.enqueue("web", [event("m1"), event("fresh")])).duplicate_indexes == (0,)
+    await store._run(lambda conn: conn.set_trace_callback(None))
+    await store.close()
+    lookups = [sql for sql in statements if "WHERE k IN (SELECT substr(" in sql]
+    assert lookups  # the filter is not built yet: the lookup went to SQLite
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TEMP TABLE key_slots (n INTEGER PRIMARY KEY)")
+    for sql in lookups:
+        plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql)]
+        assert any(step.startswith("SEARCH dedupe_keys_") and "PRIMARY KEY (k=?)" in step for step in plan), plan
+        assert not [step for step in plan if step.startswith("SCAN dedupe_keys")], plan
+    conn.close()
