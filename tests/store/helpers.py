@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import sqlite3
+from functools import partial
+from pathlib import Path
 
 import orjson
 
 from bridge.store.base import DeadLetter, IdentityLink, IncomingEvent, RecordFilter, Store
+from bridge.store.sqlite import SqliteStore
+from bridge.store.sqlite_dedupe import DedupeKeys
 
 
 def event(
@@ -46,3 +50,16 @@ def stored_dedupe_keys(conn: sqlite3.Connection) -> list[bytes]:
 def newest_generation(conn: sqlite3.Connection) -> str:
     """The table of a SQLite store's newest dedupe generation."""
     return str(conn.execute("SELECT name FROM dedupe_generations ORDER BY id DESC LIMIT 1").fetchone()[0])
+
+
+async def mid_merge(path: Path, message_ids: list[str]) -> tuple[SqliteStore, DedupeKeys, int]:
+    """A SQLite server store that stored ``message_ids`` and is mid-way through merging
+    their keys (planned and filed, none inserted yet): (the store, its keys, the merge's
+    last dedupe_recent row)."""
+    server = SqliteStore(str(path), min_free_disk_bytes=0, dedupe_merge_at=10**9)
+    await server.open()
+    dedupe = server._open_dedupe()
+    await server.enqueue("web", [event(m) for m in message_ids])
+    _, last = await server._run(dedupe.plan)
+    await server._run(partial(dedupe.file_next, limit=1000))
+    return server, dedupe, last

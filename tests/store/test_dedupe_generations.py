@@ -14,7 +14,7 @@ from bridge.store import sqlite_dedupe
 from bridge.store.sqlite import SqliteStore
 from bridge.store.sqlite_dedupe import dedupe_keys_of
 from bridge.store.sqlite_schema import SCHEMA_VERSION
-from tests.store.helpers import event, stored_dedupe_keys
+from tests.store.helpers import event, mid_merge, stored_dedupe_keys
 
 DAY = 86400.0
 
@@ -101,11 +101,7 @@ async def test_a_merge_whose_generation_another_process_dropped_goes_into_a_new_
     merge is filling (the server's own prune waits for its merge): the rest of the merge
     goes into a generation that exists, and every key stays known."""
     path = tmp_path / "b.db"
-    server = await opened(path, dedupe_merge_at=10**9)
-    dedupe = server._open_dedupe()
-    await server.enqueue("web", [event(f"m{i}") for i in range(50)])
-    _, last = await server._run(dedupe.plan)
-    await server._run(partial(dedupe.file_next, limit=1000))
+    server, dedupe, last = await mid_merge(path, [f"m{i}" for i in range(50)])
     cli = await opened(path, upgrade=False)
     await cli.prune(time.time() + DAY, 0)  # merges the waiting keys, then drops every generation
     await cli.close()

@@ -27,7 +27,7 @@ from bridge.store.sqlite import SqliteStore
 from bridge.store.sqlite_dedupe import KEYS_PER_ROW, dedupe_key, dedupe_keys_of, target_generation
 from bridge.store.sqlite_schema import SCHEMA_VERSION
 from bridge.store.sqlite_writer import GroupCommitWriter
-from tests.store.helpers import check_outputs_survive, event, newest_generation, stored_dedupe_keys
+from tests.store.helpers import check_outputs_survive, event, mid_merge, newest_generation, stored_dedupe_keys
 
 
 async def opened(path: Path, **opts: object) -> SqliteStore:
@@ -673,11 +673,7 @@ async def test_new_keys_survive_a_merge_by_another_process_during_a_sliced_merge
     reuse ids up to the merge's last one, or its finish deletes them unmerged and a
     restart forgets them."""
     path = tmp_path / "b.db"
-    server = await opened(path, dedupe_merge_at=10**9)
-    dedupe = server._open_dedupe()
-    await server.enqueue("web", [event(f"old-{i}") for i in range(10)])
-    _, last = await server._run(dedupe.plan)
-    await server._run(partial(dedupe.file_next, limit=1000))
+    server, dedupe, last = await mid_merge(path, [f"old-{i}" for i in range(10)])
     other = await opened(path, upgrade=False)  # the CLI
     await other.prune(0, 0)  # merges all of dedupe_recent and empties it
     await other.close()
