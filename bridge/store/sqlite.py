@@ -447,7 +447,9 @@ class SqliteStore(Store):
                 pass
             await self._run(partial(dedupe.finish_merge, last=last), durable=False)
         except StoreError:
-            pass  # the keys stay in dedupe_recent and memory; the next enqueue tries again
+            # The keys stay in dedupe_recent and go back to memory's keys still to merge;
+            # the next enqueue tries again.
+            dedupe.abandon_merge()
         finally:
             dedupe.merging = False
             self._merge_task = None

@@ -27,7 +27,7 @@ a lookup of a fresh id reads a leaf nobody read lately: the size of a row decide
 many leaves there are to touch and to miss. Files from before keep their string-keyed
 ``dedupe`` table, read as well until pruning empties it.
 
-The in-memory set covers exactly the keys of ``dedupe_recent``'s rows, so only one process
+The in-memory sets cover exactly the keys of ``dedupe_recent``'s rows, so only one process
 may ingest into a file at a time (the CLI only reads, replays and prunes). A store that
 opens the file loads whatever an earlier process left in ``dedupe_recent``.
 
@@ -153,10 +153,15 @@ class DedupeKeys:
         self.added = 0  # keys ever added (the merge's pace follows it)
         self._paced_at = 0
         # The keys (dedupe_key digests, about 80 bytes each in a set against 200 for the
-        # strings) of dedupe_recent's rows, not yet merged.
+        # strings) of dedupe_recent's rows, in two sets: those of the merge under way
+        # (``_merging``, until its finish commits) and those since (``_recent``). A merge
+        # takes the one set whole and starts the other empty. It used to copy it (1 ms and
+        # 4 MB at 100k keys) and, once finished, take the merged keys out of it one by one:
+        # 7-12 ms holding the GIL, and a set of a merge and a half of keys whose table
+        # moved between 2, 4 and 8 MB (docs/benchmarks.md, session 32).
         self._recent: set[bytes] = set()
         self.merging = False  # set and cleared by the store's merge task
-        self._merging: frozenset[bytes] = frozenset()  # the keys of the merge under way
+        self._merging: set[bytes] = set()
         # Counts whole merges (``merge``). One can run while a sliced merge is under way
         # (``add`` falls back to it when memory runs over): it empties dedupe_recent and
         # takes those keys out of memory itself, which the sliced merge must then not redo.
@@ -202,12 +207,12 @@ class DedupeKeys:
         caller records the new ones with ``add`` in the same operation, and a key that is
         not recorded after all (a duplicate, a rollback) only leaves a bit set, which the
         filter allows: it may say "maybe" for a key it does not hold."""
-        recent = self._recent
-        if recent.isdisjoint(keys):  # the usual case, checked without a per-key step
+        recent, merging = self._recent, self._merging
+        if recent.isdisjoint(keys) and merging.isdisjoint(keys):  # the usual case, in C
             unknown = list(keys)
             found: set[bytes] = set()
         else:
-            unknown = [k for k in keys if k not in recent]
+            unknown = [k for k in keys if k not in recent and k not in merging]
             found = set(keys).difference(unknown)
         if self.filter is not None:
             unknown = self.filter.check_and_add(unknown)
@@ -254,12 +259,17 @@ class DedupeKeys:
             self.filter.count_added(len(keys))
         if self._building is not None:
             self._building.filter.add(keys)
-        self._writer.on_rollback(lambda: self._recent.difference_update(keys))
-        if len(self._recent) >= FALLBACK_FACTOR * self._merge_at:
+        # Out of both sets: a merge planned in the same transaction took them into its own.
+        self._writer.on_rollback(lambda: self._forget(keys))
+        if len(self._recent) + len(self._merging) >= FALLBACK_FACTOR * self._merge_at:
             self.merge(conn)  # the sliced merge fell behind: bound the memory now
         # Once per commit group, not per call; a rollback only leaves it stale, and a
         # stale True costs just the two properties' look.
         self.may_want_work = self.wants_merge or self.wants_filter
+
+    def _forget(self, keys: Iterable[bytes]) -> None:
+        self._recent.difference_update(keys)
+        self._merging.difference_update(keys)
 
     def step_size(self) -> int:
         """How many ids or keys the merge's next step takes (see MERGE_PACE)."""
@@ -330,9 +340,11 @@ class DedupeKeys:
         # another process has merged since): these leave memory, and their rows the table,
         # when finish_merge commits. Rows past ``last`` (the server's, when a CLI merges)
         # wait for a merge that reads them.
-        self._merging = frozenset(self._recent)
+        self._merging, self._recent = self._recent, set()
         self._planned_at = self._whole_merges
-        self._unfiled = iter(self._merging)  # no copy: a list of 100k keys is 800 KB more
+        # A list of the keys (800 KB at 100k), not the set itself: a whole merge's commit
+        # takes keys out of the set meanwhile, and iterating a set that changes fails.
+        self._unfiled = iter(list(self._merging))
         self._buckets = [[] for _ in range(256)]
         self._bucket_at = 0
         return int(first), int(last)
@@ -383,14 +395,25 @@ class DedupeKeys:
     def finish_merge(self, conn: sqlite3.Connection, last: int) -> None:
         # Merged keys stayed in dedupe_recent until now; were we to crash before this,
         # the next merge moves them again, harmlessly (INSERT OR IGNORE).
-        merged, self._merging = self._merging, frozenset()
+        merged = self._merging
         self._unfiled, self._buckets = iter(()), []
-        if self._whole_merges != self._planned_at:
-            # A whole merge already moved every row of this snapshot and took its keys out
-            # of memory. (Rows added since have ids above ``last``: ids are never reused.)
-            return
-        conn.execute("DELETE FROM dedupe_recent WHERE id <= ?", (last,))
-        self._writer.on_commit(lambda: self._recent.difference_update(merged))
+        if self._whole_merges == self._planned_at:
+            conn.execute("DELETE FROM dedupe_recent WHERE id <= ?", (last,))
+        # Else a whole merge already moved every row of this snapshot, and its commit takes
+        # their keys out of memory. (Rows added since have ids above ``last``: ids are
+        # never reused.) Should this transaction fail, the merge task gives the keys back.
+        self._writer.on_commit(lambda: self._merged(merged))
+
+    def _merged(self, merged: set[bytes]) -> None:
+        if self._merging is merged:
+            self._merging = set()
+
+    def abandon_merge(self) -> None:
+        """A step of the merge under way failed: its keys are still in dedupe_recent, and
+        stay in memory for the next merge, which moves them again."""
+        self._recent.update(self._merging)  # first, so that a lookup meanwhile finds them
+        self._merging = set()
+        self._unfiled, self._buckets = iter(()), []
 
     def _legacy_gone(self) -> None:
         self.legacy = False
@@ -409,7 +432,7 @@ class DedupeKeys:
     def begin_filter(self, conn: sqlite3.Connection) -> FilterBuild:
         # The generations there are now: one made later holds only keys merged later, from
         # memory, which were in ``unfiltered`` or went into the new filter as they arrived.
-        self._building = FilterBuild(KeyFilter(self._filter_bits), list(self._recent), generations(conn))
+        self._building = FilterBuild(KeyFilter(self._filter_bits), [*self._recent, *self._merging], generations(conn))
         return self._building
 
     def fill_filter(self, conn: sqlite3.Connection, build: FilterBuild) -> bool:
@@ -463,9 +486,9 @@ class DedupeKeys:
             _count_keys(conn, generation, inserted)
         # Memory holds the keys of exactly these rows (this writer is the only one adding
         # any), so they leave memory without hashing every row a second time.
-        merged = frozenset(self._recent)
+        merged = self._recent | self._merging
         conn.execute("DELETE FROM dedupe_recent")
-        self._writer.on_commit(lambda: self._recent.difference_update(merged))
+        self._writer.on_commit(lambda: self._forget(merged))
 
 
 @dataclass(eq=False)
