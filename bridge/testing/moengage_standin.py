@@ -124,7 +124,8 @@ class Rejected(Exception):
 class Ignored:
     """An item MoEngage acknowledged but silently dropped."""
 
-    # "blocked_customer_id", "no_such_user" (a device of a user MoEngage does not have),
+    # "blocked_customer_id", "no_such_user" (a device of a user MoEngage does not have, or
+    # a customer or event item with update_existing_only for one),
     # "future_dated" (an event item holding only its action whose current_time is ahead),
     # "malformed" (a Bulk Import element the single endpoint would answer with a 400)
     reason: str
@@ -378,6 +379,11 @@ class MoEngageStandIn(StandIn):
             # processes it later) and no device is made (shared/reference/moengage-api.md §1.4
             # Track Device, and §1.5: 200 "will be processed soon"). A device that reaches it
             # before, or beside, its new user's Track User is lost so.
+            self.ignored.append(Ignored("no_such_user", item))
+        elif item.get("update_existing_only") is True and item["customer_id"] not in self._users:
+            # "unknown customer_ids are not created" (shared/reference/moengage-api.md §1.4,
+            # Track User); Segment's MoEngage action gives events the flag to the same end,
+            # updates for existing users only. Accepted; neither the user nor its actions kept.
             self.ignored.append(Ignored("no_such_user", item))
         else:
             if into is self._events:

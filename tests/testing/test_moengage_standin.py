@@ -537,6 +537,29 @@ async def test_a_device_of_a_user_moengage_does_not_have_is_accepted_and_never_m
     assert standin.requests[-1].body["elements"] == elements
 
 
+async def test_update_existing_only_keeps_nothing_for_a_user_moengage_does_not_have(moe):
+    """With ``update_existing_only: true`` MoEngage creates no user: a Track User or Create
+    Event item for an unknown customer_id is accepted and dropped, alone or in a Bulk
+    Import; for a user it has, the item counts as without the flag."""
+    standin, client = moe
+    only = {"update_existing_only": True}
+    assert (await call(client, f"/v1/customer/{WS}", {**customer("u1"), **only}))[0] == 200
+    assert (await call(client, f"/v1/event/{WS}", {**event("u1"), **only}))[0] == 200
+    assert standin.customers() == [] and standin.events() == [] and "u1" not in standin.users()
+    elements = [{**event("u2"), **only}, customer("u2"), {**event("u2"), **only}, {**customer("u3"), **only}]
+    assert (await call(client, f"/v1/transition/{WS}", {"type": "transition", "elements": elements}))[0] == 200
+    assert standin.customers() == [customer("u2")] and standin.events() == [{**event("u2"), **only}]
+    assert [(i.reason, i.item["type"], i.item["customer_id"]) for i in standin.ignored] == [
+        ("no_such_user", "customer", "u1"),
+        ("no_such_user", "event", "u1"),
+        ("no_such_user", "event", "u2"),
+        ("no_such_user", "customer", "u3"),
+    ]
+    # The flag set to false creates the user as usual.
+    assert (await call(client, f"/v1/customer/{WS}", {**customer("u4"), "update_existing_only": False}))[0] == 200
+    assert "u4" in standin.users()
+
+
 INCOMPLETE_DEVICES = pytest.mark.parametrize(
     ("attributes", "message"),
     [
