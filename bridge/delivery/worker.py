@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from operator import attrgetter
-from typing import Any
+from typing import Any, TypedDict, TypeVar
 
 import orjson
 import structlog
@@ -29,7 +29,7 @@ from bridge.delivery.ratelimit import RateLimiter
 from bridge.destinations.base import Item, Request, Response
 from bridge.destinations.http import CONNECTIONS
 from bridge.destinations.packing import json_array
-from bridge.mapping.api import CompiledMapping, Discarded, Failed, MapContext
+from bridge.mapping.api import CompiledMapping, Discarded, Failed, MapContext, Output
 from bridge.mapping.links import link_context
 from bridge.observability.failure_runs import FailureRun
 from bridge.observability.redaction import redact_text
@@ -50,6 +50,7 @@ DEFER_SECONDS = 0.5
 _JOB_ID = attrgetter("id")
 _ATTEMPTS = attrgetter("attempts")
 _KIND = attrgetter("kind")  # of an Output
+_V = TypeVar("_V")
 
 
 def event_label(event: Any) -> str:
@@ -112,6 +113,9 @@ class _Batch:
     # The jobs that delete their user (Destination.ERASE_KINDS): {job: the ids whose
     # identity links their ack erases}. See _erased_ids.
     erases: dict[int, frozenset[str]] = field(default_factory=dict)
+    # The jobs that merge a user into another (Destination.MERGE_FIELDS): {job: its
+    # (merged id, retained id) pairs}, which their ack links. See _uses_changed_links.
+    merges: dict[int, tuple[tuple[str, str], ...]] = field(default_factory=dict)
     # The items that wait for an earlier item of their own job (Destination.FOLLOWERS):
     # {id(follower): its leader}, and, only while there are some, the ids of the items
     # accepted so far (see _without_unready_followers). Empty for a batch of one-output events.
@@ -138,11 +142,10 @@ class _Batch:
                         held[user] = job_id
         return held
 
-    def erasing(self, job_ids: Collection[int]) -> dict[int, frozenset[str]] | None:
-        """Store.ack's ``erase_links`` for acking ``job_ids``: None for a batch with no deletion."""
-        if not self.erases:
-            return None
-        return {j: self.erases[j] for j in job_ids if j in self.erases} or None
+    def link_changes(self, job_ids: Collection[int]) -> _LinkChanges:
+        """Store.ack's ``erase_links`` and ``merge_links`` for acking ``job_ids``: None
+        each for a batch with no deletion, no merge."""
+        return {"erase_links": _of(self.erases, job_ids), "merge_links": _of(self.merges, job_ids)}
 
     def label(self, job_id: int) -> str:
         # Only a job that is dead-lettered or discarded needs its label: made on demand.
@@ -450,7 +453,7 @@ class DestinationWorker:
         rest = [j for j in unsettled if j not in done]
         with contextlib.suppress(Exception):
             if delivered:
-                await self.store.ack(delivered, batch.version, fence=batch.fence, erase_links=batch.erasing(delivered))
+                await self.store.ack(delivered, batch.version, fence=batch.fence, **batch.link_changes(delivered))
                 batch.passed.update(delivered)
                 self.metrics.delivered(self.name, len(delivered))
             if rest:
@@ -467,7 +470,7 @@ class DestinationWorker:
             # What the upstream already accepted is done: retrying it would send it twice.
             delivered = [j for j in batch.jobs if j not in batch.settled and batch.fully_delivered(j)]
             if delivered:
-                await self.store.ack(delivered, batch.version, fence=batch.fence, erase_links=batch.erasing(delivered))
+                await self.store.ack(delivered, batch.version, fence=batch.fence, **batch.link_changes(delivered))
                 batch.settled.update(delivered)
                 batch.passed.update(delivered)
                 self.metrics.delivered(self.name, len(delivered))
@@ -679,10 +682,14 @@ class DestinationWorker:
         plain: dict[str, MapContext] = {}
         reject_reason = self.client.reject_reason
         erase_kinds = self.client.ERASE_KINDS
+        merge_fields = self.client.MERGE_FIELDS
+        link_kinds = erase_kinds.union(merge_fields)
         followers = self.client.FOLLOWERS
-        # The deletions this batch's jobs come after: the previous batch's, in flight, and
-        # those of this one met so far (see _erased_ids).
-        erasures = dict(batch.after.erases) if batch.after is not None and batch.after.erases else {}
+        # The deletions and merges this batch's jobs come after: the previous batch's, in
+        # flight, and those of this one met so far (see _uses_changed_links).
+        after = batch.after
+        erasures = dict(after.erases) if after is not None and after.erases else {}
+        merges = dict(after.merges) if after is not None and after.merges else {}
         for job_id, event in events.items():
             job = batch.jobs[job_id]
             if links:
@@ -723,9 +730,13 @@ class DestinationWorker:
             if not mine:
                 discards.append(Discard(job_id, "no_output", batch.label(job_id)))
                 continue
-            # In C (no generator a mapped event): deletions are rare, every event asks.
-            if erase_kinds and not erase_kinds.isdisjoint(map(_KIND, result)):
-                batch.erases[job_id] = erasures[job_id] = _erased_ids(ids[job_id], links)
+            # In C (no generator a mapped event): deletions and merges are rare, every event asks.
+            if link_kinds and not link_kinds.isdisjoint(map(_KIND, result)):
+                if not erase_kinds.isdisjoint(map(_KIND, result)):
+                    batch.erases[job_id] = erasures[job_id] = _erased_ids(ids[job_id], links)
+                pairs = _merged_pairs(result, merge_fields)
+                if pairs:
+                    batch.merges[job_id] = merges[job_id] = pairs
             if job.delivered_outputs:
                 mine = self._not_yet_delivered(job, mine)
                 if not mine:
@@ -755,9 +766,10 @@ class DestinationWorker:
             batch.items_left[job_id] = len(mine)
             if len(mine) > 1 and followers:
                 _find_leaders(mine, followers, batch.leaders)
-            if erasures and _uses_erased(job_id, ids[job_id], links, erasures):
-                # Mapped with a link a deletion before it erases once delivered: given back
-                # unsent (its attempt not counted), and mapped again after that deletion.
+            if (erasures or merges) and _uses_changed_links(job_id, ids[job_id], links, erasures, merges):
+                # Mapped with a link a deletion before it erases once delivered, or naming
+                # a user a merge before it merges away: given back unsent (its attempt not
+                # counted), and mapped again after that deletion or merge.
                 batch.unsent.add(job_id)
                 continue
             items.extend(mine)
@@ -781,7 +793,7 @@ class DestinationWorker:
             # Nothing left to send: delivered, and counted as delivered now, once (the
             # attempts that sent its outputs did not count it, since it stayed queued),
             # by the metrics and by the bad-deploy guard alike, as _settle counts an ack.
-            await self.store.ack(done, mapping.version, fence=batch.fence, erase_links=batch.erasing(done))
+            await self.store.ack(done, mapping.version, fence=batch.fence, **batch.link_changes(done))
             batch.settled.update(done)
             batch.passed.update(done)
             self.metrics.delivered(self.name, len(done))
@@ -1039,7 +1051,7 @@ class DestinationWorker:
                 body = self._request_for_record(job_id, verdict, shared)
                 dead.append(self._dead(job_id, _dead_reason(resp), resp, body, batch, version))
         if acked:
-            await self.store.ack(acked, version, fence=batch.fence, erase_links=batch.erasing(acked))
+            await self.store.ack(acked, version, fence=batch.fence, **batch.link_changes(acked))
             batch.settled.update(acked)
             batch.passed.update(acked)
             self.metrics.delivered(self.name, len(acked))
@@ -1179,13 +1191,47 @@ def _erased_ids(own: Sequence[str], links: Mapping[str, str]) -> frozenset[str]:
     return frozenset([*own, *(links[i] for i in own if i in links)])
 
 
-def _uses_erased(
-    job_id: int, own: Sequence[str], links: Mapping[str, str], erasures: Mapping[int, frozenset[str]]
+def _uses_changed_links(
+    job_id: int,
+    own: Sequence[str],
+    links: Mapping[str, str],
+    erasures: Mapping[int, frozenset[str]],
+    merges: Mapping[int, tuple[tuple[str, str], ...]],
 ) -> bool:
-    """Whether job ``job_id`` was mapped with a link that an earlier deletion of
-    ``erasures`` ({job: ids}) erases: one from or to one of that deletion's ids."""
+    """Whether job ``job_id`` was mapped with identity links that an earlier job's ack
+    changes: a link from or to one of the ids of a deletion of ``erasures`` ({job: ids}),
+    which its ack erases; or, linked or not, an id of a user that a merge of ``merges``
+    ({job: (merged, retained) pairs}) merges away, which its ack links to the retained
+    user (sent as it was mapped, the job made the merged user again)."""
     used = {x for i in own if i in links for x in (i, links[i])}
-    return bool(used) and any(e < job_id and not used.isdisjoint(ids) for e, ids in erasures.items())
+    if used and any(e < job_id and not used.isdisjoint(ids) for e, ids in erasures.items()):
+        return True
+    named = used.union(own)
+    return any(e < job_id and any(m in named for m, _ in pairs) for e, pairs in merges.items())
+
+
+def _merged_pairs(outputs: Sequence[Output], fields: Mapping[str, tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """The (merged id, retained id) pairs of ``outputs`` of a merging kind (Destination.MERGE_FIELDS)."""
+    pairs = []
+    for out in outputs:
+        names = fields.get(out.kind)
+        if names is not None and type(out.body) is dict:
+            merged, retained = out.body.get(names[0]), out.body.get(names[1])
+            if type(merged) is str and type(retained) is str and merged != retained:
+                pairs.append((merged, retained))
+    return tuple(pairs)
+
+
+class _LinkChanges(TypedDict):
+    erase_links: dict[int, frozenset[str]] | None
+    merge_links: dict[int, tuple[tuple[str, str], ...]] | None
+
+
+def _of(by_job: Mapping[int, _V], job_ids: Collection[int]) -> dict[int, _V] | None:
+    """``by_job``'s entries for ``job_ids``, or None when there are none."""
+    if not by_job:
+        return None
+    return {j: by_job[j] for j in job_ids if j in by_job} or None
 
 
 def _find_leaders(items: list[Item], followers: Mapping[str, str], leaders: dict[int, Item]) -> None:

@@ -112,6 +112,11 @@ class Destination(ABC):
     # identity links of its event's ids go with it (Store.ack's erase_links), so the
     # deleted user's later events are not attributed to them again.
     ERASE_KINDS: frozenset[str] = frozenset()
+    # {output kind: (merged field, retained field)} for the kinds that merge one user into
+    # another upstream, naming the two users' ids in those fields of the output's body.
+    # Once such a job is delivered, the merged id reads as the retained one (Store.ack's
+    # merge_links), so the merged user's later events are not made into that user again.
+    MERGE_FIELDS: Mapping[str, tuple[str, str]] = MappingProxyType({})
     # Statuses this upstream answers in passing, retried besides retry.retryable_statuses'
     # default (408, 429, 5xx).
     ALSO_RETRYABLE: frozenset[int] = frozenset()

@@ -114,6 +114,9 @@ Delivered = Mapping[int, bytes]
 # {job id: the ids whose identity links go with it}; see Store.ack.
 ErasedLinks = Mapping[int, Collection[str]]
 
+# {job id: the (merged id, retained id) pairs its delivered outputs merged}; see Store.ack.
+MergedLinks = Mapping[int, Collection[tuple[str, str]]]
+
 # A delivered_outputs value is its digests end to end, each this long: the store counts
 # them by length (DeadLetterRecord.outputs_delivered) without knowing how they are made.
 OUTPUT_DIGEST_BYTES = 8
@@ -312,6 +315,7 @@ class Store(ABC):
         *,
         fence: Fence | None = None,
         erase_links: ErasedLinks | None = None,
+        merge_links: MergedLinks | None = None,
     ) -> None:
         """Mark jobs delivered, recording the mapping version that mapped them.
 
@@ -323,7 +327,14 @@ class Store(ABC):
         learnt after the deletion arrived is new data and stays. So, with the links, go the
         destination's dead letters stored no later than the deletion, and its discards,
         whose ordering key is one of those ids: replayed after the deletion, such an event
-        would create the deleted user again."""
+        would create the deleted user again.
+
+        ``merge_links``: {job id: (merged id, retained id) pairs} for the jobs that merged
+        one user into another (a MoEngage Merge User). In the same transaction, for each
+        such job that is delivered, the merged id and every id linked to it are linked
+        to the retained id, so that the merged user's later events go to the retained
+        user rather than make the merged one again (bridge.store.merge_links.plan_merges
+        says which links change). Merges apply before erasures."""
 
     # ``delivered`` (retry, release): for the jobs some of whose outputs the upstream
     # accepted, the digests of every output delivered so far, which the job keeps and its

@@ -41,6 +41,7 @@ from bridge.store.base import (
     IdentityLink,
     IncomingEvent,
     Job,
+    MergedLinks,
     QueueStats,
     RecordFilter,
     Store,
@@ -48,6 +49,7 @@ from bridge.store.base import (
     StoreFull,
     dead_letter_record,
 )
+from bridge.store.merge_links import LinkRow, merges_of, plan_merges
 from bridge.store.ordering import KEY_SEPARATOR, OrderedSelection
 from bridge.store.postgres_ingest import GroupCommitter
 from bridge.store.postgres_schema import (
@@ -186,6 +188,38 @@ async def _run_ddl(conn: Connection, statements: Sequence[str], present: Collect
         # Schema changes (an index on a big table, waiting for another node's migration
         # lock) may take longer than a queue statement should.
         await conn.execute(statement, timeout=DDL_TIMEOUT)
+
+
+async def _merge_links(conn: Connection, merge_links: MergedLinks) -> None:
+    """Store.ack's ``merge_links``, in the ack's transaction, for the jobs now delivered."""
+    stored = await conn.fetch(
+        f"SELECT id, destination, created_at FROM jobs WHERE id = ANY($1::bigint[]) AND state = {DELIVERED}",
+        list(merge_links),
+    )
+    clean = {job_id: [(_text(a), _text(b)) for a, b in pairs] for job_id, pairs in merge_links.items()}
+    merges = merges_of(((r[0], r[1], r[2]) for r in stored), clean)
+    if not merges:
+        return
+    merged = list({m.merged for m in merges})
+    # Read without locks: the write below takes its rows in ingest's order (LINKS_SQL), so
+    # the two cannot deadlock, and it changes only a row still as read (or older) here.
+    held = await conn.fetch(
+        "SELECT namespace, from_id, to_id, updated_at FROM identity_links WHERE namespace = ANY($1::text[])"
+        " AND (from_id = ANY($2::text[]) OR to_id = ANY($3::text[]))",
+        list({m.namespace for m in merges}),
+        list({*merged, *map(link_key, merged)}),
+        merged,
+    )
+    rows = plan_merges(merges, (LinkRow(*r) for r in held), link_key)
+    if rows:
+        await conn.execute(
+            "INSERT INTO identity_links (namespace, from_id, to_id, updated_at)"
+            " SELECT ns, f, t, u FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[]) AS x(ns, f, t, u)"
+            ' ORDER BY ns COLLATE "C", f COLLATE "C"'
+            " ON CONFLICT (namespace, from_id) DO UPDATE SET to_id = excluded.to_id, updated_at = excluded.updated_at"
+            " WHERE identity_links.updated_at <= excluded.updated_at",
+            *map(list, zip(*rows, strict=True)),
+        )
 
 
 async def _erase_links(conn: Connection, erase_links: ErasedLinks) -> None:
@@ -650,11 +684,12 @@ class PostgresStore(Store):
         *,
         fence: Fence | None = None,
         erase_links: ErasedLinks | None = None,
+        merge_links: MergedLinks | None = None,
     ) -> None:
         if not job_ids:
             return
         # The payload of a delivered job is never read again; dropping it keeps the table small.
-        async with self._conn(transaction=bool(erase_links)) as conn:
+        async with self._conn(transaction=bool(erase_links or merge_links)) as conn:
             await conn.execute(
                 f"UPDATE jobs j SET state = {DELIVERED}, settled_at = $3, mapping_version = $4,"
                 f" lease_until = NULL, payload = '' FROM {_FENCE_ROWS} WHERE j.state < {DELIVERED} AND {_FENCED}",
@@ -662,6 +697,8 @@ class PostgresStore(Store):
                 self.now(),
                 mapping_version,
             )
+            if merge_links:
+                await _merge_links(conn, merge_links)
             if erase_links:
                 await _erase_links(conn, erase_links)
 

@@ -44,6 +44,7 @@ from bridge.store.base import (
     Fence,
     IncomingEvent,
     Job,
+    MergedLinks,
     QueueStats,
     RecordFilter,
     Store,
@@ -490,6 +491,7 @@ class SqliteStore(Store):
         *,
         fence: Fence | None = None,
         erase_links: ErasedLinks | None = None,
+        merge_links: MergedLinks | None = None,
     ) -> None:
         if job_ids:
             self._acked_since_reclaim += len(job_ids)
@@ -501,10 +503,12 @@ class SqliteStore(Store):
                 leases=self._held(),
                 fence=fence,
                 erase_links=erase_links,
+                merge_links=merge_links,
             )
-            # A deletion's erasure is made durable (fsync) as ingest is: undone by a power
-            # cut, the deleted user's links would stay if the deletion was never sent again.
-            await (self._run(op) if erase_links else self._bookkeep(op))
+            # A deletion's erasure, or a merge's links, made durable (fsync) as ingest is:
+            # undone by a power cut, a deleted user's links would stay, and a merged user's
+            # later events would make them again, the deletion or merge never sent again.
+            await (self._run(op) if erase_links or merge_links else self._bookkeep(op))
 
     async def retry(
         self,

@@ -27,10 +27,12 @@ from bridge.store.base import (
     Fence,
     IncomingEvent,
     Job,
+    MergedLinks,
     QueueStats,
     RecordFilter,
     dead_letter_record,
 )
+from bridge.store.merge_links import LinkRow, merges_of, plan_merges
 from bridge.store.ordering import KEY_SEPARATOR, OrderedSelection
 from bridge.store.sql_filters import record_where
 from bridge.store.sqlite_dedupe import DedupeKeys, dedupe_keys_of
@@ -417,6 +419,7 @@ def ack(
     leases: Leases,
     fence: Fence | None = None,
     erase_links: ErasedLinks | None = None,
+    merge_links: MergedLinks | None = None,
 ) -> None:
     # The payload of a delivered job is never read again; dropping it keeps the file small.
     for fenced, attempts, ids in _by_fence(leases.settling(job_ids, fence)):
@@ -426,8 +429,50 @@ def ack(
             f" WHERE id IN ({_marks(len(ids))}) AND state < {DELIVERED} AND (? IS NULL OR attempts = ?)",
             (now, mapping_version, attempts, *ids, fenced, fenced),
         )
+    if merge_links:
+        _merge_links(conn, merge_links)
     if erase_links:
         _erase_links(conn, erase_links)
+
+
+_LINK_COLUMNS = "namespace, from_id, to_id, updated_at"
+_BY_TARGET = "INDEXED BY identity_links_by_target"
+
+
+def _merge_links(conn: sqlite3.Connection, merge_links: MergedLinks) -> None:
+    """Store.ack's ``merge_links``, in the ack's transaction, for the jobs now delivered."""
+    stored = [
+        row
+        for chunk in _chunks(list(merge_links))
+        for row in conn.execute(
+            f"SELECT id, destination, created_at FROM jobs WHERE id IN ({_marks(len(chunk))}) AND state = {DELIVERED}",
+            chunk,
+        )
+    ]
+    merges = merges_of(stored, merge_links)
+    if not merges:
+        return
+    held: list[LinkRow] = []
+    for namespace in {m.namespace for m in merges}:
+        ids = list({m.merged for m in merges if m.namespace == namespace})
+        for chunk in _chunks(ids):
+            marks = _marks(len(chunk))
+            # One statement by each index, as _erase_links does, for the same reason.
+            for by in (
+                f"WHERE namespace = ? AND from_id IN ({marks})",
+                f"{_BY_TARGET} WHERE namespace = ? AND to_id IN ({marks})",
+            ):
+                held.extend(
+                    map(
+                        LinkRow._make,
+                        conn.execute(f"SELECT {_LINK_COLUMNS} FROM identity_links {by}", (namespace, *chunk)),
+                    )
+                )
+    conn.executemany(
+        "INSERT INTO identity_links (namespace, from_id, to_id, updated_at) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (namespace, from_id) DO UPDATE SET to_id = excluded.to_id, updated_at = excluded.updated_at",
+        plan_merges(merges, held, str),
+    )
 
 
 def _erase_links(conn: sqlite3.Connection, erase_links: ErasedLinks) -> None:

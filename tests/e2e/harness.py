@@ -22,6 +22,7 @@ from bridge.config.model import Config, build_config
 from bridge.http_server import BridgeRunner
 from bridge.runtime import Runtime
 from bridge.store.base import Store
+from bridge.store.postgres import PostgresStore
 from bridge.testing.standins import MoEngageStandIn, SegmentStandIn
 
 REPO = Path(__file__).resolve().parents[2]
@@ -190,6 +191,21 @@ class Bridge:
         except ValueError:
             data = await resp.text()
         return resp.status, data
+
+
+async def on_postgres(
+    make_bridge: Callable[..., Awaitable[Bridge]], schema: str, tweak: Callable[[dict[str, Any]], None] | None = None
+) -> Bridge:
+    """A bridge (the ``make_bridge`` fixture's, ``tweak``ed) whose store is PostgreSQL, in ``schema``."""
+
+    def to_postgres(raw: dict[str, Any]) -> None:
+        raw["store"]["url"] = DSN
+        if tweak is not None:
+            tweak(raw)
+
+    bridge = await make_bridge(to_postgres, start=False)
+    bridge.store_factory = lambda: PostgresStore(DSN, schema=schema)
+    return await bridge.start()
 
 
 async def wait_until(

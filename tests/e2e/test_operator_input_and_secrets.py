@@ -4,22 +4,14 @@ no secret kept in part where a text is cut to a length."""
 from __future__ import annotations
 
 import io
-from typing import Any
 
 from bridge.cli import main as cli_main
 from bridge.observability.logging import configure_logging, register_secret
-from bridge.store.postgres import PostgresStore
 from bridge.testing.standins import Planned
-from tests.e2e.harness import ADMIN_TOKEN, API_KEY, DSN, WRITE_KEY, basic, wait_until
+from tests.e2e.harness import ADMIN_TOKEN, API_KEY, WRITE_KEY, basic, on_postgres, wait_until
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 H = basic(WRITE_KEY)
-
-
-async def _on_postgres(make_bridge: Any, schema: str) -> Any:
-    bridge = await make_bridge(lambda raw: raw["store"].update(url=DSN), start=False)
-    bridge.store_factory = lambda: PostgresStore(DSN, schema=schema)
-    return await bridge.start()
 
 
 async def test_an_echoed_api_key_cut_by_the_log_line_limit_is_not_logged_in_part(make_bridge):
@@ -98,7 +90,7 @@ async def test_a_purge_filter_of_an_empty_since_does_not_purge_every_dead_letter
 async def test_a_purge_until_nan_on_postgres_does_not_purge_every_dead_letter(make_bridge, pg_schema):
     """until "nan" is read as float('nan'): on PostgreSQL NaN sorts above every number, so
     `failed_at < 'NaN'` holds for every row and the purge empties the DLQ."""
-    bridge = await _on_postgres(make_bridge, pg_schema)
+    bridge = await on_postgres(make_bridge, pg_schema)
     try:
         await _two_dead_letters(bridge)
         status, body = await bridge.post("/admin/dlq/purge", {"until": "nan"}, ADMIN)
@@ -109,11 +101,11 @@ async def test_a_purge_until_nan_on_postgres_does_not_purge_every_dead_letter(ma
         await bridge.stop()
 
 
-async def test_a_nul_in_an_admin_filter_or_translate_is_not_a_500_on_postgres(make_bridge, pg_schema):
+async def test_a_nul_in_an_admin_filter_or_translate_is_not_a_500on_postgres(make_bridge, pg_schema):
     """httpx: "a 5xx is only ever the bridge's own fault ... never an answer to bad input".
     PostgreSQL text cannot hold U+0000; the store cleans it on every write, but not in the
     operators' filters nor in the ids translate resolves: a 500 (CharacterNotInRepertoireError)."""
-    bridge = await _on_postgres(make_bridge, pg_schema)
+    bridge = await on_postgres(make_bridge, pg_schema)
     try:
         answers = [
             await bridge.get("/admin/dlq?destination=%00", ADMIN),
@@ -131,11 +123,11 @@ async def test_a_nul_in_an_admin_filter_or_translate_is_not_a_500_on_postgres(ma
     assert [status for status, _ in answers] == [200] * 5, answers
 
 
-async def test_an_accepted_event_whose_user_id_holds_a_nul_is_delivered_on_postgres(make_bridge, pg_schema):
+async def test_an_accepted_event_whose_user_id_holds_a_nul_is_deliveredon_postgres(make_bridge, pg_schema):
     """Ingest takes a userId with U+0000 (200), but the worker's identity-link lookup sends
     it to PostgreSQL as is: every attempt fails (delivery_failed), the job is never
     delivered nor dead-lettered. README: "Delivered or dead-lettered, never dropped"."""
-    bridge = await _on_postgres(make_bridge, pg_schema)
+    bridge = await on_postgres(make_bridge, pg_schema)
     try:
         assert (await bridge.post("/v1/track", {"userId": "user-\u0000-nul", "event": "With NUL"}, H))[0] == 200
         await wait_until(lambda: len(bridge.moengage.events()) == 1, timeout=5, what="the event's delivery")

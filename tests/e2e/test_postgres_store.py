@@ -12,20 +12,14 @@ import aiohttp
 import orjson
 from segment.analytics import Client
 
-from bridge.store.postgres import PostgresStore
-from tests.e2e.harness import DSN, WRITE_KEY, basic
+from tests.e2e.harness import WRITE_KEY, basic, on_postgres
 from tests.e2e.pgproxy import PgProxy
 from tests.e2e.proc import BridgeProcess
 from tests.e2e.test_crash_safety import delivered_seqs, moengage_standin, proc_config
 
 
 async def test_segment_to_moengage_on_postgres_survives_a_restart(make_bridge: Any, pg_schema: str) -> None:
-    def tweak(raw: dict[str, Any]) -> None:
-        raw["store"]["url"] = DSN
-
-    bridge = await make_bridge(tweak, start=False)
-    bridge.store_factory = lambda: PostgresStore(DSN, schema=pg_schema)
-    await bridge.start()
+    bridge = await on_postgres(make_bridge, pg_schema)
     client = Client(WRITE_KEY, host=bridge.url, sync_mode=True, max_retries=0)
     await asyncio.to_thread(client.identify, "pg-user-1", {"email": "pg@example.com"})
     await asyncio.to_thread(client.track, "pg-user-1", "Stored In Postgres", {"n": 1})
@@ -55,12 +49,7 @@ async def test_a_user_id_too_long_for_a_postgres_index_still_learns_and_uses_its
     in a B-tree key: its identity link failed the whole batch's enqueue with a 503, the good
     events with it. The link is stored under a digest and found again for the next call."""
 
-    def tweak(raw: dict[str, Any]) -> None:
-        raw["store"]["url"] = DSN
-
-    bridge = await make_bridge(tweak, start=False)
-    bridge.store_factory = lambda: PostgresStore(DSN, schema=pg_schema)
-    await bridge.start()
+    bridge = await on_postgres(make_bridge, pg_schema)
     long_user = secrets.token_hex(1600)  # random, so PostgreSQL cannot compress it to fit
     good = [{"type": "track", "userId": f"user-{i}", "event": "Fine", "messageId": f"ok-{i}"} for i in range(5)]
     identify = {"type": "identify", "userId": long_user, "traits": {"id": "cust-long"}, "messageId": "long-1"}

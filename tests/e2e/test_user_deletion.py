@@ -12,9 +12,17 @@ import orjson
 from structlog.testing import capture_logs
 
 from bridge.delivery.worker import DEFER_SECONDS
-from bridge.store.postgres import PostgresStore
 from bridge.testing.upstream import Planned
-from tests.e2e.harness import ADMIN_TOKEN, DSN, WEBHOOK_SECRET, WORKSPACE, WRITE_KEY, Bridge, basic, wait_until
+from tests.e2e.harness import (
+    ADMIN_TOKEN,
+    WEBHOOK_SECRET,
+    WORKSPACE,
+    WRITE_KEY,
+    Bridge,
+    basic,
+    on_postgres,
+    wait_until,
+)
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 DELETE_PATH = "/v1/customer/delete"
@@ -167,13 +175,7 @@ async def test_a_delivered_deletion_erases_the_users_identity_links(bridge: Brid
 async def test_a_delivered_deletion_erases_the_users_identity_links_on_postgres(
     make_bridge: Callable[..., Any], pg_schema: str
 ) -> None:
-    def on_postgres(raw: dict[str, Any]) -> None:
-        raw["store"]["url"] = DSN
-
-    bridge = await make_bridge(on_postgres, start=False)
-    bridge.store_factory = lambda: PostgresStore(DSN, schema=pg_schema)
-    await bridge.start()
-    await deletion_erases_links(bridge)
+    await deletion_erases_links(await on_postgres(make_bridge, pg_schema))
 
 
 async def deletion_erases_links(bridge: Bridge) -> None:

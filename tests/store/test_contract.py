@@ -127,6 +127,65 @@ async def test_a_delivered_deletion_erases_the_links_from_and_to_its_ids(store: 
     assert await store.resolve_links("other", ["u1"]) == {"u1": "crm-1"}
 
 
+async def test_a_delivered_merge_links_the_merged_user_to_the_retained_one(store: Store) -> None:
+    """Once a merge is delivered, the merged id and every id linked to it (learnt before
+    the merge was stored) resolve to the retained id: the merged user's later events go to
+    the retained user, not make the merged one again. Only for a merge actually acked,
+    only in its own destination's namespace; a link learnt after the merge was stored is
+    new data and stays."""
+    long_id = "m" * 3000  # kept under its digest by PostgreSQL
+    learnt = (
+        IdentityLink("moe", "dev-1", "old-1"),  # another id of the merged user
+        IdentityLink("moe", long_id, "old-1"),
+        IdentityLink("moe", "u3", "crm-3"),  # another user's
+        IdentityLink("other", "dev-1", "old-1"),  # another destination's
+    )
+    await store.enqueue("web", [event("m1", "old-1", links=learnt)])
+    await store.enqueue("web", [event("alias", "new-1")])
+    # Learnt after the merge was stored: new data, kept.
+    await store.enqueue("web", [event("m2", "dev-2", links=(IdentityLink("moe", "dev-2", "old-1"),))])
+    first, alias, later = await store.lease("moe", 10, 30)
+    merge = {alias.id: [("old-1", "new-1")]}
+    everyone = ["old-1", "dev-1", "dev-2", long_id, "u3", "new-1"]
+    before = await store.resolve_links("moe", everyone)
+
+    # Not acked by this holder (its lease was taken again since): nothing linked.
+    await store.ack([alias.id], fence={alias.id: alias.attempts + 1}, merge_links=merge)
+    assert await store.resolve_links("moe", everyone) == before
+    # Acked along with other jobs; a job that merged nobody links nothing.
+    await store.ack([first.id, alias.id, later.id], fence={alias.id: alias.attempts}, merge_links=merge)
+    assert await store.resolve_links("moe", everyone) == {
+        "old-1": "new-1",
+        "dev-1": "new-1",
+        long_id: "new-1",
+        "dev-2": "old-1",
+        "u3": "crm-3",
+    }
+    assert await store.resolve_links("other", ["dev-1", "old-1"]) == {"dev-1": "old-1"}
+
+
+async def test_merges_in_one_ack_apply_in_order_and_a_later_deletion_erases_their_links(store: Store) -> None:
+    """A user merged into one that the next merge merges away ends at the last retained
+    id; a merged id linked elsewhere after its merge was stored keeps that link. A
+    deletion of the retained user stored after the merges erases the links they made."""
+    await store.enqueue("web", [event("m0", "a", links=(IdentityLink("moe", "x", "a"),))])
+    await store.enqueue("web", [event("alias-1", "b"), event("alias-2", "c"), event("alias-3", "e")])
+    await asyncio.sleep(0.01)  # on the store's clock, d is linked after its merge was stored
+    await store.enqueue("web", [event("m3", "d", links=(IdentityLink("moe", "d", "elsewhere"),))])
+    m0, alias1, alias2, alias3, m3 = await store.lease("moe", 10, 30)
+    await store.ack([m0.id, m3.id])
+    merges = {alias1.id: [("a", "b")], alias2.id: [("b", "c")], alias3.id: [("d", "e")]}
+    await store.ack([alias3.id, alias2.id, alias1.id], merge_links=merges)
+    ids = ["a", "b", "c", "d", "x"]
+    assert await store.resolve_links("moe", ids) == {"a": "c", "b": "c", "x": "c", "d": "elsewhere"}
+
+    await asyncio.sleep(0.01)  # the deletion is stored after the merges, on the store's clock
+    await store.enqueue("web", [event("del", "c")])
+    (deletion,) = await store.lease("moe", 10, 30)
+    await store.ack([deletion.id], erase_links={deletion.id: ["c"]})
+    assert await store.resolve_links("moe", ids) == {"d": "elsewhere"}
+
+
 async def test_a_delivered_deletion_removes_its_users_dead_letters_and_discards(store: Store) -> None:
     """Replayed after the deletion, a dead letter or discard of the deleted user created the
     user again in MoEngage (it makes a user of any identifiers it is sent). The deletion

@@ -127,6 +127,8 @@ class MoEngageDestination(Destination):
     # profile of that user, not on the retained one (MoEngage merges are not transitive).
     ORDER_BARRIER_KINDS = frozenset({DELETE, MERGE})
     ERASE_KINDS = frozenset({DELETE})
+    # MoEngage deletes the merged user and makes a new one of any later call naming it.
+    MERGE_FIELDS = MappingProxyType({MERGE: ("merged_user", "retained_user")})
     # MoEngage adds a device to an existing user only: a job's device goes out once its
     # customer item was accepted, or after it in the same Bulk Import. Sent before it, or
     # beside it (unordered delivery sends a batch's requests at once; with `api: single`

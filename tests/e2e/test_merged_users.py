@@ -1,0 +1,126 @@
+"""A Segment alias merges the previous user into the new one in MoEngage (Merge User), which
+deletes the merged user. Its later calls (an old device still sending the old userId) must
+reach the retained user: sent under the merged id, MoEngage makes that user again."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import pytest
+from segment.analytics import Client
+
+from tests.e2e.harness import ADMIN_TOKEN, WRITE_KEY, Bridge, basic, on_postgres, wait_until
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+MERGE_PATH = "/v1/customer/merge"
+
+
+async def settled(bridge: Bridge) -> bool:
+    _, status = await bridge.get("/admin/status", ADMIN)
+    return bool(status["destinations"][0]["queue_depth"] == 0)
+
+
+def action_users(bridge: Bridge) -> dict[str, str]:
+    """{event name: the customer_id MoEngage recorded it under}."""
+    return {e["actions"][0]["action"]: e["customer_id"] for e in bridge.moengage.events()}
+
+
+async def test_a_merged_users_later_calls_from_segments_client_reach_the_retained_user(bridge: Bridge) -> None:
+    client = Client(WRITE_KEY, host=bridge.url, sync_mode=True, max_retries=0)
+    moengage = bridge.moengage
+
+    def send(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        # The Segment client is synchronous (requests); the event loop stays free for the bridge.
+        return asyncio.to_thread(fn, *args, **kwargs)
+
+    await send(client.identify, "old-1", {"email": "old@example.com"})
+    await send(client.identify, "new-1", {"email": "new@example.com"})
+    await moengage.wait_for(lambda: moengage.users() == {"old-1", "new-1"})
+    await send(client.alias, "old-1", "new-1")
+    await moengage.wait_for(lambda: moengage.merges() == [{"merged_user": "old-1", "retained_user": "new-1"}])
+    await wait_until(lambda: settled(bridge), what="the merge to be acked")
+
+    await send(client.track, "old-1", "Late Event", {"n": 1})
+    await send(client.identify, "old-1", {"plan": "pro"})
+    await moengage.wait_for(lambda: len(moengage.events()) == 1 and len(moengage.customers()) == 3)
+    await wait_until(lambda: settled(bridge), what="the queue to empty")
+
+    assert action_users(bridge) == {"Late Event": "new-1"}
+    assert moengage.customers()[-1]["customer_id"] == "new-1"
+    assert moengage.customers()[-1]["attributes"]["plan"] == "pro"
+    assert moengage.users() == {"new-1"}  # the merged user was not made again
+
+
+async def test_an_id_linked_to_the_merged_user_follows_it_to_the_retained_user(bridge: Bridge) -> None:
+    """identify(userId, traits.id) linked the userId to the MoEngage user the merge names:
+    after the merge, that userId's calls go to the retained user too."""
+    h = basic(WRITE_KEY)
+    moengage = bridge.moengage
+    identify = {"userId": "old-2", "traits": {"id": "crm-old-2", "email": "o2@example.com"}}
+    assert (await bridge.post("/v1/identify", identify, h))[0] == 200
+    assert (await bridge.post("/v1/identify", {"userId": "new-2", "traits": {}}, h))[0] == 200
+    assert (await bridge.post("/v1/alias", {"previousId": "old-2", "userId": "new-2"}, h))[0] == 200
+    await moengage.wait_for(lambda: len(moengage.merges()) == 1)
+    assert moengage.merges() == [{"merged_user": "crm-old-2", "retained_user": "new-2"}]
+    await wait_until(lambda: settled(bridge), what="the merge to be acked")
+
+    assert (await bridge.post("/v1/track", {"userId": "old-2", "event": "After"}, h))[0] == 200
+    assert (await bridge.post("/v1/track", {"userId": "crm-old-2", "event": "Direct"}, h))[0] == 200
+    await moengage.wait_for(lambda: len(moengage.events()) == 2)
+    assert action_users(bridge) == {"After": "new-2", "Direct": "new-2"}
+    assert moengage.users() == {"new-2"}
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+async def test_a_call_mapped_before_its_users_merge_was_acked_is_mapped_again(
+    make_bridge: Callable[..., Any], ordered: bool
+) -> None:
+    """The merged user's call in the merge's own batch (or the next, mapped while the merge
+    is on the wire) was mapped before the ack linked the merged id: sent so, after the
+    merge, it made the merged user again. It goes back to the queue unsent, and is mapped
+    again once the merge is acked (ordered or not: unordered, the merge still goes last)."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["destinations"][0]["delivery"]["ordered"] = ordered
+
+    bridge = await make_bridge(tweak)
+    h = basic(WRITE_KEY)
+    moengage = bridge.moengage
+    for user in ("old-3", "new-3"):
+        assert (await bridge.post("/v1/identify", {"userId": user, "traits": {"name": user}}, h))[0] == 200
+    await moengage.wait_for(lambda: moengage.users() == {"old-3", "new-3"})
+    alias = {"type": "alias", "previousId": "old-3", "userId": "new-3", "messageId": "m3-alias"}
+    late = {"type": "track", "userId": "old-3", "event": "Same Batch", "messageId": "m3-late"}
+    other = {"type": "track", "userId": "bystander-3", "event": "Bystander", "messageId": "m3-other"}
+    assert (await bridge.post("/v1/batch", {"batch": [alias, late, other]}, h))[0] == 200
+    await moengage.wait_for(lambda: len(moengage.events()) == 2)
+    await wait_until(lambda: settled(bridge), what="the queue to empty")
+
+    assert action_users(bridge) == {"Same Batch": "new-3", "Bystander": "bystander-3"}
+    assert moengage.users() == {"new-3", "bystander-3"}
+    # The call given back went out once, after the merge.
+    requests = [(r.path, orjson.dumps(r.body)) for r in moengage.requests]
+    with_late = [i for i, (_, body) in enumerate(requests) if b"Same Batch" in body]
+    merges = [i for i, (path, _) in enumerate(requests) if path == MERGE_PATH]
+    assert len(with_late) == 1 and len(merges) == 1 and merges[0] < with_late[0], [p for p, _ in requests]
+
+
+async def test_a_merged_users_later_calls_reach_the_retained_user_on_postgres(
+    make_bridge: Callable[..., Any], pg_schema: str
+) -> None:
+    bridge = await on_postgres(make_bridge, pg_schema)
+    h = basic(WRITE_KEY)
+    moengage = bridge.moengage
+    for user in ("old-4", "new-4"):
+        assert (await bridge.post("/v1/identify", {"userId": user, "traits": {"name": user}}, h))[0] == 200
+    await moengage.wait_for(lambda: moengage.users() == {"old-4", "new-4"})
+    assert (await bridge.post("/v1/alias", {"previousId": "old-4", "userId": "new-4"}, h))[0] == 200
+    await moengage.wait_for(lambda: len(moengage.merges()) == 1)
+    await wait_until(lambda: settled(bridge), what="the merge to be acked")
+    assert (await bridge.post("/v1/track", {"userId": "old-4", "event": "After"}, h))[0] == 200
+    await moengage.wait_for(lambda: len(moengage.events()) == 1)
+    assert action_users(bridge) == {"After": "new-4"}
+    assert moengage.users() == {"new-4"}
