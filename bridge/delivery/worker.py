@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import islice
 from operator import attrgetter
 from typing import Any, TypedDict, TypeVar
 
@@ -46,6 +47,9 @@ LEASE_RETRY_CAP = 5.0
 
 # The least a job held back behind its user's earlier jobs waits before it is looked at again.
 DEFER_SECONDS = 0.5
+# Jobs whose last refusal for now the worker remembers: a lease's worth many times over,
+# about 100 bytes each. A job forgotten is retried whole as before, never lost.
+REFUSALS_KEPT = 50_000
 # A leased job's id and attempt count, read in C (see _batch).
 _JOB_ID = attrgetter("id")
 _ATTEMPTS = attrgetter("attempts")
@@ -204,6 +208,11 @@ class DestinationWorker:
         # retryable failures, nothing is leased or sent until then.
         self._hold_until = 0.0
         self._failure_streak = 0
+        # {job: time.monotonic() of its last refusal for now}, and when the upstream last
+        # accepted a request: which jobs it refused before it took others since (see
+        # _refused_while_accepting). Bounded (REFUSALS_KEPT), oldest forgotten first.
+        self._refused_at: dict[int, float] = {}
+        self._accepted_at = 0.0
         # Requests on the wire, every loop's: no more than the destination has connections.
         # Past them, a request waited in aiohttp's pool with its timeout running: an unordered
         # batch past its retry budget (a request an event, see _pack) timed out its last
@@ -875,6 +884,22 @@ class DestinationWorker:
             self.limiter.succeeded(cost)
         if action in (Action.SPLIT, Action.BISECT):
             return await self._send_halves(request, batch, ordered=ordered)
+        if (
+            action is Action.RETRY
+            and response.status != 429
+            and len(request.items) > 1
+            and self._refused_while_accepting(request)
+        ):
+            # Refused again, though the upstream took other requests since these were last
+            # refused: not an outage but something in them (one event whose content fails
+            # the upstream, every time). Bisected now, without a backoff, so its
+            # request-mates are delivered rather than wait out the retry budget. Remembered
+            # first: a half is bisected again only if the upstream accepts something after
+            # this refusal (the other half), so an upstream that went down meanwhile gets
+            # a request or two more, never a request an event.
+            self._remember_refusal(request)
+            self._attempt_failed(request, response, "bisect")
+            return await self._send_halves(request, batch, ordered=ordered)
         if action is Action.PAUSE:
             # The account refused (retry.pause_statuses): its answer is about the
             # credentials, not these events, so the next ones would get it too. Pause at
@@ -894,8 +919,13 @@ class DestinationWorker:
             if batch.leaders:
                 batch.accepted_ids.update(map(id, request.items))
             self.last_delivered_at = self.store.now()
+            self._accepted_at = time.monotonic()
+            if self._refused_at:
+                for it in request.items:
+                    self._refused_at.pop(it.job_id, None)
         if action is Action.RETRY:
             self._back_off(response)
+            self._remember_refusal(request)
         else:
             self._failure_streak = 0
         if action is not Action.DELIVERED:
@@ -911,6 +941,26 @@ class DestinationWorker:
             if previous is None or rank > _rank(previous.action):
                 verdicts[job_id] = verdict
         return action is not Action.RETRY
+
+    def _refused_while_accepting(self, request: Request) -> bool:
+        """Whether a job of ``request`` was refused for now before the upstream last
+        accepted a request: it takes others, and refused this one again. Not so in an
+        outage (nothing accepted since), when splitting would only multiply requests."""
+        refused = self._refused_at
+        if not refused:
+            return False
+        accepted = self._accepted_at
+        return any(refused.get(it.job_id, accepted) < accepted for it in request.items)
+
+    def _remember_refusal(self, request: Request) -> None:
+        refused = self._refused_at
+        now = time.monotonic()
+        for it in request.items:
+            refused.pop(it.job_id, None)  # re-inserted last: the dict stays in refusal order
+            refused[it.job_id] = now
+        if len(refused) > REFUSALS_KEPT:
+            for job_id in list(islice(refused, len(refused) - REFUSALS_KEPT // 2)):
+                del refused[job_id]
 
     def _without_unready_followers(self, request: Request, batch: _Batch) -> Request:
         """``request`` without its followers whose leader was not accepted (retried,

@@ -77,6 +77,7 @@ class StandIn:
         self.latency = 0.0  # seconds every request waits before normal handling (a slow upstream)
         self._plan: deque[Planned] = deque()
         self._refuse: int | None = None
+        self._poison: tuple[bytes, int] | None = None
         self._gate = asyncio.Event()
         self._gate.set()
         self._stopped = asyncio.Event()
@@ -136,6 +137,12 @@ class StandIn:
     def refuse_all(self, status: int | None) -> None:
         """Answer every request with ``status`` (upstream-shaped body) until called with None."""
         self._refuse = status
+
+    def fail_containing(self, marker: bytes | None, status: int = 500) -> None:
+        """Answer ``status`` (upstream-shaped body) to every request whose body holds
+        ``marker``, as an upstream that fails on one event's content does, every time,
+        while it takes every other request; None stops it."""
+        self._poison = None if marker is None else (marker, status)
 
     def hold(self) -> None:
         """Keep every request waiting (unanswered) until ``release``."""
@@ -232,8 +239,9 @@ class StandIn:
                 self._seen(request, 0)
                 return response
         elif self._refuse is not None:
-            status = self._refuse
-            response = self.json_response(status, self.injected_error_body(request, status), self.error_headers(status))
+            response = self._refusal(request, self._refuse)
+        elif self._poison is not None and self._poison[0] in await request.read():
+            response = self._refusal(request, self._poison[1])
         else:
             try:
                 response = await handler(request)
@@ -241,6 +249,9 @@ class StandIn:
                 response = self.error(exc.status, exc.reason)
         self._seen(request, response.status)
         return response
+
+    def _refusal(self, request: web.Request, status: int) -> web.Response:
+        return self.json_response(status, self.injected_error_body(request, status), self.error_headers(status))
 
     def _seen(self, request: web.Request, status: int) -> None:
         self.seen.append(Seen(request.method, request.path, status))
