@@ -37,6 +37,8 @@ class PrometheusBindings:
         # Every configured destination gets both gauges, reading 0 before it ever queued anything.
         stats = await runtime.store.queue_stats()
         self.metrics.queue_stats(stats, [d.name for d in runtime.config.destinations], runtime.store.now())
+        # The same count tells ingest which destinations are past delivery.max_queued_events.
+        runtime.ingestor.queues_counted(stats)
 
     async def refresh_gauges_forever(self, runtime: Runtime, interval: float = GAUGE_INTERVAL) -> None:
         # Queue depth and age come from the store (shared with other nodes), not from counters.

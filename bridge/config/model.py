@@ -140,6 +140,9 @@ class DeliveryConfig:
     lease_seconds: float = 120.0
     request_timeout: float = 30.0
     poll_interval: float = 1.0
+    # Queued events past which the sources feeding this destination are refused (503), so a
+    # destination down for days cannot fill the store that every other one shares; None: no limit.
+    max_queued_events: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -489,6 +492,7 @@ def _delivery(r: Reader) -> DeliveryConfig:
         lease_seconds=r.float("lease_seconds", 120.0, minimum=1),
         request_timeout=r.float("request_timeout", 30.0, minimum=0.1),
         poll_interval=r.float("poll_interval", 1.0, minimum=0.01),
+        max_queued_events=None if r.raw("max_queued_events") is None else r.int("max_queued_events", 0, minimum=1),
     )
     if cfg.lease_seconds <= 2 * cfg.request_timeout:
         # A batch stops starting requests at half its lease; a request may take the whole

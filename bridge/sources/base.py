@@ -20,7 +20,7 @@ from bridge.config.model import Config, SourceConfig
 from bridge.httpx import ApiError, json_response
 from bridge.mapping.api import CompiledMapping
 from bridge.routing import Routes
-from bridge.store.base import EnqueueResult, IdentityLink, IncomingEvent, Store, StoreError, StoreFull
+from bridge.store.base import EnqueueResult, IdentityLink, IncomingEvent, QueueStats, Store, StoreError, StoreFull
 
 log = structlog.get_logger("bridge.ingest")
 
@@ -101,6 +101,12 @@ class Ingestor:
         # While the store refuses events: the code of the refusal (store_full or
         # store_unavailable), and since when and how many requests it refused.
         self._refusing: Refusal | None = None
+        # delivery.max_queued_events by destination, and the destinations past it at the
+        # last count of the queues (queues_counted): their events are refused, the rest go on.
+        self._queue_limits = {
+            d.name: d.delivery.max_queued_events for d in config.destinations if d.delivery.max_queued_events
+        }
+        self._over_limit: frozenset[str] = frozenset()
 
     def _linkers_for(self, source: SourceConfig) -> Linkers:
         mappings = self._mappings()
@@ -125,9 +131,41 @@ class Ingestor:
         """Where a request's events go as they pass validation (see ``Collected``)."""
         return Collected(source, self._linkers_for(source), self.metrics)
 
+    def queues_counted(self, stats: Mapping[str, QueueStats]) -> None:
+        """The queues as the store counted them just now (every few seconds, and at each
+        metrics scrape): which destinations are past their delivery.max_queued_events."""
+        if not self._queue_limits:
+            return
+        over = frozenset(
+            name for name, limit in self._queue_limits.items() if name in stats and stats[name].depth >= limit
+        )
+        for name in sorted(over - self._over_limit):
+            log.warning(
+                "destination_queue_full",
+                destination=name,
+                queued=stats[name].depth,
+                limit=self._queue_limits[name],
+                hint="the sources that feed it are refused (503) until its queue is below the limit:"
+                " see why it does not deliver (bridge destinations list, docs/operations.md)",
+            )
+        for name in sorted(self._over_limit - over):
+            log.warning("destination_queue_below_limit", destination=name, queued=stats.get(name, _EMPTY).depth)
+        self._over_limit = over
+
     async def store_events(self, source: SourceConfig, incoming: Sequence[IncomingEvent]) -> EnqueueResult:
         if not incoming:
             return EnqueueResult(0, 0)
+        over = self._over_limit
+        if over and not over.isdisjoint(source.to):
+            # Backpressure for the sources that feed it only (every event of a source gets a
+            # job for each of its destinations): the store keeps room for the other sources'
+            # events, and these wait at the sender, which retries a 503.
+            raise ApiError(
+                503,
+                "destination_queue_full",
+                "the bridge is not accepting these events right now: a destination they go to has a full queue",
+                headers={"Retry-After": "30"},
+            )
         # The answer names the refusal, not the store's own words (a file's path, a database
         # host): a write key is no secret (Analytics.js ships it to browsers), so a caller is
         # anyone. The words go to the log's ingest_refused line, as /readyz's to not_ready.
@@ -179,6 +217,8 @@ class Ingestor:
             seconds=round(time.monotonic() - refusing.since, 1),
         )
 
+
+_EMPTY = QueueStats(depth=0, oldest_created_at=None)
 
 # What an operator can do about each refusal, on its log line.
 REFUSAL_HINTS = {

@@ -1,0 +1,93 @@
+"""delivery.max_queued_events: a destination that stops delivering (down for days, paused for
+bad credentials) fills the store that every destination shares, and then ingest refuses
+everything. With a limit, only the events bound for that destination are refused (503, which
+senders retry); the other sources' events go on being taken and delivered."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from structlog.testing import capture_logs
+
+from bridge.config.model import build_config
+from bridge.destinations.base import ConfigError
+from tests.e2e.harness import ADMIN_TOKEN, WRITE_KEY, Bridge, basic, config_dict, wait_until
+from tests.e2e.test_streams_to_segment import AUTH, PATH, seed_payload
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+H = basic(WRITE_KEY)
+
+
+def limited(raw: dict[str, Any]) -> None:
+    raw["destinations"][0]["delivery"]["max_queued_events"] = 3  # moengage-main, fed by source "web"
+
+
+def track(n: int) -> dict[str, Any]:
+    return {"type": "track", "userId": f"user-{n}", "event": "Step", "messageId": f"limit-{n}"}
+
+
+async def count_queues(bridge: Bridge) -> None:
+    """What the bridge does every few seconds, and at each metrics scrape."""
+    assert bridge.bindings is not None
+    await bridge.bindings.refresh_gauges(bridge.runtime)
+
+
+async def queued(bridge: Bridge, name: str) -> int:
+    _, status = await bridge.get("/admin/status", ADMIN)
+    return int(next(d for d in status["destinations"] if d["name"] == name)["queue_depth"])
+
+
+async def test_a_destination_past_its_queue_limit_refuses_only_its_own_events(make_bridge: Callable[..., Any]) -> None:
+    bridge = await make_bridge(limited)
+    moengage = bridge.moengage
+    moengage.hold()  # MoEngage stops answering: its queue grows
+    for n in range(3):
+        assert (await bridge.post("/v1/track", track(n), H))[0] == 200
+    with capture_logs() as logs:
+        await count_queues(bridge)
+    assert [(e["event"], e["destination"], e["queued"], e["limit"]) for e in logs] == [
+        ("destination_queue_full", "moengage-main", 3, 3)
+    ]
+
+    status, data = await bridge.post("/v1/track", track(3), H)
+    assert status == 503, data
+    assert data == {
+        "code": "destination_queue_full",
+        "message": "the bridge is not accepting these events right now: a destination they go to has a full queue",
+    }
+    status, data = await bridge.post("/v1/batch", {"batch": [track(4), track(5)]}, H)
+    assert (status, data["code"]) == (503, "destination_queue_full")
+    # A Streams source feeds another destination (Segment): taken, and delivered.
+    status, data = await bridge.post(PATH, seed_payload(), AUTH)
+    assert status == 200, data
+    await bridge.segment.wait_for(lambda: len(bridge.segment.requests) >= 1)
+
+    moengage.release()
+    await wait_until(lambda: _empty(bridge, "moengage-main"), what="MoEngage's queue to drain")
+    with capture_logs() as logs:
+        await count_queues(bridge)
+    assert [(e["event"], e["destination"]) for e in logs] == [("destination_queue_below_limit", "moengage-main")]
+    assert (await bridge.post("/v1/track", track(6), H))[0] == 200
+    await moengage.wait_for(lambda: len(moengage.events()) == 4)
+    assert [e["customer_id"] for e in moengage.events()] == ["user-0", "user-1", "user-2", "user-6"]
+
+
+async def _empty(bridge: Bridge, name: str) -> bool:
+    return await queued(bridge, name) == 0
+
+
+def test_the_limit_is_a_positive_integer(tmp_path: Any) -> None:
+    for bad, says in ((0, "must be at least 1, got 0"), (True, "expected an integer"), ("10", "expected an integer")):
+        raw = config_dict(tmp_path, "http://127.0.0.1:1", "http://127.0.0.1:2")
+        raw["destinations"][0]["delivery"]["max_queued_events"] = bad
+        try:
+            build_config(raw)
+        except ConfigError as exc:
+            assert "destinations[0].delivery.max_queued_events" in str(exc) and says in str(exc), str(exc)
+        else:
+            raise AssertionError(f"{bad!r} was taken")
+    raw = config_dict(tmp_path, "http://127.0.0.1:1", "http://127.0.0.1:2")
+    assert build_config(raw).destinations[0].delivery.max_queued_events is None
+    raw["destinations"][0]["delivery"]["max_queued_events"] = 1_000_000
+    assert build_config(raw).destinations[0].delivery.max_queued_events == 1_000_000
