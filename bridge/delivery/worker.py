@@ -208,11 +208,11 @@ class DestinationWorker:
         # retryable failures, nothing is leased or sent until then.
         self._hold_until = 0.0
         self._failure_streak = 0
-        # {job: time.monotonic() of its last refusal for now}, and when the upstream last
-        # accepted a request: which jobs it refused before it took others since (see
-        # _refused_while_accepting). Bounded (REFUSALS_KEPT), oldest forgotten first.
+        # {job: time.monotonic() of its last refusal for now}, and {endpoint: when the
+        # upstream last accepted a request there}: which jobs it refused before it took others
+        # since (see _refused_while_accepting). Bounded (REFUSALS_KEPT), oldest forgotten first.
         self._refused_at: dict[int, float] = {}
-        self._accepted_at = 0.0
+        self._accepted_at: dict[str, float] = {}
         # Requests on the wire, every loop's: no more than the destination has connections.
         # Past them, a request waited in aiohttp's pool with its timeout running: an unordered
         # batch past its retry budget (a request an event, see _pack) timed out its last
@@ -919,7 +919,7 @@ class DestinationWorker:
             if batch.leaders:
                 batch.accepted_ids.update(map(id, request.items))
             self.last_delivered_at = self.store.now()
-            self._accepted_at = time.monotonic()
+            self._accepted_at[request.endpoint] = time.monotonic()
             if self._refused_at:
                 for it in request.items:
                     self._refused_at.pop(it.job_id, None)
@@ -944,12 +944,17 @@ class DestinationWorker:
 
     def _refused_while_accepting(self, request: Request) -> bool:
         """Whether a job of ``request`` was refused for now before the upstream last
-        accepted a request: it takes others, and refused this one again. Not so in an
-        outage (nothing accepted since), when splitting would only multiply requests."""
+        accepted a request at its endpoint: it takes others, and refused this one again. Not
+        so in an outage (nothing accepted since), when splitting would only multiply requests.
+        Nor in an outage of this endpoint alone (MoEngage's Merge User down while Bulk Import
+        takes the tracks): another endpoint's acceptances said nothing of it, and each retry
+        of its requests was bisected at once, down to a request an item."""
         refused = self._refused_at
         if not refused:
             return False
-        accepted = self._accepted_at
+        accepted = self._accepted_at.get(request.endpoint)
+        if accepted is None:
+            return False
         return any(refused.get(it.job_id, accepted) < accepted for it in request.items)
 
     def _remember_refusal(self, request: Request) -> None:

@@ -688,6 +688,22 @@ class PostgresStore(Store):
     ) -> None:
         if not job_ids:
             return
+        if merge_links and erase_links:
+            # One transaction wrote the merges' links, then erased the deletions' links: two
+            # passes, each in byte order, but a merge's row held while waiting for a lower
+            # one of a deletion's, which ingest (LINKS_SQL, in byte order) could hold while
+            # waiting for the merge's: a deadlock. Two transactions, each one pass, each job
+            # still acked with its own links; the merges first, as they apply before erasures.
+            await self.ack(
+                [j for j in job_ids if j not in erase_links or j in merge_links],
+                mapping_version,
+                fence=fence,
+                merge_links=merge_links,
+            )
+            await self.ack(
+                [j for j in job_ids if j in erase_links], mapping_version, fence=fence, erase_links=erase_links
+            )
+            return
         # The payload of a delivered job is never read again; dropping it keeps the table small.
         async with self._conn(transaction=bool(erase_links or merge_links)) as conn:
             await conn.execute(

@@ -5,6 +5,7 @@ seen to take other requests, such a request is bisected and the mates are delive
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -97,3 +98,33 @@ async def test_an_upstream_that_is_down_is_not_bisected(make_bridge: Callable[..
 
 async def _left(bridge: Bridge, n: int) -> bool:
     return await queued(bridge) == n
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+async def test_an_endpoint_that_is_down_is_not_bisected_while_another_takes_requests(
+    make_bridge: Callable[..., Any], ordered: bool
+) -> None:
+    """MoEngage's Merge User endpoint down while Bulk Import takes the tracks: the merge
+    requests' refusals are an outage of their endpoint, not something in them. Taken for a
+    poison event because the upstream accepted other requests (on another endpoint), each
+    retry of the merges was bisected at once, without backoff: more requests to an endpoint
+    that is down, down to a request a merge with several loops."""
+    bridge = await make_bridge(fast_retries(ordered))
+    moengage = bridge.moengage
+    moengage.fail_containing(b"merged_user", 503)
+    aliases = [
+        {"type": "alias", "previousId": f"old-{i}", "userId": f"new-{i}", "messageId": f"alias-{i}"} for i in range(8)
+    ]
+    with capture_logs() as logs:
+        assert (await bridge.post("/v1/batch", {"batch": aliases}, H))[0] == 200
+        await moengage.wait_for(lambda: any(s.status == 503 for s in moengage.seen))
+        # Tracks, which Bulk Import takes, between the merges' retries.
+        for i in range(12):
+            assert (await bridge.post("/v1/batch", batch(f"t{i}", 1), H))[0] == 200
+            await moengage.wait_for(lambda i=i: f"t{i}-0" in seqs(moengage), timeout=10)
+            await asyncio.sleep(0.1)
+        assert sum(s.status == 503 for s in moengage.seen) >= 3
+    failed = [e for e in logs if e["event"] == "delivery_attempt_failed"]
+    assert {(e["items"], e["action"]) for e in failed} == {(8, "retry")}
+    moengage.fail_containing(None)
+    await moengage.wait_for(lambda: len(moengage.merges()) == 8, timeout=10)

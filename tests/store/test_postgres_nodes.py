@@ -310,3 +310,43 @@ async def test_opening_a_store_does_not_queue_behind_a_long_write(pg_schema: str
     finally:
         await writer.close()
         await node.close()
+
+
+async def test_an_ack_merging_and_erasing_does_not_deadlock_with_ingest(
+    nodes: tuple[PostgresStore, PostgresStore], pg_schema: str
+) -> None:
+    """An ack with a merge and a deletion wrote the merge's links, then erased the deleted
+    user's: two passes, each in byte order, but the merge's rows (m-x) held while waiting
+    for a lower one of the deletion's (a-id). Ingest learning both links takes them in
+    byte order (LINKS_SQL): it held a-id and waited for m-x, and PostgreSQL failed one of
+    them (a 503 for events nothing was wrong with, or an ack that failed and sent its
+    batch again). Here a session holds a-id as ingest would, then takes m-x once the ack
+    waits for it."""
+    a, _ = nodes
+    learnt = (IdentityLink("moe", "a-id", "crm-a"), IdentityLink("moe", "m-x", "old-1"))
+    await a.enqueue("web", [event("learn", "a-id", links=learnt)])
+    await a.enqueue("web", [event("alias", "new-1"), event("del-a", "a-id")])
+    jobs = {j.message_id: j for j in await a.lease("moe", 10, 30)}
+    merge = {jobs["alias"].id: [("old-1", "new-1")]}
+    erase = {jobs["del-a"].id: ["a-id"]}
+    ingest = await asyncpg.connect(PG_DSN, server_settings={"search_path": pg_schema})
+    try:
+        learning = ingest.transaction()
+        await learning.start()
+        await ingest.execute("SELECT 1 FROM identity_links WHERE namespace = 'moe' AND from_id = 'a-id' FOR UPDATE")
+        ack = asyncio.create_task(a.ack([*merge, *erase], merge_links=merge, erase_links=erase))
+        me = await ingest.fetchval("SELECT pg_backend_pid()")
+        blocked = "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))"
+        while not await ingest.fetchval(blocked, me):
+            assert not ack.done(), ack
+            await asyncio.sleep(0.01)
+        # Re-learnt now, after the merge was stored: kept.
+        await ingest.execute(
+            "INSERT INTO identity_links (namespace, from_id, to_id, updated_at) VALUES ('moe', 'm-x', 'crm-x', 1e12)"
+            " ON CONFLICT (namespace, from_id) DO UPDATE SET to_id = excluded.to_id, updated_at = excluded.updated_at"
+        )
+        await learning.commit()
+        await ack
+    finally:
+        await ingest.close()
+    assert await a.resolve_links("moe", ["a-id", "m-x", "old-1"]) == {"m-x": "crm-x", "old-1": "new-1"}
