@@ -29,7 +29,7 @@ def track(n: int) -> dict[str, Any]:
 
 async def count_queues(bridge: Bridge) -> None:
     """What the bridge does every few seconds, and at each metrics scrape."""
-    assert bridge.bindings is not None
+    assert bridge.bindings is not None and bridge.runtime is not None
     await bridge.bindings.refresh_gauges(bridge.runtime)
 
 
