@@ -50,6 +50,11 @@ DEFER_SECONDS = 0.5
 # Jobs whose last refusal for now the worker remembers: a lease's worth many times over,
 # about 100 bytes each. A job forgotten is retried whole as before, never lost.
 REFUSALS_KEPT = 50_000
+# Bisections of requests refused for now, per batch attempt: enough to find a poison event
+# or two among 500 (9 levels each), and a bound on the requests an upstream that fails at
+# random while taking others gets from one batch without a backoff. The rest wait for the
+# batch's next attempt.
+RETRY_SPLITS = 24
 # A leased job's id and attempt count, read in C (see _batch).
 _JOB_ID = attrgetter("id")
 _ATTEMPTS = attrgetter("attempts")
@@ -96,6 +101,7 @@ class _Batch:
     version: str = ""  # the mapping version that mapped this batch
     items_left: dict[int, int] = field(default_factory=dict)  # per job: items without a verdict yet
     dead_pending: int = 0  # jobs given a dead verdict here, not yet known to the guard
+    retry_splits: int = 0  # requests refused for now that were bisected (RETRY_SPLITS)
     delivered_pending: int = 0  # and jobs delivered here, likewise
     guard_reason: str = ""  # set when the guard would trip: send nothing more, then pause
     # Who that pause is by: the guard (a bad deploy: a mapping change ends it) or the
@@ -887,7 +893,9 @@ class DestinationWorker:
         if (
             action is Action.RETRY
             and response.status != 429
+            and response.retry_after is None  # the upstream asked for a wait: not a poison's answer
             and len(request.items) > 1
+            and batch.retry_splits < RETRY_SPLITS
             and self._refused_while_accepting(request)
         ):
             # Refused again, though the upstream took other requests since these were last
@@ -897,6 +905,7 @@ class DestinationWorker:
             # first: a half is bisected again only if the upstream accepts something after
             # this refusal (the other half), so an upstream that went down meanwhile gets
             # a request or two more, never a request an event.
+            batch.retry_splits += 1
             self._remember_refusal(request)
             self._attempt_failed(request, response, "bisect")
             return await self._send_halves(request, batch, ordered=ordered)

@@ -77,7 +77,7 @@ class StandIn:
         self.latency = 0.0  # seconds every request waits before normal handling (a slow upstream)
         self._plan: deque[Planned] = deque()
         self._refuse: int | None = None
-        self._poison: tuple[bytes, int] | None = None
+        self._poison: tuple[bytes, int, int | None] | None = None
         self._gate = asyncio.Event()
         self._gate.set()
         self._stopped = asyncio.Event()
@@ -138,11 +138,11 @@ class StandIn:
         """Answer every request with ``status`` (upstream-shaped body) until called with None."""
         self._refuse = status
 
-    def fail_containing(self, marker: bytes | None, status: int = 500) -> None:
-        """Answer ``status`` (upstream-shaped body) to every request whose body holds
-        ``marker``, as an upstream that fails on one event's content does, every time,
-        while it takes every other request; None stops it."""
-        self._poison = None if marker is None else (marker, status)
+    def fail_containing(self, marker: bytes | None, status: int = 500, retry_after: int | None = None) -> None:
+        """Answer ``status`` (upstream-shaped body, with ``Retry-After`` if given) to every
+        request whose body holds ``marker``, as an upstream that fails on one event's content
+        does, every time, while it takes every other request; None stops it."""
+        self._poison = None if marker is None else (marker, status, retry_after)
 
     def hold(self) -> None:
         """Keep every request waiting (unanswered) until ``release``."""
@@ -241,7 +241,10 @@ class StandIn:
         elif self._refuse is not None:
             response = self._refusal(request, self._refuse)
         elif self._poison is not None and self._poison[0] in await request.read():
-            response = self._refusal(request, self._poison[1])
+            _, status, retry_after = self._poison
+            response = self._refusal(request, status)
+            if retry_after is not None:
+                response.headers["Retry-After"] = str(retry_after)
         else:
             try:
                 response = await handler(request)

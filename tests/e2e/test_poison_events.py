@@ -13,6 +13,7 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
+from bridge.delivery import worker
 from tests.e2e.harness import ADMIN_TOKEN, WRITE_KEY, Bridge, basic, wait_until
 from tests.e2e.test_delivery import dlq, seqs
 
@@ -45,10 +46,13 @@ async def queued(bridge: Bridge) -> int:
     return int(status["destinations"][0]["queue_depth"])
 
 
-def fast_retries(ordered: bool) -> Callable[[dict[str, Any]], None]:
+def fast_retries(ordered: bool, batch_size: int | None = None) -> Callable[[dict[str, Any]], None]:
     def tweak(raw: dict[str, Any]) -> None:
         moengage = raw["destinations"][0]
         moengage["delivery"]["ordered"] = ordered
+        if batch_size is not None:
+            # Leased oldest first: the 8 refused jobs alone, later traffic in batches of its own.
+            moengage["delivery"].update(batch_size=batch_size, concurrency=1)
         moengage["retry"] = {"base_delay": 0.05, "max_delay": 0.2}
 
     return tweak
@@ -75,6 +79,46 @@ async def test_a_poison_events_request_mates_are_delivered_once_the_upstream_tak
     # Bisected: the 15 mates went in a few requests, halves of halves (8, 4, 2, 1).
     carrying = [r for r in moengage.requests if b'"p-' in orjson.dumps(r.body)]
     assert len(carrying) <= 8, len(carrying)
+
+
+async def test_a_refusal_that_asks_for_a_wait_is_not_bisected(
+    make_bridge: Callable[..., Any], monkeypatch: Any
+) -> None:
+    """A 503 with Retry-After is the upstream asking for time, never a poison event's answer:
+    the request waits as asked, whole, even once the upstream has taken others since."""
+    monkeypatch.setattr(worker, "RETRY_SPLITS", 0)  # refused and retried whole until the switch below
+    bridge = await make_bridge(fast_retries(True, batch_size=8))
+    moengage = bridge.moengage
+    moengage.fail_containing(POISON.encode(), 500)
+    assert (await bridge.post("/v1/batch", batch("w", 8, poison_at=2), H))[0] == 200
+    await moengage.wait_for(lambda: any(s.status == 500 for s in moengage.seen))
+    assert (await bridge.post("/v1/batch", batch("other", 2), H))[0] == 200
+    await moengage.wait_for(lambda: {"other-0", "other-1"} <= seqs(moengage))
+    # Refused before the upstream took others: a 500 now would be bisected.
+    moengage.fail_containing(POISON.encode(), 503, retry_after=1)
+    monkeypatch.setattr(worker, "RETRY_SPLITS", 24)
+    with capture_logs() as logs:
+        await moengage.wait_for(lambda: sum(s.status == 503 for s in moengage.seen) >= 2, timeout=10)
+    failed = [e for e in logs if e["event"] == "delivery_attempt_failed"]
+    assert failed and {(e["items"], e["action"]) for e in failed} == {(8, "retry")}, failed
+
+
+async def test_a_batch_bisects_no_more_than_its_budget(make_bridge: Callable[..., Any], monkeypatch: Any) -> None:
+    """RETRY_SPLITS bounds the requests one batch attempt sends without a backoff (an upstream
+    failing at random while it takes others would otherwise be sent up to a request an event).
+    With no budget at all, the poison's request is retried whole, as before bisecting."""
+    monkeypatch.setattr(worker, "RETRY_SPLITS", 0)
+    bridge = await make_bridge(fast_retries(True, batch_size=8))
+    moengage = bridge.moengage
+    moengage.fail_containing(POISON.encode(), 500)
+    with capture_logs() as logs:
+        assert (await bridge.post("/v1/batch", batch("b", 8, poison_at=2), H))[0] == 200
+        await moengage.wait_for(lambda: any(s.status == 500 for s in moengage.seen))
+        assert (await bridge.post("/v1/batch", batch("other", 2), H))[0] == 200
+        await moengage.wait_for(lambda: sum(s.status == 500 for s in moengage.seen) >= 4, timeout=10)
+    assert {"other-0", "other-1"} <= seqs(moengage)  # taken after the first refusal
+    failed = [e for e in logs if e["event"] == "delivery_attempt_failed"]
+    assert {(e["items"], e["action"]) for e in failed} == {(8, "retry")}, failed
 
 
 async def test_an_upstream_that_is_down_is_not_bisected(make_bridge: Callable[..., Any]) -> None:
