@@ -124,3 +124,27 @@ async def test_a_merged_users_later_calls_reach_the_retained_user_on_postgres(
     await moengage.wait_for(lambda: len(moengage.events()) == 1)
     assert action_users(bridge) == {"After": "new-4"}
     assert moengage.users() == {"new-4"}
+
+
+async def test_a_second_alias_of_a_merged_id_merges_the_user_it_became(bridge: Bridge) -> None:
+    """alias(X -> A) then alias(X -> B): X is A, and now B, so A is B (as an identity graph
+    joins them). MoEngage no longer has X; the second merge names A, the user X became."""
+    h = basic(WRITE_KEY)
+    moengage = bridge.moengage
+    for user in ("x-5", "a-5", "b-5"):
+        assert (await bridge.post("/v1/identify", {"userId": user, "traits": {"name": user}}, h))[0] == 200
+    await moengage.wait_for(lambda: moengage.users() == {"x-5", "a-5", "b-5"})
+    assert (await bridge.post("/v1/alias", {"previousId": "x-5", "userId": "a-5"}, h))[0] == 200
+    await moengage.wait_for(lambda: len(moengage.merges()) == 1)
+    await wait_until(lambda: settled(bridge), what="the first merge to be acked")
+    assert (await bridge.post("/v1/alias", {"previousId": "x-5", "userId": "b-5"}, h))[0] == 200
+    await moengage.wait_for(lambda: len(moengage.merges()) == 2)
+    assert moengage.merges() == [
+        {"merged_user": "x-5", "retained_user": "a-5"},
+        {"merged_user": "a-5", "retained_user": "b-5"},
+    ]
+    await wait_until(lambda: settled(bridge), what="the second merge to be acked")
+    assert (await bridge.post("/v1/track", {"userId": "x-5", "event": "Later"}, h))[0] == 200
+    await moengage.wait_for(lambda: len(moengage.events()) == 1)
+    assert action_users(bridge) == {"Later": "b-5"}
+    assert moengage.users() == {"b-5"}
