@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import asyncpg
@@ -169,27 +169,35 @@ async def test_an_ack_erasing_several_users_links_does_not_deadlock_with_ingest(
     await a.enqueue("web", [event("del-b", "b-id"), event("del-a", "a-id")])
     jobs = {j.message_id: j for j in await a.lease("moe", 10, 30)}
     erase = {jobs["del-b"].id: ["b-id"], jobs["del-a"].id: ["a-id"]}
+    # Re-learnt after the deletions were stored: kept.
+    await ack_beside_ingest(pg_schema, a.ack(list(erase), erase_links=erase), relearn=("b-id", "crm-b2"))
+    assert await a.resolve_links("moe", ["a-id", "b-id"]) == {"b-id": "crm-b2"}
+
+
+async def ack_beside_ingest(pg_schema: str, ack: Coroutine[Any, Any, None], relearn: tuple[str, str]) -> None:
+    """Run ``ack`` while a session holds link a-id as ingest would (LINKS_SQL takes its rows
+    in byte order), and once the ack waits for it, have that session learn ``relearn``
+    (from, to) too, then commit: a deadlock fails one of the two."""
     ingest = await asyncpg.connect(PG_DSN, server_settings={"search_path": pg_schema})
     try:
         learning = ingest.transaction()
         await learning.start()
         await ingest.execute("SELECT 1 FROM identity_links WHERE namespace = 'moe' AND from_id = 'a-id' FOR UPDATE")
-        ack = asyncio.create_task(a.ack(list(erase), erase_links=erase))
+        acking = asyncio.create_task(ack)
         me = await ingest.fetchval("SELECT pg_backend_pid()")
         blocked = "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))"
         while not await ingest.fetchval(blocked, me):
-            assert not ack.done(), ack
+            assert not acking.done(), acking
             await asyncio.sleep(0.01)
-        # Re-learnt now, after the deletions were stored: kept.
         await ingest.execute(
-            "INSERT INTO identity_links (namespace, from_id, to_id, updated_at) VALUES ('moe', 'b-id', 'crm-b2', 1e12)"
-            " ON CONFLICT (namespace, from_id) DO UPDATE SET to_id = excluded.to_id, updated_at = excluded.updated_at"
+            "INSERT INTO identity_links (namespace, from_id, to_id, updated_at) VALUES ('moe', $1, $2, 1e12)"
+            " ON CONFLICT (namespace, from_id) DO UPDATE SET to_id = excluded.to_id, updated_at = excluded.updated_at",
+            *relearn,
         )
         await learning.commit()
-        await ack
+        await acking
     finally:
         await ingest.close()
-    assert await a.resolve_links("moe", ["a-id", "b-id"]) == {"b-id": "crm-b2"}
 
 
 async def _dead_letters(store: PostgresStore, prefix: str, user: str, count: int) -> None:
@@ -329,24 +337,7 @@ async def test_an_ack_merging_and_erasing_does_not_deadlock_with_ingest(
     jobs = {j.message_id: j for j in await a.lease("moe", 10, 30)}
     merge = {jobs["alias"].id: [("old-1", "new-1")]}
     erase = {jobs["del-a"].id: ["a-id"]}
-    ingest = await asyncpg.connect(PG_DSN, server_settings={"search_path": pg_schema})
-    try:
-        learning = ingest.transaction()
-        await learning.start()
-        await ingest.execute("SELECT 1 FROM identity_links WHERE namespace = 'moe' AND from_id = 'a-id' FOR UPDATE")
-        ack = asyncio.create_task(a.ack([*merge, *erase], merge_links=merge, erase_links=erase))
-        me = await ingest.fetchval("SELECT pg_backend_pid()")
-        blocked = "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))"
-        while not await ingest.fetchval(blocked, me):
-            assert not ack.done(), ack
-            await asyncio.sleep(0.01)
-        # Re-learnt now, after the merge was stored: kept.
-        await ingest.execute(
-            "INSERT INTO identity_links (namespace, from_id, to_id, updated_at) VALUES ('moe', 'm-x', 'crm-x', 1e12)"
-            " ON CONFLICT (namespace, from_id) DO UPDATE SET to_id = excluded.to_id, updated_at = excluded.updated_at"
-        )
-        await learning.commit()
-        await ack
-    finally:
-        await ingest.close()
+    # Re-learnt after the merge was stored: kept.
+    acking = a.ack([*merge, *erase], merge_links=merge, erase_links=erase)
+    await ack_beside_ingest(pg_schema, acking, relearn=("m-x", "crm-x"))
     assert await a.resolve_links("moe", ["a-id", "m-x", "old-1"]) == {"m-x": "crm-x", "old-1": "new-1"}
