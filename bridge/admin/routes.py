@@ -181,6 +181,7 @@ class AdminApi:
     async def status(self, request: web.Request) -> web.Response:
         rt = self.runtime
         stats = await rt.store.queue_stats()
+        rt.ingestor.queues_counted(stats)  # a fresh count: the queue limits see it too
         now = rt.store.now()
         destinations = []
         for d in rt.config.destinations:
@@ -197,6 +198,9 @@ class AdminApi:
                     "queue_depth": s.depth if s else 0,
                     "oldest_age_seconds": round(now - s.oldest_created_at, 3) if s and s.oldest_created_at else 0,
                     "dead_letters": s.dead if s else 0,
+                    # delivery.max_queued_events, and whether its sources are refused for it.
+                    "max_queued_events": d.delivery.max_queued_events,
+                    "queue_full": d.name in rt.ingestor.over_limit,
                     # Why a queue grows while the upstream fails: what it last answered, when
                     # a request was last delivered, and how long the backoff still holds.
                     "last_delivered_at": when(worker.last_delivered_at),

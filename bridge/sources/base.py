@@ -131,6 +131,11 @@ class Ingestor:
         """Where a request's events go as they pass validation (see ``Collected``)."""
         return Collected(source, self._linkers_for(source), self.metrics)
 
+    @property
+    def over_limit(self) -> frozenset[str]:
+        """The destinations past delivery.max_queued_events at the last count."""
+        return self._over_limit
+
     def queues_counted(self, stats: Mapping[str, QueueStats]) -> None:
         """The queues as the store counted them just now (every few seconds, and at each
         metrics scrape): which destinations are past their delivery.max_queued_events."""

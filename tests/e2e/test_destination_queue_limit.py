@@ -50,6 +50,9 @@ async def test_a_destination_past_its_queue_limit_refuses_only_its_own_events(ma
         ("destination_queue_full", "moengage-main", 3, 3)
     ]
 
+    _, status_body = await bridge.get("/admin/status", ADMIN)
+    shown = {d["name"]: (d["max_queued_events"], d["queue_full"]) for d in status_body["destinations"]}
+    assert shown == {"moengage-main": (3, True), "moengage-eu": (None, False), "segment-prod": (None, False)}
     status, data = await bridge.post("/v1/track", track(3), H)
     assert status == 503, data
     assert data == {
@@ -64,10 +67,14 @@ async def test_a_destination_past_its_queue_limit_refuses_only_its_own_events(ma
     await bridge.segment.wait_for(lambda: len(bridge.segment.requests) >= 1)
 
     moengage.release()
-    await wait_until(lambda: _empty(bridge, "moengage-main"), what="MoEngage's queue to drain")
     with capture_logs() as logs:
+        # Each /admin/status it polls counts the queues too, as the periodic count does.
+        await wait_until(lambda: _empty(bridge, "moengage-main"), what="MoEngage's queue to drain")
         await count_queues(bridge)
-    assert [(e["event"], e["destination"]) for e in logs] == [("destination_queue_below_limit", "moengage-main")]
+    below = [(e["event"], e["destination"]) for e in logs if e["event"].startswith("destination_queue")]
+    assert below == [("destination_queue_below_limit", "moengage-main")]
+    _, status_body = await bridge.get("/admin/status", ADMIN)
+    assert status_body["destinations"][0]["queue_full"] is False
     assert (await bridge.post("/v1/track", track(6), H))[0] == 200
     await moengage.wait_for(lambda: len(moengage.events()) == 4)
     assert [e["customer_id"] for e in moengage.events()] == ["user-0", "user-1", "user-2", "user-6"]
