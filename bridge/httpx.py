@@ -1,7 +1,8 @@
 """HTTP plumbing shared by every inbound route: JSON errors, bounded bodies, auth helpers.
 
 Every rejection is a JSON ``{"code", "message"}`` with a 4xx status; a 5xx is only ever
-the bridge's own fault (or 503 backpressure), never an answer to bad input.
+the bridge's own fault, never an answer to bad input. Backpressure (a full store) is a 429
+with Retry-After, as Segment's Tracking API answers (sources/base.py: BACKPRESSURE).
 """
 
 from __future__ import annotations

@@ -140,7 +140,7 @@ class DeliveryConfig:
     lease_seconds: float = 120.0
     request_timeout: float = 30.0
     poll_interval: float = 1.0
-    # Queued events past which the sources feeding this destination are refused (503), so a
+    # Queued events past which the sources feeding this destination are refused (429), so a
     # destination down for days cannot fill the store that every other one shares; None: no limit.
     max_queued_events: int | None = None
 

@@ -28,6 +28,14 @@ log = structlog.get_logger("bridge.ingest")
 LOGGED_REJECTIONS = 10
 LOGGED_ID = 100
 
+# Backpressure (the store full or down, a destination's queue full) is a 429 with
+# Retry-After, as Segment's own Tracking API answers when it cannot take more.
+# analytics-node 3.x waits out a 429's Retry-After without spending a retry, but spends one
+# on each 503 and drops the batch after the last (10 retries, 3 in 2.x: some minutes into a
+# full store). analytics-python 2.4 waits out either; Segment's webhooks and MoEngage
+# Streams retry both alike. Bad input never gets it: that is a 400-class answer.
+BACKPRESSURE = 429
+
 
 @dataclass(frozen=True, slots=True)
 class Rejection:
@@ -150,7 +158,7 @@ class Ingestor:
                 destination=name,
                 queued=stats[name].depth,
                 limit=self._queue_limits[name],
-                hint="the sources that feed it are refused (503) until its queue is below the limit:"
+                hint="the sources that feed it are refused (429) until its queue is below the limit:"
                 " see why it does not deliver (bridge destinations list, docs/operations.md)",
             )
         for name in sorted(self._over_limit - over):
@@ -164,9 +172,9 @@ class Ingestor:
         if over and not over.isdisjoint(source.to):
             # Backpressure for the sources that feed it only (every event of a source gets a
             # job for each of its destinations): the store keeps room for the other sources'
-            # events, and these wait at the sender, which retries a 503.
+            # events, and these wait at the sender, which retries a 429 after its Retry-After.
             raise ApiError(
-                503,
+                BACKPRESSURE,
                 "destination_queue_full",
                 "the bridge is not accepting these events right now: a destination they go to has a full queue",
                 headers={"Retry-After": "30"},
@@ -179,7 +187,7 @@ class Ingestor:
         except StoreFull as exc:
             self._refused("store_full", exc)
             raise ApiError(
-                503,
+                BACKPRESSURE,
                 "store_full",
                 "the bridge is not accepting events right now: its event store is full",
                 headers={"Retry-After": "30"},
@@ -187,7 +195,7 @@ class Ingestor:
         except StoreError as exc:
             self._refused("store_unavailable", exc)
             raise ApiError(
-                503,
+                BACKPRESSURE,
                 "store_unavailable",
                 "the event store is unavailable",
                 headers={"Retry-After": "10"},

@@ -8,7 +8,7 @@ duplicate, so several nodes never both store one event.
 Keys are inserted in one order on every node: two nodes storing the same keys in
 different orders (a client that batches again on retry, two nodes' groups joining the
 same requests differently) would each hold one the other waits for, and PostgreSQL would
-fail one of them as a deadlock, a 503 for events nothing was wrong with.
+fail one of them as a deadlock, a refusal (429 store_unavailable) for events nothing was wrong with.
 """
 
 from __future__ import annotations

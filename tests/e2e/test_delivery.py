@@ -428,21 +428,27 @@ async def test_a_hung_destination_does_not_delay_another(make_bridge):
         await server.close()
 
 
-async def test_backpressure_answers_503_with_retry_after(make_bridge):
+async def test_backpressure_answers_429_with_retry_after(make_bridge):
+    """A full store answers as Segment's Tracking API does when it cannot take more: 429
+    with Retry-After, which analytics-node waits out without spending a retry (a 503 spent
+    one each time, and it dropped the batch after its last)."""
+
     def tweak(raw: dict[str, Any]) -> None:
         raw["store"]["max_bytes"] = 400_000  # an empty store is about 300 KB (16 KiB pages, a page per table and index)
 
     bridge = await make_bridge(tweak)
     bridge.moengage.refuse_all(503)
     statuses: list[int] = []
-    answer: Any = None
+    assert bridge.client is not None
     for i in range(200):
-        status, answer = await bridge.post("/v1/batch", tracks(50, prefix=f"bp{i}", pad="x" * 500), H)
-        statuses.append(status)
-        if status == 503:
+        resp = await bridge.client.post("/v1/batch", json=tracks(50, prefix=f"bp{i}", pad="x" * 500), headers=H)
+        statuses.append(resp.status)
+        if resp.status != 200:
             break
-    assert statuses[-1] == 503, "the store never filled up"
-    assert answer["code"] == "store_full"
+        resp.release()
+    assert statuses[-1] == 429, statuses[-1]
+    assert (await resp.json())["code"] == "store_full"
+    assert resp.headers["Retry-After"] == "30"
     assert set(statuses[:-1]) == {200}
     status, _ = await bridge.get("/healthz")
     assert status == 200

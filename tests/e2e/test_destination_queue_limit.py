@@ -54,13 +54,13 @@ async def test_a_destination_past_its_queue_limit_refuses_only_its_own_events(ma
     shown = {d["name"]: (d["max_queued_events"], d["queue_full"]) for d in status_body["destinations"]}
     assert shown == {"moengage-main": (3, True), "moengage-eu": (None, False), "segment-prod": (None, False)}
     status, data = await bridge.post("/v1/track", track(3), H)
-    assert status == 503, data
+    assert status == 429, data
     assert data == {
         "code": "destination_queue_full",
         "message": "the bridge is not accepting these events right now: a destination they go to has a full queue",
     }
     status, data = await bridge.post("/v1/batch", {"batch": [track(4), track(5)]}, H)
-    assert (status, data["code"]) == (503, "destination_queue_full")
+    assert (status, data["code"]) == (429, "destination_queue_full")
     # A Streams source feeds another destination (Segment): taken, and delivered.
     status, data = await bridge.post(PATH, seed_payload(), AUTH)
     assert status == 200, data

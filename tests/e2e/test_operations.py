@@ -122,8 +122,8 @@ async def test_readyz_turns_503_when_the_store_is_not_writable(bridge):
 
 
 async def test_ingest_refused_by_an_unwritable_store_names_the_problem_not_the_store_words(bridge):
-    """A write key is no secret (Analytics.js ships it to every browser): an ingest 503 names
-    the refusal, as /readyz does, and the store's own words (the file's path, a database
+    """A write key is no secret (Analytics.js ships it to every browser): an ingest refusal
+    names the refusal, as /readyz does, and the store's own words (the file's path, a database
     host) go to the log's ingest_refused line."""
     db = Path(bridge.raw["store"]["url"].removeprefix("sqlite:///"))
     frozen = [db, Path(f"{db}-wal")]
@@ -132,7 +132,7 @@ async def test_ingest_refused_by_an_unwritable_store_names_the_problem_not_the_s
             subprocess.run(["chattr", "+i", str(path)], check=True)
         with capture_logs() as logs:
             status, body = await bridge.post("/v1/track", {"userId": "u-ro", "event": "E"}, H)
-        assert (status, body["code"]) == (503, "store_unavailable"), body
+        assert (status, body["code"]) == (429, "store_unavailable"), body
         assert body["message"] == "the event store is unavailable", body
         [refused] = [e for e in logs if e["event"] == "ingest_refused"]
         assert refused["code"] == "store_unavailable" and refused["reason"]
@@ -790,7 +790,7 @@ async def test_readyz_is_503_while_the_store_refuses_events_for_space(make_bridg
 
     bridge = await make_bridge(tweak)
     status, body = await bridge.post("/v1/track", {"userId": "u-full", "event": "E"}, H)
-    assert (status, body["code"]) == (503, "store_full")
+    assert (status, body["code"]) == (429, "store_full")
     # The refusal, not the store's own words (its size and limit go to ingest_refused).
     assert body["message"] == "the bridge is not accepting events right now: its event store is full", body
     status, body = await bridge.get("/readyz")

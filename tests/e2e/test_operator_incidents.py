@@ -25,7 +25,7 @@ async def test_a_store_refusing_events_is_one_warning_per_incident_and_one_when_
     with capture_logs() as logs:
         for _ in range(3):
             status, body = await bridge.post("/v1/track", event, H)
-            assert (status, body["code"]) == (503, "store_full")
+            assert (status, body["code"]) == (429, "store_full")
         assert bridge.runtime is not None
         bridge.runtime.store.max_bytes = None  # the operator made room
 
