@@ -49,7 +49,7 @@ from bridge.store.base import (
     StoreFull,
     dead_letter_record,
 )
-from bridge.store.merge_links import LinkRow, merges_of, plan_merges
+from bridge.store.merge_links import LinkRow, link_steps, merges_of, plan_merges
 from bridge.store.ordering import KEY_SEPARATOR, OrderedSelection
 from bridge.store.postgres_ingest import GroupCommitter
 from bridge.store.postgres_schema import (
@@ -692,17 +692,19 @@ class PostgresStore(Store):
             # One transaction wrote the merges' links, then erased the deletions' links: two
             # passes, each in byte order, but a merge's row held while waiting for a lower
             # one of a deletion's, which ingest (LINKS_SQL, in byte order) could hold while
-            # waiting for the merge's: a deadlock. Two transactions, each one pass, each job
-            # still acked with its own links; the merges first, as they apply before erasures.
-            await self.ack(
-                [j for j in job_ids if j not in erase_links or j in merge_links],
-                mapping_version,
-                fence=fence,
-                merge_links=merge_links,
-            )
-            await self.ack(
-                [j for j in job_ids if j in erase_links], mapping_version, fence=fence, erase_links=erase_links
-            )
+            # waiting for the merge's: a deadlock. One transaction per step, each one pass,
+            # in job order (link_steps), each job acked with its own links; the jobs that
+            # change none with the first.
+            linked = {*merge_links, *erase_links}
+            for n, step in enumerate(link_steps(merge_links, erase_links)):
+                mine = step.merges or step.erasures
+                await self.ack(
+                    [j for j in job_ids if j in mine or (n == 0 and j not in linked)],
+                    mapping_version,
+                    fence=fence,
+                    merge_links=step.merges or None,
+                    erase_links=step.erasures or None,
+                )
             return
         # The payload of a delivered job is never read again; dropping it keeps the table small.
         async with self._conn(transaction=bool(erase_links or merge_links)) as conn:
