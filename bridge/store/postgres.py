@@ -190,19 +190,36 @@ async def _run_ddl(conn: Connection, statements: Sequence[str], present: Collect
         await conn.execute(statement, timeout=DDL_TIMEOUT)
 
 
+# A merge reads its links, then writes what it planned from them: a deletion's erasure that
+# another node committed in between was undone (the link from the deleted user's id to the
+# merged id written back, moved to the retained id). So a merge takes this schema's lock
+# exclusively, and an erasure shared (erasures do not conflict with each other): no erasure
+# falls between a merge's read and write, and the merge reads what one before it left.
+# Taken in each one's first statement, which reads the acked jobs (not one query more), when
+# the transaction holds no link, dead letter or discard: waiting for it, a transaction holds
+# only the jobs its ack marked delivered, which the lock's holder, past that first
+# statement, never waits for. So it adds no deadlock. Ingest takes no such lock (its links
+# are newer than any a merge plans to write: the merge's write keeps them, below).
+_LINKS_LOCK = "hashtextextended(current_schema(), 1)"  # seed 1: never an ordered lease's key
+_DELIVERED_JOBS = (
+    "WITH serialized AS ({lock}) SELECT id, destination, created_at FROM jobs, serialized"
+    f" WHERE id = ANY($1::bigint[]) AND state = {DELIVERED}"
+)
+_MERGING_JOBS = _DELIVERED_JOBS.format(lock=f"SELECT pg_advisory_xact_lock({_LINKS_LOCK})")
+_ERASING_JOBS = _DELIVERED_JOBS.format(lock=f"SELECT pg_advisory_xact_lock_shared({_LINKS_LOCK})")
+
+
 async def _merge_links(conn: Connection, merge_links: MergedLinks) -> None:
     """Store.ack's ``merge_links``, in the ack's transaction, for the jobs now delivered."""
-    stored = await conn.fetch(
-        f"SELECT id, destination, created_at FROM jobs WHERE id = ANY($1::bigint[]) AND state = {DELIVERED}",
-        list(merge_links),
-    )
+    stored = await conn.fetch(_MERGING_JOBS, list(merge_links))
     clean = {job_id: [(_text(a), _text(b)) for a, b in pairs] for job_id, pairs in merge_links.items()}
     merges = merges_of(((r[0], r[1], r[2]) for r in stored), clean)
     if not merges:
         return
     merged = list({m.merged for m in merges})
-    # Read without locks: the write below takes its rows in ingest's order (LINKS_SQL), so
-    # the two cannot deadlock, and it changes only a row still as read (or older) here.
+    # Read without row locks: the write below takes its rows in ingest's order (LINKS_SQL),
+    # so the two cannot deadlock, and it changes only a row still as read (or older) here.
+    # No erasure can run between the two (_LINKS_LOCK).
     held = await conn.fetch(
         "SELECT namespace, from_id, to_id, updated_at FROM identity_links WHERE namespace = ANY($1::text[])"
         " AND (from_id = ANY($2::text[]) OR to_id = ANY($3::text[]))",
@@ -225,10 +242,7 @@ async def _merge_links(conn: Connection, merge_links: MergedLinks) -> None:
 async def _erase_links(conn: Connection, erase_links: ErasedLinks) -> None:
     """Store.ack's ``erase_links``, in the ack's transaction: only for a job now delivered
     (one whose fence failed is another holder's to ack, and to erase with)."""
-    rows = await conn.fetch(
-        f"SELECT id, destination, created_at FROM jobs WHERE id = ANY($1::bigint[]) AND state = {DELIVERED}",
-        list(erase_links),
-    )
+    rows = await conn.fetch(_ERASING_JOBS, list(erase_links))
     erasing = []
     for job_id, namespace, created_at in rows:
         ids = [_text(i) for i in erase_links[job_id]]
