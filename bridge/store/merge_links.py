@@ -85,13 +85,14 @@ def link_steps(merge_links: MergedLinks | None, erase_links: ErasedLinks | None)
     consecutive jobs' merges (or erasures) in one step: the ack leaves the links as acks of
     each job in turn would.
 
-    Not merges first, then erasures: a merge moves its links keeping their own times (so
-    that a link learnt after the alias still wins), and an erasure takes the links learnt
-    before its deletion; a deletion stored before the merge then took the links the merge
-    had just moved to the retained user (the merged user's later calls made it again, a
-    ghost profile), or missed those the merge had moved away from the deleted user. Nor
-    moved links dated by the merge: then a deletion stored before the merge but acked
-    after it (another user's, whose link reached the merged id) missed them too."""
+    Not merges first, then erasures: a merge moves links keeping their own times, and an
+    erasure takes the links learnt before its deletion, so a deletion stored before the
+    merge took the links the merge had just moved to the retained user (the merged user's
+    later calls made it again, a ghost profile), and missed those it had moved away from
+    the deleted user (a deleted user's link kept). Nor moved links dated by the merge: a
+    deletion stored before the merge, of a user linked to the merged id, then missed them,
+    in the same ack or a later one (per-user order holds a merge back behind its own users'
+    earlier jobs, not behind those of a user linked to them)."""
     steps: list[LinkStep] = []
     for job_id in sorted({*(merge_links or ()), *(erase_links or ())}):
         if merge_links and job_id in merge_links:

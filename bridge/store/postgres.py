@@ -200,7 +200,7 @@ async def _run_ddl(conn: Connection, statements: Sequence[str], present: Collect
 # only the jobs its ack marked delivered, which the lock's holder, past that first
 # statement, never waits for. So it adds no deadlock. Ingest takes no such lock (its links
 # are newer than any a merge plans to write: the merge's write keeps them, below).
-_LINKS_LOCK = "hashtextextended(current_schema(), 1)"  # seed 1: never an ordered lease's key
+_LINKS_LOCK = "hashtextextended(current_schema(), 1)"  # seed 1: apart from ordered leases' keys (seed 0)
 _DELIVERED_JOBS = (
     "WITH serialized AS ({lock}) SELECT id, destination, created_at FROM jobs, serialized"
     f" WHERE id = ANY($1::bigint[]) AND state = {DELIVERED}"

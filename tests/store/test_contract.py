@@ -210,6 +210,23 @@ async def test_deletions_and_merges_in_one_ack_apply_in_job_order(store: Store) 
     assert await store.resolve_links("moe", ids) == {"dev-1": "new-1", "old-1": "new-1", "old-2": "new-2"}
 
 
+async def test_a_deletion_acked_after_a_later_merge_erases_the_links_it_moved(store: Store) -> None:
+    """A deletion of dev (linked to old) waits in the queue while old's merge, stored after
+    it, is delivered: per-user order does not hold the merge back (its users are old and
+    new). The merge moves dev's link to new keeping its time, so the deletion, acked later,
+    still erases it; the merged id's own link, made by the merge after the deletion, stays."""
+    await store.enqueue("web", [event("learn", "dev", links=(IdentityLink("moe", "dev", "old"),))])
+    await asyncio.sleep(0.01)  # the deletion is stored after the link, the alias after both
+    await store.enqueue("web", [event("del-dev", "dev")])
+    await asyncio.sleep(0.01)
+    await store.enqueue("web", [event("alias", "new")])
+    jobs = {j.message_id: j.id for j in await store.lease("moe", 10, 30)}
+    await store.ack([jobs["learn"], jobs["alias"]], merge_links={jobs["alias"]: [("old", "new")]})
+    assert await store.resolve_links("moe", ["dev", "old"]) == {"dev": "new", "old": "new"}
+    await store.ack([jobs["del-dev"]], erase_links={jobs["del-dev"]: ["dev", "old"]})
+    assert await store.resolve_links("moe", ["dev", "old", "new"]) == {"old": "new"}
+
+
 async def test_a_delivered_deletion_removes_its_users_dead_letters_and_discards(store: Store) -> None:
     """Replayed after the deletion, a dead letter or discard of the deleted user created the
     user again in MoEngage (it makes a user of any identifiers it is sent). The deletion
