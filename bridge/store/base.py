@@ -334,7 +334,9 @@ class Store(ABC):
         such job that is delivered, the merged id and every id linked to it are linked
         to the retained id, so that the merged user's later events go to the retained
         user rather than make the merged one again (bridge.store.merge_links.plan_merges
-        says which links change). Merges apply before erasures."""
+        says which links change). Merges and erasures apply in job order, a job's merges
+        before its erasures (bridge.store.merge_links.link_steps): as acks of one job at a
+        time would leave the links."""
 
     # ``delivered`` (retry, release): for the jobs some of whose outputs the upstream
     # accepted, the digests of every output delivered so far, which the job keeps and its

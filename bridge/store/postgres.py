@@ -49,7 +49,7 @@ from bridge.store.base import (
     StoreFull,
     dead_letter_record,
 )
-from bridge.store.merge_links import LinkRow, merges_of, plan_merges
+from bridge.store.merge_links import LinkRow, link_steps, merges_of, plan_merges
 from bridge.store.ordering import KEY_SEPARATOR, OrderedSelection
 from bridge.store.postgres_ingest import GroupCommitter
 from bridge.store.postgres_schema import (
@@ -190,19 +190,36 @@ async def _run_ddl(conn: Connection, statements: Sequence[str], present: Collect
         await conn.execute(statement, timeout=DDL_TIMEOUT)
 
 
+# A merge reads its links, then writes what it planned from them: a deletion's erasure that
+# another node committed in between was undone (the link from the deleted user's id to the
+# merged id written back, moved to the retained id). So a merge takes this schema's lock
+# exclusively, and an erasure shared (erasures do not conflict with each other): no erasure
+# falls between a merge's read and write, and the merge reads what one before it left.
+# Taken in each one's first statement, which reads the acked jobs (not one query more), when
+# the transaction holds no link, dead letter or discard: waiting for it, a transaction holds
+# only the jobs its ack marked delivered, which the lock's holder, past that first
+# statement, never waits for. So it adds no deadlock. Ingest takes no such lock (its links
+# are newer than any a merge plans to write: the merge's write keeps them, below).
+_LINKS_LOCK = "hashtextextended(current_schema(), 1)"  # seed 1: apart from ordered leases' keys (seed 0)
+_DELIVERED_JOBS = (
+    "WITH serialized AS ({lock}) SELECT id, destination, created_at FROM jobs, serialized"
+    f" WHERE id = ANY($1::bigint[]) AND state = {DELIVERED}"
+)
+_MERGING_JOBS = _DELIVERED_JOBS.format(lock=f"SELECT pg_advisory_xact_lock({_LINKS_LOCK})")
+_ERASING_JOBS = _DELIVERED_JOBS.format(lock=f"SELECT pg_advisory_xact_lock_shared({_LINKS_LOCK})")
+
+
 async def _merge_links(conn: Connection, merge_links: MergedLinks) -> None:
     """Store.ack's ``merge_links``, in the ack's transaction, for the jobs now delivered."""
-    stored = await conn.fetch(
-        f"SELECT id, destination, created_at FROM jobs WHERE id = ANY($1::bigint[]) AND state = {DELIVERED}",
-        list(merge_links),
-    )
+    stored = await conn.fetch(_MERGING_JOBS, list(merge_links))
     clean = {job_id: [(_text(a), _text(b)) for a, b in pairs] for job_id, pairs in merge_links.items()}
     merges = merges_of(((r[0], r[1], r[2]) for r in stored), clean)
     if not merges:
         return
     merged = list({m.merged for m in merges})
-    # Read without locks: the write below takes its rows in ingest's order (LINKS_SQL), so
-    # the two cannot deadlock, and it changes only a row still as read (or older) here.
+    # Read without row locks: the write below takes its rows in ingest's order (LINKS_SQL),
+    # so the two cannot deadlock, and it changes only a row still as read (or older) here.
+    # No erasure can run between the two (_LINKS_LOCK).
     held = await conn.fetch(
         "SELECT namespace, from_id, to_id, updated_at FROM identity_links WHERE namespace = ANY($1::text[])"
         " AND (from_id = ANY($2::text[]) OR to_id = ANY($3::text[]))",
@@ -225,10 +242,7 @@ async def _merge_links(conn: Connection, merge_links: MergedLinks) -> None:
 async def _erase_links(conn: Connection, erase_links: ErasedLinks) -> None:
     """Store.ack's ``erase_links``, in the ack's transaction: only for a job now delivered
     (one whose fence failed is another holder's to ack, and to erase with)."""
-    rows = await conn.fetch(
-        f"SELECT id, destination, created_at FROM jobs WHERE id = ANY($1::bigint[]) AND state = {DELIVERED}",
-        list(erase_links),
-    )
+    rows = await conn.fetch(_ERASING_JOBS, list(erase_links))
     erasing = []
     for job_id, namespace, created_at in rows:
         ids = [_text(i) for i in erase_links[job_id]]
@@ -692,17 +706,19 @@ class PostgresStore(Store):
             # One transaction wrote the merges' links, then erased the deletions' links: two
             # passes, each in byte order, but a merge's row held while waiting for a lower
             # one of a deletion's, which ingest (LINKS_SQL, in byte order) could hold while
-            # waiting for the merge's: a deadlock. Two transactions, each one pass, each job
-            # still acked with its own links; the merges first, as they apply before erasures.
-            await self.ack(
-                [j for j in job_ids if j not in erase_links or j in merge_links],
-                mapping_version,
-                fence=fence,
-                merge_links=merge_links,
-            )
-            await self.ack(
-                [j for j in job_ids if j in erase_links], mapping_version, fence=fence, erase_links=erase_links
-            )
+            # waiting for the merge's: a deadlock. One transaction per step, each one pass,
+            # in job order (link_steps), each job acked with its own links; the jobs that
+            # change none with the first.
+            linked = {*merge_links, *erase_links}
+            for n, step in enumerate(link_steps(merge_links, erase_links)):
+                mine = step.merges or step.erasures
+                await self.ack(
+                    [j for j in job_ids if j in mine or (n == 0 and j not in linked)],
+                    mapping_version,
+                    fence=fence,
+                    merge_links=step.merges or None,
+                    erase_links=step.erasures or None,
+                )
             return
         # The payload of a delivered job is never read again; dropping it keeps the table small.
         async with self._conn(transaction=bool(erase_links or merge_links)) as conn:

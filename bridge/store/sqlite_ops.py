@@ -32,7 +32,7 @@ from bridge.store.base import (
     RecordFilter,
     dead_letter_record,
 )
-from bridge.store.merge_links import LinkRow, merges_of, plan_merges
+from bridge.store.merge_links import LinkRow, link_steps, merges_of, plan_merges
 from bridge.store.ordering import KEY_SEPARATOR, OrderedSelection
 from bridge.store.sql_filters import record_where
 from bridge.store.sqlite_dedupe import DedupeKeys, dedupe_keys_of
@@ -429,10 +429,12 @@ def ack(
             f" WHERE id IN ({_marks(len(ids))}) AND state < {DELIVERED} AND (? IS NULL OR attempts = ?)",
             (now, mapping_version, attempts, *ids, fenced, fenced),
         )
-    if merge_links:
-        _merge_links(conn, merge_links)
-    if erase_links:
-        _erase_links(conn, erase_links)
+    if merge_links or erase_links:
+        for step in link_steps(merge_links, erase_links):  # in job order: see link_steps
+            if step.merges:
+                _merge_links(conn, step.merges)
+            else:
+                _erase_links(conn, step.erasures)
 
 
 _LINK_COLUMNS = "namespace, from_id, to_id, updated_at"

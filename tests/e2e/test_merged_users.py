@@ -13,6 +13,7 @@ import pytest
 from segment.analytics import Client
 
 from tests.e2e.harness import ADMIN_TOKEN, WRITE_KEY, Bridge, basic, on_postgres, wait_until
+from tests.e2e.test_user_deletion import deletion, webhook
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 MERGE_PATH = "/v1/customer/merge"
@@ -148,3 +149,39 @@ async def test_a_second_alias_of_a_merged_id_merges_the_user_it_became(bridge: B
     await moengage.wait_for(lambda: len(moengage.events()) == 1)
     assert action_users(bridge) == {"Later": "b-5"}
     assert moengage.users() == {"b-5"}
+
+
+async def test_a_merge_after_a_deletion_in_its_batch_keeps_the_links_it_moves(bridge: Bridge) -> None:
+    await merge_after_deletion(bridge)
+
+
+async def test_a_merge_after_a_deletion_in_its_batch_keeps_the_links_it_moves_on_postgres(
+    make_bridge: Callable[..., Any], pg_schema: str
+) -> None:
+    await merge_after_deletion(await on_postgres(make_bridge, pg_schema))
+
+
+async def merge_after_deletion(bridge: Bridge) -> None:
+    """A deletion of new-7, then an alias of old-7 into it, delivered in one batch: the ack
+    applied the merge first, then erased new-7's links learnt before the deletion, among
+    them dev-7's, which the merge had just moved from old-7 to new-7. dev-7's later calls
+    went out under dev-7: a user MoEngage had never had. Applied in their order, the
+    deletion comes first, and the merge's links stay."""
+    h = basic(WRITE_KEY)
+    moengage = bridge.moengage
+    identify = {"userId": "dev-7", "traits": {"id": "old-7", "name": "old"}}
+    assert (await bridge.post("/v1/identify", identify, h))[0] == 200
+    assert (await bridge.post("/v1/identify", {"userId": "new-7", "traits": {"name": "new"}}, h))[0] == 200
+    await moengage.wait_for(lambda: moengage.users() == {"old-7", "new-7"})
+    alias = {"type": "alias", "previousId": "old-7", "userId": "new-7", "messageId": "m7-alias"}
+    # One signed request stores both: they are leased, delivered and acked together.
+    assert (await webhook(bridge, [deletion("new-7", "m7-delete"), alias]))[0] == 200
+    await moengage.wait_for(lambda: len(moengage.merges()) == 1)
+    await wait_until(lambda: settled(bridge), what="the deletion and the merge to be acked")
+    assert moengage.deletions() == [{"identity_type": "customer_id", "identity_value": "new-7"}]
+    assert moengage.merges() == [{"merged_user": "old-7", "retained_user": "new-7"}]
+
+    assert (await bridge.post("/v1/track", {"userId": "dev-7", "event": "Later"}, h))[0] == 200
+    await moengage.wait_for(lambda: len(moengage.events()) == 1)
+    assert action_users(bridge) == {"Later": "new-7"}
+    assert moengage.users() == {"new-7"}

@@ -186,6 +186,47 @@ async def test_merges_in_one_ack_apply_in_order_and_a_later_deletion_erases_thei
     assert await store.resolve_links("moe", ids) == {"d": "elsewhere"}
 
 
+async def test_deletions_and_merges_in_one_ack_apply_in_job_order(store: Store) -> None:
+    """An ack applied its merges, then its erasures. A merge moves links keeping their
+    times, and a deletion erases the links learnt before it: a deletion of new-1 stored
+    before old-1's merge into it erased the link the merge had just moved (dev-1's later
+    calls went out under dev-1, a user MoEngage never had), and a deletion of old-2 before
+    its merge missed dev-2's link, moved out of its reach (a deleted user's link kept).
+    Applied in job order, as acks one job at a time would; a merge before a deletion of its
+    retained user is still erased by it."""
+    links = tuple(IdentityLink("moe", f"dev-{i}", f"old-{i}") for i in (1, 2, 3))
+    await store.enqueue("web", [event("learn", "dev-1", links=links)])
+    await asyncio.sleep(0.01)  # each group below is stored after the one before, on the store's clock
+    await store.enqueue("web", [event("del-1", "new-1"), event("del-2", "old-2")])
+    await asyncio.sleep(0.01)
+    await store.enqueue("web", [event("alias-1", "new-1"), event("alias-2", "new-2"), event("alias-3", "new-3")])
+    await asyncio.sleep(0.01)
+    await store.enqueue("web", [event("del-3", "new-3")])
+    jobs = {j.message_id: j.id for j in await store.lease("moe", 10, 30)}
+    merges = {jobs[f"alias-{i}"]: [(f"old-{i}", f"new-{i}")] for i in (1, 2, 3)}
+    erasures = {jobs["del-1"]: ["new-1"], jobs["del-2"]: ["old-2"], jobs["del-3"]: ["new-3"]}
+    await store.ack(list(jobs.values()), merge_links=merges, erase_links=erasures)
+    ids = [f"{kind}-{i}" for kind in ("dev", "old", "new") for i in (1, 2, 3)]
+    assert await store.resolve_links("moe", ids) == {"dev-1": "new-1", "old-1": "new-1", "old-2": "new-2"}
+
+
+async def test_a_deletion_acked_after_a_later_merge_erases_the_links_it_moved(store: Store) -> None:
+    """A deletion of dev (linked to old) waits in the queue while old's merge, stored after
+    it, is delivered: per-user order does not hold the merge back (its users are old and
+    new). The merge moves dev's link to new keeping its time, so the deletion, acked later,
+    still erases it; the merged id's own link, made by the merge after the deletion, stays."""
+    await store.enqueue("web", [event("learn", "dev", links=(IdentityLink("moe", "dev", "old"),))])
+    await asyncio.sleep(0.01)  # the deletion is stored after the link, the alias after both
+    await store.enqueue("web", [event("del-dev", "dev")])
+    await asyncio.sleep(0.01)
+    await store.enqueue("web", [event("alias", "new")])
+    jobs = {j.message_id: j.id for j in await store.lease("moe", 10, 30)}
+    await store.ack([jobs["learn"], jobs["alias"]], merge_links={jobs["alias"]: [("old", "new")]})
+    assert await store.resolve_links("moe", ["dev", "old"]) == {"dev": "new", "old": "new"}
+    await store.ack([jobs["del-dev"]], erase_links={jobs["del-dev"]: ["dev", "old"]})
+    assert await store.resolve_links("moe", ["dev", "old", "new"]) == {"old": "new"}
+
+
 async def test_a_delivered_deletion_removes_its_users_dead_letters_and_discards(store: Store) -> None:
     """Replayed after the deletion, a dead letter or discard of the deleted user created the
     user again in MoEngage (it makes a user of any identifiers it is sent). The deletion

@@ -341,3 +341,63 @@ async def test_an_ack_merging_and_erasing_does_not_deadlock_with_ingest(
     acking = a.ack([*merge, *erase], merge_links=merge, erase_links=erase)
     await ack_beside_ingest(pg_schema, acking, relearn=("m-x", "crm-x"))
     assert await a.resolve_links("moe", ["a-id", "m-x", "old-1"]) == {"m-x": "crm-x", "old-1": "new-1"}
+
+
+class _EraseAfterReading:
+    """A merge's connection that, once the merge has read its links, has another node ack
+    a deletion, and waits until that ack is done or waits for the merge."""
+
+    def __init__(self, conn: Any, erase: Coroutine[Any, Any, None], watcher: asyncpg.Connection) -> None:
+        self._conn = conn
+        self._erase = erase
+        self._watcher = watcher
+        self.erasing: asyncio.Task[None] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    async def fetch(self, query: str, *args: Any) -> Any:
+        rows = await self._conn.fetch(query, *args)
+        if "FROM identity_links" in query and self.erasing is None:
+            self.erasing = asyncio.create_task(self._erase)
+            blocked = "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))"
+            merging = self._conn.get_server_pid()
+            while not self.erasing.done() and not await self._watcher.fetchval(blocked, merging):
+                await asyncio.sleep(0.01)
+        return rows
+
+
+async def test_a_deletion_acked_by_another_node_during_a_merge_is_not_undone(
+    nodes: tuple[PostgresStore, PostgresStore], pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A merge read its links without locks, then wrote what it planned from them. Another
+    node's ack of a deletion that erased one of them in between (dev's link to old, dev
+    deleted) had it written back, moved to the retained user: a deleted user's link
+    restored. Here node B acks the deletion just after node A's merge has read; the merge
+    and the erasure now go one after the other, and dev keeps no link either way."""
+    a, b = nodes
+    await a.enqueue("web", [event("learn", "dev", links=(IdentityLink("moe", "dev", "old"),))])
+    await asyncio.sleep(0.01)  # the deletion is stored after the link, the alias after both
+    await a.enqueue("web", [event("del-dev", "dev")])
+    await asyncio.sleep(0.01)
+    await a.enqueue("web", [event("alias", "new")])
+    jobs = {j.message_id: j for j in await a.lease("moe", 10, 30)}
+    deletion, alias = jobs["del-dev"], jobs["alias"]
+    await a.ack([jobs["learn"].id])
+    watcher = await asyncpg.connect(PG_DSN, server_settings={"search_path": pg_schema})
+    try:
+        erase = b.ack([deletion.id], fence={deletion.id: deletion.attempts}, erase_links={deletion.id: ["dev", "old"]})
+        interleaved = _EraseAfterReading(None, erase, watcher)
+        merge_links = postgres._merge_links
+
+        async def merge_while_erasing(conn: Any, links: Any) -> None:
+            interleaved._conn = conn
+            await merge_links(interleaved, links)
+
+        monkeypatch.setattr(postgres, "_merge_links", merge_while_erasing)
+        await a.ack([alias.id], fence={alias.id: alias.attempts}, merge_links={alias.id: [("old", "new")]})
+        assert interleaved.erasing is not None
+        await interleaved.erasing
+    finally:
+        await watcher.close()
+    assert await a.resolve_links("moe", ["dev", "old", "new"]) == {"old": "new"}
