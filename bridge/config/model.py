@@ -349,9 +349,31 @@ def _store(r: Reader) -> StoreConfig:
     return cfg
 
 
+# The keys each kind of source takes, and each type of Streams auth: a misspelling of one
+# is refused before the required keys are read (Reader.refuse_misspellings).
+_SOURCE_COMMON = frozenset({"name", "kind", "to", "allow_cross_region"})
+_SOURCE_KEYS = {
+    "segment": _SOURCE_COMMON | {"region", "write_key", "webhook_secret"},
+    "moengage_streams": _SOURCE_COMMON | {"data_center", "auth", "allow_ips"},
+}
+_AUTH_KEYS = {
+    "basic": frozenset({"type", "username", "password"}),
+    "header": frozenset({"type", "header", "value"}),
+    "oauth2": frozenset({"type", "client_id", "client_secret", "token_ttl"}),
+    "none": frozenset({"type"}),
+}
+# The keys every destination takes, read here rather than by its kind.
+_DESTINATION_COMMON = frozenset(
+    {"name", "kind", "mapping", "mapping_options", "delivery", "retry", "guard", "rate_limits"}
+)
+
+
 def _source(r: Reader) -> SourceConfig:
+    # A misspelt required key (`nmae`, `write_kye`) is named with a hint, not reported missing.
+    r.refuse_misspellings(("name", "kind"), allowed=frozenset().union(*_SOURCE_KEYS.values()))
     name = r.str("name", required=True)
-    kind = r.choice("kind", ("segment", "moengage_streams"))
+    kind = r.choice("kind", _SOURCE_KEYS)
+    r.refuse_misspellings(_SOURCE_KEYS[kind])
     to: tuple[str, ...] = tuple(r.str_list("to"))
     if not to:
         raise ConfigError(f"{r.at('to')}: a source needs at least one destination")
@@ -367,6 +389,9 @@ def _source(r: Reader) -> SourceConfig:
             webhook_secret=r.str("webhook_secret", ""),
         )
     else:
+        if not r.has("data_center"):
+            # normalise_data_center would say "got None" of a key the file does not give.
+            raise ConfigError(f"{r.at('data_center')}: is required (the Streams source's MoEngage data center)")
         dc = normalise_data_center(r.raw("data_center"), r.at("data_center"))
         cfg = SourceConfig(
             name=name,
@@ -403,7 +428,9 @@ def _streams_auth(r: Reader) -> StreamsAuth:
             f"{r.where}: is required; use type basic, header or oauth2, or `type: none` to accept "
             "unauthenticated requests explicitly"
         )
-    kind = r.choice("type", ("basic", "header", "oauth2", "none"))
+    r.refuse_misspellings(("type",), allowed=frozenset().union(*_AUTH_KEYS.values()))
+    kind = r.choice("type", _AUTH_KEYS)
+    r.refuse_misspellings(_AUTH_KEYS[kind])
     if kind == "basic":
         auth = StreamsAuth(kind, username=r.str("username", required=True), password=r.str("password", required=True))
         if ":" in auth.username:
@@ -533,8 +560,11 @@ def _guard(r: Reader) -> GuardConfig:
 
 def _destination(r: Reader, index: int) -> DestinationConfig:
     kinds = destination_kinds()
+    every_key = _DESTINATION_COMMON.union(*(k.config_keys for k in kinds.values()))
+    r.refuse_misspellings(("name", "kind"), allowed=every_key)
     name = r.str("name", required=True)
     kind = r.choice("kind", sorted(kinds))
+    r.refuse_misspellings(_DESTINATION_COMMON | kinds[kind].config_keys)
     mapping = r.str("mapping", required=True)
     options = plain(r.mapping("mapping_options"))  # read by exact type, as an event's values
     delivery = _delivery(r.sub("delivery"))

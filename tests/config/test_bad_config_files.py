@@ -600,3 +600,34 @@ def test_a_sqlite_path_holding_a_nul_is_refused_by_check(
         "config error: store.url: store URL 'sqlite:///var/a\\x00b.db': the SQLite path holds a NUL character "
         "(character 6 of the path), which no file name can\n"
     )
+
+
+# -- a misspelt required key was reported as the key it meant, missing --------------------
+
+
+@pytest.mark.parametrize("command", ["check", "serve"])
+def test_a_misspelt_secret_key_is_one_line_naming_it_without_its_value(
+    raw: dict[str, Any], tmp_path: Path, command: str
+) -> None:
+    """`pasword: ...` said `auth.password: is required`, naming no key the file holds."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    auth = raw["sources"][2]["auth"]
+    auth["pasword"] = auth.pop("password")
+    path = tmp_path / "bridge.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-m", "bridge.cli", command, "--config", str(path)],
+        env=dict(os.environ, PYTHONPATH=str(root)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == "config error: sources[2].auth.pasword: unknown key (did you mean 'password'?)\n"
+    assert auth["pasword"] not in done.stdout + done.stderr
