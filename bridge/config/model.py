@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bridge.config.loader import MAX_INT, Reader, read_yaml
-from bridge.config_values import plain
+from bridge.config_values import check_header_safe, plain
 from bridge.destinations.base import ConfigError, Destination, destination_kinds
 from bridge.destinations.http import CONNECTIONS, as_url, check_url
 from bridge.destinations.moengage.datacenters import REGIONS as DATA_CENTER_REGIONS
@@ -445,6 +445,9 @@ def _streams_auth(r: Reader) -> StreamsAuth:
         if not _HEADER_NAME_RE.fullmatch(auth.header):
             # No request carries a header of that name: every one was refused.
             raise ConfigError(f"{r.at('header')}: {auth.header!r} is no HTTP header name (letters, digits, '-')")
+        check_header_safe(
+            auth.value, r.at("value"), f"no request's {auth.header} header could match it: every one would be refused"
+        )
     elif kind == "oauth2":
         auth = StreamsAuth(
             kind,
@@ -597,6 +600,15 @@ def _destination(r: Reader, index: int) -> DestinationConfig:
     )
 
 
+def _bearer_token(r: Reader, key: str, route: str) -> str:
+    """``admin.token`` or ``admin.metrics_token``: compared with a request's Authorization
+    header, so one no header carries would lock ``route`` for good."""
+    token = r.str(key, "")
+    if token:
+        check_header_safe(token, r.at(key), f"{route} would refuse every request, the right token included")
+    return token
+
+
 def build_config(data: dict[str, Any], path: str = "", unset_env: frozenset[str] = frozenset()) -> Config:
     top = Reader(data, "")
     server = _server(top.sub("server"))
@@ -609,8 +621,8 @@ def build_config(data: dict[str, Any], path: str = "", unset_env: frozenset[str]
     )
     mr.done()
     ar = top.sub("admin")
-    admin_token = ar.str("token", "")
-    metrics_token = ar.str("metrics_token", "")
+    admin_token = _bearer_token(ar, "token", "/admin/*")
+    metrics_token = _bearer_token(ar, "metrics_token", "/metrics")
     ar.done()
     sources = tuple(_source(Reader(s, f"sources[{i}]")) for i, s in enumerate(top.list("sources")))
     destinations = tuple(
