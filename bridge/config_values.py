@@ -68,3 +68,17 @@ def as_text(value: Any, where: str) -> str:
         return str(value)
     hint = " (quote it to make it a string)" if isinstance(value, datetime.date) else ""
     raise ConfigError(f"{where}: expected a string, got {type_name(value)}{hint}")
+
+
+def check_header_safe(value: str, where: str, consequence: str) -> None:
+    """Refuse a setting that goes into an HTTP header as it is, or is compared with one,
+    when it starts or ends with whitespace or holds a control character: most often a
+    secret file's line break, kept by a quoted ``"${VAR}"``. No header can carry it (a
+    client library refuses to send it; a server strips the whitespace it receives), so it
+    passed `bridge check` and then failed every request. Never quoted: it is often a
+    secret. ``consequence`` says what it would break."""
+    if value != value.strip() or not value.isprintable():
+        raise ConfigError(
+            f"{where}: starts or ends with whitespace, or holds a control character (a line break from a "
+            f"secret file, say), which no HTTP header carries: {consequence}"
+        )

@@ -141,6 +141,18 @@ class Reader:
         """The keys not read so far (passed on to a plugin that validates its own)."""
         return {k: v for k, v in self.data.items() if k not in self._seen}
 
+    def refuse_misspellings(self, keys: Collection[builtins.str], *, allowed: Collection[builtins.str] = ()) -> None:
+        """Fail on a key that is none of ``keys`` (nor of ``allowed``) but close to one of
+        ``keys``. Called before a node's required keys are read: a misspelt one
+        (``pasword``) is then named as the unknown key it is, with a hint, instead of the
+        error saying the key it was meant to be is missing. Keys close to none are left
+        to ``done()``, which names every key the node takes."""
+        for key in self.data:
+            if key in keys or key in allowed:
+                continue
+            if hint := did_you_mean(str(key), keys):
+                _fail(self.at(str(key)), f"unknown key{hint}")
+
     def done(self, also: Collection[builtins.str] = (), *, takes: builtins.str = "") -> None:
         """Fail on any key that was never read, nor is in ``also`` (keys a plugin reads from
         ``rest()`` itself): unknown keys are errors. With ``takes`` (say "a moengage

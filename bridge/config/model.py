@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bridge.config.loader import MAX_INT, Reader, read_yaml
-from bridge.config_values import plain
+from bridge.config_values import check_header_safe, plain
 from bridge.destinations.base import ConfigError, Destination, destination_kinds
 from bridge.destinations.http import CONNECTIONS, as_url, check_url
 from bridge.destinations.moengage.datacenters import REGIONS as DATA_CENTER_REGIONS
@@ -349,9 +349,31 @@ def _store(r: Reader) -> StoreConfig:
     return cfg
 
 
+# The keys each kind of source takes, and each type of Streams auth: a misspelling of one
+# is refused before the required keys are read (Reader.refuse_misspellings).
+_SOURCE_COMMON = frozenset({"name", "kind", "to", "allow_cross_region"})
+_SOURCE_KEYS = {
+    "segment": _SOURCE_COMMON | {"region", "write_key", "webhook_secret"},
+    "moengage_streams": _SOURCE_COMMON | {"data_center", "auth", "allow_ips"},
+}
+_AUTH_KEYS = {
+    "basic": frozenset({"type", "username", "password"}),
+    "header": frozenset({"type", "header", "value"}),
+    "oauth2": frozenset({"type", "client_id", "client_secret", "token_ttl"}),
+    "none": frozenset({"type"}),
+}
+# The keys every destination takes, read here rather than by its kind.
+_DESTINATION_COMMON = frozenset(
+    {"name", "kind", "mapping", "mapping_options", "delivery", "retry", "guard", "rate_limits"}
+)
+
+
 def _source(r: Reader) -> SourceConfig:
+    # A misspelt required key (`nmae`, `write_kye`) is named with a hint, not reported missing.
+    r.refuse_misspellings(("name", "kind"), allowed=frozenset().union(*_SOURCE_KEYS.values()))
     name = r.str("name", required=True)
-    kind = r.choice("kind", ("segment", "moengage_streams"))
+    kind = r.choice("kind", _SOURCE_KEYS)
+    r.refuse_misspellings(_SOURCE_KEYS[kind])
     to: tuple[str, ...] = tuple(r.str_list("to"))
     if not to:
         raise ConfigError(f"{r.at('to')}: a source needs at least one destination")
@@ -367,6 +389,9 @@ def _source(r: Reader) -> SourceConfig:
             webhook_secret=r.str("webhook_secret", ""),
         )
     else:
+        if not r.has("data_center"):
+            # normalise_data_center would say "got None" of a key the file does not give.
+            raise ConfigError(f"{r.at('data_center')}: is required (the Streams source's MoEngage data center)")
         dc = normalise_data_center(r.raw("data_center"), r.at("data_center"))
         cfg = SourceConfig(
             name=name,
@@ -403,7 +428,9 @@ def _streams_auth(r: Reader) -> StreamsAuth:
             f"{r.where}: is required; use type basic, header or oauth2, or `type: none` to accept "
             "unauthenticated requests explicitly"
         )
-    kind = r.choice("type", ("basic", "header", "oauth2", "none"))
+    r.refuse_misspellings(("type",), allowed=frozenset().union(*_AUTH_KEYS.values()))
+    kind = r.choice("type", _AUTH_KEYS)
+    r.refuse_misspellings(_AUTH_KEYS[kind])
     if kind == "basic":
         auth = StreamsAuth(kind, username=r.str("username", required=True), password=r.str("password", required=True))
         if ":" in auth.username:
@@ -418,6 +445,9 @@ def _streams_auth(r: Reader) -> StreamsAuth:
         if not _HEADER_NAME_RE.fullmatch(auth.header):
             # No request carries a header of that name: every one was refused.
             raise ConfigError(f"{r.at('header')}: {auth.header!r} is no HTTP header name (letters, digits, '-')")
+        check_header_safe(
+            auth.value, r.at("value"), f"no request's {auth.header} header could match it: every one would be refused"
+        )
     elif kind == "oauth2":
         auth = StreamsAuth(
             kind,
@@ -533,8 +563,11 @@ def _guard(r: Reader) -> GuardConfig:
 
 def _destination(r: Reader, index: int) -> DestinationConfig:
     kinds = destination_kinds()
+    every_key = _DESTINATION_COMMON.union(*(k.config_keys for k in kinds.values()))
+    r.refuse_misspellings(("name", "kind"), allowed=every_key)
     name = r.str("name", required=True)
     kind = r.choice("kind", sorted(kinds))
+    r.refuse_misspellings(_DESTINATION_COMMON | kinds[kind].config_keys)
     mapping = r.str("mapping", required=True)
     options = plain(r.mapping("mapping_options"))  # read by exact type, as an event's values
     delivery = _delivery(r.sub("delivery"))
@@ -567,6 +600,15 @@ def _destination(r: Reader, index: int) -> DestinationConfig:
     )
 
 
+def _bearer_token(r: Reader, key: str, route: str) -> str:
+    """``admin.token`` or ``admin.metrics_token``: compared with a request's Authorization
+    header, so one no header carries would lock ``route`` for good."""
+    token = r.str(key, "")
+    if token:
+        check_header_safe(token, r.at(key), f"{route} would refuse every request, the right token included")
+    return token
+
+
 def build_config(data: dict[str, Any], path: str = "", unset_env: frozenset[str] = frozenset()) -> Config:
     top = Reader(data, "")
     server = _server(top.sub("server"))
@@ -579,8 +621,8 @@ def build_config(data: dict[str, Any], path: str = "", unset_env: frozenset[str]
     )
     mr.done()
     ar = top.sub("admin")
-    admin_token = ar.str("token", "")
-    metrics_token = ar.str("metrics_token", "")
+    admin_token = _bearer_token(ar, "token", "/admin/*")
+    metrics_token = _bearer_token(ar, "metrics_token", "/metrics")
     ar.done()
     sources = tuple(_source(Reader(s, f"sources[{i}]")) for i, s in enumerate(top.list("sources")))
     destinations = tuple(

@@ -600,3 +600,75 @@ def test_a_sqlite_path_holding_a_nul_is_refused_by_check(
         "config error: store.url: store URL 'sqlite:///var/a\\x00b.db': the SQLite path holds a NUL character "
         "(character 6 of the path), which no file name can\n"
     )
+
+
+# -- a misspelt required key was reported as the key it meant, missing --------------------
+
+
+@pytest.mark.parametrize("command", ["check", "serve"])
+def test_a_misspelt_secret_key_is_one_line_naming_it_without_its_value(
+    raw: dict[str, Any], tmp_path: Path, command: str
+) -> None:
+    """`pasword: ...` said `auth.password: is required`, naming no key the file holds."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    auth = raw["sources"][2]["auth"]
+    auth["pasword"] = auth.pop("password")
+    path = tmp_path / "bridge.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-m", "bridge.cli", command, "--config", str(path)],
+        env=dict(os.environ, PYTHONPATH=str(root)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == "config error: sources[2].auth.pasword: unknown key (did you mean 'password'?)\n"
+    assert auth["pasword"] not in done.stdout + done.stderr
+
+
+# -- a header value no request can carry passed `bridge check` ------------------------------
+
+
+def _header_auth(raw: dict[str, Any], value: str) -> None:
+    raw["sources"][2]["auth"] = {"type": "header", "header": "X-Streams-Key", "value": value}
+
+
+@pytest.mark.parametrize(
+    ("where", "put"),
+    [
+        ("admin.token", lambda raw, v: raw["admin"].update(token=v)),
+        ("admin.metrics_token", lambda raw, v: raw["admin"].update(metrics_token=v)),
+        ("sources[2].auth.value", _header_auth),
+        ("destinations[0].workspace_id", lambda raw, v: raw["destinations"][0].update(workspace_id=v)),
+    ],
+)
+@pytest.mark.parametrize("value", ["Header-Secret-42\n", " Header-Secret-42", "Header\x7fSecret-42"])
+def test_a_setting_sent_in_a_header_that_no_header_carries_is_refused_without_its_value(
+    raw: dict[str, Any], where: str, put: Any, value: str
+) -> None:
+    """A secret file's line break, kept by a quoted "${VAR}": a workspace id failed every
+    delivery as a connection error (aiohttp refuses a control character in MOE-APPKEY),
+    and a token or header value compared with a request's header (stripped, never holding
+    a control character) refused every request, the right one included."""
+    from tests.config.conftest import error_of
+
+    put(raw, value)
+    message = error_of(raw)
+    assert message.startswith(f"{where}: starts or ends with whitespace, or holds a control character"), message
+    assert "Secret-42" not in message
+
+
+def test_a_header_setting_with_inner_spaces_or_other_scripts_is_taken(raw: dict[str, Any]) -> None:
+    from bridge.config.model import build_config
+
+    raw["admin"]["token"] = "two words"  # `Bearer two words` reaches the comparison whole
+    raw["destinations"][0]["workspace_id"] = "ÉTÉ_123"
+    cfg = build_config(raw)
+    assert (cfg.admin_token, cfg.destinations[0].client.workspace_id) == ("two words", "ÉTÉ_123")  # type: ignore[attr-defined]

@@ -116,6 +116,53 @@ def test_an_unknown_destination_key_is_judged_against_every_key_a_destination_ta
         assert f" {key}," in message or f" {key})" in message, (key, message)
 
 
+def _node(raw: dict[str, Any], path: tuple[str | int, ...]) -> Any:
+    node: Any = raw
+    for step in path:
+        node = node[step]
+    return node
+
+
+@pytest.mark.parametrize(
+    ("path", "key", "typo"),
+    [
+        (("sources", 0), "name", "nmae"),
+        (("sources", 0), "kind", "knid"),
+        (("sources", 0), "write_key", "write_kye"),
+        (("sources", 2), "data_center", "datacenter"),
+        (("sources", 2), "auth", "auht"),
+        (("sources", 2, "auth"), "type", "typ"),
+        (("sources", 2, "auth"), "username", "usernme"),
+        (("sources", 2, "auth"), "password", "pasword"),
+        (("destinations", 0), "name", "nmae"),
+        (("destinations", 0), "kind", "knid"),
+        (("destinations", 0), "mapping", "maping"),
+    ],
+)
+def test_a_misspelt_required_key_is_named_as_unknown_not_reported_missing(
+    raw: dict[str, Any], path: tuple[str | int, ...], key: str, typo: str
+) -> None:
+    """`pasword: x` was "auth.password: is required": the key the file does give, misspelt,
+    went unnamed, as did the hint that finds it."""
+    node = _node(raw, path)
+    node[typo] = node.pop(key)
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+    assert error_of(raw) == f"{where}.{typo}: unknown key (did you mean {key!r}?)"
+
+
+def test_a_misspelt_oauth2_key_is_named_beside_a_key_close_to_it(raw: dict[str, Any]) -> None:
+    """client_id and client_secret are alike: the one given is no misspelling of the other."""
+    raw["sources"][2]["auth"] = {"type": "oauth2", "client_secret": "cs-123456", "clientid": "moengage"}
+    assert error_of(raw) == "sources[2].auth.clientid: unknown key (did you mean 'client_id'?)"
+    raw["sources"][2]["auth"] = {"type": "oauth2", "client_secret": "cs-123456"}
+    assert error_of(raw) == "sources[2].auth.client_id: is required"
+
+
+def test_a_streams_source_without_a_data_center_is_told_it_is_required(raw: dict[str, Any]) -> None:
+    del raw["sources"][2]["data_center"]  # was "must be one of ..., got None"
+    assert error_of(raw).startswith("sources[2].data_center: is required")
+
+
 def test_precise_type_and_value_errors(raw: dict[str, Any]) -> None:
     bad = copy.deepcopy(raw)
     bad["server"]["region"] = "apac"

@@ -1,8 +1,9 @@
 """The README's checkable claims, checked: the metrics tables against what /metrics exports,
 the admin routes it lists against the ones the app registers, the log lines it names against
-the ones the code writes, the CLI commands and options it shows against the parser, and its
-links against the files. Each holds both ways where both ways can be checked, so neither a
-new metric or route nor a renamed one leaves the docs behind."""
+the ones the code writes, the CLI commands and options it shows against the parser, its
+configuration reference against the keys and defaults the config takes, and its links
+against the files. Each holds both ways where both ways can be checked, so neither a new
+metric or route nor a renamed one leaves the docs behind."""
 
 from __future__ import annotations
 
@@ -173,3 +174,91 @@ def test_every_relative_link_resolves(doc: Path) -> None:
     links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text())
     broken = [link for link in links if "://" not in link and not (doc.parent / link).exists()]
     assert not broken, broken
+
+
+# -- the configuration reference ---------------------------------------------------------
+# Its table (key, default, meaning) against the keys the config model takes, both ways.
+CONFIG_ROW = re.compile(r"^\| `([a-z_.\[\]]+)` \| ([^|]*) \|", re.MULTILINE)
+
+
+def documented_config() -> dict[str, str]:
+    """key -> its Default cell, for every row of the README's configuration reference."""
+    text = README.read_text()
+    section = text[text.index("## Configuration reference") : text.index("## Mapping files")]
+    return {key: default.strip() for key, default in CONFIG_ROW.findall(section)}
+
+
+def config_defaults() -> dict[str, object]:
+    """Every key bridge.yaml takes -> its default (``MISSING`` when it has none): the
+    config's dataclasses hold one field per key, and each destination kind names its own."""
+    import dataclasses
+    import inspect
+
+    from bridge.config import model
+    from bridge.destinations.base import destination_kinds
+
+    def fields_of(prefix: str, cls: type, skip: frozenset[str] = frozenset()) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            if f.name in skip:
+                continue
+            factory = f.default_factory
+            out[prefix + f.name] = factory() if factory is not dataclasses.MISSING else f.default
+        return out
+
+    keys: dict[str, object] = {
+        **fields_of("server.", model.ServerConfig),
+        **fields_of("store.", model.StoreConfig),
+        **fields_of("mappings.", model.MappingsConfig),
+        "admin.token": "",
+        "admin.metrics_token": "",
+        **fields_of("sources[].", model.SourceConfig),
+        **fields_of("sources[].auth.", model.StreamsAuth),
+        **fields_of("destinations[].", model.DestinationConfig, skip=frozenset({"client"})),
+        **fields_of("destinations[].delivery.", model.DeliveryConfig),
+        **fields_of("destinations[].retry.", model.RetryConfig),
+        **fields_of("destinations[].guard.", model.GuardConfig),
+    }
+    for kind in destination_kinds().values():
+        params = inspect.signature(kind.__init__).parameters
+        for key in kind.config_keys:
+            default = params[key].default if key in params else dataclasses.MISSING
+            keys.setdefault(
+                f"destinations[].{key}", dataclasses.MISSING if default is inspect.Parameter.empty else default
+            )
+    return keys
+
+
+def test_the_configuration_reference_is_every_key_the_config_takes() -> None:
+    documented, taken = documented_config(), config_defaults()
+    # Sections are documented by their keys (destinations[].delivery.batch_size, ...), and
+    # auth's own keys in the `sources[].auth` row: `{type: basic, username, password}`, ...
+    sections = {k.rsplit(".", 1)[0] for k in taken}
+    auth_row = next(line for line in README.read_text().splitlines() if line.startswith("| `sources[].auth` |"))
+    named = set(re.findall(r"\b([a-z_]+)\b", auth_row))
+    undocumented = {
+        k
+        for k in taken.keys() - documented.keys() - sections
+        if not (k.startswith("sources[].auth.") and k.rsplit(".", 1)[1] in named)
+    }
+    assert not undocumented, f"README's configuration reference lacks {sorted(undocumented)}"
+    unknown = documented.keys() - taken.keys()
+    assert not unknown, f"README documents keys the config does not take: {sorted(unknown)}"
+
+
+def test_every_default_the_configuration_reference_spells_out_is_the_code_s() -> None:
+    """A Default cell that starts with a literal (`72`, `false`, `` `bulk` (moengage)``) is
+    that key's default in the code."""
+    import dataclasses
+
+    import yaml
+
+    taken = config_defaults()
+    checked = 0
+    for key, cell in documented_config().items():
+        literal = re.match(r"`([^`]+)`", cell)
+        if literal is None or taken.get(key, None) in (None, dataclasses.MISSING):
+            continue  # no literal, or a default the code computes (sources[].region's, by kind)
+        assert yaml.safe_load(literal.group(1)) == taken[key], (key, cell, taken[key])
+        checked += 1
+    assert checked >= 40, checked  # the table's literal defaults are found, not skipped

@@ -11,6 +11,7 @@ from urllib.parse import quote
 
 import orjson
 
+from bridge.config_values import check_header_safe
 from bridge.destinations import http
 from bridge.destinations.base import ConfigError, Destination, Item, RateCost, Request, Response, register
 from bridge.destinations.config import check_keys, optional_base_url, optional_int, required_str
@@ -97,9 +98,15 @@ class MoEngageDestination(Destination):
             raise ConfigError(f'{where}.api: must be "bulk" or "single", got {api!r}')
         if "data_center" not in cfg or cfg["data_center"] is None:
             raise ConfigError(f"{where}.data_center: required")
+        workspace_id = required_str(cfg, "workspace_id", where)
+        # Sent as it is in the MOE-APPKEY header: aiohttp refuses a control character there,
+        # and every delivery failed as a connection error, retried for hours, after a passing check.
+        check_header_safe(
+            workspace_id, f"{where}.workspace_id", "it is sent as the MOE-APPKEY header, so every delivery would fail"
+        )
         return cls(
             name=cfg["name"] if isinstance(cfg.get("name"), str) else cls.kind,
-            workspace_id=required_str(cfg, "workspace_id", where),
+            workspace_id=workspace_id,
             api_key=required_str(cfg, "api_key", where),
             data_center=normalise_data_center(cfg["data_center"], f"{where}.data_center"),
             base_url=optional_base_url(cfg, "base_url", where),
