@@ -1056,3 +1056,14 @@ async def test_two_segment_calls_of_one_event_under_one_message_id_are_dead_lett
     _, full = await bridge.get(f"/admin/dlq/{entry['id']}", ADMIN)
     assert "the track and the identify outputs share messageId 'two-1'" in orjson.dumps(full).decode(), full
     assert bridge.segment.received == 0 and bridge.segment.dropped == []
+
+
+async def test_a_streams_source_name_with_dots_and_tildes_is_reached_at_its_url(make_bridge):
+    """The characters a Streams source name may hold reach it written as they are."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["sources"][2]["name"] = "moe.prod_1~eu-x"
+
+    bridge = await make_bridge(tweak)
+    assert await bridge.post("/moengage/streams/moe.prod_1~eu-x", seed_payload(), AUTH) == (200, {"success": True})
+    await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 3)
