@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gzip
 import hashlib
+import re
 import urllib.request
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -1071,3 +1074,30 @@ async def test_a_streams_source_name_with_dots_and_tildes_is_reached_at_its_url(
     bridge = await make_bridge(tweak)
     assert await bridge.post("/moengage/streams/moe.prod_1~eu-x", seed_payload(), AUTH) == (200, {"success": True})
     await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 3)
+
+
+async def test_a_streams_body_past_5_mib_is_refused_with_the_limit_the_readme_gives(bridge):
+    """A body at the limit is read; one byte more, sent whole, chunked or gzipped, is a 413
+    naming the limit, the number the README gives."""
+    from bridge.sources.streams.routes import MAX_STREAMS_BODY
+
+    readme = re.sub(r"\s+", " ", (Path(__file__).resolve().parents[2] / "README.md").read_text())
+    assert f"a body over 5 MiB ({MAX_STREAMS_BODY} bytes, after gzip or deflate decoding) a 413" in readme
+    body = orjson.dumps(seed_payload())
+    at_limit = body[:-1] + b" " * (MAX_STREAMS_BODY - len(body)) + b"}"
+    assert len(at_limit) == MAX_STREAMS_BODY
+    assert await bridge.post(PATH, None, AUTH, raw=at_limit) == (200, {"success": True})
+    past = at_limit[:-1] + b" }"
+
+    async def chunked() -> AsyncIterator[bytes]:
+        for start in range(0, len(past), 1 << 20):
+            yield past[start : start + (1 << 20)]
+
+    refused = {"code": "payload_too_large", "message": f"request body exceeds {MAX_STREAMS_BODY} bytes"}
+    assert await bridge.post(PATH, None, AUTH, raw=past) == (413, refused)
+    assert bridge.client is not None
+    resp = await bridge.client.post(PATH, data=chunked(), headers=AUTH)
+    assert (resp.status, await resp.json()) == (413, refused)
+    gzipped = {**AUTH, "Content-Encoding": "gzip"}
+    resp = await bridge.client.post(PATH, data=gzip.compress(past), headers=gzipped)
+    assert (resp.status, await resp.json()) == (413, refused)
