@@ -389,6 +389,7 @@ def _source(r: Reader) -> SourceConfig:
             webhook_secret=r.str("webhook_secret", ""),
         )
     else:
+        _check_streams_name(name, r.at("name"))
         if not r.has("data_center"):
             # normalise_data_center would say "got None" of a key the file does not give.
             raise ConfigError(f"{r.at('data_center')}: is required (the Streams source's MoEngage data center)")
@@ -405,6 +406,26 @@ def _source(r: Reader) -> SourceConfig:
         )
     r.done()
     return cfg
+
+
+# What a Streams source's name may not hold: it is the last segment of the URL MoEngage posts
+# to, written as it is (README: /moengage/streams/<source name>). A slash or a backslash
+# splits the segment (a WHATWG URL reads a backslash as a slash), '?' and '#' end the path,
+# '%' starts an escape that the route decodes, whitespace and control characters break the
+# request line, '.' and '..' are taken out of a path, and the route's pattern takes no '{'
+# or '}'.
+_STREAMS_NAME_FORBIDDEN = re.compile(r"[/\\?#%{}\s\x00-\x1f\x7f]")
+
+
+def _check_streams_name(name: str, where: str) -> None:
+    """Refuse a Streams source name that no request, sent to the URL the README gives, reaches:
+    `bridge check` passed it, and every batch MoEngage posted got a 404 or the one 401 an
+    unknown source gets, retried and then dropped."""
+    if name in (".", "..") or _STREAMS_NAME_FORBIDDEN.search(name):
+        raise ConfigError(
+            f"{where}: {name!r} cannot be written as it is in the Streams URL /moengage/streams/<name>, so no "
+            "request would reach this source; use letters, digits and '-', '_', '.', '~' (not '.' or '..' alone)"
+        )
 
 
 def _networks(r: Reader, key: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:

@@ -770,7 +770,7 @@ class DestinationWorker:
                     DeadLetter(
                         job_id,
                         reason,
-                        response_body=f"{self.name} cannot take this mapped item: {reason}",
+                        response_body=self.client.rejection_detail(item, reason),
                         request_body=item.encoded,
                         label=batch.label(job_id),
                         mapping_version=mapping.version,

@@ -126,6 +126,11 @@ class Destination(ABC):
         upstream's per-event size cap), or None. Checked before packing."""
         return None
 
+    def rejection_detail(self, item: Item, reason: str) -> str:
+        """Why ``reject_reason`` refused ``item`` (its ``reason``), as its dead letter's
+        response_body says it to an operator."""
+        return f"{self.name} cannot take this mapped item: {reason}"
+
     @abstractmethod
     def pack(self, items: Sequence[Item]) -> list[Request]:
         """Group items into requests within the upstream's size and count limits,

@@ -672,3 +672,20 @@ def test_a_header_setting_with_inner_spaces_or_other_scripts_is_taken(raw: dict[
     raw["destinations"][0]["workspace_id"] = "ÉTÉ_123"
     cfg = build_config(raw)
     assert (cfg.admin_token, cfg.destinations[0].client.workspace_id) == ("two words", "ÉTÉ_123")  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("name", ["moe/prod", "moe\\prod", "a?b", "a#b", "moe%20prod", "moe prod", "a{b}", ".", ".."])
+def test_a_streams_source_name_no_url_can_carry_as_it_is_is_refused(raw: dict[str, Any], name: str) -> None:
+    """The name is the last segment of the URL MoEngage posts to: `bridge check` passed one
+    that URL cannot carry as written, and every batch got a 404 or an unknown source's 401."""
+    from tests.config.conftest import error_of
+
+    raw["sources"][2]["name"] = name
+    assert error_of(raw).startswith(f"sources[2].name: {name!r} cannot be written as it is in the Streams URL")
+
+
+def test_a_segment_source_name_is_no_url_and_may_hold_a_slash(raw: dict[str, Any]) -> None:
+    from bridge.config.model import build_config
+
+    raw["sources"][0]["name"] = "web/prod"
+    assert build_config(raw).sources[0].name == "web/prod"

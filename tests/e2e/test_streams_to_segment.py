@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gzip
 import hashlib
+import re
 import urllib.request
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -658,6 +661,10 @@ async def test_an_oversize_event_is_dead_lettered_for_replay_while_the_batch_is_
     _, full = await bridge.get(f"/admin/dlq/{entry['id']}", ADMIN)
     assert "x" * 1000 in orjson.dumps(full["request"]).decode(), "the refused item is shown"
     assert "event_too_large" in full["response_body"], full["response_body"]
+    # By how much: what to trim before a replay, without measuring the request body.
+    size = len(orjson.dumps(full["request"]))
+    detail = f"the mapped track is {size} bytes, and Segment takes at most 32768 bytes an event"
+    assert detail in full["response_body"], full["response_body"]
     assert {e["messageId"] for e in bridge.segment.events()} == {"uuid-email-1", "uuid-sms-1"}
     _, discards = await bridge.get("/admin/discards", ADMIN)
     assert discards["discards"] == []
@@ -1056,3 +1063,41 @@ async def test_two_segment_calls_of_one_event_under_one_message_id_are_dead_lett
     _, full = await bridge.get(f"/admin/dlq/{entry['id']}", ADMIN)
     assert "the track and the identify outputs share messageId 'two-1'" in orjson.dumps(full).decode(), full
     assert bridge.segment.received == 0 and bridge.segment.dropped == []
+
+
+async def test_a_streams_source_name_with_dots_and_tildes_is_reached_at_its_url(make_bridge):
+    """The characters a Streams source name may hold reach it written as they are."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["sources"][2]["name"] = "moe.prod_1~eu-x"
+
+    bridge = await make_bridge(tweak)
+    assert await bridge.post("/moengage/streams/moe.prod_1~eu-x", seed_payload(), AUTH) == (200, {"success": True})
+    await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 3)
+
+
+async def test_a_streams_body_past_5_mib_is_refused_with_the_limit_the_readme_gives(bridge):
+    """A body at the limit is read; one byte more, sent whole, chunked or gzipped, is a 413
+    naming the limit, the number the README gives."""
+    from bridge.sources.streams.routes import MAX_STREAMS_BODY
+
+    readme = re.sub(r"\s+", " ", (Path(__file__).resolve().parents[2] / "README.md").read_text())
+    assert f"a body over 5 MiB ({MAX_STREAMS_BODY} bytes, after gzip or deflate decoding) a 413" in readme
+    body = orjson.dumps(seed_payload())
+    at_limit = body[:-1] + b" " * (MAX_STREAMS_BODY - len(body)) + b"}"
+    assert len(at_limit) == MAX_STREAMS_BODY
+    assert await bridge.post(PATH, None, AUTH, raw=at_limit) == (200, {"success": True})
+    past = at_limit[:-1] + b" }"
+
+    async def chunked() -> AsyncIterator[bytes]:
+        for start in range(0, len(past), 1 << 20):
+            yield past[start : start + (1 << 20)]
+
+    refused = {"code": "payload_too_large", "message": f"request body exceeds {MAX_STREAMS_BODY} bytes"}
+    assert await bridge.post(PATH, None, AUTH, raw=past) == (413, refused)
+    assert bridge.client is not None
+    resp = await bridge.client.post(PATH, data=chunked(), headers=AUTH)
+    assert (resp.status, await resp.json()) == (413, refused)
+    gzipped = {**AUTH, "Content-Encoding": "gzip"}
+    resp = await bridge.client.post(PATH, data=gzip.compress(past), headers=gzipped)
+    assert (resp.status, await resp.json()) == (413, refused)

@@ -183,6 +183,17 @@ class SegmentDestination(Destination):
             return "event_too_large"
         return None
 
+    def rejection_detail(self, item: Item, reason: str) -> str:
+        detail = super().rejection_detail(item, reason)
+        if reason != "event_too_large":
+            return detail
+        # By how much, so an operator sees what to trim (a mapping, or the Streams source's
+        # exported attributes) before a replay, without measuring the request_body.
+        return (
+            f"{detail}: the mapped {item.output.kind} is {self._event_bytes(item)} bytes, and Segment takes at "
+            f"most {MAX_EVENT_BYTES} bytes an event (its Tracking API answers 400 to a larger one)"
+        )
+
     def pack(self, items: Sequence[Item]) -> list[Request]:
         runs = chunk(
             items,
