@@ -985,6 +985,11 @@ async def test_events_too_large_for_bulk_import_go_alone_and_those_too_large_for
     await wait_until(all_dead, what="the events too large for MoEngage in the DLQ")
     _, body = await bridge.get("/admin/dlq?limit=100", ADMIN)
     assert {d["reason"] for d in body["dead_letters"]} == {"event_too_large"}
+    # By how much: what to trim before a replay, without measuring the request body.
+    _, full = await bridge.get(f"/admin/dlq/{body['dead_letters'][0]['id']}", ADMIN)
+    size = len(orjson.dumps(full["request"]))
+    detail = f"the mapped event is {size} bytes alone in its request, and MoEngage takes at most 128000 bytes"
+    assert detail in full["response_body"], full["response_body"]
     assert [s for s in bridge.moengage.seen if s.status != 200] == []  # no 413, nothing refused
     _, status_body = await bridge.get("/admin/status", ADMIN)
     assert not next(d for d in status_body["destinations"] if d["name"] == "moengage-main")["paused"]

@@ -157,6 +157,17 @@ class MoEngageDestination(Destination):
             return "event_too_large"
         return None
 
+    def rejection_detail(self, item: Item, reason: str) -> str:
+        detail = super().rejection_detail(item, reason)
+        if reason != "event_too_large":
+            return detail
+        # By how much, so an operator sees what to trim before a replay (as Segment's says).
+        size = len(item.encoded) + (_MERGE_ENVELOPE if item.output.kind == MERGE else 0)
+        return (
+            f"{detail}: the mapped {item.output.kind} is {size} bytes alone in its request, and MoEngage"
+            f" takes at most {SINGLE_MAX_BYTES} bytes a request (its Data API answers 413 to a larger one)"
+        )
+
     def _endpoint(self, item: Item) -> str:
         kind = item.output.kind
         if kind in OWN_ENDPOINT_KINDS:
