@@ -27,6 +27,7 @@ from structlog.testing import capture_logs
 
 from bridge.cli import main as cli_main
 from bridge.observability.logging import configure_logging, register_secret
+from bridge.store.postgres import PostgresStore
 from bridge.testing.standins import Planned
 from tests.e2e.harness import (
     ADMIN_TOKEN,
@@ -42,6 +43,7 @@ from tests.e2e.harness import (
     raw_exchange,
     wait_until,
 )
+from tests.e2e.pgproxy import PgProxy
 from tests.e2e.proc import BridgeProcess
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -775,6 +777,46 @@ async def test_metrics_still_answer_while_the_store_is_down(bridge):
     bridge.runtime.store.queue_stats = broken
     status, text = await bridge.get("/metrics")
     assert status == 200 and "bridge_http_requests_total" in text
+
+
+# Every admin route that reads or writes the store, with a request it would otherwise take.
+STORE_ROUTES: list[tuple[str, dict[str, Any] | None]] = [
+    ("/admin/status", None),
+    ("/admin/dlq", None),
+    ("/admin/dlq/1", None),
+    ("/admin/discards", None),
+    ("/admin/dlq/replay", {"reason": "http_400"}),
+    ("/admin/dlq/purge", {"reason": "http_400"}),
+    ("/admin/discards/replay", {"reason": "anonymous_user"}),
+    ("/admin/destinations/moengage-main/pause", {}),
+    ("/admin/destinations/moengage-main/resume", {}),
+    ("/admin/translate?destination=moengage-main", {"type": "track", "userId": "u-out", "event": "E"}),
+]
+
+
+async def test_the_admin_api_answers_a_store_outage_with_a_503_naming_it(make_bridge, pg_schema):
+    """PostgreSQL away: the admin API, what an operator turns to then, answers each route
+    that needs the store with a 503 naming the store's error, as ingest refuses events
+    with one; not a 500 internal_error with a traceback logged per request."""
+    proxy = PgProxy()
+    await proxy.start()
+
+    def through_proxy(raw: dict[str, Any]) -> None:
+        raw["store"]["url"] = proxy.url()
+
+    bridge = await make_bridge(through_proxy, start=False)
+    bridge.store_factory = lambda: PostgresStore(proxy.url(), schema=pg_schema)
+    try:
+        await bridge.start()
+        await proxy.close()
+        with capture_logs() as logs:
+            for path, body in STORE_ROUTES:
+                status, answer = await (bridge.get(path, ADMIN) if body is None else bridge.post(path, body, ADMIN))
+                assert (status, answer["code"]) == (503, "store_unavailable"), (path, answer)
+                assert answer["message"].startswith("the store failed: postgres"), (path, answer)
+        assert not [e for e in logs if e["event"] == "unhandled_error"]
+    finally:
+        await proxy.close()
 
 
 async def test_queue_gauges_exist_for_every_destination_before_any_traffic(bridge):
