@@ -441,6 +441,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "command", None) == "destinations" and args.action != "list" and not args.name:
         parser.error(f"destinations {args.action} needs a destination name")
+    if getattr(args, "command", None) == "destinations" and args.action == "list" and args.name:
+        # Ignored, it answered for every destination as if for the one named.
+        parser.error(f"destinations list takes no name (it lists every destination), got {args.name!r:.60}")
     if getattr(args, "all_destinations", False) and args.action != "replay":
         parser.error(f"--all-destinations applies to replay only, not {args.command} {args.action}")
     from bridge.mapping.api import MappingError
