@@ -53,7 +53,9 @@ def add_admin_routes(routes: Routes, runtime: Runtime, token: str) -> None:
 
     def guarded(handler: Handler, query: Sequence[str] = ()) -> Handler:
         # The token first: without it, nothing says what a route takes.
-        return bearer_only(known_query(store_errors(handler), query), token, "the admin API (admin.token)")
+        return bearer_only(
+            known_query(store_errors(handler), query), token, "the admin API (admin.token)", "bridge-admin"
+        )
 
     api = AdminApi(runtime)
     r = routes

@@ -160,8 +160,11 @@ async def test_admin_api_requires_its_token(bridge):
         assert (status, body["code"]) == (401, "unauthorized"), path
     status, body = await bridge.post("/admin/status", {})
     assert (status, body["code"]) == (401, "unauthorized")
-    # With it, the operator gets the real answer.
     assert bridge.client is not None
+    # A 401 says which scheme it takes (RFC 9110 15.5.2: a 401 must carry a challenge).
+    resp = await bridge.client.get("/admin/status", headers={"Authorization": "Bearer wrong"})
+    assert (resp.status, resp.headers.get("WWW-Authenticate")) == (401, 'Bearer realm="bridge-admin"')
+    # With it, the operator gets the real answer.
     for path in ("/admin/reload", "/admin/dlq/replay", "/admin/dlq/purge"):
         resp = await bridge.client.get(path, headers=ADMIN)
         assert (resp.status, resp.headers["Allow"]) == (405, "POST"), path
@@ -1117,6 +1120,9 @@ async def test_metrics_can_require_a_token(make_bridge):
     assert (status, body["code"]) == (401, "unauthorized") and token not in str(body)
     status, _ = await bridge.get("/metrics", {"Authorization": f"Bearer {token}x"})
     assert status == 401
+    assert bridge.client is not None
+    resp = await bridge.client.get("/metrics")  # with the challenge a 401 must carry
+    assert (resp.status, resp.headers.get("WWW-Authenticate")) == (401, 'Bearer realm="bridge-metrics"')
     status, text = await bridge.get("/metrics", {"Authorization": f"Bearer {token}"})
     assert status == 200 and "bridge_http_requests_total" in text
     assert (await bridge.get("/healthz"))[0] == 200
