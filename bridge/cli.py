@@ -465,7 +465,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
     return code
+
+
+# The shell's status for a process a SIGPIPE ended (128 + 13), as `yes | head` reports it.
+EXIT_READER_GONE = 141
+
+
+def _reader_gone() -> int:
+    """The reader of stdout left (``bridge dlq list | head``): nothing more to say, and no
+    traceback for it. stdout goes to /dev/null first, or the interpreter's last flush of
+    what is still buffered fails again on the way out."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_READER_GONE
 
 
 __all__ = ["build_config", "main"]
