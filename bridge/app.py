@@ -55,7 +55,9 @@ def build_app(runtime: Runtime, bindings: PrometheusBindings) -> web.Application
     # name every source and destination.
     routes.add_get(
         "/metrics",
-        bearer_only(metrics, cfg.metrics_token, "/metrics (admin.metrics_token)") if cfg.metrics_token else metrics,
+        bearer_only(metrics, cfg.metrics_token, "/metrics (admin.metrics_token)", "bridge-metrics")
+        if cfg.metrics_token
+        else metrics,
     )
     add_admin_routes(routes, runtime, cfg.admin_token)
     routes.finish()

@@ -441,6 +441,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "command", None) == "destinations" and args.action != "list" and not args.name:
         parser.error(f"destinations {args.action} needs a destination name")
+    if getattr(args, "command", None) == "destinations" and args.action == "list" and args.name:
+        # Ignored, it answered for every destination as if for the one named.
+        parser.error(f"destinations list takes no name (it lists every destination), got {args.name!r:.60}")
     if getattr(args, "all_destinations", False) and args.action != "replay":
         parser.error(f"--all-destinations applies to replay only, not {args.command} {args.action}")
     from bridge.mapping.api import MappingError
@@ -462,7 +465,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
     return code
+
+
+# The shell's status for a process a SIGPIPE ended (128 + 13), as `yes | head` reports it.
+EXIT_READER_GONE = 141
+
+
+def _reader_gone() -> int:
+    """The reader of stdout left (``bridge dlq list | head``): nothing more to say, and no
+    traceback for it. stdout goes to /dev/null first, or the interpreter's last flush of
+    what is still buffered fails again on the way out."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_READER_GONE
 
 
 __all__ = ["build_config", "main"]

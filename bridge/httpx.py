@@ -75,14 +75,16 @@ _HTTP_CODES = {
 StatusObserver = Callable[[str, int], None]
 
 
-def bearer_only(handler: Handler, token: str, what: str) -> Handler:
+def bearer_only(handler: Handler, token: str, what: str, realm: str) -> Handler:
     """``handler`` for requests with ``Authorization: Bearer <token>`` (compared in constant
-    time); others get 401 naming ``what`` needs it."""
+    time); others get 401 naming ``what`` needs it, with the challenge a 401 must carry
+    (RFC 9110 15.5.2) for ``realm``."""
+    challenge = {"WWW-Authenticate": f'Bearer realm="{realm}"'}
 
     async def check(request: web.Request) -> web.StreamResponse:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not same_secret(given.strip(), token):
-            raise ApiError(401, "unauthorized", f"{what} needs Authorization: Bearer <token>")
+            raise ApiError(401, "unauthorized", f"{what} needs Authorization: Bearer <token>", headers=challenge)
         return await handler(request)
 
     return check

@@ -19,10 +19,11 @@ from aiohttp import web
 from bridge.httpx import ApiError, Handler, bearer_only, json_response, parse_json, read_body
 from bridge.mapping.links import ids_to_resolve, link_context
 from bridge.mapping.translate import translate_events
+from bridge.observability.redaction import redact_text
 from bridge.records import MAX_LIST_LIMIT, dead_letter_json, discard_json, when
 from bridge.routing import ANY_PATH, Routes, unmatched
 from bridge.sources.dry_run import Refused, as_ingested_each, refused_json
-from bridge.store.base import RecordFilter
+from bridge.store.base import RecordFilter, StoreError
 from bridge.suggest import did_you_mean
 
 if TYPE_CHECKING:
@@ -52,7 +53,9 @@ def add_admin_routes(routes: Routes, runtime: Runtime, token: str) -> None:
 
     def guarded(handler: Handler, query: Sequence[str] = ()) -> Handler:
         # The token first: without it, nothing says what a route takes.
-        return bearer_only(known_query(handler, query), token, "the admin API (admin.token)")
+        return bearer_only(
+            known_query(store_errors(handler), query), token, "the admin API (admin.token)", "bridge-admin"
+        )
 
     api = AdminApi(runtime)
     r = routes
@@ -72,6 +75,23 @@ def add_admin_routes(routes: Routes, runtime: Runtime, token: str) -> None:
     # Every other method or path under /admin lands here, after the token check: the
     # answer (404, or 405 and which methods exist) tells only the operator what is there.
     r.add("*", "/admin/{rest:" + ANY_PATH + "}", guarded(unmatched(r.resources())))
+
+
+def store_errors(handler: Handler) -> Handler:
+    """``handler`` with a store that fails (its database away, a disk error) answered as a
+    503 naming the store's error, as ingest answers it: not a 500 "bug of ours" with a
+    traceback logged per request, when the operator turns to the admin API most. The
+    caller holds the admin token, so the store's own words (redacted) are theirs to read."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except StoreError as exc:
+            raise ApiError(
+                503, "store_unavailable", f"the store failed: {redact_text(str(exc))}", headers={"Retry-After": "10"}
+            ) from None
+
+    return answer
 
 
 def known_query(handler: Handler, names: Sequence[str]) -> Handler:

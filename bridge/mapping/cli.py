@@ -127,6 +127,16 @@ def _option(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _check_options_read(options: dict[str, Any], read: frozenset[str] | None, mapping: str) -> None:
+    """As `bridge check` refuses a destination's mapping_options key the mapping never
+    reads: a misspelt --option would not apply, and the dry run would answer as if it did."""
+    if read is None:  # the mapping reads $options whole: any key may be used
+        return
+    for key in sorted(set(options) - read):
+        hint = did_you_mean(key, read) or f" (it reads: {', '.join(sorted(read)) or 'no options'})"
+        raise InputError(f"--option {key}: mapping {mapping!r} never reads $options.{key}{hint}")
+
+
 def cmd_translate(
     args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
@@ -144,6 +154,7 @@ def cmd_translate(
         return 1
     try:
         options = dict(_option(o) for o in getattr(args, "option", None) or [])
+        _check_options_read(options, mapping.option_names(), args.mapping)
         # bytes from the real stdin: input that is not UTF-8 is then invalid JSON, not a crash
         source: Any = stdin if stdin is not None else getattr(sys.stdin, "buffer", sys.stdin)
         # Python sets sys.stdin to None when the process starts with it closed (<&-).

@@ -37,12 +37,25 @@ def serve_store(path: Path, *, dead: int = 0, destination: str = "d") -> None:
     asyncio.run(go())
 
 
-def run_bridge(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """The installed `bridge` script, importing this checkout."""
+def _bridge_command() -> tuple[list[str], dict[str, str]]:
+    """The installed `bridge` script, importing this checkout, and its environment."""
     script = Path(sys.executable).with_name("bridge")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "bridge.cli"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return command, dict(os.environ, PYTHONPATH=str(ROOT))
+
+
+def run_bridge(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The installed `bridge` script, importing this checkout."""
+    command, env = _bridge_command()
     return subprocess.run([*command, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+
+
+def spawn_bridge(*args: str, cwd: Path) -> subprocess.Popen[str]:
+    """`run_bridge`, started and left running, its stdout and stderr pipes to read."""
+    command, env = _bridge_command()
+    return subprocess.Popen(
+        [*command, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def assert_served_store_untouched(

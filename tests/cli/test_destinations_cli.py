@@ -44,6 +44,15 @@ def test_pausing_a_misspelled_destination_is_an_error(ops_config: str, capsys) -
     assert "PAUSED" not in capsys.readouterr().out  # nothing was written for the typo
 
 
+def test_list_refuses_a_name_rather_than_list_every_destination_for_it(ops_config: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["destinations", "list", "segment-prod", "--config", ops_config])
+    assert exited.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "destinations list takes no name (it lists every destination), got 'segment-prod'" in captured.err
+
+
 def test_pause_and_resume(ops_config: str, capsys) -> None:
     assert cli_main(["destinations", "pause", "segment-prod", "--config", ops_config]) == 0
     assert cli_main(["destinations", "list", "--config", ops_config]) == 0

@@ -13,7 +13,7 @@ from bridge.cli import build_parser
 from bridge.cli import main as cli_main
 from bridge.store.base import Discard, RecordFilter
 from bridge.store.sqlite import SqliteStore
-from tests.cli.helpers import assert_served_store_untouched, run_bridge, serve_store
+from tests.cli.helpers import assert_served_store_untouched, run_bridge, serve_store, spawn_bridge
 from tests.store.helpers import event
 
 STORE_COMMANDS = [
@@ -80,6 +80,21 @@ def test_the_bridge_script_from_another_directory(served: Path) -> None:
     assert list(ctr2.iterdir()) == []
     listed = run_bridge("destinations", "list", "--config", "c.yaml", cwd=served)
     assert (listed.returncode, listed.stdout) == (0, "d: active, queued 0, dead letters 2\n")
+
+
+def test_a_listing_whose_reader_stops_early_ends_without_a_traceback(tmp_path: Path) -> None:
+    """`bridge dlq list | head -1`: the reader leaves after a line, and the rest of the
+    listing (well past what the pipe holds) cannot be written. That is the reader's choice,
+    not the command's failure: it ends as a process SIGPIPE ended would (141), not with a
+    BrokenPipeError traceback."""
+    serve_store(tmp_path / "bridge.db", dead=2000)  # ~200 KB of listing
+    (tmp_path / "c.yaml").write_text(f'store: {{url: "sqlite:///{tmp_path / "bridge.db"}"}}\n')
+    proc = spawn_bridge("dlq", "list", "--limit", "10000", "--config", "c.yaml", cwd=tmp_path)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().split() == ["ID", "FAILED", "AT", "DESTINATION", "EVENT", "REASON", "ATTEMPTS"]
+    proc.stdout.close()  # as head does once it has its line
+    err = proc.stderr.read()
+    assert (proc.wait(timeout=60), err) == (141, "")
 
 
 def test_dlq_show_prints_the_records_in_the_order_asked(

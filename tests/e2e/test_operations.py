@@ -27,6 +27,7 @@ from structlog.testing import capture_logs
 
 from bridge.cli import main as cli_main
 from bridge.observability.logging import configure_logging, register_secret
+from bridge.store.postgres import PostgresStore
 from bridge.testing.standins import Planned
 from tests.e2e.harness import (
     ADMIN_TOKEN,
@@ -42,6 +43,7 @@ from tests.e2e.harness import (
     raw_exchange,
     wait_until,
 )
+from tests.e2e.pgproxy import PgProxy
 from tests.e2e.proc import BridgeProcess
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -158,8 +160,11 @@ async def test_admin_api_requires_its_token(bridge):
         assert (status, body["code"]) == (401, "unauthorized"), path
     status, body = await bridge.post("/admin/status", {})
     assert (status, body["code"]) == (401, "unauthorized")
-    # With it, the operator gets the real answer.
     assert bridge.client is not None
+    # A 401 says which scheme it takes (RFC 9110 15.5.2: a 401 must carry a challenge).
+    resp = await bridge.client.get("/admin/status", headers={"Authorization": "Bearer wrong"})
+    assert (resp.status, resp.headers.get("WWW-Authenticate")) == (401, 'Bearer realm="bridge-admin"')
+    # With it, the operator gets the real answer.
     for path in ("/admin/reload", "/admin/dlq/replay", "/admin/dlq/purge"):
         resp = await bridge.client.get(path, headers=ADMIN)
         assert (resp.status, resp.headers["Allow"]) == (405, "POST"), path
@@ -777,6 +782,46 @@ async def test_metrics_still_answer_while_the_store_is_down(bridge):
     assert status == 200 and "bridge_http_requests_total" in text
 
 
+# Every admin route that reads or writes the store, with a request it would otherwise take.
+STORE_ROUTES: list[tuple[str, dict[str, Any] | None]] = [
+    ("/admin/status", None),
+    ("/admin/dlq", None),
+    ("/admin/dlq/1", None),
+    ("/admin/discards", None),
+    ("/admin/dlq/replay", {"reason": "http_400"}),
+    ("/admin/dlq/purge", {"reason": "http_400"}),
+    ("/admin/discards/replay", {"reason": "anonymous_user"}),
+    ("/admin/destinations/moengage-main/pause", {}),
+    ("/admin/destinations/moengage-main/resume", {}),
+    ("/admin/translate?destination=moengage-main", {"type": "track", "userId": "u-out", "event": "E"}),
+]
+
+
+async def test_the_admin_api_answers_a_store_outage_with_a_503_naming_it(make_bridge, pg_schema):
+    """PostgreSQL away: the admin API, what an operator turns to then, answers each route
+    that needs the store with a 503 naming the store's error, as ingest refuses events
+    with one; not a 500 internal_error with a traceback logged per request."""
+    proxy = PgProxy()
+    await proxy.start()
+
+    def through_proxy(raw: dict[str, Any]) -> None:
+        raw["store"]["url"] = proxy.url()
+
+    bridge = await make_bridge(through_proxy, start=False)
+    bridge.store_factory = lambda: PostgresStore(proxy.url(), schema=pg_schema)
+    try:
+        await bridge.start()
+        await proxy.close()
+        with capture_logs() as logs:
+            for path, body in STORE_ROUTES:
+                status, answer = await (bridge.get(path, ADMIN) if body is None else bridge.post(path, body, ADMIN))
+                assert (status, answer["code"]) == (503, "store_unavailable"), (path, answer)
+                assert answer["message"].startswith("the store failed: postgres"), (path, answer)
+        assert not [e for e in logs if e["event"] == "unhandled_error"]
+    finally:
+        await proxy.close()
+
+
 async def test_queue_gauges_exist_for_every_destination_before_any_traffic(bridge):
     _, text = await bridge.get("/metrics")
     for name in ("moengage-main", "moengage-eu", "segment-prod"):
@@ -1075,6 +1120,9 @@ async def test_metrics_can_require_a_token(make_bridge):
     assert (status, body["code"]) == (401, "unauthorized") and token not in str(body)
     status, _ = await bridge.get("/metrics", {"Authorization": f"Bearer {token}x"})
     assert status == 401
+    assert bridge.client is not None
+    resp = await bridge.client.get("/metrics")  # with the challenge a 401 must carry
+    assert (resp.status, resp.headers.get("WWW-Authenticate")) == (401, 'Bearer realm="bridge-metrics"')
     status, text = await bridge.get("/metrics", {"Authorization": f"Bearer {token}"})
     assert status == 200 and "bridge_http_requests_total" in text
     assert (await bridge.get("/healthz"))[0] == 200

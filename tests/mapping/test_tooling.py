@@ -196,6 +196,20 @@ def test_translate_takes_a_deletion_request(capsys, shipped_copy, monkeypatch):
     assert capsys.readouterr().out.splitlines() == ['delete {"identity_type":"customer_id","identity_value":"u9"}']
 
 
+def test_translate_refuses_an_option_the_mapping_never_reads(capsys, shipped_copy, monkeypatch):
+    """As `bridge check` refuses such a mapping_options key: a misspelt --option would not
+    apply, and the dry run would answer (here: discarded) as if it had been tried."""
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps({"type": "track", "anonymousId": "a", "event": "E"})))
+    argv = ["translate", "--mapping", "segment-to-moengage", "--mappings-dir", str(shipped_copy)]
+    assert main([*argv, "--option", "anonymous_id=true"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        "error: --option anonymous_id: mapping 'segment-to-moengage' never reads $options.anonymous_id"
+        " (did you mean 'anonymous_ids'?)\n"
+    )
+
+
 def test_translate_events_is_json_able():
     mapping = load_mapping_dir(ROOT / "mappings")["segment-to-moengage"]
     results = translate_events(
