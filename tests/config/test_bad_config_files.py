@@ -686,7 +686,9 @@ def test_a_header_setting_with_an_inner_character_that_is_no_control_character_i
     _header_auth(raw, value)
     raw["admin"]["token"] = value
     cfg = build_config(raw)
-    assert (cfg.sources[2].auth.value, cfg.admin_token) == (value, value)
+    auth = cfg.sources[2].auth
+    assert auth is not None
+    assert (auth.value, cfg.admin_token) == (value, value)
 
 
 @pytest.mark.parametrize("name", ["a{b}", "{x}", ".", ".."])
