@@ -102,6 +102,9 @@ async def test_the_webhook_route_refuses_with_a_503_its_sender_retries(make_brid
     assert resp.status == 503, await resp.text()
     assert (await resp.json())["code"] == "destination_queue_full"
     assert resp.headers["Retry-After"] == "30"
+    # What the documented backpressure alert counts (docs/operations.md).
+    _, metrics = await bridge.get("/metrics")
+    assert 'bridge_http_requests_total{route="/segment/webhook",status="503"} 1.0' in metrics, metrics
     bridge.moengage.release()
 
 
