@@ -8,6 +8,7 @@ import it back, and both say the same thing of the same value from here.
 from __future__ import annotations
 
 import datetime
+import unicodedata
 from typing import Any
 
 from bridge.destinations.base import ConfigError
@@ -77,7 +78,9 @@ def check_header_safe(value: str, where: str, consequence: str) -> None:
     client library refuses to send it; a server strips the whitespace it receives), so it
     passed `bridge check` and then failed every request. Never quoted: it is often a
     secret. ``consequence`` says what it would break."""
-    if value != value.strip() or not value.isprintable():
+    # Control characters (Cc) only: str.isprintable() also refused a no-break space, a
+    # zero-width one or a private-use character inside a value, which a header carries.
+    if value != value.strip() or any(unicodedata.category(c) == "Cc" for c in value):
         raise ConfigError(
             f"{where}: starts or ends with whitespace, or holds a control character (a line break from a "
             f"secret file, say), which no HTTP header carries: {consequence}"

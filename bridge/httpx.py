@@ -2,7 +2,8 @@
 
 Every rejection is a JSON ``{"code", "message"}`` with a 4xx status; a 5xx is only ever
 the bridge's own fault, never an answer to bad input. Backpressure (a full store) is a 429
-with Retry-After, as Segment's Tracking API answers (sources/base.py: BACKPRESSURE).
+with Retry-After, as Segment's Tracking API answers (sources/base.py: BACKPRESSURE), and a
+503 with Retry-After on /segment/webhook, whose sender retries a 5xx only.
 """
 
 from __future__ import annotations

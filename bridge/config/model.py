@@ -409,22 +409,21 @@ def _source(r: Reader) -> SourceConfig:
 
 
 # What a Streams source's name may not hold: it is the last segment of the URL MoEngage posts
-# to, written as it is (README: /moengage/streams/<source name>). A slash or a backslash
-# splits the segment (a WHATWG URL reads a backslash as a slash), '?' and '#' end the path,
-# '%' starts an escape that the route decodes, whitespace and control characters break the
-# request line, '.' and '..' are taken out of a path, and the route's pattern takes no '{'
-# or '}'.
-_STREAMS_NAME_FORBIDDEN = re.compile(r"[/\\?#%{}\s\x00-\x1f\x7f]")
+# to (README: /moengage/streams/<source name>), which the route decodes, so a space, a '%', a
+# '/' or a '?' reaches it percent-encoded (%20, %25, %2F, %3F), as such names always did.
+# Only these reach it in no form: the route's pattern takes no '{' or '}', even decoded, and
+# a URL takes '.' and '..' (%2E and %2E%2E too) out of its path.
+_STREAMS_NAME_FORBIDDEN = re.compile(r"[{}]")
 
 
 def _check_streams_name(name: str, where: str) -> None:
-    """Refuse a Streams source name that no request, sent to the URL the README gives, reaches:
-    `bridge check` passed it, and every batch MoEngage posted got a 404 or the one 401 an
-    unknown source gets, retried and then dropped."""
+    """Refuse a Streams source name that no request reaches: `bridge check` passed it, and
+    every batch MoEngage posted got a 404, retried and then dropped. Not one a URL carries
+    percent-encoded: refused, a config that delivered stopped the bridge after an upgrade."""
     if name in (".", "..") or _STREAMS_NAME_FORBIDDEN.search(name):
         raise ConfigError(
-            f"{where}: {name!r} cannot be written as it is in the Streams URL /moengage/streams/<name>, so no "
-            "request would reach this source; use letters, digits and '-', '_', '.', '~' (not '.' or '..' alone)"
+            f"{where}: {name!r} cannot be the last segment of the Streams URL /moengage/streams/<name>, even "
+            "percent-encoded, so no request would reach this source; it may not be '.' or '..', nor hold '{' or '}'"
         )
 
 

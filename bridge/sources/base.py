@@ -32,8 +32,10 @@ LOGGED_ID = 100
 # Retry-After, as Segment's own Tracking API answers when it cannot take more.
 # analytics-node 3.x waits out a 429's Retry-After without spending a retry, but spends one
 # on each 503 and drops the batch after the last (10 retries, 3 in 2.x: some minutes into a
-# full store). analytics-python 2.4 waits out either; Segment's webhooks and MoEngage
-# Streams retry both alike. Bad input never gets it: that is a 400-class answer.
+# full store). analytics-python 2.4 waits out either, and MoEngage Streams retries both
+# alike; Segment's Webhooks destination retries a 5xx only, so /segment/webhook answers
+# these 503 (segment/routes.py: WEBHOOK_BACKPRESSURE). Bad input never gets it: that is a
+# 400-class answer.
 BACKPRESSURE = 429
 
 

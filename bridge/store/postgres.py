@@ -100,7 +100,7 @@ def to_store_error(exc: BaseException) -> BaseException:
 def unavailable(exc: BaseException) -> bool:
     """The database did not answer in time or the connection failed, as opposed to one
     statement's data being refused: retrying each call of a group alone would make the
-    last caller wait a ``command_timeout`` per call before its 503."""
+    last caller wait a ``command_timeout`` per call before its refusal (429 store_unavailable)."""
     return isinstance(
         exc,
         asyncio.TimeoutError
@@ -379,7 +379,7 @@ class PostgresStore(Store):
 
         ``command_timeout`` bounds every statement and every wait for a pooled connection,
         like SQLite's busy timeout: a database that hangs (a lock held elsewhere, stalled
-        I/O) becomes a StoreError, so ingest answers 503 instead of hanging and a lease
+        I/O) becomes a StoreError, so ingest answers 429 instead of hanging and a lease
         is not held past its deadline by a settle that never returns.
 
         ``upgrade`` is accepted for a uniform interface: PostgreSQL's schema changes so far

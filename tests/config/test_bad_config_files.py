@@ -674,14 +674,31 @@ def test_a_header_setting_with_inner_spaces_or_other_scripts_is_taken(raw: dict[
     assert (cfg.admin_token, cfg.destinations[0].client.workspace_id) == ("two words", "ÉTÉ_123")  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("name", ["moe/prod", "moe\\prod", "a?b", "a#b", "moe%20prod", "moe prod", "a{b}", ".", ".."])
-def test_a_streams_source_name_no_url_can_carry_as_it_is_is_refused(raw: dict[str, Any], name: str) -> None:
+@pytest.mark.parametrize("value", ["Secret\u00a042", "Secret\u200b42", "Secret\ue00042"])
+def test_a_header_setting_with_an_inner_character_that_is_no_control_character_is_taken(
+    raw: dict[str, Any], value: str
+) -> None:
+    """A no-break space, a zero-width space or a private-use character inside a value is
+    neither whitespace at its ends nor a control character: a header carries it (UTF-8, as
+    an aiohttp client sends it and the server reads it), and the README refuses neither."""
+    from bridge.config.model import build_config
+
+    _header_auth(raw, value)
+    raw["admin"]["token"] = value
+    cfg = build_config(raw)
+    auth = cfg.sources[2].auth
+    assert auth is not None
+    assert (auth.value, cfg.admin_token) == (value, value)
+
+
+@pytest.mark.parametrize("name", ["a{b}", "{x}", ".", ".."])
+def test_a_streams_source_name_no_url_can_reach_is_refused(raw: dict[str, Any], name: str) -> None:
     """The name is the last segment of the URL MoEngage posts to: `bridge check` passed one
-    that URL cannot carry as written, and every batch got a 404 or an unknown source's 401."""
+    no URL reaches, even percent-encoded, and every batch got a 404."""
     from tests.config.conftest import error_of
 
     raw["sources"][2]["name"] = name
-    assert error_of(raw).startswith(f"sources[2].name: {name!r} cannot be written as it is in the Streams URL")
+    assert error_of(raw).startswith(f"sources[2].name: {name!r} cannot be the last segment of the Streams URL")
 
 
 def test_a_segment_source_name_is_no_url_and_may_hold_a_slash(raw: dict[str, Any]) -> None:

@@ -1,18 +1,22 @@
 """delivery.max_queued_events: a destination that stops delivering (down for days, paused for
 bad credentials) fills the store that every destination shares, and then ingest refuses
-everything. With a limit, only the events bound for that destination are refused (503, which
-senders retry); the other sources' events go on being taken and delivered."""
+everything. With a limit, only the events bound for that destination are refused (429 with
+Retry-After, which senders wait out; 503 on /segment/webhook, whose sender retries only a 5xx);
+the other sources' events go on being taken and delivered."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from structlog.testing import capture_logs
 
 from bridge.config.model import build_config
 from bridge.destinations.base import ConfigError
-from tests.e2e.harness import ADMIN_TOKEN, WRITE_KEY, Bridge, basic, config_dict, wait_until
+from tests.e2e.harness import ADMIN_TOKEN, WEBHOOK_SECRET, WRITE_KEY, Bridge, basic, config_dict, wait_until
 from tests.e2e.test_streams_to_segment import AUTH, PATH, seed_payload
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -78,6 +82,30 @@ async def test_a_destination_past_its_queue_limit_refuses_only_its_own_events(ma
     assert (await bridge.post("/v1/track", track(6), H))[0] == 200
     await moengage.wait_for(lambda: len(moengage.events()) == 4)
     assert [e["customer_id"] for e in moengage.events()] == ["user-0", "user-1", "user-2", "user-6"]
+
+
+async def test_the_webhook_route_refuses_with_a_503_its_sender_retries(make_bridge: Callable[..., Any]) -> None:
+    """Segment's (classic) Webhooks destination retries a request that gets a 5xx, for up to
+    4 hours, and no other: a 429 there dropped the events, deletion requests among them. So
+    /segment/webhook answers backpressure 503, still with Retry-After."""
+    bridge = await make_bridge(limited)
+    bridge.moengage.hold()
+    for n in range(3):
+        assert (await bridge.post("/v1/track", track(n), H))[0] == 200
+    await count_queues(bridge)
+    body = orjson.dumps(track(3))
+    signature = hmac.new(WEBHOOK_SECRET.encode(), body, hashlib.sha1).hexdigest()
+    assert bridge.client is not None
+    resp = await bridge.client.post(
+        "/segment/webhook", data=body, headers={**H, "Content-Type": "application/json", "X-Signature": signature}
+    )
+    assert resp.status == 503, await resp.text()
+    assert (await resp.json())["code"] == "destination_queue_full"
+    assert resp.headers["Retry-After"] == "30"
+    # What the documented backpressure alert counts (docs/operations.md).
+    _, metrics = await bridge.get("/metrics")
+    assert 'bridge_http_requests_total{route="/segment/webhook",status="503"} 1.0' in metrics, metrics
+    bridge.moengage.release()
 
 
 async def _empty(bridge: Bridge, name: str) -> bool:

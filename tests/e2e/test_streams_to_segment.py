@@ -8,7 +8,7 @@ import gzip
 import hashlib
 import re
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -1073,6 +1073,24 @@ async def test_a_streams_source_name_with_dots_and_tildes_is_reached_at_its_url(
 
     bridge = await make_bridge(tweak)
     assert await bridge.post("/moengage/streams/moe.prod_1~eu-x", seed_payload(), AUTH) == (200, {"success": True})
+    await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 3)
+
+
+@pytest.mark.parametrize(
+    ("name", "segment"), [("moe prod", "moe%20prod"), ("50%", "50%25"), ("moe/eu?x#1", "moe%2Feu%3Fx%231")]
+)
+async def test_a_streams_source_name_a_url_carries_percent_encoded_is_taken_and_reached(
+    make_bridge: Callable[..., Any], name: str, segment: str
+) -> None:
+    """A name with a space, a '%', a '/', a '?' or a '#' reaches its source at its URL with
+    those percent-encoded, as bridges before the name check took it and served it: refused at
+    start, such a config that delivered yesterday stopped the bridge after an upgrade."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["sources"][2]["name"] = name
+
+    bridge = await make_bridge(tweak)
+    assert await bridge.post(f"/moengage/streams/{segment}", seed_payload(), AUTH) == (200, {"success": True})
     await bridge.segment.wait_for(lambda: len(bridge.segment.events()) == 3)
 
 

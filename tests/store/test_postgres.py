@@ -98,7 +98,7 @@ async def test_unreachable_server_and_bad_options() -> None:
 
 
 async def test_a_hung_database_is_a_store_error_not_a_hang(pg_schema: str) -> None:
-    """A lock held elsewhere stalls every statement: ingest must fail fast (503), not wait."""
+    """A lock held elsewhere stalls every statement: ingest must fail fast (429 store_unavailable), not wait."""
     store = PostgresStore(PG_DSN, schema=pg_schema, command_timeout=0.5)
     await store.open()
     blocker = await asyncpg.connect(PG_DSN)
@@ -329,7 +329,7 @@ async def test_opening_drops_the_old_index_of_delivered_jobs_by_message_id(pg_sc
 
 async def test_a_hung_database_fails_a_whole_group_within_one_timeout(pg_schema: str) -> None:
     """README: "on PostgreSQL every statement and every wait for a pooled connection is
-    bounded by 10 s" (then ingest answers 503). A group that times out was committed
+    bounded by 10 s" (then ingest answers 429). A group that times out was committed
     again call by call, each waiting its own timeout: the n-th caller waited n+1."""
     store = PostgresStore(PG_DSN, schema=pg_schema, command_timeout=0.5)
     await store.open()

@@ -235,7 +235,7 @@ async def test_a_store_filled_by_a_queue_takes_as_much_again_once_it_is_delivere
 
 async def test_a_store_left_full_of_delivered_records_makes_room_after_a_restart(tmp_path: Path) -> None:
     """The queue was delivered, then the bridge restarted (an upgrade to a version that
-    makes room, or an operator restarting a bridge that answers 503): the new process has
+    makes room, or an operator restarting a bridge that answers 429 store_full): the new process has
     acked nothing, and only jobs acked since it started made a reclaim worth running, so
     the store stayed full, every event refused, until the records left retention (72 h)."""
     store = await opened(tmp_path / "b.db", max_bytes=60_000_000, size_check_interval=0.0)

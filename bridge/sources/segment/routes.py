@@ -23,7 +23,7 @@ from bridge.httpx import (
     secret_digest,
 )
 from bridge.routing import Routes
-from bridge.sources.base import Collected, Ingestor, SourceKind, given_id, store_collected
+from bridge.sources.base import BACKPRESSURE, Collected, Ingestor, SourceKind, given_id, store_collected
 from bridge.sources.encoding import encode_event, too_deep
 from bridge.sources.segment.spec import (
     CALL_TYPES,
@@ -49,6 +49,10 @@ BROWSER_CALLS = {"t": "track", "i": "identify", "p": "page", "s": "screen", "g":
 # Authorization headers remembered once authenticated (see SegmentSources._source_for_header).
 AUTH_CACHE_SIZE = 256
 WEBHOOK_METHODS = ("POST", "PUT", "PATCH")
+# Backpressure on /segment/webhook: Segment's (classic) Webhooks destination retries a 5xx, for
+# up to 4 hours, and nothing else, so the 429 the Tracking API's clients wait out would drop
+# the events there (its deletion requests among them). Webhooks (Actions) retries either.
+WEBHOOK_BACKPRESSURE = 503
 
 
 class SegmentSources(SourceKind):
@@ -285,7 +289,12 @@ class SegmentSources(SourceKind):
             raise ApiError(401, "signature_required", "X-Signature header is missing", headers={"Connection": "close"})
         body = await read_body(request, self.config.server.max_webhook_bytes)
         collected = self._collect_webhook(source, body, signature)
-        return await store_collected(self.ingestor, collected)
+        try:
+            return await store_collected(self.ingestor, collected)
+        except ApiError as err:
+            if err.status != BACKPRESSURE:
+                raise
+            raise ApiError(WEBHOOK_BACKPRESSURE, err.code, err.message, err.extra, err.headers) from None
 
     def _collect_webhook(self, source: SourceConfig, body: bytes, signature: str) -> Collected:
         if source.webhook_secret:
