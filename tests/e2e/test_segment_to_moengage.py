@@ -771,7 +771,14 @@ async def test_write_key_edge_cases(bridge):
     status, data = await bridge.post("/v1/track", track_body(writeKey=EU_WRITE_KEY), basic(WRITE_KEY))
     assert (status, data["code"]) == (401, "write_key_mismatch")
     assert EU_WRITE_KEY not in data["message"] and WRITE_KEY not in data["message"]
-    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1)
+    # A Segment OAuth client sends a Bearer token with the key in the body: the key decides.
+    bearer = {"Authorization": "Bearer eyJhbGciOiJSUzI1NiJ9.e30.c2ln"}
+    assert (await bridge.post("/v1/batch", {"batch": [track_body(type="track")], "writeKey": WRITE_KEY}, bearer))[
+        0
+    ] == 200
+    status, data = await bridge.post("/v1/batch", {"batch": [track_body(type="track")]}, bearer)
+    assert (status, data["code"]) == (401, "write_key_required")
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 2)
 
 
 async def test_a_batch_items_own_write_key_authenticates_it_and_another_key_is_refused_by_index(bridge):
