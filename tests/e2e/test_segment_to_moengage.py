@@ -771,7 +771,43 @@ async def test_write_key_edge_cases(bridge):
     status, data = await bridge.post("/v1/track", track_body(writeKey=EU_WRITE_KEY), basic(WRITE_KEY))
     assert (status, data["code"]) == (401, "write_key_mismatch")
     assert EU_WRITE_KEY not in data["message"] and WRITE_KEY not in data["message"]
-    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1)
+    # A Segment OAuth client sends a Bearer token with the key in the body: the key decides.
+    bearer = {"Authorization": "Bearer eyJhbGciOiJSUzI1NiJ9.e30.c2ln"}
+    assert (await bridge.post("/v1/batch", {"batch": [track_body(type="track")], "writeKey": WRITE_KEY}, bearer))[
+        0
+    ] == 200
+    status, data = await bridge.post("/v1/batch", {"batch": [track_body(type="track")]}, bearer)
+    assert (status, data["code"]) == (401, "write_key_required")
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 2)
+
+
+async def test_a_batch_items_own_write_key_authenticates_it_and_another_key_is_refused_by_index(bridge):
+    """A batch item may carry its own writeKey (analytics.js puts one in each event). A batch
+    sent with the keys on its items only is taken by them, as the first item's names the
+    source; an item naming another key (another source, another region, none known) is
+    refused by its index rather than delivered to the batch's source's workspace."""
+    items = [track_body(type="track", userId=f"own-key-{i}", writeKey=WRITE_KEY) for i in range(2)]
+    status, data = await bridge.post("/v1/batch", {"batch": items})
+    assert (status, data) == (200, {"success": True}), data
+    foreign = [
+        track_body(type="track", userId="eu-user", writeKey=EU_WRITE_KEY),
+        track_body(type="track", userId="unknown-user", writeKey="not-a-key"),
+        track_body(type="track", userId="own-key-2", writeKey=WRITE_KEY),
+        track_body(type="track", userId="no-key"),
+    ]
+    for body, headers in (({"batch": foreign, "writeKey": WRITE_KEY}, None), ({"batch": foreign}, basic(WRITE_KEY))):
+        status, data = await bridge.post("/v1/batch", body, headers)
+        assert status == 200 and data["accepted"] == 2, data
+        refused = [(r["index"], r["code"]) for r in data["rejected"]]
+        assert refused == [(0, "write_key_mismatch"), (1, "write_key_mismatch")], data
+        assert EU_WRITE_KEY not in str(data) and "not-a-key" not in str(data)
+    # Keys on the items only, the first another region's: refused as that key is, whole.
+    status, data = await bridge.post("/v1/batch", {"batch": foreign[:1] + items})
+    assert (status, data["code"]) == (403, "wrong_region"), data
+    moe = bridge.moengage
+    await moe.wait_for(lambda: len(moe.events()) == 4)
+    await asyncio.sleep(0.2)
+    assert sorted(e["customer_id"] for e in moe.events()) == ["no-key", "own-key-0", "own-key-1", "own-key-2"]
 
 
 async def test_the_32_kb_limit_is_on_the_event_as_sent(bridge):

@@ -62,6 +62,7 @@ class SegmentSources(SourceKind):
         self.config = config
         self.ingestor = ingestor
         self._by_key = {secret_digest(s.write_key): s for s in config.sources if s.kind == "segment"}
+        self._digests = {s.name: digest for digest, s in self._by_key.items()}
         # Digest of an exact Authorization header -> the source it authenticated as. Filled
         # only after the full check (decode, digest lookup, region) succeeded, so a hit is a
         # header already accepted; anything else (a wrong key, a malformed header) takes the
@@ -163,6 +164,8 @@ class SegmentSources(SourceKind):
             raise ApiError(400, "invalid_json", "expected a JSON object")
         body_key = data.get("writeKey")
         if source is None:
+            if (body_key is None or body_key == "") and call in BATCH_CALLS:
+                body_key = _first_item_key(data.get("batch"))
             source = self._source_for(body_key)
         elif body_key not in (None, "") and not same_secret(str(body_key), source.write_key):
             # Two different keys: which source (and region) was meant is unknowable.
@@ -180,6 +183,7 @@ class SegmentSources(SourceKind):
                 sent_at=data.get("sentAt"),
                 context=data.get("context"),
                 integrations=data.get("integrations"),
+                write_key_digest=self._digests[source.name],
             )
             if envelope.merges:
                 self._check_shared(envelope, len(items))
@@ -331,6 +335,19 @@ class SegmentSources(SourceKind):
             for r in rest
         ]
         return collected
+
+
+def _first_item_key(items: Any) -> Any:
+    """The writeKey of a batch's first item carrying one, for a batch sent with no other (no
+    Basic auth, no top-level writeKey): a client that keys each event (as analytics.js does)
+    rather than its batch. The batch's other items are held to it (Envelope.write_key_digest)."""
+    if type(items) is list:
+        for item in items:
+            if type(item) is dict:
+                key = item.get("writeKey")
+                if key is not None and key != "":
+                    return key
+    return None
 
 
 def _drop_applied_all(items: list[Any]) -> None:

@@ -6,6 +6,8 @@ timestamp arithmetic is Segment's: ``timestamp = receivedAt - (sentAt - original
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 import time
 import uuid
@@ -143,6 +145,7 @@ class Envelope:
         "sent_at",
         "sent_parsed",
         "skew_us",
+        "write_key_digest",
     )
 
     def __init__(
@@ -156,6 +159,7 @@ class Envelope:
         integrations: Any = None,
         keep_timestamp: bool = False,
         more_types: frozenset[str] = frozenset(),
+        write_key_digest: bytes | None = None,
     ) -> None:
         self.received_at = received_at
         self.received_iso = received_iso if received_iso is not None else iso(received_at)
@@ -180,6 +184,11 @@ class Envelope:
         self.batch_skew_us = None if keep_timestamp else self.skew_us
         # Call types taken besides CALL_TYPES: a webhook's WEBHOOK_ONLY_TYPES.
         self.more_types = more_types
+        # The SHA-256 of the write key the request authenticated with, for a batch, whose
+        # items may carry their own writeKey: one naming another key is refused, not taken
+        # into this source (and its workspace, maybe its region). None: nothing to check (a
+        # single call's writeKey is the body's, already checked).
+        self.write_key_digest = write_key_digest
 
 
 def parse_time(value: Any, field: str) -> datetime:
@@ -286,7 +295,9 @@ def normalise_in(item: Any, call_type: str | None, envelope: Envelope) -> tuple[
         raise Invalid("invalid_event", f"each event must be a JSON object, got {_kind(item)}")
     event = dict(item)
     if "writeKey" in event:  # fewer steps than pop(key, None), for the event that has none
-        del event["writeKey"]  # noqa: RUF051 - a secret: never stored with the event
+        own_key = event.pop("writeKey")  # a secret: never stored with the event
+        if envelope.write_key_digest is not None and own_key is not None and own_key != "":
+            _check_own_key(own_key, envelope.write_key_digest)
     kind: Any
     if call_type:
         kind = call_type
@@ -397,6 +408,18 @@ def normalise_in(item: Any, call_type: str | None, envelope: Envelope) -> tuple[
         # user's own earlier events (its identify). It is ordered with both users' events.
         return event, message_id, ordering_key(event["previousId"], user_id or "")
     return event, message_id, user_id or anon_id or ""
+
+
+def _check_own_key(own_key: Any, expected_digest: bytes) -> None:
+    """Raise unless a batch item's own writeKey is the key its request authenticated with,
+    compared in constant time (through digests, so lengths do not leak either)."""
+    given = own_key.encode("utf-8", "surrogatepass") if isinstance(own_key, str) else b""
+    if not (given and hmac.compare_digest(hashlib.sha256(given).digest(), expected_digest)):
+        raise Invalid(
+            "write_key_mismatch",
+            "this event's writeKey is another key than the one the batch was sent with; send it"
+            " in a batch of its own key's source",
+        )
 
 
 def _invalid_type(kind: Any, envelope: Envelope) -> Invalid:
