@@ -284,6 +284,11 @@ class MoEngageDestination(Destination):
             "devices": 10_000 / PER_MINUTE,
         }
 
+    def rate_limit_scope(self) -> str:
+        # MoEngage's limits are a workspace's (30,000 events a minute for it, not for each
+        # client of it), and a workspace lives in one data center.
+        return f"moengage:{self.data_center}:{self.workspace_id}"
+
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
