@@ -159,6 +159,18 @@ def test_configured_max_request_bytes_is_honoured_exactly():
         assert sum(i.size for i in request.items) + len(request.items) - 1 + 35 == len(rendered)
 
 
+def test_max_request_bytes_never_lets_a_request_past_moengages_own_caps():
+    # Set to the 128 KB of the single endpoints, Bulk Import still stops at its 100 KB: every
+    # request above it would get a 413 and be split, one wasted request each time.
+    dest = build(max_request_bytes=128_000)
+    requests = dest.pack([customer(f"user-{n}", n, blob="x" * 900) for n in range(400)])
+    assert max(len(dest.render(r)) for r in requests) <= 100_000
+    assert dest.describe()["max_request_bytes"] == {"bulk": 100_000, "merge": 128_000}
+    # Past 128 KB no endpoint takes a request: a config error, not a 413 for every request.
+    with pytest.raises(ConfigError, match=r"max_request_bytes: must be between 1024 and 128000, got 2000000"):
+        build(max_request_bytes=2_000_000)
+
+
 def test_an_item_larger_than_the_cap_goes_alone():
     dest = build()
     huge = customer("big", 2, blob="z" * 150_000)

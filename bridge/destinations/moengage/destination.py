@@ -72,8 +72,9 @@ class MoEngageDestination(Destination):
         self.base_url = base_url or default_base_url(data_center)
         self.timeout = timeout
         self._api_key = api_key
-        self._bulk_max = max_request_bytes or BULK_MAX_BYTES
-        self._merge_max = max_request_bytes or SINGLE_MAX_BYTES
+        # A configured cap only lowers MoEngage's own: above it every request is a 413.
+        self._bulk_max = min(max_request_bytes or BULK_MAX_BYTES, BULK_MAX_BYTES)
+        self._merge_max = min(max_request_bytes or SINGLE_MAX_BYTES, SINGLE_MAX_BYTES)
         self._headers = {
             "Authorization": http.basic_auth(workspace_id, api_key),
             "MOE-APPKEY": workspace_id,
@@ -112,7 +113,7 @@ class MoEngageDestination(Destination):
             base_url=optional_base_url(cfg, "base_url", where),
             api=api,
             max_request_bytes=optional_int(
-                cfg, "max_request_bytes", where, default=None, minimum=1024, maximum=10_000_000
+                cfg, "max_request_bytes", where, default=None, minimum=1024, maximum=SINGLE_MAX_BYTES
             ),
             timeout=timeout,
         )
