@@ -89,6 +89,7 @@ _ERROR_MESSAGES = {
 
 # The type of every documented 401 (and, with a full stop, 409) of the Data API.
 _AUTH = "Authentication required"
+_MERGE_TOO_LARGE = "The payload can not exceed 128KB"
 _KEY_MISMATCH = "App Secret key mismatch. Please login to the dashboard to verify key"
 # MoEngage's answer for an app id it does not serve: a workspace sent to another data center.
 _INVALID_APP_ID = "given app_id is invalid/blocked"
@@ -306,10 +307,12 @@ class MoEngageStandIn(StandIn):
             if self.suspended:
                 raise Rejected(*suspended)
             if request.content_type != "application/json":
-                raise Rejected(415, "Content-Type must be application/json", "MediaTypeError")
+                raise Rejected(415, _ERROR_MESSAGES[415], "MediaTypeError")
             raw = await request.read()
             if len(raw) > max_bytes:
-                raise Rejected(413, f"Payload size exceeds {max_bytes // 1000} KB", "PayloadTooLarge")
+                # Merge User words its 413 its own way (MoE-spec).
+                too_large = _MERGE_TOO_LARGE if merge else f"Payload size exceeds {max_bytes // 1000} KB"
+                raise Rejected(413, too_large, "PayloadTooLarge")
             try:
                 body = orjson.loads(raw)
             except orjson.JSONDecodeError as exc:

@@ -629,3 +629,12 @@ async def test_delete_users_5xx_has_a_title_and_description_as_its_429(moe, stat
     standin.plan(Planned(status))
     code, body = await call(client, f"/v1/customer/{WS}", customer())
     assert (code, body["status"], "error" in body) == (status, "fail", True)  # the others keep the envelope
+
+
+async def test_merge_and_content_type_refusals_read_as_moengages(moe):
+    _standin, client = moe
+    pairs = {"merge_data": [{"merged_user": f"old-{n}-" + "x" * 3000, "retained_user": f"new-{n}"} for n in range(45)]}
+    status, body = await call(client, f"/v1/customer/merge?app_id={WS}", pairs)
+    assert (status, body["error"]["message"]) == (413, "The payload can not exceed 128KB")
+    status, body = await call(client, f"/v1/event/{WS}", event(), {**GOOD, "Content-Type": "text/plain"})
+    assert (status, body["error"]["message"]) == (415, "Unsupported Media Type")
