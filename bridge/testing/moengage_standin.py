@@ -7,8 +7,8 @@ items (a device without its platform or push_id among them) sent alone, a 200 fo
 Import it can read that drops each such element unseen, at most 50 merge pairs,
 silent acceptance of customer ids MoEngage ignores, of devices of users it does not
 have (it creates devices for existing users only) and of future-dated event actions,
-Delete User's 400 for a user it does not have and its own 429 body (a title and a
-description, when ``plan`` or ``refuse_all`` refuses a deletion with a 429), and
+Delete User's 400 for a user it does not have and its own 429 and 5xx bodies (a title
+and a description, when ``plan`` or ``refuse_all`` refuses a deletion so), and
 (``suspended``) each endpoint's answer for a suspended account: a 400 from Merge User, a
 403 from the others.
 """
