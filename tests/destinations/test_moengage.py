@@ -105,6 +105,16 @@ def test_bad_values(key, value, fragment):
     assert fragment in str(err.value)
 
 
+@pytest.mark.parametrize("api_key", [KEY + "\n", " " + KEY, KEY[:4] + "\r" + KEY[4:]])
+def test_an_api_key_no_basic_auth_could_match_is_a_config_error_that_never_quotes_it(api_key):
+    # A secret file's line break, kept by a quoted "${VAR}", went into the Basic credentials:
+    # `bridge check` passed, and MoEngage answered every request 401 (the destination paused).
+    with pytest.raises(ConfigError) as err:
+        build(api_key=api_key)
+    assert str(err.value).startswith("destinations[0].api_key: starts or ends with whitespace")
+    assert KEY[:4] not in str(err.value)
+
+
 def test_describe_never_contains_the_api_key():
     dest = build()
     facts = dest.describe()

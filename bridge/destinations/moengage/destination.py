@@ -105,10 +105,16 @@ class MoEngageDestination(Destination):
         check_header_safe(
             workspace_id, f"{where}.workspace_id", "it is sent as the MOE-APPKEY header, so every delivery would fail"
         )
+        api_key = required_str(cfg, "api_key", where)
+        # A secret file's line break, kept by a quoted "${VAR}", goes into the Basic
+        # credentials unseen: MoEngage answers every request 401. Never quoted: a secret.
+        check_header_safe(
+            api_key, f"{where}.api_key", "no Data API key does, and MoEngage would answer every request 401"
+        )
         return cls(
             name=cfg["name"] if isinstance(cfg.get("name"), str) else cls.kind,
             workspace_id=workspace_id,
-            api_key=required_str(cfg, "api_key", where),
+            api_key=api_key,
             data_center=normalise_data_center(cfg["data_center"], f"{where}.data_center"),
             base_url=optional_base_url(cfg, "base_url", where),
             api=api,
