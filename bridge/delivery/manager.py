@@ -8,7 +8,8 @@ from collections.abc import Callable, Iterable, Mapping
 
 from bridge.config.model import Config
 from bridge.delivery.metrics import DeliveryMetrics
-from bridge.delivery.worker import DestinationWorker
+from bridge.delivery.ratelimit import shared_limiters
+from bridge.delivery.worker import DestinationWorker, rates_of
 from bridge.mapping.api import CompiledMapping
 from bridge.observability.failure_runs import FailureRun
 from bridge.store.base import DestinationState, Store
@@ -23,7 +24,12 @@ class DeliveryManager:
         metrics: DeliveryMetrics | None = None,
     ) -> None:
         self.store = store
-        self.workers = {d.name: DestinationWorker(d, store, mappings, metrics) for d in config.destinations}
+        # Destinations on one upstream account (a MoEngage workspace) share its rate limits.
+        limiters = shared_limiters((d.name, d.client.rate_limit_scope(), rates_of(d)) for d in config.destinations)
+        self.workers = {
+            d.name: DestinationWorker(d, store, mappings, metrics, limiter=limiters.get(d.name))
+            for d in config.destinations
+        }
         self._poll = min((d.delivery.poll_interval for d in config.destinations), default=1.0)
         self._state_task: asyncio.Task[None] | None = None
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 
 class TokenBucket:
@@ -97,3 +97,25 @@ class RateLimiter:
         for name in cost:
             if name in self.buckets:
                 self.buckets[name].succeeded()
+
+
+def shared_limiters(scopes: Iterable[tuple[str, str | None, Mapping[str, float]]]) -> dict[str, RateLimiter]:
+    """One limiter for each rate-limit scope that several destinations share, by destination
+    name, from (name, scope, rates) of each destination. A bucket's rate is the lowest any of
+    them sets: each destination's own cap holds, and together they stay within the
+    upstream's, which counts them as one. A destination alone in its scope is not named."""
+    groups: dict[str, list[tuple[str, Mapping[str, float]]]] = {}
+    for name, scope, rates in scopes:
+        if scope is not None:
+            groups.setdefault(scope, []).append((name, rates))
+    limiters: dict[str, RateLimiter] = {}
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        lowest: dict[str, float] = {}
+        for _, rates in members:
+            for bucket, rate in rates.items():
+                lowest[bucket] = min(rate, lowest.get(bucket, rate))
+        limiter = RateLimiter(lowest)
+        limiters.update((name, limiter) for name, _ in members)
+    return limiters

@@ -194,7 +194,11 @@ class DestinationWorker:
         store: Store,
         mappings: Callable[[], Mapping[str, CompiledMapping]],
         metrics: DeliveryMetrics | None = None,
+        *,
+        limiter: RateLimiter | None = None,
     ) -> None:
+        """``limiter``: buckets shared with other destinations on the same upstream account
+        (DeliveryManager); by default this destination's own."""
         self.config = config
         self.name = config.name
         self.client = config.client
@@ -202,7 +206,7 @@ class DestinationWorker:
         self._mappings = mappings
         self.metrics = metrics or NoDeliveryMetrics()
         self.policy = RetryPolicy(config.retry)
-        self.limiter = RateLimiter({**self.client.rate_limits(), **config.rate_limits})
+        self.limiter = limiter or RateLimiter(rates_of(config))
         self.guard = DeadLetterGuard(config.guard)
         self.paused = False
         self.pause_reason = ""
@@ -1337,6 +1341,11 @@ def _part_followers(requests: list[Request], leaders: Mapping[int, Item]) -> tup
             request = Request(request.endpoint, items)
         kept.append(request)
     return kept, held
+
+
+def rates_of(config: DestinationConfig) -> dict[str, float]:
+    """A destination's bucket rates: the documented caps, with its `rate_limits` over them."""
+    return {**config.client.rate_limits(), **config.rate_limits}
 
 
 def _alone(job_id: int, verdict: Verdict) -> bool:

@@ -160,6 +160,12 @@ class Destination(ABC):
     def rate_limits(self) -> Mapping[str, float]:
         """Bucket name -> tokens per second, from the documented caps or the config."""
 
+    def rate_limit_scope(self) -> str | None:
+        """The upstream account this destination's requests count against, where the
+        upstream's rate limits are per account: destinations with the same scope share one
+        set of buckets (DeliveryManager). None: buckets of its own."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         """Non-secret facts for status pages (never credentials)."""
         return {"name": self.name, "kind": self.kind, "region": self.region}

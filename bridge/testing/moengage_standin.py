@@ -7,8 +7,8 @@ items (a device without its platform or push_id among them) sent alone, a 200 fo
 Import it can read that drops each such element unseen, at most 50 merge pairs,
 silent acceptance of customer ids MoEngage ignores, of devices of users it does not
 have (it creates devices for existing users only) and of future-dated event actions,
-Delete User's 400 for a user it does not have and its own 429 body (a title and a
-description, when ``plan`` or ``refuse_all`` refuses a deletion with a 429), and
+Delete User's 400 for a user it does not have and its own 429 and 5xx bodies (a title
+and a description, when ``plan`` or ``refuse_all`` refuses a deletion so), and
 (``suspended``) each endpoint's answer for a suspended account: a 400 from Merge User, a
 403 from the others.
 """
@@ -62,11 +62,11 @@ BLOCKED_CUSTOMER_IDS = frozenset(
 
 _ERROR_TYPES = {
     400: "BadRequestError",
-    401: "AuthenticationError",
+    401: "Authentication required",
     403: "BlockedClient",
     404: "NotFound",
     405: "MethodNotAllowed",
-    409: "ConflictError",
+    409: "Authentication required.",
     413: "PayloadTooLarge",
     415: "MediaTypeError",
     429: "RateLimitError",
@@ -87,6 +87,9 @@ _ERROR_MESSAGES = {
     503: "Service Unavailable",
 }
 
+# The type of every documented 401 (and, with a full stop, 409) of the Data API.
+_AUTH = "Authentication required"
+_MERGE_TOO_LARGE = "The payload can not exceed 128KB"
 _KEY_MISMATCH = "App Secret key mismatch. Please login to the dashboard to verify key"
 # MoEngage's answer for an app id it does not serve: a workspace sent to another data center.
 _INVALID_APP_ID = "given app_id is invalid/blocked"
@@ -108,16 +111,21 @@ DELETE_RATE_LIMITED = {
     "title": "Rate limit exceeded",
     "description": "Exceeded rate limit for this url",
 }
+# Delete User's 5xx, in the same shape as its 429 (MoE-spec: title and description "in the
+# case of 429 and 5xx errors").
+DELETE_SERVER_ERROR = {"status": "fail", "title": "Internal Error", "description": "Please contact the MoEngage team."}
 
 
 class Rejected(Exception):
     """A request MoEngage answers with an error; carries the answer."""
 
-    def __init__(self, status: int, message: str, kind: str | None = None) -> None:
+    def __init__(self, status: int, message: str, kind: str | None = None, attribute: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.kind = kind
+        # The payload attribute at fault, which MoEngage's envelope names for some 400s.
+        self.attribute = attribute
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,8 +244,11 @@ class MoEngageStandIn(StandIn):
         }
 
     def injected_error_body(self, request: web.Request, status: int) -> Any:
-        if status == 429 and request.match_info.handler == self._delete:
-            return dict(DELETE_RATE_LIMITED)
+        if request.match_info.handler == self._delete:
+            if status == 429:
+                return dict(DELETE_RATE_LIMITED)
+            if status >= 500:
+                return dict(DELETE_SERVER_ERROR)
         return super().injected_error_body(request, status)
 
     async def _customer(self, request: web.Request) -> web.Response:
@@ -296,10 +307,12 @@ class MoEngageStandIn(StandIn):
             if self.suspended:
                 raise Rejected(*suspended)
             if request.content_type != "application/json":
-                raise Rejected(415, "Content-Type must be application/json", "MediaTypeError")
+                raise Rejected(415, _ERROR_MESSAGES[415], "MediaTypeError")
             raw = await request.read()
             if len(raw) > max_bytes:
-                raise Rejected(413, f"Payload size exceeds {max_bytes // 1000} KB", "PayloadTooLarge")
+                # Merge User words its 413 its own way (MoE-spec).
+                too_large = _MERGE_TOO_LARGE if merge else f"Payload size exceeds {max_bytes // 1000} KB"
+                raise Rejected(413, too_large, "PayloadTooLarge")
             try:
                 body = orjson.loads(raw)
             except orjson.JSONDecodeError as exc:
@@ -310,7 +323,10 @@ class MoEngageStandIn(StandIn):
             summary: str = accept(body)
         except Rejected as rejected:
             self.note(request, error=rejected.message)
-            return self.error(rejected.status, rejected.message, rejected.kind)
+            body = self.error_body(rejected.status, rejected.message, rejected.kind)
+            if rejected.attribute is not None:
+                body["error"] = {"attribute": rejected.attribute, **body["error"]}
+            return self.json_response(rejected.status, body)
         self.record(request, body, len(raw))
         # What real MoEngage would accept and then drop without a word, shown (with why) on
         # the sandbox's log line, which is the only place a sandbox user can see it.
@@ -329,35 +345,35 @@ class MoEngageStandIn(StandIn):
     ) -> None:
         header = request.headers.get("Authorization")
         if not header:
-            raise Rejected(401, "Authentication Header Required", "AuthenticationError")
+            raise Rejected(401, "Authentication Header Required", _AUTH)
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "basic":
             raise Rejected(
                 401,
                 "Invalid authorization used. MoEngage only supports 'Basic Auth' authorization.",
-                "AuthenticationError",
+                _AUTH,
             )
         try:
             username, _, password = base64.b64decode(token.strip(), validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
-            raise Rejected(401, "Authentication Header Malformed", "AuthenticationError") from None
+            raise Rejected(401, "Authentication Header Malformed", _AUTH) from None
         self._check_data_center(request, username, invalid_app_id_status)
         if username not in self.workspaces or password != self.workspaces[username]:
-            raise Rejected(401, _KEY_MISMATCH, "AuthenticationError")
+            raise Rejected(401, _KEY_MISMATCH, _AUTH)
         appkey = request.headers.get("MOE-APPKEY")
         if appkey is None and not merge:  # merge callers may omit it; data calls may not
-            raise Rejected(401, "MOE-APPKEY header is required", "AuthenticationError")
+            raise Rejected(401, "MOE-APPKEY header is required", _AUTH)
         if appkey is not None and appkey != username:
             raise Rejected(
                 401,
                 "MOE_APPKEY doesn't match the Username (APP_KEY) used in Basic Auth authorization.",
-                "AuthenticationError",
+                _AUTH,
             )
         target = request.query.get("app_id") if app_id_in_query else request.match_info.get("workspace")
         if not target:
             raise Rejected(400, "app_id is required", "InvalidParams")
         if target != username:
-            raise Rejected(409, "App key mismatch in params and authentication.", "ConflictError")
+            raise Rejected(409, "App key mismatch in params and authentication.", f"{_AUTH}.")
 
     def _check_data_center(self, request: web.Request, workspace: str, status: int) -> None:
         """A workspace lives in one data center; another's host does not know its app id.
@@ -435,12 +451,12 @@ class MoEngageStandIn(StandIn):
             raise Rejected(400, "type should be transition", "InvalidParams")
         elements = body.get("elements")
         if not isinstance(elements, list) or not elements:
-            raise Rejected(400, "elements can not be empty Array", "MissingAttributeError")
+            raise Rejected(400, "'elements cannot be empty array", "MissingAttributeError", "elements")
         for element in elements:
             # The one element error MoEngage documents answering a Bulk Import with
             # (shared/reference/moengage-api.md §1.5): the request itself is refused.
             if not isinstance(element, dict) or element.get("type") not in ("customer", "event", "device"):
-                raise Rejected(400, "'type in elements should be customer/event/device", "InvalidParams")
+                raise Rejected(400, "'type in elements should be customer/event/device", "AttributeError", "type")
         counts = {"customer": 0, "event": 0, "device": 0}
         targets = {"customer": self._customers, "event": self._events, "device": self._devices}
         for index, element in enumerate(elements):
@@ -497,7 +513,7 @@ class MoEngageStandIn(StandIn):
         if not isinstance(value, str) or not value.strip():
             raise Rejected(400, "identity_value can not be empty Unicode String", "MissingAttributeError")
         if value not in self._users:
-            raise Rejected(400, USER_ABSENT.format(value), "BadRequestError")
+            raise Rejected(400, USER_ABSENT.format(value), "Not Found")
         self._users.discard(value)
         self._deletions.append(body)
         return f"delete {value!r}"

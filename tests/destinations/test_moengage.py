@@ -105,6 +105,16 @@ def test_bad_values(key, value, fragment):
     assert fragment in str(err.value)
 
 
+@pytest.mark.parametrize("api_key", [KEY + "\n", " " + KEY, KEY[:4] + "\r" + KEY[4:]])
+def test_an_api_key_no_basic_auth_could_match_is_a_config_error_that_never_quotes_it(api_key):
+    # A secret file's line break, kept by a quoted "${VAR}", went into the Basic credentials:
+    # `bridge check` passed, and MoEngage answered every request 401 (the destination paused).
+    with pytest.raises(ConfigError) as err:
+        build(api_key=api_key)
+    assert str(err.value).startswith("destinations[0].api_key: starts or ends with whitespace")
+    assert KEY[:4] not in str(err.value)
+
+
 def test_describe_never_contains_the_api_key():
     dest = build()
     facts = dest.describe()
@@ -157,6 +167,18 @@ def test_configured_max_request_bytes_is_honoured_exactly():
         rendered = dest.render(request)
         assert len(rendered) <= 2000
         assert sum(i.size for i in request.items) + len(request.items) - 1 + 35 == len(rendered)
+
+
+def test_max_request_bytes_never_lets_a_request_past_moengages_own_caps():
+    # Set to the 128 KB of the single endpoints, Bulk Import still stops at its 100 KB: every
+    # request above it would get a 413 and be split, one wasted request each time.
+    dest = build(max_request_bytes=128_000)
+    requests = dest.pack([customer(f"user-{n}", n, blob="x" * 900) for n in range(400)])
+    assert max(len(dest.render(r)) for r in requests) <= 100_000
+    assert dest.describe()["max_request_bytes"] == {"bulk": 100_000, "merge": 128_000}
+    # Past 128 KB no endpoint takes a request: a config error, not a 413 for every request.
+    with pytest.raises(ConfigError, match=r"max_request_bytes: must be between 1024 and 128000, got 2000000"):
+        build(max_request_bytes=2_000_000)
 
 
 def test_an_item_larger_than_the_cap_goes_alone():

@@ -119,11 +119,11 @@ async def test_a_stale_keep_alive_connection_costs_no_attempt(make_bridge):
 
 async def test_413_splits_the_batch(make_bridge):
     def tweak(raw: dict[str, Any]) -> None:
-        # Let the bridge pack more than MoEngage's 100 KB bulk limit, so MoEngage answers 413.
-        raw["destinations"][0]["max_request_bytes"] = 2_000_000
         raw["destinations"][0]["delivery"]["batch_size"] = 200
 
     bridge = await make_bridge(tweak)
+    # The bridge never packs past MoEngage's caps: its 413 is planned (a cap MoEngage lowered).
+    bridge.moengage.plan(Planned(413))
     assert (await bridge.post("/v1/batch", tracks(150, pad="p" * 1500), H))[0] == 200
     await bridge.moengage.wait_for(lambda: len(seqs(bridge.moengage)) == 150, timeout=15)
     assert 413 in [s.status for s in bridge.moengage.seen]

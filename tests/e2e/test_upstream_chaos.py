@@ -140,3 +140,37 @@ async def test_an_unordered_destination_sends_two_merges_of_one_user_that_share_
         {"merged_user": "anon-2", "retained_user": "user-9"},
     ]
     assert await dlq(bridge) == []
+
+
+async def test_destinations_on_one_moengage_workspace_share_its_rate_limits(make_bridge):
+    """MoEngage counts its rate limits per workspace (30,000 events a minute for one
+    workspace, not for each client of it). Two destinations on one workspace and data center
+    (two mappings, say) each kept buckets of their own: together they sent twice the
+    documented rate, and a 429 answered to one slowed only that one while the other went on
+    at full rate into the same limit. They share one set of buckets, at the lower rate where
+    their `rate_limits` differ."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        main = raw["destinations"][0]
+        copy = {**main, "name": "moengage-copy", "delivery": dict(main["delivery"]), "retry": dict(main["retry"])}
+        copy["rate_limits"] = {"bulk_users": "6000/min"}
+        raw["destinations"].append(copy)
+        raw["sources"][0]["to"] = ["moengage-main", "moengage-copy"]
+
+    bridge = await make_bridge(tweak)
+    workers = bridge.runtime.delivery.workers
+    main, copy = workers["moengage-main"].limiter, workers["moengage-copy"].limiter
+    # The lower of the two configured rates holds for both; the other buckets are MoEngage's.
+    assert main.buckets["bulk_users"].base_rate == copy.buckets["bulk_users"].base_rate == 100
+    assert main.buckets["bulk_events"].base_rate == copy.buckets["bulk_events"].base_rate == 1000
+    # Another workspace's limits (moengage-eu's data center) stay its own.
+    assert workers["moengage-eu"].limiter.buckets["bulk_users"].base_rate == 1000
+    bridge.moengage.plan(Planned(429))  # whichever destination's Bulk Import comes first
+    assert (await bridge.post("/v1/batch", tracks(6), H))[0] == 200
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 12, timeout=15)
+    assert [s.status for s in bridge.moengage.seen].count(429) == 1
+    # One 429 to the workspace slows both; the recovery since may have given some back.
+    for limiter in (main, copy):
+        bucket = limiter.buckets["bulk_events"]
+        assert bucket.base_rate / 2 <= bucket.rate < bucket.base_rate, bucket.rate
+    assert await dlq(bridge) == []

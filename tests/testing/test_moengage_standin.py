@@ -149,8 +149,8 @@ async def test_malformed_json_is_400(moe, raw):
         (f"/v1/customer/{WS}", {"type": "customer", "customer_id": "  "}, "customer_id can not be empty"),
         (f"/v1/event/{WS}", {"type": "event", "customer_id": "u1", "actions": []}, "actions can not be empty"),
         (f"/v1/event/{WS}", event(actions=[{"attributes": {}}]), "action is not found in the payload"),
-        (f"/v1/transition/{WS}", {"type": "transition", "elements": []}, "elements can not be empty Array"),
-        (f"/v1/transition/{WS}", {"type": "transition"}, "elements can not be empty Array"),
+        (f"/v1/transition/{WS}", {"type": "transition", "elements": []}, "'elements cannot be empty array"),
+        (f"/v1/transition/{WS}", {"type": "transition"}, "'elements cannot be empty array"),
         (
             f"/v1/customer/merge?app_id={WS}",
             {"merge_data": [{"merged_user": "a1"}]},
@@ -472,7 +472,7 @@ async def test_delete_user_checks_auth_app_id_and_body_like_the_other_calls(moe)
     no_appkey = {"Authorization": basic_auth(WS, KEY), "Content-Type": "application/json"}
     assert (await call(client, path, deletion(), no_appkey))[0] == 401
     status, body = await call(client, "/v1/customer/delete?app_id=OTHER", deletion())
-    assert (status, body["error"]["type"]) == (409, "ConflictError")
+    assert (status, body["error"]["type"]) == (409, "Authentication required.")
     status, body = await call(client, "/v1/customer/delete", deletion())
     assert (status, body["error"]["type"]) == (400, "InvalidParams")
     # Delete User answers an app id it does not serve with a 403, where the others answer 400.
@@ -595,3 +595,46 @@ async def test_a_device_element_without_platform_or_push_id_is_dropped_from_its_
     assert (await call(client, f"/v1/transition/{WS}", body))[0] == 200
     assert standin.devices() == [] and standin.customers() == [customer()]
     assert [(i.reason, i.item, i.detail) for i in standin.ignored] == [("malformed", item, f"elements[1].{message}")]
+
+
+async def test_error_bodies_carry_moengages_own_types_and_attributes(moe):
+    """As MoEngage's spec examples write them (api-evangelist/moengage, openapi user and bulk
+    files): a test against the stand-in reads the same body as one against MoEngage."""
+    _standin, client = moe
+    # Bulk Import's invalid element type and empty elements name the attribute at fault.
+    status, body = await call(client, f"/v1/transition/{WS}", {"type": "transition", "elements": [{"type": "x"}]})
+    assert (status, body["error"]["type"], body["error"]["attribute"]) == (400, "AttributeError", "type")
+    assert body["error"]["message"] == "'type in elements should be customer/event/device"
+    status, body = await call(client, f"/v1/transition/{WS}", {"type": "transition", "elements": []})
+    assert (status, body["error"]["type"], body["error"]["attribute"]) == (400, "MissingAttributeError", "elements")
+    assert body["error"]["message"] == "'elements cannot be empty array"
+    # Every endpoint's 401 and 409 are of type "Authentication required".
+    status, body = await call(client, f"/v1/customer/{WS}", customer(), {**GOOD, "Authorization": basic_auth(WS, "x")})
+    assert (status, body["error"]["type"]) == (401, "Authentication required")
+    status, body = await call(client, "/v1/customer/OTHER", customer())
+    assert (status, body["error"]["type"]) == (409, "Authentication required.")
+    # Delete User's 400 for a user it does not have is of type "Not Found".
+    status, body = await call(client, f"/v1/customer/delete?app_id={WS}", deletion("nobody"))
+    assert (status, body["error"]["type"]) == (400, "Not Found")
+
+
+@pytest.mark.parametrize("status", [500, 503])
+async def test_delete_users_5xx_has_a_title_and_description_as_its_429(moe, status):
+    standin, client = moe
+    standin.plan(Planned(status))
+    assert await call(client, f"/v1/customer/delete?app_id={WS}", deletion("u1")) == (
+        status,
+        {"status": "fail", "title": "Internal Error", "description": "Please contact the MoEngage team."},
+    )
+    standin.plan(Planned(status))
+    code, body = await call(client, f"/v1/customer/{WS}", customer())
+    assert (code, body["status"], "error" in body) == (status, "fail", True)  # the others keep the envelope
+
+
+async def test_merge_and_content_type_refusals_read_as_moengages(moe):
+    _standin, client = moe
+    pairs = {"merge_data": [{"merged_user": f"old-{n}-" + "x" * 3000, "retained_user": f"new-{n}"} for n in range(45)]}
+    status, body = await call(client, f"/v1/customer/merge?app_id={WS}", pairs)
+    assert (status, body["error"]["message"]) == (413, "The payload can not exceed 128KB")
+    status, body = await call(client, f"/v1/event/{WS}", event(), {**GOOD, "Content-Type": "text/plain"})
+    assert (status, body["error"]["message"]) == (415, "Unsupported Media Type")

@@ -72,8 +72,9 @@ class MoEngageDestination(Destination):
         self.base_url = base_url or default_base_url(data_center)
         self.timeout = timeout
         self._api_key = api_key
-        self._bulk_max = max_request_bytes or BULK_MAX_BYTES
-        self._merge_max = max_request_bytes or SINGLE_MAX_BYTES
+        # A configured cap only lowers MoEngage's own: above it every request is a 413.
+        self._bulk_max = min(max_request_bytes or BULK_MAX_BYTES, BULK_MAX_BYTES)
+        self._merge_max = min(max_request_bytes or SINGLE_MAX_BYTES, SINGLE_MAX_BYTES)
         self._headers = {
             "Authorization": http.basic_auth(workspace_id, api_key),
             "MOE-APPKEY": workspace_id,
@@ -104,15 +105,21 @@ class MoEngageDestination(Destination):
         check_header_safe(
             workspace_id, f"{where}.workspace_id", "it is sent as the MOE-APPKEY header, so every delivery would fail"
         )
+        api_key = required_str(cfg, "api_key", where)
+        # A secret file's line break, kept by a quoted "${VAR}", goes into the Basic
+        # credentials unseen: MoEngage answers every request 401. Never quoted: a secret.
+        check_header_safe(
+            api_key, f"{where}.api_key", "no Data API key does, and MoEngage would answer every request 401"
+        )
         return cls(
             name=cfg["name"] if isinstance(cfg.get("name"), str) else cls.kind,
             workspace_id=workspace_id,
-            api_key=required_str(cfg, "api_key", where),
+            api_key=api_key,
             data_center=normalise_data_center(cfg["data_center"], f"{where}.data_center"),
             base_url=optional_base_url(cfg, "base_url", where),
             api=api,
             max_request_bytes=optional_int(
-                cfg, "max_request_bytes", where, default=None, minimum=1024, maximum=10_000_000
+                cfg, "max_request_bytes", where, default=None, minimum=1024, maximum=SINGLE_MAX_BYTES
             ),
             timeout=timeout,
         )
@@ -283,6 +290,11 @@ class MoEngageDestination(Destination):
             "delete": 5_000 / PER_MINUTE,
             "devices": 10_000 / PER_MINUTE,
         }
+
+    def rate_limit_scope(self) -> str:
+        # MoEngage's limits are a workspace's (30,000 events a minute for it, not for each
+        # client of it), and a workspace lives in one data center.
+        return f"moengage:{self.data_center}:{self.workspace_id}"
 
     def describe(self) -> dict[str, Any]:
         return {
