@@ -143,9 +143,7 @@ class NaiveInterpreter:
         elif "object" in spec:
             v = {}
             if "rest" in spec:
-                src = self.get(spec["rest"] if isinstance(spec["rest"], str) else spec["rest"]["from"], env)
-                if isinstance(src, dict):
-                    v.update(src)
+                v.update(self.rest(spec["rest"], spec["object"], env))
             for k, s in spec["object"].items():
                 x = self.value(s, env)
                 if x is not _ABSENT:
@@ -159,6 +157,27 @@ class NaiveInterpreter:
         if v is _ABSENT and "default" in spec:
             v = self.value(spec["default"], env)
         return v
+
+    def rest(self, spec: Any, fields: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+        # A key a field reads as a plain path ($.properties.total) is not passed, as the
+        # compiled rest leaves out what its object's fields read.
+        opts: dict[str, Any] = {"from": spec} if isinstance(spec, str) else spec
+        src = self.get(opts["from"], env)
+        if not isinstance(src, dict):
+            return {}
+        base = opts["from"].strip() + "."
+        read = {f[len(base) :] for f in fields.values() if isinstance(f, str) and f.startswith(base)}
+        out: dict[str, Any] = {}
+        for k, x in src.items():
+            if k in opts.get("omit", ()) or k in read:
+                continue
+            name = k
+            for old, new in opts.get("rename_prefix", {}).items():
+                if k.startswith(old):
+                    name = new + k[len(old) :]
+                    break
+            out[opts.get("prefix", "") + name] = x
+        return out
 
     def step(self, step: Any, v: Any, env: dict[str, Any]) -> Any:
         if step == "trim":
