@@ -11,6 +11,7 @@ events, and must produce identical output.
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -120,7 +121,9 @@ class NaiveInterpreter:
 
     def value(self, spec: Any, env: dict[str, Any]) -> Any:
         if isinstance(spec, str):
-            return self.get(spec, env) if spec.startswith("$") else spec
+            if spec.startswith("$"):
+                return self.get(spec, env)
+            return self.template(spec, env) if "{{" in spec else spec
         if isinstance(spec, list):
             return [x for x in (self.value(s, env) for s in spec) if x is not _ABSENT]
         if not isinstance(spec, dict):
@@ -135,6 +138,8 @@ class NaiveInterpreter:
                 if x is not _ABSENT and x is not None and x != "" and x != {} and x != []:
                     v = x
                     break
+        elif "template" in spec:
+            v = self.template(spec["template"], env)
         elif "literal" in spec:
             v = spec["literal"]
         elif "if" in spec:
@@ -157,6 +162,14 @@ class NaiveInterpreter:
         if v is _ABSENT and "default" in spec:
             v = self.value(spec["default"], env)
         return v
+
+    def template(self, text: str, env: dict[str, Any]) -> str:
+        # the shipped track rule's placeholders name string paths of the event
+        def fill(m: re.Match[str]) -> str:
+            v = self.get("$." + m.group(1), env)
+            return "" if v is _ABSENT or v is None else str(v)
+
+        return re.sub(r"\{\{\s*([^}]+?)\s*\}\}", fill, text)
 
     def rest(self, spec: Any, fields: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
         # A key a field reads as a plain path ($.properties.total) is not passed, as the
@@ -242,6 +255,8 @@ class NaiveInterpreter:
         if "in" in c:
             table = self.lookups[c["in"]]
             return isinstance(v, str) and v.lower() in {str(x).lower() for x in table["values"]}
+        if "prefix" in c:
+            return isinstance(v, str) and v.startswith(c["prefix"])
         if "lt" in c:
             return isinstance(v, int) and v < c["lt"]
         raise ValueError(f"naive interpreter: unsupported condition {sorted(c)}")

@@ -24,3 +24,11 @@ def test_naive_and_compiled_agree_on_renamed_moe_properties():
     for event in sample_events(8):
         event["properties"] |= {"moe_coupon": "SAVE10", "moe_project_name": "shop"}
         assert compiled.apply(event, MapContext()) == naive.apply(event, MapContext())
+
+
+def test_naive_and_compiled_agree_on_a_renamed_moe_event_name():
+    compiled = load_mapping_file(MAPPING)
+    naive = NaiveInterpreter(MAPPING)
+    for event in sample_events(4):
+        event["event"] = "moe_signup"
+        assert compiled.apply(event, MapContext()) == naive.apply(event, MapContext())
