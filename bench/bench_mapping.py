@@ -11,6 +11,7 @@ events, and must produce identical output.
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -120,7 +121,9 @@ class NaiveInterpreter:
 
     def value(self, spec: Any, env: dict[str, Any]) -> Any:
         if isinstance(spec, str):
-            return self.get(spec, env) if spec.startswith("$") else spec
+            if spec.startswith("$"):
+                return self.get(spec, env)
+            return self.template(spec, env) if "{{" in spec else spec
         if isinstance(spec, list):
             return [x for x in (self.value(s, env) for s in spec) if x is not _ABSENT]
         if not isinstance(spec, dict):
@@ -135,6 +138,8 @@ class NaiveInterpreter:
                 if x is not _ABSENT and x is not None and x != "" and x != {} and x != []:
                     v = x
                     break
+        elif "template" in spec:
+            v = self.template(spec["template"], env)
         elif "literal" in spec:
             v = spec["literal"]
         elif "if" in spec:
@@ -143,9 +148,7 @@ class NaiveInterpreter:
         elif "object" in spec:
             v = {}
             if "rest" in spec:
-                src = self.get(spec["rest"] if isinstance(spec["rest"], str) else spec["rest"]["from"], env)
-                if isinstance(src, dict):
-                    v.update(src)
+                v.update(self.rest(spec["rest"], spec["object"], env))
             for k, s in spec["object"].items():
                 x = self.value(s, env)
                 if x is not _ABSENT:
@@ -159,6 +162,35 @@ class NaiveInterpreter:
         if v is _ABSENT and "default" in spec:
             v = self.value(spec["default"], env)
         return v
+
+    def template(self, text: str, env: dict[str, Any]) -> str:
+        # the shipped track rule's placeholders name string paths of the event
+        def fill(m: re.Match[str]) -> str:
+            v = self.get("$." + m.group(1), env)
+            return "" if v is _ABSENT or v is None else str(v)
+
+        return re.sub(r"\{\{\s*([^}]+?)\s*\}\}", fill, text)
+
+    def rest(self, spec: Any, fields: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+        # A key a field reads as a plain path ($.properties.total) is not passed, as the
+        # compiled rest leaves out what its object's fields read.
+        opts: dict[str, Any] = {"from": spec} if isinstance(spec, str) else spec
+        src = self.get(opts["from"], env)
+        if not isinstance(src, dict):
+            return {}
+        base = opts["from"].strip() + "."
+        read = {f[len(base) :] for f in fields.values() if isinstance(f, str) and f.startswith(base)}
+        out: dict[str, Any] = {}
+        for k, x in src.items():
+            if k in opts.get("omit", ()) or k in read:
+                continue
+            name = k
+            for old, new in opts.get("rename_prefix", {}).items():
+                if k.startswith(old):
+                    name = new + k[len(old) :]
+                    break
+            out[opts.get("prefix", "") + name] = x
+        return out
 
     def step(self, step: Any, v: Any, env: dict[str, Any]) -> Any:
         if step == "trim":
@@ -223,6 +255,8 @@ class NaiveInterpreter:
         if "in" in c:
             table = self.lookups[c["in"]]
             return isinstance(v, str) and v.lower() in {str(x).lower() for x in table["values"]}
+        if "prefix" in c:
+            return isinstance(v, str) and v.startswith(c["prefix"])
         if "lt" in c:
             return isinstance(v, int) and v < c["lt"]
         raise ValueError(f"naive interpreter: unsupported condition {sorted(c)}")

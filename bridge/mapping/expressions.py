@@ -523,9 +523,11 @@ class ExprCompiler:
     def _rest(self, node: YNode, ypath: str, reads: set[tuple[Segment, ...]]) -> Fn | None:
         omit: set[str] = set()
         prefix = ""
+        renames: tuple[tuple[str, str], ...] = ()
         src = node
         if node.is_map:
-            if not self.diags.check_keys(node, ypath, ("from", "omit", "prefix"), "'rest'", required=("from",)):
+            keys = ("from", "omit", "prefix", "rename_prefix")
+            if not self.diags.check_keys(node, ypath, keys, "'rest'", required=("from",)):
                 return None
             src = node.value["from"]
             if "omit" in node.value:
@@ -540,6 +542,8 @@ class ExprCompiler:
                     self.diags.add(pn, join(ypath, "prefix"), f"expected a non-empty string, got {_kind(pn)}")
                 else:
                     prefix = pn.value
+            if "rename_prefix" in node.value:
+                renames = self._rest_renames(node.value["rename_prefix"], join(ypath, "rename_prefix"))
         if not isinstance(src.value, str) or not src.value.startswith("$"):
             self.diags.add(src, ypath, "expected a path like $.a.b whose unmapped keys pass through")
             return None
@@ -558,16 +562,44 @@ class ExprCompiler:
                 return {}
             return {k: v for k, v in src_v.items() if k not in frozen}
 
-        if not prefix:
+        if not prefix and not renames:
             return rest
 
-        def rest_prefixed(env: Env) -> Any:
+        starts = tuple(old for old, _ in renames)
+
+        def renamed(k: str) -> str:
+            # The first listed start the key has is replaced (a start names a namespace the
+            # destination keeps for itself, such as MoEngage's moe_).
+            for old, new in renames:
+                if k.startswith(old):
+                    return prefix + new + k[len(old) :]
+            return prefix + k
+
+        def rest_renamed(env: Env) -> Any:
             src_v = getter(env)
             if type(src_v) is not dict:
                 return {}
-            return {prefix + k: v for k, v in src_v.items() if k not in frozen}
+            # startswith(()) is False: with no renames each key only gets the prefix.
+            return {
+                (renamed(k) if k.startswith(starts) else prefix + k): v for k, v in src_v.items() if k not in frozen
+            }
 
-        return rest_prefixed
+        return rest_renamed
+
+    def _rest_renames(self, node: YNode, ypath: str) -> tuple[tuple[str, str], ...]:
+        """``rename_prefix: {moe_: segment_moe_}``: passed keys that start with a listed start
+        get the replacement instead of it. Both must be non-empty: an empty start would rename
+        every key, and an empty replacement could write a key MoEngage blocks ("")."""
+        if not node.is_map or not node.value:
+            self.diags.add(node, ypath, f"expected a mapping of key start to its replacement, got {_kind(node)}")
+            return ()
+        pairs: list[tuple[str, str]] = []
+        for k, v in node.value.items():
+            if not k or not isinstance(v.value, str) or not v.value:
+                self.diags.add(v, join(ypath, str(k)), "expected a non-empty key start and a non-empty replacement")
+                continue
+            pairs.append((str(k), v.value))
+        return tuple(pairs)
 
     def _head_merge(self, node: YNode, ypath: str) -> Fn:
         keys = node.value

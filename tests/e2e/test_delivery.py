@@ -130,23 +130,24 @@ async def test_413_splits_the_batch(make_bridge):
     assert await dlq(bridge) == []
 
 
-class ReservedPrefixMoEngage(MoEngageStandIn):
-    """Rejects a whole bulk request when any element uses the reserved moe_ attribute prefix.
+class PoisonAttributeMoEngage(MoEngageStandIn):
+    """Rejects a whole bulk request when any element's event has a poison_ attribute.
 
     Fault injection: MoEngage drops an element it refuses and answers 200, but it does refuse
-    a whole Bulk Import for one element of a type it does not know, which bisection finds."""
+    a whole Bulk Import for one element of a type it does not know, which bisection finds.
+    (Not moe_, MoEngage's reserved prefix: the shipped mapping renames those before sending.)"""
 
     def _accept_transition(self, body: dict[str, Any]) -> str:
         for i, element in enumerate(body.get("elements") or []):
             for action in element.get("actions") or []:
-                if any(str(k).startswith("moe_") for k in (action.get("attributes") or {})):
-                    raise Rejected(400, f"elements[{i}]: moe_ attributes are reserved", "InvalidParams")
+                if any(str(k).startswith("poison_") for k in (action.get("attributes") or {})):
+                    raise Rejected(400, f"elements[{i}]: poison_ attributes are refused", "InvalidParams")
         return super()._accept_transition(body)
 
 
 async def test_poison_events_are_bisected_out(make_bridge):
     bridge = await make_bridge(start=False)
-    poisoned = ReservedPrefixMoEngage(WORKSPACE, API_KEY)
+    poisoned = PoisonAttributeMoEngage(WORKSPACE, API_KEY)
     server = TestServer(poisoned.app(), host="127.0.0.1")
     await server.start_server()
     try:
@@ -154,7 +155,7 @@ async def test_poison_events_are_bisected_out(make_bridge):
         await bridge.start()
         batch = tracks(40)
         for i in (7, 31):
-            batch["batch"][i]["properties"]["moe_secret"] = 1
+            batch["batch"][i]["properties"]["poison_secret"] = 1
         assert (await bridge.post("/v1/batch", batch, H))[0] == 200
         await poisoned.wait_for(lambda: len(seqs(poisoned)) == 38, timeout=15)
         await wait_until(lambda: _dlq_size(bridge, 2), what="2 dead letters")
@@ -163,8 +164,8 @@ async def test_poison_events_are_bisected_out(make_bridge):
         assert {d["reason"] for d in dead} == {"http_400"}
         status, shown = await bridge.get(f"/admin/dlq/{dead[0]['id']}", ADMIN)
         assert status == 200
-        assert "reserved" in shown["response_body"]
-        assert shown["request"]["elements"][0]["actions"][0]["attributes"]["moe_secret"] == 1
+        assert "refused" in shown["response_body"]
+        assert shown["request"]["elements"][0]["actions"][0]["attributes"]["poison_secret"] == 1
         assert shown["event"] == "Delivered" and shown["attempts"] >= 1
     finally:
         poisoned.stop()
@@ -307,8 +308,9 @@ async def test_an_element_moengage_would_drop_from_a_bulk_import_is_dead_lettere
     mappings = copy_mappings(tmp_path)
     path = mappings / "segment-to-moengage.yaml"
     text = path.read_text()
-    assert "action: {path: $.event, pipe: [{to: string}]}" in text
-    path.write_text(text.replace("action: {path: $.event, pipe: [{to: string}]}", "action: {path: $.properties.label}"))
+    # (the track action's else: an event name without moe_, as these are)
+    assert "else: {path: $.event, pipe: [{to: string}]}" in text
+    path.write_text(text.replace("else: {path: $.event, pipe: [{to: string}]}", "else: {path: $.properties.label}"))
 
     def tweak(raw: dict[str, Any]) -> None:
         raw["mappings"]["dir"] = str(mappings)
@@ -794,7 +796,7 @@ async def test_a_few_bad_events_in_a_big_batch_are_dead_lettered_not_a_pause(mak
         raw["destinations"][0]["delivery"]["batch_size"] = 500
 
     bridge = await make_bridge(tweak, start=False)
-    poisoned = ReservedPrefixMoEngage(WORKSPACE, API_KEY)
+    poisoned = PoisonAttributeMoEngage(WORKSPACE, API_KEY)
     server = TestServer(poisoned.app(), host="127.0.0.1")
     await server.start_server()
     try:
@@ -802,7 +804,7 @@ async def test_a_few_bad_events_in_a_big_batch_are_dead_lettered_not_a_pause(mak
         await bridge.start()
         batch = tracks(300, prefix="few")
         for i in range(0, 300, 12):
-            batch["batch"][i]["properties"]["moe_secret"] = 1
+            batch["batch"][i]["properties"]["poison_secret"] = 1
         assert (await bridge.post("/v1/batch", batch, H))[0] == 200
         await poisoned.wait_for(lambda: len(seqs(poisoned)) == 275, timeout=20)
         await wait_until(lambda: _dlq_size(bridge, 25), what="25 dead letters")
@@ -979,10 +981,11 @@ async def test_an_event_too_deep_to_send_is_dead_lettered_alone_and_its_batch_go
 
     mappings = copy_mappings(tmp_path)
     path = mappings / "segment-to-moengage.yaml"
-    plain = "attributes: {path: $.properties, drop_if: null, default: {literal: {}}}"
-    wrapped = "attributes: {object: {seq: $.properties.seq, wrapped: {object: {again: $.properties}}}}"
+    # The track rule's attributes are its first object with this field (page and screen follow).
+    plain = "moe_project_name: $.properties.moe_project_name"
+    wrapped = "wrapped: {object: {again: $.properties}}"
     assert plain in path.read_text()
-    path.write_text(path.read_text().replace(plain, wrapped))  # two levels past the shape's own
+    path.write_text(path.read_text().replace(plain, wrapped, 1))  # two levels past the shape's own
 
     def tweak(raw: dict[str, Any]) -> None:
         raw["mappings"]["dir"] = str(mappings)

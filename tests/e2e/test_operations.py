@@ -439,11 +439,10 @@ def break_track_action(mappings: Path) -> None:
     """A plausible bad edit: the track action reads a field that does not exist."""
     path = mappings / "segment-to-moengage.yaml"
     text = path.read_text()
-    assert "action: {path: $.event, pipe: [{to: string}]}" in text
+    # the track action's else: every event name without moe_
+    assert "else: {path: $.event, pipe: [{to: string}]}" in text
     path.write_text(
-        text.replace(
-            "action: {path: $.event, pipe: [{to: string}]}", "action: {path: $.event_name, pipe: [{to: string}]}"
-        )
+        text.replace("else: {path: $.event, pipe: [{to: string}]}", "else: {path: $.event_name, pipe: [{to: string}]}")
     )
 
 

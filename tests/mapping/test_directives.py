@@ -261,6 +261,24 @@ def test_object_rest_prefix_names_the_passed_keys_after_omit(tmp_path):
         assert "rest.prefix: expected a non-empty string" in str(exc.value), str(exc.value)
 
 
+def test_object_rest_rename_prefix_renames_only_keys_with_that_start(tmp_path):
+    """MoEngage keeps moe_ names for itself: a passed key with a listed start gets the
+    replacement instead, after ``omit`` and before ``prefix``; a key a field read is not passed."""
+    event = {"type": "track", "properties": {"moe_a": 1, "moe_b": 2, "b": 3, "xmoe_c": 4}}
+    spec = "{object: {moe_a: $.properties.moe_a}, rest: {from: $.properties, rename_prefix: {moe_: seg_moe_}}}"
+    m = value_mapping(tmp_path, spec)
+    assert evaluate(m, event) == {"moe_a": 1, "seg_moe_b": 2, "b": 3, "xmoe_c": 4}
+    spec = "{object: {}, rest: {from: $.properties, omit: [b], prefix: t_, rename_prefix: {moe_: x_}}}"
+    m = value_mapping(tmp_path / "p", spec)
+    assert evaluate(m, event) == {"t_x_a": 1, "t_x_b": 2, "t_xmoe_c": 4}
+    m = value_mapping(tmp_path / "n", "{object: {}, rest: {from: $.nothing, rename_prefix: {moe_: x_}}}")
+    assert evaluate(m, event) == {}
+    for bad in ("{moe_: ''}", "{'': x_}", "{}", "[moe_]", "{moe_: 3}"):
+        with pytest.raises(MappingError) as exc:
+            value_mapping(tmp_path / "bad", f"{{object: {{}}, rest: {{from: $.properties, rename_prefix: {bad}}}}}")
+        assert "rest.rename_prefix" in str(exc.value), str(exc.value)
+
+
 def test_merge_prefers_last_or_first(tmp_path):
     m = value_mapping(tmp_path, "{merge: [{literal: {a: 1, b: 1}}, $.traits, {object: {a: 2}}]}")
     assert evaluate(m, EVENT) == {"a": 2, "b": 1, "first_name": "Ada", "last_name": "Lovelace"}
