@@ -360,7 +360,16 @@ def compare(c: ExprCompiler, lhs: Fn, op: str, rhs: YNode, ypath: str, fold: boo
             x = lhs(env)
             return type(x) is str and method(x.lower() if fold else x, needle)
 
-        return affix
+        if fold:
+            return affix
+        # Inlined in fused code: a rule may ask it of every event (a reserved name's prefix).
+        name = "startswith" if op == "prefix" else "endswith"
+
+        def emit_affix(g: Gen) -> str:
+            x = g.value(lhs)
+            return f"(type({x}) is str and {x}.{name}({g.literal(needle)}))"
+
+        return emits(affix, emit_affix)
     if not _is_num(raw) or isinstance(raw, bool):
         c.diags.add(rhs, ypath, f"'{op}' expects a number, got {raw!r}")
         return _ALWAYS_FALSE

@@ -273,6 +273,12 @@ def test_object_rest_rename_prefix_renames_only_keys_with_that_start(tmp_path):
     assert evaluate(m, event) == {"t_x_a": 1, "t_x_b": 2, "t_xmoe_c": 4}
     m = value_mapping(tmp_path / "n", "{object: {}, rest: {from: $.nothing, rename_prefix: {moe_: x_}}}")
     assert evaluate(m, event) == {}
+    # Nothing to rename: the keys pass as a copy (the event is never changed); a key with a
+    # NUL before moe_ takes the exact path, and is not renamed.
+    m = value_mapping(tmp_path / "c", "{object: {k: 1}, rest: {from: $.properties, rename_prefix: {moe_: x_}}}")
+    plain = {"type": "track", "properties": {"a": 1, "b\x00moe_c": 2}}
+    assert evaluate(m, plain) == {"a": 1, "b\x00moe_c": 2, "k": 1}
+    assert plain["properties"] == {"a": 1, "b\x00moe_c": 2}
     for bad in ("{moe_: ''}", "{'': x_}", "{}", "[moe_]", "{moe_: 3}"):
         with pytest.raises(MappingError) as exc:
             value_mapping(tmp_path / "bad", f"{{object: {{}}, rest: {{from: $.properties, rename_prefix: {bad}}}}}")

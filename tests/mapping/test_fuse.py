@@ -94,6 +94,14 @@ rules:
           nested:
             object:
               inner: {first: [$.properties.missing, $.properties.plain]}
+          prefixed: {if: {value: $.event, prefix: Cli}, then: starts, else: no}
+          suffixed: {if: {value: $.event, suffix: ked}, then: ends, else: no}
+          folded_prefix: {if: {value: $.event, prefix: cli, ignore_case: true}, then: starts}
+          renamed:
+            object: {moe_kept: $.properties.moe_kept}
+            rest: {from: $.properties, rename_prefix: {moe_: seg_moe_}}
+          renamed_two: {object: {}, rest: {from: $.properties, omit: [a], rename_prefix: {moe_: x_, ta: y_}}}
+          renamed_prefixed: {object: {}, rest: {from: $.context, prefix: c_, rename_prefix: {dev: d_}}}
         rest: {from: $.properties, omit: [secret]}
 """
 
@@ -118,6 +126,9 @@ TEMPLATE_EVENT: dict[str, Any] = {
         "blank": "",
         "secret": "s",
         "extra": {"k": [1, 2]},
+        "moe_x": 1,
+        "moe_kept": 2,
+        "a\x00moe_b": 3,  # a NUL in a key: the search of the joined keys sees a start
     },
     "context": {"device": {"model": "m"}, "timezone": " Europe/Lisbon ", "ids": ["i0", "i1"]},
 }
