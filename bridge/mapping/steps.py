@@ -55,6 +55,21 @@ STEP_PARAMS: dict[str, tuple[str, ...]] = {
     "join": (),
     "linked": (),
 }
+# how each step that takes a value is written (docs/mappings.md, "Pipe steps")
+STEP_EXAMPLES = {
+    "case": "{case: lower}",
+    "replace": '{replace: "-", with: "_"}',
+    "lookup": "{lookup: NAME} or {lookup: {key: value}}",
+    "to": "{to: integer}",
+    "not_after": "{not_after: now}",
+    "pick": "{pick: [id, name]}",
+    "omit": "{omit: [password]}",
+    "rename": "{rename: {old_name: new_name}}",
+    "json": "{json: encode} or {json: decode}",
+    "each": "{each: {object: {sku: $item.id}}}",
+    "split": '{split: ","}',
+    "join": '{join: ", "}',
+}
 BARE_STEPS = ("trim", "compact", "length", "flatten", "tz_offset", "linked")
 ON_ERROR = ("drop_field", "drop_event", "fail")
 # bare steps whose only value is `true` (tz_offset's value is the instant; linked checks its own)
@@ -76,6 +91,11 @@ def compile_pipe(c: ExprCompiler, node: YNode, ypath: str) -> list[Step]:
 def compile_step(c: ExprCompiler, node: YNode, ypath: str) -> Step | None:
     if isinstance(node.value, str):
         name = node.value
+        if name in STEP_PARAMS and name not in BARE_STEPS:
+            # A step that takes a value, written bare: "unknown step 'lookup' (did you mean
+            # 'lookup'?)" sent the author looking for a typo that is not there.
+            c.diags.add(node, ypath, f"the '{name}' step needs a value; write it as {STEP_EXAMPLES[name]}")
+            return None
         if name not in BARE_STEPS:
             c.diags.add(
                 node,

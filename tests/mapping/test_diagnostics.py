@@ -131,7 +131,10 @@ def test_segment_structural_checks(tmp_path, body, message):
         ("{path: $.a, pipe: [{not_after: tomorrow}]}", "expected now (the moment of mapping), got 'tomorrow'"),
         ("{path: $.a, pipe: [{not_after: true}]}", "expected now (the moment of mapping), got True"),
         ("{path: $.a, pipe: [{not_after: now, on_error: fail}]}", "unknown key 'on_error' in the 'not_after' step"),
-        ("{path: $.a, pipe: [not_after]}", "unknown step 'not_after'"),
+        # A step that takes a value, written bare, is no typo: no "did you mean" itself.
+        ("{path: $.a, pipe: [not_after]}", "the 'not_after' step needs a value; write it as {not_after: now}"),
+        ("{path: $.a, pipe: [lookup]}", "the 'lookup' step needs a value; write it as {lookup: NAME}"),
+        ("{path: $.a, pipe: [trim, case]}", "pipe[1]: the 'case' step needs a value; write it as {case: lower}"),
         ("{frist: [$.a]}", "did you mean 'first'?"),
         ("{if: {exsts: $.a}, then: x}", "unknown key 'exsts' in a condition (did you mean 'exists'?)"),
         ("{if: {value: $.a, equal: x}, then: x}", "did you mean 'equals'?"),
