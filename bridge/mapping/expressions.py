@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import date
 from typing import Any
 
 from bridge.mapping import steps
@@ -153,6 +154,10 @@ class ExprCompiler:
     # --- paths ---------------------------------------------------------------
 
     def parse(self, text: Any, node: YNode, ypath: str) -> ParsedPath | None:
+        if not isinstance(text, str):
+            # In the file's words ("got a mapping"), not Python's ("got dict").
+            self.diags.add(node, ypath, f"expected a path string such as $.a.b, got {_kind(node)}")
+            return None
         try:
             p = parse_path(text)
         except PathError as exc:
@@ -699,11 +704,24 @@ def walk(v: Any, segs: tuple[Segment, ...]) -> Any:
 
 
 def _kind(node: YNode) -> str:
+    """What a node is, in the words of the YAML file it was written in: its author wrote
+    `null` or `true`, never Python's `NoneType None` or `bool True`."""
     if node.is_map:
         return "a mapping"
     if node.is_list:
         return "a list"
-    return f"{type(node.value).__name__} {node.value!r}"
+    v = node.value
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return f"the number {v!r}"
+    if isinstance(v, str):
+        return f"the text {v!r}"
+    if isinstance(v, date):  # a datetime too
+        return f"the date {v.isoformat()} (quote it to mean the text)"
+    return repr(v)
 
 
 kind_of = _kind

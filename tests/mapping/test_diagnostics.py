@@ -160,6 +160,13 @@ def test_segment_structural_checks(tmp_path, body, message):
         ("$item.x", "$item is only defined inside an 'each' step"),
         ("{path: $.a, drop_if: nothing}", "expected 'null' or 'empty'"),
         ("{merge: [$.a], prefer: middle}", "expected 'first' or 'last'"),
+        # What was found, in the file's words: never Python's ("got NoneType None", "got dict").
+        ("{path: {a: 1}}", "v.path: expected a path string such as $.a.b, got a mapping"),
+        ("{path: 5}", "v.path: expected a path string such as $.a.b, got the number 5"),
+        ("{object: null}", "v.object: expected a mapping of field name to value, got null"),
+        ("{object: true}", "v.object: expected a mapping of field name to value, got true"),
+        ("{object: 2024-01-01}", "got the date 2024-01-01 (quote it to mean the text)"),
+        ("{path: $.a, pipe: [{lookup: 1.5}]}", "expected a lookup name or an inline table, got the number 1.5"),
     ],
 )
 def test_expression_errors(tmp_path, snippet, message):
