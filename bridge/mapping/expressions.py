@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date
 from typing import Any
 
 from bridge.mapping import steps
 from bridge.mapping.fuse import Gen, emits
 from bridge.mapping.paths import ParsedPath, PathError, Segment, parse_path
 from bridge.mapping.runtime import MISSING, Env, clone, is_empty
-from bridge.mapping.yamlnodes import Diagnostics, YNode, did_you_mean, join
+from bridge.mapping.yamlnodes import Diagnostics, YNode, did_you_mean, join, kind_of
 
 Fn = Callable[[Env], Any]
 Cond = Callable[[Env], bool]
@@ -156,7 +155,7 @@ class ExprCompiler:
     def parse(self, text: Any, node: YNode, ypath: str) -> ParsedPath | None:
         if not isinstance(text, str):
             # In the file's words ("got a mapping"), not Python's ("got dict").
-            self.diags.add(node, ypath, f"expected a path string such as $.a.b, got {_kind(node)}")
+            self.diags.add(node, ypath, f"expected a path string such as $.a.b, got {kind_of(node)}")
             return None
         try:
             p = parse_path(text)
@@ -510,7 +509,7 @@ class ExprCompiler:
 
     def fields(self, node: YNode, ypath: str) -> list[tuple[str, Fn]]:
         if not node.is_map:
-            self.diags.add(node, ypath, f"expected a mapping of field name to value, got {_kind(node)}")
+            self.diags.add(node, ypath, f"expected a mapping of field name to value, got {kind_of(node)}")
             return []
         return [(k, self.value(v, join(ypath, k))) for k, v in node.value.items()]
 
@@ -542,7 +541,7 @@ class ExprCompiler:
             if "prefix" in node.value:
                 pn = node.value["prefix"]
                 if not isinstance(pn.value, str) or not pn.value:
-                    self.diags.add(pn, join(ypath, "prefix"), f"expected a non-empty string, got {_kind(pn)}")
+                    self.diags.add(pn, join(ypath, "prefix"), f"expected a non-empty string, got {kind_of(pn)}")
                 else:
                     prefix = pn.value
         if not isinstance(src.value, str) or not src.value.startswith("$"):
@@ -619,7 +618,7 @@ class ExprCompiler:
             return found
         if node.is_map:
             return Lookup({str(k): v.plain() for k, v in node.value.items()}, None)
-        self.diags.add(node, ypath, f"expected a lookup name or an inline table, got {_kind(node)}")
+        self.diags.add(node, ypath, f"expected a lookup name or an inline table, got {kind_of(node)}")
         return None
 
 
@@ -701,27 +700,3 @@ def walk(v: Any, segs: tuple[Segment, ...]) -> Any:
                 return MISSING
             v = v[s]
     return v
-
-
-def _kind(node: YNode) -> str:
-    """What a node is, in the words of the YAML file it was written in: its author wrote
-    `null` or `true`, never Python's `NoneType None` or `bool True`."""
-    if node.is_map:
-        return "a mapping"
-    if node.is_list:
-        return "a list"
-    v = node.value
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return f"the number {v!r}"
-    if isinstance(v, str):
-        return f"the text {v!r}"
-    if isinstance(v, date):  # a datetime too
-        return f"the date {v.isoformat()} (quote it to mean the text)"
-    return repr(v)
-
-
-kind_of = _kind

@@ -27,7 +27,7 @@ from bridge.mapping.runtime import (
     to_datetime,
     to_string,
 )
-from bridge.mapping.yamlnodes import YNode, did_you_mean, join
+from bridge.mapping.yamlnodes import YNode, did_you_mean, join, kind_of
 
 if TYPE_CHECKING:
     from bridge.mapping.expressions import ExprCompiler
@@ -312,7 +312,18 @@ def _b_to(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
 
 def _b_tz_offset(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
     # the step's value is the instant the offset is taken at (DST); true means "now"
-    at = None if p["tz_offset"].value is True else c.value(p["tz_offset"], ypath)
+    node = p["tz_offset"]
+    if not _time_or_expression(node):
+        # At run time a value that is no time falls back to now: `{tz_offset: false}` or
+        # `{tz_offset: yesterday}` would silently mean "now", as `{flatten: false}` must not.
+        c.diags.add(
+            node,
+            ypath,
+            "expected the instant to take the offset at, such as $let.current_time or a time, or"
+            f" the bare step `tz_offset` for now; got {kind_of(node)}",
+        )
+        return None
+    at = None if node.value is True else c.value(node, ypath)
     on_error = _policy(c, p, ypath, "tz_offset")
 
     def tz_offset(v: Any, env: Env) -> Any:
@@ -335,6 +346,19 @@ def _b_tz_offset(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | Non
         return off
 
     return tz_offset
+
+
+def _time_or_expression(node: YNode) -> bool:
+    """Whether a step's value may be an instant: true (now), a path, template, list or
+    directive (read per event), or a literal that reads as a time."""
+    v = node.value
+    if v is True or isinstance(v, dict | list) or (isinstance(v, str) and (v.startswith("$") or "{{" in v)):
+        return True
+    try:
+        to_datetime(v)
+    except CoercionError:
+        return False
+    return True
 
 
 def _b_not_after(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:

@@ -167,6 +167,10 @@ def test_segment_structural_checks(tmp_path, body, message):
         ("{object: true}", "v.object: expected a mapping of field name to value, got true"),
         ("{object: 2024-01-01}", "got the date 2024-01-01 (quote it to mean the text)"),
         ("{path: $.a, pipe: [{lookup: 1.5}]}", "expected a lookup name or an inline table, got the number 1.5"),
+        # A literal that is no time fell back to now at run time: `false` meant "now".
+        ("{path: $.a, pipe: [{tz_offset: false}]}", "v.pipe[0].tz_offset: expected the instant to take the offset at"),
+        ("{path: $.a, pipe: [{tz_offset: now}]}", "or the bare step `tz_offset` for now; got the text 'now'"),
+        ("{path: $.a, pipe: [{tz_offset: null}]}", "for now; got null"),
     ],
 )
 def test_expression_errors(tmp_path, snippet, message):
