@@ -136,6 +136,11 @@ def test_segment_structural_checks(tmp_path, body, message):
         ("{path: $.a, pipe: [lookup]}", "the 'lookup' step needs a value; write it as {lookup: NAME}"),
         ("{path: $.a, pipe: [trim, case]}", "pipe[1]: the 'case' step needs a value; write it as {case: lower}"),
         ("{frist: [$.a]}", "did you mean 'first'?"),
+        # One keystroke off a two-letter name, or nearer one name than difflib finds.
+        ("{fi: {exists: $.a}, then: x}", "unknown key 'fi' (did you mean 'if'?)"),
+        ("{if: {value: $.a, ni: [x]}, then: x}", "unknown key 'ni' in a condition (did you mean 'in'?)"),
+        ("{path: $.a, pipe: [{ot: integer}]}", "a step needs exactly one of: case, trim"),
+        ("{path: $.a, pipe: [{ot: integer}]}", "(did you mean 'to'?)"),
         ("{if: {exsts: $.a}, then: x}", "unknown key 'exsts' in a condition (did you mean 'exists'?)"),
         ("{if: {value: $.a, equal: x}, then: x}", "did you mean 'equals'?"),
         ("{if: {value: $.a, gt: high}, then: x}", "'gt' expects a number"),
