@@ -586,11 +586,14 @@ class FileCompiler:
         if not node.is_map:
             self.diags.add(node, "let", "expected a mapping of name to value")
             return
+        self.scope.let_order = list(node.value)
         for lname, ln in node.value.items():
             # compiled in file order, so a let can use only the lets above it: no cycles
+            self.scope.compiling_let = lname
             tree = self.expr.value(ln, join("let", lname))
             self.scope.let_trees[lname] = tree
             self.scope.lets[lname] = fuse(tree)
+        self.scope.compiling_let = None
 
     def _identity(self, node: YNode) -> tuple[Fn | None, tuple[Cond, Fn, Fn] | None, list[Fn]]:
         if not node.is_map:

@@ -70,6 +70,10 @@ class Scope:
     lets: dict[str, Fn] = field(default_factory=dict)  # each let as one fused function
     # ...and as the closure tree it was fused from, for fused code to inline (emit_let)
     let_trees: dict[str, Fn] = field(default_factory=dict)
+    # Every name of the `let` section, in file order, and the one being compiled: a use of
+    # a let not compiled yet is said as what it is (itself, or one below), not "unknown".
+    let_order: list[str] = field(default_factory=list)
+    compiling_let: str | None = None
 
 
 _UNSET = object()
@@ -165,17 +169,27 @@ class ExprCompiler:
         if p.root == "$let":
             name = str(p.segments[0])
             if name not in self.scope.lets:
-                self.diags.add(
-                    node,
-                    ypath,
-                    f"unknown let name {name!r}{did_you_mean(name, self.scope.lets)}; "
-                    f"a let may only use names defined above it",
-                )
+                self.diags.add(node, ypath, self._unknown_let(name))
                 return None
         if p.root == "$item" and not self.in_each:
             self.diags.add(node, ypath, "$item is only defined inside an 'each' step")
             return None
         return p
+
+    def _unknown_let(self, name: str) -> str:
+        """Why $let.NAME cannot be used here."""
+        scope = self.scope
+        if name == scope.compiling_let:
+            return f"let {name!r} uses itself; a let may only use the lets above it"
+        if name in scope.let_order and scope.compiling_let is not None:
+            return (
+                f"let {name!r} is defined below {scope.compiling_let!r}; a let may only use the lets above it"
+                f" (move {name!r} above {scope.compiling_let!r})"
+            )
+        hint = did_you_mean(name, scope.let_order or scope.lets)
+        if scope.compiling_let is None:
+            return f"unknown let name {name!r}{hint}; the lets are: {', '.join(scope.let_order) or 'none'}"
+        return f"unknown let name {name!r}{hint}; a let may only use names defined above it"
 
     def path_fn(self, p: ParsedPath) -> Fn:
         segs = p.segments

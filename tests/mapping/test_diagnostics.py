@@ -410,3 +410,34 @@ def test_a_streams_mapping_may_match_any_type(tmp_path):
     text = "source_format: moengage_streams\ndestination_kind: segment\n"
     text += "rules:\n  - {name: r, match: {type: Track}, drop: x}\n"
     assert load_mapping_file(write(tmp_path / "m.yaml", text)).name == "m"
+
+
+def test_a_let_used_before_it_is_defined_says_where_it_is(tmp_path):
+    """A cycle in `let` (or a let below its use) was "unknown let name 'b'" of a let the
+    author can see in the file: it says which one is below, or that it uses itself."""
+    text = (
+        "source_format: segment\ndestination_kind: segment\n"
+        "let:\n"
+        "  a: {first: [$let.b, $.x]}\n"
+        "  b: {first: [$let.b]}\n"
+        "  c: $let.customer\n"
+        "  customer_id: $.userId\n"
+        "rules:\n  - name: t\n    kind: track\n    body: {event: $let.nope, userId: $let.a}\n"
+    )
+    diags, _ = errors(tmp_path, text)
+    assert [(d.line, d.column, d.yaml_path, d.message) for d in diags] == [
+        (
+            4,
+            15,
+            "let.a.first[0]",
+            "let 'b' is defined below 'a'; a let may only use the lets above it (move 'b' above 'a')",
+        ),
+        (5, 15, "let.b.first[0]", "let 'b' uses itself; a let may only use the lets above it"),
+        (
+            6,
+            6,
+            "let.c",
+            "unknown let name 'customer' (did you mean 'customer_id'?); a let may only use names defined above it",
+        ),
+        (11, 19, "rules[0].body.event", "unknown let name 'nope'; the lets are: a, b, c, customer_id"),
+    ]
