@@ -16,7 +16,7 @@ from bridge.mapping.fuse import Gen, emits, fuse
 from bridge.mapping.paths import PathError, Segment, parse_path
 from bridge.mapping.runtime import MISSING, DropEvent, Env, FailEvent, clone
 from bridge.mapping.shapes import SHAPES, Shape, body_checker, check_body_node
-from bridge.mapping.yamlnodes import Diagnostics, YNode, did_you_mean, join
+from bridge.mapping.yamlnodes import Diagnostics, YNode, did_you_mean, join, kind_of
 from bridge.sources.segment.spec import CALL_TYPES, WEBHOOK_ONLY_TYPES
 
 TOP_KEYS = (
@@ -498,7 +498,8 @@ class FileCompiler:
             self.diags.add(
                 node,
                 key,
-                f"expected one of {', '.join(choices)}, got {node.value!r}{did_you_mean(str(node.value), choices)}",
+                f"expected one of {', '.join(choices)}, got {kind_of(node)}"
+                + (did_you_mean(node.value, choices) if isinstance(node.value, str) else ""),
             )
             return None
         return str(node.value)
@@ -554,7 +555,7 @@ class FileCompiler:
                 diags.add(
                     v["ignore_case"],
                     join(lp, "ignore_case"),
-                    f"expected true or false, got {v['ignore_case'].plain()!r}",
+                    f"expected true or false, got {kind_of(v['ignore_case'])}",
                 )
             else:
                 fold = v["ignore_case"].value
@@ -725,7 +726,7 @@ class FileCompiler:
         raw_name = v["name"].value
         if type(raw_name) not in (str, int) or raw_name == "":
             # it names the rule in every discard, dead letter and diagnostic: "None" or "{'a': 1}" would not do
-            d.add(v["name"], join(ip, "name"), f"expected a rule name such as track, got {v['name'].plain()!r}")
+            d.add(v["name"], join(ip, "name"), f"expected a rule name such as track, got {kind_of(v['name'])}")
             return None
         name = str(raw_name)
         if name in names:

@@ -63,8 +63,6 @@ def kind_of(node: YNode) -> str:
         return "true" if v else "false"
     if isinstance(v, int | float):
         return f"the number {v!r}"
-    if isinstance(v, str):
-        return f"the text {v!r}"
     if isinstance(v, date):  # a datetime too
         return f"the date {v.isoformat()} (quote it to mean the text)"
     return repr(v)

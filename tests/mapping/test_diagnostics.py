@@ -168,13 +168,14 @@ def test_segment_structural_checks(tmp_path, body, message):
         # What was found, in the file's words: never Python's ("got NoneType None", "got dict").
         ("{path: {a: 1}}", "v.path: expected a path string such as $.a.b, got a mapping"),
         ("{path: 5}", "v.path: expected a path string such as $.a.b, got the number 5"),
+        ("{path: $.a, pipe: [{lookup: {a: b}, ignore_case: 'no'}]}", "expected true or false, got 'no'"),
         ("{object: null}", "v.object: expected a mapping of field name to value, got null"),
         ("{object: true}", "v.object: expected a mapping of field name to value, got true"),
         ("{object: 2024-01-01}", "got the date 2024-01-01 (quote it to mean the text)"),
         ("{path: $.a, pipe: [{lookup: 1.5}]}", "expected a lookup name or an inline table, got the number 1.5"),
         # A literal that is no time fell back to now at run time: `false` meant "now".
         ("{path: $.a, pipe: [{tz_offset: false}]}", "v.pipe[0].tz_offset: expected the instant to take the offset at"),
-        ("{path: $.a, pipe: [{tz_offset: now}]}", "or the bare step `tz_offset` for now; got the text 'now'"),
+        ("{path: $.a, pipe: [{tz_offset: now}]}", "or the bare step `tz_offset` for now; got 'now'"),
         ("{path: $.a, pipe: [{tz_offset: null}]}", "for now; got null"),
     ],
 )
@@ -440,4 +441,19 @@ def test_a_let_used_before_it_is_defined_says_where_it_is(tmp_path):
             "unknown let name 'customer' (did you mean 'customer_id'?); a let may only use names defined above it",
         ),
         (11, 19, "rules[0].body.event", "unknown let name 'nope'; the lets are: a, b, c, customer_id"),
+    ]
+
+
+def test_a_bad_enum_name_or_flag_is_said_in_yaml_words(tmp_path):
+    """null and true as written, not Python's None and True ("got {'a': None}" for a name)."""
+    text = (
+        "source_format: segment\ndestination_kind: null\n"
+        "lookups:\n  x: {table: {a: b}, ignore_case: null}\n"
+        "rules:\n  - name: {a: null}\n    drop: x\n"
+    )
+    diags, _ = errors(tmp_path, text)
+    assert [(d.yaml_path, d.message) for d in diags] == [
+        ("destination_kind", "expected one of moengage, segment, got null"),
+        ("lookups.x.ignore_case", "expected true or false, got null"),
+        ("rules[0].name", "expected a rule name such as track, got a mapping"),
     ]
