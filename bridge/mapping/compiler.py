@@ -808,6 +808,13 @@ class FileCompiler:
                 if not cn.is_map:
                     d.add(cn, cp, "expected {set: {<output path>: <value>}} or {drop: <reason>}")
                 continue
+            if ("set" in cn.value) == ("drop" in cn.value):
+                # Neither changes nothing, and beside a drop a set is never seen: both are
+                # a case left half-written, not one that works.
+                d.add(
+                    cn, cp, "an override needs exactly one of 'set' (change the output) or 'drop' (discard the event)"
+                )
+                continue
             drop = None
             if "drop" in cn.value:
                 drop = cn.value["drop"].value

@@ -457,3 +457,19 @@ def test_a_bad_enum_name_or_flag_is_said_in_yaml_words(tmp_path):
         ("lookups.x.ignore_case", "expected true or false, got null"),
         ("rules[0].name", "expected a rule name such as track, got a mapping"),
     ]
+
+
+def test_an_override_case_sets_or_drops_never_neither_nor_both(tmp_path):
+    """`C: {}` changed nothing and `{set: ..., drop: ...}` never set: both loaded silently."""
+    text = (
+        "source_format: segment\ndestination_kind: segment\n"
+        "rules:\n  - name: t\n    kind: track\n    body: {event: $.event, userId: u}\n"
+        "    overrides:\n      by: $.event\n      cases:\n"
+        "        A: {set: {event: x}}\n        B: {drop: b}\n        C: {}\n        D: {set: {event: y}, drop: d}\n"
+    )
+    diags, _ = errors(tmp_path, text)
+    message = "an override needs exactly one of 'set' (change the output) or 'drop' (discard the event)"
+    assert [(d.line, d.column, d.yaml_path, d.message) for d in diags] == [
+        (12, 12, "rules[0].overrides.cases.C", message),
+        (13, 12, "rules[0].overrides.cases.D", message),
+    ]
