@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 from collections import Counter
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from bridge.mapping.fuse import Gen, emits, fuse
 from bridge.mapping.paths import PathError, Segment, parse_path
 from bridge.mapping.runtime import MISSING, DropEvent, Env, FailEvent, clone
 from bridge.mapping.shapes import SHAPES, Shape, body_checker, check_body_node
-from bridge.mapping.yamlnodes import Diagnostics, YNode, did_you_mean, join
+from bridge.mapping.yamlnodes import Diagnostics, YNode, did_you_mean, join, kind_of
 from bridge.sources.segment.spec import CALL_TYPES, WEBHOOK_ONLY_TYPES
 
 TOP_KEYS = (
@@ -98,12 +99,10 @@ class YamlMapping(CompiledMapping):
         # Checked before any condition runs (see conditions.Guard).
         self._link_guard = guard_of(identity_link[0]) if identity_link is not None else None
         self._rule_guards: list[tuple[_Rule, Guard | None]] = [(r, guard_of(r.when)) for r in rules]
-        for i, (rule, guard) in enumerate(self._rule_guards):
-            if rule.keep_going:
-                # Once it emits, only the rules below it whose guard its events can pass are
-                # tried: an identify's customer rule goes on to the identify rules below it,
-                # not through every other type's rules.
-                rule.after = [(r, g) for r, g in self._rule_guards[i + 1 :] if _may_both_pass(guard, g)]
+        # Once a `continue: true` rule emits, only the rules below it whose guard its events
+        # can pass are tried: an identify's customer rule goes on to the identify rules below
+        # it, not through every other type's rules.
+        _link_continuations(self._rule_guards)
         self._dispatch_field, self._dispatch, self._dispatch_default = _dispatch(self._rule_guards)
 
     def integration_names(self) -> tuple[str, ...]:
@@ -349,25 +348,58 @@ def _dispatch(
     # No guard at all: "" keys no list, so every event gets the default, every rule in it.
     field = fields.most_common(1)[0][0] if fields else ""
 
-    def candidates(value: str | None) -> list[_Candidate]:
-        out: list[_Candidate] = []
-        for rule, guard in rule_guards:
-            if guard is None or guard[0] != field:
-                out.append((rule, rule.when))
-            elif value is not None and value in guard[1]:
-                out.append((rule, None if is_exact(rule.when) else rule.when))
-        return out
+    # One pass over the rules, each added to the lists it belongs in: asking every rule once
+    # per value took a file of a few thousand rules minutes to compile.
+    by_value: dict[str, list[_Candidate]] = {}
+    default: list[_Candidate] = []
+    for rule, guard in rule_guards:
+        if guard is None or guard[0] != field:
+            for listed in (default, *by_value.values()):
+                listed.append((rule, rule.when))
+            continue
+        candidate = (rule, None if is_exact(rule.when) else rule.when)
+        for v in sorted(guard[1]):
+            if v not in by_value:
+                # A value first seen here is also matched by every earlier unguarded rule.
+                by_value[v] = list(default)
+            by_value[v].append(candidate)
+    return field, by_value, default
 
-    values = {v for _, g in rule_guards if g is not None and g[0] == field for v in g[1]}
-    return field, {v: candidates(v) for v in values}, candidates(None)
 
+def _link_continuations(rule_guards: list[tuple[_Rule, Guard | None]]) -> None:
+    """Set each `continue: true` rule's ``after``: the rules below it that an event it
+    matched may match too, in order. Those are the rules guarded by no field or by another
+    field, and those whose values share one with its own (an event has one value of a
+    field). Found through an index of the rules by field and value: compared with every
+    rule below, a file of a few thousand such rules took minutes to load."""
+    unguarded: list[int] = []
+    by_field: dict[str, list[int]] = {}
+    by_value: dict[tuple[str, str], list[int]] = {}
+    for j, (_, guard) in enumerate(rule_guards):
+        if guard is None:
+            unguarded.append(j)
+            continue
+        by_field.setdefault(guard[0], []).append(j)
+        for value in guard[1]:
+            by_value.setdefault((guard[0], value), []).append(j)
 
-def _may_both_pass(first: Guard | None, second: Guard | None) -> bool:
-    """Whether an event may pass both guards: not when both ask the same field for values
-    that have none in common."""
-    if first is None or second is None or first[0] != second[0]:
-        return True
-    return not first[1].isdisjoint(second[1])
+    def below(positions: list[int], i: int) -> list[int]:
+        return positions[bisect.bisect_right(positions, i) :]
+
+    for i, (rule, guard) in enumerate(rule_guards):
+        if not rule.keep_going:
+            continue
+        if guard is None:
+            rule.after = rule_guards[i + 1 :]
+            continue
+        field, values = guard
+        picked = set(below(unguarded, i))
+        for other, positions in by_field.items():
+            if other != field:
+                picked.update(below(positions, i))
+        for value in values:
+            picked.update(below(by_value.get((field, value), []), i))
+        rule.after = [rule_guards[j] for j in sorted(picked)]
 
 
 def _shared_message_id(outputs: list[Output]) -> str | None:
@@ -493,7 +525,8 @@ class FileCompiler:
             self.diags.add(
                 node,
                 key,
-                f"expected one of {', '.join(choices)}, got {node.value!r}{did_you_mean(str(node.value), choices)}",
+                f"expected one of {', '.join(choices)}, got {kind_of(node)}"
+                + (did_you_mean(node.value, choices) if isinstance(node.value, str) else ""),
             )
             return None
         return str(node.value)
@@ -549,7 +582,7 @@ class FileCompiler:
                 diags.add(
                     v["ignore_case"],
                     join(lp, "ignore_case"),
-                    f"expected true or false, got {v['ignore_case'].plain()!r}",
+                    f"expected true or false, got {kind_of(v['ignore_case'])}",
                 )
             else:
                 fold = v["ignore_case"].value
@@ -581,11 +614,14 @@ class FileCompiler:
         if not node.is_map:
             self.diags.add(node, "let", "expected a mapping of name to value")
             return
+        self.scope.let_order = list(node.value)
         for lname, ln in node.value.items():
             # compiled in file order, so a let can use only the lets above it: no cycles
+            self.scope.compiling_let = lname
             tree = self.expr.value(ln, join("let", lname))
             self.scope.let_trees[lname] = tree
             self.scope.lets[lname] = fuse(tree)
+        self.scope.compiling_let = None
 
     def _identity(self, node: YNode) -> tuple[Fn | None, tuple[Cond, Fn, Fn] | None, list[Fn]]:
         if not node.is_map:
@@ -652,7 +688,7 @@ class FileCompiler:
             return out
         names: set[str] = set()
         # The rules above that decide every event they match, with what they match (_covers).
-        deciders: list[tuple[int, _Rule, Guard | None]] = []
+        deciders = _Deciders()
         for i, item in enumerate(node.value):
             rule = self._rule(item, join("rules", i), destination, names)
             if rule is None:
@@ -663,7 +699,7 @@ class FileCompiler:
             self._check_reachable(item, join("rules", i), rule, deciders)
             covers = _covers(item, rule)
             if covers is not False:
-                deciders.append((i, rule, covers))
+                deciders.add(i, rule, covers)
         return out
 
     def _check_segment_types(self, item: YNode, ip: str, rule: _Rule) -> None:
@@ -686,17 +722,14 @@ class FileCompiler:
                 f"{did_you_mean(kind, SEGMENT_TYPES)}; its types are {', '.join(sorted(SEGMENT_TYPES))}",
             )
 
-    def _check_reachable(
-        self, item: YNode, ip: str, rule: _Rule, deciders: list[tuple[int, _Rule, Guard | None]]
-    ) -> None:
+    def _check_reachable(self, item: YNode, ip: str, rule: _Rule, deciders: _Deciders) -> None:
         """The first matching rule decides, so a rule every one of whose events an earlier
         rule already decides never runs: a rule for one event name added below the rule
         for its whole type, or any rule below a catch-all. Said at load, not found later
         in the discards."""
-        mine = guard_of(rule.when)
-        for i, earlier, covers in deciders:
-            if covers is not None and (mine is None or mine[0] != covers[0] or not mine[1] <= covers[1]):
-                continue
+        found = deciders.first_covering(guard_of(rule.when))
+        if found is not None:
+            i, earlier, covers = found
             name = earlier.name
             what = "every event" if covers is None else "every event this one would"
             fixes = f"move this rule above {name!r} or narrow {name!r} with 'match' or 'when'"
@@ -708,7 +741,6 @@ class FileCompiler:
                 f"rule {rule.name!r} can never match: rule {name!r} (rules[{i}]) above it matches {what}, "
                 f"and the first rule that matches decides; {fixes}",
             )
-            return
 
     def _rule(self, item: YNode, ip: str, destination: str | None, names: set[str]) -> _Rule | None:
         d = self.diags
@@ -721,7 +753,7 @@ class FileCompiler:
         raw_name = v["name"].value
         if type(raw_name) not in (str, int) or raw_name == "":
             # it names the rule in every discard, dead letter and diagnostic: "None" or "{'a': 1}" would not do
-            d.add(v["name"], join(ip, "name"), f"expected a rule name such as track, got {v['name'].plain()!r}")
+            d.add(v["name"], join(ip, "name"), f"expected a rule name such as track, got {kind_of(v['name'])}")
             return None
         name = str(raw_name)
         if name in names:
@@ -803,6 +835,13 @@ class FileCompiler:
                 if not cn.is_map:
                     d.add(cn, cp, "expected {set: {<output path>: <value>}} or {drop: <reason>}")
                 continue
+            if ("set" in cn.value) == ("drop" in cn.value):
+                # Neither changes nothing, and beside a drop a set is never seen: both are
+                # a case left half-written, not one that works.
+                d.add(
+                    cn, cp, "an override needs exactly one of 'set' (change the output) or 'drop' (discard the event)"
+                )
+                continue
             drop = None
             if "drop" in cn.value:
                 drop = cn.value["drop"].value
@@ -835,6 +874,45 @@ class FileCompiler:
                     sets.append((parsed.segments, self.expr.value(vn, join(join(cp, "set"), opath))))
             out[str(key)] = _Override(drop, sets)
         return by, out, set()
+
+
+_Decider = tuple[int, _Rule, Guard | None]
+
+
+class _Deciders:
+    """The rules so far that decide every event they match (see _covers), indexed so that
+    finding the first one that takes all of a later rule's events does not ask each of them:
+    asked in turn, a file of a few thousand rules took minutes to check."""
+
+    def __init__(self) -> None:
+        self._catch_all: _Decider | None = None
+        # (field, value) -> the guarded deciders whose values include it, in rule order
+        self._by_value: dict[tuple[str, str], list[_Decider]] = {}
+
+    def add(self, index: int, rule: _Rule, covers: Guard | None) -> None:
+        decider = (index, rule, covers)
+        if covers is None:
+            if self._catch_all is None:
+                self._catch_all = decider
+            return
+        for value in covers[1]:
+            self._by_value.setdefault((covers[0], value), []).append(decider)
+
+    def first_covering(self, mine: Guard | None) -> _Decider | None:
+        """The earliest decider that takes every event a rule guarded by ``mine`` may match."""
+        found = self._catch_all
+        if mine is not None and mine[1]:
+            field, values = mine
+            # A decider covering all of ``values`` is listed under each: read the shortest list.
+            listed = min((self._by_value.get((field, v), []) for v in values), key=len)
+            for decider in listed:
+                covers = decider[2]
+                if found is not None and found[0] < decider[0]:
+                    break
+                if covers is not None and values <= covers[1]:
+                    found = decider
+                    break
+        return found
 
 
 def _covers(item: YNode, rule: _Rule) -> Guard | Literal[False] | None:

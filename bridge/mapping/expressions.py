@@ -14,7 +14,7 @@ from bridge.mapping import steps
 from bridge.mapping.fuse import Gen, emits
 from bridge.mapping.paths import ParsedPath, PathError, Segment, parse_path
 from bridge.mapping.runtime import MISSING, Env, clone, is_empty
-from bridge.mapping.yamlnodes import Diagnostics, YNode, did_you_mean, join
+from bridge.mapping.yamlnodes import Diagnostics, YNode, did_you_mean, join, kind_of
 
 Fn = Callable[[Env], Any]
 Cond = Callable[[Env], bool]
@@ -73,6 +73,10 @@ class Scope:
     lets: dict[str, Fn] = field(default_factory=dict)  # each let as one fused function
     # ...and as the closure tree it was fused from, for fused code to inline (emit_let)
     let_trees: dict[str, Fn] = field(default_factory=dict)
+    # Every name of the `let` section, in file order, and the one being compiled: a use of
+    # a let not compiled yet is said as what it is (itself, or one below), not "unknown".
+    let_order: list[str] = field(default_factory=list)
+    compiling_let: str | None = None
 
 
 _UNSET = object()
@@ -156,6 +160,10 @@ class ExprCompiler:
     # --- paths ---------------------------------------------------------------
 
     def parse(self, text: Any, node: YNode, ypath: str) -> ParsedPath | None:
+        if not isinstance(text, str):
+            # In the file's words ("got a mapping"), not Python's ("got dict").
+            self.diags.add(node, ypath, f"expected a path string such as $.a.b, got {kind_of(node)}")
+            return None
         try:
             p = parse_path(text)
         except PathError as exc:
@@ -164,17 +172,27 @@ class ExprCompiler:
         if p.root == "$let":
             name = str(p.segments[0])
             if name not in self.scope.lets:
-                self.diags.add(
-                    node,
-                    ypath,
-                    f"unknown let name {name!r}{did_you_mean(name, self.scope.lets)}; "
-                    f"a let may only use names defined above it",
-                )
+                self.diags.add(node, ypath, self._unknown_let(name))
                 return None
         if p.root == "$item" and not self.in_each:
             self.diags.add(node, ypath, "$item is only defined inside an 'each' step")
             return None
         return p
+
+    def _unknown_let(self, name: str) -> str:
+        """Why $let.NAME cannot be used here."""
+        scope = self.scope
+        if name == scope.compiling_let:
+            return f"let {name!r} uses itself; a let may only use the lets above it"
+        if name in scope.let_order and scope.compiling_let is not None:
+            return (
+                f"let {name!r} is defined below {scope.compiling_let!r}; a let may only use the lets above it"
+                f" (move {name!r} above {scope.compiling_let!r})"
+            )
+        hint = did_you_mean(name, scope.let_order or scope.lets)
+        if scope.compiling_let is None:
+            return f"unknown let name {name!r}{hint}; the lets are: {', '.join(scope.let_order) or 'none'}"
+        return f"unknown let name {name!r}{hint}; a let may only use names defined above it"
 
     def path_fn(self, p: ParsedPath) -> Fn:
         segs = p.segments
@@ -508,7 +526,7 @@ class ExprCompiler:
 
     def fields(self, node: YNode, ypath: str) -> list[tuple[str, Fn]]:
         if not node.is_map:
-            self.diags.add(node, ypath, f"expected a mapping of field name to value, got {_kind(node)}")
+            self.diags.add(node, ypath, f"expected a mapping of field name to value, got {kind_of(node)}")
             return []
         return [(k, self.value(v, join(ypath, k))) for k, v in node.value.items()]
 
@@ -542,7 +560,7 @@ class ExprCompiler:
             if "prefix" in node.value:
                 pn = node.value["prefix"]
                 if not isinstance(pn.value, str) or not pn.value:
-                    self.diags.add(pn, join(ypath, "prefix"), f"expected a non-empty string, got {_kind(pn)}")
+                    self.diags.add(pn, join(ypath, "prefix"), f"expected a non-empty string, got {kind_of(pn)}")
                 else:
                     prefix = pn.value
             if "rename_prefix" in node.value:
@@ -679,7 +697,7 @@ class ExprCompiler:
             return found
         if node.is_map:
             return Lookup({str(k): v.plain() for k, v in node.value.items()}, None)
-        self.diags.add(node, ypath, f"expected a lookup name or an inline table, got {_kind(node)}")
+        self.diags.add(node, ypath, f"expected a lookup name or an inline table, got {kind_of(node)}")
         return None
 
 
@@ -761,14 +779,3 @@ def walk(v: Any, segs: tuple[Segment, ...]) -> Any:
                 return MISSING
             v = v[s]
     return v
-
-
-def _kind(node: YNode) -> str:
-    if node.is_map:
-        return "a mapping"
-    if node.is_list:
-        return "a list"
-    return f"{type(node.value).__name__} {node.value!r}"
-
-
-kind_of = _kind

@@ -27,7 +27,7 @@ from bridge.mapping.runtime import (
     to_datetime,
     to_string,
 )
-from bridge.mapping.yamlnodes import YNode, did_you_mean, join
+from bridge.mapping.yamlnodes import YNode, did_you_mean, join, kind_of
 
 if TYPE_CHECKING:
     from bridge.mapping.expressions import ExprCompiler
@@ -55,6 +55,21 @@ STEP_PARAMS: dict[str, tuple[str, ...]] = {
     "join": (),
     "linked": (),
 }
+# how each step that takes a value is written (docs/mappings.md, "Pipe steps")
+STEP_EXAMPLES = {
+    "case": "{case: lower}",
+    "replace": '{replace: "-", with: "_"}',
+    "lookup": "{lookup: NAME} or {lookup: {key: value}}",
+    "to": "{to: integer}",
+    "not_after": "{not_after: now}",
+    "pick": "{pick: [id, name]}",
+    "omit": "{omit: [password]}",
+    "rename": "{rename: {old_name: new_name}}",
+    "json": "{json: encode} or {json: decode}",
+    "each": "{each: {object: {sku: $item.id}}}",
+    "split": '{split: ","}',
+    "join": '{join: ", "}',
+}
 BARE_STEPS = ("trim", "compact", "length", "flatten", "tz_offset", "linked")
 ON_ERROR = ("drop_field", "drop_event", "fail")
 # bare steps whose only value is `true` (tz_offset's value is the instant; linked checks its own)
@@ -76,6 +91,11 @@ def compile_pipe(c: ExprCompiler, node: YNode, ypath: str) -> list[Step]:
 def compile_step(c: ExprCompiler, node: YNode, ypath: str) -> Step | None:
     if isinstance(node.value, str):
         name = node.value
+        if name in STEP_PARAMS and name not in BARE_STEPS:
+            # A step that takes a value, written bare: "unknown step 'lookup' (did you mean
+            # 'lookup'?)" sent the author looking for a typo that is not there.
+            c.diags.add(node, ypath, f"the '{name}' step needs a value; write it as {STEP_EXAMPLES[name]}")
+            return None
         if name not in BARE_STEPS:
             c.diags.add(
                 node,
@@ -292,7 +312,18 @@ def _b_to(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
 
 def _b_tz_offset(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
     # the step's value is the instant the offset is taken at (DST); true means "now"
-    at = None if p["tz_offset"].value is True else c.value(p["tz_offset"], ypath)
+    node = p["tz_offset"]
+    if not _time_or_expression(node):
+        # At run time a value that is no time falls back to now: `{tz_offset: false}` or
+        # `{tz_offset: yesterday}` would silently mean "now", as `{flatten: false}` must not.
+        c.diags.add(
+            node,
+            ypath,
+            "expected the instant to take the offset at, such as $let.current_time or a time, or"
+            f" the bare step `tz_offset` for now; got {kind_of(node)}",
+        )
+        return None
+    at = None if node.value is True else c.value(node, ypath)
     on_error = _policy(c, p, ypath, "tz_offset")
 
     def tz_offset(v: Any, env: Env) -> Any:
@@ -315,6 +346,19 @@ def _b_tz_offset(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | Non
         return off
 
     return tz_offset
+
+
+def _time_or_expression(node: YNode) -> bool:
+    """Whether a step's value may be an instant: true (now), a path, template, list or
+    directive (read per event), or a literal that reads as a time."""
+    v = node.value
+    if v is True or isinstance(v, dict | list) or (isinstance(v, str) and (v.startswith("$") or "{{" in v)):
+        return True
+    try:
+        to_datetime(v)
+    except CoercionError:
+        return False
+    return True
 
 
 def _b_not_after(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:

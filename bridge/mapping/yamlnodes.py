@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import date
 from typing import Any
 
 import yaml
@@ -46,6 +47,25 @@ class YNode:
         if isinstance(self.value, list):
             return [v.plain() for v in self.value]
         return self.value
+
+
+def kind_of(node: YNode) -> str:
+    """What a node is, in the words of the YAML file it was written in: its author wrote
+    `null` or `true`, never Python's `NoneType None` or `bool True`."""
+    if node.is_map:
+        return "a mapping"
+    if node.is_list:
+        return "a list"
+    v = node.value
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return f"the number {v!r}"
+    if isinstance(v, date):  # a datetime too
+        return f"the date {v.isoformat()} (quote it to mean the text)"
+    return repr(v)
 
 
 class Diagnostics:

@@ -587,6 +587,14 @@ async def test_sighup_reloads_a_running_process(tmp_path):
         await wait_until(lambda: "mapping_reload_rejected" in proc.log_path.read_text(), what="rejection log")
         log = proc.log_path.read_text()
         assert "segment-to-moengage.yaml:" in log  # file and line of the problem
+        # The old mappings stay in force: the process keeps accepting and delivering with them.
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{proc.url}/v1/page", json={"userId": "user-h", "name": "Home"}, headers=H) as r,
+        ):
+            assert r.status == 200
+        await moengage.wait_for(lambda: len(moengage.events()) == 1, timeout=10)
+        assert moengage.events()[0]["actions"][0]["action"] == "Viewed Web Page"
         path.write_text(good.replace("action: Viewed Web Page", "action: Page Seen"))
         proc.proc.send_signal(1)
         await wait_until(lambda: "mappings_reloaded" in proc.log_path.read_text(), what="reload log")
@@ -599,8 +607,8 @@ async def test_sighup_reloads_a_running_process(tmp_path):
             session.post(f"{proc.url}/v1/page", json={"userId": "user-h", "name": "Home"}, headers=H) as r,
         ):
             assert r.status == 200
-        await moengage.wait_for(lambda: len(moengage.events()) == 1, timeout=10)
-        assert moengage.events()[0]["actions"][0]["action"] == "Page Seen"
+        await moengage.wait_for(lambda: len(moengage.events()) == 2, timeout=10)
+        assert moengage.events()[1]["actions"][0]["action"] == "Page Seen"
     finally:
         await proc.ensure_stopped()
         moengage.stop()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -104,3 +105,48 @@ def test_a_directory_or_dangling_link_named_as_a_mapping_is_reported_not_skipped
         ("folder.yaml", "cannot read mapping file: it is a directory"),
         ("moved.yml", "cannot read mapping file: No such file or directory"),
     ]
+
+
+def _compile_steps(tmp_path: Path, rules: int, rule: str) -> int:
+    """How many lines of the compiler run to load a file of ``rules`` rules, each ``rule``
+    for a type of its own (a generated file, or rules pasted in bulk): counted, not timed."""
+    import sys
+
+    import bridge.mapping.compiler as compiler
+
+    text = "source_format: moengage_streams\ndestination_kind: segment\nrules:\n" + "".join(
+        f"  - {{name: r{i}, match: {{event_type: t{i}}}, {rule}}}\n" for i in range(rules)
+    )
+    path = write(tmp_path / f"m{rules}.yaml", text)
+    steps = 0
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        nonlocal steps
+        if frame.f_code.co_filename != compiler.__file__:
+            return None
+        if event == "line":
+            steps += 1
+        return trace
+
+    sys.settrace(trace)
+    try:
+        load_mapping_file(path)
+    finally:
+        sys.settrace(None)
+    return steps
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        "drop: x",
+        # and each `continue: true` rule with every rule below it (which may follow it?)
+        "kind: track, continue: true, body: {event: e, userId: u}",
+    ],
+)
+def test_checking_a_file_of_many_rules_grows_with_the_rules_not_their_square(tmp_path: Path, rule: str) -> None:
+    """Each rule was compared with every rule above it (can it ever match?) and with every
+    value another rule matches (which rules to try for it): a 1 MiB file of such rules took
+    many minutes to load, on `bridge mappings check`, at start and in a reload's thread."""
+    small, large = _compile_steps(tmp_path, 300, rule), _compile_steps(tmp_path, 600, rule)
+    assert large < 2.5 * small, (small, large)

@@ -131,8 +131,16 @@ def test_segment_structural_checks(tmp_path, body, message):
         ("{path: $.a, pipe: [{not_after: tomorrow}]}", "expected now (the moment of mapping), got 'tomorrow'"),
         ("{path: $.a, pipe: [{not_after: true}]}", "expected now (the moment of mapping), got True"),
         ("{path: $.a, pipe: [{not_after: now, on_error: fail}]}", "unknown key 'on_error' in the 'not_after' step"),
-        ("{path: $.a, pipe: [not_after]}", "unknown step 'not_after'"),
+        # A step that takes a value, written bare, is no typo: no "did you mean" itself.
+        ("{path: $.a, pipe: [not_after]}", "the 'not_after' step needs a value; write it as {not_after: now}"),
+        ("{path: $.a, pipe: [lookup]}", "the 'lookup' step needs a value; write it as {lookup: NAME}"),
+        ("{path: $.a, pipe: [trim, case]}", "pipe[1]: the 'case' step needs a value; write it as {case: lower}"),
         ("{frist: [$.a]}", "did you mean 'first'?"),
+        # One keystroke off a two-letter name, or nearer one name than difflib finds.
+        ("{fi: {exists: $.a}, then: x}", "unknown key 'fi' (did you mean 'if'?)"),
+        ("{if: {value: $.a, ni: [x]}, then: x}", "unknown key 'ni' in a condition (did you mean 'in'?)"),
+        ("{path: $.a, pipe: [{ot: integer}]}", "a step needs exactly one of: case, trim"),
+        ("{path: $.a, pipe: [{ot: integer}]}", "(did you mean 'to'?)"),
         ("{if: {exsts: $.a}, then: x}", "unknown key 'exsts' in a condition (did you mean 'exists'?)"),
         ("{if: {value: $.a, equal: x}, then: x}", "did you mean 'equals'?"),
         ("{if: {value: $.a, gt: high}, then: x}", "'gt' expects a number"),
@@ -157,6 +165,18 @@ def test_segment_structural_checks(tmp_path, body, message):
         ("$item.x", "$item is only defined inside an 'each' step"),
         ("{path: $.a, drop_if: nothing}", "expected 'null' or 'empty'"),
         ("{merge: [$.a], prefer: middle}", "expected 'first' or 'last'"),
+        # What was found, in the file's words: never Python's ("got NoneType None", "got dict").
+        ("{path: {a: 1}}", "v.path: expected a path string such as $.a.b, got a mapping"),
+        ("{path: 5}", "v.path: expected a path string such as $.a.b, got the number 5"),
+        ("{path: $.a, pipe: [{lookup: {a: b}, ignore_case: 'no'}]}", "expected true or false, got 'no'"),
+        ("{object: null}", "v.object: expected a mapping of field name to value, got null"),
+        ("{object: true}", "v.object: expected a mapping of field name to value, got true"),
+        ("{object: 2024-01-01}", "got the date 2024-01-01 (quote it to mean the text)"),
+        ("{path: $.a, pipe: [{lookup: 1.5}]}", "expected a lookup name or an inline table, got the number 1.5"),
+        # A literal that is no time fell back to now at run time: `false` meant "now".
+        ("{path: $.a, pipe: [{tz_offset: false}]}", "v.pipe[0].tz_offset: expected the instant to take the offset at"),
+        ("{path: $.a, pipe: [{tz_offset: now}]}", "or the bare step `tz_offset` for now; got 'now'"),
+        ("{path: $.a, pipe: [{tz_offset: null}]}", "for now; got null"),
     ],
 )
 def test_expression_errors(tmp_path, snippet, message):
@@ -391,3 +411,65 @@ def test_a_streams_mapping_may_match_any_type(tmp_path):
     text = "source_format: moengage_streams\ndestination_kind: segment\n"
     text += "rules:\n  - {name: r, match: {type: Track}, drop: x}\n"
     assert load_mapping_file(write(tmp_path / "m.yaml", text)).name == "m"
+
+
+def test_a_let_used_before_it_is_defined_says_where_it_is(tmp_path):
+    """A cycle in `let` (or a let below its use) was "unknown let name 'b'" of a let the
+    author can see in the file: it says which one is below, or that it uses itself."""
+    text = (
+        "source_format: segment\ndestination_kind: segment\n"
+        "let:\n"
+        "  a: {first: [$let.b, $.x]}\n"
+        "  b: {first: [$let.b]}\n"
+        "  c: $let.customer\n"
+        "  customer_id: $.userId\n"
+        "rules:\n  - name: t\n    kind: track\n    body: {event: $let.nope, userId: $let.a}\n"
+    )
+    diags, _ = errors(tmp_path, text)
+    assert [(d.line, d.column, d.yaml_path, d.message) for d in diags] == [
+        (
+            4,
+            15,
+            "let.a.first[0]",
+            "let 'b' is defined below 'a'; a let may only use the lets above it (move 'b' above 'a')",
+        ),
+        (5, 15, "let.b.first[0]", "let 'b' uses itself; a let may only use the lets above it"),
+        (
+            6,
+            6,
+            "let.c",
+            "unknown let name 'customer' (did you mean 'customer_id'?); a let may only use names defined above it",
+        ),
+        (11, 19, "rules[0].body.event", "unknown let name 'nope'; the lets are: a, b, c, customer_id"),
+    ]
+
+
+def test_a_bad_enum_name_or_flag_is_said_in_yaml_words(tmp_path):
+    """null and true as written, not Python's None and True ("got {'a': None}" for a name)."""
+    text = (
+        "source_format: segment\ndestination_kind: null\n"
+        "lookups:\n  x: {table: {a: b}, ignore_case: null}\n"
+        "rules:\n  - name: {a: null}\n    drop: x\n"
+    )
+    diags, _ = errors(tmp_path, text)
+    assert [(d.yaml_path, d.message) for d in diags] == [
+        ("destination_kind", "expected one of moengage, segment, got null"),
+        ("lookups.x.ignore_case", "expected true or false, got null"),
+        ("rules[0].name", "expected a rule name such as track, got a mapping"),
+    ]
+
+
+def test_an_override_case_sets_or_drops_never_neither_nor_both(tmp_path):
+    """`C: {}` changed nothing and `{set: ..., drop: ...}` never set: both loaded silently."""
+    text = (
+        "source_format: segment\ndestination_kind: segment\n"
+        "rules:\n  - name: t\n    kind: track\n    body: {event: $.event, userId: u}\n"
+        "    overrides:\n      by: $.event\n      cases:\n"
+        "        A: {set: {event: x}}\n        B: {drop: b}\n        C: {}\n        D: {set: {event: y}, drop: d}\n"
+    )
+    diags, _ = errors(tmp_path, text)
+    message = "an override needs exactly one of 'set' (change the output) or 'drop' (discard the event)"
+    assert [(d.line, d.column, d.yaml_path, d.message) for d in diags] == [
+        (12, 12, "rules[0].overrides.cases.C", message),
+        (13, 12, "rules[0].overrides.cases.D", message),
+    ]

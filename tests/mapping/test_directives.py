@@ -200,6 +200,16 @@ def test_tz_offset_true_means_now(tmp_path):
     assert evaluate(m, EVENT) == int(offset.total_seconds())
 
 
+@pytest.mark.parametrize(
+    ("at", "offset"), [('"2024-07-01T00:00:00Z"', 7200), ('"2024-01-01"', 3600), ("1719792000", 7200)]
+)
+def test_tz_offset_at_a_literal_time_takes_that_times_offset(tmp_path: Path, at: str, offset: int) -> None:
+    """A literal that reads as a time is an instant like any other; only one that does not
+    (`false`, `now`) is refused at load (test_diagnostics)."""
+    m = value_mapping(tmp_path, f"{{path: $.context.timezone, pipe: [{{tz_offset: {at}}}]}}")
+    assert evaluate(m, EVENT) == offset
+
+
 def test_not_after_now_caps_a_later_time_at_now_and_leaves_the_rest(tmp_path):
     m = value_mapping(tmp_path, "{path: $.properties.t, pipe: [{not_after: now}]}")
 
