@@ -642,7 +642,7 @@ class ExprCompiler:
         get the replacement instead of it. Both must be non-empty: an empty start would rename
         every key, and an empty replacement could write a key MoEngage blocks ("")."""
         if not node.is_map or not node.value:
-            self.diags.add(node, ypath, f"expected a mapping of key start to its replacement, got {_kind(node)}")
+            self.diags.add(node, ypath, f"expected a mapping of key start to its replacement, got {kind_of(node)}")
             return ()
         pairs: list[tuple[str, str]] = []
         for k, v in node.value.items():
