@@ -56,6 +56,14 @@ class Reader:
                 if required:
                     _fail(self.at(key), "is required" + _empty_env_hint(self.data.get(key)))
                 return ""
+            if value == "" and default:
+                # Written but empty, most often a ${VAR} whose variable is empty or unset:
+                # taken as the default, `store.url: ${DATABASE_URL}` put each node of a
+                # PostgreSQL deployment on a SQLite file of its own, without a word.
+                _fail(
+                    self.at(key),
+                    f"is empty; leave the key out to take its default ({default!r})" + _empty_env_hint(value),
+                )
             return default
         return as_text(value, self.at(key))
 

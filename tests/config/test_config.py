@@ -163,6 +163,24 @@ def test_a_streams_source_without_a_data_center_is_told_it_is_required(raw: dict
     assert error_of(raw).startswith("sources[2].data_center: is required")
 
 
+@pytest.mark.parametrize(
+    ("section", "key", "default"),
+    [("store", "url", "sqlite:///var/bridge.db"), ("server", "host", "127.0.0.1"), ("server", "region", "us")],
+)
+def test_an_empty_value_is_refused_rather_than_taken_for_the_default(
+    raw: dict[str, Any], section: str, key: str, default: str
+) -> None:
+    """Most often a ${VAR} that is empty or unset: `store.url: ${DATABASE_URL}` taken as
+    the default put each node of a PostgreSQL deployment on a SQLite file of its own."""
+    raw.setdefault(section, {})[key] = ""
+    assert error_of(raw) == (
+        f"{section}.{key}: is empty; leave the key out to take its default ({default!r})"
+        " (it is empty: is its environment variable set?)"
+    )
+    del raw[section][key]
+    assert build_config(raw) is not None  # left out: the default, as before
+
+
 def test_precise_type_and_value_errors(raw: dict[str, Any]) -> None:
     bad = copy.deepcopy(raw)
     bad["server"]["region"] = "apac"
