@@ -552,6 +552,17 @@ async def test_a_reload_answers_which_mappings_it_changed(make_bridge, tmp_path)
     assert logged == [[], ["segment-to-moengage"], []]
 
 
+async def post_page(url: str) -> None:
+    """A page call for user-h, which the bridge must take (200)."""
+    import aiohttp
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{url}/v1/page", json={"userId": "user-h", "name": "Home"}, headers=H) as r,
+    ):
+        assert r.status == 200
+
+
 async def test_sighup_reloads_a_running_process(tmp_path):
     from aiohttp.test_utils import TestServer
 
@@ -567,8 +578,6 @@ async def test_sighup_reloads_a_running_process(tmp_path):
     raw["destinations"] = raw["destinations"][:1]
     raw["mappings"]["dir"] = str(mappings)
     proc = BridgeProcess(raw, tmp_path)
-    import aiohttp
-
     try:
         await proc.start()
         assert proc.proc is not None
@@ -588,11 +597,7 @@ async def test_sighup_reloads_a_running_process(tmp_path):
         log = proc.log_path.read_text()
         assert "segment-to-moengage.yaml:" in log  # file and line of the problem
         # The old mappings stay in force: the process keeps accepting and delivering with them.
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(f"{proc.url}/v1/page", json={"userId": "user-h", "name": "Home"}, headers=H) as r,
-        ):
-            assert r.status == 200
+        await post_page(proc.url)
         await moengage.wait_for(lambda: len(moengage.events()) == 1, timeout=10)
         assert moengage.events()[0]["actions"][0]["action"] == "Viewed Web Page"
         path.write_text(good.replace("action: Viewed Web Page", "action: Page Seen"))
@@ -602,11 +607,7 @@ async def test_sighup_reloads_a_running_process(tmp_path):
         lines = [orjson.loads(line) for line in proc.log_path.read_text().splitlines() if line.startswith("{")]
         [reloaded] = [e for e in lines if e.get("event") == "mappings_reloaded"]
         assert reloaded["changed"] == ["segment-to-moengage"]
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(f"{proc.url}/v1/page", json={"userId": "user-h", "name": "Home"}, headers=H) as r,
-        ):
-            assert r.status == 200
+        await post_page(proc.url)
         await moengage.wait_for(lambda: len(moengage.events()) == 2, timeout=10)
         assert moengage.events()[1]["actions"][0]["action"] == "Page Seen"
     finally:
