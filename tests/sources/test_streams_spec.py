@@ -85,7 +85,7 @@ def test_a_uid_that_is_no_usable_id_counts_as_absent():
         # The mapping then sends anonymousId m1, not userId "true" or '{"a":1}'.
         assert "uid" not in event and key == "m1", odd
     event, _, key = normalise({**good, "uid": " c1 "})
-    assert event["uid"] == " c1 " and key == "c1"  # sent as MoEngage sent it, keyed trimmed
+    assert event["uid"] == " c1 " and key == "c1"  # stored as sent; keyed (and mapped) trimmed
     event, _, key = normalise({**good, "uid": 12345})
     assert event["uid"] == 12345 and key == "12345"
     event, _, key = normalise({**good, "uid": 12345.0})
