@@ -33,7 +33,7 @@ def as_ingested(
     ``batch``: the /v1/batch body a Segment item came in (its sentAt, context, integrations)."""
     try:
         if source_format == "moengage_streams":
-            event, _, _ = normalise_streams(item)
+            event, _, _ = normalise_streams(item, received_at.timestamp() if received_at else None)
         else:  # segment: a batch item, which names its own type
             # One with a receivedAt was timed already (a webhook's event as Segment sent it,
             # a payload shown by `bridge dlq show`): its timestamp stands, as webhook ingest

@@ -85,7 +85,7 @@ def test_a_uid_that_is_no_usable_id_counts_as_absent():
         # The mapping then sends anonymousId m1, not userId "true" or '{"a":1}'.
         assert "uid" not in event and key == "m1", odd
     event, _, key = normalise({**good, "uid": " c1 "})
-    assert event["uid"] == " c1 " and key == "c1"  # sent as MoEngage sent it, keyed trimmed
+    assert event["uid"] == " c1 " and key == "c1"  # stored as sent; keyed (and mapped) trimmed
     event, _, key = normalise({**good, "uid": 12345})
     assert event["uid"] == 12345 and key == "12345"
     event, _, key = normalise({**good, "uid": 12345.0})
@@ -105,9 +105,14 @@ def test_event_requirements_and_ordering_key():
     assert (uuid, key) == ("u1", "c1")
     _, _, key = normalise({**good, "uid": None, "user_attributes": {"moengage_user_id": "m1"}})
     assert key == "m1"
-    with pytest.raises(Invalid) as exc:
-        normalise({k: v for k, v in good.items() if k != "event_time"})
-    assert exc.value.code == "event_time_required"
+    # No time given: the time the request was received (as Segment times a call without one).
+    untimed = {k: v for k, v in good.items() if k != "event_time"}
+    assert normalise(untimed, 1765000000.1234)[0]["event_time"] == 1765000000.123
+    for blank in (None, "", "  "):
+        assert normalise({**good, "event_time": blank}, 1765000000)[0]["event_time"] == 1765000000
+    # The id made for an event without event_uuid is of the event as sent, not of the time given it.
+    derived = {k: v for k, v in untimed.items() if k != "event_uuid"}
+    assert normalise(derived, 1)[1] == normalise(derived, 2)[1]
     with pytest.raises(Invalid) as exc:
         normalise({"event_uuid": "u", "event_time": 1})
     assert exc.value.code == "event_name_required"

@@ -3,6 +3,8 @@ endpoint of its oauth2 sources (``oauth``)."""
 
 from __future__ import annotations
 
+import time
+
 import orjson
 import structlog
 from aiohttp import web
@@ -201,11 +203,12 @@ class StreamsSources(SourceKind):
         if excess > 0:
             items = items[:limit]
         collected = self.ingestor.collector(source)
+        received = time.time()  # the time of an event that gives none (one for the request)
         for i, item in enumerate(items):
             try:
                 if out_of_range and (found := holds_out_of_range(item)) is not None:
                     raise Invalid("number_out_of_range", f"a number is past the range of a double: {found.text[:40]}")
-                event, uuid, key = normalise(item)
+                event, uuid, key = normalise(item, received)
                 try:
                     payload = _dumps([[event]])[2:-2]  # encode_event, written out: it runs per event
                 except orjson.JSONEncodeError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -86,8 +87,9 @@ def epoch_seconds(value: Any) -> int | float:
     return whole if value == whole else round(float(value), 3)
 
 
-def normalise(item: Any) -> tuple[dict[str, Any], str, str]:
-    """Validate one Streams event: (event, event_uuid, ordering key)."""
+def normalise(item: Any, received: float | None = None) -> tuple[dict[str, Any], str, str]:
+    """Validate one Streams event: (event, event_uuid, ordering key). ``received``: when
+    its request was received (epoch seconds; now when None), its time if it gives none."""
     if not isinstance(item, dict):
         raise Invalid("invalid_event", "each event must be a JSON object")
     event = dict(item)
@@ -110,9 +112,15 @@ def normalise(item: Any) -> tuple[dict[str, Any], str, str]:
         raise Invalid("event_name_not_string", "event_name must be a string when present")
     if not name and not (isinstance(code, str) and code):
         raise Invalid("event_name_required", "event_code or event_name is required (a non-empty string)")
-    if "event_time" not in event or event["event_time"] is None:
-        raise Invalid("event_time_required", "event_time is required")
-    event["event_time"] = epoch_seconds(event["event_time"])
+    given = event.get("event_time")
+    if given is None or (isinstance(given, str) and not given.strip()):
+        # No time given (absent, null or blank): the time the bridge received it, as Segment's
+        # Tracking API times a call without a timestamp. Refused, the event was lost: alone in
+        # its request, MoEngage retries the 400 and then drops it; beside others, it is never
+        # resent (the 200 lists it, but MoEngage does not read the answer). Stored, so every
+        # attempt and a replay send the same time; the derived event_uuid was taken before.
+        given = time.time() if received is None else received
+    event["event_time"] = epoch_seconds(given)
     for key in ("event_attributes", "user_attributes", "device_attributes"):
         value = event.get(key)
         if value is not None and not isinstance(value, dict):
