@@ -303,7 +303,7 @@ class SegmentSources(SourceKind):
     def _collect_webhook(self, source: SourceConfig, body: bytes, signature: str) -> Collected:
         if source.webhook_secret:
             # On the bytes, before they are parsed: an unsigned body costs no more than its read.
-            _verify_signature(signature, source.webhook_secret, body)
+            _verify_signature(signature, source.webhook_secret, body, self._webhook_event_limit * _SIGNED_ITEM_SCAN)
         # Bounded by the events a webhook may carry (Segment's batches), not /v1/batch's.
         check_containers(body, self.config.server.max_webhook_events)
         data = parse_json(body)
@@ -371,11 +371,31 @@ _UNSIGNED_IN_BATCH = (
 )
 
 
-def _verify_signature(given: str, secret: str, body: bytes) -> None:
-    """Segment signs the JSON body, or for a batch (array) only its first item."""
+def _verify_signature(given: str, secret: str, body: bytes, max_item: int) -> None:
+    """Segment signs the JSON body, or for a batch (array) only its first item, looked for
+    in the first ``max_item`` bytes after the '[' only (see _SIGNED_ITEM_SCAN)."""
     if not given:
         raise ApiError(401, "signature_required", "X-Signature header is missing")
-    signed = first_array_item(body) if body.lstrip()[:1] == b"[" else body
+    signed: bytes | None = body
+    text = body.strip()
+    if text[:1] == b"[":
+        # The scan is a Python loop over the bytes: unbounded, one gzip'd request of 16 KB
+        # (a 16 MB string as the first item) held the event loop half a second, for anyone
+        # with the write key and any signature.
+        window = text[: max_item + 2]  # "[", the item, and the "," or "]" that ends it
+        item = first_array_item(window)
+        if item is None and len(window) < len(text):
+            raise ApiError(
+                400,
+                "event_too_large",
+                f"the batch's first item, the one Segment signs, runs past {max_item} bytes: no event is that large",
+            )
+        if item is None and text[1:].strip() == b"]":
+            # An empty batch has no first item to sign (Segment never sends one) and
+            # nothing to take: its answer is the precise 400 empty_batch, not a signature
+            # no sender could have made.
+            return
+        signed = item
     if signed is None:
         raise ApiError(401, "invalid_signature", "X-Signature does not match the body")
     expected = hmac.new(secret.encode("utf-8"), signed, hashlib.sha1).hexdigest()
@@ -387,6 +407,10 @@ def _verify_signature(given: str, secret: str, body: bytes) -> None:
 # Normalising adds receivedAt, timestamp, originalTimestamp and maybe messageId (~200 bytes),
 # and merges a batch's context: below limit minus this, the raw event is surely within it.
 _NORMALISED_GROWTH = 1024
+# How far past the '[' of a signed webhook batch its first item is looked for, in webhook
+# events' size limits: the item is one event, which Segment writes as compact JSON; six
+# times over still leaves room for every character written as a \uXXXX escape.
+_SIGNED_ITEM_SCAN = 6
 # What Segment's servers add to a call before its Webhooks destination forwards it
 # (receivedAt, sentAt, originalTimestamp, version, channel, projectId, a messageId, the
 # client's IP in context): a few hundred bytes, allowed twice over and then some.
