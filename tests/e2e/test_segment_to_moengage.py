@@ -164,6 +164,39 @@ async def test_auth_and_region_errors(bridge):
     assert "events.eu1.segmentapis.com" in data["message"]
 
 
+async def test_webhook_auth_and_region_errors(bridge):
+    """The webhook takes its write key as the Basic auth username only. A key of the other
+    region is refused as on the Tracking API, but its sender is Segment's Webhooks
+    destination: it is told to use the other region's bridge, not Segment's API host."""
+    body = orjson.dumps(track_body(type="track"))
+    for headers, expected in [
+        ({}, (401, "write_key_required")),
+        ({"Authorization": "Bearer " + WRITE_KEY}, (401, "write_key_required")),
+        (basic("", WRITE_KEY), (401, "write_key_required")),
+        ({"Authorization": "Basic !!"}, (401, "invalid_authorization")),
+        (basic("nope"), (401, "invalid_write_key")),
+        (basic(EU_WRITE_KEY), (403, "wrong_region")),
+    ]:
+        status, data = await bridge.post("/segment/webhook", None, {**headers, "X-Signature": "00"}, raw=body)
+        assert (status, data["code"]) == expected, (headers, data)
+    assert "segmentapis.com" not in data["message"], data
+    assert "the bridge serving EU" in data["message"], data
+    # The Tracking API's answer to the same key still names Segment's EU host.
+    status, data = await bridge.post("/v1/track", track_body(), basic(EU_WRITE_KEY))
+    assert "events.eu1.segmentapis.com" in data["message"]
+
+
+async def test_a_wrong_region_webhook_is_told_the_bridge_region_hosts_names(make_bridge):
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["server"]["region_hosts"] = {"eu": "https://eu-bridge.example.com"}
+
+    bridge = await make_bridge(tweak)
+    body = orjson.dumps(track_body(type="track"))
+    status, data = await bridge.post("/segment/webhook", None, {**basic(EU_WRITE_KEY), "X-Signature": "00"}, raw=body)
+    assert (status, data["code"]) == (403, "wrong_region")
+    assert "the bridge serving EU (https://eu-bridge.example.com)" in data["message"], data
+
+
 async def test_real_client_sees_401_for_unknown_key(bridge):
     client = Client("not-a-key", host=bridge.url, sync_mode=True, max_retries=0)
     with pytest.raises(APIError) as exc:

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from bridge.config.model import Config, SourceConfig
+from bridge.config.model import DEFAULT_REGION_HOSTS, Config, SourceConfig
 from bridge.httpx import (
     ApiError,
     basic_credentials,
@@ -53,6 +53,9 @@ WEBHOOK_METHODS = ("POST", "PUT", "PATCH")
 # up to 4 hours, and nothing else, so the 429 the Tracking API's clients wait out would drop
 # the events there (its deletion requests among them). Webhooks (Actions) retries either.
 WEBHOOK_BACKPRESSURE = 503
+# Segment's own ingestion hosts, which server.region_hosts names by default (written as a
+# URL or a bare host): a wrong-region webhook is not sent there, back to Segment.
+_SEGMENT_HOSTNAMES = tuple(url.split("//", 1)[-1] for url in DEFAULT_REGION_HOSTS.values())
 
 
 class SegmentSources(SourceKind):
@@ -92,7 +95,7 @@ class SegmentSources(SourceKind):
             routes.add(method, "/segment/webhook", self.webhook)
 
     # -- auth -------------------------------------------------------------------
-    def _source_for(self, key: Any) -> SourceConfig:
+    def _source_for(self, key: Any, *, webhook: bool = False) -> SourceConfig:
         if not isinstance(key, str) or not key:
             raise ApiError(
                 401,
@@ -103,18 +106,32 @@ class SegmentSources(SourceKind):
         if source is None:
             raise ApiError(401, "invalid_write_key", "unknown write key")
         if source.region != self.config.server.region:
+            theirs, ours = (source.region or "").upper(), self.config.server.region.upper()
             host = self.config.server.region_hosts.get(source.region or "", "")
+            if webhook:
+                # The sender is Segment's Webhooks destination: "send it to Segment's API
+                # host" would point it back at Segment. It belongs on the other region's
+                # bridge, which server.region_hosts may name.
+                bridge = "" if not host or any(name in host for name in _SEGMENT_HOSTNAMES) else f" ({host})"
+                raise ApiError(
+                    403,
+                    "wrong_region",
+                    f"this write key's source is configured for the {theirs} region but this bridge serves"
+                    f" {ours}: point the Webhooks destination at the bridge serving {theirs}{bridge}, or"
+                    " correct the source's region in the bridge's config",
+                )
             raise ApiError(
                 403,
                 "wrong_region",
-                f"this write key belongs to the {(source.region or '').upper()} region but this bridge serves "
-                f"{self.config.server.region.upper()}; Segment would silently drop it. Send it to {host}",
+                f"this write key belongs to the {theirs} region but this bridge serves "
+                f"{ours}; Segment would silently drop it. Send it to {host}",
             )
         return source
 
-    def _source_for_header(self, request: web.Request) -> SourceConfig | None:
+    def _source_for_header(self, request: web.Request, *, webhook: bool = False) -> SourceConfig | None:
         """The source named by the Basic auth username (the write key), or None without
-        Basic credentials; raises ApiError like ``_source_for``."""
+        Basic credentials; raises ApiError like ``_source_for`` (``webhook``: for
+        /segment/webhook, whose sender is Segment itself)."""
         header = request.headers.get("Authorization")
         if header is None:
             return None
@@ -125,7 +142,7 @@ class SegmentSources(SourceKind):
         creds = basic_credentials(request)
         if creds is None or not creds[0]:
             return None  # no Basic key (e.g. "Basic Og==", an empty username): the body's writeKey decides
-        source = self._source_for(creds[0])
+        source = self._source_for(creds[0], webhook=webhook)
         if len(self._by_header) >= AUTH_CACHE_SIZE:
             self._by_header.clear()
         self._by_header[digest] = source
@@ -283,7 +300,7 @@ class SegmentSources(SourceKind):
 
     # -- /segment/webhook -----------------------------------------------------------
     async def webhook(self, request: web.Request) -> web.Response:
-        source = self._source_for_header(request)
+        source = self._source_for_header(request, webhook=True)
         if source is None:
             raise ApiError(401, "write_key_required", "the webhook needs the write key as the Basic auth username")
         signature = request.headers.get("X-Signature", "")
