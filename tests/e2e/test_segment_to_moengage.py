@@ -993,6 +993,21 @@ async def test_webhook_batches_of_segments_default_size(bridge):
     await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1000, timeout=20)
 
 
+async def test_a_webhook_event_without_a_timestamp_is_timed_when_segment_received_it(bridge):
+    """A Webhooks (Actions) mapping may send an event without its timestamp; it is timed
+    from the receivedAt Segment gave it (here months before this run, as after Segment's
+    retries it may be hours), not when the bridge got it."""
+    event = {"type": "track", "userId": "wh-ts", "event": "Untimed", "messageId": "wh-ts-1"}
+    body = orjson.dumps({**event, "receivedAt": "2026-11-01T10:00:00.000Z"})
+    headers = {**basic(WRITE_KEY), "X-Signature": _sign(body)}
+    status, data = await bridge.post("/segment/webhook", None, headers, raw=body)
+    assert status == 200, data
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1)
+    (sent,) = bridge.moengage.events()
+    when = datetime(2026, 11, 1, 10, tzinfo=UTC).timestamp()
+    assert sent["actions"][0]["current_time"] == when, sent
+
+
 async def test_a_non_ascii_signature_is_a_401(bridge):
     auth = basic(WRITE_KEY)["Authorization"].encode()
     body = orjson.dumps(track_body(type="track"))
