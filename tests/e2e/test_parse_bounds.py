@@ -12,8 +12,11 @@ import hmac
 import tracemalloc
 
 import orjson
+import pytest
 from yarl import URL
 
+from bridge.sources.segment import routes
+from bridge.sources.segment.routes import first_array_item
 from tests.e2e.harness import STREAMS_PASSWORD, STREAMS_USER, WEBHOOK_SECRET, WRITE_KEY, Bridge, basic
 
 STREAMS = "/moengage/streams/streams-main"
@@ -96,3 +99,54 @@ async def test_a_batch_context_merged_into_every_event_is_bounded(bridge: Bridge
     many = [{"type": "track", "userId": f"u-{i}", "event": "Viewed", "messageId": f"ok-{i}"} for i in range(2500)]
     ordinary = {"batch": many, "context": {"library": {"name": "custom"}, "pad": "c" * 3000}}
     assert await bridge.post("/v1/batch", ordinary, basic(WRITE_KEY)) == (200, {"success": True})
+
+
+def _signature(signed: bytes) -> str:
+    return hmac.new(WEBHOOK_SECRET.encode(), signed, hashlib.sha1).hexdigest()
+
+
+async def test_a_webhook_batchs_first_item_is_looked_for_within_an_events_size_only(
+    bridge: Bridge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Segment signs a batch's first item, which is found by a byte-by-byte scan in Python.
+    Unbounded, a 16 KB gzip'd body whose first item is a 16 MB string (any signature) held
+    the event loop for half a second, each request. The item is one event: the scan stops
+    within a few times an event's limit, and an item running past that is refused."""
+    scanned: list[int] = []
+
+    def recording(body: bytes) -> bytes | None:
+        scanned.append(len(body))
+        return first_array_item(body)
+
+    monkeypatch.setattr(routes, "first_array_item", recording)
+    inflated = b'["' + b"a" * 16_000_000 + b'"]'
+    headers = {**basic(WRITE_KEY), "Content-Encoding": "gzip", "X-Signature": "00" * 20}
+    status, body = await bridge.post("/segment/webhook", None, headers, raw=gzip.compress(inflated))
+    assert (status, body["code"]) == (400, "event_too_large"), body
+    assert "first item" in str(body["message"])
+    assert scanned and max(scanned) < 16 * (32768 + 2048), scanned  # a few events' worth, not 16 MB
+
+    # A genuine first item at the event limit, nearly all of it written as \u0078 escapes
+    # (six bytes a character where Segment writes one), is still found and its signature checked.
+    event = {"type": "track", "userId": "u-big", "event": "Big", "messageId": "scan-1"}
+    text = orjson.dumps({**event, "properties": {"t": "x" * 30_000}})
+    escaped = text.replace(b"x", b"\\u0078")
+    assert len(escaped) > 150_000 and orjson.loads(escaped) == orjson.loads(text)
+    second = orjson.dumps({**event, "messageId": "scan-2"})
+    batch = b"[" + escaped + b"," + second + b"]"
+    status, body = await bridge.post(
+        "/segment/webhook", None, {**basic(WRITE_KEY), "X-Signature": _signature(escaped)}, raw=batch
+    )
+    assert (status, body) == (200, {"success": True}), body
+
+
+async def test_an_empty_webhook_batch_is_an_empty_batch_not_a_bad_signature(bridge: Bridge) -> None:
+    """An empty array has no first item for Segment to sign: the answer says what is wrong
+    with it (nothing to take), rather than send its sender after the shared secret."""
+    for raw in (b"[]", b" [ \n] "):
+        headers = {**basic(WRITE_KEY), "X-Signature": _signature(b"")}
+        status, body = await bridge.post("/segment/webhook", None, headers, raw=raw)
+        assert (status, body["code"]) == (400, "empty_batch"), body
+    # A batch that is not even an array's opening is still a wrong signature.
+    status, body = await bridge.post("/segment/webhook", None, {**basic(WRITE_KEY), "X-Signature": "00"}, raw=b"[")
+    assert (status, body["code"]) == (401, "invalid_signature"), body

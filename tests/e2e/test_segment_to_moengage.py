@@ -164,6 +164,39 @@ async def test_auth_and_region_errors(bridge):
     assert "events.eu1.segmentapis.com" in data["message"]
 
 
+async def test_webhook_auth_and_region_errors(bridge):
+    """The webhook takes its write key as the Basic auth username only. A key of the other
+    region is refused as on the Tracking API, but its sender is Segment's Webhooks
+    destination: it is told to use the other region's bridge, not Segment's API host."""
+    body = orjson.dumps(track_body(type="track"))
+    for headers, expected in [
+        ({}, (401, "write_key_required")),
+        ({"Authorization": "Bearer " + WRITE_KEY}, (401, "write_key_required")),
+        (basic("", WRITE_KEY), (401, "write_key_required")),
+        ({"Authorization": "Basic !!"}, (401, "invalid_authorization")),
+        (basic("nope"), (401, "invalid_write_key")),
+        (basic(EU_WRITE_KEY), (403, "wrong_region")),
+    ]:
+        status, data = await bridge.post("/segment/webhook", None, {**headers, "X-Signature": "00"}, raw=body)
+        assert (status, data["code"]) == expected, (headers, data)
+    assert "segmentapis.com" not in data["message"], data
+    assert "the bridge serving EU" in data["message"], data
+    # The Tracking API's answer to the same key still names Segment's EU host.
+    status, data = await bridge.post("/v1/track", track_body(), basic(EU_WRITE_KEY))
+    assert "events.eu1.segmentapis.com" in data["message"]
+
+
+async def test_a_wrong_region_webhook_is_told_the_bridge_region_hosts_names(make_bridge):
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["server"]["region_hosts"] = {"eu": "https://eu-bridge.example.com"}
+
+    bridge = await make_bridge(tweak)
+    body = orjson.dumps(track_body(type="track"))
+    status, data = await bridge.post("/segment/webhook", None, {**basic(EU_WRITE_KEY), "X-Signature": "00"}, raw=body)
+    assert (status, data["code"]) == (403, "wrong_region")
+    assert "the bridge serving EU (https://eu-bridge.example.com)" in data["message"], data
+
+
 async def test_real_client_sees_401_for_unknown_key(bridge):
     client = Client("not-a-key", host=bridge.url, sync_mode=True, max_retries=0)
     with pytest.raises(APIError) as exc:
@@ -958,6 +991,21 @@ async def test_webhook_batches_of_segments_default_size(bridge):
     status, data = await bridge.post("/segment/webhook", None, signed, raw=body)
     assert (status, data) == (200, {"success": True}), data
     await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1000, timeout=20)
+
+
+async def test_a_webhook_event_without_a_timestamp_is_timed_when_segment_received_it(bridge):
+    """A Webhooks (Actions) mapping may send an event without its timestamp; it is timed
+    from the receivedAt Segment gave it (here months before this run, as after Segment's
+    retries it may be hours), not when the bridge got it."""
+    event = {"type": "track", "userId": "wh-ts", "event": "Untimed", "messageId": "wh-ts-1"}
+    body = orjson.dumps({**event, "receivedAt": "2026-11-01T10:00:00.000Z"})
+    headers = {**basic(WRITE_KEY), "X-Signature": _sign(body)}
+    status, data = await bridge.post("/segment/webhook", None, headers, raw=body)
+    assert status == 200, data
+    await bridge.moengage.wait_for(lambda: len(bridge.moengage.events()) == 1)
+    (sent,) = bridge.moengage.events()
+    when = datetime(2026, 11, 1, 10, tzinfo=UTC).timestamp()
+    assert sent["actions"][0]["current_time"] == when, sent
 
 
 async def test_a_non_ascii_signature_is_a_401(bridge):

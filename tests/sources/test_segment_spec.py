@@ -170,6 +170,31 @@ def test_webhook_events_keep_segment_timestamp():
     assert event["timestamp"] == "2020-01-01T00:00:00.000Z"
 
 
+def test_a_webhook_event_without_a_timestamp_is_timed_from_segments_receivedat():
+    """A Webhooks (Actions) mapping may leave timestamp out. Segment's receivedAt is in the
+    event: the timestamp is worked out from it, as Segment does, not from when the bridge
+    got the event, which after Segment's retries (up to 4 hours) may be hours later."""
+    received = "2026-11-01T10:00:01.000Z"
+    base = {"type": "track", "userId": "u", "event": "E", "receivedAt": received}
+    event, _, _ = norm(dict(base), keep_timestamp=True)
+    assert (event["timestamp"], event["receivedAt"]) == (received, received)
+    # receivedAt - (sentAt - originalTimestamp): a device clock 5 s ahead, corrected.
+    skewed = {**base, "originalTimestamp": "2026-11-01T10:00:05.500Z", "sentAt": "2026-11-01T10:00:06.000Z"}
+    event, _, _ = norm(skewed, keep_timestamp=True)
+    assert event["timestamp"] == "2026-11-01T10:00:00.500Z"
+    # Another offset is read as such.
+    event, _, _ = norm({**base, "receivedAt": "2026-11-01T11:00:01+01:00"}, keep_timestamp=True)
+    assert event["timestamp"] == received
+    # Needed and unreadable: refused as any time field is, not replaced by the bridge's time.
+    assert code_of({**base, "receivedAt": "soon"}, keep_timestamp=True) == "invalid_timestamp"
+    assert code_of({**base, "receivedAt": 5}, keep_timestamp=True) == "invalid_timestamp"
+    # None given: the bridge's receive time, for both.
+    event, _, _ = norm({**base, "receivedAt": None}, keep_timestamp=True)
+    assert (event["timestamp"], event["receivedAt"]) == (iso(NOW), iso(NOW))
+    event, _, _ = norm({**base, "receivedAt": "", "timestamp": received}, keep_timestamp=True)
+    assert (event["timestamp"], event["receivedAt"]) == (received, iso(NOW))
+
+
 @pytest.mark.parametrize(
     ("body", "first"),
     [

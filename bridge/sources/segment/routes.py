@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from bridge.config.model import Config, SourceConfig
+from bridge.config.model import DEFAULT_REGION_HOSTS, Config, SourceConfig
 from bridge.httpx import (
     ApiError,
     basic_credentials,
@@ -53,6 +53,9 @@ WEBHOOK_METHODS = ("POST", "PUT", "PATCH")
 # up to 4 hours, and nothing else, so the 429 the Tracking API's clients wait out would drop
 # the events there (its deletion requests among them). Webhooks (Actions) retries either.
 WEBHOOK_BACKPRESSURE = 503
+# Segment's own ingestion hosts, which server.region_hosts names by default (written as a
+# URL or a bare host): a wrong-region webhook is not sent there, back to Segment.
+_SEGMENT_HOSTNAMES = tuple(url.split("//", 1)[-1] for url in DEFAULT_REGION_HOSTS.values())
 
 
 class SegmentSources(SourceKind):
@@ -92,7 +95,7 @@ class SegmentSources(SourceKind):
             routes.add(method, "/segment/webhook", self.webhook)
 
     # -- auth -------------------------------------------------------------------
-    def _source_for(self, key: Any) -> SourceConfig:
+    def _source_for(self, key: Any, *, webhook: bool = False) -> SourceConfig:
         if not isinstance(key, str) or not key:
             raise ApiError(
                 401,
@@ -103,18 +106,32 @@ class SegmentSources(SourceKind):
         if source is None:
             raise ApiError(401, "invalid_write_key", "unknown write key")
         if source.region != self.config.server.region:
+            theirs, ours = (source.region or "").upper(), self.config.server.region.upper()
             host = self.config.server.region_hosts.get(source.region or "", "")
+            if webhook:
+                # The sender is Segment's Webhooks destination: "send it to Segment's API
+                # host" would point it back at Segment. It belongs on the other region's
+                # bridge, which server.region_hosts may name.
+                bridge = "" if not host or any(name in host for name in _SEGMENT_HOSTNAMES) else f" ({host})"
+                raise ApiError(
+                    403,
+                    "wrong_region",
+                    f"this write key's source is configured for the {theirs} region but this bridge serves"
+                    f" {ours}: point the Webhooks destination at the bridge serving {theirs}{bridge}, or"
+                    " correct the source's region in the bridge's config",
+                )
             raise ApiError(
                 403,
                 "wrong_region",
-                f"this write key belongs to the {(source.region or '').upper()} region but this bridge serves "
-                f"{self.config.server.region.upper()}; Segment would silently drop it. Send it to {host}",
+                f"this write key belongs to the {theirs} region but this bridge serves "
+                f"{ours}; Segment would silently drop it. Send it to {host}",
             )
         return source
 
-    def _source_for_header(self, request: web.Request) -> SourceConfig | None:
+    def _source_for_header(self, request: web.Request, *, webhook: bool = False) -> SourceConfig | None:
         """The source named by the Basic auth username (the write key), or None without
-        Basic credentials; raises ApiError like ``_source_for``."""
+        Basic credentials; raises ApiError like ``_source_for`` (``webhook``: for
+        /segment/webhook, whose sender is Segment itself)."""
         header = request.headers.get("Authorization")
         if header is None:
             return None
@@ -125,7 +142,7 @@ class SegmentSources(SourceKind):
         creds = basic_credentials(request)
         if creds is None or not creds[0]:
             return None  # no Basic key (e.g. "Basic Og==", an empty username): the body's writeKey decides
-        source = self._source_for(creds[0])
+        source = self._source_for(creds[0], webhook=webhook)
         if len(self._by_header) >= AUTH_CACHE_SIZE:
             self._by_header.clear()
         self._by_header[digest] = source
@@ -283,7 +300,7 @@ class SegmentSources(SourceKind):
 
     # -- /segment/webhook -----------------------------------------------------------
     async def webhook(self, request: web.Request) -> web.Response:
-        source = self._source_for_header(request)
+        source = self._source_for_header(request, webhook=True)
         if source is None:
             raise ApiError(401, "write_key_required", "the webhook needs the write key as the Basic auth username")
         signature = request.headers.get("X-Signature", "")
@@ -303,7 +320,7 @@ class SegmentSources(SourceKind):
     def _collect_webhook(self, source: SourceConfig, body: bytes, signature: str) -> Collected:
         if source.webhook_secret:
             # On the bytes, before they are parsed: an unsigned body costs no more than its read.
-            _verify_signature(signature, source.webhook_secret, body)
+            _verify_signature(signature, source.webhook_secret, body, self._webhook_event_limit * _SIGNED_ITEM_SCAN)
         # Bounded by the events a webhook may carry (Segment's batches), not /v1/batch's.
         check_containers(body, self.config.server.max_webhook_events)
         data = parse_json(body)
@@ -371,11 +388,31 @@ _UNSIGNED_IN_BATCH = (
 )
 
 
-def _verify_signature(given: str, secret: str, body: bytes) -> None:
-    """Segment signs the JSON body, or for a batch (array) only its first item."""
+def _verify_signature(given: str, secret: str, body: bytes, max_item: int) -> None:
+    """Segment signs the JSON body, or for a batch (array) only its first item, looked for
+    in the first ``max_item`` bytes after the '[' only (see _SIGNED_ITEM_SCAN)."""
     if not given:
         raise ApiError(401, "signature_required", "X-Signature header is missing")
-    signed = first_array_item(body) if body.lstrip()[:1] == b"[" else body
+    signed: bytes | None = body
+    text = body.strip()
+    if text[:1] == b"[":
+        # The scan is a Python loop over the bytes: unbounded, one gzip'd request of 16 KB
+        # (a 16 MB string as the first item) held the event loop half a second, for anyone
+        # with the write key and any signature.
+        window = text[: max_item + 2]  # "[", the item, and the "," or "]" that ends it
+        item = first_array_item(window)
+        if item is None and len(window) < len(text):
+            raise ApiError(
+                400,
+                "event_too_large",
+                f"the batch's first item, the one Segment signs, runs past {max_item} bytes: no event is that large",
+            )
+        if item is None and text[1:].strip() == b"]":
+            # An empty batch has no first item to sign (Segment never sends one) and
+            # nothing to take: its answer is the precise 400 empty_batch, not a signature
+            # no sender could have made.
+            return
+        signed = item
     if signed is None:
         raise ApiError(401, "invalid_signature", "X-Signature does not match the body")
     expected = hmac.new(secret.encode("utf-8"), signed, hashlib.sha1).hexdigest()
@@ -387,6 +424,10 @@ def _verify_signature(given: str, secret: str, body: bytes) -> None:
 # Normalising adds receivedAt, timestamp, originalTimestamp and maybe messageId (~200 bytes),
 # and merges a batch's context: below limit minus this, the raw event is surely within it.
 _NORMALISED_GROWTH = 1024
+# How far past the '[' of a signed webhook batch its first item is looked for, in webhook
+# events' size limits: the item is one event, which Segment writes as compact JSON; six
+# times over still leaves room for every character written as a \uXXXX escape.
+_SIGNED_ITEM_SCAN = 6
 # What Segment's servers add to a call before its Webhooks destination forwards it
 # (receivedAt, sentAt, originalTimestamp, version, channel, projectId, a messageId, the
 # client's IP in context): a few hundred bytes, allowed twice over and then some.

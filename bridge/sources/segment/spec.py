@@ -474,15 +474,23 @@ def _message_id(value: Any) -> str:
 def _compute_timestamps(event: dict[str, Any], envelope: Envelope) -> None:
     received = envelope.received_iso
     if envelope.keep_timestamp:
-        # Only a webhook (kept) carries the receivedAt Segment itself set.
-        if "receivedAt" not in event:
-            event["receivedAt"] = received
         # Only null and "" mean "not given", for every time field; any other non-string
         # (0, false, {}) is reported as an invalid timestamp rather than quietly replaced.
         kept = event.get("timestamp")
+        own_received = event.get("receivedAt")
+        if own_received is None or own_received == "":
+            event["receivedAt"] = received
+            own_received = None
         if kept is not None and kept != "":
             parse_time(kept, "timestamp")
             return
+        # Only a webhook (kept) carries the receivedAt Segment itself set: a timestamp
+        # missing (a Webhooks (Actions) mapping may leave it out) is worked out from that,
+        # as Segment would have, not from when the bridge got it: Segment retries a
+        # refused webhook for up to 4 hours.
+        if own_received is not None:
+            envelope = _received_at(envelope, parse_time(own_received, "receivedAt"))
+            received = envelope.received_iso
     else:
         # receivedAt is when the server got the call, as Segment's API sets it whatever
         # the client sent.
@@ -533,6 +541,13 @@ def _compute_timestamps(event: dict[str, Any], envelope: Envelope) -> None:
     event["sentAt"] = sent_raw
     skew: timedelta = sent - original
     event["timestamp"] = iso(envelope.received_at - skew)
+
+
+def _received_at(envelope: Envelope, at: datetime) -> Envelope:
+    """``envelope`` as if its request had been received ``at`` (a webhook event's own
+    receivedAt), for one event's timestamps: its sentAt (a dry run's batch) is then reckoned
+    from ``at`` too."""
+    return Envelope(at, sent_at=envelope.sent_at, keep_timestamp=True, more_types=envelope.more_types)
 
 
 # Shared by every request: its caches hold seconds and minutes, a few for any batch.
