@@ -20,6 +20,7 @@ import yaml
 from bridge.config_values import as_text, spelt_int, type_name
 from bridge.destinations.base import ConfigError
 from bridge.suggest import did_you_mean
+from bridge.value_words import describe
 from bridge.yaml_unique import UniqueKeysLoader
 
 # The largest integer setting: SQLite's and PostgreSQL's integers are 64-bit.
@@ -132,7 +133,7 @@ class Reader:
         items = self.list(key)
         for i, item in enumerate(items):
             if not isinstance(item, str) or not item:
-                _fail(f"{self.at(key)}[{i}]", f"expected a non-empty string, got {type_name(item)}")
+                _fail(f"{self.at(key)}[{i}]", f"expected a non-empty string, got {describe(item)}")
         return items
 
     def sub(self, key: builtins.str) -> Reader:

@@ -27,6 +27,7 @@ from bridge.destinations.segment.destination import HOSTS as SEGMENT_HOSTS
 from bridge.destinations.segment.destination import check_region_host
 from bridge.store import check_store_url
 from bridge.suggest import did_you_mean
+from bridge.value_words import describe
 
 SEGMENT_REGIONS = ("us", "eu")
 # Where a Segment client of each region should send: named in 403 answers.
@@ -432,8 +433,11 @@ def _networks(r: Reader, key: str) -> tuple[ipaddress.IPv4Network | ipaddress.IP
 
 
 def _network(text: Any, where: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    if not isinstance(text, str):
+        # ip_network takes an integer as an address (10 is 0.0.0.10/32): only text is one here.
+        raise ConfigError(f"{where}: expected an IP address or CIDR such as 10.0.0.0/8, got {describe(text)}")
     try:
-        return ipaddress.ip_network(str(text), strict=False)
+        return ipaddress.ip_network(text, strict=False)
     except ValueError:
         raise ConfigError(f"{where}: not an IP address or CIDR: {text!r}") from None
 
@@ -482,18 +486,25 @@ def _streams_auth(r: Reader) -> StreamsAuth:
 
 
 def _statuses(r: Reader, key: str, default: frozenset[int]) -> frozenset[int]:
+    """A list of HTTP statuses; a bad one is named by its index and value."""
     statuses = r.raw(key)
     if statuses is None:
         return default
-    if not isinstance(statuses, list) or not all(isinstance(s, int) and 100 <= s <= 599 for s in statuses):
-        raise ConfigError(f"{r.at(key)}: expected a list of HTTP status codes")
-    # A 1xx is never an answer aiohttp returns, and a 2xx is always a delivery (the policy
-    # asks first): listed, they would be ignored while the config claims otherwise.
-    if kept := sorted({s for s in statuses if s < 300}):
-        raise ConfigError(
-            f"{r.at(key)}: {', '.join(map(str, kept))} cannot be listed: a 2xx answer is a delivery"
-            " and a 1xx is no final answer; list statuses from 300 to 599"
-        )
+    if not isinstance(statuses, list):
+        raise ConfigError(f"{r.at(key)}: expected a list of HTTP statuses from 300 to 599, got {describe(statuses)}")
+    for i, s in enumerate(statuses):
+        where = f"{r.at(key)}[{i}]"
+        if isinstance(s, bool) or not isinstance(s, int):
+            raise ConfigError(f"{where}: expected an HTTP status from 300 to 599, got {describe(s)}")
+        if 100 <= s < 300:
+            # A 1xx is never an answer aiohttp returns, and a 2xx is always a delivery (the
+            # policy asks first): listed, it would be ignored while the config claims otherwise.
+            raise ConfigError(
+                f"{where}: {s} cannot be listed: a 2xx answer is a delivery and a 1xx is no final answer;"
+                " list statuses from 300 to 599"
+            )
+        if not 300 <= s <= 599:
+            raise ConfigError(f"{where}: {s} is not an HTTP status from 300 to 599")
     return frozenset(int(s) for s in statuses)
 
 
@@ -501,10 +512,13 @@ def _retry(r: Reader, also_retryable: frozenset[int] = frozenset()) -> RetryConf
     """``also_retryable``: what the destination kind retries besides the usual statuses."""
     retryable = _statuses(r, "retryable_statuses", DEFAULT_RETRYABLE | also_retryable)
     pause = _statuses(r, "pause_statuses", DEFAULT_PAUSE - retryable)
-    if both := sorted(retryable & pause):
+    # The first paused status also retried, named by its index as any bad item is.
+    if both := next(((i, s) for i, s in enumerate(r.raw("pause_statuses", [])) if s in retryable), None):
+        i, status = both
+        listed = "listed in retryable_statuses" if r.has("retryable_statuses") else "retried by default"
         raise ConfigError(
-            f"{r.at('pause_statuses')}: {', '.join(map(str, both))} also in retryable_statuses;"
-            " a status is one or the other"
+            f"{r.at('pause_statuses')}[{i}]: {status} is also {listed}; a status is one or the other"
+            + ("" if r.has("retryable_statuses") else " (set retryable_statuses without it)")
         )
     cfg = RetryConfig(
         base_delay=r.float("base_delay", 1.0, minimum=0),

@@ -11,14 +11,12 @@ and what was given. The type names are those of the ``is`` condition.
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from bridge.mapping.yamlnodes import Diagnostics, YNode, did_you_mean, join, kind_of
+from bridge.value_words import describe
 
 # type name -> (what is expected, in words; whether a value is of the type)
 OPTION_TYPES: dict[str, tuple[str, Any]] = {
@@ -30,9 +28,6 @@ OPTION_TYPES: dict[str, tuple[str, Any]] = {
     "object": ("a mapping", lambda v: type(v) is dict),
 }
 SPEC_KEYS = ("type", "default", "description")
-
-# Longer strings are cut when quoted in a message: the point is which value, not all of it.
-_SHOWN = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,28 +46,6 @@ class OptionSpec:
         if fits(value):
             return None
         return f"expected {expected}, got {describe(value)}"
-
-
-def describe(value: Any) -> str:
-    """A given value in words, quoted: 'the string "yes"', 'the integer 1', 'a list'."""
-    if value is None:
-        return "null (nothing)"
-    if type(value) is bool:
-        return f"the boolean {'true' if value else 'false'}"
-    if isinstance(value, int):
-        return f"the integer {int(value)}"
-    if isinstance(value, float):
-        return f"the number {value!r}"
-    if isinstance(value, str):
-        shown = value if len(value) <= _SHOWN else value[:_SHOWN] + "..."
-        return f"the string {orjson.dumps(shown).decode()}"
-    if isinstance(value, datetime.date):  # an unquoted 2024-01-01 in a YAML file
-        return f"the date {value.isoformat()} (quote it to mean the text)"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return type(value).__name__
 
 
 def option_problems(specs: Mapping[str, OptionSpec], options: Mapping[Any, Any]) -> list[tuple[str, str]]:
