@@ -11,12 +11,12 @@ import ipaddress
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from bridge.config.loader import MAX_INT, Reader, read_yaml
+from bridge.config.loader import MAX_INT, Reader, hide_values, read_yaml_and_values
 from bridge.config_values import check_header_safe, plain
 from bridge.destinations.base import ConfigError, Destination, destination_kinds
 from bridge.destinations.http import CONNECTIONS, as_url, check_url
@@ -363,6 +363,22 @@ _AUTH_KEYS = {
     "oauth2": frozenset({"type", "client_id", "client_secret", "token_ttl"}),
     "none": frozenset({"type"}),
 }
+
+
+def _keys(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in fields(cls))
+
+
+# The keys of each section of the top level, of a destination and of a Streams source: one
+# of them written a level up (`retryable_statuses:` under the destination, not its `retry:`)
+# is named as the misplaced key it is.
+_TOP_SECTIONS = {
+    "server": _keys(ServerConfig),
+    "store": _keys(StoreConfig),
+    "mappings": _keys(MappingsConfig),
+    "admin": frozenset({"token", "metrics_token"}),
+}
+_DESTINATION_SECTIONS = {"delivery": _keys(DeliveryConfig), "retry": _keys(RetryConfig), "guard": _keys(GuardConfig)}
 # The keys every destination takes, read here rather than by its kind.
 _DESTINATION_COMMON = frozenset(
     {"name", "kind", "mapping", "mapping_options", "delivery", "retry", "guard", "rate_limits"}
@@ -371,9 +387,12 @@ _DESTINATION_COMMON = frozenset(
 
 def _source(r: Reader) -> SourceConfig:
     # A misspelt required key (`nmae`, `write_kye`) is named with a hint, not reported missing.
-    r.refuse_misspellings(("name", "kind"), allowed=frozenset().union(*_SOURCE_KEYS.values()))
+    r.refuse_misspellings(("name", "kind"), allowed=frozenset().union(*_SOURCE_KEYS.values(), *_AUTH_KEYS.values()))
     name = r.str("name", required=True)
     kind = r.choice("kind", _SOURCE_KEYS)
+    if kind == "moengage_streams":
+        # `username:` beside `auth:` rather than in it: named so, not as a misspelt `name`.
+        r.refuse_misplaced({"auth": frozenset().union(*_AUTH_KEYS.values())}, _SOURCE_KEYS[kind])
     r.refuse_misspellings(_SOURCE_KEYS[kind])
     to: tuple[str, ...] = tuple(r.str_list("to"))
     if not to:
@@ -610,7 +629,7 @@ def _destination(r: Reader, index: int) -> DestinationConfig:
     rates = {str(k): parse_rate(v, f"{r.at('rate_limits')}.{k}") for k, v in r.mapping("rate_limits").items()}
     # Every key a destination takes is known only here: the kind's own check knows its keys
     # alone, so it would offer a `delivry` no 'delivery' and list the valid keys without it.
-    r.done(also=kinds[kind].config_keys, takes=f"a {kind} destination")
+    r.done(also=kinds[kind].config_keys, takes=f"a {kind} destination", sections=_DESTINATION_SECTIONS)
     client_cfg = {"name": name, **r.rest()}
     client = kinds[kind].from_config(client_cfg, where=r.where, timeout=delivery.request_timeout)
     buckets = client.rate_limits()
@@ -662,7 +681,7 @@ def build_config(data: dict[str, Any], path: str = "", unset_env: frozenset[str]
     destinations = tuple(
         _destination(Reader(d, f"destinations[{i}]"), i) for i, d in enumerate(top.list("destinations"))
     )
-    top.done()
+    top.done(takes="the config", sections=_TOP_SECTIONS)
     cfg = Config(server, store, mappings, admin_token, sources, destinations, path, unset_env, metrics_token)
     validate_routes(cfg)
     return cfg
@@ -786,8 +805,19 @@ def _region_name(region: str | None) -> str:
 
 
 def load_config(path: str | Path, env: dict[str, str] | None = None) -> Config:
-    data, missing = read_yaml(path, env)
-    return build_config(data, str(path), frozenset(missing))
+    data, missing, substituted = read_yaml_and_values(path, env)
+    try:
+        return build_config(data, str(path), frozenset(missing))
+    except ConfigError as exc:
+        # An error saying what was given ("expected an integer, got the string ...") must not
+        # echo a secret from the environment given to the wrong key.
+        message = hide_values(str(exc), substituted)
+        if missing:
+            # An unset ${VAR} is an empty value, most often the cause ("workspace_id:
+            # required"), which the key alone does not say: name the variables left unset.
+            unset = ", ".join(f"${{{name}}}" for name in sorted(missing))
+            message += f"; the file's {unset} {'is' if len(missing) == 1 else 'are'} unset"
+        raise ConfigError(message) from None
 
 
 def existing_mappings_dir(cfg: Config) -> Path:

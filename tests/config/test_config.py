@@ -435,11 +435,11 @@ def test_a_base_delay_above_max_delay_is_refused(raw: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     ("place", "value", "message"),
     [
-        (("server", "port"), 80.5, "server.port: expected an integer, got a fractional number"),
+        (("server", "port"), 80.5, "server.port: expected an integer, got the number 80.5"),
         (
             ("sources", 0, "allow_cross_region"),
             1,
-            "sources[0].allow_cross_region: expected true or false, got an integer",
+            "sources[0].allow_cross_region: expected true or false, got the integer 1",
         ),
         (
             ("sources", 0, "write_key"),
@@ -533,7 +533,10 @@ def test_a_destination_secret_left_empty_by_an_unset_variable_says_so(tmp_path: 
     )
     with pytest.raises(ConfigError) as exc:
         load_config(path, {})
-    assert str(exc.value) == "destinations[0].workspace_id: must not be empty (is its environment variable set?)"
+    assert str(exc.value) == (
+        "destinations[0].workspace_id: must not be empty (is its environment variable set?); "
+        "the file's ${MOENGAGE_WORKSPACE_ID} is unset"
+    )
 
 
 def test_a_mapping_option_the_mapping_never_reads_is_refused(raw: dict[str, Any], tmp_path: Path) -> None:
