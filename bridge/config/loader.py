@@ -86,6 +86,7 @@ class Reader:
         maximum: builtins.int | None = None,
     ) -> builtins.int:
         value = self.raw(key, default)
+        self._refuse_empty(key, default)
         if isinstance(value, bool) or not isinstance(value, int):
             _fail(self.at(key), f"expected an integer, got {describe(value)}")
         if minimum is not None and value < minimum:
@@ -101,6 +102,7 @@ class Reader:
         self, key: builtins.str, default: builtins.float, *, minimum: builtins.float | None = None
     ) -> builtins.float:
         value = self.raw(key, default)
+        self._refuse_empty(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float):
             _fail(self.at(key), f"expected a number, got {describe(value)}")
         try:
@@ -119,9 +121,16 @@ class Reader:
 
     def bool(self, key: builtins.str, default: builtins.bool) -> builtins.bool:
         value = self.raw(key, default)
+        self._refuse_empty(key, "true" if default else "false")
         if not isinstance(value, bool):
             _fail(self.at(key), f"expected true or false, got {describe(value)}")
         return value
+
+    def _refuse_empty(self, key: builtins.str, default: object) -> None:
+        """An empty value is no number: most often an empty or unset ${VAR}, which must not
+        quietly be the default, as a string setting's is not (see ``str``)."""
+        if self.data.get(key) == "":
+            _fail(self.at(key), f"is empty; leave the key out to take its default ({default})" + _empty_env_hint(""))
 
     def list(self, key: builtins.str) -> builtins.list[Any]:
         value = self.raw(key, [])
@@ -372,8 +381,10 @@ def _column(text: str, pos: int) -> int:
 
 def _reads_as_itself(text: str, plain: _Plain, value: str) -> bool:
     """Whether YAML reads ``value``, in place of the whole plain scalar, as its very text
-    (a number then keeps its type). An empty one is read as nothing, as before."""
-    return value == "" or _read_plain(value, _column(text, plain.start), plain.flow) == value
+    (a number then keeps its type). Not an empty one: YAML reads nothing as null, which a
+    setting took for "not given" and so its default (`url: ${DATABASE_URL}` unset put a
+    PostgreSQL deployment on SQLite); quoted, it is the empty value the setting refuses."""
+    return value != "" and _read_plain(value, _column(text, plain.start), plain.flow) == value
 
 
 def _refuse_misread(text: str, plain: _Plain, parts: list[tuple[re.Match[str], str]], where: str) -> None:

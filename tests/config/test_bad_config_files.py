@@ -82,7 +82,7 @@ def test_an_unquoted_reference_that_is_a_whole_scalar_reads_as_its_value(tmp_pat
 
 @pytest.mark.parametrize(
     ("value", "read"),
-    [("8080", 8080), ("true", True), ("1.5", 1.5), ("~", None), ("", None), ("abc def", "abc def"), ("a:b", "a:b")],
+    [("8080", 8080), ("true", True), ("1.5", 1.5), ("~", None), ("", ""), ("abc def", "abc def"), ("a:b", "a:b")],
 )
 def test_an_unquoted_reference_whose_value_yaml_reads_as_itself_keeps_its_type(
     tmp_path: Path, value: str, read: object
@@ -94,9 +94,48 @@ def test_an_unquoted_reference_whose_value_yaml_reads_as_itself_keeps_its_type(
 
 
 def test_unset_unquoted_references_stay_empty(tmp_path: Path) -> None:
+    # Empty, not null: null was "not given", so a setting with a default took it silently.
     cfg = tmp_path / "bridge.yaml"
-    cfg.write_text("a: ${UNSET}\nb: x${UNSET}y\nc: abc ${UNSET}\n")
-    assert read_yaml(cfg, {}) == ({"a": None, "b": "xy", "c": "abc"}, {"UNSET"})
+    cfg.write_text("a: ${UNSET}\nb: x${UNSET}y\nc: abc ${UNSET}\nd: [${UNSET}, x]\n")
+    assert read_yaml(cfg, {}) == ({"a": "", "b": "xy", "c": "abc", "d": ["", "x"]}, {"UNSET"})
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (
+            "store: {url: ${DATABASE_URL}}",
+            "store.url: is empty; leave the key out to take its default ('sqlite:///var/bridge.db') "
+            "(it is empty: is its environment variable set?)",
+        ),
+        (
+            "server: {port: ${DATABASE_URL}}",
+            "server.port: is empty; leave the key out to take its default (8088) "
+            "(it is empty: is its environment variable set?)",
+        ),
+        (
+            "mappings: {watch: ${DATABASE_URL}}",
+            "mappings.watch: is empty; leave the key out to take its default (false) "
+            "(it is empty: is its environment variable set?)",
+        ),
+        (
+            "mappings: {watch_interval: ${DATABASE_URL}}",
+            "mappings.watch_interval: is empty; leave the key out to take its default (2.0) "
+            "(it is empty: is its environment variable set?)",
+        ),
+    ],
+)
+def test_an_unset_unquoted_reference_is_not_taken_for_the_default(tmp_path: Path, line: str, message: str) -> None:
+    """`store.url: ${DATABASE_URL}` unset put a PostgreSQL deployment on a SQLite file of its
+    own: the quoted reference was refused, the unquoted one read as null, "not given"."""
+    from bridge.config.model import load_config
+    from bridge.destinations.base import ConfigError
+
+    cfg = tmp_path / "bridge.yaml"
+    cfg.write_text(line + "\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(cfg, {})
+    assert str(exc.value) == message + "; the file's ${DATABASE_URL} is unset"
 
 
 @pytest.mark.parametrize(
@@ -838,7 +877,8 @@ OPERATOR_ENV = {
             "${MOENGAGE_WORKSPACE_ID}",
             "${MOENGAGE_WORKSPACEID}",
             2,
-            "destinations[0].workspace_id: required; the file's ${MOENGAGE_WORKSPACEID} is unset",
+            "destinations[0].workspace_id: must not be empty (is its environment variable set?); "
+            "the file's ${MOENGAGE_WORKSPACEID} is unset",
         ),
     ],
 )

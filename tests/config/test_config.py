@@ -51,7 +51,7 @@ def test_a_full_config_builds(raw: dict[str, Any]) -> None:
 
 def test_env_substitution_and_defaults(tmp_path: Path) -> None:
     text, missing = substitute_env("a: ${A}\nb: ${B:-dflt}\nc: ${C}", {"A": "1"})
-    assert text == "a: 1\nb: dflt\nc: " and missing == {"C"}
+    assert text == 'a: 1\nb: dflt\nc: ""' and missing == {"C"}
     path = tmp_path / "b.yaml"
     path.write_text('server: {port: "${PORT}"}\nmappings: {dir: "${DIR:-mappings}"}\n')
     with pytest.raises(ConfigError, match=r"server.port: expected an integer"):
@@ -61,7 +61,7 @@ def test_env_substitution_and_defaults(tmp_path: Path) -> None:
 def test_references_in_comments_are_left_alone() -> None:
     text = "# set ${SECRET} in the environment\nkey: ${KEY} # or ${OTHER}\nurl: http://h/a#${FRAG}\n"
     out, missing = substitute_env(text, {"FRAG": "f"})
-    assert out == "# set ${SECRET} in the environment\nkey:  # or ${OTHER}\nurl: http://h/a#f\n"
+    assert out == '# set ${SECRET} in the environment\nkey: "" # or ${OTHER}\nurl: http://h/a#f\n'
     assert missing == {"KEY"}  # only the real one is reported unset
     assert substitute_env('a: "x # ${Q}"', {"Q": 'q"'})[0] == 'a: "x # q\\""'  # a '#' in quotes is text
     # The sandbox gives placeholders to the same references: none for comments or defaults.
