@@ -84,9 +84,11 @@ class Reader:
         *,
         minimum: builtins.int | None = None,
         maximum: builtins.int | None = None,
+        default_is: builtins.str = "",
     ) -> builtins.int:
+        """``default_is`` says what leaving the key out means when ``default`` does not."""
         value = self.raw(key, default)
-        self._refuse_empty(key, default)
+        self._refuse_empty(key, default_is or default)
         if isinstance(value, bool) or not isinstance(value, int):
             _fail(self.at(key), f"expected an integer, got {describe(value)}")
         if minimum is not None and value < minimum:

@@ -575,7 +575,9 @@ def _delivery(r: Reader) -> DeliveryConfig:
         lease_seconds=r.float("lease_seconds", 120.0, minimum=1),
         request_timeout=r.float("request_timeout", 30.0, minimum=0.1),
         poll_interval=r.float("poll_interval", 1.0, minimum=0.01),
-        max_queued_events=None if r.raw("max_queued_events") is None else r.int("max_queued_events", 0, minimum=1),
+        max_queued_events=None
+        if r.raw("max_queued_events") is None
+        else r.int("max_queued_events", 0, minimum=1, default_is="no limit"),
     )
     if cfg.lease_seconds <= 2 * cfg.request_timeout:
         # A batch stops starting requests at half its lease; a request may take the whole

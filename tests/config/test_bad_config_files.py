@@ -114,6 +114,11 @@ def test_unset_unquoted_references_stay_empty(tmp_path: Path) -> None:
             "(it is empty: is its environment variable set?)",
         ),
         (
+            "destinations: [{name: d, kind: segment, mapping: m, delivery: {max_queued_events: ${DATABASE_URL}}}]",
+            "destinations[0].delivery.max_queued_events: is empty; leave the key out to take its default "
+            "(no limit) (it is empty: is its environment variable set?)",
+        ),
+        (
             "mappings: {watch: ${DATABASE_URL}}",
             "mappings.watch: is empty; leave the key out to take its default (false) "
             "(it is empty: is its environment variable set?)",
