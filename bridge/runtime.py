@@ -60,6 +60,11 @@ def check_mappings(config: Config, mappings: Mapping[str, CompiledMapping]) -> l
                 f"but destination {d.name!r} is {d.kind}"
             )
         problems += _unread_options(i, d.mapping, d.mapping_options, m.option_names())
+        # A value of the wrong type would be compared by exact type and quietly not match.
+        problems += [
+            f"destinations[{i}].mapping_options.{key}: {problem}"
+            for key, problem in m.option_problems(d.mapping_options)
+        ]
         for fmt in sorted(formats.get(d.name, set()) - {m.source_format}):
             problems.append(
                 f"destinations[{i}].mapping: {d.mapping!r} reads {m.source_format} events, "

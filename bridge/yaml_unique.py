@@ -1,6 +1,6 @@
 """A YAML loader refusing a key given twice in one mapping, for every YAML file the bridge
 reads by hand: the config and the mapping fixtures (mapping files have their own node
-reader, which refuses duplicates as it walks).
+reader, which refuses duplicates as it walks); and a syntax error in words, for both.
 
 YAML's "last one wins" drops the first of two keys silently: two ``store:`` sections, a
 secret set twice, or a fixture's first ``discarded:`` expectation never looked at.
@@ -42,3 +42,17 @@ class UniqueKeysLoader(yaml.SafeLoader):
                     "while reading a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark
                 )
             seen.add(key)
+
+
+def syntax_problem(exc: yaml.MarkedYAMLError) -> str:
+    """PyYAML's problem, with where the construct it was reading began: the mistake is
+    often there, lines above where the parser gave up (a `{` or a quote never closed)."""
+    problem = exc.problem or ""
+    context, start, end = exc.context, exc.context_mark, exc.problem_mark
+    if context and start is not None and (end is None or (start.line, start.column) != (end.line, end.column)):
+        problem += f" ({context} that starts at line {start.line + 1}, column {start.column + 1})"
+    elif context:
+        problem = f"{context} {problem}"
+    if "'\\t'" in problem:
+        problem += "; indent with spaces: YAML does not allow tabs there"
+    return problem

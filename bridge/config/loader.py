@@ -20,7 +20,8 @@ import yaml
 from bridge.config_values import as_text, spelt_int, type_name
 from bridge.destinations.base import ConfigError
 from bridge.suggest import did_you_mean
-from bridge.yaml_unique import UniqueKeysLoader
+from bridge.value_words import describe
+from bridge.yaml_unique import UniqueKeysLoader, syntax_problem
 
 # The largest integer setting: SQLite's and PostgreSQL's integers are 64-bit.
 MAX_INT = 2**63 - 1
@@ -83,10 +84,13 @@ class Reader:
         *,
         minimum: builtins.int | None = None,
         maximum: builtins.int | None = None,
+        default_is: builtins.str = "",
     ) -> builtins.int:
+        """``default_is`` says what leaving the key out means when ``default`` does not."""
         value = self.raw(key, default)
+        self._refuse_empty(key, default_is or default)
         if isinstance(value, bool) or not isinstance(value, int):
-            _fail(self.at(key), f"expected an integer, got {type_name(value)}")
+            _fail(self.at(key), f"expected an integer, got {describe(value)}")
         if minimum is not None and value < minimum:
             _fail(self.at(key), f"must be at least {minimum}, got {value}")
         # Past 64 bits, a count is no setting but a typo, and it failed only once serving: a
@@ -100,8 +104,9 @@ class Reader:
         self, key: builtins.str, default: builtins.float, *, minimum: builtins.float | None = None
     ) -> builtins.float:
         value = self.raw(key, default)
+        self._refuse_empty(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float):
-            _fail(self.at(key), f"expected a number, got {type_name(value)}")
+            _fail(self.at(key), f"expected a number, got {describe(value)}")
         try:
             number = float(value)
         except OverflowError:  # an integer past the largest float
@@ -118,21 +123,33 @@ class Reader:
 
     def bool(self, key: builtins.str, default: builtins.bool) -> builtins.bool:
         value = self.raw(key, default)
+        self._refuse_empty(key, "true" if default else "false")
         if not isinstance(value, bool):
-            _fail(self.at(key), f"expected true or false, got {type_name(value)}")
+            _fail(self.at(key), f"expected true or false, got {describe(value)}")
         return value
+
+    def _refuse_empty(self, key: builtins.str, default: object) -> None:
+        """An empty value is no number: most often an empty or unset ${VAR}, which must not
+        quietly be the default, as a string setting's is not (see ``str``)."""
+        if self.data.get(key) == "":
+            _fail(self.at(key), f"is empty; leave the key out to take its default ({default})" + _empty_env_hint(""))
 
     def list(self, key: builtins.str) -> builtins.list[Any]:
         value = self.raw(key, [])
         if not isinstance(value, list):
-            _fail(self.at(key), f"expected a list, got {type_name(value)}")
+            # A mapping, most often: items written without their "- ".
+            hint = " (each item of a list starts with '- ')" if isinstance(value, dict) else ""
+            _fail(self.at(key), f"expected a list, got {type_name(value)}{hint}")
         return value
 
     def str_list(self, key: builtins.str) -> builtins.list[builtins.str]:
+        if isinstance(self.data.get(key), str) and self.data[key]:
+            # `to: moengage-main`: one name, which must still be a list of one.
+            _fail(self.at(key), f"expected a list, got a string (a single item is still a list: [{self.data[key]}])")
         items = self.list(key)
         for i, item in enumerate(items):
             if not isinstance(item, str) or not item:
-                _fail(f"{self.at(key)}[{i}]", f"expected a non-empty string, got {type_name(item)}")
+                _fail(f"{self.at(key)}[{i}]", f"expected a non-empty string, got {describe(item)}")
         return items
 
     def sub(self, key: builtins.str) -> Reader:
@@ -161,11 +178,35 @@ class Reader:
             if hint := did_you_mean(str(key), keys):
                 _fail(self.at(str(key)), f"unknown key{hint}")
 
-    def done(self, also: Collection[builtins.str] = (), *, takes: builtins.str = "") -> None:
+    def refuse_misplaced(
+        self, sections: Mapping[builtins.str, Collection[builtins.str]], known: Collection[builtins.str]
+    ) -> None:
+        """Fail on a key that is none of ``known`` but a key of one of this node's
+        ``sections`` (``retry``: its keys): most often one indented too little."""
+        for key in self.data:
+            if key in known:
+                continue
+            section = next((s for s, keys in sections.items() if key in keys), None)
+            if section is not None:
+                _fail(
+                    self.at(str(key)),
+                    f"unknown key here; it belongs in {section}, indented under it ({self.at(section)}.{key})",
+                )
+
+    def done(
+        self,
+        also: Collection[builtins.str] = (),
+        *,
+        takes: builtins.str = "",
+        sections: Mapping[builtins.str, Collection[builtins.str]] | None = None,
+    ) -> None:
         """Fail on any key that was never read, nor is in ``also`` (keys a plugin reads from
         ``rest()`` itself): unknown keys are errors. With ``takes`` (say "a moengage
-        destination"), a key like none of them is answered with every key that node takes."""
+        destination"), a key like none of them is answered with every key that node takes.
+        ``sections`` names the keys of this node's sections (``retry``: its keys): a key of
+        one written here is most often one indented too little, and is said to be so."""
         known = self._seen | set(also)
+        self.refuse_misplaced(sections or {}, known)
         for key in self.data:
             if key not in known:
                 hint = did_you_mean(str(key), known)
@@ -342,8 +383,10 @@ def _column(text: str, pos: int) -> int:
 
 def _reads_as_itself(text: str, plain: _Plain, value: str) -> bool:
     """Whether YAML reads ``value``, in place of the whole plain scalar, as its very text
-    (a number then keeps its type). An empty one is read as nothing, as before."""
-    return value == "" or _read_plain(value, _column(text, plain.start), plain.flow) == value
+    (a number then keeps its type). Not an empty one: YAML reads nothing as null, which a
+    setting took for "not given" and so its default (`url: ${DATABASE_URL}` unset put a
+    PostgreSQL deployment on SQLite); quoted, it is the empty value the setting refuses."""
+    return value != "" and _read_plain(value, _column(text, plain.start), plain.flow) == value
 
 
 def _refuse_misread(text: str, plain: _Plain, parts: list[tuple[re.Match[str], str]], where: str) -> None:
@@ -498,8 +541,40 @@ def read_config_text(path: str | Path) -> str:
         raise ConfigError(f"{p}: config file is not UTF-8 (byte {exc.start})") from None
 
 
+# PyYAML's words for the mistakes operators make most, with what they most often mean: its
+# own say what the parser met, not what to change.
+_YAML_HINTS = (
+    (
+        "mapping values are not allowed here",
+        "; most often a key indented deeper than the keys beside it, or a value holding ': ' that needs quotes",
+    ),
+    ("could not find expected ':'", "; most often a key without its ':', or a quote or bracket left open"),
+    ("expected <block end>", "; most often a line indented differently from the lines beside it"),
+)
+
+
 def read_yaml(path: str | Path, env: Mapping[str, str] | None = None) -> tuple[dict[str, Any], set[str]]:
     """Parse a config file after ${ENV} substitution. Returns (data, unset variable names)."""
+    data, missing, _ = read_yaml_and_values(path, env)
+    return data, missing
+
+
+def hide_values(message: str, values: Collection[str]) -> str:
+    """``message`` with every word of the ``values`` substituted from the environment
+    replaced: an error must not echo one, nor a word of it (a secret). YAML quotes an
+    alias or a tag without its * or !, and a message may cut a long value short."""
+    parts = {p for value in values for p in (value, *value.split())}
+    for part in sorted(parts, key=len, reverse=True):
+        for text_of in (part, part[1:], part[:60]):
+            if len(text_of) >= 4:
+                message = message.replace(text_of, "<${VAR} value>")
+    return message
+
+
+def read_yaml_and_values(
+    path: str | Path, env: Mapping[str, str] | None = None
+) -> tuple[dict[str, Any], set[str], set[str]]:
+    """As ``read_yaml``, with the non-empty values substituted for ${VAR}s (see ``hide_values``)."""
     p = Path(path)
     text = read_config_text(p)
     environ = os.environ if env is None else env
@@ -514,7 +589,9 @@ def read_yaml(path: str | Path, env: Mapping[str, str] | None = None) -> tuple[d
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
-        problem = getattr(exc, "problem", None) or str(exc)
+        # Where the construct it was reading began too: a `[` or a quote never closed.
+        problem = syntax_problem(exc) if isinstance(exc, yaml.MarkedYAMLError) and exc.problem else str(exc)
+        problem += next((hint for words, hint in _YAML_HINTS if words in problem), "")
         if isinstance(exc, yaml.reader.ReaderError):
             # Its text spans two lines and counts characters from the start of the text:
             # say where, as the other YAML errors do, on the one line of a config error.
@@ -524,14 +601,10 @@ def read_yaml(path: str | Path, env: Mapping[str, str] | None = None) -> tuple[d
         # A value must not be echoed, nor a word of it: in a file that does not scan as YAML
         # otherwise, an unquoted ${VAR} goes in as it is and may be misread (`*x` is an alias),
         # and YAML quotes a tag up to the first space (`!abc def` names `!abc`).
-        parts = {p for value in substituted for p in (value, *value.split())}
-        for part in sorted(parts, key=len, reverse=True):
-            for text_of in (part, part[1:]):  # YAML quotes an alias or tag without its * or !
-                if len(text_of) >= 4:
-                    problem = problem.replace(text_of, "<${VAR} value>")
+        problem = hide_values(problem, substituted)
         raise ConfigError(f"{where}: invalid YAML: {problem}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level, got {type_name(data)}")
-    return data, missing
+    return data, missing, substituted

@@ -11,12 +11,12 @@ import ipaddress
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from bridge.config.loader import MAX_INT, Reader, read_yaml
+from bridge.config.loader import MAX_INT, Reader, hide_values, read_yaml_and_values
 from bridge.config_values import check_header_safe, plain
 from bridge.destinations.base import ConfigError, Destination, destination_kinds
 from bridge.destinations.http import CONNECTIONS, as_url, check_url
@@ -27,6 +27,7 @@ from bridge.destinations.segment.destination import HOSTS as SEGMENT_HOSTS
 from bridge.destinations.segment.destination import check_region_host
 from bridge.store import check_store_url
 from bridge.suggest import did_you_mean
+from bridge.value_words import describe
 
 SEGMENT_REGIONS = ("us", "eu")
 # Where a Segment client of each region should send: named in 403 answers.
@@ -362,6 +363,22 @@ _AUTH_KEYS = {
     "oauth2": frozenset({"type", "client_id", "client_secret", "token_ttl"}),
     "none": frozenset({"type"}),
 }
+
+
+def _keys(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in fields(cls))
+
+
+# The keys of each section of the top level, of a destination and of a Streams source: one
+# of them written a level up (`retryable_statuses:` under the destination, not its `retry:`)
+# is named as the misplaced key it is.
+_TOP_SECTIONS = {
+    "server": _keys(ServerConfig),
+    "store": _keys(StoreConfig),
+    "mappings": _keys(MappingsConfig),
+    "admin": frozenset({"token", "metrics_token"}),
+}
+_DESTINATION_SECTIONS = {"delivery": _keys(DeliveryConfig), "retry": _keys(RetryConfig), "guard": _keys(GuardConfig)}
 # The keys every destination takes, read here rather than by its kind.
 _DESTINATION_COMMON = frozenset(
     {"name", "kind", "mapping", "mapping_options", "delivery", "retry", "guard", "rate_limits"}
@@ -370,9 +387,12 @@ _DESTINATION_COMMON = frozenset(
 
 def _source(r: Reader) -> SourceConfig:
     # A misspelt required key (`nmae`, `write_kye`) is named with a hint, not reported missing.
-    r.refuse_misspellings(("name", "kind"), allowed=frozenset().union(*_SOURCE_KEYS.values()))
+    r.refuse_misspellings(("name", "kind"), allowed=frozenset().union(*_SOURCE_KEYS.values(), *_AUTH_KEYS.values()))
     name = r.str("name", required=True)
     kind = r.choice("kind", _SOURCE_KEYS)
+    if kind == "moengage_streams":
+        # `username:` beside `auth:` rather than in it: named so, not as a misspelt `name`.
+        r.refuse_misplaced({"auth": frozenset().union(*_AUTH_KEYS.values())}, _SOURCE_KEYS[kind])
     r.refuse_misspellings(_SOURCE_KEYS[kind])
     to: tuple[str, ...] = tuple(r.str_list("to"))
     if not to:
@@ -432,8 +452,11 @@ def _networks(r: Reader, key: str) -> tuple[ipaddress.IPv4Network | ipaddress.IP
 
 
 def _network(text: Any, where: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    if not isinstance(text, str):
+        # ip_network takes an integer as an address (10 is 0.0.0.10/32): only text is one here.
+        raise ConfigError(f"{where}: expected an IP address or CIDR such as 10.0.0.0/8, got {describe(text)}")
     try:
-        return ipaddress.ip_network(str(text), strict=False)
+        return ipaddress.ip_network(text, strict=False)
     except ValueError:
         raise ConfigError(f"{where}: not an IP address or CIDR: {text!r}") from None
 
@@ -482,18 +505,25 @@ def _streams_auth(r: Reader) -> StreamsAuth:
 
 
 def _statuses(r: Reader, key: str, default: frozenset[int]) -> frozenset[int]:
+    """A list of HTTP statuses; a bad one is named by its index and value."""
     statuses = r.raw(key)
     if statuses is None:
         return default
-    if not isinstance(statuses, list) or not all(isinstance(s, int) and 100 <= s <= 599 for s in statuses):
-        raise ConfigError(f"{r.at(key)}: expected a list of HTTP status codes")
-    # A 1xx is never an answer aiohttp returns, and a 2xx is always a delivery (the policy
-    # asks first): listed, they would be ignored while the config claims otherwise.
-    if kept := sorted({s for s in statuses if s < 300}):
-        raise ConfigError(
-            f"{r.at(key)}: {', '.join(map(str, kept))} cannot be listed: a 2xx answer is a delivery"
-            " and a 1xx is no final answer; list statuses from 300 to 599"
-        )
+    if not isinstance(statuses, list):
+        raise ConfigError(f"{r.at(key)}: expected a list of HTTP statuses from 300 to 599, got {describe(statuses)}")
+    for i, s in enumerate(statuses):
+        where = f"{r.at(key)}[{i}]"
+        if isinstance(s, bool) or not isinstance(s, int):
+            raise ConfigError(f"{where}: expected an HTTP status from 300 to 599, got {describe(s)}")
+        if 100 <= s < 300:
+            # A 1xx is never an answer aiohttp returns, and a 2xx is always a delivery (the
+            # policy asks first): listed, it would be ignored while the config claims otherwise.
+            raise ConfigError(
+                f"{where}: {s} cannot be listed: a 2xx answer is a delivery and a 1xx is no final answer;"
+                " list statuses from 300 to 599"
+            )
+        if not 300 <= s <= 599:
+            raise ConfigError(f"{where}: {s} is not an HTTP status from 300 to 599")
     return frozenset(int(s) for s in statuses)
 
 
@@ -501,10 +531,13 @@ def _retry(r: Reader, also_retryable: frozenset[int] = frozenset()) -> RetryConf
     """``also_retryable``: what the destination kind retries besides the usual statuses."""
     retryable = _statuses(r, "retryable_statuses", DEFAULT_RETRYABLE | also_retryable)
     pause = _statuses(r, "pause_statuses", DEFAULT_PAUSE - retryable)
-    if both := sorted(retryable & pause):
+    # The first paused status also retried, named by its index as any bad item is.
+    if both := next(((i, s) for i, s in enumerate(r.raw("pause_statuses", [])) if s in retryable), None):
+        i, status = both
+        listed = "listed in retryable_statuses" if r.has("retryable_statuses") else "retried by default"
         raise ConfigError(
-            f"{r.at('pause_statuses')}: {', '.join(map(str, both))} also in retryable_statuses;"
-            " a status is one or the other"
+            f"{r.at('pause_statuses')}[{i}]: {status} is also {listed}; a status is one or the other"
+            + ("" if r.has("retryable_statuses") else " (set retryable_statuses without it)")
         )
     cfg = RetryConfig(
         base_delay=r.float("base_delay", 1.0, minimum=0),
@@ -542,7 +575,9 @@ def _delivery(r: Reader) -> DeliveryConfig:
         lease_seconds=r.float("lease_seconds", 120.0, minimum=1),
         request_timeout=r.float("request_timeout", 30.0, minimum=0.1),
         poll_interval=r.float("poll_interval", 1.0, minimum=0.01),
-        max_queued_events=None if r.raw("max_queued_events") is None else r.int("max_queued_events", 0, minimum=1),
+        max_queued_events=None
+        if r.raw("max_queued_events") is None
+        else r.int("max_queued_events", 0, minimum=1, default_is="no limit"),
     )
     if cfg.lease_seconds <= 2 * cfg.request_timeout:
         # A batch stops starting requests at half its lease; a request may take the whole
@@ -596,7 +631,7 @@ def _destination(r: Reader, index: int) -> DestinationConfig:
     rates = {str(k): parse_rate(v, f"{r.at('rate_limits')}.{k}") for k, v in r.mapping("rate_limits").items()}
     # Every key a destination takes is known only here: the kind's own check knows its keys
     # alone, so it would offer a `delivry` no 'delivery' and list the valid keys without it.
-    r.done(also=kinds[kind].config_keys, takes=f"a {kind} destination")
+    r.done(also=kinds[kind].config_keys, takes=f"a {kind} destination", sections=_DESTINATION_SECTIONS)
     client_cfg = {"name": name, **r.rest()}
     client = kinds[kind].from_config(client_cfg, where=r.where, timeout=delivery.request_timeout)
     buckets = client.rate_limits()
@@ -648,7 +683,7 @@ def build_config(data: dict[str, Any], path: str = "", unset_env: frozenset[str]
     destinations = tuple(
         _destination(Reader(d, f"destinations[{i}]"), i) for i, d in enumerate(top.list("destinations"))
     )
-    top.done()
+    top.done(takes="the config", sections=_TOP_SECTIONS)
     cfg = Config(server, store, mappings, admin_token, sources, destinations, path, unset_env, metrics_token)
     validate_routes(cfg)
     return cfg
@@ -772,8 +807,19 @@ def _region_name(region: str | None) -> str:
 
 
 def load_config(path: str | Path, env: dict[str, str] | None = None) -> Config:
-    data, missing = read_yaml(path, env)
-    return build_config(data, str(path), frozenset(missing))
+    data, missing, substituted = read_yaml_and_values(path, env)
+    try:
+        return build_config(data, str(path), frozenset(missing))
+    except ConfigError as exc:
+        # An error saying what was given ("expected an integer, got the string ...") must not
+        # echo a secret from the environment given to the wrong key.
+        message = hide_values(str(exc), substituted)
+        if missing:
+            # An unset ${VAR} is an empty value, most often the cause ("workspace_id:
+            # required"), which the key alone does not say: name the variables left unset.
+            unset = ", ".join(f"${{{name}}}" for name in sorted(missing))
+            message += f"; the file's {unset} {'is' if len(missing) == 1 else 'are'} unset"
+        raise ConfigError(message) from None
 
 
 def existing_mappings_dir(cfg: Config) -> Path:

@@ -127,6 +127,12 @@ class CompiledMapping(ABC):
         ``mapping_options`` key it never reads is a typo), or None when it may read any."""
         return None
 
+    def option_problems(self, options: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """(name, problem) for each of ``options`` whose value the mapping's ``options:``
+        declaration refuses ("expected a boolean (true or false), got ..."); empty when
+        all fit or the mapping declares none."""
+        return []
+
     @abstractmethod
     def integration_names(self) -> tuple[str, ...]:
         """Names under which the Segment ``integrations`` object addresses this

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from bridge.mapping.api import Diagnostic, MapContext
+from bridge.mapping.api import CompiledMapping, Diagnostic, MapContext
 from bridge.mapping.fixtures import run_fixtures
 from bridge.mapping.loader import compile_mapping_dir, compile_mapping_file
 from bridge.mapping.translate import InputError, parse_events, translate_events
@@ -137,6 +137,17 @@ def _check_options_read(options: dict[str, Any], read: frozenset[str] | None, ma
         raise InputError(f"--option {key}: mapping {mapping!r} never reads $options.{key}{hint}")
 
 
+def _as_text_hint(mapping: CompiledMapping, key: str, value: Any) -> str:
+    """A value is read as JSON when it parses, so `--option id=123` is a number: when its
+    text is what the option takes, say how to give the text."""
+    if isinstance(value, str):
+        return ""
+    text = orjson.dumps(value).decode()
+    if mapping.option_problems({key: text}):
+        return ""
+    return f" (a value is read as JSON when it parses: for the text, quote it: {key}='\"{text}\"')"
+
+
 def cmd_translate(
     args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
@@ -155,6 +166,8 @@ def cmd_translate(
     try:
         options = dict(_option(o) for o in getattr(args, "option", None) or [])
         _check_options_read(options, mapping.option_names(), args.mapping)
+        for key, problem in mapping.option_problems(options):
+            raise InputError(f"--option {key}: {problem}{_as_text_hint(mapping, key, options[key])}")
         # bytes from the real stdin: input that is not UTF-8 is then invalid JSON, not a crash
         source: Any = stdin if stdin is not None else getattr(sys.stdin, "buffer", sys.stdin)
         # Python sets sys.stdin to None when the process starts with it closed (<&-).

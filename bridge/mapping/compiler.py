@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +14,7 @@ from bridge.mapping.api import CompiledMapping, Discarded, Failed, LinkFilter, M
 from bridge.mapping.conditions import Guard, conjunction, fuse_condition, guard_of, is_exact, passes
 from bridge.mapping.expressions import Cond, ExprCompiler, Fn, Lookup, Scope, build_object, literal_const
 from bridge.mapping.fuse import Gen, emits, fuse
+from bridge.mapping.options import OptionSpec, compile_options, option_problems
 from bridge.mapping.paths import PathError, Segment, parse_path
 from bridge.mapping.runtime import MISSING, DropEvent, Env, FailEvent, clone
 from bridge.mapping.shapes import SHAPES, Shape, body_checker, check_body_node
@@ -24,6 +25,7 @@ TOP_KEYS = (
     "source_format",
     "destination_kind",
     "description",
+    "options",
     "integrations",
     "lookups",
     "identity",
@@ -79,6 +81,7 @@ class YamlMapping(CompiledMapping):
         rules: list[_Rule],
         files: tuple[str, ...],
         option_names: frozenset[str] | None = None,
+        option_specs: dict[str, OptionSpec] | None = None,
     ) -> None:
         self.name = name
         self.version = version
@@ -87,6 +90,12 @@ class YamlMapping(CompiledMapping):
         self.destination_kind = destination_kind
         self.files = files
         self._option_names = option_names
+        self._option_specs = option_specs or {}
+        # The declared defaults: what $options.NAME reads when the destination does not set
+        # NAME. The options given with them, for the last options seen (a destination's
+        # worker gives the same object every time), so an event does not build a dict.
+        self._defaults = {n: s.default for n, s in self._option_specs.items() if s.has_default}
+        self._with_defaults: tuple[Mapping[str, Any], Mapping[str, Any]] = (self._defaults, self._defaults)
         self._integrations = integrations
         self._identity_key = fuse(identity_key) if identity_key is not None else None
         self._identity_link = identity_link
@@ -110,6 +119,19 @@ class YamlMapping(CompiledMapping):
 
     def option_names(self) -> frozenset[str] | None:
         return self._option_names
+
+    def option_problems(self, options: Mapping[str, Any]) -> list[tuple[str, str]]:
+        return option_problems(self._option_specs, options)
+
+    def _options(self, given: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``given`` with the declared defaults under it."""
+        if not self._defaults:
+            return given
+        last, merged = self._with_defaults
+        if given is not last:
+            merged = {**self._defaults, **given}
+            self._with_defaults = (given, merged)
+        return merged
 
     def link_filter(self) -> LinkFilter:
         if self._identity_link is None:
@@ -168,7 +190,7 @@ class YamlMapping(CompiledMapping):
             # $link is the identity key's link, from the links resolved for this event.
             key = self.identity_key(event)
             link = ctx.links.get(key) if key is not None else None
-        env = Env(event, link, ctx.options, ctx.source, links=ctx.links)
+        env = Env(event, link, self._options(ctx.options), ctx.source, links=ctx.links)
         try:
             if self._first_drop is not None:
                 dropped = self._first_drop(env)
@@ -488,6 +510,7 @@ class FileCompiler:
             return None
         d.check_keys(root, "", TOP_KEYS, "a mapping file", required=("source_format", "destination_kind", "rules"))
         top = root.value
+        specs = compile_options(top["options"], d) if "options" in top else None
         source_format = self._enum(top.get("source_format"), "source_format", SOURCE_FORMATS)
         destination = self._enum(top.get("destination_kind"), "destination_kind", tuple(SHAPES))
         integrations = self._integrations(top.get("integrations"), source_format)
@@ -500,6 +523,8 @@ class FileCompiler:
         )
         drops = self._drops(top["drop"], "drop") if "drop" in top else []
         rules = self._rules(top["rules"], destination, source_format) if "rules" in top else []
+        if specs is not None:
+            self._check_declared(top["options"], specs)
         if d.items or source_format is None or destination is None:
             return None
         return YamlMapping(
@@ -515,8 +540,38 @@ class FileCompiler:
             drops=drops,
             rules=rules,
             files=tuple(self.lookup_files),
-            option_names=None if self.expr.options_read is None else frozenset(self.expr.options_read),
+            option_names=self._option_names(specs),
+            option_specs={n: s for n, s in (specs or {}).items() if s is not None},
         )
+
+    def _option_names(self, specs: dict[str, OptionSpec | None] | None) -> frozenset[str] | None:
+        """The option names a destination may set: the declared ones, else those read."""
+        if specs is not None:
+            return frozenset(specs)
+        return None if self.expr.options_read is None else frozenset(self.expr.options_read)
+
+    def _check_declared(self, node: YNode, specs: dict[str, OptionSpec | None]) -> None:
+        """A mapping that declares its options reads only those, and reads each of them:
+        an undeclared one would go unchecked, and an unread one would be a setting that
+        does nothing."""
+        read = self.expr.options_read
+        for name, (at, ypath) in self.expr.option_reads.items():
+            if name not in specs:
+                self.diags.add(
+                    at,
+                    ypath,
+                    f"$options.{name} is not declared under 'options'{did_you_mean(name, specs)}; "
+                    f"declare it (options: {{{name}: {{type: ...}}}}) so a destination's value is checked",
+                )
+        if read is None:  # $options read whole: any declared name may be used
+            return
+        for name in specs:
+            if name not in read:
+                self.diags.add_at(
+                    node.key_pos.get(name, (node.line, node.column)),
+                    join("options", name),
+                    f"option {name!r} is declared but the mapping never reads $options.{name}",
+                )
 
     def _enum(self, node: YNode | None, key: str, choices: tuple[str, ...]) -> str | None:
         if node is None:

@@ -156,6 +156,8 @@ class ExprCompiler:
         self.in_each = 0
         # The NAMEs read as $options.NAME; None once the whole $options object is read.
         self.options_read: set[str] | None = set()
+        # Where each $options.NAME is first read: a read of an undeclared option is named there.
+        self.option_reads: dict[str, tuple[YNode, str]] = {}
 
     # --- paths ---------------------------------------------------------------
 
@@ -174,6 +176,8 @@ class ExprCompiler:
             if name not in self.scope.lets:
                 self.diags.add(node, ypath, self._unknown_let(name))
                 return None
+        if p.root == "$options" and p.segments and isinstance(p.segments[0], str):
+            self.option_reads.setdefault(p.segments[0], (node, ypath))
         if p.root == "$item" and not self.in_each:
             self.diags.add(node, ypath, "$item is only defined inside an 'each' step")
             return None

@@ -109,6 +109,9 @@ def run_fixture_file(mapping: CompiledMapping, path: Path) -> FixtureResult:
     if problem:
         return FixtureResult(str(path), mapping.name, False, problem)
     ctx_data = data.get("context") or {}
+    # A fixture's options are what a destination would set: held to the same declaration.
+    for key, bad in mapping.option_problems(ctx_data.get("options") or {}):
+        return FixtureResult(str(path), mapping.name, False, f"context.options.{key}: {bad}")
     ctx = MapContext(
         linked_id=ctx_data.get("linked_id"),
         options=ctx_data.get("options") or {},

@@ -16,6 +16,7 @@ import yaml
 
 from bridge.mapping.api import Diagnostic
 from bridge.suggest import did_you_mean as did_you_mean  # re-exported for the mapping modules
+from bridge.yaml_unique import syntax_problem
 
 
 @dataclass(slots=True)
@@ -233,7 +234,7 @@ def parse_yaml(text: str, diags: Diagnostics) -> YNode | None:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        diags.add_at((line, col), "", f"invalid YAML: {_syntax_problem(exc)}")
+        diags.add_at((line, col), "", f"invalid YAML: {syntax_problem(exc)}")
         return None
     except yaml.YAMLError as exc:
         diags.add(None, "", f"invalid YAML: {exc}")
@@ -256,20 +257,6 @@ def _unreadable(exc: yaml.reader.ReaderError) -> str:
         if ord(char) < 0x100
         else f"character U+{ord(char):04X} is not allowed in a YAML file; remove it"
     )
-
-
-def _syntax_problem(exc: yaml.MarkedYAMLError) -> str:
-    """PyYAML's problem, with where the construct it was reading began: the mistake is
-    often there, lines above where the parser gave up (a `{` or a quote never closed)."""
-    problem = exc.problem or ""
-    context, start, end = exc.context, exc.context_mark, exc.problem_mark
-    if context and start is not None and (end is None or (start.line, start.column) != (end.line, end.column)):
-        problem += f" ({context} that starts at line {start.line + 1}, column {start.column + 1})"
-    elif context:
-        problem = f"{context} {problem}"
-    if "'\\t'" in problem:
-        problem += "; indent with spaces: YAML does not allow tabs there"
-    return problem
 
 
 def _convert(node: yaml.Node, loader: yaml.SafeLoader, diags: Diagnostics, path: str) -> YNode:

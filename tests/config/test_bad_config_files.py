@@ -82,7 +82,7 @@ def test_an_unquoted_reference_that_is_a_whole_scalar_reads_as_its_value(tmp_pat
 
 @pytest.mark.parametrize(
     ("value", "read"),
-    [("8080", 8080), ("true", True), ("1.5", 1.5), ("~", None), ("", None), ("abc def", "abc def"), ("a:b", "a:b")],
+    [("8080", 8080), ("true", True), ("1.5", 1.5), ("~", None), ("", ""), ("abc def", "abc def"), ("a:b", "a:b")],
 )
 def test_an_unquoted_reference_whose_value_yaml_reads_as_itself_keeps_its_type(
     tmp_path: Path, value: str, read: object
@@ -94,9 +94,53 @@ def test_an_unquoted_reference_whose_value_yaml_reads_as_itself_keeps_its_type(
 
 
 def test_unset_unquoted_references_stay_empty(tmp_path: Path) -> None:
+    # Empty, not null: null was "not given", so a setting with a default took it silently.
     cfg = tmp_path / "bridge.yaml"
-    cfg.write_text("a: ${UNSET}\nb: x${UNSET}y\nc: abc ${UNSET}\n")
-    assert read_yaml(cfg, {}) == ({"a": None, "b": "xy", "c": "abc"}, {"UNSET"})
+    cfg.write_text("a: ${UNSET}\nb: x${UNSET}y\nc: abc ${UNSET}\nd: [${UNSET}, x]\n")
+    assert read_yaml(cfg, {}) == ({"a": "", "b": "xy", "c": "abc", "d": ["", "x"]}, {"UNSET"})
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (
+            "store: {url: ${DATABASE_URL}}",
+            "store.url: is empty; leave the key out to take its default ('sqlite:///var/bridge.db') "
+            "(it is empty: is its environment variable set?)",
+        ),
+        (
+            "server: {port: ${DATABASE_URL}}",
+            "server.port: is empty; leave the key out to take its default (8088) "
+            "(it is empty: is its environment variable set?)",
+        ),
+        (
+            "destinations: [{name: d, kind: segment, mapping: m, delivery: {max_queued_events: ${DATABASE_URL}}}]",
+            "destinations[0].delivery.max_queued_events: is empty; leave the key out to take its default "
+            "(no limit) (it is empty: is its environment variable set?)",
+        ),
+        (
+            "mappings: {watch: ${DATABASE_URL}}",
+            "mappings.watch: is empty; leave the key out to take its default (false) "
+            "(it is empty: is its environment variable set?)",
+        ),
+        (
+            "mappings: {watch_interval: ${DATABASE_URL}}",
+            "mappings.watch_interval: is empty; leave the key out to take its default (2.0) "
+            "(it is empty: is its environment variable set?)",
+        ),
+    ],
+)
+def test_an_unset_unquoted_reference_is_not_taken_for_the_default(tmp_path: Path, line: str, message: str) -> None:
+    """`store.url: ${DATABASE_URL}` unset put a PostgreSQL deployment on a SQLite file of its
+    own: the quoted reference was refused, the unquoted one read as null, "not given"."""
+    from bridge.config.model import load_config
+    from bridge.destinations.base import ConfigError
+
+    cfg = tmp_path / "bridge.yaml"
+    cfg.write_text(line + "\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(cfg, {})
+    assert str(exc.value) == message + "; the file's ${DATABASE_URL} is unset"
 
 
 @pytest.mark.parametrize(
@@ -706,3 +750,246 @@ def test_a_segment_source_name_is_no_url_and_may_hold_a_slash(raw: dict[str, Any
 
     raw["sources"][0]["name"] = "web/prod"
     assert build_config(raw).sources[0].name == "web/prod"
+
+
+# -- the broken files operators really write: each one line, naming what to change ------------
+
+# A config as an operator writes one: block style, secrets from the environment.
+OPERATOR_CONFIG = """\
+server:
+  host: 127.0.0.1
+  port: 8088
+store:
+  url: "sqlite:///bridge.db"
+mappings:
+  dir: MAPPINGS
+sources:
+  - name: web
+    kind: segment
+    write_key: "${WRITE_KEY}"
+    region: us
+    to: [moengage-main]
+  - name: streams-main
+    kind: moengage_streams
+    data_center: "01"
+    auth:
+      type: basic
+      username: moe
+      password: "${STREAMS_PASSWORD}"
+    to: [segment-prod]
+destinations:
+  - name: moengage-main
+    kind: moengage
+    workspace_id: ${MOENGAGE_WORKSPACE_ID}
+    api_key: "${MOENGAGE_API_KEY}"
+    data_center: "01"
+    mapping: segment-to-moengage
+    mapping_options:
+      anonymous_ids: true
+    retry:
+      retryable_statuses: [429, 500, 503]
+  - name: segment-prod
+    kind: segment
+    write_key: "${SEGMENT_WRITE_KEY}"
+    region: us
+    mapping: moengage-to-segment
+"""
+OPERATOR_ENV = {
+    "WRITE_KEY": "wk-source-1",
+    "STREAMS_PASSWORD": "streams-pw-1",
+    "MOENGAGE_WORKSPACE_ID": "WS1",
+    "MOENGAGE_API_KEY": "moe-key-1",
+    "SEGMENT_WRITE_KEY": "wk-dest-2",
+}
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "code", "message"),
+    [
+        # a wrong type, and the value given
+        ("port: 8088", 'port: "80 88"', 2, 'server.port: expected an integer, got the string "80 88"'),
+        (
+            "      anonymous_ids: true",
+            '      anonymous_ids: "yes"',
+            1,
+            'destinations[0].mapping_options.anonymous_ids: expected a boolean (true or false), got the string "yes"',
+        ),
+        # a key indented too little: named as the section's key it is
+        (
+            "    retry:\n      retryable_statuses",
+            "    retry:\n    retryable_statuses",
+            2,
+            "destinations[0].retryable_statuses: unknown key here; it belongs in retry, indented under it "
+            "(destinations[0].retry.retryable_statuses)",
+        ),
+        (
+            "  host: 127.0.0.1\n  port: 8088",
+            "  host: 127.0.0.1\nport: 8088",
+            2,
+            "port: unknown key here; it belongs in server, indented under it (server.port)",
+        ),
+        (
+            "    auth:\n      type: basic\n      username: moe\n      password",
+            "    auth:\n      type: basic\n    username: moe\n    password",
+            2,
+            "sources[1].username: unknown key here; it belongs in auth, indented under it (sources[1].auth.username)",
+        ),
+        # a list where a mapping is expected, and the other way round
+        ('store:\n  url: "sqlite', 'store:\n  - url: "sqlite', 2, "store: expected a mapping, got a list"),
+        (
+            '  - name: web\n    kind: segment\n    write_key: "${WRITE_KEY}"\n    region: us\n'
+            "    to: [moengage-main]\n  - name: streams-main",
+            '  web:\n    kind: segment\n    write_key: "${WRITE_KEY}"\n    region: us\n'
+            "    to: [moengage-main]\n  streams-main:\n    name: streams-main",
+            2,
+            "sources: expected a list, got a mapping (each item of a list starts with '- ')",
+        ),
+        (
+            "    to: [segment-prod]",
+            "    to: segment-prod",
+            2,
+            "sources[1].to: expected a list, got a string (a single item is still a list: [segment-prod])",
+        ),
+        # a bad item of a list
+        (
+            "[429, 500, 503]",
+            "[429, 500, 700]",
+            2,
+            "destinations[0].retry.retryable_statuses[2]: 700 is not an HTTP status from 300 to 599",
+        ),
+        # two destinations of one name; an unknown kind; a top-level typo
+        (
+            "  - name: segment-prod\n",
+            "  - name: moengage-main\n",
+            2,
+            "destinations[1].name: 'moengage-main' is used twice",
+        ),
+        (
+            "kind: moengage_streams",
+            "kind: moengage-streams",
+            2,
+            "sources[1].kind: must be one of segment, moengage_streams; got 'moengage-streams' "
+            "(did you mean 'moengage_streams'?)",
+        ),
+        (
+            "destinations:\n",
+            "destinations:\nother:\n",
+            2,
+            "other: unknown key (the config takes admin, destinations, mappings, server, sources, store)",
+        ),
+        # an unset variable: the key says it is empty, the note says which variable
+        (
+            "${MOENGAGE_WORKSPACE_ID}",
+            "${MOENGAGE_WORKSPACEID}",
+            2,
+            "destinations[0].workspace_id: must not be empty (is its environment variable set?); "
+            "the file's ${MOENGAGE_WORKSPACEID} is unset",
+        ),
+    ],
+)
+def test_an_operator_s_broken_config_gets_one_precise_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    before: str,
+    after: str,
+    code: int,
+    message: str,
+) -> None:
+    from bridge.cli import main
+
+    cfg = _operator_config(tmp_path, monkeypatch, before, after)
+    assert main(["check", "--config", str(cfg)]) == code
+    err = capsys.readouterr().err
+    # exit 2: the config itself; exit 1: it does not fit the mappings it names
+    assert err == (f"config error: {message}\n" if code == 2 else f"{cfg}: {message}\n")
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "where", "message"),
+    [
+        (
+            "\n  port",
+            "\n\tport",
+            "3:1",
+            "while scanning for the next token found character '\\t' that cannot start any token; indent with "
+            "spaces: YAML does not allow tabs there",
+        ),
+        (
+            "    region: us\n    to: [moengage-main]",
+            "    region: us\n     to: [moengage-main]",
+            "13:8",
+            "mapping values are not allowed here; most often a key indented deeper than the keys beside it, "
+            "or a value holding ': ' that needs quotes",
+        ),
+        (
+            "    region: us\n    to: [moengage-main]",
+            "    region us\n    to: [moengage-main]",
+            "13:5",
+            "could not find expected ':' (while scanning a simple key that starts at line 12, column 5); "
+            "most often a key without its ':', or a quote or bracket left open",
+        ),
+        (
+            "  - name: streams-main",
+            " - name: streams-main",
+            "14:2",
+            "expected <block end>, but found '<block sequence start>' (while parsing a block mapping that starts "
+            "at line 1, column 1); most often a line indented differently from the lines beside it",
+        ),
+        (
+            "    to: [moengage-main]",
+            "    to: [moengage-main",
+            "14:9",
+            "expected ',' or ']', but got ':' (while parsing a flow sequence that starts at line 13, column 9)",
+        ),
+    ],
+)
+def test_a_yaml_mistake_is_named_at_its_line_with_what_it_most_often_means(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    before: str,
+    after: str,
+    where: str,
+    message: str,
+) -> None:
+    from bridge.cli import main
+
+    cfg = _operator_config(tmp_path, monkeypatch, before, after)
+    assert main(["check", "--config", str(cfg)]) == 2
+    assert capsys.readouterr().err == f"config error: {cfg}:{where}: invalid YAML: {message}\n"
+
+
+def test_the_operator_config_itself_passes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the broken ones are broken from."""
+    from bridge.cli import main
+
+    cfg = _operator_config(tmp_path, monkeypatch, "", "")
+    assert main(["check", "--config", str(cfg)]) == 0, capsys.readouterr().err
+
+
+def _operator_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, before: str, after: str) -> Path:
+    text = OPERATOR_CONFIG.replace("MAPPINGS", str(Path(__file__).resolve().parents[2] / "mappings"))
+    assert before in text
+    for name, value in OPERATOR_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "bridge.yaml"
+    cfg.write_text(text.replace(before, after, 1))
+    return cfg
+
+
+def test_a_value_named_by_an_error_is_not_echoed_when_it_came_from_the_environment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Errors now say what was given: a secret's variable written at the wrong key is not shown."""
+    from bridge.cli import main
+
+    cfg = _operator_config(tmp_path, monkeypatch, "port: 8088", "port: ${MOENGAGE_API_KEY}")
+    monkeypatch.setenv("MOENGAGE_API_KEY", "Very-Secret-Api-Key-42")
+    assert main(["check", "--config", str(cfg)]) == 2
+    assert (
+        capsys.readouterr().err == 'config error: server.port: expected an integer, got the string "<${VAR} value>"\n'
+    )

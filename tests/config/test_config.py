@@ -51,7 +51,7 @@ def test_a_full_config_builds(raw: dict[str, Any]) -> None:
 
 def test_env_substitution_and_defaults(tmp_path: Path) -> None:
     text, missing = substitute_env("a: ${A}\nb: ${B:-dflt}\nc: ${C}", {"A": "1"})
-    assert text == "a: 1\nb: dflt\nc: " and missing == {"C"}
+    assert text == 'a: 1\nb: dflt\nc: ""' and missing == {"C"}
     path = tmp_path / "b.yaml"
     path.write_text('server: {port: "${PORT}"}\nmappings: {dir: "${DIR:-mappings}"}\n')
     with pytest.raises(ConfigError, match=r"server.port: expected an integer"):
@@ -61,7 +61,7 @@ def test_env_substitution_and_defaults(tmp_path: Path) -> None:
 def test_references_in_comments_are_left_alone() -> None:
     text = "# set ${SECRET} in the environment\nkey: ${KEY} # or ${OTHER}\nurl: http://h/a#${FRAG}\n"
     out, missing = substitute_env(text, {"FRAG": "f"})
-    assert out == "# set ${SECRET} in the environment\nkey:  # or ${OTHER}\nurl: http://h/a#f\n"
+    assert out == '# set ${SECRET} in the environment\nkey: "" # or ${OTHER}\nurl: http://h/a#f\n'
     assert missing == {"KEY"}  # only the real one is reported unset
     assert substitute_env('a: "x # ${Q}"', {"Q": 'q"'})[0] == 'a: "x # q\\""'  # a '#' in quotes is text
     # The sandbox gives placeholders to the same references: none for comments or defaults.
@@ -199,20 +199,29 @@ def test_precise_type_and_value_errors(raw: dict[str, Any]) -> None:
     assert error_of(bad).startswith("destinations[0].rate_limits.bogus: unknown bucket; moengage has ")
     bad = copy.deepcopy(raw)
     bad["destinations"][0]["retry"] = {"retryable_statuses": [500, "x"]}
-    assert "retryable_statuses: expected a list of HTTP status codes" in error_of(bad)
+    assert error_of(bad) == (
+        'destinations[0].retry.retryable_statuses[1]: expected an HTTP status from 300 to 599, got the string "x"'
+    )
     bad = copy.deepcopy(raw)
     bad["destinations"][0]["retry"] = {"pause_statuses": "401"}
-    assert "pause_statuses: expected a list of HTTP status codes" in error_of(bad)
+    assert error_of(bad) == (
+        'destinations[0].retry.pause_statuses: expected a list of HTTP statuses from 300 to 599, got the string "401"'
+    )
     bad = copy.deepcopy(raw)
     bad["destinations"][0]["retry"] = {"retryable_statuses": [401, 503], "pause_statuses": [401, 403]}
-    assert "pause_statuses: 401 also in retryable_statuses" in error_of(bad)
+    assert error_of(bad) == (
+        "destinations[0].retry.pause_statuses[0]: 401 is also listed in retryable_statuses; "
+        "a status is one or the other"
+    )
     # A 2xx is always a delivery: listed, it would be ignored while the config said otherwise.
     bad = copy.deepcopy(raw)
     bad["destinations"][0]["retry"] = {"retryable_statuses": [503, 200, 204]}
-    assert "retryable_statuses: 200, 204 cannot be listed: a 2xx answer is a delivery" in error_of(bad)
+    assert error_of(bad).startswith(
+        "destinations[0].retry.retryable_statuses[1]: 200 cannot be listed: a 2xx answer is a delivery"
+    )
     bad = copy.deepcopy(raw)
     bad["destinations"][0]["retry"] = {"pause_statuses": [101]}
-    assert "pause_statuses: 101 cannot be listed" in error_of(bad)
+    assert error_of(bad).startswith("destinations[0].retry.pause_statuses[0]: 101 cannot be listed")
     bad = copy.deepcopy(raw)
     bad["sources"][2]["allow_ips"] = ["not-an-ip"]
     assert "sources[2].allow_ips[0]: not an IP address or CIDR" in error_of(bad)
@@ -426,11 +435,11 @@ def test_a_base_delay_above_max_delay_is_refused(raw: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     ("place", "value", "message"),
     [
-        (("server", "port"), 80.5, "server.port: expected an integer, got a fractional number"),
+        (("server", "port"), 80.5, "server.port: expected an integer, got the number 80.5"),
         (
             ("sources", 0, "allow_cross_region"),
             1,
-            "sources[0].allow_cross_region: expected true or false, got an integer",
+            "sources[0].allow_cross_region: expected true or false, got the integer 1",
         ),
         (
             ("sources", 0, "write_key"),
@@ -524,7 +533,10 @@ def test_a_destination_secret_left_empty_by_an_unset_variable_says_so(tmp_path: 
     )
     with pytest.raises(ConfigError) as exc:
         load_config(path, {})
-    assert str(exc.value) == "destinations[0].workspace_id: must not be empty (is its environment variable set?)"
+    assert str(exc.value) == (
+        "destinations[0].workspace_id: must not be empty (is its environment variable set?); "
+        "the file's ${MOENGAGE_WORKSPACE_ID} is unset"
+    )
 
 
 def test_a_mapping_option_the_mapping_never_reads_is_refused(raw: dict[str, Any], tmp_path: Path) -> None:
@@ -609,4 +621,66 @@ def test_a_misspelt_mapping_name_gets_a_suggestion(raw: dict[str, Any]) -> None:
     assert check_mappings(build_config(raw), shipped)[0] == (
         "destinations[0].mapping: no mapping named 'segment-to-moengag' (did you mean 'segment-to-moengage'?) "
         "(loaded: moengage-to-segment, segment-to-moengage)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("retry", "message"),
+    [
+        # The bad item named by its index and value, not the whole list.
+        (
+            {"retryable_statuses": [500, 503, 700]},
+            "retryable_statuses[2]: 700 is not an HTTP status from 300 to 599",
+        ),
+        ({"retryable_statuses": [500, 99]}, "retryable_statuses[1]: 99 is not an HTTP status from 300 to 599"),
+        (
+            {"pause_statuses": [401, "403"]},
+            'pause_statuses[1]: expected an HTTP status from 300 to 599, got the string "403"',
+        ),
+        (
+            {"pause_statuses": [401, 403.0]},
+            "pause_statuses[1]: expected an HTTP status from 300 to 599, got the number 403.0",
+        ),
+        (
+            {"pause_statuses": [True]},
+            "pause_statuses[0]: expected an HTTP status from 300 to 599, got the boolean true",
+        ),
+        (
+            {"pause_statuses": [401, None]},
+            "pause_statuses[1]: expected an HTTP status from 300 to 599, got null (nothing)",
+        ),
+        (
+            {"pause_statuses": {"401": True}},
+            "pause_statuses: expected a list of HTTP statuses from 300 to 599, got a mapping",
+        ),
+        # Retried by default (503), so it cannot pause: say which list holds it.
+        (
+            {"pause_statuses": [401, 503]},
+            "pause_statuses[1]: 503 is also retried by default; a status is one or the other "
+            "(set retryable_statuses without it)",
+        ),
+    ],
+)
+def test_a_bad_status_is_named_by_its_index_and_value(raw: dict[str, Any], retry: dict[str, Any], message: str) -> None:
+    raw["destinations"][0]["retry"] = retry
+    assert error_of(raw) == f"destinations[0].retry.{message}"
+
+
+def test_a_bad_item_of_another_list_is_named_by_its_index_and_value(raw: dict[str, Any]) -> None:
+    bad = copy.deepcopy(raw)
+    bad["sources"][0]["to"] = ["moengage-main", 7]
+    assert error_of(bad) == "sources[0].to[1]: expected a non-empty string, got the integer 7"
+    bad = copy.deepcopy(raw)
+    bad["sources"][0]["to"] = [""]
+    assert error_of(bad) == 'sources[0].to[0]: expected a non-empty string, got the string ""'
+    # An integer was taken as an address (10 as 0.0.0.10): refused, as no one means that.
+    bad = copy.deepcopy(raw)
+    bad["sources"][2]["allow_ips"] = ["10.0.0.0/8", 10]
+    assert error_of(bad) == (
+        "sources[2].allow_ips[1]: expected an IP address or CIDR such as 10.0.0.0/8, got the integer 10"
+    )
+    bad = copy.deepcopy(raw)
+    bad["server"]["trusted_proxies"] = [{"cidr": "10.0.0.0/8"}]
+    assert error_of(bad) == (
+        "server.trusted_proxies[0]: expected an IP address or CIDR such as 10.0.0.0/8, got a mapping"
     )
