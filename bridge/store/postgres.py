@@ -88,10 +88,19 @@ _JOB_COLUMNS = (
 )
 
 
+# The driver's own failures to talk to a server, which are neither PostgresError nor
+# InterfaceError: no host of a multi-host URL matches its target_session_attrs (a failover
+# under way: every host still a standby or read-only), or a stream it cannot read (a proxy
+# that mangles it). Not ours to answer with a 500: the database is away, as if unreachable.
+_DRIVER_FAILURES = asyncpg.exceptions.TargetServerAttributeNotMatched | asyncpg.exceptions.ProtocolError
+
+
 def to_store_error(exc: BaseException) -> BaseException:
     if isinstance(exc, StoreError):
         return exc
-    if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError | OSError | asyncio.TimeoutError):
+    if isinstance(
+        exc, asyncpg.PostgresError | asyncpg.InterfaceError | OSError | asyncio.TimeoutError | _DRIVER_FAILURES
+    ):
         # A timeout's text is empty ("postgres: " in a log says nothing): name it.
         return StoreError(f"postgres: {str(exc) or type(exc).__name__}")
     return exc
@@ -108,7 +117,8 @@ def unavailable(exc: BaseException) -> bool:
         | asyncpg.InterfaceError
         | asyncpg.exceptions.OperatorInterventionError  # query_canceled (statement_timeout), shutdown
         | asyncpg.exceptions.PostgresConnectionError
-        | asyncpg.exceptions.InsufficientResourcesError,  # disk full, out of memory, too many connections
+        | asyncpg.exceptions.InsufficientResourcesError  # disk full, out of memory, too many connections
+        | _DRIVER_FAILURES,
     )
 
 
