@@ -88,11 +88,13 @@ _JOB_COLUMNS = (
 )
 
 
-# The driver's own failures to talk to a server, which are neither PostgresError nor
-# InterfaceError: no host of a multi-host URL matches its target_session_attrs (a failover
-# under way: every host still a standby or read-only), or a stream it cannot read (a proxy
-# that mangles it). Not ours to answer with a 500: the database is away, as if unreachable.
-_DRIVER_FAILURES = asyncpg.exceptions.TargetServerAttributeNotMatched | asyncpg.exceptions.ProtocolError
+# The driver's own failures, which are neither PostgresError nor InterfaceError: a
+# connection the server ended (a restart, a failover, pg_terminate_backend) whose end the
+# driver has read only in part ("cannot switch to state ...; another operation is in
+# progress", until it sees the close), no host of the URL fit for its target_session_attrs
+# (mid-failover, none writable yet), a stream it cannot read. The database is away for
+# now, as when unreachable: 429 store_unavailable, not a 500 with a traceback.
+_DRIVER_FAILURES = asyncpg.exceptions.InternalClientError
 
 
 def to_store_error(exc: BaseException) -> BaseException:
