@@ -468,7 +468,11 @@ class PostgresStore(Store):
                         f"no bridge store in schema {self.schema!r} of this PostgreSQL database: "
                         "`bridge serve` creates it when it starts; check store.url (its database and ?schema=)"
                     )
-                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+                if await conn.fetchval("SELECT to_regnamespace($1) IS NULL", self.schema):
+                    # Only when missing: CREATE SCHEMA IF NOT EXISTS needs the database's CREATE
+                    # privilege even when the schema is there, which a role given a schema of
+                    # its own (CREATE SCHEMA bridge AUTHORIZATION bridge) usually lacks.
+                    await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
                 await self._check_session(conn)
                 present = {
                     str(r[0])

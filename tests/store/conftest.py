@@ -119,7 +119,7 @@ async def pg_role(pg_schema: str) -> AsyncIterator[str]:
         yield name
         await conn.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{name}'")
         await conn.execute(f'DROP SCHEMA IF EXISTS "{pg_schema}" CASCADE')
-        await conn.execute(f"REVOKE CREATE ON DATABASE test FROM {name}")
+        await conn.execute(f"DROP OWNED BY {name}")  # and its privileges
         await conn.execute(f"DROP ROLE {name}")
     finally:
         await conn.close()

@@ -517,3 +517,27 @@ async def test_a_failover_with_no_writable_host_yet_is_a_store_error(pg_schema: 
     finally:
         await admin.close()
         await store.close()
+
+
+async def test_a_role_given_a_schema_of_its_own_opens_the_store_in_it(pg_schema: str, pg_role: str) -> None:
+    """A database owned by someone else, and a schema made for the bridge's role by its
+    owner (CREATE SCHEMA ... AUTHORIZATION), the role with no CREATE on the database: every
+    node failed to start, "permission denied for database", at CREATE SCHEMA IF NOT EXISTS,
+    which asks for that privilege even when the schema is there."""
+    admin = await asyncpg.connect(PG_DSN)
+    try:
+        await admin.execute(f"REVOKE CREATE ON DATABASE test FROM {pg_role}")
+        await admin.execute(f'CREATE SCHEMA "{pg_schema}" AUTHORIZATION {pg_role}')
+    finally:
+        await admin.close()
+    nodes = [
+        PostgresStore(f"postgresql://{pg_role}@127.0.0.1:5432/test", schema=pg_schema, pool_size=2) for _ in range(2)
+    ]
+    try:
+        opened = await asyncio.gather(*(node.open() for node in nodes), return_exceptions=True)
+        assert opened == [None, None]
+        assert (await nodes[0].enqueue("web", [event("m1")])).stored == 1
+        assert (await nodes[1].enqueue("web", [event("m1")])).duplicates == 1
+    finally:
+        for node in nodes:
+            await node.close()
