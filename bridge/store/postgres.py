@@ -422,6 +422,9 @@ class PostgresStore(Store):
         self._capacity_checked_at = float("-inf")
         self._full_reason: str | None = None
         self._capacity_lock = asyncio.Lock()
+        # Measurements finished, and the failure of the last one if it failed (_check_capacity).
+        self._capacity_measures = 0
+        self._capacity_failure: StoreError | None = None
         self._create = create
         self._wall_clock = wall_clock
         self._clock_offset = 0.0
@@ -603,10 +606,25 @@ class PostgresStore(Store):
         if self.max_bytes is None:
             return
         if time.monotonic() - self._capacity_checked_at >= self._size_check_interval:
+            measures = self._capacity_measures
             async with self._capacity_lock:
+                failure = self._capacity_failure
+                if failure is not None and self._capacity_measures != measures:
+                    # A measurement ended while this call waited, and failed (the database
+                    # away): each waiter measuring again, one after the other, made the n-th
+                    # wait n command_timeouts for its refusal (429 store_unavailable).
+                    raise StoreError(str(failure))
                 if time.monotonic() - self._capacity_checked_at >= self._size_check_interval:
-                    self._full_reason = await self._measure(self.max_bytes)
-                    self._capacity_checked_at = time.monotonic()
+                    failure = None
+                    try:
+                        self._full_reason = await self._measure(self.max_bytes)
+                        self._capacity_checked_at = time.monotonic()
+                    except StoreError as exc:
+                        failure = exc
+                        raise
+                    finally:
+                        self._capacity_failure = failure
+                        self._capacity_measures += 1
         if self._full_reason is not None:
             raise StoreFull(self._full_reason)
 

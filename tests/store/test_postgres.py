@@ -541,3 +541,43 @@ async def test_a_role_given_a_schema_of_its_own_opens_the_store_in_it(pg_schema:
     finally:
         for node in nodes:
             await node.close()
+
+
+class Measured(PostgresStore):
+    """A store that counts its measurements of its size (store.max_bytes)."""
+
+    measures = 0
+
+    async def _measure(self, limit: int) -> str | None:
+        self.measures += 1
+        return await super()._measure(limit)
+
+
+async def test_a_hung_database_fails_the_calls_waiting_for_one_size_check_with_it(pg_schema: str) -> None:
+    """With store.max_bytes, each call first checks the store's size, one check at a time.
+    When the database hangs, a check fails after command_timeout, and each call that waited
+    for it checked again, and waited as long: the n-th waited n timeouts for its 429
+    (8 calls, 4 s at 0.5 s), where README promises 10 s. The calls that waited for a
+    check that failed fail with it."""
+    store = Measured(PG_DSN, schema=pg_schema, command_timeout=0.5, max_bytes=10**12, size_check_interval=0.0)
+    await store.open()
+    await store.enqueue("web", [event("warm")])
+    locker = await asyncpg.connect(PG_DSN)
+    tr = locker.transaction()
+    await tr.start()
+    await locker.execute(f'LOCK TABLE "{pg_schema}".dedupe IN ACCESS EXCLUSIVE MODE')
+    store.measures = 0
+    try:
+        calls = [store.enqueue("web", [event(f"m{i}")]) for i in range(8)]
+        refused = await asyncio.gather(*calls, return_exceptions=True)
+    finally:
+        await tr.rollback()
+        await locker.close()
+    try:
+        assert [type(r) for r in refused] == [StoreError] * 8, refused
+        assert store.measures == 1
+        # and the next call checks again, and is stored once the database answers
+        assert (await store.enqueue("web", [event("after")])).stored == 1
+        assert store.measures == 2
+    finally:
+        await store.close()
