@@ -406,7 +406,7 @@ class PostgresStore(Store):
         if max_bytes is not None and max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         if pool_size < 2:
-            raise ValueError(f"pool_size must be at least 2 (group commit holds one), got {pool_size}")
+            raise ValueError(f"pool_size must be at least 2 (ingest holds one), got {pool_size}")
         self.dsn = dsn
         self.schema = check_schema_name(schema)
         self.max_bytes = max_bytes
@@ -418,6 +418,7 @@ class PostgresStore(Store):
         self._command_timeout = command_timeout
         self._statement_cache_size = statement_cache_size
         self._pool: Any = None
+        self._ingest_pool: Any = None
         self._ingest: GroupCommitter | None = None
         self._capacity_checked_at = float("-inf")
         self._full_reason: str | None = None
@@ -440,27 +441,10 @@ class PostgresStore(Store):
     async def open(self) -> None:
         if self._pool is not None:
             return
-        try:
-            pool = await asyncpg.create_pool(
-                self.dsn,
-                min_size=1,
-                max_size=self._pool_size,
-                timeout=self._connect_timeout,
-                command_timeout=self._command_timeout,
-                statement_cache_size=self._statement_cache_size,
-                server_settings={
-                    "search_path": self.schema,
-                    "application_name": "bridge",
-                    # command_timeout is the client's: a node that stops mid-transaction (a
-                    # partition, a paused process) sends no cancel, and the database would
-                    # keep its locks (a destination's lease lock, a dedupe key being stored)
-                    # until TCP gives up, hours later, with every other node waiting on them.
-                    # Our transactions never pause between statements for longer than this.
-                    "idle_in_transaction_session_timeout": str(max(1, round(self._command_timeout * 1000))),
-                },
-            )
-        except Exception as exc:
-            raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
+        # Ingest's group commit (and the size check and /readyz before it) has a connection of
+        # its own: deliveries waiting for a lock (another node's lease) held every connection of
+        # a shared pool, and ingest was refused meanwhile, though it waits for none of them.
+        pool = await self._create_pool(self._pool_size - 1)
         try:
             async with pool.acquire() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", DDL_LOCK, timeout=DDL_TIMEOUT)
@@ -504,15 +488,40 @@ class PostgresStore(Store):
                     raise schema_error(found)
             async with pool.acquire() as conn:
                 await self._measure_clock(conn)
+            ingest_pool = await self._create_pool(1)
         except BaseException as exc:
             await pool.close()
             raise to_store_error(exc) from exc
         self._pool = pool
-        self._ingest = GroupCommitter(self._acquire, to_store_error, unavailable, self.now)
+        self._ingest_pool = ingest_pool
+        self._ingest = GroupCommitter(self._acquire_ingest, to_store_error, unavailable, self.now)
         self._ingest.start()
         # Leases measure the clock too, but a node whose destinations are all paused takes
         # none, and its ingest still dates rows: this keeps the offset fresh regardless.
         self._clock_task = asyncio.create_task(self._keep_clock(), name="bridge-postgres-clock")
+
+    async def _create_pool(self, size: int) -> Any:
+        try:
+            return await asyncpg.create_pool(
+                self.dsn,
+                min_size=1,
+                max_size=size,
+                timeout=self._connect_timeout,
+                command_timeout=self._command_timeout,
+                statement_cache_size=self._statement_cache_size,
+                server_settings={
+                    "search_path": self.schema,
+                    "application_name": "bridge",
+                    # command_timeout is the client's: a node that stops mid-transaction (a
+                    # partition, a paused process) sends no cancel, and the database would
+                    # keep its locks (a destination's lease lock, a dedupe key being stored)
+                    # until TCP gives up, hours later, with every other node waiting on them.
+                    # Our transactions never pause between statements for longer than this.
+                    "idle_in_transaction_session_timeout": str(max(1, round(self._command_timeout * 1000))),
+                },
+            )
+        except Exception as exc:
+            raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
 
     async def _check_session(self, conn: Connection) -> None:
         """Check that the settings ``open`` sends when it connects are in force. A pooler may
@@ -547,13 +556,18 @@ class PostgresStore(Store):
         ingest, self._ingest = self._ingest, None
         if ingest is not None:
             await ingest.stop()
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            await pool.close()
+        for pool in (self._pool, self._ingest_pool):
+            if pool is not None:
+                await pool.close()
+        self._pool = self._ingest_pool = None
 
     def _acquire(self) -> Any:
         """A pooled connection, waiting at most ``command_timeout`` for one."""
         return self._pool.acquire(timeout=self._command_timeout)
+
+    def _acquire_ingest(self) -> Any:
+        """Ingest's own connection, waiting at most ``command_timeout`` for it."""
+        return self._ingest_pool.acquire(timeout=self._command_timeout)
 
     # -- the database's clock ----------------------------------------------------------
     def now(self) -> float:
@@ -585,11 +599,12 @@ class PostgresStore(Store):
             await self._measure_clock(conn)
 
     @contextlib.asynccontextmanager
-    async def _conn(self, transaction: bool = False) -> AsyncIterator[Connection]:
+    async def _conn(self, transaction: bool = False, *, ingest: bool = False) -> AsyncIterator[Connection]:
+        """A connection of the shared pool, or with ``ingest`` ingest's own (open)."""
         if self._pool is None:
             raise StoreError("the PostgreSQL store is not open")
         try:
-            async with self._acquire() as conn:
+            async with self._acquire_ingest() if ingest else self._acquire() as conn:
                 if transaction:
                     async with conn.transaction():
                         yield conn
@@ -629,7 +644,7 @@ class PostgresStore(Store):
             raise StoreFull(self._full_reason)
 
     async def _measure(self, limit: int) -> str | None:
-        async with self._conn() as conn:
+        async with self._conn(ingest=True) as conn:
             used = await conn.fetchval(
                 "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0) FROM pg_class c"
                 " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relkind = 'r'",
@@ -1082,7 +1097,9 @@ class PostgresStore(Store):
             after = int(row["last"])
 
     async def check_writable(self) -> None:
-        async with self._conn() as conn:
+        # On ingest's connection: ready means ready to take events, which deliveries
+        # waiting for locks on the shared pool do not hold up.
+        async with self._conn(ingest=True) as conn:
             await self._check_clock(conn)
             await conn.execute(
                 "INSERT INTO heartbeat (id, at) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET at = excluded.at",

@@ -144,11 +144,11 @@ class Logged(PostgresStore):
     statements: list[tuple[str, tuple[object, ...]]]
 
     @contextlib.asynccontextmanager
-    async def _conn(self, transaction: bool = False) -> AsyncIterator[asyncpg.Connection]:
+    async def _conn(self, transaction: bool = False, *, ingest: bool = False) -> AsyncIterator[asyncpg.Connection]:
         def keep(record: asyncpg.connection.LoggedQuery) -> None:
             self.statements.append((record.query, tuple(record.args)))
 
-        async with super()._conn(transaction) as conn:
+        async with super()._conn(transaction, ingest=ingest) as conn:
             conn.add_query_logger(keep)
             try:
                 yield conn
@@ -460,8 +460,8 @@ async def test_a_replay_leaves_what_is_dead_lettered_while_it_runs(
         hook: Callable[[], Awaitable[None]] | None = None
 
         @contextlib.asynccontextmanager
-        async def _conn(self, transaction: bool = False) -> AsyncIterator[asyncpg.Connection]:
-            async with super()._conn(transaction) as conn:
+        async def _conn(self, transaction: bool = False, *, ingest: bool = False) -> AsyncIterator[asyncpg.Connection]:
+            async with super()._conn(transaction, ingest=ingest) as conn:
                 yield conn
             hook, self.hook = self.hook, None
             if hook is not None:
