@@ -132,6 +132,19 @@ def _count(status: str) -> int:
         return 0
 
 
+# Leases are timed by the database's clock itself, read in their own statements: ``now``
+# (this node's clock corrected by an offset measured every CLOCK_CHECK_SECONDS) went wrong
+# by as much as the node's clock stepped between two measurements (NTP correcting a resumed
+# VM), for up to a minute, when it would read other nodes' live leases as expired.
+# The start of the statement (one value throughout it):
+_DB_NOW = "extract(epoch FROM statement_timestamp())::float8"
+# An ordered lease's: its destination's lock taken first (the time after the wait for it).
+_LOCKED_NOW = (
+    "WITH locked AS MATERIALIZED (SELECT pg_advisory_xact_lock(hashtextextended($1, 0)))"
+    " SELECT extract(epoch FROM clock_timestamp())::float8 FROM locked"
+)
+
+
 # Settles join the jobs with (id, attempts as leased) rows; a NULL count means no fence.
 _FENCE_ROWS = "unnest($1::bigint[], $2::int[]) AS f(id, leased)"
 _FENCED = "j.id = f.id AND (f.leased IS NULL OR j.attempts = f.leased)"
@@ -681,12 +694,10 @@ class PostgresStore(Store):
         async with self._conn(transaction=True) as conn:
             await self._check_clock(conn)
             if ordered:
-                await conn.execute(
-                    "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"{self.schema}:{destination}"
-                )
-                # After the lock, which may wait for another node's lease: the lease's time
-                # starts when it is taken, or the worker would get less than it counts on.
-                now = self.now()
+                # The database's time, read after the lock, which may wait for another node's
+                # lease: the lease's time starts when it is taken, or the worker would get
+                # less than it counts on.
+                now = float(await conn.fetchval(_LOCKED_NOW, f"{self.schema}:{destination}"))
                 ids = await self._due_ids_ordered(conn, destination, limit, now, ahead)
                 if not ids:
                     return []
@@ -699,17 +710,15 @@ class PostgresStore(Store):
                     ids,
                 )
             else:
-                now = self.now()
                 rows = await conn.fetch(
-                    f"UPDATE jobs SET state = {LEASED}, attempts = attempts + 1, lease_until = $1,"
-                    " first_attempt_at = COALESCE(first_attempt_at, $2)"
-                    " WHERE id IN (SELECT id FROM jobs WHERE destination = $3"
-                    f" AND state < {DELIVERED} AND ((state = {QUEUED} AND available_at <= $2)"
-                    f" OR (state = {LEASED} AND lease_until <= $2)) AND id <> ALL($5::bigint[])"
-                    " ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED)"
+                    f"UPDATE jobs SET state = {LEASED}, attempts = attempts + 1, lease_until = {_DB_NOW} + $1,"
+                    f" first_attempt_at = COALESCE(first_attempt_at, {_DB_NOW})"
+                    " WHERE id IN (SELECT id FROM jobs WHERE destination = $2"
+                    f" AND state < {DELIVERED} AND ((state = {QUEUED} AND available_at <= {_DB_NOW})"
+                    f" OR (state = {LEASED} AND lease_until <= {_DB_NOW})) AND id <> ALL($4::bigint[])"
+                    " ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED)"
                     f" RETURNING {_JOB_COLUMNS}",
-                    now + lease_seconds,
-                    now,
+                    lease_seconds,
                     destination,
                     limit,
                     list(ahead),
