@@ -501,7 +501,21 @@ class PostgresStore(Store):
                     raise schema_error(found)
             async with pool.acquire() as conn:
                 await self._measure_clock(conn)
-            ingest_pool = await self._create_pool(1)
+                durable = await conn.fetchval("SELECT current_setting('synchronous_commit')") != "off"
+            # A 200 says the events are durable: with synchronous_commit off (the server's,
+            # the database's or the role's, for speed) a commit returns before it is flushed,
+            # and a crash of the database loses what was acknowledged. Ingest's connection
+            # turns it back on; any other value (a standby's wait, remote_apply) stands.
+            ingest_pool = await self._create_pool(1, **({} if durable else {"synchronous_commit": "on"}))
+            if not durable:
+                async with ingest_pool.acquire() as conn:
+                    if await conn.fetchval("SELECT current_setting('synchronous_commit')") == "off":
+                        # Dropped on the way, as _check_session says of the others.
+                        log.warning(
+                            "postgres_synchronous_commit_off",
+                            risk="a crash of the database can lose acknowledged events",
+                            fix="ALTER ROLE <user> SET synchronous_commit = on",
+                        )
         except BaseException as exc:
             await pool.close()
             raise to_store_error(exc) from exc
@@ -513,7 +527,8 @@ class PostgresStore(Store):
         # none, and its ingest still dates rows: this keeps the offset fresh regardless.
         self._clock_task = asyncio.create_task(self._keep_clock(), name="bridge-postgres-clock")
 
-    async def _create_pool(self, size: int) -> Any:
+    async def _create_pool(self, size: int, **settings: str) -> Any:
+        """A pool of ``size`` connections, with the session ``settings`` besides ours."""
         try:
             return await asyncpg.create_pool(
                 self.dsn,
@@ -531,6 +546,7 @@ class PostgresStore(Store):
                     # until TCP gives up, hours later, with every other node waiting on them.
                     # Our transactions never pause between statements for longer than this.
                     "idle_in_transaction_session_timeout": str(max(1, round(self._command_timeout * 1000))),
+                    **settings,
                 },
             )
         except Exception as exc:

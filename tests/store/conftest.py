@@ -117,7 +117,7 @@ async def pg_role(pg_schema: str) -> AsyncIterator[str]:
         await conn.execute(f"CREATE ROLE {name} LOGIN")
         await conn.execute(f"GRANT CREATE ON DATABASE test TO {name}")
         yield name
-        await conn.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{name}'")
+        await end_connections(name)  # a store a failed test left open
         await conn.execute(f'DROP SCHEMA IF EXISTS "{pg_schema}" CASCADE')
         await conn.execute(f"DROP OWNED BY {name}")  # and its privileges
         await conn.execute(f"DROP ROLE {name}")

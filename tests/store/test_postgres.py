@@ -581,3 +581,27 @@ async def test_a_hung_database_fails_the_calls_waiting_for_one_size_check_with_i
         assert store.measures == 2
     finally:
         await store.close()
+
+
+async def test_ingest_commits_durably_where_the_database_says_synchronous_commit_off(
+    pg_schema: str, pg_role: str
+) -> None:
+    """README: "Acknowledged means durable." With synchronous_commit off (here the role's;
+    the server's or the database's alike, set for speed), PostgreSQL answers a COMMIT before
+    it is flushed: a crash of the database then loses events already acknowledged. Ingest's
+    commits must be flushed whatever the default; the other work keeps it."""
+    admin = await asyncpg.connect(PG_DSN)
+    try:
+        await admin.execute(f"ALTER ROLE {pg_role} SET synchronous_commit = off")
+    finally:
+        await admin.close()
+    store = PostgresStore(f"postgresql://{pg_role}@127.0.0.1:5432/test", schema=pg_schema, pool_size=2)
+    await store.open()
+    try:
+        assert (await store.enqueue("web", [event("m1")])).stored == 1
+        async with store._conn(ingest=True) as conn:
+            assert await conn.fetchval("SELECT current_setting('synchronous_commit')") == "on"
+        async with store._conn() as conn:
+            assert await conn.fetchval("SELECT current_setting('synchronous_commit')") == "off"
+    finally:
+        await store.close()
