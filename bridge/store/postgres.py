@@ -88,10 +88,21 @@ _JOB_COLUMNS = (
 )
 
 
+# The driver's own failures, which are neither PostgresError nor InterfaceError: a
+# connection the server ended (a restart, a failover, pg_terminate_backend) whose end the
+# driver has read only in part ("cannot switch to state ...; another operation is in
+# progress", until it sees the close), no host of the URL fit for its target_session_attrs
+# (mid-failover, none writable yet), a stream it cannot read. The database is away for
+# now, as when unreachable: 429 store_unavailable, not a 500 with a traceback.
+_DRIVER_FAILURES = asyncpg.exceptions.InternalClientError
+
+
 def to_store_error(exc: BaseException) -> BaseException:
     if isinstance(exc, StoreError):
         return exc
-    if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError | OSError | asyncio.TimeoutError):
+    if isinstance(
+        exc, asyncpg.PostgresError | asyncpg.InterfaceError | OSError | asyncio.TimeoutError | _DRIVER_FAILURES
+    ):
         # A timeout's text is empty ("postgres: " in a log says nothing): name it.
         return StoreError(f"postgres: {str(exc) or type(exc).__name__}")
     return exc
@@ -108,7 +119,8 @@ def unavailable(exc: BaseException) -> bool:
         | asyncpg.InterfaceError
         | asyncpg.exceptions.OperatorInterventionError  # query_canceled (statement_timeout), shutdown
         | asyncpg.exceptions.PostgresConnectionError
-        | asyncpg.exceptions.InsufficientResourcesError,  # disk full, out of memory, too many connections
+        | asyncpg.exceptions.InsufficientResourcesError  # disk full, out of memory, too many connections
+        | _DRIVER_FAILURES,
     )
 
 
@@ -118,6 +130,19 @@ def _count(status: str) -> int:
         return int(status.rsplit(" ", 1)[-1])
     except ValueError:
         return 0
+
+
+# Leases are timed by the database's clock itself, read in their own statements: ``now``
+# (this node's clock corrected by an offset measured every CLOCK_CHECK_SECONDS) went wrong
+# by as much as the node's clock stepped between two measurements (NTP correcting a resumed
+# VM), for up to a minute, when it would read other nodes' live leases as expired.
+# The start of the statement (one value throughout it):
+_DB_NOW = "extract(epoch FROM statement_timestamp())::float8"
+# An ordered lease's: its destination's lock taken first (the time after the wait for it).
+_LOCKED_NOW = (
+    "WITH locked AS MATERIALIZED (SELECT pg_advisory_xact_lock(hashtextextended($1, 0)))"
+    " SELECT extract(epoch FROM clock_timestamp())::float8 FROM locked"
+)
 
 
 # Settles join the jobs with (id, attempts as leased) rows; a NULL count means no fence.
@@ -394,7 +419,7 @@ class PostgresStore(Store):
         if max_bytes is not None and max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         if pool_size < 2:
-            raise ValueError(f"pool_size must be at least 2 (group commit holds one), got {pool_size}")
+            raise ValueError(f"pool_size must be at least 2 (ingest holds one), got {pool_size}")
         self.dsn = dsn
         self.schema = check_schema_name(schema)
         self.max_bytes = max_bytes
@@ -406,10 +431,14 @@ class PostgresStore(Store):
         self._command_timeout = command_timeout
         self._statement_cache_size = statement_cache_size
         self._pool: Any = None
+        self._ingest_pool: Any = None
         self._ingest: GroupCommitter | None = None
         self._capacity_checked_at = float("-inf")
         self._full_reason: str | None = None
         self._capacity_lock = asyncio.Lock()
+        # Measurements finished, and the failure of the last one if it failed (_check_capacity).
+        self._capacity_measures = 0
+        self._capacity_failure: StoreError | None = None
         self._create = create
         self._wall_clock = wall_clock
         self._clock_offset = 0.0
@@ -425,27 +454,10 @@ class PostgresStore(Store):
     async def open(self) -> None:
         if self._pool is not None:
             return
-        try:
-            pool = await asyncpg.create_pool(
-                self.dsn,
-                min_size=1,
-                max_size=self._pool_size,
-                timeout=self._connect_timeout,
-                command_timeout=self._command_timeout,
-                statement_cache_size=self._statement_cache_size,
-                server_settings={
-                    "search_path": self.schema,
-                    "application_name": "bridge",
-                    # command_timeout is the client's: a node that stops mid-transaction (a
-                    # partition, a paused process) sends no cancel, and the database would
-                    # keep its locks (a destination's lease lock, a dedupe key being stored)
-                    # until TCP gives up, hours later, with every other node waiting on them.
-                    # Our transactions never pause between statements for longer than this.
-                    "idle_in_transaction_session_timeout": str(max(1, round(self._command_timeout * 1000))),
-                },
-            )
-        except Exception as exc:
-            raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
+        # Ingest's group commit (and the size check and /readyz before it) has a connection of
+        # its own: deliveries waiting for a lock (another node's lease) held every connection of
+        # a shared pool, and ingest was refused meanwhile, though it waits for none of them.
+        pool = await self._create_pool(self._pool_size - 1)
         try:
             async with pool.acquire() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", DDL_LOCK, timeout=DDL_TIMEOUT)
@@ -456,7 +468,11 @@ class PostgresStore(Store):
                         f"no bridge store in schema {self.schema!r} of this PostgreSQL database: "
                         "`bridge serve` creates it when it starts; check store.url (its database and ?schema=)"
                     )
-                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+                if await conn.fetchval("SELECT to_regnamespace($1) IS NULL", self.schema):
+                    # Only when missing: CREATE SCHEMA IF NOT EXISTS needs the database's CREATE
+                    # privilege even when the schema is there, which a role given a schema of
+                    # its own (CREATE SCHEMA bridge AUTHORIZATION bridge) usually lacks.
+                    await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
                 await self._check_session(conn)
                 present = {
                     str(r[0])
@@ -485,15 +501,56 @@ class PostgresStore(Store):
                     raise schema_error(found)
             async with pool.acquire() as conn:
                 await self._measure_clock(conn)
+                durable = await conn.fetchval("SELECT current_setting('synchronous_commit')") != "off"
+            # A 200 says the events are durable: with synchronous_commit off (the server's,
+            # the database's or the role's, for speed) a commit returns before it is flushed,
+            # and a crash of the database loses what was acknowledged. Ingest's connection
+            # turns it back on; any other value (a standby's wait, remote_apply) stands.
+            ingest_pool = await self._create_pool(1, **({} if durable else {"synchronous_commit": "on"}))
+            if not durable:
+                async with ingest_pool.acquire() as conn:
+                    if await conn.fetchval("SELECT current_setting('synchronous_commit')") == "off":
+                        # Dropped on the way, as _check_session says of the others.
+                        log.warning(
+                            "postgres_synchronous_commit_off",
+                            risk="a crash of the database can lose acknowledged events",
+                            fix="ALTER ROLE <user> SET synchronous_commit = on",
+                        )
         except BaseException as exc:
             await pool.close()
             raise to_store_error(exc) from exc
         self._pool = pool
-        self._ingest = GroupCommitter(self._acquire, to_store_error, unavailable, self.now)
+        self._ingest_pool = ingest_pool
+        self._ingest = GroupCommitter(self._acquire_ingest, to_store_error, unavailable, self.now)
         self._ingest.start()
         # Leases measure the clock too, but a node whose destinations are all paused takes
         # none, and its ingest still dates rows: this keeps the offset fresh regardless.
         self._clock_task = asyncio.create_task(self._keep_clock(), name="bridge-postgres-clock")
+
+    async def _create_pool(self, size: int, **settings: str) -> Any:
+        """A pool of ``size`` connections, with the session ``settings`` besides ours."""
+        try:
+            return await asyncpg.create_pool(
+                self.dsn,
+                min_size=1,
+                max_size=size,
+                timeout=self._connect_timeout,
+                command_timeout=self._command_timeout,
+                statement_cache_size=self._statement_cache_size,
+                server_settings={
+                    "search_path": self.schema,
+                    "application_name": "bridge",
+                    # command_timeout is the client's: a node that stops mid-transaction (a
+                    # partition, a paused process) sends no cancel, and the database would
+                    # keep its locks (a destination's lease lock, a dedupe key being stored)
+                    # until TCP gives up, hours later, with every other node waiting on them.
+                    # Our transactions never pause between statements for longer than this.
+                    "idle_in_transaction_session_timeout": str(max(1, round(self._command_timeout * 1000))),
+                    **settings,
+                },
+            )
+        except Exception as exc:
+            raise StoreError(f"cannot connect to PostgreSQL: {exc}") from exc
 
     async def _check_session(self, conn: Connection) -> None:
         """Check that the settings ``open`` sends when it connects are in force. A pooler may
@@ -528,13 +585,18 @@ class PostgresStore(Store):
         ingest, self._ingest = self._ingest, None
         if ingest is not None:
             await ingest.stop()
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            await pool.close()
+        for pool in (self._pool, self._ingest_pool):
+            if pool is not None:
+                await pool.close()
+        self._pool = self._ingest_pool = None
 
     def _acquire(self) -> Any:
         """A pooled connection, waiting at most ``command_timeout`` for one."""
         return self._pool.acquire(timeout=self._command_timeout)
+
+    def _acquire_ingest(self) -> Any:
+        """Ingest's own connection, waiting at most ``command_timeout`` for it."""
+        return self._ingest_pool.acquire(timeout=self._command_timeout)
 
     # -- the database's clock ----------------------------------------------------------
     def now(self) -> float:
@@ -566,11 +628,12 @@ class PostgresStore(Store):
             await self._measure_clock(conn)
 
     @contextlib.asynccontextmanager
-    async def _conn(self, transaction: bool = False) -> AsyncIterator[Connection]:
+    async def _conn(self, transaction: bool = False, *, ingest: bool = False) -> AsyncIterator[Connection]:
+        """A connection of the shared pool, or with ``ingest`` ingest's own (open)."""
         if self._pool is None:
             raise StoreError("the PostgreSQL store is not open")
         try:
-            async with self._acquire() as conn:
+            async with self._acquire_ingest() if ingest else self._acquire() as conn:
                 if transaction:
                     async with conn.transaction():
                         yield conn
@@ -587,15 +650,30 @@ class PostgresStore(Store):
         if self.max_bytes is None:
             return
         if time.monotonic() - self._capacity_checked_at >= self._size_check_interval:
+            measures = self._capacity_measures
             async with self._capacity_lock:
+                failure = self._capacity_failure
+                if failure is not None and self._capacity_measures != measures:
+                    # A measurement ended while this call waited, and failed (the database
+                    # away): each waiter measuring again, one after the other, made the n-th
+                    # wait n command_timeouts for its refusal (429 store_unavailable).
+                    raise StoreError(str(failure))
                 if time.monotonic() - self._capacity_checked_at >= self._size_check_interval:
-                    self._full_reason = await self._measure(self.max_bytes)
-                    self._capacity_checked_at = time.monotonic()
+                    failure = None
+                    try:
+                        self._full_reason = await self._measure(self.max_bytes)
+                        self._capacity_checked_at = time.monotonic()
+                    except StoreError as exc:
+                        failure = exc
+                        raise
+                    finally:
+                        self._capacity_failure = failure
+                        self._capacity_measures += 1
         if self._full_reason is not None:
             raise StoreFull(self._full_reason)
 
     async def _measure(self, limit: int) -> str | None:
-        async with self._conn() as conn:
+        async with self._conn(ingest=True) as conn:
             used = await conn.fetchval(
                 "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0) FROM pg_class c"
                 " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relkind = 'r'",
@@ -632,12 +710,10 @@ class PostgresStore(Store):
         async with self._conn(transaction=True) as conn:
             await self._check_clock(conn)
             if ordered:
-                await conn.execute(
-                    "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"{self.schema}:{destination}"
-                )
-                # After the lock, which may wait for another node's lease: the lease's time
-                # starts when it is taken, or the worker would get less than it counts on.
-                now = self.now()
+                # The database's time, read after the lock, which may wait for another node's
+                # lease: the lease's time starts when it is taken, or the worker would get
+                # less than it counts on.
+                now = float(await conn.fetchval(_LOCKED_NOW, f"{self.schema}:{destination}"))
                 ids = await self._due_ids_ordered(conn, destination, limit, now, ahead)
                 if not ids:
                     return []
@@ -650,17 +726,15 @@ class PostgresStore(Store):
                     ids,
                 )
             else:
-                now = self.now()
                 rows = await conn.fetch(
-                    f"UPDATE jobs SET state = {LEASED}, attempts = attempts + 1, lease_until = $1,"
-                    " first_attempt_at = COALESCE(first_attempt_at, $2)"
-                    " WHERE id IN (SELECT id FROM jobs WHERE destination = $3"
-                    f" AND state < {DELIVERED} AND ((state = {QUEUED} AND available_at <= $2)"
-                    f" OR (state = {LEASED} AND lease_until <= $2)) AND id <> ALL($5::bigint[])"
-                    " ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED)"
+                    f"UPDATE jobs SET state = {LEASED}, attempts = attempts + 1, lease_until = {_DB_NOW} + $1,"
+                    f" first_attempt_at = COALESCE(first_attempt_at, {_DB_NOW})"
+                    " WHERE id IN (SELECT id FROM jobs WHERE destination = $2"
+                    f" AND state < {DELIVERED} AND ((state = {QUEUED} AND available_at <= {_DB_NOW})"
+                    f" OR (state = {LEASED} AND lease_until <= {_DB_NOW})) AND id <> ALL($4::bigint[])"
+                    " ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED)"
                     f" RETURNING {_JOB_COLUMNS}",
-                    now + lease_seconds,
-                    now,
+                    lease_seconds,
                     destination,
                     limit,
                     list(ahead),
@@ -1048,7 +1122,9 @@ class PostgresStore(Store):
             after = int(row["last"])
 
     async def check_writable(self) -> None:
-        async with self._conn() as conn:
+        # On ingest's connection: ready means ready to take events, which deliveries
+        # waiting for locks on the shared pool do not hold up.
+        async with self._conn(ingest=True) as conn:
             await self._check_clock(conn)
             await conn.execute(
                 "INSERT INTO heartbeat (id, at) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET at = excluded.at",

@@ -27,11 +27,18 @@ class PgProxy:
     ``startup`` rewrites the client's startup parameters: a value replaces one's, None
     drops it, as PgBouncer's ``ignore_startup_parameters`` does. ``parsed`` collects the
     names of the statements the clients prepare ('' for unnamed ones): named ones are what
-    PgBouncer's transaction mode loses between transactions."""
+    PgBouncer's transaction mode loses between transactions.
 
-    def __init__(self, delay: float = 0.0, startup: dict[str, str | None] | None = None) -> None:
+    ``close_delay``: the server's end of a connection reaches the client that much after
+    what the server sent before it (a terminated backend's FATAL error), as a busy network
+    or proxy may pass them on: the client holds a connection the server has ended."""
+
+    def __init__(
+        self, delay: float = 0.0, startup: dict[str, str | None] | None = None, close_delay: float = 0.0
+    ) -> None:
         self.port = free_port()
         self.delay = delay
+        self.close_delay = close_delay
         self.startup = startup or {}
         self.parsed: list[str] = []
         self.connections = 0
@@ -105,7 +112,7 @@ class PgProxy:
                     frames.extend(data)
                     self._watch(frames)
                 queue.put_nowait((time.monotonic() + self.delay, data))
-            queue.put_nowait((time.monotonic() + self.delay, b""))
+            queue.put_nowait((time.monotonic() + self.delay + (0.0 if watch else self.close_delay), b""))
 
         async def write() -> None:
             while True:

@@ -106,6 +106,43 @@ def pg_schema() -> Iterator[str]:
 
 
 @pytest.fixture
+async def pg_role(pg_schema: str) -> AsyncIterator[str]:
+    """A login role of the test's own (trust auth) that may create ``pg_schema``: its
+    settings can change, and its connections be ended, without touching anyone else's."""
+    import asyncpg
+
+    name = "r_" + pg_schema
+    conn = await asyncpg.connect(PG_DSN)
+    try:
+        await conn.execute(f"CREATE ROLE {name} LOGIN")
+        await conn.execute(f"GRANT CREATE ON DATABASE test TO {name}")
+        yield name
+        await end_connections(name)  # a store a failed test left open
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{pg_schema}" CASCADE')
+        await conn.execute(f"DROP OWNED BY {name}")  # and its privileges
+        await conn.execute(f"DROP ROLE {name}")
+    finally:
+        await conn.close()
+
+
+async def end_connections(role: str) -> None:
+    """End every connection of ``role`` from the server's side, as a restart or a failover does."""
+    import asyncpg
+
+    conn = await asyncpg.connect(PG_DSN)
+    try:
+        await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role)
+        # Until they are gone: each has sent its FATAL error by then.
+        for _ in range(500):
+            if not await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE usename = $1", role):
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"the connections of {role} did not end")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
 async def factory(kind: str, tmp_path: Path, pg_schema: str) -> AsyncIterator[StoreFactory]:
     location = str(tmp_path / "bridge.db") if kind == "sqlite" else pg_schema
     made = StoreFactory(kind, location)

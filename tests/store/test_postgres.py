@@ -13,7 +13,7 @@ import pytest
 from bridge.store.base import DeadLetter, IdentityLink, RecordFilter, StoreError
 from bridge.store.postgres import PostgresStore
 from bridge.store.postgres_schema import DELIVERED
-from tests.store.conftest import PG_DSN, pg_problem
+from tests.store.conftest import PG_DSN, end_connections, pg_problem
 from tests.store.helpers import check_outputs_survive, event
 
 pytestmark = pytest.mark.skipif(pg_problem() is not None, reason=str(pg_problem()))
@@ -144,11 +144,11 @@ class Logged(PostgresStore):
     statements: list[tuple[str, tuple[object, ...]]]
 
     @contextlib.asynccontextmanager
-    async def _conn(self, transaction: bool = False) -> AsyncIterator[asyncpg.Connection]:
+    async def _conn(self, transaction: bool = False, *, ingest: bool = False) -> AsyncIterator[asyncpg.Connection]:
         def keep(record: asyncpg.connection.LoggedQuery) -> None:
             self.statements.append((record.query, tuple(record.args)))
 
-        async with super()._conn(transaction) as conn:
+        async with super()._conn(transaction, ingest=ingest) as conn:
             conn.add_query_logger(keep)
             try:
                 yield conn
@@ -460,8 +460,8 @@ async def test_a_replay_leaves_what_is_dead_lettered_while_it_runs(
         hook: Callable[[], Awaitable[None]] | None = None
 
         @contextlib.asynccontextmanager
-        async def _conn(self, transaction: bool = False) -> AsyncIterator[asyncpg.Connection]:
-            async with super()._conn(transaction) as conn:
+        async def _conn(self, transaction: bool = False, *, ingest: bool = False) -> AsyncIterator[asyncpg.Connection]:
+            async with super()._conn(transaction, ingest=ingest) as conn:
                 yield conn
             hook, self.hook = self.hook, None
             if hook is not None:
@@ -487,3 +487,121 @@ async def test_a_replay_leaves_what_is_dead_lettered_while_it_runs(
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_failover_with_no_writable_host_yet_is_a_store_error(pg_schema: str, pg_role: str) -> None:
+    """target_session_attrs=read-write in the URL (asyncpg's, passed on as README says), as
+    one naming a primary and its standbys has: mid-failover, when the old primary's
+    connections are gone and no host takes writes yet, the driver raises its own
+    TargetServerAttributeNotMatched, neither a PostgresError nor an InterfaceError. It went
+    past ingest's 429 store_unavailable as a 500 (and past /readyz, the admin API's 503)."""
+    url = f"postgresql://{pg_role}@127.0.0.1:5432/test?target_session_attrs=read-write"
+    store = PostgresStore(url, schema=pg_schema, pool_size=2, command_timeout=2)
+    await store.open()
+    admin = await asyncpg.connect(PG_DSN)
+    try:
+        assert (await store.enqueue("web", [event("before")])).stored == 1
+        # The only host now refuses writes, and the connections the bridge had are cut.
+        await admin.execute(f"ALTER ROLE {pg_role} SET default_transaction_read_only = on")
+        await end_connections(pg_role)
+        refusals = []
+        for i in range(4):  # on the connection that was cut, then on new ones, which no host is fit for
+            with pytest.raises(StoreError) as refused:
+                await store.enqueue("web", [event(f"during-{i}")])
+            refusals.append(str(refused.value))
+        assert "target attribute" in refusals[-1], refusals
+        with pytest.raises(StoreError, match="target attribute"):
+            await store.check_writable()  # /readyz: 503 not ready, not a 500
+        await admin.execute(f"ALTER ROLE {pg_role} RESET default_transaction_read_only")
+        assert (await store.enqueue("web", [event("after")])).stored == 1
+    finally:
+        await admin.close()
+        await store.close()
+
+
+async def test_a_role_given_a_schema_of_its_own_opens_the_store_in_it(pg_schema: str, pg_role: str) -> None:
+    """A database owned by someone else, and a schema made for the bridge's role by its
+    owner (CREATE SCHEMA ... AUTHORIZATION), the role with no CREATE on the database: every
+    node failed to start, "permission denied for database", at CREATE SCHEMA IF NOT EXISTS,
+    which asks for that privilege even when the schema is there."""
+    admin = await asyncpg.connect(PG_DSN)
+    try:
+        await admin.execute(f"REVOKE CREATE ON DATABASE test FROM {pg_role}")
+        await admin.execute(f'CREATE SCHEMA "{pg_schema}" AUTHORIZATION {pg_role}')
+    finally:
+        await admin.close()
+    nodes = [
+        PostgresStore(f"postgresql://{pg_role}@127.0.0.1:5432/test", schema=pg_schema, pool_size=2) for _ in range(2)
+    ]
+    try:
+        opened = await asyncio.gather(*(node.open() for node in nodes), return_exceptions=True)
+        assert opened == [None, None]
+        assert (await nodes[0].enqueue("web", [event("m1")])).stored == 1
+        assert (await nodes[1].enqueue("web", [event("m1")])).duplicates == 1
+    finally:
+        for node in nodes:
+            await node.close()
+
+
+class Measured(PostgresStore):
+    """A store that counts its measurements of its size (store.max_bytes)."""
+
+    measures = 0
+
+    async def _measure(self, limit: int) -> str | None:
+        self.measures += 1
+        return await super()._measure(limit)
+
+
+async def test_a_hung_database_fails_the_calls_waiting_for_one_size_check_with_it(pg_schema: str) -> None:
+    """With store.max_bytes, each call first checks the store's size, one check at a time.
+    When the database hangs, a check fails after command_timeout, and each call that waited
+    for it checked again, and waited as long: the n-th waited n timeouts for its 429
+    (8 calls, 4 s at 0.5 s), where README promises 10 s. The calls that waited for a
+    check that failed fail with it."""
+    store = Measured(PG_DSN, schema=pg_schema, command_timeout=0.5, max_bytes=10**12, size_check_interval=0.0)
+    await store.open()
+    await store.enqueue("web", [event("warm")])
+    locker = await asyncpg.connect(PG_DSN)
+    tr = locker.transaction()
+    await tr.start()
+    await locker.execute(f'LOCK TABLE "{pg_schema}".dedupe IN ACCESS EXCLUSIVE MODE')
+    store.measures = 0
+    try:
+        calls = [store.enqueue("web", [event(f"m{i}")]) for i in range(8)]
+        refused = await asyncio.gather(*calls, return_exceptions=True)
+    finally:
+        await tr.rollback()
+        await locker.close()
+    try:
+        assert [type(r) for r in refused] == [StoreError] * 8, refused
+        assert store.measures == 1
+        # and the next call checks again, and is stored once the database answers
+        assert (await store.enqueue("web", [event("after")])).stored == 1
+        assert store.measures == 2
+    finally:
+        await store.close()
+
+
+async def test_ingest_commits_durably_where_the_database_says_synchronous_commit_off(
+    pg_schema: str, pg_role: str
+) -> None:
+    """README: "Acknowledged means durable." With synchronous_commit off (here the role's;
+    the server's or the database's alike, set for speed), PostgreSQL answers a COMMIT before
+    it is flushed: a crash of the database then loses events already acknowledged. Ingest's
+    commits must be flushed whatever the default; the other work keeps it."""
+    admin = await asyncpg.connect(PG_DSN)
+    try:
+        await admin.execute(f"ALTER ROLE {pg_role} SET synchronous_commit = off")
+    finally:
+        await admin.close()
+    store = PostgresStore(f"postgresql://{pg_role}@127.0.0.1:5432/test", schema=pg_schema, pool_size=2)
+    await store.open()
+    try:
+        assert (await store.enqueue("web", [event("m1")])).stored == 1
+        async with store._conn(ingest=True) as conn:
+            assert await conn.fetchval("SELECT current_setting('synchronous_commit')") == "on"
+        async with store._conn() as conn:
+            assert await conn.fetchval("SELECT current_setting('synchronous_commit')") == "off"
+    finally:
+        await store.close()

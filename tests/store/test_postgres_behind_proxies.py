@@ -1,8 +1,10 @@
 """The PostgreSQL store behind what deployments put in front of PostgreSQL: a pooler
-(PgBouncer) that drops the connection's settings or its prepared statements."""
+(PgBouncer) that drops the connection's settings or its prepared statements, a network
+that passes a connection's end on late."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
@@ -12,7 +14,7 @@ import pytest
 from bridge.store import open_store
 from bridge.store.base import StoreError
 from tests.e2e.pgproxy import PgProxy
-from tests.store.conftest import PG_DSN, pg_problem
+from tests.store.conftest import PG_DSN, end_connections, pg_problem
 from tests.store.helpers import event
 
 pytestmark = pytest.mark.skipif(pg_problem() is not None, reason=str(pg_problem()))
@@ -92,3 +94,33 @@ def test_a_bad_statement_cache_size_is_a_config_error() -> None:
             check_store_url(f"postgresql://u@h/db?statement_cache_size={bad}")
     store = open_store("postgresql://u@h/db?sslmode=disable&statement_cache_size=0&schema=s")
     assert store.dsn == "postgresql://u@h/db?sslmode=disable"  # type: ignore[attr-defined]
+
+
+async def test_a_connection_the_server_ended_is_a_store_error_until_its_close_arrives(
+    pg_schema: str, pg_role: str
+) -> None:
+    """A restart or failover ends every connection: the server sends a FATAL error, then
+    closes. Between the two (here held apart by the proxy; on a busy host, for as long as
+    the close takes to arrive) the driver holds a connection it cannot use, and the next
+    statement on it failed with the driver's InternalClientError ("cannot switch to state
+    ..."), which went past ingest's 429 store_unavailable, and the admin API's 503, as a
+    500. Each must be a StoreError; once the close arrives, the store works again."""
+    proxy = PgProxy(close_delay=1.0)
+    await proxy.start()
+    store = open_store(proxy.url(f"?schema={pg_schema}").replace("postgres@", f"{pg_role}@"), command_timeout=2)
+    try:
+        await store.open()
+        for attempt, call in enumerate(
+            [lambda: store.enqueue("web", [event("cut")]), store.queue_stats, store.check_writable]
+        ):
+            await asyncio.sleep(1.1)  # the last round's close has arrived
+            await store.enqueue("web", [event(f"warm-{attempt}")])  # on a live connection
+            await end_connections(pg_role)
+            await asyncio.sleep(0.05)  # their FATAL errors have come through, their closes not yet
+            with pytest.raises(StoreError, match=r"^postgres: "):
+                await call()
+        await asyncio.sleep(1.1)
+        assert (await store.enqueue("web", [event("after")])).stored == 1
+    finally:
+        await store.close()
+        await proxy.close()

@@ -106,3 +106,31 @@ async def test_an_idle_node_measures_its_clock_again_without_leasing(open_node, 
         await asyncio.sleep(0.1)
     await node.enqueue("web", [event("idle-1", "u1")])
     assert abs((await node.queue_stats())["moe"].oldest_created_at - time.time()) < 5
+
+
+async def test_a_clock_stepped_forward_between_measurements_leaves_a_live_lease_alone(open_node) -> None:
+    """A node measures its clock against the database's every CLOCK_CHECK_SECONDS (60). Its
+    clock stepped between two measurements (NTP correcting a resumed VM, an operator's
+    date -s) moved its leases' time with it: a minute of reading the other nodes' leases
+    as long expired, and taking their jobs while they were still being sent."""
+    right, jumpy = await open_node(0.0), await open_node(0.0)
+    await right.enqueue("web", [event(f"fwd-{i}", f"u{i}") for i in range(4)])
+    assert len(await right.lease("moe", 10, 30)) == 4
+    clock = jumpy._wall_clock
+    assert isinstance(clock, Clock)
+    clock.skew = SKEW
+    assert await jumpy.lease("moe", 10, 30) == []
+    assert await jumpy.lease("moe", 10, 30, ordered=False) == []
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+async def test_a_clock_stepped_back_between_measurements_writes_leases_that_last(open_node, ordered: bool) -> None:
+    jumpy, right = await open_node(0.0), await open_node(0.0)
+    await jumpy.enqueue("web", [event("back-1", "u1")])
+    clock = jumpy._wall_clock
+    assert isinstance(clock, Clock)
+    clock.skew = -SKEW
+    assert len(await jumpy.lease("moe", 10, 30, ordered=ordered)) == 1
+    # Dated by the stepped clock, its 30 s lease had expired 270 s before it was taken.
+    assert await right.lease("moe", 10, 30) == []
+    assert await right.lease("moe", 10, 30, ordered=False) == []

@@ -401,3 +401,30 @@ async def test_a_deletion_acked_by_another_node_during_a_merge_is_not_undone(
     finally:
         await watcher.close()
     assert await a.resolve_links("moe", ["dev", "old", "new"]) == {"old": "new"}
+
+
+async def test_ingest_is_not_refused_while_every_lease_waits_for_a_lock(pg_schema: str) -> None:
+    """A node stalled mid-lease holds its destinations' lease locks until the database ends
+    its session; meanwhile the other nodes' delivery loops wait for them, each holding a
+    pooled connection. They took every connection of the pool, and ingest, which needs one
+    for its group commit, was refused (429 store_unavailable) for as long, though nothing
+    it does waits for those locks. Group commit has a connection of its own."""
+    store = PostgresStore(PG_DSN, schema=pg_schema, pool_size=4, command_timeout=5.0)
+    await store.open()
+    stalled = await asyncpg.connect(PG_DSN)  # the stalled node, its transaction left open
+    leases: list[asyncio.Task[list[Job]]] = []
+    try:
+        await stalled.execute("BEGIN")
+        await stalled.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"{pg_schema}:moe")
+        leases = [asyncio.create_task(store.lease("moe", 10, 30)) for _ in range(6)]
+        pool = store._pool
+        while pool.get_idle_size() or pool.get_size() < pool.get_max_size():
+            await asyncio.sleep(0.01)  # until the waiting leases hold every connection
+        stored = asyncio.create_task(store.enqueue("web", [event("during")]))
+        done, _ = await asyncio.wait([stored, *leases], return_when=asyncio.FIRST_COMPLETED)
+        assert stored in done, "ingest waited for the leases' connections"
+        assert stored.result().stored == 1
+    finally:
+        await stalled.close()  # the database ends the stalled session: the leases go on
+        await asyncio.gather(*leases, return_exceptions=True)
+        await store.close()
