@@ -186,11 +186,15 @@ async def test_a_reload_refuses_a_lookup_path_that_names_a_device_and_keeps_serv
     bridge, runtime, mappings = await on_copied_mappings(make_bridge, tmp_path)
     before = runtime.mappings()["segment-to-moengage"].version
     path = mappings / "segment-to-moengage.yaml"
-    path.write_text(path.read_text().replace("{file: lookups/moengage-platforms.yaml}", "{file: /dev/null}"))
+    text = path.read_text().replace("{file: lookups/moengage-platforms.yaml}", "{file: /dev/null}")
+    path.write_text(text)
+    # Where the path is in the shipped file: its line and column (counted from 1).
+    line = next(n for n, row in enumerate(text.splitlines(), 1) if "/dev/null" in row)
+    column = text.splitlines()[line - 1].index("/dev/null") + 1
     status, body = await bridge.post("/admin/reload", None, ADMIN)
     assert (status, body["code"]) == (400, "invalid_mappings"), body
     assert body["problems"] == [
-        f"{path}:12:21: lookups.platforms.file: cannot read lookup file /dev/null: it is not a regular file"
+        f"{path}:{line}:{column}: lookups.platforms.file: cannot read lookup file /dev/null: it is not a regular file"
     ]
     assert runtime.mappings()["segment-to-moengage"].version == before
     sent = await bridge.post("/v1/track", {"userId": "user-z", "event": "Kept"}, basic(WRITE_KEY))
