@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import bisect
-import contextlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -306,6 +305,11 @@ def _identity_ids(
     return fuse(emits(ids, emit))
 
 
+# The top-level drops the generated function asks nested, each in the `else` of the one
+# before (_first_drop); the rest are asked flat.
+NESTED_DROPS = 4
+
+
 def _first_drop(conds: list[Cond]) -> Callable[[Env], int]:
     """The index of the first of ``conds`` (the top-level drops) that holds, else -1, as
     one generated function. Asked of every event, each drop's own function cost a call,
@@ -322,10 +326,21 @@ def _first_drop(conds: list[Cond]) -> Callable[[Env], int]:
     def emit(g: Gen) -> str:
         out = g.fresh()
         g.line(f"{out} = -1")
+        base = g.depth
         for i, cond in enumerate(conds):
-            # Flat, not nested: each later drop is asked under one `if`, however many there are.
-            with g.block(f"if {out} < 0:") if i else contextlib.nullcontext():
-                g.line(f"if {g.cond(cond)}: {out} = {i}")
+            if i and g.depth - base < NESTED_DROPS:
+                # In the `else` of the drop before: no test of the answer, and a value that
+                # drop read (`$let.customer_id`) is known here (Gen.let_read).
+                g.line("else:")
+                g.depth += 1
+            elif i:
+                # Past a few, flat: each later drop is asked under one `if`, however many
+                # there are, so the nesting stays within Python's limit and MAX_DEPTH.
+                g.depth = base
+                g.line(f"if {out} < 0:")
+                g.depth += 1
+            g.line(f"if {g.cond(cond)}: {out} = {i}")
+        g.depth = base
         return out
 
     return fuse(emits(first, emit))
