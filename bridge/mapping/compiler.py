@@ -14,7 +14,7 @@ from bridge.mapping.conditions import Guard, conjunction, fuse_condition, guard_
 from bridge.mapping.expressions import Cond, ExprCompiler, Fn, Lookup, Scope, build_object, literal_const
 from bridge.mapping.fuse import Gen, emits, fuse
 from bridge.mapping.paths import PathError, Segment, parse_path
-from bridge.mapping.runtime import MISSING, DropEvent, Env, FailEvent, clone
+from bridge.mapping.runtime import MISSING, DropEvent, Env, FailEvent, clone, event_env
 from bridge.mapping.shapes import SHAPES, Shape, body_checker, check_body_node
 from bridge.mapping.yamlnodes import Diagnostics, YNode, did_you_mean, join, kind_of
 from bridge.sources.segment.spec import CALL_TYPES, WEBHOOK_ONLY_TYPES
@@ -130,7 +130,7 @@ class YamlMapping(CompiledMapping):
     def identity_ids(self, event: dict[str, Any]) -> list[str]:
         if type(event) is not dict:
             return []
-        return self._ids(Env(event, None, {}, ""))  # one for the key and the others
+        return self._ids(event_env(event, None, {}, "", None))  # one for the key and the others
 
     def identity_link(self, event: dict[str, Any]) -> tuple[str, str] | None:
         if self._identity_link is None or type(event) is not dict:
@@ -167,7 +167,7 @@ class YamlMapping(CompiledMapping):
             # $link is the identity key's link, from the links resolved for this event.
             key = self.identity_key(event)
             link = ctx.links.get(key) if key is not None else None
-        env = Env(event, link, ctx.options, ctx.source, links=ctx.links)
+        env = event_env(event, link, ctx.options, ctx.source, ctx.links)
         try:
             if self._first_drop is not None:
                 dropped = self._first_drop(env)
@@ -247,7 +247,7 @@ class YamlMapping(CompiledMapping):
         problem = rule.check(body)
         if problem is not None:
             return Failed("invalid_output", f"rule {rule.name!r} ({rule.kind}): {problem}")
-        return Output(rule.kind, body)
+        return _output(rule.kind, body)
 
     def _integrations_block(self, event: dict[str, Any]) -> Discarded | None:
         integ = event.get("integrations")
@@ -261,6 +261,20 @@ class YamlMapping(CompiledMapping):
         if integ.get("All") is False:
             return Discarded("integrations_disabled", "integrations.All is false")
         return None
+
+
+_new = object.__new__
+_set = object.__setattr__
+
+
+def _output(kind: str, body: dict[str, Any]) -> Output:
+    """``Output(kind, body)``, as its frozen dataclass __init__ sets it, without calling the
+    class: one an event, and the class call (a C-level call into __init__, its frame,
+    its two global lookups) cost more than mapping a page's attributes."""
+    out: Output = _new(Output)
+    _set(out, "kind", kind)
+    _set(out, "body", body)
+    return out
 
 
 def _identity_ids(
