@@ -454,6 +454,7 @@ class ExprCompiler:
             g.owned.add(out)
             return out
 
+        setattr(first, _FIRST_ITEMS, fns)  # an object's field stores the value itself
         return emits(first, emit_first)
 
     def _head_template(self, node: YNode, ypath: str) -> Fn:
@@ -754,6 +755,10 @@ def build_object(fields: list[tuple[str, Fn]], rest: Fn | None) -> Fn:
 
 
 # Emitters shared by several nodes (see fuse.py): each restates the closure next to it.
+# The items a `first` tries, on its closure: _emit_fields writes a field of one directly.
+_FIRST_ITEMS = "_bridge_first_items"
+
+
 def _emit_fields(g: Gen, start: str, fields: list[tuple[str, Fn]]) -> str:
     if start in g.owned:  # a fresh object (rest's) is filled as it is, not through a copy
         out = start
@@ -763,6 +768,12 @@ def _emit_fields(g: Gen, start: str, fields: list[tuple[str, Fn]]) -> str:
     if start == "{}" or start in g.present:
         g.present.add(out)
     for k, f in fields:
+        tries = getattr(f, _FIRST_ITEMS, None)
+        if tries is not None:
+            # A `first` sets the field where it finds its value, and leaves it unset when
+            # it finds none (its value would be M), with no local to carry the value.
+            _emit_first(g, tries, f"{out}[{g.literal(k)}]")
+            continue
         v = g.value(f)
         store = f"{out}[{g.literal(k)}] = {v}"
         g.line(store if v in g.present else f"if {v} is not M: {store}")
@@ -771,6 +782,8 @@ def _emit_fields(g: Gen, start: str, fields: list[tuple[str, Fn]]) -> str:
 
 
 def _emit_first(g: Gen, fns: list[Fn], out: str) -> None:
+    """Statements that set ``out`` (a local, or an object's item) to the first value of
+    ``fns`` that is not empty, and leave it as it is when every one is."""
     if not fns:
         return
     v = g.value(fns[0])

@@ -249,15 +249,21 @@ def to_datetime(v: Any) -> datetime:
     raise CoercionError(f"cannot convert {type(v).__name__} to a time")
 
 
+_TWO_DIGITS: Final = tuple(f"{n:02d}" for n in range(100))
+_THREE_DIGITS: Final = tuple(f"{n:03d}" for n in range(1000))
+
+
 def to_iso8601(v: Any) -> str:
     dt = to_datetime(v)  # in UTC
     if dt.year >= 1000:
-        # The same characters as strftime's, written by one % (an f-string's seven format
-        # specs take twice as long): strftime built a time tuple and imported `time` for
-        # each value, a fifth of an identify's mapping.
-        ms = dt.microsecond // 1000
-        fields = (dt.year, dt.month, dt.day, dt.hour, dt.minute, dt.second, ms)
-        return "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % fields  # noqa: UP031
+        # The same characters as strftime's, from tables of zero-padded numbers: strftime
+        # built a time tuple and imported `time` for each value (a fifth of an identify's
+        # mapping), and a % format or format specs parse their format every time.
+        two = _TWO_DIGITS
+        return (
+            f"{dt.year}-{two[dt.month]}-{two[dt.day]}T{two[dt.hour]}:{two[dt.minute]}:{two[dt.second]}"
+            f".{_THREE_DIGITS[dt.microsecond // 1000]}Z"
+        )
     # strftime writes a year before 1000 without zeros in front ("999-...") on this
     # platform, and a mapped date is kept as it always was written.
     return f"{dt:%Y-%m-%dT%H:%M:%S}.{dt.microsecond // 1000:03d}Z"

@@ -307,7 +307,17 @@ def _b_to(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
         except CoercionError as exc:
             return on_error(v, f"cannot convert to {target}: {exc}")
 
-    return coerce
+    def emit_coerce(g: Gen, v: str) -> str:
+        # The conversion called in place; one that fails is converted again by the step,
+        # which fails the same way (conversions are pure) and hands it to its policy.
+        out = g.fresh()
+        with g.block("try:"):
+            g.line(f"{out} = {g.bind(conv)}({v})")
+        with g.block(f"except {g.bind(CoercionError)}:"):
+            g.line(f"{out} = {g.bind(coerce)}({v}, env)")
+        return out
+
+    return emits_step(coerce, emit_coerce)
 
 
 def _b_tz_offset(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
