@@ -764,3 +764,32 @@ def test_a_field_that_is_a_first_is_set_where_its_value_is_found(
         "context": {"page": {"title": "P"}},
     }
     _same_everywhere(fused, plain, odd_events(base, 600, seed=13))
+
+
+@pytest.mark.parametrize("renames", ["", ", rename_prefix: {moe_: seg_moe_}"])
+def test_a_rest_that_leaves_out_keys_read_elsewhere_keeps_the_others_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, renames: str
+) -> None:
+    """A passed object none of whose keys is renamed is copied without the keys the object
+    reads itself or omits, the others in the order they came, fused or not."""
+    text = track_rule(f"""
+        userId: u
+        event: E
+        properties:
+          object:
+            email: $.properties.email
+            gone: $.properties.absent
+          rest: {{from: $.properties, omit: [id, _id]{renames}}}
+    """)
+    fused, plain = _both(monkeypatch, write(tmp_path / "rest.yaml", text))
+    props = {"plan": "pro", "id": 7, "email": "e@x", "age": 3, "_id": 1, "nested": {"email": "kept"}, "z": None}
+    for mapping in (fused, plain):
+        [out] = mapping.apply({"type": "track", "properties": props}, MapContext())  # type: ignore[misc]
+        assert list(out.body["properties"].items()) == [
+            ("plan", "pro"),
+            ("age", 3),
+            ("nested", {"email": "kept"}),
+            ("z", None),
+            ("email", "e@x"),
+        ]
+    assert list(props) == ["plan", "id", "email", "age", "_id", "nested", "z"]  # the event is untouched
