@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import bisect
-import contextlib
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from bridge.mapping.expressions import Cond, ExprCompiler, Fn, Lookup, Scope, bu
 from bridge.mapping.fuse import Gen, emits, fuse
 from bridge.mapping.options import OptionSpec, compile_options, option_problems
 from bridge.mapping.paths import PathError, Segment, parse_path
-from bridge.mapping.runtime import MISSING, DropEvent, Env, FailEvent, clone
+from bridge.mapping.runtime import MISSING, DropEvent, Env, FailEvent, clone, event_env
 from bridge.mapping.shapes import SHAPES, Shape, body_checker, check_body_node
 from bridge.mapping.yamlnodes import Diagnostics, YNode, did_you_mean, join, kind_of
 from bridge.sources.segment.spec import CALL_TYPES, WEBHOOK_ONLY_TYPES
@@ -153,7 +152,7 @@ class YamlMapping(CompiledMapping):
     def identity_ids(self, event: dict[str, Any]) -> list[str]:
         if type(event) is not dict:
             return []
-        return self._ids(Env(event, None, {}, ""))  # one for the key and the others
+        return self._ids(event_env(event, None, {}, "", None))  # one for the key and the others
 
     def identity_link(self, event: dict[str, Any]) -> tuple[str, str] | None:
         if self._identity_link is None or type(event) is not dict:
@@ -190,7 +189,7 @@ class YamlMapping(CompiledMapping):
             # $link is the identity key's link, from the links resolved for this event.
             key = self.identity_key(event)
             link = ctx.links.get(key) if key is not None else None
-        env = Env(event, link, self._options(ctx.options), ctx.source, links=ctx.links)
+        env = event_env(event, link, self._options(ctx.options), ctx.source, ctx.links)
         try:
             if self._first_drop is not None:
                 dropped = self._first_drop(env)
@@ -207,10 +206,18 @@ class YamlMapping(CompiledMapping):
                     continue
                 if rule.drop is not None:
                     return Discarded(rule.drop, _detail(rule.detail, env))
-                result = self._emit(rule, env)
-                if not isinstance(result, Output):
-                    return result
-                outputs.append(result)
+                if rule.override_by is None and rule.body is not None:
+                    # _emit without overrides, here: a call fewer for nearly every event
+                    body = rule.body(env)
+                    problem = rule.check(body)
+                    if problem is not None:
+                        return _invalid(rule, problem)
+                    outputs.append(_output(rule.kind, body))
+                else:
+                    result = self._emit(rule, env)
+                    if not isinstance(result, Output):
+                        return result
+                    outputs.append(result)
                 if not rule.keep_going:
                     break
                 stop = self._go_on(rule, event, env, outputs)
@@ -269,8 +276,8 @@ class YamlMapping(CompiledMapping):
                     _set_path(body, segs, fn(env))
         problem = rule.check(body)
         if problem is not None:
-            return Failed("invalid_output", f"rule {rule.name!r} ({rule.kind}): {problem}")
-        return Output(rule.kind, body)
+            return _invalid(rule, problem)
+        return _output(rule.kind, body)
 
     def _integrations_block(self, event: dict[str, Any]) -> Discarded | None:
         integ = event.get("integrations")
@@ -284,6 +291,24 @@ class YamlMapping(CompiledMapping):
         if integ.get("All") is False:
             return Discarded("integrations_disabled", "integrations.All is false")
         return None
+
+
+_new = object.__new__
+_set = object.__setattr__
+
+
+def _output(kind: str, body: dict[str, Any]) -> Output:
+    """``Output(kind, body)``, as its frozen dataclass __init__ sets it, without calling the
+    class: one an event, and the class call (a C-level call into __init__, its frame,
+    its two global lookups) cost more than mapping a page's attributes."""
+    out: Output = _new(Output)
+    _set(out, "kind", kind)
+    _set(out, "body", body)
+    return out
+
+
+def _invalid(rule: _Rule, problem: str) -> Failed:
+    return Failed("invalid_output", f"rule {rule.name!r} ({rule.kind}): {problem}")
 
 
 def _identity_ids(
@@ -328,6 +353,11 @@ def _identity_ids(
     return fuse(emits(ids, emit))
 
 
+# The top-level drops the generated function asks nested, each in the `else` of the one
+# before (_first_drop); the rest are asked flat.
+NESTED_DROPS = 4
+
+
 def _first_drop(conds: list[Cond]) -> Callable[[Env], int]:
     """The index of the first of ``conds`` (the top-level drops) that holds, else -1, as
     one generated function. Asked of every event, each drop's own function cost a call,
@@ -344,10 +374,21 @@ def _first_drop(conds: list[Cond]) -> Callable[[Env], int]:
     def emit(g: Gen) -> str:
         out = g.fresh()
         g.line(f"{out} = -1")
+        base = g.depth
         for i, cond in enumerate(conds):
-            # Flat, not nested: each later drop is asked under one `if`, however many there are.
-            with g.block(f"if {out} < 0:") if i else contextlib.nullcontext():
-                g.line(f"if {g.cond(cond)}: {out} = {i}")
+            if i and g.depth - base < NESTED_DROPS:
+                # In the `else` of the drop before: no test of the answer, and a value that
+                # drop read (`$let.customer_id`) is known here (Gen.let_read).
+                g.line("else:")
+                g.depth += 1
+            elif i:
+                # Past a few, flat: each later drop is asked under one `if`, however many
+                # there are, so the nesting stays within Python's limit and MAX_DEPTH.
+                g.depth = base
+                g.line(f"if {out} < 0:")
+                g.depth += 1
+            g.line(f"if {g.cond(cond)}: {out} = {i}")
+        g.depth = base
         return out
 
     return fuse(emits(first, emit))

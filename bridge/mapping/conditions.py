@@ -213,12 +213,12 @@ def _emit_chain(g: Gen, conds: tuple[Cond, ...], op: str) -> str:
     call to bool() per condition was a tenth of a drop rule's steps."""
     out = g.fresh()
     depth = g.depth
-    for f in conds:
+    for i, f in enumerate(conds):
         got = g.cond(f)
         g.line(f"{out} = {got}")
-        g.line(f"if {'' if op == 'and' else 'not '}{out}:")
-        g.depth += 1
-    g.line("pass")
+        if i < len(conds) - 1:  # after the last one the answer is its value, whatever it is
+            g.line(f"if {'' if op == 'and' else 'not '}{out}:")
+            g.depth += 1
     g.depth = depth
     return out
 

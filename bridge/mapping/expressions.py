@@ -102,40 +102,59 @@ def _walk_emitter(start: str, segs: tuple[Segment, ...]) -> Callable[[Gen], str]
     """``walk(<start>, segs)`` as statements (see fuse.py)."""
 
     def emit(g: Gen) -> str:
-        out = g.fresh()
-        rest = segs
-        src = start
         if start == "e" and segs and isinstance(segs[0], str):
-            # The event is a dict in fused code (Gen.event_is_dict): its first key is read
-            # without the check every deeper step makes.
-            g.event_is_dict = True
-            keys = _key_prefix(segs[:-1])
-            for n in range(1, len(keys) + 1):
-                g.prefix_uses[keys[:n]] += 1
-            held = next((n for n in range(len(keys), 0, -1) if keys[:n] in g.hoist), 0)
-            if held and isinstance(segs[held], str):
-                # Read once at the function's start (Gen.hoisted); the path goes on from
-                # there, its next key read from the value's keys (Gen.hoisted_keys).
-                g.line(f"{out} = {g.hoisted_keys(keys[:held])}.get({g.literal(segs[held])}, M)")
-                src, rest = out, segs[held + 1 :]
-            elif held:
-                # Read once at the function's start (Gen.hoisted); an index goes on from there.
-                src, rest = g.hoisted(keys[:held]), segs[held:]
-            else:
-                g.line(f"{out} = e.get({g.literal(segs[0])}, M)")
-                src, rest = out, segs[1:]
-        for s in rest:
-            key = g.literal(s)
-            if isinstance(s, str):
-                g.line(f"{out} = {src}.get({key}, M) if type({src}) is dict else M")
-            else:
-                g.line(f"{out} = {src}[{key}] if type({src}) is list and -len({src}) <= {key} < len({src}) else M")
-            src = out
-        if src != out:
-            g.line(f"{out} = {src}")  # no step left: the path is its start
-        return out
+            known = g.path_read(segs)
+            if known is not None:  # read on every path to here already
+                return known
+            out = _walk_event(g, segs)
+            g.path_was_read(segs, out)
+            return out
+        return _walk_lines(g, start, segs, g.fresh())
 
     return emit
+
+
+def _walk_event(g: Gen, segs: tuple[Segment, ...]) -> str:
+    """``walk(e, segs)`` as statements, ``segs`` starting with a key."""
+    # The event is a dict in fused code (Gen.event_is_dict): its first key is read
+    # without the check every deeper step makes.
+    g.event_is_dict = True
+    keys = _key_prefix(segs[:-1])
+    for n in range(1, len(keys) + 1):
+        g.read_prefix(keys[:n])
+    last = segs[-1]
+    if isinstance(last, str) and len(keys) == len(segs) - 1 and (*keys, last) in g.hoist:
+        return g.hoisted((*keys, last))  # the whole path is a prefix other paths read first
+    out = g.fresh()
+    held = next((n for n in range(len(keys), 0, -1) if keys[:n] in g.hoist), 0)
+    for n in range(len(segs) - 1, held, -1):
+        known = g.path_read(segs[:n])
+        if known is not None:  # a path read on every path to here holds its start
+            return _walk_lines(g, known, segs[n:], out)
+    if held and isinstance(segs[held], str):
+        # Read once at the function's start (Gen.hoisted); the path goes on from there,
+        # its next key read from the value's keys (Gen.hoisted_keys).
+        g.line(f"{out} = {g.hoisted_keys(keys[:held])}.get({g.literal(segs[held])}, M)")
+        return _walk_lines(g, out, segs[held + 1 :], out)
+    if held:
+        # Read once at the function's start (Gen.hoisted); an index goes on from there.
+        return _walk_lines(g, g.hoisted(keys[:held]), segs[held:], out)
+    g.line(f"{out} = e.get({g.literal(segs[0])}, M)")
+    return _walk_lines(g, out, segs[1:], out)
+
+
+def _walk_lines(g: Gen, src: str, rest: tuple[Segment, ...], out: str) -> str:
+    """The statements that walk ``rest`` from ``src``, leaving the value in ``out``."""
+    for s in rest:
+        key = g.literal(s)
+        if isinstance(s, str):
+            g.line(f"{out} = {src}.get({key}, M) if type({src}) is dict else M")
+        else:
+            g.line(f"{out} = {src}[{key}] if type({src}) is list and -len({src}) <= {key} < len({src}) else M")
+        src = out
+    if src != out:
+        g.line(f"{out} = {src}")  # no step left: the path is its start
+    return out
 
 
 def _key_prefix(segs: tuple[Segment, ...]) -> tuple[str, ...]:
@@ -262,14 +281,20 @@ class ExprCompiler:
                 return _walk_emitter(out, rest)(g) if rest else out
             out = g.fresh()
             key = g.literal(name)
-            g.line(f"{out} = L.get({key}, U)")
-            with g.block(f"if {out} is U:"):
+            # `in`, then the item: no method call, and a let not read yet (most are, in a
+            # rule's body) costs the one test.
+            with g.block(f"if {key} in L:"):
+                g.line(f"{out} = L[{key}]")
+            with g.block("else:"):
                 if let_tree is not None and g.inline_once(name):
                     # The let's own statements, here: a call per let per event was a few
                     # percent of a rule's cost. Only the first read in the generated source
                     # is inlined (one copy of the let's code); reads elsewhere, say in the
                     # other branch of an `if`, call the fused let.
-                    g.line(f"{out} = L[{key}] = {g.value(let_tree)}")
+                    outer, g.scope = g.scope, name
+                    value = g.value(let_tree)
+                    g.scope = outer
+                    g.line(f"{out} = L[{key}] = {value}")
                 else:
                     g.line(f"{out} = L[{key}] = {g.bind(let_fn)}(env)")
             g.let_was_read(name, out)
@@ -430,8 +455,10 @@ class ExprCompiler:
             out = g.fresh()
             g.line(f"{out} = M")
             _emit_first(g, fns, out)
+            g.owned.add(out)
             return out
 
+        setattr(first, _FIRST_ITEMS, fns)  # an object's field stores the value itself
         return emits(first, emit_first)
 
     def _head_template(self, node: YNode, ypath: str) -> Fn:
@@ -494,6 +521,7 @@ class ExprCompiler:
                 g.line(f"{out} = {g.value(then)}")
             with g.block("else:"):
                 g.line(f"{out} = {g.value(other)}")
+            g.owned.add(out)
             return out
 
         return emits(lambda env: then(env) if cond(env) else other(env), emit_if)
@@ -637,6 +665,7 @@ class ExprCompiler:
                     tests.append(f"{g.bind(no_start)}({src_v})")
                 g.line(f"{out} = dict({src_v}) if {' and '.join(tests)} else {g.bind(passed)}({src_v})")
             g.present.add(out)  # always an object
+            g.owned.add(out)
             return out
 
         return emits(rest, emit_rest)
@@ -730,19 +759,35 @@ def build_object(fields: list[tuple[str, Fn]], rest: Fn | None) -> Fn:
 
 
 # Emitters shared by several nodes (see fuse.py): each restates the closure next to it.
+# The items a `first` tries, on its closure: _emit_fields writes a field of one directly.
+_FIRST_ITEMS = "_bridge_first_items"
+
+
 def _emit_fields(g: Gen, start: str, fields: list[tuple[str, Fn]]) -> str:
-    out = g.fresh()
-    g.line(f"{out} = {start}")
-    if start == "{}":
+    if start in g.owned:  # a fresh object (rest's) is filled as it is, not through a copy
+        out = start
+    else:
+        out = g.fresh()
+        g.line(f"{out} = {start}")
+    if start == "{}" or start in g.present:
         g.present.add(out)
     for k, f in fields:
+        tries = getattr(f, _FIRST_ITEMS, None)
+        if tries is not None:
+            # A `first` sets the field where it finds its value, and leaves it unset when
+            # it finds none (its value would be M), with no local to carry the value.
+            _emit_first(g, tries, f"{out}[{g.literal(k)}]")
+            continue
         v = g.value(f)
         store = f"{out}[{g.literal(k)}] = {v}"
         g.line(store if v in g.present else f"if {v} is not M: {store}")
+    g.owned.add(out)
     return out
 
 
 def _emit_first(g: Gen, fns: list[Fn], out: str) -> None:
+    """Statements that set ``out`` (a local, or an object's item) to the first value of
+    ``fns`` that is not empty, and leave it as it is when every one is."""
     if not fns:
         return
     v = g.value(fns[0])
@@ -769,6 +814,7 @@ def _emit_steps(g: Gen, fn: Fn, step_fns: list[steps.Step], drop_if: str, defaul
     if default is not None:
         with g.block(f"if {out} is M:"):
             g.line(f"{out} = {g.value(default)}")
+    g.owned.add(out)
     return out
 
 

@@ -16,6 +16,7 @@ leaves the closure tree as it was: fusing is an optimisation, never a requiremen
 from __future__ import annotations
 
 import itertools
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,7 +42,6 @@ MAX_DEPTH = 12
 LET_DEPTH = 6
 # Fused code may be switched off (tests compare both; an operator could too).
 ENABLED = True
-_UNSET = object()
 _EMPTY_TYPES = frozenset({str, list, dict})
 # The types whose falsy values are empty (with MISSING): ``not v`` is false for every other
 # value, so the common case, a value that is there, is decided by ``v is M or not v``.
@@ -53,6 +53,7 @@ _NO_KEYS: MappingProxyType[str, Any] = MappingProxyType({})
 # start (Gen.hoisted).
 HOIST_USES = 2
 _ids = itertools.count()
+_USES_LETS = re.compile(r"\bL\b")
 
 
 def emits(fn: F, emitter: Callable[[Gen], str]) -> F:
@@ -77,14 +78,15 @@ class Gen:
         self.names: dict[int, str] = {}
         self.bound: dict[str, Any] = {
             "M": MISSING,
-            "U": _UNSET,
             "EMPTY_TYPES": _EMPTY_TYPES,
             "EMPTY_WHEN_FALSY": _EMPTY_WHEN_FALSY,
             "NO_KEYS": _NO_KEYS,
         }
         # Event path prefixes (key names from the root) read by this function's paths, as
-        # often as its source reads them; a second generation hoists those in ``hoist``.
-        self.prefix_uses: Counter[tuple[str, ...]] = Counter()
+        # often as its source reads them, by the let whose inlined code reads them ("" for
+        # none, see ``scope``); a second generation hoists those in ``hoist`` (prefix_uses).
+        self._prefix_reads: dict[tuple[str, ...], Counter[str]] = {}
+        self.scope = ""
         self.hoist = hoist
         self.prelude: list[str] = []
         self._hoisted: dict[tuple[str, ...], str] = {}
@@ -97,11 +99,15 @@ class Gen:
         # Expressions that are never M (a fresh container, a bound constant): an object or
         # a list that stores one needs no test for it (see expressions._emit_fields).
         self.present: set[str] = set()
-        # {let name: (the local holding its value, the depth it was read at)}: a later read
-        # at that depth or deeper, before the source leaves that block, is on a path that
-        # went through the first read, so it uses the local instead of reading the let
-        # cache again (a drop rule read customer_id three times, 8 steps each).
-        self._lets_read: dict[str, tuple[str, int]] = {}
+        # Locals an emitter made for its own value and returned, which nothing else reads:
+        # ``assign`` hands one over as it is instead of copying it (``v5 = v4``).
+        self.owned: set[str] = set()
+        # {("let", name) or ("path", segments): (the local holding its value, the depth it
+        # was read at)}: a later read at that depth or deeper, before the source leaves that
+        # block, is on a path that went through the first read, so it uses the local instead
+        # of reading the let cache again (a drop rule read customer_id three times, 8 steps
+        # each) or the event again (an `if` reads `$.traits.id` to test it, then to give it).
+        self._reads: dict[tuple[str, Any], tuple[str, int]] = {}
 
     def inline_once(self, name: str) -> bool:
         """True the first time ``name`` (a let) asks to be inlined into this function, if
@@ -110,6 +116,17 @@ class Gen:
             return False
         self._inlined.add(name)
         return True
+
+    def read_prefix(self, prefix: tuple[str, ...]) -> None:
+        """A path of this function's source reads the event's ``prefix``."""
+        self._prefix_reads.setdefault(prefix, Counter())[self.scope] += 1
+
+    def prefix_uses(self) -> dict[tuple[str, ...], int]:
+        """How often each prefix is read, counting all the reads inside one inlined let as
+        one: that code runs only when no function before this one needed the let (the
+        drops compute `customer_id`; a rule body's copy reads nothing), so hoisting a
+        prefix only it reads, twice, read the prefix for every event instead of never."""
+        return {p: sum(n if scope == "" else 1 for scope, n in by.items()) for p, by in self._prefix_reads.items()}
 
     def fresh(self) -> str:
         return f"v{next(self._fresh)}"
@@ -153,26 +170,39 @@ class Gen:
         return name
 
     def line(self, text: str) -> None:
-        if self._lets_read:
-            self._forget_lets_deeper_than(self.depth)
+        if self._reads:
+            self._forget_reads_deeper_than(self.depth)
         self.lines.append("    " * self.depth + text)
 
     def let_read(self, name: str) -> str | None:
         """The local holding let ``name``, if every path to here read it already."""
-        self._forget_lets_deeper_than(self.depth)
-        known = self._lets_read.get(name)
-        return known[0] if known is not None else None
+        return self._read(("let", name))
 
     def let_was_read(self, name: str, local: str) -> None:
         """``local`` holds let ``name`` from here on, in this block and the ones in it."""
-        self._lets_read[name] = (local, self.depth)
+        self._reads["let", name] = (local, self.depth)
 
-    def _forget_lets_deeper_than(self, depth: int) -> None:
-        # A line at a shallower depth closes the block a let was read in (or starts its
+    def path_read(self, segs: tuple[Any, ...]) -> str | None:
+        """The local holding the event's value at ``segs``, if every path to here read it
+        already (the event never changes while it is mapped, see ``hoisted``)."""
+        return self._read(("path", segs))
+
+    def path_was_read(self, segs: tuple[Any, ...], local: str) -> None:
+        """``local`` holds the event's value at ``segs`` from here on, as ``let_was_read``;
+        whoever gets it may not assign to it (``assign`` copies it)."""
+        self._reads["path", segs] = (local, self.depth)
+
+    def _read(self, key: tuple[str, Any]) -> str | None:
+        self._forget_reads_deeper_than(self.depth)
+        known = self._reads.get(key)
+        return known[0] if known is not None else None
+
+    def _forget_reads_deeper_than(self, depth: int) -> None:
+        # A line at a shallower depth closes the block a value was read in (or starts its
         # `else`, `except`, ...): past it, the read may not have happened.
-        stale = [name for name, (_, at) in self._lets_read.items() if at > depth]
-        for name in stale:
-            del self._lets_read[name]
+        stale = [key for key, (_, at) in self._reads.items() if at > depth]
+        for key in stale:
+            del self._reads[key]
 
     @contextmanager
     def block(self, header: str) -> Iterator[None]:
@@ -211,6 +241,9 @@ class Gen:
     def assign(self, fn: Fn) -> str:
         """Like ``value``, but always a fresh local the caller may reassign."""
         got = self.value(fn)
+        if got in self.owned:
+            self.owned.discard(got)  # the caller's now, as it is: nothing else reads it
+            return got
         out = self.fresh()
         self.line(f"{out} = {got}")
         return out
@@ -235,7 +268,7 @@ def fuse(fn: Fn) -> Fn:
             continue
         # Generated again, reading once what the first generation's paths read often:
         # a rule reads `context` five or six times, each a dict lookup and its checks.
-        hoist = frozenset(p for p, n in first.prefix_uses.items() if n >= HOIST_USES)
+        hoist = frozenset(p for p, n in first.prefix_uses().items() if n >= HOIST_USES)
         if hoist:
             again = _generate(fn, Gen(inline_lets, hoist))
             if again is not None:
@@ -250,12 +283,15 @@ def _generate(fn: Fn, gen: Gen) -> Fn | None:
         # Every caller maps a JSON object, so emitters may read it as a dict without a
         # check per path; anything else (never seen) runs the closures, which check.
         guard = [f"    if type(e) is not dict: return {gen.bind(fn)}(env)"] if gen.event_is_dict else []
+        # The lets' cache only where some line may read it (a word L anywhere, even inside
+        # a string, keeps it): most conditions read none.
+        lets = ["    L = env.lets"] if any(_USES_LETS.search(text) for text in gen.lines) else []
         source = "\n".join(
             [
                 "def fused(env):",
                 "    e = env.event",
                 *guard,
-                "    L = env.lets",
+                *lets,
                 *gen.prelude,
                 *gen.lines,
                 f"    return {result}",

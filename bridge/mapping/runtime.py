@@ -48,6 +48,26 @@ class Env:
         self.lets: dict[str, Any] = {}
 
 
+_new = object.__new__
+
+
+def event_env(
+    event: Any, link: str | None, options: Mapping[str, Any], source: str, links: Mapping[str, str] | None
+) -> Env:
+    """``Env(event, link, options, source, links=links)``, built by a plain function: apply
+    and identity_ids build one an event, and calling the class costs a C-level call into
+    ``__init__`` (a frame of its own) besides the same assignments."""
+    env: Env = _new(Env)
+    env.event = event
+    env.link = MISSING if link is None else link
+    env.links = links if links is not None else {}
+    env.options = options if type(options) is dict else dict(options)
+    env.source = source
+    env.item = MISSING
+    env.lets = {}
+    return env
+
+
 class DropEvent(Exception):
     """Raised by a value policy to discard the whole event."""
 
@@ -229,8 +249,23 @@ def to_datetime(v: Any) -> datetime:
     raise CoercionError(f"cannot convert {type(v).__name__} to a time")
 
 
+_TWO_DIGITS: Final = tuple(f"{n:02d}" for n in range(100))
+_THREE_DIGITS: Final = tuple(f"{n:03d}" for n in range(1000))
+
+
 def to_iso8601(v: Any) -> str:
     dt = to_datetime(v)  # in UTC
+    if dt.year >= 1000:
+        # The same characters as strftime's, from tables of zero-padded numbers: strftime
+        # built a time tuple and imported `time` for each value (a fifth of an identify's
+        # mapping), and a % format or format specs parse their format every time.
+        two = _TWO_DIGITS
+        return (
+            f"{dt.year}-{two[dt.month]}-{two[dt.day]}T{two[dt.hour]}:{two[dt.minute]}:{two[dt.second]}"
+            f".{_THREE_DIGITS[dt.microsecond // 1000]}Z"
+        )
+    # strftime writes a year before 1000 without zeros in front ("999-...") on this
+    # platform, and a mapped date is kept as it always was written.
     return f"{dt:%Y-%m-%dT%H:%M:%S}.{dt.microsecond // 1000:03d}Z"
 
 

@@ -307,7 +307,17 @@ def _b_to(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
         except CoercionError as exc:
             return on_error(v, f"cannot convert to {target}: {exc}")
 
-    return coerce
+    def emit_coerce(g: Gen, v: str) -> str:
+        # The conversion called in place; one that fails is converted again by the step,
+        # which fails the same way (conversions are pure) and hands it to its policy.
+        out = g.fresh()
+        with g.block("try:"):
+            g.line(f"{out} = {g.bind(conv)}({v})")
+        with g.block(f"except {g.bind(CoercionError)}:"):
+            g.line(f"{out} = {g.bind(coerce)}({v}, env)")
+        return out
+
+    return emits_step(coerce, emit_coerce)
 
 
 def _b_tz_offset(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | None:
@@ -329,7 +339,9 @@ def _b_tz_offset(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | Non
     def tz_offset(v: Any, env: Env) -> Any:
         if type(v) is not str:
             return on_error(v, f"expected an IANA time zone name, got {short(v)}")
-        when = at(env) if at is not None else MISSING
+        return offset_at(v, at(env) if at is not None else MISSING)
+
+    def offset_at(v: str, when: Any) -> Any:
         # an int that large is epoch milliseconds (runtime.MILLIS_THRESHOLD), read as to_datetime reads it
         if type(when) is not int or not -100_000_000_000 < when < 100_000_000_000:
             try:
@@ -345,7 +357,27 @@ def _b_tz_offset(c: ExprCompiler, p: dict[str, YNode], ypath: str) -> Step | Non
             return on_error(v, f"unknown time zone {short(v)}")
         return off
 
-    return tz_offset
+    if at is None:
+        return tz_offset
+
+    def emit_tz_offset(g: Gen, v: str) -> str:
+        # Inline, the usual case: a zone's name, an instant in epoch seconds, and an hour
+        # whose offset zone_offset has memoised (_HOUR_OFFSETS); the rest goes to
+        # offset_at with the instant read here, as tz_offset would have read it.
+        out = g.fresh()
+        with g.block(f"if type({v}) is str:"):
+            when = g.value(at)
+            hit = g.fresh()
+            g.line(
+                f"{out} = {hit} if type({when}) is int and -100_000_000_000 < {when} < 100_000_000_000"
+                f" and type({hit} := {g.bind(_HOUR_OFFSETS)}.get(({v}, {when} // 3600))) is int"
+                f" else {g.bind(offset_at)}({v}, {when})"
+            )
+        with g.block("else:"):
+            g.line(f"{out} = {g.bind(tz_offset)}({v}, env)")
+        return out
+
+    return emits_step(tz_offset, emit_tz_offset)
 
 
 def _time_or_expression(node: YNode) -> bool:

@@ -1,8 +1,15 @@
 """Rule selection, drops, overrides, integrations semantics, identity, run-time output checks."""
 
+import dataclasses
+import random
+from datetime import UTC, datetime
+from types import MappingProxyType
+
 import pytest
 
 from bridge.mapping import Discarded, Failed, MapContext, Output, load_mapping_file
+from bridge.mapping.compiler import _output
+from bridge.mapping.runtime import MISSING, Env, event_env, to_iso8601
 
 from .helpers import evaluate, outputs, value_mapping, write
 
@@ -412,3 +419,40 @@ rules:
     too_long = m.apply({"event_name": "E", "aid": "a", "event_uuid": "x" * 95}, MapContext())
     assert isinstance(too_long, Failed) and too_long.reason == "invalid_output", too_long
     assert "'messageId' is 101 characters" in too_long.detail
+
+
+def test_iso8601_is_written_as_strftime_writes_it() -> None:
+    """to_iso8601 writes a year from 1000 on with %, not strftime: the same characters,
+    including a year before 1000, which strftime writes without zeros in front."""
+    rng = random.Random(3)
+    for _ in range(20_000):
+        year = rng.choice((1, 999, 1000, 1970, 9999, rng.randint(1, 9999)))
+        micro = rng.choice((0, 999, 1000, 999_999, rng.randint(0, 999_999)))
+        dt = datetime(year, rng.randint(1, 12), rng.randint(1, 28), rng.randint(0, 23), rng.randint(0, 59), 7, micro)
+        dt = dt.replace(second=rng.randint(0, 59), tzinfo=UTC)
+        expected = f"{dt:%Y-%m-%dT%H:%M:%S}.{dt.microsecond // 1000:03d}Z"
+        assert to_iso8601(dt.isoformat()) == expected, dt
+
+
+@pytest.mark.parametrize(
+    ("link", "options", "links"),
+    [(None, {}, None), ("l-1", {"a": 1}, {"u": "l-1"}), (None, MappingProxyType({"b": 2}), {})],
+)
+def test_event_env_is_the_env_the_class_makes(link: str | None, options: object, links: object) -> None:
+    made = Env({"type": "track"}, link, options, "web", links=links)  # type: ignore[arg-type]
+    fast = event_env({"type": "track"}, link, options, "web", links)  # type: ignore[arg-type]
+    assert type(fast) is Env
+    for name in Env.__slots__:
+        assert getattr(fast, name) == getattr(made, name), name
+        assert type(getattr(fast, name)) is type(getattr(made, name)), name
+    assert fast.item is MISSING and (fast.link is MISSING) == (link is None)
+    assert fast.lets is not event_env({}, None, {}, "", None).lets  # a cache of its own
+
+
+def test_an_output_made_without_the_class_call_is_the_same_output() -> None:
+    body = {"customer_id": "u"}
+    out = _output("event", body)
+    assert type(out) is Output and out == Output("event", body) and repr(out) == repr(Output("event", body))
+    assert out.body is body
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        out.kind = "other"  # type: ignore[misc]
