@@ -516,8 +516,36 @@ class _UniqueKeysLoader(UniqueKeysLoader):
         # What was written is kept with a number not spelt as its digits: see SpeltInt.
         return spelt_int(value, node.value)
 
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
+            if isinstance(exc, yaml.YAMLError):
+                raise
+            # A value its tag does not fit (`!!float`, `!!bool` or `!!timestamp` before a
+            # word) raised Python's own error, a traceback quoting the value: a secret, as
+            # like as not. A YAML error at its line, naming the tag only.
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the value is not what its tag {_short_tag(node.tag)} says", node.start_mark
+            ) from None
+
+
+def _short_tag(tag: str) -> str:
+    return "!!" + tag.removeprefix("tag:yaml.org,2002:") if tag.startswith("tag:yaml.org,2002:") else tag
+
 
 _UniqueKeysLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeysLoader.construct_yaml_int)
+
+# PyYAML quotes a tag's, an alias's or an anchor's name whole. An unquoted value starting
+# with '!', '*' or '&' (a generated password, say) is read as one: the name is the value.
+_YAML_NAMED = re.compile(r"\b(tag handle|tag|alias|anchor) (?:'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")")
+_YAML_NAMED_HINT = "; a value starting with '!', '*' or '&' needs quotes (YAML reads it as a tag, alias or anchor)"
+
+
+def _without_names(problem: str) -> str:
+    """``problem`` without the names of tags, aliases and anchors PyYAML quotes."""
+    unnamed = _YAML_NAMED.sub(r"\1", problem)
+    return unnamed if unnamed == problem else unnamed + _YAML_NAMED_HINT
 
 
 # Far more than any config needs. Read no further: a path naming a device that never ends
@@ -601,7 +629,7 @@ def read_yaml_and_values(
         # A value must not be echoed, nor a word of it: in a file that does not scan as YAML
         # otherwise, an unquoted ${VAR} goes in as it is and may be misread (`*x` is an alias),
         # and YAML quotes a tag up to the first space (`!abc def` names `!abc`).
-        problem = hide_values(problem, substituted)
+        problem = hide_values(_without_names(problem), substituted)
         raise ConfigError(f"{where}: invalid YAML: {problem}") from None
     if data is None:
         data = {}

@@ -24,7 +24,7 @@ from aiohttp.client_proto import ResponseHandler
 
 from bridge import __version__
 from bridge.destinations.base import Response
-from bridge.observability.redaction import redact_text
+from bridge.observability.redaction import longest_form, redact_text
 
 BODY_KEEP_BYTES = 4096
 # Read past the kept part by this much and redact before cutting: a credential the
@@ -214,6 +214,19 @@ def check_url(value: str) -> str | None:
     return None
 
 
+def kept_text(raw: bytes, *, cut_short: bool) -> str:
+    """What is kept of a response body read in part (``cut_short``) or whole: redacted, then
+    cut to BODY_KEEP_BYTES. A body read in part may end in part of a secret, which redaction
+    cannot recognise. That tail is dropped after redacting, not assumed to lie past the
+    kept part: a long credential before it (a Bearer token, a base64 word) shrinks to its
+    fingerprint and would pull the tail inside the kept part."""
+    text = redact_text(raw.decode("utf-8", errors="replace"))
+    if cut_short:
+        # Redaction leaves a part of a secret it cannot recognise as it was, at the very end.
+        text = text[: max(len(text) - longest_form(), 0)]
+    return text[:BODY_KEEP_BYTES]
+
+
 async def _read_prefix(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     # Error pages can be large; keep only what is useful in a DLQ reason.
     chunks: list[bytes] = []
@@ -284,7 +297,7 @@ async def _attempt_post(
             # processed, a 413 must split), even when the body then fails to arrive.
             try:
                 raw = await _read_prefix(resp, BODY_KEEP_BYTES + SECRET_MARGIN)
-                text = redact_text(raw.decode("utf-8", errors="replace"))[:BODY_KEEP_BYTES]
+                text = kept_text(raw, cut_short=len(raw) >= BODY_KEEP_BYTES + SECRET_MARGIN)
             except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
                 text = f"(the response body could not be read: {type(exc).__name__}: {exc})"
             location = resp.headers.get("Location")

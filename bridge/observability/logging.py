@@ -148,7 +148,7 @@ class _ClientFaultFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if record.levelno < logging.WARNING or not isinstance(exc, HttpProcessingError | RequestPayloadError):
+        if not isinstance(exc, HttpProcessingError | RequestPayloadError):
             return True
         status = getattr(exc, "code", 400)
         if isinstance(exc, RequestPayloadError) and isinstance(exc.__cause__, HttpProcessingError):
@@ -156,11 +156,16 @@ class _ClientFaultFilter(logging.Filter):
             # line of its own: the reason is the error's message.
             exc = exc.__cause__
         text = str(exc.message if isinstance(exc, HttpProcessingError) else exc)
-        record.levelno, record.levelname = logging.INFO, "INFO"
         record.msg, record.args = "bad_http_request", ()
         record.status = status
         record.reason = client_fault_reason(exc, text)
         record.exc_info = record.exc_text = None
+        if record.levelno < logging.WARNING:
+            # A bad method on a connection's first request (a scanner, TLS sent to the
+            # plain port) aiohttp logs at debug on purpose; its traceback quoted the
+            # request line, query string and all, as the others quote theirs.
+            return True
+        record.levelno, record.levelname = logging.INFO, "INFO"
         return self.threshold <= logging.INFO
 
 

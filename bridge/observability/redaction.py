@@ -96,7 +96,7 @@ def _b64_cores(secret: bytes) -> list[str]:
 class _Patterns:
     """The compiled view of the registered secrets; immutable, swapped atomically."""
 
-    __slots__ = ("b64", "regex", "replacement")
+    __slots__ = ("b64", "longest", "regex", "replacement")
 
     def __init__(self, secrets: frozenset[str]) -> None:
         self.replacement: dict[str, str] = {}
@@ -113,6 +113,7 @@ class _Patterns:
                     self.b64.add(core)
         # Longest first so a secret containing another secret is replaced whole.
         alternatives = sorted(self.replacement, key=len, reverse=True)
+        self.longest = len(alternatives[0]) if alternatives else 0
         self.regex = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
 
     def sub(self, text: str) -> str:
@@ -156,6 +157,12 @@ def register_secret(value: str) -> None:
     with _lock:
         _secrets.add(value)
         _patterns = _Patterns(frozenset(_secrets))
+
+
+def longest_form() -> int:
+    """The length of the longest text replaced by value (a secret, an encoding of it, a base64
+    core): a text cut short ends in less than this of one that redaction cannot recognise."""
+    return _patterns.longest
 
 
 def clear_secrets() -> None:

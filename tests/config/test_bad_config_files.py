@@ -42,6 +42,37 @@ def test_config_yaml_error_does_not_echo_a_substituted_secret(tmp_path: Path) ->
     assert "undefined alias" in str(exc.value) and "SuperSecretToken123" not in str(exc.value), str(exc.value)
 
 
+# -- a secret written in the file that YAML reads as a tag or an alias is echoed ----------
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        "!Gen3rated-Pw9x",  # a tag: "could not determine a constructor for the tag '!Gen3rated-Pw9x'"
+        "!!Gen3rated-Pw9x",
+        "!<Gen3rated-Pw9x> x",
+        "!Gen3rated!Pw9x x",  # "found undefined tag handle '!Gen3rated!'"
+        "*Gen3rated-Pw9x",  # "found undefined alias 'Gen3rated-Pw9x'"
+        "!!float Gen3rated-Pw9x",  # these three were a traceback quoting the value
+        "!!bool Gen3rated-Pw9x",
+        "!!timestamp Gen3rated-Pw9x",
+    ],
+)
+def test_a_yaml_error_does_not_echo_a_secret_written_unquoted_in_the_file(tmp_path: Path, written: str) -> None:
+    """A generated password often starts with '!' or '*': written unquoted, YAML reads it as
+    a tag or an alias and its error quoted the name, that is the password, to `bridge check`
+    and `bridge serve`. A value its tag does not fit was Python's own error, a traceback."""
+    from bridge.destinations.base import ConfigError
+
+    cfg = tmp_path / "bridge.yaml"
+    cfg.write_text(f"store:\n  url: sqlite:///x.db\nadmin:\n  token: {written}\n")
+    with pytest.raises(ConfigError) as exc:
+        read_yaml(cfg, {})
+    message = str(exc.value)
+    assert message.startswith(f"{cfg}:4:10: invalid YAML: "), message
+    assert "Gen3rated" not in message and "Pw9x" not in message, message
+
+
 # -- an unquoted ${VAR} whose value YAML reads otherwise is silently changed ---------------
 
 

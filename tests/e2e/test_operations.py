@@ -402,6 +402,28 @@ async def test_a_refused_url_or_header_value_is_logged_without_any_of_it(bridge)
     assert reasons[:2] == ["Invalid URL", "Invalid URL"], reasons
 
 
+async def test_a_bad_method_logged_at_debug_is_logged_without_the_request_line_aiohttp_quotes(bridge):
+    """aiohttp logs a bad method on a connection's first request at debug, with a traceback
+    whose message quotes the request line: a query string's secret, which redaction does
+    not know, reached the debug log."""
+    query_secret = "qs-" + secrets.token_hex(8)  # `key=` is no name redaction knows
+    stream = io.StringIO()
+    configure_logging("debug", "json", stream=stream)
+    try:
+        answer = await raw_exchange(
+            bridge, b"G@T /v1/track?key=" + query_secret.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        await asyncio.sleep(0.05)
+    finally:
+        configure_logging("warning", "console")
+    assert answer.split(b" ", 2)[1] == b"400", answer[:60]
+    logged = stream.getvalue()
+    lines = [orjson.loads(line) for line in logged.splitlines()]
+    refused = [line for line in lines if line["event"] == "bad_http_request"]
+    assert query_secret not in logged, lines
+    assert [line["level"] for line in refused] == ["debug"], lines  # aiohttp's level kept: no noise at info
+
+
 async def test_a_client_gone_mid_body_is_logged_as_such_not_as_a_bad_encoding(bridge):
     stream = io.StringIO()
     configure_logging("info", "json", stream=stream)

@@ -166,3 +166,25 @@ async def test_an_echoed_api_key_across_the_kept_body_limit_is_not_kept_in_part(
     kept = letter["response_body"]
     assert kept.startswith("x" * 100) and len(kept) <= 4096, len(kept)
     assert API_KEY[:5] not in kept, kept[-40:]
+
+
+async def test_an_echoed_api_key_at_the_read_limit_is_not_kept_in_part_after_a_long_token_shrinks(bridge):
+    """The refusal is read to 4 KB + a 1 KB margin, redacted, then cut to 4 KB: a key cut off
+    by the read limit is not recognised, but was thought to lie past the 4 KB kept. A long
+    credential before it (a Bearer token here) shrinks to its fingerprint when redacted and
+    pulls the cut-off key back inside the kept 4 KB."""
+    head = f"refused: {'why ' * 30}Bearer "
+    token = "T" * (4096 + 1024 - 10 - len(head) - 1)  # the key starts 10 bytes before the read ends
+    bridge.moengage.plan(Planned(400, f"{head}{token} {API_KEY} refused"))
+    assert (await bridge.post("/v1/track", {"userId": "user-shrink", "event": "E"}, H))[0] == 200
+
+    async def dead() -> bool:
+        _, body = await bridge.get("/admin/dlq", ADMIN)
+        return len(body["dead_letters"]) == 1
+
+    await wait_until(dead, what="the 400 dead letter")
+    _, listed = await bridge.get("/admin/dlq", ADMIN)
+    _, letter = await bridge.get(f"/admin/dlq/{listed['dead_letters'][0]['id']}", ADMIN)
+    kept = letter["response_body"]
+    assert kept.startswith("refused: why why"), kept[:40]
+    assert API_KEY[:5] not in kept, f"a prefix of the API key was kept: {kept!r}"
