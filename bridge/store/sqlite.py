@@ -222,7 +222,8 @@ class SqliteStore(Store):
         def prepare(conn: sqlite3.Connection) -> None:
             create_schema(conn, upgrade=self._upgrade)
             dedupe.load(conn)
-            self._opened_file = self._identity()  # the connection has the file open by now
+            # The connection has the file open by now. (No OSError to expect: it just opened it.)
+            self._opened_file = self._identity()
 
         writer.start()
         try:
@@ -337,9 +338,10 @@ class SqliteStore(Store):
             raise StoreFull(self._full_reason)
 
     def _identity(self) -> tuple[int, int] | None:
+        """The file the path names now, as (device, inode); None if there is none."""
         try:
             st = os.stat(self.path)
-        except OSError:
+        except FileNotFoundError:
             return None
         return st.st_dev, st.st_ino
 
@@ -351,7 +353,10 @@ class SqliteStore(Store):
         open file meanwhile, so what was acknowledged before is still sent."""
         if self._opened_file is None or self._server_lock is None:
             return None  # not open yet, or the CLI, whose open is short
-        now = self._identity()
+        try:
+            now = self._identity()
+        except OSError:
+            return None  # cannot tell (a directory we may not search): the commits will say
         if now == self._opened_file:
             return None
         what = "deleted" if now is None else "replaced by another file"
