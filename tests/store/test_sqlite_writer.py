@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from bridge.store.base import StoreError
+from bridge.store.base import StoreError, StoreFull
+from bridge.store.sqlite import SqliteStore
 from bridge.store.sqlite_writer import GroupCommitWriter
+from tests.store.helpers import event
 
 # Long enough never to be reached by a writer that answers; a hung writer fails the test.
 HANG = 30.0
@@ -44,3 +46,32 @@ async def test_a_fault_while_rolling_back_fails_every_caller_instead_of_hanging_
     with pytest.raises(StoreError, match="restart the bridge"):
         await asyncio.wait_for(writer.submit(lambda conn: None), HANG)
     await asyncio.wait_for(writer.stop(), HANG)
+
+
+async def test_a_full_database_refuses_events_and_takes_them_again_once_it_has_room(tmp_path: Path) -> None:
+    """SQLITE_FULL, as a full disk gives it (here from max_page_count, which needs no root):
+    nothing refused is acknowledged or remembered as a duplicate, nothing acknowledged is
+    lost, and the store takes events again without a restart."""
+    store = SqliteStore(str(tmp_path / "b.db"), min_free_disk_bytes=0)
+    await store.open()
+    pages = await store._run(lambda conn: conn.execute("PRAGMA page_count").fetchone()[0])
+    await store._run(lambda conn: conn.execute(f"PRAGMA max_page_count = {pages + 8}").fetchall())
+    acked: list[str] = []
+    refused: list[str] = []
+    for n in range(200):
+        ids = [f"m{n}-{i}" for i in range(20)]
+        try:
+            await store.enqueue("web", [event(m, size=2000) for m in ids])
+        except StoreError as exc:
+            assert not isinstance(exc, StoreFull)  # ingest answers store_unavailable, 429
+            assert "full" in str(exc)
+            refused += ids
+        else:
+            acked += ids
+    assert acked and refused
+    await store._run(lambda conn: conn.execute("PRAGMA max_page_count = 1073741823").fetchall())
+    result = await store.enqueue("web", [event(m) for m in refused])
+    assert (result.stored, result.duplicates) == (len(refused), 0)
+    queued = {j.message_id for j in await store.lease("moe", 100_000, 30)}
+    assert queued == set(acked) | set(refused)
+    await store.close()
