@@ -99,6 +99,23 @@ class JsonErrorHandler(RequestHandler):
         response.force_close()  # the stream may be out of step with the requests in it
         return response
 
+    def data_received(self, data: bytes) -> None:
+        """Once a stop began (SIGTERM: aiohttp's ``close`` and ``shutdown`` set these flags),
+        aiohttp drops every byte that arrives, the rest of the body of the request being
+        handled too: that request then waited out the whole shutdown timeout, holding up
+        the deliveries' drain behind it, and its client got a closed connection instead of
+        an answer. The body of a request in hand is still read, so it is answered (and its
+        events stored) as the stop promises; the connection closes after it all the same."""
+        if (self._force_close or self._close) and self._request_in_progress:
+            closing = self._close, self._force_close
+            self._close = self._force_close = False
+            try:
+                super().data_received(data)
+            finally:
+                self._close, self._force_close = closing
+            return
+        super().data_received(data)
+
 
 class JsonErrorServer(web.Server):
     """aiohttp's ``Server``, building ``JsonErrorHandler`` for each connection."""

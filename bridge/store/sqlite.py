@@ -131,6 +131,10 @@ class SqliteStore(Store):
         self._free_checked_at = 0.0
         self._capacity_checked_at = float("-inf")
         self._full_reason: str | None = None
+        # The file the writer opened, as (device, inode): SQLite keeps writing to it through
+        # its descriptor when the path is deleted or replaced (see ``_moved``).
+        self._opened_file: tuple[int, int] | None = None
+        self._moved_reason: str | None = None
         # Making room in a full store (``_reclaim``): the task, when the last one began, and
         # the jobs acked since, whose records it would delete.
         self._reclaim_task: asyncio.Task[None] | None = None
@@ -218,6 +222,8 @@ class SqliteStore(Store):
         def prepare(conn: sqlite3.Connection) -> None:
             create_schema(conn, upgrade=self._upgrade)
             dedupe.load(conn)
+            # The connection has the file open by now. (No OSError to expect: it just opened it.)
+            self._opened_file = self._identity()
 
         writer.start()
         try:
@@ -322,11 +328,42 @@ class SqliteStore(Store):
         now = time.monotonic()
         if now - self._capacity_checked_at >= self._size_check_interval:
             self._capacity_checked_at = now
-            self._full_reason = self._measure()
-            if self._full_reason is not None:
+            self._moved_reason = self._moved()
+            self._full_reason = self._moved_reason or self._measure()
+            if self._full_reason is not None and self._moved_reason is None:
                 self._reclaim_soon(now)
+        if self._moved_reason is not None:
+            raise StoreError(self._moved_reason)
         if self._full_reason is not None:
             raise StoreFull(self._full_reason)
+
+    def _identity(self) -> tuple[int, int] | None:
+        """The file the path names now, as (device, inode); None if there is none."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _moved(self) -> str | None:
+        """Why events must not be taken: the store's file was deleted or replaced under the
+        running server. SQLite goes on committing to the file it opened, which no path
+        names any more: every event acknowledged into it would be lost at the next restart,
+        which opens (or creates) whatever the path names then. Delivery goes on from the
+        open file meanwhile, so what was acknowledged before is still sent."""
+        if self._opened_file is None or self._server_lock is None:
+            return None  # not open yet, or the CLI, whose open is short
+        try:
+            now = self._identity()
+        except OSError:
+            return None  # cannot tell (a directory we may not search): the commits will say
+        if now == self._opened_file:
+            return None
+        what = "deleted" if now is None else "replaced by another file"
+        return (
+            f"the store file {self.path} was {what} while the server runs: events are refused, as they would"
+            " be lost at the next restart; put the file back, or let the queue drain and restart"
+        )
 
     def _reclaim_soon(self, now: float) -> None:
         """The store is full: make room from the records of delivered jobs, if any were

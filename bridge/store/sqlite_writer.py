@@ -25,7 +25,11 @@ from itertools import groupby, repeat
 from operator import attrgetter
 from typing import Any, NamedTuple
 
+import structlog
+
 from bridge.store.base import StoreError
+
+log = structlog.get_logger("bridge.store")
 
 Operation = Callable[[sqlite3.Connection], Any]
 # Runs many calls' items at once and returns one result per item, in order.
@@ -188,34 +192,50 @@ class GroupCommitWriter:
         except BaseException as exc:  # every caller must hear why, not hang
             self._fail_forever(StoreError(f"cannot open the SQLite database: {exc}"))
             return
+        batch: list[_Pending] = []
         try:
-            while True:
-                first = self._queue.get()
-                if first is None:
-                    return
-                batch = [first]
-                if self._commit_interval > 0:
-                    threading.Event().wait(self._commit_interval)
-                stop = self._drain(batch)
-                try:
-                    if True not in map(_outside_transaction, batch):  # the usual group: no maintenance
-                        self._run_batch(conn, batch)
-                    else:
-                        grouped = [p for p in batch if not p.outside_transaction]
-                        if grouped:
-                            self._run_batch(conn, grouped)
-                        for pending in batch:
-                            if pending.outside_transaction:
-                                self._run_alone(conn, pending)
-                except BaseException as exc:  # a bug here must fail callers, not strand them
-                    self._rollback(conn)
-                    self._end_transaction(committed=False)
-                    error = StoreError(f"sqlite writer failed: {exc!r}")
-                    self._finish([_Outcome(p, error=error) for p in batch])
-                if stop:
-                    return
+            self._serve(conn, batch)
+        except BaseException as exc:
+            # A fault where none is caught (an undo that raises while a failed group is
+            # rolled back): were the thread to end here, every later call would wait
+            # forever on a queue nobody reads, ingest and delivery hung with the server up.
+            # The connection's state and the in-memory indexes may disagree now, so
+            # nothing more is written: every caller, waiting or to come, gets a StoreError.
+            log.error("sqlite_writer_failed", error=repr(exc), exc_info=True)
+            error = StoreError(f"the SQLite writer stopped after an internal error ({exc!r}): restart the bridge")
+            self._finish([_Outcome(p, error=error) for p in batch])
+            self._fail_forever(error)
         finally:
             conn.close()
+
+    def _serve(self, conn: sqlite3.Connection, batch: list[_Pending]) -> None:
+        """Commit groups until stopped; ``batch`` holds the group in hand, for ``_run``."""
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch[:] = [first]
+            if self._commit_interval > 0:
+                threading.Event().wait(self._commit_interval)
+            stop = self._drain(batch)
+            try:
+                if True not in map(_outside_transaction, batch):  # the usual group: no maintenance
+                    self._run_batch(conn, batch)
+                else:
+                    grouped = [p for p in batch if not p.outside_transaction]
+                    if grouped:
+                        self._run_batch(conn, grouped)
+                    for pending in batch:
+                        if pending.outside_transaction:
+                            self._run_alone(conn, pending)
+            except BaseException as exc:  # a bug here must fail callers, not strand them
+                self._rollback(conn)
+                self._end_transaction(committed=False)
+                error = StoreError(f"sqlite writer failed: {exc!r}")
+                self._finish([_Outcome(p, error=error) for p in batch])
+            batch.clear()
+            if stop:
+                return
 
     def _drain(self, batch: list[_Pending]) -> bool:
         while len(batch) < MAX_OPS_PER_COMMIT:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 from aiohttp.test_utils import TestServer
 
 from bridge.store.sqlite_dedupe import dedupe_key
@@ -189,3 +190,47 @@ async def test_sigterm_releases_leases_of_a_hung_send(tmp_path: Path):
         await proc.ensure_stopped()
         moengage.stop()
         await server.close()
+
+
+async def _refused(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return True
+    writer.close()
+    return False
+
+
+async def test_sigterm_answers_a_batch_whose_body_is_still_arriving(tmp_path: Path):
+    """aiohttp drops what arrives once it shuts down, the rest of a body being read too:
+    the batch was never answered, and held the stop up for all of server.shutdown_timeout."""
+    raw = proc_config(tmp_path, "http://127.0.0.1:9")
+    raw["server"]["shutdown_timeout"] = 30
+    proc = BridgeProcess(raw, tmp_path)
+    batch = [{"type": "track", "userId": f"u{i}", "event": "E", "messageId": f"big-{i}"} for i in range(500)]
+    body = orjson.dumps({"batch": batch})
+    auth = basic(WRITE_KEY)["Authorization"]
+    head = (
+        f"POST /v1/batch HTTP/1.1\r\nHost: bridge\r\nContent-Type: application/json\r\n"
+        f"Authorization: {auth}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    try:
+        await proc.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", proc.port)
+        writer.write(head + body[: len(body) // 2])
+        await writer.drain()
+        await asyncio.sleep(0.3)  # the handler has the request and is reading its body
+        proc.terminate()
+        while not await _refused(proc.port):  # the listener is closed: the stop is under way
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        writer.write(body[len(body) // 2 :])
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 60)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+        assert await proc.wait(timeout=60) == 0, proc.log_tail()
+    finally:
+        await proc.ensure_stopped()
+    with sqlite3.connect(tmp_path / "bridge.db") as conn:
+        assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 500

@@ -341,6 +341,38 @@ async def test_check_writable_fails_when_the_files_become_read_only(tmp_path: Pa
     await store.close()
 
 
+async def test_a_store_file_moved_away_refuses_events_until_it_is_back(tmp_path: Path) -> None:
+    """SQLite keeps committing to the file it opened, which the path no longer names: the
+    events it would acknowledge would be gone at the next restart."""
+    db, aside = tmp_path / "b.db", tmp_path / "aside.db"
+    store = await opened(db, size_check_interval=0.0)
+    await store.enqueue("web", [event("m1")])
+    os.rename(db, aside)
+    with pytest.raises(StoreError, match="was deleted while the server runs") as refused:
+        await store.enqueue("web", [event("m2")])
+    assert not isinstance(refused.value, StoreFull)  # ingest answers store_unavailable
+    with pytest.raises(StoreError, match="deleted"):
+        await store.check_writable()
+    # What was acknowledged before is still delivered, from the file the store has open.
+    assert [j.message_id for j in await store.lease("moe", 10, 30)] == ["m1"]
+    os.rename(aside, db)
+    await store.check_writable()
+    assert (await store.enqueue("web", [event("m2")])).stored == 1
+    await store.close()
+    await assert_known_after_reopening(db, ["m1", "m2"])
+
+
+async def test_a_store_file_replaced_under_the_server_refuses_events(tmp_path: Path) -> None:
+    db, copy = tmp_path / "b.db", tmp_path / "copy.db"
+    store = await opened(db, size_check_interval=0.0)
+    await store.enqueue("web", [event("m1")])
+    shutil.copy(db, copy)
+    os.replace(copy, db)  # a restore from a backup, say
+    with pytest.raises(StoreError, match="replaced by another file"):
+        await store.enqueue("web", [event("m2")])
+    await store.close()
+
+
 async def test_two_stores_share_one_file(tmp_path: Path) -> None:
     """The CLI (``bridge dlq replay``) opens the file while the server is writing to it."""
     server = await opened(tmp_path / "b.db")
