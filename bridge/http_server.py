@@ -106,7 +106,10 @@ class JsonErrorHandler(RequestHandler):
         the deliveries' drain behind it, and its client got a closed connection instead of
         an answer. The body of a request in hand is still read, so it is answered (and its
         events stored) as the stop promises; the connection closes after it all the same."""
-        if (self._force_close or self._close) and self._request_in_progress:
+        # getattr: aiohttp's private flags, read with a default so that a release renaming
+        # them falls back to its own behaviour rather than failing every read.
+        stopping = getattr(self, "_force_close", False) or getattr(self, "_close", False)
+        if stopping and getattr(self, "_request_in_progress", False):
             closing = self._close, self._force_close
             self._close = self._force_close = False
             try:
