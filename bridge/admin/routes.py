@@ -347,7 +347,7 @@ class AdminApi:
         given_link = q.get("linked_id") or None
         links: dict[str, str] = {}
         if dest is not None and q.get("destination"):
-            wanted = ids_to_resolve(mapping, events)
+            wanted = ids_to_resolve(mapping, events, options)
             links = await self.runtime.store.resolve_links(dest.name, wanted) if wanted else {}
         results = []
         for index, event in enumerate(ingested):

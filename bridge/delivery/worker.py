@@ -685,13 +685,13 @@ class DestinationWorker:
                 events[job.id] = orjson.loads(job.payload)
             except orjson.JSONDecodeError:
                 data_dead.append(DeadLetter(job.id, "corrupt_payload", mapping_version=mapping.version))
+        options = self.config.mapping_options
         # identity_ids gives [] for an event that is not a JSON object.
         identity_ids = mapping.identity_ids
-        ids = {job_id: identity_ids(e) for job_id, e in events.items()}
+        ids = {job_id: identity_ids(e, options) for job_id, e in events.items()}
         # One union in C, not a Python step per id.
         wanted = sorted(set().union(*ids.values()))
         links = await self.store.resolve_links(self.name, wanted) if wanted else {}
-        options = self.config.mapping_options
         discards: list[Discard] = []
         done: list[int] = []  # jobs whose every output an earlier attempt delivered
         items: list[Item] = []

@@ -106,10 +106,12 @@ class CompiledMapping(ABC):
         """The id whose identity link should be resolved before ``apply`` (or None)."""
 
     @abstractmethod
-    def identity_ids(self, event: dict[str, Any]) -> list[str]:
+    def identity_ids(self, event: dict[str, Any], options: Mapping[str, Any] | None = None) -> list[str]:
         """Every id whose link should be resolved before ``apply``: the identity key, then
         those of ``identity.also`` (e.g. an alias's previousId). None for an ``event`` that
-        is not a JSON object (a stored payload may be any JSON): an empty list."""
+        is not a JSON object (a stored payload may be any JSON): an empty list.
+        ``options``: the destination's ``mapping_options``, as ``apply`` gets them, since
+        which ids name a user may depend on them (an anonymousId, with ``anonymous_ids``)."""
 
     @abstractmethod
     def identity_link(self, event: dict[str, Any]) -> tuple[str, str] | None:

@@ -61,6 +61,11 @@ class _Rule:
     after: list[tuple[_Rule, Guard | None]] | None = None
 
 
+# identity_ids' options when its caller gives none: the declared defaults alone. Never
+# written to (an Env's options are read only).
+_NO_OPTIONS: dict[str, Any] = {}
+
+
 class YamlMapping(CompiledMapping):
     """A mapping compiled from YAML; immutable after construction."""
 
@@ -149,10 +154,11 @@ class YamlMapping(CompiledMapping):
         except Exception:  # called at ingest and delivery: odd data means no key, never a crash
             return None
 
-    def identity_ids(self, event: dict[str, Any]) -> list[str]:
+    def identity_ids(self, event: dict[str, Any], options: Mapping[str, Any] | None = None) -> list[str]:
         if type(event) is not dict:
             return []
-        return self._ids(event_env(event, None, {}, "", None))  # one for the key and the others
+        # One call for the key and the others, with the options apply reads (their defaults).
+        return self._ids(event_env(event, None, self._options(_NO_OPTIONS if options is None else options), "", None))
 
     def identity_link(self, event: dict[str, Any]) -> tuple[str, str] | None:
         if self._identity_link is None or type(event) is not dict:

@@ -335,6 +335,12 @@ def compare(c: ExprCompiler, lhs: Fn, op: str, rhs: YNode, ypath: str, fold: boo
         if op == "equals" and type(want[1]) is str and not fold:
             text = want[1]
             return emits(lambda env: lhs(env) == text, lambda g: f"({g.value(lhs)} == {g.literal(text)})")
+        if op == "equals" and type(want[1]) is bool:
+            # Inlined in fused code: an option's flag (`$options.anonymous_ids equals true`) is
+            # asked of every event. True and False are singletons, so `is` is _key's typed
+            # equality (1 is not True).
+            flag: bool = want[1]
+            return emits(lambda env: lhs(env) is flag, lambda g: f"({g.value(lhs)} is {flag!r})")
         if op == "equals":
             return lambda env: _key(lhs(env), fold) == want
         return lambda env: _key(lhs(env), fold) != want

@@ -8,9 +8,10 @@ from typing import Any
 from bridge.mapping.api import CompiledMapping, MapContext
 
 
-def ids_to_resolve(mapping: CompiledMapping, events: Iterable[Any]) -> list[str]:
-    """Every id of ``events`` whose link the store should look up before mapping them."""
-    return sorted({i for e in events if type(e) is dict for i in mapping.identity_ids(e)})
+def ids_to_resolve(mapping: CompiledMapping, events: Iterable[Any], options: Mapping[str, Any]) -> list[str]:
+    """Every id of ``events`` whose link the store should look up before mapping them with
+    the destination's mapping ``options``."""
+    return sorted({i for e in events if type(e) is dict for i in mapping.identity_ids(e, options)})
 
 
 def link_context(
@@ -29,5 +30,5 @@ def link_context(
     ``$link``."""
     if type(event) is not dict or not links:
         return MapContext(linked_id, options, source)
-    own = {i: links[i] for i in (mapping.identity_ids(event) if ids is None else ids) if i in links}
+    own = {i: links[i] for i in (mapping.identity_ids(event, options) if ids is None else ids) if i in links}
     return MapContext(linked_id, options, source, own)

@@ -185,3 +185,59 @@ async def merge_after_deletion(bridge: Bridge) -> None:
     await moengage.wait_for(lambda: len(moengage.events()) == 1)
     assert action_users(bridge) == {"Later": "new-7"}
     assert moengage.users() == {"new-7"}
+
+
+async def test_with_anonymous_ids_a_merged_anonymous_ids_later_calls_reach_the_retained_user(
+    make_bridge: Callable[..., Any],
+) -> None:
+    """With anonymous_ids an anonymousId is a MoEngage user, which analytics.js's alias(newId)
+    before identify merges into the new userId. Its anonymous-only calls after the merge (in
+    the merge's batch, or later) go to the retained user: sent under the anonymousId,
+    MoEngage made that user again, a ghost profile beside the one it was merged into."""
+
+    def tweak(raw: dict[str, Any]) -> None:
+        raw["destinations"][0]["mapping_options"] = {"anonymous_ids": True}
+
+    bridge = await make_bridge(tweak)
+    h = basic(WRITE_KEY)
+    moengage = bridge.moengage
+    assert (await bridge.post("/v1/track", {"anonymousId": "anon-9", "event": "Before"}, h))[0] == 200
+    assert (await bridge.post("/v1/identify", {"userId": "user-9", "traits": {"name": "u9"}}, h))[0] == 200
+    await moengage.wait_for(lambda: moengage.users() == {"anon-9", "user-9"})
+    alias = {"type": "alias", "previousId": "anon-9", "anonymousId": "anon-9", "userId": "user-9"}
+    late = {"type": "track", "anonymousId": "anon-9", "event": "Same Batch"}
+    assert (await bridge.post("/v1/batch", {"batch": [alias, late]}, h))[0] == 200
+    await moengage.wait_for(lambda: len(moengage.events()) == 2)
+    await wait_until(lambda: settled(bridge), what="the merge to be acked")
+    assert moengage.merges() == [{"merged_user": "anon-9", "retained_user": "user-9"}]
+
+    assert (await bridge.post("/v1/track", {"anonymousId": "anon-9", "event": "After"}, h))[0] == 200
+    await moengage.wait_for(lambda: len(moengage.events()) == 3)
+    assert action_users(bridge) == {"Before": "anon-9", "Same Batch": "user-9", "After": "user-9"}
+    assert moengage.users() == {"user-9"}  # the merged anonymousId was not made again
+    # A dry run for the destination looks the anonymousId up as its worker does.
+    dry = {"type": "track", "anonymousId": "anon-9", "event": "Dry"}
+    status, body = await bridge.post("/admin/translate?destination=moengage-main", dry, ADMIN)
+    assert status == 200 and body["results"][0]["outputs"][0]["body"]["customer_id"] == "user-9", body
+
+
+async def test_an_alias_of_an_anonymous_id_never_sent_is_discarded_not_merged(bridge: Bridge) -> None:
+    """Without anonymous_ids MoEngage never had the anonymousId analytics.js names as the
+    previousId of alias(newId) before identify: no Merge User of it, but a discard with its
+    reason, listed for a replay (once anonymous_ids is on, say). An alias of two userIds
+    still merges."""
+    h = basic(WRITE_KEY)
+    moengage = bridge.moengage
+    for user in ("user-10", "old-10"):
+        assert (await bridge.post("/v1/identify", {"userId": user, "traits": {"name": user}}, h))[0] == 200
+    await moengage.wait_for(lambda: moengage.users() == {"user-10", "old-10"})
+    alias = {"previousId": "anon-10", "anonymousId": "anon-10", "userId": "user-10", "messageId": "m10-anon"}
+    assert (await bridge.post("/v1/alias", alias, h))[0] == 200
+    between = {"previousId": "old-10", "anonymousId": "anon-10", "userId": "user-10"}
+    assert (await bridge.post("/v1/alias", between, h))[0] == 200
+    await moengage.wait_for(lambda: len(moengage.merges()) == 1)
+    await wait_until(lambda: settled(bridge), what="both aliases to be settled")
+
+    assert moengage.merges() == [{"merged_user": "old-10", "retained_user": "user-10"}]
+    _, body = await bridge.get("/admin/discards?reason=anonymous_previous_id", ADMIN)
+    assert [(d["message_id"], d["reason"]) for d in body["discards"]] == [("m10-anon", "anonymous_previous_id")]

@@ -355,7 +355,7 @@ def test_identity_also_and_the_linked_step(tmp_path: Path) -> None:
     m = value_mapping(tmp_path, "{path: $.previousId, pipe: [linked]}", extra_top=top)
     event = {"type": "track", "userId": "u1", "previousId": "p1", "groupId": "u1"}
     assert m.identity_ids(event) == ["u1", "p1"]  # the key first, no repeats
-    assert ids_to_resolve(m, [event, {"userId": "u2"}, "not an event"]) == ["p1", "u1", "u2"]
+    assert ids_to_resolve(m, [event, {"userId": "u2"}, "not an event"], {}) == ["p1", "u1", "u2"]
     links = {"p1": "crm-p1", "u1": "crm-u1", "other": "x"}
     ctx = link_context(m, event, links, options={}, source="web")
     # Only the event's own ids: a link another event of the batch needed is not visible here.

@@ -34,7 +34,7 @@ source_format: segment
 destination_kind: segment
 identity:
   key: {first: [$.userId, $.traits.id], pipe: [{to: string}]}
-  also: [$.previousId, {path: "$.context.ids[1]"}]
+  also: [$.previousId, {path: "$.context.ids[1]"}, {if: {value: $options.anon, equals: true}, then: $.anonymousId}]
 let:
   who: {first: [$link, $.userId, {if: {value: $options.anon, equals: true}, then: $.anonymousId}]}
   tags: {path: $.properties.tags, drop_if: empty, default: {literal: [none]}}
@@ -201,6 +201,9 @@ def _same_everywhere(fused: CompiledMapping, plain: CompiledMapping, events: lis
             assert repr(fused.apply(event, ctx)) == repr(plain.apply(event, ctx)), (event, ctx)
         if isinstance(event, dict):
             assert repr(fused.identity_ids(event)) == repr(plain.identity_ids(event)), event
+            for ctx in CONTEXTS:
+                got = fused.identity_ids(event, ctx.options)
+                assert repr(got) == repr(plain.identity_ids(event, ctx.options)), (event, ctx)
             assert repr(fused.identity_link(event)) == repr(plain.identity_link(event)), event
 
 
@@ -457,6 +460,24 @@ def test_event_prefixes_read_more_than_once_are_read_once_and_still_agree(
     expected = plain.apply(base, MapContext())
     assert isinstance(expected, list) and expected[0].body["userId"] == "ad-1"  # "" is empty
     _same_everywhere(fused, plain, odd_events(base, 2000, seed=11))
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_equals_a_boolean_holds_for_that_boolean_only(
+    flag: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inlined as `is`: 1, 0, 1.0, "true" or a missing value never equal a boolean (JSON
+    types differ), fused or not."""
+    hit = f"{{if: {{value: $.properties.x, equals: {str(flag).lower()}}}, then: y}}"
+    rule = track_rule(f"event: e\nuserId: u\nproperties: {{object: {{hit: {hit}}}}}")
+    fused, plain = _both(monkeypatch, write(tmp_path / "eq.yaml", rule))
+    for value in (*ODD_VALUES, 0.0, 1.0, "true", "false", _DELETE):
+        props = {} if value is _DELETE else {"x": value}
+        event = {"type": "track", "userId": "u", "event": "E", "properties": props}
+        want = {"hit": "y"} if type(value) is bool and value is flag else {}
+        for mapping in (fused, plain):
+            result = mapping.apply(event, MapContext())
+            assert isinstance(result, list) and result[0].body["properties"] == want, (value, result)
 
 
 @pytest.mark.parametrize("value", (*ODD_VALUES, MISSING))

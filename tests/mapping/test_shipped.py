@@ -78,6 +78,18 @@ def test_identity_link_and_key(shipped):
     assert shipped["moengage-to-segment"].identity_key({"uid": "x"}) is None
 
 
+def test_an_anonymous_id_is_looked_up_only_when_it_is_a_customer_id(shipped):
+    """With anonymous_ids an alias may merge an anonymousId away: its link is looked up, so
+    its later anonymous-only calls name the user it was merged into. Otherwise it names no
+    MoEngage user, and a lookup would be a wasted store query an event."""
+    s2m = shipped["segment-to-moengage"]
+    alias = {"type": "alias", "userId": "u1", "previousId": "p1", "anonymousId": "a1"}
+    assert s2m.identity_ids(alias) == ["u1", "p1"]
+    assert s2m.identity_ids(alias, {"anonymous_ids": False}) == ["u1", "p1"]
+    assert s2m.identity_ids(alias, {"anonymous_ids": True}) == ["u1", "p1", "a1"]
+    assert s2m.identity_ids({"type": "track", "anonymousId": 7}, {"anonymous_ids": True}) == ["7"]
+
+
 @pytest.mark.parametrize(
     "bad",
     [
