@@ -148,6 +148,14 @@ def test_every_helm_template_parses_into_kubernetes_objects() -> None:
     assert kinds == {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "ServiceMonitor"}
 
 
+def test_the_bridge_is_not_pid_1_in_its_pod() -> None:
+    """As PID 1 the kernel drops a SIGTERM that arrives before Python holds its signals;
+    Kubernetes has no --init, so the pod shares its process namespace (the pause container
+    is PID 1)."""
+    (deployment,) = rendered_docs()["deployment.yaml"]
+    assert deployment["spec"]["template"]["spec"]["shareProcessNamespace"] is True
+
+
 def test_template_actions_are_balanced_and_helpers_exist() -> None:
     helpers = (TEMPLATES / "_helpers.tpl").read_text()
     defined = set(re.findall(r'{{-?\s*define\s+"([^"]+)"', helpers))
