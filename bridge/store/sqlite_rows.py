@@ -29,3 +29,18 @@ def insert_rows(
         params: list[object] = [shared]
         params.extend(chain.from_iterable(chunk))
         conn.execute(multi_row_sql(head, template, len(chunk)), params)
+
+
+def insert_values(
+    conn: sqlite3.Connection, statement: tuple[str, str], shared: Sequence[object], values: list[object], width: int
+) -> None:
+    """Insert rows of ``width`` values each, given end to end in ``values`` (no tuple a
+    row); ``shared`` are the row template's numbered parameters, ?1 on, which every row
+    of a statement shares, bound once per statement."""
+    head, template = statement
+    step = ROWS_PER_STATEMENT * width
+    for start in range(0, len(values), step):
+        chunk = values[start : start + step]
+        params = list(shared)
+        params += chunk
+        conn.execute(multi_row_sql(head, template, len(chunk) // width), params)
