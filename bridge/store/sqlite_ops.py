@@ -148,12 +148,8 @@ class _JobRows:
     event of a request shares its source's destinations) joins a run of that destination
     and source, whose rows are only their message id, ordering key and payload, end to end
     in one list built in C (``JOBS_INSERT_SHARED``); any other call's rows carry their own
-    destination and source (``JOBS_INSERT``), as every row used to.
-
-    Payloads are bound as bytearrays: Python's sqlite3 binds a bytearray as it is, but
-    passes a bytes object through its adapter look-up first, whose failed attribute look-up
-    on the protocol type raises and clears an AttributeError (3.3k of a batch event's 111k
-    instructions). The stored BLOB is the same bytes."""
+    destination and source (``JOBS_INSERT``), as every row used to. Either way payloads
+    are bound as bytearrays (``sqlite_rows.as_blobs``)."""
 
     __slots__ = ("runs",)
 
@@ -171,14 +167,14 @@ class _JobRows:
             values: list[object] = [None] * (3 * len(events))
             values[0::3] = list(map(_message_id_of, events))
             values[1::3] = list(map(_ordering_key_of, events))
-            values[2::3] = _blobs(list(map(_payload_of, events)))
+            values[2::3] = list(map(_payload_of, events))
             if runs and runs[-1][0] == shared:
                 runs[-1][1].extend(values)
             else:
                 runs.append((shared, values))
             return
-        rows: list[tuple[str, str, str, str, bytes | bytearray]] = [
-            (destination, source, message_id, ordering_key, bytearray(payload) if type(payload) is bytes else payload)
+        rows: list[tuple[str, str, str, str, bytes]] = [
+            (destination, source, message_id, ordering_key, payload)
             for message_id, ordering_key, payload, event_destinations, _ in events
             for destination in event_destinations
         ]
@@ -190,17 +186,9 @@ class _JobRows:
     def insert(self, conn: sqlite3.Connection, now: float) -> None:
         for shared, values in self.runs:
             if shared is None:
-                insert_rows(conn, JOBS_INSERT, values, now)
+                insert_rows(conn, JOBS_INSERT, values, now, blob_column=4)
             else:
-                insert_values(conn, JOBS_INSERT_SHARED, (now, *shared), values, 3)
-
-
-def _blobs(payloads: list[Any]) -> list[Any]:
-    """``payloads`` as bytearrays, to bind without the adapter look-up (``_JobRows``); left
-    as they are unless every one is bytes, for SQLite to store or refuse as it always has."""
-    if all(map(is_, map(type, payloads), repeat(bytes))):
-        return list(map(bytearray, payloads))
-    return payloads
+                insert_values(conn, JOBS_INSERT_SHARED, (now, *shared), values, 3, blob_column=2)
 
 
 def _learn_links(conn: sqlite3.Connection, links: list[tuple[str, str, str]], now: float) -> None:

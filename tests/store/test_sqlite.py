@@ -1379,27 +1379,42 @@ async def test_a_run_binds_its_destination_and_source_once_a_statement(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The usual call (every event to the same destinations, one of them) is inserted as a
-    run: three values a row, its payloads bytearrays, which sqlite3 binds without its
-    adapter look-up. A call of two destinations keeps rows of their own."""
-    runs: list[tuple[tuple[object, ...], int, set[type]]] = []
+    run: three values a row, its payloads bound as bytearrays, which sqlite3 binds without
+    its adapter look-up. A call of two destinations keeps rows of their own."""
+    runs: list[tuple[tuple[object, ...], int, int | None]] = []
     insert_values = sqlite_rows.insert_values
 
-    def recorded(conn: sqlite3.Connection, statement: tuple[str, str], shared: Any, values: Any, width: int) -> None:
-        runs.append((tuple(shared)[1:], len(values) // width, {type(v) for v in values[2::width]}))
-        insert_values(conn, statement, shared, values, width)
+    def recorded(
+        conn: sqlite3.Connection,
+        statement: tuple[str, str],
+        shared: Any,
+        values: Any,
+        width: int,
+        *,
+        blob_column: int | None = None,
+    ) -> None:
+        runs.append((tuple(shared)[1:], len(values) // width, blob_column))
+        insert_values(conn, statement, shared, values, width, blob_column=blob_column)
 
     monkeypatch.setattr(ops, "insert_values", recorded)
     store = await opened(tmp_path / "b.db")
     await store.enqueue("web", [event("m1", "u1"), event("m2", "u2")])
     await store.enqueue("web", [event("m3", "u1", ("moe", "sf"))])
     await store.close()
-    assert runs == [(("moe", "web"), 2, {bytearray})]
+    assert runs == [(("moe", "web"), 2, 2)]
     assert [row[:3] for row in _job_rows(tmp_path / "b.db")] == [
         ("moe", "web", "m1"),
         ("moe", "web", "m2"),
         ("moe", "web", "m3"),
         ("sf", "web", "m3"),
     ]
+
+
+def test_bytes_are_bound_as_bytearrays_and_anything_else_as_it_is() -> None:
+    blobs = sqlite_rows.as_blobs([b"{}", b"\x00\xff"])
+    assert blobs == [bytearray(b"{}"), bytearray(b"\x00\xff")] and {type(b) for b in blobs} == {bytearray}
+    mixed: list[object] = [b"{}", "{}", 3]
+    assert sqlite_rows.as_blobs(mixed) is mixed
 
 
 async def test_a_payload_that_is_not_bytes_is_bound_as_it_is(tmp_path: Path) -> None:
