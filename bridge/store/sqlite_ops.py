@@ -125,8 +125,10 @@ def enqueue_many(conn: sqlite3.Connection, calls: list[EnqueueCall], *, dedupe: 
             accepted, duplicates = _split_duplicates(events, call_keys, taken, fresh)
         jobs.add(source, accepted)
         # Only the events that teach links (identify calls, in the shipped mappings) enter
-        # a Python loop; the others are passed over in C.
-        for event_links in filter(None, map(_links_of, accepted)):
+        # a Python loop; the others are passed over in C. A single call's one event (or
+        # none, a duplicate) is looked at as it is: the C steps cost more than they save.
+        taught = filter(None, map(_links_of, accepted)) if len(accepted) > 1 else accepted[0][4:] if accepted else ()
+        for event_links in taught:
             for link in event_links:
                 links[(link.namespace, link.from_id)] = (link.namespace, link.from_id, link.to_id)
         if not duplicates:  # a shared answer for the usual single call: no tuple built per call
@@ -161,8 +163,19 @@ class _JobRows:
         if not events:
             return
         runs = self.runs
-        destinations = events[0].destinations
-        if len(destinations) == 1 and all(map(is_, map(_destinations_of, events), repeat(destinations))):
+        destinations = events[0][3]
+        if len(destinations) != 1:
+            pass  # rows of their own, below
+        elif len(events) == 1:
+            # A single call's event (a Tracking API /v1/track, say): its values as they
+            # are, where the C steps below cost more than they save for one row.
+            shared = (destinations[0], source)
+            if runs and runs[-1][0] == shared:
+                runs[-1][1].extend(events[0][:3])
+            else:
+                runs.append((shared, list(events[0][:3])))
+            return
+        elif all(map(is_, map(_destinations_of, events), repeat(destinations))):
             shared = (destinations[0], source)
             values: list[object] = [None] * (3 * len(events))
             values[0::3] = list(map(_message_id_of, events))

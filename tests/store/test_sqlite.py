@@ -1344,7 +1344,9 @@ def _calls() -> list[tuple[str, list[IncomingEvent]]]:
         # Equal destinations but not the same tuple: the general rows.
         ("web", [event("d1", "u1", ("moe",)), event("d2", "u3", tuple(["moe"]))]),
         ("web", [event("c1", "u1", ("sf",)), event("c2", "u2", ("sf",))]),
-        ("web", [event("c3", "u1", ("sf",))]),
+        ("web", [event("c3", "u1", ("sf",))]),  # a single call's event, joining the run before
+        ("web", [event("c4", "u5", ("moe", "sf"))]),
+        ("web", [event("c5", "u5")]),  # a single call's event, starting a run
         ("app", [event("a0", "u1"), event("e1", "ü-2")]),
         ("web", [event(f"f{i}", "u4") for i in range(700)]),  # past one statement's 500 rows
     ]
