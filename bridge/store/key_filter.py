@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import mmap
 import operator
+import sys
 from collections.abc import Sequence
 from itertools import compress, repeat
 from typing import Final
@@ -40,9 +41,12 @@ WORD: Final = "I"
 if memoryview(bytes(4)).cast(WORD).itemsize != 4:  # pragma: no cover - every platform we run on
     raise ImportError("bridge needs a 4-byte unsigned int for its dedupe filter")
 DEFAULT_BITS_LOG2 = 27  # 16 MiB
-# A key's bit within its byte, by the probe's low byte.
+# A key's bit within its byte, by the probe's low byte: a translation table, so that
+# ``bytes.translate`` gives every key's bit in one call.
 _BIT = bytes(1 << (b & 7) for b in range(256))
 _WORDS_PER_KEY = KEY_BYTES // 4
+# Where in a key the probe's low byte is: its first byte where native words are little-endian.
+_LOW_BYTE = 0 if sys.byteorder == "little" else 3
 
 
 def check_bits(bits_log2: int) -> None:
@@ -64,7 +68,9 @@ class KeyFilter:
             raise ValueError(f"dedupe keys are {KEY_BYTES} bytes each")
         words = memoryview(joined).cast(WORD)[::_WORDS_PER_KEY].tolist()
         offsets = list(map(operator.rshift, words, repeat(self._shift)))
-        bits = bytes(map(_BIT.__getitem__, map(operator.and_, words, repeat(0xFF))))
+        # Each probe's low byte, sliced out of the keys, through _BIT: two calls for all
+        # the keys, where two map steps a key took a quarter of the filter's work.
+        bits = joined[_LOW_BYTE::KEY_BYTES].translate(_BIT)
         return offsets, bits
 
     def add(self, keys: Sequence[bytes]) -> None:
@@ -92,7 +98,7 @@ class KeyFilter:
         before = bytes(map(table.__getitem__, offsets))  # read all first: keys of this call never count
         for _ in map(table.__setitem__, offsets, map(operator.or_, map(table.__getitem__, offsets), bits)):
             pass
-        return list(compress(keys, map(operator.and_, before, bits)))
+        return _held(keys, before, bits)
 
     def count_added(self, n: int) -> None:
         """Count ``n`` keys recorded after ``check_and_add`` put them in."""
@@ -103,4 +109,13 @@ class KeyFilter:
         if not keys:
             return []
         offsets, bits = self._probes(keys)
-        return list(compress(keys, map(operator.and_, map(self._bytes.__getitem__, offsets), bits)))
+        return _held(keys, bytes(map(self._bytes.__getitem__, offsets)), bits)
+
+
+def _held(keys: Sequence[bytes], found: bytes, bits: bytes) -> list[bytes]:
+    """The keys whose bit is set in their ``found`` byte. Nearly every key a client sends is
+    new, so first all of them at once, ANDed as two integers: a key at a time only when
+    some bit is set."""
+    if not int.from_bytes(found, "little") & int.from_bytes(bits, "little"):
+        return []
+    return list(compress(keys, map(operator.and_, found, bits)))

@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import sqlite3
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -342,3 +343,35 @@ async def test_closing_right_after_the_first_enqueue_lets_a_reopened_store_build
 def test_a_bad_filter_size_is_refused_when_the_store_is_made(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="2\\^4 to 2\\^32"):
         SqliteStore(str(tmp_path / "b.db"), dedupe_filter_bits_log2=40)
+
+
+def test_probes_and_answers_match_the_filter_worked_out_a_key_at_a_time() -> None:
+    """The filter's whole-call shortcuts (every key's bit in one translate, every answer in
+    one AND of two integers) give what the probe word says key by key: its top bits the
+    byte, its low 3 bits the bit. Both ways of answering are asked: calls where no key was
+    there, and calls where some were."""
+    bits_log2 = 12
+    shift = 32 - (bits_log2 - 3)
+    key_filter = KeyFilter(bits_log2=bits_log2)
+    # Random keys, and four whose probes share a byte (two of them a bit).
+    keys = [os.urandom(16) for _ in range(300)] + [bytes([b, 1, 2, 3]) + bytes(12) for b in (0, 7, 8, 255)]
+    words = [int.from_bytes(k[:4], sys.byteorder) for k in keys]
+    offsets, bits = key_filter._probes(keys)
+    assert offsets == [w >> shift for w in words]
+    assert list(bits) == [1 << (w & 7) for w in words]
+
+    def bit_of(key: bytes) -> int:
+        word = int.from_bytes(key[:4], sys.byteorder)
+        return (word >> shift) << 3 | word & 7
+
+    held: set[int] = set()
+    answers = []
+    for start in range(0, len(keys), 50):
+        asked = keys[start : start + 50]
+        answers.append(key_filter.check_and_add(asked))
+        assert answers[-1] == [k for k in asked if bit_of(k) in held]
+        held |= {bit_of(k) for k in asked}
+    assert answers[0] == [] and any(answers)  # 300 keys in 2^12 bits: later calls meet earlier bits
+    assert key_filter.might_hold(keys) == keys
+    fresh = [os.urandom(16) for _ in range(200)]
+    assert key_filter.might_hold(fresh) == [k for k in fresh if bit_of(k) in held]

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from bridge.store import open_store
+from bridge.store import open_store, sqlite_rows
 from bridge.store import sqlite_ops as ops
-from bridge.store.base import DeadLetter, Discard, QueueStats, RecordFilter, StoreError, StoreFull
+from bridge.store.base import DeadLetter, Discard, IncomingEvent, QueueStats, RecordFilter, StoreError, StoreFull
 from bridge.store.sql_filters import record_where
 from bridge.store.sqlite import SqliteStore
 from bridge.store.sqlite_dedupe import KEYS_PER_ROW, dedupe_key, dedupe_keys_of, target_generation
@@ -1353,3 +1353,110 @@ async def test_a_file_from_before_delivered_outputs_gains_the_columns_and_keeps_
         await check_outputs_survive(store)
     finally:
         await store.close()
+
+
+def _job_rows(path: Path) -> list[tuple[object, ...]]:
+    """Every job row as enqueue wrote it, in id order: the payload's SQL type with it."""
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(
+            "SELECT destination, source, message_id, ordering_key, payload, typeof(payload), state,"
+            " available_at = created_at, attempts, last_error, mapping_version, settled_at FROM jobs ORDER BY id"
+        ).fetchall()
+    finally:
+        conn.close()
+
+
+def _calls() -> list[tuple[str, list[IncomingEvent]]]:
+    """Enqueue calls for both ways of inserting jobs: a run of one destination and source
+    (its rows bind those once a statement) and rows that carry their own."""
+    return [
+        ("web", [event(f"a{i}", f"u{i}", size=i * 300) for i in range(3)]),
+        ("web", [event("b1", "u1", ("moe", "sf")), event("b2", "", ("moe", "sf"))]),
+        # Equal destinations but not the same tuple: the general rows.
+        ("web", [event("d1", "u1", ("moe",)), event("d2", "u3", tuple(["moe"]))]),
+        ("web", [event("c1", "u1", ("sf",)), event("c2", "u2", ("sf",))]),
+        ("web", [event("c3", "u1", ("sf",))]),  # a single call's event, joining the run before
+        ("web", [event("c4", "u5", ("moe", "sf"))]),
+        ("web", [event("c5", "u5")]),  # a single call's event, starting a run
+        ("app", [event("a0", "u1"), event("e1", "ü-2")]),
+        ("web", [event(f"f{i}", "u4") for i in range(700)]),  # past one statement's 500 rows
+    ]
+
+
+def _expected(calls: list[tuple[str, list[IncomingEvent]]]) -> list[tuple[object, ...]]:
+    return [
+        (d, source, e.message_id, e.ordering_key, e.payload, "blob", 0, 1, 0, "", "", None)
+        for source, events in calls
+        for e in events
+        for d in e.destinations
+    ]
+
+
+async def test_jobs_are_the_same_rows_whether_inserted_in_runs_or_one_by_one(tmp_path: Path) -> None:
+    """A commit group's jobs go in as runs of one destination and source where a call's
+    events share their destinations, and as rows of their own otherwise: the rows stored,
+    and their order, are those of each call run alone (the payload a BLOB of its bytes)."""
+    calls = _calls()
+    together = await opened(tmp_path / "together.db")
+    results = await asyncio.gather(*(together.enqueue(source, events) for source, events in calls))
+    assert [r.stored for r in results] == [len(events) for _, events in calls]
+    await together.close()
+    alone = await opened(tmp_path / "alone.db")
+    for source, events in calls:
+        await alone.enqueue(source, events)
+    await alone.close()
+    assert _job_rows(tmp_path / "together.db") == _job_rows(tmp_path / "alone.db") == _expected(calls)
+
+
+async def test_a_run_binds_its_destination_and_source_once_a_statement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The usual call (every event to the same destinations, one of them) is inserted as a
+    run: three values a row, its payloads bound as bytearrays, which sqlite3 binds without
+    its adapter look-up. A call of two destinations keeps rows of their own."""
+    runs: list[tuple[tuple[object, ...], int, int | None]] = []
+    insert_values = sqlite_rows.insert_values
+
+    def recorded(
+        conn: sqlite3.Connection,
+        statement: tuple[str, str],
+        shared: Any,
+        values: Any,
+        width: int,
+        *,
+        blob_column: int | None = None,
+    ) -> None:
+        runs.append((tuple(shared)[1:], len(values) // width, blob_column))
+        insert_values(conn, statement, shared, values, width, blob_column=blob_column)
+
+    monkeypatch.setattr(ops, "insert_values", recorded)
+    store = await opened(tmp_path / "b.db")
+    await store.enqueue("web", [event("m1", "u1"), event("m2", "u2")])
+    await store.enqueue("web", [event("m3", "u1", ("moe", "sf"))])
+    await store.close()
+    assert runs == [(("moe", "web"), 2, 2)]
+    assert [row[:3] for row in _job_rows(tmp_path / "b.db")] == [
+        ("moe", "web", "m1"),
+        ("moe", "web", "m2"),
+        ("moe", "web", "m3"),
+        ("sf", "web", "m3"),
+    ]
+
+
+def test_bytes_are_bound_as_bytearrays_and_anything_else_as_it_is() -> None:
+    blobs = sqlite_rows.as_blobs([b"{}", b"\x00\xff"])
+    assert blobs == [bytearray(b"{}"), bytearray(b"\x00\xff")] and {type(b) for b in blobs} == {bytearray}
+    mixed: list[object] = [b"{}", "{}", 3]
+    assert sqlite_rows.as_blobs(mixed) is mixed
+
+
+async def test_a_payload_that_is_not_bytes_is_bound_as_it_is(tmp_path: Path) -> None:
+    """Only bytes payloads are turned into bytearrays: any other value reaches SQLite as
+    given (a str stays TEXT, an int an INTEGER), not converted into something else
+    (bytearray("{}") raises, bytearray(3) is three zero bytes), in a run or not."""
+    store = await opened(tmp_path / "b.db")
+    await store.enqueue("web", [IncomingEvent("m1", "u1", "{}", ("moe",))])  # type: ignore[arg-type]
+    await store.enqueue("web", [IncomingEvent("m2", "u1", 3, ("moe", "sf"))])  # type: ignore[arg-type]
+    await store.close()
+    assert [row[4:6] for row in _job_rows(tmp_path / "b.db")] == [("{}", "text"), (3, "integer"), (3, "integer")]
