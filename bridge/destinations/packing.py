@@ -66,7 +66,7 @@ def chunk(
 
 def json_array(items: Iterable[Item]) -> bytes:
     """The items' bodies as one JSON array, from their encoded bytes."""
-    return b"[" + b",".join([item.encoded for item in items]) + b"]"
+    return b"[" + b",".join(map(_ENCODED, items)) + b"]"  # in C: no Python step an item
 
 
 def json_object(head: Mapping[str, bytes], tail: Mapping[str, Any] | None = None) -> bytes:
