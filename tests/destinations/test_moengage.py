@@ -556,10 +556,12 @@ def test_packing_a_bulk_import_at_once_makes_the_requests_packing_item_by_item_m
             for request in fast:
                 kinds = [it.output.kind for it in request.items]
                 cost = dest.rate_cost(request).buckets
+                actions = sum(
+                    max(1, len(it.output.body["actions"])) for it in request.items if it.output.kind == "event"
+                )
+                if request.endpoint == "event":
+                    assert cost == {"events": actions}
                 if request.endpoint == "bulk":
-                    actions = sum(
-                        max(1, len(it.output.body["actions"])) for it in request.items if it.output.kind == "event"
-                    )
                     expected = {
                         "bulk_users": kinds.count("customer"),
                         "bulk_events": actions,
