@@ -742,7 +742,13 @@ class DestinationWorker:
                 )
                 continue
             try:
-                mine = [Item(job_id, out, orjson.dumps(out.body)) for out in result]
+                if len(result) == 1:
+                    # Most events map to one output: made without a comprehension, which is a
+                    # function call of its own (Python 3.11), costing more than the Item.
+                    out = result[0]
+                    mine = [Item(job_id, out, orjson.dumps(out.body))]
+                else:
+                    mine = [Item(job_id, out, orjson.dumps(out.body)) for out in result]
             except orjson.JSONEncodeError as exc:
                 # Mapped, but not writable as JSON (nested past orjson's 254 levels): this
                 # event can never be sent. Dead-lettered alone, as a request that cannot be

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
+from typing import Any, cast
 
+import orjson
+import pytest
+
+from bridge.config.model import build_config
 from bridge.delivery.policy import Action
-from bridge.delivery.worker import Verdict, _all_delivered, _Batch, _judge, _judge_first
-from bridge.destinations.base import Request
+from bridge.delivery.worker import DestinationWorker, Verdict, _all_delivered, _Batch, _judge, _judge_first
+from bridge.destinations.base import Item, Request
+from bridge.mapping.api import CompiledMapping, Output
+from bridge.store.base import DeadLetter, Discard, Job, Store
+from tests.e2e.harness import config_dict
 
 
 def verdict(action: Action) -> Verdict:
@@ -62,3 +71,66 @@ def test_all_delivered_is_what_settling_job_by_job_finds() -> None:
         assert _all_delivered(batch, job_items) == expected
         seen.add(expected)
     assert seen == {True, False}
+
+
+class _Mapping:
+    """A stand-in compiled mapping: each event's ``outputs`` field is its outputs."""
+
+    version = "v1"
+
+    def identity_ids(self, event: dict[str, Any], options: Any = None) -> list[str]:
+        return []
+
+    def apply(self, event: dict[str, Any], ctx: Any) -> list[Output]:
+        return [Output(kind, body) for kind, body in event["outputs"]]
+
+
+class _Store:
+    def __init__(self) -> None:
+        self.dead: list[DeadLetter] = []
+        self.discarded: list[int] = []
+
+    async def dead_letter(self, entries: list[DeadLetter], *, fence: Any = None) -> None:
+        self.dead.extend(entries)
+
+    async def discard(self, entries: list[Discard], *, fence: Any = None) -> None:
+        self.discarded.extend(d.job_id for d in entries)
+
+
+def _job(job_id: int, payload: bytes) -> Job:
+    return Job(job_id, "moengage", "web", f"m{job_id}", f"u{job_id}", payload, 1, 0.0, 0.0, b"")
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+async def test_mapping_a_lease_makes_an_item_an_output_with_one_output_or_several(
+    tmp_path: Path, corrupt: bool
+) -> None:
+    """_map's shortcuts (a lease's payloads parsed at once, an event's one output made
+    without a comprehension) against what the general ways give (a corrupt payload among
+    good ones parses them one by one), with events of none, one and several outputs."""
+    config = build_config(config_dict(tmp_path, "http://127.0.0.1:9", "http://127.0.0.1:9"))
+    store = _Store()
+    worker = DestinationWorker(config.destinations[0], cast(Store, store), lambda: {})
+    outputs: dict[int, list[tuple[str, dict[str, Any]]]] = {
+        1: [("customer", {"customer_id": "a"})],
+        2: [("customer", {"customer_id": "b"}), ("event", {"customer_id": "b", "actions": []})],
+        4: [("event", {"customer_id": "d", "actions": [{"action": "x"}]})],
+        5: [],
+    }
+    payloads = {job_id: orjson.dumps({"outputs": outs}) for job_id, outs in outputs.items()}
+    if corrupt:
+        payloads[3] = b"{not json"
+    jobs = [_job(job_id, payloads[job_id]) for job_id in sorted(payloads)]
+    batch = worker._batch(jobs, after=None)
+    items, job_items = await worker._map(batch, cast(CompiledMapping, _Mapping()))
+    expected = {
+        job_id: [Item(job_id, Output(kind, body), orjson.dumps(body)) for kind, body in outs]
+        for job_id, outs in outputs.items()
+        if outs
+    }
+    assert job_items == expected
+    assert items == [item for job_id in (1, 2, 4) for item in expected[job_id]]
+    assert batch.items_left == {1: 1, 2: 2, 4: 1}
+    assert list(batch.events) == [1, 2, 4, 5]  # in lease order, the corrupt one left out
+    assert [(d.job_id, d.reason) for d in store.dead] == ([(3, "corrupt_payload")] if corrupt else [])
+    assert store.discarded == [5]  # no output
