@@ -5,10 +5,11 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+import orjson
 import pytest
 
 from bridge.destinations.base import Item
-from bridge.destinations.packing import chunk, json_array
+from bridge.destinations.packing import chunk, json_array, json_object
 from tests.destinations.helpers import make_item
 
 
@@ -78,3 +79,25 @@ def test_chunk_makes_the_runs_greedy_packing_makes(seed: int) -> None:
         if len(run) > 1 and sizing is None:
             # The envelope holds the array's brackets (MoEngage's: {"merge_data":[]}).
             assert len(json_array(run)) - 2 + envelope <= max_bytes
+
+
+@pytest.mark.parametrize(
+    ("head", "tail"),
+    [
+        ({}, None),
+        ({}, {"sentAt": "2026-01-01T00:00:00Z"}),
+        ({"batch": b"[]"}, None),
+        ({"type": b'"transition"', "elements": b'[{"a":1},{"b":[2,3]}]'}, None),
+        ({"batch": '[{"x":"é"}]'.encode()}, {"sentAt": "now", "writeKey": 'k"ey', "n": [1, None]}),
+    ],
+)
+def test_json_object_writes_what_orjson_writes(head: dict[str, bytes], tail: dict[str, object] | None) -> None:
+    expected = {key: orjson.loads(value) for key, value in head.items()} | (tail or {})
+    assert json_object(head, tail) == orjson.dumps(expected)
+
+
+def test_json_array_writes_what_orjson_writes() -> None:
+    bodies: list[object] = [{"a": 1}, {"b": "c"}, [1, 2], "s"]
+    for n in range(len(bodies) + 1):
+        items = [make_item("k", body) for body in bodies[:n]]  # type: ignore[arg-type]
+        assert json_array(items) == orjson.dumps(bodies[:n])
