@@ -104,6 +104,21 @@ def test_guard_trips_on_ratio_over_window():
     assert guard.ratio == 0 and not guard.tripped()
 
 
+def test_guard_counts_runs_of_outcomes_as_one_at_a_time():
+    # record() takes each run of outcomes at once; the window and its dead count must be
+    # what appending the outcomes one by one, oldest dropped first, gives.
+    rng = random.Random(7)
+    for window in (1, 3, 10):
+        guard = DeadLetterGuard(GuardConfig(window=window, min_events=1, threshold=0.5))
+        model: list[bool] = []
+        for _ in range(300):
+            delivered, dead = rng.choice((0, 0, 1, 2, 5, 25)), rng.choice((0, 0, 1, 2, 5, 25))
+            guard.record(delivered, dead)
+            model = (model + [False] * delivered + [True] * dead)[-window:]
+            assert list(guard._window) == model
+            assert guard.ratio == pytest.approx(sum(model) / len(model) if model else 0.0)
+
+
 def test_guard_would_trip_answers_before_dead_lettering():
     guard = DeadLetterGuard(GuardConfig(window=10, min_events=5, threshold=0.5))
     assert not guard.would_trip(4)  # too few outcomes to judge

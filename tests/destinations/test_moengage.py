@@ -529,3 +529,43 @@ async def test_a_device_reaches_moengage_after_its_user_in_bulk_import_or_track_
     assert [r.path for r in standin.requests] == paths
     assert standin.devices() == [items[1].output.body]
     assert standin.ignored == []
+
+
+def test_packing_a_bulk_import_at_once_makes_the_requests_packing_item_by_item_makes(monkeypatch):
+    """pack's shortcut for a lease of users, events and devices (one Bulk Import group)
+    against its general item-by-item grouping, on the same items, with kinds and sizes
+    that take the shortcut and some that do not; and rate_cost's counts by kind."""
+    rng = __import__("random").Random(11)
+    makers = [
+        lambda n: customer(f"u{n % 7}", n, blob="x" * rng.choice((10, 2000, 99_990))),
+        lambda n: event(f"u{n % 7}", "Played", n),
+        lambda n: make_item("event", {"customer_id": "u", "actions": [{"action": "a"}] * rng.randrange(0, 4)}, n),
+        lambda n: device(f"u{n % 7}", n),
+        lambda n: merge(f"u{n}", "u0", n),
+    ]
+    taken = 0
+    for _ in range(60):
+        items = [rng.choice(makers[: rng.choice((4, 5))])(n) for n in range(rng.randrange(0, 300))]
+        for api in ("bulk", "single"):
+            dest = build(api=api, max_request_bytes=rng.choice((None, 20_000)))
+            fast = dest.pack(items)
+            taken += dest._one_bulk_import(items)
+            monkeypatch.setattr(dest, "_one_bulk_import", lambda items: False)
+            slow = dest.pack(items)
+            assert [(r.endpoint, r.items) for r in fast] == [(r.endpoint, r.items) for r in slow]
+            for request in fast:
+                kinds = [it.output.kind for it in request.items]
+                cost = dest.rate_cost(request).buckets
+                actions = sum(
+                    max(1, len(it.output.body["actions"])) for it in request.items if it.output.kind == "event"
+                )
+                if request.endpoint == "event":
+                    assert cost == {"events": actions}
+                if request.endpoint == "bulk":
+                    expected = {
+                        "bulk_users": kinds.count("customer"),
+                        "bulk_events": actions,
+                        "devices": kinds.count("device"),
+                    }
+                    assert cost == {bucket: n for bucket, n in expected.items() if n}
+    assert taken > 0
