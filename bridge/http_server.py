@@ -21,6 +21,8 @@ into one info line by bridge.observability.logging).
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import (
     BadStatusLine,
@@ -77,7 +79,11 @@ def _unroutable(request: web.BaseRequest) -> bool:
 class JsonErrorHandler(RequestHandler):
     """aiohttp's protocol object, answering its own rejections as JSON {code, message}."""
 
-    __slots__ = ()
+    __slots__ = ("_stopping",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._stopping = False  # set by close() and shutdown(): see data_received
 
     def handle_error(
         self,
@@ -99,25 +105,42 @@ class JsonErrorHandler(RequestHandler):
         response.force_close()  # the stream may be out of step with the requests in it
         return response
 
+    # A stop (SIGTERM) calls close() on every connection, and shutdown() on those still
+    # open: both mark the connection as stopping, so that data_received, which runs for
+    # every request, asks one flag of its own rather than aiohttp's private ones.
+    def close(self) -> None:
+        self._stopping = True
+        super().close()
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:
+        self._stopping = True
+        await super().shutdown(timeout)
+
     def data_received(self, data: bytes) -> None:
-        """Once a stop began (SIGTERM: aiohttp's ``close`` and ``shutdown`` set these flags),
-        aiohttp drops every byte that arrives, the rest of the body of the request being
-        handled too: that request then waited out the whole shutdown timeout, holding up
-        the deliveries' drain behind it, and its client got a closed connection instead of
-        an answer. The body of a request in hand is still read, so it is answered (and its
+        """Once a stop began (aiohttp's ``close`` and ``shutdown`` set its flags), aiohttp
+        drops every byte that arrives, the rest of the body of the request being handled
+        too: that request then waited out the whole shutdown timeout, holding up the
+        deliveries' drain behind it, and its client got a closed connection instead of an
+        answer. The body of a request in hand is still read, so it is answered (and its
         events stored) as the stop promises; the connection closes after it all the same."""
-        # getattr: aiohttp's private flags, read with a default so that a release renaming
-        # them falls back to its own behaviour rather than failing every read.
-        stopping = getattr(self, "_force_close", False) or getattr(self, "_close", False)
-        if stopping and getattr(self, "_request_in_progress", False):
-            closing = self._close, self._force_close
+        if not self._stopping:
+            _data_received(self, data)
+            return
+        # aiohttp's private flags, read with a default: a release renaming any of them
+        # falls back to its own behaviour rather than failing the read.
+        flags = getattr(self, "_close", None), getattr(self, "_force_close", None)
+        if True in flags and None not in flags and getattr(self, "_request_in_progress", False):
             self._close = self._force_close = False
             try:
-                super().data_received(data)
+                _data_received(self, data)
             finally:
-                self._close, self._force_close = closing
+                self._close, self._force_close = bool(flags[0]), bool(flags[1])
             return
-        super().data_received(data)
+        _data_received(self, data)
+
+
+# aiohttp's own, called without super()'s lookup (it runs for every request).
+_data_received = RequestHandler.data_received
 
 
 class JsonErrorServer(web.Server):
