@@ -6,6 +6,7 @@ Imports nothing of the bridge: the config loader and the mapping compiler both u
 from __future__ import annotations
 
 import datetime
+import json
 from typing import Any
 
 import orjson
@@ -27,7 +28,7 @@ def describe(value: Any) -> str:
         return f"the number {value!r}"
     if isinstance(value, str):
         shown = value if len(value) <= _SHOWN else value[:_SHOWN] + "..."
-        return f"the string {orjson.dumps(shown).decode()}"
+        return f"the string {quoted(shown)}"
     if isinstance(value, datetime.date):  # an unquoted 2024-01-01 in a YAML file
         return f"the date {value.isoformat()} (quote it to mean the text)"
     if isinstance(value, list):
@@ -35,3 +36,13 @@ def describe(value: Any) -> str:
     if isinstance(value, dict):
         return "a mapping"
     return type(value).__name__
+
+
+def quoted(text: str) -> str:
+    """``text`` in double quotes, escaped as JSON. A lone surrogate (an environment byte
+    that is no UTF-8 reaches Python as one) is no UTF-8, which orjson refuses with a
+    TypeError: such a text is written with \\u escapes instead."""
+    try:
+        return orjson.dumps(text).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(text)

@@ -20,7 +20,7 @@ import yaml
 from bridge.config_values import as_text, spelt_int, type_name
 from bridge.destinations.base import ConfigError
 from bridge.suggest import did_you_mean
-from bridge.value_words import describe
+from bridge.value_words import describe, quoted
 from bridge.yaml_unique import UniqueKeysLoader, syntax_problem
 
 # The largest integer setting: SQLite's and PostgreSQL's integers are 64-bit.
@@ -590,12 +590,19 @@ def read_yaml(path: str | Path, env: Mapping[str, str] | None = None) -> tuple[d
 def hide_values(message: str, values: Collection[str]) -> str:
     """``message`` with every word of the ``values`` substituted from the environment
     replaced: an error must not echo one, nor a word of it (a secret). YAML quotes an
-    alias or a tag without its * or !, and a message may cut a long value short."""
+    alias or a tag without its * or !, and a message may cut a long value short. Each
+    also as an error quotes it (``describe``'s JSON, a ``!r``), where a quote or a
+    backslash in it is escaped."""
     parts = {p for value in values for p in (value, *value.split())}
-    for part in sorted(parts, key=len, reverse=True):
-        for text_of in (part, part[1:], part[:60]):
-            if len(text_of) >= 4:
-                message = message.replace(text_of, "<${VAR} value>")
+    forms = {
+        form
+        for part in parts
+        for text_of in (part, part[1:], part[:60])
+        for form in (text_of, quoted(text_of)[1:-1], repr(text_of)[1:-1])
+        if len(form) >= 4
+    }
+    for form in sorted(forms, key=len, reverse=True):
+        message = message.replace(form, "<${VAR} value>")
     return message
 
 

@@ -1024,3 +1024,58 @@ def test_a_value_named_by_an_error_is_not_echoed_when_it_came_from_the_environme
     assert (
         capsys.readouterr().err == 'config error: server.port: expected an integer, got the string "<${VAR} value>"\n'
     )
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "message"),
+    [
+        # The value shown as JSON: a " or a \ in it written escaped.
+        (
+            "port: 8088",
+            "port: ${MOENGAGE_API_KEY}",
+            'server.port: expected an integer, got the string "<${VAR} value>"',
+        ),
+        # The value shown as Python writes it: a \ doubled.
+        (
+            "region: us",
+            'region: "${MOENGAGE_API_KEY}"',
+            "sources[0].region: must be one of us, eu; got '<${VAR} value>'",
+        ),
+    ],
+)
+def test_a_value_from_the_environment_is_not_echoed_escaped(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    before: str,
+    after: str,
+    message: str,
+) -> None:
+    """A secret holding a quote or a backslash was echoed in the error, escaped as the error
+    quotes it, which the hiding did not recognise as the secret."""
+    from bridge.cli import main
+
+    cfg = _operator_config(tmp_path, monkeypatch, before, after)
+    monkeypatch.setenv("MOENGAGE_API_KEY", 'Very"Secret\\Api-Key-42')
+    assert main(["check", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "Secret" not in err and "Api-Key" not in err, err
+    assert err.startswith(f"config error: {message}"), err
+
+
+def test_a_value_no_utf8_can_hold_named_by_an_error_is_no_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lone surrogate (a byte of the environment that is no UTF-8 reaches Python as one,
+    or a \\udcff escape in the file) quoted in "got the string ..." raised orjson's
+    TypeError: a traceback, not the config error."""
+    from bridge.cli import main
+
+    cfg = _operator_config(tmp_path, monkeypatch, "port: 8088", 'port: "ab\\udcffcd"')
+    assert main(["check", "--config", str(cfg)]) == 2
+    assert capsys.readouterr().err == 'config error: server.port: expected an integer, got the string "ab\\udcffcd"\n'
+    cfg = _operator_config(tmp_path, monkeypatch, "port: 8088", "port: ${PORT_BYTES}")
+    monkeypatch.setenv("PORT_BYTES", "Very-Secret-\udcff-Key-42")
+    assert main(["check", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err == 'config error: server.port: expected an integer, got the string "<${VAR} value>"\n', err
