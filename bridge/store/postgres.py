@@ -458,6 +458,7 @@ class PostgresStore(Store):
         # its own: deliveries waiting for a lock (another node's lease) held every connection of
         # a shared pool, and ingest was refused meanwhile, though it waits for none of them.
         pool = await self._create_pool(self._pool_size - 1)
+        opened: list[Any] = []  # the pools made after it, closed with it if opening fails
         try:
             async with pool.acquire() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", DDL_LOCK, timeout=DDL_TIMEOUT)
@@ -507,6 +508,7 @@ class PostgresStore(Store):
             # and a crash of the database loses what was acknowledged. Ingest's connection
             # turns it back on; any other value (a standby's wait, remote_apply) stands.
             ingest_pool = await self._create_pool(1, **({} if durable else {"synchronous_commit": "on"}))
+            opened.append(ingest_pool)
             if not durable:
                 async with ingest_pool.acquire() as conn:
                     if await conn.fetchval("SELECT current_setting('synchronous_commit')") == "off":
@@ -517,7 +519,8 @@ class PostgresStore(Store):
                             fix="ALTER ROLE <user> SET synchronous_commit = on",
                         )
         except BaseException as exc:
-            await pool.close()
+            for each in (pool, *opened):
+                await each.close()
             raise to_store_error(exc) from exc
         self._pool = pool
         self._ingest_pool = ingest_pool

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import asyncpg
 import pytest
@@ -605,3 +606,39 @@ async def test_ingest_commits_durably_where_the_database_says_synchronous_commit
             assert await conn.fetchval("SELECT current_setting('synchronous_commit')") == "off"
     finally:
         await store.close()
+
+
+async def test_a_store_that_fails_to_open_leaves_no_pool_open(
+    pg_schema: str, pg_role: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening makes two pools, the shared one and ingest's own: a failure after the second
+    was made (here its check of synchronous_commit) closes both, not the first alone, or its
+    connection stayed open for the life of the process."""
+    admin = await asyncpg.connect(PG_DSN)
+    try:
+        await admin.execute(f"ALTER ROLE {pg_role} SET synchronous_commit = off")
+    finally:
+        await admin.close()
+    made: list[Any] = []
+    failing: list[Any] = []
+    create, acquire = PostgresStore._create_pool, asyncpg.pool.Pool.acquire
+
+    async def recorded(self: PostgresStore, size: int, **settings: str) -> Any:
+        pool = await create(self, size, **settings)
+        made.append(pool)
+        if settings.get("synchronous_commit") == "on":  # ingest's: its check then fails
+            failing.append(pool)
+        return pool
+
+    def acquire_or_fail(pool: Any, *args: Any, **kwargs: Any) -> Any:
+        if pool in failing:
+            raise OSError("the database went away")
+        return acquire(pool, *args, **kwargs)
+
+    monkeypatch.setattr(PostgresStore, "_create_pool", recorded)
+    monkeypatch.setattr(asyncpg.pool.Pool, "acquire", acquire_or_fail)
+    store = PostgresStore(f"postgresql://{pg_role}@127.0.0.1:5432/test", schema=pg_schema, pool_size=2)
+    with pytest.raises(StoreError):
+        await store.open()
+    assert len(made) == 2
+    assert all(pool.is_closing() for pool in made)
