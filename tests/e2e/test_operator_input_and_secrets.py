@@ -4,6 +4,7 @@ no secret kept in part where a text is cut to a length."""
 from __future__ import annotations
 
 import io
+from typing import Any
 
 from bridge.cli import main as cli_main
 from bridge.observability.logging import configure_logging, register_secret
@@ -150,11 +151,8 @@ def test_a_store_password_with_a_hash_or_question_mark_is_not_printed(tmp_path, 
         assert fragment not in err, f"part of the store password was printed: {err!r}"
 
 
-async def test_an_echoed_api_key_across_the_kept_body_limit_is_not_kept_in_part(bridge):
-    """Only the first 4 KB of an upstream's refusal are kept for the dead letter. A key
-    echoed across that cut was cut before it could be recognised, and kept in part."""
-    bridge.moengage.plan(Planned(400, "x" * 4090 + " " + API_KEY + " refused"))
-    assert (await bridge.post("/v1/track", {"userId": "user-cut", "event": "E"}, H))[0] == 200
+async def the_one_dead_letter(bridge: Any) -> dict[str, Any]:
+    """The destination's only dead letter, once there is one, as /admin/dlq/{id} shows it."""
 
     async def dead() -> bool:
         _, body = await bridge.get("/admin/dlq", ADMIN)
@@ -163,7 +161,15 @@ async def test_an_echoed_api_key_across_the_kept_body_limit_is_not_kept_in_part(
     await wait_until(dead, what="the 400 dead letter")
     _, listed = await bridge.get("/admin/dlq", ADMIN)
     _, letter = await bridge.get(f"/admin/dlq/{listed['dead_letters'][0]['id']}", ADMIN)
-    kept = letter["response_body"]
+    return dict(letter)
+
+
+async def test_an_echoed_api_key_across_the_kept_body_limit_is_not_kept_in_part(bridge):
+    """Only the first 4 KB of an upstream's refusal are kept for the dead letter. A key
+    echoed across that cut was cut before it could be recognised, and kept in part."""
+    bridge.moengage.plan(Planned(400, "x" * 4090 + " " + API_KEY + " refused"))
+    assert (await bridge.post("/v1/track", {"userId": "user-cut", "event": "E"}, H))[0] == 200
+    kept = (await the_one_dead_letter(bridge))["response_body"]
     assert kept.startswith("x" * 100) and len(kept) <= 4096, len(kept)
     assert API_KEY[:5] not in kept, kept[-40:]
 
@@ -177,14 +183,6 @@ async def test_an_echoed_api_key_at_the_read_limit_is_not_kept_in_part_after_a_l
     token = "T" * (4096 + 1024 - 10 - len(head) - 1)  # the key starts 10 bytes before the read ends
     bridge.moengage.plan(Planned(400, f"{head}{token} {API_KEY} refused"))
     assert (await bridge.post("/v1/track", {"userId": "user-shrink", "event": "E"}, H))[0] == 200
-
-    async def dead() -> bool:
-        _, body = await bridge.get("/admin/dlq", ADMIN)
-        return len(body["dead_letters"]) == 1
-
-    await wait_until(dead, what="the 400 dead letter")
-    _, listed = await bridge.get("/admin/dlq", ADMIN)
-    _, letter = await bridge.get(f"/admin/dlq/{listed['dead_letters'][0]['id']}", ADMIN)
-    kept = letter["response_body"]
+    kept = (await the_one_dead_letter(bridge))["response_body"]
     assert kept.startswith("refused: why why"), kept[:40]
     assert API_KEY[:5] not in kept, f"a prefix of the API key was kept: {kept!r}"

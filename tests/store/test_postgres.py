@@ -328,6 +328,21 @@ async def test_opening_drops_the_old_index_of_delivered_jobs_by_message_id(pg_sc
         await conn.close()
 
 
+@contextlib.asynccontextmanager
+async def dedupe_locked(schema: str) -> AsyncIterator[None]:
+    """The dedupe table locked by another connection, as a hung database holds it: every
+    enqueue waits on it until the lock is gone."""
+    locker = await asyncpg.connect(PG_DSN)
+    tr = locker.transaction()
+    await tr.start()
+    try:
+        await locker.execute(f'LOCK TABLE "{schema}".dedupe IN ACCESS EXCLUSIVE MODE')
+        yield
+    finally:
+        await tr.rollback()
+        await locker.close()
+
+
 async def test_a_hung_database_fails_a_whole_group_within_one_timeout(pg_schema: str) -> None:
     """README: "on PostgreSQL every statement and every wait for a pooled connection is
     bounded by 10 s" (then ingest answers 429). A group that times out was committed
@@ -335,10 +350,6 @@ async def test_a_hung_database_fails_a_whole_group_within_one_timeout(pg_schema:
     store = PostgresStore(PG_DSN, schema=pg_schema, command_timeout=0.5)
     await store.open()
     await store.enqueue("web", [event("warm")])
-    locker = await asyncpg.connect(PG_DSN)
-    tr = locker.transaction()
-    await tr.start()
-    await locker.execute(f'LOCK TABLE "{pg_schema}".dedupe IN ACCESS EXCLUSIVE MODE')
     t0 = time.monotonic()
     waited: list[float] = []
 
@@ -347,11 +358,8 @@ async def test_a_hung_database_fails_a_whole_group_within_one_timeout(pg_schema:
             await store.enqueue("web", [event(f"m{i}")])
         waited.append(time.monotonic() - t0)
 
-    try:
+    async with dedupe_locked(pg_schema):
         await asyncio.gather(*(one(i) for i in range(8)))
-    finally:
-        await tr.rollback()
-        await locker.close()
     try:
         assert max(waited) < 3.0, sorted(waited)  # one by one, 8 calls took 4.5 s
         # and the store works again once the database answers
@@ -563,17 +571,10 @@ async def test_a_hung_database_fails_the_calls_waiting_for_one_size_check_with_i
     store = Measured(PG_DSN, schema=pg_schema, command_timeout=0.5, max_bytes=10**12, size_check_interval=0.0)
     await store.open()
     await store.enqueue("web", [event("warm")])
-    locker = await asyncpg.connect(PG_DSN)
-    tr = locker.transaction()
-    await tr.start()
-    await locker.execute(f'LOCK TABLE "{pg_schema}".dedupe IN ACCESS EXCLUSIVE MODE')
     store.measures = 0
-    try:
+    async with dedupe_locked(pg_schema):
         calls = [store.enqueue("web", [event(f"m{i}")]) for i in range(8)]
         refused = await asyncio.gather(*calls, return_exceptions=True)
-    finally:
-        await tr.rollback()
-        await locker.close()
     try:
         assert [type(r) for r in refused] == [StoreError] * 8, refused
         assert store.measures == 1
