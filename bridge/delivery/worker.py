@@ -55,6 +55,14 @@ REFUSALS_KEPT = 50_000
 # random while taking others gets from one batch without a backoff. The rest wait for the
 # batch's next attempt.
 RETRY_SPLITS = 24
+# A request refused for now with nothing accepted at its endpoint since (no evidence the
+# upstream is up) is sent as its two halves once, a probe, when one of its jobs had been
+# tried this many times before this attempt and its last attempt was refused for now: on a
+# quiet destination (that request the only traffic) no other request brings the evidence,
+# and a poison event's request-mates otherwise waited out the retry budget with it. Two,
+# so a blip (one refusal, or two) is not probed; an outage costs a request or two more a
+# retry cycle, never one an event.
+PROBE_AFTER = 2
 # A leased job's id and attempt count, read in C (see _batch).
 _JOB_ID = attrgetter("id")
 _ATTEMPTS = attrgetter("attempts")
@@ -104,7 +112,8 @@ class _Batch:
     version: str = ""  # the mapping version that mapped this batch
     items_left: dict[int, int] = field(default_factory=dict)  # per job: items without a verdict yet
     dead_pending: int = 0  # jobs given a dead verdict here, not yet known to the guard
-    retry_splits: int = 0  # requests refused for now that were bisected (RETRY_SPLITS)
+    retry_splits: int = 0  # requests refused for now that were bisected or probed (RETRY_SPLITS)
+    probed: bool = False  # one probe a batch attempt (see PROBE_AFTER)
     delivered_pending: int = 0  # and jobs delivered here, likewise
     guard_reason: str = ""  # set when the guard would trip: send nothing more, then pause
     # Who that pause is by: the guard (a bad deploy: a mapping change ends it) or the
@@ -228,6 +237,10 @@ class DestinationWorker:
         # since (see _refused_while_accepting). Bounded (REFUSALS_KEPT), oldest forgotten first.
         self._refused_at: dict[int, float] = {}
         self._accepted_at: dict[str, float] = {}
+        # {job: its attempt count when a request of it was last probed (PROBE_AFTER)}: a job
+        # is probed once an attempt, not again when its half is given back unsent (ordered
+        # delivery) and leased again under the same count. Bounded as _refused_at is.
+        self._probed: dict[int, int] = {}
         # Requests on the wire, every loop's: no more than the destination has connections.
         # Past them, a request waited in aiohttp's pool with its timeout running: an unordered
         # batch past its retry budget (a request an event, see _pack) timed out its last
@@ -864,11 +877,15 @@ class DestinationWorker:
             )
         return left
 
-    async def _send(self, request: Request, batch: _Batch, *, ordered: bool) -> bool:
+    async def _send(
+        self, request: Request, batch: _Batch, *, ordered: bool, refusals: list[Response] | None = None
+    ) -> bool:
         """Send one request; split or bisect on 413/400 until every item has a verdict.
 
         Returns False when the request (or, in ordered mode, part of it) was not sent or
-        must be retried, so the caller can hold back what comes after it."""
+        must be retried, so the caller can hold back what comes after it. ``refusals``: a
+        probe's half (see _probe), whose refusal for now is added there rather than backed
+        off at once, so the probe's other half still goes out."""
         if batch.leaders:
             request = self._without_unready_followers(request, batch)
             if not request.items:
@@ -912,14 +929,14 @@ class DestinationWorker:
             self.limiter.succeeded(cost)
         if action in (Action.SPLIT, Action.BISECT):
             return await self._send_halves(request, batch, ordered=ordered)
-        if (
+        splittable = (
             action is Action.RETRY
             and response.status != 429
             and response.retry_after is None  # the upstream asked for a wait: not a poison's answer
             and len(request.items) > 1
             and batch.retry_splits < RETRY_SPLITS
-            and self._refused_while_accepting(request)
-        ):
+        )
+        if splittable and self._refused_while_accepting(request):
             # Refused again, though the upstream took other requests since these were last
             # refused: not an outage but something in them (one event whose content fails
             # the upstream, every time). Bisected now, without a backoff, so its
@@ -931,6 +948,13 @@ class DestinationWorker:
             self._remember_refusal(request)
             self._attempt_failed(request, response, "bisect")
             return await self._send_halves(request, batch, ordered=ordered)
+        if splittable and self._worth_a_probe(request, batch):
+            # No evidence either way (nothing accepted at this endpoint since), after
+            # refusals enough to exclude a blip: find some (see _probe).
+            batch.retry_splits += 1
+            self._remember_refusal(request)
+            self._attempt_failed(request, response, "probe")
+            return await self._probe(request, batch, ordered=ordered)
         if action is Action.PAUSE:
             # The account refused (retry.pause_statuses): its answer is about the
             # credentials, not these events, so the next ones would get it too. Pause at
@@ -956,7 +980,10 @@ class DestinationWorker:
                 for it in request.items:
                     self._refused_at.pop(it.job_id, None)
         if action is Action.RETRY:
-            self._back_off(response)
+            if refusals is not None and response.status != 429 and response.retry_after is None:
+                refusals.append(response)  # backed off once the probe's other half is sent
+            else:
+                self._back_off(response)
             self._remember_refusal(request)
         else:
             self._failure_streak = 0
@@ -990,9 +1017,53 @@ class DestinationWorker:
         for it in request.items:
             refused.pop(it.job_id, None)  # re-inserted last: the dict stays in refusal order
             refused[it.job_id] = now
-        if len(refused) > REFUSALS_KEPT:
-            for job_id in list(islice(refused, len(refused) - REFUSALS_KEPT // 2)):
-                del refused[job_id]
+        _forget_oldest(refused)
+
+    def _worth_a_probe(self, request: Request, batch: _Batch) -> bool:
+        """Whether ``request``, refused for now with no evidence that the upstream is up
+        (see _refused_while_accepting), is to be probed: this batch attempt probed nothing
+        yet, and one of its jobs, not probed at this attempt count, was refused for now on
+        its last attempt and tried at least PROBE_AFTER times before this one. Marks its
+        jobs probed if so."""
+        if batch.probed:
+            return False
+        refused, probed, jobs = self._refused_at, self._probed, batch.jobs
+        if not any(
+            it.job_id in refused
+            and jobs[it.job_id].attempts > PROBE_AFTER
+            and probed.get(it.job_id, 0) < jobs[it.job_id].attempts
+            for it in request.items
+        ):
+            return False
+        batch.probed = True
+        for it in request.items:
+            probed.pop(it.job_id, None)
+            probed[it.job_id] = jobs[it.job_id].attempts
+        _forget_oldest(probed)
+        return True
+
+    async def _probe(self, request: Request, batch: _Batch, *, ordered: bool) -> bool:
+        """Send ``request``'s two halves once. Either accepted is the evidence that the
+        upstream is up, and the other half, or these jobs' next attempt, is bisected
+        (_refused_while_accepting). Both refused is probably an outage: backed off then,
+        as any refusal is; the halves are not probed again before their next attempt.
+        A half's refusal is backed off only once both are sent, so the second goes out
+        even when the first is refused (the hold that refusal began would have given it
+        back unsent, and one half only found nothing when the poison was in it). In
+        ordered delivery the halves are cut between users (_apart_by_users) so that the
+        second may go out whatever became of the first; where no such cut exists, a
+        refused first half holds back the second, as ever."""
+        halves = _apart_by_users(request, batch) if ordered else None
+        first, second = halves or request.split()
+        refusals: list[Response] = []
+        delivered = await self._send(first, batch, ordered=ordered, refusals=refusals)
+        if not delivered and ordered and halves is None:
+            batch.unsent.update(it.job_id for it in second.items)
+        else:
+            delivered = await self._send(second, batch, ordered=ordered, refusals=refusals) and delivered
+        if refusals:
+            self._back_off(refusals[-1])
+        return delivered
 
     def _without_unready_followers(self, request: Request, batch: _Batch) -> Request:
         """``request`` without its followers whose leader was not accepted (retried,
@@ -1240,6 +1311,54 @@ class DestinationWorker:
                 event_name=d.label,
                 message_id=batch.jobs[d.job_id].message_id,
             )
+
+
+def _apart_by_users(request: Request, batch: _Batch) -> tuple[Request, Request] | None:
+    """``request``'s items in two parts that share no user, the first about half of them
+    (whole groups of jobs linked by a user, in the order they first appear), each in the
+    request's order: ordered delivery may send the second before the first is delivered.
+    None when there is no such cut (one user's events, or users chained through all of them)."""
+    jobs = batch.jobs
+    group: dict[int, int] = {}  # job -> a job of its group (union-find, by path halving)
+    first_job: dict[str, int] = {}  # user -> the first job of the request that names it
+
+    def root(job_id: int) -> int:
+        while group[job_id] != job_id:
+            group[job_id] = group[group[job_id]]
+            job_id = group[job_id]
+        return job_id
+
+    for it in request.items:
+        job_id = it.job_id
+        if job_id in group:
+            continue
+        group[job_id] = job_id
+        for user in jobs[job_id].ordering_key.split(KEY_SEPARATOR):
+            if not user:
+                continue
+            other = first_job.setdefault(user, job_id)
+            group[root(other)] = root(job_id)
+    sizes = Counter(root(it.job_id) for it in request.items)  # in order of first appearance
+    first_groups: set[int] = set()
+    taken = 0
+    for g, n in sizes.items():
+        if taken >= len(request.items) // 2:
+            break
+        first_groups.add(g)
+        taken += n
+    if not 0 < taken < len(request.items):
+        return None
+    first = [it for it in request.items if root(it.job_id) in first_groups]
+    second = [it for it in request.items if root(it.job_id) not in first_groups]
+    return Request(request.endpoint, first), Request(request.endpoint, second)
+
+
+def _forget_oldest(by_job: dict[int, _V]) -> None:
+    """Keep ``by_job`` (in insertion order, oldest first) within REFUSALS_KEPT: a job
+    forgotten is retried whole as before, never lost."""
+    if len(by_job) > REFUSALS_KEPT:
+        for job_id in list(islice(by_job, len(by_job) - REFUSALS_KEPT // 2)):
+            del by_job[job_id]
 
 
 def _hold_users(batch: _Batch, held: dict[str, int], job_items: Mapping[int, list[Item]]) -> None:

@@ -6,15 +6,21 @@ seen to take other requests, such a request is bisected and the mates are delive
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
+from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from aiohttp.test_utils import TestServer
 from structlog.testing import capture_logs
 
 from bridge.delivery import worker
-from tests.e2e.harness import ADMIN_TOKEN, WRITE_KEY, Bridge, basic, wait_until
+from bridge.testing.moengage_standin import MoEngageStandIn, Rejected
+from tests.e2e.harness import ADMIN_TOKEN, API_KEY, WORKSPACE, WRITE_KEY, Bridge, basic, wait_until
 from tests.e2e.test_delivery import dlq, seqs
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -46,7 +52,9 @@ async def queued(bridge: Bridge) -> int:
     return int(status["destinations"][0]["queue_depth"])
 
 
-def fast_retries(ordered: bool, batch_size: int | None = None) -> Callable[[dict[str, Any]], None]:
+def fast_retries(
+    ordered: bool, batch_size: int | None = None, max_age: float | None = None
+) -> Callable[[dict[str, Any]], None]:
     def tweak(raw: dict[str, Any]) -> None:
         moengage = raw["destinations"][0]
         moengage["delivery"]["ordered"] = ordered
@@ -54,6 +62,8 @@ def fast_retries(ordered: bool, batch_size: int | None = None) -> Callable[[dict
             # Leased oldest first: the 8 refused jobs alone, later traffic in batches of its own.
             moengage["delivery"].update(batch_size=batch_size, concurrency=1)
         moengage["retry"] = {"base_delay": 0.05, "max_delay": 0.2}
+        if max_age is not None:
+            moengage["retry"]["max_age"] = max_age
 
     return tweak
 
@@ -126,8 +136,9 @@ async def test_a_batch_bisects_no_more_than_its_budget(make_bridge: Callable[...
 
 
 async def test_an_upstream_that_is_down_is_not_bisected(make_bridge: Callable[..., Any]) -> None:
-    """Every request refused, nothing taken since: an outage, not a poison event. Splitting
-    would only multiply the requests sent to an upstream that is down."""
+    """Every request refused, nothing taken since: an outage, not a poison event. Bisecting
+    would only multiply the requests sent to an upstream that is down: its request is probed
+    (two halves, refused too) an attempt at most, never cut smaller."""
     bridge = await make_bridge(fast_retries(True))
     moengage = bridge.moengage
     assert (await bridge.post("/v1/batch", batch("before", 1), H))[0] == 200
@@ -138,7 +149,7 @@ async def test_an_upstream_that_is_down_is_not_bisected(make_bridge: Callable[..
         await moengage.wait_for(lambda: sum(s.status == 503 for s in moengage.seen) >= 5, timeout=10)
     failed = [e for e in logs if e["event"] == "delivery_attempt_failed"]
     assert len(failed) >= 5
-    assert {(e["items"], e["action"]) for e in failed} == {(8, "retry")}
+    assert {(e["items"], e["action"]) for e in failed} <= {(8, "retry"), (8, "probe"), (4, "retry")}, failed
     moengage.refuse_all(None)
     await moengage.wait_for(lambda: len(seqs(moengage)) == 9, timeout=10)
     await wait_until(lambda: _left(bridge, 0), what="the queue to empty")
@@ -156,7 +167,8 @@ async def test_an_endpoint_that_is_down_is_not_bisected_while_another_takes_requ
     requests' refusals are an outage of their endpoint, not something in them. Taken for a
     poison event because the upstream accepted other requests (on another endpoint), each
     retry of the merges was bisected at once, without backoff: more requests to an endpoint
-    that is down, down to a request a merge with several loops."""
+    that is down, down to a request a merge with several loops. (Probed, its two halves
+    refused too, an attempt at most: never cut smaller.)"""
     bridge = await make_bridge(fast_retries(ordered))
     moengage = bridge.moengage
     moengage.fail_containing(b"merged_user", 503)
@@ -173,6 +185,122 @@ async def test_an_endpoint_that_is_down_is_not_bisected_while_another_takes_requ
             await asyncio.sleep(0.1)
         assert sum(s.status == 503 for s in moengage.seen) >= 3
     failed = [e for e in logs if e["event"] == "delivery_attempt_failed"]
-    assert {(e["items"], e["action"]) for e in failed} == {(8, "retry")}
+    assert {(e["items"], e["action"]) for e in failed} <= {(8, "retry"), (8, "probe"), (4, "retry")}, failed
     moengage.fail_containing(None)
     await moengage.wait_for(lambda: len(moengage.merges()) == 8, timeout=10)
+
+
+def _carrying(bridge: Bridge, prefix: str) -> list[int]:
+    """The sizes of the accepted requests that carried events of batch ``prefix``."""
+    marker = f'"{prefix}-'.encode()
+    return [len(r.body.get("elements") or []) for r in bridge.moengage.requests if marker in orjson.dumps(r.body)]
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+async def test_on_a_quiet_destination_a_poison_events_request_mates_are_delivered_before_its_budget(
+    make_bridge: Callable[..., Any], ordered: bool
+) -> None:
+    """The poison's request is the only traffic: no other request ever shows the upstream
+    up, so without a probe the 15 mates were retried whole with it until the budget ran out
+    (4 h by default), then sent one a request. Probed after two refusals, they are found
+    and delivered in halves of halves, long before it; the poison alone runs out of retries
+    and is dead-lettered as before."""
+    bridge = await make_bridge(fast_retries(ordered, max_age=6.0))
+    moengage = bridge.moengage
+    moengage.fail_containing(POISON.encode(), 500)
+    with capture_logs() as logs:
+        assert (await bridge.post("/v1/batch", batch("q", 16, poison_at=5), H))[0] == 200
+        await moengage.wait_for(lambda: len(seqs(moengage)) == 15, timeout=20)
+    assert seqs(moengage) == {f"q-{i}" for i in range(16) if i != 5}
+    # Delivered within the budget: in requests of several (a mate past it goes alone).
+    sizes = _carrying(bridge, "q")
+    assert len(sizes) <= 8 and max(sizes) > 1, sizes
+    failed = [e for e in logs if e["event"] == "delivery_attempt_failed"]
+    assert [(e["items"], e["action"]) for e in failed][:3] == [(16, "retry"), (16, "retry"), (16, "probe")], failed
+    await wait_until(lambda: _left(bridge, 0), timeout=20, what="the poison out of retries")
+    (dead,) = await dlq(bridge)
+    assert (dead["message_id"], dead["reason"], dead["status"]) == ("q-5", "retries_exhausted", 500)
+
+
+class DownMoEngage(MoEngageStandIn):
+    """Refuses every Bulk Import with a 503 (an outage), counting the requests each event was in."""
+
+    def __init__(self, workspace: str, api_key: str) -> None:
+        super().__init__(workspace, api_key)
+        self.sizes: list[int] = []
+        self.carried: Counter[str] = Counter()
+
+    def _accept_transition(self, body: dict[str, Any]) -> str:
+        elements = body.get("elements") or []
+        self.sizes.append(len(elements))
+        self.carried.update(e["actions"][0]["attributes"]["seq"] for e in elements)
+        raise Rejected(503, "Service Unavailable", "ServiceUnavailable")
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+async def test_an_outage_costs_a_probe_a_retry_cycle_never_a_request_an_event(
+    make_bridge: Callable[..., Any], tmp_path: Path, ordered: bool
+) -> None:
+    """Every request refused (503), so both halves of a probe are: an outage. Backed off as
+    before, and the halves are not probed again before their next attempt: each attempt of
+    an event puts it in two requests at most (its batch's, and the probe's half), where
+    probing every refused half sent a request an event, every cycle."""
+    down = DownMoEngage(WORKSPACE, API_KEY)
+    server = TestServer(down.app(), host="127.0.0.1")
+    await server.start_server()
+    try:
+        bridge = await make_bridge(fast_retries(ordered), start=False)
+        bridge.destination("moengage-main")["base_url"] = str(server.make_url("")).rstrip("/")
+        await bridge.start()
+        with capture_logs() as logs:
+            assert (await bridge.post("/v1/batch", batch("down", 16), H))[0] == 200
+            await down.wait_for(lambda: len(down.sizes) >= 30, timeout=30)
+            await bridge.stop()  # every attempt settled, counted or given back
+    finally:
+        down.stop()
+        await server.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / "bridge.db")) as conn:
+        attempts = dict(conn.execute("SELECT message_id, attempts FROM jobs"))
+    assert len(attempts) == 16
+    # A request an event, every cycle, would put each in 5 (16, 8, 4, 2, 1) an attempt.
+    # (+1: a half given back unsent is leased again with its attempt uncounted.)
+    over = {seq: (n, attempts[seq]) for seq, n in down.carried.items() if n > 2 * attempts[seq] + 1}
+
+    assert not over, (over, down.sizes)
+    failed = [e for e in logs if e["event"] == "delivery_attempt_failed"]
+    assert {e["action"] for e in failed} == {"retry", "probe"}, failed
+    # Both halves sent (in ordered delivery too: no user has events in both), backed off
+    # together: the batch stays whole, with a probe of two halves an attempt at most.
+    assert set(down.sizes) == {16, 8} and down.sizes.count(8) <= 2 * down.sizes.count(16), down.sizes
+
+
+async def test_a_probe_in_ordered_delivery_never_sends_a_users_later_event_first(
+    make_bridge: Callable[..., Any],
+) -> None:
+    """Eight users with two events each, the first eight before the second eight, one of
+    the first a poison, on a quiet destination. The probe's first half refused holds back
+    every event of the second that is its users' later one: each user's events reach the
+    upstream in their order, and the poison's user's later event waits for it (dead-lettered
+    once its budget is spent) while the rest are delivered long before."""
+    bridge = await make_bridge(fast_retries(True, max_age=6.0))
+    moengage = bridge.moengage
+    moengage.fail_containing(POISON.encode(), 500)
+    events = batch("o", 16, poison_at=2)
+    for i, event in enumerate(events["batch"]):
+        event["userId"] = f"o-user-{i % 8}"
+    assert (await bridge.post("/v1/batch", events, H))[0] == 200
+    await moengage.wait_for(lambda: len(seqs(moengage)) == 14, timeout=20)
+    assert seqs(moengage) == {f"o-{i}" for i in range(16) if i not in (2, 10)}
+    # Left queued: the poison, and its user's later event behind it (the rest acked).
+    await wait_until(lambda: _left(bridge, 2), what="the 14 others acked")
+    assert "o-10" not in seqs(moengage)
+    sizes = _carrying(bridge, "o")
+    assert len(sizes) <= 10 and max(sizes) > 1, sizes  # found within the budget
+    await wait_until(lambda: _left(bridge, 0), timeout=20, what="the poison out of retries")
+    (dead,) = await dlq(bridge)
+    assert (dead["message_id"], dead["reason"]) == ("o-2", "retries_exhausted")
+    order = [e["actions"][0]["attributes"]["seq"] for e in moengage.events()]
+    assert len(order) == 15
+    for user in range(8):
+        if user != 2:
+            assert order.index(f"o-{user}") < order.index(f"o-{user + 8}"), order
