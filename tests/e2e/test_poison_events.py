@@ -205,7 +205,7 @@ async def test_on_a_quiet_destination_a_poison_events_request_mates_are_delivere
     (4 h by default), then sent one a request. Probed after two refusals, they are found
     and delivered in halves of halves, long before it; the poison alone runs out of retries
     and is dead-lettered as before."""
-    bridge = await make_bridge(fast_retries(ordered, max_age=6.0))
+    bridge = await make_bridge(fast_retries(ordered, max_age=10.0))
     moengage = bridge.moengage
     moengage.fail_containing(POISON.encode(), 500)
     with capture_logs() as logs:
@@ -217,7 +217,7 @@ async def test_on_a_quiet_destination_a_poison_events_request_mates_are_delivere
     assert len(sizes) <= 8 and max(sizes) > 1, sizes
     failed = [e for e in logs if e["event"] == "delivery_attempt_failed"]
     assert [(e["items"], e["action"]) for e in failed][:3] == [(16, "retry"), (16, "retry"), (16, "probe")], failed
-    await wait_until(lambda: _left(bridge, 0), timeout=20, what="the poison out of retries")
+    await wait_until(lambda: _left(bridge, 0), timeout=40, what="the poison out of retries")
     (dead,) = await dlq(bridge)
     assert (dead["message_id"], dead["reason"], dead["status"]) == ("q-5", "retries_exhausted", 500)
 
@@ -282,7 +282,7 @@ async def test_a_probe_in_ordered_delivery_never_sends_a_users_later_event_first
     every event of the second that is its users' later one: each user's events reach the
     upstream in their order, and the poison's user's later event waits for it (dead-lettered
     once its budget is spent) while the rest are delivered long before."""
-    bridge = await make_bridge(fast_retries(True, max_age=6.0))
+    bridge = await make_bridge(fast_retries(True, max_age=10.0))
     moengage = bridge.moengage
     moengage.fail_containing(POISON.encode(), 500)
     events = batch("o", 16, poison_at=2)
@@ -296,7 +296,7 @@ async def test_a_probe_in_ordered_delivery_never_sends_a_users_later_event_first
     assert "o-10" not in seqs(moengage)
     sizes = _carrying(bridge, "o")
     assert len(sizes) <= 10 and max(sizes) > 1, sizes  # found within the budget
-    await wait_until(lambda: _left(bridge, 0), timeout=20, what="the poison out of retries")
+    await wait_until(lambda: _left(bridge, 0), timeout=40, what="the poison out of retries")
     (dead,) = await dlq(bridge)
     assert (dead["message_id"], dead["reason"]) == ("o-2", "retries_exhausted")
     order = [e["actions"][0]["attributes"]["seq"] for e in moengage.events()]
