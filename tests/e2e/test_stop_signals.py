@@ -94,6 +94,7 @@ class FreezingProxy:
         self.port = free_port()
         self.frozen = asyncio.Event()
         self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
@@ -101,11 +102,18 @@ class FreezingProxy:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        # Every connection too, the database's side above all: a backend frozen mid-message
+        # (a lease's SELECT, its locks held) is "active", which no idle timeout ends, and the
+        # schema's DROP afterwards waited on its locks for ever.
+        for writer in self._writers:
+            writer.transport.abort()
 
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        self._writers.append(client_w)
         if self.frozen.is_set():
             await asyncio.Event().wait()  # accepted, never answered
         db_r, db_w = await asyncio.open_connection("127.0.0.1", 5432)
+        self._writers.append(db_w)
         await asyncio.gather(self._pipe(client_r, db_w), self._pipe(db_r, client_w), return_exceptions=True)
 
     async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
